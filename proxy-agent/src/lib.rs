@@ -1,0 +1,1 @@
+//! gamma-node's per-node agent.

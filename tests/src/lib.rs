@@ -1,0 +1,1 @@
+//! Shared test support: loopback backends and the network-namespace node harness.

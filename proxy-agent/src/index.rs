@@ -1,0 +1,313 @@
+//! The index: objects in (apply/delete), an immutable `Snapshot` out.
+//!
+//! A change marks the Services it touches (a route's parents; a Service or its EndpointSlices,
+//! and every Service whose routes use it as a backend); `publish` recompiles only those, and
+//! swaps in a new snapshot only when the result differs from the current one.
+
+use crate::model::{EndpointSlice, Filter, Object, ObjectKey, Pod, Route, RouteKey, Service};
+use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
+use ahash::{AHashMap, AHashSet};
+use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// The identity of an object to delete.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectRef {
+    Service(ObjectKey),
+    EndpointSlice(ObjectKey),
+    Pod(ObjectKey),
+    Route(RouteKey),
+}
+
+impl Object {
+    pub fn reference(&self) -> ObjectRef {
+        match self {
+            Object::Service(s) => ObjectRef::Service(s.key.clone()),
+            Object::EndpointSlice(e) => ObjectRef::EndpointSlice(e.key.clone()),
+            Object::Pod(p) => ObjectRef::Pod(p.key.clone()),
+            Object::Route(r) => ObjectRef::Route(r.key()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    services: AHashMap<ObjectKey, Service>,
+    slices: AHashMap<ObjectKey, EndpointSlice>,
+    slices_by_service: AHashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    pods: AHashMap<ObjectKey, Pod>,
+    routes: AHashMap<RouteKey, Route>,
+    /// Service → routes with a parentRef naming it.
+    routes_by_parent: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+    /// Service → routes that use it as a backend (or mirror).
+    routes_by_backend: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+}
+
+impl World for Store {
+    fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    fn slices(&self, service: &ObjectKey) -> Vec<&EndpointSlice> {
+        self.slices_by_service.get(service).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect()
+    }
+
+    fn routes_on(&self, service: &ObjectKey) -> Vec<&Route> {
+        self.routes_by_parent.get(service).into_iter().flatten().filter_map(|k| self.routes.get(k)).collect()
+    }
+}
+
+fn parents(route: &Route) -> impl Iterator<Item = ObjectKey> + '_ {
+    route.parent_refs.iter().filter_map(|p| p.service(&route.meta.key.namespace))
+}
+
+fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
+    let ns = &route.meta.key.namespace;
+    let mut out = BTreeSet::new();
+    for rule in &route.rules {
+        let mirrors = rule.filters.iter().chain(rule.backends.iter().flat_map(|b| &b.filters)).filter_map(|f| match f {
+            Filter::Mirror(m) => Some(&m.backend),
+            _ => None,
+        });
+        for b in rule.backends.iter().chain(mirrors) {
+            out.insert(ObjectKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name));
+        }
+    }
+    out
+}
+
+fn index_remove(map: &mut AHashMap<ObjectKey, BTreeSet<RouteKey>>, service: &ObjectKey, route: &RouteKey) {
+    if let Some(set) = map.get_mut(service) {
+        set.remove(route);
+        if set.is_empty() {
+            map.remove(service);
+        }
+    }
+}
+
+pub struct Index {
+    store: Store,
+    /// Services whose frontends must be recompiled at the next publish.
+    dirty_services: AHashSet<ObjectKey>,
+    /// Routes whose status must be recomputed at the next publish.
+    dirty_routes: AHashSet<RouteKey>,
+    callers_dirty: bool,
+    /// The compiled state the current snapshot was made from.
+    frontends: AHashMap<ObjectKey, Vec<Arc<Frontend>>>,
+    statuses: BTreeMap<String, Vec<status::ParentStatus>>,
+    current: Arc<Snapshot>,
+    published: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Index {
+    pub fn new() -> Self {
+        let current = Arc::new(Snapshot::default());
+        Index {
+            store: Store::default(),
+            dirty_services: AHashSet::new(),
+            dirty_routes: AHashSet::new(),
+            callers_dirty: false,
+            frontends: AHashMap::new(),
+            statuses: BTreeMap::new(),
+            published: Arc::new(ArcSwap::new(current.clone())),
+            current,
+        }
+    }
+
+    /// Where readers load the snapshot from (lock-free).
+    pub fn reader(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.published.clone()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.clone()
+    }
+
+    /// Every object currently held, as references (for sources that resynchronise).
+    pub fn references(&self) -> Vec<ObjectRef> {
+        let s = &self.store;
+        s.services.keys().cloned().map(ObjectRef::Service)
+            .chain(s.slices.keys().cloned().map(ObjectRef::EndpointSlice))
+            .chain(s.pods.keys().cloned().map(ObjectRef::Pod))
+            .chain(s.routes.keys().cloned().map(ObjectRef::Route))
+            .collect()
+    }
+
+    fn touch_service(&mut self, key: &ObjectKey) {
+        self.dirty_services.insert(key.clone());
+        // Routes that use this Service as a backend: their parents recompile, their status too.
+        for route in self.store.routes_by_backend.get(key).into_iter().flatten() {
+            if let Some(r) = self.store.routes.get(route) {
+                self.dirty_services.extend(parents(r));
+            }
+            self.dirty_routes.insert(route.clone());
+        }
+        // Routes attached to it: their status depends on the Service's ports.
+        self.dirty_routes.extend(self.store.routes_by_parent.get(key).into_iter().flatten().cloned());
+    }
+
+    /// Adds or replaces an object. Nothing is published until `publish`.
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Service(service) => {
+                let key = service.key.clone();
+                if self.store.services.get(&key) != Some(&service) {
+                    self.store.services.insert(key.clone(), service);
+                    self.touch_service(&key);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                if self.store.slices.get(&slice.key) == Some(&slice) {
+                    return;
+                }
+                let key = slice.key.clone();
+                let service = slice.service.clone();
+                if let Some(old) = self.store.slices.insert(key.clone(), slice) {
+                    if old.service != service {
+                        self.remove_slice_link(&old.service, &key);
+                        self.touch_service(&old.service);
+                    }
+                }
+                self.store.slices_by_service.entry(service.clone()).or_default().insert(key);
+                self.touch_service(&service);
+            }
+            Object::Pod(pod) => {
+                if self.store.pods.get(&pod.key) != Some(&pod) {
+                    self.store.pods.insert(pod.key.clone(), pod);
+                    self.callers_dirty = true;
+                }
+            }
+            Object::Route(route) => {
+                let key = route.key();
+                if self.store.routes.get(&key) == Some(&route) {
+                    return;
+                }
+                self.unlink_route(&key);
+                for parent in parents(&route) {
+                    self.store.routes_by_parent.entry(parent.clone()).or_default().insert(key.clone());
+                    self.dirty_services.insert(parent);
+                }
+                for backend in backend_services(&route) {
+                    self.store.routes_by_backend.entry(backend).or_default().insert(key.clone());
+                }
+                self.store.routes.insert(key.clone(), route);
+                self.dirty_routes.insert(key);
+            }
+        }
+    }
+
+    /// Removes an object, if held.
+    pub fn delete(&mut self, reference: &ObjectRef) {
+        match reference {
+            ObjectRef::Service(key) => {
+                if self.store.services.remove(key).is_some() {
+                    self.touch_service(key);
+                }
+            }
+            ObjectRef::EndpointSlice(key) => {
+                if let Some(old) = self.store.slices.remove(key) {
+                    self.remove_slice_link(&old.service, key);
+                    self.touch_service(&old.service);
+                }
+            }
+            ObjectRef::Pod(key) => {
+                if self.store.pods.remove(key).is_some() {
+                    self.callers_dirty = true;
+                }
+            }
+            ObjectRef::Route(key) => {
+                if self.unlink_route(key) {
+                    self.store.routes.remove(key);
+                    self.dirty_routes.insert(key.clone());
+                }
+            }
+        }
+    }
+
+    fn remove_slice_link(&mut self, service: &ObjectKey, slice: &ObjectKey) {
+        if let Some(set) = self.store.slices_by_service.get_mut(service) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.store.slices_by_service.remove(service);
+            }
+        }
+    }
+
+    /// Removes a route from the reverse indexes, marking its parents dirty. False if not held.
+    fn unlink_route(&mut self, key: &RouteKey) -> bool {
+        let Some(old) = self.store.routes.get(key) else { return false };
+        let old_parents: Vec<ObjectKey> = parents(old).collect();
+        let old_backends = backend_services(old);
+        for parent in old_parents {
+            index_remove(&mut self.store.routes_by_parent, &parent, key);
+            self.dirty_services.insert(parent);
+        }
+        for backend in old_backends {
+            index_remove(&mut self.store.routes_by_backend, &backend, key);
+        }
+        true
+    }
+
+    /// Recompiles what changed and publishes a new snapshot if the result differs.
+    /// Returns whether a snapshot was published.
+    pub fn publish(&mut self) -> bool {
+        let mut changed = false;
+        for key in std::mem::take(&mut self.dirty_services) {
+            let compiled = self.store.services.get(&key).map(|s| routes::compile_service(s, &self.store)).unwrap_or_default();
+            let old = self.frontends.get(&key).map(Vec::as_slice).unwrap_or_default();
+            if old.len() != compiled.len() || old.iter().zip(&compiled).any(|(a, b)| a != b) {
+                changed = true;
+                if compiled.is_empty() {
+                    self.frontends.remove(&key);
+                } else {
+                    self.frontends.insert(key, compiled);
+                }
+            }
+        }
+        for key in std::mem::take(&mut self.dirty_routes) {
+            let name = key.to_string();
+            let new = self.store.routes.get(&key).map(|r| status::route_status(r, &self.store)).filter(|s| !s.is_empty());
+            if self.statuses.get(&name) != new.as_ref() {
+                changed = true;
+                match new {
+                    Some(s) => self.statuses.insert(name, s),
+                    None => self.statuses.remove(&name),
+                };
+            }
+        }
+        let callers_changed = std::mem::take(&mut self.callers_dirty);
+        if !changed && !callers_changed {
+            return false;
+        }
+        let mut snapshot = Snapshot { version: self.current.version + 1, ..Snapshot::default() };
+        for frontend in self.frontends.values().flatten() {
+            snapshot.by_service.insert((frontend.service.clone(), frontend.port), frontend.clone());
+            for addr in &frontend.addresses {
+                snapshot.by_address.insert(*addr, frontend.clone());
+            }
+        }
+        snapshot.callers = if callers_changed { self.callers() } else { self.current.callers.clone() };
+        snapshot.statuses = self.statuses.clone();
+        self.current = Arc::new(snapshot);
+        self.published.store(self.current.clone());
+        true
+    }
+
+    fn callers(&self) -> AHashMap<std::net::IpAddr, Arc<Caller>> {
+        let mut out = AHashMap::new();
+        for pod in self.store.pods.values() {
+            let caller = Arc::new(Caller { pod: pod.key.clone(), uid: pod.uid.clone() });
+            for ip in &pod.ips {
+                out.insert(*ip, caller.clone());
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,132 @@
+//! The objects the agent keeps: a narrow, owned view of the Kubernetes and Gateway API objects,
+//! converted once (with the CRD defaults applied and the schema's refusals enforced) so that the
+//! route engine never sees a raw API type.
+
+mod convert;
+mod route;
+
+pub use convert::{Object, ObjectError};
+pub use route::*;
+
+use serde::Serialize;
+use std::fmt;
+use std::net::IpAddr;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the engine needs of a Service.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    pub key: ObjectKey,
+    pub kind: ServiceKind,
+    /// ClusterIPs (dual stack: one per family). Empty for headless and ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ServiceKind {
+    ClusterIp,
+    Headless,
+    ExternalName,
+    NodePort,
+    LoadBalancer,
+}
+
+impl Service {
+    /// GEP-1294: headless and ExternalName Services are neither parents nor backends.
+    pub fn has_frontend(&self) -> bool {
+        !matches!(self.kind, ServiceKind::Headless | ServiceKind::ExternalName) && !self.cluster_ips.is_empty()
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// Whether upstream connections to this port speak HTTP/2 without TLS (KEP-3726 appProtocol).
+    pub fn is_h2c(&self) -> bool {
+        matches!(
+            self.app_protocol.as_deref(),
+            Some("kubernetes.io/h2c" | "h2c" | "grpc" | "http2")
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// An EndpointSlice: the endpoints of one Service, with ports named like the Service's ports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndpointSlice {
+    pub key: ObjectKey,
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`).
+    pub service: ObjectKey,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    /// The Service port's name ("" when the Service port is unnamed).
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    /// The Pod behind the endpoint, when the slice names it.
+    pub pod: Option<String>,
+}
+
+/// What the engine needs of a Pod: who a caller is.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Pod {
+    pub key: ObjectKey,
+    pub uid: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub node_name: Option<String>,
+}
+
+/// Object metadata the engine uses for precedence and status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    pub key: ObjectKey,
+    pub generation: i64,
+    /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
+    pub created: Option<String>,
+}

@@ -1,0 +1,778 @@
+//! HTTPRoute and GRPCRoute, converted into one route model with the CRD defaults applied.
+//!
+//! The two Gateway API kinds share everything the engine needs (parents, rules, filters, backends);
+//! a gRPC method match becomes a path match, and the kind is kept for precedence and conflicts.
+
+use super::{Meta, ObjectKey};
+use crate::model::ObjectError;
+use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Serialize;
+use std::time::Duration;
+
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Bounds from the CRD schema (CEL and OpenAPI): refused by an API server, so refused here too.
+const MAX_RULES: usize = 16;
+const MAX_MATCHES_PER_RULE: usize = 64;
+const MAX_WEIGHT: i32 = 1_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+}
+
+/// Identifies a route: kind + namespace/name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RouteKey {
+    pub kind: RouteKind,
+    pub key: ObjectKey,
+}
+
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.as_str(), self.key)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Route {
+    pub kind: RouteKind,
+    pub meta: Meta,
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<Rule>,
+}
+
+impl Route {
+    pub fn key(&self) -> RouteKey {
+        RouteKey { kind: self.kind, key: self.meta.key.clone() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct ParentRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub port: Option<u16>,
+    pub section_name: Option<String>,
+}
+
+impl ParentRef {
+    /// The Service this parentRef names, if it names a Service (group "" and kind Service).
+    pub fn service(&self, route_namespace: &str) -> Option<ObjectKey> {
+        (self.group.is_empty() && self.kind == "Service").then(|| {
+            ObjectKey::new(self.namespace.as_deref().unwrap_or(route_namespace), &self.name)
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rule {
+    pub name: Option<String>,
+    pub matches: Vec<RouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backends: Vec<BackendRef>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+/// One `matches[]` entry: every condition must hold.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub headers: Vec<ValueMatch>,
+    pub query_params: Vec<ValueMatch>,
+    #[serde(serialize_with = "serialize_method")]
+    pub method: Option<Method>,
+    /// GRPCRoute matches rank by their service and method instead of the path.
+    pub grpc: Option<GrpcMethodSpecificity>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GrpcMethodSpecificity {
+    /// Characters of the matched service and method (0: not given).
+    pub service_len: usize,
+    pub method_len: usize,
+}
+
+fn serialize_method<S: serde::Serializer>(m: &Option<Method>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_some(&m.as_ref().map(Method::as_str))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum PathMatch {
+    Exact(String),
+    /// Segment-wise prefix, stored without a trailing `/` (so `/` is stored as "").
+    Prefix(String),
+    Regex(#[serde(serialize_with = "serialize_regex")] Regex),
+}
+
+impl PartialEq for PathMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) | (Self::Prefix(a), Self::Prefix(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+fn serialize_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, Serialize)]
+pub struct ValueMatch {
+    /// Header names are lower-cased (case-insensitive); query names are kept (case-sensitive).
+    pub name: String,
+    pub value: StringMatch,
+}
+
+impl PartialEq for ValueMatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.value == other.value
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Regex(#[serde(serialize_with = "serialize_regex")] Regex),
+}
+
+impl PartialEq for StringMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl StringMatch {
+    pub fn is_match(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(v) => v == value,
+            StringMatch::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+/// A filter. `B` is what a mirror points at: a `BackendRef` as written, or, once compiled, the
+/// resolved backend.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Filter<B = BackendRef> {
+    RequestHeaders(HeaderModifier),
+    ResponseHeaders(HeaderModifier),
+    Redirect(RequestRedirect),
+    Rewrite(UrlRewrite),
+    Mirror(RequestMirror<B>),
+    /// A filter this implementation does not provide (ExtensionRef, CORS, ExternalAuth). The spec
+    /// forbids skipping it: the requests it applies to are answered with an error.
+    Unsupported(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HeaderModifier {
+    #[serde(serialize_with = "serialize_headers")]
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    #[serde(serialize_with = "serialize_headers")]
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    #[serde(serialize_with = "serialize_names")]
+    pub remove: Vec<HeaderName>,
+}
+
+fn serialize_headers<S: serde::Serializer>(h: &[(HeaderName, HeaderValue)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(h.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap_or("<binary>"))))
+}
+
+fn serialize_names<S: serde::Serializer>(h: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(h.iter().map(HeaderName::as_str))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PathModifier {
+    ReplaceFullPath(String),
+    ReplacePrefixMatch(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RequestRedirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathModifier>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RequestMirror<B = BackendRef> {
+    pub backend: B,
+    /// Share of requests mirrored, numerator over denominator.
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub filters: Vec<Filter>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// Whole client transaction, retries included. `None`: no timeout (unset or `0s`).
+    pub request: Option<Duration>,
+    /// One upstream attempt.
+    pub backend_request: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Retry {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub codes: Vec<u16>,
+    pub backoff: Option<Duration>,
+}
+
+// ---- conversion ---------------------------------------------------------------------------
+
+type Invalid = ObjectError;
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    ObjectError::Invalid { field: field.into(), message: message.into() }
+}
+
+fn port(value: Option<i32>, field: &str) -> Result<Option<u16>, Invalid> {
+    value
+        .map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535"))))
+        .transpose()
+}
+
+fn duration(value: Option<&String>, field: &str) -> Result<Option<Duration>, Invalid> {
+    let Some(text) = value else { return Ok(None) };
+    let parsed: gateway_api::Duration = text
+        .parse()
+        .map_err(|e| invalid(field, format!("`{text}` is not a GEP-2257 duration ({e})")))?;
+    let d = Duration::from_millis(parsed.as_millis() as u64);
+    Ok((!d.is_zero()).then_some(d))
+}
+
+fn compile_regex(pattern: &str, field: &str) -> Result<Regex, Invalid> {
+    // Anchored: a regular expression match applies to the whole value, as in Envoy and linkerd.
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| invalid(field, format!("invalid regular expression: {e}")))
+}
+
+fn header_name(name: &str, field: &str) -> Result<HeaderName, Invalid> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(field, format!("`{name}` is not a valid header name")))
+}
+
+fn header_value(value: &str, field: &str) -> Result<HeaderValue, Invalid> {
+    HeaderValue::from_str(value).map_err(|_| invalid(field, format!("`{value}` is not a valid header value")))
+}
+
+/// Validates an Exact/PathPrefix path as the CRD does.
+fn checked_path(value: &str, field: &str) -> Result<(), Invalid> {
+    if !value.starts_with('/') {
+        return Err(invalid(field, format!("`{value}` must start with `/`")));
+    }
+    for bad in ["//", "/./", "/../", "%2f", "%2F", "#"] {
+        if value.contains(bad) {
+            return Err(invalid(field, format!("`{value}` must not contain `{bad}`")));
+        }
+    }
+    if value.ends_with("/..") || value.ends_with("/.") {
+        return Err(invalid(field, format!("`{value}` must not end with `/.` or `/..`")));
+    }
+    Ok(())
+}
+
+fn parent_refs<P>(refs: Option<&Vec<P>>, conv: impl Fn(&P) -> (Option<&String>, Option<&String>, &String, Option<&String>, Option<i32>, Option<&String>)) -> Result<Vec<ParentRef>, Invalid> {
+    let mut out = Vec::new();
+    for (i, r) in refs.into_iter().flatten().enumerate() {
+        let (group, kind, name, namespace, p, section) = conv(r);
+        out.push(ParentRef {
+            group: group.cloned().unwrap_or_else(|| GATEWAY_GROUP.to_string()),
+            kind: kind.cloned().unwrap_or_else(|| "Gateway".to_string()),
+            namespace: namespace.cloned(),
+            name: name.clone(),
+            port: port(p, &format!("spec.parentRefs[{i}].port"))?,
+            section_name: section.cloned(),
+        });
+    }
+    Ok(out)
+}
+
+/// `set`/`add` lists of a generated header-modifier type, as (name, value) pairs.
+macro_rules! header_pairs {
+    ($list:expr, $field:expr) => {
+        $list
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, h)| {
+                let f = format!("{}[{i}]", $field);
+                Ok((header_name(&h.name, &f)?, header_value(&h.value, &f)?))
+            })
+            .collect::<Result<Vec<(HeaderName, HeaderValue)>, Invalid>>()?
+    };
+}
+
+/// Converts the fields every header-modifier type of the generated API has in common.
+macro_rules! header_modifier {
+    ($m:expr, $field:expr) => {{
+        let m = $m;
+        let field: &str = $field;
+        HeaderModifier {
+            set: header_pairs!(m.set, format!("{field}.set")),
+            add: header_pairs!(m.add, format!("{field}.add")),
+            remove: m
+                .remove
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, n)| header_name(n, &format!("{field}.remove[{i}]")))
+                .collect::<Result<_, _>>()?,
+        }
+    }};
+}
+
+/// A backendRef-like reference (`backendRefs[]` and `requestMirror.backendRef`).
+macro_rules! backend_ref {
+    ($r:expr, $weight:expr, $filters:expr, $field:expr) => {{
+        let r = $r;
+        let field: &str = $field;
+        let weight: Option<i32> = $weight;
+        let weight = match weight {
+            None => 1,
+            Some(w) if (0..=MAX_WEIGHT).contains(&w) => w as u32,
+            Some(w) => return Err(invalid(format!("{field}.weight"), format!("{w} is not in 0-{MAX_WEIGHT}"))),
+        };
+        let group = r.group.clone().unwrap_or_default();
+        let kind = r.kind.clone().unwrap_or_else(|| "Service".to_string());
+        let port = port(r.port, &format!("{field}.port"))?;
+        if group.is_empty() && kind == "Service" && port.is_none() {
+            return Err(invalid(format!("{field}.port"), "port is required when the backend is a Service"));
+        }
+        BackendRef { group, kind, namespace: r.namespace.clone(), name: r.name.clone(), port, weight, filters: $filters }
+    }};
+}
+
+/// The filter fields HTTPRoute and GRPCRoute share, for both rule and backendRef filter types.
+macro_rules! common_filter {
+    ($f:expr, $field:expr, $kind:ident) => {{
+        let f = $f;
+        let field: &str = $field;
+        match f.r#type {
+            $kind::RequestHeaderModifier => Filter::RequestHeaders(header_modifier!(
+                f.request_header_modifier.as_ref().ok_or_else(|| invalid(format!("{field}.requestHeaderModifier"), "required for type RequestHeaderModifier"))?,
+                &format!("{field}.requestHeaderModifier")
+            )),
+            $kind::ResponseHeaderModifier => Filter::ResponseHeaders(header_modifier!(
+                f.response_header_modifier.as_ref().ok_or_else(|| invalid(format!("{field}.responseHeaderModifier"), "required for type ResponseHeaderModifier"))?,
+                &format!("{field}.responseHeaderModifier")
+            )),
+            $kind::RequestMirror => {
+                let m = f.request_mirror.as_ref().ok_or_else(|| invalid(format!("{field}.requestMirror"), "required for type RequestMirror"))?;
+                let (numerator, denominator) = match (&m.fraction, m.percent) {
+                    (Some(_), Some(_)) => return Err(invalid(format!("{field}.requestMirror"), "only one of percent and fraction may be set")),
+                    (Some(fr), None) => (fr.numerator, fr.denominator.unwrap_or(100)),
+                    (None, Some(p)) => (p, 100),
+                    (None, None) => (100, 100),
+                };
+                if denominator < 1 || numerator < 0 || numerator > denominator {
+                    return Err(invalid(format!("{field}.requestMirror"), "the mirrored share must be between 0 and 1"));
+                }
+                Filter::Mirror(RequestMirror {
+                    backend: backend_ref!(&m.backend_ref, None, Vec::new(), &format!("{field}.requestMirror.backendRef")),
+                    numerator: numerator as u32,
+                    denominator: denominator as u32,
+                })
+            }
+            $kind::ExtensionRef => {
+                let e = f.extension_ref.as_ref().ok_or_else(|| invalid(format!("{field}.extensionRef"), "required for type ExtensionRef"))?;
+                Filter::Unsupported(format!("ExtensionRef {}/{} {}", e.group, e.kind, e.name))
+            }
+            #[allow(unreachable_patterns)]
+            _ => return Err(ObjectError::Unreachable),
+        }
+    }};
+}
+
+macro_rules! path_modifier {
+    ($p:expr, $field:expr, $kind:ident) => {{
+        let p = $p;
+        let field: &str = $field;
+        match p.r#type {
+            $kind::ReplaceFullPath => {
+                let v = p.replace_full_path.clone().ok_or_else(|| invalid(format!("{field}.replaceFullPath"), "required for type ReplaceFullPath"))?;
+                PathModifier::ReplaceFullPath(v)
+            }
+            $kind::ReplacePrefixMatch => {
+                let v = p.replace_prefix_match.clone().ok_or_else(|| invalid(format!("{field}.replacePrefixMatch"), "required for type ReplacePrefixMatch"))?;
+                PathModifier::ReplacePrefixMatch(v)
+            }
+        }
+    }};
+}
+
+/// HTTPRoute filters (rule level and backendRef level have distinct but same-shaped generated types).
+macro_rules! http_filter {
+    ($f:expr, $field:expr, $kind:ident, $scheme:ident, $redirect_path:ident, $rewrite_path:ident) => {{
+        let f = $f;
+        let field: &str = $field;
+        match f.r#type {
+            $kind::RequestRedirect => {
+                let r = f.request_redirect.as_ref().ok_or_else(|| invalid(format!("{field}.requestRedirect"), "required for type RequestRedirect"))?;
+                let status = match r.status_code.unwrap_or(302) {
+                    s @ (301 | 302 | 303 | 307 | 308) => s as u16,
+                    s => return Err(invalid(format!("{field}.requestRedirect.statusCode"), format!("{s} is not one of 301, 302, 303, 307, 308"))),
+                };
+                Filter::Redirect(RequestRedirect {
+                    scheme: r.scheme.as_ref().map(|s| match s {
+                        $scheme::Http => "http".to_string(),
+                        $scheme::Https => "https".to_string(),
+                    }),
+                    hostname: r.hostname.clone(),
+                    port: port(r.port, &format!("{field}.requestRedirect.port"))?,
+                    path: r.path.as_ref().map(|p| Ok::<_, Invalid>(path_modifier!(p, &format!("{field}.requestRedirect.path"), $redirect_path))).transpose()?,
+                    status,
+                })
+            }
+            $kind::UrlRewrite => {
+                let r = f.url_rewrite.as_ref().ok_or_else(|| invalid(format!("{field}.urlRewrite"), "required for type URLRewrite"))?;
+                Filter::Rewrite(UrlRewrite {
+                    hostname: r.hostname.clone(),
+                    path: r.path.as_ref().map(|p| Ok::<_, Invalid>(path_modifier!(p, &format!("{field}.urlRewrite.path"), $rewrite_path))).transpose()?,
+                })
+            }
+            $kind::Cors => Filter::Unsupported("CORS".to_string()),
+            $kind::ExternalAuth => Filter::Unsupported("ExternalAuth".to_string()),
+            _ => common_filter!(f, field, $kind),
+        }
+    }};
+}
+
+fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<Meta, Invalid> {
+    let name = m.name.clone().ok_or_else(|| invalid("metadata.name", "required"))?;
+    Ok(Meta {
+        key: ObjectKey::new(m.namespace.clone().unwrap_or_else(|| "default".to_string()), name),
+        generation: m.generation.unwrap_or(1),
+        created: m.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+    })
+}
+
+/// Checks that hold for every route kind: rule count, filter combinations.
+fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
+    if rules.len() > MAX_RULES {
+        return Err(invalid("spec.rules", format!("at most {MAX_RULES} rules are allowed, found {}", rules.len())));
+    }
+    let total: usize = rules.iter().map(|r| r.matches.len()).sum();
+    if total > 128 {
+        return Err(invalid("spec.rules", format!("at most 128 matches in all rules are allowed, found {total}")));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        if rule.matches.len() > MAX_MATCHES_PER_RULE {
+            return Err(invalid(format!("{field}.matches"), format!("at most {MAX_MATCHES_PER_RULE} matches are allowed")));
+        }
+        let count = |pred: fn(&Filter) -> bool| rule.filters.iter().filter(|f| pred(f)).count();
+        let redirects = count(|f| matches!(f, Filter::Redirect(_)));
+        let rewrites = count(|f| matches!(f, Filter::Rewrite(_)));
+        for (what, n) in [
+            ("RequestRedirect", redirects),
+            ("URLRewrite", rewrites),
+            ("RequestHeaderModifier", count(|f| matches!(f, Filter::RequestHeaders(_)))),
+            ("ResponseHeaderModifier", count(|f| matches!(f, Filter::ResponseHeaders(_)))),
+        ] {
+            if n > 1 {
+                return Err(invalid(format!("{field}.filters"), format!("{what} may appear at most once")));
+            }
+        }
+        if redirects > 0 && rewrites > 0 {
+            return Err(invalid(format!("{field}.filters"), "RequestRedirect and URLRewrite cannot be combined"));
+        }
+        if redirects > 0 && !rule.backends.is_empty() {
+            return Err(invalid(format!("{field}"), "RequestRedirect filter must not be used together with backendRefs"));
+        }
+        let uses_prefix_replace = rule.filters.iter().chain(rule.backends.iter().flat_map(|b| &b.filters)).any(|f| {
+            matches!(
+                f,
+                Filter::Redirect(RequestRedirect { path: Some(PathModifier::ReplacePrefixMatch(_)), .. })
+                    | Filter::Rewrite(UrlRewrite { path: Some(PathModifier::ReplacePrefixMatch(_)), .. })
+            )
+        });
+        if uses_prefix_replace && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_))) {
+            return Err(invalid(
+                format!("{field}.filters"),
+                "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
+            ));
+        }
+        for header_list in rule.matches.iter().flat_map(|m| [&m.headers, &m.query_params]) {
+            if header_list.len() > 16 {
+                return Err(invalid(format!("{field}.matches"), "at most 16 header or query parameter matches are allowed"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn value_matches<H>(
+    list: Option<&Vec<H>>,
+    field: &str,
+    lower_case: bool,
+    conv: impl Fn(&H) -> (&String, &String, bool),
+) -> Result<Vec<ValueMatch>, Invalid> {
+    let mut out: Vec<ValueMatch> = Vec::new();
+    for (i, h) in list.into_iter().flatten().enumerate() {
+        let (name, value, is_regex) = conv(h);
+        let f = format!("{field}[{i}]");
+        let name = if lower_case { name.to_ascii_lowercase() } else { name.clone() };
+        // Only the first entry of a duplicated name counts (spec).
+        if out.iter().any(|m| m.name == name) {
+            continue;
+        }
+        let value = if is_regex { StringMatch::Regex(compile_regex(value, &f)?) } else { StringMatch::Exact(value.clone()) };
+        out.push(ValueMatch { name, value });
+    }
+    Ok(out)
+}
+
+pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
+    use http_api::*;
+    let meta = meta(&route.metadata)?;
+    let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
+        (r.group.as_ref(), r.kind.as_ref(), &r.name, r.namespace.as_ref(), r.port, r.section_name.as_ref())
+    })?;
+    let mut rules = Vec::new();
+    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        let mut matches = Vec::new();
+        for (j, m) in rule.matches.iter().flatten().enumerate() {
+            let mf = format!("{field}.matches[{j}]");
+            let path = match &m.path {
+                None => PathMatch::Prefix(String::new()),
+                Some(p) => {
+                    let value = p.value.clone().unwrap_or_else(|| "/".to_string());
+                    match p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
+                        HttpRouteRulesMatchesPathType::Exact => {
+                            checked_path(&value, &format!("{mf}.path.value"))?;
+                            PathMatch::Exact(value)
+                        }
+                        HttpRouteRulesMatchesPathType::PathPrefix => {
+                            checked_path(&value, &format!("{mf}.path.value"))?;
+                            PathMatch::Prefix(value.trim_end_matches('/').to_string())
+                        }
+                        HttpRouteRulesMatchesPathType::RegularExpression => {
+                            PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?)
+                        }
+                    }
+                }
+            };
+            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
+                (&h.name, &h.value, matches!(h.r#type, Some(HttpRouteRulesMatchesHeadersType::RegularExpression)))
+            })?;
+            let query_params = value_matches(m.query_params.as_ref(), &format!("{mf}.queryParams"), false, |h| {
+                (&h.name, &h.value, matches!(h.r#type, Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)))
+            })?;
+            let method = m.method.as_ref().map(|m| {
+                serde_json::to_value(m).ok().and_then(|v| v.as_str().and_then(|s| Method::from_bytes(s.as_bytes()).ok())).unwrap_or(Method::GET)
+            });
+            matches.push(RouteMatch { path, headers, query_params, method, grpc: None });
+        }
+        if matches.is_empty() {
+            matches.push(RouteMatch::any());
+        }
+        let filters = rule
+            .filters
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, f)| {
+                Ok(http_filter!(
+                    f,
+                    &format!("{field}.filters[{j}]"),
+                    HttpRouteRulesFiltersType,
+                    HttpRouteRulesFiltersRequestRedirectScheme,
+                    HttpRouteRulesFiltersRequestRedirectPathType,
+                    HttpRouteRulesFiltersUrlRewritePathType
+                ))
+            })
+            .collect::<Result<Vec<_>, Invalid>>()?;
+        let mut backends = Vec::new();
+        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
+            let bf = format!("{field}.backendRefs[{j}]");
+            let filters = b
+                .filters
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(k, f)| {
+                    Ok(http_filter!(
+                        f,
+                        &format!("{bf}.filters[{k}]"),
+                        HttpRouteRulesBackendRefsFiltersType,
+                        HttpRouteRulesBackendRefsFiltersRequestRedirectScheme,
+                        HttpRouteRulesBackendRefsFiltersRequestRedirectPathType,
+                        HttpRouteRulesBackendRefsFiltersUrlRewritePathType
+                    ))
+                })
+                .collect::<Result<Vec<_>, Invalid>>()?;
+            backends.push(backend_ref!(b, b.weight, filters, &bf));
+        }
+        let timeouts = match &rule.timeouts {
+            None => Timeouts::default(),
+            Some(t) => Timeouts {
+                request: duration(t.request.as_ref(), &format!("{field}.timeouts.request"))?,
+                backend_request: duration(t.backend_request.as_ref(), &format!("{field}.timeouts.backendRequest"))?,
+            },
+        };
+        if let (Some(req), Some(backend)) = (timeouts.request, timeouts.backend_request) {
+            if backend > req {
+                return Err(invalid(format!("{field}.timeouts.backendRequest"), "must not be greater than timeouts.request"));
+            }
+        }
+        let retry = rule
+            .retry
+            .as_ref()
+            .map(|r| -> Result<Retry, Invalid> {
+                let codes = r
+                    .codes
+                    .iter()
+                    .flatten()
+                    .map(|c| u16::try_from(*c).ok().filter(|c| (400..=599).contains(c)).ok_or_else(|| invalid(format!("{field}.retry.codes"), format!("{c} is not in 400-599"))))
+                    .collect::<Result<_, _>>()?;
+                let attempts = r.attempts.unwrap_or(1);
+                Ok(Retry {
+                    attempts: u32::try_from(attempts).map_err(|_| invalid(format!("{field}.retry.attempts"), "must not be negative"))?,
+                    codes,
+                    backoff: duration(r.backoff.as_ref(), &format!("{field}.retry.backoff"))?,
+                })
+            })
+            .transpose()?;
+        rules.push(Rule { name: rule.name.clone(), matches, filters, backends, timeouts, retry });
+    }
+    check_rules(&rules)?;
+    Ok(Route { kind: RouteKind::Http, meta, parent_refs, rules })
+}
+
+pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
+    use grpc::*;
+    let meta = meta(&route.metadata)?;
+    let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
+        (r.group.as_ref(), r.kind.as_ref(), &r.name, r.namespace.as_ref(), r.port, r.section_name.as_ref())
+    })?;
+    let mut rules = Vec::new();
+    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        let mut matches = Vec::new();
+        for (j, m) in rule.matches.iter().flatten().enumerate() {
+            let mf = format!("{field}.matches[{j}]");
+            let (path, grpc) = match &m.method {
+                None => (PathMatch::Prefix(String::new()), GrpcMethodSpecificity { service_len: 0, method_len: 0 }),
+                Some(gm) => {
+                    let is_regex = matches!(gm.r#type, Some(GrpcRouteRulesMatchesMethodType::RegularExpression));
+                    if gm.service.is_none() && gm.method.is_none() {
+                        return Err(invalid(format!("{mf}.method"), "one or both of service and method must be specified"));
+                    }
+                    let spec = GrpcMethodSpecificity {
+                        service_len: gm.service.as_ref().map_or(0, String::len),
+                        method_len: gm.method.as_ref().map_or(0, String::len),
+                    };
+                    let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
+                        (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
+                        (false, Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                        (false, None, Some(m)) => PathMatch::Regex(compile_regex(&format!("/[^/]+/{}", regex::escape(m)), &format!("{mf}.method"))?),
+                        (true, s, m) => PathMatch::Regex(compile_regex(
+                            &format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                            &format!("{mf}.method"),
+                        )?),
+                        (false, None, None) => unreachable!("checked above"),
+                    };
+                    (path, spec)
+                }
+            };
+            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
+                (&h.name, &h.value, matches!(h.r#type, Some(GrpcRouteRulesMatchesHeadersType::RegularExpression)))
+            })?;
+            matches.push(RouteMatch { path, headers, query_params: Vec::new(), method: None, grpc: Some(grpc) });
+        }
+        if matches.is_empty() {
+            let mut any = RouteMatch::any();
+            any.grpc = Some(GrpcMethodSpecificity { service_len: 0, method_len: 0 });
+            matches.push(any);
+        }
+        let filters = rule
+            .filters
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, f)| Ok(common_filter!(f, &format!("{field}.filters[{j}]"), GrpcRouteRulesFiltersType)))
+            .collect::<Result<Vec<_>, Invalid>>()?;
+        let mut backends = Vec::new();
+        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
+            let bf = format!("{field}.backendRefs[{j}]");
+            let filters = b
+                .filters
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(k, f)| Ok(common_filter!(f, &format!("{bf}.filters[{k}]"), GrpcRouteRulesBackendRefsFiltersType)))
+                .collect::<Result<Vec<_>, Invalid>>()?;
+            backends.push(backend_ref!(b, b.weight, filters, &bf));
+        }
+        rules.push(Rule { name: rule.name.clone(), matches, filters, backends, timeouts: Timeouts::default(), retry: None });
+    }
+    check_rules(&rules)?;
+    Ok(Route { kind: RouteKind::Grpc, meta, parent_refs, rules })
+}
+
+impl Filter {
+    /// The same filter with its mirror backend mapped (resolved) by `f`.
+    pub fn map_mirror<B>(&self, f: impl FnOnce(&BackendRef) -> B) -> Filter<B> {
+        match self {
+            Filter::RequestHeaders(m) => Filter::RequestHeaders(m.clone()),
+            Filter::ResponseHeaders(m) => Filter::ResponseHeaders(m.clone()),
+            Filter::Redirect(r) => Filter::Redirect(r.clone()),
+            Filter::Rewrite(r) => Filter::Rewrite(r.clone()),
+            Filter::Mirror(m) => Filter::Mirror(RequestMirror {
+                backend: f(&m.backend),
+                numerator: m.numerator,
+                denominator: m.denominator,
+            }),
+            Filter::Unsupported(what) => Filter::Unsupported(what.clone()),
+        }
+    }
+}
+
+impl RouteMatch {
+    /// The match a rule without `matches` gets: PathPrefix `/`.
+    pub fn any() -> Self {
+        RouteMatch { path: PathMatch::Prefix(String::new()), headers: Vec::new(), query_params: Vec::new(), method: None, grpc: None }
+    }
+}

@@ -1,0 +1,125 @@
+//! Compiling a Service's routes into frontends: attachment, producer/consumer groups, route-kind
+//! conflicts, rule compilation and precedence order.
+
+use super::precedence::RankKey;
+use super::{backends, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use crate::model::{Route, RouteKind, Service, ServiceKind, ServicePort};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Routes attached to one Service port, by caller group: `None` for producer routes (the
+/// Service's namespace), `Some(ns)` for consumer routes of namespace `ns`.
+pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Route>>;
+
+/// Whether `route` attaches to `port` of `service` through any of its parentRefs.
+pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
+    route.parent_refs.iter().any(|p| {
+        p.service(&route.meta.key.namespace).as_ref() == Some(&service.key)
+            && p.port.is_none_or(|n| n == port.port)
+            && p.section_name.as_ref().is_none_or(|s| port.name.as_ref() == Some(s))
+    })
+}
+
+pub(crate) fn groups<'a>(service: &Service, port: &ServicePort, routes: &[&'a Route]) -> Groups<'a> {
+    let mut groups: Groups<'a> = BTreeMap::new();
+    for route in routes.iter().copied().filter(|r| attaches(r, service, port)) {
+        let ns = route.meta.key.namespace.as_str();
+        let group = (ns != service.key.namespace).then_some(ns);
+        groups.entry(group).or_default().push(route);
+    }
+    groups
+}
+
+/// Only one route kind serves a group on a port: GRPCRoute wins over HTTPRoute (GEP-1294).
+pub(crate) fn winning_kind(routes: &[&Route]) -> RouteKind {
+    if routes.iter().any(|r| r.kind == RouteKind::Grpc) {
+        RouteKind::Grpc
+    } else {
+        RouteKind::Http
+    }
+}
+
+/// The frontends (one per port) of a Service. Headless and ExternalName Services have none.
+pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend>> {
+    if matches!(service.kind, ServiceKind::Headless | ServiceKind::ExternalName) {
+        return Vec::new();
+    }
+    let routes = world.routes_on(&service.key);
+    service
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let direct = backends::service_backend(service, port.port, world)?;
+            let mut producer = None;
+            let mut consumers = BTreeMap::new();
+            for (group, routes) in groups(service, port, &routes) {
+                let table = Arc::new(table(&routes, world));
+                match group {
+                    None => producer = Some(table),
+                    Some(ns) => {
+                        consumers.insert(ns.to_string(), table);
+                    }
+                }
+            }
+            Some(Arc::new(Frontend {
+                service: service.key.clone(),
+                port: port.port,
+                port_name: port.name.clone(),
+                addresses: service.cluster_ips.iter().map(|ip| SocketAddr::new(*ip, port.port)).collect(),
+                producer,
+                consumers,
+                direct,
+            }))
+        })
+        .collect()
+}
+
+fn table(routes: &[&Route], world: &dyn World) -> RouteTable {
+    let kind = winning_kind(routes);
+    let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
+    for route in routes.iter().filter(|r| r.kind == kind) {
+        let meta = &route.meta;
+        for (index, rule) in route.rules.iter().enumerate() {
+            let compiled = Arc::new(compile_rule(route, index, world));
+            for (match_index, m) in rule.matches.iter().enumerate() {
+                let key = RankKey::new(m, meta.created.as_deref(), &meta.key.namespace, &meta.key.name, index, match_index);
+                ranked.push((key, TableEntry { route_match: m.clone(), rule: compiled.clone() }));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
+    RouteTable { kind, entries: ranked.into_iter().map(|(_, e)| e).collect() }
+}
+
+fn compile_rule(route: &Route, index: usize, world: &dyn World) -> CompiledRule {
+    let namespace = route.meta.key.namespace.as_str();
+    let rule = &route.rules[index];
+    let resolve_mirror = |b: &crate::model::BackendRef| backends::resolve(b, namespace, world).ok();
+    let backends: Vec<WeightedBackend> = rule
+        .backends
+        .iter()
+        .map(|b| WeightedBackend {
+            weight: b.weight,
+            backend: backends::resolve(b, namespace, world),
+            filters: b.filters.iter().map(|f| f.map_mirror(resolve_mirror)).collect(),
+        })
+        .collect();
+    let cumulative_weights = backends
+        .iter()
+        .scan(0u64, |sum, b| {
+            *sum += u64::from(b.weight);
+            Some(*sum)
+        })
+        .collect();
+    CompiledRule {
+        route: route.key(),
+        index,
+        name: rule.name.clone(),
+        filters: rule.filters.iter().map(|f| f.map_mirror(resolve_mirror)).collect(),
+        backends,
+        cumulative_weights,
+        timeouts: rule.timeouts.clone(),
+        retry: rule.retry.clone(),
+    }
+}

@@ -1,0 +1,180 @@
+//! Does a request head satisfy a `matches[]` entry? Pure functions over `http` types.
+
+use crate::model::{PathMatch, RouteMatch, ValueMatch};
+use http::{HeaderMap, Method};
+
+/// The parts of a request that matching reads.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// The path without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> RequestHead<'a> {
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        RequestHead { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers }
+    }
+}
+
+impl RouteMatch {
+    pub fn matches(&self, req: &RequestHead<'_>) -> bool {
+        self.method.as_ref().is_none_or(|m| m == req.method)
+            && self.path.matches(req.path)
+            && self.headers.iter().all(|h| header_matches(h, req.headers))
+            && self.query_params.iter().all(|q| query_matches(q, req.query))
+    }
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(prefix) => prefix_matches(prefix, path),
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// Segment-wise prefix: `/abc` matches `/abc`, `/abc/` and `/abc/def`, not `/abcd`.
+/// `prefix` is stored without a trailing `/` (the root prefix is "").
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared.
+fn header_matches(m: &ValueMatch, headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(m.name.as_str()).iter();
+    let Some(first) = values.next() else { return false };
+    let Ok(first) = first.to_str() else { return false };
+    match values.next() {
+        None => m.value.is_match(first),
+        Some(second) => {
+            let mut joined = String::from(first);
+            for v in std::iter::once(second).chain(values) {
+                joined.push(',');
+                joined.push_str(v.to_str().unwrap_or_default());
+            }
+            m.value.is_match(&joined)
+        }
+    }
+}
+
+/// The first occurrence of a query parameter is the one that counts (spec recommendation).
+fn query_matches(m: &ValueMatch, query: Option<&str>) -> bool {
+    let Some(query) = query else { return false };
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name) == m.name).then(|| percent_decode(value))
+        })
+        .next()
+        .is_some_and(|value| m.value.is_match(&value))
+}
+
+/// Decodes `%XX` escapes and `+` (form encoding) for query comparison.
+fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['%', '+']) {
+        return text.into();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    (digit as char).to_digit(16).map(|d| d as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StringMatch;
+    use regex::Regex;
+
+    fn head<'a>(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> RequestHead<'a> {
+        RequestHead { method, path: uri.path(), query: uri.query(), headers }
+    }
+
+    #[test]
+    fn prefix_is_segment_wise() {
+        assert!(prefix_matches("/abc", "/abc"));
+        assert!(prefix_matches("/abc", "/abc/"));
+        assert!(prefix_matches("/abc", "/abc/def"));
+        assert!(!prefix_matches("/abc", "/abcd"));
+        assert!(prefix_matches("", "/anything"));
+        assert!(prefix_matches("", "/"));
+    }
+
+    #[test]
+    fn exact_and_regex_paths() {
+        assert!(PathMatch::Exact("/abc".into()).matches("/abc"));
+        assert!(!PathMatch::Exact("/abc".into()).matches("/abc/"));
+        let r = PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap());
+        assert!(r.matches("/v2/x"));
+        assert!(!r.matches("/x/v2/x"));
+    }
+
+    #[test]
+    fn headers_case_insensitive_names_and_joined_values() {
+        let mut headers = HeaderMap::new();
+        headers.append("Version", "one".parse().unwrap());
+        let m = ValueMatch { name: "version".into(), value: StringMatch::Exact("one".into()) };
+        assert!(header_matches(&m, &headers));
+        headers.append("version", "two".parse().unwrap());
+        assert!(!header_matches(&m, &headers));
+        let joined = ValueMatch { name: "version".into(), value: StringMatch::Exact("one,two".into()) };
+        assert!(header_matches(&joined, &headers));
+    }
+
+    #[test]
+    fn query_first_value_wins_and_is_decoded() {
+        let m = ValueMatch { name: "animal".into(), value: StringMatch::Exact("whale dog".into()) };
+        assert!(query_matches(&m, Some("animal=whale%20dog&animal=x")));
+        assert!(query_matches(&m, Some("x=1&animal=whale+dog")));
+        assert!(!query_matches(&m, Some("animal=x&animal=whale%20dog")));
+        assert!(!query_matches(&m, None));
+        let case = ValueMatch { name: "Animal".into(), value: StringMatch::Exact("whale dog".into()) };
+        assert!(!query_matches(&case, Some("animal=whale+dog")), "query names are case-sensitive");
+    }
+
+    #[test]
+    fn conditions_are_anded() {
+        let method = Method::POST;
+        let uri: http::Uri = "/api/x?debug=1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-env", "canary".parse().unwrap());
+        let m = RouteMatch {
+            path: PathMatch::Prefix("/api".into()),
+            headers: vec![ValueMatch { name: "x-env".into(), value: StringMatch::Exact("canary".into()) }],
+            query_params: vec![ValueMatch { name: "debug".into(), value: StringMatch::Exact("1".into()) }],
+            method: Some(Method::POST),
+            grpc: None,
+        };
+        assert!(m.matches(&head(&method, &uri, &headers)));
+        assert!(!m.matches(&head(&Method::GET, &uri, &headers)));
+        let other: http::Uri = "/api/x".parse().unwrap();
+        assert!(!m.matches(&head(&method, &other, &headers)));
+    }
+}

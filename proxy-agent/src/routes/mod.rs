@@ -1,0 +1,276 @@
+//! The route engine: GAMMA semantics compiled into an immutable table, and the pure lookup that
+//! decides what happens to a request. No sockets, no clocks, no Kubernetes client.
+
+pub mod backends;
+mod compile;
+pub mod filters;
+pub mod matches;
+pub mod precedence;
+pub mod status;
+
+pub use backends::{Backend, BackendError};
+pub use compile::compile_service;
+pub use matches::RequestHead;
+
+use crate::model::{EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, RouteKey, RouteKind, RouteMatch, Service, Timeouts, Retry, Route};
+use ahash::AHashMap;
+use http::StatusCode;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// Read access to the objects the engine compiles from (implemented by the index).
+pub trait World {
+    fn service(&self, key: &ObjectKey) -> Option<&Service>;
+    fn slices(&self, service: &ObjectKey) -> Vec<&EndpointSlice>;
+    /// Routes with a parentRef naming this Service.
+    fn routes_on(&self, service: &ObjectKey) -> Vec<&Route>;
+}
+
+/// The whole table at one instant. Immutable; published by swapping an `Arc`.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Increases by one with every publish.
+    pub version: u64,
+    /// By Service and port (explicit listeners name a Service port).
+    #[serde(skip)]
+    pub by_service: AHashMap<(ObjectKey, u16), Arc<Frontend>>,
+    /// By ClusterIP and port: where redirected connections were going.
+    #[serde(skip)]
+    pub by_address: AHashMap<SocketAddr, Arc<Frontend>>,
+    /// Pod IP → the Pod: a caller's identity and namespace.
+    #[serde(skip)]
+    pub callers: AHashMap<IpAddr, Arc<Caller>>,
+    /// Route status, per route and parentRef.
+    pub statuses: BTreeMap<String, Vec<status::ParentStatus>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    pub pod: ObjectKey,
+    pub uid: Option<String>,
+}
+
+impl Snapshot {
+    pub fn frontend_at(&self, addr: SocketAddr) -> Option<&Arc<Frontend>> {
+        self.by_address.get(&addr)
+    }
+
+    pub fn frontend_of(&self, service: &ObjectKey, port: u16) -> Option<&Arc<Frontend>> {
+        self.by_service.get(&(service.clone(), port))
+    }
+
+    pub fn caller(&self, ip: IpAddr) -> Option<&Arc<Caller>> {
+        self.callers.get(&ip)
+    }
+
+    /// Frontends the kernel should steer to the agent: those with at least one route. A Service
+    /// without routes behaves as without a mesh, so its traffic is left to kube-proxy.
+    pub fn mesh_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.by_address.iter().filter(|(_, f)| f.has_routes()).map(|(a, _)| *a)
+    }
+
+    /// Everything, for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let mut frontends: Vec<&Arc<Frontend>> = self.by_service.values().collect();
+        frontends.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
+        let callers: BTreeMap<String, &Caller> = self.callers.iter().map(|(ip, c)| (ip.to_string(), &**c)).collect();
+        serde_json::json!({
+            "version": self.version,
+            "frontends": frontends,
+            "callers": callers,
+            "statuses": self.statuses,
+        })
+    }
+}
+
+/// A Service port as callers see it, with the routes that apply to each caller group.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct Frontend {
+    pub service: ObjectKey,
+    pub port: u16,
+    pub port_name: Option<String>,
+    pub addresses: Vec<SocketAddr>,
+    /// Producer routes (the Service's namespace): for every caller without consumer routes.
+    pub producer: Option<Arc<RouteTable>>,
+    /// Consumer routes by the callers' namespace.
+    pub consumers: BTreeMap<String, Arc<RouteTable>>,
+    /// The Service's own endpoints: where traffic goes when no route applies to the caller.
+    pub direct: Arc<Backend>,
+}
+
+impl Frontend {
+    pub fn has_routes(&self) -> bool {
+        self.producer.is_some() || !self.consumers.is_empty()
+    }
+
+    /// The routes that apply to a caller of `namespace` (unknown caller: the producer routes).
+    pub fn table_for(&self, namespace: Option<&str>) -> Option<&Arc<RouteTable>> {
+        namespace.and_then(|ns| self.consumers.get(ns)).or(self.producer.as_ref())
+    }
+
+    pub fn lookup(&self, namespace: Option<&str>, request: &RequestHead<'_>) -> Decision<'_> {
+        match self.table_for(namespace) {
+            None => Decision::Direct(&self.direct),
+            Some(table) => table.lookup(request).map_or(Decision::NoMatchingRule, |(rule, matched)| Decision::Rule { rule, matched }),
+        }
+    }
+}
+
+/// All routes of one kind that apply to one caller group, as entries sorted by precedence.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct RouteTable {
+    pub kind: RouteKind,
+    pub entries: Vec<TableEntry>,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+pub struct TableEntry {
+    #[serde(rename = "match")]
+    pub route_match: RouteMatch,
+    pub rule: Arc<CompiledRule>,
+}
+
+impl RouteTable {
+    /// The first entry in precedence order whose match holds.
+    pub fn lookup(&self, request: &RequestHead<'_>) -> Option<(&CompiledRule, &RouteMatch)> {
+        self.entries.iter().find(|e| e.route_match.matches(request)).map(|e| (&*e.rule, &e.route_match))
+    }
+}
+
+/// A mirror's resolved backend: `None` when its backendRef does not resolve (not configured).
+pub type MirrorTarget = Option<Arc<Backend>>;
+
+#[derive(Debug, PartialEq, Serialize)]
+pub struct CompiledRule {
+    pub route: RouteKey,
+    pub index: usize,
+    pub name: Option<String>,
+    pub filters: Vec<Filter<MirrorTarget>>,
+    pub backends: Vec<WeightedBackend>,
+    /// Running sum of the weights, for `backends::pick_weighted`.
+    pub cumulative_weights: Vec<u64>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+pub struct WeightedBackend {
+    pub weight: u32,
+    pub backend: Result<Arc<Backend>, BackendError>,
+    pub filters: Vec<Filter<MirrorTarget>>,
+}
+
+/// What the table says about a request.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// No route applies to this caller: plain load balancing over the Service's endpoints.
+    Direct(&'a Arc<Backend>),
+    /// Routes apply, but no rule matches: 404.
+    NoMatchingRule,
+    Rule { rule: &'a CompiledRule, matched: &'a RouteMatch },
+}
+
+/// A response the agent gives itself, without forwarding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: StatusCode,
+    /// One line for the body and the access log.
+    pub reason: String,
+    pub location: Option<String>,
+}
+
+impl LocalResponse {
+    pub fn error(status: StatusCode, reason: impl Into<String>) -> Self {
+        LocalResponse { status, reason: reason.into(), location: None }
+    }
+}
+
+/// What to do with a request once its rule's filters ran.
+#[derive(Debug)]
+pub enum Plan<'a> {
+    Respond(LocalResponse),
+    Forward(Forward<'a>),
+}
+
+#[derive(Debug)]
+pub struct Forward<'a> {
+    pub backend: &'a Arc<Backend>,
+    /// Response header modifiers, rule level then backend level.
+    pub response_headers: Vec<&'a HeaderModifier>,
+    pub mirrors: Vec<Mirror<'a>>,
+}
+
+#[derive(Debug)]
+pub struct Mirror<'a> {
+    pub backend: &'a Arc<Backend>,
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl CompiledRule {
+    /// Runs the rule's filters on the request head (in place), picks a backend with `random`,
+    /// and runs that backend's filters. `listener_port` is the Service port the request was sent to.
+    pub fn plan(&self, parts: &mut http::request::Parts, matched: &RouteMatch, listener_port: u16, random: u64) -> Plan<'_> {
+        let mut response_headers = Vec::new();
+        let mut mirrors = Vec::new();
+        if let Some(response) = run_filters(&self.filters, parts, &matched.path, listener_port, &mut response_headers, &mut mirrors) {
+            return Plan::Respond(response);
+        }
+        if self.backends.is_empty() {
+            return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, "the matched rule has no backendRefs"));
+        }
+        let Some(index) = backends::pick_weighted(&self.cumulative_weights, random) else {
+            return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, "every backendRef of the matched rule has weight 0"));
+        };
+        let chosen = &self.backends[index];
+        let backend = match &chosen.backend {
+            Ok(b) => b,
+            Err(e) => return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        };
+        if let Some(response) = run_filters(&chosen.filters, parts, &matched.path, listener_port, &mut response_headers, &mut mirrors) {
+            return Plan::Respond(response);
+        }
+        Plan::Forward(Forward { backend, response_headers, mirrors })
+    }
+
+    pub fn name_or_index(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.index.to_string())
+    }
+}
+
+/// Applies request filters in order; returns a response when a filter answers the request.
+fn run_filters<'a>(
+    filters: &'a [Filter<MirrorTarget>],
+    parts: &mut http::request::Parts,
+    matched: &PathMatch,
+    listener_port: u16,
+    response_headers: &mut Vec<&'a HeaderModifier>,
+    mirrors: &mut Vec<Mirror<'a>>,
+) -> Option<LocalResponse> {
+    for filter in filters {
+        match filter {
+            Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
+            Filter::ResponseHeaders(m) => response_headers.push(m),
+            Filter::Rewrite(r) => r.apply(parts, matched),
+            Filter::Redirect(r) => {
+                let location = r.location(&parts.uri, &parts.headers, matched, listener_port);
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                return Some(LocalResponse { status, reason: format!("redirect to {location}"), location: Some(location) });
+            }
+            Filter::Mirror(m) => {
+                if let Some(backend) = &m.backend {
+                    mirrors.push(Mirror { backend, numerator: m.numerator, denominator: m.denominator });
+                }
+            }
+            Filter::Unsupported(what) => {
+                return Some(LocalResponse::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("filter {what} is not supported by this mesh; the rule cannot be served"),
+                ));
+            }
+        }
+    }
+    None
+}

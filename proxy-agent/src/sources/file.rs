@@ -1,0 +1,335 @@
+//! The file source: a folder of the YAML manifests `kubectl apply` takes.
+//!
+//! Multi-document files and `List` kinds are read; kinds the agent does not use are skipped with
+//! a warning; an invalid document is reported (file, document, field) and the rest still loads.
+//! On a change, a file whose YAML does not parse keeps its last good objects, and so does each
+//! invalid document that can still be identified (kind, namespace, name).
+
+use crate::index::{Index, ObjectRef};
+use crate::model::{Object, ObjectError};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Kinds that appear in manifests beside ours and need no warning.
+const QUIETLY_SKIPPED: &[&str] = &["Namespace"];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// Something wrong with a manifest, located precisely enough to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub severity: Severity,
+    pub file: PathBuf,
+    /// 1-based document number within the file (0: the whole file).
+    pub document: usize,
+    /// `Kind namespace/name` when known.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.severity {
+            Severity::Warning => "skipped",
+            Severity::Error => "rejected",
+        };
+        write!(f, "{}", self.file.display())?;
+        if self.document > 0 {
+            write!(f, " document {}", self.document)?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        write!(f, ": {what}: {}", self.message)
+    }
+}
+
+/// A document that did not convert but whose identity is known, so its last good state can stay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What one file holds.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Vec<Object>,
+    pub problems: Vec<Problem>,
+    /// Invalid documents that can be identified: their previous objects are kept.
+    pub invalid: Vec<Identity>,
+    /// The YAML itself did not parse: nothing in the file can be trusted.
+    pub unreadable: bool,
+    /// Documents of other kinds, as JSON (the conformance harness reads Deployments from them).
+    pub other: Vec<serde_json::Value>,
+}
+
+/// Parses the text of one manifest file. Pure: no I/O.
+pub fn parse(file: &Path, text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    let problem = |severity, document, object, message: String| Problem { severity, file: file.to_path_buf(), document, object, message };
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = i + 1;
+        let value = match serde::Deserialize::deserialize(document).map(yaml_to_json) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue, // an empty document
+            Err(e) => {
+                parsed.problems.push(problem(Severity::Error, number, None, format!("not valid YAML: {e}")));
+                parsed.unreadable = true;
+                return parsed;
+            }
+        };
+        let items = if value.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) {
+            value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default()
+        } else {
+            vec![value]
+        };
+        for item in items {
+            let identity = identity(&item);
+            let shown = identity.as_ref().map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
+            match Object::from_value(item.clone()) {
+                Ok(object) => parsed.objects.push(object),
+                Err(ObjectError::UnknownKind { kind, api_version }) => {
+                    if !QUIETLY_SKIPPED.contains(&kind.as_str()) {
+                        parsed.problems.push(problem(
+                            Severity::Warning,
+                            number,
+                            shown,
+                            format!("kind `{kind}` ({api_version}) is not used by the agent"),
+                        ));
+                    }
+                    parsed.other.push(item);
+                }
+                Err(e) => {
+                    parsed.problems.push(problem(Severity::Error, number, shown, e.to_string()));
+                    parsed.invalid.extend(identity);
+                }
+            }
+        }
+    }
+    parsed
+}
+
+fn identity(value: &serde_json::Value) -> Option<Identity> {
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
+    let meta = value.get("metadata");
+    Some(Identity {
+        api_version: text(value.get("apiVersion"))?,
+        kind: text(value.get("kind"))?,
+        namespace: text(meta.and_then(|m| m.get("namespace"))).unwrap_or_else(|| "default".to_string()),
+        name: text(meta.and_then(|m| m.get("name")))?,
+    })
+}
+
+/// YAML → JSON (`None` for an empty document). YAML-only forms (non-string keys) become strings.
+fn yaml_to_json(value: serde_yaml::Value) -> Option<serde_json::Value> {
+    use serde_json::Value as J;
+    use serde_yaml::Value as Y;
+    fn convert(v: Y) -> J {
+        match v {
+            Y::Null => J::Null,
+            Y::Bool(b) => J::Bool(b),
+            Y::Number(n) => serde_json::to_value(&n).unwrap_or(J::Null),
+            Y::String(s) => J::String(s),
+            Y::Sequence(s) => J::Array(s.into_iter().map(convert).collect()),
+            Y::Mapping(m) => J::Object(
+                m.into_iter()
+                    .map(|(k, v)| {
+                        let key = match k {
+                            Y::String(s) => s,
+                            other => serde_yaml::to_string(&other).unwrap_or_default().trim().to_string(),
+                        };
+                        (key, convert(v))
+                    })
+                    .collect(),
+            ),
+            Y::Tagged(t) => convert(t.value),
+        }
+    }
+    match value {
+        Y::Null => None,
+        v => Some(convert(v)),
+    }
+}
+
+/// The manifests of a folder, kept in step with the index.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    stamp: Option<(SystemTime, u64)>,
+    /// The objects this file last contributed.
+    objects: BTreeMap<String, (ObjectRef, Object)>,
+}
+
+fn object_id(object: &Object) -> String {
+    object.describe()
+}
+
+fn identity_id(identity: &Identity) -> String {
+    // Matches `Object::describe` for the kinds the agent keeps.
+    format!("{} {}/{}", identity.kind, identity.namespace, identity.name)
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestDir { dir: dir.into(), files: BTreeMap::new() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads changed files, applies their changes to `index`, and returns the problems found in
+    /// the files that changed. Files are read in name order (sub-folders included).
+    pub fn sync(&mut self, index: &mut Index) -> std::io::Result<Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut seen = Vec::new();
+        for path in list_files(&self.dir)? {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) => continue, // removed between listing and reading
+            };
+            seen.push(path.clone());
+            let stamp = Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+            let state = self.files.entry(path.clone()).or_default();
+            if state.stamp == stamp {
+                continue;
+            }
+            state.stamp = stamp;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(Problem { severity: Severity::Error, file: path, document: 0, object: None, message: format!("cannot read: {e}") });
+                    continue;
+                }
+            };
+            let parsed = parse(&path, &text);
+            problems.extend(parsed.problems.iter().cloned());
+            if parsed.unreadable {
+                continue; // keep every object of the last good version of this file
+            }
+            let mut next: BTreeMap<String, (ObjectRef, Object)> =
+                parsed.objects.into_iter().map(|o| (object_id(&o), (o.reference(), o))).collect();
+            for identity in &parsed.invalid {
+                let id = identity_id(identity);
+                if let Some(kept) = state.objects.get(&id) {
+                    next.entry(id).or_insert_with(|| kept.clone());
+                }
+            }
+            for (id, (reference, _)) in &state.objects {
+                if !next.contains_key(id) {
+                    index.delete(reference);
+                }
+            }
+            for (_, object) in next.values() {
+                index.apply(object.clone());
+            }
+            state.objects = next;
+        }
+        // Files that disappeared: their objects go.
+        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains(p)).cloned().collect();
+        for path in gone {
+            if let Some(state) = self.files.remove(&path) {
+                for (reference, _) in state.objects.values() {
+                    index.delete(reference);
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if is_manifest(&path) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+
+    #[test]
+    fn multi_document_list_unknown_and_invalid() {
+        let text = format!(
+            "{SERVICE}---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p, namespace: ns}}\n  status: {{podIP: 10.0.0.5}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec:\n  ports: [{{port: 99999}}]\n---\n"
+        );
+        let parsed = parse(Path::new("m.yaml"), &text);
+        assert_eq!(parsed.objects.len(), 2, "{:?}", parsed.problems);
+        assert_eq!(parsed.problems.len(), 2);
+        assert_eq!(parsed.problems[0].severity, Severity::Warning);
+        assert!(parsed.problems[0].to_string().contains("m.yaml document 3"), "{}", parsed.problems[0]);
+        let error = parsed.problems[1].to_string();
+        assert!(error.contains("document 4") && error.contains("Service ns/bad") && error.contains("spec.ports[0].port"), "{error}");
+        assert_eq!(parsed.invalid.len(), 1);
+    }
+
+    #[test]
+    fn schema_mismatch_names_the_field() {
+        let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  rules:\n  - backendRefs:\n    - name: x\n      port: notanumber\n";
+        let parsed = parse(Path::new("r.yaml"), text);
+        assert!(parsed.objects.is_empty());
+        assert!(parsed.problems[0].message.contains("spec.rules[0].backendRefs[0].port"), "{}", parsed.problems[0]);
+    }
+
+    #[test]
+    fn broken_file_keeps_last_good_objects() {
+        let dir = std::env::temp_dir().join(format!("gamma-file-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&dir);
+        assert!(source.sync(&mut index).unwrap().is_empty());
+        index.publish();
+        let has_echo = |index: &Index| index.snapshot().frontend_of(&crate::model::ObjectKey::new("ns", "echo"), 80).is_some();
+        assert!(has_echo(&index));
+        // Unparseable YAML: reported, the Service stays.
+        std::fs::write(&file, "kind: [unclosed\n  more: x").unwrap();
+        let problems = source.sync(&mut index).unwrap();
+        assert_eq!(problems.len(), 1);
+        index.publish();
+        assert!(has_echo(&index));
+        // An invalid version of the same object: reported, the last good one stays.
+        std::fs::write(&file, SERVICE.replace("port: 80", "port: 0")).unwrap();
+        assert_eq!(source.sync(&mut index).unwrap().len(), 1);
+        index.publish();
+        assert!(has_echo(&index));
+        // File removed: its objects go.
+        std::fs::remove_file(&file).unwrap();
+        source.sync(&mut index).unwrap();
+        index.publish();
+        assert!(!has_echo(&index));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

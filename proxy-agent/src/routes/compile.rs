@@ -2,8 +2,8 @@
 //! conflicts, rule compilation and precedence order.
 
 use super::precedence::RankKey;
-use super::{backends, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
-use crate::model::{Route, RouteKind, Service, ServiceKind, ServicePort};
+use super::{backends, Backend, BackendError, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use crate::model::{BackendRef, Route, RouteKind, Service, ServiceKind, ServicePort};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,16 +92,25 @@ fn table(routes: &[&Route], world: &dyn World) -> RouteTable {
     RouteTable { kind, entries: ranked.into_iter().map(|(_, e)| e).collect() }
 }
 
+/// Resolves a backendRef of `route`. A GRPCRoute's backends speak HTTP/2 whatever the Service
+/// port's appProtocol says (the spec lets the protocol be inferred from the route type).
+fn resolve(route: &Route, reference: &BackendRef, world: &dyn World) -> Result<Arc<Backend>, BackendError> {
+    let backend = backends::resolve(reference, &route.meta.key.namespace, world)?;
+    if route.kind == RouteKind::Grpc && !backend.h2c {
+        return Ok(Arc::new(Backend { h2c: true, ..(*backend).clone() }));
+    }
+    Ok(backend)
+}
+
 fn compile_rule(route: &Route, index: usize, world: &dyn World) -> CompiledRule {
-    let namespace = route.meta.key.namespace.as_str();
     let rule = &route.rules[index];
-    let resolve_mirror = |b: &crate::model::BackendRef| backends::resolve(b, namespace, world).ok();
+    let resolve_mirror = |b: &BackendRef| resolve(route, b, world).ok();
     let backends: Vec<WeightedBackend> = rule
         .backends
         .iter()
         .map(|b| WeightedBackend {
             weight: b.weight,
-            backend: backends::resolve(b, namespace, world),
+            backend: resolve(route, b, world),
             filters: b.filters.iter().map(|f| f.map_mirror(resolve_mirror)).collect(),
         })
         .collect();

@@ -68,50 +68,59 @@ pub struct Parsed {
     pub invalid: Vec<Identity>,
     /// The YAML itself did not parse: nothing in the file can be trusted.
     pub unreadable: bool,
-    /// Documents of other kinds, as JSON (the conformance harness reads Deployments from them).
-    pub other: Vec<serde_json::Value>,
+}
+
+/// Every document of a YAML text as JSON, with its 1-based document number; the items of `List`
+/// kinds are expanded in place. Fails with the document number if the YAML does not parse.
+pub fn documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = i + 1;
+        let value = match serde::Deserialize::deserialize(document).map(yaml_to_json) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue, // an empty document
+            Err(e) => return Err((number, format!("not valid YAML: {e}"))),
+        };
+        if value.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) {
+            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+            out.extend(items.into_iter().map(|item| (number, item)));
+        } else {
+            out.push((number, value));
+        }
+    }
+    Ok(out)
 }
 
 /// Parses the text of one manifest file. Pure: no I/O.
 pub fn parse(file: &Path, text: &str) -> Parsed {
     let mut parsed = Parsed::default();
     let problem = |severity, document, object, message: String| Problem { severity, file: file.to_path_buf(), document, object, message };
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let number = i + 1;
-        let value = match serde::Deserialize::deserialize(document).map(yaml_to_json) {
-            Ok(Some(v)) => v,
-            Ok(None) => continue, // an empty document
-            Err(e) => {
-                parsed.problems.push(problem(Severity::Error, number, None, format!("not valid YAML: {e}")));
-                parsed.unreadable = true;
-                return parsed;
+    let documents = match documents(text) {
+        Ok(d) => d,
+        Err((number, message)) => {
+            parsed.problems.push(problem(Severity::Error, number, None, message));
+            parsed.unreadable = true;
+            return parsed;
+        }
+    };
+    for (number, item) in documents {
+        let identity = identity(&item);
+        let shown = identity.as_ref().map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
+        match Object::from_value(item) {
+            Ok(object) => parsed.objects.push(object),
+            Err(ObjectError::UnknownKind { kind, api_version }) => {
+                if !QUIETLY_SKIPPED.contains(&kind.as_str()) {
+                    parsed.problems.push(problem(
+                        Severity::Warning,
+                        number,
+                        shown,
+                        format!("kind `{kind}` ({api_version}) is not used by the agent"),
+                    ));
+                }
             }
-        };
-        let items = if value.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) {
-            value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default()
-        } else {
-            vec![value]
-        };
-        for item in items {
-            let identity = identity(&item);
-            let shown = identity.as_ref().map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
-            match Object::from_value(item.clone()) {
-                Ok(object) => parsed.objects.push(object),
-                Err(ObjectError::UnknownKind { kind, api_version }) => {
-                    if !QUIETLY_SKIPPED.contains(&kind.as_str()) {
-                        parsed.problems.push(problem(
-                            Severity::Warning,
-                            number,
-                            shown,
-                            format!("kind `{kind}` ({api_version}) is not used by the agent"),
-                        ));
-                    }
-                    parsed.other.push(item);
-                }
-                Err(e) => {
-                    parsed.problems.push(problem(Severity::Error, number, shown, e.to_string()));
-                    parsed.invalid.extend(identity);
-                }
+            Err(e) => {
+                parsed.problems.push(problem(Severity::Error, number, shown, e.to_string()));
+                parsed.invalid.extend(identity);
             }
         }
     }

@@ -1,0 +1,349 @@
+//! The kernel redirect against the real kernel (root only; otherwise each test prints
+//! `SKIPPED: <reason>` and passes):
+//! - the embedded eBPF object loads and the verifier accepts every program in it;
+//! - end to end in a private network namespace and a child cgroup: a client in the cgroup that
+//!   dials a mesh VIP reaches the agent, which learns the VIP and the caller's cgroup and netns;
+//!   the client sees the VIP as its peer; non-mesh ports, the exempt cgroup and a closed agent
+//!   listener are left alone (fail open); a second attach replaces the first.
+//!
+//! Nothing outside the namespace and cgroup this file creates is touched: the root network
+//! namespace keeps its routes and addresses. Both are removed by name when the test ends, also
+//! when it fails.
+//!
+//! The client runs in a child process (a process, not a thread, is what belongs to a cgroup): this
+//! test binary itself, re-run with `client_helper` as the only test and the target in an
+//! environment variable; it joins the namespace and the cgroup between fork and exec.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd as _, RawFd},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use proxy_agent::redirect::{self, AgentListener, Redirect, Redirected};
+
+/// The programs the object must contain (the kernel keeps 15 bytes of a name; all fit).
+const PROGRAMS: [&str; 5] =
+    ["gamma_connect4", "gamma_connect6", "gamma_peername4", "gamma_peername6", "gamma_sockops"];
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("loading eBPF programs and creating namespaces needs root".into());
+    }
+    if let Err(e) = redirect::cgroup2_mount() {
+        return Some(e.to_string());
+    }
+    None
+}
+
+macro_rules! skip_unless_root {
+    () => {
+        if let Some(reason) = skip_reason() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+#[test]
+fn verifier_accepts_every_program() {
+    skip_unless_root!();
+    let names = redirect::verify_programs().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(names, PROGRAMS);
+}
+
+const VIP4: &str = "10.96.0.10:80";
+const VIP6: &str = "[fd00:96::10]:80";
+const VIP4_MAPPED: &str = "[::ffff:10.96.0.10]:80";
+const NON_MESH: &str = "10.96.0.10:81";
+
+#[test]
+fn redirects_mesh_services_and_fails_open() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+
+    // The "kube-proxy" path: backends on the VIPs themselves, so a connection the kernel leaves
+    // alone still gets an answer, and the answer says who gave it.
+    let backend4 = sandbox.bind(VIP4);
+    let backend6 = sandbox.bind(VIP6);
+    let other = sandbox.bind(NON_MESH);
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let agent6 = sandbox.bind("[::1]:0");
+    let cgroup_id = redirect::cgroup_id(&sandbox.cgroup).unwrap();
+    let netns_cookie = netns_cookie(&agent4);
+
+    let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
+    assert_attached_once(&sandbox.cgroup);
+    let change = redirect.set_mesh_services([addr(VIP4), addr(VIP6)]).unwrap();
+    assert_eq!((change.added, change.removed), (2, 0));
+
+    let servers = [
+        Server { name: "agent4", listener: &agent4 },
+        Server { name: "agent6", listener: &agent6 },
+        Server { name: "backend4", listener: &backend4 },
+        Server { name: "backend6", listener: &backend6 },
+        Server { name: "other", listener: &other },
+    ];
+    let expect_redirect = |target: &str, agent: &str, original: &str| {
+        let seen = exchange(&sandbox, addr(target), &servers, &redirect);
+        assert_eq!(seen.server, agent, "{target} should reach the agent");
+        assert_eq!(seen.client_peer, addr(target), "getpeername should show the VIP");
+        let record = seen.original.unwrap_or_else(|| panic!("no record for {target}"));
+        assert_eq!(
+            record,
+            Redirected { original_dst: addr(original), netns_cookie, cgroup_id, socket_cookie: record.socket_cookie },
+        );
+        assert_eq!(redirect.take_original(seen.agent_peer), None, "a record is taken once");
+    };
+    let expect_untouched = |target: &str, server: &str| {
+        let seen = exchange(&sandbox, addr(target), &servers, &redirect);
+        assert_eq!(seen.server, server, "{target} should not be redirected");
+        assert_eq!(seen.client_peer, addr(target));
+        assert_eq!(seen.original, None);
+    };
+
+    expect_redirect(VIP4, "agent4", VIP4);
+    expect_redirect(VIP6, "agent6", VIP6);
+    // A dual-stack socket dialling the IPv4 VIP v4-mapped: same Service, IPv4 agent.
+    expect_redirect(VIP4_MAPPED, "agent4", VIP4);
+    expect_untouched(NON_MESH, "other");
+
+    // The agent's own cgroup is exempt (here: make the client's cgroup the exempt one).
+    redirect.set_exempt_cgroup(cgroup_id).unwrap();
+    expect_untouched(VIP4, "backend4");
+    redirect.set_exempt_cgroup(redirect::own_cgroup_id().unwrap()).unwrap();
+
+    // Reconciliation removes what is no longer meshed.
+    let change = redirect.set_mesh_services([addr(VIP6)]).unwrap();
+    assert_eq!((change.added, change.removed), (0, 1));
+    expect_untouched(VIP4, "backend4");
+    expect_redirect(VIP6, "agent6", VIP6);
+
+    // A second agent on the same cgroup replaces the first: still one program per hook, and
+    // connections go to the newcomer.
+    let agent4b = sandbox.bind("127.0.0.1:0");
+    let agent6b = sandbox.bind("[::1]:0");
+    let successor = attach(&sandbox.cgroup, &agent4b, &agent6b);
+    assert_attached_once(&sandbox.cgroup);
+    successor.set_mesh_services([addr(VIP4)]).unwrap();
+    let seen = exchange(&sandbox, addr(VIP4), &[Server { name: "agent4b", listener: &agent4b }, servers[2]], &successor);
+    assert_eq!(seen.server, "agent4b");
+    assert_eq!(seen.original.map(|r| r.original_dst), Some(addr(VIP4)));
+    drop(redirect);
+    assert_attached_once(&sandbox.cgroup);
+
+    // Fail open: with the agent's listener closed, the kernel drops it from the sockmap and
+    // connections go to the VIP as if there were no mesh.
+    drop(agent4b);
+    let seen = exchange(&sandbox, addr(VIP4), &[servers[2]], &successor);
+    assert_eq!(seen.server, "backend4");
+    assert_eq!(seen.client_peer, addr(VIP4));
+    assert_eq!(seen.original, None);
+}
+
+fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
+    let listeners = [
+        AgentListener { listener: agent4, addr: agent4.local_addr().unwrap() },
+        AgentListener { listener: agent6, addr: agent6.local_addr().unwrap() },
+    ];
+    Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn assert_attached_once(cgroup: &Path) {
+    let mut names: Vec<String> =
+        redirect::attached_programs(cgroup).unwrap().into_iter().map(|p| p.name).collect();
+    names.sort();
+    assert_eq!(names, PROGRAMS, "each program attached exactly once");
+}
+
+/// SO_NETNS_COOKIE of a socket: the cookie of the namespace it lives in.
+fn netns_cookie(socket: &TcpListener) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket and an out-buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
+}
+
+/// A network namespace (`/run/netns/<name>`, loopback up, the test VIPs on lo) and a cgroup
+/// (`<cgroup2 mount>/<name>`) of this test run; both removed by name on drop.
+struct Sandbox {
+    name: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Sandbox {
+    fn create() -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("gamma-ebpf-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let cgroup = redirect::cgroup2_mount().unwrap().join(&name);
+        // Constructed first so that whatever part gets created is removed, even if a later step fails.
+        let sandbox = Self { netns: PathBuf::from("/run/netns").join(&name), cgroup, name };
+        ip(&["netns", "add", &sandbox.name]);
+        ip(&["-n", &sandbox.name, "link", "set", "lo", "up"]);
+        ip(&["-n", &sandbox.name, "addr", "add", "10.96.0.10/32", "dev", "lo"]);
+        ip(&["-n", &sandbox.name, "addr", "add", "fd00:96::10/128", "dev", "lo", "nodad"]);
+        fs::create_dir(&sandbox.cgroup).unwrap();
+        sandbox
+    }
+
+    /// A listener bound inside the namespace (from a thread that joins it; the socket stays there).
+    fn bind(&self, addr: &str) -> TcpListener {
+        let netns = File::open(&self.netns).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a namespace fd; affects only this short-lived thread.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+                listener.set_nonblocking(true).unwrap();
+                listener
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.netns.exists() {
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        }
+        if self.cgroup.exists() {
+            if let Err(e) = fs::remove_dir(&self.cgroup) {
+                eprintln!("could not remove {}: {e}", self.cgroup.display());
+            }
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("running ip (iproute2)");
+    assert!(status.success(), "ip {} failed", args.join(" "));
+}
+
+#[derive(Clone, Copy)]
+struct Server<'a> {
+    name: &'static str,
+    listener: &'a TcpListener,
+}
+
+/// What one client connection showed on both ends.
+#[derive(Debug)]
+struct Exchange {
+    /// Which server accepted it.
+    server: &'static str,
+    /// The client's getpeername().
+    client_peer: SocketAddr,
+    /// The peer address the server saw.
+    agent_peer: SocketAddr,
+    /// `take_original` for that peer.
+    original: Option<Redirected>,
+}
+
+/// Runs a client in the sandbox's netns and cgroup that dials `target`, serves its connection on
+/// whichever of `servers` gets it, and reports what each side saw.
+fn exchange(sandbox: &Sandbox, target: SocketAddr, servers: &[Server<'_>], redirect: &Redirect) -> Exchange {
+    let mut client = spawn_client(sandbox, target);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (server, stream, peer) = loop {
+        if let Some(accepted) = servers.iter().find_map(|s| s.listener.accept().ok().map(|(c, p)| (s.name, c, p))) {
+            break accepted;
+        }
+        if let Some(status) = client.try_wait().unwrap() {
+            let output = client.wait_with_output().unwrap();
+            panic!("client for {target} exited ({status}) before any server accepted: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        assert!(Instant::now() < deadline, "no server accepted the connection to {target}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let original = redirect.take_original(peer);
+    stream.set_nonblocking(false).unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut hello = String::new();
+    reader.read_line(&mut hello).unwrap();
+    (&stream).write_all(format!("{server}\n").as_bytes()).unwrap();
+
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "client failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let field = |prefix: &str| -> String {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("client printed no {prefix}: {stdout}"))
+            .to_owned()
+    };
+    assert_eq!(field(REPLY), server, "the client heard from another server than accepted");
+    Exchange { server, client_peer: field(PEER).parse().unwrap(), agent_peer: peer, original }
+}
+
+const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
+const PEER: &str = "client-peer=";
+const REPLY: &str = "client-reply=";
+
+/// This binary again, running only `client_helper`, inside the sandbox's netns and cgroup.
+fn spawn_client(sandbox: &Sandbox, target: SocketAddr) -> std::process::Child {
+    let netns = File::open(&sandbox.netns).unwrap();
+    let procs = OpenOptions::new().write(true).open(sandbox.cgroup.join("cgroup.procs")).unwrap();
+    let (netns_fd, procs_fd): (RawFd, RawFd) = (netns.as_raw_fd(), procs.as_raw_fd());
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["client_helper", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CLIENT_TARGET, target.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe syscalls on fds opened beforehand (kept
+    // alive by `netns` and `procs` until spawn returns).
+    unsafe {
+        command.pre_exec(move || {
+            // "0" moves the writing process: the child joins the cgroup before it runs any code.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    drop((netns, procs));
+    child
+}
+
+/// Not a test of its own: the client side of [`exchange`], run in a child process. Does nothing
+/// when run as part of the suite.
+#[test]
+fn client_helper() {
+    let Ok(target) = std::env::var(CLIENT_TARGET) else { return };
+    let target: SocketAddr = target.parse().unwrap();
+    let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {target}: {e}"));
+    println!("{PEER}{}", stream.peer_addr().unwrap());
+    (&stream).write_all(b"hello\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    println!("{REPLY}{}", reply.trim());
+}

@@ -1,1 +1,66 @@
-fn main() {}
+//! `proxy-agent`: gamma-node's per-node GAMMA proxy.
+
+use anyhow::Result;
+use clap::Parser;
+use proxy_agent::agent::{self, AgentConfig, ListenSpec};
+use proxy_agent::proxy::ProxyConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Per-node GAMMA (Gateway API mesh) proxy")]
+struct Cli {
+    /// Folder of YAML manifests (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes),
+    /// loaded at start and watched for changes.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// Explicit listener: connections to ADDR are treated as sent to that Service port.
+    #[arg(long, value_name = "ADDR=NAMESPACE/SERVICE:PORT")]
+    listen: Vec<ListenSpec>,
+    /// Namespace of the callers on explicit listeners (default: the Service's own).
+    #[arg(long, value_name = "NS")]
+    caller_namespace: Option<String>,
+    /// Admin server (health, metrics, config dump, explain). Keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Worker threads of the data plane (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// How often the manifest folder is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, default_value_t = 20)]
+    drain_timeout_s: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("worker");
+    if let Some(n) = cli.workers {
+        runtime.worker_threads(n.max(1));
+    }
+    let config = AgentConfig {
+        manifests: cli.manifests,
+        listen: cli.listen,
+        caller_namespace: cli.caller_namespace,
+        admin: cli.admin,
+        poll_interval: Duration::from_millis(cli.poll_interval_ms.max(10)),
+        drain_timeout: Duration::from_secs(cli.drain_timeout_s),
+        proxy: ProxyConfig::default(),
+    };
+    runtime.build()?.block_on(agent::run(config))
+}

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod conformance;
+pub mod echo;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -1,0 +1,147 @@
+//! The admin HTTP server, on its own thread and single-threaded runtime.
+
+use super::explain::explain;
+use super::metrics::Metrics;
+use crate::model::ObjectKey;
+use crate::proxy::upstream::EndpointStats;
+use crate::routes::{RequestHead, Snapshot};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Whether the agent may take traffic: its sources completed a first sync, and since when (if
+/// ever) they are stale.
+#[derive(Default)]
+pub struct Readiness {
+    /// Unix seconds of the first complete sync (0: not yet).
+    pub synced_at: AtomicU64,
+    /// Unix seconds since which the sources are stale (0: fresh).
+    pub stale_since: AtomicU64,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub endpoints: Arc<EndpointStats>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// Binds `addr` now (so a bad address fails at start) and serves on a thread of its own.
+pub fn spawn(addr: SocketAddr, state: AdminState) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("admin runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(&state, request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+    })?;
+    Ok(local)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}
+
+fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin server is read-only\n", "text/plain");
+    }
+    match request.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n", "text/plain"),
+        "/ready" => ready(state),
+        "/metrics" => text(StatusCode::OK, state.metrics.render(state.endpoints.in_flight_total()), "text/plain; version=0.0.4"),
+        "/config_dump" => {
+            let dump = state.snapshot.load().dump();
+            text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default(), "application/json")
+        }
+        "/explain" => explain_request(state, request.uri().query().unwrap_or_default()),
+        _ => text(StatusCode::NOT_FOUND, "endpoints: /live /ready /metrics /config_dump /explain\n", "text/plain"),
+    }
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    let synced = state.readiness.synced_at.load(Ordering::Relaxed);
+    let stale = state.readiness.stale_since.load(Ordering::Relaxed);
+    if synced == 0 {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the first sync of the sources has not completed\n", "text/plain");
+    }
+    if stale > 0 {
+        // Still serving the last good table: ready, but say since when it is stale.
+        return text(StatusCode::OK, format!("ready (stale since unix {stale}: serving the last good table)\n"), "text/plain");
+    }
+    text(StatusCode::OK, "ready\n", "text/plain")
+}
+
+/// `/explain?service=NS/NAME&port=P&caller_namespace=NS&method=GET&path=/x&header=name:value`
+/// (or `address=IP:PORT` instead of service and port).
+fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let mut service = None;
+    let mut port = None;
+    let mut address = None;
+    let mut caller = None;
+    let mut method = Method::GET;
+    let mut path = "/".to_string();
+    let mut headers = http::HeaderMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v.replace("%2F", "/").replace("%3A", ":").replace("%20", " ");
+        match k {
+            "service" => service = v.split_once('/').map(|(ns, n)| ObjectKey::new(ns, n)),
+            "port" => port = v.parse::<u16>().ok(),
+            "address" => address = v.parse::<SocketAddr>().ok(),
+            "caller_namespace" => caller = Some(v),
+            "method" => method = Method::from_bytes(v.as_bytes()).unwrap_or(Method::GET),
+            "path" => path = v,
+            "header" => {
+                if let Some((n, val)) = v.split_once(':') {
+                    if let (Ok(n), Ok(val)) = (http::HeaderName::from_bytes(n.trim().as_bytes()), http::HeaderValue::from_str(val.trim())) {
+                        headers.append(n, val);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let snapshot = state.snapshot.load();
+    let frontend = match (address, service, port) {
+        (Some(a), _, _) => snapshot.frontend_at(a),
+        (None, Some(s), Some(p)) => snapshot.frontend_of(&s, p),
+        _ => return text(StatusCode::BAD_REQUEST, "give address=IP:PORT, or service=NS/NAME and port=PORT\n", "text/plain"),
+    };
+    let Some(frontend) = frontend else {
+        return text(StatusCode::NOT_FOUND, "no such Service frontend in the current table\n", "text/plain");
+    };
+    let uri: http::Uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    let head = RequestHead { method: &method, path: uri.path(), query: uri.query(), headers: &headers };
+    let body = explain(frontend, caller.as_deref(), &head);
+    text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default(), "application/json")
+}

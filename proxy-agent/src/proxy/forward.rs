@@ -1,0 +1,208 @@
+//! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
+
+use super::body::{self, ProxyBody};
+use super::{AccessLog, Proxy};
+use crate::routes::{Backend, CompiledRule, LocalResponse};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        if keep_upgrade && name == header::CONNECTION {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(parts: &http::request::Parts) -> bool {
+    parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE)
+}
+
+/// What one upstream attempt ended with.
+enum Attempt {
+    Response(Response<Incoming>),
+    ConnectFailed(String),
+    TimedOut(Duration),
+    Failed(String),
+}
+
+pub(super) async fn forward(
+    proxy: &Arc<Proxy>,
+    backend: &Backend,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    rule: Option<&CompiledRule>,
+    log: &mut AccessLog,
+) -> Result<Response<ProxyBody>, LocalResponse> {
+    let deadline = rule.and_then(|r| r.timeouts.request);
+    let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
+    let upgrade = is_upgrade(&parts);
+    let downstream_upgrade = upgrade.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // A body can be sent once: only requests without one are retried.
+    let bodyless = body.is_end_stream();
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let max_attempts = match retry {
+        Some(r) if bodyless => 1 + r.attempts,
+        // Connection refused means nothing was sent: one more try on another endpoint is safe.
+        _ if bodyless => 2,
+        _ => 1,
+    };
+    let started = Instant::now();
+    let mut body = Some(body);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let run = async {
+        loop {
+            let Some((endpoint, _in_flight)) = proxy.upstream.endpoints.choose(&backend.endpoints, &tried, rand::random()) else {
+                return Err(LocalResponse::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("backend {} has no ready endpoint", backend.name()),
+                ));
+            };
+            tried.push(endpoint);
+            log.endpoint = endpoint.to_string();
+            log.attempts += 1;
+            let request_body = body.take().map_or_else(body::empty, body::stream);
+            let request = upstream_request(&parts, endpoint, backend.h2c && !upgrade, request_body);
+            let attempt = send(proxy, backend.h2c && !upgrade, request, attempt_timeout).await;
+            let last = log.attempts >= max_attempts;
+            match attempt {
+                Attempt::Response(response) => {
+                    let status = response.status().as_u16();
+                    if !last && retry.is_some_and(|r| r.codes.contains(&status)) {
+                        backoff(retry.and_then(|r| r.backoff)).await;
+                        continue;
+                    }
+                    return Ok(response);
+                }
+                Attempt::ConnectFailed(e) => {
+                    proxy.upstream.endpoints.eject(endpoint);
+                    if last {
+                        return Err(LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, format!("connecting to {endpoint} of {} failed: {e}", backend.name())));
+                    }
+                }
+                Attempt::TimedOut(after) => {
+                    if last || retry.is_none() {
+                        return Err(LocalResponse::error(StatusCode::GATEWAY_TIMEOUT, format!("{endpoint} of {} did not answer within {after:?}", backend.name())));
+                    }
+                    backoff(retry.and_then(|r| r.backoff)).await;
+                }
+                Attempt::Failed(e) => {
+                    if last || retry.is_none() {
+                        return Err(LocalResponse::error(StatusCode::BAD_GATEWAY, format!("request to {endpoint} of {} failed: {e}", backend.name())));
+                    }
+                    backoff(retry.and_then(|r| r.backoff)).await;
+                }
+            }
+        }
+    };
+    let result = match deadline {
+        None => run.await,
+        Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+            Err(LocalResponse::error(StatusCode::GATEWAY_TIMEOUT, format!("the route's request timeout of {limit:?} expired")))
+        }),
+    };
+    log.upstream_duration = Some(started.elapsed());
+    let mut response = result?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            splice_upgrade(downstream, hyper::upgrade::on(&mut response));
+        }
+    } else {
+        strip_hop_by_hop(response.headers_mut(), false);
+    }
+    Ok(response.map(body::stream))
+}
+
+async fn backoff(wait: Option<Duration>) {
+    if let Some(wait) = wait {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn upstream_request(parts: &http::request::Parts, endpoint: SocketAddr, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = format!("http://{endpoint}{path}").parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *request.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *request.headers_mut() = parts.headers.clone();
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 requests carry the authority in the URI; HTTP/1.1 backends want a Host header.
+        if let Some(authority) = parts.uri.authority().and_then(|a| a.as_str().parse().ok()) {
+            request.headers_mut().insert(header::HOST, authority);
+        }
+    }
+    request
+}
+
+async fn send(proxy: &Proxy, h2: bool, request: Request<ProxyBody>, timeout: Option<Duration>) -> Attempt {
+    let call = proxy.upstream.client(h2).request(request);
+    let result = match timeout {
+        None => call.await,
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => return Attempt::TimedOut(limit),
+        },
+    };
+    match result {
+        Ok(response) => Attempt::Response(response),
+        Err(e) if e.is_connect() => Attempt::ConnectFailed(error_chain(&e)),
+        Err(e) => Attempt::Failed(error_chain(&e)),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// After a 101, the two upgraded connections are joined byte for byte (WebSocket and friends).
+fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
+            tracing::debug!("an upgrade did not complete");
+            return;
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = TokioIo::new(up);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+    });
+}

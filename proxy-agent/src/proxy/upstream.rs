@@ -1,0 +1,159 @@
+//! Upstream side: pooled HTTP/1.1 and HTTP/2 (h2c) clients, and endpoint choice.
+//!
+//! Endpoint choice is the power of two choices on in-flight requests: pick two endpoints at
+//! random, send to the one with fewer requests in flight. An endpoint whose connection just
+//! failed is skipped for a short while (if any other is left).
+
+use super::body::ProxyBody;
+use ahash::AHashMap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long an endpoint that refused a connection is avoided.
+const EJECTION: Duration = Duration::from_secs(5);
+
+pub type HttpClient = Client<HttpConnector, ProxyBody>;
+
+/// Both upstream clients; each keeps its own connection pool per endpoint.
+#[derive(Clone)]
+pub struct Upstream {
+    pub http1: HttpClient,
+    pub h2c: HttpClient,
+    pub endpoints: Arc<EndpointStats>,
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let connector = || {
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c.set_connect_timeout(Some(connect_timeout));
+            c.enforce_http(false);
+            c
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(256);
+        let http1 = builder.build(connector());
+        let h2c = builder.clone().http2_only(true).build(connector());
+        Upstream { http1, h2c, endpoints: Arc::new(EndpointStats::default()) }
+    }
+
+    pub fn client(&self, h2: bool) -> &HttpClient {
+        if h2 { &self.h2c } else { &self.http1 }
+    }
+}
+
+#[derive(Default)]
+pub struct Endpoint {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `EndpointStats::epoch` until which the endpoint is avoided (0: never).
+    ejected_until: AtomicU64,
+}
+
+/// Per-endpoint counters shared by all connections.
+pub struct EndpointStats {
+    epoch: Instant,
+    by_address: RwLock<AHashMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats { epoch: Instant::now(), by_address: RwLock::default() }
+    }
+}
+
+/// Counts a request in flight on an endpoint until dropped.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointStats {
+    fn get(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        if let Some(e) = self.by_address.read().expect("not poisoned").get(&addr) {
+            return e.clone();
+        }
+        self.by_address.write().expect("not poisoned").entry(addr).or_default().clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn ejected(&self, e: &Endpoint) -> bool {
+        e.ejected_until.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Avoid `addr` for a while: its connection failed.
+    pub fn eject(&self, addr: SocketAddr) {
+        let until = self.now_ms() + EJECTION.as_millis() as u64;
+        self.get(addr).ejected_until.store(until, Ordering::Relaxed);
+    }
+
+    /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` unless
+    /// nothing else is left. `random` supplies the randomness.
+    pub fn choose(&self, endpoints: &[SocketAddr], exclude: &[SocketAddr], random: u64) -> Option<(SocketAddr, InFlight)> {
+        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> = endpoints
+            .iter()
+            .filter(|a| !exclude.contains(a))
+            .map(|a| (*a, self.get(*a)))
+            .collect();
+        let healthy: Vec<&(SocketAddr, Arc<Endpoint>)> = candidates.iter().filter(|(_, e)| !self.ejected(e)).collect();
+        let pool: Vec<&(SocketAddr, Arc<Endpoint>)> = if healthy.is_empty() { candidates.iter().collect() } else { healthy };
+        let (addr, endpoint) = match pool.len() {
+            0 => return None,
+            1 => pool[0],
+            n => {
+                let a = pool[(random % n as u64) as usize];
+                let b = pool[((random >> 32) % n as u64) as usize];
+                if b.1.in_flight.load(Ordering::Relaxed) < a.1.in_flight.load(Ordering::Relaxed) { b } else { a }
+            }
+        };
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((*addr, InFlight(endpoint.clone())))
+    }
+
+    pub fn in_flight_total(&self) -> usize {
+        self.by_address.read().expect("not poisoned").values().map(|e| e.in_flight.load(Ordering::Relaxed)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 80))
+    }
+
+    #[test]
+    fn prefers_fewer_in_flight() {
+        let stats = EndpointStats::default();
+        let endpoints = [addr(1), addr(2)];
+        // Random value whose two halves pick both endpoints.
+        let both = 1u64 << 32;
+        let (first, _held) = stats.choose(&endpoints, &[], both).unwrap();
+        let (second, _) = stats.choose(&endpoints, &[], both).unwrap();
+        assert_ne!(first, second, "the busy endpoint is avoided");
+    }
+
+    #[test]
+    fn skips_ejected_and_excluded_unless_nothing_else() {
+        let stats = EndpointStats::default();
+        let endpoints = [addr(1), addr(2)];
+        stats.eject(addr(1));
+        for r in 0..8u64 {
+            assert_eq!(stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0, addr(2));
+        }
+        assert_eq!(stats.choose(&endpoints, &[addr(2)], 0).unwrap().0, addr(1), "ejected beats nothing");
+        assert!(stats.choose(&[], &[], 0).is_none());
+    }
+}

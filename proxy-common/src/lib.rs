@@ -1,3 +1,177 @@
 //! The `#[repr(C)]` types shared by the eBPF programs (`proxy-ebpf`) and the agent (`proxy-agent`):
 //! map keys and values, compiled by both sides from this one place.
+//!
+//! Byte order: every address and port here is stored exactly as the kernel hands it to a BPF program,
+//! in network byte order (big-endian) in memory. The agent converts at the edge (see
+//! `proxy-agent/src/redirect/addr.rs`); the programs copy words without swapping, except for the one
+//! field the kernel itself gives in host order (`bpf_sock_ops.local_port`).
+//!
+//! Padding is always explicit and zeroed: hash maps compare keys byte by byte, so an uninitialised
+//! padding byte would make two equal keys differ.
 #![no_std]
+
+/// An IP address and TCP port, IPv4 or IPv6, in one layout so one map serves both families.
+///
+/// `ip` holds the 16 bytes of an IPv6 address in network byte order, as four `u32` words that are
+/// read and written without swapping (the kernel's `user_ip6`/`local_ip6` words). An IPv4 address is
+/// stored **v4-mapped** (`::ffff:a.b.c.d`): words 0 and 1 are zero, word 2 is the bytes
+/// `00 00 ff ff`, word 3 the IPv4 address in network byte order (the kernel's `user_ip4`). The mapped
+/// form is what an IPv6 socket passes to `connect()` for an IPv4 destination, so connect4 and
+/// connect6 (dual-stack sockets) produce the same key for the same IPv4 destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Endpoint {
+    /// IPv6 address, or v4-mapped IPv4 address, network byte order.
+    pub ip: [u32; 4],
+    /// TCP port, network byte order (the low 16 bits of the kernel's `user_port`).
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Word 2 of a v4-mapped address, as it sits in memory: bytes `00 00 ff ff`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Endpoint {
+    /// An IPv4 endpoint from the kernel's representation: `ip4` as `user_ip4`/`local_ip4` (network
+    /// byte order), `port` in network byte order.
+    pub const fn v4(ip4: u32, port: u16) -> Self {
+        Self {
+            ip: [0, 0, V4_MAPPED_WORD, ip4],
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// An IPv6 endpoint from the kernel's representation (`user_ip6`/`local_ip6` words, network byte
+    /// order), `port` in network byte order. A v4-mapped `ip6` yields the same value as [`Self::v4`].
+    pub const fn v6(ip6: [u32; 4], port: u16) -> Self {
+        Self {
+            ip: ip6,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the address is an IPv4 address (stored v4-mapped).
+    pub const fn is_v4(&self) -> bool {
+        self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == V4_MAPPED_WORD
+    }
+
+    /// The IPv4 address in network byte order (word 3); meaningful only when [`Self::is_v4`].
+    pub const fn ip4(&self) -> u32 {
+        self.ip[3]
+    }
+
+    /// Whether this endpoint is set (a zero port means "absent", e.g. no listener for that family).
+    pub const fn is_set(&self) -> bool {
+        self.port != 0
+    }
+}
+
+/// Key of `MESH_SERVICES`: a Service VIP and port whose connections the agent takes over.
+/// The value is a `u8` that is always 1 (the map is a set).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub vip: Endpoint,
+}
+
+/// Key of `CALLERS`: the caller's local address of a redirected, established connection, which is
+/// the peer address the agent sees on `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CallerKey {
+    pub caller: Endpoint,
+}
+
+/// What the kernel recorded about a redirected `connect()`: where the caller meant to go and who
+/// the caller is. Stored per socket at connect time (`REDIRECTED`, socket storage) and copied into
+/// `CALLERS` once the connection is established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RedirectRecord {
+    /// `bpf_get_netns_cookie` of the caller's socket: identifies its network namespace (host order).
+    pub netns_cookie: u64,
+    /// `bpf_get_current_cgroup_id` at `connect()`: the inode number of the caller's cgroup v2
+    /// directory (host order).
+    pub cgroup_id: u64,
+    /// `bpf_get_socket_cookie` of the caller's socket (host order); for correlation in logs.
+    pub socket_cookie: u64,
+    /// The destination the caller passed to `connect()`: the Service VIP and port.
+    pub original_dst: Endpoint,
+    /// Always zero (keeps the size a multiple of 8 without implicit padding).
+    pub _pad: u32,
+}
+
+/// The single entry of `CONFIG`: where redirected connections go and whose sockets are exempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AgentConfig {
+    /// The agent's IPv4 listen address (v4-mapped); port 0 means "no IPv4 listener: leave IPv4
+    /// connections alone". Its listener is in `AGENT_LISTENERS[LISTENER_V4]`.
+    pub listen_v4: Endpoint,
+    /// The agent's IPv6 listen address; port 0 means "no IPv6 listener". Its listener is in
+    /// `AGENT_LISTENERS[LISTENER_V6]`.
+    pub listen_v6: Endpoint,
+    /// The agent's own cgroup id (host order): sockets created by processes of that cgroup are never
+    /// redirected, so the agent cannot loop into itself when it dials a Service VIP.
+    pub agent_cgroup_id: u64,
+}
+
+/// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv4 connections.
+pub const LISTENER_V4: u32 = 0;
+/// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv6 connections.
+pub const LISTENER_V6: u32 = 1;
+/// Number of `AGENT_LISTENERS` slots.
+pub const LISTENER_SLOTS: u32 = 2;
+
+/// Capacity of `MESH_SERVICES` (VIP:port pairs). A full map refuses new entries; the agent reports it.
+pub const MAX_MESH_SERVICES: u32 = 65_536;
+/// Capacity of `CALLERS` (LRU): records of connections established but not yet accepted. Unclaimed
+/// records (the agent never accepted them) are evicted oldest first.
+pub const MAX_CALLERS: u32 = 65_536;
+
+/// Map names, shared so the agent looks up exactly what the programs define.
+pub mod maps {
+    pub const MESH_SERVICES: &str = "MESH_SERVICES";
+    pub const AGENT_LISTENERS: &str = "AGENT_LISTENERS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const REDIRECTED: &str = "REDIRECTED";
+    pub const CALLERS: &str = "CALLERS";
+}
+
+/// Program names (the functions' names; the kernel keeps the first 15 bytes, all of these fit).
+pub mod programs {
+    pub const CONNECT4: &str = "gamma_connect4";
+    pub const CONNECT6: &str = "gamma_connect6";
+    pub const SOCKOPS: &str = "gamma_sockops";
+    pub const GETPEERNAME4: &str = "gamma_peername4";
+    pub const GETPEERNAME6: &str = "gamma_peername6";
+    /// Every program, in attach order.
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, GETPEERNAME4, GETPEERNAME6];
+    /// Prefix shared by every program name: how a restarted agent recognises a predecessor's
+    /// attachments.
+    pub const PREFIX: &str = "gamma_";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{AgentConfig, CallerKey, Endpoint, RedirectRecord, ServiceKey};
+
+    // SAFETY: all are #[repr(C)], Copy, made only of integers, with explicit padding fields.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for CallerKey {}
+    unsafe impl aya::Pod for RedirectRecord {}
+    unsafe impl aya::Pod for AgentConfig {}
+}
+
+// The layouts are an ABI between two compilers: fail the build, not the verifier, if they drift.
+const _: () = {
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<CallerKey>() == 20);
+    assert!(core::mem::size_of::<RedirectRecord>() == 48);
+    assert!(core::mem::size_of::<AgentConfig>() == 48);
+};

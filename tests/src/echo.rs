@@ -2,7 +2,8 @@
 //! with its name (the pod name), the method, path, host and request headers as received.
 //! HTTP/1.1 and HTTP/2 (h2c) on the same port; gRPC calls get a gRPC-framed answer.
 //!
-//! Test hooks: `/status/<code>` answers that status, `/delay/<ms>` waits first, and an
+//! Test hooks: `/status/<code>` answers that status, `/delay/<ms>` waits first, `/flaky/<n>`
+//! succeeds every n-th time, and an
 //! `Upgrade` request is accepted (101) and then echoes bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 #[derive(Default)]
 pub struct EchoStats {
     pub requests: AtomicU64,
+    flaky: AtomicU64,
 }
 
 /// Serves until the listener fails; spawn it.
@@ -64,7 +66,13 @@ async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let status = path.strip_prefix("/status/").and_then(|c| c.parse().ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+    let mut status = path.strip_prefix("/status/").and_then(|c| c.parse().ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+    // `/flaky/<n>`: only every n-th request (counted per server) succeeds; the others get 503.
+    if let Some(n) = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0) {
+        if stats.flaky.fetch_add(1, Ordering::Relaxed) % n != n - 1 {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
     let host = request
         .headers()
         .get(header::HOST)

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod conformance;
 pub mod echo;
+pub mod loopback;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -31,8 +31,13 @@ use std::{
 use proxy_agent::redirect::{self, AgentListener, Redirect, Redirected};
 
 /// The programs the object must contain (the kernel keeps 15 bytes of a name; all fit).
-const PROGRAMS: [&str; 5] =
-    ["gamma_connect4", "gamma_connect6", "gamma_peername4", "gamma_peername6", "gamma_sockops"];
+const PROGRAMS: [&str; 5] = [
+    "gamma_connect4",
+    "gamma_connect6",
+    "gamma_peername4",
+    "gamma_peername6",
+    "gamma_sockops",
+];
 
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
@@ -85,26 +90,43 @@ fn redirects_mesh_services_and_fails_open() {
 
     let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
     assert_attached_once(&sandbox.cgroup);
-    let change = redirect.set_mesh_services([addr(VIP4), addr(VIP6)]).unwrap();
+    let change = redirect
+        .set_mesh_services([addr(VIP4), addr(VIP6)])
+        .unwrap();
     assert_eq!((change.added, change.removed), (2, 0));
 
     let servers = [
-        Server { name: "agent4", listener: &agent4 },
-        Server { name: "agent6", listener: &agent6 },
-        Server { name: "backend4", listener: &backend4 },
-        Server { name: "backend6", listener: &backend6 },
-        Server { name: "other", listener: &other },
+        Server::new("agent4", &agent4),
+        Server::new("agent6", &agent6),
+        Server::new("backend4", &backend4),
+        Server::new("backend6", &backend6),
+        Server::new("other", &other),
     ];
     let expect_redirect = |target: &str, agent: &str, original: &str| {
         let seen = exchange(&sandbox, addr(target), &servers, &redirect);
         assert_eq!(seen.server, agent, "{target} should reach the agent");
-        assert_eq!(seen.client_peer, addr(target), "getpeername should show the VIP");
-        let record = seen.original.unwrap_or_else(|| panic!("no record for {target}"));
+        assert_eq!(
+            seen.client_peer,
+            addr(target),
+            "getpeername should show the VIP"
+        );
+        let record = seen
+            .original
+            .unwrap_or_else(|| panic!("no record for {target}"));
         assert_eq!(
             record,
-            Redirected { original_dst: addr(original), netns_cookie, cgroup_id, socket_cookie: record.socket_cookie },
+            Redirected {
+                original_dst: addr(original),
+                netns_cookie,
+                cgroup_id,
+                socket_cookie: record.socket_cookie
+            },
         );
-        assert_eq!(redirect.take_original(seen.agent_peer), None, "a record is taken once");
+        assert_eq!(
+            redirect.take_original(seen.agent_peer),
+            None,
+            "a record is taken once"
+        );
     };
     let expect_untouched = |target: &str, server: &str| {
         let seen = exchange(&sandbox, addr(target), &servers, &redirect);
@@ -122,7 +144,9 @@ fn redirects_mesh_services_and_fails_open() {
     // The agent's own cgroup is exempt (here: make the client's cgroup the exempt one).
     redirect.set_exempt_cgroup(cgroup_id).unwrap();
     expect_untouched(VIP4, "backend4");
-    redirect.set_exempt_cgroup(redirect::own_cgroup_id().unwrap()).unwrap();
+    redirect
+        .set_exempt_cgroup(redirect::own_cgroup_id().unwrap())
+        .unwrap();
 
     // Reconciliation removes what is no longer meshed.
     let change = redirect.set_mesh_services([addr(VIP6)]).unwrap();
@@ -137,7 +161,15 @@ fn redirects_mesh_services_and_fails_open() {
     let successor = attach(&sandbox.cgroup, &agent4b, &agent6b);
     assert_attached_once(&sandbox.cgroup);
     successor.set_mesh_services([addr(VIP4)]).unwrap();
-    let seen = exchange(&sandbox, addr(VIP4), &[Server { name: "agent4b", listener: &agent4b }, servers[2]], &successor);
+    let seen = exchange(
+        &sandbox,
+        addr(VIP4),
+        &[
+            Server::new("agent4b", &agent4b),
+            Server::new("backend4", &backend4),
+        ],
+        &successor,
+    );
     assert_eq!(seen.server, "agent4b");
     assert_eq!(seen.original.map(|r| r.original_dst), Some(addr(VIP4)));
     drop(redirect);
@@ -146,7 +178,12 @@ fn redirects_mesh_services_and_fails_open() {
     // Fail open: with the agent's listener closed, the kernel drops it from the sockmap and
     // connections go to the VIP as if there were no mesh.
     drop(agent4b);
-    let seen = exchange(&sandbox, addr(VIP4), &[servers[2]], &successor);
+    let seen = exchange(
+        &sandbox,
+        addr(VIP4),
+        &[Server::new("backend4", &backend4)],
+        &successor,
+    );
     assert_eq!(seen.server, "backend4");
     assert_eq!(seen.client_peer, addr(VIP4));
     assert_eq!(seen.original, None);
@@ -154,15 +191,24 @@ fn redirects_mesh_services_and_fails_open() {
 
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
     let listeners = [
-        AgentListener { listener: agent4, addr: agent4.local_addr().unwrap() },
-        AgentListener { listener: agent6, addr: agent6.local_addr().unwrap() },
+        AgentListener {
+            listener: agent4,
+            addr: agent4.local_addr().unwrap(),
+        },
+        AgentListener {
+            listener: agent6,
+            addr: agent6.local_addr().unwrap(),
+        },
     ];
     Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn assert_attached_once(cgroup: &Path) {
-    let mut names: Vec<String> =
-        redirect::attached_programs(cgroup).unwrap().into_iter().map(|p| p.name).collect();
+    let mut names: Vec<String> = redirect::attached_programs(cgroup)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     names.sort();
     assert_eq!(names, PROGRAMS, "each program attached exactly once");
 }
@@ -181,9 +227,17 @@ fn netns_cookie(socket: &TcpListener) -> u64 {
             &mut len,
         )
     };
-    assert_eq!(rc, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "SO_NETNS_COOKIE: {}",
+        std::io::Error::last_os_error()
+    );
     cookie
 }
+
+/// Every sandbox name starts with this, then the pid of the test run that created it.
+const SANDBOX_PREFIX: &str = "gamma-ebpf-";
 
 /// A network namespace (`/run/netns/<name>`, loopback up, the test VIPs on lo) and a cgroup
 /// (`<cgroup2 mount>/<name>`) of this test run; both removed by name on drop.
@@ -196,16 +250,52 @@ struct Sandbox {
 impl Sandbox {
     fn create() -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("gamma-ebpf-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let cgroup = redirect::cgroup2_mount().unwrap().join(&name);
-        // Constructed first so that whatever part gets created is removed, even if a later step fails.
-        let sandbox = Self { netns: PathBuf::from("/run/netns").join(&name), cgroup, name };
+        Self::sweep_dead_runs();
+        let id = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Named first, so that whatever part gets created is removed, even if a later step fails.
+        let sandbox = Self::named(format!("{SANDBOX_PREFIX}{}-{id}", std::process::id()));
         ip(&["netns", "add", &sandbox.name]);
-        ip(&["-n", &sandbox.name, "link", "set", "lo", "up"]);
-        ip(&["-n", &sandbox.name, "addr", "add", "10.96.0.10/32", "dev", "lo"]);
-        ip(&["-n", &sandbox.name, "addr", "add", "fd00:96::10/128", "dev", "lo", "nodad"]);
+        let in_netns = |args: &[&str]| ip(&[&["-n", sandbox.name.as_str()], args].concat());
+        in_netns(&["link", "set", "lo", "up"]);
+        in_netns(&["addr", "add", "10.96.0.10/32", "dev", "lo"]);
+        in_netns(&["addr", "add", "fd00:96::10/128", "dev", "lo", "nodad"]);
         fs::create_dir(&sandbox.cgroup).unwrap();
         sandbox
+    }
+
+    /// The sandbox called `name` (creates nothing; dropping it removes whatever exists).
+    fn named(name: String) -> Self {
+        Self {
+            netns: PathBuf::from("/run/netns").join(&name),
+            cgroup: redirect::cgroup2_mount().unwrap().join(&name),
+            name,
+        }
+    }
+
+    /// Removes the sandboxes of runs that were killed before they could clean up (their pid is
+    /// gone), so that an interrupted run does not leave namespaces and cgroups behind for good.
+    fn sweep_dead_runs() {
+        let dirs = [
+            PathBuf::from("/run/netns"),
+            redirect::cgroup2_mount().unwrap(),
+        ];
+        let names: std::collections::BTreeSet<String> = dirs
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| name.starts_with(SANDBOX_PREFIX))
+            .collect();
+        for name in names {
+            let pid = name[SANDBOX_PREFIX.len()..]
+                .split('-')
+                .next()
+                .unwrap_or_default();
+            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                drop(Self::named(name));
+            }
+        }
     }
 
     /// A listener bound inside the namespace (from a thread that joins it; the socket stays there).
@@ -216,7 +306,8 @@ impl Sandbox {
                 // SAFETY: setns on a namespace fd; affects only this short-lived thread.
                 let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+                let listener =
+                    TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
                 listener.set_nonblocking(true).unwrap();
                 listener
             })
@@ -229,7 +320,9 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if self.netns.exists() {
-            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
         }
         if self.cgroup.exists() {
             if let Err(e) = fs::remove_dir(&self.cgroup) {
@@ -240,14 +333,24 @@ impl Drop for Sandbox {
 }
 
 fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("running ip (iproute2)");
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip (iproute2)");
     assert!(status.success(), "ip {} failed", args.join(" "));
 }
 
+/// A listener of the test and the name it answers with.
 #[derive(Clone, Copy)]
 struct Server<'a> {
     name: &'static str,
     listener: &'a TcpListener,
+}
+
+impl<'a> Server<'a> {
+    fn new(name: &'static str, listener: &'a TcpListener) -> Self {
+        Self { name, listener }
+    }
 }
 
 /// What one client connection showed on both ends.
@@ -265,18 +368,32 @@ struct Exchange {
 
 /// Runs a client in the sandbox's netns and cgroup that dials `target`, serves its connection on
 /// whichever of `servers` gets it, and reports what each side saw.
-fn exchange(sandbox: &Sandbox, target: SocketAddr, servers: &[Server<'_>], redirect: &Redirect) -> Exchange {
+fn exchange(
+    sandbox: &Sandbox,
+    target: SocketAddr,
+    servers: &[Server<'_>],
+    redirect: &Redirect,
+) -> Exchange {
     let mut client = spawn_client(sandbox, target);
     let deadline = Instant::now() + Duration::from_secs(10);
     let (server, stream, peer) = loop {
-        if let Some(accepted) = servers.iter().find_map(|s| s.listener.accept().ok().map(|(c, p)| (s.name, c, p))) {
+        if let Some(accepted) = servers
+            .iter()
+            .find_map(|s| s.listener.accept().ok().map(|(c, p)| (s.name, c, p)))
+        {
             break accepted;
         }
         if let Some(status) = client.try_wait().unwrap() {
             let output = client.wait_with_output().unwrap();
-            panic!("client for {target} exited ({status}) before any server accepted: {}", String::from_utf8_lossy(&output.stderr));
+            panic!(
+                "client for {target} exited ({status}) before any server accepted: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
-        assert!(Instant::now() < deadline, "no server accepted the connection to {target}");
+        assert!(
+            Instant::now() < deadline,
+            "no server accepted the connection to {target}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     };
     let original = redirect.take_original(peer);
@@ -284,20 +401,36 @@ fn exchange(sandbox: &Sandbox, target: SocketAddr, servers: &[Server<'_>], redir
     let mut reader = BufReader::new(&stream);
     let mut hello = String::new();
     reader.read_line(&mut hello).unwrap();
-    (&stream).write_all(format!("{server}\n").as_bytes()).unwrap();
+    (&stream)
+        .write_all(format!("{server}\n").as_bytes())
+        .unwrap();
 
     let output = client.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "client failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // libtest prints "test client_helper ... " before the test's own output, on the same line.
     let field = |prefix: &str| -> String {
         stdout
             .lines()
-            .find_map(|l| l.strip_prefix(prefix))
+            .find_map(|l| l.split_once(prefix).map(|(_, value)| value))
             .unwrap_or_else(|| panic!("client printed no {prefix}: {stdout}"))
             .to_owned()
     };
-    assert_eq!(field(REPLY), server, "the client heard from another server than accepted");
-    Exchange { server, client_peer: field(PEER).parse().unwrap(), agent_peer: peer, original }
+    assert_eq!(
+        field(REPLY),
+        server,
+        "the client heard from another server than accepted"
+    );
+    Exchange {
+        server,
+        client_peer: field(PEER).parse().unwrap(),
+        agent_peer: peer,
+        original,
+    }
 }
 
 const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
@@ -307,11 +440,19 @@ const REPLY: &str = "client-reply=";
 /// This binary again, running only `client_helper`, inside the sandbox's netns and cgroup.
 fn spawn_client(sandbox: &Sandbox, target: SocketAddr) -> std::process::Child {
     let netns = File::open(&sandbox.netns).unwrap();
-    let procs = OpenOptions::new().write(true).open(sandbox.cgroup.join("cgroup.procs")).unwrap();
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(sandbox.cgroup.join("cgroup.procs"))
+        .unwrap();
     let (netns_fd, procs_fd): (RawFd, RawFd) = (netns.as_raw_fd(), procs.as_raw_fd());
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args(["client_helper", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "client_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CLIENT_TARGET, target.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -337,7 +478,9 @@ fn spawn_client(sandbox: &Sandbox, target: SocketAddr) -> std::process::Child {
 /// when run as part of the suite.
 #[test]
 fn client_helper() {
-    let Ok(target) = std::env::var(CLIENT_TARGET) else { return };
+    let Ok(target) = std::env::var(CLIENT_TARGET) else {
+        return;
+    };
     let target: SocketAddr = target.parse().unwrap();
     let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {target}: {e}"));

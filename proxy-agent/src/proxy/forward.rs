@@ -106,7 +106,8 @@ pub(super) async fn forward(
                 }
                 Attempt::ConnectFailed(e) => {
                     proxy.upstream.endpoints.eject(endpoint);
-                    if last {
+                    let untried_left = backend.endpoints.iter().any(|e| !tried.contains(e));
+                    if last || (retry.is_none() && !untried_left) {
                         return Err(LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, format!("connecting to {endpoint} of {} failed: {e}", backend.name())));
                     }
                 }

@@ -135,27 +135,30 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     }
 }
 
-async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
+/// The connection's protocol; `None` when the peer closed (or failed) before sending a byte.
+async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 24];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return Protocol::Opaque,
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => n,
+            // Nothing sent yet: a server-first protocol, handled as opaque TCP.
+            Err(_) => return Some(Protocol::Opaque),
         };
         if let Some(p) = classify(&buf[..n]) {
-            return p;
+            return Some(p);
         }
         // Peek returns the same bytes until more arrive; wait a little before looking again.
         if tokio::time::Instant::now() >= deadline {
-            return Protocol::Opaque;
+            return Some(Protocol::Opaque);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 async fn serve_connection(proxy: &Arc<Proxy>, stream: TcpStream, info: Arc<ConnectionInfo>, mut shutdown: watch::Receiver<bool>) {
-    let protocol = detect(&stream, proxy.config.detect_timeout).await;
+    let Some(protocol) = detect(&stream, proxy.config.detect_timeout).await else { return };
     let service = {
         let proxy = proxy.clone();
         let info = info.clone();

@@ -116,9 +116,6 @@ impl Proxy {
         conn: &ConnectionInfo,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, LocalResponse> {
-        if let Some(problem) = smuggling_risk(&request) {
-            return Err(LocalResponse::error(StatusCode::BAD_REQUEST, problem));
-        }
         let Some(frontend) = self.frontend(snapshot, &conn.destination) else {
             return Err(LocalResponse::error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -156,22 +153,6 @@ impl Proxy {
             }
         }
     }
-}
-
-/// Request smuggling guards beyond hyper's own parsing: a request must not carry both
-/// Content-Length and Transfer-Encoding, nor several differing Content-Length values.
-fn smuggling_risk<B>(request: &Request<B>) -> Option<String> {
-    let headers = request.headers();
-    if headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH) {
-        return Some("the request has both Content-Length and Transfer-Encoding".into());
-    }
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        if lengths.any(|other| other != first) {
-            return Some("the request has conflicting Content-Length values".into());
-        }
-    }
-    None
 }
 
 fn local_response(local: &LocalResponse, log: &mut AccessLog) -> Response<ProxyBody> {

@@ -98,14 +98,12 @@ impl EndpointStats {
         self.get(addr).ejected_until.store(until, Ordering::Relaxed);
     }
 
-    /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` unless
-    /// nothing else is left. `random` supplies the randomness.
+    /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` (those
+    /// already tried) unless nothing else is left. `random` supplies the randomness.
     pub fn choose(&self, endpoints: &[SocketAddr], exclude: &[SocketAddr], random: u64) -> Option<(SocketAddr, InFlight)> {
-        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> = endpoints
-            .iter()
-            .filter(|a| !exclude.contains(a))
-            .map(|a| (*a, self.get(*a)))
-            .collect();
+        let untried: Vec<&SocketAddr> = endpoints.iter().filter(|a| !exclude.contains(a)).collect();
+        let pick_from: Vec<&SocketAddr> = if untried.is_empty() { endpoints.iter().collect() } else { untried };
+        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> = pick_from.into_iter().map(|a| (*a, self.get(*a))).collect();
         let healthy: Vec<&(SocketAddr, Arc<Endpoint>)> = candidates.iter().filter(|(_, e)| !self.ejected(e)).collect();
         let pool: Vec<&(SocketAddr, Arc<Endpoint>)> = if healthy.is_empty() { candidates.iter().collect() } else { healthy };
         let (addr, endpoint) = match pool.len() {

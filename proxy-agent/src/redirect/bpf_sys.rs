@@ -1,0 +1,150 @@
+//! The few bpf(2) commands aya 0.14 does not expose: listing the programs attached to a cgroup,
+//! detaching another process's link, and an atomic lookup-and-delete.
+//!
+//! Attribute layouts follow `union bpf_attr` in include/uapi/linux/bpf.h; each struct covers the
+//! prefix its command reads (the kernel treats missing trailing bytes as zero).
+
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
+
+const BPF_PROG_QUERY: libc::c_int = 16;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_int = 21;
+const BPF_LINK_GET_FD_BY_ID: libc::c_int = 30;
+const BPF_LINK_DETACH: libc::c_int = 34;
+
+/// `enum bpf_attach_type` values of the hooks the redirect uses.
+pub(crate) mod attach_type {
+    pub(crate) const CGROUP_SOCK_OPS: u32 = 3;
+    pub(crate) const CGROUP_INET4_CONNECT: u32 = 10;
+    pub(crate) const CGROUP_INET6_CONNECT: u32 = 11;
+    pub(crate) const CGROUP_INET4_GETPEERNAME: u32 = 29;
+    pub(crate) const CGROUP_INET6_GETPEERNAME: u32 = 30;
+    pub(crate) const ALL: [u32; 5] = [
+        CGROUP_INET4_CONNECT,
+        CGROUP_INET6_CONNECT,
+        CGROUP_SOCK_OPS,
+        CGROUP_INET4_GETPEERNAME,
+        CGROUP_INET6_GETPEERNAME,
+    ];
+}
+
+/// At most this many programs can be attached to one cgroup hook (BPF_CGROUP_MAX_PROGS).
+const MAX_PROGS_PER_HOOK: usize = 64;
+
+fn bpf<A>(cmd: libc::c_int, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, properly sized #[repr(C)] prefix of `union bpf_attr`; pointers inside
+    // it, if any, point to buffers that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<A>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// Ids of the programs attached directly to `cgroup` (not inherited) at `attach_type`.
+pub(crate) fn cgroup_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; MAX_PROGS_PER_HOOK];
+    let mut attr = ProgQueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// A file descriptor for the link with this id (needs CAP_SYS_ADMIN).
+pub(crate) fn link_by_id(id: u32) -> io::Result<OwnedFd> {
+    let fd = bpf(
+        BPF_LINK_GET_FD_BY_ID,
+        &mut GetFdByIdAttr {
+            id,
+            ..Default::default()
+        },
+    )?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detaches a link from its hook, whoever holds it; the link object lives on, inert, until its
+/// last holder closes it.
+pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    bpf(
+        BPF_LINK_DETACH,
+        &mut LinkDetachAttr {
+            link_fd: link.as_raw_fd() as u32,
+        },
+    )?;
+    Ok(())
+}
+
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and removes `key` in one step (hash and LRU hash maps, kernel 5.14+), so no two callers
+/// can take the same entry; `None` if absent.
+pub(crate) fn map_take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::uninit();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        // SAFETY: on success the kernel wrote value_size == size_of::<V>() bytes (aya checked the
+        // map's value size against V when the map was typed; see `Redirect::attach`).
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,273 @@
+//! cgroup v2 facts the redirect needs: where the hierarchy is mounted, a cgroup's id, and the way
+//! back from an id (as recorded by the kernel at `connect()`) to a directory, hence to a pod.
+//!
+//! A cgroup's id is the inode number of its directory in the cgroup v2 hierarchy (64-bit kernels
+//! never reuse one). The hierarchy is not always at /sys/fs/cgroup: hybrid systems mount it at
+//! /sys/fs/cgroup/unified, so the mount point is read from /proc/self/mountinfo.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use super::RedirectError;
+
+/// `statfs` magic of a cgroup v2 filesystem (CGROUP2_SUPER_MAGIC).
+const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
+
+/// Where this process sees the cgroup v2 hierarchy.
+pub fn cgroup2_mount() -> Result<PathBuf, RedirectError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| RedirectError::io("reading /proc/self/mountinfo", e))?;
+    find_cgroup2_mount(&mountinfo).ok_or(RedirectError::NoCgroup2)
+}
+
+/// The mount point of the first cgroup2 filesystem in a mountinfo text.
+pub(crate) fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <dev> <root> <mount point> <options> [optional...] - <fstype> <source> ..."
+        let (left, right) = line.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        left.split(' ')
+            .nth(4)
+            .map(|p| PathBuf::from(unescape_mountinfo(p)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The id of the cgroup v2 directory `dir`, after checking that it is one.
+pub fn cgroup_id(dir: &Path) -> Result<u64, RedirectError> {
+    let not_cgroup2 = || RedirectError::NotCgroup2 {
+        path: dir.to_owned(),
+        mount: cgroup2_mount().ok(),
+    };
+    if !is_cgroup2(dir) {
+        return Err(not_cgroup2());
+    }
+    let meta = fs::metadata(dir)
+        .map_err(|e| RedirectError::io(format!("reading {}", dir.display()), e))?;
+    if !meta.is_dir() {
+        return Err(not_cgroup2());
+    }
+    Ok(meta.ino())
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid NUL-terminated path and an out-pointer to a statfs buffer.
+    let ok = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } == 0;
+    // SAFETY: statfs succeeded, so the buffer is initialised.
+    ok && unsafe { stat.assume_init() }.f_type == CGROUP2_SUPER_MAGIC
+}
+
+/// The cgroup id of the calling process: what the kernel programs compare with to exempt the
+/// agent's own sockets.
+pub fn own_cgroup_id() -> Result<u64, RedirectError> {
+    let proc_cgroup = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| RedirectError::io("reading /proc/self/cgroup", e))?;
+    let relative = unified_path(&proc_cgroup).ok_or(RedirectError::NoCgroup2)?;
+    cgroup_id(&cgroup2_mount()?.join(relative.trim_start_matches('/')))
+}
+
+/// The cgroup v2 path in a /proc/<pid>/cgroup text: the `0::<path>` line.
+pub(crate) fn unified_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+}
+
+/// Maps cgroup ids back to directories, walking the hierarchy again only when an id is unknown
+/// (a cgroup created since the last walk). Shareable: lookups take a short lock.
+#[derive(Debug)]
+pub struct CgroupDirs {
+    root: PathBuf,
+    by_id: Mutex<HashMap<u64, PathBuf>>,
+}
+
+impl CgroupDirs {
+    /// Ids under `root` (the cgroup v2 mount, or the subtree holding the pods) are resolvable.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            by_id: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The directory of the cgroup with this id, if it is under the root and still exists or
+    /// existed at the last walk.
+    pub fn path_of(&self, cgroup_id: u64) -> Option<PathBuf> {
+        let mut by_id = self
+            .by_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(path) = by_id.get(&cgroup_id) {
+            return Some(path.clone());
+        }
+        *by_id = scan(&self.root);
+        by_id.get(&cgroup_id).cloned()
+    }
+}
+
+/// Every directory under `root` (included) by inode number, i.e. by cgroup id. Unreadable
+/// subtrees, e.g. removed during the walk, are skipped.
+pub fn scan(root: &Path) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        found.insert(meta.ino(), dir.clone());
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        // Only directories are cgroups; the files in them are interface files.
+        pending.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    found
+}
+
+/// The UID of the pod whose cgroup contains `cgroup_dir`, from the kubelet's naming:
+/// `.../pod<uid>/...` (cgroupfs driver) or `.../kubepods-<qos>-pod<uid_with_underscores>.slice/...`
+/// (systemd driver).
+pub fn pod_uid(cgroup_dir: &Path) -> Option<String> {
+    cgroup_dir
+        .components()
+        .rev()
+        .find_map(|c| pod_uid_in_component(c.as_os_str().to_str()?))
+}
+
+fn pod_uid_in_component(name: &str) -> Option<String> {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let start = name.rfind("pod")? + "pod".len();
+    let uid = name[start..].replace('_', "-");
+    is_uuid(&uid).then_some(uid)
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0f3c5a7e-1b2d-4c6e-8f90-a1b2c3d4e5f6";
+
+    #[test]
+    fn finds_the_cgroup2_mount_of_a_hybrid_system() {
+        let mountinfo = "\
+35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+41 35 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw";
+        assert_eq!(
+            find_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2_mount("35 25 0:30 / /sys ro - sysfs sysfs ro"),
+            None
+        );
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        let mountinfo = r"41 35 0:38 / /mnt/my\040cgroups rw - cgroup2 cgroup2 rw";
+        assert_eq!(
+            find_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+    }
+
+    #[test]
+    fn reads_the_unified_line_of_proc_cgroup() {
+        let text = "4:memory:/x\n0::/kubepods.slice/a.scope\n";
+        assert_eq!(unified_path(text), Some("/kubepods.slice/a.scope"));
+        assert_eq!(unified_path("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn pod_uid_from_the_cgroupfs_driver() {
+        let path = format!("/sys/fs/cgroup/kubepods/burstable/pod{UID}/4f1c2e");
+        assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn pod_uid_from_the_systemd_driver() {
+        let uid = UID.replace('-', "_");
+        let path = format!(
+            "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-4f1c.scope"
+        );
+        assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(UID));
+        let guaranteed = format!("/sys/fs/cgroup/kubepods.slice/kubepods-pod{uid}.slice");
+        assert_eq!(pod_uid(Path::new(&guaranteed)).as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn no_pod_uid_outside_pods() {
+        assert_eq!(
+            pod_uid(Path::new(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice"
+            )),
+            None
+        );
+        assert_eq!(
+            pod_uid(Path::new("/sys/fs/cgroup/system.slice/kubelet.service")),
+            None
+        );
+    }
+
+    #[test]
+    fn scan_maps_inodes_to_directories() {
+        let root = std::env::temp_dir().join(format!("gamma-cgroup-scan-{}", std::process::id()));
+        let child = root.join("a/b");
+        fs::create_dir_all(&child).unwrap();
+        fs::write(root.join("a/cgroup.procs"), "").unwrap();
+        let found = scan(&root);
+        let child_ino = fs::metadata(&child).unwrap().ino();
+        assert_eq!(found.get(&child_ino), Some(&child));
+        assert_eq!(found.len(), 3, "{found:?}");
+        let dirs = CgroupDirs::new(&root);
+        assert_eq!(dirs.path_of(child_ino), Some(child));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

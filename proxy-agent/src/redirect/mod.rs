@@ -1,0 +1,362 @@
+//! The kernel redirect ("design B" of issue 5): eBPF programs on the pods' cgroup steer `connect()`
+//! calls to mesh Services to the agent, and tell the agent where each connection was going and who
+//! made it.
+//!
+//! How a connection flows:
+//! 1. A pod calls `connect(VIP:port)`. `cgroup/connect4|6` finds VIP:port in `MESH_SERVICES`, checks
+//!    that the agent's listener is alive (it is in the `AGENT_LISTENERS` sockmap; the kernel drops
+//!    it when the socket closes, also on kill -9) and that the caller is not the agent itself (its
+//!    cgroup differs from `AgentConfig::agent_cgroup_id`). It stores the original VIP:port, the
+//!    caller's netns cookie and cgroup id with the socket, and rewrites the destination to the
+//!    agent. Any failed check leaves the connection alone: it goes to the VIP as usual.
+//! 2. When the connection is established, `sockops` copies the record to `CALLERS`, keyed by the
+//!    caller's ip:port, before the agent can accept it.
+//! 3. The agent accepts and calls [`Redirect::take_original`] with the peer address.
+//! 4. `getpeername` in the pod returns the VIP:port, not the agent's address.
+//!
+//! **Pinning: none.** Programs are attached through bpf_links held by the agent's process and the
+//! maps live only as long as it does. When the agent exits or dies, the kernel detaches everything
+//! and pods' connections to Service VIPs go to kube-proxy's routing as if the mesh were absent
+//! (no mesh routes, but no blackhole) until the agent is back and has called
+//! [`Redirect::set_mesh_services`]. The same fail-open holds while the agent runs but has closed its
+//! listener. Pinning would keep the programs across restarts but buys nothing here, since the
+//! sockmap check already makes a dead agent's programs inert, and it would leave programs and maps
+//! of an old agent version behind after an upgrade or uninstall. A restart therefore starts clean;
+//! an agent that is still running when its successor attaches has its programs detached by the
+//! successor (see `attach.rs`), so each program is attached once: [`attached_programs`] shows it.
+//!
+//! Map layouts and byte order: `proxy-common`.
+
+mod addr;
+mod attach;
+mod bpf_sys;
+mod cgroup;
+mod error;
+mod object;
+mod services;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, SockMap};
+use proxy_common::{
+    maps, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
+};
+
+pub use attach::{attached_programs, AttachedProgram};
+pub use cgroup::{
+    cgroup2_mount, cgroup_id, own_cgroup_id, pod_uid, scan as scan_cgroups, CgroupDirs,
+};
+pub use error::RedirectError;
+pub use object::{verify_programs, OBJECT};
+pub use services::MeshServicesChange;
+
+/// The agent's listener for redirected connections of one address family, and the address pods
+/// must dial to reach it (it must be reachable from the pods' network namespaces).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentListener<'a> {
+    pub listener: &'a TcpListener,
+    pub addr: SocketAddr,
+}
+
+/// Where a redirected connection was going and who opened it, as the kernel saw it at `connect()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirected {
+    /// The Service VIP:port the caller dialled.
+    pub original_dst: SocketAddr,
+    /// The caller's network namespace (`bpf_get_netns_cookie`).
+    pub netns_cookie: u64,
+    /// The caller's cgroup v2 id; [`CgroupDirs::path_of`] and [`pod_uid`] turn it into a pod.
+    pub cgroup_id: u64,
+    /// The caller socket's cookie, to correlate with other kernel-side observations.
+    pub socket_cookie: u64,
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches the programs (fail open).
+///
+/// All methods take `&self`, so one `Arc<Redirect>` serves the accept loops (lock-free
+/// [`Self::take_original`]) and the snapshot consumer (serialised [`Self::set_mesh_services`]).
+pub struct Redirect {
+    cgroup: PathBuf,
+    services: Mutex<HashMap<MapData, ServiceKey, u8>>,
+    config: Mutex<Array<MapData, AgentConfig>>,
+    callers: MapData,
+    /// Owns the programs and their links (the programs keep the other maps alive in the kernel).
+    _ebpf: aya::Ebpf,
+}
+
+impl Redirect {
+    /// Loads the programs, points them at `listeners` (at most one per address family; a family
+    /// without a listener is never redirected), and attaches them to the cgroup v2 directory
+    /// `cgroup`, replacing those of a previous agent. Nothing is redirected until
+    /// [`Self::set_mesh_services`] names the Services.
+    ///
+    /// The calling process's cgroup is exempt: the agent's own connections to a VIP are never
+    /// redirected (see [`Self::set_exempt_cgroup`]).
+    pub fn attach(cgroup: &Path, listeners: &[AgentListener<'_>]) -> Result<Self, RedirectError> {
+        let (config, slots) = agent_config(listeners, own_cgroup_id()?)?;
+        let cgroup_file = attach::open_cgroup(cgroup)?;
+        let mut ebpf = object::load()?;
+
+        // Maps are filled before any program is attached, so no program sees a partial config.
+        let mut config_map: Array<MapData, AgentConfig> = typed_map(&mut ebpf, maps::CONFIG)?;
+        config_map
+            .set(0, config, 0)
+            .map_err(|e| RedirectError::kernel("writing the agent config map", e))?;
+        let mut sockmap: SockMap<MapData> = typed_map(&mut ebpf, maps::AGENT_LISTENERS)?;
+        for (slot, listener) in slots {
+            sockmap.set(slot, listener, 0).map_err(|e| {
+                RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
+            })?;
+        }
+        let services = typed_map(&mut ebpf, maps::MESH_SERVICES)?;
+        let callers = callers_map(&mut ebpf)?;
+
+        attach::detach_predecessors(&cgroup_file)?;
+        attach::attach_all(&mut ebpf, &cgroup_file)?;
+        Ok(Self {
+            cgroup: cgroup.to_owned(),
+            services: Mutex::new(services),
+            config: Mutex::new(config_map),
+            callers,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Makes the set of redirected VIP:ports exactly `frontends` (adds the missing, removes the
+    /// rest). A failure part-way leaves a mix of old and new; calling again repairs it.
+    pub fn set_mesh_services(
+        &self,
+        frontends: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<MeshServicesChange, RedirectError> {
+        let mut services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        services::reconcile(&mut services, frontends)
+    }
+
+    /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
+    /// address of the accepted socket). `None`: the connection was not redirected by the kernel
+    /// (a direct connection to the agent), or its record was evicted.
+    pub fn take_original(&self, caller: SocketAddr) -> Option<Redirected> {
+        let key = CallerKey {
+            caller: addr::endpoint(caller),
+        };
+        match bpf_sys::map_take::<CallerKey, RedirectRecord>(self.callers.fd().as_fd(), &key) {
+            Ok(record) => record.map(|r| Redirected {
+                original_dst: addr::socket_addr(&r.original_dst),
+                netns_cookie: r.netns_cookie,
+                cgroup_id: r.cgroup_id,
+                socket_cookie: r.socket_cookie,
+            }),
+            Err(e) => {
+                tracing::warn!(%caller, error = %e, "reading the redirect record failed");
+                None
+            }
+        }
+    }
+
+    /// Exempts another cgroup instead of the agent's own: connections from processes of cgroup
+    /// `cgroup_id` are never redirected. For deployments where the agent's cgroup is not the one
+    /// its sockets are created in, and for tests.
+    pub fn set_exempt_cgroup(&self, cgroup_id: u64) -> Result<(), RedirectError> {
+        let mut config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut value = config
+            .get(&0, 0)
+            .map_err(|e| RedirectError::kernel("reading the agent config", e))?;
+        value.agent_cgroup_id = cgroup_id;
+        config
+            .set(0, value, 0)
+            .map_err(|e| RedirectError::kernel("writing the agent config", e))
+    }
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which `AGENT_LISTENERS` slot each listener goes to.
+type ListenerSlots<'a> = Vec<(u32, &'a TcpListener)>;
+
+/// The config map's value for `listeners`, after checking they make sense, and the sockmap slot
+/// of each listener.
+fn agent_config<'a>(
+    listeners: &[AgentListener<'a>],
+    agent_cgroup_id: u64,
+) -> Result<(AgentConfig, ListenerSlots<'a>), RedirectError> {
+    let invalid = |msg: String| Err(RedirectError::InvalidListener(msg));
+    if listeners.is_empty() {
+        return invalid(
+            "no listener given: pass the agent's redirect listener and its address".into(),
+        );
+    }
+    let mut config = AgentConfig {
+        agent_cgroup_id,
+        ..AgentConfig::default()
+    };
+    let mut slots = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let agent = addr::canonical(l.addr);
+        let bound = l
+            .listener
+            .local_addr()
+            .map_err(|e| RedirectError::io("reading the listener's address", e))?;
+        if agent.ip().is_unspecified() || agent.port() == 0 {
+            return invalid(format!(
+                "{agent} cannot be dialled: give the address pods reach the agent at"
+            ));
+        }
+        if bound.port() != agent.port() {
+            return invalid(format!(
+                "the listener is bound to {bound} but pods would be sent to port {}",
+                agent.port()
+            ));
+        }
+        if agent.is_ipv6() && bound.is_ipv4() {
+            return invalid(format!(
+                "{agent} is IPv6 but the listener ({bound}) is IPv4-only"
+            ));
+        }
+        let (field, slot) = if agent.is_ipv4() {
+            (&mut config.listen_v4, LISTENER_V4)
+        } else {
+            (&mut config.listen_v6, LISTENER_V6)
+        };
+        if field.is_set() {
+            return invalid(format!("two listeners for the address family of {agent}"));
+        }
+        *field = addr::endpoint(agent);
+        slots.push((slot, l.listener));
+    }
+    Ok((config, slots))
+}
+
+/// Takes a map out of the object, typed (aya checks key and value sizes).
+fn typed_map<T>(ebpf: &mut aya::Ebpf, name: &str) -> Result<T, RedirectError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| RedirectError::ObjectMismatch {
+            name: name.to_owned(),
+        })?;
+    T::try_from(map).map_err(|_| RedirectError::ObjectMismatch {
+        name: format!("{name} (unexpected type or layout)"),
+    })
+}
+
+/// `CALLERS` is read with a raw lookup-and-delete, so its layout is checked here instead of by aya.
+fn callers_map(ebpf: &mut aya::Ebpf) -> Result<MapData, RedirectError> {
+    let mismatch = || RedirectError::ObjectMismatch {
+        name: format!("{} (unexpected type or layout)", maps::CALLERS),
+    };
+    let Some(Map::LruHashMap(data)) = ebpf.take_map(maps::CALLERS) else {
+        return Err(mismatch());
+    };
+    let info = data
+        .info()
+        .map_err(|e| RedirectError::kernel("reading the CALLERS map's info", e))?;
+    let sizes_match = info.key_size() as usize == size_of::<CallerKey>()
+        && info.value_size() as usize == size_of::<RedirectRecord>();
+    if sizes_match {
+        Ok(data)
+    } else {
+        Err(mismatch())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    #[test]
+    fn redirect_is_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Redirect>();
+    }
+
+    #[test]
+    fn config_holds_one_address_per_family() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let (config, slots) = agent_config(&[AgentListener { listener: &l, addr }], 7).unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].0, LISTENER_V4);
+        assert_eq!(addr::socket_addr(&config.listen_v4), addr);
+        assert!(!config.listen_v6.is_set());
+        assert_eq!(config.agent_cgroup_id, 7);
+    }
+
+    #[test]
+    fn a_v4_mapped_agent_address_is_the_ipv4_listener() {
+        let l = listener();
+        let port = l.local_addr().unwrap().port();
+        let addr = format!("[::ffff:10.0.0.1]:{port}").parse().unwrap();
+        let (config, slots) = agent_config(&[AgentListener { listener: &l, addr }], 0).unwrap();
+        assert_eq!(slots[0].0, LISTENER_V4);
+        assert_eq!(
+            addr::socket_addr(&config.listen_v4),
+            SocketAddr::from(([10, 0, 0, 1], port))
+        );
+    }
+
+    #[test]
+    fn config_rejects_what_pods_could_not_dial() {
+        let l = listener();
+        let port = l.local_addr().unwrap().port();
+        let cases = [
+            vec![],
+            vec![AgentListener {
+                listener: &l,
+                addr: SocketAddr::from(([0, 0, 0, 0], port)),
+            }],
+            vec![AgentListener {
+                listener: &l,
+                addr: SocketAddr::from(([10, 0, 0, 1], port.wrapping_add(1))),
+            }],
+            vec![AgentListener {
+                listener: &l,
+                addr: format!("[fd00::1]:{port}").parse().unwrap(),
+            }],
+            vec![
+                AgentListener {
+                    listener: &l,
+                    addr: SocketAddr::from(([10, 0, 0, 1], port)),
+                },
+                AgentListener {
+                    listener: &l,
+                    addr: SocketAddr::from(([10, 0, 0, 2], port)),
+                },
+            ],
+        ];
+        for case in cases {
+            let err = agent_config(&case, 0).unwrap_err();
+            assert!(
+                matches!(err, RedirectError::InvalidListener(_)),
+                "{case:?}: {err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The eBPF object embedded in the agent, and loading its programs into the kernel.
+
+use aya::{
+    programs::{Program, ProgramError},
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use super::RedirectError;
+
+/// The object `proxy-agent/build.rs` builds from `proxy-ebpf` (ELF, BPF little-endian).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Parses the object and creates its maps (programs are loaded one by one afterwards).
+pub(crate) fn load() -> Result<Ebpf, RedirectError> {
+    if OBJECT.is_empty() {
+        return Err(RedirectError::ObjectMissing {
+            reason: "the embedded object is empty".into(),
+        });
+    }
+    EbpfLoader::new().load(OBJECT).map_err(|e| match e {
+        EbpfError::ParseError(parse) => RedirectError::ObjectMissing {
+            reason: parse.to_string(),
+        },
+        other => RedirectError::kernel("creating the eBPF maps", other),
+    })
+}
+
+/// Loads every program of the embedded object into the kernel without attaching any: the
+/// verifier's verdict on this kernel, for startup checks and tests. Returns the programs' names,
+/// sorted. Nothing stays loaded afterwards.
+pub fn verify_programs() -> Result<Vec<String>, RedirectError> {
+    let mut ebpf = load()?;
+    let mut names = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        load_program(name, program)?;
+        names.push(name.to_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Loads one program (of the two kinds the object contains) into the kernel.
+pub(crate) fn load_program(name: &str, program: &mut Program) -> Result<(), RedirectError> {
+    let loaded = match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        other => {
+            return Err(RedirectError::ObjectMismatch {
+                name: format!("{name} (of unexpected type {:?})", other.prog_type()),
+            })
+        }
+    };
+    loaded.map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } if io_error.raw_os_error() != Some(libc::EPERM) => RedirectError::Verifier {
+            program: name.to_owned(),
+            log: format!("{io_error}\n{verifier_log}"),
+        },
+        other => RedirectError::kernel(format!("loading program {name}"), other),
+    })
+}

@@ -1,0 +1,141 @@
+//! `cgroup/connect4` and `cgroup/connect6`: send a mesh Service's connections to the agent.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_map_lookup_elem, bpf_sk_release,
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use proxy_common::{Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
+
+use crate::{
+    ctx_access,
+    maps::{map_ptr, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
+    ALLOW,
+};
+
+const IPPROTO_TCP: u32 = 6;
+
+#[cgroup_sock_addr(connect4)]
+pub fn gamma_connect4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid context; fields are read and written as whole u32s, the
+    // access size the verifier allows for them.
+    unsafe {
+        if (*sa).protocol != IPPROTO_TCP {
+            return ALLOW;
+        }
+        let dst = Endpoint::v4((*sa).user_ip4, (*sa).user_port as u16);
+        match steer(&ctx, dst, LISTENER_V4) {
+            Some(agent) => {
+                (*sa).user_ip4 = agent.ip4();
+                (*sa).user_port = u32::from(agent.port);
+            }
+            None => forget(&ctx),
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn gamma_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in connect4.
+    unsafe {
+        if (*sa).protocol != IPPROTO_TCP {
+            return ALLOW;
+        }
+        let dst = Endpoint::v6(
+            ctx_access::read_ip6(&raw const (*sa).user_ip6),
+            (*sa).user_port as u16,
+        );
+        // A dual-stack socket dialling an IPv4 VIP passes it v4-mapped (the kernel does not run
+        // connect4 for it): the key is the same as connect4's, and the agent's IPv4 address, also
+        // v4-mapped, is what such a socket can reach.
+        let slot = if dst.is_v4() {
+            LISTENER_V4
+        } else {
+            LISTENER_V6
+        };
+        match steer(&ctx, dst, slot) {
+            Some(agent) => {
+                ctx_access::write_ip6(&raw mut (*sa).user_ip6, agent.ip);
+                (*sa).user_port = u32::from(agent.port);
+            }
+            None => forget(&ctx),
+        }
+    }
+    ALLOW
+}
+
+/// Where to send a connect() to `dst`, if anywhere; records the original destination on the socket
+/// when it answers `Some`. `None` (leave the connection alone) unless all of: `dst` is a mesh
+/// Service, the agent has an address and a live listener for this family, the caller is not the
+/// agent, and the record could be stored (a redirect without a record would lose the destination).
+#[inline(always)]
+fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
+    // Most connects are not to mesh Services: the hash lookup comes first.
+    // SAFETY: the reference is used only to test presence.
+    unsafe { MESH_SERVICES.get(ServiceKey { vip: dst }) }?;
+    let config = CONFIG.get(0)?;
+    let agent = if slot == LISTENER_V4 {
+        config.listen_v4
+    } else {
+        config.listen_v6
+    };
+    if !agent.is_set() {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup_id == config.agent_cgroup_id || !listener_alive(slot) {
+        return None;
+    }
+    // SAFETY: the context's socket is a full socket; the storage pointer is checked for null.
+    let record = unsafe { REDIRECTED.get_or_insert_ptr_mut(ctx, None) };
+    if record.is_null() {
+        return None;
+    }
+    // SAFETY: the helpers take the program's context; `record` is a valid map value.
+    unsafe {
+        *record = RedirectRecord {
+            netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
+            cgroup_id,
+            socket_cookie: bpf_get_socket_cookie(ctx.as_ptr()),
+            original_dst: dst,
+            _pad: 0,
+        };
+    }
+    Some(agent)
+}
+
+/// Drops the record of an earlier redirected connect() on this socket, if any: a TCP socket may
+/// connect() again after a failed attempt, and getpeername must not report the old VIP then.
+/// Sockets without storage (nearly all) return at the first check inside the helper.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext) {
+    // SAFETY: the context's socket pointer is valid for the program's run.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let _ = REDIRECTED.delete(sk);
+    }
+}
+
+/// Whether the agent's listener for `slot` is in `AGENT_LISTENERS`, i.e. still open.
+#[inline(always)]
+fn listener_alive(slot: u32) -> bool {
+    // SAFETY: a sockmap lookup from a program returns a referenced socket or null; the reference is
+    // released at once, the verifier checks that.
+    unsafe {
+        let sk = bpf_map_lookup_elem(map_ptr(&AGENT_LISTENERS), core::ptr::from_ref(&slot).cast());
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}

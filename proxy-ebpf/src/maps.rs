@@ -1,0 +1,43 @@
+//! The maps shared by the programs and the agent. Layouts and names: `proxy-common`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, SkStorage, SockMap},
+    macros::btf_map,
+};
+use proxy_common::{
+    AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_SLOTS, MAX_CALLERS,
+    MAX_MESH_SERVICES,
+};
+
+/// The VIP:port pairs to redirect (a set: the value is always 1). Written only by the agent.
+#[btf_map]
+pub(crate) static MESH_SERVICES: HashMap<ServiceKey, u8, { MAX_MESH_SERVICES as usize }> =
+    HashMap::new();
+
+/// The agent's listeners (`LISTENER_V4`, `LISTENER_V6`). The kernel removes a socket from a sockmap
+/// when it closes, also when the agent is killed, so a present entry means "the agent is accepting".
+#[btf_map]
+pub(crate) static AGENT_LISTENERS: SockMap<{ LISTENER_SLOTS as usize }> = SockMap::new();
+
+/// One entry: the agent's addresses and cgroup.
+#[btf_map]
+pub(crate) static CONFIG: Array<AgentConfig, 1> = Array::new();
+
+/// Per-socket record of a redirected connect(). Socket storage lives exactly as long as the socket,
+/// so records of connections that never complete cannot accumulate, and getpeername can always find
+/// the record of a live socket.
+#[btf_map]
+pub(crate) static REDIRECTED: SkStorage<RedirectRecord> = SkStorage::new();
+
+/// Records of established redirected connections, keyed by the caller's local address, until the
+/// agent accepts the connection and takes the record. LRU: records the agent never claims (caller
+/// gone before accept) are evicted instead of filling the map.
+#[btf_map]
+pub(crate) static CALLERS: LruHashMap<CallerKey, RedirectRecord, { MAX_CALLERS as usize }> =
+    LruHashMap::new();
+
+/// The raw map pointer helpers expect (aya-ebpf keeps its own `as_ptr` crate-private).
+#[inline(always)]
+pub(crate) fn map_ptr<M>(map: &M) -> *mut core::ffi::c_void {
+    core::ptr::from_ref(map).cast_mut().cast()
+}

@@ -1,0 +1,66 @@
+//! `sockops`: when a redirected connection is established, publish its record under the caller's
+//! local ip:port, the only key the agent has for an accepted connection.
+//!
+//! The kernel runs ACTIVE_ESTABLISHED on the caller's side when the SYN-ACK arrives, before the final
+//! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::bpf_sk_storage_get,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use proxy_common::{CallerKey, Endpoint, RedirectRecord};
+
+use crate::{
+    ctx_access,
+    maps::{map_ptr, CALLERS, REDIRECTED},
+};
+
+const AF_INET: u32 = 2;
+
+#[sock_ops]
+pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        publish_caller(&ctx);
+    }
+    crate::ALLOW as u32
+}
+
+#[inline(always)]
+fn publish_caller(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `sk` is null or a full socket (the verifier enforces the check); the storage pointer
+    // is checked for null before use.
+    let record = unsafe {
+        let sk = (*ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return;
+        }
+        bpf_sk_storage_get(map_ptr(&REDIRECTED), sk.cast(), core::ptr::null_mut(), 0)
+            .cast::<RedirectRecord>()
+    };
+    if record.is_null() {
+        return; // not a redirected connection
+    }
+    // SAFETY: context fields read at their own offsets; `record` points to this socket's storage,
+    // valid for the program's run.
+    let (caller, record) = unsafe {
+        // sock_ops gives local_port in host byte order (unlike every address field).
+        let port = (ctx_access::read_u32(&raw const (*ops).local_port) as u16).to_be();
+        // Both address fields are read unconditionally: reads in the two branches get merged by
+        // LLVM into one read from a selected offset, which the verifier rejects.
+        let ip4 = ctx_access::read_u32(&raw const (*ops).local_ip4);
+        let ip6 = ctx_access::read_ip6(&raw const (*ops).local_ip6);
+        let caller = if ctx_access::read_u32(&raw const (*ops).family) == AF_INET {
+            Endpoint::v4(ip4, port)
+        } else {
+            // Dual-stack sockets dialling IPv4 have a v4-mapped local address: same key as AF_INET.
+            Endpoint::v6(ip6, port)
+        };
+        (caller, *record)
+    };
+    // A failed insert only costs the agent the original destination of this connection; nothing to
+    // undo here.
+    let _ = CALLERS.insert(CallerKey { caller }, record, 0);
+}

@@ -1,0 +1,218 @@
+//! Loopback integration support: the agent binary with explicit listeners on 127.0.0.1, echo
+//! backends in-process, and manifests written to a temporary folder.
+
+use crate::echo::{self, EchoStats};
+use anyhow::{bail, Context, Result};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The agent binary next to the test binaries (cargo builds it for the workspace's tests).
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    dir.join("proxy-agent")
+}
+
+/// A port free right now on 127.0.0.1 (released before use: good enough for tests).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A temporary folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("gamma-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An echo backend on 127.0.0.x:port, serving in the test's runtime.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    pub stats: Arc<EchoStats>,
+}
+
+pub async fn echo_backend(ip: [u8; 4], name: &str) -> EchoBackend {
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await.expect("bind echo");
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(EchoStats::default());
+    tokio::spawn(echo::serve(listener, name.to_string(), stats.clone()));
+    EchoBackend { addr, stats }
+}
+
+/// Manifests of a loopback world.
+#[derive(Default, Clone)]
+pub struct Manifests {
+    documents: Vec<String>,
+}
+
+impl Manifests {
+    /// A Service with port `port` whose endpoints are `endpoints` (all on the same port number,
+    /// as an EndpointSlice requires). `app_protocol` sets the port's appProtocol.
+    pub fn service(mut self, namespace: &str, name: &str, port: u16, endpoints: &[SocketAddr], app_protocol: Option<&str>) -> Self {
+        let target = endpoints.first().map_or(port, |e| e.port());
+        let app = app_protocol.map(|a| format!(", appProtocol: {a}")).unwrap_or_default();
+        self.documents.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  ports: [{{name: p, port: {port}, targetPort: {target}{app}}}]\n"
+        ));
+        if !endpoints.is_empty() {
+            let addresses: Vec<String> = endpoints.iter().map(|e| format!("{{addresses: [{}], conditions: {{ready: true}}}}", e.ip())).collect();
+            self.documents.push(format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {namespace}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: p, port: {target}}}]\nendpoints: [{}]\n",
+                addresses.join(", ")
+            ));
+        }
+        self
+    }
+
+    /// Any document (a route, usually).
+    pub fn raw(mut self, yaml: &str) -> Self {
+        self.documents.push(yaml.to_string());
+        self
+    }
+
+    pub fn write(&self, dir: &Path, file: &str) {
+        let path = dir.join(file);
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, self.documents.join("---\n")).expect("write manifests");
+        // Rename so the agent never reads a half-written file.
+        std::fs::rename(&tmp, &path).expect("rename manifests");
+    }
+}
+
+/// A running agent process; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub manifests: TempDir,
+    pub listen: Vec<SocketAddr>,
+}
+
+pub struct AgentOptions<'a> {
+    /// `(service, port)` per explicit listener, as `NAMESPACE/NAME`.
+    pub listeners: Vec<(&'a str, u16)>,
+    pub caller_namespace: Option<&'a str>,
+    pub extra_args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent on `manifests` and waits until `/ready` answers 200 and every listener
+    /// accepts connections (at most 10 s).
+    pub fn start(manifests: &Manifests, options: AgentOptions<'_>) -> Result<Agent> {
+        let dir = TempDir::new("agent");
+        manifests.write(&dir.0, "world.yaml");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut command = Command::new(agent_binary());
+        command.arg("--manifests").arg(&dir.0).arg("--admin").arg(admin.to_string()).arg("--poll-interval-ms").arg("50");
+        let mut listen = Vec::new();
+        for (service, port) in &options.listeners {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            command.arg("--listen").arg(format!("{addr}={service}:{port}"));
+            listen.push(addr);
+        }
+        if let Some(ns) = options.caller_namespace {
+            command.arg("--caller-namespace").arg(ns);
+        }
+        command.args(&options.extra_args).env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()));
+        command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = command.spawn().with_context(|| format!("starting {}", agent_binary().display()))?;
+        let agent = Agent { child, admin, manifests: dir, listen };
+        agent.wait_ready(Duration::from_secs(10))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let admin_ok = http_get_status(self.admin, "/ready").is_ok_and(|s| s == 200);
+            let listeners_ok = self.listen.iter().all(|a| std::net::TcpStream::connect_timeout(a, Duration::from_millis(100)).is_ok());
+            if admin_ok && listeners_ok {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                bail!("the agent was not ready within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites the agent's manifests and waits until the snapshot version moves.
+    pub fn update(&self, manifests: &Manifests) -> Result<()> {
+        let before = self.snapshot_version()?;
+        manifests.write(&self.manifests.0, "world.yaml");
+        let started = Instant::now();
+        while self.snapshot_version()? == before {
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("the agent did not publish the change within 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_version(&self) -> Result<u64> {
+        let dump = http_get(self.admin, "/config_dump")?;
+        let value: serde_json::Value = serde_json::from_str(&dump)?;
+        value["version"].as_u64().context("config_dump has no version")
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.listen[i])
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with a pid we own.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking GET on loopback returning the body (admin endpoints).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let (status, body) = http_get_full(addr, path)?;
+    if status != 200 {
+        bail!("GET {path}: {status}: {body}");
+    }
+    Ok(body)
+}
+
+fn http_get_status(addr: SocketAddr, path: &str) -> Result<u16> {
+    http_get_full(addr, path).map(|(s, _)| s)
+}
+
+fn http_get_full(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,382 @@
+//! The agent binary on 127.0.0.1 with explicit listeners and real echo backends: routing, every
+//! filter, weights, each error status, h2c and gRPC, upgrades, opaque TCP, timeouts, retries,
+//! drain on SIGTERM, and a live manifest change under load.
+
+use bytes::Bytes;
+use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, Manifests};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn client(h2: bool) -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(h2).build_http()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut builder = Request::get(url);
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    let response = client.request(builder.body(Empty::new()).unwrap()).await.expect("request sent");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Answer { status, headers, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+}
+
+fn header_at_backend(answer: &Answer, name: &str) -> Option<String> {
+    answer.body["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str().map(str::to_string))
+}
+
+fn route(name: &str, parent: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
+    )
+}
+
+fn options(caller: Option<&'static str>) -> AgentOptions<'static> {
+    AgentOptions { listeners: vec![("ns/front", 80)], caller_namespace: caller, extra_args: Vec::new() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_filters_and_weights() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let b = echo_backend([127, 0, 0, 1], "b").await;
+    let rules = r#"  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-env, value: canary}]}]
+    filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: s}], add: [{name: x-add, value: two}], remove: [x-gone]}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-resp, value: r}]}}
+    backendRefs: [{name: b, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+    backendRefs: [{name: a, port: 80}]
+  - matches: [{path: {type: Exact, value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301}}]
+  - backendRefs: [{name: a, port: 80, weight: 3}, {name: b, port: 80, weight: 1}]
+"#;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "b", 80, &[b.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let c = client(false);
+
+    let answer = get(&c, &agent.url(0, "/api/x"), &[("x-env", "canary"), ("x-add", "one"), ("x-gone", "1")]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["pod"], "b");
+    assert_eq!(header_at_backend(&answer, "x-set").as_deref(), Some("s"));
+    assert_eq!(header_at_backend(&answer, "x-add").as_deref(), Some("one,two"));
+    assert_eq!(header_at_backend(&answer, "x-gone"), None);
+    assert_eq!(answer.headers["x-resp"], "r");
+
+    let rewritten = get(&c, &agent.url(0, "/old/page?q=1"), &[]).await;
+    assert_eq!(rewritten.body["pod"], "a");
+    assert_eq!(rewritten.body["path"], "/new/page");
+    assert_eq!(rewritten.body["query"], "q=1");
+    assert_eq!(rewritten.body["host"], "rewritten.example");
+
+    let redirect = get(&c, &agent.url(0, "/moved"), &[]).await;
+    assert_eq!(redirect.status, 301);
+    assert_eq!(redirect.headers["location"], "https://example.org/moved");
+
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..400 {
+        let answer = get(&c, &agent.url(0, "/"), &[]).await;
+        *counts.entry(answer.body["pod"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    let share_a = f64::from(counts["a"]) / 400.0;
+    assert!((share_a - 0.75).abs() < 0.08, "weights 3:1 gave {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_routes_replace_producer_routes_for_their_namespace() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let producer = "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-who, value: producer}]}}]\n    backendRefs: [{name: a, port: 80}]\n";
+    let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: c, namespace: ui}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: front, namespace: ns}]\n  rules:\n  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-dev-feature, value: enabled}]}}]\n    backendRefs: [{name: a, namespace: ns, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .raw(&route("p", "front", producer))
+        .raw(consumer);
+    let from_ui = Agent::start(&world, options(Some("ui"))).unwrap();
+    let from_ns = Agent::start(&world, options(None)).unwrap();
+    let c = client(false);
+    let ui = get(&c, &from_ui.url(0, "/"), &[]).await;
+    assert_eq!(header_at_backend(&ui, "x-dev-feature").as_deref(), Some("enabled"));
+    assert_eq!(header_at_backend(&ui, "x-who"), None, "consumer routes replace producer routes");
+    let ns = get(&c, &from_ns.url(0, "/"), &[]).await;
+    assert_eq!(header_at_backend(&ns, "x-dev-feature"), None);
+    assert_eq!(header_at_backend(&ns, "x-who").as_deref(), Some("producer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_statuses_name_their_reason() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let closed = gamma_tests::loopback::free_port();
+    let rules = format!(
+        r#"  - matches: [{{path: {{type: Exact, value: /missing-backend}}}}]
+    backendRefs: [{{name: nosuch, port: 80}}]
+  - matches: [{{path: {{type: Exact, value: /zero}}}}]
+    backendRefs: [{{name: a, port: 80, weight: 0}}]
+  - matches: [{{path: {{type: Exact, value: /no-endpoints}}}}]
+    backendRefs: [{{name: empty, port: 80}}]
+  - matches: [{{path: {{type: Exact, value: /refused}}}}]
+    backendRefs: [{{name: refused, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /delay}}}}]
+    timeouts: {{request: 300ms}}
+    backendRefs: [{{name: a, port: 80}}]
+  - matches: [{{path: {{type: Exact, value: /extension}}}}]
+    filters: [{{type: ExtensionRef, extensionRef: {{group: example.com, kind: Thing, name: x}}}}]
+    backendRefs: [{{name: a, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /ok}}}}]
+    backendRefs: [{{name: a, port: 80}}]
+"#
+    );
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "empty", 80, &[], None)
+        .service("ns", "refused", 80, &[format!("127.0.0.1:{closed}").parse().unwrap()], None)
+        .raw(&route("r", "front", &rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let c = client(false);
+    for (path, status, reason) in [
+        ("/nothing-matches", 404, "no rule"),
+        ("/missing-backend", 500, "no such Service"),
+        ("/zero", 500, "weight 0"),
+        ("/no-endpoints", 503, "no ready endpoint"),
+        ("/refused", 503, "connecting to"),
+        ("/delay/2000", 504, "timeout"),
+        ("/extension", 500, "ExtensionRef"),
+    ] {
+        let answer = get(&c, &agent.url(0, path), &[]).await;
+        assert_eq!(answer.status.as_u16(), status, "{path}: {}", answer.text);
+        assert!(answer.text.contains(reason), "{path}: `{}` should name `{reason}`", answer.text.trim());
+        assert_eq!(answer.text.trim().lines().count(), 1, "one line: {}", answer.text);
+    }
+
+    // Request smuggling. Differing Content-Length values: 400. Content-Length with
+    // Transfer-Encoding: chunked framing wins, Content-Length is dropped and the connection is
+    // closed after the answer (RFC 9112 §6.1), so a request hidden in the body never runs.
+    let exchange = |payload: &'static [u8]| {
+        let mut raw = std::net::TcpStream::connect(agent.listen[0]).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        raw.write_all(payload).unwrap();
+        let mut reply = String::new();
+        let _ = raw.read_to_string(&mut reply);
+        reply
+    };
+    let reply = exchange(b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let before = a.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let reply = exchange(b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ok/smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "one answer, the smuggled request never ran: {reply}");
+    assert!(!reply.contains("smuggled"), "{reply}");
+    assert_eq!(a.stats.requests.load(std::sync::atomic::Ordering::Relaxed), before + 1);
+    assert_eq!(get(&c, &agent.url(0, "/ok"), &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_codes_and_on_refused_connections() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let closed = gamma_tests::loopback::free_port();
+    // `a` answers 503 twice, then 200: three attempts always succeed.
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /flaky}}]\n    retry: {attempts: 2, codes: [503]}\n    backendRefs: [{name: a, port: 80}]\n  - backendRefs: [{name: mixed, port: 80}]\n";
+    // `mixed` has a dead endpoint (127.0.0.2, nothing listens) beside the live one.
+    let live = echo_backend([127, 0, 0, 3], "live").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.2:{}", live.addr.port()).parse().unwrap();
+    let _ = closed;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "mixed", 80, &[dead, live.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let c = client(false);
+    for _ in 0..5 {
+        let answer = get(&c, &agent.url(0, "/flaky/3"), &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    for _ in 0..20 {
+        let answer = get(&c, &agent.url(0, "/"), &[]).await;
+        assert_eq!(answer.status, 200, "a refused connection is retried on another endpoint: {}", answer.text);
+        assert_eq!(answer.body["pod"], "live");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_grpc_and_mirror() {
+    let h1 = echo_backend([127, 0, 0, 1], "h1").await;
+    let grpc = echo_backend([127, 0, 0, 1], "grpc").await;
+    let mirror = echo_backend([127, 0, 0, 1], "mirror").await;
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /proto.EchoTestService}}]\n    backendRefs: [{name: grpc, port: 80}]\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: h1, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "h1", 80, &[h1.addr], None)
+        .service("ns", "grpc", 80, &[grpc.addr], Some("kubernetes.io/h2c"))
+        .service("ns", "mirror", 80, &[mirror.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let h2 = client(true);
+    // HTTP/2 prior knowledge from the client; HTTP/1.1 to a plain backend.
+    let answer = get(&h2, &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["pod"], "h1");
+    assert_eq!(answer.body["protocol"], "HTTP/1.1");
+    // gRPC-shaped request to an h2c backend: HTTP/2 end to end.
+    let answer = get(&h2, &agent.url(0, "/proto.EchoTestService/Echo"), &[("content-type", "application/grpc")]).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["x-echo-pod"], "grpc");
+    assert!(answer.text.contains("HTTP/2.0"), "{}", answer.text);
+    // Mirrors are fire-and-forget: wait a little for the copy to land.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while mirror.stats.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the mirror received nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_and_opaque_tcp() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    // A raw TCP echo for the opaque path.
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "raw", 80, &[tcp_addr], None)
+        .raw(&route("r", "front", "  - backendRefs: [{name: a, port: 80}]\n"));
+    let agent = Agent::start(&world, AgentOptions { listeners: vec![("ns/front", 80), ("ns/raw", 80)], caller_namespace: None, extra_args: vec![] }).unwrap();
+    let upgrade = tokio::task::spawn_blocking({
+        let addr = agent.listen[0];
+        move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+            let mut head = [0u8; 512];
+            let n = s.read(&mut head).unwrap();
+            let head = String::from_utf8_lossy(&head[..n]).to_string();
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            s.write_all(b"ping-frame").unwrap();
+            let mut echoed = [0u8; 10];
+            s.read_exact(&mut echoed).unwrap();
+            assert_eq!(&echoed, b"ping-frame");
+        }
+    });
+    upgrade.await.unwrap();
+    let opaque = tokio::task::spawn_blocking({
+        let addr = agent.listen[1];
+        move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(b"\x16\x03\x01 not http at all").unwrap();
+            let mut echoed = [0u8; 19];
+            s.read_exact(&mut echoed).unwrap();
+            assert_eq!(&echoed, b"\x16\x03\x01 not http at all");
+        }
+    });
+    opaque.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .raw(&route("r", "front", "  - backendRefs: [{name: a, port: 80}]\n"));
+    let mut agent = Agent::start(&world, options(None)).unwrap();
+    let c = client(false);
+    let url = agent.url(0, "/delay/700");
+    let in_flight = tokio::spawn(async move { get(&c, &url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.terminate();
+    assert_eq!(in_flight.await.unwrap(), 200, "the in-flight request finished");
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the agent did not exit after draining");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_manifest_changes_under_load_fail_nothing() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let b = echo_backend([127, 0, 0, 1], "b").await;
+    let world = |weight_a: u32, tag: &str| {
+        Manifests::default()
+            .service("ns", "front", 80, &[], None)
+            .service("ns", "a", 80, &[a.addr], None)
+            .service("ns", "b", 80, &[b.addr], None)
+            .raw(&route(
+                "r",
+                "front",
+                &format!("  - filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-tag, value: {tag}}}]}}}}]\n    backendRefs: [{{name: a, port: 80, weight: {weight_a}}}, {{name: b, port: 80, weight: 1}}]\n"),
+            ))
+    };
+    let agent = Agent::start(&world(1, "v0"), options(None)).unwrap();
+    let url = agent.url(0, "/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let c = client(false);
+            let (mut ok, mut failed) = (0u32, 0u32);
+            // Bounded: stops on the flag or after 20,000 requests.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed < 20_000 {
+                if get(&c, &url, &[]).await.status == 200 { ok += 1 } else { failed += 1 }
+            }
+            (ok, failed)
+        }));
+    }
+    for version in 1..=10u32 {
+        agent.update(&world(version, &format!("v{version}"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    assert!(ok > 100, "load ran ({ok} requests)");
+    assert_eq!(failed, 0, "{failed} of {} requests failed during 10 route changes", ok + failed);
+    let last = get(&client(false), &url, &[]).await;
+    assert_eq!(header_at_backend(&last, "x-tag").as_deref(), Some("v10"));
+}

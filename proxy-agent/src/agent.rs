@@ -6,6 +6,7 @@ use crate::index::Index;
 use crate::model::ObjectKey;
 use crate::proxy::listener::{self, Drain, ExplicitTarget};
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::redirect::{self, AgentListener, CgroupDirs, KernelRedirects, Redirect};
 use crate::sources::file::{ManifestDir, Severity};
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
@@ -27,19 +28,36 @@ impl FromStr for ListenSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("`{s}`: expected ADDR=NAMESPACE/SERVICE:PORT, e.g. 127.0.0.1:18184=bench/echo:80");
+        let usage = || {
+            format!(
+                "`{s}`: expected ADDR=NAMESPACE/SERVICE:PORT, e.g. 127.0.0.1:18184=bench/echo:80"
+            )
+        };
         let (addr, target) = s.split_once('=').ok_or_else(usage)?;
         let addr = addr.parse().map_err(|_| usage())?;
         let (service, port) = target.rsplit_once(':').ok_or_else(usage)?;
         let (namespace, name) = service.split_once('/').ok_or_else(usage)?;
         let port = port.parse().map_err(|_| usage())?;
-        Ok(ListenSpec { addr, service: ObjectKey::new(namespace, name), port })
+        Ok(ListenSpec {
+            addr,
+            service: ObjectKey::new(namespace, name),
+            port,
+        })
     }
+}
+
+/// Kernel redirect: where the redirect listener binds (pods must reach it) and which cgroup
+/// holds the pods whose connections are steered.
+#[derive(Clone, Debug)]
+pub struct RedirectConfig {
+    pub listen: SocketAddr,
+    pub cgroup: PathBuf,
 }
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub manifests: PathBuf,
+    pub redirect: Option<RedirectConfig>,
     pub listen: Vec<ListenSpec>,
     pub caller_namespace: Option<String>,
     pub admin: SocketAddr,
@@ -55,27 +73,61 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut index = Index::new();
     let mut source = ManifestDir::new(&config.manifests);
     if !config.manifests.is_dir() {
-        bail!("--manifests {}: not a directory; give the folder that holds the YAML manifests", config.manifests.display());
+        bail!(
+            "--manifests {}: not a directory; give the folder that holds the YAML manifests",
+            config.manifests.display()
+        );
     }
     sync(&mut source, &mut index, &metrics)?;
-    readiness.synced_at.store(server::unix_now(), Ordering::Relaxed);
+    readiness
+        .synced_at
+        .store(server::unix_now(), Ordering::Relaxed);
     let proxy = Proxy::new(index.reader(), metrics.clone(), config.proxy.clone());
     let admin = server::spawn(
         config.admin,
-        AdminState { snapshot: index.reader(), metrics: metrics.clone(), endpoints: proxy.upstream.endpoints.clone(), readiness: readiness.clone() },
+        AdminState {
+            snapshot: index.reader(),
+            metrics: metrics.clone(),
+            endpoints: proxy.upstream.endpoints.clone(),
+            readiness: readiness.clone(),
+        },
     )
     .with_context(|| format!("binding the admin server to {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
 
     let drain = Drain::default();
     for spec in &config.listen {
-        let listener = tokio::net::TcpListener::bind(spec.addr).await.with_context(|| format!("binding --listen {}", spec.addr))?;
+        let listener = tokio::net::TcpListener::bind(spec.addr)
+            .await
+            .with_context(|| format!("binding --listen {}", spec.addr))?;
         tracing::info!(addr = %spec.addr, service = %spec.service, port = spec.port, "explicit listener");
-        let target = ExplicitTarget { service: spec.service.clone(), port: spec.port, caller_namespace: config.caller_namespace.clone() };
-        tokio::spawn(listener::serve_explicit(proxy.clone(), listener, target, drain.clone()));
+        let target = ExplicitTarget {
+            service: spec.service.clone(),
+            port: spec.port,
+            caller_namespace: config.caller_namespace.clone(),
+        };
+        tokio::spawn(listener::serve_explicit(
+            proxy.clone(),
+            listener,
+            target,
+            drain.clone(),
+        ));
     }
 
-    let watcher = tokio::spawn(watch_manifests(source, index, metrics.clone(), readiness.clone(), config.poll_interval));
+    // Redirected traffic is accepted only now, after the first complete sync: no request ever
+    // sees an empty table.
+    let redirect = match &config.redirect {
+        None => None,
+        Some(r) => Some(start_redirect(r, &proxy, &index, &drain)?),
+    };
+    let watcher = tokio::spawn(watch_manifests(
+        source,
+        index,
+        metrics.clone(),
+        readiness.clone(),
+        redirect,
+        config.poll_interval,
+    ));
     shutdown_signal().await;
     tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
     watcher.abort();
@@ -88,7 +140,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 }
 
 fn sync(source: &mut ManifestDir, index: &mut Index, metrics: &Metrics) -> Result<bool> {
-    let problems = source.sync(index).with_context(|| format!("reading {}", source.dir().display()))?;
+    let problems = source
+        .sync(index)
+        .with_context(|| format!("reading {}", source.dir().display()))?;
     for problem in problems {
         match problem.severity {
             Severity::Warning => tracing::warn!("{problem}"),
@@ -101,20 +155,89 @@ fn sync(source: &mut ManifestDir, index: &mut Index, metrics: &Metrics) -> Resul
         metrics.snapshot_version.store(version, Ordering::Relaxed);
         tracing::info!(version, "route table published");
     }
-    metrics.last_sync_unix.store(server::unix_now(), Ordering::Relaxed);
+    metrics
+        .last_sync_unix
+        .store(server::unix_now(), Ordering::Relaxed);
     Ok(published)
 }
 
-async fn watch_manifests(mut source: ManifestDir, mut index: Index, metrics: Arc<Metrics>, readiness: Arc<Readiness>, every: Duration) {
+fn start_redirect(
+    config: &RedirectConfig,
+    proxy: &Arc<Proxy>,
+    index: &Index,
+    drain: &Drain,
+) -> Result<Arc<Redirect>> {
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding the redirect listener {}", config.listen))?;
+    let redirect = Redirect::attach(
+        &config.cgroup,
+        &[AgentListener {
+            listener: &listener,
+            addr: config.listen,
+        }],
+    )
+    .with_context(|| {
+        format!(
+            "attaching the redirect programs to {}",
+            config.cgroup.display()
+        )
+    })?;
+    let redirect = Arc::new(redirect);
+    reconcile_redirect(&redirect, index);
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
+    let resolver = Arc::new(KernelRedirects {
+        redirect: redirect.clone(),
+        cgroups: CgroupDirs::new(root),
+    });
+    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), "redirect listener; kernel programs attached");
+    tokio::spawn(listener::serve_redirect(
+        proxy.clone(),
+        listener,
+        resolver,
+        drain.clone(),
+    ));
+    Ok(redirect)
+}
+
+/// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`).
+fn reconcile_redirect(redirect: &Redirect, index: &Index) {
+    match redirect.set_mesh_services(index.snapshot().mesh_addresses()) {
+        Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
+        Err(e) => {
+            tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
+        }
+    }
+}
+
+async fn watch_manifests(
+    mut source: ManifestDir,
+    mut index: Index,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    redirect: Option<Arc<Redirect>>,
+    every: Duration,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         match sync(&mut source, &mut index, &metrics) {
-            Ok(_) => readiness.stale_since.store(0, Ordering::Relaxed),
+            Ok(published) => {
+                readiness.stale_since.store(0, Ordering::Relaxed);
+                if let (true, Some(redirect)) = (published, &redirect) {
+                    reconcile_redirect(redirect, &index);
+                }
+            }
             Err(e) => {
                 // The folder is gone or unreadable: keep serving the last good table.
-                let _ = readiness.stale_since.compare_exchange(0, server::unix_now(), Ordering::Relaxed, Ordering::Relaxed);
+                let _ = readiness.stale_since.compare_exchange(
+                    0,
+                    server::unix_now(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 tracing::error!(error = %format!("{e:#}"), "manifest folder unreadable; serving the last good table");
             }
         }

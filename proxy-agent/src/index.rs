@@ -50,34 +50,58 @@ impl World for Store {
     }
 
     fn slices(&self, service: &ObjectKey) -> Vec<&EndpointSlice> {
-        self.slices_by_service.get(service).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect()
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .collect()
     }
 
     fn routes_on(&self, service: &ObjectKey) -> Vec<&Route> {
-        self.routes_by_parent.get(service).into_iter().flatten().filter_map(|k| self.routes.get(k)).collect()
+        self.routes_by_parent
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.routes.get(k))
+            .collect()
     }
 }
 
 fn parents(route: &Route) -> impl Iterator<Item = ObjectKey> + '_ {
-    route.parent_refs.iter().filter_map(|p| p.service(&route.meta.key.namespace))
+    route
+        .parent_refs
+        .iter()
+        .filter_map(|p| p.service(&route.meta.key.namespace))
 }
 
 fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
     let ns = &route.meta.key.namespace;
     let mut out = BTreeSet::new();
     for rule in &route.rules {
-        let mirrors = rule.filters.iter().chain(rule.backends.iter().flat_map(|b| &b.filters)).filter_map(|f| match f {
-            Filter::Mirror(m) => Some(&m.backend),
-            _ => None,
-        });
+        let mirrors = rule
+            .filters
+            .iter()
+            .chain(rule.backends.iter().flat_map(|b| &b.filters))
+            .filter_map(|f| match f {
+                Filter::Mirror(m) => Some(&m.backend),
+                _ => None,
+            });
         for b in rule.backends.iter().chain(mirrors) {
-            out.insert(ObjectKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name));
+            out.insert(ObjectKey::new(
+                b.namespace.as_deref().unwrap_or(ns),
+                &b.name,
+            ));
         }
     }
     out
 }
 
-fn index_remove(map: &mut AHashMap<ObjectKey, BTreeSet<RouteKey>>, service: &ObjectKey, route: &RouteKey) {
+fn index_remove(
+    map: &mut AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+    service: &ObjectKey,
+    route: &RouteKey,
+) {
     if let Some(set) = map.get_mut(service) {
         set.remove(route);
         if set.is_empty() {
@@ -133,7 +157,10 @@ impl Index {
     /// Every object currently held, as references (for sources that resynchronise).
     pub fn references(&self) -> Vec<ObjectRef> {
         let s = &self.store;
-        s.services.keys().cloned().map(ObjectRef::Service)
+        s.services
+            .keys()
+            .cloned()
+            .map(ObjectRef::Service)
             .chain(s.slices.keys().cloned().map(ObjectRef::EndpointSlice))
             .chain(s.pods.keys().cloned().map(ObjectRef::Pod))
             .chain(s.routes.keys().cloned().map(ObjectRef::Route))
@@ -150,7 +177,14 @@ impl Index {
             self.dirty_routes.insert(route.clone());
         }
         // Routes attached to it: their status depends on the Service's ports.
-        self.dirty_routes.extend(self.store.routes_by_parent.get(key).into_iter().flatten().cloned());
+        self.dirty_routes.extend(
+            self.store
+                .routes_by_parent
+                .get(key)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
     }
 
     /// Adds or replaces an object. Nothing is published until `publish`.
@@ -175,7 +209,11 @@ impl Index {
                         self.touch_service(&old.service);
                     }
                 }
-                self.store.slices_by_service.entry(service.clone()).or_default().insert(key);
+                self.store
+                    .slices_by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(key);
                 self.touch_service(&service);
             }
             Object::Pod(pod) => {
@@ -191,11 +229,19 @@ impl Index {
                 }
                 self.unlink_route(&key);
                 for parent in parents(&route) {
-                    self.store.routes_by_parent.entry(parent.clone()).or_default().insert(key.clone());
+                    self.store
+                        .routes_by_parent
+                        .entry(parent.clone())
+                        .or_default()
+                        .insert(key.clone());
                     self.dirty_services.insert(parent);
                 }
                 for backend in backend_services(&route) {
-                    self.store.routes_by_backend.entry(backend).or_default().insert(key.clone());
+                    self.store
+                        .routes_by_backend
+                        .entry(backend)
+                        .or_default()
+                        .insert(key.clone());
                 }
                 self.store.routes.insert(key.clone(), route);
                 self.dirty_routes.insert(key);
@@ -242,7 +288,9 @@ impl Index {
 
     /// Removes a route from the reverse indexes, marking its parents dirty. False if not held.
     fn unlink_route(&mut self, key: &RouteKey) -> bool {
-        let Some(old) = self.store.routes.get(key) else { return false };
+        let Some(old) = self.store.routes.get(key) else {
+            return false;
+        };
         let old_parents: Vec<ObjectKey> = parents(old).collect();
         let old_backends = backend_services(old);
         for parent in old_parents {
@@ -260,8 +308,17 @@ impl Index {
     pub fn publish(&mut self) -> bool {
         let mut changed = false;
         for key in std::mem::take(&mut self.dirty_services) {
-            let compiled = self.store.services.get(&key).map(|s| routes::compile_service(s, &self.store)).unwrap_or_default();
-            let old = self.frontends.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let compiled = self
+                .store
+                .services
+                .get(&key)
+                .map(|s| routes::compile_service(s, &self.store))
+                .unwrap_or_default();
+            let old = self
+                .frontends
+                .get(&key)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             if old.len() != compiled.len() || old.iter().zip(&compiled).any(|(a, b)| a != b) {
                 changed = true;
                 if compiled.is_empty() {
@@ -273,7 +330,12 @@ impl Index {
         }
         for key in std::mem::take(&mut self.dirty_routes) {
             let name = key.to_string();
-            let new = self.store.routes.get(&key).map(|r| status::route_status(r, &self.store)).filter(|s| !s.is_empty());
+            let new = self
+                .store
+                .routes
+                .get(&key)
+                .map(|r| status::route_status(r, &self.store))
+                .filter(|s| !s.is_empty());
             if self.statuses.get(&name) != new.as_ref() {
                 changed = true;
                 match new {
@@ -286,14 +348,23 @@ impl Index {
         if !changed && !callers_changed {
             return false;
         }
-        let mut snapshot = Snapshot { version: self.current.version + 1, ..Snapshot::default() };
+        let mut snapshot = Snapshot {
+            version: self.current.version + 1,
+            ..Snapshot::default()
+        };
         for frontend in self.frontends.values().flatten() {
-            snapshot.by_service.insert((frontend.service.clone(), frontend.port), frontend.clone());
+            snapshot
+                .by_service
+                .insert((frontend.service.clone(), frontend.port), frontend.clone());
             for addr in &frontend.addresses {
                 snapshot.by_address.insert(*addr, frontend.clone());
             }
         }
-        snapshot.callers = if callers_changed { self.callers() } else { self.current.callers.clone() };
+        snapshot.callers = if callers_changed {
+            self.callers()
+        } else {
+            self.current.callers.clone()
+        };
         snapshot.statuses = self.statuses.clone();
         self.current = Arc::new(snapshot);
         self.published.store(self.current.clone());
@@ -303,7 +374,10 @@ impl Index {
     fn callers(&self) -> AHashMap<std::net::IpAddr, Arc<Caller>> {
         let mut out = AHashMap::new();
         for pod in self.store.pods.values() {
-            let caller = Arc::new(Caller { pod: pod.key.clone(), uid: pod.uid.clone() });
+            let caller = Arc::new(Caller {
+                pod: pod.key.clone(),
+                uid: pod.uid.clone(),
+            });
             for ip in &pod.ips {
                 out.insert(*ip, caller.clone());
             }

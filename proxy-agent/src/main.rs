@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use proxy_agent::agent::{self, AgentConfig, ListenSpec};
+use proxy_agent::agent::{self, AgentConfig, ListenSpec, RedirectConfig};
 use proxy_agent::proxy::ProxyConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +21,13 @@ struct Cli {
     /// Namespace of the callers on explicit listeners (default: the Service's own).
     #[arg(long, value_name = "NS")]
     caller_namespace: Option<String>,
+    /// Redirect listener: where the kernel steers pods' connections to mesh Services. Needs
+    /// `--cgroup`. Pods must be able to reach this address.
+    #[arg(long, value_name = "ADDR", requires = "cgroup")]
+    redirect: Option<SocketAddr>,
+    /// The cgroup v2 directory holding the pods whose connections are steered (e.g. kubepods).
+    #[arg(long, value_name = "DIR", requires = "redirect")]
+    cgroup: Option<PathBuf>,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -40,9 +47,13 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if cli.log_format == "json" {
         builder.json().init();
     } else {
@@ -55,6 +66,10 @@ fn main() -> Result<()> {
     }
     let config = AgentConfig {
         manifests: cli.manifests,
+        redirect: cli
+            .redirect
+            .zip(cli.cgroup)
+            .map(|(listen, cgroup)| RedirectConfig { listen, cgroup }),
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,

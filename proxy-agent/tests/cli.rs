@@ -9,7 +9,10 @@ fn agent() -> Command {
 
 #[test]
 fn rejects_a_malformed_listen_flag() {
-    let out = agent().args(["--manifests", "/tmp", "--listen", "127.0.0.1:1=echo"]).output().unwrap();
+    let out = agent()
+        .args(["--manifests", "/tmp", "--listen", "127.0.0.1:1=echo"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ADDR=NAMESPACE/SERVICE:PORT"), "{stderr}");
@@ -17,7 +20,15 @@ fn rejects_a_malformed_listen_flag() {
 
 #[test]
 fn rejects_a_missing_manifest_folder() {
-    let out = agent().args(["--manifests", "/nonexistent/gamma", "--admin", "127.0.0.1:0"]).output().unwrap();
+    let out = agent()
+        .args([
+            "--manifests",
+            "/nonexistent/gamma",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a directory"), "{stderr}");

@@ -18,7 +18,10 @@ pub struct AddressPlan {
 
 impl Default for AddressPlan {
     fn default() -> Self {
-        AddressPlan { service_base: Ipv4Addr::new(10, 96, 0, 0), pod_base: Ipv4Addr::new(10, 244, 0, 0) }
+        AddressPlan {
+            service_base: Ipv4Addr::new(10, 96, 0, 0),
+            pod_base: Ipv4Addr::new(10, 244, 0, 0),
+        }
     }
 }
 
@@ -72,22 +75,33 @@ fn suffix(seed: &str, len: usize) -> String {
 fn labels(value: Option<&Value>) -> BTreeMap<String, String> {
     value
         .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 impl SimCluster {
     /// Builds the cluster from the base manifests (Namespaces, Deployments, Services).
     pub fn from_manifests(file: &Path, plan: AddressPlan) -> Result<SimCluster> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let documents: Vec<Value> = match documents(&text) {
             Ok(d) => d.into_iter().map(|(_, v)| v).collect(),
             Err((n, message)) => bail!("{} document {n}: {message}", file.display()),
         };
         let mut cluster = SimCluster::default();
         for doc in &documents {
-            let ns = doc["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
-            let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let ns = doc["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             match doc["kind"].as_str() {
                 Some("Namespace") => cluster.namespaces.push(name),
                 Some("Deployment") => {
@@ -98,11 +112,17 @@ impl SimCluster {
                         .into_iter()
                         .flatten()
                         .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-                        .filter_map(|p| Some((p["name"].as_str().unwrap_or_default().to_string(), p["containerPort"].as_u64()? as u16)))
+                        .filter_map(|p| {
+                            Some((
+                                p["name"].as_str().unwrap_or_default().to_string(),
+                                p["containerPort"].as_u64()? as u16,
+                            ))
+                        })
                         .collect::<Vec<_>>();
                     let rs = suffix(&format!("{ns}/{name}"), 10);
                     for i in 0..replicas {
-                        let pod_name = format!("{name}-{rs}-{}", suffix(&format!("{ns}/{name}/{i}"), 5));
+                        let pod_name =
+                            format!("{name}-{rs}-{}", suffix(&format!("{ns}/{name}/{i}"), 5));
                         let ip = IpAddr::V4(nth(plan.pod_base, cluster.pods.len() as u32 + 2));
                         cluster.pods.push(SimPod {
                             uid: format!("00000000-0000-4000-8000-{:012x}", cluster.pods.len() + 1),
@@ -120,7 +140,12 @@ impl SimCluster {
                     let mut manifest = doc.clone();
                     manifest["spec"]["clusterIP"] = json!(ip.to_string());
                     manifest["spec"]["clusterIPs"] = json!([ip.to_string()]);
-                    cluster.services.push(SimService { namespace: ns, name, cluster_ip: ip, manifest });
+                    cluster.services.push(SimService {
+                        namespace: ns,
+                        name,
+                        cluster_ip: ip,
+                        manifest,
+                    });
                 }
                 _ => {}
             }
@@ -129,7 +154,9 @@ impl SimCluster {
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&SimService> {
-        self.services.iter().find(|s| s.namespace == namespace && s.name == name)
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
     }
 
     /// Resolves a host as cluster DNS would for a client in `client_namespace`:
@@ -146,18 +173,29 @@ impl SimCluster {
             let namespace = words.nth(1)?;
             return self.client(namespace, selector).map(|p| p.ip);
         }
-        let host = host.trim_end_matches('.').trim_end_matches(".cluster.local").trim_end_matches(".svc");
+        let host = host
+            .trim_end_matches('.')
+            .trim_end_matches(".cluster.local")
+            .trim_end_matches(".svc");
         let (name, ns) = host.split_once('.').unwrap_or((host, client_namespace));
         self.service(ns, name).map(|s| s.cluster_ip)
     }
 
     /// The first Pod (by name) of a namespace whose labels include `selector` ("k=v,k=v").
     pub fn client(&self, namespace: &str, selector: &str) -> Option<&SimPod> {
-        let wanted: Vec<(&str, &str)> = selector.split(',').filter_map(|kv| kv.split_once('=')).collect();
+        let wanted: Vec<(&str, &str)> = selector
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
         let mut pods: Vec<&SimPod> = self
             .pods
             .iter()
-            .filter(|p| p.namespace == namespace && wanted.iter().all(|(k, v)| p.labels.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|p| {
+                p.namespace == namespace
+                    && wanted
+                        .iter()
+                        .all(|(k, v)| p.labels.get(*k).map(String::as_str) == Some(*v))
+            })
             .collect();
         pods.sort_by(|a, b| a.name.cmp(&b.name));
         pods.first().copied()
@@ -191,7 +229,10 @@ impl SimCluster {
         let pods: Vec<&SimPod> = self
             .pods
             .iter()
-            .filter(|p| p.namespace == service.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter(|p| {
+                p.namespace == service.namespace
+                    && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            })
             .collect();
         let ports: Vec<Value> = service.manifest["spec"]["ports"]
             .as_array()
@@ -212,12 +253,14 @@ impl SimCluster {
             .collect();
         let endpoints: Vec<Value> = pods
             .iter()
-            .map(|p| json!({
-                "addresses": [p.ip.to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": "node",
-                "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace},
-            }))
+            .map(|p| {
+                json!({
+                    "addresses": [p.ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": "node",
+                    "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace},
+                })
+            })
             .collect();
         Some(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -229,4 +272,3 @@ impl SimCluster {
         }))
     }
 }
-

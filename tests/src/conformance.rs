@@ -124,13 +124,20 @@ pub struct Observed {
 
 impl Observed {
     fn request_header(&self, name: &str) -> Option<String> {
-        let values: Vec<&str> =
-            self.request_headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect();
+        let values: Vec<&str> = self
+            .request_headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
         (!values.is_empty()).then(|| values.join(","))
     }
 
     fn response_header(&self, name: &str) -> Option<&str> {
-        self.response_headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.response_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -139,38 +146,55 @@ pub fn judge(expect: &Expect, observed: &Observed) -> Vec<String> {
     let mut failures = Vec::new();
     let status_ok = expect.status_codes.contains(&observed.status);
     if !status_ok {
-        failures.push(format!("status: expected one of {:?}, got {}", expect.status_codes, observed.status));
+        failures.push(format!(
+            "status: expected one of {:?}, got {}",
+            expect.status_codes, observed.status
+        ));
     }
     if let Some(backend) = &expect.backend {
         if !observed.backend_pod.starts_with(backend.as_str()) {
-            failures.push(format!("backend: expected a pod of {backend}, got `{}`", observed.backend_pod));
+            failures.push(format!(
+                "backend: expected a pod of {backend}, got `{}`",
+                observed.backend_pod
+            ));
         }
     }
     for (name, value) in expect.request_headers_at_backend.iter().flatten() {
         let got = observed.request_header(name);
         if got.as_deref() != Some(value.as_str()) {
-            failures.push(format!("request header {name}: expected `{value}`, got {got:?}"));
+            failures.push(format!(
+                "request header {name}: expected `{value}`, got {got:?}"
+            ));
         }
     }
     for name in expect.absent_request_headers_at_backend.iter().flatten() {
         if let Some(got) = observed.request_header(name) {
-            failures.push(format!("request header {name}: expected absent, got `{got}`"));
+            failures.push(format!(
+                "request header {name}: expected absent, got `{got}`"
+            ));
         }
     }
     for (name, value) in expect.response_headers.iter().flatten() {
         let got = observed.response_header(name);
         if got != Some(value.as_str()) {
-            failures.push(format!("response header {name}: expected `{value}`, got {got:?}"));
+            failures.push(format!(
+                "response header {name}: expected `{value}`, got {got:?}"
+            ));
         }
     }
     for name in expect.absent_response_headers.iter().flatten() {
         if let Some(got) = observed.response_header(name) {
-            failures.push(format!("response header {name}: expected absent, got `{got}`"));
+            failures.push(format!(
+                "response header {name}: expected absent, got `{got}`"
+            ));
         }
     }
     if let Some(path) = &expect.expected_path_at_backend {
         if observed.path_at_backend.as_deref() != Some(path.as_str()) {
-            failures.push(format!("path at backend: expected `{path}`, got {:?}", observed.path_at_backend));
+            failures.push(format!(
+                "path at backend: expected `{path}`, got {:?}",
+                observed.path_at_backend
+            ));
         }
     }
     if let Some(redirect) = &expect.redirect_location_derived {
@@ -186,7 +210,11 @@ fn check_location(expected: &RedirectLocation, location: &str) -> Option<String>
     let Ok(uri) = location.parse::<http::Uri>() else {
         return Some(format!("redirect Location: `{location}` is not a URI"));
     };
-    let mismatch = |what: &str, want: &str, got: &str| Some(format!("redirect Location {what}: expected `{want}`, got `{got}` in `{location}`"));
+    let mismatch = |what: &str, want: &str, got: &str| {
+        Some(format!(
+            "redirect Location {what}: expected `{want}`, got `{got}` in `{location}`"
+        ))
+    };
     if let Some(scheme) = &expected.scheme {
         if uri.scheme_str() != Some(scheme.as_str()) {
             return mismatch("scheme", scheme, uri.scheme_str().unwrap_or_default());
@@ -223,12 +251,17 @@ pub fn expected_shares(test: &Test) -> BTreeMap<String, f64> {
         for rule in route["rules"].as_array().into_iter().flatten() {
             for b in rule["backendRefs"].as_array().into_iter().flatten() {
                 let w = b["weight"].as_f64().unwrap_or(1.0);
-                *weights.entry(b["name"].as_str().unwrap_or_default().to_string()).or_default() += w;
+                *weights
+                    .entry(b["name"].as_str().unwrap_or_default().to_string())
+                    .or_default() += w;
             }
         }
     }
     let total: f64 = weights.values().sum();
-    weights.into_iter().map(|(k, w)| (k, if total > 0.0 { w / total } else { 0.0 })).collect()
+    weights
+        .into_iter()
+        .map(|(k, w)| (k, if total > 0.0 { w / total } else { 0.0 }))
+        .collect()
 }
 
 /// The Deployment a pod name belongs to: the name minus its last two `-` segments (upstream).
@@ -241,20 +274,32 @@ pub fn deployment_of(pod: &str) -> &str {
 
 /// Upstream's weighted check: every share within ±0.05, zero-weight backends unseen, and as
 /// many backends seen as have weight > 0. `None` when it passes.
-pub fn judge_distribution(expected: &BTreeMap<String, f64>, counts: &BTreeMap<String, usize>) -> Option<String> {
+pub fn judge_distribution(
+    expected: &BTreeMap<String, f64>,
+    counts: &BTreeMap<String, usize>,
+) -> Option<String> {
     let total: usize = counts.values().sum();
     for (backend, count) in counts {
         match expected.get(backend) {
             None => return Some(format!("unexpected backend {backend} ({count} of {total})")),
-            Some(share) if *share == 0.0 => return Some(format!("backend {backend} has weight 0 but got {count}")),
+            Some(share) if *share == 0.0 => {
+                return Some(format!("backend {backend} has weight 0 but got {count}"))
+            }
             Some(share) => {
                 let got = *count as f64 / total.max(1) as f64;
                 if (got - share).abs() > 0.05 {
-                    return Some(format!("backend {backend}: expected share {share:.3}, got {got:.3}"));
+                    return Some(format!(
+                        "backend {backend}: expected share {share:.3}, got {got:.3}"
+                    ));
                 }
             }
         }
     }
     let wanted = expected.values().filter(|s| **s > 0.0).count();
-    (counts.len() != wanted).then(|| format!("expected {wanted} backends to receive traffic, saw {}", counts.len()))
+    (counts.len() != wanted).then(|| {
+        format!(
+            "expected {wanted} backends to receive traffic, saw {}",
+            counts.len()
+        )
+    })
 }

@@ -31,7 +31,9 @@ pub struct EchoStats {
 pub async fn serve(listener: TcpListener, name: String, stats: Arc<EchoStats>) {
     let name: Arc<str> = name.into();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let name = name.clone();
         let stats = stats.clone();
@@ -41,12 +43,18 @@ pub async fn serve(listener: TcpListener, name: String, stats: Arc<EchoStats>) {
                 let stats = stats.clone();
                 async move { Ok::<_, Infallible>(answer(&name, &stats, request).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
 
-async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    name: &str,
+    stats: &EchoStats,
+    mut request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let path = request.uri().path().to_string();
     if request.headers().contains_key(header::UPGRADE) {
@@ -59,16 +67,28 @@ async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -
         });
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        response.headers_mut().insert(header::CONNECTION, "upgrade".parse().unwrap());
-        response.headers_mut().insert(header::UPGRADE, request.headers()[header::UPGRADE].clone());
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, "upgrade".parse().unwrap());
+        response
+            .headers_mut()
+            .insert(header::UPGRADE, request.headers()[header::UPGRADE].clone());
         return response;
     }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let mut status = path.strip_prefix("/status/").and_then(|c| c.parse().ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+    let mut status = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
     // `/flaky/<n>`: only every n-th request (counted per server) succeeds; the others get 503.
-    if let Some(n) = path.strip_prefix("/flaky/").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0) {
+    if let Some(n) = path
+        .strip_prefix("/flaky/")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+    {
         if stats.flaky.fetch_add(1, Ordering::Relaxed) % n != n - 1 {
             status = StatusCode::SERVICE_UNAVAILABLE;
         }
@@ -80,9 +100,20 @@ async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -
         .map(str::to_string)
         .or_else(|| request.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    let headers: Vec<(String, String)> =
-        request.headers().iter().map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
-    let grpc = request.headers().get(header::CONTENT_TYPE).is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
     let info = json!({
         "pod": name,
         "method": request.method().as_str(),
@@ -92,7 +123,12 @@ async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -
         "protocol": format!("{:?}", request.version()),
         "headers": headers,
     });
-    let request_body = request.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let request_body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
     let mut info = info;
     info["body_bytes"] = json!(request_body);
     let body = serde_json::to_vec(&info).unwrap_or_default();
@@ -104,15 +140,20 @@ async fn answer(name: &str, stats: &EchoStats, mut request: Request<Incoming>) -
         framed.put_u32(body.len() as u32);
         framed.put_slice(&body);
         let mut r = Response::new(Full::new(framed.freeze()));
-        r.headers_mut().insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
         r.headers_mut().insert("grpc-status", "0".parse().unwrap());
         r
     } else {
         let mut r = Response::new(Full::new(Bytes::from(body)));
-        r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         r
     };
     *response.status_mut() = status;
-    response.headers_mut().insert("x-echo-pod", name.parse().unwrap_or_else(|_| "invalid".parse().unwrap()));
+    response.headers_mut().insert(
+        "x-echo-pod",
+        name.parse().unwrap_or_else(|_| "invalid".parse().unwrap()),
+    );
     response
 }

@@ -8,7 +8,10 @@ pub mod loopback;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("inside the workspace").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("inside the workspace")
+        .to_path_buf()
 }
 
 /// The conformance folder: `$GAMMA_CONFORMANCE_DIR`, else `../shared/conformance` beside the
@@ -17,4 +20,28 @@ pub fn conformance_dir() -> std::path::PathBuf {
     std::env::var_os("GAMMA_CONFORMANCE_DIR")
         .map(Into::into)
         .unwrap_or_else(|| workspace_root().join("../shared/conformance"))
+}
+
+/// Reports a test as skipped: on stderr, and in the file `$GAMMA_SKIP_LOG` (when set) so that
+/// `cargo xtask test` can list every skipped test with its reason at the end of the run.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED: {test}: {reason}");
+    if let Some(path) = std::env::var_os("GAMMA_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}: {reason}");
+        }
+    }
+}
+
+/// `None` when running as root; otherwise why root-only tests are skipped.
+pub fn root_required() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() } != 0).then(|| {
+        "needs root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`".to_string()
+    })
 }

@@ -13,13 +13,19 @@ use std::time::{Duration, Instant};
 /// The agent binary next to the test binaries (cargo builds it for the workspace's tests).
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     dir.join("proxy-agent")
 }
 
 /// A port free right now on 127.0.0.1 (released before use: good enough for tests).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// A temporary folder removed on drop.
@@ -49,7 +55,9 @@ pub struct EchoBackend {
 }
 
 pub async fn echo_backend(ip: [u8; 4], name: &str) -> EchoBackend {
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await.expect("bind echo");
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))
+        .await
+        .expect("bind echo");
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(EchoStats::default());
     tokio::spawn(echo::serve(listener, name.to_string(), stats.clone()));
@@ -65,14 +73,26 @@ pub struct Manifests {
 impl Manifests {
     /// A Service with port `port` whose endpoints are `endpoints` (all on the same port number,
     /// as an EndpointSlice requires). `app_protocol` sets the port's appProtocol.
-    pub fn service(mut self, namespace: &str, name: &str, port: u16, endpoints: &[SocketAddr], app_protocol: Option<&str>) -> Self {
+    pub fn service(
+        mut self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+        endpoints: &[SocketAddr],
+        app_protocol: Option<&str>,
+    ) -> Self {
         let target = endpoints.first().map_or(port, |e| e.port());
-        let app = app_protocol.map(|a| format!(", appProtocol: {a}")).unwrap_or_default();
+        let app = app_protocol
+            .map(|a| format!(", appProtocol: {a}"))
+            .unwrap_or_default();
         self.documents.push(format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  ports: [{{name: p, port: {port}, targetPort: {target}{app}}}]\n"
         ));
         if !endpoints.is_empty() {
-            let addresses: Vec<String> = endpoints.iter().map(|e| format!("{{addresses: [{}], conditions: {{ready: true}}}}", e.ip())).collect();
+            let addresses: Vec<String> = endpoints
+                .iter()
+                .map(|e| format!("{{addresses: [{}], conditions: {{ready: true}}}}", e.ip()))
+                .collect();
             self.documents.push(format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {namespace}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: p, port: {target}}}]\nendpoints: [{}]\n",
                 addresses.join(", ")
@@ -119,20 +139,38 @@ impl Agent {
         manifests.write(&dir.0, "world.yaml");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mut command = Command::new(agent_binary());
-        command.arg("--manifests").arg(&dir.0).arg("--admin").arg(admin.to_string()).arg("--poll-interval-ms").arg("50");
+        command
+            .arg("--manifests")
+            .arg(&dir.0)
+            .arg("--admin")
+            .arg(admin.to_string())
+            .arg("--poll-interval-ms")
+            .arg("50");
         let mut listen = Vec::new();
         for (service, port) in &options.listeners {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            command.arg("--listen").arg(format!("{addr}={service}:{port}"));
+            command
+                .arg("--listen")
+                .arg(format!("{addr}={service}:{port}"));
             listen.push(addr);
         }
         if let Some(ns) = options.caller_namespace {
             command.arg("--caller-namespace").arg(ns);
         }
-        command.args(&options.extra_args).env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()));
+        command.args(&options.extra_args).env(
+            "RUST_LOG",
+            std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         command.stdout(Stdio::null()).stderr(Stdio::inherit());
-        let child = command.spawn().with_context(|| format!("starting {}", agent_binary().display()))?;
-        let agent = Agent { child, admin, manifests: dir, listen };
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", agent_binary().display()))?;
+        let agent = Agent {
+            child,
+            admin,
+            manifests: dir,
+            listen,
+        };
         agent.wait_ready(Duration::from_secs(10))?;
         Ok(agent)
     }
@@ -141,7 +179,9 @@ impl Agent {
         let started = Instant::now();
         loop {
             let admin_ok = http_get_status(self.admin, "/ready").is_ok_and(|s| s == 200);
-            let listeners_ok = self.listen.iter().all(|a| std::net::TcpStream::connect_timeout(a, Duration::from_millis(100)).is_ok());
+            let listeners_ok = self.listen.iter().all(|a| {
+                std::net::TcpStream::connect_timeout(a, Duration::from_millis(100)).is_ok()
+            });
             if admin_ok && listeners_ok {
                 return Ok(());
             }
@@ -169,7 +209,9 @@ impl Agent {
     pub fn snapshot_version(&self) -> Result<u64> {
         let dump = http_get(self.admin, "/config_dump")?;
         let value: serde_json::Value = serde_json::from_str(&dump)?;
-        value["version"].as_u64().context("config_dump has no version")
+        value["version"]
+            .as_u64()
+            .context("config_dump has no version")
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {
@@ -209,10 +251,20 @@ fn http_get_full(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

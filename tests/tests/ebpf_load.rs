@@ -41,9 +41,8 @@ const PROGRAMS: [&str; 5] = [
 
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("loading eBPF programs and creating namespaces needs root".into());
+    if let Some(reason) = gamma_tests::root_required() {
+        return Some(reason);
     }
     if let Err(e) = redirect::cgroup2_mount() {
         return Some(e.to_string());
@@ -54,7 +53,7 @@ fn skip_reason() -> Option<String> {
 macro_rules! skip_unless_root {
     () => {
         if let Some(reason) = skip_reason() {
-            eprintln!("SKIPPED: {reason}");
+            gamma_tests::skip(concat!(file!(), ":", line!()), &reason);
             return;
         }
     };

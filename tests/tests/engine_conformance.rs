@@ -3,7 +3,9 @@
 //! The folder is `$GAMMA_CONFORMANCE_DIR` (default `../shared/conformance`).
 
 use gamma_tests::cluster::{AddressPlan, SimCluster};
-use gamma_tests::conformance::{deployment_of, expected_shares, judge, judge_distribution, Case, Observed, Suite};
+use gamma_tests::conformance::{
+    deployment_of, expected_shares, judge, judge_distribution, Case, Observed, Suite,
+};
 use proxy_agent::index::Index;
 use proxy_agent::model::Object;
 use proxy_agent::routes::{Decision, Plan, RequestHead, Snapshot};
@@ -38,38 +40,71 @@ fn test_documents(dir: &Path, manifests: &[String]) -> Vec<serde_json::Value> {
         .iter()
         .flat_map(|m| {
             let path = dir.join("manifests").join(m);
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            proxy_agent::sources::file::documents(&text).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            proxy_agent::sources::file::documents(&text)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
         })
         .map(|(_, v)| v)
         .collect()
 }
 
 /// What the engine decides for one case; `random` drives the weighted and endpoint choices.
-fn run_case(cluster: &SimCluster, snapshot: &Snapshot, case: &Case, rng: &mut Rng) -> Result<Observed, String> {
-    let client = cluster.client(&case.client.namespace, &case.client.app_selector).ok_or("no client pod")?;
-    let caller = snapshot.caller(client.ip).ok_or("client pod unknown to the engine")?;
+fn run_case(
+    cluster: &SimCluster,
+    snapshot: &Snapshot,
+    case: &Case,
+    rng: &mut Rng,
+) -> Result<Observed, String> {
+    let client = cluster
+        .client(&case.client.namespace, &case.client.app_selector)
+        .ok_or("no client pod")?;
+    let caller = snapshot
+        .caller(client.ip)
+        .ok_or("client pod unknown to the engine")?;
     let request = &case.request;
-    let ip = cluster.resolve(&request.hostname, &client.namespace).ok_or_else(|| format!("cannot resolve {}", request.hostname))?;
+    let ip = cluster
+        .resolve(&request.hostname, &client.namespace)
+        .ok_or_else(|| format!("cannot resolve {}", request.hostname))?;
     let mut observed = Observed::default();
     let Some(frontend) = snapshot.frontend_at(SocketAddr::new(ip, request.port)) else {
         // Not a Service frontend (a pod IP): the request goes straight to that pod, untouched.
-        let pod = cluster.pod_by_ip(ip).ok_or_else(|| format!("nothing answers at {ip}:{}", request.port))?;
+        let pod = cluster
+            .pod_by_ip(ip)
+            .ok_or_else(|| format!("nothing answers at {ip}:{}", request.port))?;
         observed.status = 200;
         observed.backend_pod = pod.name.clone();
         return Ok(observed);
     };
-    let mut builder = http::Request::builder().method(request.method().as_str()).uri(request.path_and_query());
-    for (name, value) in request.headers.iter().flatten().filter(|(k, _)| !k.eq_ignore_ascii_case("host")) {
+    let mut builder = http::Request::builder()
+        .method(request.method().as_str())
+        .uri(request.path_and_query());
+    for (name, value) in request
+        .headers
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+    {
         builder = builder.header(name, value);
     }
     if request.is_grpc() {
         builder = builder.header("content-type", "application/grpc");
     }
-    let authority = if request.host.starts_with('<') { format!("{ip}:{}", request.port) } else { request.authority() };
-    let (mut parts, ()) = builder.header("host", authority).body(()).map_err(|e| e.to_string())?.into_parts();
+    let authority = if request.host.starts_with('<') {
+        format!("{ip}:{}", request.port)
+    } else {
+        request.authority()
+    };
+    let (mut parts, ()) = builder
+        .header("host", authority)
+        .body(())
+        .map_err(|e| e.to_string())?
+        .into_parts();
     let head_parts = parts.clone();
-    let decision = frontend.lookup(Some(&caller.pod.namespace), &RequestHead::from_parts(&head_parts));
+    let decision = frontend.lookup(
+        Some(&caller.pod.namespace),
+        &RequestHead::from_parts(&head_parts),
+    );
     let mut response_headers = http::HeaderMap::new();
     let backend = match decision {
         Decision::Direct(backend) => backend,
@@ -77,21 +112,25 @@ fn run_case(cluster: &SimCluster, snapshot: &Snapshot, case: &Case, rng: &mut Rn
             observed.status = 404;
             return Ok(observed);
         }
-        Decision::Rule { rule, matched } => match rule.plan(&mut parts, matched, request.port, rng.next()) {
-            Plan::Respond(response) => {
-                observed.status = response.status.as_u16();
-                if let Some(location) = response.location {
-                    observed.response_headers.push(("location".into(), location));
+        Decision::Rule { rule, matched } => {
+            match rule.plan(&mut parts, matched, request.port, rng.next()) {
+                Plan::Respond(response) => {
+                    observed.status = response.status.as_u16();
+                    if let Some(location) = response.location {
+                        observed
+                            .response_headers
+                            .push(("location".into(), location));
+                    }
+                    return Ok(observed);
                 }
-                return Ok(observed);
-            }
-            Plan::Forward(forward) => {
-                for modifier in forward.response_headers {
-                    modifier.apply(&mut response_headers);
+                Plan::Forward(forward) => {
+                    for modifier in forward.response_headers {
+                        modifier.apply(&mut response_headers);
+                    }
+                    forward.backend
                 }
-                forward.backend
             }
-        },
+        }
     };
     if backend.endpoints.is_empty() {
         observed.status = 503;
@@ -99,18 +138,35 @@ fn run_case(cluster: &SimCluster, snapshot: &Snapshot, case: &Case, rng: &mut Rn
     }
     let endpoint = backend.endpoints[(rng.next() % backend.endpoints.len() as u64) as usize];
     observed.status = 200;
-    observed.backend_pod = cluster.pod_by_ip(endpoint.ip()).map(|p| p.name.clone()).unwrap_or_default();
-    observed.request_headers = parts.headers.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string())).collect();
+    observed.backend_pod = cluster
+        .pod_by_ip(endpoint.ip())
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    observed.request_headers = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
     observed.path_at_backend = Some(parts.uri.path().to_string());
-    observed.response_headers.extend(response_headers.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string())));
+    observed.response_headers.extend(
+        response_headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string())),
+    );
     Ok(observed)
 }
 
 #[test]
 fn conformance_cases_decided_by_the_engine() {
     let dir = gamma_tests::conformance_dir();
-    let suite: Suite = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json")).expect("cases.json parses");
-    let cluster = SimCluster::from_manifests(&dir.join("manifests/mesh/manifests.yaml"), AddressPlan::default()).expect("base manifests");
+    let suite: Suite =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
+            .expect("cases.json parses");
+    let cluster = SimCluster::from_manifests(
+        &dir.join("manifests/mesh/manifests.yaml"),
+        AddressPlan::default(),
+    )
+    .expect("base manifests");
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut failures = Vec::new();
     let mut passed = 0;
@@ -128,7 +184,11 @@ fn conformance_cases_decided_by_the_engine() {
                 let mut problems = Vec::new();
                 for _ in 0..10_000 {
                     match run_case(&cluster, &snapshot, case, &mut rng) {
-                        Ok(o) if o.status == 200 => *counts.entry(deployment_of(&o.backend_pod).to_string()).or_default() += 1,
+                        Ok(o) if o.status == 200 => {
+                            *counts
+                                .entry(deployment_of(&o.backend_pod).to_string())
+                                .or_default() += 1
+                        }
                         Ok(o) => problems.push(format!("status {}", o.status)),
                         Err(e) => problems.push(e),
                     }
@@ -145,11 +205,24 @@ fn conformance_cases_decided_by_the_engine() {
             if problems.is_empty() {
                 passed += 1;
             } else {
-                failures.push(format!("{} / {}: {}", test.name, case.subtest_name, problems.join("; ")));
+                failures.push(format!(
+                    "{} / {}: {}",
+                    test.name,
+                    case.subtest_name,
+                    problems.join("; ")
+                ));
             }
         }
     }
-    eprintln!("engine conformance: {passed}/{total} cases passed in {} tests", suite.tests.len());
-    assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
+    eprintln!(
+        "engine conformance: {passed}/{total} cases passed in {} tests",
+        suite.tests.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failing cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(total > 0, "no cases found in {}", dir.display());
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
 fn client(h2: bool) -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(h2).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http()
 }
 
 struct Answer {
@@ -31,16 +33,33 @@ async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer
     for (n, v) in headers {
         builder = builder.header(*n, *v);
     }
-    let response = client.request(builder.body(Empty::new()).unwrap()).await.expect("request sent");
+    let response = client
+        .request(builder.body(Empty::new()).unwrap())
+        .await
+        .expect("request sent");
     let status = response.status();
     let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    Answer { status, headers, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
 }
 
 fn header_at_backend(answer: &Answer, name: &str) -> Option<String> {
-    answer.body["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str().map(str::to_string))
+    answer.body["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str().map(str::to_string))
 }
 
 fn route(name: &str, parent: &str, rules: &str) -> String {
@@ -50,7 +69,11 @@ fn route(name: &str, parent: &str, rules: &str) -> String {
 }
 
 fn options(caller: Option<&'static str>) -> AgentOptions<'static> {
-    AgentOptions { listeners: vec![("ns/front", 80)], caller_namespace: caller, extra_args: Vec::new() }
+    AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: caller,
+        extra_args: Vec::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,11 +100,19 @@ async fn routes_filters_and_weights() {
     let agent = Agent::start(&world, options(None)).unwrap();
     let c = client(false);
 
-    let answer = get(&c, &agent.url(0, "/api/x"), &[("x-env", "canary"), ("x-add", "one"), ("x-gone", "1")]).await;
+    let answer = get(
+        &c,
+        &agent.url(0, "/api/x"),
+        &[("x-env", "canary"), ("x-add", "one"), ("x-gone", "1")],
+    )
+    .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["pod"], "b");
     assert_eq!(header_at_backend(&answer, "x-set").as_deref(), Some("s"));
-    assert_eq!(header_at_backend(&answer, "x-add").as_deref(), Some("one,two"));
+    assert_eq!(
+        header_at_backend(&answer, "x-add").as_deref(),
+        Some("one,two")
+    );
     assert_eq!(header_at_backend(&answer, "x-gone"), None);
     assert_eq!(answer.headers["x-resp"], "r");
 
@@ -98,7 +129,9 @@ async fn routes_filters_and_weights() {
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..400 {
         let answer = get(&c, &agent.url(0, "/"), &[]).await;
-        *counts.entry(answer.body["pod"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        *counts
+            .entry(answer.body["pod"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     let share_a = f64::from(counts["a"]) / 400.0;
     assert!((share_a - 0.75).abs() < 0.08, "weights 3:1 gave {counts:?}");
@@ -118,8 +151,15 @@ async fn consumer_routes_replace_producer_routes_for_their_namespace() {
     let from_ns = Agent::start(&world, options(None)).unwrap();
     let c = client(false);
     let ui = get(&c, &from_ui.url(0, "/"), &[]).await;
-    assert_eq!(header_at_backend(&ui, "x-dev-feature").as_deref(), Some("enabled"));
-    assert_eq!(header_at_backend(&ui, "x-who"), None, "consumer routes replace producer routes");
+    assert_eq!(
+        header_at_backend(&ui, "x-dev-feature").as_deref(),
+        Some("enabled")
+    );
+    assert_eq!(
+        header_at_backend(&ui, "x-who"),
+        None,
+        "consumer routes replace producer routes"
+    );
     let ns = get(&c, &from_ns.url(0, "/"), &[]).await;
     assert_eq!(header_at_backend(&ns, "x-dev-feature"), None);
     assert_eq!(header_at_backend(&ns, "x-who").as_deref(), Some("producer"));
@@ -152,7 +192,13 @@ async fn error_statuses_name_their_reason() {
         .service("ns", "front", 80, &[], None)
         .service("ns", "a", 80, &[a.addr], None)
         .service("ns", "empty", 80, &[], None)
-        .service("ns", "refused", 80, &[format!("127.0.0.1:{closed}").parse().unwrap()], None)
+        .service(
+            "ns",
+            "refused",
+            80,
+            &[format!("127.0.0.1:{closed}").parse().unwrap()],
+            None,
+        )
         .raw(&route("r", "front", &rules));
     let agent = Agent::start(&world, options(None)).unwrap();
     let c = client(false);
@@ -167,8 +213,17 @@ async fn error_statuses_name_their_reason() {
     ] {
         let answer = get(&c, &agent.url(0, path), &[]).await;
         assert_eq!(answer.status.as_u16(), status, "{path}: {}", answer.text);
-        assert!(answer.text.contains(reason), "{path}: `{}` should name `{reason}`", answer.text.trim());
-        assert_eq!(answer.text.trim().lines().count(), 1, "one line: {}", answer.text);
+        assert!(
+            answer.text.contains(reason),
+            "{path}: `{}` should name `{reason}`",
+            answer.text.trim()
+        );
+        assert_eq!(
+            answer.text.trim().lines().count(),
+            1,
+            "one line: {}",
+            answer.text
+        );
     }
 
     // Request smuggling. Differing Content-Length values: 400. Content-Length with
@@ -182,13 +237,22 @@ async fn error_statuses_name_their_reason() {
         let _ = raw.read_to_string(&mut reply);
         reply
     };
-    let reply = exchange(b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd");
+    let reply = exchange(
+        b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+    );
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     let before = a.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
     let reply = exchange(b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ok/smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "one answer, the smuggled request never ran: {reply}");
+    assert_eq!(
+        reply.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer, the smuggled request never ran: {reply}"
+    );
     assert!(!reply.contains("smuggled"), "{reply}");
-    assert_eq!(a.stats.requests.load(std::sync::atomic::Ordering::Relaxed), before + 1);
+    assert_eq!(
+        a.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before + 1
+    );
     assert_eq!(get(&c, &agent.url(0, "/ok"), &[]).await.status, 200);
 }
 
@@ -215,7 +279,11 @@ async fn retries_on_codes_and_on_refused_connections() {
     }
     for _ in 0..20 {
         let answer = get(&c, &agent.url(0, "/"), &[]).await;
-        assert_eq!(answer.status, 200, "a refused connection is retried on another endpoint: {}", answer.text);
+        assert_eq!(
+            answer.status, 200,
+            "a refused connection is retried on another endpoint: {}",
+            answer.text
+        );
         assert_eq!(answer.body["pod"], "live");
     }
 }
@@ -240,14 +308,27 @@ async fn h2c_grpc_and_mirror() {
     assert_eq!(answer.body["pod"], "h1");
     assert_eq!(answer.body["protocol"], "HTTP/1.1");
     // gRPC-shaped request to an h2c backend: HTTP/2 end to end.
-    let answer = get(&h2, &agent.url(0, "/proto.EchoTestService/Echo"), &[("content-type", "application/grpc")]).await;
+    let answer = get(
+        &h2,
+        &agent.url(0, "/proto.EchoTestService/Echo"),
+        &[("content-type", "application/grpc")],
+    )
+    .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.headers["x-echo-pod"], "grpc");
     assert!(answer.text.contains("HTTP/2.0"), "{}", answer.text);
     // Mirrors are fire-and-forget: wait a little for the copy to land.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while mirror.stats.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the mirror received nothing");
+    while mirror
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror received nothing"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -270,8 +351,20 @@ async fn websocket_upgrade_and_opaque_tcp() {
         .service("ns", "front", 80, &[], None)
         .service("ns", "a", 80, &[a.addr], None)
         .service("ns", "raw", 80, &[tcp_addr], None)
-        .raw(&route("r", "front", "  - backendRefs: [{name: a, port: 80}]\n"));
-    let agent = Agent::start(&world, AgentOptions { listeners: vec![("ns/front", 80), ("ns/raw", 80)], caller_namespace: None, extra_args: vec![] }).unwrap();
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: a, port: 80}]\n",
+        ));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/front", 80), ("ns/raw", 80)],
+            caller_namespace: None,
+            extra_args: vec![],
+        },
+    )
+    .unwrap();
     let upgrade = tokio::task::spawn_blocking({
         let addr = agent.listen[0];
         move || {
@@ -309,21 +402,32 @@ async fn sigterm_drains_in_flight_requests() {
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "a", 80, &[a.addr], None)
-        .raw(&route("r", "front", "  - backendRefs: [{name: a, port: 80}]\n"));
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: a, port: 80}]\n",
+        ));
     let mut agent = Agent::start(&world, options(None)).unwrap();
     let c = client(false);
     let url = agent.url(0, "/delay/700");
     let in_flight = tokio::spawn(async move { get(&c, &url, &[]).await.status });
     tokio::time::sleep(Duration::from_millis(200)).await;
     agent.terminate();
-    assert_eq!(in_flight.await.unwrap(), 200, "the in-flight request finished");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request finished"
+    );
     let status = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(status) = agent.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "the agent did not exit after draining");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit after draining"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -359,13 +463,19 @@ async fn live_manifest_changes_under_load_fail_nothing() {
             let (mut ok, mut failed) = (0u32, 0u32);
             // Bounded: stops on the flag or after 20,000 requests.
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed < 20_000 {
-                if get(&c, &url, &[]).await.status == 200 { ok += 1 } else { failed += 1 }
+                if get(&c, &url, &[]).await.status == 200 {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
             }
             (ok, failed)
         }));
     }
     for version in 1..=10u32 {
-        agent.update(&world(version, &format!("v{version}"))).unwrap();
+        agent
+            .update(&world(version, &format!("v{version}")))
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -376,7 +486,12 @@ async fn live_manifest_changes_under_load_fail_nothing() {
         failed += f;
     }
     assert!(ok > 100, "load ran ({ok} requests)");
-    assert_eq!(failed, 0, "{failed} of {} requests failed during 10 route changes", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during 10 route changes",
+        ok + failed
+    );
     let last = get(&client(false), &url, &[]).await;
     assert_eq!(header_at_backend(&last, "x-tag").as_deref(), Some("v10"));
 }

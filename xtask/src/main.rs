@@ -34,17 +34,34 @@ fn main() -> Result<()> {
     }
 }
 
-/// Runs every test of the workspace. Root-only tests decide for themselves whether they can run and
-/// print `SKIPPED: <reason>` when they cannot; this command reports that they were skipped.
+/// Runs every test of the workspace. Root-only tests decide for themselves whether they can run;
+/// when they cannot they record why in `$GAMMA_SKIP_LOG`, and this command lists them at the end,
+/// so a skip is never a silent pass.
 fn test(extra: &[String]) -> Result<()> {
     if !util::is_root() {
-        util::warn(
-            "not root: the network-namespace and eBPF tests will report themselves as SKIPPED; \
-             run as root to run them",
-        );
+        util::warn("not root: the network-namespace and eBPF tests will be reported as SKIPPED");
     }
-    let mut args = vec!["test", "--workspace", "--all-targets"];
+    let skip_log = std::env::temp_dir().join(format!("gamma-skipped-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&skip_log);
+    std::env::set_var("GAMMA_SKIP_LOG", &skip_log);
+    // The binaries the integration tests run (agent, echo backend) must be current.
+    util::step("build the workspace's binaries", || {
+        util::cargo(&["build", "--bins"])
+    })?;
+    let mut args = vec!["test", "--all-targets"];
     args.extend(extra.iter().map(String::as_str));
-    util::step("unit and integration tests", || util::cargo(&args))?;
-    Ok(())
+    let result = util::step("unit, integration, node and eBPF tests", || {
+        util::cargo(&args)
+    });
+    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    let _ = std::fs::remove_file(&skip_log);
+    if skipped.trim().is_empty() {
+        eprintln!("no test was skipped");
+    } else {
+        eprintln!("SKIPPED tests (not run, not passed):");
+        for line in skipped.lines() {
+            eprintln!("  - {line}");
+        }
+    }
+    result
 }

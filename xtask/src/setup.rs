@@ -9,11 +9,11 @@ use std::process::Command;
 
 /// Debian packages the tests, the demo and the benchmarks call.
 const PACKAGES: &[&str] = &[
-    "iproute2",  // ip netns / link / route: the node harness
-    "iptables",  // the simulated kube-proxy (DNAT) in the node netns
-    "bpftool",   // inspecting loaded programs when a test fails
-    "wrk",       // load for benchmarks and soaks
-    "procps",    // ps/pgrep in scripts
+    "iproute2",   // ip netns / link / route: the node harness
+    "iptables",   // the simulated kube-proxy (DNAT) in the node netns
+    "bpftool",    // inspecting loaded programs when a test fails
+    "wrk",        // load for benchmarks and soaks
+    "procps",     // ps/pgrep in scripts
     "util-linux", // nsenter
     "curl",
 ];
@@ -23,7 +23,10 @@ pub fn run() -> Result<()> {
         bail!("setup installs Debian packages and loads nothing else: run it as root (sudo -E cargo xtask setup)");
     }
     step("Debian packages", install_packages)?;
-    step("nightly toolchain with rust-src (for the eBPF crate)", nightly_rust_src)?;
+    step(
+        "nightly toolchain with rust-src (for the eBPF crate)",
+        nightly_rust_src,
+    )?;
     step("bpf-linker built against nightly's LLVM", bpf_linker)?;
     eprintln!("setup complete: `cargo build` now builds the agent with its eBPF object embedded");
     Ok(())
@@ -42,10 +45,12 @@ fn install_packages() -> Result<()> {
     eprintln!("    installing: {}", missing.join(" "));
     run_command(Command::new("apt-get").arg("update").arg("-q"))
         .context("apt-get update failed: check the machine's Debian mirror settings")?;
-    run_command(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .context("apt-get install failed: install the packages above by hand and run setup again")
 }
 
@@ -58,15 +63,35 @@ fn package_installed(pkg: &str) -> bool {
 fn nightly_rust_src() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run_command(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
-            .context("could not install the nightly toolchain: check network access to rustup's servers")?;
+        run_command(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context(
+            "could not install the nightly toolchain: check network access to rustup's servers",
+        )?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("    rust-src already installed for nightly");
         return Ok(());
     }
-    run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 /// What nightly's rustc says about its LLVM: the major version picks bpf-linker's `llvm-NN` feature,
@@ -98,14 +123,25 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
-        .with_context(|| format!("no libLLVM.so.* in {}: reinstall the nightly toolchain", lib_dir.display()))?;
-    Ok(NightlyLlvm { major, fingerprint: version, library })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: reinstall the nightly toolchain",
+                lib_dir.display()
+            )
+        })?;
+    Ok(NightlyLlvm {
+        major,
+        fingerprint: version,
+        library,
+    })
 }
 
 fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        })
 }
 
 fn bpf_linker() -> Result<()> {
@@ -114,9 +150,15 @@ fn bpf_linker() -> Result<()> {
     let installed = cargo_home().join("bin/bpf-linker");
     let up_to_date = installed.exists()
         && std::fs::read_to_string(&stamp).is_ok_and(|s| s == llvm.fingerprint)
-        && Command::new(&installed).arg("--version").output().is_ok_and(|o| o.status.success());
+        && Command::new(&installed)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if up_to_date {
-        eprintln!("    bpf-linker already built for nightly's LLVM {}", llvm.major);
+        eprintln!(
+            "    bpf-linker already built for nightly's LLVM {}",
+            llvm.major
+        );
         return Ok(());
     }
 
@@ -132,9 +174,20 @@ fn bpf_linker() -> Result<()> {
             .with_context(|| format!("could not create {}", link.display()))?;
     }
     let feature = format!("llvm-{}", llvm.major);
-    eprintln!("    building bpf-linker with feature {feature} against {}", llvm.library.display());
+    eprintln!(
+        "    building bpf-linker with feature {feature} against {}",
+        llvm.library.display()
+    );
     let out = Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--force", "--no-default-features", "--features", &feature])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &feature,
+        ])
         .env("LLVM_PREFIX", &prefix)
         .stdout(std::process::Stdio::inherit())
         .stderr(std::process::Stdio::piped())
@@ -158,7 +211,13 @@ fn bpf_linker() -> Result<()> {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .with_context(|| format!("{} was built but does not run: check that {} is readable", installed.display(), llvm.library.display()))?;
+        .with_context(|| {
+            format!(
+                "{} was built but does not run: check that {} is readable",
+                installed.display(),
+                llvm.library.display()
+            )
+        })?;
     std::fs::write(&stamp, &llvm.fingerprint)?;
     Ok(())
 }

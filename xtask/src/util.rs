@@ -23,7 +23,10 @@ pub fn step<T>(name: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
     let result = body().with_context(|| format!("step `{name}` failed"));
     match &result {
         Ok(_) => eprintln!("    {name}: ok ({:.1}s)", started.elapsed().as_secs_f64()),
-        Err(_) => eprintln!("    {name}: FAILED after {:.1}s", started.elapsed().as_secs_f64()),
+        Err(_) => eprintln!(
+            "    {name}: FAILED after {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
     }
     result
 }

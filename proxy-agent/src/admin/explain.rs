@@ -9,20 +9,29 @@ use serde_json::{json, Value};
 fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
     if let Some(method) = &m.method {
         if method != request.method {
-            return Some(format!("method is {}, the match wants {method}", request.method));
+            return Some(format!(
+                "method is {}, the match wants {method}",
+                request.method
+            ));
         }
     }
     if !m.path.matches(request.path) {
         return Some(format!("path {} does not match {:?}", request.path, m.path));
     }
     for h in &m.headers {
-        let single = RouteMatch { headers: vec![h.clone()], ..RouteMatch::any() };
+        let single = RouteMatch {
+            headers: vec![h.clone()],
+            ..RouteMatch::any()
+        };
         if !single.matches(request) {
             return Some(format!("header {} does not match", h.name));
         }
     }
     for q in &m.query_params {
-        let single = RouteMatch { query_params: vec![q.clone()], ..RouteMatch::any() };
+        let single = RouteMatch {
+            query_params: vec![q.clone()],
+            ..RouteMatch::any()
+        };
         if !single.matches(request) {
             return Some(format!("query parameter {} does not match", q.name));
         }
@@ -30,10 +39,16 @@ fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
     None
 }
 
-pub fn explain(frontend: &Frontend, caller_namespace: Option<&str>, request: &RequestHead<'_>) -> Value {
+pub fn explain(
+    frontend: &Frontend,
+    caller_namespace: Option<&str>,
+    request: &RequestHead<'_>,
+) -> Value {
     let consumer = caller_namespace.and_then(|ns| frontend.consumers.get(ns).map(|_| ns));
     let routes_used = match (consumer, &frontend.producer) {
-        (Some(ns), _) => format!("consumer routes of namespace {ns} (they replace the producer routes)"),
+        (Some(ns), _) => {
+            format!("consumer routes of namespace {ns} (they replace the producer routes)")
+        }
         (None, Some(_)) => "producer routes".to_string(),
         (None, None) => "none: the Service's own endpoints, as without a mesh".to_string(),
     };

@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Upper bounds of the duration buckets, in seconds.
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestLabels {
@@ -32,7 +34,8 @@ impl Histogram {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -55,12 +58,21 @@ impl Metrics {
             h.observe(duration);
             return;
         }
-        self.requests.write().expect("not poisoned").entry(labels).or_default().observe(duration);
+        self.requests
+            .write()
+            .expect("not poisoned")
+            .entry(labels)
+            .or_default()
+            .observe(duration);
     }
 
     /// Requests seen with these labels (tests and `/explain` read it).
     pub fn count(&self, labels: &RequestLabels) -> u64 {
-        self.requests.read().expect("not poisoned").get(labels).map_or(0, |h| h.count.load(Ordering::Relaxed))
+        self.requests
+            .read()
+            .expect("not poisoned")
+            .get(labels)
+            .map_or(0, |h| h.count.load(Ordering::Relaxed))
     }
 
     pub fn render(&self, upstream_in_flight: usize) -> String {
@@ -70,7 +82,12 @@ impl Metrics {
         series.sort_by(|a, b| a.0.cmp(b.0));
         out.push_str("# HELP gamma_requests_total Requests handled, by service, route, backend and status.\n# TYPE gamma_requests_total counter\n");
         for (l, h) in &series {
-            let _ = writeln!(out, "gamma_requests_total{{{}}} {}", labels(l), h.count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "gamma_requests_total{{{}}} {}",
+                labels(l),
+                h.count.load(Ordering::Relaxed)
+            );
         }
         out.push_str("# HELP gamma_request_duration_seconds Time from request head to response head.\n# TYPE gamma_request_duration_seconds histogram\n");
         for (l, h) in &series {
@@ -78,24 +95,80 @@ impl Metrics {
             let mut cumulative = 0;
             for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
                 cumulative += bucket.load(Ordering::Relaxed);
-                let _ = writeln!(out, "gamma_request_duration_seconds_bucket{{{base},le=\"{bound}\"}} {cumulative}");
+                let _ = writeln!(
+                    out,
+                    "gamma_request_duration_seconds_bucket{{{base},le=\"{bound}\"}} {cumulative}"
+                );
             }
             let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "gamma_request_duration_seconds_bucket{{{base},le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "gamma_request_duration_seconds_sum{{{base}}} {}", h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-            let _ = writeln!(out, "gamma_request_duration_seconds_count{{{base}}} {count}");
+            let _ = writeln!(
+                out,
+                "gamma_request_duration_seconds_bucket{{{base},le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "gamma_request_duration_seconds_sum{{{base}}} {}",
+                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "gamma_request_duration_seconds_count{{{base}}} {count}"
+            );
         }
         for (name, help, kind, value) in [
-            ("gamma_connections_accepted_total", "Downstream connections accepted.", "counter", self.connections_accepted.load(Ordering::Relaxed) as i64),
-            ("gamma_connections_open", "Downstream connections open.", "gauge", self.connections_open.load(Ordering::Relaxed)),
-            ("gamma_opaque_connections_total", "Connections passed through as opaque TCP.", "counter", self.opaque_connections.load(Ordering::Relaxed) as i64),
-            ("gamma_mirrors_sent_total", "Mirrored requests sent.", "counter", self.mirrors_sent.load(Ordering::Relaxed) as i64),
-            ("gamma_mirrors_dropped_total", "Mirrored requests dropped (concurrency bound reached).", "counter", self.mirrors_dropped.load(Ordering::Relaxed) as i64),
-            ("gamma_upstream_requests_in_flight", "Requests in flight to upstream endpoints.", "gauge", upstream_in_flight as i64),
-            ("gamma_snapshot_version", "Version of the route table in use.", "gauge", self.snapshot_version.load(Ordering::Relaxed) as i64),
-            ("gamma_last_sync_timestamp_seconds", "When the sources last synced (Unix time; 0: never).", "gauge", self.last_sync_unix.load(Ordering::Relaxed) as i64),
+            (
+                "gamma_connections_accepted_total",
+                "Downstream connections accepted.",
+                "counter",
+                self.connections_accepted.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_connections_open",
+                "Downstream connections open.",
+                "gauge",
+                self.connections_open.load(Ordering::Relaxed),
+            ),
+            (
+                "gamma_opaque_connections_total",
+                "Connections passed through as opaque TCP.",
+                "counter",
+                self.opaque_connections.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_mirrors_sent_total",
+                "Mirrored requests sent.",
+                "counter",
+                self.mirrors_sent.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_mirrors_dropped_total",
+                "Mirrored requests dropped (concurrency bound reached).",
+                "counter",
+                self.mirrors_dropped.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_upstream_requests_in_flight",
+                "Requests in flight to upstream endpoints.",
+                "gauge",
+                upstream_in_flight as i64,
+            ),
+            (
+                "gamma_snapshot_version",
+                "Version of the route table in use.",
+                "gauge",
+                self.snapshot_version.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_last_sync_timestamp_seconds",
+                "When the sources last synced (Unix time; 0: never).",
+                "gauge",
+                self.last_sync_unix.load(Ordering::Relaxed) as i64,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         out
     }
@@ -112,7 +185,9 @@ fn labels(l: &RequestLabels) -> String {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -122,12 +197,20 @@ mod tests {
     #[test]
     fn renders_counts_and_buckets() {
         let m = Metrics::default();
-        let l = RequestLabels { service: "ns/s:80".into(), route: "HTTPRoute ns/r".into(), backend: "ns/b:80".into(), status: 200 };
+        let l = RequestLabels {
+            service: "ns/s:80".into(),
+            route: "HTTPRoute ns/r".into(),
+            backend: "ns/b:80".into(),
+            status: 200,
+        };
         m.record(l.clone(), Duration::from_millis(3));
         m.record(l.clone(), Duration::from_millis(30));
         assert_eq!(m.count(&l), 2);
         let text = m.render(0);
         assert!(text.contains(r#"gamma_requests_total{service="ns/s:80",route="HTTPRoute ns/r",backend="ns/b:80",status="200"} 2"#), "{text}");
-        assert!(text.contains(r#"le="0.005"} 1"#) && text.contains(r#"le="0.05"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"le="0.005"} 1"#) && text.contains(r#"le="0.05"} 2"#),
+            "{text}"
+        );
     }
 }

@@ -28,7 +28,9 @@ pub struct Readiness {
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Clone)]
@@ -44,47 +46,79 @@ pub fn spawn(addr: SocketAddr, state: AdminState) -> std::io::Result<SocketAddr>
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("admin runtime");
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(&state, request)) }
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("admin runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(route(&state, request)) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
-            }
-        });
-    })?;
+                }
+            });
+        })?;
     Ok(local)
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
 fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin server is read-only\n", "text/plain");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the admin server is read-only\n",
+            "text/plain",
+        );
     }
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n", "text/plain"),
         "/ready" => ready(state),
-        "/metrics" => text(StatusCode::OK, state.metrics.render(state.endpoints.in_flight_total()), "text/plain; version=0.0.4"),
+        "/metrics" => text(
+            StatusCode::OK,
+            state.metrics.render(state.endpoints.in_flight_total()),
+            "text/plain; version=0.0.4",
+        ),
         "/config_dump" => {
             let dump = state.snapshot.load().dump();
-            text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default(), "application/json")
+            text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+                "application/json",
+            )
         }
         "/explain" => explain_request(state, request.uri().query().unwrap_or_default()),
-        _ => text(StatusCode::NOT_FOUND, "endpoints: /live /ready /metrics /config_dump /explain\n", "text/plain"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: /live /ready /metrics /config_dump /explain\n",
+            "text/plain",
+        ),
     }
 }
 
@@ -92,11 +126,19 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
     let synced = state.readiness.synced_at.load(Ordering::Relaxed);
     let stale = state.readiness.stale_since.load(Ordering::Relaxed);
     if synced == 0 {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the first sync of the sources has not completed\n", "text/plain");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first sync of the sources has not completed\n",
+            "text/plain",
+        );
     }
     if stale > 0 {
         // Still serving the last good table: ready, but say since when it is stale.
-        return text(StatusCode::OK, format!("ready (stale since unix {stale}: serving the last good table)\n"), "text/plain");
+        return text(
+            StatusCode::OK,
+            format!("ready (stale since unix {stale}: serving the last good table)\n"),
+            "text/plain",
+        );
     }
     text(StatusCode::OK, "ready\n", "text/plain")
 }
@@ -113,7 +155,10 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let mut headers = http::HeaderMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v.replace("%2F", "/").replace("%3A", ":").replace("%20", " ");
+        let v = v
+            .replace("%2F", "/")
+            .replace("%3A", ":")
+            .replace("%20", " ");
         match k {
             "service" => service = v.split_once('/').map(|(ns, n)| ObjectKey::new(ns, n)),
             "port" => port = v.parse::<u16>().ok(),
@@ -123,7 +168,10 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             "path" => path = v,
             "header" => {
                 if let Some((n, val)) = v.split_once(':') {
-                    if let (Ok(n), Ok(val)) = (http::HeaderName::from_bytes(n.trim().as_bytes()), http::HeaderValue::from_str(val.trim())) {
+                    if let (Ok(n), Ok(val)) = (
+                        http::HeaderName::from_bytes(n.trim().as_bytes()),
+                        http::HeaderValue::from_str(val.trim()),
+                    ) {
                         headers.append(n, val);
                     }
                 }
@@ -135,13 +183,32 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let frontend = match (address, service, port) {
         (Some(a), _, _) => snapshot.frontend_at(a),
         (None, Some(s), Some(p)) => snapshot.frontend_of(&s, p),
-        _ => return text(StatusCode::BAD_REQUEST, "give address=IP:PORT, or service=NS/NAME and port=PORT\n", "text/plain"),
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "give address=IP:PORT, or service=NS/NAME and port=PORT\n",
+                "text/plain",
+            )
+        }
     };
     let Some(frontend) = frontend else {
-        return text(StatusCode::NOT_FOUND, "no such Service frontend in the current table\n", "text/plain");
+        return text(
+            StatusCode::NOT_FOUND,
+            "no such Service frontend in the current table\n",
+            "text/plain",
+        );
     };
     let uri: http::Uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-    let head = RequestHead { method: &method, path: uri.path(), query: uri.query(), headers: &headers };
+    let head = RequestHead {
+        method: &method,
+        path: uri.path(),
+        query: uri.query(),
+        headers: &headers,
+    };
     let body = explain(frontend, caller.as_deref(), &head);
-    text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default(), "application/json")
+    text(
+        StatusCode::OK,
+        serde_json::to_vec_pretty(&body).unwrap_or_default(),
+        "application/json",
+    )
 }

@@ -36,14 +36,24 @@ pub enum ObjectError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
-    ObjectError::Invalid { field: field.into(), message: message.into() }
+    ObjectError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// Deserializes `value` as `T`, naming the field that does not fit.
 fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ObjectError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        invalid(if path == "." { "(document)".to_string() } else { path }, e.into_inner().to_string())
+        invalid(
+            if path == "." {
+                "(document)".to_string()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -51,30 +61,58 @@ impl Object {
     /// Converts one API object given as JSON/YAML value (`apiVersion`, `kind`, `metadata`, …).
     /// Namespaces and other kinds the engine does not need are `UnknownKind`.
     pub fn from_value(value: serde_json::Value) -> Result<Object, ObjectError> {
-        let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => service(&typed(value)?).map(Object::Service),
             ("v1", "Pod") => pod(&typed(value)?).map(Object::Pod),
-            ("discovery.k8s.io/v1", "EndpointSlice") => endpoint_slice(&typed(value)?).map(Object::EndpointSlice),
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => http_route(&typed(value)?).map(Object::Route),
-            ("gateway.networking.k8s.io/v1", "GRPCRoute") => grpc_route(&typed(value)?).map(Object::Route),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                endpoint_slice(&typed(value)?).map(Object::EndpointSlice)
+            }
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+                http_route(&typed(value)?).map(Object::Route)
+            }
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+                grpc_route(&typed(value)?).map(Object::Route)
+            }
             _ => Err(ObjectError::UnknownKind { api_version, kind }),
         }
     }
 }
 
-fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<ObjectKey, ObjectError> {
-    let name = meta.name.clone().ok_or_else(|| invalid("metadata.name", "required"))?;
-    Ok(ObjectKey::new(meta.namespace.clone().unwrap_or_else(|| "default".to_string()), name))
+fn key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<ObjectKey, ObjectError> {
+    let name = meta
+        .name
+        .clone()
+        .ok_or_else(|| invalid("metadata.name", "required"))?;
+    Ok(ObjectKey::new(
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
+        name,
+    ))
 }
 
 fn ip(text: &str, field: &str) -> Result<IpAddr, ObjectError> {
-    text.parse().map_err(|_| invalid(field, format!("`{text}` is not an IP address")))
+    text.parse()
+        .map_err(|_| invalid(field, format!("`{text}` is not an IP address")))
 }
 
 fn port_number(p: i32, field: &str) -> Result<u16, ObjectError> {
-    u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535")))
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535")))
 }
 
 pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
@@ -91,12 +129,20 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
         Some("NodePort") => ServiceKind::NodePort,
         Some("LoadBalancer") => ServiceKind::LoadBalancer,
         None | Some("ClusterIP") => ServiceKind::ClusterIp,
-        Some(other) => return Err(invalid("spec.type", format!("unknown Service type `{other}`"))),
+        Some(other) => {
+            return Err(invalid(
+                "spec.type",
+                format!("unknown Service type `{other}`"),
+            ))
+        }
     };
     let cluster_ips = if headless {
         Vec::new()
     } else {
-        ips.iter().filter(|i| !i.is_empty()).map(|i| ip(i, "spec.clusterIPs")).collect::<Result<_, _>>()?
+        ips.iter()
+            .filter(|i| !i.is_empty())
+            .map(|i| ip(i, "spec.clusterIPs"))
+            .collect::<Result<_, _>>()?
     };
     let ports = spec
         .ports
@@ -110,12 +156,24 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
                 Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
                     TargetPort::Number(port_number(*n, &format!("spec.ports[{i}].targetPort"))?)
                 }
-                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => TargetPort::Name(s.clone()),
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => {
+                    TargetPort::Name(s.clone())
+                }
             };
-            Ok(ServicePort { name: p.name.clone().filter(|n| !n.is_empty()), port, target_port, app_protocol: p.app_protocol.clone() })
+            Ok(ServicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port,
+                target_port,
+                app_protocol: p.app_protocol.clone(),
+            })
         })
         .collect::<Result<_, ObjectError>>()?;
-    Ok(Service { key, kind, cluster_ips, ports })
+    Ok(Service {
+        key,
+        kind,
+        cluster_ips,
+        ports,
+    })
 }
 
 pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
@@ -146,7 +204,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .labels
         .as_ref()
         .and_then(|l| l.get("kubernetes.io/service-name"))
-        .ok_or_else(|| invalid("metadata.labels", "label `kubernetes.io/service-name` is required to know the Service"))?;
+        .ok_or_else(|| {
+            invalid(
+                "metadata.labels",
+                "label `kubernetes.io/service-name` is required to know the Service",
+            )
+        })?;
     let ports = slice
         .ports
         .iter()
@@ -154,7 +217,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .enumerate()
         .filter_map(|(i, p)| {
             let port = p.port?;
-            Some(port_number(port, &format!("ports[{i}].port")).map(|port| EndpointPort { name: p.name.clone().unwrap_or_default(), port }))
+            Some(
+                port_number(port, &format!("ports[{i}].port")).map(|port| EndpointPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port,
+                }),
+            )
         })
         .collect::<Result<_, _>>()?;
     let endpoints = slice
@@ -167,14 +235,27 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             // Defaults from the API: nil `ready` means ready; `serving` follows `ready`.
             let ready = c.ready.unwrap_or(true);
             Ok(Endpoint {
-                addresses: e.addresses.iter().map(|a| ip(a, &format!("endpoints[{i}].addresses"))).collect::<Result<_, _>>()?,
+                addresses: e
+                    .addresses
+                    .iter()
+                    .map(|a| ip(a, &format!("endpoints[{i}].addresses")))
+                    .collect::<Result<_, _>>()?,
                 ready,
                 serving: c.serving.unwrap_or(ready),
                 terminating: c.terminating.unwrap_or(false),
                 node_name: e.node_name.clone(),
-                pod: e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone()),
+                pod: e
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.clone()),
             })
         })
         .collect::<Result<_, ObjectError>>()?;
-    Ok(EndpointSlice { key: key.clone(), service: ObjectKey::new(key.namespace, service_name), ports, endpoints })
+    Ok(EndpointSlice {
+        key: key.clone(),
+        service: ObjectKey::new(key.namespace, service_name),
+        ports,
+        endpoints,
+    })
 }

@@ -21,7 +21,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -53,7 +56,8 @@ pub enum ServiceKind {
 impl Service {
     /// GEP-1294: headless and ExternalName Services are neither parents nor backends.
     pub fn has_frontend(&self) -> bool {
-        !matches!(self.kind, ServiceKind::Headless | ServiceKind::ExternalName) && !self.cluster_ips.is_empty()
+        !matches!(self.kind, ServiceKind::Headless | ServiceKind::ExternalName)
+            && !self.cluster_ips.is_empty()
     }
 
     pub fn port(&self, port: u16) -> Option<&ServicePort> {

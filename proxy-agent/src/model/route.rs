@@ -55,7 +55,10 @@ pub struct Route {
 
 impl Route {
     pub fn key(&self) -> RouteKey {
-        RouteKey { kind: self.kind, key: self.meta.key.clone() }
+        RouteKey {
+            kind: self.kind,
+            key: self.meta.key.clone(),
+        }
     }
 }
 
@@ -73,7 +76,10 @@ impl ParentRef {
     /// The Service this parentRef names, if it names a Service (group "" and kind Service).
     pub fn service(&self, route_namespace: &str) -> Option<ObjectKey> {
         (self.group.is_empty() && self.kind == "Service").then(|| {
-            ObjectKey::new(self.namespace.as_deref().unwrap_or(route_namespace), &self.name)
+            ObjectKey::new(
+                self.namespace.as_deref().unwrap_or(route_namespace),
+                &self.name,
+            )
         })
     }
 }
@@ -196,8 +202,14 @@ pub struct HeaderModifier {
     pub remove: Vec<HeaderName>,
 }
 
-fn serialize_headers<S: serde::Serializer>(h: &[(HeaderName, HeaderValue)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(h.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap_or("<binary>"))))
+fn serialize_headers<S: serde::Serializer>(
+    h: &[(HeaderName, HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        h.iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or("<binary>"))),
+    )
 }
 
 fn serialize_names<S: serde::Serializer>(h: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
@@ -265,12 +277,20 @@ pub struct Retry {
 type Invalid = ObjectError;
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    ObjectError::Invalid { field: field.into(), message: message.into() }
+    ObjectError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn port(value: Option<i32>, field: &str) -> Result<Option<u16>, Invalid> {
     value
-        .map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535"))))
+        .map(|p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535")))
+        })
         .transpose()
 }
 
@@ -285,15 +305,18 @@ fn duration(value: Option<&String>, field: &str) -> Result<Option<Duration>, Inv
 
 fn compile_regex(pattern: &str, field: &str) -> Result<Regex, Invalid> {
     // Anchored: a regular expression match applies to the whole value, as in Envoy and linkerd.
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| invalid(field, format!("invalid regular expression: {e}")))
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| invalid(field, format!("invalid regular expression: {e}")))
 }
 
 fn header_name(name: &str, field: &str) -> Result<HeaderName, Invalid> {
-    HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(field, format!("`{name}` is not a valid header name")))
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(field, format!("`{name}` is not a valid header name")))
 }
 
 fn header_value(value: &str, field: &str) -> Result<HeaderValue, Invalid> {
-    HeaderValue::from_str(value).map_err(|_| invalid(field, format!("`{value}` is not a valid header value")))
+    HeaderValue::from_str(value)
+        .map_err(|_| invalid(field, format!("`{value}` is not a valid header value")))
 }
 
 /// Validates an Exact/PathPrefix path as the CRD does.
@@ -303,16 +326,34 @@ fn checked_path(value: &str, field: &str) -> Result<(), Invalid> {
     }
     for bad in ["//", "/./", "/../", "%2f", "%2F", "#"] {
         if value.contains(bad) {
-            return Err(invalid(field, format!("`{value}` must not contain `{bad}`")));
+            return Err(invalid(
+                field,
+                format!("`{value}` must not contain `{bad}`"),
+            ));
         }
     }
     if value.ends_with("/..") || value.ends_with("/.") {
-        return Err(invalid(field, format!("`{value}` must not end with `/.` or `/..`")));
+        return Err(invalid(
+            field,
+            format!("`{value}` must not end with `/.` or `/..`"),
+        ));
     }
     Ok(())
 }
 
-fn parent_refs<P>(refs: Option<&Vec<P>>, conv: impl Fn(&P) -> (Option<&String>, Option<&String>, &String, Option<&String>, Option<i32>, Option<&String>)) -> Result<Vec<ParentRef>, Invalid> {
+fn parent_refs<P>(
+    refs: Option<&Vec<P>>,
+    conv: impl Fn(
+        &P,
+    ) -> (
+        Option<&String>,
+        Option<&String>,
+        &String,
+        Option<&String>,
+        Option<i32>,
+        Option<&String>,
+    ),
+) -> Result<Vec<ParentRef>, Invalid> {
     let mut out = Vec::new();
     for (i, r) in refs.into_iter().flatten().enumerate() {
         let (group, kind, name, namespace, p, section) = conv(r);
@@ -371,15 +412,31 @@ macro_rules! backend_ref {
         let weight = match weight {
             None => 1,
             Some(w) if (0..=MAX_WEIGHT).contains(&w) => w as u32,
-            Some(w) => return Err(invalid(format!("{field}.weight"), format!("{w} is not in 0-{MAX_WEIGHT}"))),
+            Some(w) => {
+                return Err(invalid(
+                    format!("{field}.weight"),
+                    format!("{w} is not in 0-{MAX_WEIGHT}"),
+                ))
+            }
         };
         let group = r.group.clone().unwrap_or_default();
         let kind = r.kind.clone().unwrap_or_else(|| "Service".to_string());
         let port = port(r.port, &format!("{field}.port"))?;
         if group.is_empty() && kind == "Service" && port.is_none() {
-            return Err(invalid(format!("{field}.port"), "port is required when the backend is a Service"));
+            return Err(invalid(
+                format!("{field}.port"),
+                "port is required when the backend is a Service",
+            ));
         }
-        BackendRef { group, kind, namespace: r.namespace.clone(), name: r.name.clone(), port, weight, filters: $filters }
+        BackendRef {
+            group,
+            kind,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            port,
+            weight,
+            filters: $filters,
+        }
     }};
 }
 
@@ -390,32 +447,61 @@ macro_rules! common_filter {
         let field: &str = $field;
         match f.r#type {
             $kind::RequestHeaderModifier => Filter::RequestHeaders(header_modifier!(
-                f.request_header_modifier.as_ref().ok_or_else(|| invalid(format!("{field}.requestHeaderModifier"), "required for type RequestHeaderModifier"))?,
+                f.request_header_modifier.as_ref().ok_or_else(|| invalid(
+                    format!("{field}.requestHeaderModifier"),
+                    "required for type RequestHeaderModifier"
+                ))?,
                 &format!("{field}.requestHeaderModifier")
             )),
             $kind::ResponseHeaderModifier => Filter::ResponseHeaders(header_modifier!(
-                f.response_header_modifier.as_ref().ok_or_else(|| invalid(format!("{field}.responseHeaderModifier"), "required for type ResponseHeaderModifier"))?,
+                f.response_header_modifier.as_ref().ok_or_else(|| invalid(
+                    format!("{field}.responseHeaderModifier"),
+                    "required for type ResponseHeaderModifier"
+                ))?,
                 &format!("{field}.responseHeaderModifier")
             )),
             $kind::RequestMirror => {
-                let m = f.request_mirror.as_ref().ok_or_else(|| invalid(format!("{field}.requestMirror"), "required for type RequestMirror"))?;
+                let m = f.request_mirror.as_ref().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.requestMirror"),
+                        "required for type RequestMirror",
+                    )
+                })?;
                 let (numerator, denominator) = match (&m.fraction, m.percent) {
-                    (Some(_), Some(_)) => return Err(invalid(format!("{field}.requestMirror"), "only one of percent and fraction may be set")),
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            format!("{field}.requestMirror"),
+                            "only one of percent and fraction may be set",
+                        ))
+                    }
                     (Some(fr), None) => (fr.numerator, fr.denominator.unwrap_or(100)),
                     (None, Some(p)) => (p, 100),
                     (None, None) => (100, 100),
                 };
                 if denominator < 1 || numerator < 0 || numerator > denominator {
-                    return Err(invalid(format!("{field}.requestMirror"), "the mirrored share must be between 0 and 1"));
+                    return Err(invalid(
+                        format!("{field}.requestMirror"),
+                        "the mirrored share must be between 0 and 1",
+                    ));
                 }
                 Filter::Mirror(RequestMirror {
-                    backend: backend_ref!(&m.backend_ref, None, Vec::new(), &format!("{field}.requestMirror.backendRef")),
+                    backend: backend_ref!(
+                        &m.backend_ref,
+                        None,
+                        Vec::new(),
+                        &format!("{field}.requestMirror.backendRef")
+                    ),
                     numerator: numerator as u32,
                     denominator: denominator as u32,
                 })
             }
             $kind::ExtensionRef => {
-                let e = f.extension_ref.as_ref().ok_or_else(|| invalid(format!("{field}.extensionRef"), "required for type ExtensionRef"))?;
+                let e = f.extension_ref.as_ref().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.extensionRef"),
+                        "required for type ExtensionRef",
+                    )
+                })?;
                 Filter::Unsupported(format!("ExtensionRef {}/{} {}", e.group, e.kind, e.name))
             }
             #[allow(unreachable_patterns)]
@@ -430,11 +516,21 @@ macro_rules! path_modifier {
         let field: &str = $field;
         match p.r#type {
             $kind::ReplaceFullPath => {
-                let v = p.replace_full_path.clone().ok_or_else(|| invalid(format!("{field}.replaceFullPath"), "required for type ReplaceFullPath"))?;
+                let v = p.replace_full_path.clone().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.replaceFullPath"),
+                        "required for type ReplaceFullPath",
+                    )
+                })?;
                 PathModifier::ReplaceFullPath(v)
             }
             $kind::ReplacePrefixMatch => {
-                let v = p.replace_prefix_match.clone().ok_or_else(|| invalid(format!("{field}.replacePrefixMatch"), "required for type ReplacePrefixMatch"))?;
+                let v = p.replace_prefix_match.clone().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.replacePrefixMatch"),
+                        "required for type ReplacePrefixMatch",
+                    )
+                })?;
                 PathModifier::ReplacePrefixMatch(v)
             }
         }
@@ -448,10 +544,20 @@ macro_rules! http_filter {
         let field: &str = $field;
         match f.r#type {
             $kind::RequestRedirect => {
-                let r = f.request_redirect.as_ref().ok_or_else(|| invalid(format!("{field}.requestRedirect"), "required for type RequestRedirect"))?;
+                let r = f.request_redirect.as_ref().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.requestRedirect"),
+                        "required for type RequestRedirect",
+                    )
+                })?;
                 let status = match r.status_code.unwrap_or(302) {
                     s @ (301 | 302 | 303 | 307 | 308) => s as u16,
-                    s => return Err(invalid(format!("{field}.requestRedirect.statusCode"), format!("{s} is not one of 301, 302, 303, 307, 308"))),
+                    s => {
+                        return Err(invalid(
+                            format!("{field}.requestRedirect.statusCode"),
+                            format!("{s} is not one of 301, 302, 303, 307, 308"),
+                        ))
+                    }
                 };
                 Filter::Redirect(RequestRedirect {
                     scheme: r.scheme.as_ref().map(|s| match s {
@@ -460,15 +566,40 @@ macro_rules! http_filter {
                     }),
                     hostname: r.hostname.clone(),
                     port: port(r.port, &format!("{field}.requestRedirect.port"))?,
-                    path: r.path.as_ref().map(|p| Ok::<_, Invalid>(path_modifier!(p, &format!("{field}.requestRedirect.path"), $redirect_path))).transpose()?,
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| {
+                            Ok::<_, Invalid>(path_modifier!(
+                                p,
+                                &format!("{field}.requestRedirect.path"),
+                                $redirect_path
+                            ))
+                        })
+                        .transpose()?,
                     status,
                 })
             }
             $kind::UrlRewrite => {
-                let r = f.url_rewrite.as_ref().ok_or_else(|| invalid(format!("{field}.urlRewrite"), "required for type URLRewrite"))?;
+                let r = f.url_rewrite.as_ref().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.urlRewrite"),
+                        "required for type URLRewrite",
+                    )
+                })?;
                 Filter::Rewrite(UrlRewrite {
                     hostname: r.hostname.clone(),
-                    path: r.path.as_ref().map(|p| Ok::<_, Invalid>(path_modifier!(p, &format!("{field}.urlRewrite.path"), $rewrite_path))).transpose()?,
+                    path: r
+                        .path
+                        .as_ref()
+                        .map(|p| {
+                            Ok::<_, Invalid>(path_modifier!(
+                                p,
+                                &format!("{field}.urlRewrite.path"),
+                                $rewrite_path
+                            ))
+                        })
+                        .transpose()?,
                 })
             }
             $kind::Cors => Filter::Unsupported("CORS".to_string()),
@@ -479,9 +610,15 @@ macro_rules! http_filter {
 }
 
 fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<Meta, Invalid> {
-    let name = m.name.clone().ok_or_else(|| invalid("metadata.name", "required"))?;
+    let name = m
+        .name
+        .clone()
+        .ok_or_else(|| invalid("metadata.name", "required"))?;
     Ok(Meta {
-        key: ObjectKey::new(m.namespace.clone().unwrap_or_else(|| "default".to_string()), name),
+        key: ObjectKey::new(
+            m.namespace.clone().unwrap_or_else(|| "default".to_string()),
+            name,
+        ),
         generation: m.generation.unwrap_or(1),
         created: m.creation_timestamp.as_ref().map(|t| t.0.to_string()),
     })
@@ -490,16 +627,28 @@ fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Resul
 /// Checks that hold for every route kind: rule count, filter combinations.
 fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
     if rules.len() > MAX_RULES {
-        return Err(invalid("spec.rules", format!("at most {MAX_RULES} rules are allowed, found {}", rules.len())));
+        return Err(invalid(
+            "spec.rules",
+            format!(
+                "at most {MAX_RULES} rules are allowed, found {}",
+                rules.len()
+            ),
+        ));
     }
     let total: usize = rules.iter().map(|r| r.matches.len()).sum();
     if total > 128 {
-        return Err(invalid("spec.rules", format!("at most 128 matches in all rules are allowed, found {total}")));
+        return Err(invalid(
+            "spec.rules",
+            format!("at most 128 matches in all rules are allowed, found {total}"),
+        ));
     }
     for (i, rule) in rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
         if rule.matches.len() > MAX_MATCHES_PER_RULE {
-            return Err(invalid(format!("{field}.matches"), format!("at most {MAX_MATCHES_PER_RULE} matches are allowed")));
+            return Err(invalid(
+                format!("{field}.matches"),
+                format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
+            ));
         }
         let count = |pred: fn(&Filter) -> bool| rule.filters.iter().filter(|f| pred(f)).count();
         let redirects = count(|f| matches!(f, Filter::Redirect(_)));
@@ -507,35 +656,68 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
         for (what, n) in [
             ("RequestRedirect", redirects),
             ("URLRewrite", rewrites),
-            ("RequestHeaderModifier", count(|f| matches!(f, Filter::RequestHeaders(_)))),
-            ("ResponseHeaderModifier", count(|f| matches!(f, Filter::ResponseHeaders(_)))),
+            (
+                "RequestHeaderModifier",
+                count(|f| matches!(f, Filter::RequestHeaders(_))),
+            ),
+            (
+                "ResponseHeaderModifier",
+                count(|f| matches!(f, Filter::ResponseHeaders(_))),
+            ),
         ] {
             if n > 1 {
-                return Err(invalid(format!("{field}.filters"), format!("{what} may appear at most once")));
+                return Err(invalid(
+                    format!("{field}.filters"),
+                    format!("{what} may appear at most once"),
+                ));
             }
         }
         if redirects > 0 && rewrites > 0 {
-            return Err(invalid(format!("{field}.filters"), "RequestRedirect and URLRewrite cannot be combined"));
+            return Err(invalid(
+                format!("{field}.filters"),
+                "RequestRedirect and URLRewrite cannot be combined",
+            ));
         }
         if redirects > 0 && !rule.backends.is_empty() {
-            return Err(invalid(format!("{field}"), "RequestRedirect filter must not be used together with backendRefs"));
+            return Err(invalid(
+                format!("{field}"),
+                "RequestRedirect filter must not be used together with backendRefs",
+            ));
         }
-        let uses_prefix_replace = rule.filters.iter().chain(rule.backends.iter().flat_map(|b| &b.filters)).any(|f| {
-            matches!(
-                f,
-                Filter::Redirect(RequestRedirect { path: Some(PathModifier::ReplacePrefixMatch(_)), .. })
-                    | Filter::Rewrite(UrlRewrite { path: Some(PathModifier::ReplacePrefixMatch(_)), .. })
-            )
-        });
-        if uses_prefix_replace && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_))) {
+        let uses_prefix_replace = rule
+            .filters
+            .iter()
+            .chain(rule.backends.iter().flat_map(|b| &b.filters))
+            .any(|f| {
+                matches!(
+                    f,
+                    Filter::Redirect(RequestRedirect {
+                        path: Some(PathModifier::ReplacePrefixMatch(_)),
+                        ..
+                    }) | Filter::Rewrite(UrlRewrite {
+                        path: Some(PathModifier::ReplacePrefixMatch(_)),
+                        ..
+                    })
+                )
+            });
+        if uses_prefix_replace
+            && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_)))
+        {
             return Err(invalid(
                 format!("{field}.filters"),
                 "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
             ));
         }
-        for header_list in rule.matches.iter().flat_map(|m| [&m.headers, &m.query_params]) {
+        for header_list in rule
+            .matches
+            .iter()
+            .flat_map(|m| [&m.headers, &m.query_params])
+        {
             if header_list.len() > 16 {
-                return Err(invalid(format!("{field}.matches"), "at most 16 header or query parameter matches are allowed"));
+                return Err(invalid(
+                    format!("{field}.matches"),
+                    "at most 16 header or query parameter matches are allowed",
+                ));
             }
         }
     }
@@ -552,12 +734,20 @@ fn value_matches<H>(
     for (i, h) in list.into_iter().flatten().enumerate() {
         let (name, value, is_regex) = conv(h);
         let f = format!("{field}[{i}]");
-        let name = if lower_case { name.to_ascii_lowercase() } else { name.clone() };
+        let name = if lower_case {
+            name.to_ascii_lowercase()
+        } else {
+            name.clone()
+        };
         // Only the first entry of a duplicated name counts (spec).
         if out.iter().any(|m| m.name == name) {
             continue;
         }
-        let value = if is_regex { StringMatch::Regex(compile_regex(value, &f)?) } else { StringMatch::Exact(value.clone()) };
+        let value = if is_regex {
+            StringMatch::Regex(compile_regex(value, &f)?)
+        } else {
+            StringMatch::Exact(value.clone())
+        };
         out.push(ValueMatch { name, value });
     }
     Ok(out)
@@ -567,7 +757,14 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
     use http_api::*;
     let meta = meta(&route.metadata)?;
     let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
-        (r.group.as_ref(), r.kind.as_ref(), &r.name, r.namespace.as_ref(), r.port, r.section_name.as_ref())
+        (
+            r.group.as_ref(),
+            r.kind.as_ref(),
+            &r.name,
+            r.namespace.as_ref(),
+            r.port,
+            r.section_name.as_ref(),
+        )
     })?;
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
@@ -579,7 +776,11 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                 None => PathMatch::Prefix(String::new()),
                 Some(p) => {
                     let value = p.value.clone().unwrap_or_else(|| "/".to_string());
-                    match p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
+                    match p
+                        .r#type
+                        .clone()
+                        .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+                    {
                         HttpRouteRulesMatchesPathType::Exact => {
                             checked_path(&value, &format!("{mf}.path.value"))?;
                             PathMatch::Exact(value)
@@ -595,15 +796,46 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                 }
             };
             let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
-                (&h.name, &h.value, matches!(h.r#type, Some(HttpRouteRulesMatchesHeadersType::RegularExpression)))
+                (
+                    &h.name,
+                    &h.value,
+                    matches!(
+                        h.r#type,
+                        Some(HttpRouteRulesMatchesHeadersType::RegularExpression)
+                    ),
+                )
             })?;
-            let query_params = value_matches(m.query_params.as_ref(), &format!("{mf}.queryParams"), false, |h| {
-                (&h.name, &h.value, matches!(h.r#type, Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)))
-            })?;
+            let query_params = value_matches(
+                m.query_params.as_ref(),
+                &format!("{mf}.queryParams"),
+                false,
+                |h| {
+                    (
+                        &h.name,
+                        &h.value,
+                        matches!(
+                            h.r#type,
+                            Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
+                        ),
+                    )
+                },
+            )?;
             let method = m.method.as_ref().map(|m| {
-                serde_json::to_value(m).ok().and_then(|v| v.as_str().and_then(|s| Method::from_bytes(s.as_bytes()).ok())).unwrap_or(Method::GET)
+                serde_json::to_value(m)
+                    .ok()
+                    .and_then(|v| {
+                        v.as_str()
+                            .and_then(|s| Method::from_bytes(s.as_bytes()).ok())
+                    })
+                    .unwrap_or(Method::GET)
             });
-            matches.push(RouteMatch { path, headers, query_params, method, grpc: None });
+            matches.push(RouteMatch {
+                path,
+                headers,
+                query_params,
+                method,
+                grpc: None,
+            });
         }
         if matches.is_empty() {
             matches.push(RouteMatch::any());
@@ -649,12 +881,18 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
             None => Timeouts::default(),
             Some(t) => Timeouts {
                 request: duration(t.request.as_ref(), &format!("{field}.timeouts.request"))?,
-                backend_request: duration(t.backend_request.as_ref(), &format!("{field}.timeouts.backendRequest"))?,
+                backend_request: duration(
+                    t.backend_request.as_ref(),
+                    &format!("{field}.timeouts.backendRequest"),
+                )?,
             },
         };
         if let (Some(req), Some(backend)) = (timeouts.request, timeouts.backend_request) {
             if backend > req {
-                return Err(invalid(format!("{field}.timeouts.backendRequest"), "must not be greater than timeouts.request"));
+                return Err(invalid(
+                    format!("{field}.timeouts.backendRequest"),
+                    "must not be greater than timeouts.request",
+                ));
             }
         }
         let retry = rule
@@ -665,27 +903,58 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                     .codes
                     .iter()
                     .flatten()
-                    .map(|c| u16::try_from(*c).ok().filter(|c| (400..=599).contains(c)).ok_or_else(|| invalid(format!("{field}.retry.codes"), format!("{c} is not in 400-599"))))
+                    .map(|c| {
+                        u16::try_from(*c)
+                            .ok()
+                            .filter(|c| (400..=599).contains(c))
+                            .ok_or_else(|| {
+                                invalid(
+                                    format!("{field}.retry.codes"),
+                                    format!("{c} is not in 400-599"),
+                                )
+                            })
+                    })
                     .collect::<Result<_, _>>()?;
                 let attempts = r.attempts.unwrap_or(1);
                 Ok(Retry {
-                    attempts: u32::try_from(attempts).map_err(|_| invalid(format!("{field}.retry.attempts"), "must not be negative"))?,
+                    attempts: u32::try_from(attempts).map_err(|_| {
+                        invalid(format!("{field}.retry.attempts"), "must not be negative")
+                    })?,
                     codes,
                     backoff: duration(r.backoff.as_ref(), &format!("{field}.retry.backoff"))?,
                 })
             })
             .transpose()?;
-        rules.push(Rule { name: rule.name.clone(), matches, filters, backends, timeouts, retry });
+        rules.push(Rule {
+            name: rule.name.clone(),
+            matches,
+            filters,
+            backends,
+            timeouts,
+            retry,
+        });
     }
     check_rules(&rules)?;
-    Ok(Route { kind: RouteKind::Http, meta, parent_refs, rules })
+    Ok(Route {
+        kind: RouteKind::Http,
+        meta,
+        parent_refs,
+        rules,
+    })
 }
 
 pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
     use grpc::*;
     let meta = meta(&route.metadata)?;
     let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
-        (r.group.as_ref(), r.kind.as_ref(), &r.name, r.namespace.as_ref(), r.port, r.section_name.as_ref())
+        (
+            r.group.as_ref(),
+            r.kind.as_ref(),
+            &r.name,
+            r.namespace.as_ref(),
+            r.port,
+            r.section_name.as_ref(),
+        )
     })?;
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
@@ -694,11 +963,23 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
         for (j, m) in rule.matches.iter().flatten().enumerate() {
             let mf = format!("{field}.matches[{j}]");
             let (path, grpc) = match &m.method {
-                None => (PathMatch::Prefix(String::new()), GrpcMethodSpecificity { service_len: 0, method_len: 0 }),
+                None => (
+                    PathMatch::Prefix(String::new()),
+                    GrpcMethodSpecificity {
+                        service_len: 0,
+                        method_len: 0,
+                    },
+                ),
                 Some(gm) => {
-                    let is_regex = matches!(gm.r#type, Some(GrpcRouteRulesMatchesMethodType::RegularExpression));
+                    let is_regex = matches!(
+                        gm.r#type,
+                        Some(GrpcRouteRulesMatchesMethodType::RegularExpression)
+                    );
                     if gm.service.is_none() && gm.method.is_none() {
-                        return Err(invalid(format!("{mf}.method"), "one or both of service and method must be specified"));
+                        return Err(invalid(
+                            format!("{mf}.method"),
+                            "one or both of service and method must be specified",
+                        ));
                     }
                     let spec = GrpcMethodSpecificity {
                         service_len: gm.service.as_ref().map_or(0, String::len),
@@ -707,7 +988,10 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
                     let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
                         (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
                         (false, Some(s), None) => PathMatch::Prefix(format!("/{s}")),
-                        (false, None, Some(m)) => PathMatch::Regex(compile_regex(&format!("/[^/]+/{}", regex::escape(m)), &format!("{mf}.method"))?),
+                        (false, None, Some(m)) => PathMatch::Regex(compile_regex(
+                            &format!("/[^/]+/{}", regex::escape(m)),
+                            &format!("{mf}.method"),
+                        )?),
                         (true, s, m) => PathMatch::Regex(compile_regex(
                             &format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
                             &format!("{mf}.method"),
@@ -718,13 +1002,29 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
                 }
             };
             let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
-                (&h.name, &h.value, matches!(h.r#type, Some(GrpcRouteRulesMatchesHeadersType::RegularExpression)))
+                (
+                    &h.name,
+                    &h.value,
+                    matches!(
+                        h.r#type,
+                        Some(GrpcRouteRulesMatchesHeadersType::RegularExpression)
+                    ),
+                )
             })?;
-            matches.push(RouteMatch { path, headers, query_params: Vec::new(), method: None, grpc: Some(grpc) });
+            matches.push(RouteMatch {
+                path,
+                headers,
+                query_params: Vec::new(),
+                method: None,
+                grpc: Some(grpc),
+            });
         }
         if matches.is_empty() {
             let mut any = RouteMatch::any();
-            any.grpc = Some(GrpcMethodSpecificity { service_len: 0, method_len: 0 });
+            any.grpc = Some(GrpcMethodSpecificity {
+                service_len: 0,
+                method_len: 0,
+            });
             matches.push(any);
         }
         let filters = rule
@@ -732,7 +1032,13 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
             .iter()
             .flatten()
             .enumerate()
-            .map(|(j, f)| Ok(common_filter!(f, &format!("{field}.filters[{j}]"), GrpcRouteRulesFiltersType)))
+            .map(|(j, f)| {
+                Ok(common_filter!(
+                    f,
+                    &format!("{field}.filters[{j}]"),
+                    GrpcRouteRulesFiltersType
+                ))
+            })
             .collect::<Result<Vec<_>, Invalid>>()?;
         let mut backends = Vec::new();
         for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
@@ -742,14 +1048,32 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
                 .iter()
                 .flatten()
                 .enumerate()
-                .map(|(k, f)| Ok(common_filter!(f, &format!("{bf}.filters[{k}]"), GrpcRouteRulesBackendRefsFiltersType)))
+                .map(|(k, f)| {
+                    Ok(common_filter!(
+                        f,
+                        &format!("{bf}.filters[{k}]"),
+                        GrpcRouteRulesBackendRefsFiltersType
+                    ))
+                })
                 .collect::<Result<Vec<_>, Invalid>>()?;
             backends.push(backend_ref!(b, b.weight, filters, &bf));
         }
-        rules.push(Rule { name: rule.name.clone(), matches, filters, backends, timeouts: Timeouts::default(), retry: None });
+        rules.push(Rule {
+            name: rule.name.clone(),
+            matches,
+            filters,
+            backends,
+            timeouts: Timeouts::default(),
+            retry: None,
+        });
     }
     check_rules(&rules)?;
-    Ok(Route { kind: RouteKind::Grpc, meta, parent_refs, rules })
+    Ok(Route {
+        kind: RouteKind::Grpc,
+        meta,
+        parent_refs,
+        rules,
+    })
 }
 
 impl Filter {
@@ -773,6 +1097,12 @@ impl Filter {
 impl RouteMatch {
     /// The match a rule without `matches` gets: PathPrefix `/`.
     pub fn any() -> Self {
-        RouteMatch { path: PathMatch::Prefix(String::new()), headers: Vec::new(), query_params: Vec::new(), method: None, grpc: None }
+        RouteMatch {
+            path: PathMatch::Prefix(String::new()),
+            headers: Vec::new(),
+            query_params: Vec::new(),
+            method: None,
+            grpc: None,
+        }
     }
 }

@@ -66,7 +66,9 @@ pub(super) async fn forward(
     let deadline = rule.and_then(|r| r.timeouts.request);
     let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
     let upgrade = is_upgrade(&parts);
-    let downstream_upgrade = upgrade.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
+    let downstream_upgrade = upgrade
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     // A body can be sent once: only requests without one are retried.
     let bodyless = body.is_end_stream();
@@ -82,7 +84,12 @@ pub(super) async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let run = async {
         loop {
-            let Some((endpoint, _in_flight)) = proxy.upstream.endpoints.choose(&backend.endpoints, &tried, rand::random()) else {
+            let Some((endpoint, _in_flight)) =
+                proxy
+                    .upstream
+                    .endpoints
+                    .choose(&backend.endpoints, &tried, rand::random())
+            else {
                 return Err(LocalResponse::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("backend {} has no ready endpoint", backend.name()),
@@ -108,18 +115,30 @@ pub(super) async fn forward(
                     proxy.upstream.endpoints.eject(endpoint);
                     let untried_left = backend.endpoints.iter().any(|e| !tried.contains(e));
                     if last || (retry.is_none() && !untried_left) {
-                        return Err(LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, format!("connecting to {endpoint} of {} failed: {e}", backend.name())));
+                        return Err(LocalResponse::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("connecting to {endpoint} of {} failed: {e}", backend.name()),
+                        ));
                     }
                 }
                 Attempt::TimedOut(after) => {
                     if last || retry.is_none() {
-                        return Err(LocalResponse::error(StatusCode::GATEWAY_TIMEOUT, format!("{endpoint} of {} did not answer within {after:?}", backend.name())));
+                        return Err(LocalResponse::error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "{endpoint} of {} did not answer within {after:?}",
+                                backend.name()
+                            ),
+                        ));
                     }
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 Attempt::Failed(e) => {
                     if last || retry.is_none() {
-                        return Err(LocalResponse::error(StatusCode::BAD_GATEWAY, format!("request to {endpoint} of {} failed: {e}", backend.name())));
+                        return Err(LocalResponse::error(
+                            StatusCode::BAD_GATEWAY,
+                            format!("request to {endpoint} of {} failed: {e}", backend.name()),
+                        ));
                     }
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
@@ -129,7 +148,10 @@ pub(super) async fn forward(
     let result = match deadline {
         None => run.await,
         Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
-            Err(LocalResponse::error(StatusCode::GATEWAY_TIMEOUT, format!("the route's request timeout of {limit:?} expired")))
+            Err(LocalResponse::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the route's request timeout of {limit:?} expired"),
+            ))
         }),
     };
     log.upstream_duration = Some(started.elapsed());
@@ -150,12 +172,23 @@ async fn backoff(wait: Option<Duration>) {
     }
 }
 
-fn upstream_request(parts: &http::request::Parts, endpoint: SocketAddr, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
+fn upstream_request(
+    parts: &http::request::Parts,
+    endpoint: SocketAddr,
+    h2: bool,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = format!("http://{endpoint}{path}").parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-    *request.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *request.uri_mut() = format!("http://{endpoint}{path}")
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    *request.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     *request.headers_mut() = parts.headers.clone();
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 requests carry the authority in the URI; HTTP/1.1 backends want a Host header.
@@ -166,7 +199,12 @@ fn upstream_request(parts: &http::request::Parts, endpoint: SocketAddr, h2: bool
     request
 }
 
-async fn send(proxy: &Proxy, h2: bool, request: Request<ProxyBody>, timeout: Option<Duration>) -> Attempt {
+async fn send(
+    proxy: &Proxy,
+    h2: bool,
+    request: Request<ProxyBody>,
+    timeout: Option<Duration>,
+) -> Attempt {
     let call = proxy.upstream.client(h2).request(request);
     let result = match timeout {
         None => call.await,

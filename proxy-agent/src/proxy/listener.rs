@@ -24,7 +24,10 @@ pub struct Drain {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain { signal: watch::channel(false).0, tracker: TaskTracker::new() }
+        Drain {
+            signal: watch::channel(false).0,
+            tracker: TaskTracker::new(),
+        }
     }
 }
 
@@ -38,7 +41,9 @@ impl Drain {
     pub async fn drain(&self, deadline: Duration) -> bool {
         let _ = self.signal.send(true);
         self.tracker.close();
-        tokio::time::timeout(deadline, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 
@@ -56,24 +61,48 @@ pub struct ExplicitTarget {
     pub caller_namespace: Option<String>,
 }
 
-pub async fn serve_explicit(proxy: Arc<Proxy>, listener: TcpListener, target: ExplicitTarget, drain: Drain) {
-    let namespace = target.caller_namespace.clone().unwrap_or_else(|| target.service.namespace.clone());
+pub async fn serve_explicit(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    target: ExplicitTarget,
+    drain: Drain,
+) {
+    let namespace = target
+        .caller_namespace
+        .clone()
+        .unwrap_or_else(|| target.service.namespace.clone());
     accept_loop(proxy, listener, drain, move |peer, _| {
         Some(ConnectionInfo {
-            destination: Destination::Service { service: target.service.clone(), port: target.port },
-            caller: Caller { ip: peer.ip(), namespace: Some(namespace.clone()), pod: None, identity: "explicit-listener" },
+            destination: Destination::Service {
+                service: target.service.clone(),
+                port: target.port,
+            },
+            caller: Caller {
+                ip: peer.ip(),
+                namespace: Some(namespace.clone()),
+                pod: None,
+                identity: "explicit-listener",
+            },
         })
     })
     .await
 }
 
-pub async fn serve_redirect(proxy: Arc<Proxy>, listener: TcpListener, redirects: Arc<dyn OriginalDestination>, drain: Drain) {
+pub async fn serve_redirect(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    redirects: Arc<dyn OriginalDestination>,
+    drain: Drain,
+) {
     accept_loop(proxy, listener, drain, move |peer, snapshot| {
         let resolved = redirects.resolve(peer, snapshot);
         if resolved.is_none() {
             tracing::warn!(%peer, "redirected connection without a redirect record; closing it");
         }
-        resolved.map(|(original, caller)| ConnectionInfo { destination: Destination::Address(original), caller })
+        resolved.map(|(original, caller)| ConnectionInfo {
+            destination: Destination::Address(original),
+            caller,
+        })
     })
     .await
 }
@@ -96,15 +125,26 @@ where
             },
             _ = shutdown.changed() => return,
         };
-        let Some(info) = classify(peer, &proxy.snapshot.load()) else { continue };
+        let Some(info) = classify(peer, &proxy.snapshot.load()) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        proxy.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        proxy
+            .metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         let proxy = proxy.clone();
         let shutdown = drain.watch();
         drain.tracker.spawn(async move {
-            proxy.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+            proxy
+                .metrics
+                .connections_open
+                .fetch_add(1, Ordering::Relaxed);
             serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
-            proxy.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+            proxy
+                .metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -157,8 +197,15 @@ async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     }
 }
 
-async fn serve_connection(proxy: &Arc<Proxy>, stream: TcpStream, info: Arc<ConnectionInfo>, mut shutdown: watch::Receiver<bool>) {
-    let Some(protocol) = detect(&stream, proxy.config.detect_timeout).await else { return };
+async fn serve_connection(
+    proxy: &Arc<Proxy>,
+    stream: TcpStream,
+    info: Arc<ConnectionInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(protocol) = detect(&stream, proxy.config.detect_timeout).await else {
+        return;
+    };
     let service = {
         let proxy = proxy.clone();
         let info = info.clone();
@@ -205,7 +252,9 @@ async fn serve_connection(proxy: &Arc<Proxy>, stream: TcpStream, info: Arc<Conne
             let snapshot = proxy.snapshot.load_full();
             match proxy.frontend(&snapshot, &info.destination) {
                 Some(frontend) => tcp::pass_through(proxy, io.into_inner(), &frontend).await,
-                None => tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it"),
+                None => {
+                    tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it")
+                }
             }
             return;
         }
@@ -223,10 +272,17 @@ mod tests {
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"POST /x"), Some(Protocol::Http1));
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Protocol::Http2));
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http2)
+        );
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Opaque), "TLS is opaque");
+        assert_eq!(
+            classify(b"\x16\x03\x01"),
+            Some(Protocol::Opaque),
+            "TLS is opaque"
+        );
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
     }
 }

@@ -18,30 +18,51 @@ pub(super) struct Mirrors {
 
 impl Mirrors {
     pub fn new(max: usize) -> Self {
-        Mirrors { slots: Arc::new(Semaphore::new(max)) }
+        Mirrors {
+            slots: Arc::new(Semaphore::new(max)),
+        }
     }
 
-    pub fn send(&self, proxy: &Arc<Proxy>, mirrors: &[Mirror<'_>], parts: &http::request::Parts, random: u64) {
+    pub fn send(
+        &self,
+        proxy: &Arc<Proxy>,
+        mirrors: &[Mirror<'_>],
+        parts: &http::request::Parts,
+        random: u64,
+    ) {
         for (i, mirror) in mirrors.iter().enumerate() {
             // A different slice of the random bits per mirror keeps their samples independent.
-            let sample = random.rotate_left(13 * (i as u32 + 1)) % u64::from(mirror.denominator.max(1));
+            let sample =
+                random.rotate_left(13 * (i as u32 + 1)) % u64::from(mirror.denominator.max(1));
             if sample >= u64::from(mirror.numerator) {
                 continue;
             }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                proxy.metrics.mirrors_dropped.fetch_add(1, Ordering::Relaxed);
+                proxy
+                    .metrics
+                    .mirrors_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let Some((endpoint, in_flight)) = proxy.upstream.endpoints.choose(&mirror.backend.endpoints, &[], random) else {
+            let Some((endpoint, in_flight)) =
+                proxy
+                    .upstream
+                    .endpoints
+                    .choose(&mirror.backend.endpoints, &[], random)
+            else {
                 continue;
             };
             let mut request = Request::new(body::empty());
             *request.method_mut() = parts.method.clone();
             *request.headers_mut() = parts.headers.clone();
             request.headers_mut().remove(http::header::CONTENT_LENGTH);
-            request.headers_mut().remove(http::header::TRANSFER_ENCODING);
+            request
+                .headers_mut()
+                .remove(http::header::TRANSFER_ENCODING);
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let Ok(uri) = format!("http://{endpoint}{path}").parse() else { continue };
+            let Ok(uri) = format!("http://{endpoint}{path}").parse() else {
+                continue;
+            };
             *request.uri_mut() = uri;
             let client = proxy.upstream.client(mirror.backend.h2c).clone();
             proxy.metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);

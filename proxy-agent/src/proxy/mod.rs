@@ -78,7 +78,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, config: ProxyConfig) -> Arc<Self> {
+    pub fn new(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        config: ProxyConfig,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             snapshot,
             upstream: upstream::Upstream::new(config.connect_timeout),
@@ -88,7 +92,11 @@ impl Proxy {
         })
     }
 
-    pub fn frontend(&self, snapshot: &Snapshot, destination: &Destination) -> Option<Arc<Frontend>> {
+    pub fn frontend(
+        &self,
+        snapshot: &Snapshot,
+        destination: &Destination,
+    ) -> Option<Arc<Frontend>> {
         match destination {
             Destination::Service { service, port } => snapshot.frontend_of(service, *port).cloned(),
             Destination::Address(addr) => snapshot.frontend_at(*addr).cloned(),
@@ -96,11 +104,18 @@ impl Proxy {
     }
 
     /// Handles one request end to end; never fails: errors become local responses.
-    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>, conn: &ConnectionInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        conn: &ConnectionInfo,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let snapshot = self.snapshot.load_full();
         let mut log = AccessLog::new(&request, conn);
-        let response = match self.proxy_frontend(&snapshot, request, conn, &mut log).await {
+        let response = match self
+            .proxy_frontend(&snapshot, request, conn, &mut log)
+            .await
+        {
             Ok(response) => response,
             Err(local) => local_response(&local, &mut log),
         };
@@ -119,12 +134,18 @@ impl Proxy {
         let Some(frontend) = self.frontend(snapshot, &conn.destination) else {
             return Err(LocalResponse::error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("no Service frontend is known for {:?}; check that the Service exists", conn.destination),
+                format!(
+                    "no Service frontend is known for {:?}; check that the Service exists",
+                    conn.destination
+                ),
             ));
         };
         log.service = format!("{}:{}", frontend.service, frontend.port);
         let (mut parts, body) = request.into_parts();
-        let decision = frontend.lookup(conn.caller.namespace.as_deref(), &RequestHead::from_parts(&parts));
+        let decision = frontend.lookup(
+            conn.caller.namespace.as_deref(),
+            &RequestHead::from_parts(&parts),
+        );
         match decision {
             Decision::Direct(backend) => {
                 log.route = "-".into();
@@ -133,7 +154,10 @@ impl Proxy {
             }
             Decision::NoMatchingRule => Err(LocalResponse::error(
                 StatusCode::NOT_FOUND,
-                format!("no rule of the routes attached to {} matches this request", log.service),
+                format!(
+                    "no rule of the routes attached to {} matches this request",
+                    log.service
+                ),
             )),
             Decision::Rule { rule, matched } => {
                 log.route = format!("{} rule {}", rule.route, rule.name_or_index());
@@ -143,7 +167,9 @@ impl Proxy {
                     Plan::Forward(plan) => {
                         log.backend = plan.backend.name();
                         self.mirrors.send(self, &plan.mirrors, &parts, random);
-                        let mut response = forward::forward(self, plan.backend, parts, body, Some(rule), log).await?;
+                        let mut response =
+                            forward::forward(self, plan.backend, parts, body, Some(rule), log)
+                                .await?;
                         for modifier in plan.response_headers {
                             modifier.apply(response.headers_mut());
                         }
@@ -159,8 +185,15 @@ fn local_response(local: &LocalResponse, log: &mut AccessLog) -> Response<ProxyB
     log.reason = Some(local.reason.clone());
     let mut response = Response::new(body::full(format!("{}\n", local.reason)));
     *response.status_mut() = local.status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    if let Some(location) = local.location.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(location) = local
+        .location
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
@@ -189,7 +222,11 @@ impl AccessLog {
             method: request.method().clone(),
             path: request.uri().path().to_string(),
             caller_namespace: conn.caller.namespace.clone().unwrap_or_else(|| "-".into()),
-            caller_pod: conn.caller.pod.clone().unwrap_or_else(|| conn.caller.ip.to_string()),
+            caller_pod: conn
+                .caller
+                .pod
+                .clone()
+                .unwrap_or_else(|| conn.caller.ip.to_string()),
             identity: conn.caller.identity,
             service: "-".into(),
             route: "-".into(),
@@ -221,6 +258,14 @@ impl AccessLog {
             upstream_us = self.upstream_duration.map_or(0, |d| d.as_micros() as u64),
             reason = self.reason.as_deref().unwrap_or("-"),
         );
-        metrics.record(RequestLabels { service: self.service, route: self.route, backend: self.backend, status: self.status }, duration);
+        metrics.record(
+            RequestLabels {
+                service: self.service,
+                route: self.route,
+                backend: self.backend,
+                status: self.status,
+            },
+            duration,
+        );
     }
 }

@@ -6,17 +6,28 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
 pub(super) async fn pass_through(proxy: &Proxy, mut downstream: TcpStream, frontend: &Frontend) {
-    proxy.metrics.opaque_connections.fetch_add(1, Ordering::Relaxed);
+    proxy
+        .metrics
+        .opaque_connections
+        .fetch_add(1, Ordering::Relaxed);
     let endpoints = &frontend.direct.endpoints;
     let mut tried = Vec::new();
-    while let Some((endpoint, _in_flight)) = proxy.upstream.endpoints.choose(endpoints, &tried, rand::random()) {
+    while let Some((endpoint, _in_flight)) =
+        proxy
+            .upstream
+            .endpoints
+            .choose(endpoints, &tried, rand::random())
+    {
         tried.push(endpoint);
-        let connect = tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(endpoint)).await;
+        let connect =
+            tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(endpoint)).await;
         match connect {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-                    Ok((up, down)) => tracing::debug!(%endpoint, up, down, "opaque connection closed"),
+                    Ok((up, down)) => {
+                        tracing::debug!(%endpoint, up, down, "opaque connection closed")
+                    }
                     Err(e) => tracing::debug!(%endpoint, error = %e, "opaque connection ended"),
                 }
                 return;

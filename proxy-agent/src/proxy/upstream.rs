@@ -37,14 +37,26 @@ impl Upstream {
             c
         };
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(256);
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256);
         let http1 = builder.build(connector());
         let h2c = builder.clone().http2_only(true).build(connector());
-        Upstream { http1, h2c, endpoints: Arc::new(EndpointStats::default()) }
+        Upstream {
+            http1,
+            h2c,
+            endpoints: Arc::new(EndpointStats::default()),
+        }
     }
 
     pub fn client(&self, h2: bool) -> &HttpClient {
-        if h2 { &self.h2c } else { &self.http1 }
+        if h2 {
+            &self.h2c
+        } else {
+            &self.http1
+        }
     }
 }
 
@@ -63,7 +75,10 @@ pub struct EndpointStats {
 
 impl Default for EndpointStats {
     fn default() -> Self {
-        EndpointStats { epoch: Instant::now(), by_address: RwLock::default() }
+        EndpointStats {
+            epoch: Instant::now(),
+            by_address: RwLock::default(),
+        }
     }
 }
 
@@ -81,7 +96,12 @@ impl EndpointStats {
         if let Some(e) = self.by_address.read().expect("not poisoned").get(&addr) {
             return e.clone();
         }
-        self.by_address.write().expect("not poisoned").entry(addr).or_default().clone()
+        self.by_address
+            .write()
+            .expect("not poisoned")
+            .entry(addr)
+            .or_default()
+            .clone()
     }
 
     fn now_ms(&self) -> u64 {
@@ -100,19 +120,40 @@ impl EndpointStats {
 
     /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` (those
     /// already tried) unless nothing else is left. `random` supplies the randomness.
-    pub fn choose(&self, endpoints: &[SocketAddr], exclude: &[SocketAddr], random: u64) -> Option<(SocketAddr, InFlight)> {
+    pub fn choose(
+        &self,
+        endpoints: &[SocketAddr],
+        exclude: &[SocketAddr],
+        random: u64,
+    ) -> Option<(SocketAddr, InFlight)> {
         let untried: Vec<&SocketAddr> = endpoints.iter().filter(|a| !exclude.contains(a)).collect();
-        let pick_from: Vec<&SocketAddr> = if untried.is_empty() { endpoints.iter().collect() } else { untried };
-        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> = pick_from.into_iter().map(|a| (*a, self.get(*a))).collect();
-        let healthy: Vec<&(SocketAddr, Arc<Endpoint>)> = candidates.iter().filter(|(_, e)| !self.ejected(e)).collect();
-        let pool: Vec<&(SocketAddr, Arc<Endpoint>)> = if healthy.is_empty() { candidates.iter().collect() } else { healthy };
+        let pick_from: Vec<&SocketAddr> = if untried.is_empty() {
+            endpoints.iter().collect()
+        } else {
+            untried
+        };
+        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> =
+            pick_from.into_iter().map(|a| (*a, self.get(*a))).collect();
+        let healthy: Vec<&(SocketAddr, Arc<Endpoint>)> = candidates
+            .iter()
+            .filter(|(_, e)| !self.ejected(e))
+            .collect();
+        let pool: Vec<&(SocketAddr, Arc<Endpoint>)> = if healthy.is_empty() {
+            candidates.iter().collect()
+        } else {
+            healthy
+        };
         let (addr, endpoint) = match pool.len() {
             0 => return None,
             1 => pool[0],
             n => {
                 let a = pool[(random % n as u64) as usize];
                 let b = pool[((random >> 32) % n as u64) as usize];
-                if b.1.in_flight.load(Ordering::Relaxed) < a.1.in_flight.load(Ordering::Relaxed) { b } else { a }
+                if b.1.in_flight.load(Ordering::Relaxed) < a.1.in_flight.load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                }
             }
         };
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +161,12 @@ impl EndpointStats {
     }
 
     pub fn in_flight_total(&self) -> usize {
-        self.by_address.read().expect("not poisoned").values().map(|e| e.in_flight.load(Ordering::Relaxed)).sum()
+        self.by_address
+            .read()
+            .expect("not poisoned")
+            .values()
+            .map(|e| e.in_flight.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -149,9 +195,16 @@ mod tests {
         let endpoints = [addr(1), addr(2)];
         stats.eject(addr(1));
         for r in 0..8u64 {
-            assert_eq!(stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0, addr(2));
+            assert_eq!(
+                stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0,
+                addr(2)
+            );
         }
-        assert_eq!(stats.choose(&endpoints, &[addr(2)], 0).unwrap().0, addr(1), "ejected beats nothing");
+        assert_eq!(
+            stats.choose(&endpoints, &[addr(2)], 0).unwrap().0,
+            addr(1),
+            "ejected beats nothing"
+        );
         assert!(stats.choose(&[], &[], 0).is_none());
     }
 }

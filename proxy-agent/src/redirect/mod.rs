@@ -32,6 +32,7 @@ mod attach;
 mod bpf_sys;
 mod cgroup;
 mod error;
+mod identity;
 mod object;
 mod services;
 
@@ -52,6 +53,7 @@ pub use cgroup::{
     cgroup2_mount, cgroup_id, own_cgroup_id, pod_uid, scan as scan_cgroups, CgroupDirs,
 };
 pub use error::RedirectError;
+pub use identity::KernelRedirects;
 pub use object::{verify_programs, OBJECT};
 pub use services::MeshServicesChange;
 

@@ -42,24 +42,41 @@ impl BackendError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackendError::InvalidKind(_) => "InvalidKind",
-            BackendError::NotFound(_) | BackendError::NoSuchPort(_) | BackendError::NotAllowed(_) => "BackendNotFound",
+            BackendError::NotFound(_)
+            | BackendError::NoSuchPort(_)
+            | BackendError::NotAllowed(_) => "BackendNotFound",
         }
     }
 }
 
 /// Resolves a backendRef written in a route of `route_namespace`.
-pub fn resolve(reference: &BackendRef, route_namespace: &str, world: &dyn World) -> Result<Arc<Backend>, BackendError> {
+pub fn resolve(
+    reference: &BackendRef,
+    route_namespace: &str,
+    world: &dyn World,
+) -> Result<Arc<Backend>, BackendError> {
     let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
     let key = ObjectKey::new(namespace, &reference.name);
-    let shown = format!("{}/{}", key, reference.port.map_or("-".to_string(), |p| p.to_string()));
+    let shown = format!(
+        "{}/{}",
+        key,
+        reference.port.map_or("-".to_string(), |p| p.to_string())
+    );
     if !(reference.group.is_empty() && reference.kind == "Service") {
-        return Err(BackendError::InvalidKind(format!("{}/{} {shown}", reference.group, reference.kind)));
+        return Err(BackendError::InvalidKind(format!(
+            "{}/{} {shown}",
+            reference.group, reference.kind
+        )));
     }
-    let service = world.service(&key).ok_or_else(|| BackendError::NotFound(shown.clone()))?;
+    let service = world
+        .service(&key)
+        .ok_or_else(|| BackendError::NotFound(shown.clone()))?;
     if service.kind == crate::model::ServiceKind::ExternalName {
         return Err(BackendError::NotAllowed(shown));
     }
-    let port = reference.port.ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
+    let port = reference
+        .port
+        .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
     service_backend(service, port, world).ok_or(BackendError::NoSuchPort(shown))
 }
 
@@ -68,7 +85,12 @@ pub fn service_backend(service: &Service, port: u16, world: &dyn World) -> Optio
     let service_port = service.port(port)?;
     let port_name = service_port.name.clone().unwrap_or_default();
     let endpoints = ready_endpoints(&world.slices(&service.key), &port_name);
-    Some(Arc::new(Backend { service: service.key.clone(), port, endpoints: endpoints.into(), h2c: service_port.is_h2c() }))
+    Some(Arc::new(Backend {
+        service: service.key.clone(),
+        port,
+        endpoints: endpoints.into(),
+        h2c: service_port.is_h2c(),
+    }))
 }
 
 /// Ready endpoints of the named port; serving-but-terminating ones when none is ready (as
@@ -77,9 +99,17 @@ pub fn ready_endpoints(slices: &[&EndpointSlice], port_name: &str) -> Vec<Socket
     let collect = |pick: fn(&crate::model::Endpoint) -> bool| {
         let mut out: Vec<SocketAddr> = slices
             .iter()
-            .filter_map(|s| s.ports.iter().find(|p| p.name == port_name).map(|p| (s, p.port)))
+            .filter_map(|s| {
+                s.ports
+                    .iter()
+                    .find(|p| p.name == port_name)
+                    .map(|p| (s, p.port))
+            })
             .flat_map(|(s, port)| {
-                s.endpoints.iter().filter(|e| pick(e)).flat_map(move |e| e.addresses.iter().map(move |ip| SocketAddr::new(*ip, port)))
+                s.endpoints
+                    .iter()
+                    .filter(|e| pick(e))
+                    .flat_map(move |e| e.addresses.iter().map(move |ip| SocketAddr::new(*ip, port)))
             })
             .collect();
         out.sort();
@@ -111,10 +141,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn cumulative(weights: &[u32]) -> Vec<u64> {
-        weights.iter().scan(0u64, |acc, w| {
-            *acc += u64::from(*w);
-            Some(*acc)
-        }).collect()
+        weights
+            .iter()
+            .scan(0u64, |acc, w| {
+                *acc += u64::from(*w);
+                Some(*acc)
+            })
+            .collect()
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! conflicts, rule compilation and precedence order.
 
 use super::precedence::RankKey;
-use super::{backends, Backend, BackendError, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use super::{
+    backends, Backend, BackendError, CompiledRule, Frontend, RouteTable, TableEntry,
+    WeightedBackend, World,
+};
 use crate::model::{BackendRef, Route, RouteKind, Service, ServiceKind, ServicePort};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,13 +20,23 @@ pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> 
     route.parent_refs.iter().any(|p| {
         p.service(&route.meta.key.namespace).as_ref() == Some(&service.key)
             && p.port.is_none_or(|n| n == port.port)
-            && p.section_name.as_ref().is_none_or(|s| port.name.as_ref() == Some(s))
+            && p.section_name
+                .as_ref()
+                .is_none_or(|s| port.name.as_ref() == Some(s))
     })
 }
 
-pub(crate) fn groups<'a>(service: &Service, port: &ServicePort, routes: &[&'a Route]) -> Groups<'a> {
+pub(crate) fn groups<'a>(
+    service: &Service,
+    port: &ServicePort,
+    routes: &[&'a Route],
+) -> Groups<'a> {
     let mut groups: Groups<'a> = BTreeMap::new();
-    for route in routes.iter().copied().filter(|r| attaches(r, service, port)) {
+    for route in routes
+        .iter()
+        .copied()
+        .filter(|r| attaches(r, service, port))
+    {
         let ns = route.meta.key.namespace.as_str();
         let group = (ns != service.key.namespace).then_some(ns);
         groups.entry(group).or_default().push(route);
@@ -42,7 +55,10 @@ pub(crate) fn winning_kind(routes: &[&Route]) -> RouteKind {
 
 /// The frontends (one per port) of a Service. Headless and ExternalName Services have none.
 pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend>> {
-    if matches!(service.kind, ServiceKind::Headless | ServiceKind::ExternalName) {
+    if matches!(
+        service.kind,
+        ServiceKind::Headless | ServiceKind::ExternalName
+    ) {
         return Vec::new();
     }
     let routes = world.routes_on(&service.key);
@@ -66,7 +82,11 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 service: service.key.clone(),
                 port: port.port,
                 port_name: port.name.clone(),
-                addresses: service.cluster_ips.iter().map(|ip| SocketAddr::new(*ip, port.port)).collect(),
+                addresses: service
+                    .cluster_ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, port.port))
+                    .collect(),
                 producer,
                 consumers,
                 direct,
@@ -83,21 +103,44 @@ fn table(routes: &[&Route], world: &dyn World) -> RouteTable {
         for (index, rule) in route.rules.iter().enumerate() {
             let compiled = Arc::new(compile_rule(route, index, world));
             for (match_index, m) in rule.matches.iter().enumerate() {
-                let key = RankKey::new(m, meta.created.as_deref(), &meta.key.namespace, &meta.key.name, index, match_index);
-                ranked.push((key, TableEntry { route_match: m.clone(), rule: compiled.clone() }));
+                let key = RankKey::new(
+                    m,
+                    meta.created.as_deref(),
+                    &meta.key.namespace,
+                    &meta.key.name,
+                    index,
+                    match_index,
+                );
+                ranked.push((
+                    key,
+                    TableEntry {
+                        route_match: m.clone(),
+                        rule: compiled.clone(),
+                    },
+                ));
             }
         }
     }
     ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
-    RouteTable { kind, entries: ranked.into_iter().map(|(_, e)| e).collect() }
+    RouteTable {
+        kind,
+        entries: ranked.into_iter().map(|(_, e)| e).collect(),
+    }
 }
 
 /// Resolves a backendRef of `route`. A GRPCRoute's backends speak HTTP/2 whatever the Service
 /// port's appProtocol says (the spec lets the protocol be inferred from the route type).
-fn resolve(route: &Route, reference: &BackendRef, world: &dyn World) -> Result<Arc<Backend>, BackendError> {
+fn resolve(
+    route: &Route,
+    reference: &BackendRef,
+    world: &dyn World,
+) -> Result<Arc<Backend>, BackendError> {
     let backend = backends::resolve(reference, &route.meta.key.namespace, world)?;
     if route.kind == RouteKind::Grpc && !backend.h2c {
-        return Ok(Arc::new(Backend { h2c: true, ..(*backend).clone() }));
+        return Ok(Arc::new(Backend {
+            h2c: true,
+            ..(*backend).clone()
+        }));
     }
     Ok(backend)
 }
@@ -111,7 +154,11 @@ fn compile_rule(route: &Route, index: usize, world: &dyn World) -> CompiledRule 
         .map(|b| WeightedBackend {
             weight: b.weight,
             backend: resolve(route, b, world),
-            filters: b.filters.iter().map(|f| f.map_mirror(resolve_mirror)).collect(),
+            filters: b
+                .filters
+                .iter()
+                .map(|f| f.map_mirror(resolve_mirror))
+                .collect(),
         })
         .collect();
     let cumulative_weights = backends
@@ -125,7 +172,11 @@ fn compile_rule(route: &Route, index: usize, world: &dyn World) -> CompiledRule 
         route: route.key(),
         index,
         name: rule.name.clone(),
-        filters: rule.filters.iter().map(|f| f.map_mirror(resolve_mirror)).collect(),
+        filters: rule
+            .filters
+            .iter()
+            .map(|f| f.map_mirror(resolve_mirror))
+            .collect(),
         backends,
         cumulative_weights,
         timeouts: rule.timeouts.clone(),

@@ -12,14 +12,17 @@ impl HeaderModifier {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.add {
-            let joined = headers.get_all(name).iter().fold(None::<Vec<u8>>, |acc, v| {
-                let mut acc = acc.unwrap_or_default();
-                if !acc.is_empty() {
-                    acc.push(b',');
-                }
-                acc.extend_from_slice(v.as_bytes());
-                Some(acc)
-            });
+            let joined = headers
+                .get_all(name)
+                .iter()
+                .fold(None::<Vec<u8>>, |acc, v| {
+                    let mut acc = acc.unwrap_or_default();
+                    if !acc.is_empty() {
+                        acc.push(b',');
+                    }
+                    acc.extend_from_slice(v.as_bytes());
+                    Some(acc)
+                });
             let value = match joined {
                 None => value.clone(),
                 Some(mut existing) => {
@@ -71,15 +74,29 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
-    host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host })
+    host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
 }
 
 impl RequestRedirect {
     /// The `Location` of the redirect. `listener_port` is the Service port the request was sent
     /// to: with neither scheme nor port set, the redirect keeps it (spec).
-    pub fn location(&self, uri: &Uri, headers: &HeaderMap, matched: &PathMatch, listener_port: u16) -> String {
+    pub fn location(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        matched: &PathMatch,
+        listener_port: u16,
+    ) -> String {
         let request_scheme = uri.scheme_str().unwrap_or("http");
         let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
         let host = self
@@ -94,7 +111,10 @@ impl RequestRedirect {
             (None, None) => listener_port,
         };
         let default_port = matches!((scheme, port), ("http", 80) | ("https", 443));
-        let path = self.path.as_ref().map_or_else(|| uri.path().to_string(), |p| modified_path(p, uri.path(), matched));
+        let path = self.path.as_ref().map_or_else(
+            || uri.path().to_string(),
+            |p| modified_path(p, uri.path(), matched),
+        );
         let mut location = format!("{scheme}://{host}");
         if !default_port {
             location.push_str(&format!(":{port}"));
@@ -148,7 +168,11 @@ mod tests {
             ("/foo", "/foo/", "/", "/"),
             ("", "/foo", "/xyz", "/xyz/foo"),
         ] {
-            assert_eq!(replace_prefix(path, prefix, replacement), expected, "{prefix} {path} {replacement}");
+            assert_eq!(
+                replace_prefix(path, prefix, replacement),
+                expected,
+                "{prefix} {path} {replacement}"
+            );
         }
     }
 
@@ -160,7 +184,10 @@ mod tests {
         headers.insert("x-gone", "1".parse().unwrap());
         let m = HeaderModifier {
             set: vec![("x-set".parse().unwrap(), "s".parse().unwrap())],
-            add: vec![("x-add".parse().unwrap(), "b".parse().unwrap()), ("x-new".parse().unwrap(), "n".parse().unwrap())],
+            add: vec![
+                ("x-add".parse().unwrap(), "b".parse().unwrap()),
+                ("x-new".parse().unwrap(), "n".parse().unwrap()),
+            ],
             remove: vec!["X-Gone".parse().unwrap()],
         };
         m.apply(&mut headers);
@@ -171,8 +198,19 @@ mod tests {
         assert!(!headers.contains_key("x-gone"));
     }
 
-    fn redirect(scheme: Option<&str>, host: Option<&str>, port: Option<u16>, path: Option<PathModifier>) -> RequestRedirect {
-        RequestRedirect { scheme: scheme.map(Into::into), hostname: host.map(Into::into), port, path, status: 302 }
+    fn redirect(
+        scheme: Option<&str>,
+        host: Option<&str>,
+        port: Option<u16>,
+        path: Option<PathModifier>,
+    ) -> RequestRedirect {
+        RequestRedirect {
+            scheme: scheme.map(Into::into),
+            hostname: host.map(Into::into),
+            port,
+            path,
+            status: 302,
+        }
     }
 
     #[test]
@@ -182,15 +220,28 @@ mod tests {
         headers.insert(HOST, "echo:8080".parse().unwrap());
         let prefix = PathMatch::Prefix("/a".into());
         // No scheme, no port: the listener port is kept.
-        assert_eq!(redirect(None, None, None, None).location(&uri, &headers, &prefix, 8080), "http://echo:8080/a/b?x=1");
-        assert_eq!(redirect(None, None, None, None).location(&uri, &headers, &prefix, 80), "http://echo/a/b?x=1");
-        // A scheme means its well-known port, which is omitted.
-        assert_eq!(redirect(Some("https"), None, None, None).location(&uri, &headers, &prefix, 8080), "https://echo/a/b?x=1");
         assert_eq!(
-            redirect(Some("https"), Some("example.org"), Some(8443), None).location(&uri, &headers, &prefix, 80),
+            redirect(None, None, None, None).location(&uri, &headers, &prefix, 8080),
+            "http://echo:8080/a/b?x=1"
+        );
+        assert_eq!(
+            redirect(None, None, None, None).location(&uri, &headers, &prefix, 80),
+            "http://echo/a/b?x=1"
+        );
+        // A scheme means its well-known port, which is omitted.
+        assert_eq!(
+            redirect(Some("https"), None, None, None).location(&uri, &headers, &prefix, 8080),
+            "https://echo/a/b?x=1"
+        );
+        assert_eq!(
+            redirect(Some("https"), Some("example.org"), Some(8443), None)
+                .location(&uri, &headers, &prefix, 80),
             "https://example.org:8443/a/b?x=1"
         );
         let replace = Some(PathModifier::ReplacePrefixMatch("/z".into()));
-        assert_eq!(redirect(None, None, Some(80), replace).location(&uri, &headers, &prefix, 8080), "http://echo/z/b?x=1");
+        assert_eq!(
+            redirect(None, None, Some(80), replace).location(&uri, &headers, &prefix, 8080),
+            "http://echo/z/b?x=1"
+        );
     }
 }

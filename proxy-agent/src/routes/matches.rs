@@ -15,7 +15,12 @@ pub struct RequestHead<'a> {
 
 impl<'a> RequestHead<'a> {
     pub fn from_parts(parts: &'a http::request::Parts) -> Self {
-        RequestHead { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers }
+        RequestHead {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        }
     }
 }
 
@@ -24,7 +29,10 @@ impl RouteMatch {
         self.method.as_ref().is_none_or(|m| m == req.method)
             && self.path.matches(req.path)
             && self.headers.iter().all(|h| header_matches(h, req.headers))
-            && self.query_params.iter().all(|q| query_matches(q, req.query))
+            && self
+                .query_params
+                .iter()
+                .all(|q| query_matches(q, req.query))
     }
 }
 
@@ -50,8 +58,12 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared.
 fn header_matches(m: &ValueMatch, headers: &HeaderMap) -> bool {
     let mut values = headers.get_all(m.name.as_str()).iter();
-    let Some(first) = values.next() else { return false };
-    let Ok(first) = first.to_str() else { return false };
+    let Some(first) = values.next() else {
+        return false;
+    };
+    let Ok(first) = first.to_str() else {
+        return false;
+    };
     match values.next() {
         None => m.value.is_match(first),
         Some(second) => {
@@ -114,7 +126,12 @@ mod tests {
     use regex::Regex;
 
     fn head<'a>(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> RequestHead<'a> {
-        RequestHead { method, path: uri.path(), query: uri.query(), headers }
+        RequestHead {
+            method,
+            path: uri.path(),
+            query: uri.query(),
+            headers,
+        }
     }
 
     #[test]
@@ -140,23 +157,38 @@ mod tests {
     fn headers_case_insensitive_names_and_joined_values() {
         let mut headers = HeaderMap::new();
         headers.append("Version", "one".parse().unwrap());
-        let m = ValueMatch { name: "version".into(), value: StringMatch::Exact("one".into()) };
+        let m = ValueMatch {
+            name: "version".into(),
+            value: StringMatch::Exact("one".into()),
+        };
         assert!(header_matches(&m, &headers));
         headers.append("version", "two".parse().unwrap());
         assert!(!header_matches(&m, &headers));
-        let joined = ValueMatch { name: "version".into(), value: StringMatch::Exact("one,two".into()) };
+        let joined = ValueMatch {
+            name: "version".into(),
+            value: StringMatch::Exact("one,two".into()),
+        };
         assert!(header_matches(&joined, &headers));
     }
 
     #[test]
     fn query_first_value_wins_and_is_decoded() {
-        let m = ValueMatch { name: "animal".into(), value: StringMatch::Exact("whale dog".into()) };
+        let m = ValueMatch {
+            name: "animal".into(),
+            value: StringMatch::Exact("whale dog".into()),
+        };
         assert!(query_matches(&m, Some("animal=whale%20dog&animal=x")));
         assert!(query_matches(&m, Some("x=1&animal=whale+dog")));
         assert!(!query_matches(&m, Some("animal=x&animal=whale%20dog")));
         assert!(!query_matches(&m, None));
-        let case = ValueMatch { name: "Animal".into(), value: StringMatch::Exact("whale dog".into()) };
-        assert!(!query_matches(&case, Some("animal=whale+dog")), "query names are case-sensitive");
+        let case = ValueMatch {
+            name: "Animal".into(),
+            value: StringMatch::Exact("whale dog".into()),
+        };
+        assert!(
+            !query_matches(&case, Some("animal=whale+dog")),
+            "query names are case-sensitive"
+        );
     }
 
     #[test]
@@ -167,8 +199,14 @@ mod tests {
         headers.insert("x-env", "canary".parse().unwrap());
         let m = RouteMatch {
             path: PathMatch::Prefix("/api".into()),
-            headers: vec![ValueMatch { name: "x-env".into(), value: StringMatch::Exact("canary".into()) }],
-            query_params: vec![ValueMatch { name: "debug".into(), value: StringMatch::Exact("1".into()) }],
+            headers: vec![ValueMatch {
+                name: "x-env".into(),
+                value: StringMatch::Exact("canary".into()),
+            }],
+            query_params: vec![ValueMatch {
+                name: "debug".into(),
+                value: StringMatch::Exact("1".into()),
+            }],
             method: Some(Method::POST),
             grpc: None,
         };

@@ -12,7 +12,10 @@ pub use backends::{Backend, BackendError};
 pub use compile::compile_service;
 pub use matches::RequestHead;
 
-use crate::model::{EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, RouteKey, RouteKind, RouteMatch, Service, Timeouts, Retry, Route};
+use crate::model::{
+    EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, Retry, Route, RouteKey, RouteKind,
+    RouteMatch, Service, Timeouts,
+};
 use ahash::AHashMap;
 use http::StatusCode;
 use serde::Serialize;
@@ -68,14 +71,21 @@ impl Snapshot {
     /// Frontends the kernel should steer to the agent: those with at least one route. A Service
     /// without routes behaves as without a mesh, so its traffic is left to kube-proxy.
     pub fn mesh_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.by_address.iter().filter(|(_, f)| f.has_routes()).map(|(a, _)| *a)
+        self.by_address
+            .iter()
+            .filter(|(_, f)| f.has_routes())
+            .map(|(a, _)| *a)
     }
 
     /// Everything, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
         let mut frontends: Vec<&Arc<Frontend>> = self.by_service.values().collect();
         frontends.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
-        let callers: BTreeMap<String, &Caller> = self.callers.iter().map(|(ip, c)| (ip.to_string(), &**c)).collect();
+        let callers: BTreeMap<String, &Caller> = self
+            .callers
+            .iter()
+            .map(|(ip, c)| (ip.to_string(), &**c))
+            .collect();
         serde_json::json!({
             "version": self.version,
             "frontends": frontends,
@@ -107,13 +117,22 @@ impl Frontend {
 
     /// The routes that apply to a caller of `namespace` (unknown caller: the producer routes).
     pub fn table_for(&self, namespace: Option<&str>) -> Option<&Arc<RouteTable>> {
-        namespace.and_then(|ns| self.consumers.get(ns)).or(self.producer.as_ref())
+        namespace
+            .and_then(|ns| self.consumers.get(ns))
+            .or(self.producer.as_ref())
     }
 
     pub fn lookup(&self, namespace: Option<&str>, request: &RequestHead<'_>) -> Decision<'_> {
         match self.table_for(namespace) {
             None => Decision::Direct(&self.direct),
-            Some(table) => table.lookup(request).map_or(Decision::NoMatchingRule, |(rule, matched)| Decision::Rule { rule, matched }),
+            Some(table) => {
+                table
+                    .lookup(request)
+                    .map_or(Decision::NoMatchingRule, |(rule, matched)| Decision::Rule {
+                        rule,
+                        matched,
+                    })
+            }
         }
     }
 }
@@ -135,7 +154,10 @@ pub struct TableEntry {
 impl RouteTable {
     /// The first entry in precedence order whose match holds.
     pub fn lookup(&self, request: &RequestHead<'_>) -> Option<(&CompiledRule, &RouteMatch)> {
-        self.entries.iter().find(|e| e.route_match.matches(request)).map(|e| (&*e.rule, &e.route_match))
+        self.entries
+            .iter()
+            .find(|e| e.route_match.matches(request))
+            .map(|e| (&*e.rule, &e.route_match))
     }
 }
 
@@ -169,7 +191,10 @@ pub enum Decision<'a> {
     Direct(&'a Arc<Backend>),
     /// Routes apply, but no rule matches: 404.
     NoMatchingRule,
-    Rule { rule: &'a CompiledRule, matched: &'a RouteMatch },
+    Rule {
+        rule: &'a CompiledRule,
+        matched: &'a RouteMatch,
+    },
 }
 
 /// A response the agent gives itself, without forwarding.
@@ -183,7 +208,11 @@ pub struct LocalResponse {
 
 impl LocalResponse {
     pub fn error(status: StatusCode, reason: impl Into<String>) -> Self {
-        LocalResponse { status, reason: reason.into(), location: None }
+        LocalResponse {
+            status,
+            reason: reason.into(),
+            location: None,
+        }
     }
 }
 
@@ -212,27 +241,62 @@ pub struct Mirror<'a> {
 impl CompiledRule {
     /// Runs the rule's filters on the request head (in place), picks a backend with `random`,
     /// and runs that backend's filters. `listener_port` is the Service port the request was sent to.
-    pub fn plan(&self, parts: &mut http::request::Parts, matched: &RouteMatch, listener_port: u16, random: u64) -> Plan<'_> {
+    pub fn plan(
+        &self,
+        parts: &mut http::request::Parts,
+        matched: &RouteMatch,
+        listener_port: u16,
+        random: u64,
+    ) -> Plan<'_> {
         let mut response_headers = Vec::new();
         let mut mirrors = Vec::new();
-        if let Some(response) = run_filters(&self.filters, parts, &matched.path, listener_port, &mut response_headers, &mut mirrors) {
+        if let Some(response) = run_filters(
+            &self.filters,
+            parts,
+            &matched.path,
+            listener_port,
+            &mut response_headers,
+            &mut mirrors,
+        ) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
-            return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, "the matched rule has no backendRefs"));
+            return Plan::Respond(LocalResponse::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the matched rule has no backendRefs",
+            ));
         }
         let Some(index) = backends::pick_weighted(&self.cumulative_weights, random) else {
-            return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, "every backendRef of the matched rule has weight 0"));
+            return Plan::Respond(LocalResponse::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "every backendRef of the matched rule has weight 0",
+            ));
         };
         let chosen = &self.backends[index];
         let backend = match &chosen.backend {
             Ok(b) => b,
-            Err(e) => return Plan::Respond(LocalResponse::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Err(e) => {
+                return Plan::Respond(LocalResponse::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                ))
+            }
         };
-        if let Some(response) = run_filters(&chosen.filters, parts, &matched.path, listener_port, &mut response_headers, &mut mirrors) {
+        if let Some(response) = run_filters(
+            &chosen.filters,
+            parts,
+            &matched.path,
+            listener_port,
+            &mut response_headers,
+            &mut mirrors,
+        ) {
             return Plan::Respond(response);
         }
-        Plan::Forward(Forward { backend, response_headers, mirrors })
+        Plan::Forward(Forward {
+            backend,
+            response_headers,
+            mirrors,
+        })
     }
 
     pub fn name_or_index(&self) -> String {
@@ -257,17 +321,27 @@ fn run_filters<'a>(
             Filter::Redirect(r) => {
                 let location = r.location(&parts.uri, &parts.headers, matched, listener_port);
                 let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-                return Some(LocalResponse { status, reason: format!("redirect to {location}"), location: Some(location) });
+                return Some(LocalResponse {
+                    status,
+                    reason: format!("redirect to {location}"),
+                    location: Some(location),
+                });
             }
             Filter::Mirror(m) => {
                 if let Some(backend) = &m.backend {
-                    mirrors.push(Mirror { backend, numerator: m.numerator, denominator: m.denominator });
+                    mirrors.push(Mirror {
+                        backend,
+                        numerator: m.numerator,
+                        denominator: m.denominator,
+                    });
                 }
             }
             Filter::Unsupported(what) => {
                 return Some(LocalResponse::error(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("filter {what} is not supported by this mesh; the rule cannot be served"),
+                    format!(
+                        "filter {what} is not supported by this mesh; the rule cannot be served"
+                    ),
                 ));
             }
         }

@@ -64,7 +64,14 @@ pub struct RankKey {
 }
 
 impl RankKey {
-    pub fn new(m: &RouteMatch, created: Option<&str>, namespace: &str, name: &str, rule: usize, match_index: usize) -> Self {
+    pub fn new(
+        m: &RouteMatch,
+        created: Option<&str>,
+        namespace: &str,
+        name: &str,
+        rule: usize,
+        match_index: usize,
+    ) -> Self {
         RankKey {
             specificity: Reverse(Specificity::of(m)),
             created: (created.is_none(), created.unwrap_or_default().to_string()),
@@ -87,7 +94,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn m(path: PathMatch, method: bool, headers: usize, query: usize) -> RouteMatch {
-        let values = |n: usize| (0..n).map(|i| ValueMatch { name: format!("h{i}"), value: StringMatch::Exact("v".into()) }).collect();
+        let values = |n: usize| {
+            (0..n)
+                .map(|i| ValueMatch {
+                    name: format!("h{i}"),
+                    value: StringMatch::Exact("v".into()),
+                })
+                .collect()
+        };
         RouteMatch {
             path,
             headers: values(headers),
@@ -108,7 +122,13 @@ mod tests {
         let short_prefix_method = key(&m(PathMatch::Prefix("/abc".into()), true, 0, 0));
         let short_prefix_headers = key(&m(PathMatch::Prefix("/abc".into()), false, 2, 0));
         let short_prefix_query = key(&m(PathMatch::Prefix("/abc".into()), false, 1, 3));
-        let ordered = [exact, long_prefix, short_prefix_method, short_prefix_headers, short_prefix_query];
+        let ordered = [
+            exact,
+            long_prefix,
+            short_prefix_method,
+            short_prefix_headers,
+            short_prefix_query,
+        ];
         for pair in ordered.windows(2) {
             assert_eq!(compare(&pair[0], &pair[1]), Ordering::Less, "{pair:?}");
         }
@@ -129,14 +149,16 @@ mod tests {
     }
 
     fn arb_match() -> impl Strategy<Value = RouteMatch> {
-        (0u8..3, "[a-c]{0,4}", any::<bool>(), 0usize..3, 0usize..3).prop_map(|(kind, p, method, h, q)| {
-            let path = match kind {
-                0 => PathMatch::Exact(format!("/{p}")),
-                1 => PathMatch::Prefix(format!("/{p}").trim_end_matches('/').to_string()),
-                _ => PathMatch::Regex(regex::Regex::new(&format!("^/{p}.*$")).unwrap()),
-            };
-            m(path, method, h, q)
-        })
+        (0u8..3, "[a-c]{0,4}", any::<bool>(), 0usize..3, 0usize..3).prop_map(
+            |(kind, p, method, h, q)| {
+                let path = match kind {
+                    0 => PathMatch::Exact(format!("/{p}")),
+                    1 => PathMatch::Prefix(format!("/{p}").trim_end_matches('/').to_string()),
+                    _ => PathMatch::Regex(regex::Regex::new(&format!("^/{p}.*$")).unwrap()),
+                };
+                m(path, method, h, q)
+            },
+        )
     }
 
     proptest! {

@@ -52,7 +52,12 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             let key = parent.service(&route.meta.key.namespace)?;
             let (accepted, reason, message) = accepted(route, parent, &key, world);
             let resolved = match &resolved {
-                Ok(()) => condition("ResolvedRefs", true, "ResolvedRefs", "all backendRefs resolved".into()),
+                Ok(()) => condition(
+                    "ResolvedRefs",
+                    true,
+                    "ResolvedRefs",
+                    "all backendRefs resolved".into(),
+                ),
                 Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string()),
             };
             Some(ParentStatus {
@@ -64,26 +69,55 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         .collect()
 }
 
-fn accepted(route: &Route, parent: &ParentRef, key: &crate::model::ObjectKey, world: &dyn World) -> (bool, &'static str, String) {
+fn accepted(
+    route: &Route,
+    parent: &ParentRef,
+    key: &crate::model::ObjectKey,
+    world: &dyn World,
+) -> (bool, &'static str, String) {
     let Some(service) = world.service(key) else {
-        return (false, "NoMatchingParent", format!("Service {key} does not exist"));
+        return (
+            false,
+            "NoMatchingParent",
+            format!("Service {key} does not exist"),
+        );
     };
     if !service.has_frontend() {
-        return (false, "NoMatchingParent", format!("Service {key} is headless or ExternalName: it has no frontend to route"));
+        return (
+            false,
+            "NoMatchingParent",
+            format!("Service {key} is headless or ExternalName: it has no frontend to route"),
+        );
     }
     let ports: Vec<_> = service
         .ports
         .iter()
-        .filter(|p| parent.port.is_none_or(|n| n == p.port) && parent.section_name.as_ref().is_none_or(|s| p.name.as_ref() == Some(s)))
+        .filter(|p| {
+            parent.port.is_none_or(|n| n == p.port)
+                && parent
+                    .section_name
+                    .as_ref()
+                    .is_none_or(|s| p.name.as_ref() == Some(s))
+        })
         .collect();
     if ports.is_empty() {
-        let wanted = parent.section_name.clone().or(parent.port.map(|p| p.to_string())).unwrap_or_default();
-        return (false, "NoMatchingParent", format!("Service {key} has no port {wanted}"));
+        let wanted = parent
+            .section_name
+            .clone()
+            .or(parent.port.map(|p| p.to_string()))
+            .unwrap_or_default();
+        return (
+            false,
+            "NoMatchingParent",
+            format!("Service {key} has no port {wanted}"),
+        );
     }
     if route.kind == RouteKind::Http {
         let routes = world.routes_on(key);
         let conflicted = ports.iter().all(|port| {
-            groups(service, port, &routes).values().any(|g| g.iter().any(|r| r.key() == route.key()) && winning_kind(g) == RouteKind::Grpc)
+            groups(service, port, &routes).values().any(|g| {
+                g.iter().any(|r| r.key() == route.key()) && winning_kind(g) == RouteKind::Grpc
+            })
         });
         if conflicted {
             return (false, "Conflicted", format!("a GRPCRoute is attached to the same port of Service {key}; GRPCRoute takes precedence"));
@@ -96,7 +130,10 @@ fn accepted(route: &Route, parent: &ParentRef, key: &crate::model::ObjectKey, wo
 fn resolved_refs(route: &Route, world: &dyn World) -> Result<(), backends::BackendError> {
     let namespace = &route.meta.key.namespace;
     for rule in &route.rules {
-        let filters = rule.filters.iter().chain(rule.backends.iter().flat_map(|b| &b.filters));
+        let filters = rule
+            .filters
+            .iter()
+            .chain(rule.backends.iter().flat_map(|b| &b.filters));
         for reference in rule.backends.iter().chain(filters.filter_map(|f| match f {
             Filter::Mirror(m) => Some(&m.backend),
             _ => None,

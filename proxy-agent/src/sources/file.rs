@@ -81,8 +81,16 @@ pub fn documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, (usize, 
             Ok(None) => continue, // an empty document
             Err(e) => return Err((number, format!("not valid YAML: {e}"))),
         };
-        if value.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) {
-            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+        if value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .is_some_and(|k| k.ends_with("List"))
+        {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
             out.extend(items.into_iter().map(|item| (number, item)));
         } else {
             out.push((number, value));
@@ -94,18 +102,28 @@ pub fn documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, (usize, 
 /// Parses the text of one manifest file. Pure: no I/O.
 pub fn parse(file: &Path, text: &str) -> Parsed {
     let mut parsed = Parsed::default();
-    let problem = |severity, document, object, message: String| Problem { severity, file: file.to_path_buf(), document, object, message };
+    let problem = |severity, document, object, message: String| Problem {
+        severity,
+        file: file.to_path_buf(),
+        document,
+        object,
+        message,
+    };
     let documents = match documents(text) {
         Ok(d) => d,
         Err((number, message)) => {
-            parsed.problems.push(problem(Severity::Error, number, None, message));
+            parsed
+                .problems
+                .push(problem(Severity::Error, number, None, message));
             parsed.unreadable = true;
             return parsed;
         }
     };
     for (number, item) in documents {
         let identity = identity(&item);
-        let shown = identity.as_ref().map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
+        let shown = identity
+            .as_ref()
+            .map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
         match Object::from_value(item) {
             Ok(object) => parsed.objects.push(object),
             Err(ObjectError::UnknownKind { kind, api_version }) => {
@@ -119,7 +137,9 @@ pub fn parse(file: &Path, text: &str) -> Parsed {
                 }
             }
             Err(e) => {
-                parsed.problems.push(problem(Severity::Error, number, shown, e.to_string()));
+                parsed
+                    .problems
+                    .push(problem(Severity::Error, number, shown, e.to_string()));
                 parsed.invalid.extend(identity);
             }
         }
@@ -133,7 +153,8 @@ fn identity(value: &serde_json::Value) -> Option<Identity> {
     Some(Identity {
         api_version: text(value.get("apiVersion"))?,
         kind: text(value.get("kind"))?,
-        namespace: text(meta.and_then(|m| m.get("namespace"))).unwrap_or_else(|| "default".to_string()),
+        namespace: text(meta.and_then(|m| m.get("namespace")))
+            .unwrap_or_else(|| "default".to_string()),
         name: text(meta.and_then(|m| m.get("name")))?,
     })
 }
@@ -154,7 +175,10 @@ fn yaml_to_json(value: serde_yaml::Value) -> Option<serde_json::Value> {
                     .map(|(k, v)| {
                         let key = match k {
                             Y::String(s) => s,
-                            other => serde_yaml::to_string(&other).unwrap_or_default().trim().to_string(),
+                            other => serde_yaml::to_string(&other)
+                                .unwrap_or_default()
+                                .trim()
+                                .to_string(),
                         };
                         (key, convert(v))
                     })
@@ -193,12 +217,18 @@ fn identity_id(identity: &Identity) -> String {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ManifestDir { dir: dir.into(), files: BTreeMap::new() }
+        ManifestDir {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -216,7 +246,10 @@ impl ManifestDir {
                 Err(_) => continue, // removed between listing and reading
             };
             seen.push(path.clone());
-            let stamp = Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+            let stamp = Some((
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            ));
             let state = self.files.entry(path.clone()).or_default();
             if state.stamp == stamp {
                 continue;
@@ -225,7 +258,13 @@ impl ManifestDir {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
-                    problems.push(Problem { severity: Severity::Error, file: path, document: 0, object: None, message: format!("cannot read: {e}") });
+                    problems.push(Problem {
+                        severity: Severity::Error,
+                        file: path,
+                        document: 0,
+                        object: None,
+                        message: format!("cannot read: {e}"),
+                    });
                     continue;
                 }
             };
@@ -234,8 +273,11 @@ impl ManifestDir {
             if parsed.unreadable {
                 continue; // keep every object of the last good version of this file
             }
-            let mut next: BTreeMap<String, (ObjectRef, Object)> =
-                parsed.objects.into_iter().map(|o| (object_id(&o), (o.reference(), o))).collect();
+            let mut next: BTreeMap<String, (ObjectRef, Object)> = parsed
+                .objects
+                .into_iter()
+                .map(|o| (object_id(&o), (o.reference(), o)))
+                .collect();
             for identity in &parsed.invalid {
                 let id = identity_id(identity);
                 if let Some(kept) = state.objects.get(&id) {
@@ -253,7 +295,12 @@ impl ManifestDir {
             state.objects = next;
         }
         // Files that disappeared: their objects go.
-        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains(p)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(p))
+            .cloned()
+            .collect();
         for path in gone {
             if let Some(state) = self.files.remove(&path) {
                 for (reference, _) in state.objects.values() {
@@ -297,9 +344,18 @@ mod tests {
         assert_eq!(parsed.objects.len(), 2, "{:?}", parsed.problems);
         assert_eq!(parsed.problems.len(), 2);
         assert_eq!(parsed.problems[0].severity, Severity::Warning);
-        assert!(parsed.problems[0].to_string().contains("m.yaml document 3"), "{}", parsed.problems[0]);
+        assert!(
+            parsed.problems[0].to_string().contains("m.yaml document 3"),
+            "{}",
+            parsed.problems[0]
+        );
         let error = parsed.problems[1].to_string();
-        assert!(error.contains("document 4") && error.contains("Service ns/bad") && error.contains("spec.ports[0].port"), "{error}");
+        assert!(
+            error.contains("document 4")
+                && error.contains("Service ns/bad")
+                && error.contains("spec.ports[0].port"),
+            "{error}"
+        );
         assert_eq!(parsed.invalid.len(), 1);
     }
 
@@ -308,7 +364,13 @@ mod tests {
         let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  rules:\n  - backendRefs:\n    - name: x\n      port: notanumber\n";
         let parsed = parse(Path::new("r.yaml"), text);
         assert!(parsed.objects.is_empty());
-        assert!(parsed.problems[0].message.contains("spec.rules[0].backendRefs[0].port"), "{}", parsed.problems[0]);
+        assert!(
+            parsed.problems[0]
+                .message
+                .contains("spec.rules[0].backendRefs[0].port"),
+            "{}",
+            parsed.problems[0]
+        );
     }
 
     #[test]
@@ -321,7 +383,12 @@ mod tests {
         let mut source = ManifestDir::new(&dir);
         assert!(source.sync(&mut index).unwrap().is_empty());
         index.publish();
-        let has_echo = |index: &Index| index.snapshot().frontend_of(&crate::model::ObjectKey::new("ns", "echo"), 80).is_some();
+        let has_echo = |index: &Index| {
+            index
+                .snapshot()
+                .frontend_of(&crate::model::ObjectKey::new("ns", "echo"), 80)
+                .is_some()
+        };
         assert!(has_echo(&index));
         // Unparseable YAML: reported, the Service stays.
         std::fs::write(&file, "kind: [unclosed\n  more: x").unwrap();

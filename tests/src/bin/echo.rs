@@ -9,16 +9,25 @@ async fn main() -> anyhow::Result<()> {
     let mut addrs = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "--name" {
-            name = args.next().ok_or_else(|| anyhow::anyhow!("--name needs a value"))?;
+            name = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--name needs a value"))?;
         } else {
             addrs.push(arg);
         }
     }
-    anyhow::ensure!(!addrs.is_empty(), "usage: gamma-echo --name POD ADDR [ADDR...]");
+    anyhow::ensure!(
+        !addrs.is_empty(),
+        "usage: gamma-echo --name POD ADDR [ADDR...]"
+    );
     let mut tasks = Vec::new();
     for addr in addrs {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
-        tasks.push(tokio::spawn(gamma_tests::echo::serve(listener, name.clone(), Arc::new(Default::default()))));
+        tasks.push(tokio::spawn(gamma_tests::echo::serve(
+            listener,
+            name.clone(),
+            Arc::new(Default::default()),
+        )));
     }
     for t in tasks {
         t.await?;

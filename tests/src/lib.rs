@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod loopback;
+pub mod node;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -1,0 +1,165 @@
+//! Route engine benchmarks: lookup at 10, 1k and 10k Services (a producer and a consumer route
+//! each, 5 rules per route, mixed matches); publishing one route change at 10k Services; and the
+//! snapshot memory per route (counted by a global allocator, printed once).
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use proxy_agent::index::Index;
+use proxy_agent::model::Object;
+use proxy_agent::routes::{Decision, RequestHead};
+use serde_json::{json, Value};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+/// Counts live heap bytes, to report snapshot memory per route.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0A60_0000u32 + i as u32 + 1)
+}
+
+fn service(i: usize) -> Vec<Value> {
+    let name = format!("svc-{i}");
+    vec![
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "prod"},
+               "spec": {"clusterIP": vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": format!("{name}-1"), "namespace": "prod", "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+               "endpoints": [{"addresses": [format!("10.244.{}.{}", i / 250, i % 250 + 1)]}, {"addresses": [format!("10.245.{}.{}", i / 250, i % 250 + 1)]}]}),
+    ]
+}
+
+/// Five rules with mixed matches: exact, prefixes, a header, a method with a query parameter.
+fn route(i: usize, namespace: &str, version: u32) -> Value {
+    let backend = json!([{"name": format!("svc-{i}"), "namespace": "prod", "port": 80}]);
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+    "metadata": {"name": format!("r-{i}"), "namespace": namespace, "creationTimestamp": "2026-01-01T00:00:00Z"},
+    "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": format!("svc-{i}"), "namespace": "prod", "port": 80}],
+             "rules": [
+                 {"matches": [{"path": {"type": "Exact", "value": "/healthz"}}], "backendRefs": backend},
+                 {"matches": [{"path": {"type": "PathPrefix", "value": format!("/api/v{version}")}, "headers": [{"name": "x-canary", "value": "1"}]}], "backendRefs": backend},
+                 {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "POST", "queryParams": [{"name": "debug", "value": "1"}]}], "backendRefs": backend},
+                 {"matches": [{"path": {"type": "PathPrefix", "value": "/static"}}],
+                  "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-static", "value": "1"}]}}], "backendRefs": backend},
+                 {"backendRefs": backend},
+             ]}})
+}
+
+fn world(services: usize) -> Index {
+    let mut index = Index::new();
+    for i in 0..services {
+        for doc in service(i).into_iter().chain([
+            route(i, "prod", 1),
+            route(i, &format!("team-{}", i % 10), 1),
+        ]) {
+            index.apply(Object::from_value(doc).expect("valid"));
+        }
+    }
+    index.publish();
+    index
+}
+
+fn lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lookup");
+    for services in [10usize, 1_000, 10_000] {
+        let index = world(services);
+        let reader = index.reader();
+        let method = http::Method::GET;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-canary", "1".parse().unwrap());
+        headers.insert("user-agent", "bench".parse().unwrap());
+        let paths = ["/api/v1/items", "/static/app.js", "/other", "/healthz"];
+        let mut i = 0usize;
+        group.bench_function(format!("{services}_services"), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(7919);
+                let snapshot = reader.load();
+                let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
+                let frontend = snapshot.frontend_at(addr).expect("frontend");
+                let path = paths[i % paths.len()];
+                let head = RequestHead {
+                    method: &method,
+                    path,
+                    query: None,
+                    headers: &headers,
+                };
+                let caller = if i % 2 == 0 { "prod" } else { "team-3" };
+                matches!(frontend.lookup(Some(caller), &head), Decision::Rule { .. })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn publish(c: &mut Criterion) {
+    let mut index = world(10_000);
+    let mut version = 1u32;
+    c.bench_function("publish_one_route_change_10k_services", |b| {
+        b.iter_batched(
+            || {
+                version += 1;
+                Object::from_value(route(4_242, "prod", version)).unwrap()
+            },
+            |changed| {
+                index.apply(changed);
+                assert!(index.publish());
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// Live heap of the index after building `services` Services with and without their routes;
+/// the difference over the number of routes is what a route costs (objects kept plus compiled
+/// tables in the snapshot).
+fn memory_per_route() {
+    let services = 2_000;
+    let measure = |with_routes: bool| {
+        let before = LIVE.load(Ordering::Relaxed);
+        let mut index = Index::new();
+        for i in 0..services {
+            for doc in service(i) {
+                index.apply(Object::from_value(doc).unwrap());
+            }
+            if with_routes {
+                for doc in [
+                    route(i, "prod", 1),
+                    route(i, &format!("team-{}", i % 10), 1),
+                ] {
+                    index.apply(Object::from_value(doc).unwrap());
+                }
+            }
+        }
+        index.publish();
+        let bytes = LIVE.load(Ordering::Relaxed) - before;
+        drop(index);
+        bytes
+    };
+    let without = measure(false);
+    let with = measure(true);
+    let per_route = (with - without) as f64 / (2 * services) as f64;
+    eprintln!("memory: {per_route:.0} bytes per route (5 rules; index objects + compiled snapshot), {services} Services");
+}
+
+fn memory(_: &mut Criterion) {
+    memory_per_route();
+}
+
+criterion_group!(benches, memory, lookup, publish);
+criterion_main!(benches);

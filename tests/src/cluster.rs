@@ -220,48 +220,53 @@ impl SimCluster {
         out
     }
 
-    /// The EndpointSlice the controller would write for a Service with a selector.
-    fn endpoint_slice(&self, service: &SimService) -> Option<Value> {
+    /// Per Service port: (port, port name, target port, endpoint pod IPs), as the EndpointSlice
+    /// controller would derive them from the selector. Empty for a Service without a selector.
+    pub fn endpoints(&self, service: &SimService) -> Vec<(u16, String, u16, Vec<IpAddr>)> {
         let selector = labels(service.manifest["spec"].get("selector"));
         if selector.is_empty() {
-            return None;
+            return Vec::new();
         }
         let pods: Vec<&SimPod> = self
             .pods
             .iter()
-            .filter(|p| {
-                p.namespace == service.namespace
-                    && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-            })
+            .filter(|p| p.namespace == service.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
             .collect();
-        let ports: Vec<Value> = service.manifest["spec"]["ports"]
+        service.manifest["spec"]["ports"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|p| {
-                let port = p["port"].as_u64().unwrap_or(0);
+                let port = p["port"].as_u64().unwrap_or(0) as u16;
                 let target = match &p["targetPort"] {
-                    Value::Number(n) => n.as_u64().unwrap_or(port),
+                    Value::Number(n) => n.as_u64().unwrap_or(u64::from(port)) as u16,
                     Value::String(name) => pods
                         .first()
                         .and_then(|pod| pod.container_ports.iter().find(|(n, _)| n == name))
-                        .map_or(0, |(_, p)| u64::from(*p)),
+                        .map_or(0, |(_, p)| *p),
                     _ => port,
                 };
-                json!({"name": p["name"].as_str().unwrap_or_default(), "port": target, "protocol": "TCP"})
+                (port, p["name"].as_str().unwrap_or_default().to_string(), target, pods.iter().map(|p| p.ip).collect())
             })
-            .collect();
-        let endpoints: Vec<Value> = pods
+            .collect()
+    }
+
+    /// The EndpointSlice the controller would write for a Service with a selector.
+    fn endpoint_slice(&self, service: &SimService) -> Option<Value> {
+        let ports = self.endpoints(service);
+        let first = ports.first()?;
+        let pod_name = |ip: &IpAddr| self.pod_by_ip(*ip).map(|p| p.name.clone()).unwrap_or_default();
+        let endpoints: Vec<Value> = first
+            .3
             .iter()
-            .map(|p| {
-                json!({
-                    "addresses": [p.ip.to_string()],
-                    "conditions": {"ready": true, "serving": true, "terminating": false},
-                    "nodeName": "node",
-                    "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace},
-                })
-            })
+            .map(|ip| json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "node",
+                "targetRef": {"kind": "Pod", "name": pod_name(ip), "namespace": service.namespace},
+            }))
             .collect();
+        let ports: Vec<Value> = ports.iter().map(|(_, name, target, _)| json!({"name": name, "port": target, "protocol": "TCP"})).collect();
         Some(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{}-{}", service.name, suffix(&service.name, 5)), "namespace": service.namespace,

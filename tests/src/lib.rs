@@ -1,10 +1,12 @@
 //! Shared test support: a simulated cluster built from manifests, the conformance case format,
 //! loopback backends and the network-namespace node harness.
 
+pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod loopback;
+pub mod scenario;
 pub mod node;
 
 /// The workspace root (tests/ is one level below it).
@@ -45,4 +47,13 @@ pub fn root_required() -> Option<String> {
     (unsafe { libc::geteuid() } != 0).then(|| {
         "needs root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`".to_string()
     })
+}
+
+/// Counts answers per Deployment (the pod name minus its two hash segments, as upstream does).
+pub fn deployment_tally<'a>(pods: impl Iterator<Item = &'a str>) -> std::collections::BTreeMap<String, usize> {
+    let mut tally = std::collections::BTreeMap::new();
+    for pod in pods {
+        *tally.entry(conformance::deployment_of(pod).to_string()).or_default() += 1;
+    }
+    tally
 }

@@ -26,12 +26,24 @@ fn main() -> Result<()> {
     match command.as_str() {
         "setup" => setup::run(),
         "test" => test(rest),
+        "demo" => demo(),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
         }
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
+}
+
+/// The seed scenario on a node made of network namespaces (`tests/src/bin/demo.rs`).
+fn demo() -> Result<()> {
+    if !util::is_root() {
+        bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
+    }
+    util::step("build the agent, echo backend, client and demo", || util::cargo(&["build", "--bins"]))?;
+    let root = util::workspace_root();
+    let demo = root.join("target/debug/gamma-demo");
+    util::run(std::process::Command::new(demo).arg(root.join("demo"))).map_err(|e| anyhow::anyhow!("the demo failed: {e}"))
 }
 
 /// Runs every test of the workspace. Root-only tests decide for themselves whether they can run;

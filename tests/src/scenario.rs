@@ -1,0 +1,191 @@
+//! A simulated cluster running on a node harness: every Pod in its own network namespace and
+//! cgroup (echo backends listening on their container ports), the simulated kube-proxy for every
+//! Service, and the agent in the node namespace with the kernel redirect attached to the pods'
+//! cgroup, fed through its manifest folder. Used by the end-to-end tests, the conformance runner
+//! and `cargo xtask demo`.
+
+use crate::client::{ClientAnswer, ClientRequest};
+use crate::cluster::{SimCluster, SimPod};
+use crate::loopback::TempDir;
+use crate::node::{Node, Pod, AGENT_ADDR};
+use anyhow::{bail, Context, Result};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the agent's redirect listener binds in the node (pods reach it on-link).
+pub const REDIRECT_PORT: u16 = 15001;
+/// The agent's admin server, on the node netns' loopback.
+pub const ADMIN: &str = "127.0.0.1:15000";
+
+/// A binary of this workspace built beside the running executable (`target/<profile>/NAME`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let dir = exe.parent().expect("a folder");
+    let beside = dir.join(name);
+    if beside.exists() {
+        return beside;
+    }
+    // Integration tests run from target/<profile>/deps.
+    dir.parent().map_or(beside.clone(), |p| p.join(name))
+}
+
+pub struct Scenario {
+    pub node: Node,
+    pub cluster: SimCluster,
+    pub manifests: TempDir,
+    agent: Option<Child>,
+    pods: Vec<(SimPod, Pod)>,
+}
+
+fn ipv4(ip: IpAddr) -> Result<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(_) => bail!("the node harness is IPv4 only"),
+    }
+}
+
+/// JSON documents as one multi-document YAML text (JSON is YAML).
+pub fn to_yaml(documents: &[serde_json::Value]) -> String {
+    documents.iter().map(|d| serde_json::to_string_pretty(d).expect("json")).collect::<Vec<_>>().join("\n---\n")
+}
+
+impl Scenario {
+    /// Builds the node, starts echo backends in every Pod with container ports, programs the
+    /// simulated kube-proxy, writes the cluster's objects and starts the agent.
+    pub fn start(name: &str, cluster: SimCluster) -> Result<Scenario> {
+        let mut node = Node::new(name)?;
+        let mut pods = Vec::new();
+        for sim in &cluster.pods {
+            let pod = node.add_pod(&sim.namespace, &sim.name, &sim.uid, ipv4(sim.ip)?)?;
+            if !sim.container_ports.is_empty() {
+                let mut echo = Command::new(binary("gamma-echo"));
+                echo.arg("--name").arg(&sim.name);
+                for (_, port) in &sim.container_ports {
+                    echo.arg(format!("0.0.0.0:{port}"));
+                }
+                echo.stdout(Stdio::null()).stderr(Stdio::null());
+                pod.spawn(&mut echo)?;
+            }
+            pods.push((sim.clone(), pod));
+        }
+        for (sim, pod) in &pods {
+            if let Some((_, port)) = sim.container_ports.first() {
+                pod.wait_for_port(*port, Duration::from_secs(5)).with_context(|| format!("echo in {}", sim.name))?;
+            }
+        }
+        for service in &cluster.services {
+            for (port, _, target, ips) in cluster.endpoints(service) {
+                let endpoints: Vec<(Ipv4Addr, u16)> = ips.iter().filter_map(|ip| ipv4(*ip).ok()).map(|ip| (ip, target)).collect();
+                if !endpoints.is_empty() {
+                    node.dnat_service(ipv4(service.cluster_ip)?, port, &endpoints)?;
+                }
+            }
+        }
+        let manifests = TempDir::new("scenario");
+        std::fs::write(manifests.0.join("cluster.yaml"), to_yaml(&cluster.manifests()))?;
+        let mut scenario = Scenario { node, cluster, manifests, agent: None, pods };
+        scenario.start_agent()?;
+        Ok(scenario)
+    }
+
+    /// Starts the agent (again) and waits until it is ready.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut agent = Command::new(binary("proxy-agent"));
+        agent
+            .arg("--manifests")
+            .arg(&self.manifests.0)
+            .arg("--redirect")
+            .arg(SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string())
+            .arg("--cgroup")
+            .arg(self.node.pods_cgroup())
+            .arg("--admin")
+            .arg(ADMIN)
+            .arg("--poll-interval-ms")
+            .arg("50")
+            .env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.agent = Some(self.node.spawn(&mut agent)?);
+        let started = Instant::now();
+        while self.admin_get("/ready").is_err() {
+            if let Some(status) = self.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
+                bail!("the agent exited during start: {status}");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("the agent was not ready within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills the agent (SIGKILL) and waits for it to exit.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        let admin: SocketAddr = ADMIN.parse()?;
+        let path = path.to_string();
+        self.node.in_netns(move || crate::loopback::http_get(admin, &path))?
+    }
+
+    pub fn snapshot_version(&self) -> Result<u64> {
+        let dump: serde_json::Value = serde_json::from_str(&self.admin_get("/config_dump")?)?;
+        dump["version"].as_u64().context("no version in /config_dump")
+    }
+
+    /// Writes (or replaces) a manifest file in the agent's folder and waits until the agent has
+    /// published a table that includes it.
+    pub fn apply(&self, file: &str, yaml: &str) -> Result<()> {
+        self.change(|dir| {
+            let tmp = dir.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, yaml)?;
+            std::fs::rename(&tmp, dir.join(file))
+        })
+    }
+
+    pub fn remove(&self, file: &str) -> Result<()> {
+        self.change(|dir| std::fs::remove_file(dir.join(file)))
+    }
+
+    fn change(&self, edit: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+        let before = self.snapshot_version()?;
+        edit(&self.manifests.0)?;
+        let started = Instant::now();
+        while self.snapshot_version()? == before {
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("the agent did not publish the change within 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// The harness Pod of a simulated Pod.
+    pub fn pod(&self, sim: &SimPod) -> Result<&Pod> {
+        self.pods.iter().find(|(s, _)| s.name == sim.name && s.namespace == sim.namespace).map(|(_, p)| p).context("no such pod")
+    }
+
+    /// Runs `gamma-client` inside `from` (its netns and cgroup, so the kernel redirect applies).
+    pub fn request(&self, from: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
+        let pod = self.pod(from)?;
+        let timeout = Duration::from_secs(15 + request.count as u64 / 10);
+        let output = pod.run_output(Command::new(binary("gamma-client")).args(request.to_args()), timeout)?;
+        if !output.status.success() {
+            bail!("gamma-client failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).context("client output")).collect()
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod features;
 pub mod index;
 pub mod model;
 pub mod proxy;

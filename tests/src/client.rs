@@ -37,7 +37,10 @@ pub struct ClientAnswer {
 impl ClientRequest {
     /// As command-line arguments of `gamma-client`.
     pub fn to_args(&self) -> Vec<String> {
-        vec!["--json".into(), serde_json::to_string(self).expect("serializable")]
+        vec![
+            "--json".into(),
+            serde_json::to_string(self).expect("serializable"),
+        ]
     }
 }
 
@@ -50,11 +53,18 @@ pub async fn run(request: &ClientRequest) -> Vec<ClientAnswer> {
     let client: Client<_, Full<Bytes>> = builder.build_http();
     let mut answers = Vec::with_capacity(request.count);
     for _ in 0..request.count.max(1) {
-        let answer = match tokio::time::timeout(Duration::from_secs(10), once(&client, request)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => ClientAnswer { error: Some(e), ..Default::default() },
-            Err(_) => ClientAnswer { error: Some("timed out after 10 s".into()), ..Default::default() },
-        };
+        let answer =
+            match tokio::time::timeout(Duration::from_secs(10), once(&client, request)).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => ClientAnswer {
+                    error: Some(e),
+                    ..Default::default()
+                },
+                Err(_) => ClientAnswer {
+                    error: Some("timed out after 10 s".into()),
+                    ..Default::default()
+                },
+            };
         answers.push(answer);
     }
     answers
@@ -64,8 +74,15 @@ async fn once(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     request: &ClientRequest,
 ) -> Result<ClientAnswer, String> {
-    let uri: Uri = request.url.parse().map_err(|e| format!("bad url {}: {e}", request.url))?;
-    let method = if request.grpc { "POST" } else { request.method.as_str() };
+    let uri: Uri = request
+        .url
+        .parse()
+        .map_err(|e| format!("bad url {}: {e}", request.url))?;
+    let method = if request.grpc {
+        "POST"
+    } else {
+        request.method.as_str()
+    };
     let mut builder = Request::builder().method(method).uri(uri.clone());
     if let Some(host) = &request.host {
         builder = builder.header(http::header::HOST, host);
@@ -74,20 +91,38 @@ async fn once(
         builder = builder.header(name, value);
     }
     let body = if request.grpc {
-        builder = builder.header("content-type", "application/grpc").header("te", "trailers");
+        builder = builder
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
         Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
     } else {
         Full::new(Bytes::new())
     };
-    let response = client.request(builder.body(body).map_err(|e| e.to_string())?).await.map_err(|e| format!("{e:?}"))?;
+    let response = client
+        .request(builder.body(body).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
     let response_headers = pairs(response.headers());
-    let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    let json = if request.grpc && bytes.len() >= 5 { &bytes[5..] } else { &bytes[..] };
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let json = if request.grpc && bytes.len() >= 5 {
+        &bytes[5..]
+    } else {
+        &bytes[..]
+    };
     let echoed: serde_json::Value = serde_json::from_slice(json).unwrap_or(serde_json::Value::Null);
     let headers_at_backend = echoed["headers"]
         .as_array()
-        .map(|list| list.iter().filter_map(|h| Some((h[0].as_str()?.to_string(), h[1].as_str()?.to_string()))).collect())
+        .map(|list| {
+            list.iter()
+                .filter_map(|h| Some((h[0].as_str()?.to_string(), h[1].as_str()?.to_string())))
+                .collect()
+        })
         .unwrap_or_default();
     Ok(ClientAnswer {
         status,
@@ -100,5 +135,13 @@ async fn once(
 }
 
 fn pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    headers.iter().map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+    headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }

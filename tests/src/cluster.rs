@@ -230,7 +230,10 @@ impl SimCluster {
         let pods: Vec<&SimPod> = self
             .pods
             .iter()
-            .filter(|p| p.namespace == service.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter(|p| {
+                p.namespace == service.namespace
+                    && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            })
             .collect();
         service.manifest["spec"]["ports"]
             .as_array()
@@ -246,7 +249,12 @@ impl SimCluster {
                         .map_or(0, |(_, p)| *p),
                     _ => port,
                 };
-                (port, p["name"].as_str().unwrap_or_default().to_string(), target, pods.iter().map(|p| p.ip).collect())
+                (
+                    port,
+                    p["name"].as_str().unwrap_or_default().to_string(),
+                    target,
+                    pods.iter().map(|p| p.ip).collect(),
+                )
             })
             .collect()
     }
@@ -255,7 +263,11 @@ impl SimCluster {
     fn endpoint_slice(&self, service: &SimService) -> Option<Value> {
         let ports = self.endpoints(service);
         let first = ports.first()?;
-        let pod_name = |ip: &IpAddr| self.pod_by_ip(*ip).map(|p| p.name.clone()).unwrap_or_default();
+        let pod_name = |ip: &IpAddr| {
+            self.pod_by_ip(*ip)
+                .map(|p| p.name.clone())
+                .unwrap_or_default()
+        };
         let endpoints: Vec<Value> = first
             .3
             .iter()
@@ -266,7 +278,10 @@ impl SimCluster {
                 "targetRef": {"kind": "Pod", "name": pod_name(ip), "namespace": service.namespace},
             }))
             .collect();
-        let ports: Vec<Value> = ports.iter().map(|(_, name, target, _)| json!({"name": name, "port": target, "protocol": "TCP"})).collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(_, name, target, _)| json!({"name": name, "port": target, "protocol": "TCP"}))
+            .collect();
         Some(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{}-{}", service.name, suffix(&service.name, 5)), "namespace": service.namespace,

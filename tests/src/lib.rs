@@ -6,8 +6,8 @@ pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod loopback;
-pub mod scenario;
 pub mod node;
+pub mod scenario;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
@@ -50,10 +50,14 @@ pub fn root_required() -> Option<String> {
 }
 
 /// Counts answers per Deployment (the pod name minus its two hash segments, as upstream does).
-pub fn deployment_tally<'a>(pods: impl Iterator<Item = &'a str>) -> std::collections::BTreeMap<String, usize> {
+pub fn deployment_tally<'a>(
+    pods: impl Iterator<Item = &'a str>,
+) -> std::collections::BTreeMap<String, usize> {
     let mut tally = std::collections::BTreeMap::new();
     for pod in pods {
-        *tally.entry(conformance::deployment_of(pod).to_string()).or_default() += 1;
+        *tally
+            .entry(conformance::deployment_of(pod).to_string())
+            .or_default() += 1;
     }
     tally
 }

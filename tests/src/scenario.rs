@@ -48,7 +48,11 @@ fn ipv4(ip: IpAddr) -> Result<Ipv4Addr> {
 
 /// JSON documents as one multi-document YAML text (JSON is YAML).
 pub fn to_yaml(documents: &[serde_json::Value]) -> String {
-    documents.iter().map(|d| serde_json::to_string_pretty(d).expect("json")).collect::<Vec<_>>().join("\n---\n")
+    documents
+        .iter()
+        .map(|d| serde_json::to_string_pretty(d).expect("json"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
 }
 
 impl Scenario {
@@ -72,20 +76,34 @@ impl Scenario {
         }
         for (sim, pod) in &pods {
             if let Some((_, port)) = sim.container_ports.first() {
-                pod.wait_for_port(*port, Duration::from_secs(5)).with_context(|| format!("echo in {}", sim.name))?;
+                pod.wait_for_port(*port, Duration::from_secs(5))
+                    .with_context(|| format!("echo in {}", sim.name))?;
             }
         }
         for service in &cluster.services {
             for (port, _, target, ips) in cluster.endpoints(service) {
-                let endpoints: Vec<(Ipv4Addr, u16)> = ips.iter().filter_map(|ip| ipv4(*ip).ok()).map(|ip| (ip, target)).collect();
+                let endpoints: Vec<(Ipv4Addr, u16)> = ips
+                    .iter()
+                    .filter_map(|ip| ipv4(*ip).ok())
+                    .map(|ip| (ip, target))
+                    .collect();
                 if !endpoints.is_empty() {
                     node.dnat_service(ipv4(service.cluster_ip)?, port, &endpoints)?;
                 }
             }
         }
         let manifests = TempDir::new("scenario");
-        std::fs::write(manifests.0.join("cluster.yaml"), to_yaml(&cluster.manifests()))?;
-        let mut scenario = Scenario { node, cluster, manifests, agent: None, pods };
+        std::fs::write(
+            manifests.0.join("cluster.yaml"),
+            to_yaml(&cluster.manifests()),
+        )?;
+        let mut scenario = Scenario {
+            node,
+            cluster,
+            manifests,
+            agent: None,
+            pods,
+        };
         scenario.start_agent()?;
         Ok(scenario)
     }
@@ -104,13 +122,20 @@ impl Scenario {
             .arg(ADMIN)
             .arg("--poll-interval-ms")
             .arg("50")
-            .env("RUST_LOG", std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         self.agent = Some(self.node.spawn(&mut agent)?);
         let started = Instant::now();
         while self.admin_get("/ready").is_err() {
-            if let Some(status) = self.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten())
+            {
                 bail!("the agent exited during start: {status}");
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -132,12 +157,15 @@ impl Scenario {
     pub fn admin_get(&self, path: &str) -> Result<String> {
         let admin: SocketAddr = ADMIN.parse()?;
         let path = path.to_string();
-        self.node.in_netns(move || crate::loopback::http_get(admin, &path))?
+        self.node
+            .in_netns(move || crate::loopback::http_get(admin, &path))?
     }
 
     pub fn snapshot_version(&self) -> Result<u64> {
         let dump: serde_json::Value = serde_json::from_str(&self.admin_get("/config_dump")?)?;
-        dump["version"].as_u64().context("no version in /config_dump")
+        dump["version"]
+            .as_u64()
+            .context("no version in /config_dump")
     }
 
     /// Writes (or replaces) a manifest file in the agent's folder and waits until the agent has
@@ -169,18 +197,31 @@ impl Scenario {
 
     /// The harness Pod of a simulated Pod.
     pub fn pod(&self, sim: &SimPod) -> Result<&Pod> {
-        self.pods.iter().find(|(s, _)| s.name == sim.name && s.namespace == sim.namespace).map(|(_, p)| p).context("no such pod")
+        self.pods
+            .iter()
+            .find(|(s, _)| s.name == sim.name && s.namespace == sim.namespace)
+            .map(|(_, p)| p)
+            .context("no such pod")
     }
 
     /// Runs `gamma-client` inside `from` (its netns and cgroup, so the kernel redirect applies).
     pub fn request(&self, from: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
         let pod = self.pod(from)?;
         let timeout = Duration::from_secs(15 + request.count as u64 / 10);
-        let output = pod.run_output(Command::new(binary("gamma-client")).args(request.to_args()), timeout)?;
+        let output = pod.run_output(
+            Command::new(binary("gamma-client")).args(request.to_args()),
+            timeout,
+        )?;
         if !output.status.success() {
-            bail!("gamma-client failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "gamma-client failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
-        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).context("client output")).collect()
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).context("client output"))
+            .collect()
     }
 }
 

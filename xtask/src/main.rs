@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test(rest),
         "demo" => demo(),
+        "conformance" => conformance(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -40,10 +41,26 @@ fn demo() -> Result<()> {
     if !util::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    util::step("build the agent, echo backend, client and demo", || util::cargo(&["build", "--bins"]))?;
+    util::step("build the agent, echo backend, client and demo", || {
+        util::cargo(&["build", "--bins"])
+    })?;
     let root = util::workspace_root();
     let demo = root.join("target/debug/gamma-demo");
-    util::run(std::process::Command::new(demo).arg(root.join("demo"))).map_err(|e| anyhow::anyhow!("the demo failed: {e}"))
+    util::run(std::process::Command::new(demo).arg(root.join("demo")))
+        .map_err(|e| anyhow::anyhow!("the demo failed: {e}"))
+}
+
+/// The GAMMA conformance cases end to end on a node of network namespaces
+/// (`tests/src/bin/conformance.rs`); arguments: `[--cases DIR] [--test NAME]`.
+fn conformance(args: &[String]) -> Result<()> {
+    if !util::is_root() {
+        bail!("conformance runs on a node of network namespaces with eBPF: run it as root");
+    }
+    util::step("build the agent, echo backend and client", || {
+        util::cargo(&["build", "--bins"])
+    })?;
+    let runner = util::workspace_root().join("target/debug/gamma-conformance");
+    util::run(std::process::Command::new(runner).args(args))
 }
 
 /// Runs every test of the workspace. Root-only tests decide for themselves whether they can run;

@@ -4,8 +4,12 @@
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let request = match (args.next().as_deref(), args.next()) {
-        (Some("--json"), Some(json)) => serde_json::from_str::<gamma_tests::client::ClientRequest>(&json)?,
-        _ => anyhow::bail!("usage: gamma-client --json '{{\"url\": ..., \"method\": \"GET\", \"count\": 1, ...}}'"),
+        (Some("--json"), Some(json)) => {
+            serde_json::from_str::<gamma_tests::client::ClientRequest>(&json)?
+        }
+        _ => anyhow::bail!(
+            "usage: gamma-client --json '{{\"url\": ..., \"method\": \"GET\", \"count\": 1, ...}}'"
+        ),
     };
     for answer in gamma_tests::client::run(&request).await {
         println!("{}", serde_json::to_string(&answer)?);

@@ -79,9 +79,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         );
     }
     sync(&mut source, &mut index, &metrics)?;
-    readiness
-        .synced_at
-        .store(server::unix_now(), Ordering::Relaxed);
     let proxy = Proxy::new(index.reader(), metrics.clone(), config.proxy.clone());
     let admin = server::spawn(
         config.admin,
@@ -120,6 +117,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         None => None,
         Some(r) => Some(start_redirect(r, &proxy, &index, &drain)?),
     };
+    // Ready: the table is complete and every listener, the redirect included, is serving.
+    readiness.synced_at.store(server::unix_now(), Ordering::Relaxed);
     let watcher = tokio::spawn(watch_manifests(
         source,
         index,

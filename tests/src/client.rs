@@ -31,6 +31,9 @@ pub struct ClientAnswer {
     pub headers_at_backend: Vec<(String, String)>,
     pub path_at_backend: Option<String>,
     pub response_headers: Vec<(String, String)>,
+    /// The peer address the client's socket reports (getpeername): the VIP for a redirected
+    /// connection, thanks to the getpeername programs.
+    pub peer: Option<String>,
     pub error: Option<String>,
 }
 
@@ -104,6 +107,7 @@ async fn once(
         .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
     let response_headers = pairs(response.headers());
+    let peer = response.extensions().get::<hyper_util::client::legacy::connect::HttpInfo>().map(|i| i.remote_addr().to_string());
     let bytes = response
         .into_body()
         .collect()
@@ -130,6 +134,7 @@ async fn once(
         headers_at_backend,
         path_at_backend: echoed["path"].as_str().map(str::to_string),
         response_headers,
+        peer,
         error: None,
     })
 }

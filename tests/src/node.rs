@@ -567,6 +567,13 @@ impl Pod {
         self.place.run_output(cmd, timeout)
     }
 
+    /// Runs `cmd` in this pod's netns but in `impostor`'s cgroup: a process that sends from this
+    /// pod's IP without being this pod (for tests of caller identity).
+    pub fn run_output_impersonated_by(&self, impostor: &Pod, cmd: &mut Command, timeout: Duration) -> Result<Output> {
+        let place = Place { netns: self.place.netns.clone(), cgroup: impostor.place.cgroup.clone(), processes: self.place.processes.clone() };
+        place.run_output(cmd, timeout)
+    }
+
     /// Runs `f` on a thread in the pod's netns. Not in the pod's cgroup (a cgroup holds whole
     /// processes), so cgroup eBPF programs attached for pods do not see it.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {

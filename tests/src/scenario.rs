@@ -206,23 +206,32 @@ impl Scenario {
 
     /// Runs `gamma-client` inside `from` (its netns and cgroup, so the kernel redirect applies).
     pub fn request(&self, from: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
-        let pod = self.pod(from)?;
-        let timeout = Duration::from_secs(15 + request.count as u64 / 10);
-        let output = pod.run_output(
-            Command::new(binary("gamma-client")).args(request.to_args()),
-            timeout,
-        )?;
-        if !output.status.success() {
-            bail!(
-                "gamma-client failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).context("client output"))
-            .collect()
+        let output = self.pod(from)?.run_output(&mut client_command(request), client_timeout(request))?;
+        parse_answers(output)
     }
+
+    /// Runs `gamma-client` in `ip_of`'s netns (so from its IP) but in `impostor`'s cgroup.
+    pub fn request_impersonating(&self, ip_of: &SimPod, impostor: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
+        let output = self.pod(ip_of)?.run_output_impersonated_by(self.pod(impostor)?, &mut client_command(request), client_timeout(request))?;
+        parse_answers(output)
+    }
+}
+
+fn client_command(request: &ClientRequest) -> Command {
+    let mut client = Command::new(binary("gamma-client"));
+    client.args(request.to_args());
+    client
+}
+
+fn client_timeout(request: &ClientRequest) -> Duration {
+    Duration::from_secs(15 + request.count as u64 / 10)
+}
+
+fn parse_answers(output: std::process::Output) -> Result<Vec<ClientAnswer>> {
+    if !output.status.success() {
+        bail!("gamma-client failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).context("client output")).collect()
 }
 
 impl Drop for Scenario {

@@ -117,9 +117,7 @@ pub struct Index {
     /// Routes whose status must be recomputed at the next publish.
     dirty_routes: AHashSet<RouteKey>,
     callers_dirty: bool,
-    /// The compiled state the current snapshot was made from.
-    frontends: AHashMap<ObjectKey, Vec<Arc<Frontend>>>,
-    statuses: BTreeMap<String, Vec<status::ParentStatus>>,
+    tables: Tables,
     current: Arc<Snapshot>,
     published: Arc<ArcSwap<Snapshot>>,
 }
@@ -138,8 +136,7 @@ impl Index {
             dirty_services: AHashSet::new(),
             dirty_routes: AHashSet::new(),
             callers_dirty: false,
-            frontends: AHashMap::new(),
-            statuses: BTreeMap::new(),
+            tables: Tables::default(),
             published: Arc::new(ArcSwap::new(current.clone())),
             current,
         }
@@ -304,7 +301,8 @@ impl Index {
     }
 
     /// Recompiles what changed and publishes a new snapshot if the result differs.
-    /// Returns whether a snapshot was published.
+    /// Returns whether a snapshot was published. The cost is the recompilation of what changed
+    /// plus a shallow copy of the published maps (reference counts, no deep clones).
     pub fn publish(&mut self) -> bool {
         let mut changed = false;
         for key in std::mem::take(&mut self.dirty_services) {
@@ -314,74 +312,92 @@ impl Index {
                 .get(&key)
                 .map(|s| routes::compile_service(s, &self.store))
                 .unwrap_or_default();
-            let old = self
-                .frontends
-                .get(&key)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let old = self.tables.frontends.get(&key).map(|f| &f[..]).unwrap_or_default();
             if old.len() != compiled.len() || old.iter().zip(&compiled).any(|(a, b)| a != b) {
                 changed = true;
-                if compiled.is_empty() {
-                    self.frontends.remove(&key);
-                } else {
-                    self.frontends.insert(key, compiled);
-                }
+                self.tables.replace(key, compiled);
             }
         }
         for key in std::mem::take(&mut self.dirty_routes) {
-            let name = key.to_string();
+            let name: Arc<str> = key.to_string().into();
             let new = self
                 .store
                 .routes
                 .get(&key)
                 .map(|r| status::route_status(r, &self.store))
                 .filter(|s| !s.is_empty());
-            if self.statuses.get(&name) != new.as_ref() {
+            if self.tables.statuses.get(&name).map(|s| &s[..]) != new.as_deref() {
                 changed = true;
                 match new {
-                    Some(s) => self.statuses.insert(name, s),
-                    None => self.statuses.remove(&name),
+                    Some(s) => self.tables.statuses.insert(name, s.into()),
+                    None => self.tables.statuses.remove(&name),
                 };
             }
         }
-        let callers_changed = std::mem::take(&mut self.callers_dirty);
-        if !changed && !callers_changed {
-            return false;
-        }
-        let mut snapshot = Snapshot {
-            version: self.current.version + 1,
-            ..Snapshot::default()
-        };
-        for frontend in self.frontends.values().flatten() {
-            snapshot
-                .by_service
-                .insert((frontend.service.clone(), frontend.port), frontend.clone());
-            for addr in &frontend.addresses {
-                snapshot.by_address.insert(*addr, frontend.clone());
+        if std::mem::take(&mut self.callers_dirty) {
+            let callers = self.callers();
+            if *callers != *self.tables.callers {
+                changed = true;
+                self.tables.callers = callers;
             }
         }
-        snapshot.callers = if callers_changed {
-            self.callers()
-        } else {
-            self.current.callers.clone()
+        if !changed {
+            return false;
+        }
+        let snapshot = Snapshot {
+            version: self.current.version + 1,
+            by_service: self.tables.frontends.clone(),
+            by_address: self.tables.by_address.clone(),
+            callers: self.tables.callers.clone(),
+            statuses: self.tables.statuses.clone(),
         };
-        snapshot.statuses = self.statuses.clone();
         self.current = Arc::new(snapshot);
         self.published.store(self.current.clone());
         true
     }
 
-    fn callers(&self) -> AHashMap<std::net::IpAddr, Arc<Caller>> {
+    fn callers(&self) -> Arc<AHashMap<std::net::IpAddr, Arc<Caller>>> {
         let mut out = AHashMap::new();
         for pod in self.store.pods.values() {
-            let caller = Arc::new(Caller {
-                pod: pod.key.clone(),
-                uid: pod.uid.clone(),
-            });
+            let caller = Arc::new(Caller { pod: pod.key.clone(), uid: pod.uid.clone() });
             for ip in &pod.ips {
                 out.insert(*ip, caller.clone());
             }
         }
-        out
+        Arc::new(out)
+    }
+}
+
+/// The compiled state the current snapshot is a copy of, kept up to date change by change.
+#[derive(Default)]
+struct Tables {
+    frontends: AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>,
+    by_address: AHashMap<std::net::SocketAddr, Arc<Frontend>>,
+    statuses: BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>,
+    callers: Arc<AHashMap<std::net::IpAddr, Arc<Caller>>>,
+}
+
+impl Tables {
+    /// Replaces a Service's frontends and their addresses.
+    fn replace(&mut self, service: ObjectKey, compiled: Vec<Arc<Frontend>>) {
+        if let Some(old) = self.frontends.remove(&service) {
+            for frontend in old.iter() {
+                for addr in &frontend.addresses {
+                    // Another Service may have claimed the address since; leave it to it.
+                    if self.by_address.get(addr).is_some_and(|f| Arc::ptr_eq(f, frontend)) {
+                        self.by_address.remove(addr);
+                    }
+                }
+            }
+        }
+        if compiled.is_empty() {
+            return;
+        }
+        for frontend in &compiled {
+            for addr in &frontend.addresses {
+                self.by_address.insert(*addr, frontend.clone());
+            }
+        }
+        self.frontends.insert(Arc::new(service), compiled.into());
     }
 }

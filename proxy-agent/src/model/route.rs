@@ -98,8 +98,8 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteMatch {
     pub path: PathMatch,
-    pub headers: Vec<ValueMatch>,
-    pub query_params: Vec<ValueMatch>,
+    pub headers: Vec<ValueMatch<HeaderName>>,
+    pub query_params: Vec<ValueMatch<String>>,
     #[serde(serialize_with = "serialize_method")]
     pub method: Option<Method>,
     /// GRPCRoute matches rank by their service and method instead of the path.
@@ -139,17 +139,38 @@ fn serialize_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(r.as_str())
 }
 
-/// A header or query parameter condition.
-#[derive(Clone, Debug, Serialize)]
-pub struct ValueMatch {
-    /// Header names are lower-cased (case-insensitive); query names are kept (case-sensitive).
-    pub name: String,
+/// A header or query parameter condition. Header names are `HeaderName`s (parsed once,
+/// case-insensitive); query parameter names are kept as written (case-sensitive).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueMatch<N> {
+    pub name: N,
     pub value: StringMatch,
 }
 
-impl PartialEq for ValueMatch {
-    fn eq(&self, other: &Self) -> bool {
-        self.name == other.name && self.value == other.value
+impl<N: AsRef<str>> Serialize for ValueMatch<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("ValueMatch", 2)?;
+        st.serialize_field("name", self.name.as_ref())?;
+        st.serialize_field("value", &self.value)?;
+        st.end()
+    }
+}
+
+/// How a match name is read from a manifest.
+pub trait MatchName: Sized + PartialEq {
+    fn parse(name: &str, field: &str) -> Result<Self, Invalid>;
+}
+
+impl MatchName for String {
+    fn parse(name: &str, _: &str) -> Result<Self, Invalid> {
+        Ok(name.to_string())
+    }
+}
+
+impl MatchName for HeaderName {
+    fn parse(name: &str, field: &str) -> Result<Self, Invalid> {
+        header_name(name, field)
     }
 }
 
@@ -708,12 +729,8 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
                 "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
             ));
         }
-        for header_list in rule
-            .matches
-            .iter()
-            .flat_map(|m| [&m.headers, &m.query_params])
-        {
-            if header_list.len() > 16 {
+        for count in rule.matches.iter().flat_map(|m| [m.headers.len(), m.query_params.len()]) {
+            if count > 16 {
                 return Err(invalid(
                     format!("{field}.matches"),
                     "at most 16 header or query parameter matches are allowed",
@@ -724,21 +741,16 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn value_matches<H>(
+fn value_matches<H, N: MatchName>(
     list: Option<&Vec<H>>,
     field: &str,
-    lower_case: bool,
     conv: impl Fn(&H) -> (&String, &String, bool),
-) -> Result<Vec<ValueMatch>, Invalid> {
-    let mut out: Vec<ValueMatch> = Vec::new();
+) -> Result<Vec<ValueMatch<N>>, Invalid> {
+    let mut out: Vec<ValueMatch<N>> = Vec::new();
     for (i, h) in list.into_iter().flatten().enumerate() {
         let (name, value, is_regex) = conv(h);
         let f = format!("{field}[{i}]");
-        let name = if lower_case {
-            name.to_ascii_lowercase()
-        } else {
-            name.clone()
-        };
+        let name = N::parse(name, &f)?;
         // Only the first entry of a duplicated name counts (spec).
         if out.iter().any(|m| m.name == name) {
             continue;
@@ -795,7 +807,7 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                     }
                 }
             };
-            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
+            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
                 (
                     &h.name,
                     &h.value,
@@ -808,7 +820,6 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
             let query_params = value_matches(
                 m.query_params.as_ref(),
                 &format!("{mf}.queryParams"),
-                false,
                 |h| {
                     (
                         &h.name,
@@ -1001,7 +1012,7 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
                     (path, spec)
                 }
             };
-            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), true, |h| {
+            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
                 (
                     &h.name,
                     &h.value,

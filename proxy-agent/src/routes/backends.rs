@@ -3,6 +3,8 @@
 use super::World;
 use crate::model::{BackendRef, EndpointSlice, ObjectKey, Service};
 use serde::Serialize;
+use ahash::AHashMap;
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -49,48 +51,53 @@ impl BackendError {
     }
 }
 
-/// Resolves a backendRef written in a route of `route_namespace`.
-pub fn resolve(
-    reference: &BackendRef,
-    route_namespace: &str,
-    world: &dyn World,
-) -> Result<Arc<Backend>, BackendError> {
-    let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
-    let key = ObjectKey::new(namespace, &reference.name);
-    let shown = format!(
-        "{}/{}",
-        key,
-        reference.port.map_or("-".to_string(), |p| p.to_string())
-    );
-    if !(reference.group.is_empty() && reference.kind == "Service") {
-        return Err(BackendError::InvalidKind(format!(
-            "{}/{} {shown}",
-            reference.group, reference.kind
-        )));
-    }
-    let service = world
-        .service(&key)
-        .ok_or_else(|| BackendError::NotFound(shown.clone()))?;
-    if service.kind == crate::model::ServiceKind::ExternalName {
-        return Err(BackendError::NotAllowed(shown));
-    }
-    let port = reference
-        .port
-        .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-    service_backend(service, port, world).ok_or(BackendError::NoSuchPort(shown))
+/// Resolves backendRefs against the objects. Within one compilation, every reference to the same
+/// Service port (and protocol) shares one `Backend`, so a table holds each endpoint list once.
+pub struct Resolver<'a> {
+    world: &'a dyn World,
+    cache: RefCell<AHashMap<(ObjectKey, u16, bool), Arc<Backend>>>,
 }
 
-/// The backend of `service`'s `port`: what a Service without routes balances over.
-pub fn service_backend(service: &Service, port: u16, world: &dyn World) -> Option<Arc<Backend>> {
-    let service_port = service.port(port)?;
-    let port_name = service_port.name.clone().unwrap_or_default();
-    let endpoints = ready_endpoints(&world.slices(&service.key), &port_name);
-    Some(Arc::new(Backend {
-        service: service.key.clone(),
-        port,
-        endpoints: endpoints.into(),
-        h2c: service_port.is_h2c(),
-    }))
+impl<'a> Resolver<'a> {
+    pub fn new(world: &'a dyn World) -> Self {
+        Resolver { world, cache: RefCell::default() }
+    }
+
+    /// Resolves a backendRef written in a route of `route_namespace`. `h2c` forces HTTP/2
+    /// upstream (GRPCRoute backends) whatever the port's appProtocol says.
+    pub fn resolve(&self, reference: &BackendRef, route_namespace: &str, h2c: bool) -> Result<Arc<Backend>, BackendError> {
+        let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
+        let key = ObjectKey::new(namespace, &reference.name);
+        let shown = format!("{}/{}", key, reference.port.map_or("-".to_string(), |p| p.to_string()));
+        if !(reference.group.is_empty() && reference.kind == "Service") {
+            return Err(BackendError::InvalidKind(format!("{}/{} {shown}", reference.group, reference.kind)));
+        }
+        let service = self.world.service(&key).ok_or_else(|| BackendError::NotFound(shown.clone()))?;
+        if service.kind == crate::model::ServiceKind::ExternalName {
+            return Err(BackendError::NotAllowed(shown));
+        }
+        let port = reference.port.ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
+        self.service_backend(service, port, h2c).ok_or(BackendError::NoSuchPort(shown))
+    }
+
+    /// The backend of `service`'s `port`: what a Service without routes balances over.
+    pub fn service_backend(&self, service: &Service, port: u16, h2c: bool) -> Option<Arc<Backend>> {
+        let cache_key = (service.key.clone(), port, h2c);
+        if let Some(backend) = self.cache.borrow().get(&cache_key) {
+            return Some(backend.clone());
+        }
+        let service_port = service.port(port)?;
+        let port_name = service_port.name.clone().unwrap_or_default();
+        let endpoints = ready_endpoints(&self.world.slices(&service.key), &port_name);
+        let backend = Arc::new(Backend {
+            service: service.key.clone(),
+            port,
+            endpoints: endpoints.into(),
+            h2c: h2c || service_port.is_h2c(),
+        });
+        self.cache.borrow_mut().insert(cache_key, backend.clone());
+        Some(backend)
+    }
 }
 
 /// Ready endpoints of the named port; serving-but-terminating ones when none is ready (as

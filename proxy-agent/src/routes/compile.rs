@@ -2,10 +2,8 @@
 //! conflicts, rule compilation and precedence order.
 
 use super::precedence::RankKey;
-use super::{
-    backends, Backend, BackendError, CompiledRule, Frontend, RouteTable, TableEntry,
-    WeightedBackend, World,
-};
+use super::backends::Resolver;
+use super::{CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
 use crate::model::{BackendRef, Route, RouteKind, Service, ServiceKind, ServicePort};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,15 +60,16 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         return Vec::new();
     }
     let routes = world.routes_on(&service.key);
+    let resolver = Resolver::new(world);
     service
         .ports
         .iter()
         .filter_map(|port| {
-            let direct = backends::service_backend(service, port.port, world)?;
+            let direct = resolver.service_backend(service, port.port, false)?;
             let mut producer = None;
             let mut consumers = BTreeMap::new();
             for (group, routes) in groups(service, port, &routes) {
-                let table = Arc::new(table(&routes, world));
+                let table = Arc::new(table(&routes, &resolver));
                 match group {
                     None => producer = Some(table),
                     Some(ns) => {
@@ -95,13 +94,13 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .collect()
 }
 
-fn table(routes: &[&Route], world: &dyn World) -> RouteTable {
+fn table(routes: &[&Route], resolver: &Resolver<'_>) -> RouteTable {
     let kind = winning_kind(routes);
     let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
     for route in routes.iter().filter(|r| r.kind == kind) {
         let meta = &route.meta;
         for (index, rule) in route.rules.iter().enumerate() {
-            let compiled = Arc::new(compile_rule(route, index, world));
+            let compiled = Arc::new(compile_rule(route, index, resolver));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
@@ -128,32 +127,18 @@ fn table(routes: &[&Route], world: &dyn World) -> RouteTable {
     }
 }
 
-/// Resolves a backendRef of `route`. A GRPCRoute's backends speak HTTP/2 whatever the Service
-/// port's appProtocol says (the spec lets the protocol be inferred from the route type).
-fn resolve(
-    route: &Route,
-    reference: &BackendRef,
-    world: &dyn World,
-) -> Result<Arc<Backend>, BackendError> {
-    let backend = backends::resolve(reference, &route.meta.key.namespace, world)?;
-    if route.kind == RouteKind::Grpc && !backend.h2c {
-        return Ok(Arc::new(Backend {
-            h2c: true,
-            ..(*backend).clone()
-        }));
-    }
-    Ok(backend)
-}
-
-fn compile_rule(route: &Route, index: usize, world: &dyn World) -> CompiledRule {
+fn compile_rule(route: &Route, index: usize, resolver: &Resolver<'_>) -> CompiledRule {
     let rule = &route.rules[index];
-    let resolve_mirror = |b: &BackendRef| resolve(route, b, world).ok();
+    // A GRPCRoute's backends speak HTTP/2 whatever the Service port's appProtocol says (the spec
+    // lets the protocol be inferred from the route type).
+    let resolve = |b: &BackendRef| resolver.resolve(b, &route.meta.key.namespace, route.kind == RouteKind::Grpc);
+    let resolve_mirror = |b: &BackendRef| resolve(b).ok();
     let backends: Vec<WeightedBackend> = rule
         .backends
         .iter()
         .map(|b| WeightedBackend {
             weight: b.weight,
-            backend: resolve(route, b, world),
+            backend: resolve(b),
             filters: b
                 .filters
                 .iter()

@@ -1,7 +1,7 @@
 //! Does a request head satisfy a `matches[]` entry? Pure functions over `http` types.
 
 use crate::model::{PathMatch, RouteMatch, ValueMatch};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 /// The parts of a request that matching reads.
 #[derive(Clone, Copy, Debug)]
@@ -56,8 +56,8 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared.
-fn header_matches(m: &ValueMatch, headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(m.name.as_str()).iter();
+fn header_matches(m: &ValueMatch<HeaderName>, headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(&m.name).iter();
     let Some(first) = values.next() else {
         return false;
     };
@@ -78,7 +78,7 @@ fn header_matches(m: &ValueMatch, headers: &HeaderMap) -> bool {
 }
 
 /// The first occurrence of a query parameter is the one that counts (spec recommendation).
-fn query_matches(m: &ValueMatch, query: Option<&str>) -> bool {
+fn query_matches(m: &ValueMatch<String>, query: Option<&str>) -> bool {
     let Some(query) = query else { return false };
     query
         .split('&')
@@ -158,14 +158,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("Version", "one".parse().unwrap());
         let m = ValueMatch {
-            name: "version".into(),
+            name: HeaderName::from_static("version"),
             value: StringMatch::Exact("one".into()),
         };
         assert!(header_matches(&m, &headers));
         headers.append("version", "two".parse().unwrap());
         assert!(!header_matches(&m, &headers));
         let joined = ValueMatch {
-            name: "version".into(),
+            name: HeaderName::from_static("version"),
             value: StringMatch::Exact("one,two".into()),
         };
         assert!(header_matches(&joined, &headers));
@@ -200,7 +200,7 @@ mod tests {
         let m = RouteMatch {
             path: PathMatch::Prefix("/api".into()),
             headers: vec![ValueMatch {
-                name: "x-env".into(),
+                name: HeaderName::from_static("x-env"),
                 value: StringMatch::Exact("canary".into()),
             }],
             query_params: vec![ValueMatch {

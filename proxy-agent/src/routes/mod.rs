@@ -38,15 +38,15 @@ pub struct Snapshot {
     pub version: u64,
     /// By Service and port (explicit listeners name a Service port).
     #[serde(skip)]
-    pub by_service: AHashMap<(ObjectKey, u16), Arc<Frontend>>,
+    pub by_service: AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>,
     /// By ClusterIP and port: where redirected connections were going.
     #[serde(skip)]
     pub by_address: AHashMap<SocketAddr, Arc<Frontend>>,
     /// Pod IP → the Pod: a caller's identity and namespace.
     #[serde(skip)]
-    pub callers: AHashMap<IpAddr, Arc<Caller>>,
+    pub callers: Arc<AHashMap<IpAddr, Arc<Caller>>>,
     /// Route status, per route and parentRef.
-    pub statuses: BTreeMap<String, Vec<status::ParentStatus>>,
+    pub statuses: BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -61,7 +61,7 @@ impl Snapshot {
     }
 
     pub fn frontend_of(&self, service: &ObjectKey, port: u16) -> Option<&Arc<Frontend>> {
-        self.by_service.get(&(service.clone(), port))
+        self.by_service.get(service)?.iter().find(|f| f.port == port)
     }
 
     pub fn caller(&self, ip: IpAddr) -> Option<&Arc<Caller>> {
@@ -79,7 +79,7 @@ impl Snapshot {
 
     /// Everything, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
-        let mut frontends: Vec<&Arc<Frontend>> = self.by_service.values().collect();
+        let mut frontends: Vec<&Arc<Frontend>> = self.by_service.values().flat_map(|f| f.iter()).collect();
         frontends.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
         let callers: BTreeMap<String, &Caller> = self
             .callers

@@ -94,18 +94,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn m(path: PathMatch, method: bool, headers: usize, query: usize) -> RouteMatch {
-        let values = |n: usize| {
-            (0..n)
-                .map(|i| ValueMatch {
-                    name: format!("h{i}"),
-                    value: StringMatch::Exact("v".into()),
-                })
-                .collect()
-        };
+        let exact = |i: usize| (format!("h{i}"), StringMatch::Exact("v".into()));
         RouteMatch {
             path,
-            headers: values(headers),
-            query_params: values(query),
+            headers: (0..headers).map(exact).map(|(n, value)| ValueMatch { name: n.parse().unwrap(), value }).collect(),
+            query_params: (0..query).map(exact).map(|(name, value)| ValueMatch { name, value }).collect(),
             method: method.then_some(http::Method::GET),
             grpc: None,
         }

@@ -129,6 +129,7 @@ fn accepted(
 /// The first backendRef (or mirror backendRef) that does not resolve, if any.
 fn resolved_refs(route: &Route, world: &dyn World) -> Result<(), backends::BackendError> {
     let namespace = &route.meta.key.namespace;
+    let resolver = backends::Resolver::new(world);
     for rule in &route.rules {
         let filters = rule
             .filters
@@ -138,7 +139,7 @@ fn resolved_refs(route: &Route, world: &dyn World) -> Result<(), backends::Backe
             Filter::Mirror(m) => Some(&m.backend),
             _ => None,
         })) {
-            backends::resolve(reference, namespace, world)?;
+            resolver.resolve(reference, namespace, false)?;
         }
     }
     Ok(())

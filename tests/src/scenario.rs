@@ -36,6 +36,7 @@ pub struct Scenario {
     pub cluster: SimCluster,
     pub manifests: TempDir,
     agent: Option<Child>,
+    agent_args: Vec<String>,
     pods: Vec<(SimPod, Pod)>,
 }
 
@@ -59,6 +60,11 @@ impl Scenario {
     /// Builds the node, starts echo backends in every Pod with container ports, programs the
     /// simulated kube-proxy, writes the cluster's objects and starts the agent.
     pub fn start(name: &str, cluster: SimCluster) -> Result<Scenario> {
+        Self::start_with(name, cluster, Vec::new())
+    }
+
+    /// As `start`, with extra arguments for the agent (e.g. explicit listeners).
+    pub fn start_with(name: &str, cluster: SimCluster, agent_args: Vec<String>) -> Result<Scenario> {
         let mut node = Node::new(name)?;
         let mut pods = Vec::new();
         for sim in &cluster.pods {
@@ -102,6 +108,7 @@ impl Scenario {
             cluster,
             manifests,
             agent: None,
+            agent_args,
             pods,
         };
         scenario.start_agent()?;
@@ -122,6 +129,7 @@ impl Scenario {
             .arg(ADMIN)
             .arg("--poll-interval-ms")
             .arg("50")
+            .args(&self.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),

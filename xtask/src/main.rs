@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: the project's setup, tests, demo and benchmarks.
 //! Every command prints the steps it runs; a failure names the step and what to do.
 
+mod bench;
+mod check_deploy;
 mod setup;
 mod util;
 
@@ -27,7 +29,9 @@ fn main() -> Result<()> {
         "setup" => setup::run(),
         "test" => test(rest),
         "demo" => demo(),
+        "check-deploy" => check_deploy::run(rest),
         "conformance" => conformance(rest),
+        "bench" => bench::run_bench(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())

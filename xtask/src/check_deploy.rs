@@ -1,0 +1,2306 @@
+//! `cargo xtask check-deploy`: the Kubernetes manifests under `deploy/` against the agent binary.
+//!
+//! Every manifest file is parsed (an error names the file, the document and the field). Every
+//! kustomization is rendered by the small renderer below, which knows `resources`, `images` and
+//! `configMapGenerator` (literals) and nothing else: a kustomization using another field is refused,
+//! never half-rendered. Each rendering is then checked against what the binary says about itself
+//! (`proxy-agent --print-rbac`, `proxy-agent --help`):
+//!
+//! - (a) rbac: the ClusterRoles and Roles bound to the DaemonSet's ServiceAccount grant exactly the
+//!   API calls of `--print-rbac` (leases in the agent's namespace only), naming missing and excess
+//!   grants;
+//! - (b) flags: every argument is a flag `--help` lists, with a value exactly when it takes one;
+//!   every `$(VAR)` is an env var of the container; every ConfigMap key it reads exists;
+//! - (c) probes: liveness and startup on /live, readiness on /ready, at the `--admin` host and port;
+//!   declared ports agree with `--admin` and `--redirect`;
+//! - (d) image: the agent's image is the one the kustomization's `images:` sets (in the base: the
+//!   agent's version; beside a demo script: the image the script builds);
+//! - (e) grace: terminationGracePeriodSeconds exceeds `--drain-timeout-s`;
+//! - (f) security: not privileged, read-only root filesystem, capabilities drop ALL and add exactly
+//!   [`DOCUMENTED_CAPABILITIES`], read-only host paths, no hostPID/hostIPC;
+//! - (g) cgroup: `--cgroup` resolves to a directory under the host's /sys/fs/cgroup, mounted there.
+
+use crate::util;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "\
+usage: cargo xtask check-deploy [--agent BIN] [--rbac-json FILE] [--agent-help FILE]
+
+Checks every manifest under deploy/ against the agent. By default the agent's API calls and flags
+come from `cargo run -q -p proxy-agent -- --print-rbac` and `-- --help`.
+  --agent BIN        run this proxy-agent binary instead
+  --rbac-json FILE   the API calls, as `proxy-agent --print-rbac` prints them: a JSON array of
+                     {\"apiGroup\": \"...\", \"resource\": \"...\", \"verbs\": [\"...\"]}
+  --agent-help FILE  the text `proxy-agent --help` prints
+";
+
+/// The capabilities the agent's container adds, and why; deploy/base/daemonset.yaml says the same.
+/// CAP_BPF and CAP_PERFMON are not listed: the kernel accepts CAP_SYS_ADMIN wherever it asks for them.
+pub const DOCUMENTED_CAPABILITIES: &[(&str, &str)] = &[
+    (
+        "NET_ADMIN",
+        "loading cgroup sock_addr/sock_ops programs, creating the SOCKMAP and BPF_PROG_QUERY on the \
+         cgroup (older kernels accept only CAP_NET_ADMIN for the last two)",
+    ),
+    (
+        "SYS_ADMIN",
+        "finding and detaching a predecessor's programs on the cgroup (BPF_PROG_GET_NEXT_ID, \
+         BPF_LINK_GET_FD_BY_ID: CAP_SYS_ADMIN only)",
+    ),
+];
+
+/// API resources the agent uses only in its own namespace (POD_NAMESPACE): granted by a Role there.
+const OWN_NAMESPACE_RESOURCES: &[(&str, &str)] = &[("coordination.k8s.io", "leases")];
+
+/// The host's cgroup v2 hierarchy, which the agent must see at the same path.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Kubernetes' default when terminationGracePeriodSeconds is not set.
+const DEFAULT_GRACE_SECONDS: i64 = 30;
+
+pub fn run(args: &[String]) -> Result<()> {
+    let Some(options) = Options::parse(args)? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let root = util::workspace_root();
+    let facts = AgentFacts::gather(&options, &root);
+    let mut report = Report::default();
+    check_folder(&root, &facts, &mut report)?;
+    println!(
+        "check-deploy: {} passed, {} failed",
+        report.passed, report.failed
+    );
+    if report.failed > 0 {
+        bail!(
+            "{} deploy check(s) failed (details above; each names the file and field)",
+            report.failed
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options and what the agent says about itself
+
+#[derive(Default, Debug)]
+struct Options {
+    agent: Option<PathBuf>,
+    rbac_json: Option<PathBuf>,
+    agent_help: Option<PathBuf>,
+}
+
+impl Options {
+    /// `None` for --help.
+    fn parse(args: &[String]) -> Result<Option<Self>> {
+        let mut options = Options::default();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) => (flag, Some(value.to_owned())),
+                None => (arg.as_str(), None),
+            };
+            if matches!(flag, "-h" | "--help") {
+                return Ok(None);
+            }
+            let slot = match flag {
+                "--agent" => &mut options.agent,
+                "--rbac-json" => &mut options.rbac_json,
+                "--agent-help" => &mut options.agent_help,
+                other => bail!("check-deploy: unknown option `{other}`\n{USAGE}"),
+            };
+            let value = inline
+                .or_else(|| args.next().cloned())
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+            *slot = Some(PathBuf::from(value));
+        }
+        Ok(Some(options))
+    }
+}
+
+/// One API call of the agent, as `proxy-agent --print-rbac` prints it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiCall {
+    #[serde(rename = "apiGroup")]
+    pub api_group: String,
+    pub resource: String,
+    pub verbs: Vec<String>,
+}
+
+/// A long flag of `proxy-agent --help`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FlagInfo {
+    takes_value: bool,
+    default: Option<String>,
+}
+
+type Help = BTreeMap<String, FlagInfo>;
+
+struct AgentFacts {
+    /// Where the facts came from, for the report.
+    origin: String,
+    help: Result<Help, String>,
+    rbac: Result<Vec<ApiCall>, String>,
+    version: Result<String, String>,
+}
+
+impl AgentFacts {
+    fn gather(options: &Options, root: &Path) -> Self {
+        let run_agent = |arg: &str| -> Result<String, String> {
+            let mut command = match &options.agent {
+                Some(binary) => Command::new(binary),
+                None => {
+                    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                    let mut c = Command::new(cargo);
+                    c.args(["run", "-q", "-p", "proxy-agent", "--"]);
+                    c.current_dir(root);
+                    c
+                }
+            };
+            command.arg(arg);
+            util::output(&mut command).map_err(|e| format!("{e:#}"))
+        };
+        let origin = match &options.agent {
+            Some(binary) => binary.display().to_string(),
+            None => "`cargo run -q -p proxy-agent`".into(),
+        };
+        let help = match &options.agent_help {
+            Some(file) => read(file),
+            None => run_agent("--help"),
+        }
+        .map(|text| parse_help(&text));
+        let rbac = match &options.rbac_json {
+            Some(file) => read(file),
+            None => run_agent("--print-rbac").map_err(|e| {
+                format!(
+                    "{e}\n         (until the agent has --print-rbac, pass its API calls with \
+                     --rbac-json FILE)"
+                )
+            }),
+        }
+        .and_then(|json| parse_rbac_json(&json));
+        AgentFacts {
+            origin,
+            help,
+            rbac,
+            version: agent_version(root),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+fn parse_rbac_json(json: &str) -> Result<Vec<ApiCall>, String> {
+    let calls: Vec<ApiCall> = serde_json::from_str(json)
+        .map_err(|e| format!("the --print-rbac JSON does not parse: {e}"))?;
+    if let Some(call) = calls.iter().find(|c| c.verbs.is_empty()) {
+        return Err(format!(
+            "the --print-rbac JSON lists {} with no verbs",
+            resource_name(&call.api_group, &call.resource)
+        ));
+    }
+    Ok(calls)
+}
+
+/// The long flags of a clap `--help` text: which take a value, and their defaults.
+fn parse_help(text: &str) -> Help {
+    let mut flags = Help::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let is_option_line = trimmed.starts_with("--")
+            || (trimmed.starts_with('-')
+                && trimmed
+                    .chars()
+                    .nth(1)
+                    .is_some_and(|c| c.is_ascii_alphanumeric()));
+        if is_option_line {
+            // Short help puts the description on the same line, after two spaces.
+            let head = trimmed.split("  ").next().unwrap_or(trimmed);
+            current = None;
+            for token in head.split([',', ' ']) {
+                let Some(name) = token.strip_prefix("--") else {
+                    continue;
+                };
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .collect();
+                if name.is_empty() {
+                    continue;
+                }
+                flags.insert(
+                    name.clone(),
+                    FlagInfo {
+                        takes_value: head.contains('<'),
+                        default: None,
+                    },
+                );
+                current = Some(name);
+            }
+        }
+        if let (Some(name), Some(rest)) = (&current, line.split("[default: ").nth(1)) {
+            if let (Some(flag), Some(value)) = (flags.get_mut(name), rest.split(']').next()) {
+                flag.default = Some(value.to_owned());
+            }
+        }
+    }
+    flags
+}
+
+/// proxy-agent's version, from its Cargo.toml.
+fn agent_version(root: &Path) -> Result<String, String> {
+    let manifest = root.join("proxy-agent/Cargo.toml");
+    let text = read(&manifest)?;
+    let mut in_package = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if let Some(value) = line.strip_prefix("version").filter(|_| in_package) {
+            if let Some(version) = value.trim().strip_prefix('=') {
+                return Ok(version.trim().trim_matches('"').to_owned());
+            }
+        }
+    }
+    Err(format!("{} has no [package] version", manifest.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+type Outcome = Result<String, Vec<String>>;
+
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: usize,
+}
+
+impl Report {
+    fn record(&mut self, label: &str, outcome: Outcome) {
+        match outcome {
+            Ok(summary) => {
+                self.passed += 1;
+                println!("PASS {label}: {summary}");
+            }
+            Err(problems) => {
+                self.failed += 1;
+                println!("FAIL {label}:");
+                for problem in problems {
+                    println!("       - {problem}");
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests: documents and fields with their location
+
+#[derive(Clone, Debug)]
+struct Doc {
+    /// "deploy/base/rbac.yaml, document 2" or "deploy/base/kustomization.yaml, configMapGenerator[0]".
+    source: String,
+    value: Value,
+}
+
+impl Doc {
+    fn root(&self) -> Node<'_> {
+        Node {
+            doc: self,
+            value: &self.value,
+            path: String::new(),
+        }
+    }
+
+    fn kind(&self) -> &str {
+        self.value.get("kind").and_then(Value::as_str).unwrap_or("")
+    }
+
+    fn name(&self) -> &str {
+        self.meta("name")
+    }
+
+    fn namespace(&self) -> &str {
+        self.meta("namespace")
+    }
+
+    fn meta(&self, field: &str) -> &str {
+        self.value
+            .get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    fn describe(&self) -> String {
+        match self.namespace() {
+            "" => format!("{} {}", self.kind(), self.name()),
+            ns => format!("{} {ns}/{}", self.kind(), self.name()),
+        }
+    }
+}
+
+/// A field of a document, with its path for error messages.
+#[derive(Clone)]
+struct Node<'a> {
+    doc: &'a Doc,
+    value: &'a Value,
+    path: String,
+}
+
+impl<'a> Node<'a> {
+    fn err(&self, message: impl std::fmt::Display) -> String {
+        let path = if self.path.is_empty() {
+            "(the document)"
+        } else {
+            &self.path
+        };
+        format!("{}, {path}: {message}", self.doc.source)
+    }
+
+    fn child(&self, key: &str, value: &'a Value) -> Node<'a> {
+        let path = if self.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.path)
+        };
+        Node {
+            doc: self.doc,
+            value,
+            path,
+        }
+    }
+
+    /// The field `key` of this mapping; `None` if absent or null.
+    fn get(&self, key: &str) -> Result<Option<Node<'a>>, String> {
+        let map = self
+            .value
+            .as_mapping()
+            .ok_or_else(|| self.err("expected a mapping"))?;
+        Ok(map
+            .get(key)
+            .filter(|v| !v.is_null())
+            .map(|v| self.child(key, v)))
+    }
+
+    fn req(&self, key: &str) -> Result<Node<'a>, String> {
+        self.get(key)?
+            .ok_or_else(|| self.child(key, &Value::Null).err("missing"))
+    }
+
+    fn str(&self) -> Result<&'a str, String> {
+        self.value
+            .as_str()
+            .ok_or_else(|| self.err("expected a string"))
+    }
+
+    fn int(&self) -> Result<i64, String> {
+        self.value
+            .as_i64()
+            .ok_or_else(|| self.err("expected an integer"))
+    }
+
+    fn bool(&self) -> Result<bool, String> {
+        self.value
+            .as_bool()
+            .ok_or_else(|| self.err("expected true or false"))
+    }
+
+    fn items(&self) -> Result<Vec<Node<'a>>, String> {
+        let seq = self
+            .value
+            .as_sequence()
+            .ok_or_else(|| self.err("expected a list"))?;
+        Ok(seq
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Node {
+                doc: self.doc,
+                value: v,
+                path: format!("{}[{i}]", self.path),
+            })
+            .collect())
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, String> {
+        self.get(key)?.map(|n| n.str()).transpose()
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, String> {
+        self.get(key)?.map(|n| n.bool()).transpose()
+    }
+
+    fn list(&self, key: &str) -> Result<Vec<Node<'a>>, String> {
+        Ok(match self.get(key)? {
+            Some(n) => n.items()?,
+            None => Vec::new(),
+        })
+    }
+
+    fn str_list(&self, key: &str) -> Result<Vec<&'a str>, String> {
+        self.list(key)?.iter().map(Node::str).collect()
+    }
+}
+
+fn display(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// The documents of a YAML file (empty documents skipped).
+fn parse_documents(text: &str, file: &str) -> Result<Vec<Doc>, String> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let source = format!("{file}, document {}", i + 1);
+        let value = Value::deserialize(de).map_err(|e| format!("{source}: {e}"))?;
+        if !value.is_null() {
+            docs.push(Doc { source, value });
+        }
+    }
+    Ok(docs)
+}
+
+/// Configuration files that are not Kubernetes objects (no metadata.name).
+fn is_config_file(doc: &Doc) -> bool {
+    let api_version = doc
+        .value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    api_version.starts_with("kustomize.config.k8s.io/") || api_version.starts_with("kind.x-k8s.io/")
+}
+
+/// Parses every YAML file under `dir`: each document must be an object with apiVersion, kind and
+/// metadata.name (configuration files need no metadata).
+fn parse_all(dir: &Path, root: &Path) -> Outcome {
+    let mut files = Vec::new();
+    collect_yaml(dir, &mut files).map_err(|e| vec![format!("{}: {e}", dir.display())])?;
+    let mut problems = Vec::new();
+    let mut documents = 0;
+    for file in &files {
+        let name = display(file, root);
+        let docs = match read(file).and_then(|text| parse_documents(&text, &name)) {
+            Ok(docs) => docs,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        documents += docs.len();
+        for doc in &docs {
+            let node = doc.root();
+            let mut fields = vec!["apiVersion", "kind"];
+            if !is_config_file(doc) {
+                fields.push("metadata");
+            }
+            for field in fields {
+                if let Err(e) = node.req(field).and_then(|n| match field {
+                    "metadata" => n.req("name").and_then(|n| n.str()).map(drop),
+                    _ => n.str().map(drop),
+                }) {
+                    problems.push(e);
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "{} files, {documents} documents under {}",
+            files.len(),
+            display(dir, root)
+        ))
+    } else {
+        Err(problems)
+    }
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_yaml(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kustomize renderer: resources, images, configMapGenerator
+
+const KUSTOMIZATION_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "resources",
+    "images",
+    "configMapGenerator",
+];
+
+#[derive(Debug, Clone)]
+struct ImageRule {
+    /// "deploy/kind/kustomization.yaml, images[0]".
+    source: String,
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+    digest: Option<String>,
+}
+
+#[derive(Default, Debug)]
+struct Rendered {
+    docs: Vec<Doc>,
+    /// For each container whose image an `images:` rule set ("<doc source> <field path>"), the
+    /// rules that set it, innermost first.
+    image_rules: BTreeMap<String, Vec<ImageRule>>,
+    /// Rules that matched no container image (a typo leaves the image unchanged).
+    unmatched_images: Vec<String>,
+    /// (namespace, name) of the ConfigMaps a generator made.
+    generated: BTreeSet<(String, String)>,
+}
+
+fn kustomization_file(dir: &Path) -> Option<PathBuf> {
+    ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+fn render(dir: &Path, root: &Path) -> Result<Rendered, Vec<String>> {
+    render_at(dir, root, 0)
+}
+
+fn render_at(dir: &Path, root: &Path, depth: usize) -> Result<Rendered, Vec<String>> {
+    let file = kustomization_file(dir)
+        .ok_or_else(|| vec![format!("{}: no kustomization.yaml", display(dir, root))])?;
+    if depth > 8 {
+        return Err(vec![format!(
+            "{}: resources nest deeper than 8 levels (a cycle?)",
+            display(&file, root)
+        )]);
+    }
+    let name = display(&file, root);
+    let text = read(&file).map_err(|e| vec![e])?;
+    let docs = parse_documents(&text, &name).map_err(|e| vec![e])?;
+    let [kustomization] = docs.as_slice() else {
+        return Err(vec![format!("{name}: expected one document")]);
+    };
+    let k = kustomization.root();
+    let mut problems = Vec::new();
+    let mut rendered = Rendered::default();
+    let fields = k
+        .value
+        .as_mapping()
+        .ok_or_else(|| vec![k.err("expected a mapping")])?;
+    for key in fields.keys() {
+        let key = key.as_str().unwrap_or("?");
+        if !KUSTOMIZATION_FIELDS.contains(&key) {
+            problems.push(k.child(key, &Value::Null).err(format!(
+                "check-deploy's renderer implements only {}; keep the kustomization to those \
+                 or extend xtask/src/check_deploy.rs",
+                KUSTOMIZATION_FIELDS[2..].join(", ")
+            )));
+        }
+    }
+
+    // resources: files and folders (other kustomizations), in order.
+    for resource in k.list("resources").map_err(|e| vec![e])? {
+        let entry = match resource.str() {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        if entry.contains("://") || entry.starts_with("github.com/") {
+            problems.push(resource.err("remote resources are not rendered by check-deploy"));
+            continue;
+        }
+        let path = dir.join(entry);
+        if path.is_dir() {
+            match render_at(&path, root, depth + 1) {
+                Ok(inner) => {
+                    rendered.docs.extend(inner.docs);
+                    for (container, rules) in inner.image_rules {
+                        rendered
+                            .image_rules
+                            .entry(container)
+                            .or_default()
+                            .extend(rules);
+                    }
+                    rendered.unmatched_images.extend(inner.unmatched_images);
+                    rendered.generated.extend(inner.generated);
+                }
+                Err(e) => problems.extend(e),
+            }
+        } else {
+            match read(&path).and_then(|text| parse_documents(&text, &display(&path, root))) {
+                Ok(docs) => rendered.docs.extend(docs),
+                Err(e) => problems.push(resource.err(e)),
+            }
+        }
+    }
+
+    if let Err(e) = generate_config_maps(&k, &mut rendered) {
+        problems.extend(e);
+    }
+    match image_rules(&k) {
+        Ok(rules) => apply_images(&rules, &mut rendered),
+        Err(e) => problems.extend(e),
+    }
+    if problems.is_empty() {
+        Ok(rendered)
+    } else {
+        Err(problems)
+    }
+}
+
+fn generate_config_maps(k: &Node<'_>, rendered: &mut Rendered) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for generator in k.list("configMapGenerator").map_err(|e| vec![e])? {
+        let result = (|| -> Result<(), String> {
+            let map = generator
+                .value
+                .as_mapping()
+                .ok_or_else(|| generator.err("expected a mapping"))?;
+            for key in map.keys().filter_map(Value::as_str) {
+                if !["name", "namespace", "behavior", "literals"].contains(&key) {
+                    return Err(generator.child(key, &Value::Null).err(
+                        "check-deploy's renderer implements name, namespace, behavior and \
+                         literals only",
+                    ));
+                }
+            }
+            let name = generator.req("name")?.str()?.to_owned();
+            let namespace = generator.opt_str("namespace")?.unwrap_or("").to_owned();
+            let behavior = generator.opt_str("behavior")?.unwrap_or("create");
+            let mut data = Mapping::new();
+            for literal in generator.list("literals")? {
+                let (key, value) = literal
+                    .str()?
+                    .split_once('=')
+                    .ok_or_else(|| literal.err("expected KEY=VALUE"))?;
+                data.insert(Value::from(key), Value::from(value));
+            }
+            let id = (namespace.clone(), name.clone());
+            let existing = rendered.docs.iter_mut().find(|d| {
+                d.kind() == "ConfigMap" && d.name() == name && d.namespace() == namespace
+            });
+            match (behavior, existing) {
+                ("create", None) => {
+                    let mut metadata = Mapping::new();
+                    metadata.insert("name".into(), name.clone().into());
+                    if !namespace.is_empty() {
+                        metadata.insert("namespace".into(), namespace.clone().into());
+                    }
+                    let mut object = Mapping::new();
+                    object.insert("apiVersion".into(), "v1".into());
+                    object.insert("kind".into(), "ConfigMap".into());
+                    object.insert("metadata".into(), Value::Mapping(metadata));
+                    object.insert("data".into(), Value::Mapping(data));
+                    rendered.docs.push(Doc {
+                        source: generator.doc.source.replace(", document 1", "")
+                            + &format!(", {}", generator.path),
+                        value: Value::Mapping(object),
+                    });
+                    rendered.generated.insert(id);
+                }
+                ("create", Some(_)) => {
+                    return Err(generator.err(format!(
+                        "ConfigMap {namespace}/{name} exists already (use behavior: merge)"
+                    )))
+                }
+                ("merge" | "replace", Some(doc)) if rendered.generated.contains(&id) => {
+                    let old = doc
+                        .value
+                        .get_mut("data")
+                        .and_then(Value::as_mapping_mut)
+                        .expect("generated ConfigMaps have data");
+                    if behavior == "replace" {
+                        old.clear();
+                    }
+                    old.extend(data);
+                    doc.source += &format!(
+                        " + {}, {}",
+                        generator.doc.source.replace(", document 1", ""),
+                        generator.path
+                    );
+                }
+                ("merge" | "replace", _) => {
+                    return Err(generator.err(format!(
+                        "behavior {behavior}: no generated ConfigMap {namespace}/{name} in the \
+                         resources"
+                    )))
+                }
+                (other, _) => {
+                    return Err(generator
+                        .child("behavior", &Value::Null)
+                        .err(format!("`{other}`: expected create, merge or replace")))
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            problems.push(e);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn image_rules(k: &Node<'_>) -> Result<Vec<ImageRule>, Vec<String>> {
+    let mut rules = Vec::new();
+    let mut problems = Vec::new();
+    for entry in k.list("images").map_err(|e| vec![e])? {
+        let rule = (|| -> Result<ImageRule, String> {
+            if let Some(map) = entry.value.as_mapping() {
+                for key in map.keys().filter_map(Value::as_str) {
+                    if !["name", "newName", "newTag", "digest"].contains(&key) {
+                        return Err(entry.child(key, &Value::Null).err("unknown images field"));
+                    }
+                }
+            }
+            Ok(ImageRule {
+                source: format!(
+                    "{}, {}",
+                    entry.doc.source.replace(", document 1", ""),
+                    entry.path
+                ),
+                name: entry.req("name")?.str()?.to_owned(),
+                new_name: entry.opt_str("newName")?.map(str::to_owned),
+                new_tag: entry.opt_str("newTag")?.map(str::to_owned),
+                digest: entry.opt_str("digest")?.map(str::to_owned),
+            })
+        })();
+        match rule {
+            Ok(rule) => rules.push(rule),
+            Err(e) => problems.push(e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(rules)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Where the pod spec of a workload kind is.
+fn pod_spec_path(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Pod" => Some(&["spec"]),
+        "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+            Some(&["spec", "template", "spec"])
+        }
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template", "spec"]),
+        _ => None,
+    }
+}
+
+/// Splits an image reference into name, tag and digest.
+fn split_image(image: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (image, None),
+    };
+    let last = rest.rfind('/').map_or(0, |i| i + 1);
+    match rest[last..].rfind(':') {
+        Some(i) => (&rest[..last + i], Some(&rest[last + i + 1..]), digest),
+        None => (rest, None, digest),
+    }
+}
+
+/// What an `images:` rule makes of `image`, if it applies to it (kustomize's image transformer).
+fn transform_image(image: &str, rule: &ImageRule) -> Option<String> {
+    let (name, tag, digest) = split_image(image);
+    if name != rule.name {
+        return None;
+    }
+    let name = rule.new_name.as_deref().unwrap_or(name);
+    Some(match (&rule.digest, &rule.new_tag, tag, digest) {
+        (Some(d), _, _, _) => format!("{name}@{d}"),
+        (None, Some(t), _, _) => format!("{name}:{t}"),
+        (None, None, _, Some(d)) => format!("{name}@{d}"),
+        (None, None, Some(t), None) => format!("{name}:{t}"),
+        (None, None, None, None) => name.to_owned(),
+    })
+}
+
+fn apply_images(rules: &[ImageRule], rendered: &mut Rendered) {
+    let mut matched = vec![false; rules.len()];
+    for doc in &mut rendered.docs {
+        let Some(path) = pod_spec_path(doc.kind()) else {
+            continue;
+        };
+        let source = doc.source.clone();
+        let mut spec = Some(&mut doc.value);
+        for key in path {
+            spec = spec.and_then(|v| v.get_mut(*key));
+        }
+        let Some(spec) = spec else {
+            continue;
+        };
+        for list in ["initContainers", "containers"] {
+            let Some(containers) = spec.get_mut(list).and_then(Value::as_sequence_mut) else {
+                continue;
+            };
+            for (i, container) in containers.iter_mut().enumerate() {
+                let Some(image) = container.get_mut("image") else {
+                    continue;
+                };
+                for (rule, matched) in rules.iter().zip(matched.iter_mut()) {
+                    let Some(new) = image.as_str().and_then(|i| transform_image(i, rule)) else {
+                        continue;
+                    };
+                    *image = Value::from(new);
+                    *matched = true;
+                    let key = format!("{source}, {}.{list}[{i}]", path.join("."));
+                    rendered
+                        .image_rules
+                        .entry(key)
+                        .or_default()
+                        .push(rule.clone());
+                }
+            }
+        }
+    }
+    for (rule, matched) in rules.iter().zip(matched) {
+        if !matched {
+            rendered.unmatched_images.push(format!(
+                "{}: no container image is named `{}`, so this rule changes nothing",
+                rule.source, rule.name
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks
+
+/// Parses every manifest under deploy/, then renders and checks every kustomization.
+fn check_folder(root: &Path, facts: &AgentFacts, report: &mut Report) -> Result<()> {
+    let deploy = root.join("deploy");
+    if !deploy.is_dir() {
+        bail!("{} does not exist", deploy.display());
+    }
+    println!(
+        "check-deploy: the manifests under deploy/ against {}",
+        facts.origin
+    );
+    report.record("parse", parse_all(&deploy, root));
+    let mut dirs = Vec::new();
+    find_kustomizations(&deploy, &mut dirs)?;
+    for dir in dirs {
+        let label = display(&dir, root);
+        match render(&dir, root) {
+            Ok(rendered) => {
+                report.record(
+                    &format!("{label}: render"),
+                    Ok(format!("{} objects", rendered.docs.len())),
+                );
+                for (name, outcome) in check_rendered(&dir, root, &rendered, facts) {
+                    report.record(&format!("{label}: {name}"), outcome);
+                }
+            }
+            Err(problems) => report.record(&format!("{label}: render"), Err(problems)),
+        }
+    }
+    Ok(())
+}
+
+fn find_kustomizations(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if kustomization_file(dir).is_some() {
+        out.push(dir.to_owned());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for entry in entries {
+        find_kustomizations(&entry, out)?;
+    }
+    Ok(())
+}
+
+/// Where a container's env var comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum EnvSource {
+    Literal(String),
+    /// The downward API: known only at run time.
+    Field(String),
+    ConfigMap(String),
+    /// A ConfigMap key that is not in the rendered manifests, or another source.
+    Unknown(String),
+}
+
+/// The DaemonSet's agent container and what the checks need to know about it.
+struct Agent<'a> {
+    daemonset: &'a Doc,
+    pod_spec: Node<'a>,
+    container: Node<'a>,
+    args: Vec<Node<'a>>,
+    env: BTreeMap<String, EnvSource>,
+    /// Problems found while reading the env (for the flags check).
+    env_problems: Vec<String>,
+}
+
+impl<'a> Agent<'a> {
+    fn find(rendered: &'a Rendered) -> Result<Self, String> {
+        let daemonsets: Vec<&Doc> = rendered
+            .docs
+            .iter()
+            .filter(|d| d.kind() == "DaemonSet")
+            .collect();
+        let [daemonset] = daemonsets[..] else {
+            return Err(format!(
+                "expected one DaemonSet, found {}",
+                daemonsets.len()
+            ));
+        };
+        let pod_spec = daemonset
+            .root()
+            .req("spec")
+            .and_then(|s| s.req("template"))
+            .and_then(|t| t.req("spec"))?;
+        let containers = pod_spec.req("containers")?.items()?;
+        let container = match containers.as_slice() {
+            [only] => only.clone(),
+            many => many
+                .iter()
+                .find(|c| c.opt_str("name").ok().flatten() == Some("proxy-agent"))
+                .cloned()
+                .ok_or_else(|| pod_spec.err("no container named proxy-agent"))?,
+        };
+        let args = container.list("args")?;
+        let mut env = BTreeMap::new();
+        let mut env_problems = Vec::new();
+        let namespace = daemonset.namespace();
+        for var in container.list("env")? {
+            let name = var.req("name")?.str()?.to_owned();
+            let source = match (var.opt_str("value")?, var.get("valueFrom")?) {
+                (Some(value), _) => EnvSource::Literal(value.to_owned()),
+                (None, Some(from)) => {
+                    if let Some(field) = from.get("fieldRef")? {
+                        EnvSource::Field(field.req("fieldPath")?.str()?.to_owned())
+                    } else if let Some(key_ref) = from.get("configMapKeyRef")? {
+                        let cm = key_ref.req("name")?.str()?;
+                        let key = key_ref.req("key")?.str()?;
+                        match config_map_value(rendered, namespace, cm, key) {
+                            Some(value) => EnvSource::ConfigMap(value),
+                            None => {
+                                env_problems.push(key_ref.err(format!(
+                                    "no key {key} in a ConfigMap {namespace}/{cm} of the \
+                                     rendered manifests"
+                                )));
+                                EnvSource::Unknown(format!("{cm}/{key}"))
+                            }
+                        }
+                    } else {
+                        EnvSource::Unknown(from.path.clone())
+                    }
+                }
+                (None, None) => EnvSource::Literal(String::new()),
+            };
+            env.insert(name, source);
+        }
+        Ok(Agent {
+            daemonset,
+            pod_spec,
+            container,
+            args,
+            env,
+            env_problems,
+        })
+    }
+
+    /// The flags of the args as (name, value): `--x=v`, or `--x v` when the next arg is no flag.
+    fn flags(&self) -> Vec<(String, Option<String>)> {
+        let args: Vec<&str> = self.args.iter().filter_map(|a| a.value.as_str()).collect();
+        let mut flags = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            if let Some(flag) = args[i].strip_prefix("--") {
+                match flag.split_once('=') {
+                    Some((name, value)) => flags.push((name.to_owned(), Some(value.to_owned()))),
+                    None => {
+                        let value = args.get(i + 1).filter(|v| !v.starts_with('-'));
+                        flags.push((flag.to_owned(), value.map(|v| (*v).to_owned())));
+                        i += usize::from(value.is_some());
+                    }
+                }
+            }
+            i += 1;
+        }
+        flags
+    }
+
+    /// The value of `--name`, else the default `--help` gives; `$(VAR)`s expanded where the
+    /// manifests know their value.
+    fn flag_value(&self, name: &str, help: Option<&Help>) -> Option<String> {
+        let explicit = self
+            .flags()
+            .into_iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v);
+        explicit
+            .or_else(|| {
+                help.and_then(|h| h.get(name))
+                    .and_then(|f| f.default.clone())
+            })
+            .map(|v| self.expand(&v))
+    }
+
+    /// Replaces `$(VAR)` by the env var's value; run-time values become `<fieldPath>`.
+    fn expand(&self, text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("$(") {
+            out.push_str(&rest[..start]);
+            let Some(end) = rest[start..].find(')') else {
+                break;
+            };
+            let name = &rest[start + 2..start + end];
+            match self.env.get(name) {
+                Some(EnvSource::Literal(v) | EnvSource::ConfigMap(v)) => out.push_str(v),
+                Some(EnvSource::Field(f)) => out.push_str(&format!("<{f}>")),
+                _ => out.push_str(&rest[start..start + end + 1]),
+            }
+            rest = &rest[start + end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+fn config_map_value(rendered: &Rendered, namespace: &str, name: &str, key: &str) -> Option<String> {
+    rendered
+        .docs
+        .iter()
+        .find(|d| d.kind() == "ConfigMap" && d.name() == name && d.namespace() == namespace)
+        .and_then(|d| d.value.get("data"))
+        .and_then(|data| data.get(key))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+fn check_rendered(
+    dir: &Path,
+    root: &Path,
+    rendered: &Rendered,
+    facts: &AgentFacts,
+) -> Vec<(&'static str, Outcome)> {
+    let agent = match Agent::find(rendered) {
+        Ok(agent) => agent,
+        Err(e) => return vec![("daemonset", Err(vec![e]))],
+    };
+    let help = facts.help.as_ref().ok();
+    vec![
+        (
+            "(a) rbac",
+            facts
+                .rbac
+                .as_ref()
+                .map_err(|e| vec![format!("no API calls to compare with: {e}")])
+                .and_then(|calls| check_rbac(rendered, &agent, calls)),
+        ),
+        (
+            "(b) flags",
+            facts
+                .help
+                .as_ref()
+                .map_err(|e| vec![format!("no `proxy-agent --help` to compare with: {e}")])
+                .and_then(|help| check_flags(&agent, help)),
+        ),
+        ("(c) probes", check_probes(&agent, help)),
+        ("(d) image", check_image(dir, root, rendered, &agent, facts)),
+        ("(e) grace", check_grace(&agent, help)),
+        ("(f) security", check_security(&agent)),
+        ("(g) cgroup", check_cgroup(&agent, help)),
+    ]
+}
+
+fn outcome(problems: Vec<String>, summary: impl FnOnce() -> String) -> Outcome {
+    if problems.is_empty() {
+        Ok(summary())
+    } else {
+        Err(problems)
+    }
+}
+
+// (a) ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    Cluster,
+    Namespace(String),
+}
+
+#[derive(Debug, Clone)]
+struct Grant {
+    scope: Scope,
+    group: String,
+    resource: String,
+    verb: String,
+    /// "ClusterRole gamma-node rules[2]".
+    source: String,
+}
+
+fn resource_name(group: &str, resource: &str) -> String {
+    if group.is_empty() {
+        format!("core/{resource}")
+    } else {
+        format!("{group}/{resource}")
+    }
+}
+
+fn scope_text(scope: &Scope) -> String {
+    match scope {
+        Scope::Cluster => "cluster-wide".into(),
+        Scope::Namespace(ns) => format!("in namespace {ns}"),
+    }
+}
+
+/// The grants the rendered RBAC objects give the ServiceAccount `namespace/name`.
+fn grants_of(
+    docs: &[Doc],
+    sa_namespace: &str,
+    sa_name: &str,
+    problems: &mut Vec<String>,
+) -> Vec<Grant> {
+    let mut grants = Vec::new();
+    let mut bound: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for binding in docs
+        .iter()
+        .filter(|d| matches!(d.kind(), "ClusterRoleBinding" | "RoleBinding"))
+    {
+        let result = (|| -> Result<(), String> {
+            let node = binding.root();
+            let subjects = node.list("subjects")?;
+            let mut ours = false;
+            for subject in &subjects {
+                let kind = subject.req("kind")?.str()?;
+                let name = subject.req("name")?.str()?;
+                let ns = subject.opt_str("namespace")?.unwrap_or(binding.namespace());
+                if kind == "ServiceAccount" && name == sa_name && ns == sa_namespace {
+                    ours = true;
+                } else {
+                    problems.push(subject.err(format!(
+                        "excess: binds {kind} {ns}/{name}, not the agent's ServiceAccount \
+                         {sa_namespace}/{sa_name}"
+                    )));
+                }
+            }
+            if !ours {
+                return Ok(());
+            }
+            let role_ref = node.req("roleRef")?;
+            let role_kind = role_ref.req("kind")?.str()?;
+            let role_name = role_ref.req("name")?.str()?;
+            let (scope, role_ns) = match (binding.kind(), role_kind) {
+                ("ClusterRoleBinding", "ClusterRole") => (Scope::Cluster, ""),
+                ("RoleBinding", "ClusterRole") => {
+                    (Scope::Namespace(binding.namespace().to_owned()), "")
+                }
+                ("RoleBinding", "Role") => (
+                    Scope::Namespace(binding.namespace().to_owned()),
+                    binding.namespace(),
+                ),
+                (_, other) => return Err(role_ref.err(format!("cannot bind a {other}"))),
+            };
+            let role = docs
+                .iter()
+                .find(|d| {
+                    d.kind() == role_kind && d.name() == role_name && d.namespace() == role_ns
+                })
+                .ok_or_else(|| {
+                    role_ref.err(format!(
+                        "{role_kind} {role_name} is not in the rendered manifests"
+                    ))
+                })?;
+            bound.insert((
+                role_kind.to_owned(),
+                role_ns.to_owned(),
+                role_name.to_owned(),
+            ));
+            for (i, rule) in role.root().list("rules")?.iter().enumerate() {
+                let source = format!("{}: {} rules[{i}]", role.source, role.describe());
+                if rule.get("nonResourceURLs")?.is_some() {
+                    problems.push(format!("excess: {source} grants nonResourceURLs"));
+                }
+                let groups = rule.str_list("apiGroups")?;
+                let resources = rule.str_list("resources")?;
+                let verbs = rule.str_list("verbs")?;
+                for wildcard in [&groups, &resources, &verbs] {
+                    if wildcard.contains(&"*") {
+                        problems.push(format!("excess: {source} uses the wildcard `*`"));
+                    }
+                }
+                for group in &groups {
+                    for resource in &resources {
+                        for verb in &verbs {
+                            grants.push(Grant {
+                                scope: scope.clone(),
+                                group: (*group).to_owned(),
+                                resource: (*resource).to_owned(),
+                                verb: (*verb).to_owned(),
+                                source: source.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            problems.push(e);
+        }
+    }
+    for role in docs
+        .iter()
+        .filter(|d| matches!(d.kind(), "ClusterRole" | "Role"))
+    {
+        let id = (
+            role.kind().to_owned(),
+            role.namespace().to_owned(),
+            role.name().to_owned(),
+        );
+        if !bound.contains(&id) {
+            problems.push(format!(
+                "excess: {} is not bound to the agent's ServiceAccount {sa_namespace}/{sa_name}",
+                role.describe()
+            ));
+        }
+    }
+    grants
+}
+
+/// Compares the grants with the agent's API calls: every call granted at its scope (leases in
+/// the agent's namespace, the rest cluster-wide), and nothing else granted.
+fn compare_rbac(grants: &[Grant], calls: &[ApiCall], agent_namespace: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let scope_of = |group: &str, resource: &str| {
+        let base = resource.split('/').next().unwrap_or(resource);
+        if OWN_NAMESPACE_RESOURCES.contains(&(group, base)) {
+            Scope::Namespace(agent_namespace.to_owned())
+        } else {
+            Scope::Cluster
+        }
+    };
+    let mut needed: BTreeSet<(Scope, String, String, String)> = BTreeSet::new();
+    for call in calls {
+        for verb in &call.verbs {
+            needed.insert((
+                scope_of(&call.api_group, &call.resource),
+                call.api_group.clone(),
+                call.resource.clone(),
+                verb.clone(),
+            ));
+        }
+    }
+    for (scope, group, resource, verb) in &needed {
+        let exact = grants.iter().any(|g| {
+            &g.scope == scope && &g.group == group && &g.resource == resource && &g.verb == verb
+        });
+        if exact {
+            continue;
+        }
+        let broader = grants.iter().find(|g| {
+            g.scope == Scope::Cluster
+                && &g.group == group
+                && &g.resource == resource
+                && &g.verb == verb
+        });
+        let fix = match scope {
+            Scope::Cluster => "add it to the ClusterRole".to_owned(),
+            Scope::Namespace(ns) => format!("add it to a Role in {ns}"),
+        };
+        if broader.is_none() {
+            problems.push(format!(
+                "missing: {verb} {} {} ({fix})",
+                resource_name(group, resource),
+                scope_text(scope)
+            ));
+        }
+    }
+    for grant in grants {
+        let key = (
+            grant.scope.clone(),
+            grant.group.clone(),
+            grant.resource.clone(),
+            grant.verb.clone(),
+        );
+        if needed.contains(&key) {
+            continue;
+        }
+        let narrower = needed.iter().find(|(scope, group, resource, verb)| {
+            grant.scope == Scope::Cluster
+                && scope != &Scope::Cluster
+                && group == &grant.group
+                && resource == &grant.resource
+                && verb == &grant.verb
+        });
+        let name = resource_name(&grant.group, &grant.resource);
+        problems.push(match narrower {
+            Some((scope, ..)) => format!(
+                "excess: {} grants {} {name} cluster-wide; the agent needs it only {} (use a Role)",
+                grant.source,
+                grant.verb,
+                scope_text(scope)
+            ),
+            None => format!(
+                "excess: {} grants {} {name} {}, which the agent never calls",
+                grant.source,
+                grant.verb,
+                scope_text(&grant.scope)
+            ),
+        });
+    }
+    problems.sort();
+    problems.dedup();
+    problems
+}
+
+/// The namespace of the agent's lease: --lease-namespace, else $POD_NAMESPACE, else gamma-system
+/// (the agent's own defaults).
+fn lease_namespace(agent: &Agent<'_>) -> String {
+    if let Some(ns) = agent.flag_value("lease-namespace", None) {
+        return ns;
+    }
+    match agent.env.get("POD_NAMESPACE") {
+        Some(EnvSource::Literal(ns) | EnvSource::ConfigMap(ns)) => ns.clone(),
+        Some(EnvSource::Field(field)) if field == "metadata.namespace" => {
+            agent.daemonset.namespace().to_owned()
+        }
+        Some(other) => format!("{other:?}"),
+        None => "gamma-system".to_owned(),
+    }
+}
+
+fn check_rbac(rendered: &Rendered, agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
+    let ds = agent.daemonset;
+    let namespace = ds.namespace();
+    if namespace.is_empty() {
+        return Err(vec![format!(
+            "{}: metadata.namespace is not set",
+            ds.source
+        )]);
+    }
+    let sa = match agent.pod_spec.opt_str("serviceAccountName") {
+        Ok(name) => name.unwrap_or("default"),
+        Err(e) => return Err(vec![e]),
+    };
+    let mut problems = Vec::new();
+    if !rendered
+        .docs
+        .iter()
+        .any(|d| d.kind() == "ServiceAccount" && d.name() == sa && d.namespace() == namespace)
+    {
+        problems.push(format!(
+            "the DaemonSet runs as ServiceAccount {namespace}/{sa}, which is not in the manifests"
+        ));
+    }
+    let grants = grants_of(&rendered.docs, namespace, sa, &mut problems);
+    problems.extend(compare_rbac(&grants, calls, &lease_namespace(agent)));
+    problems.sort();
+    problems.dedup();
+    let verbs: usize = calls.iter().map(|c| c.verbs.len()).sum();
+    outcome(problems, || {
+        format!(
+            "the roles bound to {namespace}/{sa} grant exactly the {verbs} verbs on {} resources \
+             of --print-rbac",
+            calls.len()
+        )
+    })
+}
+
+// (b) ---------------------------------------------------------------------------------------
+
+fn check_flags(agent: &Agent<'_>, help: &Help) -> Outcome {
+    let mut problems = agent.env_problems.clone();
+    match agent.container.get("command") {
+        Ok(Some(command)) => match command.items().and_then(|items| {
+            items
+                .first()
+                .map(Node::str)
+                .transpose()
+                .map(|first| (first, items.len()))
+        }) {
+            Ok((Some(first), 1)) if first.rsplit('/').next() == Some("proxy-agent") => {}
+            Ok(_) => problems.push(command.err("expected [proxy-agent] or no command")),
+            Err(e) => problems.push(e),
+        },
+        Ok(None) => {}
+        Err(e) => problems.push(e),
+    }
+    let mut i = 0;
+    while i < agent.args.len() {
+        let node = &agent.args[i];
+        i += 1;
+        let arg = match node.str() {
+            Ok(arg) => arg,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        for name in references(arg) {
+            if !agent.env.contains_key(name) {
+                problems.push(node.err(format!(
+                    "$({name}) is not an env var of the container: Kubernetes would pass it \
+                     literally"
+                )));
+            }
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            problems.push(node.err(format!("`{arg}` is neither a long flag nor a flag's value")));
+            continue;
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (flag, None),
+        };
+        let Some(info) = help.get(name) else {
+            problems.push(node.err(format!("proxy-agent --help lists no --{name}")));
+            continue;
+        };
+        match (info.takes_value, inline) {
+            (true, None) => match agent.args.get(i).and_then(|n| n.value.as_str()) {
+                Some(value) if !value.starts_with("--") => i += 1,
+                _ => problems.push(node.err(format!("--{name} takes a value; none follows"))),
+            },
+            (false, Some(_)) => problems.push(node.err(format!("--{name} takes no value"))),
+            _ => {}
+        }
+    }
+    outcome(problems, || {
+        format!(
+            "{} args, every flag known to proxy-agent --help, every $(VAR) an env var",
+            agent.args.len()
+        )
+    })
+}
+
+/// The `$(NAME)` references in an arg (`$$(` is an escape).
+fn references(arg: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find("$(") {
+        if start > 0 && rest.as_bytes()[start - 1] == b'$' {
+            rest = &rest[start + 2..];
+            continue;
+        }
+        let Some(end) = rest[start..].find(')') else {
+            break;
+        };
+        names.push(&rest[start + 2..start + end]);
+        rest = &rest[start + end + 1..];
+    }
+    names
+}
+
+// (c) ---------------------------------------------------------------------------------------
+
+fn port_of(address: &str) -> Option<u16> {
+    address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+}
+
+fn check_probes(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+    let Some(admin) = agent.flag_value("admin", help) else {
+        return Err(vec![format!(
+            "{}: no --admin in the args and no `proxy-agent --help` for its default",
+            agent.container.path
+        )]);
+    };
+    let admin: SocketAddr = admin
+        .parse()
+        .map_err(|_| vec![format!("--admin `{admin}` is not an IP:port")])?;
+    let mut problems = Vec::new();
+    let container = &agent.container;
+    let named_ports = container_ports(container).map_err(|e| vec![e])?;
+    for (probe, path, required) in [
+        ("livenessProbe", "/live", true),
+        ("startupProbe", "/live", false),
+        ("readinessProbe", "/ready", true),
+    ] {
+        if let Err(e) = check_probe(container, probe, path, required, admin, &named_ports) {
+            problems.push(e);
+        }
+    }
+    if let Some(port) = named_ports.get("admin") {
+        if *port != admin.port() {
+            problems.push(format!(
+                "{}: the port named admin is {port}, --admin listens on {}",
+                container.path,
+                admin.port()
+            ));
+        }
+    }
+    let redirect = agent.flag_value("redirect", help);
+    if let (Some(port), Some(redirect)) = (named_ports.get("redirect"), &redirect) {
+        if port_of(redirect) != Some(*port) {
+            problems.push(format!(
+                "{}: the port named redirect is {port}, --redirect is {redirect}",
+                container.path
+            ));
+        }
+    }
+    outcome(problems, || {
+        format!("liveness/startup on /live, readiness on /ready, at --admin {admin}")
+    })
+}
+
+fn container_ports(container: &Node<'_>) -> Result<BTreeMap<String, u16>, String> {
+    let mut ports = BTreeMap::new();
+    for port in container.list("ports")? {
+        if let Some(name) = port.opt_str("name")? {
+            let number = port.req("containerPort")?;
+            let value = u16::try_from(number.int()?).map_err(|_| number.err("not a port"))?;
+            ports.insert(name.to_owned(), value);
+        }
+    }
+    Ok(ports)
+}
+
+fn check_probe(
+    container: &Node<'_>,
+    probe: &str,
+    path: &str,
+    required: bool,
+    admin: SocketAddr,
+    named_ports: &BTreeMap<String, u16>,
+) -> Result<(), String> {
+    let Some(node) = container.get(probe)? else {
+        return if required {
+            Err(container.child(probe, &Value::Null).err("missing"))
+        } else {
+            Ok(())
+        };
+    };
+    let get = node
+        .get("httpGet")?
+        .ok_or_else(|| node.err("expected an httpGet probe of the admin server"))?;
+    let actual = get.req("path")?;
+    if actual.str()? != path {
+        return Err(actual.err(format!("`{}`, expected {path}", actual.str()?)));
+    }
+    let port_node = get.req("port")?;
+    let port = match port_node.value.as_str() {
+        Some(name) => *named_ports
+            .get(name)
+            .ok_or_else(|| port_node.err(format!("no container port named {name}")))?,
+        None => u16::try_from(port_node.int()?).map_err(|_| port_node.err("not a port"))?,
+    };
+    if port != admin.port() {
+        return Err(port_node.err(format!(
+            "{port}, but --admin listens on port {}",
+            admin.port()
+        )));
+    }
+    if !admin.ip().is_unspecified() {
+        let host = get.opt_str("host")?;
+        if host.and_then(|h| h.parse().ok()) != Some(admin.ip()) {
+            return Err(get.err(format!(
+                "host {}: the admin server listens on {} only (set httpGet.host to it)",
+                host.unwrap_or("(unset: the pod IP)"),
+                admin.ip()
+            )));
+        }
+    }
+    if let Some(scheme) = get.opt_str("scheme")? {
+        if scheme != "HTTP" {
+            return Err(get.err(format!("scheme {scheme}: the admin server speaks HTTP")));
+        }
+    }
+    Ok(())
+}
+
+// (d) ---------------------------------------------------------------------------------------
+
+fn check_image(
+    dir: &Path,
+    root: &Path,
+    rendered: &Rendered,
+    agent: &Agent<'_>,
+    facts: &AgentFacts,
+) -> Outcome {
+    let container = &agent.container;
+    let image = container
+        .req("image")
+        .and_then(|i| i.str())
+        .map_err(|e| vec![e])?;
+    let mut problems = rendered.unmatched_images.clone();
+    let key = format!("{}, {}", agent.daemonset.source, container.path);
+    let Some(rule) = rendered
+        .image_rules
+        .get(&key)
+        .and_then(|rules| rules.last())
+    else {
+        problems.push(format!(
+            "{key}: image `{image}` is set by no `images:` entry of {} or its bases",
+            display(dir, root)
+        ));
+        return Err(problems);
+    };
+    let (_, tag, digest) = split_image(image);
+    match (tag, digest) {
+        (_, Some(_)) => {}
+        (None, None) => problems.push(format!("{key}: image `{image}` has no tag")),
+        (Some("latest"), None) => problems.push(format!(
+            "{key}: image `{image}`: name a version, not latest"
+        )),
+        (Some(_), None) => {}
+    }
+    if dir.ends_with("deploy/base") {
+        match &facts.version {
+            Ok(version) if tag != Some(version.as_str()) => problems.push(format!(
+                "{}: the base's image tag is {}, proxy-agent's version is {version}",
+                rule.source,
+                tag.unwrap_or("(none)")
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(e.clone()),
+        }
+    }
+    let script = dir.join("demo.sh");
+    if let Ok(text) = std::fs::read_to_string(&script) {
+        let built = text
+            .lines()
+            .find_map(|l| l.strip_prefix("AGENT_IMAGE="))
+            .map(|v| v.split_whitespace().next().unwrap_or(""));
+        match built {
+            Some(built) if built == image => {}
+            Some(built) => problems.push(format!(
+                "{} builds and loads {built}, the DaemonSet runs {image}",
+                display(&script, root)
+            )),
+            None => problems.push(format!(
+                "{}: no AGENT_IMAGE= line to compare with",
+                display(&script, root)
+            )),
+        }
+    }
+    outcome(problems, || format!("{image}, set by {}", rule.source))
+}
+
+// (e) ---------------------------------------------------------------------------------------
+
+fn check_grace(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+    let Some(drain) = agent.flag_value("drain-timeout-s", help) else {
+        return Err(vec![
+            "no --drain-timeout-s in the args and no `proxy-agent --help` for its default".into(),
+        ]);
+    };
+    let drain: i64 = drain
+        .parse()
+        .map_err(|_| vec![format!("--drain-timeout-s `{drain}` is not a number")])?;
+    let grace = match agent.pod_spec.get("terminationGracePeriodSeconds") {
+        Ok(Some(node)) => node.int().map_err(|e| vec![e])?,
+        Ok(None) => DEFAULT_GRACE_SECONDS,
+        Err(e) => return Err(vec![e]),
+    };
+    if grace > drain {
+        Ok(format!(
+            "terminationGracePeriodSeconds {grace} > --drain-timeout-s {drain}"
+        ))
+    } else {
+        Err(vec![format!(
+            "{}: terminationGracePeriodSeconds is {grace}, not more than --drain-timeout-s \
+             {drain}: the kubelet would SIGKILL a draining agent",
+            agent.pod_spec.err("").trim_end_matches(": ")
+        )])
+    }
+}
+
+// (f) ---------------------------------------------------------------------------------------
+
+fn capability(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
+}
+
+fn check_security(agent: &Agent<'_>) -> Outcome {
+    let mut problems = Vec::new();
+    let result = (|| -> Result<(), String> {
+        let spec = &agent.pod_spec;
+        for field in ["hostPID", "hostIPC"] {
+            if spec.opt_bool(field)? == Some(true) {
+                problems.push(spec.err(format!("{field}: true, which the agent does not need")));
+            }
+        }
+        let sc = agent.container.req("securityContext")?;
+        if sc.opt_bool("privileged")? == Some(true) {
+            problems.push(sc.err("privileged: true; add the documented capabilities instead"));
+        }
+        if sc.opt_bool("readOnlyRootFilesystem")? != Some(true) {
+            problems.push(sc.err("readOnlyRootFilesystem must be true"));
+        }
+        let caps = sc.req("capabilities")?;
+        let drop: Vec<String> = caps
+            .str_list("drop")?
+            .iter()
+            .map(|c| capability(c))
+            .collect();
+        if !drop.iter().any(|c| c == "ALL") {
+            problems.push(caps.err("drop must contain ALL"));
+        }
+        let add: BTreeSet<String> = caps
+            .str_list("add")?
+            .iter()
+            .map(|c| capability(c))
+            .collect();
+        for cap in &add {
+            if !DOCUMENTED_CAPABILITIES.iter().any(|(c, _)| c == cap) {
+                problems.push(caps.err(format!(
+                    "adds {cap}, which is not documented (DOCUMENTED_CAPABILITIES in \
+                     xtask/src/check_deploy.rs and the DaemonSet's comments)"
+                )));
+            }
+        }
+        for (cap, why) in DOCUMENTED_CAPABILITIES {
+            if !add.contains(*cap) {
+                problems
+                    .push(caps.err(format!("does not add {cap}, which the agent needs: {why}")));
+            }
+        }
+        let host_volumes: BTreeSet<&str> = spec
+            .list("volumes")?
+            .iter()
+            .filter(|v| v.get("hostPath").ok().flatten().is_some())
+            .filter_map(|v| v.opt_str("name").ok().flatten())
+            .collect();
+        for mount in agent.container.list("volumeMounts")? {
+            let name = mount.req("name")?.str()?;
+            if host_volumes.contains(name) && mount.opt_bool("readOnly")? != Some(true) {
+                problems
+                    .push(mount.err(format!("host path volume {name} must be mounted readOnly")));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        problems.push(e);
+    }
+    outcome(problems, || {
+        let caps: Vec<&str> = DOCUMENTED_CAPABILITIES.iter().map(|(c, _)| *c).collect();
+        format!(
+            "not privileged, read-only root filesystem, drop ALL, add {} only, host paths read-only",
+            caps.join(" + ")
+        )
+    })
+}
+
+// (g) ---------------------------------------------------------------------------------------
+
+fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+    let Some(cgroup) = agent.flag_value("cgroup", help) else {
+        return Err(vec![format!(
+            "{}: no --cgroup in the args: the redirect needs the pods' cgroup",
+            agent.container.path
+        )]);
+    };
+    let mut problems = Vec::new();
+    if cgroup.contains("$(") || cgroup.contains('<') {
+        problems.push(format!(
+            "--cgroup `{cgroup}` does not resolve to a path in the manifests"
+        ));
+    } else if !(cgroup == CGROUP_ROOT || cgroup.starts_with(&format!("{CGROUP_ROOT}/")))
+        || cgroup.split('/').any(|c| c == "..")
+    {
+        problems.push(format!(
+            "--cgroup `{cgroup}` is not under {CGROUP_ROOT}, where the agent sees the host's \
+             cgroup hierarchy"
+        ));
+    }
+    let result = (|| -> Result<bool, String> {
+        let volumes = agent.pod_spec.list("volumes")?;
+        for mount in agent.container.list("volumeMounts")? {
+            if mount.req("mountPath")?.str()?.trim_end_matches('/') != CGROUP_ROOT {
+                continue;
+            }
+            let name = mount.req("name")?.str()?;
+            for volume in &volumes {
+                if volume.opt_str("name")? != Some(name) {
+                    continue;
+                }
+                if let Some(host) = volume.get("hostPath")? {
+                    let path = host.req("path")?.str()?;
+                    if path.trim_end_matches('/') == CGROUP_ROOT {
+                        return Ok(true);
+                    }
+                    return Err(host.err(format!("{path}, expected {CGROUP_ROOT}")));
+                }
+            }
+        }
+        Ok(false)
+    })();
+    match result {
+        Ok(true) => {}
+        Ok(false) => problems.push(format!(
+            "{}: no volumeMount of the host's {CGROUP_ROOT} (a hostPath volume) at {CGROUP_ROOT}",
+            agent.container.path
+        )),
+        Err(e) => problems.push(e),
+    }
+    outcome(problems, || {
+        format!("--cgroup {cgroup}, under the host's {CGROUP_ROOT} mounted at the same path")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(yaml: &str) -> Vec<Doc> {
+        parse_documents(yaml, "fixture.yaml").unwrap()
+    }
+
+    fn calls(json: &str) -> Vec<ApiCall> {
+        parse_rbac_json(json).unwrap()
+    }
+
+    const AGENT_CALLS: &str = r#"[
+        {"apiGroup": "", "resource": "services", "verbs": ["list", "watch"]},
+        {"apiGroup": "gateway.networking.k8s.io", "resource": "httproutes/status", "verbs": ["patch"]},
+        {"apiGroup": "coordination.k8s.io", "resource": "leases", "verbs": ["get", "create", "update"]}
+    ]"#;
+
+    const BINDINGS: &str = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: agent}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent}
+subjects: [{kind: ServiceAccount, name: agent, namespace: gamma-system}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: leader, namespace: gamma-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: leader}
+subjects: [{kind: ServiceAccount, name: agent, namespace: gamma-system}]
+";
+
+    const LEASE_ROLE: &str = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: leader, namespace: gamma-system}
+rules:
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update]}
+";
+
+    fn rbac_problems(cluster_rules: &str, role: &str, json: &str) -> Vec<String> {
+        let yaml = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: \
+             agent}}\nrules:\n{cluster_rules}\n---{BINDINGS}---{role}"
+        );
+        let docs = docs(&yaml);
+        let mut problems = Vec::new();
+        let grants = grants_of(&docs, "gamma-system", "agent", &mut problems);
+        problems.extend(compare_rbac(&grants, &calls(json), "gamma-system"));
+        problems.sort();
+        problems
+    }
+
+    #[test]
+    fn rbac_that_matches_the_calls_has_no_problem() {
+        let rules = "
+- {apiGroups: [''], resources: [services], verbs: [list, watch]}
+- {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch]}";
+        assert_eq!(
+            rbac_problems(rules, LEASE_ROLE, AGENT_CALLS),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn rbac_names_missing_grants() {
+        // No watch on services, no status patch, and no lease Role at all.
+        let rules = "- {apiGroups: [''], resources: [services], verbs: [list]}";
+        let role = "\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: unrelated}\n";
+        let problems = rbac_problems(rules, role, AGENT_CALLS);
+        let missing: Vec<&String> = problems
+            .iter()
+            .filter(|p| p.starts_with("missing"))
+            .collect();
+        assert_eq!(
+            missing,
+            [
+                "missing: create coordination.k8s.io/leases in namespace gamma-system (add it to a Role in gamma-system)",
+                "missing: get coordination.k8s.io/leases in namespace gamma-system (add it to a Role in gamma-system)",
+                "missing: patch gateway.networking.k8s.io/httproutes/status cluster-wide (add it to the ClusterRole)",
+                "missing: update coordination.k8s.io/leases in namespace gamma-system (add it to a Role in gamma-system)",
+                "missing: watch core/services cluster-wide (add it to the ClusterRole)",
+            ]
+        );
+        // The RoleBinding points at a Role that does not exist.
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("Role leader is not in the rendered manifests")),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn rbac_names_excess_grants() {
+        let rules = "
+- {apiGroups: [''], resources: [services, pods], verbs: [list, watch, delete]}
+- {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch]}
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get]}
+- {apiGroups: ['*'], resources: [secrets], verbs: [get]}";
+        let problems = rbac_problems(rules, LEASE_ROLE, AGENT_CALLS);
+        let expected = [
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants delete core/pods cluster-wide, which the agent never calls",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants delete core/services cluster-wide, which the agent never calls",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants list core/pods cluster-wide, which the agent never calls",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants watch core/pods cluster-wide, which the agent never calls",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[2] grants get coordination.k8s.io/leases cluster-wide; the agent needs it only in namespace gamma-system (use a Role)",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[3] grants get */secrets cluster-wide, which the agent never calls",
+            "excess: fixture.yaml, document 1: ClusterRole agent rules[3] uses the wildcard `*`",
+        ];
+        assert_eq!(problems, expected);
+    }
+
+    #[test]
+    fn rbac_flags_foreign_subjects_and_unbound_roles() {
+        let yaml = format!(
+            "{LEASE_ROLE}---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: spare}}
+rules: []
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: leader, namespace: gamma-system}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: leader}}
+subjects:
+- {{kind: ServiceAccount, name: agent, namespace: gamma-system}}
+- {{kind: ServiceAccount, name: default, namespace: default}}
+"
+        );
+        let mut problems = Vec::new();
+        let grants = grants_of(&docs(&yaml), "gamma-system", "agent", &mut problems);
+        assert_eq!(grants.len(), 3);
+        assert_eq!(
+            problems,
+            [
+                "fixture.yaml, document 3, subjects[1]: excess: binds ServiceAccount default/default, not the agent's ServiceAccount gamma-system/agent",
+                "excess: ClusterRole spare is not bound to the agent's ServiceAccount gamma-system/agent",
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_file_document_and_field() {
+        let dir = std::env::temp_dir().join(format!("check-deploy-parse-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(
+            dir.join("sub/a.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: [oops\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("b.yml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n---\napiVersion: 1\nkind: Pod\nmetadata: {name: p}\n",
+        )
+        .unwrap();
+        let problems = parse_all(&dir, &dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert_eq!(problems[0], "b.yml, document 1, metadata.name: missing");
+        assert_eq!(
+            problems[1],
+            "b.yml, document 2, apiVersion: expected a string"
+        );
+        assert!(
+            problems[2].starts_with("sub/a.yaml, document 2: "),
+            "{problems:#?}"
+        );
+    }
+
+    const HELP: &str = "\
+Per-node GAMMA (Gateway API mesh) proxy
+
+Usage: proxy-agent [OPTIONS]
+
+Options:
+      --kube
+          Follow the cluster
+      --manifests <DIR>
+          Folder of YAML manifests
+      --admin <ADMIN>
+          Admin server (health, metrics, config dump, explain). Keep it on loopback.
+
+          [default: 127.0.0.1:15000]
+      --drain-timeout-s <DRAIN_TIMEOUT_S>
+          On SIGTERM, how long in-flight requests may take to finish, in seconds
+
+          [default: 20]
+  -h, --help
+          Print help (see a summary with '-h')
+";
+
+    #[test]
+    fn help_gives_flags_values_and_defaults() {
+        let help = parse_help(HELP);
+        assert_eq!(
+            help.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["admin", "drain-timeout-s", "help", "kube", "manifests"]
+        );
+        assert!(!help["kube"].takes_value);
+        assert!(help["manifests"].takes_value);
+        assert_eq!(help["admin"].default.as_deref(), Some("127.0.0.1:15000"));
+        assert_eq!(help["drain-timeout-s"].default.as_deref(), Some("20"));
+        assert_eq!(help["manifests"].default, None);
+        // Short help: description on the option's line.
+        let short = parse_help("  -w, --workers <WORKERS>  Worker threads [default: 4]\n");
+        assert_eq!(
+            short["workers"],
+            FlagInfo {
+                takes_value: true,
+                default: Some("4".into())
+            }
+        );
+    }
+
+    fn daemonset(container: &str, pod: &str) -> Rendered {
+        let yaml = format!(
+            "
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: agent, namespace: gamma-system}}
+spec:
+  template:
+    spec:
+{pod}
+      containers:
+      - name: proxy-agent
+{container}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: config, namespace: gamma-system}}
+data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
+"
+        );
+        Rendered {
+            docs: docs(&yaml),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_are_checked_against_help() {
+        let rendered = daemonset(
+            "        args: [--kube=yes, --manifests, --admin, '--nope=1', '--admin=$(HOST_IP):1', stray]
+        env:
+        - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+        - {name: CGROUP_DIR, valueFrom: {configMapKeyRef: {name: config, key: MISSING}}}",
+            "",
+        );
+        let agent = Agent::find(&rendered).unwrap();
+        let problems = check_flags(&agent, &parse_help(HELP)).unwrap_err();
+        let at = "fixture.yaml, document 1, spec.template.spec.containers[0]";
+        assert_eq!(
+            problems,
+            [
+                format!("{at}.env[1].valueFrom.configMapKeyRef: no key MISSING in a ConfigMap gamma-system/config of the rendered manifests"),
+                format!("{at}.args[0]: --kube takes no value"),
+                format!("{at}.args[1]: --manifests takes a value; none follows"),
+                format!("{at}.args[2]: --admin takes a value; none follows"),
+                format!("{at}.args[3]: proxy-agent --help lists no --nope"),
+                format!("{at}.args[4]: $(HOST_IP) is not an env var of the container: Kubernetes would pass it literally"),
+                format!("{at}.args[5]: `stray` is neither a long flag nor a flag's value"),
+            ]
+        );
+    }
+
+    #[test]
+    fn probes_grace_security_and_cgroup() {
+        let rendered = daemonset(
+            "        args: ['--cgroup=$(CGROUP_DIR)', --drain-timeout-s, '40']
+        env: [{name: CGROUP_DIR, valueFrom: {configMapKeyRef: {name: config, key: CGROUP_DIR}}}]
+        livenessProbe: {httpGet: {host: 127.0.0.1, port: 15000, path: /healthz}}
+        readinessProbe: {httpGet: {port: 15000, path: /ready}}
+        securityContext:
+          privileged: true
+          capabilities: {drop: [NET_RAW], add: [CAP_NET_ADMIN, BPF]}
+        volumeMounts: [{name: cgroup, mountPath: /sys/fs/cgroup}]",
+            "      terminationGracePeriodSeconds: 30
+      volumes: [{name: cgroup, hostPath: {path: /sys/fs/cgroup}}]",
+        );
+        let agent = Agent::find(&rendered).unwrap();
+        let help = parse_help(HELP);
+        let at = "fixture.yaml, document 1, spec.template.spec.containers[0]";
+        assert_eq!(
+            check_probes(&agent, Some(&help)).unwrap_err(),
+            [
+                format!("{at}.livenessProbe.httpGet.path: `/healthz`, expected /live"),
+                format!("{at}.readinessProbe.httpGet: host (unset: the pod IP): the admin server listens on 127.0.0.1 only (set httpGet.host to it)"),
+            ]
+        );
+        assert!(check_grace(&agent, Some(&help)).unwrap_err()[0]
+            .contains("terminationGracePeriodSeconds is 30, not more than --drain-timeout-s 40"));
+        let security = check_security(&agent).unwrap_err();
+        assert_eq!(security.len(), 6, "{security:#?}");
+        for expected in [
+            "privileged: true",
+            "readOnlyRootFilesystem must be true",
+            "drop must contain ALL",
+            "adds BPF, which is not documented",
+            "does not add SYS_ADMIN",
+            "host path volume cgroup must be mounted readOnly",
+        ] {
+            assert!(
+                security.iter().any(|p| p.contains(expected)),
+                "{expected}: {security:#?}"
+            );
+        }
+        assert_eq!(
+            check_cgroup(&agent, Some(&help)),
+            Ok("--cgroup /sys/fs/cgroup/kubepods.slice, under the host's /sys/fs/cgroup mounted at the same path".into())
+        );
+    }
+
+    #[test]
+    fn images_follow_kustomize_rules() {
+        let rule = |name: &str, new_name: Option<&str>, tag: Option<&str>| ImageRule {
+            source: "k".into(),
+            name: name.into(),
+            new_name: new_name.map(Into::into),
+            new_tag: tag.map(Into::into),
+            digest: None,
+        };
+        assert_eq!(
+            transform_image("gamma-node", &rule("gamma-node", None, Some("dev"))),
+            Some("gamma-node:dev".into())
+        );
+        assert_eq!(
+            transform_image(
+                "gamma-node:0.1.0",
+                &rule("gamma-node", Some("r.io:5000/g"), None)
+            ),
+            Some("r.io:5000/g:0.1.0".into())
+        );
+        assert_eq!(
+            transform_image("r.io:5000/g:1", &rule("r.io:5000/g", None, Some("2"))),
+            Some("r.io:5000/g:2".into())
+        );
+        assert_eq!(
+            transform_image("other:1", &rule("gamma-node", None, Some("2"))),
+            None
+        );
+        assert_eq!(
+            split_image("a/b@sha256:00"),
+            ("a/b", None, Some("sha256:00"))
+        );
+    }
+
+    #[test]
+    fn the_renderer_refuses_what_it_does_not_implement() {
+        let dir = std::env::temp_dir().join(format!("check-deploy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            "resources: []\npatches: [{path: p.yaml}]\nnamespace: x\n",
+        )
+        .unwrap();
+        let problems = render(&dir, &dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].starts_with("kustomization.yaml, document 1, patches: check-deploy's renderer implements only resources, images, configMapGenerator"), "{problems:#?}");
+    }
+
+    /// The repository's own deploy/ folder. The checks that need the agent binary run when
+    /// target/debug/proxy-agent knows --print-rbac (`cargo xtask test` builds it first); otherwise
+    /// they are reported as skipped, never silently passed.
+    #[test]
+    fn the_deploy_folder_passes() {
+        let root = util::workspace_root();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let binary = target.join("debug/proxy-agent");
+        let options = Options {
+            agent: Some(binary.clone()),
+            ..Default::default()
+        };
+        let mut facts = AgentFacts::gather(&options, &root);
+        let binary_ready = facts.rbac.is_ok() && facts.help.is_ok();
+        if !binary_ready {
+            skip(
+                "xtask check_deploy::tests::the_deploy_folder_passes (rbac, flags)",
+                &format!(
+                    "{} has no --print-rbac yet (or is not built): {}",
+                    binary.display(),
+                    facts.rbac.as_ref().err().cloned().unwrap_or_default()
+                ),
+            );
+            facts.help = Err("skipped".into());
+        }
+        let mut problems = Vec::new();
+        if let Err(e) = parse_all(&root.join("deploy"), &root) {
+            problems.extend(e);
+        }
+        let mut dirs = Vec::new();
+        find_kustomizations(&root.join("deploy"), &mut dirs).unwrap();
+        assert!(dirs.len() >= 2, "{dirs:?}");
+        for dir in &dirs {
+            let rendered = match render(dir, &root) {
+                Ok(rendered) => rendered,
+                Err(e) => {
+                    problems.extend(e);
+                    continue;
+                }
+            };
+            for (name, outcome) in check_rendered(dir, &root, &rendered, &facts) {
+                let needs_binary = matches!(name, "(a) rbac" | "(b) flags");
+                if let Err(e) = outcome {
+                    if binary_ready || !needs_binary {
+                        problems.extend(
+                            e.into_iter()
+                                .map(|p| format!("{}: {name}: {p}", dir.display())),
+                        );
+                    }
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    fn skip(test: &str, reason: &str) {
+        eprintln!("SKIPPED: {test}: {reason}");
+        if let Some(path) = std::env::var_os("GAMMA_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(file, "{test}: {reason}");
+            }
+        }
+    }
+}

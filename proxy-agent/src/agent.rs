@@ -8,6 +8,7 @@ use crate::proxy::listener::{self, Drain, ExplicitTarget};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::redirect::{self, AgentListener, CgroupDirs, KernelRedirects, Redirect};
 use crate::sources::file::{ManifestDir, Severity};
+use crate::sources::kube::{KubeConfig, KubeSource, OnPublish};
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     pub drain_timeout: Duration,
     pub proxy: ProxyConfig,
+    /// Follow a cluster instead of the manifest folder.
+    pub kube: Option<KubeConfig>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then drains.
@@ -72,13 +75,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let readiness = Arc::new(Readiness::default());
     let mut index = Index::new();
     let mut source = ManifestDir::new(&config.manifests);
-    if !config.manifests.is_dir() {
+    if config.kube.is_none() && !config.manifests.is_dir() {
         bail!(
             "--manifests {}: not a directory; give the folder that holds the YAML manifests",
             config.manifests.display()
         );
     }
-    sync(&mut source, &mut index, &metrics)?;
+    // The admin server answers before the first sync, which may wait for an API server: /live
+    // keeps the liveness probe happy and /ready says 503 until the table is complete.
     let proxy = Proxy::new(index.reader(), metrics.clone(), config.proxy.clone());
     let admin = server::spawn(
         config.admin,
@@ -91,6 +95,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     )
     .with_context(|| format!("binding the admin server to {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
+    let kube = match &config.kube {
+        Some(kube) => Some(KubeSource::start(kube.clone(), &mut index, &metrics).await?),
+        None => {
+            sync(&mut source, &mut index, &metrics)?;
+            None
+        }
+    };
 
     let drain = Drain::default();
     for spec in &config.listen {
@@ -118,18 +129,39 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Some(r) => Some(start_redirect(r, &proxy, &index, &drain)?),
     };
     // Ready: the table is complete and every listener, the redirect included, is serving.
-    readiness.synced_at.store(server::unix_now(), Ordering::Relaxed);
-    let watcher = tokio::spawn(watch_manifests(
-        source,
-        index,
-        metrics.clone(),
-        readiness.clone(),
-        redirect,
-        config.poll_interval,
-    ));
+    readiness
+        .synced_at
+        .store(server::unix_now(), Ordering::Relaxed);
+    let (watcher, kube) = match kube {
+        Some(kube) => {
+            let on_publish: OnPublish = Box::new(move |index: &Index| {
+                if let Some(redirect) = &redirect {
+                    reconcile_redirect(redirect, index);
+                }
+            });
+            let handle = kube.spawn(index, metrics.clone(), readiness.clone(), on_publish);
+            (None, Some(handle))
+        }
+        None => {
+            let watcher = tokio::spawn(watch_manifests(
+                source,
+                index,
+                metrics.clone(),
+                readiness.clone(),
+                redirect,
+                config.poll_interval,
+            ));
+            (Some(watcher), None)
+        }
+    };
     shutdown_signal().await;
     tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
-    watcher.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    if let Some(kube) = kube {
+        kube.shutdown().await;
+    }
     if drain.drain(config.drain_timeout).await {
         tracing::info!("drained");
     } else {

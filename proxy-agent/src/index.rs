@@ -312,7 +312,12 @@ impl Index {
                 .get(&key)
                 .map(|s| routes::compile_service(s, &self.store))
                 .unwrap_or_default();
-            let old = self.tables.frontends.get(&key).map(|f| &f[..]).unwrap_or_default();
+            let old = self
+                .tables
+                .frontends
+                .get(&key)
+                .map(|f| &f[..])
+                .unwrap_or_default();
             if old.len() != compiled.len() || old.iter().zip(&compiled).any(|(a, b)| a != b) {
                 changed = true;
                 self.tables.replace(key, compiled);
@@ -359,7 +364,10 @@ impl Index {
     fn callers(&self) -> Arc<AHashMap<std::net::IpAddr, Arc<Caller>>> {
         let mut out = AHashMap::new();
         for pod in self.store.pods.values() {
-            let caller = Arc::new(Caller { pod: pod.key.clone(), uid: pod.uid.clone() });
+            let caller = Arc::new(Caller {
+                pod: pod.key.clone(),
+                uid: pod.uid.clone(),
+            });
             for ip in &pod.ips {
                 out.insert(*ip, caller.clone());
             }
@@ -384,7 +392,11 @@ impl Tables {
             for frontend in old.iter() {
                 for addr in &frontend.addresses {
                     // Another Service may have claimed the address since; leave it to it.
-                    if self.by_address.get(addr).is_some_and(|f| Arc::ptr_eq(f, frontend)) {
+                    if self
+                        .by_address
+                        .get(addr)
+                        .is_some_and(|f| Arc::ptr_eq(f, frontend))
+                    {
                         self.by_address.remove(addr);
                     }
                 }

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::Parser;
 use proxy_agent::agent::{self, AgentConfig, ListenSpec, RedirectConfig};
 use proxy_agent::proxy::ProxyConfig;
+use proxy_agent::sources::kube::KubeConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,8 +14,30 @@ use std::time::Duration;
 struct Cli {
     /// Folder of YAML manifests (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes),
     /// loaded at start and watched for changes.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present_any = ["kube", "print_rbac"],
+        conflicts_with = "kube"
+    )]
+    manifests: Option<PathBuf>,
+    /// Follow a Kubernetes cluster (kubeconfig from KUBECONFIG or ~/.kube/config, else the
+    /// in-cluster ServiceAccount) and write route status while holding the status lease.
+    #[arg(long)]
+    kube: bool,
+    /// This node's name (default: $NODE_NAME, from the downward API): only its Pods are watched,
+    /// and it is the agent's identity in the status lease.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Namespace of the status lease (default: $POD_NAMESPACE, else gamma-system).
+    #[arg(long, value_name = "NS")]
+    lease_namespace: Option<String>,
+    /// Name of the status lease.
+    #[arg(long, value_name = "NAME", default_value = "gamma-node-status")]
+    lease_name: String,
+    /// Print the Kubernetes API calls the agent makes, as RBAC rules in JSON, and exit.
+    #[arg(long)]
+    print_rbac: bool,
     /// Explicit listener: connections to ADDR are treated as sent to that Service port.
     #[arg(long, value_name = "ADDR=NAMESPACE/SERVICE:PORT")]
     listen: Vec<ListenSpec>,
@@ -47,6 +70,11 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.print_rbac {
+        let rules = proxy_agent::sources::kube::api::rbac_json();
+        println!("{}", serde_json::to_string_pretty(&rules)?);
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -65,7 +93,7 @@ fn main() -> Result<()> {
         runtime.worker_threads(n.max(1));
     }
     let config = AgentConfig {
-        manifests: cli.manifests,
+        manifests: cli.manifests.unwrap_or_default(),
         redirect: cli
             .redirect
             .zip(cli.cgroup)
@@ -76,6 +104,18 @@ fn main() -> Result<()> {
         poll_interval: Duration::from_millis(cli.poll_interval_ms.max(10)),
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
         proxy: ProxyConfig::default(),
+        kube: cli.kube.then(|| KubeConfig {
+            node_name: cli.node_name.or_else(|| env("NODE_NAME")),
+            lease_namespace: cli
+                .lease_namespace
+                .or_else(|| env("POD_NAMESPACE"))
+                .unwrap_or_else(|| "gamma-system".into()),
+            lease_name: cli.lease_name,
+        }),
     };
     runtime.build()?.block_on(agent::run(config))
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }

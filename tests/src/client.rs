@@ -107,7 +107,10 @@ async fn once(
         .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
     let response_headers = pairs(response.headers());
-    let peer = response.extensions().get::<hyper_util::client::legacy::connect::HttpInfo>().map(|i| i.remote_addr().to_string());
+    let peer = response
+        .extensions()
+        .get::<hyper_util::client::legacy::connect::HttpInfo>()
+        .map(|i| i.remote_addr().to_string());
     let bytes = response
         .into_body()
         .collect()

@@ -5,6 +5,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod echo;
+pub mod fake_apiserver;
 pub mod loopback;
 pub mod node;
 pub mod scenario;

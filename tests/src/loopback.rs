@@ -247,7 +247,8 @@ fn http_get_status(addr: SocketAddr, path: &str) -> Result<u16> {
     http_get_full(addr, path).map(|(s, _)| s)
 }
 
-fn http_get_full(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+/// A blocking GET on loopback: status and body.
+pub fn http_get_full(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;

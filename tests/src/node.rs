@@ -569,8 +569,17 @@ impl Pod {
 
     /// Runs `cmd` in this pod's netns but in `impostor`'s cgroup: a process that sends from this
     /// pod's IP without being this pod (for tests of caller identity).
-    pub fn run_output_impersonated_by(&self, impostor: &Pod, cmd: &mut Command, timeout: Duration) -> Result<Output> {
-        let place = Place { netns: self.place.netns.clone(), cgroup: impostor.place.cgroup.clone(), processes: self.place.processes.clone() };
+    pub fn run_output_impersonated_by(
+        &self,
+        impostor: &Pod,
+        cmd: &mut Command,
+        timeout: Duration,
+    ) -> Result<Output> {
+        let place = Place {
+            netns: self.place.netns.clone(),
+            cgroup: impostor.place.cgroup.clone(),
+            processes: self.place.processes.clone(),
+        };
         place.run_output(cmd, timeout)
     }
 

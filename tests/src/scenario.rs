@@ -64,7 +64,11 @@ impl Scenario {
     }
 
     /// As `start`, with extra arguments for the agent (e.g. explicit listeners).
-    pub fn start_with(name: &str, cluster: SimCluster, agent_args: Vec<String>) -> Result<Scenario> {
+    pub fn start_with(
+        name: &str,
+        cluster: SimCluster,
+        agent_args: Vec<String>,
+    ) -> Result<Scenario> {
         let mut node = Node::new(name)?;
         let mut pods = Vec::new();
         for sim in &cluster.pods {
@@ -214,13 +218,24 @@ impl Scenario {
 
     /// Runs `gamma-client` inside `from` (its netns and cgroup, so the kernel redirect applies).
     pub fn request(&self, from: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
-        let output = self.pod(from)?.run_output(&mut client_command(request), client_timeout(request))?;
+        let output = self
+            .pod(from)?
+            .run_output(&mut client_command(request), client_timeout(request))?;
         parse_answers(output)
     }
 
     /// Runs `gamma-client` in `ip_of`'s netns (so from its IP) but in `impostor`'s cgroup.
-    pub fn request_impersonating(&self, ip_of: &SimPod, impostor: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
-        let output = self.pod(ip_of)?.run_output_impersonated_by(self.pod(impostor)?, &mut client_command(request), client_timeout(request))?;
+    pub fn request_impersonating(
+        &self,
+        ip_of: &SimPod,
+        impostor: &SimPod,
+        request: &ClientRequest,
+    ) -> Result<Vec<ClientAnswer>> {
+        let output = self.pod(ip_of)?.run_output_impersonated_by(
+            self.pod(impostor)?,
+            &mut client_command(request),
+            client_timeout(request),
+        )?;
         parse_answers(output)
     }
 }
@@ -237,9 +252,15 @@ fn client_timeout(request: &ClientRequest) -> Duration {
 
 fn parse_answers(output: std::process::Output) -> Result<Vec<ClientAnswer>> {
     if !output.status.success() {
-        bail!("gamma-client failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "gamma-client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).context("client output")).collect()
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).context("client output"))
+        .collect()
 }
 
 impl Drop for Scenario {

@@ -18,7 +18,8 @@ fn scenario(test: &str) -> Option<Scenario> {
         return None;
     }
     let dir = gamma_tests::workspace_root().join("demo");
-    let cluster = SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default()).unwrap();
+    let cluster =
+        SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default()).unwrap();
     let scenario = Scenario::start(test, cluster).unwrap();
     let route = std::fs::read_to_string(dir.join("step1-consumer-route.yaml")).unwrap();
     scenario.apply("consumer.yaml", &route).unwrap();
@@ -31,12 +32,24 @@ fn client(s: &Scenario, namespace: &str) -> SimPod {
 
 fn call(s: &Scenario, from: &SimPod, service: &str, count: usize) -> Vec<ClientAnswer> {
     let vip = s.cluster.resolve(service, "products").unwrap();
-    let request = ClientRequest { url: format!("http://{vip}:80/items"), method: "GET".into(), count, ..Default::default() };
+    let request = ClientRequest {
+        url: format!("http://{vip}:80/items"),
+        method: "GET".into(),
+        count,
+        ..Default::default()
+    };
     s.request(from, &request).unwrap()
 }
 
 fn flagged(answers: &[ClientAnswer]) -> usize {
-    answers.iter().filter(|a| a.headers_at_backend.iter().any(|(n, v)| n == "x-dev-feature" && v == "enabled")).count()
+    answers
+        .iter()
+        .filter(|a| {
+            a.headers_at_backend
+                .iter()
+                .any(|(n, v)| n == "x-dev-feature" && v == "enabled")
+        })
+        .count()
 }
 
 fn agent_requests(s: &Scenario) -> u64 {
@@ -50,14 +63,24 @@ fn agent_requests(s: &Scenario) -> u64 {
 
 #[test]
 fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
-    let Some(s) = scenario("mesh_vip_is_redirected_with_destination_caller_and_peer") else { return };
+    let Some(s) = scenario("mesh_vip_is_redirected_with_destination_caller_and_peer") else {
+        return;
+    };
     let answers = call(&s, &client(&s, "ui-backend"), "catalog", 10);
     let vip = s.cluster.resolve("catalog", "products").unwrap();
     for a in &answers {
         assert_eq!(a.status, 200, "{a:?}");
-        assert_eq!(a.peer.as_deref(), Some(format!("{vip}:80").as_str()), "getpeername shows the VIP");
+        assert_eq!(
+            a.peer.as_deref(),
+            Some(format!("{vip}:80").as_str()),
+            "getpeername shows the VIP"
+        );
     }
-    assert_eq!(flagged(&answers), 10, "the consumer route of the caller's namespace applied");
+    assert_eq!(
+        flagged(&answers),
+        10,
+        "the consumer route of the caller's namespace applied"
+    );
     assert_eq!(agent_requests(&s), 10, "all went through the agent");
     let dump = s.admin_get("/config_dump").unwrap();
     assert!(dump.contains("\"ui-backend\""), "caller namespace known");
@@ -65,16 +88,25 @@ fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
 
 #[test]
 fn vip_without_routes_is_left_to_kube_proxy() {
-    let Some(s) = scenario("vip_without_routes_is_left_to_kube_proxy") else { return };
+    let Some(s) = scenario("vip_without_routes_is_left_to_kube_proxy") else {
+        return;
+    };
     let answers = call(&s, &client(&s, "ui-backend"), "catalog-v1", 10);
-    assert!(answers.iter().all(|a| a.status == 200 && a.pod.starts_with("catalog-v1")), "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.status == 200 && a.pod.starts_with("catalog-v1")),
+        "{answers:?}"
+    );
     assert_eq!(flagged(&answers), 0);
     assert_eq!(agent_requests(&s), 0, "the agent saw none of it");
 }
 
 #[test]
 fn agent_down_fails_open_and_restart_resumes() {
-    let Some(mut s) = scenario("agent_down_fails_open_and_restart_resumes") else { return };
+    let Some(mut s) = scenario("agent_down_fails_open_and_restart_resumes") else {
+        return;
+    };
     let ui = client(&s, "ui-backend");
     assert_eq!(flagged(&call(&s, &ui, "catalog", 5)), 5);
     s.kill_agent();
@@ -83,33 +115,62 @@ fn agent_down_fails_open_and_restart_resumes() {
     let answers = call(&s, &ui, "catalog", 5);
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
     assert_eq!(flagged(&answers), 0);
-    assert!(killed.elapsed() < Duration::from_secs(1), "fell back within a second");
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "fell back within a second"
+    );
     s.start_agent().unwrap();
-    assert_eq!(flagged(&call(&s, &ui, "catalog", 5)), 5, "redirection resumed");
+    assert_eq!(
+        flagged(&call(&s, &ui, "catalog", 5)),
+        5,
+        "redirection resumed"
+    );
 }
 
 #[test]
 fn two_rounds_of_sequential_connections_all_succeed() {
-    let Some(s) = scenario("two_rounds_of_sequential_connections_all_succeed") else { return };
+    let Some(s) = scenario("two_rounds_of_sequential_connections_all_succeed") else {
+        return;
+    };
     let ui = client(&s, "ui-backend");
     for round in 1..=2 {
         let answers = call(&s, &ui, "catalog", 2_000);
         let failed: Vec<_> = answers.iter().filter(|a| a.status != 200).collect();
-        assert!(failed.is_empty(), "round {round}: {} failed, e.g. {:?}", failed.len(), failed.first());
+        assert!(
+            failed.is_empty(),
+            "round {round}: {} failed, e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
         assert_eq!(flagged(&answers), 2_000);
     }
 }
 
 #[test]
 fn a_process_using_another_pods_ip_gets_no_consumer_routes() {
-    let Some(s) = scenario("a_process_using_another_pods_ip_gets_no_consumer_routes") else { return };
+    let Some(s) = scenario("a_process_using_another_pods_ip_gets_no_consumer_routes") else {
+        return;
+    };
     let ui = client(&s, "ui-backend");
     let products = client(&s, "products");
     let vip = s.cluster.resolve("catalog", "products").unwrap();
-    let request = ClientRequest { url: format!("http://{vip}:80/"), method: "GET".into(), count: 5, ..Default::default() };
+    let request = ClientRequest {
+        url: format!("http://{vip}:80/"),
+        method: "GET".into(),
+        count: 5,
+        ..Default::default()
+    };
     // From ui-backend's IP, but a process of the products pod's cgroup.
     let answers = s.request_impersonating(&ui, &products, &request).unwrap();
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
-    assert_eq!(flagged(&answers), 0, "the ui-backend consumer route must not apply to an impostor");
-    assert_eq!(flagged(&s.request(&ui, &request).unwrap()), 5, "the real pod still gets it");
+    assert_eq!(
+        flagged(&answers),
+        0,
+        "the ui-backend consumer route must not apply to an impostor"
+    );
+    assert_eq!(
+        flagged(&s.request(&ui, &request).unwrap()),
+        5,
+        "the real pod still gets it"
+    );
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub snapshot_version: AtomicU64,
     /// Unix seconds of the last successful source sync (0: never).
     pub last_sync_unix: AtomicU64,
+    /// Unix seconds since which the sources are stale: the last good table is served (0: fresh).
+    pub source_stale_since_unix: AtomicU64,
 }
 
 impl Metrics {
@@ -163,6 +165,12 @@ impl Metrics {
                 "When the sources last synced (Unix time; 0: never).",
                 "gauge",
                 self.last_sync_unix.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_source_stale_since_timestamp_seconds",
+                "Since when the sources are stale and the last good table is served (Unix time; 0: fresh).",
+                "gauge",
+                self.source_stale_since_unix.load(Ordering::Relaxed) as i64,
             ),
         ] {
             let _ = writeln!(

@@ -729,7 +729,11 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
                 "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
             ));
         }
-        for count in rule.matches.iter().flat_map(|m| [m.headers.len(), m.query_params.len()]) {
+        for count in rule
+            .matches
+            .iter()
+            .flat_map(|m| [m.headers.len(), m.query_params.len()])
+        {
             if count > 16 {
                 return Err(invalid(
                     format!("{field}.matches"),
@@ -817,10 +821,8 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                     ),
                 )
             })?;
-            let query_params = value_matches(
-                m.query_params.as_ref(),
-                &format!("{mf}.queryParams"),
-                |h| {
+            let query_params =
+                value_matches(m.query_params.as_ref(), &format!("{mf}.queryParams"), |h| {
                     (
                         &h.name,
                         &h.value,
@@ -829,8 +831,7 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                             Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
                         ),
                     )
-                },
-            )?;
+                })?;
             let method = m.method.as_ref().map(|m| {
                 serde_json::to_value(m)
                     .ok()

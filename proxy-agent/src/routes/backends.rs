@@ -2,8 +2,8 @@
 
 use super::World;
 use crate::model::{BackendRef, EndpointSlice, ObjectKey, Service};
-use serde::Serialize;
 use ahash::AHashMap;
+use serde::Serialize;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,24 +60,45 @@ pub struct Resolver<'a> {
 
 impl<'a> Resolver<'a> {
     pub fn new(world: &'a dyn World) -> Self {
-        Resolver { world, cache: RefCell::default() }
+        Resolver {
+            world,
+            cache: RefCell::default(),
+        }
     }
 
     /// Resolves a backendRef written in a route of `route_namespace`. `h2c` forces HTTP/2
     /// upstream (GRPCRoute backends) whatever the port's appProtocol says.
-    pub fn resolve(&self, reference: &BackendRef, route_namespace: &str, h2c: bool) -> Result<Arc<Backend>, BackendError> {
+    pub fn resolve(
+        &self,
+        reference: &BackendRef,
+        route_namespace: &str,
+        h2c: bool,
+    ) -> Result<Arc<Backend>, BackendError> {
         let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
         let key = ObjectKey::new(namespace, &reference.name);
-        let shown = format!("{}/{}", key, reference.port.map_or("-".to_string(), |p| p.to_string()));
+        let shown = format!(
+            "{}/{}",
+            key,
+            reference.port.map_or("-".to_string(), |p| p.to_string())
+        );
         if !(reference.group.is_empty() && reference.kind == "Service") {
-            return Err(BackendError::InvalidKind(format!("{}/{} {shown}", reference.group, reference.kind)));
+            return Err(BackendError::InvalidKind(format!(
+                "{}/{} {shown}",
+                reference.group, reference.kind
+            )));
         }
-        let service = self.world.service(&key).ok_or_else(|| BackendError::NotFound(shown.clone()))?;
+        let service = self
+            .world
+            .service(&key)
+            .ok_or_else(|| BackendError::NotFound(shown.clone()))?;
         if service.kind == crate::model::ServiceKind::ExternalName {
             return Err(BackendError::NotAllowed(shown));
         }
-        let port = reference.port.ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-        self.service_backend(service, port, h2c).ok_or(BackendError::NoSuchPort(shown))
+        let port = reference
+            .port
+            .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
+        self.service_backend(service, port, h2c)
+            .ok_or(BackendError::NoSuchPort(shown))
     }
 
     /// The backend of `service`'s `port`: what a Service without routes balances over.

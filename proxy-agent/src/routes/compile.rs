@@ -1,8 +1,8 @@
 //! Compiling a Service's routes into frontends: attachment, producer/consumer groups, route-kind
 //! conflicts, rule compilation and precedence order.
 
-use super::precedence::RankKey;
 use super::backends::Resolver;
+use super::precedence::RankKey;
 use super::{CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
 use crate::model::{BackendRef, Route, RouteKind, Service, ServiceKind, ServicePort};
 use std::collections::BTreeMap;
@@ -131,7 +131,9 @@ fn compile_rule(route: &Route, index: usize, resolver: &Resolver<'_>) -> Compile
     let rule = &route.rules[index];
     // A GRPCRoute's backends speak HTTP/2 whatever the Service port's appProtocol says (the spec
     // lets the protocol be inferred from the route type).
-    let resolve = |b: &BackendRef| resolver.resolve(b, &route.meta.key.namespace, route.kind == RouteKind::Grpc);
+    let resolve = |b: &BackendRef| {
+        resolver.resolve(b, &route.meta.key.namespace, route.kind == RouteKind::Grpc)
+    };
     let resolve_mirror = |b: &BackendRef| resolve(b).ok();
     let backends: Vec<WeightedBackend> = rule
         .backends

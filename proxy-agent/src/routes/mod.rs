@@ -61,7 +61,10 @@ impl Snapshot {
     }
 
     pub fn frontend_of(&self, service: &ObjectKey, port: u16) -> Option<&Arc<Frontend>> {
-        self.by_service.get(service)?.iter().find(|f| f.port == port)
+        self.by_service
+            .get(service)?
+            .iter()
+            .find(|f| f.port == port)
     }
 
     pub fn caller(&self, ip: IpAddr) -> Option<&Arc<Caller>> {
@@ -79,7 +82,8 @@ impl Snapshot {
 
     /// Everything, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
-        let mut frontends: Vec<&Arc<Frontend>> = self.by_service.values().flat_map(|f| f.iter()).collect();
+        let mut frontends: Vec<&Arc<Frontend>> =
+            self.by_service.values().flat_map(|f| f.iter()).collect();
         frontends.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
         let callers: BTreeMap<String, &Caller> = self
             .callers

@@ -97,8 +97,17 @@ mod tests {
         let exact = |i: usize| (format!("h{i}"), StringMatch::Exact("v".into()));
         RouteMatch {
             path,
-            headers: (0..headers).map(exact).map(|(n, value)| ValueMatch { name: n.parse().unwrap(), value }).collect(),
-            query_params: (0..query).map(exact).map(|(name, value)| ValueMatch { name, value }).collect(),
+            headers: (0..headers)
+                .map(exact)
+                .map(|(n, value)| ValueMatch {
+                    name: n.parse().unwrap(),
+                    value,
+                })
+                .collect(),
+            query_params: (0..query)
+                .map(exact)
+                .map(|(name, value)| ValueMatch { name, value })
+                .collect(),
             method: method.then_some(http::Method::GET),
             grpc: None,
         }

@@ -1,4 +1,6 @@
-//! Where objects come from: a folder of manifests (`file`). Sources translate the outside world
-//! into `apply`/`delete` calls on the index and know nothing of routing.
+//! Where objects come from: a folder of manifests (`file`) or a cluster (`kube`). Sources
+//! translate the outside world into `apply`/`delete` calls on the index and know nothing of
+//! routing.
 
 pub mod file;
+pub mod kube;

@@ -36,21 +36,60 @@ fn main() -> Result<()> {
     let cluster = SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default())?;
     let listeners = [DIRECT_PORT, IPTABLES_PORT]
         .iter()
-        .flat_map(|port| ["--listen".to_string(), format!("{AGENT_ADDR}:{port}=bench/echo:80")])
+        .flat_map(|port| {
+            [
+                "--listen".to_string(),
+                format!("{AGENT_ADDR}:{port}=bench/echo:80"),
+            ]
+        })
         .collect();
     let scenario = Scenario::start_with("bench", cluster, listeners)?;
-    scenario.apply("route.yaml", &std::fs::read_to_string(dir.join("route.yaml"))?)?;
-    let plain = scenario.cluster.resolve("echo-plain", "bench").context("echo-plain VIP")?;
-    let routed = scenario.cluster.resolve("echo", "bench").context("echo VIP")?;
+    scenario.apply(
+        "route.yaml",
+        &std::fs::read_to_string(dir.join("route.yaml"))?,
+    )?;
+    let plain = scenario
+        .cluster
+        .resolve("echo-plain", "bench")
+        .context("echo-plain VIP")?;
+    let routed = scenario
+        .cluster
+        .resolve("echo", "bench")
+        .context("echo VIP")?;
     // The classic sidecar way: REDIRECT before the simulated kube-proxy sees the packet.
     let out = scenario.node.run_output(
-        Command::new("iptables").args(["-w", "5", "-t", "nat", "-I", "PREROUTING", "1", "-p", "tcp", "-d", &plain.to_string(), "--dport", "80", "-j", "REDIRECT", "--to-ports", &IPTABLES_PORT.to_string()]),
+        Command::new("iptables").args([
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-p",
+            "tcp",
+            "-d",
+            &plain.to_string(),
+            "--dport",
+            "80",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &IPTABLES_PORT.to_string(),
+        ]),
         Duration::from_secs(10),
     )?;
     if !out.status.success() {
-        bail!("iptables REDIRECT: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "iptables REDIRECT: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let client = scenario.cluster.client("bench", "app=client").context("client pod")?.clone();
+    let client = scenario
+        .cluster
+        .client("bench", "app=client")
+        .context("client pod")?
+        .clone();
     let paths = [
         ("direct", format!("http://{AGENT_ADDR}:{DIRECT_PORT}/")),
         ("ebpf", format!("http://{routed}:80/")),
@@ -58,9 +97,18 @@ fn main() -> Result<()> {
     ];
     let mut results: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     for round in 1..=ROUNDS {
-        for (scenario_name, count, keep_alive) in [("new connection + request", NEW_CONNECTIONS, false), ("keep-alive request", KEEP_ALIVE_REQUESTS, true)] {
+        for (scenario_name, count, keep_alive) in [
+            ("new connection + request", NEW_CONNECTIONS, false),
+            ("keep-alive request", KEEP_ALIVE_REQUESTS, true),
+        ] {
             for (path, url) in &paths {
-                let request = ClientRequest { url: url.clone(), method: "GET".into(), count, keep_alive, ..Default::default() };
+                let request = ClientRequest {
+                    url: url.clone(),
+                    method: "GET".into(),
+                    count,
+                    keep_alive,
+                    ..Default::default()
+                };
                 let started = Instant::now();
                 let answers = scenario.request(&client, &request)?;
                 let micros = started.elapsed().as_secs_f64() * 1e6 / count as f64;
@@ -68,10 +116,16 @@ fn main() -> Result<()> {
                 if failed > 0 {
                     bail!("{path} ({scenario_name}): {failed} of {count} requests failed");
                 }
-                if !answers.iter().all(|a| a.headers_at_backend.iter().any(|(n, _)| n == "x-bench")) {
+                if !answers
+                    .iter()
+                    .all(|a| a.headers_at_backend.iter().any(|(n, _)| n == "x-bench"))
+                {
                     bail!("{path}: a request did not go through the agent's route");
                 }
-                results.entry((scenario_name, path)).or_default().push(micros);
+                results
+                    .entry((scenario_name, path))
+                    .or_default()
+                    .push(micros);
             }
         }
         eprintln!("round {round}/{ROUNDS} done");

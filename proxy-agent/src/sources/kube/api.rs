@@ -1,0 +1,187 @@
+//! Every Kubernetes API call the agent makes, declared once.
+//!
+//! The watchers, the status writer and the leader election build their requests from these
+//! entries, `proxy-agent --print-rbac` prints them, and `cargo xtask check-deploy` compares the
+//! ClusterRole with that output: a call added here is a permission added there, and a call not
+//! declared here cannot be made (the tests also check what the agent actually sent to an API
+//! server against this table).
+
+use kube::core::ApiResource;
+
+/// One resource the agent calls, with the verbs it uses on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    /// API group ("" for the core group).
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The resource as RBAC names it: the plural, with `/status` for the status subresource.
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+const GATEWAY: &str = "gateway.networking.k8s.io";
+
+pub const SERVICES: ApiCall = ApiCall {
+    group: "",
+    version: "v1",
+    kind: "Service",
+    resource: "services",
+    verbs: &["list", "watch"],
+};
+pub const ENDPOINT_SLICES: ApiCall = ApiCall {
+    group: "discovery.k8s.io",
+    version: "v1",
+    kind: "EndpointSlice",
+    resource: "endpointslices",
+    verbs: &["list", "watch"],
+};
+pub const PODS: ApiCall = ApiCall {
+    group: "",
+    version: "v1",
+    kind: "Pod",
+    resource: "pods",
+    verbs: &["list", "watch"],
+};
+pub const HTTP_ROUTES: ApiCall = ApiCall {
+    group: GATEWAY,
+    version: "v1",
+    kind: "HTTPRoute",
+    resource: "httproutes",
+    verbs: &["list", "watch"],
+};
+pub const GRPC_ROUTES: ApiCall = ApiCall {
+    group: GATEWAY,
+    version: "v1",
+    kind: "GRPCRoute",
+    resource: "grpcroutes",
+    verbs: &["list", "watch"],
+};
+/// Status is written with server-side apply (patch); get re-reads it after a conflict.
+pub const HTTP_ROUTES_STATUS: ApiCall = ApiCall {
+    resource: "httproutes/status",
+    verbs: &["get", "patch"],
+    ..HTTP_ROUTES
+};
+pub const GRPC_ROUTES_STATUS: ApiCall = ApiCall {
+    resource: "grpcroutes/status",
+    verbs: &["get", "patch"],
+    ..GRPC_ROUTES
+};
+/// The status writer's leader election (in the agent's own namespace).
+pub const LEASES: ApiCall = ApiCall {
+    group: "coordination.k8s.io",
+    version: "v1",
+    kind: "Lease",
+    resource: "leases",
+    verbs: &["get", "create", "update"],
+};
+
+pub const API_CALLS: &[ApiCall] = &[
+    SERVICES,
+    ENDPOINT_SLICES,
+    PODS,
+    HTTP_ROUTES,
+    GRPC_ROUTES,
+    HTTP_ROUTES_STATUS,
+    GRPC_ROUTES_STATUS,
+    LEASES,
+];
+
+impl ApiCall {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The plural, without a subresource.
+    pub fn plural(&self) -> &'static str {
+        self.resource.split('/').next().unwrap_or(self.resource)
+    }
+
+    /// What kube-rs needs to address the resource (dynamically typed).
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_string(),
+            version: self.version.to_string(),
+            api_version: self.api_version(),
+            kind: self.kind.to_string(),
+            plural: self.plural().to_string(),
+        }
+    }
+
+    /// `group/resource` for messages (`services` for the core group).
+    pub fn describe(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.to_string()
+        } else {
+            format!("{}.{}", self.plural(), self.group)
+        }
+    }
+}
+
+/// The table as RBAC rules: `[{"apiGroup": "", "resource": "services", "verbs": [...]}, …]`.
+pub fn rbac_json() -> serde_json::Value {
+    API_CALLS
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "apiGroup": c.group,
+                "resource": c.resource,
+                "verbs": c.verbs,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::Resource;
+
+    fn same_resource<K: Resource<DynamicType = ()>>(call: &ApiCall) {
+        assert_eq!(call.group, K::group(&()), "{call:?}");
+        assert_eq!(call.version, K::version(&()), "{call:?}");
+        assert_eq!(call.kind, K::kind(&()), "{call:?}");
+        assert_eq!(call.plural(), K::plural(&()), "{call:?}");
+    }
+
+    #[test]
+    fn table_matches_the_typed_resources() {
+        use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+        use k8s_openapi::api::{
+            coordination::v1::Lease, core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice,
+        };
+        same_resource::<Service>(&SERVICES);
+        same_resource::<EndpointSlice>(&ENDPOINT_SLICES);
+        same_resource::<Pod>(&PODS);
+        same_resource::<HttpRoute>(&HTTP_ROUTES);
+        same_resource::<GrpcRoute>(&GRPC_ROUTES);
+        same_resource::<HttpRoute>(&HTTP_ROUTES_STATUS);
+        same_resource::<GrpcRoute>(&GRPC_ROUTES_STATUS);
+        same_resource::<Lease>(&LEASES);
+    }
+
+    #[test]
+    fn rbac_rules_are_unique_and_complete() {
+        let rules = rbac_json();
+        let rules = rules.as_array().unwrap();
+        assert_eq!(rules.len(), API_CALLS.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for rule in rules {
+            let key = (
+                rule["apiGroup"].as_str().unwrap().to_string(),
+                rule["resource"].as_str().unwrap().to_string(),
+            );
+            assert!(seen.insert(key.clone()), "{key:?} declared twice");
+            assert!(!rule["verbs"].as_array().unwrap().is_empty());
+        }
+        assert_eq!(
+            rules[0],
+            serde_json::json!({"apiGroup": "", "resource": "services", "verbs": ["list", "watch"]})
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Leader election for the status writer: a `coordination.k8s.io/v1` Lease.
+//!
+//! Every agent is a candidate; the holder writes route status, the others only watch. The
+//! algorithm is client-go's: a lease is free when it has no holder or when its record has not
+//! changed for `leaseDurationSeconds` *as observed on our own clock* (so clock skew between
+//! nodes does not matter); taking and renewing are updates carrying the resourceVersion read,
+//! so two candidates cannot both succeed. A holder that cannot renew for `renew_deadline`, or
+//! that sees another holder, stops writing at once. On shutdown the holder releases the lease
+//! so that another agent takes over within one retry period instead of a lease duration.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::Client;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This agent's identity (its node name).
+    pub identity: String,
+    pub duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl LeaseConfig {
+    /// client-go's defaults (15 s, 10 s, 2 s).
+    pub fn new(namespace: String, name: String, identity: String) -> LeaseConfig {
+        LeaseConfig {
+            namespace,
+            name,
+            identity,
+            duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    #[error("the lease changed since it was read (another candidate wrote it)")]
+    Conflict,
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
+fn from_write(e: kube::Error) -> LeaseError {
+    match &e {
+        kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() => LeaseError::Conflict,
+        _ => LeaseError::Api(e),
+    }
+}
+
+/// The lease record as last read, and when (on our clock) it last changed.
+struct Observed {
+    record: (Option<String>, Option<MicroTime>, Option<String>),
+    at: Instant,
+}
+
+pub struct Elector {
+    api: Api<Lease>,
+    config: LeaseConfig,
+    observed: Option<Observed>,
+    last_renewed: Option<Instant>,
+    leader: watch::Sender<bool>,
+}
+
+impl Elector {
+    pub fn new(client: Client, config: LeaseConfig) -> (Elector, watch::Receiver<bool>) {
+        // Typed: `api::tests` checks that `LEASES` names exactly this resource.
+        let api = Api::namespaced(client, &config.namespace);
+        let (leader, rx) = watch::channel(false);
+        let elector = Elector {
+            api,
+            config,
+            observed: None,
+            last_renewed: None,
+            leader,
+        };
+        (elector, rx)
+    }
+
+    /// Campaigns and renews until `stop` fires, then releases the lease if held.
+    pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        loop {
+            let outcome = self.try_acquire_or_renew().await;
+            self.settle(outcome);
+            // Jitter keeps candidates that started together from polling in step.
+            let wait = self
+                .config
+                .retry_period
+                .mul_f64(1.0 + rand::random::<f64>() * 0.2);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut stop => break,
+            }
+        }
+        let was_leader = *self.leader.borrow();
+        self.leader.send_replace(false);
+        if was_leader {
+            match tokio::time::timeout(Duration::from_secs(2), self.release()).await {
+                Ok(Ok(())) => tracing::info!(lease = %self.describe(), "released the status lease"),
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.describe(), error = %e, "releasing the status lease failed; another agent takes over when it expires")
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.describe(), "releasing the status lease timed out; another agent takes over when it expires")
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{}/{}", self.config.namespace, self.config.name)
+    }
+
+    fn settle(&mut self, outcome: Result<bool, LeaseError>) {
+        let was = *self.leader.borrow();
+        let now = match outcome {
+            Ok(true) => {
+                self.last_renewed = Some(Instant::now());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                // Still the leader until the renew deadline: a blip must not stop status writes,
+                // but a leader cut off for longer may already have been replaced.
+                let within = self
+                    .last_renewed
+                    .is_some_and(|t| t.elapsed() < self.config.renew_deadline);
+                if was {
+                    tracing::warn!(lease = %self.describe(), error = %e, "renewing the status lease failed");
+                } else {
+                    tracing::debug!(lease = %self.describe(), error = %e, "reading the status lease failed");
+                }
+                was && within
+            }
+        };
+        if now != was {
+            if now {
+                tracing::info!(lease = %self.describe(), identity = %self.config.identity, "acquired the status lease: this agent writes route status");
+            } else {
+                tracing::info!(lease = %self.describe(), identity = %self.config.identity, "lost the status lease: this agent stops writing route status");
+            }
+            self.leader.send_replace(now);
+        }
+    }
+
+    fn observe(&mut self, lease: &Lease) {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let record = (
+            spec.holder_identity,
+            spec.renew_time,
+            lease.metadata.resource_version.clone(),
+        );
+        if self.observed.as_ref().map(|o| &o.record) != Some(&record) {
+            self.observed = Some(Observed {
+                record,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    fn expired(&self, lease: &Lease) -> bool {
+        let seconds = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .map_or(self.config.duration, |s| {
+                Duration::from_secs(s.max(1) as u64)
+            });
+        self.observed
+            .as_ref()
+            .is_none_or(|o| o.at.elapsed() > seconds)
+    }
+
+    fn now() -> MicroTime {
+        MicroTime(k8s_openapi::jiff::Timestamp::now())
+    }
+
+    /// Ok(true): we hold the lease now.
+    async fn try_acquire_or_renew(&mut self) -> Result<bool, LeaseError> {
+        let identity = self.config.identity.clone();
+        let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.config.name.clone()),
+                    namespace: Some(self.config.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(identity),
+                    lease_duration_seconds: Some(self.config.duration.as_secs() as i32),
+                    acquire_time: Some(Self::now()),
+                    renew_time: Some(Self::now()),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            self.api
+                .create(&PostParams::default(), &lease)
+                .await
+                .map_err(from_write)?;
+            return Ok(true);
+        };
+        self.observe(&lease);
+        let expired = self.expired(&lease);
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        if holder.as_deref() == Some(identity.as_str()) {
+            spec.renew_time = Some(Self::now());
+        } else if holder.is_some() && !expired {
+            return Ok(false);
+        } else {
+            spec.holder_identity = Some(identity);
+            spec.lease_duration_seconds = Some(self.config.duration.as_secs() as i32);
+            spec.acquire_time = Some(Self::now());
+            spec.renew_time = Some(Self::now());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        // `replace` sends the resourceVersion read above: it fails if anyone wrote since.
+        let written = self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+            .map_err(from_write)?;
+        self.observe(&written);
+        Ok(true)
+    }
+
+    async fn release(&mut self) -> Result<(), LeaseError> {
+        let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(Self::now());
+        self.api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+            .map_err(from_write)?;
+        Ok(())
+    }
+}

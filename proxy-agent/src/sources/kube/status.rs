@@ -1,0 +1,240 @@
+//! What to write into a route's `status.parents` (pure).
+//!
+//! `status.parents` is an atomic list in the Gateway API CRDs (`x-kubernetes-list-type: atomic`):
+//! whoever writes it writes all of it. So the list we write is every other controller's entry
+//! exactly as it is on the server, followed by ours (the entries `routes::status` computes, one
+//! per Service parentRef), and it is written against the resourceVersion it was computed from,
+//! so that a concurrent change by another controller is never overwritten (see `writer`).
+
+use crate::model::{ParentRef, RouteKind};
+use crate::routes::status::{ParentStatus, CONTROLLER_NAME};
+use kube::api::DynamicObject;
+use serde_json::{json, Map, Value};
+
+/// A route as the API server holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerRoute {
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: String,
+    pub generation: i64,
+    /// `status.parents`, every controller's entries, as stored.
+    pub parents: Vec<Value>,
+}
+
+impl ServerRoute {
+    pub fn from_object(kind: RouteKind, object: &DynamicObject) -> ServerRoute {
+        let meta = &object.metadata;
+        ServerRoute {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            // As the model reads it (an object the API server returns always has one).
+            generation: meta.generation.unwrap_or(1),
+            parents: object
+                .data
+                .pointer("/status/parents")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn is_ours(entry: &Value) -> bool {
+    entry.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME)
+}
+
+/// A parentRef as the API writes it: optional fields omitted, `group: ""` kept (omitting it
+/// would make the API server default it to the Gateway API group).
+pub fn parent_ref_json(p: &ParentRef) -> Value {
+    let mut m = Map::new();
+    m.insert("group".into(), p.group.clone().into());
+    m.insert("kind".into(), p.kind.clone().into());
+    if let Some(ns) = &p.namespace {
+        m.insert("namespace".into(), ns.clone().into());
+    }
+    m.insert("name".into(), p.name.clone().into());
+    if let Some(port) = p.port {
+        m.insert("port".into(), port.into());
+    }
+    if let Some(section) = &p.section_name {
+        m.insert("sectionName".into(), section.clone().into());
+    }
+    Value::Object(m)
+}
+
+/// Our entry for one parent. A condition keeps its old `lastTransitionTime` when its status
+/// did not change (that is what the field means), else it is `now`.
+fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
+    let conditions: Vec<Value> = desired
+        .conditions
+        .iter()
+        .map(|c| {
+            let old = old
+                .and_then(|o| o.get("conditions"))
+                .and_then(Value::as_array)
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|o| o.get("type").and_then(Value::as_str) == Some(c.type_))
+                });
+            let since = old
+                .filter(|o| o.get("status").and_then(Value::as_str) == Some(c.status))
+                .and_then(|o| o.get("lastTransitionTime"))
+                .and_then(Value::as_str)
+                .unwrap_or(now);
+            json!({
+                "type": c.type_,
+                "status": c.status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": c.observed_generation,
+                "lastTransitionTime": since,
+            })
+        })
+        .collect();
+    json!({
+        "parentRef": parent_ref_json(&desired.parent_ref),
+        "controllerName": CONTROLLER_NAME,
+        "conditions": conditions,
+    })
+}
+
+/// The complete `status.parents` to write, or `None` when the server already says what we
+/// would write. Other controllers' entries are kept as they are, in their order.
+pub fn plan(desired: &[ParentStatus], server: &ServerRoute, now: &str) -> Option<Vec<Value>> {
+    let (ours, others): (Vec<&Value>, Vec<&Value>) =
+        server.parents.iter().partition(|e| is_ours(e));
+    let wanted: Vec<Value> = desired
+        .iter()
+        .map(|d| {
+            let parent = parent_ref_json(&d.parent_ref);
+            let old = ours
+                .iter()
+                .copied()
+                .find(|o| o.get("parentRef") == Some(&parent));
+            entry(d, old, now)
+        })
+        .collect();
+    if ours.len() == wanted.len() && ours.iter().zip(&wanted).all(|(a, b)| *a == b) {
+        return None;
+    }
+    Some(others.into_iter().cloned().chain(wanted).collect())
+}
+
+/// Whether `desired` was computed from the generation the server holds. The index may lag the
+/// route watcher by a batch, or keep an older generation because the newer one is invalid; in
+/// both cases writing would report on a generation the route no longer has.
+pub fn same_generation(desired: &[ParentStatus], server: &ServerRoute) -> bool {
+    desired
+        .iter()
+        .flat_map(|d| &d.conditions)
+        .all(|c| c.observed_generation == server.generation)
+}
+
+/// Now, as the API writes `metav1.Time` (RFC 3339, whole seconds, UTC).
+pub fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| now.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::status::Condition;
+
+    fn parent(name: &str) -> ParentRef {
+        ParentRef {
+            group: String::new(),
+            kind: "Service".into(),
+            namespace: None,
+            name: name.into(),
+            port: Some(80),
+            section_name: None,
+        }
+    }
+
+    fn desired(accepted: bool, generation: i64) -> ParentStatus {
+        let c = |type_, ok: bool| Condition {
+            type_,
+            status: if ok { "True" } else { "False" },
+            reason: if ok { "Accepted" } else { "NoMatchingParent" },
+            message: "m".into(),
+            observed_generation: generation,
+        };
+        ParentStatus {
+            parent_ref: parent("echo"),
+            controller_name: CONTROLLER_NAME,
+            conditions: vec![c("Accepted", accepted), c("ResolvedRefs", true)],
+        }
+    }
+
+    fn server(parents: Vec<Value>) -> ServerRoute {
+        ServerRoute {
+            kind: RouteKind::Http,
+            namespace: "ns".into(),
+            name: "r".into(),
+            resource_version: "5".into(),
+            generation: 1,
+            parents,
+        }
+    }
+
+    fn other() -> Value {
+        json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway", "conditions": [{"type": "Accepted", "status": "True"}]})
+    }
+
+    #[test]
+    fn first_write_keeps_other_controllers_entries() {
+        let out = plan(&[desired(true, 1)], &server(vec![other()]), "T1").unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], other());
+        assert_eq!(out[1]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(
+            out[1]["parentRef"],
+            json!({"group": "", "kind": "Service", "name": "echo", "port": 80})
+        );
+        assert_eq!(out[1]["conditions"][0]["lastTransitionTime"], "T1");
+        assert_eq!(out[1]["conditions"][0]["observedGeneration"], 1);
+    }
+
+    #[test]
+    fn unchanged_status_is_not_written() {
+        let written = plan(&[desired(true, 1)], &server(vec![other()]), "T1").unwrap();
+        assert_eq!(plan(&[desired(true, 1)], &server(written), "T2"), None);
+    }
+
+    #[test]
+    fn transition_time_moves_only_for_changed_conditions() {
+        let written = plan(&[desired(true, 1)], &server(vec![]), "T1").unwrap();
+        let out = plan(&[desired(false, 2)], &server(written), "T2").unwrap();
+        let conditions = &out[0]["conditions"];
+        assert_eq!(conditions[0]["status"], "False");
+        assert_eq!(conditions[0]["lastTransitionTime"], "T2");
+        assert_eq!(conditions[1]["lastTransitionTime"], "T1");
+        assert_eq!(conditions[1]["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn our_entries_are_removed_when_no_service_parent_remains() {
+        let written = plan(&[desired(true, 1)], &server(vec![other()]), "T1").unwrap();
+        assert_eq!(plan(&[], &server(written), "T2"), Some(vec![other()]));
+        assert_eq!(plan(&[], &server(vec![other()]), "T2"), None);
+    }
+
+    #[test]
+    fn generation_guard() {
+        assert!(same_generation(&[desired(true, 1)], &server(vec![])));
+        assert!(!same_generation(&[desired(true, 2)], &server(vec![])));
+    }
+
+    #[test]
+    fn time_is_whole_seconds_utc() {
+        let now = now_rfc3339();
+        assert!(now.ends_with('Z') && !now.contains('.'), "{now}");
+    }
+}

@@ -1,0 +1,228 @@
+//! The route status writer: while this agent holds the lease, make every route's
+//! `status.parents` say what the published snapshot says.
+//!
+//! Writes are server-side apply patches on the status subresource under our field manager. The
+//! list is atomic (see `status`), so each patch carries the whole list and the resourceVersion
+//! it was computed from: if anyone changed the route since, the API server answers 409, we read
+//! the status again and recompute. `force` is needed because another controller may own the
+//! list; it is safe because their entries are in what we write, unchanged, at that
+//! resourceVersion.
+
+use super::api::{ApiCall, GRPC_ROUTES_STATUS, HTTP_ROUTES_STATUS};
+use super::status::{self, ServerRoute};
+use crate::model::RouteKind;
+use crate::routes::status::ParentStatus;
+use crate::routes::Snapshot;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::Client;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Our field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "gamma-node";
+
+/// Coalesces the changes of a burst into one pass.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// After a failed write, when to try again even if nothing else changes.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Conflicts in a row on one route before leaving it to the next pass.
+const CONFLICT_ATTEMPTS: usize = 3;
+
+/// What the status depends on: the published snapshot and the routes as the API server holds
+/// them (keyed like `Snapshot::statuses`: `"HTTPRoute ns/name"`).
+#[derive(Clone, Default)]
+pub struct StatusInputs {
+    pub snapshot: Arc<Snapshot>,
+    pub routes: Arc<BTreeMap<String, Arc<ServerRoute>>>,
+}
+
+fn call_for(kind: RouteKind) -> &'static ApiCall {
+    match kind {
+        RouteKind::Http => &HTTP_ROUTES_STATUS,
+        RouteKind::Grpc => &GRPC_ROUTES_STATUS,
+    }
+}
+
+/// A route as our last write left it, until the route watcher catches up.
+struct Written {
+    /// The watcher's resourceVersion when we wrote: once it moves, the watcher has seen our
+    /// write (or something newer) and this entry is dropped.
+    seen_at: String,
+    route: Arc<ServerRoute>,
+}
+
+pub struct Writer {
+    client: Client,
+    inputs: watch::Receiver<StatusInputs>,
+    leader: watch::Receiver<bool>,
+    written: HashMap<String, Written>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// Not written; try again later.
+    Failed,
+    /// The lease was lost mid-pass.
+    Demoted,
+}
+
+impl Writer {
+    pub fn new(
+        client: Client,
+        inputs: watch::Receiver<StatusInputs>,
+        leader: watch::Receiver<bool>,
+    ) -> Writer {
+        Writer {
+            client,
+            inputs,
+            leader,
+            written: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut retry = false;
+        loop {
+            tokio::select! {
+                changed = self.inputs.changed() => if changed.is_err() { return },
+                changed = self.leader.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(RETRY_AFTER), if retry => {}
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            if !*self.leader.borrow_and_update() {
+                self.written.clear();
+                retry = false;
+                continue;
+            }
+            let inputs = self.inputs.borrow_and_update().clone();
+            retry = self.pass(&inputs).await == Outcome::Failed;
+        }
+    }
+
+    /// One reconciliation of every route the API server holds.
+    async fn pass(&mut self, inputs: &StatusInputs) -> Outcome {
+        let watched_rv: HashMap<&String, &String> = inputs
+            .routes
+            .iter()
+            .map(|(k, r)| (k, &r.resource_version))
+            .collect();
+        self.written
+            .retain(|key, w| watched_rv.get(key).is_some_and(|rv| **rv == w.seen_at));
+        let mut outcome = Outcome::Done;
+        for (key, watched) in inputs.routes.iter() {
+            let desired = inputs
+                .snapshot
+                .statuses
+                .get(key.as_str())
+                .map(|s| &s[..])
+                .unwrap_or_default();
+            let current = self
+                .written
+                .get(key)
+                .map_or_else(|| watched.clone(), |w| w.route.clone());
+            match self.reconcile(key, desired, current, watched).await {
+                Outcome::Done => {}
+                Outcome::Failed => outcome = Outcome::Failed,
+                Outcome::Demoted => return Outcome::Demoted,
+            }
+        }
+        outcome
+    }
+
+    async fn reconcile(
+        &mut self,
+        key: &str,
+        desired: &[ParentStatus],
+        mut current: Arc<ServerRoute>,
+        watched: &ServerRoute,
+    ) -> Outcome {
+        let call = call_for(current.kind);
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &current.namespace,
+            &call.api_resource(),
+        );
+        for _ in 0..CONFLICT_ATTEMPTS {
+            if !status::same_generation(desired, &current) {
+                return Outcome::Done; // the index has not caught up yet: the next pass will
+            }
+            let Some(parents) = status::plan(desired, &current, &status::now_rfc3339()) else {
+                return Outcome::Done;
+            };
+            // Checked right before each write: a demoted leader must not write.
+            if !*self.leader.borrow() {
+                return Outcome::Demoted;
+            }
+            let body = serde_json::json!({
+                "apiVersion": call.api_version(),
+                "kind": call.kind,
+                "metadata": {
+                    "name": current.name,
+                    "namespace": current.namespace,
+                    "resourceVersion": current.resource_version,
+                },
+                "status": {"parents": parents},
+            });
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            match api
+                .patch_status(&current.name, &params, &Patch::Apply(&body))
+                .await
+            {
+                Ok(object) => {
+                    self.remember(
+                        key,
+                        watched,
+                        ServerRoute::from_object(current.kind, &object),
+                    );
+                    tracing::info!(route = key, "route status written");
+                    return Outcome::Done;
+                }
+                Err(kube::Error::Api(s)) if s.is_conflict() => {
+                    tracing::debug!(
+                        route = key,
+                        "the route changed since it was read; reading its status again"
+                    );
+                    match api.get_status(&current.name).await {
+                        Ok(object) => {
+                            current = self.remember(
+                                key,
+                                watched,
+                                ServerRoute::from_object(current.kind, &object),
+                            );
+                        }
+                        Err(e) => return failed(key, &e),
+                    }
+                }
+                // Deleted meanwhile: nothing to report on.
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Outcome::Done,
+                Err(e) => return failed(key, &e),
+            }
+        }
+        Outcome::Failed
+    }
+
+    fn remember(
+        &mut self,
+        key: &str,
+        watched: &ServerRoute,
+        route: ServerRoute,
+    ) -> Arc<ServerRoute> {
+        let route = Arc::new(route);
+        self.written.insert(
+            key.to_string(),
+            Written {
+                seen_at: watched.resource_version.clone(),
+                route: route.clone(),
+            },
+        );
+        route
+    }
+}
+
+fn failed(key: &str, error: &kube::Error) -> Outcome {
+    tracing::warn!(route = key, error = %error, "writing route status failed; retrying in {RETRY_AFTER:?}");
+    Outcome::Failed
+}

@@ -1,0 +1,780 @@
+//! `proxy-agent --kube` (the real binary, its real kube-rs client) against the in-process fake
+//! API server: every kind reaches the table and leaves it; a deletion inside a watch gap is found
+//! by the relist after 410; an outage keeps the last good table served while `/ready` and a
+//! metric say since when it is stale; Gateway API CRDs installed after the agent started; the
+//! exact route status patches, written only when they change, only by the lease holder; a
+//! leader handover and a demotion; and the API calls made are exactly those `--print-rbac`
+//! declares. Everything on 127.0.0.1; every wait bounded at 10 s.
+
+use gamma_tests::fake_apiserver::{FakeApiServer, Recorded};
+use gamma_tests::loopback::{
+    agent_binary, echo_backend, free_port, http_get, http_get_full, TempDir,
+};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS: &str = "shop";
+const LIMIT: Duration = Duration::from_secs(10);
+const CONTROLLER: &str = "gamma-node.dev/agent";
+const LEASE_NS: &str = "gamma-system";
+const LEASE: &str = "gamma-node-status";
+
+/// Polls `check` until it gives a value; panics after `LIMIT`. Returns the value and how long
+/// it took.
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return (value, started.elapsed());
+        }
+        assert!(started.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// --- objects -----------------------------------------------------------------------------
+
+fn service(name: &str, cluster_ip: &str, target_port: u16, app_protocol: Option<&str>) -> Value {
+    let mut port = json!({"name": "p", "port": 80, "targetPort": target_port});
+    if let Some(app) = app_protocol {
+        port["appProtocol"] = app.into();
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": [port]},
+    })
+}
+
+fn slice(service: &str, endpoint: SocketAddr) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": NS,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": endpoint.port()}],
+        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true}}],
+    })
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}")},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn route(kind: &str, name: &str, parent: &str, backend: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80}],
+            "rules": [{"backendRefs": [{"name": backend, "port": 80}]}],
+        },
+    })
+}
+
+/// Another controller's entry in a route's status, which we must leave alone.
+fn foreign_entry() -> Value {
+    json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
+        "controllerName": "example.com/gateway-controller",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "observedGeneration": 1, "lastTransitionTime": "2024-05-05T05:05:05Z"}],
+    })
+}
+
+/// `front` (routed to `back` by HTTPRoute `to-back`), `back` with one endpoint (the echo
+/// backend), a Pod on this node and one on another.
+fn seed(api: &FakeApiServer, echo: SocketAddr) {
+    api.apply(service("front", "10.96.0.10", 8080, None));
+    api.apply(service("back", "10.96.0.11", echo.port(), None));
+    api.apply(slice("back", echo));
+    api.apply(pod("client", "node-a", "10.244.0.5"));
+    api.apply(pod("far", "node-b", "10.244.1.5"));
+    api.apply(route("HTTPRoute", "to-back", "front", "back"));
+}
+
+// --- the agent ---------------------------------------------------------------------------
+
+struct KubeAgent {
+    child: Child,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl KubeAgent {
+    /// Starts `proxy-agent --kube` as `node`, presenting `token` to the API server, with an
+    /// explicit listener for `shop/front:80`. Does not wait.
+    fn spawn(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
+        let dir = TempDir::new("kube-agent");
+        let kubeconfig = api.kubeconfig(&dir.0, token);
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.0.join("agent.log");
+        let child = Command::new(agent_binary())
+            .args(["--kube", "--node-name", node, "--lease-namespace", LEASE_NS])
+            .arg("--admin")
+            .arg(admin.to_string())
+            .arg("--listen")
+            .arg(format!("{listen}={NS}/front:80"))
+            .args(["--caller-namespace", NS, "--drain-timeout-s", "1"])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("NODE_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start proxy-agent");
+        KubeAgent {
+            child,
+            admin,
+            listen,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn start(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
+        let agent = KubeAgent::spawn(api, node, token);
+        let (_, took) = eventually("the agent is ready", || {
+            (agent.ready().0 == 200).then_some(())
+        });
+        eprintln!("timing: {node} ready {took:?} after start");
+        agent
+    }
+
+    fn ready(&self) -> (u16, String) {
+        http_get_full(self.admin, "/ready").unwrap_or((0, String::new()))
+    }
+
+    fn dump(&self) -> Value {
+        serde_json::from_str(&http_get(self.admin, "/config_dump").unwrap()).unwrap()
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.admin, "/metrics").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The echo backend's name that answered a request on the `front` listener.
+    fn answered_by(&self) -> Option<String> {
+        let body = http_get(self.listen, "/").ok()?;
+        let body: Value = serde_json::from_str(&body).ok()?;
+        body["pod"].as_str().map(str::to_string)
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        eventually("the agent exits on SIGTERM", || {
+            self.child.try_wait().ok().flatten()
+        });
+    }
+}
+
+impl Drop for KubeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}
+
+// --- reading the table -------------------------------------------------------------------
+
+fn services(dump: &Value) -> BTreeSet<String> {
+    dump["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| f["service"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn endpoints_of(dump: &Value, service: &str) -> Vec<String> {
+    dump["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["service"]["name"] == service)
+        .flat_map(|f| {
+            f["direct"]["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn callers(dump: &Value) -> BTreeSet<String> {
+    dump["callers"]
+        .as_object()
+        .map(|c| c.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Routes with a Service parent (each has a status entry in the table).
+fn routes(dump: &Value) -> BTreeSet<String> {
+    dump["statuses"]
+        .as_object()
+        .map(|c| c.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `check` holds on the agent's table.
+fn table(agent: &KubeAgent, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
+    eventually(what, || check(&agent.dump()).then_some(())).1
+}
+
+// --- reading what the API server received ------------------------------------------------
+
+fn status_patches(requests: &[Recorded]) -> Vec<&Recorded> {
+    requests
+        .iter()
+        .filter(|r| r.verb == "patch" && r.resource.ends_with("/status"))
+        .collect()
+}
+
+fn our_entry(parents: &Value) -> &Value {
+    parents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["controllerName"] == CONTROLLER)
+        .expect("our entry")
+}
+
+fn condition<'a>(entry: &'a Value, type_: &str) -> &'a Value {
+    entry["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {entry}"))
+}
+
+fn lease_holder(api: &FakeApiServer) -> Option<String> {
+    api.get("leases", LEASE_NS, LEASE)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+}
+
+// --- tests -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_reaches_the_table_and_leaves_it() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let agent = KubeAgent::start(&api, "node-a", "a");
+
+    // The first table is complete: Services, endpoints, this node's Pods only, the route.
+    let dump = agent.dump();
+    assert_eq!(
+        services(&dump),
+        BTreeSet::from(["back".into(), "front".into()])
+    );
+    assert_eq!(endpoints_of(&dump, "back"), vec![back.addr.to_string()]);
+    assert_eq!(callers(&dump), BTreeSet::from(["10.244.0.5".to_string()]));
+    assert!(routes(&dump).contains("HTTPRoute shop/to-back"), "{dump}");
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+    let pods = api
+        .requests()
+        .into_iter()
+        .find(|r| r.resource == "pods" && r.verb == "list")
+        .unwrap();
+    assert_eq!(pods.query["fieldSelector"], "spec.nodeName=node-a");
+
+    // Adds, per kind.
+    api.apply(service(
+        "rpc",
+        "10.96.0.12",
+        9090,
+        Some("kubernetes.io/h2c"),
+    ));
+    api.apply(route("GRPCRoute", "rpc-to-back", "rpc", "back"));
+    api.apply(pod("client-2", "node-a", "10.244.0.6"));
+    let took = table(&agent, "Service, GRPCRoute and Pod added", |d| {
+        services(d).contains("rpc")
+            && routes(d).contains("GRPCRoute shop/rpc-to-back")
+            && callers(d).contains("10.244.0.6")
+    });
+    eprintln!("timing: additions in the table {took:?} after the API server had them");
+
+    // An invalid version of an object: rejected with its name and field, the last good one
+    // stays.
+    let mut broken = service("rpc", "10.96.0.12", 9090, None);
+    broken["spec"]["ports"][0]["port"] = 0.into();
+    api.apply(broken);
+    eventually("the invalid Service is reported", || {
+        let log = agent.log();
+        (log.contains("Service shop/rpc") && log.contains("spec.ports[0].port")).then_some(())
+    });
+    assert!(services(&agent.dump()).contains("rpc"));
+
+    // Deletes, per kind.
+    api.delete("httproutes", NS, "to-back");
+    api.delete("grpcroutes", NS, "rpc-to-back");
+    api.delete("endpointslices", NS, "back-1");
+    api.delete("pods", NS, "client");
+    api.delete("services", NS, "rpc");
+    let took = table(&agent, "every deletion applied", |d| {
+        routes(d).is_empty()
+            && endpoints_of(d, "back").is_empty()
+            && !callers(d).contains("10.244.0.5")
+            && !services(d).contains("rpc")
+    });
+    eprintln!("timing: deletions in the table {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_inside_a_watch_gap_is_found_by_the_relist() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    api.apply(service("doomed", "10.96.0.13", 80, None));
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    assert!(services(&agent.dump()).contains("doomed"));
+
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|r| r.resource == "services" && r.verb == "list")
+        .count();
+    // The Services watch ends, `doomed` is deleted with no watch to see it, and history is
+    // compacted: resuming answers 410 Expired, so the agent must list again.
+    api.delete_during_gap("services", NS, "doomed");
+    let took = table(&agent, "the Service deleted during the gap is gone", |d| {
+        !services(d).contains("doomed")
+    });
+    eprintln!("timing: deletion inside a watch gap gone {took:?} after the gap");
+    let requests = api.requests();
+    let expired = requests.iter().any(|r| {
+        r.resource == "services" && r.verb == "watch" && r.query.contains_key("resourceVersion")
+    });
+    let lists_after = requests
+        .iter()
+        .filter(|r| r.resource == "services" && r.verb == "list")
+        .count();
+    assert!(expired && lists_after > lists_before, "relisted after 410");
+    // Nothing else moved.
+    let dump = agent.dump();
+    assert_eq!(
+        services(&dump),
+        BTreeSet::from(["back".into(), "front".into()])
+    );
+    assert!(routes(&dump).contains("HTTPRoute shop/to-back"));
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+    assert_eq!(agent.ready(), (200, "ready\n".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_the_last_table_and_reports_since_when_it_is_stale() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    let other = echo_backend([127, 0, 0, 1], "other").await;
+    seed(&api, back.addr);
+    api.apply(service("other", "10.96.0.14", other.addr.port(), None));
+    api.apply(slice("other", other.addr));
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    assert_eq!(
+        agent.metric("gamma_source_stale_since_timestamp_seconds"),
+        Some(0.0)
+    );
+
+    let down_at = Instant::now();
+    api.go_down().await;
+    let (body, took) = eventually("/ready reports the table stale", || {
+        let (status, body) = agent.ready();
+        (status == 200 && body.contains("stale since")).then_some(body)
+    });
+    eprintln!("timing: stale reported {took:?} after the API server went down ({body:?})");
+    let since = agent
+        .metric("gamma_source_stale_since_timestamp_seconds")
+        .unwrap();
+    assert!(since > 1.7e9, "the metric gives a Unix time: {since}");
+    // The last good table is still served.
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+    assert!(routes(&agent.dump()).contains("HTTPRoute shop/to-back"));
+
+    // Changes made while the agent could not see them arrive after recovery.
+    api.apply(route("HTTPRoute", "to-back", "front", "other"));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        agent.answered_by().as_deref(),
+        Some("back"),
+        "still the last good table"
+    );
+    api.come_back().await;
+    let back_at = Instant::now();
+    let (_, took) = eventually(
+        "fresh again, with the change made during the outage",
+        || {
+            (agent.ready() == (200, "ready\n".to_string())
+                && agent.answered_by().as_deref() == Some("other"))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "timing: fresh {took:?} after the API server came back (outage {:?})",
+        back_at - down_at
+    );
+    assert_eq!(
+        agent.metric("gamma_source_stale_since_timestamp_seconds"),
+        Some(0.0)
+    );
+    assert!(agent
+        .log()
+        .contains("the API server is unreachable or failing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_picked_up_when_the_gateway_api_crds_appear() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    api.set_served("httproutes", false);
+    api.set_served("grpcroutes", false);
+    api.apply(service("front", "10.96.0.10", 8080, None));
+    api.apply(service("back", "10.96.0.11", back.addr.port(), None));
+    api.apply(slice("back", back.addr));
+    // Ready without the CRDs: Services are followed, no route exists.
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    assert!(routes(&agent.dump()).is_empty());
+    assert_eq!(
+        agent.ready(),
+        (200, "ready\n".to_string()),
+        "absent CRDs are not staleness"
+    );
+    eventually("the log says the CRDs are missing", || {
+        agent
+            .log()
+            .contains("the Gateway API CRDs are not installed")
+            .then_some(())
+    });
+
+    api.set_served("httproutes", true);
+    api.set_served("grpcroutes", true);
+    api.apply(route("HTTPRoute", "to-back", "front", "back"));
+    let took = table(&agent, "the route, once its CRD is served", |d| {
+        routes(d).contains("HTTPRoute shop/to-back")
+    });
+    eprintln!("timing: route picked up {took:?} after the CRDs appeared");
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+
+    // CRDs removed again: their routes go, the rest stays.
+    api.set_served("httproutes", false);
+    table(&agent, "routes gone with their CRD", |d| {
+        routes(d).is_empty()
+    });
+    assert!(services(&agent.dump()).contains("back"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_entries() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let mut with_foreign = route("HTTPRoute", "to-back", "front", "back");
+    with_foreign["status"] = json!({"parents": [foreign_entry()]});
+    let stored = api.apply(with_foreign);
+    api.apply(service(
+        "rpc",
+        "10.96.0.12",
+        9090,
+        Some("kubernetes.io/h2c"),
+    ));
+    api.apply(route("GRPCRoute", "rpc-to-back", "rpc", "back"));
+    let agent = KubeAgent::start(&api, "node-a", "a");
+
+    let (patch, took) = eventually("the HTTPRoute status patch", || {
+        api.requests()
+            .into_iter()
+            .find(|r| r.verb == "patch" && r.resource == "httproutes/status")
+    });
+    eprintln!("timing: first status patch {took:?} after ready");
+    assert_eq!(patch.status, 200);
+    assert_eq!(patch.query["fieldManager"], "gamma-node");
+    assert_eq!(patch.query["force"], "true");
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(patch.name.as_deref(), Some("to-back"));
+    let body = patch.body.as_ref().unwrap();
+    assert_eq!(body["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(body["kind"], "HTTPRoute");
+    assert_eq!(
+        body["metadata"]["resourceVersion"],
+        stored["metadata"]["resourceVersion"]
+    );
+    let parents = &body["status"]["parents"];
+    assert_eq!(parents.as_array().unwrap().len(), 2);
+    assert_eq!(
+        parents[0],
+        foreign_entry(),
+        "another controller's entry, untouched"
+    );
+    let ours = our_entry(parents);
+    assert_eq!(
+        ours["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "front", "port": 80})
+    );
+    let accepted = condition(ours, "Accepted").clone();
+    assert_eq!(accepted["status"], "True");
+    assert_eq!(accepted["observedGeneration"], 1);
+    assert!(accepted["lastTransitionTime"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(condition(ours, "ResolvedRefs")["status"], "True");
+    let grpc = eventually("the GRPCRoute status patch", || {
+        api.requests()
+            .into_iter()
+            .find(|r| r.verb == "patch" && r.resource == "grpcroutes/status")
+    })
+    .0;
+    assert_eq!(
+        our_entry(&grpc.body.unwrap()["status"]["parents"])["parentRef"]["name"],
+        "rpc"
+    );
+
+    // Nothing changes: nothing is written (our own writes come back through the watch).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        status_patches(&api.requests()).len(),
+        2,
+        "no write when nothing changed"
+    );
+    let stored = api.get("httproutes", NS, "to-back").unwrap();
+    assert_eq!(stored["status"]["parents"][0], foreign_entry());
+
+    // A new generation with a backend that does not exist: ResolvedRefs turns False, Accepted
+    // keeps its lastTransitionTime.
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "missing"));
+    let patch = eventually("the status patch for generation 2", || {
+        api.requests()[before..]
+            .iter()
+            .find(|r| r.verb == "patch" && r.resource == "httproutes/status")
+            .cloned()
+    })
+    .0;
+    let body = patch.body.unwrap();
+    let ours = our_entry(&body["status"]["parents"]);
+    let resolved = condition(ours, "ResolvedRefs");
+    assert_eq!(resolved["status"], "False");
+    assert_eq!(resolved["reason"], "BackendNotFound");
+    assert_eq!(resolved["observedGeneration"], 2);
+    assert_eq!(
+        condition(ours, "Accepted")["lastTransitionTime"],
+        accepted["lastTransitionTime"]
+    );
+    assert_eq!(condition(ours, "Accepted")["observedGeneration"], 2);
+    assert_eq!(body["status"]["parents"][0], foreign_entry());
+
+    // Someone else wrote in between (409): the agent reads the status again and retries.
+    let before = api.request_count();
+    api.refuse_next_status_patch("httproutes", NS, "to-back");
+    api.refuse_next_status_patch("grpcroutes", NS, "rpc-to-back");
+    api.apply(route("HTTPRoute", "to-back", "front", "back"));
+    api.apply(route("GRPCRoute", "rpc-to-back", "rpc", "missing"));
+    let requests = eventually("both routes written after a conflict", || {
+        let later = api.requests()[before..].to_vec();
+        let done = ["httproutes/status", "grpcroutes/status"]
+            .iter()
+            .all(|resource| {
+                later
+                    .iter()
+                    .any(|r| r.resource == *resource && r.verb == "patch" && r.status == 200)
+            });
+        done.then_some(later)
+    })
+    .0;
+    for resource in ["httproutes/status", "grpcroutes/status"] {
+        let sequence: Vec<(&str, u16)> = requests
+            .iter()
+            .filter(|r| r.resource == resource)
+            .map(|r| (r.verb.as_str(), r.status))
+            .collect();
+        assert_eq!(
+            sequence,
+            [("patch", 409), ("get", 200), ("patch", 200)],
+            "{resource}"
+        );
+    }
+    assert_eq!(lease_holder(&api).as_deref(), Some("node-a"));
+
+    // Every call made is declared by --print-rbac, and every declared call was made.
+    eventually("a lease renewal", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "leases" && r.verb == "update")
+            .then_some(())
+    });
+    let output = Command::new(agent_binary())
+        .arg("--print-rbac")
+        .output()
+        .expect("run --print-rbac");
+    assert!(output.status.success());
+    let rules: Value = serde_json::from_slice(&output.stdout).expect("JSON rules");
+    let declared: BTreeSet<(String, String, String)> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["verbs"].as_array().unwrap().iter().map(move |v| {
+                (
+                    r["apiGroup"].as_str().unwrap().to_string(),
+                    r["resource"].as_str().unwrap().to_string(),
+                    v.as_str().unwrap().to_string(),
+                )
+            })
+        })
+        .collect();
+    let made: BTreeSet<(String, String, String)> = api
+        .requests()
+        .iter()
+        .map(|r| (r.group.clone(), r.resource.clone(), r.verb.clone()))
+        .collect();
+    assert_eq!(made, declared, "calls made vs --print-rbac");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let by = |token: &str| format!("Bearer {token}");
+    let mut a = KubeAgent::start(&api, "node-a", "a");
+    eventually("agent a holds the lease and writes", || {
+        (lease_holder(&api).as_deref() == Some("node-a")
+            && status_patches(&api.requests())
+                .iter()
+                .any(|r| r.authorization == Some(by("a"))))
+        .then_some(())
+    });
+    let b = KubeAgent::start(&api, "node-b", "b");
+    eventually("agent b reads the lease", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "leases" && r.authorization == Some(by("b")))
+            .then_some(())
+    });
+    // b is a candidate but not the holder: it does not write, even on a change.
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "missing"));
+    eventually("a writes generation 2", || {
+        status_patches(&api.requests()[before..])
+            .iter()
+            .any(|r| r.authorization == Some(by("a")))
+            .then_some(())
+    });
+    assert!(!status_patches(&api.requests())
+        .iter()
+        .any(|r| r.authorization == Some(by("b"))));
+
+    // a stops (SIGTERM releases the lease): b takes it and writes.
+    let stopped = Instant::now();
+    a.terminate();
+    assert_eq!(lease_holder(&api), None, "released on shutdown");
+    let (_, took) = eventually("b holds the lease", || {
+        (lease_holder(&api).as_deref() == Some("node-b")).then_some(())
+    });
+    eprintln!(
+        "timing: lease taken over {took:?} after a released it ({:?} after SIGTERM)",
+        stopped.elapsed()
+    );
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "back"));
+    let (patch, took) = eventually("b writes generation 3", || {
+        status_patches(&api.requests()[before..])
+            .first()
+            .map(|r| (*r).clone())
+    });
+    eprintln!("timing: new leader wrote {took:?} after the change");
+    assert_eq!(patch.authorization, Some(by("b")));
+    assert_eq!(
+        our_entry(&patch.body.unwrap()["status"]["parents"])["conditions"][0]["observedGeneration"],
+        3
+    );
+
+    // Someone else takes the lease: b notices at its next renewal and stops writing.
+    let mut lease = api.get("leases", LEASE_NS, LEASE).unwrap();
+    lease["spec"]["holderIdentity"] = "node-x".into();
+    lease["spec"]["renewTime"] = "2030-01-01T00:00:00.000000Z".into();
+    api.apply(lease);
+    let taken = api.request_count();
+    eventually("b reads the lease again", || {
+        api.requests()[taken..]
+            .iter()
+            .any(|r| r.resource == "leases" && r.authorization == Some(by("b")))
+            .then_some(())
+    });
+    eventually("b logs its demotion", || {
+        b.log().contains("lost the status lease").then_some(())
+    });
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "missing"));
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(
+        status_patches(&api.requests()[before..]).is_empty(),
+        "a demoted leader does not write"
+    );
+    assert_eq!(lease_holder(&api).as_deref(), Some("node-x"));
+    // b still follows the cluster.
+    table(&b, "b's table follows generation 4", |d| {
+        d["statuses"]["HTTPRoute shop/to-back"][0]["conditions"][1]["observedGeneration"] == 4
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_before_the_first_complete_sync() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    api.go_down().await;
+    let agent = KubeAgent::spawn(&api, "node-a", "a");
+    // The admin server answers at once (the liveness probe), readiness waits for the table.
+    eventually("/live answers", || {
+        (http_get_full(agent.admin, "/live").ok()?.0 == 200).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, body) = agent.ready();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        std::net::TcpStream::connect(agent.listen).is_err(),
+        "no listener before the first sync"
+    );
+
+    api.come_back().await;
+    let (_, took) = eventually("ready once the API server answers", || {
+        (agent.ready().0 == 200).then_some(())
+    });
+    eprintln!("timing: ready {took:?} after the API server came up");
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+}

@@ -12,7 +12,9 @@ use std::process::Command;
 
 pub fn run_bench(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str).unwrap_or("engine") {
-        "engine" => step("criterion: route engine", || util::cargo(&["bench", "-p", "proxy-agent", "--bench", "engine"])),
+        "engine" => step("criterion: route engine", || {
+            util::cargo(&["bench", "-p", "proxy-agent", "--bench", "engine"])
+        }),
         "peers" => peers(),
         "redirect" => redirect(),
         other => bail!("unknown benchmark `{other}`: engine, peers or redirect"),
@@ -20,15 +22,22 @@ pub fn run_bench(args: &[String]) -> Result<()> {
 }
 
 fn shared_dir() -> std::path::PathBuf {
-    std::env::var_os("GAMMA_SHARED").map(Into::into).unwrap_or_else(|| util::workspace_root().join("../shared"))
+    std::env::var_os("GAMMA_SHARED")
+        .map(Into::into)
+        .unwrap_or_else(|| util::workspace_root().join("../shared"))
 }
 
 fn peers() -> Result<()> {
     let root = util::workspace_root();
-    step("build the agent (release)", || util::cargo(&["build", "--release", "-p", "proxy-agent"]))?;
+    step("build the agent (release)", || {
+        util::cargo(&["build", "--release", "-p", "proxy-agent"])
+    })?;
     let script = shared_dir().join("bench/peers/run.sh");
     if !script.exists() {
-        bail!("{} not found: set GAMMA_SHARED to the shared folder", script.display());
+        bail!(
+            "{} not found: set GAMMA_SHARED to the shared folder",
+            script.display()
+        );
     }
     let agent = root.join("target/release/proxy-agent");
     let manifests = root.join("bench/peers/manifests");
@@ -50,7 +59,13 @@ fn redirect() -> Result<()> {
     if !util::is_root() {
         bail!("the redirect benchmark builds a node of network namespaces and loads eBPF: run it as root");
     }
-    step("build (release)", || util::cargo(&["build", "--release", "--bins"]))?;
+    step("build (release)", || {
+        util::cargo(&["build", "--release", "--bins"])
+    })?;
     let root = util::workspace_root();
-    step("redirect benchmark", || run(&mut Command::new(root.join("target/release/gamma-bench-redirect"))))
+    step("redirect benchmark", || {
+        run(&mut Command::new(
+            root.join("target/release/gamma-bench-redirect"),
+        ))
+    })
 }

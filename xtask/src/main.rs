@@ -15,6 +15,7 @@ usage: cargo xtask <command>
   test           every test: unit, integration, root-only (netns, eBPF) and conformance
   demo           the seed scenario on one machine: a node made of network namespaces
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
+  check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
   bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
 ";
 
@@ -83,9 +84,17 @@ fn test(extra: &[String]) -> Result<()> {
     })?;
     let mut args = vec!["test", "--all-targets"];
     args.extend(extra.iter().map(String::as_str));
-    let result = util::step("unit, integration, node and eBPF tests", || {
+    let mut result = util::step("unit, integration, node and eBPF tests", || {
         util::cargo(&args)
     });
+    if util::is_root() {
+        let conformance = util::step("GAMMA conformance, end to end", || conformance(&[]));
+        result = result.and(conformance);
+    } else {
+        let note = "conformance (end to end): needs root (network namespaces, eBPF)\n";
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&skip_log)?;
+        std::io::Write::write_all(&mut log, note.as_bytes())?;
+    }
     let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let _ = std::fs::remove_file(&skip_log);
     if skipped.trim().is_empty() {

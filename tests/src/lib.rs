@@ -18,12 +18,19 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-/// The conformance folder: `$GAMMA_CONFORMANCE_DIR`, else `../shared/conformance` beside the
-/// workspace.
+/// The shared folder (upstream conformance data, peer benchmarks): `$GAMMA_SHARED`, else
+/// `shared/` beside the workspace (where the project keeps it).
+pub fn shared_dir() -> std::path::PathBuf {
+    std::env::var_os("GAMMA_SHARED")
+        .map(Into::into)
+        .unwrap_or_else(|| workspace_root().join("../shared"))
+}
+
+/// The conformance folder: `$GAMMA_CONFORMANCE_DIR`, else `conformance/` in the shared folder.
 pub fn conformance_dir() -> std::path::PathBuf {
     std::env::var_os("GAMMA_CONFORMANCE_DIR")
         .map(Into::into)
-        .unwrap_or_else(|| workspace_root().join("../shared/conformance"))
+        .unwrap_or_else(|| shared_dir().join("conformance"))
 }
 
 /// Reports a test as skipped: on stderr, and in the file `$GAMMA_SKIP_LOG` (when set) so that

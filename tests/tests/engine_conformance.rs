@@ -159,6 +159,11 @@ fn run_case(
 #[test]
 fn conformance_cases_decided_by_the_engine() {
     let dir = gamma_tests::conformance_dir();
+    assert!(
+        dir.join("cases.json").exists(),
+        "{} has no cases.json: set GAMMA_CONFORMANCE_DIR (or GAMMA_SHARED) to the conformance folder",
+        dir.display()
+    );
     let suite: Suite =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases.json"))
             .expect("cases.json parses");

@@ -54,6 +54,26 @@ pub struct Route {
 }
 
 impl Route {
+    /// Drops the spare capacity of every list: a route is built once and kept for long, and
+    /// small lists built by pushing would otherwise keep room for four entries each.
+    fn compacted(mut self) -> Self {
+        self.parent_refs.shrink_to_fit();
+        self.rules.shrink_to_fit();
+        for rule in &mut self.rules {
+            rule.matches.shrink_to_fit();
+            for m in &mut rule.matches {
+                m.headers.shrink_to_fit();
+                m.query_params.shrink_to_fit();
+            }
+            rule.filters.shrink_to_fit();
+            rule.backends.shrink_to_fit();
+            for backend in &mut rule.backends {
+                backend.filters.shrink_to_fit();
+            }
+        }
+        self
+    }
+
     pub fn key(&self) -> RouteKey {
         RouteKey {
             kind: self.kind,
@@ -952,7 +972,8 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
         meta,
         parent_refs,
         rules,
-    })
+    }
+    .compacted())
 }
 
 pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
@@ -1085,7 +1106,8 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
         meta,
         parent_refs,
         rules,
-    })
+    }
+    .compacted())
 }
 
 impl Filter {

@@ -4,7 +4,7 @@
 use super::backends::Resolver;
 use super::precedence::RankKey;
 use super::{CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
-use crate::model::{BackendRef, Route, RouteKind, Service, ServiceKind, ServicePort};
+use crate::model::{BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,8 +99,9 @@ fn table(routes: &[&Route], resolver: &Resolver<'_>) -> RouteTable {
     let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
     for route in routes.iter().filter(|r| r.kind == kind) {
         let meta = &route.meta;
+        let route_key = Arc::new(route.key());
         for (index, rule) in route.rules.iter().enumerate() {
-            let compiled = Arc::new(compile_rule(route, index, resolver));
+            let compiled = Arc::new(compile_rule(route, &route_key, index, resolver));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
@@ -123,11 +124,20 @@ fn table(routes: &[&Route], resolver: &Resolver<'_>) -> RouteTable {
     ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
     RouteTable {
         kind,
-        entries: ranked.into_iter().map(|(_, e)| e).collect(),
+        entries: {
+            let mut entries: Vec<TableEntry> = ranked.into_iter().map(|(_, e)| e).collect();
+            entries.shrink_to_fit();
+            entries
+        },
     }
 }
 
-fn compile_rule(route: &Route, index: usize, resolver: &Resolver<'_>) -> CompiledRule {
+fn compile_rule(
+    route: &Route,
+    key: &Arc<RouteKey>,
+    index: usize,
+    resolver: &Resolver<'_>,
+) -> CompiledRule {
     let rule = &route.rules[index];
     // A GRPCRoute's backends speak HTTP/2 whatever the Service port's appProtocol says (the spec
     // lets the protocol be inferred from the route type).
@@ -156,7 +166,7 @@ fn compile_rule(route: &Route, index: usize, resolver: &Resolver<'_>) -> Compile
         })
         .collect();
     CompiledRule {
-        route: route.key(),
+        route: key.clone(),
         index,
         name: rule.name.clone(),
         filters: rule

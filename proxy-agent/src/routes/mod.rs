@@ -170,7 +170,8 @@ pub type MirrorTarget = Option<Arc<Backend>>;
 
 #[derive(Debug, PartialEq, Serialize)]
 pub struct CompiledRule {
-    pub route: RouteKey,
+    /// Shared by the rules of one route.
+    pub route: Arc<RouteKey>,
     pub index: usize,
     pub name: Option<String>,
     pub filters: Vec<Filter<MirrorTarget>>,

@@ -195,7 +195,12 @@ fn main() -> Result<()> {
         bail!("conformance runs on a node of network namespaces with eBPF: {reason}");
     }
     let suite: Suite = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("cases.json")).context("reading cases.json")?,
+        &std::fs::read_to_string(dir.join("cases.json")).with_context(|| {
+            format!(
+                "reading {}/cases.json: pass --cases DIR or set GAMMA_CONFORMANCE_DIR",
+                dir.display()
+            )
+        })?,
     )?;
     let cluster = SimCluster::from_manifests(
         &dir.join("manifests/mesh/manifests.yaml"),

@@ -7,6 +7,7 @@ use super::{Meta, ObjectKey};
 use crate::model::ObjectError;
 use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
+use compact_str::CompactString;
 use regex::Regex;
 use serde::Serialize;
 use std::time::Duration;
@@ -139,9 +140,10 @@ fn serialize_method<S: serde::Serializer>(m: &Option<Method>, s: S) -> Result<S:
 
 #[derive(Clone, Debug, Serialize)]
 pub enum PathMatch {
-    Exact(String),
+    /// Paths are short: kept inline (no heap pointer to chase when a table is scanned).
+    Exact(CompactString),
     /// Segment-wise prefix, stored without a trailing `/` (so `/` is stored as "").
-    Prefix(String),
+    Prefix(CompactString),
     Regex(#[serde(serialize_with = "serialize_regex")] Regex),
 }
 
@@ -196,7 +198,7 @@ impl MatchName for HeaderName {
 
 #[derive(Clone, Debug, Serialize)]
 pub enum StringMatch {
-    Exact(String),
+    Exact(CompactString),
     Regex(#[serde(serialize_with = "serialize_regex")] Regex),
 }
 
@@ -782,7 +784,7 @@ fn value_matches<H, N: MatchName>(
         let value = if is_regex {
             StringMatch::Regex(compile_regex(value, &f)?)
         } else {
-            StringMatch::Exact(value.clone())
+            StringMatch::Exact(value.as_str().into())
         };
         out.push(ValueMatch { name, value });
     }
@@ -809,7 +811,7 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
         for (j, m) in rule.matches.iter().flatten().enumerate() {
             let mf = format!("{field}.matches[{j}]");
             let path = match &m.path {
-                None => PathMatch::Prefix(String::new()),
+                None => PathMatch::Prefix(CompactString::default()),
                 Some(p) => {
                     let value = p.value.clone().unwrap_or_else(|| "/".to_string());
                     match p
@@ -819,11 +821,11 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
                     {
                         HttpRouteRulesMatchesPathType::Exact => {
                             checked_path(&value, &format!("{mf}.path.value"))?;
-                            PathMatch::Exact(value)
+                            PathMatch::Exact(value.into())
                         }
                         HttpRouteRulesMatchesPathType::PathPrefix => {
                             checked_path(&value, &format!("{mf}.path.value"))?;
-                            PathMatch::Prefix(value.trim_end_matches('/').to_string())
+                            PathMatch::Prefix(value.trim_end_matches('/').into())
                         }
                         HttpRouteRulesMatchesPathType::RegularExpression => {
                             PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?)
@@ -997,7 +999,7 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
             let mf = format!("{field}.matches[{j}]");
             let (path, grpc) = match &m.method {
                 None => (
-                    PathMatch::Prefix(String::new()),
+                    PathMatch::Prefix(CompactString::default()),
                     GrpcMethodSpecificity {
                         service_len: 0,
                         method_len: 0,
@@ -1019,8 +1021,8 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
                         method_len: gm.method.as_ref().map_or(0, String::len),
                     };
                     let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
-                        (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
-                        (false, Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                        (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
+                        (false, Some(s), None) => PathMatch::Prefix(format!("/{s}").into()),
                         (false, None, Some(m)) => PathMatch::Regex(compile_regex(
                             &format!("/[^/]+/{}", regex::escape(m)),
                             &format!("{mf}.method"),
@@ -1132,7 +1134,7 @@ impl RouteMatch {
     /// The match a rule without `matches` gets: PathPrefix `/`.
     pub fn any() -> Self {
         RouteMatch {
-            path: PathMatch::Prefix(String::new()),
+            path: PathMatch::Prefix(CompactString::default()),
             headers: Vec::new(),
             query_params: Vec::new(),
             method: None,

@@ -69,7 +69,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
             let mut producer = None;
             let mut consumers = BTreeMap::new();
             for (group, routes) in groups(service, port, &routes) {
-                let table = Arc::new(table(&routes, &resolver));
+                let table = table(&routes, &resolver);
                 match group {
                     None => producer = Some(table),
                     Some(ns) => {
@@ -122,14 +122,7 @@ fn table(routes: &[&Route], resolver: &Resolver<'_>) -> RouteTable {
         }
     }
     ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
-    RouteTable {
-        kind,
-        entries: {
-            let mut entries: Vec<TableEntry> = ranked.into_iter().map(|(_, e)| e).collect();
-            entries.shrink_to_fit();
-            entries
-        },
-    }
+    RouteTable::new(kind, ranked.into_iter().map(|(_, e)| e).collect())
 }
 
 fn compile_rule(

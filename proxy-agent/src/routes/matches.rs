@@ -26,8 +26,12 @@ impl<'a> RequestHead<'a> {
 
 impl RouteMatch {
     pub fn matches(&self, req: &RequestHead<'_>) -> bool {
+        self.path.matches(req.path) && self.matches_besides_path(req)
+    }
+
+    /// Every condition but the path (which a route table checks first, from its packed paths).
+    pub fn matches_besides_path(&self, req: &RequestHead<'_>) -> bool {
         self.method.as_ref().is_none_or(|m| m == req.method)
-            && self.path.matches(req.path)
             && self.headers.iter().all(|h| header_matches(h, req.headers))
             && self
                 .query_params

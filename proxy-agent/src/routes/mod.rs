@@ -107,9 +107,9 @@ pub struct Frontend {
     pub port_name: Option<String>,
     pub addresses: Vec<SocketAddr>,
     /// Producer routes (the Service's namespace): for every caller without consumer routes.
-    pub producer: Option<Arc<RouteTable>>,
+    pub producer: Option<RouteTable>,
     /// Consumer routes by the callers' namespace.
-    pub consumers: BTreeMap<String, Arc<RouteTable>>,
+    pub consumers: BTreeMap<String, RouteTable>,
     /// The Service's own endpoints: where traffic goes when no route applies to the caller.
     pub direct: Arc<Backend>,
 }
@@ -120,10 +120,13 @@ impl Frontend {
     }
 
     /// The routes that apply to a caller of `namespace` (unknown caller: the producer routes).
-    pub fn table_for(&self, namespace: Option<&str>) -> Option<&Arc<RouteTable>> {
-        namespace
-            .and_then(|ns| self.consumers.get(ns))
-            .or(self.producer.as_ref())
+    pub fn table_for(&self, namespace: Option<&str>) -> Option<&RouteTable> {
+        // Most frontends have no consumer routes: skip the map (and its string compares).
+        let consumer = match namespace {
+            Some(ns) if !self.consumers.is_empty() => self.consumers.get(ns),
+            _ => None,
+        };
+        consumer.or(self.producer.as_ref())
     }
 
     pub fn lookup(&self, namespace: Option<&str>, request: &RequestHead<'_>) -> Decision<'_> {
@@ -145,7 +148,11 @@ impl Frontend {
 #[derive(Debug, PartialEq, Serialize)]
 pub struct RouteTable {
     pub kind: RouteKind,
-    pub entries: Vec<TableEntry>,
+    pub entries: Box<[TableEntry]>,
+    /// The entries' paths, packed together: a lookup scans these few cache lines and reads an
+    /// entry only when its path matches.
+    #[serde(skip)]
+    paths: Box<[PathMatch]>,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -156,12 +163,19 @@ pub struct TableEntry {
 }
 
 impl RouteTable {
+    /// `entries` must be in precedence order.
+    pub fn new(kind: RouteKind, entries: Vec<TableEntry>) -> Self {
+        let paths = entries.iter().map(|e| e.route_match.path.clone()).collect();
+        RouteTable { kind, entries: entries.into_boxed_slice(), paths }
+    }
+
     /// The first entry in precedence order whose match holds.
     pub fn lookup(&self, request: &RequestHead<'_>) -> Option<(&CompiledRule, &RouteMatch)> {
-        self.entries
+        self.paths
             .iter()
-            .find(|e| e.route_match.matches(request))
-            .map(|e| (&*e.rule, &e.route_match))
+            .zip(self.entries.iter())
+            .find(|(path, e)| path.matches(request.path) && e.route_match.matches_besides_path(request))
+            .map(|(_, e)| (&*e.rule, &e.route_match))
     }
 }
 

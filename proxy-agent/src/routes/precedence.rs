@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_oldest_then_name_then_rule() {
-        let any = m(PathMatch::Prefix(String::new()), false, 0, 0);
+        let any = m(PathMatch::Prefix(Default::default()), false, 0, 0);
         let old = RankKey::new(&any, Some("2020-01-01T00:00:00Z"), "z", "z", 5, 0);
         let new = RankKey::new(&any, Some("2024-01-01T00:00:00Z"), "a", "a", 0, 0);
         assert_eq!(compare(&old, &new), Ordering::Less);
@@ -154,8 +154,8 @@ mod tests {
         (0u8..3, "[a-c]{0,4}", any::<bool>(), 0usize..3, 0usize..3).prop_map(
             |(kind, p, method, h, q)| {
                 let path = match kind {
-                    0 => PathMatch::Exact(format!("/{p}")),
-                    1 => PathMatch::Prefix(format!("/{p}").trim_end_matches('/').to_string()),
+                    0 => PathMatch::Exact(format!("/{p}").into()),
+                    1 => PathMatch::Prefix(format!("/{p}").trim_end_matches('/').into()),
                     _ => PathMatch::Regex(regex::Regex::new(&format!("^/{p}.*$")).unwrap()),
                 };
                 m(path, method, h, q)

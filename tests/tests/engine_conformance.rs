@@ -158,7 +158,17 @@ fn run_case(
 
 #[test]
 fn conformance_cases_decided_by_the_engine() {
-    let dir = gamma_tests::conformance_dir();
+    run_folder(&gamma_tests::conformance_dir());
+}
+
+/// Cases for upstream mesh tests the shared folder does not carry (`tests/conformance-extra`).
+#[test]
+fn extra_conformance_cases_decided_by_the_engine() {
+    run_folder(&gamma_tests::workspace_root().join("tests/conformance-extra"));
+}
+
+fn run_folder(dir: &Path) {
+    let dir = dir.to_path_buf();
     assert!(
         dir.join("cases.json").exists(),
         "{} has no cases.json: set GAMMA_CONFORMANCE_DIR (or GAMMA_SHARED) to the conformance folder",

@@ -3,7 +3,10 @@
 
 mod bench;
 mod check_deploy;
+mod fuzz;
+mod hold;
 mod setup;
+mod soak;
 mod util;
 
 use anyhow::{bail, Result};
@@ -17,6 +20,8 @@ usage: cargo xtask <command>
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
   bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
+  fuzz           each cargo-fuzz target for a bounded time [--seconds N (20)] [TARGET...]
+  hold-connections [N]  N concurrent keep-alive connections through one agent (10000): memory
 ";
 
 fn main() -> Result<()> {
@@ -33,6 +38,9 @@ fn main() -> Result<()> {
         "check-deploy" => check_deploy::run(rest),
         "conformance" => conformance(rest),
         "bench" => bench::run_bench(rest),
+        "fuzz" => fuzz::run(rest),
+        "hold-connections" => hold::run(rest),
+        "soak" => soak::run_soak(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -88,11 +96,17 @@ fn test(extra: &[String]) -> Result<()> {
         util::cargo(&args)
     });
     if util::is_root() {
-        let conformance = util::step("GAMMA conformance, end to end", || conformance(&[]));
-        result = result.and(conformance);
+        let shared = util::step("GAMMA conformance, end to end", || conformance(&[]));
+        let extra = util::workspace_root().join("tests/conformance-extra");
+        let extra_args = ["--cases".to_string(), extra.display().to_string()];
+        let extra = util::step("GAMMA conformance, extra cases, end to end", || conformance(&extra_args));
+        result = result.and(shared).and(extra);
     } else {
         let note = "conformance (end to end): needs root (network namespaces, eBPF)\n";
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&skip_log)?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&skip_log)?;
         std::io::Write::write_all(&mut log, note.as_bytes())?;
     }
     let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();

@@ -2,6 +2,7 @@
 
 use crate::admin::metrics::Metrics;
 use crate::admin::server::{self, AdminState, Readiness};
+use crate::handover::{self, Inherited, Offered, Successors};
 use crate::index::Index;
 use crate::model::ObjectKey;
 use crate::proxy::listener::{self, Drain, ExplicitTarget};
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `ADDR=NAMESPACE/SERVICE:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,10 +68,32 @@ pub struct AgentConfig {
     pub proxy: ProxyConfig,
     /// Follow a cluster instead of the manifest folder.
     pub kube: Option<KubeConfig>,
+    /// Hitless restart: take over from a running agent, and let a successor take over.
+    pub takeover: Option<TakeoverConfig>,
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains.
+/// Hitless restart (`crate::handover`).
+#[derive(Clone, Debug)]
+pub struct TakeoverConfig {
+    /// The Unix socket where the running agent offers its sockets.
+    pub socket: PathBuf,
+    /// How long a running agent may take to answer before it is given up on.
+    pub timeout: Duration,
+    /// Swap this binary's eBPF programs in even when they are the running agent's.
+    pub fresh_programs: bool,
+}
+
+/// Runs the agent until SIGTERM or SIGINT, or until a successor took over, then drains.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    let started = Instant::now();
+    // Before binding anything: a running agent hands over the sockets this one would bind.
+    let mut inherited = match config.takeover.clone() {
+        Some(t) => tokio::task::spawn_blocking(move || handover::inherit(&t.socket, t.timeout))
+            .await?
+            .context("taking over from the running agent")?,
+        None => Inherited::default(),
+    };
+    let mut offered = Offered::default();
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let mut index = Index::new();
@@ -85,7 +108,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
     let proxy = Proxy::new(index.reader(), metrics.clone(), config.proxy.clone());
     let admin = server::spawn(
-        config.admin,
+        listen(
+            &mut inherited,
+            &mut offered,
+            config.admin,
+            "the admin server",
+        )?,
         AdminState {
             snapshot: index.reader(),
             metrics: metrics.clone(),
@@ -93,7 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             readiness: readiness.clone(),
         },
     )
-    .with_context(|| format!("binding the admin server to {}", config.admin))?;
+    .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
     let kube = match &config.kube {
         Some(kube) => Some(KubeSource::start(kube.clone(), &mut index, &metrics).await?),
@@ -105,9 +133,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let drain = Drain::default();
     for spec in &config.listen {
-        let listener = tokio::net::TcpListener::bind(spec.addr)
-            .await
-            .with_context(|| format!("binding --listen {}", spec.addr))?;
+        let listener = listen(&mut inherited, &mut offered, spec.addr, "--listen")?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(addr = %spec.addr, service = %spec.service, port = spec.port, "explicit listener");
         let target = ExplicitTarget {
             service: spec.service.clone(),
@@ -124,9 +151,33 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     // Redirected traffic is accepted only now, after the first complete sync: no request ever
     // sees an empty table.
+    let fresh_programs = config.takeover.as_ref().is_some_and(|t| t.fresh_programs);
     let redirect = match &config.redirect {
         None => None,
-        Some(r) => Some(start_redirect(r, &proxy, &index, &drain)?),
+        Some(r) => Some(start_redirect(
+            r,
+            &proxy,
+            &index,
+            &drain,
+            (&mut inherited, &mut offered),
+            fresh_programs,
+        )?),
+    };
+    // Everything serves here now: only now does the running agent stop accepting.
+    finish_takeover(
+        inherited,
+        redirect.as_deref(),
+        &metrics,
+        started,
+        config.takeover.as_ref(),
+    )
+    .await?;
+    let mut successors = match &config.takeover {
+        Some(t) => Some(
+            Successors::serve(&t.socket, offered, redirect.clone(), drain.clone())
+                .context("offering takeovers")?,
+        ),
+        None => None,
     };
     // Ready: the table is complete and every listener, the redirect included, is serving.
     readiness
@@ -154,8 +205,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             (Some(watcher), None)
         }
     };
-    shutdown_signal().await;
-    tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
+    let taken_over = tokio::select! {
+        () = shutdown_signal() => None,
+        pid = async {
+            match successors.as_mut() {
+                Some(s) => s.taken_over().await,
+                None => std::future::pending().await,
+            }
+        } => Some(pid),
+    };
+    match taken_over {
+        Some(pid) => {
+            tracing::info!(successor = pid, deadline = ?config.drain_timeout, "taken over: finishing in-flight requests");
+        }
+        None => {
+            // Before draining: our copies of the listeners must go for them to close (fail open).
+            drop(successors.take());
+            tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
+        }
+    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -192,21 +260,109 @@ fn sync(source: &mut ManifestDir, index: &mut Index, metrics: &Metrics) -> Resul
     Ok(published)
 }
 
+/// The listening socket for `addr`: the running agent's if it handed one over, else a new one.
+/// Either way a copy is kept to hand to a successor.
+fn listen(
+    inherited: &mut Inherited,
+    offered: &mut Offered,
+    addr: SocketAddr,
+    what: &str,
+) -> Result<std::net::TcpListener> {
+    let listener = match inherited.listener(addr) {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(addr).map_err(|e| {
+            let hint = match inherited.bind_hint() {
+                Some(hint) => format!(": {hint}"),
+                None if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    ": another process holds it (an agent running without --takeover-socket?); \
+                         stop it first, or give both agents the same --takeover-socket"
+                        .to_string()
+                }
+                None => String::new(),
+            };
+            anyhow::Error::new(e).context(format!("binding {what} {addr}{hint}"))
+        })?,
+    };
+    listener.set_nonblocking(true)?;
+    offered
+        .add(&listener)
+        .with_context(|| format!("keeping a copy of {what} {addr} for a successor"))?;
+    Ok(listener)
+}
+
+/// Tells the running agent, if any, to stop accepting, then swaps in this agent's programs if it
+/// brought its own (`redirect/takeover.rs`).
+async fn finish_takeover(
+    inherited: Inherited,
+    redirect: Option<&Redirect>,
+    metrics: &Metrics,
+    started: Instant,
+    takeover: Option<&TakeoverConfig>,
+) -> Result<()> {
+    let timeout = takeover.map_or(Duration::ZERO, |t| t.timeout);
+    let Some(done) = tokio::task::spawn_blocking(move || inherited.finish(timeout))
+        .await?
+        .context("asking the running agent to stop accepting")?
+    else {
+        return Ok(());
+    };
+    let micros = |d: Duration| d.as_micros() as u64;
+    let times = &metrics.takeover;
+    times
+        .offer_micros
+        .store(micros(done.offer_took), Ordering::Relaxed);
+    times
+        .stop_micros
+        .store(done.stop_took.map_or(0, micros), Ordering::Relaxed);
+    times
+        .total_micros
+        .store(micros(started.elapsed()), Ordering::Relaxed);
+    if done.stop_took.is_none() {
+        // A hung agent accepts nothing either: swapping now costs nothing then, and waiting longer
+        // would leave this agent unable to hand over in turn.
+        tracing::warn!(
+            predecessor = done.pid,
+            "the previous agent did not confirm it stopped accepting; going on as if it had"
+        );
+    }
+    let kind = redirect.map(Redirect::complete_takeover);
+    match kind {
+        Some(Err(e)) => tracing::error!(
+            error = %e,
+            "this agent's programs could not be swapped in; the previous agent's keep steering \
+             to this agent (restart it to retry)"
+        ),
+        kind => tracing::info!(
+            predecessor = done.pid,
+            offer = ?done.offer_took,
+            stop = ?done.stop_took,
+            total = ?started.elapsed(),
+            redirect = ?kind.map(Result::ok),
+            "took over from the running agent"
+        ),
+    }
+    Ok(())
+}
+
 fn start_redirect(
     config: &RedirectConfig,
     proxy: &Arc<Proxy>,
     index: &Index,
     drain: &Drain,
+    (inherited, offered): (&mut Inherited, &mut Offered),
+    fresh_programs: bool,
 ) -> Result<Arc<Redirect>> {
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("binding the redirect listener {}", config.listen))?;
-    let redirect = Redirect::attach(
-        &config.cgroup,
-        &[AgentListener {
-            listener: &listener,
-            addr: config.listen,
-        }],
-    )
+    let listener = listen(inherited, offered, config.listen, "the redirect listener")?;
+    let listeners = [AgentListener {
+        listener: &listener,
+        addr: config.listen,
+    }];
+    let redirect = match inherited.take_redirect() {
+        Some(predecessor) => {
+            Redirect::take_over(&config.cgroup, &listeners, predecessor, fresh_programs)
+        }
+        None => Redirect::attach(&config.cgroup, &listeners),
+    }
     .with_context(|| {
         format!(
             "attaching the redirect programs to {}",
@@ -215,7 +371,6 @@ fn start_redirect(
     })?;
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, index);
-    listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
     let resolver = Arc::new(KernelRedirects {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod features;
+pub mod handover;
 pub mod index;
 pub mod model;
 pub mod proxy;

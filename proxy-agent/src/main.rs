@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use proxy_agent::agent::{self, AgentConfig, ListenSpec, RedirectConfig};
+use proxy_agent::agent::{self, AgentConfig, ListenSpec, RedirectConfig, TakeoverConfig};
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::sources::kube::KubeConfig;
 use std::net::SocketAddr;
@@ -63,6 +63,23 @@ struct Cli {
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, default_value_t = 20)]
     drain_timeout_s: u64,
+    /// Hitless restart: take the sockets and eBPF programs over from the agent running with the
+    /// same PATH (it then drains and exits), and offer them to a successor started with it.
+    /// Without a running agent there, a normal start.
+    #[arg(long, value_name = "PATH")]
+    takeover_socket: Option<PathBuf>,
+    /// How long a running agent may take to hand over before it is given up on (this agent then
+    /// starts as without one), in milliseconds.
+    #[arg(long, default_value_t = 5_000, requires = "takeover_socket")]
+    takeover_timeout_ms: u64,
+    /// On a takeover, load this binary's eBPF programs and swap them in even when they are the
+    /// running agent's (they are swapped anyway when they differ).
+    #[arg(long, requires = "takeover_socket")]
+    takeover_fresh_programs: bool,
+    /// Slowloris guard: a client must send a whole request head within this time, in
+    /// milliseconds, or its connection is closed.
+    #[arg(long, default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -92,7 +109,13 @@ fn main() -> Result<()> {
     if let Some(n) = cli.workers {
         runtime.worker_threads(n.max(1));
     }
+    let takeover = cli.takeover_socket.map(|socket| TakeoverConfig {
+        socket,
+        timeout: Duration::from_millis(cli.takeover_timeout_ms),
+        fresh_programs: cli.takeover_fresh_programs,
+    });
     let config = AgentConfig {
+        takeover,
         manifests: cli.manifests.unwrap_or_default(),
         redirect: cli
             .redirect
@@ -103,7 +126,10 @@ fn main() -> Result<()> {
         admin: cli.admin,
         poll_interval: Duration::from_millis(cli.poll_interval_ms.max(10)),
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
-        proxy: ProxyConfig::default(),
+        proxy: ProxyConfig {
+            header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
+            ..ProxyConfig::default()
+        },
         kube: cli.kube.then(|| KubeConfig {
             node_name: cli.node_name.or_else(|| env("NODE_NAME")),
             lease_namespace: cli

@@ -167,7 +167,10 @@ impl SimCluster {
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
             return Some(ip);
         }
-        if let Some(name) = host.strip_prefix("<ClusterIP of ").and_then(|r| r.strip_suffix('>')) {
+        if let Some(name) = host
+            .strip_prefix("<ClusterIP of ")
+            .and_then(|r| r.strip_suffix('>'))
+        {
             return self.service(client_namespace, name).map(|s| s.cluster_ip);
         }
         if let Some(rest) = host.strip_prefix("<status.podIP of first pod matching ") {

@@ -6,9 +6,12 @@ pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod fake_apiserver;
+pub mod load;
 pub mod loopback;
 pub mod node;
+pub mod probe;
 pub mod scenario;
+pub mod soak;
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -8,7 +8,7 @@ use crate::client::{ClientAnswer, ClientRequest};
 use crate::cluster::{SimCluster, SimPod};
 use crate::loopback::TempDir;
 use crate::node::{Node, Pod, AGENT_ADDR};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,6 +29,22 @@ pub fn binary(name: &str) -> PathBuf {
     }
     // Integration tests run from target/<profile>/deps.
     dir.parent().map_or(beside.clone(), |p| p.join(name))
+}
+
+/// Bound on a takeover: the new agent's start, the handover and the old agent's drain.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a takeover went: the new agent's own account (its `/metrics`) and when the old one exited.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentTakeover {
+    /// From connecting to the running agent to holding its sockets.
+    pub offer: Duration,
+    /// From Stop to Stopped: the old agent's last accepts.
+    pub stop: Duration,
+    /// From the new agent's start to the old one having stopped accepting.
+    pub total: Duration,
+    /// From starting the new agent to the old one's exit (its drain included).
+    pub old_exited: Duration,
 }
 
 pub struct Scenario {
@@ -121,26 +137,7 @@ impl Scenario {
 
     /// Starts the agent (again) and waits until it is ready.
     pub fn start_agent(&mut self) -> Result<()> {
-        let mut agent = Command::new(binary("proxy-agent"));
-        agent
-            .arg("--manifests")
-            .arg(&self.manifests.0)
-            .arg("--redirect")
-            .arg(SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string())
-            .arg("--cgroup")
-            .arg(self.node.pods_cgroup())
-            .arg("--admin")
-            .arg(ADMIN)
-            .arg("--poll-interval-ms")
-            .arg("50")
-            .args(&self.agent_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        self.agent = Some(self.node.spawn(&mut agent)?);
+        self.agent = Some(self.node.spawn(&mut self.agent_command(&[]))?);
         let started = Instant::now();
         while self.admin_get("/ready").is_err() {
             if let Some(status) = self
@@ -156,6 +153,103 @@ impl Scenario {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Starts a new agent, with the scenario's arguments (which must name a `--takeover-socket`)
+    /// and `extra`, that takes over from the running one, and waits until the old one has drained
+    /// and exited (successfully: anything else is an error).
+    pub fn take_over_agent(&mut self, extra: &[&str]) -> Result<AgentTakeover> {
+        let mut old = self.agent.take().context("no agent is running")?;
+        let started = Instant::now();
+        let mut new = self.node.spawn(&mut self.agent_command(extra))?;
+        let status = loop {
+            if let Some(status) = old.try_wait()? {
+                break status;
+            }
+            let failure = if let Some(status) = new.try_wait()? {
+                Some(format!(
+                    "the new agent exited during the takeover: {status}"
+                ))
+            } else if started.elapsed() > TAKEOVER_TIMEOUT {
+                Some(format!(
+                    "the old agent had not exited {TAKEOVER_TIMEOUT:?} after its successor started"
+                ))
+            } else {
+                None
+            };
+            if let Some(failure) = failure {
+                let _ = new.kill();
+                let _ = new.wait();
+                self.agent = Some(old);
+                bail!(failure);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let old_exited = started.elapsed();
+        self.agent = Some(new);
+        ensure!(status.success(), "the old agent exited with {status}");
+        // Only the new agent answers on the (handed over) admin socket now.
+        let metrics = self.admin_get("/metrics")?;
+        let phase = |name: &str| -> Result<Duration> {
+            let prefix = format!("gamma_takeover_duration_seconds{{phase=\"{name}\"}} ");
+            let seconds: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .with_context(|| format!("no takeover {name} time in /metrics"))?
+                .parse()?;
+            Ok(Duration::from_secs_f64(seconds))
+        };
+        Ok(AgentTakeover {
+            offer: phase("offer")?,
+            stop: phase("stop")?,
+            total: phase("total")?,
+            old_exited,
+        })
+    }
+
+    /// Stops the agent with SIGTERM (it drains) and starts a new one once it has exited: a restart
+    /// without a takeover, as before `--takeover-socket` (the baseline of the restart soak).
+    pub fn restart_agent_cold(&mut self) -> Result<Duration> {
+        let mut old = self.agent.take().context("no agent is running")?;
+        let started = Instant::now();
+        // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still its.
+        if unsafe { libc::kill(old.id() as libc::pid_t, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM to the agent: {}", std::io::Error::last_os_error());
+        }
+        while old.try_wait()?.is_none() {
+            if started.elapsed() > TAKEOVER_TIMEOUT {
+                self.agent = Some(old);
+                bail!("the agent had not exited {TAKEOVER_TIMEOUT:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.start_agent()?;
+        Ok(started.elapsed())
+    }
+
+    /// The agent command line: the scenario's arguments, then `extra`.
+    fn agent_command(&self, extra: &[&str]) -> Command {
+        let mut agent = Command::new(binary("proxy-agent"));
+        agent
+            .arg("--manifests")
+            .arg(&self.manifests.0)
+            .arg("--redirect")
+            .arg(SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string())
+            .arg("--cgroup")
+            .arg(self.node.pods_cgroup())
+            .arg("--admin")
+            .arg(ADMIN)
+            .arg("--poll-interval-ms")
+            .arg("50")
+            .args(&self.agent_args)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        agent
     }
 
     /// Kills the agent (SIGKILL) and waits for it to exit.

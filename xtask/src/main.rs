@@ -99,7 +99,9 @@ fn test(extra: &[String]) -> Result<()> {
         let shared = util::step("GAMMA conformance, end to end", || conformance(&[]));
         let extra = util::workspace_root().join("tests/conformance-extra");
         let extra_args = ["--cases".to_string(), extra.display().to_string()];
-        let extra = util::step("GAMMA conformance, extra cases, end to end", || conformance(&extra_args));
+        let extra = util::step("GAMMA conformance, extra cases, end to end", || {
+            conformance(&extra_args)
+        });
         result = result.and(shared).and(extra);
     } else {
         let note = "conformance (end to end): needs root (network namespaces, eBPF)\n";

@@ -28,6 +28,7 @@ pub fn run() -> Result<()> {
         nightly_rust_src,
     )?;
     step("bpf-linker built against nightly's LLVM", bpf_linker)?;
+    step("cargo-fuzz (for `cargo xtask fuzz`)", cargo_fuzz)?;
     eprintln!("setup complete: `cargo build` now builds the agent with its eBPF object embedded");
     Ok(())
 }
@@ -134,6 +135,26 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
         fingerprint: version,
         library,
     })
+}
+
+/// The version `cargo xtask fuzz` is known to work with; a different one installed is replaced.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> Result<()> {
+    let installed = output(Command::new(cargo_home().join("bin/cargo-fuzz")).arg("--version"))
+        .unwrap_or_default();
+    if installed.trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}") {
+        eprintln!("    {} already installed", installed.trim());
+        return Ok(());
+    }
+    run_command(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+    .context("cargo install cargo-fuzz failed: check access to crates.io")
 }
 
 fn cargo_home() -> PathBuf {

@@ -52,6 +52,19 @@ pub struct Metrics {
     pub last_sync_unix: AtomicU64,
     /// Unix seconds since which the sources are stale: the last good table is served (0: fresh).
     pub source_stale_since_unix: AtomicU64,
+    /// How this agent took over from the previous one (all 0: it started without one).
+    pub takeover: TakeoverTimes,
+}
+
+/// Phases of the takeover an agent started with, in microseconds (`crate::handover`).
+#[derive(Default)]
+pub struct TakeoverTimes {
+    /// From connecting to the running agent to holding its sockets.
+    pub offer_micros: AtomicU64,
+    /// From Stop to Stopped: the old agent's last accepts.
+    pub stop_micros: AtomicU64,
+    /// From this process's start to the old agent having stopped accepting.
+    pub total_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -176,6 +189,19 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out.push_str("# HELP gamma_takeover_duration_seconds The takeover of the previous agent this one started with (0: none): offer (connect to sockets received), stop (Stop to Stopped), total (process start to the old agent stopped).\n# TYPE gamma_takeover_duration_seconds gauge\n");
+        let t = &self.takeover;
+        for (phase, micros) in [
+            ("offer", &t.offer_micros),
+            ("stop", &t.stop_micros),
+            ("total", &t.total_micros),
+        ] {
+            let _ = writeln!(
+                out,
+                "gamma_takeover_duration_seconds{{phase=\"{phase}\"}} {}",
+                micros.load(Ordering::Relaxed) as f64 / 1e6
             );
         }
         out

@@ -41,9 +41,9 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
 }
 
-/// Binds `addr` now (so a bad address fails at start) and serves on a thread of its own.
-pub fn spawn(addr: SocketAddr, state: AdminState) -> std::io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
+/// Serves on `listener` (bound by the caller, so a bad address fails at start; or handed over by
+/// a predecessor) on a thread of its own.
+pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()

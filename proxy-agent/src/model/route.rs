@@ -5,9 +5,9 @@
 
 use super::{Meta, ObjectKey};
 use crate::model::ObjectError;
+use compact_str::CompactString;
 use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
-use compact_str::CompactString;
 use regex::Regex;
 use serde::Serialize;
 use std::time::Duration;

@@ -102,6 +102,13 @@ pub(super) async fn forward(
             let request = upstream_request(&parts, endpoint, backend.h2c && !upgrade, request_body);
             let attempt = send(proxy, backend.h2c && !upgrade, request, attempt_timeout).await;
             let last = log.attempts >= max_attempts;
+            match &attempt {
+                Attempt::Response(_) => proxy.upstream.endpoints.answered(endpoint),
+                Attempt::TimedOut(_) | Attempt::Failed(_) => {
+                    proxy.upstream.endpoints.failed(endpoint)
+                }
+                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(endpoint),
+            }
             match attempt {
                 Attempt::Response(response) => {
                     let status = response.status().as_u16();
@@ -112,7 +119,6 @@ pub(super) async fn forward(
                     return Ok(response);
                 }
                 Attempt::ConnectFailed(e) => {
-                    proxy.upstream.endpoints.eject(endpoint);
                     let untried_left = backend.endpoints.iter().any(|e| !tried.contains(e));
                     if last || (retry.is_none() && !untried_left) {
                         return Err(LocalResponse::error(

@@ -13,7 +13,7 @@ use crate::model::ObjectKey;
 use crate::routes::{Decision, Frontend, LocalResponse, Plan, RequestHead, Snapshot};
 use arc_swap::ArcSwap;
 use body::ProxyBody;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +30,22 @@ pub struct ProxyConfig {
     pub detect_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
+    /// Request head size limit: a larger head gets 431. It is also the HTTP/1 read buffer (a
+    /// head that does not fit gets 431, or 414 for a request line over 64 KiB, and a close;
+    /// hyper needs at least 8 KiB) and the HTTP/2 header list size (CONTINUATION frames past it
+    /// end the connection).
+    pub max_header_bytes: usize,
+    /// HTTP/1 header lines at most (more: 431).
+    pub max_headers: usize,
+    /// HTTP/2 streams a client may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 rapid reset guard (CVE-2023-44487): streams the client reset before they were
+    /// served, waiting in the accept queue; past it the connection gets GOAWAY
+    /// ENHANCE_YOUR_CALM.
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 guard against clients that make the server reset streams (protocol errors) over
+    /// and over; past it the connection gets GOAWAY ENHANCE_YOUR_CALM.
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 impl Default for ProxyConfig {
@@ -39,6 +55,14 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_millis(300),
             max_mirrors_in_flight: 256,
+            // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 1024,
+            // h2's defaults at the time of writing, spelled out so an h2 upgrade cannot loosen
+            // them silently.
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -112,12 +136,25 @@ impl Proxy {
         let started = Instant::now();
         let snapshot = self.snapshot.load_full();
         let mut log = AccessLog::new(&request, conn);
-        let response = match self
-            .proxy_frontend(&snapshot, request, conn, &mut log)
-            .await
-        {
-            Ok(response) => response,
-            Err(local) => local_response(&local, &mut log),
+        let response = match check_request_head(&request, self.config.max_header_bytes) {
+            Err(refused) => {
+                let mut response = local_response(&refused, &mut log);
+                // Like hyper's own refusals: the client is confused, do not wait for more from
+                // it (HTTP/2 forbids the header; a refused stream is enough there).
+                if request.version() < http::Version::HTTP_2 {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
+            }
+            Ok(()) => match self
+                .proxy_frontend(&snapshot, request, conn, &mut log)
+                .await
+            {
+                Ok(response) => response,
+                Err(local) => local_response(&local, &mut log),
+            },
         };
         log.status = response.status().as_u16();
         log.finish(started, &self.metrics);
@@ -179,6 +216,61 @@ impl Proxy {
             }
         }
     }
+}
+
+/// What hyper lets through but the agent refuses before routing:
+/// - a head over `max_header_bytes` (431): hyper's HTTP/1 limit is its read buffer, which one read
+///   can overshoot by up to a buffer's worth, so the exact limit is enforced here, for both
+///   protocols;
+/// - a request target that is not a path (400): hyper also accepts authority-form (`GET host`)
+///   for any method and absolute-form with any scheme, which would be routed on one path and
+///   sent upstream with another (fuzzing found both). RFC 9112 §3.2: origin-form or absolute-form
+///   `http(s)://`, authority-form for CONNECT only, asterisk-form for OPTIONS only.
+pub fn check_request_head<B>(
+    request: &Request<B>,
+    max_header_bytes: usize,
+) -> Result<(), LocalResponse> {
+    let head = head_size(request);
+    if head > max_header_bytes {
+        return Err(LocalResponse::error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request head is {head} bytes, over the limit of {max_header_bytes}"),
+        ));
+    }
+    let uri = request.uri();
+    let target_ok = match *request.method() {
+        Method::CONNECT => true,
+        Method::OPTIONS if uri == "*" => true,
+        _ => {
+            uri.path().starts_with('/')
+                && uri.scheme_str().is_none_or(|s| s == "http" || s == "https")
+        }
+    };
+    if !target_ok {
+        return Err(LocalResponse::error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the request target `{uri}` is not a path (origin-form or http(s) absolute-form)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The size of a request head as HTTP/1.1 spells it (request line, `name: value` lines).
+fn head_size<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    // "METHOD target HTTP/1.1\r\n"
+    let line = request.method().as_str().len() + target + 12;
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers
 }
 
 fn local_response(local: &LocalResponse, log: &mut AccessLog) -> Response<ProxyBody> {
@@ -267,5 +359,58 @@ impl AccessLog {
             },
             duration,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_size_counts_the_head_as_http1_spells_it() {
+        let request = Request::get("/abc?d=1")
+            .header("host", "x")
+            .header("x-a", "12345")
+            .body(())
+            .unwrap();
+        let spelled = "GET /abc?d=1 HTTP/1.1\r\nhost: x\r\nx-a: 12345\r\n";
+        assert_eq!(head_size(&request), spelled.len());
+        let absolute = Request::get("http://front:80/x").body(()).unwrap();
+        assert_eq!(
+            head_size(&absolute),
+            "GET http://front:80/x HTTP/1.1\r\n".len()
+        );
+    }
+
+    #[test]
+    fn request_targets_that_are_not_paths_are_refused() {
+        let check = |method: &str, target: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(target)
+                .body(())
+                .unwrap();
+            check_request_head(&request, 1024).map_err(|e| e.status.as_u16())
+        };
+        for (method, target) in [
+            ("GET", "/x?y"),
+            ("GET", "http://front.ns/x"),
+            ("GET", "https://front.ns?q"),
+            ("OPTIONS", "*"),
+            ("CONNECT", "front.ns:80"),
+        ] {
+            assert_eq!(check(method, target), Ok(()), "{method} {target}");
+        }
+        // Found by the route_match fuzz target (fuzz/corpus/route_match/regression-*).
+        for (method, target) in [
+            ("GET", "hx"),
+            ("GET", "-htAtp://front.ns?:80/api/x"),
+            ("GET", "*"),
+            ("POST", "front.ns:80"),
+        ] {
+            assert_eq!(check(method, target), Err(400), "{method} {target}");
+        }
+        let long = format!("/{}", "a".repeat(1024));
+        assert_eq!(check("GET", &long), Err(431));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Endpoint choice is the power of two choices on in-flight requests: pick two endpoints at
 //! random, send to the one with fewer requests in flight. An endpoint whose connection just
-//! failed is skipped for a short while (if any other is left).
+//! failed, or whose last few requests all failed without an answer, is skipped for a short while
+//! (if any other is left).
 
 use super::body::ProxyBody;
 use ahash::AHashMap;
@@ -10,12 +11,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long an endpoint that refused a connection is avoided.
 const EJECTION: Duration = Duration::from_secs(5);
+
+/// Requests in a row that got no answer from an endpoint (reset, closed before answering, no
+/// answer in time) before it is avoided like one that refuses connections. Envoy's outlier
+/// detection uses 5 consecutive gateway failures; a node agent sees few requests per endpoint,
+/// so it gives up sooner. A single failure is not enough: a pooled connection the endpoint
+/// closed just as a request went out fails once without anything being wrong.
+pub const CONSECUTIVE_FAILURES: u32 = 3;
 
 pub type HttpClient = Client<HttpConnector, ProxyBody>;
 
@@ -65,6 +73,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     /// Milliseconds since `EndpointStats::epoch` until which the endpoint is avoided (0: never).
     ejected_until: AtomicU64,
+    /// Requests in a row that failed without an answer.
+    failures: AtomicU32,
 }
 
 /// Per-endpoint counters shared by all connections.
@@ -116,6 +126,20 @@ impl EndpointStats {
     pub fn eject(&self, addr: SocketAddr) {
         let until = self.now_ms() + EJECTION.as_millis() as u64;
         self.get(addr).ejected_until.store(until, Ordering::Relaxed);
+    }
+
+    /// `addr` answered (whatever the status): its run of failures is over.
+    pub fn answered(&self, addr: SocketAddr) {
+        self.get(addr).failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A request to `addr` got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects it.
+    pub fn failed(&self, addr: SocketAddr) {
+        let endpoint = self.get(addr);
+        if endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
+            endpoint.failures.store(0, Ordering::Relaxed);
+            self.eject(addr);
+        }
     }
 
     /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` (those
@@ -206,5 +230,25 @@ mod tests {
             "ejected beats nothing"
         );
         assert!(stats.choose(&[], &[], 0).is_none());
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_an_answer_forgives() {
+        let stats = EndpointStats::default();
+        let endpoints = [addr(1), addr(2)];
+        let only_2 = |stats: &EndpointStats| {
+            (0..8u64)
+                .all(|r| stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0 == addr(2))
+        };
+        for _ in 1..CONSECUTIVE_FAILURES {
+            stats.failed(addr(1));
+        }
+        stats.answered(addr(1));
+        stats.failed(addr(1));
+        assert!(!only_2(&stats), "an answer in between resets the count");
+        for _ in 1..CONSECUTIVE_FAILURES {
+            stats.failed(addr(1));
+        }
+        assert!(only_2(&stats), "failures in a row eject the endpoint");
     }
 }

@@ -1,28 +1,79 @@
 //! Attaching the programs to the pods' cgroup, and making sure each is attached exactly once.
 //!
-//! Programs are attached through bpf_links owned by this process. The kernel makes every link-based
-//! cgroup attachment multi-attach (and rejects explicit flags: aya's `CgroupAttachMode::Single`
-//! passes none). That coexists with other tools' programs on the same cgroup (a CNI's socket load
-//! balancer, say), but lets two agents attach side by side; so before attaching, the programs a predecessor left on
-//! this cgroup (recognised by the `gamma_` name prefix) are detached. Unpinned links die with
-//! their process, so after a crash there is nothing to clean; a predecessor still running (an
-//! overlapping upgrade) loses its programs to the newcomer and keeps serving the connections it
-//! already accepted.
+//! Programs are attached through bpf_links. The kernel makes every link-based cgroup attachment
+//! multi-attach (and rejects explicit flags: aya's `CgroupAttachMode::Single` passes none). That
+//! coexists with other tools' programs on the same cgroup (a CNI's socket load balancer, say), but
+//! lets two agents attach side by side; so after attaching, the programs a predecessor left on this
+//! cgroup (recognised by the `gamma_` name prefix) are detached. Attaching first and detaching
+//! second leaves no instant without a connect program: meanwhile both run, the predecessor's first
+//! (a cgroup runs its programs in attach order), and a connection it steered is served by whichever
+//! listener it named. Unpinned links die with their process, so after a crash there is nothing to
+//! clean; a predecessor still running (an overlapping start without a takeover) loses its programs
+//! to the newcomer and keeps serving the connections it already accepted.
+//!
+//! The links are kept as plain file descriptors ([`OwnedLink`]): a link lives while any process
+//! holds a descriptor of it, which is what lets a successor take them over (`takeover.rs`).
 
-use std::{collections::HashSet, fs::File, os::fd::AsFd as _, path::Path};
+use std::{
+    collections::HashSet,
+    fs::File,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
 use aya::{
-    programs::{loaded_links, loaded_programs, CgroupAttachMode, Program},
+    programs::{links::FdLink, loaded_links, loaded_programs, CgroupAttachMode, Program},
     Ebpf,
 };
 use proxy_common::programs;
 
 use super::{
     bpf_sys::{self, attach_type},
-    cgroup,
-    object::load_program,
-    RedirectError,
+    cgroup, RedirectError,
 };
+
+/// A bpf_link of one of our programs on the cgroup. Dropping the last descriptor of a link (in any
+/// process) detaches it.
+#[derive(Debug)]
+pub(crate) struct OwnedLink {
+    /// The program's name (`proxy_common::programs`).
+    pub(crate) program: String,
+    /// The kernel's id of the program, to tell ours from a predecessor's.
+    pub(crate) program_id: u32,
+    pub(crate) fd: OwnedFd,
+}
+
+impl OwnedLink {
+    /// A link received from a predecessor, after checking with the kernel that it is a link and
+    /// reading which program it runs.
+    pub(crate) fn from_fd(program: String, fd: OwnedFd) -> Result<Self, RedirectError> {
+        let info = bpf_sys::link_info(fd.as_fd()).map_err(|e| {
+            RedirectError::io(format!("reading the bpf link of {program} handed over"), e)
+        })?;
+        if info.link_type != bpf_sys::LINK_TYPE_CGROUP {
+            return Err(RedirectError::InvalidTakeover(format!(
+                "the descriptor handed over for {program} is not a cgroup bpf link (type {})",
+                info.link_type
+            )));
+        }
+        Ok(Self {
+            program,
+            program_id: info.prog_id,
+            fd,
+        })
+    }
+
+    /// Whether this is a connect program's link: the programs that decide where connections go.
+    pub(crate) fn steers(&self) -> bool {
+        self.program == programs::CONNECT4 || self.program == programs::CONNECT6
+    }
+
+    /// Detaches the link from the cgroup now, whoever else holds it.
+    pub(crate) fn detach(&self) -> Result<(), RedirectError> {
+        bpf_sys::link_detach(self.fd.as_fd())
+            .map_err(|e| RedirectError::io(format!("detaching the link of {}", self.program), e))
+    }
+}
 
 /// Observers first (sockops, getpeername), then the connect hooks: once a connect() is redirected,
 /// the programs that record and report it are already in place.
@@ -40,33 +91,56 @@ pub(crate) fn open_cgroup(dir: &Path) -> Result<File, RedirectError> {
     File::open(dir).map_err(|e| RedirectError::io(format!("opening {}", dir.display()), e))
 }
 
-/// Loads and attaches every program to `cgroup`. The links belong to `ebpf`: dropping it detaches.
-pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), RedirectError> {
+/// Attaches every program of `ebpf` (loaded already, see `object::load_all`) to `cgroup`. The links
+/// are returned, owned by the caller.
+pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &File) -> Result<Vec<OwnedLink>, RedirectError> {
+    let mut links = Vec::with_capacity(ATTACH_ORDER.len());
     for name in ATTACH_ORDER {
         let program = ebpf
             .program_mut(name)
             .ok_or_else(|| RedirectError::ObjectMismatch {
                 name: name.to_owned(),
             })?;
-        load_program(name, program)?;
-        let attached = match program {
-            Program::CgroupSockAddr(p) => p.attach(cgroup, CgroupAttachMode::Single).map(drop),
-            Program::SockOps(p) => p.attach(cgroup, CgroupAttachMode::Single).map(drop),
+        let fd_link = match program {
+            Program::CgroupSockAddr(p) => p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .and_then(|id| p.take_link(id))
+                .map(FdLink::try_from),
+            Program::SockOps(p) => p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .and_then(|id| p.take_link(id))
+                .map(FdLink::try_from),
             _ => unreachable!("load_program accepts only these two types"),
-        };
-        attached
-            .map_err(|e| RedirectError::kernel(format!("attaching {name} to the cgroup"), e))?;
+        }
+        .map_err(|e| RedirectError::kernel(format!("attaching {name} to the cgroup"), e))?
+        .map_err(|e| RedirectError::kernel(format!("taking the link of {name}"), e))?;
+        let info = fd_link
+            .info()
+            .map_err(|e| RedirectError::kernel(format!("reading the link of {name}"), e))?;
+        // aya keeps no copy once the link is taken; a descriptor of our own (by id) replaces its
+        // handle, so that all links, ours and inherited ones, are plain descriptors.
+        let fd = bpf_sys::link_by_id(info.id())
+            .map_err(|e| RedirectError::io(format!("opening the link of {name}"), e))?;
+        links.push(OwnedLink {
+            program: name.to_owned(),
+            program_id: info.program_id(),
+            fd,
+        });
     }
-    Ok(())
+    Ok(links)
 }
 
-/// Detaches the gamma programs attached to `cgroup` (by an earlier agent). Returns how many.
-pub(crate) fn detach_predecessors(cgroup: &File) -> Result<usize, RedirectError> {
-    let stale = gamma_programs(cgroup)?;
-    if stale.is_empty() {
+/// Detaches the gamma programs attached to `cgroup` other than those in `keep` (program ids):
+/// what an earlier agent left. Returns how many links were detached.
+pub(crate) fn detach_others(cgroup: &File, keep: &HashSet<u32>) -> Result<usize, RedirectError> {
+    let stale_ids: HashSet<u32> = gamma_programs(cgroup)?
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| !keep.contains(id))
+        .collect();
+    if stale_ids.is_empty() {
         return Ok(0);
     }
-    let stale_ids: HashSet<u32> = stale.iter().map(|p| p.id).collect();
     let mut detached = 0;
     for link in loaded_links().filter_map(Result::ok) {
         if !stale_ids.contains(&link.program_id()) {
@@ -87,7 +161,10 @@ pub(crate) fn detach_predecessors(cgroup: &File) -> Result<usize, RedirectError>
             .map_err(|e| RedirectError::io(format!("detaching bpf link {}", link.id()), e))?;
         detached += 1;
     }
-    let left = gamma_programs(cgroup)?;
+    let left: Vec<AttachedProgram> = gamma_programs(cgroup)?
+        .into_iter()
+        .filter(|p| !keep.contains(&p.id))
+        .collect();
     if let Some(p) = left.first() {
         // Attached with BPF_PROG_ATTACH (no link): only a detach naming the program removes it.
         return Err(RedirectError::Kernel {

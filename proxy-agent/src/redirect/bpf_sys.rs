@@ -1,5 +1,6 @@
 //! The few bpf(2) commands aya 0.14 does not expose: listing the programs attached to a cgroup,
-//! detaching another process's link, and an atomic lookup-and-delete.
+//! detaching another process's link, reading a link's info from a bare descriptor (one handed
+//! over by a predecessor), and an atomic lookup-and-delete.
 //!
 //! Attribute layouts follow `union bpf_attr` in include/uapi/linux/bpf.h; each struct covers the
 //! prefix its command reads (the kernel treats missing trailing bytes as zero).
@@ -10,6 +11,7 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 const BPF_PROG_QUERY: libc::c_int = 16;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_int = 21;
 const BPF_LINK_GET_FD_BY_ID: libc::c_int = 30;
@@ -115,6 +117,39 @@ pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         },
     )?;
     Ok(())
+}
+
+#[repr(C)]
+struct GetInfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_LINK_TYPE_CGROUP`: a program attached to a cgroup through a link.
+pub(crate) const LINK_TYPE_CGROUP: u32 = 3;
+
+/// The head of `struct bpf_link_info`: what kind of link, its id, its program's id.
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct LinkInfo {
+    pub(crate) link_type: u32,
+    pub(crate) id: u32,
+    pub(crate) prog_id: u32,
+    _pad: u32,
+}
+
+/// The info of the bpf link behind `link`; fails (EINVAL) when it is not a link.
+pub(crate) fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = LinkInfo::default();
+    // A prefix of the kernel's struct is allowed: it copies min(its size, info_len) bytes.
+    let mut attr = GetInfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
 }
 
 #[repr(C)]

@@ -57,6 +57,13 @@ pub enum RedirectError {
     InvalidListener(String),
 
     #[error(
+        "cannot take over the running agent's redirect: {0}. Start this agent with the running \
+         one's --redirect and --cgroup, or stop the running agent first (its pods use ordinary \
+         Service routing until this one has attached)"
+    )]
+    InvalidTakeover(String),
+
+    #[error(
         "{wanted} mesh Service frontends exceed the kernel map's capacity of {capacity}: raise \
          proxy_common::MAX_MESH_SERVICES and rebuild"
     )]

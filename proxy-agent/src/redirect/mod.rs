@@ -25,6 +25,10 @@
 //! an agent that is still running when its successor attaches has its programs detached by the
 //! successor (see `attach.rs`), so each program is attached once: [`attached_programs`] shows it.
 //!
+//! **Takeover** (hitless restart, `takeover.rs`): instead of starting clean, a successor can be
+//! handed the running agent's links, maps and listener over a Unix socket and keep them (same
+//! programs) or swap its own in without a gap (different programs).
+//!
 //! Map layouts and byte order: `proxy-common`.
 
 mod addr;
@@ -35,10 +39,12 @@ mod error;
 mod identity;
 mod object;
 mod services;
+mod takeover;
 
 use std::{
+    collections::HashSet,
     net::{SocketAddr, TcpListener},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -54,8 +60,11 @@ pub use cgroup::{
 };
 pub use error::RedirectError;
 pub use identity::KernelRedirects;
-pub use object::{verify_programs, OBJECT};
+pub use object::{object_digest, verify_programs, OBJECT};
 pub use services::MeshServicesChange;
+pub use takeover::{Predecessor, RedirectOffer, TakeoverKind};
+
+use attach::OwnedLink;
 
 /// The agent's listener for redirected connections of one address family, and the address pods
 /// must dial to reach it (it must be reachable from the pods' network namespaces).
@@ -78,17 +87,51 @@ pub struct Redirected {
     pub socket_cookie: u64,
 }
 
-/// The loaded and attached programs and their maps. Dropping it detaches the programs (fail open).
+/// The loaded and attached programs and their maps. Dropping it detaches the programs (fail open),
+/// unless a successor holds them too (see `takeover.rs`).
 ///
 /// All methods take `&self`, so one `Arc<Redirect>` serves the accept loops (lock-free
 /// [`Self::take_original`]) and the snapshot consumer (serialised [`Self::set_mesh_services`]).
 pub struct Redirect {
     cgroup: PathBuf,
+    cgroup_id: u64,
+    /// The addresses pods are sent to (the `CONFIG` entry).
+    listen: Vec<SocketAddr>,
     services: Mutex<HashMap<MapData, ServiceKey, u8>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     callers: MapData,
-    /// Owns the programs and their links (the programs keep the other maps alive in the kernel).
-    _ebpf: aya::Ebpf,
+    /// `CALLERS` of a predecessor whose programs differ from ours (an upgrade): connections its
+    /// connect programs steered have their records there. Looked up when ours has none.
+    predecessor_callers: Option<MapData>,
+    /// Descriptors of `MESH_SERVICES`, `CONFIG` and `CALLERS`, named, to hand to a successor.
+    shared_maps: Vec<(&'static str, OwnedFd)>,
+    programs: Mutex<Programs>,
+}
+
+/// The programs on the cgroup and who holds them.
+struct Programs {
+    /// The links that serve the cgroup for this agent (its own, or a predecessor's it adopted).
+    links: Vec<OwnedLink>,
+    /// A predecessor's links still attached: before [`Redirect::complete_takeover`] all of them;
+    /// after it, its sockops and getpeername programs, kept for the connections its connect
+    /// programs steered (recorded on their sockets in its maps) until this agent exits.
+    predecessor: Vec<OwnedLink>,
+    /// Programs loaded but not attached yet (a takeover with programs of our own).
+    pending: Option<aya::Ebpf>,
+    /// Swapping our programs in failed part-way: the predecessor's may still steer, into maps a
+    /// successor would not get, so this agent must not be taken over.
+    swap_failed: bool,
+    /// Keeps the object's program and map handles alive (the links keep the programs attached).
+    _object: Option<aya::Ebpf>,
+}
+
+/// A freshly loaded object with its maps filled, programs loaded, nothing attached.
+struct Loaded {
+    ebpf: aya::Ebpf,
+    services: HashMap<MapData, ServiceKey, u8>,
+    config: Array<MapData, AgentConfig>,
+    callers: MapData,
+    shared_maps: Vec<(&'static str, OwnedFd)>,
 }
 
 impl Redirect {
@@ -100,10 +143,40 @@ impl Redirect {
     /// The calling process's cgroup is exempt: the agent's own connections to a VIP are never
     /// redirected (see [`Self::set_exempt_cgroup`]).
     pub fn attach(cgroup: &Path, listeners: &[AgentListener<'_>]) -> Result<Self, RedirectError> {
-        let (config, slots) = agent_config(listeners, own_cgroup_id()?)?;
         let cgroup_file = attach::open_cgroup(cgroup)?;
-        let mut ebpf = object::load()?;
+        let mut loaded = Self::load(listeners)?;
+        let links = attach::attach_all(&mut loaded.ebpf, &cgroup_file)?;
+        let ours: HashSet<u32> = links.iter().map(|l| l.program_id).collect();
+        attach::detach_others(&cgroup_file, &ours)?;
+        Ok(Self {
+            cgroup: cgroup.to_owned(),
+            cgroup_id: cgroup::cgroup_id(cgroup)?,
+            listen: listeners.iter().map(|l| addr::canonical(l.addr)).collect(),
+            services: Mutex::new(loaded.services),
+            config: Mutex::new(loaded.config),
+            callers: loaded.callers,
+            predecessor_callers: None,
+            shared_maps: loaded.shared_maps,
+            programs: Mutex::new(Programs {
+                links,
+                predecessor: Vec::new(),
+                pending: None,
+                swap_failed: false,
+                _object: Some(loaded.ebpf),
+            }),
+        })
+    }
 
+    /// Creates the maps, fills `CONFIG` and `AGENT_LISTENERS` and loads the programs (the
+    /// verifier's verdict comes here, before anything is attached).
+    fn load(listeners: &[AgentListener<'_>]) -> Result<Loaded, RedirectError> {
+        let (config, slots) = agent_config(listeners, own_cgroup_id()?)?;
+        let mut ebpf = object::load()?;
+        // Taken before the maps are typed: typed maps do not show their descriptors.
+        let shared_maps = [maps::MESH_SERVICES, maps::CONFIG, maps::CALLERS]
+            .into_iter()
+            .map(|name| Ok((name, dup_map_fd(&ebpf, name)?)))
+            .collect::<Result<Vec<_>, RedirectError>>()?;
         // Maps are filled before any program is attached, so no program sees a partial config.
         let mut config_map: Array<MapData, AgentConfig> = typed_map(&mut ebpf, maps::CONFIG)?;
         config_map
@@ -116,16 +189,14 @@ impl Redirect {
             })?;
         }
         let services = typed_map(&mut ebpf, maps::MESH_SERVICES)?;
-        let callers = callers_map(&mut ebpf)?;
-
-        attach::detach_predecessors(&cgroup_file)?;
-        attach::attach_all(&mut ebpf, &cgroup_file)?;
-        Ok(Self {
-            cgroup: cgroup.to_owned(),
-            services: Mutex::new(services),
-            config: Mutex::new(config_map),
+        let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
+        object::load_all(&mut ebpf)?;
+        Ok(Loaded {
+            ebpf,
+            services,
+            config: config_map,
             callers,
-            _ebpf: ebpf,
+            shared_maps,
         })
     }
 
@@ -154,18 +225,10 @@ impl Redirect {
         let key = CallerKey {
             caller: addr::endpoint(caller),
         };
-        match bpf_sys::map_take::<CallerKey, RedirectRecord>(self.callers.fd().as_fd(), &key) {
-            Ok(record) => record.map(|r| Redirected {
-                original_dst: addr::socket_addr(&r.original_dst),
-                netns_cookie: r.netns_cookie,
-                cgroup_id: r.cgroup_id,
-                socket_cookie: r.socket_cookie,
-            }),
-            Err(e) => {
-                tracing::warn!(%caller, error = %e, "reading the redirect record failed");
-                None
-            }
-        }
+        // Ours first: after a takeover's first instants, every record is there.
+        std::iter::once(&self.callers)
+            .chain(&self.predecessor_callers)
+            .find_map(|callers| take_record(callers, &key, caller))
     }
 
     /// Exempts another cgroup instead of the agent's own: connections from processes of cgroup
@@ -191,6 +254,22 @@ impl std::fmt::Debug for Redirect {
         f.debug_struct("Redirect")
             .field("cgroup", &self.cgroup)
             .finish_non_exhaustive()
+    }
+}
+
+/// Reads and removes the record of `key` from a `CALLERS` map.
+fn take_record(callers: &MapData, key: &CallerKey, caller: SocketAddr) -> Option<Redirected> {
+    match bpf_sys::map_take::<CallerKey, RedirectRecord>(callers.fd().as_fd(), key) {
+        Ok(record) => record.map(|r| Redirected {
+            original_dst: addr::socket_addr(&r.original_dst),
+            netns_cookie: r.netns_cookie,
+            cgroup_id: r.cgroup_id,
+            socket_cookie: r.socket_cookie,
+        }),
+        Err(e) => {
+            tracing::warn!(%caller, error = %e, "reading the redirect record failed");
+            None
+        }
     }
 }
 
@@ -255,22 +334,44 @@ fn typed_map<T>(ebpf: &mut aya::Ebpf, name: &str) -> Result<T, RedirectError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| RedirectError::ObjectMismatch {
-            name: name.to_owned(),
-        })?;
+    typed(ebpf.take_map(name), name)
+}
+
+/// `map`, typed; `None` (the object has no such map) is an error.
+fn typed<T>(map: Option<Map>, name: &str) -> Result<T, RedirectError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = map.ok_or_else(|| RedirectError::ObjectMismatch {
+        name: name.to_owned(),
+    })?;
     T::try_from(map).map_err(|_| RedirectError::ObjectMismatch {
         name: format!("{name} (unexpected type or layout)"),
     })
 }
 
+/// A descriptor of the object's map `name` of its own (for a successor).
+fn dup_map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, RedirectError> {
+    let data = match ebpf.map(name) {
+        Some(Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data)) => data,
+        _ => {
+            return Err(RedirectError::ObjectMismatch {
+                name: name.to_owned(),
+            })
+        }
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| RedirectError::io(format!("duplicating the descriptor of {name}"), e))
+}
+
 /// `CALLERS` is read with a raw lookup-and-delete, so its layout is checked here instead of by aya.
-fn callers_map(ebpf: &mut aya::Ebpf) -> Result<MapData, RedirectError> {
+fn callers_map(map: Option<Map>) -> Result<MapData, RedirectError> {
     let mismatch = || RedirectError::ObjectMismatch {
         name: format!("{} (unexpected type or layout)", maps::CALLERS),
     };
-    let Some(Map::LruHashMap(data)) = ebpf.take_map(maps::CALLERS) else {
+    let Some(Map::LruHashMap(data)) = map else {
         return Err(mismatch());
     };
     let info = data

@@ -10,6 +10,17 @@ use super::RedirectError;
 /// The object `proxy-agent/build.rs` builds from `proxy-ebpf` (ELF, BPF little-endian).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
+/// A fingerprint of [`OBJECT`] (FNV-1a, 64 bits, and the length): two agents with the same
+/// fingerprint run byte-identical programs, so a successor can keep its predecessor's programs and
+/// maps instead of swapping them (see `redirect/takeover.rs`). Stable across builds and compilers,
+/// unlike `std`'s hasher.
+pub fn object_digest() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("fnv1a64:{hash:016x}:{}", OBJECT.len())
+}
+
 /// Parses the object and creates its maps (programs are loaded one by one afterwards).
 pub(crate) fn load() -> Result<Ebpf, RedirectError> {
     if OBJECT.is_empty() {
@@ -30,13 +41,18 @@ pub(crate) fn load() -> Result<Ebpf, RedirectError> {
 /// sorted. Nothing stays loaded afterwards.
 pub fn verify_programs() -> Result<Vec<String>, RedirectError> {
     let mut ebpf = load()?;
-    let mut names = Vec::new();
-    for (name, program) in ebpf.programs_mut() {
-        load_program(name, program)?;
-        names.push(name.to_owned());
-    }
+    load_all(&mut ebpf)?;
+    let mut names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
     names.sort();
     Ok(names)
+}
+
+/// Loads every program of the object into the kernel, without attaching any.
+pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
+    for (name, program) in ebpf.programs_mut() {
+        load_program(name, program)?;
+    }
+    Ok(())
 }
 
 /// Loads one program (of the two kinds the object contains) into the kernel.

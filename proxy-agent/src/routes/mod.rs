@@ -166,7 +166,11 @@ impl RouteTable {
     /// `entries` must be in precedence order.
     pub fn new(kind: RouteKind, entries: Vec<TableEntry>) -> Self {
         let paths = entries.iter().map(|e| e.route_match.path.clone()).collect();
-        RouteTable { kind, entries: entries.into_boxed_slice(), paths }
+        RouteTable {
+            kind,
+            entries: entries.into_boxed_slice(),
+            paths,
+        }
     }
 
     /// The first entry in precedence order whose match holds.
@@ -174,7 +178,9 @@ impl RouteTable {
         self.paths
             .iter()
             .zip(self.entries.iter())
-            .find(|(path, e)| path.matches(request.path) && e.route_match.matches_besides_path(request))
+            .find(|(path, e)| {
+                path.matches(request.path) && e.route_match.matches_besides_path(request)
+            })
             .map(|(_, e)| (&*e.rule, &e.route_match))
     }
 }

@@ -1,0 +1,399 @@
+//! The bodies of the fuzz targets, in a library so that they share the fixed world and the
+//! in-process agent. Whatever the input, none of them may panic or hang: a panic here is a bug
+//! of the agent or a broken invariant checked below, and the message says which.
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxy_agent::admin::metrics::Metrics;
+use proxy_agent::index::Index;
+use proxy_agent::model::{Object, ObjectKey};
+use proxy_agent::proxy::listener::{classify, serve_http, Protocol};
+use proxy_agent::proxy::{
+    check_request_head, Caller, ConnectionInfo, Destination, Proxy, ProxyConfig,
+};
+use proxy_agent::routes::{Decision, Plan, RequestHead, Snapshot};
+use proxy_agent::sources::file::{parse, Severity};
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WORLD: &str = include_str!("../world.yaml");
+
+/// The objects of the fixed world with its backends on `port`. The world must load cleanly: an
+/// error here is a broken fixture, not a finding.
+fn world_objects(port: u16) -> Vec<Object> {
+    let text = WORLD.replace("BACKEND_PORT", &port.to_string());
+    let parsed = parse(Path::new("world.yaml"), &text);
+    let errors: Vec<String> = parsed
+        .problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "fuzz/world.yaml does not load: {errors:?}"
+    );
+    parsed.objects
+}
+
+fn published(objects: impl IntoIterator<Item = Object>) -> Index {
+    let mut index = Index::new();
+    for object in objects {
+        index.apply(object);
+    }
+    index.publish();
+    index
+}
+
+/// Manifest loader: any text through the file source's parser into the index, published;
+/// then everything deleted again, which must leave an empty table.
+pub fn manifest(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return; // the folder source reads files as UTF-8 and reports the others
+    };
+    let parsed = parse(Path::new("fuzz.yaml"), text);
+    for problem in &parsed.problems {
+        let _ = problem.to_string();
+    }
+    let references: Vec<_> = parsed.objects.iter().map(Object::reference).collect();
+    let mut index = published(parsed.objects);
+    let snapshot = index.snapshot();
+    let _ = snapshot.dump();
+    let _ = snapshot.mesh_addresses().count();
+    for reference in &references {
+        index.delete(reference);
+    }
+    index.publish();
+    let emptied = index.snapshot();
+    assert!(
+        emptied.by_service.is_empty() && emptied.by_address.is_empty(),
+        "deleting every object left frontends in the table"
+    );
+}
+
+/// A request head, parsed as an HTTP/1 server would (httparse), into `http` parts; `None` when
+/// a server would refuse it.
+fn request_parts(head: &[u8]) -> Option<http::request::Parts> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if !request.parse(head).ok()?.is_complete() {
+        return None;
+    }
+    let mut builder = Request::builder()
+        .method(request.method?)
+        .uri(request.path?);
+    for header in request.headers.iter() {
+        builder = builder.header(header.name, header.value);
+    }
+    builder.body(()).ok().map(|r| r.into_parts().0)
+}
+
+/// Splits the input into the request head (with its blank line) and what follows it.
+fn split_head(data: &[u8]) -> (&[u8], &[u8]) {
+    for end in [&b"\r\n\r\n"[..], b"\n\n"] {
+        if let Some(at) = data.windows(end.len()).position(|w| w == end) {
+            return data.split_at(at + end.len());
+        }
+    }
+    (data, &[])
+}
+
+fn fixed_table() -> &'static Arc<Snapshot> {
+    static TABLE: OnceLock<Arc<Snapshot>> = OnceLock::new();
+    TABLE.get_or_init(|| published(world_objects(8080)).snapshot())
+}
+
+/// The fixed world without its routes, for inputs that bring their own.
+fn world_services() -> &'static [Object] {
+    static SERVICES: OnceLock<Vec<Object>> = OnceLock::new();
+    SERVICES.get_or_init(|| {
+        world_objects(8080)
+            .into_iter()
+            .filter(|o| !matches!(o, Object::Route(_)))
+            .collect()
+    })
+}
+
+/// Route matcher: the input is a request head, optionally followed by YAML documents (routes,
+/// usually). Without them the head is looked up in the fixed world; with them, in the fixed
+/// world's Services plus those documents. Every frontend and caller group is asked, and each
+/// matched rule's filters run.
+pub fn route_match(data: &[u8]) {
+    let (head, rest) = split_head(data);
+    // Only what the agent would route: hyper parsed it, and the agent did not refuse it first.
+    let Some(parts) = request_parts(head) else {
+        return;
+    };
+    let request = Request::from_parts(parts, ());
+    if check_request_head(&request, ProxyConfig::default().max_header_bytes).is_err() {
+        return;
+    }
+    let custom;
+    let snapshot = match std::str::from_utf8(rest).map(str::trim) {
+        Ok("") | Err(_) => fixed_table(),
+        Ok(routes) => {
+            let routes = parse(Path::new("routes.yaml"), routes).objects;
+            custom = published(world_services().iter().cloned().chain(routes)).snapshot();
+            &custom
+        }
+    };
+    let random = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    for frontend in snapshot.by_service.values().flat_map(|f| f.iter()) {
+        let callers =
+            std::iter::once(None).chain(frontend.consumers.keys().map(|n| Some(n.as_str())));
+        for namespace in callers {
+            let mut parts = request_parts(head).expect("parsed above");
+            let decision = frontend.lookup(namespace, &RequestHead::from_parts(&parts));
+            let Decision::Rule { rule, matched } = decision else {
+                continue;
+            };
+            let asterisk = parts.uri == "*";
+            match rule.plan(&mut parts, matched, frontend.port, random) {
+                Plan::Respond(local) => {
+                    if let Some(location) = &local.location {
+                        assert!(
+                            http::HeaderValue::from_str(location).is_ok(),
+                            "a redirect's Location is not a valid header value: {location:?}"
+                        );
+                    }
+                }
+                Plan::Forward(_) => {
+                    // What forward.rs sends: the path and query after the endpoint's address. The
+                    // backend must see the path the route matched and the filters wrote.
+                    // (An absolute-form target may have an empty path: `GET http://x?q`.)
+                    if asterisk {
+                        continue;
+                    }
+                    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                    let upstream = format!("http://127.0.0.1:8080{path}").parse::<Uri>();
+                    assert!(
+                        upstream
+                            .as_ref()
+                            .is_ok_and(|u| u.path() == parts.uri.path()),
+                        "the backend would be sent {upstream:?} for the path {:?}",
+                        parts.uri.path()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The agent as the http1 target sees it: a proxy on the fixed world whose backend runs in the
+/// same single-threaded runtime, so that one input is one deterministic-enough exchange.
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    proxy: Arc<Proxy>,
+    info: Arc<ConnectionInfo>,
+    /// Kept so that connections never see a shutdown.
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let port = runtime.block_on(backend());
+        let index = published(world_objects(port));
+        let snapshot: Arc<ArcSwap<Snapshot>> = index.reader();
+        let config = ProxyConfig {
+            // Short, so that an input that leaves a request unfinished cannot stall the run.
+            header_read_timeout: Duration::from_secs(1),
+            ..ProxyConfig::default()
+        };
+        let proxy = Proxy::new(snapshot, Arc::new(Metrics::default()), config);
+        let info = Arc::new(ConnectionInfo {
+            destination: Destination::Service {
+                service: ObjectKey::new("ns", "front"),
+                port: 80,
+            },
+            caller: Caller {
+                ip: [127, 0, 0, 1].into(),
+                namespace: Some("ns".into()),
+                pod: None,
+                identity: "fuzz",
+            },
+        });
+        Harness {
+            runtime,
+            proxy,
+            info,
+            shutdown: tokio::sync::watch::channel(false).0,
+        }
+    })
+}
+
+/// The fuzz backend on 127.0.0.1 (HTTP/1.1 and h2c): reads the whole request, answers 200, or
+/// the status named by a `/status/<code>` path segment (so inputs can drive retries); accepts
+/// any upgrade (101) and echoes what follows.
+async fn backend() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the fuzz backend");
+    let port = listener.local_addr().expect("bound").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|mut request: Request<Incoming>| async move {
+                        if let Some(protocol) =
+                            request.headers().get(http::header::UPGRADE).cloned()
+                        {
+                            // Accept any upgrade and echo the bytes: the agent splices both sides.
+                            let upgrade = hyper::upgrade::on(&mut request);
+                            tokio::spawn(async move {
+                                if let Ok(upgraded) = upgrade.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut response = Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            response
+                                .headers_mut()
+                                .insert(http::header::UPGRADE, protocol);
+                            response.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("upgrade"),
+                            );
+                            return Ok::<_, Infallible>(response);
+                        }
+                        let status = request
+                            .uri()
+                            .path()
+                            .split("/status/")
+                            .nth(1)
+                            .and_then(|c| c.get(..3)?.parse().ok())
+                            .and_then(|c| StatusCode::from_u16(c).ok())
+                            .unwrap_or(StatusCode::OK);
+                        let bytes = request
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        let mut response =
+                            Response::new(Full::new(Bytes::from(format!("{bytes}\n"))));
+                        *response.status_mut() = status;
+                        Ok::<_, Infallible>(response)
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// HTTP path: the input is what a client sends on one connection. The agent's server (HTTP/1.1
+/// or HTTP/2, by the same first-bytes classification as the listener) serves it over an
+/// in-memory pipe. The client's write side stays open while requests are being answered
+/// (hyper closes a connection whose client half-closes mid-request, which would cut every
+/// forward short), then closes; the connection must then end promptly and leave no upstream
+/// request counted in flight.
+pub fn http_connection(data: &[u8]) {
+    let http2 = match classify(&data[..data.len().min(24)]) {
+        Some(Protocol::Http1) => false,
+        Some(Protocol::Http2) => true,
+        Some(Protocol::Opaque) | None => return,
+    };
+    let h = harness();
+    h.runtime.block_on(async {
+        let (client, server) = tokio::io::duplex(data.len() + 64 * 1024);
+        let served = tokio::spawn(serve_http(
+            &h.proxy,
+            TokioIo::new(server),
+            http2,
+            h.info.clone(),
+            h.shutdown.subscribe(),
+        ));
+        let (mut from_agent, mut to_agent) = tokio::io::split(client);
+        let received = Arc::new(AtomicUsize::new(0));
+        let reader = tokio::spawn({
+            let received = received.clone();
+            async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = from_agent.read(&mut buf).await {
+                    received.fetch_add(n, Ordering::Relaxed);
+                    if show_replies() {
+                        eprint!("{}", String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            }
+        });
+        // The pipe holds the whole input: this never waits on the agent.
+        let _ = to_agent.write_all(data).await;
+        settle(h, &received, &served).await;
+        let _ = to_agent.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(10), served).await {
+            Ok(joined) => {
+                if let Err(e) = joined {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+            Err(_) => panic!("the connection did not end within 10 s of the client closing it"),
+        }
+        let _ = reader.await;
+        // Mirrors finish on their own; give them a moment before counting.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while h.proxy.upstream.endpoints.in_flight_total() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} upstream requests still counted in flight after the connection ended",
+                h.proxy.upstream.endpoints.in_flight_total()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+}
+
+/// `GAMMA_FUZZ_SHOW_REPLIES=1`: print what the agent answered (when replaying one input).
+fn show_replies() -> bool {
+    static SHOW: OnceLock<bool> = OnceLock::new();
+    *SHOW.get_or_init(|| std::env::var_os("GAMMA_FUZZ_SHOW_REPLIES").is_some_and(|v| v == "1"))
+}
+
+/// Waits until the agent has answered what it could: no upstream request in flight and no new
+/// bytes for a few hundred scheduler turns (the backend shares this thread), or nothing new for
+/// 20 ms (a request waiting for body bytes that will never come), or the connection ended.
+async fn settle(
+    h: &Harness,
+    received: &AtomicUsize,
+    served: &tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    const QUIET_TURNS: u32 = 256;
+    const QUIET_TIME: Duration = Duration::from_millis(20);
+    let mut last = usize::MAX;
+    let mut quiet_turns = 0;
+    let mut quiet_since = Instant::now();
+    while !served.is_finished() {
+        let now = received.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_turns = 0;
+            quiet_since = Instant::now();
+        } else if h.proxy.upstream.endpoints.in_flight_total() == 0 {
+            quiet_turns += 1;
+        }
+        if quiet_turns >= QUIET_TURNS || quiet_since.elapsed() >= QUIET_TIME {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}

@@ -1,0 +1,1003 @@
+//! Hitless restart and upgrade: a new agent takes the listening sockets and the kernel redirect over
+//! from the running one through a Unix socket (`--takeover-socket`), and the old one stops
+//! accepting, finishes its in-flight requests and exits.
+//!
+//! ```text
+//!  new agent                                   running agent (listens on the takeover socket)
+//!  connect ─────────── Hello ──────────────────>
+//!          <────────── Offer + descriptors ───── its listeners (admin, explicit, redirect), and
+//!                                                the redirect's maps and bpf links (SCM_RIGHTS)
+//!  first sync; serve on the same sockets         still accepting: both accept from one queue
+//!  (the kernel programs and maps adopted, or ours loaded beside them: `redirect/takeover.rs`)
+//!  Stop ─────────────────────────────────────>  stops its accept loops, closes its listener copies
+//!          <────────── Stopped ─────────────────  then drains: `Connection: close`, GOAWAY, exits
+//!  swap programs if ours differ; listen on the takeover socket for the next one
+//! ```
+//!
+//! Why this leaves no window:
+//! - **Accept queue.** The listener is one kernel socket held by both processes, never closed and
+//!   never re-bound: a connection queued on it is accepted by whichever process calls accept(), and
+//!   once the old one has stopped, by the new one. No queue to migrate, nothing reset.
+//! - **connect() meanwhile.** The programs stay attached throughout (the new agent holds their link
+//!   descriptors, so the old one exiting detaches nothing), and the listener stays in the sockmap.
+//!   When the programs are swapped, ours are attached before the old connect programs are detached.
+//!   No connect() ever misses the mesh and falls to kube-proxy's routing.
+//! - **Redirect records.** Adopted maps are the same maps; swapped ones leave the predecessor's
+//!   `CALLERS` readable by the new agent. The old agent stops accepting before any program of the
+//!   new one steers, so it never accepts a connection whose record it cannot read.
+//! - **Keep-alive connections on the old agent** finish their in-flight request, and are then
+//!   closed the way clients expect (`proxy/listener.rs`: `Connection: close`, HTTP/2 GOAWAY, idle
+//!   ones only after a quiet spell), so clients reconnect, to the new agent.
+//!
+//! Before Stop the takeover is undone by simply exiting: the old agent still holds everything. A
+//! running agent that does not answer within the timeout is given up on: the new agent starts as
+//! without one (binding its own sockets and replacing the programs, see `redirect/attach.rs`).
+
+use crate::proxy::listener::Drain;
+use crate::redirect::{Predecessor, Redirect, RedirectError, RedirectOffer};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Version of the exchange below; both sides must speak the same one.
+pub const PROTOCOL: u32 = 1;
+/// At most this many descriptors in one message (listeners, 3 maps, 5 links leave ample room).
+const MAX_FDS: usize = 64;
+/// Largest message accepted (they are a few hundred bytes of JSON).
+const MAX_MESSAGE: usize = 1 << 20;
+/// How often a waiting session checks whether its agent is shutting down.
+const POLL: Duration = Duration::from_millis(200);
+
+/// An error of a takeover, phrased for the operator who has to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the agent at the other end of the takeover socket ({peer}) spoke unexpectedly: {detail}. \
+         Are both agents of compatible versions (takeover protocol {PROTOCOL})? Restart without a \
+         takeover: stop the running agent, then start the new one"
+    )]
+    Protocol { peer: String, detail: String },
+    #[error(
+        "the running agent (pid {pid}) refused the takeover: {reason}. If it is busy with another \
+         successor, wait and start this agent again; if the two cannot agree, stop the running \
+         agent first (its pods use ordinary Service routing until this one has attached)"
+    )]
+    Refused { pid: u32, reason: String },
+    #[error(
+        "the process at the takeover socket runs as uid {uid}, not as this agent ({own}): \
+         refusing to exchange sockets with it; check who created {path}"
+    )]
+    Untrusted { uid: u32, own: u32, path: PathBuf },
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+}
+
+impl HandoverError {
+    fn io(action: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            action: action.into(),
+            source,
+        }
+    }
+}
+
+/// The messages, as length-prefixed JSON; descriptors travel with `Offer` only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Message {
+    /// New agent → running agent: "hand me your sockets".
+    Hello { protocol: u32 },
+    /// Running agent → new agent. Descriptors: `listeners` in order, then the redirect's (see
+    /// [`RedirectOffer`]).
+    Offer {
+        protocol: u32,
+        version: String,
+        listeners: Vec<SocketAddr>,
+        redirect: Option<RedirectOffer>,
+    },
+    /// New agent → running agent: "everything you served, I serve: stop accepting".
+    Stop,
+    /// Running agent → new agent: "none of my accept loops runs any more".
+    Stopped,
+    /// Running agent → new agent: no takeover now.
+    Refused { reason: String },
+}
+
+// ---------------------------------------------------------------------------------------------
+// The new agent's side.
+
+/// What a new agent got from the running one: listeners to serve on instead of binding, the
+/// redirect to take over, and the session to tell the old agent to stop. Empty when there was
+/// no running agent.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    listeners: Vec<TcpListener>,
+    redirect: Option<Predecessor>,
+    session: Option<Session>,
+    /// The pid of a running agent that did not answer in time (it may still hold the ports).
+    silent: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Session {
+    stream: UnixStream,
+    pid: u32,
+    /// From connecting to holding the descriptors.
+    offer_took: Duration,
+}
+
+/// How a takeover went, for logs and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Handover {
+    /// The old agent's pid.
+    pub pid: u32,
+    /// From connecting to the takeover socket to holding its descriptors.
+    pub offer_took: Duration,
+    /// From Stop to Stopped: how long both agents accepted side by side at the end. `None`: no
+    /// answer in time (see [`Inherited::finish`]).
+    pub stop_took: Option<Duration>,
+}
+
+/// Asks the agent listening on `path` for its sockets. No agent there (no socket, or nobody
+/// listening): an empty [`Inherited`], a normal start. An agent that does not answer within
+/// `timeout`: given up on, also an empty [`Inherited`] (logged). Errors: the other side refused,
+/// is not trusted, or answered nonsense.
+pub fn inherit(path: &Path, timeout: Duration) -> Result<Inherited, HandoverError> {
+    let stream = match UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => {
+            tracing::info!(socket = %path.display(), "no running agent to take over from; starting fresh");
+            return Ok(Inherited::default());
+        }
+        Err(e) => {
+            return Err(HandoverError::io(
+                format!("connecting to the takeover socket {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let started = Instant::now();
+    let peer = trusted_peer(&stream, path)?;
+    let offered = stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .and_then(|()| send(&stream, &Message::Hello { protocol: PROTOCOL }, &[]))
+        .and_then(|()| recv(&stream));
+    let (message, fds) = match offered {
+        Ok(answer) => answer,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            tracing::warn!(
+                pid = peer.pid,
+                ?timeout,
+                "the running agent did not offer its sockets in time; starting without it (its \
+                 programs are replaced; its ports must be free: stop it if binding fails)"
+            );
+            return Ok(Inherited {
+                silent: Some(peer.pid),
+                ..Inherited::default()
+            });
+        }
+        Err(e) if is_disconnect(&e) => {
+            tracing::info!(
+                pid = peer.pid,
+                "the running agent closed the takeover socket; starting fresh"
+            );
+            return Ok(Inherited::default());
+        }
+        Err(e) => return Err(HandoverError::io("receiving the running agent's offer", e)),
+    };
+    let (listeners, redirect) = match message {
+        Message::Offer {
+            protocol: PROTOCOL,
+            version,
+            listeners,
+            redirect,
+        } => {
+            tracing::info!(pid = peer.pid, %version, ?listeners, redirect = redirect.is_some(), "offered the running agent's sockets");
+            (listeners, redirect)
+        }
+        Message::Refused { reason } => {
+            return Err(HandoverError::Refused {
+                pid: peer.pid,
+                reason,
+            })
+        }
+        other => return Err(peer.protocol(format!("expected an offer, got {other:?}"))),
+    };
+    let expected = listeners.len() + redirect.as_ref().map_or(0, RedirectOffer::fd_count);
+    if fds.len() != expected {
+        return Err(peer.protocol(format!(
+            "{} descriptors came with an offer of {expected}",
+            fds.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let listeners = fds
+        .by_ref()
+        .take(listeners.len())
+        .map(|fd| listener_from(fd, &peer))
+        .collect::<Result<_, _>>()?;
+    let redirect = redirect
+        .map(|offer| Predecessor::new(offer, fds.collect()))
+        .transpose()?;
+    Ok(Inherited {
+        listeners,
+        redirect,
+        session: Some(Session {
+            stream,
+            pid: peer.pid,
+            offer_took: started.elapsed(),
+        }),
+        silent: None,
+    })
+}
+
+impl Inherited {
+    /// The pid of the agent being taken over, if any.
+    pub fn predecessor(&self) -> Option<u32> {
+        self.session.as_ref().map(|s| s.pid)
+    }
+
+    /// Why binding `addr` may fail with "address in use", for the error message: a running agent
+    /// that handed over other sockets, or did not answer.
+    pub fn bind_hint(&self) -> Option<String> {
+        if let Some(pid) = self.predecessor() {
+            return Some(format!(
+                "the running agent (pid {pid}) did not hand this socket over; give this agent the \
+                 running one's addresses, or stop the running one first"
+            ));
+        }
+        self.silent.map(|pid| {
+            format!(
+                "the agent at the takeover socket (pid {pid}) did not answer and may still hold \
+                 it: stop it (kill {pid}), then start this one"
+            )
+        })
+    }
+
+    /// The inherited listening socket bound to `addr`, if any: serve on it instead of binding.
+    pub fn listener(&mut self, addr: SocketAddr) -> Option<TcpListener> {
+        let index = self
+            .listeners
+            .iter()
+            .position(|l| l.local_addr().is_ok_and(|bound| bound == addr))?;
+        Some(self.listeners.swap_remove(index))
+    }
+
+    /// The running agent's redirect, to pass to [`Redirect::take_over`].
+    pub fn take_redirect(&mut self) -> Option<Predecessor> {
+        self.redirect.take()
+    }
+
+    /// Tells the old agent to stop accepting and waits (up to `timeout`) until it has. Call it
+    /// once everything of this agent serves: from the answer on, this agent alone accepts.
+    /// Inherited sockets nobody took (the new configuration no longer has them) are closed.
+    ///
+    /// No answer in time: `stop_took` is `None`; the old agent is most likely hung (and then
+    /// accepts nothing), or it went away.
+    pub fn finish(mut self, timeout: Duration) -> Result<Option<Handover>, HandoverError> {
+        for unused in self.listeners.drain(..) {
+            let addr = unused.local_addr().ok();
+            tracing::warn!(
+                ?addr,
+                "the running agent's listener is not in this agent's configuration; closing it"
+            );
+        }
+        let Some(session) = self.session.take() else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let answer = session
+            .stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| send(&session.stream, &Message::Stop, &[]))
+            .and_then(|()| recv(&session.stream));
+        let stop_took = match answer {
+            Ok((Message::Stopped, _)) => Some(started.elapsed()),
+            // Gone: it accepts nothing any more either.
+            Err(e) if is_disconnect(&e) => Some(started.elapsed()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                tracing::warn!(
+                    pid = session.pid,
+                    ?timeout,
+                    "the old agent did not confirm it stopped accepting"
+                );
+                None
+            }
+            Ok((other, _)) => {
+                return Err(HandoverError::Protocol {
+                    peer: format!("pid {}", session.pid),
+                    detail: format!("expected Stopped, got {other:?}"),
+                })
+            }
+            Err(e) => return Err(HandoverError::io("asking the old agent to stop", e)),
+        };
+        Ok(Some(Handover {
+            pid: session.pid,
+            offer_took: session.offer_took,
+            stop_took,
+        }))
+    }
+}
+
+/// A listening TCP socket received from the running agent (checked: TCP, listening).
+fn listener_from(fd: OwnedFd, peer: &Peer) -> Result<TcpListener, HandoverError> {
+    let listening = socket_option(fd.as_fd(), libc::SO_ACCEPTCONN)
+        .map_err(|e| HandoverError::io("inspecting a listener handed over", e))?;
+    let protocol = socket_option(fd.as_fd(), libc::SO_PROTOCOL)
+        .map_err(|e| HandoverError::io("inspecting a listener handed over", e))?;
+    if listening != 1 || protocol != libc::IPPROTO_TCP {
+        return Err(peer
+            .protocol("a descriptor offered as a listener is not a listening TCP socket".into()));
+    }
+    Ok(TcpListener::from(fd))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The running agent's side.
+
+/// The listening sockets a running agent hands to a successor: duplicates of its own, so they are
+/// still there to offer while its accept loops own theirs.
+#[derive(Debug, Default)]
+pub struct Offered {
+    listeners: Vec<(SocketAddr, OwnedFd)>,
+}
+
+impl Offered {
+    pub fn add(&mut self, listener: &TcpListener) -> io::Result<()> {
+        let addr = listener.local_addr()?;
+        self.listeners
+            .push((addr, listener.as_fd().try_clone_to_owned()?));
+        Ok(())
+    }
+}
+
+/// Serves takeover requests of successors until one has taken over. Dropping it (on a normal
+/// shutdown, before draining) stops serving, removes the socket file and closes the listener
+/// copies, so that the listeners really close and pods fall back to ordinary Service routing.
+pub struct Successors {
+    path: PathBuf,
+    /// (device, inode) of the socket file this agent created: removed on shutdown only if still
+    /// that one. `None` once a successor took over.
+    file: Option<(u64, u64)>,
+    offered: Arc<Mutex<Offered>>,
+    closing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    taken_over: Option<tokio::sync::oneshot::Receiver<u32>>,
+}
+
+impl Successors {
+    /// Listens on `path` (replacing the socket file of an earlier agent atomically: a successor
+    /// connecting meanwhile reaches one or the other). Must run inside the agent's runtime.
+    pub fn serve(
+        path: &Path,
+        offered: Offered,
+        redirect: Option<Arc<Redirect>>,
+        drain: Drain,
+    ) -> Result<Self, HandoverError> {
+        let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&temporary);
+        let bind = || -> io::Result<UnixListener> {
+            let listener = UnixListener::bind(&temporary)?;
+            // Whoever connects gets the agent's sockets and bpf links: root (the owner) only.
+            std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&temporary, path)?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        };
+        let listener = bind().map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            HandoverError::io(
+                format!(
+                    "listening on the takeover socket {} (its folder must exist and be writable)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| HandoverError::io(format!("reading {}", path.display()), e))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| HandoverError::io("registering the takeover socket", e))?;
+        let offered = Arc::new(Mutex::new(offered));
+        let closing = Arc::new(AtomicBool::new(false));
+        let (done, taken_over) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(accept_successors(
+            listener,
+            Arc::new(OfferState {
+                path: path.to_owned(),
+                offered: offered.clone(),
+                redirect,
+                drain,
+                closing: closing.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+            done,
+        ));
+        tracing::info!(socket = %path.display(), "accepting takeovers");
+        Ok(Self {
+            path: path.to_owned(),
+            file: Some((meta.dev(), meta.ino())),
+            offered,
+            closing,
+            task,
+            taken_over: Some(taken_over),
+        })
+    }
+
+    /// Resolves with the successor's pid once one has taken over: this agent no longer accepts
+    /// connections and should drain and exit. Never resolves otherwise.
+    pub async fn taken_over(&mut self) -> u32 {
+        let Some(receiver) = self.taken_over.as_mut() else {
+            return std::future::pending().await;
+        };
+        let Ok(pid) = receiver.await else {
+            return std::future::pending().await;
+        };
+        self.taken_over = None;
+        // The successor replaces the socket file with its own: never remove it from here on.
+        self.file = None;
+        pid
+    }
+}
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.task.abort();
+        self.offered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .listeners
+            .clear();
+        // A successor renames its own socket over ours: that one is not ours to remove.
+        let ours =
+            std::fs::metadata(&self.path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct OfferState {
+    path: PathBuf,
+    offered: Arc<Mutex<Offered>>,
+    redirect: Option<Arc<Redirect>>,
+    drain: Drain,
+    /// Set when this agent shuts down: a session waiting for Stop ends.
+    closing: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+}
+
+async fn accept_successors(
+    listener: tokio::net::UnixListener,
+    state: Arc<OfferState>,
+    done: tokio::sync::oneshot::Sender<u32>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting on the takeover socket failed");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        // One session at a time, on a blocking thread: descriptor passing is plain sendmsg.
+        let session_state = state.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            offer_to_successor(&stream, &session_state)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(Some(pid))) => {
+                let _ = done.send(pid);
+                return;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a takeover attempt failed; still serving")
+            }
+            Err(e) => tracing::error!(error = %e, "the takeover session panicked; still serving"),
+        }
+    }
+}
+
+/// One session with a would-be successor. `Some(pid)`: it took over (this agent has stopped
+/// accepting). `None`: it went away before Stop; nothing changed here.
+fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Option<u32>> {
+    let peer = match trusted_peer(stream, &state.path) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a takeover");
+            return Ok(None);
+        }
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    match recv(stream)?.0 {
+        Message::Hello { protocol: PROTOCOL } => {}
+        other => {
+            let reason = format!("expected Hello with protocol {PROTOCOL}, got {other:?}");
+            send(
+                stream,
+                &Message::Refused {
+                    reason: reason.clone(),
+                },
+                &[],
+            )?;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+        }
+    }
+    let redirect = match state.redirect.as_ref().map(|r| r.offer()).transpose() {
+        Ok(redirect) => redirect,
+        Err(e) => {
+            send(
+                stream,
+                &Message::Refused {
+                    reason: e.to_string(),
+                },
+                &[],
+            )?;
+            return Ok(None);
+        }
+    };
+    {
+        let offered = state
+            .offered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (addrs, mut fds): (Vec<SocketAddr>, Vec<BorrowedFd<'_>>) = offered
+            .listeners
+            .iter()
+            .map(|(addr, fd)| (*addr, fd.as_fd()))
+            .unzip();
+        let (redirect, redirect_fds) = redirect.unzip();
+        fds.extend(redirect_fds.iter().flatten().map(AsFd::as_fd));
+        let offer = Message::Offer {
+            protocol: PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").into(),
+            listeners: addrs,
+            redirect,
+        };
+        send(stream, &offer, &fds)?;
+    }
+    tracing::info!(
+        pid = peer.pid,
+        "sockets offered to a successor; serving until it says stop"
+    );
+    // The successor syncs its table before it answers (minutes with a slow API server).
+    loop {
+        if state.closing.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        if readable(stream.as_fd(), POLL)? {
+            break;
+        }
+    }
+    match recv(stream) {
+        Ok((Message::Stop, _)) => {}
+        Ok((other, _)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected Stop, got {other:?}"),
+            ))
+        }
+        Err(e) if is_disconnect(&e) => {
+            tracing::info!(pid = peer.pid, "the successor went away before taking over");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    }
+    state.runtime.block_on(state.drain.stop_accepting());
+    // Our copies go: from now on the successor's are the only ones.
+    state
+        .offered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .listeners
+        .clear();
+    send(stream, &Message::Stopped, &[])?;
+    tracing::info!(pid = peer.pid, "taken over: stopped accepting");
+    Ok(Some(peer.pid))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wire.
+
+/// The process at the other end of a Unix socket.
+struct Peer {
+    pid: u32,
+}
+
+impl Peer {
+    fn protocol(&self, detail: String) -> HandoverError {
+        HandoverError::Protocol {
+            peer: format!("pid {}", self.pid),
+            detail,
+        }
+    }
+}
+
+/// The peer's credentials, if it runs as the same user as this process (the descriptors
+/// exchanged carry an agent's whole data plane).
+fn trusted_peer(stream: &UnixStream, path: &Path) -> Result<Peer, HandoverError> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(HandoverError::io(
+            "reading the takeover peer's credentials",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if cred.uid != own {
+        return Err(HandoverError::Untrusted {
+            uid: cred.uid,
+            own,
+            path: path.to_owned(),
+        });
+    }
+    Ok(Peer {
+        pid: cred.pid as u32,
+    })
+}
+
+fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an out-buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether the error means the other side closed or vanished.
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Whether `fd` has something to read (or was closed) within `timeout`.
+fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut poll, 1, millis) } {
+        n if n > 0 => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends one message, the descriptors attached to its first byte (SCM_RIGHTS).
+fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let body = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "{} descriptors exceed {MAX_FDS}",
+            fds.len()
+        )));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let fd_bytes = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(fd_bytes) } as usize];
+    let mut iov = libc::iovec {
+        iov_base: frame.as_mut_ptr().cast(),
+        iov_len: frame.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    if !raw.is_empty() {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = control.len() as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes: room for one header and
+        // the descriptors, which CMSG_FIRSTHDR/CMSG_DATA address inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes as usize,
+            );
+        }
+    }
+    // SAFETY: a valid socket and a fully initialised msghdr.
+    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The descriptors went with the first byte; the rest of the frame, if any, follows plainly.
+    let mut rest = &frame[sent as usize..];
+    let mut writer = stream;
+    while !rest.is_empty() {
+        let n = writer.write(rest)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// Receives one message and the descriptors that came with it (close-on-exec, owned).
+fn recv(stream: &UnixStream) -> io::Result<(Message, Vec<OwnedFd>)> {
+    let mut fds = Vec::new();
+    let mut frame = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut wanted = 4;
+    while frame.len() < wanted {
+        let n = recv_chunk(
+            stream,
+            &mut chunk[..(wanted - frame.len()).min(4096)],
+            &mut fds,
+        )?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        frame.extend_from_slice(&chunk[..n]);
+        if wanted == 4 && frame.len() == 4 {
+            let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+            if len > MAX_MESSAGE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a message of {len} bytes"),
+                ));
+            }
+            wanted = 4 + len;
+        }
+    }
+    let message = serde_json::from_slice(&frame[4..])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((message, fds))
+}
+
+/// One recvmsg: bytes into `buf`, descriptors onto `fds`.
+fn recv_chunk(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let fd_room = (MAX_FDS * size_of::<RawFd>()) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(fd_room) } as usize];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = control.len() as _;
+    let n = loop {
+        // SAFETY: a valid socket and msghdr; received descriptors are close-on-exec.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: the kernel filled `control` up to msg_controllen; CMSG_FIRSTHDR/NXTHDR walk it.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                for i in 0..bytes / size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+        }
+    }
+    if header.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_FDS} descriptors in one message"),
+        ));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let offer = Message::Offer {
+            protocol: PROTOCOL,
+            version: "test".into(),
+            listeners: vec![addr],
+            redirect: None,
+        };
+        send(&a, &offer, &[listener.as_fd()]).unwrap();
+        let (received, fds) = recv(&b).unwrap();
+        assert_eq!(received, offer);
+        assert_eq!(fds.len(), 1);
+        let peer = Peer { pid: 0 };
+        let inherited = listener_from(fds.into_iter().next().unwrap(), &peer).unwrap();
+        assert_eq!(
+            inherited.local_addr().unwrap(),
+            addr,
+            "the very same socket"
+        );
+        // A connection queued on it is accepted through either descriptor.
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        drop(listener);
+        assert!(inherited.accept().is_ok());
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_listener_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        send(&a, &Message::Stop, &[socket.as_fd()]).unwrap();
+        let (_, fds) = recv(&b).unwrap();
+        let err = listener_from(fds.into_iter().next().unwrap(), &Peer { pid: 1 }).unwrap_err();
+        assert!(matches!(err, HandoverError::Protocol { .. }), "{err}");
+    }
+
+    #[test]
+    fn no_running_agent_is_a_fresh_start() {
+        let dir = std::env::temp_dir().join(format!("gamma-handover-none-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let inherited = inherit(&dir.join("absent.sock"), Duration::from_secs(1)).unwrap();
+        assert!(inherited.predecessor().is_none());
+        // A stale socket file with nobody listening: the same.
+        let stale = dir.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(inherit(&stale, Duration::from_secs(1))
+            .unwrap()
+            .predecessor()
+            .is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_silent_agent_is_given_up_on() {
+        let dir = std::env::temp_dir().join(format!("gamma-handover-mute-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mute.sock");
+        let _mute = UnixListener::bind(&path).unwrap();
+        let started = Instant::now();
+        let inherited = inherit(&path, Duration::from_millis(300)).unwrap();
+        assert!(inherited.predecessor().is_none());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successor_takes_the_listeners_and_the_old_agent_stops_accepting() {
+        let dir = std::env::temp_dir().join(format!("gamma-handover-ok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut offered = Offered::default();
+        offered.add(&listener).unwrap();
+        drop(listener);
+        let drain = Drain::default();
+        let mut old = Successors::serve(&path, offered, None, drain).unwrap();
+        let successor_path = path.clone();
+        let (handover, mut inherited_listener) = tokio::task::spawn_blocking(move || {
+            let mut inherited = inherit(&successor_path, Duration::from_secs(5)).unwrap();
+            assert!(inherited.predecessor().is_some());
+            let listener = inherited.listener(addr).expect("the listener was offered");
+            (
+                inherited.finish(Duration::from_secs(5)).unwrap(),
+                Some(listener),
+            )
+        })
+        .await
+        .unwrap();
+        let handover = handover.expect("a predecessor");
+        assert_eq!(handover.pid, std::process::id());
+        assert!(handover.stop_took.is_some());
+        assert_eq!(old.taken_over().await, std::process::id());
+        // The old agent's copies are closed; the socket lives on in the successor.
+        drop(old);
+        let listener = inherited_listener.take().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        assert!(listener.accept().is_ok());
+        assert!(path.exists(), "left for the successor to replace");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_normal_shutdown_removes_the_socket_and_closes_the_copies() {
+        let dir = std::env::temp_dir().join(format!("gamma-handover-down-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut offered = Offered::default();
+        offered.add(&listener).unwrap();
+        let successors = Successors::serve(&path, offered, None, Drain::default()).unwrap();
+        assert!(path.exists());
+        drop(successors);
+        drop(listener);
+        assert!(!path.exists());
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "no copy keeps the listener open"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

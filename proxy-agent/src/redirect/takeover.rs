@@ -1,0 +1,322 @@
+//! Taking the kernel redirect over from a running agent: the redirect's half of a hitless restart
+//! (the protocol and the listeners are `crate::handover`'s).
+//!
+//! The running agent hands over descriptors of its bpf links and of the maps the agent writes
+//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`); its redirect listener travels with the other listeners
+//! and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
+//! holds a descriptor of it, and a map lives while a program or a descriptor uses it, so the
+//! predecessor exiting removes nothing the successor holds. Two ways on from there:
+//!
+//! - **Same programs** (equal [`object_digest`], the usual restart): the successor adopts the links
+//!   and maps as they are. Nothing changes in the kernel but the exempt cgroup in `CONFIG`:
+//!   connections steered before, during and after the takeover find their record in the one
+//!   `CALLERS`, whichever agent accepts them.
+//! - **Different programs** (an upgrade that changed them, or `fresh_programs`): the successor
+//!   loads its own object with fresh maps pointed at the same listener, and, once the predecessor
+//!   has stopped accepting ([`Redirect::complete_takeover`]), attaches its programs and only then
+//!   detaches the predecessor's connect programs. At every instant a connect program steers: during
+//!   the overlap the predecessor's runs first (a cgroup runs its programs in attach order) and
+//!   ours sees the agent's address, not a mesh Service, and passes. Records of connections the
+//!   predecessor's programs steered are in its `CALLERS`, which the successor reads after its own;
+//!   its sockops and getpeername programs stay attached until the successor exits, so that a
+//!   connection still in its handshake gets its record and getpeername keeps showing the VIP on
+//!   the connections they steered.
+//!
+//! Nothing is attached or detached before [`Redirect::complete_takeover`]: a successor that fails
+//! before it (say its programs do not load) leaves the predecessor exactly as it was.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    sync::Mutex,
+};
+
+use aya::maps::{Map, MapData};
+use proxy_common::maps;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
+    typed, AgentListener, Programs, Redirect, RedirectError,
+};
+
+/// What a running agent tells its successor about its redirect; the descriptors follow in this
+/// order: `maps`, then `links`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedirectOffer {
+    /// The cgroup the programs are attached to (its id).
+    pub cgroup_id: u64,
+    /// The addresses pods are sent to.
+    pub listen: Vec<SocketAddr>,
+    /// [`object_digest`] of the programs attached.
+    pub object_digest: String,
+    /// Map names (`proxy_common::maps`), one per map descriptor.
+    pub maps: Vec<String>,
+    /// Program names (`proxy_common::programs`), one per link descriptor.
+    pub links: Vec<String>,
+}
+
+impl RedirectOffer {
+    /// How many descriptors come with this offer.
+    pub fn fd_count(&self) -> usize {
+        self.maps.len() + self.links.len()
+    }
+}
+
+/// A running agent's redirect, received: what a successor takes over.
+#[derive(Debug)]
+pub struct Predecessor {
+    offer: RedirectOffer,
+    maps: Vec<(String, OwnedFd)>,
+    links: Vec<OwnedLink>,
+}
+
+impl Predecessor {
+    /// The redirect of `offer` with its descriptors (as many as [`RedirectOffer::fd_count`], in
+    /// its order). Checks that each link descriptor is a cgroup link.
+    pub fn new(offer: RedirectOffer, fds: Vec<OwnedFd>) -> Result<Self, RedirectError> {
+        if fds.len() != offer.fd_count() {
+            return Err(RedirectError::InvalidTakeover(format!(
+                "{} descriptors came with an offer of {} maps and {} links",
+                fds.len(),
+                offer.maps.len(),
+                offer.links.len()
+            )));
+        }
+        let mut fds = fds.into_iter();
+        let maps = offer.maps.iter().cloned().zip(fds.by_ref()).collect();
+        let links = offer
+            .links
+            .iter()
+            .cloned()
+            .zip(fds)
+            .map(|(program, fd)| OwnedLink::from_fd(program, fd))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { offer, maps, links })
+    }
+
+    pub fn offer(&self) -> &RedirectOffer {
+        &self.offer
+    }
+
+    /// The predecessor's map `name`, as aya's map (its own descriptor; the original stays here).
+    fn map(&self, name: &str) -> Result<Map, RedirectError> {
+        let (_, fd) = self.maps.iter().find(|(n, _)| n == name).ok_or_else(|| {
+            RedirectError::InvalidTakeover(format!("the running agent did not hand over {name}"))
+        })?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| RedirectError::io(format!("duplicating the descriptor of {name}"), e))?;
+        let data = MapData::from_fd(fd)
+            .map_err(|e| RedirectError::kernel(format!("opening the map {name} handed over"), e))?;
+        Map::from_map_data(data)
+            .map_err(|e| RedirectError::kernel(format!("reading the map {name} handed over"), e))
+    }
+
+    /// The descriptors of the maps an agent writes, in `Redirect::shared_maps` form.
+    fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
+        [maps::MESH_SERVICES, maps::CONFIG, maps::CALLERS]
+            .into_iter()
+            .map(|name| {
+                let index = self
+                    .maps
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        RedirectError::InvalidTakeover(format!(
+                            "the running agent did not hand over {name}"
+                        ))
+                    })?;
+                Ok((name, self.maps.swap_remove(index).1))
+            })
+            .collect()
+    }
+}
+
+/// How a successor took the redirect over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeoverKind {
+    /// The predecessor's programs and maps, kept as they were.
+    Adopted,
+    /// Our own programs, swapped in.
+    Swapped,
+}
+
+impl Redirect {
+    /// Takes the redirect of a running agent over (see the module comment). `listeners` are this
+    /// agent's, which must be the ones handed over (same addresses); `cgroup` must be the
+    /// predecessor's. With `fresh_programs`, this binary's programs are swapped in even when they
+    /// are the predecessor's. Nothing changes on the cgroup until [`Self::complete_takeover`].
+    pub fn take_over(
+        cgroup: &Path,
+        listeners: &[AgentListener<'_>],
+        mut predecessor: Predecessor,
+        fresh_programs: bool,
+    ) -> Result<Self, RedirectError> {
+        let cgroup_id = cgroup::cgroup_id(cgroup)?;
+        let offer = predecessor.offer.clone();
+        if cgroup_id != offer.cgroup_id {
+            return Err(RedirectError::InvalidTakeover(format!(
+                "its programs are attached to another cgroup (id {}) than --cgroup {} (id {cgroup_id})",
+                offer.cgroup_id,
+                cgroup.display()
+            )));
+        }
+        let listen: Vec<SocketAddr> = listeners.iter().map(|l| addr::canonical(l.addr)).collect();
+        let theirs: HashSet<SocketAddr> =
+            offer.listen.iter().map(|a| addr::canonical(*a)).collect();
+        if listen.iter().copied().collect::<HashSet<_>>() != theirs {
+            return Err(RedirectError::InvalidTakeover(format!(
+                "it sends pods to {:?}, this agent is configured for {listen:?}",
+                offer.listen
+            )));
+        }
+        let redirect = if !fresh_programs && offer.object_digest == object::object_digest() {
+            let services = typed(
+                Some(predecessor.map(maps::MESH_SERVICES)?),
+                maps::MESH_SERVICES,
+            )?;
+            let mut config: aya::maps::Array<MapData, proxy_common::AgentConfig> =
+                typed(Some(predecessor.map(maps::CONFIG)?), maps::CONFIG)?;
+            let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
+            // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
+            // successor is a new pod, in a cgroup of its own).
+            let (value, _) = agent_config(listeners, own_cgroup_id()?)?;
+            config
+                .set(0, value, 0)
+                .map_err(|e| RedirectError::kernel("writing the agent config map", e))?;
+            Self {
+                cgroup: cgroup.to_owned(),
+                cgroup_id,
+                listen,
+                services: Mutex::new(services),
+                config: Mutex::new(config),
+                callers,
+                predecessor_callers: None,
+                shared_maps: predecessor.shared_maps()?,
+                programs: Mutex::new(Programs {
+                    links: std::mem::take(&mut predecessor.links),
+                    predecessor: Vec::new(),
+                    pending: None,
+                    swap_failed: false,
+                    _object: None,
+                }),
+            }
+        } else {
+            let loaded = Self::load(listeners)?;
+            let predecessor_callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
+            Self {
+                cgroup: cgroup.to_owned(),
+                cgroup_id,
+                listen,
+                services: Mutex::new(loaded.services),
+                config: Mutex::new(loaded.config),
+                callers: loaded.callers,
+                predecessor_callers: Some(predecessor_callers),
+                shared_maps: loaded.shared_maps,
+                programs: Mutex::new(Programs {
+                    links: Vec::new(),
+                    predecessor: std::mem::take(&mut predecessor.links),
+                    pending: Some(loaded.ebpf),
+                    swap_failed: false,
+                    _object: None,
+                }),
+            }
+        };
+        Ok(redirect)
+    }
+
+    /// Finishes a takeover once the predecessor has stopped accepting: with programs of our own,
+    /// attaches them, then detaches the predecessor's connect programs (see the module comment).
+    /// Adopted programs need nothing. Idempotent.
+    ///
+    /// On an error, the predecessor's programs keep steering (into the listener this agent serves,
+    /// with records this agent reads), so the agent can go on serving; whatever of ours got
+    /// attached is detached again.
+    pub fn complete_takeover(&self) -> Result<TakeoverKind, RedirectError> {
+        let mut programs = self
+            .programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ebpf) = programs.pending.take() else {
+            return Ok(if self.predecessor_callers.is_some() {
+                TakeoverKind::Swapped
+            } else {
+                TakeoverKind::Adopted
+            });
+        };
+        let swapped = self.swap(&mut programs, ebpf);
+        programs.swap_failed = swapped.is_err();
+        swapped.map(|()| TakeoverKind::Swapped)
+    }
+
+    fn swap(&self, programs: &mut Programs, mut ebpf: aya::Ebpf) -> Result<(), RedirectError> {
+        let cgroup_file = attach::open_cgroup(&self.cgroup)?;
+        let links = attach::attach_all(&mut ebpf, &cgroup_file)?;
+        programs._object = Some(ebpf);
+        programs.links = links;
+        // Ours run now: only from here on may the predecessor's connect programs go.
+        for link in programs.predecessor.iter().filter(|l| l.steers()) {
+            link.detach()?;
+        }
+        programs.predecessor.retain(|l| !l.steers());
+        // Leftovers of any other agent (not ours, not the predecessor's kept observers).
+        let keep: HashSet<u32> = programs
+            .links
+            .iter()
+            .chain(&programs.predecessor)
+            .map(|l| l.program_id)
+            .collect();
+        attach::detach_others(&cgroup_file, &keep)?;
+        Ok(())
+    }
+
+    /// What to hand a successor, and the descriptors (in the offer's order), duplicated: this
+    /// agent keeps its own until it exits.
+    pub fn offer(&self) -> Result<(RedirectOffer, Vec<OwnedFd>), RedirectError> {
+        let programs = self
+            .programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if programs.pending.is_some() {
+            return Err(RedirectError::InvalidTakeover(
+                "this agent has not finished taking over from its own predecessor yet; try again \
+                 in a moment"
+                    .into(),
+            ));
+        }
+        if programs.swap_failed {
+            return Err(RedirectError::InvalidTakeover(
+                "this agent could not swap its programs in when it took over, so its \
+                 predecessor's may still steer; restart it without a takeover"
+                    .into(),
+            ));
+        }
+        let dup = |what: &str, fd: &OwnedFd| {
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RedirectError::io(format!("duplicating the descriptor of {what}"), e))
+        };
+        let mut fds = Vec::with_capacity(self.shared_maps.len() + programs.links.len());
+        for (name, fd) in &self.shared_maps {
+            fds.push(dup(name, fd)?);
+        }
+        for link in &programs.links {
+            fds.push(dup(&link.program, &link.fd)?);
+        }
+        let offer = RedirectOffer {
+            cgroup_id: self.cgroup_id,
+            listen: self.listen.clone(),
+            object_digest: object::object_digest(),
+            maps: self
+                .shared_maps
+                .iter()
+                .map(|(n, _)| (*n).to_owned())
+                .collect(),
+            links: programs.links.iter().map(|l| l.program.clone()).collect(),
+        };
+        Ok((offer, fds))
+    }
+}

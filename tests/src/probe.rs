@@ -1,0 +1,162 @@
+//! What the robustness tests read from a running agent: its metrics, open file descriptors and
+//! memory; and raw client exchanges that a well-behaved HTTP client would never send.
+
+use crate::loopback::{http_get, Agent};
+use anyhow::{Context, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// One unlabelled sample of the agent's `/metrics` (e.g. `gamma_connections_open`).
+pub fn metric(agent: &Agent, name: &str) -> Result<f64> {
+    let text = http_get(agent.admin, "/metrics")?;
+    text.lines()
+        .find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name)
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .with_context(|| format!("/metrics has no sample `{name}`"))
+}
+
+/// Open file descriptors of a process (sockets included).
+pub fn open_fds(pid: u32) -> Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .count())
+}
+
+/// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{path} has no VmRSS line"))
+}
+
+/// The agent's connection and upstream gauges, with its open descriptors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Resources {
+    pub connections_open: f64,
+    pub upstream_in_flight: f64,
+    pub fds: usize,
+}
+
+impl Resources {
+    pub fn of(agent: &Agent) -> Result<Resources> {
+        Ok(Resources {
+            connections_open: metric(agent, "gamma_connections_open")?,
+            upstream_in_flight: metric(agent, "gamma_upstream_requests_in_flight")?,
+            fds: open_fds(agent.child.id())?,
+        })
+    }
+
+    /// Polls until no client connection and no upstream request is left and the descriptors
+    /// are back to at most `baseline.fds + fd_slack`, or `limit` passes; returns the last
+    /// reading either way, so the caller's assertion shows what was left.
+    pub fn settle(
+        agent: &Agent,
+        baseline: Resources,
+        fd_slack: usize,
+        limit: Duration,
+    ) -> Result<Resources> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = Resources::of(agent)?;
+            let settled = now.connections_open == 0.0
+                && now.upstream_in_flight == 0.0
+                && now.fds <= baseline.fds + fd_slack;
+            if settled || Instant::now() > deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// What a raw client saw: the bytes the agent sent, and how the connection ended.
+#[derive(Debug)]
+pub struct RawReply {
+    pub text: String,
+    /// The agent closed the connection (EOF or reset) before the read timeout.
+    pub closed: bool,
+    /// The close was a reset (ECONNRESET) rather than an orderly FIN.
+    pub reset: bool,
+}
+
+impl RawReply {
+    /// Status codes of the responses in the reply, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        self.text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(at, _)| self.text.get(at + 9..at + 12)?.parse().ok())
+            .collect()
+    }
+}
+
+/// Sends `payload` on a fresh connection (as fast as the socket takes it), then reads until the
+/// agent closes or `timeout` passes.
+pub fn raw_exchange(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Result<RawReply> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    // A refused head may be answered and closed before the rest is sent: not an error here.
+    let _ = stream.write_all(payload);
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let (closed, reset) = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break (true, false),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break (true, true),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break (false, false)
+            }
+            Err(e) => return Err(e).context("reading the agent's reply"),
+        }
+    };
+    Ok(RawReply {
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+        closed,
+        reset,
+    })
+}
+
+/// Raises this process's soft limit on open files to `wanted` (and the hard limit too when
+/// allowed: root). Children inherit it, so an agent started afterwards gets it as well.
+/// Returns the soft limit in force.
+pub fn raise_open_files(wanted: u64) -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if limit.rlim_cur >= wanted {
+            return Ok(limit.rlim_cur);
+        }
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: limit.rlim_max.max(wanted),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return Ok(wanted);
+        }
+        // Not allowed to raise the hard limit: go as far as it lets us.
+        let capped = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &capped) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+        Ok(limit.rlim_max)
+    }
+}

@@ -1,0 +1,346 @@
+//! Backends that fail the agent, through the agent binary on 127.0.0.1: one refuses
+//! connections, one resets them, one closes without answering, one never answers, one dies in
+//! the middle of its answer. Each gets its status (or a broken body, never a silently truncated
+//! one); requests are retried where the route and the request allow it; failing endpoints are
+//! ejected for a while; and nothing is left behind: no client connection, no upstream request,
+//! no descriptor, no upstream connection to a backend the agent gave up on.
+
+use bytes::Bytes;
+use gamma_tests::loopback::{echo_backend, free_port, Agent, AgentOptions, Manifests};
+use gamma_tests::probe::Resources;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use proxy_agent::proxy::upstream::CONSECUTIVE_FAILURES;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The route timeout in front of the backend that never answers.
+const STALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Reads the request, then resets the connection (SO_LINGER 0).
+    Reset,
+    /// Reads the request, then closes without a byte of answer.
+    CloseBeforeAnswer,
+    /// Reads the request and never answers; closes when the agent does.
+    Stall,
+    /// Answers 200 with a Content-Length of 100,000, sends 1,000 bytes, and closes.
+    DieMidResponse,
+    /// The same with a chunked body: one chunk, then the connection closes without the last.
+    DieMidChunkedResponse,
+}
+
+/// A misbehaving backend: how many connections it accepted, and how many are still open.
+struct Faulty {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    open: Arc<AtomicI64>,
+}
+
+impl Faulty {
+    async fn start(ip: [u8; 4], port: u16, fault: Fault) -> Faulty {
+        let listener = TcpListener::bind((Ipv4Addr::from(ip), port))
+            .await
+            .unwrap_or_else(|e| panic!("binding the {fault:?} backend on {ip:?}:{port}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicI64::new(0));
+        tokio::spawn({
+            let (accepted, open) = (accepted.clone(), open.clone());
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let open = open.clone();
+                    tokio::spawn(async move {
+                        misbehave(stream, fault).await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            }
+        });
+        Faulty {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+async fn misbehave(mut stream: TcpStream, fault: Fault) {
+    // The request head (these tests send no body to the faulty backends, but a body is fine).
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    match fault {
+        Fault::Reset => {
+            let _ = stream.set_zero_linger();
+        }
+        Fault::CloseBeforeAnswer => {}
+        Fault::Stall => while matches!(stream.read(&mut buf).await, Ok(1..)) {},
+        Fault::DieMidResponse => {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                .await;
+            let _ = stream.write_all(&[b'x'; 1000]).await;
+        }
+        Fault::DieMidChunkedResponse => {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n")
+                .await;
+            let _ = stream.write_all(&[b'x'; 1000]).await;
+            let _ = stream.write_all(b"\r\n").await;
+        }
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// What a client got: the status and whether the whole body arrived.
+#[derive(Debug)]
+struct Got {
+    status: StatusCode,
+    body: Result<String, String>,
+    took: Duration,
+}
+
+async fn send(client: &HttpClient, method: &str, url: &str, body: &'static str) -> Got {
+    let started = Instant::now();
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url}: no answer within 5 s"))
+        .unwrap_or_else(|e| panic!("{method} {url}: the request failed: {e}"));
+    let status = response.status();
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url}: the body neither ended nor failed within 5 s"))
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .map_err(|e| e.to_string());
+    Got {
+        status,
+        body,
+        took: started.elapsed(),
+    }
+}
+
+fn route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: ns}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: front, port: 80}}]\n  rules:\n{rules}"
+    )
+}
+
+/// `path` prefix to Service `service`, with extra rule fields (timeouts, retry).
+fn rule(path: &str, service: &str, extra: &str) -> String {
+    format!("  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    backendRefs: [{{name: {service}, port: 80}}]\n{extra}")
+}
+
+async fn start_agent(manifests: Manifests) -> Agent {
+    let options = AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: None,
+        extra_args: vec![],
+    };
+    tokio::task::spawn_blocking(move || Agent::start(&manifests, options))
+        .await
+        .unwrap()
+        .expect("the agent starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_gets_its_answer_and_nothing_leaks() {
+    let good = echo_backend([127, 0, 0, 1], "good").await;
+    let reset = Faulty::start([127, 0, 0, 1], 0, Fault::Reset).await;
+    let closed = Faulty::start([127, 0, 0, 1], 0, Fault::CloseBeforeAnswer).await;
+    let stall = Faulty::start([127, 0, 0, 1], 0, Fault::Stall).await;
+    let midway = Faulty::start([127, 0, 0, 1], 0, Fault::DieMidResponse).await;
+    let chunked = Faulty::start([127, 0, 0, 1], 0, Fault::DieMidChunkedResponse).await;
+    let refused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let rules = [
+        rule("/refused", "refused", ""),
+        rule("/reset", "reset", ""),
+        rule("/closed", "closed", ""),
+        rule(
+            "/stall",
+            "stall",
+            &format!(
+                "    timeouts: {{request: {}ms}}\n",
+                STALL_TIMEOUT.as_millis()
+            ),
+        ),
+        rule("/midway", "midway", ""),
+        rule("/chunked", "chunked", ""),
+        rule("/", "good", ""),
+    ]
+    .concat();
+    let mut manifests = Manifests::default().service("ns", "front", 80, &[], None);
+    for (name, addr) in [
+        ("good", good.addr),
+        ("refused", refused),
+        ("reset", reset.addr),
+        ("closed", closed.addr),
+        ("stall", stall.addr),
+        ("midway", midway.addr),
+        ("chunked", chunked.addr),
+    ] {
+        manifests = manifests.service("ns", name, 80, &[addr], None);
+    }
+    let mut agent = start_agent(manifests.raw(&route(&rules))).await;
+    let url = |path: &str| agent.url(0, path);
+
+    // A client of its own per round, so that no keep-alive connection to the agent outlives it.
+    let round = || async {
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let got = send(&client, "GET", &url("/refused"), "").await;
+        assert_eq!(got.status, 503, "refused: {got:?}");
+        assert!(
+            got.body.as_ref().is_ok_and(|b| b.contains("connecting to")),
+            "refused: {got:?}"
+        );
+        for path in ["/reset", "/closed"] {
+            let got = send(&client, "GET", &url(path), "").await;
+            assert_eq!(got.status, 502, "{path}: {got:?}");
+            assert!(
+                got.body.as_ref().is_ok_and(|b| b.contains("failed")),
+                "{path}: {got:?}"
+            );
+        }
+        let got = send(&client, "GET", &url("/stall"), "").await;
+        assert_eq!(got.status, 504, "stall: {got:?}");
+        assert!(
+            got.took >= STALL_TIMEOUT && got.took < STALL_TIMEOUT * 4,
+            "stall: answered after {:?}, the route's timeout is {STALL_TIMEOUT:?}",
+            got.took
+        );
+        for path in ["/midway", "/chunked"] {
+            let got = send(&client, "GET", &url(path), "").await;
+            assert_eq!(
+                got.status, 200,
+                "{path}: the head was already on its way: {got:?}"
+            );
+            assert!(
+                got.body.is_err(),
+                "{path}: a body cut short must fail, not end: {got:?}"
+            );
+        }
+        let got = send(&client, "GET", &url("/"), "").await;
+        assert_eq!(
+            got.status, 200,
+            "a working backend after the faults: {got:?}"
+        );
+    };
+    // A first round fills what is kept on purpose (the pool's idle connection to `good`, the
+    // agent's lazily made descriptors); the rounds after it must leave nothing more.
+    round().await;
+    let baseline = Resources::settle(
+        &agent,
+        Resources::of(&agent).unwrap(),
+        0,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    const ROUNDS: usize = 5;
+    for _ in 0..ROUNDS {
+        round().await;
+    }
+    // Each round opens a connection to every faulty backend: a leak would grow by ROUNDS.
+    let after = Resources::settle(&agent, baseline, 2, Duration::from_secs(5)).unwrap();
+    eprintln!("before the rounds: {baseline:?}; after {ROUNDS} rounds: {after:?}");
+    assert!(
+        after.connections_open == 0.0
+            && after.upstream_in_flight == 0.0
+            && after.fds <= baseline.fds + 2,
+        "left behind after {ROUNDS} rounds of faults: {after:?} (before: {baseline:?})"
+    );
+    for (name, backend) in [
+        ("stall", &stall),
+        ("midway", &midway),
+        ("chunked", &chunked),
+    ] {
+        assert_eq!(
+            backend.open.load(Ordering::Relaxed),
+            0,
+            "the agent still holds connections to the {name} backend"
+        );
+    }
+    assert_eq!(
+        stall.accepted(),
+        ROUNDS as u64 + 1,
+        "one connection per stalled request, no retry"
+    );
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_where_allowed_and_ejects_failing_endpoints_for_a_while() {
+    // `mixed` has three endpoints on one port number (as an EndpointSlice requires), on three
+    // loopback addresses: one refuses, one resets, one works.
+    let good = echo_backend([127, 0, 0, 4], "good").await;
+    let port = good.addr.port();
+    let reset = Faulty::start([127, 0, 0, 3], port, Fault::Reset).await;
+    let refused: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    // `lone` is a single resetting endpoint behind a retry policy.
+    let lone = Faulty::start([127, 0, 0, 1], 0, Fault::Reset).await;
+    let retry = "    retry: {attempts: 2, codes: [503]}\n";
+    let rules = [rule("/mixed", "mixed", retry), rule("/lone", "lone", retry)].concat();
+    let manifests = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "mixed", 80, &[refused, reset.addr, good.addr], None)
+        .service("ns", "lone", 80, &[lone.addr], None)
+        .raw(&route(&rules));
+    let agent = start_agent(manifests).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    // Bodyless requests are retried on another endpoint: every one succeeds, and the endpoint
+    // that resets is dropped after CONSECUTIVE_FAILURES failures in a row (the one that refuses
+    // after its first refusal), so it stops costing attempts.
+    for i in 0..30 {
+        let got = send(&client, "GET", &agent.url(0, "/mixed"), "").await;
+        assert_eq!(got.status, 200, "request {i}: {got:?}");
+    }
+    assert_eq!(
+        reset.accepted(),
+        u64::from(CONSECUTIVE_FAILURES),
+        "the resetting endpoint is ejected after {CONSECUTIVE_FAILURES} failures in a row"
+    );
+
+    // The retry policy's attempts, for a bodyless request; a request with a body is sent once
+    // (its body cannot be replayed).
+    let got = send(&client, "GET", &agent.url(0, "/lone"), "").await;
+    assert_eq!(got.status, 502, "{got:?}");
+    assert_eq!(lone.accepted(), 3, "GET: one attempt and two retries");
+    let got = send(&client, "POST", &agent.url(0, "/lone"), "a body").await;
+    assert_eq!(got.status, 502, "{got:?}");
+    assert_eq!(lone.accepted(), 4, "POST with a body: one attempt only");
+
+    // Ejection lasts a while (5 s), then the endpoint gets traffic again; still no request fails.
+    tokio::time::sleep(Duration::from_millis(5_300)).await;
+    for i in 0..30 {
+        let got = send(&client, "GET", &agent.url(0, "/mixed"), "").await;
+        assert_eq!(got.status, 200, "request {i} after the ejection: {got:?}");
+    }
+    assert!(
+        reset.accepted() > u64::from(CONSECUTIVE_FAILURES),
+        "the ejection ended: the endpoint was tried again"
+    );
+}

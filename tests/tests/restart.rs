@@ -1,0 +1,117 @@
+//! Hitless restart in the node harness (root only; otherwise each test prints `SKIPPED` and
+//! passes):
+//! - the agent is taken over three times under load from the client pod, adopting the running
+//!   programs and once swapping its own in, with zero failed requests, zero reset connections and
+//!   nothing routed around the mesh; bounded in time;
+//! - a running agent that does not answer on the takeover socket is given up on: the new agent
+//!   starts as without one.
+
+use gamma_tests::client::ClientRequest;
+use gamma_tests::cluster::{AddressPlan, SimCluster};
+use gamma_tests::scenario::Scenario;
+use gamma_tests::soak::{self, SoakConfig};
+use std::time::{Duration, Instant};
+
+fn skipped(test: &str) -> bool {
+    match gamma_tests::node::require_root() {
+        Some(reason) => {
+            gamma_tests::skip(test, &reason);
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn restarts_under_load_lose_nothing() {
+    if skipped("restarts_under_load_lose_nothing") {
+        return;
+    }
+    let started = Instant::now();
+    let config = SoakConfig {
+        restarts: 3,
+        duration: Duration::from_secs(12),
+        fresh_programs_every: 2,
+        processes: 1,
+        ..SoakConfig::default()
+    };
+    let report = soak::run("restart", &config).unwrap();
+    eprint!("{report}");
+    assert_eq!(report.restarts.len(), 3);
+    assert_eq!(
+        report.load.failed, 0,
+        "failed requests: {:?}",
+        report.load.errors
+    );
+    assert_eq!(report.load.resets, 0, "reset connections");
+    assert_eq!(report.load.unmeshed, 0, "requests routed around the mesh");
+    assert!(
+        report.load.sent > 100,
+        "too little load to mean anything: {report}"
+    );
+    assert!(
+        report.attached_as_expected,
+        "each program attached once after the last restart (it adopted): {:?}",
+        report.attached
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_unresponsive_running_agent_is_given_up_on() {
+    if skipped("an_unresponsive_running_agent_is_given_up_on") {
+        return;
+    }
+    let sockets = gamma_tests::loopback::TempDir::new("mute");
+    let socket = sockets.0.join("agent.sock");
+    // Accepts connections (the kernel does, into the backlog) and never answers.
+    let _mute = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let demo = gamma_tests::workspace_root().join("demo");
+    let cluster =
+        SimCluster::from_manifests(&demo.join("cluster.yaml"), AddressPlan::default()).unwrap();
+    let args = [
+        "--takeover-socket",
+        &socket.display().to_string(),
+        "--takeover-timeout-ms",
+        "500",
+    ]
+    .map(String::from)
+    .to_vec();
+    let started = Instant::now();
+    let scenario = Scenario::start_with("mute", cluster, args).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    scenario
+        .apply(
+            "consumer.yaml",
+            &std::fs::read_to_string(demo.join("step1-consumer-route.yaml")).unwrap(),
+        )
+        .unwrap();
+    let vip = scenario.cluster.resolve("catalog", "products").unwrap();
+    let client = scenario
+        .cluster
+        .client("ui-backend", "app=client")
+        .unwrap()
+        .clone();
+    let answers = scenario
+        .request(
+            &client,
+            &ClientRequest {
+                url: format!("http://{vip}:80/"),
+                method: "GET".into(),
+                count: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        answers.iter().all(|a| a.status == 200
+            && a.headers_at_backend
+                .iter()
+                .any(|(n, v)| n == "x-dev-feature" && v == "enabled")),
+        "the fresh agent serves through the redirect: {answers:?}"
+    );
+}

@@ -1,0 +1,168 @@
+//! `cargo xtask fuzz [--seconds N] [TARGET...]`: every cargo-fuzz target of `fuzz/` (or the ones
+//! named) for a bounded time each, starting from the committed seed corpus, with a summary of
+//! executions per target. A crash fails the command and names the input libFuzzer saved.
+//!
+//! New inputs go to `target/fuzz-corpus/<target>/` (kept between runs, never committed); the
+//! committed seeds in `fuzz/corpus/<target>/` are only read. Keep a crash's input as a
+//! regression seed there once it is fixed.
+
+use crate::util::{self, step};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// The targets in `fuzz/Cargo.toml`.
+pub const TARGETS: &[&str] = &["manifest", "route_match", "http1"];
+
+const DEFAULT_SECONDS: u64 = 20;
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut seconds = DEFAULT_SECONDS;
+    let mut targets = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let value = args.next().context("--seconds needs a number")?;
+                seconds = value
+                    .parse()
+                    .with_context(|| format!("--seconds {value}: not a number of seconds"))?;
+            }
+            name if TARGETS.contains(&name) => targets.push(name),
+            other => bail!(
+                "unknown fuzz argument `{other}`: expected --seconds N and target names ({})",
+                TARGETS.join(", ")
+            ),
+        }
+    }
+    if targets.is_empty() {
+        targets = TARGETS.to_vec();
+    }
+    let root = util::workspace_root();
+    if util::output(nightly_fuzz().arg("--version")).is_err() {
+        bail!("cargo-fuzz is not installed: run `cargo xtask setup`");
+    }
+    step("build the fuzz targets (nightly, AddressSanitizer)", || {
+        util::run(nightly_fuzz().arg("build").current_dir(&root))
+    })?;
+    let mut results = Vec::new();
+    for target in &targets {
+        let stats = step(&format!("fuzz {target} for {seconds} s"), || {
+            fuzz_one(&root, target, seconds)
+        })?;
+        results.push((target, stats));
+    }
+    eprintln!("fuzzing: {seconds} s per target, no crash");
+    eprintln!(
+        "    {:<12} {:>12} {:>10} {:>8}",
+        "target", "executions", "per s", "corpus"
+    );
+    for (target, s) in &results {
+        eprintln!(
+            "    {target:<12} {:>12} {:>10} {:>8}",
+            s.executions,
+            s.executions / s.seconds.max(1),
+            s.corpus
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    executions: u64,
+    seconds: u64,
+    /// Inputs in the corpus at the end (seeds included).
+    corpus: u64,
+}
+
+/// Runs one target; its libFuzzer output goes to `target/fuzz-logs/<target>.log`, and on a
+/// crash the end of it is printed.
+fn fuzz_one(root: &Path, target: &str, seconds: u64) -> Result<Stats> {
+    let work = root.join("target/fuzz-corpus").join(target);
+    let seeds = root.join("fuzz/corpus").join(target);
+    let logs = root.join("target/fuzz-logs");
+    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("{target}.log"));
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut child = nightly_fuzz()
+        .args(["run", target])
+        .arg(&work)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        // A single input taking this long is a hang: the agent must answer or close promptly.
+        .arg("-timeout=30")
+        .arg("-print_final_stats=1")
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting cargo fuzz run")?;
+    // libFuzzer reports on stderr; cargo's own output is short. Keep both in the log.
+    let stdout = child.stdout.take().expect("piped");
+    let copier = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut stats = Stats {
+        seconds,
+        ..Stats::default()
+    };
+    let mut tail = std::collections::VecDeque::new();
+    for line in BufReader::new(child.stderr.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        writeln!(log, "{line}")?;
+        if let Some(n) = stat(&line, "stat::number_of_executed_units:") {
+            stats.executions = n;
+        }
+        if let Some(n) = line
+            .strip_prefix('#')
+            .and_then(|l| l.split_once(" corp: ")?.1.split('/').next()?.parse().ok())
+        {
+            stats.corpus = n;
+        }
+        tail.push_back(line);
+        if tail.len() > 60 {
+            tail.pop_front();
+        }
+    }
+    for line in copier.join().unwrap_or_default() {
+        writeln!(log, "{line}")?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        for line in &tail {
+            eprintln!("    | {line}");
+        }
+        bail!(
+            "fuzz target `{target}` failed ({status}); the input that crashed is under fuzz/artifacts/{target}/ \
+             (reproduce: cargo +nightly fuzz run {target} fuzz/artifacts/{target}/<file>); whole log: {}",
+            log_path.display()
+        );
+    }
+    Ok(stats)
+}
+
+/// `cargo +nightly fuzz`, through rustup's `cargo`: not the stable cargo running xtask, whose
+/// variables (`CARGO`, `RUSTC`) would otherwise reach cargo-fuzz's own cargo and rustc calls.
+fn nightly_fuzz() -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .args(["+nightly", "fuzz"])
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    command
+}
+
+fn stat(line: &str, name: &str) -> Option<u64> {
+    line.strip_prefix(name)?.trim().parse().ok()
+}

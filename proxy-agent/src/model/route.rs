@@ -427,6 +427,22 @@ macro_rules! header_pairs {
     };
 }
 
+/// The parentRefs of either route kind (their generated types differ but have the same fields).
+macro_rules! route_parent_refs {
+    ($refs:expr) => {
+        parent_refs($refs, |r| {
+            (
+                r.group.as_ref(),
+                r.kind.as_ref(),
+                &r.name,
+                r.namespace.as_ref(),
+                r.port,
+                r.section_name.as_ref(),
+            )
+        })
+    };
+}
+
 /// Converts the fields every header-modifier type of the generated API has in common.
 macro_rules! header_modifier {
     ($m:expr, $field:expr) => {{
@@ -794,16 +810,7 @@ fn value_matches<H, N: MatchName>(
 pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
     use http_api::*;
     let meta = meta(&route.metadata)?;
-    let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
-        (
-            r.group.as_ref(),
-            r.kind.as_ref(),
-            &r.name,
-            r.namespace.as_ref(),
-            r.port,
-            r.section_name.as_ref(),
-        )
-    })?;
+    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -981,16 +988,7 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
 pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
     use grpc::*;
     let meta = meta(&route.metadata)?;
-    let parent_refs = parent_refs(route.spec.parent_refs.as_ref(), |r| {
-        (
-            r.group.as_ref(),
-            r.kind.as_ref(),
-            &r.name,
-            r.namespace.as_ref(),
-            r.port,
-            r.section_name.as_ref(),
-        )
-    })?;
+    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");

@@ -273,16 +273,14 @@ impl CompiledRule {
         listener_port: u16,
         random: u64,
     ) -> Plan<'_> {
-        let mut response_headers = Vec::new();
-        let mut mirrors = Vec::new();
-        if let Some(response) = run_filters(
-            &self.filters,
+        let mut run = FilterRun {
             parts,
-            &matched.path,
+            matched: &matched.path,
             listener_port,
-            &mut response_headers,
-            &mut mirrors,
-        ) {
+            response_headers: Vec::new(),
+            mirrors: Vec::new(),
+        };
+        if let Some(response) = run.apply(&self.filters) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
@@ -307,20 +305,13 @@ impl CompiledRule {
                 ))
             }
         };
-        if let Some(response) = run_filters(
-            &chosen.filters,
-            parts,
-            &matched.path,
-            listener_port,
-            &mut response_headers,
-            &mut mirrors,
-        ) {
+        if let Some(response) = run.apply(&chosen.filters) {
             return Plan::Respond(response);
         }
         Plan::Forward(Forward {
             backend,
-            response_headers,
-            mirrors,
+            response_headers: run.response_headers,
+            mirrors: run.mirrors,
         })
     }
 
@@ -329,47 +320,52 @@ impl CompiledRule {
     }
 }
 
-/// Applies request filters in order; returns a response when a filter answers the request.
-fn run_filters<'a>(
-    filters: &'a [Filter<MirrorTarget>],
-    parts: &mut http::request::Parts,
-    matched: &PathMatch,
+/// Request filters of a rule and then of its chosen backend, run in order on one request head,
+/// collecting the response header modifiers and mirrors they ask for.
+struct FilterRun<'a, 'p, 'm> {
+    parts: &'p mut http::request::Parts,
+    matched: &'m PathMatch,
     listener_port: u16,
-    response_headers: &mut Vec<&'a HeaderModifier>,
-    mirrors: &mut Vec<Mirror<'a>>,
-) -> Option<LocalResponse> {
-    for filter in filters {
-        match filter {
-            Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
-            Filter::ResponseHeaders(m) => response_headers.push(m),
-            Filter::Rewrite(r) => r.apply(parts, matched),
-            Filter::Redirect(r) => {
-                let location = r.location(&parts.uri, &parts.headers, matched, listener_port);
-                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-                return Some(LocalResponse {
-                    status,
-                    reason: format!("redirect to {location}"),
-                    location: Some(location),
-                });
-            }
-            Filter::Mirror(m) => {
-                if let Some(backend) = &m.backend {
-                    mirrors.push(Mirror {
-                        backend,
-                        numerator: m.numerator,
-                        denominator: m.denominator,
+    response_headers: Vec<&'a HeaderModifier>,
+    mirrors: Vec<Mirror<'a>>,
+}
+
+impl<'a> FilterRun<'a, '_, '_> {
+    /// Applies `filters`; returns a response when a filter answers the request itself.
+    fn apply(&mut self, filters: &'a [Filter<MirrorTarget>]) -> Option<LocalResponse> {
+        let (parts, matched) = (&mut *self.parts, self.matched);
+        for filter in filters {
+            match filter {
+                Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
+                Filter::ResponseHeaders(m) => self.response_headers.push(m),
+                Filter::Rewrite(r) => r.apply(parts, matched),
+                Filter::Redirect(r) => {
+                    let location =
+                        r.location(&parts.uri, &parts.headers, matched, self.listener_port);
+                    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                    return Some(LocalResponse {
+                        status,
+                        reason: format!("redirect to {location}"),
+                        location: Some(location),
                     });
                 }
-            }
-            Filter::Unsupported(what) => {
-                return Some(LocalResponse::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "filter {what} is not supported by this mesh; the rule cannot be served"
-                    ),
-                ));
+                Filter::Mirror(m) => {
+                    if let Some(backend) = &m.backend {
+                        self.mirrors.push(Mirror {
+                            backend,
+                            numerator: m.numerator,
+                            denominator: m.denominator,
+                        });
+                    }
+                }
+                Filter::Unsupported(what) => {
+                    return Some(LocalResponse::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("filter {what} is not supported by this mesh; the rule cannot be served"),
+                    ));
+                }
             }
         }
+        None
     }
-    None
 }

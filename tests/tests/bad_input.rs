@@ -521,7 +521,8 @@ async fn flood_while_serving(
     let (served, slowest) = bystander.await.unwrap();
     outcome.forwarded = World::hits(&world.a) - before - u64::from(served);
     eprintln!(
-        "flood: {outcome:?}; a bystander was served {served} times meanwhile, slowest {slowest:?}"
+        "flood: the agent took {} bytes, then GOAWAY {:?} (closed: {}); {} forwarded; a bystander was served {served} times meanwhile, slowest {slowest:?}",
+        outcome.written, outcome.goaway, outcome.closed, outcome.forwarded
     );
     outcome
 }

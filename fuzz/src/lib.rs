@@ -202,6 +202,13 @@ struct Harness {
 fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
+        // libFuzzer's `main` is C++, so the Rust runtime never set SIGPIPE to be ignored as it
+        // does for the agent's binary: a vectored write (writev has no MSG_NOSIGNAL) to a
+        // connection the backend closed would kill the fuzzer instead of failing with EPIPE.
+        // SAFETY: setting a signal's disposition to SIG_IGN, before any other thread runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -56,21 +56,15 @@ impl Resources {
         })
     }
 
-    /// Polls until no client connection and no upstream request is left and the descriptors
-    /// are back to at most `baseline.fds + fd_slack`, or `limit` passes; returns the last
-    /// reading either way, so the caller's assertion shows what was left.
-    pub fn settle(
-        agent: &Agent,
-        baseline: Resources,
-        fd_slack: usize,
-        limit: Duration,
-    ) -> Result<Resources> {
+    /// Polls until no client connection and no upstream request is left and the agent holds
+    /// at most `max_fds` descriptors, or `limit` passes; returns the last reading either way, so
+    /// the caller's assertion shows what was left.
+    pub fn settle(agent: &Agent, max_fds: usize, limit: Duration) -> Result<Resources> {
         let deadline = Instant::now() + limit;
         loop {
             let now = Resources::of(agent)?;
-            let settled = now.connections_open == 0.0
-                && now.upstream_in_flight == 0.0
-                && now.fds <= baseline.fds + fd_slack;
+            let settled =
+                now.connections_open == 0.0 && now.upstream_in_flight == 0.0 && now.fds <= max_fds;
             if settled || Instant::now() > deadline {
                 return Ok(now);
             }

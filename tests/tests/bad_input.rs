@@ -92,7 +92,8 @@ impl World {
 
     /// After the hostile clients are gone: no connection, upstream request or descriptor left.
     fn assert_nothing_left(&self, baseline: Resources) {
-        let left = Resources::settle(&self.agent, baseline, 2, Duration::from_secs(5)).unwrap();
+        let left =
+            Resources::settle(&self.agent, baseline.fds + 2, Duration::from_secs(5)).unwrap();
         assert!(
             left.connections_open == 0.0
                 && left.upstream_in_flight == 0.0

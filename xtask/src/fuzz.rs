@@ -104,21 +104,13 @@ fn fuzz_one(root: &Path, target: &str, seconds: u64) -> Result<Stats> {
         .context("starting cargo fuzz run")?;
     // libFuzzer reports on stderr; cargo's own output is short. Keep both in the log.
     let stdout = child.stdout.take().expect("piped");
-    let copier = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let copier = std::thread::spawn(move || lossy_lines(stdout).collect::<Vec<_>>());
     let mut stats = Stats {
         seconds,
         ..Stats::default()
     };
     let mut tail = std::collections::VecDeque::new();
-    for line in BufReader::new(child.stderr.take().expect("piped"))
-        .lines()
-        .map_while(Result::ok)
-    {
+    for line in lossy_lines(child.stderr.take().expect("piped")) {
         writeln!(log, "{line}")?;
         if let Some(n) = stat(&line, "stat::number_of_executed_units:") {
             stats.executions = n;
@@ -161,6 +153,19 @@ fn nightly_fuzz() -> Command {
         .env_remove("RUSTC")
         .env_remove("RUSTUP_TOOLCHAIN");
     command
+}
+
+/// Every line of a child's output, read to the end: a line that is not UTF-8 (inputs echoed in
+/// a crash report) must not stop the reading, or the child dies of SIGPIPE on its next write.
+fn lossy_lines(output: impl std::io::Read) -> impl Iterator<Item = String> {
+    let mut reader = BufReader::new(output);
+    std::iter::from_fn(move || {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(String::from_utf8_lossy(&line).trim_end().to_string()),
+        }
+    })
 }
 
 fn stat(line: &str, name: &str) -> Option<u64> {

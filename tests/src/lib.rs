@@ -1,11 +1,13 @@
 //! Shared test support: a simulated cluster built from manifests, the conformance case format,
 //! loopback backends and the network-namespace node harness.
 
+pub mod churn;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod fake_apiserver;
+pub mod kube_world;
 pub mod load;
 pub mod loopback;
 pub mod node;

@@ -10,14 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The agent binary next to the test binaries (cargo builds it for the workspace's tests).
+/// The agent binary in `target/<profile>/` (cargo builds it for the workspace's tests), seen
+/// from a test binary (`target/<profile>/deps/`) or from a bin of this crate (`target/<profile>/`).
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    dir.join("proxy-agent")
+    let dir = exe.parent().expect("target/<profile>[/deps]");
+    let beside = dir.join("proxy-agent");
+    if beside.exists() {
+        return beside;
+    }
+    dir.parent().unwrap_or(dir).join("proxy-agent")
 }
 
 /// A port free right now on 127.0.0.1 (released before use: good enough for tests).
@@ -55,9 +57,14 @@ pub struct EchoBackend {
 }
 
 pub async fn echo_backend(ip: [u8; 4], name: &str) -> EchoBackend {
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))
+    echo_backend_at((std::net::Ipv4Addr::from(ip), 0).into(), name).await
+}
+
+/// An echo backend on `addr` (port 0: any free one).
+pub async fn echo_backend_at(addr: SocketAddr, name: &str) -> EchoBackend {
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .expect("bind echo");
+        .unwrap_or_else(|e| panic!("bind echo on {addr}: {e}"));
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(EchoStats::default());
     tokio::spawn(echo::serve(listener, name.to_string(), stats.clone()));

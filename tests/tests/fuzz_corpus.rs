@@ -6,7 +6,9 @@
 mod targets;
 
 fn replay(target: &str, run: fn(&[u8])) {
-    let dir = gamma_tests::workspace_root().join("fuzz/corpus").join(target);
+    let dir = gamma_tests::workspace_root()
+        .join("fuzz/corpus")
+        .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|entry| entry.expect("a directory entry").path())

@@ -7,79 +7,16 @@
 //! declares. Everything on 127.0.0.1; every wait bounded at 10 s.
 
 use gamma_tests::fake_apiserver::{FakeApiServer, Recorded};
-use gamma_tests::loopback::{
-    agent_binary, echo_backend, free_port, http_get, http_get_full, TempDir,
-};
+use gamma_tests::kube_world::*;
+use gamma_tests::loopback::{agent_binary, echo_backend, http_get_full};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const NS: &str = "shop";
-const LIMIT: Duration = Duration::from_secs(10);
 const CONTROLLER: &str = "gamma-node.dev/agent";
-const LEASE_NS: &str = "gamma-system";
 const LEASE: &str = "gamma-node-status";
-
-/// Polls `check` until it gives a value; panics after `LIMIT`. Returns the value and how long
-/// it took.
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return (value, started.elapsed());
-        }
-        assert!(started.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// --- objects -----------------------------------------------------------------------------
-
-fn service(name: &str, cluster_ip: &str, target_port: u16, app_protocol: Option<&str>) -> Value {
-    let mut port = json!({"name": "p", "port": 80, "targetPort": target_port});
-    if let Some(app) = app_protocol {
-        port["appProtocol"] = app.into();
-    }
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": [port]},
-    })
-}
-
-fn slice(service: &str, endpoint: SocketAddr) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{service}-1"), "namespace": NS,
-                     "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "port": endpoint.port()}],
-        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true}}],
-    })
-}
-
-fn pod(name: &str, node: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}")},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
-        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
-    })
-}
-
-fn route(kind: &str, name: &str, parent: &str, backend: &str) -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80}],
-            "rules": [{"backendRefs": [{"name": backend, "port": 80}]}],
-        },
-    })
-}
 
 /// Another controller's entry in a route's status, which we must leave alone.
 fn foreign_entry() -> Value {
@@ -100,154 +37,6 @@ fn seed(api: &FakeApiServer, echo: SocketAddr) {
     api.apply(pod("client", "node-a", "10.244.0.5"));
     api.apply(pod("far", "node-b", "10.244.1.5"));
     api.apply(route("HTTPRoute", "to-back", "front", "back"));
-}
-
-// --- the agent ---------------------------------------------------------------------------
-
-struct KubeAgent {
-    child: Child,
-    admin: SocketAddr,
-    listen: SocketAddr,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl KubeAgent {
-    /// Starts `proxy-agent --kube` as `node`, presenting `token` to the API server, with an
-    /// explicit listener for `shop/front:80`. Does not wait.
-    fn spawn(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
-        let dir = TempDir::new("kube-agent");
-        let kubeconfig = api.kubeconfig(&dir.0, token);
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.0.join("agent.log");
-        let child = Command::new(agent_binary())
-            .args(["--kube", "--node-name", node, "--lease-namespace", LEASE_NS])
-            .arg("--admin")
-            .arg(admin.to_string())
-            .arg("--listen")
-            .arg(format!("{listen}={NS}/front:80"))
-            .args(["--caller-namespace", NS, "--drain-timeout-s", "1"])
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("NODE_NAME")
-            .env_remove("POD_NAMESPACE")
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start proxy-agent");
-        KubeAgent {
-            child,
-            admin,
-            listen,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn start(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
-        let agent = KubeAgent::spawn(api, node, token);
-        let (_, took) = eventually("the agent is ready", || {
-            (agent.ready().0 == 200).then_some(())
-        });
-        eprintln!("timing: {node} ready {took:?} after start");
-        agent
-    }
-
-    fn ready(&self) -> (u16, String) {
-        http_get_full(self.admin, "/ready").unwrap_or((0, String::new()))
-    }
-
-    fn dump(&self) -> Value {
-        serde_json::from_str(&http_get(self.admin, "/config_dump").unwrap()).unwrap()
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let text = http_get(self.admin, "/metrics").ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The echo backend's name that answered a request on the `front` listener.
-    fn answered_by(&self) -> Option<String> {
-        let body = http_get(self.listen, "/").ok()?;
-        let body: Value = serde_json::from_str(&body).ok()?;
-        body["pod"].as_str().map(str::to_string)
-    }
-
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        eventually("the agent exits on SIGTERM", || {
-            self.child.try_wait().ok().flatten()
-        });
-    }
-}
-
-impl Drop for KubeAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- agent log ---\n{}", self.log());
-        }
-    }
-}
-
-// --- reading the table -------------------------------------------------------------------
-
-fn services(dump: &Value) -> BTreeSet<String> {
-    dump["frontends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| f["service"]["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn endpoints_of(dump: &Value, service: &str) -> Vec<String> {
-    dump["frontends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|f| f["service"]["name"] == service)
-        .flat_map(|f| {
-            f["direct"]["endpoints"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|e| e.as_str().unwrap().to_string())
-        .collect()
-}
-
-fn callers(dump: &Value) -> BTreeSet<String> {
-    dump["callers"]
-        .as_object()
-        .map(|c| c.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
-/// Routes with a Service parent (each has a status entry in the table).
-fn routes(dump: &Value) -> BTreeSet<String> {
-    dump["statuses"]
-        .as_object()
-        .map(|c| c.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
-/// Waits until `check` holds on the agent's table.
-fn table(agent: &KubeAgent, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
-    eventually(what, || check(&agent.dump()).then_some(())).1
 }
 
 // --- reading what the API server received ------------------------------------------------

@@ -9,7 +9,8 @@
 //! jitter, 0.8 s up to 30 s), a new one lists from scratch. kube-rs would resume a broken watch
 //! silently from its last resourceVersion; relisting instead gives a point (`InitDone`) at which
 //! the kind is known to be complete again, which is what `/ready` reports as no longer stale. The
-//! backoff's jitter spreads the relists of many nodes after an API server restart.
+//! backoff's jitter spreads the relists of many nodes after an API server restart. A complete list
+//! resets the backoff, so each outage is retried from the shortest delay.
 
 use super::api::{self, ApiCall};
 use super::status::ServerRoute;
@@ -18,6 +19,7 @@ use crate::index::ObjectRef;
 use crate::model::{Object, ObjectError, ObjectKey, RouteKey, RouteKind};
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::Client;
 use std::collections::HashSet;
@@ -123,8 +125,14 @@ pub async fn run(
         let error = loop {
             match events.next().await {
                 Some(Ok(event)) => {
+                    let list_complete = matches!(event, Event::InitDone);
                     if state.handle(event).await.is_err() {
                         return; // the index task is gone: shutting down
+                    }
+                    if list_complete {
+                        // Current again: the next outage starts from the shortest delay, not
+                        // from where the last one left the exponential backoff.
+                        backoff.reset();
                     }
                 }
                 Some(Err(e)) => break e,

@@ -81,6 +81,19 @@ pub struct TakeoverConfig {
     pub timeout: Duration,
     /// Swap this binary's eBPF programs in even when they are the running agent's.
     pub fresh_programs: bool,
+    /// Once taken over and drained: exit, or wait for SIGTERM.
+    pub after: AfterTakeover,
+}
+
+/// What a taken-over agent does once it has drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterTakeover {
+    /// Exit: a process started by hand or by a service manager that does not restart it.
+    Exit,
+    /// Hold nothing and wait for SIGTERM: in a Kubernetes pod (restartPolicy Always), exiting would
+    /// restart the old container, which would take over back from its successor; the DaemonSet
+    /// controller deletes the old pod once the new one is ready.
+    Wait,
 }
 
 /// Runs the agent until SIGTERM or SIGINT, or until a successor took over, then drains.
@@ -234,6 +247,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tracing::info!("drained");
     } else {
         tracing::warn!("drain deadline reached with connections still open");
+    }
+    let wait = config
+        .takeover
+        .as_ref()
+        .is_some_and(|t| t.after == AfterTakeover::Wait);
+    if taken_over.is_some() && wait {
+        tracing::info!("taken over and drained: holding nothing, waiting for SIGTERM");
+        shutdown_signal().await;
     }
     Ok(())
 }

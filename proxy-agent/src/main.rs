@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::Parser;
-use proxy_agent::agent::{self, AgentConfig, ListenSpec, RedirectConfig, TakeoverConfig};
+use proxy_agent::agent::{
+    self, AfterTakeover, AgentConfig, ListenSpec, RedirectConfig, TakeoverConfig,
+};
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::sources::kube::KubeConfig;
 use std::net::SocketAddr;
@@ -76,6 +78,10 @@ struct Cli {
     /// running agent's (they are swapped anyway when they differ).
     #[arg(long, requires = "takeover_socket")]
     takeover_fresh_programs: bool,
+    /// Once a successor took over and this agent drained: `exit`, or `wait` for SIGTERM (in a
+    /// pod, so that the container is not restarted to take over back; see deploy/).
+    #[arg(long, value_enum, default_value = "exit", requires = "takeover_socket")]
+    after_takeover: AfterTakeover,
     /// Slowloris guard: a client must send a whole request head within this time, in
     /// milliseconds, or its connection is closed.
     #[arg(long, default_value_t = 10_000)]
@@ -113,6 +119,7 @@ fn main() -> Result<()> {
         socket,
         timeout: Duration::from_millis(cli.takeover_timeout_ms),
         fresh_programs: cli.takeover_fresh_programs,
+        after: cli.after_takeover,
     });
     let config = AgentConfig {
         takeover,

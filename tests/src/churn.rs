@@ -199,10 +199,14 @@ impl std::fmt::Display for ChurnReport {
             )?,
             None => writeln!(f, "final state NEVER served")?,
         }
+        // At most about 20 points, the last one always.
+        let step = self.rss.len().div_ceil(20).max(1);
         let series: Vec<String> = self
             .rss
             .iter()
-            .map(|(t, kib)| format!("{t:.0}s {:.1}", *kib as f64 / 1024.0))
+            .enumerate()
+            .filter(|(i, _)| i % step == 0 || *i + 1 == self.rss.len())
+            .map(|(_, (t, kib))| format!("{t:.0}s {:.1}", *kib as f64 / 1024.0))
             .collect();
         writeln!(f, "agent RSS (MiB) over time: {}", series.join(", "))?;
         if let Some(growth) = self.rss_growth_kib() {

@@ -115,3 +115,91 @@ fn an_unresponsive_running_agent_is_given_up_on() {
         "the fresh agent serves through the redirect: {answers:?}"
     );
 }
+
+/// In a pod, a taken-over agent that exited would be restarted by the kubelet and take over back:
+/// with `--after-takeover wait` it drains, holds nothing, and waits for SIGTERM. Loopback, no
+/// root: the listeners are handed over without the kernel redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_agent_can_wait_for_sigterm() {
+    use gamma_tests::loopback::{
+        agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
+    };
+    use std::process::{Child, Command, Stdio};
+
+    let echo = echo_backend([127, 0, 0, 1], "front-pod").await;
+    let dir = TempDir::new("after-takeover");
+    Manifests::default()
+        .service("shop", "front", 80, &[echo.addr], None)
+        .write(&dir.0, "world.yaml");
+    let socket = dir.0.join("agent.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let spawn = |log: &str| -> Child {
+        Command::new(agent_binary())
+            .arg("--manifests")
+            .arg(&dir.0)
+            .args([
+                "--admin",
+                &admin,
+                "--listen",
+                &format!("{listen}=shop/front:80"),
+            ])
+            .arg("--takeover-socket")
+            .arg(&socket)
+            .args(["--after-takeover", "wait", "--drain-timeout-s", "1"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
+            .spawn()
+            .expect("start proxy-agent")
+    };
+    let answered = || {
+        tokio::task::block_in_place(|| http_get(listen.parse().unwrap(), "/"))
+            .is_ok_and(|body| body.contains("front-pod"))
+    };
+    let within = |limit: Duration, mut check: Box<dyn FnMut() -> bool + '_>| {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+
+    let mut old = spawn("old.log");
+    assert!(
+        within(Duration::from_secs(10), Box::new(answered)),
+        "the first agent serves"
+    );
+    let mut new = spawn("new.log");
+    let old_log = || std::fs::read_to_string(dir.0.join("old.log")).unwrap_or_default();
+    assert!(
+        within(
+            Duration::from_secs(10),
+            Box::new(|| old_log().contains("taken over"))
+        ),
+        "the new agent takes over"
+    );
+    assert!(answered(), "the new agent serves");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "the taken-over agent waits instead of exiting"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
+    let exited = within(
+        Duration::from_secs(5),
+        Box::new(|| old.try_wait().unwrap().is_some()),
+    );
+    assert!(exited, "the waiting agent exits on SIGTERM");
+    assert!(old.wait().unwrap().success());
+    assert!(
+        answered(),
+        "the new agent still serves after the old one exited"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+}

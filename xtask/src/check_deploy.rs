@@ -17,8 +17,14 @@
 //!   agent's version; beside a demo script: the image the script builds);
 //! - (e) grace: terminationGracePeriodSeconds exceeds `--drain-timeout-s`;
 //! - (f) security: not privileged, read-only root filesystem, capabilities drop ALL and add exactly
-//!   [`DOCUMENTED_CAPABILITIES`], read-only host paths, no hostPID/hostIPC;
-//! - (g) cgroup: `--cgroup` resolves to a directory under the host's /sys/fs/cgroup, mounted there.
+//!   [`DOCUMENTED_CAPABILITIES`], host paths read-only but the takeover socket's folder, no
+//!   hostPID/hostIPC;
+//! - (g) cgroup: `--cgroup` resolves to a directory under the host's /sys/fs/cgroup, mounted there;
+//! - (h) takeover: with `--takeover-socket`, an update starts the new pod beside the old one
+//!   (maxSurge ≥ 1, maxUnavailable 0, no container ports: on the host network they are host ports,
+//!   which the surge pod could not get), the socket's folder is a writable host path both pods
+//!   see, and `--after-takeover=wait` (an old container that exited would be restarted and take
+//!   over back); without it, no surge (the new agent could not bind the node's ports).
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -1135,8 +1141,9 @@ fn check_rendered(
         ("(c) probes", check_probes(&agent, help)),
         ("(d) image", check_image(dir, root, rendered, &agent, facts)),
         ("(e) grace", check_grace(&agent, help)),
-        ("(f) security", check_security(&agent)),
+        ("(f) security", check_security(&agent, help)),
         ("(g) cgroup", check_cgroup(&agent, help)),
+        ("(h) takeover", check_takeover(&agent, help)),
     ]
 }
 
@@ -1739,7 +1746,8 @@ fn capability(name: &str) -> String {
     upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
 }
 
-fn check_security(agent: &Agent<'_>) -> Outcome {
+fn check_security(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+    let takeover_dir = takeover_dir(agent, help);
     let mut problems = Vec::new();
     let result = (|| -> Result<(), String> {
         let spec = &agent.pod_spec;
@@ -1791,9 +1799,16 @@ fn check_security(agent: &Agent<'_>) -> Outcome {
             .collect();
         for mount in agent.container.list("volumeMounts")? {
             let name = mount.req("name")?.str()?;
-            if host_volumes.contains(name) && mount.opt_bool("readOnly")? != Some(true) {
-                problems
-                    .push(mount.err(format!("host path volume {name} must be mounted readOnly")));
+            let path = mount.req("mountPath")?.str()?.trim_end_matches('/');
+            let writable_allowed = takeover_dir.as_deref() == Some(path);
+            if host_volumes.contains(name)
+                && !writable_allowed
+                && mount.opt_bool("readOnly")? != Some(true)
+            {
+                problems.push(mount.err(format!(
+                    "host path volume {name} must be mounted readOnly (only the takeover \
+                     socket's folder may be writable)"
+                )));
             }
         }
         Ok(())
@@ -1804,8 +1819,12 @@ fn check_security(agent: &Agent<'_>) -> Outcome {
     outcome(problems, || {
         let caps: Vec<&str> = DOCUMENTED_CAPABILITIES.iter().map(|(c, _)| *c).collect();
         format!(
-            "not privileged, read-only root filesystem, drop ALL, add {} only, host paths read-only",
-            caps.join(" + ")
+            "not privileged, read-only root filesystem, drop ALL, add {} only, host paths read-only{}",
+            caps.join(" + "),
+            takeover_dir
+                .as_deref()
+                .map(|d| format!(" but the takeover socket's {d}"))
+                .unwrap_or_default()
         )
     })
 }
@@ -1864,6 +1883,135 @@ fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
     }
     outcome(problems, || {
         format!("--cgroup {cgroup}, under the host's {CGROUP_ROOT} mounted at the same path")
+    })
+}
+
+// (h) ---------------------------------------------------------------------------------------
+
+/// The folder of `--takeover-socket`, if given.
+fn takeover_dir(agent: &Agent<'_>, help: Option<&Help>) -> Option<String> {
+    let socket = agent.flag_value("takeover-socket", help)?;
+    let dir = Path::new(&socket).parent()?.to_str()?.trim_end_matches('/');
+    Some(dir.to_owned())
+}
+
+/// maxSurge / maxUnavailable as written: a count, or a percentage (non-zero when above 0%).
+fn is_zero(node: Option<Node<'_>>) -> Result<bool, String> {
+    let Some(node) = node else {
+        return Ok(false);
+    };
+    match node.value.as_str() {
+        Some(text) => Ok(text.trim_end_matches('%').trim() == "0"),
+        None => Ok(node.int()? == 0),
+    }
+}
+
+fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+    let mut problems = Vec::new();
+    let dir = takeover_dir(agent, help);
+    let result = (|| -> Result<(), String> {
+        let strategy = agent.daemonset.root().req("spec")?.get("updateStrategy")?;
+        let rolling = match &strategy {
+            Some(s) => s.get("rollingUpdate")?,
+            None => None,
+        };
+        // Kubernetes' defaults: maxSurge 0, maxUnavailable 1.
+        let (surge, unavailable) = match &rolling {
+            Some(r) => (r.get("maxSurge")?, r.get("maxUnavailable")?),
+            None => (None, None),
+        };
+        let surge_zero = surge.is_none() || is_zero(surge)?;
+        let at = rolling.as_ref().or(strategy.as_ref()).map_or_else(
+            || format!("{}: spec.updateStrategy", agent.daemonset.source),
+            |n| n.path.clone(),
+        );
+        let Some(dir) = &dir else {
+            if !surge_zero {
+                problems.push(format!(
+                    "{at}: maxSurge above 0 without --takeover-socket: the new agent could not \
+                     bind the node's ports while the old one runs"
+                ));
+            }
+            return Ok(());
+        };
+        if surge_zero {
+            problems.push(format!(
+                "{at}: --takeover-socket without maxSurge ≥ 1: the old pod is deleted before the \
+                 new one starts, so there is nothing to take over"
+            ));
+        }
+        // Unset: Kubernetes' default of 1.
+        if !is_zero(unavailable)? {
+            problems.push(format!(
+                "{at}: maxUnavailable must be 0 with --takeover-socket, so that the old pod runs \
+                 until the new one has taken over"
+            ));
+        }
+        if !agent.container.list("ports")?.is_empty() {
+            problems.push(agent.container.child("ports", &Value::Null).err(
+                "declared ports on the host network are host ports: the surge pod could not be \
+                 scheduled beside the old one; declare none",
+            ));
+        }
+        match agent.flag_value("after-takeover", help).as_deref() {
+            Some("wait") => {}
+            other => problems.push(format!(
+                "{}: --after-takeover is {}, expected wait: an old container that exits is \
+                 restarted by the kubelet and takes over back from the new one",
+                agent.container.path,
+                other.unwrap_or("not set")
+            )),
+        }
+        let volumes = agent.pod_spec.list("volumes")?;
+        let mount = agent.container.list("volumeMounts")?.into_iter().find(|m| {
+            m.opt_str("mountPath")
+                .ok()
+                .flatten()
+                .map(|p| p.trim_end_matches('/'))
+                == Some(dir)
+        });
+        let Some(mount) = mount else {
+            problems.push(format!(
+                "{}: no volumeMount at {dir}, the folder of --takeover-socket: the new pod would \
+                 not see the old one's socket",
+                agent.container.path
+            ));
+            return Ok(());
+        };
+        if mount.opt_bool("readOnly")? == Some(true) {
+            problems.push(mount.err("readOnly: the agent creates its takeover socket there"));
+        }
+        let name = mount.req("name")?.str()?;
+        let host = volumes
+            .iter()
+            .find(|v| v.opt_str("name").ok().flatten() == Some(name))
+            .map(|v| v.get("hostPath"))
+            .transpose()?
+            .flatten();
+        match host {
+            None => problems.push(mount.err(format!(
+                "volume {name} is not a hostPath: another pod would not see the socket"
+            ))),
+            Some(host) => {
+                let kind = host.opt_str("type")?.unwrap_or("");
+                if !matches!(kind, "DirectoryOrCreate" | "Directory") {
+                    problems.push(host.err(format!(
+                        "type `{kind}`, expected DirectoryOrCreate (a folder for the socket)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        problems.push(e);
+    }
+    outcome(problems, || match &dir {
+        Some(dir) => format!(
+            "--takeover-socket in the host path {dir}, maxSurge ≥ 1 and maxUnavailable 0, no \
+             host ports, --after-takeover=wait"
+        ),
+        None => "no takeover: no surge".to_string(),
     })
 }
 
@@ -2058,6 +2206,12 @@ Options:
           On SIGTERM, how long in-flight requests may take to finish, in seconds
 
           [default: 20]
+      --takeover-socket <PATH>
+          Hitless restart
+      --after-takeover <AFTER_TAKEOVER>
+          Once taken over: exit or wait
+
+          [default: exit]
   -h, --help
           Print help (see a summary with '-h')
 ";
@@ -2067,7 +2221,15 @@ Options:
         let help = parse_help(HELP);
         assert_eq!(
             help.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["admin", "drain-timeout-s", "help", "kube", "manifests"]
+            [
+                "admin",
+                "after-takeover",
+                "drain-timeout-s",
+                "help",
+                "kube",
+                "manifests",
+                "takeover-socket"
+            ]
         );
         assert!(!help["kube"].takes_value);
         assert!(help["manifests"].takes_value);
@@ -2163,7 +2325,7 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
         );
         assert!(check_grace(&agent, Some(&help)).unwrap_err()[0]
             .contains("terminationGracePeriodSeconds is 30, not more than --drain-timeout-s 40"));
-        let security = check_security(&agent).unwrap_err();
+        let security = check_security(&agent, Some(&help)).unwrap_err();
         assert_eq!(security.len(), 6, "{security:#?}");
         for expected in [
             "privileged: true",
@@ -2181,6 +2343,95 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
         assert_eq!(
             check_cgroup(&agent, Some(&help)),
             Ok("--cgroup /sys/fs/cgroup/kubepods.slice, under the host's /sys/fs/cgroup mounted at the same path".into())
+        );
+    }
+
+    /// A DaemonSet with `strategy` (YAML under spec.updateStrategy.rollingUpdate), the host path
+    /// /run/gamma-node of type `folder_type` and the agent container `container`.
+    fn takeover_fixture(strategy: &str, folder_type: &str, container: &str) -> Rendered {
+        let yaml = format!(
+            "
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: agent, namespace: gamma-system}}
+spec:
+  updateStrategy: {{type: RollingUpdate, rollingUpdate: {strategy}}}
+  template:
+    spec:
+      volumes:
+      - {{name: cgroup, hostPath: {{path: /sys/fs/cgroup}}}}
+      - {{name: sockets, hostPath: {{path: /run/gamma-node, type: {folder_type}}}}}
+      containers:
+      - name: proxy-agent
+{container}
+"
+        );
+        Rendered {
+            docs: docs(&yaml),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn takeover_needs_a_surge_a_shared_writable_folder_and_wait() {
+        let help = parse_help(HELP);
+        // Everything wrong.
+        let rendered = takeover_fixture(
+            "{maxSurge: 0}",
+            "File",
+            "        args: ['--takeover-socket=/run/gamma-node/takeover.sock', --after-takeover=exit]
+        ports: [{containerPort: 15001}]
+        securityContext: {readOnlyRootFilesystem: true, capabilities: {drop: [ALL], add: [NET_ADMIN, SYS_ADMIN]}}
+        volumeMounts:
+        - {name: cgroup, mountPath: /sys/fs/cgroup}
+        - {name: sockets, mountPath: /run/gamma-node/, readOnly: true}",
+        );
+        let agent = Agent::find(&rendered).unwrap();
+        let problems = check_takeover(&agent, Some(&help)).unwrap_err();
+        for expected in [
+            "without maxSurge ≥ 1",
+            "maxUnavailable must be 0",
+            "declared ports on the host network",
+            "--after-takeover is exit, expected wait",
+            "readOnly: the agent creates its takeover socket there",
+            "type `File`, expected DirectoryOrCreate",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        // The socket's folder may be writable; another host path may not.
+        let security = check_security(&agent, Some(&help)).unwrap_err();
+        assert_eq!(security.len(), 1, "{security:#?}");
+        assert!(security[0].contains("host path volume cgroup must be mounted readOnly"));
+
+        // Right.
+        let rendered = takeover_fixture(
+            "{maxSurge: 1, maxUnavailable: 0}",
+            "DirectoryOrCreate",
+            "        args: ['--takeover-socket=/run/gamma-node/takeover.sock', --after-takeover=wait]
+        volumeMounts: [{name: sockets, mountPath: /run/gamma-node}]",
+        );
+        let agent = Agent::find(&rendered).unwrap();
+        assert!(
+            check_takeover(&agent, Some(&help)).is_ok(),
+            "{:?}",
+            check_takeover(&agent, Some(&help))
+        );
+
+        // No takeover: a surge pod could not bind the node's ports.
+        let rendered = takeover_fixture(
+            "{maxSurge: '10%', maxUnavailable: 0}",
+            "DirectoryOrCreate",
+            "        args: []",
+        );
+        let agent = Agent::find(&rendered).unwrap();
+        let problems = check_takeover(&agent, Some(&help)).unwrap_err();
+        assert!(
+            problems[0].contains("maxSurge above 0 without --takeover-socket"),
+            "{problems:?}"
         );
     }
 

@@ -15,7 +15,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
   setup          install what the build, demo and tests need (idempotent; run as root)
-  test           every test: unit, integration, root-only (netns, eBPF) and conformance
+  test           every test: unit, integration, root-only (netns, eBPF), fuzzing (15 s per
+                 target) and conformance
   demo           the seed scenario on one machine: a node made of network namespaces
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
@@ -76,6 +77,9 @@ fn conformance(args: &[String]) -> Result<()> {
     util::run(std::process::Command::new(runner).args(args))
 }
 
+/// How long `cargo xtask test` fuzzes each target.
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
+
 /// Runs every test of the workspace. Root-only tests decide for themselves whether they can run;
 /// when they cannot they record why in `$GAMMA_SKIP_LOG`, and this command lists them at the end,
 /// so a skip is never a silent pass.
@@ -95,6 +99,10 @@ fn test(extra: &[String]) -> Result<()> {
     let mut result = util::step("unit, integration, node and eBPF tests", || {
         util::cargo(&args)
     });
+    // Fuzzing, bounded: each target from the committed seeds (every seed also replays on stable
+    // in `tests/tests/fuzz_corpus.rs`); longer runs: `cargo xtask fuzz --seconds N`.
+    let fuzz_args = ["--seconds".to_string(), FUZZ_SECONDS_IN_TEST.to_string()];
+    result = result.and(fuzz::run(&fuzz_args));
     if util::is_root() {
         let shared = util::step("GAMMA conformance, end to end", || conformance(&[]));
         let extra = util::workspace_root().join("tests/conformance-extra");

@@ -22,6 +22,10 @@ pub struct ClientRequest {
     pub grpc: bool,
     pub count: usize,
     pub keep_alive: bool,
+    /// Connect from this local port (SO_REUSEADDR), and abort the connection (RST, no TIME_WAIT)
+    /// after the answer, so the next request can use the same port: a reused source port.
+    #[serde(default)]
+    pub source_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -77,6 +81,56 @@ async fn once(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     request: &ClientRequest,
 ) -> Result<ClientAnswer, String> {
+    let outgoing = build(request)?;
+    if let Some(port) = request.source_port {
+        return once_from_port(outgoing, port).await;
+    }
+    let response = client
+        .request(outgoing)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let peer = response
+        .extensions()
+        .get::<hyper_util::client::legacy::connect::HttpInfo>()
+        .map(|i| i.remote_addr().to_string());
+    answer(response, peer, request.grpc).await
+}
+
+/// One request on a connection of its own from local `port`, aborted after the answer.
+async fn once_from_port(outgoing: Request<Full<Bytes>>, port: u16) -> Result<ClientAnswer, String> {
+    let target: std::net::SocketAddr = outgoing
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or("a source port needs an IP:port URL")?;
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+    // Linger 0: closing sends a reset and leaves no TIME_WAIT holding the port.
+    socket.set_zero_linger().map_err(|e| e.to_string())?;
+    socket
+        .bind((std::net::Ipv4Addr::UNSPECIFIED, port).into())
+        .map_err(|e| format!("binding port {port}: {e}"))?;
+    let stream = socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("connecting from port {port}: {e}"))?;
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let response = sender
+        .send_request(outgoing)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let answer = answer(response, peer, false).await;
+    drop(sender);
+    let _ = connection.await;
+    answer
+}
+
+fn build(request: &ClientRequest) -> Result<Request<Full<Bytes>>, String> {
     let uri: Uri = request
         .url
         .parse()
@@ -101,23 +155,23 @@ async fn once(
     } else {
         Full::new(Bytes::new())
     };
-    let response = client
-        .request(builder.body(body).map_err(|e| e.to_string())?)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    builder.body(body).map_err(|e| e.to_string())
+}
+
+async fn answer(
+    response: http::Response<hyper::body::Incoming>,
+    peer: Option<String>,
+    grpc: bool,
+) -> Result<ClientAnswer, String> {
     let status = response.status().as_u16();
     let response_headers = pairs(response.headers());
-    let peer = response
-        .extensions()
-        .get::<hyper_util::client::legacy::connect::HttpInfo>()
-        .map(|i| i.remote_addr().to_string());
     let bytes = response
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    let json = if request.grpc && bytes.len() >= 5 {
+    let json = if grpc && bytes.len() >= 5 {
         &bytes[5..]
     } else {
         &bytes[..]

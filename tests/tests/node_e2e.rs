@@ -5,7 +5,9 @@
 //! - a VIP without routes is left to kube-proxy, untouched by the agent;
 //! - agent killed: traffic falls back to kube-proxy; agent restarted: redirection resumes;
 //! - two rounds of 2,000 sequential connections (reused tuples in TIME_WAIT) all succeed;
-//! - a process sending from another pod's IP does not get that pod's consumer routes.
+//! - a process sending from another pod's IP does not get that pod's consumer routes;
+//! - nor does it by reusing that pod's source port, before or after the pod, nor by connecting to
+//!   the agent's redirect port directly (no record: closed).
 
 use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
@@ -173,4 +175,55 @@ fn a_process_using_another_pods_ip_gets_no_consumer_routes() {
         5,
         "the real pod still gets it"
     );
+}
+
+#[test]
+fn a_reused_source_port_carries_no_identity_over() {
+    let Some(s) = scenario("a_reused_source_port_carries_no_identity_over") else {
+        return;
+    };
+    let ui = client(&s, "ui-backend");
+    let products = client(&s, "products");
+    let vip = s.cluster.resolve("catalog", "products").unwrap();
+    let from_port = |url: String| ClientRequest {
+        url,
+        method: "GET".into(),
+        count: 1,
+        source_port: Some(41_234),
+        ..Default::default()
+    };
+    let via_vip = from_port(format!("http://{vip}:80/"));
+    let real = |what: &str| {
+        let answers = s.request(&ui, &via_vip).unwrap();
+        assert_eq!(
+            flagged(&answers),
+            1,
+            "{what}: the real pod gets its route: {answers:?}"
+        );
+    };
+    let impostor =
+        |request: &ClientRequest| s.request_impersonating(&ui, &products, request).unwrap();
+
+    // The same ip:port, alternately the pod's and an impostor's: each connection is judged by the
+    // cgroup that made it, not by what the port carried before.
+    real("first");
+    let answers = impostor(&via_vip);
+    assert!(
+        answers[0].status == 200 && flagged(&answers) == 0,
+        "impostor after the pod: {answers:?}"
+    );
+    real("after the impostor");
+    // Straight to the agent's redirect port, from the port the pod just used: no record of its
+    // own, and none left over from the pod's connection (taken when the agent accepted it).
+    let direct = from_port(format!(
+        "http://{}:{}/",
+        gamma_tests::node::AGENT_ADDR,
+        gamma_tests::scenario::REDIRECT_PORT
+    ));
+    let answers = impostor(&direct);
+    assert!(
+        answers[0].status == 0 && answers[0].error.is_some(),
+        "a connection without a redirect record is closed unanswered: {answers:?}"
+    );
+    real("last");
 }

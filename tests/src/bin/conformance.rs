@@ -64,6 +64,7 @@ fn request_for(
             grpc: r.is_grpc(),
             count: 1,
             keep_alive: false,
+            source_port: None,
         },
     ))
 }

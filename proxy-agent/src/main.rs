@@ -152,3 +152,15 @@ fn main() -> Result<()> {
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::Parser;
+
+    #[test]
+    fn the_admin_server_listens_on_loopback_by_default() {
+        let cli = Cli::parse_from(["proxy-agent", "--manifests", "/tmp"]);
+        assert!(cli.admin.ip().is_loopback(), "{}", cli.admin);
+    }
+}

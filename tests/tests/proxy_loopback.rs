@@ -495,3 +495,45 @@ async fn live_manifest_changes_under_load_fail_nothing() {
     let last = get(&client(false), &url, &[]).await;
     assert_eq!(header_at_backend(&last, "x-tag").as_deref(), Some("v10"));
 }
+
+/// The admin server changes nothing: every method but GET is refused on every path, and the
+/// table is the same afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_is_read_only() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let version = agent.snapshot_version().unwrap();
+    let paths = [
+        "/live",
+        "/ready",
+        "/metrics",
+        "/config_dump",
+        "/explain",
+        "/",
+        "/quitquitquit",
+    ];
+    for path in paths {
+        for method in ["POST", "PUT", "PATCH", "DELETE"] {
+            let reply = gamma_tests::probe::raw_exchange(
+                agent.admin,
+                format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").as_bytes(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert_eq!(reply.statuses(), [405], "{method} {path}");
+        }
+    }
+    assert_eq!(agent.snapshot_version().unwrap(), version);
+    assert_eq!(
+        admin_status(&agent, "/live"),
+        200,
+        "still serving after the refusals"
+    );
+}
+
+fn admin_status(agent: &Agent, path: &str) -> u16 {
+    gamma_tests::loopback::http_get_full(agent.admin, path)
+        .map(|(status, _)| status)
+        .unwrap_or(0)
+}

@@ -1,6 +1,8 @@
-//! `cargo xtask fuzz [--seconds N] [TARGET...]`: every cargo-fuzz target of `fuzz/` (or the ones
-//! named) for a bounded time each, starting from the committed seed corpus, with a summary of
-//! executions per target. A crash fails the command and names the input libFuzzer saved.
+//! `cargo xtask fuzz [--seconds N] [--dev] [TARGET...]`: every cargo-fuzz target of `fuzz/` (or the
+//! ones named) for a bounded time each, starting from the committed seed corpus, with a summary of
+//! executions per target. A crash fails the command and names the input libFuzzer saved. `--dev`
+//! builds without optimizations: about 4 minutes on 2 cores instead of 10-20, for fewer executions
+//! per second (what `cargo xtask test` uses for its short run).
 //!
 //! New inputs go to `target/fuzz-corpus/<target>/` (kept between runs, never committed); the
 //! committed seeds in `fuzz/corpus/<target>/` are only read. Keep a crash's input as a
@@ -19,6 +21,7 @@ const DEFAULT_SECONDS: u64 = 20;
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut seconds = DEFAULT_SECONDS;
+    let mut dev = false;
     let mut targets = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -29,9 +32,10 @@ pub fn run(args: &[String]) -> Result<()> {
                     .parse()
                     .with_context(|| format!("--seconds {value}: not a number of seconds"))?;
             }
+            "--dev" => dev = true,
             name if TARGETS.contains(&name) => targets.push(name),
             other => bail!(
-                "unknown fuzz argument `{other}`: expected --seconds N and target names ({})",
+                "unknown fuzz argument `{other}`: expected --seconds N, --dev and target names ({})",
                 TARGETS.join(", ")
             ),
         }
@@ -43,13 +47,16 @@ pub fn run(args: &[String]) -> Result<()> {
     if util::output(nightly_fuzz().arg("--version")).is_err() {
         bail!("cargo-fuzz is not installed: run `cargo xtask setup`");
     }
-    step("build the fuzz targets (nightly, AddressSanitizer)", || {
-        util::run(nightly_fuzz().arg("build").current_dir(&root))
-    })?;
+    let profile: &[&str] = if dev { &["--dev"] } else { &[] };
+    let what = if dev { "unoptimized" } else { "release" };
+    step(
+        &format!("build the fuzz targets (nightly, AddressSanitizer, {what})"),
+        || util::run(nightly_fuzz().arg("build").args(profile).current_dir(&root)),
+    )?;
     let mut results = Vec::new();
     for target in &targets {
         let stats = step(&format!("fuzz {target} for {seconds} s"), || {
-            fuzz_one(&root, target, seconds)
+            fuzz_one(&root, target, seconds, profile)
         })?;
         results.push((target, stats));
     }
@@ -79,7 +86,7 @@ struct Stats {
 
 /// Runs one target; its libFuzzer output goes to `target/fuzz-logs/<target>.log`, and on a
 /// crash the end of it is printed.
-fn fuzz_one(root: &Path, target: &str, seconds: u64) -> Result<Stats> {
+fn fuzz_one(root: &Path, target: &str, seconds: u64, profile: &[&str]) -> Result<Stats> {
     let work = root.join("target/fuzz-corpus").join(target);
     let seeds = root.join("fuzz/corpus").join(target);
     let logs = root.join("target/fuzz-logs");
@@ -90,6 +97,7 @@ fn fuzz_one(root: &Path, target: &str, seconds: u64) -> Result<Stats> {
         .with_context(|| format!("creating {}", log_path.display()))?;
     let mut child = nightly_fuzz()
         .args(["run", target])
+        .args(profile)
         .arg(&work)
         .arg(&seeds)
         .arg("--")

@@ -21,7 +21,7 @@ usage: cargo xtask <command>
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
   bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
-  fuzz           each cargo-fuzz target for a bounded time [--seconds N (20)] [TARGET...]
+  fuzz           each cargo-fuzz target for a bounded time [--seconds N (20)] [--dev] [TARGET...]
   hold-connections [N]  N concurrent keep-alive connections through one agent (10000): memory
 ";
 
@@ -101,7 +101,11 @@ fn test(extra: &[String]) -> Result<()> {
     });
     // Fuzzing, bounded: each target from the committed seeds (every seed also replays on stable
     // in `tests/tests/fuzz_corpus.rs`); longer runs: `cargo xtask fuzz --seconds N`.
-    let fuzz_args = ["--seconds".to_string(), FUZZ_SECONDS_IN_TEST.to_string()];
+    let fuzz_args = [
+        "--dev".to_string(),
+        "--seconds".to_string(),
+        FUZZ_SECONDS_IN_TEST.to_string(),
+    ];
     result = result.and(fuzz::run(&fuzz_args));
     if util::is_root() {
         let shared = util::step("GAMMA conformance, end to end", || conformance(&[]));

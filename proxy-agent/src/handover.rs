@@ -178,12 +178,7 @@ pub fn inherit(path: &Path, timeout: Duration) -> Result<Inherited, HandoverErro
         .and_then(|()| recv(&stream));
     let (message, fds) = match offered {
         Ok(answer) => answer,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(e) if is_timeout(&e) => {
             tracing::warn!(
                 pid = peer.pid,
                 ?timeout,
@@ -314,12 +309,7 @@ impl Inherited {
             Ok((Message::Stopped, _)) => Some(started.elapsed()),
             // Gone: it accepts nothing any more either.
             Err(e) if is_disconnect(&e) => Some(started.elapsed()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if is_timeout(&e) => {
                 tracing::warn!(
                     pid = session.pid,
                     ?timeout,
@@ -704,6 +694,14 @@ fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_
 }
 
 /// Whether the error means the other side closed or vanished.
+/// A socket timeout expired (`SO_RCVTIMEO`/`SO_SNDTIMEO` report WouldBlock).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),

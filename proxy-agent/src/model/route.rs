@@ -668,6 +668,48 @@ macro_rules! http_filter {
     }};
 }
 
+/// The rules of an HTTPRoute or a GRPCRoute: their generated types differ (hence a macro), the
+/// conversion does not. Each rule's matches (`match`, or `when no match` if it has none), filters
+/// (a filter macro with the generated filter types), backendRefs with their filters, and
+/// `timeouts and retry` (a function of the rule and its field path).
+macro_rules! route_rules {
+    (
+        $rules:expr,
+        match: $convert_match:expr,
+        when no match: $any:expr,
+        filter: $filter:ident!($($rule_types:ident),+),
+        backend filter: $backend_filter:ident!($($backend_types:ident),+),
+        timeouts and retry: $timeouts_and_retry:expr
+    ) => {
+        indexed($rules, "spec.rules", |rule, field| {
+            let mut matches =
+                indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match)?;
+            if matches.is_empty() {
+                matches.push($any);
+            }
+            let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
+                Ok($filter!(f, at, $($rule_types),+))
+            })?;
+            let backends =
+                indexed(rule.backend_refs.as_ref(), &format!("{field}.backendRefs"), |b, at| {
+                    let filters = indexed(b.filters.as_ref(), &format!("{at}.filters"), |f, at| {
+                        Ok($backend_filter!(f, at, $($backend_types),+))
+                    })?;
+                    Ok(backend_ref!(b, b.weight, filters, at))
+                })?;
+            let (timeouts, retry) = $timeouts_and_retry(rule, field)?;
+            Ok(Rule {
+                name: rule.name.clone(),
+                matches,
+                filters,
+                backends,
+                timeouts,
+                retry,
+            })
+        })
+    };
+}
+
 fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<Meta, Invalid> {
     let name = m
         .name
@@ -807,177 +849,30 @@ fn value_matches<H, N: MatchName>(
     Ok(out)
 }
 
-pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
-    use http_api::*;
-    let meta = meta(&route.metadata)?;
-    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
-    let mut rules = Vec::new();
-    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
-        let field = format!("spec.rules[{i}]");
-        let mut matches = Vec::new();
-        for (j, m) in rule.matches.iter().flatten().enumerate() {
-            let mf = format!("{field}.matches[{j}]");
-            let path = match &m.path {
-                None => PathMatch::Prefix(CompactString::default()),
-                Some(p) => {
-                    let value = p.value.clone().unwrap_or_else(|| "/".to_string());
-                    match p
-                        .r#type
-                        .clone()
-                        .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
-                    {
-                        HttpRouteRulesMatchesPathType::Exact => {
-                            checked_path(&value, &format!("{mf}.path.value"))?;
-                            PathMatch::Exact(value.into())
-                        }
-                        HttpRouteRulesMatchesPathType::PathPrefix => {
-                            checked_path(&value, &format!("{mf}.path.value"))?;
-                            PathMatch::Prefix(value.trim_end_matches('/').into())
-                        }
-                        HttpRouteRulesMatchesPathType::RegularExpression => {
-                            PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?)
-                        }
-                    }
-                }
-            };
-            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
-                (
-                    &h.name,
-                    &h.value,
-                    matches!(
-                        h.r#type,
-                        Some(HttpRouteRulesMatchesHeadersType::RegularExpression)
-                    ),
-                )
-            })?;
-            let query_params =
-                value_matches(m.query_params.as_ref(), &format!("{mf}.queryParams"), |h| {
-                    (
-                        &h.name,
-                        &h.value,
-                        matches!(
-                            h.r#type,
-                            Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
-                        ),
-                    )
-                })?;
-            let method = m.method.as_ref().map(|m| {
-                serde_json::to_value(m)
-                    .ok()
-                    .and_then(|v| {
-                        v.as_str()
-                            .and_then(|s| Method::from_bytes(s.as_bytes()).ok())
-                    })
-                    .unwrap_or(Method::GET)
-            });
-            matches.push(RouteMatch {
-                path,
-                headers,
-                query_params,
-                method,
-                grpc: None,
-            });
-        }
-        if matches.is_empty() {
-            matches.push(RouteMatch::any());
-        }
-        let filters = rule
-            .filters
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, f)| {
-                Ok(http_filter!(
-                    f,
-                    &format!("{field}.filters[{j}]"),
-                    HttpRouteRulesFiltersType,
-                    HttpRouteRulesFiltersRequestRedirectScheme,
-                    HttpRouteRulesFiltersRequestRedirectPathType,
-                    HttpRouteRulesFiltersUrlRewritePathType
-                ))
-            })
-            .collect::<Result<Vec<_>, Invalid>>()?;
-        let mut backends = Vec::new();
-        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
-            let bf = format!("{field}.backendRefs[{j}]");
-            let filters = b
-                .filters
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(k, f)| {
-                    Ok(http_filter!(
-                        f,
-                        &format!("{bf}.filters[{k}]"),
-                        HttpRouteRulesBackendRefsFiltersType,
-                        HttpRouteRulesBackendRefsFiltersRequestRedirectScheme,
-                        HttpRouteRulesBackendRefsFiltersRequestRedirectPathType,
-                        HttpRouteRulesBackendRefsFiltersUrlRewritePathType
-                    ))
-                })
-                .collect::<Result<Vec<_>, Invalid>>()?;
-            backends.push(backend_ref!(b, b.weight, filters, &bf));
-        }
-        let timeouts = match &rule.timeouts {
-            None => Timeouts::default(),
-            Some(t) => Timeouts {
-                request: duration(t.request.as_ref(), &format!("{field}.timeouts.request"))?,
-                backend_request: duration(
-                    t.backend_request.as_ref(),
-                    &format!("{field}.timeouts.backendRequest"),
-                )?,
-            },
-        };
-        if let (Some(req), Some(backend)) = (timeouts.request, timeouts.backend_request) {
-            if backend > req {
-                return Err(invalid(
-                    format!("{field}.timeouts.backendRequest"),
-                    "must not be greater than timeouts.request",
-                ));
-            }
-        }
-        let retry = rule
-            .retry
-            .as_ref()
-            .map(|r| -> Result<Retry, Invalid> {
-                let codes = r
-                    .codes
-                    .iter()
-                    .flatten()
-                    .map(|c| {
-                        u16::try_from(*c)
-                            .ok()
-                            .filter(|c| (400..=599).contains(c))
-                            .ok_or_else(|| {
-                                invalid(
-                                    format!("{field}.retry.codes"),
-                                    format!("{c} is not in 400-599"),
-                                )
-                            })
-                    })
-                    .collect::<Result<_, _>>()?;
-                let attempts = r.attempts.unwrap_or(1);
-                Ok(Retry {
-                    attempts: u32::try_from(attempts).map_err(|_| {
-                        invalid(format!("{field}.retry.attempts"), "must not be negative")
-                    })?,
-                    codes,
-                    backoff: duration(r.backoff.as_ref(), &format!("{field}.retry.backoff"))?,
-                })
-            })
-            .transpose()?;
-        rules.push(Rule {
-            name: rule.name.clone(),
-            matches,
-            filters,
-            backends,
-            timeouts,
-            retry,
-        });
-    }
+/// Converts each item of an optional list, naming it `{field}[i]` in errors.
+fn indexed<T, U>(
+    items: Option<&Vec<T>>,
+    field: &str,
+    mut convert: impl FnMut(&T, &str) -> Result<U, Invalid>,
+) -> Result<Vec<U>, Invalid> {
+    items
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, item)| convert(item, &format!("{field}[{i}]")))
+        .collect()
+}
+
+/// The route from its converted parts, once its rules are checked together.
+fn assembled(
+    kind: RouteKind,
+    meta: Meta,
+    parent_refs: Vec<ParentRef>,
+    rules: Vec<Rule>,
+) -> Result<Route, Invalid> {
     check_rules(&rules)?;
     Ok(Route {
-        kind: RouteKind::Http,
+        kind,
         meta,
         parent_refs,
         rules,
@@ -985,129 +880,229 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
     .compacted())
 }
 
+pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
+    use http_api::*;
+    let meta = meta(&route.metadata)?;
+    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
+    let rules = route_rules!(
+        route.spec.rules.as_ref(),
+        match: http_match,
+        when no match: RouteMatch::any(),
+        filter: http_filter!(
+            HttpRouteRulesFiltersType,
+            HttpRouteRulesFiltersRequestRedirectScheme,
+            HttpRouteRulesFiltersRequestRedirectPathType,
+            HttpRouteRulesFiltersUrlRewritePathType
+        ),
+        backend filter: http_filter!(
+            HttpRouteRulesBackendRefsFiltersType,
+            HttpRouteRulesBackendRefsFiltersRequestRedirectScheme,
+            HttpRouteRulesBackendRefsFiltersRequestRedirectPathType,
+            HttpRouteRulesBackendRefsFiltersUrlRewritePathType
+        ),
+        timeouts and retry: http_timeouts_and_retry
+    )?;
+    assembled(RouteKind::Http, meta, parent_refs, rules)
+}
+
+/// An HTTPRoute rule's `timeouts` and `retry` (GRPCRoute has neither).
+fn http_timeouts_and_retry(
+    rule: &http_api::HttpRouteRules,
+    field: &str,
+) -> Result<(Timeouts, Option<Retry>), Invalid> {
+    let timeouts = match &rule.timeouts {
+        None => Timeouts::default(),
+        Some(t) => Timeouts {
+            request: duration(t.request.as_ref(), &format!("{field}.timeouts.request"))?,
+            backend_request: duration(
+                t.backend_request.as_ref(),
+                &format!("{field}.timeouts.backendRequest"),
+            )?,
+        },
+    };
+    if let (Some(req), Some(backend)) = (timeouts.request, timeouts.backend_request) {
+        if backend > req {
+            return Err(invalid(
+                format!("{field}.timeouts.backendRequest"),
+                "must not be greater than timeouts.request",
+            ));
+        }
+    }
+    let retry = rule
+        .retry
+        .as_ref()
+        .map(|r| -> Result<Retry, Invalid> {
+            let codes = r
+                .codes
+                .iter()
+                .flatten()
+                .map(|c| {
+                    u16::try_from(*c)
+                        .ok()
+                        .filter(|c| (400..=599).contains(c))
+                        .ok_or_else(|| {
+                            invalid(
+                                format!("{field}.retry.codes"),
+                                format!("{c} is not in 400-599"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            let attempts = r.attempts.unwrap_or(1);
+            Ok(Retry {
+                attempts: u32::try_from(attempts).map_err(|_| {
+                    invalid(format!("{field}.retry.attempts"), "must not be negative")
+                })?,
+                codes,
+                backoff: duration(r.backoff.as_ref(), &format!("{field}.retry.backoff"))?,
+            })
+        })
+        .transpose()?;
+    Ok((timeouts, retry))
+}
+
+fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatch, Invalid> {
+    use http_api::*;
+    let path = match &m.path {
+        None => PathMatch::Prefix(CompactString::default()),
+        Some(p) => {
+            let value = p.value.clone().unwrap_or_else(|| "/".to_string());
+            match p
+                .r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::Exact => {
+                    checked_path(&value, &format!("{mf}.path.value"))?;
+                    PathMatch::Exact(value.into())
+                }
+                HttpRouteRulesMatchesPathType::PathPrefix => {
+                    checked_path(&value, &format!("{mf}.path.value"))?;
+                    PathMatch::Prefix(value.trim_end_matches('/').into())
+                }
+                HttpRouteRulesMatchesPathType::RegularExpression => {
+                    PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?)
+                }
+            }
+        }
+    };
+    let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
+        (
+            &h.name,
+            &h.value,
+            matches!(
+                h.r#type,
+                Some(HttpRouteRulesMatchesHeadersType::RegularExpression)
+            ),
+        )
+    })?;
+    let query_params = value_matches(m.query_params.as_ref(), &format!("{mf}.queryParams"), |h| {
+        (
+            &h.name,
+            &h.value,
+            matches!(
+                h.r#type,
+                Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
+            ),
+        )
+    })?;
+    let method = m.method.as_ref().map(|m| {
+        serde_json::to_value(m)
+            .ok()
+            .and_then(|v| {
+                v.as_str()
+                    .and_then(|s| Method::from_bytes(s.as_bytes()).ok())
+            })
+            .unwrap_or(Method::GET)
+    });
+    Ok(RouteMatch {
+        path,
+        headers,
+        query_params,
+        method,
+        grpc: None,
+    })
+}
+
 pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
     use grpc::*;
     let meta = meta(&route.metadata)?;
     let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
-    let mut rules = Vec::new();
-    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
-        let field = format!("spec.rules[{i}]");
-        let mut matches = Vec::new();
-        for (j, m) in rule.matches.iter().flatten().enumerate() {
-            let mf = format!("{field}.matches[{j}]");
-            let (path, grpc) = match &m.method {
-                None => (
-                    PathMatch::Prefix(CompactString::default()),
-                    GrpcMethodSpecificity {
-                        service_len: 0,
-                        method_len: 0,
-                    },
-                ),
-                Some(gm) => {
-                    let is_regex = matches!(
-                        gm.r#type,
-                        Some(GrpcRouteRulesMatchesMethodType::RegularExpression)
-                    );
-                    if gm.service.is_none() && gm.method.is_none() {
-                        return Err(invalid(
-                            format!("{mf}.method"),
-                            "one or both of service and method must be specified",
-                        ));
-                    }
-                    let spec = GrpcMethodSpecificity {
-                        service_len: gm.service.as_ref().map_or(0, String::len),
-                        method_len: gm.method.as_ref().map_or(0, String::len),
-                    };
-                    let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
-                        (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
-                        (false, Some(s), None) => PathMatch::Prefix(format!("/{s}").into()),
-                        (false, None, Some(m)) => PathMatch::Regex(compile_regex(
-                            &format!("/[^/]+/{}", regex::escape(m)),
-                            &format!("{mf}.method"),
-                        )?),
-                        (true, s, m) => PathMatch::Regex(compile_regex(
-                            &format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
-                            &format!("{mf}.method"),
-                        )?),
-                        (false, None, None) => unreachable!("checked above"),
-                    };
-                    (path, spec)
-                }
-            };
-            let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
-                (
-                    &h.name,
-                    &h.value,
-                    matches!(
-                        h.r#type,
-                        Some(GrpcRouteRulesMatchesHeadersType::RegularExpression)
-                    ),
-                )
-            })?;
-            matches.push(RouteMatch {
-                path,
-                headers,
-                query_params: Vec::new(),
-                method: None,
-                grpc: Some(grpc),
-            });
-        }
-        if matches.is_empty() {
-            let mut any = RouteMatch::any();
-            any.grpc = Some(GrpcMethodSpecificity {
+    let rules = route_rules!(
+        route.spec.rules.as_ref(),
+        match: grpc_match,
+        when no match: RouteMatch {
+            grpc: Some(GrpcMethodSpecificity {
                 service_len: 0,
                 method_len: 0,
-            });
-            matches.push(any);
+            }),
+            ..RouteMatch::any()
+        },
+        filter: common_filter!(GrpcRouteRulesFiltersType),
+        backend filter: common_filter!(GrpcRouteRulesBackendRefsFiltersType),
+        timeouts and retry: |_, _| Ok((Timeouts::default(), None))
+    )?;
+    assembled(RouteKind::Grpc, meta, parent_refs, rules)
+}
+
+fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, Invalid> {
+    use grpc::*;
+    let (path, grpc) = match &m.method {
+        None => (
+            PathMatch::Prefix(CompactString::default()),
+            GrpcMethodSpecificity {
+                service_len: 0,
+                method_len: 0,
+            },
+        ),
+        Some(gm) => {
+            let is_regex = matches!(
+                gm.r#type,
+                Some(GrpcRouteRulesMatchesMethodType::RegularExpression)
+            );
+            if gm.service.is_none() && gm.method.is_none() {
+                return Err(invalid(
+                    format!("{mf}.method"),
+                    "one or both of service and method must be specified",
+                ));
+            }
+            let spec = GrpcMethodSpecificity {
+                service_len: gm.service.as_ref().map_or(0, String::len),
+                method_len: gm.method.as_ref().map_or(0, String::len),
+            };
+            let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
+                (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
+                (false, Some(s), None) => PathMatch::Prefix(format!("/{s}").into()),
+                (false, None, Some(m)) => PathMatch::Regex(compile_regex(
+                    &format!("/[^/]+/{}", regex::escape(m)),
+                    &format!("{mf}.method"),
+                )?),
+                (true, s, m) => PathMatch::Regex(compile_regex(
+                    &format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                    &format!("{mf}.method"),
+                )?),
+                (false, None, None) => unreachable!("checked above"),
+            };
+            (path, spec)
         }
-        let filters = rule
-            .filters
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, f)| {
-                Ok(common_filter!(
-                    f,
-                    &format!("{field}.filters[{j}]"),
-                    GrpcRouteRulesFiltersType
-                ))
-            })
-            .collect::<Result<Vec<_>, Invalid>>()?;
-        let mut backends = Vec::new();
-        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
-            let bf = format!("{field}.backendRefs[{j}]");
-            let filters = b
-                .filters
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(k, f)| {
-                    Ok(common_filter!(
-                        f,
-                        &format!("{bf}.filters[{k}]"),
-                        GrpcRouteRulesBackendRefsFiltersType
-                    ))
-                })
-                .collect::<Result<Vec<_>, Invalid>>()?;
-            backends.push(backend_ref!(b, b.weight, filters, &bf));
-        }
-        rules.push(Rule {
-            name: rule.name.clone(),
-            matches,
-            filters,
-            backends,
-            timeouts: Timeouts::default(),
-            retry: None,
-        });
-    }
-    check_rules(&rules)?;
-    Ok(Route {
-        kind: RouteKind::Grpc,
-        meta,
-        parent_refs,
-        rules,
-    }
-    .compacted())
+    };
+    let headers = value_matches(m.headers.as_ref(), &format!("{mf}.headers"), |h| {
+        (
+            &h.name,
+            &h.value,
+            matches!(
+                h.r#type,
+                Some(GrpcRouteRulesMatchesHeadersType::RegularExpression)
+            ),
+        )
+    })?;
+    Ok(RouteMatch {
+        path,
+        headers,
+        query_params: Vec::new(),
+        method: None,
+        grpc: Some(grpc),
+    })
 }
 
 impl Filter {

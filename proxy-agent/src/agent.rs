@@ -6,6 +6,7 @@ use crate::handover::{self, Inherited, Offered, Successors};
 use crate::index::Index;
 use crate::model::ObjectKey;
 use crate::proxy::listener::{self, Drain, ExplicitTarget};
+use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::redirect::{self, AgentListener, CgroupDirs, KernelRedirects, Redirect};
 use crate::sources::file::{ManifestDir, Severity};
@@ -70,6 +71,8 @@ pub struct AgentConfig {
     pub kube: Option<KubeConfig>,
     /// Hitless restart: take over from a running agent, and let a successor take over.
     pub takeover: Option<TakeoverConfig>,
+    /// Data-plane worker threads (`proxy::workers`).
+    pub workers: usize,
 }
 
 /// Hitless restart (`crate::handover`).
@@ -145,21 +148,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
 
     let drain = Drain::default();
+    let workers =
+        Workers::start(config.workers, &proxy).context("starting the data-plane workers")?;
+    tracing::info!(workers = workers.count(), "data-plane workers started");
     for spec in &config.listen {
         let listener = listen(&mut inherited, &mut offered, spec.addr, "--listen")?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(addr = %spec.addr, service = %spec.service, port = spec.port, "explicit listener");
         let target = ExplicitTarget {
             service: spec.service.clone(),
             port: spec.port,
             caller_namespace: config.caller_namespace.clone(),
         };
-        tokio::spawn(listener::serve_explicit(
-            proxy.clone(),
-            listener,
-            target,
-            drain.clone(),
-        ));
+        let drain = drain.clone();
+        workers.serve(&listener, move |proxy, listener| {
+            listener::serve_explicit(proxy, listener, target.clone(), drain.clone())
+        })?;
     }
 
     // Redirected traffic is accepted only now, after the first complete sync: no request ever
@@ -169,7 +172,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         None => None,
         Some(r) => Some(start_redirect(
             r,
-            &proxy,
+            &workers,
             &index,
             &drain,
             (&mut inherited, &mut offered),
@@ -367,7 +370,7 @@ async fn finish_takeover(
 
 fn start_redirect(
     config: &RedirectConfig,
-    proxy: &Arc<Proxy>,
+    workers: &Workers,
     index: &Index,
     drain: &Drain,
     (inherited, offered): (&mut Inherited, &mut Offered),
@@ -392,19 +395,16 @@ fn start_redirect(
     })?;
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, index);
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
     let resolver = Arc::new(KernelRedirects {
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
     tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), "redirect listener; kernel programs attached");
-    tokio::spawn(listener::serve_redirect(
-        proxy.clone(),
-        listener,
-        resolver,
-        drain.clone(),
-    ));
+    let drain = drain.clone();
+    workers.serve(&listener, move |proxy, listener| {
+        listener::serve_redirect(proxy, listener, resolver.clone(), drain.clone())
+    })?;
     Ok(redirect)
 }
 

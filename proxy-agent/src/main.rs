@@ -110,11 +110,16 @@ fn main() -> Result<()> {
     } else {
         builder.init();
     }
+    // The control plane's runtime: sources, index, redirect maps, takeover. The data plane has
+    // its own threads (`proxy::workers`).
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("worker");
-    if let Some(n) = cli.workers {
-        runtime.worker_threads(n.max(1));
-    }
+    runtime
+        .enable_all()
+        .thread_name("control")
+        .worker_threads(1);
+    let workers = cli.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let takeover = cli.takeover_socket.map(|socket| TakeoverConfig {
         socket,
         timeout: Duration::from_millis(cli.takeover_timeout_ms),
@@ -123,6 +128,7 @@ fn main() -> Result<()> {
     });
     let config = AgentConfig {
         takeover,
+        workers,
         manifests: cli.manifests.unwrap_or_default(),
         redirect: cli
             .redirect

@@ -12,6 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
+/// Cloned for each worker: the bound is the agent's, not a worker's.
+#[derive(Clone)]
 pub(super) struct Mirrors {
     slots: Arc<Semaphore>,
 }

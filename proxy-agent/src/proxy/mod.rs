@@ -7,6 +7,7 @@ pub mod listener;
 mod mirror;
 mod tcp;
 pub mod upstream;
+pub mod workers;
 
 use crate::admin::metrics::{Metrics, RequestLabels};
 use crate::model::ObjectKey;
@@ -113,6 +114,18 @@ impl Proxy {
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
             metrics,
             config,
+        })
+    }
+
+    /// This proxy for one data-plane worker: its own upstream connection pools, everything else
+    /// shared.
+    pub fn for_worker(&self) -> Arc<Self> {
+        Arc::new(Proxy {
+            snapshot: self.snapshot.clone(),
+            upstream: self.upstream.with_own_pools(),
+            mirrors: self.mirrors.clone(),
+            metrics: self.metrics.clone(),
+            config: self.config.clone(),
         })
     }
 

@@ -27,16 +27,28 @@ pub const CONSECUTIVE_FAILURES: u32 = 3;
 
 pub type HttpClient = Client<HttpConnector, ProxyBody>;
 
-/// Both upstream clients; each keeps its own connection pool per endpoint.
+/// Both upstream clients; each keeps its own connection pool per endpoint. Each data-plane worker
+/// has its own (`with_own_pools`), so a request and its upstream connection live on one thread;
+/// the endpoints' in-flight counts and ejections are the agent's, shared.
 #[derive(Clone)]
 pub struct Upstream {
     pub http1: HttpClient,
     pub h2c: HttpClient,
     pub endpoints: Arc<EndpointStats>,
+    connect_timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_endpoints(connect_timeout, Arc::new(EndpointStats::default()))
+    }
+
+    /// New, empty connection pools; the same endpoint statistics.
+    pub fn with_own_pools(&self) -> Self {
+        Self::with_endpoints(self.connect_timeout, self.endpoints.clone())
+    }
+
+    fn with_endpoints(connect_timeout: Duration, endpoints: Arc<EndpointStats>) -> Self {
         let connector = || {
             let mut c = HttpConnector::new();
             c.set_nodelay(true);
@@ -55,7 +67,8 @@ impl Upstream {
         Upstream {
             http1,
             h2c,
-            endpoints: Arc::new(EndpointStats::default()),
+            endpoints,
+            connect_timeout,
         }
     }
 

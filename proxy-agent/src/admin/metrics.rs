@@ -12,6 +12,7 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Empty strings stand for "none" (rendered `-`): no allocation for what a request never reached.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestLabels {
     pub service: String,
@@ -218,7 +219,11 @@ fn labels(l: &RequestLabels) -> String {
     )
 }
 
+/// A label value; empty (no Service, route or backend was reached) reads `-`.
 fn escape(v: &str) -> String {
+    if v.is_empty() {
+        return "-".to_string();
+    }
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -61,7 +61,7 @@ pub(super) async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
     rule: Option<&CompiledRule>,
-    log: &mut AccessLog,
+    log: &mut AccessLog<'_>,
 ) -> Result<Response<ProxyBody>, LocalResponse> {
     let deadline = rule.and_then(|r| r.timeouts.request);
     let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
@@ -96,7 +96,7 @@ pub(super) async fn forward(
                 ));
             };
             tried.push(endpoint);
-            log.endpoint = endpoint.to_string();
+            log.endpoint = Some(endpoint);
             log.attempts += 1;
             let request_body = body.take().map_or_else(body::empty, body::stream);
             let request = upstream_request(&parts, endpoint, backend.h2c && !upgrade, request_body);

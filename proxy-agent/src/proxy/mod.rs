@@ -179,7 +179,7 @@ impl Proxy {
         snapshot: &Snapshot,
         request: Request<Incoming>,
         conn: &ConnectionInfo,
-        log: &mut AccessLog,
+        log: &mut AccessLog<'_>,
     ) -> Result<Response<ProxyBody>, LocalResponse> {
         let Some(frontend) = self.frontend(snapshot, &conn.destination) else {
             return Err(LocalResponse::error(
@@ -198,7 +198,6 @@ impl Proxy {
         );
         match decision {
             Decision::Direct(backend) => {
-                log.route = "-".into();
                 log.backend = backend.name();
                 forward::forward(self, backend, parts, body, None, log).await
             }
@@ -286,7 +285,7 @@ fn head_size<B>(request: &Request<B>) -> usize {
     line + headers
 }
 
-fn local_response(local: &LocalResponse, log: &mut AccessLog) -> Response<ProxyBody> {
+fn local_response(local: &LocalResponse, log: &mut AccessLog<'_>) -> Response<ProxyBody> {
     log.reason = Some(local.reason.clone());
     let mut response = Response::new(body::full(format!("{}\n", local.reason)));
     *response.status_mut() = local.status;
@@ -304,39 +303,33 @@ fn local_response(local: &LocalResponse, log: &mut AccessLog) -> Response<ProxyB
     response
 }
 
-/// One structured line per request.
-pub(crate) struct AccessLog {
+/// One structured line per request. Built for every request (the metrics need its labels), so
+/// it allocates only what it must: the caller comes from the connection, placeholders are static.
+pub(crate) struct AccessLog<'c> {
     method: http::Method,
-    path: String,
-    caller_namespace: String,
-    caller_pod: String,
-    identity: &'static str,
+    uri: http::Uri,
+    conn: &'c ConnectionInfo,
     pub service: String,
     pub route: String,
     pub backend: String,
-    pub endpoint: String,
+    pub endpoint: Option<SocketAddr>,
     pub status: u16,
     pub attempts: u32,
     pub upstream_duration: Option<Duration>,
     pub reason: Option<String>,
 }
 
-impl AccessLog {
-    fn new<B>(request: &Request<B>, conn: &ConnectionInfo) -> Self {
+impl<'c> AccessLog<'c> {
+    fn new<B>(request: &Request<B>, conn: &'c ConnectionInfo) -> Self {
         AccessLog {
             method: request.method().clone(),
-            path: request.uri().path().to_string(),
-            caller_namespace: conn.caller.namespace.clone().unwrap_or_else(|| "-".into()),
-            caller_pod: conn
-                .caller
-                .pod
-                .clone()
-                .unwrap_or_else(|| conn.caller.ip.to_string()),
-            identity: conn.caller.identity,
-            service: "-".into(),
-            route: "-".into(),
-            backend: "-".into(),
-            endpoint: "-".into(),
+            // Cheap: the parts of a parsed URI are reference-counted.
+            uri: request.uri().clone(),
+            conn,
+            service: String::new(),
+            route: String::new(),
+            backend: String::new(),
+            endpoint: None,
             status: 0,
             attempts: 0,
             upstream_duration: None,
@@ -346,17 +339,19 @@ impl AccessLog {
 
     fn finish(self, started: Instant, metrics: &Metrics) {
         let duration = started.elapsed();
+        let or_dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
+        let caller = &self.conn.caller;
         tracing::info!(
             target: "access",
-            caller_namespace = %self.caller_namespace,
-            caller_pod = %self.caller_pod,
-            caller_identity = self.identity,
+            caller_namespace = caller.namespace.as_deref().unwrap_or("-"),
+            caller_pod = %caller.pod.as_deref().map_or_else(|| caller.ip.to_string(), str::to_owned),
+            caller_identity = caller.identity,
             method = %self.method,
-            path = %self.path,
-            service = %self.service,
-            route = %self.route,
-            backend = %self.backend,
-            endpoint = %self.endpoint,
+            path = self.uri.path(),
+            service = or_dash(&self.service),
+            route = or_dash(&self.route),
+            backend = or_dash(&self.backend),
+            endpoint = %self.endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string()),
             status = self.status,
             attempts = self.attempts,
             duration_us = duration.as_micros() as u64,

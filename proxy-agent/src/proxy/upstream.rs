@@ -163,6 +163,52 @@ impl EndpointStats {
         exclude: &[SocketAddr],
         random: u64,
     ) -> Option<(SocketAddr, InFlight)> {
+        let chosen = match self.two_preferred(endpoints, exclude, random) {
+            Some(addr) => addr,
+            None => self.choose_with_fallbacks(endpoints, exclude, random)?,
+        };
+        let endpoint = self.get(chosen);
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((chosen, InFlight(endpoint)))
+    }
+
+    /// The common case, without allocating: two random endpoints, both untried and not
+    /// ejected; the one with fewer requests in flight. `None` if either is not.
+    fn two_preferred(
+        &self,
+        endpoints: &[SocketAddr],
+        exclude: &[SocketAddr],
+        random: u64,
+    ) -> Option<SocketAddr> {
+        let n = endpoints.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let a = endpoints[(random % n) as usize];
+        let b = endpoints[((random >> 32) % n) as usize];
+        let known = self.by_address.read().expect("not poisoned");
+        let preferred = |addr: &SocketAddr| {
+            !exclude.contains(addr) && !known.get(addr).is_some_and(|e| self.ejected(e))
+        };
+        if !(preferred(&a) && preferred(&b)) {
+            return None;
+        }
+        let load = |addr: &SocketAddr| {
+            known
+                .get(addr)
+                .map_or(0, |e| e.in_flight.load(Ordering::Relaxed))
+        };
+        Some(if load(&b) < load(&a) { b } else { a })
+    }
+
+    /// Untried endpoints if any (else all), healthy ones among them if any (else all), then the
+    /// power of two choices.
+    fn choose_with_fallbacks(
+        &self,
+        endpoints: &[SocketAddr],
+        exclude: &[SocketAddr],
+        random: u64,
+    ) -> Option<SocketAddr> {
         let untried: Vec<&SocketAddr> = endpoints.iter().filter(|a| !exclude.contains(a)).collect();
         let pick_from: Vec<&SocketAddr> = if untried.is_empty() {
             endpoints.iter().collect()
@@ -180,7 +226,7 @@ impl EndpointStats {
         } else {
             healthy
         };
-        let (addr, endpoint) = match pool.len() {
+        let (addr, _) = match pool.len() {
             0 => return None,
             1 => pool[0],
             n => {
@@ -193,8 +239,7 @@ impl EndpointStats {
                 }
             }
         };
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((*addr, InFlight(endpoint.clone())))
+        Some(*addr)
     }
 
     pub fn in_flight_total(&self) -> usize {

@@ -99,7 +99,11 @@ fn lookup(c: &mut Criterion) {
                     query: None,
                     headers: &headers,
                 };
-                let caller = if i % 2 == 0 { "prod" } else { "team-3" };
+                let caller = if i.is_multiple_of(2) {
+                    "prod"
+                } else {
+                    "team-3"
+                };
                 matches!(frontend.lookup(Some(caller), &head), Decision::Rule { .. })
             })
         });

@@ -169,25 +169,24 @@ async fn consumer_routes_replace_producer_routes_for_their_namespace() {
 async fn error_statuses_name_their_reason() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
     let closed = gamma_tests::loopback::free_port();
-    let rules = format!(
-        r#"  - matches: [{{path: {{type: Exact, value: /missing-backend}}}}]
-    backendRefs: [{{name: nosuch, port: 80}}]
-  - matches: [{{path: {{type: Exact, value: /zero}}}}]
-    backendRefs: [{{name: a, port: 80, weight: 0}}]
-  - matches: [{{path: {{type: Exact, value: /no-endpoints}}}}]
-    backendRefs: [{{name: empty, port: 80}}]
-  - matches: [{{path: {{type: Exact, value: /refused}}}}]
-    backendRefs: [{{name: refused, port: 80}}]
-  - matches: [{{path: {{type: PathPrefix, value: /delay}}}}]
-    timeouts: {{request: 300ms}}
-    backendRefs: [{{name: a, port: 80}}]
-  - matches: [{{path: {{type: Exact, value: /extension}}}}]
-    filters: [{{type: ExtensionRef, extensionRef: {{group: example.com, kind: Thing, name: x}}}}]
-    backendRefs: [{{name: a, port: 80}}]
-  - matches: [{{path: {{type: PathPrefix, value: /ok}}}}]
-    backendRefs: [{{name: a, port: 80}}]
+    let rules = r#"  - matches: [{path: {type: Exact, value: /missing-backend}}]
+    backendRefs: [{name: nosuch, port: 80}]
+  - matches: [{path: {type: Exact, value: /zero}}]
+    backendRefs: [{name: a, port: 80, weight: 0}]
+  - matches: [{path: {type: Exact, value: /no-endpoints}}]
+    backendRefs: [{name: empty, port: 80}]
+  - matches: [{path: {type: Exact, value: /refused}}]
+    backendRefs: [{name: refused, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: a, port: 80}]
+  - matches: [{path: {type: Exact, value: /extension}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: x}}]
+    backendRefs: [{name: a, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /ok}}]
+    backendRefs: [{name: a, port: 80}]
 "#
-    );
+    .to_string();
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "a", 80, &[a.addr], None)

@@ -781,7 +781,7 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
         }
         if redirects > 0 && !rule.backends.is_empty() {
             return Err(invalid(
-                format!("{field}"),
+                field.clone(),
                 "RequestRedirect filter must not be used together with backendRefs",
             ));
         }

@@ -5,6 +5,7 @@
 //! - `ebpf`: the client dials the Service VIP; cgroup/connect4 steers it to the agent (design B);
 //! - `iptables`: the client dials another VIP; an iptables REDIRECT in the node sends it to the
 //!   agent (the classic sidecar way).
+//!
 //! Scenarios: a new connection per request (connection setup + one request) and one keep-alive
 //! connection (per-packet cost on an established flow). Interleaved rounds; medians; ratios.
 

@@ -12,7 +12,7 @@ use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
 use gamma_tests::deployment_tally;
 use gamma_tests::scenario::Scenario;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const CALLS: usize = 200;
 
@@ -85,7 +85,7 @@ impl Demo {
         Ok(yaml)
     }
 
-    fn step1(&mut self, dir: &PathBuf) -> Result<()> {
+    fn step1(&mut self, dir: &Path) -> Result<()> {
         println!("\nStep 1: a consumer route in ui-backend adds `x-dev-feature: enabled` to its calls to catalog.products");
         self.show_route(&dir.join("step1-consumer-route.yaml"))?;
         for namespace in ["ui-backend", "products"] {
@@ -112,7 +112,7 @@ impl Demo {
         Ok(())
     }
 
-    fn step2(&mut self, dir: &PathBuf) -> Result<()> {
+    fn step2(&mut self, dir: &Path) -> Result<()> {
         println!(
             "\nStep 2: a producer route splits catalog 90/10 between catalog-v1 and catalog-v2"
         );

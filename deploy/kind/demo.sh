@@ -22,6 +22,7 @@ DEMO_IMAGE=gamma-demo:dev  # the tag deploy/kind/scenario.yaml uses
 CALLS=200
 failures=0
 created=0
+WORK=$(mktemp -d)
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { echo "demo: $*" >&2; exit 1; }
@@ -33,6 +34,7 @@ count() { grep -cF -- "$1" <<<"$2" || true; }
 
 cleanup() {
   local status=$?
+  rm -rf "$WORK"
   if [[ $status != 0 && $created == 1 ]]; then
     echo "--- the agents' last log lines:"
     kubectl -n gamma-system logs daemonset/gamma-node --all-containers --tail=40 2>/dev/null || true
@@ -153,6 +155,27 @@ for ns in products ui-backend; do
       "ui-backend keeps its consumer route (which replaces producer routes): $flagged of $CALLS calls carry x-dev-feature"
   fi
 done
+
+step "3: a hitless upgrade: the agents are replaced node by node while ui-backend keeps calling"
+# The DaemonSet's update starts each new agent beside the old one, which hands its sockets and
+# eBPF programs over (maxSurge 1, --takeover-socket): no call may fail or miss the mesh.
+UPGRADE_SECONDS=90
+# shellcheck disable=SC2016 # $1 and $(date) belong to the pod's shell
+kubectl -n ui-backend exec deploy/client -- sh -c \
+  'end=$(($(date +%s) + $1)); while [ "$(date +%s)" -lt "$end" ]; do curl -sSf --max-time 5 http://catalog.products/items || echo FAILED; echo; done' \
+  sh "$UPGRADE_SECONDS" >"$WORK/upgrade-calls.txt" 2>&1 &
+caller=$!
+sleep 5
+kubectl -n gamma-system rollout restart daemonset/gamma-node
+kubectl -n gamma-system rollout status daemonset/gamma-node --timeout=120s
+wait "$caller" || true
+out=$(grep -v '^$' "$WORK/upgrade-calls.txt" || true)
+total=$(grep -c . <<<"$out" || true)
+failed=$(count FAILED "$out")
+flagged=$(count '["x-dev-feature","enabled"]' "$out")
+echo "  during the upgrade: $total calls, $failed failed, $((total - failed - flagged)) without the consumer route"
+verdict "$((total > 0 && failed == 0 && flagged == total))" \
+  "every call during the rolling upgrade answered and routed by the mesh"
 
 echo
 if ((failures > 0)); then

@@ -92,11 +92,74 @@ fn is_cgroup2(path: &Path) -> bool {
 
 /// The cgroup id of the calling process: what the kernel programs compare with to exempt the
 /// agent's own sockets.
+///
+/// /proc/self/cgroup names it relative to the process's cgroup namespace. In a container with its
+/// own namespace (containerd's default on cgroup v2) that reads `/`, which in the host's hierarchy
+/// mounted at the same place would be the host's root. Then the agent's cgroup is the one whose
+/// `cgroup.procs` lists its pid (translated into its pid namespace by the kernel), searched under
+/// its pod's cgroup when `POD_UID` (downward API) names the pod, else under the whole hierarchy.
 pub fn own_cgroup_id() -> Result<u64, RedirectError> {
     let proc_cgroup = fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| RedirectError::io("reading /proc/self/cgroup", e))?;
     let relative = unified_path(&proc_cgroup).ok_or(RedirectError::NoCgroup2)?;
-    cgroup_id(&cgroup2_mount()?.join(relative.trim_start_matches('/')))
+    let mount = cgroup2_mount()?;
+    if relative == "/" {
+        let pod_uid = std::env::var("POD_UID").ok().filter(|u| !u.is_empty());
+        let start = pod_uid
+            .as_deref()
+            .and_then(|uid| pod_cgroup(&mount, uid))
+            .unwrap_or_else(|| mount.clone());
+        if let Some(own) = cgroup_listing(&start, std::process::id()) {
+            return cgroup_id(&own);
+        }
+        tracing::warn!(
+            searched = %start.display(),
+            "this process's cgroup was not found (a cgroup namespace hides it); its own \
+             connections to mesh Services would be steered back to it"
+        );
+    }
+    cgroup_id(&mount.join(relative.trim_start_matches('/')))
+}
+
+/// The pod-level cgroup of the pod with `uid`: the shallowest directory naming it.
+pub fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    let mut queue = std::collections::VecDeque::from([root.to_owned()]);
+    while let Some(dir) = queue.pop_front() {
+        let names_pod = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(pod_uid_in_component)
+            .is_some_and(|found| found == uid);
+        if names_pod {
+            return Some(dir);
+        }
+        queue.extend(subdirectories(&dir));
+    }
+    None
+}
+
+/// The cgroup under `root` (included) whose `cgroup.procs` lists `pid`.
+pub fn cgroup_listing(root: &Path, pid: u32) -> Option<PathBuf> {
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let listed = fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)));
+        if listed {
+            return Some(dir);
+        }
+        pending.extend(subdirectories(&dir));
+    }
+    None
+}
+
+/// Child cgroups (directories); none if unreadable (removed meanwhile).
+fn subdirectories(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
 }
 
 /// The cgroup v2 path in a /proc/<pid>/cgroup text: the `0::<path>` line.
@@ -148,16 +211,8 @@ pub fn scan(root: &Path) -> HashMap<u64, PathBuf> {
             continue;
         };
         found.insert(meta.ino(), dir.clone());
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
         // Only directories are cgroups; the files in them are interface files.
-        pending.extend(
-            entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path()),
-        );
+        pending.extend(subdirectories(&dir));
     }
     found
 }
@@ -192,6 +247,37 @@ mod tests {
     use super::*;
 
     const UID: &str = "0f3c5a7e-1b2d-4c6e-8f90-a1b2c3d4e5f6";
+
+    #[test]
+    fn finds_its_own_cgroup_by_pod_and_pid() {
+        let root = std::env::temp_dir().join(format!("gamma-cgroup-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let systemd_uid = UID.replace('-', "_");
+        let pod = root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
+        ));
+        let other =
+            root.join("kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice");
+        let pause = pod.join("cri-containerd-aaaa.scope");
+        let agent = pod.join("cri-containerd-bbbb.scope");
+        for dir in [&pause, &agent, &other] {
+            fs::create_dir_all(dir).unwrap();
+        }
+        fs::write(pause.join("cgroup.procs"), "1\n").unwrap();
+        fs::write(agent.join("cgroup.procs"), "7\n42\n").unwrap();
+        fs::write(other.join("cgroup.procs"), "42\n").unwrap();
+        let found_pod = pod_cgroup(&root, UID);
+        assert_eq!(found_pod.as_deref(), Some(pod.as_path()));
+        // Within the pod: the agent container's cgroup; pid 42 also appears in another pod's (a
+        // different pid namespace), which the pod narrows away.
+        assert_eq!(cgroup_listing(&pod, 42), Some(agent.clone()));
+        assert_eq!(cgroup_listing(&pod, 9), None);
+        assert_eq!(
+            pod_cgroup(&root, "99999999-9999-9999-9999-999999999999"),
+            None
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_of_a_hybrid_system() {

@@ -156,7 +156,12 @@ where
             // First, and from the current value: once stopped, not one more accept.
             biased;
             () = turned_true(&mut stop) => return,
-            accepted = listener.accept() => match accepted {
+            accepted = async {
+                if let Some(load) = &proxy.load {
+                    load.my_turn().await;
+                }
+                listener.accept().await
+            } => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: wait a little rather than spin.
@@ -177,7 +182,9 @@ where
         let proxy = proxy.clone();
         let shutdown = drain.watch();
         let tracker = drain.tracker.clone();
+        let opened = proxy.load.as_ref().map(|load| load.opened());
         drain.tracker.spawn(async move {
+            let _opened = opened;
             proxy
                 .metrics
                 .connections_open

@@ -100,6 +100,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub config: ProxyConfig,
     mirrors: mirror::Mirrors,
+    /// On a data-plane worker: the workers' open connections, to spread new ones evenly.
+    pub load: Option<workers::Loads>,
 }
 
 impl Proxy {
@@ -114,18 +116,20 @@ impl Proxy {
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
             metrics,
             config,
+            load: None,
         })
     }
 
-    /// This proxy for one data-plane worker: its own upstream connection pools, everything else
-    /// shared.
-    pub fn for_worker(&self) -> Arc<Self> {
+    /// This proxy for one data-plane worker: its own upstream connection pools and its place
+    /// among the workers' loads, everything else shared.
+    pub fn for_worker(&self, load: workers::Loads) -> Arc<Self> {
         Arc::new(Proxy {
             snapshot: self.snapshot.clone(),
             upstream: self.upstream.with_own_pools(),
             mirrors: self.mirrors.clone(),
             metrics: self.metrics.clone(),
             config: self.config.clone(),
+            load: Some(load),
         })
     }
 

@@ -6,16 +6,88 @@
 //! run on different threads, and every exchange wakes the other thread (futex, scheduler): the
 //! largest cost after the kernel's own in the profile of the keep-alive benchmark. Here a
 //! connection, its requests, their upstream connections and their timers never change threads.
-//! The kernel spreads new connections over the workers' pending `accept()` calls. The control
-//! plane (sources, index, redirect maps, takeover) stays on the main runtime, the admin server
-//! on its own.
+//! A new connection on a listener wakes every worker waiting on it, and the first to call
+//! `accept()` takes it, which favours whichever is least busy at that instant, not the one with
+//! the fewest connections: long-lived connections piled up 64/36 on two workers. So a worker with
+//! clearly more open connections than the least loaded one lets that one accept
+//! ([`Loads::my_turn`]). The control plane (sources, index, redirect maps, takeover) stays on the
+//! main runtime, the admin server on its own.
 
 use super::Proxy;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+
+/// How many more open connections than the least loaded worker a worker may have and still
+/// accept: a little slack, so that accepting does not hand off on every connection.
+const SLACK: usize = 2;
+
+/// Open connections per worker, and which worker this is.
+#[derive(Clone)]
+pub struct Loads {
+    shared: Arc<SharedLoads>,
+    mine: usize,
+}
+
+struct SharedLoads {
+    open: Box<[AtomicUsize]>,
+    /// Told whenever a count changes, for workers waiting for their turn.
+    changed: Notify,
+}
+
+/// Counts one open connection of a worker until dropped.
+pub struct Opened(Loads);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.shared.open[self.0.mine].fetch_sub(1, Ordering::Relaxed);
+        self.0.shared.changed.notify_waiters();
+    }
+}
+
+impl Loads {
+    fn new(workers: usize) -> Vec<Loads> {
+        let shared = Arc::new(SharedLoads {
+            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        });
+        (0..workers)
+            .map(|mine| Loads {
+                shared: shared.clone(),
+                mine,
+            })
+            .collect()
+    }
+
+    /// This worker took a connection; it counts until the guard is dropped.
+    pub fn opened(&self) -> Opened {
+        self.shared.open[self.mine].fetch_add(1, Ordering::Relaxed);
+        self.shared.changed.notify_waiters();
+        Opened(self.clone())
+    }
+
+    fn may_accept(&self) -> bool {
+        let open = |i: usize| self.shared.open[i].load(Ordering::Relaxed);
+        let least = (0..self.shared.open.len()).map(open).min().unwrap_or(0);
+        open(self.mine) <= least + SLACK
+    }
+
+    /// Returns once this worker may accept: at once unless another has clearly fewer open
+    /// connections (that one is woken by the same new connection and takes it). Never waits
+    /// forever: the least loaded worker always may.
+    pub async fn my_turn(&self) {
+        loop {
+            let changed = self.shared.changed.notified();
+            if self.may_accept() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
 
 pub struct Workers {
     workers: Vec<Worker>,
@@ -32,7 +104,8 @@ impl Workers {
     /// Starts `count` worker threads (at least one), each with `proxy` for its own pools.
     pub fn start(count: usize, proxy: &Proxy) -> io::Result<Workers> {
         let mut workers = Vec::new();
-        for i in 0..count.max(1) {
+        let loads = Loads::new(count.max(1));
+        for (i, load) in loads.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -50,7 +123,7 @@ impl Workers {
             // current where they are used: only ever this worker's.
             workers.push(Worker {
                 handle,
-                proxy: proxy.for_worker(),
+                proxy: proxy.for_worker(load),
                 stop: Some(stop),
                 thread: Some(thread),
             });
@@ -100,5 +173,35 @@ impl Drop for Workers {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_worker_with_clearly_more_connections_waits_for_the_others() {
+        let loads = Loads::new(2);
+        let (busy, idle) = (&loads[0], &loads[1]);
+        let mut held: Vec<Opened> = (0..=SLACK).map(|_| busy.opened()).collect();
+        assert!(!busy.may_accept(), "{} open, the other 0", SLACK + 1);
+        assert!(idle.may_accept(), "the least loaded worker always may");
+        let waiting = tokio::spawn({
+            let busy = busy.clone();
+            async move { busy.my_turn().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        // The other worker takes one: within the slack again.
+        held.push(idle.opened());
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("woken when the loads changed")
+            .unwrap();
+        // Closing connections also counts.
+        drop(held.drain(..).collect::<Vec<_>>());
+        assert!(busy.may_accept() && idle.may_accept());
     }
 }

@@ -1831,6 +1831,29 @@ fn check_security(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
 
 // (g) ---------------------------------------------------------------------------------------
 
+/// The agent container's volumeMount at `path` (trailing slashes aside), with its volume's
+/// hostPath if the volume is one.
+fn mount_at<'a>(
+    agent: &Agent<'a>,
+    path: &str,
+) -> Result<Option<(Node<'a>, Option<Node<'a>>)>, String> {
+    for mount in agent.container.list("volumeMounts")? {
+        if mount.req("mountPath")?.str()?.trim_end_matches('/') != path {
+            continue;
+        }
+        let name = mount.req("name")?.str()?;
+        let mut host = None;
+        for volume in agent.pod_spec.list("volumes")? {
+            if volume.opt_str("name")? == Some(name) {
+                host = volume.get("hostPath")?;
+                break;
+            }
+        }
+        return Ok(Some((mount, host)));
+    }
+    Ok(None)
+}
+
 fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
     let Some(cgroup) = agent.flag_value("cgroup", help) else {
         return Err(vec![format!(
@@ -1852,26 +1875,14 @@ fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
         ));
     }
     let result = (|| -> Result<bool, String> {
-        let volumes = agent.pod_spec.list("volumes")?;
-        for mount in agent.container.list("volumeMounts")? {
-            if mount.req("mountPath")?.str()?.trim_end_matches('/') != CGROUP_ROOT {
-                continue;
-            }
-            let name = mount.req("name")?.str()?;
-            for volume in &volumes {
-                if volume.opt_str("name")? != Some(name) {
-                    continue;
-                }
-                if let Some(host) = volume.get("hostPath")? {
-                    let path = host.req("path")?.str()?;
-                    if path.trim_end_matches('/') == CGROUP_ROOT {
-                        return Ok(true);
-                    }
-                    return Err(host.err(format!("{path}, expected {CGROUP_ROOT}")));
-                }
-            }
+        let Some((_, Some(host))) = mount_at(agent, CGROUP_ROOT)? else {
+            return Ok(false);
+        };
+        let path = host.req("path")?.str()?;
+        if path.trim_end_matches('/') == CGROUP_ROOT {
+            return Ok(true);
         }
-        Ok(false)
+        Err(host.err(format!("{path}, expected {CGROUP_ROOT}")))
     })();
     match result {
         Ok(true) => {}
@@ -1962,15 +1973,7 @@ fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
                 other.unwrap_or("not set")
             )),
         }
-        let volumes = agent.pod_spec.list("volumes")?;
-        let mount = agent.container.list("volumeMounts")?.into_iter().find(|m| {
-            m.opt_str("mountPath")
-                .ok()
-                .flatten()
-                .map(|p| p.trim_end_matches('/'))
-                == Some(dir)
-        });
-        let Some(mount) = mount else {
+        let Some((mount, host)) = mount_at(agent, dir)? else {
             problems.push(format!(
                 "{}: no volumeMount at {dir}, the folder of --takeover-socket: the new pod would \
                  not see the old one's socket",
@@ -1982,12 +1985,6 @@ fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
             problems.push(mount.err("readOnly: the agent creates its takeover socket there"));
         }
         let name = mount.req("name")?.str()?;
-        let host = volumes
-            .iter()
-            .find(|v| v.opt_str("name").ok().flatten() == Some(name))
-            .map(|v| v.get("hostPath"))
-            .transpose()?
-            .flatten();
         match host {
             None => problems.push(mount.err(format!(
                 "volume {name} is not a hostPath: another pod would not see the socket"

@@ -746,19 +746,19 @@ fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::R
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let fd_bytes = std::mem::size_of_val(raw.as_slice()) as u32;
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(fd_bytes) } as usize];
+    let control_len = if raw.is_empty() {
+        0
+    } else {
+        // SAFETY: CMSG_SPACE is arithmetic.
+        unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
+    };
+    let mut control = vec![0u8; control_len];
     let mut iov = libc::iovec {
         iov_base: frame.as_mut_ptr().cast(),
         iov_len: frame.len(),
     };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
+    let header = message_header(&mut iov, &mut control);
     if !raw.is_empty() {
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = control.len() as _;
         // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes: room for one header and
         // the descriptors, which CMSG_FIRSTHDR/CMSG_DATA address inside it.
         unsafe {
@@ -786,6 +786,20 @@ fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::R
         rest = &rest[n..];
     }
     Ok(())
+}
+
+/// A msghdr for one buffer and a control buffer (none if empty). It points into both: use it
+/// while they live.
+fn message_header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = iov;
+    header.msg_iovlen = 1;
+    if !control.is_empty() {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = control.len() as _;
+    }
+    header
 }
 
 /// Receives one message and the descriptors that came with it (close-on-exec, owned).
@@ -829,12 +843,7 @@ fn recv_chunk(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
-    header.msg_control = control.as_mut_ptr().cast();
-    header.msg_controllen = control.len() as _;
+    let mut header = message_header(&mut iov, &mut control);
     let n = loop {
         // SAFETY: a valid socket and msghdr; received descriptors are close-on-exec.
         let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const NS: &str = "shop";
 pub const LIMIT: Duration = Duration::from_secs(10);
@@ -17,15 +17,8 @@ pub const LEASE_NS: &str = "gamma-system";
 
 /// Polls `check` until it gives a value; panics after `LIMIT`. Returns the value and how long
 /// it took.
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return (value, started.elapsed());
-        }
-        assert!(started.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> (T, Duration) {
+    crate::eventually_within(LIMIT, what, check)
 }
 
 // --- objects -----------------------------------------------------------------------------

@@ -15,6 +15,23 @@ pub mod probe;
 pub mod scenario;
 pub mod soak;
 
+/// Polls `check` every 20 ms until it gives a value; panics after `limit`. Returns the value and
+/// how long it took.
+pub fn eventually_within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> (T, std::time::Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return (value, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -157,31 +157,18 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
         tokio::task::block_in_place(|| http_get(listen.parse().unwrap(), "/"))
             .is_ok_and(|body| body.contains("front-pod"))
     };
-    let within = |limit: Duration, mut check: Box<dyn FnMut() -> bool + '_>| {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if check() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    };
+    use gamma_tests::eventually_within as within;
+    let seconds = Duration::from_secs;
 
     let mut old = spawn("old.log");
-    assert!(
-        within(Duration::from_secs(10), Box::new(answered)),
-        "the first agent serves"
-    );
+    within(seconds(10), "the first agent serves", || {
+        answered().then_some(())
+    });
     let mut new = spawn("new.log");
     let old_log = || std::fs::read_to_string(dir.0.join("old.log")).unwrap_or_default();
-    assert!(
-        within(
-            Duration::from_secs(10),
-            Box::new(|| old_log().contains("taken over"))
-        ),
-        "the new agent takes over"
-    );
+    within(seconds(10), "the new agent takes over", || {
+        old_log().contains("taken over").then_some(())
+    });
     assert!(answered(), "the new agent serves");
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -190,11 +177,9 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
     );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
-    let exited = within(
-        Duration::from_secs(5),
-        Box::new(|| old.try_wait().unwrap().is_some()),
-    );
-    assert!(exited, "the waiting agent exits on SIGTERM");
+    within(seconds(5), "the waiting agent exits on SIGTERM", || {
+        old.try_wait().unwrap().map(|_| ())
+    });
     assert!(old.wait().unwrap().success());
     assert!(
         answered(),

@@ -4,19 +4,19 @@
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use gamma_engine::index::Index;
+use gamma_engine::manifests::{parse, Severity};
+use gamma_engine::model::{Object, ObjectKey};
+use gamma_engine::routes::{Decision, Plan, RequestHead, Snapshot};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxy_agent::admin::metrics::Metrics;
-use proxy_agent::index::Index;
-use proxy_agent::model::{Object, ObjectKey};
 use proxy_agent::proxy::listener::{classify, serve_http, Protocol};
 use proxy_agent::proxy::{
     check_request_head, Caller, ConnectionInfo, Destination, Proxy, ProxyConfig,
 };
-use proxy_agent::routes::{Decision, Plan, RequestHead, Snapshot};
-use proxy_agent::sources::file::{parse, Severity};
+use proxy_agent::telemetry::Metrics;
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -215,7 +215,7 @@ fn harness() -> &'static Harness {
             .expect("a tokio runtime");
         let port = runtime.block_on(backend());
         let index = published(world_objects(port));
-        let snapshot: Arc<ArcSwap<Snapshot>> = index.reader();
+        let snapshot: Arc<ArcSwap<Snapshot>> = Arc::new(ArcSwap::new(index.snapshot()));
         let config = ProxyConfig {
             // Short, so that an input that leaves a request unfinished cannot stall the run.
             header_read_timeout: Duration::from_secs(1),

@@ -1,23 +1,26 @@
-//! Wiring: sources → index → snapshot → data plane, admin, redirect; and the process lifecycle.
+//! Wiring: sources → publisher → data plane, redirect maps, status, admin; and the process
+//! lifecycle (start, takeover, drain).
 
-use crate::admin::metrics::Metrics;
-use crate::admin::server::{self, AdminState, Readiness};
+use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
-use crate::index::Index;
-use crate::model::ObjectKey;
 use crate::proxy::listener::{self, Drain, ExplicitTarget};
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::publisher::{Published, Publisher};
 use crate::redirect::{self, AgentListener, CgroupDirs, KernelRedirects, Redirect};
-use crate::sources::file::{ManifestDir, Severity};
-use crate::sources::kube::{KubeConfig, KubeSource, OnPublish};
+use crate::sources::file::{self, ManifestDir};
+use crate::sources::kube::{self as kube_source, KubeConfig, KubeSource};
+use crate::status::{self, StatusConfig};
+use crate::telemetry::{unix_now, Metrics, Readiness};
 use anyhow::{bail, Context, Result};
+use gamma_engine::{ObjectKey, Snapshot};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// `ADDR=NAMESPACE/SERVICE:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,11 +71,18 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     pub proxy: ProxyConfig,
     /// Follow a cluster instead of the manifest folder.
-    pub kube: Option<KubeConfig>,
+    pub kube: Option<ClusterConfig>,
     /// Hitless restart: take over from a running agent, and let a successor take over.
     pub takeover: Option<TakeoverConfig>,
     /// Data-plane worker threads (`proxy::workers`).
     pub workers: usize,
+}
+
+/// Following a cluster: what to watch, and where to report route status.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub source: KubeConfig,
+    pub status: StatusConfig,
 }
 
 /// Hitless restart (`crate::handover`).
@@ -112,17 +122,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut offered = Offered::default();
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
-    let mut index = Index::new();
-    let mut source = ManifestDir::new(&config.manifests);
     if config.kube.is_none() && !config.manifests.is_dir() {
         bail!(
             "--manifests {}: not a directory; give the folder that holds the YAML manifests",
             config.manifests.display()
         );
     }
+    let feeds = match &config.kube {
+        Some(_) => kube_source::feeds(),
+        None => vec![file::FEED],
+    };
+    let (mut publisher, updates) = Publisher::new(&feeds, metrics.clone(), readiness.clone());
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
-    let proxy = Proxy::new(index.reader(), metrics.clone(), config.proxy.clone());
+    let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
     let admin = server::spawn(
         listen(
             &mut inherited,
@@ -131,7 +144,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             "the admin server",
         )?,
         AdminState {
-            snapshot: index.reader(),
+            snapshot: publisher.reader(),
             metrics: metrics.clone(),
             endpoints: proxy.upstream.endpoints.clone(),
             readiness: readiness.clone(),
@@ -139,13 +152,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     )
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
-    let kube = match &config.kube {
-        Some(kube) => Some(KubeSource::start(kube.clone(), &mut index, &metrics).await?),
-        None => {
-            sync(&mut source, &mut index, &metrics)?;
-            None
-        }
-    };
+    let source = Source::start(&config, updates).await?;
+    if let Err(stopped) = publisher.first_sync().await {
+        return Err(source.failure().await.context(stopped));
+    }
 
     let drain = Drain::default();
     let workers =
@@ -173,7 +183,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Some(r) => Some(start_redirect(
             r,
             &workers,
-            &index,
+            &publisher.reader().load(),
             &drain,
             (&mut inherited, &mut offered),
             fresh_programs,
@@ -196,31 +206,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         None => None,
     };
     // Ready: the table is complete and every listener, the redirect included, is serving.
-    readiness
-        .synced_at
-        .store(server::unix_now(), Ordering::Relaxed);
-    let (watcher, kube) = match kube {
-        Some(kube) => {
-            let on_publish: OnPublish = Box::new(move |index: &Index| {
-                if let Some(redirect) = &redirect {
-                    reconcile_redirect(redirect, index);
-                }
-            });
-            let handle = kube.spawn(index, metrics.clone(), readiness.clone(), on_publish);
-            (None, Some(handle))
-        }
-        None => {
-            let watcher = tokio::spawn(watch_manifests(
-                source,
-                index,
-                metrics.clone(),
-                readiness.clone(),
-                redirect,
-                config.poll_interval,
-            ));
-            (Some(watcher), None)
-        }
+    readiness.synced_at.store(unix_now(), Ordering::Relaxed);
+    // The consumers subscribe before the publisher runs, so that none misses a publish.
+    let mut consumers = vec![tokio::spawn(prune_metrics(
+        metrics.clone(),
+        publisher.subscribe(),
+    ))];
+    if let Some(redirect) = redirect {
+        consumers.push(tokio::spawn(follow_redirect(
+            redirect,
+            publisher.subscribe(),
+        )));
+    }
+    let status = match (&config.kube, &source) {
+        (Some(cluster), Source::Kube(kube)) => Some(status::spawn(
+            kube.client.clone(),
+            cluster.status.clone(),
+            publisher.subscribe(),
+        )),
+        _ => None,
     };
+    consumers.push(tokio::spawn(publisher.run()));
     let taken_over = tokio::select! {
         () = shutdown_signal() => None,
         pid = async {
@@ -240,11 +246,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
         }
     }
-    if let Some(watcher) = watcher {
-        watcher.abort();
+    if let Some(status) = status {
+        status.shutdown().await;
     }
-    if let Some(kube) = kube {
-        kube.shutdown().await;
+    source.shutdown();
+    for consumer in consumers {
+        consumer.abort();
     }
     if drain.drain(config.drain_timeout).await {
         tracing::info!("drained");
@@ -262,26 +269,63 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-fn sync(source: &mut ManifestDir, index: &mut Index, metrics: &Metrics) -> Result<bool> {
-    let problems = source
-        .sync(index)
-        .with_context(|| format!("reading {}", source.dir().display()))?;
-    for problem in problems {
-        match problem.severity {
-            Severity::Warning => tracing::warn!("{problem}"),
-            Severity::Error => tracing::error!("{problem}"),
+/// The running source: the manifest folder's polling task, or the cluster's watchers.
+enum Source {
+    Folder(tokio::task::JoinHandle<Result<()>>),
+    Kube(KubeSource),
+}
+
+impl Source {
+    async fn start(config: &AgentConfig, updates: crate::sources::Updates) -> Result<Source> {
+        Ok(match &config.kube {
+            Some(cluster) => Source::Kube(KubeSource::start(&cluster.source, updates).await?),
+            None => Source::Folder(tokio::spawn(
+                ManifestDir::new(&config.manifests).run(updates, config.poll_interval),
+            )),
+        })
+    }
+
+    /// Why a source stopped before the first complete sync.
+    async fn failure(self) -> anyhow::Error {
+        match self {
+            Source::Folder(task) => match task.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow::anyhow!("the manifest folder source ended"),
+                Err(e) => anyhow::Error::new(e).context("the manifest folder source failed"),
+            },
+            Source::Kube(_) => anyhow::anyhow!("every Kubernetes watcher stopped"),
         }
     }
-    let published = index.publish();
-    if published {
-        let version = index.snapshot().version;
-        metrics.snapshot_version.store(version, Ordering::Relaxed);
-        tracing::info!(version, "route table published");
+
+    fn shutdown(self) {
+        match self {
+            Source::Folder(task) => task.abort(),
+            Source::Kube(kube) => kube.shutdown(),
+        }
     }
-    metrics
-        .last_sync_unix
-        .store(server::unix_now(), Ordering::Relaxed);
-    Ok(published)
+}
+
+/// The kernel steers exactly the frontends that have routes: kept in step with every publish.
+async fn follow_redirect(redirect: Arc<Redirect>, mut published: watch::Receiver<Published>) {
+    while published.changed().await.is_ok() {
+        let snapshot = published.borrow_and_update().snapshot.clone();
+        reconcile_redirect(&redirect, &snapshot);
+    }
+}
+
+/// Drops the request series of Services and routes that are gone, so that `/metrics` does not
+/// grow with every Service that ever existed.
+async fn prune_metrics(metrics: Arc<Metrics>, mut published: watch::Receiver<Published>) {
+    while published.changed().await.is_ok() {
+        let snapshot = published.borrow_and_update().snapshot.clone();
+        let pruned = metrics.retain_requests(|labels| labels.still_served(&snapshot));
+        if pruned > 0 {
+            tracing::debug!(
+                pruned,
+                "request series of removed Services or routes dropped"
+            );
+        }
+    }
 }
 
 /// The listening socket for `addr`: the running agent's if it handed one over, else a new one.
@@ -371,7 +415,7 @@ async fn finish_takeover(
 fn start_redirect(
     config: &RedirectConfig,
     workers: &Workers,
-    index: &Index,
+    snapshot: &Snapshot,
     drain: &Drain,
     (inherited, offered): (&mut Inherited, &mut Offered),
     fresh_programs: bool,
@@ -394,7 +438,7 @@ fn start_redirect(
         )
     })?;
     let redirect = Arc::new(redirect);
-    reconcile_redirect(&redirect, index);
+    reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
     let resolver = Arc::new(KernelRedirects {
         redirect: redirect.clone(),
@@ -409,44 +453,11 @@ fn start_redirect(
 }
 
 /// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`).
-fn reconcile_redirect(redirect: &Redirect, index: &Index) {
-    match redirect.set_mesh_services(index.snapshot().mesh_addresses()) {
+fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
+    match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
-        }
-    }
-}
-
-async fn watch_manifests(
-    mut source: ManifestDir,
-    mut index: Index,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    redirect: Option<Arc<Redirect>>,
-    every: Duration,
-) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        match sync(&mut source, &mut index, &metrics) {
-            Ok(published) => {
-                readiness.stale_since.store(0, Ordering::Relaxed);
-                if let (true, Some(redirect)) = (published, &redirect) {
-                    reconcile_redirect(redirect, &index);
-                }
-            }
-            Err(e) => {
-                // The folder is gone or unreadable: keep serving the last good table.
-                let _ = readiness.stale_since.compare_exchange(
-                    0,
-                    server::unix_now(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                tracing::error!(error = %format!("{e:#}"), "manifest folder unreadable; serving the last good table");
-            }
         }
     }
 }

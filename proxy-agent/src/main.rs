@@ -3,10 +3,11 @@
 use anyhow::Result;
 use clap::Parser;
 use proxy_agent::agent::{
-    self, AfterTakeover, AgentConfig, ListenSpec, RedirectConfig, TakeoverConfig,
+    self, AfterTakeover, AgentConfig, ClusterConfig, ListenSpec, RedirectConfig, TakeoverConfig,
 };
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::sources::kube::KubeConfig;
+use proxy_agent::status::StatusConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -94,7 +95,7 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.print_rbac {
-        let rules = proxy_agent::sources::kube::api::rbac_json();
+        let rules = proxy_agent::kube_api::rbac_json();
         println!("{}", serde_json::to_string_pretty(&rules)?);
         return Ok(());
     }
@@ -143,13 +144,19 @@ fn main() -> Result<()> {
             header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
             ..ProxyConfig::default()
         },
-        kube: cli.kube.then(|| KubeConfig {
-            node_name: cli.node_name.or_else(|| env("NODE_NAME")),
-            lease_namespace: cli
-                .lease_namespace
-                .or_else(|| env("POD_NAMESPACE"))
-                .unwrap_or_else(|| "gamma-system".into()),
-            lease_name: cli.lease_name,
+        kube: cli.kube.then(|| {
+            let node_name = cli.node_name.or_else(|| env("NODE_NAME"));
+            ClusterConfig {
+                status: StatusConfig {
+                    lease_namespace: cli
+                        .lease_namespace
+                        .or_else(|| env("POD_NAMESPACE"))
+                        .unwrap_or_else(|| "gamma-system".into()),
+                    lease_name: cli.lease_name,
+                    identity: node_name.clone(),
+                },
+                source: KubeConfig { node_name },
+            }
         }),
     };
     runtime.build()?.block_on(agent::run(config))

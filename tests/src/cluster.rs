@@ -3,7 +3,7 @@
 //! EndpointSlices are derived from the selectors, as the Kubernetes controllers would.
 
 use anyhow::{bail, Context, Result};
-use proxy_agent::sources::file::documents;
+use gamma_engine::manifests::documents;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

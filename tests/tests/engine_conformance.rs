@@ -2,13 +2,13 @@
 //! backend, headers at the backend and in the response, rewritten path, redirect and status.
 //! The folder is `$GAMMA_CONFORMANCE_DIR` (default `../shared/conformance`).
 
+use gamma_engine::index::Index;
+use gamma_engine::model::Object;
+use gamma_engine::routes::{Decision, Plan, RequestHead, Snapshot};
 use gamma_tests::cluster::{AddressPlan, SimCluster};
 use gamma_tests::conformance::{
     deployment_of, expected_shares, judge, judge_distribution, Case, Observed, Suite,
 };
-use proxy_agent::index::Index;
-use proxy_agent::model::Object;
-use proxy_agent::routes::{Decision, Plan, RequestHead, Snapshot};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,7 +29,7 @@ fn load(index: &mut Index, documents: impl IntoIterator<Item = serde_json::Value
     for doc in documents {
         match Object::from_value(doc) {
             Ok(object) => index.apply(object),
-            Err(proxy_agent::model::ObjectError::UnknownKind { .. }) => {}
+            Err(gamma_engine::model::ObjectError::UnknownKind { .. }) => {}
             Err(e) => panic!("conformance manifest rejected: {e}"),
         }
     }
@@ -42,7 +42,7 @@ fn test_documents(dir: &Path, manifests: &[String]) -> Vec<serde_json::Value> {
             let path = dir.join("manifests").join(m);
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            proxy_agent::sources::file::documents(&text)
+            gamma_engine::manifests::documents(&text)
                 .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
         })
         .map(|(_, v)| v)

@@ -29,7 +29,7 @@
 use crate::util;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -467,7 +467,7 @@ fn display(path: &Path, root: &Path) -> String {
 /// The documents of a YAML file (empty documents skipped).
 fn parse_documents(text: &str, file: &str) -> Result<Vec<Doc>, String> {
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let source = format!("{file}, document {}", i + 1);
         let value = Value::deserialize(de).map_err(|e| format!("{source}: {e}"))?;
         if !value.is_null() {

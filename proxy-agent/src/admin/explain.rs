@@ -1,8 +1,8 @@
 //! `/explain`: for a described request from a caller, which rule and backend the table picks,
 //! and why every other entry lost. Computed from the same snapshot the data plane reads.
 
-use crate::model::RouteMatch;
-use crate::routes::{Frontend, RequestHead};
+use gamma_engine::model::RouteMatch;
+use gamma_engine::routes::{Frontend, RequestHead};
 use serde_json::{json, Value};
 
 /// Why a match does not hold for a request (the first failing condition), or `None`.

@@ -2,5 +2,4 @@
 //! It runs on its own small runtime so that scraping never adds data-plane tail latency.
 
 pub mod explain;
-pub mod metrics;
 pub mod server;

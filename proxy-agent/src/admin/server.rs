@@ -1,12 +1,12 @@
 //! The admin HTTP server, on its own thread and single-threaded runtime.
 
 use super::explain::explain;
-use super::metrics::Metrics;
-use crate::model::ObjectKey;
 use crate::proxy::upstream::EndpointStats;
-use crate::routes::{RequestHead, Snapshot};
+use crate::telemetry::{Metrics, Readiness};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::{RequestHead, Snapshot};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -14,24 +14,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// Whether the agent may take traffic: its sources completed a first sync, and since when (if
-/// ever) they are stale.
-#[derive(Default)]
-pub struct Readiness {
-    /// Unix seconds of the first complete sync (0: not yet).
-    pub synced_at: AtomicU64,
-    /// Unix seconds since which the sources are stale (0: fresh).
-    pub stale_since: AtomicU64,
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 #[derive(Clone)]
 pub struct AdminState {

@@ -2,7 +2,7 @@
 
 use super::body::{self, ProxyBody};
 use super::{AccessLog, Proxy};
-use crate::routes::{Backend, CompiledRule, LocalResponse};
+use gamma_engine::routes::{Backend, CompiledRule, LocalResponse};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};

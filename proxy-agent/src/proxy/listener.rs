@@ -12,8 +12,8 @@
 //! Opaque TCP has no way to say "reconnect": it runs until it ends or the drain deadline.
 
 use super::{tcp, Caller, ConnectionInfo, Destination, Proxy};
-use crate::model::ObjectKey;
-use crate::routes::Snapshot;
+use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::Snapshot;
 use http::header::{HeaderValue, CONNECTION};
 use http::{Method, StatusCode};
 use hyper::service::service_fn;

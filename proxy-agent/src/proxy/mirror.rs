@@ -6,7 +6,7 @@
 
 use super::body;
 use super::Proxy;
-use crate::routes::Mirror;
+use gamma_engine::routes::Mirror;
 use http::Request;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

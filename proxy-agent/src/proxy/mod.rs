@@ -9,11 +9,11 @@ mod tcp;
 pub mod upstream;
 pub mod workers;
 
-use crate::admin::metrics::{Metrics, RequestLabels};
-use crate::model::ObjectKey;
-use crate::routes::{Decision, Frontend, LocalResponse, Plan, RequestHead, Snapshot};
+use crate::telemetry::metrics::{Metrics, RequestLabels};
 use arc_swap::ArcSwap;
 use body::ProxyBody;
+use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::{Decision, Frontend, LocalResponse, Plan, RequestHead, Snapshot};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::net::{IpAddr, SocketAddr};

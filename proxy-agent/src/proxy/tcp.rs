@@ -1,7 +1,7 @@
 //! Opaque TCP: connections that are not HTTP go to an endpoint of the Service as they are.
 
 use super::Proxy;
-use crate::routes::Frontend;
+use gamma_engine::routes::Frontend;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 

@@ -5,7 +5,7 @@
 use super::{pod_uid, CgroupDirs, Redirect};
 use crate::proxy::listener::OriginalDestination;
 use crate::proxy::Caller;
-use crate::routes::Snapshot;
+use gamma_engine::routes::Snapshot;
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -1,199 +1,23 @@
-//! The file source: a folder of the YAML manifests `kubectl apply` takes.
+//! The manifest-folder source: a folder of the YAML manifests `kubectl apply` takes, polled, its
+//! changes sent to the publisher as one feed (`manifests`).
 //!
-//! Multi-document files and `List` kinds are read; kinds the agent does not use are skipped with
-//! a warning; an invalid document is reported (file, document, field) and the rest still loads.
-//! On a change, a file whose YAML does not parse keeps its last good objects, and so does each
-//! invalid document that can still be identified (kind, namespace, name).
+//! Parsing is the engine's (`gamma_engine::manifests`). This file keeps what the folder held: on a
+//! change, a file whose YAML does not parse keeps its last good objects, and so does each invalid
+//! document that can still be identified (kind, namespace, name); a file removed takes its
+//! objects with it.
 
-use crate::index::{Index, ObjectRef};
-use crate::model::{Object, ObjectError};
+use super::{Feed, Health, Update, Updates};
+use crate::telemetry::unix_now;
+use gamma_engine::manifests::{parse, Identity, Problem, Severity};
+use gamma_engine::{Object, ObjectRef};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-/// Kinds that appear in manifests beside ours and need no warning.
-const QUIETLY_SKIPPED: &[&str] = &["Namespace"];
+/// This source's one feed.
+pub const FEED: Feed = "manifests";
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Severity {
-    Warning,
-    Error,
-}
-
-/// Something wrong with a manifest, located precisely enough to fix it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub severity: Severity,
-    pub file: PathBuf,
-    /// 1-based document number within the file (0: the whole file).
-    pub document: usize,
-    /// `Kind namespace/name` when known.
-    pub object: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.severity {
-            Severity::Warning => "skipped",
-            Severity::Error => "rejected",
-        };
-        write!(f, "{}", self.file.display())?;
-        if self.document > 0 {
-            write!(f, " document {}", self.document)?;
-        }
-        if let Some(object) = &self.object {
-            write!(f, " ({object})")?;
-        }
-        write!(f, ": {what}: {}", self.message)
-    }
-}
-
-/// A document that did not convert but whose identity is known, so its last good state can stay.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub api_version: String,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-}
-
-/// What one file holds.
-#[derive(Debug, Default)]
-pub struct Parsed {
-    pub objects: Vec<Object>,
-    pub problems: Vec<Problem>,
-    /// Invalid documents that can be identified: their previous objects are kept.
-    pub invalid: Vec<Identity>,
-    /// The YAML itself did not parse: nothing in the file can be trusted.
-    pub unreadable: bool,
-}
-
-/// Every document of a YAML text as JSON, with its 1-based document number; the items of `List`
-/// kinds are expanded in place. Fails with the document number if the YAML does not parse.
-pub fn documents(text: &str) -> Result<Vec<(usize, serde_json::Value)>, (usize, String)> {
-    let mut out = Vec::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let number = i + 1;
-        let value = match serde::Deserialize::deserialize(document).map(yaml_to_json) {
-            Ok(Some(v)) => v,
-            Ok(None) => continue, // an empty document
-            Err(e) => return Err((number, format!("not valid YAML: {e}"))),
-        };
-        if value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .is_some_and(|k| k.ends_with("List"))
-        {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_array())
-                .cloned()
-                .unwrap_or_default();
-            out.extend(items.into_iter().map(|item| (number, item)));
-        } else {
-            out.push((number, value));
-        }
-    }
-    Ok(out)
-}
-
-/// Parses the text of one manifest file. Pure: no I/O.
-pub fn parse(file: &Path, text: &str) -> Parsed {
-    let mut parsed = Parsed::default();
-    let problem = |severity, document, object, message: String| Problem {
-        severity,
-        file: file.to_path_buf(),
-        document,
-        object,
-        message,
-    };
-    let documents = match documents(text) {
-        Ok(d) => d,
-        Err((number, message)) => {
-            parsed
-                .problems
-                .push(problem(Severity::Error, number, None, message));
-            parsed.unreadable = true;
-            return parsed;
-        }
-    };
-    for (number, item) in documents {
-        let identity = identity(&item);
-        let shown = identity
-            .as_ref()
-            .map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
-        match Object::from_value(item) {
-            Ok(object) => parsed.objects.push(object),
-            Err(ObjectError::UnknownKind { kind, api_version }) => {
-                if !QUIETLY_SKIPPED.contains(&kind.as_str()) {
-                    parsed.problems.push(problem(
-                        Severity::Warning,
-                        number,
-                        shown,
-                        format!("kind `{kind}` ({api_version}) is not used by the agent"),
-                    ));
-                }
-            }
-            Err(e) => {
-                parsed
-                    .problems
-                    .push(problem(Severity::Error, number, shown, e.to_string()));
-                parsed.invalid.extend(identity);
-            }
-        }
-    }
-    parsed
-}
-
-fn identity(value: &serde_json::Value) -> Option<Identity> {
-    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
-    let meta = value.get("metadata");
-    Some(Identity {
-        api_version: text(value.get("apiVersion"))?,
-        kind: text(value.get("kind"))?,
-        namespace: text(meta.and_then(|m| m.get("namespace")))
-            .unwrap_or_else(|| "default".to_string()),
-        name: text(meta.and_then(|m| m.get("name")))?,
-    })
-}
-
-/// YAML → JSON (`None` for an empty document). YAML-only forms (non-string keys) become strings.
-fn yaml_to_json(value: serde_yaml::Value) -> Option<serde_json::Value> {
-    use serde_json::Value as J;
-    use serde_yaml::Value as Y;
-    fn convert(v: Y) -> J {
-        match v {
-            Y::Null => J::Null,
-            Y::Bool(b) => J::Bool(b),
-            Y::Number(n) => serde_json::to_value(&n).unwrap_or(J::Null),
-            Y::String(s) => J::String(s),
-            Y::Sequence(s) => J::Array(s.into_iter().map(convert).collect()),
-            Y::Mapping(m) => J::Object(
-                m.into_iter()
-                    .map(|(k, v)| {
-                        let key = match k {
-                            Y::String(s) => s,
-                            other => serde_yaml::to_string(&other)
-                                .unwrap_or_default()
-                                .trim()
-                                .to_string(),
-                        };
-                        (key, convert(v))
-                    })
-                    .collect(),
-            ),
-            Y::Tagged(t) => convert(t.value),
-        }
-    }
-    match value {
-        Y::Null => None,
-        v => Some(convert(v)),
-    }
-}
-
-/// The manifests of a folder, kept in step with the index.
+/// The manifests of a folder, and what each file last contributed.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
@@ -235,9 +59,10 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Reads changed files, applies their changes to `index`, and returns the problems found in
-    /// the files that changed. Files are read in name order (sub-folders included).
-    pub fn sync(&mut self, index: &mut Index) -> std::io::Result<Vec<Problem>> {
+    /// Reads changed files and returns their changes, in order, and the problems found in the
+    /// files that changed. Files are read in name order (sub-folders included).
+    pub fn changes(&mut self) -> std::io::Result<(Vec<Update>, Vec<Problem>)> {
+        let mut updates = Vec::new();
         let mut problems = Vec::new();
         let mut seen = Vec::new();
         for path in list_files(&self.dir)? {
@@ -286,11 +111,11 @@ impl ManifestDir {
             }
             for (id, (reference, _)) in &state.objects {
                 if !next.contains_key(id) {
-                    index.delete(reference);
+                    updates.push(Update::Delete(reference.clone()));
                 }
             }
             for (_, object) in next.values() {
-                index.apply(object.clone());
+                updates.push(Update::Apply(object.clone()));
             }
             state.objects = next;
         }
@@ -304,11 +129,52 @@ impl ManifestDir {
         for path in gone {
             if let Some(state) = self.files.remove(&path) {
                 for (reference, _) in state.objects.values() {
-                    index.delete(reference);
+                    updates.push(Update::Delete(reference.clone()));
                 }
             }
         }
-        Ok(problems)
+        Ok((updates, problems))
+    }
+
+    /// Polls the folder every `every` and sends what changed, then this feed's health. The first
+    /// pass failing ends the source with its error (the agent cannot start on it); later failures
+    /// keep the last good objects and report the feed failing.
+    pub async fn run(mut self, updates: Updates, every: Duration) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing_since = None;
+        for pass in 0u64.. {
+            ticker.tick().await;
+            let health = match self.changes() {
+                Ok((changes, problems)) => {
+                    for problem in problems {
+                        match problem.severity {
+                            Severity::Warning => tracing::warn!("{problem}"),
+                            Severity::Error => tracing::error!("{problem}"),
+                        }
+                    }
+                    for change in changes {
+                        updates.send(change).await?;
+                    }
+                    failing_since = None;
+                    Health::Synced
+                }
+                Err(e) if pass == 0 => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "reading the manifest folder {}",
+                        self.dir.display()
+                    )));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "manifest folder unreadable; serving the last good table");
+                    Health::Failing {
+                        since: *failing_since.get_or_insert_with(unix_now),
+                    }
+                }
+            };
+            updates.send(Update::Health(FEED, health)).await?;
+        }
+        Ok(())
     }
 }
 
@@ -332,45 +198,26 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gamma_engine::{Index, ObjectKey};
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
 
-    #[test]
-    fn multi_document_list_unknown_and_invalid() {
-        let text = format!(
-            "{SERVICE}---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p, namespace: ns}}\n  status: {{podIP: 10.0.0.5}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns}}\nspec:\n  ports: [{{port: 99999}}]\n---\n"
-        );
-        let parsed = parse(Path::new("m.yaml"), &text);
-        assert_eq!(parsed.objects.len(), 2, "{:?}", parsed.problems);
-        assert_eq!(parsed.problems.len(), 2);
-        assert_eq!(parsed.problems[0].severity, Severity::Warning);
-        assert!(
-            parsed.problems[0].to_string().contains("m.yaml document 3"),
-            "{}",
-            parsed.problems[0]
-        );
-        let error = parsed.problems[1].to_string();
-        assert!(
-            error.contains("document 4")
-                && error.contains("Service ns/bad")
-                && error.contains("spec.ports[0].port"),
-            "{error}"
-        );
-        assert_eq!(parsed.invalid.len(), 1);
-    }
-
-    #[test]
-    fn schema_mismatch_names_the_field() {
-        let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  rules:\n  - backendRefs:\n    - name: x\n      port: notanumber\n";
-        let parsed = parse(Path::new("r.yaml"), text);
-        assert!(parsed.objects.is_empty());
-        assert!(
-            parsed.problems[0]
-                .message
-                .contains("spec.rules[0].backendRefs[0].port"),
-            "{}",
-            parsed.problems[0]
-        );
+    /// One pass of the source into `index`: its problems, and whether ns/echo:80 is served.
+    fn pass(source: &mut ManifestDir, index: &mut Index) -> (usize, bool) {
+        let (updates, problems) = source.changes().unwrap();
+        for update in updates {
+            match update {
+                Update::Apply(object) => index.apply(object),
+                Update::Delete(reference) => index.delete(&reference),
+                other => panic!("the folder source sent {other:?}"),
+            }
+        }
+        index.publish();
+        let served = index
+            .snapshot()
+            .frontend_of(&ObjectKey::new("ns", "echo"), 80)
+            .is_some();
+        (problems.len(), served)
     }
 
     #[test]
@@ -381,31 +228,16 @@ mod tests {
         std::fs::write(&file, SERVICE).unwrap();
         let mut index = Index::new();
         let mut source = ManifestDir::new(&dir);
-        assert!(source.sync(&mut index).unwrap().is_empty());
-        index.publish();
-        let has_echo = |index: &Index| {
-            index
-                .snapshot()
-                .frontend_of(&crate::model::ObjectKey::new("ns", "echo"), 80)
-                .is_some()
-        };
-        assert!(has_echo(&index));
+        assert_eq!(pass(&mut source, &mut index), (0, true));
         // Unparseable YAML: reported, the Service stays.
         std::fs::write(&file, "kind: [unclosed\n  more: x").unwrap();
-        let problems = source.sync(&mut index).unwrap();
-        assert_eq!(problems.len(), 1);
-        index.publish();
-        assert!(has_echo(&index));
+        assert_eq!(pass(&mut source, &mut index), (1, true));
         // An invalid version of the same object: reported, the last good one stays.
         std::fs::write(&file, SERVICE.replace("port: 80", "port: 0")).unwrap();
-        assert_eq!(source.sync(&mut index).unwrap().len(), 1);
-        index.publish();
-        assert!(has_echo(&index));
+        assert_eq!(pass(&mut source, &mut index), (1, true));
         // File removed: its objects go.
         std::fs::remove_file(&file).unwrap();
-        source.sync(&mut index).unwrap();
-        index.publish();
-        assert!(!has_echo(&index));
+        assert_eq!(pass(&mut source, &mut index), (0, false));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

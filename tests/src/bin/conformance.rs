@@ -145,7 +145,7 @@ fn run_test(scenario: &Scenario, dir: &std::path::Path, test: &Test) -> Result<O
     let unsupported: Vec<&String> = test
         .features
         .iter()
-        .filter(|f| !proxy_agent::features::supports(f))
+        .filter(|f| !gamma_engine::features::supports(f))
         .collect();
     if !unsupported.is_empty() {
         outcome.skipped = Some(format!("unsupported features {unsupported:?}"));

@@ -1,4 +1,4 @@
-//! One kube-rs watcher per kind, translated into index updates.
+//! One kube-rs watcher per kind, translated into updates for the publisher (one feed per kind).
 //!
 //! kube-rs lists, then watches from the list's resourceVersion, and on `410 Gone` lists again.
 //! A list arrives as `Init`, `InitApply`…, `InitDone`: the keys seen between `Init` and `InitDone`
@@ -12,12 +12,12 @@
 //! backoff's jitter spreads the relists of many nodes after an API server restart. A complete list
 //! resets the backoff, so each outage is retried from the shortest delay.
 
-use super::api::{self, ApiCall};
-use super::status::ServerRoute;
-use crate::admin::server::unix_now;
-use crate::index::ObjectRef;
-use crate::model::{Object, ObjectError, ObjectKey, RouteKey, RouteKind};
+use crate::kube_api::{self as api, ApiCall, StoredRoute};
+use crate::sources::{Feed, Health, Update};
+use crate::telemetry::unix_now;
 use futures::StreamExt;
+use gamma_engine::index::ObjectRef;
+use gamma_engine::model::{Object, ObjectError, ObjectKey, RouteKey, RouteKind};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
@@ -57,6 +57,11 @@ impl Watched {
         }
     }
 
+    /// The publisher's name for this watcher's feed.
+    pub fn feed(self) -> Feed {
+        self.call().kind
+    }
+
     pub fn route_kind(self) -> Option<RouteKind> {
         match self {
             Watched::HttpRoute => Some(RouteKind::Http),
@@ -80,27 +85,6 @@ impl Watched {
             Watched::GrpcRoute => route(RouteKind::Grpc),
         }
     }
-}
-
-/// What a watcher tells the task that owns the index.
-#[derive(Debug)]
-pub enum Update {
-    Apply(Object),
-    Delete(ObjectRef),
-    /// A route as the API server holds it (status included), for the status writer; `None`
-    /// once deleted.
-    Route(RouteKey, Option<Arc<ServerRoute>>),
-    Health(Watched, Health),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Health {
-    /// A complete list arrived since the last error: the kind is current.
-    Synced,
-    /// The API server does not serve the kind (its CRD is not installed): it holds no objects.
-    Absent,
-    /// Failing since this Unix time; the last good objects stay.
-    Failing { since: u64 },
 }
 
 /// Runs the watcher of `kind` until the receiving side is gone.
@@ -196,7 +180,8 @@ impl KindState {
                     );
                 }
                 self.failures = 0;
-                self.send(Update::Health(self.kind, Health::Synced)).await?;
+                self.send(Update::Health(self.kind.feed(), Health::Synced))
+                    .await?;
             }
             Event::Apply(object) => self.apply(&object).await?,
             Event::Delete(object) => self.delete(key_of(&object)).await?,
@@ -211,8 +196,8 @@ impl KindState {
                 kind,
                 key: key.clone(),
             };
-            let server = ServerRoute::from_object(kind, object);
-            self.send(Update::Route(route, Some(Arc::new(server))))
+            let server = StoredRoute::from_object(kind, object);
+            self.send(Update::StoredStatus(route, Some(Arc::new(server))))
                 .await?;
         }
         match convert(self.kind.call(), object) {
@@ -243,7 +228,7 @@ impl KindState {
                 kind,
                 key: key.clone(),
             };
-            self.send(Update::Route(route, None)).await?;
+            self.send(Update::StoredStatus(route, None)).await?;
         }
         self.send(Update::Delete(self.kind.reference(key))).await
     }
@@ -272,7 +257,9 @@ impl KindState {
                 self.delete(key).await?;
             }
             self.failing_since = None;
-            return self.send(Update::Health(self.kind, Health::Absent)).await;
+            return self
+                .send(Update::Health(self.kind.feed(), Health::Absent))
+                .await;
         }
         if status.is_some_and(|s| s.code == 403) {
             tracing::error!(
@@ -295,7 +282,7 @@ impl KindState {
             );
         }
         let since = *self.failing_since.get_or_insert_with(unix_now);
-        self.send(Update::Health(self.kind, Health::Failing { since }))
+        self.send(Update::Health(self.kind.feed(), Health::Failing { since }))
             .await
     }
 }

@@ -2,20 +2,20 @@
 //! `status.parents` say what the published snapshot says.
 //!
 //! Writes are server-side apply patches on the status subresource under our field manager. The
-//! list is atomic (see `status`), so each patch carries the whole list and the resourceVersion
+//! list is atomic (see `parents`), so each patch carries the whole list and the resourceVersion
 //! it was computed from: if anyone changed the route since, the API server answers 409, we read
 //! the status again and recompute. `force` is needed because another controller may own the
 //! list; it is safe because their entries are in what we write, unchanged, at that
 //! resourceVersion.
 
-use super::api::{ApiCall, GRPC_ROUTES_STATUS, HTTP_ROUTES_STATUS};
-use super::status::{self, ServerRoute};
-use crate::model::RouteKind;
-use crate::routes::status::ParentStatus;
-use crate::routes::Snapshot;
+use super::parents;
+use crate::kube_api::{ApiCall, StoredRoute, GRPC_ROUTES_STATUS, HTTP_ROUTES_STATUS};
+use crate::publisher::Published;
+use gamma_engine::model::RouteKind;
+use gamma_engine::routes::status::ParentStatus;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::Client;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -30,14 +30,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Conflicts in a row on one route before leaving it to the next pass.
 const CONFLICT_ATTEMPTS: usize = 3;
 
-/// What the status depends on: the published snapshot and the routes as the API server holds
-/// them (keyed like `Snapshot::statuses`: `"HTTPRoute ns/name"`).
-#[derive(Clone, Default)]
-pub struct StatusInputs {
-    pub snapshot: Arc<Snapshot>,
-    pub routes: Arc<BTreeMap<String, Arc<ServerRoute>>>,
-}
-
 fn call_for(kind: RouteKind) -> &'static ApiCall {
     match kind {
         RouteKind::Http => &HTTP_ROUTES_STATUS,
@@ -50,12 +42,12 @@ struct Written {
     /// The watcher's resourceVersion when we wrote: once it moves, the watcher has seen our
     /// write (or something newer) and this entry is dropped.
     seen_at: String,
-    route: Arc<ServerRoute>,
+    route: Arc<StoredRoute>,
 }
 
 pub struct Writer {
     client: Client,
-    inputs: watch::Receiver<StatusInputs>,
+    inputs: watch::Receiver<Published>,
     leader: watch::Receiver<bool>,
     written: HashMap<String, Written>,
 }
@@ -72,7 +64,7 @@ enum Outcome {
 impl Writer {
     pub fn new(
         client: Client,
-        inputs: watch::Receiver<StatusInputs>,
+        inputs: watch::Receiver<Published>,
         leader: watch::Receiver<bool>,
     ) -> Writer {
         Writer {
@@ -103,16 +95,16 @@ impl Writer {
     }
 
     /// One reconciliation of every route the API server holds.
-    async fn pass(&mut self, inputs: &StatusInputs) -> Outcome {
+    async fn pass(&mut self, inputs: &Published) -> Outcome {
         let watched_rv: HashMap<&String, &String> = inputs
-            .routes
+            .stored_status
             .iter()
             .map(|(k, r)| (k, &r.resource_version))
             .collect();
         self.written
             .retain(|key, w| watched_rv.get(key).is_some_and(|rv| **rv == w.seen_at));
         let mut outcome = Outcome::Done;
-        for (key, watched) in inputs.routes.iter() {
+        for (key, watched) in inputs.stored_status.iter() {
             let desired = inputs
                 .snapshot
                 .statuses
@@ -136,8 +128,8 @@ impl Writer {
         &mut self,
         key: &str,
         desired: &[ParentStatus],
-        mut current: Arc<ServerRoute>,
-        watched: &ServerRoute,
+        mut current: Arc<StoredRoute>,
+        watched: &StoredRoute,
     ) -> Outcome {
         let call = call_for(current.kind);
         let api: Api<DynamicObject> = Api::namespaced_with(
@@ -146,10 +138,10 @@ impl Writer {
             &call.api_resource(),
         );
         for _ in 0..CONFLICT_ATTEMPTS {
-            if !status::same_generation(desired, &current) {
+            if !parents::same_generation(desired, &current) {
                 return Outcome::Done; // the index has not caught up yet: the next pass will
             }
-            let Some(parents) = status::plan(desired, &current, &status::now_rfc3339()) else {
+            let Some(parents) = parents::plan(desired, &current, &parents::now_rfc3339()) else {
                 return Outcome::Done;
             };
             // Checked right before each write: a demoted leader must not write.
@@ -175,7 +167,7 @@ impl Writer {
                     self.remember(
                         key,
                         watched,
-                        ServerRoute::from_object(current.kind, &object),
+                        StoredRoute::from_object(current.kind, &object),
                     );
                     tracing::info!(route = key, "route status written");
                     return Outcome::Done;
@@ -190,7 +182,7 @@ impl Writer {
                             current = self.remember(
                                 key,
                                 watched,
-                                ServerRoute::from_object(current.kind, &object),
+                                StoredRoute::from_object(current.kind, &object),
                             );
                         }
                         Err(e) => return failed(key, &e),
@@ -207,9 +199,9 @@ impl Writer {
     fn remember(
         &mut self,
         key: &str,
-        watched: &ServerRoute,
-        route: ServerRoute,
-    ) -> Arc<ServerRoute> {
+        watched: &StoredRoute,
+        route: StoredRoute,
+    ) -> Arc<StoredRoute> {
         let route = Arc::new(route);
         self.written.insert(
             key.to_string(),

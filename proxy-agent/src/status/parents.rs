@@ -6,42 +6,10 @@
 //! per Service parentRef), and it is written against the resourceVersion it was computed from,
 //! so that a concurrent change by another controller is never overwritten (see `writer`).
 
-use crate::model::{ParentRef, RouteKind};
-use crate::routes::status::{ParentStatus, CONTROLLER_NAME};
-use kube::api::DynamicObject;
+use crate::kube_api::StoredRoute;
+use gamma_engine::model::ParentRef;
+use gamma_engine::routes::status::{ParentStatus, CONTROLLER_NAME};
 use serde_json::{json, Map, Value};
-
-/// A route as the API server holds it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ServerRoute {
-    pub kind: RouteKind,
-    pub namespace: String,
-    pub name: String,
-    pub resource_version: String,
-    pub generation: i64,
-    /// `status.parents`, every controller's entries, as stored.
-    pub parents: Vec<Value>,
-}
-
-impl ServerRoute {
-    pub fn from_object(kind: RouteKind, object: &DynamicObject) -> ServerRoute {
-        let meta = &object.metadata;
-        ServerRoute {
-            kind,
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
-            resource_version: meta.resource_version.clone().unwrap_or_default(),
-            // As the model reads it (an object the API server returns always has one).
-            generation: meta.generation.unwrap_or(1),
-            parents: object
-                .data
-                .pointer("/status/parents")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-        }
-    }
-}
 
 fn is_ours(entry: &Value) -> bool {
     entry.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME)
@@ -104,7 +72,7 @@ fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
 
 /// The complete `status.parents` to write, or `None` when the server already says what we
 /// would write. Other controllers' entries are kept as they are, in their order.
-pub fn plan(desired: &[ParentStatus], server: &ServerRoute, now: &str) -> Option<Vec<Value>> {
+pub fn plan(desired: &[ParentStatus], server: &StoredRoute, now: &str) -> Option<Vec<Value>> {
     let (ours, others): (Vec<&Value>, Vec<&Value>) =
         server.parents.iter().partition(|e| is_ours(e));
     let wanted: Vec<Value> = desired
@@ -127,7 +95,7 @@ pub fn plan(desired: &[ParentStatus], server: &ServerRoute, now: &str) -> Option
 /// Whether `desired` was computed from the generation the server holds. The index may lag the
 /// route watcher by a batch, or keep an older generation because the newer one is invalid; in
 /// both cases writing would report on a generation the route no longer has.
-pub fn same_generation(desired: &[ParentStatus], server: &ServerRoute) -> bool {
+pub fn same_generation(desired: &[ParentStatus], server: &StoredRoute) -> bool {
     desired
         .iter()
         .flat_map(|d| &d.conditions)
@@ -145,7 +113,8 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::status::Condition;
+    use gamma_engine::model::RouteKind;
+    use gamma_engine::routes::status::Condition;
 
     fn parent(name: &str) -> ParentRef {
         ParentRef {
@@ -173,8 +142,8 @@ mod tests {
         }
     }
 
-    fn server(parents: Vec<Value>) -> ServerRoute {
-        ServerRoute {
+    fn server(parents: Vec<Value>) -> StoredRoute {
+        StoredRoute {
             kind: RouteKind::Http,
             namespace: "ns".into(),
             name: "r".into(),

@@ -7,7 +7,6 @@
 use crate::model::{EndpointSlice, Filter, Object, ObjectKey, Pod, Route, RouteKey, Service};
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
-use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -119,7 +118,6 @@ pub struct Index {
     callers_dirty: bool,
     tables: Tables,
     current: Arc<Snapshot>,
-    published: Arc<ArcSwap<Snapshot>>,
 }
 
 impl Default for Index {
@@ -137,16 +135,11 @@ impl Index {
             dirty_routes: AHashSet::new(),
             callers_dirty: false,
             tables: Tables::default(),
-            published: Arc::new(ArcSwap::new(current.clone())),
             current,
         }
     }
 
-    /// Where readers load the snapshot from (lock-free).
-    pub fn reader(&self) -> Arc<ArcSwap<Snapshot>> {
-        self.published.clone()
-    }
-
+    /// The snapshot of the last `publish` (the empty table before the first).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.clone()
     }
@@ -300,8 +293,8 @@ impl Index {
         true
     }
 
-    /// Recompiles what changed and publishes a new snapshot if the result differs.
-    /// Returns whether a snapshot was published. The cost is the recompilation of what changed
+    /// Recompiles what changed and makes a new snapshot current if the result differs.
+    /// Returns whether it did (then `snapshot()` is the new one). The cost is the recompilation of what changed
     /// plus a shallow copy of the published maps (reference counts, no deep clones).
     pub fn publish(&mut self) -> bool {
         let mut changed = false;
@@ -357,7 +350,6 @@ impl Index {
             statuses: self.tables.statuses.clone(),
         };
         self.current = Arc::new(snapshot);
-        self.published.store(self.current.clone());
         true
     }
 

@@ -1,4 +1,5 @@
-//! Every Kubernetes API call the agent makes, declared once.
+//! Every Kubernetes API call the agent makes, declared once, and the shape of the route status
+//! it reads back ([`StoredRoute`]).
 //!
 //! The watchers, the status writer and the leader election build their requests from these
 //! entries, `proxy-agent --print-rbac` prints them, and `cargo xtask check-deploy` compares the
@@ -6,7 +7,10 @@
 //! declared here cannot be made (the tests also check what the agent actually sent to an API
 //! server against this table).
 
+use gamma_engine::model::RouteKind;
+use kube::api::DynamicObject;
 use kube::core::ApiResource;
+use serde_json::Value;
 
 /// One resource the agent calls, with the verbs it uses on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +139,38 @@ pub fn rbac_json() -> serde_json::Value {
             })
         })
         .collect()
+}
+
+/// A route as the API server stores it: what the status writer diffs against.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRoute {
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: String,
+    pub generation: i64,
+    /// `status.parents`, every controller's entries, as stored.
+    pub parents: Vec<Value>,
+}
+
+impl StoredRoute {
+    pub fn from_object(kind: RouteKind, object: &DynamicObject) -> StoredRoute {
+        let meta = &object.metadata;
+        StoredRoute {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            // As the model reads it (an object the API server returns always has one).
+            generation: meta.generation.unwrap_or(1),
+            parents: object
+                .data
+                .pointer("/status/parents")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
 }
 
 #[cfg(test)]

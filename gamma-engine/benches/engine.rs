@@ -3,9 +3,9 @@
 //! snapshot memory per route (counted by a global allocator, printed once).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use proxy_agent::index::Index;
-use proxy_agent::model::Object;
-use proxy_agent::routes::{Decision, RequestHead};
+use gamma_engine::index::Index;
+use gamma_engine::model::Object;
+use gamma_engine::routes::{Decision, RequestHead};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -79,7 +79,8 @@ fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("lookup");
     for services in [10usize, 1_000, 10_000] {
         let index = world(services);
-        let reader = index.reader();
+        // As the data plane reads it: one lock-free load per request.
+        let reader = arc_swap::ArcSwap::new(index.snapshot());
         let method = http::Method::GET;
         let mut headers = http::HeaderMap::new();
         headers.insert("x-canary", "1".parse().unwrap());

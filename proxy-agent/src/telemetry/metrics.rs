@@ -2,6 +2,7 @@
 //! connections; upstream endpoints in flight. Text exposition format, written by hand.
 
 use ahash::AHashMap;
+use gamma_engine::{ObjectKey, Snapshot};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -19,6 +20,29 @@ pub struct RequestLabels {
     pub route: String,
     pub backend: String,
     pub status: u16,
+}
+
+impl RequestLabels {
+    /// Whether the Service port and the route these labels name are still in `snapshot` (a
+    /// label that names none counts as served).
+    pub fn still_served(&self, snapshot: &Snapshot) -> bool {
+        let service = self.service.is_empty()
+            || self
+                .service
+                .rsplit_once(':')
+                .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
+                .is_some_and(|((namespace, name), port)| {
+                    snapshot
+                        .frontend_of(&ObjectKey::new(namespace, name), port)
+                        .is_some()
+                });
+        let route = self.route.is_empty()
+            || self
+                .route
+                .split_once(" rule ")
+                .is_some_and(|(route, _)| snapshot.statuses.contains_key(route));
+        service && route
+    }
 }
 
 #[derive(Default)]
@@ -80,6 +104,14 @@ impl Metrics {
             .entry(labels)
             .or_default()
             .observe(duration);
+    }
+
+    /// Keeps the request series `keep` says yes to; returns how many were dropped.
+    pub fn retain_requests(&self, mut keep: impl FnMut(&RequestLabels) -> bool) -> usize {
+        let mut requests = self.requests.write().expect("not poisoned");
+        let before = requests.len();
+        requests.retain(|labels, _| keep(labels));
+        before - requests.len()
     }
 
     /// Requests seen with these labels (tests and `/explain` read it).
@@ -251,5 +283,36 @@ mod tests {
             text.contains(r#"le="0.005"} 1"#) && text.contains(r#"le="0.05"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn series_of_removed_services_and_routes_are_pruned() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}]}]\n";
+        let mut index = gamma_engine::Index::new();
+        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
+            index.apply(object);
+        }
+        index.publish();
+        let snapshot = index.snapshot();
+        let labels = |service: &str, route: &str| RequestLabels {
+            service: service.into(),
+            route: route.into(),
+            backend: String::new(),
+            status: 200,
+        };
+        let m = Metrics::default();
+        for l in [
+            labels("ns/s:80", "HTTPRoute ns/r rule 0"),
+            labels("ns/s:80", ""),
+            labels("", ""),
+            labels("ns/gone:80", ""),
+            labels("ns/s:81", ""),
+            labels("ns/s:80", "HTTPRoute ns/gone rule 0"),
+        ] {
+            m.record(l, Duration::from_millis(1));
+        }
+        assert_eq!(m.retain_requests(|l| l.still_served(&snapshot)), 3);
+        assert_eq!(m.count(&labels("ns/s:80", "HTTPRoute ns/r rule 0")), 1);
+        assert_eq!(m.count(&labels("ns/gone:80", "")), 0);
     }
 }

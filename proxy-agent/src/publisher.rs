@@ -1,0 +1,279 @@
+//! The publisher: the one task that owns the index.
+//!
+//! Sources send [`Update`]s over one channel; the publisher applies them in batches and, after
+//! each batch, publishes a new snapshot if the table changed. It fans the result out twice:
+//! - to the data plane through an `ArcSwap` ([`Publisher::reader`]), loaded once per connection
+//!   or request without a lock;
+//! - to every other consumer through a `watch` of [`Published`] ([`Publisher::subscribe`]): the
+//!   kernel redirect's map reconciliation, the status writer, metrics pruning.
+//!
+//! It also keeps readiness (first complete sync, staleness) and the table's version in
+//! telemetry. Nothing it publishes feeds back into the index.
+
+use crate::kube_api::StoredRoute;
+use crate::sources::{Feed, Health, Update, Updates};
+use crate::telemetry::{unix_now, Metrics, Readiness};
+use arc_swap::ArcSwap;
+use gamma_engine::{Index, Snapshot};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// A batch ends after this long without updates…
+const QUIET: Duration = Duration::from_millis(5);
+/// …or after this long in any case, so that a steady stream of updates still publishes.
+const MAX_BATCH: Duration = Duration::from_millis(100);
+/// Updates a source may send ahead of the publisher.
+const CHANNEL: usize = 1024;
+
+/// What consumers see after each publish.
+#[derive(Clone, Default)]
+pub struct Published {
+    pub snapshot: Arc<Snapshot>,
+    /// Route status as the API server stores it, keyed like `Snapshot::statuses`
+    /// (`"HTTPRoute ns/name"`); empty for sources that store none.
+    pub stored_status: Arc<BTreeMap<String, Arc<StoredRoute>>>,
+}
+
+/// Every source stopped (its channel closed) before the first complete sync.
+#[derive(Debug, thiserror::Error)]
+#[error("the sources stopped before the first complete sync")]
+pub struct SourcesStopped;
+
+pub struct Publisher {
+    updates: mpsc::Receiver<Update>,
+    index: Index,
+    /// Every feed the sources declared, with its last reported health.
+    feeds: BTreeMap<Feed, Option<Health>>,
+    stored_status: BTreeMap<String, Arc<StoredRoute>>,
+    stored_status_changed: bool,
+    data_plane: Arc<ArcSwap<Snapshot>>,
+    published: watch::Sender<Published>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+impl Publisher {
+    /// A publisher waiting for `feeds` (see the channel contract in `crate::sources`), and the
+    /// channel the sources send to.
+    pub fn new(
+        feeds: &[Feed],
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+    ) -> (Publisher, Updates) {
+        let (tx, updates) = mpsc::channel(CHANNEL);
+        let publisher = Publisher {
+            updates,
+            index: Index::new(),
+            feeds: feeds.iter().map(|&f| (f, None)).collect(),
+            stored_status: BTreeMap::new(),
+            stored_status_changed: false,
+            data_plane: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            published: watch::channel(Published::default()).0,
+            metrics,
+            readiness,
+        };
+        (publisher, tx)
+    }
+
+    /// Where the data plane loads the current snapshot from (lock-free).
+    pub fn reader(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.data_plane.clone()
+    }
+
+    /// Every publish, for consumers that act on changes.
+    pub fn subscribe(&self) -> watch::Receiver<Published> {
+        self.published.subscribe()
+    }
+
+    /// Every feed listed completely (or found not served) at least once.
+    fn complete(&self) -> bool {
+        self.feeds
+            .values()
+            .all(|h| matches!(h, Some(Health::Synced | Health::Absent)))
+    }
+
+    /// Applies updates until every feed has been listed once, then publishes the first table.
+    /// Until then nothing is published: no request sees a partial table.
+    pub async fn first_sync(&mut self) -> Result<(), SourcesStopped> {
+        let started = std::time::Instant::now();
+        while !self.complete() {
+            if !self.batch().await {
+                return Err(SourcesStopped);
+            }
+        }
+        self.publish();
+        let absent: Vec<Feed> = self
+            .feeds
+            .iter()
+            .filter(|(_, h)| **h == Some(Health::Absent))
+            .map(|(feed, _)| *feed)
+            .collect();
+        tracing::info!(elapsed = ?started.elapsed(), not_served = ?absent, "first complete sync");
+        Ok(())
+    }
+
+    /// Runs until every source is gone.
+    pub async fn run(mut self) {
+        self.report_staleness();
+        while self.batch().await {
+            self.publish();
+            self.report_staleness();
+        }
+    }
+
+    /// Receives one batch: the first update, then whatever follows within `QUIET`.
+    async fn batch(&mut self) -> bool {
+        let Some(first) = self.updates.recv().await else {
+            return false;
+        };
+        self.apply(first);
+        let deadline = Instant::now() + MAX_BATCH;
+        loop {
+            let quiet = (Instant::now() + QUIET).min(deadline);
+            match tokio::time::timeout_at(quiet, self.updates.recv()).await {
+                Ok(Some(update)) => self.apply(update),
+                Ok(None) => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn apply(&mut self, update: Update) {
+        match update {
+            Update::Apply(object) => self.index.apply(object),
+            Update::Delete(reference) => self.index.delete(&reference),
+            Update::StoredStatus(key, stored) => {
+                let key = key.to_string();
+                let changed = match stored {
+                    Some(s) => self.stored_status.insert(key, s.clone()).as_ref() != Some(&s),
+                    None => self.stored_status.remove(&key).is_some(),
+                };
+                self.stored_status_changed |= changed;
+            }
+            Update::Health(feed, health) => match self.feeds.get_mut(feed) {
+                Some(slot) => *slot = Some(health),
+                None => tracing::error!(feed, "an update from a feed the publisher was not told of; ignored (declare it in Publisher::new)"),
+            },
+        }
+    }
+
+    /// Publishes the batch's result: one store for the data plane, one send for the consumers.
+    fn publish(&mut self) {
+        let published = self.index.publish();
+        if published {
+            let snapshot = self.index.snapshot();
+            self.metrics
+                .snapshot_version
+                .store(snapshot.version, Ordering::Relaxed);
+            tracing::info!(version = snapshot.version, "route table published");
+            self.data_plane.store(snapshot);
+        }
+        if published || std::mem::take(&mut self.stored_status_changed) {
+            self.published.send_replace(Published {
+                snapshot: self.index.snapshot(),
+                stored_status: Arc::new(self.stored_status.clone()),
+            });
+        }
+        if self.stale_since() == 0 {
+            self.metrics
+                .last_sync_unix
+                .store(unix_now(), Ordering::Relaxed);
+        }
+    }
+
+    /// The earliest failure among feeds failing now (0: all current).
+    fn stale_since(&self) -> u64 {
+        self.feeds
+            .values()
+            .filter_map(|h| match h {
+                Some(Health::Failing { since }) => Some(*since),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn report_staleness(&self) {
+        let since = self.stale_since();
+        self.readiness.stale_since.store(since, Ordering::Relaxed);
+        self.metrics
+            .source_stale_since_unix
+            .store(since, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gamma_engine::manifests;
+
+    fn objects(yaml: &str) -> Vec<Update> {
+        manifests::parse(std::path::Path::new("t.yaml"), yaml)
+            .objects
+            .into_iter()
+            .map(Update::Apply)
+            .collect()
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+
+    #[tokio::test]
+    async fn publishes_only_after_every_feed_synced_and_only_on_change() {
+        let metrics = Arc::new(Metrics::default());
+        let readiness = Arc::new(Readiness::default());
+        let (mut publisher, tx) = Publisher::new(&["a", "b"], metrics, readiness.clone());
+        let reader = publisher.reader();
+        let mut consumer = publisher.subscribe();
+        for update in objects(SERVICE) {
+            tx.send(update).await.unwrap();
+        }
+        tx.send(Update::Health("a", Health::Synced)).await.unwrap();
+        // Feed `b` has not listed yet: the first sync must still be waiting.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), publisher.first_sync()).await;
+        assert!(waiting.is_err(), "published before feed b synced");
+        assert_eq!(reader.load().version, 0);
+        tx.send(Update::Health("b", Health::Absent)).await.unwrap();
+        publisher.first_sync().await.unwrap();
+        assert_eq!(reader.load().version, 1);
+        assert!(consumer.has_changed().unwrap());
+        consumer.mark_unchanged();
+        let task = tokio::spawn(publisher.run());
+        // The same object again changes nothing: no publish, no wake-up.
+        for update in objects(SERVICE) {
+            tx.send(update).await.unwrap();
+        }
+        tx.send(Update::Health("a", Health::Failing { since: 7 }))
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            if readiness.stale_since.load(Ordering::Relaxed) == 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(readiness.stale_since.load(Ordering::Relaxed), 7);
+        assert!(!consumer.has_changed().unwrap());
+        assert_eq!(reader.load().version, 1);
+        // A change publishes once, to both.
+        for update in objects(&SERVICE.replace("port: 80", "port: 81")) {
+            tx.send(update).await.unwrap();
+        }
+        consumer.changed().await.unwrap();
+        assert_eq!(consumer.borrow().snapshot.version, 2);
+        assert_eq!(reader.load().version, 2);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn first_sync_fails_when_the_sources_stop() {
+        let metrics = Arc::new(Metrics::default());
+        let (mut publisher, tx) = Publisher::new(&["a"], metrics, Default::default());
+        drop(tx);
+        assert!(publisher.first_sync().await.is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Route status, an output: what the agent tells users through `kubectl get httproute -o yaml`.
+//!
+//! ```text
+//!  publisher ──Published (snapshot + status as stored)──> writer (server-side apply on status.parents)
+//!  lease (leader election) ──leader──────────────────────────┘
+//! ```
+//!
+//! - `parents`: what to write into `status.parents` (pure).
+//! - `writer`: writing it, while this agent holds the lease.
+//! - `lease`: which agent writes (one per cluster).
+
+mod lease;
+pub mod parents;
+pub mod writer;
+
+use crate::publisher::Published;
+use kube::Client;
+use lease::{Elector, LeaseConfig};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use writer::Writer;
+
+/// Where the status lease lives and who this agent is in it.
+#[derive(Clone, Debug)]
+pub struct StatusConfig {
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// This agent's name in the lease: the node name, else the host name.
+    pub identity: Option<String>,
+}
+
+/// The running status writer and its lease.
+pub struct StatusHandle {
+    writer: JoinHandle<()>,
+    elector: JoinHandle<()>,
+    stop: oneshot::Sender<()>,
+}
+
+/// Starts competing for the lease and, while holding it, writing what `published` says.
+pub fn spawn(
+    client: Client,
+    config: StatusConfig,
+    published: watch::Receiver<Published>,
+) -> StatusHandle {
+    let identity = config.identity.unwrap_or_else(host_name);
+    let lease = LeaseConfig::new(config.lease_namespace, config.lease_name, identity);
+    let (elector, leader) = Elector::new(client.clone(), lease);
+    let (stop, stopped) = oneshot::channel();
+    StatusHandle {
+        elector: tokio::spawn(elector.run(stopped)),
+        writer: tokio::spawn(Writer::new(client, published, leader).run()),
+        stop,
+    }
+}
+
+impl StatusHandle {
+    /// Stops writing and releases the lease, so that another agent takes over at once.
+    pub async fn shutdown(self) {
+        self.writer.abort();
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.elector).await;
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gamma-node-agent".to_string())
+}

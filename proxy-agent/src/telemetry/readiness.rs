@@ -1,0 +1,20 @@
+//! Readiness: written by the publisher (first complete sync, staleness of the sources) and the
+//! agent (every listener serving), read by `/ready`.
+
+use std::sync::atomic::AtomicU64;
+
+/// Whether the agent may take traffic: its sources completed a first sync, and since when (if
+/// ever) they are stale.
+#[derive(Default)]
+pub struct Readiness {
+    /// Unix seconds of the first complete sync (0: not yet).
+    pub synced_at: AtomicU64,
+    /// Unix seconds since which the sources are stale (0: fresh).
+    pub stale_since: AtomicU64,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -12,7 +12,8 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxy_agent::proxy::listener::{classify, serve_http, Protocol};
+use proxy_agent::proxy::detect::{classify, Protocol};
+use proxy_agent::proxy::serve::serve_http;
 use proxy_agent::proxy::{
     check_request_head, Caller, ConnectionInfo, Destination, Proxy, ProxyConfig,
 };
@@ -160,7 +161,7 @@ pub fn route_match(data: &[u8]) {
             let asterisk = parts.uri == "*";
             match rule.plan(&mut parts, matched, frontend.port, random) {
                 Plan::Respond(local) => {
-                    if let Some(location) = &local.location {
+                    if let Some(location) = local.location() {
                         assert!(
                             http::HeaderValue::from_str(location).is_ok(),
                             "a redirect's Location is not a valid header value: {location:?}"

@@ -4,7 +4,7 @@
 //! and every Service whose routes use it as a backend); `publish` recompiles only those, and
 //! swaps in a new snapshot only when the result differs from the current one.
 
-use crate::model::{EndpointSlice, Filter, Object, ObjectKey, Pod, Route, RouteKey, Service};
+use crate::model::{EndpointSlice, Object, ObjectKey, Pod, Route, RouteKey, Service};
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,24 +76,12 @@ fn parents(route: &Route) -> impl Iterator<Item = ObjectKey> + '_ {
 
 fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
     let ns = &route.meta.key.namespace;
-    let mut out = BTreeSet::new();
-    for rule in &route.rules {
-        let mirrors = rule
-            .filters
-            .iter()
-            .chain(rule.backends.iter().flat_map(|b| &b.filters))
-            .filter_map(|f| match f {
-                Filter::Mirror(m) => Some(&m.backend),
-                _ => None,
-            });
-        for b in rule.backends.iter().chain(mirrors) {
-            out.insert(ObjectKey::new(
-                b.namespace.as_deref().unwrap_or(ns),
-                &b.name,
-            ));
-        }
-    }
-    out
+    route
+        .rules
+        .iter()
+        .flat_map(|rule| rule.referenced_backends())
+        .map(|b| ObjectKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name))
+        .collect()
 }
 
 fn index_remove(

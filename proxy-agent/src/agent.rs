@@ -3,7 +3,9 @@
 
 use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
-use crate::proxy::listener::{self, Drain, ExplicitTarget};
+use crate::proxy::drain::Drain;
+use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
+use crate::proxy::redirected::serve_redirect;
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
@@ -171,7 +173,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         };
         let drain = drain.clone();
         workers.serve(&listener, move |proxy, listener| {
-            listener::serve_explicit(proxy, listener, target.clone(), drain.clone())
+            serve_explicit(proxy, listener, target.clone(), drain.clone())
         })?;
     }
 
@@ -447,7 +449,7 @@ fn start_redirect(
     tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), "redirect listener; kernel programs attached");
     let drain = drain.clone();
     workers.serve(&listener, move |proxy, listener| {
-        listener::serve_redirect(proxy, listener, resolver.clone(), drain.clone())
+        serve_redirect(proxy, listener, resolver.clone(), drain.clone())
     })?;
     Ok(redirect)
 }

@@ -33,7 +33,7 @@
 //! running agent that does not answer within the timeout is given up on: the new agent starts as
 //! without one (binding its own sockets and replacing the programs, see `redirect/attach.rs`).
 
-use crate::proxy::listener::Drain;
+use crate::proxy::drain::Drain;
 use crate::redirect::{Predecessor, Redirect, RedirectError, RedirectOffer};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write as _};

@@ -115,11 +115,11 @@ fn run_case(
         Decision::Rule { rule, matched } => {
             match rule.plan(&mut parts, matched, request.port, rng.next()) {
                 Plan::Respond(response) => {
-                    observed.status = response.status.as_u16();
-                    if let Some(location) = response.location {
+                    observed.status = response.status().as_u16();
+                    if let Some(location) = response.location() {
                         observed
                             .response_headers
-                            .push(("location".into(), location));
+                            .push(("location".into(), location.to_string()));
                     }
                     return Ok(observed);
                 }

@@ -115,6 +115,21 @@ pub struct Rule {
     pub retry: Option<Retry>,
 }
 
+impl Rule {
+    /// Every backendRef this rule sends traffic to: its backendRefs, then the targets of its own
+    /// filters and of its backends' filters (mirrors). The index, the status and the compiler
+    /// all walk a rule's references through this one method.
+    pub fn referenced_backends(&self) -> impl Iterator<Item = &BackendRef> {
+        let filters = self
+            .filters
+            .iter()
+            .chain(self.backends.iter().flat_map(|b| &b.filters));
+        self.backends
+            .iter()
+            .chain(filters.filter_map(Filter::sends_to))
+    }
+}
+
 /// One `matches[]` entry: every condition must hold.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteMatch {
@@ -1106,6 +1121,19 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
 }
 
 impl Filter {
+    /// The backendRef this filter sends traffic to (a mirror's), if any. Exhaustive on purpose: a
+    /// new filter kind that sends traffic somewhere must say so here.
+    pub fn sends_to(&self) -> Option<&BackendRef> {
+        match self {
+            Filter::Mirror(m) => Some(&m.backend),
+            Filter::RequestHeaders(_)
+            | Filter::ResponseHeaders(_)
+            | Filter::Redirect(_)
+            | Filter::Rewrite(_)
+            | Filter::Unsupported(_) => None,
+        }
+    }
+
     /// The same filter with its mirror backend mapped (resolved) by `f`.
     pub fn map_mirror<B>(&self, f: impl FnOnce(&BackendRef) -> B) -> Filter<B> {
         match self {

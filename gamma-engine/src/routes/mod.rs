@@ -222,21 +222,39 @@ pub enum Decision<'a> {
     },
 }
 
-/// A response the agent gives itself, without forwarding.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalResponse {
-    pub status: StatusCode,
-    /// One line for the body and the access log.
-    pub reason: String,
-    pub location: Option<String>,
+/// What a rule answers itself instead of forwarding: a redirect, or why the rule cannot be
+/// served as written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LocalResponse {
+    #[error("redirect to {location}")]
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
+    #[error("the matched rule has no backendRefs")]
+    NoBackendRefs,
+    #[error("every backendRef of the matched rule has weight 0")]
+    AllWeightsZero,
+    #[error(transparent)]
+    UnresolvedBackend(BackendError),
+    #[error("filter {0} is not supported by this mesh; the rule cannot be served")]
+    UnsupportedFilter(String),
 }
 
 impl LocalResponse {
-    pub fn error(status: StatusCode, reason: impl Into<String>) -> Self {
-        LocalResponse {
-            status,
-            reason: reason.into(),
-            location: None,
+    /// Redirects answer with their status; a rule that cannot be served, 500 (the spec's answer
+    /// for invalid backendRefs and unsupported filters).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            LocalResponse::Redirect { status, .. } => *status,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn location(&self) -> Option<&str> {
+        match self {
+            LocalResponse::Redirect { location, .. } => Some(location),
+            _ => None,
         }
     }
 }
@@ -284,26 +302,15 @@ impl CompiledRule {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
-            return Plan::Respond(LocalResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the matched rule has no backendRefs",
-            ));
+            return Plan::Respond(LocalResponse::NoBackendRefs);
         }
         let Some(index) = backends::pick_weighted(&self.cumulative_weights, random) else {
-            return Plan::Respond(LocalResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "every backendRef of the matched rule has weight 0",
-            ));
+            return Plan::Respond(LocalResponse::AllWeightsZero);
         };
         let chosen = &self.backends[index];
         let backend = match &chosen.backend {
             Ok(b) => b,
-            Err(e) => {
-                return Plan::Respond(LocalResponse::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    e.to_string(),
-                ))
-            }
+            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend(e.clone())),
         };
         if let Some(response) = run.apply(&chosen.filters) {
             return Plan::Respond(response);
@@ -343,11 +350,7 @@ impl<'a> FilterRun<'a, '_, '_> {
                     let location =
                         r.location(&parts.uri, &parts.headers, matched, self.listener_port);
                     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-                    return Some(LocalResponse {
-                        status,
-                        reason: format!("redirect to {location}"),
-                        location: Some(location),
-                    });
+                    return Some(LocalResponse::Redirect { status, location });
                 }
                 Filter::Mirror(m) => {
                     if let Some(backend) = &m.backend {
@@ -359,10 +362,7 @@ impl<'a> FilterRun<'a, '_, '_> {
                     }
                 }
                 Filter::Unsupported(what) => {
-                    return Some(LocalResponse::error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("filter {what} is not supported by this mesh; the rule cannot be served"),
-                    ));
+                    return Some(LocalResponse::UnsupportedFilter(what.clone()));
                 }
             }
         }

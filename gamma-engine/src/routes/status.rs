@@ -2,7 +2,7 @@
 
 use super::compile::{groups, winning_kind};
 use super::{backends, World};
-use crate::model::{Filter, ParentRef, Route, RouteKind};
+use crate::model::{ParentRef, Route, RouteKind};
 use serde::Serialize;
 
 /// Our `controllerName` in route status.
@@ -130,17 +130,8 @@ fn accepted(
 fn resolved_refs(route: &Route, world: &dyn World) -> Result<(), backends::BackendError> {
     let namespace = &route.meta.key.namespace;
     let resolver = backends::Resolver::new(world);
-    for rule in &route.rules {
-        let filters = rule
-            .filters
-            .iter()
-            .chain(rule.backends.iter().flat_map(|b| &b.filters));
-        for reference in rule.backends.iter().chain(filters.filter_map(|f| match f {
-            Filter::Mirror(m) => Some(&m.backend),
-            _ => None,
-        })) {
-            resolver.resolve(reference, namespace, false)?;
-        }
+    for reference in route.rules.iter().flat_map(|r| r.referenced_backends()) {
+        resolver.resolve(reference, namespace, false)?;
     }
     Ok(())
 }

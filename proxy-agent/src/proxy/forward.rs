@@ -1,8 +1,9 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
 use super::body::{self, ProxyBody};
+use super::local::LocalAnswer;
 use super::{AccessLog, Proxy};
-use gamma_engine::routes::{Backend, CompiledRule, LocalResponse};
+use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
@@ -62,7 +63,7 @@ pub(super) async fn forward(
     body: Incoming,
     rule: Option<&CompiledRule>,
     log: &mut AccessLog<'_>,
-) -> Result<Response<ProxyBody>, LocalResponse> {
+) -> Result<Response<ProxyBody>, LocalAnswer> {
     let deadline = rule.and_then(|r| r.timeouts.request);
     let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
     let upgrade = is_upgrade(&parts);
@@ -90,10 +91,7 @@ pub(super) async fn forward(
                     .endpoints
                     .choose(&backend.endpoints, &tried, rand::random())
             else {
-                return Err(LocalResponse::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("backend {} has no ready endpoint", backend.name()),
-                ));
+                return Err(LocalAnswer::NoReadyEndpoint(backend.name()));
             };
             tried.push(endpoint);
             log.endpoint = Some(endpoint);
@@ -121,30 +119,30 @@ pub(super) async fn forward(
                 Attempt::ConnectFailed(e) => {
                     let untried_left = backend.endpoints.iter().any(|e| !tried.contains(e));
                     if last || (retry.is_none() && !untried_left) {
-                        return Err(LocalResponse::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("connecting to {endpoint} of {} failed: {e}", backend.name()),
-                        ));
+                        return Err(LocalAnswer::ConnectFailed {
+                            endpoint,
+                            backend: backend.name(),
+                            error: e.to_string(),
+                        });
                     }
                 }
                 Attempt::TimedOut(after) => {
                     if last || retry.is_none() {
-                        return Err(LocalResponse::error(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!(
-                                "{endpoint} of {} did not answer within {after:?}",
-                                backend.name()
-                            ),
-                        ));
+                        return Err(LocalAnswer::BackendTimeout {
+                            endpoint,
+                            backend: backend.name(),
+                            after,
+                        });
                     }
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 Attempt::Failed(e) => {
                     if last || retry.is_none() {
-                        return Err(LocalResponse::error(
-                            StatusCode::BAD_GATEWAY,
-                            format!("request to {endpoint} of {} failed: {e}", backend.name()),
-                        ));
+                        return Err(LocalAnswer::BackendFailed {
+                            endpoint,
+                            backend: backend.name(),
+                            error: e.to_string(),
+                        });
                     }
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
@@ -153,12 +151,9 @@ pub(super) async fn forward(
     };
     let result = match deadline {
         None => run.await,
-        Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
-            Err(LocalResponse::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("the route's request timeout of {limit:?} expired"),
-            ))
-        }),
+        Some(limit) => tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or(Err(LocalAnswer::RouteTimeout(limit))),
     };
     log.upstream_duration = Some(started.elapsed());
     let mut response = result?;

@@ -1,10 +1,23 @@
 //! The data plane: per connection, detect the protocol; per request, decide with the route
 //! table, run the filters, pick a backend and an endpoint, forward over pooled connections.
 
+//!
+//! One file per concern: the listeners (`explicit`, `redirected`) share `accept` (the accept loop,
+//! then protocol `detect`ion, then `serve` (HTTP) or opaque `tcp`); `io` wraps the transport,
+//! `drain` closes gracefully; per request, `forward` (timeouts, retries) over `upstream` pools,
+//! `mirror`; `local` is every answer the agent gives itself; `workers` runs a runtime per core.
+
+mod accept;
 pub mod body;
+pub mod detect;
+pub mod drain;
+pub mod explicit;
 mod forward;
-pub mod listener;
+mod io;
+pub mod local;
 mod mirror;
+pub mod redirected;
+pub mod serve;
 mod tcp;
 pub mod upstream;
 pub mod workers;
@@ -13,9 +26,10 @@ use crate::telemetry::metrics::{Metrics, RequestLabels};
 use arc_swap::ArcSwap;
 use body::ProxyBody;
 use gamma_engine::model::ObjectKey;
-use gamma_engine::routes::{Decision, Frontend, LocalResponse, Plan, RequestHead, Snapshot};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use gamma_engine::routes::{Decision, Frontend, Plan, RequestHead, Snapshot};
+use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
+use local::LocalAnswer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,7 +169,7 @@ impl Proxy {
         let mut log = AccessLog::new(&request, conn);
         let response = match check_request_head(&request, self.config.max_header_bytes) {
             Err(refused) => {
-                let mut response = local_response(&refused, &mut log);
+                let mut response = local_response(&refused, &mut log, &self.metrics);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
                 // it (HTTP/2 forbids the header; a refused stream is enough there).
                 if request.version() < http::Version::HTTP_2 {
@@ -170,7 +184,7 @@ impl Proxy {
                 .await
             {
                 Ok(response) => response,
-                Err(local) => local_response(&local, &mut log),
+                Err(local) => local_response(&local, &mut log, &self.metrics),
             },
         };
         log.status = response.status().as_u16();
@@ -184,15 +198,12 @@ impl Proxy {
         request: Request<Incoming>,
         conn: &ConnectionInfo,
         log: &mut AccessLog<'_>,
-    ) -> Result<Response<ProxyBody>, LocalResponse> {
+    ) -> Result<Response<ProxyBody>, LocalAnswer> {
         let Some(frontend) = self.frontend(snapshot, &conn.destination) else {
-            return Err(LocalResponse::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no Service frontend is known for {:?}; check that the Service exists",
-                    conn.destination
-                ),
-            ));
+            return Err(LocalAnswer::UnknownFrontend(format!(
+                "{:?}",
+                conn.destination
+            )));
         };
         log.service = format!("{}:{}", frontend.service, frontend.port);
         let (mut parts, body) = request.into_parts();
@@ -205,18 +216,12 @@ impl Proxy {
                 log.backend = backend.name();
                 forward::forward(self, backend, parts, body, None, log).await
             }
-            Decision::NoMatchingRule => Err(LocalResponse::error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no rule of the routes attached to {} matches this request",
-                    log.service
-                ),
-            )),
+            Decision::NoMatchingRule => Err(LocalAnswer::NoMatchingRule(log.service.clone())),
             Decision::Rule { rule, matched } => {
                 log.route = format!("{} rule {}", rule.route, rule.name_or_index());
                 let random = rand::random::<u64>();
                 match rule.plan(&mut parts, matched, frontend.port, random) {
-                    Plan::Respond(local) => Err(local),
+                    Plan::Respond(local) => Err(local.into()),
                     Plan::Forward(plan) => {
                         log.backend = plan.backend.name();
                         self.mirrors.send(self, &plan.mirrors, &parts, random);
@@ -245,13 +250,13 @@ impl Proxy {
 pub fn check_request_head<B>(
     request: &Request<B>,
     max_header_bytes: usize,
-) -> Result<(), LocalResponse> {
-    let head = head_size(request);
-    if head > max_header_bytes {
-        return Err(LocalResponse::error(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!("the request head is {head} bytes, over the limit of {max_header_bytes}"),
-        ));
+) -> Result<(), LocalAnswer> {
+    let size = head_size(request);
+    if size > max_header_bytes {
+        return Err(LocalAnswer::HeadTooLarge {
+            size,
+            limit: max_header_bytes,
+        });
     }
     let uri = request.uri();
     let target_ok = match *request.method() {
@@ -263,12 +268,7 @@ pub fn check_request_head<B>(
         }
     };
     if !target_ok {
-        return Err(LocalResponse::error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the request target `{uri}` is not a path (origin-form or http(s) absolute-form)"
-            ),
-        ));
+        return Err(LocalAnswer::BadTarget(uri.to_string()));
     }
     Ok(())
 }
@@ -289,19 +289,21 @@ fn head_size<B>(request: &Request<B>) -> usize {
     line + headers
 }
 
-fn local_response(local: &LocalResponse, log: &mut AccessLog<'_>) -> Response<ProxyBody> {
-    log.reason = Some(local.reason.clone());
-    let mut response = Response::new(body::full(format!("{}\n", local.reason)));
-    *response.status_mut() = local.status;
+fn local_response(
+    local: &LocalAnswer,
+    log: &mut AccessLog<'_>,
+    metrics: &Metrics,
+) -> Response<ProxyBody> {
+    metrics.local_answer(local.reason());
+    let reason = local.to_string();
+    let mut response = Response::new(body::full(format!("{reason}\n")));
+    log.reason = Some(reason);
+    *response.status_mut() = local.status();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let Some(location) = local
-        .location
-        .as_deref()
-        .and_then(|l| HeaderValue::from_str(l).ok())
-    {
+    if let Some(location) = local.location().and_then(|l| HeaderValue::from_str(l).ok()) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
@@ -402,7 +404,7 @@ mod tests {
                 .uri(target)
                 .body(())
                 .unwrap();
-            check_request_head(&request, 1024).map_err(|e| e.status.as_u16())
+            check_request_head(&request, 1024).map_err(|e| e.status().as_u16())
         };
         for (method, target) in [
             ("GET", "/x?y"),

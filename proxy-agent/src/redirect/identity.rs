@@ -3,7 +3,7 @@
 //! its consumer routes) by faking a source IP.
 
 use super::{pod_uid, CgroupDirs, Redirect};
-use crate::proxy::listener::OriginalDestination;
+use crate::proxy::redirected::OriginalDestination;
 use crate::proxy::Caller;
 use gamma_engine::routes::Snapshot;
 use std::net::SocketAddr;

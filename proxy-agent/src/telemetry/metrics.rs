@@ -45,6 +45,54 @@ impl RequestLabels {
     }
 }
 
+/// Why a request was answered locally, as a metric label: a fixed set, whatever the input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Redirect,
+    RuleNotServable,
+    UnknownFrontend,
+    NoMatchingRule,
+    NoReadyEndpoint,
+    ConnectFailed,
+    BackendTimeout,
+    BackendFailed,
+    RouteTimeout,
+    HeadTooLarge,
+    BadTarget,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::Redirect,
+        Reason::RuleNotServable,
+        Reason::UnknownFrontend,
+        Reason::NoMatchingRule,
+        Reason::NoReadyEndpoint,
+        Reason::ConnectFailed,
+        Reason::BackendTimeout,
+        Reason::BackendFailed,
+        Reason::RouteTimeout,
+        Reason::HeadTooLarge,
+        Reason::BadTarget,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Redirect => "redirect",
+            Reason::RuleNotServable => "rule_not_servable",
+            Reason::UnknownFrontend => "unknown_frontend",
+            Reason::NoMatchingRule => "no_matching_rule",
+            Reason::NoReadyEndpoint => "no_ready_endpoint",
+            Reason::ConnectFailed => "connect_failed",
+            Reason::BackendTimeout => "backend_timeout",
+            Reason::BackendFailed => "backend_failed",
+            Reason::RouteTimeout => "route_timeout",
+            Reason::HeadTooLarge => "head_too_large",
+            Reason::BadTarget => "bad_target",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
@@ -72,6 +120,8 @@ pub struct Metrics {
     pub opaque_connections: AtomicU64,
     pub mirrors_sent: AtomicU64,
     pub mirrors_dropped: AtomicU64,
+    /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
+    local_answers: [AtomicU64; Reason::ALL.len()],
     pub snapshot_version: AtomicU64,
     /// Unix seconds of the last successful source sync (0: never).
     pub last_sync_unix: AtomicU64,
@@ -104,6 +154,10 @@ impl Metrics {
             .entry(labels)
             .or_default()
             .observe(duration);
+    }
+
+    pub fn local_answer(&self, reason: Reason) {
+        self.local_answers[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Keeps the request series `keep` says yes to; returns how many were dropped.
@@ -161,6 +215,15 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "gamma_request_duration_seconds_count{{{base}}} {count}"
+            );
+        }
+        out.push_str("# HELP gamma_local_answers_total Requests the agent answered itself instead of relaying a backend's answer, by reason.\n# TYPE gamma_local_answers_total counter\n");
+        for (reason, count) in Reason::ALL.iter().zip(&self.local_answers) {
+            let _ = writeln!(
+                out,
+                "gamma_local_answers_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                count.load(Ordering::Relaxed)
             );
         }
         for (name, help, kind, value) in [
@@ -264,6 +327,15 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_distinct_and_listed_once() {
+        let labels: std::collections::BTreeSet<_> = Reason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), Reason::ALL.len());
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "Reason::ALL is in declaration order");
+        }
+    }
 
     #[test]
     fn renders_counts_and_buckets() {

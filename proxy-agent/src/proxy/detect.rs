@@ -1,0 +1,75 @@
+//! Protocol detection from a connection's first bytes: HTTP/1.1, HTTP/2 with prior knowledge, or
+//! opaque TCP.
+
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Classifies a connection from its first bytes; `None`: not enough bytes yet.
+pub fn classify(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if H2_PREFACE.starts_with(bytes) && bytes.len() > 3 {
+        return None; // "PRI " so far: wait for the whole preface
+    }
+    // HTTP/1: a method token (upper-case letters), then a space.
+    let token_len = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match bytes.get(token_len) {
+        Some(b' ') if token_len > 0 => Some(Protocol::Http1),
+        None if token_len < 16 => None,
+        _ => Some(Protocol::Opaque),
+    }
+}
+
+/// The connection's protocol; `None` when the peer closed (or failed) before sending a byte.
+pub(super) async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => n,
+            // Nothing sent yet: a server-first protocol, handled as opaque TCP.
+            Err(_) => return Some(Protocol::Opaque),
+        };
+        if let Some(p) = classify(&buf[..n]) {
+            return Some(p);
+        }
+        // Peek returns the same bytes until more arrive; wait a little before looking again.
+        if tokio::time::Instant::now() >= deadline {
+            return Some(Protocol::Opaque);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST /x"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http2)
+        );
+        assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(
+            classify(b"\x16\x03\x01"),
+            Some(Protocol::Opaque),
+            "TLS is opaque"
+        );
+        assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
+    }
+}

@@ -1,0 +1,35 @@
+//! The redirect listener: connections the kernel steered to the agent, each with the Service
+//! address it was going to and the pod that made it (`crate::redirect`).
+
+use super::accept::accept_loop;
+use super::drain::Drain;
+use super::{Caller, ConnectionInfo, Destination, Proxy};
+use gamma_engine::routes::Snapshot;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// The facts of a redirected connection: where it was going and who sent it.
+pub trait OriginalDestination: Send + Sync {
+    fn resolve(&self, peer: SocketAddr, snapshot: &Snapshot) -> Option<(SocketAddr, Caller)>;
+}
+
+/// Serves the redirect listener until draining; a connection without a redirect record is closed.
+pub async fn serve_redirect(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    redirects: Arc<dyn OriginalDestination>,
+    drain: Drain,
+) {
+    accept_loop(proxy, listener, drain, move |peer, snapshot| {
+        let resolved = redirects.resolve(peer, snapshot);
+        if resolved.is_none() {
+            tracing::warn!(%peer, "redirected connection without a redirect record; closing it");
+        }
+        resolved.map(|(original, caller)| ConnectionInfo {
+            destination: Destination::Address(original),
+            caller,
+        })
+    })
+    .await
+}

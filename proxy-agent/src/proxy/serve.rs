@@ -1,0 +1,109 @@
+//! Serving HTTP/1.1 (with upgrades) and HTTP/2 on an accepted connection, and closing it
+//! gracefully when draining.
+
+use super::drain::{turned_true, DRAIN_IDLE_GRACE};
+use super::io::Watched;
+use super::{ConnectionInfo, Proxy};
+use http::header::{HeaderValue, CONNECTION};
+use http::{Method, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Serves HTTP/1.1 (with upgrades) or HTTP/2 on a connection whose protocol is known, until the
+/// client is done or `shutdown` turns true (then in-flight requests finish). Generic over the
+/// transport so that the fuzz target drives this very server over an in-memory pipe.
+pub async fn serve_http<I>(
+    proxy: &Arc<Proxy>,
+    io: I,
+    http2: bool,
+    info: Arc<ConnectionInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let config = &proxy.config;
+    // While draining, HTTP/1 answers say `Connection: close`, so the client sends its next request
+    // on a new connection (to a successor, on a restart) instead of racing our close. HTTP/2 has
+    // GOAWAY for that, and forbids the header.
+    let closing = (!http2).then(|| shutdown.clone());
+    let service = {
+        let proxy = proxy.clone();
+        service_fn(move |request| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            let closing = closing.clone();
+            async move {
+                let tunnel = request.method() == Method::CONNECT;
+                let mut response = proxy.handle(request, &info).await;
+                let upgraded = tunnel || response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if !upgraded && closing.is_some_and(|draining| *draining.borrow()) {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let moves = Arc::new(AtomicU64::new(0));
+    let io = Watched::new(io, moves.clone());
+    if !http2 {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            // hyper asserts a buffer of at least 8 KiB.
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .max_headers(config.max_headers)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        return tokio::select! {
+            r = conn.as_mut() => r,
+            () = turned_true(&mut shutdown) => {
+                // Answers say `Connection: close` now (above). An idle connection closes only
+                // after a quiet spell; one with a request in flight gets keep-alive off at once
+                // (its answer then says close, if not yet sent).
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = quiet(&moves, DRAIN_IDLE_GRACE) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+    }
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(config.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(config.h2_max_local_error_reset_streams)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = turned_true(&mut shutdown) => {
+            // GOAWAY: streams already started finish, the client opens new ones elsewhere.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// Returns once `moves` has not changed for `grace`.
+async fn quiet(moves: &AtomicU64, grace: Duration) {
+    loop {
+        let seen = moves.load(Ordering::Relaxed);
+        tokio::time::sleep(grace).await;
+        if moves.load(Ordering::Relaxed) == seen {
+            return;
+        }
+    }
+}

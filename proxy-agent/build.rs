@@ -1,5 +1,9 @@
 //! Compiles the eBPF programs (`proxy-ebpf`, nightly, bpfel-unknown-none) so the agent can embed the
 //! object with `include_bytes_aligned!`. `cargo xtask setup` installs what this needs.
+//!
+//! Without the `kernel-programs` feature (on by default) nothing is compiled and the embedded
+//! object is empty: the agent then refuses `--redirect` with a clear error. The fuzz targets build
+//! that way, so they need neither nightly's eBPF target nor bpf-linker.
 
 use anyhow::Context as _;
 
@@ -11,7 +15,15 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = workspace.join("proxy-ebpf");
     let common_dir = workspace.join("proxy-common");
     println!("cargo:rerun-if-changed={}", common_dir.display());
+    if std::env::var_os("CARGO_FEATURE_KERNEL_PROGRAMS").is_none() {
+        let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+        std::fs::write(out.join("proxy-ebpf"), [])?;
+        return Ok(());
+    }
     let ebpf_dir = ebpf_dir.to_str().context("workspace path is not UTF-8")?;
+    // aya-build relays every line its nested cargo prints as a `warning:` of this build: keep that
+    // cargo quiet, so that only real compiler warnings and errors of the programs show.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "proxy-ebpf",

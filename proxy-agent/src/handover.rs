@@ -36,9 +36,10 @@
 use crate::proxy::drain::Drain;
 use crate::redirect::{Predecessor, Redirect, RedirectError, RedirectOffer};
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write as _};
+use std::io::{self, IoSlice, IoSliceMut, Write as _};
+use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -335,11 +336,12 @@ impl Inherited {
 
 /// A listening TCP socket received from the running agent (checked: TCP, listening).
 fn listener_from(fd: OwnedFd, peer: &Peer) -> Result<TcpListener, HandoverError> {
-    let listening = socket_option(fd.as_fd(), libc::SO_ACCEPTCONN)
-        .map_err(|e| HandoverError::io("inspecting a listener handed over", e))?;
-    let protocol = socket_option(fd.as_fd(), libc::SO_PROTOCOL)
-        .map_err(|e| HandoverError::io("inspecting a listener handed over", e))?;
-    if listening != 1 || protocol != libc::IPPROTO_TCP {
+    use rustix::net::{ipproto, sockopt};
+    let inspect =
+        |e: rustix::io::Errno| HandoverError::io("inspecting a listener handed over", e.into());
+    let listening = sockopt::socket_acceptconn(&fd).map_err(inspect)?;
+    let protocol = sockopt::socket_protocol(&fd).map_err(inspect)?;
+    if !listening || protocol != Some(ipproto::TCP) {
         return Err(peer
             .protocol("a descriptor offered as a listener is not a listening TCP socket".into()));
     }
@@ -637,60 +639,19 @@ impl Peer {
 /// The peer's credentials, if it runs as the same user as this process (the descriptors
 /// exchanged carry an agent's whole data plane).
 fn trusted_peer(stream: &UnixStream, path: &Path) -> Result<Peer, HandoverError> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out-buffer of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::from_mut(&mut cred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(HandoverError::io(
-            "reading the takeover peer's credentials",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
-    if cred.uid != own {
+    let cred = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| HandoverError::io("reading the takeover peer's credentials", e.into()))?;
+    let (uid, own) = (cred.uid.as_raw(), rustix::process::geteuid().as_raw());
+    if uid != own {
         return Err(HandoverError::Untrusted {
-            uid: cred.uid,
+            uid,
             own,
             path: path.to_owned(),
         });
     }
     Ok(Peer {
-        pid: cred.pid as u32,
+        pid: cred.pid.as_raw_nonzero().get() as u32,
     })
-}
-
-fn socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and an out-buffer of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Whether the error means the other side closed or vanished.
@@ -711,29 +672,19 @@ fn is_disconnect(e: &io::Error) -> bool {
 
 /// Whether `fd` has something to read (or was closed) within `timeout`.
 fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd.
-    match unsafe { libc::poll(&mut poll, 1, millis) } {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
-        _ => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Sends one message, the descriptors attached to its first byte (SCM_RIGHTS).
 fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let body = serde_json::to_vec(message).map_err(io::Error::other)?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -744,62 +695,27 @@ fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::R
             fds.len()
         )));
     }
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let fd_bytes = std::mem::size_of_val(raw.as_slice()) as u32;
-    let control_len = if raw.is_empty() {
-        0
-    } else {
-        // SAFETY: CMSG_SPACE is arithmetic.
-        unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
-    };
-    let mut control = vec![0u8; control_len];
-    let mut iov = libc::iovec {
-        iov_base: frame.as_mut_ptr().cast(),
-        iov_len: frame.len(),
-    };
-    let header = message_header(&mut iov, &mut control);
-    if !raw.is_empty() {
-        // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes: room for one header and
-        // the descriptors, which CMSG_FIRSTHDR/CMSG_DATA address inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&header);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(
-                raw.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                fd_bytes as usize,
-            );
-        }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "no room for the descriptors in the control buffer",
+        ));
     }
-    // SAFETY: a valid socket and a fully initialised msghdr.
-    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sent = sendmsg(
+        stream,
+        &[IoSlice::new(&frame)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     // The descriptors went with the first byte; the rest of the frame, if any, follows plainly.
-    let mut rest = &frame[sent as usize..];
+    let mut rest = &frame[sent..];
     let mut writer = stream;
     while !rest.is_empty() {
         let n = writer.write(rest)?;
         rest = &rest[n..];
     }
     Ok(())
-}
-
-/// A msghdr for one buffer and a control buffer (none if empty). It points into both: use it
-/// while they live.
-fn message_header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = iov;
-    header.msg_iovlen = 1;
-    if !control.is_empty() {
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = control.len() as _;
-    }
-    header
 }
 
 /// Receives one message and the descriptors that came with it (close-on-exec, owned).
@@ -836,47 +752,34 @@ fn recv(stream: &UnixStream) -> io::Result<(Message, Vec<OwnedFd>)> {
 
 /// One recvmsg: bytes into `buf`, descriptors onto `fds`.
 fn recv_chunk(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let fd_room = (MAX_FDS * size_of::<RawFd>()) as u32;
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(fd_room) } as usize];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut header = message_header(&mut iov, &mut control);
-    let n = loop {
-        // SAFETY: a valid socket and msghdr; received descriptors are close-on-exec.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = loop {
+        // Received descriptors are close-on-exec.
+        match recvmsg(
+            stream,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(received) => break received,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     };
-    // SAFETY: the kernel filled `control` up to msg_controllen; CMSG_FIRSTHDR/NXTHDR walk it.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg);
-                let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
-                for i in 0..bytes / size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
         }
     }
-    if header.msg_flags & libc::MSG_CTRUNC != 0 {
+    if received.flags.contains(ReturnFlags::CTRUNC) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("more than {MAX_FDS} descriptors in one message"),
         ));
     }
-    Ok(n)
+    Ok(received.bytes)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The node harness itself (root only; otherwise each test prints `SKIPPED: <reason>` and passes):
+//! The node harness itself (root only; otherwise each test records its skip and passes):
 //! pods reach each other through the node, the simulated kube-proxy DNATs a VIP to its endpoints,
 //! processes land in the right netns and cgroup, and a dropped node, also one dropped by a panic,
 //! leaves nothing behind.
@@ -24,7 +24,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
 macro_rules! skip_unless_root {
     () => {
         if let Some(reason) = require_root() {
-            eprintln!("SKIPPED: {reason}");
+            gamma_tests::skip(concat!(file!(), ":", line!()), &reason);
             return;
         }
     };

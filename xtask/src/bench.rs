@@ -6,14 +6,14 @@
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
 //!   and iptables REDIRECT, on a node of network namespaces (`tests/src/bin/bench_redirect.rs`).
 
-use crate::util::{self, run, step};
+use crate::util::{self, run_shown, step};
 use anyhow::{bail, Result};
 use std::process::Command;
 
 pub fn run_bench(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str).unwrap_or("engine") {
         "engine" => step("criterion: route engine", || {
-            util::cargo(&["bench", "-p", "proxy-agent", "--bench", "engine"])
+            util::cargo_shown(&["bench", "-p", "gamma-engine", "--bench", "engine"])
         }),
         "peers" => peers(),
         "redirect" => redirect(),
@@ -48,10 +48,12 @@ fn peers() -> Result<()> {
         manifests.display()
     );
     step("peer proxies side by side (run.sh)", || {
-        run(Command::new("bash")
-            .arg(&script)
-            .env("OURPROXY_CMD", command)
-            .env("OURPROXY_URL", "http://127.0.0.1:18184/"))
+        run_shown(
+            Command::new("bash")
+                .arg(&script)
+                .env("OURPROXY_CMD", command)
+                .env("OURPROXY_URL", "http://127.0.0.1:18184/"),
+        )
     })
 }
 
@@ -64,7 +66,7 @@ fn redirect() -> Result<()> {
     })?;
     let root = util::workspace_root();
     step("redirect benchmark", || {
-        run(&mut Command::new(
+        run_shown(&mut Command::new(
             root.join("target/release/gamma-bench-redirect"),
         ))
     })

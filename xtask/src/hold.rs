@@ -24,7 +24,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &format!("hold {connections} connections through one agent"),
         || {
             std::env::set_var("GAMMA_HOLD_CONNECTIONS", connections.to_string());
-            util::cargo(&[
+            util::cargo_shown(&[
                 "test",
                 "-p",
                 "gamma-tests",

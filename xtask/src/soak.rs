@@ -11,7 +11,7 @@
 //! changes made and published, each outage's catch-up and RSS over time. Defaults: 20 changes/s
 //! for 120 s, 4 outages of 5 s. Loopback only, no root. Shortened in `tests/tests/churn.rs`.
 
-use crate::util::{self, run, step};
+use crate::util::{self, run_shown, step};
 use anyhow::{bail, Result};
 use std::process::Command;
 
@@ -35,5 +35,5 @@ pub fn run_soak(args: &[String]) -> Result<()> {
         || util::cargo(&["build", "-p", "proxy-agent", "-p", "gamma-tests", "--bins"]),
     )?;
     let soak = util::workspace_root().join("target/debug/gamma-soak");
-    step("soak", || run(Command::new(&soak).args(args)))
+    step("soak", || run_shown(Command::new(&soak).args(args)))
 }

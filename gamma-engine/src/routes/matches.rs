@@ -82,45 +82,12 @@ fn header_matches(m: &ValueMatch<HeaderName>, headers: &HeaderMap) -> bool {
 }
 
 /// The first occurrence of a query parameter is the one that counts (spec recommendation).
+/// Names and values are compared form-decoded (`%XX`, `+`).
 fn query_matches(m: &ValueMatch<String>, query: Option<&str>) -> bool {
     let Some(query) = query else { return false };
-    query
-        .split('&')
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(name) == m.name).then(|| percent_decode(value))
-        })
-        .next()
-        .is_some_and(|value| m.value.is_match(&value))
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding) for query comparison.
-fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains(['%', '+']) {
-        return text.into();
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned().into()
-}
-
-fn hex(digit: u8) -> Option<u8> {
-    (digit as char).to_digit(16).map(|d| d as u8)
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| *name == m.name)
+        .is_some_and(|(_, value)| m.value.is_match(&value))
 }
 
 #[cfg(test)]

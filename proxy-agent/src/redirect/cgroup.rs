@@ -80,14 +80,7 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, RedirectError> {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: valid NUL-terminated path and an out-pointer to a statfs buffer.
-    let ok = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } == 0;
-    // SAFETY: statfs succeeded, so the buffer is initialised.
-    ok && unsafe { stat.assume_init() }.f_type == CGROUP2_SUPER_MAGIC
+    rustix::fs::statfs(path).is_ok_and(|stat| stat.f_type == CGROUP2_SUPER_MAGIC)
 }
 
 /// The cgroup id of the calling process: what the kernel programs compare with to exempt the

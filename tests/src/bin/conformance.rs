@@ -179,19 +179,21 @@ fn run_test(scenario: &Scenario, dir: &std::path::Path, test: &Test) -> Result<O
     Ok(outcome)
 }
 
+#[derive(clap::Parser)]
+#[command(about = "The GAMMA conformance cases end to end on a node of network namespaces")]
+struct Cli {
+    /// Folder with cases.json and the manifests (default: the shared conformance folder).
+    #[arg(long, value_name = "DIR")]
+    cases: Option<PathBuf>,
+    /// Run only this test.
+    #[arg(long, value_name = "NAME")]
+    test: Option<String>,
+}
+
 fn main() -> Result<()> {
-    let mut dir = gamma_tests::conformance_dir();
-    let mut only: Option<String> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--cases" => dir = PathBuf::from(args.next().context("--cases needs a folder")?),
-            "--test" => only = Some(args.next().context("--test needs a name")?),
-            other => bail!(
-                "unknown argument {other}; usage: gamma-conformance [--cases DIR] [--test NAME]"
-            ),
-        }
-    }
+    let cli = <Cli as clap::Parser>::parse();
+    let dir = cli.cases.unwrap_or_else(gamma_tests::conformance_dir);
+    let only = cli.test;
     if let Some(reason) = gamma_tests::node::require_root() {
         bail!("conformance runs on a node of network namespaces with eBPF: {reason}");
     }

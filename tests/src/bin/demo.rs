@@ -141,10 +141,16 @@ impl Demo {
     }
 }
 
+#[derive(clap::Parser)]
+#[command(about = "The seed scenario on a node made of network namespaces")]
+struct Cli {
+    /// Folder with the scenario's manifests (default: the workspace's demo/).
+    dir: Option<PathBuf>,
+}
+
 fn main() -> Result<()> {
-    let dir: PathBuf = std::env::args()
-        .nth(1)
-        .map(Into::into)
+    let dir = <Cli as clap::Parser>::parse()
+        .dir
         .unwrap_or_else(|| gamma_tests::workspace_root().join("demo"));
     if let Some(reason) = gamma_tests::node::require_root() {
         bail!("the demo builds a node out of network namespaces and loads eBPF programs: {reason}");

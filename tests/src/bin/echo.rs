@@ -1,25 +1,22 @@
 //! `gamma-echo --name POD ADDR...`: the echo backend as a process (for pods in the node harness).
 
+use clap::Parser;
 use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(about = "The echo backend: answers every request with what it saw")]
+struct Cli {
+    /// The pod name it reports.
+    #[arg(long, default_value = "echo")]
+    name: String,
+    /// Addresses to listen on.
+    #[arg(required = true, value_name = "ADDR")]
+    addrs: Vec<String>,
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut name = String::from("echo");
-    let mut addrs = Vec::new();
-    while let Some(arg) = args.next() {
-        if arg == "--name" {
-            name = args
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("--name needs a value"))?;
-        } else {
-            addrs.push(arg);
-        }
-    }
-    anyhow::ensure!(
-        !addrs.is_empty(),
-        "usage: gamma-echo --name POD ADDR [ADDR...]"
-    );
+    let Cli { name, addrs } = Cli::parse();
     let mut tasks = Vec::new();
     for addr in addrs {
         let listener = tokio::net::TcpListener::bind(&addr).await?;

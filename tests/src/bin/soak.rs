@@ -8,44 +8,84 @@
 //! Prints requests sent and failed, changes made and published, each outage and the agent's RSS
 //! over time; exits non-zero if a request failed or the agent did not catch up.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
 use gamma_tests::churn::{self, ChurnConfig};
 use gamma_tests::soak::{self, SoakConfig};
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: gamma-soak restart [--restarts N] [--seconds S] [--fresh-programs-every K] [--cold]\n       \
-     gamma-soak churn [--seconds S] [--changes-per-second N] [--outages K] [--outage-seconds D]";
+#[derive(Parser)]
+#[command(about = "gamma-node's soaks (run them through `cargo xtask soak`)")]
+struct Cli {
+    #[command(subcommand)]
+    soak: Soak,
+}
+
+/// Unset flags keep `ChurnConfig`'s and `SoakConfig`'s defaults.
+#[derive(Subcommand)]
+enum Soak {
+    /// Takeovers (or cold restarts) of the agent under load, on a node of network namespaces.
+    Restart {
+        #[arg(long)]
+        restarts: Option<usize>,
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Every Kth takeover swaps the eBPF programs.
+        #[arg(long)]
+        fresh_programs_every: Option<usize>,
+        /// SIGTERM then a fresh start: the baseline, which loses.
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Routes, EndpointSlices and Pods changed under load through the Kubernetes source, with
+    /// API server outages.
+    Churn {
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long)]
+        changes_per_second: Option<u32>,
+        #[arg(long)]
+        outages: Option<usize>,
+        #[arg(long)]
+        outage_seconds: Option<u64>,
+    },
+}
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("restart") => restart(args),
-        Some("churn") => churn(args),
-        _ => bail!("{USAGE}"),
-    }
-}
-
-/// The value after `flag`, as a number.
-fn number(flag: &str, args: &mut impl Iterator<Item = String>) -> Result<u64> {
-    args.next()
-        .with_context(|| format!("{flag} needs a value\n{USAGE}"))?
-        .parse()
-        .with_context(|| format!("{flag} takes a number\n{USAGE}"))
-}
-
-fn churn(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let mut config = ChurnConfig::default();
-    while let Some(flag) = args.next() {
-        let value = number(&flag, &mut args);
-        match flag.as_str() {
-            "--seconds" => config.duration = Duration::from_secs(value?),
-            "--changes-per-second" => config.changes_per_second = value? as u32,
-            "--outages" => config.outages = value? as usize,
-            "--outage-seconds" => config.outage = Duration::from_secs(value?),
-            _ => bail!("unknown argument `{flag}`\n{USAGE}"),
+    match Cli::parse().soak {
+        Soak::Restart {
+            restarts,
+            seconds,
+            fresh_programs_every,
+            cold,
+        } => {
+            let mut config = SoakConfig {
+                cold,
+                ..SoakConfig::default()
+            };
+            config.restarts = restarts.unwrap_or(config.restarts);
+            config.duration = seconds.map_or(config.duration, Duration::from_secs);
+            config.fresh_programs_every =
+                fresh_programs_every.unwrap_or(config.fresh_programs_every);
+            restart(config)
+        }
+        Soak::Churn {
+            seconds,
+            changes_per_second,
+            outages,
+            outage_seconds,
+        } => {
+            let mut config = ChurnConfig::default();
+            config.duration = seconds.map_or(config.duration, Duration::from_secs);
+            config.changes_per_second = changes_per_second.unwrap_or(config.changes_per_second);
+            config.outages = outages.unwrap_or(config.outages);
+            config.outage = outage_seconds.map_or(config.outage, Duration::from_secs);
+            churn(config)
         }
     }
+}
+
+fn churn(config: ChurnConfig) -> Result<()> {
     let spacing = config.duration / (config.outages as u32 + 1);
     if config.outages > 0 && spacing <= config.outage + Duration::from_secs(2) {
         bail!(
@@ -76,21 +116,7 @@ fn churn(mut args: impl Iterator<Item = String>) -> Result<()> {
     Ok(())
 }
 
-fn restart(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let mut config = SoakConfig::default();
-    while let Some(flag) = args.next() {
-        if flag == "--cold" {
-            config.cold = true;
-            continue;
-        }
-        let value = number(&flag, &mut args);
-        match flag.as_str() {
-            "--restarts" => config.restarts = value? as usize,
-            "--seconds" => config.duration = Duration::from_secs(value?),
-            "--fresh-programs-every" => config.fresh_programs_every = value? as usize,
-            _ => bail!("unknown argument `{flag}`\n{USAGE}"),
-        }
-    }
+fn restart(config: SoakConfig) -> Result<()> {
     if let Some(reason) = gamma_tests::node::require_root() {
         bail!("{reason}");
     }

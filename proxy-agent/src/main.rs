@@ -20,7 +20,7 @@ struct Cli {
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present_any = ["kube", "print_rbac"],
+        required_unless_present_any = ["kube", "print_rbac", "print_flags"],
         conflicts_with = "kube"
     )]
     manifests: Option<PathBuf>,
@@ -41,6 +41,10 @@ struct Cli {
     /// Print the Kubernetes API calls the agent makes, as RBAC rules in JSON, and exit.
     #[arg(long)]
     print_rbac: bool,
+    /// Print every flag of this command line as JSON (name, whether it takes a value, its
+    /// default), and exit: what `cargo xtask check-deploy` checks the manifests' args against.
+    #[arg(long)]
+    print_flags: bool,
     /// Explicit listener: connections to ADDR are treated as sent to that Service port.
     #[arg(long, value_name = "ADDR=NAMESPACE/SERVICE:PORT")]
     listen: Vec<ListenSpec>,
@@ -92,8 +96,34 @@ struct Cli {
     log_format: String,
 }
 
+/// Every long flag of the command line, from its definition.
+fn flags_json() -> serde_json::Value {
+    let command = <Cli as clap::CommandFactory>::command();
+    let flags: Vec<serde_json::Value> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let name = arg.get_long()?;
+            let default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            Some(serde_json::json!({
+                "name": name,
+                "takesValue": arg.get_action().takes_values(),
+                "default": default.first(),
+            }))
+        })
+        .collect();
+    serde_json::Value::Array(flags)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.print_flags {
+        println!("{}", serde_json::to_string_pretty(&flags_json())?);
+        return Ok(());
+    }
     if cli.print_rbac {
         let rules = proxy_agent::kube_api::rbac_json();
         println!("{}", serde_json::to_string_pretty(&rules)?);
@@ -170,6 +200,25 @@ fn env(name: &str) -> Option<String> {
 mod tests {
     use super::Cli;
     use clap::Parser;
+
+    #[test]
+    fn print_flags_lists_every_flag_with_its_value_and_default() {
+        let flags = super::flags_json();
+        let flag = |name: &str| {
+            flags
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["name"] == name)
+                .unwrap_or_else(|| panic!("--{name} missing from {flags}"))
+                .clone()
+        };
+        assert_eq!(flag("admin")["takesValue"], true);
+        assert_eq!(flag("admin")["default"], "127.0.0.1:15000");
+        assert_eq!(flag("kube")["takesValue"], false);
+        assert_eq!(flag("redirect")["default"], serde_json::Value::Null);
+        assert_eq!(flag("listen")["takesValue"], true);
+    }
 
     #[test]
     fn the_admin_server_listens_on_loopback_by_default() {

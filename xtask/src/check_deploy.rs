@@ -1,20 +1,22 @@
 //! `cargo xtask check-deploy`: the Kubernetes manifests under `deploy/` against the agent binary.
 //!
 //! Every manifest file is parsed (an error names the file, the document and the field). Every
-//! kustomization is rendered by the small renderer below, which knows `resources`, `images` and
-//! `configMapGenerator` (literals) and nothing else: a kustomization using another field is refused,
-//! never half-rendered. Each rendering is then checked against what the binary says about itself
-//! (`proxy-agent --print-rbac`, `proxy-agent --help`):
+//! kustomization is rendered by `kubectl kustomize` (kustomize's own error fails the check); its
+//! output does not say which file an object came from, so messages name rendered objects by kind,
+//! namespace and name. Each rendering is then checked against what the binary says about itself
+//! (`proxy-agent --print-rbac`, `proxy-agent --print-flags`):
 //!
 //! - (a) rbac: the ClusterRoles and Roles bound to the DaemonSet's ServiceAccount grant exactly the
 //!   API calls of `--print-rbac` (leases in the agent's namespace only), naming missing and excess
 //!   grants;
-//! - (b) flags: every argument is a flag `--help` lists, with a value exactly when it takes one;
-//!   every `$(VAR)` is an env var of the container; every ConfigMap key it reads exists;
+//! - (b) flags: every argument is a flag `--print-flags` lists, with a value exactly when it takes
+//!   one; every `$(VAR)` is an env var of the container; every ConfigMap key it reads exists;
 //! - (c) probes: liveness and startup on /live, readiness on /ready, at the `--admin` host and port;
 //!   declared ports agree with `--admin` and `--redirect`;
-//! - (d) image: the agent's image is the one the kustomization's `images:` sets (in the base: the
-//!   agent's version; beside a demo script: the image the script builds);
+//! - (d) image: the agent's image is the one the `images:` rules of the kustomization and its
+//!   bases set (read from the kustomization files), and each of the kustomization's own rules
+//!   shows in the rendering (in the base: the agent's version; beside a demo script: the image
+//!   the script builds);
 //! - (e) grace: terminationGracePeriodSeconds exceeds `--drain-timeout-s`;
 //! - (f) security: not privileged, read-only root filesystem, capabilities drop ALL and add exactly
 //!   [`DOCUMENTED_CAPABILITIES`], host paths read-only but the takeover socket's folder, no
@@ -29,21 +31,23 @@
 use crate::util;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use serde_yaml_ng::{Mapping, Value};
+use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const USAGE: &str = "\
-usage: cargo xtask check-deploy [--agent BIN] [--rbac-json FILE] [--agent-help FILE]
+usage: cargo xtask check-deploy [--agent BIN] [--rbac-json FILE] [--flags-json FILE]
 
-Checks every manifest under deploy/ against the agent. By default the agent's API calls and flags
-come from `cargo run -q -p proxy-agent -- --print-rbac` and `-- --help`.
+Checks every manifest under deploy/ against the agent; each kustomization is rendered with
+`kubectl kustomize` (`cargo xtask setup` installs kubectl). By default the agent's API calls and
+flags come from `cargo run -q -p proxy-agent -- --print-rbac` and `-- --print-flags`.
   --agent BIN        run this proxy-agent binary instead
   --rbac-json FILE   the API calls, as `proxy-agent --print-rbac` prints them: a JSON array of
                      {\"apiGroup\": \"...\", \"resource\": \"...\", \"verbs\": [\"...\"]}
-  --agent-help FILE  the text `proxy-agent --help` prints
+  --flags-json FILE  the flags, as `proxy-agent --print-flags` prints them: a JSON array of
+                     {\"name\": \"admin\", \"takesValue\": true, \"default\": \"...\" or null}
 ";
 
 /// The capabilities the agent's container adds, and why; deploy/base/daemonset.yaml says the same.
@@ -99,7 +103,7 @@ pub fn run(args: &[String]) -> Result<()> {
 struct Options {
     agent: Option<PathBuf>,
     rbac_json: Option<PathBuf>,
-    agent_help: Option<PathBuf>,
+    flags_json: Option<PathBuf>,
 }
 
 impl Options {
@@ -118,7 +122,7 @@ impl Options {
             let slot = match flag {
                 "--agent" => &mut options.agent,
                 "--rbac-json" => &mut options.rbac_json,
-                "--agent-help" => &mut options.agent_help,
+                "--flags-json" => &mut options.flags_json,
                 other => bail!("check-deploy: unknown option `{other}`\n{USAGE}"),
             };
             let value = inline
@@ -139,19 +143,20 @@ pub struct ApiCall {
     pub verbs: Vec<String>,
 }
 
-/// A long flag of `proxy-agent --help`.
+/// A long flag of the agent, as `proxy-agent --print-flags` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FlagInfo {
     takes_value: bool,
     default: Option<String>,
 }
 
-type Help = BTreeMap<String, FlagInfo>;
+/// The agent's long flags by name (without the leading `--`).
+type AgentFlags = BTreeMap<String, FlagInfo>;
 
 struct AgentFacts {
     /// Where the facts came from, for the report.
     origin: String,
-    help: Result<Help, String>,
+    flags: Result<AgentFlags, String>,
     rbac: Result<Vec<ApiCall>, String>,
     version: Result<String, String>,
 }
@@ -176,11 +181,11 @@ impl AgentFacts {
             Some(binary) => binary.display().to_string(),
             None => "`cargo run -q -p proxy-agent`".into(),
         };
-        let help = match &options.agent_help {
+        let flags = match &options.flags_json {
             Some(file) => read(file),
-            None => run_agent("--help"),
+            None => run_agent("--print-flags"),
         }
-        .map(|text| parse_help(&text));
+        .and_then(|json| parse_flags_json(&json));
         let rbac = match &options.rbac_json {
             Some(file) => read(file),
             None => run_agent("--print-rbac").map_err(|e| {
@@ -193,7 +198,7 @@ impl AgentFacts {
         .and_then(|json| parse_rbac_json(&json));
         AgentFacts {
             origin,
-            help,
+            flags,
             rbac,
             version: agent_version(root),
         }
@@ -216,50 +221,32 @@ fn parse_rbac_json(json: &str) -> Result<Vec<ApiCall>, String> {
     Ok(calls)
 }
 
-/// The long flags of a clap `--help` text: which take a value, and their defaults.
-fn parse_help(text: &str) -> Help {
-    let mut flags = Help::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        let is_option_line = trimmed.starts_with("--")
-            || (trimmed.starts_with('-')
-                && trimmed
-                    .chars()
-                    .nth(1)
-                    .is_some_and(|c| c.is_ascii_alphanumeric()));
-        if is_option_line {
-            // Short help puts the description on the same line, after two spaces.
-            let head = trimmed.split("  ").next().unwrap_or(trimmed);
-            current = None;
-            for token in head.split([',', ' ']) {
-                let Some(name) = token.strip_prefix("--") else {
-                    continue;
-                };
-                let name: String = name
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-                    .collect();
-                if name.is_empty() {
-                    continue;
-                }
-                flags.insert(
-                    name.clone(),
-                    FlagInfo {
-                        takes_value: head.contains('<'),
-                        default: None,
-                    },
-                );
-                current = Some(name);
-            }
-        }
-        if let (Some(name), Some(rest)) = (&current, line.split("[default: ").nth(1)) {
-            if let (Some(flag), Some(value)) = (flags.get_mut(name), rest.split(']').next()) {
-                flag.default = Some(value.to_owned());
-            }
+/// The flags of `proxy-agent --print-flags`: a JSON array of
+/// {"name": "admin", "takesValue": true, "default": "127.0.0.1:15000" | null}.
+fn parse_flags_json(json: &str) -> Result<AgentFlags, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Entry {
+        name: String,
+        takes_value: bool,
+        default: Option<String>,
+    }
+    let entries: Vec<Entry> = serde_json::from_str(json)
+        .map_err(|e| format!("the --print-flags JSON does not parse: {e}"))?;
+    let mut flags = AgentFlags::new();
+    for entry in entries {
+        let info = FlagInfo {
+            takes_value: entry.takes_value,
+            default: entry.default,
+        };
+        if flags.insert(entry.name.clone(), info).is_some() {
+            return Err(format!(
+                "the --print-flags JSON lists --{} twice",
+                entry.name
+            ));
         }
     }
-    flags
+    Ok(flags)
 }
 
 /// proxy-agent's version, from its Cargo.toml.
@@ -313,7 +300,8 @@ impl Report {
 
 #[derive(Clone, Debug)]
 struct Doc {
-    /// "deploy/base/rbac.yaml, document 2" or "deploy/base/kustomization.yaml, configMapGenerator[0]".
+    /// "deploy/base/rbac.yaml, document 2" for a file's document; "DaemonSet gamma-system/gamma-node"
+    /// for a rendered object (kustomize does not say which file it came from).
     source: String,
     value: Value,
 }
@@ -549,16 +537,62 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kustomize renderer: resources, images, configMapGenerator
+// Rendering: `kubectl kustomize`, and the `images:` rules read from the kustomizations
 
-const KUSTOMIZATION_FIELDS: &[&str] = &[
-    "apiVersion",
-    "kind",
-    "resources",
-    "images",
-    "configMapGenerator",
-];
+fn kustomization_file(dir: &Path) -> Option<PathBuf> {
+    ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+}
 
+/// `kubectl kustomize DIR`: the rendered multi-document YAML, or why there is none (kustomize's
+/// stderr when it refuses the kustomization).
+pub fn kustomize(dir: &Path) -> Result<String, String> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "kubectl is not installed: run `cargo xtask setup` \
+                                             (it installs kubectl, which bundles kustomize)"
+                .to_owned(),
+            _ => format!("could not run kubectl kustomize: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "kubectl kustomize {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The objects kustomize makes of the kustomization in `dir`. Its output does not say which file
+/// an object came from, so each is named by its kind, namespace and name.
+fn render(dir: &Path, root: &Path) -> Result<Vec<Doc>, String> {
+    let yaml = kustomize(dir)?;
+    parse_rendered(
+        &yaml,
+        &format!("the output of kubectl kustomize {}", display(dir, root)),
+    )
+}
+
+/// The documents of rendered YAML, named by kind, namespace and name; `origin` names the YAML
+/// in parse errors.
+fn parse_rendered(yaml: &str, origin: &str) -> Result<Vec<Doc>, String> {
+    let docs = parse_documents(yaml, origin)?;
+    Ok(docs
+        .into_iter()
+        .map(|mut doc| {
+            doc.source = doc.describe();
+            doc
+        })
+        .collect())
+}
+
+/// An `images:` entry of a kustomization.
 #[derive(Debug, Clone)]
 struct ImageRule {
     /// "deploy/kind/kustomization.yaml, images[0]".
@@ -569,255 +603,80 @@ struct ImageRule {
     digest: Option<String>,
 }
 
-#[derive(Default, Debug)]
-struct Rendered {
-    docs: Vec<Doc>,
-    /// For each container whose image an `images:` rule set ("<doc source> <field path>"), the
-    /// rules that set it, innermost first.
-    image_rules: BTreeMap<String, Vec<ImageRule>>,
-    /// Rules that matched no container image (a typo leaves the image unchanged).
-    unmatched_images: Vec<String>,
-    /// (namespace, name) of the ConfigMaps a generator made.
-    generated: BTreeSet<(String, String)>,
-}
-
-fn kustomization_file(dir: &Path) -> Option<PathBuf> {
-    ["kustomization.yaml", "kustomization.yml", "Kustomization"]
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-fn render(dir: &Path, root: &Path) -> Result<Rendered, Vec<String>> {
-    render_at(dir, root, 0)
-}
-
-fn render_at(dir: &Path, root: &Path, depth: usize) -> Result<Rendered, Vec<String>> {
-    let file = kustomization_file(dir)
-        .ok_or_else(|| vec![format!("{}: no kustomization.yaml", display(dir, root))])?;
-    if depth > 8 {
-        return Err(vec![format!(
-            "{}: resources nest deeper than 8 levels (a cycle?)",
-            display(&file, root)
-        )]);
+impl ImageRule {
+    /// The name of the images this rule rewrites, once rewritten.
+    fn new_image_name(&self) -> &str {
+        self.new_name.as_deref().unwrap_or(&self.name)
     }
-    let name = display(&file, root);
-    let text = read(&file).map_err(|e| vec![e])?;
-    let docs = parse_documents(&text, &name).map_err(|e| vec![e])?;
-    let [kustomization] = docs.as_slice() else {
-        return Err(vec![format!("{name}: expected one document")]);
-    };
-    let k = kustomization.root();
-    let mut problems = Vec::new();
-    let mut rendered = Rendered::default();
-    let fields = k
-        .value
-        .as_mapping()
-        .ok_or_else(|| vec![k.err("expected a mapping")])?;
-    for key in fields.keys() {
-        let key = key.as_str().unwrap_or("?");
-        if !KUSTOMIZATION_FIELDS.contains(&key) {
-            problems.push(k.child(key, &Value::Null).err(format!(
-                "check-deploy's renderer implements only {}; keep the kustomization to those \
-                 or extend xtask/src/check_deploy.rs",
-                KUSTOMIZATION_FIELDS[2..].join(", ")
-            )));
+
+    /// Whether `image` has the name, tag and digest this rule gives the images it matches.
+    fn produces(&self, image: &str) -> bool {
+        let (name, tag, digest) = split_image(image);
+        name == self.new_image_name()
+            && self.new_tag.as_deref().is_none_or(|t| tag == Some(t))
+            && self.digest.as_deref().is_none_or(|d| digest == Some(d))
+    }
+
+    /// What the rule makes of an image, for messages: `name[:tag][@digest]`.
+    fn new_image(&self) -> String {
+        let mut image = self.new_image_name().to_owned();
+        if let Some(tag) = &self.new_tag {
+            image += &format!(":{tag}");
         }
+        if let Some(digest) = &self.digest {
+            image += &format!("@{digest}");
+        }
+        image
     }
+}
 
-    // resources: files and folders (other kustomizations), in order.
-    for resource in k.list("resources").map_err(|e| vec![e])? {
-        let entry = match resource.str() {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(e);
-                continue;
-            }
+/// What check (d) needs of a kustomization file: its `images:` rules and the local folders it
+/// builds on (`resources` and `components`; remote ones are kustomize's business alone).
+struct Kustomization {
+    images: Vec<ImageRule>,
+    bases: Vec<PathBuf>,
+}
+
+impl Kustomization {
+    fn read(dir: &Path, root: &Path) -> Result<Self, String> {
+        let file = kustomization_file(dir)
+            .ok_or_else(|| format!("{}: no kustomization.yaml", display(dir, root)))?;
+        let name = display(&file, root);
+        let docs = parse_documents(&read(&file)?, &name)?;
+        let [kustomization] = docs.as_slice() else {
+            return Err(format!("{name}: expected one document"));
         };
-        if entry.contains("://") || entry.starts_with("github.com/") {
-            problems.push(resource.err("remote resources are not rendered by check-deploy"));
-            continue;
-        }
-        let path = dir.join(entry);
-        if path.is_dir() {
-            match render_at(&path, root, depth + 1) {
-                Ok(inner) => {
-                    rendered.docs.extend(inner.docs);
-                    for (container, rules) in inner.image_rules {
-                        rendered
-                            .image_rules
-                            .entry(container)
-                            .or_default()
-                            .extend(rules);
-                    }
-                    rendered.unmatched_images.extend(inner.unmatched_images);
-                    rendered.generated.extend(inner.generated);
-                }
-                Err(e) => problems.extend(e),
-            }
-        } else {
-            match read(&path).and_then(|text| parse_documents(&text, &display(&path, root))) {
-                Ok(docs) => rendered.docs.extend(docs),
-                Err(e) => problems.push(resource.err(e)),
-            }
-        }
-    }
-
-    if let Err(e) = generate_config_maps(&k, &mut rendered) {
-        problems.extend(e);
-    }
-    match image_rules(&k) {
-        Ok(rules) => apply_images(&rules, &mut rendered),
-        Err(e) => problems.extend(e),
-    }
-    if problems.is_empty() {
-        Ok(rendered)
-    } else {
-        Err(problems)
-    }
-}
-
-fn generate_config_maps(k: &Node<'_>, rendered: &mut Rendered) -> Result<(), Vec<String>> {
-    let mut problems = Vec::new();
-    for generator in k.list("configMapGenerator").map_err(|e| vec![e])? {
-        let result = (|| -> Result<(), String> {
-            let map = generator
-                .value
-                .as_mapping()
-                .ok_or_else(|| generator.err("expected a mapping"))?;
-            for key in map.keys().filter_map(Value::as_str) {
-                if !["name", "namespace", "behavior", "literals"].contains(&key) {
-                    return Err(generator.child(key, &Value::Null).err(
-                        "check-deploy's renderer implements name, namespace, behavior and \
-                         literals only",
-                    ));
-                }
-            }
-            let name = generator.req("name")?.str()?.to_owned();
-            let namespace = generator.opt_str("namespace")?.unwrap_or("").to_owned();
-            let behavior = generator.opt_str("behavior")?.unwrap_or("create");
-            let mut data = Mapping::new();
-            for literal in generator.list("literals")? {
-                let (key, value) = literal
-                    .str()?
-                    .split_once('=')
-                    .ok_or_else(|| literal.err("expected KEY=VALUE"))?;
-                data.insert(Value::from(key), Value::from(value));
-            }
-            let id = (namespace.clone(), name.clone());
-            let existing = rendered.docs.iter_mut().find(|d| {
-                d.kind() == "ConfigMap" && d.name() == name && d.namespace() == namespace
-            });
-            match (behavior, existing) {
-                ("create", None) => {
-                    let mut metadata = Mapping::new();
-                    metadata.insert("name".into(), name.clone().into());
-                    if !namespace.is_empty() {
-                        metadata.insert("namespace".into(), namespace.clone().into());
-                    }
-                    let mut object = Mapping::new();
-                    object.insert("apiVersion".into(), "v1".into());
-                    object.insert("kind".into(), "ConfigMap".into());
-                    object.insert("metadata".into(), Value::Mapping(metadata));
-                    object.insert("data".into(), Value::Mapping(data));
-                    rendered.docs.push(Doc {
-                        source: generator.doc.source.replace(", document 1", "")
-                            + &format!(", {}", generator.path),
-                        value: Value::Mapping(object),
-                    });
-                    rendered.generated.insert(id);
-                }
-                ("create", Some(_)) => {
-                    return Err(generator.err(format!(
-                        "ConfigMap {namespace}/{name} exists already (use behavior: merge)"
-                    )))
-                }
-                ("merge" | "replace", Some(doc)) if rendered.generated.contains(&id) => {
-                    let old = doc
-                        .value
-                        .get_mut("data")
-                        .and_then(Value::as_mapping_mut)
-                        .expect("generated ConfigMaps have data");
-                    if behavior == "replace" {
-                        old.clear();
-                    }
-                    old.extend(data);
-                    doc.source += &format!(
-                        " + {}, {}",
-                        generator.doc.source.replace(", document 1", ""),
-                        generator.path
-                    );
-                }
-                ("merge" | "replace", _) => {
-                    return Err(generator.err(format!(
-                        "behavior {behavior}: no generated ConfigMap {namespace}/{name} in the \
-                         resources"
-                    )))
-                }
-                (other, _) => {
-                    return Err(generator
-                        .child("behavior", &Value::Null)
-                        .err(format!("`{other}`: expected create, merge or replace")))
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            problems.push(e);
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
-}
-
-fn image_rules(k: &Node<'_>) -> Result<Vec<ImageRule>, Vec<String>> {
-    let mut rules = Vec::new();
-    let mut problems = Vec::new();
-    for entry in k.list("images").map_err(|e| vec![e])? {
-        let rule = (|| -> Result<ImageRule, String> {
-            if let Some(map) = entry.value.as_mapping() {
-                for key in map.keys().filter_map(Value::as_str) {
-                    if !["name", "newName", "newTag", "digest"].contains(&key) {
-                        return Err(entry.child(key, &Value::Null).err("unknown images field"));
-                    }
-                }
-            }
-            Ok(ImageRule {
-                source: format!(
-                    "{}, {}",
-                    entry.doc.source.replace(", document 1", ""),
-                    entry.path
-                ),
+        let k = kustomization.root();
+        let mut images = Vec::new();
+        for entry in k.list("images")? {
+            images.push(ImageRule {
+                source: format!("{name}, {}", entry.path),
                 name: entry.req("name")?.str()?.to_owned(),
                 new_name: entry.opt_str("newName")?.map(str::to_owned),
                 new_tag: entry.opt_str("newTag")?.map(str::to_owned),
                 digest: entry.opt_str("digest")?.map(str::to_owned),
-            })
-        })();
-        match rule {
-            Ok(rule) => rules.push(rule),
-            Err(e) => problems.push(e),
+            });
         }
+        let mut bases = Vec::new();
+        for field in ["resources", "components"] {
+            for entry in k.str_list(field)? {
+                let path = dir.join(entry);
+                if path.is_dir() {
+                    bases.push(path);
+                }
+            }
+        }
+        Ok(Kustomization { images, bases })
     }
-    if problems.is_empty() {
-        Ok(rules)
-    } else {
-        Err(problems)
-    }
-}
 
-/// Where the pod spec of a workload kind is.
-fn pod_spec_path(kind: &str) -> Option<&'static [&'static str]> {
-    match kind {
-        "Pod" => Some(&["spec"]),
-        "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
-            Some(&["spec", "template", "spec"])
+    /// Its own `images:` rules, then its bases', outermost first: kustomize applies a base's rules
+    /// before the kustomization's, so the first rule naming an image is the last to set it.
+    fn image_rules_with_bases(&self, root: &Path) -> Result<Vec<ImageRule>, String> {
+        let mut rules = self.images.clone();
+        for base in &self.bases {
+            rules.extend(Kustomization::read(base, root)?.image_rules_with_bases(root)?);
         }
-        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template", "spec"]),
-        _ => None,
+        Ok(rules)
     }
 }
 
@@ -834,67 +693,21 @@ fn split_image(image: &str) -> (&str, Option<&str>, Option<&str>) {
     }
 }
 
-/// What an `images:` rule makes of `image`, if it applies to it (kustomize's image transformer).
-fn transform_image(image: &str, rule: &ImageRule) -> Option<String> {
-    let (name, tag, digest) = split_image(image);
-    if name != rule.name {
-        return None;
-    }
-    let name = rule.new_name.as_deref().unwrap_or(name);
-    Some(match (&rule.digest, &rule.new_tag, tag, digest) {
-        (Some(d), _, _, _) => format!("{name}@{d}"),
-        (None, Some(t), _, _) => format!("{name}:{t}"),
-        (None, None, _, Some(d)) => format!("{name}@{d}"),
-        (None, None, Some(t), None) => format!("{name}:{t}"),
-        (None, None, None, None) => name.to_owned(),
-    })
-}
-
-fn apply_images(rules: &[ImageRule], rendered: &mut Rendered) {
-    let mut matched = vec![false; rules.len()];
-    for doc in &mut rendered.docs {
-        let Some(path) = pod_spec_path(doc.kind()) else {
-            continue;
-        };
-        let source = doc.source.clone();
-        let mut spec = Some(&mut doc.value);
-        for key in path {
-            spec = spec.and_then(|v| v.get_mut(*key));
-        }
-        let Some(spec) = spec else {
-            continue;
-        };
-        for list in ["initContainers", "containers"] {
-            let Some(containers) = spec.get_mut(list).and_then(Value::as_sequence_mut) else {
-                continue;
-            };
-            for (i, container) in containers.iter_mut().enumerate() {
-                let Some(image) = container.get_mut("image") else {
-                    continue;
-                };
-                for (rule, matched) in rules.iter().zip(matched.iter_mut()) {
-                    let Some(new) = image.as_str().and_then(|i| transform_image(i, rule)) else {
-                        continue;
-                    };
-                    *image = Value::from(new);
-                    *matched = true;
-                    let key = format!("{source}, {}.{list}[{i}]", path.join("."));
-                    rendered
-                        .image_rules
-                        .entry(key)
-                        .or_default()
-                        .push(rule.clone());
+/// The images of every `containers` and `initContainers` list in `value`, wherever it is nested
+/// (kustomize's image transformer looks at them in any kind of object).
+fn container_images<'a>(value: &'a Value, images: &mut Vec<&'a str>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map {
+                if matches!(key.as_str(), Some("containers" | "initContainers")) {
+                    let containers = child.as_sequence().into_iter().flatten();
+                    images.extend(containers.filter_map(|c| c.get("image")?.as_str()));
                 }
+                container_images(child, images);
             }
         }
-    }
-    for (rule, matched) in rules.iter().zip(matched) {
-        if !matched {
-            rendered.unmatched_images.push(format!(
-                "{}: no container image is named `{}`, so this rule changes nothing",
-                rule.source, rule.name
-            ));
-        }
+        Value::Sequence(items) => items.iter().for_each(|v| container_images(v, images)),
+        _ => {}
     }
 }
 
@@ -917,16 +730,16 @@ fn check_folder(root: &Path, facts: &AgentFacts, report: &mut Report) -> Result<
     for dir in dirs {
         let label = display(&dir, root);
         match render(&dir, root) {
-            Ok(rendered) => {
+            Ok(docs) => {
                 report.record(
                     &format!("{label}: render"),
-                    Ok(format!("{} objects", rendered.docs.len())),
+                    Ok(format!("{} objects (kubectl kustomize)", docs.len())),
                 );
-                for (name, outcome) in check_rendered(&dir, root, &rendered, facts) {
+                for (name, outcome) in check_rendered(&dir, root, &docs, facts) {
                     report.record(&format!("{label}: {name}"), outcome);
                 }
             }
-            Err(problems) => report.record(&format!("{label}: render"), Err(problems)),
+            Err(problem) => report.record(&format!("{label}: render"), Err(vec![problem])),
         }
     }
     Ok(())
@@ -971,12 +784,8 @@ struct Agent<'a> {
 }
 
 impl<'a> Agent<'a> {
-    fn find(rendered: &'a Rendered) -> Result<Self, String> {
-        let daemonsets: Vec<&Doc> = rendered
-            .docs
-            .iter()
-            .filter(|d| d.kind() == "DaemonSet")
-            .collect();
+    fn find(docs: &'a [Doc]) -> Result<Self, String> {
+        let daemonsets: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "DaemonSet").collect();
         let [daemonset] = daemonsets[..] else {
             return Err(format!(
                 "expected one DaemonSet, found {}",
@@ -1011,7 +820,7 @@ impl<'a> Agent<'a> {
                     } else if let Some(key_ref) = from.get("configMapKeyRef")? {
                         let cm = key_ref.req("name")?.str()?;
                         let key = key_ref.req("key")?.str()?;
-                        match config_map_value(rendered, namespace, cm, key) {
+                        match config_map_value(docs, namespace, cm, key) {
                             Some(value) => EnvSource::ConfigMap(value),
                             None => {
                                 env_problems.push(key_ref.err(format!(
@@ -1060,9 +869,9 @@ impl<'a> Agent<'a> {
         flags
     }
 
-    /// The value of `--name`, else the default `--help` gives; `$(VAR)`s expanded where the
-    /// manifests know their value.
-    fn flag_value(&self, name: &str, help: Option<&Help>) -> Option<String> {
+    /// The value of `--name`, else its default from `--print-flags`; `$(VAR)`s expanded where
+    /// the manifests know their value.
+    fn flag_value(&self, name: &str, agent_flags: Option<&AgentFlags>) -> Option<String> {
         let explicit = self
             .flags()
             .into_iter()
@@ -1071,7 +880,8 @@ impl<'a> Agent<'a> {
             .and_then(|(_, v)| v);
         explicit
             .or_else(|| {
-                help.and_then(|h| h.get(name))
+                agent_flags
+                    .and_then(|flags| flags.get(name))
                     .and_then(|f| f.default.clone())
             })
             .map(|v| self.expand(&v))
@@ -1099,10 +909,8 @@ impl<'a> Agent<'a> {
     }
 }
 
-fn config_map_value(rendered: &Rendered, namespace: &str, name: &str, key: &str) -> Option<String> {
-    rendered
-        .docs
-        .iter()
+fn config_map_value(docs: &[Doc], namespace: &str, name: &str, key: &str) -> Option<String> {
+    docs.iter()
         .find(|d| d.kind() == "ConfigMap" && d.name() == name && d.namespace() == namespace)
         .and_then(|d| d.value.get("data"))
         .and_then(|data| data.get(key))
@@ -1113,14 +921,14 @@ fn config_map_value(rendered: &Rendered, namespace: &str, name: &str, key: &str)
 fn check_rendered(
     dir: &Path,
     root: &Path,
-    rendered: &Rendered,
+    docs: &[Doc],
     facts: &AgentFacts,
 ) -> Vec<(&'static str, Outcome)> {
-    let agent = match Agent::find(rendered) {
+    let agent = match Agent::find(docs) {
         Ok(agent) => agent,
         Err(e) => return vec![("daemonset", Err(vec![e]))],
     };
-    let help = facts.help.as_ref().ok();
+    let agent_flags = facts.flags.as_ref().ok();
     vec![
         (
             "(a) rbac",
@@ -1128,22 +936,29 @@ fn check_rendered(
                 .rbac
                 .as_ref()
                 .map_err(|e| vec![format!("no API calls to compare with: {e}")])
-                .and_then(|calls| check_rbac(rendered, &agent, calls)),
+                .and_then(|calls| check_rbac(docs, &agent, calls)),
         ),
         (
             "(b) flags",
             facts
-                .help
+                .flags
                 .as_ref()
-                .map_err(|e| vec![format!("no `proxy-agent --help` to compare with: {e}")])
-                .and_then(|help| check_flags(&agent, help)),
+                .map_err(|e| {
+                    vec![format!(
+                        "no `proxy-agent --print-flags` to compare with: {e}"
+                    )]
+                })
+                .and_then(|flags| check_flags(&agent, flags)),
         ),
-        ("(c) probes", check_probes(&agent, help)),
-        ("(d) image", check_image(dir, root, rendered, &agent, facts)),
-        ("(e) grace", check_grace(&agent, help)),
-        ("(f) security", check_security(&agent, help)),
-        ("(g) cgroup", check_cgroup(&agent, help)),
-        ("(h) takeover", check_takeover(&agent, help)),
+        ("(c) probes", check_probes(&agent, agent_flags)),
+        (
+            "(d) image",
+            check_image(dir, root, docs, &agent, &facts.version),
+        ),
+        ("(e) grace", check_grace(&agent, agent_flags)),
+        ("(f) security", check_security(&agent, agent_flags)),
+        ("(g) cgroup", check_cgroup(&agent, agent_flags)),
+        ("(h) takeover", check_takeover(&agent, agent_flags)),
     ]
 }
 
@@ -1251,7 +1066,7 @@ fn grants_of(
                 role_name.to_owned(),
             ));
             for (i, rule) in role.root().list("rules")?.iter().enumerate() {
-                let source = format!("{}: {} rules[{i}]", role.source, role.describe());
+                let source = format!("{}, rules[{i}]", role.source);
                 if rule.get("nonResourceURLs")?.is_some() {
                     problems.push(format!("excess: {source} grants nonResourceURLs"));
                 }
@@ -1404,7 +1219,7 @@ fn lease_namespace(agent: &Agent<'_>) -> String {
     }
 }
 
-fn check_rbac(rendered: &Rendered, agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
+fn check_rbac(docs: &[Doc], agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
     let ds = agent.daemonset;
     let namespace = ds.namespace();
     if namespace.is_empty() {
@@ -1418,8 +1233,7 @@ fn check_rbac(rendered: &Rendered, agent: &Agent<'_>, calls: &[ApiCall]) -> Outc
         Err(e) => return Err(vec![e]),
     };
     let mut problems = Vec::new();
-    if !rendered
-        .docs
+    if !docs
         .iter()
         .any(|d| d.kind() == "ServiceAccount" && d.name() == sa && d.namespace() == namespace)
     {
@@ -1427,7 +1241,7 @@ fn check_rbac(rendered: &Rendered, agent: &Agent<'_>, calls: &[ApiCall]) -> Outc
             "the DaemonSet runs as ServiceAccount {namespace}/{sa}, which is not in the manifests"
         ));
     }
-    let grants = grants_of(&rendered.docs, namespace, sa, &mut problems);
+    let grants = grants_of(docs, namespace, sa, &mut problems);
     problems.extend(compare_rbac(&grants, calls, &lease_namespace(agent)));
     problems.sort();
     problems.dedup();
@@ -1443,7 +1257,7 @@ fn check_rbac(rendered: &Rendered, agent: &Agent<'_>, calls: &[ApiCall]) -> Outc
 
 // (b) ---------------------------------------------------------------------------------------
 
-fn check_flags(agent: &Agent<'_>, help: &Help) -> Outcome {
+fn check_flags(agent: &Agent<'_>, agent_flags: &AgentFlags) -> Outcome {
     let mut problems = agent.env_problems.clone();
     match agent.container.get("command") {
         Ok(Some(command)) => match command.items().and_then(|items| {
@@ -1487,8 +1301,8 @@ fn check_flags(agent: &Agent<'_>, help: &Help) -> Outcome {
             Some((name, value)) => (name, Some(value)),
             None => (flag, None),
         };
-        let Some(info) = help.get(name) else {
-            problems.push(node.err(format!("proxy-agent --help lists no --{name}")));
+        let Some(info) = agent_flags.get(name) else {
+            problems.push(node.err(format!("proxy-agent --print-flags lists no --{name}")));
             continue;
         };
         match (info.takes_value, inline) {
@@ -1502,7 +1316,7 @@ fn check_flags(agent: &Agent<'_>, help: &Help) -> Outcome {
     }
     outcome(problems, || {
         format!(
-            "{} args, every flag known to proxy-agent --help, every $(VAR) an env var",
+            "{} args, every flag known to proxy-agent --print-flags, every $(VAR) an env var",
             agent.args.len()
         )
     })
@@ -1532,10 +1346,10 @@ fn port_of(address: &str) -> Option<u16> {
     address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
 
-fn check_probes(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
-    let Some(admin) = agent.flag_value("admin", help) else {
+fn check_probes(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
+    let Some(admin) = agent.flag_value("admin", agent_flags) else {
         return Err(vec![format!(
-            "{}: no --admin in the args and no `proxy-agent --help` for its default",
+            "{}: no --admin in the args and no `proxy-agent --print-flags` for its default",
             agent.container.path
         )]);
     };
@@ -1563,7 +1377,7 @@ fn check_probes(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
             ));
         }
     }
-    let redirect = agent.flag_value("redirect", help);
+    let redirect = agent.flag_value("redirect", agent_flags);
     if let (Some(port), Some(redirect)) = (named_ports.get("redirect"), &redirect) {
         if port_of(redirect) != Some(*port) {
             problems.push(format!(
@@ -1644,32 +1458,60 @@ fn check_probe(
 
 // (d) ---------------------------------------------------------------------------------------
 
+/// The agent's rendered image against the `images:` rules of the kustomization and its bases:
+/// the outermost rule giving an image the agent's name must account for its tag and digest, and
+/// each of the kustomization's own rules must show in some rendered image (a rule whose `name`
+/// matches no image changes nothing, silently).
 fn check_image(
     dir: &Path,
     root: &Path,
-    rendered: &Rendered,
+    docs: &[Doc],
     agent: &Agent<'_>,
-    facts: &AgentFacts,
+    agent_version: &Result<String, String>,
 ) -> Outcome {
     let container = &agent.container;
     let image = container
         .req("image")
         .and_then(|i| i.str())
         .map_err(|e| vec![e])?;
-    let mut problems = rendered.unmatched_images.clone();
+    let kustomization = Kustomization::read(dir, root).map_err(|e| vec![e])?;
+    let rules = kustomization
+        .image_rules_with_bases(root)
+        .map_err(|e| vec![e])?;
+    let mut rendered_images = Vec::new();
+    for doc in docs {
+        container_images(&doc.value, &mut rendered_images);
+    }
+    let mut problems: Vec<String> = kustomization
+        .images
+        .iter()
+        .filter(|rule| !rendered_images.iter().any(|i| rule.produces(i)))
+        .map(|rule| {
+            format!(
+                "{}: no rendered image is `{}`: no container image is named `{}`, so this rule \
+                 changes nothing",
+                rule.source,
+                rule.new_image(),
+                rule.name
+            )
+        })
+        .collect();
     let key = format!("{}, {}", agent.daemonset.source, container.path);
-    let Some(rule) = rendered
-        .image_rules
-        .get(&key)
-        .and_then(|rules| rules.last())
-    else {
+    let (name, tag, digest) = split_image(image);
+    let Some(rule) = rules.iter().find(|rule| rule.new_image_name() == name) else {
         problems.push(format!(
             "{key}: image `{image}` is set by no `images:` entry of {} or its bases",
             display(dir, root)
         ));
         return Err(problems);
     };
-    let (_, tag, digest) = split_image(image);
+    if !rule.produces(image) {
+        problems.push(format!(
+            "{}: sets `{}`, but the agent's image renders as `{image}`",
+            rule.source,
+            rule.new_image()
+        ));
+    }
     match (tag, digest) {
         (_, Some(_)) => {}
         (None, None) => problems.push(format!("{key}: image `{image}` has no tag")),
@@ -1679,7 +1521,7 @@ fn check_image(
         (Some(_), None) => {}
     }
     if dir.ends_with("deploy/base") {
-        match &facts.version {
+        match agent_version {
             Ok(version) if tag != Some(version.as_str()) => problems.push(format!(
                 "{}: the base's image tag is {}, proxy-agent's version is {version}",
                 rule.source,
@@ -1712,10 +1554,11 @@ fn check_image(
 
 // (e) ---------------------------------------------------------------------------------------
 
-fn check_grace(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
-    let Some(drain) = agent.flag_value("drain-timeout-s", help) else {
+fn check_grace(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
+    let Some(drain) = agent.flag_value("drain-timeout-s", agent_flags) else {
         return Err(vec![
-            "no --drain-timeout-s in the args and no `proxy-agent --help` for its default".into(),
+            "no --drain-timeout-s in the args and no `proxy-agent --print-flags` for its default"
+                .into(),
         ]);
     };
     let drain: i64 = drain
@@ -1746,8 +1589,8 @@ fn capability(name: &str) -> String {
     upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
 }
 
-fn check_security(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
-    let takeover_dir = takeover_dir(agent, help);
+fn check_security(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
+    let takeover_dir = takeover_dir(agent, agent_flags);
     let mut problems = Vec::new();
     let result = (|| -> Result<(), String> {
         let spec = &agent.pod_spec;
@@ -1854,8 +1697,8 @@ fn mount_at<'a>(
     Ok(None)
 }
 
-fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
-    let Some(cgroup) = agent.flag_value("cgroup", help) else {
+fn check_cgroup(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
+    let Some(cgroup) = agent.flag_value("cgroup", agent_flags) else {
         return Err(vec![format!(
             "{}: no --cgroup in the args: the redirect needs the pods' cgroup",
             agent.container.path
@@ -1900,8 +1743,8 @@ fn check_cgroup(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
 // (h) ---------------------------------------------------------------------------------------
 
 /// The folder of `--takeover-socket`, if given.
-fn takeover_dir(agent: &Agent<'_>, help: Option<&Help>) -> Option<String> {
-    let socket = agent.flag_value("takeover-socket", help)?;
+fn takeover_dir(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Option<String> {
+    let socket = agent.flag_value("takeover-socket", agent_flags)?;
     let dir = Path::new(&socket).parent()?.to_str()?.trim_end_matches('/');
     Some(dir.to_owned())
 }
@@ -1917,9 +1760,9 @@ fn is_zero(node: Option<Node<'_>>) -> Result<bool, String> {
     }
 }
 
-fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
+fn check_takeover(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
     let mut problems = Vec::new();
-    let dir = takeover_dir(agent, help);
+    let dir = takeover_dir(agent, agent_flags);
     let result = (|| -> Result<(), String> {
         let strategy = agent.daemonset.root().req("spec")?.get("updateStrategy")?;
         let rolling = match &strategy {
@@ -1964,7 +1807,7 @@ fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
                  scheduled beside the old one; declare none",
             ));
         }
-        match agent.flag_value("after-takeover", help).as_deref() {
+        match agent.flag_value("after-takeover", agent_flags).as_deref() {
             Some("wait") => {}
             other => problems.push(format!(
                 "{}: --after-takeover is {}, expected wait: an old container that exits is \
@@ -2018,8 +1861,33 @@ fn check_takeover(agent: &Agent<'_>, help: Option<&Help>) -> Outcome {
 mod tests {
     use super::*;
 
+    /// Rendered objects written inline, named as kustomize's output is.
     fn docs(yaml: &str) -> Vec<Doc> {
-        parse_documents(yaml, "fixture.yaml").unwrap()
+        parse_rendered(yaml, "fixture").unwrap()
+    }
+
+    /// A folder of files under the system's temp folder, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        /// `test` keeps the folders of tests running at the same time apart.
+        fn with_files(test: &str, files: &[(&str, &str)]) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("check-deploy-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            for (path, text) in files {
+                let path = dir.join(path);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            }
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn calls(json: &str) -> Vec<ApiCall> {
@@ -2116,13 +1984,13 @@ rules:
 - {apiGroups: ['*'], resources: [secrets], verbs: [get]}";
         let problems = rbac_problems(rules, LEASE_ROLE, AGENT_CALLS);
         let expected = [
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants delete core/pods cluster-wide, which the agent never calls",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants delete core/services cluster-wide, which the agent never calls",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants list core/pods cluster-wide, which the agent never calls",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[0] grants watch core/pods cluster-wide, which the agent never calls",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[2] grants get coordination.k8s.io/leases cluster-wide; the agent needs it only in namespace gamma-system (use a Role)",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[3] grants get */secrets cluster-wide, which the agent never calls",
-            "excess: fixture.yaml, document 1: ClusterRole agent rules[3] uses the wildcard `*`",
+            "excess: ClusterRole agent, rules[0] grants delete core/pods cluster-wide, which the agent never calls",
+            "excess: ClusterRole agent, rules[0] grants delete core/services cluster-wide, which the agent never calls",
+            "excess: ClusterRole agent, rules[0] grants list core/pods cluster-wide, which the agent never calls",
+            "excess: ClusterRole agent, rules[0] grants watch core/pods cluster-wide, which the agent never calls",
+            "excess: ClusterRole agent, rules[2] grants get coordination.k8s.io/leases cluster-wide; the agent needs it only in namespace gamma-system (use a Role)",
+            "excess: ClusterRole agent, rules[3] grants get */secrets cluster-wide, which the agent never calls",
+            "excess: ClusterRole agent, rules[3] uses the wildcard `*`",
         ];
         assert_eq!(problems, expected);
     }
@@ -2151,7 +2019,7 @@ subjects:
         assert_eq!(
             problems,
             [
-                "fixture.yaml, document 3, subjects[1]: excess: binds ServiceAccount default/default, not the agent's ServiceAccount gamma-system/agent",
+                "RoleBinding gamma-system/leader, subjects[1]: excess: binds ServiceAccount default/default, not the agent's ServiceAccount gamma-system/agent",
                 "excess: ClusterRole spare is not bound to the agent's ServiceAccount gamma-system/agent",
             ]
         );
@@ -2159,20 +2027,20 @@ subjects:
 
     #[test]
     fn parse_errors_name_file_document_and_field() {
-        let dir = std::env::temp_dir().join(format!("check-deploy-parse-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(
-            dir.join("sub/a.yaml"),
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: [oops\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("b.yml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n---\napiVersion: 1\nkind: Pod\nmetadata: {name: p}\n",
-        )
-        .unwrap();
-        let problems = parse_all(&dir, &dir).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let dir = TempDir::with_files(
+            "parse",
+            &[
+                (
+                    "sub/a.yaml",
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: [oops\n",
+                ),
+                (
+                    "b.yml",
+                    "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n---\napiVersion: 1\nkind: Pod\nmetadata: {name: p}\n",
+                ),
+            ],
+        );
+        let problems = parse_all(&dir.0, &dir.0).unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:#?}");
         assert_eq!(problems[0], "b.yml, document 1, metadata.name: missing");
         assert_eq!(
@@ -2185,66 +2053,65 @@ subjects:
         );
     }
 
-    const HELP: &str = "\
-Per-node GAMMA (Gateway API mesh) proxy
+    /// A few of the agent's flags, as `proxy-agent --print-flags` prints them.
+    const FLAGS_JSON: &str = r#"[
+        {"name": "kube", "takesValue": false, "default": null},
+        {"name": "manifests", "takesValue": true, "default": null},
+        {"name": "admin", "takesValue": true, "default": "127.0.0.1:15000"},
+        {"name": "drain-timeout-s", "takesValue": true, "default": "20"},
+        {"name": "takeover-socket", "takesValue": true, "default": null},
+        {"name": "after-takeover", "takesValue": true, "default": "exit"}
+    ]"#;
 
-Usage: proxy-agent [OPTIONS]
-
-Options:
-      --kube
-          Follow the cluster
-      --manifests <DIR>
-          Folder of YAML manifests
-      --admin <ADMIN>
-          Admin server (health, metrics, config dump, explain). Keep it on loopback.
-
-          [default: 127.0.0.1:15000]
-      --drain-timeout-s <DRAIN_TIMEOUT_S>
-          On SIGTERM, how long in-flight requests may take to finish, in seconds
-
-          [default: 20]
-      --takeover-socket <PATH>
-          Hitless restart
-      --after-takeover <AFTER_TAKEOVER>
-          Once taken over: exit or wait
-
-          [default: exit]
-  -h, --help
-          Print help (see a summary with '-h')
-";
+    fn agent_flags() -> AgentFlags {
+        parse_flags_json(FLAGS_JSON).unwrap()
+    }
 
     #[test]
-    fn help_gives_flags_values_and_defaults() {
-        let help = parse_help(HELP);
+    fn flags_json_gives_flags_values_and_defaults() {
+        let flags = agent_flags();
         assert_eq!(
-            help.keys().map(String::as_str).collect::<Vec<_>>(),
+            flags.keys().map(String::as_str).collect::<Vec<_>>(),
             [
                 "admin",
                 "after-takeover",
                 "drain-timeout-s",
-                "help",
                 "kube",
                 "manifests",
                 "takeover-socket"
             ]
         );
-        assert!(!help["kube"].takes_value);
-        assert!(help["manifests"].takes_value);
-        assert_eq!(help["admin"].default.as_deref(), Some("127.0.0.1:15000"));
-        assert_eq!(help["drain-timeout-s"].default.as_deref(), Some("20"));
-        assert_eq!(help["manifests"].default, None);
-        // Short help: description on the option's line.
-        let short = parse_help("  -w, --workers <WORKERS>  Worker threads [default: 4]\n");
         assert_eq!(
-            short["workers"],
+            flags["kube"],
             FlagInfo {
-                takes_value: true,
-                default: Some("4".into())
+                takes_value: false,
+                default: None
             }
+        );
+        assert!(flags["manifests"].takes_value);
+        assert_eq!(flags["admin"].default.as_deref(), Some("127.0.0.1:15000"));
+        assert_eq!(flags["drain-timeout-s"].default.as_deref(), Some("20"));
+        assert_eq!(flags["manifests"].default, None);
+    }
+
+    #[test]
+    fn flags_json_that_is_malformed_or_ambiguous_is_refused() {
+        let error = parse_flags_json("Usage: proxy-agent [OPTIONS]").unwrap_err();
+        assert!(
+            error.starts_with("the --print-flags JSON does not parse"),
+            "{error}"
+        );
+        let error = parse_flags_json(r#"[{"name": "kube", "default": null}]"#).unwrap_err();
+        assert!(error.contains("takesValue"), "{error}");
+        let twice = r#"[{"name": "kube", "takesValue": false, "default": null},
+                        {"name": "kube", "takesValue": true, "default": null}]"#;
+        assert_eq!(
+            parse_flags_json(twice).unwrap_err(),
+            "the --print-flags JSON lists --kube twice"
         );
     }
 
-    fn daemonset(container: &str, pod: &str) -> Rendered {
+    fn daemonset(container: &str, pod: &str) -> Vec<Doc> {
         let yaml = format!(
             "
 apiVersion: apps/v1
@@ -2264,14 +2131,11 @@ metadata: {{name: config, namespace: gamma-system}}
 data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
 "
         );
-        Rendered {
-            docs: docs(&yaml),
-            ..Default::default()
-        }
+        docs(&yaml)
     }
 
     #[test]
-    fn flags_are_checked_against_help() {
+    fn flags_are_checked_against_print_flags() {
         let rendered = daemonset(
             "        args: [--kube=yes, --manifests, --admin, '--nope=1', '--admin=$(HOST_IP):1', stray]
         env:
@@ -2280,8 +2144,8 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
             "",
         );
         let agent = Agent::find(&rendered).unwrap();
-        let problems = check_flags(&agent, &parse_help(HELP)).unwrap_err();
-        let at = "fixture.yaml, document 1, spec.template.spec.containers[0]";
+        let problems = check_flags(&agent, &agent_flags()).unwrap_err();
+        let at = "DaemonSet gamma-system/agent, spec.template.spec.containers[0]";
         assert_eq!(
             problems,
             [
@@ -2289,7 +2153,7 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
                 format!("{at}.args[0]: --kube takes no value"),
                 format!("{at}.args[1]: --manifests takes a value; none follows"),
                 format!("{at}.args[2]: --admin takes a value; none follows"),
-                format!("{at}.args[3]: proxy-agent --help lists no --nope"),
+                format!("{at}.args[3]: proxy-agent --print-flags lists no --nope"),
                 format!("{at}.args[4]: $(HOST_IP) is not an env var of the container: Kubernetes would pass it literally"),
                 format!("{at}.args[5]: `stray` is neither a long flag nor a flag's value"),
             ]
@@ -2311,18 +2175,18 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
       volumes: [{name: cgroup, hostPath: {path: /sys/fs/cgroup}}]",
         );
         let agent = Agent::find(&rendered).unwrap();
-        let help = parse_help(HELP);
-        let at = "fixture.yaml, document 1, spec.template.spec.containers[0]";
+        let flags = agent_flags();
+        let at = "DaemonSet gamma-system/agent, spec.template.spec.containers[0]";
         assert_eq!(
-            check_probes(&agent, Some(&help)).unwrap_err(),
+            check_probes(&agent, Some(&flags)).unwrap_err(),
             [
                 format!("{at}.livenessProbe.httpGet.path: `/healthz`, expected /live"),
                 format!("{at}.readinessProbe.httpGet: host (unset: the pod IP): the admin server listens on 127.0.0.1 only (set httpGet.host to it)"),
             ]
         );
-        assert!(check_grace(&agent, Some(&help)).unwrap_err()[0]
+        assert!(check_grace(&agent, Some(&flags)).unwrap_err()[0]
             .contains("terminationGracePeriodSeconds is 30, not more than --drain-timeout-s 40"));
-        let security = check_security(&agent, Some(&help)).unwrap_err();
+        let security = check_security(&agent, Some(&flags)).unwrap_err();
         assert_eq!(security.len(), 6, "{security:#?}");
         for expected in [
             "privileged: true",
@@ -2338,14 +2202,14 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
             );
         }
         assert_eq!(
-            check_cgroup(&agent, Some(&help)),
+            check_cgroup(&agent, Some(&flags)),
             Ok("--cgroup /sys/fs/cgroup/kubepods.slice, under the host's /sys/fs/cgroup mounted at the same path".into())
         );
     }
 
     /// A DaemonSet with `strategy` (YAML under spec.updateStrategy.rollingUpdate), the host path
     /// /run/gamma-node of type `folder_type` and the agent container `container`.
-    fn takeover_fixture(strategy: &str, folder_type: &str, container: &str) -> Rendered {
+    fn takeover_fixture(strategy: &str, folder_type: &str, container: &str) -> Vec<Doc> {
         let yaml = format!(
             "
 apiVersion: apps/v1
@@ -2363,15 +2227,12 @@ spec:
 {container}
 "
         );
-        Rendered {
-            docs: docs(&yaml),
-            ..Default::default()
-        }
+        docs(&yaml)
     }
 
     #[test]
     fn takeover_needs_a_surge_a_shared_writable_folder_and_wait() {
-        let help = parse_help(HELP);
+        let flags = agent_flags();
         // Everything wrong.
         let rendered = takeover_fixture(
             "{maxSurge: 0}",
@@ -2384,7 +2245,7 @@ spec:
         - {name: sockets, mountPath: /run/gamma-node/, readOnly: true}",
         );
         let agent = Agent::find(&rendered).unwrap();
-        let problems = check_takeover(&agent, Some(&help)).unwrap_err();
+        let problems = check_takeover(&agent, Some(&flags)).unwrap_err();
         for expected in [
             "without maxSurge ≥ 1",
             "maxUnavailable must be 0",
@@ -2400,7 +2261,7 @@ spec:
         }
         assert_eq!(problems.len(), 6, "{problems:#?}");
         // The socket's folder may be writable; another host path may not.
-        let security = check_security(&agent, Some(&help)).unwrap_err();
+        let security = check_security(&agent, Some(&flags)).unwrap_err();
         assert_eq!(security.len(), 1, "{security:#?}");
         assert!(security[0].contains("host path volume cgroup must be mounted readOnly"));
 
@@ -2413,9 +2274,9 @@ spec:
         );
         let agent = Agent::find(&rendered).unwrap();
         assert!(
-            check_takeover(&agent, Some(&help)).is_ok(),
+            check_takeover(&agent, Some(&flags)).is_ok(),
             "{:?}",
-            check_takeover(&agent, Some(&help))
+            check_takeover(&agent, Some(&flags))
         );
 
         // No takeover: a surge pod could not bind the node's ports.
@@ -2425,65 +2286,174 @@ spec:
             "        args: []",
         );
         let agent = Agent::find(&rendered).unwrap();
-        let problems = check_takeover(&agent, Some(&help)).unwrap_err();
+        let problems = check_takeover(&agent, Some(&flags)).unwrap_err();
         assert!(
             problems[0].contains("maxSurge above 0 without --takeover-socket"),
             "{problems:?}"
         );
     }
 
+    const AGENT_DAEMONSET: &str = "
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent, namespace: gamma-system}
+spec:
+  template:
+    spec:
+      containers:
+      - name: proxy-agent
+        image: gamma-node
+        env: [{name: CGROUP_DIR, valueFrom: {configMapKeyRef: {name: config, key: CGROUP_DIR}}}]
+";
+
     #[test]
-    fn images_follow_kustomize_rules() {
-        let rule = |name: &str, new_name: Option<&str>, tag: Option<&str>| ImageRule {
-            source: "k".into(),
-            name: name.into(),
-            new_name: new_name.map(Into::into),
-            new_tag: tag.map(Into::into),
-            digest: None,
-        };
-        assert_eq!(
-            transform_image("gamma-node", &rule("gamma-node", None, Some("dev"))),
-            Some("gamma-node:dev".into())
+    fn kustomize_renders_objects_named_by_kind_namespace_and_name() {
+        let dir = TempDir::with_files(
+            "render",
+            &[
+                ("daemonset.yaml", AGENT_DAEMONSET),
+                (
+                    "kustomization.yaml",
+                    "resources: [daemonset.yaml]
+configMapGenerator:
+- {name: config, namespace: gamma-system, literals: [CGROUP_DIR=/sys/fs/cgroup/pods]}
+",
+                ),
+            ],
         );
-        assert_eq!(
-            transform_image(
-                "gamma-node:0.1.0",
-                &rule("gamma-node", Some("r.io:5000/g"), None)
-            ),
-            Some("r.io:5000/g:0.1.0".into())
+        let docs = render(&dir.0, &dir.0).unwrap();
+        let sources: Vec<&str> = docs.iter().map(|d| d.source.as_str()).collect();
+        assert_eq!(sources.len(), 2, "{sources:?}");
+        // The generated ConfigMap's name carries kustomize's content hash ...
+        assert!(
+            sources[0].starts_with("ConfigMap gamma-system/config-"),
+            "{sources:?}"
         );
+        assert_eq!(sources[1], "DaemonSet gamma-system/agent");
+        // ... and the reference to it was rewritten to match.
+        let agent = Agent::find(&docs).unwrap();
         assert_eq!(
-            transform_image("r.io:5000/g:1", &rule("r.io:5000/g", None, Some("2"))),
-            Some("r.io:5000/g:2".into())
-        );
-        assert_eq!(
-            transform_image("other:1", &rule("gamma-node", None, Some("2"))),
-            None
-        );
-        assert_eq!(
-            split_image("a/b@sha256:00"),
-            ("a/b", None, Some("sha256:00"))
+            agent.env["CGROUP_DIR"],
+            EnvSource::ConfigMap("/sys/fs/cgroup/pods".into())
         );
     }
 
     #[test]
-    fn the_renderer_refuses_what_it_does_not_implement() {
-        let dir = std::env::temp_dir().join(format!("check-deploy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("kustomization.yaml"),
-            "resources: []\npatches: [{path: p.yaml}]\nnamespace: x\n",
-        )
-        .unwrap();
-        let problems = render(&dir, &dir).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn kustomize_errors_fail_the_render_with_its_message() {
+        let dir = TempDir::with_files(
+            "render-error",
+            &[("kustomization.yaml", "resources: [missing.yaml]\n")],
+        );
+        let error = render(&dir.0, &dir.0).unwrap_err();
+        assert!(
+            error.starts_with(&format!("kubectl kustomize {} failed: ", dir.0.display())),
+            "{error}"
+        );
+        assert!(error.contains("missing.yaml"), "{error}");
+    }
+
+    #[test]
+    fn image_rules_are_checked_against_the_rendering() {
+        let overlay = |images: &str| format!("resources: [../base]\nimages: {images}\n");
+        let dir = TempDir::with_files(
+            "images",
+            &[
+                ("deploy/base/daemonset.yaml", AGENT_DAEMONSET),
+                (
+                    "deploy/base/kustomization.yaml",
+                    "resources: [daemonset.yaml]\nimages: [{name: gamma-node, newTag: 0.1.0}]\n",
+                ),
+                (
+                    "deploy/typo/kustomization.yaml",
+                    &overlay("[{name: gamma-nod, newTag: dev}]"),
+                ),
+                (
+                    "deploy/renamed-by-typo/kustomization.yaml",
+                    &overlay("[{name: gamma_node, newName: gamma-node, newTag: dev}]"),
+                ),
+                (
+                    "deploy/registry/kustomization.yaml",
+                    &overlay("[{name: gamma-node, newName: 'r.io:5000/g', newTag: '2'}]"),
+                ),
+                ("deploy/bare/daemonset.yaml", AGENT_DAEMONSET),
+                (
+                    "deploy/bare/kustomization.yaml",
+                    "resources: [daemonset.yaml]\n",
+                ),
+            ],
+        );
+        let root = &dir.0;
+        let check = |kustomization: &str, version: &str| {
+            let dir = root.join("deploy").join(kustomization);
+            let docs = render(&dir, root).unwrap();
+            let agent = Agent::find(&docs).unwrap();
+            check_image(&dir, root, &docs, &agent, &Ok(version.to_owned()))
+        };
+        let container = "DaemonSet gamma-system/agent, spec.template.spec.containers[0]";
+
+        assert_eq!(
+            check("base", "0.1.0"),
+            Ok("gamma-node:0.1.0, set by deploy/base/kustomization.yaml, images[0]".into())
+        );
+        assert_eq!(
+            check("base", "0.2.0"),
+            Err(vec![
+                "deploy/base/kustomization.yaml, images[0]: the base's image tag is \
+                      0.1.0, proxy-agent's version is 0.2.0"
+                    .to_owned()
+            ])
+        );
+        // The overlay's rule matches nothing: the base's rule still sets the image.
+        assert_eq!(
+            check("typo", "0.1.0"),
+            Err(vec![
+                "deploy/typo/kustomization.yaml, images[0]: no rendered image is \
+                      `gamma-nod:dev`: no container image is named `gamma-nod`, so this rule \
+                      changes nothing"
+                    .to_owned()
+            ])
+        );
+        let problems = check("renamed-by-typo", "0.1.0").unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:#?}");
-        assert!(problems[0].starts_with("kustomization.yaml, document 1, patches: check-deploy's renderer implements only resources, images, configMapGenerator"), "{problems:#?}");
+        assert!(
+            problems[0].contains("no container image is named `gamma_node`"),
+            "{problems:#?}"
+        );
+        assert_eq!(
+            problems[1],
+            "deploy/renamed-by-typo/kustomization.yaml, images[0]: sets `gamma-node:dev`, but the \
+             agent's image renders as `gamma-node:0.1.0`"
+        );
+        // A registry with a port: its colon is no tag.
+        assert_eq!(
+            check("registry", "0.1.0"),
+            Ok("r.io:5000/g:2, set by deploy/registry/kustomization.yaml, images[0]".into())
+        );
+        assert_eq!(
+            check("bare", "0.1.0"),
+            Err(vec![format!(
+                "{container}: image `gamma-node` is set by no `images:` entry of deploy/bare or \
+                 its bases"
+            )])
+        );
+    }
+
+    #[test]
+    fn image_references_split_into_name_tag_and_digest() {
+        assert_eq!(split_image("gamma-node"), ("gamma-node", None, None));
+        assert_eq!(
+            split_image("r.io:5000/g:1"),
+            ("r.io:5000/g", Some("1"), None)
+        );
+        assert_eq!(
+            split_image("a/b:1@sha256:00"),
+            ("a/b", Some("1"), Some("sha256:00"))
+        );
     }
 
     /// The repository's own deploy/ folder. The checks that need the agent binary run when
-    /// target/debug/proxy-agent knows --print-rbac (`cargo xtask test` builds it first); otherwise
-    /// they are reported as skipped, never silently passed.
+    /// target/debug/proxy-agent knows --print-rbac and --print-flags (`cargo xtask test` builds it
+    /// first); otherwise they are reported as skipped, never silently passed.
     #[test]
     fn the_deploy_folder_passes() {
         let root = util::workspace_root();
@@ -2496,17 +2466,17 @@ spec:
             ..Default::default()
         };
         let mut facts = AgentFacts::gather(&options, &root);
-        let binary_ready = facts.rbac.is_ok() && facts.help.is_ok();
-        if !binary_ready {
+        let binary_error = facts.rbac.as_ref().err().or(facts.flags.as_ref().err());
+        let binary_ready = binary_error.is_none();
+        if let Some(error) = binary_error {
             skip(
                 "xtask check_deploy::tests::the_deploy_folder_passes (rbac, flags)",
                 &format!(
-                    "{} has no --print-rbac yet (or is not built): {}",
+                    "{} is not built or lacks --print-rbac or --print-flags: {error}",
                     binary.display(),
-                    facts.rbac.as_ref().err().cloned().unwrap_or_default()
                 ),
             );
-            facts.help = Err("skipped".into());
+            facts.flags = Err("skipped".into());
         }
         let mut problems = Vec::new();
         if let Err(e) = parse_all(&root.join("deploy"), &root) {
@@ -2516,14 +2486,14 @@ spec:
         find_kustomizations(&root.join("deploy"), &mut dirs).unwrap();
         assert!(dirs.len() >= 2, "{dirs:?}");
         for dir in &dirs {
-            let rendered = match render(dir, &root) {
-                Ok(rendered) => rendered,
+            let docs = match render(dir, &root) {
+                Ok(docs) => docs,
                 Err(e) => {
-                    problems.extend(e);
+                    problems.push(e);
                     continue;
                 }
             };
-            for (name, outcome) in check_rendered(dir, &root, &rendered, &facts) {
+            for (name, outcome) in check_rendered(dir, &root, &docs, &facts) {
                 let needs_binary = matches!(name, "(a) rbac" | "(b) flags");
                 if let Err(e) = outcome {
                     if binary_ready || !needs_binary {

@@ -2,6 +2,7 @@
 //!
 //! A second run checks each piece and rebuilds nothing.
 
+use crate::check_deploy;
 use crate::util::{self, output, run as run_command, step};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,10 @@ pub fn run() -> Result<()> {
     }
     step("Debian packages", install_packages)?;
     step(
+        "kubectl with kustomize (for `cargo xtask check-deploy`)",
+        kubectl_kustomize,
+    )?;
+    step(
         "nightly toolchain with rust-src (for the eBPF crate)",
         nightly_rust_src,
     )?;
@@ -44,15 +49,54 @@ fn install_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("    installing: {}", missing.join(" "));
+    apt_install(&missing)
+        .context("apt-get install failed: install the packages above by hand and run setup again")
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     run_command(Command::new("apt-get").arg("update").arg("-q"))
         .context("apt-get update failed: check the machine's Debian mirror settings")?;
     run_command(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .context("apt-get install failed: install the packages above by hand and run setup again")
+}
+
+/// What to install when neither the machine nor its package sources have a working kubectl.
+const KUBECTL_HINT: &str = "install kubectl 1.27 or newer (its `kubectl kustomize` is kustomize \
+                            v5) from the Kubernetes project's packages and run setup again";
+
+/// check-deploy renders deploy/ with `kubectl kustomize`: kubectl must run and render a
+/// kustomization, which a generated ConfigMap shows.
+fn kubectl_kustomize() -> Result<()> {
+    let kubectl_version = || output(Command::new("kubectl").args(["version", "--client"]));
+    if kubectl_version().is_err() {
+        apt_install(&["kubectl"]).with_context(|| {
+            format!("kubectl is missing and `apt-get install kubectl` failed: {KUBECTL_HINT}")
+        })?;
+    }
+    let version =
+        kubectl_version().with_context(|| format!("kubectl does not run: {KUBECTL_HINT}"))?;
+    let probe = std::env::temp_dir().join(format!("xtask-kustomize-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&probe).with_context(|| format!("creating {}", probe.display()))?;
+    std::fs::write(
+        probe.join("kustomization.yaml"),
+        "configMapGenerator: [{name: probe, literals: [key=value]}]\n",
+    )
+    .with_context(|| format!("writing a kustomization in {}", probe.display()))?;
+    let rendered = check_deploy::kustomize(&probe);
+    let _ = std::fs::remove_dir_all(&probe);
+    match rendered {
+        Ok(yaml) if yaml.contains("kind: ConfigMap") => {}
+        Ok(yaml) => bail!(
+            "`kubectl kustomize` rendered no ConfigMap from its generator: {yaml}\n{KUBECTL_HINT}"
+        ),
+        Err(e) => bail!("{e}\n{KUBECTL_HINT}"),
+    }
+    eprintln!("    {}", version.lines().collect::<Vec<_>>().join(", "));
+    Ok(())
 }
 
 fn package_installed(pkg: &str) -> bool {

@@ -292,9 +292,10 @@ async fn h2c_grpc_and_mirror() {
     let h1 = echo_backend([127, 0, 0, 1], "h1").await;
     let grpc = echo_backend([127, 0, 0, 1], "grpc").await;
     let mirror = echo_backend([127, 0, 0, 1], "mirror").await;
-    let rules = "  - matches: [{path: {type: PathPrefix, value: /proto.EchoTestService}}]\n    backendRefs: [{name: grpc, port: 80}]\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: h1, port: 80}]\n";
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /proto.EchoTestService}}]\n    backendRefs: [{name: grpc, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /proto.Drained}}]\n    backendRefs: [{name: drained, port: 80}]\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: h1, port: 80}]\n";
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
+        .service("ns", "drained", 80, &[], Some("kubernetes.io/h2c"))
         .service("ns", "h1", 80, &[h1.addr], None)
         .service("ns", "grpc", 80, &[grpc.addr], Some("kubernetes.io/h2c"))
         .service("ns", "mirror", 80, &[mirror.addr], None)
@@ -316,6 +317,24 @@ async fn h2c_grpc_and_mirror() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.headers["x-echo-pod"], "grpc");
     assert!(answer.text.contains("HTTP/2.0"), "{}", answer.text);
+    // What the agent answers itself, a gRPC caller gets as a gRPC status (trailers-only, HTTP
+    // 200); an HTTP caller of the same rule gets the HTTP error.
+    let grpc_call = [
+        ("content-type", "application/grpc+proto"),
+        ("te", "trailers"),
+    ];
+    let answer = get(&h2, &agent.url(0, "/proto.Drained/Call"), &grpc_call).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.headers["content-type"], "application/grpc");
+    assert_eq!(
+        answer.headers["grpc-status"], "14",
+        "no ready endpoint: UNAVAILABLE"
+    );
+    let message = answer.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("no ready endpoint"), "{message}");
+    assert!(answer.text.is_empty(), "trailers-only: no body");
+    let answer = get(&h2, &agent.url(0, "/proto.Drained/Call"), &[]).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
     // Mirrors are fire-and-forget: wait a little for the copy to land.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while mirror

@@ -78,12 +78,67 @@ impl LocalAnswer {
         }
     }
 
+    /// What a gRPC caller gets instead of an HTTP error (a gRPC client reads `grpc-status`, not
+    /// the HTTP status): `None` for a redirect, which stays an HTTP answer. GRPCRoute: "When a
+    /// GRPCBackendRef is invalid, UNAVAILABLE statuses MUST be returned"; the rest follows gRPC's
+    /// own mapping of HTTP errors (doc/http-grpc-status-mapping.md), as Envoy does.
+    pub fn grpc_status(&self) -> Option<GrpcStatus> {
+        Some(match self {
+            LocalAnswer::Rule(LocalResponse::Redirect { .. }) => return None,
+            LocalAnswer::Rule(LocalResponse::UnsupportedFilter(_)) => GrpcStatus::Internal,
+            LocalAnswer::Rule(_)
+            | LocalAnswer::UnknownFrontend(_)
+            | LocalAnswer::NoReadyEndpoint(_)
+            | LocalAnswer::ConnectFailed { .. }
+            | LocalAnswer::BackendFailed { .. } => GrpcStatus::Unavailable,
+            LocalAnswer::NoMatchingRule(_) => GrpcStatus::Unimplemented,
+            LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
+                GrpcStatus::DeadlineExceeded
+            }
+            LocalAnswer::HeadTooLarge { .. } | LocalAnswer::BadTarget(_) => GrpcStatus::Internal,
+        })
+    }
+
     pub fn location(&self) -> Option<&str> {
         match self {
             LocalAnswer::Rule(rule) => rule.location(),
             _ => None,
         }
     }
+}
+
+/// The gRPC status codes the agent answers with (grpc's doc/statuscodes.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcStatus {
+    DeadlineExceeded = 4,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+impl GrpcStatus {
+    pub fn code(self) -> &'static str {
+        match self {
+            GrpcStatus::DeadlineExceeded => "4",
+            GrpcStatus::Unimplemented => "12",
+            GrpcStatus::Internal => "13",
+            GrpcStatus::Unavailable => "14",
+        }
+    }
+}
+
+/// `grpc-message` as gRPC's HTTP/2 protocol spells it: bytes outside printable ASCII, and `%`,
+/// percent-encoded.
+pub fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -106,5 +161,20 @@ mod tests {
             LocalAnswer::NoMatchingRule("ns/s:80".into()).status(),
             StatusCode::NOT_FOUND
         );
+        assert_eq!(redirect.grpc_status(), None);
+        assert_eq!(zero.grpc_status(), Some(GrpcStatus::Unavailable));
+        assert_eq!(
+            LocalAnswer::NoMatchingRule("ns/s:80".into()).grpc_status(),
+            Some(GrpcStatus::Unimplemented)
+        );
+        assert_eq!(
+            LocalAnswer::RouteTimeout(Duration::from_secs(1)).grpc_status(),
+            Some(GrpcStatus::DeadlineExceeded)
+        );
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_message("no rule: 100% é"), "no rule: 100%25 %C3%A9");
     }
 }

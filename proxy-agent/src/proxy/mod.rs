@@ -167,9 +167,10 @@ impl Proxy {
         let started = Instant::now();
         let snapshot = self.snapshot.load_full();
         let mut log = AccessLog::new(&request, conn);
+        let grpc = is_grpc(&request);
         let response = match check_request_head(&request, self.config.max_header_bytes) {
             Err(refused) => {
-                let mut response = local_response(&refused, &mut log, &self.metrics);
+                let mut response = local_response(&refused, grpc, &mut log, &self.metrics);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
                 // it (HTTP/2 forbids the header; a refused stream is enough there).
                 if request.version() < http::Version::HTTP_2 {
@@ -184,7 +185,7 @@ impl Proxy {
                 .await
             {
                 Ok(response) => response,
-                Err(local) => local_response(&local, &mut log, &self.metrics),
+                Err(local) => local_response(&local, grpc, &mut log, &self.metrics),
             },
         };
         log.status = response.status().as_u16();
@@ -289,13 +290,39 @@ fn head_size<B>(request: &Request<B>) -> usize {
     line + headers
 }
 
+/// A gRPC request (`content-type: application/grpc`, `application/grpc+proto`, …), whatever the
+/// route kind that carries it.
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The agent's own answer: for a gRPC caller a trailers-only gRPC status (HTTP 200, no body),
+/// for the others the HTTP status with the reason as text.
 fn local_response(
     local: &LocalAnswer,
+    grpc: bool,
     log: &mut AccessLog<'_>,
     metrics: &Metrics,
 ) -> Response<ProxyBody> {
     metrics.local_answer(local.reason());
     let reason = local.to_string();
+    if let Some(status) = local.grpc_status().filter(|_| grpc) {
+        let mut response = Response::new(body::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static(status.code()));
+        if let Ok(message) = HeaderValue::from_str(&local::grpc_message(&reason)) {
+            headers.insert("grpc-message", message);
+        }
+        log.reason = Some(reason);
+        return response;
+    }
     let mut response = Response::new(body::full(format!("{reason}\n")));
     log.reason = Some(reason);
     *response.status_mut() = local.status();

@@ -1092,10 +1092,16 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                     &format!("/[^/]+/{}", regex::escape(m)),
                     &format!("{mf}.method"),
                 )?),
-                (true, s, m) => PathMatch::Regex(compile_regex(
-                    &format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
-                    &format!("{mf}.method"),
-                )?),
+                (true, s, m) => {
+                    // The spec: "If left empty or omitted, will match any service" (method alike).
+                    fn any(part: Option<&str>) -> &str {
+                        part.filter(|p| !p.is_empty()).unwrap_or("[^/]+")
+                    }
+                    PathMatch::Regex(compile_regex(
+                        &format!("/(?:{})/(?:{})", any(s), any(m)),
+                        &format!("{mf}.method"),
+                    )?)
+                }
                 (false, None, None) => unreachable!("checked above"),
             };
             (path, spec)
@@ -1161,5 +1167,39 @@ impl RouteMatch {
             method: None,
             grpc: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Object;
+
+    fn grpc_paths(method: serde_json::Value) -> PathMatch {
+        let object = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [{"matches": [{"method": method}]}]}
+        }))
+        .unwrap();
+        let Object::Route(route) = object else {
+            panic!("not a route")
+        };
+        route.rules[0].matches[0].path.clone()
+    }
+
+    #[test]
+    fn grpc_regex_with_an_empty_service_or_method_matches_any() {
+        let path = grpc_paths(
+            serde_json::json!({"type": "RegularExpression", "service": "", "method": "Get.*"}),
+        );
+        assert!(path.matches("/pkg.Catalog/GetItem"));
+        assert!(!path.matches("/pkg.Catalog/ListItems"));
+        let path = grpc_paths(
+            serde_json::json!({"type": "RegularExpression", "service": "pkg\\..*", "method": ""}),
+        );
+        assert!(path.matches("/pkg.Catalog/ListItems"));
+        assert!(!path.matches("/other.Catalog/ListItems"));
     }
 }

@@ -99,6 +99,7 @@ fn lookup(c: &mut Criterion) {
                     path,
                     query: None,
                     headers: &headers,
+                    authority: None,
                 };
                 let caller = if i.is_multiple_of(2) {
                     "prod"

@@ -1,7 +1,7 @@
 //! Does a request head satisfy a `matches[]` entry? Pure functions over `http` types.
 
 use crate::model::{PathMatch, RouteMatch, ValueMatch};
-use http::{HeaderMap, HeaderName, Method};
+use http::{header, HeaderMap, HeaderName, Method};
 
 /// The parts of a request that matching reads.
 #[derive(Clone, Copy, Debug)]
@@ -11,6 +11,8 @@ pub struct RequestHead<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The request target's authority: HTTP/2's `:authority`, which stands for `Host` there.
+    pub authority: Option<&'a str>,
 }
 
 impl<'a> RequestHead<'a> {
@@ -20,6 +22,7 @@ impl<'a> RequestHead<'a> {
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,
+            authority: parts.uri.authority().map(|a| a.as_str()),
         }
     }
 }
@@ -32,7 +35,7 @@ impl RouteMatch {
     /// Every condition but the path (which a route table checks first, from its packed paths).
     pub fn matches_besides_path(&self, req: &RequestHead<'_>) -> bool {
         self.method.as_ref().is_none_or(|m| m == req.method)
-            && self.headers.iter().all(|h| header_matches(h, req.headers))
+            && self.headers.iter().all(|h| header_matches(h, req))
             && self
                 .query_params
                 .iter()
@@ -59,11 +62,13 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared.
-fn header_matches(m: &ValueMatch<HeaderName>, headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(&m.name).iter();
+/// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared;
+/// `Cookie` values with "; " (RFC 6265 §5.4: HTTP/2 splits cookies into crumbs, RFC 9113 §8.2.3).
+/// `Host` is the `:authority` of an HTTP/2 request, which carries no `host` header.
+fn header_matches(m: &ValueMatch<HeaderName>, req: &RequestHead<'_>) -> bool {
+    let mut values = req.headers.get_all(&m.name).iter();
     let Some(first) = values.next() else {
-        return false;
+        return m.name == header::HOST && req.authority.is_some_and(|a| m.value.is_match(a));
     };
     let Ok(first) = first.to_str() else {
         return false;
@@ -71,9 +76,10 @@ fn header_matches(m: &ValueMatch<HeaderName>, headers: &HeaderMap) -> bool {
     match values.next() {
         None => m.value.is_match(first),
         Some(second) => {
+            let separator = if m.name == header::COOKIE { "; " } else { "," };
             let mut joined = String::from(first);
             for v in std::iter::once(second).chain(values) {
-                joined.push(',');
+                joined.push_str(separator);
                 joined.push_str(v.to_str().unwrap_or_default());
             }
             m.value.is_match(&joined)
@@ -102,6 +108,7 @@ mod tests {
             path: uri.path(),
             query: uri.query(),
             headers,
+            authority: uri.authority().map(|a| a.as_str()),
         }
     }
 
@@ -132,14 +139,46 @@ mod tests {
             name: HeaderName::from_static("version"),
             value: StringMatch::Exact("one".into()),
         };
-        assert!(header_matches(&m, &headers));
+        let uri = http::Uri::from_static("/");
+        let get = Method::GET;
+        assert!(header_matches(&m, &head(&get, &uri, &headers)));
         headers.append("version", "two".parse().unwrap());
-        assert!(!header_matches(&m, &headers));
+        assert!(!header_matches(&m, &head(&get, &uri, &headers)));
         let joined = ValueMatch {
             name: HeaderName::from_static("version"),
             value: StringMatch::Exact("one,two".into()),
         };
-        assert!(header_matches(&joined, &headers));
+        assert!(header_matches(&joined, &head(&get, &uri, &headers)));
+    }
+
+    #[test]
+    fn host_is_the_http2_authority_and_cookie_crumbs_join_with_semicolons() {
+        let get = Method::GET;
+        let host = ValueMatch {
+            name: header::HOST,
+            value: StringMatch::Exact("catalog.products:8080".into()),
+        };
+        // HTTP/2: no `host` header, the authority in the request target.
+        let h2: http::Uri = "http://catalog.products:8080/x".parse().unwrap();
+        assert!(header_matches(&host, &head(&get, &h2, &HeaderMap::new())));
+        let other: http::Uri = "http://other:8080/x".parse().unwrap();
+        assert!(!header_matches(
+            &host,
+            &head(&get, &other, &HeaderMap::new())
+        ));
+        let origin_form = http::Uri::from_static("/x");
+        assert!(!header_matches(
+            &host,
+            &head(&get, &origin_form, &HeaderMap::new())
+        ));
+        let mut crumbs = HeaderMap::new();
+        crumbs.append(header::COOKIE, "a=1".parse().unwrap());
+        crumbs.append(header::COOKIE, "b=2".parse().unwrap());
+        let cookie = ValueMatch {
+            name: header::COOKIE,
+            value: StringMatch::Exact("a=1; b=2".into()),
+        };
+        assert!(header_matches(&cookie, &head(&get, &origin_form, &crumbs)));
     }
 
     #[test]

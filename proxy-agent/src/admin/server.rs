@@ -188,6 +188,7 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         path: uri.path(),
         query: uri.query(),
         headers: &headers,
+        authority: uri.authority().map(|a| a.as_str()),
     };
     let body = explain(frontend, caller.as_deref(), &head);
     text(

@@ -25,6 +25,8 @@ pub struct Readiness {
     pub synced_at: AtomicU64,
     /// Unix seconds since which the sources are stale (0: fresh).
     pub stale_since: AtomicU64,
+    /// Why the kernel redirect is off although it was asked for (the kernel lacks a feature).
+    pub redirect_refused: std::sync::OnceLock<String>,
 }
 
 pub fn unix_now() -> u64 {
@@ -129,6 +131,15 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the first sync of the sources has not completed\n",
+            "text/plain",
+        );
+    }
+    if let Some(reason) = state.readiness.redirect_refused.get() {
+        // Ready like a stale table: the agent serves what it can, pods keep ordinary Service
+        // routing, and a rollout is not held up on nodes it can do nothing about.
+        return text(
+            StatusCode::OK,
+            format!("ready, without the kernel redirect: {reason}\n"),
             "text/plain",
         );
     }

@@ -142,7 +142,9 @@ pub fn run(args: &[String]) -> Result<()> {
             .map(|binary| {
                 // Its skips are read from its output, like a guest's: not logged twice.
                 let mut tests = Command::new(&binaries[binary]);
-                tests.arg("--test-threads=1").env_remove("GAMMA_SKIP_LOG");
+                tests
+                    .args(["--color", "never", "--test-threads=1"])
+                    .env_remove("GAMMA_SKIP_LOG");
                 let cell = run_tests(&host, binary, &mut tests);
                 (binary, cell)
             })
@@ -153,32 +155,20 @@ pub fn run(args: &[String]) -> Result<()> {
     let fetched = step("fetch Debian's kernels (kernel-matrix/fetch.sh)", || {
         Ok(fetch(&tools))
     })?;
-    for kernel in MATRIX {
-        let row = format!("Debian {} {}", kernel.suite, kernel.release.trim_end_matches('.'));
-        let cells = match &fetched {
-            Err(reason) => skip_all(&row, kernel, reason),
-            Ok(releases) => match releases.iter().find(|r| r.starts_with(kernel.release)) {
-                None => skip_all(
-                    &row,
-                    kernel,
-                    &format!("fetch.sh found no {} kernel for {}", kernel.release, kernel.suite),
-                ),
-                Some(release) => {
-                    let row_name = format!("Debian {} {release}", kernel.suite);
-                    kernel
-                        .runs
-                        .iter()
-                        .map(|run| {
-                            eprintln!("==> {} on {release}", run.binary);
-                            let cell = in_vm(&tools, release, kernel.cpus, &binaries, run, &row_name);
-                            eprintln!("    {} on {release}: {cell}", run.binary);
-                            (run.binary, cell)
-                        })
-                        .collect()
-                }
-            },
-        };
-        rows.push((row, cells));
+    // Guests whose emulated CPUs fit on this machine's cores together run side by side.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    for batch in batches(cores) {
+        let batch_rows: Vec<_> = std::thread::scope(|scope| {
+            let running: Vec<_> = batch
+                .iter()
+                .map(|kernel| scope.spawn(|| kernel_row(kernel, &fetched, &tools, &binaries)))
+                .collect();
+            running
+                .into_iter()
+                .map(|row| row.join().expect("a kernel's thread panicked"))
+                .collect()
+        });
+        rows.extend(batch_rows);
     }
     print_table(&rows, started.elapsed());
     let failed = rows
@@ -189,6 +179,55 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("a test failed on a kernel of the matrix (see above)");
     }
     Ok(())
+}
+
+/// The matrix in batches of kernels whose guests' CPUs add up to at most `cores` (a bigger
+/// guest alone).
+fn batches(cores: u32) -> Vec<Vec<&'static Kernel>> {
+    let mut batches: Vec<(u32, Vec<&'static Kernel>)> = Vec::new();
+    for kernel in MATRIX {
+        match batches.iter_mut().find(|(cpus, _)| cpus + kernel.cpus <= cores) {
+            Some((cpus, batch)) => {
+                *cpus += kernel.cpus;
+                batch.push(kernel);
+            }
+            None => batches.push((kernel.cpus, vec![kernel])),
+        }
+    }
+    batches.into_iter().map(|(_, batch)| batch).collect()
+}
+
+/// One kernel's row: each of its test runs in a guest, or skips when it could not be fetched.
+fn kernel_row(
+    kernel: &Kernel,
+    fetched: &Result<Vec<String>, String>,
+    tools: &Path,
+    binaries: &std::collections::HashMap<&'static str, PathBuf>,
+) -> (String, Vec<(&'static str, Cell)>) {
+    let wanted = format!("Debian {} {}", kernel.suite, kernel.release.trim_end_matches('.'));
+    let release = match fetched {
+        Err(reason) => return (wanted.clone(), skip_all(&wanted, kernel, reason)),
+        Ok(releases) => releases.iter().find(|r| r.starts_with(kernel.release)),
+    };
+    let Some(release) = release else {
+        let reason = format!(
+            "fetch.sh found no {} kernel for {}",
+            kernel.release, kernel.suite
+        );
+        return (wanted.clone(), skip_all(&wanted, kernel, &reason));
+    };
+    let row = format!("Debian {} {release}", kernel.suite);
+    let cells = kernel
+        .runs
+        .iter()
+        .map(|run| {
+            eprintln!("==> {} on {release} ({} emulated CPU)", run.binary, kernel.cpus);
+            let cell = in_vm(tools, release, kernel.cpus, binaries, run, &row);
+            eprintln!("    {} on {release}: {cell}", run.binary);
+            (run.binary, cell)
+        })
+        .collect();
+    (row, cells)
 }
 
 fn skip_all(row: &str, kernel: &Kernel, reason: &str) -> Vec<(&'static str, Cell)> {
@@ -256,6 +295,17 @@ fn fetch(tools: &Path) -> Result<Vec<String>, String> {
             script.display()
         ));
     }
+    // virtme-ng builds an initramfs for Debian's kernels (their 9p and virtio drivers are
+    // modules) from busybox, which fetch.sh does not install.
+    let has_busybox = Command::new("busybox").arg("true").output().is_ok();
+    if !has_busybox {
+        util::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "busybox-static"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .map_err(|e| format!("virtme-ng needs busybox to boot Debian's kernels: {e:#}"))?;
+    }
     let out = Command::new("bash")
         .arg(&script)
         .args(MATRIX.iter().map(|k| k.suite))
@@ -289,7 +339,7 @@ fn in_vm(
 ) -> Cell {
     // The guest's /tmp is its own: a skip is read from the output (tests print `SKIPPED: `).
     let mut command = format!(
-        "env RUST_BACKTRACE=1 {} --test-threads=1",
+        "env RUST_BACKTRACE=1 {} --color never --test-threads=1",
         binaries[run.binary].display()
     );
     if !run.filters.is_empty() {
@@ -326,9 +376,11 @@ fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    for line in text.lines() {
-        eprintln!("    | {line}");
-    }
+    // The whole output of a failure (one write: guests may run side by side); a pass is its row.
+    let show_output = || {
+        let quoted: String = text.lines().map(|l| format!("    {row} | {l}\n")).collect();
+        eprint!("{quoted}");
+    };
     let mut skipped = Vec::new();
     for line in text.lines() {
         if let Some(skip) = line.trim().strip_prefix("SKIPPED: ") {
@@ -337,6 +389,7 @@ fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
         }
     }
     let Some((passed, failed)) = summary(&text) else {
+        show_output();
         util::warn(&format!(
             "{binary} on {row}: no test summary (the guest crashed or timed out?)"
         ));
@@ -347,6 +400,7 @@ fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
         };
     };
     if failed > 0 || !out.status.success() {
+        show_output();
         return Cell::Failed {
             passed,
             failed: failed.max(1),
@@ -359,20 +413,18 @@ fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
     Cell::Passed { passed, took }
 }
 
-/// `test result: ok. 3 passed; 0 failed; ...` → (3, 0); several binaries' lines add up.
+/// libtest's `... 3 passed; 0 failed; ...` → (3, 0); several summaries add up. Matched anywhere in
+/// a line: a guest's console may put kernel messages before it.
 fn summary(output: &str) -> Option<(u32, u32)> {
     let mut found = None;
-    for line in output.lines() {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else {
-            continue;
-        };
+    for line in output.lines().filter(|l| l.contains(" passed; ") && l.contains(" failed;")) {
         let count = |what: &str| -> u32 {
-            rest.split(';')
-                .find_map(|part| part.trim().strip_suffix(what)?.trim().rsplit(' ').next()?.parse().ok())
+            line.split(';')
+                .find_map(|part| part.trim().strip_suffix(what)?.rsplit(' ').next()?.parse().ok())
                 .unwrap_or(0)
         };
-        let (p, f) = found.unwrap_or((0, 0));
-        found = Some((p + count(" passed"), f + count(" failed")));
+        let (passed, failed) = found.unwrap_or((0, 0));
+        found = Some((passed + count(" passed"), failed + count(" failed")));
     }
     found
 }
@@ -443,7 +495,7 @@ mod tests {
     fn summaries_of_each_binary_add_up() {
         let output = "running 3 tests\n\
             test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.1s\n\
-            test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 3 filtered out\n";
+            [ 38.3] eth0: up test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured\n";
         assert_eq!(summary(output), Some((4, 2)));
         assert_eq!(summary("kernel panic"), None);
     }
@@ -453,5 +505,14 @@ mod tests {
         assert!(MATRIX.iter().all(|k| !k.runs.is_empty()));
         let old = MATRIX.iter().find(|k| k.release == "5.10.").unwrap();
         assert!(old.runs.iter().any(|r| r.filters.contains(&REFUSAL)));
+    }
+
+    #[test]
+    fn guests_share_the_cores_they_fit_on() {
+        let cpus = |batch: &Vec<&Kernel>| batch.iter().map(|k| k.cpus).sum::<u32>();
+        let two = batches(2);
+        assert_eq!(two.iter().map(Vec::len).sum::<usize>(), MATRIX.len());
+        assert!(two.iter().all(|b| cpus(b) <= 2));
+        assert_eq!(batches(1).len(), MATRIX.len(), "one core: one guest at a time");
     }
 }

@@ -519,7 +519,11 @@ impl Node {
 
     fn run_checked(&self, cmd: &mut Command) -> Result<String> {
         let description = format!("{cmd:?} in {}", self.netns());
-        checked(self.place.run_output(cmd, COMMAND_TIMEOUT)?, &description)
+        checked(
+            self.place
+                .run_output(cmd, crate::harness_timeout(COMMAND_TIMEOUT))?,
+            &description,
+        )
     }
 }
 
@@ -744,7 +748,7 @@ impl Processes {
                 eprintln!("node harness: kill: {e}");
             }
         }
-        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let deadline = Instant::now() + crate::harness_timeout(EXIT_TIMEOUT);
         let mut alive = 0;
         for pidfd in &tracked {
             if wait_exit(pidfd, deadline.saturating_duration_since(Instant::now())) {
@@ -793,7 +797,7 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
     if has_kill_file {
         std::fs::write(dir.join("cgroup.kill"), "1").context("writing cgroup.kill")?;
     }
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let deadline = Instant::now() + crate::harness_timeout(EXIT_TIMEOUT);
     while std::fs::read_to_string(dir.join("cgroup.events"))?.contains("populated 1") {
         if !has_kill_file {
             kill_cgroup_processes(dir)?;
@@ -928,7 +932,7 @@ fn ip_output<const N: usize>(args: [&str; N]) -> Result<String> {
         .stderr(Stdio::piped());
     let child = cmd.spawn().context("starting ip")?;
     checked(
-        wait_output(child, COMMAND_TIMEOUT)?,
+        wait_output(child, crate::harness_timeout(COMMAND_TIMEOUT))?,
         &format!("ip {}", args.join(" ")),
     )
 }

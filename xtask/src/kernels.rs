@@ -90,6 +90,10 @@ const MATRIX: &[Kernel] = &[
 /// Bound on one boot-and-test in the emulator (a hung guest must not stall the run).
 const VM_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How much longer the harness waits in a guest (an emulated CPU is several times slower, more
+/// when guests share the cores): its commands and the agent's start, not the tests' assertions.
+const GUEST_TIMEOUT_SCALE: u32 = 6;
+
 /// The outcome of one test binary on one kernel.
 enum Cell {
     Passed { passed: u32, took: Duration },
@@ -244,7 +248,8 @@ fn skip_all(row: &str, kernel: &Kernel, reason: &str) -> Vec<(&'static str, Cell
 /// Builds the binaries the tests start and the test binaries; their paths by test name.
 fn build() -> Result<std::collections::HashMap<&'static str, PathBuf>> {
     util::cargo(&["build", "--bins"])?;
-    let mut args = vec!["test", "-p", "gamma-tests", "--no-run", "--message-format=json"];
+    // Workspace-wide like `cargo xtask test`, so that both resolve features alike (no rebuild).
+    let mut args = vec!["test", "--no-run", "--message-format=json"];
     let names: Vec<&'static str> = MATRIX
         .iter()
         .flat_map(|k| k.runs.iter().map(|r| r.binary))
@@ -339,7 +344,8 @@ fn in_vm(
 ) -> Cell {
     // The guest's /tmp is its own: a skip is read from the output (tests print `SKIPPED: `).
     let mut command = format!(
-        "env RUST_BACKTRACE=1 {} --color never --test-threads=1",
+        "env RUST_BACKTRACE=1 GAMMA_TIMEOUT_SCALE={GUEST_TIMEOUT_SCALE} {} --color never \
+         --test-threads=1",
         binaries[run.binary].display()
     );
     if !run.filters.is_empty() {

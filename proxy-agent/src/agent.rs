@@ -9,7 +9,8 @@ use crate::proxy::listener::{self, Drain, ExplicitTarget};
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::redirect::{
-    self, AgentListener, CgroupDirs, KernelRedirects, MissingKernelFeatures, Redirect, RedirectError,
+    self, AgentListener, CgroupDirs, KernelRedirects, MissingKernelFeatures, Redirect,
+    RedirectError,
 };
 use crate::sources::file::{ManifestDir, Severity};
 use crate::sources::kube::{KubeConfig, KubeSource, OnPublish};

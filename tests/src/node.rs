@@ -816,7 +816,10 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
 fn kill_cgroup_processes(dir: &Path) -> Result<()> {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
         .with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
         // SAFETY: kill(2) has no memory preconditions; a pid that exited meanwhile gives ESRCH.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }

@@ -263,7 +263,11 @@ fn redirect_follows_what_the_kernel_supports() {
         assert!(missing.is_empty(), "{missing:?}");
     } else {
         assert_eq!(flagged(&answers), 0, "no mesh route without the redirect");
-        assert_eq!(agent_requests(&s), 0, "kube-proxy carried it, not the agent");
+        assert_eq!(
+            agent_requests(&s),
+            0,
+            "kube-proxy carried it, not the agent"
+        );
         assert!(
             ready.starts_with("ready, without the kernel redirect")
                 && ready.contains("lookup-and-delete on LRU hash maps (Linux 5.14)"),

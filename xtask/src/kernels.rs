@@ -104,8 +104,15 @@ const GUEST_TIMEOUT_SCALE: u32 = 6;
 
 /// The outcome of one test binary on one kernel.
 enum Cell {
-    Passed { passed: u32, took: Duration },
-    Failed { passed: u32, failed: u32, took: Duration },
+    Passed {
+        passed: u32,
+        took: Duration,
+    },
+    Failed {
+        passed: u32,
+        failed: u32,
+        took: Duration,
+    },
     Skipped(String),
 }
 
@@ -119,12 +126,7 @@ impl std::fmt::Display for Cell {
                 passed,
                 failed,
                 took,
-            } => write!(
-                f,
-                "FAIL {passed}/{} ({}s)",
-                passed + failed,
-                took.as_secs()
-            ),
+            } => write!(f, "FAIL {passed}/{} ({}s)", passed + failed, took.as_secs()),
             Cell::Skipped(reason) => write!(f, "skip: {reason}"),
         }
     }
@@ -142,7 +144,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if !util::is_root() {
         let reason = "needs root (qemu guests run the tests as root; eBPF, namespaces)";
         record_skip("kernel matrix", reason);
-        rows.push(("all kernels".into(), vec![("-", Cell::Skipped(reason.into()))]));
+        rows.push((
+            "all kernels".into(),
+            vec![("-", Cell::Skipped(reason.into()))],
+        ));
         print_table(&rows, started.elapsed());
         return Ok(());
     }
@@ -198,7 +203,10 @@ pub fn run(args: &[String]) -> Result<()> {
 fn batches(cores: u32) -> Vec<Vec<&'static Kernel>> {
     let mut batches: Vec<(u32, Vec<&'static Kernel>)> = Vec::new();
     for kernel in MATRIX {
-        match batches.iter_mut().find(|(cpus, _)| cpus + kernel.cpus <= cores) {
+        match batches
+            .iter_mut()
+            .find(|(cpus, _)| cpus + kernel.cpus <= cores)
+        {
             Some((cpus, batch)) => {
                 *cpus += kernel.cpus;
                 batch.push(kernel);
@@ -216,7 +224,11 @@ fn kernel_row(
     tools: &Path,
     binaries: &std::collections::HashMap<&'static str, PathBuf>,
 ) -> (String, Vec<(&'static str, Cell)>) {
-    let wanted = format!("Debian {} {}", kernel.suite, kernel.release.trim_end_matches('.'));
+    let wanted = format!(
+        "Debian {} {}",
+        kernel.suite,
+        kernel.release.trim_end_matches('.')
+    );
     let release = match fetched {
         Err(reason) => return (wanted.clone(), skip_all(&wanted, kernel, reason)),
         Ok(releases) => releases.iter().find(|r| r.starts_with(kernel.release)),
@@ -435,7 +447,11 @@ fn run_and_read(row: &str, binary: &str, command: &mut Command) -> Cell {
         };
     }
     if !skipped.is_empty() {
-        return Cell::Skipped(format!("{} test(s) skipped: {}", skipped.len(), skipped.join("; ")));
+        return Cell::Skipped(format!(
+            "{} test(s) skipped: {}",
+            skipped.len(),
+            skipped.join("; ")
+        ));
     }
     Cell::Passed { passed, took }
 }
@@ -444,10 +460,20 @@ fn run_and_read(row: &str, binary: &str, command: &mut Command) -> Cell {
 /// a line: a guest's console may put kernel messages before it.
 fn summary(output: &str) -> Option<(u32, u32)> {
     let mut found = None;
-    for line in output.lines().filter(|l| l.contains(" passed; ") && l.contains(" failed;")) {
+    for line in output
+        .lines()
+        .filter(|l| l.contains(" passed; ") && l.contains(" failed;"))
+    {
         let count = |what: &str| -> u32 {
             line.split(';')
-                .find_map(|part| part.trim().strip_suffix(what)?.rsplit(' ').next()?.parse().ok())
+                .find_map(|part| {
+                    part.trim()
+                        .strip_suffix(what)?
+                        .rsplit(' ')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
                 .unwrap_or(0)
         };
         let (passed, failed) = found.unwrap_or((0, 0));
@@ -461,7 +487,11 @@ fn record_skip(what: &str, reason: &str) {
     eprintln!("SKIPPED: {what}: {reason}");
     if let Some(path) = std::env::var_os("GAMMA_SKIP_LOG") {
         use std::io::Write;
-        if let Ok(mut log) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(log, "{what}: {reason}");
         }
     }
@@ -540,6 +570,10 @@ mod tests {
         let two = batches(2);
         assert_eq!(two.iter().map(Vec::len).sum::<usize>(), MATRIX.len());
         assert!(two.iter().all(|b| cpus(b) <= 2));
-        assert_eq!(batches(1).len(), MATRIX.len(), "one core: one guest at a time");
+        assert_eq!(
+            batches(1).len(),
+            MATRIX.len(),
+            "one core: one guest at a time"
+        );
     }
 }

@@ -209,7 +209,12 @@ impl Metrics {
             );
         }
         out.push_str("# HELP gamma_redirect_missing_kernel_feature A kernel feature the redirect needs and this kernel lacks, with the Linux release that brings it: the redirect is off and pods use ordinary Service routing.\n# TYPE gamma_redirect_missing_kernel_feature gauge\n");
-        for missing in self.redirect_missing_kernel_features.get().into_iter().flatten() {
+        for missing in self
+            .redirect_missing_kernel_features
+            .get()
+            .into_iter()
+            .flatten()
+        {
             let _ = writeln!(
                 out,
                 "gamma_redirect_missing_kernel_feature{{feature=\"{}\",since=\"{}\"}} 1",

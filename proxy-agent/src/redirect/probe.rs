@@ -33,7 +33,8 @@ pub struct KernelFeature {
     "the kernel redirect cannot work on this kernel (Linux {running}): it lacks {}. Nothing was \
      attached: pods on this node reach Services through ordinary Service routing, without mesh \
      routes. Run this node on Linux {} or later to have the mesh here",
-    list(missing), newest_since(missing)
+    list(missing),
+    newest_since(missing)
 )]
 pub struct MissingKernelFeatures {
     pub missing: Vec<KernelFeature>,
@@ -60,7 +61,9 @@ fn newest_since(missing: &[KernelFeature]) -> &'static str {
 
 /// `"5.14"` as (5, 14), for ordering releases.
 fn release_number(release: &str) -> (u32, u32) {
-    let mut parts = release.split(['.', '-', '+']).map(|p| p.parse().unwrap_or(0));
+    let mut parts = release
+        .split(['.', '-', '+'])
+        .map(|p| p.parse().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
@@ -107,31 +110,19 @@ const REQUIRED: &[(KernelFeature, Probe)] = &[
         feature("the cgroup getpeername6 hook", "5.8"),
         Probe::SockAddrHook(attach_type::CGROUP_INET6_GETPEERNAME),
     ),
-    (
-        feature("hash maps", "3.19"),
-        Probe::Map(MapType::Hash),
-    ),
-    (
-        feature("array maps", "3.19"),
-        Probe::Map(MapType::Array),
-    ),
+    (feature("hash maps", "3.19"), Probe::Map(MapType::Hash)),
+    (feature("array maps", "3.19"), Probe::Map(MapType::Array)),
     (
         feature("LRU hash maps", "4.10"),
         Probe::Map(MapType::LruHash),
     ),
-    (
-        feature("sockmaps", "4.14"),
-        Probe::Map(MapType::SockMap),
-    ),
+    (feature("sockmaps", "4.14"), Probe::Map(MapType::SockMap)),
     (
         feature("socket storage maps", "5.2"),
         Probe::Map(MapType::SkStorage),
     ),
     (
-        feature(
-            "bpf_get_socket_cookie in sock_addr programs",
-            "5.0",
-        ),
+        feature("bpf_get_socket_cookie in sock_addr programs", "5.0"),
         Probe::Helper(
             ProgramType::CgroupSockAddr,
             BpfHelper::BPF_FUNC_get_socket_cookie,
@@ -142,10 +133,7 @@ const REQUIRED: &[(KernelFeature, Probe)] = &[
         Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_release),
     ),
     (
-        feature(
-            "bpf_get_current_cgroup_id in sock_addr programs",
-            "5.7",
-        ),
+        feature("bpf_get_current_cgroup_id in sock_addr programs", "5.7"),
         Probe::Helper(
             ProgramType::CgroupSockAddr,
             BpfHelper::BPF_FUNC_get_current_cgroup_id,
@@ -274,9 +262,15 @@ mod tests {
             running: "5.8.0".into(),
         };
         let text = err.to_string();
-        assert!(text.contains("lookup-and-delete on LRU hash maps (Linux 5.14)"), "{text}");
+        assert!(
+            text.contains("lookup-and-delete on LRU hash maps (Linux 5.14)"),
+            "{text}"
+        );
         assert!(text.contains("detaching a bpf link (Linux 5.9)"), "{text}");
-        assert!(text.contains("Run this node on Linux 5.14 or later"), "{text}");
+        assert!(
+            text.contains("Run this node on Linux 5.14 or later"),
+            "{text}"
+        );
         assert!(text.contains("ordinary Service routing"), "{text}");
     }
 

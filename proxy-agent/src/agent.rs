@@ -185,6 +185,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             Err(e) => match e.downcast_ref::<RedirectError>() {
                 Some(RedirectError::MissingKernelFeatures(missing)) => {
                     redirect_refused(missing, &readiness, &metrics);
+                    // A running agent's redirect is not taken over: our copies of its links and
+                    // listener close here, and its programs detach when it exits (fail open).
+                    drop(inherited.take_redirect());
+                    drop(inherited.listener(r.listen));
                     None
                 }
                 _ => return Err(e),

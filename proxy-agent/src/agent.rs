@@ -9,7 +9,10 @@ use crate::proxy::redirected::serve_redirect;
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
-use crate::redirect::{self, AgentListener, CgroupDirs, KernelRedirects, Redirect};
+use crate::redirect::{
+    self, AgentListener, CgroupDirs, KernelRedirects, MissingKernelFeatures, Redirect,
+    RedirectError,
+};
 use crate::sources::file::{self, ManifestDir};
 use crate::sources::kube::{self as kube_source, KubeConfig, KubeSource};
 use crate::status::{self, StatusConfig};
@@ -182,14 +185,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let fresh_programs = config.takeover.as_ref().is_some_and(|t| t.fresh_programs);
     let redirect = match &config.redirect {
         None => None,
-        Some(r) => Some(start_redirect(
+        Some(r) => match start_redirect(
             r,
             &workers,
             &publisher.reader().load(),
             &drain,
             (&mut inherited, &mut offered),
             fresh_programs,
-        )?),
+        ) {
+            Ok(redirect) => Some(redirect),
+            Err(e) => match e.downcast_ref::<RedirectError>() {
+                Some(RedirectError::MissingKernelFeatures(missing)) => {
+                    redirect_refused(missing, &readiness, &metrics);
+                    // A running agent's redirect is not taken over: our copies of its links and
+                    // listener close here, and its programs detach when it exits (fail open).
+                    drop(inherited.take_redirect());
+                    drop(inherited.listener(r.listen));
+                    None
+                }
+                _ => return Err(e),
+            },
+        },
     };
     // Everything serves here now: only now does the running agent stop accepting.
     finish_takeover(
@@ -422,6 +438,9 @@ fn start_redirect(
     (inherited, offered): (&mut Inherited, &mut Offered),
     fresh_programs: bool,
 ) -> Result<Arc<Redirect>> {
+    // Before binding or taking anything over: on a kernel that cannot run the redirect, nothing
+    // steers pods here.
+    redirect::check_kernel()?;
     let listener = listen(inherited, offered, config.listen, "the redirect listener")?;
     let listeners = [AgentListener {
         listener: &listener,
@@ -452,6 +471,16 @@ fn start_redirect(
         serve_redirect(proxy, listener, resolver.clone(), drain.clone())
     })?;
     Ok(redirect)
+}
+
+/// The kernel cannot run the redirect: the agent serves on without it (pods keep ordinary Service
+/// routing) and says why in the log, `/ready` and `/metrics`.
+fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metrics: &Metrics) {
+    tracing::error!(error = %missing, "kernel redirect off");
+    let _ = readiness.redirect_refused.set(missing.to_string());
+    let _ = metrics
+        .redirect_missing_kernel_features
+        .set(missing.missing.iter().map(|f| (f.name, f.since)).collect());
 }
 
 /// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`).

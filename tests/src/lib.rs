@@ -32,6 +32,18 @@ pub fn eventually_within<T>(
     }
 }
 
+/// A bound of the harness (a command, an agent's start), stretched by `$GAMMA_TIMEOUT_SCALE`
+/// (default 1): on an emulated CPU (`cargo xtask kernels`) everything takes several times longer.
+/// Timing assertions of the tests themselves are not stretched.
+pub fn harness_timeout(limit: std::time::Duration) -> std::time::Duration {
+    let scale = std::env::var("GAMMA_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    limit * scale
+}
+
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

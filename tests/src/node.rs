@@ -519,7 +519,11 @@ impl Node {
 
     fn run_checked(&self, cmd: &mut Command) -> Result<String> {
         let description = format!("{cmd:?} in {}", self.netns());
-        checked(self.place.run_output(cmd, COMMAND_TIMEOUT)?, &description)
+        checked(
+            self.place
+                .run_output(cmd, crate::harness_timeout(COMMAND_TIMEOUT))?,
+            &description,
+        )
     }
 }
 
@@ -744,7 +748,7 @@ impl Processes {
                 eprintln!("node harness: kill: {e}");
             }
         }
-        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let deadline = Instant::now() + crate::harness_timeout(EXIT_TIMEOUT);
         let mut alive = 0;
         for pidfd in &tracked {
             if wait_exit(pidfd, deadline.saturating_duration_since(Instant::now())) {
@@ -787,9 +791,17 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    std::fs::write(dir.join("cgroup.kill"), "1").context("writing cgroup.kill")?;
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    // cgroup.kill (Linux 5.14+) kills atomically, forks racing it included; older kernels get
+    // SIGKILL to every pid listed, repeated below until the cgroup is empty.
+    let has_kill_file = dir.join("cgroup.kill").exists();
+    if has_kill_file {
+        std::fs::write(dir.join("cgroup.kill"), "1").context("writing cgroup.kill")?;
+    }
+    let deadline = Instant::now() + crate::harness_timeout(EXIT_TIMEOUT);
     while std::fs::read_to_string(dir.join("cgroup.events"))?.contains("populated 1") {
+        if !has_kill_file {
+            kill_cgroup_processes(dir)?;
+        }
         ensure!(
             Instant::now() < deadline,
             "processes still in {} after {EXIT_TIMEOUT:?}",
@@ -798,6 +810,26 @@ fn remove_cgroup(dir: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// SIGKILLs the processes of `dir` and of the cgroups below it.
+fn kill_cgroup_processes(dir: &Path) -> Result<()> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .with_context(|| format!("reading {}/cgroup.procs", dir.display()))?;
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: kill(2) has no memory preconditions; a pid that exited meanwhile gives ESRCH.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            kill_cgroup_processes(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The mount point of the cgroup v2 hierarchy (paths with spaces, escaped in mountinfo, are not
@@ -903,7 +935,7 @@ fn ip_output<const N: usize>(args: [&str; N]) -> Result<String> {
         .stderr(Stdio::piped());
     let child = cmd.spawn().context("starting ip")?;
     checked(
-        wait_output(child, COMMAND_TIMEOUT)?,
+        wait_output(child, crate::harness_timeout(COMMAND_TIMEOUT))?,
         &format!("ip {}", args.join(" ")),
     )
 }

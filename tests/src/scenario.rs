@@ -102,7 +102,7 @@ impl Scenario {
         }
         for (sim, pod) in &pods {
             if let Some((_, port)) = sim.container_ports.first() {
-                pod.wait_for_port(*port, Duration::from_secs(5))
+                pod.wait_for_port(*port, crate::harness_timeout(Duration::from_secs(5)))
                     .with_context(|| format!("echo in {}", sim.name))?;
             }
         }
@@ -147,8 +147,9 @@ impl Scenario {
             {
                 bail!("the agent exited during start: {status}");
             }
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("the agent was not ready within 10 s");
+            let limit = crate::harness_timeout(Duration::from_secs(10));
+            if started.elapsed() > limit {
+                bail!("the agent was not ready within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -293,8 +294,8 @@ impl Scenario {
         edit(&self.manifests.0)?;
         let started = Instant::now();
         while self.snapshot_version()? == before {
-            if started.elapsed() > Duration::from_secs(5) {
-                bail!("the agent did not publish the change within 5 s");
+            if started.elapsed() > crate::harness_timeout(Duration::from_secs(5)) {
+                bail!("the agent did not publish the change in time");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -341,7 +342,7 @@ fn client_command(request: &ClientRequest) -> Command {
 }
 
 fn client_timeout(request: &ClientRequest) -> Duration {
-    Duration::from_secs(15 + request.count as u64 / 10)
+    crate::harness_timeout(Duration::from_secs(15 + request.count as u64 / 10))
 }
 
 fn parse_answers(output: std::process::Output) -> Result<Vec<ClientAnswer>> {

@@ -1,5 +1,6 @@
 //! The kernel redirect against the real kernel (root only; otherwise each test prints
 //! `SKIPPED: <reason>` and passes):
+//! - the kernel has every feature the redirect probes for before attaching;
 //! - the embedded eBPF object loads and the verifier accepts every program in it;
 //! - end to end in a private network namespace and a child cgroup: a client in the cgroup that
 //!   dials a mesh VIP reaches the agent, which learns the VIP and the caller's cgroup and netns;
@@ -57,6 +58,12 @@ macro_rules! skip_unless_root {
             return;
         }
     };
+}
+
+#[test]
+fn the_kernel_has_every_feature_the_redirect_needs() {
+    skip_unless_root!();
+    redirect::check_kernel().unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

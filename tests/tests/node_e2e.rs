@@ -7,7 +7,9 @@
 //! - two rounds of 2,000 sequential connections (reused tuples in TIME_WAIT) all succeed;
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
 //! - nor does it by reusing that pod's source port, before or after the pod, nor by connecting to
-//!   the agent's redirect port directly (no record: closed).
+//!   the agent's redirect port directly (no record: closed);
+//! - on a kernel without what the redirect needs (5.10), the agent attaches nothing and says why,
+//!   and pods reach mesh Services through kube-proxy (`cargo xtask kernels` runs it there).
 
 use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
@@ -226,4 +228,56 @@ fn a_reused_source_port_carries_no_identity_over() {
         "a connection without a redirect record is closed unanswered: {answers:?}"
     );
     real("last");
+}
+
+/// The running kernel's (major, minor), from /proc/sys/kernel/osrelease: an oracle independent of
+/// the agent's own probes.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+#[test]
+fn redirect_follows_what_the_kernel_supports() {
+    let Some(s) = scenario("redirect_follows_what_the_kernel_supports") else {
+        return;
+    };
+    let answers = call(&s, &client(&s, "ui-backend"), "catalog", 5);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.status == 200 && a.pod.starts_with("catalog")),
+        "{answers:?}"
+    );
+    let ready = s.admin_get("/ready").unwrap();
+    let metrics = s.admin_get("/metrics").unwrap();
+    let missing: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("gamma_redirect_missing_kernel_feature{"))
+        .collect();
+    // Lookup-and-delete on LRU maps, the newest feature the redirect needs, came in 5.14.
+    if kernel_version() >= (5, 14) {
+        assert_eq!(flagged(&answers), 5, "redirected: {answers:?}");
+        assert_eq!(ready, "ready\n");
+        assert!(missing.is_empty(), "{missing:?}");
+    } else {
+        assert_eq!(flagged(&answers), 0, "no mesh route without the redirect");
+        assert_eq!(
+            agent_requests(&s),
+            0,
+            "kube-proxy carried it, not the agent"
+        );
+        assert!(
+            ready.starts_with("ready, without the kernel redirect")
+                && ready.contains("lookup-and-delete on LRU hash maps (Linux 5.14)"),
+            "{ready}"
+        );
+        assert!(
+            missing
+                .iter()
+                .any(|l| l.contains("lookup-and-delete") && l.contains("since=\"5.14\"")),
+            "{missing:?}"
+        );
+    }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod check_deploy;
 mod fuzz;
 mod hold;
+mod kernels;
 mod setup;
 mod soak;
 mod util;
@@ -16,12 +17,14 @@ usage: cargo xtask <command>
 
   setup          install what the build, demo and tests need (idempotent; run as root)
   test           every test: unit, integration, root-only (netns, eBPF), fuzzing (15 s per
-                 target) and conformance
+                 target), conformance and the kernel matrix (`kernels`)
   demo           the seed scenario on one machine: a node made of network namespaces
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
   bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
   fuzz           each cargo-fuzz target for a bounded time [--seconds N (20)] [--dev] [TARGET...]
+  kernels        the eBPF and node tests on Debian's 5.10, 6.1 and 6.12 kernels in qemu and on
+                 this one; a table kernel x test [--no-host]
   hold-connections [N]  N concurrent keep-alive connections through one agent (10000): memory
 ";
 
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         "bench" => bench::run_bench(rest),
         "fuzz" => fuzz::run(rest),
         "hold-connections" => hold::run(rest),
+        "kernels" => kernels::run(rest),
         "soak" => soak::run_soak(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
@@ -117,9 +121,14 @@ fn test(extra: &[String]) -> Result<()> {
         let extra = util::step("GAMMA conformance, extra cases, end to end", || {
             conformance(&extra_args)
         });
-        result = result.and(shared).and(extra);
+        // This kernel's column ran above with every other test.
+        let matrix = util::step("the kernel matrix (cargo xtask kernels)", || {
+            kernels::run(&["--no-host".to_string()])
+        });
+        result = result.and(shared).and(extra).and(matrix);
     } else {
-        let note = "conformance (end to end): needs root (network namespaces, eBPF)\n";
+        let note = "conformance (end to end) and the kernel matrix: need root (network \
+                    namespaces, eBPF, qemu guests)\n";
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

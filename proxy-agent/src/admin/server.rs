@@ -116,6 +116,15 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             "text/plain",
         );
     }
+    if let Some(reason) = state.readiness.redirect_refused.get() {
+        // Ready like a stale table: the agent serves what it can, pods keep ordinary Service
+        // routing, and a rollout is not held up on nodes it can do nothing about.
+        return text(
+            StatusCode::OK,
+            format!("ready, without the kernel redirect: {reason}\n"),
+            "text/plain",
+        );
+    }
     if stale > 0 {
         // Still serving the last good table: ready, but say since when it is stale.
         return text(

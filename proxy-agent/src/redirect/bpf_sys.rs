@@ -1,6 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not expose: listing the programs attached to a cgroup,
 //! detaching another process's link, reading a link's info from a bare descriptor (one handed
-//! over by a predecessor), and an atomic lookup-and-delete.
+//! over by a predecessor), and an atomic lookup-and-delete; and the small map and program loads the
+//! kernel feature probes (`probe.rs`) need that aya's probes do not cover.
 //!
 //! Attribute layouts follow `union bpf_attr` in include/uapi/linux/bpf.h; each struct covers the
 //! prefix its command reads (the kernel treats missing trailing bytes as zero).
@@ -11,11 +12,14 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
+const BPF_MAP_CREATE: libc::c_int = 0;
+const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 const BPF_PROG_QUERY: libc::c_int = 16;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_int = 21;
 const BPF_LINK_GET_FD_BY_ID: libc::c_int = 30;
-const BPF_LINK_DETACH: libc::c_int = 34;
+pub(crate) const BPF_LINK_CREATE: libc::c_int = 28;
+pub(crate) const BPF_LINK_DETACH: libc::c_int = 34;
 
 /// `enum bpf_attach_type` values of the hooks the redirect uses.
 pub(crate) mod attach_type {
@@ -181,5 +185,82 @@ pub(crate) fn map_take<K: aya::Pod, V: aya::Pod>(
         Ok(_) => Ok(Some(unsafe { value.assume_init() })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// A new map of `map_type` (`enum bpf_map_type`) with `u32` keys and values and one entry.
+pub(crate) fn small_map(map_type: u32) -> io::Result<OwnedFd> {
+    let fd = bpf(
+        BPF_MAP_CREATE,
+        &mut MapCreateAttr {
+            map_type,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            ..Default::default()
+        },
+    )?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Loads `r0 = 1; exit` as a program of `prog_type` for the hook `expected_attach_type`: whether
+/// the kernel knows that hook for that program type (EINVAL when it does not).
+pub(crate) fn load_trivial_program(prog_type: u32, expected_attach_type: u32) -> io::Result<()> {
+    // BPF_ALU64 | BPF_MOV | BPF_K into r0, imm 1; then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+    let license = c"GPL";
+    let fd = bpf(
+        BPF_PROG_LOAD,
+        &mut ProgLoadAttr {
+            prog_type,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type,
+            ..Default::default()
+        },
+    )?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns; closing it unloads
+    // the probe program.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
+    Ok(())
+}
+
+/// Whether the kernel knows the bpf(2) command `cmd`, called with `attr` whose descriptors are
+/// invalid (-1): a known command fails with EBADF when it reads them, an unknown one with EINVAL.
+pub(crate) fn command_known(cmd: libc::c_int, mut attr: [u32; 4]) -> io::Result<bool> {
+    match bpf(cmd, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(_) => Ok(true),
     }
 }

@@ -3,6 +3,8 @@
 
 use std::{io, path::PathBuf};
 
+use super::probe::MissingKernelFeatures;
+
 /// An error of the kernel redirect. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -48,10 +50,14 @@ pub enum RedirectError {
 
     #[error(
         "the kernel verifier rejected program `{program}`: a kernel older than the programs need \
-         (6.1+), or a build with a different LLVM than bpf-linker expects (rerun `cargo xtask \
+         (the README lists the kernels they are verified on), or a build with a different LLVM than bpf-linker expects (rerun `cargo xtask \
          setup`). Verifier log:\n{log}"
     )]
     Verifier { program: String, log: String },
+
+    /// Probed before anything is attached (`probe.rs`): the agent goes on without the redirect.
+    #[error(transparent)]
+    MissingKernelFeatures(#[from] MissingKernelFeatures),
 
     #[error("invalid agent listener: {0}")]
     InvalidListener(String),

@@ -38,6 +38,7 @@ mod cgroup;
 mod error;
 mod identity;
 mod object;
+mod probe;
 mod services;
 mod takeover;
 
@@ -61,6 +62,7 @@ pub use cgroup::{
 pub use error::RedirectError;
 pub use identity::KernelRedirects;
 pub use object::{object_digest, verify_programs, OBJECT};
+pub use probe::{check_kernel, KernelFeature, MissingKernelFeatures};
 pub use services::MeshServicesChange;
 pub use takeover::{Predecessor, RedirectOffer, TakeoverKind};
 
@@ -142,7 +144,11 @@ impl Redirect {
     ///
     /// The calling process's cgroup is exempt: the agent's own connections to a VIP are never
     /// redirected (see [`Self::set_exempt_cgroup`]).
+    ///
+    /// A kernel that lacks a feature the redirect needs gets nothing attached
+    /// ([`RedirectError::MissingKernelFeatures`], see [`check_kernel`]).
     pub fn attach(cgroup: &Path, listeners: &[AgentListener<'_>]) -> Result<Self, RedirectError> {
+        check_kernel()?;
         let cgroup_file = attach::open_cgroup(cgroup)?;
         let mut loaded = Self::load(listeners)?;
         let links = attach::attach_all(&mut loaded.ebpf, &cgroup_file)?;

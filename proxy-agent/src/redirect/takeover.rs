@@ -155,6 +155,10 @@ impl Redirect {
         mut predecessor: Predecessor,
         fresh_programs: bool,
     ) -> Result<Self, RedirectError> {
+        // Also when adopting: a predecessor that attached without probing (an older version) may
+        // be steering into records this agent cannot read. Refusing drops our copies of its links;
+        // they detach when it exits (fail open).
+        super::check_kernel()?;
         let cgroup_id = cgroup::cgroup_id(cgroup)?;
         let offer = predecessor.offer.clone();
         if cgroup_id != offer.cgroup_id {

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub source_stale_since_unix: AtomicU64,
     /// How this agent took over from the previous one (all 0: it started without one).
     pub takeover: TakeoverTimes,
+    /// Why the kernel redirect is off: the features the kernel lacks, each with the Linux release
+    /// that brings it (unset: not refused).
+    pub redirect_missing_kernel_features: std::sync::OnceLock<Vec<(&'static str, &'static str)>>,
 }
 
 /// Phases of the takeover an agent started with, in microseconds (`crate::handover`).
@@ -298,6 +301,19 @@ impl Metrics {
                 out,
                 "gamma_takeover_duration_seconds{{phase=\"{phase}\"}} {}",
                 micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+        }
+        out.push_str("# HELP gamma_redirect_missing_kernel_feature A kernel feature the redirect needs and this kernel lacks, with the Linux release that brings it: the redirect is off and pods use ordinary Service routing.\n# TYPE gamma_redirect_missing_kernel_feature gauge\n");
+        for (feature, since) in self
+            .redirect_missing_kernel_features
+            .get()
+            .into_iter()
+            .flatten()
+        {
+            let _ = writeln!(
+                out,
+                "gamma_redirect_missing_kernel_feature{{feature=\"{}\",since=\"{since}\"}} 1",
+                escape(feature),
             );
         }
         out

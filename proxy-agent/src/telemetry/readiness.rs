@@ -11,6 +11,8 @@ pub struct Readiness {
     pub synced_at: AtomicU64,
     /// Unix seconds since which the sources are stale (0: fresh).
     pub stale_since: AtomicU64,
+    /// Why the kernel redirect is off although it was asked for (the kernel lacks a feature).
+    pub redirect_refused: std::sync::OnceLock<String>,
 }
 
 pub fn unix_now() -> u64 {

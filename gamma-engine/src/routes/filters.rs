@@ -1,35 +1,38 @@
 //! What filters do to a request or a response: header modifiers, redirects, URL rewrites.
 
 use crate::model::{HeaderModifier, PathMatch, PathModifier, RequestRedirect, UrlRewrite};
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, COOKIE, HOST, SET_COOKIE};
 use http::{HeaderMap, Uri};
 
 impl HeaderModifier {
-    /// `set` overwrites, `add` appends to the existing value (comma-joined, so the backend sees
-    /// one header), `remove` deletes. Names are case-insensitive (`HeaderName` is lower-case).
+    /// `set` overwrites, `add` appends to the existing value, `remove` deletes. Names are
+    /// case-insensitive (`HeaderName` is lower-case). `add` joins into one field with `,` (so the
+    /// backend sees one header), except where the RFCs say otherwise: `Set-Cookie` is never
+    /// folded (RFC 6265 §3; the HTTPRoute spec names it), each value its own field line, and
+    /// `Cookie` pairs join with `; ` (RFC 6265 §5.4).
     pub fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.add {
-            let joined = headers
-                .get_all(name)
-                .iter()
-                .fold(None::<Vec<u8>>, |acc, v| {
-                    let mut acc = acc.unwrap_or_default();
-                    if !acc.is_empty() {
-                        acc.push(b',');
-                    }
-                    acc.extend_from_slice(v.as_bytes());
-                    Some(acc)
-                });
-            let value = match joined {
-                None => value.clone(),
-                Some(mut existing) => {
-                    existing.push(b',');
-                    existing.extend_from_slice(value.as_bytes());
-                    HeaderValue::from_bytes(&existing).unwrap_or_else(|_| value.clone())
+            let separator: &[u8] = match *name {
+                SET_COOKIE => {
+                    headers.append(name.clone(), value.clone());
+                    continue;
                 }
+                COOKIE => b"; ",
+                _ => b",",
+            };
+            let mut joined = Vec::new();
+            for existing in headers.get_all(name) {
+                joined.extend_from_slice(existing.as_bytes());
+                joined.extend_from_slice(separator);
+            }
+            let value = if joined.is_empty() {
+                value.clone()
+            } else {
+                joined.extend_from_slice(value.as_bytes());
+                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| value.clone())
             };
             headers.insert(name.clone(), value);
         }
@@ -196,6 +199,37 @@ mod tests {
         assert_eq!(headers["x-new"], "n");
         assert_eq!(headers["x-keep"], "1");
         assert!(!headers.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn set_cookie_is_never_folded_and_cookies_join_with_semicolons() {
+        let mut response = HeaderMap::new();
+        response.append(SET_COOKIE, "a=1; Path=/".parse().unwrap());
+        let mut request = HeaderMap::new();
+        request.append(COOKIE, "a=1".parse().unwrap());
+        request.append(COOKIE, "b=2".parse().unwrap());
+        let m = HeaderModifier {
+            add: vec![
+                (
+                    SET_COOKIE,
+                    "b=2; Expires=Wed, 21 Oct 2026 07:28:00 GMT"
+                        .parse()
+                        .unwrap(),
+                ),
+                (COOKIE, "c=3".parse().unwrap()),
+            ],
+            ..HeaderModifier::default()
+        };
+        m.apply(&mut response);
+        let lines: Vec<_> = response.get_all(SET_COOKIE).iter().collect();
+        assert_eq!(
+            lines,
+            ["a=1; Path=/", "b=2; Expires=Wed, 21 Oct 2026 07:28:00 GMT"],
+            "one field line per cookie: a comma inside Expires would split a folded value"
+        );
+        m.apply(&mut request);
+        assert_eq!(request[COOKIE], "a=1; b=2; c=3");
+        assert_eq!(request.get_all(COOKIE).iter().count(), 1);
     }
 
     fn redirect(

@@ -191,6 +191,9 @@ fn upstream_request(
         Version::HTTP_11
     };
     *request.headers_mut() = parts.headers.clone();
+    if !h2 {
+        join_cookie_crumbs(request.headers_mut());
+    }
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 requests carry the authority in the URI; HTTP/1.1 backends want a Host header.
         if let Some(authority) = parts.uri.authority().and_then(|a| a.as_str().parse().ok()) {
@@ -198,6 +201,23 @@ fn upstream_request(
         }
     }
     request
+}
+
+/// HTTP/2 splits `Cookie` into one field per pair ("crumbs"); before an HTTP/1.1 hop they are
+/// joined back into one field with `; ` (RFC 9113 §8.2.3): HTTP/1.1 servers expect one.
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for crumb in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = http::HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 async fn send(
@@ -245,4 +265,26 @@ fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrad
             tracing::debug!(error = %e, "upgraded connection ended");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_crumbs_are_joined_for_http1_upstreams_only() {
+        let (mut parts, ()) = Request::get("http://catalog/x")
+            .header(header::COOKIE, "a=1")
+            .header(header::COOKIE, "b=2")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts.version = Version::HTTP_2;
+        let endpoint: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let h1 = upstream_request(&parts, endpoint, false, body::empty());
+        let cookies: Vec<_> = h1.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        let h2 = upstream_request(&parts, endpoint, true, body::empty());
+        assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
 }

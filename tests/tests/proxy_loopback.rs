@@ -185,6 +185,14 @@ async fn error_statuses_name_their_reason() {
     backendRefs: [{name: a, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /ok}}]
     backendRefs: [{name: a, port: 80}]
+  - matches: [{path: {type: Exact, value: /moved}}]
+    filters:
+    - {type: RequestRedirect, requestRedirect: {hostname: elsewhere.example, statusCode: 301}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-rule, value: moved}]}}
+  - matches: [{path: {type: Exact, value: /drained}}]
+    filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-rule, value: drained}]}}
+    backendRefs: [{name: empty, port: 80}]
 "#
     .to_string();
     let world = Manifests::default()
@@ -224,6 +232,17 @@ async fn error_statuses_name_their_reason() {
             answer.text
         );
     }
+    // A rule's ResponseHeaderModifier applies to the answers the agent gives for it too.
+    for (path, status) in [("/moved", 301), ("/drained", 503)] {
+        let answer = get(&c, &agent.url(0, path), &[]).await;
+        assert_eq!(answer.status.as_u16(), status, "{path}: {}", answer.text);
+        assert_eq!(answer.headers["x-rule"], &path[1..], "{path}");
+    }
+    let answer = get(&c, &agent.url(0, "/nothing-matches"), &[]).await;
+    assert!(
+        !answer.headers.contains_key("x-rule"),
+        "no rule, no rule filters"
+    );
 
     // Request smuggling. Differing Content-Length values: 400. Content-Length with
     // Transfer-Encoding: chunked framing wins, Content-Length is dropped and the connection is

@@ -322,6 +322,19 @@ impl CompiledRule {
         })
     }
 
+    /// The rule's own ResponseHeaderModifiers: they apply to the answers the agent gives for
+    /// this rule too (redirects, unservable backends, timeouts), not only to relayed ones.
+    pub fn response_header_modifiers(&self) -> impl Iterator<Item = &HeaderModifier> {
+        self.filters.iter().filter_map(|f| match f {
+            Filter::ResponseHeaders(m) => Some(m),
+            Filter::RequestHeaders(_)
+            | Filter::Redirect(_)
+            | Filter::Rewrite(_)
+            | Filter::Mirror(_)
+            | Filter::Unsupported(_) => None,
+        })
+    }
+
     pub fn name_or_index(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.index.to_string())
     }

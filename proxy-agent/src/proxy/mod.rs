@@ -26,7 +26,7 @@ use crate::telemetry::metrics::{Metrics, RequestLabels};
 use arc_swap::ArcSwap;
 use body::ProxyBody;
 use gamma_engine::model::ObjectKey;
-use gamma_engine::routes::{Decision, Frontend, Plan, RequestHead, Snapshot};
+use gamma_engine::routes::{CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot};
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use local::LocalAnswer;
@@ -180,31 +180,41 @@ impl Proxy {
                 }
                 response
             }
-            Ok(()) => match self
-                .proxy_frontend(&snapshot, request, conn, &mut log)
-                .await
-            {
-                Ok(response) => response,
-                Err(local) => local_response(&local, grpc, &mut log, &self.metrics),
-            },
+            Ok(()) => {
+                let frontend = self.frontend(&snapshot, &conn.destination);
+                match self
+                    .proxy_frontend(frontend.as_deref(), request, conn, &mut log)
+                    .await
+                {
+                    Ok(response) => response,
+                    Err((local, rule)) => {
+                        let mut response = local_response(&local, grpc, &mut log, &self.metrics);
+                        for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
+                        {
+                            modifier.apply(response.headers_mut());
+                        }
+                        response
+                    }
+                }
+            }
         };
         log.status = response.status().as_u16();
         log.finish(started, &self.metrics);
         response
     }
 
-    async fn proxy_frontend(
+    /// Routes one request to `frontend`. A local answer comes back with the rule it was given
+    /// for, if any: that rule's response filters apply to it.
+    async fn proxy_frontend<'f>(
         self: &Arc<Self>,
-        snapshot: &Snapshot,
+        frontend: Option<&'f Frontend>,
         request: Request<Incoming>,
         conn: &ConnectionInfo,
         log: &mut AccessLog<'_>,
-    ) -> Result<Response<ProxyBody>, LocalAnswer> {
-        let Some(frontend) = self.frontend(snapshot, &conn.destination) else {
-            return Err(LocalAnswer::UnknownFrontend(format!(
-                "{:?}",
-                conn.destination
-            )));
+    ) -> Result<Response<ProxyBody>, (LocalAnswer, Option<&'f CompiledRule>)> {
+        let Some(frontend) = frontend else {
+            let unknown = LocalAnswer::UnknownFrontend(format!("{:?}", conn.destination));
+            return Err((unknown, None));
         };
         log.service = format!("{}:{}", frontend.service, frontend.port);
         let (mut parts, body) = request.into_parts();
@@ -212,31 +222,33 @@ impl Proxy {
             conn.caller.namespace.as_deref(),
             &RequestHead::from_parts(&parts),
         );
-        match decision {
+        let (rule, matched) = match decision {
             Decision::Direct(backend) => {
                 log.backend = backend.name();
-                forward::forward(self, backend, parts, body, None, log).await
+                return forward::forward(self, backend, parts, body, None, log)
+                    .await
+                    .map_err(|local| (local, None));
             }
-            Decision::NoMatchingRule => Err(LocalAnswer::NoMatchingRule(log.service.clone())),
-            Decision::Rule { rule, matched } => {
-                log.route = format!("{} rule {}", rule.route, rule.name_or_index());
-                let random = rand::random::<u64>();
-                match rule.plan(&mut parts, matched, frontend.port, random) {
-                    Plan::Respond(local) => Err(local.into()),
-                    Plan::Forward(plan) => {
-                        log.backend = plan.backend.name();
-                        self.mirrors.send(self, &plan.mirrors, &parts, random);
-                        let mut response =
-                            forward::forward(self, plan.backend, parts, body, Some(rule), log)
-                                .await?;
-                        for modifier in plan.response_headers {
-                            modifier.apply(response.headers_mut());
-                        }
-                        Ok(response)
-                    }
-                }
+            Decision::NoMatchingRule => {
+                return Err((LocalAnswer::NoMatchingRule(log.service.clone()), None));
             }
+            Decision::Rule { rule, matched } => (rule, matched),
+        };
+        log.route = format!("{} rule {}", rule.route, rule.name_or_index());
+        let random = rand::random::<u64>();
+        let plan = match rule.plan(&mut parts, matched, frontend.port, random) {
+            Plan::Respond(local) => return Err((local.into(), Some(rule))),
+            Plan::Forward(plan) => plan,
+        };
+        log.backend = plan.backend.name();
+        self.mirrors.send(self, &plan.mirrors, &parts, random);
+        let mut response = forward::forward(self, plan.backend, parts, body, Some(rule), log)
+            .await
+            .map_err(|local| (local, Some(rule)))?;
+        for modifier in plan.response_headers {
+            modifier.apply(response.headers_mut());
         }
+        Ok(response)
     }
 }
 

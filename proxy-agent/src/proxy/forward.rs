@@ -23,7 +23,16 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Removes the hop-by-hop headers. `TE: trailers` is kept (as exactly that): it is the one TE
+/// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
+/// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -41,6 +50,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
 }
 
@@ -193,6 +205,7 @@ fn upstream_request(
     *request.headers_mut() = parts.headers.clone();
     if !h2 {
         join_cookie_crumbs(request.headers_mut());
+        request.headers_mut().remove(header::TE);
     }
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 requests carry the authority in the URI; HTTP/1.1 backends want a Host header.
@@ -286,5 +299,34 @@ mod tests {
         assert_eq!(cookies, ["a=1; b=2"]);
         let h2 = upstream_request(&parts, endpoint, true, body::empty());
         assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn te_trailers_survives_for_http2_upstreams_only() {
+        let (mut parts, ()) = Request::post("http://catalog/pkg.Catalog/Get")
+            .header(header::TE, "trailers, deflate")
+            .header(header::CONNECTION, "x-hop")
+            .header("x-hop", "1")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(())
+            .unwrap()
+            .into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        assert_eq!(parts.headers[header::TE], "trailers");
+        for gone in ["x-hop", "connection", "transfer-encoding"] {
+            assert!(!parts.headers.contains_key(gone), "{gone}");
+        }
+        let endpoint: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let h2 = upstream_request(&parts, endpoint, true, body::empty());
+        assert_eq!(h2.headers()[header::TE], "trailers");
+        let h1 = upstream_request(&parts, endpoint, false, body::empty());
+        assert!(!h1.headers().contains_key(header::TE));
+        let (mut other, ()) = Request::get("http://catalog/")
+            .header(header::TE, "gzip")
+            .body(())
+            .unwrap()
+            .into_parts();
+        strip_hop_by_hop(&mut other.headers, false);
+        assert!(!other.headers.contains_key(header::TE));
     }
 }

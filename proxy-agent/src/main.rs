@@ -91,6 +91,11 @@ struct Cli {
     /// milliseconds, or its connection is closed.
     #[arg(long, default_value_t = 10_000)]
     header_read_timeout_ms: u64,
+    /// On Service ports that do not declare their protocol (appProtocol or port name), how long
+    /// to wait for a client's first bytes before passing the connection through as opaque TCP,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    detect_timeout_ms: u64,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -172,6 +177,7 @@ fn main() -> Result<()> {
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
         proxy: ProxyConfig {
             header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
+            detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
             ..ProxyConfig::default()
         },
         kube: cli.kube.then(|| {

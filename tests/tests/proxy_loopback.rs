@@ -574,3 +574,52 @@ fn admin_status(agent: &Agent, path: &str) -> u16 {
         .map(|(status, _)| status)
         .unwrap_or(0)
 }
+
+/// A port that declares HTTP is never sniffed: a client silent for longer than the sniffing
+/// timeout still gets its routes. An undeclared port falls to opaque TCP after that timeout (the
+/// backend answers directly, without the route's filter), and the fall is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_http_ports_are_never_sniffed() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let filter = "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: 'yes'}]}}]\n    backendRefs: [{name: a, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "declared", 80, &[a.addr], Some("http"))
+        .service("ns", "plain", 80, &[a.addr], None)
+        .raw(&route("declared-route", "declared", filter))
+        .raw(&route("plain-route", "plain", filter));
+    let options = AgentOptions {
+        listeners: vec![("ns/declared", 80), ("ns/plain", 80)],
+        caller_namespace: None,
+        extra_args: ["--detect-timeout-ms", "200"].map(String::from).into(),
+    };
+    let agent = Agent::start(&world, options).unwrap();
+    let late_request = |listener: std::net::SocketAddr| {
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(listener).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // A throttled client, or a pool that connected early: a second before the request.
+            std::thread::sleep(Duration::from_secs(1));
+            s.write_all(b"GET /late HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        })
+    };
+    let declared = late_request(agent.listen[0]).await.unwrap();
+    assert!(declared.starts_with("HTTP/1.1 200"), "{declared}");
+    assert!(
+        declared.contains("x-routed"),
+        "the route applied: {declared}"
+    );
+    let plain = late_request(agent.listen[1]).await.unwrap();
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(
+        !plain.contains("x-routed"),
+        "an undeclared port fell to opaque TCP, straight to the endpoint: {plain}"
+    );
+    let fell =
+        gamma_tests::probe::metric(&agent, "gamma_opaque_after_sniff_timeout_total").unwrap();
+    assert_eq!(fell, 1.0);
+}

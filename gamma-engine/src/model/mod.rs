@@ -73,7 +73,40 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
+/// What a Service port says it speaks, so that its connections are not sniffed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum DeclaredProtocol {
+    /// HTTP/1.1 or HTTP/2 (told apart by the first bytes, however late they come).
+    Http,
+    /// Opaque TCP: passed through at once (server-first protocols need this).
+    Opaque,
+}
+
 impl ServicePort {
+    /// The port's declared protocol: its appProtocol (KEP-3726: `http`, `kubernetes.io/h2c`,
+    /// `kubernetes.io/ws`, and the common `h2c`, `grpc`, `http2`; `tcp` for opaque), else its name
+    /// as meshes read it (`http`, `http-*`, `http2`, `h2c`, `grpc`, `grpc-*`; `tcp`, `tcp-*`).
+    /// `None`: undeclared, sniffed.
+    pub fn declared_protocol(&self) -> Option<DeclaredProtocol> {
+        if let Some(app_protocol) = self.app_protocol.as_deref() {
+            return match app_protocol {
+                "http" | "kubernetes.io/h2c" | "kubernetes.io/ws" | "h2c" | "grpc" | "http2" => {
+                    Some(DeclaredProtocol::Http)
+                }
+                "tcp" | "kubernetes.io/tcp" => Some(DeclaredProtocol::Opaque),
+                _ => None,
+            };
+        }
+        let name = self.name.as_deref()?;
+        let family = name.split_once('-').map_or(name, |(family, _)| family);
+        match family {
+            "http" | "grpc" => Some(DeclaredProtocol::Http),
+            "tcp" => Some(DeclaredProtocol::Opaque),
+            _ if matches!(name, "http2" | "h2c") => Some(DeclaredProtocol::Http),
+            _ => None,
+        }
+    }
+
     /// Whether upstream connections to this port speak HTTP/2 without TLS (KEP-3726 appProtocol).
     pub fn is_h2c(&self) -> bool {
         matches!(
@@ -133,4 +166,44 @@ pub struct Meta {
     pub generation: i64,
     /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
     pub created: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: Option<&str>, app_protocol: Option<&str>) -> ServicePort {
+        ServicePort {
+            name: name.map(Into::into),
+            port: 80,
+            target_port: TargetPort::Number(8080),
+            app_protocol: app_protocol.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn declared_protocols_from_app_protocol_then_name() {
+        use DeclaredProtocol::{Http, Opaque};
+        for (name, app_protocol, declared) in [
+            (None, Some("http"), Some(Http)),
+            (None, Some("kubernetes.io/h2c"), Some(Http)),
+            (None, Some("kubernetes.io/ws"), Some(Http)),
+            (Some("http"), Some("tcp"), Some(Opaque)),
+            (Some("http"), Some("example.com/custom"), None),
+            (Some("http"), None, Some(Http)),
+            (Some("http-api"), None, Some(Http)),
+            (Some("grpc-web"), None, Some(Http)),
+            (Some("h2c"), None, Some(Http)),
+            (Some("tcp-db"), None, Some(Opaque)),
+            (Some("httpx"), None, None),
+            (Some("metrics"), None, None),
+            (None, None, None),
+        ] {
+            assert_eq!(
+                port(name, app_protocol).declared_protocol(),
+                declared,
+                "{name:?} {app_protocol:?}"
+            );
+        }
+    }
 }

@@ -81,6 +81,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 service: service.key.clone(),
                 port: port.port,
                 port_name: port.name.clone(),
+                declared: port.declared_protocol(),
                 addresses: service
                     .cluster_ips
                     .iter()

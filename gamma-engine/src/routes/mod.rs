@@ -13,8 +13,8 @@ pub use compile::compile_service;
 pub use matches::RequestHead;
 
 use crate::model::{
-    EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, Retry, Route, RouteKey, RouteKind,
-    RouteMatch, Service, Timeouts,
+    DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, Retry, Route,
+    RouteKey, RouteKind, RouteMatch, Service, Timeouts,
 };
 use ahash::AHashMap;
 use http::StatusCode;
@@ -105,6 +105,8 @@ pub struct Frontend {
     pub service: ObjectKey,
     pub port: u16,
     pub port_name: Option<String>,
+    /// What the port declares it speaks (`None`: its connections are sniffed).
+    pub declared: Option<DeclaredProtocol>,
     pub addresses: Vec<SocketAddr>,
     /// Producer routes (the Service's namespace): for every caller without consumer routes.
     pub producer: Option<RouteTable>,

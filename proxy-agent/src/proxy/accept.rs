@@ -3,11 +3,12 @@
 //! listeners differ only in how they tell who a connection is from and where it was going
 //! (`explicit.rs`, `redirected.rs`).
 
-use super::detect::{detect, Protocol};
+use super::detect::{detect, Detected, Protocol};
 use super::drain::{turned_true, Drain};
 use super::io::Lingering;
 use super::{serve, tcp, ConnectionInfo, Proxy};
-use gamma_engine::routes::Snapshot;
+use gamma_engine::model::DeclaredProtocol;
+use gamma_engine::routes::{Frontend, Snapshot};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,42 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// The protocol a connection speaks; `None`: close it. A port that declares its protocol is not
+/// sniffed: HTTP however late the first bytes come (bounded like an idle HTTP connection, by the
+/// header read timeout), opaque at once. An undeclared one is sniffed for `detect_timeout`, and
+/// falls to opaque TCP when nothing told (counted, and logged once per Service).
+async fn protocol_of(
+    proxy: &Proxy,
+    stream: &Lingering,
+    frontend: Option<&Frontend>,
+) -> Option<Protocol> {
+    match frontend.and_then(|f| f.declared) {
+        Some(DeclaredProtocol::Opaque) => Some(Protocol::Opaque),
+        Some(DeclaredProtocol::Http) => {
+            match detect(stream.tcp(), proxy.config.header_read_timeout).await {
+                Detected::Protocol(Protocol::Http2) => Some(Protocol::Http2),
+                // Declared HTTP: whatever came is parsed as HTTP/1.1 (a garbled request gets 400).
+                Detected::Protocol(_) => Some(Protocol::Http1),
+                Detected::TimedOut | Detected::Closed => None,
+            }
+        }
+        None => match detect(stream.tcp(), proxy.config.detect_timeout).await {
+            Detected::Protocol(protocol) => Some(protocol),
+            Detected::TimedOut => {
+                proxy
+                    .metrics
+                    .opaque_after_sniff_timeout
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(frontend) = frontend {
+                    proxy.sniff_timed_out(frontend);
+                }
+                Some(Protocol::Opaque)
+            }
+            Detected::Closed => None,
+        },
+    }
+}
 
 /// Accepts until draining; `classify` names each connection (or refuses it: `None` closes it).
 pub(super) async fn accept_loop<F>(
@@ -82,12 +119,13 @@ async fn serve_connection(
     info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some(protocol) = detect(stream.tcp(), proxy.config.detect_timeout).await else {
+    let snapshot = proxy.snapshot.load_full();
+    let frontend = proxy.frontend(&snapshot, &info.destination);
+    let Some(protocol) = protocol_of(proxy, &stream, frontend.as_deref()).await else {
         return;
     };
     if protocol == Protocol::Opaque {
-        let snapshot = proxy.snapshot.load_full();
-        match proxy.frontend(&snapshot, &info.destination) {
+        match frontend {
             Some(frontend) => tcp::pass_through(proxy, stream.into_inner(), &frontend).await,
             None => {
                 tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it")

@@ -30,23 +30,32 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// The connection's protocol; `None` when the peer closed (or failed) before sending a byte.
-pub(super) async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+/// What the first bytes of a connection said.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Detected {
+    Protocol(Protocol),
+    /// Nothing (or not enough to tell) within the time given.
+    TimedOut,
+    /// The peer closed (or failed) before sending a byte.
+    Closed,
+}
+
+/// Peeks at the connection's first bytes until they tell its protocol, for at most `timeout`.
+pub(super) async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 24];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Detected::Closed,
             Ok(Ok(n)) => n,
-            // Nothing sent yet: a server-first protocol, handled as opaque TCP.
-            Err(_) => return Some(Protocol::Opaque),
+            Err(_) => return Detected::TimedOut,
         };
         if let Some(p) = classify(&buf[..n]) {
-            return Some(p);
+            return Detected::Protocol(p);
         }
         // Peek returns the same bytes until more arrive; wait a little before looking again.
         if tokio::time::Instant::now() >= deadline {
-            return Some(Protocol::Opaque);
+            return Detected::TimedOut;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

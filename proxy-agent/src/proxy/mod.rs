@@ -40,8 +40,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Slowloris guard: the whole request head must arrive within this time.
     pub header_read_timeout: Duration,
-    /// How long to wait for a client's first bytes before treating the connection as opaque TCP
-    /// (server-first protocols send nothing).
+    /// On a port that does not declare its protocol, how long to wait for a client's first bytes
+    /// before treating the connection as opaque TCP (server-first protocols send nothing).
+    /// Linkerd's order: a slow HTTP client must not be mistaken for opaque TCP.
     pub detect_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
@@ -68,7 +69,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(10),
-            detect_timeout: Duration::from_millis(300),
+            detect_timeout: Duration::from_secs(10),
             max_mirrors_in_flight: 256,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
             max_header_bytes: 64 * 1024,
@@ -116,6 +117,8 @@ pub struct Proxy {
     mirrors: mirror::Mirrors,
     /// On a data-plane worker: the workers' open connections, to spread new ones evenly.
     pub load: Option<workers::Loads>,
+    /// Services whose connections fell to opaque TCP after a sniffing timeout, already logged.
+    sniff_timeouts_logged: Arc<std::sync::Mutex<ahash::AHashSet<ObjectKey>>>,
 }
 
 impl Proxy {
@@ -131,6 +134,7 @@ impl Proxy {
             metrics,
             config,
             load: None,
+            sniff_timeouts_logged: Arc::default(),
         })
     }
 
@@ -144,7 +148,25 @@ impl Proxy {
             metrics: self.metrics.clone(),
             config: self.config.clone(),
             load: Some(load),
+            sniff_timeouts_logged: self.sniff_timeouts_logged.clone(),
         })
+    }
+
+    /// Logs, once per Service, that its connections fell to opaque TCP after sniffing timed out:
+    /// its routes do not apply to them. The lock is taken only on that path.
+    fn sniff_timed_out(&self, frontend: &Frontend) {
+        let mut logged = self.sniff_timeouts_logged.lock().expect("not poisoned");
+        if logged.insert(frontend.service.clone()) {
+            tracing::warn!(
+                service = %frontend.service,
+                port = frontend.port,
+                after = ?self.config.detect_timeout,
+                "a client sent nothing within the sniffing timeout: its connection is passed \
+                 through as opaque TCP, without routes. Declare the port's protocol \
+                 (appProtocol: http or kubernetes.io/h2c for HTTP, tcp for server-first \
+                 protocols) so that it is not sniffed; logged once per Service"
+            );
+        }
     }
 
     pub fn frontend(

@@ -118,6 +118,8 @@ pub struct Metrics {
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicI64,
     pub opaque_connections: AtomicU64,
+    /// Connections to undeclared ports that sent nothing telling within the sniffing timeout.
+    pub opaque_after_sniff_timeout: AtomicU64,
     pub mirrors_sent: AtomicU64,
     pub mirrors_dropped: AtomicU64,
     /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
@@ -247,6 +249,12 @@ impl Metrics {
                 "Connections passed through as opaque TCP.",
                 "counter",
                 self.opaque_connections.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_opaque_after_sniff_timeout_total",
+                "Connections to ports that do not declare their protocol passed through as opaque TCP because the client sent nothing telling within the sniffing timeout.",
+                "counter",
+                self.opaque_after_sniff_timeout.load(Ordering::Relaxed) as i64,
             ),
             (
                 "gamma_mirrors_sent_total",

@@ -96,6 +96,10 @@ struct Cli {
     /// in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     detect_timeout_ms: u64,
+    /// How long a mirrored request may take, its answer included, before it is abandoned and its
+    /// slot freed, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    mirror_timeout_ms: u64,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -178,6 +182,7 @@ fn main() -> Result<()> {
         proxy: ProxyConfig {
             header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
             detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
+            mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             ..ProxyConfig::default()
         },
         kube: cli.kube.then(|| {

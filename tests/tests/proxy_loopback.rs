@@ -623,3 +623,43 @@ async fn declared_http_ports_are_never_sniffed() {
         gamma_tests::probe::metric(&agent, "gamma_opaque_after_sniff_timeout_total").unwrap();
     assert_eq!(fell, 1.0);
 }
+
+/// A mirror backend that accepts and never answers does not hold a mirror slot past the mirror
+/// timeout: the copy is abandoned and counted, the real request unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_never_answers_is_abandoned() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            connections.push(stream); // read nothing, answer nothing
+        }
+    });
+    let rules = "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: silent, port: 80}}}]\n    backendRefs: [{name: a, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "silent", 80, &[silent_addr], None)
+        .raw(&route("r", "front", rules));
+    let options = AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: None,
+        extra_args: ["--mirror-timeout-ms", "300"].map(String::from).into(),
+    };
+    let agent = Agent::start(&world, options).unwrap();
+    let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let metric = |name| gamma_tests::probe::metric(&agent, name).unwrap();
+    assert_eq!(metric("gamma_mirrors_sent_total"), 1.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric("gamma_mirrors_timed_out_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror was never abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.abort();
+}

@@ -1,7 +1,9 @@
 //! RequestMirror: fire-and-forget copies of a request's head to another backend.
 //!
 //! Bounded: at most `max` mirrored requests in flight; beyond that they are dropped (and
-//! counted), never queued, so mirroring can never slow down or pile up behind real traffic.
+//! counted), never queued, so mirroring can never slow down or pile up behind real traffic. Each
+//! has `ProxyConfig::mirror_timeout` to be answered (and its answer read), so that a mirror
+//! backend that never answers cannot hold the slots.
 //! Bodies are not duplicated (that would mean buffering them): a mirror carries the head only.
 
 use super::body;
@@ -68,12 +70,18 @@ impl Mirrors {
             *request.uri_mut() = uri;
             let client = proxy.upstream.client(mirror.backend.h2c).clone();
             proxy.metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
+            let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);
             tokio::spawn(async move {
                 let _permit = permit;
                 let _in_flight = in_flight;
-                if let Ok(response) = client.request(request).await {
-                    // Drain so the pooled connection can be reused.
-                    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                let exchange = async {
+                    if let Ok(response) = client.request(request).await {
+                        // Drain so the pooled connection can be reused.
+                        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                    }
+                };
+                if tokio::time::timeout(timeout, exchange).await.is_err() {
+                    metrics.mirrors_timed_out.fetch_add(1, Ordering::Relaxed);
                 }
             });
         }

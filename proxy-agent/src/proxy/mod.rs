@@ -44,6 +44,8 @@ pub struct ProxyConfig {
     /// before treating the connection as opaque TCP (server-first protocols send nothing).
     /// Linkerd's order: a slow HTTP client must not be mistaken for opaque TCP.
     pub detect_timeout: Duration,
+    /// How long a mirrored request may take, answer included; then it is abandoned.
+    pub mirror_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
     /// Request head size limit: a larger head gets 431. It is also the HTTP/1 read buffer (a
@@ -70,6 +72,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(10),
+            mirror_timeout: Duration::from_secs(10),
             max_mirrors_in_flight: 256,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
             max_header_bytes: 64 * 1024,

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub opaque_after_sniff_timeout: AtomicU64,
     pub mirrors_sent: AtomicU64,
     pub mirrors_dropped: AtomicU64,
+    pub mirrors_timed_out: AtomicU64,
     /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
     local_answers: [AtomicU64; Reason::ALL.len()],
     pub snapshot_version: AtomicU64,
@@ -267,6 +268,12 @@ impl Metrics {
                 "Mirrored requests dropped (concurrency bound reached).",
                 "counter",
                 self.mirrors_dropped.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_mirrors_timed_out_total",
+                "Mirrored requests abandoned after the mirror timeout (their slot freed).",
+                "counter",
+                self.mirrors_timed_out.load(Ordering::Relaxed) as i64,
             ),
             (
                 "gamma_upstream_requests_in_flight",

@@ -237,13 +237,8 @@ fn supported(probe: Probe) -> Result<bool, ProbeFailed> {
 
 /// `uname -r`.
 fn kernel_release() -> String {
-    // SAFETY: utsname is plain bytes; uname fills it and NUL-terminates its fields.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return "unknown".into();
-    }
-    // SAFETY: NUL-terminated by uname, within the array.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+    rustix::system::uname()
+        .release()
         .to_string_lossy()
         .into_owned()
 }

@@ -143,7 +143,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut rows: Vec<(String, Vec<(&'static str, Cell)>)> = Vec::new();
     if !util::is_root() {
         let reason = "needs root (qemu guests run the tests as root; eBPF, namespaces)";
-        record_skip("kernel matrix", reason);
+        util::record_skip("kernel matrix", reason);
         rows.push((
             "all kernels".into(),
             vec![("-", Cell::Skipped(reason.into()))],
@@ -257,7 +257,7 @@ fn skip_all(row: &str, kernel: &Kernel, reason: &str) -> Vec<(&'static str, Cell
         .runs
         .iter()
         .map(|run| {
-            record_skip(&format!("{} on {row}", run.binary), reason);
+            util::record_skip(&format!("{} on {row}", run.binary), reason);
             (run.binary, Cell::Skipped(reason.to_string()))
         })
         .collect()
@@ -415,7 +415,7 @@ fn run_and_read(row: &str, binary: &str, command: &mut Command) -> Cell {
     let mut skipped = Vec::new();
     for line in text.lines() {
         if let Some(skip) = line.trim().strip_prefix("SKIPPED: ") {
-            record_skip(&format!("{row}: {skip}"), "skipped in the guest");
+            util::record_skip(&format!("{row}: {skip}"), "skipped in the guest");
             skipped.push(skip.to_string());
         }
     }
@@ -480,21 +480,6 @@ fn summary(output: &str) -> Option<(u32, u32)> {
         found = Some((passed + count(" passed"), failed + count(" failed")));
     }
     found
-}
-
-/// Records a skip in `$GAMMA_SKIP_LOG` (`cargo xtask test` lists them at its end) and on stderr.
-fn record_skip(what: &str, reason: &str) {
-    eprintln!("SKIPPED: {what}: {reason}");
-    if let Some(path) = std::env::var_os("GAMMA_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut log) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(log, "{what}: {reason}");
-        }
-    }
 }
 
 fn host_release() -> String {

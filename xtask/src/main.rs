@@ -127,13 +127,10 @@ fn test(extra: &[String]) -> Result<()> {
         });
         result = result.and(shared).and(extra).and(matrix);
     } else {
-        let note = "conformance (end to end) and the kernel matrix: need root (network \
-                    namespaces, eBPF, qemu guests)\n";
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&skip_log)?;
-        std::io::Write::write_all(&mut log, note.as_bytes())?;
+        util::record_skip(
+            "conformance (end to end) and the kernel matrix",
+            "need root (network namespaces, eBPF, qemu guests)",
+        );
     }
     let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let _ = std::fs::remove_file(&skip_log);

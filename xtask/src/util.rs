@@ -135,3 +135,17 @@ pub fn workspace_root() -> std::path::PathBuf {
         .expect("xtask is inside the workspace")
         .to_path_buf()
 }
+
+/// Records a skip in `$GAMMA_SKIP_LOG` (`cargo xtask test` lists them at its end) and on stderr.
+pub fn record_skip(what: &str, reason: &str) {
+    eprintln!("SKIPPED: {what}: {reason}");
+    if let Some(path) = std::env::var_os("GAMMA_SKIP_LOG") {
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(log, "{what}: {reason}");
+        }
+    }
+}

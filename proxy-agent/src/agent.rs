@@ -228,12 +228,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The consumers subscribe before the publisher runs, so that none misses a publish.
     let mut consumers = vec![tokio::spawn(prune_metrics(
         metrics.clone(),
-        publisher.subscribe(),
+        NewTables::new(publisher.subscribe()),
     ))];
     if let Some(redirect) = redirect {
         consumers.push(tokio::spawn(follow_redirect(
             redirect,
-            publisher.subscribe(),
+            NewTables::new(publisher.subscribe()),
         )));
     }
     let status = match (&config.kube, &source) {
@@ -324,18 +324,42 @@ impl Source {
 }
 
 /// The kernel steers exactly the frontends that have routes: kept in step with every publish.
-async fn follow_redirect(redirect: Arc<Redirect>, mut published: watch::Receiver<Published>) {
-    while published.changed().await.is_ok() {
-        let snapshot = published.borrow_and_update().snapshot.clone();
+async fn follow_redirect(redirect: Arc<Redirect>, mut tables: NewTables) {
+    while let Some(snapshot) = tables.next().await {
         reconcile_redirect(&redirect, &snapshot);
+    }
+}
+
+/// The tables a consumer has not seen yet: publishes where only the stored route status changed
+/// (the status writer's concern) are skipped. Made when subscribing, so that none is missed.
+struct NewTables {
+    published: watch::Receiver<Published>,
+    seen: u64,
+}
+
+impl NewTables {
+    fn new(published: watch::Receiver<Published>) -> NewTables {
+        let seen = published.borrow().snapshot.version;
+        NewTables { published, seen }
+    }
+
+    /// `None` once the publisher is gone.
+    async fn next(&mut self) -> Option<Arc<Snapshot>> {
+        loop {
+            self.published.changed().await.ok()?;
+            let snapshot = self.published.borrow_and_update().snapshot.clone();
+            if snapshot.version != self.seen {
+                self.seen = snapshot.version;
+                return Some(snapshot);
+            }
+        }
     }
 }
 
 /// Drops the request series of Services and routes that are gone, so that `/metrics` does not
 /// grow with every Service that ever existed.
-async fn prune_metrics(metrics: Arc<Metrics>, mut published: watch::Receiver<Published>) {
-    while published.changed().await.is_ok() {
-        let snapshot = published.borrow_and_update().snapshot.clone();
+async fn prune_metrics(metrics: Arc<Metrics>, mut tables: NewTables) {
+    while let Some(snapshot) = tables.next().await {
         let pruned = metrics.retain_requests(|labels| labels.still_served(&snapshot));
         if pruned > 0 {
             tracing::debug!(
@@ -506,6 +530,30 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn consumers_see_every_new_table_and_skip_status_only_publishes() {
+        let table = |version| Published {
+            snapshot: Arc::new(Snapshot {
+                version,
+                ..Snapshot::default()
+            }),
+            stored_status: Arc::default(),
+        };
+        let (tx, rx) = watch::channel(table(1));
+        let mut tables = NewTables::new(rx);
+        // Published before the consumer looks: not missed.
+        tx.send_replace(table(2));
+        assert_eq!(tables.next().await.unwrap().version, 2);
+        // Only the stored status changed (same table): skipped; the next table is seen.
+        tx.send_replace(table(2));
+        let waited = tokio::time::timeout(Duration::from_millis(50), tables.next()).await;
+        assert!(waited.is_err(), "a status-only publish woke the consumer");
+        tx.send_replace(table(3));
+        assert_eq!(tables.next().await.unwrap().version, 3);
+        drop(tx);
+        assert!(tables.next().await.is_none());
+    }
 
     #[test]
     fn listen_spec_parses() {

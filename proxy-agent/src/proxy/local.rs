@@ -110,13 +110,14 @@ impl LocalAnswer {
 /// The gRPC status codes the agent answers with (grpc's doc/statuscodes.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrpcStatus {
-    DeadlineExceeded = 4,
-    Unimplemented = 12,
-    Internal = 13,
-    Unavailable = 14,
+    DeadlineExceeded,
+    Unimplemented,
+    Internal,
+    Unavailable,
 }
 
 impl GrpcStatus {
+    /// The `grpc-status` value.
     pub fn code(self) -> &'static str {
         match self {
             GrpcStatus::DeadlineExceeded => "4",

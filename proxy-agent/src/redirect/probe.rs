@@ -175,7 +175,21 @@ const fn feature(name: &'static str, since: &'static str) -> KernelFeature {
 
 /// Probes every feature the redirect needs. `Err(RedirectError::MissingKernelFeatures)` names
 /// what is missing; other errors mean a probe itself failed (no permission, say).
+///
+/// The agent checks before it binds anything, and `Redirect::attach` and `take_over` check again
+/// for their other callers: the verdict is kept for the process (a kernel does not change under
+/// it), so the probes run once. A failed probe is not kept: it is tried again.
 pub fn check_kernel() -> Result<(), RedirectError> {
+    static VERDICT: std::sync::OnceLock<Result<(), MissingKernelFeatures>> =
+        std::sync::OnceLock::new();
+    if let Some(verdict) = VERDICT.get() {
+        return verdict.clone().map_err(Into::into);
+    }
+    let verdict = probe_kernel()?;
+    VERDICT.get_or_init(|| verdict).clone().map_err(Into::into)
+}
+
+fn probe_kernel() -> Result<Result<(), MissingKernelFeatures>, RedirectError> {
     let mut missing = Vec::new();
     for (feature, probe) in REQUIRED {
         if !supported(*probe)
@@ -189,13 +203,12 @@ pub fn check_kernel() -> Result<(), RedirectError> {
             features = REQUIRED.len(),
             "the kernel has every feature the redirect needs"
         );
-        return Ok(());
+        return Ok(Ok(()));
     }
-    Err(MissingKernelFeatures {
+    Ok(Err(MissingKernelFeatures {
         missing,
         running: kernel_release(),
-    }
-    .into())
+    }))
 }
 
 /// A probe that could not tell (the kernel refused the probe itself, say for lack of privilege).

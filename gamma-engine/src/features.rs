@@ -38,6 +38,7 @@ pub const SUPPORTED_FEATURES: &[&str] = &[
     "HTTPRouteRetry",
     "HTTPRouteRetryBackendTimeout",
     "HTTPRouteRetryConnectionError",
+    "HTTPRouteCORS",
 ];
 
 pub fn supports(feature: &str) -> bool {

@@ -100,6 +100,10 @@ struct Cli {
     /// slot freed, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     mirror_timeout_ms: u64,
+    /// A request body is kept while it streams, up to this many bytes, when a retry or a mirror
+    /// may need it again; a larger one is neither retried nor mirrored (both counted).
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_buffered_body_bytes: usize,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -183,6 +187,7 @@ fn main() -> Result<()> {
             header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
             detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
+            max_buffered_body: cli.max_buffered_body_bytes,
             ..ProxyConfig::default()
         },
         kube: cli.kube.then(|| {

@@ -311,20 +311,28 @@ async fn h2c_grpc_and_mirror() {
     let h1 = echo_backend([127, 0, 0, 1], "h1").await;
     let grpc = echo_backend([127, 0, 0, 1], "grpc").await;
     let mirror = echo_backend([127, 0, 0, 1], "mirror").await;
-    let rules = "  - matches: [{path: {type: PathPrefix, value: /proto.EchoTestService}}]\n    backendRefs: [{name: grpc, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /proto.Drained}}]\n    backendRefs: [{name: drained, port: 80}]\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: h1, port: 80}]\n";
+    let plain = echo_backend([127, 0, 0, 1], "plain").await;
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /proto.EchoTestService}}]\n    backendRefs: [{name: grpc, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /proto.Drained}}]\n    backendRefs: [{name: drained, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /as-caller}}]\n    backendRefs: [{name: plain, port: 80}]\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: h1, port: 80}]\n";
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "drained", 80, &[], Some("kubernetes.io/h2c"))
-        .service("ns", "h1", 80, &[h1.addr], None)
+        .service("ns", "h1", 80, &[h1.addr], Some("http"))
+        .service("ns", "plain", 80, &[plain.addr], None)
         .service("ns", "grpc", 80, &[grpc.addr], Some("kubernetes.io/h2c"))
         .service("ns", "mirror", 80, &[mirror.addr], None)
         .raw(&route("r", "front", rules));
     let agent = Agent::start(&world, options(None)).unwrap();
     let h2 = client(true);
-    // HTTP/2 prior knowledge from the client; HTTP/1.1 to a plain backend.
+    // HTTP/2 prior knowledge from the client; HTTP/1.1 to a backend port that says `http`, the
+    // caller's HTTP/2 to one that says nothing.
     let answer = get(&h2, &agent.url(0, "/x"), &[]).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["pod"], "h1");
+    assert_eq!(answer.body["protocol"], "HTTP/1.1");
+    let answer = get(&h2, &agent.url(0, "/as-caller"), &[]).await;
+    assert_eq!(answer.body["pod"], "plain");
+    assert_eq!(answer.body["protocol"], "HTTP/2.0");
+    let answer = get(&client(false), &agent.url(0, "/as-caller"), &[]).await;
     assert_eq!(answer.body["protocol"], "HTTP/1.1");
     // gRPC-shaped request to an h2c backend: HTTP/2 end to end.
     let answer = get(

@@ -107,12 +107,45 @@ impl ServicePort {
         }
     }
 
-    /// Whether upstream connections to this port speak HTTP/2 without TLS (KEP-3726 appProtocol).
-    pub fn is_h2c(&self) -> bool {
-        matches!(
-            self.app_protocol.as_deref(),
-            Some("kubernetes.io/h2c" | "h2c" | "grpc" | "http2")
-        )
+    /// Which HTTP version upstream connections to this port speak, by its appProtocol (KEP-3726)
+    /// or else its name, as meshes read them.
+    pub fn upstream_protocol(&self) -> UpstreamProtocol {
+        match self.app_protocol.as_deref() {
+            Some("kubernetes.io/h2c" | "h2c" | "grpc" | "http2") => UpstreamProtocol::Http2,
+            Some("http" | "kubernetes.io/ws") => UpstreamProtocol::Http1,
+            Some(_) => UpstreamProtocol::AsCaller,
+            None => {
+                let name = self.name.as_deref().unwrap_or_default();
+                match name.split_once('-').map_or(name, |(family, _)| family) {
+                    "grpc" | "http2" | "h2c" => UpstreamProtocol::Http2,
+                    "http" => UpstreamProtocol::Http1,
+                    _ => UpstreamProtocol::AsCaller,
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP version the agent speaks to a backend port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum UpstreamProtocol {
+    /// The port says HTTP/1.1: appProtocol `http` or `kubernetes.io/ws`, name `http` or `http-*`.
+    Http1,
+    /// The port says HTTP/2 without TLS: appProtocol `kubernetes.io/h2c`, `h2c`, `grpc` or
+    /// `http2`, name `grpc`, `grpc-*`, `http2` or `h2c`; and every GRPCRoute backend.
+    Http2,
+    /// The port says neither: the version the caller spoke.
+    AsCaller,
+}
+
+impl UpstreamProtocol {
+    /// Whether a request whose caller spoke HTTP/2 (`caller_h2`) goes upstream over HTTP/2.
+    pub fn is_h2(self, caller_h2: bool) -> bool {
+        match self {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::AsCaller => caller_h2,
+        }
     }
 }
 
@@ -205,5 +238,29 @@ mod tests {
                 "{name:?} {app_protocol:?}"
             );
         }
+    }
+    #[test]
+    fn upstream_protocol_from_app_protocol_then_name() {
+        use UpstreamProtocol::{AsCaller, Http1, Http2};
+        for (name, app_protocol, protocol) in [
+            (None, Some("kubernetes.io/h2c"), Http2),
+            (Some("http"), Some("grpc"), Http2),
+            (None, Some("http"), Http1),
+            (Some("grpc"), Some("kubernetes.io/ws"), Http1),
+            (Some("grpc"), Some("example.com/custom"), AsCaller),
+            (Some("grpc-api"), None, Http2),
+            (Some("http2"), None, Http2),
+            (Some("http-web"), None, Http1),
+            (Some("web"), None, AsCaller),
+            (None, None, AsCaller),
+        ] {
+            assert_eq!(
+                port(name, app_protocol).upstream_protocol(),
+                protocol,
+                "{name:?} {app_protocol:?}"
+            );
+        }
+        assert!(AsCaller.is_h2(true) && !AsCaller.is_h2(false));
+        assert!(Http2.is_h2(false) && !Http1.is_h2(true));
     }
 }

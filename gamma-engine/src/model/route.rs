@@ -245,7 +245,8 @@ pub enum Filter<B = BackendRef> {
     Redirect(RequestRedirect),
     Rewrite(UrlRewrite),
     Mirror(RequestMirror<B>),
-    /// A filter this implementation does not provide (ExtensionRef, CORS, ExternalAuth). The spec
+    Cors(CorsPolicy),
+    /// A filter this implementation does not provide (ExtensionRef, ExternalAuth). The spec
     /// forbids skipping it: the requests it applies to are answered with an error.
     Unsupported(String),
 }
@@ -293,6 +294,63 @@ pub struct RequestRedirect {
 pub struct UrlRewrite {
     pub hostname: Option<String>,
     pub path: Option<PathModifier>,
+}
+
+/// HTTPRoute's CORS filter (GEP-1767), validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CorsPolicy {
+    pub allow_origins: Vec<AllowedOrigin>,
+    pub allow_credentials: bool,
+    /// Method names as written (case-sensitive), or `*`.
+    pub allow_methods: Vec<String>,
+    /// Header names as written (compared without case), or `*`.
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    /// Seconds a browser may cache a preflight answer.
+    pub max_age: u32,
+}
+
+/// One entry of `allowOrigins`: `*`, or `scheme://host[:port]` whose host may start with `*`
+/// (any number of DNS labels to its left).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AllowedOrigin {
+    Any,
+    Origin {
+        scheme: String,
+        /// Lower case; `*.example.com` is kept as `*.example.com`.
+        host: String,
+        /// Explicit, or the scheme's default (80, 443).
+        port: u16,
+    },
+}
+
+impl AllowedOrigin {
+    /// Parses `*` or `scheme://host[:port]` (scheme `http` or `https`); `None` if it is neither.
+    pub fn parse(origin: &str) -> Option<Self> {
+        if origin == "*" {
+            return Some(AllowedOrigin::Any);
+        }
+        let (scheme, rest) = origin.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !rest.ends_with(']') => (host, port.parse().ok()?),
+            _ => (rest, default_port),
+        };
+        let valid_host = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.*[]:".contains(c));
+        valid_host.then(|| AllowedOrigin::Origin {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -676,11 +734,57 @@ macro_rules! http_filter {
                         .transpose()?,
                 })
             }
-            $kind::Cors => Filter::Unsupported("CORS".to_string()),
+            $kind::Cors => {
+                let c = f
+                    .cors
+                    .as_ref()
+                    .ok_or_else(|| invalid(format!("{field}.cors"), "required for type CORS"))?;
+                Filter::Cors(cors_policy(
+                    c.allow_origins.as_ref(),
+                    c.allow_credentials.unwrap_or(false),
+                    [&c.allow_methods, &c.allow_headers, &c.expose_headers],
+                    c.max_age,
+                    &format!("{field}.cors"),
+                )?)
+            }
             $kind::ExternalAuth => Filter::Unsupported("ExternalAuth".to_string()),
             _ => common_filter!(f, field, $kind),
         }
     }};
+}
+
+/// A CORS filter's fields (the rule's and the backendRef's generated types differ); `lists` are
+/// allowMethods, allowHeaders, exposeHeaders.
+fn cors_policy(
+    origins: Option<&Vec<String>>,
+    allow_credentials: bool,
+    lists: [&Option<Vec<String>>; 3],
+    max_age: Option<i32>,
+    field: &str,
+) -> Result<CorsPolicy, Invalid> {
+    let allow_origins = indexed(origins, &format!("{field}.allowOrigins"), |o, at| {
+        AllowedOrigin::parse(o).ok_or_else(|| {
+            invalid(
+                at,
+                format!("`{o}` is not `*` nor an origin `http(s)://host[:port]`"),
+            )
+        })
+    })?;
+    let max_age = match max_age {
+        // The CRD's default.
+        None => 5,
+        Some(age) if age >= 1 => age as u32,
+        Some(_) => return Err(invalid(format!("{field}.maxAge"), "must be at least 1")),
+    };
+    let [methods, headers, expose] = lists.map(|l| l.clone().unwrap_or_default());
+    Ok(CorsPolicy {
+        allow_origins,
+        allow_credentials,
+        allow_methods: methods,
+        allow_headers: headers,
+        expose_headers: expose,
+        max_age,
+    })
 }
 
 /// The rules of an HTTPRoute or a GRPCRoute: their generated types differ (hence a macro), the
@@ -1136,6 +1240,7 @@ impl Filter {
             | Filter::ResponseHeaders(_)
             | Filter::Redirect(_)
             | Filter::Rewrite(_)
+            | Filter::Cors(_)
             | Filter::Unsupported(_) => None,
         }
     }
@@ -1152,6 +1257,7 @@ impl Filter {
                 numerator: m.numerator,
                 denominator: m.denominator,
             }),
+            Filter::Cors(c) => Filter::Cors(c.clone()),
             Filter::Unsupported(what) => Filter::Unsupported(what.clone()),
         }
     }

@@ -1,7 +1,7 @@
 //! Backends: resolving a backendRef to a Service port and its endpoints, and weighted choice.
 
 use super::World;
-use crate::model::{BackendRef, EndpointSlice, ObjectKey, Service};
+use crate::model::{BackendRef, EndpointSlice, ObjectKey, Service, UpstreamProtocol};
 use ahash::AHashMap;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -16,8 +16,8 @@ pub struct Backend {
     /// Ready endpoints of the port (targetPort resolved by the EndpointSlices); the
     /// serving-but-terminating ones only when none is ready.
     pub endpoints: Arc<[SocketAddr]>,
-    /// Upstream connections speak HTTP/2 without TLS (appProtocol h2c/grpc).
-    pub h2c: bool,
+    /// The HTTP version upstream connections speak.
+    pub protocol: UpstreamProtocol,
 }
 
 impl Backend {
@@ -51,11 +51,14 @@ impl BackendError {
     }
 }
 
+/// A Service port, and the protocol its backend is forced to (`None`: as the port says).
+type BackendKey = (ObjectKey, u16, Option<UpstreamProtocol>);
+
 /// Resolves backendRefs against the objects. Within one compilation, every reference to the same
 /// Service port (and protocol) shares one `Backend`, so a table holds each endpoint list once.
 pub struct Resolver<'a> {
     world: &'a dyn World,
-    cache: RefCell<AHashMap<(ObjectKey, u16, bool), Arc<Backend>>>,
+    cache: RefCell<AHashMap<BackendKey, Arc<Backend>>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -66,13 +69,13 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    /// Resolves a backendRef written in a route of `route_namespace`. `h2c` forces HTTP/2
-    /// upstream (GRPCRoute backends) whatever the port's appProtocol says.
+    /// Resolves a backendRef written in a route of `route_namespace`. `grpc`: it is a GRPCRoute's,
+    /// so HTTP/2 upstream whatever the port says.
     pub fn resolve(
         &self,
         reference: &BackendRef,
         route_namespace: &str,
-        h2c: bool,
+        grpc: bool,
     ) -> Result<Arc<Backend>, BackendError> {
         let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
         let key = ObjectKey::new(namespace, &reference.name);
@@ -97,13 +100,19 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-        self.service_backend(service, port, h2c)
+        self.service_backend(service, port, grpc.then_some(UpstreamProtocol::Http2))
             .ok_or(BackendError::NoSuchPort(shown))
     }
 
     /// The backend of `service`'s `port`: what a Service without routes balances over.
-    pub fn service_backend(&self, service: &Service, port: u16, h2c: bool) -> Option<Arc<Backend>> {
-        let cache_key = (service.key.clone(), port, h2c);
+    /// `protocol`: what upstream connections speak whatever the port says (`None`: as it says).
+    pub fn service_backend(
+        &self,
+        service: &Service,
+        port: u16,
+        protocol: Option<UpstreamProtocol>,
+    ) -> Option<Arc<Backend>> {
+        let cache_key = (service.key.clone(), port, protocol);
         if let Some(backend) = self.cache.borrow().get(&cache_key) {
             return Some(backend.clone());
         }
@@ -114,7 +123,7 @@ impl<'a> Resolver<'a> {
             service: service.key.clone(),
             port,
             endpoints: endpoints.into(),
-            h2c: h2c || service_port.is_h2c(),
+            protocol: protocol.unwrap_or_else(|| service_port.upstream_protocol()),
         });
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)

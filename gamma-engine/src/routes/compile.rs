@@ -4,7 +4,9 @@
 use super::backends::Resolver;
 use super::precedence::RankKey;
 use super::{CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
-use crate::model::{BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort};
+use crate::model::{
+    BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
+};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,7 +67,10 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .ports
         .iter()
         .filter_map(|port| {
-            let direct = resolver.service_backend(service, port.port, false)?;
+            // A caller no route applies to gets what it would get without the mesh: its own
+            // HTTP version end to end.
+            let direct =
+                resolver.service_backend(service, port.port, Some(UpstreamProtocol::AsCaller))?;
             let mut producer = None;
             let mut consumers = BTreeMap::new();
             for (group, routes) in groups(service, port, &routes) {

@@ -3,6 +3,7 @@
 
 pub mod backends;
 mod compile;
+pub mod cors;
 pub mod filters;
 pub mod matches;
 pub mod precedence;
@@ -17,7 +18,8 @@ use crate::model::{
     RouteKey, RouteKind, RouteMatch, Service, Timeouts,
 };
 use ahash::AHashMap;
-use http::StatusCode;
+use cors::CorsOutcome;
+use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -233,6 +235,9 @@ pub enum LocalResponse {
         status: StatusCode,
         location: String,
     },
+    /// A CORS preflight, answered with these headers.
+    #[error("CORS preflight")]
+    Preflight(HeaderMap),
     #[error("the matched rule has no backendRefs")]
     NoBackendRefs,
     #[error("every backendRef of the matched rule has weight 0")]
@@ -249,6 +254,7 @@ impl LocalResponse {
     pub fn status(&self) -> StatusCode {
         match self {
             LocalResponse::Redirect { status, .. } => *status,
+            LocalResponse::Preflight(_) => StatusCode::OK,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -271,6 +277,8 @@ pub enum Plan<'a> {
 #[derive(Debug)]
 pub struct Forward<'a> {
     pub backend: &'a Arc<Backend>,
+    /// Headers the CORS filter adds to the answer (before the modifiers run).
+    pub cors_headers: HeaderMap,
     /// Response header modifiers, rule level then backend level.
     pub response_headers: Vec<&'a HeaderModifier>,
     pub mirrors: Vec<Mirror<'a>>,
@@ -297,6 +305,7 @@ impl CompiledRule {
             parts,
             matched: &matched.path,
             listener_port,
+            cors_headers: HeaderMap::new(),
             response_headers: Vec::new(),
             mirrors: Vec::new(),
         };
@@ -319,6 +328,7 @@ impl CompiledRule {
         }
         Plan::Forward(Forward {
             backend,
+            cors_headers: run.cors_headers,
             response_headers: run.response_headers,
             mirrors: run.mirrors,
         })
@@ -333,6 +343,7 @@ impl CompiledRule {
             | Filter::Redirect(_)
             | Filter::Rewrite(_)
             | Filter::Mirror(_)
+            | Filter::Cors(_)
             | Filter::Unsupported(_) => None,
         })
     }
@@ -348,6 +359,7 @@ struct FilterRun<'a, 'p, 'm> {
     parts: &'p mut http::request::Parts,
     matched: &'m PathMatch,
     listener_port: u16,
+    cors_headers: HeaderMap,
     response_headers: Vec<&'a HeaderModifier>,
     mirrors: Vec<Mirror<'a>>,
 }
@@ -376,6 +388,13 @@ impl<'a> FilterRun<'a, '_, '_> {
                         });
                     }
                 }
+                Filter::Cors(policy) => match policy.evaluate(&parts.method, &parts.headers) {
+                    CorsOutcome::NotCors => {}
+                    CorsOutcome::Preflight(headers) => {
+                        return Some(LocalResponse::Preflight(headers));
+                    }
+                    CorsOutcome::Actual(headers) => self.cors_headers.extend(headers),
+                },
                 Filter::Unsupported(what) => {
                     return Some(LocalResponse::UnsupportedFilter(what.clone()));
                 }

@@ -1,7 +1,19 @@
-//! The body types that flow through the proxy: streamed from the peer, or made by the agent.
+//! The body types that flow through the proxy: streamed from the peer, or made by the agent;
+//! request bodies kept while they stream (for retries and mirrors); response bodies bounded by
+//! the route's timeouts.
 
+use super::local::{grpc_message, GrpcStatus};
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -20,6 +32,364 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
+pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
+}
+
+/// A request body, as the attempts and mirrors of one request see it.
+pub enum RequestBody {
+    /// None at all: every attempt and mirror sends an empty body.
+    Empty,
+    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it).
+    Streamed(Option<Incoming>),
+    /// Streamed to the first attempt and kept as it goes, up to a limit.
+    Recorded(Recording),
+}
+
+impl RequestBody {
+    /// `keep`: a retry or a mirror may need the body again; it is kept up to `limit` bytes.
+    pub fn new(body: Incoming, keep: bool, limit: usize) -> Self {
+        if body.is_end_stream() {
+            RequestBody::Empty
+        } else if keep {
+            RequestBody::Recorded(Recording::new(body, limit))
+        } else {
+            RequestBody::Streamed(Some(body))
+        }
+    }
+
+    /// The body for the next attempt; `None` when it cannot be sent again.
+    pub fn next_attempt(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Empty => Some(empty()),
+            RequestBody::Streamed(body) => body.take().map(stream),
+            RequestBody::Recorded(recording) => recording.replay(),
+        }
+    }
+
+    /// Whether the body was kept past the limit: a retry then cannot resend it.
+    pub fn overflowed(&self) -> bool {
+        matches!(self, RequestBody::Recorded(r) if r.lock().overflowed)
+    }
+
+    /// What a mirror waits on: the whole body once the caller has sent it.
+    pub fn for_mirror(&self) -> MirrorBody {
+        match self {
+            RequestBody::Empty => MirrorBody::Empty,
+            RequestBody::Streamed(_) => MirrorBody::Unavailable,
+            RequestBody::Recorded(r) => MirrorBody::Pending(r.complete.subscribe()),
+        }
+    }
+}
+
+/// A request body a mirror will send.
+pub enum MirrorBody {
+    Empty,
+    /// Not kept (no mirror was planned when the request was read).
+    Unavailable,
+    /// Resolves once the caller's body has ended (or was not kept after all).
+    Pending(watch::Receiver<Kept>),
+}
+
+impl MirrorBody {
+    /// The whole body, once the caller has sent it; `None` if it was not kept (over the limit,
+    /// failed, or abandoned before its end).
+    pub async fn whole(self) -> Option<ProxyBody> {
+        match self {
+            MirrorBody::Empty => Some(empty()),
+            MirrorBody::Unavailable => None,
+            MirrorBody::Pending(mut complete) => {
+                let kept = complete
+                    .wait_for(|k| !matches!(k, Kept::Streaming))
+                    .await
+                    .ok()?
+                    .clone();
+                match kept {
+                    Kept::Whole(recorded) => Some(Replay::whole(recorded).boxed_unsync()),
+                    Kept::Streaming | Kept::Not => None,
+                }
+            }
+        }
+    }
+}
+
+/// Where keeping a request body stands.
+#[derive(Clone)]
+pub enum Kept {
+    Streaming,
+    Whole(Arc<Recorded>),
+    /// Over the limit, failed, or abandoned before its end.
+    Not,
+}
+
+/// A body as the caller sent it.
+#[derive(Default)]
+pub struct Recorded {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+/// A request body read once from the caller and kept (up to a limit) while it streams to the
+/// first attempt, so that a retry can send it again (replaying what was kept, then reading on
+/// from the caller) and a mirror can send a copy once it is whole. Attempts run one after
+/// another, so one replay at a time reads from the caller.
+pub struct Recording {
+    shared: Arc<Mutex<Shared>>,
+    complete: watch::Sender<Kept>,
+}
+
+struct Shared {
+    /// The caller's body, until it ends.
+    source: Option<Incoming>,
+    kept: Recorded,
+    size: usize,
+    limit: usize,
+    /// Larger than `limit`: nothing is kept any more.
+    overflowed: bool,
+    ended: bool,
+    /// The length the caller announced, for every replay's size hint.
+    length: Option<u64>,
+    /// Replays made so far: only the latest may read on from the caller.
+    replays: u64,
+    complete: watch::Sender<Kept>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The request is over: a mirror still waiting for the body will not get it.
+        self.complete.send_if_modified(|k| {
+            let waiting = matches!(k, Kept::Streaming);
+            if waiting {
+                *k = Kept::Not;
+            }
+            waiting
+        });
+    }
+}
+
+impl Recording {
+    fn new(source: Incoming, limit: usize) -> Self {
+        let (complete, _) = watch::channel(Kept::Streaming);
+        let length = source.size_hint().exact();
+        Recording {
+            shared: Arc::new(Mutex::new(Shared {
+                source: Some(source),
+                kept: Recorded::default(),
+                size: 0,
+                limit,
+                overflowed: false,
+                ended: false,
+                length,
+                replays: 0,
+                complete: complete.clone(),
+            })),
+            complete,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("not poisoned")
+    }
+
+    /// A body that sends what was kept, then reads on from the caller; `None` once part of the
+    /// body was not kept.
+    fn replay(&self) -> Option<ProxyBody> {
+        let mut shared = self.lock();
+        if shared.overflowed {
+            return None;
+        }
+        shared.replays += 1;
+        Some(
+            Replay {
+                source: Source::Recording(self.shared.clone()),
+                generation: shared.replays,
+                next_chunk: 0,
+                trailers_sent: false,
+            }
+            .boxed_unsync(),
+        )
+    }
+}
+
+enum Source {
+    Recording(Arc<Mutex<Shared>>),
+    Whole(Arc<Recorded>),
+}
+
+/// A kept body sent again: the chunks kept, then (while recording) the rest from the caller.
+struct Replay {
+    source: Source,
+    /// Which replay of the recording this is (unused for a whole body).
+    generation: u64,
+    next_chunk: usize,
+    trailers_sent: bool,
+}
+
+impl Replay {
+    fn whole(recorded: Arc<Recorded>) -> Self {
+        Replay {
+            source: Source::Whole(recorded),
+            generation: 0,
+            next_chunk: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// The next kept frame, if this replay has not sent it yet.
+    fn kept_frame(&mut self, kept: &Recorded, ended: bool) -> Option<Frame<Bytes>> {
+        if let Some(chunk) = kept.chunks.get(self.next_chunk) {
+            self.next_chunk += 1;
+            return Some(Frame::data(chunk.clone()));
+        }
+        if ended && !self.trailers_sent {
+            self.trailers_sent = true;
+            return kept.trailers.clone().map(Frame::trailers);
+        }
+        None
+    }
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let shared = match &this.source {
+            Source::Whole(recorded) => {
+                let recorded = recorded.clone();
+                return Poll::Ready(this.kept_frame(&recorded, true).map(Ok));
+            }
+            Source::Recording(shared) => shared.clone(),
+        };
+        let mut shared = shared.lock().expect("not poisoned");
+        let shared = &mut *shared;
+        if this.generation != shared.replays {
+            // A retry took over; this attempt's connection may still be sending, but not this.
+            return Poll::Ready(Some(Err("the request body went to a retry".into())));
+        }
+        if let Some(frame) = this.kept_frame(&shared.kept, shared.ended) {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if shared.ended {
+            return Poll::Ready(None);
+        }
+        let Some(source) = shared.source.as_mut() else {
+            return Poll::Ready(Some(Err("the request body is gone".into())));
+        };
+        let frame = match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                shared.ended = true;
+                shared.source = None;
+                this.trailers_sent = true;
+                if !shared.overflowed {
+                    let whole = Recorded {
+                        chunks: shared.kept.chunks.clone(),
+                        trailers: shared.kept.trailers.clone(),
+                    };
+                    shared.complete.send_replace(Kept::Whole(Arc::new(whole)));
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                shared.overflowed = true;
+                shared.complete.send_replace(Kept::Not);
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            if !shared.overflowed {
+                if shared.size + data.len() > shared.limit {
+                    shared.overflowed = true;
+                    shared.kept = Recorded::default();
+                    shared.complete.send_replace(Kept::Not);
+                } else {
+                    shared.size += data.len();
+                    shared.kept.chunks.push(data.clone());
+                }
+            }
+            this.next_chunk = shared.kept.chunks.len();
+        } else if let Some(trailers) = frame.trailers_ref() {
+            shared.kept.trailers = Some(trailers.clone());
+            this.trailers_sent = true;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let length = match &self.source {
+            Source::Whole(recorded) => Some(recorded.chunks.iter().map(|c| c.len() as u64).sum()),
+            Source::Recording(shared) => shared.lock().expect("not poisoned").length,
+        };
+        length.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+/// A response body that must end by `deadline` (the route's timeouts cover the whole response:
+/// "when the full response has been received"). Past it, a gRPC answer ends with
+/// DEADLINE_EXCEEDED trailers; any other fails, so the caller sees the answer cut short (HTTP/1.1:
+/// the connection closes before the body's end; HTTP/2: RST_STREAM).
+pub struct Deadline {
+    inner: ProxyBody,
+    sleep: Pin<Box<Sleep>>,
+    grpc: bool,
+    expired: bool,
+}
+
+impl Deadline {
+    pub fn new(inner: ProxyBody, deadline: Instant, grpc: bool) -> Self {
+        Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            grpc,
+            expired: false,
+        }
+    }
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.expired = true;
+        const WHY: &str = "the route's timeout expired before the response's end";
+        if !self.grpc {
+            return Poll::Ready(Some(Err(WHY.into())));
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "grpc-status",
+            HeaderValue::from_static(GrpcStatus::DeadlineExceeded.code()),
+        );
+        if let Ok(message) = HeaderValue::from_str(&grpc_message(WHY)) {
+            trailers.insert("grpc-message", message);
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

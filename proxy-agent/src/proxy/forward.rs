@@ -1,16 +1,19 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
-use super::body::{self, ProxyBody};
+use super::body::{self, Deadline, ProxyBody, RequestBody};
 use super::local::LocalAnswer;
+use super::upstream::UpstreamError;
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::{Body as _, Incoming};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -26,7 +29,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes the hop-by-hop headers. `TE: trailers` is kept (as exactly that): it is the one TE
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
 /// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -68,32 +71,33 @@ enum Attempt {
     Failed(String),
 }
 
+/// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
+/// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
+/// the body then ends it with DEADLINE_EXCEEDED).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     proxy: &Arc<Proxy>,
     backend: &Backend,
     mut parts: http::request::Parts,
-    body: Incoming,
+    mut body: RequestBody,
     rule: Option<&CompiledRule>,
+    grpc: bool,
     log: &mut AccessLog<'_>,
 ) -> Result<Response<ProxyBody>, LocalAnswer> {
-    let deadline = rule.and_then(|r| r.timeouts.request);
+    let request_timeout = rule.and_then(|r| r.timeouts.request);
     let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
     let upgrade = is_upgrade(&parts);
     let downstream_upgrade = upgrade
         .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
         .flatten();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    // A body can be sent once: only requests without one are retried.
-    let bodyless = body.is_end_stream();
+    let h2 = !upgrade && backend.protocol.is_h2(parts.version == Version::HTTP_2);
     let retry = rule.and_then(|r| r.retry.as_ref());
-    let max_attempts = match retry {
-        Some(r) if bodyless => 1 + r.attempts,
-        // Connection refused means nothing was sent: one more try on another endpoint is safe.
-        _ if bodyless => 2,
-        _ => 1,
-    };
+    // Without a retry policy, a refused connection still gets one more try on another endpoint:
+    // nothing was sent.
+    let max_attempts = 1 + retry.map_or(1, |r| r.attempts);
     let started = Instant::now();
-    let mut body = Some(body);
+    let mut attempt_started = started;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let run = async {
         loop {
@@ -108,10 +112,11 @@ pub(super) async fn forward(
             tried.push(endpoint);
             log.endpoint = Some(endpoint);
             log.attempts += 1;
-            let request_body = body.take().map_or_else(body::empty, body::stream);
-            let request = upstream_request(&parts, endpoint, backend.h2c && !upgrade, request_body);
-            let attempt = send(proxy, backend.h2c && !upgrade, request, attempt_timeout).await;
-            let last = log.attempts >= max_attempts;
+            attempt_started = Instant::now();
+            // The first attempt always has its body; a later one only if it could be kept.
+            let request_body = body.next_attempt().unwrap_or_else(body::empty);
+            let request = upstream_request(&parts, endpoint, h2, request_body);
+            let attempt = send(proxy, endpoint, h2, request, attempt_timeout).await;
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(endpoint),
                 Attempt::TimedOut(_) | Attempt::Failed(_) => {
@@ -119,49 +124,44 @@ pub(super) async fn forward(
                 }
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(endpoint),
             }
-            match attempt {
-                Attempt::Response(response) => {
-                    let status = response.status().as_u16();
-                    if !last && retry.is_some_and(|r| r.codes.contains(&status)) {
-                        backoff(retry.and_then(|r| r.backoff)).await;
-                        continue;
+            let more = log.attempts < max_attempts;
+            let retry_wanted = more
+                && match &attempt {
+                    Attempt::Response(response) => {
+                        retry.is_some_and(|r| r.codes.contains(&response.status().as_u16()))
                     }
-                    return Ok(response);
-                }
-                Attempt::ConnectFailed(e) => {
-                    let untried_left = backend.endpoints.iter().any(|e| !tried.contains(e));
-                    if last || (retry.is_none() && !untried_left) {
-                        return Err(LocalAnswer::ConnectFailed {
-                            endpoint,
-                            backend: backend.name(),
-                            error: e.to_string(),
-                        });
+                    Attempt::ConnectFailed(_) => {
+                        retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
-                }
-                Attempt::TimedOut(after) => {
-                    if last || retry.is_none() {
-                        return Err(LocalAnswer::BackendTimeout {
-                            endpoint,
-                            backend: backend.name(),
-                            after,
-                        });
-                    }
+                    Attempt::TimedOut(_) | Attempt::Failed(_) => retry.is_some(),
+                };
+            if retry_wanted && resendable(proxy, &body) {
+                if !matches!(attempt, Attempt::ConnectFailed(_)) {
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
-                Attempt::Failed(e) => {
-                    if last || retry.is_none() {
-                        return Err(LocalAnswer::BackendFailed {
-                            endpoint,
-                            backend: backend.name(),
-                            error: e.to_string(),
-                        });
-                    }
-                    backoff(retry.and_then(|r| r.backoff)).await;
-                }
+                continue;
             }
+            return match attempt {
+                Attempt::Response(response) => Ok(response),
+                Attempt::ConnectFailed(error) => Err(LocalAnswer::ConnectFailed {
+                    endpoint,
+                    backend: backend.name(),
+                    error,
+                }),
+                Attempt::TimedOut(after) => Err(LocalAnswer::BackendTimeout {
+                    endpoint,
+                    backend: backend.name(),
+                    after,
+                }),
+                Attempt::Failed(error) => Err(LocalAnswer::BackendFailed {
+                    endpoint,
+                    backend: backend.name(),
+                    error,
+                }),
+            };
         }
     };
-    let result = match deadline {
+    let result = match request_timeout {
         None => run.await,
         Some(limit) => tokio::time::timeout(limit, run)
             .await
@@ -173,10 +173,34 @@ pub(super) async fn forward(
         if let Some(downstream) = downstream_upgrade {
             splice_upgrade(downstream, hyper::upgrade::on(&mut response));
         }
-    } else {
-        strip_hop_by_hop(response.headers_mut(), false);
+        return Ok(response.map(body::stream));
     }
-    Ok(response.map(body::stream))
+    strip_hop_by_hop(response.headers_mut(), false);
+    // The timeouts cover the answer's body too.
+    let body_deadline = [
+        request_timeout.map(|t| started + t),
+        attempt_timeout.map(|t| attempt_started + t),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    Ok(response.map(|b| match body_deadline {
+        None => body::stream(b),
+        Some(deadline) => Deadline::new(body::stream(b), deadline, grpc).boxed_unsync(),
+    }))
+}
+
+/// Whether another attempt can send the request body again; counts the retries a body over the
+/// buffering limit prevents.
+fn resendable(proxy: &Proxy, body: &RequestBody) -> bool {
+    if body.overflowed() {
+        proxy
+            .metrics
+            .retries_skipped_body
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return false;
+    }
+    !matches!(body, RequestBody::Streamed(_))
 }
 
 async fn backoff(wait: Option<Duration>) {
@@ -185,7 +209,11 @@ async fn backoff(wait: Option<Duration>) {
     }
 }
 
-fn upstream_request(
+/// The request as sent to `endpoint`. Its authority is the caller's (the Host header, else the
+/// HTTP/2 `:authority`, as the filters left it): HTTP/1.1 upstreams get it as Host, HTTP/2 ones
+/// as `:authority` and no `host` field (RFC 9113 §8.3.1: a server may treat a differing Host as
+/// malformed).
+pub(super) fn upstream_request(
     parts: &http::request::Parts,
     endpoint: SocketAddr,
     h2: bool,
@@ -194,25 +222,39 @@ fn upstream_request(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = format!("http://{endpoint}{path}")
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    *request.headers_mut() = parts.headers.clone();
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| parts.uri.authority().cloned());
+    let uri = if h2 {
+        request.headers_mut().remove(header::HOST);
+        match &authority {
+            Some(authority) => format!("http://{authority}{path}"),
+            None => format!("http://{endpoint}{path}"),
+        }
+    } else {
+        join_cookie_crumbs(request.headers_mut());
+        request.headers_mut().remove(header::TE);
+        if let Some(authority) = authority
+            .as_ref()
+            .filter(|_| !parts.headers.contains_key(header::HOST))
+        {
+            // HTTP/2 callers name the authority in the URI; HTTP/1.1 backends want a Host header.
+            if let Ok(host) = authority.as_str().parse() {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+        // The pool key: the endpoint.
+        format!("http://{endpoint}{path}")
+    };
+    *request.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     *request.version_mut() = if h2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
-    *request.headers_mut() = parts.headers.clone();
-    if !h2 {
-        join_cookie_crumbs(request.headers_mut());
-        request.headers_mut().remove(header::TE);
-    }
-    if !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 requests carry the authority in the URI; HTTP/1.1 backends want a Host header.
-        if let Some(authority) = parts.uri.authority().and_then(|a| a.as_str().parse().ok()) {
-            request.headers_mut().insert(header::HOST, authority);
-        }
-    }
     request
 }
 
@@ -235,11 +277,12 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 
 async fn send(
     proxy: &Proxy,
+    endpoint: SocketAddr,
     h2: bool,
     request: Request<ProxyBody>,
     timeout: Option<Duration>,
 ) -> Attempt {
-    let call = proxy.upstream.client(h2).request(request);
+    let call = proxy.upstream.send(endpoint, h2, request);
     let result = match timeout {
         None => call.await,
         Some(limit) => match tokio::time::timeout(limit, call).await {
@@ -249,20 +292,9 @@ async fn send(
     };
     match result {
         Ok(response) => Attempt::Response(response),
-        Err(e) if e.is_connect() => Attempt::ConnectFailed(error_chain(&e)),
-        Err(e) => Attempt::Failed(error_chain(&e)),
+        Err(UpstreamError::Connect(e)) => Attempt::ConnectFailed(e),
+        Err(UpstreamError::Failed(e)) => Attempt::Failed(e),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// After a 101, the two upgraded connections are joined byte for byte (WebSocket and friends).

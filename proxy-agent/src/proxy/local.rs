@@ -49,6 +49,7 @@ impl LocalAnswer {
     pub fn reason(&self) -> Reason {
         match self {
             LocalAnswer::Rule(LocalResponse::Redirect { .. }) => Reason::Redirect,
+            LocalAnswer::Rule(LocalResponse::Preflight(_)) => Reason::CorsPreflight,
             LocalAnswer::Rule(_) => Reason::RuleNotServable,
             LocalAnswer::UnknownFrontend(_) => Reason::UnknownFrontend,
             LocalAnswer::NoMatchingRule(_) => Reason::NoMatchingRule,
@@ -84,7 +85,9 @@ impl LocalAnswer {
     /// own mapping of HTTP errors (doc/http-grpc-status-mapping.md), as Envoy does.
     pub fn grpc_status(&self) -> Option<GrpcStatus> {
         Some(match self {
-            LocalAnswer::Rule(LocalResponse::Redirect { .. }) => return None,
+            LocalAnswer::Rule(LocalResponse::Redirect { .. } | LocalResponse::Preflight(_)) => {
+                return None
+            }
             LocalAnswer::Rule(LocalResponse::UnsupportedFilter(_)) => GrpcStatus::Internal,
             LocalAnswer::Rule(_)
             | LocalAnswer::UnknownFrontend(_)
@@ -97,6 +100,14 @@ impl LocalAnswer {
             }
             LocalAnswer::HeadTooLarge { .. } | LocalAnswer::BadTarget(_) => GrpcStatus::Internal,
         })
+    }
+
+    /// The headers of a CORS preflight answer.
+    pub fn headers(&self) -> Option<&http::HeaderMap> {
+        match self {
+            LocalAnswer::Rule(LocalResponse::Preflight(headers)) => Some(headers),
+            _ => None,
+        }
     }
 
     pub fn location(&self) -> Option<&str> {

@@ -4,12 +4,14 @@
 //! counted), never queued, so mirroring can never slow down or pile up behind real traffic. Each
 //! has `ProxyConfig::mirror_timeout` to be answered (and its answer read), so that a mirror
 //! backend that never answers cannot hold the slots.
-//! Bodies are not duplicated (that would mean buffering them): a mirror carries the head only.
+//! A mirror carries the request's body once the caller has sent all of it (it is kept while it
+//! streams, up to `ProxyConfig::max_buffered_body`); a larger body, or one that does not end
+//! within the mirror timeout, is not mirrored (and counted).
 
-use super::body;
+use super::body::RequestBody;
+use super::forward::{strip_hop_by_hop, upstream_request};
 use super::Proxy;
 use gamma_engine::routes::Mirror;
-use http::Request;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -32,6 +34,7 @@ impl Mirrors {
         proxy: &Arc<Proxy>,
         mirrors: &[Mirror<'_>],
         parts: &http::request::Parts,
+        body: &RequestBody,
         random: u64,
     ) {
         for (i, mirror) in mirrors.iter().enumerate() {
@@ -56,26 +59,30 @@ impl Mirrors {
             else {
                 continue;
             };
-            let mut request = Request::new(body::empty());
-            *request.method_mut() = parts.method.clone();
-            *request.headers_mut() = parts.headers.clone();
-            request.headers_mut().remove(http::header::CONTENT_LENGTH);
-            request
-                .headers_mut()
-                .remove(http::header::TRANSFER_ENCODING);
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let Ok(uri) = format!("http://{endpoint}{path}").parse() else {
-                continue;
-            };
-            *request.uri_mut() = uri;
-            let client = proxy.upstream.client(mirror.backend.h2c).clone();
-            proxy.metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
+            let mut head = http::Request::new(()).into_parts().0;
+            head.method = parts.method.clone();
+            head.uri = parts.uri.clone();
+            head.version = parts.version;
+            head.headers = parts.headers.clone();
+            strip_hop_by_hop(&mut head.headers, false);
+            let h2 = mirror
+                .backend
+                .protocol
+                .is_h2(parts.version == http::Version::HTTP_2);
+            let mirror_body = body.for_mirror();
+            let upstream = proxy.upstream.clone();
             let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);
             tokio::spawn(async move {
                 let _permit = permit;
                 let _in_flight = in_flight;
                 let exchange = async {
-                    if let Ok(response) = client.request(request).await {
+                    let Some(body) = mirror_body.whole().await else {
+                        metrics.mirrors_skipped_body.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
+                    let request = upstream_request(&head, endpoint, h2, body);
+                    if let Ok(response) = upstream.send(endpoint, h2, request).await {
                         // Drain so the pooled connection can be reused.
                         let _ = http_body_util::BodyExt::collect(response.into_body()).await;
                     }

@@ -24,7 +24,7 @@ pub mod workers;
 
 use crate::telemetry::metrics::{Metrics, RequestLabels};
 use arc_swap::ArcSwap;
-use body::ProxyBody;
+use body::{ProxyBody, RequestBody};
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::{CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot};
 use http::{header, HeaderValue, Method, Request, Response};
@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     pub mirror_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
+    /// A request body is kept while it streams, up to this size, when a retry or a mirror may
+    /// need it again; a larger one is neither retried nor mirrored.
+    pub max_buffered_body: usize,
     /// Request head size limit: a larger head gets 431. It is also the HTTP/1 read buffer (a
     /// head that does not fit gets 431, or 414 for a request line over 64 KiB, and a close;
     /// hyper needs at least 8 KiB) and the HTTP/2 header list size (CONTINUATION frames past it
@@ -74,6 +77,7 @@ impl Default for ProxyConfig {
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),
             max_mirrors_in_flight: 256,
+            max_buffered_body: 64 * 1024,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
             max_header_bytes: 64 * 1024,
             max_headers: 100,
@@ -208,7 +212,7 @@ impl Proxy {
             Ok(()) => {
                 let frontend = self.frontend(&snapshot, &conn.destination);
                 match self
-                    .proxy_frontend(frontend.as_deref(), request, conn, &mut log)
+                    .proxy_frontend(frontend.as_deref(), request, conn, grpc, &mut log)
                     .await
                 {
                     Ok(response) => response,
@@ -235,6 +239,7 @@ impl Proxy {
         frontend: Option<&'f Frontend>,
         request: Request<Incoming>,
         conn: &ConnectionInfo,
+        grpc: bool,
         log: &mut AccessLog<'_>,
     ) -> Result<Response<ProxyBody>, (LocalAnswer, Option<&'f CompiledRule>)> {
         let Some(frontend) = frontend else {
@@ -250,7 +255,8 @@ impl Proxy {
         let (rule, matched) = match decision {
             Decision::Direct(backend) => {
                 log.backend = backend.name();
-                return forward::forward(self, backend, parts, body, None, log)
+                let body = RequestBody::new(body, false, 0);
+                return forward::forward(self, backend, parts, body, None, grpc, log)
                     .await
                     .map_err(|local| (local, None));
             }
@@ -266,10 +272,14 @@ impl Proxy {
             Plan::Forward(plan) => plan,
         };
         log.backend = plan.backend.name();
-        self.mirrors.send(self, &plan.mirrors, &parts, random);
-        let mut response = forward::forward(self, plan.backend, parts, body, Some(rule), log)
+        let keep_body = rule.retry.is_some() || !plan.mirrors.is_empty();
+        let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
+        self.mirrors
+            .send(self, &plan.mirrors, &parts, &body, random);
+        let mut response = forward::forward(self, plan.backend, parts, body, Some(rule), grpc, log)
             .await
             .map_err(|local| (local, Some(rule)))?;
+        response.headers_mut().extend(plan.cors_headers);
         for modifier in plan.response_headers {
             modifier.apply(response.headers_mut());
         }
@@ -358,6 +368,12 @@ fn local_response(
             headers.insert("grpc-message", message);
         }
         log.reason = Some(reason);
+        return response;
+    }
+    if let Some(headers) = local.headers() {
+        // A CORS preflight: its headers are the answer.
+        let mut response = Response::new(body::empty());
+        *response.headers_mut() = headers.clone();
         return response;
     }
     let mut response = Response::new(body::full(format!("{reason}\n")));

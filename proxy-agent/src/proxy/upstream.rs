@@ -1,4 +1,4 @@
-//! Upstream side: pooled HTTP/1.1 and HTTP/2 (h2c) clients, and endpoint choice.
+//! Upstream side: pooled HTTP/1.1 and HTTP/2 (h2c) connections, and endpoint choice.
 //!
 //! Endpoint choice is the power of two choices on in-flight requests: pick two endpoints at
 //! random, send to the one with fewer requests in flight. An endpoint whose connection just
@@ -7,12 +7,15 @@
 
 use super::body::ProxyBody;
 use ahash::AHashMap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long an endpoint that refused a connection is avoided.
@@ -25,15 +28,30 @@ const EJECTION: Duration = Duration::from_secs(5);
 /// closed just as a request went out fails once without anything being wrong.
 pub const CONSECUTIVE_FAILURES: u32 = 3;
 
-pub type HttpClient = Client<HttpConnector, ProxyBody>;
+/// How often an idle HTTP/2 upstream connection is pinged, so that a peer that vanished without
+/// closing is noticed before a request is sent on it.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Both upstream clients; each keeps its own connection pool per endpoint. Each data-plane worker
-/// has its own (`with_own_pools`), so a request and its upstream connection live on one thread;
-/// the endpoints' in-flight counts and ejections are the agent's, shared.
+type Http1Client = Client<HttpConnector, ProxyBody>;
+
+/// Why an upstream exchange got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: nothing was sent.
+    #[error("{0}")]
+    Connect(String),
+    /// The request was (perhaps partly) sent, and no answer came.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Both upstream protocols' connection pools. Each data-plane worker has its own
+/// (`with_own_pools`), so a request and its upstream connection live on one thread; the
+/// endpoints' in-flight counts and ejections are the agent's, shared.
 #[derive(Clone)]
 pub struct Upstream {
-    pub http1: HttpClient,
-    pub h2c: HttpClient,
+    http1: Http1Client,
+    http2: Http2Pool,
     pub endpoints: Arc<EndpointStats>,
     connect_timeout: Duration,
 }
@@ -49,36 +67,131 @@ impl Upstream {
     }
 
     fn with_endpoints(connect_timeout: Duration, endpoints: Arc<EndpointStats>) -> Self {
-        let connector = || {
-            let mut c = HttpConnector::new();
-            c.set_nodelay(true);
-            c.set_connect_timeout(Some(connect_timeout));
-            c.enforce_http(false);
-            c
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(false);
+        let http1 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256);
-        let http1 = builder.build(connector());
-        let h2c = builder.clone().http2_only(true).build(connector());
+            .pool_max_idle_per_host(256)
+            .build(connector);
         Upstream {
             http1,
-            h2c,
+            http2: Http2Pool {
+                connections: Arc::default(),
+                connect_timeout,
+            },
             endpoints,
             connect_timeout,
         }
     }
 
-    pub fn client(&self, h2: bool) -> &HttpClient {
+    /// Sends `request` to `endpoint`. HTTP/1.1 requests name the endpoint in their URI (the pool
+    /// key) and carry the caller's Host; HTTP/2 ones carry the caller's authority in their URI
+    /// (it becomes `:authority`) and are sent on the endpoint's connection.
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        h2: bool,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         if h2 {
-            &self.h2c
-        } else {
-            &self.http1
+            return self.http2.send(endpoint, request).await;
         }
+        self.http1.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                UpstreamError::Connect(error_chain(&e))
+            } else {
+                UpstreamError::Failed(error_chain(&e))
+            }
+        })
     }
+}
+
+/// HTTP/2 connections, one per endpoint, shared by every request to it (multiplexed).
+/// hyper-util's pool would key them by the request URI's authority, which HTTP/2 also sends as
+/// `:authority`: the agent connects to an endpoint but must send the caller's authority, so it
+/// keys its HTTP/2 connections itself.
+#[derive(Clone)]
+struct Http2Pool {
+    connections: Arc<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
+    connect_timeout: Duration,
+}
+
+type Http2Sender = http2::SendRequest<ProxyBody>;
+
+/// An endpoint's connection; held while it is being made, so that one is made at a time.
+type Http2Slot = Arc<tokio::sync::Mutex<Option<Http2Sender>>>;
+
+impl Http2Pool {
+    async fn send(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.sender(endpoint).await?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Failed(error_chain(&e)))
+    }
+
+    /// The endpoint's open connection, or a new one. Requests that find none wait for the one
+    /// being made rather than each making their own.
+    async fn sender(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
+        let slot = self
+            .connections
+            .lock()
+            .expect("not poisoned")
+            .entry(endpoint)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let sender = self.connect(endpoint).await?;
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
+        let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(endpoint),
+        )
+        .await
+        .map_err(|e| connect_error(&e))?
+        .map_err(|e| connect_error(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_error(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[derive(Default)]

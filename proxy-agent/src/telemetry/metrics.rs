@@ -49,6 +49,7 @@ impl RequestLabels {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     Redirect,
+    CorsPreflight,
     RuleNotServable,
     UnknownFrontend,
     NoMatchingRule,
@@ -62,8 +63,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Redirect,
+        Reason::CorsPreflight,
         Reason::RuleNotServable,
         Reason::UnknownFrontend,
         Reason::NoMatchingRule,
@@ -79,6 +81,7 @@ impl Reason {
     pub fn label(self) -> &'static str {
         match self {
             Reason::Redirect => "redirect",
+            Reason::CorsPreflight => "cors_preflight",
             Reason::RuleNotServable => "rule_not_servable",
             Reason::UnknownFrontend => "unknown_frontend",
             Reason::NoMatchingRule => "no_matching_rule",
@@ -123,6 +126,10 @@ pub struct Metrics {
     pub mirrors_sent: AtomicU64,
     pub mirrors_dropped: AtomicU64,
     pub mirrors_timed_out: AtomicU64,
+    /// Mirrors not sent because the request body was over the buffering limit (or never ended).
+    pub mirrors_skipped_body: AtomicU64,
+    /// Retries not made because the request body was over the buffering limit.
+    pub retries_skipped_body: AtomicU64,
     /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
     local_answers: [AtomicU64; Reason::ALL.len()],
     pub snapshot_version: AtomicU64,
@@ -274,6 +281,18 @@ impl Metrics {
                 "Mirrored requests abandoned after the mirror timeout (their slot freed).",
                 "counter",
                 self.mirrors_timed_out.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_mirrors_skipped_body_total",
+                "Mirrors not sent because the request body was larger than --max-buffered-body-bytes or did not end within the mirror timeout.",
+                "counter",
+                self.mirrors_skipped_body.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_retries_skipped_body_total",
+                "Retries not made because the request body was larger than --max-buffered-body-bytes.",
+                "counter",
+                self.retries_skipped_body.load(Ordering::Relaxed) as i64,
             ),
             (
                 "gamma_upstream_requests_in_flight",

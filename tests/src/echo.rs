@@ -3,7 +3,7 @@
 //! HTTP/1.1 and HTTP/2 (h2c) on the same port; gRPC calls get a gRPC-framed answer.
 //!
 //! Test hooks: `/status/<code>` answers that status, `/delay/<ms>` waits first, `/flaky/<n>`
-//! succeeds every n-th time, and an
+//! succeeds every n-th time, `/cookie/<value>` sets that cookie (`Set-Cookie`), and an
 //! `Upgrade` request is accepted (101) and then echoes bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 #[derive(Default)]
 pub struct EchoStats {
     pub requests: AtomicU64,
+    /// Request body bytes received, all requests together.
+    pub body_bytes: AtomicU64,
     flaky: AtomicU64,
 }
 
@@ -129,6 +131,9 @@ async fn answer(
         .await
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
+    stats
+        .body_bytes
+        .fetch_add(request_body as u64, Ordering::Relaxed);
     let mut info = info;
     info["body_bytes"] = json!(request_body);
     let body = serde_json::to_vec(&info).unwrap_or_default();
@@ -151,6 +156,12 @@ async fn answer(
         r
     };
     *response.status_mut() = status;
+    if let Some(cookie) = path
+        .strip_prefix("/cookie/")
+        .and_then(|c| header::HeaderValue::from_str(c).ok())
+    {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
     response.headers_mut().insert(
         "x-echo-pod",
         name.parse().unwrap_or_else(|_| "invalid".parse().unwrap()),

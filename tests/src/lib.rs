@@ -11,6 +11,7 @@ pub mod kube_world;
 pub mod load;
 pub mod loopback;
 pub mod node;
+pub mod peers;
 pub mod probe;
 pub mod scenario;
 pub mod soak;

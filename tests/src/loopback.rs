@@ -3,6 +3,13 @@
 
 use crate::echo::{self, EchoStats};
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -275,4 +282,75 @@ pub fn http_get_full(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// A client for the agent's listeners (bodies are small and whole).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// HTTP/2 with prior knowledge (`h2`), else HTTP/1.1.
+pub fn client(h2: bool) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http()
+}
+
+/// An answer read whole: `body` is its JSON (the echo's), `Null` if it is not JSON.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    send(client, Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Sends one request and reads its answer whole; panics if it cannot be sent.
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    let response = client
+        .request(builder.body(Full::new(body)).unwrap())
+        .await
+        .expect("request sent");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+/// A request header as the echo backend received it.
+pub fn header_at_backend(answer: &Answer, name: &str) -> Option<String> {
+    answer.body["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str().map(str::to_string))
+}
+
+/// An HTTPRoute in namespace `ns` on Service `parent` port 80, with `rules` (YAML lines).
+pub fn route(name: &str, parent: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
+    )
 }

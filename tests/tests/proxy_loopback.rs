@@ -2,71 +2,12 @@
 //! filter, weights, each error status, h2c and gRPC, upgrades, opaque TCP, timeouts, retries,
 //! drain on SIGTERM, and a live manifest change under load.
 
-use bytes::Bytes;
-use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, Manifests};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use gamma_tests::loopback::{
+    client, echo_backend, get, header_at_backend, route, Agent, AgentOptions, Manifests,
+};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
-
-fn client(h2: bool) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .http2_only(h2)
-        .build_http()
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Value,
-    text: String,
-}
-
-async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut builder = Request::get(url);
-    for (n, v) in headers {
-        builder = builder.header(*n, *v);
-    }
-    let response = client
-        .request(builder.body(Empty::new()).unwrap())
-        .await
-        .expect("request sent");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    Answer {
-        status,
-        headers,
-        body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    }
-}
-
-fn header_at_backend(answer: &Answer, name: &str) -> Option<String> {
-    answer.body["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h[0] == name)
-        .and_then(|h| h[1].as_str().map(str::to_string))
-}
-
-fn route(name: &str, parent: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}, port: 80}}]\n  rules:\n{rules}"
-    )
-}
 
 fn options(caller: Option<&'static str>) -> AgentOptions<'static> {
     AgentOptions {

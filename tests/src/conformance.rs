@@ -67,6 +67,15 @@ impl Request {
         }
     }
 
+    /// The request body's size: a gRPC call carries one empty message (its 5-byte prefix).
+    pub fn body_len(&self) -> usize {
+        if self.is_grpc() {
+            5
+        } else {
+            0
+        }
+    }
+
     pub fn method(&self) -> String {
         if self.is_grpc() {
             "POST".to_string()
@@ -99,6 +108,11 @@ pub struct Expect {
     pub absent_response_headers: Option<Vec<String>>,
     pub expected_path_at_backend: Option<String>,
     pub redirect_location_derived: Option<RedirectLocation>,
+    /// A Service (of the test's namespace) whose pods must receive a mirrored copy of the
+    /// request, body included (gamma-node's addition: upstream's mirror tests read the mirror
+    /// pod's log for the same).
+    #[serde(default)]
+    pub mirrored_to: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +134,8 @@ pub struct Observed {
     pub request_headers: Vec<(String, String)>,
     pub path_at_backend: Option<String>,
     pub response_headers: Vec<(String, String)>,
+    /// Services that received a copy of the request with its whole body.
+    pub mirrored_to: Vec<String>,
 }
 
 impl Observed {
@@ -194,6 +210,14 @@ pub fn judge(expect: &Expect, observed: &Observed) -> Vec<String> {
             failures.push(format!(
                 "path at backend: expected `{path}`, got {:?}",
                 observed.path_at_backend
+            ));
+        }
+    }
+    if let Some(mirror) = &expect.mirrored_to {
+        if !observed.mirrored_to.contains(mirror) {
+            failures.push(format!(
+                "mirror: expected {mirror} to receive a copy with the body, got copies at {:?}",
+                observed.mirrored_to
             ));
         }
     }

@@ -3,7 +3,9 @@
 //! HTTP/1.1 and HTTP/2 (h2c) on the same port; gRPC calls get a gRPC-framed answer.
 //!
 //! Test hooks: `/status/<code>` answers that status, `/delay/<ms>` waits first, `/flaky/<n>`
-//! succeeds every n-th time, `/cookie/<value>` sets that cookie (`Set-Cookie`), and an
+//! succeeds every n-th time, `/cookie/<value>` sets that cookie (`Set-Cookie`),
+//! `/__received/<nonce>` says (header `x-echo-received: <path> <body bytes>`) whether a request
+//! carrying `x-gamma-nonce: <nonce>` arrived here (how a test sees where a mirror went), and an
 //! `Upgrade` request is accepted (101) and then echoes bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -26,6 +28,8 @@ pub struct EchoStats {
     pub requests: AtomicU64,
     /// Request body bytes received, all requests together.
     pub body_bytes: AtomicU64,
+    /// The last requests that carried `x-gamma-nonce`: nonce, path, body bytes.
+    nonces: std::sync::Mutex<std::collections::VecDeque<(String, String, usize)>>,
     flaky: AtomicU64,
 }
 
@@ -125,6 +129,11 @@ async fn answer(
         "protocol": format!("{:?}", request.version()),
         "headers": headers,
     });
+    let nonce = request
+        .headers()
+        .get("x-gamma-nonce")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let request_body = request
         .into_body()
         .collect()
@@ -134,6 +143,18 @@ async fn answer(
     stats
         .body_bytes
         .fetch_add(request_body as u64, Ordering::Relaxed);
+    if let Some(nonce) = nonce {
+        let mut nonces = stats.nonces.lock().unwrap();
+        if nonces.len() == 64 {
+            nonces.pop_front();
+        }
+        nonces.push_back((nonce, path.clone(), request_body));
+    }
+    let received = path.strip_prefix("/__received/").and_then(|wanted| {
+        let nonces = stats.nonces.lock().unwrap();
+        let (_, path, bytes) = nonces.iter().rev().find(|(n, _, _)| n == wanted)?;
+        header::HeaderValue::from_str(&format!("{path} {bytes}")).ok()
+    });
     let mut info = info;
     info["body_bytes"] = json!(request_body);
     let body = serde_json::to_vec(&info).unwrap_or_default();
@@ -156,6 +177,9 @@ async fn answer(
         r
     };
     *response.status_mut() = status;
+    if let Some(received) = received {
+        response.headers_mut().insert("x-echo-received", received);
+    }
     if let Some(cookie) = path
         .strip_prefix("/cookie/")
         .and_then(|c| header::HeaderValue::from_str(c).ok())

@@ -9,6 +9,7 @@ use gamma_tests::cluster::{AddressPlan, SimCluster};
 use gamma_tests::conformance::{
     deployment_of, expected_shares, judge, judge_distribution, Case, Observed, Suite,
 };
+use proxy_agent::proxy::local::LocalAnswer;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -106,35 +107,51 @@ fn run_case(
         &RequestHead::from_parts(&head_parts),
     );
     let mut response_headers = http::HeaderMap::new();
+    // What the agent answers itself, as it answers it (a gRPC caller gets a gRPC status).
+    let local = |answer: LocalAnswer, mut observed: Observed| {
+        match answer.grpc_status().filter(|_| request.is_grpc()) {
+            Some(status) => {
+                observed.status = 200;
+                observed
+                    .response_headers
+                    .push(("grpc-status".into(), status.code().into()));
+            }
+            None => {
+                observed.status = answer.status().as_u16();
+                if let Some(location) = answer.location() {
+                    observed
+                        .response_headers
+                        .push(("location".into(), location.to_string()));
+                }
+            }
+        }
+        Ok(observed)
+    };
     let backend = match decision {
         Decision::Direct(backend) => backend,
         Decision::NoMatchingRule => {
-            observed.status = 404;
-            return Ok(observed);
+            return local(LocalAnswer::NoMatchingRule(String::new()), observed);
         }
         Decision::Rule { rule, matched } => {
             match rule.plan(&mut parts, matched, request.port, rng.next()) {
-                Plan::Respond(response) => {
-                    observed.status = response.status().as_u16();
-                    if let Some(location) = response.location() {
-                        observed
-                            .response_headers
-                            .push(("location".into(), location.to_string()));
-                    }
-                    return Ok(observed);
-                }
+                Plan::Respond(response) => return local(response.into(), observed),
                 Plan::Forward(forward) => {
                     for modifier in forward.response_headers {
                         modifier.apply(&mut response_headers);
                     }
+                    observed.mirrored_to = forward
+                        .mirrors
+                        .iter()
+                        .filter(|m| !m.backend.endpoints.is_empty())
+                        .map(|m| m.backend.service.name.clone())
+                        .collect();
                     forward.backend
                 }
             }
         }
     };
     if backend.endpoints.is_empty() {
-        observed.status = 503;
-        return Ok(observed);
+        return local(LocalAnswer::NoReadyEndpoint(backend.name()), observed);
     }
     let endpoint = backend.endpoints[(rng.next() % backend.endpoints.len() as u64) as usize];
     observed.status = 200;

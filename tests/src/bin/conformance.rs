@@ -69,6 +69,63 @@ fn request_for(
     ))
 }
 
+/// Services (of `namespace`) among `services` whose pods got the request tagged `nonce` with a
+/// body of `body_len` bytes, asking each pod's echo directly; waits up to 3 s (mirrors are
+/// fire-and-forget).
+fn mirrored_to(
+    scenario: &Scenario,
+    client: &gamma_tests::cluster::SimPod,
+    services: &[&str],
+    nonce: &str,
+    body_len: usize,
+) -> Vec<String> {
+    let cluster = &scenario.cluster;
+    let started = Instant::now();
+    let mut found = Vec::new();
+    for name in services {
+        let Some(service) = cluster.service(&client.namespace, name) else {
+            continue;
+        };
+        let targets: Vec<(std::net::IpAddr, u16)> = cluster
+            .endpoints(service)
+            .into_iter()
+            .flat_map(|(_, _, target, ips)| ips.into_iter().map(move |ip| (ip, target)))
+            .collect();
+        let got_copy = || {
+            targets.iter().any(|(ip, port)| {
+                let probe = ClientRequest {
+                    url: format!("http://{ip}:{port}/__received/{nonce}"),
+                    host: None,
+                    method: "GET".into(),
+                    headers: Vec::new(),
+                    grpc: false,
+                    count: 1,
+                    keep_alive: false,
+                    source_port: None,
+                };
+                let answers = scenario.request(client, &probe).unwrap_or_default();
+                answers.iter().any(|a| {
+                    a.response_headers.iter().any(|(n, v)| {
+                        n == "x-echo-received"
+                            && v.rsplit_once(' ')
+                                .is_some_and(|(_, bytes)| bytes == body_len.to_string())
+                    })
+                })
+            })
+        };
+        while !got_copy() {
+            if started.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if got_copy() {
+            found.push(name.to_string());
+        }
+    }
+    found
+}
+
 fn observed(answer: &ClientAnswer) -> Observed {
     // gRPC: a successful call is status 200 with grpc-status 0 (upstream maps code 0 to 200).
     Observed {
@@ -77,19 +134,43 @@ fn observed(answer: &ClientAnswer) -> Observed {
         request_headers: answer.headers_at_backend.clone(),
         path_at_backend: answer.path_at_backend.clone(),
         response_headers: answer.response_headers.clone(),
+        mirrored_to: Vec::new(),
     }
 }
 
 /// Runs one request case until it passes `CONSECUTIVE` times in a row or `CONVERGENCE` expires.
 fn run_case(scenario: &Scenario, case: &Case) -> Result<(), String> {
-    let (client, request) = request_for(scenario, case).map_err(|e| e.to_string())?;
+    let (client, mut request) = request_for(scenario, case).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut streak = 0;
     let mut last = String::new();
+    let mirror: Vec<&str> = case.expect.mirrored_to.as_deref().into_iter().collect();
+    static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     while started.elapsed() < CONVERGENCE {
+        // A mirror case tags each attempt, to find its copy among the mirror pods' requests.
+        let attempt = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nonce = format!("{}-{attempt}", std::process::id());
+        if !mirror.is_empty() {
+            request.headers.retain(|(n, _)| n != "x-gamma-nonce");
+            request
+                .headers
+                .push(("x-gamma-nonce".into(), nonce.clone()));
+        }
         let problems = match scenario.request(&client, &request) {
             Ok(answers) => match answers.first() {
-                Some(a) if a.error.is_none() => judge(&case.expect, &observed(a)),
+                Some(a) if a.error.is_none() => {
+                    let mut observed = observed(a);
+                    if !mirror.is_empty() {
+                        observed.mirrored_to = mirrored_to(
+                            scenario,
+                            &client,
+                            &mirror,
+                            &nonce,
+                            case.request.body_len(),
+                        );
+                    }
+                    judge(&case.expect, &observed)
+                }
                 Some(a) => vec![format!(
                     "request failed: {}",
                     a.error.clone().unwrap_or_default()

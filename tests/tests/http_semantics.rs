@@ -1,0 +1,211 @@
+//! HTTP semantics a caller relies on, through the agent on 127.0.0.1: route timeouts that cover
+//! the response body, request bodies resent by retries and carried by mirrors (and the limit on
+//! keeping them), the CORS filter, and `Set-Cookie` added as its own field line.
+
+use bytes::Bytes;
+use gamma_tests::loopback::{
+    client, echo_backend, get, http_get, route, send, Agent, AgentOptions, Manifests,
+};
+use http::Method;
+use http_body_util::BodyExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn options(extra_args: &[&str]) -> AgentOptions<'static> {
+    AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: None,
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms.
+async fn dripping_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+                    .await;
+                for _ in 0..10 {
+                    if stream.write_all(&[b'x'; 10]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_cuts_a_response_body_that_is_too_slow() {
+    let drip = dripping_backend().await;
+    let rules = "  - timeouts: {request: 1s}\n    backendRefs: [{name: drip, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "drip", 80, &[drip], Some("http"))
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    for h2 in [false, true] {
+        let started = Instant::now();
+        let response = client(h2)
+            .request(
+                http::Request::get(agent.url(0, "/"))
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .expect("the head arrives in time");
+        assert_eq!(response.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+            .await
+            .expect("the agent ends the body");
+        assert!(
+            body.is_err(),
+            "h2={h2}: the body is cut short (HTTP/1.1: closed before its length; HTTP/2: reset)"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "h2={h2}: cut after {took:?}");
+    }
+}
+
+fn metric(agent: &Agent, name: &str) -> u64 {
+    let text = http_get(agent.admin, "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_resent_by_retries_and_carried_by_mirrors_up_to_the_limit() {
+    let flaky = echo_backend([127, 0, 0, 1], "flaky").await;
+    let mirror = echo_backend([127, 0, 0, 1], "mirror").await;
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /flaky}}]\n    retry: {codes: [503], attempts: 1}\n    backendRefs: [{name: flaky, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /mirrored}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}]\n    backendRefs: [{name: flaky, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "flaky", 80, &[flaky.addr], None)
+        .service("ns", "mirror", 80, &[mirror.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&["--max-buffered-body-bytes", "4096"])).unwrap();
+    let post = |h2: bool, path: &'static str, size: usize| {
+        let url = agent.url(0, path);
+        async move {
+            send(
+                &client(h2),
+                Method::POST,
+                &url,
+                &[],
+                Bytes::from(vec![b'b'; size]),
+            )
+            .await
+        }
+    };
+    for h2 in [false, true] {
+        // `/flaky/2`: the first attempt gets 503, the retry (with the whole body again) 200.
+        let before = flaky.stats.body_bytes.load(Ordering::Relaxed);
+        let answer = post(h2, "/flaky/2", 1000).await;
+        assert_eq!(answer.status, 200, "h2={h2}: {}", answer.text);
+        assert_eq!(answer.body["body_bytes"], 1000);
+        let received = flaky.stats.body_bytes.load(Ordering::Relaxed) - before;
+        assert_eq!(received, 2000, "h2={h2}: both attempts carried the body");
+    }
+    // Over the limit: not kept, so not retried (and counted).
+    let answer = post(false, "/flaky/2", 8000).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert_eq!(metric(&agent, "gamma_retries_skipped_body_total"), 1);
+    // A mirror carries the body once the caller has sent it all.
+    let answer = post(true, "/mirrored", 3000).await;
+    assert_eq!(answer.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mirror.stats.body_bytes.load(Ordering::Relaxed) < 3000 {
+        assert!(Instant::now() < deadline, "the mirror never got the body");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mirror.stats.body_bytes.load(Ordering::Relaxed), 3000);
+    let answer = post(false, "/mirrored", 8000).await;
+    assert_eq!(answer.status, 200, "the request itself is served");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&agent, "gamma_mirrors_skipped_body_total") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the skipped mirror was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mirror.stats.requests.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let rules = "  - filters:\n    - type: CORS\n      cors: {allowOrigins: [\"https://app.example\", \"https://*.apps.example\"], allowMethods: [GET, PUT], allowHeaders: [x-a], exposeHeaders: [x-echo-pod], allowCredentials: true, maxAge: 600}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {add: [{name: set-cookie, value: added=1}]}\n    backendRefs: [{name: echo, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let http = client(false);
+    let preflight = [
+        ("origin", "https://a.apps.example"),
+        ("access-control-request-method", "PUT"),
+        ("access-control-request-headers", "x-a"),
+    ];
+    let answer = send(
+        &http,
+        Method::OPTIONS,
+        &agent.url(0, "/x"),
+        &preflight,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let h = &answer.headers;
+    assert_eq!(h["access-control-allow-origin"], "https://a.apps.example");
+    assert_eq!(h["access-control-allow-methods"], "GET, PUT");
+    assert_eq!(h["access-control-allow-headers"], "x-a");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert_eq!(
+        echo.stats.requests.load(Ordering::Relaxed),
+        0,
+        "the agent answers"
+    );
+    let other = [("origin", "https://evil.example"), preflight[1]];
+    let answer = send(
+        &http,
+        Method::OPTIONS,
+        &agent.url(0, "/x"),
+        &other,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(!answer.headers.contains_key("access-control-allow-origin"));
+    // The actual request: relayed, with the headers that let the browser read it; the
+    // backend's Set-Cookie and the route's added one stay separate field lines (RFC 6265).
+    let answer = get(
+        &http,
+        &agent.url(0, "/cookie/from=backend"),
+        &[("origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["x-echo-pod"], "echo");
+    assert_eq!(
+        answer.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(
+        answer.headers["access-control-expose-headers"],
+        "x-echo-pod"
+    );
+    let cookies: Vec<_> = answer.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["from=backend", "added=1"]);
+}

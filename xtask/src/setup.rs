@@ -34,6 +34,10 @@ pub fn run() -> Result<()> {
     )?;
     step("bpf-linker built against nightly's LLVM", bpf_linker)?;
     step("cargo-fuzz (for `cargo xtask fuzz`)", cargo_fuzz)?;
+    step(
+        "Python peers: grpcio (gRPC C-core) and h2, in a venv (for the real-peer tests)",
+        peers_venv,
+    )?;
     eprintln!("setup complete: `cargo build` now builds the agent with its eBPF object embedded");
     Ok(())
 }
@@ -199,6 +203,37 @@ fn cargo_fuzz() -> Result<()> {
         CARGO_FUZZ_VERSION,
     ]))
     .context("cargo install cargo-fuzz failed: check access to crates.io")
+}
+
+/// The real-peer tests' Python packages, pinned; `tests/src/peers.rs` finds the venv.
+const PEER_PACKAGES: &[&str] = &["grpcio==1.85.3", "h2==4.4.1"];
+const PEERS_VENV: &str = "/var/cache/gamma-node/peers-venv";
+
+fn peers_venv() -> Result<()> {
+    let venv = Path::new(PEERS_VENV);
+    let python = venv.join("bin/python");
+    let pinned = || {
+        let frozen =
+            output(Command::new(&python).args(["-m", "pip", "freeze"])).unwrap_or_default();
+        PEER_PACKAGES
+            .iter()
+            .all(|p| frozen.lines().any(|l| l.eq_ignore_ascii_case(p)))
+    };
+    if pinned() {
+        eprintln!("    {} already in {PEERS_VENV}", PEER_PACKAGES.join(" "));
+        return Ok(());
+    }
+    if !python.exists() {
+        std::fs::create_dir_all(venv.parent().context("venv parent")?)?;
+        run_command(Command::new("python3").args(["-m", "venv", PEERS_VENV]))
+            .context("python3 -m venv failed: install Debian's python3-venv and run setup again")?;
+    }
+    run_command(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(PEER_PACKAGES),
+    )
+    .context("pip install failed: check access to PyPI")
 }
 
 fn cargo_home() -> PathBuf {

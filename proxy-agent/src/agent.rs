@@ -5,6 +5,7 @@ use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
+use crate::proxy::pump::Pumps;
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
@@ -141,6 +142,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
     let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
+    let drain = Drain::default();
     let admin = server::spawn(
         listen(
             &mut inherited,
@@ -154,6 +156,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             endpoints: proxy.upstream.endpoints.clone(),
             readiness: readiness.clone(),
         },
+        &drain,
     )
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
@@ -162,7 +165,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         return Err(source.failure().await.context(stopped));
     }
 
-    let drain = Drain::default();
     let workers =
         Workers::start(config.workers, &proxy).context("starting the data-plane workers")?;
     tracing::info!(workers = workers.count(), "data-plane workers started");
@@ -211,15 +213,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     finish_takeover(
         inherited,
         redirect.as_deref(),
-        &metrics,
+        (&metrics, &proxy.pumps, &drain),
         started,
         config.takeover.as_ref(),
     )
     .await?;
     let mut successors = match &config.takeover {
         Some(t) => Some(
-            Successors::serve(&t.socket, offered, redirect.clone(), drain.clone())
-                .context("offering takeovers")?,
+            Successors::serve(
+                &t.socket,
+                offered,
+                redirect.clone(),
+                drain.clone(),
+                proxy.pumps.clone(),
+            )
+            .context("offering takeovers")?,
         ),
         None => None,
     };
@@ -405,7 +413,7 @@ fn listen(
 async fn finish_takeover(
     inherited: Inherited,
     redirect: Option<&Redirect>,
-    metrics: &Metrics,
+    (metrics, pumps, drain): (&Metrics, &Arc<Pumps>, &Drain),
     started: Instant,
     takeover: Option<&TakeoverConfig>,
 ) -> Result<()> {
@@ -416,8 +424,25 @@ async fn finish_takeover(
     else {
         return Ok(());
     };
+    // The old agent's opaque and upgraded connections go on here, where they left off.
+    let connections = done.connections.len();
+    for paused in done.connections {
+        let (Ok(client), Ok(upstream)) = (
+            tokio::net::TcpStream::from_std(paused.client),
+            tokio::net::TcpStream::from_std(paused.upstream),
+        ) else {
+            continue;
+        };
+        let pump = pumps.run(client, upstream, paused.to_upstream, paused.to_client);
+        drain.spawn_tracked(&tokio::runtime::Handle::current(), async move {
+            pump.await;
+        });
+    }
     let micros = |d: Duration| d.as_micros() as u64;
     let times = &metrics.takeover;
+    times
+        .connections
+        .store(connections as u64, Ordering::Relaxed);
     times
         .offer_micros
         .store(micros(done.offer_took), Ordering::Relaxed);
@@ -447,6 +472,7 @@ async fn finish_takeover(
             offer = ?done.offer_took,
             stop = ?done.stop_took,
             total = ?started.elapsed(),
+            connections,
             redirect = ?kind.map(Result::ok),
             "took over from the running agent"
         ),

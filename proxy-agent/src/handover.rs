@@ -34,6 +34,7 @@
 //! without one (binding its own sockets and replacing the programs, see `redirect/attach.rs`).
 
 use crate::proxy::drain::Drain;
+use crate::proxy::pump::{Flow, Paused, Pumps};
 use crate::redirect::{Predecessor, Redirect, RedirectError, RedirectOffer};
 use serde::{Deserialize, Serialize};
 use std::io::{self, IoSlice, IoSliceMut, Write as _};
@@ -99,8 +100,14 @@ impl HandoverError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Message {
-    /// New agent → running agent: "hand me your sockets".
-    Hello { protocol: u32 },
+    /// New agent → running agent: "hand me your sockets" (and, after Stopped, the live
+    /// opaque and upgraded connections, if it `takes_connections`; agents before this field
+    /// take none).
+    Hello {
+        protocol: u32,
+        #[serde(default)]
+        takes_connections: bool,
+    },
     /// Running agent → new agent. Descriptors: `listeners` in order, then the redirect's (see
     /// [`RedirectOffer`]).
     Offer {
@@ -113,6 +120,11 @@ enum Message {
     Stop,
     /// Running agent → new agent: "none of my accept loops runs any more".
     Stopped,
+    /// Running agent → new agent, after Stopped, one per connection: a paused byte pump.
+    /// Descriptors: the client's socket, then the upstream's.
+    Connection { to_upstream: Flow, to_client: Flow },
+    /// Running agent → new agent: every connection was sent.
+    ConnectionsDone,
     /// Running agent → new agent: no takeover now.
     Refused { reason: String },
 }
@@ -140,8 +152,8 @@ struct Session {
     offer_took: Duration,
 }
 
-/// How a takeover went, for logs and metrics.
-#[derive(Debug, Clone, Copy)]
+/// How a takeover went, for logs and metrics, and the connections it brought.
+#[derive(Debug)]
 pub struct Handover {
     /// The old agent's pid.
     pub pid: u32,
@@ -150,6 +162,8 @@ pub struct Handover {
     /// From Stop to Stopped: how long both agents accepted side by side at the end. `None`: no
     /// answer in time (see [`Inherited::finish`]).
     pub stop_took: Option<Duration>,
+    /// The old agent's opaque and upgraded connections, paused: this agent pumps them on.
+    pub connections: Vec<Paused>,
 }
 
 /// Asks the agent listening on `path` for its sockets. No agent there (no socket, or nobody
@@ -175,7 +189,13 @@ pub fn inherit(path: &Path, timeout: Duration) -> Result<Inherited, HandoverErro
     let offered = stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .and_then(|()| send(&stream, &Message::Hello { protocol: PROTOCOL }, &[]))
+        .and_then(|()| {
+            let hello = Message::Hello {
+                protocol: PROTOCOL,
+                takes_connections: true,
+            };
+            send(&stream, &hello, &[])
+        })
         .and_then(|()| recv(&stream));
     let (message, fds) = match offered {
         Ok(answer) => answer,
@@ -326,11 +346,63 @@ impl Inherited {
             }
             Err(e) => return Err(HandoverError::io("asking the old agent to stop", e)),
         };
+        let connections = match stop_took {
+            Some(_) => receive_connections(&session.stream, session.pid)?,
+            None => Vec::new(),
+        };
         Ok(Some(Handover {
             pid: session.pid,
             offer_took: session.offer_took,
             stop_took,
+            connections,
         }))
+    }
+}
+
+/// The old agent's paused connections, sent after Stopped until ConnectionsDone (or until it
+/// closes the session: an agent that predates connection handover sends none).
+fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, HandoverError> {
+    let mut connections = Vec::new();
+    loop {
+        match recv(stream) {
+            Ok((
+                Message::Connection {
+                    to_upstream,
+                    to_client,
+                },
+                fds,
+            )) => {
+                let [client, upstream]: [OwnedFd; 2] =
+                    fds.try_into()
+                        .map_err(|fds: Vec<_>| HandoverError::Protocol {
+                            peer: format!("pid {pid}"),
+                            detail: format!(
+                                "a connection came with {} descriptors, not 2",
+                                fds.len()
+                            ),
+                        })?;
+                connections.push(Paused {
+                    client: client.into(),
+                    upstream: upstream.into(),
+                    to_upstream,
+                    to_client,
+                });
+            }
+            Ok((Message::ConnectionsDone, _)) => return Ok(connections),
+            Err(e) if is_disconnect(&e) || is_timeout(&e) => return Ok(connections),
+            Ok((other, _)) => {
+                return Err(HandoverError::Protocol {
+                    peer: format!("pid {pid}"),
+                    detail: format!("expected a connection, got {other:?}"),
+                })
+            }
+            Err(e) => {
+                return Err(HandoverError::io(
+                    "receiving the old agent's connections",
+                    e,
+                ))
+            }
+        }
     }
 }
 
@@ -389,6 +461,7 @@ impl Successors {
         offered: Offered,
         redirect: Option<Arc<Redirect>>,
         drain: Drain,
+        pumps: Arc<Pumps>,
     ) -> Result<Self, HandoverError> {
         let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&temporary);
@@ -424,6 +497,7 @@ impl Successors {
                 offered: offered.clone(),
                 redirect,
                 drain,
+                pumps,
                 closing: closing.clone(),
                 runtime: tokio::runtime::Handle::current(),
             }),
@@ -479,6 +553,7 @@ struct OfferState {
     offered: Arc<Mutex<Offered>>,
     redirect: Option<Arc<Redirect>>,
     drain: Drain,
+    pumps: Arc<Pumps>,
     /// Set when this agent shuts down: a session waiting for Stop ends.
     closing: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
@@ -532,8 +607,11 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
     };
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    match recv(stream)?.0 {
-        Message::Hello { protocol: PROTOCOL } => {}
+    let takes_connections = match recv(stream)?.0 {
+        Message::Hello {
+            protocol: PROTOCOL,
+            takes_connections,
+        } => takes_connections,
         other => {
             let reason = format!("expected Hello with protocol {PROTOCOL}, got {other:?}");
             send(
@@ -545,7 +623,7 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
             )?;
             return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
         }
-    }
+    };
     let redirect = match state.redirect.as_ref().map(|r| r.offer()).transpose() {
         Ok(redirect) => redirect,
         Err(e) => {
@@ -616,7 +694,63 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         .clear();
     send(stream, &Message::Stopped, &[])?;
     tracing::info!(pid = peer.pid, "taken over: stopped accepting");
+    if takes_connections {
+        hand_over_connections(stream, state, peer.pid);
+    }
     Ok(Some(peer.pid))
+}
+
+/// Pauses every opaque and upgraded connection and sends it to the successor. One it cannot
+/// take (the session broke) is pumped on here, until the drain deadline.
+fn hand_over_connections(stream: &UnixStream, state: &OfferState, pid: u32) {
+    let paused = state.runtime.block_on(state.pumps.pause_all());
+    let total = paused.len();
+    let mut sent = 0;
+    let mut failed: Option<io::Error> = None;
+    for p in paused {
+        if failed.is_none() {
+            let message = Message::Connection {
+                to_upstream: p.to_upstream.clone(),
+                to_client: p.to_client.clone(),
+            };
+            match send(stream, &message, &[p.client.as_fd(), p.upstream.as_fd()]) {
+                Ok(()) => {
+                    sent += 1;
+                    continue;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        let pumps = state.pumps.clone();
+        state.drain.spawn_tracked(&state.runtime, async move {
+            let (Ok(client), Ok(upstream)) = (
+                tokio::net::TcpStream::from_std(p.client),
+                tokio::net::TcpStream::from_std(p.upstream),
+            ) else {
+                return;
+            };
+            pumps
+                .run(client, upstream, p.to_upstream, p.to_client)
+                .await;
+        });
+    }
+    match failed {
+        None => {
+            let _ = send(stream, &Message::ConnectionsDone, &[]);
+            tracing::info!(
+                pid,
+                connections = sent,
+                "opaque and upgraded connections handed over"
+            );
+        }
+        Some(e) => tracing::warn!(
+            pid,
+            sent,
+            kept = total - sent,
+            error = %e,
+            "handing connections over failed; the rest stay here until the drain deadline"
+        ),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -864,7 +998,8 @@ mod tests {
         offered.add(&listener).unwrap();
         drop(listener);
         let drain = Drain::default();
-        let mut old = Successors::serve(&path, offered, None, drain).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        let mut old = Successors::serve(&path, offered, None, drain, pumps).unwrap();
         let successor_path = path.clone();
         let (handover, mut inherited_listener) = tokio::task::spawn_blocking(move || {
             let mut inherited = inherit(&successor_path, Duration::from_secs(5)).unwrap();
@@ -899,7 +1034,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut offered = Offered::default();
         offered.add(&listener).unwrap();
-        let successors = Successors::serve(&path, offered, None, Drain::default()).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        let successors = Successors::serve(&path, offered, None, Drain::default(), pumps).unwrap();
         assert!(path.exists());
         drop(successors);
         drop(listener);

@@ -100,6 +100,10 @@ struct Cli {
     /// slot freed, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     mirror_timeout_ms: u64,
+    /// An opaque TCP or upgraded (WebSocket, CONNECT) connection that moves no byte for this many
+    /// seconds is closed.
+    #[arg(long, default_value_t = 3600)]
+    idle_timeout_s: u64,
     /// A request body is kept while it streams, up to this many bytes, when a retry or a mirror
     /// may need it again; a larger one is neither retried nor mirrored (both counted).
     #[arg(long, default_value_t = 64 * 1024)]
@@ -188,6 +192,7 @@ fn main() -> Result<()> {
             detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
+            idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
             ..ProxyConfig::default()
         },
         kube: cli.kube.then(|| {

@@ -170,6 +170,21 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
         old_log().contains("taken over").then_some(())
     });
     assert!(answered(), "the new agent serves");
+    // The admin port too: every scrape is the new agent's (its metrics report the takeover it
+    // started with; the old agent's say none), so the kubelet's probes are answered by it alone.
+    let admin_addr = admin.parse().unwrap();
+    for _ in 0..40 {
+        let metrics = tokio::task::block_in_place(|| http_get(admin_addr, "/metrics")).unwrap();
+        let total = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("gamma_takeover_duration_seconds{phase=\"total\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("the takeover duration is exported");
+        assert!(
+            total > 0.0,
+            "a scrape answered by the old agent:\n{metrics}"
+        );
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         old.try_wait().unwrap().is_none(),

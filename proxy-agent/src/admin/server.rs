@@ -1,6 +1,7 @@
 //! The admin HTTP server, on its own thread and single-threaded runtime.
 
 use super::explain::explain;
+use crate::proxy::drain::{turned_true, Drain};
 use crate::proxy::upstream::EndpointStats;
 use crate::telemetry::{Metrics, Readiness};
 use arc_swap::ArcSwap;
@@ -26,10 +27,16 @@ pub struct AdminState {
 }
 
 /// Serves on `listener` (bound by the caller, so a bad address fails at start; or handed over by
-/// a predecessor) on a thread of its own.
-pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<SocketAddr> {
+/// a predecessor) on a thread of its own, until `drain` stops the accept loops: a successor then
+/// answers alone (the kubelet's probes included), and requests already accepted are answered.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: AdminState,
+    drain: &Drain,
+) -> std::io::Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let (running, mut stop) = drain.acceptor();
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -39,9 +46,15 @@ pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Res
                 .expect("admin runtime");
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
+                let _running = running;
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
+                    let stream = tokio::select! {
+                        biased;
+                        () = turned_true(&mut stop) => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
                     };
                     let state = state.clone();
                     tokio::spawn(async move {

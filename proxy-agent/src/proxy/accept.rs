@@ -89,6 +89,7 @@ pub(super) async fn accept_loop<F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        tcp::keepalive(&stream);
         proxy
             .metrics
             .connections_accepted

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 /// While draining, an HTTP/1.1 keep-alive connection is closed once it has moved no byte for this
@@ -40,6 +41,20 @@ impl Default for Drain {
 }
 
 impl Drain {
+    /// For an accept loop outside the data plane (the admin server): a token `stop_accepting`
+    /// waits for while it is held, and the flag that says to stop.
+    pub fn acceptor(&self) -> (TaskTrackerToken, watch::Receiver<bool>) {
+        (self.acceptors.token(), self.stop_accepting.subscribe())
+    }
+
+    /// Runs `task` on `runtime`, as one of the connections a drain waits for.
+    pub fn spawn_tracked<F>(&self, runtime: &tokio::runtime::Handle, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        runtime.spawn(self.tracker.track_future(task));
+    }
+
     pub(super) fn watch(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
     }
@@ -65,7 +80,7 @@ impl Drain {
 }
 
 /// Returns once the flag is true (at once if it is already), or its sender is gone.
-pub(super) async fn turned_true(flag: &mut watch::Receiver<bool>) {
+pub async fn turned_true(flag: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await (it is not Send).
     let _ = flag.wait_for(|set| *set).await.map(drop);
 }

@@ -1,7 +1,9 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
 use super::body::{self, Deadline, ProxyBody, RequestBody};
+use super::io::DownstreamIo;
 use super::local::LocalAnswer;
+use super::pump::Flow;
 use super::upstream::UpstreamError;
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
@@ -171,7 +173,7 @@ pub(super) async fn forward(
     let mut response = result?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
-            splice_upgrade(downstream, hyper::upgrade::on(&mut response));
+            splice_upgrade(proxy, downstream, hyper::upgrade::on(&mut response));
         }
         return Ok(response.map(body::stream));
     }
@@ -297,18 +299,47 @@ async fn send(
     }
 }
 
-/// After a 101, the two upgraded connections are joined byte for byte (WebSocket and friends).
-fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// After a 101, the two upgraded connections are joined byte for byte (WebSocket and friends)
+/// by a pump, which a successor can take over; bytes hyper read past either handshake go first.
+fn splice_upgrade(
+    proxy: &Arc<Proxy>,
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let proxy = proxy.clone();
     tokio::spawn(async move {
         let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
             tracing::debug!("an upgrade did not complete");
             return;
         };
-        let mut down = TokioIo::new(down);
-        let mut up = TokioIo::new(up);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            tracing::debug!(error = %e, "upgraded connection ended");
-        }
+        let down = match down.downcast::<DownstreamIo>() {
+            Ok(down) => down,
+            Err(down) => {
+                // Not a TCP client (the fuzz target's pipe): copied, not handed over.
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                return;
+            }
+        };
+        // The upstream pool's connections are always TCP (`HttpConnector`).
+        let Ok(up) = up.downcast::<TokioIo<tokio::net::TcpStream>>() else {
+            tracing::warn!("an upgraded upstream connection is not TCP; closing it");
+            return;
+        };
+        let to_upstream = Flow {
+            pending: down.read_buf.to_vec(),
+            ..Flow::default()
+        };
+        let to_client = Flow {
+            pending: up.read_buf.to_vec(),
+            ..Flow::default()
+        };
+        let client = down.io.into_inner().into_inner().into_inner();
+        let end = proxy
+            .pumps
+            .run(client, up.io.into_inner(), to_upstream, to_client)
+            .await;
+        tracing::debug!(?end, "upgraded connection ended");
     });
 }
 

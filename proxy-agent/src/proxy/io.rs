@@ -21,7 +21,14 @@ pub(super) struct Watched<I> {
     moves: Arc<AtomicU64>,
 }
 
+/// A client connection as `serve::serve_http` serves it (what an upgrade downcasts to).
+pub(super) type DownstreamIo = Watched<hyper_util::rt::TokioIo<Lingering>>;
+
 impl<I> Watched<I> {
+    pub(super) fn into_inner(self) -> I {
+        self.io
+    }
+
     pub(super) fn new(io: I, moves: Arc<AtomicU64>) -> Self {
         Watched { io, moves }
     }

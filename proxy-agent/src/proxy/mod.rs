@@ -16,6 +16,7 @@ mod forward;
 mod io;
 pub mod local;
 mod mirror;
+pub mod pump;
 pub mod redirected;
 pub mod serve;
 mod tcp;
@@ -46,6 +47,8 @@ pub struct ProxyConfig {
     pub detect_timeout: Duration,
     /// How long a mirrored request may take, answer included; then it is abandoned.
     pub mirror_timeout: Duration,
+    /// An opaque or upgraded connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
     /// A request body is kept while it streams, up to this size, when a retry or a mirror may
@@ -76,6 +79,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             max_mirrors_in_flight: 256,
             max_buffered_body: 64 * 1024,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
@@ -122,6 +126,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub config: ProxyConfig,
     mirrors: mirror::Mirrors,
+    /// Opaque and upgraded connections, the agent's (all workers'): a successor takes them over.
+    pub pumps: Arc<pump::Pumps>,
     /// On a data-plane worker: the workers' open connections, to spread new ones evenly.
     pub load: Option<workers::Loads>,
     /// Services whose connections fell to opaque TCP after a sniffing timeout, already logged.
@@ -138,6 +144,7 @@ impl Proxy {
             snapshot,
             upstream: upstream::Upstream::new(config.connect_timeout),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
+            pumps: pump::Pumps::new(config.idle_timeout),
             metrics,
             config,
             load: None,
@@ -152,6 +159,7 @@ impl Proxy {
             snapshot: self.snapshot.clone(),
             upstream: self.upstream.with_own_pools(),
             mirrors: self.mirrors.clone(),
+            pumps: self.pumps.clone(),
             metrics: self.metrics.clone(),
             config: self.config.clone(),
             load: Some(load),

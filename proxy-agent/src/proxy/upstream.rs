@@ -69,6 +69,7 @@ impl Upstream {
     fn with_endpoints(connect_timeout: Duration, endpoints: Arc<EndpointStats>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(false);
         let http1 = Client::builder(TokioExecutor::new())
@@ -167,6 +168,7 @@ impl Http2Pool {
         .map_err(|e| connect_error(&e))?
         .map_err(|e| connect_error(&e))?;
         let _ = stream.set_nodelay(true);
+        super::tcp::keepalive(&stream);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEPALIVE)

@@ -153,6 +153,8 @@ pub struct TakeoverTimes {
     pub stop_micros: AtomicU64,
     /// From this process's start to the old agent having stopped accepting.
     pub total_micros: AtomicU64,
+    /// Opaque and upgraded connections the old agent handed over (pumped on here).
+    pub connections: AtomicU64,
 }
 
 impl Metrics {
@@ -337,6 +339,11 @@ impl Metrics {
                 micros.load(Ordering::Relaxed) as f64 / 1e6
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gamma_takeover_connections Opaque and upgraded connections the previous agent handed over to this one, mid-stream.\n# TYPE gamma_takeover_connections gauge\ngamma_takeover_connections {}",
+            t.connections.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP gamma_redirect_missing_kernel_feature A kernel feature the redirect needs and this kernel lacks, with the Linux release that brings it: the redirect is off and pods use ordinary Service routing.\n# TYPE gamma_redirect_missing_kernel_feature gauge\n");
         for (feature, since) in self
             .redirect_missing_kernel_features

@@ -532,6 +532,7 @@ pub async fn run(config: &ChurnConfig) -> Result<ChurnReport> {
         idle_pause_ms: 0,
         new_connection: config.new_connection,
         http2: config.http2,
+        long_lived: 0,
         expect_header: Some(("x-mesh".into(), "churn".into())),
     }));
     let sampler = tokio::spawn(async move {

@@ -5,7 +5,11 @@
 //! - idle keep-alive: the same with pauses, so that a draining agent closes the idle connection;
 //! - new connection: one request per connection (`Connection: close`), so that every request is
 //!   a fresh `connect()` through the kernel redirect;
-//! - HTTP/2 (h2c): sequential streams on one connection, a new one after GOAWAY.
+//! - HTTP/2 (h2c): sequential streams on one connection, a new one after GOAWAY;
+//! - long-lived: one upgraded connection (`Upgrade: websocket`, the echo backend echoes bytes
+//!   after its 101) held for the whole run, exchanging a message every 100 ms; it must never
+//!   break, whatever the agent does (takeovers hand it over), and every byte must come back once,
+//!   in order.
 //!
 //! A request is re-sent once, on a new connection, only when it went out on a reused connection
 //! that closed before any byte of an answer, or was refused unprocessed (HTTP/2 GOAWAY,
@@ -41,6 +45,8 @@ pub struct LoadSpec {
     pub idle_pause_ms: u64,
     pub new_connection: usize,
     pub http2: usize,
+    #[serde(default)]
+    pub long_lived: usize,
     /// A request header the echo backend must report (name, value): proof that the mesh routed
     /// the request (a route filter added it). An answer without it went around the agent.
     pub expect_header: Option<(String, String)>,
@@ -62,6 +68,14 @@ pub struct LoadReport {
     pub connections: u64,
     /// Answered 200 without `expect_header`: routed around the mesh.
     pub unmeshed: u64,
+    /// Long-lived connections opened, and those still whole at the end.
+    #[serde(default)]
+    pub long_lived_opened: u64,
+    #[serde(default)]
+    pub long_lived_kept: u64,
+    /// Bytes the long-lived connections sent and got back identical.
+    #[serde(default)]
+    pub long_lived_bytes: u64,
     /// The first few distinct errors.
     pub errors: Vec<String>,
     /// Why requests were retried, the first few distinct reasons.
@@ -77,6 +91,9 @@ impl LoadReport {
         self.resets += other.resets;
         self.connections += other.connections;
         self.unmeshed += other.unmeshed;
+        self.long_lived_opened += other.long_lived_opened;
+        self.long_lived_kept += other.long_lived_kept;
+        self.long_lived_bytes += other.long_lived_bytes;
         for (mine, theirs) in [
             (&mut self.errors, &other.errors),
             (&mut self.retry_reasons, &other.retry_reasons),
@@ -108,6 +125,9 @@ struct Counters {
     resets: AtomicU64,
     connections: AtomicU64,
     unmeshed: AtomicU64,
+    long_lived_opened: AtomicU64,
+    long_lived_kept: AtomicU64,
+    long_lived_bytes: AtomicU64,
     errors: Mutex<Vec<String>>,
     retry_reasons: Mutex<Vec<String>>,
 }
@@ -139,6 +159,9 @@ impl Counters {
             resets: get(&self.resets),
             connections: get(&self.connections),
             unmeshed: get(&self.unmeshed),
+            long_lived_opened: get(&self.long_lived_opened),
+            long_lived_kept: get(&self.long_lived_kept),
+            long_lived_bytes: get(&self.long_lived_bytes),
             errors: self
                 .errors
                 .lock()
@@ -170,6 +193,9 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
             clients.spawn(client(kind, spec.clone(), counters.clone(), deadline));
         }
     }
+    for id in 0..spec.long_lived {
+        clients.spawn(long_lived(id, spec.clone(), counters.clone(), deadline));
+    }
     while clients.join_next().await.is_some() {}
     counters.report()
 }
@@ -180,6 +206,64 @@ enum Kind {
     IdleKeepAlive,
     NewConnection,
     Http2,
+}
+
+/// One upgraded connection for the whole run; any break is a failure (never retried).
+async fn long_lived(id: usize, spec: Arc<LoadSpec>, counters: Arc<Counters>, deadline: Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |what: String| counters.fail(format!("long-lived {id}: {what}"));
+    let opened = async {
+        let mut stream = TcpStream::connect(spec.target).await?;
+        let upgrade = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            spec.path, spec.host
+        );
+        stream.write_all(upgrade.as_bytes()).await?;
+        // The 101's head, up to its blank line (the echo sends nothing after it unasked).
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if stream.read(&mut byte).await? == 0 {
+                return Err(std::io::Error::other("closed during the upgrade"));
+            }
+            head.push(byte[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            let head = String::from_utf8_lossy(&head).into_owned();
+            return Err(std::io::Error::other(format!("not upgraded: {head}")));
+        }
+        Ok(stream)
+    };
+    let mut stream = match tokio::time::timeout(REQUEST_TIMEOUT, opened).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return fail(format!("opening: {e}")),
+        Err(_) => return fail("opening: timed out".into()),
+    };
+    counters.long_lived_opened.fetch_add(1, Ordering::Relaxed);
+    let mut seq = 0u64;
+    while Instant::now() < deadline {
+        seq += 1;
+        // Lengths vary so that messages straddle reads and the pump's buffer differently.
+        let message = format!("{id}:{seq}:{}\n", "m".repeat((seq as usize * 37) % 3000));
+        let exchanged = async {
+            stream.write_all(message.as_bytes()).await?;
+            let mut echoed = vec![0u8; message.len()];
+            stream.read_exact(&mut echoed).await?;
+            Ok::<_, std::io::Error>(echoed)
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchanged).await {
+            Ok(Ok(echoed)) if echoed == message.as_bytes() => {
+                counters
+                    .long_lived_bytes
+                    .fetch_add(message.len() as u64, Ordering::Relaxed);
+            }
+            Ok(Ok(_)) => return fail(format!("message {seq} came back altered")),
+            Ok(Err(e)) => return fail(format!("message {seq}: {e}")),
+            Err(_) => return fail(format!("message {seq}: no echo within {REQUEST_TIMEOUT:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    counters.long_lived_kept.fetch_add(1, Ordering::Relaxed);
 }
 
 /// One connection of a client, with what it needs to count a reset once.

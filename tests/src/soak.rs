@@ -35,6 +35,8 @@ pub struct SoakConfig {
     pub idle_keep_alive: usize,
     pub new_connection: usize,
     pub http2: usize,
+    /// Upgraded connections held through every restart (see `load.rs`).
+    pub long_lived: usize,
     /// Baseline: restart the old way, SIGTERM and start again without a takeover (losses
     /// expected: this shows what the takeover saves and that the soak can see it).
     pub cold: bool,
@@ -51,6 +53,7 @@ impl Default for SoakConfig {
             idle_keep_alive: 1,
             new_connection: 2,
             http2: 1,
+            long_lived: 2,
             cold: false,
         }
     }
@@ -89,6 +92,7 @@ impl SoakReport {
             && self.load.resets == 0
             && self.load.unmeshed == 0
             && self.load.sent > 0
+            && self.load.long_lived_kept == self.load.long_lived_opened
             && self.attached_as_expected
     }
 }
@@ -112,6 +116,11 @@ impl std::fmt::Display for SoakReport {
             l.unmeshed,
             l.connections,
             self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "long-lived upgraded connections kept through every restart: {} of {} opened, {} bytes echoed intact",
+            l.long_lived_kept, l.long_lived_opened, l.long_lived_bytes
         )?;
         writeln!(
             f,
@@ -195,6 +204,7 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         idle_pause_ms: 1_500,
         new_connection: config.new_connection,
         http2: config.http2,
+        long_lived: config.long_lived,
         expect_header: Some(("x-dev-feature".into(), "enabled".into())),
     };
     let pod = scenario.pod(&client)?.clone();

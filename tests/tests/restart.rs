@@ -1,8 +1,9 @@
 //! Hitless restart in the node harness (root only; otherwise each test prints `SKIPPED` and
 //! passes):
 //! - the agent is taken over three times under load from the client pod, adopting the running
-//!   programs and once swapping its own in, with zero failed requests, zero reset connections and
-//!   nothing routed around the mesh; bounded in time;
+//!   programs and once swapping its own in, with zero failed requests, zero reset connections,
+//!   nothing routed around the mesh, and long-lived upgraded connections (through the kernel
+//!   redirect) handed over each time, not one byte lost; bounded in time;
 //! - a running agent that does not answer on the takeover socket is given up on: the new agent
 //!   starts as without one.
 
@@ -44,6 +45,11 @@ fn restarts_under_load_lose_nothing() {
         report.load.errors
     );
     assert_eq!(report.load.resets, 0, "reset connections");
+    assert!(report.load.long_lived_opened > 0, "{report}");
+    assert_eq!(
+        report.load.long_lived_kept, report.load.long_lived_opened,
+        "long-lived connections broken by a takeover: {report}"
+    );
     assert_eq!(report.load.unmeshed, 0, "requests routed around the mesh");
     assert!(
         report.load.sent > 100,
@@ -202,4 +208,122 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
     );
     let _ = new.kill();
     let _ = new.wait();
+}
+
+/// Opaque TCP and upgraded (WebSocket) connections opened before a takeover keep exchanging data
+/// after it, across 10 takeovers in a row: each agent hands its live connections, mid-stream, to
+/// the next. Every byte sent is echoed back once, in order. Loopback, no root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_connections_survive_ten_takeovers() {
+    use gamma_tests::loopback::{agent_binary, echo_backend, free_port, http_get, TempDir};
+    use std::io::{Read, Write};
+    use std::process::{Child, Command, Stdio};
+
+    const TAKEOVERS: usize = 10;
+    let ws_backend = echo_backend([127, 0, 0, 1], "ws").await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let dir = TempDir::new("long-lived");
+    gamma_tests::loopback::Manifests::default()
+        .service("ns", "ws", 80, &[ws_backend.addr], None)
+        .service("ns", "raw", 80, &[tcp_addr], Some("tcp"))
+        .write(&dir.0, "world.yaml");
+    let socket = dir.0.join("agent.sock");
+    let ws_listen = format!("127.0.0.1:{}", free_port());
+    let raw_listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let spawn = |log: &str| -> Child {
+        Command::new(agent_binary())
+            .arg("--manifests")
+            .arg(&dir.0)
+            .args(["--admin", &admin])
+            .args(["--listen", &format!("{ws_listen}=ns/ws:80")])
+            .args(["--listen", &format!("{raw_listen}=ns/raw:80")])
+            .arg("--takeover-socket")
+            .arg(&socket)
+            .args(["--drain-timeout-s", "2"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
+            .spawn()
+            .expect("start proxy-agent")
+    };
+    let handed_over = || -> Option<u64> {
+        let metrics = http_get(admin.parse().unwrap(), "/metrics").ok()?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("gamma_takeover_connections "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    use gamma_tests::eventually_within as within;
+    let mut agents = vec![spawn("agent-0.log")];
+    within(Duration::from_secs(10), "the first agent serves", || {
+        http_get(admin.parse().unwrap(), "/ready").ok().map(drop)
+    });
+
+    tokio::task::block_in_place(|| {
+        let connect = |addr: &str| {
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        };
+        let mut ws = connect(&ws_listen);
+        ws.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 512];
+        let n = ws.read(&mut head).unwrap();
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        let mut raw = connect(&raw_listen);
+        let mut sent = 0u64;
+        // Each round: a message on each connection, echoed back whole and in order.
+        let mut exchange = |round: usize, sent: &mut u64| {
+            for (name, stream) in [("websocket", &mut ws), ("opaque", &mut raw)] {
+                let message = format!("{name} round {round} {}\n", "x".repeat(round * 100));
+                stream.write_all(message.as_bytes()).unwrap();
+                let mut echoed = vec![0u8; message.len()];
+                stream
+                    .read_exact(&mut echoed)
+                    .unwrap_or_else(|e| panic!("{name} after takeover {round}: {e}"));
+                assert_eq!(echoed, message.as_bytes(), "{name} after takeover {round}");
+                *sent += message.len() as u64;
+            }
+        };
+        exchange(0, &mut sent);
+        for round in 1..=TAKEOVERS {
+            agents.push(spawn(&format!("agent-{round}.log")));
+            // Taken over and drained of its connections, the previous agent exits; then only
+            // the new one answers on the admin port.
+            let previous = &mut agents[round - 1];
+            within(
+                Duration::from_secs(20),
+                "the previous agent is taken over and exits",
+                || previous.try_wait().unwrap().map(drop),
+            );
+            assert_eq!(
+                handed_over(),
+                Some(2),
+                "both connections handed over at {round}"
+            );
+            exchange(round, &mut sent);
+        }
+        eprintln!("{TAKEOVERS} takeovers, 2 connections kept, {sent} bytes echoed");
+        for agent in &mut agents {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    });
 }

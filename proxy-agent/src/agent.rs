@@ -7,6 +7,7 @@ use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
 use crate::proxy::pump::Pumps;
 use crate::proxy::redirected::serve_redirect;
+use crate::proxy::upstream::EndpointStats;
 use crate::proxy::workers::Workers;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
@@ -127,6 +128,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     let mut offered = Offered::default();
     let metrics = Arc::new(Metrics::default());
+    metrics
+        .runtimes
+        .lock()
+        .expect("not poisoned")
+        .push(tokio::runtime::Handle::current());
     let readiness = Arc::new(Readiness::default());
     if config.kube.is_none() && !config.manifests.is_dir() {
         bail!(
@@ -234,8 +240,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Ready: the table is complete and every listener, the redirect included, is serving.
     readiness.synced_at.store(unix_now(), Ordering::Relaxed);
     // The consumers subscribe before the publisher runs, so that none misses a publish.
-    let mut consumers = vec![tokio::spawn(prune_metrics(
+    let mut consumers = vec![tokio::spawn(prune_state(
         metrics.clone(),
+        proxy.upstream.endpoints.clone(),
         NewTables::new(publisher.subscribe()),
     ))];
     if let Some(redirect) = redirect {
@@ -364,15 +371,18 @@ impl NewTables {
     }
 }
 
-/// Drops the request series of Services and routes that are gone, so that `/metrics` does not
-/// grow with every Service that ever existed.
-async fn prune_metrics(metrics: Arc<Metrics>, mut tables: NewTables) {
+/// Drops the request series of Services and routes that are gone, and the state of endpoints
+/// that are gone, so that neither grows with everything that ever existed.
+async fn prune_state(metrics: Arc<Metrics>, endpoints: Arc<EndpointStats>, mut tables: NewTables) {
     while let Some(snapshot) = tables.next().await {
-        let pruned = metrics.retain_requests(|labels| labels.still_served(&snapshot));
-        if pruned > 0 {
+        let series = metrics.retain_requests(|labels| labels.still_served(&snapshot));
+        let live = snapshot.endpoints();
+        let endpoints = endpoints.retain(|addr| live.contains(addr));
+        if series + endpoints > 0 {
             tracing::debug!(
-                pruned,
-                "request series of removed Services or routes dropped"
+                series,
+                endpoints,
+                "state of removed Services, routes and endpoints dropped"
             );
         }
     }

@@ -104,6 +104,13 @@ struct Cli {
     /// seconds is closed.
     #[arg(long, default_value_t = 3600)]
     idle_timeout_s: u64,
+    /// Client connections open at most; one more is closed as soon as accepted (counted in
+    /// gamma_connections_refused_at_cap_total).
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+    /// Seconds an idle pooled HTTP/1.1 upstream connection is kept.
+    #[arg(long, default_value_t = 90)]
+    upstream_idle_timeout_s: u64,
     /// A request body is kept while it streams, up to this many bytes, when a retry or a mirror
     /// may need it again; a larger one is neither retried nor mirrored (both counted).
     #[arg(long, default_value_t = 64 * 1024)]
@@ -193,6 +200,8 @@ fn main() -> Result<()> {
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
             idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
+            max_connections: cli.max_connections.max(1),
+            upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
             ..ProxyConfig::default()
         },
         kube: cli.kube.then(|| {

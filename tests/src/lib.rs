@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod echo;
 pub mod fake_apiserver;
 pub mod kube_world;
+pub mod leak;
 pub mod load;
 pub mod loopback;
 pub mod node;

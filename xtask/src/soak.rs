@@ -10,6 +10,11 @@
 //! second and the API server goes away K times (`tests/src/churn.rs`). Prints failed requests,
 //! changes made and published, each outage's catch-up and RSS over time. Defaults: 20 changes/s
 //! for 120 s, 4 outages of 5 s. Loopback only, no root. Shortened in `tests/tests/churn.rs`.
+//!
+//! `cargo xtask soak leak [--connections N] [--concurrency C]`: N connections (100,000) of every
+//! kind, polite or not, opened and closed through the agent (`tests/src/leak.rs`); prints its
+//! descriptors, RSS, threads and tasks idle, at the peak and after; fails if they do not return
+//! to the idle level. Loopback only, no root. Shortened in `tests/tests/leak.rs`.
 
 use crate::util::{self, run_shown, step};
 use anyhow::{bail, Result};
@@ -22,12 +27,13 @@ pub fn run_soak(args: &[String]) -> Result<()> {
                 bail!("the restart soak builds a node of network namespaces and loads eBPF: run it as root");
             }
         }
-        Some("churn") => {}
+        Some("churn" | "leak") => {}
         _ => bail!(
             "usage: cargo xtask soak restart [--restarts N] [--seconds S] \
              [--fresh-programs-every K] [--cold]\n       \
              cargo xtask soak churn [--seconds S] [--changes-per-second N] [--outages K] \
-             [--outage-seconds D]"
+             [--outage-seconds D]\n       \
+             cargo xtask soak leak [--connections N] [--concurrency C]"
         ),
     }
     step(

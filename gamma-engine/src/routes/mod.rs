@@ -82,6 +82,31 @@ impl Snapshot {
             .map(|(a, _)| *a)
     }
 
+    /// Every endpoint some request may be sent to (Services' own, rules' backends, mirrors'):
+    /// state kept per endpoint for others can go.
+    pub fn endpoints(&self) -> ahash::AHashSet<SocketAddr> {
+        let mut all = ahash::AHashSet::new();
+        for frontend in self.by_service.values().flat_map(|f| f.iter()) {
+            all.extend(frontend.direct.endpoints.iter());
+            let tables = frontend.producer.iter().chain(frontend.consumers.values());
+            for rule in tables.flat_map(|t| t.entries.iter()).map(|e| &e.rule) {
+                let filters = rule
+                    .filters
+                    .iter()
+                    .chain(rule.backends.iter().flat_map(|b| &b.filters));
+                let mirrors = filters.filter_map(|f| match f {
+                    Filter::Mirror(m) => m.backend.as_ref(),
+                    _ => None,
+                });
+                let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref().ok());
+                for backend in backends.chain(mirrors) {
+                    all.extend(backend.endpoints.iter());
+                }
+            }
+        }
+        all
+    }
+
     /// Everything, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
         let mut frontends: Vec<&Arc<Frontend>> =

@@ -85,6 +85,16 @@ pub(super) async fn accept_loop<F>(
                 }
             },
         };
+        let open = proxy.metrics.connections_open.load(Ordering::Relaxed);
+        if open >= proxy.config.max_connections as i64 {
+            // Closed at once: the client fails fast and retries, instead of waiting on a backlog.
+            proxy
+                .metrics
+                .connections_refused_at_cap
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, open, "connection refused: --max-connections reached");
+            continue;
+        }
         let Some(info) = classify(peer, &proxy.snapshot.load()) else {
             continue;
         };

@@ -49,6 +49,11 @@ pub struct ProxyConfig {
     pub mirror_timeout: Duration,
     /// An opaque or upgraded connection that moves no byte for this long is closed.
     pub idle_timeout: Duration,
+    /// Client connections open at most; one more is closed as soon as accepted (and counted),
+    /// so that clients cannot exhaust the agent's descriptors.
+    pub max_connections: usize,
+    /// How long an idle pooled HTTP/1.1 upstream connection is kept.
+    pub upstream_idle_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
     /// A request body is kept while it streams, up to this size, when a retry or a mirror may
@@ -80,6 +85,8 @@ impl Default for ProxyConfig {
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            max_connections: 100_000,
+            upstream_idle_timeout: Duration::from_secs(90),
             max_mirrors_in_flight: 256,
             max_buffered_body: 64 * 1024,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
@@ -142,7 +149,7 @@ impl Proxy {
     ) -> Arc<Self> {
         Arc::new(Proxy {
             snapshot,
-            upstream: upstream::Upstream::new(config.connect_timeout),
+            upstream: upstream::Upstream::new(config.connect_timeout, config.upstream_idle_timeout),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
             pumps: pump::Pumps::new(config.idle_timeout),
             metrics,

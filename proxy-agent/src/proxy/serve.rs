@@ -60,6 +60,9 @@ where
             // hyper asserts a buffer of at least 8 KiB.
             .max_buf_size(config.max_header_bytes.max(8192))
             .max_headers(config.max_headers)
+            // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets
+            // it): it still gets its answer. Without this, hyper closes at the EOF, answerless.
+            .half_close(true)
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(conn);

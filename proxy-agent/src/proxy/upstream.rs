@@ -54,19 +54,33 @@ pub struct Upstream {
     http2: Http2Pool,
     pub endpoints: Arc<EndpointStats>,
     connect_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self::with_endpoints(connect_timeout, Arc::new(EndpointStats::default()))
+    /// `idle_timeout`: how long an idle pooled HTTP/1.1 connection is kept.
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self::with_endpoints(
+            connect_timeout,
+            idle_timeout,
+            Arc::new(EndpointStats::default()),
+        )
     }
 
     /// New, empty connection pools; the same endpoint statistics.
     pub fn with_own_pools(&self) -> Self {
-        Self::with_endpoints(self.connect_timeout, self.endpoints.clone())
+        Self::with_endpoints(
+            self.connect_timeout,
+            self.idle_timeout,
+            self.endpoints.clone(),
+        )
     }
 
-    fn with_endpoints(connect_timeout: Duration, endpoints: Arc<EndpointStats>) -> Self {
+    fn with_endpoints(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        endpoints: Arc<EndpointStats>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
@@ -75,7 +89,7 @@ impl Upstream {
         let http1 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(256)
             .build(connector);
         Upstream {
@@ -86,6 +100,7 @@ impl Upstream {
             },
             endpoints,
             connect_timeout,
+            idle_timeout,
         }
     }
 
@@ -142,13 +157,18 @@ impl Http2Pool {
     /// The endpoint's open connection, or a new one. Requests that find none wait for the one
     /// being made rather than each making their own.
     async fn sender(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
-        let slot = self
-            .connections
-            .lock()
-            .expect("not poisoned")
-            .entry(endpoint)
-            .or_default()
-            .clone();
+        let slot = {
+            let mut connections = self.connections.lock().expect("not poisoned");
+            if !connections.contains_key(&endpoint) {
+                // A new endpoint: drop the slots of closed connections (endpoints that went
+                // away), so the pool does not grow with every endpoint ever used.
+                connections.retain(|_, slot| {
+                    slot.try_lock()
+                        .map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed()))
+                });
+            }
+            connections.entry(endpoint).or_default().clone()
+        };
         let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
@@ -357,6 +377,15 @@ impl EndpointStats {
         Some(*addr)
     }
 
+    /// Forgets the endpoints `keep` refuses (gone from the table); returns how many. A request
+    /// still in flight to one keeps its counter until it ends.
+    pub fn retain(&self, mut keep: impl FnMut(&SocketAddr) -> bool) -> usize {
+        let mut by_address = self.by_address.write().expect("not poisoned");
+        let before = by_address.len();
+        by_address.retain(|addr, _| keep(addr));
+        before - by_address.len()
+    }
+
     pub fn in_flight_total(&self) -> usize {
         self.by_address
             .read()
@@ -403,6 +432,19 @@ mod tests {
             "ejected beats nothing"
         );
         assert!(stats.choose(&[], &[], 0).is_none());
+    }
+
+    #[test]
+    fn endpoints_gone_from_the_table_are_forgotten() {
+        let stats = EndpointStats::default();
+        let (_held, _) = (stats.choose(&[addr(1)], &[], 0), stats.eject(addr(2)));
+        assert_eq!(stats.retain(|a| *a == addr(1)), 1);
+        assert_eq!(stats.by_address.read().unwrap().len(), 1);
+        assert_eq!(
+            stats.in_flight_total(),
+            1,
+            "the request in flight still counts"
+        );
     }
 
     #[test]

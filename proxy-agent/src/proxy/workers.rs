@@ -110,6 +110,12 @@ impl Workers {
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
+            proxy
+                .metrics
+                .runtimes
+                .lock()
+                .expect("not poisoned")
+                .push(handle.clone());
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{i}"))

@@ -120,6 +120,10 @@ pub struct Metrics {
     requests: RwLock<AHashMap<RequestLabels, Arc<Histogram>>>,
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicI64,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused_at_cap: AtomicU64,
+    /// The runtimes whose live tasks `/metrics` counts (main and workers).
+    pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
     pub opaque_connections: AtomicU64,
     /// Connections to undeclared ports that sent nothing telling within the sniffing timeout.
     pub opaque_after_sniff_timeout: AtomicU64,
@@ -253,6 +257,23 @@ impl Metrics {
                 "Downstream connections open.",
                 "gauge",
                 self.connections_open.load(Ordering::Relaxed),
+            ),
+            (
+                "gamma_connections_refused_at_cap_total",
+                "Downstream connections closed on accept because --max-connections were open.",
+                "counter",
+                self.connections_refused_at_cap.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_runtime_tasks_alive",
+                "Tasks alive on the agent's runtimes (main and data-plane workers): connections, pumps, pooled upstream connections, timers' tasks. Returns to its idle level once connections are gone.",
+                "gauge",
+                self.runtimes
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .map(|r| r.metrics().num_alive_tasks() as i64)
+                    .sum(),
             ),
             (
                 "gamma_opaque_connections_total",

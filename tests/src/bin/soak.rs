@@ -7,10 +7,15 @@
 //! the churn soak of `gamma_tests::churn` (run by `cargo xtask soak churn`; loopback, no root).
 //! Prints requests sent and failed, changes made and published, each outage and the agent's RSS
 //! over time; exits non-zero if a request failed or the agent did not catch up.
+//!
+//! `gamma-soak leak [--connections N] [--concurrency C]`: the leak soak of `gamma_tests::leak`
+//! (run by `cargo xtask soak leak`; loopback, no root). Prints the agent's descriptors, RSS,
+//! threads and tasks idle, at the peak and after; exits non-zero if they did not come back.
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use gamma_tests::churn::{self, ChurnConfig};
+use gamma_tests::leak::{self, LeakConfig};
 use gamma_tests::soak::{self, SoakConfig};
 use std::time::Duration;
 
@@ -49,10 +54,36 @@ enum Soak {
         #[arg(long)]
         outage_seconds: Option<u64>,
     },
+    /// Connections of every kind opened and closed in churn (some vanish without a FIN, some
+    /// half-close); the agent's descriptors and tasks must return to their idle level.
+    Leak {
+        #[arg(long, default_value_t = 100_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().soak {
+        Soak::Leak {
+            connections,
+            concurrency,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let config = LeakConfig {
+                connections,
+                concurrency,
+            };
+            let report = runtime.block_on(leak::run(&config))?;
+            print!("{report}");
+            if !report.clean() {
+                bail!("the leak soak failed: see above");
+            }
+            Ok(())
+        }
         Soak::Restart {
             restarts,
             seconds,

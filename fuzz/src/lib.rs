@@ -80,6 +80,28 @@ pub fn manifest(data: &[u8]) {
     );
 }
 
+/// The pool of objects and the incremental-equals-scratch check, shared with the property test.
+#[path = "../../gamma-engine/tests/support/incremental.rs"]
+pub mod incremental;
+
+/// Applies and deletes from the shared pool, as the bytes say (each byte: which object, whether
+/// to delete it, whether to publish after), then checks that the incremental index publishes what
+/// one built from scratch from the surviving objects does.
+pub fn index_ops(data: &[u8]) {
+    let pool = incremental::pool();
+    let steps: Vec<incremental::Step> = data
+        .iter()
+        .take(256)
+        .map(|b| incremental::Step {
+            object: usize::from(b >> 2),
+            delete: b & 1 == 1,
+            publish: b & 2 == 2,
+        })
+        .collect();
+    let (incremental, scratch) = incremental::incremental_and_scratch(&pool, &steps);
+    assert_eq!(incremental, scratch, "the incremental index went stale");
+}
+
 /// A request head, parsed as an HTTP/1 server would (httparse), into `http` parts; `None` when
 /// a server would refuse it.
 fn request_parts(head: &[u8]) -> Option<http::request::Parts> {

@@ -207,11 +207,14 @@ impl Index {
                 }
                 self.unlink_route(&key);
                 for parent in parents(&route) {
-                    self.store
+                    let neighbours = self
+                        .store
                         .routes_by_parent
                         .entry(parent.clone())
-                        .or_default()
-                        .insert(key.clone());
+                        .or_default();
+                    neighbours.insert(key.clone());
+                    // Their status may depend on this route (Conflicted).
+                    self.dirty_routes.extend(neighbours.iter().cloned());
                     self.dirty_services.insert(parent);
                 }
                 for backend in backend_services(&route) {
@@ -273,6 +276,14 @@ impl Index {
         let old_backends = backend_services(old);
         for parent in old_parents {
             index_remove(&mut self.store.routes_by_parent, &parent, key);
+            // Their status may have depended on this route (Conflicted).
+            let neighbours = self
+                .store
+                .routes_by_parent
+                .get(&parent)
+                .into_iter()
+                .flatten();
+            self.dirty_routes.extend(neighbours.cloned());
             self.dirty_services.insert(parent);
         }
         for backend in old_backends {
@@ -341,18 +352,28 @@ impl Index {
         true
     }
 
+    /// Pod IP → its Pod. An IP that two Pods claim (a stale object, an IP reused before the old
+    /// Pod's deletion arrived) names neither: its callers get the producer routes only, the same
+    /// whichever Pod the watch delivered first.
     fn callers(&self) -> Arc<AHashMap<std::net::IpAddr, Arc<Caller>>> {
-        let mut out = AHashMap::new();
+        let mut claims: AHashMap<std::net::IpAddr, Option<Arc<Caller>>> = AHashMap::new();
         for pod in self.store.pods.values() {
             let caller = Arc::new(Caller {
                 pod: pod.key.clone(),
                 uid: pod.uid.clone(),
             });
             for ip in &pod.ips {
-                out.insert(*ip, caller.clone());
+                claims
+                    .entry(*ip)
+                    .and_modify(|claim| *claim = None)
+                    .or_insert_with(|| Some(caller.clone()));
             }
         }
-        Arc::new(out)
+        let owned = claims
+            .into_iter()
+            .filter_map(|(ip, caller)| Some((ip, caller?)))
+            .collect();
+        Arc::new(owned)
     }
 }
 

@@ -101,7 +101,7 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     mirror_timeout_ms: u64,
     /// An opaque TCP or upgraded (WebSocket, CONNECT) connection that moves no byte for this many
-    /// seconds is closed.
+    /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY.
     #[arg(long, default_value_t = 3600)]
     idle_timeout_s: u64,
     /// Client connections open at most; one more is closed as soon as accepted (counted in

@@ -37,3 +37,8 @@ fn route_match_seeds() {
 fn http1_seeds() {
     replay("http1", targets::http_connection);
 }
+
+#[test]
+fn index_ops_seeds() {
+    replay("index_ops", targets::index_ops);
+}

@@ -209,3 +209,68 @@ async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
     let cookies: Vec<_> = answer.headers.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["from=backend", "added=1"]);
 }
+
+/// Idle connections do not stay forever: an HTTP/2 client connection that moved nothing for
+/// `--idle-timeout-s` gets GOAWAY and ends; an opaque one is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo.addr], None)
+        .service("ns", "raw", 80, &[tcp_addr], Some("tcp"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: echo, port: 80}]\n",
+        ));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/front", 80), ("ns/raw", 80)],
+            caller_namespace: None,
+            extra_args: vec!["--idle-timeout-s".into(), "1".into()],
+        },
+    )
+    .unwrap();
+    let stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("http://front/")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the idle HTTP/2 connection is ended by the agent")
+        .unwrap()
+        .expect("with GOAWAY, not an error");
+    let mut opaque = tokio::net::TcpStream::connect(agent.listen[1])
+        .await
+        .unwrap();
+    opaque.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    opaque.read_exact(&mut buf).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), opaque.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle opaque connection is closed: {closed:?}"
+    );
+}

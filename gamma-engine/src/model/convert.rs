@@ -176,9 +176,18 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
     })
 }
 
+/// A Pod, with the IPs it owns: none once it has finished (Succeeded or Failed: its IP may be
+/// given to a new Pod while the old object lingers) and none for a hostNetwork Pod (its IP is the
+/// node's, shared by every such Pod and by the node itself).
 pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
     let key = key(&pod.metadata)?;
     let status = pod.status.clone().unwrap_or_default();
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let mut ips: Vec<IpAddr> = Vec::new();
     for (i, p) in status.pod_ips.iter().flatten().enumerate() {
         ips.push(ip(&p.ip, &format!("status.podIPs[{i}].ip"))?);
@@ -188,6 +197,9 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
         if !ips.contains(&p) {
             ips.insert(0, p);
         }
+    }
+    if finished || host_network {
+        ips.clear();
     }
     Ok(Pod {
         key,

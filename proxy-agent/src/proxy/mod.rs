@@ -47,7 +47,8 @@ pub struct ProxyConfig {
     pub detect_timeout: Duration,
     /// How long a mirrored request may take, answer included; then it is abandoned.
     pub mirror_timeout: Duration,
-    /// An opaque or upgraded connection that moves no byte for this long is closed.
+    /// An opaque or upgraded connection that moves no byte for this long is closed; an HTTP/2
+    /// client connection gets GOAWAY (HTTP/1.1 ones: `header_read_timeout` between requests).
     pub idle_timeout: Duration,
     /// Client connections open at most; one more is closed as soon as accepted (and counted),
     /// so that clients cannot exhaust the agent's descriptors.

@@ -92,8 +92,14 @@ where
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r,
+        // GOAWAY: streams already started finish, the client opens new ones elsewhere.
         () = turned_true(&mut shutdown) => {
-            // GOAWAY: streams already started finish, the client opens new ones elsewhere.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        // Idle (no byte either way, pings included) for the idle timeout: GOAWAY too, so an
+        // abandoned connection does not stay forever; a quiet stream still in flight finishes.
+        () = quiet(&moves, config.idle_timeout) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -285,16 +285,7 @@ fn reset(s: TcpStream) {
 pub async fn run(config: &LeakConfig) -> anyhow::Result<LeakReport> {
     let started = Instant::now();
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let raw_addr = raw.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = raw.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let raw_addr = crate::loopback::tcp_echo().await;
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "echo", 80, &[echo.addr], None)

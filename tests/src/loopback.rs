@@ -78,6 +78,24 @@ pub async fn echo_backend_at(addr: SocketAddr, name: &str) -> EchoBackend {
     EchoBackend { addr, stats }
 }
 
+/// A raw TCP echo on 127.0.0.1 (any free port), for opaque connections; serves until the
+/// runtime ends.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the TCP echo");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 /// Manifests of a loopback world.
 #[derive(Default, Clone)]
 pub struct Manifests {

@@ -215,16 +215,7 @@ async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp_addr = tcp.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let tcp_addr = gamma_tests::loopback::tcp_echo().await;
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "echo", 80, &[echo.addr], None)

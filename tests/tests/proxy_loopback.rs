@@ -323,16 +323,7 @@ async fn h2c_grpc_and_mirror() {
 async fn websocket_upgrade_and_opaque_tcp() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
     // A raw TCP echo for the opaque path.
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp_addr = tcp.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let tcp_addr = gamma_tests::loopback::tcp_echo().await;
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "a", 80, &[a.addr], None)

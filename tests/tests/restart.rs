@@ -221,16 +221,7 @@ async fn long_lived_connections_survive_ten_takeovers() {
 
     const TAKEOVERS: usize = 10;
     let ws_backend = echo_backend([127, 0, 0, 1], "ws").await;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp_addr = tcp.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let tcp_addr = gamma_tests::loopback::tcp_echo().await;
     let dir = TempDir::new("long-lived");
     gamma_tests::loopback::Manifests::default()
         .service("ns", "ws", 80, &[ws_backend.addr], None)

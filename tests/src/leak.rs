@@ -5,7 +5,8 @@
 //! (idle, after a warm-up), at the peak, and after: descriptors and tasks must return to their
 //! idle level, and no connection stays open.
 
-use crate::loopback::{echo_backend, http_get, route, Agent, AgentOptions, Manifests};
+use crate::loopback::{echo_backend, Agent, AgentOptions, Manifests};
+use crate::probe;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -109,27 +110,11 @@ impl std::fmt::Display for LeakReport {
 
 fn sample(agent: &Agent) -> Sample {
     let pid = agent.child.id();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let metrics = http_get(agent.admin, "/metrics").unwrap_or_default();
-    let metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let metric = |name: &str| probe::metric(agent, name).unwrap_or(0.0) as u64;
     Sample {
-        fds,
-        rss_kib: field("VmRSS:"),
-        threads: field("Threads:"),
+        fds: probe::open_fds(pid).unwrap_or(0) as u64,
+        rss_kib: probe::rss_kib(pid).unwrap_or(0),
+        threads: probe::threads(pid).unwrap_or(0),
         tasks: metric("gamma_runtime_tasks_alive"),
         connections_open: metric("gamma_connections_open"),
     }
@@ -286,15 +271,8 @@ pub async fn run(config: &LeakConfig) -> anyhow::Result<LeakReport> {
     let started = Instant::now();
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
     let raw_addr = crate::loopback::tcp_echo().await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo.addr], None)
-        .service("ns", "raw", 80, &[raw_addr], Some("tcp"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: echo, port: 80}]\n",
-        ));
+    let world =
+        Manifests::front_routed_to(echo.addr).service("ns", "raw", 80, &[raw_addr], Some("tcp"));
     let agent = tokio::task::block_in_place(|| {
         Agent::start(
             &world,

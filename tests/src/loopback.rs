@@ -133,6 +133,18 @@ impl Manifests {
         self
     }
 
+    /// `ns/front` (no endpoints of its own) routed whole to `ns/echo` at `echo`.
+    pub fn front_routed_to(echo: SocketAddr) -> Self {
+        Manifests::default()
+            .service("ns", "front", 80, &[], None)
+            .service("ns", "echo", 80, &[echo], None)
+            .raw(&route(
+                "r",
+                "front",
+                "  - backendRefs: [{name: echo, port: 80}]\n",
+            ))
+    }
+
     /// Any document (a route, usually).
     pub fn raw(mut self, yaml: &str) -> Self {
         self.documents.push(yaml.to_string());

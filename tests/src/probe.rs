@@ -30,13 +30,23 @@ pub fn open_fds(pid: u32) -> Result<usize> {
 
 /// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_field(pid, "VmRSS:")
+}
+
+/// Threads of a process (`Threads` of /proc/<pid>/status).
+pub fn threads(pid: u32) -> Result<u64> {
+    status_field(pid, "Threads:")
+}
+
+/// The number a /proc/<pid>/status line starts with (`kB` units left off).
+fn status_field(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("{path} has no VmRSS line"))
+        .with_context(|| format!("{path} has no {field} line"))
 }
 
 /// The agent's connection and upstream gauges, with its open descriptors.

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use gamma_tests::loopback::{
-    client, echo_backend, get, http_get, route, send, Agent, AgentOptions, Manifests,
+    client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
 };
 use http::Method;
 use http_body_util::BodyExt;
@@ -77,10 +77,7 @@ async fn a_route_timeout_cuts_a_response_body_that_is_too_slow() {
 }
 
 fn metric(agent: &Agent, name: &str) -> u64 {
-    let text = http_get(agent.admin, "/metrics").unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    gamma_tests::probe::metric(agent, name).unwrap() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,15 +213,8 @@ async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
     let tcp_addr = gamma_tests::loopback::tcp_echo().await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo.addr], None)
-        .service("ns", "raw", 80, &[tcp_addr], Some("tcp"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: echo, port: 80}]\n",
-        ));
+    let world =
+        Manifests::front_routed_to(echo.addr).service("ns", "raw", 80, &[tcp_addr], Some("tcp"));
     let agent = Agent::start(
         &world,
         AgentOptions {

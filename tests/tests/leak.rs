@@ -26,17 +26,10 @@ async fn connections_in_churn_leave_nothing_behind() {
 /// ones open are unaffected, and once one closes a new one is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_closed_and_counted() {
-    use gamma_tests::loopback::{echo_backend, http_get, route, Agent, AgentOptions, Manifests};
+    use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, Manifests};
     use std::io::{Read, Write};
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo.addr], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: echo, port: 80}]\n",
-        ));
+    let world = Manifests::front_routed_to(echo.addr);
     let agent = Agent::start(
         &world,
         AgentOptions {
@@ -46,12 +39,7 @@ async fn connections_past_the_cap_are_closed_and_counted() {
         },
     )
     .unwrap();
-    let metric = |name: &str| -> u64 {
-        let text = http_get(agent.admin, "/metrics").unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap()
-    };
+    let metric = |name: &str| gamma_tests::probe::metric(&agent, name).unwrap() as u64;
     tokio::task::block_in_place(|| {
         let connect = || {
             let s = std::net::TcpStream::connect(agent.listen[0]).unwrap();
@@ -91,7 +79,7 @@ async fn connections_past_the_cap_are_closed_and_counted() {
             matches!(third.read(&mut buf), Ok(0) | Err(_)),
             "the third connection is closed"
         );
-        assert_eq!(metric("gamma_connections_refused_at_cap_total "), 1);
+        assert_eq!(metric("gamma_connections_refused_at_cap_total"), 1);
         assert!(answered(&mut a), "open connections are unaffected");
         drop(b);
         gamma_tests::eventually_within(

@@ -4,7 +4,7 @@
 //! and every Service whose routes use it as a backend); `publish` recompiles only those, and
 //! swaps in a new snapshot only when the result differs from the current one.
 
-use crate::model::{EndpointSlice, Object, ObjectKey, Pod, Route, RouteKey, Service};
+use crate::model::{EndpointSlice, Object, ObjectKey, Pod, RefusedRoute, Route, RouteKey, Service};
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,7 +16,10 @@ pub enum ObjectRef {
     Service(ObjectKey),
     EndpointSlice(ObjectKey),
     Pod(ObjectKey),
+    /// A route, and its refused generation if any.
     Route(RouteKey),
+    /// Only the refused generation of a route (the source has a good one again).
+    RefusedRoute(RouteKey),
 }
 
 impl Object {
@@ -26,6 +29,7 @@ impl Object {
             Object::EndpointSlice(e) => ObjectRef::EndpointSlice(e.key.clone()),
             Object::Pod(p) => ObjectRef::Pod(p.key.clone()),
             Object::Route(r) => ObjectRef::Route(r.key()),
+            Object::RefusedRoute(r) => ObjectRef::RefusedRoute(r.key.clone()),
         }
     }
 }
@@ -37,6 +41,8 @@ struct Store {
     slices_by_service: AHashMap<ObjectKey, BTreeSet<ObjectKey>>,
     pods: AHashMap<ObjectKey, Pod>,
     routes: AHashMap<RouteKey, Route>,
+    /// Route generations that did not convert; the route's status reports them.
+    refused: AHashMap<RouteKey, RefusedRoute>,
     /// Service → routes with a parentRef naming it.
     routes_by_parent: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
     /// Service → routes that use it as a backend (or mirror).
@@ -142,6 +148,7 @@ impl Index {
             .chain(s.slices.keys().cloned().map(ObjectRef::EndpointSlice))
             .chain(s.pods.keys().cloned().map(ObjectRef::Pod))
             .chain(s.routes.keys().cloned().map(ObjectRef::Route))
+            .chain(s.refused.keys().cloned().map(ObjectRef::RefusedRoute))
             .collect()
     }
 
@@ -224,7 +231,26 @@ impl Index {
                         .or_default()
                         .insert(key.clone());
                 }
+                // A good generation at least as new as a refused one supersedes it.
+                if let Some(refused) = self.store.refused.get(&key) {
+                    if refused.generation <= route.meta.generation {
+                        self.store.refused.remove(&key);
+                    }
+                }
                 self.store.routes.insert(key.clone(), route);
+                self.dirty_routes.insert(key);
+            }
+            Object::RefusedRoute(refused) => {
+                let key = refused.key.clone();
+                let superseded = self
+                    .store
+                    .routes
+                    .get(&key)
+                    .is_some_and(|r| r.meta.generation > refused.generation);
+                if superseded || self.store.refused.get(&key) == Some(&refused) {
+                    return;
+                }
+                self.store.refused.insert(key.clone(), refused);
                 self.dirty_routes.insert(key);
             }
         }
@@ -252,6 +278,14 @@ impl Index {
             ObjectRef::Route(key) => {
                 if self.unlink_route(key) {
                     self.store.routes.remove(key);
+                    self.dirty_routes.insert(key.clone());
+                }
+                if self.store.refused.remove(key).is_some() {
+                    self.dirty_routes.insert(key.clone());
+                }
+            }
+            ObjectRef::RefusedRoute(key) => {
+                if self.store.refused.remove(key).is_some() {
                     self.dirty_routes.insert(key.clone());
                 }
             }
@@ -317,12 +351,12 @@ impl Index {
         }
         for key in std::mem::take(&mut self.dirty_routes) {
             let name: Arc<str> = key.to_string().into();
-            let new = self
-                .store
-                .routes
-                .get(&key)
-                .map(|r| status::route_status(r, &self.store))
-                .filter(|s| !s.is_empty());
+            let served = self.store.routes.get(&key);
+            let new = match self.store.refused.get(&key) {
+                Some(refused) => Some(status::refused_status(refused, served)),
+                None => served.map(|r| status::route_status(r, &self.store)),
+            }
+            .filter(|s| !s.is_empty());
             if self.tables.statuses.get(&name).map(|s| &s[..]) != new.as_deref() {
                 changed = true;
                 match new {

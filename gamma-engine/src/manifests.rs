@@ -138,6 +138,10 @@ pub fn parse(file: &Path, text: &str) -> Parsed {
                     .problems
                     .push(problem(Severity::Error, number, shown, e.to_string()));
                 parsed.invalid.extend(identity);
+                // The route's status reports the refused generation.
+                if let Some(refused) = e.refused_route() {
+                    parsed.objects.push(Object::RefusedRoute(refused.clone()));
+                }
             }
         }
     }

@@ -11,6 +11,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Route(Route),
+    /// A route generation that does not convert (see [`RefusedRoute`]).
+    RefusedRoute(RefusedRoute),
 }
 
 impl Object {
@@ -21,6 +23,7 @@ impl Object {
             Object::EndpointSlice(e) => format!("EndpointSlice {}", e.key),
             Object::Pod(p) => format!("Pod {}", p.key),
             Object::Route(r) => r.key().to_string(),
+            Object::RefusedRoute(r) => format!("{} (refused)", r.key),
         }
     }
 }
@@ -33,6 +36,19 @@ pub enum ObjectError {
     Invalid { field: String, message: String },
     #[error("internal: a filter type was not handled")]
     Unreachable,
+    /// A route that does not convert, with what its status needs.
+    #[error("{}", .0.reason)]
+    RouteRefused(Box<RefusedRoute>),
+}
+
+impl ObjectError {
+    /// The refused route generation, when the object was a route whose identity is known.
+    pub fn refused_route(&self) -> Option<&RefusedRoute> {
+        match self {
+            ObjectError::RouteRefused(refused) => Some(refused),
+            _ => None,
+        }
+    }
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ObjectError {

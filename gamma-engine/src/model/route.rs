@@ -83,6 +83,18 @@ impl Route {
     }
 }
 
+/// A route generation that does not convert at all, though its identity does: the last good
+/// generation (if any) stays in use, and the route's status reports this one as not Accepted, so
+/// that an invalid edit reaches `kubectl get` instead of leaving the old status in place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefusedRoute {
+    pub key: RouteKey,
+    pub generation: i64,
+    /// Its parentRefs, when they convert (else none: the status has no parent to report on).
+    pub parent_refs: Vec<ParentRef>,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ParentRef {
     pub group: String,
@@ -113,9 +125,50 @@ pub struct Rule {
     pub backends: Vec<BackendRef>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    /// Why this rule cannot be served as written (a field that does not convert, a check that
+    /// fails), with the field at fault. It is dropped (Gateway API `PartiallyInvalid`) but keeps
+    /// its place: when its matches converted they still claim their requests, which get 500,
+    /// so that they never get another rule's answer; when they did not, it matches nothing.
+    pub invalid: Option<String>,
 }
 
 impl Rule {
+    /// The stand-in for a rule that failed to convert (see [`Rule::invalid`]).
+    fn dropped(name: Option<String>, matches: Vec<RouteMatch>, error: &Invalid) -> Rule {
+        Rule {
+            name,
+            matches,
+            filters: Vec::new(),
+            backends: Vec::new(),
+            timeouts: Timeouts::default(),
+            retry: None,
+            invalid: Some(error.to_string()),
+        }
+    }
+
+    /// Why this rule is not served as written, if it is not: it failed to convert, or it uses
+    /// a filter this mesh does not provide (whose requests get 500, as the spec asks).
+    pub fn dropped_because(&self) -> Option<String> {
+        if let Some(reason) = &self.invalid {
+            return Some(if self.matches.is_empty() {
+                format!("{reason}; it matches nothing until it is fixed")
+            } else {
+                format!("{reason}; the requests it matches get 500")
+            });
+        }
+        let unsupported = self
+            .filters
+            .iter()
+            .chain(self.backends.iter().flat_map(|b| &b.filters))
+            .find_map(|f| match f {
+                Filter::Unsupported(what) => Some(what),
+                _ => None,
+            })?;
+        Some(format!(
+            "filter {unsupported} is not supported by this mesh; the requests it applies to get 500"
+        ))
+    }
+
     /// Every backendRef this rule sends traffic to: its backendRefs, then the targets of its own
     /// filters and of its backends' filters (mirrors). The index, the status and the compiler
     /// all walk a rule's references through this one method.
@@ -799,34 +852,54 @@ macro_rules! route_rules {
         filter: $filter:ident!($($rule_types:ident),+),
         backend filter: $backend_filter:ident!($($backend_types:ident),+),
         timeouts and retry: $timeouts_and_retry:expr
-    ) => {
-        indexed($rules, "spec.rules", |rule, field| {
+    ) => {{
+        let mut rules = Vec::new();
+        for (i, rule) in $rules.into_iter().flatten().enumerate() {
+            let field = format!("spec.rules[{i}]");
+            let field = field.as_str();
             let mut matches =
-                indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match)?;
+                match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
+                    Ok(matches) => matches,
+                    Err(e) => {
+                        rules.push(Rule::dropped(rule.name.clone(), Vec::new(), &e));
+                        continue;
+                    }
+                };
             if matches.is_empty() {
                 matches.push($any);
             }
-            let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
-                Ok($filter!(f, at, $($rule_types),+))
-            })?;
-            let backends =
-                indexed(rule.backend_refs.as_ref(), &format!("{field}.backendRefs"), |b, at| {
-                    let filters = indexed(b.filters.as_ref(), &format!("{at}.filters"), |f, at| {
-                        Ok($backend_filter!(f, at, $($backend_types),+))
-                    })?;
-                    Ok(backend_ref!(b, b.weight, filters, at))
+            let rest = (|| {
+                let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
+                    Ok($filter!(f, at, $($rule_types),+))
                 })?;
-            let (timeouts, retry) = $timeouts_and_retry(rule, field)?;
-            Ok(Rule {
-                name: rule.name.clone(),
-                matches,
-                filters,
-                backends,
-                timeouts,
-                retry,
-            })
-        })
-    };
+                let backends =
+                    indexed(rule.backend_refs.as_ref(), &format!("{field}.backendRefs"), |b, at| {
+                        let filters = indexed(b.filters.as_ref(), &format!("{at}.filters"), |f, at| {
+                            Ok($backend_filter!(f, at, $($backend_types),+))
+                        })?;
+                        Ok(backend_ref!(b, b.weight, filters, at))
+                    })?;
+                let (timeouts, retry) = $timeouts_and_retry(rule, field)?;
+                Ok::<_, Invalid>((filters, backends, timeouts, retry))
+            })();
+            rules.push(match rest {
+                Ok((filters, backends, timeouts, retry)) => checked_rule(
+                    Rule {
+                        name: rule.name.clone(),
+                        matches,
+                        filters,
+                        backends,
+                        timeouts,
+                        retry,
+                        invalid: None,
+                    },
+                    field,
+                ),
+                Err(e) => Rule::dropped(rule.name.clone(), matches, &e),
+            });
+        }
+        rules
+    }};
 }
 
 fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<Meta, Invalid> {
@@ -844,7 +917,7 @@ fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Resul
     })
 }
 
-/// Checks that hold for every route kind: rule count, filter combinations.
+/// Checks on the whole route: rule and match counts (the CRD refuses more).
 fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
     if rules.len() > MAX_RULES {
         return Err(invalid(
@@ -862,84 +935,91 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
             format!("at most 128 matches in all rules are allowed, found {total}"),
         ));
     }
-    for (i, rule) in rules.iter().enumerate() {
-        let field = format!("spec.rules[{i}]");
-        if rule.matches.len() > MAX_MATCHES_PER_RULE {
-            return Err(invalid(
-                format!("{field}.matches"),
-                format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
-            ));
-        }
-        let count = |pred: fn(&Filter) -> bool| rule.filters.iter().filter(|f| pred(f)).count();
-        let redirects = count(|f| matches!(f, Filter::Redirect(_)));
-        let rewrites = count(|f| matches!(f, Filter::Rewrite(_)));
-        for (what, n) in [
-            ("RequestRedirect", redirects),
-            ("URLRewrite", rewrites),
-            (
-                "RequestHeaderModifier",
-                count(|f| matches!(f, Filter::RequestHeaders(_))),
-            ),
-            (
-                "ResponseHeaderModifier",
-                count(|f| matches!(f, Filter::ResponseHeaders(_))),
-            ),
-        ] {
-            if n > 1 {
-                return Err(invalid(
-                    format!("{field}.filters"),
-                    format!("{what} may appear at most once"),
-                ));
-            }
-        }
-        if redirects > 0 && rewrites > 0 {
-            return Err(invalid(
-                format!("{field}.filters"),
-                "RequestRedirect and URLRewrite cannot be combined",
-            ));
-        }
-        if redirects > 0 && !rule.backends.is_empty() {
-            return Err(invalid(
-                field.clone(),
-                "RequestRedirect filter must not be used together with backendRefs",
-            ));
-        }
-        let uses_prefix_replace = rule
-            .filters
-            .iter()
-            .chain(rule.backends.iter().flat_map(|b| &b.filters))
-            .any(|f| {
-                matches!(
-                    f,
-                    Filter::Redirect(RequestRedirect {
-                        path: Some(PathModifier::ReplacePrefixMatch(_)),
-                        ..
-                    }) | Filter::Rewrite(UrlRewrite {
-                        path: Some(PathModifier::ReplacePrefixMatch(_)),
-                        ..
-                    })
-                )
-            });
-        if uses_prefix_replace
-            && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_)))
-        {
+    Ok(())
+}
+
+/// The rule when its filter combination and match counts are allowed, else its dropped stand-in.
+fn checked_rule(rule: Rule, field: &str) -> Rule {
+    match check_rule(&rule, field) {
+        Ok(()) => rule,
+        Err(e) => Rule::dropped(rule.name, rule.matches, &e),
+    }
+}
+
+fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
+    if rule.matches.len() > MAX_MATCHES_PER_RULE {
+        return Err(invalid(
+            format!("{field}.matches"),
+            format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
+        ));
+    }
+    let count = |pred: fn(&Filter) -> bool| rule.filters.iter().filter(|f| pred(f)).count();
+    let redirects = count(|f| matches!(f, Filter::Redirect(_)));
+    let rewrites = count(|f| matches!(f, Filter::Rewrite(_)));
+    for (what, n) in [
+        ("RequestRedirect", redirects),
+        ("URLRewrite", rewrites),
+        (
+            "RequestHeaderModifier",
+            count(|f| matches!(f, Filter::RequestHeaders(_))),
+        ),
+        (
+            "ResponseHeaderModifier",
+            count(|f| matches!(f, Filter::ResponseHeaders(_))),
+        ),
+    ] {
+        if n > 1 {
             return Err(invalid(
                 format!("{field}.filters"),
-                "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
+                format!("{what} may appear at most once"),
             ));
         }
-        for count in rule
-            .matches
-            .iter()
-            .flat_map(|m| [m.headers.len(), m.query_params.len()])
-        {
-            if count > 16 {
-                return Err(invalid(
-                    format!("{field}.matches"),
-                    "at most 16 header or query parameter matches are allowed",
-                ));
-            }
-        }
+    }
+    if redirects > 0 && rewrites > 0 {
+        return Err(invalid(
+            format!("{field}.filters"),
+            "RequestRedirect and URLRewrite cannot be combined",
+        ));
+    }
+    if redirects > 0 && !rule.backends.is_empty() {
+        return Err(invalid(
+            field,
+            "RequestRedirect filter must not be used together with backendRefs",
+        ));
+    }
+    let uses_prefix_replace = rule
+        .filters
+        .iter()
+        .chain(rule.backends.iter().flat_map(|b| &b.filters))
+        .any(|f| {
+            matches!(
+                f,
+                Filter::Redirect(RequestRedirect {
+                    path: Some(PathModifier::ReplacePrefixMatch(_)),
+                    ..
+                }) | Filter::Rewrite(UrlRewrite {
+                    path: Some(PathModifier::ReplacePrefixMatch(_)),
+                    ..
+                })
+            )
+        });
+    if uses_prefix_replace
+        && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_)))
+    {
+        return Err(invalid(
+            format!("{field}.filters"),
+            "ReplacePrefixMatch requires exactly one match in the rule, with a PathPrefix path",
+        ));
+    }
+    if rule
+        .matches
+        .iter()
+        .any(|m| m.headers.len() > 16 || m.query_params.len() > 16)
+    {
+        return Err(invalid(
+            format!("{field}.matches"),
+            "at most 16 header or query parameter matches are allowed",
+        ));
     }
     Ok(())
 }
@@ -982,7 +1062,9 @@ fn indexed<T, U>(
         .collect()
 }
 
-/// The route from its converted parts, once its rules are checked together.
+/// The route from its converted parts, once its rules are checked together. A route none of
+/// whose rules converted is refused whole (its last good generation, if any, stays in use); one
+/// with some valid rules is served with the others dropped.
 fn assembled(
     kind: RouteKind,
     meta: Meta,
@@ -990,6 +1072,17 @@ fn assembled(
     rules: Vec<Rule>,
 ) -> Result<Route, Invalid> {
     check_rules(&rules)?;
+    if !rules.is_empty() && rules.iter().all(|r| r.invalid.is_some()) {
+        let reasons: Vec<String> = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some(format!("rule {i}: {}", r.invalid.as_ref()?)))
+            .collect();
+        return Err(invalid(
+            "spec.rules",
+            format!("no rule is valid ({})", reasons.join("; ")),
+        ));
+    }
     Ok(Route {
         kind,
         meta,
@@ -999,10 +1092,45 @@ fn assembled(
     .compacted())
 }
 
+/// Converts a route with `convert`; when that fails but the route's identity is known, the error
+/// carries a [`RefusedRoute`] for the route's status.
+fn refusable(
+    kind: RouteKind,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parent_refs: Result<Vec<ParentRef>, Invalid>,
+    convert: impl FnOnce(Meta, Vec<ParentRef>) -> Result<Route, Invalid>,
+) -> Result<Route, Invalid> {
+    let meta = meta(metadata)?;
+    let (key, generation) = (meta.key.clone(), meta.generation);
+    let known_parents = parent_refs.as_ref().cloned().unwrap_or_default();
+    parent_refs
+        .and_then(|refs| convert(meta, refs))
+        .map_err(|error| {
+            ObjectError::RouteRefused(Box::new(RefusedRoute {
+                key: RouteKey { kind, key },
+                generation,
+                parent_refs: known_parents,
+                reason: error.to_string(),
+            }))
+        })
+}
+
 pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
+    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref());
+    refusable(
+        RouteKind::Http,
+        &route.metadata,
+        parent_refs,
+        |meta, refs| http_route_body(route, meta, refs),
+    )
+}
+
+fn http_route_body(
+    route: &http_api::HttpRoute,
+    meta: Meta,
+    parent_refs: Vec<ParentRef>,
+) -> Result<Route, Invalid> {
     use http_api::*;
-    let meta = meta(&route.metadata)?;
-    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
     let rules = route_rules!(
         route.spec.rules.as_ref(),
         match: http_match,
@@ -1020,7 +1148,7 @@ pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
             HttpRouteRulesBackendRefsFiltersUrlRewritePathType
         ),
         timeouts and retry: http_timeouts_and_retry
-    )?;
+    );
     assembled(RouteKind::Http, meta, parent_refs, rules)
 }
 
@@ -1144,9 +1272,21 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
 }
 
 pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
+    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref());
+    refusable(
+        RouteKind::Grpc,
+        &route.metadata,
+        parent_refs,
+        |meta, refs| grpc_route_body(route, meta, refs),
+    )
+}
+
+fn grpc_route_body(
+    route: &grpc::GrpcRoute,
+    meta: Meta,
+    parent_refs: Vec<ParentRef>,
+) -> Result<Route, Invalid> {
     use grpc::*;
-    let meta = meta(&route.metadata)?;
-    let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref())?;
     let rules = route_rules!(
         route.spec.rules.as_ref(),
         match: grpc_match,
@@ -1160,7 +1300,7 @@ pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
         filter: common_filter!(GrpcRouteRulesFiltersType),
         backend filter: common_filter!(GrpcRouteRulesBackendRefsFiltersType),
         timeouts and retry: |_, _| Ok((Timeouts::default(), None))
-    )?;
+    );
     assembled(RouteKind::Grpc, meta, parent_refs, rules)
 }
 

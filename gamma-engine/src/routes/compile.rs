@@ -177,5 +177,6 @@ fn compile_rule(
         cumulative_weights,
         timeouts: rule.timeouts.clone(),
         retry: rule.retry.clone(),
+        invalid: rule.invalid.clone(),
     }
 }

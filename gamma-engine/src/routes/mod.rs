@@ -229,6 +229,8 @@ pub struct CompiledRule {
     pub cumulative_weights: Vec<u64>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    /// A dropped rule's reason (`Rule::invalid`): its requests get 500.
+    pub invalid: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -271,6 +273,8 @@ pub enum LocalResponse {
     UnresolvedBackend(BackendError),
     #[error("filter {0} is not supported by this mesh; the rule cannot be served")]
     UnsupportedFilter(String),
+    #[error("the matched rule is invalid and dropped until it is fixed: {0}")]
+    InvalidRule(String),
 }
 
 impl LocalResponse {
@@ -326,6 +330,9 @@ impl CompiledRule {
         listener_port: u16,
         random: u64,
     ) -> Plan<'_> {
+        if let Some(reason) = &self.invalid {
+            return Plan::Respond(LocalResponse::InvalidRule(reason.clone()));
+        }
         let mut run = FilterRun {
             parts,
             matched: &matched.path,

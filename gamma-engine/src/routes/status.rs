@@ -2,7 +2,7 @@
 
 use super::compile::{groups, winning_kind};
 use super::{backends, World};
-use crate::model::{ParentRef, Route, RouteKind};
+use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 
 /// Our `controllerName` in route status.
@@ -45,12 +45,33 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         observed_generation: generation,
     };
     let resolved = resolved_refs(route, world);
+    let dropped: Vec<String> = route
+        .rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, rule)| {
+            let why = rule.dropped_because()?;
+            let name = rule
+                .name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            Some(format!("Dropped Rule {i}{name}: {why}"))
+        })
+        .collect();
+    let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
     route
         .parent_refs
         .iter()
         .filter_map(|parent| {
             let key = parent.service(&route.meta.key.namespace)?;
-            let (accepted, reason, message) = accepted(route, parent, &key, world);
+            let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
+            // The spec: a route none of whose rules is valid is not Accepted; one with some
+            // valid rules is, and says which rules it dropped.
+            if accepted && no_valid_rule {
+                (accepted, reason) = (false, "UnsupportedValue");
+                message = format!("no rule of this route is valid. {}", dropped.join(". "));
+            }
             let resolved = match &resolved {
                 Ok(()) => condition(
                     "ResolvedRefs",
@@ -60,11 +81,53 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 ),
                 Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string()),
             };
+            let mut conditions = vec![condition("Accepted", accepted, reason, message), resolved];
+            if accepted && !dropped.is_empty() {
+                // Set only as True (the spec); its message starts with "Dropped Rule".
+                conditions.push(condition(
+                    "PartiallyInvalid",
+                    true,
+                    "UnsupportedValue",
+                    dropped.join(". "),
+                ));
+            }
             Some(ParentStatus {
                 parent_ref: parent.clone(),
                 controller_name: CONTROLLER_NAME,
-                conditions: vec![condition("Accepted", accepted, reason, message), resolved],
+                conditions,
             })
+        })
+        .collect()
+}
+
+/// The status of a route whose newest generation was refused: not Accepted at that generation,
+/// saying whether an older generation is still served.
+pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<ParentStatus> {
+    let still = match served {
+        Some(route) => format!(
+            "generation {} stays in use until this is fixed",
+            route.meta.generation
+        ),
+        None => "nothing of this route is in use until it is fixed".to_string(),
+    };
+    let message = format!(
+        "generation {} is invalid: {}; {still}",
+        refused.generation, refused.reason
+    );
+    refused
+        .parent_refs
+        .iter()
+        .filter(|p| p.service(&refused.key.key.namespace).is_some())
+        .map(|parent| ParentStatus {
+            parent_ref: parent.clone(),
+            controller_name: CONTROLLER_NAME,
+            conditions: vec![Condition {
+                type_: "Accepted",
+                status: "False",
+                reason: "UnsupportedValue",
+                message: message.clone(),
+                observed_generation: refused.generation,
+            }],
         })
         .collect()
 }

@@ -88,7 +88,9 @@ impl LocalAnswer {
             LocalAnswer::Rule(LocalResponse::Redirect { .. } | LocalResponse::Preflight(_)) => {
                 return None
             }
-            LocalAnswer::Rule(LocalResponse::UnsupportedFilter(_)) => GrpcStatus::Internal,
+            LocalAnswer::Rule(
+                LocalResponse::UnsupportedFilter(_) | LocalResponse::InvalidRule(_),
+            ) => GrpcStatus::Internal,
             LocalAnswer::Rule(_)
             | LocalAnswer::UnknownFrontend(_)
             | LocalAnswer::NoReadyEndpoint(_)

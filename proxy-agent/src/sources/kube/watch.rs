@@ -216,6 +216,12 @@ impl KindState {
                     error = %e,
                     "invalid object: {kept} until it is fixed"
                 );
+                // A route's status says so (known: a later delete clears it).
+                if let Some(refused) = e.refused_route() {
+                    self.known.insert(key);
+                    self.send(Update::Apply(Object::RefusedRoute(refused.clone())))
+                        .await?;
+                }
             }
         }
         Ok(())

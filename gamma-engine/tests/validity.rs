@@ -1,0 +1,254 @@
+//! Route validity as `kubectl get httproute -o yaml` shows it and as requests see it: invalid
+//! rules dropped (PartiallyInvalid) without handing their requests to another rule, a route
+//! with no valid rule refused whole, and a refused edit reported at its own generation while
+//! the last good generation keeps serving.
+
+use gamma_engine::index::Index;
+use gamma_engine::model::{Object, ObjectKey};
+use gamma_engine::routes::status::ParentStatus;
+use gamma_engine::routes::{Decision, LocalResponse, Plan, RequestHead};
+use http::{HeaderMap, Method};
+use serde_json::{json, Value};
+
+fn service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "front", "namespace": "ns"},
+        "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80}]}
+    })
+}
+
+fn backend_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "back", "namespace": "ns"},
+        "spec": {"clusterIP": "10.96.0.2", "ports": [{"name": "http", "port": 80}]}
+    })
+}
+
+fn route(generation: i64, rules: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "ns", "generation": generation},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+            "rules": rules,
+        }
+    })
+}
+
+/// The object as a source hands it to the index: a refused route as its refusal.
+fn object(value: Value) -> Object {
+    match Object::from_value(value) {
+        Ok(object) => object,
+        Err(e) => Object::RefusedRoute(
+            e.refused_route()
+                .unwrap_or_else(|| panic!("not a refused route: {e}"))
+                .clone(),
+        ),
+    }
+}
+
+fn index_with(route_value: Value) -> Index {
+    let mut index = Index::new();
+    for value in [service(), backend_service(), route_value] {
+        index.apply(object(value));
+    }
+    index.publish();
+    index
+}
+
+fn route_status(index: &Index) -> Vec<ParentStatus> {
+    index
+        .snapshot()
+        .statuses
+        .get("HTTPRoute ns/r")
+        .map(|s| s.to_vec())
+        .unwrap_or_default()
+}
+
+fn condition<'a>(
+    status: &'a [ParentStatus],
+    type_: &str,
+) -> Option<&'a gamma_engine::routes::status::Condition> {
+    status.first().and_then(|p| p.condition(type_))
+}
+
+/// What the rule matched by `path` answers: the backend it forwards to, or its local answer.
+fn answer(index: &Index, path: &str) -> String {
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 80)
+        .expect("front is routed");
+    let headers = HeaderMap::new();
+    let head = RequestHead {
+        method: &Method::GET,
+        path,
+        query: None,
+        headers: &headers,
+        authority: Some("front"),
+    };
+    match frontend.lookup(None, &head) {
+        Decision::Direct(_) => "direct".into(),
+        Decision::NoMatchingRule => "no rule".into(),
+        Decision::Rule { rule, matched } => {
+            let (mut parts, ()) = http::Request::get(path).body(()).unwrap().into_parts();
+            match rule.plan(&mut parts, matched, 80, 0) {
+                Plan::Forward(_) => format!("rule {} forwards", rule.index),
+                Plan::Respond(LocalResponse::InvalidRule(why)) => {
+                    format!("rule {} answers 500: {why}", rule.index)
+                }
+                Plan::Respond(other) => format!("rule {} answers {}", rule.index, other.status()),
+            }
+        }
+    }
+}
+
+#[test]
+fn invalid_rules_are_dropped_and_their_requests_get_500() {
+    let index = index_with(route(
+        3,
+        json!([
+            // 0: valid, and a prefix that would otherwise catch everything.
+            {"backendRefs": [{"name": "back", "port": 80}]},
+            // 1: its match does not convert: it matches nothing.
+            {"matches": [{"path": {"type": "RegularExpression", "value": "/(unclosed"}}],
+             "backendRefs": [{"name": "back", "port": 80}]},
+            // 2: its filter is invalid: its matches still claim their requests.
+            {"name": "moved", "matches": [{"path": {"type": "Exact", "value": "/moved"}}],
+             "filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 399}}]},
+        ]),
+    ));
+    assert_eq!(answer(&index, "/anything"), "rule 0 forwards");
+    let moved = answer(&index, "/moved");
+    assert!(
+        moved.starts_with("rule 2 answers 500") && moved.contains("statusCode"),
+        "{moved}"
+    );
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!((accepted.status, accepted.observed_generation), ("True", 3));
+    let partially = condition(&status, "PartiallyInvalid").expect("PartiallyInvalid is set");
+    assert_eq!(partially.status, "True");
+    assert!(
+        partially.message.starts_with("Dropped Rule 1: "),
+        "{}",
+        partially.message
+    );
+    assert!(
+        partially.message.contains("regular expression"),
+        "{}",
+        partially.message
+    );
+    assert!(
+        partially.message.contains("Dropped Rule 2 (moved): "),
+        "{}",
+        partially.message
+    );
+    assert!(
+        !partially.message.contains("Rule 0"),
+        "{}",
+        partially.message
+    );
+}
+
+#[test]
+fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
+    let all_invalid = route(
+        2,
+        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+                "backendRefs": [{"name": "back", "port": 80}]}]),
+    );
+    // Never valid: nothing served, the status says why at generation 2.
+    let index = index_with(all_invalid.clone());
+    assert!(index
+        .snapshot()
+        .frontend_of(&ObjectKey::new("ns", "front"), 80)
+        .is_none_or(|f| !f.has_routes()));
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (
+            accepted.status,
+            accepted.reason,
+            accepted.observed_generation
+        ),
+        ("False", "UnsupportedValue", 2)
+    );
+    assert!(
+        accepted.message.contains("no rule is valid"),
+        "{}",
+        accepted.message
+    );
+    assert!(
+        accepted.message.contains("nothing of this route is in use"),
+        "{}",
+        accepted.message
+    );
+
+    // An invalid edit of a good route: generation 1 keeps serving, generation 2 is reported.
+    let good = route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
+    let mut index = index_with(good);
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    index.apply(object(all_invalid));
+    assert!(index.publish(), "the status changed");
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.observed_generation),
+        ("False", 2)
+    );
+    assert!(
+        accepted.message.contains("generation 1 stays in use"),
+        "{}",
+        accepted.message
+    );
+
+    // Fixed at generation 3: accepted again, the refusal gone.
+    index.apply(object(route(
+        3,
+        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+    )));
+    index.publish();
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!((accepted.status, accepted.observed_generation), ("True", 3));
+    assert!(condition(&status, "PartiallyInvalid").is_none());
+
+    // Deleted: no status left.
+    index.delete(&object(route(3, json!([]))).reference());
+    index.publish();
+    assert!(route_status(&index).is_empty());
+}
+
+#[test]
+fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
+    let index = index_with(route(
+        1,
+        json!([{"filters": [{"type": "ExtensionRef",
+                             "extensionRef": {"group": "example.com", "kind": "Auth", "name": "x"}}],
+                "backendRefs": [{"name": "back", "port": 80}]}]),
+    ));
+    assert_eq!(
+        answer(&index, "/x"),
+        "rule 0 answers 500 Internal Server Error"
+    );
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        ("False", "UnsupportedValue")
+    );
+    assert!(
+        accepted
+            .message
+            .contains("Dropped Rule 0: filter ExtensionRef"),
+        "{}",
+        accepted.message
+    );
+    assert!(
+        condition(&status, "PartiallyInvalid").is_none(),
+        "set only when some rule is valid"
+    );
+}

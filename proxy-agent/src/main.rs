@@ -28,10 +28,15 @@ struct Cli {
     /// in-cluster ServiceAccount) and write route status while holding the status lease.
     #[arg(long)]
     kube: bool,
-    /// This node's name (default: $NODE_NAME, from the downward API): only its Pods are watched,
-    /// and it is the agent's identity in the status lease.
+    /// This node's name (default: $NODE_NAME, from the downward API): only its Pods are watched.
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// This agent's Pod name (default: $POD_NAME, from the downward API): its identity in the
+    /// status lease. Not the node's name: during a DaemonSet surge an old and a new agent run on
+    /// one node, and only one of them may write status. Outside a Pod: the host name and the
+    /// process ID.
+    #[arg(long, value_name = "NAME")]
+    pod_name: Option<String>,
     /// Namespace of the status lease (default: $POD_NAMESPACE, else gamma-system).
     #[arg(long, value_name = "NS")]
     lease_namespace: Option<String>,
@@ -213,7 +218,7 @@ fn main() -> Result<()> {
                         .or_else(|| env("POD_NAMESPACE"))
                         .unwrap_or_else(|| "gamma-system".into()),
                     lease_name: cli.lease_name,
-                    identity: node_name.clone(),
+                    identity: cli.pod_name.or_else(|| env("POD_NAME")),
                 },
                 source: KubeConfig { node_name },
             }

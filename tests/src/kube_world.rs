@@ -7,7 +7,7 @@ use crate::loopback::{agent_binary, free_port, http_get, http_get_full, TempDir}
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -97,16 +97,22 @@ pub struct KubeAgent {
 }
 
 impl KubeAgent {
-    /// Starts `proxy-agent --kube` as `node`, presenting `token` to the API server, with an
-    /// explicit listener for `shop/front:80`. Does not wait.
+    /// Starts `proxy-agent --kube` as `node` (its Pod named after the node), presenting `token`
+    /// to the API server, with an explicit listener for `shop/front:80`. Does not wait.
     pub fn spawn(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
         let dir = TempDir::new("kube-agent");
         let kubeconfig = api.kubeconfig(&dir.0, token);
+        KubeAgent::spawn_with(dir, &kubeconfig, node, node)
+    }
+
+    /// Starts `proxy-agent --kube` as Pod `pod` on `node`, with the API server of `kubeconfig`.
+    pub fn spawn_with(dir: TempDir, kubeconfig: &Path, node: &str, pod: &str) -> KubeAgent {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.0.join("agent.log");
         let child = Command::new(agent_binary())
-            .args(["--kube", "--node-name", node, "--lease-namespace", LEASE_NS])
+            .args(["--kube", "--node-name", node, "--pod-name", pod])
+            .args(["--lease-namespace", LEASE_NS])
             .arg("--admin")
             .arg(admin.to_string())
             .arg("--listen")
@@ -114,6 +120,7 @@ impl KubeAgent {
             .args(["--caller-namespace", NS, "--drain-timeout-s", "1"])
             .env("KUBECONFIG", kubeconfig)
             .env_remove("NODE_NAME")
+            .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
             .env(
                 "RUST_LOG",
@@ -133,7 +140,12 @@ impl KubeAgent {
     }
 
     pub fn start(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
-        let agent = KubeAgent::spawn(api, node, token);
+        KubeAgent::spawn(api, node, token).until_ready(node)
+    }
+
+    /// Waits until the agent reports ready.
+    pub fn until_ready(self, node: &str) -> KubeAgent {
+        let agent = self;
         let (_, took) = eventually("the agent is ready", || {
             (agent.ready().0 == 200).then_some(())
         });

@@ -8,7 +8,7 @@
 
 use gamma_tests::fake_apiserver::{FakeApiServer, Recorded};
 use gamma_tests::kube_world::*;
-use gamma_tests::loopback::{agent_binary, echo_backend, http_get_full};
+use gamma_tests::loopback::{agent_binary, echo_backend, http_get_full, TempDir};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -539,6 +539,65 @@ async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
     table(&b, "b's table follows generation 4", |d| {
         d["statuses"]["HTTPRoute shop/to-back"][0]["conditions"][1]["observedGeneration"] == 4
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_surge_the_old_and_new_agent_of_one_node_never_both_lead() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let by = |token: &str| format!("Bearer {token}");
+    let agent = |pod: &str| {
+        let dir = TempDir::new("surge");
+        let kubeconfig = api.kubeconfig(&dir.0, pod);
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", pod).until_ready("node-a")
+    };
+    let mut old = agent("gamma-node-old");
+    eventually("the old agent holds the lease", || {
+        (lease_holder(&api).as_deref() == Some("gamma-node-old")).then_some(())
+    });
+    // The new Pod of the DaemonSet starts on the same node while the old one still runs.
+    let new = agent("gamma-node-new");
+    eventually("the new agent reads the lease", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "leases" && r.authorization == Some(by("gamma-node-new")))
+            .then_some(())
+    });
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "missing"));
+    eventually("the old agent writes generation 2", || {
+        status_patches(&api.requests()[before..])
+            .iter()
+            .any(|r| r.authorization == Some(by("gamma-node-old")))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let writers: BTreeSet<Option<String>> = status_patches(&api.requests())
+        .iter()
+        .map(|r| r.authorization.clone())
+        .collect();
+    assert_eq!(
+        writers,
+        BTreeSet::from([Some(by("gamma-node-old"))]),
+        "only the lease holder writes"
+    );
+    assert_eq!(lease_holder(&api).as_deref(), Some("gamma-node-old"));
+
+    // The old Pod goes: the new one leads.
+    old.terminate();
+    eventually("the new agent holds the lease", || {
+        (lease_holder(&api).as_deref() == Some("gamma-node-new")).then_some(())
+    });
+    let before = api.request_count();
+    api.apply(route("HTTPRoute", "to-back", "front", "back"));
+    let (patch, _) = eventually("the new agent writes generation 3", || {
+        status_patches(&api.requests()[before..])
+            .first()
+            .map(|r| (*r).clone())
+    });
+    assert_eq!(patch.authorization, Some(by("gamma-node-new")));
+    drop(new);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

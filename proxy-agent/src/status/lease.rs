@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch};
 pub struct LeaseConfig {
     pub namespace: String,
     pub name: String,
-    /// This agent's identity (its node name).
+    /// This agent's identity (its Pod name).
     pub identity: String,
     pub duration: Duration,
     pub renew_deadline: Duration,

@@ -26,7 +26,7 @@ use writer::Writer;
 pub struct StatusConfig {
     pub lease_namespace: String,
     pub lease_name: String,
-    /// This agent's name in the lease: the node name, else the host name.
+    /// This agent's name in the lease: its Pod name, else the host name and process ID.
     pub identity: Option<String>,
 }
 
@@ -43,7 +43,9 @@ pub fn spawn(
     config: StatusConfig,
     published: watch::Receiver<Published>,
 ) -> StatusHandle {
-    let identity = config.identity.unwrap_or_else(host_name);
+    let identity = config
+        .identity
+        .unwrap_or_else(|| format!("{}/{}", host_name(), std::process::id()));
     let lease = LeaseConfig::new(config.lease_namespace, config.lease_name, identity);
     let (elector, leader) = Elector::new(client.clone(), lease);
     let (stop, stopped) = oneshot::channel();

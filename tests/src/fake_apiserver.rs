@@ -129,6 +129,17 @@ struct Serving {
     connections: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
+/// A kubeconfig for a plain-HTTP API server at `addr` whose user presents `token` (recorded by the
+/// fake as `Bearer TOKEN`).
+pub fn kubeconfig_for(addr: SocketAddr, dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join(format!("kubeconfig-{token}"));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n    namespace: default\ncurrent-context: fake\n",
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
@@ -159,13 +170,7 @@ impl FakeApiServer {
 
     /// A kubeconfig for this server whose user presents `token` (recorded as `Bearer TOKEN`).
     pub fn kubeconfig(&self, dir: &Path, token: &str) -> PathBuf {
-        let path = dir.join(format!("kubeconfig-{token}"));
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n    namespace: default\ncurrent-context: fake\n",
-            self.addr
-        );
-        std::fs::write(&path, text).expect("write kubeconfig");
-        path
+        kubeconfig_for(self.addr, dir, token)
     }
 
     fn serve(&self, listener: tokio::net::TcpListener) {

@@ -14,6 +14,7 @@ pub mod loopback;
 pub mod node;
 pub mod peers;
 pub mod probe;
+pub mod real_apiserver;
 pub mod scenario;
 pub mod soak;
 

@@ -141,12 +141,17 @@ fn test(extra: &[String]) -> Result<()> {
         for line in skipped.lines() {
             eprintln!("  - {line}");
         }
-        // CI runs as root on a machine that has everything: a skip there is a lost layer.
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        // CI runs as root on a machine that has everything: a skip there is a lost layer,
+        // unless what is missing comes from outside the project and was recorded as such (the
+        // real API server, built from Debian's moving unstable suite).
+        let lost = skipped
+            .lines()
+            .filter(|l| !l.contains("[external]"))
+            .count();
+        if lost > 0 && std::env::var("CI").is_ok_and(|v| v == "true") {
             result = result.and(Err(anyhow::anyhow!(
-                "{} test layer(s) skipped under CI=true: CI must run every layer (as root, \
-                 after `cargo xtask setup`)",
-                skipped.lines().count()
+                "{lost} test layer(s) skipped under CI=true: CI must run every layer (as root, \
+                 after `cargo xtask setup`)"
             )));
         }
     }

@@ -38,6 +38,10 @@ pub fn run() -> Result<()> {
         "Python peers: grpcio (gRPC C-core) and h2, in a venv (for the real-peer tests)",
         peers_venv,
     )?;
+    step(
+        "a real Kubernetes API server for the Gateway API kinds (for the real-API-server tests)",
+        real_apiserver,
+    )?;
     eprintln!("setup complete: `cargo build` now builds the agent with its eBPF object embedded");
     Ok(())
 }
@@ -234,6 +238,40 @@ fn peers_venv() -> Result<()> {
             .args(PEER_PACKAGES),
     )
     .context("pip install failed: check access to PyPI")
+}
+
+/// Where the real API server is built and cached (`tests/src/real_apiserver.rs` reads it there).
+const REAL_APISERVER: &str = "/var/cache/gamma-node/real-apiserver";
+
+/// Builds `../shared/tools/real-apiserver/` once per machine. Its sources come from Debian's
+/// unstable suite, which moves: a failed build does not fail setup, it is recorded in
+/// `build-failed` and the tests report their tier as skipped with that reason.
+fn real_apiserver() -> Result<()> {
+    let dir = Path::new(REAL_APISERVER);
+    let failed = dir.join("build-failed");
+    if dir.join("crdserver").exists() && dir.join("gort/root/usr/bin/etcd").exists() {
+        eprintln!("    already built in {REAL_APISERVER}");
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let script = util::workspace_root().join("../shared/tools/real-apiserver/build.sh");
+    match run_command(Command::new("bash").arg(&script).env("W", dir)) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&failed);
+            Ok(())
+        }
+        Err(e) => {
+            let reason = format!(
+                "[external] {} failed: {e:#} (Debian's unstable packages may have moved; see target/xtask/setup.log)",
+                script.display()
+            );
+            std::fs::write(&failed, &reason)?;
+            util::warn(&format!(
+                "the real API server tier will be skipped: {reason}"
+            ));
+            Ok(())
+        }
+    }
 }
 
 fn cargo_home() -> PathBuf {

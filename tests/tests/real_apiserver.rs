@@ -1,0 +1,371 @@
+//! `proxy-agent --kube` against a real API server for the Gateway API kinds (apiextensions-apiserver
+//! on etcd, with the upstream CRDs; see `tests/src/real_apiserver.rs`), the core kinds and the
+//! lease staying with the in-process fake behind one front. Routes are created, edited and
+//! deleted under watch; the server's defaulting gives the route the manifest loader gives; a
+//! route the server refuses never arrives; status is written by server-side apply against the
+//! resourceVersion it was computed from, re-read after a genuine 409, and another field
+//! manager's entry is kept; invalid rules and invalid edits reach status; the lease moves.
+//!
+//! Skipped, with the reason, when the server is not built (`cargo xtask setup` builds it).
+
+use gamma_engine::model::Object;
+use gamma_tests::fake_apiserver::FakeApiServer;
+use gamma_tests::kube_world::*;
+use gamma_tests::loopback::{echo_backend, TempDir};
+use gamma_tests::real_apiserver::{ApiFront, RealApiServer};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const CONTROLLER: &str = "gamma-node.dev/agent";
+const OTHER_CONTROLLER: &str = "example.com/other-mesh";
+
+fn http_routes(real: &RealApiServer) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute");
+    Api::namespaced_with(
+        real.client.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(&gvk, "httproutes"),
+    )
+}
+
+fn dynamic(value: &Value) -> DynamicObject {
+    serde_json::from_value(value.clone()).expect("a Kubernetes object")
+}
+
+/// The route as stored, with the type meta lists leave out.
+async fn stored(routes: &Api<DynamicObject>, name: &str) -> Value {
+    let mut value = serde_json::to_value(routes.get(name).await.expect("get the route")).unwrap();
+    value["apiVersion"] = "gateway.networking.k8s.io/v1".into();
+    value["kind"] = "HTTPRoute".into();
+    value
+}
+
+/// Polls the real server until `check` holds for the route (10 s).
+async fn until_route(
+    routes: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let value = stored(routes, name).await;
+        if check(&value) {
+            return value;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "not within {LIMIT:?}: {what}; route: {value:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn entry<'a>(route: &'a Value, controller: &str) -> Option<&'a Value> {
+    route["status"]["parents"]
+        .as_array()?
+        .iter()
+        .find(|p| p["controllerName"] == controller)
+}
+
+fn condition<'a>(route: &'a Value, type_: &str) -> Option<&'a Value> {
+    entry(route, CONTROLLER)?["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn holds(route: &Value, type_: &str, status: &str, generation: i64) -> bool {
+    condition(route, type_)
+        .is_some_and(|c| c["status"] == status && c["observedGeneration"] == generation)
+}
+
+/// Replaces the route's spec (a new generation).
+async fn edit(routes: &Api<DynamicObject>, name: &str, rules: Value) -> i64 {
+    let mut value = stored(routes, name).await;
+    value["spec"]["rules"] = rules;
+    let replaced = routes
+        .replace(name, &PostParams::default(), &dynamic(&value))
+        .await
+        .expect("replace the route");
+    replaced.metadata.generation.expect("a generation")
+}
+
+fn rule_to(backend: &str) -> Value {
+    json!({"backendRefs": [{"name": backend, "port": 80}]})
+}
+
+/// Another mesh's entry in `status.parents`, written by server-side apply under its own field
+/// manager, as a second controller would: the whole list (ours kept) against the
+/// resourceVersion it read.
+async fn write_other_controllers_entry(routes: &Api<DynamicObject>, name: &str, message: &str) {
+    let current = stored(routes, name).await;
+    let mut parents: Vec<Value> = current["status"]["parents"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p["controllerName"] != OTHER_CONTROLLER)
+        .collect();
+    parents.push(json!({
+        "parentRef": {"group": "", "kind": "Service", "name": "front", "port": 80},
+        "controllerName": OTHER_CONTROLLER,
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": message, "observedGeneration": current["metadata"]["generation"],
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }));
+    let body = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": NS,
+                     "resourceVersion": current["metadata"]["resourceVersion"]},
+        "status": {"parents": parents},
+    });
+    routes
+        .patch_status(
+            name,
+            &PatchParams::apply("other-mesh").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .expect("the other controller's status write");
+}
+
+/// A route with the fields the CRD defaults left out (match type, header match type, backendRef
+/// group/kind/weight, redirect status code, the matches of a rule without any).
+fn route_with_defaults_left_out(backend_port: u16) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "to-back", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+            "rules": [
+                {"matches": [{"path": {"value": "/v2"}, "headers": [{"name": "x-version", "value": "2"}]}],
+                 "backendRefs": [{"name": "back", "port": 80}]},
+                {"matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                 "filters": [{"type": "RequestRedirect",
+                              "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}}}]},
+                {"backendRefs": [{"name": "back", "port": 80}],
+                 "filters": [{"type": "RequestHeaderModifier",
+                              "requestHeaderModifier": {"set": [{"name": "x-port", "value": backend_port.to_string()}]}}]},
+            ],
+        },
+    })
+}
+
+fn converted(value: Value) -> gamma_engine::model::Route {
+    match Object::from_value(value) {
+        Ok(Object::Route(route)) => route,
+        other => panic!("not a route: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_and_status_against_a_real_api_server() {
+    let started = Instant::now();
+    let real = match RealApiServer::start().await {
+        Ok(real) => real,
+        Err(why) => {
+            gamma_tests::skip("real_apiserver", &why);
+            return;
+        }
+    };
+    let crds = gamma_tests::shared_dir().join("gateway-api-crds");
+    for file in [
+        "experimental-httproutes.yaml",
+        "experimental-grpcroutes.yaml",
+    ] {
+        real.install_crds(&crds.join(file))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", real.log()));
+    }
+    eprintln!(
+        "timing: real API server up with the CRDs in {:?}",
+        started.elapsed()
+    );
+
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    api.apply(service("front", "10.96.0.10", 8080, None));
+    api.apply(service("back", "10.96.0.11", back.addr.port(), None));
+    api.apply(slice("back", back.addr));
+    api.apply(pod("client", "node-a", "10.244.0.5"));
+    let front = ApiFront::start(&api, &real).await;
+    let api_routes = http_routes(&real);
+
+    // Created under watch; the server's defaults give the route the manifest loader gives.
+    let manifest = route_with_defaults_left_out(back.addr.port());
+    api_routes
+        .create(&PostParams::default(), &dynamic(&manifest))
+        .await
+        .expect("create the route");
+    let agent_a = {
+        let dir = TempDir::new("real-api");
+        let kubeconfig = front.kubeconfig(&dir.0, "a");
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", "agent-a").until_ready("node-a")
+    };
+    let server_copy = stored(&api_routes, "to-back").await;
+    assert_eq!(
+        server_copy["spec"]["rules"][2]["matches"][0]["path"],
+        json!({"type": "PathPrefix", "value": "/"}),
+        "the server defaulted the match"
+    );
+    let (mut from_server, from_manifest) = (converted(server_copy), converted(manifest));
+    from_server.meta = from_manifest.meta.clone();
+    assert_eq!(
+        from_server, from_manifest,
+        "server defaults = loader defaults"
+    );
+    table(&agent_a, "the route is in the table", |d| {
+        routes(d).contains("HTTPRoute shop/to-back")
+    });
+    assert_eq!(agent_a.answered_by().as_deref(), Some("back"));
+
+    // A route the server refuses never arrives.
+    let mut refused = route("HTTPRoute", "negative", "front", "back");
+    refused["spec"]["rules"][0]["backendRefs"][0]["weight"] = (-1).into();
+    match api_routes
+        .create(&PostParams::default(), &dynamic(&refused))
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 422, "{status:?}"),
+        other => panic!("the server should refuse a negative weight: {other:?}"),
+    }
+
+    // Status by server-side apply under our field manager.
+    let written = until_route(&api_routes, "to-back", "Accepted at generation 1", |r| {
+        holds(r, "Accepted", "True", 1) && holds(r, "ResolvedRefs", "True", 1)
+    })
+    .await;
+    let managers: Vec<&str> = written["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["subresource"] == "status")
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert_eq!(managers, ["gamma-node"], "{written:#}");
+
+    // Another controller's entry is kept when ours is rewritten (generation 2).
+    write_other_controllers_entry(&api_routes, "to-back", "first").await;
+    let generation = edit(
+        &api_routes,
+        "to-back",
+        json!([rule_to("back"), rule_to("back")]),
+    )
+    .await;
+    let after = until_route(&api_routes, "to-back", "Accepted at generation 2", |r| {
+        holds(r, "Accepted", "True", generation)
+    })
+    .await;
+    assert_eq!(
+        entry(&after, OTHER_CONTROLLER).unwrap()["conditions"][0]["message"],
+        "first"
+    );
+
+    // A genuine 409: the other controller writes between our read and our write. The front
+    // holds our write until it has; the server refuses it; we read again and write again.
+    let before = front.relayed().len();
+    let mut held = front.hold_next_status_write();
+    let generation = edit(&api_routes, "to-back", json!([rule_to("back")])).await;
+    assert!(
+        held.arrived(LIMIT).await,
+        "our status write for generation {generation}"
+    );
+    write_other_controllers_entry(&api_routes, "to-back", "second").await;
+    held.release();
+    let after = until_route(
+        &api_routes,
+        "to-back",
+        "Accepted at generation 3 after a 409",
+        |r| holds(r, "Accepted", "True", generation),
+    )
+    .await;
+    assert_eq!(
+        entry(&after, OTHER_CONTROLLER).unwrap()["conditions"][0]["message"],
+        "second",
+        "the entry written in between is kept"
+    );
+    let status_calls: Vec<(String, u16)> = front.relayed()[before..]
+        .iter()
+        .filter(|(_, path, _)| path.ends_with("/to-back/status"))
+        .map(|(method, _, status)| (method.clone(), *status))
+        .collect();
+    assert_eq!(
+        status_calls[..3],
+        [
+            ("PATCH".into(), 409),
+            ("GET".into(), 200),
+            ("PATCH".into(), 200)
+        ],
+        "{status_calls:?}"
+    );
+
+    // Invalid rules: dropped and named (the server cannot check a regular expression).
+    let bad_regex = json!({"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+                           "backendRefs": [{"name": "back", "port": 80}]});
+    let generation = edit(
+        &api_routes,
+        "to-back",
+        json!([rule_to("back"), bad_regex.clone()]),
+    )
+    .await;
+    let partial = until_route(&api_routes, "to-back", "PartiallyInvalid", |r| {
+        holds(r, "Accepted", "True", generation) && holds(r, "PartiallyInvalid", "True", generation)
+    })
+    .await;
+    let message = condition(&partial, "PartiallyInvalid").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.starts_with("Dropped Rule 1: "), "{message}");
+
+    // An edit with no valid rule: refused at its generation, the last good one still serves.
+    let good = generation;
+    let generation = edit(&api_routes, "to-back", json!([bad_regex])).await;
+    let refused = until_route(
+        &api_routes,
+        "to-back",
+        "Accepted=False for the refused edit",
+        |r| holds(r, "Accepted", "False", generation),
+    )
+    .await;
+    let message = condition(&refused, "Accepted").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!("generation {good} stays in use")),
+        "{message}"
+    );
+    assert_eq!(agent_a.answered_by().as_deref(), Some("back"));
+
+    // The lease moves: b writes once a is gone.
+    let agent_b = {
+        let dir = TempDir::new("real-api");
+        let kubeconfig = front.kubeconfig(&dir.0, "b");
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-b", "agent-b").until_ready("node-b")
+    };
+    let mut agent_a = agent_a;
+    agent_a.terminate();
+    let generation = edit(&api_routes, "to-back", json!([rule_to("missing")])).await;
+    let moved = until_route(&api_routes, "to-back", "agent b writes", |r| {
+        holds(r, "ResolvedRefs", "False", generation)
+    })
+    .await;
+    assert_eq!(
+        entry(&moved, OTHER_CONTROLLER).unwrap()["conditions"][0]["message"],
+        "second"
+    );
+
+    // Deleted under watch.
+    api_routes
+        .delete("to-back", &DeleteParams::default())
+        .await
+        .expect("delete the route");
+    table(&agent_b, "the route leaves the table", |d| {
+        routes(d).is_empty()
+    });
+    eprintln!("timing: real API server tier {:?}", started.elapsed());
+}

@@ -231,27 +231,15 @@ impl Index {
                         .or_default()
                         .insert(key.clone());
                 }
-                // A good generation at least as new as a refused one supersedes it.
-                if let Some(refused) = self.store.refused.get(&key) {
-                    if refused.generation <= route.meta.generation {
-                        self.store.refused.remove(&key);
-                    }
-                }
                 self.store.routes.insert(key.clone(), route);
                 self.dirty_routes.insert(key);
             }
             Object::RefusedRoute(refused) => {
                 let key = refused.key.clone();
-                let superseded = self
-                    .store
-                    .routes
-                    .get(&key)
-                    .is_some_and(|r| r.meta.generation > refused.generation);
-                if superseded || self.store.refused.get(&key) == Some(&refused) {
-                    return;
+                if self.store.refused.get(&key) != Some(&refused) {
+                    self.store.refused.insert(key.clone(), refused);
+                    self.dirty_routes.insert(key);
                 }
-                self.store.refused.insert(key.clone(), refused);
-                self.dirty_routes.insert(key);
             }
         }
     }
@@ -352,7 +340,12 @@ impl Index {
         for key in std::mem::take(&mut self.dirty_routes) {
             let name: Arc<str> = key.to_string().into();
             let served = self.store.routes.get(&key);
-            let new = match self.store.refused.get(&key) {
+            // A refused generation is reported unless a good one at least as new arrived since
+            // (compared, not ordered, so that the result does not depend on arrival order).
+            let refused = self.store.refused.get(&key).filter(|refused| {
+                served.is_none_or(|route| refused.generation >= route.meta.generation)
+            });
+            let new = match refused {
                 Some(refused) => Some(status::refused_status(refused, served)),
                 None => served.map(|r| status::route_status(r, &self.store)),
             }

@@ -72,6 +72,19 @@ pub const GRPC_ROUTES_STATUS: ApiCall = ApiCall {
     verbs: &["get", "patch"],
     ..GRPC_ROUTES
 };
+/// XMesh (experimental, cluster-scoped): the leader reports the supported features in ours.
+pub const XMESHES: ApiCall = ApiCall {
+    group: "gateway.networking.x-k8s.io",
+    version: "v1alpha1",
+    kind: "XMesh",
+    resource: "xmeshes",
+    verbs: &["list", "watch"],
+};
+pub const XMESHES_STATUS: ApiCall = ApiCall {
+    resource: "xmeshes/status",
+    verbs: &["patch"],
+    ..XMESHES
+};
 /// The status writer's leader election (in the agent's own namespace).
 pub const LEASES: ApiCall = ApiCall {
     group: "coordination.k8s.io",
@@ -89,6 +102,8 @@ pub const API_CALLS: &[ApiCall] = &[
     GRPC_ROUTES,
     HTTP_ROUTES_STATUS,
     GRPC_ROUTES_STATUS,
+    XMESHES,
+    XMESHES_STATUS,
     LEASES,
 ];
 

@@ -39,6 +39,8 @@ struct Kind {
     kind: &'static str,
     /// Has a status subresource: updates of the main resource leave status alone.
     status: bool,
+    /// Cluster-scoped: stored without a namespace.
+    cluster: bool,
 }
 
 const fn kind(group: &'static str, plural: &'static str, kind: &'static str, status: bool) -> Kind {
@@ -48,6 +50,7 @@ const fn kind(group: &'static str, plural: &'static str, kind: &'static str, sta
         plural,
         kind,
         status,
+        cluster: false,
     }
 }
 
@@ -58,6 +61,14 @@ const KINDS: &[Kind] = &[
     kind("gateway.networking.k8s.io", "httproutes", "HTTPRoute", true),
     kind("gateway.networking.k8s.io", "grpcroutes", "GRPCRoute", true),
     kind("coordination.k8s.io", "leases", "Lease", false),
+    Kind {
+        group: "gateway.networking.x-k8s.io",
+        version: "v1alpha1",
+        plural: "xmeshes",
+        kind: "XMesh",
+        status: true,
+        cluster: true,
+    },
 ];
 
 impl Kind {
@@ -243,10 +254,13 @@ impl FakeApiServer {
             .iter()
             .find(|k| object["kind"] == k.kind && object["apiVersion"] == k.api_version().as_str())
             .unwrap_or_else(|| panic!("unknown kind: {}", object["kind"]));
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let namespace = match kind.cluster {
+            true => String::new(),
+            false => object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string(),
+        };
         object["metadata"]["namespace"] = namespace.clone().into();
         let name = object["metadata"]["name"]
             .as_str()

@@ -153,38 +153,44 @@ impl RealApiServer {
         let documents = gamma_engine::manifests::documents(&text)
             .map_err(|(n, e)| format!("{} document {n}: {e}", file.display()))?;
         for (_, crd) in documents {
-            let body = serde_json::to_vec(&crd).unwrap();
-            let request =
-                http::Request::post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .unwrap();
-            self.client
-                .request_text(request)
+            self.install_crd(&crd)
                 .await
-                .map_err(|e| format!("creating the CRD of {}: {e}", file.display()))?;
-            let group = crd["spec"]["group"].as_str().unwrap_or_default();
-            let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
-            let version = crd["spec"]["versions"]
-                .as_array()
-                .and_then(|v| v.iter().find(|v| v["storage"] == true))
-                .and_then(|v| v["name"].as_str())
-                .unwrap_or("v1");
-            let started = Instant::now();
-            loop {
-                let list = http::Request::get(format!("/apis/{group}/{version}/{plural}"))
-                    .body(Vec::new())
-                    .unwrap();
-                if self.client.request_text(list).await.is_ok() {
-                    break;
-                }
-                if started.elapsed() > Duration::from_secs(30) {
-                    return Err(format!("{plural}.{group} not served 30 s after its CRD"));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                .map_err(|e| format!("{}: {e}", file.display()))?;
         }
         Ok(())
+    }
+
+    /// Creates one CustomResourceDefinition and waits until its resource is served.
+    pub async fn install_crd(&self, crd: &serde_json::Value) -> Result<(), String> {
+        let request =
+            http::Request::post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(crd).unwrap())
+                .unwrap();
+        self.client
+            .request_text(request)
+            .await
+            .map_err(|e| format!("creating the CRD: {e}"))?;
+        let group = crd["spec"]["group"].as_str().unwrap_or_default();
+        let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
+        let version = crd["spec"]["versions"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["storage"] == true))
+            .and_then(|v| v["name"].as_str())
+            .unwrap_or("v1");
+        let started = Instant::now();
+        loop {
+            let list = http::Request::get(format!("/apis/{group}/{version}/{plural}"))
+                .body(Vec::new())
+                .unwrap();
+            if self.client.request_text(list).await.is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("{plural}.{group} not served 30 s after its CRD"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -41,10 +41,11 @@ fn seed(api: &FakeApiServer, echo: SocketAddr) {
 
 // --- reading what the API server received ------------------------------------------------
 
+/// Route status writes (not the XMesh's).
 fn status_patches(requests: &[Recorded]) -> Vec<&Recorded> {
     requests
         .iter()
-        .filter(|r| r.verb == "patch" && r.resource.ends_with("/status"))
+        .filter(|r| r.verb == "patch" && r.resource.ends_with("routes/status"))
         .collect()
 }
 
@@ -297,6 +298,14 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
         Some("kubernetes.io/h2c"),
     ));
     api.apply(route("GRPCRoute", "rpc-to-back", "rpc", "back"));
+    // XMeshes (experimental): ours gets the supported features, another mesh's is left alone.
+    for (name, controller) in [("gamma", CONTROLLER), ("other", "example.com/other-mesh")] {
+        api.apply(json!({
+            "apiVersion": "gateway.networking.x-k8s.io/v1alpha1", "kind": "XMesh",
+            "metadata": {"name": name, "generation": 1},
+            "spec": {"controllerName": controller},
+        }));
+    }
     let agent = KubeAgent::start(&api, "node-a", "a");
 
     let (patch, took) = eventually("the HTTPRoute status patch", || {
@@ -416,6 +425,34 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
         );
     }
     assert_eq!(lease_holder(&api).as_deref(), Some("node-a"));
+
+    let (mesh, _) = eventually("the XMesh status", || {
+        api.get("xmeshes", "", "gamma")
+            .filter(|m| m["status"]["supportedFeatures"].is_array())
+    });
+    assert_eq!(mesh["status"]["conditions"][0]["type"], "Accepted");
+    assert_eq!(mesh["status"]["conditions"][0]["status"], "True");
+    let features: Vec<&str> = mesh["status"]["supportedFeatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    let mut expected = gamma_engine::features::SUPPORTED_FEATURES.to_vec();
+    expected.sort_unstable();
+    assert_eq!(features, expected);
+    let mesh_patches: Vec<Option<String>> = api
+        .requests()
+        .iter()
+        .filter(|r| r.resource == "xmeshes/status")
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(
+        mesh_patches,
+        [Some("gamma".to_string())],
+        "once, and only ours"
+    );
+    assert!(api.get("xmeshes", "", "other").unwrap()["status"].is_null());
 
     // Every call made is declared by --print-rbac, and every declared call was made.
     eventually("a lease renewal", || {

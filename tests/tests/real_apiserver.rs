@@ -154,6 +154,36 @@ fn route_with_defaults_left_out(backend_port: u16) -> Value {
     })
 }
 
+/// An XMesh CRD written for this test (upstream's is experimental and not in the shared
+/// folder): cluster-scoped, a status subresource, the fields GEP-3949 names.
+fn xmesh_crd() -> Value {
+    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "xmeshes.gateway.networking.x-k8s.io"},
+        "spec": {
+            "group": "gateway.networking.x-k8s.io", "scope": "Cluster",
+            "names": {"plural": "xmeshes", "singular": "xmesh", "kind": "XMesh", "listKind": "XMeshList"},
+            "versions": [{
+                "name": "v1alpha1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "required": ["controllerName"], "properties": {
+                        "controllerName": {"type": "string"}, "description": {"type": "string"},
+                        "parametersRef": open}},
+                    "status": {"type": "object", "properties": {
+                        "conditions": {"type": "array", "x-kubernetes-list-type": "map",
+                                       "x-kubernetes-list-map-keys": ["type"],
+                                       "items": {"type": "object", "required": ["type"],
+                                                 "x-kubernetes-preserve-unknown-fields": true,
+                                                 "properties": {"type": {"type": "string"}}}},
+                        "supportedFeatures": {"type": "array", "items": {"type": "object",
+                            "required": ["name"], "properties": {"name": {"type": "string"}}}}}}}}},
+            }],
+        },
+    })
+}
+
 fn converted(value: Value) -> gamma_engine::model::Route {
     match Object::from_value(value) {
         Ok(Object::Route(route)) => route,
@@ -180,6 +210,20 @@ async fn routes_and_status_against_a_real_api_server() {
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", real.log()));
     }
+    real.install_crd(&xmesh_crd()).await.expect("the XMesh CRD");
+    let meshes: Api<DynamicObject> = Api::all_with(
+        real.client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.x-k8s.io", "v1alpha1", "XMesh"),
+            "xmeshes",
+        ),
+    );
+    let mesh = json!({"apiVersion": "gateway.networking.x-k8s.io/v1alpha1", "kind": "XMesh",
+                      "metadata": {"name": "gamma"}, "spec": {"controllerName": CONTROLLER}});
+    meshes
+        .create(&PostParams::default(), &dynamic(&mesh))
+        .await
+        .expect("create the XMesh");
     eprintln!(
         "timing: real API server up with the CRDs in {:?}",
         started.elapsed()
@@ -221,6 +265,28 @@ async fn routes_and_status_against_a_real_api_server() {
         routes(d).contains("HTTPRoute shop/to-back")
     });
     assert_eq!(agent_a.answered_by().as_deref(), Some("back"));
+
+    // The XMesh lists the supported features, sorted.
+    let started_mesh = Instant::now();
+    let reported = loop {
+        let value =
+            serde_json::to_value(meshes.get("gamma").await.expect("get the XMesh")).unwrap();
+        if value["status"]["supportedFeatures"].is_array() {
+            break value;
+        }
+        assert!(started_mesh.elapsed() < LIMIT, "no XMesh status: {value:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut expected = gamma_engine::features::SUPPORTED_FEATURES.to_vec();
+    expected.sort_unstable();
+    let listed: Vec<&str> = reported["status"]["supportedFeatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(listed, expected);
+    assert_eq!(reported["status"]["conditions"][0]["status"], "True");
 
     // A route the server refuses never arrives.
     let mut refused = route("HTTPRoute", "negative", "front", "back");

@@ -5,7 +5,7 @@
 //! one port, a backend that comes and goes), so that random sequences of applies and deletes reach
 //! the interactions where an incremental index can go stale.
 
-use gamma_engine::index::Index;
+use gamma_engine::index::{Index, ObjectRef};
 use gamma_engine::model::Object;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -68,6 +68,19 @@ fn http_route_on_grpc_port(namespace: &str, name: &str, parent: &str) -> Value {
         json!([{"backendRefs": [to("s1", 1)]}]),
     );
     route["spec"]["parentRefs"][0]["port"] = json!(7070);
+    route
+}
+
+/// HTTPRoute a/r0 at `generation` with no valid rule.
+fn refused_generation(generation: i64) -> Value {
+    let mut route = http_route(
+        "a",
+        "r0",
+        ("a", "s0"),
+        json!([{"matches": [{"path": {"type": "RegularExpression", "value": "("}}],
+                "backendRefs": [to("s1", 1)]}]),
+    );
+    route["metadata"]["generation"] = json!(generation);
     route
 }
 
@@ -145,12 +158,22 @@ pub fn pool() -> Vec<Object> {
             json!([{"backendRefs": [to("s0", 1)]}]),
         ),
         http_route_on_grpc_port("a", "r3", "s0"),
+        // Generations of r0 that do not convert (refused): reported unless a good one is newer.
+        refused_generation(1),
+        refused_generation(2),
         grpc_route("a", "g0", ("a", "s0"), "s1"),
         grpc_route("a", "g0", ("a", "s1"), "s0"),
     ];
     values
         .into_iter()
-        .map(|v| Object::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}")))
+        .map(|v| match Object::from_value(v.clone()) {
+            Ok(object) => object,
+            Err(e) => Object::RefusedRoute(
+                e.refused_route()
+                    .unwrap_or_else(|| panic!("{e}: {v}"))
+                    .clone(),
+            ),
+        })
         .collect()
 }
 
@@ -184,6 +207,10 @@ pub fn incremental_and_scratch(pool: &[Object], steps: &[Step]) -> (Value, Value
         let reference = object.reference();
         if step.delete {
             surviving.remove(&format!("{reference:?}"));
+            // Deleting a route deletes its refused generation too (what a source's delete means).
+            if let ObjectRef::Route(key) = &reference {
+                surviving.remove(&format!("{:?}", ObjectRef::RefusedRoute(key.clone())));
+            }
             index.delete(&reference);
         } else {
             surviving.insert(format!("{reference:?}"), object.clone());

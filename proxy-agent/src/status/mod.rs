@@ -8,8 +8,10 @@
 //! - `parents`: what to write into `status.parents` (pure).
 //! - `writer`: writing it, while this agent holds the lease.
 //! - `lease`: which agent writes (one per cluster).
+//! - `mesh`: the XMesh status (supported features), by the same leader.
 
 mod lease;
+pub mod mesh;
 pub mod parents;
 pub mod writer;
 
@@ -33,6 +35,7 @@ pub struct StatusConfig {
 /// The running status writer and its lease.
 pub struct StatusHandle {
     writer: JoinHandle<()>,
+    mesh: JoinHandle<()>,
     elector: JoinHandle<()>,
     stop: oneshot::Sender<()>,
 }
@@ -51,6 +54,7 @@ pub fn spawn(
     let (stop, stopped) = oneshot::channel();
     StatusHandle {
         elector: tokio::spawn(elector.run(stopped)),
+        mesh: tokio::spawn(mesh::run(client.clone(), leader.clone())),
         writer: tokio::spawn(Writer::new(client, published, leader).run()),
         stop,
     }
@@ -60,6 +64,7 @@ impl StatusHandle {
     /// Stops writing and releases the lease, so that another agent takes over at once.
     pub async fn shutdown(self) {
         self.writer.abort();
+        self.mesh.abort();
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(3), self.elector).await;
     }

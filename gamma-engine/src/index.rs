@@ -4,7 +4,10 @@
 //! and every Service whose routes use it as a backend); `publish` recompiles only those, and
 //! swaps in a new snapshot only when the result differs from the current one.
 
-use crate::model::{EndpointSlice, Object, ObjectKey, Pod, RefusedRoute, Route, RouteKey, Service};
+use crate::model::{
+    EndpointSlice, Node, Object, ObjectKey, Pod, ReferenceGrant, RefusedRoute, Route, RouteKey,
+    RouteKind, Service,
+};
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +23,8 @@ pub enum ObjectRef {
     Route(RouteKey),
     /// Only the refused generation of a route (the source has a good one again).
     RefusedRoute(RouteKey),
+    ReferenceGrant(ObjectKey),
+    Node(String),
 }
 
 impl Object {
@@ -30,6 +35,8 @@ impl Object {
             Object::Pod(p) => ObjectRef::Pod(p.key.clone()),
             Object::Route(r) => ObjectRef::Route(r.key()),
             Object::RefusedRoute(r) => ObjectRef::RefusedRoute(r.key.clone()),
+            Object::ReferenceGrant(g) => ObjectRef::ReferenceGrant(g.key.clone()),
+            Object::Node(n) => ObjectRef::Node(n.name.clone()),
         }
     }
 }
@@ -43,6 +50,9 @@ struct Store {
     routes: AHashMap<RouteKey, Route>,
     /// Route generations that did not convert; the route's status reports them.
     refused: AHashMap<RouteKey, RefusedRoute>,
+    grants: AHashMap<ObjectKey, ReferenceGrant>,
+    /// This agent's node: its name (from the configuration), then its zone (from the Node).
+    node: Option<Node>,
     /// Service → routes with a parentRef naming it.
     routes_by_parent: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
     /// Service → routes that use it as a backend (or mirror).
@@ -70,6 +80,17 @@ impl World for Store {
             .flatten()
             .filter_map(|k| self.routes.get(k))
             .collect()
+    }
+
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    fn permits(&self, kind: RouteKind, namespace: &str, service: &ObjectKey) -> bool {
+        // Few grants, consulted only for references across namespaces.
+        self.grants
+            .values()
+            .any(|g| g.permits(kind, namespace, service))
     }
 }
 
@@ -133,6 +154,23 @@ impl Index {
         }
     }
 
+    /// An index for the agent of node `name` (its zone comes with the Node object, if watched):
+    /// `internalTrafficPolicy: Local` and topology hints pick endpoints for this node.
+    pub fn for_node(name: impl Into<String>) -> Self {
+        let mut index = Index::new();
+        index.store.node = Some(Node {
+            name: name.into(),
+            zone: None,
+        });
+        index
+    }
+
+    /// Every Service recompiles: what the node is decides which endpoints its callers use.
+    fn touch_every_service(&mut self) {
+        let all: Vec<ObjectKey> = self.store.services.keys().cloned().collect();
+        self.dirty_services.extend(all);
+    }
+
     /// The snapshot of the last `publish` (the empty table before the first).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.clone()
@@ -149,6 +187,7 @@ impl Index {
             .chain(s.pods.keys().cloned().map(ObjectRef::Pod))
             .chain(s.routes.keys().cloned().map(ObjectRef::Route))
             .chain(s.refused.keys().cloned().map(ObjectRef::RefusedRoute))
+            .chain(s.grants.keys().cloned().map(ObjectRef::ReferenceGrant))
             .collect()
     }
 
@@ -170,6 +209,24 @@ impl Index {
                 .flatten()
                 .cloned(),
         );
+    }
+
+    /// A ReferenceGrant of `namespace` changed: routes with a backend there are recompiled, and
+    /// their status recomputed.
+    fn touch_grants_of(&mut self, namespace: &str) {
+        let routes: Vec<RouteKey> = self
+            .store
+            .routes_by_backend
+            .iter()
+            .filter(|(service, _)| service.namespace == namespace)
+            .flat_map(|(_, routes)| routes.iter().cloned())
+            .collect();
+        for key in routes {
+            if let Some(route) = self.store.routes.get(&key) {
+                self.dirty_services.extend(parents(route));
+            }
+            self.dirty_routes.insert(key);
+        }
     }
 
     /// Adds or replaces an object. Nothing is published until `publish`.
@@ -241,6 +298,19 @@ impl Index {
                     self.dirty_routes.insert(key);
                 }
             }
+            Object::Node(node) => {
+                if self.store.node.as_ref() != Some(&node) {
+                    self.store.node = Some(node);
+                    self.touch_every_service();
+                }
+            }
+            Object::ReferenceGrant(grant) => {
+                if self.store.grants.get(&grant.key) != Some(&grant) {
+                    let namespace = grant.key.namespace.clone();
+                    self.store.grants.insert(grant.key.clone(), grant);
+                    self.touch_grants_of(&namespace);
+                }
+            }
         }
     }
 
@@ -275,6 +345,19 @@ impl Index {
             ObjectRef::RefusedRoute(key) => {
                 if self.store.refused.remove(key).is_some() {
                     self.dirty_routes.insert(key.clone());
+                }
+            }
+            ObjectRef::ReferenceGrant(key) => {
+                if self.store.grants.remove(key).is_some() {
+                    self.touch_grants_of(&key.namespace);
+                }
+            }
+            // The Node object went (its zone with it); the agent still runs on that node.
+            ObjectRef::Node(name) => {
+                if let Some(node) = self.store.node.as_mut().filter(|n| n.name == *name) {
+                    if node.zone.take().is_some() {
+                        self.touch_every_service();
+                    }
                 }
             }
         }

@@ -77,6 +77,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     pub drain_timeout: Duration,
     pub proxy: ProxyConfig,
+    /// The node this agent serves (`internalTrafficPolicy: Local`, topology hints).
+    pub node_name: Option<String>,
     /// Follow a cluster instead of the manifest folder.
     pub kube: Option<ClusterConfig>,
     /// Hitless restart: take over from a running agent, and let a successor take over.
@@ -141,10 +143,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         );
     }
     let feeds = match &config.kube {
-        Some(_) => kube_source::feeds(),
+        Some(cluster) => kube_source::feeds(&cluster.source),
         None => vec![file::FEED],
     };
     let (mut publisher, updates) = Publisher::new(&feeds, metrics.clone(), readiness.clone());
+    if let Some(node) = &config.node_name {
+        publisher.serve_node(node);
+    }
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
     let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
@@ -201,7 +206,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             (&mut inherited, &mut offered),
             fresh_programs,
         ) {
-            Ok(redirect) => Some(redirect),
+            Ok(redirect) => {
+                // /metrics reads the programs' counters at each scrape.
+                let programs = Arc::downgrade(&redirect);
+                let _ = metrics.kernel_counters.set(Box::new(move || {
+                    let counted = programs.upgrade()?.kernel_counters().ok()?;
+                    Some([
+                        counted.steered,
+                        counted.agent_gone,
+                        counted.record_failed,
+                        counted.peername_rewrites,
+                    ])
+                }));
+                Some(redirect)
+            }
             Err(e) => match e.downcast_ref::<RedirectError>() {
                 Some(RedirectError::MissingKernelFeatures(missing)) => {
                     redirect_refused(missing, &readiness, &metrics);

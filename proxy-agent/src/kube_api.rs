@@ -47,6 +47,14 @@ pub const PODS: ApiCall = ApiCall {
     resource: "pods",
     verbs: &["list", "watch"],
 };
+/// This agent's Node only (by a field selector), for its zone label.
+pub const NODES: ApiCall = ApiCall {
+    group: "",
+    version: "v1",
+    kind: "Node",
+    resource: "nodes",
+    verbs: &["list", "watch"],
+};
 pub const HTTP_ROUTES: ApiCall = ApiCall {
     group: GATEWAY,
     version: "v1",
@@ -59,6 +67,15 @@ pub const GRPC_ROUTES: ApiCall = ApiCall {
     version: "v1",
     kind: "GRPCRoute",
     resource: "grpcroutes",
+    verbs: &["list", "watch"],
+};
+/// ReferenceGrants: a backendRef into a third namespace needs one (v1beta1: served by every
+/// release of the CRDs).
+pub const REFERENCE_GRANTS: ApiCall = ApiCall {
+    group: GATEWAY,
+    version: "v1beta1",
+    kind: "ReferenceGrant",
+    resource: "referencegrants",
     verbs: &["list", "watch"],
 };
 /// Status is written with server-side apply (patch); get re-reads it after a conflict.
@@ -98,8 +115,10 @@ pub const API_CALLS: &[ApiCall] = &[
     SERVICES,
     ENDPOINT_SLICES,
     PODS,
+    NODES,
     HTTP_ROUTES,
     GRPC_ROUTES,
+    REFERENCE_GRANTS,
     HTTP_ROUTES_STATUS,
     GRPC_ROUTES_STATUS,
     XMESHES,

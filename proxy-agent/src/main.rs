@@ -28,7 +28,9 @@ struct Cli {
     /// in-cluster ServiceAccount) and write route status while holding the status lease.
     #[arg(long)]
     kube: bool,
-    /// This node's name (default: $NODE_NAME, from the downward API): only its Pods are watched.
+    /// This node's name (default: $NODE_NAME, from the downward API): only its Pods and its Node
+    /// object are watched, and `internalTrafficPolicy: Local` and topology hints pick endpoints
+    /// for it.
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
     /// This agent's Pod name (default: $POD_NAME, from the downward API): its identity in the
@@ -186,6 +188,7 @@ fn main() -> Result<()> {
         fresh_programs: cli.takeover_fresh_programs,
         after: cli.after_takeover,
     });
+    let node_name = cli.node_name.clone().or_else(|| env("NODE_NAME"));
     let config = AgentConfig {
         takeover,
         workers,
@@ -209,19 +212,17 @@ fn main() -> Result<()> {
             upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
             ..ProxyConfig::default()
         },
-        kube: cli.kube.then(|| {
-            let node_name = cli.node_name.or_else(|| env("NODE_NAME"));
-            ClusterConfig {
-                status: StatusConfig {
-                    lease_namespace: cli
-                        .lease_namespace
-                        .or_else(|| env("POD_NAMESPACE"))
-                        .unwrap_or_else(|| "gamma-system".into()),
-                    lease_name: cli.lease_name,
-                    identity: cli.pod_name.or_else(|| env("POD_NAME")),
-                },
-                source: KubeConfig { node_name },
-            }
+        node_name: node_name.clone(),
+        kube: cli.kube.then(|| ClusterConfig {
+            status: StatusConfig {
+                lease_namespace: cli
+                    .lease_namespace
+                    .or_else(|| env("POD_NAMESPACE"))
+                    .unwrap_or_else(|| "gamma-system".into()),
+                lease_name: cli.lease_name,
+                identity: cli.pod_name.or_else(|| env("POD_NAME")),
+            },
+            source: KubeConfig { node_name },
         }),
     };
     runtime.build()?.block_on(agent::run(config))

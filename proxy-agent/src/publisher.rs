@@ -79,6 +79,11 @@ impl Publisher {
         (publisher, tx)
     }
 
+    /// Compiles for the agent of node `name` (before the first update).
+    pub fn serve_node(&mut self, name: &str) {
+        self.index = Index::for_node(name);
+    }
+
     /// Where the data plane loads the current snapshot from (lock-free).
     pub fn reader(&self) -> Arc<ArcSwap<Snapshot>> {
         self.data_plane.clone()

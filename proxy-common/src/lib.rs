@@ -132,8 +132,25 @@ pub const MAX_MESH_SERVICES: u32 = 65_536;
 /// records (the agent never accepted them) are evicted oldest first.
 pub const MAX_CALLERS: u32 = 65_536;
 
+/// What the programs count, per CPU, in `COUNTERS` (a per-CPU array indexed by these; the agent
+/// sums the CPUs). Kept per CPU so that counting costs no atomic operation on the connect path.
+pub mod counters {
+    /// connect() to a mesh Service sent to the agent.
+    pub const STEERED: u32 = 0;
+    /// connect() to a mesh Service left alone because the agent's listener is gone (fail open).
+    pub const AGENT_GONE: u32 = 1;
+    /// A redirect record that could not be stored (socket storage at connect, `CALLERS` once
+    /// established): the connection is left alone, or the agent loses its original destination.
+    pub const RECORD_FAILED: u32 = 2;
+    /// getpeername() answered with the Service VIP instead of the agent.
+    pub const PEERNAME_REWRITES: u32 = 3;
+    /// Number of counters.
+    pub const SLOTS: u32 = 4;
+}
+
 /// Map names, shared so the agent looks up exactly what the programs define.
 pub mod maps {
+    pub const COUNTERS: &str = "COUNTERS";
     pub const MESH_SERVICES: &str = "MESH_SERVICES";
     pub const AGENT_LISTENERS: &str = "AGENT_LISTENERS";
     pub const CONFIG: &str = "CONFIG";

@@ -10,11 +10,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use proxy_common::{Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
+use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
 
 use crate::{
     ctx_access,
-    maps::{map_ptr, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
+    maps::{count, map_ptr, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
     ALLOW,
 };
 
@@ -92,12 +92,17 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup_id == config.agent_cgroup_id || !listener_alive(slot) {
+    if cgroup_id == config.agent_cgroup_id {
+        return None;
+    }
+    if !listener_alive(slot) {
+        count(counters::AGENT_GONE);
         return None;
     }
     // SAFETY: the context's socket is a full socket; the storage pointer is checked for null.
     let record = unsafe { REDIRECTED.get_or_insert_ptr_mut(ctx, None) };
     if record.is_null() {
+        count(counters::RECORD_FAILED);
         return None;
     }
     // SAFETY: the helpers take the program's context; `record` is a valid map value.
@@ -110,6 +115,7 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
             _pad: 0,
         };
     }
+    count(counters::STEERED);
     Some(agent)
 }
 

@@ -1,11 +1,11 @@
 //! The maps shared by the programs and the agent. Layouts and names: `proxy-common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, SkStorage, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockMap},
     macros::btf_map,
 };
 use proxy_common::{
-    AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_SLOTS, MAX_CALLERS,
+    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_SLOTS, MAX_CALLERS,
     MAX_MESH_SERVICES,
 };
 
@@ -35,6 +35,19 @@ pub(crate) static REDIRECTED: SkStorage<RedirectRecord> = SkStorage::new();
 #[btf_map]
 pub(crate) static CALLERS: LruHashMap<CallerKey, RedirectRecord, { MAX_CALLERS as usize }> =
     LruHashMap::new();
+
+/// Event counts, per CPU (indexes: `proxy_common::counters`). Read by the agent for /metrics.
+#[btf_map]
+pub(crate) static COUNTERS: PerCpuArray<u64, { counters::SLOTS as usize }> = PerCpuArray::new();
+
+/// Adds one to counter `index` on this CPU (no other CPU writes it: no atomic needed).
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a valid per-CPU map value of this CPU, for the program's run.
+        unsafe { *counter += 1 };
+    }
+}
 
 /// The raw map pointer helpers expect (aya-ebpf keeps its own `as_ptr` crate-private).
 #[inline(always)]

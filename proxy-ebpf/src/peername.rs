@@ -2,9 +2,13 @@
 //! application dialled, not the agent.
 
 use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
-use proxy_common::RedirectRecord;
+use proxy_common::{counters, RedirectRecord};
 
-use crate::{ctx_access, maps::REDIRECTED, ALLOW};
+use crate::{
+    ctx_access,
+    maps::{count, REDIRECTED},
+    ALLOW,
+};
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn gamma_peername4(ctx: SockAddrContext) -> i32 {
@@ -41,6 +45,7 @@ fn redirected(ctx: &SockAddrContext) -> Option<RedirectRecord> {
     if record.is_null() {
         None
     } else {
+        count(counters::PEERNAME_REWRITES);
         // SAFETY: non-null storage of this socket.
         Some(unsafe { *record })
     }

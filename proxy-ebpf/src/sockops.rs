@@ -10,11 +10,11 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use proxy_common::{CallerKey, Endpoint, RedirectRecord};
+use proxy_common::{counters, CallerKey, Endpoint, RedirectRecord};
 
 use crate::{
     ctx_access,
-    maps::{map_ptr, CALLERS, REDIRECTED},
+    maps::{count, map_ptr, CALLERS, REDIRECTED},
 };
 
 const AF_INET: u32 = 2;
@@ -61,6 +61,8 @@ fn publish_caller(ctx: &SockOpsContext) {
         (caller, *record)
     };
     // A failed insert only costs the agent the original destination of this connection; nothing to
-    // undo here.
-    let _ = CALLERS.insert(CallerKey { caller }, record, 0);
+    // undo here but counting it.
+    if CALLERS.insert(CallerKey { caller }, record, 0).is_err() {
+        count(counters::RECORD_FAILED);
+    }
 }

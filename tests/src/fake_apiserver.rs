@@ -62,6 +62,22 @@ const KINDS: &[Kind] = &[
     kind("gateway.networking.k8s.io", "grpcroutes", "GRPCRoute", true),
     kind("coordination.k8s.io", "leases", "Lease", false),
     Kind {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        kind: "Node",
+        status: true,
+        cluster: true,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1beta1",
+        plural: "referencegrants",
+        kind: "ReferenceGrant",
+        status: false,
+        cluster: false,
+    },
+    Kind {
         group: "gateway.networking.x-k8s.io",
         version: "v1alpha1",
         plural: "xmeshes",

@@ -5,7 +5,8 @@
 //! - end to end in a private network namespace and a child cgroup: a client in the cgroup that
 //!   dials a mesh VIP reaches the agent, which learns the VIP and the caller's cgroup and netns;
 //!   the client sees the VIP as its peer; non-mesh ports, the exempt cgroup and a closed agent
-//!   listener are left alone (fail open); a second attach replaces the first.
+//!   listener are left alone (fail open); a second attach replaces the first; the programs'
+//!   counters say what they did.
 //!
 //! Nothing outside the namespace and cgroup this file creates is touched: the root network
 //! namespace keeps its routes and addresses. Both are removed by name when the test ends, also
@@ -146,6 +147,13 @@ fn redirects_mesh_services_and_fails_open() {
     // A dual-stack socket dialling the IPv4 VIP v4-mapped: same Service, IPv4 agent.
     expect_redirect(VIP4_MAPPED, "agent4", VIP4);
     expect_untouched(NON_MESH, "other");
+    // The programs counted what they did, and nothing else.
+    let counted = redirect.kernel_counters().unwrap();
+    assert_eq!(
+        (counted.steered, counted.agent_gone, counted.record_failed),
+        (3, 0, 0)
+    );
+    assert!(counted.peername_rewrites >= 3, "{counted:?}");
 
     // The agent's own cgroup is exempt (here: make the client's cgroup the exempt one).
     redirect.set_exempt_cgroup(cgroup_id).unwrap();
@@ -193,6 +201,12 @@ fn redirects_mesh_services_and_fails_open() {
     assert_eq!(seen.server, "backend4");
     assert_eq!(seen.client_peer, addr(VIP4));
     assert_eq!(seen.original, None);
+    let counted = successor.kernel_counters().unwrap();
+    assert_eq!(
+        (counted.steered, counted.agent_gone),
+        (1, 1),
+        "the newcomer's programs count from zero; the fail-open connect is counted"
+    );
 }
 
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {

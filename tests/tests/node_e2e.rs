@@ -56,6 +56,15 @@ fn flagged(answers: &[ClientAnswer]) -> usize {
         .count()
 }
 
+/// A counter of the agent's /metrics (0 when absent).
+fn counter(s: &Scenario, name: &str) -> u64 {
+    let metrics = s.admin_get("/metrics").unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn agent_requests(s: &Scenario) -> u64 {
     let metrics = s.admin_get("/metrics").unwrap();
     metrics
@@ -86,6 +95,10 @@ fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
         "the consumer route of the caller's namespace applied"
     );
     assert_eq!(agent_requests(&s), 10, "all went through the agent");
+    // The kernel programs counted each steered connect and each getpeername they answered.
+    assert_eq!(counter(&s, "gamma_kernel_connects_steered_total"), 10);
+    assert!(counter(&s, "gamma_kernel_getpeername_rewrites_total") >= 10);
+    assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
     let dump = s.admin_get("/config_dump").unwrap();
     assert!(dump.contains("\"ui-backend\""), "caller namespace known");
 }
@@ -129,6 +142,10 @@ fn agent_down_fails_open_and_restart_resumes() {
         5,
         "redirection resumed"
     );
+    // The restarted agent loaded its programs afresh: they counted its 5 connects only (those
+    // made while no agent ran met no program at all).
+    assert_eq!(counter(&s, "gamma_kernel_connects_steered_total"), 5);
+    assert_eq!(counter(&s, "gamma_kernel_connects_agent_gone_total"), 0);
 }
 
 #[test]

@@ -13,6 +13,9 @@ pub enum Object {
     Route(Route),
     /// A route generation that does not convert (see [`RefusedRoute`]).
     RefusedRoute(RefusedRoute),
+    ReferenceGrant(ReferenceGrant),
+    /// The agent's own node (the Kubernetes source watches that one only).
+    Node(Node),
 }
 
 impl Object {
@@ -24,6 +27,8 @@ impl Object {
             Object::Pod(p) => format!("Pod {}", p.key),
             Object::Route(r) => r.key().to_string(),
             Object::RefusedRoute(r) => format!("{} (refused)", r.key),
+            Object::ReferenceGrant(g) => format!("ReferenceGrant {}", g.key),
+            Object::Node(n) => format!("Node {}", n.name),
         }
     }
 }
@@ -90,15 +95,25 @@ impl Object {
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => service(&typed(value)?).map(Object::Service),
             ("v1", "Pod") => pod(&typed(value)?).map(Object::Pod),
+            ("v1", "Node") => node(&typed(value)?).map(Object::Node),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 endpoint_slice(&typed(value)?).map(Object::EndpointSlice)
             }
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                http_route(&typed(value)?).map(Object::Route)
+                let mut route = http_route(&typed(value.clone())?)?;
+                Rule::sessions_from(&mut route, &value);
+                Ok(Object::Route(route))
             }
             ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
-                grpc_route(&typed(value)?).map(Object::Route)
+                let mut route = grpc_route(&typed(value.clone())?)?;
+                Rule::sessions_from(&mut route, &value);
+                Ok(Object::Route(route))
             }
+            // v1beta1 is what every release serves; v1 has the same fields.
+            (
+                "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
+                "ReferenceGrant",
+            ) => reference_grant(&typed(value)?).map(Object::ReferenceGrant),
             _ => Err(ObjectError::UnknownKind { api_version, kind }),
         }
     }
@@ -130,6 +145,9 @@ fn port_number(p: i32, field: &str) -> Result<u16, ObjectError> {
         .filter(|p| *p > 0)
         .ok_or_else(|| invalid(field, format!("port {p} is not in 1-65535")))
 }
+
+/// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+const DEFAULT_AFFINITY_SECONDS: i32 = 10_800;
 
 pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
     let key = key(&svc.metadata)?;
@@ -184,11 +202,23 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
             })
         })
         .collect::<Result<_, ObjectError>>()?;
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let seconds = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .filter(|s| *s > 0)
+            .unwrap_or(DEFAULT_AFFINITY_SECONDS);
+        std::time::Duration::from_secs(seconds as u64)
+    });
     Ok(Service {
         key,
         kind,
         cluster_ips,
         ports,
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity,
     })
 }
 
@@ -222,6 +252,50 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
         uid: pod.metadata.uid.clone(),
         ips,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+    })
+}
+
+pub fn reference_grant(
+    grant: &gateway_api::referencegrants::ReferenceGrant,
+) -> Result<ReferenceGrant, ObjectError> {
+    Ok(ReferenceGrant {
+        key: key(&grant.metadata)?,
+        from: grant
+            .spec
+            .from
+            .iter()
+            .map(|f| GrantFrom {
+                group: f.group.clone(),
+                kind: f.kind.clone(),
+                namespace: f.namespace.clone(),
+            })
+            .collect(),
+        to: grant
+            .spec
+            .to
+            .iter()
+            .map(|t| GrantTo {
+                group: t.group.clone(),
+                kind: t.kind.clone(),
+                name: t.name.clone().filter(|n| !n.is_empty()),
+            })
+            .collect(),
+    })
+}
+
+pub fn node(node: &core::Node) -> Result<Node, ObjectError> {
+    Ok(Node {
+        name: node
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| invalid("metadata.name", "required"))?,
+        zone: node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("topology.kubernetes.io/zone"))
+            .cloned(),
     })
 }
 
@@ -277,6 +351,18 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| r.name.clone()),
+                for_zones: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                for_nodes: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             })
         })
         .collect::<Result<_, ObjectError>>()?;

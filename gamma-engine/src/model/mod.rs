@@ -4,9 +4,11 @@
 
 mod convert;
 mod route;
+mod session;
 
 pub use convert::{Object, ObjectError};
 pub use route::*;
+pub use session::{SessionCarrier, SessionPersistence};
 
 use serde::Serialize;
 use std::fmt;
@@ -42,6 +44,11 @@ pub struct Service {
     /// ClusterIPs (dual stack: one per family). Empty for headless and ExternalName Services.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `internalTrafficPolicy: Local`: pods reach only the endpoints on their own node.
+    pub internal_local: bool,
+    /// `sessionAffinity: ClientIP`: a caller keeps its endpoint while it calls again within this
+    /// time (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 3 h).
+    pub affinity: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -181,6 +188,18 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     /// The Pod behind the endpoint, when the slice names it.
     pub pod: Option<String>,
+    /// Topology hints set by the EndpointSlice controller (`trafficDistribution`): the zones and
+    /// the nodes whose callers should prefer this endpoint.
+    pub for_zones: Vec<String>,
+    pub for_nodes: Vec<String>,
+}
+
+/// The node this agent runs on, as the Node object says (its zone label).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    /// Label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
 }
 
 /// What the engine needs of a Pod: who a caller is.
@@ -190,6 +209,49 @@ pub struct Pod {
     pub uid: Option<String>,
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,
+}
+
+/// A ReferenceGrant: which kinds in which namespaces may refer to objects of its own namespace
+/// (GEP-709). The mesh needs one for a backendRef into a namespace that is neither the route's
+/// nor its parent Service's (GEP-1294: the node agent must not widen what a pod can reach).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReferenceGrant {
+    pub key: ObjectKey,
+    pub from: Vec<GrantFrom>,
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantTo {
+    pub group: String,
+    pub kind: String,
+    /// `None`: every object of the kind in the grant's namespace.
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether a route of `kind` in `namespace` may send to Service `service` of this grant's
+    /// namespace.
+    pub fn permits(&self, kind: route::RouteKind, namespace: &str, service: &ObjectKey) -> bool {
+        service.namespace == self.key.namespace
+            && self.from.iter().any(|f| {
+                f.group == route::GATEWAY_GROUP
+                    && f.kind == kind.as_str()
+                    && f.namespace == namespace
+            })
+            && self.to.iter().any(|t| {
+                t.group.is_empty()
+                    && t.kind == "Service"
+                    && t.name.as_ref().is_none_or(|n| *n == service.name)
+            })
+    }
 }
 
 /// Object metadata the engine uses for precedence and status.

@@ -130,6 +130,8 @@ pub struct Rule {
     /// its place: when its matches converted they still claim their requests, which get 500,
     /// so that they never get another rule's answer; when they did not, it matches nothing.
     pub invalid: Option<String>,
+    /// Session persistence (GEP-1619).
+    pub session: Option<super::SessionPersistence>,
 }
 
 impl Rule {
@@ -143,6 +145,20 @@ impl Rule {
             timeouts: Timeouts::default(),
             retry: None,
             invalid: Some(error.to_string()),
+            session: None,
+        }
+    }
+
+    /// Reads each rule's session persistence from the route's JSON (see `model::session`); a
+    /// rule whose configuration is invalid is dropped like any other invalid rule.
+    pub(crate) fn sessions_from(route: &mut Route, raw: &serde_json::Value) {
+        for (index, rule) in route.rules.iter_mut().enumerate() {
+            match super::session::session_persistence(raw, index) {
+                Ok(session) => rule.session = session,
+                Err(e) => {
+                    *rule = Rule::dropped(rule.name.take(), std::mem::take(&mut rule.matches), &e)
+                }
+            }
         }
     }
 
@@ -892,6 +908,7 @@ macro_rules! route_rules {
                         timeouts,
                         retry,
                         invalid: None,
+                        session: None,
                     },
                     field,
                 ),

@@ -1,7 +1,10 @@
 //! Backends: resolving a backendRef to a Service port and its endpoints, and weighted choice.
 
 use super::World;
-use crate::model::{BackendRef, EndpointSlice, ObjectKey, Service, UpstreamProtocol};
+use crate::model::{
+    BackendRef, Endpoint, EndpointSlice, Node, ObjectKey, Route, RouteKind, Service,
+    UpstreamProtocol,
+};
 use ahash::AHashMap;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -18,6 +21,8 @@ pub struct Backend {
     pub endpoints: Arc<[SocketAddr]>,
     /// The HTTP version upstream connections speak.
     pub protocol: UpstreamProtocol,
+    /// The Service's ClientIP session affinity: how long a caller keeps its endpoint.
+    pub affinity: Option<std::time::Duration>,
 }
 
 impl Backend {
@@ -37,6 +42,12 @@ pub enum BackendError {
     NoSuchPort(String),
     #[error("backendRef {0}: ExternalName Services are not valid backends")]
     NotAllowed(String),
+    #[error(
+        "backendRef {0}: another namespace than the route's and its parent Service's needs a \
+         ReferenceGrant there allowing this route's kind and namespace (the agent dials from the \
+         node, where NetworkPolicy cannot tell callers apart)"
+    )]
+    RefNotPermitted(String),
 }
 
 impl BackendError {
@@ -44,6 +55,7 @@ impl BackendError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackendError::InvalidKind(_) => "InvalidKind",
+            BackendError::RefNotPermitted(_) => "RefNotPermitted",
             BackendError::NotFound(_)
             | BackendError::NoSuchPort(_)
             | BackendError::NotAllowed(_) => "BackendNotFound",
@@ -69,14 +81,16 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    /// Resolves a backendRef written in a route of `route_namespace`. `grpc`: it is a GRPCRoute's,
-    /// so HTTP/2 upstream whatever the port says.
+    /// Resolves a backendRef of `route` as compiled for a parent Service of `parent_namespace`.
+    /// A GRPCRoute's backends speak HTTP/2 whatever the port says (the spec lets the protocol be
+    /// inferred from the route type).
     pub fn resolve(
         &self,
         reference: &BackendRef,
-        route_namespace: &str,
-        grpc: bool,
+        route: &Route,
+        parent_namespace: &str,
     ) -> Result<Arc<Backend>, BackendError> {
+        let route_namespace = route.meta.key.namespace.as_str();
         let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
         let key = ObjectKey::new(namespace, &reference.name);
         let shown = format!(
@@ -90,6 +104,14 @@ impl<'a> Resolver<'a> {
                 reference.group, reference.kind
             )));
         }
+        // Within the route's or the parent's namespace the caller could reach the Service
+        // itself; beyond them only with the other namespace's consent.
+        if namespace != route_namespace
+            && namespace != parent_namespace
+            && !self.world.permits(route.kind, route_namespace, &key)
+        {
+            return Err(BackendError::RefNotPermitted(shown));
+        }
         let service = self
             .world
             .service(&key)
@@ -100,6 +122,7 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
+        let grpc = route.kind == RouteKind::Grpc;
         self.service_backend(service, port, grpc.then_some(UpstreamProtocol::Http2))
             .ok_or(BackendError::NoSuchPort(shown))
     }
@@ -118,42 +141,108 @@ impl<'a> Resolver<'a> {
         }
         let service_port = service.port(port)?;
         let port_name = service_port.name.clone().unwrap_or_default();
-        let endpoints = ready_endpoints(&self.world.slices(&service.key), &port_name);
+        let endpoints = usable_endpoints(
+            &self.world.slices(&service.key),
+            &port_name,
+            service.internal_local,
+            self.world.node(),
+        );
         let backend = Arc::new(Backend {
             service: service.key.clone(),
             port,
             endpoints: endpoints.into(),
             protocol: protocol.unwrap_or_else(|| service_port.upstream_protocol()),
+            affinity: service.affinity,
         });
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)
     }
 }
 
-/// Ready endpoints of the named port; serving-but-terminating ones when none is ready (as
-/// kube-proxy does). Sorted so equal inputs compile to equal snapshots.
-pub fn ready_endpoints(slices: &[&EndpointSlice], port_name: &str) -> Vec<SocketAddr> {
-    let collect = |pick: fn(&crate::model::Endpoint) -> bool| {
-        let mut out: Vec<SocketAddr> = slices
+/// Which endpoints a caller on this node may use, as kube-proxy decides it
+/// (`pkg/proxy/topology.go`): with `internalTrafficPolicy: Local` only this node's; otherwise,
+/// when every ready endpoint carries node hints and one is for this node, those (PreferSameNode);
+/// else when every ready endpoint carries zone hints and one is for this node's zone, those
+/// (PreferSameZone, PreferClose); else all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    Local(Option<&'a str>),
+    SameNode(&'a str),
+    SameZone(&'a str),
+    All,
+}
+
+impl<'a> Topology<'a> {
+    fn of(endpoints: &[(&Endpoint, u16)], local_only: bool, node: Option<&'a Node>) -> Self {
+        let node_name = node.map(|n| n.name.as_str());
+        if local_only {
+            return Topology::Local(node_name);
+        }
+        let ready = || endpoints.iter().map(|(e, _)| e).filter(|e| is_ready(e));
+        let hinted = |hints: fn(&Endpoint) -> &[String], wanted: Option<&'a str>| {
+            let wanted = wanted?;
+            (ready().all(|e| !hints(e).is_empty())
+                && ready().any(|e| hints(e).iter().any(|h| h == wanted)))
+            .then_some(wanted)
+        };
+        if let Some(name) = hinted(|e| &e.for_nodes, node_name) {
+            return Topology::SameNode(name);
+        }
+        if let Some(zone) = hinted(|e| &e.for_zones, node.and_then(|n| n.zone.as_deref())) {
+            return Topology::SameZone(zone);
+        }
+        Topology::All
+    }
+
+    fn admits(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Topology::Local(node) => node.is_some() && endpoint.node_name.as_deref() == node,
+            Topology::SameNode(node) => endpoint.for_nodes.iter().any(|n| n == node),
+            Topology::SameZone(zone) => endpoint.for_zones.iter().any(|z| z == zone),
+            Topology::All => true,
+        }
+    }
+}
+
+fn is_ready(endpoint: &Endpoint) -> bool {
+    endpoint.ready && !endpoint.terminating
+}
+
+/// The endpoints of the named port a caller on `node` is sent to, as kube-proxy picks them:
+/// ready ones its topology admits ([`Topology`]); serving-but-terminating ones when none is.
+/// Sorted so equal inputs compile to equal snapshots.
+pub fn usable_endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    local_only: bool,
+    node: Option<&Node>,
+) -> Vec<SocketAddr> {
+    let endpoints: Vec<(&Endpoint, u16)> = slices
+        .iter()
+        .filter_map(|s| {
+            s.ports
+                .iter()
+                .find(|p| p.name == port_name)
+                .map(|p| (s, p.port))
+        })
+        .flat_map(|(s, port)| s.endpoints.iter().map(move |e| (e, port)))
+        .collect();
+    let topology = Topology::of(&endpoints, local_only, node);
+    let collect = |pick: fn(&Endpoint) -> bool| {
+        let mut out: Vec<SocketAddr> = endpoints
             .iter()
-            .filter_map(|s| {
-                s.ports
+            .filter(|(e, _)| pick(e) && topology.admits(e))
+            .flat_map(|(e, port)| {
+                e.addresses
                     .iter()
-                    .find(|p| p.name == port_name)
-                    .map(|p| (s, p.port))
-            })
-            .flat_map(|(s, port)| {
-                s.endpoints
-                    .iter()
-                    .filter(|e| pick(e))
-                    .flat_map(move |e| e.addresses.iter().map(move |ip| SocketAddr::new(*ip, port)))
+                    .map(move |ip| SocketAddr::new(*ip, *port))
             })
             .collect();
         out.sort();
         out.dedup();
         out
     };
-    let ready = collect(|e| e.ready && !e.terminating);
+    let ready = collect(is_ready);
     if ready.is_empty() {
         collect(|e| e.serving && e.terminating)
     } else {
@@ -175,7 +264,134 @@ pub fn pick_weighted(cumulative: &[u64], random: u64) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::EndpointPort;
     use proptest::prelude::*;
+
+    /// An endpoint `10.0.0.N` on `node`, with its readiness and hints.
+    fn endpoint(n: u8, node: &str, ready: bool, zones: &[&str], nodes: &[&str]) -> Endpoint {
+        Endpoint {
+            addresses: vec![std::net::IpAddr::from([10, 0, 0, n])],
+            ready,
+            serving: true,
+            terminating: !ready,
+            node_name: Some(node.into()),
+            pod: None,
+            for_zones: zones.iter().map(|z| z.to_string()).collect(),
+            for_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn usable(
+        endpoints: Vec<Endpoint>,
+        local_only: bool,
+        node: Option<(&str, Option<&str>)>,
+    ) -> Vec<u8> {
+        let slice = EndpointSlice {
+            key: ObjectKey::new("ns", "s-1"),
+            service: ObjectKey::new("ns", "s"),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                port: 8080,
+            }],
+            endpoints,
+        };
+        let node = node.map(|(name, zone)| Node {
+            name: name.into(),
+            zone: zone.map(Into::into),
+        });
+        usable_endpoints(&[&slice], "http", local_only, node.as_ref())
+            .iter()
+            .map(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints_only() {
+        let eps = || {
+            vec![
+                endpoint(1, "a", true, &[], &[]),
+                endpoint(2, "b", true, &[], &[]),
+            ]
+        };
+        assert_eq!(usable(eps(), true, Some(("a", None))), [1]);
+        assert_eq!(
+            usable(eps(), true, Some(("c", None))),
+            Vec::<u8>::new(),
+            "no fallback to other nodes"
+        );
+        assert_eq!(
+            usable(eps(), true, None),
+            Vec::<u8>::new(),
+            "unknown node: nothing is local"
+        );
+        // No ready local endpoint: the local serving-but-terminating ones.
+        let terminating = vec![
+            endpoint(1, "a", false, &[], &[]),
+            endpoint(2, "b", true, &[], &[]),
+        ];
+        assert_eq!(usable(terminating, true, Some(("a", None))), [1]);
+        assert_eq!(
+            usable(eps(), false, Some(("c", None))),
+            [1, 2],
+            "Cluster: every node's"
+        );
+    }
+
+    #[test]
+    fn zone_hints_apply_only_when_every_ready_endpoint_has_them_and_one_is_for_this_zone() {
+        let hinted = || {
+            vec![
+                endpoint(1, "a", true, &["z1"], &[]),
+                endpoint(2, "b", true, &["z2"], &[]),
+                endpoint(3, "c", true, &["z1"], &[]),
+                // Not ready: its missing hints do not matter.
+                endpoint(4, "d", false, &[], &[]),
+            ]
+        };
+        assert_eq!(usable(hinted(), false, Some(("a", Some("z1")))), [1, 3]);
+        assert_eq!(usable(hinted(), false, Some(("b", Some("z2")))), [2]);
+        assert_eq!(
+            usable(hinted(), false, Some(("x", Some("z9")))),
+            [1, 2, 3],
+            "no hint for this zone"
+        );
+        assert_eq!(
+            usable(hinted(), false, Some(("x", None))),
+            [1, 2, 3],
+            "node without a zone label"
+        );
+        let mut partly = hinted();
+        partly.push(endpoint(5, "e", true, &[], &[]));
+        assert_eq!(
+            usable(partly, false, Some(("a", Some("z1")))),
+            [1, 2, 3, 5],
+            "one ready endpoint without hints"
+        );
+    }
+
+    #[test]
+    fn node_hints_come_first_then_zone_hints() {
+        let hinted = || {
+            vec![
+                endpoint(1, "a", true, &["z1"], &["a"]),
+                endpoint(2, "b", true, &["z1"], &["b"]),
+                endpoint(3, "c", true, &["z2"], &["c"]),
+            ]
+        };
+        assert_eq!(
+            usable(hinted(), false, Some(("b", Some("z1")))),
+            [2],
+            "PreferSameNode"
+        );
+        assert_eq!(
+            usable(hinted(), false, Some(("x", Some("z1")))),
+            [1, 2],
+            "no endpoint for this node: its zone"
+        );
+    }
 
     fn cumulative(weights: &[u32]) -> Vec<u64> {
         weights

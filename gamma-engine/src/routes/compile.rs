@@ -74,7 +74,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
             let mut producer = None;
             let mut consumers = BTreeMap::new();
             for (group, routes) in groups(service, port, &routes) {
-                let table = table(&routes, &resolver);
+                let table = table(&routes, &resolver, &service.key.namespace);
                 match group {
                     None => producer = Some(table),
                     Some(ns) => {
@@ -100,14 +100,20 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .collect()
 }
 
-fn table(routes: &[&Route], resolver: &Resolver<'_>) -> RouteTable {
+fn table(routes: &[&Route], resolver: &Resolver<'_>, parent_namespace: &str) -> RouteTable {
     let kind = winning_kind(routes);
     let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
     for route in routes.iter().filter(|r| r.kind == kind) {
         let meta = &route.meta;
         let route_key = Arc::new(route.key());
         for (index, rule) in route.rules.iter().enumerate() {
-            let compiled = Arc::new(compile_rule(route, &route_key, index, resolver));
+            let compiled = Arc::new(compile_rule(
+                route,
+                &route_key,
+                index,
+                resolver,
+                parent_namespace,
+            ));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
@@ -136,13 +142,10 @@ fn compile_rule(
     key: &Arc<RouteKey>,
     index: usize,
     resolver: &Resolver<'_>,
+    parent_namespace: &str,
 ) -> CompiledRule {
     let rule = &route.rules[index];
-    // A GRPCRoute's backends speak HTTP/2 whatever the Service port's appProtocol says (the spec
-    // lets the protocol be inferred from the route type).
-    let resolve = |b: &BackendRef| {
-        resolver.resolve(b, &route.meta.key.namespace, route.kind == RouteKind::Grpc)
-    };
+    let resolve = |b: &BackendRef| resolver.resolve(b, route, parent_namespace);
     let resolve_mirror = |b: &BackendRef| resolve(b).ok();
     let backends: Vec<WeightedBackend> = rule
         .backends
@@ -178,5 +181,6 @@ fn compile_rule(
         timeouts: rule.timeouts.clone(),
         retry: rule.retry.clone(),
         invalid: rule.invalid.clone(),
+        session: rule.session.clone(),
     }
 }

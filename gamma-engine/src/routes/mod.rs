@@ -7,6 +7,7 @@ pub mod cors;
 pub mod filters;
 pub mod matches;
 pub mod precedence;
+pub mod session;
 pub mod status;
 
 pub use backends::{Backend, BackendError};
@@ -14,8 +15,8 @@ pub use compile::compile_service;
 pub use matches::RequestHead;
 
 use crate::model::{
-    DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, ObjectKey, PathMatch, Retry, Route,
-    RouteKey, RouteKind, RouteMatch, Service, Timeouts,
+    DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
+    Route, RouteKey, RouteKind, RouteMatch, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
 use cors::CorsOutcome;
@@ -31,6 +32,11 @@ pub trait World {
     fn slices(&self, service: &ObjectKey) -> Vec<&EndpointSlice>;
     /// Routes with a parentRef naming this Service.
     fn routes_on(&self, service: &ObjectKey) -> Vec<&Route>;
+    /// Whether a ReferenceGrant in `service`'s namespace lets routes of `kind` in `namespace`
+    /// send to it.
+    fn permits(&self, kind: RouteKind, namespace: &str, service: &ObjectKey) -> bool;
+    /// The node this agent serves, once known (for internalTrafficPolicy and topology hints).
+    fn node(&self) -> Option<&Node>;
 }
 
 /// The whole table at one instant. Immutable; published by swapping an `Arc`.
@@ -231,6 +237,7 @@ pub struct CompiledRule {
     pub retry: Option<Retry>,
     /// A dropped rule's reason (`Rule::invalid`): its requests get 500.
     pub invalid: Option<String>,
+    pub session: Option<SessionPersistence>,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -330,6 +337,28 @@ impl CompiledRule {
         listener_port: u16,
         random: u64,
     ) -> Plan<'_> {
+        self.plan_to(parts, matched, listener_port, random, None)
+    }
+
+    /// The backendRef (index) one of whose endpoints is `endpoint`: where a persisted session
+    /// goes back to, whatever the weights say now (a weight set to 0 drains new sessions only).
+    pub fn backend_serving(&self, endpoint: std::net::SocketAddr) -> Option<usize> {
+        self.backends.iter().position(|b| {
+            b.backend
+                .as_ref()
+                .is_ok_and(|backend| backend.endpoints.contains(&endpoint))
+        })
+    }
+
+    /// As [`Self::plan`], with the backendRef given (`Some`) instead of chosen by weight.
+    pub fn plan_to(
+        &self,
+        parts: &mut http::request::Parts,
+        matched: &RouteMatch,
+        listener_port: u16,
+        random: u64,
+        backend: Option<usize>,
+    ) -> Plan<'_> {
         if let Some(reason) = &self.invalid {
             return Plan::Respond(LocalResponse::InvalidRule(reason.clone()));
         }
@@ -347,7 +376,9 @@ impl CompiledRule {
         if self.backends.is_empty() {
             return Plan::Respond(LocalResponse::NoBackendRefs);
         }
-        let Some(index) = backends::pick_weighted(&self.cumulative_weights, random) else {
+        let Some(index) =
+            backend.or_else(|| backends::pick_weighted(&self.cumulative_weights, random))
+        else {
             return Plan::Respond(LocalResponse::AllWeightsZero);
         };
         let chosen = &self.backends[index];

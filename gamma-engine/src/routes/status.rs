@@ -44,7 +44,6 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         message,
         observed_generation: generation,
     };
-    let resolved = resolved_refs(route, world);
     let dropped: Vec<String> = route
         .rules
         .iter()
@@ -65,6 +64,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         .iter()
         .filter_map(|parent| {
             let key = parent.service(&route.meta.key.namespace)?;
+            let resolved = resolved_refs(route, &key.namespace, world);
             let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
             // The spec: a route none of whose rules is valid is not Accepted; one with some
             // valid rules is, and says which rules it dropped.
@@ -189,12 +189,16 @@ fn accepted(
     (true, "Accepted", "attached to the Service frontend".into())
 }
 
-/// The first backendRef (or mirror backendRef) that does not resolve, if any.
-fn resolved_refs(route: &Route, world: &dyn World) -> Result<(), backends::BackendError> {
-    let namespace = &route.meta.key.namespace;
+/// The first backendRef (or mirror backendRef) that does not resolve for a parent Service of
+/// `parent_namespace`, if any.
+fn resolved_refs(
+    route: &Route,
+    parent_namespace: &str,
+    world: &dyn World,
+) -> Result<(), backends::BackendError> {
     let resolver = backends::Resolver::new(world);
     for reference in route.rules.iter().flat_map(|r| r.referenced_backends()) {
-        resolver.resolve(reference, namespace, false)?;
+        resolver.resolve(reference, route, parent_namespace)?;
     }
     Ok(())
 }

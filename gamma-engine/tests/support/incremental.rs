@@ -71,6 +71,20 @@ fn http_route_on_grpc_port(namespace: &str, name: &str, parent: &str) -> Value {
     route
 }
 
+/// A ReferenceGrant in `a` for HTTPRoutes of `b`, to every Service or to one.
+fn reference_grant(service: Option<&str>) -> Value {
+    let mut to = json!({"group": "", "kind": "Service"});
+    if let Some(name) = service {
+        to["name"] = json!(name);
+    }
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "from-b", "namespace": "a"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "b"}],
+                 "to": [to]},
+    })
+}
+
 /// HTTPRoute a/r0 at `generation` with no valid rule.
 fn refused_generation(generation: i64) -> Value {
     let mut route = http_route(
@@ -158,6 +172,15 @@ pub fn pool() -> Vec<Object> {
             json!([{"backendRefs": [to("s0", 1)]}]),
         ),
         http_route_on_grpc_port("a", "r3", "s0"),
+        // A backend in a third namespace (b's route, a's Service), and the grants that allow it.
+        http_route(
+            "b",
+            "r4",
+            ("b", "s0"),
+            json!([{"backendRefs": [{"name": "s1", "namespace": "a", "port": 80}]}]),
+        ),
+        reference_grant(None),
+        reference_grant(Some("s2")),
         // Generations of r0 that do not convert (refused): reported unless a good one is newer.
         refused_generation(1),
         refused_generation(2),

@@ -137,7 +137,9 @@ async fn serve_connection(
     };
     if protocol == Protocol::Opaque {
         match frontend {
-            Some(frontend) => tcp::pass_through(proxy, stream.into_inner(), &frontend).await,
+            Some(frontend) => {
+                tcp::pass_through(proxy, stream.into_inner(), &frontend, info.caller.ip).await
+            }
             None => {
                 tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it")
             }

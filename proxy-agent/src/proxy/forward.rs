@@ -103,11 +103,9 @@ pub(super) async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let run = async {
         loop {
+            let caller = log.conn.caller.ip;
             let Some((endpoint, _in_flight)) =
-                proxy
-                    .upstream
-                    .endpoints
-                    .choose(&backend.endpoints, &tried, rand::random())
+                proxy.upstream.pick(backend, caller, &tried, rand::random())
             else {
                 return Err(LocalAnswer::NoReadyEndpoint(backend.name()));
             };

@@ -8,6 +8,7 @@
 //! `mirror`; `local` is every answer the agent gives itself; `workers` runs a runtime per core.
 
 mod accept;
+pub mod affinity;
 pub mod body;
 pub mod detect;
 pub mod drain;
@@ -150,7 +151,11 @@ impl Proxy {
     ) -> Arc<Self> {
         Arc::new(Proxy {
             snapshot,
-            upstream: upstream::Upstream::new(config.connect_timeout, config.upstream_idle_timeout),
+            upstream: upstream::Upstream::new(
+                config.connect_timeout,
+                config.upstream_idle_timeout,
+                metrics.affinity_table_full.clone(),
+            ),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
             pumps: pump::Pumps::new(config.idle_timeout),
             metrics,

@@ -3,21 +3,26 @@
 use super::pump::Flow;
 use super::Proxy;
 use gamma_engine::routes::Frontend;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
-pub(super) async fn pass_through(proxy: &Proxy, downstream: TcpStream, frontend: &Frontend) {
+/// `caller`: the pod's address (session affinity).
+pub(super) async fn pass_through(
+    proxy: &Proxy,
+    downstream: TcpStream,
+    frontend: &Frontend,
+    caller: IpAddr,
+) {
     proxy
         .metrics
         .opaque_connections
         .fetch_add(1, Ordering::Relaxed);
-    let endpoints = &frontend.direct.endpoints;
     let mut tried = Vec::new();
     while let Some((endpoint, _in_flight)) =
         proxy
             .upstream
-            .endpoints
-            .choose(endpoints, &tried, rand::random())
+            .pick(&frontend.direct, caller, &tried, rand::random())
     {
         tried.push(endpoint);
         let connect =

@@ -5,8 +5,10 @@
 //! failed, or whose last few requests all failed without an answer, is skipped for a short while
 //! (if any other is left).
 
+use super::affinity::Affinity;
 use super::body::ProxyBody;
 use ahash::AHashMap;
+use gamma_engine::routes::backends::Backend;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -53,26 +55,35 @@ pub struct Upstream {
     http1: Http1Client,
     http2: Http2Pool,
     pub endpoints: Arc<EndpointStats>,
+    /// Shared by every worker, like the endpoint statistics.
+    pub affinity: Arc<Affinity>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl Upstream {
-    /// `idle_timeout`: how long an idle pooled HTTP/1.1 connection is kept.
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// `idle_timeout`: how long an idle pooled HTTP/1.1 connection is kept; `affinity_full`
+    /// counts callers session affinity could not bind (table full).
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        affinity_full: Arc<AtomicU64>,
+    ) -> Self {
         Self::with_endpoints(
             connect_timeout,
             idle_timeout,
             Arc::new(EndpointStats::default()),
+            Arc::new(Affinity::new(affinity_full)),
         )
     }
 
-    /// New, empty connection pools; the same endpoint statistics.
+    /// New, empty connection pools; the same endpoint statistics and session affinity.
     pub fn with_own_pools(&self) -> Self {
         Self::with_endpoints(
             self.connect_timeout,
             self.idle_timeout,
             self.endpoints.clone(),
+            self.affinity.clone(),
         )
     }
 
@@ -80,6 +91,7 @@ impl Upstream {
         connect_timeout: Duration,
         idle_timeout: Duration,
         endpoints: Arc<EndpointStats>,
+        affinity: Arc<Affinity>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -99,9 +111,36 @@ impl Upstream {
                 connect_timeout,
             },
             endpoints,
+            affinity,
             connect_timeout,
             idle_timeout,
         }
+    }
+
+    /// The endpoint of `backend` for a request of `caller`: the one its session affinity binds
+    /// it to (first attempt, endpoint not ejected), else the power of two choices among the
+    /// untried ones, which then becomes its binding.
+    pub fn pick(
+        &self,
+        backend: &Backend,
+        caller: std::net::IpAddr,
+        tried: &[SocketAddr],
+        random: u64,
+    ) -> Option<(SocketAddr, InFlight)> {
+        if backend.affinity.is_none() {
+            return self.endpoints.choose(&backend.endpoints, tried, random);
+        }
+        let now = Instant::now();
+        if tried.is_empty() {
+            if let Some(bound) = self.affinity.endpoint(backend, caller, now) {
+                if !self.endpoints.is_ejected(bound) {
+                    return Some((bound, self.endpoints.hold(bound)));
+                }
+            }
+        }
+        let chosen = self.endpoints.choose(&backend.endpoints, tried, random)?;
+        self.affinity.bind(backend, caller, chosen.0, now);
+        Some(chosen)
     }
 
     /// Sends `request` to `endpoint`. HTTP/1.1 requests name the endpoint in their URI (the pool
@@ -288,6 +327,18 @@ impl EndpointStats {
             endpoint.failures.store(0, Ordering::Relaxed);
             self.eject(addr);
         }
+    }
+
+    /// Counts a request in flight on `addr`, chosen by other means (session affinity).
+    pub fn hold(&self, addr: SocketAddr) -> InFlight {
+        let endpoint = self.get(addr);
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(endpoint)
+    }
+
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        let known = self.by_address.read().expect("not poisoned");
+        known.get(&addr).is_some_and(|e| self.ejected(e))
     }
 
     /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` (those

@@ -50,9 +50,9 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, SockMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockMap};
 use proxy_common::{
-    maps, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
+    counters, maps, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
 };
 
 pub use attach::{attached_programs, AttachedProgram};
@@ -102,12 +102,36 @@ pub struct Redirect {
     services: Mutex<HashMap<MapData, ServiceKey, u8>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     callers: MapData,
+    /// What the programs counted (`proxy_common::counters`), per CPU.
+    counters: PerCpuArray<MapData, u64>,
     /// `CALLERS` of a predecessor whose programs differ from ours (an upgrade): connections its
     /// connect programs steered have their records there. Looked up when ours has none.
     predecessor_callers: Option<MapData>,
-    /// Descriptors of `MESH_SERVICES`, `CONFIG` and `CALLERS`, named, to hand to a successor.
+    /// Descriptors of the [`SHARED_MAPS`], named, to hand to a successor.
     shared_maps: Vec<(&'static str, OwnedFd)>,
     programs: Mutex<Programs>,
+}
+
+/// The maps a successor running the same programs adopts: the ones an agent writes, and the
+/// counters (so that they go on counting across a takeover).
+pub(crate) const SHARED_MAPS: [&str; 4] = [
+    maps::MESH_SERVICES,
+    maps::CONFIG,
+    maps::CALLERS,
+    maps::COUNTERS,
+];
+
+/// The kernel programs' counts since they were loaded (summed over the CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// connect() to a mesh Service sent to the agent.
+    pub steered: u64,
+    /// connect() to a mesh Service left alone: the agent's listener was gone (fail open).
+    pub agent_gone: u64,
+    /// Redirect records that could not be stored.
+    pub record_failed: u64,
+    /// getpeername() answered with the Service VIP.
+    pub peername_rewrites: u64,
 }
 
 /// The programs on the cgroup and who holds them.
@@ -133,6 +157,7 @@ struct Loaded {
     services: HashMap<MapData, ServiceKey, u8>,
     config: Array<MapData, AgentConfig>,
     callers: MapData,
+    counters: PerCpuArray<MapData, u64>,
     shared_maps: Vec<(&'static str, OwnedFd)>,
 }
 
@@ -161,6 +186,7 @@ impl Redirect {
             services: Mutex::new(loaded.services),
             config: Mutex::new(loaded.config),
             callers: loaded.callers,
+            counters: loaded.counters,
             predecessor_callers: None,
             shared_maps: loaded.shared_maps,
             programs: Mutex::new(Programs {
@@ -179,7 +205,7 @@ impl Redirect {
         let (config, slots) = agent_config(listeners, own_cgroup_id()?)?;
         let mut ebpf = object::load()?;
         // Taken before the maps are typed: typed maps do not show their descriptors.
-        let shared_maps = [maps::MESH_SERVICES, maps::CONFIG, maps::CALLERS]
+        let shared_maps = SHARED_MAPS
             .into_iter()
             .map(|name| Ok((name, dup_map_fd(&ebpf, name)?)))
             .collect::<Result<Vec<_>, RedirectError>>()?;
@@ -196,12 +222,14 @@ impl Redirect {
         }
         let services = typed_map(&mut ebpf, maps::MESH_SERVICES)?;
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
+        let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
         object::load_all(&mut ebpf)?;
         Ok(Loaded {
             ebpf,
             services,
             config: config_map,
             callers,
+            counters,
             shared_maps,
         })
     }
@@ -235,6 +263,23 @@ impl Redirect {
         std::iter::once(&self.callers)
             .chain(&self.predecessor_callers)
             .find_map(|callers| take_record(callers, &key, caller))
+    }
+
+    /// What the programs steering for this agent counted (since they were loaded; adopted
+    /// programs keep their counts across a takeover).
+    pub fn kernel_counters(&self) -> Result<KernelCounters, RedirectError> {
+        let read = |index: u32| {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum::<u64>())
+                .map_err(|e| RedirectError::kernel("reading the COUNTERS map", e))
+        };
+        Ok(KernelCounters {
+            steered: read(counters::STEERED)?,
+            agent_gone: read(counters::AGENT_GONE)?,
+            record_failed: read(counters::RECORD_FAILED)?,
+            peername_rewrites: read(counters::PEERNAME_REWRITES)?,
+        })
     }
 
     /// Exempts another cgroup instead of the agent's own: connections from processes of cgroup
@@ -359,7 +404,9 @@ where
 /// A descriptor of the object's map `name` of its own (for a successor).
 fn dup_map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, RedirectError> {
     let data = match ebpf.map(name) {
-        Some(Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data)) => data,
+        Some(
+            Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data) | Map::PerCpuArray(data),
+        ) => data,
         _ => {
             return Err(RedirectError::ObjectMismatch {
                 name: name.to_owned(),

@@ -2,7 +2,7 @@
 //! (the protocol and the listeners are `crate::handover`'s).
 //!
 //! The running agent hands over descriptors of its bpf links and of the maps the agent writes
-//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`); its redirect listener travels with the other listeners
+//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`, `COUNTERS`); its redirect listener travels with the other listeners
 //! and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
 //! holds a descriptor of it, and a map lives while a program or a descriptor uses it, so the
 //! predecessor exiting removes nothing the successor holds. Two ways on from there:
@@ -117,7 +117,7 @@ impl Predecessor {
 
     /// The descriptors of the maps an agent writes, in `Redirect::shared_maps` form.
     fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
-        [maps::MESH_SERVICES, maps::CONFIG, maps::CALLERS]
+        super::SHARED_MAPS
             .into_iter()
             .map(|name| {
                 let index = self
@@ -185,6 +185,7 @@ impl Redirect {
             let mut config: aya::maps::Array<MapData, proxy_common::AgentConfig> =
                 typed(Some(predecessor.map(maps::CONFIG)?), maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
+            let counters = typed(Some(predecessor.map(maps::COUNTERS)?), maps::COUNTERS)?;
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own).
             let (value, _) = agent_config(listeners, own_cgroup_id()?)?;
@@ -198,6 +199,7 @@ impl Redirect {
                 services: Mutex::new(services),
                 config: Mutex::new(config),
                 callers,
+                counters,
                 predecessor_callers: None,
                 shared_maps: predecessor.shared_maps()?,
                 programs: Mutex::new(Programs {
@@ -218,6 +220,7 @@ impl Redirect {
                 services: Mutex::new(loaded.services),
                 config: Mutex::new(loaded.config),
                 callers: loaded.callers,
+                counters: loaded.counters,
                 predecessor_callers: Some(predecessor_callers),
                 shared_maps: loaded.shared_maps,
                 programs: Mutex::new(Programs {

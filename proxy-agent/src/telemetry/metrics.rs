@@ -115,6 +115,9 @@ impl Histogram {
     }
 }
 
+/// Reads the kernel programs' counters (`None`: unreadable now).
+pub type KernelCountersReader = Box<dyn Fn() -> Option<[u64; 4]> + Send + Sync>;
+
 #[derive(Default)]
 pub struct Metrics {
     requests: RwLock<AHashMap<RequestLabels, Arc<Histogram>>>,
@@ -122,6 +125,11 @@ pub struct Metrics {
     pub connections_open: AtomicI64,
     /// Connections closed at once because `--max-connections` were open.
     pub connections_refused_at_cap: AtomicU64,
+    /// Callers not bound to an endpoint by session affinity because the table was full.
+    pub affinity_table_full: Arc<AtomicU64>,
+    /// The kernel programs' counters (steered, agent gone, record failures, getpeername
+    /// rewrites), read at each scrape; set once the redirect runs.
+    pub kernel_counters: std::sync::OnceLock<KernelCountersReader>,
     /// The runtimes whose live tasks `/metrics` counts (main and workers).
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
     pub opaque_connections: AtomicU64,
@@ -236,6 +244,20 @@ impl Metrics {
                 "gamma_request_duration_seconds_count{{{base}}} {count}"
             );
         }
+        if let Some(counted) = self.kernel_counters.get().and_then(|read| read()) {
+            let helps = [
+                ("gamma_kernel_connects_steered_total", "connect() calls to a mesh Service the kernel programs sent to the agent."),
+                ("gamma_kernel_connects_agent_gone_total", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open)."),
+                ("gamma_kernel_record_failures_total", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination)."),
+                ("gamma_kernel_getpeername_rewrites_total", "getpeername() calls on redirected sockets answered with the Service address."),
+            ];
+            for ((name, help), value) in helps.iter().zip(counted) {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+                );
+            }
+        }
         out.push_str("# HELP gamma_local_answers_total Requests the agent answered itself instead of relaying a backend's answer, by reason.\n# TYPE gamma_local_answers_total counter\n");
         for (reason, count) in Reason::ALL.iter().zip(&self.local_answers) {
             let _ = writeln!(
@@ -263,6 +285,12 @@ impl Metrics {
                 "Downstream connections closed on accept because --max-connections were open.",
                 "counter",
                 self.connections_refused_at_cap.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "gamma_session_affinity_table_full_total",
+                "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.",
+                "counter",
+                self.affinity_table_full.load(Ordering::Relaxed) as i64,
             ),
             (
                 "gamma_runtime_tasks_alive",

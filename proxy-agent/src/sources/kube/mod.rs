@@ -35,8 +35,8 @@ pub enum KubeError {
 }
 
 /// The feeds this source sends: one per watched kind.
-pub fn feeds() -> Vec<Feed> {
-    Watched::ALL.iter().map(|k| k.feed()).collect()
+pub fn feeds(config: &KubeConfig) -> Vec<Feed> {
+    Watched::followed(config).map(|k| k.feed()).collect()
 }
 
 /// The running source: its client (the status writer shares it) and its watchers.
@@ -54,12 +54,17 @@ impl KubeSource {
         if config.node_name.is_none() {
             tracing::warn!("no --node-name (or NODE_NAME): watching the Pods of every node");
         }
-        let watchers = Watched::ALL
-            .iter()
-            .map(|&kind| {
+        let watchers = Watched::followed(config)
+            .map(|kind| {
                 let mut watch_config = watcher::Config::default();
-                if let (Watched::Pod, Some(node)) = (kind, &config.node_name) {
-                    watch_config = watch_config.fields(&format!("spec.nodeName={node}"));
+                match (kind, &config.node_name) {
+                    (Watched::Pod, Some(node)) => {
+                        watch_config = watch_config.fields(&format!("spec.nodeName={node}"));
+                    }
+                    (Watched::Node, Some(node)) => {
+                        watch_config = watch_config.fields(&format!("metadata.name={node}"));
+                    }
+                    _ => {}
                 }
                 tokio::spawn(watch::run(
                     kind,

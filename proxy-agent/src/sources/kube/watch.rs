@@ -35,16 +35,28 @@ pub enum Watched {
     Pod,
     HttpRoute,
     GrpcRoute,
+    ReferenceGrant,
+    /// This agent's Node (its zone), when the node's name is known.
+    Node,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 5] = [
+    pub const ALL: [Watched; 7] = [
         Watched::Service,
         Watched::EndpointSlice,
         Watched::Pod,
         Watched::HttpRoute,
         Watched::GrpcRoute,
+        Watched::ReferenceGrant,
+        Watched::Node,
     ];
+
+    /// The kinds followed with this configuration: the Node only when its name is known.
+    pub fn followed(config: &super::KubeConfig) -> impl Iterator<Item = Watched> + '_ {
+        Watched::ALL
+            .into_iter()
+            .filter(|k| *k != Watched::Node || config.node_name.is_some())
+    }
 
     /// The table entry the watcher is built from.
     pub fn call(self) -> &'static ApiCall {
@@ -54,6 +66,8 @@ impl Watched {
             Watched::Pod => &api::PODS,
             Watched::HttpRoute => &api::HTTP_ROUTES,
             Watched::GrpcRoute => &api::GRPC_ROUTES,
+            Watched::ReferenceGrant => &api::REFERENCE_GRANTS,
+            Watched::Node => &api::NODES,
         }
     }
 
@@ -83,6 +97,8 @@ impl Watched {
             Watched::Pod => ObjectRef::Pod(key),
             Watched::HttpRoute => route(RouteKind::Http),
             Watched::GrpcRoute => route(RouteKind::Grpc),
+            Watched::ReferenceGrant => ObjectRef::ReferenceGrant(key),
+            Watched::Node => ObjectRef::Node(key.name),
         }
     }
 }

@@ -1,0 +1,167 @@
+//! Session tokens of session persistence (GEP-1619): what the agent gives a client to come back
+//! with, and reads back. The token names the endpoint and when the session started and was last
+//! used (Unix seconds): `10.0.0.7:8080_1733200000_1733200042`. It holds nothing secret: a client
+//! can only name an endpoint the rule's backends have anyway.
+
+use crate::model::{SessionCarrier, SessionPersistence};
+use http::header::{HeaderValue, COOKIE, SET_COOKIE};
+use http::{HeaderMap, HeaderName};
+use std::net::SocketAddr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub endpoint: SocketAddr,
+    /// Unix seconds.
+    pub started: u64,
+    pub last_used: u64,
+}
+
+impl Session {
+    fn token(&self) -> String {
+        format!("{}_{}_{}", self.endpoint, self.started, self.last_used)
+    }
+
+    fn parse(token: &str) -> Option<Session> {
+        let mut parts = token.rsplitn(3, '_');
+        let last_used = parts.next()?.parse().ok()?;
+        let started = parts.next()?.parse().ok()?;
+        let endpoint = parts.next()?.parse().ok()?;
+        Some(Session {
+            endpoint,
+            started,
+            last_used,
+        })
+    }
+}
+
+impl SessionPersistence {
+    /// The session the request carries, if any and if still live at `now`.
+    pub fn resume(&self, headers: &HeaderMap, now: u64) -> Option<Session> {
+        let session = match &self.carrier {
+            SessionCarrier::Cookie { name, .. } => headers
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(n, _)| n == name)
+                .and_then(|(_, token)| Session::parse(token)),
+            SessionCarrier::Header(name) => headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(Session::parse),
+        }?;
+        let within = |timeout: Option<std::time::Duration>, since: u64| {
+            timeout.is_none_or(|t| now.saturating_sub(since) <= t.as_secs())
+        };
+        (within(self.absolute_timeout, session.started)
+            && within(self.idle_timeout, session.last_used))
+        .then_some(session)
+    }
+
+    /// The answer's header that gives the client `session`: a `Set-Cookie` or the named header.
+    pub fn offer(&self, session: &Session) -> (HeaderName, HeaderValue) {
+        let token = session.token();
+        let value = match &self.carrier {
+            SessionCarrier::Cookie {
+                name,
+                path,
+                permanent,
+            } => {
+                let max_age = match (permanent, self.absolute_timeout) {
+                    (true, Some(t)) => {
+                        let left = t
+                            .as_secs()
+                            .saturating_sub(session.last_used - session.started);
+                        format!("; Max-Age={left}")
+                    }
+                    _ => String::new(),
+                };
+                (
+                    SET_COOKIE,
+                    format!("{name}={token}; Path={path}; HttpOnly{max_age}"),
+                )
+            }
+            SessionCarrier::Header(name) => (name.clone(), token),
+        };
+        let (name, text) = value;
+        // Only digits, an address and the configured name and path (checked on conversion).
+        let value = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+        (name, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cookie(permanent: bool) -> SessionPersistence {
+        SessionPersistence {
+            carrier: SessionCarrier::Cookie {
+                name: "s".into(),
+                path: "/".into(),
+                permanent,
+            },
+            absolute_timeout: Some(Duration::from_secs(100)),
+            idle_timeout: Some(Duration::from_secs(10)),
+        }
+    }
+
+    #[test]
+    fn a_session_round_trips_and_times_out() {
+        let policy = cookie(true);
+        let session = Session {
+            endpoint: "[fd00::7]:8080".parse().unwrap(),
+            started: 1000,
+            last_used: 1030,
+        };
+        let (name, value) = policy.offer(&session);
+        assert_eq!(name, SET_COOKIE);
+        assert_eq!(
+            value,
+            "s=[fd00::7]:8080_1000_1030; Path=/; HttpOnly; Max-Age=70"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            COOKIE,
+            HeaderValue::from_static("a=b; s=[fd00::7]:8080_1000_1030"),
+        );
+        assert_eq!(policy.resume(&headers, 1035), Some(session));
+        assert_eq!(policy.resume(&headers, 1041), None, "idle past 10 s");
+        let mut late = headers.clone();
+        late.insert(COOKIE, HeaderValue::from_static("s=10.0.0.1:80_1000_1099"));
+        assert!(policy.resume(&late, 1099).is_some());
+        assert_eq!(policy.resume(&late, 1101), None, "past the absolute 100 s");
+        headers.insert(COOKIE, HeaderValue::from_static("s=garbage"));
+        assert_eq!(policy.resume(&headers, 1035), None);
+        assert!(!cookie(false)
+            .offer(&session)
+            .1
+            .to_str()
+            .unwrap()
+            .contains("Max-Age"));
+    }
+
+    #[test]
+    fn header_sessions() {
+        let policy = SessionPersistence {
+            carrier: SessionCarrier::Header(HeaderName::from_static("x-session")),
+            absolute_timeout: None,
+            idle_timeout: None,
+        };
+        let session = Session {
+            endpoint: "10.0.0.1:80".parse().unwrap(),
+            started: 5,
+            last_used: 9,
+        };
+        let (name, value) = policy.offer(&session);
+        let mut headers = HeaderMap::new();
+        headers.insert(name, value);
+        assert_eq!(
+            policy.resume(&headers, 1_000_000),
+            Some(session),
+            "no timeouts"
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! The Service semantics kube-proxy honours, kept once the agent picks endpoints: for callers
+//! no route applies to (the frontend's direct backend) and for a route's backendRefs alike.
+//! From manifests, through the index of one node.
+
+use gamma_engine::index::Index;
+use gamma_engine::model::{Object, ObjectKey};
+use gamma_engine::routes::{Decision, Plan, RequestHead};
+use http::{HeaderMap, Method};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn service(name: &str, ip: u8, spec: Value) -> Value {
+    let mut value = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": {"clusterIP": format!("10.96.0.{ip}"), "ports": [{"name": "http", "port": 80}]}
+    });
+    for (k, v) in spec.as_object().unwrap() {
+        value["spec"][k] = v.clone();
+    }
+    value
+}
+
+/// Endpoints of `service`: (last octet, node, zone hints).
+fn slice(service: &str, endpoints: &[(u8, &str, &[&str])]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": "ns",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": endpoints.iter().map(|(n, node, zones)| {
+            let mut e = json!({"addresses": [format!("10.0.0.{n}")], "nodeName": node,
+                               "conditions": {"ready": true}});
+            if !zones.is_empty() {
+                e["hints"] = json!({"forZones": zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()});
+            }
+            e
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
+}
+
+fn load(index: &mut Index, values: Vec<Value>) {
+    for value in values {
+        index.apply(Object::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}")));
+    }
+    index.publish();
+}
+
+/// The endpoints (last octets) a caller with no route gets for `service`.
+fn direct(index: &Index, service: &str) -> Vec<String> {
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", service), 80)
+        .expect("a frontend");
+    frontend
+        .direct
+        .endpoints
+        .iter()
+        .map(|a| a.ip().to_string())
+        .collect()
+}
+
+#[test]
+fn internal_traffic_policy_local_for_direct_callers_and_backend_refs() {
+    let mut index = Index::for_node("node-a");
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+                 "rules": [{"backendRefs": [{"name": "local", "port": 80}]}]},
+    });
+    load(
+        &mut index,
+        vec![
+            service("local", 1, json!({"internalTrafficPolicy": "Local"})),
+            slice("local", &[(1, "node-a", &[]), (2, "node-b", &[])]),
+            service("front", 2, json!({})),
+            route,
+        ],
+    );
+    assert_eq!(direct(&index, "local"), ["10.0.0.1"]);
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 80)
+        .unwrap();
+    let headers = HeaderMap::new();
+    let head = RequestHead {
+        method: &Method::GET,
+        path: "/",
+        query: None,
+        headers: &headers,
+        authority: None,
+    };
+    let Decision::Rule { rule, matched } = frontend.lookup(None, &head) else {
+        panic!("routed")
+    };
+    let (mut parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+    let Plan::Forward(forward) = rule.plan(&mut parts, matched, 80, 0) else {
+        panic!("forwarded")
+    };
+    let endpoints: Vec<String> = forward
+        .backend
+        .endpoints
+        .iter()
+        .map(|a| a.ip().to_string())
+        .collect();
+    assert_eq!(
+        endpoints,
+        ["10.0.0.1"],
+        "a backendRef to the Service keeps its policy"
+    );
+
+    // Another node's agent compiles the other endpoint.
+    let mut other = Index::for_node("node-b");
+    load(
+        &mut other,
+        vec![
+            service("local", 1, json!({"internalTrafficPolicy": "Local"})),
+            slice("local", &[(1, "node-a", &[]), (2, "node-b", &[])]),
+        ],
+    );
+    assert_eq!(direct(&other, "local"), ["10.0.0.2"]);
+}
+
+#[test]
+fn zone_hints_follow_the_nodes_zone_label() {
+    let mut index = Index::for_node("node-a");
+    load(
+        &mut index,
+        vec![
+            service("close", 1, json!({"trafficDistribution": "PreferClose"})),
+            slice("close", &[(1, "node-a", &["z1"]), (2, "node-b", &["z2"])]),
+        ],
+    );
+    assert_eq!(
+        direct(&index, "close"),
+        ["10.0.0.1", "10.0.0.2"],
+        "zone unknown yet: every endpoint"
+    );
+    load(&mut index, vec![node("node-a", "z2")]);
+    assert_eq!(
+        direct(&index, "close"),
+        ["10.0.0.2"],
+        "the Node's zone label arrived"
+    );
+}
+
+#[test]
+fn session_affinity_reaches_the_backend() {
+    let mut index = Index::for_node("node-a");
+    load(
+        &mut index,
+        vec![
+            service(
+                "sticky",
+                1,
+                json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+            ),
+            service("default-timeout", 2, json!({"sessionAffinity": "ClientIP"})),
+            service("none", 3, json!({})),
+        ],
+    );
+    let snapshot = index.snapshot();
+    let affinity = |name: &str| {
+        snapshot
+            .frontend_of(&ObjectKey::new("ns", name), 80)
+            .unwrap()
+            .direct
+            .affinity
+    };
+    assert_eq!(affinity("sticky"), Some(Duration::from_secs(60)));
+    assert_eq!(
+        affinity("default-timeout"),
+        Some(Duration::from_secs(10_800))
+    );
+    assert_eq!(affinity("none"), None);
+}

@@ -1,0 +1,141 @@
+//! Session affinity (Service `sessionAffinity: ClientIP`), as kube-proxy applies it: a caller
+//! (the pod's IP, not the agent's) keeps the endpoint it was sent to for as long as it calls the
+//! Service again within `sessionAffinityConfig.clientIP.timeoutSeconds`; an endpoint that left
+//! the Service ends the stickiness.
+
+use ahash::AHashMap;
+use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::backends::Backend;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Callers remembered at most (the key is client-controlled: bounded, and counted when full).
+pub const MAX_ENTRIES: usize = 65_536;
+
+type Key = (ObjectKey, u16, IpAddr);
+
+struct Sticky {
+    endpoint: SocketAddr,
+    last_used: Instant,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+pub struct Affinity {
+    entries: Mutex<AHashMap<Key, Sticky>>,
+    /// Callers not remembered because the table was full of live entries (a metric's).
+    full: Arc<AtomicU64>,
+}
+
+impl Affinity {
+    /// `full` counts the callers not bound because the table was full.
+    pub fn new(full: Arc<AtomicU64>) -> Self {
+        Affinity {
+            entries: Mutex::default(),
+            full,
+        }
+    }
+
+    /// The endpoint `caller` is bound to on `backend`, if the binding is live and the endpoint
+    /// still serves; using it renews the binding.
+    pub fn endpoint(&self, backend: &Backend, caller: IpAddr, now: Instant) -> Option<SocketAddr> {
+        let key = (backend.service.clone(), backend.port, caller);
+        let mut entries = self.entries.lock().expect("not poisoned");
+        let sticky = entries.get_mut(&key)?;
+        let live = now.duration_since(sticky.last_used) <= sticky.timeout
+            && backend.endpoints.contains(&sticky.endpoint);
+        if !live {
+            entries.remove(&key);
+            return None;
+        }
+        sticky.last_used = now;
+        Some(sticky.endpoint)
+    }
+
+    /// Binds `caller` to `endpoint` on `backend` (whose `affinity` gives the timeout).
+    pub fn bind(&self, backend: &Backend, caller: IpAddr, endpoint: SocketAddr, now: Instant) {
+        let Some(timeout) = backend.affinity else {
+            return;
+        };
+        let mut entries = self.entries.lock().expect("not poisoned");
+        if entries.len() >= MAX_ENTRIES {
+            entries.retain(|_, s| now.duration_since(s.last_used) <= s.timeout);
+            if entries.len() >= MAX_ENTRIES {
+                self.full.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        entries.insert(
+            (backend.service.clone(), backend.port, caller),
+            Sticky {
+                endpoint,
+                last_used: now,
+                timeout,
+            },
+        );
+    }
+
+    /// Live or expired bindings held (expired ones go when the table fills).
+    pub fn bindings(&self) -> usize {
+        self.entries.lock().expect("not poisoned").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gamma_engine::model::UpstreamProtocol;
+
+    fn backend(endpoints: &[&str], affinity: Option<u64>) -> Backend {
+        Backend {
+            service: ObjectKey::new("ns", "svc"),
+            port: 80,
+            endpoints: endpoints
+                .iter()
+                .map(|e| e.parse().unwrap())
+                .collect::<Vec<_>>()
+                .into(),
+            protocol: UpstreamProtocol::AsCaller,
+            affinity: affinity.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn a_caller_keeps_its_endpoint_until_idle_for_the_timeout_or_the_endpoint_goes() {
+        let affinity = Affinity::default();
+        let b = backend(&["10.0.0.1:80", "10.0.0.2:80"], Some(10));
+        let (caller, other) = ("10.1.0.1".parse().unwrap(), "10.1.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        assert_eq!(affinity.endpoint(&b, caller, t0), None);
+        affinity.bind(&b, caller, "10.0.0.2:80".parse().unwrap(), t0);
+        // Each use renews: 9 s apart, three times, still bound.
+        for step in 1..=3 {
+            let at = t0 + Duration::from_secs(9 * step);
+            assert_eq!(
+                affinity.endpoint(&b, caller, at),
+                Some("10.0.0.2:80".parse().unwrap())
+            );
+        }
+        assert_eq!(affinity.endpoint(&b, other, t0), None, "per caller");
+        // Idle longer than the timeout: unbound.
+        assert_eq!(
+            affinity.endpoint(&b, caller, t0 + Duration::from_secs(27 + 11)),
+            None
+        );
+        // The endpoint left the Service: unbound.
+        affinity.bind(&b, caller, "10.0.0.2:80".parse().unwrap(), t0);
+        let shrunk = backend(&["10.0.0.1:80"], Some(10));
+        assert_eq!(affinity.endpoint(&shrunk, caller, t0), None);
+        assert_eq!(affinity.bindings(), 0);
+        // No affinity on the Service: nothing remembered.
+        affinity.bind(
+            &backend(&["10.0.0.1:80"], None),
+            caller,
+            "10.0.0.1:80".parse().unwrap(),
+            t0,
+        );
+        assert_eq!(affinity.bindings(), 0);
+    }
+}

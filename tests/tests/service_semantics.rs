@@ -4,7 +4,7 @@
 //! decided by the engine (`gamma-engine/tests/service_semantics.rs`).
 
 use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, Manifests};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -78,4 +78,108 @@ async fn client_ip_affinity_binds_each_caller_and_plain_services_spread() {
         BTreeSet::from(["first".to_string(), "second".to_string()]),
         "without affinity one caller reaches both endpoints"
     );
+}
+
+/// `ns/front` routed to `v1` and `v2` with these weights, with cookie session persistence on `/`
+/// and header session persistence on `/h`.
+fn persisted_world(v1: SocketAddr, v2: SocketAddr, weights: (u32, u32)) -> Manifests {
+    let backends = format!(
+        "[{{name: v1, port: 80, weight: {}}}, {{name: v2, port: 80, weight: {}}}]",
+        weights.0, weights.1
+    );
+    let rules = format!(
+        "  - matches: [{{path: {{type: PathPrefix, value: /h}}}}]\n    backendRefs: {backends}\n    sessionPersistence: {{type: Header, header: {{name: x-session}}}}\n  - backendRefs: {backends}\n    sessionPersistence: {{type: Cookie, cookie: {{name: sid}}, idleTimeout: 1h}}\n"
+    );
+    Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "v1", 80, &[v1], None)
+        .service("ns", "v2", 80, &[v2], None)
+        .raw(&gamma_tests::loopback::route("r", "front", &rules))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_sessions_survive_weight_changes_and_follow_their_endpoint_until_it_goes() {
+    use gamma_tests::loopback::{client, get, Answer};
+    let v1 = echo_backend([127, 0, 0, 41], "v1").await;
+    let v2 = gamma_tests::loopback::echo_backend_at(
+        SocketAddr::new([127, 0, 0, 42].into(), v1.addr.port()),
+        "v2",
+    )
+    .await;
+    let agent = Agent::start(
+        &persisted_world(v1.addr, v2.addr, (1, 1)),
+        AgentOptions {
+            listeners: vec![("ns/front", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let c = client(false);
+    let pod = |a: &Answer| a.body["pod"].as_str().unwrap_or_default().to_string();
+    let session_cookie = |a: &Answer| {
+        let set = a.headers["set-cookie"].to_str().unwrap().to_string();
+        assert!(set.contains("; Path=/; HttpOnly"), "{set}");
+        set.split(';').next().unwrap().to_string()
+    };
+
+    // New sessions spread by weight, each answer offering its session.
+    let mut first: BTreeMap<String, String> = BTreeMap::new();
+    for _ in 0..40 {
+        let answer = get(&c, &agent.url(0, "/"), &[]).await;
+        first.insert(pod(&answer), session_cookie(&answer));
+    }
+    assert_eq!(first.len(), 2, "both backends serve new sessions");
+    let cookie = first["v1"].clone();
+    let sticks = |answers: &[Answer], to: &str| answers.iter().all(|a| pod(a) == to);
+    let with_cookie = || async {
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            answers.push(get(&c, &agent.url(0, "/"), &[("cookie", cookie.as_str())]).await);
+        }
+        answers
+    };
+    assert!(
+        sticks(&with_cookie().await, "v1"),
+        "a session stays on its endpoint"
+    );
+
+    // v1's weight drops to 0: new sessions go to v2, v1's session stays.
+    agent
+        .update(&persisted_world(v1.addr, v2.addr, (0, 1)))
+        .unwrap();
+    assert!(sticks(&with_cookie().await, "v1"), "across a weight change");
+    for _ in 0..10 {
+        assert_eq!(pod(&get(&c, &agent.url(0, "/"), &[]).await), "v2");
+    }
+
+    // v1's endpoint is replaced by another: the session moves (by weight) and is offered anew,
+    // naming its new endpoint, where it stays.
+    let v1b = gamma_tests::loopback::echo_backend_at(
+        SocketAddr::new([127, 0, 0, 43].into(), v1.addr.port()),
+        "v1b",
+    )
+    .await;
+    agent
+        .update(&persisted_world(v1b.addr, v2.addr, (1, 1)))
+        .unwrap();
+    let moved = get(&c, &agent.url(0, "/"), &[("cookie", cookie.as_str())]).await;
+    let new_owner = pod(&moved);
+    assert!(["v1b", "v2"].contains(&new_owner.as_str()), "{new_owner}");
+    let renewed = session_cookie(&moved);
+    let owner_addr = if new_owner == "v2" { v2.addr } else { v1b.addr };
+    assert!(renewed.contains(&owner_addr.to_string()), "{renewed}");
+    for _ in 0..10 {
+        let again = get(&c, &agent.url(0, "/"), &[("cookie", renewed.as_str())]).await;
+        assert_eq!(pod(&again), new_owner, "the renewed session stays");
+    }
+
+    // Header sessions: the answer's x-session, sent back, keeps the endpoint.
+    let answer = get(&c, &agent.url(0, "/h"), &[]).await;
+    let token = answer.headers["x-session"].to_str().unwrap().to_string();
+    let owner = pod(&answer);
+    for _ in 0..10 {
+        let again = get(&c, &agent.url(0, "/h"), &[("x-session", token.as_str())]).await;
+        assert_eq!(pod(&again), owner);
+    }
 }

@@ -77,15 +77,23 @@ enum Attempt {
 /// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
 /// the body then ends it with DEADLINE_EXCEEDED).
 #[allow(clippy::too_many_arguments)]
+/// Where a request goes: a backend, and the endpoint a persisted session names, if any (tried
+/// first while it serves).
+pub(super) struct Target<'a> {
+    pub backend: &'a Backend,
+    pub pinned: Option<SocketAddr>,
+}
+
 pub(super) async fn forward(
     proxy: &Arc<Proxy>,
-    backend: &Backend,
+    target: Target<'_>,
     mut parts: http::request::Parts,
     mut body: RequestBody,
     rule: Option<&CompiledRule>,
     grpc: bool,
     log: &mut AccessLog<'_>,
 ) -> Result<Response<ProxyBody>, LocalAnswer> {
+    let backend = target.backend;
     let request_timeout = rule.and_then(|r| r.timeouts.request);
     let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
     let upgrade = is_upgrade(&parts);
@@ -105,7 +113,9 @@ pub(super) async fn forward(
         loop {
             let caller = log.conn.caller.ip;
             let Some((endpoint, _in_flight)) =
-                proxy.upstream.pick(backend, caller, &tried, rand::random())
+                proxy
+                    .upstream
+                    .pick(backend, caller, target.pinned, &tried, rand::random())
             else {
                 return Err(LocalAnswer::NoReadyEndpoint(backend.name()));
             };

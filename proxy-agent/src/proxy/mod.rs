@@ -28,6 +28,7 @@ use crate::telemetry::metrics::{Metrics, RequestLabels};
 use arc_swap::ArcSwap;
 use body::{ProxyBody, RequestBody};
 use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::session::Session;
 use gamma_engine::routes::{CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot};
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
@@ -277,7 +278,11 @@ impl Proxy {
             Decision::Direct(backend) => {
                 log.backend = backend.name();
                 let body = RequestBody::new(body, false, 0);
-                return forward::forward(self, backend, parts, body, None, grpc, log)
+                let target = forward::Target {
+                    backend,
+                    pinned: None,
+                };
+                return forward::forward(self, target, parts, body, None, grpc, log)
                     .await
                     .map_err(|local| (local, None));
             }
@@ -288,7 +293,15 @@ impl Proxy {
         };
         log.route = format!("{} rule {}", rule.route, rule.name_or_index());
         let random = rand::random::<u64>();
-        let plan = match rule.plan(&mut parts, matched, frontend.port, random) {
+        // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
+        let now = crate::telemetry::unix_now();
+        let resumed = rule
+            .session
+            .as_ref()
+            .and_then(|policy| policy.resume(&parts.headers, now))
+            .and_then(|session| Some((session, rule.backend_serving(session.endpoint)?)));
+        let backend = resumed.map(|(_, index)| index);
+        let plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
             Plan::Respond(local) => return Err((local.into(), Some(rule))),
             Plan::Forward(plan) => plan,
         };
@@ -297,9 +310,25 @@ impl Proxy {
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         self.mirrors
             .send(self, &plan.mirrors, &parts, &body, random);
-        let mut response = forward::forward(self, plan.backend, parts, body, Some(rule), grpc, log)
+        let target = forward::Target {
+            backend: plan.backend,
+            pinned: resumed.map(|(session, _)| session.endpoint),
+        };
+        let mut response = forward::forward(self, target, parts, body, Some(rule), grpc, log)
             .await
             .map_err(|local| (local, Some(rule)))?;
+        if let (Some(policy), Some(endpoint)) = (&rule.session, log.endpoint) {
+            let started = resumed
+                .filter(|(session, _)| session.endpoint == endpoint)
+                .map_or(now, |(session, _)| session.started);
+            let session = Session {
+                endpoint,
+                started,
+                last_used: now,
+            };
+            let (name, value) = policy.offer(&session);
+            response.headers_mut().append(name, value);
+        }
         response.headers_mut().extend(plan.cors_headers);
         for modifier in plan.response_headers {
             modifier.apply(response.headers_mut());

@@ -22,7 +22,7 @@ pub(super) async fn pass_through(
     while let Some((endpoint, _in_flight)) =
         proxy
             .upstream
-            .pick(&frontend.direct, caller, &tried, rand::random())
+            .pick(&frontend.direct, caller, None, &tried, rand::random())
     {
         tried.push(endpoint);
         let connect =

@@ -117,25 +117,29 @@ impl Upstream {
         }
     }
 
-    /// The endpoint of `backend` for a request of `caller`: the one its session affinity binds
-    /// it to (first attempt, endpoint not ejected), else the power of two choices among the
-    /// untried ones, which then becomes its binding.
+    /// The endpoint of `backend` for a request of `caller`. On a first attempt: `pinned` (a
+    /// persisted session's endpoint) while the backend has it, else the one the Service's session
+    /// affinity binds the caller to, if not ejected. Otherwise the power of two choices among the
+    /// untried ones, which becomes the caller's binding.
     pub fn pick(
         &self,
         backend: &Backend,
         caller: std::net::IpAddr,
+        pinned: Option<SocketAddr>,
         tried: &[SocketAddr],
         random: u64,
     ) -> Option<(SocketAddr, InFlight)> {
-        if backend.affinity.is_none() {
-            return self.endpoints.choose(&backend.endpoints, tried, random);
-        }
         let now = Instant::now();
         if tried.is_empty() {
-            if let Some(bound) = self.affinity.endpoint(backend, caller, now) {
-                if !self.endpoints.is_ejected(bound) {
-                    return Some((bound, self.endpoints.hold(bound)));
-                }
+            let preferred = pinned
+                .filter(|p| backend.endpoints.contains(p))
+                .or_else(|| {
+                    backend.affinity?;
+                    self.affinity.endpoint(backend, caller, now)
+                })
+                .filter(|p| !self.endpoints.is_ejected(*p));
+            if let Some(endpoint) = preferred {
+                return Some((endpoint, self.endpoints.hold(endpoint)));
             }
         }
         let chosen = self.endpoints.choose(&backend.endpoints, tried, random)?;

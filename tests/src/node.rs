@@ -270,6 +270,47 @@ impl Node {
         Ok(())
     }
 
+    /// Joins this node to `other` by a routed link (a veth pair, `link` a /30 like
+    /// `172.31.255.0/30`: .1 here, .2 there), and routes each node's pod addresses (`pods_here`,
+    /// `pods_there`, CIDRs) over it, as a CNI routes between nodes. The pair is made in this node
+    /// and removed with it (its other end goes with it).
+    pub fn link_to(
+        &mut self,
+        other: &Node,
+        link: Ipv4Addr,
+        pods_here: &str,
+        pods_there: &str,
+    ) -> Result<()> {
+        let [a, b, c, d] = link.octets();
+        let (here_addr, there_addr) = (
+            Ipv4Addr::new(a, b, c, d + 1),
+            Ipv4Addr::new(a, b, c, d + 2),
+        );
+        let (here, there) = (self.netns().to_string(), other.netns().to_string());
+        let (here_end, there_end) = (format!("{}n0", self.prefix), format!("{}n1", self.prefix));
+        ensure!(
+            here_end.len() <= 15,
+            "interface name {here_end} is longer than 15 bytes"
+        );
+        ip([
+            "-n", &here, "link", "add", &here_end, "type", "veth", "peer", "name", &there_end,
+            "netns", &there,
+        ])?;
+        self.created.push(Resource::Link {
+            netns: here.clone(),
+            name: here_end.clone(),
+        });
+        for (netns, end, addr, peer, pods) in [
+            (&here, &here_end, here_addr, there_addr, pods_there),
+            (&there, &there_end, there_addr, here_addr, pods_here),
+        ] {
+            ip(["-n", netns, "addr", "add", &format!("{addr}/30"), "dev", end])?;
+            ip(["-n", netns, "link", "set", end, "up"])?;
+            ip(["-n", netns, "route", "add", pods, "via", &peer.to_string()])?;
+        }
+        Ok(())
+    }
+
     /// Everything this node created, by name, for [`Footprint::remaining`] after the drop.
     pub fn footprint(&self) -> Footprint {
         let mut footprint = Footprint {

@@ -313,10 +313,7 @@ impl Scenario {
 
     /// Runs `gamma-client` inside `from` (its netns and cgroup, so the kernel redirect applies).
     pub fn request(&self, from: &SimPod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
-        let output = self
-            .pod(from)?
-            .run_output(&mut client_command(request), client_timeout(request))?;
-        parse_answers(output)
+        run_client(self.pod(from)?, request)
     }
 
     /// Runs `gamma-client` in `ip_of`'s netns (so from its IP) but in `impostor`'s cgroup.
@@ -333,6 +330,12 @@ impl Scenario {
         )?;
         parse_answers(output)
     }
+}
+
+/// Runs `gamma-client` inside pod `from` of any node harness.
+pub fn run_client(from: &Pod, request: &ClientRequest) -> Result<Vec<ClientAnswer>> {
+    let output = from.run_output(&mut client_command(request), client_timeout(request))?;
+    parse_answers(output)
 }
 
 fn client_command(request: &ClientRequest) -> Command {

@@ -179,6 +179,12 @@ impl FakeApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake API server");
+        Self::start_on(listener)
+    }
+
+    /// Serves on `listener` (e.g. one bound inside a test's network namespace), in the current
+    /// tokio runtime.
+    pub fn start_on(listener: tokio::net::TcpListener) -> FakeApiServer {
         let server = FakeApiServer {
             addr: listener.local_addr().unwrap(),
             state: Arc::new(Mutex::new(State {

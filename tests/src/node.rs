@@ -282,10 +282,8 @@ impl Node {
         pods_there: &str,
     ) -> Result<()> {
         let [a, b, c, d] = link.octets();
-        let (here_addr, there_addr) = (
-            Ipv4Addr::new(a, b, c, d + 1),
-            Ipv4Addr::new(a, b, c, d + 2),
-        );
+        let (here_addr, there_addr) =
+            (Ipv4Addr::new(a, b, c, d + 1), Ipv4Addr::new(a, b, c, d + 2));
         let (here, there) = (self.netns().to_string(), other.netns().to_string());
         let (here_end, there_end) = (format!("{}n0", self.prefix), format!("{}n1", self.prefix));
         ensure!(
@@ -304,7 +302,15 @@ impl Node {
             (&here, &here_end, here_addr, there_addr, pods_there),
             (&there, &there_end, there_addr, here_addr, pods_here),
         ] {
-            ip(["-n", netns, "addr", "add", &format!("{addr}/30"), "dev", end])?;
+            ip([
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{addr}/30"),
+                "dev",
+                end,
+            ])?;
             ip(["-n", netns, "link", "set", end, "up"])?;
             ip(["-n", netns, "route", "add", pods, "via", &peer.to_string()])?;
         }

@@ -1,19 +1,24 @@
 //! Two nodes, each its own network namespace with its pods, its simulated kube-proxy and its own
-//! agent (`--node-name`), joined by a routed link (root only; otherwise SKIPPED with the reason):
+//! agent (`--kube --node-name`), joined by a routed link, following one (in-process, fake) API
+//! server reachable from both over the link (root only; otherwise SKIPPED with the reason):
 //! - a pod on node A calling a Service whose only endpoint is on node B goes through A's agent
 //!   (the route's filter applies) and across the link;
 //! - each agent steers only its own node's pods (the kernel counters of each say so);
 //! - `internalTrafficPolicy: Local` and PreferSameNode hints pick each node's own endpoint;
+//! - one status writer across the two agents: the Lease holder, whose writes are the only ones;
 //! - killing node A's agent fails node A open (kube-proxy's path, no route filter) while node B's
 //!   pods keep their mesh routes.
 //!
 //! Everything lives in the namespaces and cgroups the two nodes create and remove by name.
 
 use gamma_tests::client::{ClientAnswer, ClientRequest};
+use gamma_tests::fake_apiserver::FakeApiServer;
+use gamma_tests::kube_world::LEASE_NS;
 use gamma_tests::loopback::{http_get, TempDir};
 use gamma_tests::node::{Node, Pod, AGENT_ADDR};
 use gamma_tests::scenario::{binary, run_client, ADMIN, REDIRECT_PORT};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,22 +31,40 @@ const ECHO_PORT: u16 = 8080;
 struct Side {
     node: Node,
     name: &'static str,
-    manifests: TempDir,
+    /// The kubeconfig of the API server, as this node's agent (Pod `agent-<node>`) reaches it.
+    kubeconfig: PathBuf,
     agent: Option<Child>,
     client: Pod,
 }
 
 impl Side {
+    fn pod_name(&self) -> String {
+        format!("agent-{}", self.name)
+    }
+
     fn start_agent(&mut self) {
         let mut command = Command::new(binary("proxy-agent"));
         command
-            .arg("--manifests")
-            .arg(&self.manifests.0)
+            .args([
+                "--kube",
+                "--pod-name",
+                &self.pod_name(),
+                "--lease-namespace",
+                LEASE_NS,
+            ])
+            .env("KUBECONFIG", &self.kubeconfig)
             .arg("--redirect")
             .arg(SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string())
             .arg("--cgroup")
             .arg(self.node.pods_cgroup())
-            .args(["--admin", ADMIN, "--poll-interval-ms", "50", "--node-name", self.name])
+            .args([
+                "--admin",
+                ADMIN,
+                "--poll-interval-ms",
+                "50",
+                "--node-name",
+                self.name,
+            ])
             .env(
                 "RUST_LOG",
                 std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
@@ -57,7 +80,11 @@ impl Side {
                 self.name
             );
             let limit = gamma_tests::harness_timeout(Duration::from_secs(10));
-            assert!(started.elapsed() < limit, "{} not ready in {limit:?}", self.name);
+            assert!(
+                started.elapsed() < limit,
+                "{} not ready in {limit:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.agent = Some(agent);
@@ -72,7 +99,10 @@ impl Side {
 
     fn admin(&self, path: &str) -> Option<String> {
         let (admin, path): (SocketAddr, String) = (ADMIN.parse().unwrap(), path.to_string());
-        self.node.in_netns(move || http_get(admin, &path)).ok()?.ok()
+        self.node
+            .in_netns(move || http_get(admin, &path))
+            .ok()?
+            .ok()
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -109,8 +139,11 @@ fn echo_pod(node: &mut Node, name: &str, ip: Ipv4Addr) -> Pod {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     pod.spawn(&mut echo).unwrap();
-    pod.wait_for_port(ECHO_PORT, gamma_tests::harness_timeout(Duration::from_secs(5)))
-        .unwrap();
+    pod.wait_for_port(
+        ECHO_PORT,
+        gamma_tests::harness_timeout(Duration::from_secs(5)),
+    )
+    .unwrap();
     pod
 }
 
@@ -125,7 +158,9 @@ fn service(name: &str, vip: Ipv4Addr, spec: &str, endpoints: &[(Ipv4Addr, &str, 
             } else {
                 String::new()
             };
-            format!("{{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: true}}{hints}}}")
+            format!(
+                "{{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: true}}{hints}}}"
+            )
         })
         .collect();
     format!(
@@ -171,10 +206,20 @@ fn two_nodes_each_agent_serves_its_own_pods_with_node_local_endpoints() {
         .link_to(&node_b, Ipv4Addr::new(172, 31, 255, 0), PODS_A, PODS_B)
         .unwrap();
     let client_a = node_a
-        .add_pod(NS, "client-a", "uid-client-a", Ipv4Addr::new(10, 244, 1, 10))
+        .add_pod(
+            NS,
+            "client-a",
+            "uid-client-a",
+            Ipv4Addr::new(10, 244, 1, 10),
+        )
         .unwrap();
     let client_b = node_b
-        .add_pod(NS, "client-b", "uid-client-b", Ipv4Addr::new(10, 244, 2, 10))
+        .add_pod(
+            NS,
+            "client-b",
+            "uid-client-b",
+            Ipv4Addr::new(10, 244, 2, 10),
+        )
         .unwrap();
     let echo_a = echo_pod(&mut node_a, "echo-a", Ipv4Addr::new(10, 244, 1, 20));
     let echo_b = echo_pod(&mut node_b, "echo-b", Ipv4Addr::new(10, 244, 2, 20));
@@ -186,60 +231,143 @@ fn two_nodes_each_agent_serves_its_own_pods_with_node_local_endpoints() {
     let both = [(echo_a.ip, "node-a"), (echo_b.ip, "node-b")];
     let world = [
         service("remote", remote, "", &[(echo_b.ip, "node-b", false)]),
-        service("local", local, ", internalTrafficPolicy: Local", &both.map(|(ip, n)| (ip, n, false))),
-        service("close", close, ", trafficDistribution: PreferSameNode", &both.map(|(ip, n)| (ip, n, true))),
+        service(
+            "local",
+            local,
+            ", internalTrafficPolicy: Local",
+            &both.map(|(ip, n)| (ip, n, false)),
+        ),
+        service(
+            "close",
+            close,
+            ", trafficDistribution: PreferSameNode",
+            &both.map(|(ip, n)| (ip, n, true)),
+        ),
         pod_manifest(&client_a, "node-a"),
         pod_manifest(&client_b, "node-b"),
     ]
     .join("---\n");
     // The simulated kube-proxy of each node: every endpoint, wherever it runs.
     for node in [&mut node_a, &mut node_b] {
-        node.dnat_service(remote, 80, &[(echo_b.ip, ECHO_PORT)]).unwrap();
+        node.dnat_service(remote, 80, &[(echo_b.ip, ECHO_PORT)])
+            .unwrap();
         for vip in [local, close] {
             node.dnat_service(vip, 80, &[(echo_a.ip, ECHO_PORT), (echo_b.ip, ECHO_PORT)])
                 .unwrap();
         }
     }
-    let side = |node: Node, name: &'static str, client: Pod| {
-        let manifests = TempDir::new(name);
-        std::fs::write(manifests.0.join("world.yaml"), &world).unwrap();
-        let mut side = Side {
-            node,
-            name,
-            manifests,
-            agent: None,
-            client,
-        };
-        side.start_agent();
-        side
+    // The API server: in this process, listening in node A's netns on its end of the link, so
+    // that both nodes' agents reach it (the test's root netns is never involved).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = node_a
+        .in_netns(|| std::net::TcpListener::bind("172.31.255.1:0"))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let api = runtime.block_on(async {
+        FakeApiServer::start_on(tokio::net::TcpListener::from_std(listener).unwrap())
+    });
+    for (_, object) in gamma_engine::manifests::documents(&world).unwrap() {
+        api.apply(object);
+    }
+    let kubeconfigs = TempDir::new("two-nodes");
+    let side = |node: Node, name: &'static str, client: Pod| Side {
+        node,
+        name,
+        kubeconfig: api.kubeconfig(&kubeconfigs.0, &format!("agent-{name}")),
+        agent: None,
+        client,
     };
     let mut a = side(node_a, "node-a", client_a);
-    let b = side(node_b, "node-b", client_b);
+    let mut b = side(node_b, "node-b", client_b);
+    // B first, so that B holds the status lease and A's death leaves it where it is.
+    b.start_agent();
+    let lease_holder = || {
+        api.get("leases", LEASE_NS, "gamma-node-status")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    wait_for("B holds the lease", || {
+        lease_holder().as_deref() == Some("agent-node-b")
+    });
+    a.start_agent();
 
     // Across the link, through A's agent: the route's filter applied, B's pod answered.
     let answers = a.call(remote, 10);
     assert_eq!(meshed(&answers, "remote"), 10, "{answers:?}");
     assert_eq!(pods(&answers), ["echo-b".to_string()].into());
     assert_eq!(a.counter("gamma_kernel_connects_steered_total"), 10);
-    assert_eq!(b.counter("gamma_kernel_connects_steered_total"), 0, "B steers only B's pods");
+    assert_eq!(
+        b.counter("gamma_kernel_connects_steered_total"),
+        0,
+        "B steers only B's pods"
+    );
 
     // Each node's own endpoint: internalTrafficPolicy Local, then PreferSameNode hints.
     for (service, vip) in [("local", local), ("close", close)] {
         let from_a = a.call(vip, 10);
         let from_b = b.call(vip, 10);
-        assert_eq!(meshed(&from_a, service) + meshed(&from_b, service), 20, "{service}");
-        assert_eq!(pods(&from_a), ["echo-a".to_string()].into(), "{service} from A");
-        assert_eq!(pods(&from_b), ["echo-b".to_string()].into(), "{service} from B");
+        assert_eq!(
+            meshed(&from_a, service) + meshed(&from_b, service),
+            20,
+            "{service}"
+        );
+        assert_eq!(
+            pods(&from_a),
+            ["echo-a".to_string()].into(),
+            "{service} from A"
+        );
+        assert_eq!(
+            pods(&from_b),
+            ["echo-b".to_string()].into(),
+            "{service} from B"
+        );
     }
     assert_eq!(b.counter("gamma_kernel_connects_steered_total"), 20);
+
+    // One status writer: every route status was written by B, the holder, none by A.
+    wait_for("the three routes' status", || {
+        ["remote", "local", "close"].iter().all(|r| {
+            api.get("httproutes", NS, r)
+                .is_some_and(|route| route["status"]["parents"].is_array())
+        })
+    });
+    let writers: std::collections::BTreeSet<Option<String>> = api
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.resource == "httproutes/status")
+        .map(|r| r.authorization.clone())
+        .collect();
+    assert_eq!(writers, [Some("Bearer agent-node-b".to_string())].into());
+    assert_eq!(lease_holder().as_deref(), Some("agent-node-b"));
 
     // A's agent dies: A's pods fail open (kube-proxy, no route filter); B's stay meshed.
     a.kill_agent();
     let from_a = a.call(remote, 5);
     assert!(from_a.iter().all(|x| x.status == 200), "{from_a:?}");
-    assert_eq!(meshed(&from_a, "remote"), 0, "node A fell back to kube-proxy");
+    assert_eq!(
+        meshed(&from_a, "remote"),
+        0,
+        "node A fell back to kube-proxy"
+    );
     let from_b = b.call(remote, 5);
     assert_eq!(meshed(&from_b, "remote"), 5, "node B is untouched");
+    assert_eq!(
+        lease_holder().as_deref(),
+        Some("agent-node-b"),
+        "the lease stays with B"
+    );
     drop(b);
     drop(a);
+    drop(runtime);
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not within 10 s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

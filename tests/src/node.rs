@@ -272,14 +272,14 @@ impl Node {
 
     /// Joins this node to `other` by a routed link (a veth pair, `link` a /30 like
     /// `172.31.255.0/30`: .1 here, .2 there), and routes each node's pod addresses (`pods_here`,
-    /// `pods_there`, CIDRs) over it, as a CNI routes between nodes. The pair is made in this node
-    /// and removed with it (its other end goes with it).
+    /// `pods_there`: CIDRs or single addresses) over it, as a CNI routes between nodes. The pair
+    /// is made in this node and removed with it (its other end goes with it).
     pub fn link_to(
         &mut self,
         other: &Node,
         link: Ipv4Addr,
-        pods_here: &str,
-        pods_there: &str,
+        pods_here: &[String],
+        pods_there: &[String],
     ) -> Result<()> {
         let [a, b, c, d] = link.octets();
         let (here_addr, there_addr) =
@@ -312,7 +312,17 @@ impl Node {
                 end,
             ])?;
             ip(["-n", netns, "link", "set", end, "up"])?;
-            ip(["-n", netns, "route", "add", pods, "via", &peer.to_string()])?;
+            for destination in pods {
+                ip([
+                    "-n",
+                    netns,
+                    "route",
+                    "add",
+                    destination,
+                    "via",
+                    &peer.to_string(),
+                ])?;
+            }
         }
         Ok(())
     }

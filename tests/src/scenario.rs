@@ -85,9 +85,22 @@ impl Scenario {
         cluster: SimCluster,
         agent_args: Vec<String>,
     ) -> Result<Scenario> {
+        Self::start_node(name, cluster, |_| true, agent_args)
+    }
+
+    /// One node of a cluster of several: only the Pods `here` picks run on it (the others on the
+    /// other nodes, to be linked with [`Node::link_to`]); every Service's endpoints are reachable
+    /// through its kube-proxy, and its agent (`agent_args` should name `--node-name`) knows the
+    /// whole cluster.
+    pub fn start_node(
+        name: &str,
+        cluster: SimCluster,
+        here: impl Fn(&SimPod) -> bool,
+        agent_args: Vec<String>,
+    ) -> Result<Scenario> {
         let mut node = Node::new(name)?;
         let mut pods = Vec::new();
-        for sim in &cluster.pods {
+        for sim in cluster.pods.iter().filter(|p| here(p)) {
             let pod = node.add_pod(&sim.namespace, &sim.name, &sim.uid, ipv4(sim.ip)?)?;
             if !sim.container_ports.is_empty() {
                 let mut echo = Command::new(binary("gamma-echo"));

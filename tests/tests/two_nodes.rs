@@ -131,20 +131,19 @@ impl Drop for Side {
     }
 }
 
-/// The echo pod `name` on `node`, at `ip`.
-fn echo_pod(node: &mut Node, name: &str, ip: Ipv4Addr) -> Pod {
-    let pod = node.add_pod(NS, name, &format!("uid-{name}"), ip).unwrap();
+/// The echo pod `name` on `node`, at `ip` (the node kills and reaps its processes).
+fn echo_pod(node: &mut Node, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+    let pod = node.add_pod(NS, name, &format!("uid-{name}"), ip)?;
     let mut echo = Command::new(binary("gamma-echo"));
     echo.args(["--name", name, &format!("0.0.0.0:{ECHO_PORT}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    pod.spawn(&mut echo).unwrap();
+    pod.spawn(&mut echo)?;
     pod.wait_for_port(
         ECHO_PORT,
         gamma_tests::harness_timeout(Duration::from_secs(5)),
-    )
-    .unwrap();
-    pod
+    )?;
+    Ok(pod)
 }
 
 /// One Service, its EndpointSlice (endpoints: ip, node, node hint) and a producer route to
@@ -203,7 +202,12 @@ fn two_nodes_each_agent_serves_its_own_pods_with_node_local_endpoints() {
     let mut node_a = Node::new("two-nodes-a").unwrap();
     let mut node_b = Node::new("two-nodes-b").unwrap();
     node_a
-        .link_to(&node_b, Ipv4Addr::new(172, 31, 255, 0), PODS_A, PODS_B)
+        .link_to(
+            &node_b,
+            Ipv4Addr::new(172, 31, 255, 0),
+            &[PODS_A.into()],
+            &[PODS_B.into()],
+        )
         .unwrap();
     let client_a = node_a
         .add_pod(
@@ -221,8 +225,8 @@ fn two_nodes_each_agent_serves_its_own_pods_with_node_local_endpoints() {
             Ipv4Addr::new(10, 244, 2, 10),
         )
         .unwrap();
-    let echo_a = echo_pod(&mut node_a, "echo-a", Ipv4Addr::new(10, 244, 1, 20));
-    let echo_b = echo_pod(&mut node_b, "echo-b", Ipv4Addr::new(10, 244, 2, 20));
+    let echo_a = echo_pod(&mut node_a, "echo-a", Ipv4Addr::new(10, 244, 1, 20)).unwrap();
+    let echo_b = echo_pod(&mut node_b, "echo-b", Ipv4Addr::new(10, 244, 2, 20)).unwrap();
     let (remote, local, close) = (
         Ipv4Addr::new(10, 96, 0, 10),
         Ipv4Addr::new(10, 96, 0, 11),

@@ -19,6 +19,7 @@ usage: cargo xtask <command>
   test           every test: unit, integration, root-only (netns, eBPF), fuzzing (15 s per
                  target), conformance and the kernel matrix (`kernels`)
   demo           the seed scenario on one machine: a node made of network namespaces
+                 [--nodes 2: two nodes, each with its agent, joined by a routed link]
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
   bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
@@ -41,7 +42,7 @@ fn main() -> Result<()> {
     match command.as_str() {
         "setup" => setup::run(),
         "test" => test(rest),
-        "demo" => demo(),
+        "demo" => demo(rest),
         "check-deploy" => check_deploy::run(rest),
         "conformance" => conformance(rest),
         "bench" => bench::run_bench(rest),
@@ -57,8 +58,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// The seed scenario on a node made of network namespaces (`tests/src/bin/demo.rs`).
-fn demo() -> Result<()> {
+/// The seed scenario on a node made of network namespaces (`tests/src/bin/demo.rs`);
+/// `--nodes 2` spreads it over two.
+fn demo(args: &[String]) -> Result<()> {
     if !util::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
@@ -67,8 +69,12 @@ fn demo() -> Result<()> {
     })?;
     let root = util::workspace_root();
     let demo = root.join("target/debug/gamma-demo");
-    util::run_shown(std::process::Command::new(demo).arg(root.join("demo")))
-        .map_err(|e| anyhow::anyhow!("the demo failed: {e}"))
+    util::run_shown(
+        std::process::Command::new(demo)
+            .arg(root.join("demo"))
+            .args(args),
+    )
+    .map_err(|e| anyhow::anyhow!("the demo failed: {e}"))
 }
 
 /// The GAMMA conformance cases end to end on a node of network namespaces

@@ -1,6 +1,8 @@
-//! `gamma-demo DIR`: the seed scenario on one machine, no cluster (run by `cargo xtask demo`).
+//! `gamma-demo DIR [--nodes 2]`: the seed scenario on one machine, no cluster (run by `cargo xtask
+//! demo`).
 //!
-//! A node made of network namespaces; pods of `products` (catalog-v1, catalog-v2, a client) and
+//! A node made of network namespaces (with `--nodes 2`: two, the pods spread over them, each with
+//! its own agent, joined by a routed link); pods of `products` (catalog-v1, catalog-v2, a client) and
 //! `ui-backend` (a client); the agent with the kernel redirect. Step 1 applies a consumer route
 //! in ui-backend that adds `x-dev-feature: enabled` to calls to catalog.products; step 2 applies
 //! a producer route that splits catalog 90/10 between catalog-v1 and catalog-v2. Each step shows
@@ -17,7 +19,8 @@ use std::path::{Path, PathBuf};
 const CALLS: usize = 200;
 
 struct Demo {
-    scenario: Scenario,
+    /// One per node, each running the Pods placed on it; the cluster is the same in all.
+    nodes: Vec<Scenario>,
     failures: Vec<String>,
 }
 
@@ -30,9 +33,20 @@ fn header<'a>(answer: &'a ClientAnswer, name: &str) -> Option<&'a str> {
 }
 
 impl Demo {
+    fn cluster(&self) -> &SimCluster {
+        &self.nodes[0].cluster
+    }
+
+    /// The node a Pod runs on.
+    fn node_of(&self, pod: &SimPod) -> Result<&Scenario> {
+        self.nodes
+            .iter()
+            .find(|node| node.pod(pod).is_ok())
+            .with_context(|| format!("{} runs on no node", pod.name))
+    }
+
     fn client(&self, namespace: &str) -> Result<SimPod> {
-        self.scenario
-            .cluster
+        self.cluster()
             .client(namespace, "app=client")
             .cloned()
             .with_context(|| format!("no client pod in {namespace}"))
@@ -41,8 +55,7 @@ impl Demo {
     /// `count` calls to http://catalog.products/ from the client pod of `namespace`.
     fn call_catalog(&self, namespace: &str, count: usize) -> Result<Vec<ClientAnswer>> {
         let vip = self
-            .scenario
-            .cluster
+            .cluster()
             .resolve("catalog.products", namespace)
             .context("catalog has no ClusterIP")?;
         let request = ClientRequest {
@@ -52,7 +65,8 @@ impl Demo {
             count,
             ..Default::default()
         };
-        let answers = self.scenario.request(&self.client(namespace)?, &request)?;
+        let client = self.client(namespace)?;
+        let answers = self.node_of(&client)?.request(&client, &request)?;
         if let Some(failed) = answers.iter().find(|a| a.status != 200) {
             bail!(
                 "a call from {namespace} failed: status {} {:?}",
@@ -76,12 +90,13 @@ impl Demo {
         for line in yaml.lines().filter(|l| !l.starts_with('#')) {
             println!("    | {line}");
         }
-        self.scenario.apply(
-            file.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("route.yaml"),
-            &yaml,
-        )?;
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("route.yaml");
+        for node in &self.nodes {
+            node.apply(name, &yaml)?;
+        }
         Ok(yaml)
     }
 
@@ -128,6 +143,20 @@ impl Demo {
                 .filter(|a| header(a, "x-dev-feature").is_some())
                 .count();
             println!("  from {namespace:<10}: catalog-v1 {v1:>3}  catalog-v2 {v2:>3}  (of {CALLS}; x-dev-feature on {flagged})");
+            if self.nodes.len() > 1 {
+                let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
+                for answer in &answers {
+                    let node = self
+                        .cluster()
+                        .pods
+                        .iter()
+                        .find(|p| p.name == answer.pod)
+                        .and_then(|p| self.nodes.iter().position(|n| n.pod(p).is_ok()))
+                        .map_or("?".to_string(), node_name);
+                    *by_node.entry(node).or_default() += 1;
+                }
+                println!("    answered on each node: {by_node:?}");
+            }
             if namespace == "products" {
                 let share = v1 as f64 / CALLS as f64;
                 self.verdict((share - 0.9).abs() <= 0.05 && v2 > 0 && flagged == 0,
@@ -146,21 +175,87 @@ impl Demo {
 struct Cli {
     /// Folder with the scenario's manifests (default: the workspace's demo/).
     dir: Option<PathBuf>,
+    /// Nodes to spread the pods over (1 or 2), each with its own agent (`--node-name`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    nodes: u8,
+}
+
+/// The names of the nodes of the demo: `node-a`, `node-b`.
+fn node_name(index: usize) -> String {
+    format!("node-{}", (b'a' + index as u8) as char)
+}
+
+/// The seed cluster on `count` nodes: its Pods dealt round-robin, the nodes linked.
+fn start_nodes(cluster: &SimCluster, count: usize) -> Result<Vec<Scenario>> {
+    if count == 1 {
+        return Ok(vec![Scenario::start("demo", cluster.clone())?]);
+    }
+    let placed = |index: usize| -> std::collections::BTreeSet<String> {
+        cluster
+            .pods
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .map(|(_, p)| p.name.clone())
+            .collect()
+    };
+    let mut nodes = Vec::new();
+    for index in 0..count {
+        let here = placed(index);
+        let args = vec!["--node-name".to_string(), node_name(index)];
+        let node = Scenario::start_node(
+            &format!("demo-{}", node_name(index)),
+            cluster.clone(),
+            move |pod| here.contains(&pod.name),
+            args,
+        )?;
+        nodes.push(node);
+    }
+    let addresses = |index: usize| -> Vec<String> {
+        cluster
+            .pods
+            .iter()
+            .filter(|p| placed(index).contains(&p.name))
+            .map(|p| p.ip.to_string())
+            .collect()
+    };
+    let (first, rest) = nodes.split_at_mut(1);
+    first[0].node.link_to(
+        &rest[0].node,
+        std::net::Ipv4Addr::new(172, 31, 255, 0),
+        &addresses(0),
+        &addresses(1),
+    )?;
+    Ok(nodes)
 }
 
 fn main() -> Result<()> {
-    let dir = <Cli as clap::Parser>::parse()
+    let cli = <Cli as clap::Parser>::parse();
+    let dir = cli
         .dir
         .unwrap_or_else(|| gamma_tests::workspace_root().join("demo"));
+    let count = usize::from(cli.nodes);
     if let Some(reason) = gamma_tests::node::require_root() {
         bail!("the demo builds a node out of network namespaces and loads eBPF programs: {reason}");
     }
     let cluster = SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default())?;
-    println!(
-        "gamma-node demo: a node made of network namespaces, the agent with its kernel redirect"
-    );
-    for pod in &cluster.pods {
-        println!("  pod {:<10} {:<28} {}", pod.namespace, pod.name, pod.ip);
+    if count == 1 {
+        println!(
+            "gamma-node demo: a node made of network namespaces, the agent with its kernel redirect"
+        );
+    } else {
+        println!("gamma-node demo: {count} nodes made of network namespaces, joined by a routed link, each with its agent and kernel redirect");
+    }
+    for (i, pod) in cluster.pods.iter().enumerate() {
+        let node = if count > 1 {
+            format!("  on {}", node_name(i % count))
+        } else {
+            String::new()
+        };
+        println!(
+            "  pod {:<10} {:<28} {}{node}",
+            pod.namespace, pod.name, pod.ip
+        );
     }
     for service in &cluster.services {
         println!(
@@ -168,9 +263,8 @@ fn main() -> Result<()> {
             service.namespace, service.name, service.cluster_ip
         );
     }
-    let scenario = Scenario::start("demo", cluster)?;
     let mut demo = Demo {
-        scenario,
+        nodes: start_nodes(&cluster, count)?,
         failures: Vec::new(),
     };
     println!("\nBefore any route: calls go to catalog's endpoints untouched (kube-proxy routing)");
@@ -188,7 +282,21 @@ fn main() -> Result<()> {
     );
     demo.step1(&dir)?;
     demo.step2(&dir)?;
-    drop(demo.scenario);
+    if count > 1 {
+        for (index, node) in demo.nodes.iter().enumerate() {
+            let steered = node
+                .admin_get("/metrics")?
+                .lines()
+                .find_map(|l| l.strip_prefix("gamma_kernel_connects_steered_total "))
+                .unwrap_or("0")
+                .to_string();
+            println!(
+                "  {}: its agent's kernel programs steered {steered} connections of its own pods",
+                node_name(index)
+            );
+        }
+    }
+    demo.nodes.clear();
     println!("\nCleaned up: namespaces, links, cgroups and the agent are gone.");
     if demo.failures.is_empty() {
         println!("Demo: every verdict passed.");

@@ -24,10 +24,17 @@ fn main() -> anyhow::Result<()> {
     // aya-build relays every line its nested cargo prints as a `warning:` of this build: keep that
     // cargo quiet, so that only real compiler warnings and errors of the programs show.
     std::env::set_var("CARGO_TERM_QUIET", "true");
+    // Debug builds of the agent get the programs' debug logging (aya-log); release builds not.
+    let features: &[&str] = if std::env::var("PROFILE").as_deref() == Ok("debug") {
+        &["log"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "proxy-ebpf",
             root_dir: ebpf_dir,
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::Nightly,

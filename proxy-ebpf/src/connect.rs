@@ -97,12 +97,24 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
     }
     if !listener_alive(slot) {
         count(counters::AGENT_GONE);
+        #[cfg(feature = "log")]
+        aya_log_ebpf::info!(
+            ctx,
+            "mesh Service port {}: the agent is gone, fail open",
+            u16::from_be(dst.port)
+        );
         return None;
     }
     // SAFETY: the context's socket is a full socket; the storage pointer is checked for null.
     let record = unsafe { REDIRECTED.get_or_insert_ptr_mut(ctx, None) };
     if record.is_null() {
         count(counters::RECORD_FAILED);
+        #[cfg(feature = "log")]
+        aya_log_ebpf::warn!(
+            ctx,
+            "mesh Service port {}: no socket storage for the record, not steered",
+            u16::from_be(dst.port)
+        );
         return None;
     }
     // SAFETY: the helpers take the program's context; `record` is a valid map value.
@@ -116,6 +128,13 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
         };
     }
     count(counters::STEERED);
+    #[cfg(feature = "log")]
+    aya_log_ebpf::debug!(
+        ctx,
+        "steered a connect to mesh Service port {} (cgroup {})",
+        u16::from_be(dst.port),
+        cgroup_id
+    );
     Some(agent)
 }
 

@@ -224,6 +224,7 @@ impl Redirect {
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
         let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
         object::load_all(&mut ebpf)?;
+        object::follow_program_logs(&mut ebpf);
         Ok(Loaded {
             ebpf,
             services,

@@ -47,6 +47,30 @@ pub fn verify_programs() -> Result<Vec<String>, RedirectError> {
     Ok(names)
 }
 
+/// Relays the programs' debug logs (present in debug builds only: see `proxy-agent/build.rs`)
+/// to the agent's log, target `proxy_ebpf`, from a task of the current runtime. Without logs in
+/// the object, or outside a runtime (tests that load programs directly), nothing happens.
+pub(crate) fn follow_program_logs(ebpf: &mut Ebpf) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Ok(logger) = aya_log::EbpfLogger::init(ebpf) else {
+        return; // a release build: its programs log nothing
+    };
+    runtime.spawn(async move {
+        // SAFETY: the logger owns the ring buffer's descriptor, open for as long as the logger
+        // lives inside the AsyncFd, and always reports that same descriptor.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut logs) = registered else { return };
+        while let Ok(mut ready) = logs.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
 /// Loads every program of the object into the kernel, without attaching any.
 pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     for (name, program) in ebpf.programs_mut() {

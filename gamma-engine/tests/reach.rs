@@ -4,9 +4,12 @@
 //! is answered 500 and the route's status says `ResolvedRefs=False RefNotPermitted`.
 
 use gamma_engine::index::Index;
-use gamma_engine::model::{Object, ObjectKey};
-use gamma_engine::routes::{Decision, LocalResponse, Plan, RequestHead};
-use http::{HeaderMap, Method};
+#[path = "support/requests.rs"]
+mod requests;
+
+use gamma_engine::model::Object;
+use gamma_engine::routes::{LocalResponse, Plan};
+use requests::with_plan;
 use serde_json::{json, Value};
 
 fn service(namespace: &str, name: &str, ip: u8) -> Value {
@@ -63,27 +66,17 @@ fn world(route_value: Value) -> Index {
 
 /// What a caller of the consumer namespace gets: forwarded to a Service, or a local answer.
 fn consumer_answer(index: &Index) -> String {
-    let snapshot = index.snapshot();
-    let frontend = snapshot
-        .frontend_of(&ObjectKey::new("producer", "front"), 80)
-        .unwrap();
-    let headers = HeaderMap::new();
-    let head = RequestHead {
-        method: &Method::GET,
-        path: "/",
-        query: None,
-        headers: &headers,
-        authority: None,
-    };
-    let Decision::Rule { rule, matched } = frontend.lookup(Some("consumer"), &head) else {
-        panic!("the consumer route applies");
-    };
-    let (mut parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-    match rule.plan(&mut parts, matched, 80, 0) {
-        Plan::Forward(f) => format!("forwarded to {}", f.backend.service),
-        Plan::Respond(LocalResponse::UnresolvedBackend(e)) => format!("500: {e}"),
-        Plan::Respond(other) => format!("{}", other.status()),
-    }
+    with_plan(
+        index,
+        ("producer", "front"),
+        Some("consumer"),
+        "/",
+        |_, plan| match plan {
+            Plan::Forward(f) => format!("forwarded to {}", f.backend.service),
+            Plan::Respond(LocalResponse::UnresolvedBackend(e)) => format!("500: {e}"),
+            Plan::Respond(other) => format!("{}", other.status()),
+        },
+    )
 }
 
 fn resolved_refs(index: &Index, kind: &str) -> (String, String) {

@@ -2,10 +2,13 @@
 //! no route applies to (the frontend's direct backend) and for a route's backendRefs alike.
 //! From manifests, through the index of one node.
 
+#[path = "support/requests.rs"]
+mod requests;
+
 use gamma_engine::index::Index;
 use gamma_engine::model::{Object, ObjectKey};
-use gamma_engine::routes::{Decision, Plan, RequestHead};
-use http::{HeaderMap, Method};
+use gamma_engine::routes::Plan;
+use requests::with_plan;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -85,31 +88,18 @@ fn internal_traffic_policy_local_for_direct_callers_and_backend_refs() {
         ],
     );
     assert_eq!(direct(&index, "local"), ["10.0.0.1"]);
-    let snapshot = index.snapshot();
-    let frontend = snapshot
-        .frontend_of(&ObjectKey::new("ns", "front"), 80)
-        .unwrap();
-    let headers = HeaderMap::new();
-    let head = RequestHead {
-        method: &Method::GET,
-        path: "/",
-        query: None,
-        headers: &headers,
-        authority: None,
-    };
-    let Decision::Rule { rule, matched } = frontend.lookup(None, &head) else {
-        panic!("routed")
-    };
-    let (mut parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-    let Plan::Forward(forward) = rule.plan(&mut parts, matched, 80, 0) else {
-        panic!("forwarded")
-    };
-    let endpoints: Vec<String> = forward
-        .backend
-        .endpoints
-        .iter()
-        .map(|a| a.ip().to_string())
-        .collect();
+    let endpoints = with_plan(&index, ("ns", "front"), None, "/", |_, plan| {
+        let Plan::Forward(forward) = plan else {
+            panic!("forwarded")
+        };
+        let ips: Vec<String> = forward
+            .backend
+            .endpoints
+            .iter()
+            .map(|a| a.ip().to_string())
+            .collect();
+        ips
+    });
     assert_eq!(
         endpoints,
         ["10.0.0.1"],

@@ -4,10 +4,13 @@
 //! the last good generation keeps serving.
 
 use gamma_engine::index::Index;
+#[path = "support/requests.rs"]
+mod requests;
+
 use gamma_engine::model::{Object, ObjectKey};
 use gamma_engine::routes::status::ParentStatus;
-use gamma_engine::routes::{Decision, LocalResponse, Plan, RequestHead};
-use http::{HeaderMap, Method};
+use gamma_engine::routes::{LocalResponse, Plan};
+use requests::with_plan;
 use serde_json::{json, Value};
 
 fn service() -> Value {
@@ -76,32 +79,19 @@ fn condition<'a>(
 
 /// What the rule matched by `path` answers: the backend it forwards to, or its local answer.
 fn answer(index: &Index, path: &str) -> String {
-    let snapshot = index.snapshot();
-    let frontend = snapshot
-        .frontend_of(&ObjectKey::new("ns", "front"), 80)
-        .expect("front is routed");
-    let headers = HeaderMap::new();
-    let head = RequestHead {
-        method: &Method::GET,
+    with_plan(
+        index,
+        ("ns", "front"),
+        None,
         path,
-        query: None,
-        headers: &headers,
-        authority: Some("front"),
-    };
-    match frontend.lookup(None, &head) {
-        Decision::Direct(_) => "direct".into(),
-        Decision::NoMatchingRule => "no rule".into(),
-        Decision::Rule { rule, matched } => {
-            let (mut parts, ()) = http::Request::get(path).body(()).unwrap().into_parts();
-            match rule.plan(&mut parts, matched, 80, 0) {
-                Plan::Forward(_) => format!("rule {} forwards", rule.index),
-                Plan::Respond(LocalResponse::InvalidRule(why)) => {
-                    format!("rule {} answers 500: {why}", rule.index)
-                }
-                Plan::Respond(other) => format!("rule {} answers {}", rule.index, other.status()),
+        |rule, plan| match plan {
+            Plan::Forward(_) => format!("rule {} forwards", rule.index),
+            Plan::Respond(LocalResponse::InvalidRule(why)) => {
+                format!("rule {} answers 500: {why}", rule.index)
             }
-        }
-    }
+            Plan::Respond(other) => format!("rule {} answers {}", rule.index, other.status()),
+        },
+    )
 }
 
 #[test]

@@ -115,6 +115,7 @@ pub async fn run(
         kind,
         updates,
         known: HashSet::new(),
+        good: HashSet::new(),
         listed: None,
         failures: 0,
         failing_since: None,
@@ -155,6 +156,8 @@ struct KindState {
     updates: mpsc::Sender<Update>,
     /// Keys this kind has applied to the index (converted at least once, not deleted since).
     known: HashSet<ObjectKey>,
+    /// Of those, the keys with a good version in the index (a refused route may have none).
+    good: HashSet<ObjectKey>,
     /// During a list: the keys seen so far.
     listed: Option<HashSet<ObjectKey>>,
     failures: u32,
@@ -218,11 +221,12 @@ impl KindState {
         }
         match convert(self.kind.call(), object) {
             Ok(converted) => {
-                self.known.insert(key);
+                self.known.insert(key.clone());
+                self.good.insert(key);
                 self.send(Update::Apply(converted)).await?;
             }
             Err(e) => {
-                let kept = if self.known.contains(&key) {
+                let kept = if self.good.contains(&key) {
                     "its last good version stays in use"
                 } else {
                     "it is ignored"
@@ -245,6 +249,7 @@ impl KindState {
 
     async fn delete(&mut self, key: ObjectKey) -> Result<(), Closed> {
         self.known.remove(&key);
+        self.good.remove(&key);
         if let Some(kind) = self.kind.route_kind() {
             let route = RouteKey {
                 kind,
@@ -381,6 +386,7 @@ mod tests {
             kind: Watched::Service,
             updates: tx,
             known: HashSet::new(),
+            good: HashSet::new(),
             listed: None,
             failures: 0,
             failing_since: None,

@@ -298,8 +298,15 @@ impl Index {
                     self.dirty_routes.insert(key);
                 }
             }
+            // Only this agent's node (named by its configuration) says where it runs: another
+            // Node (a folder of manifests may hold several) is not its.
             Object::Node(node) => {
-                if self.store.node.as_ref() != Some(&node) {
+                let ours = self
+                    .store
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.name == node.name);
+                if ours && self.store.node.as_ref() != Some(&node) {
                     self.store.node = Some(node);
                     self.touch_every_service();
                 }
@@ -424,9 +431,13 @@ impl Index {
             let name: Arc<str> = key.to_string().into();
             let served = self.store.routes.get(&key);
             // A refused generation is reported unless a good one at least as new arrived since
-            // (compared, not ordered, so that the result does not depend on arrival order).
+            // (compared, not ordered, so that the result does not depend on arrival order), or
+            // the served route is another object of the same name (deleted and created again
+            // while a watch was down: the refusal was about the old one).
             let refused = self.store.refused.get(&key).filter(|refused| {
-                served.is_none_or(|route| refused.generation >= route.meta.generation)
+                served.is_none_or(|route| {
+                    refused.uid == route.meta.uid && refused.generation >= route.meta.generation
+                })
             });
             let new = match refused {
                 Some(refused) => Some(status::refused_status(refused, served)),

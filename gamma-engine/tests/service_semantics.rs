@@ -133,6 +133,12 @@ fn zone_hints_follow_the_nodes_zone_label() {
         ["10.0.0.1", "10.0.0.2"],
         "zone unknown yet: every endpoint"
     );
+    load(&mut index, vec![node("node-b", "z1")]);
+    assert_eq!(
+        direct(&index, "close"),
+        ["10.0.0.1", "10.0.0.2"],
+        "another node's labels are not ours"
+    );
     load(&mut index, vec![node("node-a", "z2")]);
     assert_eq!(
         direct(&index, "close"),

@@ -242,3 +242,57 @@ fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
         "set only when some rule is valid"
     );
 }
+
+#[test]
+fn a_refusal_is_about_its_object_not_a_namesake_created_since() {
+    // Generation 4 of an old object was refused; the route was then deleted and created again
+    // (a new uid) while the watch was down: the refusal is not the new route's.
+    let mut refused = route(
+        4,
+        json!([{"matches": [{"path": {"type": "RegularExpression", "value": "("}}]}]),
+    );
+    refused["metadata"]["uid"] = json!("old");
+    let mut recreated = route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
+    recreated["metadata"]["uid"] = json!("new");
+    let mut index = index_with(recreated);
+    index.apply(object(refused));
+    index.publish();
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!((accepted.status, accepted.observed_generation), ("True", 1));
+}
+
+#[test]
+fn an_invalid_session_persistence_drops_its_rule_and_can_refuse_the_generation() {
+    let bad_session = json!({"backendRefs": [{"name": "back", "port": 80}],
+                             "sessionPersistence": {"type": "Header", "header": {"name": "content-length"}}});
+    // Beside a valid rule: dropped, named.
+    let index = index_with(route(
+        2,
+        json!([{"matches": [{"path": {"type": "Exact", "value": "/ok"}}],
+                                              "backendRefs": [{"name": "back", "port": 80}]},
+                                             bad_session.clone()]),
+    ));
+    let status = route_status(&index);
+    let partially = condition(&status, "PartiallyInvalid").expect("PartiallyInvalid");
+    assert!(
+        partially.message.contains("Dropped Rule 1")
+            && partially.message.contains("sessionPersistence"),
+        "{}",
+        partially.message
+    );
+    // Alone: the generation is refused, the last good one keeps serving.
+    let mut index = index_with(route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+    ));
+    index.apply(object(route(2, json!([bad_session]))));
+    index.publish();
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.observed_generation),
+        ("False", 2)
+    );
+}

@@ -100,14 +100,10 @@ impl Object {
                 endpoint_slice(&typed(value)?).map(Object::EndpointSlice)
             }
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                let mut route = http_route(&typed(value.clone())?)?;
-                Rule::sessions_from(&mut route, &value);
-                Ok(Object::Route(route))
+                http_route(&typed(value.clone())?, &value).map(Object::Route)
             }
             ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
-                let mut route = grpc_route(&typed(value.clone())?)?;
-                Rule::sessions_from(&mut route, &value);
-                Ok(Object::Route(route))
+                grpc_route(&typed(value.clone())?, &value).map(Object::Route)
             }
             // v1beta1 is what every release serves; v1 has the same fields.
             (

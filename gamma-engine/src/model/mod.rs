@@ -258,6 +258,8 @@ impl ReferenceGrant {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Meta {
     pub key: ObjectKey,
+    /// `metadata.uid`: tells a route deleted and created again under its name from the old one.
+    pub uid: Option<String>,
     pub generation: i64,
     /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
     pub created: Option<String>,

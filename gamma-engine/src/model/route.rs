@@ -89,6 +89,8 @@ impl Route {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RefusedRoute {
     pub key: RouteKey,
+    /// The refused object's `metadata.uid` (compared with the served route's).
+    pub uid: Option<String>,
     pub generation: i64,
     /// Its parentRefs, when they convert (else none: the status has no parent to report on).
     pub parent_refs: Vec<ParentRef>,
@@ -151,8 +153,8 @@ impl Rule {
 
     /// Reads each rule's session persistence from the route's JSON (see `model::session`); a
     /// rule whose configuration is invalid is dropped like any other invalid rule.
-    pub(crate) fn sessions_from(route: &mut Route, raw: &serde_json::Value) {
-        for (index, rule) in route.rules.iter_mut().enumerate() {
+    fn sessions_from(rules: &mut [Rule], raw: &serde_json::Value) {
+        for (index, rule) in rules.iter_mut().enumerate() {
             match super::session::session_persistence(raw, index) {
                 Ok(session) => rule.session = session,
                 Err(e) => {
@@ -929,6 +931,7 @@ fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Resul
             m.namespace.clone().unwrap_or_else(|| "default".to_string()),
             name,
         ),
+        uid: m.uid.clone(),
         generation: m.generation.unwrap_or(1),
         created: m.creation_timestamp.as_ref().map(|t| t.0.to_string()),
     })
@@ -1118,13 +1121,14 @@ fn refusable(
     convert: impl FnOnce(Meta, Vec<ParentRef>) -> Result<Route, Invalid>,
 ) -> Result<Route, Invalid> {
     let meta = meta(metadata)?;
-    let (key, generation) = (meta.key.clone(), meta.generation);
+    let (key, uid, generation) = (meta.key.clone(), meta.uid.clone(), meta.generation);
     let known_parents = parent_refs.as_ref().cloned().unwrap_or_default();
     parent_refs
         .and_then(|refs| convert(meta, refs))
         .map_err(|error| {
             ObjectError::RouteRefused(Box::new(RefusedRoute {
                 key: RouteKey { kind, key },
+                uid,
                 generation,
                 parent_refs: known_parents,
                 reason: error.to_string(),
@@ -1132,23 +1136,25 @@ fn refusable(
         })
 }
 
-pub fn http_route(route: &http_api::HttpRoute) -> Result<Route, Invalid> {
+/// An HTTPRoute; `raw` is its JSON, for the fields read from it directly (`model::session`).
+pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Result<Route, Invalid> {
     let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref());
     refusable(
         RouteKind::Http,
         &route.metadata,
         parent_refs,
-        |meta, refs| http_route_body(route, meta, refs),
+        |meta, refs| http_route_body(route, raw, meta, refs),
     )
 }
 
 fn http_route_body(
     route: &http_api::HttpRoute,
+    raw: &serde_json::Value,
     meta: Meta,
     parent_refs: Vec<ParentRef>,
 ) -> Result<Route, Invalid> {
     use http_api::*;
-    let rules = route_rules!(
+    let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: http_match,
         when no match: RouteMatch::any(),
@@ -1166,6 +1172,7 @@ fn http_route_body(
         ),
         timeouts and retry: http_timeouts_and_retry
     );
+    Rule::sessions_from(&mut rules, raw);
     assembled(RouteKind::Http, meta, parent_refs, rules)
 }
 
@@ -1288,23 +1295,25 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
     })
 }
 
-pub fn grpc_route(route: &grpc::GrpcRoute) -> Result<Route, Invalid> {
+/// A GRPCRoute; `raw` is its JSON, for the fields read from it directly (`model::session`).
+pub fn grpc_route(route: &grpc::GrpcRoute, raw: &serde_json::Value) -> Result<Route, Invalid> {
     let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref());
     refusable(
         RouteKind::Grpc,
         &route.metadata,
         parent_refs,
-        |meta, refs| grpc_route_body(route, meta, refs),
+        |meta, refs| grpc_route_body(route, raw, meta, refs),
     )
 }
 
 fn grpc_route_body(
     route: &grpc::GrpcRoute,
+    raw: &serde_json::Value,
     meta: Meta,
     parent_refs: Vec<ParentRef>,
 ) -> Result<Route, Invalid> {
     use grpc::*;
-    let rules = route_rules!(
+    let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: grpc_match,
         when no match: RouteMatch {
@@ -1318,6 +1327,7 @@ fn grpc_route_body(
         backend filter: common_filter!(GrpcRouteRulesBackendRefsFiltersType),
         timeouts and retry: |_, _| Ok((Timeouts::default(), None))
     );
+    Rule::sessions_from(&mut rules, raw);
     assembled(RouteKind::Grpc, meta, parent_refs, rules)
 }
 

@@ -36,6 +36,21 @@ fn serialize_name<S: serde::Serializer>(name: &HeaderName, s: S) -> Result<S::Ok
     s.serialize_str(name.as_str())
 }
 
+/// Headers a session may not travel in: message framing, hop-by-hop, routing and cookies.
+const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "cookie",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "set-cookie",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 fn invalid(field: &str, message: impl Into<String>) -> ObjectError {
     ObjectError::Invalid {
         field: field.to_string(),
@@ -98,9 +113,18 @@ pub fn session_persistence(
                     format!("`{name}` is not a usable cookie name"),
                 ));
             }
+            let path = text(&cookie["path"]).unwrap_or_else(|| "/".into());
+            // RFC 6265 path-value: no `;` (it would add attributes), no control characters.
+            let printable = path.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';');
+            if !path.starts_with('/') || !printable {
+                return Err(invalid(
+                    &field,
+                    format!("`{path}` is not a usable cookie path"),
+                ));
+            }
             SessionCarrier::Cookie {
                 name,
-                path: text(&cookie["path"]).unwrap_or_else(|| "/".into()),
+                path,
                 permanent,
             }
         }
@@ -108,10 +132,15 @@ pub fn session_persistence(
             let name = text(&config["header"]["name"])
                 .or(legacy_name)
                 .ok_or_else(|| invalid(&field, "a Header session needs header.name"))?;
-            SessionCarrier::Header(
-                HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| invalid(&field, format!("`{name}` is not a valid header name")))?,
-            )
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(&field, format!("`{name}` is not a valid header name")))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(invalid(
+                    &field,
+                    format!("`{name}` frames or routes the message: choose another header"),
+                ));
+            }
+            SessionCarrier::Header(header)
         }
         other => return Err(invalid(&field, format!("unknown type `{other}`"))),
     };
@@ -192,6 +221,14 @@ mod tests {
             SessionCarrier::Header(HeaderName::from_static("x-session"))
         );
         assert!(session_persistence(&route(json!({"type": "Header"})), 0).is_err());
+        for header in ["content-length", "Set-Cookie", "transfer-encoding"] {
+            let bad = json!({"type": "Header", "header": {"name": header}});
+            assert!(session_persistence(&route(bad), 0).is_err(), "{header}");
+        }
+        for path in ["x", "/; Domain=.example.com", "/a\u{7}"] {
+            let bad = json!({"cookie": {"name": "s", "path": path}});
+            assert!(session_persistence(&route(bad), 0).is_err(), "{path}");
+        }
         assert!(
             session_persistence(&route(json!({"cookie": {"lifetimeType": "Permanent"}})), 0)
                 .is_err()

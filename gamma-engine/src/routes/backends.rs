@@ -104,8 +104,9 @@ impl<'a> Resolver<'a> {
                 reference.group, reference.kind
             )));
         }
-        // Within the route's or the parent's namespace the caller could reach the Service
-        // itself; beyond them only with the other namespace's consent.
+        // The route's and the parent Service's namespaces need no grant (consumer routes send
+        // to the producer's Services: a trade-off the README states); others need that
+        // namespace's consent.
         if namespace != route_namespace
             && namespace != parent_namespace
             && !self.world.permits(route.kind, route_namespace, &key)

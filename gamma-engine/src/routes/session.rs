@@ -8,6 +8,9 @@ use http::header::{HeaderValue, COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName};
 use std::net::SocketAddr;
 
+/// How far ahead of this node's clock a session's times may be (nodes' clocks differ a little).
+const CLOCK_SKEW: u64 = 60;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     pub endpoint: SocketAddr,
@@ -54,7 +57,11 @@ impl SessionPersistence {
         let within = |timeout: Option<std::time::Duration>, since: u64| {
             timeout.is_none_or(|t| now.saturating_sub(since) <= t.as_secs())
         };
-        (within(self.absolute_timeout, session.started)
+        // Times from the future (a forged token, another node's clock ahead) are not trusted.
+        let consistent =
+            session.started <= session.last_used && session.last_used <= now + CLOCK_SKEW;
+        (consistent
+            && within(self.absolute_timeout, session.started)
             && within(self.idle_timeout, session.last_used))
         .then_some(session)
     }
@@ -72,7 +79,7 @@ impl SessionPersistence {
                     (true, Some(t)) => {
                         let left = t
                             .as_secs()
-                            .saturating_sub(session.last_used - session.started);
+                            .saturating_sub(session.last_used.saturating_sub(session.started));
                         format!("; Max-Age={left}")
                     }
                     _ => String::new(),
@@ -85,8 +92,8 @@ impl SessionPersistence {
             SessionCarrier::Header(name) => (name.clone(), token),
         };
         let (name, text) = value;
-        // Only digits, an address and the configured name and path (checked on conversion).
-        let value = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+        // Digits, an address, and the name and path checked on conversion: always valid.
+        let value = HeaderValue::from_str(&text).expect("a session header value is printable");
         (name, value)
     }
 }
@@ -135,6 +142,21 @@ mod tests {
         assert_eq!(policy.resume(&late, 1101), None, "past the absolute 100 s");
         headers.insert(COOKIE, HeaderValue::from_static("s=garbage"));
         assert_eq!(policy.resume(&headers, 1035), None);
+        // Times from the future, or started after last used: refused.
+        headers.insert(COOKIE, HeaderValue::from_static("s=10.0.0.1:80_1000_5000"));
+        assert_eq!(policy.resume(&headers, 1035), None);
+        headers.insert(COOKIE, HeaderValue::from_static("s=10.0.0.1:80_1030_1000"));
+        assert_eq!(policy.resume(&headers, 1035), None);
+        let odd = Session {
+            started: 2000,
+            ..session
+        };
+        assert!(policy
+            .offer(&odd)
+            .1
+            .to_str()
+            .unwrap()
+            .ends_with("Max-Age=100"));
         assert!(!cookie(false)
             .offer(&session)
             .1

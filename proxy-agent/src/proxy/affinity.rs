@@ -16,6 +16,17 @@ pub const MAX_ENTRIES: usize = 65_536;
 
 type Key = (ObjectKey, u16, IpAddr);
 
+#[derive(Default)]
+struct Table {
+    bindings: AHashMap<Key, Sticky>,
+    /// When expired bindings were last swept out of a full table (at most once a second: a sweep
+    /// walks every binding under the lock).
+    swept: Option<Instant>,
+}
+
+/// How often a full table is swept of expired bindings.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 struct Sticky {
     endpoint: SocketAddr,
     last_used: Instant,
@@ -24,7 +35,7 @@ struct Sticky {
 
 #[derive(Default)]
 pub struct Affinity {
-    entries: Mutex<AHashMap<Key, Sticky>>,
+    entries: Mutex<Table>,
     /// Callers not remembered because the table was full of live entries (a metric's).
     full: Arc<AtomicU64>,
 }
@@ -42,12 +53,12 @@ impl Affinity {
     /// still serves; using it renews the binding.
     pub fn endpoint(&self, backend: &Backend, caller: IpAddr, now: Instant) -> Option<SocketAddr> {
         let key = (backend.service.clone(), backend.port, caller);
-        let mut entries = self.entries.lock().expect("not poisoned");
-        let sticky = entries.get_mut(&key)?;
+        let mut table = self.entries.lock().expect("not poisoned");
+        let sticky = table.bindings.get_mut(&key)?;
         let live = now.duration_since(sticky.last_used) <= sticky.timeout
             && backend.endpoints.contains(&sticky.endpoint);
         if !live {
-            entries.remove(&key);
+            table.bindings.remove(&key);
             return None;
         }
         sticky.last_used = now;
@@ -59,27 +70,38 @@ impl Affinity {
         let Some(timeout) = backend.affinity else {
             return;
         };
-        let mut entries = self.entries.lock().expect("not poisoned");
-        if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, s| now.duration_since(s.last_used) <= s.timeout);
-            if entries.len() >= MAX_ENTRIES {
+        let key = (backend.service.clone(), backend.port, caller);
+        let sticky = Sticky {
+            endpoint,
+            last_used: now,
+            timeout,
+        };
+        let mut table = self.entries.lock().expect("not poisoned");
+        if let Some(bound) = table.bindings.get_mut(&key) {
+            *bound = sticky; // rebinding does not grow the table
+            return;
+        }
+        if table.bindings.len() >= MAX_ENTRIES {
+            if table
+                .swept
+                .is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY)
+            {
+                table.swept = Some(now);
+                table
+                    .bindings
+                    .retain(|_, s| now.duration_since(s.last_used) <= s.timeout);
+            }
+            if table.bindings.len() >= MAX_ENTRIES {
                 self.full.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        entries.insert(
-            (backend.service.clone(), backend.port, caller),
-            Sticky {
-                endpoint,
-                last_used: now,
-                timeout,
-            },
-        );
+        table.bindings.insert(key, sticky);
     }
 
     /// Live or expired bindings held (expired ones go when the table fills).
     pub fn bindings(&self) -> usize {
-        self.entries.lock().expect("not poisoned").len()
+        self.entries.lock().expect("not poisoned").bindings.len()
     }
 }
 

@@ -320,7 +320,7 @@ impl Proxy {
         if let (Some(policy), Some(endpoint)) = (&rule.session, log.endpoint) {
             let started = resumed
                 .filter(|(session, _)| session.endpoint == endpoint)
-                .map_or(now, |(session, _)| session.started);
+                .map_or(now, |(session, _)| session.started.min(now));
             let session = Session {
                 endpoint,
                 started,

@@ -294,11 +294,13 @@ impl Proxy {
         log.route = format!("{} rule {}", rule.route, rule.name_or_index());
         let random = rand::random::<u64>();
         // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
-        let now = crate::telemetry::unix_now();
-        let resumed = rule
+        // The clock is read only for rules with session persistence.
+        let session_policy = rule
             .session
             .as_ref()
-            .and_then(|policy| policy.resume(&parts.headers, now))
+            .map(|policy| (policy, crate::telemetry::unix_now()));
+        let resumed = session_policy
+            .and_then(|(policy, now)| policy.resume(&parts.headers, now))
             .and_then(|session| Some((session, rule.backend_serving(session.endpoint)?)));
         let backend = resumed.map(|(_, index)| index);
         let plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
@@ -317,7 +319,7 @@ impl Proxy {
         let mut response = forward::forward(self, target, parts, body, Some(rule), grpc, log)
             .await
             .map_err(|local| (local, Some(rule)))?;
-        if let (Some(policy), Some(endpoint)) = (&rule.session, log.endpoint) {
+        if let (Some((policy, now)), Some(endpoint)) = (session_policy, log.endpoint) {
             let started = resumed
                 .filter(|(session, _)| session.endpoint == endpoint)
                 .map_or(now, |(session, _)| session.started.min(now));

@@ -129,21 +129,21 @@ impl Upstream {
         tried: &[SocketAddr],
         random: u64,
     ) -> Option<(SocketAddr, InFlight)> {
-        let now = Instant::now();
+        // The clock is read only for Services with session affinity: not on every request.
+        let affinity_now = backend.affinity.map(|_| Instant::now());
         if tried.is_empty() {
             let preferred = pinned
                 .filter(|p| backend.endpoints.contains(p))
-                .or_else(|| {
-                    backend.affinity?;
-                    self.affinity.endpoint(backend, caller, now)
-                })
+                .or_else(|| self.affinity.endpoint(backend, caller, affinity_now?))
                 .filter(|p| !self.endpoints.is_ejected(*p));
             if let Some(endpoint) = preferred {
                 return Some((endpoint, self.endpoints.hold(endpoint)));
             }
         }
         let chosen = self.endpoints.choose(&backend.endpoints, tried, random)?;
-        self.affinity.bind(backend, caller, chosen.0, now);
+        if let Some(now) = affinity_now {
+            self.affinity.bind(backend, caller, chosen.0, now);
+        }
         Some(chosen)
     }
 

@@ -166,9 +166,7 @@ impl KubeAgent {
     }
 
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let text = http_get(self.admin, "/metrics").ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        crate::probe::sample(&http_get(self.admin, "/metrics").ok()?, name)
     }
 
     pub fn log(&self) -> String {

@@ -7,17 +7,21 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+/// The sample `name` (with its labels, if any: `gamma_takeover_duration_seconds{phase="total"}`)
+/// of a `/metrics` text.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        (metric == name)
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 /// One unlabelled sample of the agent's `/metrics` (e.g. `gamma_connections_open`).
 pub fn metric(agent: &Agent, name: &str) -> Result<f64> {
     let text = http_get(agent.admin, "/metrics")?;
-    text.lines()
-        .find_map(|line| {
-            let (metric, value) = line.split_once(' ')?;
-            (metric == name)
-                .then(|| value.trim().parse().ok())
-                .flatten()
-        })
-        .with_context(|| format!("/metrics has no sample `{name}`"))
+    sample(&text, name).with_context(|| format!("/metrics has no sample `{name}`"))
 }
 
 /// Open file descriptors of a process (sockets included).

@@ -205,12 +205,9 @@ impl Scenario {
         // Only the new agent answers on the (handed over) admin socket now.
         let metrics = self.admin_get("/metrics")?;
         let phase = |name: &str| -> Result<Duration> {
-            let prefix = format!("gamma_takeover_duration_seconds{{phase=\"{name}\"}} ");
-            let seconds: f64 = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .with_context(|| format!("no takeover {name} time in /metrics"))?
-                .parse()?;
+            let sample = format!("gamma_takeover_duration_seconds{{phase=\"{name}\"}}");
+            let seconds = crate::probe::sample(&metrics, &sample)
+                .with_context(|| format!("no takeover {name} time in /metrics"))?;
             Ok(Duration::from_secs_f64(seconds))
         };
         Ok(AgentTakeover {

@@ -13,6 +13,7 @@
 
 use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
+use gamma_tests::probe::sample;
 use gamma_tests::scenario::Scenario;
 use std::time::{Duration, Instant};
 
@@ -58,11 +59,7 @@ fn flagged(answers: &[ClientAnswer]) -> usize {
 
 /// A counter of the agent's /metrics (0 when absent).
 fn counter(s: &Scenario, name: &str) -> u64 {
-    let metrics = s.admin_get("/metrics").unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    sample(&s.admin_get("/metrics").unwrap(), name).map_or(0, |n| n as u64)
 }
 
 fn agent_requests(s: &Scenario) -> u64 {

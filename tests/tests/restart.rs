@@ -9,6 +9,7 @@
 
 use gamma_tests::client::ClientRequest;
 use gamma_tests::cluster::{AddressPlan, SimCluster};
+use gamma_tests::probe::sample;
 use gamma_tests::scenario::Scenario;
 use gamma_tests::soak::{self, SoakConfig};
 use std::time::{Duration, Instant};
@@ -181,10 +182,7 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
     let admin_addr = admin.parse().unwrap();
     for _ in 0..40 {
         let metrics = tokio::task::block_in_place(|| http_get(admin_addr, "/metrics")).unwrap();
-        let total = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("gamma_takeover_duration_seconds{phase=\"total\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        let total = sample(&metrics, "gamma_takeover_duration_seconds{phase=\"total\"}")
             .expect("the takeover duration is exported");
         assert!(
             total > 0.0,
@@ -249,10 +247,7 @@ async fn long_lived_connections_survive_ten_takeovers() {
     };
     let handed_over = || -> Option<u64> {
         let metrics = http_get(admin.parse().unwrap(), "/metrics").ok()?;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("gamma_takeover_connections "))
-            .and_then(|v| v.trim().parse().ok())
+        sample(&metrics, "gamma_takeover_connections").map(|n| n as u64)
     };
     use gamma_tests::eventually_within as within;
     let mut agents = vec![spawn("agent-0.log")];

@@ -16,6 +16,7 @@ use gamma_tests::fake_apiserver::FakeApiServer;
 use gamma_tests::kube_world::LEASE_NS;
 use gamma_tests::loopback::{http_get, TempDir};
 use gamma_tests::node::{Node, Pod, AGENT_ADDR};
+use gamma_tests::probe::sample;
 use gamma_tests::scenario::{binary, run_client, ADMIN, REDIRECT_PORT};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -106,11 +107,7 @@ impl Side {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.admin("/metrics")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0)
+        sample(&self.admin("/metrics").unwrap_or_default(), name).map_or(0, |n| n as u64)
     }
 
     /// `count` requests from this node's client pod to `vip`.

@@ -284,12 +284,10 @@ fn main() -> Result<()> {
     demo.step2(&dir)?;
     if count > 1 {
         for (index, node) in demo.nodes.iter().enumerate() {
-            let steered = node
-                .admin_get("/metrics")?
-                .lines()
-                .find_map(|l| l.strip_prefix("gamma_kernel_connects_steered_total "))
-                .unwrap_or("0")
-                .to_string();
+            let metrics = node.admin_get("/metrics")?;
+            let steered =
+                gamma_tests::probe::sample(&metrics, "gamma_kernel_connects_steered_total")
+                    .unwrap_or(0.0);
             println!(
                 "  {}: its agent's kernel programs steered {steered} connections of its own pods",
                 node_name(index)

@@ -56,7 +56,8 @@ impl ObjectError {
     }
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
+/// A field that does not convert, and why: the error of every conversion in the model.
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
     ObjectError::Invalid {
         field: field.into(),
         message: message.into(),
@@ -281,11 +282,7 @@ pub fn reference_grant(
 
 pub fn node(node: &core::Node) -> Result<Node, ObjectError> {
     Ok(Node {
-        name: node
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| invalid("metadata.name", "required"))?,
+        name: key(&node.metadata)?.name,
         zone: node
             .metadata
             .labels

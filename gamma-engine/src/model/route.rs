@@ -3,6 +3,7 @@
 //! The two Gateway API kinds share everything the engine needs (parents, rules, filters, backends);
 //! a gRPC method match becomes a path match, and the kind is kept for precedence and conflicts.
 
+use super::convert::invalid;
 use super::{Meta, ObjectKey};
 use crate::model::ObjectError;
 use compact_str::CompactString;
@@ -463,13 +464,6 @@ pub struct Retry {
 
 type Invalid = ObjectError;
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    ObjectError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 fn port(value: Option<i32>, field: &str) -> Result<Option<u16>, Invalid> {
     value
         .map(|p| {
@@ -481,12 +475,18 @@ fn port(value: Option<i32>, field: &str) -> Result<Option<u16>, Invalid> {
         .transpose()
 }
 
-fn duration(value: Option<&String>, field: &str) -> Result<Option<Duration>, Invalid> {
-    let Some(text) = value else { return Ok(None) };
+/// A GEP-2257 duration (`1h30m`, `500ms`).
+pub(super) fn gep2257(text: &str, field: &str) -> Result<Duration, Invalid> {
     let parsed: gateway_api::Duration = text
         .parse()
         .map_err(|e| invalid(field, format!("`{text}` is not a GEP-2257 duration ({e})")))?;
-    let d = Duration::from_millis(parsed.as_millis() as u64);
+    Ok(Duration::from_millis(parsed.as_millis() as u64))
+}
+
+/// A timeout: absent or zero is none.
+fn duration(value: Option<&String>, field: &str) -> Result<Option<Duration>, Invalid> {
+    let Some(text) = value else { return Ok(None) };
+    let d = gep2257(text, field)?;
     Ok((!d.is_zero()).then_some(d))
 }
 

@@ -5,6 +5,8 @@
 //! Read from the route's JSON rather than the generated types: the CRDs changed its shape
 //! (`sessionName` and `cookieConfig` became `cookie` and `header`), and both are read.
 
+use super::convert::invalid;
+use super::route::gep2257;
 use super::ObjectError;
 use http::HeaderName;
 use serde::Serialize;
@@ -51,21 +53,8 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-fn invalid(field: &str, message: impl Into<String>) -> ObjectError {
-    ObjectError::Invalid {
-        field: field.to_string(),
-        message: message.into(),
-    }
-}
-
 fn duration(value: &Value, field: &str) -> Result<Option<Duration>, ObjectError> {
-    let Some(text) = value.as_str() else {
-        return Ok(None);
-    };
-    let parsed: gateway_api::Duration = text
-        .parse()
-        .map_err(|e| invalid(field, format!("`{text}` is not a GEP-2257 duration ({e})")))?;
-    Ok(Some(Duration::from_millis(parsed.as_millis() as u64)))
+    value.as_str().map(|text| gep2257(text, field)).transpose()
 }
 
 /// The session persistence of rule `index` of `route` (its JSON), if it has one. A cookie without

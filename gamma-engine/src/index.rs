@@ -345,15 +345,9 @@ impl Index {
                     self.store.routes.remove(key);
                     self.dirty_routes.insert(key.clone());
                 }
-                if self.store.refused.remove(key).is_some() {
-                    self.dirty_routes.insert(key.clone());
-                }
+                self.forget_refusal(key);
             }
-            ObjectRef::RefusedRoute(key) => {
-                if self.store.refused.remove(key).is_some() {
-                    self.dirty_routes.insert(key.clone());
-                }
-            }
+            ObjectRef::RefusedRoute(key) => self.forget_refusal(key),
             ObjectRef::ReferenceGrant(key) => {
                 if self.store.grants.remove(key).is_some() {
                     self.touch_grants_of(&key.namespace);
@@ -367,6 +361,12 @@ impl Index {
                     }
                 }
             }
+        }
+    }
+
+    fn forget_refusal(&mut self, route: &RouteKey) {
+        if self.store.refused.remove(route).is_some() {
+            self.dirty_routes.insert(route.clone());
         }
     }
 

@@ -393,7 +393,7 @@ impl NewTables {
 /// that are gone, so that neither grows with everything that ever existed.
 async fn prune_state(metrics: Arc<Metrics>, endpoints: Arc<EndpointStats>, mut tables: NewTables) {
     while let Some(snapshot) = tables.next().await {
-        let series = metrics.retain_requests(|labels| labels.still_served(&snapshot));
+        let series = metrics.requests.retain(|key| key.still_served(&snapshot));
         let live = snapshot.endpoints();
         let endpoints = endpoints.retain(|addr| live.contains(addr));
         if series + endpoints > 0 {

@@ -1,6 +1,6 @@
 //! Backends: resolving a backendRef to a Service port and its endpoints, and weighted choice.
 
-use super::World;
+use super::{Attached, World};
 use crate::model::{
     BackendRef, Endpoint, EndpointSlice, Node, ObjectKey, Route, RouteKind, Service,
     UpstreamProtocol,
@@ -23,9 +23,30 @@ pub struct Backend {
     pub protocol: UpstreamProtocol,
     /// The Service's ClientIP session affinity: how long a caller keeps its endpoint.
     pub affinity: Option<std::time::Duration>,
+    /// The data plane's state of each endpoint (in-flight requests, ejection), in `endpoints`'
+    /// order.
+    #[serde(skip)]
+    pub endpoint_state: Arc<[Attached]>,
 }
 
 impl Backend {
+    pub fn new(
+        service: ObjectKey,
+        port: u16,
+        endpoints: Arc<[SocketAddr]>,
+        protocol: UpstreamProtocol,
+        affinity: Option<std::time::Duration>,
+    ) -> Self {
+        Backend {
+            service,
+            port,
+            endpoint_state: super::attached::slots(endpoints.len()),
+            endpoints,
+            protocol,
+            affinity,
+        }
+    }
+
     pub fn name(&self) -> String {
         format!("{}:{}", self.service, self.port)
     }
@@ -148,13 +169,13 @@ impl<'a> Resolver<'a> {
             service.internal_local,
             self.world.node(),
         );
-        let backend = Arc::new(Backend {
-            service: service.key.clone(),
+        let backend = Arc::new(Backend::new(
+            service.key.clone(),
             port,
-            endpoints: endpoints.into(),
-            protocol: protocol.unwrap_or_else(|| service_port.upstream_protocol()),
-            affinity: service.affinity,
-        });
+            endpoints.into(),
+            protocol.unwrap_or_else(|| service_port.upstream_protocol()),
+            service.affinity,
+        ));
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)
     }

@@ -3,7 +3,7 @@
 
 use super::backends::Resolver;
 use super::precedence::RankKey;
-use super::{CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use super::{Attached, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
 use crate::model::{
     BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
 };
@@ -95,6 +95,8 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 producer,
                 consumers,
                 direct,
+                direct_series: Attached::default(),
+                series: Attached::default(),
             }))
         })
         .collect()
@@ -158,6 +160,7 @@ fn compile_rule(
                 .iter()
                 .map(|f| f.map_mirror(resolve_mirror))
                 .collect(),
+            series: Attached::default(),
         })
         .collect();
     let cumulative_weights = backends
@@ -182,5 +185,6 @@ fn compile_rule(
         retry: rule.retry.clone(),
         invalid: rule.invalid.clone(),
         session: rule.session.clone(),
+        series: Attached::default(),
     }
 }

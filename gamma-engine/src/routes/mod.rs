@@ -1,6 +1,7 @@
 //! The route engine: GAMMA semantics compiled into an immutable table, and the pure lookup that
 //! decides what happens to a request. No sockets, no clocks, no Kubernetes client.
 
+pub mod attached;
 pub mod backends;
 mod compile;
 pub mod cors;
@@ -10,6 +11,7 @@ pub mod precedence;
 pub mod session;
 pub mod status;
 
+pub use attached::Attached;
 pub use backends::{Backend, BackendError};
 pub use compile::compile_service;
 pub use matches::RequestHead;
@@ -147,6 +149,12 @@ pub struct Frontend {
     pub consumers: BTreeMap<String, RouteTable>,
     /// The Service's own endpoints: where traffic goes when no route applies to the caller.
     pub direct: Arc<Backend>,
+    /// The data plane's state for requests sent to `direct`.
+    #[serde(skip)]
+    pub direct_series: Attached,
+    /// The data plane's state for requests answered before a rule was chosen (none matched).
+    #[serde(skip)]
+    pub series: Attached,
 }
 
 impl Frontend {
@@ -238,6 +246,9 @@ pub struct CompiledRule {
     /// A dropped rule's reason (`Rule::invalid`): its requests get 500.
     pub invalid: Option<String>,
     pub session: Option<SessionPersistence>,
+    /// The data plane's state for this rule's requests answered before a backend was chosen.
+    #[serde(skip)]
+    pub series: Attached,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -245,6 +256,9 @@ pub struct WeightedBackend {
     pub weight: u32,
     pub backend: Result<Arc<Backend>, BackendError>,
     pub filters: Vec<Filter<MirrorTarget>>,
+    /// The data plane's state for this rule's requests sent to this backend.
+    #[serde(skip)]
+    pub series: Attached,
 }
 
 /// What the table says about a request.
@@ -313,6 +327,8 @@ pub enum Plan<'a> {
 #[derive(Debug)]
 pub struct Forward<'a> {
     pub backend: &'a Arc<Backend>,
+    /// The backendRef `backend` is, among the rule's `backends`.
+    pub backend_index: usize,
     /// Headers the CORS filter adds to the answer (before the modifiers run).
     pub cors_headers: HeaderMap,
     /// Response header modifiers, rule level then backend level.
@@ -391,6 +407,7 @@ impl CompiledRule {
         }
         Plan::Forward(Forward {
             backend,
+            backend_index: index,
             cors_headers: run.cors_headers,
             response_headers: run.response_headers,
             mirrors: run.mirrors,

@@ -130,8 +130,10 @@ async fn serve_connection(
     info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let snapshot = proxy.snapshot.load_full();
-    let frontend = proxy.frontend(&snapshot, &info.destination);
+    // The frontend only: a long connection must not keep a whole old table alive.
+    let frontend = proxy
+        .frontend(&proxy.snapshot.load(), &info.destination)
+        .cloned();
     let Some(protocol) = protocol_of(proxy, &stream, frontend.as_deref()).await else {
         return;
     };

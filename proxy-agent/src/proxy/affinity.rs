@@ -111,17 +111,13 @@ mod tests {
     use gamma_engine::model::UpstreamProtocol;
 
     fn backend(endpoints: &[&str], affinity: Option<u64>) -> Backend {
-        Backend {
-            service: ObjectKey::new("ns", "svc"),
-            port: 80,
-            endpoints: endpoints
-                .iter()
-                .map(|e| e.parse().unwrap())
-                .collect::<Vec<_>>()
-                .into(),
-            protocol: UpstreamProtocol::AsCaller,
-            affinity: affinity.map(Duration::from_secs),
-        }
+        Backend::new(
+            ObjectKey::new("ns", "svc"),
+            80,
+            endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            UpstreamProtocol::AsCaller,
+            affinity.map(Duration::from_secs),
+        )
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub(super) async fn forward(
     let run = async {
         loop {
             let caller = log.conn.caller.ip;
-            let Some((endpoint, _in_flight)) =
+            let Some((endpoint, held)) =
                 proxy
                     .upstream
                     .pick(backend, caller, target.pinned, &tried, rand::random())
@@ -128,11 +128,11 @@ pub(super) async fn forward(
             let request = upstream_request(&parts, endpoint, h2, request_body);
             let attempt = send(proxy, endpoint, h2, request, attempt_timeout).await;
             match &attempt {
-                Attempt::Response(_) => proxy.upstream.endpoints.answered(endpoint),
+                Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
                 Attempt::TimedOut(_) | Attempt::Failed(_) => {
-                    proxy.upstream.endpoints.failed(endpoint)
+                    proxy.upstream.endpoints.failed(&held)
                 }
-                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(endpoint),
+                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more

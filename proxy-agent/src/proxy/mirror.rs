@@ -55,7 +55,7 @@ impl Mirrors {
                 proxy
                     .upstream
                     .endpoints
-                    .choose(&mirror.backend.endpoints, &[], random)
+                    .choose(mirror.backend, &[], random)
             else {
                 continue;
             };

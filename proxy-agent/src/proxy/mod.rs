@@ -24,12 +24,15 @@ mod tcp;
 pub mod upstream;
 pub mod workers;
 
-use crate::telemetry::metrics::{Metrics, RequestLabels};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::requests::{self, SeriesKey};
 use arc_swap::ArcSwap;
 use body::{ProxyBody, RequestBody};
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::session::Session;
-use gamma_engine::routes::{CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot};
+use gamma_engine::routes::{
+    Attached, Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
+};
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use local::LocalAnswer;
@@ -198,14 +201,14 @@ impl Proxy {
         }
     }
 
-    pub fn frontend(
+    pub fn frontend<'s>(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &'s Snapshot,
         destination: &Destination,
-    ) -> Option<Arc<Frontend>> {
+    ) -> Option<&'s Arc<Frontend>> {
         match destination {
-            Destination::Service { service, port } => snapshot.frontend_of(service, *port).cloned(),
-            Destination::Address(addr) => snapshot.frontend_at(*addr).cloned(),
+            Destination::Service { service, port } => snapshot.frontend_of(service, *port),
+            Destination::Address(addr) => snapshot.frontend_at(*addr),
         }
     }
 
@@ -234,7 +237,7 @@ impl Proxy {
             Ok(()) => {
                 let frontend = self.frontend(&snapshot, &conn.destination);
                 match self
-                    .proxy_frontend(frontend.as_deref(), request, conn, grpc, &mut log)
+                    .proxy_frontend(frontend.map(|f| &**f), request, conn, grpc, &mut log)
                     .await
                 {
                     Ok(response) => response,
@@ -262,13 +265,14 @@ impl Proxy {
         request: Request<Incoming>,
         conn: &ConnectionInfo,
         grpc: bool,
-        log: &mut AccessLog<'_>,
+        log: &mut AccessLog<'f>,
     ) -> Result<Response<ProxyBody>, (LocalAnswer, Option<&'f CompiledRule>)> {
         let Some(frontend) = frontend else {
             let unknown = LocalAnswer::UnknownFrontend(format!("{:?}", conn.destination));
             return Err((unknown, None));
         };
-        log.service = format!("{}:{}", frontend.service, frontend.port);
+        log.frontend = Some(frontend);
+        log.series = Some(&frontend.series);
         let (mut parts, body) = request.into_parts();
         let decision = frontend.lookup(
             conn.caller.namespace.as_deref(),
@@ -276,7 +280,8 @@ impl Proxy {
         );
         let (rule, matched) = match decision {
             Decision::Direct(backend) => {
-                log.backend = backend.name();
+                log.backend = Some(backend);
+                log.series = Some(&frontend.direct_series);
                 let body = RequestBody::new(body, false, 0);
                 let target = forward::Target {
                     backend,
@@ -287,11 +292,13 @@ impl Proxy {
                     .map_err(|local| (local, None));
             }
             Decision::NoMatchingRule => {
-                return Err((LocalAnswer::NoMatchingRule(log.service.clone()), None));
+                let service = requests::service_label(frontend);
+                return Err((LocalAnswer::NoMatchingRule(service), None));
             }
             Decision::Rule { rule, matched } => (rule, matched),
         };
-        log.route = format!("{} rule {}", rule.route, rule.name_or_index());
+        log.rule = Some(rule);
+        log.series = Some(&rule.series);
         let random = rand::random::<u64>();
         // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
         // The clock is read only for rules with session persistence.
@@ -307,7 +314,8 @@ impl Proxy {
             Plan::Respond(local) => return Err((local.into(), Some(rule))),
             Plan::Forward(plan) => plan,
         };
-        log.backend = plan.backend.name();
+        log.backend = Some(plan.backend);
+        log.series = Some(&rule.backends[plan.backend_index].series);
         let keep_body = rule.retry.is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         self.mirrors
@@ -441,15 +449,18 @@ fn local_response(
     response
 }
 
-/// One structured line per request. Built for every request (the metrics need its labels), so
-/// it allocates only what it must: the caller comes from the connection, placeholders are static.
-pub(crate) struct AccessLog<'c> {
+/// One structured line per request, and its count in the request series. It refers to what the
+/// request was routed with; labels are spelled only for a log line that is written, or the
+/// first request of a series.
+pub(crate) struct AccessLog<'a> {
     method: http::Method,
     uri: http::Uri,
-    conn: &'c ConnectionInfo,
-    pub service: String,
-    pub route: String,
-    pub backend: String,
+    conn: &'a ConnectionInfo,
+    pub frontend: Option<&'a Frontend>,
+    pub rule: Option<&'a CompiledRule>,
+    pub backend: Option<&'a Backend>,
+    /// Where the request counts: the slot of the last of the above it reached.
+    pub series: Option<&'a Attached>,
     pub endpoint: Option<SocketAddr>,
     pub status: u16,
     pub attempts: u32,
@@ -457,16 +468,17 @@ pub(crate) struct AccessLog<'c> {
     pub reason: Option<String>,
 }
 
-impl<'c> AccessLog<'c> {
-    fn new<B>(request: &Request<B>, conn: &'c ConnectionInfo) -> Self {
+impl<'a> AccessLog<'a> {
+    fn new<B>(request: &Request<B>, conn: &'a ConnectionInfo) -> Self {
         AccessLog {
             method: request.method().clone(),
             // Cheap: the parts of a parsed URI are reference-counted.
             uri: request.uri().clone(),
             conn,
-            service: String::new(),
-            route: String::new(),
-            backend: String::new(),
+            frontend: None,
+            rule: None,
+            backend: None,
+            series: None,
             endpoint: None,
             status: 0,
             attempts: 0,
@@ -475,36 +487,44 @@ impl<'c> AccessLog<'c> {
         }
     }
 
+    /// The labels of this request's series.
+    fn key(&self) -> SeriesKey {
+        SeriesKey {
+            service: self.frontend.map(requests::service_label).unwrap_or_default(),
+            route: self.rule.map(requests::route_label).unwrap_or_default(),
+            backend: self.backend.map(requests::backend_label).unwrap_or_default(),
+        }
+    }
+
     fn finish(self, started: Instant, metrics: &Metrics) {
         let duration = started.elapsed();
-        let or_dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
-        let caller = &self.conn.caller;
-        tracing::info!(
-            target: "access",
-            caller_namespace = caller.namespace.as_deref().unwrap_or("-"),
-            caller_pod = %caller.pod.as_deref().map_or_else(|| caller.ip.to_string(), str::to_owned),
-            caller_identity = caller.identity,
-            method = %self.method,
-            path = self.uri.path(),
-            service = or_dash(&self.service),
-            route = or_dash(&self.route),
-            backend = or_dash(&self.backend),
-            endpoint = %self.endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string()),
-            status = self.status,
-            attempts = self.attempts,
-            duration_us = duration.as_micros() as u64,
-            upstream_us = self.upstream_duration.map_or(0, |d| d.as_micros() as u64),
-            reason = self.reason.as_deref().unwrap_or("-"),
-        );
-        metrics.record(
-            RequestLabels {
-                service: self.service,
-                route: self.route,
-                backend: self.backend,
-                status: self.status,
-            },
-            duration,
-        );
+        if tracing::enabled!(target: "access", tracing::Level::INFO) {
+            let caller = &self.conn.caller;
+            let key = self.key();
+            let or_dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
+            tracing::info!(
+                target: "access",
+                caller_namespace = caller.namespace.as_deref().unwrap_or("-"),
+                caller_pod = %caller.pod.as_deref().map_or_else(|| caller.ip.to_string(), str::to_owned),
+                caller_identity = caller.identity,
+                method = %self.method,
+                path = self.uri.path(),
+                service = or_dash(&key.service),
+                route = or_dash(&key.route),
+                backend = or_dash(&key.backend),
+                endpoint = %self.endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+                status = self.status,
+                attempts = self.attempts,
+                duration_us = duration.as_micros() as u64,
+                upstream_us = self.upstream_duration.map_or(0, |d| d.as_micros() as u64),
+                reason = self.reason.as_deref().unwrap_or("-"),
+            );
+        }
+        let slot = self.series.unwrap_or(&metrics.unrouted);
+        metrics
+            .requests
+            .attached(slot, || self.key())
+            .record(self.status, duration);
     }
 }
 

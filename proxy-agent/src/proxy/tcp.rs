@@ -19,7 +19,7 @@ pub(super) async fn pass_through(
         .opaque_connections
         .fetch_add(1, Ordering::Relaxed);
     let mut tried = Vec::new();
-    while let Some((endpoint, _in_flight)) =
+    while let Some((endpoint, held)) =
         proxy
             .upstream
             .pick(&frontend.direct, caller, None, &tried, rand::random())
@@ -39,7 +39,7 @@ pub(super) async fn pass_through(
                 return;
             }
             _ => {
-                proxy.upstream.endpoints.eject(endpoint);
+                proxy.upstream.endpoints.eject(&held);
                 tracing::warn!(%endpoint, service = %frontend.service, "opaque TCP: connecting to the endpoint failed");
             }
         }

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long an endpoint that refused a connection is avoided.
@@ -135,12 +135,12 @@ impl Upstream {
             let preferred = pinned
                 .filter(|p| backend.endpoints.contains(p))
                 .or_else(|| self.affinity.endpoint(backend, caller, affinity_now?))
-                .filter(|p| !self.endpoints.is_ejected(*p));
-            if let Some(endpoint) = preferred {
-                return Some((endpoint, self.endpoints.hold(endpoint)));
+                .and_then(|p| Some((p, self.endpoints.hold(backend, p)?)));
+            if preferred.is_some() {
+                return preferred;
             }
         }
-        let chosen = self.endpoints.choose(&backend.endpoints, tried, random)?;
+        let chosen = self.endpoints.choose(backend, tried, random)?;
         if let Some(now) = affinity_now {
             self.affinity.bind(backend, caller, chosen.0, now);
         }
@@ -259,8 +259,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// An endpoint's load and health, shared by every table and worker that sends to it.
 #[derive(Default)]
-pub struct Endpoint {
+pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Milliseconds since `EndpointStats::epoch` until which the endpoint is avoided (0: never).
     ejected_until: AtomicU64,
@@ -268,23 +269,24 @@ pub struct Endpoint {
     failures: AtomicU32,
 }
 
-/// Per-endpoint counters shared by all connections.
+/// Every endpoint's state, by address: consulted when a backend's slot for an endpoint is first
+/// used (`Backend::endpoint_state`), then the request path reads the slot, without a lock.
 pub struct EndpointStats {
     epoch: Instant,
-    by_address: RwLock<AHashMap<SocketAddr, Arc<Endpoint>>>,
+    by_address: Mutex<AHashMap<SocketAddr, Arc<EndpointState>>>,
 }
 
 impl Default for EndpointStats {
     fn default() -> Self {
         EndpointStats {
             epoch: Instant::now(),
-            by_address: RwLock::default(),
+            by_address: Mutex::default(),
         }
     }
 }
 
-/// Counts a request in flight on an endpoint until dropped.
-pub struct InFlight(Arc<Endpoint>);
+/// Counts a request in flight on an endpoint until dropped; says how the endpoint fared.
+pub struct InFlight(Arc<EndpointState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -293,149 +295,135 @@ impl Drop for InFlight {
 }
 
 impl EndpointStats {
-    fn get(&self, addr: SocketAddr) -> Arc<Endpoint> {
-        if let Some(e) = self.by_address.read().expect("not poisoned").get(&addr) {
-            return e.clone();
-        }
-        self.by_address
-            .write()
-            .expect("not poisoned")
-            .entry(addr)
-            .or_default()
-            .clone()
+    /// The state of `backend`'s `index`th endpoint.
+    fn state<'b>(&self, backend: &'b Backend, index: usize) -> &'b EndpointState {
+        backend.endpoint_state[index].get_or_init(|| self.by_address(backend, index))
+    }
+
+    /// The state of `backend`'s `index`th endpoint, to hold while a request is in flight.
+    fn held(&self, backend: &Backend, index: usize) -> InFlight {
+        let state = backend.endpoint_state[index].shared(|| self.by_address(backend, index));
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+
+    fn by_address(&self, backend: &Backend, index: usize) -> Arc<EndpointState> {
+        let mut by_address = self.by_address.lock().expect("not poisoned");
+        by_address.entry(backend.endpoints[index]).or_default().clone()
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn ejected(&self, e: &Endpoint) -> bool {
-        e.ejected_until.load(Ordering::Relaxed) > self.now_ms()
+    fn ejected(&self, e: &EndpointState) -> bool {
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        // The clock is read only for endpoints ejected once.
+        until != 0 && until > self.now_ms()
     }
 
-    /// Avoid `addr` for a while: its connection failed.
-    pub fn eject(&self, addr: SocketAddr) {
+    /// Avoid the endpoint for a while: its connection failed.
+    pub fn eject(&self, held: &InFlight) {
         let until = self.now_ms() + EJECTION.as_millis() as u64;
-        self.get(addr).ejected_until.store(until, Ordering::Relaxed);
+        held.0.ejected_until.store(until, Ordering::Relaxed);
     }
 
-    /// `addr` answered (whatever the status): its run of failures is over.
-    pub fn answered(&self, addr: SocketAddr) {
-        self.get(addr).failures.store(0, Ordering::Relaxed);
-    }
-
-    /// A request to `addr` got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects it.
-    pub fn failed(&self, addr: SocketAddr) {
-        let endpoint = self.get(addr);
-        if endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
-            endpoint.failures.store(0, Ordering::Relaxed);
-            self.eject(addr);
+    /// The endpoint answered (whatever the status): its run of failures is over.
+    pub fn answered(&self, held: &InFlight) {
+        if held.0.failures.load(Ordering::Relaxed) != 0 {
+            held.0.failures.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Counts a request in flight on `addr`, chosen by other means (session affinity).
-    pub fn hold(&self, addr: SocketAddr) -> InFlight {
-        let endpoint = self.get(addr);
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(endpoint)
+    /// A request got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects the endpoint.
+    pub fn failed(&self, held: &InFlight) {
+        if held.0.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
+            held.0.failures.store(0, Ordering::Relaxed);
+            self.eject(held);
+        }
     }
 
-    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
-        let known = self.by_address.read().expect("not poisoned");
-        known.get(&addr).is_some_and(|e| self.ejected(e))
+    /// Counts a request in flight on `addr` of `backend`, chosen by other means (a session, an
+    /// affinity binding), unless it is not the backend's or is ejected.
+    pub fn hold(&self, backend: &Backend, addr: SocketAddr) -> Option<InFlight> {
+        let index = backend.endpoints.iter().position(|e| *e == addr)?;
+        if self.ejected(self.state(backend, index)) {
+            return None;
+        }
+        Some(self.held(backend, index))
     }
 
-    /// Chooses an endpoint (power of two choices), skipping ejected ones and `exclude` (those
-    /// already tried) unless nothing else is left. `random` supplies the randomness.
+    /// Chooses an endpoint of `backend` (power of two choices), skipping ejected ones and
+    /// `exclude` (those already tried) unless nothing else is left. `random` supplies the
+    /// randomness.
     pub fn choose(
         &self,
-        endpoints: &[SocketAddr],
+        backend: &Backend,
         exclude: &[SocketAddr],
         random: u64,
     ) -> Option<(SocketAddr, InFlight)> {
-        let chosen = match self.two_preferred(endpoints, exclude, random) {
-            Some(addr) => addr,
-            None => self.choose_with_fallbacks(endpoints, exclude, random)?,
+        let index = match self.two_preferred(backend, exclude, random) {
+            Some(index) => index,
+            None => self.choose_with_fallbacks(backend, exclude, random)?,
         };
-        let endpoint = self.get(chosen);
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((chosen, InFlight(endpoint)))
+        Some((backend.endpoints[index], self.held(backend, index)))
     }
 
     /// The common case, without allocating: two random endpoints, both untried and not
     /// ejected; the one with fewer requests in flight. `None` if either is not.
-    fn two_preferred(
-        &self,
-        endpoints: &[SocketAddr],
-        exclude: &[SocketAddr],
-        random: u64,
-    ) -> Option<SocketAddr> {
-        let n = endpoints.len() as u64;
+    fn two_preferred(&self, backend: &Backend, exclude: &[SocketAddr], random: u64) -> Option<usize> {
+        let n = backend.endpoints.len() as u64;
         if n == 0 {
             return None;
         }
-        let a = endpoints[(random % n) as usize];
-        let b = endpoints[((random >> 32) % n) as usize];
-        let known = self.by_address.read().expect("not poisoned");
-        let preferred = |addr: &SocketAddr| {
-            !exclude.contains(addr) && !known.get(addr).is_some_and(|e| self.ejected(e))
+        let a = (random % n) as usize;
+        let b = ((random >> 32) % n) as usize;
+        let preferred = |i: usize| {
+            !exclude.contains(&backend.endpoints[i]) && !self.ejected(self.state(backend, i))
         };
-        if !(preferred(&a) && preferred(&b)) {
+        if !(preferred(a) && preferred(b)) {
             return None;
         }
-        let load = |addr: &SocketAddr| {
-            known
-                .get(addr)
-                .map_or(0, |e| e.in_flight.load(Ordering::Relaxed))
-        };
-        Some(if load(&b) < load(&a) { b } else { a })
+        let load = |i: usize| self.state(backend, i).in_flight.load(Ordering::Relaxed);
+        Some(if load(b) < load(a) { b } else { a })
     }
 
     /// Untried endpoints if any (else all), healthy ones among them if any (else all), then the
     /// power of two choices.
     fn choose_with_fallbacks(
         &self,
-        endpoints: &[SocketAddr],
+        backend: &Backend,
         exclude: &[SocketAddr],
         random: u64,
-    ) -> Option<SocketAddr> {
-        let untried: Vec<&SocketAddr> = endpoints.iter().filter(|a| !exclude.contains(a)).collect();
-        let pick_from: Vec<&SocketAddr> = if untried.is_empty() {
-            endpoints.iter().collect()
-        } else {
-            untried
-        };
-        let candidates: Vec<(SocketAddr, Arc<Endpoint>)> =
-            pick_from.into_iter().map(|a| (*a, self.get(*a))).collect();
-        let healthy: Vec<&(SocketAddr, Arc<Endpoint>)> = candidates
-            .iter()
-            .filter(|(_, e)| !self.ejected(e))
+    ) -> Option<usize> {
+        let all = 0..backend.endpoints.len();
+        let untried: Vec<usize> = all
+            .clone()
+            .filter(|i| !exclude.contains(&backend.endpoints[*i]))
             .collect();
-        let pool: Vec<&(SocketAddr, Arc<Endpoint>)> = if healthy.is_empty() {
-            candidates.iter().collect()
-        } else {
-            healthy
-        };
-        let (addr, _) = match pool.len() {
-            0 => return None,
-            1 => pool[0],
+        let pick_from = if untried.is_empty() { all.collect() } else { untried };
+        let healthy: Vec<usize> = pick_from
+            .iter()
+            .copied()
+            .filter(|i| !self.ejected(self.state(backend, *i)))
+            .collect();
+        let pool = if healthy.is_empty() { pick_from } else { healthy };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
             n => {
                 let a = pool[(random % n as u64) as usize];
                 let b = pool[((random >> 32) % n as u64) as usize];
-                if b.1.in_flight.load(Ordering::Relaxed) < a.1.in_flight.load(Ordering::Relaxed) {
-                    b
-                } else {
-                    a
-                }
+                let load = |i: usize| self.state(backend, i).in_flight.load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { b } else { a })
             }
-        };
-        Some(*addr)
+        }
     }
 
     /// Forgets the endpoints `keep` refuses (gone from the table); returns how many. A request
     /// still in flight to one keeps its counter until it ends.
     pub fn retain(&self, mut keep: impl FnMut(&SocketAddr) -> bool) -> usize {
-        let mut by_address = self.by_address.write().expect("not poisoned");
+        let mut by_address = self.by_address.lock().expect("not poisoned");
         let before = by_address.len();
         by_address.retain(|addr, _| keep(addr));
         before - by_address.len()
@@ -443,7 +431,7 @@ impl EndpointStats {
 
     pub fn in_flight_total(&self) -> usize {
         self.by_address
-            .read()
+            .lock()
             .expect("not poisoned")
             .values()
             .map(|e| e.in_flight.load(Ordering::Relaxed))
@@ -454,47 +442,74 @@ impl EndpointStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gamma_engine::model::UpstreamProtocol;
+    use gamma_engine::ObjectKey;
 
     fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, n], 80))
     }
 
+    fn backend(endpoints: &[SocketAddr]) -> Backend {
+        let key = ObjectKey::new("ns", "svc");
+        Backend::new(key, 80, endpoints.into(), UpstreamProtocol::AsCaller, None)
+    }
+
     #[test]
     fn prefers_fewer_in_flight() {
         let stats = EndpointStats::default();
-        let endpoints = [addr(1), addr(2)];
+        let backend = backend(&[addr(1), addr(2)]);
         // Random value whose two halves pick both endpoints.
         let both = 1u64 << 32;
-        let (first, _held) = stats.choose(&endpoints, &[], both).unwrap();
-        let (second, _) = stats.choose(&endpoints, &[], both).unwrap();
+        let (first, _held) = stats.choose(&backend, &[], both).unwrap();
+        let (second, _) = stats.choose(&backend, &[], both).unwrap();
         assert_ne!(first, second, "the busy endpoint is avoided");
     }
 
     #[test]
     fn skips_ejected_and_excluded_unless_nothing_else() {
         let stats = EndpointStats::default();
-        let endpoints = [addr(1), addr(2)];
-        stats.eject(addr(1));
+        let backend = backend(&[addr(1), addr(2)]);
+        let held = stats.hold(&backend, addr(1)).unwrap();
+        stats.eject(&held);
+        drop(held);
+        assert!(stats.hold(&backend, addr(1)).is_none(), "ejected");
         for r in 0..8u64 {
             assert_eq!(
-                stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0,
+                stats.choose(&backend, &[], r * 0x1_0000_0001).unwrap().0,
                 addr(2)
             );
         }
         assert_eq!(
-            stats.choose(&endpoints, &[addr(2)], 0).unwrap().0,
+            stats.choose(&backend, &[addr(2)], 0).unwrap().0,
             addr(1),
             "ejected beats nothing"
         );
-        assert!(stats.choose(&[], &[], 0).is_none());
+        assert!(stats.choose(&self::backend(&[]), &[], 0).is_none());
+    }
+
+    #[test]
+    fn state_is_shared_by_every_table_sending_to_an_endpoint() {
+        let stats = EndpointStats::default();
+        let (old, new) = (backend(&[addr(1), addr(2)]), backend(&[addr(2), addr(1)]));
+        let held = stats.hold(&old, addr(1)).unwrap();
+        stats.eject(&held);
+        for r in 0..8u64 {
+            assert_eq!(
+                stats.choose(&new, &[], r * 0x1_0000_0001).unwrap().0,
+                addr(2),
+                "the new table's slot finds the ejection"
+            );
+        }
     }
 
     #[test]
     fn endpoints_gone_from_the_table_are_forgotten() {
         let stats = EndpointStats::default();
-        let (_held, _) = (stats.choose(&[addr(1)], &[], 0), stats.eject(addr(2)));
+        let backend = backend(&[addr(1), addr(2)]);
+        let _held = stats.hold(&backend, addr(1)).unwrap();
+        drop(stats.hold(&backend, addr(2)));
         assert_eq!(stats.retain(|a| *a == addr(1)), 1);
-        assert_eq!(stats.by_address.read().unwrap().len(), 1);
+        assert_eq!(stats.by_address.lock().unwrap().len(), 1);
         assert_eq!(
             stats.in_flight_total(),
             1,
@@ -505,19 +520,20 @@ mod tests {
     #[test]
     fn consecutive_failures_eject_and_an_answer_forgives() {
         let stats = EndpointStats::default();
-        let endpoints = [addr(1), addr(2)];
+        let backend = backend(&[addr(1), addr(2)]);
         let only_2 = |stats: &EndpointStats| {
             (0..8u64)
-                .all(|r| stats.choose(&endpoints, &[], r * 0x1_0000_0001).unwrap().0 == addr(2))
+                .all(|r| stats.choose(&backend, &[], r * 0x1_0000_0001).unwrap().0 == addr(2))
         };
+        let on_1 = || stats.hold(&backend, addr(1)).unwrap();
         for _ in 1..CONSECUTIVE_FAILURES {
-            stats.failed(addr(1));
+            stats.failed(&on_1());
         }
-        stats.answered(addr(1));
-        stats.failed(addr(1));
+        stats.answered(&on_1());
+        stats.failed(&on_1());
         assert!(!only_2(&stats), "an answer in between resets the count");
         for _ in 1..CONSECUTIVE_FAILURES {
-            stats.failed(addr(1));
+            stats.failed(&on_1());
         }
         assert!(only_2(&stats), "failures in a row eject the endpoint");
     }

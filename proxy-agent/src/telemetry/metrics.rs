@@ -1,49 +1,17 @@
-//! Prometheus metrics: request counts and durations by service, route, backend and status;
-//! connections; upstream endpoints in flight. Text exposition format, written by hand.
+//! Prometheus metrics: request counts and durations by service, route, backend and status
+//! (`requests`); connections; upstream endpoints in flight; the kernel programs' counters.
+//! Exposed in the Prometheus text format by `prometheus-client`, read from the atomics at each
+//! scrape.
 
-use ahash::AHashMap;
-use gamma_engine::{ObjectKey, Snapshot};
-use std::fmt::Write as _;
+use super::requests::{SeriesTable, BUCKETS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-/// Upper bounds of the duration buckets, in seconds.
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// Empty strings stand for "none" (rendered `-`): no allocation for what a request never reached.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestLabels {
-    pub service: String,
-    pub route: String,
-    pub backend: String,
-    pub status: u16,
-}
-
-impl RequestLabels {
-    /// Whether the Service port and the route these labels name are still in `snapshot` (a
-    /// label that names none counts as served).
-    pub fn still_served(&self, snapshot: &Snapshot) -> bool {
-        let service = self.service.is_empty()
-            || self
-                .service
-                .rsplit_once(':')
-                .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
-                .is_some_and(|((namespace, name), port)| {
-                    snapshot
-                        .frontend_of(&ObjectKey::new(namespace, name), port)
-                        .is_some()
-                });
-        let route = self.route.is_empty()
-            || self
-                .route
-                .split_once(" rule ")
-                .is_some_and(|(route, _)| snapshot.statuses.contains_key(route));
-        service && route
-    }
-}
+use std::sync::Arc;
 
 /// Why a request was answered locally, as a metric label: a fixed set, whatever the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,31 +64,15 @@ impl Reason {
     }
 }
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
-
 /// Reads the kernel programs' counters (`None`: unreadable now).
 pub type KernelCountersReader = Box<dyn Fn() -> Option<[u64; 4]> + Send + Sync>;
 
 #[derive(Default)]
 pub struct Metrics {
-    requests: RwLock<AHashMap<RequestLabels, Arc<Histogram>>>,
+    /// Request series; the data plane records through the slots its tables carry.
+    pub requests: SeriesTable,
+    /// The series of requests answered before a Service port was known.
+    pub unrouted: gamma_engine::routes::Attached,
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicI64,
     /// Connections closed at once because `--max-connections` were open.
@@ -170,264 +122,189 @@ pub struct TakeoverTimes {
 }
 
 impl Metrics {
-    pub fn record(&self, labels: RequestLabels, duration: Duration) {
-        if let Some(h) = self.requests.read().expect("not poisoned").get(&labels) {
-            h.observe(duration);
-            return;
-        }
-        self.requests
-            .write()
-            .expect("not poisoned")
-            .entry(labels)
-            .or_default()
-            .observe(duration);
-    }
-
     pub fn local_answer(&self, reason: Reason) {
         self.local_answers[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Keeps the request series `keep` says yes to; returns how many were dropped.
-    pub fn retain_requests(&self, mut keep: impl FnMut(&RequestLabels) -> bool) -> usize {
-        let mut requests = self.requests.write().expect("not poisoned");
-        let before = requests.len();
-        requests.retain(|labels, _| keep(labels));
-        before - requests.len()
-    }
-
-    /// Requests seen with these labels (tests and `/explain` read it).
-    pub fn count(&self, labels: &RequestLabels) -> u64 {
-        self.requests
-            .read()
-            .expect("not poisoned")
-            .get(labels)
-            .map_or(0, |h| h.count.load(Ordering::Relaxed))
-    }
-
-    pub fn render(&self, upstream_in_flight: usize) -> String {
+    /// The exposition, in the Prometheus text format.
+    pub fn render(self: &Arc<Self>, upstream_in_flight: usize) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape {
+            metrics: self.clone(),
+            upstream_in_flight,
+        }));
         let mut out = String::new();
-        let requests = self.requests.read().expect("not poisoned");
-        let mut series: Vec<(&RequestLabels, &Arc<Histogram>)> = requests.iter().collect();
-        series.sort_by(|a, b| a.0.cmp(b.0));
-        out.push_str("# HELP gamma_requests_total Requests handled, by service, route, backend and status.\n# TYPE gamma_requests_total counter\n");
-        for (l, h) in &series {
-            let _ = writeln!(
-                out,
-                "gamma_requests_total{{{}}} {}",
-                labels(l),
-                h.count.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP gamma_request_duration_seconds Time from request head to response head.\n# TYPE gamma_request_duration_seconds histogram\n");
-        for (l, h) in &series {
-            let base = labels(l);
-            let mut cumulative = 0;
-            for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
-                cumulative += bucket.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "gamma_request_duration_seconds_bucket{{{base},le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "gamma_request_duration_seconds_bucket{{{base},le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "gamma_request_duration_seconds_sum{{{base}}} {}",
-                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "gamma_request_duration_seconds_count{{{base}}} {count}"
-            );
-        }
-        if let Some(counted) = self.kernel_counters.get().and_then(|read| read()) {
-            let helps = [
-                ("gamma_kernel_connects_steered_total", "connect() calls to a mesh Service the kernel programs sent to the agent."),
-                ("gamma_kernel_connects_agent_gone_total", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open)."),
-                ("gamma_kernel_record_failures_total", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination)."),
-                ("gamma_kernel_getpeername_rewrites_total", "getpeername() calls on redirected sockets answered with the Service address."),
-            ];
-            for ((name, help), value) in helps.iter().zip(counted) {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-                );
-            }
-        }
-        out.push_str("# HELP gamma_local_answers_total Requests the agent answered itself instead of relaying a backend's answer, by reason.\n# TYPE gamma_local_answers_total counter\n");
-        for (reason, count) in Reason::ALL.iter().zip(&self.local_answers) {
-            let _ = writeln!(
-                out,
-                "gamma_local_answers_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                count.load(Ordering::Relaxed)
-            );
-        }
-        for (name, help, kind, value) in [
-            (
-                "gamma_connections_accepted_total",
-                "Downstream connections accepted.",
-                "counter",
-                self.connections_accepted.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_connections_open",
-                "Downstream connections open.",
-                "gauge",
-                self.connections_open.load(Ordering::Relaxed),
-            ),
-            (
-                "gamma_connections_refused_at_cap_total",
-                "Downstream connections closed on accept because --max-connections were open.",
-                "counter",
-                self.connections_refused_at_cap.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_session_affinity_table_full_total",
-                "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.",
-                "counter",
-                self.affinity_table_full.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_runtime_tasks_alive",
-                "Tasks alive on the agent's runtimes (main and data-plane workers): connections, pumps, pooled upstream connections, timers' tasks. Returns to its idle level once connections are gone.",
-                "gauge",
-                self.runtimes
-                    .lock()
-                    .expect("not poisoned")
-                    .iter()
-                    .map(|r| r.metrics().num_alive_tasks() as i64)
-                    .sum(),
-            ),
-            (
-                "gamma_opaque_connections_total",
-                "Connections passed through as opaque TCP.",
-                "counter",
-                self.opaque_connections.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_opaque_after_sniff_timeout_total",
-                "Connections to ports that do not declare their protocol passed through as opaque TCP because the client sent nothing telling within the sniffing timeout.",
-                "counter",
-                self.opaque_after_sniff_timeout.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_mirrors_sent_total",
-                "Mirrored requests sent.",
-                "counter",
-                self.mirrors_sent.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_mirrors_dropped_total",
-                "Mirrored requests dropped (concurrency bound reached).",
-                "counter",
-                self.mirrors_dropped.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_mirrors_timed_out_total",
-                "Mirrored requests abandoned after the mirror timeout (their slot freed).",
-                "counter",
-                self.mirrors_timed_out.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_mirrors_skipped_body_total",
-                "Mirrors not sent because the request body was larger than --max-buffered-body-bytes or did not end within the mirror timeout.",
-                "counter",
-                self.mirrors_skipped_body.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_retries_skipped_body_total",
-                "Retries not made because the request body was larger than --max-buffered-body-bytes.",
-                "counter",
-                self.retries_skipped_body.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_upstream_requests_in_flight",
-                "Requests in flight to upstream endpoints.",
-                "gauge",
-                upstream_in_flight as i64,
-            ),
-            (
-                "gamma_snapshot_version",
-                "Version of the route table in use.",
-                "gauge",
-                self.snapshot_version.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_last_sync_timestamp_seconds",
-                "When the sources last synced (Unix time; 0: never).",
-                "gauge",
-                self.last_sync_unix.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "gamma_source_stale_since_timestamp_seconds",
-                "Since when the sources are stale and the last good table is served (Unix time; 0: fresh).",
-                "gauge",
-                self.source_stale_since_unix.load(Ordering::Relaxed) as i64,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        out.push_str("# HELP gamma_takeover_duration_seconds The takeover of the previous agent this one started with (0: none): offer (connect to sockets received), stop (Stop to Stopped), total (process start to the old agent stopped).\n# TYPE gamma_takeover_duration_seconds gauge\n");
-        let t = &self.takeover;
-        for (phase, micros) in [
-            ("offer", &t.offer_micros),
-            ("stop", &t.stop_micros),
-            ("total", &t.total_micros),
-        ] {
-            let _ = writeln!(
-                out,
-                "gamma_takeover_duration_seconds{{phase=\"{phase}\"}} {}",
-                micros.load(Ordering::Relaxed) as f64 / 1e6
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP gamma_takeover_connections Opaque and upgraded connections the previous agent handed over to this one, mid-stream.\n# TYPE gamma_takeover_connections gauge\ngamma_takeover_connections {}",
-            t.connections.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP gamma_redirect_missing_kernel_feature A kernel feature the redirect needs and this kernel lacks, with the Linux release that brings it: the redirect is off and pods use ordinary Service routing.\n# TYPE gamma_redirect_missing_kernel_feature gauge\n");
-        for (feature, since) in self
-            .redirect_missing_kernel_features
-            .get()
-            .into_iter()
-            .flatten()
-        {
-            let _ = writeln!(
-                out,
-                "gamma_redirect_missing_kernel_feature{{feature=\"{}\",since=\"{since}\"}} 1",
-                escape(feature),
-            );
-        }
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("writing to a String does not fail");
         out
     }
 }
 
-fn labels(l: &RequestLabels) -> String {
-    format!(
-        "service=\"{}\",route=\"{}\",backend=\"{}\",status=\"{}\"",
-        escape(&l.service),
-        escape(&l.route),
-        escape(&l.backend),
-        l.status
-    )
+/// One scrape: the metrics and what the data plane counts elsewhere.
+struct Scrape {
+    metrics: Arc<Metrics>,
+    upstream_in_flight: usize,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
 }
 
 /// A label value; empty (no Service, route or backend was reached) reads `-`.
-fn escape(v: &str) -> String {
+fn or_dash(v: &str) -> &str {
     if v.is_empty() {
-        return "-".to_string();
+        "-"
+    } else {
+        v
     }
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+}
+
+impl Scrape {
+    fn requests(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let series: Vec<_> = self
+            .metrics
+            .requests
+            .all()
+            .into_iter()
+            .map(|s| {
+                let read = s.read();
+                (s, read)
+            })
+            .collect();
+        let labelled = series.iter().flat_map(|(s, read)| {
+            read.iter().map(move |(status, observed)| {
+                let k = &s.key;
+                let labels = [
+                    ("service", or_dash(&k.service)),
+                    ("route", or_dash(&k.route)),
+                    ("backend", or_dash(&k.backend)),
+                ];
+                (labels, *status, observed)
+            })
+        });
+        let mut counter = encoder.encode_descriptor(
+            "gamma_requests",
+            "Requests handled, by service, route, backend and status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, status, observed) in labelled.clone() {
+            counter
+                .encode_family(&(labels, [("status", status)]))?
+                .encode_counter::<NoLabelSet, _, u64>(&observed.count, None)?;
+        }
+        let mut histogram = encoder.encode_descriptor(
+            "gamma_request_duration_seconds",
+            "Time from request head to response head.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, status, observed) in labelled {
+            let buckets: [(f64, u64); BUCKETS.len()] =
+                std::array::from_fn(|i| (BUCKETS[i], observed.buckets[i]));
+            histogram
+                .encode_family(&(labels, [("status", status)]))?
+                .encode_histogram::<NoLabelSet>(observed.sum_seconds, observed.count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let m = &*self.metrics;
+        let e = &mut encoder;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.requests(e)?;
+        if let Some(counted) = m.kernel_counters.get().and_then(|read| read()) {
+            let helps = [
+                ("gamma_kernel_connects_steered", "connect() calls to a mesh Service the kernel programs sent to the agent."),
+                ("gamma_kernel_connects_agent_gone", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open)."),
+                ("gamma_kernel_record_failures", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination)."),
+                ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address."),
+            ];
+            for ((name, help), value) in helps.iter().zip(counted) {
+                counter(e, name, help, value)?;
+            }
+        }
+        let mut local = e.encode_descriptor(
+            "gamma_local_answers",
+            "Requests the agent answered itself instead of relaying a backend's answer, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in Reason::ALL.iter().zip(&m.local_answers) {
+            local
+                .encode_family(&[("reason", reason.label())])?
+                .encode_counter::<NoLabelSet, _, u64>(&load(count), None)?;
+        }
+        for (name, help, value) in [
+            ("gamma_connections_accepted", "Downstream connections accepted.", &m.connections_accepted),
+            ("gamma_connections_refused_at_cap", "Downstream connections closed on accept because --max-connections were open.", &m.connections_refused_at_cap),
+            ("gamma_session_affinity_table_full", "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.", &*m.affinity_table_full),
+            ("gamma_opaque_connections", "Connections passed through as opaque TCP.", &m.opaque_connections),
+            ("gamma_opaque_after_sniff_timeout", "Connections to ports that do not declare their protocol passed through as opaque TCP because the client sent nothing telling within the sniffing timeout.", &m.opaque_after_sniff_timeout),
+            ("gamma_mirrors_sent", "Mirrored requests sent.", &m.mirrors_sent),
+            ("gamma_mirrors_dropped", "Mirrored requests dropped (concurrency bound reached).", &m.mirrors_dropped),
+            ("gamma_mirrors_timed_out", "Mirrored requests abandoned after the mirror timeout (their slot freed).", &m.mirrors_timed_out),
+            ("gamma_mirrors_skipped_body", "Mirrors not sent because the request body was larger than --max-buffered-body-bytes or did not end within the mirror timeout.", &m.mirrors_skipped_body),
+            ("gamma_retries_skipped_body", "Retries not made because the request body was larger than --max-buffered-body-bytes.", &m.retries_skipped_body),
+        ] {
+            counter(e, name, help, load(value))?;
+        }
+        let tasks = m
+            .runtimes
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|r| r.metrics().num_alive_tasks() as i64)
+            .sum();
+        for (name, help, value) in [
+            ("gamma_connections_open", "Downstream connections open.", m.connections_open.load(Ordering::Relaxed)),
+            ("gamma_runtime_tasks_alive", "Tasks alive on the agent's runtimes (main and data-plane workers): connections, pumps, pooled upstream connections, timers' tasks. Returns to its idle level once connections are gone.", tasks),
+            ("gamma_upstream_requests_in_flight", "Requests in flight to upstream endpoints.", self.upstream_in_flight as i64),
+            ("gamma_snapshot_version", "Version of the route table in use.", load(&m.snapshot_version) as i64),
+            ("gamma_last_sync_timestamp_seconds", "When the sources last synced (Unix time; 0: never).", load(&m.last_sync_unix) as i64),
+            ("gamma_source_stale_since_timestamp_seconds", "Since when the sources are stale and the last good table is served (Unix time; 0: fresh).", load(&m.source_stale_since_unix) as i64),
+            ("gamma_takeover_connections", "Opaque and upgraded connections the previous agent handed over to this one, mid-stream.", load(&m.takeover.connections) as i64),
+        ] {
+            gauge(e, name, help, value)?;
+        }
+        let t = &m.takeover;
+        let mut takeover = e.encode_descriptor(
+            "gamma_takeover_duration_seconds",
+            "The takeover of the previous agent this one started with (0: none): offer (connect to sockets received), stop (Stop to Stopped), total (process start to the old agent stopped).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (phase, micros) in [("offer", &t.offer_micros), ("stop", &t.stop_micros), ("total", &t.total_micros)] {
+            takeover
+                .encode_family(&[("phase", phase)])?
+                .encode_gauge(&(load(micros) as f64 / 1e6))?;
+        }
+        let mut missing = e.encode_descriptor(
+            "gamma_redirect_missing_kernel_feature",
+            "A kernel feature the redirect needs and this kernel lacks, with the Linux release that brings it: the redirect is off and pods use ordinary Service routing.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (feature, since) in m.redirect_missing_kernel_features.get().into_iter().flatten() {
+            missing
+                .encode_family(&[("feature", *feature), ("since", *since)])?
+                .encode_gauge(&1i64)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -445,52 +322,24 @@ mod tests {
 
     #[test]
     fn renders_counts_and_buckets() {
-        let m = Metrics::default();
-        let l = RequestLabels {
+        let m = Arc::new(Metrics::default());
+        let key = super::super::requests::SeriesKey {
             service: "ns/s:80".into(),
             route: "HTTPRoute ns/r".into(),
             backend: "ns/b:80".into(),
-            status: 200,
         };
-        m.record(l.clone(), Duration::from_millis(3));
-        m.record(l.clone(), Duration::from_millis(30));
-        assert_eq!(m.count(&l), 2);
+        let series = m.requests.series(key);
+        series.record(200, std::time::Duration::from_millis(3));
+        series.record(200, std::time::Duration::from_millis(30));
+        m.local_answer(Reason::NoMatchingRule);
         let text = m.render(0);
         assert!(text.contains(r#"gamma_requests_total{service="ns/s:80",route="HTTPRoute ns/r",backend="ns/b:80",status="200"} 2"#), "{text}");
         assert!(
             text.contains(r#"le="0.005"} 1"#) && text.contains(r#"le="0.05"} 2"#),
             "{text}"
         );
-    }
-
-    #[test]
-    fn series_of_removed_services_and_routes_are_pruned() {
-        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}]}]\n";
-        let mut index = gamma_engine::Index::new();
-        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
-            index.apply(object);
-        }
-        index.publish();
-        let snapshot = index.snapshot();
-        let labels = |service: &str, route: &str| RequestLabels {
-            service: service.into(),
-            route: route.into(),
-            backend: String::new(),
-            status: 200,
-        };
-        let m = Metrics::default();
-        for l in [
-            labels("ns/s:80", "HTTPRoute ns/r rule 0"),
-            labels("ns/s:80", ""),
-            labels("", ""),
-            labels("ns/gone:80", ""),
-            labels("ns/s:81", ""),
-            labels("ns/s:80", "HTTPRoute ns/gone rule 0"),
-        ] {
-            m.record(l, Duration::from_millis(1));
-        }
-        assert_eq!(m.retain_requests(|l| l.still_served(&snapshot)), 3);
-        assert_eq!(m.count(&labels("ns/s:80", "HTTPRoute ns/r rule 0")), 1);
-        assert_eq!(m.count(&labels("ns/gone:80", "")), 0);
+        assert!(text.contains(r#"le="+Inf"} 2"#), "{text}");
+        assert!(text.contains(r#"gamma_local_answers_total{reason="no_matching_rule"} 1"#), "{text}");
+        assert!(text.contains("gamma_connections_open 0"), "{text}");
     }
 }

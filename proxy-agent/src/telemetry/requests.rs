@@ -1,0 +1,354 @@
+//! Request series: counts and durations per (Service port, route rule, backend) and status.
+//!
+//! A request records into the series its table attached to the rule or backend it was routed
+//! with (`gamma_engine::routes::Attached`): no lock, no map, no label string on the request path.
+//! A slot is filled on its first request from [`SeriesTable`], which builds the labels and keeps
+//! the series alive across snapshots until its Service or route is gone. Each status's
+//! durations are sharded per thread, so that workers do not write the same cache lines; a scrape
+//! adds the shards up.
+
+use ahash::AHashMap;
+use gamma_engine::routes::{Attached, Backend, CompiledRule, Frontend};
+use gamma_engine::{ObjectKey, Snapshot};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Upper bounds of the duration buckets, in seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Statuses a series keeps without a lock; more (rare: a series sees a handful of codes) go to a
+/// locked list.
+const STATUS_SLOTS: usize = 4;
+
+/// Shards per status: threads write the shard of their index modulo this.
+const SHARDS: usize = 4;
+
+/// A series' labels. Empty strings stand for "none" (rendered `-`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub service: String,
+    pub route: String,
+    pub backend: String,
+}
+
+impl SeriesKey {
+    /// Whether the Service port and the route these labels name are still in `snapshot` (a
+    /// label that names none counts as served).
+    pub fn still_served(&self, snapshot: &Snapshot) -> bool {
+        let service = self.service.is_empty()
+            || self
+                .service
+                .rsplit_once(':')
+                .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
+                .is_some_and(|((namespace, name), port)| {
+                    snapshot
+                        .frontend_of(&ObjectKey::new(namespace, name), port)
+                        .is_some()
+                });
+        let route = self.route.is_empty()
+            || self
+                .route
+                .split_once(" rule ")
+                .is_some_and(|(route, _)| snapshot.statuses.contains_key(route));
+        service && route
+    }
+}
+
+/// One shard of a status's durations: one cache line pair of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+#[derive(Default)]
+struct Durations {
+    shards: [Shard; SHARDS],
+}
+
+/// What a scrape reads of one status of a series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub count: u64,
+    pub sum_seconds: f64,
+    /// Counts per bucket (not cumulative), one per bound of [`BUCKETS`]; those over the last
+    /// bound are `count` less their sum.
+    pub buckets: [u64; BUCKETS.len()],
+}
+
+impl Durations {
+    fn observe(&self, duration: Duration) {
+        let shard = &self.shards[shard_index()];
+        let seconds = duration.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            shard.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        shard
+            .sum_micros
+            .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Observed {
+        let mut observed = Observed::default();
+        let mut sum_micros = 0;
+        for shard in &self.shards {
+            observed.count += shard.count.load(Ordering::Relaxed);
+            sum_micros += shard.sum_micros.load(Ordering::Relaxed);
+            for (total, bucket) in observed.buckets.iter_mut().zip(&shard.buckets) {
+                *total += bucket.load(Ordering::Relaxed);
+            }
+        }
+        observed.sum_seconds = sum_micros as f64 / 1e6;
+        observed
+    }
+}
+
+/// This thread's shard: threads take the next one as they first record.
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
+/// A status slot: free (0) until a request with a new status claims it.
+#[derive(Default)]
+struct StatusSlot {
+    status: AtomicU16,
+    durations: OnceLock<Box<Durations>>,
+}
+
+pub struct RequestSeries {
+    pub key: SeriesKey,
+    slots: [StatusSlot; STATUS_SLOTS],
+    more: Mutex<Vec<(u16, Box<Durations>)>>,
+}
+
+impl RequestSeries {
+    fn new(key: SeriesKey) -> Self {
+        RequestSeries {
+            key,
+            slots: Default::default(),
+            more: Mutex::default(),
+        }
+    }
+
+    pub fn record(&self, status: u16, duration: Duration) {
+        for slot in &self.slots {
+            let claimed = match slot.status.load(Ordering::Acquire) {
+                0 => match slot
+                    .status
+                    .compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => true,
+                    Err(other) => other == status,
+                },
+                other => other == status,
+            };
+            if claimed {
+                return slot
+                    .durations
+                    .get_or_init(Box::default)
+                    .observe(duration);
+            }
+        }
+        let mut more = self.more.lock().expect("not poisoned");
+        match more.iter().find(|(s, _)| *s == status) {
+            Some((_, durations)) => durations.observe(duration),
+            None => {
+                let durations = Box::<Durations>::default();
+                durations.observe(duration);
+                more.push((status, durations));
+            }
+        }
+    }
+
+    /// Each status seen, in order, with what was observed.
+    pub fn read(&self) -> Vec<(u16, Observed)> {
+        let mut statuses: Vec<(u16, Observed)> = self
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let durations = slot.durations.get()?;
+                Some((slot.status.load(Ordering::Acquire), durations.read()))
+            })
+            .collect();
+        let more = self.more.lock().expect("not poisoned");
+        statuses.extend(more.iter().map(|(s, d)| (*s, d.read())));
+        statuses.sort_by_key(|(s, _)| *s);
+        statuses
+    }
+
+    pub fn count(&self, status: u16) -> u64 {
+        self.read()
+            .into_iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, o)| o.count)
+    }
+}
+
+/// Every series alive, by labels: consulted when a table's slot is first used, and by scrapes.
+#[derive(Default)]
+pub struct SeriesTable {
+    by_key: Mutex<AHashMap<SeriesKey, Arc<RequestSeries>>>,
+}
+
+impl SeriesTable {
+    /// The series of `key`, made if new.
+    pub fn series(&self, key: SeriesKey) -> Arc<RequestSeries> {
+        let mut by_key = self.by_key.lock().expect("not poisoned");
+        by_key
+            .entry(key)
+            .or_insert_with_key(|key| Arc::new(RequestSeries::new(key.clone())))
+            .clone()
+    }
+
+    /// The series in `slot`, filled with `key()`'s the first time.
+    pub fn attached<'a>(
+        &self,
+        slot: &'a Attached,
+        key: impl FnOnce() -> SeriesKey,
+    ) -> &'a RequestSeries {
+        slot.get_or_init(|| self.series(key()))
+    }
+
+    /// Every series, sorted by labels (a scrape).
+    pub fn all(&self) -> Vec<Arc<RequestSeries>> {
+        let mut all: Vec<_> = self
+            .by_key
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
+    }
+
+    /// Keeps the series `keep` says yes to; returns how many were dropped. A table still
+    /// holding a dropped one keeps recording into it, unseen, until it is replaced.
+    pub fn retain(&self, mut keep: impl FnMut(&SeriesKey) -> bool) -> usize {
+        let mut by_key = self.by_key.lock().expect("not poisoned");
+        let before = by_key.len();
+        by_key.retain(|key, _| keep(key));
+        before - by_key.len()
+    }
+
+    /// Requests seen with these labels and status (tests and `/explain` read it).
+    pub fn count(&self, key: &SeriesKey, status: u16) -> u64 {
+        let series = self.by_key.lock().expect("not poisoned").get(key).cloned();
+        series.map_or(0, |s| s.count(status))
+    }
+}
+
+/// The labels of the series a request routed with these belongs to.
+pub fn service_label(frontend: &Frontend) -> String {
+    format!("{}:{}", frontend.service, frontend.port)
+}
+
+pub fn route_label(rule: &CompiledRule) -> String {
+    format!("{} rule {}", rule.route, rule.name_or_index())
+}
+
+pub fn backend_label(backend: &Backend) -> String {
+    backend.name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(service: &str, route: &str) -> SeriesKey {
+        SeriesKey {
+            service: service.into(),
+            route: route.into(),
+            backend: String::new(),
+        }
+    }
+
+    #[test]
+    fn statuses_past_the_slots_are_kept_too() {
+        let series = RequestSeries::new(key("ns/s:80", ""));
+        for status in [200, 404, 200, 500, 503, 502, 200, 302] {
+            series.record(status, Duration::from_millis(3));
+        }
+        let read = series.read();
+        let statuses: Vec<u16> = read.iter().map(|(s, _)| *s).collect();
+        assert_eq!(statuses, [200, 302, 404, 500, 502, 503]);
+        assert_eq!(series.count(200), 3);
+        assert_eq!(series.count(302), 1);
+        let (_, ok) = &read[0];
+        assert_eq!(ok.buckets[2], 0, "3 ms is over 2.5 ms");
+        assert_eq!(ok.buckets[3], 3, "and within 5 ms");
+        assert_eq!(ok.buckets.iter().sum::<u64>(), 3);
+        assert!((ok.sum_seconds - 0.009).abs() < 1e-9);
+    }
+
+    #[test]
+    fn threads_write_their_own_shards_and_reads_add_them_up() {
+        let series = Arc::new(RequestSeries::new(key("ns/s:80", "")));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let series = series.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        series.record(200, Duration::from_micros(100));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(series.count(200), 4000);
+    }
+
+    #[test]
+    fn a_slot_is_filled_once_from_the_table() {
+        let table = SeriesTable::default();
+        let slot = Attached::default();
+        let mut made = 0;
+        for _ in 0..3 {
+            table
+                .attached(&slot, || {
+                    made += 1;
+                    key("ns/s:80", "")
+                })
+                .record(200, Duration::ZERO);
+        }
+        assert_eq!(made, 1);
+        assert_eq!(table.count(&key("ns/s:80", ""), 200), 3);
+    }
+
+    #[test]
+    fn series_of_removed_services_and_routes_are_pruned() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}]}]\n";
+        let mut index = gamma_engine::Index::new();
+        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
+            index.apply(object);
+        }
+        index.publish();
+        let snapshot = index.snapshot();
+        let table = SeriesTable::default();
+        for k in [
+            key("ns/s:80", "HTTPRoute ns/r rule 0"),
+            key("ns/s:80", ""),
+            key("", ""),
+            key("ns/gone:80", ""),
+            key("ns/s:81", ""),
+            key("ns/s:80", "HTTPRoute ns/gone rule 0"),
+        ] {
+            table.series(k).record(200, Duration::from_millis(1));
+        }
+        assert_eq!(table.retain(|k| k.still_served(&snapshot)), 3);
+        assert_eq!(table.count(&key("ns/s:80", "HTTPRoute ns/r rule 0"), 200), 1);
+        assert_eq!(table.count(&key("ns/gone:80", ""), 200), 0);
+    }
+}

@@ -3,6 +3,8 @@
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
 //!   connection, nginx, haproxy and envoy (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
+//! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 and HTTP/2
+//!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
 //!   and iptables REDIRECT, on a node of network namespaces (`tests/src/bin/bench_redirect.rs`).
 
@@ -17,7 +19,8 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         }),
         "peers" => peers(),
         "redirect" => redirect(),
-        other => bail!("unknown benchmark `{other}`: engine, peers or redirect"),
+        "alloc" => alloc(),
+        other => bail!("unknown benchmark `{other}`: engine, peers, redirect or alloc"),
     }
 }
 
@@ -68,6 +71,17 @@ fn redirect() -> Result<()> {
     step("redirect benchmark", || {
         run_shown(&mut Command::new(
             root.join("target/release/gamma-bench-redirect"),
+        ))
+    })
+}
+
+fn alloc() -> Result<()> {
+    step("build (release)", || {
+        util::cargo(&["build", "--release", "-p", "gamma-tests", "--bin", "gamma-bench-alloc"])
+    })?;
+    step("allocations per request", || {
+        run_shown(&mut Command::new(
+            util::workspace_root().join("target/release/gamma-bench-alloc"),
         ))
     })
 }

@@ -125,7 +125,7 @@ pub(super) async fn forward(
             attempt_started = Instant::now();
             // The first attempt always has its body; a later one only if it could be kept.
             let request_body = body.next_attempt().unwrap_or_else(body::empty);
-            let request = upstream_request(&parts, endpoint, h2, request_body);
+            let request = upstream_request(&parts, held.authority(), h2, request_body);
             let attempt = send(proxy, endpoint, h2, request, attempt_timeout).await;
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
@@ -225,41 +225,48 @@ async fn backoff(wait: Option<Duration>) {
 /// malformed).
 pub(super) fn upstream_request(
     parts: &http::request::Parts,
-    endpoint: SocketAddr,
+    endpoint: &http::uri::Authority,
     h2: bool,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-        .or_else(|| parts.uri.authority().cloned());
-    let uri = if h2 {
+    // The caller's authority: its Host, else its URI's (HTTP/2 callers name it there).
+    let caller_authority = || {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| parts.uri.authority().cloned())
+    };
+    let authority = if h2 {
         request.headers_mut().remove(header::HOST);
-        match &authority {
-            Some(authority) => format!("http://{authority}{path}"),
-            None => format!("http://{endpoint}{path}"),
-        }
+        caller_authority().unwrap_or_else(|| endpoint.clone())
     } else {
         join_cookie_crumbs(request.headers_mut());
         request.headers_mut().remove(header::TE);
-        if let Some(authority) = authority
-            .as_ref()
-            .filter(|_| !parts.headers.contains_key(header::HOST))
-        {
+        if !parts.headers.contains_key(header::HOST) {
             // HTTP/2 callers name the authority in the URI; HTTP/1.1 backends want a Host header.
-            if let Ok(host) = authority.as_str().parse() {
+            if let Some(host) = caller_authority().and_then(|a| a.as_str().parse().ok()) {
                 request.headers_mut().insert(header::HOST, host);
             }
         }
         // The pool key: the endpoint.
-        format!("http://{endpoint}{path}")
+        endpoint.clone()
     };
-    *request.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(authority);
+    // Shares the caller's bytes: no copy.
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    *request.uri_mut() = http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("/"));
     *request.version_mut() = if h2 {
         Version::HTTP_2
     } else {
@@ -364,11 +371,11 @@ mod tests {
             .unwrap()
             .into_parts();
         parts.version = Version::HTTP_2;
-        let endpoint: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let h1 = upstream_request(&parts, endpoint, false, body::empty());
+        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let h1 = upstream_request(&parts, &endpoint, false, body::empty());
         let cookies: Vec<_> = h1.headers().get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
-        let h2 = upstream_request(&parts, endpoint, true, body::empty());
+        let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
     }
 
@@ -387,10 +394,10 @@ mod tests {
         for gone in ["x-hop", "connection", "transfer-encoding"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
-        let endpoint: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let h2 = upstream_request(&parts, endpoint, true, body::empty());
+        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers()[header::TE], "trailers");
-        let h1 = upstream_request(&parts, endpoint, false, body::empty());
+        let h1 = upstream_request(&parts, &endpoint, false, body::empty());
         assert!(!h1.headers().contains_key(header::TE));
         let (mut other, ()) = Request::get("http://catalog/")
             .header(header::TE, "gzip")

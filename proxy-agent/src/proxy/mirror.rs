@@ -74,14 +74,14 @@ impl Mirrors {
             let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);
             tokio::spawn(async move {
                 let _permit = permit;
-                let _in_flight = in_flight;
+                
                 let exchange = async {
                     let Some(body) = mirror_body.whole().await else {
                         metrics.mirrors_skipped_body.fetch_add(1, Ordering::Relaxed);
                         return;
                     };
                     metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
-                    let request = upstream_request(&head, endpoint, h2, body);
+                    let request = upstream_request(&head, in_flight.authority(), h2, body);
                     if let Ok(response) = upstream.send(endpoint, h2, request).await {
                         // Drain so the pooled connection can be reused.
                         let _ = http_body_util::BodyExt::collect(response.into_body()).await;

@@ -260,8 +260,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// An endpoint's load and health, shared by every table and worker that sends to it.
-#[derive(Default)]
 pub struct EndpointState {
+    /// `ip:port`, spelled once: HTTP/1.1 requests name it in their URI (the pool key).
+    authority: http::uri::Authority,
     in_flight: AtomicUsize,
     /// Milliseconds since `EndpointStats::epoch` until which the endpoint is avoided (0: never).
     ejected_until: AtomicU64,
@@ -288,6 +289,29 @@ impl Default for EndpointStats {
 /// Counts a request in flight on an endpoint until dropped; says how the endpoint fared.
 pub struct InFlight(Arc<EndpointState>);
 
+impl EndpointState {
+    fn new(addr: SocketAddr) -> Self {
+        EndpointState {
+            authority: authority_of(addr),
+            in_flight: AtomicUsize::new(0),
+            ejected_until: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+        }
+    }
+}
+
+/// `ip:port` as a URI authority.
+pub fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).expect("an address is an authority")
+}
+
+impl InFlight {
+    /// The endpoint's `ip:port`.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.0.authority
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -309,7 +333,9 @@ impl EndpointStats {
 
     fn by_address(&self, backend: &Backend, index: usize) -> Arc<EndpointState> {
         let mut by_address = self.by_address.lock().expect("not poisoned");
-        by_address.entry(backend.endpoints[index]).or_default().clone()
+        let addr = backend.endpoints[index];
+        let state = by_address.entry(addr);
+        state.or_insert_with(|| Arc::new(EndpointState::new(addr))).clone()
     }
 
     fn now_ms(&self) -> u64 {

@@ -2,7 +2,9 @@
 //!
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
-//!   connection, nginx, haproxy and envoy (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
+//!   connection, nginx, haproxy and envoy, and a bare hyper forwarder in our layout (`floor`,
+//!   `tests/src/bin/hyper_floor.rs`: what hyper alone costs) in a slot added to a copy of the script
+//!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 and HTTP/2
 //!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
@@ -30,19 +32,47 @@ fn shared_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| util::workspace_root().join("../shared"))
 }
 
+/// The line of `run.sh` after which a second proxy of ours is started: the hyper floor.
+const OURS_ADDED: &str = "  TARGETS=\"$TARGETS ours=$OURPROXY_URL=$PID_ours\"\nfi\n";
+
+/// Started like `ours`, listed as `floor` (the script knows one proxy of ours; this adds one).
+const FLOOR_SLOT: &str = r#"if [ -n "${FLOOR_CMD:-}" ]; then
+  start floor bash -c "exec $FLOOR_CMD"
+  wait_http "$FLOOR_URL" "$PID_floor" || { cat "$RUN/floor.log"; exit 1; }
+  TARGETS="$TARGETS floor=$FLOOR_URL=$PID_floor"
+fi
+"#;
+
 fn peers() -> Result<()> {
     let root = util::workspace_root();
-    step("build the agent (release)", || {
-        util::cargo(&["build", "--release", "-p", "proxy-agent"])
+    step("build the agent and the hyper floor (release)", || {
+        util::cargo(&[
+            "build", "--release", "-p", "proxy-agent", "-p", "gamma-tests", "--bin", "proxy-agent",
+            "--bin", "gamma-hyper-floor",
+        ])
     })?;
     let script = shared_dir().join("bench/peers/run.sh");
-    if !script.exists() {
-        bail!(
-            "{} not found: set GAMMA_SHARED to the shared folder",
+    let original = std::fs::read_to_string(&script).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e}: set GAMMA_SHARED to the shared folder",
             script.display()
+        )
+    })?;
+    if !original.contains(OURS_ADDED) {
+        bail!(
+            "{} no longer starts `ours` the way this benchmark extends it (a second slot for the \
+             hyper floor after `{}`): update OURS_ADDED in xtask/src/bench.rs",
+            script.display(),
+            OURS_ADDED.trim()
         );
     }
+    let extended = root.join("target/peers-run.sh");
+    std::fs::write(
+        &extended,
+        original.replacen(OURS_ADDED, &format!("{OURS_ADDED}{FLOOR_SLOT}"), 1),
+    )?;
     let agent = root.join("target/release/proxy-agent");
+    let floor = root.join("target/release/gamma-hyper-floor");
     let manifests = root.join("bench/peers/manifests");
     // Like the peers: no access log, two worker threads (2 cores), upstream keep-alive pools.
     let command = format!(
@@ -50,12 +80,17 @@ fn peers() -> Result<()> {
         agent.display(),
         manifests.display()
     );
-    step("peer proxies side by side (run.sh)", || {
+    step("peer proxies side by side (run.sh, with the hyper floor)", || {
         run_shown(
             Command::new("bash")
-                .arg(&script)
+                .arg(&extended)
                 .env("OURPROXY_CMD", command)
-                .env("OURPROXY_URL", "http://127.0.0.1:18184/"),
+                .env("OURPROXY_URL", "http://127.0.0.1:18184/")
+                .env(
+                    "FLOOR_CMD",
+                    format!("{} 127.0.0.1:18185 127.0.0.1:18080 127.0.0.1:18081", floor.display()),
+                )
+                .env("FLOOR_URL", "http://127.0.0.1:18185/"),
         )
     })
 }

@@ -1,0 +1,100 @@
+//! `gamma-hyper-floor LISTEN BACKEND_A BACKEND_B`: the least a hyper-based forwarder does for
+//! the peers benchmark, to show in the same table how much of the agent's cost is hyper's.
+//!
+//! The agent's layout (a current-thread runtime per core, copies of one listening socket, a
+//! connection pool per worker: hyper-util's legacy client with the agent's settings) and the
+//! benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
+//! filters, no metrics, no access log, no timeouts, no retries; of the hop-by-hop headers only
+//! `Connection` is dropped (the benchmark's clients send no other).
+
+use anyhow::{Context, Result};
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, a, b] = &args[..] else {
+        anyhow::bail!("usage: gamma-hyper-floor LISTEN BACKEND_A BACKEND_B (ip:port each)");
+    };
+    let listen: SocketAddr = listen.parse().context("LISTEN")?;
+    let backends: [http::uri::Authority; 2] = [a.parse()?, b.parse()?];
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = listener.try_clone()?;
+            let backends = backends.clone();
+            Ok(std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(serve(listener, backends));
+            }))
+        })
+        .collect::<Result<_>>()?;
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+async fn serve(listener: std::net::TcpListener, backends: [http::uri::Authority; 2]) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
+    let turn = Arc::new(AtomicU32::new(0));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (client, backends, turn) = (client.clone(), backends.clone(), turn.clone());
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
+            let backend = backends[usize::from(n == 9)].clone();
+            forward(client.clone(), backend, request)
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn forward(
+    client: Client<HttpConnector, Incoming>,
+    backend: http::uri::Authority,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    let (mut parts, body) = request.into_parts();
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(backend);
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    parts.uri = http::Uri::from_parts(uri).expect("a valid URI");
+    // Hop-by-hop: a client's `Connection: close` is not the upstream connection's.
+    parts.headers.remove(http::header::CONNECTION);
+    parts
+        .headers
+        .insert("x-perf-added", HeaderValue::from_static("proxy"));
+    client.request(Request::from_parts(parts, body)).await
+}

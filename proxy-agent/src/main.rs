@@ -111,6 +111,10 @@ struct Cli {
     /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY.
     #[arg(long, default_value_t = 3600)]
     idle_timeout_s: u64,
+    /// How opaque TCP and upgraded connections move their bytes: `splice` (splice(2) through a
+    /// pipe, in the kernel) or `copy` (through a buffer in the agent).
+    #[arg(long, value_enum, default_value_t = proxy_agent::proxy::pump::Carry::Splice)]
+    pump: proxy_agent::proxy::pump::Carry,
     /// Client connections open at most; one more is closed as soon as accepted (counted in
     /// gamma_connections_refused_at_cap_total).
     #[arg(long, default_value_t = 100_000)]
@@ -208,6 +212,7 @@ fn main() -> Result<()> {
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
             idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
+            pump: cli.pump,
             max_connections: cli.max_connections.max(1),
             upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
             ..ProxyConfig::default()

@@ -55,6 +55,8 @@ pub struct ProxyConfig {
     /// An opaque or upgraded connection that moves no byte for this long is closed; an HTTP/2
     /// client connection gets GOAWAY (HTTP/1.1 ones: `header_read_timeout` between requests).
     pub idle_timeout: Duration,
+    /// How opaque and upgraded connections move their bytes.
+    pub pump: pump::Carry,
     /// Client connections open at most; one more is closed as soon as accepted (and counted),
     /// so that clients cannot exhaust the agent's descriptors.
     pub max_connections: usize,
@@ -91,6 +93,7 @@ impl Default for ProxyConfig {
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            pump: pump::Carry::Splice,
             max_connections: 100_000,
             upstream_idle_timeout: Duration::from_secs(90),
             max_mirrors_in_flight: 256,
@@ -161,7 +164,7 @@ impl Proxy {
                 metrics.affinity_table_full.clone(),
             ),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
-            pumps: pump::Pumps::new(config.idle_timeout),
+            pumps: pump::Pumps::carrying(config.idle_timeout, config.pump),
             metrics,
             config,
             load: None,

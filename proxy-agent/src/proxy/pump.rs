@@ -7,6 +7,12 @@
 //!
 //! A pump also ends a connection that moved no byte for `idle_timeout` (a peer that vanished
 //! without a FIN would otherwise hold it forever).
+//!
+//! Bytes move in the kernel by default ([`Carry::Splice`]): splice(2) from one socket into a
+//! pipe and from the pipe into the other, never through user space. A takeover reads what the
+//! pipe holds into the pending bytes it hands over. [`Carry::Copy`] reads into a buffer and
+//! writes it out (also the fallback when no pipe can be made). `cargo xtask bench pump` measures
+//! both.
 
 use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
@@ -17,12 +23,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// Bytes read from one side and not yet written to the other are at most this many.
+/// Bytes read from one side and not yet written to the other are at most this many (copying).
 const BUFFER: usize = 16 * 1024;
+
+/// The pipe size asked for when splicing: more bytes per system call than the default 64 KiB.
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// How a pump moves bytes between its sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Carry {
+    /// splice(2) through a pipe: the bytes stay in the kernel.
+    #[default]
+    Splice,
+    /// read(2) into a buffer, write(2) out.
+    Copy,
+}
 
 /// How a pump ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,14 +80,20 @@ pub struct Pumps {
     next_id: AtomicU64,
     live: Mutex<AHashMap<u64, oneshot::Sender<PauseRequest>>>,
     idle_timeout: Duration,
+    carry: Carry,
 }
 
 impl Pumps {
     pub fn new(idle_timeout: Duration) -> Arc<Self> {
+        Self::carrying(idle_timeout, Carry::default())
+    }
+
+    pub fn carrying(idle_timeout: Duration, carry: Carry) -> Arc<Self> {
         Arc::new(Pumps {
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
             idle_timeout,
+            carry,
         })
     }
 
@@ -139,8 +164,9 @@ impl Registered {
         // `None` once it resolved without a request (a oneshot is not polled after it resolved).
         let mut pause_rx = Some(pause_rx);
         let idle_timeout = self.pumps.idle_timeout;
-        let mut up = Direction::from(to_upstream);
-        let mut down = Direction::from(to_client);
+        let carry = self.pumps.carry;
+        let mut up = Direction::new(to_upstream, carry);
+        let mut down = Direction::new(to_client, carry);
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let exit = poll_fn(|cx| {
@@ -219,33 +245,89 @@ enum Exit {
     Pause(PauseRequest),
 }
 
-/// Bytes from one socket to the other through a buffer; `start..end` is read and not yet written.
+/// Bytes from one socket to the other: through the kernel pipe when splicing, else through a
+/// buffer; `start..end` of the buffer is read and not yet written (when splicing, only bytes a
+/// predecessor or an upgrade's parser left, written first).
 struct Direction {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    pipe: Option<Pipe>,
     read_closed: bool,
     write_shut: bool,
 }
 
-impl From<Flow> for Direction {
-    fn from(flow: Flow) -> Self {
-        let mut buf = vec![0; BUFFER.max(flow.pending.len())].into_boxed_slice();
+/// A pipe between the two sockets, and how many bytes it holds.
+struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    held: usize,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        use rustix::pipe::{fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, PipeFlags};
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // A smaller pipe still works: keep what the kernel allows.
+        let _ = fcntl_setpipe_size(&write, PIPE_SIZE);
+        let size = fcntl_getpipe_size(&write)?;
+        Ok(Pipe {
+            read,
+            write,
+            held: 0,
+            size,
+        })
+    }
+
+    /// What the pipe holds, read out (a takeover hands it over as pending bytes).
+    fn drain(&mut self, into: &mut Vec<u8>) {
+        let mut chunk = [0u8; 16 * 1024];
+        while self.held > 0 {
+            match rustix::io::read(&self.read, &mut chunk[..self.held.min(16 * 1024)]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    into.extend_from_slice(&chunk[..n]);
+                    self.held -= n;
+                }
+            }
+        }
+    }
+}
+
+fn splice_flags() -> rustix::pipe::SpliceFlags {
+    rustix::pipe::SpliceFlags::NONBLOCK | rustix::pipe::SpliceFlags::MOVE
+}
+
+impl Direction {
+    fn new(flow: Flow, carry: Carry) -> Self {
+        let pipe = match carry {
+            Carry::Copy => None,
+            Carry::Splice => Pipe::new()
+                .map_err(|e| tracing::debug!(error = %e, "no pipe for splicing: copying"))
+                .ok(),
+        };
+        // Splicing needs a buffer only for the bytes handed in.
+        let size = if pipe.is_some() { 0 } else { BUFFER };
+        let mut buf = vec![0; size.max(flow.pending.len())].into_boxed_slice();
         buf[..flow.pending.len()].copy_from_slice(&flow.pending);
         Direction {
             buf,
             start: 0,
             end: flow.pending.len(),
+            pipe,
             read_closed: flow.read_closed,
             write_shut: flow.write_shut,
         }
     }
-}
 
-impl Direction {
-    fn into_flow(self) -> Flow {
+    fn into_flow(mut self) -> Flow {
+        let mut pending = self.buf[self.start..self.end].to_vec();
+        if let Some(pipe) = &mut self.pipe {
+            pipe.drain(&mut pending);
+        }
         Flow {
-            pending: self.buf[self.start..self.end].to_vec(),
+            pending,
             read_closed: self.read_closed,
             write_shut: self.write_shut,
         }
@@ -270,12 +352,47 @@ impl Direction {
                 *moved = true;
                 continue;
             }
+            if let Some(pipe) = &mut self.pipe {
+                if pipe.held > 0 {
+                    ready!(to.poll_write_ready(cx))?;
+                    let out = to.try_io(Interest::WRITABLE, || {
+                        Ok(rustix::pipe::splice(&pipe.read, None, &*to, None, pipe.held, splice_flags())?)
+                    });
+                    match out {
+                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            pipe.held -= n;
+                            *moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    continue;
+                }
+            }
             if self.read_closed {
                 if !self.write_shut {
                     ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
                     self.write_shut = true;
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(pipe) = &mut self.pipe {
+                ready!(from.poll_read_ready(cx))?;
+                // The pipe is empty here: only the socket can make this wait.
+                let input = from.try_io(Interest::READABLE, || {
+                    Ok(rustix::pipe::splice(&*from, None, &pipe.write, None, pipe.size, splice_flags())?)
+                });
+                match input {
+                    Ok(0) => self.read_closed = true,
+                    Ok(n) => {
+                        pipe.held = n;
+                        *moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
             }
             self.start = 0;
             self.end = 0;
@@ -306,7 +423,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_paused_pump_resumes_where_it_left_off() {
-        let pumps = Pumps::new(Duration::from_secs(60));
+        for carry in [Carry::Splice, Carry::Copy] {
+            paused_pump_resumes(carry).await;
+        }
+    }
+
+    async fn paused_pump_resumes(carry: Carry) {
+        let pumps = Pumps::carrying(Duration::from_secs(60), carry);
         let (mut client, agent_side) = pair().await;
         let (agent_up, mut server) = pair().await;
         let pumping = {
@@ -358,7 +481,13 @@ mod tests {
 
     #[tokio::test]
     async fn pending_bytes_are_written_first_and_idle_pumps_end() {
-        let pumps = Pumps::new(Duration::from_millis(300));
+        for carry in [Carry::Splice, Carry::Copy] {
+            pending_bytes_first(carry).await;
+        }
+    }
+
+    async fn pending_bytes_first(carry: Carry) {
+        let pumps = Pumps::carrying(Duration::from_millis(300), carry);
         let (mut client, agent_side) = pair().await;
         let (agent_up, mut server) = pair().await;
         let ahead = Flow {
@@ -378,5 +507,67 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"read ahead then this");
         assert_eq!(pumping.await.unwrap(), PumpEnd::Idle);
+    }
+
+    /// A takeover while the receiver reads nothing: what the pipe (or buffer) holds is handed
+    /// over and arrives, in order, with everything after it.
+    #[tokio::test]
+    async fn bytes_held_in_the_kernel_pipe_are_handed_over() {
+        const TOTAL: usize = 32 * 1024 * 1024;
+        let pumps = Pumps::carrying(Duration::from_secs(60), Carry::Splice);
+        let (mut client, agent_side) = pair().await;
+        let (agent_up, mut server) = pair().await;
+        let pumping = tokio::spawn({
+            let pumps = pumps.clone();
+            async move {
+                pumps
+                    .run(agent_side, agent_up, Flow::default(), Flow::default())
+                    .await
+            }
+        });
+        let pattern = |i: usize| (i % 251) as u8;
+        let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn({
+            let written = written.clone();
+            async move {
+                for chunk in data.chunks(64 * 1024) {
+                    client.write_all(chunk).await.unwrap();
+                    written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                client
+            }
+        });
+        // The server reads nothing yet: the buffers and the pipe fill up, until the writer
+        // stalls.
+        let mut last = u64::MAX;
+        while written.load(Ordering::Relaxed) != last {
+            last = written.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut paused = pumps.pause_all().await;
+        assert_eq!(pumping.await.unwrap(), PumpEnd::HandedOver);
+        let p = paused.pop().unwrap();
+        let held = p.to_upstream.pending.len();
+        assert!(held > 0, "the pipe held bytes when the upstream could take no more");
+        let resumed = tokio::spawn({
+            let pumps = pumps.clone();
+            async move {
+                let client = TcpStream::from_std(p.client).unwrap();
+                let upstream = TcpStream::from_std(p.upstream).unwrap();
+                pumps
+                    .run(client, upstream, p.to_upstream, p.to_client)
+                    .await
+            }
+        });
+        let mut got = vec![0u8; TOTAL];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(
+            got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            "every byte, in order ({held} were in the pipe at the takeover)"
+        );
+        drop(writer.await.unwrap());
+        drop(server);
+        assert_eq!(resumed.await.unwrap(), PumpEnd::Closed);
     }
 }

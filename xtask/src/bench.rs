@@ -7,6 +7,8 @@
 //!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 and HTTP/2
 //!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
+//! - `pump`: an opaque connection's bytes through the agent's pump, splice(2) against copying:
+//!   throughput and CPU per GiB (`tests/src/bin/bench_pump.rs`).
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
 //!   and iptables REDIRECT, on a node of network namespaces (`tests/src/bin/bench_redirect.rs`).
 
@@ -21,8 +23,9 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         }),
         "peers" => peers(),
         "redirect" => redirect(),
-        "alloc" => alloc(),
-        other => bail!("unknown benchmark `{other}`: engine, peers, redirect or alloc"),
+        "alloc" => release_bin("gamma-bench-alloc", "allocations per request"),
+        "pump" => release_bin("gamma-bench-pump", "splice against copy"),
+        other => bail!("unknown benchmark `{other}`: engine, peers, redirect, alloc or pump"),
     }
 }
 
@@ -110,13 +113,14 @@ fn redirect() -> Result<()> {
     })
 }
 
-fn alloc() -> Result<()> {
+/// Builds and runs one of the benchmark binaries of `tests` (release).
+fn release_bin(name: &str, what: &str) -> Result<()> {
     step("build (release)", || {
-        util::cargo(&["build", "--release", "-p", "gamma-tests", "--bin", "gamma-bench-alloc"])
+        util::cargo(&["build", "--release", "-p", "gamma-tests", "--bin", name])
     })?;
-    step("allocations per request", || {
+    step(what, || {
         run_shown(&mut Command::new(
-            util::workspace_root().join("target/release/gamma-bench-alloc"),
+            util::workspace_root().join("target/release").join(name),
         ))
     })
 }

@@ -50,8 +50,16 @@ fn peers() -> Result<()> {
     let root = util::workspace_root();
     step("build the agent and the hyper floor (release)", || {
         util::cargo(&[
-            "build", "--release", "-p", "proxy-agent", "-p", "gamma-tests", "--bin", "proxy-agent",
-            "--bin", "gamma-hyper-floor",
+            "build",
+            "--release",
+            "-p",
+            "proxy-agent",
+            "-p",
+            "gamma-tests",
+            "--bin",
+            "proxy-agent",
+            "--bin",
+            "gamma-hyper-floor",
         ])
     })?;
     let script = shared_dir().join("bench/peers/run.sh");
@@ -83,19 +91,25 @@ fn peers() -> Result<()> {
         agent.display(),
         manifests.display()
     );
-    step("peer proxies side by side (run.sh, with the hyper floor)", || {
-        run_shown(
-            Command::new("bash")
-                .arg(&extended)
-                .env("OURPROXY_CMD", command)
-                .env("OURPROXY_URL", "http://127.0.0.1:18184/")
-                .env(
-                    "FLOOR_CMD",
-                    format!("{} 127.0.0.1:18185 127.0.0.1:18080 127.0.0.1:18081", floor.display()),
-                )
-                .env("FLOOR_URL", "http://127.0.0.1:18185/"),
-        )
-    })
+    step(
+        "peer proxies side by side (run.sh, with the hyper floor)",
+        || {
+            run_shown(
+                Command::new("bash")
+                    .arg(&extended)
+                    .env("OURPROXY_CMD", command)
+                    .env("OURPROXY_URL", "http://127.0.0.1:18184/")
+                    .env(
+                        "FLOOR_CMD",
+                        format!(
+                            "{} 127.0.0.1:18185 127.0.0.1:18080 127.0.0.1:18081",
+                            floor.display()
+                        ),
+                    )
+                    .env("FLOOR_URL", "http://127.0.0.1:18185/"),
+            )
+        },
+    )
 }
 
 fn redirect() -> Result<()> {

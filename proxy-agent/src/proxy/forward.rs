@@ -129,9 +129,7 @@ pub(super) async fn forward(
             let attempt = send(proxy, endpoint, h2, request, attempt_timeout).await;
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
-                Attempt::TimedOut(_) | Attempt::Failed(_) => {
-                    proxy.upstream.endpoints.failed(&held)
-                }
+                Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
             }
             let more = log.attempts < max_attempts;

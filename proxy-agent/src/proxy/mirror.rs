@@ -52,10 +52,7 @@ impl Mirrors {
                 continue;
             };
             let Some((endpoint, in_flight)) =
-                proxy
-                    .upstream
-                    .endpoints
-                    .choose(mirror.backend, &[], random)
+                proxy.upstream.endpoints.choose(mirror.backend, &[], random)
             else {
                 continue;
             };
@@ -74,7 +71,7 @@ impl Mirrors {
             let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);
             tokio::spawn(async move {
                 let _permit = permit;
-                
+
                 let exchange = async {
                     let Some(body) = mirror_body.whole().await else {
                         metrics.mirrors_skipped_body.fetch_add(1, Ordering::Relaxed);

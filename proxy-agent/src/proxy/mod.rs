@@ -493,9 +493,15 @@ impl<'a> AccessLog<'a> {
     /// The labels of this request's series.
     fn key(&self) -> SeriesKey {
         SeriesKey {
-            service: self.frontend.map(requests::service_label).unwrap_or_default(),
+            service: self
+                .frontend
+                .map(requests::service_label)
+                .unwrap_or_default(),
             route: self.rule.map(requests::route_label).unwrap_or_default(),
-            backend: self.backend.map(requests::backend_label).unwrap_or_default(),
+            backend: self
+                .backend
+                .map(requests::backend_label)
+                .unwrap_or_default(),
         }
     }
 

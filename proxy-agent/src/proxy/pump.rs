@@ -356,7 +356,14 @@ impl Direction {
                 if pipe.held > 0 {
                     ready!(to.poll_write_ready(cx))?;
                     let out = to.try_io(Interest::WRITABLE, || {
-                        Ok(rustix::pipe::splice(&pipe.read, None, &*to, None, pipe.held, splice_flags())?)
+                        Ok(rustix::pipe::splice(
+                            &pipe.read,
+                            None,
+                            &*to,
+                            None,
+                            pipe.held,
+                            splice_flags(),
+                        )?)
                     });
                     match out {
                         Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -381,7 +388,14 @@ impl Direction {
                 ready!(from.poll_read_ready(cx))?;
                 // The pipe is empty here: only the socket can make this wait.
                 let input = from.try_io(Interest::READABLE, || {
-                    Ok(rustix::pipe::splice(&*from, None, &pipe.write, None, pipe.size, splice_flags())?)
+                    Ok(rustix::pipe::splice(
+                        &*from,
+                        None,
+                        &pipe.write,
+                        None,
+                        pipe.size,
+                        splice_flags(),
+                    )?)
                 });
                 match input {
                     Ok(0) => self.read_closed = true,
@@ -549,7 +563,10 @@ mod tests {
         assert_eq!(pumping.await.unwrap(), PumpEnd::HandedOver);
         let p = paused.pop().unwrap();
         let held = p.to_upstream.pending.len();
-        assert!(held > 0, "the pipe held bytes when the upstream could take no more");
+        assert!(
+            held > 0,
+            "the pipe held bytes when the upstream could take no more"
+        );
         let resumed = tokio::spawn({
             let pumps = pumps.clone();
             async move {

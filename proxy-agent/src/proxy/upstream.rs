@@ -335,7 +335,9 @@ impl EndpointStats {
         let mut by_address = self.by_address.lock().expect("not poisoned");
         let addr = backend.endpoints[index];
         let state = by_address.entry(addr);
-        state.or_insert_with(|| Arc::new(EndpointState::new(addr))).clone()
+        state
+            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .clone()
     }
 
     fn now_ms(&self) -> u64 {
@@ -397,7 +399,12 @@ impl EndpointStats {
 
     /// The common case, without allocating: two random endpoints, both untried and not
     /// ejected; the one with fewer requests in flight. `None` if either is not.
-    fn two_preferred(&self, backend: &Backend, exclude: &[SocketAddr], random: u64) -> Option<usize> {
+    fn two_preferred(
+        &self,
+        backend: &Backend,
+        exclude: &[SocketAddr],
+        random: u64,
+    ) -> Option<usize> {
         let n = backend.endpoints.len() as u64;
         if n == 0 {
             return None;
@@ -427,13 +434,21 @@ impl EndpointStats {
             .clone()
             .filter(|i| !exclude.contains(&backend.endpoints[*i]))
             .collect();
-        let pick_from = if untried.is_empty() { all.collect() } else { untried };
+        let pick_from = if untried.is_empty() {
+            all.collect()
+        } else {
+            untried
+        };
         let healthy: Vec<usize> = pick_from
             .iter()
             .copied()
             .filter(|i| !self.ejected(self.state(backend, *i)))
             .collect();
-        let pool = if healthy.is_empty() { pick_from } else { healthy };
+        let pool = if healthy.is_empty() {
+            pick_from
+        } else {
+            healthy
+        };
         match pool.len() {
             0 => None,
             1 => Some(pool[0]),
@@ -548,8 +563,7 @@ mod tests {
         let stats = EndpointStats::default();
         let backend = backend(&[addr(1), addr(2)]);
         let only_2 = |stats: &EndpointStats| {
-            (0..8u64)
-                .all(|r| stats.choose(&backend, &[], r * 0x1_0000_0001).unwrap().0 == addr(2))
+            (0..8u64).all(|r| stats.choose(&backend, &[], r * 0x1_0000_0001).unwrap().0 == addr(2))
         };
         let on_1 = || stats.hold(&backend, addr(1)).unwrap();
         for _ in 1..CONSECUTIVE_FAILURES {

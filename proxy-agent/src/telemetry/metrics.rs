@@ -206,14 +206,29 @@ impl Scrape {
                 std::array::from_fn(|i| (BUCKETS[i], observed.buckets[i]));
             histogram
                 .encode_family(&(labels, [("status", status)]))?
-                .encode_histogram::<NoLabelSet>(observed.sum_seconds, observed.count, &buckets, None)?;
+                .encode_histogram::<NoLabelSet>(
+                    observed.sum_seconds,
+                    observed.count,
+                    &buckets,
+                    None,
+                )?;
         }
         Ok(())
     }
 }
 
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
-    ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        MetricType::Counter,
+    )?)
 }
 
 fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
@@ -287,7 +302,11 @@ impl Collector for Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for (phase, micros) in [("offer", &t.offer_micros), ("stop", &t.stop_micros), ("total", &t.total_micros)] {
+        for (phase, micros) in [
+            ("offer", &t.offer_micros),
+            ("stop", &t.stop_micros),
+            ("total", &t.total_micros),
+        ] {
             takeover
                 .encode_family(&[("phase", phase)])?
                 .encode_gauge(&(load(micros) as f64 / 1e6))?;
@@ -298,7 +317,12 @@ impl Collector for Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for (feature, since) in m.redirect_missing_kernel_features.get().into_iter().flatten() {
+        for (feature, since) in m
+            .redirect_missing_kernel_features
+            .get()
+            .into_iter()
+            .flatten()
+        {
             missing
                 .encode_family(&[("feature", *feature), ("since", *since)])?
                 .encode_gauge(&1i64)?;
@@ -339,7 +363,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"le="+Inf"} 2"#), "{text}");
-        assert!(text.contains(r#"gamma_local_answers_total{reason="no_matching_rule"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"gamma_local_answers_total{reason="no_matching_rule"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("gamma_connections_open 0"), "{text}");
     }
 }

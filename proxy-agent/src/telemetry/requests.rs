@@ -143,20 +143,19 @@ impl RequestSeries {
     pub fn record(&self, status: u16, duration: Duration) {
         for slot in &self.slots {
             let claimed = match slot.status.load(Ordering::Acquire) {
-                0 => match slot
-                    .status
-                    .compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire)
-                {
+                0 => match slot.status.compare_exchange(
+                    0,
+                    status,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
                     Ok(_) => true,
                     Err(other) => other == status,
                 },
                 other => other == status,
             };
             if claimed {
-                return slot
-                    .durations
-                    .get_or_init(Box::default)
-                    .observe(duration);
+                return slot.durations.get_or_init(Box::default).observe(duration);
             }
         }
         let mut more = self.more.lock().expect("not poisoned");
@@ -348,7 +347,10 @@ mod tests {
             table.series(k).record(200, Duration::from_millis(1));
         }
         assert_eq!(table.retain(|k| k.still_served(&snapshot)), 3);
-        assert_eq!(table.count(&key("ns/s:80", "HTTPRoute ns/r rule 0"), 200), 1);
+        assert_eq!(
+            table.count(&key("ns/s:80", "HTTPRoute ns/r rule 0"), 200),
+            1
+        );
         assert_eq!(table.count(&key("ns/gone:80", ""), 200), 0);
     }
 }

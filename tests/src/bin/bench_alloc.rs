@@ -94,12 +94,18 @@ fn main() -> Result<()> {
         .replace("18080", &a.to_string())
         .replace("18081", &b.to_string());
     let mut index = gamma_engine::Index::new();
-    for object in gamma_engine::manifests::parse(std::path::Path::new("echo.yaml"), &manifests).objects {
+    for object in
+        gamma_engine::manifests::parse(std::path::Path::new("echo.yaml"), &manifests).objects
+    {
         index.apply(object);
     }
     index.publish();
     let snapshot = Arc::new(arc_swap::ArcSwap::new(index.snapshot()));
-    let proxy = Proxy::new(snapshot, Arc::new(Metrics::default()), ProxyConfig::default());
+    let proxy = Proxy::new(
+        snapshot,
+        Arc::new(Metrics::default()),
+        ProxyConfig::default(),
+    );
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let agent_addr = listener.local_addr()?;
@@ -125,7 +131,11 @@ fn main() -> Result<()> {
     println!("| protocol | allocations / request | bytes / request |");
     println!("|---|---|---|");
     for h2 in [false, true] {
-        let name = if h2 { "HTTP/2 (h2c)" } else { "HTTP/1.1 keep-alive" };
+        let name = if h2 {
+            "HTTP/2 (h2c)"
+        } else {
+            "HTTP/1.1 keep-alive"
+        };
         let (allocations, bytes) = others.block_on(measure(agent_addr, h2, false))?;
         println!("| {name} | {allocations:.1} | {bytes:.0} |");
     }
@@ -147,8 +157,7 @@ async fn measure(agent: std::net::SocketAddr, h2: bool, trace: bool) -> Result<(
     let io = hyper_util::rt::TokioIo::new(stream);
     let mut send: Box<dyn FnMut() -> SendFuture> = if h2 {
         let (sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await?;
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         Box::new(move || {
             let mut sender = sender.clone();
@@ -171,7 +180,10 @@ async fn measure(agent: std::net::SocketAddr, h2: bool, trace: bool) -> Result<(
         send().await?;
     }
     let measured = if trace { TRACED } else { REQUESTS };
-    let (before, bytes_before) = (ALLOCATIONS.load(Ordering::SeqCst), BYTES.load(Ordering::SeqCst));
+    let (before, bytes_before) = (
+        ALLOCATIONS.load(Ordering::SeqCst),
+        BYTES.load(Ordering::SeqCst),
+    );
     TRACING.store(trace, Ordering::SeqCst);
     for _ in 0..measured {
         send().await?;
@@ -188,7 +200,8 @@ async fn measure(agent: std::net::SocketAddr, h2: bool, trace: bool) -> Result<(
 type SendFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 fn request(h2: bool) -> http::Request<Empty<Bytes>> {
-    let builder = http::Request::get("http://echo.bench/alloc?q=1").header("user-agent", "bench-alloc");
+    let builder =
+        http::Request::get("http://echo.bench/alloc?q=1").header("user-agent", "bench-alloc");
     let builder = if h2 {
         builder.version(http::Version::HTTP_2)
     } else {
@@ -213,11 +226,25 @@ fn report_sites(protocol: &str, traces: &[std::backtrace::Backtrace]) {
             .lines()
             .map(str::trim)
             .filter_map(|l| l.split_once(": ").map(|(_, f)| f))
-            .filter(|f| !f.starts_with("std::") && !f.starts_with("alloc::") && !f.starts_with("core::") && !f.contains("bench_alloc::"))
+            .filter(|f| {
+                !f.starts_with("std::")
+                    && !f.starts_with("alloc::")
+                    && !f.starts_with("core::")
+                    && !f.contains("bench_alloc::")
+            })
             .collect();
-        let library = functions
+        let library = functions.iter().find(|f| {
+            [
+                "hyper::",
+                "hyper_util::",
+                "h2::",
+                "tokio::",
+                "http::",
+                "bytes::",
+            ]
             .iter()
-            .find(|f| ["hyper::", "hyper_util::", "h2::", "tokio::", "http::", "bytes::"].iter().any(|p| f.starts_with(p)));
+            .any(|p| f.starts_with(p))
+        });
         let ours = functions
             .iter()
             .find(|f| f.starts_with("proxy_agent::") || f.starts_with("gamma_engine::"));
@@ -230,7 +257,7 @@ fn report_sites(protocol: &str, traces: &[std::backtrace::Backtrace]) {
         *sites.entry(site).or_default() += 1;
     }
     let mut sorted: Vec<_> = sites.into_iter().collect();
-    sorted.sort_by(|a, b| b.1.cmp(&a.1));
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.1));
     println!("\n{protocol}: where the allocations of {TRACED} requests come from (per request):");
     for (site, n) in sorted {
         println!("  {:>5.1}  {site}", n as f64 / TRACED as f64);
@@ -240,7 +267,15 @@ fn report_sites(protocol: &str, traces: &[std::backtrace::Backtrace]) {
 /// A function path without its hash suffix and generic noise.
 fn short(function: &str) -> String {
     let function = function.rsplit_once("::h").map_or(function, |(f, hash)| {
-        if hash.chars().all(|c| c.is_ascii_hexdigit()) { f } else { function }
+        if hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            f
+        } else {
+            function
+        }
     });
-    function.replace("{{closure}}", "{closure}").chars().take(140).collect()
+    function
+        .replace("{{closure}}", "{closure}")
+        .chars()
+        .take(140)
+        .collect()
 }

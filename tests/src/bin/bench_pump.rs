@@ -21,7 +21,9 @@ fn main() -> Result<()> {
     for round in 0..ROUNDS {
         for carry in [Carry::Copy, Carry::Splice] {
             let (gbps, cpu_ms_per_gib) = one_run(carry)?;
-            eprintln!("round {round} {carry:?}: {gbps:.2} GB/s, {cpu_ms_per_gib:.0} ms CPU per GiB");
+            eprintln!(
+                "round {round} {carry:?}: {gbps:.2} GB/s, {cpu_ms_per_gib:.0} ms CPU per GiB"
+            );
             results.push((carry, gbps, cpu_ms_per_gib));
         }
     }

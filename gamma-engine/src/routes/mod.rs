@@ -241,15 +241,35 @@ pub struct CompiledRule {
     pub backends: Vec<WeightedBackend>,
     /// Running sum of the weights, for `backends::pick_weighted`.
     pub cumulative_weights: Vec<u64>,
+    /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
+    /// them, so they take one pointer until one is set.
+    pub options: Option<Box<RuleOptions>>,
+    /// The data plane's state for this rule's requests answered before a backend was chosen.
+    #[serde(skip)]
+    pub series: Attached,
+}
+
+/// What a rule may have beyond matches, filters and backends.
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct RuleOptions {
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
     /// A dropped rule's reason (`Rule::invalid`): its requests get 500.
     pub invalid: Option<String>,
     pub session: Option<SessionPersistence>,
-    /// The data plane's state for this rule's requests answered before a backend was chosen.
-    #[serde(skip)]
-    pub series: Attached,
 }
+
+impl RuleOptions {
+    /// `None` when nothing is set.
+    pub fn boxed(self) -> Option<Box<RuleOptions>> {
+        (self != RuleOptions::default()).then(|| Box::new(self))
+    }
+}
+
+static NO_TIMEOUTS: Timeouts = Timeouts {
+    request: None,
+    backend_request: None,
+};
 
 #[derive(Debug, PartialEq, Serialize)]
 pub struct WeightedBackend {
@@ -375,8 +395,8 @@ impl CompiledRule {
         random: u64,
         backend: Option<usize>,
     ) -> Plan<'_> {
-        if let Some(reason) = &self.invalid {
-            return Plan::Respond(LocalResponse::InvalidRule(reason.clone()));
+        if let Some(reason) = self.invalid() {
+            return Plan::Respond(LocalResponse::InvalidRule(reason.to_owned()));
         }
         let mut run = FilterRun {
             parts,
@@ -426,6 +446,22 @@ impl CompiledRule {
             | Filter::Cors(_)
             | Filter::Unsupported(_) => None,
         })
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        self.options.as_ref().map_or(&NO_TIMEOUTS, |o| &o.timeouts)
+    }
+
+    pub fn retry(&self) -> Option<&Retry> {
+        self.options.as_ref()?.retry.as_ref()
+    }
+
+    pub fn invalid(&self) -> Option<&str> {
+        self.options.as_ref()?.invalid.as_deref()
+    }
+
+    pub fn session(&self) -> Option<&SessionPersistence> {
+        self.options.as_ref()?.session.as_ref()
     }
 
     pub fn name_or_index(&self) -> String {

@@ -94,15 +94,15 @@ pub(super) async fn forward(
     log: &mut AccessLog<'_>,
 ) -> Result<Response<ProxyBody>, LocalAnswer> {
     let backend = target.backend;
-    let request_timeout = rule.and_then(|r| r.timeouts.request);
-    let attempt_timeout = rule.and_then(|r| r.timeouts.backend_request);
+    let request_timeout = rule.and_then(|r| r.timeouts().request);
+    let attempt_timeout = rule.and_then(|r| r.timeouts().backend_request);
     let upgrade = is_upgrade(&parts);
     let downstream_upgrade = upgrade
         .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
         .flatten();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let h2 = !upgrade && backend.protocol.is_h2(parts.version == Version::HTTP_2);
-    let retry = rule.and_then(|r| r.retry.as_ref());
+    let retry = rule.and_then(|r| r.retry());
     // Without a retry policy, a refused connection still gets one more try on another endpoint:
     // nothing was sent.
     let max_attempts = 1 + retry.map_or(1, |r| r.attempts);

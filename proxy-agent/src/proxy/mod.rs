@@ -306,8 +306,7 @@ impl Proxy {
         // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
         // The clock is read only for rules with session persistence.
         let session_policy = rule
-            .session
-            .as_ref()
+            .session()
             .map(|policy| (policy, crate::telemetry::unix_now()));
         let resumed = session_policy
             .and_then(|(policy, now)| policy.resume(&parts.headers, now))
@@ -319,7 +318,7 @@ impl Proxy {
         };
         log.backend = Some(plan.backend);
         log.series = Some(&rule.backends[plan.backend_index].series);
-        let keep_body = rule.retry.is_some() || !plan.mirrors.is_empty();
+        let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         self.mirrors
             .send(self, &plan.mirrors, &parts, &body, random);

@@ -435,10 +435,11 @@ pub struct RequestMirror<B = BackendRef> {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
-    pub group: String,
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
+    // Short names, kept inline (no allocation each).
+    pub group: CompactString,
+    pub kind: CompactString,
+    pub namespace: Option<CompactString>,
+    pub name: CompactString,
     pub port: Option<u16>,
     pub weight: u32,
     pub filters: Vec<Filter>,
@@ -622,8 +623,8 @@ macro_rules! backend_ref {
                 ))
             }
         };
-        let group = r.group.clone().unwrap_or_default();
-        let kind = r.kind.clone().unwrap_or_else(|| "Service".to_string());
+        let group = CompactString::from(r.group.as_deref().unwrap_or_default());
+        let kind = CompactString::from(r.kind.as_deref().unwrap_or("Service"));
         let port = port(r.port, &format!("{field}.port"))?;
         if group.is_empty() && kind == "Service" && port.is_none() {
             return Err(invalid(
@@ -634,8 +635,8 @@ macro_rules! backend_ref {
         BackendRef {
             group,
             kind,
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
+            namespace: r.namespace.as_deref().map(CompactString::from),
+            name: r.name.as_str().into(),
             port,
             weight,
             filters: $filters,

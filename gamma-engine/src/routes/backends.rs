@@ -113,7 +113,7 @@ impl<'a> Resolver<'a> {
     ) -> Result<Arc<Backend>, BackendError> {
         let route_namespace = route.meta.key.namespace.as_str();
         let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
-        let key = ObjectKey::new(namespace, &reference.name);
+        let key = ObjectKey::new(namespace, reference.name.as_str());
         let shown = format!(
             "{}/{}",
             key,

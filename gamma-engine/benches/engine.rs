@@ -34,14 +34,22 @@ fn vip(i: usize) -> Ipv4Addr {
 }
 
 fn service(i: usize) -> Vec<Value> {
+    service_with(i, 2)
+}
+
+/// A Service with `endpoints` ready endpoints.
+fn service_with(i: usize, endpoints: usize) -> Vec<Value> {
     let name = format!("svc-{i}");
+    let addresses: Vec<Value> = (0..endpoints)
+        .map(|e| json!({"addresses": [format!("10.{}.{}.{}", 244 + e, i / 250, i % 250 + 1)]}))
+        .collect();
     vec![
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "prod"},
                "spec": {"clusterIP": vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": format!("{name}-1"), "namespace": "prod", "labels": {"kubernetes.io/service-name": name}},
                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
-               "endpoints": [{"addresses": [format!("10.244.{}.{}", i / 250, i % 250 + 1)]}, {"addresses": [format!("10.245.{}.{}", i / 250, i % 250 + 1)]}]}),
+               "endpoints": addresses}),
     ]
 }
 
@@ -169,8 +177,40 @@ fn memory_per_route() {
     );
 }
 
+/// Resident memory the process gains holding an index of 10k Services with 5 endpoints each
+/// (50k endpoints) and their producer and consumer routes, published.
+fn resident_at_scale() {
+    let resident = || {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    };
+    let before = resident();
+    let mut index = Index::new();
+    for i in 0..10_000 {
+        for doc in service_with(i, 5).into_iter().chain([
+            route(i, "prod", 1),
+            route(i, &format!("team-{}", i % 10), 1),
+        ]) {
+            index.apply(Object::from_value(doc).unwrap());
+        }
+    }
+    index.publish();
+    let grown = resident().saturating_sub(before);
+    eprintln!(
+        "resident: +{:.1} MiB holding 10k Services, 50k endpoints, 20k routes (published)",
+        grown as f64 / (1 << 20) as f64
+    );
+    drop(index);
+}
+
 fn memory(_: &mut Criterion) {
     memory_per_route();
+    resident_at_scale();
 }
 
 criterion_group!(benches, memory, lookup, publish);

@@ -3,7 +3,9 @@
 
 use super::backends::Resolver;
 use super::precedence::RankKey;
-use super::{Attached, CompiledRule, RuleOptions, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use super::{
+    Attached, CompiledRule, Frontend, RouteTable, RuleOptions, TableEntry, WeightedBackend, World,
+};
 use crate::model::{
     BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
 };

@@ -80,7 +80,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 match group {
                     None => producer = Some(table),
                     Some(ns) => {
-                        consumers.insert(ns.to_string(), table);
+                        consumers.insert(ns.into(), table);
                     }
                 }
             }

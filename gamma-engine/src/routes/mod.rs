@@ -146,7 +146,9 @@ pub struct Frontend {
     /// Producer routes (the Service's namespace): for every caller without consumer routes.
     pub producer: Option<RouteTable>,
     /// Consumer routes by the callers' namespace.
-    pub consumers: BTreeMap<String, RouteTable>,
+    /// (Namespaces are short: kept inline, so that a lookup compares them without a pointer to
+    /// chase.)
+    pub consumers: BTreeMap<compact_str::CompactString, RouteTable>,
     /// The Service's own endpoints: where traffic goes when no route applies to the caller.
     pub direct: Arc<Backend>,
     /// The data plane's state for requests sent to `direct`.

@@ -77,6 +77,13 @@ fn condition<'a>(
     status.first().and_then(|p| p.condition(type_))
 }
 
+/// The route's Accepted condition: whether it is, and the generation it is about.
+fn accepted_at(index: &Index) -> (&'static str, i64) {
+    let status = route_status(index);
+    let accepted = condition(&status, "Accepted").expect("an Accepted condition");
+    (accepted.status, accepted.observed_generation)
+}
+
 /// What the rule matched by `path` answers: the backend it forwards to, or its local answer.
 fn answer(index: &Index, path: &str) -> String {
     with_plan(
@@ -183,12 +190,9 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
     index.apply(object(all_invalid));
     assert!(index.publish(), "the status changed");
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    assert_eq!(accepted_at(&index), ("False", 2));
     let status = route_status(&index);
     let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!(
-        (accepted.status, accepted.observed_generation),
-        ("False", 2)
-    );
     assert!(
         accepted.message.contains("generation 1 stays in use"),
         "{}",
@@ -201,10 +205,8 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
         json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
     )));
     index.publish();
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!((accepted.status, accepted.observed_generation), ("True", 3));
-    assert!(condition(&status, "PartiallyInvalid").is_none());
+    assert_eq!(accepted_at(&index), ("True", 3));
+    assert!(condition(&route_status(&index), "PartiallyInvalid").is_none());
 
     // Deleted: no status left.
     index.delete(&object(route(3, json!([]))).reference());
@@ -257,9 +259,7 @@ fn a_refusal_is_about_its_object_not_a_namesake_created_since() {
     let mut index = index_with(recreated);
     index.apply(object(refused));
     index.publish();
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!((accepted.status, accepted.observed_generation), ("True", 1));
+    assert_eq!(accepted_at(&index), ("True", 1));
 }
 
 #[test]
@@ -289,10 +289,5 @@ fn an_invalid_session_persistence_drops_its_rule_and_can_refuse_the_generation()
     index.apply(object(route(2, json!([bad_session]))));
     index.publish();
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!(
-        (accepted.status, accepted.observed_generation),
-        ("False", 2)
-    );
+    assert_eq!(accepted_at(&index), ("False", 2));
 }

@@ -71,7 +71,6 @@ impl Mirrors {
             let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);
             tokio::spawn(async move {
                 let _permit = permit;
-
                 let exchange = async {
                     let Some(body) = mirror_body.whole().await else {
                         metrics.mirrors_skipped_body.fetch_add(1, Ordering::Relaxed);

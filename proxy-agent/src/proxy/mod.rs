@@ -497,10 +497,7 @@ impl<'a> AccessLog<'a> {
                 .map(requests::service_label)
                 .unwrap_or_default(),
             route: self.rule.map(requests::route_label).unwrap_or_default(),
-            backend: self
-                .backend
-                .map(requests::backend_label)
-                .unwrap_or_default(),
+            backend: self.backend.map(Backend::name).unwrap_or_default(),
         }
     }
 

@@ -282,9 +282,9 @@ impl Pipe {
 
     /// What the pipe holds, read out (a takeover hands it over as pending bytes).
     fn drain(&mut self, into: &mut Vec<u8>) {
-        let mut chunk = [0u8; 16 * 1024];
+        let mut chunk = [0u8; BUFFER];
         while self.held > 0 {
-            match rustix::io::read(&self.read, &mut chunk[..self.held.min(16 * 1024)]) {
+            match rustix::io::read(&self.read, &mut chunk[..self.held.min(BUFFER)]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     into.extend_from_slice(&chunk[..n]);

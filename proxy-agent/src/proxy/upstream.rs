@@ -411,14 +411,15 @@ impl EndpointStats {
         }
         let a = (random % n) as usize;
         let b = ((random >> 32) % n) as usize;
-        let preferred = |i: usize| {
-            !exclude.contains(&backend.endpoints[i]) && !self.ejected(self.state(backend, i))
+        let (state_a, state_b) = (self.state(backend, a), self.state(backend, b));
+        let preferred = |i: usize, state: &EndpointState| {
+            !exclude.contains(&backend.endpoints[i]) && !self.ejected(state)
         };
-        if !(preferred(a) && preferred(b)) {
+        if !(preferred(a, state_a) && preferred(b, state_b)) {
             return None;
         }
-        let load = |i: usize| self.state(backend, i).in_flight.load(Ordering::Relaxed);
-        Some(if load(b) < load(a) { b } else { a })
+        let load = |state: &EndpointState| state.in_flight.load(Ordering::Relaxed);
+        Some(if load(state_b) < load(state_a) { b } else { a })
     }
 
     /// Untried endpoints if any (else all), healthy ones among them if any (else all), then the

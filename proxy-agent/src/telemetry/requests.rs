@@ -8,7 +8,7 @@
 //! adds the shards up.
 
 use ahash::AHashMap;
-use gamma_engine::routes::{Attached, Backend, CompiledRule, Frontend};
+use gamma_engine::routes::{Attached, CompiledRule, Frontend};
 use gamma_engine::{ObjectKey, Snapshot};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -247,17 +247,14 @@ impl SeriesTable {
     }
 }
 
-/// The labels of the series a request routed with these belongs to.
+/// The labels of the series a request routed with these belongs to (a backend's is
+/// `Backend::name`).
 pub fn service_label(frontend: &Frontend) -> String {
     format!("{}:{}", frontend.service, frontend.port)
 }
 
 pub fn route_label(rule: &CompiledRule) -> String {
     format!("{} rule {}", rule.route, rule.name_or_index())
-}
-
-pub fn backend_label(backend: &Backend) -> String {
-    backend.name()
 }
 
 #[cfg(test)]

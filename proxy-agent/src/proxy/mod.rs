@@ -506,7 +506,7 @@ impl<'a> AccessLog<'a> {
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
             let caller = &self.conn.caller;
             let key = self.key();
-            let or_dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
+            let [service, route, backend] = key.shown();
             tracing::info!(
                 target: "access",
                 caller_namespace = caller.namespace.as_deref().unwrap_or("-"),
@@ -514,9 +514,9 @@ impl<'a> AccessLog<'a> {
                 caller_identity = caller.identity,
                 method = %self.method,
                 path = self.uri.path(),
-                service = or_dash(&key.service),
-                route = or_dash(&key.route),
-                backend = or_dash(&key.backend),
+                service,
+                route,
+                backend,
                 endpoint = %self.endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string()),
                 status = self.status,
                 attempts = self.attempts,

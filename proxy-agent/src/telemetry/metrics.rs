@@ -152,15 +152,6 @@ impl std::fmt::Debug for Scrape {
     }
 }
 
-/// A label value; empty (no Service, route or backend was reached) reads `-`.
-fn or_dash(v: &str) -> &str {
-    if v.is_empty() {
-        "-"
-    } else {
-        v
-    }
-}
-
 impl Scrape {
     fn requests(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let series: Vec<_> = self
@@ -175,12 +166,8 @@ impl Scrape {
             .collect();
         let labelled = series.iter().flat_map(|(s, read)| {
             read.iter().map(move |(status, observed)| {
-                let k = &s.key;
-                let labels = [
-                    ("service", or_dash(&k.service)),
-                    ("route", or_dash(&k.route)),
-                    ("backend", or_dash(&k.backend)),
-                ];
+                let [service, route, backend] = s.key.shown();
+                let labels = [("service", service), ("route", route), ("backend", backend)];
                 (labels, *status, observed)
             })
         });

@@ -35,6 +35,11 @@ pub struct SeriesKey {
 }
 
 impl SeriesKey {
+    /// Service, route and backend as shown (in `/metrics` and the access log): `-` for none.
+    pub fn shown(&self) -> [&str; 3] {
+        [&self.service, &self.route, &self.backend].map(|v| if v.is_empty() { "-" } else { v })
+    }
+
     /// Whether the Service port and the route these labels name are still in `snapshot` (a
     /// label that names none counts as served).
     pub fn still_served(&self, snapshot: &Snapshot) -> bool {

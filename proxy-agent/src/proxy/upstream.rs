@@ -93,19 +93,8 @@ impl Upstream {
         endpoints: Arc<EndpointStats>,
         affinity: Arc<Affinity>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(false);
-        let http1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(idle_timeout)
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Upstream {
-            http1,
+            http1: http1_client(connect_timeout, idle_timeout),
             http2: Http2Pool {
                 connections: Arc::default(),
                 connect_timeout,
@@ -167,6 +156,29 @@ impl Upstream {
             }
         })
     }
+}
+
+/// The pooled HTTP/1.1 client as the agent configures it (also what the peers benchmark's hyper
+/// floor forwards with). `idle_timeout`: how long an idle pooled connection is kept.
+pub fn http1_client<B>(
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+) -> Client<HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(false);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 /// HTTP/2 connections, one per endpoint, shared by every request to it (multiplexed).

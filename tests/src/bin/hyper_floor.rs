@@ -4,7 +4,7 @@
 //! The agent's layout (a current-thread runtime per core, copies of one listening socket, a
 //! connection pool per worker: hyper-util's legacy client with the agent's settings) and the
 //! benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
-//! filters, no metrics, no access log, no timeouts, no retries; of the hop-by-hop headers only
+//! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop headers only
 //! `Connection` is dropped (the benchmark's clients send no other).
 
 use anyhow::{Context, Result};
@@ -12,7 +12,8 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use proxy_agent::proxy::upstream::http1_client;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -49,15 +50,9 @@ fn main() -> Result<()> {
 
 async fn serve(listener: std::net::TcpListener, backends: [http::uri::Authority; 2]) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector);
+    // The agent's defaults: a connect timeout of 1 s, --upstream-idle-timeout-s 90.
+    let client: Client<HttpConnector, Incoming> =
+        http1_client(Duration::from_secs(1), Duration::from_secs(90));
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
     loop {

@@ -4,8 +4,8 @@
 //! The agent's layout (a current-thread runtime per core, copies of one listening socket, a
 //! connection pool per worker: hyper-util's legacy client with the agent's settings) and the
 //! benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
-//! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop headers only
-//! `Connection` is dropped (the benchmark's clients send no other).
+//! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop
+//! headers only `Connection` is dropped (the benchmark's clients send no other).
 
 use anyhow::{Context, Result};
 use http::{HeaderValue, Request, Response};

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [engine|peers|redirect]`: benchmarks, never timed tests.
+//! `cargo xtask bench [engine|peers|alloc|pump|redirect]`: benchmarks, never timed tests.
 //!
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
@@ -23,8 +23,8 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         }),
         "peers" => peers(),
         "redirect" => redirect(),
-        "alloc" => release_bin("gamma-bench-alloc", "allocations per request"),
-        "pump" => release_bin("gamma-bench-pump", "splice against copy"),
+        "alloc" => release_bin("gamma-bench-alloc", "allocations per request", &[]),
+        "pump" => release_bin("gamma-bench-pump", "splice against copy", &[]),
         other => bail!("unknown benchmark `{other}`: engine, peers, redirect, alloc or pump"),
     }
 }
@@ -116,21 +116,17 @@ fn redirect() -> Result<()> {
     if !util::is_root() {
         bail!("the redirect benchmark builds a node of network namespaces and loads eBPF: run it as root");
     }
-    step("build (release)", || {
-        util::cargo(&["build", "--release", "--bins"])
-    })?;
-    let root = util::workspace_root();
-    step("redirect benchmark", || {
-        run_shown(&mut Command::new(
-            root.join("target/release/gamma-bench-redirect"),
-        ))
-    })
+    // It runs the agent binary too.
+    release_bin("gamma-bench-redirect", "redirect benchmark", &["--bins"])
 }
 
-/// Builds and runs one of the benchmark binaries of `tests` (release).
-fn release_bin(name: &str, what: &str) -> Result<()> {
+/// Builds (release) and runs one of the benchmark binaries of `tests`; `build`: what else to
+/// build (none: that binary only).
+fn release_bin(name: &str, what: &str, build: &[&str]) -> Result<()> {
+    let only = ["-p", "gamma-tests", "--bin", name];
+    let targets = if build.is_empty() { &only[..] } else { build };
     step("build (release)", || {
-        util::cargo(&["build", "--release", "-p", "gamma-tests", "--bin", name])
+        util::cargo(&[&["build", "--release"][..], targets].concat())
     })?;
     step(what, || {
         run_shown(&mut Command::new(

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [engine|peers|alloc|pump|redirect]`: benchmarks, never timed tests.
+//! `cargo xtask bench [engine|peers|alloc|conns|pump|redirect]`: benchmarks, never timed tests.
 //!
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
@@ -7,6 +7,8 @@
 //!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 and HTTP/2
 //!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
+//! - `conns`: the agent's resident memory idle and per idle keep-alive connection, HTTP/1.1 and
+//!   HTTP/2 (`tests/src/bin/bench_conns.rs`).
 //! - `pump`: an opaque connection's bytes through the agent's pump, splice(2) against copying:
 //!   throughput and CPU per GiB (`tests/src/bin/bench_pump.rs`).
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
@@ -24,8 +26,16 @@ pub fn run_bench(args: &[String]) -> Result<()> {
         "peers" => peers(),
         "redirect" => redirect(),
         "alloc" => release_bin("gamma-bench-alloc", "allocations per request", &[]),
+        // It runs the agent binary too.
+        "conns" => release_bin(
+            "gamma-bench-conns",
+            "memory per idle connection",
+            &["--bins"],
+        ),
         "pump" => release_bin("gamma-bench-pump", "splice against copy", &[]),
-        other => bail!("unknown benchmark `{other}`: engine, peers, redirect, alloc or pump"),
+        other => {
+            bail!("unknown benchmark `{other}`: engine, peers, redirect, alloc, conns or pump")
+        }
     }
 }
 

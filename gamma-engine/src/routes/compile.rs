@@ -74,14 +74,12 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
             let direct =
                 resolver.service_backend(service, port.port, Some(UpstreamProtocol::AsCaller))?;
             let mut producer = None;
-            let mut consumers = BTreeMap::new();
+            let mut consumers = Vec::new();
             for (group, routes) in groups(service, port, &routes) {
                 let table = table(&routes, &resolver, &service.key.namespace);
                 match group {
                     None => producer = Some(table),
-                    Some(ns) => {
-                        consumers.insert(ns.into(), table);
-                    }
+                    Some(ns) => consumers.push((ns.into(), table)),
                 }
             }
             Some(Arc::new(Frontend {
@@ -95,7 +93,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                     .map(|ip| SocketAddr::new(*ip, port.port))
                     .collect(),
                 producer,
-                consumers,
+                consumers: consumers.into_iter().collect(),
                 direct,
                 direct_series: Attached::default(),
                 series: Attached::default(),

@@ -21,6 +21,7 @@ use crate::model::{
     Route, RouteKey, RouteKind, RouteMatch, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
+use compact_str::CompactString;
 use cors::CorsOutcome;
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
@@ -146,9 +147,7 @@ pub struct Frontend {
     /// Producer routes (the Service's namespace): for every caller without consumer routes.
     pub producer: Option<RouteTable>,
     /// Consumer routes by the callers' namespace.
-    /// (Namespaces are short: kept inline, so that a lookup compares them without a pointer to
-    /// chase.)
-    pub consumers: BTreeMap<compact_str::CompactString, RouteTable>,
+    pub consumers: ConsumerTables,
     /// The Service's own endpoints: where traffic goes when no route applies to the caller.
     pub direct: Arc<Backend>,
     /// The data plane's state for requests sent to `direct`.
@@ -186,6 +185,48 @@ impl Frontend {
                     })
             }
         }
+    }
+}
+
+/// Consumer route tables by the callers' namespace: a few per Service at most, so a sorted list
+/// (namespaces inline, compared without a pointer to chase) rather than a map whose smallest
+/// node holds room for eleven.
+#[derive(Debug, Default, PartialEq)]
+pub struct ConsumerTables(Box<[(CompactString, RouteTable)]>);
+
+impl ConsumerTables {
+    pub fn get(&self, namespace: &str) -> Option<&RouteTable> {
+        self.0
+            .iter()
+            .find(|(ns, _)| ns == namespace)
+            .map(|(_, table)| table)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &CompactString> {
+        self.0.iter().map(|(ns, _)| ns)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &RouteTable> {
+        self.0.iter().map(|(_, table)| table)
+    }
+}
+
+impl FromIterator<(CompactString, RouteTable)> for ConsumerTables {
+    fn from_iter<I: IntoIterator<Item = (CompactString, RouteTable)>>(tables: I) -> Self {
+        let mut tables: Vec<_> = tables.into_iter().collect();
+        tables.sort_by(|a, b| a.0.cmp(&b.0));
+        ConsumerTables(tables.into_boxed_slice())
+    }
+}
+
+/// As a map from namespace to table (`/config_dump`).
+impl Serialize for ConsumerTables {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(ns, table)| (ns.as_str(), table)))
     }
 }
 

@@ -140,7 +140,15 @@ async fn serve_connection(
     if protocol == Protocol::Opaque {
         match frontend {
             Some(frontend) => {
-                tcp::pass_through(proxy, stream.into_inner(), &frontend, info.caller.ip).await
+                // Boxed: the pump's state would otherwise size every connection's task, HTTP
+                // ones included.
+                Box::pin(tcp::pass_through(
+                    proxy,
+                    stream.into_inner(),
+                    &frontend,
+                    info.caller.ip,
+                ))
+                .await
             }
             None => {
                 tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it")

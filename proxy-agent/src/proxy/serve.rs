@@ -1,12 +1,16 @@
 //! Serving HTTP/1.1 (with upgrades) and HTTP/2 on an accepted connection, and closing it
 //! gracefully when draining.
 
+use super::body::ProxyBody;
 use super::drain::{turned_true, DRAIN_IDLE_GRACE};
 use super::io::Watched;
-use super::{ConnectionInfo, Proxy};
+use super::{ConnectionInfo, Proxy, ProxyConfig};
+use futures::future::BoxFuture;
 use http::header::{HeaderValue, CONNECTION};
-use http::{Method, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +26,7 @@ pub async fn serve_http<I>(
     io: I,
     http2: bool,
     info: Arc<ConnectionInfo>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -38,7 +42,10 @@ where
             let proxy = proxy.clone();
             let info = info.clone();
             let closing = closing.clone();
-            async move {
+            // Boxed: hyper keeps an HTTP/1 connection's slot for its request future for the
+            // connection's whole life, so unboxed every idle keep-alive connection would hold
+            // the ~5 KiB state of a request in flight; boxed it holds a pointer.
+            let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
                 let mut response = proxy.handle(request, &info).await;
                 let upgraded = tunnel || response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -47,41 +54,95 @@ where
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(response)
-            }
+                Ok(response)
+            });
+            answer
         })
     };
     let moves = Arc::new(AtomicU64::new(0));
     let io = Watched::new(io, moves.clone());
-    if !http2 {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            // hyper asserts a buffer of at least 8 KiB.
-            .max_buf_size(config.max_header_bytes.max(8192))
-            .max_headers(config.max_headers)
-            // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets
-            // it): it still gets its answer. Without this, hyper closes at the EOF, answerless.
-            .half_close(true)
-            .serve_connection(io, service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        return tokio::select! {
-            r = conn.as_mut() => r,
-            () = turned_true(&mut shutdown) => {
-                // Answers say `Connection: close` now (above). An idle connection closes only
-                // after a quiet spell; one with a request in flight gets keep-alive off at once
-                // (its answer then says close, if not yet sent).
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = quiet(&moves, DRAIN_IDLE_GRACE) => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+    if http2 {
+        // Boxed: HTTP/2's connection state (frame codec, header tables) is the larger, and
+        // HTTP/1 connections, the many, would otherwise each be sized for it.
+        Box::pin(serve_h2(config, io, service, moves, shutdown)).await
+    } else {
+        serve_h1(config, io, service, moves, shutdown).await
+    }
+}
+
+/// What a connection's service answers each request with.
+type Answer = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+
+/// The hyper service of one connection (its bounds spelled once, for both protocols).
+trait ConnectionService:
+    Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = Answer>
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnectionService for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+            Future = Answer,
+        > + Send
+        + 'static
+{
+}
+
+async fn serve_h1<I, S>(
+    config: &ProxyConfig,
+    io: Watched<I>,
+    service: S,
+    moves: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: ConnectionService,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // hyper asserts a buffer of at least 8 KiB.
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_headers(config.max_headers)
+        // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets it): it
+        // still gets its answer. Without this, hyper closes at the EOF, answerless.
+        .half_close(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = turned_true(&mut shutdown) => {
+            // Answers say `Connection: close` now (above). An idle connection closes only after
+            // a quiet spell; one with a request in flight gets keep-alive off at once (its
+            // answer then says close, if not yet sent).
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = quiet(&moves, DRAIN_IDLE_GRACE) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-        };
+        }
     }
+}
+
+async fn serve_h2<I, S>(
+    config: &ProxyConfig,
+    io: Watched<I>,
+    service: S,
+    moves: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: ConnectionService,
+{
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.h2_max_concurrent_streams)

@@ -45,7 +45,7 @@ impl Object {
 struct Store {
     services: AHashMap<ObjectKey, Service>,
     slices: AHashMap<ObjectKey, EndpointSlice>,
-    slices_by_service: AHashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices_by_service: AHashMap<ObjectKey, SortedSet<ObjectKey>>,
     pods: AHashMap<ObjectKey, Pod>,
     routes: AHashMap<RouteKey, Route>,
     /// Route generations that did not convert; the route's status reports them.
@@ -54,9 +54,9 @@ struct Store {
     /// This agent's node: its name (from the configuration), then its zone (from the Node).
     node: Option<Node>,
     /// Service → routes with a parentRef naming it.
-    routes_by_parent: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+    routes_by_parent: AHashMap<ObjectKey, SortedSet<RouteKey>>,
     /// Service → routes that use it as a backend (or mirror).
-    routes_by_backend: AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+    routes_by_backend: AHashMap<ObjectKey, SortedSet<RouteKey>>,
 }
 
 impl World for Store {
@@ -112,7 +112,7 @@ fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
 }
 
 fn index_remove(
-    map: &mut AHashMap<ObjectKey, BTreeSet<RouteKey>>,
+    map: &mut AHashMap<ObjectKey, SortedSet<RouteKey>>,
     service: &ObjectKey,
     route: &RouteKey,
 ) {
@@ -533,5 +533,72 @@ impl Tables {
             }
         }
         self.frontends.insert(Arc::new(service), compiled.into());
+    }
+}
+
+/// A small ordered set: a sorted list that grows one place at a time while it is short. The
+/// index keeps one per Service (its routes, its slices), nearly all of one to three entries,
+/// where a `BTreeSet`'s first node holds room for eleven.
+#[derive(Debug)]
+struct SortedSet<T>(Vec<T>);
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        SortedSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    fn insert(&mut self, value: T) -> bool {
+        let Err(at) = self.0.binary_search(&value) else {
+            return false;
+        };
+        if self.0.len() < 8 {
+            self.0.reserve_exact(1);
+        }
+        self.0.insert(at, value);
+        true
+    }
+
+    fn remove(&mut self, value: &T) -> bool {
+        let Ok(at) = self.0.binary_search(value) else {
+            return false;
+        };
+        self.0.remove(at);
+        true
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SortedSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SortedSet;
+
+    #[test]
+    fn sorted_set_keeps_each_value_once_in_order() {
+        let mut set = SortedSet::default();
+        for value in [3, 1, 2, 3, 1] {
+            set.insert(value);
+        }
+        assert_eq!(set.iter().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(set.remove(&2) && !set.remove(&2));
+        assert_eq!(set.iter().copied().collect::<Vec<_>>(), [1, 3]);
+        assert!(set.remove(&1) && set.remove(&3) && set.is_empty());
     }
 }

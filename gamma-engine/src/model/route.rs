@@ -11,6 +11,7 @@ use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -126,6 +127,14 @@ pub struct Rule {
     pub matches: Vec<RouteMatch>,
     pub filters: Vec<Filter>,
     pub backends: Vec<BackendRef>,
+    /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
+    /// them, so they take one pointer until one is set; the compiled rule shares them.
+    pub options: Option<Arc<RuleOptions>>,
+}
+
+/// What a rule may have beyond matches, filters and backends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RuleOptions {
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
     /// Why this rule cannot be served as written (a field that does not convert, a check that
@@ -137,19 +146,52 @@ pub struct Rule {
     pub session: Option<super::SessionPersistence>,
 }
 
+impl RuleOptions {
+    /// A rule's options when it has none set.
+    pub const NONE: RuleOptions = RuleOptions {
+        timeouts: Timeouts {
+            request: None,
+            backend_request: None,
+        },
+        retry: None,
+        invalid: None,
+        session: None,
+    };
+
+    /// `None` when nothing is set.
+    pub fn shared(self) -> Option<Arc<RuleOptions>> {
+        (self != RuleOptions::NONE).then(|| Arc::new(self))
+    }
+
+    /// The options held in `slot`, or none set.
+    pub fn of(slot: &Option<Arc<RuleOptions>>) -> &RuleOptions {
+        slot.as_deref().unwrap_or(&RuleOptions::NONE)
+    }
+}
+
 impl Rule {
-    /// The stand-in for a rule that failed to convert (see [`Rule::invalid`]).
+    /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
     fn dropped(name: Option<String>, matches: Vec<RouteMatch>, error: &Invalid) -> Rule {
         Rule {
             name,
             matches,
             filters: Vec::new(),
             backends: Vec::new(),
-            timeouts: Timeouts::default(),
-            retry: None,
-            invalid: Some(error.to_string()),
-            session: None,
+            options: RuleOptions {
+                invalid: Some(error.to_string()),
+                ..RuleOptions::NONE
+            }
+            .shared(),
         }
+    }
+
+    pub fn options(&self) -> &RuleOptions {
+        RuleOptions::of(&self.options)
+    }
+
+    /// Why this rule cannot be served as written, if so (see [`RuleOptions::invalid`]).
+    pub fn invalid(&self) -> Option<&str> {
+        self.options().invalid.as_deref()
     }
 
     /// Reads each rule's session persistence from the route's JSON (see `model::session`); a
@@ -157,7 +199,13 @@ impl Rule {
     fn sessions_from(rules: &mut [Rule], raw: &serde_json::Value) {
         for (index, rule) in rules.iter_mut().enumerate() {
             match super::session::session_persistence(raw, index) {
-                Ok(session) => rule.session = session,
+                Ok(session) => {
+                    rule.options = RuleOptions {
+                        session,
+                        ..rule.options().clone()
+                    }
+                    .shared()
+                }
                 Err(e) => {
                     *rule = Rule::dropped(rule.name.take(), std::mem::take(&mut rule.matches), &e)
                 }
@@ -168,7 +216,7 @@ impl Rule {
     /// Why this rule is not served as written, if it is not: it failed to convert, or it uses
     /// a filter this mesh does not provide (whose requests get 500, as the spec asks).
     pub fn dropped_because(&self) -> Option<String> {
-        if let Some(reason) = &self.invalid {
+        if let Some(reason) = self.invalid() {
             return Some(if self.matches.is_empty() {
                 format!("{reason}; it matches nothing until it is fixed")
             } else {
@@ -908,10 +956,12 @@ macro_rules! route_rules {
                         matches,
                         filters,
                         backends,
-                        timeouts,
-                        retry,
-                        invalid: None,
-                        session: None,
+                        options: RuleOptions {
+                            timeouts,
+                            retry,
+                            ..RuleOptions::NONE
+                        }
+                        .shared(),
                     },
                     field,
                 ),
@@ -1093,11 +1143,11 @@ fn assembled(
     rules: Vec<Rule>,
 ) -> Result<Route, Invalid> {
     check_rules(&rules)?;
-    if !rules.is_empty() && rules.iter().all(|r| r.invalid.is_some()) {
+    if !rules.is_empty() && rules.iter().all(|r| r.invalid().is_some()) {
         let reasons: Vec<String> = rules
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| Some(format!("rule {i}: {}", r.invalid.as_ref()?)))
+            .filter_map(|(i, r)| Some(format!("rule {i}: {}", r.invalid()?)))
             .collect();
         return Err(invalid(
             "spec.rules",

@@ -3,9 +3,7 @@
 
 use super::backends::Resolver;
 use super::precedence::RankKey;
-use super::{
-    Attached, CompiledRule, Frontend, RouteTable, RuleOptions, TableEntry, WeightedBackend, World,
-};
+use super::{Attached, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
 use crate::model::{
     BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
 };
@@ -181,13 +179,7 @@ fn compile_rule(
             .collect(),
         backends,
         cumulative_weights,
-        options: RuleOptions {
-            timeouts: rule.timeouts.clone(),
-            retry: rule.retry.clone(),
-            invalid: rule.invalid.clone(),
-            session: rule.session.clone(),
-        }
-        .boxed(),
+        options: rule.options.clone(),
         series: Attached::default(),
     }
 }

@@ -18,7 +18,7 @@ pub use matches::RequestHead;
 
 use crate::model::{
     DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
-    Route, RouteKey, RouteKind, RouteMatch, Service, SessionPersistence, Timeouts,
+    Route, RouteKey, RouteKind, RouteMatch, RuleOptions, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
 use compact_str::CompactString;
@@ -284,35 +284,12 @@ pub struct CompiledRule {
     pub backends: Vec<WeightedBackend>,
     /// Running sum of the weights, for `backends::pick_weighted`.
     pub cumulative_weights: Vec<u64>,
-    /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
-    /// them, so they take one pointer until one is set.
-    pub options: Option<Box<RuleOptions>>,
+    /// The model rule's timeouts, retry, session persistence, dropped reason (shared).
+    pub options: Option<Arc<RuleOptions>>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.
     #[serde(skip)]
     pub series: Attached,
 }
-
-/// What a rule may have beyond matches, filters and backends.
-#[derive(Debug, Default, PartialEq, Serialize)]
-pub struct RuleOptions {
-    pub timeouts: Timeouts,
-    pub retry: Option<Retry>,
-    /// A dropped rule's reason (`Rule::invalid`): its requests get 500.
-    pub invalid: Option<String>,
-    pub session: Option<SessionPersistence>,
-}
-
-impl RuleOptions {
-    /// `None` when nothing is set.
-    pub fn boxed(self) -> Option<Box<RuleOptions>> {
-        (self != RuleOptions::default()).then(|| Box::new(self))
-    }
-}
-
-static NO_TIMEOUTS: Timeouts = Timeouts {
-    request: None,
-    backend_request: None,
-};
 
 #[derive(Debug, PartialEq, Serialize)]
 pub struct WeightedBackend {
@@ -492,19 +469,19 @@ impl CompiledRule {
     }
 
     pub fn timeouts(&self) -> &Timeouts {
-        self.options.as_ref().map_or(&NO_TIMEOUTS, |o| &o.timeouts)
+        &RuleOptions::of(&self.options).timeouts
     }
 
     pub fn retry(&self) -> Option<&Retry> {
-        self.options.as_ref()?.retry.as_ref()
+        RuleOptions::of(&self.options).retry.as_ref()
     }
 
     pub fn invalid(&self) -> Option<&str> {
-        self.options.as_ref()?.invalid.as_deref()
+        RuleOptions::of(&self.options).invalid.as_deref()
     }
 
     pub fn session(&self) -> Option<&SessionPersistence> {
-        self.options.as_ref()?.session.as_ref()
+        RuleOptions::of(&self.options).session.as_ref()
     }
 
     pub fn name_or_index(&self) -> String {

@@ -60,109 +60,111 @@ where
         })
     };
     let moves = Arc::new(AtomicU64::new(0));
-    let io = Watched::new(io, moves.clone());
+    let served = Served {
+        config,
+        io: Watched::new(io, moves.clone()),
+        service,
+        moves,
+        shutdown,
+    };
     if http2 {
         // Boxed: HTTP/2's connection state (frame codec, header tables) is the larger, and
         // HTTP/1 connections, the many, would otherwise each be sized for it.
-        Box::pin(serve_h2(config, io, service, moves, shutdown)).await
+        Box::pin(served.h2()).await
     } else {
-        serve_h1(config, io, service, moves, shutdown).await
+        served.h1().await
     }
 }
 
 /// What a connection's service answers each request with.
 type Answer = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
 
-/// The hyper service of one connection (its bounds spelled once, for both protocols).
-trait ConnectionService:
-    Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = Answer>
-    + Send
-    + 'static
-{
+/// A connection ready to be served: its transport (counting the bytes it moves) and its service.
+struct Served<'c, I, S> {
+    config: &'c ProxyConfig,
+    io: Watched<I>,
+    service: S,
+    moves: Arc<AtomicU64>,
+    shutdown: watch::Receiver<bool>,
 }
 
-impl<S> ConnectionService for S where
+impl<I, S> Served<'_, I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: Service<
             Request<Incoming>,
             Response = Response<ProxyBody>,
             Error = Infallible,
             Future = Answer,
         > + Send
-        + 'static
+        + 'static,
 {
-}
-
-async fn serve_h1<I, S>(
-    config: &ProxyConfig,
-    io: Watched<I>,
-    service: S,
-    moves: Arc<AtomicU64>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), hyper::Error>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: ConnectionService,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        // hyper asserts a buffer of at least 8 KiB.
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .max_headers(config.max_headers)
-        // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets it): it
-        // still gets its answer. Without this, hyper closes at the EOF, answerless.
-        .half_close(true)
-        .serve_connection(io, service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = turned_true(&mut shutdown) => {
-            // Answers say `Connection: close` now (above). An idle connection closes only after
-            // a quiet spell; one with a request in flight gets keep-alive off at once (its
-            // answer then says close, if not yet sent).
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = quiet(&moves, DRAIN_IDLE_GRACE) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+    async fn h1(self) -> Result<(), hyper::Error> {
+        let Served {
+            config,
+            io,
+            service,
+            moves,
+            mut shutdown,
+        } = self;
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            // hyper asserts a buffer of at least 8 KiB.
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .max_headers(config.max_headers)
+            // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets it): it
+            // still gets its answer. Without this, hyper closes at the EOF, answerless.
+            .half_close(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = turned_true(&mut shutdown) => {
+                // Answers say `Connection: close` now (above). An idle connection closes only after
+                // a quiet spell; one with a request in flight gets keep-alive off at once (its
+                // answer then says close, if not yet sent).
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = quiet(&moves, DRAIN_IDLE_GRACE) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
                 }
             }
         }
     }
-}
 
-async fn serve_h2<I, S>(
-    config: &ProxyConfig,
-    io: Watched<I>,
-    service: S,
-    moves: Arc<AtomicU64>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), hyper::Error>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: ConnectionService,
-{
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(config.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(config.h2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(config.h2_max_local_error_reset_streams)
-        .serve_connection(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        // GOAWAY: streams already started finish, the client opens new ones elsewhere.
-        () = turned_true(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        // Idle (no byte either way, pings included) for the idle timeout: GOAWAY too, so an
-        // abandoned connection does not stay forever; a quiet stream still in flight finishes.
-        () = quiet(&moves, config.idle_timeout) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    async fn h2(self) -> Result<(), hyper::Error> {
+        let Served {
+            config,
+            io,
+            service,
+            moves,
+            mut shutdown,
+        } = self;
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(config.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(config.h2_max_local_error_reset_streams)
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            // GOAWAY: streams already started finish, the client opens new ones elsewhere.
+            () = turned_true(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            // Idle (no byte either way, pings included) for the idle timeout: GOAWAY too, so an
+            // abandoned connection does not stay forever; a quiet stream still in flight finishes.
+            () = quiet(&moves, config.idle_timeout) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         }
     }
 }

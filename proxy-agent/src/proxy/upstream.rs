@@ -228,7 +228,9 @@ impl Http2Pool {
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }
-        let sender = self.connect(endpoint).await?;
+        // Boxed: connecting is rare, and its state (the handshake's) would otherwise size every
+        // request's future.
+        let sender = Box::pin(self.connect(endpoint)).await?;
         *slot = Some(sender.clone());
         Ok(sender)
     }

@@ -264,9 +264,14 @@ pub struct RouteMatch {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct GrpcMethodSpecificity {
-    /// Characters of the matched service and method (0: not given).
-    pub service_len: usize,
-    pub method_len: usize,
+    /// Characters of the matched service and method (0: not given; the CRD allows 1,024 at
+    /// most, and longer ones rank as 65,535).
+    pub service_len: u16,
+    pub method_len: u16,
+}
+
+fn characters(name: Option<&str>) -> u16 {
+    name.map_or(0, |n| u16::try_from(n.len()).unwrap_or(u16::MAX))
 }
 
 fn serialize_method<S: serde::Serializer>(m: &Option<Method>, s: S) -> Result<S::Ok, S::Error> {
@@ -483,14 +488,41 @@ pub struct RequestMirror<B = BackendRef> {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
+    pub kind: BackendKind,
     // Short names, kept inline (no allocation each).
-    pub group: CompactString,
-    pub kind: CompactString,
     pub namespace: Option<CompactString>,
     pub name: CompactString,
     pub port: Option<u16>,
     pub weight: u32,
     pub filters: Vec<Filter>,
+}
+
+/// A backendRef's group and kind: nearly always a core Service, kept in one word; anything else
+/// (which this mesh cannot send to) keeps its group and kind for the status message.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum BackendKind {
+    Service,
+    Other(Box<(CompactString, CompactString)>),
+}
+
+impl BackendKind {
+    pub fn new(group: &str, kind: &str) -> Self {
+        if group.is_empty() && kind == "Service" {
+            BackendKind::Service
+        } else {
+            BackendKind::Other(Box::new((group.into(), kind.into())))
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    /// `group/kind`, as the spec spells a reference's kind.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendKind::Service => f.write_str("/Service"),
+            BackendKind::Other(other) => write!(f, "{}/{}", other.0, other.1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -671,17 +703,18 @@ macro_rules! backend_ref {
                 ))
             }
         };
-        let group = CompactString::from(r.group.as_deref().unwrap_or_default());
-        let kind = CompactString::from(r.kind.as_deref().unwrap_or("Service"));
+        let kind = BackendKind::new(
+            r.group.as_deref().unwrap_or_default(),
+            r.kind.as_deref().unwrap_or("Service"),
+        );
         let port = port(r.port, &format!("{field}.port"))?;
-        if group.is_empty() && kind == "Service" && port.is_none() {
+        if kind == BackendKind::Service && port.is_none() {
             return Err(invalid(
                 format!("{field}.port"),
                 "port is required when the backend is a Service",
             ));
         }
         BackendRef {
-            group,
             kind,
             namespace: r.namespace.as_deref().map(CompactString::from),
             name: r.name.as_str().into(),
@@ -1404,8 +1437,8 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                 ));
             }
             let spec = GrpcMethodSpecificity {
-                service_len: gm.service.as_ref().map_or(0, String::len),
-                method_len: gm.method.as_ref().map_or(0, String::len),
+                service_len: characters(gm.service.as_deref()),
+                method_len: characters(gm.method.as_deref()),
             };
             let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
                 (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),

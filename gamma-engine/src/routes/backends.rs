@@ -2,7 +2,7 @@
 
 use super::{Attached, World};
 use crate::model::{
-    BackendRef, Endpoint, EndpointSlice, Node, ObjectKey, Route, RouteKind, Service,
+    BackendKind, BackendRef, Endpoint, EndpointSlice, Node, ObjectKey, Route, RouteKind, Service,
     UpstreamProtocol,
 };
 use ahash::AHashMap;
@@ -119,10 +119,10 @@ impl<'a> Resolver<'a> {
             key,
             reference.port.map_or("-".to_string(), |p| p.to_string())
         );
-        if !(reference.group.is_empty() && reference.kind == "Service") {
+        if reference.kind != BackendKind::Service {
             return Err(BackendError::InvalidKind(format!(
-                "{}/{} {shown}",
-                reference.group, reference.kind
+                "{} {shown}",
+                reference.kind
             )));
         }
         // The route's and the parent Service's namespaces need no grant (consumer routes send

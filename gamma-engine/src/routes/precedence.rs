@@ -28,8 +28,8 @@ impl Specificity {
             return Specificity {
                 path_kind: 0,
                 path_len: 0,
-                grpc_service_len: grpc.service_len,
-                grpc_method_len: grpc.method_len,
+                grpc_service_len: grpc.service_len.into(),
+                grpc_method_len: grpc.method_len.into(),
                 method: false,
                 headers: m.headers.len(),
                 query_params: 0,

@@ -99,35 +99,28 @@ where
         > + Send
         + 'static,
 {
-    async fn h1(self) -> Result<(), hyper::Error> {
-        let Served {
-            config,
-            io,
-            service,
-            moves,
-            mut shutdown,
-        } = self;
+    async fn h1(mut self) -> Result<(), hyper::Error> {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(self.config.header_read_timeout)
             // hyper asserts a buffer of at least 8 KiB.
-            .max_buf_size(config.max_header_bytes.max(8192))
-            .max_headers(config.max_headers)
+            .max_buf_size(self.config.max_header_bytes.max(8192))
+            .max_headers(self.config.max_headers)
             // A client may shut its side down once its request is sent (RFC 9112 §9.6 lets it): it
             // still gets its answer. Without this, hyper closes at the EOF, answerless.
             .half_close(true)
-            .serve_connection(io, service)
+            .serve_connection(self.io, self.service)
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
-            () = turned_true(&mut shutdown) => {
+            () = turned_true(&mut self.shutdown) => {
                 // Answers say `Connection: close` now (above). An idle connection closes only after
                 // a quiet spell; one with a request in flight gets keep-alive off at once (its
                 // answer then says close, if not yet sent).
                 tokio::select! {
                     r = conn.as_mut() => r,
-                    () = quiet(&moves, DRAIN_IDLE_GRACE) => {
+                    () = quiet(&self.moves, DRAIN_IDLE_GRACE) => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
@@ -136,32 +129,25 @@ where
         }
     }
 
-    async fn h2(self) -> Result<(), hyper::Error> {
-        let Served {
-            config,
-            io,
-            service,
-            moves,
-            mut shutdown,
-        } = self;
+    async fn h2(mut self) -> Result<(), hyper::Error> {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .max_concurrent_streams(config.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-            .max_pending_accept_reset_streams(config.h2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(config.h2_max_local_error_reset_streams)
-            .serve_connection(io, service);
+            .max_concurrent_streams(self.config.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(self.config.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(self.config.h2_max_local_error_reset_streams)
+            .serve_connection(self.io, self.service);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
             // GOAWAY: streams already started finish, the client opens new ones elsewhere.
-            () = turned_true(&mut shutdown) => {
+            () = turned_true(&mut self.shutdown) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
             // Idle (no byte either way, pings included) for the idle timeout: GOAWAY too, so an
             // abandoned connection does not stay forever; a quiet stream still in flight finishes.
-            () = quiet(&moves, config.idle_timeout) => {
+            () = quiet(&self.moves, self.config.idle_timeout) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

@@ -130,8 +130,8 @@ fn redirect() -> Result<()> {
     release_bin("gamma-bench-redirect", "redirect benchmark", &["--bins"])
 }
 
-/// Builds (release) and runs one of the benchmark binaries of `tests`; `build`: what else to
-/// build (none: that binary only).
+/// Builds (release) and runs one of the benchmark binaries of `tests`. `build`: the build's
+/// targets when the binary needs more than itself (`--bins`: the agent too); empty: that binary.
 fn release_bin(name: &str, what: &str, build: &[&str]) -> Result<()> {
     let only = ["-p", "gamma-tests", "--bin", name];
     let targets = if build.is_empty() { &only[..] } else { build };

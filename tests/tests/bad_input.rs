@@ -492,6 +492,8 @@ async fn flood_while_serving(
 ) -> FloodOutcome {
     let done = Arc::new(AtomicBool::new(false));
     let url = world.agent.url(0, "/ok");
+    // Read before the bystander starts: its requests are subtracted below, all of them.
+    let before = World::hits(&world.a);
     let bystander = tokio::spawn({
         let done = done.clone();
         async move {
@@ -516,7 +518,6 @@ async fn flood_while_serving(
             (served, slowest)
         }
     });
-    let before = World::hits(&world.a);
     let mut outcome = flood(world.agent.listen[0], frames).await;
     done.store(true, Ordering::Relaxed);
     let (served, slowest) = bystander.await.unwrap();

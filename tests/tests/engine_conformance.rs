@@ -143,7 +143,7 @@ fn run_case(
                         .mirrors
                         .iter()
                         .filter(|m| !m.backend.endpoints.is_empty())
-                        .map(|m| m.backend.service.name.clone())
+                        .map(|m| m.backend.service.name.to_string())
                         .collect();
                     forward.backend
                 }

@@ -282,7 +282,7 @@ pub fn reference_grant(
 
 pub fn node(node: &core::Node) -> Result<Node, ObjectError> {
     Ok(Node {
-        name: key(&node.metadata)?.name,
+        name: key(&node.metadata)?.name.into(),
         zone: node
             .metadata
             .labels

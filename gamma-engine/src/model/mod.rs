@@ -10,19 +10,21 @@ pub use convert::{Object, ObjectError};
 pub use route::*;
 pub use session::{SessionCarrier, SessionPersistence};
 
+use compact_str::CompactString;
 use serde::Serialize;
 use std::fmt;
 use std::net::IpAddr;
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. Kept inline (names of up to 24 bytes need no heap):
+/// keys are copied into every index and table that refers to an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: CompactString,
+    pub name: CompactString,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<CompactString>, name: impl Into<CompactString>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),

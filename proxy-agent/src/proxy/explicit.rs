@@ -26,8 +26,8 @@ pub async fn serve_explicit(
 ) {
     let namespace = target
         .caller_namespace
-        .clone()
-        .unwrap_or_else(|| target.service.namespace.clone());
+        .as_deref()
+        .map_or_else(|| target.service.namespace.clone(), Into::into);
     accept_loop(proxy, listener, drain, move |peer, _| {
         Some(ConnectionInfo {
             destination: Destination::Service {

@@ -28,6 +28,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::requests::{self, SeriesKey};
 use arc_swap::ArcSwap;
 use body::{ProxyBody, RequestBody};
+use compact_str::CompactString;
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::session::Session;
 use gamma_engine::routes::{
@@ -124,7 +125,7 @@ pub enum Destination {
 pub struct Caller {
     pub ip: IpAddr,
     /// The namespace whose consumer routes apply; `None`: unknown caller, producer routes only.
-    pub namespace: Option<String>,
+    pub namespace: Option<CompactString>,
     pub pod: Option<String>,
     /// How the identity was established, for the access log.
     pub identity: &'static str,

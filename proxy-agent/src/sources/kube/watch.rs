@@ -98,7 +98,7 @@ impl Watched {
             Watched::HttpRoute => route(RouteKind::Http),
             Watched::GrpcRoute => route(RouteKind::Grpc),
             Watched::ReferenceGrant => ObjectRef::ReferenceGrant(key),
-            Watched::Node => ObjectRef::Node(key.name),
+            Watched::Node => ObjectRef::Node(key.name.into()),
         }
     }
 }

@@ -264,7 +264,7 @@ pub struct Meta {
     pub uid: Option<String>,
     pub generation: i64,
     /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
-    pub created: Option<String>,
+    pub created: Option<CompactString>,
 }
 
 #[cfg(test)]

@@ -64,10 +64,6 @@ impl Route {
         self.rules.shrink_to_fit();
         for rule in &mut self.rules {
             rule.matches.shrink_to_fit();
-            for m in &mut rule.matches {
-                m.headers.shrink_to_fit();
-                m.query_params.shrink_to_fit();
-            }
             rule.filters.shrink_to_fit();
             rule.backends.shrink_to_fit();
             for backend in &mut rule.backends {
@@ -101,12 +97,12 @@ pub struct RefusedRoute {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ParentRef {
-    pub group: String,
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
+    pub group: CompactString,
+    pub kind: CompactString,
+    pub namespace: Option<CompactString>,
+    pub name: CompactString,
     pub port: Option<u16>,
-    pub section_name: Option<String>,
+    pub section_name: Option<CompactString>,
 }
 
 impl ParentRef {
@@ -115,7 +111,7 @@ impl ParentRef {
         (self.group.is_empty() && self.kind == "Service").then(|| {
             ObjectKey::new(
                 self.namespace.as_deref().unwrap_or(route_namespace),
-                &self.name,
+                self.name.clone(),
             )
         })
     }
@@ -124,7 +120,8 @@ impl ParentRef {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Rule {
     pub name: Option<String>,
-    pub matches: Vec<RouteMatch>,
+    /// Shared with the route tables' entries, which would otherwise each hold a copy.
+    pub matches: Vec<Arc<RouteMatch>>,
     pub filters: Vec<Filter>,
     pub backends: Vec<BackendRef>,
     /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
@@ -171,7 +168,7 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(name: Option<String>, matches: Vec<RouteMatch>, error: &Invalid) -> Rule {
+    fn dropped(name: Option<String>, matches: Vec<Arc<RouteMatch>>, error: &Invalid) -> Rule {
         Rule {
             name,
             matches,
@@ -268,6 +265,15 @@ pub struct GrpcMethodSpecificity {
     /// most, and longer ones rank as 65,535).
     pub service_len: u16,
     pub method_len: u16,
+}
+
+impl RouteMatch {
+    /// Kept for long and shared: its lists without spare room.
+    fn shared(mut self) -> Arc<RouteMatch> {
+        self.headers.shrink_to_fit();
+        self.query_params.shrink_to_fit();
+        Arc::new(self)
+    }
 }
 
 fn characters(name: Option<&str>) -> u16 {
@@ -626,12 +632,12 @@ fn parent_refs<P>(
     for (i, r) in refs.into_iter().flatten().enumerate() {
         let (group, kind, name, namespace, p, section) = conv(r);
         out.push(ParentRef {
-            group: group.cloned().unwrap_or_else(|| GATEWAY_GROUP.to_string()),
-            kind: kind.cloned().unwrap_or_else(|| "Gateway".to_string()),
-            namespace: namespace.cloned(),
-            name: name.clone(),
+            group: group.map_or(GATEWAY_GROUP, |g| g.as_str()).into(),
+            kind: kind.map_or("Gateway", |k| k.as_str()).into(),
+            namespace: namespace.map(|n| n.as_str().into()),
+            name: name.as_str().into(),
             port: port(p, &format!("spec.parentRefs[{i}].port"))?,
-            section_name: section.cloned(),
+            section_name: section.map(|s| s.as_str().into()),
         });
     }
     Ok(out)
@@ -968,6 +974,7 @@ macro_rules! route_rules {
             if matches.is_empty() {
                 matches.push($any);
             }
+            let matches: Vec<Arc<RouteMatch>> = matches.into_iter().map(RouteMatch::shared).collect();
             let rest = (|| {
                 let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
                     Ok($filter!(f, at, $($rule_types),+))
@@ -1017,7 +1024,10 @@ fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Resul
         ),
         uid: m.uid.clone(),
         generation: m.generation.unwrap_or(1),
-        created: m.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        created: m
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string().into()),
     })
 }
 

@@ -21,8 +21,8 @@ pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> 
         p.service(&route.meta.key.namespace).as_ref() == Some(&service.key)
             && p.port.is_none_or(|n| n == port.port)
             && p.section_name
-                .as_ref()
-                .is_none_or(|s| port.name.as_ref() == Some(s))
+                .as_deref()
+                .is_none_or(|s| port.name.as_deref() == Some(s))
     })
 }
 

@@ -236,22 +236,41 @@ pub struct RouteTable {
     pub kind: RouteKind,
     pub entries: Box<[TableEntry]>,
     /// The entries' paths, packed together: a lookup scans these few cache lines and reads an
-    /// entry only when its path matches.
+    /// entry's match only when its path matches and it has other conditions.
     #[serde(skip)]
-    paths: Box<[PathMatch]>,
+    paths: Box<[PackedPath]>,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
 pub struct TableEntry {
+    /// The model rule's match itself (shared, not copied).
     #[serde(rename = "match")]
-    pub route_match: RouteMatch,
+    pub route_match: Arc<RouteMatch>,
     pub rule: Arc<CompiledRule>,
+}
+
+#[derive(Debug, PartialEq)]
+struct PackedPath {
+    path: PathMatch,
+    /// The match has no condition besides its path (most have none).
+    path_only: bool,
 }
 
 impl RouteTable {
     /// `entries` must be in precedence order.
     pub fn new(kind: RouteKind, entries: Vec<TableEntry>) -> Self {
-        let paths = entries.iter().map(|e| e.route_match.path.clone()).collect();
+        let paths = entries
+            .iter()
+            .map(|e| {
+                let m = &e.route_match;
+                PackedPath {
+                    path: m.path.clone(),
+                    path_only: m.method.is_none()
+                        && m.headers.is_empty()
+                        && m.query_params.is_empty(),
+                }
+            })
+            .collect();
         RouteTable {
             kind,
             entries: entries.into_boxed_slice(),
@@ -264,10 +283,11 @@ impl RouteTable {
         self.paths
             .iter()
             .zip(self.entries.iter())
-            .find(|(path, e)| {
-                path.matches(request.path) && e.route_match.matches_besides_path(request)
+            .find(|(packed, e)| {
+                packed.path.matches(request.path)
+                    && (packed.path_only || e.route_match.matches_besides_path(request))
             })
-            .map(|(_, e)| (&*e.rule, &e.route_match))
+            .map(|(_, e)| (&*e.rule, &*e.route_match))
     }
 }
 

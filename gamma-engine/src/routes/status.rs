@@ -4,6 +4,7 @@ use super::compile::{groups, winning_kind};
 use super::{backends, World};
 use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// Our `controllerName` in route status.
 pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
@@ -24,7 +25,7 @@ pub struct Condition {
     /// "True" or "False".
     pub status: &'static str,
     pub reason: &'static str,
-    pub message: String,
+    pub message: Cow<'static, str>,
     pub observed_generation: i64,
 }
 
@@ -37,7 +38,7 @@ impl ParentStatus {
 /// One entry per parentRef that names a Service; parentRefs to Gateways are not ours.
 pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
     let generation = route.meta.generation;
-    let condition = |type_, ok: bool, reason, message: String| Condition {
+    let condition = |type_, ok: bool, reason, message: Cow<'static, str>| Condition {
         type_,
         status: if ok { "True" } else { "False" },
         reason,
@@ -70,7 +71,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             // valid rules is, and says which rules it dropped.
             if accepted && no_valid_rule {
                 (accepted, reason) = (false, "UnsupportedValue");
-                message = format!("no rule of this route is valid. {}", dropped.join(". "));
+                message = format!("no rule of this route is valid. {}", dropped.join(". ")).into();
             }
             let resolved = match &resolved {
                 Ok(()) => condition(
@@ -79,7 +80,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                     "ResolvedRefs",
                     "all backendRefs resolved".into(),
                 ),
-                Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string()),
+                Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string().into()),
             };
             let mut conditions = vec![condition("Accepted", accepted, reason, message), resolved];
             if accepted && !dropped.is_empty() {
@@ -88,7 +89,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                     "PartiallyInvalid",
                     true,
                     "UnsupportedValue",
-                    dropped.join(". "),
+                    dropped.join(". ").into(),
                 ));
             }
             Some(ParentStatus {
@@ -125,7 +126,7 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
-                message: message.clone(),
+                message: message.clone().into(),
                 observed_generation: refused.generation,
             }],
         })
@@ -137,19 +138,20 @@ fn accepted(
     parent: &ParentRef,
     key: &crate::model::ObjectKey,
     world: &dyn World,
-) -> (bool, &'static str, String) {
+) -> (bool, &'static str, Cow<'static, str>) {
     let Some(service) = world.service(key) else {
         return (
             false,
             "NoMatchingParent",
-            format!("Service {key} does not exist"),
+            format!("Service {key} does not exist").into(),
         );
     };
     if !service.has_frontend() {
         return (
             false,
             "NoMatchingParent",
-            format!("Service {key} is headless or ExternalName: it has no frontend to route"),
+            format!("Service {key} is headless or ExternalName: it has no frontend to route")
+                .into(),
         );
     }
     let ports: Vec<_> = service
@@ -159,20 +161,21 @@ fn accepted(
             parent.port.is_none_or(|n| n == p.port)
                 && parent
                     .section_name
-                    .as_ref()
-                    .is_none_or(|s| p.name.as_ref() == Some(s))
+                    .as_deref()
+                    .is_none_or(|s| p.name.as_deref() == Some(s))
         })
         .collect();
     if ports.is_empty() {
         let wanted = parent
             .section_name
-            .clone()
+            .as_ref()
+            .map(ToString::to_string)
             .or(parent.port.map(|p| p.to_string()))
             .unwrap_or_default();
         return (
             false,
             "NoMatchingParent",
-            format!("Service {key} has no port {wanted}"),
+            format!("Service {key} has no port {wanted}").into(),
         );
     }
     if route.kind == RouteKind::Http {
@@ -183,7 +186,7 @@ fn accepted(
             })
         });
         if conflicted {
-            return (false, "Conflicted", format!("a GRPCRoute is attached to the same port of Service {key}; GRPCRoute takes precedence"));
+            return (false, "Conflicted", format!("a GRPCRoute is attached to the same port of Service {key}; GRPCRoute takes precedence").into());
         }
     }
     (true, "Accepted", "attached to the Service frontend".into())

@@ -19,17 +19,17 @@ fn is_ours(entry: &Value) -> bool {
 /// would make the API server default it to the Gateway API group).
 pub fn parent_ref_json(p: &ParentRef) -> Value {
     let mut m = Map::new();
-    m.insert("group".into(), p.group.clone().into());
-    m.insert("kind".into(), p.kind.clone().into());
+    m.insert("group".into(), p.group.as_str().into());
+    m.insert("kind".into(), p.kind.as_str().into());
     if let Some(ns) = &p.namespace {
-        m.insert("namespace".into(), ns.clone().into());
+        m.insert("namespace".into(), ns.as_str().into());
     }
-    m.insert("name".into(), p.name.clone().into());
+    m.insert("name".into(), p.name.as_str().into());
     if let Some(port) = p.port {
         m.insert("port".into(), port.into());
     }
     if let Some(section) = &p.section_name {
-        m.insert("sectionName".into(), section.clone().into());
+        m.insert("sectionName".into(), section.as_str().into());
     }
     Value::Object(m)
 }
@@ -118,7 +118,7 @@ mod tests {
 
     fn parent(name: &str) -> ParentRef {
         ParentRef {
-            group: String::new(),
+            group: "".into(),
             kind: "Service".into(),
             namespace: None,
             name: name.into(),

@@ -446,9 +446,10 @@ impl Index {
             .filter(|s| !s.is_empty());
             if self.tables.statuses.get(&name).map(|s| &s[..]) != new.as_deref() {
                 changed = true;
+                let statuses = Arc::make_mut(&mut self.tables.statuses);
                 match new {
-                    Some(s) => self.tables.statuses.insert(name, s.into()),
-                    None => self.tables.statuses.remove(&name),
+                    Some(s) => statuses.insert(name, s.into()),
+                    None => statuses.remove(&name),
                 };
             }
         }
@@ -498,28 +499,33 @@ impl Index {
     }
 }
 
-/// The compiled state the current snapshot is a copy of, kept up to date change by change.
+/// The compiled state the current snapshot is made of, kept up to date change by change. Its
+/// maps are shared with the current snapshot and copied at their first change after a publish
+/// (`Arc::make_mut`).
 #[derive(Default)]
 struct Tables {
-    frontends: AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>,
-    by_address: AHashMap<std::net::SocketAddr, Arc<Frontend>>,
-    statuses: BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>,
+    frontends: Arc<AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>>,
+    by_address: Arc<AHashMap<std::net::SocketAddr, Arc<Frontend>>>,
+    statuses: Arc<BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>>,
     callers: Arc<AHashMap<std::net::IpAddr, Arc<Caller>>>,
 }
 
 impl Tables {
     /// Replaces a Service's frontends and their addresses.
     fn replace(&mut self, service: ObjectKey, compiled: Vec<Arc<Frontend>>) {
-        if let Some(old) = self.frontends.remove(&service) {
+        let (frontends, by_address) = (
+            Arc::make_mut(&mut self.frontends),
+            Arc::make_mut(&mut self.by_address),
+        );
+        if let Some(old) = frontends.remove(&service) {
             for frontend in old.iter() {
                 for addr in &frontend.addresses {
                     // Another Service may have claimed the address since; leave it to it.
-                    if self
-                        .by_address
+                    if by_address
                         .get(addr)
                         .is_some_and(|f| Arc::ptr_eq(f, frontend))
                     {
-                        self.by_address.remove(addr);
+                        by_address.remove(addr);
                     }
                 }
             }
@@ -529,10 +535,10 @@ impl Tables {
         }
         for frontend in &compiled {
             for addr in &frontend.addresses {
-                self.by_address.insert(*addr, frontend.clone());
+                by_address.insert(*addr, frontend.clone());
             }
         }
-        self.frontends.insert(Arc::new(service), compiled.into());
+        frontends.insert(Arc::new(service), compiled.into());
     }
 }
 

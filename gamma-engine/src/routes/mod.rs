@@ -47,17 +47,18 @@ pub trait World {
 pub struct Snapshot {
     /// Increases by one with every publish.
     pub version: u64,
-    /// By Service and port (explicit listeners name a Service port).
+    /// By Service and port (explicit listeners name a Service port). The maps are shared with
+    /// the index until its next change (one copy of each at rest, not two).
     #[serde(skip)]
-    pub by_service: AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>,
+    pub by_service: Arc<AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>>,
     /// By ClusterIP and port: where redirected connections were going.
     #[serde(skip)]
-    pub by_address: AHashMap<SocketAddr, Arc<Frontend>>,
+    pub by_address: Arc<AHashMap<SocketAddr, Arc<Frontend>>>,
     /// Pod IP → the Pod: a caller's identity and namespace.
     #[serde(skip)]
     pub callers: Arc<AHashMap<IpAddr, Arc<Caller>>>,
     /// Route status, per route and parentRef.
-    pub statuses: BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>,
+    pub statuses: Arc<BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -504,7 +504,7 @@ impl Index {
 /// (`Arc::make_mut`).
 #[derive(Default)]
 struct Tables {
-    frontends: Arc<AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>>,
+    frontends: Arc<routes::FrontendsByService>,
     by_address: Arc<AHashMap<std::net::SocketAddr, Arc<Frontend>>>,
     statuses: Arc<BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>>,
     callers: Arc<AHashMap<std::net::IpAddr, Arc<Caller>>>,

@@ -42,6 +42,9 @@ pub trait World {
     fn node(&self) -> Option<&Node>;
 }
 
+/// Each Service's frontends (one per port).
+pub type FrontendsByService = AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>;
+
 /// The whole table at one instant. Immutable; published by swapping an `Arc`.
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -50,7 +53,7 @@ pub struct Snapshot {
     /// By Service and port (explicit listeners name a Service port). The maps are shared with
     /// the index until its next change (one copy of each at rest, not two).
     #[serde(skip)]
-    pub by_service: Arc<AHashMap<Arc<ObjectKey>, Arc<[Arc<Frontend>]>>>,
+    pub by_service: Arc<FrontendsByService>,
     /// By ClusterIP and port: where redirected connections were going.
     #[serde(skip)]
     pub by_address: Arc<AHashMap<SocketAddr, Arc<Frontend>>>,

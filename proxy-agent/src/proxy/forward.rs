@@ -240,31 +240,37 @@ pub(super) fn upstream_request(
     };
     let authority = if h2 {
         request.headers_mut().remove(header::HOST);
-        caller_authority().unwrap_or_else(|| endpoint.clone())
+        Some(caller_authority().unwrap_or_else(|| endpoint.clone()))
     } else {
         join_cookie_crumbs(request.headers_mut());
         request.headers_mut().remove(header::TE);
         if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 callers name the authority in the URI; HTTP/1.1 backends want a Host header.
-            if let Some(host) = caller_authority().and_then(|a| a.as_str().parse().ok()) {
+            // HTTP/2 callers name the authority in the URI; HTTP/1.1 backends want a Host header
+            // (the endpoint's, when the caller named none).
+            let authority = caller_authority().unwrap_or_else(|| endpoint.clone());
+            if let Ok(host) = authority.as_str().parse() {
                 request.headers_mut().insert(header::HOST, host);
             }
         }
-        // The pool key: the endpoint.
-        endpoint.clone()
+        None
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(authority);
     // Shares the caller's bytes: no copy.
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    *request.uri_mut() = http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("/"));
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = match authority {
+        // HTTP/1.1 requests go out in origin form (`/path?query`).
+        None => path_and_query.into(),
+        Some(authority) => {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path_and_query);
+            http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("/"))
+        }
+    };
     *request.version_mut() = if h2 {
         Version::HTTP_2
     } else {
@@ -334,7 +340,7 @@ fn splice_upgrade(
                 return;
             }
         };
-        // The upstream pool's connections are always TCP (`HttpConnector`).
+        // The upstream pool's connections are always TCP (`Http1Pool::connect`).
         let Ok(up) = up.downcast::<TokioIo<tokio::net::TcpStream>>() else {
             tracing::warn!("an upgraded upstream connection is not TCP; closing it");
             return;
@@ -373,6 +379,9 @@ mod tests {
         let h1 = upstream_request(&parts, &endpoint, false, body::empty());
         let cookies: Vec<_> = h1.headers().get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
+        // Origin form on the wire, the caller's authority as Host.
+        assert_eq!(h1.uri(), "/x");
+        assert_eq!(h1.headers()[header::HOST], "catalog");
         let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
     }

@@ -11,13 +11,11 @@ use ahash::AHashMap;
 use gamma_engine::routes::backends::Backend;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// How long an endpoint that refused a connection is avoided.
@@ -34,7 +32,8 @@ pub const CONSECUTIVE_FAILURES: u32 = 3;
 /// closing is noticed before a request is sent on it.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
-type Http1Client = Client<HttpConnector, ProxyBody>;
+/// Idle HTTP/1.1 connections kept per endpoint and worker, at most (beyond: closed once idle).
+const HTTP1_IDLE_PER_ENDPOINT: usize = 256;
 
 /// Why an upstream exchange got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +51,7 @@ pub enum UpstreamError {
 /// endpoints' in-flight counts and ejections are the agent's, shared.
 #[derive(Clone)]
 pub struct Upstream {
-    http1: Http1Client,
+    http1: Http1Pool,
     http2: Http2Pool,
     pub endpoints: Arc<EndpointStats>,
     /// Shared by every worker, like the endpoint statistics.
@@ -94,7 +93,7 @@ impl Upstream {
         affinity: Arc<Affinity>,
     ) -> Self {
         Upstream {
-            http1: http1_client(connect_timeout, idle_timeout),
+            http1: Http1Pool::new(connect_timeout, idle_timeout),
             http2: Http2Pool {
                 connections: Arc::default(),
                 connect_timeout,
@@ -136,9 +135,8 @@ impl Upstream {
         Some(chosen)
     }
 
-    /// Sends `request` to `endpoint`. HTTP/1.1 requests name the endpoint in their URI (the pool
-    /// key) and carry the caller's Host; HTTP/2 ones carry the caller's authority in their URI
-    /// (it becomes `:authority`) and are sent on the endpoint's connection.
+    /// Sends `request` to `endpoint`. HTTP/1.1 requests are in origin form with the caller's
+    /// Host; HTTP/2 ones carry the caller's authority in their URI (it becomes `:authority`).
     pub async fn send(
         &self,
         endpoint: SocketAddr,
@@ -148,37 +146,163 @@ impl Upstream {
         if h2 {
             return self.http2.send(endpoint, request).await;
         }
-        self.http1.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                UpstreamError::Connect(error_chain(&e))
-            } else {
-                UpstreamError::Failed(error_chain(&e))
-            }
-        })
+        self.http1.send(endpoint, request).await
     }
 }
 
-/// The pooled HTTP/1.1 client as the agent configures it (also what the peers benchmark's hyper
-/// floor forwards with). `idle_timeout`: how long an idle pooled connection is kept.
-pub fn http1_client<B>(
+/// Opens a TCP connection to an upstream endpoint, as every pool does: bounded in time, no
+/// Nagle delay, keepalive probes.
+async fn connect_tcp(
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(endpoint))
+        .await
+        .map_err(|e| connect_error(&e))?
+        .map_err(|e| connect_error(&e))?;
+    let _ = stream.set_nodelay(true);
+    super::tcp::keepalive(&stream);
+    Ok(stream)
+}
+
+/// HTTP/1.1 connections, kept per endpoint. A connection goes back to its list as soon as its
+/// answer's head arrived and is taken again once hyper says it is ready (the answer's body was
+/// read to its end): nothing waits for it in between. hyper-util's pooled client spawned a task
+/// per request for that, and allocated six times; this takes a lock on the worker's own pool.
+/// A reaper closes connections idle for longer than `idle_timeout` (within twice that time).
+#[derive(Clone)]
+pub struct Http1Pool {
+    shared: Arc<Http1Shared>,
+}
+
+struct Http1Shared {
+    connections: Mutex<AHashMap<SocketAddr, Vec<Http1Conn>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
-) -> Client<HttpConnector, B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(false);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(256)
-        .build(connector)
+    reaper_started: AtomicBool,
+}
+
+struct Http1Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    /// When the reaper first saw it idle (`None`: in use when last seen).
+    idle_since: Option<Instant>,
+}
+
+impl Http1Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Http1Pool {
+            shared: Arc::new(Http1Shared {
+                connections: Mutex::default(),
+                connect_timeout,
+                idle_timeout,
+                reaper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` (origin form, with its Host) on an idle connection to `endpoint`, else on
+    /// a new one. A request a pooled connection did not start to send (it was closing) is sent
+    /// again on another.
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        loop {
+            let (mut sender, pooled) = match self.checkout(endpoint) {
+                Some(sender) => (sender, true),
+                // Boxed: connecting is rare next to reuse, and its state would otherwise size
+                // every request's future.
+                None => (Box::pin(self.connect(endpoint)).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.checkin(endpoint, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => request = unsent,
+                    _ => return Err(UpstreamError::Failed(error_chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// The most recently used ready connection to `endpoint`; drops closed ones on the way.
+    fn checkout(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut connections = self.shared.connections.lock().expect("not poisoned");
+        let list = connections.get_mut(&endpoint)?;
+        list.retain(|c| !c.sender.is_closed());
+        let ready = list.iter().rposition(|c| c.sender.is_ready())?;
+        Some(list.swap_remove(ready).sender)
+    }
+
+    fn checkin(&self, endpoint: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+        let started = &self.shared.reaper_started;
+        if !started.load(Ordering::Relaxed) && !started.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap_idle(Arc::downgrade(&self.shared)));
+        }
+        let mut connections = self.shared.connections.lock().expect("not poisoned");
+        let list = connections.entry(endpoint).or_default();
+        // Beyond the limit the sender is dropped: hyper closes its connection after this answer.
+        if list.len() < HTTP1_IDLE_PER_ENDPOINT {
+            list.push(Http1Conn {
+                sender,
+                idle_since: None,
+            });
+        }
+    }
+
+    async fn connect(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let stream = connect_tcp(endpoint, self.shared.connect_timeout).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            // With upgrades: a 101 hands the connection to the forwarder's pump.
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Closes pooled HTTP/1.1 connections idle for longer than the pool's idle timeout, until the
+/// pool is gone. A connection counts as idle from the first sweep that finds it ready.
+async fn reap_idle(pool: Weak<Http1Shared>) {
+    let Some(period) = pool
+        .upgrade()
+        .map(|p| (p.idle_timeout / 2).max(Duration::from_millis(100)))
+    else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut connections = pool.connections.lock().expect("not poisoned");
+        connections.retain(|_, list| {
+            list.retain_mut(|c| {
+                if c.sender.is_closed() {
+                    return false;
+                }
+                if !c.sender.is_ready() {
+                    c.idle_since = None;
+                    return true;
+                }
+                now.duration_since(*c.idle_since.get_or_insert(now)) < pool.idle_timeout
+            });
+            !list.is_empty()
+        });
+    }
 }
 
 /// HTTP/2 connections, one per endpoint, shared by every request to it (multiplexed).
@@ -237,15 +361,7 @@ impl Http2Pool {
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
         let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(endpoint),
-        )
-        .await
-        .map_err(|e| connect_error(&e))?
-        .map_err(|e| connect_error(&e))?;
-        let _ = stream.set_nodelay(true);
-        super::tcp::keepalive(&stream);
+        let stream = connect_tcp(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEPALIVE)
@@ -591,5 +707,90 @@ mod tests {
             stats.failed(&on_1());
         }
         assert!(only_2(&stats), "failures in a row eject the endpoint");
+    }
+
+    /// A minimal HTTP/1.1 server on 127.0.0.1 answering `ok` to each request; `close_after`:
+    /// it closes each connection right after its answer, without saying so. Counts connections
+    /// accepted and still open.
+    async fn ok_server(close_after: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counts = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counts.0.fetch_add(1, Ordering::SeqCst);
+                counts.1.fetch_add(1, Ordering::SeqCst);
+                let open = counts.1.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() || close_after {
+                                open.fetch_sub(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, open)
+    }
+
+    async fn get_ok(pool: &Http1Pool, endpoint: SocketAddr) {
+        let request = Request::get("/")
+            .header(http::header::HOST, "svc")
+            .body(super::super::body::empty())
+            .unwrap();
+        let response = pool.send(endpoint, request).await.expect("an answer");
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert_eq!(&body.unwrap().to_bytes()[..], b"ok");
+    }
+
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_once_read_and_closed_when_idle() {
+        let (endpoint, accepted, open) = ok_server(false).await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_millis(200));
+        for _ in 0..3 {
+            get_ok(&pool, endpoint).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+        eventually("the idle connection closed", || {
+            open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        let pooled = || pool.shared.connections.lock().unwrap().len();
+        eventually("the pool emptied", || pooled() == 0).await;
+        get_ok(&pool, endpoint).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "a new one after the idle one went"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http1_connection_the_server_closed_is_not_reused() {
+        let (endpoint, accepted, open) = ok_server(true).await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90));
+        get_ok(&pool, endpoint).await;
+        eventually("the server closed", || open.load(Ordering::SeqCst) == 0).await;
+        get_ok(&pool, endpoint).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

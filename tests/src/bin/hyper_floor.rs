@@ -2,7 +2,7 @@
 //! the peers benchmark, to show in the same table how much of the agent's cost is hyper's.
 //!
 //! The agent's layout (a current-thread runtime per core, copies of one listening socket, a
-//! connection pool per worker: hyper-util's legacy client with the agent's settings) and the
+//! connection pool per worker: the agent's HTTP/1.1 pool over hyper's client connections) and the
 //! benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
 //! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop
 //! headers only `Connection` is dropped (the benchmark's clients send no other).
@@ -10,10 +10,9 @@
 use anyhow::{Context, Result};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use proxy_agent::proxy::upstream::http1_client;
+use proxy_agent::proxy::body;
+use proxy_agent::proxy::upstream::{Http1Pool, UpstreamError};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -25,14 +24,13 @@ fn main() -> Result<()> {
         anyhow::bail!("usage: gamma-hyper-floor LISTEN BACKEND_A BACKEND_B (ip:port each)");
     };
     let listen: SocketAddr = listen.parse().context("LISTEN")?;
-    let backends: [http::uri::Authority; 2] = [a.parse()?, b.parse()?];
+    let backends: [SocketAddr; 2] = [a.parse()?, b.parse()?];
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let threads: Vec<_> = (0..workers)
         .map(|_| {
             let listener = listener.try_clone()?;
-            let backends = backends.clone();
             Ok(std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -48,11 +46,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-async fn serve(listener: std::net::TcpListener, backends: [http::uri::Authority; 2]) {
+async fn serve(listener: std::net::TcpListener, backends: [SocketAddr; 2]) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
     // The agent's defaults: a connect timeout of 1 s, --upstream-idle-timeout-s 90.
-    let client: Client<HttpConnector, Incoming> =
-        http1_client(Duration::from_secs(1), Duration::from_secs(90));
+    let client = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90));
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
     loop {
@@ -60,10 +57,10 @@ async fn serve(listener: std::net::TcpListener, backends: [http::uri::Authority;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (client, backends, turn) = (client.clone(), backends.clone(), turn.clone());
+        let (client, turn) = (client.clone(), turn.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
-            let backend = backends[usize::from(n == 9)].clone();
+            let backend = backends[usize::from(n == 9)];
             forward(client.clone(), backend, request)
         });
         tokio::spawn(async move {
@@ -76,20 +73,21 @@ async fn serve(listener: std::net::TcpListener, backends: [http::uri::Authority;
 }
 
 async fn forward(
-    client: Client<HttpConnector, Incoming>,
-    backend: http::uri::Authority,
+    client: Http1Pool,
+    backend: SocketAddr,
     request: Request<Incoming>,
-) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-    let (mut parts, body) = request.into_parts();
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(backend);
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    parts.uri = http::Uri::from_parts(uri).expect("a valid URI");
+) -> Result<Response<Incoming>, UpstreamError> {
+    let (mut parts, incoming) = request.into_parts();
+    // Origin form, as the agent sends (the clients' Host goes along).
+    if let Some(path_and_query) = parts.uri.path_and_query() {
+        parts.uri = path_and_query.clone().into();
+    }
     // Hop-by-hop: a client's `Connection: close` is not the upstream connection's.
     parts.headers.remove(http::header::CONNECTION);
     parts
         .headers
         .insert("x-perf-added", HeaderValue::from_static("proxy"));
-    client.request(Request::from_parts(parts, body)).await
+    client
+        .send(backend, Request::from_parts(parts, body::stream(incoming)))
+        .await
 }

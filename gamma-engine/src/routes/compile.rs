@@ -123,13 +123,7 @@ fn table(routes: &[&Route], resolver: &Resolver<'_>, parent_namespace: &str) -> 
                     index,
                     match_index,
                 );
-                ranked.push((
-                    key,
-                    TableEntry {
-                        route_match: m.clone(),
-                        rule: compiled.clone(),
-                    },
-                ));
+                ranked.push((key, TableEntry::new(m.clone(), compiled.clone())));
             }
         }
     }

@@ -194,28 +194,35 @@ impl Frontend {
 
 /// Consumer route tables by the callers' namespace: a few per Service at most, so a sorted list
 /// (namespaces inline, compared without a pointer to chase) rather than a map whose smallest
-/// node holds room for eleven.
+/// node holds room for eleven. The first is kept in the frontend itself: most Services have one
+/// consumer namespace at most, and a lookup then reads no other block.
 #[derive(Debug, Default, PartialEq)]
-pub struct ConsumerTables(Box<[(CompactString, RouteTable)]>);
+pub struct ConsumerTables {
+    first: Option<(CompactString, RouteTable)>,
+    rest: Box<[(CompactString, RouteTable)]>,
+}
 
 impl ConsumerTables {
+    fn iter(&self) -> impl Iterator<Item = &(CompactString, RouteTable)> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
     pub fn get(&self, namespace: &str) -> Option<&RouteTable> {
-        self.0
-            .iter()
+        self.iter()
             .find(|(ns, _)| ns == namespace)
             .map(|(_, table)| table)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.first.is_none()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &CompactString> {
-        self.0.iter().map(|(ns, _)| ns)
+        self.iter().map(|(ns, _)| ns)
     }
 
     pub fn values(&self) -> impl Iterator<Item = &RouteTable> {
-        self.0.iter().map(|(_, table)| table)
+        self.iter().map(|(_, table)| table)
     }
 }
 
@@ -223,14 +230,18 @@ impl FromIterator<(CompactString, RouteTable)> for ConsumerTables {
     fn from_iter<I: IntoIterator<Item = (CompactString, RouteTable)>>(tables: I) -> Self {
         let mut tables: Vec<_> = tables.into_iter().collect();
         tables.sort_by(|a, b| a.0.cmp(&b.0));
-        ConsumerTables(tables.into_boxed_slice())
+        let mut tables = tables.into_iter();
+        ConsumerTables {
+            first: tables.next(),
+            rest: tables.collect(),
+        }
     }
 }
 
 /// As a map from namespace to table (`/config_dump`).
 impl Serialize for ConsumerTables {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(ns, table)| (ns.as_str(), table)))
+        s.collect_map(self.iter().map(|(ns, table)| (ns.as_str(), table)))
     }
 }
 
@@ -239,59 +250,55 @@ impl Serialize for ConsumerTables {
 pub struct RouteTable {
     pub kind: RouteKind,
     pub entries: Box<[TableEntry]>,
-    /// The entries' paths, packed together: a lookup scans these few cache lines and reads an
-    /// entry's match only when its path matches and it has other conditions.
-    #[serde(skip)]
-    paths: Box<[PackedPath]>,
 }
 
+/// One match of a rule. A lookup scans the entries in order: each carries a copy of its path and
+/// whether its match has other conditions, so that entries are decided without leaving the
+/// table's one block, and a match is read only when its path holds and it has more to check.
 #[derive(Debug, PartialEq, Serialize)]
 pub struct TableEntry {
+    #[serde(skip)]
+    path: PathMatch,
+    #[serde(skip)]
+    path_only: bool,
     /// The model rule's match itself (shared, not copied).
     #[serde(rename = "match")]
     pub route_match: Arc<RouteMatch>,
     pub rule: Arc<CompiledRule>,
 }
 
-#[derive(Debug, PartialEq)]
-struct PackedPath {
-    path: PathMatch,
-    /// The match has no condition besides its path (most have none).
-    path_only: bool,
+impl TableEntry {
+    pub fn new(route_match: Arc<RouteMatch>, rule: Arc<CompiledRule>) -> Self {
+        let m = &route_match;
+        TableEntry {
+            path: m.path.clone(),
+            path_only: m.method.is_none() && m.headers.is_empty() && m.query_params.is_empty(),
+            route_match,
+            rule,
+        }
+    }
+
+    fn matches(&self, request: &RequestHead<'_>) -> bool {
+        self.path.matches(request.path)
+            && (self.path_only || self.route_match.matches_besides_path(request))
+    }
 }
 
 impl RouteTable {
     /// `entries` must be in precedence order.
     pub fn new(kind: RouteKind, entries: Vec<TableEntry>) -> Self {
-        let paths = entries
-            .iter()
-            .map(|e| {
-                let m = &e.route_match;
-                PackedPath {
-                    path: m.path.clone(),
-                    path_only: m.method.is_none()
-                        && m.headers.is_empty()
-                        && m.query_params.is_empty(),
-                }
-            })
-            .collect();
         RouteTable {
             kind,
             entries: entries.into_boxed_slice(),
-            paths,
         }
     }
 
     /// The first entry in precedence order whose match holds.
     pub fn lookup(&self, request: &RequestHead<'_>) -> Option<(&CompiledRule, &RouteMatch)> {
-        self.paths
+        self.entries
             .iter()
-            .zip(self.entries.iter())
-            .find(|(packed, e)| {
-                packed.path.matches(request.path)
-                    && (packed.path_only || e.route_match.matches_besides_path(request))
-            })
-            .map(|(_, e)| (&*e.rule, &*e.route_match))
+            .find(|e| e.matches(request))
+            .map(|e| (&*e.rule, &*e.route_match))
     }
 }
 

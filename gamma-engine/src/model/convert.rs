@@ -212,8 +212,8 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
     Ok(Service {
         key,
         kind,
-        cluster_ips,
-        ports,
+        cluster_ips: compact(cluster_ips),
+        ports: compact(ports),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         affinity,
     })
@@ -338,12 +338,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 ready,
                 serving: c.serving.unwrap_or(ready),
                 terminating: c.terminating.unwrap_or(false),
-                node_name: e.node_name.clone(),
+                node_name: e.node_name.as_deref().map(Into::into),
                 pod: e
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| r.name.clone()),
+                    .and_then(|r| r.name.as_deref().map(Into::into)),
                 for_zones: e
                     .hints
                     .iter()
@@ -358,11 +358,18 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                     .collect(),
             })
         })
-        .collect::<Result<_, ObjectError>>()?;
+        .collect::<Result<Vec<_>, ObjectError>>()?;
     Ok(EndpointSlice {
         key: key.clone(),
         service: ObjectKey::new(key.namespace, service_name),
-        ports,
-        endpoints,
+        ports: compact(ports),
+        endpoints: compact(endpoints),
     })
+}
+
+/// A list built from an iterator of results (which grows by doubling: five endpoints take room
+/// for eight) without its spare room: objects are kept for long.
+fn compact<T>(mut list: Vec<T>) -> Vec<T> {
+    list.shrink_to_fit();
+    list
 }

@@ -183,17 +183,17 @@ pub struct EndpointPort {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Endpoint {
-    pub addresses: Vec<IpAddr>,
+    pub addresses: Box<[IpAddr]>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub node_name: Option<CompactString>,
     /// The Pod behind the endpoint, when the slice names it.
-    pub pod: Option<String>,
+    pub pod: Option<CompactString>,
     /// Topology hints set by the EndpointSlice controller (`trafficDistribution`): the zones and
     /// the nodes whose callers should prefer this endpoint.
-    pub for_zones: Vec<String>,
-    pub for_nodes: Vec<String>,
+    pub for_zones: Box<[String]>,
+    pub for_nodes: Box<[String]>,
 }
 
 /// The node this agent runs on, as the Node object says (its zone label).

@@ -292,7 +292,7 @@ mod tests {
     /// An endpoint `10.0.0.N` on `node`, with its readiness and hints.
     fn endpoint(n: u8, node: &str, ready: bool, zones: &[&str], nodes: &[&str]) -> Endpoint {
         Endpoint {
-            addresses: vec![std::net::IpAddr::from([10, 0, 0, n])],
+            addresses: Box::new([std::net::IpAddr::from([10, 0, 0, n])]),
             ready,
             serving: true,
             terminating: !ready,

@@ -141,7 +141,7 @@ fn compile_rule(
     let rule = &route.rules[index];
     let resolve = |b: &BackendRef| resolver.resolve(b, route, parent_namespace);
     let resolve_mirror = |b: &BackendRef| resolve(b).ok();
-    let backends: Vec<WeightedBackend> = rule
+    let backends: Box<[WeightedBackend]> = rule
         .backends
         .iter()
         .map(|b| WeightedBackend {

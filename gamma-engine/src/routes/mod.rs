@@ -311,10 +311,10 @@ pub struct CompiledRule {
     pub route: Arc<RouteKey>,
     pub index: usize,
     pub name: Option<String>,
-    pub filters: Vec<Filter<MirrorTarget>>,
-    pub backends: Vec<WeightedBackend>,
+    pub filters: Box<[Filter<MirrorTarget>]>,
+    pub backends: Box<[WeightedBackend]>,
     /// Running sum of the weights, for `backends::pick_weighted`.
-    pub cumulative_weights: Vec<u64>,
+    pub cumulative_weights: Box<[u64]>,
     /// The model rule's timeouts, retry, session persistence, dropped reason (shared).
     pub options: Option<Arc<RuleOptions>>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.
@@ -326,7 +326,7 @@ pub struct CompiledRule {
 pub struct WeightedBackend {
     pub weight: u32,
     pub backend: Result<Arc<Backend>, BackendError>,
-    pub filters: Vec<Filter<MirrorTarget>>,
+    pub filters: Box<[Filter<MirrorTarget>]>,
     /// The data plane's state for this rule's requests sent to this backend.
     #[serde(skip)]
     pub series: Attached,

@@ -57,19 +57,11 @@ pub struct Route {
 }
 
 impl Route {
-    /// Drops the spare capacity of every list: a route is built once and kept for long, and
-    /// small lists built by pushing would otherwise keep room for four entries each.
+    /// Drops the spare capacity of its lists (a rule's are exact-size slices already): a route
+    /// is built once and kept for long, and lists built by pushing keep room for four entries.
     fn compacted(mut self) -> Self {
         self.parent_refs.shrink_to_fit();
         self.rules.shrink_to_fit();
-        for rule in &mut self.rules {
-            rule.matches.shrink_to_fit();
-            rule.filters.shrink_to_fit();
-            rule.backends.shrink_to_fit();
-            for backend in &mut rule.backends {
-                backend.filters.shrink_to_fit();
-            }
-        }
         self
     }
 
@@ -121,9 +113,9 @@ impl ParentRef {
 pub struct Rule {
     pub name: Option<String>,
     /// Shared with the route tables' entries, which would otherwise each hold a copy.
-    pub matches: Vec<Arc<RouteMatch>>,
-    pub filters: Vec<Filter>,
-    pub backends: Vec<BackendRef>,
+    pub matches: Box<[Arc<RouteMatch>]>,
+    pub filters: Box<[Filter]>,
+    pub backends: Box<[BackendRef]>,
     /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
     /// them, so they take one pointer until one is set; the compiled rule shares them.
     pub options: Option<Arc<RuleOptions>>,
@@ -168,12 +160,12 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(name: Option<String>, matches: Vec<Arc<RouteMatch>>, error: &Invalid) -> Rule {
+    fn dropped(name: Option<String>, matches: Box<[Arc<RouteMatch>]>, error: &Invalid) -> Rule {
         Rule {
             name,
             matches,
-            filters: Vec::new(),
-            backends: Vec::new(),
+            filters: Box::default(),
+            backends: Box::default(),
             options: RuleOptions {
                 invalid: Some(error.to_string()),
                 ..RuleOptions::NONE
@@ -251,8 +243,8 @@ impl Rule {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteMatch {
     pub path: PathMatch,
-    pub headers: Vec<ValueMatch<HeaderName>>,
-    pub query_params: Vec<ValueMatch<String>>,
+    pub headers: Box<[ValueMatch<HeaderName>]>,
+    pub query_params: Box<[ValueMatch<String>]>,
     #[serde(serialize_with = "serialize_method")]
     pub method: Option<Method>,
     /// GRPCRoute matches rank by their service and method instead of the path.
@@ -265,15 +257,6 @@ pub struct GrpcMethodSpecificity {
     /// most, and longer ones rank as 65,535).
     pub service_len: u16,
     pub method_len: u16,
-}
-
-impl RouteMatch {
-    /// Kept for long and shared: its lists without spare room.
-    fn shared(mut self) -> Arc<RouteMatch> {
-        self.headers.shrink_to_fit();
-        self.query_params.shrink_to_fit();
-        Arc::new(self)
-    }
 }
 
 fn characters(name: Option<&str>) -> u16 {
@@ -500,7 +483,7 @@ pub struct BackendRef {
     pub name: CompactString,
     pub port: Option<u16>,
     pub weight: u32,
-    pub filters: Vec<Filter>,
+    pub filters: Box<[Filter]>,
 }
 
 /// A backendRef's group and kind: nearly always a core Service, kept in one word; anything else
@@ -779,7 +762,7 @@ macro_rules! common_filter {
                     backend: backend_ref!(
                         &m.backend_ref,
                         None,
-                        Vec::new(),
+                        Box::default(),
                         &format!("{field}.requestMirror.backendRef")
                     ),
                     numerator: numerator as u32,
@@ -967,14 +950,14 @@ macro_rules! route_rules {
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        rules.push(Rule::dropped(rule.name.clone(), Vec::new(), &e));
+                        rules.push(Rule::dropped(rule.name.clone(), Box::default(), &e));
                         continue;
                     }
                 };
             if matches.is_empty() {
                 matches.push($any);
             }
-            let matches: Vec<Arc<RouteMatch>> = matches.into_iter().map(RouteMatch::shared).collect();
+            let matches: Box<[Arc<RouteMatch>]> = matches.into_iter().map(Arc::new).collect();
             let rest = (|| {
                 let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
                     Ok($filter!(f, at, $($rule_types),+))
@@ -984,7 +967,7 @@ macro_rules! route_rules {
                         let filters = indexed(b.filters.as_ref(), &format!("{at}.filters"), |f, at| {
                             Ok($backend_filter!(f, at, $($backend_types),+))
                         })?;
-                        Ok(backend_ref!(b, b.weight, filters, at))
+                        Ok(backend_ref!(b, b.weight, filters.into(), at))
                     })?;
                 let (timeouts, retry) = $timeouts_and_retry(rule, field)?;
                 Ok::<_, Invalid>((filters, backends, timeouts, retry))
@@ -994,8 +977,8 @@ macro_rules! route_rules {
                     Rule {
                         name: rule.name.clone(),
                         matches,
-                        filters,
-                        backends,
+                        filters: filters.into(),
+                        backends: backends.into(),
                         options: RuleOptions {
                             timeouts,
                             retry,
@@ -1382,8 +1365,8 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
     });
     Ok(RouteMatch {
         path,
-        headers,
-        query_params,
+        headers: headers.into(),
+        query_params: query_params.into(),
         method,
         grpc: None,
     })
@@ -1484,8 +1467,8 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
     })?;
     Ok(RouteMatch {
         path,
-        headers,
-        query_params: Vec::new(),
+        headers: headers.into(),
+        query_params: Box::default(),
         method: None,
         grpc: Some(grpc),
     })
@@ -1529,8 +1512,8 @@ impl RouteMatch {
     pub fn any() -> Self {
         RouteMatch {
             path: PathMatch::Prefix(CompactString::default()),
-            headers: Vec::new(),
-            query_params: Vec::new(),
+            headers: Box::default(),
+            query_params: Box::default(),
             method: None,
             grpc: None,
         }

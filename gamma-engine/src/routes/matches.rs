@@ -209,14 +209,14 @@ mod tests {
         headers.insert("x-env", "canary".parse().unwrap());
         let m = RouteMatch {
             path: PathMatch::Prefix("/api".into()),
-            headers: vec![ValueMatch {
+            headers: Box::new([ValueMatch {
                 name: HeaderName::from_static("x-env"),
                 value: StringMatch::Exact("canary".into()),
-            }],
-            query_params: vec![ValueMatch {
+            }]),
+            query_params: Box::new([ValueMatch {
                 name: "debug".into(),
                 value: StringMatch::Exact("1".into()),
-            }],
+            }]),
             method: Some(Method::POST),
             grpc: None,
         };

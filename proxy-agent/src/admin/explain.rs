@@ -20,7 +20,7 @@ fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
     }
     for h in &m.headers {
         let single = RouteMatch {
-            headers: vec![h.clone()],
+            headers: Box::new([h.clone()]),
             ..RouteMatch::any()
         };
         if !single.matches(request) {
@@ -29,7 +29,7 @@ fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
     }
     for q in &m.query_params {
         let single = RouteMatch {
-            query_params: vec![q.clone()],
+            query_params: Box::new([q.clone()]),
             ..RouteMatch::any()
         };
         if !single.matches(request) {

@@ -64,6 +64,7 @@ pub(super) async fn accept_loop<F>(
 {
     // Held while this loop runs: `Drain::stop_accepting` waits for it.
     let _running = drain.acceptors.token();
+    tcp::prepare_listener(&listener);
     let mut stop = drain.stop_accepting.subscribe();
     loop {
         let (stream, peer) = tokio::select! {
@@ -98,8 +99,7 @@ pub(super) async fn accept_loop<F>(
         let Some(info) = classify(peer, &proxy.snapshot.load()) else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        tcp::keepalive(&stream);
+        // TCP_NODELAY and keepalive come from the listener (`tcp::prepare_listener`).
         proxy
             .metrics
             .connections_accepted

@@ -50,10 +50,53 @@ pub(super) async fn pass_through(
 /// TCP keepalive on a connection the agent holds (client or upstream side): a peer that vanished
 /// without a FIN (a node gone, a NAT entry expired) is noticed in minutes instead of never.
 /// 60 s idle, then 6 probes 10 s apart: as Envoy's and Linkerd's defaults.
-pub(super) fn keepalive(stream: &TcpStream) {
+pub(super) fn keepalive(socket: impl rustix::fd::AsFd) {
     use rustix::net::sockopt;
-    let _ = sockopt::set_socket_keepalive(stream, true);
-    let _ = sockopt::set_tcp_keepidle(stream, std::time::Duration::from_secs(60));
-    let _ = sockopt::set_tcp_keepintvl(stream, std::time::Duration::from_secs(10));
-    let _ = sockopt::set_tcp_keepcnt(stream, 6);
+    let socket = socket.as_fd();
+    let _ = sockopt::set_socket_keepalive(socket, true);
+    let _ = sockopt::set_tcp_keepidle(socket, std::time::Duration::from_secs(60));
+    let _ = sockopt::set_tcp_keepintvl(socket, std::time::Duration::from_secs(10));
+    let _ = sockopt::set_tcp_keepcnt(socket, 6);
+}
+
+/// What every accepted connection needs (no Nagle delay, keepalive), set once on the listening
+/// socket: Linux copies both to each connection it accepts, which saves five `setsockopt` calls
+/// per connection.
+pub(super) fn prepare_listener(listener: &tokio::net::TcpListener) {
+    let _ = rustix::net::sockopt::set_tcp_nodelay(listener, true);
+    keepalive(listener);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::sockopt;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_options() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (before, _) = listener.accept().await.unwrap();
+        assert!(!sockopt::tcp_nodelay(&before).unwrap(), "off unless set");
+        prepare_listener(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(sockopt::tcp_nodelay(&accepted).unwrap());
+        assert!(sockopt::socket_keepalive(&accepted).unwrap());
+        assert_eq!(
+            sockopt::tcp_keepidle(&accepted).unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            sockopt::tcp_keepintvl(&accepted).unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sockopt::tcp_keepcnt(&accepted).unwrap(), 6);
+        drop(plain);
+    }
 }

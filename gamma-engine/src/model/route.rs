@@ -107,6 +107,16 @@ impl ParentRef {
             )
         })
     }
+
+    /// Whether this parentRef selects `port` of its Service: its port and sectionName, where
+    /// given, name it.
+    pub fn selects(&self, port: &super::ServicePort) -> bool {
+        self.port.is_none_or(|n| n == port.port)
+            && self
+                .section_name
+                .as_deref()
+                .is_none_or(|s| port.name.as_deref() == Some(s))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -18,11 +18,7 @@ pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Route>>;
 /// Whether `route` attaches to `port` of `service` through any of its parentRefs.
 pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
     route.parent_refs.iter().any(|p| {
-        p.service(&route.meta.key.namespace).as_ref() == Some(&service.key)
-            && p.port.is_none_or(|n| n == port.port)
-            && p.section_name
-                .as_deref()
-                .is_none_or(|s| port.name.as_deref() == Some(s))
+        p.service(&route.meta.key.namespace).as_ref() == Some(&service.key) && p.selects(port)
     })
 }
 

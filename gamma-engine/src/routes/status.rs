@@ -154,17 +154,7 @@ fn accepted(
                 .into(),
         );
     }
-    let ports: Vec<_> = service
-        .ports
-        .iter()
-        .filter(|p| {
-            parent.port.is_none_or(|n| n == p.port)
-                && parent
-                    .section_name
-                    .as_deref()
-                    .is_none_or(|s| p.name.as_deref() == Some(s))
-        })
-        .collect();
+    let ports: Vec<_> = service.ports.iter().filter(|p| parent.selects(p)).collect();
     if ports.is_empty() {
         let wanted = parent
             .section_name

@@ -25,12 +25,8 @@ pub(super) async fn pass_through(
             .pick(&frontend.direct, caller, None, &tried, rand::random())
     {
         tried.push(endpoint);
-        let connect =
-            tokio::time::timeout(proxy.config.connect_timeout, TcpStream::connect(endpoint)).await;
-        match connect {
-            Ok(Ok(upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                keepalive(&upstream);
+        match super::upstream::connect_tcp(endpoint, proxy.config.connect_timeout).await {
+            Ok(upstream) => {
                 let end = proxy
                     .pumps
                     .run(downstream, upstream, Flow::default(), Flow::default())
@@ -38,7 +34,7 @@ pub(super) async fn pass_through(
                 tracing::debug!(%endpoint, ?end, "opaque connection ended");
                 return;
             }
-            _ => {
+            Err(_) => {
                 proxy.upstream.endpoints.eject(&held);
                 tracing::warn!(%endpoint, service = %frontend.service, "opaque TCP: connecting to the endpoint failed");
             }

@@ -32,7 +32,8 @@ pub const CONSECUTIVE_FAILURES: u32 = 3;
 /// closing is noticed before a request is sent on it.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Idle HTTP/1.1 connections kept per endpoint and worker, at most (beyond: closed once idle).
+/// HTTP/1.1 connections kept per endpoint and worker, at most, idle or in use (one more is
+/// closed after its answer).
 const HTTP1_IDLE_PER_ENDPOINT: usize = 256;
 
 /// Why an upstream exchange got no answer.
@@ -150,9 +151,9 @@ impl Upstream {
     }
 }
 
-/// Opens a TCP connection to an upstream endpoint, as every pool does: bounded in time, no
-/// Nagle delay, keepalive probes.
-async fn connect_tcp(
+/// Opens a TCP connection to an upstream endpoint, as the pools and the opaque pass-through do:
+/// bounded in time, no Nagle delay, keepalive probes.
+pub(super) async fn connect_tcp(
     endpoint: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio::net::TcpStream, UpstreamError> {

@@ -47,7 +47,8 @@ struct Store {
     slices: AHashMap<ObjectKey, EndpointSlice>,
     slices_by_service: AHashMap<ObjectKey, SortedSet<ObjectKey>>,
     pods: AHashMap<ObjectKey, Pod>,
-    routes: AHashMap<RouteKey, Route>,
+    /// Boxed: a map keeps room for more entries than it holds, and a route is large.
+    routes: AHashMap<RouteKey, Box<Route>>,
     /// Route generations that did not convert; the route's status reports them.
     refused: AHashMap<RouteKey, RefusedRoute>,
     grants: AHashMap<ObjectKey, ReferenceGrant>,
@@ -78,7 +79,7 @@ impl World for Store {
             .get(service)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.routes.get(k))
+            .filter_map(|k| self.routes.get(k).map(|r| &**r))
             .collect()
     }
 
@@ -266,7 +267,7 @@ impl Index {
             }
             Object::Route(route) => {
                 let key = route.key();
-                if self.store.routes.get(&key) == Some(&route) {
+                if self.store.routes.get(&key).is_some_and(|r| **r == route) {
                     return;
                 }
                 self.unlink_route(&key);
@@ -288,7 +289,7 @@ impl Index {
                         .or_default()
                         .insert(key.clone());
                 }
-                self.store.routes.insert(key.clone(), route);
+                self.store.routes.insert(key.clone(), Box::new(route));
                 self.dirty_routes.insert(key);
             }
             Object::RefusedRoute(refused) => {
@@ -429,7 +430,7 @@ impl Index {
         }
         for key in std::mem::take(&mut self.dirty_routes) {
             let name: Arc<str> = key.to_string().into();
-            let served = self.store.routes.get(&key);
+            let served = self.store.routes.get(&key).map(|r| &**r);
             // A refused generation is reported unless a good one at least as new arrived since
             // (compared, not ordered, so that the result does not depend on arrival order), or
             // the served route is another object of the same name (deleted and created again

@@ -11,7 +11,7 @@ use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Serialize;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -53,18 +53,12 @@ pub struct Route {
     pub kind: RouteKind,
     pub meta: Meta,
     pub parent_refs: Vec<ParentRef>,
-    pub rules: Vec<Rule>,
+    /// Shared with the compiled rules, which read their filters, backendRefs and options here
+    /// instead of holding copies.
+    pub rules: Box<[Arc<Rule>]>,
 }
 
 impl Route {
-    /// Drops the spare capacity of its lists (a rule's are exact-size slices already): a route
-    /// is built once and kept for long, and lists built by pushing keep room for four entries.
-    fn compacted(mut self) -> Self {
-        self.parent_refs.shrink_to_fit();
-        self.rules.shrink_to_fit();
-        self
-    }
-
     pub fn key(&self) -> RouteKey {
         RouteKey {
             kind: self.kind,
@@ -360,15 +354,13 @@ impl StringMatch {
     }
 }
 
-/// A filter. `B` is what a mirror points at: a `BackendRef` as written, or, once compiled, the
-/// resolved backend.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub enum Filter<B = BackendRef> {
+pub enum Filter {
     RequestHeaders(HeaderModifier),
     ResponseHeaders(HeaderModifier),
     Redirect(RequestRedirect),
     Rewrite(UrlRewrite),
-    Mirror(RequestMirror<B>),
+    Mirror(RequestMirror),
     Cors(CorsPolicy),
     /// A filter this implementation does not provide (ExtensionRef, ExternalAuth). The spec
     /// forbids skipping it: the requests it applies to are answered with an error.
@@ -478,8 +470,8 @@ impl AllowedOrigin {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct RequestMirror<B = BackendRef> {
-    pub backend: B,
+pub struct RequestMirror {
+    pub backend: BackendRef,
     /// Share of requests mirrored, numerator over denominator.
     pub numerator: u32,
     pub denominator: u32,
@@ -964,10 +956,11 @@ macro_rules! route_rules {
                         continue;
                     }
                 };
-            if matches.is_empty() {
-                matches.push($any);
-            }
-            let matches: Box<[Arc<RouteMatch>]> = matches.into_iter().map(Arc::new).collect();
+            let matches: Box<[Arc<RouteMatch>]> = if matches.is_empty() {
+                Box::new([Arc::clone(&$any)])
+            } else {
+                matches.drain(..).map(Arc::new).collect()
+            };
             let rest = (|| {
                 let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
                     Ok($filter!(f, at, $($rule_types),+))
@@ -1175,10 +1168,12 @@ fn indexed<T, U>(
 fn assembled(
     kind: RouteKind,
     meta: Meta,
-    parent_refs: Vec<ParentRef>,
+    mut parent_refs: Vec<ParentRef>,
     rules: Vec<Rule>,
 ) -> Result<Route, Invalid> {
     check_rules(&rules)?;
+    // A route is built once and kept for long; a list built by pushing has spare room.
+    parent_refs.shrink_to_fit();
     if !rules.is_empty() && rules.iter().all(|r| r.invalid().is_some()) {
         let reasons: Vec<String> = rules
             .iter()
@@ -1194,9 +1189,8 @@ fn assembled(
         kind,
         meta,
         parent_refs,
-        rules,
-    }
-    .compacted())
+        rules: rules.into_iter().map(Arc::new).collect(),
+    })
 }
 
 /// Converts a route with `convert`; when that fails but the route's identity is known, the error
@@ -1234,6 +1228,21 @@ pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Resul
     )
 }
 
+/// The match of an HTTPRoute rule without matches: every request. Rules without matches are
+/// common and alike, so they share one.
+static ANY_HTTP_REQUEST: LazyLock<Arc<RouteMatch>> = LazyLock::new(|| Arc::new(RouteMatch::any()));
+
+/// The match of a GRPCRoute rule without matches: every method (ranked as the least specific).
+static ANY_GRPC_METHOD: LazyLock<Arc<RouteMatch>> = LazyLock::new(|| {
+    Arc::new(RouteMatch {
+        grpc: Some(GrpcMethodSpecificity {
+            service_len: 0,
+            method_len: 0,
+        }),
+        ..RouteMatch::any()
+    })
+});
+
 fn http_route_body(
     route: &http_api::HttpRoute,
     raw: &serde_json::Value,
@@ -1244,7 +1253,7 @@ fn http_route_body(
     let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: http_match,
-        when no match: RouteMatch::any(),
+        when no match: ANY_HTTP_REQUEST,
         filter: http_filter!(
             HttpRouteRulesFiltersType,
             HttpRouteRulesFiltersRequestRedirectScheme,
@@ -1403,13 +1412,7 @@ fn grpc_route_body(
     let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: grpc_match,
-        when no match: RouteMatch {
-            grpc: Some(GrpcMethodSpecificity {
-                service_len: 0,
-                method_len: 0,
-            }),
-            ..RouteMatch::any()
-        },
+        when no match: ANY_GRPC_METHOD,
         filter: common_filter!(GrpcRouteRulesFiltersType),
         backend filter: common_filter!(GrpcRouteRulesBackendRefsFiltersType),
         timeouts and retry: |_, _| Ok((Timeouts::default(), None))
@@ -1496,23 +1499,6 @@ impl Filter {
             | Filter::Rewrite(_)
             | Filter::Cors(_)
             | Filter::Unsupported(_) => None,
-        }
-    }
-
-    /// The same filter with its mirror backend mapped (resolved) by `f`.
-    pub fn map_mirror<B>(&self, f: impl FnOnce(&BackendRef) -> B) -> Filter<B> {
-        match self {
-            Filter::RequestHeaders(m) => Filter::RequestHeaders(m.clone()),
-            Filter::ResponseHeaders(m) => Filter::ResponseHeaders(m.clone()),
-            Filter::Redirect(r) => Filter::Redirect(r.clone()),
-            Filter::Rewrite(r) => Filter::Rewrite(r.clone()),
-            Filter::Mirror(m) => Filter::Mirror(RequestMirror {
-                backend: f(&m.backend),
-                numerator: m.numerator,
-                denominator: m.denominator,
-            }),
-            Filter::Cors(c) => Filter::Cors(c.clone()),
-            Filter::Unsupported(what) => Filter::Unsupported(what.clone()),
         }
     }
 }

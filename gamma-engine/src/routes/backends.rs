@@ -272,15 +272,20 @@ pub fn usable_endpoints(
     }
 }
 
-/// Weighted choice: with cumulative weights `[w0, w0+w1, …]`, `random % total` falls in entry i
-/// with probability wi/total. Weight-0 entries are never chosen. `None` when all weights are 0.
-pub fn pick_weighted(cumulative: &[u64], random: u64) -> Option<usize> {
-    let total = *cumulative.last()?;
+/// Weighted choice among `entries`, each with its cumulative weight (`[w0, w0+w1, …]`):
+/// `random % total` falls in entry i with probability wi/total. Weight-0 entries are never
+/// chosen. `None` when all weights are 0.
+pub fn pick_weighted<T>(
+    entries: &[T],
+    cumulative: impl Fn(&T) -> u64,
+    random: u64,
+) -> Option<usize> {
+    let total = cumulative(entries.last()?);
     if total == 0 {
         return None;
     }
     let point = random % total;
-    Some(cumulative.partition_point(|&c| c <= point))
+    Some(entries.partition_point(|e| cumulative(e) <= point))
 }
 
 #[cfg(test)]
@@ -427,8 +432,8 @@ mod tests {
 
     #[test]
     fn all_zero_and_empty_pick_nothing() {
-        assert_eq!(pick_weighted(&[], 5), None);
-        assert_eq!(pick_weighted(&cumulative(&[0, 0]), 5), None);
+        assert_eq!(pick_weighted(&[], |c: &u64| *c, 5), None);
+        assert_eq!(pick_weighted(&cumulative(&[0, 0]), |c| *c, 5), None);
     }
 
     #[test]
@@ -441,7 +446,7 @@ mod tests {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            counts[pick_weighted(&c, state).unwrap()] += 1;
+            counts[pick_weighted(&c, |c| *c, state).unwrap()] += 1;
         }
         assert_eq!(counts[1], 0, "weight 0 is never chosen");
         let share = f64::from(counts[0]) / 10_000.0;
@@ -452,7 +457,7 @@ mod tests {
         #[test]
         fn never_picks_weight_zero(weights in proptest::collection::vec(0u32..5, 1..8), random in any::<u64>()) {
             let c = cumulative(&weights);
-            match pick_weighted(&c, random) {
+            match pick_weighted(&c, |c| *c, random) {
                 None => prop_assert!(weights.iter().all(|w| *w == 0)),
                 Some(i) => prop_assert!(weights[i] > 0),
             }

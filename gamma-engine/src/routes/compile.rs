@@ -3,9 +3,12 @@
 
 use super::backends::Resolver;
 use super::precedence::RankKey;
-use super::{Attached, CompiledRule, Frontend, RouteTable, TableEntry, WeightedBackend, World};
+use super::{
+    Attached, CompiledRule, Frontend, MirrorTarget, ResolvedBackend, RouteTable, TableEntry, World,
+};
 use crate::model::{
-    BackendRef, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
+    BackendRef, Filter, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort,
+    UpstreamProtocol,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -136,40 +139,32 @@ fn compile_rule(
 ) -> CompiledRule {
     let rule = &route.rules[index];
     let resolve = |b: &BackendRef| resolver.resolve(b, route, parent_namespace);
-    let resolve_mirror = |b: &BackendRef| resolve(b).ok();
-    let backends: Box<[WeightedBackend]> = rule
+    let mirror_targets = |filters: &[Filter]| -> Box<[MirrorTarget]> {
+        filters
+            .iter()
+            .filter_map(Filter::sends_to)
+            .map(|b| resolve(b).ok())
+            .collect()
+    };
+    let backends = rule
         .backends
         .iter()
-        .map(|b| WeightedBackend {
-            weight: b.weight,
-            backend: resolve(b),
-            filters: b
-                .filters
-                .iter()
-                .map(|f| f.map_mirror(resolve_mirror))
-                .collect(),
-            series: Attached::default(),
-        })
-        .collect();
-    let cumulative_weights = backends
-        .iter()
-        .scan(0u64, |sum, b| {
-            *sum += u64::from(b.weight);
-            Some(*sum)
+        .scan(0u64, |cumulative_weight, b| {
+            *cumulative_weight += u64::from(b.weight);
+            Some(ResolvedBackend {
+                backend: resolve(b).map_err(Box::new),
+                cumulative_weight: *cumulative_weight,
+                mirrors: mirror_targets(&b.filters),
+                series: Attached::default(),
+            })
         })
         .collect();
     CompiledRule {
         route: key.clone(),
         index,
-        name: rule.name.clone(),
-        filters: rule
-            .filters
-            .iter()
-            .map(|f| f.map_mirror(resolve_mirror))
-            .collect(),
+        rule: rule.clone(),
+        mirrors: mirror_targets(&rule.filters),
         backends,
-        cumulative_weights,
-        options: rule.options.clone(),
         series: Attached::default(),
     }
 }

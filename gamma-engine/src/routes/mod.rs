@@ -18,7 +18,7 @@ pub use matches::RequestHead;
 
 use crate::model::{
     DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
-    Route, RouteKey, RouteKind, RouteMatch, RuleOptions, Service, SessionPersistence, Timeouts,
+    Route, RouteKey, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
 use compact_str::CompactString;
@@ -103,14 +103,11 @@ impl Snapshot {
             all.extend(frontend.direct.endpoints.iter());
             let tables = frontend.producer.iter().chain(frontend.consumers.values());
             for rule in tables.flat_map(|t| t.entries.iter()).map(|e| &e.rule) {
-                let filters = rule
-                    .filters
+                let mirrors = rule
+                    .mirrors
                     .iter()
-                    .chain(rule.backends.iter().flat_map(|b| &b.filters));
-                let mirrors = filters.filter_map(|f| match f {
-                    Filter::Mirror(m) => m.backend.as_ref(),
-                    _ => None,
-                });
+                    .chain(rule.backends.iter().flat_map(|b| &b.mirrors))
+                    .flatten();
                 let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref().ok());
                 for backend in backends.chain(mirrors) {
                     all.extend(backend.endpoints.iter());
@@ -305,28 +302,31 @@ impl RouteTable {
 /// A mirror's resolved backend: `None` when its backendRef does not resolve (not configured).
 pub type MirrorTarget = Option<Arc<Backend>>;
 
+/// A rule as the data plane serves it: the model's rule (its filters, backendRefs and options,
+/// shared rather than copied) with what compiling resolved for it against the world.
 #[derive(Debug, PartialEq, Serialize)]
 pub struct CompiledRule {
     /// Shared by the rules of one route.
     pub route: Arc<RouteKey>,
     pub index: usize,
-    pub name: Option<String>,
-    pub filters: Box<[Filter<MirrorTarget>]>,
-    pub backends: Box<[WeightedBackend]>,
-    /// Running sum of the weights, for `backends::pick_weighted`.
-    pub cumulative_weights: Box<[u64]>,
-    /// The model rule's timeouts, retry, session persistence, dropped reason (shared).
-    pub options: Option<Arc<RuleOptions>>,
+    pub rule: Arc<Rule>,
+    /// The targets of the rule's own mirror filters, in the order of those filters.
+    pub mirrors: Box<[MirrorTarget]>,
+    /// One per backendRef of the rule, in its order.
+    pub backends: Box<[ResolvedBackend]>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.
     #[serde(skip)]
     pub series: Attached,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
-pub struct WeightedBackend {
-    pub weight: u32,
-    pub backend: Result<Arc<Backend>, BackendError>,
-    pub filters: Box<[Filter<MirrorTarget>]>,
+pub struct ResolvedBackend {
+    /// The error is boxed: it is rare, and larger than the pointer.
+    pub backend: Result<Arc<Backend>, Box<BackendError>>,
+    /// The weights of this backendRef and those before it, for `backends::pick_weighted`.
+    pub cumulative_weight: u64,
+    /// The targets of this backendRef's mirror filters, in their order.
+    pub mirrors: Box<[MirrorTarget]>,
     /// The data plane's state for this rule's requests sent to this backend.
     #[serde(skip)]
     pub series: Attached,
@@ -457,23 +457,23 @@ impl CompiledRule {
             response_headers: Vec::new(),
             mirrors: Vec::new(),
         };
-        if let Some(response) = run.apply(&self.filters) {
+        if let Some(response) = run.apply(&self.rule.filters, &self.mirrors) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
             return Plan::Respond(LocalResponse::NoBackendRefs);
         }
-        let Some(index) =
-            backend.or_else(|| backends::pick_weighted(&self.cumulative_weights, random))
+        let Some(index) = backend
+            .or_else(|| backends::pick_weighted(&self.backends, |b| b.cumulative_weight, random))
         else {
             return Plan::Respond(LocalResponse::AllWeightsZero);
         };
         let chosen = &self.backends[index];
         let backend = match &chosen.backend {
             Ok(b) => b,
-            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend(e.clone())),
+            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend((**e).clone())),
         };
-        if let Some(response) = run.apply(&chosen.filters) {
+        if let Some(response) = run.apply(&self.rule.backends[index].filters, &chosen.mirrors) {
             return Plan::Respond(response);
         }
         Plan::Forward(Forward {
@@ -488,7 +488,7 @@ impl CompiledRule {
     /// The rule's own ResponseHeaderModifiers: they apply to the answers the agent gives for
     /// this rule too (redirects, unservable backends, timeouts), not only to relayed ones.
     pub fn response_header_modifiers(&self) -> impl Iterator<Item = &HeaderModifier> {
-        self.filters.iter().filter_map(|f| match f {
+        self.rule.filters.iter().filter_map(|f| match f {
             Filter::ResponseHeaders(m) => Some(m),
             Filter::RequestHeaders(_)
             | Filter::Redirect(_)
@@ -500,23 +500,26 @@ impl CompiledRule {
     }
 
     pub fn timeouts(&self) -> &Timeouts {
-        &RuleOptions::of(&self.options).timeouts
+        &self.rule.options().timeouts
     }
 
     pub fn retry(&self) -> Option<&Retry> {
-        RuleOptions::of(&self.options).retry.as_ref()
+        self.rule.options().retry.as_ref()
     }
 
     pub fn invalid(&self) -> Option<&str> {
-        RuleOptions::of(&self.options).invalid.as_deref()
+        self.rule.invalid()
     }
 
     pub fn session(&self) -> Option<&SessionPersistence> {
-        RuleOptions::of(&self.options).session.as_ref()
+        self.rule.options().session.as_ref()
     }
 
     pub fn name_or_index(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.index.to_string())
+        self.rule
+            .name
+            .clone()
+            .unwrap_or_else(|| self.index.to_string())
     }
 }
 
@@ -532,9 +535,15 @@ struct FilterRun<'a, 'p, 'm> {
 }
 
 impl<'a> FilterRun<'a, '_, '_> {
-    /// Applies `filters`; returns a response when a filter answers the request itself.
-    fn apply(&mut self, filters: &'a [Filter<MirrorTarget>]) -> Option<LocalResponse> {
+    /// Applies `filters`, whose mirror filters go to `mirror_targets` in order; returns a
+    /// response when a filter answers the request itself.
+    fn apply(
+        &mut self,
+        filters: &'a [Filter],
+        mirror_targets: &'a [MirrorTarget],
+    ) -> Option<LocalResponse> {
         let (parts, matched) = (&mut *self.parts, self.matched);
+        let mut mirror_targets = mirror_targets.iter();
         for filter in filters {
             match filter {
                 Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
@@ -547,7 +556,7 @@ impl<'a> FilterRun<'a, '_, '_> {
                     return Some(LocalResponse::Redirect { status, location });
                 }
                 Filter::Mirror(m) => {
-                    if let Some(backend) = &m.backend {
+                    if let Some(Some(backend)) = mirror_targets.next() {
                         self.mirrors.push(Mirror {
                             backend,
                             numerator: m.numerator,

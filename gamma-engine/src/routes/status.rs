@@ -14,7 +14,7 @@ pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
 pub struct ParentStatus {
     pub parent_ref: ParentRef,
     pub controller_name: &'static str,
-    pub conditions: Vec<Condition>,
+    pub conditions: Box<[Condition]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -95,7 +95,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             Some(ParentStatus {
                 parent_ref: parent.clone(),
                 controller_name: CONTROLLER_NAME,
-                conditions,
+                conditions: conditions.into(),
             })
         })
         .collect()
@@ -122,13 +122,13 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
         .map(|parent| ParentStatus {
             parent_ref: parent.clone(),
             controller_name: CONTROLLER_NAME,
-            conditions: vec![Condition {
+            conditions: Box::new([Condition {
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
                 message: message.clone().into(),
                 observed_generation: refused.generation,
-            }],
+            }]),
         })
         .collect()
 }

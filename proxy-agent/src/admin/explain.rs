@@ -72,11 +72,11 @@ pub fn explain(
                     winner = Some(json!({
                         "route": rule.route.to_string(),
                         "rule": rule.name_or_index(),
-                        "backends": rule.backends.iter().map(|b| json!({
-                            "weight": b.weight,
-                            "backend": match &b.backend { Ok(b) => b.name(), Err(e) => e.to_string() },
+                        "backends": rule.rule.backends.iter().zip(&rule.backends).map(|(written, resolved)| json!({
+                            "weight": written.weight,
+                            "backend": match &resolved.backend { Ok(b) => b.name(), Err(e) => e.to_string() },
                         })).collect::<Vec<_>>(),
-                        "filters": rule.filters,
+                        "filters": rule.rule.filters,
                     }));
                     "selected".to_string()
                 }

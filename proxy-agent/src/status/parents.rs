@@ -138,7 +138,7 @@ mod tests {
         ParentStatus {
             parent_ref: parent("echo"),
             controller_name: CONTROLLER_NAME,
-            conditions: vec![c("Accepted", accepted), c("ResolvedRefs", true)],
+            conditions: Box::new([c("Accepted", accepted), c("ResolvedRefs", true)]),
         }
     }
 

@@ -2,8 +2,10 @@
 //!
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
-//!   connection, nginx, haproxy and envoy, and a bare hyper forwarder in our layout (`floor`,
-//!   `tests/src/bin/hyper_floor.rs`: what hyper alone costs) in a slot added to a copy of the script
+//!   connection, nginx, haproxy and envoy, and two forwarders in our layout, in slots added to a
+//!   copy of the script: a bare hyper one (`floor`, `tests/src/bin/hyper_floor.rs`: what hyper
+//!   alone costs) and one on `httparse` with reused buffers (`codec`,
+//!   `tests/src/bin/codec_floor.rs`: what an HTTP/1.1 codec of our own could cost at least)
 //!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 and HTTP/2
 //!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
@@ -45,20 +47,26 @@ fn shared_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| util::workspace_root().join("../shared"))
 }
 
-/// The line of `run.sh` after which a second proxy of ours is started: the hyper floor.
+/// The line of `run.sh` after which more proxies of ours are started: the floors.
 const OURS_ADDED: &str = "  TARGETS=\"$TARGETS ours=$OURPROXY_URL=$PID_ours\"\nfi\n";
 
-/// Started like `ours`, listed as `floor` (the script knows one proxy of ours; this adds one).
-const FLOOR_SLOT: &str = r#"if [ -n "${FLOOR_CMD:-}" ]; then
-  start floor bash -c "exec $FLOOR_CMD"
-  wait_http "$FLOOR_URL" "$PID_floor" || { cat "$RUN/floor.log"; exit 1; }
-  TARGETS="$TARGETS floor=$FLOOR_URL=$PID_floor"
+/// A slot started like `ours` and listed as `name` (the script knows one proxy of ours; this
+/// adds one), from `<NAME>_CMD` and `<NAME>_URL`.
+fn slot(name: &str) -> String {
+    let var = name.to_uppercase();
+    format!(
+        r#"if [ -n "${{{var}_CMD:-}}" ]; then
+  start {name} bash -c "exec ${var}_CMD"
+  wait_http "${var}_URL" "$PID_{name}" || {{ cat "$RUN/{name}.log"; exit 1; }}
+  TARGETS="$TARGETS {name}=${var}_URL=$PID_{name}"
 fi
-"#;
+"#
+    )
+}
 
 fn peers() -> Result<()> {
     let root = util::workspace_root();
-    step("build the agent and the hyper floor (release)", || {
+    step("build the agent and the floors (release)", || {
         util::cargo(&[
             "build",
             "--release",
@@ -70,6 +78,8 @@ fn peers() -> Result<()> {
             "proxy-agent",
             "--bin",
             "gamma-hyper-floor",
+            "--bin",
+            "gamma-codec-floor",
         ])
     })?;
     let script = shared_dir().join("bench/peers/run.sh");
@@ -81,19 +91,23 @@ fn peers() -> Result<()> {
     })?;
     if !original.contains(OURS_ADDED) {
         bail!(
-            "{} no longer starts `ours` the way this benchmark extends it (a second slot for the \
-             hyper floor after `{}`): update OURS_ADDED in xtask/src/bench.rs",
+            "{} no longer starts `ours` the way this benchmark extends it (slots for the floors \
+             after `{}`): update OURS_ADDED in xtask/src/bench.rs",
             script.display(),
             OURS_ADDED.trim()
         );
     }
     let extended = root.join("target/peers-run.sh");
-    std::fs::write(
-        &extended,
-        original.replacen(OURS_ADDED, &format!("{OURS_ADDED}{FLOOR_SLOT}"), 1),
-    )?;
+    let slots = format!("{OURS_ADDED}{}{}", slot("floor"), slot("codec"));
+    std::fs::write(&extended, original.replacen(OURS_ADDED, &slots, 1))?;
     let agent = root.join("target/release/proxy-agent");
-    let floor = root.join("target/release/gamma-hyper-floor");
+    let floor = |bin: &str, port: u16| {
+        let bin = root.join("target/release").join(bin);
+        format!(
+            "{} 127.0.0.1:{port} 127.0.0.1:18080 127.0.0.1:18081",
+            bin.display()
+        )
+    };
     let manifests = root.join("bench/peers/manifests");
     // Like the peers: no access log, two worker threads (2 cores), upstream keep-alive pools.
     let command = format!(
@@ -102,21 +116,17 @@ fn peers() -> Result<()> {
         manifests.display()
     );
     step(
-        "peer proxies side by side (run.sh, with the hyper floor)",
+        "peer proxies side by side (run.sh, with the hyper and codec floors)",
         || {
             run_shown(
                 Command::new("bash")
                     .arg(&extended)
                     .env("OURPROXY_CMD", command)
                     .env("OURPROXY_URL", "http://127.0.0.1:18184/")
-                    .env(
-                        "FLOOR_CMD",
-                        format!(
-                            "{} 127.0.0.1:18185 127.0.0.1:18080 127.0.0.1:18081",
-                            floor.display()
-                        ),
-                    )
-                    .env("FLOOR_URL", "http://127.0.0.1:18185/"),
+                    .env("FLOOR_CMD", floor("gamma-hyper-floor", 18185))
+                    .env("FLOOR_URL", "http://127.0.0.1:18185/")
+                    .env("CODEC_CMD", floor("gamma-codec-floor", 18186))
+                    .env("CODEC_URL", "http://127.0.0.1:18186/"),
             )
         },
     )

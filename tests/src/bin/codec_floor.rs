@@ -126,9 +126,22 @@ fn request_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<Request>, &'stat
     }))
 }
 
-/// What an answer head says: its length with its body, and whether the upstream keeps the
-/// connection. `Ok(None)`: incomplete.
-fn response_head(buf: &[u8]) -> Result<Option<(usize, bool)>, &'static str> {
+/// Where an answer ends, where its head ends, and whether the upstream keeps the connection.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    len: usize,
+    head_len: usize,
+    keep: bool,
+}
+
+/// Parses an answer head in `buf` and writes the client's head to `out`: the upstream's own
+/// `Connection` dropped (hop-by-hop), `Connection: close` when the client's connection closes
+/// after it. `Ok(None)`: incomplete.
+fn response_head(
+    buf: &[u8],
+    out: &mut Vec<u8>,
+    close: bool,
+) -> Result<Option<Answer>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(buf) {
@@ -136,17 +149,39 @@ fn response_head(buf: &[u8]) -> Result<Option<(usize, bool)>, &'static str> {
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err("malformed answer head"),
     };
+    let code = response.code.ok_or("malformed answer head")?;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse reads exactly three digits.
+    out.extend([code / 100, code / 10 % 10, code % 10].map(|d| b'0' + d as u8));
+    out.push(b' ');
+    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
     let mut body_len = None;
     let mut keep = response.version == Some(1);
     for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("connection") {
+            keep = !header.value.eq_ignore_ascii_case(b"close");
+            continue;
+        }
         if header.name.eq_ignore_ascii_case("content-length") {
             body_len = content_length(header.value);
-        } else if header.name.eq_ignore_ascii_case("connection") {
-            keep = !header.value.eq_ignore_ascii_case(b"close");
         }
+        out.extend_from_slice(header.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(header.value);
+        out.extend_from_slice(b"\r\n");
     }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     let body_len = body_len.ok_or("answers without a Content-Length are not handled")?;
-    Ok(Some((head_len + body_len, keep)))
+    Ok(Some(Answer {
+        len: head_len + body_len,
+        head_len,
+        keep,
+    }))
 }
 
 fn content_length(value: &[u8]) -> Option<usize> {
@@ -183,6 +218,7 @@ async fn serve(mut client: TcpStream, worker: Rc<Worker>) {
     let mut request_buf = Vec::with_capacity(8192);
     let mut upstream_head = Vec::with_capacity(1024);
     let mut answer_buf = Vec::with_capacity(8192);
+    let mut client_answer = Vec::with_capacity(8192);
     loop {
         let parsed = read_until(&mut client, &mut request_buf, |buf| {
             request_head(buf, &mut upstream_head)
@@ -210,7 +246,15 @@ async fn serve(mut client: TcpStream, worker: Rc<Worker>) {
         let turn = worker.turn.get();
         worker.turn.set(turn.wrapping_add(1));
         let backend = usize::from(turn % 10 == 9);
-        let Ok(()) = exchange(&worker, backend, &upstream_head, &mut answer_buf).await else {
+        let exchanged = exchange(
+            &worker,
+            backend,
+            &upstream_head,
+            &mut answer_buf,
+            (&mut client_answer, request.close),
+        )
+        .await;
+        let Ok(answer) = exchanged else {
             let _ = client
                 .write_all(
                     b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -218,14 +262,16 @@ async fn serve(mut client: TcpStream, worker: Rc<Worker>) {
                 .await;
             return;
         };
-        if client.write_all(&answer_buf).await.is_err() || request.close {
+        client_answer.extend_from_slice(&answer_buf[answer.head_len..answer.len]);
+        if client.write_all(&client_answer).await.is_err() || request.close {
             return;
         }
     }
 }
 
 /// Sends `request` on an idle connection to `backend` (or a new one) and reads the whole answer
-/// into `answer`; the connection goes back to the pool when the upstream keeps it. A pooled
+/// into `answer`, its head for the client into `client_head` (closing the client's connection
+/// after it, or not); the connection goes back to the pool when the upstream keeps it. A pooled
 /// connection that ends before a byte of answer was closed by the upstream while idle: the
 /// request goes again on another one.
 async fn exchange(
@@ -233,7 +279,8 @@ async fn exchange(
     backend: usize,
     request: &[u8],
     answer: &mut Vec<u8>,
-) -> io::Result<()> {
+    (client_head, close): (&mut Vec<u8>, bool),
+) -> io::Result<Answer> {
     loop {
         let pooled = worker.idle[backend].borrow_mut().pop();
         let reused = pooled.is_some();
@@ -248,23 +295,26 @@ async fn exchange(
         answer.clear();
         let sent = async {
             upstream.write_all(request).await?;
-            read_until(&mut upstream, answer, response_head).await
+            read_until(&mut upstream, answer, |buf| {
+                response_head(buf, client_head, close)
+            })
+            .await
         }
         .await;
-        let (len, keep) = match sent {
+        let parsed = match sent {
             Ok(Some(head)) => head,
             Ok(None) | Err(_) if reused && answer.is_empty() => continue,
             Ok(None) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Err(e) => return Err(e),
         };
-        read_to_len(&mut upstream, answer, len).await?;
-        if answer.len() != len {
+        read_to_len(&mut upstream, answer, parsed.len).await?;
+        if answer.len() != parsed.len {
             return Err(io::Error::other("the upstream sent more than its answer"));
         }
-        if keep {
+        if parsed.keep {
             worker.idle[backend].borrow_mut().push(upstream);
         }
-        return Ok(());
+        return Ok(parsed);
     }
 }
 
@@ -307,16 +357,32 @@ mod tests {
 
     #[test]
     fn an_answer_is_its_head_and_content_length() {
-        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        assert_eq!(response_head(answer).unwrap(), Some((answer.len(), true)));
-        let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        let mut out = Vec::new();
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive\r\n\r\nok";
+        let parsed = response_head(answer, &mut out, false).unwrap().unwrap();
+        let head_len = answer.len() - 2;
         assert_eq!(
-            response_head(closing).unwrap(),
-            Some((closing.len(), false))
+            parsed,
+            Answer {
+                len: answer.len(),
+                head_len,
+                keep: true
+            }
         );
-        assert_eq!(response_head(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
+        let closing = b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        let parsed = response_head(closing, &mut out, true).unwrap().unwrap();
+        assert!(!parsed.keep);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nconnection: close\r\n\r\n"
+        );
+        assert_eq!(
+            response_head(b"HTTP/1.1 200 OK\r\n", &mut out, false).unwrap(),
+            None
+        );
         assert!(
-            response_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err(),
+            response_head(b"HTTP/1.1 200 OK\r\n\r\n", &mut out, false).is_err(),
             "no length"
         );
     }

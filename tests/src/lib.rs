@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod echo;
 pub mod fake_apiserver;
+pub mod floor;
 pub mod kube_world;
 pub mod leak;
 pub mod load;

@@ -10,7 +10,7 @@
 //! a `Content-Length`, answers with a `Content-Length`. Anything else is answered 501 (request)
 //! or 502 (answer) and the connection is closed. It is a measuring stick, not a proxy.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
@@ -21,32 +21,7 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 64;
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, a, b] = &args[..] else {
-        anyhow::bail!("usage: gamma-codec-floor LISTEN BACKEND_A BACKEND_B (ip:port each)");
-    };
-    let listen: SocketAddr = listen.parse().context("LISTEN")?;
-    let backends: [SocketAddr; 2] = [a.parse()?, b.parse()?];
-    let listener = std::net::TcpListener::bind(listen)?;
-    listener.set_nonblocking(true)?;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let listener = listener.try_clone()?;
-            Ok(std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime");
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, accept_loop(listener, backends));
-            }))
-        })
-        .collect::<Result<_>>()?;
-    for thread in threads {
-        let _ = thread.join();
-    }
-    Ok(())
+    gamma_tests::floor::run_per_core("gamma-codec-floor", accept_loop)
 }
 
 /// A worker's idle upstream connections, per backend.
@@ -57,8 +32,7 @@ struct Worker {
     turn: Cell<u32>,
 }
 
-async fn accept_loop(listener: std::net::TcpListener, backends: [SocketAddr; 2]) {
-    let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
+async fn accept_loop(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
     let worker = Rc::new(Worker {
         backends,
         idle: Default::default(),
@@ -84,10 +58,8 @@ struct Request {
 fn request_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<Request>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let head_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err("malformed request head"),
+    let Some(head_len) = head_length(request.parse(buf), "malformed request head")? else {
+        return Ok(None);
     };
     let (Some(method), Some(path)) = (request.method, request.path) else {
         return Err("malformed request head");
@@ -144,10 +116,8 @@ fn response_head(
 ) -> Result<Option<Answer>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err("malformed answer head"),
+    let Some(head_len) = head_length(response.parse(buf), "malformed answer head")? else {
+        return Ok(None);
     };
     let code = response.code.ok_or("malformed answer head")?;
     out.clear();
@@ -182,6 +152,18 @@ fn response_head(
         head_len,
         keep,
     }))
+}
+
+/// A head's length once complete (`None`: not yet), or `malformed`.
+fn head_length(
+    parsed: httparse::Result<usize>,
+    malformed: &'static str,
+) -> Result<Option<usize>, &'static str> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(malformed),
+    }
 }
 
 fn content_length(value: &[u8]) -> Option<usize> {

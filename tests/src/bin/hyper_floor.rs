@@ -7,7 +7,7 @@
 //! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop
 //! headers only `Connection` is dropped (the benchmark's clients send no other).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -19,35 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, a, b] = &args[..] else {
-        anyhow::bail!("usage: gamma-hyper-floor LISTEN BACKEND_A BACKEND_B (ip:port each)");
-    };
-    let listen: SocketAddr = listen.parse().context("LISTEN")?;
-    let backends: [SocketAddr; 2] = [a.parse()?, b.parse()?];
-    let listener = std::net::TcpListener::bind(listen)?;
-    listener.set_nonblocking(true)?;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let listener = listener.try_clone()?;
-            Ok(std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime");
-                runtime.block_on(serve(listener, backends));
-            }))
-        })
-        .collect::<Result<_>>()?;
-    for thread in threads {
-        let _ = thread.join();
-    }
-    Ok(())
+    gamma_tests::floor::run_per_core("gamma-hyper-floor", serve)
 }
 
-async fn serve(listener: std::net::TcpListener, backends: [SocketAddr; 2]) {
-    let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
+async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
     // The agent's defaults: a connect timeout of 1 s, --upstream-idle-timeout-s 90.
     let client = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90));
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.

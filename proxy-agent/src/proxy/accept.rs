@@ -23,20 +23,20 @@ use tokio::sync::watch;
 /// falls to opaque TCP when nothing told (counted, and logged once per Service).
 async fn protocol_of(
     proxy: &Proxy,
-    stream: &Lingering,
+    stream: &mut Lingering,
     frontend: Option<&Frontend>,
 ) -> Option<Protocol> {
     match frontend.and_then(|f| f.declared) {
         Some(DeclaredProtocol::Opaque) => Some(Protocol::Opaque),
         Some(DeclaredProtocol::Http) => {
-            match detect(stream.tcp(), proxy.config.header_read_timeout).await {
+            match detect(stream, proxy.config.header_read_timeout).await {
                 Detected::Protocol(Protocol::Http2) => Some(Protocol::Http2),
                 // Declared HTTP: whatever came is parsed as HTTP/1.1 (a garbled request gets 400).
                 Detected::Protocol(_) => Some(Protocol::Http1),
                 Detected::TimedOut | Detected::Closed => None,
             }
         }
-        None => match detect(stream.tcp(), proxy.config.detect_timeout).await {
+        None => match detect(stream, proxy.config.detect_timeout).await {
             Detected::Protocol(protocol) => Some(protocol),
             Detected::TimedOut => {
                 proxy
@@ -126,7 +126,7 @@ pub(super) async fn accept_loop<F>(
 
 async fn serve_connection(
     proxy: &Arc<Proxy>,
-    stream: Lingering,
+    mut stream: Lingering,
     info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -134,7 +134,7 @@ async fn serve_connection(
     let frontend = proxy
         .frontend(&proxy.snapshot.load(), &info.destination)
         .cloned();
-    let Some(protocol) = protocol_of(proxy, &stream, frontend.as_deref()).await else {
+    let Some(protocol) = protocol_of(proxy, &mut stream, frontend.as_deref()).await else {
         return;
     };
     if protocol == Protocol::Opaque {
@@ -142,9 +142,11 @@ async fn serve_connection(
             Some(frontend) => {
                 // Boxed: the pump's state would otherwise size every connection's task, HTTP
                 // ones included.
+                let (stream, first_bytes) = stream.into_parts();
                 Box::pin(tcp::pass_through(
                     proxy,
-                    stream.into_inner(),
+                    stream,
+                    first_bytes,
                     &frontend,
                     info.caller.ip,
                 ))

@@ -1,8 +1,8 @@
 //! Protocol detection from a connection's first bytes: HTTP/1.1, HTTP/2 with prior knowledge, or
 //! opaque TCP.
 
+use super::io::Lingering;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -40,24 +40,19 @@ pub(super) enum Detected {
     Closed,
 }
 
-/// Peeks at the connection's first bytes until they tell its protocol, for at most `timeout`.
-pub(super) async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
+/// Reads the connection's first bytes until they tell its protocol, for at most `timeout`; the
+/// connection's reads return them again (see [`Lingering`]).
+pub(super) async fn detect(stream: &mut Lingering, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 24];
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Detected::Closed,
-            Ok(Ok(n)) => n,
+        let first = match tokio::time::timeout_at(deadline, stream.read_first_bytes()).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(_)) => return Detected::Closed,
             Err(_) => return Detected::TimedOut,
         };
-        if let Some(p) = classify(&buf[..n]) {
+        if let Some(p) = classify(first) {
             return Detected::Protocol(p);
         }
-        // Peek returns the same bytes until more arrive; wait a little before looking again.
-        if tokio::time::Instant::now() >= deadline {
-            return Detected::TimedOut;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -345,15 +345,16 @@ fn splice_upgrade(
             tracing::warn!("an upgraded upstream connection is not TCP; closing it");
             return;
         };
+        let (client, unread) = down.io.into_inner().into_inner().into_parts();
         let to_upstream = Flow {
-            pending: down.read_buf.to_vec(),
+            // hyper's buffered bytes came first, then those it had not read yet.
+            pending: [&down.read_buf[..], &unread].concat(),
             ..Flow::default()
         };
         let to_client = Flow {
             pending: up.read_buf.to_vec(),
             ..Flow::default()
         };
-        let client = down.io.into_inner().into_inner().into_inner();
         let end = proxy
             .pumps
             .run(client, up.io.into_inner(), to_upstream, to_client)

@@ -14,6 +14,9 @@ use tokio_util::task::TaskTracker;
 /// How long a connection the agent closed is read after its FIN before it is closed for good.
 pub const LINGER: Duration = Duration::from_secs(2);
 
+/// How much protocol detection reads at first.
+const FIRST_READ: usize = 4096;
+
 /// A served connection's transport, counting the reads and writes that moved bytes (see
 /// `serve::quiet`).
 pub(super) struct Watched<I> {
@@ -98,10 +101,16 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
 /// for writing and read until the client closes its side (at most [`LINGER`]). A request the
 /// client sent as the agent closed would otherwise be unread data, and closing a socket with
 /// unread data sends a reset instead of a FIN.
+///
+/// It also holds the bytes protocol detection read (a read rather than a peek saves a syscall
+/// per connection): its reads return them before reading the socket again.
 pub(super) struct Lingering {
     stream: Option<TcpStream>,
     draining: watch::Receiver<bool>,
     tracker: TaskTracker,
+    /// Bytes read from the socket and not yet returned, from `first_unread` on.
+    first_bytes: Vec<u8>,
+    first_unread: usize,
 }
 
 impl Lingering {
@@ -114,7 +123,25 @@ impl Lingering {
             stream: Some(stream),
             draining,
             tracker,
+            first_bytes: Vec::new(),
+            first_unread: 0,
         }
+    }
+
+    /// Reads what the socket has (waiting for it) after the bytes already read, which its reads
+    /// will return first; returns all of them. `Ok` of no more bytes: the client closed.
+    pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<&[u8]> {
+        if self.first_bytes.capacity() == 0 {
+            // Room for a whole request head of the usual size, so that serving it reads nothing
+            // more.
+            self.first_bytes.reserve_exact(FIRST_READ);
+        }
+        let stream = self.stream.as_mut().expect("present until dropped");
+        let read = stream.read_buf(&mut self.first_bytes).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(&self.first_bytes)
     }
 
     pub(super) fn tcp(&self) -> &TcpStream {
@@ -125,9 +152,12 @@ impl Lingering {
         Pin::new(self.stream.as_mut().expect("present until dropped"))
     }
 
-    /// The plain stream, for opaque TCP (which cannot drain gracefully anyway).
-    pub(super) fn into_inner(mut self) -> TcpStream {
-        self.stream.take().expect("present until dropped")
+    /// The plain stream, for opaque TCP (which cannot drain gracefully anyway), and the bytes
+    /// read from it that were not returned yet (they go first).
+    pub(super) fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
+        let mut unread = std::mem::take(&mut self.first_bytes);
+        unread.drain(..self.first_unread);
+        (self.stream.take().expect("present until dropped"), unread)
     }
 }
 
@@ -156,7 +186,20 @@ impl AsyncRead for Lingering {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.tcp_mut().poll_read(cx, buf)
+        let this = &mut *self;
+        let unread = &this.first_bytes[this.first_unread..];
+        if unread.is_empty() {
+            return this.tcp_mut().poll_read(cx, buf);
+        }
+        let n = unread.len().min(buf.remaining());
+        buf.put_slice(&unread[..n]);
+        this.first_unread += n;
+        if this.first_unread == this.first_bytes.len() {
+            // All returned: the buffer goes (an idle connection keeps none).
+            this.first_bytes = Vec::new();
+            this.first_unread = 0;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -187,5 +230,60 @@ impl AsyncWrite for Lingering {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.tcp_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted connection and its client, on 127.0.0.1.
+    async fn connected() -> (Lingering, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let draining = watch::channel(false).1;
+        (
+            Lingering::new(accepted, draining, TaskTracker::new()),
+            client,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_read_are_read_again_then_the_socket() {
+        let (mut served, mut client) = connected().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(
+            served.read_first_bytes().await.unwrap(),
+            b"GET / HTTP/1.1\r\n"
+        );
+        client.write_all(b"\r\n").await.unwrap();
+        let mut head = [0u8; 5];
+        served.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"GET /");
+        let mut rest = Vec::new();
+        client.shutdown().await.unwrap();
+        served.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b" HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn bytes_not_read_again_go_with_the_stream() {
+        let (mut served, mut client) = connected().await;
+        client.write_all(b"\x16\x03\x01").await.unwrap();
+        served.read_first_bytes().await.unwrap();
+        let mut first = [0u8; 1];
+        served.read_exact(&mut first).await.unwrap();
+        let (_, unread) = served.into_parts();
+        assert_eq!(unread, b"\x03\x01");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_before_a_byte_is_an_error() {
+        let (mut served, client) = connected().await;
+        drop(client);
+        assert!(served.read_first_bytes().await.is_err());
     }
 }

@@ -7,10 +7,12 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
-/// `caller`: the pod's address (session affinity).
+/// `caller`: the pod's address (session affinity); `first_bytes`: what the client sent that was
+/// read already (protocol detection), sent upstream first.
 pub(super) async fn pass_through(
     proxy: &Proxy,
     downstream: TcpStream,
+    first_bytes: Vec<u8>,
     frontend: &Frontend,
     caller: IpAddr,
 ) {
@@ -29,7 +31,15 @@ pub(super) async fn pass_through(
             Ok(upstream) => {
                 let end = proxy
                     .pumps
-                    .run(downstream, upstream, Flow::default(), Flow::default())
+                    .run(
+                        downstream,
+                        upstream,
+                        Flow {
+                            pending: first_bytes,
+                            ..Flow::default()
+                        },
+                        Flow::default(),
+                    )
                     .await;
                 tracing::debug!(%endpoint, ?end, "opaque connection ended");
                 return;

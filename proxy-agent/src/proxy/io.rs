@@ -14,8 +14,10 @@ use tokio_util::task::TaskTracker;
 /// How long a connection the agent closed is read after its FIN before it is closed for good.
 pub const LINGER: Duration = Duration::from_secs(2);
 
-/// How much protocol detection reads at first.
-const FIRST_READ: usize = 4096;
+/// How much protocol detection reads at first: hyper's own first read (8 KiB), so that hyper sees
+/// the reads it would have made itself. Which refusal an oversized head gets (414 or 431) depends
+/// on whether hyper has the whole head when its buffer limit is reached, that is on how it was read.
+const FIRST_READ: usize = 8192;
 
 /// A served connection's transport, counting the reads and writes that moved bytes (see
 /// `serve::quiet`).
@@ -132,8 +134,7 @@ impl Lingering {
     /// will return first; returns all of them. `Ok` of no more bytes: the client closed.
     pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<&[u8]> {
         if self.first_bytes.capacity() == 0 {
-            // Room for a whole request head of the usual size, so that serving it reads nothing
-            // more.
+            // Room for a whole request head of the usual size: serving it reads nothing more.
             self.first_bytes.reserve_exact(FIRST_READ);
         }
         let stream = self.stream.as_mut().expect("present until dropped");

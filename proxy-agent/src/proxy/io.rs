@@ -131,7 +131,7 @@ impl Lingering {
     }
 
     /// Reads what the socket has (waiting for it) after the bytes already read, which its reads
-    /// will return first; returns all of them. `Ok` of no more bytes: the client closed.
+    /// will return first; returns all of them. An `UnexpectedEof` error: the client closed.
     pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<&[u8]> {
         if self.first_bytes.capacity() == 0 {
             // Room for a whole request head of the usual size: serving it reads nothing more.

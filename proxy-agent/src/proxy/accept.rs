@@ -20,7 +20,8 @@ use tokio::sync::watch;
 /// The protocol a connection speaks; `None`: close it. A port that declares its protocol is not
 /// sniffed: HTTP however late the first bytes come (bounded like an idle HTTP connection, by the
 /// header read timeout), opaque at once. An undeclared one is sniffed for `detect_timeout`, and
-/// falls to opaque TCP when nothing told (counted, and logged once per Service).
+/// falls to opaque TCP when nothing told (counted, and logged once per Service), or at once when
+/// the client closed its side after bytes that did not tell.
 async fn protocol_of(
     proxy: &Proxy,
     stream: &mut Lingering,
@@ -33,7 +34,7 @@ async fn protocol_of(
                 Detected::Protocol(Protocol::Http2) => Some(Protocol::Http2),
                 // Declared HTTP: whatever came is parsed as HTTP/1.1 (a garbled request gets 400).
                 Detected::Protocol(_) => Some(Protocol::Http1),
-                Detected::TimedOut | Detected::Closed => None,
+                Detected::TimedOut | Detected::Closed | Detected::Ended => None,
             }
         }
         None => match detect(stream, proxy.config.detect_timeout).await {
@@ -48,6 +49,8 @@ async fn protocol_of(
                 }
                 Some(Protocol::Opaque)
             }
+            // Bytes that do not tell, then the client's FIN: passed through as they are.
+            Detected::Ended => Some(Protocol::Opaque),
             Detected::Closed => None,
         },
     }

@@ -38,18 +38,23 @@ pub(super) enum Detected {
     TimedOut,
     /// The peer closed (or failed) before sending a byte.
     Closed,
+    /// The peer closed its side after bytes that do not tell: no more will come.
+    Ended,
 }
 
 /// Reads the connection's first bytes until they tell its protocol, for at most `timeout`; the
 /// connection's reads return them again (see [`Lingering`]).
 pub(super) async fn detect(stream: &mut Lingering, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut bytes_came = false;
     loop {
         let first = match tokio::time::timeout_at(deadline, stream.read_first_bytes()).await {
-            Ok(Ok(first)) => first,
-            Ok(Err(_)) => return Detected::Closed,
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None)) if bytes_came => return Detected::Ended,
+            Ok(Ok(None)) | Ok(Err(_)) => return Detected::Closed,
             Err(_) => return Detected::TimedOut,
         };
+        bytes_came = true;
         if let Some(p) = classify(first) {
             return Detected::Protocol(p);
         }
@@ -75,5 +80,31 @@ mod tests {
             "TLS is opaque"
         );
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
+    }
+
+    /// What detection says of a client that sends `bytes` and then closes its side.
+    async fn detected_after(bytes: &[u8]) -> Detected {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        client.write_all(bytes).await.unwrap();
+        client.shutdown().await.unwrap();
+        let draining = tokio::sync::watch::channel(false).1;
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut served = Lingering::new(accepted, draining, tracker);
+        detect(&mut served, Duration::from_secs(10)).await
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_sending_is_not_waited_for() {
+        assert_eq!(detected_after(b"").await, Detected::Closed);
+        assert_eq!(detected_after(b"GE").await, Detected::Ended);
+        assert_eq!(
+            detected_after(b"GET / HTTP/1.1\r\n").await,
+            Detected::Protocol(Protocol::Http1)
+        );
     }
 }

@@ -131,18 +131,15 @@ impl Lingering {
     }
 
     /// Reads what the socket has (waiting for it) after the bytes already read, which its reads
-    /// will return first; returns all of them. An `UnexpectedEof` error: the client closed.
-    pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<&[u8]> {
+    /// will return first; returns all of them, or `None` when the client closed its side instead.
+    pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<Option<&[u8]>> {
         if self.first_bytes.capacity() == 0 {
             // Room for a whole request head of the usual size: serving it reads nothing more.
             self.first_bytes.reserve_exact(FIRST_READ);
         }
         let stream = self.stream.as_mut().expect("present until dropped");
         let read = stream.read_buf(&mut self.first_bytes).await?;
-        if read == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(&self.first_bytes)
+        Ok((read > 0).then_some(&self.first_bytes[..]))
     }
 
     pub(super) fn tcp(&self) -> &TcpStream {
@@ -257,7 +254,7 @@ mod tests {
         let (mut served, mut client) = connected().await;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         assert_eq!(
-            served.read_first_bytes().await.unwrap(),
+            served.read_first_bytes().await.unwrap().unwrap(),
             b"GET / HTTP/1.1\r\n"
         );
         client.write_all(b"\r\n").await.unwrap();
@@ -274,7 +271,7 @@ mod tests {
     async fn bytes_not_read_again_go_with_the_stream() {
         let (mut served, mut client) = connected().await;
         client.write_all(b"\x16\x03\x01").await.unwrap();
-        served.read_first_bytes().await.unwrap();
+        served.read_first_bytes().await.unwrap().unwrap();
         let mut first = [0u8; 1];
         served.read_exact(&mut first).await.unwrap();
         let (_, unread) = served.into_parts();
@@ -282,9 +279,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_that_closes_before_a_byte_is_an_error() {
+    async fn a_client_that_closes_before_a_byte_gives_none() {
         let (mut served, client) = connected().await;
         drop(client);
-        assert!(served.read_first_bytes().await.is_err());
+        assert_eq!(served.read_first_bytes().await.unwrap(), None);
     }
 }

@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use gamma_engine::index::Index;
 use gamma_engine::model::Object;
-use gamma_engine::routes::{Decision, RequestHead};
+use gamma_engine::routes::{Decision, Frontend, RequestHead, Snapshot};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -86,6 +86,19 @@ fn world(services: usize) -> Index {
     index
 }
 
+/// The `i`th request's frontend (Services visited in a scattered order, as requests come) and
+/// its caller's namespace (producer and consumer callers in turn).
+fn target(snapshot: &Snapshot, i: usize, services: usize) -> (&Frontend, &'static str) {
+    let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
+    let frontend = snapshot.frontend_at(addr).expect("frontend");
+    let caller = if i.is_multiple_of(2) {
+        "prod"
+    } else {
+        "team-3"
+    };
+    (frontend, caller)
+}
+
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("lookup");
     for services in [10usize, 1_000, 10_000] {
@@ -102,38 +115,25 @@ fn lookup(c: &mut Criterion) {
             b.iter(|| {
                 i = i.wrapping_add(7919);
                 let snapshot = reader.load();
-                let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
-                let frontend = snapshot.frontend_at(addr).expect("frontend");
-                let path = paths[i % paths.len()];
+                let (frontend, caller) = target(&snapshot, i, services);
                 let head = RequestHead {
                     method: &method,
-                    path,
+                    path: paths[i % paths.len()],
                     query: None,
                     headers: &headers,
                     authority: None,
-                };
-                let caller = if i.is_multiple_of(2) {
-                    "prod"
-                } else {
-                    "team-3"
                 };
                 matches!(frontend.lookup(Some(caller), &head), Decision::Rule { .. })
             })
         });
         // The first part of a lookup alone (the frontend and the caller's table, not its
         // entries): tells where the time of a lookup goes as the table outgrows the caches.
-        let mut j = 0usize;
+        let mut i = 0usize;
         group.bench_function(format!("{services}_services_table_only"), |b| {
             b.iter(|| {
-                j = j.wrapping_add(7919);
+                i = i.wrapping_add(7919);
                 let snapshot = reader.load();
-                let addr = SocketAddr::new(IpAddr::V4(vip(j % services)), 80);
-                let frontend = snapshot.frontend_at(addr).expect("frontend");
-                let caller = if j.is_multiple_of(2) {
-                    "prod"
-                } else {
-                    "team-3"
-                };
+                let (frontend, caller) = target(&snapshot, i, services);
                 frontend.table_for(Some(caller)).is_some()
             })
         });

@@ -10,7 +10,6 @@ use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,7 +66,7 @@ fn is_upgrade(parts: &http::request::Parts) -> bool {
 
 /// What one upstream attempt ended with.
 enum Attempt {
-    Response(Response<Incoming>),
+    Response(Response<ProxyBody>),
     ConnectFailed(String),
     TimedOut(Duration),
     Failed(String),
@@ -181,7 +180,7 @@ pub(super) async fn forward(
         if let Some(downstream) = downstream_upgrade {
             splice_upgrade(proxy, downstream, hyper::upgrade::on(&mut response));
         }
-        return Ok(response.map(body::stream));
+        return Ok(response);
     }
     strip_hop_by_hop(response.headers_mut(), false);
     // The timeouts cover the answer's body too.
@@ -193,8 +192,8 @@ pub(super) async fn forward(
     .flatten()
     .min();
     Ok(response.map(|b| match body_deadline {
-        None => body::stream(b),
-        Some(deadline) => Deadline::new(body::stream(b), deadline, grpc).boxed_unsync(),
+        None => b,
+        Some(deadline) => Deadline::new(b, deadline, grpc).boxed_unsync(),
     }))
 }
 

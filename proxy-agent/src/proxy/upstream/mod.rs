@@ -5,8 +5,11 @@
 //! failed, or whose last few requests all failed without an answer, is skipped for a short while
 //! (if any other is left).
 
+mod inline;
+mod wire;
+
 use super::affinity::Affinity;
-use super::body::ProxyBody;
+use super::body::{self, ProxyBody};
 use ahash::AHashMap;
 use gamma_engine::routes::backends::Backend;
 use http::{Request, Response};
@@ -52,6 +55,9 @@ pub enum UpstreamError {
 /// endpoints' in-flight counts and ejections are the agent's, shared.
 #[derive(Clone)]
 pub struct Upstream {
+    /// The agent's own HTTP/1.1 exchanges, for requests without a body.
+    inline: inline::InlinePool,
+    /// hyper's HTTP/1.1 client, for requests with a body and upgrades.
     http1: Http1Pool,
     http2: Http2Pool,
     pub endpoints: Arc<EndpointStats>,
@@ -94,6 +100,7 @@ impl Upstream {
         affinity: Arc<Affinity>,
     ) -> Self {
         Upstream {
+            inline: inline::InlinePool::new(connect_timeout, idle_timeout),
             http1: Http1Pool::new(connect_timeout, idle_timeout),
             http2: Http2Pool {
                 connections: Arc::default(),
@@ -138,16 +145,21 @@ impl Upstream {
 
     /// Sends `request` to `endpoint`. HTTP/1.1 requests are in origin form with the caller's
     /// Host; HTTP/2 ones carry the caller's authority in their URI (it becomes `:authority`).
+    /// An answer to an upgrade keeps hyper's `OnUpgrade` in its extensions.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
         h2: bool,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        if h2 {
-            return self.http2.send(endpoint, request).await;
-        }
-        self.http1.send(endpoint, request).await
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let response = if h2 {
+            self.http2.send(endpoint, request).await?
+        } else if inline::handles(&request) {
+            return self.inline.send(endpoint, request).await;
+        } else {
+            self.http1.send(endpoint, request).await?
+        };
+        Ok(response.map(body::stream))
     }
 }
 
@@ -167,116 +179,91 @@ pub(super) async fn connect_tcp(
     Ok(stream)
 }
 
-/// HTTP/1.1 connections, kept per endpoint. A connection goes back to its list as soon as its
-/// answer's head arrived and is taken again once hyper says it is ready (the answer's body was
-/// read to its end): nothing waits for it in between. hyper-util's pooled client spawned a task
-/// per request for that, and allocated six times; this takes a lock on the worker's own pool.
-/// A reaper closes connections idle for longer than `idle_timeout` (within twice that time).
-#[derive(Clone)]
-pub struct Http1Pool {
-    shared: Arc<Http1Shared>,
+/// Connections kept per endpoint for another request, and the reaper that closes those idle for
+/// longer than `idle_timeout` (within twice that time). Both HTTP/1.1 clients keep theirs here:
+/// hyper's (`Http1Pool`) and the agent's own (`inline::InlinePool`).
+pub(super) struct Kept<C> {
+    shared: Arc<KeptShared<C>>,
 }
 
-struct Http1Shared {
-    connections: Mutex<AHashMap<SocketAddr, Vec<Http1Conn>>>,
-    connect_timeout: Duration,
+impl<C> Clone for Kept<C> {
+    fn clone(&self) -> Self {
+        Kept {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct KeptShared<C> {
+    connections: Mutex<AHashMap<SocketAddr, Vec<KeptConn<C>>>>,
     idle_timeout: Duration,
     reaper_started: AtomicBool,
 }
 
-struct Http1Conn {
-    sender: http1::SendRequest<ProxyBody>,
+struct KeptConn<C> {
+    conn: C,
     /// When the reaper first saw it idle (`None`: in use when last seen).
     idle_since: Option<Instant>,
 }
 
-impl Http1Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        Http1Pool {
-            shared: Arc::new(Http1Shared {
+/// A connection a pool keeps.
+pub(super) trait Reusable: Send + 'static {
+    /// It can carry no more requests (the peer closed it, or it failed).
+    fn is_closed(&self) -> bool;
+    /// It can take a request now (not still reading an answer).
+    fn is_ready(&self) -> bool;
+}
+
+impl<C: Reusable> Kept<C> {
+    pub(super) fn new(idle_timeout: Duration) -> Self {
+        Kept {
+            shared: Arc::new(KeptShared {
                 connections: Mutex::default(),
-                connect_timeout,
                 idle_timeout,
                 reaper_started: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Sends `request` (origin form, with its Host) on an idle connection to `endpoint`, else on
-    /// a new one. A request a pooled connection did not start to send (it was closing) is sent
-    /// again on another.
-    pub async fn send(
-        &self,
-        endpoint: SocketAddr,
-        mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    /// The most recently used ready connection to `endpoint`; drops closed ones on the way.
+    pub(super) fn checkout(&self, endpoint: SocketAddr) -> Option<C> {
+        let mut connections = self.shared.connections.lock().expect("not poisoned");
+        let list = connections.get_mut(&endpoint)?;
         loop {
-            let (mut sender, pooled) = match self.checkout(endpoint) {
-                Some(sender) => (sender, true),
-                // Boxed: connecting is rare next to reuse, and its state would otherwise size
-                // every request's future.
-                None => (Box::pin(self.connect(endpoint)).await?, false),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.checkin(endpoint, sender);
-                    return Ok(response);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if pooled => request = unsent,
-                    _ => return Err(UpstreamError::Failed(error_chain(e.error()))),
-                },
+            let ready = list.iter().rposition(|c| c.conn.is_ready())?;
+            let candidate = list.swap_remove(ready).conn;
+            if !candidate.is_closed() {
+                return Some(candidate);
             }
         }
     }
 
-    /// The most recently used ready connection to `endpoint`; drops closed ones on the way.
-    fn checkout(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut connections = self.shared.connections.lock().expect("not poisoned");
-        let list = connections.get_mut(&endpoint)?;
-        list.retain(|c| !c.sender.is_closed());
-        let ready = list.iter().rposition(|c| c.sender.is_ready())?;
-        Some(list.swap_remove(ready).sender)
-    }
-
-    fn checkin(&self, endpoint: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+    /// Keeps `conn` for another request to `endpoint`, unless [`HTTP1_IDLE_PER_ENDPOINT`] are
+    /// kept already (it is then dropped).
+    pub(super) fn checkin(&self, endpoint: SocketAddr, conn: C) {
         let started = &self.shared.reaper_started;
         if !started.load(Ordering::Relaxed) && !started.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap_idle(Arc::downgrade(&self.shared)));
         }
         let mut connections = self.shared.connections.lock().expect("not poisoned");
         let list = connections.entry(endpoint).or_default();
-        // Beyond the limit the sender is dropped: hyper closes its connection after this answer.
         if list.len() < HTTP1_IDLE_PER_ENDPOINT {
-            list.push(Http1Conn {
-                sender,
+            list.push(KeptConn {
+                conn,
                 idle_since: None,
             });
         }
     }
 
-    async fn connect(
-        &self,
-        endpoint: SocketAddr,
-    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
-        let stream = connect_tcp(endpoint, self.shared.connect_timeout).await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
-        tokio::spawn(async move {
-            // With upgrades: a 101 hands the connection to the forwarder's pump.
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        Ok(sender)
+    #[cfg(test)]
+    fn endpoints_kept(&self) -> usize {
+        self.shared.connections.lock().unwrap().len()
     }
 }
 
-/// Closes pooled HTTP/1.1 connections idle for longer than the pool's idle timeout, until the
-/// pool is gone. A connection counts as idle from the first sweep that finds it ready.
-async fn reap_idle(pool: Weak<Http1Shared>) {
+/// Closes kept connections idle for longer than the pool's idle timeout, until the pool is gone.
+/// A connection counts as idle from the first sweep that finds it ready.
+async fn reap_idle<C: Reusable>(pool: Weak<KeptShared<C>>) {
     let Some(period) = pool
         .upgrade()
         .map(|p| (p.idle_timeout / 2).max(Duration::from_millis(100)))
@@ -292,10 +279,10 @@ async fn reap_idle(pool: Weak<Http1Shared>) {
         let mut connections = pool.connections.lock().expect("not poisoned");
         connections.retain(|_, list| {
             list.retain_mut(|c| {
-                if c.sender.is_closed() {
+                if c.conn.is_closed() {
                     return false;
                 }
-                if !c.sender.is_ready() {
+                if !c.conn.is_ready() {
                     c.idle_since = None;
                     return true;
                 }
@@ -303,6 +290,83 @@ async fn reap_idle(pool: Weak<Http1Shared>) {
             });
             !list.is_empty()
         });
+    }
+}
+
+/// HTTP/1.1 connections of hyper's client, for requests with a body and upgrades. A connection
+/// goes back to the pool as soon as its answer's head arrived and is taken again once hyper says
+/// it is ready (the answer's body was read to its end): nothing waits for it in between.
+/// hyper-util's pooled client spawned a task per request for that, and allocated six times.
+#[derive(Clone)]
+pub struct Http1Pool {
+    kept: Kept<http1::SendRequest<ProxyBody>>,
+    connect_timeout: Duration,
+}
+
+impl Reusable for http1::SendRequest<ProxyBody> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
+    }
+
+    fn is_ready(&self) -> bool {
+        http1::SendRequest::is_ready(self)
+    }
+}
+
+impl Http1Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Http1Pool {
+            kept: Kept::new(idle_timeout),
+            connect_timeout,
+        }
+    }
+
+    /// Sends `request` (origin form, with its Host) on an idle connection to `endpoint`, else on
+    /// a new one. A request a pooled connection did not start to send (it was closing) is sent
+    /// again on another.
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        loop {
+            let (mut sender, pooled) = match self.kept.checkout(endpoint) {
+                Some(sender) => (sender, true),
+                // Boxed: connecting is rare next to reuse, and its state would otherwise size
+                // every request's future.
+                None => (Box::pin(self.connect(endpoint)).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    // Beyond the pool's limit the sender is dropped: hyper closes its connection
+                    // after this answer.
+                    self.kept.checkin(endpoint, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => request = unsent,
+                    _ => return Err(UpstreamError::Failed(error_chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let stream = connect_tcp(endpoint, self.connect_timeout).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            // With upgrades: a 101 hands the connection to the forwarder's pump.
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
     }
 }
 
@@ -775,8 +839,7 @@ mod tests {
             open.load(Ordering::SeqCst) == 0
         })
         .await;
-        let pooled = || pool.shared.connections.lock().unwrap().len();
-        eventually("the pool emptied", || pooled() == 0).await;
+        eventually("the pool emptied", || pool.kept.endpoints_kept() == 0).await;
         get_ok(&pool, endpoint).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),

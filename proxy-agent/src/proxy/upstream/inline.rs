@@ -1,0 +1,462 @@
+//! HTTP/1.1 exchanges the agent runs itself, for requests without a body (most of a mesh's
+//! requests): the request's own task writes the head on a kept connection and reads the answer's
+//! head, and the answer's body reads from that connection as the caller's side asks for it.
+//! hyper's client runs each connection as a task of its own, reached per request through a
+//! channel and a oneshot, and wakes between the two tasks for the head and every body read; here
+//! nothing crosses tasks. Requests with a body (which may stream while the answer comes back) and
+//! upgrades go through hyper's client (`Http1Pool`). The wire format is `wire.rs`.
+
+use super::wire::{self, AnswerHead, BodyDecoder, Decoded, Framing};
+use super::{connect_tcp, Kept, Reusable, UpstreamError};
+use crate::proxy::body::{self, BoxError, ProxyBody};
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+/// The first read's size, and the least room a read gets: hyper's client starts at the same.
+const READ_SIZE: usize = 8 * 1024;
+
+/// The largest read a long body grows to.
+const MAX_READ_SIZE: usize = 64 * 1024;
+
+/// Whether `request` can go through the agent's own exchange: no body, no upgrade, not CONNECT.
+pub fn handles(request: &Request<ProxyBody>) -> bool {
+    request.body().is_end_stream()
+        && request.method() != Method::CONNECT
+        && !request.headers().contains_key(http::header::UPGRADE)
+}
+
+/// A kept upstream connection with its buffers, reused for its whole life.
+pub(super) struct Connection {
+    stream: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+impl Reusable for Connection {
+    /// Readable while idle: the upstream closed it (or sent what nobody asked for). Reads the
+    /// readiness tokio already has: no system call unless it says readable.
+    fn is_closed(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// A connection is kept only once its answer was read to the end.
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// An exchange that got no answer; `stale`: a kept connection failed before a byte of answer
+/// came, as one the upstream closed while idle does.
+struct Failed {
+    error: String,
+    stale: bool,
+}
+
+impl Connection {
+    async fn connect(endpoint: SocketAddr, timeout: Duration) -> Result<Self, UpstreamError> {
+        Ok(Connection {
+            stream: connect_tcp(endpoint, timeout).await?,
+            read: BytesMut::with_capacity(READ_SIZE),
+            write: Vec::with_capacity(512),
+        })
+    }
+
+    /// Sends the head in `write` and reads the answer's head.
+    async fn exchange(&mut self, to_head: bool) -> Result<AnswerHead, Failed> {
+        let failed = |error: String, read: &BytesMut| Failed {
+            error,
+            stale: read.is_empty(),
+        };
+        if let Err(e) = self.stream.write_all(&self.write).await {
+            return Err(failed(e.to_string(), &self.read));
+        }
+        loop {
+            match wire::answer_head(&mut self.read, to_head) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failed {
+                        error: e.to_string(),
+                        stale: false,
+                    })
+                }
+            }
+            self.read.reserve(READ_SIZE);
+            match tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.read).await {
+                Ok(0) => return Err(failed(wire::WireError::ClosedEarly.to_string(), &self.read)),
+                Ok(_) => {}
+                Err(e) => return Err(failed(e.to_string(), &self.read)),
+            }
+        }
+    }
+}
+
+/// The agent's own HTTP/1.1 connections, per endpoint (one pool per data-plane worker).
+#[derive(Clone)]
+pub struct InlinePool {
+    kept: Kept<Connection>,
+    connect_timeout: Duration,
+}
+
+impl InlinePool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        InlinePool {
+            kept: Kept::new(idle_timeout),
+            connect_timeout,
+        }
+    }
+
+    /// Sends `request` (origin form, with its Host; no body: see [`handles`]) on a kept
+    /// connection to `endpoint`, else on a new one. An idempotent request that a kept
+    /// connection failed before any answer (the upstream closed it while idle) goes again on
+    /// another (RFC 9112 §9.3.1).
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let (parts, _) = request.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let to_head = parts.method == Method::HEAD;
+        loop {
+            let (mut conn, kept) = match self.kept.checkout(endpoint) {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare next to reuse, and its state would otherwise size
+                // every request's future.
+                None => (
+                    Box::pin(Connection::connect(endpoint, self.connect_timeout)).await?,
+                    false,
+                ),
+            };
+            wire::request_head(&parts.method, target, &parts.headers, &mut conn.write);
+            match conn.exchange(to_head).await {
+                Ok(head) => return Ok(self.answer(endpoint, conn, head)),
+                Err(f) if f.stale && kept && parts.method.is_idempotent() => continue,
+                Err(f) => return Err(UpstreamError::Failed(f.error)),
+            }
+        }
+    }
+
+    fn answer(
+        &self,
+        endpoint: SocketAddr,
+        conn: Connection,
+        head: AnswerHead,
+    ) -> Response<ProxyBody> {
+        let mut response = Response::new(body::empty());
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if let Some(reason) = head
+            .reason
+            .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok())
+        {
+            // hyper's server writes it instead of the usual phrase, as with hyper's client.
+            response.extensions_mut().insert(reason);
+        }
+        let mut answer = AnswerBody {
+            conn: Some(conn),
+            decoder: BodyDecoder::new(head.framing),
+            reusable: head.reusable,
+            read_size: READ_SIZE,
+            pool: self.kept.clone(),
+            endpoint,
+            error: None,
+        };
+        if head.framing == Framing::Empty {
+            answer.finish();
+        } else {
+            *response.body_mut() = answer.boxed_unsync();
+        }
+        response
+    }
+}
+
+/// An answer's body, read from its connection as the caller's side polls it; the connection goes
+/// back to its pool as soon as the body's last byte is read (or is closed, if it cannot be
+/// reused, or the body is dropped before its end).
+///
+/// An error (the upstream closed midway, a malformed chunk) is reported one poll late: hyper's
+/// server closes the caller's connection at a body error without writing what it holds, so the
+/// body first yields once to let it flush the head and data already given. The caller then sees
+/// the answer cut short, as with hyper's client (whose body errors arrive from another task),
+/// not a connection closed before any answer, which would look like a request never handled.
+struct AnswerBody {
+    /// `None` once the body ended.
+    conn: Option<Connection>,
+    decoder: BodyDecoder,
+    reusable: bool,
+    /// Grows while reads fill it, up to [`MAX_READ_SIZE`].
+    read_size: usize,
+    pool: Kept<Connection>,
+    endpoint: SocketAddr,
+    /// Reported at the next poll.
+    error: Option<BoxError>,
+}
+
+impl AnswerBody {
+    /// The body ended: the connection is kept if nothing is left on it.
+    fn finish(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if self.reusable && self.decoder.is_done() && conn.read.is_empty() {
+            if conn.read.capacity() > 2 * READ_SIZE {
+                // A long body grew the buffer: an idle connection keeps no more than a first read.
+                conn.read = BytesMut::new();
+            }
+            self.pool.checkin(self.endpoint, conn);
+        }
+    }
+
+    fn failed(
+        &mut self,
+        error: impl Into<BoxError>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.error = Some(error.into());
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match this.decoder.decode(&mut conn.read) {
+                Err(e) => return this.failed(e, cx),
+                Ok(None) => None,
+                Ok(Some(Decoded::Data(data))) => Some(Frame::data(data)),
+                Ok(Some(Decoded::Trailers(trailers))) => Some(Frame::trailers(trailers)),
+                Ok(Some(Decoded::End)) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+            };
+            if let Some(frame) = frame {
+                if this.decoder.is_done() {
+                    this.finish();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            conn.read.reserve(this.read_size);
+            let room = conn.read.capacity() - conn.read.len();
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                &mut conn.read
+            ));
+            match read {
+                Ok(0) => {
+                    if let Err(e) = this.decoder.closed() {
+                        return this.failed(e, cx);
+                    }
+                    // Delimited by the close: the connection is done with.
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(n) if n == room => this.read_size = (this.read_size * 2).min(MAX_READ_SIZE),
+                Ok(_) => {}
+                Err(e) => return this.failed(e, cx),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.error.is_none() && (self.conn.is_none() || self.decoder.is_done())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(exact) => SizeHint::with_exact(exact),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt as _;
+
+    /// A server on 127.0.0.1 giving `answer` to every request head it reads (its head only, to a
+    /// HEAD); `close_after`: it closes each connection after its answer without saying so. Counts
+    /// connections accepted.
+    async fn answering(answer: &'static [u8], close_after: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let to_head = head.starts_with(b"HEAD ");
+                            head.drain(..end + 4);
+                            let answer_head_len = answer
+                                .windows(4)
+                                .position(|w| w == b"\r\n\r\n")
+                                .map_or(answer.len(), |at| at + 4);
+                            let answer = if to_head {
+                                &answer[..answer_head_len]
+                            } else {
+                                answer
+                            };
+                            if stream.write_all(answer).await.is_err() || close_after {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool() -> InlinePool {
+        InlinePool::new(Duration::from_secs(1), Duration::from_secs(90))
+    }
+
+    fn request(method: Method) -> Request<ProxyBody> {
+        let mut request = Request::new(body::empty());
+        *request.method_mut() = method;
+        *request.uri_mut() = "/x".parse().unwrap();
+        request
+            .headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("svc"));
+        request
+    }
+
+    /// The answer's status, data and trailers.
+    async fn exchange(
+        pool: &InlinePool,
+        endpoint: SocketAddr,
+        method: Method,
+    ) -> (u16, Vec<u8>, Option<http::HeaderMap>) {
+        let response = pool
+            .send(endpoint, request(method))
+            .await
+            .expect("an answer");
+        let status = response.status().as_u16();
+        let collected = response.into_body().collect().await.expect("a whole body");
+        let trailers = collected.trailers().cloned();
+        (status, collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_answer_was_read() {
+        let (endpoint, accepted) =
+            answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+        let pool = pool();
+        for _ in 0..3 {
+            assert_eq!(
+                exchange(&pool, endpoint, Method::GET).await,
+                (200, b"ok".to_vec(), None)
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // A HEAD's answer has no body, whatever its Content-Length says.
+        assert_eq!(exchange(&pool, endpoint, Method::HEAD).await.1, b"");
+        assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_keep_their_trailers_and_their_connection() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\ngrpc-status: 0\r\n\r\n";
+        let (endpoint, accepted) = answering(answer, false).await;
+        let pool = pool();
+        for _ in 0..2 {
+            let (status, data, trailers) = exchange(&pool, endpoint, Method::GET).await;
+            assert_eq!((status, &data[..]), (200, &b"abcde"[..]));
+            assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_delimited_by_the_close_ends_its_connection() {
+        let (endpoint, accepted) = answering(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
+        let pool = pool();
+        for _ in 0..2 {
+            assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"all of it");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        // The upstream closes after each answer, without saying so.
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (endpoint, accepted) = answering(answer, true).await;
+        let pool = pool();
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
+            // Let the runtime see the close.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        // Not yet seen closed: a GET goes again on a new connection.
+        assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
+        assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_its_connection_is_not_kept() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort";
+        let (endpoint, accepted) = answering(answer, true).await;
+        let pool = pool();
+        for round in 1..=2 {
+            let response = pool.send(endpoint, request(Method::GET)).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let error = response.into_body().collect().await.unwrap_err();
+            assert!(error.to_string().contains("closed"), "{error}");
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+        let malformed = b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n";
+        let (endpoint, _) = answering(malformed, false).await;
+        let Err(UpstreamError::Failed(error)) = pool.send(endpoint, request(Method::GET)).await
+        else {
+            panic!("a malformed answer is a failed exchange");
+        };
+        assert!(error.contains("Content-Length"), "{error}");
+    }
+}

@@ -1,0 +1,684 @@
+//! HTTP/1.1 on the wire for the exchanges the agent runs itself (`inline.rs`): a request head
+//! out, an answer head in (RFC 9112 §4–6), and the answer's body framing, chunked coding
+//! included (§7). Pure: bytes in, bytes or frames out, so that every case tests without sockets.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Header fields an answer head or trailer section may have, as hyper's client allows.
+const MAX_HEADERS: usize = 100;
+
+/// The largest answer head (and trailer section) read, as hyper's client's largest read buffer:
+/// an upstream that hyper's client accepted is accepted here too.
+pub const MAX_HEAD: usize = 8192 + 4096 * 100;
+
+/// The longest chunk-size line, with its extensions (which are ignored).
+const MAX_CHUNK_LINE: usize = 8192;
+
+/// Why an upstream's answer cannot be relayed. The upstream's connection is not reused after one.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("the upstream's answer head is malformed ({0})")]
+    MalformedHead(httparse::Error),
+    #[error("the upstream's answer head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the upstream's answer has an invalid status code {0}")]
+    BadStatus(u16),
+    #[error("the upstream's answer has conflicting or invalid Content-Length values")]
+    BadContentLength,
+    #[error("the upstream switched protocols on a request that asked for no upgrade")]
+    UnaskedUpgrade,
+    #[error("the upstream's chunked body is malformed: {0}")]
+    BadChunk(&'static str),
+    #[error("the upstream closed its connection before the answer's end")]
+    ClosedEarly,
+}
+
+/// Writes the head of a request without a body: `METHOD target HTTP/1.1`, then `headers` as
+/// they are (lower-case names, as hyper's client sends them). A POST, PUT or PATCH without a
+/// Content-Length gets `content-length: 0`: some servers refuse such a request without one (411).
+pub fn request_head(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let may_carry_a_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    if may_carry_a_body && !headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How an answer's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Framing {
+    /// No body: an answer to HEAD, a 204 or 304, or `Content-Length: 0`.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// An answer's head, as read from the upstream.
+#[derive(Debug)]
+pub struct AnswerHead {
+    pub status: StatusCode,
+    /// The reason phrase, when it is not the status code's usual one (it is relayed as sent).
+    pub reason: Option<Bytes>,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// Whether the connection can carry another request after this answer's body.
+    pub reusable: bool,
+}
+
+/// A header field's name and value, as offsets into the head.
+#[derive(Clone, Copy, Default)]
+struct FieldAt {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Reads the final answer head from the start of `buf` and removes it (and any informational
+/// 1xx answers before it) from `buf`, leaving the body's first bytes. `Ok(None)`: the head is not
+/// complete yet. `to_head`: the request was a HEAD (its answer has no body, whatever it says).
+pub fn answer_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<AnswerHead>, WireError> {
+    loop {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut raw);
+        let head_len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(WireError::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(WireError::MalformedHead(e)),
+        };
+        let code = parsed.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus(code))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(WireError::UnaskedUpgrade);
+        }
+        let version = match parsed.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let mut fields = [FieldAt::default(); MAX_HEADERS];
+        let count = parsed.headers.len();
+        let start = buf.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let from = s.as_ptr() as usize - start;
+            (from, from + s.len())
+        };
+        let reason = parsed
+            .reason
+            .map(str::as_bytes)
+            .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(*r))
+            .map(at);
+        for (field, raw) in fields.iter_mut().zip(parsed.headers.iter()) {
+            *field = FieldAt {
+                name: at(raw.name.as_bytes()),
+                value: at(raw.value),
+            };
+        }
+        let head = buf.split_to(head_len).freeze();
+        if status.is_informational() {
+            // 100 Continue, 103 Early Hints: the final answer follows.
+            continue;
+        }
+        let headers = header_map(&head, &fields[..count]);
+        let reason = reason.map(|(from, to)| head.slice(from..to));
+        return framed(status, reason, version, headers, to_head).map(Some);
+    }
+}
+
+/// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
+/// are tokens and that values hold no control characters but tab.
+fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let Ok(name) = HeaderName::from_bytes(&head[field.name.0..field.name.1]) else {
+            continue;
+        };
+        if let Ok(value) = HeaderValue::from_maybe_shared(head.slice(field.value.0..field.value.1))
+        {
+            headers.append(name, value);
+        }
+    }
+    headers
+}
+
+/// The body's framing and whether the connection stays usable (RFC 9112 §6.3, §9.3).
+fn framed(
+    status: StatusCode,
+    reason: Option<Bytes>,
+    version: Version,
+    mut headers: HeaderMap,
+    to_head: bool,
+) -> Result<AnswerHead, WireError> {
+    let mut reusable = connection_kept(&headers, version);
+    let framing =
+        if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Framing::Empty
+        } else if let Some(chunked_last) = chunked_last(&headers) {
+            if headers.remove(header::CONTENT_LENGTH).is_some() {
+                // Both: the coding wins, and the connection is not trusted further (§6.3 item 3).
+                reusable = false;
+            }
+            if chunked_last {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            }
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            match content_length(&headers)? {
+                0 => Framing::Empty,
+                n => Framing::Length(n),
+            }
+        } else {
+            Framing::UntilClose
+        };
+    if framing == Framing::UntilClose {
+        reusable = false;
+    }
+    Ok(AnswerHead {
+        status,
+        reason,
+        version,
+        headers,
+        framing,
+        reusable,
+    })
+}
+
+/// With Transfer-Encoding: whether its last coding is chunked (the one that frames the body).
+fn chunked_last(headers: &HeaderMap) -> Option<bool> {
+    let value = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()?;
+    let last = value
+        .to_str()
+        .unwrap_or("")
+        .rsplit(',')
+        .next()
+        .unwrap_or("");
+    Some(last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// One length, however often repeated (`5`, `5, 5`, or two fields of `5`); anything else is an
+/// error (§6.3 item 5).
+fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| WireError::BadContentLength)?;
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(WireError::BadContentLength);
+            }
+            let n: u64 = item.parse().map_err(|_| WireError::BadContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::BadContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    length.ok_or(WireError::BadContentLength)
+}
+
+/// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.
+fn connection_kept(headers: &HeaderMap, version: Version) -> bool {
+    let has = |option: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|o| o.trim().eq_ignore_ascii_case(option))
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive") && !has("close")
+    } else {
+        !has("close")
+    }
+}
+
+/// What the body decoder found next in the bytes read.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body ended (without trailers).
+    End,
+}
+
+/// Cuts an answer's body out of the bytes read from the upstream, frame by frame.
+#[derive(Debug)]
+pub struct BodyDecoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Length(u64),
+    UntilClose,
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: bytes left.
+    ChunkData(u64),
+    /// After a chunk's data: its CRLF.
+    ChunkEnd,
+    /// After the last chunk: the trailer section (usually just CRLF).
+    Trailers,
+    Done,
+}
+
+impl BodyDecoder {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyDecoder { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes of body the upstream still owes, when that is known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The next frame from `buf`, consuming what it used; `Ok(None)`: more bytes are needed.
+    /// Once done, it is `End` and leaves `buf` alone (bytes left there were not the answer's).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, WireError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Some(Decoded::End)),
+                State::Length(left) | State::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    let data = buf.split_to(take as usize).freeze();
+                    self.state = match (self.state, left - take) {
+                        (State::Length(_), 0) => State::Done,
+                        (State::Length(_), rest) => State::Length(rest),
+                        (_, 0) => State::ChunkEnd,
+                        (_, rest) => State::ChunkData(rest),
+                    };
+                    return Ok(Some(Decoded::Data(data)));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Decoded::Data(buf.split().freeze())));
+                }
+                State::ChunkSize => {
+                    let Some(line_end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..line_end])?;
+                    let _ = buf.split_to(line_end + 2);
+                    self.state = match size {
+                        0 => State::Trailers,
+                        n => State::ChunkData(n),
+                    };
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::BadChunk("no CRLF after a chunk's data"));
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => return self.trailers(buf),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, WireError> {
+        if buf.starts_with(b"\r\n") {
+            let _ = buf.split_to(2);
+            self.state = State::Done;
+            return Ok(Some(Decoded::End));
+        }
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (len, fields) = match httparse::parse_headers(buf, &mut raw) {
+            Ok(httparse::Status::Complete((len, fields))) => (len, fields),
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(WireError::BadChunk("trailer section too large"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(WireError::BadChunk("malformed trailer section")),
+        };
+        let mut trailers = HeaderMap::with_capacity(fields.len());
+        for field in fields.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes());
+            let value = HeaderValue::from_bytes(field.value);
+            if let (Ok(name), Ok(value)) = (name, value) {
+                trailers.append(name, value);
+            }
+        }
+        let _ = buf.split_to(len);
+        self.state = State::Done;
+        Ok(Some(Decoded::Trailers(trailers)))
+    }
+
+    /// The upstream closed the connection: the end of a body delimited by that, else an error.
+    pub fn closed(&mut self) -> Result<(), WireError> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(WireError::ClosedEarly),
+        }
+    }
+}
+
+/// Where the CRLF of the line at the start of `buf` is; an error if the line runs past `max`.
+fn find_crlf(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(at) if at <= max => Ok(Some(at)),
+        None if buf.len() <= max => Ok(None),
+        _ => Err(WireError::BadChunk("chunk-size line too long")),
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" extensions ]` (extensions are ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    let after = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let extensions_only = after.is_none_or(|i| rest[i] == b';');
+    if digits == 0 || digits > 16 || !extensions_only {
+        return Err(WireError::BadChunk("invalid chunk size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    u64::from_str_radix(hex, 16).map_err(|_| WireError::BadChunk("invalid chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, to_head: bool) -> (Result<Option<AnswerHead>, WireError>, BytesMut) {
+        let mut buf = BytesMut::from(text.as_bytes());
+        (answer_head(&mut buf, to_head), buf)
+    }
+
+    fn framing(text: &str) -> (Framing, bool) {
+        let answer = head(text, false).0.unwrap().unwrap();
+        (answer.framing, answer.reusable)
+    }
+
+    #[test]
+    fn a_request_head_is_the_method_target_and_fields() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("catalog"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        request_head(&Method::GET, "/p?q=1", &headers, &mut out);
+        assert_eq!(
+            out,
+            b"GET /p?q=1 HTTP/1.1\r\nhost: catalog\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+        request_head(&Method::POST, "/", &HeaderMap::new(), &mut out);
+        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    }
+
+    #[test]
+    fn an_answer_head_is_split_off_and_its_values_share_the_bytes_read() {
+        let (answer, rest) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Thing: a b\r\nx-thing: c\r\n\r\nokNEXT",
+            false,
+        );
+        let answer = answer.unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.reason, None, "the usual phrase");
+        assert_eq!(answer.version, Version::HTTP_11);
+        let things: Vec<_> = answer.headers.get_all("x-thing").iter().collect();
+        assert_eq!(things, ["a b", "c"]);
+        assert_eq!(
+            (answer.framing, answer.reusable),
+            (Framing::Length(2), true)
+        );
+        assert_eq!(&rest[..], b"okNEXT");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_an_endless_one_is_refused() {
+        let (answer, rest) = head("HTTP/1.1 200 OK\r\nContent-Le", false);
+        assert!(answer.unwrap().is_none());
+        assert_eq!(rest.len(), 27, "nothing consumed");
+        let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(
+            head(&endless, false).0.unwrap_err(),
+            WireError::HeadTooLarge
+        );
+        assert!(matches!(
+            head("HTTP/1.1 2x0 OK\r\n\r\n", false).0,
+            Err(WireError::MalformedHead(_))
+        ));
+    }
+
+    #[test]
+    fn informational_answers_are_skipped_and_101_is_refused() {
+        let (answer, rest) = head(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            false,
+        );
+        let answer = answer.unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::NO_CONTENT);
+        assert!(!answer.headers.contains_key("link"));
+        assert!(rest.is_empty());
+        let (partial, rest) = head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2", false);
+        assert!(partial.unwrap().is_none());
+        assert_eq!(&rest[..], b"HTTP/1.1 2", "the 100 is consumed");
+        let upgrade = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+        assert_eq!(
+            head(upgrade, false).0.unwrap_err(),
+            WireError::UnaskedUpgrade
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_section_6_3() {
+        let keep = true;
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n"),
+            (Framing::Length(5), keep)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            (Framing::Empty, keep)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            (Framing::Chunked, keep)
+        );
+        // Both: the coding wins, Content-Length is dropped, the connection is not reused.
+        let (both, _) = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        );
+        let both = both.unwrap().unwrap();
+        assert_eq!((both.framing, both.reusable), (Framing::Chunked, false));
+        assert!(!both.headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n"),
+            (Framing::Empty, keep)
+        );
+        let (to_head, _) = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true);
+        assert_eq!(to_head.unwrap().unwrap().framing, Framing::Empty);
+        for bad in ["5, 6", "-1", "", "0x5"] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert_eq!(
+                head(&text, false).0.unwrap_err(),
+                WireError::BadContentLength
+            );
+        }
+        let (teapot, _) = head(
+            "HTTP/1.1 200 Fine Indeed\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(teapot.unwrap().unwrap().reason.unwrap(), "Fine Indeed");
+        let twice = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n";
+        assert_eq!(
+            head(twice, false).0.unwrap_err(),
+            WireError::BadContentLength
+        );
+    }
+
+    #[test]
+    fn connection_reuse_follows_the_version_and_its_options() {
+        let close = "HTTP/1.1 200 OK\r\nconnection: keep-alive, close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(framing(close), (Framing::Empty, false));
+        let old = "HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(framing(old), (Framing::Empty, false));
+        let old_kept = "HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(framing(old_kept), (Framing::Empty, true));
+    }
+
+    /// Feeds `wire` to a decoder `step` bytes at a time; the frames it gives, then whether it ended.
+    fn decode_in_steps(framing: Framing, wire: &[u8], step: usize) -> (Vec<Decoded>, BytesMut) {
+        let mut decoder = BodyDecoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for piece in wire.chunks(step) {
+            buf.extend_from_slice(piece);
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                if frame == Decoded::End {
+                    return (frames, buf);
+                }
+                let trailers = matches!(frame, Decoded::Trailers(_));
+                frames.push(frame);
+                if trailers {
+                    assert!(decoder.is_done());
+                    return (frames, buf);
+                }
+            }
+        }
+        panic!("no end in {wire:?}");
+    }
+
+    fn data_of(frames: &[Decoded]) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Decoded::Data(d) => Some(&d[..]),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads() {
+        let wire = b"5;ext=1\r\nhello\r\n1 \r\n \r\n6\r\nworld!\r\n0\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (frames, rest) = decode_in_steps(Framing::Chunked, wire, step);
+            assert_eq!(data_of(&frames), b"hello world!", "step {step}");
+            assert!(frames.iter().all(|f| !matches!(f, Decoded::Trailers(_))));
+            assert!(b"NEXT".starts_with(&rest), "step {step}");
+        }
+    }
+
+    #[test]
+    fn chunked_trailers_become_a_trailers_frame() {
+        let wire = b"2\r\nok\r\n0\r\ngrpc-status: 0\r\ngrpc-message: fine\r\n\r\n";
+        for step in [1, 5, wire.len()] {
+            let (frames, rest) = decode_in_steps(Framing::Chunked, wire, step);
+            assert_eq!(data_of(&frames), b"ok");
+            let Some(Decoded::Trailers(trailers)) = frames.last() else {
+                panic!("no trailers at step {step}: {frames:?}");
+            };
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["grpc-message"], "fine");
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5 x\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
+        ] {
+            let mut decoder = BodyDecoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(wire);
+            let result = std::iter::from_fn(|| Some(decoder.decode(&mut buf)))
+                .find(|r| !matches!(r, Ok(Some(Decoded::Data(_)))));
+            assert!(
+                matches!(result, Some(Err(WireError::BadChunk(_)))),
+                "{wire:?}: {result:?}"
+            );
+        }
+        let mut decoder = BodyDecoder::new(Framing::Chunked);
+        let long = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
+        assert!(decoder.decode(&mut long.clone()).is_err());
+    }
+
+    #[test]
+    fn length_and_close_delimited_bodies() {
+        for step in [1, 3, 9] {
+            let (frames, rest) = decode_in_steps(Framing::Length(5), b"helloNEXT", step);
+            assert_eq!(data_of(&frames), b"hello");
+            assert!(b"NEXT".starts_with(&rest), "bytes after the body are left");
+        }
+        let mut decoder = BodyDecoder::new(Framing::Length(5));
+        let mut buf = BytesMut::from(&b"hel"[..]);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Ok(Some(Decoded::Data(_)))
+        ));
+        assert_eq!(decoder.remaining(), Some(2));
+        assert_eq!(decoder.closed(), Err(WireError::ClosedEarly));
+        let mut decoder = BodyDecoder::new(Framing::UntilClose);
+        let mut buf = BytesMut::from(&b"all of it"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Some(Decoded::Data(Bytes::from_static(b"all of it"))))
+        );
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        assert_eq!(decoder.closed(), Ok(()));
+        assert!(decoder.is_done());
+        assert!(BodyDecoder::new(Framing::Empty).is_done());
+    }
+}

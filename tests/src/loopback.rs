@@ -68,10 +68,23 @@ pub async fn echo_backend(ip: [u8; 4], name: &str) -> EchoBackend {
 }
 
 /// An echo backend on `addr` (port 0: any free one).
+///
+/// Its accept queue holds 4,096 connections, as a server's does where the kernel allows
+/// (`net.core.somaxconn`; Go's servers ask for that much): a burst of new connections from the
+/// agent, such as a cold pool under hundreds of concurrent requests, then waits to be accepted.
+/// tokio's `TcpListener::bind` asks for 128, which drops the SYNs beyond; a dropped SYN is
+/// retried after 1 s, the agent's connect timeout.
 pub async fn echo_backend_at(addr: SocketAddr, name: &str) -> EchoBackend {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|e| panic!("bind echo on {addr}: {e}"));
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    let listener = bind().unwrap_or_else(|e| panic!("bind echo on {addr}: {e}"));
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(EchoStats::default());
     tokio::spawn(echo::serve(listener, name.to_string(), stats.clone()));

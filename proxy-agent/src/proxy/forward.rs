@@ -4,7 +4,7 @@ use super::body::{self, Deadline, ProxyBody, RequestBody};
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
-use super::upstream::UpstreamError;
+use super::upstream::{Upstream, UpstreamError};
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
@@ -124,8 +124,18 @@ pub(super) async fn forward(
             attempt_started = Instant::now();
             // The first attempt always has its body; a later one only if it could be kept.
             let request_body = body.next_attempt().unwrap_or_else(body::empty);
-            let request = upstream_request(&parts, held.authority(), h2, request_body);
-            let attempt = send(proxy, endpoint, h2, request, attempt_timeout).await;
+            // Bodiless HTTP/1.1 requests go without copying `parts`.
+            let head_only = !h2 && Upstream::sends_head_only(&parts, &request_body);
+            let call = async {
+                if head_only {
+                    let host = http1_host(&parts, held.authority());
+                    let host = host.as_ref().map(|h| h.as_str());
+                    return proxy.upstream.send_http1_head(endpoint, &parts, host).await;
+                }
+                let request = upstream_request(&parts, held.authority(), h2, request_body);
+                proxy.upstream.send(endpoint, h2, request).await
+            };
+            let attempt = attempt(call, attempt_timeout).await;
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
                 Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
@@ -243,10 +253,7 @@ pub(super) fn upstream_request(
     } else {
         join_cookie_crumbs(request.headers_mut());
         request.headers_mut().remove(header::TE);
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 callers name the authority in the URI; HTTP/1.1 backends want a Host header
-            // (the endpoint's, when the caller named none).
-            let authority = caller_authority().unwrap_or_else(|| endpoint.clone());
+        if let Some(authority) = http1_host(parts, endpoint) {
             if let Ok(host) = authority.as_str().parse() {
                 request.headers_mut().insert(header::HOST, host);
             }
@@ -278,6 +285,18 @@ pub(super) fn upstream_request(
     request
 }
 
+/// The Host an HTTP/1.1 upstream gets when the caller sent none: HTTP/2 callers name the
+/// authority in the URI; else the endpoint's. `None`: the caller's Host goes as it is.
+fn http1_host(
+    parts: &http::request::Parts,
+    endpoint: &http::uri::Authority,
+) -> Option<http::uri::Authority> {
+    if parts.headers.contains_key(header::HOST) {
+        return None;
+    }
+    Some(parts.uri.authority().unwrap_or(endpoint).clone())
+}
+
 /// HTTP/2 splits `Cookie` into one field per pair ("crumbs"); before an HTTP/1.1 hop they are
 /// joined back into one field with `; ` (RFC 9113 §8.2.3): HTTP/1.1 servers expect one.
 fn join_cookie_crumbs(headers: &mut HeaderMap) {
@@ -295,14 +314,11 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
     }
 }
 
-async fn send(
-    proxy: &Proxy,
-    endpoint: SocketAddr,
-    h2: bool,
-    request: Request<ProxyBody>,
+/// Runs one upstream exchange within the attempt's timeout.
+async fn attempt(
+    call: impl std::future::Future<Output = Result<Response<ProxyBody>, UpstreamError>>,
     timeout: Option<Duration>,
 ) -> Attempt {
-    let call = proxy.upstream.send(endpoint, h2, request);
     let result = match timeout {
         None => call.await,
         Some(limit) => match tokio::time::timeout(limit, call).await {
@@ -384,6 +400,54 @@ mod tests {
         assert_eq!(h1.headers()[header::HOST], "catalog");
         let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
+
+    /// The agent's own HTTP/1.1 exchange writes a bodiless request's head from the caller's
+    /// parts; hyper's client gets the request `upstream_request` builds. Both say the same.
+    #[test]
+    fn http1_heads_written_from_parts_say_what_the_built_request_says() {
+        use super::super::upstream::wire;
+        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let lines = |head: Vec<u8>| {
+            let text = String::from_utf8(head).unwrap();
+            let mut lines: Vec<String> = text.split("\r\n").map(str::to_owned).collect();
+            lines[1..].sort();
+            lines
+        };
+        for (version, host) in [(Version::HTTP_2, None), (Version::HTTP_11, Some("catalog"))] {
+            let mut request = Request::get("http://catalog:8080/x?y=1")
+                .header(header::COOKIE, "a=1")
+                .header(header::TE, "trailers")
+                .header("x-c", "3")
+                .header(header::COOKIE, "b=2");
+            if let Some(host) = host {
+                request = request.header(header::HOST, host);
+            }
+            let (mut parts, ()) = request.body(()).unwrap().into_parts();
+            parts.version = version;
+            let built = upstream_request(&parts, &endpoint, false, body::empty());
+            let mut from_built = Vec::new();
+            let target = built.uri().path_and_query().unwrap().as_str();
+            wire::request_head(
+                built.method(),
+                target,
+                built.headers(),
+                None,
+                &mut from_built,
+            );
+            let mut from_parts = Vec::new();
+            let added_host = http1_host(&parts, &endpoint);
+            let added_host = added_host.as_ref().map(|h| h.as_str());
+            let target = parts.uri.path_and_query().unwrap().as_str();
+            wire::request_head(
+                &parts.method,
+                target,
+                &parts.headers,
+                added_host,
+                &mut from_parts,
+            );
+            assert_eq!(lines(from_parts), lines(from_built), "{version:?}");
+        }
     }
 
     #[test]

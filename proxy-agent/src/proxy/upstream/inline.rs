@@ -29,9 +29,14 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 
 /// Whether `request` can go through the agent's own exchange: no body, no upgrade, not CONNECT.
 pub fn handles(request: &Request<ProxyBody>) -> bool {
-    request.body().is_end_stream()
-        && request.method() != Method::CONNECT
-        && !request.headers().contains_key(http::header::UPGRADE)
+    handles_parts(request.method(), request.headers(), request.body())
+}
+
+/// [`handles`], for a request in parts.
+pub fn handles_parts(method: &Method, headers: &http::HeaderMap, body: &ProxyBody) -> bool {
+    body.is_end_stream()
+        && method != Method::CONNECT
+        && !headers.contains_key(http::header::UPGRADE)
 }
 
 /// A kept upstream connection with its buffers, reused for its whole life.
@@ -124,15 +129,27 @@ impl InlinePool {
     }
 
     /// Sends `request` (origin form, with its Host; no body: see [`handles`]) on a kept
-    /// connection to `endpoint`, else on a new one. An idempotent request that a kept
-    /// connection failed before any answer (the upstream closed it while idle) goes again on
-    /// another (RFC 9112 §9.3.1).
+    /// connection to `endpoint`, else on a new one.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let (parts, _) = request.into_parts();
+        self.send_head(endpoint, &parts, None).await
+    }
+
+    /// Sends the request `parts` describe, without a body, as an HTTP/1.1 upstream gets it (see
+    /// `wire::request_head`; `host` when `parts` has none), on a kept connection to `endpoint`,
+    /// else on a new one. Nothing of `parts` is copied. An idempotent request that a kept
+    /// connection failed before any answer (the upstream closed it while idle) goes again on
+    /// another (RFC 9112 §9.3.1).
+    pub async fn send_head(
+        &self,
+        endpoint: SocketAddr,
+        parts: &http::request::Parts,
+        host: Option<&str>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let to_head = parts.method == Method::HEAD;
         loop {
@@ -145,7 +162,8 @@ impl InlinePool {
                     false,
                 ),
             };
-            wire::request_head(&parts.method, target, &parts.headers, &mut conn.write);
+            let headers = &parts.headers;
+            wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
                 Ok(head) => return Ok(self.answer(endpoint, conn, head)),
                 Err(f) if f.stale && kept && parts.method.is_idempotent() => continue,
@@ -397,6 +415,29 @@ mod tests {
         assert_eq!(exchange(&pool, endpoint, Method::HEAD).await.1, b"");
         assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_open_no_more_connections_than_they_are() {
+        let (endpoint, accepted) =
+            answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+        let pool = pool();
+        for round in 0..3 {
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { exchange(&pool, endpoint, Method::GET).await.1 })
+                })
+                .collect();
+            for task in tasks {
+                assert_eq!(task.await.unwrap(), b"ok");
+            }
+            let opened = accepted.load(Ordering::SeqCst);
+            assert!(
+                opened <= 64,
+                "round {round}: {opened} connections for 64 at a time"
+            );
+        }
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! (if any other is left).
 
 mod inline;
-mod wire;
+pub(super) mod wire;
 
 use super::affinity::Affinity;
 use super::body::{self, ProxyBody};
@@ -141,6 +141,24 @@ impl Upstream {
             self.affinity.bind(backend, caller, chosen.0, now);
         }
         Some(chosen)
+    }
+
+    /// Whether the HTTP/1.1 request `parts` and `body` describe can go through
+    /// [`Upstream::send_http1_head`]: no body, no upgrade, not CONNECT.
+    pub fn sends_head_only(parts: &http::request::Parts, body: &ProxyBody) -> bool {
+        inline::handles_parts(&parts.method, &parts.headers, body)
+    }
+
+    /// Sends the bodiless HTTP/1.1 request `parts` describe ([`Upstream::sends_head_only`]) to
+    /// `endpoint` through the agent's own exchange: its head is written from `parts` with `host`
+    /// added (the caller's authority, when `parts` has no Host), nothing copied.
+    pub async fn send_http1_head(
+        &self,
+        endpoint: SocketAddr,
+        parts: &http::request::Parts,
+        host: Option<&str>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        self.inline.send_head(endpoint, parts, host).await
     }
 
     /// Sends `request` to `endpoint`. HTTP/1.1 requests are in origin form with the caller's

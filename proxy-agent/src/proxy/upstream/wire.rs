@@ -35,24 +35,60 @@ pub enum WireError {
     ClosedEarly,
 }
 
-/// Writes the head of a request without a body: `METHOD target HTTP/1.1`, then `headers` as
-/// they are (lower-case names, as hyper's client sends them). A POST, PUT or PATCH without a
-/// Content-Length gets `content-length: 0`: some servers refuse such a request without one (411).
-pub fn request_head(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+/// Writes the head of a request without a body, as an HTTP/1.1 upstream gets it:
+/// `METHOD target HTTP/1.1`, then `headers` (lower-case names, as hyper's client sends them)
+/// with the HTTP/1.1 hop's own rules, those `forward::upstream_request` applies for hyper's
+/// client:
+/// - `host` (when `headers` has no Host: HTTP/2 callers name the authority in the URI);
+/// - no TE (on HTTP/1.1 it would have to be a connection option);
+/// - HTTP/2's Cookie crumbs joined into one field with `; ` (RFC 9113 §8.2.3);
+/// - a POST, PUT or PATCH without a Content-Length gets `content-length: 0`: some servers refuse
+///   such a request without one (411).
+pub fn request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    host: Option<&str>,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = host {
+        field(out, "host", [host.as_bytes()]);
+    }
+    let mut cookies_written = false;
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        if name == header::TE {
+            continue;
+        }
+        if name == header::COOKIE {
+            if !std::mem::replace(&mut cookies_written, true) {
+                let crumbs = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+                field(out, "cookie", crumbs);
+            }
+            continue;
+        }
+        field(out, name.as_str(), [value.as_bytes()]);
     }
     let may_carry_a_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
     if may_carry_a_body && !headers.contains_key(header::CONTENT_LENGTH) {
         out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `name: value` (several values joined with `; `, as Cookie crumbs are), then CRLF.
+fn field<'v>(out: &mut Vec<u8>, name: &str, values: impl IntoIterator<Item = &'v [u8]>) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for (i, value) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(value);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -93,52 +129,81 @@ struct FieldAt {
 /// complete yet. `to_head`: the request was a HEAD (its answer has no body, whatever it says).
 pub fn answer_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<AnswerHead>, WireError> {
     loop {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut raw);
-        let head_len = match parsed.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(WireError::HeadTooLarge)
+        // Most answers have a few fields: room for more is made only when they do not fit.
+        let split = match split_head::<FEW_HEADERS>(buf) {
+            Err(WireError::MalformedHead(httparse::Error::TooManyHeaders)) => {
+                split_head::<MAX_HEADERS>(buf)
             }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(WireError::MalformedHead(e)),
+            other => other,
         };
-        let code = parsed.code.unwrap_or_default();
-        let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus(code))?;
+        let Some(head) = split? else {
+            return Ok(None);
+        };
+        let status =
+            StatusCode::from_u16(head.code).map_err(|_| WireError::BadStatus(head.code))?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(WireError::UnaskedUpgrade);
         }
-        let version = match parsed.version {
-            Some(0) => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        };
-        let mut fields = [FieldAt::default(); MAX_HEADERS];
-        let count = parsed.headers.len();
-        let start = buf.as_ptr() as usize;
-        let at = |s: &[u8]| {
-            let from = s.as_ptr() as usize - start;
-            (from, from + s.len())
-        };
-        let reason = parsed
-            .reason
-            .map(str::as_bytes)
-            .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(*r))
-            .map(at);
-        for (field, raw) in fields.iter_mut().zip(parsed.headers.iter()) {
-            *field = FieldAt {
-                name: at(raw.name.as_bytes()),
-                value: at(raw.value),
-            };
-        }
-        let head = buf.split_to(head_len).freeze();
         if status.is_informational() {
             // 100 Continue, 103 Early Hints: the final answer follows.
             continue;
         }
-        let headers = header_map(&head, &fields[..count]);
-        let reason = reason.map(|(from, to)| head.slice(from..to));
-        return framed(status, reason, version, headers, to_head).map(Some);
+        let reason = head
+            .reason
+            .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(&r[..]));
+        return framed(status, reason, head.version, head.headers, to_head).map(Some);
     }
+}
+
+/// Fields an answer head usually has at most; parsing makes room for this many at first.
+const FEW_HEADERS: usize = 16;
+
+/// An answer head, split off the bytes read; its fields share those bytes.
+struct SplitHead {
+    code: u16,
+    reason: Option<Bytes>,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Parses an answer head of at most `N` fields at the start of `buf` and splits it off.
+fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, WireError> {
+    let mut raw = [httparse::EMPTY_HEADER; N];
+    let mut parsed = httparse::Response::new(&mut raw);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(WireError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(WireError::MalformedHead(e)),
+    };
+    // Where each part lies in `buf`, so that the split-off head can share it.
+    let start = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let from = s.as_ptr() as usize - start;
+        (from, from + s.len())
+    };
+    let mut fields = [FieldAt::default(); N];
+    let count = parsed.headers.len();
+    for (field, raw) in fields.iter_mut().zip(parsed.headers.iter()) {
+        *field = FieldAt {
+            name: at(raw.name.as_bytes()),
+            value: at(raw.value),
+        };
+    }
+    let reason = parsed.reason.map(|r| at(r.as_bytes()));
+    let (code, version) = (parsed.code.unwrap_or_default(), parsed.version);
+    let head = buf.split_to(head_len).freeze();
+    Ok(Some(SplitHead {
+        code,
+        reason: reason.map(|(from, to)| head.slice(from..to)),
+        version: match version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        },
+        headers: header_map(&head, &fields[..count]),
+    }))
 }
 
 /// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
@@ -442,13 +507,27 @@ mod tests {
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
-        request_head(&Method::GET, "/p?q=1", &headers, &mut out);
+        request_head(&Method::GET, "/p?q=1", &headers, None, &mut out);
         assert_eq!(
             out,
             b"GET /p?q=1 HTTP/1.1\r\nhost: catalog\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
-        request_head(&Method::POST, "/", &HeaderMap::new(), &mut out);
-        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        request_head(&Method::POST, "/", &HeaderMap::new(), Some("svc"), &mut out);
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n"
+        );
+        // What an HTTP/2 caller sends: crumbs of Cookie, TE: trailers.
+        let mut h2 = HeaderMap::new();
+        h2.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h2.append(header::TE, HeaderValue::from_static("trailers"));
+        h2.append("x-b", HeaderValue::from_static("2"));
+        h2.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        request_head(&Method::GET, "/", &h2, Some("svc:80"), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: svc:80\r\ncookie: a=1; b=2\r\nx-b: 2\r\n\r\n"
+        );
     }
 
     #[test]
@@ -484,6 +563,23 @@ mod tests {
             head("HTTP/1.1 2x0 OK\r\n\r\n", false).0,
             Err(WireError::MalformedHead(_))
         ));
+    }
+
+    #[test]
+    fn an_answer_with_many_fields_gets_room_for_them() {
+        let fields: String = (0..40).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        let text = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 0\r\n\r\n");
+        let answer = head(&text, false).0.unwrap().unwrap();
+        assert_eq!(answer.headers.len(), 41);
+        assert_eq!(answer.headers["x-39"], "39");
+        let fields: String = (0..MAX_HEADERS)
+            .map(|i| format!("x-{i}: {i}\r\n"))
+            .collect();
+        let text = format!("HTTP/1.1 200 OK\r\n{fields}content-length: 0\r\n\r\n");
+        assert_eq!(
+            head(&text, false).0.unwrap_err(),
+            WireError::MalformedHead(httparse::Error::TooManyHeaders)
+        );
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! The agent's data plane (`Proxy` behind an explicit listener, with the peers benchmark's route:
 //! a header set, a 90/10 split) runs in this process on its own thread, whose allocations alone
 //! are counted; the client and the two echo backends run on other threads, uncounted. HTTP/1.1
-//! keep-alive and HTTP/2 (h2c) requests, each warmed up first so that pools and tables are
-//! filled, then measured. With `GAMMA_ALLOC_TRACE=1` it also says where the allocations of a few
+//! keep-alive, HTTP/1.1 on a new connection per request (what a connection costs beyond its
+//! request) and HTTP/2 (h2c) requests, each warmed up first so that pools and tables are filled,
+//! then measured. With `GAMMA_ALLOC_TRACE=1` it also says where the allocations of a few
 //! requests come from: their call sites, grouped by the innermost frame of the agent, the engine,
 //! hyper, h2 or tokio.
 
@@ -22,9 +23,37 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
 
-/// Requests measured per protocol.
+/// Requests measured per protocol (a tenth of them with a new connection each, which leaves the
+/// client's side of each in TIME_WAIT: ephemeral ports are not unbounded).
 const REQUESTS: u64 = 20_000;
 const WARMUP: u64 = 2_000;
+
+/// How the client sends its requests.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    KeepAlive,
+    NewConnection,
+    H2,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "HTTP/1.1 keep-alive",
+            Mode::NewConnection => "HTTP/1.1, a new connection per request",
+            Mode::H2 => "HTTP/2 (h2c)",
+        }
+    }
+
+    /// Requests per measure: a tenth as many with a connection each.
+    fn share(self, requests: u64) -> u64 {
+        if self == Mode::NewConnection {
+            requests / 10
+        } else {
+            requests
+        }
+    }
+}
 /// Requests whose allocations are traced (`GAMMA_ALLOC_TRACE=1`).
 const TRACED: u64 = 20;
 
@@ -127,59 +156,70 @@ fn main() -> Result<()> {
                 serve_explicit(proxy, listener, target, Drain::default()).await
             })
         })?;
-    println!("allocations on the agent's thread per request (warm-up {WARMUP}, then {REQUESTS} measured):");
+    println!(
+        "allocations on the agent's thread per request (warm-up {WARMUP}, then {REQUESTS} measured; \
+         a tenth as many with a new connection each):"
+    );
     println!("| protocol | allocations / request | bytes / request |");
     println!("|---|---|---|");
-    for h2 in [false, true] {
-        let name = if h2 {
-            "HTTP/2 (h2c)"
-        } else {
-            "HTTP/1.1 keep-alive"
-        };
-        let (allocations, bytes) = others.block_on(measure(agent_addr, h2, false))?;
-        println!("| {name} | {allocations:.1} | {bytes:.0} |");
+    let modes = [Mode::KeepAlive, Mode::NewConnection, Mode::H2];
+    for mode in modes {
+        let (allocations, bytes) = others.block_on(measure(agent_addr, mode, false))?;
+        println!("| {} | {allocations:.1} | {bytes:.0} |", mode.name());
     }
     if trace {
-        for h2 in [false, true] {
-            others.block_on(measure(agent_addr, h2, true))?;
+        for mode in modes {
+            others.block_on(measure(agent_addr, mode, true))?;
             let traces = std::mem::take(&mut *TRACES.lock().expect("not poisoned"));
-            report_sites(if h2 { "HTTP/2" } else { "HTTP/1.1" }, &traces);
+            report_sites(mode.name(), &traces);
         }
     }
     Ok(())
 }
 
-/// Sends warm-up then measured requests on one connection; allocations and bytes per measured
-/// request (or, tracing, takes traces of `TRACED` requests).
-async fn measure(agent: std::net::SocketAddr, h2: bool, trace: bool) -> Result<(f64, f64)> {
-    let stream = TcpStream::connect(agent).await?;
-    stream.set_nodelay(true)?;
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let mut send: Box<dyn FnMut() -> SendFuture> = if h2 {
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
-        tokio::spawn(conn);
-        Box::new(move || {
-            let mut sender = sender.clone();
-            Box::pin(async move { round_trip(sender.send_request(request(true)).await?).await })
-        })
-    } else {
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        let sender = Arc::new(tokio::sync::Mutex::new(sender));
-        Box::new(move || {
-            let sender = sender.clone();
+/// Sends warm-up then measured requests (on one connection, or each on its own); allocations and
+/// bytes per measured request (or, tracing, takes traces of `TRACED` requests).
+async fn measure(agent: std::net::SocketAddr, mode: Mode, trace: bool) -> Result<(f64, f64)> {
+    let mut send: Box<dyn FnMut() -> SendFuture> = match mode {
+        Mode::H2 => {
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                connect(agent).await?,
+            )
+            .await?;
+            tokio::spawn(conn);
+            Box::new(move || {
+                let mut sender = sender.clone();
+                Box::pin(async move { round_trip(sender.send_request(request(true)).await?).await })
+            })
+        }
+        Mode::KeepAlive => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(connect(agent).await?).await?;
+            tokio::spawn(conn);
+            let sender = Arc::new(tokio::sync::Mutex::new(sender));
+            Box::new(move || {
+                let sender = sender.clone();
+                Box::pin(async move {
+                    let mut sender = sender.lock().await;
+                    sender.ready().await?;
+                    round_trip(sender.send_request(request(false)).await?).await
+                })
+            })
+        }
+        Mode::NewConnection => Box::new(move || {
             Box::pin(async move {
-                let mut sender = sender.lock().await;
-                sender.ready().await?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(connect(agent).await?).await?;
+                tokio::spawn(conn);
                 round_trip(sender.send_request(request(false)).await?).await
             })
-        })
+        }),
     };
-    for _ in 0..WARMUP {
+    for _ in 0..mode.share(WARMUP) {
         send().await?;
     }
-    let measured = if trace { TRACED } else { REQUESTS };
+    let measured = if trace { TRACED } else { mode.share(REQUESTS) };
     let (before, bytes_before) = (
         ALLOCATIONS.load(Ordering::SeqCst),
         BYTES.load(Ordering::SeqCst),
@@ -195,6 +235,12 @@ async fn measure(agent: std::net::SocketAddr, h2: bool, trace: bool) -> Result<(
         allocations as f64 / measured as f64,
         bytes as f64 / measured as f64,
     ))
+}
+
+async fn connect(agent: std::net::SocketAddr) -> Result<hyper_util::rt::TokioIo<TcpStream>> {
+    let stream = TcpStream::connect(agent).await?;
+    stream.set_nodelay(true)?;
+    Ok(hyper_util::rt::TokioIo::new(stream))
 }
 
 type SendFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;

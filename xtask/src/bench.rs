@@ -7,8 +7,9 @@
 //!   alone costs) and one on `httparse` with reused buffers (`codec`,
 //!   `tests/src/bin/codec_floor.rs`: what an HTTP/1.1 codec of our own could cost at least)
 //!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
-//! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 (keep-alive and a new connection per request) and HTTP/2
-//!   (`tests/src/bin/bench_alloc.rs`; `GAMMA_ALLOC_TRACE=1` says where they come from).
+//! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 (keep-alive, and
+//!   a new connection per request) and HTTP/2 (`tests/src/bin/bench_alloc.rs`;
+//!   `GAMMA_ALLOC_TRACE=1` says where they come from).
 //! - `conns`: the agent's resident memory idle and per idle keep-alive connection, HTTP/1.1 and
 //!   HTTP/2 (`tests/src/bin/bench_conns.rs`).
 //! - `pump`: an opaque connection's bytes through the agent's pump, splice(2) against copying:

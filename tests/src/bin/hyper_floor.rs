@@ -1,9 +1,9 @@
 //! `gamma-hyper-floor LISTEN BACKEND_A BACKEND_B`: the least a hyper-based forwarder does for
 //! the peers benchmark, to show in the same table how much of the agent's cost is hyper's.
 //!
-//! The agent's layout (a current-thread runtime per core, copies of one listening socket, a
-//! connection pool per worker: the agent's HTTP/1.1 pool over hyper's client connections) and the
-//! benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
+//! The agent's layout (a current-thread runtime per core, copies of one listening socket, the
+//! agent's upstream per worker: its own HTTP/1.1 exchange for requests without a body, hyper's
+//! client for the others) and the benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
 //! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop
 //! headers only `Connection` is dropped (the benchmark's clients send no other).
 
@@ -11,8 +11,8 @@ use anyhow::Result;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use proxy_agent::proxy::body;
-use proxy_agent::proxy::upstream::{Http1Pool, UpstreamError};
+use proxy_agent::proxy::body::{self, ProxyBody};
+use proxy_agent::proxy::upstream::{Upstream, UpstreamError};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -24,7 +24,11 @@ fn main() -> Result<()> {
 
 async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
     // The agent's defaults: a connect timeout of 1 s, --upstream-idle-timeout-s 90.
-    let client = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90));
+    let client = Upstream::new(
+        Duration::from_secs(1),
+        Duration::from_secs(90),
+        Arc::default(),
+    );
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
     loop {
@@ -48,10 +52,10 @@ async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
 }
 
 async fn forward(
-    client: Http1Pool,
+    client: Upstream,
     backend: SocketAddr,
     request: Request<Incoming>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<ProxyBody>, UpstreamError> {
     let (mut parts, incoming) = request.into_parts();
     // Origin form, as the agent sends (the clients' Host goes along).
     if let Some(path_and_query) = parts.uri.path_and_query() {
@@ -62,7 +66,12 @@ async fn forward(
     parts
         .headers
         .insert("x-perf-added", HeaderValue::from_static("proxy"));
+    // An empty body goes as none (the agent's `RequestBody` does the same).
+    let body = match hyper::body::Body::is_end_stream(&incoming) {
+        true => body::empty(),
+        false => body::stream(incoming),
+    };
     client
-        .send(backend, Request::from_parts(parts, body::stream(incoming)))
+        .send(backend, false, Request::from_parts(parts, body))
         .await
 }

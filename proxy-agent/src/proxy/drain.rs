@@ -9,6 +9,12 @@
 //!
 //! Opaque TCP has no way to say "reconnect": it runs until it ends or the drain deadline.
 
+use futures::task::AtomicWaker;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -83,4 +89,79 @@ impl Drain {
 pub async fn turned_true(flag: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await (it is not Send).
     let _ = flag.wait_for(|set| *set).await.map(drop);
+}
+
+/// Polls its future only when that future woke the task (and at the first poll). A connection's
+/// task waits for the drain signal beside hyper's connection, and `select!` polls both at each of
+/// the task's wake-ups, several per request; polling the watch's wait takes the lock of its list
+/// of waiters, one list for every connection of every worker. This costs two atomic operations
+/// on the connection's own memory instead.
+pub(super) struct PolledWhenWoken<'a, F> {
+    inner: Pin<&'a mut F>,
+    woken: Arc<Woken>,
+}
+
+struct Woken {
+    /// The inner future woke (or was never polled).
+    again: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.again.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<'a, F: Future> PolledWhenWoken<'a, F> {
+    pub(super) fn new(inner: Pin<&'a mut F>) -> Self {
+        let woken = Woken {
+            again: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        };
+        PolledWhenWoken {
+            inner,
+            woken: Arc::new(woken),
+        }
+    }
+}
+
+impl<F: Future> Future for PolledWhenWoken<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.woken.task.register(cx.waker());
+        if !self.woken.again.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(self.woken.clone());
+        self.inner.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_future_polled_when_woken_still_ends_when_its_signal_comes() {
+        let (set, mut flag) = watch::channel(false);
+        let wait = turned_true(&mut flag);
+        tokio::pin!(wait);
+        let mut signal = PolledWhenWoken::new(wait.as_mut());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut signal).poll(&mut cx).is_pending());
+        assert!(
+            Pin::new(&mut signal).poll(&mut cx).is_pending(),
+            "not woken: not polled"
+        );
+        set.send(true).unwrap();
+        assert!(Pin::new(&mut signal).poll(&mut cx).is_ready());
+    }
 }

@@ -33,6 +33,11 @@ impl Attached {
     pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
         self.0.get()?.downcast_ref()
     }
+
+    /// The state, shared, if the slot was filled with a `T`.
+    pub fn get_shared<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0.get()?.clone().downcast().ok()
+    }
 }
 
 impl PartialEq for Attached {

@@ -56,6 +56,8 @@ impl Mirrors {
             else {
                 continue;
             };
+            // The mirror's task outlives the table's borrow.
+            let in_flight = in_flight.into_owned();
             let mut head = http::Request::new(()).into_parts().0;
             head.method = parts.method.clone();
             head.uri = parts.uri.clone();

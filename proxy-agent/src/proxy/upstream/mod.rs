@@ -12,6 +12,7 @@ use super::affinity::Affinity;
 use super::body::{self, ProxyBody};
 use ahash::AHashMap;
 use gamma_engine::routes::backends::Backend;
+use gamma_engine::routes::Attached;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -117,14 +118,14 @@ impl Upstream {
     /// persisted session's endpoint) while the backend has it, else the one the Service's session
     /// affinity binds the caller to, if not ejected. Otherwise the power of two choices among the
     /// untried ones, which becomes the caller's binding.
-    pub fn pick(
+    pub fn pick<'b>(
         &self,
-        backend: &Backend,
+        backend: &'b Backend,
         caller: std::net::IpAddr,
         pinned: Option<SocketAddr>,
         tried: &[SocketAddr],
         random: u64,
-    ) -> Option<(SocketAddr, InFlight)> {
+    ) -> Option<(SocketAddr, InFlight<'b>)> {
         // The clock is read only for Services with session affinity: not on every request.
         let affinity_now = backend.affinity.map(|_| Instant::now());
         if tried.is_empty() {
@@ -500,7 +501,15 @@ impl Default for EndpointStats {
 }
 
 /// Counts a request in flight on an endpoint until dropped; says how the endpoint fared.
-pub struct InFlight(Arc<EndpointState>);
+/// Borrowed from the table the request was routed with: the state is shared by every worker, and
+/// a reference count to move per request would be one more write to its cache line.
+pub struct InFlight<'t> {
+    state: &'t EndpointState,
+    slot: &'t Attached,
+}
+
+/// [`InFlight`], for a request that outlives the table's borrow (a mirror's task).
+pub struct OwnedInFlight(Arc<EndpointState>);
 
 impl EndpointState {
     fn new(addr: SocketAddr) -> Self {
@@ -518,14 +527,38 @@ pub fn authority_of(addr: SocketAddr) -> http::uri::Authority {
     http::uri::Authority::try_from(addr.to_string()).expect("an address is an authority")
 }
 
-impl InFlight {
+impl InFlight<'_> {
+    /// The endpoint's `ip:port`.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.state.authority
+    }
+
+    /// The same count, held beyond the table's borrow.
+    pub fn into_owned(self) -> OwnedInFlight {
+        let state = self
+            .slot
+            .get_shared::<EndpointState>()
+            .expect("filled when the endpoint was held");
+        // The count moves to the owned handle: not decremented here.
+        std::mem::forget(self);
+        OwnedInFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl OwnedInFlight {
     /// The endpoint's `ip:port`.
     pub fn authority(&self) -> &http::uri::Authority {
         &self.0.authority
     }
 }
 
-impl Drop for InFlight {
+impl Drop for OwnedInFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -538,10 +571,13 @@ impl EndpointStats {
     }
 
     /// The state of `backend`'s `index`th endpoint, to hold while a request is in flight.
-    fn held(&self, backend: &Backend, index: usize) -> InFlight {
-        let state = backend.endpoint_state[index].shared(|| self.by_address(backend, index));
+    fn held<'b>(&self, backend: &'b Backend, index: usize) -> InFlight<'b> {
+        let state = self.state(backend, index);
         state.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(state)
+        InFlight {
+            state,
+            slot: &backend.endpoint_state[index],
+        }
     }
 
     fn by_address(&self, backend: &Backend, index: usize) -> Arc<EndpointState> {
@@ -564,29 +600,29 @@ impl EndpointStats {
     }
 
     /// Avoid the endpoint for a while: its connection failed.
-    pub fn eject(&self, held: &InFlight) {
+    pub fn eject(&self, held: &InFlight<'_>) {
         let until = self.now_ms() + EJECTION.as_millis() as u64;
-        held.0.ejected_until.store(until, Ordering::Relaxed);
+        held.state.ejected_until.store(until, Ordering::Relaxed);
     }
 
     /// The endpoint answered (whatever the status): its run of failures is over.
-    pub fn answered(&self, held: &InFlight) {
-        if held.0.failures.load(Ordering::Relaxed) != 0 {
-            held.0.failures.store(0, Ordering::Relaxed);
+    pub fn answered(&self, held: &InFlight<'_>) {
+        if held.state.failures.load(Ordering::Relaxed) != 0 {
+            held.state.failures.store(0, Ordering::Relaxed);
         }
     }
 
     /// A request got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects the endpoint.
-    pub fn failed(&self, held: &InFlight) {
-        if held.0.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
-            held.0.failures.store(0, Ordering::Relaxed);
+    pub fn failed(&self, held: &InFlight<'_>) {
+        if held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
+            held.state.failures.store(0, Ordering::Relaxed);
             self.eject(held);
         }
     }
 
     /// Counts a request in flight on `addr` of `backend`, chosen by other means (a session, an
     /// affinity binding), unless it is not the backend's or is ejected.
-    pub fn hold(&self, backend: &Backend, addr: SocketAddr) -> Option<InFlight> {
+    pub fn hold<'b>(&self, backend: &'b Backend, addr: SocketAddr) -> Option<InFlight<'b>> {
         let index = backend.endpoints.iter().position(|e| *e == addr)?;
         if self.ejected(self.state(backend, index)) {
             return None;
@@ -597,12 +633,12 @@ impl EndpointStats {
     /// Chooses an endpoint of `backend` (power of two choices), skipping ejected ones and
     /// `exclude` (those already tried) unless nothing else is left. `random` supplies the
     /// randomness.
-    pub fn choose(
+    pub fn choose<'b>(
         &self,
-        backend: &Backend,
+        backend: &'b Backend,
         exclude: &[SocketAddr],
         random: u64,
-    ) -> Option<(SocketAddr, InFlight)> {
+    ) -> Option<(SocketAddr, InFlight<'b>)> {
         let index = match self.two_preferred(backend, exclude, random) {
             Some(index) => index,
             None => self.choose_with_fallbacks(backend, exclude, random)?,
@@ -770,6 +806,20 @@ mod tests {
             1,
             "the request in flight still counts"
         );
+    }
+
+    #[test]
+    fn a_count_held_beyond_the_table_is_the_same_count() {
+        let stats = EndpointStats::default();
+        let backend = backend(&[addr(1)]);
+        let held = stats.hold(&backend, addr(1)).unwrap();
+        assert_eq!(stats.in_flight_total(), 1);
+        let owned = held.into_owned();
+        drop(backend);
+        assert_eq!(stats.in_flight_total(), 1, "moved, not doubled or dropped");
+        assert_eq!(owned.authority(), "127.0.0.1:80");
+        drop(owned);
+        assert_eq!(stats.in_flight_total(), 0);
     }
 
     #[test]

@@ -105,8 +105,10 @@ pub(super) async fn forward(
     // Without a retry policy, a refused connection still gets one more try on another endpoint:
     // nothing was sent.
     let max_attempts = 1 + retry.map_or(1, |r| r.attempts);
-    let started = Instant::now();
-    let mut attempt_started = started;
+    // The clock is read here only for what needs it: a rule's timeouts, a written access log.
+    let log_written = tracing::enabled!(target: "access", tracing::Level::INFO);
+    let started = (request_timeout.is_some() || log_written).then(Instant::now);
+    let mut attempt_started = None;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let run = async {
         loop {
@@ -121,7 +123,9 @@ pub(super) async fn forward(
             tried.push(endpoint);
             log.endpoint = Some(endpoint);
             log.attempts += 1;
-            attempt_started = Instant::now();
+            if attempt_timeout.is_some() {
+                attempt_started = Some(Instant::now());
+            }
             // The first attempt always has its body; a later one only if it could be kept.
             let request_body = body.next_attempt().unwrap_or_else(body::empty);
             // Bodiless HTTP/1.1 requests go without copying `parts`.
@@ -184,7 +188,9 @@ pub(super) async fn forward(
             .await
             .unwrap_or(Err(LocalAnswer::RouteTimeout(limit))),
     };
-    log.upstream_duration = Some(started.elapsed());
+    if log_written {
+        log.upstream_duration = started.map(|s| s.elapsed());
+    }
     let mut response = result?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
@@ -195,8 +201,8 @@ pub(super) async fn forward(
     strip_hop_by_hop(response.headers_mut(), false);
     // The timeouts cover the answer's body too.
     let body_deadline = [
-        request_timeout.map(|t| started + t),
-        attempt_timeout.map(|t| attempt_started + t),
+        request_timeout.zip(started).map(|(t, s)| s + t),
+        attempt_timeout.zip(attempt_started).map(|(t, s)| s + t),
     ]
     .into_iter()
     .flatten()

@@ -4,7 +4,7 @@ use super::body::{self, Deadline, ProxyBody, RequestBody};
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
-use super::upstream::{Upstream, UpstreamError};
+use super::upstream::{inline, UpstreamError};
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
@@ -129,12 +129,17 @@ pub(super) async fn forward(
             // The first attempt always has its body; a later one only if it could be kept.
             let request_body = body.next_attempt().unwrap_or_else(body::empty);
             // Bodiless HTTP/1.1 requests go without copying `parts`.
-            let head_only = !h2 && Upstream::sends_head_only(&parts, &request_body);
+            let head_only =
+                !h2 && inline::handles_parts(&parts.method, &parts.headers, &request_body);
             let call = async {
                 if head_only {
                     let host = http1_host(&parts, held.authority());
                     let host = host.as_ref().map(|h| h.as_str());
-                    return proxy.upstream.send_http1_head(endpoint, &parts, host).await;
+                    return proxy
+                        .upstream
+                        .inline
+                        .send_head(endpoint, &parts, host)
+                        .await;
                 }
                 let request = upstream_request(&parts, held.authority(), h2, request_body);
                 proxy.upstream.send(endpoint, h2, request).await

@@ -153,15 +153,12 @@ impl InlinePool {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let to_head = parts.method == Method::HEAD;
         loop {
-            let (mut conn, kept) = match self.kept.checkout(endpoint) {
-                Some(conn) => (conn, true),
-                // Boxed: connecting is rare next to reuse, and its state would otherwise size
-                // every request's future.
-                None => (
-                    Box::pin(Connection::connect(endpoint, self.connect_timeout)).await?,
-                    false,
-                ),
-            };
+            let (mut conn, kept) = self
+                .kept
+                .checkout_or(endpoint, || {
+                    Connection::connect(endpoint, self.connect_timeout)
+                })
+                .await?;
             let headers = &parts.headers;
             wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
@@ -325,49 +322,9 @@ impl Body for AnswerBody {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_server::answering;
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use tokio::io::AsyncReadExt as _;
-
-    /// A server on 127.0.0.1 giving `answer` to every request head it reads (its head only, to a
-    /// HEAD); `close_after`: it closes each connection after its answer without saying so. Counts
-    /// connections accepted.
-    async fn answering(answer: &'static [u8], close_after: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        head.extend_from_slice(&buf[..n]);
-                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let to_head = head.starts_with(b"HEAD ");
-                            head.drain(..end + 4);
-                            let answer_head_len = answer
-                                .windows(4)
-                                .position(|w| w == b"\r\n\r\n")
-                                .map_or(answer.len(), |at| at + 4);
-                            let answer = if to_head {
-                                &answer[..answer_head_len]
-                            } else {
-                                answer
-                            };
-                            if stream.write_all(answer).await.is_err() || close_after {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (addr, accepted)
-    }
+    use std::sync::atomic::Ordering;
 
     fn pool() -> InlinePool {
         InlinePool::new(Duration::from_secs(1), Duration::from_secs(90))
@@ -401,7 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_answer_was_read() {
-        let (endpoint, accepted) =
+        let (endpoint, accepted, _) =
             answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
         let pool = pool();
         for _ in 0..3 {
@@ -419,7 +376,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_requests_open_no_more_connections_than_they_are() {
-        let (endpoint, accepted) =
+        let (endpoint, accepted, _) =
             answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
         let pool = pool();
         for round in 0..3 {
@@ -443,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn chunked_answers_keep_their_trailers_and_their_connection() {
         let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\ngrpc-status: 0\r\n\r\n";
-        let (endpoint, accepted) = answering(answer, false).await;
+        let (endpoint, accepted, _) = answering(answer, false).await;
         let pool = pool();
         for _ in 0..2 {
             let (status, data, trailers) = exchange(&pool, endpoint, Method::GET).await;
@@ -455,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_delimited_by_the_close_ends_its_connection() {
-        let (endpoint, accepted) = answering(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
+        let (endpoint, accepted, _) = answering(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
         let pool = pool();
         for _ in 0..2 {
             assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"all of it");
@@ -467,7 +424,7 @@ mod tests {
     async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
         // The upstream closes after each answer, without saying so.
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        let (endpoint, accepted) = answering(answer, true).await;
+        let (endpoint, accepted, _) = answering(answer, true).await;
         let pool = pool();
         for _ in 0..3 {
             assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
@@ -483,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_cut_short_is_an_error_and_its_connection_is_not_kept() {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort";
-        let (endpoint, accepted) = answering(answer, true).await;
+        let (endpoint, accepted, _) = answering(answer, true).await;
         let pool = pool();
         for round in 1..=2 {
             let response = pool.send(endpoint, request(Method::GET)).await.unwrap();
@@ -493,7 +450,7 @@ mod tests {
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
         let malformed = b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n";
-        let (endpoint, _) = answering(malformed, false).await;
+        let (endpoint, _, _) = answering(malformed, false).await;
         let Err(UpstreamError::Failed(error)) = pool.send(endpoint, request(Method::GET)).await
         else {
             panic!("a malformed answer is a failed exchange");

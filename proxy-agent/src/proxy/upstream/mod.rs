@@ -5,7 +5,7 @@
 //! failed, or whose last few requests all failed without an answer, is skipped for a short while
 //! (if any other is left).
 
-mod inline;
+pub(super) mod inline;
 pub(super) mod wire;
 
 use super::affinity::Affinity;
@@ -57,7 +57,7 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct Upstream {
     /// The agent's own HTTP/1.1 exchanges, for requests without a body.
-    inline: inline::InlinePool,
+    pub(super) inline: inline::InlinePool,
     /// hyper's HTTP/1.1 client, for requests with a body and upgrades.
     http1: Http1Pool,
     http2: Http2Pool,
@@ -142,24 +142,6 @@ impl Upstream {
             self.affinity.bind(backend, caller, chosen.0, now);
         }
         Some(chosen)
-    }
-
-    /// Whether the HTTP/1.1 request `parts` and `body` describe can go through
-    /// [`Upstream::send_http1_head`]: no body, no upgrade, not CONNECT.
-    pub fn sends_head_only(parts: &http::request::Parts, body: &ProxyBody) -> bool {
-        inline::handles_parts(&parts.method, &parts.headers, body)
-    }
-
-    /// Sends the bodiless HTTP/1.1 request `parts` describe ([`Upstream::sends_head_only`]) to
-    /// `endpoint` through the agent's own exchange: its head is written from `parts` with `host`
-    /// added (the caller's authority, when `parts` has no Host), nothing copied.
-    pub async fn send_http1_head(
-        &self,
-        endpoint: SocketAddr,
-        parts: &http::request::Parts,
-        host: Option<&str>,
-    ) -> Result<Response<ProxyBody>, UpstreamError> {
-        self.inline.send_head(endpoint, parts, host).await
     }
 
     /// Sends `request` to `endpoint`. HTTP/1.1 requests are in origin form with the caller's
@@ -257,6 +239,23 @@ impl<C: Reusable> Kept<C> {
         }
     }
 
+    /// A kept connection to `endpoint` (and `true`), else a new one from `connect`.
+    pub(super) async fn checkout_or<F>(
+        &self,
+        endpoint: SocketAddr,
+        connect: impl FnOnce() -> F,
+    ) -> Result<(C, bool), UpstreamError>
+    where
+        F: std::future::Future<Output = Result<C, UpstreamError>>,
+    {
+        match self.checkout(endpoint) {
+            Some(conn) => Ok((conn, true)),
+            // Boxed: connecting is rare next to reuse, and its state would otherwise size every
+            // request's future.
+            None => Ok((Box::pin(connect()).await?, false)),
+        }
+    }
+
     /// Keeps `conn` for another request to `endpoint`, unless [`HTTP1_IDLE_PER_ENDPOINT`] are
     /// kept already (it is then dropped).
     pub(super) fn checkin(&self, endpoint: SocketAddr, conn: C) {
@@ -349,12 +348,10 @@ impl Http1Pool {
         mut request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.kept.checkout(endpoint) {
-                Some(sender) => (sender, true),
-                // Boxed: connecting is rare next to reuse, and its state would otherwise size
-                // every request's future.
-                None => (Box::pin(self.connect(endpoint)).await?, false),
-            };
+            let (mut sender, pooled) = self
+                .kept
+                .checkout_or(endpoint, || self.connect(endpoint))
+                .await?;
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     // Beyond the pool's limit the sender is dropped: hyper closes its connection
@@ -730,6 +727,56 @@ impl EndpointStats {
     }
 }
 
+/// A test upstream on 127.0.0.1, for both HTTP/1.1 pools' tests.
+#[cfg(test)]
+mod test_server {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Gives `answer` to every request head it reads (its head only, to a HEAD); `close_after`:
+    /// it closes each connection after its answer without saying so. Counts connections accepted
+    /// and still open.
+    pub async fn answering(
+        answer: &'static [u8],
+        close_after: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counts = (accepted.clone(), open.clone());
+        let head_len = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(answer.len(), |at| at + 4);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counts.0.fetch_add(1, Ordering::SeqCst);
+                counts.1.fetch_add(1, Ordering::SeqCst);
+                let open = counts.1.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    'read: while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let to_head = head.starts_with(b"HEAD ");
+                            head.drain(..end + 4);
+                            let answer = if to_head { &answer[..head_len] } else { answer };
+                            if stream.write_all(answer).await.is_err() || close_after {
+                                break 'read;
+                            }
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, open)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -842,40 +889,7 @@ mod tests {
         assert!(only_2(&stats), "failures in a row eject the endpoint");
     }
 
-    /// A minimal HTTP/1.1 server on 127.0.0.1 answering `ok` to each request; `close_after`:
-    /// it closes each connection right after its answer, without saying so. Counts connections
-    /// accepted and still open.
-    async fn ok_server(close_after: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let counts = (accepted.clone(), open.clone());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counts.0.fetch_add(1, Ordering::SeqCst);
-                counts.1.fetch_add(1, Ordering::SeqCst);
-                let open = counts.1.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                        head.extend_from_slice(&buf[..n]);
-                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                            head.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if stream.write_all(answer).await.is_err() || close_after {
-                                open.fetch_sub(1, Ordering::SeqCst);
-                                return;
-                            }
-                        }
-                    }
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        (addr, accepted, open)
-    }
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     async fn get_ok(pool: &Http1Pool, endpoint: SocketAddr) {
         let request = Request::get("/")
@@ -897,7 +911,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_connections_are_reused_once_read_and_closed_when_idle() {
-        let (endpoint, accepted, open) = ok_server(false).await;
+        let (endpoint, accepted, open) = test_server::answering(OK, false).await;
         let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_millis(200));
         for _ in 0..3 {
             get_ok(&pool, endpoint).await;
@@ -918,7 +932,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http1_connection_the_server_closed_is_not_reused() {
-        let (endpoint, accepted, open) = ok_server(true).await;
+        let (endpoint, accepted, open) = test_server::answering(OK, true).await;
         let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90));
         get_ok(&pool, endpoint).await;
         eventually("the server closed", || open.load(Ordering::SeqCst) == 0).await;

@@ -67,8 +67,8 @@ impl Reusable for Connection {
     }
 }
 
-/// An exchange that got no answer; `stale`: a kept connection failed before a byte of answer
-/// came, as one the upstream closed while idle does.
+/// An exchange that got no answer; `stale`: the connection failed before any byte came back (an
+/// informational answer counts), as a kept one the upstream closed while idle does.
 struct Failed {
     error: String,
     stale: bool,
@@ -85,12 +85,13 @@ impl Connection {
 
     /// Sends the head in `write` and reads the answer's head.
     async fn exchange(&mut self, to_head: bool) -> Result<AnswerHead, Failed> {
-        let failed = |error: String, read: &BytesMut| Failed {
+        let mut received = false;
+        let failed = |error: String, received: bool| Failed {
             error,
-            stale: read.is_empty(),
+            stale: !received,
         };
         if let Err(e) = self.stream.write_all(&self.write).await {
-            return Err(failed(e.to_string(), &self.read));
+            return Err(failed(e.to_string(), received));
         }
         loop {
             match wire::answer_head(&mut self.read, to_head) {
@@ -105,9 +106,9 @@ impl Connection {
             }
             self.read.reserve(READ_SIZE);
             match tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.read).await {
-                Ok(0) => return Err(failed(wire::WireError::ClosedEarly.to_string(), &self.read)),
-                Ok(_) => {}
-                Err(e) => return Err(failed(e.to_string(), &self.read)),
+                Ok(0) => return Err(failed(wire::WireError::ClosedEarly.to_string(), received)),
+                Ok(_) => received = true,
+                Err(e) => return Err(failed(e.to_string(), received)),
             }
         }
     }
@@ -142,28 +143,30 @@ impl InlinePool {
     /// Sends the request `parts` describe, without a body, as an HTTP/1.1 upstream gets it (see
     /// `wire::request_head`; `host` when `parts` has none), on a kept connection to `endpoint`,
     /// else on a new one. Nothing of `parts` is copied. An idempotent request that a kept
-    /// connection failed before any answer (the upstream closed it while idle) goes again on
-    /// another (RFC 9112 §9.3.1).
+    /// connection failed before any byte of answer (the upstream closed it while idle, and the
+    /// runtime had not seen that yet) goes again once, on a new connection (RFC 9112 §9.3.1): an
+    /// upstream that closes on the request itself gets it twice at most.
     pub async fn send_head(
         &self,
         endpoint: SocketAddr,
         parts: &http::request::Parts,
         host: Option<&str>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = parts.uri.path_and_query();
         let to_head = parts.method == Method::HEAD;
+        let connect = || Connection::connect(endpoint, self.connect_timeout);
+        let mut again = false;
         loop {
-            let (mut conn, kept) = self
-                .kept
-                .checkout_or(endpoint, || {
-                    Connection::connect(endpoint, self.connect_timeout)
-                })
-                .await?;
+            let (mut conn, kept) = match again {
+                false => self.kept.checkout_or(endpoint, connect).await?,
+                // Boxed as a first connection is.
+                true => (Box::pin(connect()).await?, false),
+            };
             let headers = &parts.headers;
             wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
                 Ok(head) => return Ok(self.answer(endpoint, conn, head)),
-                Err(f) if f.stale && kept && parts.method.is_idempotent() => continue,
+                Err(f) if f.stale && kept && parts.method.is_idempotent() => again = true,
                 Err(f) => return Err(UpstreamError::Failed(f.error)),
             }
         }
@@ -324,7 +327,8 @@ impl Body for AnswerBody {
 mod tests {
     use super::super::test_server::answering;
     use super::*;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     fn pool() -> InlinePool {
         InlinePool::new(Duration::from_secs(1), Duration::from_secs(90))
@@ -435,6 +439,59 @@ mod tests {
         // Not yet seen closed: a GET goes again on a new connection.
         assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
         assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"ok");
+    }
+
+    /// An upstream that reads a request and closes without answering gets an idempotent request
+    /// twice at most: once on a kept connection, once on a new one.
+    #[tokio::test]
+    async fn a_request_an_upstream_closes_on_goes_again_once() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let answering = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (count, answer) = (received.clone(), answering.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (count, answer) = (count.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(1..) = stream.read(&mut buf).await {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if !answer.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = pool();
+        // Three kept connections.
+        let gets = (0..3).map(|_| exchange(&pool, endpoint, Method::GET));
+        futures::future::join_all(gets).await;
+        answering.store(false, Ordering::SeqCst);
+        let before = received.load(Ordering::SeqCst);
+        let failed = pool.send(endpoint, request(Method::GET)).await;
+        assert!(
+            matches!(failed, Err(UpstreamError::Failed(_))),
+            "no answer: a failure"
+        );
+        assert_eq!(
+            received.load(Ordering::SeqCst) - before,
+            2,
+            "sent twice, not more"
+        );
+        let before = received.load(Ordering::SeqCst);
+        assert!(pool.send(endpoint, request(Method::POST)).await.is_err());
+        assert_eq!(
+            received.load(Ordering::SeqCst) - before,
+            1,
+            "a POST is not sent again"
+        );
     }
 
     #[tokio::test]

@@ -29,6 +29,10 @@ pub enum WireError {
     BadContentLength,
     #[error("the upstream switched protocols on a request that asked for no upgrade")]
     UnaskedUpgrade,
+    #[error(
+        "the upstream's HTTP/1.0 answer has a Transfer-Encoding (faulty framing, RFC 9112 §6.1)"
+    )]
+    TransferEncodingInHttp10,
     #[error("the upstream's chunked body is malformed: {0}")]
     BadChunk(&'static str),
     #[error("the upstream closed its connection before the answer's end")]
@@ -36,17 +40,19 @@ pub enum WireError {
 }
 
 /// Writes the head of a request without a body, as an HTTP/1.1 upstream gets it:
-/// `METHOD target HTTP/1.1`, then `headers` (lower-case names, as hyper's client sends them)
-/// with the HTTP/1.1 hop's own rules, those `forward::upstream_request` applies for hyper's
-/// client:
+/// `METHOD target HTTP/1.1` (origin form), then `headers` (lower-case names, as hyper's client
+/// sends them) with the HTTP/1.1 hop's own rules, those `forward::upstream_request` applies for
+/// hyper's client:
 /// - `host` (when `headers` has no Host: HTTP/2 callers name the authority in the URI);
 /// - no TE (on HTTP/1.1 it would have to be a connection option);
-/// - HTTP/2's Cookie crumbs joined into one field with `; ` (RFC 9113 §8.2.3);
-/// - a POST, PUT or PATCH without a Content-Length gets `content-length: 0`: some servers refuse
-///   such a request without one (411).
+/// - HTTP/2's Cookie crumbs joined into one field with `; ` (RFC 9113 §8.2.3).
+///
+/// One more than hyper's client does: a POST, PUT or PATCH without a Content-Length gets
+/// `content-length: 0` (RFC 9110 §8.6: a user agent SHOULD send it where content has a meaning;
+/// some servers refuse such a request without one, 411). Bodiless requests all come this way.
 pub fn request_head(
     method: &Method,
-    target: &str,
+    target: Option<&http::uri::PathAndQuery>,
     headers: &HeaderMap,
     host: Option<&str>,
     out: &mut Vec<u8>,
@@ -54,7 +60,12 @@ pub fn request_head(
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    // Origin form: an empty path is `/` (RFC 9112 §3.2.1), also before a query.
+    out.extend_from_slice(target.map_or("/", |t| t.path()).as_bytes());
+    if let Some(query) = target.and_then(|t| t.query()) {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
         field(out, "host", [host.as_bytes()]);
@@ -148,10 +159,7 @@ pub fn answer_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<AnswerHea
             // 100 Continue, 103 Early Hints: the final answer follows.
             continue;
         }
-        let reason = head
-            .reason
-            .filter(|r| status.canonical_reason().map(str::as_bytes) != Some(&r[..]));
-        return framed(status, reason, head.version, head.headers, to_head).map(Some);
+        return framed(status, head.reason, head.version, head.headers, to_head).map(Some);
     }
 }
 
@@ -178,30 +186,47 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(WireError::MalformedHead(e)),
     };
-    // Where each part lies in `buf`, so that the split-off head can share it.
-    let start = buf.as_ptr() as usize;
+    // Where each field lies in `buf`, so that the split-off head can share it. httparse points
+    // names and values into `buf`; a slice elsewhere (none is expected) is dropped, not trusted.
+    let within = buf.as_ptr_range();
     let at = |s: &[u8]| {
-        let from = s.as_ptr() as usize - start;
-        (from, from + s.len())
+        let range = s.as_ptr_range();
+        let inside = within.start <= range.start && range.end <= within.end;
+        inside.then(|| {
+            let from = range.start as usize - within.start as usize;
+            (from, from + s.len())
+        })
     };
     let mut fields = [FieldAt::default(); N];
-    let count = parsed.headers.len();
-    for (field, raw) in fields.iter_mut().zip(parsed.headers.iter()) {
-        *field = FieldAt {
-            name: at(raw.name.as_bytes()),
-            value: at(raw.value),
-        };
+    let mut count = 0;
+    for raw in parsed.headers.iter() {
+        if let (Some(name), Some(value)) = (at(raw.name.as_bytes()), at(raw.value)) {
+            fields[count] = FieldAt { name, value };
+            count += 1;
+        }
     }
-    let reason = parsed.reason.map(|r| at(r.as_bytes()));
-    let (code, version) = (parsed.code.unwrap_or_default(), parsed.version);
+    let code = parsed.code.unwrap_or_default();
+    // Copied: httparse gives a static "" for a missing or non-ASCII reason, and a phrase of its
+    // own is rare (the usual one is not kept).
+    let reason = parsed
+        .reason
+        .filter(|r| !r.is_empty())
+        .filter(|r| {
+            StatusCode::from_u16(code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                != Some(*r)
+        })
+        .map(|r| Bytes::copy_from_slice(r.as_bytes()));
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
     let head = buf.split_to(head_len).freeze();
     Ok(Some(SplitHead {
         code,
-        reason: reason.map(|(from, to)| head.slice(from..to)),
-        version: match version {
-            Some(0) => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        },
+        reason,
+        version,
         headers: header_map(&head, &fields[..count]),
     }))
 }
@@ -231,6 +256,9 @@ fn framed(
     to_head: bool,
 ) -> Result<AnswerHead, WireError> {
     let mut reusable = connection_kept(&headers, version);
+    if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(WireError::TransferEncodingInHttp10);
+    }
     let framing =
         if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Empty
@@ -479,7 +507,9 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     let rest = &line[digits..];
     let after = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
     let extensions_only = after.is_none_or(|i| rest[i] == b';');
-    if digits == 0 || digits > 16 || !extensions_only {
+    // A bare CR or LF inside would frame the body differently for another reader.
+    let controls = rest.iter().any(|b| b.is_ascii_control() && *b != b'\t');
+    if digits == 0 || digits > 16 || !extensions_only || controls {
         return Err(WireError::BadChunk("invalid chunk size"));
     }
     let hex = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
@@ -507,12 +537,35 @@ mod tests {
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
-        request_head(&Method::GET, "/p?q=1", &headers, None, &mut out);
+        let target = |t: &'static str| Some(http::uri::PathAndQuery::from_static(t));
+        request_head(
+            &Method::GET,
+            target("/p?q=1").as_ref(),
+            &headers,
+            None,
+            &mut out,
+        );
         assert_eq!(
             out,
             b"GET /p?q=1 HTTP/1.1\r\nhost: catalog\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
-        request_head(&Method::POST, "/", &HeaderMap::new(), Some("svc"), &mut out);
+        // An absolute URI's empty path is `/`, also before a query.
+        let uri: http::Uri = "http://svc?x=1".parse().unwrap();
+        request_head(
+            &Method::GET,
+            uri.path_and_query(),
+            &HeaderMap::new(),
+            None,
+            &mut out,
+        );
+        assert_eq!(out, b"GET /?x=1 HTTP/1.1\r\n\r\n");
+        request_head(
+            &Method::POST,
+            None,
+            &HeaderMap::new(),
+            Some("svc"),
+            &mut out,
+        );
         assert_eq!(
             out,
             b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n"
@@ -523,7 +576,7 @@ mod tests {
         h2.append(header::TE, HeaderValue::from_static("trailers"));
         h2.append("x-b", HeaderValue::from_static("2"));
         h2.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        request_head(&Method::GET, "/", &h2, Some("svc:80"), &mut out);
+        request_head(&Method::GET, None, &h2, Some("svc:80"), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nhost: svc:80\r\ncookie: a=1; b=2\r\nx-b: 2\r\n\r\n"
@@ -734,6 +787,7 @@ mod tests {
             &b"zz\r\n"[..],
             b"5\r\nhelloXX",
             b"5 x\r\n",
+            b"2;a\nb\r\nok\r\n0\r\n\r\n",
             b"11111111111111111\r\n",
             b"0\r\nbad trailer\r\n\r\n",
         ] {

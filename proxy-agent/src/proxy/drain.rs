@@ -91,12 +91,19 @@ pub async fn turned_true(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await.map(drop);
 }
 
-/// Polls its future only when that future woke the task (and at the first poll). A connection's
-/// task waits for the drain signal beside hyper's connection, and `select!` polls both at each of
-/// the task's wake-ups, several per request; polling the watch's wait takes the lock of its list
-/// of waiters, one list for every connection of every worker. This costs two atomic operations
-/// on the connection's own memory instead.
-pub(super) struct PolledWhenWoken<'a, F> {
+/// [`turned_true`], for a long wait beside busy work: a connection's task waits for the drain
+/// signal beside hyper's connection, and `select!` polls both at each of the task's wake-ups,
+/// several per request. Polling the watch's wait takes the lock of its list of waiters, one list
+/// for every connection of every worker; this wait is polled only when the signal woke it.
+pub(super) async fn turned_true_polled_when_woken(flag: &mut watch::Receiver<bool>) {
+    let wait = turned_true(flag);
+    tokio::pin!(wait);
+    PolledWhenWoken::new(wait).await
+}
+
+/// Polls its future only when that future woke the task (and at the first poll): two atomic
+/// operations on the waiter's own memory otherwise.
+struct PolledWhenWoken<'a, F> {
     inner: Pin<&'a mut F>,
     woken: Arc<Woken>,
 }
@@ -119,7 +126,7 @@ impl Wake for Woken {
 }
 
 impl<'a, F: Future> PolledWhenWoken<'a, F> {
-    pub(super) fn new(inner: Pin<&'a mut F>) -> Self {
+    fn new(inner: Pin<&'a mut F>) -> Self {
         let woken = Woken {
             again: AtomicBool::new(true),
             task: AtomicWaker::new(),

@@ -4,7 +4,7 @@ use super::body::{self, Deadline, ProxyBody, RequestBody};
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
-use super::upstream::{inline, UpstreamError};
+use super::upstream::{inline, wire, UpstreamError};
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
@@ -31,19 +31,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
 /// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let te_trailers =
+        wire::tokens(headers, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = wire::tokens(headers, &header::CONNECTION)
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -417,7 +409,6 @@ mod tests {
     /// parts; hyper's client gets the request `upstream_request` builds. Both say the same.
     #[test]
     fn http1_heads_written_from_parts_say_what_the_built_request_says() {
-        use super::super::upstream::wire;
         let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
         let lines = |head: Vec<u8>| {
             let text = String::from_utf8(head).unwrap();

@@ -2,7 +2,7 @@
 //! gracefully when draining.
 
 use super::body::ProxyBody;
-use super::drain::{turned_true, PolledWhenWoken, DRAIN_IDLE_GRACE};
+use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use super::io::Watched;
 use super::{ConnectionInfo, Proxy, ProxyConfig};
 use futures::future::BoxFuture;
@@ -112,12 +112,10 @@ where
             .serve_connection(self.io, self.service)
             .with_upgrades();
         tokio::pin!(conn);
-        let draining = turned_true(&mut self.shutdown);
-        tokio::pin!(draining);
         tokio::select! {
             biased;
             r = conn.as_mut() => r,
-            () = PolledWhenWoken::new(draining) => {
+            () = turned_true_polled_when_woken(&mut self.shutdown) => {
                 // Answers say `Connection: close` now (above). An idle connection closes only after
                 // a quiet spell; one with a request in flight gets keep-alive off at once (its
                 // answer then says close, if not yet sent).
@@ -141,13 +139,11 @@ where
             .max_local_error_reset_streams(self.config.h2_max_local_error_reset_streams)
             .serve_connection(self.io, self.service);
         tokio::pin!(conn);
-        let draining = turned_true(&mut self.shutdown);
-        tokio::pin!(draining);
         tokio::select! {
             biased;
             r = conn.as_mut() => r,
             // GOAWAY: streams already started finish, the client opens new ones elsewhere.
-            () = PolledWhenWoken::new(draining) => {
+            () = turned_true_polled_when_woken(&mut self.shutdown) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

@@ -97,12 +97,8 @@ impl Connection {
             match wire::answer_head(&mut self.read, to_head) {
                 Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
-                Err(e) => {
-                    return Err(Failed {
-                        error: e.to_string(),
-                        stale: false,
-                    })
-                }
+                // Only bytes that came can be malformed: never stale.
+                Err(e) => return Err(failed(e.to_string(), received)),
             }
             self.read.reserve(READ_SIZE);
             match tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.read).await {

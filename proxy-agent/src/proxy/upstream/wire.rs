@@ -150,8 +150,7 @@ pub fn answer_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<AnswerHea
         let Some(head) = split? else {
             return Ok(None);
         };
-        let status =
-            StatusCode::from_u16(head.code).map_err(|_| WireError::BadStatus(head.code))?;
+        let status = head.status;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(WireError::UnaskedUpgrade);
         }
@@ -168,7 +167,7 @@ const FEW_HEADERS: usize = 16;
 
 /// An answer head, split off the bytes read; its fields share those bytes.
 struct SplitHead {
-    code: u16,
+    status: StatusCode,
     reason: Option<Bytes>,
     version: Version,
     headers: HeaderMap,
@@ -206,17 +205,12 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
         }
     }
     let code = parsed.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus(code))?;
     // Copied: httparse gives a static "" for a missing or non-ASCII reason, and a phrase of its
     // own is rare (the usual one is not kept).
     let reason = parsed
         .reason
-        .filter(|r| !r.is_empty())
-        .filter(|r| {
-            StatusCode::from_u16(code)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                != Some(*r)
-        })
+        .filter(|r| !r.is_empty() && status.canonical_reason() != Some(*r))
         .map(|r| Bytes::copy_from_slice(r.as_bytes()));
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
@@ -224,7 +218,7 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
     };
     let head = buf.split_to(head_len).freeze();
     Ok(Some(SplitHead {
-        code,
+        status,
         reason,
         version,
         headers: header_map(&head, &fields[..count]),
@@ -329,16 +323,20 @@ fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
     length.ok_or(WireError::BadContentLength)
 }
 
+/// The comma-separated tokens of every `name` field (Connection, TE), trimmed.
+pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.
 fn connection_kept(headers: &HeaderMap, version: Version) -> bool {
-    let has = |option: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|o| o.trim().eq_ignore_ascii_case(option))
-    };
+    let has =
+        |option: &str| tokens(headers, &header::CONNECTION).any(|o| o.eq_ignore_ascii_case(option));
     if version == Version::HTTP_10 {
         has("keep-alive") && !has("close")
     } else {

@@ -3,9 +3,10 @@
 //!
 //! The agent's layout (a current-thread runtime per core, copies of one listening socket, the
 //! agent's upstream per worker: its own HTTP/1.1 exchange for requests without a body, hyper's
-//! client for the others) and the benchmark's work (set `x-perf-added: proxy`, split 90/10), nothing else: no route table, no
-//! filters, no metrics, no access log, no request timeouts, no retries; of the hop-by-hop
-//! headers only `Connection` is dropped (the benchmark's clients send no other).
+//! client for the others) and the benchmark's work (set `x-perf-added: proxy`, split 90/10),
+//! nothing else: no route table, no filters, no metrics, no access log, no request timeouts, no
+//! retries; of the hop-by-hop headers only `Connection` is dropped (the benchmark's clients send
+//! no other).
 
 use anyhow::Result;
 use http::{HeaderValue, Request, Response};

@@ -343,6 +343,8 @@ pub struct Answer {
     pub headers: http::HeaderMap,
     pub body: Value,
     pub text: String,
+    pub bytes: Bytes,
+    pub trailers: Option<http::HeaderMap>,
 }
 
 pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer {
@@ -367,18 +369,17 @@ pub async fn send(
         .expect("request sent");
     let status = response.status();
     let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Answer {
         status,
         headers,
         body: serde_json::from_str(&text).unwrap_or(Value::Null),
         text,
+        bytes,
+        trailers,
     }
 }
 

@@ -111,3 +111,79 @@ pub fn grpc_call(
     }
     Ok(serde_json::from_slice(&output.stdout)?)
 }
+
+/// nginx as a strict HTTP/1.1 upstream (the Debian package `cargo xtask setup` installs).
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// `None` when nginx can run; otherwise why not.
+pub fn nginx_unavailable() -> Option<String> {
+    match Command::new(NGINX).arg("-v").stderr(Stdio::null()).status() {
+        Ok(s) if s.success() => None,
+        _ => Some(format!("{NGINX} does not run: run `cargo xtask setup`")),
+    }
+}
+
+/// One nginx process (no master, no daemon) on a free loopback port, serving `files` from its
+/// own folder with the `server` block's directives added; killed on drop.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: crate::loopback::TempDir,
+}
+
+impl Nginx {
+    pub fn start(server: &str, files: &[(&str, &[u8])]) -> Result<Nginx> {
+        let dir = crate::loopback::TempDir::new("nginx");
+        let root = dir.0.join("www");
+        for (path, bytes) in files {
+            let file = root.join(path);
+            std::fs::create_dir_all(file.parent().context("a file's folder")?)?;
+            std::fs::write(&file, bytes)?;
+        }
+        let port = crate::loopback::free_port();
+        let d = dir.0.display();
+        let config = format!(
+            "daemon off;\nmaster_process off;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n{server}\n  }}\n}}\n"
+        );
+        let conf = dir.0.join("nginx.conf");
+        std::fs::write(&conf, config)?;
+        let child = Command::new(NGINX)
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-e")
+            .arg(dir.0.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Nginx {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(nginx.addr).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(nginx._dir.0.join("error.log"));
+                bail!(
+                    "nginx did not listen within 10 s: {}",
+                    log.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

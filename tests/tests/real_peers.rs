@@ -1,9 +1,13 @@
 //! The agent between peers from other stacks, which refuse what our own echo forgives: gRPC's
 //! C-core (client and server, PyPI's grpcio), a strict HTTP/2 server (hyper-h2) that treats a
-//! `host` differing from `:authority` as malformed, and curl over HTTP/2 prior knowledge.
+//! `host` differing from `:authority` as malformed, curl over HTTP/2 prior knowledge, and nginx as
+//! an HTTP/1.1 upstream of the agent's own exchange.
 
-use gamma_tests::loopback::{client, echo_backend, route, Agent, AgentOptions, Manifests};
-use gamma_tests::peers::{self, Peer};
+use gamma_tests::loopback::{
+    client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
+};
+use gamma_tests::peers::{self, Nginx, Peer};
+use http::{HeaderMap, Method};
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
@@ -164,10 +168,10 @@ async fn strict_http2_server_gets_the_callers_authority() {
     // asks of a server), joined with `; ` by the agent for an HTTP/1.1 one (RFC 9113 §8.2.3).
     let h2 = client(true);
     let crumbs = [("cookie", "a=1"), ("cookie", "b=2")];
-    let answer = gamma_tests::loopback::get(&h2, &agent.url(0, "/x"), &crumbs).await;
+    let answer = get(&h2, &agent.url(0, "/x"), &crumbs).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["cookie"], serde_json::json!(["a=1; b=2"]));
-    let answer = gamma_tests::loopback::get(&h2, &agent.url(0, "/h1"), &crumbs).await;
+    let answer = get(&h2, &agent.url(0, "/h1"), &crumbs).await;
     let cookies: Vec<&Value> = answer.body["headers"]
         .as_array()
         .unwrap()
@@ -176,4 +180,155 @@ async fn strict_http2_server_gets_the_callers_authority() {
         .collect();
     assert_eq!(cookies.len(), 1, "{}", answer.text);
     assert_eq!(cookies[0][1], "a=1; b=2");
+}
+
+/// Bytes that no compression shrinks much, the same in every run.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
+    headers
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or_default()
+}
+
+/// nginx behind the agent, answering as a strict HTTP/1.1 server does: closing a connection
+/// after its last allowed request (`Connection: close`) or after an idle second, a HEAD with
+/// the body's length and no body, a 304, a range, chunked gzip with a trailer, a large body
+/// with a length. Each answer must frame right for the connection to be used again, and nginx
+/// numbers a connection's requests: the agent's kept connection shows in that count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_upstream_frames_and_reuse() {
+    if let Some(reason) = peers::nginx_unavailable() {
+        gamma_tests::skip("nginx_upstream_frames_and_reuse", &reason);
+        return;
+    }
+    let small = b"hello from nginx\n".to_vec();
+    let big = noise((1 << 20) + 17);
+    let text: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("line {i} of a text nginx gzips in chunks\n").into_bytes())
+        .collect();
+    let server = "    keepalive_requests 3;\n    keepalive_timeout 1s;\n    etag on;\n    \
+                  add_header x-conn $connection always;\n    \
+                  add_header x-conn-requests $connection_requests always;\n    \
+                  location /gz/ {\n      gzip on;\n      gzip_types text/plain;\n      \
+                  gzip_min_length 0;\n      add_header x-conn $connection always;\n      \
+                  add_header x-conn-requests $connection_requests always;\n      \
+                  add_trailer x-trailer-from nginx;\n    }";
+    let nginx = Nginx::start(
+        server,
+        &[
+            ("small.txt", &small),
+            ("big.bin", &big),
+            ("gz/text.txt", &text),
+        ],
+    )
+    .unwrap();
+    let rules = "  - backendRefs: [{name: nginx, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "nginx", 80, &[nginx.addr], Some("http"))
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/front", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let h1 = client(false);
+    let url = |path: &str| agent.url(0, path);
+    let gzip = [("accept-encoding", "gzip")];
+
+    // One caller connection, one request at a time: each goes on the agent's one kept
+    // connection to nginx until nginx closes it after its third.
+    let first = get(&h1, &url("/small.txt"), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(first.bytes, small);
+    let etag = header(&first.headers, "etag").to_string();
+    assert!(!etag.is_empty(), "nginx gives an ETag");
+    let head = send(&h1, Method::HEAD, &url("/big.bin"), &[], Default::default()).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        header(&head.headers, "content-length"),
+        big.len().to_string()
+    );
+    assert!(head.bytes.is_empty(), "a HEAD answer has no body");
+    let not_modified = get(&h1, &url("/small.txt"), &[("if-none-match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.bytes.is_empty());
+    let whole = get(&h1, &url("/big.bin"), &[]).await;
+    assert_eq!(whole.status, 200);
+    assert!(
+        whole.bytes == big,
+        "the large body arrives whole and unchanged"
+    );
+    let range = get(&h1, &url("/big.bin"), &[("range", "bytes=10-19")]).await;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.bytes, big[10..20]);
+    let chunked = get(&h1, &url("/gz/text.txt"), &gzip).await;
+    assert_eq!(chunked.status, 200);
+    assert_eq!(header(&chunked.headers, "content-encoding"), "gzip");
+    let missing = get(&h1, &url("/missing"), &[]).await;
+    assert_eq!(missing.status, 404);
+    let sequence = [
+        &first,
+        &head,
+        &not_modified,
+        &whole,
+        &range,
+        &chunked,
+        &missing,
+    ];
+    let counts: Vec<&str> = sequence
+        .iter()
+        .map(|a| header(&a.headers, "x-conn-requests"))
+        .collect();
+    assert_eq!(counts, ["1", "2", "3", "1", "2", "3", "1"]);
+    let conns: Vec<&str> = sequence
+        .iter()
+        .map(|a| header(&a.headers, "x-conn"))
+        .collect();
+    assert!(conns[0] == conns[2] && conns[3] == conns[5], "{conns:?}");
+    assert!(conns[2] != conns[3] && conns[5] != conns[6], "{conns:?}");
+
+    // The gzip stream is nginx's, byte for byte (the same request straight to nginx), and its
+    // trailer reaches an HTTP/2 caller.
+    let direct = get(&h1, &format!("http://{}/gz/text.txt", nginx.addr), &gzip).await;
+    assert_eq!(header(&direct.headers, "transfer-encoding"), "chunked");
+    assert!(
+        chunked.bytes == direct.bytes,
+        "the chunked body relayed unchanged"
+    );
+    let h2 = client(true);
+    let with_trailer = get(&h2, &url("/gz/text.txt"), &gzip).await;
+    assert_eq!(with_trailer.status, 200);
+    assert!(with_trailer.bytes == direct.bytes);
+    let trailers = with_trailer.trailers.expect("nginx's trailer relayed");
+    assert_eq!(header(&trailers, "x-trailer-from"), "nginx");
+
+    // nginx closes a connection idle for a second: the next request finds it closed and goes
+    // on a new one, without an error.
+    let before = get(&h1, &url("/small.txt"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = get(&h1, &url("/small.txt"), &[]).await;
+    assert_eq!(after.status, 200, "{}", after.text);
+    assert_eq!(after.bytes, small);
+    assert_eq!(header(&after.headers, "x-conn-requests"), "1");
+    assert_ne!(
+        header(&after.headers, "x-conn"),
+        header(&before.headers, "x-conn")
+    );
 }

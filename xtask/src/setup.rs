@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "procps",     // ps/pgrep in scripts
     "util-linux", // nsenter
     "curl",
+    "nginx", // a strict HTTP/1.1 upstream in the real-peer tests; a peer in `bench peers`
 ];
 
 pub fn run() -> Result<()> {

@@ -4,7 +4,7 @@
 //! (`explicit.rs`, `redirected.rs`).
 
 use super::detect::{detect, Detected, Protocol};
-use super::drain::{turned_true, Drain};
+use super::drain::{turned_true_polled_when_woken, Drain};
 use super::io::Lingering;
 use super::{serve, tcp, ConnectionInfo, Proxy};
 use gamma_engine::model::DeclaredProtocol;
@@ -69,11 +69,15 @@ pub(super) async fn accept_loop<F>(
     let _running = drain.acceptors.token();
     tcp::prepare_listener(&listener);
     let mut stop = drain.stop_accepting.subscribe();
+    // One wait for the whole loop: a wait made anew per accept registered with the watch and
+    // left it again, each time under the lock of its waiter list, shared by every worker.
+    let stopped = turned_true_polled_when_woken(&mut stop);
+    tokio::pin!(stopped);
     loop {
         let (stream, peer) = tokio::select! {
             // First, and from the current value: once stopped, not one more accept.
             biased;
-            () = turned_true(&mut stop) => return,
+            () = &mut stopped => return,
             accepted = async {
                 if let Some(load) = &proxy.load {
                     load.my_turn().await;

@@ -33,9 +33,28 @@ pub struct Loads {
 }
 
 struct SharedLoads {
-    open: Box<[AtomicUsize]>,
-    /// Told whenever a count changes, for workers waiting for their turn.
+    open: Box<[OpenCount]>,
+    /// Workers waiting for their turn. A change is told only when one waits: telling takes the
+    /// lock of the waiter list, which every worker shares, and a connection opens and closes
+    /// many times a second while workers seldom wait.
+    waiting: AtomicUsize,
+    /// Told when a count changes while a worker waits for its turn.
     changed: Notify,
+}
+
+/// A worker's count, on a cache line of its own: each worker writes its own at every
+/// connection, and counts side by side would move the line between cores at each write.
+#[repr(align(128))]
+struct OpenCount(AtomicUsize);
+
+impl SharedLoads {
+    fn count_changed(&self) {
+        // SeqCst with the count's change and `my_turn`'s: either this sees the waiter, or the
+        // waiter's second look at the counts sees this change.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
 }
 
 /// Counts one open connection of a worker until dropped.
@@ -43,15 +62,29 @@ pub struct Opened(Loads);
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        self.0.shared.open[self.0.mine].fetch_sub(1, Ordering::Relaxed);
-        self.0.shared.changed.notify_waiters();
+        self.0.shared.open[self.0.mine]
+            .0
+            .fetch_sub(1, Ordering::SeqCst);
+        self.0.shared.count_changed();
+    }
+}
+
+/// Counts a worker waiting for its turn until dropped (also when the wait is cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Loads {
     fn new(workers: usize) -> Vec<Loads> {
         let shared = Arc::new(SharedLoads {
-            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            open: (0..workers)
+                .map(|_| OpenCount(AtomicUsize::new(0)))
+                .collect(),
+            waiting: AtomicUsize::new(0),
             changed: Notify::new(),
         });
         (0..workers)
@@ -64,13 +97,13 @@ impl Loads {
 
     /// This worker took a connection; it counts until the guard is dropped.
     pub fn opened(&self) -> Opened {
-        self.shared.open[self.mine].fetch_add(1, Ordering::Relaxed);
-        self.shared.changed.notify_waiters();
+        self.shared.open[self.mine].0.fetch_add(1, Ordering::SeqCst);
+        self.shared.count_changed();
         Opened(self.clone())
     }
 
     fn may_accept(&self) -> bool {
-        let open = |i: usize| self.shared.open[i].load(Ordering::Relaxed);
+        let open = |i: usize| self.shared.open[i].0.load(Ordering::SeqCst);
         let least = (0..self.shared.open.len()).map(open).min().unwrap_or(0);
         open(self.mine) <= least + SLACK
     }
@@ -80,7 +113,14 @@ impl Loads {
     /// forever: the least loaded worker always may.
     pub async fn my_turn(&self) {
         loop {
+            // Made before looking: a change told after this wakes it, even before its first poll.
             let changed = self.shared.changed.notified();
+            if self.may_accept() {
+                return;
+            }
+            self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+            let _waiting = Waiting(&self.shared.waiting);
+            // Again, now that changes are told: one made before was not.
             if self.may_accept() {
                 return;
             }
@@ -206,6 +246,12 @@ mod tests {
             .await
             .expect("woken when the loads changed")
             .unwrap();
+        assert_eq!(busy.shared.waiting.load(Ordering::SeqCst), 0);
+        // A wait given up (its accept loop stopped) leaves no waiter counted.
+        held.extend((0..SLACK).map(|_| busy.opened()));
+        let given_up = tokio::time::timeout(Duration::from_millis(20), busy.my_turn()).await;
+        assert!(given_up.is_err(), "still too many more than the other");
+        assert_eq!(busy.shared.waiting.load(Ordering::SeqCst), 0);
         // Closing connections also counts.
         drop(std::mem::take(&mut held));
         assert!(busy.may_accept() && idle.may_accept());

@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_agent::proxy::detect::{classify, Protocol};
-use proxy_agent::proxy::serve::serve_http;
+use proxy_agent::proxy::io::Rewound;
+use proxy_agent::proxy::serve::{http1, serve_http};
 use proxy_agent::proxy::{
     check_request_head, Caller, ConnectionInfo, Destination, Proxy, ProxyConfig,
 };
@@ -331,9 +332,9 @@ async fn backend() -> u16 {
     port
 }
 
-/// HTTP path: the input is what a client sends on one connection. The agent's server (HTTP/1.1
-/// or HTTP/2, by the same first-bytes classification as the listener) serves it over an
-/// in-memory pipe. The client's write side stays open while requests are being answered
+/// HTTP path: the input is what a client sends on one connection. The agent's servers (its own
+/// HTTP/1.1 one, which gives requests it does not serve itself to hyper's, or hyper's HTTP/2 one,
+/// by the same first-bytes classification as the listener) serve it over an in-memory pipe. The client's write side stays open while requests are being answered
 /// (hyper closes a connection whose client half-closes mid-request, which would cut every
 /// forward short), then closes; the connection must then end promptly and leave no upstream
 /// request counted in flight.
@@ -346,13 +347,14 @@ pub fn http_connection(data: &[u8]) {
     let h = harness();
     h.runtime.block_on(async {
         let (client, server) = tokio::io::duplex(data.len() + 64 * 1024);
-        let served = tokio::spawn(serve_http(
-            &h.proxy,
-            TokioIo::new(server),
-            http2,
-            h.info.clone(),
-            h.shutdown.subscribe(),
-        ));
+        let (info, shutdown) = (h.info.clone(), h.shutdown.subscribe());
+        let served = tokio::spawn(async move {
+            if http2 {
+                let _ = serve_http(&h.proxy, TokioIo::new(server), true, info, shutdown).await;
+            } else {
+                http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
+            }
+        });
         let (mut from_agent, mut to_agent) = tokio::io::split(client);
         let received = Arc::new(AtomicUsize::new(0));
         let reader = tokio::spawn({
@@ -402,11 +404,7 @@ fn show_replies() -> bool {
 /// Waits until the agent has answered what it could: no upstream request in flight and no new
 /// bytes for a few hundred scheduler turns (the backend shares this thread), or nothing new for
 /// 20 ms (a request waiting for body bytes that will never come), or the connection ended.
-async fn settle(
-    h: &Harness,
-    received: &AtomicUsize,
-    served: &tokio::task::JoinHandle<Result<(), hyper::Error>>,
-) {
+async fn settle(h: &Harness, received: &AtomicUsize, served: &tokio::task::JoinHandle<()>) {
     const QUIET_TURNS: u32 = 256;
     const QUIET_TIME: Duration = Duration::from_millis(20);
     let mut last = usize::MAX;

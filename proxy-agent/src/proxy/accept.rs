@@ -165,9 +165,11 @@ async fn serve_connection(
         }
         return;
     }
+    if protocol == Protocol::Http1 {
+        return serve::http1::serve(proxy, stream, info, shutdown).await;
+    }
     let caller = info.caller.ip;
-    let http2 = protocol == Protocol::Http2;
-    if let Err(e) = serve::serve_http(proxy, TokioIo::new(stream), http2, info, shutdown).await {
+    if let Err(e) = serve::serve_http(proxy, TokioIo::new(stream), true, info, shutdown).await {
         tracing::debug!(error = %e, %caller, "connection ended with an error");
     }
 }

@@ -48,10 +48,11 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// `keep`: a retry or a mirror may need the body again; it is kept up to `limit` bytes.
-    pub fn new(body: Incoming, keep: bool, limit: usize) -> Self {
-        if body.is_end_stream() {
-            RequestBody::Empty
-        } else if keep {
+    pub fn new(body: Option<Incoming>, keep: bool, limit: usize) -> Self {
+        let Some(body) = body.filter(|b| !b.is_end_stream()) else {
+            return RequestBody::Empty;
+        };
+        if keep {
             RequestBody::Recorded(Recording::new(body, limit))
         } else {
             RequestBody::Streamed(Some(body))

@@ -107,12 +107,9 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
 /// It also holds the bytes protocol detection read (a read rather than a peek saves a syscall
 /// per connection): its reads return them before reading the socket again.
 pub(super) struct Lingering {
-    stream: Option<TcpStream>,
+    stream: Option<Rewound<TcpStream>>,
     draining: watch::Receiver<bool>,
     tracker: TaskTracker,
-    /// Bytes read from the socket and not yet returned, from `first_unread` on.
-    first_bytes: Vec<u8>,
-    first_unread: usize,
 }
 
 impl Lingering {
@@ -122,51 +119,50 @@ impl Lingering {
         tracker: TaskTracker,
     ) -> Self {
         Self {
-            stream: Some(stream),
+            stream: Some(Rewound::new(stream)),
             draining,
             tracker,
-            first_bytes: Vec::new(),
-            first_unread: 0,
         }
+    }
+
+    fn rewound(&mut self) -> &mut Rewound<TcpStream> {
+        self.stream.as_mut().expect("present until dropped")
     }
 
     /// Reads what the socket has (waiting for it) after the bytes already read, which its reads
     /// will return first; returns all of them, or `None` when the client closed its side instead.
     pub(super) async fn read_first_bytes(&mut self) -> std::io::Result<Option<&[u8]>> {
-        if self.first_bytes.capacity() == 0 {
+        let rewound = self.rewound();
+        if rewound.unread.capacity() == 0 {
             // Room for a whole request head of the usual size: serving it reads nothing more.
-            self.first_bytes.reserve_exact(FIRST_READ);
+            rewound.unread.reserve_exact(FIRST_READ);
         }
-        let stream = self.stream.as_mut().expect("present until dropped");
-        let read = stream.read_buf(&mut self.first_bytes).await?;
-        Ok((read > 0).then_some(&self.first_bytes[..]))
+        let read = rewound.io.read_buf(&mut rewound.unread).await?;
+        Ok((read > 0).then_some(&rewound.unread[rewound.at..]))
     }
 
     pub(super) fn tcp(&self) -> &TcpStream {
-        self.stream.as_ref().expect("present until dropped")
-    }
-
-    fn tcp_mut(&mut self) -> Pin<&mut TcpStream> {
-        Pin::new(self.stream.as_mut().expect("present until dropped"))
+        &self.stream.as_ref().expect("present until dropped").io
     }
 
     /// The plain stream, for opaque TCP (which cannot drain gracefully anyway), and the bytes
     /// read from it that were not returned yet (they go first).
     pub(super) fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
-        let mut unread = std::mem::take(&mut self.first_bytes);
-        unread.drain(..self.first_unread);
-        (self.stream.take().expect("present until dropped"), unread)
+        let mut rewound = self.stream.take().expect("present until dropped");
+        let unread = rewound.take_unread();
+        (rewound.io, unread)
     }
 }
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(mut stream) = self.stream.take() else {
+        let Some(rewound) = self.stream.take() else {
             return;
         };
         if !*self.draining.borrow() {
             return;
         }
+        let mut stream = rewound.io;
         self.tracker.spawn(async move {
             let _ = stream.shutdown().await;
             let mut sink = [0u8; 4096];
@@ -178,26 +174,120 @@ impl Drop for Lingering {
     }
 }
 
-impl AsyncRead for Lingering {
+/// A served connection whose bytes read ahead can be handed on: the agent's own HTTP/1.1 server
+/// takes the bytes protocol detection read as its first, and gives back those of a request it
+/// leaves to hyper's server, whose reads then return them first.
+pub trait ReadAhead: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The bytes read ahead and not returned yet, taken.
+    fn take_unread(&mut self) -> Vec<u8>;
+    /// Bytes to return before any read ahead or from the transport.
+    fn give_back(&mut self, bytes: &[u8]);
+}
+
+/// A transport whose reads return bytes read ahead first.
+pub struct Rewound<I> {
+    io: I,
+    /// Bytes read ahead, returned from `at` on.
+    unread: Vec<u8>,
+    at: usize,
+}
+
+impl<I> Rewound<I> {
+    pub fn new(io: I) -> Self {
+        Rewound {
+            io,
+            unread: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> ReadAhead for Rewound<I> {
+    fn take_unread(&mut self) -> Vec<u8> {
+        let mut unread = std::mem::take(&mut self.unread);
+        unread.drain(..self.at);
+        self.at = 0;
+        unread
+    }
+
+    fn give_back(&mut self, bytes: &[u8]) {
+        let mut unread = bytes.to_vec();
+        unread.extend_from_slice(&self.unread[self.at..]);
+        self.unread = unread;
+        self.at = 0;
+    }
+}
+
+impl ReadAhead for Lingering {
+    fn take_unread(&mut self) -> Vec<u8> {
+        self.rewound().take_unread()
+    }
+
+    fn give_back(&mut self, bytes: &[u8]) {
+        self.rewound().give_back(bytes)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewound<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let unread = &this.first_bytes[this.first_unread..];
+        let unread = &this.unread[this.at..];
         if unread.is_empty() {
-            return this.tcp_mut().poll_read(cx, buf);
+            return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         let n = unread.len().min(buf.remaining());
         buf.put_slice(&unread[..n]);
-        this.first_unread += n;
-        if this.first_unread == this.first_bytes.len() {
+        this.at += n;
+        if this.at == this.unread.len() {
             // All returned: the buffer goes (an idle connection keeps none).
-            this.first_bytes = Vec::new();
-            this.first_unread = 0;
+            this.unread = Vec::new();
+            this.at = 0;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewound<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(self.rewound()).poll_read(cx, buf)
     }
 }
 
@@ -207,7 +297,7 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.tcp_mut().poll_write(cx, buf)
+        Pin::new(self.rewound()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -215,7 +305,7 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.tcp_mut().poll_write_vectored(cx, bufs)
+        Pin::new(self.rewound()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -223,11 +313,11 @@ impl AsyncWrite for Lingering {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.tcp_mut().poll_flush(cx)
+        Pin::new(self.rewound()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.tcp_mut().poll_shutdown(cx)
+        Pin::new(self.rewound()).poll_shutdown(cx)
     }
 }
 

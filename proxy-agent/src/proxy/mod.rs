@@ -14,7 +14,7 @@ pub mod detect;
 pub mod drain;
 pub mod explicit;
 mod forward;
-mod io;
+pub mod io;
 pub mod local;
 mod mirror;
 pub mod pump;
@@ -216,10 +216,11 @@ impl Proxy {
         }
     }
 
-    /// Handles one request end to end; never fails: errors become local responses.
+    /// Handles one request end to end; never fails: errors become local responses. A request
+    /// the agent's own HTTP/1.1 server read has no body (`None`).
     pub async fn handle(
         self: &Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Option<Incoming>>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -266,7 +267,7 @@ impl Proxy {
     async fn proxy_frontend<'f>(
         self: &Arc<Self>,
         frontend: Option<&'f Frontend>,
-        request: Request<Incoming>,
+        request: Request<Option<Incoming>>,
         conn: &ConnectionInfo,
         grpc: bool,
         log: &mut AccessLog<'f>,

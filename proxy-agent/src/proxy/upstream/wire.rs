@@ -130,7 +130,7 @@ pub struct AnswerHead {
 
 /// A header field's name and value, as offsets into the head.
 #[derive(Clone, Copy, Default)]
-struct FieldAt {
+pub(in crate::proxy) struct FieldAt {
     name: (usize, usize),
     value: (usize, usize),
 }
@@ -165,6 +165,33 @@ pub fn answer_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<AnswerHea
 /// Fields an answer head usually has at most; parsing makes room for this many at first.
 const FEW_HEADERS: usize = 16;
 
+/// Where each of `raw`'s fields lies in `buf`, so that a head split off `buf` can share its
+/// bytes. httparse points names and values into `buf`; a slice elsewhere (none is expected) is
+/// dropped, not trusted.
+pub(in crate::proxy) fn fields_within<const N: usize>(
+    buf: &[u8],
+    raw: &[httparse::Header<'_>],
+) -> ([FieldAt; N], usize) {
+    let within = buf.as_ptr_range();
+    let at = |s: &[u8]| {
+        let range = s.as_ptr_range();
+        let inside = within.start <= range.start && range.end <= within.end;
+        inside.then(|| {
+            let from = range.start as usize - within.start as usize;
+            (from, from + s.len())
+        })
+    };
+    let mut fields = [FieldAt::default(); N];
+    let mut count = 0;
+    for field in raw {
+        if let (Some(name), Some(value)) = (at(field.name.as_bytes()), at(field.value)) {
+            fields[count] = FieldAt { name, value };
+            count += 1;
+        }
+    }
+    (fields, count)
+}
+
 /// An answer head, split off the bytes read; its fields share those bytes.
 struct SplitHead {
     status: StatusCode,
@@ -185,25 +212,7 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(WireError::MalformedHead(e)),
     };
-    // Where each field lies in `buf`, so that the split-off head can share it. httparse points
-    // names and values into `buf`; a slice elsewhere (none is expected) is dropped, not trusted.
-    let within = buf.as_ptr_range();
-    let at = |s: &[u8]| {
-        let range = s.as_ptr_range();
-        let inside = within.start <= range.start && range.end <= within.end;
-        inside.then(|| {
-            let from = range.start as usize - within.start as usize;
-            (from, from + s.len())
-        })
-    };
-    let mut fields = [FieldAt::default(); N];
-    let mut count = 0;
-    for raw in parsed.headers.iter() {
-        if let (Some(name), Some(value)) = (at(raw.name.as_bytes()), at(raw.value)) {
-            fields[count] = FieldAt { name, value };
-            count += 1;
-        }
-    }
+    let (fields, count) = fields_within::<N>(buf, parsed.headers);
     let code = parsed.code.unwrap_or_default();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::BadStatus(code))?;
     // Copied: httparse gives a static "" for a missing or non-ASCII reason, and a phrase of its
@@ -227,7 +236,7 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
 
 /// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
 /// are tokens and that values hold no control characters but tab.
-fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
+pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(fields.len());
     for field in fields {
         let Ok(name) = HeaderName::from_bytes(&head[field.name.0..field.name.1]) else {

@@ -1,5 +1,10 @@
 //! Serving HTTP/1.1 (with upgrades) and HTTP/2 on an accepted connection, and closing it
-//! gracefully when draining.
+//! gracefully when draining: HTTP/1.1 by the agent's own server (`http1.rs`) for requests without
+//! a body, by hyper's for the rest of a connection from its first other request; HTTP/2 by
+//! hyper's.
+
+pub mod http1;
+mod wire;
 
 use super::body::ProxyBody;
 use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
@@ -47,7 +52,7 @@ where
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
             let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
-                let mut response = proxy.handle(request, &info).await;
+                let mut response = proxy.handle(request.map(Some), &info).await;
                 let upgraded = tunnel || response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if !upgraded && closing.is_some_and(|draining| *draining.borrow()) {
                     response

@@ -1,0 +1,471 @@
+//! HTTP/1.1 on the wire for the agent's own server (`http1.rs`): the request heads it serves
+//! itself, and answer heads and body framing written as hyper's server writes them (RFC 9112
+//! §6–7), so that a client sees the same answers whichever of the two served it. Pure: bytes in,
+//! bytes out, so that every case tests without sockets.
+
+pub(super) use crate::proxy::upstream::wire::tokens;
+use crate::proxy::upstream::wire::{fields_within, header_map};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use std::io::Write as _;
+
+/// Fields a request head may have for the agent to read it itself. A head with more goes to
+/// hyper's server, which allows `--max-headers`.
+const FIELDS: usize = 32;
+
+/// What the start of a connection's unread bytes holds.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // Moved once per request; boxed, it would be an allocation.
+pub enum Head {
+    /// A whole head of a request without a body, which the agent serves itself.
+    Own(OwnRequest),
+    /// Not a whole head yet.
+    Partial,
+    /// A request the agent leaves to hyper's server, with the rest of the connection: one with
+    /// a body, an upgrade, `Expect`, a version other than HTTP/1.1, or a head that is malformed,
+    /// oversized or has many fields (hyper's refusals then answer it, as before).
+    Hyper,
+}
+
+#[derive(Debug)]
+pub struct OwnRequest {
+    pub request: Request<()>,
+    /// The client asked for the connection to close after this answer.
+    pub close: bool,
+    /// The client takes trailer fields (`TE: trailers`).
+    pub trailers: bool,
+}
+
+/// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
+/// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
+/// `max_headers`: the most fields (the configured limits; a head over them goes to hyper's
+/// server, whose refusal answers it).
+pub fn request_head(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Head {
+    let mut raw = [httparse::EMPTY_HEADER; FIELDS];
+    let mut parsed = httparse::Request::new(&mut raw);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Head::Partial,
+        _ => return Head::Hyper,
+    };
+    if parsed.version != Some(1)
+        || parsed.headers.len() > max_headers
+        || !plain_and_bodiless(parsed.headers)
+    {
+        return Head::Hyper;
+    }
+    let method = match parsed.method.map(|m| Method::from_bytes(m.as_bytes())) {
+        Some(Ok(method)) if method != Method::CONNECT => method,
+        _ => return Head::Hyper,
+    };
+    let target = parsed.path.map(|path| {
+        let from = path.as_ptr() as usize - buf.as_ptr() as usize;
+        from..from + path.len()
+    });
+    let fields_read = parsed.headers.len();
+    let (fields, count) = fields_within::<FIELDS>(buf, parsed.headers);
+    let head = buf.split_to(head_len).freeze();
+    let uri = target.and_then(|target| Uri::from_maybe_shared(head.slice(target)).ok());
+    let headers = header_map(&head, &fields[..count]);
+    let Some(uri) = uri.filter(|_| headers.len() == fields_read) else {
+        // Given back whole: hyper's server reads it again and refuses it as it would have.
+        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(buf);
+        *buf = whole;
+        return Head::Hyper;
+    };
+    let has = |name: &HeaderName, option: &str| {
+        tokens(&headers, name).any(|t| t.eq_ignore_ascii_case(option))
+    };
+    let close = has(&header::CONNECTION, "close");
+    let trailers = has(&header::TE, "trailers");
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Head::Own(OwnRequest {
+        request,
+        close,
+        trailers,
+    })
+}
+
+/// Whether a request's fields say it has no body and ask for nothing that hyper's server does
+/// for the agent: no Transfer-Encoding, a Content-Length of 0 if any, no Upgrade, no Expect.
+fn plain_and_bodiless(fields: &[httparse::Header<'_>]) -> bool {
+    fields.iter().all(|field| {
+        let is = |name: &str| field.name.eq_ignore_ascii_case(name);
+        if is("content-length") {
+            field.value == b"0"
+        } else {
+            !(is("transfer-encoding") || is("upgrade") || is("expect"))
+        }
+    })
+}
+
+/// What an answer's body is known to be before it is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BodySize {
+    /// Already ended.
+    Empty,
+    Exact(u64),
+    Unknown,
+}
+
+/// How the answer's body goes on the wire.
+#[derive(Debug, PartialEq)]
+pub enum Framing {
+    /// Exactly this many bytes (0: none at all, as for HEAD, 204 and 304).
+    Length(u64),
+    /// Chunked; trailer fields are sent only those named here (the answer's `Trailer` field),
+    /// and only to a client that takes them.
+    Chunked { trailers: Option<Vec<HeaderName>> },
+}
+
+/// Writes the head of `status`/`headers` into `out` as hyper's server does, for a request that
+/// was a HEAD (`to_head`) or not, whose body is `body`: the status line (a custom reason from
+/// `reason`), the fields with lower-case names in the map's order (a field's values joined on one
+/// line for Connection, Transfer-Encoding and Trailer), the framing field hyper adds
+/// (`content-length`, `transfer-encoding: chunked`), and `date` if absent. Returns the body's
+/// framing and whether the answer's Connection field says `close`.
+pub fn answer_head(
+    status: StatusCode,
+    reason: Option<&[u8]>,
+    headers: &HeaderMap,
+    to_head: bool,
+    body: BodySize,
+    date: &[u8],
+    out: &mut Vec<u8>,
+) -> (Framing, bool) {
+    // hyper's server cannot send a 1xx as a final answer; it sends a 500 instead.
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\n");
+        finish_head(false, date, out);
+        return (Framing::Length(0), true);
+    }
+    match reason {
+        None if status == StatusCode::OK => out.extend_from_slice(b"HTTP/1.1 200 OK\r\n"),
+        _ => {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(status.as_str().as_bytes());
+            out.push(b' ');
+            let canonical = status.canonical_reason().unwrap_or("<none>").as_bytes();
+            out.extend_from_slice(reason.unwrap_or(canonical));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let can_chunk = !to_head && can_have_body(status);
+    let mut framing = None;
+    let mut wrote_date = false;
+    let mut said_close = false;
+    let mut trailer_names: Option<Vec<HeaderName>> = None;
+    for name in headers.keys() {
+        let values = headers.get_all(name);
+        match *name {
+            header::CONTENT_LENGTH => {
+                let Some(first) = values.iter().next() else {
+                    continue;
+                };
+                match body {
+                    // An ended body: the field is dropped (hyper writes its own `0`), but for a
+                    // HEAD, whose field tells the length a GET would have had.
+                    BodySize::Empty if !to_head => continue,
+                    BodySize::Empty => framing = Some(Framing::Length(0)),
+                    BodySize::Exact(length) => framing = Some(Framing::Length(length)),
+                    BodySize::Unknown => {
+                        let Some(length) = content_length(first) else {
+                            // Not a length: the answer cannot be framed by it; chunked instead.
+                            continue;
+                        };
+                        framing = Some(Framing::Length(length));
+                    }
+                }
+                field(out, name, first.as_bytes());
+            }
+            header::TRANSFER_ENCODING => {
+                if !can_chunk {
+                    continue;
+                }
+                let joined = join(&values);
+                let chunked_last = joined
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                out.extend_from_slice(b"transfer-encoding: ");
+                out.extend_from_slice(&joined);
+                out.extend_from_slice(if chunked_last {
+                    b"\r\n"
+                } else {
+                    b", chunked\r\n"
+                });
+                framing = Some(Framing::Chunked { trailers: None });
+            }
+            header::CONNECTION => {
+                let joined = join(&values);
+                said_close |= tokens(headers, name).any(|t| t.eq_ignore_ascii_case("close"));
+                field(out, name, &joined);
+            }
+            header::TRAILER => {
+                if !can_chunk {
+                    continue;
+                }
+                let joined = join(&values);
+                let names = tokens(headers, name).filter_map(|t| HeaderName::try_from(t).ok());
+                trailer_names.get_or_insert_with(Vec::new).extend(names);
+                field(out, name, &joined);
+            }
+            _ => {
+                wrote_date |= *name == header::DATE;
+                for value in values {
+                    field(out, name, value.as_bytes());
+                }
+            }
+        }
+    }
+    let framing = match framing {
+        Some(framing) => framing,
+        None => match body {
+            BodySize::Unknown if can_chunk => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked { trailers: None }
+            }
+            BodySize::Unknown => Framing::Length(0),
+            BodySize::Empty | BodySize::Exact(0) => {
+                if !to_head && can_have_body(status) {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Framing::Length(0)
+            }
+            BodySize::Exact(length) => {
+                if can_have_body(status) {
+                    let _ = write!(out, "content-length: {length}\r\n");
+                    Framing::Length(length)
+                } else {
+                    Framing::Length(0)
+                }
+            }
+        },
+    };
+    let framing = match framing {
+        _ if to_head || !can_have_body(status) => Framing::Length(0),
+        Framing::Chunked { .. } => Framing::Chunked {
+            trailers: trailer_names,
+        },
+        length => length,
+    };
+    finish_head(wrote_date, date, out);
+    (framing, said_close)
+}
+
+/// The field hyper's server adds last, then the head's end.
+fn finish_head(wrote_date: bool, date: &[u8], out: &mut Vec<u8>) {
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Neither 204, 304 nor 1xx (RFC 9112 §6.3).
+fn can_have_body(status: StatusCode) -> bool {
+    !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+}
+
+fn content_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A field's values as one line, `, ` between them.
+fn join(values: &header::GetAll<'_, HeaderValue>) -> Vec<u8> {
+    let mut joined = Vec::new();
+    for value in values.iter() {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    joined
+}
+
+/// The line before a chunk of `len` bytes.
+pub fn chunk_size_line(len: usize, out: &mut Vec<u8>) {
+    let _ = write!(out, "{len:X}\r\n");
+}
+
+/// The end of a chunked body: the last chunk, then the trailer fields that `allowed` names (as
+/// hyper's server sends them: only those the answer's Trailer field announced, and none of the
+/// fields a trailer must not carry), to a client that takes them.
+pub fn last_chunk(trailers: Option<&HeaderMap>, allowed: Option<&[HeaderName]>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    if let (Some(trailers), Some(allowed)) = (trailers, allowed) {
+        for (name, value) in trailers {
+            if allowed.contains(name) && trailer_allowed(name) {
+                field(out, name, value.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1), as hyper's server leaves out.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
+}
+
+/// The `date` field's value for now, formatted once a second per thread (as hyper's server does).
+pub fn date_now() -> Bytes {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, Bytes)> = const { RefCell::new((0, Bytes::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second || cached.1.is_empty() {
+            *cached = (second, Bytes::from(httpdate::fmt_http_date(now)));
+        }
+        cached.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8]) -> (Head, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        (request_head(&mut buf, 8192, 100), buf)
+    }
+
+    fn own(bytes: &[u8]) -> (OwnRequest, BytesMut) {
+        match head(bytes) {
+            (Head::Own(own), rest) => (own, rest),
+            (other, _) => panic!("{:?}: {other:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_body_is_read_and_split_off() {
+        let (request, rest) = own(
+            b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-Two: 1\r\nx-two: 2\r\nConnection: keep-alive, Close\r\nTE: trailers\r\n\r\nGET /next",
+        );
+        assert_eq!(&rest[..], b"GET /next", "the next request's bytes stay");
+        let (close, trailers) = (request.close, request.trailers);
+        let request = request.request;
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri(), "/a?b=1");
+        assert_eq!(request.version(), Version::HTTP_11);
+        assert_eq!(request.headers()["host"], "svc");
+        let two: Vec<_> = request.headers().get_all("x-two").iter().collect();
+        assert_eq!(two, ["1", "2"]);
+        assert!(close && trailers);
+        let (plain, _) = own(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert!(!plain.close && !plain.trailers);
+        // An absolute-form target and a Content-Length of 0 are the agent's too.
+        let (absolute, _) = own(b"DELETE http://svc/x HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(absolute.request.uri(), "http://svc/x");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more_up_to_the_limit() {
+        let (partial, rest) = head(b"GET / HTTP/1.1\r\nhost: x\r\n");
+        assert!(matches!(partial, Head::Partial));
+        assert_eq!(rest.len(), 25);
+        let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
+        long.resize(8192, b'a');
+        let (over, rest) = head(&long);
+        assert!(matches!(over, Head::Hyper), "{over:?}");
+        assert_eq!(rest.len(), 8192, "nothing taken");
+    }
+
+    #[test]
+    fn requests_hyper_serves_are_left_whole() {
+        let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let cases: [&[u8]; 11] = [
+            b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\ncontent-length: 0\r\ncontent-length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"CONNECT svc:80 HTTP/1.1\r\nhost: svc:80\r\n\r\n",
+            b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            b"GET http:// HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: x\r\n x-folded: 1\r\n\r\n",
+            many.as_bytes(),
+        ];
+        for case in cases {
+            let (parsed, rest) = head(case);
+            assert!(
+                matches!(parsed, Head::Hyper),
+                "{:?}: {parsed:?}",
+                String::from_utf8_lossy(case)
+            );
+            assert_eq!(&rest[..], case, "given back whole");
+        }
+        // More fields than the configured limit: hyper's server refuses them.
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
+        assert!(matches!(request_head(&mut buf, 8192, 2), Head::Hyper));
+    }
+
+    #[test]
+    fn chunk_lines_and_the_last_chunk() {
+        let mut out = Vec::new();
+        chunk_size_line(255, &mut out);
+        assert_eq!(out, b"FF\r\n");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        trailers.insert("x-other", HeaderValue::from_static("2"));
+        trailers.insert("content-length", HeaderValue::from_static("3"));
+        let allowed = [
+            HeaderName::from_static("x-sum"),
+            HeaderName::from_static("content-length"),
+        ];
+        out.clear();
+        last_chunk(Some(&trailers), Some(&allowed), &mut out);
+        assert_eq!(
+            out, b"0\r\nx-sum: 1\r\n\r\n",
+            "announced and allowed in a trailer"
+        );
+        out.clear();
+        last_chunk(Some(&trailers), None, &mut out);
+        assert_eq!(
+            out, b"0\r\n\r\n",
+            "none for a client that does not take them"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Transport wrappers of a served connection: [`Watched`] counts the reads and writes that moved
 //! bytes (so that draining can tell an idle connection), [`Lingering`] closes without a reset.
 
+use bytes::BytesMut;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,10 +136,10 @@ impl Lingering {
         let rewound = self.rewound();
         if rewound.unread.capacity() == 0 {
             // Room for a whole request head of the usual size: serving it reads nothing more.
-            rewound.unread.reserve_exact(FIRST_READ);
+            rewound.unread.reserve(FIRST_READ);
         }
         let read = rewound.io.read_buf(&mut rewound.unread).await?;
-        Ok((read > 0).then_some(&rewound.unread[rewound.at..]))
+        Ok((read > 0).then_some(&rewound.unread[..]))
     }
 
     pub(super) fn tcp(&self) -> &TcpStream {
@@ -148,9 +149,8 @@ impl Lingering {
     /// The plain stream, for opaque TCP (which cannot drain gracefully anyway), and the bytes
     /// read from it that were not returned yet (they go first).
     pub(super) fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
-        let mut rewound = self.stream.take().expect("present until dropped");
-        let unread = rewound.take_unread();
-        (rewound.io, unread)
+        let rewound = self.stream.take().expect("present until dropped");
+        (rewound.io, rewound.unread.to_vec())
     }
 }
 
@@ -179,51 +179,43 @@ impl Drop for Lingering {
 /// leaves to hyper's server, whose reads then return them first.
 pub trait ReadAhead: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The bytes read ahead and not returned yet, taken.
-    fn take_unread(&mut self) -> Vec<u8>;
+    fn take_unread(&mut self) -> BytesMut;
     /// Bytes to return before any read ahead or from the transport.
-    fn give_back(&mut self, bytes: &[u8]);
+    fn give_back(&mut self, bytes: BytesMut);
 }
 
 /// A transport whose reads return bytes read ahead first.
 pub struct Rewound<I> {
     io: I,
-    /// Bytes read ahead, returned from `at` on.
-    unread: Vec<u8>,
-    at: usize,
+    unread: BytesMut,
 }
 
 impl<I> Rewound<I> {
     pub fn new(io: I) -> Self {
         Rewound {
             io,
-            unread: Vec::new(),
-            at: 0,
+            unread: BytesMut::new(),
         }
     }
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> ReadAhead for Rewound<I> {
-    fn take_unread(&mut self) -> Vec<u8> {
-        let mut unread = std::mem::take(&mut self.unread);
-        unread.drain(..self.at);
-        self.at = 0;
-        unread
+    fn take_unread(&mut self) -> BytesMut {
+        std::mem::take(&mut self.unread)
     }
 
-    fn give_back(&mut self, bytes: &[u8]) {
-        let mut unread = bytes.to_vec();
-        unread.extend_from_slice(&self.unread[self.at..]);
-        self.unread = unread;
-        self.at = 0;
+    fn give_back(&mut self, mut bytes: BytesMut) {
+        bytes.extend_from_slice(&self.unread);
+        self.unread = bytes;
     }
 }
 
 impl ReadAhead for Lingering {
-    fn take_unread(&mut self) -> Vec<u8> {
+    fn take_unread(&mut self) -> BytesMut {
         self.rewound().take_unread()
     }
 
-    fn give_back(&mut self, bytes: &[u8]) {
+    fn give_back(&mut self, bytes: BytesMut) {
         self.rewound().give_back(bytes)
     }
 }
@@ -235,17 +227,14 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewound<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let unread = &this.unread[this.at..];
-        if unread.is_empty() {
+        if this.unread.is_empty() {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        let n = unread.len().min(buf.remaining());
-        buf.put_slice(&unread[..n]);
-        this.at += n;
-        if this.at == this.unread.len() {
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        if this.unread.is_empty() {
             // All returned: the buffer goes (an idle connection keeps none).
-            this.unread = Vec::new();
-            this.at = 0;
+            this.unread = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }

@@ -17,7 +17,7 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use crate::proxy::io::ReadAhead;
 use crate::proxy::{ConnectionInfo, Proxy};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures::FutureExt as _;
 use http::header::{HeaderValue, CONNECTION};
 use http::{HeaderMap, Method, Response};
@@ -48,8 +48,9 @@ pub async fn serve<T: ReadAhead>(
     shutdown: watch::Receiver<bool>,
 ) {
     let config = &proxy.config;
-    let mut buf = BytesMut::from(&stream.take_unread()[..]);
+    let mut buf = stream.take_unread();
     let mut out = Vec::with_capacity(512);
+    let mut spare_headers = None;
     // One wait for the drain signal and one timer for the whole connection.
     let mut drain_flag = shutdown.clone();
     let drained = turned_true_polled_when_woken(&mut drain_flag);
@@ -63,10 +64,10 @@ pub async fn serve<T: ReadAhead>(
             .as_mut()
             .reset(Instant::now() + config.header_read_timeout);
         let own = loop {
-            match wire::request_head(&mut buf, OWN_HEAD, config.max_headers) {
+            match wire::request_head(&mut buf, OWN_HEAD, config.max_headers, &mut spare_headers) {
                 Head::Own(own) => break own,
                 Head::Hyper => {
-                    stream.give_back(&buf);
+                    stream.give_back(buf);
                     let io = TokioIo::new(stream);
                     let caller = info.caller.ip;
                     if let Err(e) = super::serve_http(proxy, io, false, info, shutdown).await {
@@ -109,8 +110,8 @@ pub async fn serve<T: ReadAhead>(
         let response = Box::pin(proxy.handle(request.map(|()| None), &info)).await;
         let close = close || *shutdown.borrow();
         match write_answer(&mut stream, response, to_head, close, trailers, &mut out).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok((true, headers)) => spare_headers = Some(headers),
+            Ok((false, _)) => {
                 let _ = stream.shutdown().await;
                 return;
             }
@@ -123,7 +124,8 @@ pub async fn serve<T: ReadAhead>(
 }
 
 /// Writes `response` as the answer to a request (a HEAD: `to_head`); `close`: the connection
-/// closes after it. Returns whether the connection may carry another request.
+/// closes after it. Returns whether the connection may carry another request, and the answer's
+/// header map (for the next request's fields).
 async fn write_answer<W: AsyncWrite + Unpin>(
     stream: &mut W,
     response: Response<ProxyBody>,
@@ -131,7 +133,7 @@ async fn write_answer<W: AsyncWrite + Unpin>(
     close: bool,
     trailers_taken: bool,
     out: &mut Vec<u8>,
-) -> io::Result<bool> {
+) -> io::Result<(bool, HeaderMap)> {
     let (mut parts, body) = response.into_parts();
     if close {
         // As hyper's server says it: one more value of the answer's Connection field.
@@ -165,7 +167,7 @@ async fn write_answer<W: AsyncWrite + Unpin>(
         out,
     );
     let close = close || said_close;
-    drop(parts);
+    let headers = parts.headers;
     let whole = match framing {
         Framing::Length(0) => {
             stream.write_all(out).await?;
@@ -177,7 +179,7 @@ async fn write_answer<W: AsyncWrite + Unpin>(
             send_chunked(stream, body, allowed.as_deref(), out).await?
         }
     };
-    Ok(whole && !close)
+    Ok((whole && !close, headers))
 }
 
 /// The next frame of `body`; while `head` still holds the unsent answer head, a frame not ready
@@ -295,6 +297,7 @@ mod tests {
 
     use super::*;
     use crate::proxy::body::{empty, full};
+    use bytes::BytesMut;
     use http::StatusCode;
     use http_body::Frame;
     use http_body_util::StreamBody;
@@ -338,7 +341,7 @@ mod tests {
         let mut buf = BytesMut::from(requests);
         let (mut written, mut scratch) = (Vec::new(), Vec::new());
         loop {
-            let Head::Own(own) = wire::request_head(&mut buf, OWN_HEAD, 100) else {
+            let Head::Own(own) = wire::request_head(&mut buf, OWN_HEAD, 100, &mut None) else {
                 break;
             };
             let to_head = own.request.method() == Method::HEAD;
@@ -352,7 +355,8 @@ mod tests {
                 &mut scratch,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
             if !kept {
                 break;
             }

@@ -4,7 +4,7 @@
 //! bytes out, so that every case tests without sockets.
 
 pub(super) use crate::proxy::upstream::wire::tokens;
-use crate::proxy::upstream::wire::{fields_within, header_map};
+use crate::proxy::upstream::wire::{fields_within, fill_header_map};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -13,6 +13,9 @@ use std::io::Write as _;
 /// Fields a request head may have for the agent to read it itself. A head with more goes to
 /// hyper's server, which allows `--max-headers`.
 const FIELDS: usize = 32;
+
+/// Fields a request's header map has room for beyond its own when it is made.
+const FILTERS_ADD: usize = 4;
 
 /// What the start of a connection's unread bytes holds.
 #[derive(Debug)]
@@ -40,8 +43,14 @@ pub struct OwnRequest {
 /// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
 /// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
 /// `max_headers`: the most fields (the configured limits; a head over them goes to hyper's
-/// server, whose refusal answers it).
-pub fn request_head(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> Head {
+/// server, whose refusal answers it). `spare`: a header map to fill, if one is at hand (the last
+/// answer's, emptied: as hyper's server, a connection reuses its map's room).
+pub fn request_head(
+    buf: &mut BytesMut,
+    max_head: usize,
+    max_headers: usize,
+    spare: &mut Option<HeaderMap>,
+) -> Head {
     let mut raw = [httparse::EMPTY_HEADER; FIELDS];
     let mut parsed = httparse::Request::new(&mut raw);
     let head_len = match parsed.parse(buf) {
@@ -67,7 +76,11 @@ pub fn request_head(buf: &mut BytesMut, max_head: usize, max_headers: usize) -> 
     let (fields, count) = fields_within::<FIELDS>(buf, parsed.headers);
     let head = buf.split_to(head_len).freeze();
     let uri = target.and_then(|target| Uri::from_maybe_shared(head.slice(target)).ok());
-    let headers = header_map(&head, &fields[..count]);
+    // Room for the fields a route's filters add, too.
+    let map = spare
+        .take()
+        .unwrap_or_else(|| HeaderMap::with_capacity(count + FILTERS_ADD));
+    let headers = fill_header_map(&head, &fields[..count], map);
     let Some(uri) = uri.filter(|_| headers.len() == fields_read) else {
         // Given back whole: hyper's server reads it again and refuses it as it would have.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -367,7 +380,7 @@ mod tests {
 
     fn head(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        (request_head(&mut buf, 8192, 100), buf)
+        (request_head(&mut buf, 8192, 100, &mut None), buf)
     }
 
     fn own(bytes: &[u8]) -> (OwnRequest, BytesMut) {
@@ -439,7 +452,10 @@ mod tests {
         }
         // More fields than the configured limit: hyper's server refuses them.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
-        assert!(matches!(request_head(&mut buf, 8192, 2), Head::Hyper));
+        assert!(matches!(
+            request_head(&mut buf, 8192, 2, &mut None),
+            Head::Hyper
+        ));
     }
 
     #[test]

@@ -237,7 +237,17 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
 /// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
 /// are tokens and that values hold no control characters but tab.
 pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    fill_header_map(head, fields, HeaderMap::with_capacity(fields.len()))
+}
+
+/// [`header_map`] into `headers`, emptied first (its room is kept: a map reused).
+pub(in crate::proxy) fn fill_header_map(
+    head: &Bytes,
+    fields: &[FieldAt],
+    mut headers: HeaderMap,
+) -> HeaderMap {
+    headers.clear();
+    headers.reserve(fields.len());
     for field in fields {
         let Ok(name) = HeaderName::from_bytes(&head[field.name.0..field.name.1]) else {
             continue;

@@ -60,9 +60,13 @@ pub async fn serve<T: ReadAhead>(
     tokio::pin!(head_timer);
     loop {
         // hyper's server times a head from when it starts waiting for it, idle time included.
-        head_timer
-            .as_mut()
-            .reset(Instant::now() + config.header_read_timeout);
+        let head_deadline = Instant::now() + config.header_read_timeout;
+        head_timer.as_mut().reset(head_deadline);
+        // While draining, a connection waiting for a head closes once no byte came for a spell
+        // (as hyper's path: `serve::quiet`), at the head's deadline at the latest.
+        let quiet_spell = |timer: std::pin::Pin<&mut tokio::time::Sleep>| {
+            timer.reset(head_deadline.min(Instant::now() + DRAIN_IDLE_GRACE));
+        };
         let own = loop {
             match wire::request_head(&mut buf, OWN_HEAD, config.max_headers, &mut spare_headers) {
                 Head::Own(own) => break own,
@@ -80,11 +84,13 @@ pub async fn serve<T: ReadAhead>(
             if buf.capacity() - buf.len() < READ_SIZE / 8 {
                 buf.reserve(READ_SIZE);
             }
-            let idle = buf.is_empty();
+            // Line ends between requests are allowed (RFC 9112 §2.2): still idle.
+            let idle = buf.iter().all(|b| matches!(b, b'\r' | b'\n'));
             tokio::select! {
                 biased;
                 read = stream.read_buf(&mut buf) => match read {
                     Ok(0) | Err(_) => return,
+                    Ok(_) if draining => quiet_spell(head_timer.as_mut()),
                     Ok(_) => {}
                 },
                 () = head_timer.as_mut() => return,
@@ -92,10 +98,7 @@ pub async fn serve<T: ReadAhead>(
                 // its way; a head begun is waited for as usual.
                 () = drained.as_mut(), if idle && !draining => {
                     draining = true;
-                    let spell = Instant::now() + DRAIN_IDLE_GRACE;
-                    if spell < head_timer.deadline() {
-                        head_timer.as_mut().reset(spell);
-                    }
+                    quiet_spell(head_timer.as_mut());
                 }
             }
         };
@@ -167,7 +170,10 @@ async fn write_answer<W: AsyncWrite + Unpin>(
         out,
     );
     let close = close || said_close;
-    let headers = parts.headers;
+    // Emptied now: its values may hold the upstream's read buffer, which an idle connection
+    // must not keep.
+    let mut headers = parts.headers;
+    headers.clear();
     let whole = match framing {
         Framing::Length(0) => {
             stream.write_all(out).await?;
@@ -222,6 +228,10 @@ async fn send_length<W: AsyncWrite + Unpin>(
                 }
                 write_slices(stream, &mut [IoSlice::new(head), IoSlice::new(&data)]).await?;
                 head.clear();
+                if sent == length {
+                    // Whole: its end of stream is not waited for (it may come late).
+                    break true;
+                }
             }
         }
     };
@@ -298,6 +308,7 @@ mod tests {
     use super::*;
     use crate::proxy::body::{empty, full};
     use bytes::BytesMut;
+    use futures::StreamExt as _;
     use http::StatusCode;
     use http_body::Frame;
     use http_body_util::StreamBody;
@@ -476,6 +487,27 @@ mod tests {
                 with(200, &[("content-length", "5")], full("hello"))
             }),
         ]
+    }
+
+    /// An answer whose length went whole is done, though its body's end of stream has not come.
+    #[tokio::test]
+    async fn an_answer_is_done_at_its_length() {
+        let endless = StreamBody::new(
+            futures::stream::iter([Ok(Frame::data(Bytes::from_static(b"hello")))])
+                .chain(futures::stream::pending()),
+        )
+        .boxed_unsync();
+        let response = with(200, &[("content-length", "5")], endless);
+        let mut written = Vec::new();
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            write_answer(&mut written, response, false, false, false, &mut Vec::new()),
+        )
+        .await
+        .expect("not waiting for the end of stream")
+        .unwrap();
+        assert!(sent.0, "the connection goes on");
+        assert!(written.ends_with(b"\r\n\r\nhello"));
     }
 
     /// Where the two differ on purpose: hyper's server drops the answer it has not flushed yet

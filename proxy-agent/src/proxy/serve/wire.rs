@@ -155,7 +155,7 @@ pub fn answer_head(
 ) -> (Framing, bool) {
     // hyper's server cannot send a 1xx as a final answer; it sends a 500 instead.
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\n");
+        out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n");
         finish_head(false, date, out);
         return (Framing::Length(0), true);
     }
@@ -171,6 +171,9 @@ pub fn answer_head(
         }
     }
     let can_chunk = !to_head && can_have_body(status);
+    // Both framing fields (a route's filter may set either): the coding wins and the length is
+    // not sent (RFC 9112 §6.2), where hyper's server refused the answer.
+    let chunking = can_chunk && headers.contains_key(header::TRANSFER_ENCODING);
     let mut framing = None;
     let mut wrote_date = false;
     let mut said_close = false;
@@ -182,21 +185,31 @@ pub fn answer_head(
                 let Some(first) = values.iter().next() else {
                     continue;
                 };
+                if chunking {
+                    continue;
+                }
                 match body {
                     // An ended body: the field is dropped (hyper writes its own `0`), but for a
                     // HEAD, whose field tells the length a GET would have had.
                     BodySize::Empty if !to_head => continue,
-                    BodySize::Empty => framing = Some(Framing::Length(0)),
-                    BodySize::Exact(length) => framing = Some(Framing::Length(length)),
+                    BodySize::Empty => {
+                        framing = Some(Framing::Length(0));
+                        field(out, name, first.as_bytes());
+                    }
+                    // The body's own length, whatever a filter set.
+                    BodySize::Exact(length) => {
+                        framing = Some(Framing::Length(length));
+                        let _ = write!(out, "content-length: {length}\r\n");
+                    }
                     BodySize::Unknown => {
                         let Some(length) = content_length(first) else {
                             // Not a length: the answer cannot be framed by it; chunked instead.
                             continue;
                         };
                         framing = Some(Framing::Length(length));
+                        field(out, name, first.as_bytes());
                     }
                 }
-                field(out, name, first.as_bytes());
             }
             header::TRANSFER_ENCODING => {
                 if !can_chunk {
@@ -456,6 +469,37 @@ mod tests {
             request_head(&mut buf, 8192, 2, &mut None),
             Head::Hyper
         ));
+    }
+
+    fn written(headers: &[(&str, &str)], body: BodySize) -> (String, Framing) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        let (framing, _) = answer_head(StatusCode::OK, None, &map, false, body, b"now", &mut out);
+        (String::from_utf8(out).unwrap(), framing)
+    }
+
+    /// A route's response filters may set framing fields; the answer stays framed one way.
+    #[test]
+    fn framing_fields_a_filter_set_do_not_make_an_ambiguous_answer() {
+        let (head, framing) = written(
+            &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            BodySize::Exact(5),
+        );
+        assert!(!head.contains("content-length"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        assert_eq!(framing, Framing::Chunked { trailers: None });
+        let (head, framing) = written(&[("content-length", "10")], BodySize::Exact(5));
+        assert!(
+            head.contains("content-length: 5\r\n") && !head.contains("10"),
+            "{head}"
+        );
+        assert_eq!(framing, Framing::Length(5));
     }
 
     #[test]

@@ -124,7 +124,8 @@ pub fn nginx_unavailable() -> Option<String> {
 }
 
 /// One nginx process (no master, no daemon) on a free loopback port, serving `files` from its
-/// own folder with the `server` block's directives added; killed on drop.
+/// own folder with the `server` block's directives added (and `http`'s in the `http` block);
+/// killed on drop.
 pub struct Nginx {
     child: Child,
     pub addr: SocketAddr,
@@ -132,7 +133,7 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(server: &str, files: &[(&str, &[u8])]) -> Result<Nginx> {
+    pub fn start(http: &str, server: &str, files: &[(&str, &[u8])]) -> Result<Nginx> {
         let dir = crate::loopback::TempDir::new("nginx");
         let root = dir.0.join("www");
         for (path, bytes) in files {
@@ -145,7 +146,7 @@ impl Nginx {
         let config = format!(
             "daemon off;\nmaster_process off;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+             http {{\n  access_log off;\n{http}\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
              server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n{server}\n  }}\n}}\n"
         );

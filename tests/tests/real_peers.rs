@@ -202,22 +202,29 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
         .unwrap_or_default()
 }
 
-/// nginx behind the agent, answering as a strict HTTP/1.1 server does: closing a connection
-/// after its last allowed request (`Connection: close`) or after an idle second, a HEAD with
-/// the body's length and no body, a 304, a range, chunked gzip with a trailer, a large body
-/// with a length. Each answer must frame right for the connection to be used again, and nginx
-/// numbers a connection's requests: the agent's kept connection shows in that count.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_upstream_frames_and_reuse() {
-    if let Some(reason) = peers::nginx_unavailable() {
-        gamma_tests::skip("nginx_upstream_frames_and_reuse", &reason);
-        return;
+/// nginx's files: a small text, 1 MiB and 17 bytes of noise, a text nginx gzips in chunks.
+struct Files {
+    small: Vec<u8>,
+    big: Vec<u8>,
+    text: Vec<u8>,
+}
+
+impl Files {
+    fn new() -> Files {
+        Files {
+            small: b"hello from nginx\n".to_vec(),
+            big: noise((1 << 20) + 17),
+            text: (0..20_000)
+                .flat_map(|i| format!("line {i} of a text nginx gzips in chunks\n").into_bytes())
+                .collect(),
+        }
     }
-    let small = b"hello from nginx\n".to_vec();
-    let big = noise((1 << 20) + 17);
-    let text: Vec<u8> = (0..20_000)
-        .flat_map(|i| format!("line {i} of a text nginx gzips in chunks\n").into_bytes())
-        .collect();
+}
+
+/// nginx serving `files` as an HTTP/1.1 upstream that closes a connection after its third
+/// request or an idle second, numbers a connection's requests in `x-conn-requests`, and gzips
+/// `/gz/` in chunks with a trailer; and the agent routing `ns/front` to it.
+fn nginx_behind_the_agent(files: &Files) -> (Nginx, Agent) {
     let server = "    keepalive_requests 3;\n    keepalive_timeout 1s;\n    etag on;\n    \
                   add_header x-conn $connection always;\n    \
                   add_header x-conn-requests $connection_requests always;\n    \
@@ -226,11 +233,12 @@ async fn nginx_upstream_frames_and_reuse() {
                   add_header x-conn-requests $connection_requests always;\n      \
                   add_trailer x-trailer-from nginx;\n    }";
     let nginx = Nginx::start(
+        "",
         server,
         &[
-            ("small.txt", &small),
-            ("big.bin", &big),
-            ("gz/text.txt", &text),
+            ("small.txt", &files.small),
+            ("big.bin", &files.big),
+            ("gz/text.txt", &files.text),
         ],
     )
     .unwrap();
@@ -248,6 +256,23 @@ async fn nginx_upstream_frames_and_reuse() {
         },
     )
     .unwrap();
+    (nginx, agent)
+}
+
+/// nginx behind the agent, answering as a strict HTTP/1.1 server does: closing a connection
+/// after its last allowed request (`Connection: close`) or after an idle second, a HEAD with
+/// the body's length and no body, a 304, a range, chunked gzip with a trailer, a large body
+/// with a length. Each answer must frame right for the connection to be used again, and nginx
+/// numbers a connection's requests: the agent's kept connection shows in that count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_upstream_frames_and_reuse() {
+    if let Some(reason) = peers::nginx_unavailable() {
+        gamma_tests::skip("nginx_upstream_frames_and_reuse", &reason);
+        return;
+    }
+    let files = Files::new();
+    let (small, big) = (&files.small, &files.big);
+    let (nginx, agent) = nginx_behind_the_agent(&files);
     let h1 = client(false);
     let url = |path: &str| agent.url(0, path);
     let gzip = [("accept-encoding", "gzip")];
@@ -256,7 +281,7 @@ async fn nginx_upstream_frames_and_reuse() {
     // connection to nginx until nginx closes it after its third.
     let first = get(&h1, &url("/small.txt"), &[]).await;
     assert_eq!(first.status, 200, "{}", first.text);
-    assert_eq!(first.bytes, small);
+    assert_eq!(first.bytes, *small);
     let etag = header(&first.headers, "etag").to_string();
     assert!(!etag.is_empty(), "nginx gives an ETag");
     let head = send(&h1, Method::HEAD, &url("/big.bin"), &[], Default::default()).await;
@@ -272,7 +297,7 @@ async fn nginx_upstream_frames_and_reuse() {
     let whole = get(&h1, &url("/big.bin"), &[]).await;
     assert_eq!(whole.status, 200);
     assert!(
-        whole.bytes == big,
+        whole.bytes == *big,
         "the large body arrives whole and unchanged"
     );
     let range = get(&h1, &url("/big.bin"), &[("range", "bytes=10-19")]).await;
@@ -325,10 +350,70 @@ async fn nginx_upstream_frames_and_reuse() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = get(&h1, &url("/small.txt"), &[]).await;
     assert_eq!(after.status, 200, "{}", after.text);
-    assert_eq!(after.bytes, small);
+    assert_eq!(after.bytes, *small);
     assert_eq!(header(&after.headers, "x-conn-requests"), "1");
     assert_ne!(
         header(&after.headers, "x-conn"),
         header(&before.headers, "x-conn")
     );
+}
+
+/// nginx in front of the agent, as a strict HTTP/1.1 client of the agent's own server (nginx
+/// answers 502 to an upstream answer it cannot frame): kept connections (nginx's upstream
+/// keep-alive), lengths, HEAD, 304, a range, a chunked answer relayed chunked, a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_as_a_client_of_the_agents_own_server() {
+    if let Some(reason) = peers::nginx_unavailable() {
+        gamma_tests::skip("nginx_as_a_client_of_the_agents_own_server", &reason);
+        return;
+    }
+    let files = Files::new();
+    let (backend, agent) = nginx_behind_the_agent(&files);
+    let upstream = format!(
+        "  upstream agent {{ server {}; keepalive 4; }}",
+        agent.listen[0]
+    );
+    let front = Nginx::start(
+        &upstream,
+        "    location / {\n      proxy_pass http://agent;\n      proxy_http_version 1.1;\n      \
+         proxy_set_header Connection \"\";\n    }",
+        &[],
+    )
+    .unwrap();
+    let h1 = client(false);
+    let via = |path: &str| format!("http://{}{path}", front.addr);
+    let direct = |path: &str| format!("http://{}{path}", backend.addr);
+    let gzip = [("accept-encoding", "gzip")];
+    for round in 0..3 {
+        let small = get(&h1, &via("/small.txt"), &[]).await;
+        assert_eq!(small.status, 200, "round {round}: {}", small.text);
+        assert_eq!(small.bytes, files.small);
+        let etag = header(&small.headers, "etag").to_string();
+        let head = send(&h1, Method::HEAD, &via("/big.bin"), &[], Default::default()).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            header(&head.headers, "content-length"),
+            files.big.len().to_string()
+        );
+        let not_modified = get(&h1, &via("/small.txt"), &[("if-none-match", &etag)]).await;
+        assert_eq!(not_modified.status, 304);
+        let whole = get(&h1, &via("/big.bin"), &[]).await;
+        assert_eq!(whole.status, 200);
+        assert!(
+            whole.bytes == files.big,
+            "round {round}: the large body whole"
+        );
+        let range = get(&h1, &via("/big.bin"), &[("range", "bytes=10-19")]).await;
+        assert_eq!(range.status, 206);
+        assert_eq!(range.bytes, files.big[10..20]);
+        let chunked = get(&h1, &via("/gz/text.txt"), &gzip).await;
+        assert_eq!(chunked.status, 200, "round {round}: {}", chunked.text);
+        let straight = get(&h1, &direct("/gz/text.txt"), &gzip).await;
+        assert!(
+            chunked.bytes == straight.bytes,
+            "the chunked body through both"
+        );
+        let missing = get(&h1, &via("/missing"), &[]).await;
+        assert_eq!(missing.status, 404);
+    }
 }

@@ -189,6 +189,16 @@ pub struct AgentOptions<'a> {
 }
 
 impl Agent {
+    /// [`Agent::start`] with one listener, for Service `ns/front` port 80, and no other option.
+    pub fn start_front(manifests: &Manifests) -> Result<Agent> {
+        let options = AgentOptions {
+            listeners: vec![("ns/front", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        };
+        Agent::start(manifests, options)
+    }
+
     /// Starts the agent on `manifests` and waits until `/ready` answers 200 and every listener
     /// accepts connections (at most 10 s).
     pub fn start(manifests: &Manifests, options: AgentOptions<'_>) -> Result<Agent> {

@@ -143,15 +143,7 @@ async fn strict_http2_server_gets_the_callers_authority() {
         )
         .service("ns", "h1", 80, &[h1.addr], Some("http"))
         .raw(&route("r", "front", rules));
-    let agent = Agent::start(
-        &world,
-        AgentOptions {
-            listeners: vec![("ns/front", 80)],
-            caller_namespace: None,
-            extra_args: Vec::new(),
-        },
-    )
-    .unwrap();
+    let agent = Agent::start_front(&world).unwrap();
     let (status, seen) = curl_h2(&agent.url(0, "/x"), "catalog.products");
     assert_eq!(status, 200, "{seen}");
     assert_eq!(seen["authority"], "catalog.products");
@@ -247,15 +239,7 @@ fn nginx_behind_the_agent(files: &Files) -> (Nginx, Agent) {
         .service("ns", "front", 80, &[], None)
         .service("ns", "nginx", 80, &[nginx.addr], Some("http"))
         .raw(&route("r", "front", rules));
-    let agent = Agent::start(
-        &world,
-        AgentOptions {
-            listeners: vec![("ns/front", 80)],
-            caller_namespace: None,
-            extra_args: Vec::new(),
-        },
-    )
-    .unwrap();
+    let agent = Agent::start_front(&world).unwrap();
     (nginx, agent)
 }
 

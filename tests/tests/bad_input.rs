@@ -213,6 +213,18 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
         ),
         // §2.2: a recipient may take a bare LF as a line end. Tolerated, but read the same way
         // as the upstream request is written (hyper writes CRLF), so the two stay in step.
+        // The agent's own server serves bodiless requests and gives hyper's the connection at
+        // the first with a body: pipelined, each request is answered once, in order.
+        (
+            "pipelined: bodiless, with a body, bodiless",
+            b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nPOST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            Expect::Served(3),
+        ),
+        (
+            "pipelined: a body that looks like a request, then bodiless",
+            b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            Expect::Served(2),
+        ),
         (
             "bare LF line ends, two pipelined requests",
             b"GET /ok HTTP/1.1\nHost: x\nX-A: 1\nX-B: 2\n\nGET /ok HTTP/1.1\nHost: x\nConnection: close\n\n".to_vec(),

@@ -36,10 +36,21 @@ pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
 
+/// A request's body as the server that read the request has it.
+pub enum CallerBody {
+    None,
+    /// hyper's server's, read as it streams.
+    Streaming(Incoming),
+    /// Read whole with its head (the agent's own HTTP/1.1 server: a small body with a length).
+    Whole(Bytes),
+}
+
 /// A request body, as the attempts and mirrors of one request see it.
 pub enum RequestBody {
     /// None at all: every attempt and mirror sends an empty body.
     Empty,
+    /// Read whole before the request was handled: every attempt and mirror sends it again.
+    Whole(Bytes),
     /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it).
     Streamed(Option<Incoming>),
     /// Streamed to the first attempt and kept as it goes, up to a limit.
@@ -48,9 +59,11 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// `keep`: a retry or a mirror may need the body again; it is kept up to `limit` bytes.
-    pub fn new(body: Option<Incoming>, keep: bool, limit: usize) -> Self {
-        let Some(body) = body.filter(|b| !b.is_end_stream()) else {
-            return RequestBody::Empty;
+    pub fn new(body: CallerBody, keep: bool, limit: usize) -> Self {
+        let body = match body {
+            CallerBody::Streaming(body) if !body.is_end_stream() => body,
+            CallerBody::Whole(bytes) if !bytes.is_empty() => return RequestBody::Whole(bytes),
+            _ => return RequestBody::Empty,
         };
         if keep {
             RequestBody::Recorded(Recording::new(body, limit))
@@ -63,6 +76,7 @@ impl RequestBody {
     pub fn next_attempt(&mut self) -> Option<ProxyBody> {
         match self {
             RequestBody::Empty => Some(empty()),
+            RequestBody::Whole(bytes) => Some(full(bytes.clone())),
             RequestBody::Streamed(body) => body.take().map(stream),
             RequestBody::Recorded(recording) => recording.replay(),
         }
@@ -77,6 +91,7 @@ impl RequestBody {
     pub fn for_mirror(&self) -> MirrorBody {
         match self {
             RequestBody::Empty => MirrorBody::Empty,
+            RequestBody::Whole(bytes) => MirrorBody::Whole(bytes.clone()),
             RequestBody::Streamed(_) => MirrorBody::Unavailable,
             RequestBody::Recorded(r) => MirrorBody::Pending(r.complete.subscribe()),
         }
@@ -86,6 +101,7 @@ impl RequestBody {
 /// A request body a mirror will send.
 pub enum MirrorBody {
     Empty,
+    Whole(Bytes),
     /// Not kept (no mirror was planned when the request was read).
     Unavailable,
     /// Resolves once the caller's body has ended (or was not kept after all).
@@ -98,6 +114,7 @@ impl MirrorBody {
     pub async fn whole(self) -> Option<ProxyBody> {
         match self {
             MirrorBody::Empty => Some(empty()),
+            MirrorBody::Whole(bytes) => Some(full(bytes)),
             MirrorBody::Unavailable => None,
             MirrorBody::Pending(mut complete) => {
                 let kept = complete

@@ -27,7 +27,7 @@ pub mod workers;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::requests::{self, SeriesKey};
 use arc_swap::ArcSwap;
-use body::{ProxyBody, RequestBody};
+use body::{CallerBody, ProxyBody, RequestBody};
 use compact_str::CompactString;
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::session::Session;
@@ -35,7 +35,6 @@ use gamma_engine::routes::{
     Attached, Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
 };
 use http::{header, HeaderValue, Method, Request, Response};
-use hyper::body::Incoming;
 use local::LocalAnswer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -216,11 +215,10 @@ impl Proxy {
         }
     }
 
-    /// Handles one request end to end; never fails: errors become local responses. A request
-    /// the agent's own HTTP/1.1 server read has no body (`None`).
+    /// Handles one request end to end; never fails: errors become local responses.
     pub async fn handle(
         self: &Arc<Self>,
-        request: Request<Option<Incoming>>,
+        request: Request<CallerBody>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -267,7 +265,7 @@ impl Proxy {
     async fn proxy_frontend<'f>(
         self: &Arc<Self>,
         frontend: Option<&'f Frontend>,
-        request: Request<Option<Incoming>>,
+        request: Request<CallerBody>,
         conn: &ConnectionInfo,
         grpc: bool,
         log: &mut AccessLog<'f>,

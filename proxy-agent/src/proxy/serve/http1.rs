@@ -13,7 +13,7 @@
 //! dispatcher, its buffers and timer are also most of what a new connection costs beyond ours.
 
 use super::wire::{self, BodySize, Framing, Head, OwnRequest};
-use crate::proxy::body::ProxyBody;
+use crate::proxy::body::{CallerBody, ProxyBody};
 use crate::proxy::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use crate::proxy::io::ReadAhead;
 use crate::proxy::{ConnectionInfo, Proxy};
@@ -51,6 +51,8 @@ pub async fn serve<T: ReadAhead>(
     let mut buf = stream.take_unread();
     let mut out = Vec::with_capacity(512);
     let mut spare_headers = None;
+    // A body read whole is a body buffered: no more than the agent buffers for a retry.
+    let max_body = wire::OWN_BODY.min(config.max_buffered_body as u64);
     // One wait for the drain signal and one timer for the whole connection.
     let mut drain_flag = shutdown.clone();
     let drained = turned_true_polled_when_woken(&mut drain_flag);
@@ -68,18 +70,19 @@ pub async fn serve<T: ReadAhead>(
             timer.reset(head_deadline.min(Instant::now() + DRAIN_IDLE_GRACE));
         };
         let own = loop {
-            match wire::request_head(&mut buf, OWN_HEAD, config.max_headers, &mut spare_headers) {
+            let mut awaiting_body = false;
+            let heads = wire::request_head(
+                &mut buf,
+                OWN_HEAD,
+                config.max_headers,
+                max_body,
+                &mut spare_headers,
+            );
+            match heads {
                 Head::Own(own) => break own,
-                Head::Hyper => {
-                    stream.give_back(buf);
-                    let io = TokioIo::new(stream);
-                    let caller = info.caller.ip;
-                    if let Err(e) = super::serve_http(proxy, io, false, info, shutdown).await {
-                        tracing::debug!(error = %e, %caller, "connection ended with an error");
-                    }
-                    return;
-                }
                 Head::Partial => {}
+                Head::AwaitingBody => awaiting_body = true,
+                Head::Hyper => return hand_over(proxy, stream, buf, info, shutdown).await,
             }
             if buf.capacity() - buf.len() < READ_SIZE / 8 {
                 buf.reserve(READ_SIZE);
@@ -93,7 +96,13 @@ pub async fn serve<T: ReadAhead>(
                     Ok(_) if draining => quiet_spell(head_timer.as_mut()),
                     Ok(_) => {}
                 },
-                () = head_timer.as_mut() => return,
+                // A body slower than that goes through hyper's server (which does not time it),
+                // as it would have.
+                () = head_timer.as_mut() => if awaiting_body {
+                    return hand_over(proxy, stream, buf, info, shutdown).await;
+                } else {
+                    return;
+                },
                 // While draining, an idle connection gets a last spell for a request already on
                 // its way; a head begun is waited for as usual.
                 () = drained.as_mut(), if idle && !draining => {
@@ -110,7 +119,7 @@ pub async fn serve<T: ReadAhead>(
         let to_head = request.method() == Method::HEAD;
         // Boxed: the connection's task would otherwise be sized for a request in flight (about
         // 5 KiB) while it waits for the next.
-        let response = Box::pin(proxy.handle(request.map(|()| None), &info)).await;
+        let response = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info)).await;
         let close = close || *shutdown.borrow();
         match write_answer(&mut stream, response, to_head, close, trailers, &mut out).await {
             Ok((true, headers)) => spare_headers = Some(headers),
@@ -123,6 +132,21 @@ pub async fn serve<T: ReadAhead>(
                 return;
             }
         }
+    }
+}
+
+/// Gives hyper's server the rest of the connection, the bytes read and not used first.
+async fn hand_over<T: ReadAhead>(
+    proxy: &Arc<Proxy>,
+    mut stream: T,
+    unread: bytes::BytesMut,
+    info: Arc<ConnectionInfo>,
+    shutdown: watch::Receiver<bool>,
+) {
+    stream.give_back(unread);
+    let caller = info.caller.ip;
+    if let Err(e) = super::serve_http(proxy, TokioIo::new(stream), false, info, shutdown).await {
+        tracing::debug!(error = %e, %caller, "connection ended with an error");
     }
 }
 
@@ -352,7 +376,9 @@ mod tests {
         let mut buf = BytesMut::from(requests);
         let (mut written, mut scratch) = (Vec::new(), Vec::new());
         loop {
-            let Head::Own(own) = wire::request_head(&mut buf, OWN_HEAD, 100, &mut None) else {
+            let Head::Own(own) =
+                wire::request_head(&mut buf, OWN_HEAD, 100, wire::OWN_BODY, &mut None)
+            else {
                 break;
             };
             let to_head = own.request.method() == Method::HEAD;

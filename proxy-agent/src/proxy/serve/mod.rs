@@ -6,7 +6,7 @@
 pub mod http1;
 mod wire;
 
-use super::body::ProxyBody;
+use super::body::{CallerBody, ProxyBody};
 use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use super::io::Watched;
 use super::{ConnectionInfo, Proxy, ProxyConfig};
@@ -52,7 +52,9 @@ where
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
             let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
-                let mut response = proxy.handle(request.map(Some), &info).await;
+                let mut response = proxy
+                    .handle(request.map(CallerBody::Streaming), &info)
+                    .await;
                 let upgraded = tunnel || response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if !upgraded && closing.is_some_and(|draining| *draining.borrow()) {
                     response

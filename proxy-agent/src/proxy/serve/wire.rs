@@ -25,15 +25,24 @@ pub enum Head {
     Own(OwnRequest),
     /// Not a whole head yet.
     Partial,
+    /// A whole head of a request the agent serves itself, whose body has not all come yet.
+    AwaitingBody,
     /// A request the agent leaves to hyper's server, with the rest of the connection: one with
-    /// a body, an upgrade, `Expect`, a version other than HTTP/1.1, or a head that is malformed,
-    /// oversized or has many fields (hyper's refusals then answer it, as before).
+    /// a chunked body or a body over [`OWN_BODY`], an upgrade, `Expect`, a version other than
+    /// HTTP/1.1, or a head that is malformed, oversized or has many fields (hyper's refusals then
+    /// answer it, as before).
     Hyper,
 }
 
+/// The largest request body the agent reads itself, whole with its head (the usual JSON of a
+/// call), unless `--max-buffered-body-bytes` is lower; a larger one streams through hyper's
+/// server.
+pub const OWN_BODY: u64 = 16 * 1024;
+
 #[derive(Debug)]
 pub struct OwnRequest {
-    pub request: Request<()>,
+    /// The request, and its body (empty if none).
+    pub request: Request<Bytes>,
     /// The client asked for the connection to close after this answer.
     pub close: bool,
     /// The client takes trailer fields (`TE: trailers`).
@@ -43,12 +52,14 @@ pub struct OwnRequest {
 /// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
 /// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
 /// `max_headers`: the most fields (the configured limits; a head over them goes to hyper's
-/// server, whose refusal answers it). `spare`: a header map to fill, if one is at hand (the last
+/// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
+/// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
 /// answer's, emptied: as hyper's server, a connection reuses its map's room).
 pub fn request_head(
     buf: &mut BytesMut,
     max_head: usize,
     max_headers: usize,
+    max_body: u64,
     spare: &mut Option<HeaderMap>,
 ) -> Head {
     let mut raw = [httparse::EMPTY_HEADER; FIELDS];
@@ -58,11 +69,15 @@ pub fn request_head(
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Head::Partial,
         _ => return Head::Hyper,
     };
-    if parsed.version != Some(1)
-        || parsed.headers.len() > max_headers
-        || !plain_and_bodiless(parsed.headers)
-    {
+    if parsed.version != Some(1) || parsed.headers.len() > max_headers {
         return Head::Hyper;
+    }
+    let body_len = match plain_body_length(parsed.headers) {
+        Some(len) if len <= max_body => len as usize,
+        _ => return Head::Hyper,
+    };
+    if buf.len() < head_len + body_len {
+        return Head::AwaitingBody;
     }
     let method = match parsed.method.map(|m| Method::from_bytes(m.as_bytes())) {
         Some(Ok(method)) if method != Method::CONNECT => method,
@@ -94,7 +109,7 @@ pub fn request_head(
     };
     let close = has(&header::CONNECTION, "close");
     let trailers = has(&header::TE, "trailers");
-    let mut request = Request::new(());
+    let mut request = Request::new(buf.split_to(body_len).freeze());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -106,17 +121,28 @@ pub fn request_head(
     })
 }
 
-/// Whether a request's fields say it has no body and ask for nothing that hyper's server does
-/// for the agent: no Transfer-Encoding, a Content-Length of 0 if any, no Upgrade, no Expect.
-fn plain_and_bodiless(fields: &[httparse::Header<'_>]) -> bool {
-    fields.iter().all(|field| {
+/// The length of a request's body when its fields frame it plainly and ask for nothing that
+/// hyper's server does for the agent: no Transfer-Encoding, no Upgrade, no Expect, and one
+/// Content-Length (however repeated) or none (0). `None` otherwise.
+fn plain_body_length(fields: &[httparse::Header<'_>]) -> Option<u64> {
+    let mut length = None;
+    for field in fields {
         let is = |name: &str| field.name.eq_ignore_ascii_case(name);
         if is("content-length") {
-            field.value == b"0"
-        } else {
-            !(is("transfer-encoding") || is("upgrade") || is("expect"))
+            let digits = field.value;
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let value: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+            if length.is_some_and(|l| l != value) {
+                return None;
+            }
+            length = Some(value);
+        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
+            return None;
         }
-    })
+    }
+    Some(length.unwrap_or(0))
 }
 
 /// What an answer's body is known to be before it is read.
@@ -393,7 +419,7 @@ mod tests {
 
     fn head(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        (request_head(&mut buf, 8192, 100, &mut None), buf)
+        (request_head(&mut buf, 8192, 100, OWN_BODY, &mut None), buf)
     }
 
     fn own(bytes: &[u8]) -> (OwnRequest, BytesMut) {
@@ -426,6 +452,17 @@ mod tests {
     }
 
     #[test]
+    fn a_small_body_with_a_length_is_read_whole_with_its_head() {
+        let (request, rest) =
+            own(b"POST /a HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhelloGET /b");
+        assert_eq!(request.request.body(), "hello");
+        assert_eq!(&rest[..], b"GET /b", "the next request's bytes stay");
+        let (waiting, rest) = head(b"PUT /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel");
+        assert!(matches!(waiting, Head::AwaitingBody), "{waiting:?}");
+        assert_eq!(rest.len(), 41, "nothing taken before the body is whole");
+    }
+
+    #[test]
     fn an_incomplete_head_waits_for_more_up_to_the_limit() {
         let (partial, rest) = head(b"GET / HTTP/1.1\r\nhost: x\r\n");
         assert!(matches!(partial, Head::Partial));
@@ -441,9 +478,15 @@ mod tests {
     fn requests_hyper_serves_are_left_whole() {
         let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        let cases: [&[u8]; 11] = [
-            b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+        let over = format!(
+            "POST / HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+            OWN_BODY + 1
+        );
+        let cases: [&[u8]; 13] = [
+            over.as_bytes(),
             b"POST / HTTP/1.1\r\ncontent-length: 0\r\ncontent-length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 5, 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\ncontent-length: +5\r\n\r\nhello",
             b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
             b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
             b"PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
@@ -466,7 +509,7 @@ mod tests {
         // More fields than the configured limit: hyper's server refuses them.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
         assert!(matches!(
-            request_head(&mut buf, 8192, 2, &mut None),
+            request_head(&mut buf, 8192, 2, OWN_BODY, &mut None),
             Head::Hyper
         ));
     }

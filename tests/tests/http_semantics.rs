@@ -1,6 +1,7 @@
 //! HTTP semantics a caller relies on, through the agent on 127.0.0.1: route timeouts that cover
 //! the response body, request bodies resent by retries and carried by mirrors (and the limit on
-//! keeping them), the CORS filter, and `Set-Cookie` added as its own field line.
+//! keeping them, a small one sent slowly), the CORS filter, and `Set-Cookie` added as its own
+//! field line.
 
 use bytes::Bytes;
 use gamma_tests::loopback::{
@@ -254,4 +255,32 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         matches!(closed, Ok(Ok(0))),
         "the idle opaque connection is closed: {closed:?}"
     );
+}
+
+/// A small body the agent's own HTTP/1.1 server would read whole, sent slower than the
+/// header-read timeout: the request goes to hyper's server (which does not time bodies) and is
+/// served whole, not cut. A head that slow is closed (`bad_input`'s slowloris).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_slower_than_the_head_timeout_is_still_served() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_routed_to(echo.addr);
+    let agent = Agent::start(&world, options(&["--header-read-timeout-ms", "300"])).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let head = "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n";
+    stream
+        .write_all(format!("{head}12345").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream.write_all(b"67890").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains(r#""body_bytes":10"#), "{answer}");
 }

@@ -92,9 +92,10 @@ pub async fn turned_true(flag: &mut watch::Receiver<bool>) {
 }
 
 /// [`turned_true`], for a long wait beside busy work: a connection's task waits for the drain
-/// signal beside hyper's connection, and `select!` polls both at each of the task's wake-ups,
-/// several per request; an accept loop waits for its stop beside every accept. Polling the watch's wait takes the lock of its list of waiters, one list
-/// for every connection of every worker; this wait is polled only when the signal woke it.
+/// signal beside its server, and `select!` polls both at each of the task's wake-ups, several
+/// per request; an accept loop waits for its stop beside every accept. Polling the watch's wait
+/// takes the lock of its list of waiters, one list for every connection of every worker; this
+/// wait is polled only when the signal woke it.
 pub(super) async fn turned_true_polled_when_woken(flag: &mut watch::Receiver<bool>) {
     let wait = turned_true(flag);
     tokio::pin!(wait);

@@ -31,8 +31,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
 /// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let te_trailers =
-        wire::tokens(headers, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    let te_trailers = wire::has_token(headers, &header::TE, "trailers");
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = wire::tokens(headers, &header::CONNECTION)
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())

@@ -1,7 +1,7 @@
 //! Serving HTTP/1.1 (with upgrades) and HTTP/2 on an accepted connection, and closing it
 //! gracefully when draining: HTTP/1.1 by the agent's own server (`http1.rs`) for requests without
-//! a body, by hyper's for the rest of a connection from its first other request; HTTP/2 by
-//! hyper's.
+//! a body or with a small one, by hyper's for the rest of a connection from its first other
+//! request; HTTP/2 by hyper's.
 
 pub mod http1;
 mod wire;

@@ -3,8 +3,10 @@
 //! §6–7), so that a client sees the same answers whichever of the two served it. Pure: bytes in,
 //! bytes out, so that every case tests without sockets.
 
-pub(super) use crate::proxy::upstream::wire::tokens;
-use crate::proxy::upstream::wire::{fields_within, fill_header_map};
+pub(super) use crate::proxy::upstream::wire::has_token;
+use crate::proxy::upstream::wire::{
+    chunked_last, decimal, fields_within, fill_header_map, joined, tokens,
+};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -21,7 +23,7 @@ const FILTERS_ADD: usize = 4;
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // Moved once per request; boxed, it would be an allocation.
 pub enum Head {
-    /// A whole head of a request without a body, which the agent serves itself.
+    /// A whole request the agent serves itself: its head, and its body if it has a small one.
     Own(OwnRequest),
     /// Not a whole head yet.
     Partial,
@@ -104,11 +106,8 @@ pub fn request_head(
         *buf = whole;
         return Head::Hyper;
     };
-    let has = |name: &HeaderName, option: &str| {
-        tokens(&headers, name).any(|t| t.eq_ignore_ascii_case(option))
-    };
-    let close = has(&header::CONNECTION, "close");
-    let trailers = has(&header::TE, "trailers");
+    let close = has_token(&headers, &header::CONNECTION, "close");
+    let trailers = has_token(&headers, &header::TE, "trailers");
     let mut request = Request::new(buf.split_to(body_len).freeze());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -129,11 +128,7 @@ fn plain_body_length(fields: &[httparse::Header<'_>]) -> Option<u64> {
     for field in fields {
         let is = |name: &str| field.name.eq_ignore_ascii_case(name);
         if is("content-length") {
-            let digits = field.value;
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let value: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+            let value = decimal(field.value)?;
             if length.is_some_and(|l| l != value) {
                 return None;
             }
@@ -228,7 +223,7 @@ pub fn answer_head(
                         let _ = write!(out, "content-length: {length}\r\n");
                     }
                     BodySize::Unknown => {
-                        let Some(length) = content_length(first) else {
+                        let Some(length) = decimal(first.as_bytes()) else {
                             // Not a length: the answer cannot be framed by it; chunked instead.
                             continue;
                         };
@@ -241,14 +236,9 @@ pub fn answer_head(
                 if !can_chunk {
                     continue;
                 }
-                let joined = join(&values);
-                let chunked_last = joined
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 out.extend_from_slice(b"transfer-encoding: ");
-                out.extend_from_slice(&joined);
-                out.extend_from_slice(if chunked_last {
+                joined(out, values.iter().map(HeaderValue::as_bytes), b", ");
+                out.extend_from_slice(if chunked_last(headers) == Some(true) {
                     b"\r\n"
                 } else {
                     b", chunked\r\n"
@@ -256,18 +246,16 @@ pub fn answer_head(
                 framing = Some(Framing::Chunked { trailers: None });
             }
             header::CONNECTION => {
-                let joined = join(&values);
-                said_close |= tokens(headers, name).any(|t| t.eq_ignore_ascii_case("close"));
-                field(out, name, &joined);
+                said_close |= has_token(headers, name, "close");
+                joined_field(out, name, &values);
             }
             header::TRAILER => {
                 if !can_chunk {
                     continue;
                 }
-                let joined = join(&values);
                 let names = tokens(headers, name).filter_map(|t| HeaderName::try_from(t).ok());
                 trailer_names.get_or_insert_with(Vec::new).extend(names);
-                field(out, name, &joined);
+                joined_field(out, name, &values);
             }
             _ => {
                 wrote_date |= *name == header::DATE;
@@ -329,14 +317,6 @@ fn can_have_body(status: StatusCode) -> bool {
         && status != StatusCode::NOT_MODIFIED
 }
 
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
@@ -344,16 +324,13 @@ fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A field's values as one line, `, ` between them.
-fn join(values: &header::GetAll<'_, HeaderValue>) -> Vec<u8> {
-    let mut joined = Vec::new();
-    for value in values.iter() {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(value.as_bytes());
-    }
-    joined
+/// A field with its values on one line, `, ` between them (as hyper's server writes
+/// Connection and Trailer).
+fn joined_field(out: &mut Vec<u8>, name: &HeaderName, values: &header::GetAll<'_, HeaderValue>) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    joined(out, values.iter().map(HeaderValue::as_bytes), b", ");
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The line before a chunk of `len` bytes.

@@ -95,13 +95,22 @@ pub fn request_head(
 fn field<'v>(out: &mut Vec<u8>, name: &str, values: impl IntoIterator<Item = &'v [u8]>) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
+    joined(out, values, b"; ");
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A field's values on one line, `separator` between them.
+pub(in crate::proxy) fn joined<'v>(
+    out: &mut Vec<u8>,
+    values: impl IntoIterator<Item = &'v [u8]>,
+    separator: &[u8],
+) {
     for (i, value) in values.into_iter().enumerate() {
         if i > 0 {
-            out.extend_from_slice(b"; ");
+            out.extend_from_slice(separator);
         }
         out.extend_from_slice(value);
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// How an answer's body is delimited (RFC 9112 §6.3).
@@ -307,7 +316,7 @@ fn framed(
 }
 
 /// With Transfer-Encoding: whether its last coding is chunked (the one that frames the body).
-fn chunked_last(headers: &HeaderMap) -> Option<bool> {
+pub(in crate::proxy) fn chunked_last(headers: &HeaderMap) -> Option<bool> {
     let value = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
@@ -328,11 +337,7 @@ fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
     for value in headers.get_all(header::CONTENT_LENGTH) {
         let text = value.to_str().map_err(|_| WireError::BadContentLength)?;
         for item in text.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(WireError::BadContentLength);
-            }
-            let n: u64 = item.parse().map_err(|_| WireError::BadContentLength)?;
+            let n = decimal(item.trim().as_bytes()).ok_or(WireError::BadContentLength)?;
             if length.is_some_and(|l| l != n) {
                 return Err(WireError::BadContentLength);
             }
@@ -340,6 +345,14 @@ fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
         }
     }
     length.ok_or(WireError::BadContentLength)
+}
+
+/// A length as HTTP writes it: ASCII digits only (no sign, no space), fitting a u64.
+pub(in crate::proxy) fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The comma-separated tokens of every `name` field (Connection, TE), trimmed.
@@ -352,10 +365,14 @@ pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<It
         .map(str::trim)
 }
 
+/// Whether a `name` field (Connection, TE) has `token` among its tokens (case-insensitive).
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
 /// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.
 fn connection_kept(headers: &HeaderMap, version: Version) -> bool {
-    let has =
-        |option: &str| tokens(headers, &header::CONNECTION).any(|o| o.eq_ignore_ascii_case(option));
+    let has = |option: &str| has_token(headers, &header::CONNECTION, option);
     if version == Version::HTTP_10 {
         has("keep-alive") && !has("close")
     } else {

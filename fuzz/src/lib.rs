@@ -334,10 +334,10 @@ async fn backend() -> u16 {
 
 /// HTTP path: the input is what a client sends on one connection. The agent's servers (its own
 /// HTTP/1.1 one, which gives requests it does not serve itself to hyper's, or hyper's HTTP/2 one,
-/// by the same first-bytes classification as the listener) serve it over an in-memory pipe. The client's write side stays open while requests are being answered
-/// (hyper closes a connection whose client half-closes mid-request, which would cut every
-/// forward short), then closes; the connection must then end promptly and leave no upstream
-/// request counted in flight.
+/// by the same first-bytes classification as the listener) serve it over an in-memory pipe. The
+/// client's write side stays open while requests are being answered (hyper closes a connection
+/// whose client half-closes mid-request, which would cut every forward short), then closes; the
+/// connection must then end promptly and leave no upstream request counted in flight.
 pub fn http_connection(data: &[u8]) {
     let http2 = match classify(&data[..data.len().min(24)]) {
         Some(Protocol::Http1) => false,

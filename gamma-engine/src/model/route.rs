@@ -81,20 +81,34 @@ pub struct RefusedRoute {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ParentRef {
-    pub group: CompactString,
-    pub kind: CompactString,
+    pub target: GroupKind,
     pub namespace: Option<CompactString>,
     pub name: CompactString,
     pub port: Option<u16>,
     pub section_name: Option<CompactString>,
 }
 
+/// With its group and kind spelled out, as written.
+impl Serialize for ParentRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("ParentRef", 6)?;
+        st.serialize_field("group", self.target.group())?;
+        st.serialize_field("kind", self.target.kind())?;
+        st.serialize_field("namespace", &self.namespace)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("port", &self.port)?;
+        st.serialize_field("section_name", &self.section_name)?;
+        st.end()
+    }
+}
+
 impl ParentRef {
     /// The Service this parentRef names, if it names a Service (group "" and kind Service).
     pub fn service(&self, route_namespace: &str) -> Option<ObjectKey> {
-        (self.group.is_empty() && self.kind == "Service").then(|| {
+        (self.target == GroupKind::Service).then(|| {
             ObjectKey::new(
                 self.namespace.as_deref().unwrap_or(route_namespace),
                 self.name.clone(),
@@ -369,12 +383,13 @@ pub enum Filter {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct HeaderModifier {
+    // Exact-size lists: a route is built once and kept for long.
     #[serde(serialize_with = "serialize_headers")]
-    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub set: Box<[(HeaderName, HeaderValue)]>,
     #[serde(serialize_with = "serialize_headers")]
-    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub add: Box<[(HeaderName, HeaderValue)]>,
     #[serde(serialize_with = "serialize_names")]
-    pub remove: Vec<HeaderName>,
+    pub remove: Box<[HeaderName]>,
 }
 
 fn serialize_headers<S: serde::Serializer>(
@@ -479,7 +494,7 @@ pub struct RequestMirror {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendRef {
-    pub kind: BackendKind,
+    pub kind: GroupKind,
     // Short names, kept inline (no allocation each).
     pub namespace: Option<CompactString>,
     pub name: CompactString,
@@ -488,30 +503,45 @@ pub struct BackendRef {
     pub filters: Box<[Filter]>,
 }
 
-/// A backendRef's group and kind: nearly always a core Service, kept in one word; anything else
-/// (which this mesh cannot send to) keeps its group and kind for the status message.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub enum BackendKind {
+/// A reference's group and kind (a backendRef's, a parentRef's): in a mesh nearly always a core
+/// Service, kept in one word; anything else (a Gateway parent, a backend this mesh cannot send
+/// to) keeps its group and kind, boxed, for status and messages.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum GroupKind {
     Service,
     Other(Box<(CompactString, CompactString)>),
 }
 
-impl BackendKind {
+impl GroupKind {
     pub fn new(group: &str, kind: &str) -> Self {
         if group.is_empty() && kind == "Service" {
-            BackendKind::Service
+            GroupKind::Service
         } else {
-            BackendKind::Other(Box::new((group.into(), kind.into())))
+            GroupKind::Other(Box::new((group.into(), kind.into())))
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        match self {
+            GroupKind::Service => "",
+            GroupKind::Other(other) => &other.0,
+        }
+    }
+
+    pub fn kind(&self) -> &str {
+        match self {
+            GroupKind::Service => "Service",
+            GroupKind::Other(other) => &other.1,
         }
     }
 }
 
-impl std::fmt::Display for BackendKind {
+impl std::fmt::Display for GroupKind {
     /// `group/kind`, as the spec spells a reference's kind.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BackendKind::Service => f.write_str("/Service"),
-            BackendKind::Other(other) => write!(f, "{}/{}", other.0, other.1),
+            GroupKind::Service => f.write_str("/Service"),
+            GroupKind::Other(other) => write!(f, "{}/{}", other.0, other.1),
         }
     }
 }
@@ -617,8 +647,10 @@ fn parent_refs<P>(
     for (i, r) in refs.into_iter().flatten().enumerate() {
         let (group, kind, name, namespace, p, section) = conv(r);
         out.push(ParentRef {
-            group: group.map_or(GATEWAY_GROUP, |g| g.as_str()).into(),
-            kind: kind.map_or("Gateway", |k| k.as_str()).into(),
+            target: GroupKind::new(
+                group.map_or(GATEWAY_GROUP, |g| g.as_str()),
+                kind.map_or("Gateway", |k| k.as_str()),
+            ),
             namespace: namespace.map(|n| n.as_str().into()),
             name: name.as_str().into(),
             port: port(p, &format!("spec.parentRefs[{i}].port"))?,
@@ -639,7 +671,7 @@ macro_rules! header_pairs {
                 let f = format!("{}[{i}]", $field);
                 Ok((header_name(&h.name, &f)?, header_value(&h.value, &f)?))
             })
-            .collect::<Result<Vec<(HeaderName, HeaderValue)>, Invalid>>()?
+            .collect::<Result<Box<[(HeaderName, HeaderValue)]>, Invalid>>()?
     };
 }
 
@@ -694,12 +726,12 @@ macro_rules! backend_ref {
                 ))
             }
         };
-        let kind = BackendKind::new(
+        let kind = GroupKind::new(
             r.group.as_deref().unwrap_or_default(),
             r.kind.as_deref().unwrap_or("Service"),
         );
         let port = port(r.port, &format!("{field}.port"))?;
-        if kind == BackendKind::Service && port.is_none() {
+        if kind == GroupKind::Service && port.is_none() {
             return Err(invalid(
                 format!("{field}.port"),
                 "port is required when the backend is a Service",

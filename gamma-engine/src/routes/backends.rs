@@ -2,7 +2,7 @@
 
 use super::{Attached, World};
 use crate::model::{
-    BackendKind, BackendRef, Endpoint, EndpointSlice, Node, ObjectKey, Route, RouteKind, Service,
+    BackendRef, Endpoint, EndpointSlice, GroupKind, Node, ObjectKey, Route, RouteKind, Service,
     UpstreamProtocol,
 };
 use ahash::AHashMap;
@@ -119,7 +119,7 @@ impl<'a> Resolver<'a> {
             key,
             reference.port.map_or("-".to_string(), |p| p.to_string())
         );
-        if reference.kind != BackendKind::Service {
+        if reference.kind != GroupKind::Service {
             return Err(BackendError::InvalidKind(format!(
                 "{} {shown}",
                 reference.kind

@@ -186,12 +186,12 @@ mod tests {
         headers.insert("x-add", "a".parse().unwrap());
         headers.insert("x-gone", "1".parse().unwrap());
         let m = HeaderModifier {
-            set: vec![("x-set".parse().unwrap(), "s".parse().unwrap())],
-            add: vec![
+            set: Box::new([("x-set".parse().unwrap(), "s".parse().unwrap())]),
+            add: Box::new([
                 ("x-add".parse().unwrap(), "b".parse().unwrap()),
                 ("x-new".parse().unwrap(), "n".parse().unwrap()),
-            ],
-            remove: vec!["X-Gone".parse().unwrap()],
+            ]),
+            remove: Box::new(["X-Gone".parse().unwrap()]),
         };
         m.apply(&mut headers);
         assert_eq!(headers["x-set"], "s");
@@ -217,7 +217,8 @@ mod tests {
                         .unwrap(),
                 ),
                 (COOKIE, "c=3".parse().unwrap()),
-            ],
+            ]
+            .into(),
             ..HeaderModifier::default()
         };
         m.apply(&mut response);

@@ -9,16 +9,18 @@ use std::borrow::Cow;
 /// Our `controllerName` in route status.
 pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// Our entry for one parent. Kept for every route in every snapshot, so it is small: the
+/// generation is said once, and the conditions of a route that is simply working (accepted,
+/// every reference resolved) are one static list shared by all such routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParentStatus {
     pub parent_ref: ParentRef,
-    pub controller_name: &'static str,
-    pub conditions: Box<[Condition]>,
+    /// The route generation the conditions describe (each condition's `observedGeneration`).
+    pub observed_generation: i64,
+    pub conditions: Cow<'static, [Condition]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
     pub type_: &'static str,
@@ -26,8 +28,26 @@ pub struct Condition {
     pub status: &'static str,
     pub reason: &'static str,
     pub message: Cow<'static, str>,
-    pub observed_generation: i64,
 }
+
+const ATTACHED: &str = "attached to the Service frontend";
+const ALL_RESOLVED: &str = "all backendRefs resolved";
+
+/// The conditions of an accepted route whose references all resolve.
+static WORKING: [Condition; 2] = [
+    Condition {
+        type_: "Accepted",
+        status: "True",
+        reason: "Accepted",
+        message: Cow::Borrowed(ATTACHED),
+    },
+    Condition {
+        type_: "ResolvedRefs",
+        status: "True",
+        reason: "ResolvedRefs",
+        message: Cow::Borrowed(ALL_RESOLVED),
+    },
+];
 
 impl ParentStatus {
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
@@ -35,15 +55,36 @@ impl ParentStatus {
     }
 }
 
+/// As the API writes it: `controllerName`, and `observedGeneration` in each condition.
+impl Serialize for ParentStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Observed<'a> {
+            #[serde(flatten)]
+            condition: &'a Condition,
+            observed_generation: i64,
+        }
+        let conditions = self.conditions.iter().map(|condition| Observed {
+            condition,
+            observed_generation: self.observed_generation,
+        });
+        let mut st = s.serialize_struct("ParentStatus", 3)?;
+        st.serialize_field("parentRef", &self.parent_ref)?;
+        st.serialize_field("controllerName", CONTROLLER_NAME)?;
+        st.serialize_field("conditions", &conditions.collect::<Vec<_>>())?;
+        st.end()
+    }
+}
+
 /// One entry per parentRef that names a Service; parentRefs to Gateways are not ours.
 pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
-    let generation = route.meta.generation;
     let condition = |type_, ok: bool, reason, message: Cow<'static, str>| Condition {
         type_,
         status: if ok { "True" } else { "False" },
         reason,
         message,
-        observed_generation: generation,
     };
     let dropped: Vec<String> = route
         .rules
@@ -73,29 +114,31 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 (accepted, reason) = (false, "UnsupportedValue");
                 message = format!("no rule of this route is valid. {}", dropped.join(". ")).into();
             }
-            let resolved = match &resolved {
-                Ok(()) => condition(
-                    "ResolvedRefs",
-                    true,
-                    "ResolvedRefs",
-                    "all backendRefs resolved".into(),
-                ),
-                Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string().into()),
+            let partially_invalid = accepted && !dropped.is_empty();
+            let conditions = if accepted && resolved.is_ok() && !partially_invalid {
+                Cow::Borrowed(&WORKING[..])
+            } else {
+                let resolved = match &resolved {
+                    Ok(()) => condition("ResolvedRefs", true, "ResolvedRefs", ALL_RESOLVED.into()),
+                    Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string().into()),
+                };
+                let mut conditions =
+                    vec![condition("Accepted", accepted, reason, message), resolved];
+                if partially_invalid {
+                    // Set only as True (the spec); its message starts with "Dropped Rule".
+                    conditions.push(condition(
+                        "PartiallyInvalid",
+                        true,
+                        "UnsupportedValue",
+                        dropped.join(". ").into(),
+                    ));
+                }
+                Cow::Owned(conditions)
             };
-            let mut conditions = vec![condition("Accepted", accepted, reason, message), resolved];
-            if accepted && !dropped.is_empty() {
-                // Set only as True (the spec); its message starts with "Dropped Rule".
-                conditions.push(condition(
-                    "PartiallyInvalid",
-                    true,
-                    "UnsupportedValue",
-                    dropped.join(". ").into(),
-                ));
-            }
             Some(ParentStatus {
                 parent_ref: parent.clone(),
-                controller_name: CONTROLLER_NAME,
-                conditions: conditions.into(),
+                observed_generation: route.meta.generation,
+                conditions,
             })
         })
         .collect()
@@ -121,13 +164,12 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
         .filter(|p| p.service(&refused.key.key.namespace).is_some())
         .map(|parent| ParentStatus {
             parent_ref: parent.clone(),
-            controller_name: CONTROLLER_NAME,
-            conditions: Box::new([Condition {
+            observed_generation: refused.generation,
+            conditions: Cow::Owned(vec![Condition {
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
                 message: message.clone().into(),
-                observed_generation: refused.generation,
             }]),
         })
         .collect()
@@ -179,7 +221,7 @@ fn accepted(
             return (false, "Conflicted", format!("a GRPCRoute is attached to the same port of Service {key}; GRPCRoute takes precedence").into());
         }
     }
-    (true, "Accepted", "attached to the Service frontend".into())
+    (true, "Accepted", ATTACHED.into())
 }
 
 /// The first backendRef (or mirror backendRef) that does not resolve for a parent Service of

@@ -19,8 +19,8 @@ fn is_ours(entry: &Value) -> bool {
 /// would make the API server default it to the Gateway API group).
 pub fn parent_ref_json(p: &ParentRef) -> Value {
     let mut m = Map::new();
-    m.insert("group".into(), p.group.as_str().into());
-    m.insert("kind".into(), p.kind.as_str().into());
+    m.insert("group".into(), p.target.group().into());
+    m.insert("kind".into(), p.target.kind().into());
     if let Some(ns) = &p.namespace {
         m.insert("namespace".into(), ns.as_str().into());
     }
@@ -58,7 +58,7 @@ fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
                 "status": c.status,
                 "reason": c.reason,
                 "message": c.message,
-                "observedGeneration": c.observed_generation,
+                "observedGeneration": desired.observed_generation,
                 "lastTransitionTime": since,
             })
         })
@@ -98,8 +98,7 @@ pub fn plan(desired: &[ParentStatus], server: &StoredRoute, now: &str) -> Option
 pub fn same_generation(desired: &[ParentStatus], server: &StoredRoute) -> bool {
     desired
         .iter()
-        .flat_map(|d| &d.conditions)
-        .all(|c| c.observed_generation == server.generation)
+        .all(|d| d.observed_generation == server.generation)
 }
 
 /// Now, as the API writes `metav1.Time` (RFC 3339, whole seconds, UTC).
@@ -113,13 +112,12 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gamma_engine::model::RouteKind;
+    use gamma_engine::model::{GroupKind, RouteKind};
     use gamma_engine::routes::status::Condition;
 
     fn parent(name: &str) -> ParentRef {
         ParentRef {
-            group: "".into(),
-            kind: "Service".into(),
+            target: GroupKind::Service,
             namespace: None,
             name: name.into(),
             port: Some(80),
@@ -133,12 +131,11 @@ mod tests {
             status: if ok { "True" } else { "False" },
             reason: if ok { "Accepted" } else { "NoMatchingParent" },
             message: "m".into(),
-            observed_generation: generation,
         };
         ParentStatus {
             parent_ref: parent("echo"),
-            controller_name: CONTROLLER_NAME,
-            conditions: Box::new([c("Accepted", accepted), c("ResolvedRefs", true)]),
+            observed_generation: generation,
+            conditions: vec![c("Accepted", accepted), c("ResolvedRefs", true)].into(),
         }
     }
 

@@ -47,8 +47,9 @@ struct Store {
     slices: AHashMap<ObjectKey, EndpointSlice>,
     slices_by_service: AHashMap<ObjectKey, SortedSet<ObjectKey>>,
     pods: AHashMap<ObjectKey, Pod>,
-    /// Boxed: a map keeps room for more entries than it holds, and a route is large.
-    routes: AHashMap<RouteKey, Box<Route>>,
+    /// Shared with the compiled rules (which read their route's rules there). Behind a pointer
+    /// anyway: a map keeps room for more entries than it holds, and a route is large.
+    routes: AHashMap<RouteKey, Arc<Route>>,
     /// Route generations that did not convert; the route's status reports them.
     refused: AHashMap<RouteKey, RefusedRoute>,
     grants: AHashMap<ObjectKey, ReferenceGrant>,
@@ -74,12 +75,12 @@ impl World for Store {
             .collect()
     }
 
-    fn routes_on(&self, service: &ObjectKey) -> Vec<&Route> {
+    fn routes_on(&self, service: &ObjectKey) -> Vec<&Arc<Route>> {
         self.routes_by_parent
             .get(service)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.routes.get(k).map(|r| &**r))
+            .filter_map(|k| self.routes.get(k))
             .collect()
     }
 
@@ -289,7 +290,7 @@ impl Index {
                         .or_default()
                         .insert(key.clone());
                 }
-                self.store.routes.insert(key.clone(), Box::new(route));
+                self.store.routes.insert(key.clone(), Arc::new(route));
                 self.dirty_routes.insert(key);
             }
             Object::RefusedRoute(refused) => {

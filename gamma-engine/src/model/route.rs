@@ -11,7 +11,7 @@ use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Serialize;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -48,14 +48,21 @@ impl std::fmt::Display for RouteKey {
     }
 }
 
+/// As its key: `HTTPRoute namespace/name`.
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.as_str(), self.meta.key)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Route {
     pub kind: RouteKind,
     pub meta: Meta,
     pub parent_refs: Vec<ParentRef>,
-    /// Shared with the compiled rules, which read their filters, backendRefs and options here
-    /// instead of holding copies.
-    pub rules: Box<[Arc<Rule>]>,
+    /// The compiled rules share the route (by `Arc`) and read their filters, backendRefs and
+    /// options here instead of holding copies.
+    pub rules: Box<[Rule]>,
 }
 
 impl Route {
@@ -130,8 +137,8 @@ impl ParentRef {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Rule {
     pub name: Option<String>,
-    /// Shared with the route tables' entries, which would otherwise each hold a copy.
-    pub matches: Box<[Arc<RouteMatch>]>,
+    /// The route tables' entries copy these (a path is inline, the other conditions shared).
+    pub matches: Box<[RouteMatch]>,
     pub filters: Box<[Filter]>,
     pub backends: Box<[BackendRef]>,
     /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
@@ -178,7 +185,7 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(name: Option<String>, matches: Box<[Arc<RouteMatch>]>, error: &Invalid) -> Rule {
+    fn dropped(name: Option<String>, matches: Box<[RouteMatch]>, error: &Invalid) -> Rule {
         Rule {
             name,
             matches,
@@ -258,15 +265,85 @@ impl Rule {
 }
 
 /// One `matches[]` entry: every condition must hold.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RouteMatch {
     pub path: PathMatch,
-    pub headers: Box<[ValueMatch<HeaderName>]>,
-    pub query_params: Box<[ValueMatch<String>]>,
-    #[serde(serialize_with = "serialize_method")]
-    pub method: Option<Method>,
+    /// The method, header and query parameter conditions: most matches have none, so they take
+    /// one pointer (shared by the route table's copy of the match), `None` when there are none.
+    conditions: Option<Arc<Conditions>>,
     /// GRPCRoute matches rank by their service and method instead of the path.
     pub grpc: Option<GrpcMethodSpecificity>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Conditions {
+    method: Option<Method>,
+    headers: Box<[ValueMatch<HeaderName>]>,
+    query_params: Box<[ValueMatch<String>]>,
+}
+
+impl RouteMatch {
+    pub fn new(
+        path: PathMatch,
+        method: Option<Method>,
+        headers: Box<[ValueMatch<HeaderName>]>,
+        query_params: Box<[ValueMatch<String>]>,
+        grpc: Option<GrpcMethodSpecificity>,
+    ) -> Self {
+        let conditions = (method.is_some() || !headers.is_empty() || !query_params.is_empty())
+            .then(|| {
+                Arc::new(Conditions {
+                    method,
+                    headers,
+                    query_params,
+                })
+            });
+        RouteMatch {
+            path,
+            conditions,
+            grpc,
+        }
+    }
+
+    /// The match a rule without `matches` gets: PathPrefix `/`.
+    pub fn any() -> Self {
+        RouteMatch {
+            path: PathMatch::Prefix(CompactString::default()),
+            conditions: None,
+            grpc: None,
+        }
+    }
+
+    /// Whether the path is the only condition.
+    pub fn path_only(&self) -> bool {
+        self.conditions.is_none()
+    }
+
+    pub fn method(&self) -> Option<&Method> {
+        self.conditions.as_ref()?.method.as_ref()
+    }
+
+    pub fn headers(&self) -> &[ValueMatch<HeaderName>] {
+        self.conditions.as_ref().map_or(&[], |c| &c.headers)
+    }
+
+    pub fn query_params(&self) -> &[ValueMatch<String>] {
+        self.conditions.as_ref().map_or(&[], |c| &c.query_params)
+    }
+}
+
+/// With every condition spelled out, as written.
+impl Serialize for RouteMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("RouteMatch", 5)?;
+        st.serialize_field("path", &self.path)?;
+        st.serialize_field("headers", self.headers())?;
+        st.serialize_field("query_params", self.query_params())?;
+        st.serialize_field("method", &self.method().map(Method::as_str))?;
+        st.serialize_field("grpc", &self.grpc)?;
+        st.end()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -281,17 +358,14 @@ fn characters(name: Option<&str>) -> u16 {
     name.map_or(0, |n| u16::try_from(n.len()).unwrap_or(u16::MAX))
 }
 
-fn serialize_method<S: serde::Serializer>(m: &Option<Method>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_some(&m.as_ref().map(Method::as_str))
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub enum PathMatch {
     /// Paths are short: kept inline (no heap pointer to chase when a table is scanned).
     Exact(CompactString),
     /// Segment-wise prefix, stored without a trailing `/` (so `/` is stored as "").
     Prefix(CompactString),
-    Regex(#[serde(serialize_with = "serialize_regex")] Regex),
+    /// Boxed: rarer, and larger than a path.
+    Regex(#[serde(serialize_with = "serialize_regex")] Box<Regex>),
 }
 
 impl PartialEq for PathMatch {
@@ -988,10 +1062,10 @@ macro_rules! route_rules {
                         continue;
                     }
                 };
-            let matches: Box<[Arc<RouteMatch>]> = if matches.is_empty() {
-                Box::new([Arc::clone(&$any)])
+            let matches: Box<[RouteMatch]> = if matches.is_empty() {
+                Box::new([$any()])
             } else {
-                matches.drain(..).map(Arc::new).collect()
+                matches.drain(..).collect()
             };
             let rest = (|| {
                 let filters = indexed(rule.filters.as_ref(), &format!("{field}.filters"), |f, at| {
@@ -1146,7 +1220,7 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
     if rule
         .matches
         .iter()
-        .any(|m| m.headers.len() > 16 || m.query_params.len() > 16)
+        .any(|m| m.headers().len() > 16 || m.query_params().len() > 16)
     {
         return Err(invalid(
             format!("{field}.matches"),
@@ -1221,7 +1295,7 @@ fn assembled(
         kind,
         meta,
         parent_refs,
-        rules: rules.into_iter().map(Arc::new).collect(),
+        rules: rules.into_boxed_slice(),
     })
 }
 
@@ -1260,20 +1334,21 @@ pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Resul
     )
 }
 
-/// The match of an HTTPRoute rule without matches: every request. Rules without matches are
-/// common and alike, so they share one.
-static ANY_HTTP_REQUEST: LazyLock<Arc<RouteMatch>> = LazyLock::new(|| Arc::new(RouteMatch::any()));
+/// The match of an HTTPRoute rule without matches: every request.
+fn any_http_request() -> RouteMatch {
+    RouteMatch::any()
+}
 
 /// The match of a GRPCRoute rule without matches: every method (ranked as the least specific).
-static ANY_GRPC_METHOD: LazyLock<Arc<RouteMatch>> = LazyLock::new(|| {
-    Arc::new(RouteMatch {
+fn any_grpc_method() -> RouteMatch {
+    RouteMatch {
         grpc: Some(GrpcMethodSpecificity {
             service_len: 0,
             method_len: 0,
         }),
         ..RouteMatch::any()
-    })
-});
+    }
+}
 
 fn http_route_body(
     route: &http_api::HttpRoute,
@@ -1285,7 +1360,7 @@ fn http_route_body(
     let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: http_match,
-        when no match: ANY_HTTP_REQUEST,
+        when no match: any_http_request,
         filter: http_filter!(
             HttpRouteRulesFiltersType,
             HttpRouteRulesFiltersRequestRedirectScheme,
@@ -1380,7 +1455,7 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
                     PathMatch::Prefix(value.trim_end_matches('/').into())
                 }
                 HttpRouteRulesMatchesPathType::RegularExpression => {
-                    PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?)
+                    PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?.into())
                 }
             }
         }
@@ -1414,13 +1489,13 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
             })
             .unwrap_or(Method::GET)
     });
-    Ok(RouteMatch {
+    Ok(RouteMatch::new(
         path,
-        headers: headers.into(),
-        query_params: query_params.into(),
         method,
-        grpc: None,
-    })
+        headers.into(),
+        query_params.into(),
+        None,
+    ))
 }
 
 /// A GRPCRoute; `raw` is its JSON, for the fields read from it directly (`model::session`).
@@ -1444,7 +1519,7 @@ fn grpc_route_body(
     let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: grpc_match,
-        when no match: ANY_GRPC_METHOD,
+        when no match: any_grpc_method,
         filter: common_filter!(GrpcRouteRulesFiltersType),
         backend filter: common_filter!(GrpcRouteRulesBackendRefsFiltersType),
         timeouts and retry: |_, _| Ok((Timeouts::default(), None))
@@ -1481,19 +1556,25 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
                 (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
                 (false, Some(s), None) => PathMatch::Prefix(format!("/{s}").into()),
-                (false, None, Some(m)) => PathMatch::Regex(compile_regex(
-                    &format!("/[^/]+/{}", regex::escape(m)),
-                    &format!("{mf}.method"),
-                )?),
+                (false, None, Some(m)) => PathMatch::Regex(
+                    compile_regex(
+                        &format!("/[^/]+/{}", regex::escape(m)),
+                        &format!("{mf}.method"),
+                    )?
+                    .into(),
+                ),
                 (true, s, m) => {
                     // The spec: "If left empty or omitted, will match any service" (method alike).
                     fn any(part: Option<&str>) -> &str {
                         part.filter(|p| !p.is_empty()).unwrap_or("[^/]+")
                     }
-                    PathMatch::Regex(compile_regex(
-                        &format!("/(?:{})/(?:{})", any(s), any(m)),
-                        &format!("{mf}.method"),
-                    )?)
+                    PathMatch::Regex(
+                        compile_regex(
+                            &format!("/(?:{})/(?:{})", any(s), any(m)),
+                            &format!("{mf}.method"),
+                        )?
+                        .into(),
+                    )
                 }
                 (false, None, None) => unreachable!("checked above"),
             };
@@ -1510,13 +1591,13 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             ),
         )
     })?;
-    Ok(RouteMatch {
+    Ok(RouteMatch::new(
         path,
-        headers: headers.into(),
-        query_params: Box::default(),
-        method: None,
-        grpc: Some(grpc),
-    })
+        None,
+        headers.into(),
+        Box::default(),
+        Some(grpc),
+    ))
 }
 
 impl Filter {
@@ -1531,19 +1612,6 @@ impl Filter {
             | Filter::Rewrite(_)
             | Filter::Cors(_)
             | Filter::Unsupported(_) => None,
-        }
-    }
-}
-
-impl RouteMatch {
-    /// The match a rule without `matches` gets: PathPrefix `/`.
-    pub fn any() -> Self {
-        RouteMatch {
-            path: PathMatch::Prefix(CompactString::default()),
-            headers: Box::default(),
-            query_params: Box::default(),
-            method: None,
-            grpc: None,
         }
     }
 }

@@ -7,8 +7,7 @@ use super::{
     Attached, CompiledRule, Frontend, MirrorTarget, ResolvedBackend, RouteTable, TableEntry, World,
 };
 use crate::model::{
-    BackendRef, Filter, Route, RouteKey, RouteKind, Service, ServiceKind, ServicePort,
-    UpstreamProtocol,
+    BackendRef, Filter, Route, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +15,7 @@ use std::sync::Arc;
 
 /// Routes attached to one Service port, by caller group: `None` for producer routes (the
 /// Service's namespace), `Some(ns)` for consumer routes of namespace `ns`.
-pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Route>>;
+pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Arc<Route>>>;
 
 /// Whether `route` attaches to `port` of `service` through any of its parentRefs.
 pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
@@ -28,7 +27,7 @@ pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> 
 pub(crate) fn groups<'a>(
     service: &Service,
     port: &ServicePort,
-    routes: &[&'a Route],
+    routes: &[&'a Arc<Route>],
 ) -> Groups<'a> {
     let mut groups: Groups<'a> = BTreeMap::new();
     for route in routes
@@ -44,7 +43,7 @@ pub(crate) fn groups<'a>(
 }
 
 /// Only one route kind serves a group on a port: GRPCRoute wins over HTTPRoute (GEP-1294).
-pub(crate) fn winning_kind(routes: &[&Route]) -> RouteKind {
+pub(crate) fn winning_kind(routes: &[&Arc<Route>]) -> RouteKind {
     if routes.iter().any(|r| r.kind == RouteKind::Grpc) {
         RouteKind::Grpc
     } else {
@@ -99,20 +98,13 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .collect()
 }
 
-fn table(routes: &[&Route], resolver: &Resolver<'_>, parent_namespace: &str) -> RouteTable {
+fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str) -> RouteTable {
     let kind = winning_kind(routes);
     let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
     for route in routes.iter().filter(|r| r.kind == kind) {
         let meta = &route.meta;
-        let route_key = Arc::new(route.key());
         for (index, rule) in route.rules.iter().enumerate() {
-            let compiled = Arc::new(compile_rule(
-                route,
-                &route_key,
-                index,
-                resolver,
-                parent_namespace,
-            ));
+            let compiled = Arc::new(compile_rule(route, index, resolver, parent_namespace));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
@@ -131,8 +123,7 @@ fn table(routes: &[&Route], resolver: &Resolver<'_>, parent_namespace: &str) -> 
 }
 
 fn compile_rule(
-    route: &Route,
-    key: &Arc<RouteKey>,
+    route: &Arc<Route>,
     index: usize,
     resolver: &Resolver<'_>,
     parent_namespace: &str,
@@ -160,9 +151,8 @@ fn compile_rule(
         })
         .collect();
     CompiledRule {
-        route: key.clone(),
+        route: route.clone(),
         index,
-        rule: rule.clone(),
         mirrors: mirror_targets(&rule.filters),
         backends,
         series: Attached::default(),

@@ -28,16 +28,17 @@ impl<'a> RequestHead<'a> {
 }
 
 impl RouteMatch {
+    /// The path first: it is inline, the other conditions (if any) one pointer away.
     pub fn matches(&self, req: &RequestHead<'_>) -> bool {
-        self.path.matches(req.path) && self.matches_besides_path(req)
+        self.path.matches(req.path) && (self.path_only() || self.matches_besides_path(req))
     }
 
-    /// Every condition but the path (which a route table checks first, from its packed paths).
+    /// Every condition but the path.
     pub fn matches_besides_path(&self, req: &RequestHead<'_>) -> bool {
-        self.method.as_ref().is_none_or(|m| m == req.method)
-            && self.headers.iter().all(|h| header_matches(h, req))
+        self.method().is_none_or(|m| m == req.method)
+            && self.headers().iter().all(|h| header_matches(h, req))
             && self
-                .query_params
+                .query_params()
                 .iter()
                 .all(|q| query_matches(q, req.query))
     }
@@ -126,7 +127,7 @@ mod tests {
     fn exact_and_regex_paths() {
         assert!(PathMatch::Exact("/abc".into()).matches("/abc"));
         assert!(!PathMatch::Exact("/abc".into()).matches("/abc/"));
-        let r = PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap());
+        let r = PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap().into());
         assert!(r.matches("/v2/x"));
         assert!(!r.matches("/x/v2/x"));
     }
@@ -207,19 +208,19 @@ mod tests {
         let uri: http::Uri = "/api/x?debug=1".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("x-env", "canary".parse().unwrap());
-        let m = RouteMatch {
-            path: PathMatch::Prefix("/api".into()),
-            headers: Box::new([ValueMatch {
+        let m = RouteMatch::new(
+            PathMatch::Prefix("/api".into()),
+            Some(Method::POST),
+            Box::new([ValueMatch {
                 name: HeaderName::from_static("x-env"),
                 value: StringMatch::Exact("canary".into()),
             }]),
-            query_params: Box::new([ValueMatch {
+            Box::new([ValueMatch {
                 name: "debug".into(),
                 value: StringMatch::Exact("1".into()),
             }]),
-            method: Some(Method::POST),
-            grpc: None,
-        };
+            None,
+        );
         assert!(m.matches(&head(&method, &uri, &headers)));
         assert!(!m.matches(&head(&Method::GET, &uri, &headers)));
         let other: http::Uri = "/api/x".parse().unwrap();

@@ -18,7 +18,7 @@ pub use matches::RequestHead;
 
 use crate::model::{
     DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
-    Route, RouteKey, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
+    Route, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
 use compact_str::CompactString;
@@ -34,7 +34,7 @@ pub trait World {
     fn service(&self, key: &ObjectKey) -> Option<&Service>;
     fn slices(&self, service: &ObjectKey) -> Vec<&EndpointSlice>;
     /// Routes with a parentRef naming this Service.
-    fn routes_on(&self, service: &ObjectKey) -> Vec<&Route>;
+    fn routes_on(&self, service: &ObjectKey) -> Vec<&Arc<Route>>;
     /// Whether a ReferenceGrant in `service`'s namespace lets routes of `kind` in `namespace`
     /// send to it.
     fn permits(&self, kind: RouteKind, namespace: &str, service: &ObjectKey) -> bool;
@@ -249,35 +249,20 @@ pub struct RouteTable {
     pub entries: Box<[TableEntry]>,
 }
 
-/// One match of a rule. A lookup scans the entries in order: each carries a copy of its path and
-/// whether its match has other conditions, so that entries are decided without leaving the
-/// table's one block, and a match is read only when its path holds and it has more to check.
+/// One match of a rule. A lookup scans the entries in order: each carries its match (a copy of
+/// the model's: the path inline, whether there is more to check, the other conditions behind a
+/// shared pointer), so that entries are decided without leaving the table's one block, and
+/// the other conditions are read only when the path holds and there are some.
 #[derive(Debug, PartialEq, Serialize)]
 pub struct TableEntry {
-    #[serde(skip)]
-    path: PathMatch,
-    #[serde(skip)]
-    path_only: bool,
-    /// The model rule's match itself (shared, not copied).
     #[serde(rename = "match")]
-    pub route_match: Arc<RouteMatch>,
+    pub route_match: RouteMatch,
     pub rule: Arc<CompiledRule>,
 }
 
 impl TableEntry {
-    pub fn new(route_match: Arc<RouteMatch>, rule: Arc<CompiledRule>) -> Self {
-        let m = &route_match;
-        TableEntry {
-            path: m.path.clone(),
-            path_only: m.method.is_none() && m.headers.is_empty() && m.query_params.is_empty(),
-            route_match,
-            rule,
-        }
-    }
-
-    fn matches(&self, request: &RequestHead<'_>) -> bool {
-        self.path.matches(request.path)
-            && (self.path_only || self.route_match.matches_besides_path(request))
+    pub fn new(route_match: RouteMatch, rule: Arc<CompiledRule>) -> Self {
+        TableEntry { route_match, rule }
     }
 }
 
@@ -294,8 +279,33 @@ impl RouteTable {
     pub fn lookup(&self, request: &RequestHead<'_>) -> Option<(&CompiledRule, &RouteMatch)> {
         self.entries
             .iter()
-            .find(|e| e.matches(request))
-            .map(|e| (&*e.rule, &*e.route_match))
+            .find(|e| e.route_match.matches(request))
+            .map(|e| (&*e.rule, &e.route_match))
+    }
+}
+
+/// Two compilations of a route are alike when they resolved alike (and the route is the same,
+/// most often the same object).
+impl PartialEq for CompiledRule {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index
+            && self.mirrors == other.mirrors
+            && self.backends == other.backends
+            && (Arc::ptr_eq(&self.route, &other.route) || self.route == other.route)
+    }
+}
+
+/// The route by its key, then the rule itself and what it resolved to.
+impl Serialize for CompiledRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("CompiledRule", 5)?;
+        st.serialize_field("route", &self.route.key())?;
+        st.serialize_field("index", &self.index)?;
+        st.serialize_field("rule", self.rule())?;
+        st.serialize_field("mirrors", &self.mirrors)?;
+        st.serialize_field("backends", &self.backends)?;
+        st.end()
     }
 }
 
@@ -303,19 +313,18 @@ impl RouteTable {
 pub type MirrorTarget = Option<Arc<Backend>>;
 
 /// A rule as the data plane serves it: the model's rule (its filters, backendRefs and options,
-/// shared rather than copied) with what compiling resolved for it against the world.
-#[derive(Debug, PartialEq, Serialize)]
+/// read in the route it shares rather than copied) with what compiling resolved for it against
+/// the world.
+#[derive(Debug)]
 pub struct CompiledRule {
-    /// Shared by the rules of one route.
-    pub route: Arc<RouteKey>,
+    /// The route the rule is `rules[index]` of (the index's own copy).
+    pub route: Arc<Route>,
     pub index: usize,
-    pub rule: Arc<Rule>,
     /// The targets of the rule's own mirror filters, in the order of those filters.
     pub mirrors: Box<[MirrorTarget]>,
     /// One per backendRef of the rule, in its order.
     pub backends: Box<[ResolvedBackend]>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.
-    #[serde(skip)]
     pub series: Attached,
 }
 
@@ -415,6 +424,11 @@ pub struct Mirror<'a> {
 }
 
 impl CompiledRule {
+    /// The model's rule this compiles.
+    pub fn rule(&self) -> &Rule {
+        &self.route.rules[self.index]
+    }
+
     /// Runs the rule's filters on the request head (in place), picks a backend with `random`,
     /// and runs that backend's filters. `listener_port` is the Service port the request was sent to.
     pub fn plan(
@@ -457,7 +471,7 @@ impl CompiledRule {
             response_headers: Vec::new(),
             mirrors: Vec::new(),
         };
-        if let Some(response) = run.apply(&self.rule.filters, &self.mirrors) {
+        if let Some(response) = run.apply(&self.rule().filters, &self.mirrors) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
@@ -473,7 +487,7 @@ impl CompiledRule {
             Ok(b) => b,
             Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend((**e).clone())),
         };
-        if let Some(response) = run.apply(&self.rule.backends[index].filters, &chosen.mirrors) {
+        if let Some(response) = run.apply(&self.rule().backends[index].filters, &chosen.mirrors) {
             return Plan::Respond(response);
         }
         Plan::Forward(Forward {
@@ -488,7 +502,7 @@ impl CompiledRule {
     /// The rule's own ResponseHeaderModifiers: they apply to the answers the agent gives for
     /// this rule too (redirects, unservable backends, timeouts), not only to relayed ones.
     pub fn response_header_modifiers(&self) -> impl Iterator<Item = &HeaderModifier> {
-        self.rule.filters.iter().filter_map(|f| match f {
+        self.rule().filters.iter().filter_map(|f| match f {
             Filter::ResponseHeaders(m) => Some(m),
             Filter::RequestHeaders(_)
             | Filter::Redirect(_)
@@ -500,23 +514,23 @@ impl CompiledRule {
     }
 
     pub fn timeouts(&self) -> &Timeouts {
-        &self.rule.options().timeouts
+        &self.rule().options().timeouts
     }
 
     pub fn retry(&self) -> Option<&Retry> {
-        self.rule.options().retry.as_ref()
+        self.rule().options().retry.as_ref()
     }
 
     pub fn invalid(&self) -> Option<&str> {
-        self.rule.invalid()
+        self.rule().invalid()
     }
 
     pub fn session(&self) -> Option<&SessionPersistence> {
-        self.rule.options().session.as_ref()
+        self.rule().options().session.as_ref()
     }
 
     pub fn name_or_index(&self) -> String {
-        self.rule
+        self.rule()
             .name
             .clone()
             .unwrap_or_else(|| self.index.to_string())

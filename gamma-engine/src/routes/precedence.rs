@@ -31,7 +31,7 @@ impl Specificity {
                 grpc_service_len: grpc.service_len.into(),
                 grpc_method_len: grpc.method_len.into(),
                 method: false,
-                headers: m.headers.len(),
+                headers: m.headers().len(),
                 query_params: 0,
             };
         }
@@ -45,9 +45,9 @@ impl Specificity {
             path_len,
             grpc_service_len: 0,
             grpc_method_len: 0,
-            method: m.method.is_some(),
-            headers: m.headers.len(),
-            query_params: m.query_params.len(),
+            method: m.method().is_some(),
+            headers: m.headers().len(),
+            query_params: m.query_params().len(),
         }
     }
 }
@@ -95,22 +95,22 @@ mod tests {
 
     fn m(path: PathMatch, method: bool, headers: usize, query: usize) -> RouteMatch {
         let exact = |i: usize| (format!("h{i}"), StringMatch::Exact("v".into()));
-        RouteMatch {
+        RouteMatch::new(
             path,
-            headers: (0..headers)
+            method.then_some(http::Method::GET),
+            (0..headers)
                 .map(exact)
                 .map(|(n, value)| ValueMatch {
                     name: n.parse().unwrap(),
                     value,
                 })
                 .collect(),
-            query_params: (0..query)
+            (0..query)
                 .map(exact)
                 .map(|(name, value)| ValueMatch { name, value })
                 .collect(),
-            method: method.then_some(http::Method::GET),
-            grpc: None,
-        }
+            None,
+        )
     }
 
     fn key(m: &RouteMatch) -> RankKey {
@@ -156,7 +156,7 @@ mod tests {
                 let path = match kind {
                     0 => PathMatch::Exact(format!("/{p}").into()),
                     1 => PathMatch::Prefix(format!("/{p}").trim_end_matches('/').into()),
-                    _ => PathMatch::Regex(regex::Regex::new(&format!("^/{p}.*$")).unwrap()),
+                    _ => PathMatch::Regex(regex::Regex::new(&format!("^/{p}.*$")).unwrap().into()),
                 };
                 m(path, method, h, q)
             },

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 /// Why a match does not hold for a request (the first failing condition), or `None`.
 fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
-    if let Some(method) = &m.method {
+    if let Some(method) = m.method() {
         if method != request.method {
             return Some(format!(
                 "method is {}, the match wants {method}",
@@ -18,20 +18,27 @@ fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
     if !m.path.matches(request.path) {
         return Some(format!("path {} does not match {:?}", request.path, m.path));
     }
-    for h in &m.headers {
-        let single = RouteMatch {
-            headers: Box::new([h.clone()]),
-            ..RouteMatch::any()
-        };
+    let any_path = || RouteMatch::any().path;
+    for h in m.headers() {
+        let single = RouteMatch::new(
+            any_path(),
+            None,
+            Box::new([h.clone()]),
+            Box::default(),
+            None,
+        );
         if !single.matches(request) {
             return Some(format!("header {} does not match", h.name));
         }
     }
-    for q in &m.query_params {
-        let single = RouteMatch {
-            query_params: Box::new([q.clone()]),
-            ..RouteMatch::any()
-        };
+    for q in m.query_params() {
+        let single = RouteMatch::new(
+            any_path(),
+            None,
+            Box::default(),
+            Box::new([q.clone()]),
+            None,
+        );
         if !single.matches(request) {
             return Some(format!("query parameter {} does not match", q.name));
         }
@@ -72,11 +79,11 @@ pub fn explain(
                     winner = Some(json!({
                         "route": rule.route.to_string(),
                         "rule": rule.name_or_index(),
-                        "backends": rule.rule.backends.iter().zip(&rule.backends).map(|(written, resolved)| json!({
+                        "backends": rule.rule().backends.iter().zip(&rule.backends).map(|(written, resolved)| json!({
                             "weight": written.weight,
                             "backend": match &resolved.backend { Ok(b) => b.name(), Err(e) => e.to_string() },
                         })).collect::<Vec<_>>(),
-                        "filters": rule.rule.filters,
+                        "filters": rule.rule().filters,
                     }));
                     "selected".to_string()
                 }

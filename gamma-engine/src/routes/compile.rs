@@ -4,7 +4,8 @@
 use super::backends::Resolver;
 use super::precedence::RankKey;
 use super::{
-    Attached, CompiledRule, Frontend, MirrorTarget, ResolvedBackend, RouteTable, TableEntry, World,
+    Attached, CompiledRule, Frontend, MirrorTarget, MirrorTargets, ResolvedBackend, RouteTable,
+    TableEntry, World,
 };
 use crate::model::{
     BackendRef, Filter, Route, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
@@ -145,15 +146,23 @@ fn compile_rule(
             Some(ResolvedBackend {
                 backend: resolve(b).map_err(Box::new),
                 cumulative_weight: *cumulative_weight,
-                mirrors: mirror_targets(&b.filters),
                 series: Attached::default(),
             })
         })
         .collect();
+    let mirrors = MirrorTargets {
+        rule: mirror_targets(&rule.filters),
+        backends: rule
+            .backends
+            .iter()
+            .map(|b| mirror_targets(&b.filters))
+            .collect(),
+    };
+    let any_mirror = !mirrors.rule.is_empty() || mirrors.backends.iter().any(|b| !b.is_empty());
     CompiledRule {
         route: route.clone(),
         index,
-        mirrors: mirror_targets(&rule.filters),
+        mirrors: any_mirror.then(|| Box::new(mirrors)),
         backends,
         series: Attached::default(),
     }

@@ -103,13 +103,13 @@ impl Snapshot {
             all.extend(frontend.direct.endpoints.iter());
             let tables = frontend.producer.iter().chain(frontend.consumers.values());
             for rule in tables.flat_map(|t| t.entries.iter()).map(|e| &e.rule) {
-                let mirrors = rule
-                    .mirrors
-                    .iter()
-                    .chain(rule.backends.iter().flat_map(|b| &b.mirrors))
-                    .flatten();
+                let mirrors = rule.mirrors.iter().flat_map(|m| {
+                    m.rule
+                        .iter()
+                        .chain(m.backends.iter().flat_map(|b| b.iter()))
+                });
                 let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref().ok());
-                for backend in backends.chain(mirrors) {
+                for backend in backends.chain(mirrors.flatten()) {
                     all.extend(backend.endpoints.iter());
                 }
             }
@@ -320,12 +320,21 @@ pub struct CompiledRule {
     /// The route the rule is `rules[index]` of (the index's own copy).
     pub route: Arc<Route>,
     pub index: usize,
-    /// The targets of the rule's own mirror filters, in the order of those filters.
-    pub mirrors: Box<[MirrorTarget]>,
     /// One per backendRef of the rule, in its order.
     pub backends: Box<[ResolvedBackend]>,
+    /// Where the rule's mirror filters send, if it has any (few do).
+    pub mirrors: Option<Box<MirrorTargets>>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.
     pub series: Attached,
+}
+
+/// The targets of a rule's mirror filters, in the order of those filters.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct MirrorTargets {
+    /// The rule's own filters'.
+    pub rule: Box<[MirrorTarget]>,
+    /// Each backendRef's filters', one list per backendRef in its order.
+    pub backends: Box<[Box<[MirrorTarget]>]>,
 }
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -334,8 +343,6 @@ pub struct ResolvedBackend {
     pub backend: Result<Arc<Backend>, Box<BackendError>>,
     /// The weights of this backendRef and those before it, for `backends::pick_weighted`.
     pub cumulative_weight: u64,
-    /// The targets of this backendRef's mirror filters, in their order.
-    pub mirrors: Box<[MirrorTarget]>,
     /// The data plane's state for this rule's requests sent to this backend.
     #[serde(skip)]
     pub series: Attached,
@@ -471,7 +478,9 @@ impl CompiledRule {
             response_headers: Vec::new(),
             mirrors: Vec::new(),
         };
-        if let Some(response) = run.apply(&self.rule().filters, &self.mirrors) {
+        let mirrors = self.mirrors.as_deref();
+        let rule_mirrors = mirrors.map_or(&[][..], |m| &m.rule);
+        if let Some(response) = run.apply(&self.rule().filters, rule_mirrors) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
@@ -487,7 +496,8 @@ impl CompiledRule {
             Ok(b) => b,
             Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend((**e).clone())),
         };
-        if let Some(response) = run.apply(&self.rule().backends[index].filters, &chosen.mirrors) {
+        let backend_mirrors = mirrors.map_or(&[][..], |m| &m.backends[index]);
+        if let Some(response) = run.apply(&self.rule().backends[index].filters, backend_mirrors) {
             return Plan::Respond(response);
         }
         Plan::Forward(Forward {

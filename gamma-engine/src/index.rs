@@ -49,16 +49,85 @@ struct Store {
     pods: AHashMap<ObjectKey, Pod>,
     /// Shared with the compiled rules (which read their route's rules there). Behind a pointer
     /// anyway: a map keeps room for more entries than it holds, and a route is large.
-    routes: AHashMap<RouteKey, Arc<Route>>,
+    routes: AHashMap<RouteId, Arc<Route>>,
     /// Route generations that did not convert; the route's status reports them.
     refused: AHashMap<RouteKey, RefusedRoute>,
     grants: AHashMap<ObjectKey, ReferenceGrant>,
     /// This agent's node: its name (from the configuration), then its zone (from the Node).
     node: Option<Node>,
-    /// Service → routes with a parentRef naming it.
-    routes_by_parent: AHashMap<ObjectKey, SortedSet<RouteKey>>,
-    /// Service → routes that use it as a backend (or mirror).
-    routes_by_backend: AHashMap<ObjectKey, SortedSet<RouteKey>>,
+    /// Service → the routes naming it.
+    routes_by_service: AHashMap<ObjectKey, RoutesOf>,
+}
+
+/// A route's key, one copy shared by the index's maps and sets.
+type RouteId = Arc<RouteKey>;
+
+/// The routes that name one Service.
+#[derive(Default)]
+struct RoutesOf {
+    /// With a parentRef.
+    attached: SortedSet<RouteId>,
+    /// As a backend (or mirror).
+    sending_to: SortedSet<RouteId>,
+}
+
+impl RoutesOf {
+    fn attached(&mut self) -> &mut SortedSet<RouteId> {
+        &mut self.attached
+    }
+
+    fn sending_to(&mut self) -> &mut SortedSet<RouteId> {
+        &mut self.sending_to
+    }
+}
+
+impl Store {
+    fn attached_to(&self, service: &ObjectKey) -> impl Iterator<Item = &RouteId> {
+        self.routes_by_service
+            .get(service)
+            .into_iter()
+            .flat_map(|r| &r.attached)
+    }
+
+    fn sending_to(&self, service: &ObjectKey) -> impl Iterator<Item = &RouteId> {
+        self.routes_by_service
+            .get(service)
+            .into_iter()
+            .flat_map(|r| &r.sending_to)
+    }
+
+    /// Adds `route` to one of `service`'s sets (`which`).
+    fn link(
+        &mut self,
+        service: ObjectKey,
+        route: &RouteId,
+        which: fn(&mut RoutesOf) -> &mut SortedSet<RouteId>,
+    ) {
+        which(self.routes_by_service.entry(service).or_default()).insert(route.clone());
+    }
+
+    /// Removes `route` from one of `service`'s sets (`which`); a Service no route names leaves the map.
+    fn unlink(
+        &mut self,
+        service: &ObjectKey,
+        route: &RouteKey,
+        which: fn(&mut RoutesOf) -> &mut SortedSet<RouteId>,
+    ) {
+        if let Some(routes) = self.routes_by_service.get_mut(service) {
+            which(routes).remove(route);
+            if routes.attached.is_empty() && routes.sending_to.is_empty() {
+                self.routes_by_service.remove(service);
+            }
+        }
+    }
+
+    /// The index's own copy of `key`, or a new one.
+    fn route_id(&self, key: RouteKey) -> RouteId {
+        match self.routes.get_key_value(&key) {
+            Some((id, _)) => id.clone(),
+            None => Arc::new(key),
+        }
+    }
 }
 
 impl World for Store {
@@ -76,10 +145,7 @@ impl World for Store {
     }
 
     fn routes_on(&self, service: &ObjectKey) -> Vec<&Arc<Route>> {
-        self.routes_by_parent
-            .get(service)
-            .into_iter()
-            .flatten()
+        self.attached_to(service)
             .filter_map(|k| self.routes.get(k))
             .collect()
     }
@@ -113,25 +179,12 @@ fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
         .collect()
 }
 
-fn index_remove(
-    map: &mut AHashMap<ObjectKey, SortedSet<RouteKey>>,
-    service: &ObjectKey,
-    route: &RouteKey,
-) {
-    if let Some(set) = map.get_mut(service) {
-        set.remove(route);
-        if set.is_empty() {
-            map.remove(service);
-        }
-    }
-}
-
 pub struct Index {
     store: Store,
     /// Services whose frontends must be recompiled at the next publish.
     dirty_services: AHashSet<ObjectKey>,
     /// Routes whose status must be recomputed at the next publish.
-    dirty_routes: AHashSet<RouteKey>,
+    dirty_routes: AHashSet<RouteId>,
     callers_dirty: bool,
     tables: Tables,
     current: Arc<Snapshot>,
@@ -187,7 +240,11 @@ impl Index {
             .map(ObjectRef::Service)
             .chain(s.slices.keys().cloned().map(ObjectRef::EndpointSlice))
             .chain(s.pods.keys().cloned().map(ObjectRef::Pod))
-            .chain(s.routes.keys().cloned().map(ObjectRef::Route))
+            .chain(
+                s.routes
+                    .keys()
+                    .map(|k| ObjectRef::Route(RouteKey::clone(k))),
+            )
             .chain(s.refused.keys().cloned().map(ObjectRef::RefusedRoute))
             .chain(s.grants.keys().cloned().map(ObjectRef::ReferenceGrant))
             .collect()
@@ -196,32 +253,26 @@ impl Index {
     fn touch_service(&mut self, key: &ObjectKey) {
         self.dirty_services.insert(key.clone());
         // Routes that use this Service as a backend: their parents recompile, their status too.
-        for route in self.store.routes_by_backend.get(key).into_iter().flatten() {
+        for route in self.store.sending_to(key) {
             if let Some(r) = self.store.routes.get(route) {
                 self.dirty_services.extend(parents(r));
             }
             self.dirty_routes.insert(route.clone());
         }
         // Routes attached to it: their status depends on the Service's ports.
-        self.dirty_routes.extend(
-            self.store
-                .routes_by_parent
-                .get(key)
-                .into_iter()
-                .flatten()
-                .cloned(),
-        );
+        self.dirty_routes
+            .extend(self.store.attached_to(key).cloned());
     }
 
     /// A ReferenceGrant of `namespace` changed: routes with a backend there are recompiled, and
     /// their status recomputed.
     fn touch_grants_of(&mut self, namespace: &str) {
-        let routes: Vec<RouteKey> = self
+        let routes: Vec<RouteId> = self
             .store
-            .routes_by_backend
+            .routes_by_service
             .iter()
             .filter(|(service, _)| service.namespace == namespace)
-            .flat_map(|(_, routes)| routes.iter().cloned())
+            .flat_map(|(_, routes)| routes.sending_to.iter().cloned())
             .collect();
         for key in routes {
             if let Some(route) = self.store.routes.get(&key) {
@@ -267,36 +318,28 @@ impl Index {
                 }
             }
             Object::Route(route) => {
-                let key = route.key();
+                let key = self.store.route_id(route.key());
                 if self.store.routes.get(&key).is_some_and(|r| **r == route) {
                     return;
                 }
                 self.unlink_route(&key);
                 for parent in parents(&route) {
-                    let neighbours = self
-                        .store
-                        .routes_by_parent
-                        .entry(parent.clone())
-                        .or_default();
-                    neighbours.insert(key.clone());
+                    self.store.link(parent.clone(), &key, RoutesOf::attached);
                     // Their status may depend on this route (Conflicted).
-                    self.dirty_routes.extend(neighbours.iter().cloned());
+                    self.dirty_routes
+                        .extend(self.store.attached_to(&parent).cloned());
                     self.dirty_services.insert(parent);
                 }
                 for backend in backend_services(&route) {
-                    self.store
-                        .routes_by_backend
-                        .entry(backend)
-                        .or_default()
-                        .insert(key.clone());
+                    self.store.link(backend, &key, RoutesOf::sending_to);
                 }
                 self.store.routes.insert(key.clone(), Arc::new(route));
                 self.dirty_routes.insert(key);
             }
             Object::RefusedRoute(refused) => {
-                let key = refused.key.clone();
-                if self.store.refused.get(&key) != Some(&refused) {
-                    self.store.refused.insert(key.clone(), refused);
+                if self.store.refused.get(&refused.key) != Some(&refused) {
+                    let key = self.store.route_id(refused.key.clone());
+                    self.store.refused.insert(refused.key.clone(), refused);
                     self.dirty_routes.insert(key);
                 }
             }
@@ -344,8 +387,9 @@ impl Index {
             }
             ObjectRef::Route(key) => {
                 if self.unlink_route(key) {
-                    self.store.routes.remove(key);
-                    self.dirty_routes.insert(key.clone());
+                    if let Some((id, _)) = self.store.routes.remove_entry(key) {
+                        self.dirty_routes.insert(id);
+                    }
                 }
                 self.forget_refusal(key);
             }
@@ -368,7 +412,8 @@ impl Index {
 
     fn forget_refusal(&mut self, route: &RouteKey) {
         if self.store.refused.remove(route).is_some() {
-            self.dirty_routes.insert(route.clone());
+            let id = self.store.route_id(route.clone());
+            self.dirty_routes.insert(id);
         }
     }
 
@@ -389,19 +434,14 @@ impl Index {
         let old_parents: Vec<ObjectKey> = parents(old).collect();
         let old_backends = backend_services(old);
         for parent in old_parents {
-            index_remove(&mut self.store.routes_by_parent, &parent, key);
+            self.store.unlink(&parent, key, RoutesOf::attached);
             // Their status may have depended on this route (Conflicted).
-            let neighbours = self
-                .store
-                .routes_by_parent
-                .get(&parent)
-                .into_iter()
-                .flatten();
-            self.dirty_routes.extend(neighbours.cloned());
+            self.dirty_routes
+                .extend(self.store.attached_to(&parent).cloned());
             self.dirty_services.insert(parent);
         }
         for backend in old_backends {
-            index_remove(&mut self.store.routes_by_backend, &backend, key);
+            self.store.unlink(&backend, key, RoutesOf::sending_to);
         }
         true
     }
@@ -568,8 +608,11 @@ impl<T: Ord> SortedSet<T> {
         true
     }
 
-    fn remove(&mut self, value: &T) -> bool {
-        let Ok(at) = self.0.binary_search(value) else {
+    fn remove<Q: Ord + ?Sized>(&mut self, value: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        let Ok(at) = self.0.binary_search_by(|v| v.borrow().cmp(value)) else {
             return false;
         };
         self.0.remove(at);

@@ -268,39 +268,40 @@ impl Rule {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteMatch {
     pub path: PathMatch,
-    /// The method, header and query parameter conditions: most matches have none, so they take
-    /// one pointer (shared by the route table's copy of the match), `None` when there are none.
-    conditions: Option<Arc<Conditions>>,
+    /// The method, header and query parameter conditions, in that order: most matches have
+    /// none (`None`), and the rest few. One block, shared by the route table's copy of the
+    /// match, holding all a lookup reads (names and values inline): a table scan that gets
+    /// past a path reaches them in one step.
+    conditions: Option<Arc<[Condition]>>,
     /// GRPCRoute matches rank by their service and method instead of the path.
     pub grpc: Option<GrpcMethodSpecificity>,
 }
 
-#[derive(Debug, PartialEq)]
-struct Conditions {
-    method: Option<Method>,
-    headers: Box<[ValueMatch<HeaderName>]>,
-    query_params: Box<[ValueMatch<String>]>,
+/// A match's condition besides its path.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Condition {
+    Method(Method),
+    Header(ValueMatch<HeaderKey>),
+    QueryParam(ValueMatch<CompactString>),
 }
 
 impl RouteMatch {
     pub fn new(
         path: PathMatch,
         method: Option<Method>,
-        headers: Box<[ValueMatch<HeaderName>]>,
-        query_params: Box<[ValueMatch<String>]>,
+        headers: Vec<ValueMatch<HeaderKey>>,
+        query_params: Vec<ValueMatch<CompactString>>,
         grpc: Option<GrpcMethodSpecificity>,
     ) -> Self {
-        let conditions = (method.is_some() || !headers.is_empty() || !query_params.is_empty())
-            .then(|| {
-                Arc::new(Conditions {
-                    method,
-                    headers,
-                    query_params,
-                })
-            });
+        let conditions: Vec<Condition> = method
+            .map(Condition::Method)
+            .into_iter()
+            .chain(headers.into_iter().map(Condition::Header))
+            .chain(query_params.into_iter().map(Condition::QueryParam))
+            .collect();
         RouteMatch {
             path,
-            conditions,
+            conditions: (!conditions.is_empty()).then(|| conditions.into()),
             grpc,
         }
     }
@@ -314,21 +315,29 @@ impl RouteMatch {
         }
     }
 
-    /// Whether the path is the only condition.
-    pub fn path_only(&self) -> bool {
-        self.conditions.is_none()
+    pub fn conditions(&self) -> &[Condition] {
+        self.conditions.as_deref().unwrap_or_default()
     }
 
     pub fn method(&self) -> Option<&Method> {
-        self.conditions.as_ref()?.method.as_ref()
+        self.conditions().iter().find_map(|c| match c {
+            Condition::Method(m) => Some(m),
+            _ => None,
+        })
     }
 
-    pub fn headers(&self) -> &[ValueMatch<HeaderName>] {
-        self.conditions.as_ref().map_or(&[], |c| &c.headers)
+    pub fn headers(&self) -> impl Iterator<Item = &ValueMatch<HeaderKey>> {
+        self.conditions().iter().filter_map(|c| match c {
+            Condition::Header(h) => Some(h),
+            _ => None,
+        })
     }
 
-    pub fn query_params(&self) -> &[ValueMatch<String>] {
-        self.conditions.as_ref().map_or(&[], |c| &c.query_params)
+    pub fn query_params(&self) -> impl Iterator<Item = &ValueMatch<CompactString>> {
+        self.conditions().iter().filter_map(|c| match c {
+            Condition::QueryParam(q) => Some(q),
+            _ => None,
+        })
     }
 }
 
@@ -338,8 +347,8 @@ impl Serialize for RouteMatch {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("RouteMatch", 5)?;
         st.serialize_field("path", &self.path)?;
-        st.serialize_field("headers", self.headers())?;
-        st.serialize_field("query_params", self.query_params())?;
+        st.serialize_field("headers", &self.headers().collect::<Vec<_>>())?;
+        st.serialize_field("query_params", &self.query_params().collect::<Vec<_>>())?;
         st.serialize_field("method", &self.method().map(Method::as_str))?;
         st.serialize_field("grpc", &self.grpc)?;
         st.end()
@@ -382,8 +391,8 @@ fn serialize_regex<S: serde::Serializer>(r: &Regex, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(r.as_str())
 }
 
-/// A header or query parameter condition. Header names are `HeaderName`s (parsed once,
-/// case-insensitive); query parameter names are kept as written (case-sensitive).
+/// A header or query parameter condition. Header names are [`HeaderKey`]s (compared without
+/// case); query parameter names are kept as written (case-sensitive).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValueMatch<N> {
     pub name: N,
@@ -405,22 +414,47 @@ pub trait MatchName: Sized + PartialEq {
     fn parse(name: &str, field: &str) -> Result<Self, Invalid>;
 }
 
-impl MatchName for String {
+impl MatchName for CompactString {
     fn parse(name: &str, _: &str) -> Result<Self, Invalid> {
-        Ok(name.to_string())
+        Ok(name.into())
     }
 }
 
-impl MatchName for HeaderName {
+/// A header name a match looks for: valid, lower case, and inline (up to 24 bytes), so that a
+/// lookup reads it where the match is instead of following a pointer to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderKey(CompactString);
+
+impl HeaderKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for HeaderKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl MatchName for HeaderKey {
     fn parse(name: &str, field: &str) -> Result<Self, Invalid> {
-        header_name(name, field)
+        header_name(name, field).map(HeaderKey::from)
+    }
+}
+
+/// A `HeaderName` is valid and lower case already.
+impl From<HeaderName> for HeaderKey {
+    fn from(name: HeaderName) -> Self {
+        HeaderKey(name.as_str().into())
     }
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub enum StringMatch {
     Exact(CompactString),
-    Regex(#[serde(serialize_with = "serialize_regex")] Regex),
+    /// Boxed: rarer, and larger than a value.
+    Regex(#[serde(serialize_with = "serialize_regex")] Box<Regex>),
 }
 
 impl PartialEq for StringMatch {
@@ -1220,7 +1254,7 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
     if rule
         .matches
         .iter()
-        .any(|m| m.headers().len() > 16 || m.query_params().len() > 16)
+        .any(|m| m.headers().count() > 16 || m.query_params().count() > 16)
     {
         return Err(invalid(
             format!("{field}.matches"),
@@ -1245,7 +1279,7 @@ fn value_matches<H, N: MatchName>(
             continue;
         }
         let value = if is_regex {
-            StringMatch::Regex(compile_regex(value, &f)?)
+            StringMatch::Regex(compile_regex(value, &f)?.into())
         } else {
             StringMatch::Exact(value.as_str().into())
         };
@@ -1489,13 +1523,7 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
             })
             .unwrap_or(Method::GET)
     });
-    Ok(RouteMatch::new(
-        path,
-        method,
-        headers.into(),
-        query_params.into(),
-        None,
-    ))
+    Ok(RouteMatch::new(path, method, headers, query_params, None))
 }
 
 /// A GRPCRoute; `raw` is its JSON, for the fields read from it directly (`model::session`).
@@ -1591,13 +1619,7 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             ),
         )
     })?;
-    Ok(RouteMatch::new(
-        path,
-        None,
-        headers.into(),
-        Box::default(),
-        Some(grpc),
-    ))
+    Ok(RouteMatch::new(path, None, headers, Vec::new(), Some(grpc)))
 }
 
 impl Filter {

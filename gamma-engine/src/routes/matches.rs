@@ -1,7 +1,8 @@
 //! Does a request head satisfy a `matches[]` entry? Pure functions over `http` types.
 
-use crate::model::{PathMatch, RouteMatch, ValueMatch};
-use http::{header, HeaderMap, HeaderName, Method};
+use crate::model::{Condition, HeaderKey, PathMatch, RouteMatch, ValueMatch};
+use compact_str::CompactString;
+use http::{header, HeaderMap, Method};
 
 /// The parts of a request that matching reads.
 #[derive(Clone, Copy, Debug)]
@@ -35,12 +36,22 @@ impl RouteMatch {
 
     /// Every condition but the path.
     pub fn matches_besides_path(&self, req: &RequestHead<'_>) -> bool {
-        self.method().is_none_or(|m| m == req.method)
-            && self.headers().iter().all(|h| header_matches(h, req))
-            && self
-                .query_params()
-                .iter()
-                .all(|q| query_matches(q, req.query))
+        self.conditions().iter().all(|c| c.holds(req))
+    }
+
+    /// Whether the path is the only condition.
+    pub fn path_only(&self) -> bool {
+        self.conditions().is_empty()
+    }
+}
+
+impl Condition {
+    pub fn holds(&self, req: &RequestHead<'_>) -> bool {
+        match self {
+            Condition::Method(m) => m == req.method,
+            Condition::Header(h) => header_matches(h, req),
+            Condition::QueryParam(q) => query_matches(q, req.query),
+        }
     }
 }
 
@@ -66,10 +77,11 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared;
 /// `Cookie` values with "; " (RFC 6265 §5.4: HTTP/2 splits cookies into crumbs, RFC 9113 §8.2.3).
 /// `Host` is the `:authority` of an HTTP/2 request, which carries no `host` header.
-fn header_matches(m: &ValueMatch<HeaderName>, req: &RequestHead<'_>) -> bool {
-    let mut values = req.headers.get_all(&m.name).iter();
+fn header_matches(m: &ValueMatch<HeaderKey>, req: &RequestHead<'_>) -> bool {
+    let name = m.name.as_str();
+    let mut values = req.headers.get_all(name).iter();
     let Some(first) = values.next() else {
-        return m.name == header::HOST && req.authority.is_some_and(|a| m.value.is_match(a));
+        return name == header::HOST && req.authority.is_some_and(|a| m.value.is_match(a));
     };
     let Ok(first) = first.to_str() else {
         return false;
@@ -77,7 +89,7 @@ fn header_matches(m: &ValueMatch<HeaderName>, req: &RequestHead<'_>) -> bool {
     match values.next() {
         None => m.value.is_match(first),
         Some(second) => {
-            let separator = if m.name == header::COOKIE { "; " } else { "," };
+            let separator = if name == header::COOKIE { "; " } else { "," };
             let mut joined = String::from(first);
             for v in std::iter::once(second).chain(values) {
                 joined.push_str(separator);
@@ -90,7 +102,7 @@ fn header_matches(m: &ValueMatch<HeaderName>, req: &RequestHead<'_>) -> bool {
 
 /// The first occurrence of a query parameter is the one that counts (spec recommendation).
 /// Names and values are compared form-decoded (`%XX`, `+`).
-fn query_matches(m: &ValueMatch<String>, query: Option<&str>) -> bool {
+fn query_matches(m: &ValueMatch<CompactString>, query: Option<&str>) -> bool {
     let Some(query) = query else { return false };
     form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| *name == m.name)
@@ -101,6 +113,7 @@ fn query_matches(m: &ValueMatch<String>, query: Option<&str>) -> bool {
 mod tests {
     use super::*;
     use crate::model::StringMatch;
+    use http::HeaderName;
     use regex::Regex;
 
     fn head<'a>(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> RequestHead<'a> {
@@ -137,7 +150,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("Version", "one".parse().unwrap());
         let m = ValueMatch {
-            name: HeaderName::from_static("version"),
+            name: HeaderName::from_static("version").into(),
             value: StringMatch::Exact("one".into()),
         };
         let uri = http::Uri::from_static("/");
@@ -146,7 +159,7 @@ mod tests {
         headers.append("version", "two".parse().unwrap());
         assert!(!header_matches(&m, &head(&get, &uri, &headers)));
         let joined = ValueMatch {
-            name: HeaderName::from_static("version"),
+            name: HeaderName::from_static("version").into(),
             value: StringMatch::Exact("one,two".into()),
         };
         assert!(header_matches(&joined, &head(&get, &uri, &headers)));
@@ -156,7 +169,7 @@ mod tests {
     fn host_is_the_http2_authority_and_cookie_crumbs_join_with_semicolons() {
         let get = Method::GET;
         let host = ValueMatch {
-            name: header::HOST,
+            name: header::HOST.into(),
             value: StringMatch::Exact("catalog.products:8080".into()),
         };
         // HTTP/2: no `host` header, the authority in the request target.
@@ -176,7 +189,7 @@ mod tests {
         crumbs.append(header::COOKIE, "a=1".parse().unwrap());
         crumbs.append(header::COOKIE, "b=2".parse().unwrap());
         let cookie = ValueMatch {
-            name: header::COOKIE,
+            name: header::COOKIE.into(),
             value: StringMatch::Exact("a=1; b=2".into()),
         };
         assert!(header_matches(&cookie, &head(&get, &origin_form, &crumbs)));
@@ -211,14 +224,14 @@ mod tests {
         let m = RouteMatch::new(
             PathMatch::Prefix("/api".into()),
             Some(Method::POST),
-            Box::new([ValueMatch {
-                name: HeaderName::from_static("x-env"),
+            vec![ValueMatch {
+                name: HeaderName::from_static("x-env").into(),
                 value: StringMatch::Exact("canary".into()),
-            }]),
-            Box::new([ValueMatch {
+            }],
+            vec![ValueMatch {
                 name: "debug".into(),
                 value: StringMatch::Exact("1".into()),
-            }]),
+            }],
             None,
         );
         assert!(m.matches(&head(&method, &uri, &headers)));

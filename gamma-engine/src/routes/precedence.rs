@@ -31,7 +31,7 @@ impl Specificity {
                 grpc_service_len: grpc.service_len.into(),
                 grpc_method_len: grpc.method_len.into(),
                 method: false,
-                headers: m.headers().len(),
+                headers: m.headers().count(),
                 query_params: 0,
             };
         }
@@ -46,8 +46,8 @@ impl Specificity {
             grpc_service_len: 0,
             grpc_method_len: 0,
             method: m.method().is_some(),
-            headers: m.headers().len(),
-            query_params: m.query_params().len(),
+            headers: m.headers().count(),
+            query_params: m.query_params().count(),
         }
     }
 }
@@ -101,13 +101,16 @@ mod tests {
             (0..headers)
                 .map(exact)
                 .map(|(n, value)| ValueMatch {
-                    name: n.parse().unwrap(),
+                    name: n.parse::<http::HeaderName>().unwrap().into(),
                     value,
                 })
                 .collect(),
             (0..query)
                 .map(exact)
-                .map(|(name, value)| ValueMatch { name, value })
+                .map(|(name, value)| ValueMatch {
+                    name: name.into(),
+                    value,
+                })
                 .collect(),
             None,
         )

@@ -1,49 +1,26 @@
 //! `/explain`: for a described request from a caller, which rule and backend the table picks,
 //! and why every other entry lost. Computed from the same snapshot the data plane reads.
 
-use gamma_engine::model::RouteMatch;
+use gamma_engine::model::{Condition, RouteMatch};
 use gamma_engine::routes::{Frontend, RequestHead};
 use serde_json::{json, Value};
 
 /// Why a match does not hold for a request (the first failing condition), or `None`.
 fn mismatch(m: &RouteMatch, request: &RequestHead<'_>) -> Option<String> {
-    if let Some(method) = m.method() {
-        if method != request.method {
-            return Some(format!(
-                "method is {}, the match wants {method}",
-                request.method
-            ));
-        }
+    let method_is =
+        |method: &http::Method| format!("method is {}, the match wants {method}", request.method);
+    if let Some(method) = m.method().filter(|&wanted| wanted != request.method) {
+        return Some(method_is(method));
     }
     if !m.path.matches(request.path) {
         return Some(format!("path {} does not match {:?}", request.path, m.path));
     }
-    let any_path = || RouteMatch::any().path;
-    for h in m.headers() {
-        let single = RouteMatch::new(
-            any_path(),
-            None,
-            Box::new([h.clone()]),
-            Box::default(),
-            None,
-        );
-        if !single.matches(request) {
-            return Some(format!("header {} does not match", h.name));
-        }
-    }
-    for q in m.query_params() {
-        let single = RouteMatch::new(
-            any_path(),
-            None,
-            Box::default(),
-            Box::new([q.clone()]),
-            None,
-        );
-        if !single.matches(request) {
-            return Some(format!("query parameter {} does not match", q.name));
-        }
-    }
-    None
+    let failing = m.conditions().iter().find(|c| !c.holds(request))?;
+    Some(match failing {
+        Condition::Method(method) => method_is(method),
+        Condition::Header(h) => format!("header {} does not match", h.name.as_str()),
+        Condition::QueryParam(q) => format!("query parameter {} does not match", q.name),
+    })
 }
 
 pub fn explain(

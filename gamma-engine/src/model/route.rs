@@ -136,7 +136,7 @@ impl ParentRef {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Rule {
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     /// The route tables' entries copy these (a path is inline, the other conditions shared).
     pub matches: Box<[RouteMatch]>,
     pub filters: Box<[Filter]>,
@@ -185,7 +185,7 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(name: Option<String>, matches: Box<[RouteMatch]>, error: &Invalid) -> Rule {
+    fn dropped(name: Option<Box<str>>, matches: Box<[RouteMatch]>, error: &Invalid) -> Rule {
         Rule {
             name,
             matches,
@@ -240,7 +240,7 @@ impl Rule {
         let unsupported = self
             .filters
             .iter()
-            .chain(self.backends.iter().flat_map(|b| &b.filters))
+            .chain(self.backends.iter().flat_map(|b| b.filters()))
             .find_map(|f| match f {
                 Filter::Unsupported(what) => Some(what),
                 _ => None,
@@ -257,7 +257,7 @@ impl Rule {
         let filters = self
             .filters
             .iter()
-            .chain(self.backends.iter().flat_map(|b| &b.filters));
+            .chain(self.backends.iter().flat_map(|b| b.filters()));
         self.backends
             .iter()
             .chain(filters.filter_map(Filter::sends_to))
@@ -600,15 +600,61 @@ pub struct RequestMirror {
     pub denominator: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BackendRef {
     pub kind: GroupKind,
-    // Short names, kept inline (no allocation each).
+    /// Short names, kept inline (no allocation each). The namespace is the route's when not
+    /// given; a consumer route's backendRefs give it (they name the producer's Services).
     pub namespace: Option<CompactString>,
     pub name: CompactString,
     pub port: Option<u16>,
     pub weight: u32,
-    pub filters: Box<[Filter]>,
+    /// Few backendRefs have filters: one thin pointer, to a list, for those that do.
+    filters: Option<Box<Box<[Filter]>>>,
+}
+
+impl BackendRef {
+    pub fn new(
+        kind: GroupKind,
+        namespace: Option<CompactString>,
+        name: CompactString,
+        port: Option<u16>,
+        weight: u32,
+        filters: Box<[Filter]>,
+    ) -> Self {
+        BackendRef {
+            kind,
+            namespace,
+            name,
+            port,
+            weight,
+            filters: (!filters.is_empty()).then(|| Box::new(filters)),
+        }
+    }
+
+    /// The namespace, when given.
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    pub fn filters(&self) -> &[Filter] {
+        self.filters.as_deref().map_or(&[], |f| f)
+    }
+}
+
+/// With every field spelled out, as written.
+impl Serialize for BackendRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("BackendRef", 6)?;
+        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("namespace", &self.namespace())?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("port", &self.port)?;
+        st.serialize_field("weight", &self.weight)?;
+        st.serialize_field("filters", self.filters())?;
+        st.end()
+    }
 }
 
 /// A reference's group and kind (a backendRef's, a parentRef's): in a mesh nearly always a core
@@ -845,14 +891,14 @@ macro_rules! backend_ref {
                 "port is required when the backend is a Service",
             ));
         }
-        BackendRef {
+        BackendRef::new(
             kind,
-            namespace: r.namespace.as_deref().map(CompactString::from),
-            name: r.name.as_str().into(),
+            r.namespace.as_deref().map(CompactString::from),
+            r.name.as_str().into(),
             port,
             weight,
-            filters: $filters,
-        }
+            $filters,
+        )
     }};
 }
 
@@ -1092,7 +1138,7 @@ macro_rules! route_rules {
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        rules.push(Rule::dropped(rule.name.clone(), Box::default(), &e));
+                        rules.push(Rule::dropped(rule.name.as_deref().map(Into::into), Box::default(), &e));
                         continue;
                     }
                 };
@@ -1118,7 +1164,7 @@ macro_rules! route_rules {
             rules.push(match rest {
                 Ok((filters, backends, timeouts, retry)) => checked_rule(
                     Rule {
-                        name: rule.name.clone(),
+                        name: rule.name.as_deref().map(Into::into),
                         matches,
                         filters: filters.into(),
                         backends: backends.into(),
@@ -1131,7 +1177,7 @@ macro_rules! route_rules {
                     },
                     field,
                 ),
-                Err(e) => Rule::dropped(rule.name.clone(), matches, &e),
+                Err(e) => Rule::dropped(rule.name.as_deref().map(Into::into), matches, &e),
             });
         }
         rules
@@ -1230,7 +1276,7 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
     let uses_prefix_replace = rule
         .filters
         .iter()
-        .chain(rule.backends.iter().flat_map(|b| &b.filters))
+        .chain(rule.backends.iter().flat_map(|b| b.filters()))
         .any(|f| {
             matches!(
                 f,

@@ -155,7 +155,7 @@ fn compile_rule(
         backends: rule
             .backends
             .iter()
-            .map(|b| mirror_targets(&b.filters))
+            .map(|b| mirror_targets(b.filters()))
             .collect(),
     };
     let any_mirror = !mirrors.rule.is_empty() || mirrors.backends.iter().any(|b| !b.is_empty());

@@ -497,7 +497,7 @@ impl CompiledRule {
             Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend((**e).clone())),
         };
         let backend_mirrors = mirrors.map_or(&[][..], |m| &m.backends[index]);
-        if let Some(response) = run.apply(&self.rule().backends[index].filters, backend_mirrors) {
+        if let Some(response) = run.apply(self.rule().backends[index].filters(), backend_mirrors) {
             return Plan::Respond(response);
         }
         Plan::Forward(Forward {
@@ -540,10 +540,10 @@ impl CompiledRule {
     }
 
     pub fn name_or_index(&self) -> String {
-        self.rule()
-            .name
-            .clone()
-            .unwrap_or_else(|| self.index.to_string())
+        match &self.rule().name {
+            Some(name) => name.to_string(),
+            None => self.index.to_string(),
+        }
     }
 }
 

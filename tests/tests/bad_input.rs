@@ -377,6 +377,50 @@ async fn slowloris_connections_are_closed_and_others_still_served() {
     world.assert_nothing_left(baseline);
 }
 
+/// A head longer than the agent's own server reads (8 KiB) that comes slowly is timed from its
+/// first byte: handing it to hyper's server must not start the header timer again (which gave a
+/// slow head up to two spells).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_long_head_is_timed_from_its_first_byte() {
+    let world = World::start().await;
+    let mut stream = tokio::net::TcpStream::connect(world.agent.listen[0])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (mut read, mut write) = stream.into_split();
+    // 1 KiB of fields every 100 ms: past 8 KiB at about 0.8 of the timeout, never whole.
+    let trickle = tokio::spawn(async move {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let line = format!("X-Long-{i}: {}\r\n", "v".repeat(1000));
+            if write.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut reply = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut reply)).await;
+    let after = started.elapsed();
+    trickle.abort();
+    assert!(ended.is_ok(), "the connection was still open after 5 s");
+    // Timed again from the hand-over, it closed at about 1.8 × the timeout.
+    assert!(
+        after >= HEADER_READ_TIMEOUT - Duration::from_millis(100)
+            && after < HEADER_READ_TIMEOUT * 3 / 2,
+        "closed after {after:?}; the header read timeout is {HEADER_READ_TIMEOUT:?}"
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+        "a head that never completed was answered: {reply}"
+    );
+    world.assert_serving("after the slow long head").await;
+}
+
 /// HTTP/2 frames written by hand: the floods are what a real client library refuses to send.
 mod h2_raw {
     pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -81,6 +81,10 @@ pub async fn serve<T: ReadAhead>(
             );
             match heads {
                 Head::Own(own) => break own,
+                // hyper's server refuses it (431) from here.
+                Head::Partial if buf.len() > config.max_header_bytes => {
+                    return hand_over(proxy, stream, buf, info, shutdown).await
+                }
                 Head::Partial => {}
                 Head::AwaitingBody => awaiting_body = true,
                 Head::Hyper => return hand_over(proxy, stream, buf, info, shutdown).await,

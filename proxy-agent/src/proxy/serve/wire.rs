@@ -31,8 +31,8 @@ pub enum Head {
     AwaitingBody,
     /// A request the agent leaves to hyper's server, with the rest of the connection: one with
     /// a chunked body or a body over [`OWN_BODY`], an upgrade, `Expect`, a version other than
-    /// HTTP/1.1, or a head that is malformed, oversized or has many fields (hyper's refusals then
-    /// answer it, as before).
+    /// HTTP/1.1, or a head that is malformed, or whole and long or with many fields (hyper's
+    /// refusals then answer it, as before).
     Hyper,
 }
 
@@ -57,6 +57,14 @@ pub struct OwnRequest {
 /// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
 /// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
 /// answer's, emptied: as hyper's server, a connection reuses its map's room).
+/// Whether `buf` holds a head's end: an empty line (`\n\n` or `\n\r\n`: heads may end lines
+/// with a bare LF).
+fn head_ends(buf: &[u8]) -> bool {
+    buf.windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(i + 2) == Some(&b'\n')))
+    })
+}
+
 pub fn request_head(
     buf: &mut BytesMut,
     max_head: usize,
@@ -69,6 +77,12 @@ pub fn request_head(
     let head_len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Head::Partial,
+        // Longer than this server reads, or with more fields, and not whole yet: it is read on
+        // (timed here, from its first byte) and hyper's server gets it whole, so that its own
+        // header timer does not give a slow head a second full spell.
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if !head_ends(buf) => {
+            return Head::Partial
+        }
         _ => return Head::Hyper,
     };
     if parsed.version != Some(1) || parsed.headers.len() > max_headers {
@@ -440,15 +454,28 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_head_waits_for_more_up_to_the_limit() {
+    fn an_incomplete_head_waits_for_more_and_a_long_one_goes_to_hyper_whole() {
         let (partial, rest) = head(b"GET / HTTP/1.1\r\nhost: x\r\n");
         assert!(matches!(partial, Head::Partial));
         assert_eq!(rest.len(), 25);
         let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
         long.resize(8192, b'a');
         let (over, rest) = head(&long);
-        assert!(matches!(over, Head::Hyper), "{over:?}");
+        assert!(
+            matches!(over, Head::Partial),
+            "read on until whole: {over:?}"
+        );
         assert_eq!(rest.len(), 8192, "nothing taken");
+        for end in [&b"\r\n\r\n"[..], b"\n\n", b"\r\n\n"] {
+            let mut whole = long.clone();
+            whole.extend_from_slice(end);
+            let (over, rest) = head(&whole);
+            assert!(matches!(over, Head::Hyper), "{over:?}");
+            assert_eq!(rest.len(), whole.len(), "nothing taken");
+        }
+        let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
+        let (partial, _) = head(format!("GET / HTTP/1.1\r\n{many}").as_bytes());
+        assert!(matches!(partial, Head::Partial), "{partial:?}");
     }
 
     #[test]

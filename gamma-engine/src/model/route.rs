@@ -11,6 +11,7 @@ use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,9 +139,10 @@ impl ParentRef {
 pub struct Rule {
     pub name: Option<Box<str>>,
     /// The route tables' entries copy these (a path is inline, the other conditions shared).
-    pub matches: Box<[RouteMatch]>,
+    /// Most rules have one match and one backendRef: kept in the rule, not in a block each.
+    pub matches: SmallVec<[RouteMatch; 1]>,
     pub filters: Box<[Filter]>,
-    pub backends: Box<[BackendRef]>,
+    pub backends: SmallVec<[BackendRef; 1]>,
     /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
     /// them, so they take one pointer until one is set; the compiled rule shares them.
     pub options: Option<Arc<RuleOptions>>,
@@ -185,12 +187,16 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(name: Option<Box<str>>, matches: Box<[RouteMatch]>, error: &Invalid) -> Rule {
+    fn dropped(
+        name: Option<Box<str>>,
+        matches: SmallVec<[RouteMatch; 1]>,
+        error: &Invalid,
+    ) -> Rule {
         Rule {
             name,
             matches,
             filters: Box::default(),
-            backends: Box::default(),
+            backends: SmallVec::new(),
             options: RuleOptions {
                 invalid: Some(error.to_string()),
                 ..RuleOptions::NONE
@@ -1138,12 +1144,12 @@ macro_rules! route_rules {
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        rules.push(Rule::dropped(rule.name.as_deref().map(Into::into), Box::default(), &e));
+                        rules.push(Rule::dropped(rule.name.as_deref().map(Into::into), SmallVec::new(), &e));
                         continue;
                     }
                 };
-            let matches: Box<[RouteMatch]> = if matches.is_empty() {
-                Box::new([$any()])
+            let matches: SmallVec<[RouteMatch; 1]> = if matches.is_empty() {
+                smallvec::smallvec![$any()]
             } else {
                 matches.drain(..).collect()
             };
@@ -1167,7 +1173,7 @@ macro_rules! route_rules {
                         name: rule.name.as_deref().map(Into::into),
                         matches,
                         filters: filters.into(),
-                        backends: backends.into(),
+                        backends: backends.into_iter().collect(),
                         options: RuleOptions {
                             timeouts,
                             retry,

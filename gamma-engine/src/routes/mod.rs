@@ -25,6 +25,7 @@ use compact_str::CompactString;
 use cors::CorsOutcome;
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -326,7 +327,7 @@ pub struct CompiledRule {
     pub route: Arc<Route>,
     pub index: usize,
     /// One per backendRef of the rule, in its order.
-    pub backends: Box<[ResolvedBackend]>,
+    pub backends: SmallVec<[ResolvedBackend; 1]>,
     /// Where the rule's mirror filters send, if it has any (few do).
     pub mirrors: Option<Box<MirrorTargets>>,
     /// The data plane's state for this rule's requests answered before a backend was chosen.

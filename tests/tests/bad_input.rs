@@ -312,40 +312,15 @@ async fn slowloris_connections_are_closed_and_others_still_served() {
     let baseline = Resources::of(&world.agent).unwrap();
     let addr = world.agent.listen[0];
     let started = Instant::now();
-    // Each slow client sends a request line at once (so the connection is taken for HTTP),
-    // then one header line every 200 ms, never the blank line: the head never completes.
+    // Each slow client sends one header line every 200 ms, never the blank line.
     let slow: Vec<_> = (0..SLOW_CLIENTS)
         .map(|_| {
-            tokio::spawn(async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream
-                    .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
-                    .await
-                    .unwrap();
-                let (mut read, mut write) = stream.into_split();
-                let trickle = tokio::spawn(async move {
-                    for i in 0.. {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        if write
-                            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-                let mut reply = Vec::new();
-                let ended =
-                    tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut reply))
-                        .await;
-                trickle.abort();
-                (
-                    ended.is_ok(),
-                    started.elapsed(),
-                    String::from_utf8_lossy(&reply).into_owned(),
-                )
-            })
+            tokio::spawn(trickled_head(
+                addr,
+                started,
+                Duration::from_millis(200),
+                |i| format!("X-Slow-{i}: 1\r\n"),
+            ))
         })
         .collect();
     // Meanwhile, everyone else is served.
@@ -377,43 +352,60 @@ async fn slowloris_connections_are_closed_and_others_still_served() {
     world.assert_nothing_left(baseline);
 }
 
-/// A head longer than the agent's own server reads (8 KiB) that comes slowly is timed from its
-/// first byte: handing it to hyper's server must not start the header timer again (which gave a
-/// slow head up to two spells).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_long_head_is_timed_from_its_first_byte() {
-    let world = World::start().await;
-    let mut stream = tokio::net::TcpStream::connect(world.agent.listen[0])
-        .await
-        .unwrap();
-    let started = Instant::now();
+/// Sends a request line at once (so the connection is taken for HTTP), then `line(i)` every
+/// `every`, never the blank line: the head never completes. Returns whether the agent closed the
+/// connection within 5 s, when (since `started`), and what it answered.
+async fn trickled_head(
+    addr: std::net::SocketAddr,
+    started: Instant,
+    every: Duration,
+    line: fn(usize) -> String,
+) -> (bool, Duration, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
     let (mut read, mut write) = stream.into_split();
-    // 1 KiB of fields every 100 ms: past 8 KiB at about 0.8 of the timeout, never whole.
     let trickle = tokio::spawn(async move {
-        for i in 0..40 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let line = format!("X-Long-{i}: {}\r\n", "v".repeat(1000));
-            if write.write_all(line.as_bytes()).await.is_err() {
+        for i in 0.. {
+            tokio::time::sleep(every).await;
+            if write.write_all(line(i).as_bytes()).await.is_err() {
                 break;
             }
         }
     });
     let mut reply = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut reply)).await;
-    let after = started.elapsed();
     trickle.abort();
-    assert!(ended.is_ok(), "the connection was still open after 5 s");
+    (
+        ended.is_ok(),
+        started.elapsed(),
+        String::from_utf8_lossy(&reply).into_owned(),
+    )
+}
+
+/// A head longer than the agent's own server reads (8 KiB) that comes slowly is timed from its
+/// first byte: handing it to hyper's server must not start the header timer again (which gave a
+/// slow head up to two spells).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_long_head_is_timed_from_its_first_byte() {
+    let world = World::start().await;
+    // 1 KiB of fields every 100 ms: past 8 KiB at about 0.8 of the timeout, never whole.
+    let (closed, after, reply) = trickled_head(
+        world.agent.listen[0],
+        Instant::now(),
+        Duration::from_millis(100),
+        |i| format!("X-Long-{i}: {}\r\n", "v".repeat(1000)),
+    )
+    .await;
+    assert!(closed, "the connection was still open after 5 s");
     // Timed again from the hand-over, it closed at about 1.8 × the timeout.
     assert!(
         after >= HEADER_READ_TIMEOUT - Duration::from_millis(100)
             && after < HEADER_READ_TIMEOUT * 3 / 2,
         "closed after {after:?}; the header read timeout is {HEADER_READ_TIMEOUT:?}"
     );
-    let reply = String::from_utf8_lossy(&reply);
     assert!(
         reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
         "a head that never completed was answered: {reply}"

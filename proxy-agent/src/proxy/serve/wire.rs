@@ -51,12 +51,6 @@ pub struct OwnRequest {
     pub trailers: bool,
 }
 
-/// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
-/// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
-/// `max_headers`: the most fields (the configured limits; a head over them goes to hyper's
-/// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
-/// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
-/// answer's, emptied: as hyper's server, a connection reuses its map's room).
 /// Whether `buf` holds a head's end: an empty line (`\n\n` or `\n\r\n`: heads may end lines
 /// with a bare LF).
 fn head_ends(buf: &[u8]) -> bool {
@@ -65,6 +59,12 @@ fn head_ends(buf: &[u8]) -> bool {
     })
 }
 
+/// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
+/// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
+/// `max_headers`: the most fields (the configured limits; a whole head over them goes to hyper's
+/// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
+/// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
+/// answer's, emptied: as hyper's server, a connection reuses its map's room).
 pub fn request_head(
     buf: &mut BytesMut,
     max_head: usize,

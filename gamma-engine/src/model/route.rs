@@ -60,7 +60,8 @@ impl std::fmt::Display for Route {
 pub struct Route {
     pub kind: RouteKind,
     pub meta: Meta,
-    pub parent_refs: Vec<ParentRef>,
+    /// Shared with the route's status, which reports on each.
+    pub parent_refs: Arc<[ParentRef]>,
     /// The compiled rules share the route (by `Arc`) and read their filters, backendRefs and
     /// options here instead of holding copies.
     pub rules: Box<[Rule]>,
@@ -85,7 +86,7 @@ pub struct RefusedRoute {
     pub uid: Option<String>,
     pub generation: i64,
     /// Its parentRefs, when they convert (else none: the status has no parent to report on).
-    pub parent_refs: Vec<ParentRef>,
+    pub parent_refs: Arc<[ParentRef]>,
     pub reason: String,
 }
 
@@ -1360,12 +1361,10 @@ fn indexed<T, U>(
 fn assembled(
     kind: RouteKind,
     meta: Meta,
-    mut parent_refs: Vec<ParentRef>,
+    parent_refs: Vec<ParentRef>,
     rules: Vec<Rule>,
 ) -> Result<Route, Invalid> {
     check_rules(&rules)?;
-    // A route is built once and kept for long; a list built by pushing has spare room.
-    parent_refs.shrink_to_fit();
     if !rules.is_empty() && rules.iter().all(|r| r.invalid().is_some()) {
         let reasons: Vec<String> = rules
             .iter()
@@ -1380,7 +1379,7 @@ fn assembled(
     Ok(Route {
         kind,
         meta,
-        parent_refs,
+        parent_refs: parent_refs.into(),
         rules: rules.into_boxed_slice(),
     })
 }
@@ -1395,7 +1394,7 @@ fn refusable(
 ) -> Result<Route, Invalid> {
     let meta = meta(metadata)?;
     let (key, uid, generation) = (meta.key.clone(), meta.uid.clone(), meta.generation);
-    let known_parents = parent_refs.as_ref().cloned().unwrap_or_default();
+    let known_parents: Arc<[ParentRef]> = parent_refs.as_deref().unwrap_or_default().into();
     parent_refs
         .and_then(|refs| convert(meta, refs))
         .map_err(|error| {

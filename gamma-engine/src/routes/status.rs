@@ -5,6 +5,7 @@ use super::{backends, World};
 use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Our `controllerName` in route status.
 pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
@@ -12,9 +13,11 @@ pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
 /// Our entry for one parent. Kept for every route in every snapshot, so it is small: the
 /// generation is said once, and the conditions of a route that is simply working (accepted,
 /// every reference resolved) are one static list shared by all such routes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ParentStatus {
-    pub parent_ref: ParentRef,
+    /// The route's parentRefs (shared with it), and which one this is about.
+    pub parents: Arc<[ParentRef]>,
+    pub parent: usize,
     /// The route generation the conditions describe (each condition's `observedGeneration`).
     pub observed_generation: i64,
     pub conditions: Cow<'static, [Condition]>,
@@ -49,7 +52,22 @@ static WORKING: [Condition; 2] = [
     },
 ];
 
+/// Alike when about the same parentRef, at the same generation, with the same conditions.
+impl PartialEq for ParentStatus {
+    fn eq(&self, other: &Self) -> bool {
+        self.parent_ref() == other.parent_ref()
+            && self.observed_generation == other.observed_generation
+            && self.conditions == other.conditions
+    }
+}
+
+impl Eq for ParentStatus {}
+
 impl ParentStatus {
+    pub fn parent_ref(&self) -> &ParentRef {
+        &self.parents[self.parent]
+    }
+
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
@@ -71,7 +89,7 @@ impl Serialize for ParentStatus {
             observed_generation: self.observed_generation,
         });
         let mut st = s.serialize_struct("ParentStatus", 3)?;
-        st.serialize_field("parentRef", &self.parent_ref)?;
+        st.serialize_field("parentRef", self.parent_ref())?;
         st.serialize_field("controllerName", CONTROLLER_NAME)?;
         st.serialize_field("conditions", &conditions.collect::<Vec<_>>())?;
         st.end()
@@ -104,7 +122,8 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
     route
         .parent_refs
         .iter()
-        .filter_map(|parent| {
+        .enumerate()
+        .filter_map(|(index, parent)| {
             let key = parent.service(&route.meta.key.namespace)?;
             let resolved = resolved_refs(route, &key.namespace, world);
             let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
@@ -136,7 +155,8 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 Cow::Owned(conditions)
             };
             Some(ParentStatus {
-                parent_ref: parent.clone(),
+                parents: route.parent_refs.clone(),
+                parent: index,
                 observed_generation: route.meta.generation,
                 conditions,
             })
@@ -161,9 +181,11 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
     refused
         .parent_refs
         .iter()
-        .filter(|p| p.service(&refused.key.key.namespace).is_some())
-        .map(|parent| ParentStatus {
-            parent_ref: parent.clone(),
+        .enumerate()
+        .filter(|(_, p)| p.service(&refused.key.key.namespace).is_some())
+        .map(|(index, _)| ParentStatus {
+            parents: refused.parent_refs.clone(),
+            parent: index,
             observed_generation: refused.generation,
             conditions: Cow::Owned(vec![Condition {
                 type_: "Accepted",

@@ -64,7 +64,7 @@ fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
         })
         .collect();
     json!({
-        "parentRef": parent_ref_json(&desired.parent_ref),
+        "parentRef": parent_ref_json(desired.parent_ref()),
         "controllerName": CONTROLLER_NAME,
         "conditions": conditions,
     })
@@ -78,7 +78,7 @@ pub fn plan(desired: &[ParentStatus], server: &StoredRoute, now: &str) -> Option
     let wanted: Vec<Value> = desired
         .iter()
         .map(|d| {
-            let parent = parent_ref_json(&d.parent_ref);
+            let parent = parent_ref_json(d.parent_ref());
             let old = ours
                 .iter()
                 .copied()
@@ -133,7 +133,8 @@ mod tests {
             message: "m".into(),
         };
         ParentStatus {
-            parent_ref: parent("echo"),
+            parents: [parent("echo")].into(),
+            parent: 0,
             observed_generation: generation,
             conditions: vec![c("Accepted", accepted), c("ResolvedRefs", true)].into(),
         }

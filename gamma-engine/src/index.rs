@@ -106,7 +106,8 @@ impl Store {
         which(self.routes_by_service.entry(service).or_default()).insert(route.clone());
     }
 
-    /// Removes `route` from one of `service`'s sets (`which`); a Service no route names leaves the map.
+    /// Removes `route` from one of `service`'s sets (`which`); a Service no route names leaves
+    /// the map.
     fn unlink(
         &mut self,
         service: &ObjectKey,

@@ -1145,7 +1145,8 @@ macro_rules! route_rules {
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        rules.push(Rule::dropped(rule.name.as_deref().map(Into::into), SmallVec::new(), &e));
+                        let name = rule.name.as_deref().map(Into::into);
+                        rules.push(Rule::dropped(name, SmallVec::new(), &e));
                         continue;
                     }
                 };

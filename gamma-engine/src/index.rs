@@ -176,7 +176,7 @@ fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
         .rules
         .iter()
         .flat_map(|rule| rule.referenced_backends())
-        .map(|b| ObjectKey::new(b.namespace().unwrap_or(ns), b.name.as_str()))
+        .map(|b| ObjectKey::new(b.namespace.as_deref().unwrap_or(ns), b.name.as_str()))
         .collect()
 }
 

@@ -639,11 +639,6 @@ impl BackendRef {
         }
     }
 
-    /// The namespace, when given.
-    pub fn namespace(&self) -> Option<&str> {
-        self.namespace.as_deref()
-    }
-
     pub fn filters(&self) -> &[Filter] {
         self.filters.as_deref().map_or(&[], |f| f)
     }
@@ -655,7 +650,7 @@ impl Serialize for BackendRef {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("BackendRef", 6)?;
         st.serialize_field("kind", &self.kind)?;
-        st.serialize_field("namespace", &self.namespace())?;
+        st.serialize_field("namespace", &self.namespace)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("port", &self.port)?;
         st.serialize_field("weight", &self.weight)?;
@@ -1141,11 +1136,11 @@ macro_rules! route_rules {
         for (i, rule) in $rules.into_iter().flatten().enumerate() {
             let field = format!("spec.rules[{i}]");
             let field = field.as_str();
+            let name: Option<Box<str>> = rule.name.as_deref().map(Into::into);
             let mut matches =
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        let name = rule.name.as_deref().map(Into::into);
                         rules.push(Rule::dropped(name, SmallVec::new(), &e));
                         continue;
                     }
@@ -1172,7 +1167,7 @@ macro_rules! route_rules {
             rules.push(match rest {
                 Ok((filters, backends, timeouts, retry)) => checked_rule(
                     Rule {
-                        name: rule.name.as_deref().map(Into::into),
+                        name,
                         matches,
                         filters: filters.into(),
                         backends: backends.into_iter().collect(),
@@ -1185,7 +1180,7 @@ macro_rules! route_rules {
                     },
                     field,
                 ),
-                Err(e) => Rule::dropped(rule.name.as_deref().map(Into::into), matches, &e),
+                Err(e) => Rule::dropped(name, matches, &e),
             });
         }
         rules
@@ -1420,11 +1415,6 @@ pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Resul
     )
 }
 
-/// The match of an HTTPRoute rule without matches: every request.
-fn any_http_request() -> RouteMatch {
-    RouteMatch::any()
-}
-
 /// The match of a GRPCRoute rule without matches: every method (ranked as the least specific).
 fn any_grpc_method() -> RouteMatch {
     RouteMatch {
@@ -1446,7 +1436,7 @@ fn http_route_body(
     let mut rules = route_rules!(
         route.spec.rules.as_ref(),
         match: http_match,
-        when no match: any_http_request,
+        when no match: RouteMatch::any,
         filter: http_filter!(
             HttpRouteRulesFiltersType,
             HttpRouteRulesFiltersRequestRedirectScheme,

@@ -112,7 +112,7 @@ impl<'a> Resolver<'a> {
         parent_namespace: &str,
     ) -> Result<Arc<Backend>, BackendError> {
         let route_namespace = route.meta.key.namespace.as_str();
-        let namespace = reference.namespace().unwrap_or(route_namespace);
+        let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
         let key = ObjectKey::new(namespace, reference.name.as_str());
         let shown = format!(
             "{}/{}",

@@ -31,17 +31,12 @@ impl<'a> RequestHead<'a> {
 impl RouteMatch {
     /// The path first: it is inline, the other conditions (if any) one pointer away.
     pub fn matches(&self, req: &RequestHead<'_>) -> bool {
-        self.path.matches(req.path) && (self.path_only() || self.matches_besides_path(req))
+        self.path.matches(req.path) && self.matches_besides_path(req)
     }
 
     /// Every condition but the path.
     pub fn matches_besides_path(&self, req: &RequestHead<'_>) -> bool {
         self.conditions().iter().all(|c| c.holds(req))
-    }
-
-    /// Whether the path is the only condition.
-    pub fn path_only(&self) -> bool {
-        self.conditions().is_empty()
     }
 }
 

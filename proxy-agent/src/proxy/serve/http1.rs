@@ -52,6 +52,7 @@ pub async fn serve<T: ReadAhead>(
     let mut buf = stream.take_unread();
     let mut out = Vec::with_capacity(512);
     let mut spare_headers = None;
+    let mut long_head = wire::LongHead::default();
     // A body read whole is a body buffered: no more than the agent buffers for a retry.
     let max_body = wire::OWN_BODY.min(config.max_buffered_body as u64);
     // One wait for the drain signal and one timer for the whole connection.
@@ -74,6 +75,7 @@ pub async fn serve<T: ReadAhead>(
             let mut awaiting_body = false;
             let heads = wire::request_head(
                 &mut buf,
+                &mut long_head,
                 OWN_HEAD,
                 config.max_headers,
                 max_body,
@@ -379,9 +381,14 @@ mod tests {
         let mut buf = BytesMut::from(requests);
         let (mut written, mut scratch) = (Vec::new(), Vec::new());
         loop {
-            let Head::Own(own) =
-                wire::request_head(&mut buf, OWN_HEAD, 100, wire::OWN_BODY, &mut None)
-            else {
+            let Head::Own(own) = wire::request_head(
+                &mut buf,
+                &mut wire::LongHead::default(),
+                OWN_HEAD,
+                100,
+                wire::OWN_BODY,
+                &mut None,
+            ) else {
                 break;
             };
             let to_head = own.request.method() == Method::HEAD;

@@ -51,6 +51,24 @@ pub struct OwnRequest {
     pub trailers: bool,
 }
 
+/// How far a long head (one that goes to hyper's server, read whole first) has been searched
+/// for its end: after that, each read's bytes are searched alone, not the head again, so that a
+/// head trickled in up to `--max-header-bytes` costs time in proportion to its length.
+#[derive(Debug, Default)]
+pub struct LongHead {
+    searched: Option<usize>,
+}
+
+impl LongHead {
+    /// Whether the head in `buf` ends now, the bytes before `searched` known not to end it.
+    fn ends(&mut self, buf: &[u8]) -> bool {
+        // An end is 3 bytes at most: it may have begun in the last 2 searched.
+        let from = self.searched.map_or(0, |s| s.saturating_sub(2));
+        self.searched = Some(buf.len());
+        head_ends(&buf[from..])
+    }
+}
+
 /// Whether `buf` holds a head's end: an empty line (`\n\n` or `\n\r\n`: heads may end lines
 /// with a bare LF).
 fn head_ends(buf: &[u8]) -> bool {
@@ -64,14 +82,24 @@ fn head_ends(buf: &[u8]) -> bool {
 /// `max_headers`: the most fields (the configured limits; a whole head over them goes to hyper's
 /// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
 /// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
-/// answer's, emptied: as hyper's server, a connection reuses its map's room).
+/// answer's, emptied: as hyper's server, a connection reuses its map's room). `long`: the
+/// connection's search for a long head's end.
 pub fn request_head(
     buf: &mut BytesMut,
+    long: &mut LongHead,
     max_head: usize,
     max_headers: usize,
     max_body: u64,
     spare: &mut Option<HeaderMap>,
 ) -> Head {
+    if long.searched.is_some() {
+        // Known to go to hyper's server: only whether it is whole matters.
+        return if long.ends(buf) {
+            Head::Hyper
+        } else {
+            Head::Partial
+        };
+    }
     let mut raw = [httparse::EMPTY_HEADER; FIELDS];
     let mut parsed = httparse::Request::new(&mut raw);
     let head_len = match parsed.parse(buf) {
@@ -80,7 +108,7 @@ pub fn request_head(
         // Longer than this server reads, or with more fields, and not whole yet: it is read on
         // (timed here, from its first byte) and hyper's server gets it whole, so that its own
         // header timer does not give a slow head a second full spell.
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if !head_ends(buf) => {
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if !long.ends(buf) => {
             return Head::Partial
         }
         _ => return Head::Hyper,
@@ -410,7 +438,17 @@ mod tests {
 
     fn head(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        (request_head(&mut buf, 8192, 100, OWN_BODY, &mut None), buf)
+        (
+            request_head(
+                &mut buf,
+                &mut LongHead::default(),
+                8192,
+                100,
+                OWN_BODY,
+                &mut None,
+            ),
+            buf,
+        )
     }
 
     fn own(bytes: &[u8]) -> (OwnRequest, BytesMut) {
@@ -478,6 +516,33 @@ mod tests {
         assert!(matches!(partial, Head::Partial), "{partial:?}");
     }
 
+    /// A long head read a byte at a time goes to hyper's server as soon as its end is read, and
+    /// not before, whichever read its end is split across.
+    #[test]
+    fn a_long_head_read_in_pieces_is_whole_at_its_last_byte() {
+        let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
+        long.resize(9000, b'a');
+        let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{}", many.trim_end());
+        // Neither has its last line's end yet.
+        for (start, from) in [(long, 8100), (many.into_bytes(), 20)] {
+            for end in [&b"\r\n\r\n"[..], b"\n\n", b"\r\n\n"] {
+                let mut whole = start.clone();
+                whole.extend_from_slice(end);
+                let mut search = LongHead::default();
+                let mut buf = BytesMut::from(&whole[..from]);
+                for byte in &whole[from..] {
+                    let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY, &mut None);
+                    assert!(matches!(read, Head::Partial), "at {}: {read:?}", buf.len());
+                    buf.extend_from_slice(&[*byte]);
+                }
+                let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY, &mut None);
+                assert!(matches!(read, Head::Hyper), "{end:?}: {read:?}");
+                assert_eq!(&buf[..], &whole[..], "nothing taken");
+            }
+        }
+    }
+
     #[test]
     fn requests_hyper_serves_are_left_whole() {
         let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
@@ -513,7 +578,14 @@ mod tests {
         // More fields than the configured limit: hyper's server refuses them.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
         assert!(matches!(
-            request_head(&mut buf, 8192, 2, OWN_BODY, &mut None),
+            request_head(
+                &mut buf,
+                &mut LongHead::default(),
+                8192,
+                2,
+                OWN_BODY,
+                &mut None
+            ),
             Head::Hyper
         ));
     }

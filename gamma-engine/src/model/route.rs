@@ -487,10 +487,11 @@ impl StringMatch {
 pub enum Filter {
     RequestHeaders(HeaderModifier),
     ResponseHeaders(HeaderModifier),
-    Redirect(RequestRedirect),
-    Rewrite(UrlRewrite),
-    Mirror(RequestMirror),
-    Cors(CorsPolicy),
+    // The rarer filters are boxed: a rule's filters are one list, sized by its largest kind.
+    Redirect(Box<RequestRedirect>),
+    Rewrite(Box<UrlRewrite>),
+    Mirror(Box<RequestMirror>),
+    Cors(Box<CorsPolicy>),
     /// A filter this implementation does not provide (ExtensionRef, ExternalAuth). The spec
     /// forbids skipping it: the requests it applies to are answered with an error.
     Unsupported(String),
@@ -948,16 +949,19 @@ macro_rules! common_filter {
                         "the mirrored share must be between 0 and 1",
                     ));
                 }
-                Filter::Mirror(RequestMirror {
-                    backend: backend_ref!(
-                        &m.backend_ref,
-                        None,
-                        Box::default(),
-                        &format!("{field}.requestMirror.backendRef")
-                    ),
-                    numerator: numerator as u32,
-                    denominator: denominator as u32,
-                })
+                Filter::Mirror(
+                    RequestMirror {
+                        backend: backend_ref!(
+                            &m.backend_ref,
+                            None,
+                            Box::default(),
+                            &format!("{field}.requestMirror.backendRef")
+                        ),
+                        numerator: numerator as u32,
+                        denominator: denominator as u32,
+                    }
+                    .into(),
+                )
             }
             $kind::ExtensionRef => {
                 let e = f.extension_ref.as_ref().ok_or_else(|| {
@@ -1023,26 +1027,29 @@ macro_rules! http_filter {
                         ))
                     }
                 };
-                Filter::Redirect(RequestRedirect {
-                    scheme: r.scheme.as_ref().map(|s| match s {
-                        $scheme::Http => "http".to_string(),
-                        $scheme::Https => "https".to_string(),
-                    }),
-                    hostname: r.hostname.clone(),
-                    port: port(r.port, &format!("{field}.requestRedirect.port"))?,
-                    path: r
-                        .path
-                        .as_ref()
-                        .map(|p| {
-                            Ok::<_, Invalid>(path_modifier!(
-                                p,
-                                &format!("{field}.requestRedirect.path"),
-                                $redirect_path
-                            ))
-                        })
-                        .transpose()?,
-                    status,
-                })
+                Filter::Redirect(
+                    RequestRedirect {
+                        scheme: r.scheme.as_ref().map(|s| match s {
+                            $scheme::Http => "http".to_string(),
+                            $scheme::Https => "https".to_string(),
+                        }),
+                        hostname: r.hostname.clone(),
+                        port: port(r.port, &format!("{field}.requestRedirect.port"))?,
+                        path: r
+                            .path
+                            .as_ref()
+                            .map(|p| {
+                                Ok::<_, Invalid>(path_modifier!(
+                                    p,
+                                    &format!("{field}.requestRedirect.path"),
+                                    $redirect_path
+                                ))
+                            })
+                            .transpose()?,
+                        status,
+                    }
+                    .into(),
+                )
             }
             $kind::UrlRewrite => {
                 let r = f.url_rewrite.as_ref().ok_or_else(|| {
@@ -1051,33 +1058,39 @@ macro_rules! http_filter {
                         "required for type URLRewrite",
                     )
                 })?;
-                Filter::Rewrite(UrlRewrite {
-                    hostname: r.hostname.clone(),
-                    path: r
-                        .path
-                        .as_ref()
-                        .map(|p| {
-                            Ok::<_, Invalid>(path_modifier!(
-                                p,
-                                &format!("{field}.urlRewrite.path"),
-                                $rewrite_path
-                            ))
-                        })
-                        .transpose()?,
-                })
+                Filter::Rewrite(
+                    UrlRewrite {
+                        hostname: r.hostname.clone(),
+                        path: r
+                            .path
+                            .as_ref()
+                            .map(|p| {
+                                Ok::<_, Invalid>(path_modifier!(
+                                    p,
+                                    &format!("{field}.urlRewrite.path"),
+                                    $rewrite_path
+                                ))
+                            })
+                            .transpose()?,
+                    }
+                    .into(),
+                )
             }
             $kind::Cors => {
                 let c = f
                     .cors
                     .as_ref()
                     .ok_or_else(|| invalid(format!("{field}.cors"), "required for type CORS"))?;
-                Filter::Cors(cors_policy(
-                    c.allow_origins.as_ref(),
-                    c.allow_credentials.unwrap_or(false),
-                    [&c.allow_methods, &c.allow_headers, &c.expose_headers],
-                    c.max_age,
-                    &format!("{field}.cors"),
-                )?)
+                Filter::Cors(
+                    cors_policy(
+                        c.allow_origins.as_ref(),
+                        c.allow_credentials.unwrap_or(false),
+                        [&c.allow_methods, &c.allow_headers, &c.expose_headers],
+                        c.max_age,
+                        &format!("{field}.cors"),
+                    )?
+                    .into(),
+                )
             }
             $kind::ExternalAuth => Filter::Unsupported("ExternalAuth".to_string()),
             _ => common_filter!(f, field, $kind),
@@ -1283,13 +1296,10 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
         .any(|f| {
             matches!(
                 f,
-                Filter::Redirect(RequestRedirect {
-                    path: Some(PathModifier::ReplacePrefixMatch(_)),
-                    ..
-                }) | Filter::Rewrite(UrlRewrite {
-                    path: Some(PathModifier::ReplacePrefixMatch(_)),
-                    ..
-                })
+                Filter::Redirect(r) if matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_)))
+            ) || matches!(
+                f,
+                Filter::Rewrite(r) if matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_)))
             )
         });
     if uses_prefix_replace

@@ -136,22 +136,38 @@ impl ParentRef {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
-    pub name: Option<Box<str>>,
     /// The route tables' entries copy these (a path is inline, the other conditions shared).
     /// Most rules have one match and one backendRef: kept in the rule, not in a block each.
     pub matches: SmallVec<[RouteMatch; 1]>,
     pub filters: Box<[Filter]>,
     pub backends: SmallVec<[BackendRef; 1]>,
-    /// Timeouts, retry, session persistence, a dropped rule's reason: most rules have none of
-    /// them, so they take one pointer until one is set; the compiled rule shares them.
+    /// A name, timeouts, retry, session persistence, a dropped rule's reason: most rules have
+    /// none of them, so they take one pointer until one is set; the compiled rule shares them.
     pub options: Option<Arc<RuleOptions>>,
+}
+
+/// With its name first, as written.
+impl Serialize for Rule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Rule", 5)?;
+        st.serialize_field("name", &self.name())?;
+        st.serialize_field("matches", &self.matches)?;
+        st.serialize_field("filters", &self.filters)?;
+        st.serialize_field("backends", &self.backends)?;
+        st.serialize_field("options", &self.options)?;
+        st.end()
+    }
 }
 
 /// What a rule may have beyond matches, filters and backends.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RuleOptions {
+    /// The rule's `name` (sectionName of policies and status).
+    #[serde(skip)]
+    pub name: Option<Box<str>>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
     /// Why this rule cannot be served as written (a field that does not convert, a check that
@@ -166,6 +182,7 @@ pub struct RuleOptions {
 impl RuleOptions {
     /// A rule's options when it has none set.
     pub const NONE: RuleOptions = RuleOptions {
+        name: None,
         timeouts: Timeouts {
             request: None,
             backend_request: None,
@@ -194,11 +211,11 @@ impl Rule {
         error: &Invalid,
     ) -> Rule {
         Rule {
-            name,
             matches,
             filters: Box::default(),
             backends: SmallVec::new(),
             options: RuleOptions {
+                name,
                 invalid: Some(error.to_string()),
                 ..RuleOptions::NONE
             }
@@ -208,6 +225,10 @@ impl Rule {
 
     pub fn options(&self) -> &RuleOptions {
         RuleOptions::of(&self.options)
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.options().name.as_deref()
     }
 
     /// Why this rule cannot be served as written, if so (see [`RuleOptions::invalid`]).
@@ -228,7 +249,11 @@ impl Rule {
                     .shared()
                 }
                 Err(e) => {
-                    *rule = Rule::dropped(rule.name.take(), std::mem::take(&mut rule.matches), &e)
+                    *rule = Rule::dropped(
+                        rule.name().map(Into::into),
+                        std::mem::take(&mut rule.matches),
+                        &e,
+                    )
                 }
             }
         }
@@ -1180,11 +1205,11 @@ macro_rules! route_rules {
             rules.push(match rest {
                 Ok((filters, backends, timeouts, retry)) => checked_rule(
                     Rule {
-                        name,
                         matches,
                         filters: filters.into(),
                         backends: backends.into_iter().collect(),
                         options: RuleOptions {
+                            name,
                             timeouts,
                             retry,
                             ..RuleOptions::NONE
@@ -1244,7 +1269,7 @@ fn check_rules(rules: &[Rule]) -> Result<(), Invalid> {
 fn checked_rule(rule: Rule, field: &str) -> Rule {
     match check_rule(&rule, field) {
         Ok(()) => rule,
-        Err(e) => Rule::dropped(rule.name, rule.matches, &e),
+        Err(e) => Rule::dropped(rule.name().map(Into::into), rule.matches, &e),
     }
 }
 

@@ -546,8 +546,8 @@ impl CompiledRule {
     }
 
     pub fn name_or_index(&self) -> String {
-        match &self.rule().name {
-            Some(name) => name.to_string(),
+        match self.rule().name() {
+            Some(name) => name.to_owned(),
             None => self.index.to_string(),
         }
     }

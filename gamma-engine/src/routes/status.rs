@@ -110,11 +110,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         .enumerate()
         .filter_map(|(i, rule)| {
             let why = rule.dropped_because()?;
-            let name = rule
-                .name
-                .as_ref()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default();
+            let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
             Some(format!("Dropped Rule {i}{name}: {why}"))
         })
         .collect();

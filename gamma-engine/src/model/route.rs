@@ -14,6 +14,7 @@ use serde::Serialize;
 use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
+use triomphe::ThinArc;
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Bounds from the CRD schema (CEL and OpenAPI): refused by an API server, so refused here too.
@@ -300,13 +301,12 @@ impl Rule {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteMatch {
     pub path: PathMatch,
-    /// The method, header and query parameter conditions, in that order: most matches have
-    /// none (`None`), and the rest few. One block, shared by the route table's copy of the
-    /// match, holding all a lookup reads (names and values inline): a table scan that gets
-    /// past a path reaches them in one step.
-    conditions: Option<Arc<[Condition]>>,
-    /// GRPCRoute matches rank by their service and method instead of the path.
-    pub grpc: Option<GrpcMethodSpecificity>,
+    /// Everything else, in one block behind one thin pointer, shared by the route table's copy
+    /// of the match: the method, header and query parameter conditions, in that order (names
+    /// and values inline, so that a table scan that gets past a path reaches all it reads in
+    /// one step), and for a GRPCRoute match how it ranks (by its service and method instead of
+    /// its path). Most HTTPRoute matches have neither (`None`).
+    rest: Option<ThinArc<Option<GrpcMethodSpecificity>, Condition>>,
 }
 
 /// A match's condition besides its path.
@@ -331,24 +331,26 @@ impl RouteMatch {
             .chain(headers.into_iter().map(Condition::Header))
             .chain(query_params.into_iter().map(Condition::QueryParam))
             .collect();
-        RouteMatch {
-            path,
-            conditions: (!conditions.is_empty()).then(|| conditions.into()),
-            grpc,
-        }
+        let rest = (!conditions.is_empty() || grpc.is_some())
+            .then(|| ThinArc::from_header_and_iter(grpc, conditions.into_iter()));
+        RouteMatch { path, rest }
     }
 
     /// The match a rule without `matches` gets: PathPrefix `/`.
     pub fn any() -> Self {
         RouteMatch {
             path: PathMatch::Prefix(CompactString::default()),
-            conditions: None,
-            grpc: None,
+            rest: None,
         }
     }
 
     pub fn conditions(&self) -> &[Condition] {
-        self.conditions.as_deref().unwrap_or_default()
+        self.rest.as_ref().map_or(&[], |rest| &rest.slice)
+    }
+
+    /// How a GRPCRoute match ranks (`None` for an HTTPRoute's).
+    pub fn grpc(&self) -> Option<GrpcMethodSpecificity> {
+        self.rest.as_ref().and_then(|rest| rest.header.header)
     }
 
     pub fn method(&self) -> Option<&Method> {
@@ -382,7 +384,7 @@ impl Serialize for RouteMatch {
         st.serialize_field("headers", &self.headers().collect::<Vec<_>>())?;
         st.serialize_field("query_params", &self.query_params().collect::<Vec<_>>())?;
         st.serialize_field("method", &self.method().map(Method::as_str))?;
-        st.serialize_field("grpc", &self.grpc)?;
+        st.serialize_field("grpc", &self.grpc())?;
         st.end()
     }
 }
@@ -1452,13 +1454,12 @@ pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Resul
 
 /// The match of a GRPCRoute rule without matches: every method (ranked as the least specific).
 fn any_grpc_method() -> RouteMatch {
-    RouteMatch {
-        grpc: Some(GrpcMethodSpecificity {
-            service_len: 0,
-            method_len: 0,
-        }),
-        ..RouteMatch::any()
-    }
+    let least_specific = GrpcMethodSpecificity {
+        service_len: 0,
+        method_len: 0,
+    };
+    let RouteMatch { path, .. } = RouteMatch::any();
+    RouteMatch::new(path, None, Vec::new(), Vec::new(), Some(least_specific))
 }
 
 fn http_route_body(

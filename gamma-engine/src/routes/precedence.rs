@@ -24,7 +24,7 @@ pub struct Specificity {
 
 impl Specificity {
     pub fn of(m: &RouteMatch) -> Self {
-        if let Some(grpc) = m.grpc {
+        if let Some(grpc) = m.grpc() {
             return Specificity {
                 path_kind: 0,
                 path_len: 0,

@@ -5,10 +5,11 @@ use super::backends::Resolver;
 use super::precedence::RankKey;
 use super::{
     Attached, CompiledRule, Frontend, MirrorTarget, MirrorTargets, ResolvedBackend, RouteTable,
-    TableEntry, World,
+    World,
 };
 use crate::model::{
-    BackendRef, Filter, Route, RouteKind, Service, ServiceKind, ServicePort, UpstreamProtocol,
+    BackendRef, Filter, Route, RouteKind, RouteMatch, Service, ServiceKind, ServicePort,
+    UpstreamProtocol,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -101,11 +102,13 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
 
 fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str) -> RouteTable {
     let kind = winning_kind(routes);
-    let mut ranked: Vec<(RankKey, TableEntry)> = Vec::new();
+    let mut ranked: Vec<(RankKey, (RouteMatch, usize))> = Vec::new();
+    let mut rules = Vec::new();
     for route in routes.iter().filter(|r| r.kind == kind) {
         let meta = &route.meta;
         for (index, rule) in route.rules.iter().enumerate() {
-            let compiled = Arc::new(compile_rule(route, index, resolver, parent_namespace));
+            let compiled = rules.len();
+            rules.push(compile_rule(route, index, resolver, parent_namespace));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
@@ -115,12 +118,12 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
                     index,
                     match_index,
                 );
-                ranked.push((key, TableEntry::new(m.clone(), compiled.clone())));
+                ranked.push((key, (m.clone(), compiled)));
             }
         }
     }
     ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
-    RouteTable::new(kind, ranked.into_iter().map(|(_, e)| e).collect())
+    RouteTable::new(kind, ranked.into_iter().map(|(_, entry)| entry), rules)
 }
 
 fn compile_rule(

@@ -45,11 +45,9 @@ pub fn explain(
     };
     let mut winner: Option<Value> = None;
     let entries: Vec<Value> = table
-        .entries
-        .iter()
-        .map(|entry| {
-            let rule = &entry.rule;
-            let verdict = match (mismatch(&entry.route_match, request), &winner) {
+        .entries()
+        .map(|(route_match, rule)| {
+            let verdict = match (mismatch(route_match, request), &winner) {
                 (Some(why), _) => format!("does not match: {why}"),
                 (None, Some(_)) => "matches, but a higher-precedence entry won".to_string(),
                 (None, None) => {
@@ -65,7 +63,7 @@ pub fn explain(
                     "selected".to_string()
                 }
             };
-            json!({"route": rule.route.to_string(), "rule": rule.name_or_index(), "match": entry.route_match, "verdict": verdict})
+            json!({"route": rule.route.to_string(), "rule": rule.name_or_index(), "match": route_match, "verdict": verdict})
         })
         .collect();
     json!({

@@ -149,7 +149,6 @@ fn compile_rule(
             Some(ResolvedBackend {
                 backend: resolve(b).map_err(Box::new),
                 cumulative_weight: *cumulative_weight,
-                series: Attached::default(),
             })
         })
         .collect();

@@ -379,7 +379,9 @@ pub struct CompiledRule {
     pub backends: SmallVec<[ResolvedBackend; 1]>,
     /// Where the rule's mirror filters send, if it has any (few do).
     pub mirrors: Option<Box<MirrorTargets>>,
-    /// The data plane's state for this rule's requests answered before a backend was chosen.
+    /// The data plane's state for this rule's requests: those answered before a backend was
+    /// chosen and those sent to each backendRef (one slot for all: most rules never see a
+    /// request through a given table, and a slot is 3 words).
     pub series: Attached,
 }
 
@@ -398,9 +400,6 @@ pub struct ResolvedBackend {
     pub backend: Result<Arc<Backend>, Box<BackendError>>,
     /// The weights of this backendRef and those before it, for `backends::pick_weighted`.
     pub cumulative_weight: u64,
-    /// The data plane's state for this rule's requests sent to this backend.
-    #[serde(skip)]
-    pub series: Attached,
 }
 
 /// What the table says about a request.

@@ -25,14 +25,14 @@ pub mod upstream;
 pub mod workers;
 
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::requests::{self, SeriesKey};
+use crate::telemetry::requests::{self, SeriesKey, SeriesSlot};
 use arc_swap::ArcSwap;
 use body::{CallerBody, ProxyBody, RequestBody};
 use compact_str::CompactString;
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::session::Session;
 use gamma_engine::routes::{
-    Attached, Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
+    Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
 };
 use http::{header, HeaderValue, Method, Request, Response};
 use local::LocalAnswer;
@@ -275,7 +275,7 @@ impl Proxy {
             return Err((unknown, None));
         };
         log.frontend = Some(frontend);
-        log.series = Some(&frontend.series);
+        log.series = Some(SeriesSlot::One(&frontend.series));
         let (mut parts, body) = request.into_parts();
         let decision = frontend.lookup(
             conn.caller.namespace.as_deref(),
@@ -284,7 +284,7 @@ impl Proxy {
         let (rule, matched) = match decision {
             Decision::Direct(backend) => {
                 log.backend = Some(backend);
-                log.series = Some(&frontend.direct_series);
+                log.series = Some(SeriesSlot::One(&frontend.direct_series));
                 let body = RequestBody::new(body, false, 0);
                 let target = forward::Target {
                     backend,
@@ -301,7 +301,10 @@ impl Proxy {
             Decision::Rule { rule, matched } => (rule, matched),
         };
         log.rule = Some(rule);
-        log.series = Some(&rule.series);
+        log.series = Some(SeriesSlot::Rule {
+            rule,
+            backend: None,
+        });
         let random = rand::random::<u64>();
         // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
         // The clock is read only for rules with session persistence.
@@ -317,7 +320,10 @@ impl Proxy {
             Plan::Forward(plan) => plan,
         };
         log.backend = Some(plan.backend);
-        log.series = Some(&rule.backends[plan.backend_index].series);
+        log.series = Some(SeriesSlot::Rule {
+            rule,
+            backend: Some(plan.backend_index),
+        });
         let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         self.mirrors
@@ -462,7 +468,7 @@ pub(crate) struct AccessLog<'a> {
     pub rule: Option<&'a CompiledRule>,
     pub backend: Option<&'a Backend>,
     /// Where the request counts: the slot of the last of the above it reached.
-    pub series: Option<&'a Attached>,
+    pub series: Option<SeriesSlot<'a>>,
     pub endpoint: Option<SocketAddr>,
     pub status: u16,
     pub attempts: u32,
@@ -525,7 +531,7 @@ impl<'a> AccessLog<'a> {
                 reason = self.reason.as_deref().unwrap_or("-"),
             );
         }
-        let slot = self.series.unwrap_or(&metrics.unrouted);
+        let slot = self.series.unwrap_or(SeriesSlot::One(&metrics.unrouted));
         metrics
             .requests
             .attached(slot, || self.key())

@@ -198,6 +198,25 @@ impl RequestSeries {
     }
 }
 
+/// Where a request counts: a slot holding one series (a frontend's, or the agent's own for
+/// requests that reached no frontend), or a compiled rule's slot, which holds the rule's series
+/// and each of its backendRefs'.
+#[derive(Clone, Copy)]
+pub enum SeriesSlot<'a> {
+    One(&'a Attached),
+    Rule {
+        rule: &'a CompiledRule,
+        /// The backendRef the request was sent to; `None`: answered before one was chosen.
+        backend: Option<usize>,
+    },
+}
+
+/// A rule's series, each made on its first request: the rule's own, then one per backendRef.
+struct RuleSeries {
+    own: OnceLock<Arc<RequestSeries>>,
+    backends: Box<[OnceLock<Arc<RequestSeries>>]>,
+}
+
 /// Every series alive, by labels: consulted when a table's slot is first used, and by scrapes.
 #[derive(Default)]
 pub struct SeriesTable {
@@ -214,13 +233,25 @@ impl SeriesTable {
             .clone()
     }
 
-    /// The series in `slot`, filled with `key()`'s the first time.
+    /// The series at `slot`, filled with `key()`'s the first time.
     pub fn attached<'a>(
         &self,
-        slot: &'a Attached,
+        slot: SeriesSlot<'a>,
         key: impl FnOnce() -> SeriesKey,
     ) -> &'a RequestSeries {
-        slot.get_or_init(|| self.series(key()))
+        let cell = match slot {
+            SeriesSlot::One(slot) => return slot.get_or_init(|| self.series(key())),
+            SeriesSlot::Rule { rule, backend } => {
+                let series = rule.series.get_or_init(|| {
+                    Arc::new(RuleSeries {
+                        own: OnceLock::new(),
+                        backends: rule.backends.iter().map(|_| OnceLock::new()).collect(),
+                    })
+                });
+                backend.map_or(&series.own, |index| &series.backends[index])
+            }
+        };
+        cell.get_or_init(|| self.series(key()))
     }
 
     /// Every series, sorted by labels (a scrape).
@@ -318,7 +349,7 @@ mod tests {
         let mut made = 0;
         for _ in 0..3 {
             table
-                .attached(&slot, || {
+                .attached(SeriesSlot::One(&slot), || {
                     made += 1;
                     key("ns/s:80", "")
                 })
@@ -326,6 +357,38 @@ mod tests {
         }
         assert_eq!(made, 1);
         assert_eq!(table.count(&key("ns/s:80", ""), 200), 3);
+    }
+
+    /// One slot per compiled rule holds the rule's own series and each backendRef's, apart.
+    #[test]
+    fn a_rule_slot_keeps_its_own_series_and_each_backends_apart() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}, {name: s, port: 80}]}]\n";
+        let mut index = gamma_engine::Index::new();
+        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
+            index.apply(object);
+        }
+        index.publish();
+        let snapshot = index.snapshot();
+        let frontend = snapshot
+            .frontend_of(&ObjectKey::new("ns", "s"), 80)
+            .unwrap();
+        let rule = &frontend.table_for(None).unwrap().rules()[0];
+        let table = SeriesTable::default();
+        let labels = |backend: &str| SeriesKey {
+            backend: backend.into(),
+            ..key("ns/s:80", "HTTPRoute ns/r rule 0")
+        };
+        for (backend, label, times) in [(None, "", 1), (Some(0), "b0", 2), (Some(1), "b1", 3)] {
+            for _ in 0..times {
+                let slot = SeriesSlot::Rule { rule, backend };
+                table
+                    .attached(slot, || labels(label))
+                    .record(200, Duration::ZERO);
+            }
+        }
+        for (label, times) in [("", 1), ("b0", 2), ("b1", 3)] {
+            assert_eq!(table.count(&labels(label), 200), times, "{label:?}");
+        }
     }
 
     #[test]

@@ -637,15 +637,21 @@ pub struct RequestMirror {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendRef {
-    pub kind: GroupKind,
     /// Short names, kept inline (no allocation each). The namespace is the route's when not
     /// given; a consumer route's backendRefs give it (they name the producer's Services).
     pub namespace: Option<CompactString>,
     pub name: CompactString,
     pub port: Option<u16>,
     pub weight: u32,
-    /// Few backendRefs have filters: one thin pointer, to a list, for those that do.
-    filters: Option<Box<Box<[Filter]>>>,
+    /// A kind other than a core Service, and filters: few backendRefs have either, so both
+    /// take one pointer until one is set.
+    rare: Option<Box<RareBackendRef>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct RareBackendRef {
+    kind: GroupKind,
+    filters: Box<[Filter]>,
 }
 
 impl BackendRef {
@@ -657,18 +663,23 @@ impl BackendRef {
         weight: u32,
         filters: Box<[Filter]>,
     ) -> Self {
+        let rare = (kind != GroupKind::Service || !filters.is_empty())
+            .then(|| Box::new(RareBackendRef { kind, filters }));
         BackendRef {
-            kind,
             namespace,
             name,
             port,
             weight,
-            filters: (!filters.is_empty()).then(|| Box::new(filters)),
+            rare,
         }
     }
 
+    pub fn kind(&self) -> &GroupKind {
+        self.rare.as_ref().map_or(&GroupKind::Service, |r| &r.kind)
+    }
+
     pub fn filters(&self) -> &[Filter] {
-        self.filters.as_deref().map_or(&[], |f| f)
+        self.rare.as_ref().map_or(&[], |r| &r.filters)
     }
 }
 
@@ -677,7 +688,7 @@ impl Serialize for BackendRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("BackendRef", 6)?;
-        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("kind", self.kind())?;
         st.serialize_field("namespace", &self.namespace)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("port", &self.port)?;

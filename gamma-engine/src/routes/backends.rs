@@ -119,10 +119,10 @@ impl<'a> Resolver<'a> {
             key,
             reference.port.map_or("-".to_string(), |p| p.to_string())
         );
-        if reference.kind != GroupKind::Service {
+        if *reference.kind() != GroupKind::Service {
             return Err(BackendError::InvalidKind(format!(
                 "{} {shown}",
-                reference.kind
+                reference.kind()
             )));
         }
         // The route's and the parent Service's namespaces need no grant (consumer routes send

@@ -4,8 +4,8 @@
 use super::backends::Resolver;
 use super::precedence::RankKey;
 use super::{
-    Attached, CompiledRule, Frontend, MirrorTarget, MirrorTargets, ResolvedBackend, RouteTable,
-    World,
+    Attached, CompiledRule, Frontend, MirrorTarget, MirrorTargets, RareCompiled, ResolvedBackend,
+    RouteTable, World,
 };
 use crate::model::{
     BackendRef, Filter, Route, RouteKind, RouteMatch, Service, ServiceKind, ServicePort,
@@ -141,15 +141,23 @@ fn compile_rule(
             .map(|b| resolve(b).ok())
             .collect()
     };
+    let mut unresolved = Vec::new();
+    let mut cumulative_weight = 0u32;
     let backends = rule
         .backends
         .iter()
-        .scan(0u64, |cumulative_weight, b| {
-            *cumulative_weight += u64::from(b.weight);
-            Some(ResolvedBackend {
-                backend: resolve(b).map_err(Box::new),
-                cumulative_weight: *cumulative_weight,
-            })
+        .enumerate()
+        .map(|(index, b)| {
+            // Weights are at most 1,000,000 and the CRD allows 16 backendRefs: no overflow
+            // from an API server (a file could list more; the sum then stops growing).
+            cumulative_weight = cumulative_weight.saturating_add(b.weight);
+            let backend = resolve(b)
+                .map_err(|error| unresolved.push((index, error)))
+                .ok();
+            ResolvedBackend {
+                backend,
+                cumulative_weight,
+            }
         })
         .collect();
     let mirrors = MirrorTargets {
@@ -161,10 +169,14 @@ fn compile_rule(
             .collect(),
     };
     let any_mirror = !mirrors.rule.is_empty() || mirrors.backends.iter().any(|b| !b.is_empty());
+    let rare = RareCompiled {
+        mirrors: any_mirror.then_some(mirrors),
+        unresolved: unresolved.into(),
+    };
     CompiledRule {
         route: route.clone(),
         index,
-        mirrors: any_mirror.then(|| Box::new(mirrors)),
+        rare: (rare != RareCompiled::default()).then(|| Box::new(rare)),
         backends,
         series: Attached::default(),
     }

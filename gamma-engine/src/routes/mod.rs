@@ -105,12 +105,12 @@ impl Snapshot {
             all.extend(frontend.direct.endpoints.iter());
             let tables = frontend.producer.iter().chain(frontend.consumers.values());
             for rule in tables.flat_map(|t| t.rules.iter()) {
-                let mirrors = rule.mirrors.iter().flat_map(|m| {
+                let mirrors = rule.mirrors().into_iter().flat_map(|m| {
                     m.rule
                         .iter()
                         .chain(m.backends.iter().flat_map(|b| b.iter()))
                 });
-                let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref().ok());
+                let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref());
                 for backend in backends.chain(mirrors.flatten()) {
                     all.extend(backend.endpoints.iter());
                 }
@@ -344,7 +344,7 @@ impl Serialize for RouteTable {
 impl PartialEq for CompiledRule {
     fn eq(&self, other: &Self) -> bool {
         self.index == other.index
-            && self.mirrors == other.mirrors
+            && self.rare == other.rare
             && self.backends == other.backends
             && (Arc::ptr_eq(&self.route, &other.route) || self.route == other.route)
     }
@@ -358,8 +358,11 @@ impl Serialize for CompiledRule {
         st.serialize_field("route", &self.route.key())?;
         st.serialize_field("index", &self.index)?;
         st.serialize_field("rule", self.rule())?;
-        st.serialize_field("mirrors", &self.mirrors)?;
-        st.serialize_field("backends", &self.backends)?;
+        st.serialize_field("mirrors", &self.mirrors())?;
+        let backends: Vec<_> = (0..self.backends.len())
+            .map(|index| self.backend(index).map(|b| b.name()))
+            .collect();
+        st.serialize_field("backends", &backends)?;
         st.end()
     }
 }
@@ -377,8 +380,8 @@ pub struct CompiledRule {
     pub index: usize,
     /// One per backendRef of the rule, in its order.
     pub backends: SmallVec<[ResolvedBackend; 1]>,
-    /// Where the rule's mirror filters send, if it has any (few do).
-    pub mirrors: Option<Box<MirrorTargets>>,
+    /// What few rules have: mirror filters' targets, backendRefs that do not resolve.
+    rare: Option<Box<RareCompiled>>,
     /// The data plane's state for this rule's requests: those answered before a backend was
     /// chosen and those sent to each backendRef (one slot for all: most rules never see a
     /// request through a given table, and a slot is 3 words).
@@ -394,12 +397,20 @@ pub struct MirrorTargets {
     pub backends: Box<[Box<[MirrorTarget]>]>,
 }
 
-#[derive(Debug, PartialEq, Serialize)]
+#[derive(Debug, PartialEq)]
 pub struct ResolvedBackend {
-    /// The error is boxed: it is rare, and larger than the pointer.
-    pub backend: Result<Arc<Backend>, Box<BackendError>>,
+    /// `None`: the backendRef does not resolve (the rule's rare part says why).
+    pub backend: Option<Arc<Backend>>,
     /// The weights of this backendRef and those before it, for `backends::pick_weighted`.
-    pub cumulative_weight: u64,
+    pub cumulative_weight: u32,
+}
+
+/// What few compiled rules have.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct RareCompiled {
+    pub(crate) mirrors: Option<MirrorTargets>,
+    /// Why each backendRef that does not resolve does not, by its index.
+    pub(crate) unresolved: Box<[(usize, BackendError)]>,
 }
 
 /// What the table says about a request.
@@ -490,6 +501,24 @@ impl CompiledRule {
         &self.route.rules[self.index]
     }
 
+    /// What the rule's backendRef `index` resolved to, or why it did not.
+    pub fn backend(&self, index: usize) -> Result<&Arc<Backend>, &BackendError> {
+        match &self.backends[index].backend {
+            Some(backend) => Ok(backend),
+            None => Err(self
+                .rare
+                .iter()
+                .flat_map(|rare| rare.unresolved.iter())
+                .find_map(|(at, error)| (*at == index).then_some(error))
+                .expect("an unresolved backendRef has its error")),
+        }
+    }
+
+    /// Where the rule's mirror filters send, if it has any (few do).
+    pub fn mirrors(&self) -> Option<&MirrorTargets> {
+        self.rare.as_ref()?.mirrors.as_ref()
+    }
+
     /// Runs the rule's filters on the request head (in place), picks a backend with `random`,
     /// and runs that backend's filters. `listener_port` is the Service port the request was sent to.
     pub fn plan(
@@ -508,7 +537,7 @@ impl CompiledRule {
         self.backends.iter().position(|b| {
             b.backend
                 .as_ref()
-                .is_ok_and(|backend| backend.endpoints.contains(&endpoint))
+                .is_some_and(|backend| backend.endpoints.contains(&endpoint))
         })
     }
 
@@ -532,7 +561,7 @@ impl CompiledRule {
             response_headers: Vec::new(),
             mirrors: Vec::new(),
         };
-        let mirrors = self.mirrors.as_deref();
+        let mirrors = self.mirrors();
         let rule_mirrors = mirrors.map_or(&[][..], |m| &m.rule);
         if let Some(response) = run.apply(&self.rule().filters, rule_mirrors) {
             return Plan::Respond(response);
@@ -540,15 +569,14 @@ impl CompiledRule {
         if self.backends.is_empty() {
             return Plan::Respond(LocalResponse::NoBackendRefs);
         }
-        let Some(index) = backend
-            .or_else(|| backends::pick_weighted(&self.backends, |b| b.cumulative_weight, random))
-        else {
+        let Some(index) = backend.or_else(|| {
+            backends::pick_weighted(&self.backends, |b| b.cumulative_weight.into(), random)
+        }) else {
             return Plan::Respond(LocalResponse::AllWeightsZero);
         };
-        let chosen = &self.backends[index];
-        let backend = match &chosen.backend {
+        let backend = match self.backend(index) {
             Ok(b) => b,
-            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend((**e).clone())),
+            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend(e.clone())),
         };
         let backend_mirrors = mirrors.map_or(&[][..], |m| &m.backends[index]);
         if let Some(response) = run.apply(self.rule().backends[index].filters(), backend_mirrors) {

@@ -54,9 +54,9 @@ pub fn explain(
                     winner = Some(json!({
                         "route": rule.route.to_string(),
                         "rule": rule.name_or_index(),
-                        "backends": rule.rule().backends.iter().zip(&rule.backends).map(|(written, resolved)| json!({
+                        "backends": rule.rule().backends.iter().enumerate().map(|(index, written)| json!({
                             "weight": written.weight,
-                            "backend": match &resolved.backend { Ok(b) => b.name(), Err(e) => e.to_string() },
+                            "backend": match rule.backend(index) { Ok(b) => b.name(), Err(e) => e.to_string() },
                         })).collect::<Vec<_>>(),
                         "filters": rule.rule().filters,
                     }));

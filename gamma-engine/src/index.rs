@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// The identity of an object to delete.
@@ -471,7 +471,6 @@ impl Index {
             }
         }
         for key in std::mem::take(&mut self.dirty_routes) {
-            let name: Arc<str> = key.to_string().into();
             let served = self.store.routes.get(&key).map(|r| &**r);
             // A refused generation is reported unless a good one at least as new arrived since
             // (compared, not ordered, so that the result does not depend on arrival order), or
@@ -487,12 +486,12 @@ impl Index {
                 None => served.map(|r| status::route_status(r, &self.store)),
             }
             .filter(|s| !s.is_empty());
-            if self.tables.statuses.get(&name).map(|s| &s[..]) != new.as_deref() {
+            if self.tables.statuses.get(&key).map(|s| &s[..]) != new.as_deref() {
                 changed = true;
                 let statuses = Arc::make_mut(&mut self.tables.statuses);
                 match new {
-                    Some(s) => statuses.insert(name, s.into()),
-                    None => statuses.remove(&name),
+                    Some(s) => statuses.insert(key, s.into()),
+                    None => statuses.remove(&key),
                 };
             }
         }
@@ -549,7 +548,7 @@ impl Index {
 struct Tables {
     frontends: Arc<routes::FrontendsByService>,
     by_address: Arc<AHashMap<std::net::SocketAddr, Arc<Frontend>>>,
-    statuses: Arc<BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>>,
+    statuses: Arc<routes::Statuses>,
     callers: Arc<AHashMap<std::net::IpAddr, Arc<Caller>>>,
 }
 

@@ -81,7 +81,7 @@ fn consumer_answer(index: &Index) -> String {
 
 fn resolved_refs(index: &Index, kind: &str) -> (String, String) {
     let snapshot = index.snapshot();
-    let status = &snapshot.statuses[format!("{kind} consumer/r").as_str()];
+    let status = snapshot.status_of(&format!("{kind} consumer/r")).unwrap();
     let condition = status[0].condition("ResolvedRefs").unwrap();
     (condition.status.to_string(), condition.reason.to_string())
 }

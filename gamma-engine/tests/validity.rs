@@ -64,8 +64,7 @@ fn index_with(route_value: Value) -> Index {
 fn route_status(index: &Index) -> Vec<ParentStatus> {
     index
         .snapshot()
-        .statuses
-        .get("HTTPRoute ns/r")
+        .status_of("HTTPRoute ns/r")
         .map(|s| s.to_vec())
         .unwrap_or_default()
 }

@@ -44,6 +44,21 @@ pub struct RouteKey {
     pub key: ObjectKey,
 }
 
+impl RouteKey {
+    /// Reads a key as it is displayed: `HTTPRoute namespace/name` (or `GRPCRoute …`).
+    pub fn parse(shown: &str) -> Option<RouteKey> {
+        let (kind, key) = shown.split_once(' ')?;
+        let kind = [RouteKind::Http, RouteKind::Grpc]
+            .into_iter()
+            .find(|k| k.as_str() == kind)?;
+        let (namespace, name) = key.split_once('/')?;
+        Some(RouteKey {
+            kind,
+            key: ObjectKey::new(namespace, name),
+        })
+    }
+}
+
 impl std::fmt::Display for RouteKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.kind.as_str(), self.key)

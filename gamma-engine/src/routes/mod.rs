@@ -18,7 +18,7 @@ pub use matches::RequestHead;
 
 use crate::model::{
     DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
-    Route, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
+    Route, RouteKey, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
 };
 use ahash::AHashMap;
 use compact_str::CompactString;
@@ -63,7 +63,23 @@ pub struct Snapshot {
     #[serde(skip)]
     pub callers: Arc<AHashMap<IpAddr, Arc<Caller>>>,
     /// Route status, per route and parentRef.
-    pub statuses: Arc<BTreeMap<Arc<str>, Arc<[status::ParentStatus]>>>,
+    #[serde(serialize_with = "statuses_by_name")]
+    pub statuses: Arc<Statuses>,
+}
+
+/// Route status by route (keyed by the index's own copy of each route's key).
+pub type Statuses = BTreeMap<Arc<RouteKey>, Arc<[status::ParentStatus]>>;
+
+/// Keyed by `HTTPRoute namespace/name`.
+fn statuses_by_name<S: serde::Serializer>(
+    statuses: &Arc<Statuses>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        statuses
+            .iter()
+            .map(|(key, status)| (key.to_string(), status)),
+    )
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -86,6 +102,12 @@ impl Snapshot {
 
     pub fn caller(&self, ip: IpAddr) -> Option<&Arc<Caller>> {
         self.callers.get(&ip)
+    }
+
+    /// The status of the route named `HTTPRoute namespace/name` (or `GRPCRoute …`).
+    pub fn status_of(&self, route: &str) -> Option<&[status::ParentStatus]> {
+        let key = RouteKey::parse(route)?;
+        self.statuses.get(&key).map(|s| &s[..])
     }
 
     /// Frontends the kernel should steer to the agent: those with at least one route. A Service
@@ -133,7 +155,8 @@ impl Snapshot {
             "version": self.version,
             "frontends": frontends,
             "callers": callers,
-            "statuses": self.statuses,
+            "statuses": statuses_by_name(&self.statuses, serde_json::value::Serializer)
+                .expect("statuses serialize"),
         })
     }
 }

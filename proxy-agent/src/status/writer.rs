@@ -105,12 +105,7 @@ impl Writer {
             .retain(|key, w| watched_rv.get(key).is_some_and(|rv| **rv == w.seen_at));
         let mut outcome = Outcome::Done;
         for (key, watched) in inputs.stored_status.iter() {
-            let desired = inputs
-                .snapshot
-                .statuses
-                .get(key.as_str())
-                .map(|s| &s[..])
-                .unwrap_or_default();
+            let desired = inputs.snapshot.status_of(key).unwrap_or_default();
             let current = self
                 .written
                 .get(key)

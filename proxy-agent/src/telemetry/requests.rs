@@ -57,7 +57,7 @@ impl SeriesKey {
             || self
                 .route
                 .split_once(" rule ")
-                .is_some_and(|(route, _)| snapshot.statuses.contains_key(route));
+                .is_some_and(|(route, _)| snapshot.status_of(route).is_some());
         service && route
     }
 }

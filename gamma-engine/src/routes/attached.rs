@@ -5,19 +5,23 @@
 //! is the agent's business. It never takes part in comparisons or `Debug` (and fields holding it skip serialization): two
 //! tables that route alike are equal whatever their attachments.
 
+use once_cell::race::OnceBox;
 use std::any::Any;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-/// One slot, filled on first use and then read without a lock.
-#[derive(Clone, Default)]
-pub struct Attached(OnceLock<Arc<dyn Any + Send + Sync>>);
+/// One slot, filled on first use and then read without a lock. One word: a table has one per
+/// rule and one per endpoint, most never filled; the state is one more pointer away.
+#[derive(Default)]
+pub struct Attached(OnceBox<Arc<dyn Any + Send + Sync>>);
 
 impl Attached {
-    /// The state in this slot, made by `make` the first time. A slot holds one type: asking
-    /// for another is a bug in the caller (it panics).
+    /// The state in this slot, made by `make` the first time. Threads that find the slot empty
+    /// at once may each call `make`: one result is kept and returned to all, the others are
+    /// dropped unused. A slot holds one type: asking for another is a bug in the caller (it
+    /// panics).
     pub fn get_or_init<T: Any + Send + Sync>(&self, make: impl FnOnce() -> Arc<T>) -> &T {
         self.0
-            .get_or_init(|| make() as Arc<dyn Any + Send + Sync>)
+            .get_or_init(|| Box::new(make() as Arc<dyn Any + Send + Sync>))
             .downcast_ref()
             .expect("an attachment slot holds one type")
     }

@@ -33,8 +33,9 @@ const CHANNEL: usize = 1024;
 #[derive(Clone, Default)]
 pub struct Published {
     pub snapshot: Arc<Snapshot>,
-    /// Route status as the API server stores it, keyed like `Snapshot::statuses`
-    /// (`"HTTPRoute ns/name"`); empty for sources that store none.
+    /// Route status as the API server stores it, keyed by the route's name as displayed
+    /// (`"HTTPRoute ns/name"`, as `Snapshot::status_of` reads it); empty for sources that
+    /// store none.
     pub stored_status: Arc<BTreeMap<String, Arc<StoredRoute>>>,
 }
 

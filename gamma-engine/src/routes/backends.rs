@@ -88,7 +88,8 @@ impl BackendError {
 type BackendKey = (ObjectKey, u16, Option<UpstreamProtocol>);
 
 /// Resolves backendRefs against the objects. Within one compilation, every reference to the same
-/// Service port (and protocol) shares one `Backend`, so a table holds each endpoint list once.
+/// Service port (and protocol) shares one `Backend`, and backends of one port share its endpoint
+/// list, so a frontend holds each endpoint list once.
 pub struct Resolver<'a> {
     world: &'a dyn World,
     cache: RefCell<AHashMap<BackendKey, Arc<Backend>>>,
@@ -162,20 +163,37 @@ impl<'a> Resolver<'a> {
             return Some(backend.clone());
         }
         let service_port = service.port(port)?;
-        let port_name = service_port.name.clone().unwrap_or_default();
-        let endpoints = usable_endpoints(
-            &self.world.slices(&service.key),
-            &port_name,
-            service.internal_local,
-            self.world.node(),
-        );
-        let backend = Arc::new(Backend::new(
-            service.key.clone(),
-            port,
-            endpoints.into(),
-            protocol.unwrap_or_else(|| service_port.upstream_protocol()),
-            service.affinity,
-        ));
+        let protocol = protocol.unwrap_or_else(|| service_port.upstream_protocol());
+        // The same port spoken another way (a Service's own callers, and routes sending to it)
+        // shares its endpoints and their state.
+        let sibling = self
+            .cache
+            .borrow()
+            .iter()
+            .find(|((key, at, _), _)| *key == service.key && *at == port)
+            .map(|(_, backend)| backend.clone());
+        let backend = Arc::new(match sibling {
+            Some(sibling) => Backend {
+                protocol,
+                ..Backend::clone(&sibling)
+            },
+            None => {
+                let port_name = service_port.name.clone().unwrap_or_default();
+                let endpoints = usable_endpoints(
+                    &self.world.slices(&service.key),
+                    &port_name,
+                    service.internal_local,
+                    self.world.node(),
+                );
+                Backend::new(
+                    service.key.clone(),
+                    port,
+                    endpoints.into(),
+                    protocol,
+                    service.affinity,
+                )
+            }
+        });
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)
     }

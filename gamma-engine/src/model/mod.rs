@@ -3,10 +3,12 @@
 //! route engine never sees a raw API type.
 
 mod convert;
+mod one_or_many;
 mod route;
 mod session;
 
 pub use convert::{Object, ObjectError};
+pub use one_or_many::OneOrMany;
 pub use route::*;
 pub use session::{SessionCarrier, SessionPersistence};
 

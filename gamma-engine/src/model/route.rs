@@ -4,14 +4,13 @@
 //! a gRPC method match becomes a path match, and the kind is kept for precedence and conflicts.
 
 use super::convert::invalid;
-use super::{Meta, ObjectKey};
+use super::{Meta, ObjectKey, OneOrMany};
 use crate::model::ObjectError;
 use compact_str::CompactString;
 use gateway_api::experimental::{grpcroutes as grpc, httproutes as http_api};
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Serialize;
-use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
 use triomphe::ThinArc;
@@ -156,9 +155,9 @@ impl ParentRef {
 pub struct Rule {
     /// The route tables' entries copy these (a path is inline, the other conditions shared).
     /// Most rules have one match and one backendRef: kept in the rule, not in a block each.
-    pub matches: SmallVec<[RouteMatch; 1]>,
+    pub matches: OneOrMany<RouteMatch>,
     pub filters: Box<[Filter]>,
-    pub backends: SmallVec<[BackendRef; 1]>,
+    pub backends: OneOrMany<BackendRef>,
     /// A name, timeouts, retry, session persistence, a dropped rule's reason: most rules have
     /// none of them, so they take one pointer until one is set; the compiled rule shares them.
     pub options: Option<Arc<RuleOptions>>,
@@ -221,15 +220,11 @@ impl RuleOptions {
 
 impl Rule {
     /// The stand-in for a rule that failed to convert (see [`RuleOptions::invalid`]).
-    fn dropped(
-        name: Option<Box<str>>,
-        matches: SmallVec<[RouteMatch; 1]>,
-        error: &Invalid,
-    ) -> Rule {
+    fn dropped(name: Option<Box<str>>, matches: OneOrMany<RouteMatch>, error: &Invalid) -> Rule {
         Rule {
             matches,
             filters: Box::default(),
-            backends: SmallVec::new(),
+            backends: OneOrMany::default(),
             options: RuleOptions {
                 name,
                 invalid: Some(error.to_string()),
@@ -1207,12 +1202,12 @@ macro_rules! route_rules {
                 match indexed(rule.matches.as_ref(), &format!("{field}.matches"), $convert_match) {
                     Ok(matches) => matches,
                     Err(e) => {
-                        rules.push(Rule::dropped(name, SmallVec::new(), &e));
+                        rules.push(Rule::dropped(name, OneOrMany::default(), &e));
                         continue;
                     }
                 };
-            let matches: SmallVec<[RouteMatch; 1]> = if matches.is_empty() {
-                smallvec::smallvec![$any()]
+            let matches: OneOrMany<RouteMatch> = if matches.is_empty() {
+                OneOrMany::One($any())
             } else {
                 matches.drain(..).collect()
             };

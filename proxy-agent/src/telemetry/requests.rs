@@ -359,16 +359,24 @@ mod tests {
         assert_eq!(table.count(&key("ns/s:80", ""), 200), 3);
     }
 
-    /// One slot per compiled rule holds the rule's own series and each backendRef's, apart.
-    #[test]
-    fn a_rule_slot_keeps_its_own_series_and_each_backends_apart() {
-        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}, {name: s, port: 80}]}]\n";
+    /// The snapshot of Service `ns/s` (port 80) with route `ns/r`: one rule sending to `s`
+    /// through `backend_refs` backendRefs.
+    fn one_route(backend_refs: usize) -> Arc<Snapshot> {
+        let refs = vec!["{name: s, port: 80}"; backend_refs].join(", ");
+        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: ns}}\nspec:\n  parentRefs: [{{kind: Service, group: '', name: s, port: 80}}]\n  rules: [{{backendRefs: [{refs}]}}]\n");
         let mut index = gamma_engine::Index::new();
-        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
+        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), &yaml).objects
+        {
             index.apply(object);
         }
         index.publish();
-        let snapshot = index.snapshot();
+        index.snapshot()
+    }
+
+    /// One slot per compiled rule holds the rule's own series and each backendRef's, apart.
+    #[test]
+    fn a_rule_slot_keeps_its_own_series_and_each_backends_apart() {
+        let snapshot = one_route(2);
         let frontend = snapshot
             .frontend_of(&ObjectKey::new("ns", "s"), 80)
             .unwrap();
@@ -393,13 +401,7 @@ mod tests {
 
     #[test]
     fn series_of_removed_services_and_routes_are_pruned() {
-        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules: [{backendRefs: [{name: s, port: 80}]}]\n";
-        let mut index = gamma_engine::Index::new();
-        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
-            index.apply(object);
-        }
-        index.publish();
-        let snapshot = index.snapshot();
+        let snapshot = one_route(1);
         let table = SeriesTable::default();
         for k in [
             key("ns/s:80", "HTTPRoute ns/r rule 0"),

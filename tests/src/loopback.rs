@@ -377,6 +377,55 @@ pub async fn send(
         .request(builder.body(Full::new(body)).unwrap())
         .await
         .expect("request sent");
+    read_answer(response).await
+}
+
+/// One HTTP/1.1 connection, its requests sent one after another on it: for tests that count
+/// what one caller connection does (a pooled client may open another connection when a request
+/// follows an answer closely, before the first is back in its pool).
+pub struct OneConnection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// Sent as `Host`.
+    addr: SocketAddr,
+}
+
+impl OneConnection {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connected");
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        OneConnection { sender, addr }
+    }
+
+    /// Sends one request (its target as `path`) and reads its answer whole.
+    pub async fn send(&mut self, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let host = self.addr.to_string();
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
+        for (n, v) in headers {
+            builder = builder.header(*n, *v);
+        }
+        self.sender
+            .ready()
+            .await
+            .expect("the connection takes a request");
+        let response = self
+            .sender
+            .send_request(builder.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect("request sent");
+        read_answer(response).await
+    }
+}
+
+async fn read_answer(response: http::Response<hyper::body::Incoming>) -> Answer {
     let status = response.status();
     let headers = response.headers().clone();
     let collected = response.into_body().collect().await.expect("body");

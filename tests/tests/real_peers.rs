@@ -4,7 +4,7 @@
 //! an HTTP/1.1 upstream of the agent's own exchange.
 
 use gamma_tests::loopback::{
-    client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
+    client, echo_backend, get, route, send, Agent, AgentOptions, Manifests, OneConnection,
 };
 use gamma_tests::peers::{self, Nginx, Peer};
 use http::{HeaderMap, Method};
@@ -263,34 +263,39 @@ async fn nginx_upstream_frames_and_reuse() {
 
     // One caller connection, one request at a time: each goes on the agent's one kept
     // connection to nginx until nginx closes it after its third.
-    let first = get(&h1, &url("/small.txt"), &[]).await;
+    let mut caller = OneConnection::open(agent.listen[0]).await;
+    let first = caller.send(Method::GET, "/small.txt", &[]).await;
     assert_eq!(first.status, 200, "{}", first.text);
     assert_eq!(first.bytes, *small);
     let etag = header(&first.headers, "etag").to_string();
     assert!(!etag.is_empty(), "nginx gives an ETag");
-    let head = send(&h1, Method::HEAD, &url("/big.bin"), &[], Default::default()).await;
+    let head = caller.send(Method::HEAD, "/big.bin", &[]).await;
     assert_eq!(head.status, 200);
     assert_eq!(
         header(&head.headers, "content-length"),
         big.len().to_string()
     );
     assert!(head.bytes.is_empty(), "a HEAD answer has no body");
-    let not_modified = get(&h1, &url("/small.txt"), &[("if-none-match", &etag)]).await;
+    let not_modified = caller
+        .send(Method::GET, "/small.txt", &[("if-none-match", &etag)])
+        .await;
     assert_eq!(not_modified.status, 304);
     assert!(not_modified.bytes.is_empty());
-    let whole = get(&h1, &url("/big.bin"), &[]).await;
+    let whole = caller.send(Method::GET, "/big.bin", &[]).await;
     assert_eq!(whole.status, 200);
     assert!(
         whole.bytes == *big,
         "the large body arrives whole and unchanged"
     );
-    let range = get(&h1, &url("/big.bin"), &[("range", "bytes=10-19")]).await;
+    let range = caller
+        .send(Method::GET, "/big.bin", &[("range", "bytes=10-19")])
+        .await;
     assert_eq!(range.status, 206);
     assert_eq!(range.bytes, big[10..20]);
-    let chunked = get(&h1, &url("/gz/text.txt"), &gzip).await;
+    let chunked = caller.send(Method::GET, "/gz/text.txt", &gzip).await;
     assert_eq!(chunked.status, 200);
     assert_eq!(header(&chunked.headers, "content-encoding"), "gzip");
-    let missing = get(&h1, &url("/missing"), &[]).await;
+    let missing = caller.send(Method::GET, "/missing", &[]).await;
     assert_eq!(missing.status, 404);
     let sequence = [
         &first,

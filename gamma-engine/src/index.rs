@@ -167,11 +167,11 @@ fn parents(route: &Route) -> impl Iterator<Item = ObjectKey> + '_ {
     route
         .parent_refs
         .iter()
-        .filter_map(|p| p.service(&route.meta.key.namespace))
+        .filter_map(|p| p.service(route.namespace()))
 }
 
 fn backend_services(route: &Route) -> BTreeSet<ObjectKey> {
-    let ns = &route.meta.key.namespace;
+    let ns = route.namespace();
     route
         .rules
         .iter()
@@ -318,8 +318,12 @@ impl Index {
                     self.callers_dirty = true;
                 }
             }
-            Object::Route(route) => {
-                let key = self.store.route_id(route.key());
+            Object::Route(mut route) => {
+                // The new generation shares the key the index holds (one copy per route).
+                if let Some((held, _)) = self.store.routes.get_key_value(&*route.id) {
+                    route.id = held.clone();
+                }
+                let key = route.id.clone();
                 if self.store.routes.get(&key).is_some_and(|r| **r == route) {
                     return;
                 }

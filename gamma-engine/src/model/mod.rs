@@ -258,10 +258,10 @@ impl ReferenceGrant {
     }
 }
 
-/// Object metadata the engine uses for precedence and status.
+/// A route's metadata the engine uses for precedence and status (its namespace and name are in
+/// its key, `Route::id`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Meta {
-    pub key: ObjectKey,
     /// `metadata.uid`: tells a route deleted and created again under its name from the old one.
     pub uid: Option<String>,
     pub generation: i64,

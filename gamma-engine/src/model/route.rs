@@ -67,13 +67,15 @@ impl std::fmt::Display for RouteKey {
 /// As its key: `HTTPRoute namespace/name`.
 impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.kind.as_str(), self.meta.key)
+        self.id.fmt(f)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Route {
-    pub kind: RouteKind,
+    /// Kind, namespace and name: one copy, shared with the index's maps and sets and the route
+    /// status map (the index gives a new generation the copy it already holds).
+    pub id: Arc<RouteKey>,
     pub meta: Meta,
     /// Shared with the route's status, which reports on each.
     pub parent_refs: Arc<[ParentRef]>,
@@ -84,10 +86,15 @@ pub struct Route {
 
 impl Route {
     pub fn key(&self) -> RouteKey {
-        RouteKey {
-            kind: self.kind,
-            key: self.meta.key.clone(),
-        }
+        RouteKey::clone(&self.id)
+    }
+
+    pub fn kind(&self) -> RouteKind {
+        self.id.kind
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.id.key.namespace
     }
 }
 
@@ -1248,23 +1255,27 @@ macro_rules! route_rules {
     }};
 }
 
-fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<Meta, Invalid> {
+/// A route's namespace and name, and the rest of its metadata.
+fn meta(
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(ObjectKey, Meta), Invalid> {
     let name = m
         .name
         .clone()
         .ok_or_else(|| invalid("metadata.name", "required"))?;
-    Ok(Meta {
-        key: ObjectKey::new(
-            m.namespace.clone().unwrap_or_else(|| "default".to_string()),
-            name,
-        ),
+    let key = ObjectKey::new(
+        m.namespace.clone().unwrap_or_else(|| "default".to_string()),
+        name,
+    );
+    let meta = Meta {
         uid: m.uid.clone(),
         generation: m.generation.unwrap_or(1),
         created: m
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string().into()),
-    })
+    };
+    Ok((key, meta))
 }
 
 /// Checks on the whole route: rule and match counts (the CRD refuses more).
@@ -1413,7 +1424,7 @@ fn indexed<T, U>(
 /// whose rules converted is refused whole (its last good generation, if any, stays in use); one
 /// with some valid rules is served with the others dropped.
 fn assembled(
-    kind: RouteKind,
+    id: Arc<RouteKey>,
     meta: Meta,
     parent_refs: Vec<ParentRef>,
     rules: Vec<Rule>,
@@ -1431,7 +1442,7 @@ fn assembled(
         ));
     }
     Ok(Route {
-        kind,
+        id,
         meta,
         parent_refs: parent_refs.into(),
         rules: rules.into_boxed_slice(),
@@ -1444,16 +1455,17 @@ fn refusable(
     kind: RouteKind,
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     parent_refs: Result<Vec<ParentRef>, Invalid>,
-    convert: impl FnOnce(Meta, Vec<ParentRef>) -> Result<Route, Invalid>,
+    convert: impl FnOnce(Arc<RouteKey>, Meta, Vec<ParentRef>) -> Result<Route, Invalid>,
 ) -> Result<Route, Invalid> {
-    let meta = meta(metadata)?;
-    let (key, uid, generation) = (meta.key.clone(), meta.uid.clone(), meta.generation);
+    let (key, meta) = meta(metadata)?;
+    let id = Arc::new(RouteKey { kind, key });
+    let (uid, generation) = (meta.uid.clone(), meta.generation);
     let known_parents: Arc<[ParentRef]> = parent_refs.as_deref().unwrap_or_default().into();
     parent_refs
-        .and_then(|refs| convert(meta, refs))
+        .and_then(|refs| convert(id.clone(), meta, refs))
         .map_err(|error| {
             ObjectError::RouteRefused(Box::new(RefusedRoute {
-                key: RouteKey { kind, key },
+                key: RouteKey::clone(&id),
                 uid,
                 generation,
                 parent_refs: known_parents,
@@ -1469,7 +1481,7 @@ pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Resul
         RouteKind::Http,
         &route.metadata,
         parent_refs,
-        |meta, refs| http_route_body(route, raw, meta, refs),
+        |id, meta, refs| http_route_body(route, raw, id, meta, refs),
     )
 }
 
@@ -1486,6 +1498,7 @@ fn any_grpc_method() -> RouteMatch {
 fn http_route_body(
     route: &http_api::HttpRoute,
     raw: &serde_json::Value,
+    id: Arc<RouteKey>,
     meta: Meta,
     parent_refs: Vec<ParentRef>,
 ) -> Result<Route, Invalid> {
@@ -1509,7 +1522,7 @@ fn http_route_body(
         timeouts and retry: http_timeouts_and_retry
     );
     Rule::sessions_from(&mut rules, raw);
-    assembled(RouteKind::Http, meta, parent_refs, rules)
+    assembled(id, meta, parent_refs, rules)
 }
 
 /// An HTTPRoute rule's `timeouts` and `retry` (GRPCRoute has neither).
@@ -1632,13 +1645,14 @@ pub fn grpc_route(route: &grpc::GrpcRoute, raw: &serde_json::Value) -> Result<Ro
         RouteKind::Grpc,
         &route.metadata,
         parent_refs,
-        |meta, refs| grpc_route_body(route, raw, meta, refs),
+        |id, meta, refs| grpc_route_body(route, raw, id, meta, refs),
     )
 }
 
 fn grpc_route_body(
     route: &grpc::GrpcRoute,
     raw: &serde_json::Value,
+    id: Arc<RouteKey>,
     meta: Meta,
     parent_refs: Vec<ParentRef>,
 ) -> Result<Route, Invalid> {
@@ -1652,7 +1666,7 @@ fn grpc_route_body(
         timeouts and retry: |_, _| Ok((Timeouts::default(), None))
     );
     Rule::sessions_from(&mut rules, raw);
-    assembled(RouteKind::Grpc, meta, parent_refs, rules)
+    assembled(id, meta, parent_refs, rules)
 }
 
 fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, Invalid> {

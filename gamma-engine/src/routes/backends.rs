@@ -112,7 +112,7 @@ impl<'a> Resolver<'a> {
         route: &Route,
         parent_namespace: &str,
     ) -> Result<Arc<Backend>, BackendError> {
-        let route_namespace = route.meta.key.namespace.as_str();
+        let route_namespace = route.namespace();
         let namespace = reference.namespace.as_deref().unwrap_or(route_namespace);
         let key = ObjectKey::new(namespace, reference.name.as_str());
         let shown = format!(
@@ -131,7 +131,7 @@ impl<'a> Resolver<'a> {
         // namespace's consent.
         if namespace != route_namespace
             && namespace != parent_namespace
-            && !self.world.permits(route.kind, route_namespace, &key)
+            && !self.world.permits(route.kind(), route_namespace, &key)
         {
             return Err(BackendError::RefNotPermitted(shown));
         }
@@ -145,7 +145,7 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-        let grpc = route.kind == RouteKind::Grpc;
+        let grpc = route.kind() == RouteKind::Grpc;
         self.service_backend(service, port, grpc.then_some(UpstreamProtocol::Http2))
             .ok_or(BackendError::NoSuchPort(shown))
     }

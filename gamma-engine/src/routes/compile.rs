@@ -21,9 +21,10 @@ pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Arc<Route>>>;
 
 /// Whether `route` attaches to `port` of `service` through any of its parentRefs.
 pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
-    route.parent_refs.iter().any(|p| {
-        p.service(&route.meta.key.namespace).as_ref() == Some(&service.key) && p.selects(port)
-    })
+    route
+        .parent_refs
+        .iter()
+        .any(|p| p.service(route.namespace()).as_ref() == Some(&service.key) && p.selects(port))
 }
 
 pub(crate) fn groups<'a>(
@@ -37,7 +38,7 @@ pub(crate) fn groups<'a>(
         .copied()
         .filter(|r| attaches(r, service, port))
     {
-        let ns = route.meta.key.namespace.as_str();
+        let ns = route.namespace();
         let group = (ns != service.key.namespace).then_some(ns);
         groups.entry(group).or_default().push(route);
     }
@@ -46,7 +47,7 @@ pub(crate) fn groups<'a>(
 
 /// Only one route kind serves a group on a port: GRPCRoute wins over HTTPRoute (GEP-1294).
 pub(crate) fn winning_kind(routes: &[&Arc<Route>]) -> RouteKind {
-    if routes.iter().any(|r| r.kind == RouteKind::Grpc) {
+    if routes.iter().any(|r| r.kind() == RouteKind::Grpc) {
         RouteKind::Grpc
     } else {
         RouteKind::Http
@@ -104,7 +105,7 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
     let kind = winning_kind(routes);
     let mut ranked: Vec<(RankKey, (RouteMatch, usize))> = Vec::new();
     let mut rules = Vec::new();
-    for route in routes.iter().filter(|r| r.kind == kind) {
+    for route in routes.iter().filter(|r| r.kind() == kind) {
         let meta = &route.meta;
         for (index, rule) in route.rules.iter().enumerate() {
             let compiled = rules.len();
@@ -113,8 +114,8 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
                 let key = RankKey::new(
                     m,
                     meta.created.as_deref(),
-                    &meta.key.namespace,
-                    &meta.key.name,
+                    &route.id.key.namespace,
+                    &route.id.key.name,
                     index,
                     match_index,
                 );

@@ -120,7 +120,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         .iter()
         .enumerate()
         .filter_map(|(index, parent)| {
-            let key = parent.service(&route.meta.key.namespace)?;
+            let key = parent.service(route.namespace())?;
             let resolved = resolved_refs(route, &key.namespace, world);
             let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
             // The spec: a route none of whose rules is valid is not Accepted; one with some
@@ -228,7 +228,7 @@ fn accepted(
             format!("Service {key} has no port {wanted}").into(),
         );
     }
-    if route.kind == RouteKind::Http {
+    if route.kind() == RouteKind::Http {
         let routes = world.routes_on(key);
         let conflicted = ports.iter().all(|port| {
             groups(service, port, &routes).values().any(|g| {

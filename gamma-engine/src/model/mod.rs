@@ -263,7 +263,7 @@ impl ReferenceGrant {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Meta {
     /// `metadata.uid`: tells a route deleted and created again under its name from the old one.
-    pub uid: Option<String>,
+    pub uid: Option<Box<str>>,
     pub generation: i64,
     /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
     pub created: Option<CompactString>,

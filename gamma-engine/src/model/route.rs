@@ -105,7 +105,7 @@ impl Route {
 pub struct RefusedRoute {
     pub key: RouteKey,
     /// The refused object's `metadata.uid` (compared with the served route's).
-    pub uid: Option<String>,
+    pub uid: Option<Box<str>>,
     pub generation: i64,
     /// Its parentRefs, when they convert (else none: the status has no parent to report on).
     pub parent_refs: Arc<[ParentRef]>,
@@ -118,7 +118,8 @@ pub struct ParentRef {
     pub namespace: Option<CompactString>,
     pub name: CompactString,
     pub port: Option<u16>,
-    pub section_name: Option<CompactString>,
+    /// Rare: boxed (one word less than an inline string).
+    pub section_name: Option<Box<str>>,
 }
 
 /// With its group and kind spelled out, as written.
@@ -163,7 +164,8 @@ pub struct Rule {
     /// The route tables' entries copy these (a path is inline, the other conditions shared).
     /// Most rules have one match and one backendRef: kept in the rule, not in a block each.
     pub matches: OneOrMany<RouteMatch>,
-    pub filters: Box<[Filter]>,
+    /// Most rules have no filters: one thin pointer, to a list, for those that do.
+    filters: Option<Box<Box<[Filter]>>>,
     pub backends: OneOrMany<BackendRef>,
     /// A name, timeouts, retry, session persistence, a dropped rule's reason: most rules have
     /// none of them, so they take one pointer until one is set; the compiled rule shares them.
@@ -177,7 +179,7 @@ impl Serialize for Rule {
         let mut st = s.serialize_struct("Rule", 5)?;
         st.serialize_field("name", &self.name())?;
         st.serialize_field("matches", &self.matches)?;
-        st.serialize_field("filters", &self.filters)?;
+        st.serialize_field("filters", self.filters())?;
         st.serialize_field("backends", &self.backends)?;
         st.serialize_field("options", &self.options)?;
         st.end()
@@ -230,7 +232,7 @@ impl Rule {
     fn dropped(name: Option<Box<str>>, matches: OneOrMany<RouteMatch>, error: &Invalid) -> Rule {
         Rule {
             matches,
-            filters: Box::default(),
+            filters: None,
             backends: OneOrMany::default(),
             options: RuleOptions {
                 name,
@@ -247,6 +249,10 @@ impl Rule {
 
     pub fn name(&self) -> Option<&str> {
         self.options().name.as_deref()
+    }
+
+    pub fn filters(&self) -> &[Filter] {
+        self.filters.as_deref().map_or(&[], |f| f)
     }
 
     /// Why this rule cannot be served as written, if so (see [`RuleOptions::invalid`]).
@@ -288,7 +294,7 @@ impl Rule {
             });
         }
         let unsupported = self
-            .filters
+            .filters()
             .iter()
             .chain(self.backends.iter().flat_map(|b| b.filters()))
             .find_map(|f| match f {
@@ -305,7 +311,7 @@ impl Rule {
     /// all walk a rule's references through this one method.
     pub fn referenced_backends(&self) -> impl Iterator<Item = &BackendRef> {
         let filters = self
-            .filters
+            .filters()
             .iter()
             .chain(self.backends.iter().flat_map(|b| b.filters()));
         self.backends
@@ -1236,7 +1242,8 @@ macro_rules! route_rules {
                 Ok((filters, backends, timeouts, retry)) => checked_rule(
                     Rule {
                         matches,
-                        filters: filters.into(),
+                        filters: (!filters.is_empty())
+                            .then(|| Box::new(filters.into_boxed_slice())),
                         backends: backends.into_iter().collect(),
                         options: RuleOptions {
                             name,
@@ -1268,7 +1275,7 @@ fn meta(
         name,
     );
     let meta = Meta {
-        uid: m.uid.clone(),
+        uid: m.uid.as_deref().map(Into::into),
         generation: m.generation.unwrap_or(1),
         created: m
             .creation_timestamp
@@ -1314,7 +1321,7 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
             format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
         ));
     }
-    let count = |pred: fn(&Filter) -> bool| rule.filters.iter().filter(|f| pred(f)).count();
+    let count = |pred: fn(&Filter) -> bool| rule.filters().iter().filter(|f| pred(f)).count();
     let redirects = count(|f| matches!(f, Filter::Redirect(_)));
     let rewrites = count(|f| matches!(f, Filter::Rewrite(_)));
     for (what, n) in [
@@ -1349,7 +1356,7 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
         ));
     }
     let uses_prefix_replace = rule
-        .filters
+        .filters()
         .iter()
         .chain(rule.backends.iter().flat_map(|b| b.filters()))
         .any(|f| {

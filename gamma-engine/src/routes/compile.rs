@@ -162,7 +162,7 @@ fn compile_rule(
         })
         .collect();
     let mirrors = MirrorTargets {
-        rule: mirror_targets(&rule.filters),
+        rule: mirror_targets(rule.filters()),
         backends: rule
             .backends
             .iter()

@@ -586,7 +586,7 @@ impl CompiledRule {
         };
         let mirrors = self.mirrors();
         let rule_mirrors = mirrors.map_or(&[][..], |m| &m.rule);
-        if let Some(response) = run.apply(&self.rule().filters, rule_mirrors) {
+        if let Some(response) = run.apply(self.rule().filters(), rule_mirrors) {
             return Plan::Respond(response);
         }
         if self.backends.is_empty() {
@@ -617,7 +617,7 @@ impl CompiledRule {
     /// The rule's own ResponseHeaderModifiers: they apply to the answers the agent gives for
     /// this rule too (redirects, unservable backends, timeouts), not only to relayed ones.
     pub fn response_header_modifiers(&self) -> impl Iterator<Item = &HeaderModifier> {
-        self.rule().filters.iter().filter_map(|f| match f {
+        self.rule().filters().iter().filter_map(|f| match f {
             Filter::ResponseHeaders(m) => Some(m),
             Filter::RequestHeaders(_)
             | Filter::Redirect(_)

@@ -58,7 +58,7 @@ pub fn explain(
                             "weight": written.weight,
                             "backend": match rule.backend(index) { Ok(b) => b.name(), Err(e) => e.to_string() },
                         })).collect::<Vec<_>>(),
-                        "filters": rule.rule().filters,
+                        "filters": rule.rule().filters(),
                     }));
                     "selected".to_string()
                 }

@@ -29,7 +29,7 @@ pub fn parent_ref_json(p: &ParentRef) -> Value {
         m.insert("port".into(), port.into());
     }
     if let Some(section) = &p.section_name {
-        m.insert("sectionName".into(), section.as_str().into());
+        m.insert("sectionName".into(), (**section).into());
     }
     Value::Object(m)
 }

@@ -19,7 +19,8 @@ pub struct Backend {
     /// Ready endpoints of the port (targetPort resolved by the EndpointSlices); the
     /// serving-but-terminating ones only when none is ready.
     pub endpoints: Arc<[SocketAddr]>,
-    /// The HTTP version upstream connections speak.
+    /// The HTTP version the port says upstream connections speak; who sends decides what they
+    /// speak ([`Backend::protocol_for`]), so that one backend serves them all.
     pub protocol: UpstreamProtocol,
     /// The Service's ClientIP session affinity: how long a caller keeps its endpoint.
     pub affinity: Option<std::time::Duration>,
@@ -49,6 +50,18 @@ impl Backend {
 
     pub fn name(&self) -> String {
         format!("{}:{}", self.service, self.port)
+    }
+
+    /// The HTTP version upstream connections speak for requests routed by a route of `kind`, or
+    /// by none: a caller no route applies to gets what it would get without the mesh, its own
+    /// version end to end; a GRPCRoute's backends speak HTTP/2 whatever the port says (the spec
+    /// lets the protocol be inferred from the route type); an HTTPRoute's, what the port says.
+    pub fn protocol_for(&self, kind: Option<RouteKind>) -> UpstreamProtocol {
+        match kind {
+            None => UpstreamProtocol::AsCaller,
+            Some(RouteKind::Grpc) => UpstreamProtocol::Http2,
+            Some(RouteKind::Http) => self.protocol,
+        }
     }
 }
 
@@ -85,11 +98,11 @@ impl BackendError {
 }
 
 /// A Service port, and the protocol its backend is forced to (`None`: as the port says).
-type BackendKey = (ObjectKey, u16, Option<UpstreamProtocol>);
+type BackendKey = (ObjectKey, u16);
 
 /// Resolves backendRefs against the objects. Within one compilation, every reference to the same
-/// Service port (and protocol) shares one `Backend`, and backends of one port share its endpoint
-/// list, so a frontend holds each endpoint list once.
+/// Service port, and the Service's own callers, share one `Backend`, so a frontend holds each
+/// endpoint list once.
 pub struct Resolver<'a> {
     world: &'a dyn World,
     cache: RefCell<AHashMap<BackendKey, Arc<Backend>>>,
@@ -104,8 +117,6 @@ impl<'a> Resolver<'a> {
     }
 
     /// Resolves a backendRef of `route` as compiled for a parent Service of `parent_namespace`.
-    /// A GRPCRoute's backends speak HTTP/2 whatever the port says (the spec lets the protocol be
-    /// inferred from the route type).
     pub fn resolve(
         &self,
         reference: &BackendRef,
@@ -145,55 +156,31 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-        let grpc = route.kind() == RouteKind::Grpc;
-        self.service_backend(service, port, grpc.then_some(UpstreamProtocol::Http2))
+        self.service_backend(service, port)
             .ok_or(BackendError::NoSuchPort(shown))
     }
 
     /// The backend of `service`'s `port`: what a Service without routes balances over.
-    /// `protocol`: what upstream connections speak whatever the port says (`None`: as it says).
-    pub fn service_backend(
-        &self,
-        service: &Service,
-        port: u16,
-        protocol: Option<UpstreamProtocol>,
-    ) -> Option<Arc<Backend>> {
-        let cache_key = (service.key.clone(), port, protocol);
+    pub fn service_backend(&self, service: &Service, port: u16) -> Option<Arc<Backend>> {
+        let cache_key = (service.key.clone(), port);
         if let Some(backend) = self.cache.borrow().get(&cache_key) {
             return Some(backend.clone());
         }
         let service_port = service.port(port)?;
-        let protocol = protocol.unwrap_or_else(|| service_port.upstream_protocol());
-        // The same port spoken another way (a Service's own callers, and routes sending to it)
-        // shares its endpoints and their state.
-        let sibling = self
-            .cache
-            .borrow()
-            .iter()
-            .find(|((key, at, _), _)| *key == service.key && *at == port)
-            .map(|(_, backend)| backend.clone());
-        let backend = Arc::new(match sibling {
-            Some(sibling) => Backend {
-                protocol,
-                ..Backend::clone(&sibling)
-            },
-            None => {
-                let port_name = service_port.name.clone().unwrap_or_default();
-                let endpoints = usable_endpoints(
-                    &self.world.slices(&service.key),
-                    &port_name,
-                    service.internal_local,
-                    self.world.node(),
-                );
-                Backend::new(
-                    service.key.clone(),
-                    port,
-                    endpoints.into(),
-                    protocol,
-                    service.affinity,
-                )
-            }
-        });
+        let port_name = service_port.name.clone().unwrap_or_default();
+        let endpoints = usable_endpoints(
+            &self.world.slices(&service.key),
+            &port_name,
+            service.internal_local,
+            self.world.node(),
+        );
+        let backend = Arc::new(Backend::new(
+            service.key.clone(),
+            port,
+            endpoints.into(),
+            service_port.upstream_protocol(),
+            service.affinity,
+        ));
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)
     }

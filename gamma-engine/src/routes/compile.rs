@@ -9,7 +9,6 @@ use super::{
 };
 use crate::model::{
     BackendRef, Filter, Route, RouteKind, RouteMatch, Service, ServiceKind, ServicePort,
-    UpstreamProtocol,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,10 +67,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .ports
         .iter()
         .filter_map(|port| {
-            // A caller no route applies to gets what it would get without the mesh: its own
-            // HTTP version end to end.
-            let direct =
-                resolver.service_backend(service, port.port, Some(UpstreamProtocol::AsCaller))?;
+            let direct = resolver.service_backend(service, port.port)?;
             let mut producer = None;
             let mut consumers = Vec::new();
             for (group, routes) in groups(service, port, &routes) {

@@ -19,6 +19,7 @@ pub use matches::RequestHead;
 use crate::model::{
     DeclaredProtocol, EndpointSlice, Filter, HeaderModifier, Node, ObjectKey, PathMatch, Retry,
     Route, RouteKey, RouteKind, RouteMatch, Rule, Service, SessionPersistence, Timeouts,
+    UpstreamProtocol,
 };
 use ahash::AHashMap;
 use compact_str::CompactString;
@@ -514,6 +515,8 @@ pub struct Forward<'a> {
 #[derive(Debug)]
 pub struct Mirror<'a> {
     pub backend: &'a Arc<Backend>,
+    /// What its upstream connections speak (see `Backend::protocol_for`).
+    pub protocol: UpstreamProtocol,
     pub numerator: u32,
     pub denominator: u32,
 }
@@ -579,6 +582,7 @@ impl CompiledRule {
         let mut run = FilterRun {
             parts,
             matched: &matched.path,
+            kind: self.route.kind(),
             listener_port,
             cors_headers: HeaderMap::new(),
             response_headers: Vec::new(),
@@ -657,6 +661,8 @@ impl CompiledRule {
 struct FilterRun<'a, 'p, 'm> {
     parts: &'p mut http::request::Parts,
     matched: &'m PathMatch,
+    /// The kind of route the rule is of.
+    kind: RouteKind,
     listener_port: u16,
     cors_headers: HeaderMap,
     response_headers: Vec<&'a HeaderModifier>,
@@ -688,6 +694,7 @@ impl<'a> FilterRun<'a, '_, '_> {
                     if let Some(Some(backend)) = mirror_targets.next() {
                         self.mirrors.push(Mirror {
                             backend,
+                            protocol: backend.protocol_for(Some(self.kind)),
                             numerator: m.numerator,
                             denominator: m.denominator,
                         });

@@ -91,7 +91,8 @@ pub(super) async fn forward(
         .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
         .flatten();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let h2 = !upgrade && backend.protocol.is_h2(parts.version == Version::HTTP_2);
+    let protocol = backend.protocol_for(rule.map(|r| r.route.kind()));
+    let h2 = !upgrade && protocol.is_h2(parts.version == Version::HTTP_2);
     let retry = rule.and_then(|r| r.retry());
     // Without a retry policy, a refused connection still gets one more try on another endpoint:
     // nothing was sent.

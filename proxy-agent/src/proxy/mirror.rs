@@ -65,7 +65,6 @@ impl Mirrors {
             head.headers = parts.headers.clone();
             strip_hop_by_hop(&mut head.headers, false);
             let h2 = mirror
-                .backend
                 .protocol
                 .is_h2(parts.version == http::Version::HTTP_2);
             let mirror_body = body.for_mirror();

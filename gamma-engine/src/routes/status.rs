@@ -20,7 +20,39 @@ pub struct ParentStatus {
     pub parent: usize,
     /// The route generation the conditions describe (each condition's `observedGeneration`).
     pub observed_generation: i64,
-    pub conditions: Cow<'static, [Condition]>,
+    pub conditions: Conditions,
+}
+
+/// A parent's conditions: those of a route that simply works, shared by all such routes (no
+/// block), or its own list.
+#[derive(Clone, Debug)]
+pub struct Conditions(Option<Box<[Condition]>>);
+
+impl Conditions {
+    /// Accepted, every reference resolved.
+    pub const WORKING: Conditions = Conditions(None);
+}
+
+impl std::ops::Deref for Conditions {
+    type Target = [Condition];
+
+    fn deref(&self) -> &[Condition] {
+        self.0.as_deref().unwrap_or(&WORKING)
+    }
+}
+
+impl PartialEq for Conditions {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Conditions {}
+
+impl From<Vec<Condition>> for Conditions {
+    fn from(conditions: Vec<Condition>) -> Self {
+        Conditions(Some(conditions.into_boxed_slice()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -131,7 +163,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             }
             let partially_invalid = accepted && !dropped.is_empty();
             let conditions = if accepted && resolved.is_ok() && !partially_invalid {
-                Cow::Borrowed(&WORKING[..])
+                Conditions::WORKING
             } else {
                 let resolved = match &resolved {
                     Ok(()) => condition("ResolvedRefs", true, "ResolvedRefs", ALL_RESOLVED.into()),
@@ -148,7 +180,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                         dropped.join(". ").into(),
                     ));
                 }
-                Cow::Owned(conditions)
+                conditions.into()
             };
             Some(ParentStatus {
                 parents: route.parent_refs.clone(),
@@ -183,12 +215,13 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
             parents: refused.parent_refs.clone(),
             parent: index,
             observed_generation: refused.generation,
-            conditions: Cow::Owned(vec![Condition {
+            conditions: vec![Condition {
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
                 message: message.clone().into(),
-            }]),
+            }]
+            .into(),
         })
         .collect()
 }

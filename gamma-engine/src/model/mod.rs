@@ -265,8 +265,9 @@ pub struct Meta {
     /// `metadata.uid`: tells a route deleted and created again under its name from the old one.
     pub uid: Option<Box<str>>,
     pub generation: i64,
-    /// RFC 3339 creation timestamp; RFC 3339 in UTC sorts by time as a string. Absent sorts last.
-    pub created: Option<CompactString>,
+    /// Creation time, in seconds since the Unix epoch (the API server's resolution). Absent
+    /// sorts last.
+    pub created: Option<i64>,
 }
 
 #[cfg(test)]

@@ -1277,10 +1277,7 @@ fn meta(
     let meta = Meta {
         uid: m.uid.as_deref().map(Into::into),
         generation: m.generation.unwrap_or(1),
-        created: m
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string().into()),
+        created: m.creation_timestamp.as_ref().map(|t| t.0.as_second()),
     };
     Ok((key, meta))
 }

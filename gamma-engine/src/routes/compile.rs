@@ -109,7 +109,7 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
-                    meta.created.as_deref(),
+                    meta.created,
                     &route.id.key.namespace,
                     &route.id.key.name,
                     index,

@@ -56,8 +56,8 @@ impl Specificity {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RankKey {
     specificity: Reverse<Specificity>,
-    /// RFC 3339 timestamps sort by time; a route without one sorts after all that have one.
-    created: (bool, String),
+    /// Older first; a route without a creation time sorts after all that have one.
+    created: (bool, i64),
     namespace_name: (String, String),
     rule: usize,
     match_index: usize,
@@ -66,7 +66,7 @@ pub struct RankKey {
 impl RankKey {
     pub fn new(
         m: &RouteMatch,
-        created: Option<&str>,
+        created: Option<i64>,
         namespace: &str,
         name: &str,
         rule: usize,
@@ -74,7 +74,7 @@ impl RankKey {
     ) -> Self {
         RankKey {
             specificity: Reverse(Specificity::of(m)),
-            created: (created.is_none(), created.unwrap_or_default().to_string()),
+            created: (created.is_none(), created.unwrap_or_default()),
             namespace_name: (namespace.to_string(), name.to_string()),
             rule,
             match_index,
@@ -92,6 +92,9 @@ mod tests {
     use super::*;
     use crate::model::{StringMatch, ValueMatch};
     use proptest::prelude::*;
+
+    /// 2024-01-01T00:00:00Z.
+    const JAN_2024: i64 = 1_704_067_200;
 
     fn m(path: PathMatch, method: bool, headers: usize, query: usize) -> RouteMatch {
         let exact = |i: usize| (format!("h{i}"), StringMatch::Exact("v".into()));
@@ -117,7 +120,7 @@ mod tests {
     }
 
     fn key(m: &RouteMatch) -> RankKey {
-        RankKey::new(m, Some("2024-01-01T00:00:00Z"), "ns", "r", 0, 0)
+        RankKey::new(m, Some(JAN_2024), "ns", "r", 0, 0)
     }
 
     #[test]
@@ -142,11 +145,11 @@ mod tests {
     #[test]
     fn ties_go_to_oldest_then_name_then_rule() {
         let any = m(PathMatch::Prefix(Default::default()), false, 0, 0);
-        let old = RankKey::new(&any, Some("2020-01-01T00:00:00Z"), "z", "z", 5, 0);
-        let new = RankKey::new(&any, Some("2024-01-01T00:00:00Z"), "a", "a", 0, 0);
+        let old = RankKey::new(&any, Some(JAN_2024 - 4 * 365 * 86_400), "z", "z", 5, 0);
+        let new = RankKey::new(&any, Some(JAN_2024), "a", "a", 0, 0);
         assert_eq!(compare(&old, &new), Ordering::Less);
-        let a = RankKey::new(&any, Some("2024-01-01T00:00:00Z"), "a", "b", 3, 0);
-        let b = RankKey::new(&any, Some("2024-01-01T00:00:00Z"), "b", "a", 0, 0);
+        let a = RankKey::new(&any, Some(JAN_2024), "a", "b", 3, 0);
+        let b = RankKey::new(&any, Some(JAN_2024), "b", "a", 0, 0);
         assert_eq!(compare(&a, &b), Ordering::Less);
         let first_rule = RankKey::new(&any, None, "a", "a", 0, 0);
         let second_rule = RankKey::new(&any, None, "a", "a", 1, 0);

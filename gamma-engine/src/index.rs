@@ -482,8 +482,7 @@ impl Index {
             // while a watch was down: the refusal was about the old one).
             let refused = self.store.refused.get(&key).filter(|refused| {
                 served.is_none_or(|route| {
-                    refused.uid.as_deref() == route.meta.uid.as_deref()
-                        && refused.generation >= route.meta.generation
+                    refused.uid == route.meta.uid && refused.generation >= route.meta.generation
                 })
             });
             let new = match refused {

@@ -97,7 +97,7 @@ impl BackendError {
     }
 }
 
-/// A Service port, and the protocol its backend is forced to (`None`: as the port says).
+/// A Service and one of its ports.
 type BackendKey = (ObjectKey, u16);
 
 /// Resolves backendRefs against the objects. Within one compilation, every reference to the same

@@ -102,14 +102,13 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
     let mut ranked: Vec<(RankKey, (RouteMatch, usize))> = Vec::new();
     let mut rules = Vec::new();
     for route in routes.iter().filter(|r| r.kind() == kind) {
-        let meta = &route.meta;
         for (index, rule) in route.rules.iter().enumerate() {
             let compiled = rules.len();
             rules.push(compile_rule(route, index, resolver, parent_namespace));
             for (match_index, m) in rule.matches.iter().enumerate() {
                 let key = RankKey::new(
                     m,
-                    meta.created,
+                    route.meta.created,
                     &route.id.key.namespace,
                     &route.id.key.name,
                     index,

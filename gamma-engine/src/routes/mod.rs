@@ -408,7 +408,7 @@ pub struct CompiledRule {
     rare: Option<Box<RareCompiled>>,
     /// The data plane's state for this rule's requests: those answered before a backend was
     /// chosen and those sent to each backendRef (one slot for all: most rules never see a
-    /// request through a given table, and a slot is 3 words).
+    /// request through a given table).
     pub series: Attached,
 }
 

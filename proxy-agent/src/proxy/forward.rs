@@ -1,6 +1,7 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
 use super::body::{self, Deadline, ProxyBody, RequestBody};
+use super::header_maps;
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
@@ -31,6 +32,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
 /// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages have none of them: one pass over the names spares a hashed lookup for each.
+    let hop_by_hop = |name: &HeaderName| name == header::UPGRADE || HOP_BY_HOP.contains(name);
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let te_trailers = wire::has_token(headers, &header::TE, "trailers");
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = wire::tokens(headers, &header::CONNECTION)
@@ -101,7 +107,8 @@ pub(super) async fn forward(
     let log_written = tracing::enabled!(target: "access", tracing::Level::INFO);
     let started = (request_timeout.is_some() || log_written).then(Instant::now);
     let mut attempt_started = None;
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Inline for the usual one or two attempts: no allocation per request.
+    let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
     let run = async {
         loop {
             let caller = log.conn.caller.ip;
@@ -134,7 +141,8 @@ pub(super) async fn forward(
                         .await;
                 }
                 let request = upstream_request(&parts, held.authority(), h2, request_body);
-                proxy.upstream.send(endpoint, h2, request).await
+                // Boxed: hyper's exchange would otherwise size every request's future.
+                Box::pin(proxy.upstream.send(endpoint, h2, request)).await
             };
             let attempt = attempt(call, attempt_timeout).await;
             match &attempt {
@@ -179,12 +187,11 @@ pub(super) async fn forward(
             };
         }
     };
-    let result = match request_timeout {
-        None => run.await,
-        Some(limit) => tokio::time::timeout(limit, run)
-            .await
-            .unwrap_or(Err(LocalAnswer::RouteTimeout(limit))),
-    };
+    let result = within(request_timeout, run)
+        .await
+        .unwrap_or_else(|limit| Err(LocalAnswer::RouteTimeout(limit)));
+    // Sent (mirrors send copies): the request's map serves a later head.
+    header_maps::give_back(std::mem::take(&mut parts.headers));
     if log_written {
         log.upstream_duration = started.map(|s| s.elapsed());
     }
@@ -221,6 +228,22 @@ fn resendable(proxy: &Proxy, body: &RequestBody) -> bool {
         return false;
     }
     !matches!(body, RequestBody::Streamed(_))
+}
+
+/// `future`'s output, or the `limit` it ran over. Not an async fn: one of them keeps room for the
+/// future both as awaited and as wrapped in a timeout (the request's future was twice its size
+/// for each of the two timeouts).
+fn within<F: std::future::Future>(
+    limit: Option<Duration>,
+    future: F,
+) -> impl std::future::Future<Output = Result<F::Output, Duration>> {
+    use futures::future::{Either, FutureExt as _};
+    match limit {
+        None => Either::Left(future.map(Ok)),
+        Some(limit) => Either::Right(
+            tokio::time::timeout(limit, future).map(move |timed| timed.map_err(|_| limit)),
+        ),
+    }
 }
 
 async fn backoff(wait: Option<Duration>) {
@@ -318,22 +341,18 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) {
 }
 
 /// Runs one upstream exchange within the attempt's timeout.
-async fn attempt(
+fn attempt(
     call: impl std::future::Future<Output = Result<Response<ProxyBody>, UpstreamError>>,
     timeout: Option<Duration>,
-) -> Attempt {
-    let result = match timeout {
-        None => call.await,
-        Some(limit) => match tokio::time::timeout(limit, call).await {
-            Ok(r) => r,
-            Err(_) => return Attempt::TimedOut(limit),
-        },
-    };
-    match result {
-        Ok(response) => Attempt::Response(response),
-        Err(UpstreamError::Connect(e)) => Attempt::ConnectFailed(e),
-        Err(UpstreamError::Failed(e)) => Attempt::Failed(e),
-    }
+) -> impl std::future::Future<Output = Attempt> {
+    // Not an async fn: it would hold `call` twice, as its argument and as awaited.
+    use futures::FutureExt as _;
+    within(timeout, call).map(|timed| match timed {
+        Err(limit) => Attempt::TimedOut(limit),
+        Ok(Ok(response)) => Attempt::Response(response),
+        Ok(Err(UpstreamError::Connect(e))) => Attempt::ConnectFailed(e),
+        Ok(Err(UpstreamError::Failed(e))) => Attempt::Failed(e),
+    })
 }
 
 /// After a 101, the two upgraded connections are joined byte for byte (WebSocket and friends)
@@ -450,6 +469,33 @@ mod tests {
             );
             assert_eq!(lines(from_parts), lines(from_built), "{version:?}");
         }
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_goes_alone_and_the_others_stay() {
+        let end_to_end = [("x-a", "1"), ("accept", "*/*"), ("host", "catalog")];
+        let map = |extra: &[(&str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in end_to_end.iter().chain(extra) {
+                headers.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+            headers
+        };
+        let mut untouched = map(&[]);
+        strip_hop_by_hop(&mut untouched, false);
+        assert_eq!(untouched, map(&[]));
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let mut headers = map(&[(name.as_str(), "x")]);
+            strip_hop_by_hop(&mut headers, false);
+            assert_eq!(headers, map(&[]), "{name}");
+        }
+        // A field the Connection field names goes with it.
+        let mut named = map(&[("x-hop", "1"), ("connection", "x-hop")]);
+        strip_hop_by_hop(&mut named, false);
+        assert_eq!(named, map(&[]));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 use super::wire::{self, BodySize, Framing, Head, OwnRequest};
 use crate::proxy::body::{CallerBody, ProxyBody};
 use crate::proxy::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
+use crate::proxy::header_maps;
 use crate::proxy::io::ReadAhead;
 use crate::proxy::{ConnectionInfo, Proxy};
 use bytes::{Buf, Bytes};
@@ -51,7 +52,6 @@ pub async fn serve<T: ReadAhead>(
     let config = &proxy.config;
     let mut buf = stream.take_unread();
     let mut out = Vec::with_capacity(512);
-    let mut spare_headers = None;
     let mut long_head = wire::LongHead::default();
     // A body read whole is a body buffered: no more than the agent buffers for a retry.
     let max_body = wire::OWN_BODY.min(config.max_buffered_body as u64);
@@ -79,7 +79,6 @@ pub async fn serve<T: ReadAhead>(
                 OWN_HEAD,
                 config.max_headers,
                 max_body,
-                &mut spare_headers,
             );
             match heads {
                 Head::Own(own) => break own,
@@ -129,8 +128,8 @@ pub async fn serve<T: ReadAhead>(
         let response = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info)).await;
         let close = close || *shutdown.borrow();
         match write_answer(&mut stream, response, to_head, close, trailers, &mut out).await {
-            Ok((true, headers)) => spare_headers = Some(headers),
-            Ok((false, _)) => {
+            Ok(true) => {}
+            Ok(false) => {
                 let _ = stream.shutdown().await;
                 return;
             }
@@ -158,8 +157,7 @@ async fn hand_over<T: ReadAhead>(
 }
 
 /// Writes `response` as the answer to a request (a HEAD: `to_head`); `close`: the connection
-/// closes after it. Returns whether the connection may carry another request, and the answer's
-/// header map (for the next request's fields).
+/// closes after it. Returns whether the connection may carry another request.
 async fn write_answer<W: AsyncWrite + Unpin>(
     stream: &mut W,
     response: Response<ProxyBody>,
@@ -167,7 +165,7 @@ async fn write_answer<W: AsyncWrite + Unpin>(
     close: bool,
     trailers_taken: bool,
     out: &mut Vec<u8>,
-) -> io::Result<(bool, HeaderMap)> {
+) -> io::Result<bool> {
     let (mut parts, body) = response.into_parts();
     if close {
         // As hyper's server says it: one more value of the answer's Connection field.
@@ -199,10 +197,9 @@ async fn write_answer<W: AsyncWrite + Unpin>(
         out,
     );
     let close = close || said_close;
-    // Emptied now: its values may hold the upstream's read buffer, which an idle connection
-    // must not keep.
-    let mut headers = parts.headers;
-    headers.clear();
+    // Given back now, emptied: its values may hold the upstream's read buffer, which an idle
+    // connection must not keep.
+    header_maps::give_back(parts.headers);
     let whole = match framing {
         Framing::Length(0) => {
             stream.write_all(out).await?;
@@ -214,7 +211,7 @@ async fn write_answer<W: AsyncWrite + Unpin>(
             send_chunked(stream, body, allowed.as_deref(), out).await?
         }
     };
-    Ok((whole && !close, headers))
+    Ok(whole && !close)
 }
 
 /// The next frame of `body`; while `head` still holds the unsent answer head, a frame not ready
@@ -387,7 +384,6 @@ mod tests {
                 OWN_HEAD,
                 100,
                 wire::OWN_BODY,
-                &mut None,
             ) else {
                 break;
             };
@@ -402,8 +398,7 @@ mod tests {
                 &mut scratch,
             )
             .await
-            .unwrap()
-            .0;
+            .unwrap();
             if !kept {
                 break;
             }
@@ -542,7 +537,7 @@ mod tests {
         .await
         .expect("not waiting for the end of stream")
         .unwrap();
-        assert!(sent.0, "the connection goes on");
+        assert!(sent, "the connection goes on");
         assert!(written.ends_with(b"\r\n\r\nhello"));
     }
 

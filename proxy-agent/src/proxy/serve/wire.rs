@@ -3,6 +3,7 @@
 //! §6–7), so that a client sees the same answers whichever of the two served it. Pure: bytes in,
 //! bytes out, so that every case tests without sockets.
 
+use crate::proxy::header_maps;
 pub(super) use crate::proxy::upstream::wire::has_token;
 use crate::proxy::upstream::wire::{
     chunked_last, decimal, fields_within, fill_header_map, joined, tokens,
@@ -81,16 +82,13 @@ fn head_ends(buf: &[u8]) -> bool {
 /// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
 /// `max_headers`: the most fields (the configured limits; a whole head over them goes to hyper's
 /// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
-/// streams through hyper's server). `spare`: a header map to fill, if one is at hand (the last
-/// answer's, emptied: as hyper's server, a connection reuses its map's room). `long`: the
-/// connection's search for a long head's end.
+/// streams through hyper's server). `long`: the connection's search for a long head's end.
 pub fn request_head(
     buf: &mut BytesMut,
     long: &mut LongHead,
     max_head: usize,
     max_headers: usize,
     max_body: u64,
-    spare: &mut Option<HeaderMap>,
 ) -> Head {
     if long.searched.is_some() {
         // Known to go to hyper's server: only whether it is whole matters.
@@ -136,9 +134,7 @@ pub fn request_head(
     let head = buf.split_to(head_len).freeze();
     let uri = target.and_then(|target| Uri::from_maybe_shared(head.slice(target)).ok());
     // Room for the fields a route's filters add, too.
-    let map = spare
-        .take()
-        .unwrap_or_else(|| HeaderMap::with_capacity(count + FILTERS_ADD));
+    let map = header_maps::take(count + FILTERS_ADD);
     let headers = fill_header_map(&head, &fields[..count], map);
     let Some(uri) = uri.filter(|_| headers.len() == fields_read) else {
         // Given back whole: hyper's server reads it again and refuses it as it would have.
@@ -439,14 +435,7 @@ mod tests {
     fn head(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
         (
-            request_head(
-                &mut buf,
-                &mut LongHead::default(),
-                8192,
-                100,
-                OWN_BODY,
-                &mut None,
-            ),
+            request_head(&mut buf, &mut LongHead::default(), 8192, 100, OWN_BODY),
             buf,
         )
     }
@@ -532,11 +521,11 @@ mod tests {
                 let mut search = LongHead::default();
                 let mut buf = BytesMut::from(&whole[..from]);
                 for byte in &whole[from..] {
-                    let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY, &mut None);
+                    let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY);
                     assert!(matches!(read, Head::Partial), "at {}: {read:?}", buf.len());
                     buf.extend_from_slice(&[*byte]);
                 }
-                let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY, &mut None);
+                let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY);
                 assert!(matches!(read, Head::Hyper), "{end:?}: {read:?}");
                 assert_eq!(&buf[..], &whole[..], "nothing taken");
             }
@@ -578,14 +567,7 @@ mod tests {
         // More fields than the configured limit: hyper's server refuses them.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
         assert!(matches!(
-            request_head(
-                &mut buf,
-                &mut LongHead::default(),
-                8192,
-                2,
-                OWN_BODY,
-                &mut None
-            ),
+            request_head(&mut buf, &mut LongHead::default(), 8192, 2, OWN_BODY),
             Head::Hyper
         ));
     }

@@ -246,7 +246,7 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
 /// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
 /// are tokens and that values hold no control characters but tab.
 pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
-    fill_header_map(head, fields, HeaderMap::with_capacity(fields.len()))
+    fill_header_map(head, fields, crate::proxy::header_maps::take(fields.len()))
 }
 
 /// [`header_map`] into `headers`, emptied first (its room is kept: a map reused).

@@ -151,7 +151,15 @@ async fn hand_over<T: ReadAhead>(
 ) {
     stream.give_back(unread);
     let caller = info.caller.ip;
-    if let Err(e) = super::serve_http(proxy, TokioIo::new(stream), false, info, shutdown).await {
+    // Boxed: hyper's connection would otherwise size every connection's task.
+    let served = Box::pin(super::serve_http(
+        proxy,
+        TokioIo::new(stream),
+        false,
+        info,
+        shutdown,
+    ));
+    if let Err(e) = served.await {
         tracing::debug!(error = %e, %caller, "connection ended with an error");
     }
 }

@@ -8,8 +8,8 @@
 use http::HeaderMap;
 use std::cell::RefCell;
 
-/// Maps kept per thread at most: more than a worker's requests in flight at once, usually.
-const KEPT: usize = 64;
+/// Maps kept per thread at most: a request's and an answer's for 16 requests in flight at once.
+const KEPT: usize = 32;
 
 /// A map with room for more fields than this is freed, not kept: a rare large head must not
 /// leave its room behind for good.

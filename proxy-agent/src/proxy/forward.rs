@@ -230,9 +230,8 @@ fn resendable(proxy: &Proxy, body: &RequestBody) -> bool {
     !matches!(body, RequestBody::Streamed(_))
 }
 
-/// `future`'s output, or the `limit` it ran over. Not an async fn: one of them keeps room for the
-/// future both as awaited and as wrapped in a timeout (the request's future was twice its size
-/// for each of the two timeouts).
+/// `future`'s output, or the `limit` it ran over. Not an async fn: one keeps its arguments apart
+/// from what it awaits, so it would hold `future` twice (tried: the request's future doubled).
 fn within<F: std::future::Future>(
     limit: Option<Duration>,
     future: F,

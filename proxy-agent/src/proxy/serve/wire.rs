@@ -3,10 +3,9 @@
 //! §6–7), so that a client sees the same answers whichever of the two served it. Pure: bytes in,
 //! bytes out, so that every case tests without sockets.
 
-use crate::proxy::header_maps;
 pub(super) use crate::proxy::upstream::wire::has_token;
 use crate::proxy::upstream::wire::{
-    chunked_last, decimal, fields_within, fill_header_map, joined, tokens,
+    chunked_last, decimal, fields_within, header_map, joined, tokens,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -134,8 +133,7 @@ pub fn request_head(
     let head = buf.split_to(head_len).freeze();
     let uri = target.and_then(|target| Uri::from_maybe_shared(head.slice(target)).ok());
     // Room for the fields a route's filters add, too.
-    let map = header_maps::take(count + FILTERS_ADD);
-    let headers = fill_header_map(&head, &fields[..count], map);
+    let headers = header_map(&head, &fields[..count], count + FILTERS_ADD);
     let Some(uri) = uri.filter(|_| headers.len() == fields_read) else {
         // Given back whole: hyper's server reads it again and refuses it as it would have.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());

@@ -239,23 +239,15 @@ fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, W
         status,
         reason,
         version,
-        headers: header_map(&head, &fields[..count]),
+        headers: header_map(&head, &fields[..count], count),
     }))
 }
 
-/// The header fields at `fields` in `head`, sharing its bytes. httparse has checked that names
+/// The header fields at `fields` in `head`, sharing its bytes, in a map of the worker's kept ones
+/// (empty already), else a new one with room for `room` fields. httparse has checked that names
 /// are tokens and that values hold no control characters but tab.
-pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt]) -> HeaderMap {
-    fill_header_map(head, fields, crate::proxy::header_maps::take(fields.len()))
-}
-
-/// [`header_map`] into `headers`, emptied first (its room is kept: a map reused).
-pub(in crate::proxy) fn fill_header_map(
-    head: &Bytes,
-    fields: &[FieldAt],
-    mut headers: HeaderMap,
-) -> HeaderMap {
-    headers.clear();
+pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt], room: usize) -> HeaderMap {
+    let mut headers = crate::proxy::header_maps::take(room);
     headers.reserve(fields.len());
     for field in fields {
         let Ok(name) = HeaderName::from_bytes(&head[field.name.0..field.name.1]) else {

@@ -320,13 +320,13 @@ impl Index {
             }
             Object::Route(mut route) => {
                 // The new generation shares the key the index holds (one copy per route).
-                if let Some((held, _)) = self.store.routes.get_key_value(&*route.id) {
+                if let Some((held, served)) = self.store.routes.get_key_value(&*route.id) {
                     route.id = held.clone();
+                    if **served == route {
+                        return;
+                    }
                 }
                 let key = route.id.clone();
-                if self.store.routes.get(&key).is_some_and(|r| **r == route) {
-                    return;
-                }
                 self.unlink_route(&key);
                 for parent in parents(&route) {
                     self.store.link(parent.clone(), &key, RoutesOf::attached);

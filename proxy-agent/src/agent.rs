@@ -65,6 +65,8 @@ impl FromStr for ListenSpec {
 pub struct RedirectConfig {
     pub listen: SocketAddr,
     pub cgroup: PathBuf,
+    /// Pair the sockets of node-local connections through the agent (`Redirect::set_local_sockets`).
+    pub local_sockets: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -216,6 +218,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                         counted.agent_gone,
                         counted.record_failed,
                         counted.peername_rewrites,
+                        counted.local_paired,
+                        counted.local_kept_tcp,
                     ])
                 }));
                 Some(redirect)
@@ -536,6 +540,9 @@ fn start_redirect(
             config.cgroup.display()
         )
     })?;
+    redirect
+        .set_local_sockets(config.local_sockets)
+        .context("setting --local-sockets in the kernel programs' config")?;
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
@@ -543,7 +550,7 @@ fn start_redirect(
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
-    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), "redirect listener; kernel programs attached");
+    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), local_sockets = config.local_sockets, "redirect listener; kernel programs attached");
     let drain = drain.clone();
     workers.serve(&listener, move |proxy, listener| {
         serve_redirect(proxy, listener, resolver.clone(), drain.clone())

@@ -65,6 +65,13 @@ struct Cli {
     /// The cgroup v2 directory holding the pods whose connections are steered (e.g. kubepods).
     #[arg(long, value_name = "DIR", requires = "redirect")]
     cgroup: Option<PathBuf>,
+    /// Node-local connections through the agent (a pod's to the agent, the agent's to a backend pod
+    /// on this node) move their bytes socket to socket in the kernel, skipping TCP/IP. The agent
+    /// must run in a cgroup under --cgroup. Off by default: a pod that reads such a connection with
+    /// splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not see the
+    /// moved bytes. Opaque and upgraded connections are then copied (--pump copy).
+    #[arg(long, requires = "redirect")]
+    local_sockets: bool,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -200,7 +207,11 @@ fn main() -> Result<()> {
         redirect: cli
             .redirect
             .zip(cli.cgroup)
-            .map(|(listen, cgroup)| RedirectConfig { listen, cgroup }),
+            .map(|(listen, cgroup)| RedirectConfig {
+                listen,
+                cgroup,
+                local_sockets: cli.local_sockets,
+            }),
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,
@@ -212,7 +223,7 @@ fn main() -> Result<()> {
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
             idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
-            pump: cli.pump,
+            pump: cli.pump.with_local_sockets(cli.local_sockets),
             max_connections: cli.max_connections.max(1),
             upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
             ..ProxyConfig::default()

@@ -29,6 +29,15 @@ pub struct Endpoint {
     pub _pad: u16,
 }
 
+/// Both ends of an established TCP connection as seen from one of its sockets: the key of the
+/// node-local socket pairs (`LOCAL_SOCKETS`). A socket's peer is found under the same pair swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SocketPair {
+    pub local: Endpoint,
+    pub remote: Endpoint,
+}
+
 /// Word 2 of a v4-mapped address, as it sits in memory: bytes `00 00 ff ff`.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -117,6 +126,11 @@ pub struct AgentConfig {
     /// The agent's own cgroup id (host order): sockets created by processes of that cgroup are never
     /// redirected, so the agent cannot loop into itself when it dials a Service VIP.
     pub agent_cgroup_id: u64,
+    /// Nonzero: node-local connections through the agent move their bytes socket to socket
+    /// (`LOCAL_SOCKETS`); zero: every connection takes the TCP path.
+    pub local_sockets: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv4 connections.
@@ -132,6 +146,10 @@ pub const MAX_MESH_SERVICES: u32 = 65_536;
 /// records (the agent never accepted them) are evicted oldest first.
 pub const MAX_CALLERS: u32 = 65_536;
 
+/// Capacity of `LOCAL_SOCKETS` (sockets of node-local connections through the agent) and of
+/// `LOCAL_PENDING`. A socket that finds the map full keeps the TCP path.
+pub const MAX_LOCAL_SOCKETS: u32 = 65_536;
+
 /// What the programs count, per CPU, in `COUNTERS` (a per-CPU array indexed by these; the agent
 /// sums the CPUs). Kept per CPU so that counting costs no atomic operation on the connect path.
 pub mod counters {
@@ -144,8 +162,14 @@ pub mod counters {
     pub const RECORD_FAILED: u32 = 2;
     /// getpeername() answered with the Service VIP instead of the agent.
     pub const PEERNAME_REWRITES: u32 = 3;
+    /// A node-local connection through the agent whose two sockets were paired: their bytes move
+    /// socket to socket.
+    pub const LOCAL_PAIRED: u32 = 4;
+    /// A socket of such a pair that sent before its peer was paired (or its per-socket state could
+    /// not be stored): it keeps the TCP path, so that its bytes cannot overtake each other.
+    pub const LOCAL_KEPT_TCP: u32 = 5;
     /// Number of counters.
-    pub const SLOTS: u32 = 4;
+    pub const SLOTS: u32 = 6;
 }
 
 /// Map names, shared so the agent looks up exactly what the programs define.
@@ -156,6 +180,7 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const REDIRECTED: &str = "REDIRECTED";
     pub const CALLERS: &str = "CALLERS";
+    pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
 }
 
 /// Program names (the functions' names; the kernel keeps the first 15 bytes, all of these fit).
@@ -165,7 +190,9 @@ pub mod programs {
     pub const SOCKOPS: &str = "gamma_sockops";
     pub const GETPEERNAME4: &str = "gamma_peername4";
     pub const GETPEERNAME6: &str = "gamma_peername6";
-    /// Every program, in attach order.
+    /// The `sk_msg` program on `LOCAL_SOCKETS` (attached to the map, not to the cgroup).
+    pub const LOCAL_MSG: &str = "gamma_local_msg";
+    /// Every cgroup program, in attach order.
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, GETPEERNAME4, GETPEERNAME6];
     /// Prefix shared by every program name: how a restarted agent recognises a predecessor's
     /// attachments.
@@ -174,12 +201,13 @@ pub mod programs {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AgentConfig, CallerKey, Endpoint, RedirectRecord, ServiceKey};
+    use super::{AgentConfig, CallerKey, Endpoint, RedirectRecord, ServiceKey, SocketPair};
 
     // SAFETY: all are #[repr(C)], Copy, made only of integers, with explicit padding fields.
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for CallerKey {}
+    unsafe impl aya::Pod for SocketPair {}
     unsafe impl aya::Pod for RedirectRecord {}
     unsafe impl aya::Pod for AgentConfig {}
 }
@@ -190,5 +218,6 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<CallerKey>() == 20);
     assert!(core::mem::size_of::<RedirectRecord>() == 48);
-    assert!(core::mem::size_of::<AgentConfig>() == 48);
+    assert!(core::mem::size_of::<AgentConfig>() == 56);
+    assert!(core::mem::size_of::<SocketPair>() == 40);
 };

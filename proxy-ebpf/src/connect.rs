@@ -14,7 +14,7 @@ use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, 
 
 use crate::{
     ctx_access,
-    maps::{count, map_ptr, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
+    maps::{count, map_ptr, AGENT_LISTENERS, CONFIG, LOCAL_SEND, MESH_SERVICES, REDIRECTED},
     ALLOW,
 };
 
@@ -35,7 +35,10 @@ pub fn gamma_connect4(ctx: SockAddrContext) -> i32 {
                 (*sa).user_ip4 = agent.ip4();
                 (*sa).user_port = u32::from(agent.port);
             }
-            None => forget(&ctx),
+            None => {
+                forget(&ctx);
+                mark_agent(&ctx);
+            }
         }
     }
     ALLOW
@@ -66,7 +69,10 @@ pub fn gamma_connect6(ctx: SockAddrContext) -> i32 {
                 ctx_access::write_ip6(&raw mut (*sa).user_ip6, agent.ip);
                 (*sa).user_port = u32::from(agent.port);
             }
-            None => forget(&ctx),
+            None => {
+                forget(&ctx);
+                mark_agent(&ctx);
+            }
         }
     }
     ALLOW
@@ -148,6 +154,21 @@ fn forget(ctx: &SockAddrContext) {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         let _ = REDIRECTED.delete(sk);
     }
+}
+
+/// Marks the agent's own connections (to backends, mostly) when local sockets are on: their sockets
+/// join `LOCAL_SOCKETS` once established (`sockops`), so that a backend on this node pairs with them.
+#[inline(always)]
+fn mark_agent(ctx: &SockAddrContext) {
+    let Some(config) = CONFIG.get(0) else { return };
+    // SAFETY: helper without arguments.
+    if config.local_sockets == 0 || unsafe { bpf_get_current_cgroup_id() } != config.agent_cgroup_id
+    {
+        return;
+    }
+    // SAFETY: the context's socket is a full socket; a storage that cannot be created leaves the
+    // connection on the TCP path.
+    let _ = unsafe { LOCAL_SEND.get_or_insert_ptr_mut(ctx, None) };
 }
 
 /// Whether the agent's listener for `slot` is in `AGENT_LISTENERS`, i.e. still open.

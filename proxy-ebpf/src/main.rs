@@ -14,6 +14,7 @@
 
 mod connect;
 mod ctx_access;
+mod local;
 mod maps;
 mod peername;
 mod sockops;

@@ -1,11 +1,11 @@
 //! The maps shared by the programs and the agent. Layouts and names: `proxy-common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockMap},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash, SockMap},
     macros::btf_map,
 };
 use proxy_common::{
-    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_SLOTS, MAX_CALLERS,
+    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, SocketPair, LISTENER_SLOTS, MAX_CALLERS, MAX_LOCAL_SOCKETS,
     MAX_MESH_SERVICES,
 };
 
@@ -18,6 +18,23 @@ pub(crate) static MESH_SERVICES: HashMap<ServiceKey, u8, { MAX_MESH_SERVICES as 
 /// when it closes, also when the agent is killed, so a present entry means "the agent is accepting".
 #[btf_map]
 pub(crate) static AGENT_LISTENERS: SockMap<{ LISTENER_SLOTS as usize }> = SockMap::new();
+
+/// The sockets of node-local connections through the agent, keyed by their own two ends: a
+/// socket's peer is under the same pair swapped. `gamma_local_msg` is attached to it (`local`).
+#[btf_map]
+pub(crate) static LOCAL_SOCKETS: SockHash<SocketPair, { MAX_LOCAL_SOCKETS as usize }> =
+    SockHash::new();
+
+/// Active ends in `LOCAL_SOCKETS` whose passive end has not joined yet (set: the value is 1). LRU:
+/// the ends of connections to other nodes never see theirs and are evicted.
+#[btf_map]
+pub(crate) static LOCAL_PENDING: LruHashMap<SocketPair, u8, { MAX_LOCAL_SOCKETS as usize }> =
+    LruHashMap::new();
+
+/// How a socket of `LOCAL_SOCKETS` sends (`local::SEND_*`), decided at its first send; created at
+/// connect() for the agent's own connections, which is what marks them.
+#[btf_map]
+pub(crate) static LOCAL_SEND: SkStorage<u32> = SkStorage::new();
 
 /// One entry: the agent's addresses and cgroup.
 #[btf_map]

@@ -1,11 +1,14 @@
 //! `sockops`: when a redirected connection is established, publish its record under the caller's
-//! local ip:port, the only key the agent has for an accepted connection.
+//! local ip:port, the only key the agent has for an accepted connection; and pair the sockets of
+//! node-local connections through the agent (`local`).
 //!
 //! The kernel runs ACTIVE_ESTABLISHED on the caller's side when the SYN-ACK arrives, before the final
 //! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
     helpers::bpf_sk_storage_get,
     macros::sock_ops,
     programs::SockOpsContext,
@@ -13,35 +16,55 @@ use aya_ebpf::{
 use proxy_common::{counters, CallerKey, Endpoint, RedirectRecord};
 
 use crate::{
-    ctx_access,
-    maps::{count, map_ptr, CALLERS, REDIRECTED},
+    ctx_access, local,
+    maps::{count, map_ptr, CALLERS, LOCAL_SEND, REDIRECTED},
 };
 
 const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        publish_caller(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let caller = publish_caller(&ctx);
+            if (caller || dialled_by_agent(&ctx)) && local::enabled() {
+                local::join_active(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if local::enabled() => local::join_passive(&ctx),
+        _ => {}
     }
     crate::ALLOW as u32
 }
 
+/// Whether the socket is one the agent dialled (marked at connect(), see `connect::mark_agent`).
 #[inline(always)]
-fn publish_caller(ctx: &SockOpsContext) {
+fn dialled_by_agent(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `sk` is null or a full socket (checked); the storage is only tested for presence.
+    unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        !sk.is_null()
+            && !bpf_sk_storage_get(map_ptr(&LOCAL_SEND), sk.cast(), core::ptr::null_mut(), 0)
+                .is_null()
+    }
+}
+
+/// Publishes the record of a redirected connection; whether the socket is one (a caller's).
+#[inline(always)]
+fn publish_caller(ctx: &SockOpsContext) -> bool {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `sk` is null or a full socket (the verifier enforces the check); the storage pointer
     // is checked for null before use.
     let record = unsafe {
         let sk = (*ops).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return;
+            return false;
         }
         bpf_sk_storage_get(map_ptr(&REDIRECTED), sk.cast(), core::ptr::null_mut(), 0)
             .cast::<RedirectRecord>()
     };
     if record.is_null() {
-        return; // not a redirected connection
+        return false; // not a redirected connection
     }
     // SAFETY: context fields read at their own offsets; `record` points to this socket's storage,
     // valid for the program's run.
@@ -65,4 +88,5 @@ fn publish_caller(ctx: &SockOpsContext) {
     if CALLERS.insert(CallerKey { caller }, record, 0).is_err() {
         count(counters::RECORD_FAILED);
     }
+    true
 }

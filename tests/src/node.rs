@@ -209,6 +209,23 @@ impl Node {
         self.place.spawn(cmd)
     }
 
+    /// Creates `<pods cgroup>/agent`: where a DaemonSet's agent runs on a real node (a pod's
+    /// cgroup, under the cgroup its programs attach to), e.g. for `--local-sockets`.
+    pub fn add_agent_cgroup(&mut self) -> Result<PathBuf> {
+        let dir = self.pods_cgroup.join("agent");
+        self.create_cgroup(&dir)?;
+        Ok(dir)
+    }
+
+    /// Starts `cmd` in the node netns and in `cgroup`; killed when the node drops.
+    pub fn spawn_in_cgroup(&self, cgroup: &Path, cmd: &mut Command) -> Result<Child> {
+        Place {
+            cgroup: Some(cgroup.to_owned()),
+            ..self.place.clone()
+        }
+        .spawn(cmd)
+    }
+
     /// Runs `cmd` to completion in the node netns, killing it after `timeout`.
     pub fn run_output(&self, cmd: &mut Command, timeout: Duration) -> Result<Output> {
         self.place.run_output(cmd, timeout)

@@ -53,6 +53,9 @@ pub struct Scenario {
     pub manifests: TempDir,
     agent: Option<Child>,
     agent_args: Vec<String>,
+    /// The agent's own cgroup, under the pods' (as a DaemonSet pod's), when `--local-sockets`
+    /// needs its sockets covered by the programs; else it runs in the test's cgroup.
+    agent_cgroup: Option<PathBuf>,
     pods: Vec<(SimPod, Pod)>,
 }
 
@@ -131,6 +134,11 @@ impl Scenario {
                 }
             }
         }
+        let agent_cgroup = if agent_args.iter().any(|a| a == "--local-sockets") {
+            Some(node.add_agent_cgroup()?)
+        } else {
+            None
+        };
         let manifests = TempDir::new("scenario");
         std::fs::write(
             manifests.0.join("cluster.yaml"),
@@ -142,6 +150,7 @@ impl Scenario {
             manifests,
             agent: None,
             agent_args,
+            agent_cgroup,
             pods,
         };
         scenario.start_agent()?;
@@ -150,7 +159,7 @@ impl Scenario {
 
     /// Starts the agent (again) and waits until it is ready.
     pub fn start_agent(&mut self) -> Result<()> {
-        self.agent = Some(self.node.spawn(&mut self.agent_command(&[]))?);
+        self.agent = Some(self.spawn_agent(&[])?);
         let started = Instant::now();
         while self.admin_get("/ready").is_err() {
             if let Some(status) = self
@@ -175,7 +184,7 @@ impl Scenario {
     pub fn take_over_agent(&mut self, extra: &[&str]) -> Result<AgentTakeover> {
         let mut old = self.agent.take().context("no agent is running")?;
         let started = Instant::now();
-        let mut new = self.node.spawn(&mut self.agent_command(extra))?;
+        let mut new = self.spawn_agent(extra)?;
         let status = loop {
             if let Some(status) = old.try_wait()? {
                 break status;
@@ -236,6 +245,14 @@ impl Scenario {
         }
         self.start_agent()?;
         Ok(started.elapsed())
+    }
+
+    fn spawn_agent(&self, extra: &[&str]) -> Result<Child> {
+        let mut command = self.agent_command(extra);
+        match &self.agent_cgroup {
+            Some(cgroup) => self.node.spawn_in_cgroup(cgroup, &mut command),
+            None => self.node.spawn(&mut command),
+        }
     }
 
     /// The agent command line: the scenario's arguments, then `extra`.

@@ -40,6 +40,8 @@ pub struct SoakConfig {
     /// Baseline: restart the old way, SIGTERM and start again without a takeover (losses
     /// expected: this shows what the takeover saves and that the soak can see it).
     pub cold: bool,
+    /// Run the agents with `--local-sockets` (in a cgroup under the pods').
+    pub local_sockets: bool,
 }
 
 impl Default for SoakConfig {
@@ -55,6 +57,7 @@ impl Default for SoakConfig {
             http2: 1,
             long_lived: 2,
             cold: false,
+            local_sockets: false,
         }
     }
 }
@@ -80,6 +83,9 @@ pub struct SoakReport {
     /// Whether those are what the last restart should leave: each program once; after a swap,
     /// also the predecessor's sockops and getpeername programs, kept until the agent exits.
     pub attached_as_expected: bool,
+    /// Connections the last agent's programs paired (`gamma_kernel_local_pairs_total`; they count
+    /// from the last swap of programs on).
+    pub local_pairs: u64,
     pub elapsed: Duration,
 }
 
@@ -121,6 +127,11 @@ impl std::fmt::Display for SoakReport {
             f,
             "long-lived upgraded connections kept through every restart: {} of {} opened, {} bytes echoed intact",
             l.long_lived_kept, l.long_lived_opened, l.long_lived_bytes
+        )?;
+        writeln!(
+            f,
+            "connections paired socket to socket (--local-sockets) since the last swap of programs: {}",
+            self.local_pairs
         )?;
         writeln!(
             f,
@@ -174,13 +185,16 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
     let cluster = SimCluster::from_manifests(&demo.join("cluster.yaml"), AddressPlan::default())?;
     let sockets = TempDir::new("takeover");
     let socket = sockets.0.join("agent.sock");
-    let args = vec![
+    let mut args = vec![
         "--takeover-socket".to_string(),
         socket.display().to_string(),
         // Bounds a soak stuck on a connection that never ends.
         "--drain-timeout-s".into(),
         "10".into(),
     ];
+    if config.local_sockets {
+        args.push("--local-sockets".into());
+    }
     let mut scenario = Scenario::start_with(name, cluster, args)?;
     let route = std::fs::read_to_string(demo.join("step1-consumer-route.yaml"))?;
     scenario.apply("consumer.yaml", &route)?;
@@ -280,11 +294,15 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         expected.extend(kept.map(String::from));
     }
     expected.sort();
+    let metrics = scenario.admin_get("/metrics")?;
+    let local_pairs =
+        crate::probe::sample(&metrics, "gamma_kernel_local_pairs_total").unwrap_or(0.0) as u64;
     Ok(SoakReport {
         restarts,
         load: total,
         attached_as_expected: attached == expected,
         attached,
+        local_pairs,
         elapsed: started.elapsed(),
     })
 }

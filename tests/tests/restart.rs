@@ -68,6 +68,32 @@ fn restarts_under_load_lose_nothing() {
     );
 }
 
+/// The same soak with `--local-sockets`: the client pod's connections to the agent and the
+/// agent's to the backend pods move their bytes socket to socket; upgraded connections are copied
+/// by the agent and handed over like the others.
+#[test]
+fn restarts_under_load_lose_nothing_with_local_sockets() {
+    if skipped("restarts_under_load_lose_nothing_with_local_sockets") {
+        return;
+    }
+    let config = SoakConfig {
+        restarts: 3,
+        duration: Duration::from_secs(12),
+        fresh_programs_every: 2,
+        processes: 1,
+        local_sockets: true,
+        ..SoakConfig::default()
+    };
+    let report = soak::run("restart-local", &config).unwrap();
+    eprint!("{report}");
+    assert!(report.clean(&config), "{report}");
+    assert!(report.load.long_lived_opened > 0, "{report}");
+    assert!(
+        report.local_pairs > 10,
+        "the programs paired the connections through the agent: {report}"
+    );
+}
+
 #[test]
 fn an_unresponsive_running_agent_is_given_up_on() {
     if skipped("an_unresponsive_running_agent_is_given_up_on") {

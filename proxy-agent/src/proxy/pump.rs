@@ -43,6 +43,18 @@ pub enum Carry {
     Copy,
 }
 
+impl Carry {
+    /// How to carry with local sockets on (`--local-sockets`): bytes a paired peer moved into the
+    /// agent's socket are in its socket queue, which recv(2) reads and splice(2) does not.
+    pub fn with_local_sockets(self, local_sockets: bool) -> Self {
+        if local_sockets {
+            Self::Copy
+        } else {
+            self
+        }
+    }
+}
+
 /// How a pump ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PumpEnd {

@@ -132,6 +132,11 @@ pub struct KernelCounters {
     pub record_failed: u64,
     /// getpeername() answered with the Service VIP.
     pub peername_rewrites: u64,
+    /// Node-local connections through the agent whose sockets were paired (bytes moved socket to
+    /// socket).
+    pub local_paired: u64,
+    /// Sockets of such connections that kept the TCP path (they sent before their peer was paired).
+    pub local_kept_tcp: u64,
 }
 
 /// The programs on the cgroup and who holds them.
@@ -224,6 +229,7 @@ impl Redirect {
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
         let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
         object::load_all(&mut ebpf)?;
+        object::attach_local_msg(&mut ebpf)?;
         object::follow_program_logs(&mut ebpf);
         Ok(Loaded {
             ebpf,
@@ -280,6 +286,8 @@ impl Redirect {
             agent_gone: read(counters::AGENT_GONE)?,
             record_failed: read(counters::RECORD_FAILED)?,
             peername_rewrites: read(counters::PEERNAME_REWRITES)?,
+            local_paired: read(counters::LOCAL_PAIRED)?,
+            local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
         })
     }
 
@@ -287,6 +295,19 @@ impl Redirect {
     /// `cgroup_id` are never redirected. For deployments where the agent's cgroup is not the one
     /// its sockets are created in, and for tests.
     pub fn set_exempt_cgroup(&self, cgroup_id: u64) -> Result<(), RedirectError> {
+        self.update_config(|config| config.agent_cgroup_id = cgroup_id)
+    }
+
+    /// Turns node-local socket pairing on or off for connections established from now on (see
+    /// `proxy-ebpf/src/local.rs`): a caller's connection to the agent, and the agent's to a backend
+    /// on this node, then move their bytes socket to socket instead of through TCP. The agent's
+    /// own sockets of such connections must then be read with recv(2), not splice(2) (the moved
+    /// bytes are not in the TCP queue splice reads): see `proxy::pump::Carry::for_local_sockets`.
+    pub fn set_local_sockets(&self, on: bool) -> Result<(), RedirectError> {
+        self.update_config(|config| config.local_sockets = u32::from(on))
+    }
+
+    fn update_config(&self, change: impl FnOnce(&mut AgentConfig)) -> Result<(), RedirectError> {
         let mut config = self
             .config
             .lock()
@@ -294,7 +315,7 @@ impl Redirect {
         let mut value = config
             .get(&0, 0)
             .map_err(|e| RedirectError::kernel("reading the agent config", e))?;
-        value.agent_cgroup_id = cgroup_id;
+        change(&mut value);
         config
             .set(0, value, 0)
             .map_err(|e| RedirectError::kernel("writing the agent config", e))

@@ -1,9 +1,11 @@
 //! The eBPF object embedded in the agent, and loading its programs into the kernel.
 
 use aya::{
-    programs::{Program, ProgramError},
+    maps::{MapData, SockHash},
+    programs::{Program, ProgramError, SkMsg},
     Ebpf, EbpfError, EbpfLoader,
 };
+use proxy_common::SocketPair;
 
 use super::RedirectError;
 
@@ -79,11 +81,12 @@ pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     Ok(())
 }
 
-/// Loads one program (of the two kinds the object contains) into the kernel.
+/// Loads one program (of the three kinds the object contains) into the kernel.
 pub(crate) fn load_program(name: &str, program: &mut Program) -> Result<(), RedirectError> {
     let loaded = match program {
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
         other => {
             return Err(RedirectError::ObjectMismatch {
                 name: format!("{name} (of unexpected type {:?})", other.prog_type()),
@@ -100,4 +103,37 @@ pub(crate) fn load_program(name: &str, program: &mut Program) -> Result<(), Redi
         },
         other => RedirectError::kernel(format!("loading program {name}"), other),
     })
+}
+
+/// Attaches `gamma_local_msg` to `LOCAL_SOCKETS`, for as long as the map lives. Harmless while
+/// local sockets are off: no socket joins the map, so the program never runs.
+///
+/// The attachment is made to outlive this process's handles on purpose: it belongs to the map,
+/// which lives while the cgroup programs using it are attached, also after a takeover by a
+/// successor running the same programs. aya would detach it when its handle drops.
+pub(crate) fn attach_local_msg(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
+    let map = ebpf
+        .map(proxy_common::maps::LOCAL_SOCKETS)
+        .ok_or_else(|| RedirectError::ObjectMismatch {
+            name: proxy_common::maps::LOCAL_SOCKETS.to_owned(),
+        })?;
+    let sockets: SockHash<&MapData, SocketPair> = SockHash::try_from(map)
+        .map_err(|e| RedirectError::kernel("opening the local sockets map", e))?;
+    let map_fd = sockets
+        .fd()
+        .try_clone()
+        .map_err(|e| RedirectError::io("duplicating the local sockets map", e))?;
+    let name = proxy_common::programs::LOCAL_MSG;
+    let program: &mut SkMsg = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| RedirectError::ObjectMismatch {
+            name: name.to_owned(),
+        })?;
+    let link = program
+        .attach(&map_fd)
+        .and_then(|id| program.take_link(id))
+        .map_err(|e| RedirectError::kernel(format!("attaching {name} to the local sockets map"), e))?;
+    std::mem::forget(link);
+    Ok(())
 }

@@ -1,0 +1,153 @@
+//! Node-local connections through the agent move their bytes socket to socket: what one socket of
+//! a pair sends goes straight into its peer's receive queue (`sk_msg` redirect), skipping the
+//! TCP/IP stack, the loopback or veth device, the softirq and the ACKs. On only when the agent says
+//! so (`AgentConfig::local_sockets`).
+//!
+//! Who joins `LOCAL_SOCKETS` (in `sockops`, see [`join_active`] and [`join_passive`]): the two
+//! ends of a caller's connection to the agent, and of the agent's connection to a backend on this
+//! node. The active end joins when established and leaves its pair in `LOCAL_PENDING`; the passive
+//! end, established a moment later on the same node, finds it there and joins too. A passive end
+//! whose active peer is on another node never finds it: only the agent's sockets and the sockets
+//! talking to it are ever touched.
+//!
+//! Order: a socket's bytes must not overtake each other. A redirected send lands in the peer's
+//! socket queue, which the peer reads before its TCP queue; a socket that sent over TCP while its
+//! peer was not paired yet could see later, redirected bytes read first. So each socket decides
+//! once, at its first send ([`gamma_local_msg`]): peer paired, all its bytes move; otherwise all
+//! take the TCP path.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS},
+    helpers::bpf_sk_storage_get,
+    macros::sk_msg,
+    programs::{SkMsgContext, SockOpsContext},
+};
+use proxy_common::{counters, Endpoint, SocketPair};
+
+use crate::{
+    ctx_access,
+    maps::{count, map_ptr, CONFIG, LOCAL_PENDING, LOCAL_SEND, LOCAL_SOCKETS},
+};
+
+const AF_INET: u32 = 2;
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const STORAGE_CREATE: u64 = 1;
+
+/// `LOCAL_SEND` values: a socket's sends not decided yet (the storage exists from the agent's
+/// connect on: it marks the agent's own connections), moved to the peer, or left to TCP.
+pub(crate) const SEND_UNDECIDED: u32 = 0;
+const SEND_MOVE: u32 = 1;
+const SEND_TCP: u32 = 2;
+
+/// Both ends of the connection, read from a `bpf_sock_ops` or `sk_msg_md` context (same field
+/// names): `local_port` is in host byte order there, `remote_port` in network order in the upper
+/// half of the word. A v4-mapped IPv6 socket yields the same key as an IPv4 one.
+macro_rules! socket_pair {
+    ($ctx:expr) => {{
+        let ctx = $ctx;
+        let local_port = (ctx_access::read_u32(&raw const (*ctx).local_port) as u16).to_be();
+        let remote_port = (ctx_access::read_u32(&raw const (*ctx).remote_port) >> 16) as u16;
+        // Every field read unconditionally: see `sockops::publish_caller`.
+        let local4 = ctx_access::read_u32(&raw const (*ctx).local_ip4);
+        let remote4 = ctx_access::read_u32(&raw const (*ctx).remote_ip4);
+        let local6 = ctx_access::read_ip6(&raw const (*ctx).local_ip6);
+        let remote6 = ctx_access::read_ip6(&raw const (*ctx).remote_ip6);
+        if ctx_access::read_u32(&raw const (*ctx).family) == AF_INET {
+            SocketPair {
+                local: Endpoint::v4(local4, local_port),
+                remote: Endpoint::v4(remote4, remote_port),
+            }
+        } else {
+            SocketPair {
+                local: Endpoint::v6(local6, local_port),
+                remote: Endpoint::v6(remote6, remote_port),
+            }
+        }
+    }};
+}
+
+/// Whether the agent asked for local sockets.
+#[inline(always)]
+pub(crate) fn enabled() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.local_sockets != 0)
+}
+
+/// An active end that is the agent's or a caller's to the agent (the caller checks that) joins, and
+/// waits in `LOCAL_PENDING` for its passive end.
+#[inline(always)]
+pub(crate) fn join_active(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: context fields read at their own offsets.
+    let pair = unsafe { socket_pair!(ops) };
+    // SAFETY: at ACTIVE_ESTABLISHED the context holds a full socket.
+    if LOCAL_SOCKETS.update(pair, unsafe { &mut *ops }, 0).is_ok() {
+        // Lost (evicted or not stored): the passive end stays out, and this end's first send
+        // finds no peer and keeps TCP.
+        let _ = LOCAL_PENDING.insert(pair, 1, 0);
+    }
+}
+
+/// A passive end joins if its active end waits for it.
+#[inline(always)]
+pub(crate) fn join_passive(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: context fields read at their own offsets.
+    let pair = unsafe { socket_pair!(ops) };
+    let active = SocketPair {
+        local: pair.remote,
+        remote: pair.local,
+    };
+    // SAFETY: the reference is used only to test presence.
+    if unsafe { LOCAL_PENDING.get(active) }.is_none() {
+        return;
+    }
+    let _ = LOCAL_PENDING.remove(active);
+    // SAFETY: at PASSIVE_ESTABLISHED the context holds a full socket.
+    if LOCAL_SOCKETS.update(pair, unsafe { &mut *ops }, 0).is_ok() {
+        count(counters::LOCAL_PAIRED);
+    }
+}
+
+/// Runs on every send of a socket in `LOCAL_SOCKETS`: moves the bytes into the peer's receive queue
+/// when this socket's first send found the peer paired, else lets them take the TCP path.
+#[sk_msg]
+pub fn gamma_local_msg(ctx: SkMsgContext) -> u32 {
+    let md: *mut sk_msg_md = ctx.msg;
+    // SAFETY: `sk` is the sending socket (never null for sk_msg); the storage pointer is checked.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            map_ptr(&LOCAL_SEND),
+            (*md).__bindgen_anon_3.sk.cast(),
+            core::ptr::null_mut(),
+            STORAGE_CREATE,
+        )
+        .cast::<u32>()
+    };
+    if state.is_null() {
+        // Nowhere to remember a decision: TCP, as for the sends before (if any).
+        count(counters::LOCAL_KEPT_TCP);
+        return SK_PASS;
+    }
+    // SAFETY: `state` is this socket's storage, valid for the program's run; context fields are
+    // read at their own offsets.
+    unsafe {
+        if *state == SEND_TCP {
+            return SK_PASS;
+        }
+        let pair = socket_pair!(md);
+        let peer = SocketPair {
+            local: pair.remote,
+            remote: pair.local,
+        };
+        // SK_PASS with the redirect set moves the bytes; without it (no peer: not paired, or
+        // closed since), they take the TCP path.
+        let moved = LOCAL_SOCKETS.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64;
+        if *state == SEND_UNDECIDED {
+            *state = if moved { SEND_MOVE } else { SEND_TCP };
+            if !moved {
+                count(counters::LOCAL_KEPT_TCP);
+            }
+        }
+    }
+    SK_PASS
+}

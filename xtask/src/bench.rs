@@ -6,7 +6,9 @@
 //!   copy of the script: a bare hyper one (`floor`, `tests/src/bin/hyper_floor.rs`: what hyper
 //!   alone costs) and one on `httparse` with reused buffers (`codec`,
 //!   `tests/src/bin/codec_floor.rs`: what an HTTP/1.1 codec of our own could cost at least)
-//!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY).
+//!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY). As root, a third slot, `local`: our agent on
+//!   the path pods take, through the kernel redirect with `--local-sockets` (wrk dials a Service
+//!   address that the programs steer to the agent; see [`LocalSlot`]).
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 (keep-alive, and
 //!   a new connection per request) and HTTP/2 (`tests/src/bin/bench_alloc.rs`;
 //!   `GAMMA_ALLOC_TRACE=1` says where they come from).
@@ -99,7 +101,18 @@ fn peers() -> Result<()> {
         );
     }
     let extended = root.join("target/peers-run.sh");
-    let slots = format!("{OURS_ADDED}{}{}", slot("floor"), slot("codec"));
+    let local = if util::is_root() {
+        Some(LocalSlot::prepare()?)
+    } else {
+        util::warn("not root: no `local` slot (the kernel redirect with --local-sockets)");
+        None
+    };
+    let slots = format!(
+        "{OURS_ADDED}{}{}{}",
+        slot("floor"),
+        slot("codec"),
+        if local.is_some() { slot("local") } else { String::new() }
+    );
     std::fs::write(&extended, original.replacen(OURS_ADDED, &slots, 1))?;
     let agent = root.join("target/release/proxy-agent");
     let floor = |bin: &str, port: u16| {
@@ -116,12 +129,25 @@ fn peers() -> Result<()> {
         agent.display(),
         manifests.display()
     );
-    step(
+    let mut script = Command::new("bash");
+    script.arg(&extended);
+    if let Some(local) = &local {
+        // The whole run in the cgroup the programs attach to, so that wrk's connects are steered.
+        script = Command::new("sh");
+        script.arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec bash {}",
+            local.run.display(),
+            extended.display()
+        ));
+        script
+            .env("LOCAL_CMD", local.command(&agent))
+            .env("LOCAL_URL", format!("http://{LOCAL_VIP}/"));
+    }
+    let result = step(
         "peer proxies side by side (run.sh, with the hyper and codec floors)",
         || {
             run_shown(
-                Command::new("bash")
-                    .arg(&extended)
+                script
                     .env("OURPROXY_CMD", command)
                     .env("OURPROXY_URL", "http://127.0.0.1:18184/")
                     .env("FLOOR_CMD", floor("gamma-hyper-floor", 18185))
@@ -130,7 +156,95 @@ fn peers() -> Result<()> {
                     .env("CODEC_URL", "http://127.0.0.1:18186/"),
             )
         },
-    )
+    );
+    if let Some(local) = local {
+        local.remove();
+    }
+    result
+}
+
+/// The Service address of the `local` slot: in 127.0.0.0/8, so that a connect the programs do
+/// not steer (the agent not up yet, or gone) is refused on loopback, never routed off the machine.
+const LOCAL_VIP: &str = "127.0.200.10:80";
+
+/// The `local` slot: cgroups `gamma-peers-bench/{run,agent}` under the cgroup v2 mount (the whole
+/// run in `run`, our agent in `agent`, the programs on their parent, as on a node where the agent
+/// is a pod among pods), and a copy of the bench manifests with the Service at [`LOCAL_VIP`].
+struct LocalSlot {
+    parent: std::path::PathBuf,
+    run: std::path::PathBuf,
+    agent: std::path::PathBuf,
+    manifests: std::path::PathBuf,
+}
+
+impl LocalSlot {
+    fn prepare() -> Result<Self> {
+        let mount = cgroup2_mount()?;
+        let parent = mount.join("gamma-peers-bench");
+        let slot = LocalSlot {
+            run: parent.join("run"),
+            agent: parent.join("agent"),
+            parent,
+            manifests: util::workspace_root().join("target/peers-local-manifests"),
+        };
+        slot.remove(); // what an interrupted run left
+        for dir in [&slot.parent, &slot.run, &slot.agent, &slot.manifests] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+        let bench = std::fs::read_to_string(
+            util::workspace_root().join("bench/peers/manifests/bench.yaml"),
+        )?;
+        let original = "clusterIP: 10.96.200.10";
+        if !bench.contains(original) {
+            bail!("bench/peers/manifests/bench.yaml no longer has `{original}`: update LocalSlot");
+        }
+        let vip = LOCAL_VIP.split(':').next().unwrap_or_default();
+        std::fs::write(
+            slot.manifests.join("bench.yaml"),
+            bench.replacen(original, &format!("clusterIP: {vip}"), 1),
+        )?;
+        Ok(slot)
+    }
+
+    /// Like `ours` (two workers, no access log), but in the agent's cgroup, on the redirect.
+    fn command(&self, agent: &std::path::Path) -> String {
+        format!(
+            "sh -c 'echo $$ > {}/cgroup.procs && exec env RUST_LOG=warn {} --manifests {} \
+             --redirect 127.0.0.1:18187 --cgroup {} --local-sockets --admin 127.0.0.1:15991 --workers 2'",
+            self.agent.display(),
+            agent.display(),
+            self.manifests.display(),
+            self.parent.display()
+        )
+    }
+
+    /// Removes the cgroups (run.sh has stopped its processes; they may take a moment to exit).
+    fn remove(&self) {
+        for _ in 0..50 {
+            for dir in [&self.run, &self.agent, &self.parent] {
+                let _ = std::fs::remove_dir(dir);
+            }
+            if !self.parent.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        util::warn(&format!("could not remove {}", self.parent.display()));
+    }
+}
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid systems).
+fn cgroup2_mount() -> Result<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            (fs.split_whitespace().next() == Some("cgroup2"))
+                .then(|| mount.split_whitespace().nth(4).map(Into::into))?
+        })
+        .ok_or_else(|| anyhow::anyhow!("no cgroup v2 mount in /proc/self/mountinfo"))
 }
 
 fn redirect() -> Result<()> {

@@ -543,6 +543,14 @@ fn start_redirect(
     redirect
         .set_local_sockets(config.local_sockets)
         .context("setting --local-sockets in the kernel programs' config")?;
+    if config.local_sockets && !runs_under(&config.cgroup) {
+        tracing::warn!(
+            cgroup = %config.cgroup.display(),
+            "--local-sockets: this agent does not run in a cgroup under --cgroup, so the programs \
+             do not see its sockets and no connection is paired; run it under --cgroup (a \
+             DaemonSet pod under kubepods is)"
+        );
+    }
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
@@ -556,6 +564,12 @@ fn start_redirect(
         serve_redirect(proxy, listener, resolver.clone(), drain.clone())
     })?;
     Ok(redirect)
+}
+
+/// Whether this process's cgroup is `cgroup` or below it: where the programs attached to `cgroup`
+/// see its sockets.
+fn runs_under(cgroup: &std::path::Path) -> bool {
+    redirect::own_cgroup_id().is_ok_and(|own| CgroupDirs::new(cgroup).path_of(own).is_some())
 }
 
 /// The kernel cannot run the redirect: the agent serves on without it (pods keep ordinary Service

@@ -8,6 +8,9 @@
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
 //! - nor does it by reusing that pod's source port, before or after the pod, nor by connecting to
 //!   the agent's redirect port directly (no record: closed);
+//! - with `--local-sockets`, the caller's connections through the agent carry their bytes socket
+//!   to socket (its TCP sends only handshakes and closes), with the same answers, HTTP/1.1 and
+//!   HTTP/2;
 //! - on a kernel without what the redirect needs (5.10), the agent attaches nothing and says why,
 //!   and pods reach mesh Services through kube-proxy (`cargo xtask kernels` runs it there).
 
@@ -18,6 +21,10 @@ use gamma_tests::scenario::Scenario;
 use std::time::{Duration, Instant};
 
 fn scenario(test: &str) -> Option<Scenario> {
+    scenario_with(test, &[])
+}
+
+fn scenario_with(test: &str, agent_args: &[&str]) -> Option<Scenario> {
     if let Some(reason) = gamma_tests::node::require_root() {
         gamma_tests::skip(test, &reason);
         return None;
@@ -25,7 +32,8 @@ fn scenario(test: &str) -> Option<Scenario> {
     let dir = gamma_tests::workspace_root().join("demo");
     let cluster =
         SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default()).unwrap();
-    let scenario = Scenario::start(test, cluster).unwrap();
+    let args = agent_args.iter().map(|a| a.to_string()).collect();
+    let scenario = Scenario::start_with(test, cluster, args).unwrap();
     let route = std::fs::read_to_string(dir.join("step1-consumer-route.yaml")).unwrap();
     scenario.apply("consumer.yaml", &route).unwrap();
     Some(scenario)
@@ -36,14 +44,43 @@ fn client(s: &Scenario, namespace: &str) -> SimPod {
 }
 
 fn call(s: &Scenario, from: &SimPod, service: &str, count: usize) -> Vec<ClientAnswer> {
+    call_with(s, from, service, count, |_| {})
+}
+
+fn call_with(
+    s: &Scenario,
+    from: &SimPod,
+    service: &str,
+    count: usize,
+    adjust: impl FnOnce(&mut ClientRequest),
+) -> Vec<ClientAnswer> {
     let vip = s.cluster.resolve(service, "products").unwrap();
-    let request = ClientRequest {
+    let mut request = ClientRequest {
         url: format!("http://{vip}:80/items"),
         method: "GET".into(),
         count,
         ..Default::default()
     };
+    adjust(&mut request);
     s.request(from, &request).unwrap()
+}
+
+/// TCP segments sent from a pod's network namespace so far (`Tcp: OutSegs` of /proc/net/snmp).
+fn tcp_segments_sent(pod: &gamma_tests::node::Pod) -> u64 {
+    let output = pod
+        .run_output(
+            std::process::Command::new("cat").arg("/proc/net/snmp"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let snmp = String::from_utf8(output.stdout).unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "OutSegs")
+        .unwrap();
+    values.split_whitespace().nth(column).unwrap().parse().unwrap()
 }
 
 fn flagged(answers: &[ClientAnswer]) -> usize {
@@ -294,4 +331,37 @@ fn redirect_follows_what_the_kernel_supports() {
             "{missing:?}"
         );
     }
+}
+
+#[test]
+fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
+    let test = "local_sockets_move_the_bytes_of_connections_through_the_agent";
+    let Some(s) = scenario_with(test, &["--local-sockets"]) else {
+        return;
+    };
+    let ui = client(&s, "ui-backend");
+    let pod = s.pod(&ui).unwrap();
+    let before = tcp_segments_sent(pod);
+    let kept_alive = call_with(&s, &ui, "catalog", 50, |r| r.keep_alive = true);
+    let sent = tcp_segments_sent(pod) - before;
+    // Over TCP, each of the 50 requests is a segment at least; paired, only the handshake and the
+    // close are.
+    assert!(
+        sent < 20,
+        "{sent} TCP segments for 50 requests on one connection: the bytes took TCP"
+    );
+    let new_connections = call(&s, &ui, "catalog", 20);
+    let grpc = call_with(&s, &ui, "catalog", 10, |r| r.grpc = true);
+    for answers in [&kept_alive, &new_connections, &grpc] {
+        assert!(
+            answers.iter().all(|a| a.status == 200),
+            "{:?}",
+            answers.iter().find(|a| a.status != 200)
+        );
+        assert_eq!(flagged(answers), answers.len(), "the consumer route applied");
+    }
+    assert_eq!(agent_requests(&s), 80, "all went through the agent");
+    // A pair per connection to the agent (1 + 20 + 1) and per connection to a backend pod.
+    let pairs = counter(&s, "gamma_kernel_local_pairs_total");
+    assert!(pairs >= 23, "{pairs} connections paired");
 }

@@ -69,7 +69,9 @@ struct Cli {
     /// on this node) move their bytes socket to socket in the kernel, skipping TCP/IP. The agent
     /// must run in a cgroup under --cgroup. Off by default: a pod that reads such a connection with
     /// splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not see the
-    /// moved bytes. Opaque and upgraded connections are then copied (--pump copy).
+    /// moved bytes, and moved bytes have no flow control (a socket that does not read lets its peer
+    /// queue without bound, charged to its memory cgroup). Opaque and upgraded connections are
+    /// then copied (--pump copy).
     #[arg(long, requires = "redirect")]
     local_sockets: bool,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.

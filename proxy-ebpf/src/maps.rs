@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, SocketPair, LISTENER_SLOTS, MAX_CALLERS, MAX_LOCAL_SOCKETS,
-    MAX_MESH_SERVICES,
+    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, SocketPair, LISTENER_SLOTS,
+    MAX_CALLERS, MAX_LOCAL_SOCKETS, MAX_MESH_SERVICES,
 };
 
 /// The VIP:port pairs to redirect (a set: the value is always 1). Written only by the agent.

@@ -80,7 +80,12 @@ fn tcp_segments_sent(pod: &gamma_tests::node::Pod) -> u64 {
         .split_whitespace()
         .position(|n| n == "OutSegs")
         .unwrap();
-    values.split_whitespace().nth(column).unwrap().parse().unwrap()
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn flagged(answers: &[ClientAnswer]) -> usize {
@@ -358,7 +363,11 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
             "{:?}",
             answers.iter().find(|a| a.status != 200)
         );
-        assert_eq!(flagged(answers), answers.len(), "the consumer route applied");
+        assert_eq!(
+            flagged(answers),
+            answers.len(),
+            "the consumer route applied"
+        );
     }
     assert_eq!(agent_requests(&s), 80, "all went through the agent");
     // A pair per connection to the agent (1 + 20 + 1) and per connection to a backend pod.

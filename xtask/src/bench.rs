@@ -111,7 +111,11 @@ fn peers() -> Result<()> {
         "{OURS_ADDED}{}{}{}",
         slot("floor"),
         slot("codec"),
-        if local.is_some() { slot("local") } else { String::new() }
+        if local.is_some() {
+            slot("local")
+        } else {
+            String::new()
+        }
     );
     std::fs::write(&extended, original.replacen(OURS_ADDED, &slots, 1))?;
     let agent = root.join("target/release/proxy-agent");

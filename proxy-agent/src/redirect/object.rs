@@ -112,11 +112,11 @@ pub(crate) fn load_program(name: &str, program: &mut Program) -> Result<(), Redi
 /// which lives while the cgroup programs using it are attached, also after a takeover by a
 /// successor running the same programs. aya would detach it when its handle drops.
 pub(crate) fn attach_local_msg(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
-    let map = ebpf
-        .map(proxy_common::maps::LOCAL_SOCKETS)
-        .ok_or_else(|| RedirectError::ObjectMismatch {
+    let map = ebpf.map(proxy_common::maps::LOCAL_SOCKETS).ok_or_else(|| {
+        RedirectError::ObjectMismatch {
             name: proxy_common::maps::LOCAL_SOCKETS.to_owned(),
-        })?;
+        }
+    })?;
     let sockets: SockHash<&MapData, SocketPair> = SockHash::try_from(map)
         .map_err(|e| RedirectError::kernel("opening the local sockets map", e))?;
     let map_fd = sockets
@@ -133,7 +133,9 @@ pub(crate) fn attach_local_msg(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     let link = program
         .attach(&map_fd)
         .and_then(|id| program.take_link(id))
-        .map_err(|e| RedirectError::kernel(format!("attaching {name} to the local sockets map"), e))?;
+        .map_err(|e| {
+            RedirectError::kernel(format!("attaching {name} to the local sockets map"), e)
+        })?;
     std::mem::forget(link);
     Ok(())
 }

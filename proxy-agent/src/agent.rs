@@ -203,6 +203,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Some(r) => match start_redirect(
             r,
             &workers,
+            &proxy.pumps,
             &publisher.reader().load(),
             &drain,
             (&mut inherited, &mut offered),
@@ -219,6 +220,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                         counted.record_failed,
                         counted.peername_rewrites,
                         counted.local_paired,
+                        counted.local_moved,
                         counted.local_kept_tcp,
                     ])
                 }));
@@ -515,6 +517,7 @@ async fn finish_takeover(
 fn start_redirect(
     config: &RedirectConfig,
     workers: &Workers,
+    pumps: &Pumps,
     snapshot: &Snapshot,
     drain: &Drain,
     (inherited, offered): (&mut Inherited, &mut Offered),
@@ -540,16 +543,20 @@ fn start_redirect(
             config.cgroup.display()
         )
     })?;
-    redirect
-        .set_local_sockets(config.local_sockets)
-        .context("setting --local-sockets in the kernel programs' config")?;
-    if config.local_sockets && !runs_under(&config.cgroup) {
+    let local_sockets = config.local_sockets && runs_under(&config.cgroup);
+    if config.local_sockets && !local_sockets {
         tracing::warn!(
             cgroup = %config.cgroup.display(),
-            "--local-sockets: this agent does not run in a cgroup under --cgroup, so the programs \
-             do not see its sockets and no connection is paired; run it under --cgroup (a \
-             DaemonSet pod under kubepods is)"
+            "--local-sockets ignored: this agent does not run in a cgroup under --cgroup, so the \
+             programs would pair the callers' sockets but never its own; run it under --cgroup \
+             (a DaemonSet pod under kubepods is)"
         );
+    }
+    redirect
+        .set_local_sockets(local_sockets)
+        .context("setting --local-sockets in the kernel programs' config")?;
+    if redirect.sockets_may_be_paired() {
+        pumps.expect_paired_sockets();
     }
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, snapshot);

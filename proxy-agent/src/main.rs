@@ -71,7 +71,7 @@ struct Cli {
     /// splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not see the
     /// moved bytes, and moved bytes have no flow control (a socket that does not read lets its peer
     /// queue without bound, charged to its memory cgroup). Opaque and upgraded connections are
-    /// then copied (--pump copy).
+    /// then copied, whatever --pump says.
     #[arg(long, requires = "redirect")]
     local_sockets: bool,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.
@@ -225,7 +225,7 @@ fn main() -> Result<()> {
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
             idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
-            pump: cli.pump.with_local_sockets(cli.local_sockets),
+            pump: cli.pump,
             max_connections: cli.max_connections.max(1),
             upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
             ..ProxyConfig::default()

@@ -162,14 +162,15 @@ pub mod counters {
     pub const RECORD_FAILED: u32 = 2;
     /// getpeername() answered with the Service VIP instead of the agent.
     pub const PEERNAME_REWRITES: u32 = 3;
-    /// A node-local connection through the agent whose two sockets were paired: their bytes move
-    /// socket to socket.
+    /// A node-local connection through the agent whose two sockets were paired.
     pub const LOCAL_PAIRED: u32 = 4;
-    /// A socket of such a pair that sent before its peer was paired (or its per-socket state could
-    /// not be stored): it keeps the TCP path, so that its bytes cannot overtake each other.
-    pub const LOCAL_KEPT_TCP: u32 = 5;
+    /// A socket in `LOCAL_SOCKETS` whose first send found its peer paired: its bytes move.
+    pub const LOCAL_MOVED: u32 = 5;
+    /// A socket in `LOCAL_SOCKETS` whose first send found no paired peer (one on another node, or
+    /// still in its handshake): its bytes take TCP, all of them, so that none overtakes another.
+    pub const LOCAL_KEPT_TCP: u32 = 6;
     /// Number of counters.
-    pub const SLOTS: u32 = 6;
+    pub const SLOTS: u32 = 7;
 }
 
 /// Map names, shared so the agent looks up exactly what the programs define.

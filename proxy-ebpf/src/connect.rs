@@ -14,7 +14,7 @@ use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, 
 
 use crate::{
     ctx_access,
-    maps::{count, map_ptr, AGENT_LISTENERS, CONFIG, LOCAL_SEND, MESH_SERVICES, REDIRECTED},
+    maps::{count, map_ptr, AGENT_DIALS, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
     ALLOW,
 };
 
@@ -168,7 +168,7 @@ fn mark_agent(ctx: &SockAddrContext) {
     }
     // SAFETY: the context's socket is a full socket; a storage that cannot be created leaves the
     // connection on the TCP path.
-    let _ = unsafe { LOCAL_SEND.get_or_insert_ptr_mut(ctx, None) };
+    let _ = unsafe { AGENT_DIALS.get_or_insert_ptr_mut(ctx, None) };
 }
 
 /// Whether the agent's listener for `slot` is in `AGENT_LISTENERS`, i.e. still open.

@@ -17,7 +17,9 @@
 //! take the TCP path.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS},
+    bindings::{
+        bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE,
+    },
     helpers::bpf_sk_storage_get,
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
@@ -27,15 +29,11 @@ use proxy_common::{counters, Endpoint, SocketPair};
 use crate::{
     ctx_access,
     maps::{count, map_ptr, CONFIG, LOCAL_PENDING, LOCAL_SEND, LOCAL_SOCKETS},
+    AF_INET,
 };
 
-const AF_INET: u32 = 2;
-/// `BPF_SK_STORAGE_GET_F_CREATE`.
-const STORAGE_CREATE: u64 = 1;
-
-/// `LOCAL_SEND` values: a socket's sends not decided yet (the storage exists from the agent's
-/// connect on: it marks the agent's own connections), moved to the peer, or left to TCP.
-pub(crate) const SEND_UNDECIDED: u32 = 0;
+/// `LOCAL_SEND` values: a joined socket's sends not decided yet, moved to the peer, or left to TCP.
+const SEND_UNDECIDED: u32 = 0;
 const SEND_MOVE: u32 = 1;
 const SEND_TCP: u32 = 2;
 
@@ -79,8 +77,7 @@ pub(crate) fn join_active(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: context fields read at their own offsets.
     let pair = unsafe { socket_pair!(ops) };
-    // SAFETY: at ACTIVE_ESTABLISHED the context holds a full socket.
-    if LOCAL_SOCKETS.update(pair, unsafe { &mut *ops }, 0).is_ok() {
+    if join(ops, pair) {
         // Lost (evicted or not stored): the passive end stays out, and this end's first send
         // finds no peer and keeps TCP.
         let _ = LOCAL_PENDING.insert(pair, 1, 0);
@@ -97,14 +94,36 @@ pub(crate) fn join_passive(ctx: &SockOpsContext) {
         local: pair.remote,
         remote: pair.local,
     };
-    // SAFETY: the reference is used only to test presence.
-    if unsafe { LOCAL_PENDING.get(active) }.is_none() {
-        return;
-    }
-    let _ = LOCAL_PENDING.remove(active);
-    // SAFETY: at PASSIVE_ESTABLISHED the context holds a full socket.
-    if LOCAL_SOCKETS.update(pair, unsafe { &mut *ops }, 0).is_ok() {
+    if LOCAL_PENDING.remove(active).is_ok() && join(ops, pair) {
         count(counters::LOCAL_PAIRED);
+    }
+}
+
+/// Puts the context's socket in `LOCAL_SOCKETS` under `pair`, its sends undecided. The decision is
+/// (re)set here, before the socket can send on this connection: a socket that connects again
+/// must not keep the last connection's. Without a place for it, the socket stays out (and its
+/// sends never move).
+#[inline(always)]
+fn join(ops: *mut bpf_sock_ops, pair: SocketPair) -> bool {
+    // SAFETY: `sk` is null or a full socket (checked); the storage pointer is checked for null and
+    // valid for the program's run.
+    unsafe {
+        let sk = (*ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let state = bpf_sk_storage_get(
+            map_ptr(&LOCAL_SEND),
+            sk.cast(),
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+        .cast::<u32>();
+        if state.is_null() {
+            return false;
+        }
+        *state = SEND_UNDECIDED;
+        LOCAL_SOCKETS.update(pair, &mut *ops, 0).is_ok()
     }
 }
 
@@ -113,25 +132,21 @@ pub(crate) fn join_passive(ctx: &SockOpsContext) {
 #[sk_msg]
 pub fn gamma_local_msg(ctx: SkMsgContext) -> u32 {
     let md: *mut sk_msg_md = ctx.msg;
-    // SAFETY: `sk` is the sending socket (never null for sk_msg); the storage pointer is checked.
+    // SAFETY: `sk` is the sending socket (never null for sk_msg); looked up, not created: a socket
+    // joins with its state (`join`), so one without has not joined properly and keeps TCP.
     let state = unsafe {
         bpf_sk_storage_get(
             map_ptr(&LOCAL_SEND),
             (*md).__bindgen_anon_3.sk.cast(),
             core::ptr::null_mut(),
-            STORAGE_CREATE,
+            0,
         )
         .cast::<u32>()
     };
-    if state.is_null() {
-        // Nowhere to remember a decision: TCP, as for the sends before (if any).
-        count(counters::LOCAL_KEPT_TCP);
-        return SK_PASS;
-    }
-    // SAFETY: `state` is this socket's storage, valid for the program's run; context fields are
-    // read at their own offsets.
+    // SAFETY: `state` is null or this socket's storage, valid for the program's run; context
+    // fields are read at their own offsets.
     unsafe {
-        if *state == SEND_TCP {
+        if state.is_null() || *state == SEND_TCP {
             return SK_PASS;
         }
         let pair = socket_pair!(md);
@@ -141,12 +156,14 @@ pub fn gamma_local_msg(ctx: SkMsgContext) -> u32 {
         };
         // SK_PASS with the redirect set moves the bytes; without it (no peer: not paired, or
         // closed since), they take the TCP path.
-        let moved = LOCAL_SOCKETS.redirect_msg(&ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64;
+        let moved = LOCAL_SOCKETS.redirect_msg(&ctx, peer, BPF_F_INGRESS.into()) == SK_PASS.into();
         if *state == SEND_UNDECIDED {
             *state = if moved { SEND_MOVE } else { SEND_TCP };
-            if !moved {
-                count(counters::LOCAL_KEPT_TCP);
-            }
+            count(if moved {
+                counters::LOCAL_MOVED
+            } else {
+                counters::LOCAL_KEPT_TCP
+            });
         }
     }
     SK_PASS

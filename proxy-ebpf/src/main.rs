@@ -22,6 +22,9 @@ mod sockops;
 /// Return value of cgroup sock_addr and sock_ops programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
 
+/// `family` of an IPv4 socket in the programs' contexts.
+const AF_INET: u32 = 2;
+
 /// Declared explicitly (aya defaults to "GPL"): the project is Apache-2.0, and none of the helpers
 /// used here is GPL-only.
 #[unsafe(link_section = "license")]

@@ -31,10 +31,15 @@ pub(crate) static LOCAL_SOCKETS: SockHash<SocketPair, { MAX_LOCAL_SOCKETS as usi
 pub(crate) static LOCAL_PENDING: LruHashMap<SocketPair, u8, { MAX_LOCAL_SOCKETS as usize }> =
     LruHashMap::new();
 
-/// How a socket of `LOCAL_SOCKETS` sends (`local::SEND_*`), decided at its first send; created at
-/// connect() for the agent's own connections, which is what marks them.
+/// How a socket of `LOCAL_SOCKETS` sends (`local::SEND_*`): set undecided when it joins, decided at
+/// its first send.
 #[btf_map]
 pub(crate) static LOCAL_SEND: SkStorage<u32> = SkStorage::new();
+
+/// Marks the sockets the agent dialled (its value is unused): their connections are candidates for
+/// `LOCAL_SOCKETS`. Set at connect() only for processes of the agent's cgroup.
+#[btf_map]
+pub(crate) static AGENT_DIALS: SkStorage<u8> = SkStorage::new();
 
 /// One entry: the agent's addresses and cgroup.
 #[btf_map]

@@ -17,17 +17,16 @@ use proxy_common::{counters, CallerKey, Endpoint, RedirectRecord};
 
 use crate::{
     ctx_access, local,
-    maps::{count, map_ptr, CALLERS, LOCAL_SEND, REDIRECTED},
+    maps::{count, map_ptr, AGENT_DIALS, CALLERS, REDIRECTED},
+    AF_INET,
 };
-
-const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let caller = publish_caller(&ctx);
-            if (caller || dialled_by_agent(&ctx)) && local::enabled() {
+            if local::enabled() && (caller || dialled_by_agent(&ctx)) {
                 local::join_active(&ctx);
             }
         }
@@ -37,14 +36,14 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
     crate::ALLOW as u32
 }
 
-/// Whether the socket is one the agent dialled (marked at connect(), see `connect::mark_agent`).
+/// Whether the socket is one the agent dialled (marked at connect(): `connect::mark_agent`).
 #[inline(always)]
 fn dialled_by_agent(ctx: &SockOpsContext) -> bool {
     // SAFETY: `sk` is null or a full socket (checked); the storage is only tested for presence.
     unsafe {
         let sk = (*ctx.ops).__bindgen_anon_2.sk;
         !sk.is_null()
-            && !bpf_sk_storage_get(map_ptr(&LOCAL_SEND), sk.cast(), core::ptr::null_mut(), 0)
+            && !bpf_sk_storage_get(map_ptr(&AGENT_DIALS), sk.cast(), core::ptr::null_mut(), 0)
                 .is_null()
     }
 }

@@ -329,6 +329,15 @@ impl Scenario {
         Ok(())
     }
 
+    /// The harness Pods of every simulated Pod but `sim`.
+    pub fn pods_except(&self, sim: &SimPod) -> Vec<&Pod> {
+        self.pods
+            .iter()
+            .filter(|(s, _)| !(s.name == sim.name && s.namespace == sim.namespace))
+            .map(|(_, p)| p)
+            .collect()
+    }
+
     /// The harness Pod of a simulated Pod.
     pub fn pod(&self, sim: &SimPod) -> Result<&Pod> {
         self.pods

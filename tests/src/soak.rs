@@ -83,9 +83,9 @@ pub struct SoakReport {
     /// Whether those are what the last restart should leave: each program once; after a swap,
     /// also the predecessor's sockops and getpeername programs, kept until the agent exits.
     pub attached_as_expected: bool,
-    /// Connections the last agent's programs paired (`gamma_kernel_local_pairs_total`; they count
-    /// from the last swap of programs on).
-    pub local_pairs: u64,
+    /// Sockets whose bytes moved socket to socket (`gamma_kernel_local_moved_sockets_total`) from
+    /// the last restart on: that pairing still works after the last takeover.
+    pub local_moved_after_last_restart: u64,
     pub elapsed: Duration,
 }
 
@@ -130,8 +130,8 @@ impl std::fmt::Display for SoakReport {
         )?;
         writeln!(
             f,
-            "connections paired socket to socket (--local-sockets) since the last swap of programs: {}",
-            self.local_pairs
+            "sockets moving their bytes socket to socket (--local-sockets) after the last restart: {}",
+            self.local_moved_after_last_restart
         )?;
         writeln!(
             f,
@@ -259,6 +259,7 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         };
         restarts.push(restart.with_context(|| format!("restart {i}"))?);
     }
+    let moved_at_last_restart = local_moved(&scenario)?;
     let mut total = LoadReport::default();
     for child in load {
         let output = child.wait_with_output()?;
@@ -294,15 +295,23 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         expected.extend(kept.map(String::from));
     }
     expected.sort();
-    let metrics = scenario.admin_get("/metrics")?;
-    let local_pairs =
-        crate::probe::sample(&metrics, "gamma_kernel_local_pairs_total").unwrap_or(0.0) as u64;
+    let local_moved_after_last_restart =
+        local_moved(&scenario)?.saturating_sub(moved_at_last_restart);
     Ok(SoakReport {
         restarts,
         load: total,
         attached_as_expected: attached == expected,
         attached,
-        local_pairs,
+        local_moved_after_last_restart,
         elapsed: started.elapsed(),
     })
+}
+
+/// The running agent's count of sockets whose bytes moved (0 without `--local-sockets`).
+fn local_moved(scenario: &Scenario) -> Result<u64> {
+    let metrics = scenario.admin_get("/metrics")?;
+    Ok(
+        crate::probe::sample(&metrics, "gamma_kernel_local_moved_sockets_total").unwrap_or(0.0)
+            as u64,
+    )
 }

@@ -345,15 +345,29 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
         return;
     };
     let ui = client(&s, "ui-backend");
-    let pod = s.pod(&ui).unwrap();
-    let before = tcp_segments_sent(pod);
-    let kept_alive = call_with(&s, &ui, "catalog", 50, |r| r.keep_alive = true);
-    let sent = tcp_segments_sent(pod) - before;
-    // Over TCP, each of the 50 requests is a segment at least; paired, only the handshake and the
-    // close are.
+    let caller = s.pod(&ui).unwrap();
+    let others: Vec<_> = s.pods_except(&ui);
+    let segments = |pods: &[&gamma_tests::node::Pod]| -> u64 {
+        pods.iter().map(|p| tcp_segments_sent(p)).sum()
+    };
+    // Over TCP, each of the 50 requests is a segment at least from the caller, and each answer one
+    // from a backend pod; paired, only the handshakes and the closes are. A connection whose first
+    // send raced its peer's handshake keeps TCP (rare, and allowed): a few tries.
+    let mut kept_alive = Vec::new();
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let before = (segments(&[caller]), segments(&others));
+        kept_alive = call_with(&s, &ui, "catalog", 50, |r| r.keep_alive = true);
+        let after = (segments(&[caller]), segments(&others));
+        sent.push((after.0 - before.0, after.1 - before.1));
+        if after.0 - before.0 < 20 && after.1 - before.1 < 20 {
+            break;
+        }
+    }
     assert!(
-        sent < 20,
-        "{sent} TCP segments for 50 requests on one connection: the bytes took TCP"
+        sent.iter()
+            .any(|&(caller, backends)| caller < 20 && backends < 20),
+        "TCP segments (caller, backend pods) for 50 requests on one connection, per try: {sent:?}"
     );
     let new_connections = call(&s, &ui, "catalog", 20);
     let grpc = call_with(&s, &ui, "catalog", 10, |r| r.grpc = true);
@@ -369,8 +383,12 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
             "the consumer route applied"
         );
     }
-    assert_eq!(agent_requests(&s), 80, "all went through the agent");
-    // A pair per connection to the agent (1 + 20 + 1) and per connection to a backend pod.
+    let requests = 50 * sent.len() as u64 + 30;
+    assert_eq!(agent_requests(&s), requests, "all went through the agent");
+    // A pair per connection to the agent (one per try, 20, 1) and per connection to a backend.
     let pairs = counter(&s, "gamma_kernel_local_pairs_total");
-    assert!(pairs >= 23, "{pairs} connections paired");
+    assert!(
+        pairs >= sent.len() as u64 + 22,
+        "{pairs} connections paired"
+    );
 }

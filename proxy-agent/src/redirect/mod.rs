@@ -47,7 +47,10 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockMap};
@@ -109,16 +112,21 @@ pub struct Redirect {
     predecessor_callers: Option<MapData>,
     /// Descriptors of the [`SHARED_MAPS`], named, to hand to a successor.
     shared_maps: Vec<(&'static str, OwnedFd)>,
+    /// See [`Self::sockets_may_be_paired`].
+    paired_sockets: AtomicBool,
     programs: Mutex<Programs>,
 }
 
 /// The maps a successor running the same programs adopts: the ones an agent writes, and the
 /// counters (so that they go on counting across a takeover).
-pub(crate) const SHARED_MAPS: [&str; 4] = [
+pub(crate) const SHARED_MAPS: [&str; 5] = [
     maps::MESH_SERVICES,
     maps::CONFIG,
     maps::CALLERS,
     maps::COUNTERS,
+    // Not written by the agent, but its sk_msg program stays attached only while a process holds
+    // the map (programs using a sockhash do not keep its programs).
+    maps::LOCAL_SOCKETS,
 ];
 
 /// The kernel programs' counts since they were loaded (summed over the CPUs).
@@ -135,7 +143,10 @@ pub struct KernelCounters {
     /// Node-local connections through the agent whose sockets were paired (bytes moved socket to
     /// socket).
     pub local_paired: u64,
-    /// Sockets of such connections that kept the TCP path (they sent before their peer was paired).
+    /// Sockets of such connections whose bytes move (their peer was paired at their first send).
+    pub local_moved: u64,
+    /// Sockets that joined but keep TCP (no paired peer at their first send: on another node, or
+    /// still in its handshake).
     pub local_kept_tcp: u64,
 }
 
@@ -194,6 +205,7 @@ impl Redirect {
             counters: loaded.counters,
             predecessor_callers: None,
             shared_maps: loaded.shared_maps,
+            paired_sockets: AtomicBool::new(false),
             programs: Mutex::new(Programs {
                 links,
                 predecessor: Vec::new(),
@@ -287,6 +299,7 @@ impl Redirect {
             record_failed: read(counters::RECORD_FAILED)?,
             peername_rewrites: read(counters::PEERNAME_REWRITES)?,
             local_paired: read(counters::LOCAL_PAIRED)?,
+            local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
         })
     }
@@ -302,9 +315,18 @@ impl Redirect {
     /// `proxy-ebpf/src/local.rs`): a caller's connection to the agent, and the agent's to a backend
     /// on this node, then move their bytes socket to socket instead of through TCP. The agent's
     /// own sockets of such connections must then be read with recv(2), not splice(2) (the moved
-    /// bytes are not in the TCP queue splice reads): see `proxy::pump::Carry::for_local_sockets`.
+    /// bytes are not in the TCP queue splice reads): see [`Self::sockets_may_be_paired`].
     pub fn set_local_sockets(&self, on: bool) -> Result<(), RedirectError> {
-        self.update_config(|config| config.local_sockets = u32::from(on))
+        self.update_config(|config| config.local_sockets = u32::from(on))?;
+        self.paired_sockets.fetch_or(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether sockets this agent serves may have been paired: local sockets are on here, or were
+    /// in a predecessor it took over from (whose connections it serves on). Then none may be
+    /// spliced. Handed on to a successor.
+    pub fn sockets_may_be_paired(&self) -> bool {
+        self.paired_sockets.load(Ordering::Relaxed)
     }
 
     fn update_config(&self, change: impl FnOnce(&mut AgentConfig)) -> Result<(), RedirectError> {
@@ -427,7 +449,11 @@ where
 fn dup_map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, RedirectError> {
     let data = match ebpf.map(name) {
         Some(
-            Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data) | Map::PerCpuArray(data),
+            Map::HashMap(data)
+            | Map::Array(data)
+            | Map::LruHashMap(data)
+            | Map::PerCpuArray(data)
+            | Map::SockHash(data),
         ) => data,
         _ => {
             return Err(RedirectError::ObjectMismatch {

@@ -105,20 +105,26 @@ pub(crate) fn load_program(name: &str, program: &mut Program) -> Result<(), Redi
     })
 }
 
-/// Attaches `gamma_local_msg` to `LOCAL_SOCKETS`, for as long as the map lives. Harmless while
-/// local sockets are off: no socket joins the map, so the program never runs.
+/// Attaches `gamma_local_msg` to `LOCAL_SOCKETS`. Harmless while local sockets are off: no socket
+/// joins the map, so the program never runs.
 ///
-/// The attachment is made to outlive this process's handles on purpose: it belongs to the map,
-/// which lives while the cgroup programs using it are attached, also after a takeover by a
-/// successor running the same programs. aya would detach it when its handle drops.
+/// The attachment must outlive this process's handle: the kernel keeps a sockhash's programs while
+/// some process holds a descriptor of the map (the programs using it do not count), and a successor
+/// running the same programs is handed that descriptor (`SHARED_MAPS`) and never attaches again.
+/// aya would detach the program when its handle drops, so the handle is forgotten.
 pub(crate) fn attach_local_msg(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     let map = ebpf.map(proxy_common::maps::LOCAL_SOCKETS).ok_or_else(|| {
         RedirectError::ObjectMismatch {
             name: proxy_common::maps::LOCAL_SOCKETS.to_owned(),
         }
     })?;
-    let sockets: SockHash<&MapData, SocketPair> = SockHash::try_from(map)
-        .map_err(|e| RedirectError::kernel("opening the local sockets map", e))?;
+    let sockets: SockHash<&MapData, SocketPair> =
+        SockHash::try_from(map).map_err(|_| RedirectError::ObjectMismatch {
+            name: format!(
+                "{} (unexpected type or layout)",
+                proxy_common::maps::LOCAL_SOCKETS
+            ),
+        })?;
     let map_fd = sockets
         .fd()
         .try_clone()

@@ -22,15 +22,17 @@
 //!   connection still in its handshake gets its record and getpeername keeps showing the VIP on
 //!   the connections they steered.
 //!
-//! Nothing is attached or detached before [`Redirect::complete_takeover`]: a successor that fails
-//! before it (say its programs do not load) leaves the predecessor exactly as it was.
+//! Nothing is attached to the cgroup or detached before [`Redirect::complete_takeover`] (the
+//! successor's own sk_msg program goes on its own fresh `LOCAL_SOCKETS`, which no socket joins
+//! before its programs are attached): a successor that fails before it (say its programs do not
+//! load) leaves the predecessor exactly as it was.
 
 use std::{
     collections::HashSet,
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
-    sync::Mutex,
+    sync::{atomic::AtomicBool, Mutex},
 };
 
 use aya::maps::{Map, MapData};
@@ -56,6 +58,11 @@ pub struct RedirectOffer {
     pub maps: Vec<String>,
     /// Program names (`proxy_common::programs`), one per link descriptor.
     pub links: Vec<String>,
+    /// Whether its sockets may be paired (`Redirect::sockets_may_be_paired`): then the successor
+    /// must not splice the connections it takes over, nor those accepted during the overlap.
+    /// Absent from older agents, which never paired any.
+    #[serde(default)]
+    pub local_sockets: bool,
 }
 
 impl RedirectOffer {
@@ -202,6 +209,7 @@ impl Redirect {
                 counters,
                 predecessor_callers: None,
                 shared_maps: predecessor.shared_maps()?,
+                paired_sockets: AtomicBool::new(offer.local_sockets),
                 programs: Mutex::new(Programs {
                     links: std::mem::take(&mut predecessor.links),
                     predecessor: Vec::new(),
@@ -223,6 +231,7 @@ impl Redirect {
                 counters: loaded.counters,
                 predecessor_callers: Some(predecessor_callers),
                 shared_maps: loaded.shared_maps,
+                paired_sockets: AtomicBool::new(offer.local_sockets),
                 programs: Mutex::new(Programs {
                     links: Vec::new(),
                     predecessor: std::mem::take(&mut predecessor.links),
@@ -323,6 +332,7 @@ impl Redirect {
                 .map(|(n, _)| (*n).to_owned())
                 .collect(),
             links: programs.links.iter().map(|l| l.program.clone()).collect(),
+            local_sockets: self.sockets_may_be_paired(),
         };
         Ok((offer, fds))
     }

@@ -65,7 +65,7 @@ impl Reason {
 }
 
 /// Reads the kernel programs' counters (`None`: unreadable now).
-pub type KernelCountersReader = Box<dyn Fn() -> Option<[u64; 6]> + Send + Sync>;
+pub type KernelCountersReader = Box<dyn Fn() -> Option<[u64; 7]> + Send + Sync>;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -234,8 +234,9 @@ impl Collector for Scrape {
                 ("gamma_kernel_connects_agent_gone", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open)."),
                 ("gamma_kernel_record_failures", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination)."),
                 ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address."),
-                ("gamma_kernel_local_pairs", "Node-local connections through the agent whose two sockets were paired by the kernel programs (--local-sockets): their bytes move socket to socket."),
-                ("gamma_kernel_local_kept_tcp", "Sockets of node-local connections that kept the TCP path (they sent before their peer was paired)."),
+                ("gamma_kernel_local_pairs", "Node-local connections through the agent whose two sockets the kernel programs paired (--local-sockets)."),
+                ("gamma_kernel_local_moved_sockets", "Paired sockets whose bytes move socket to socket (their peer was paired at their first send)."),
+                ("gamma_kernel_local_kept_tcp_sockets", "Sockets of the agent's connections, and of callers to it, that keep TCP: no paired peer at their first send (a peer on another node, or one still in its handshake)."),
             ];
             for ((name, help), value) in helps.iter().zip(counted) {
                 counter(e, name, help, value)?;

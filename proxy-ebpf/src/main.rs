@@ -7,6 +7,8 @@
 //!   `CALLERS`, keyed by the caller's local ip:port, which is the peer the agent sees on `accept()`.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6` ([`peername`]): a redirected socket reports the VIP
 //!   as its peer, so the application sees what it dialled.
+//! - With local sockets on: `sockops` also pairs the two ends of node-local connections through the
+//!   agent, and `sk_msg` ([`local`]) moves what one end sends into the other's receive queue.
 //!
 //! Anything unexpected leaves the connection alone: the kernel programs fail open.
 #![no_std]

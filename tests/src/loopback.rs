@@ -10,7 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,12 +29,27 @@ pub fn agent_binary() -> PathBuf {
     dir.parent().unwrap_or(dir).join("proxy-agent")
 }
 
-/// A port free right now on 127.0.0.1 (released before use: good enough for tests).
+/// A port free right now on 127.0.0.1, released before use, for an agent to bind. Taken below the
+/// kernel's ephemeral range: a port from that range can be taken, between this check and the
+/// agent's bind, as the source port of any connection made meanwhile (a test beside making
+/// thousands did). Below it, only another explicit bind can; the start differs per process.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let span = 10_000.min(ephemeral_low.saturating_sub(1_024));
+    let start = std::process::id() as usize * 7_919;
+    (0..span)
+        .map(|_| ephemeral_low - span + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span)
+        .find_map(|port| {
+            let port = u16::try_from(port).ok()?;
+            StdListener::bind((Ipv4Addr::LOCALHOST, port))
+                .ok()
+                .map(|_| port)
+        })
+        .expect("a free port below the ephemeral range on 127.0.0.1")
 }
 
 /// A temporary folder removed on drop.

@@ -155,6 +155,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
     let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
+    // Before anything serves: a socket the kernel pairs must never be spliced.
+    if config.redirect.as_ref().is_some_and(|r| r.local_sockets)
+        || inherited.sockets_may_be_paired()
+    {
+        proxy.pumps.expect_paired_sockets();
+    }
     let drain = Drain::default();
     let admin = server::spawn(
         listen(
@@ -203,7 +209,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Some(r) => match start_redirect(
             r,
             &workers,
-            &proxy.pumps,
             &publisher.reader().load(),
             &drain,
             (&mut inherited, &mut offered),
@@ -517,7 +522,6 @@ async fn finish_takeover(
 fn start_redirect(
     config: &RedirectConfig,
     workers: &Workers,
-    pumps: &Pumps,
     snapshot: &Snapshot,
     drain: &Drain,
     (inherited, offered): (&mut Inherited, &mut Offered),
@@ -555,9 +559,6 @@ fn start_redirect(
     redirect
         .set_local_sockets(local_sockets)
         .context("setting --local-sockets in the kernel programs' config")?;
-    if redirect.sockets_may_be_paired() {
-        pumps.expect_paired_sockets();
-    }
     let redirect = Arc::new(redirect);
     reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
@@ -565,7 +566,7 @@ fn start_redirect(
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
-    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), local_sockets = config.local_sockets, "redirect listener; kernel programs attached");
+    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), local_sockets, "redirect listener; kernel programs attached");
     let drain = drain.clone();
     workers.serve(&listener, move |proxy, listener| {
         serve_redirect(proxy, listener, resolver.clone(), drain.clone())

@@ -303,6 +303,14 @@ impl Inherited {
         self.redirect.take()
     }
 
+    /// Whether the running agent's sockets may be paired by the kernel programs (its offer says
+    /// so): then none of what this agent serves may be spliced, from its first connection on.
+    pub fn sockets_may_be_paired(&self) -> bool {
+        self.redirect
+            .as_ref()
+            .is_some_and(|p| p.offer().local_sockets)
+    }
+
     /// Tells the old agent to stop accepting and waits (up to `timeout`) until it has. Call it
     /// once everything of this agent serves: from the answer on, this agent alone accepts.
     /// Inherited sockets nobody took (the new configuration no longer has them) are closed.

@@ -6,21 +6,24 @@
 //! Who joins `LOCAL_SOCKETS` (in `sockops`, see [`join_active`] and [`join_passive`]): the two
 //! ends of a caller's connection to the agent, and of the agent's connection to a backend on this
 //! node. The active end joins when established and leaves its pair in `LOCAL_PENDING`; the passive
-//! end, established a moment later on the same node, finds it there and joins too. A passive end
-//! whose active peer is on another node never finds it: only the agent's sockets and the sockets
-//! talking to it are ever touched.
+//! end, established a moment later on the same node, finds it there and joins too. Every connection
+//! the agent dials joins (its mark is per cgroup), but one to another node never finds its passive
+//! end and keeps TCP: only the agent's sockets and the sockets talking to it are ever touched.
 //!
 //! Order: a socket's bytes must not overtake each other. A redirected send lands in the peer's
 //! socket queue, which the peer reads before its TCP queue; a socket that sent over TCP while its
 //! peer was not paired yet could see later, redirected bytes read first. So each socket decides
 //! once, at its first send ([`gamma_local_msg`]): peer paired, all its bytes move; otherwise all
-//! take the TCP path.
+//! take the TCP path. A write that began before the socket joined (TCP Fast Open, or a send
+//! waiting for connect() in another thread) goes out over TCP without that program: the first
+//! data segment such a socket transmits decides TCP too ([`sent_over_tcp`]).
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
-    helpers::bpf_sk_storage_get,
+    helpers::{bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
@@ -123,7 +126,43 @@ fn join(ops: *mut bpf_sock_ops, pair: SocketPair) -> bool {
             return false;
         }
         *state = SEND_UNDECIDED;
-        LOCAL_SOCKETS.update(pair, &mut *ops, 0).is_ok()
+        if LOCAL_SOCKETS.update(pair, &mut *ops, 0).is_err() {
+            return false;
+        }
+        // Until its sends are decided, each segment it transmits is seen (`sent_over_tcp`).
+        let flags = ctx_access::read_u32(&raw const (*ops).bpf_sock_ops_cb_flags);
+        bpf_sock_ops_cb_flags_set(ops, (flags | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        true
+    }
+}
+
+/// A segment of a joined socket is about to be sent over TCP: if it carries data while the socket's
+/// sends are undecided, they are decided for TCP (that data went without `gamma_local_msg`). Once
+/// decided, the socket's segments need not be seen any more.
+#[inline(always)]
+pub(crate) fn sent_over_tcp(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: context fields read at their own offsets; `sk` is null or a full socket (checked);
+    // the storage pointer is checked for null and valid for the program's run.
+    unsafe {
+        let sk = (*ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return;
+        }
+        let state = bpf_sk_storage_get(map_ptr(&LOCAL_SEND), sk.cast(), core::ptr::null_mut(), 0)
+            .cast::<u32>();
+        if state.is_null() {
+            return;
+        }
+        if *state == SEND_UNDECIDED {
+            if ctx_access::read_u32(&raw const (*ops).skb_len) == 0 {
+                return; // an ACK or a FIN: no data yet
+            }
+            *state = SEND_TCP;
+            count(counters::LOCAL_KEPT_TCP);
+        }
+        let flags = ctx_access::read_u32(&raw const (*ops).bpf_sock_ops_cb_flags);
+        bpf_sock_ops_cb_flags_set(ops, (flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
 }
 

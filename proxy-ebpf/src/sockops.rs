@@ -7,7 +7,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
     helpers::bpf_sk_storage_get,
     macros::sock_ops,
@@ -31,6 +32,8 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if local::enabled() => local::join_passive(&ctx),
+        // Only for sockets `local::join` asked it for.
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => local::sent_over_tcp(&ctx),
         _ => {}
     }
     crate::ALLOW as u32

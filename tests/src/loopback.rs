@@ -40,9 +40,11 @@ pub fn free_port() -> u16 {
         .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
         .unwrap_or(32_768);
     let span = 10_000.min(ephemeral_low.saturating_sub(1_024));
-    let start = std::process::id() as usize * 7_919;
+    let start = (std::process::id() as usize).wrapping_mul(7_919);
     (0..span)
-        .map(|_| ephemeral_low - span + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span)
+        .map(|_| {
+            ephemeral_low - span + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span
+        })
         .find_map(|port| {
             let port = u16::try_from(port).ok()?;
             StdListener::bind((Ipv4Addr::LOCALHOST, port))

@@ -117,8 +117,8 @@ pub struct Redirect {
     programs: Mutex<Programs>,
 }
 
-/// The maps a successor running the same programs adopts: the ones an agent writes, and the
-/// counters (so that they go on counting across a takeover).
+/// The maps a successor running the same programs adopts: the ones an agent writes, the counters
+/// (so that they go on counting across a takeover), and the local sockets' sockhash.
 pub(crate) const SHARED_MAPS: [&str; 5] = [
     maps::MESH_SERVICES,
     maps::CONFIG,

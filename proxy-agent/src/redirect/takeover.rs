@@ -1,14 +1,16 @@
 //! Taking the kernel redirect over from a running agent: the redirect's half of a hitless restart
 //! (the protocol and the listeners are `crate::handover`'s).
 //!
-//! The running agent hands over descriptors of its bpf links and of the maps the agent writes
-//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`, `COUNTERS`); its redirect listener travels with the other listeners
+//! The running agent hands over descriptors of its bpf links and of the maps a successor adopts
+//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`, `COUNTERS`, and `LOCAL_SOCKETS`, whose sk_msg program
+//! stays attached only while a process holds it); its redirect listener travels with the other listeners
 //! and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
 //! holds a descriptor of it, and a map lives while a program or a descriptor uses it, so the
 //! predecessor exiting removes nothing the successor holds. Two ways on from there:
 //!
 //! - **Same programs** (equal [`object_digest`], the usual restart): the successor adopts the links
-//!   and maps as they are. Nothing changes in the kernel but the exempt cgroup in `CONFIG`:
+//!   and maps as they are. Nothing changes in the kernel but `CONFIG` (the exempt cgroup, and
+//!   whether local sockets pair):
 //!   connections steered before, during and after the takeover find their record in the one
 //!   `CALLERS`, whichever agent accepts them.
 //! - **Different programs** (an upgrade that changed them, or `fresh_programs`): the successor
@@ -59,8 +61,9 @@ pub struct RedirectOffer {
     /// Program names (`proxy_common::programs`), one per link descriptor.
     pub links: Vec<String>,
     /// Whether its sockets may be paired (`Redirect::sockets_may_be_paired`): then the successor
-    /// must not splice the connections it takes over, nor those accepted during the overlap.
-    /// Absent from older agents, which never paired any.
+    /// must not splice the connections it takes over, nor those accepted during the overlap. Sticky
+    /// down a chain of takeovers (handed-over connections live on) until a cold start. Absent from
+    /// older agents, which never paired any.
     #[serde(default)]
     pub local_sockets: bool,
 }
@@ -122,7 +125,7 @@ impl Predecessor {
             .map_err(|e| RedirectError::kernel(format!("reading the map {name} handed over"), e))
     }
 
-    /// The descriptors of the maps an agent writes, in `Redirect::shared_maps` form.
+    /// The descriptors of the maps a successor adopts, in `Redirect::shared_maps` form.
     fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
         super::SHARED_MAPS
             .into_iter()

@@ -5,7 +5,7 @@ use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
-use crate::proxy::pump::Pumps;
+use crate::proxy::pump::{Carry, Pumps};
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::upstream::EndpointStats;
 use crate::proxy::workers::Workers;
@@ -154,13 +154,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
-    let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
-    // Before anything serves: a socket the kernel pairs must never be spliced.
+    let mut proxy_config = config.proxy.clone();
+    // A socket the kernel pairs must never be spliced: the bytes its peer moves wait in its socket
+    // queue, which recv(2) reads and splice(2) does not. Also the running agent's connections.
     if config.redirect.as_ref().is_some_and(|r| r.local_sockets)
         || inherited.sockets_may_be_paired()
     {
-        proxy.pumps.expect_paired_sockets();
+        proxy_config.pump = Carry::Copy;
     }
+    let proxy = Proxy::new(publisher.reader(), metrics.clone(), proxy_config);
     let drain = Drain::default();
     let admin = server::spawn(
         listen(

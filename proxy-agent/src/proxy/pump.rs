@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::future::{poll_fn, Future as _};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -81,10 +81,6 @@ pub struct Pumps {
     live: Mutex<AHashMap<u64, oneshot::Sender<PauseRequest>>>,
     idle_timeout: Duration,
     carry: Carry,
-    /// Set when this agent's sockets may be paired by the kernel programs (`--local-sockets`, its
-    /// own or a predecessor's): then every pump copies, since the bytes a paired peer moves into a
-    /// socket wait in its socket queue, which recv(2) reads and splice(2) does not.
-    paired_sockets: AtomicBool,
 }
 
 impl Pumps {
@@ -98,21 +94,7 @@ impl Pumps {
             live: Mutex::default(),
             idle_timeout,
             carry,
-            paired_sockets: AtomicBool::new(false),
         })
-    }
-
-    /// From now on every pump copies (see `paired_sockets`).
-    pub fn expect_paired_sockets(&self) {
-        self.paired_sockets.store(true, Ordering::Relaxed);
-    }
-
-    fn carry(&self) -> Carry {
-        if self.paired_sockets.load(Ordering::Relaxed) {
-            Carry::Copy
-        } else {
-            self.carry
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -182,7 +164,7 @@ impl Registered {
         // `None` once it resolved without a request (a oneshot is not polled after it resolved).
         let mut pause_rx = Some(pause_rx);
         let idle_timeout = self.pumps.idle_timeout;
-        let carry = self.pumps.carry();
+        let carry = self.pumps.carry;
         let mut up = Direction::new(to_upstream, carry);
         let mut down = Direction::new(to_client, carry);
         let idle = tokio::time::sleep(idle_timeout);

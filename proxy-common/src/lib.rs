@@ -38,6 +38,16 @@ pub struct SocketPair {
     pub remote: Endpoint,
 }
 
+impl SocketPair {
+    /// The same connection as its other end sees it: that socket's key.
+    pub const fn peer(self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+        }
+    }
+}
+
 /// Word 2 of a v4-mapped address, as it sits in memory: bytes `00 00 ff ff`.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 

@@ -93,11 +93,7 @@ pub(crate) fn join_passive(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: context fields read at their own offsets.
     let pair = unsafe { socket_pair!(ops) };
-    let active = SocketPair {
-        local: pair.remote,
-        remote: pair.local,
-    };
-    if LOCAL_PENDING.remove(active).is_ok() && join(ops, pair) {
+    if LOCAL_PENDING.remove(pair.peer()).is_ok() && join(ops, pair) {
         count(counters::LOCAL_PAIRED);
     }
 }
@@ -108,31 +104,55 @@ pub(crate) fn join_passive(ctx: &SockOpsContext) {
 /// sends never move).
 #[inline(always)]
 fn join(ops: *mut bpf_sock_ops, pair: SocketPair) -> bool {
-    // SAFETY: `sk` is null or a full socket (checked); the storage pointer is checked for null and
-    // valid for the program's run.
+    let state = send_state(ops, BPF_SK_STORAGE_GET_F_CREATE.into());
+    if state.is_null() {
+        return false;
+    }
+    // SAFETY: `state` is this socket's storage, valid for the program's run; at the ESTABLISHED
+    // callbacks the context holds a full socket.
     unsafe {
-        let sk = (*ops).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            return false;
-        }
-        let state = bpf_sk_storage_get(
-            map_ptr(&LOCAL_SEND),
-            sk.cast(),
-            core::ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-        .cast::<u32>();
-        if state.is_null() {
-            return false;
-        }
         *state = SEND_UNDECIDED;
         if LOCAL_SOCKETS.update(pair, &mut *ops, 0).is_err() {
             return false;
         }
-        // Until its sends are decided, each segment it transmits is seen (`sent_over_tcp`).
+    }
+    // Until its sends are decided, each segment it transmits is seen (`sent_over_tcp`).
+    watch_segments(ops, true);
+    true
+}
+
+/// The context socket's `LOCAL_SEND` state (created with `flags` = F_CREATE), or null: no full
+/// socket, or no storage.
+#[inline(always)]
+fn send_state(ops: *mut bpf_sock_ops, flags: u64) -> *mut u32 {
+    // SAFETY: `sk` is null or a full socket (checked before use).
+    unsafe {
+        let sk = (*ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return core::ptr::null_mut();
+        }
+        bpf_sk_storage_get(
+            map_ptr(&LOCAL_SEND),
+            sk.cast(),
+            core::ptr::null_mut(),
+            flags,
+        )
+        .cast::<u32>()
+    }
+}
+
+/// Asks for (or stops) the header-option callback on each segment the socket sends.
+#[inline(always)]
+fn watch_segments(ops: *mut bpf_sock_ops, on: bool) {
+    // SAFETY: a context field read at its own offset; the helper takes the context.
+    unsafe {
         let flags = ctx_access::read_u32(&raw const (*ops).bpf_sock_ops_cb_flags);
-        bpf_sock_ops_cb_flags_set(ops, (flags | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-        true
+        let flags = if on {
+            flags | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+        } else {
+            flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+        };
+        bpf_sock_ops_cb_flags_set(ops, flags as i32);
     }
 }
 
@@ -142,18 +162,13 @@ fn join(ops: *mut bpf_sock_ops, pair: SocketPair) -> bool {
 #[inline(always)]
 pub(crate) fn sent_over_tcp(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
-    // SAFETY: context fields read at their own offsets; `sk` is null or a full socket (checked);
-    // the storage pointer is checked for null and valid for the program's run.
+    let state = send_state(ops, 0);
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: `state` is this socket's storage, valid for the program's run; a context field read
+    // at its own offset.
     unsafe {
-        let sk = (*ops).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            return;
-        }
-        let state = bpf_sk_storage_get(map_ptr(&LOCAL_SEND), sk.cast(), core::ptr::null_mut(), 0)
-            .cast::<u32>();
-        if state.is_null() {
-            return;
-        }
         if *state == SEND_UNDECIDED {
             if ctx_access::read_u32(&raw const (*ops).skb_len) == 0 {
                 return; // an ACK or a FIN: no data yet
@@ -161,9 +176,8 @@ pub(crate) fn sent_over_tcp(ctx: &SockOpsContext) {
             *state = SEND_TCP;
             count(counters::LOCAL_KEPT_TCP);
         }
-        let flags = ctx_access::read_u32(&raw const (*ops).bpf_sock_ops_cb_flags);
-        bpf_sock_ops_cb_flags_set(ops, (flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
+    watch_segments(ops, false);
 }
 
 /// Runs on every send of a socket in `LOCAL_SOCKETS`: moves the bytes into the peer's receive queue
@@ -188,11 +202,7 @@ pub fn gamma_local_msg(ctx: SkMsgContext) -> u32 {
         if state.is_null() || *state == SEND_TCP {
             return SK_PASS;
         }
-        let pair = socket_pair!(md);
-        let peer = SocketPair {
-            local: pair.remote,
-            remote: pair.local,
-        };
+        let peer = socket_pair!(md).peer();
         // SK_PASS with the redirect set moves the bytes; without it (no peer: not paired, or
         // closed since), they take the TCP path.
         let moved = LOCAL_SOCKETS.redirect_msg(&ctx, peer, BPF_F_INGRESS.into()) == SK_PASS.into();

@@ -592,13 +592,26 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
         .set(missing.missing.iter().map(|f| (f.name, f.since)).collect());
 }
 
-/// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`).
+/// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`), and
+/// with local sockets on, knows this node's pods: the Pods the agent watches (with a node name,
+/// only those of its node), whose addresses also tell it who calls.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
         }
+    }
+    if !redirect.local_sockets().unwrap_or(false) {
+        return;
+    }
+    match redirect.set_local_pods(snapshot.callers.keys().copied()) {
+        Ok(change) => tracing::debug!(?change, "this node's pods updated for local sockets"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "updating this node's pods for local sockets failed; connections to the pods missing \
+             keep TCP"
+        ),
     }
 }
 

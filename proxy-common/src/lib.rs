@@ -96,6 +96,14 @@ pub struct ServiceKey {
     pub vip: Endpoint,
 }
 
+/// Key of `LOCAL_PODS`: the address of a pod on this node (v4-mapped for IPv4, as in [`Endpoint`]).
+/// The value is a `u8` that is always 1 (the map is a set).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodKey {
+    pub ip: [u32; 4],
+}
+
 /// Key of `CALLERS`: the caller's local address of a redirected, established connection, which is
 /// the peer address the agent sees on `accept()`.
 #[repr(C)]
@@ -160,6 +168,10 @@ pub const MAX_CALLERS: u32 = 65_536;
 /// `LOCAL_PENDING`. A socket that finds the map full keeps the TCP path.
 pub const MAX_LOCAL_SOCKETS: u32 = 65_536;
 
+/// Capacity of `LOCAL_PODS` (addresses of this node's pods; kubelet's default is 110 pods). Pods
+/// past it are not told to the kernel: the agent's connections to them keep TCP.
+pub const MAX_LOCAL_PODS: u32 = 16_384;
+
 /// What the programs count, per CPU, in `COUNTERS` (a per-CPU array indexed by these; the agent
 /// sums the CPUs). Kept per CPU so that counting costs no atomic operation on the connect path.
 pub mod counters {
@@ -192,6 +204,7 @@ pub mod maps {
     pub const REDIRECTED: &str = "REDIRECTED";
     pub const CALLERS: &str = "CALLERS";
     pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
+    pub const LOCAL_PODS: &str = "LOCAL_PODS";
 }
 
 /// Program names (the functions' names; the kernel keeps the first 15 bytes, all of these fit).
@@ -212,11 +225,12 @@ pub mod programs {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AgentConfig, CallerKey, Endpoint, RedirectRecord, ServiceKey, SocketPair};
+    use super::{AgentConfig, CallerKey, Endpoint, PodKey, RedirectRecord, ServiceKey, SocketPair};
 
     // SAFETY: all are #[repr(C)], Copy, made only of integers, with explicit padding fields.
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for PodKey {}
     unsafe impl aya::Pod for CallerKey {}
     unsafe impl aya::Pod for SocketPair {}
     unsafe impl aya::Pod for RedirectRecord {}
@@ -231,4 +245,5 @@ const _: () = {
     assert!(core::mem::size_of::<RedirectRecord>() == 48);
     assert!(core::mem::size_of::<AgentConfig>() == 56);
     assert!(core::mem::size_of::<SocketPair>() == 40);
+    assert!(core::mem::size_of::<PodKey>() == 16);
 };

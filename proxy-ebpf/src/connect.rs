@@ -10,11 +10,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
+use proxy_common::{
+    counters, Endpoint, PodKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
+};
 
 use crate::{
     ctx_access,
-    maps::{count, map_ptr, AGENT_DIALS, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
+    maps::{
+        count, map_ptr, AGENT_DIALS, AGENT_LISTENERS, CONFIG, LOCAL_PODS, MESH_SERVICES, REDIRECTED,
+    },
     ALLOW,
 };
 
@@ -37,7 +41,7 @@ pub fn gamma_connect4(ctx: SockAddrContext) -> i32 {
             }
             None => {
                 forget(&ctx);
-                mark_agent(&ctx);
+                mark_agent(&ctx, &dst);
             }
         }
     }
@@ -71,7 +75,7 @@ pub fn gamma_connect6(ctx: SockAddrContext) -> i32 {
             }
             None => {
                 forget(&ctx);
-                mark_agent(&ctx);
+                mark_agent(&ctx, &dst);
             }
         }
     }
@@ -156,14 +160,20 @@ fn forget(ctx: &SockAddrContext) {
     }
 }
 
-/// Marks the agent's own connections (to backends, mostly) when local sockets are on: their sockets
-/// join `LOCAL_SOCKETS` once established (`sockops`), so that a backend on this node pairs with them.
+/// Marks the agent's own connections to this node's pods (backends, mostly) when local sockets are
+/// on: their sockets join `LOCAL_SOCKETS` once established (`sockops`) and pair with the backend's.
+/// Connections to other nodes are left alone: joined, they would never pair, yet would hold slots of
+/// `LOCAL_SOCKETS` and `LOCAL_PENDING` (an LRU: they would evict pending ends that can pair) and
+/// take the sockmap's detour at every send and receive.
 #[inline(always)]
-fn mark_agent(ctx: &SockAddrContext) {
+fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
     let Some(config) = CONFIG.get(0) else { return };
     // SAFETY: helper without arguments.
     if config.local_sockets == 0 || unsafe { bpf_get_current_cgroup_id() } != config.agent_cgroup_id
     {
+        return;
+    }
+    if LOCAL_PODS.get_ptr(PodKey { ip: dst.ip }).is_none() {
         return;
     }
     // SAFETY: the context's socket is a full socket; a storage that cannot be created leaves the

@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    counters, AgentConfig, CallerKey, RedirectRecord, ServiceKey, SocketPair, LISTENER_SLOTS,
-    MAX_CALLERS, MAX_LOCAL_SOCKETS, MAX_MESH_SERVICES,
+    counters, AgentConfig, CallerKey, PodKey, RedirectRecord, ServiceKey, SocketPair,
+    LISTENER_SLOTS, MAX_CALLERS, MAX_LOCAL_PODS, MAX_LOCAL_SOCKETS, MAX_MESH_SERVICES,
 };
 
 /// The VIP:port pairs to redirect (a set: the value is always 1). Written only by the agent.
@@ -36,8 +36,14 @@ pub(crate) static LOCAL_PENDING: LruHashMap<SocketPair, u8, { MAX_LOCAL_SOCKETS 
 #[btf_map]
 pub(crate) static LOCAL_SEND: SkStorage<u32> = SkStorage::new();
 
-/// Marks the sockets the agent dialled (its value is unused): their connections are candidates for
-/// `LOCAL_SOCKETS`. Set at connect() only for processes of the agent's cgroup.
+/// The addresses of this node's pods (a set: the value is always 1), written by the agent: only its
+/// connections to these can find their peer in `LOCAL_SOCKETS`, so only these join it.
+#[btf_map]
+pub(crate) static LOCAL_PODS: HashMap<PodKey, u8, { MAX_LOCAL_PODS as usize }> = HashMap::new();
+
+/// Marks the sockets the agent dialled to a pod of this node (its value is unused): their
+/// connections are candidates for `LOCAL_SOCKETS`. Set at connect() only for processes of the
+/// agent's cgroup.
 #[btf_map]
 pub(crate) static AGENT_DIALS: SkStorage<u8> = SkStorage::new();
 

@@ -6,7 +6,8 @@
 //!   dials a mesh VIP reaches the agent, which learns the VIP and the caller's cgroup and netns;
 //!   the client sees the VIP as its peer; non-mesh ports, the exempt cgroup and a closed agent
 //!   listener are left alone (fail open); a second attach replaces the first; the programs'
-//!   counters say what they did.
+//!   counters say what they did;
+//! - with local sockets on, the agent's dials join the socket pairs only for this node's pods.
 //!
 //! Nothing outside the namespace and cgroup this file creates is touched: the root network
 //! namespace keeps its routes and addresses. Both are removed by name when the test ends, also
@@ -210,6 +211,63 @@ fn redirects_mesh_services_and_fails_open() {
         (1, 1),
         "the newcomer's programs count from zero; the fail-open connect is counted"
     );
+}
+
+#[test]
+fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    // Servers outside the sandbox's cgroup: their sockets never join, so a dial that joins finds
+    // no peer at its first send and keeps TCP, which the programs count.
+    let pod4 = sandbox.bind("10.96.0.10:0");
+    let pod6 = sandbox.bind("[fd00:96::10]:0");
+    let elsewhere = sandbox.bind("127.0.0.1:0");
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let agent6 = sandbox.bind("[::1]:0");
+    let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
+    // The client in the sandbox's cgroup plays the agent: its connections are the agent's dials.
+    redirect
+        .set_exempt_cgroup(redirect::cgroup_id(&sandbox.cgroup).unwrap())
+        .unwrap();
+    redirect.set_local_sockets(true).unwrap();
+    assert!(redirect.local_sockets().unwrap());
+    let change = redirect
+        .set_local_pods([addr("10.96.0.10:0").ip(), addr("[fd00:96::10]:0").ip()])
+        .unwrap();
+    assert_eq!((change.added, change.removed), (2, 0));
+    let servers = [
+        Server::new("pod4", &pod4),
+        Server::new("pod6", &pod6),
+        Server::new("elsewhere", &elsewhere),
+    ];
+    let joined = |target: SocketAddr, server: &str| {
+        let before = redirect.kernel_counters().unwrap().local_kept_tcp;
+        assert_eq!(
+            exchange(&sandbox, target, &servers, &redirect).server,
+            server
+        );
+        redirect.kernel_counters().unwrap().local_kept_tcp - before
+    };
+    let port = |listener: &TcpListener| listener.local_addr().unwrap().port();
+    let pod4_mapped = addr(&format!("[::ffff:10.96.0.10]:{}", port(&pod4)));
+    assert_eq!(joined(elsewhere.local_addr().unwrap(), "elsewhere"), 0);
+    assert_eq!(joined(pod4.local_addr().unwrap(), "pod4"), 1);
+    assert_eq!(joined(pod6.local_addr().unwrap(), "pod6"), 1);
+    assert_eq!(
+        joined(pod4_mapped, "pod4"),
+        1,
+        "an IPv4 pod dialled v4-mapped"
+    );
+    // A pod gone from the node: dials to its address no longer join.
+    let change = redirect
+        .set_local_pods([addr("[fd00:96::10]:0").ip()])
+        .unwrap();
+    assert_eq!((change.added, change.removed), (0, 1));
+    assert_eq!(joined(pod4.local_addr().unwrap(), "pod4"), 0);
+    // Local sockets off: nothing joins.
+    redirect.set_local_sockets(false).unwrap();
+    assert_eq!(joined(pod6.local_addr().unwrap(), "pod6"), 0);
 }
 
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {

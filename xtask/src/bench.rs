@@ -171,9 +171,16 @@ fn peers() -> Result<()> {
 /// not steer (the agent not up yet, or gone) is refused on loopback, never routed off the machine.
 const LOCAL_VIP: &str = "127.0.200.10:80";
 
-/// The `local` slot: cgroups `gamma-peers-bench/{run,agent}` under the cgroup v2 mount (the whole
-/// run in `run`, our agent in `agent`, the programs on their parent, as on a node where the agent
-/// is a pod among pods), and a copy of the bench manifests with the Service at [`LOCAL_VIP`].
+/// The pod the whole run is, for the `local` slot: wrk, the echo backends and the peers share
+/// 127.0.0.1 as a pod's containers share its address, and run in its cgroup (`pod<uid>`, as the
+/// kubelet names them). The agent then knows the backends as pods of its node, which its
+/// connections to pair with, and the callers as that pod.
+const LOCAL_POD_UID: &str = "6a3d0c52-7f1e-4b9a-9c2d-5e8f1a2b3c4d";
+
+/// The `local` slot: cgroups `gamma-peers-bench/{pod<uid>,agent}` under the cgroup v2 mount (the
+/// whole run in the pod's, our agent in `agent`, the programs on their parent, as on a node where
+/// the agent is a pod among pods), and a copy of the bench manifests with the Service at
+/// [`LOCAL_VIP`] and the run's Pod at 127.0.0.1.
 struct LocalSlot {
     parent: std::path::PathBuf,
     run: std::path::PathBuf,
@@ -186,7 +193,7 @@ impl LocalSlot {
         let mount = cgroup2_mount()?;
         let parent = mount.join("gamma-peers-bench");
         let slot = LocalSlot {
-            run: parent.join("run"),
+            run: parent.join(format!("pod{LOCAL_POD_UID}")),
             agent: parent.join("agent"),
             parent,
             manifests: util::workspace_root().join("target/peers-local-manifests"),
@@ -204,9 +211,14 @@ impl LocalSlot {
             bail!("bench/peers/manifests/bench.yaml no longer has `{original}`: update LocalSlot");
         }
         let vip = LOCAL_VIP.split(':').next().unwrap_or_default();
+        let pod = format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: loopback, namespace: bench, uid: \
+             {LOCAL_POD_UID}}}\nspec: {{containers: [{{name: run, image: none}}]}}\nstatus: \
+             {{phase: Running, podIP: 127.0.0.1}}\n"
+        );
         std::fs::write(
             slot.manifests.join("bench.yaml"),
-            bench.replacen(original, &format!("clusterIP: {vip}"), 1),
+            bench.replacen(original, &format!("clusterIP: {vip}"), 1) + &pod,
         )?;
         Ok(slot)
     }

@@ -70,10 +70,14 @@ pub enum RedirectError {
     InvalidTakeover(String),
 
     #[error(
-        "{wanted} mesh Service frontends exceed the kernel map's capacity of {capacity}: raise \
-         proxy_common::MAX_MESH_SERVICES and rebuild"
+        "{wanted} entries for the kernel map {map} exceed its capacity of {capacity}: raise \
+         proxy_common::MAX_{map} and rebuild"
     )]
-    TooManyServices { wanted: usize, capacity: u32 },
+    SetTooLarge {
+        map: &'static str,
+        wanted: usize,
+        capacity: u32,
+    },
 
     #[error("{action} failed: {}", chain(source.as_ref()))]
     Kernel {

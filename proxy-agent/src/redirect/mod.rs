@@ -39,12 +39,12 @@ mod error;
 mod identity;
 mod object;
 mod probe;
-mod services;
+mod sets;
 mod takeover;
 
 use std::{
     collections::HashSet,
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
@@ -53,9 +53,10 @@ use std::{
     },
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockMap};
+use aya::maps::{Array, Map, MapData, PerCpuArray, SockMap};
 use proxy_common::{
-    counters, maps, AgentConfig, CallerKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
+    counters, maps, AgentConfig, CallerKey, PodKey, RedirectRecord, ServiceKey, LISTENER_V4,
+    LISTENER_V6,
 };
 
 pub use attach::{attached_programs, AttachedProgram};
@@ -66,10 +67,11 @@ pub use error::RedirectError;
 pub use identity::KernelRedirects;
 pub use object::{object_digest, verify_programs, OBJECT};
 pub use probe::{check_kernel, KernelFeature, MissingKernelFeatures};
-pub use services::MeshServicesChange;
+pub use sets::SetChange;
 pub use takeover::{Predecessor, RedirectOffer, TakeoverKind};
 
 use attach::OwnedLink;
+use sets::KernelSet;
 
 /// The agent's listener for redirected connections of one address family, and the address pods
 /// must dial to reach it (it must be reachable from the pods' network namespaces).
@@ -102,7 +104,9 @@ pub struct Redirect {
     cgroup_id: u64,
     /// The addresses pods are sent to (the `CONFIG` entry).
     listen: Vec<SocketAddr>,
-    services: Mutex<HashMap<MapData, ServiceKey, u8>>,
+    services: Mutex<KernelSet<ServiceKey>>,
+    /// This node's pods (`LOCAL_PODS`), told only while local sockets are on.
+    local_pods: Mutex<KernelSet<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     callers: MapData,
     /// What the programs counted (`proxy_common::counters`), per CPU.
@@ -119,8 +123,9 @@ pub struct Redirect {
 
 /// The maps a successor running the same programs adopts: the ones an agent writes, the counters
 /// (so that they go on counting across a takeover), and the local sockets' sockhash.
-pub(crate) const SHARED_MAPS: [&str; 5] = [
+pub(crate) const SHARED_MAPS: [&str; 6] = [
     maps::MESH_SERVICES,
+    maps::LOCAL_PODS,
     maps::CONFIG,
     maps::CALLERS,
     maps::COUNTERS,
@@ -170,7 +175,8 @@ struct Programs {
 /// A freshly loaded object with its maps filled, programs loaded, nothing attached.
 struct Loaded {
     ebpf: aya::Ebpf,
-    services: HashMap<MapData, ServiceKey, u8>,
+    services: KernelSet<ServiceKey>,
+    local_pods: KernelSet<PodKey>,
     config: Array<MapData, AgentConfig>,
     callers: MapData,
     counters: PerCpuArray<MapData, u64>,
@@ -200,6 +206,7 @@ impl Redirect {
             cgroup_id: cgroup::cgroup_id(cgroup)?,
             listen: listeners.iter().map(|l| addr::canonical(l.addr)).collect(),
             services: Mutex::new(loaded.services),
+            local_pods: Mutex::new(loaded.local_pods),
             config: Mutex::new(loaded.config),
             callers: loaded.callers,
             counters: loaded.counters,
@@ -237,7 +244,8 @@ impl Redirect {
                 RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
             })?;
         }
-        let services = typed_map(&mut ebpf, maps::MESH_SERVICES)?;
+        let services = KernelSet::mesh_services(typed_map(&mut ebpf, maps::MESH_SERVICES)?);
+        let local_pods = KernelSet::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
         let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
         object::load_all(&mut ebpf)?;
@@ -246,6 +254,7 @@ impl Redirect {
         Ok(Loaded {
             ebpf,
             services,
+            local_pods,
             config: config_map,
             callers,
             counters,
@@ -263,12 +272,24 @@ impl Redirect {
     pub fn set_mesh_services(
         &self,
         frontends: impl IntoIterator<Item = SocketAddr>,
-    ) -> Result<MeshServicesChange, RedirectError> {
-        let mut services = self
-            .services
+    ) -> Result<SetChange, RedirectError> {
+        self.services
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        services::reconcile(&mut services, frontends)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reconcile(sets::service_keys(frontends))
+    }
+
+    /// Makes the set of this node's pods exactly `pods` (their addresses): with local sockets on,
+    /// only the agent's connections to these join the socket pairs. Like
+    /// [`Self::set_mesh_services`], a failure part-way is repaired by the next call.
+    pub fn set_local_pods(
+        &self,
+        pods: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<SetChange, RedirectError> {
+        self.local_pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reconcile(sets::pod_keys(pods))
     }
 
     /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
@@ -327,6 +348,19 @@ impl Redirect {
     /// spliced. Handed on to a successor.
     pub fn sockets_may_be_paired(&self) -> bool {
         self.paired_sockets.load(Ordering::Relaxed)
+    }
+
+    /// Whether the programs pair sockets now ([`Self::set_local_sockets`]), as their config says.
+    pub fn local_sockets(&self) -> Result<bool, RedirectError> {
+        Ok(self.read_config()?.local_sockets != 0)
+    }
+
+    fn read_config(&self) -> Result<AgentConfig, RedirectError> {
+        self.config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&0, 0)
+            .map_err(|e| RedirectError::kernel("reading the agent config", e))
     }
 
     fn update_config(&self, change: impl FnOnce(&mut AgentConfig)) -> Result<(), RedirectError> {

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
-    typed, AgentListener, Programs, Redirect, RedirectError,
+    sets::KernelSet, typed, AgentListener, Programs, Redirect, RedirectError,
 };
 
 /// What a running agent tells its successor about its redirect; the descriptors follow in this
@@ -188,10 +188,14 @@ impl Redirect {
             )));
         }
         let redirect = if !fresh_programs && offer.object_digest == object::object_digest() {
-            let services = typed(
+            let services = KernelSet::mesh_services(typed(
                 Some(predecessor.map(maps::MESH_SERVICES)?),
                 maps::MESH_SERVICES,
-            )?;
+            )?);
+            let local_pods = KernelSet::local_pods(typed(
+                Some(predecessor.map(maps::LOCAL_PODS)?),
+                maps::LOCAL_PODS,
+            )?);
             let mut config: aya::maps::Array<MapData, proxy_common::AgentConfig> =
                 typed(Some(predecessor.map(maps::CONFIG)?), maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
@@ -207,6 +211,7 @@ impl Redirect {
                 cgroup_id,
                 listen,
                 services: Mutex::new(services),
+                local_pods: Mutex::new(local_pods),
                 config: Mutex::new(config),
                 callers,
                 counters,
@@ -229,6 +234,7 @@ impl Redirect {
                 cgroup_id,
                 listen,
                 services: Mutex::new(loaded.services),
+                local_pods: Mutex::new(loaded.local_pods),
                 config: Mutex::new(loaded.config),
                 callers: loaded.callers,
                 counters: loaded.counters,

@@ -219,18 +219,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             Ok(redirect) => {
                 // /metrics reads the programs' counters at each scrape.
                 let programs = Arc::downgrade(&redirect);
-                let _ = metrics.kernel_counters.set(Box::new(move || {
-                    let counted = programs.upgrade()?.kernel_counters().ok()?;
-                    Some([
-                        counted.steered,
-                        counted.agent_gone,
-                        counted.record_failed,
-                        counted.peername_rewrites,
-                        counted.local_paired,
-                        counted.local_moved,
-                        counted.local_kept_tcp,
-                    ])
-                }));
+                let _ = metrics
+                    .kernel_counters
+                    .set(Box::new(move || programs.upgrade()?.kernel_counters().ok()));
                 Some(redirect)
             }
             Err(e) => match e.downcast_ref::<RedirectError>() {
@@ -593,8 +584,9 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 }
 
 /// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`), and
-/// with local sockets on, knows this node's pods: the Pods the agent watches (with a node name,
-/// only those of its node), whose addresses also tell it who calls.
+/// with local sockets on, knows this node's pods: the Pods whose addresses tell the agent who calls
+/// (from Kubernetes with a node name, those of its node; a folder's, all of them). A pod's
+/// connections made before its Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
@@ -602,15 +594,21 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
         }
     }
-    if !redirect.local_sockets().unwrap_or(false) {
-        return;
-    }
-    match redirect.set_local_pods(snapshot.callers.keys().copied()) {
+    let pods = match redirect.local_sockets() {
+        Ok(true) => Some(snapshot.callers.keys().copied()),
+        // Emptied when off (a successor without the flag): the set says what is meant now.
+        Ok(false) => None,
+        Err(e) => {
+            tracing::error!(error = %e, "reading whether local sockets are on failed; this node's pods stay as they were");
+            return;
+        }
+    };
+    match redirect.set_local_pods(pods.into_iter().flatten()) {
         Ok(change) => tracing::debug!(?change, "this node's pods updated for local sockets"),
         Err(e) => tracing::error!(
             error = %e,
-            "updating this node's pods for local sockets failed; connections to the pods missing \
-             keep TCP"
+            "updating this node's pods for local sockets failed; the previous set stays (the \
+             agent's connections to pods missing from it keep TCP)"
         ),
     }
 }

@@ -168,8 +168,9 @@ pub const MAX_CALLERS: u32 = 65_536;
 /// `LOCAL_PENDING`. A socket that finds the map full keeps the TCP path.
 pub const MAX_LOCAL_SOCKETS: u32 = 65_536;
 
-/// Capacity of `LOCAL_PODS` (addresses of this node's pods; kubelet's default is 110 pods). Pods
-/// past it are not told to the kernel: the agent's connections to them keep TCP.
+/// Capacity of `LOCAL_PODS` (addresses of this node's pods; kubelet's default is 110 pods): room
+/// for an agent that watches every node's Pods (no node name) on a mid-sized cluster. A larger set
+/// is refused whole (the previous one stays, and the agent logs it).
 pub const MAX_LOCAL_PODS: u32 = 16_384;
 
 /// What the programs count, per CPU, in `COUNTERS` (a per-CPU array indexed by these; the agent
@@ -188,8 +189,9 @@ pub mod counters {
     pub const LOCAL_PAIRED: u32 = 4;
     /// A socket in `LOCAL_SOCKETS` whose first send found its peer paired: its bytes move.
     pub const LOCAL_MOVED: u32 = 5;
-    /// A socket in `LOCAL_SOCKETS` whose first send found no paired peer (one on another node, or
-    /// still in its handshake): its bytes take TCP, all of them, so that none overtakes another.
+    /// A socket in `LOCAL_SOCKETS` whose first send found no paired peer (one still in its
+    /// handshake, or outside the programs' cgroup), or that sent before it joined: its bytes take
+    /// TCP, all of them, so that none overtakes another.
     pub const LOCAL_KEPT_TCP: u32 = 6;
     /// Number of counters.
     pub const SLOTS: u32 = 7;

@@ -174,6 +174,9 @@ fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
         return;
     }
     if LOCAL_PODS.get_ptr(PodKey { ip: dst.ip }).is_none() {
+        // A socket connect()ed again after a failed attempt keeps no mark made for a pod it
+        // dialled before. SAFETY: the context's socket pointer is valid for the program's run.
+        let _ = unsafe { AGENT_DIALS.delete((*ctx.sock_addr).__bindgen_anon_1.sk) };
         return;
     }
     // SAFETY: the context's socket is a full socket; a storage that cannot be created leaves the

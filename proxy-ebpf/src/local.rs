@@ -6,9 +6,10 @@
 //! Who joins `LOCAL_SOCKETS` (in `sockops`, see [`join_active`] and [`join_passive`]): the two
 //! ends of a caller's connection to the agent, and of the agent's connection to a backend on this
 //! node. The active end joins when established and leaves its pair in `LOCAL_PENDING`; the passive
-//! end, established a moment later on the same node, finds it there and joins too. Every connection
-//! the agent dials joins (its mark is per cgroup), but one to another node never finds its passive
-//! end and keeps TCP: only the agent's sockets and the sockets talking to it are ever touched.
+//! end, established a moment later on the same node, finds it there and joins too. Of the
+//! connections the agent dials, only those to this node's pods join (`LOCAL_PODS`, told by the
+//! agent; marked at connect()): only the agent's sockets and the sockets talking to it are ever
+//! touched.
 //!
 //! Order: a socket's bytes must not overtake each other. A redirected send lands in the peer's
 //! socket queue, which the peer reads before its TCP queue; a socket that sent over TCP while its

@@ -26,7 +26,7 @@ pub(crate) static LOCAL_SOCKETS: SockHash<SocketPair, { MAX_LOCAL_SOCKETS as usi
     SockHash::new();
 
 /// Active ends in `LOCAL_SOCKETS` whose passive end has not joined yet (set: the value is 1). LRU:
-/// the ends of connections to other nodes never see theirs and are evicted.
+/// an end whose peer never joins (a pod outside the programs' cgroup) is evicted in time.
 #[btf_map]
 pub(crate) static LOCAL_PENDING: LruHashMap<SocketPair, u8, { MAX_LOCAL_SOCKETS as usize }> =
     LruHashMap::new();

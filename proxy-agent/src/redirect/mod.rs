@@ -150,8 +150,8 @@ pub struct KernelCounters {
     pub local_paired: u64,
     /// Sockets of such connections whose bytes move (their peer was paired at their first send).
     pub local_moved: u64,
-    /// Sockets that joined but keep TCP (no paired peer at their first send: on another node, or
-    /// still in its handshake).
+    /// Sockets that joined but keep TCP (no paired peer at their first send: one still in its
+    /// handshake, or outside the programs' cgroup; or they sent before joining).
     pub local_kept_tcp: u64,
 }
 

@@ -11,7 +11,6 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use aya::Pod;
 use proxy_common::{maps, PodKey, ServiceKey, MAX_LOCAL_PODS, MAX_MESH_SERVICES};
 
 use super::{addr, RedirectError};
@@ -25,9 +24,9 @@ pub struct SetChange {
 
 /// A set map of the programs: its name, for errors, and its capacity.
 pub(crate) struct KernelSet<K> {
-    pub(crate) map: HashMap<MapData, K, u8>,
-    pub(crate) name: &'static str,
-    pub(crate) capacity: u32,
+    map: HashMap<MapData, K, u8>,
+    name: &'static str,
+    capacity: u32,
 }
 
 impl KernelSet<ServiceKey> {
@@ -79,7 +78,7 @@ pub(crate) fn diff<K: Copy + Eq + Hash>(
     (add, remove)
 }
 
-impl<K: Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
+impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
     /// Makes the map hold exactly `wanted`.
     pub(crate) fn reconcile(&mut self, wanted: HashSet<K>) -> Result<SetChange, RedirectError> {
         let name = self.name;

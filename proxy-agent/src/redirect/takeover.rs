@@ -2,8 +2,9 @@
 //! (the protocol and the listeners are `crate::handover`'s).
 //!
 //! The running agent hands over descriptors of its bpf links and of the maps a successor adopts
-//! (`MESH_SERVICES`, `CONFIG`, `CALLERS`, `COUNTERS`, and `LOCAL_SOCKETS`, whose sk_msg program
-//! stays attached only while a process holds it); its redirect listener travels with the other listeners
+//! (`MESH_SERVICES`, `LOCAL_PODS`, `CONFIG`, `CALLERS`, `COUNTERS`, and `LOCAL_SOCKETS`, whose
+//! sk_msg program stays attached only while a process holds it); its redirect listener travels with
+//! the other listeners
 //! and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
 //! holds a descriptor of it, and a map lives while a program or a descriptor uses it, so the
 //! predecessor exiting removes nothing the successor holds. Two ways on from there:

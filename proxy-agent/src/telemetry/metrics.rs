@@ -4,6 +4,7 @@
 //! scrape.
 
 use super::requests::{SeriesTable, BUCKETS};
+use crate::redirect::KernelCounters;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -65,7 +66,7 @@ impl Reason {
 }
 
 /// Reads the kernel programs' counters (`None`: unreadable now).
-pub type KernelCountersReader = Box<dyn Fn() -> Option<[u64; 7]> + Send + Sync>;
+pub type KernelCountersReader = Box<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -79,8 +80,7 @@ pub struct Metrics {
     pub connections_refused_at_cap: AtomicU64,
     /// Callers not bound to an endpoint by session affinity because the table was full.
     pub affinity_table_full: Arc<AtomicU64>,
-    /// The kernel programs' counters (steered, agent gone, record failures, getpeername
-    /// rewrites), read at each scrape; set once the redirect runs.
+    /// The kernel programs' counters, read at each scrape; set once the redirect runs.
     pub kernel_counters: std::sync::OnceLock<KernelCountersReader>,
     /// The runtimes whose live tasks `/metrics` counts (main and workers).
     pub runtimes: std::sync::Mutex<Vec<tokio::runtime::Handle>>,
@@ -229,16 +229,15 @@ impl Collector for Scrape {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         self.requests(e)?;
         if let Some(counted) = m.kernel_counters.get().and_then(|read| read()) {
-            let helps = [
-                ("gamma_kernel_connects_steered", "connect() calls to a mesh Service the kernel programs sent to the agent."),
-                ("gamma_kernel_connects_agent_gone", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open)."),
-                ("gamma_kernel_record_failures", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination)."),
-                ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address."),
-                ("gamma_kernel_local_pairs", "Node-local connections through the agent whose two sockets the kernel programs paired (--local-sockets)."),
-                ("gamma_kernel_local_moved_sockets", "Paired sockets whose bytes move socket to socket (their peer was paired at their first send)."),
-                ("gamma_kernel_local_kept_tcp_sockets", "Sockets of the agent's connections, and of callers to it, that keep TCP: no paired peer at their first send (a peer on another node, or one still in its handshake)."),
-            ];
-            for ((name, help), value) in helps.iter().zip(counted) {
+            for (name, help, value) in [
+                ("gamma_kernel_connects_steered", "connect() calls to a mesh Service the kernel programs sent to the agent.", counted.steered),
+                ("gamma_kernel_connects_agent_gone", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open).", counted.agent_gone),
+                ("gamma_kernel_record_failures", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination).", counted.record_failed),
+                ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address.", counted.peername_rewrites),
+                ("gamma_kernel_local_pairs", "Node-local connections through the agent whose two sockets the kernel programs paired (--local-sockets).", counted.local_paired),
+                ("gamma_kernel_local_moved_sockets", "Paired sockets whose bytes move socket to socket (their peer was paired at their first send).", counted.local_moved),
+                ("gamma_kernel_local_kept_tcp_sockets", "Sockets of callers' connections to the agent and of the agent's to this node's pods that keep TCP: no paired peer at their first send (one still in its handshake, or outside the programs' cgroup), or bytes sent before they joined.", counted.local_kept_tcp),
+            ] {
                 counter(e, name, help, value)?;
             }
         }

@@ -585,8 +585,8 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 
 /// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`), and
 /// with local sockets on, knows this node's pods: the Pods whose addresses tell the agent who calls
-/// (from Kubernetes with a node name, those of its node; a folder's, all of them). A pod's
-/// connections made before its Pod is known keep TCP.
+/// (from Kubernetes with a node name, those of its node, without one every node's; a folder's, all
+/// of them). The agent's connections to a pod made before its Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
@@ -594,16 +594,18 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
         }
     }
-    let pods = match redirect.local_sockets() {
-        Ok(true) => Some(snapshot.callers.keys().copied()),
-        // Emptied when off (a successor without the flag): the set says what is meant now.
-        Ok(false) => None,
+    // While off, the programs do not read the set: it is left as it is (during an adopting
+    // takeover both agents follow the one shared config, and the running one may read it before
+    // the successor turns pairing on).
+    match redirect.local_sockets() {
+        Ok(true) => {}
+        Ok(false) => return,
         Err(e) => {
             tracing::error!(error = %e, "reading whether local sockets are on failed; this node's pods stay as they were");
             return;
         }
-    };
-    match redirect.set_local_pods(pods.into_iter().flatten()) {
+    }
+    match redirect.set_local_pods(snapshot.callers.keys().copied()) {
         Ok(change) => tracing::debug!(?change, "this node's pods updated for local sockets"),
         Err(e) => tracing::error!(
             error = %e,

@@ -43,7 +43,7 @@ pub(crate) static LOCAL_PODS: HashMap<PodKey, u8, { MAX_LOCAL_PODS as usize }> =
 
 /// Marks the sockets the agent dialled to a pod of this node (its value is unused): their
 /// connections are candidates for `LOCAL_SOCKETS`. Set at connect() only for processes of the
-/// agent's cgroup.
+/// agent's cgroup; dropped when such a socket connects again elsewhere.
 #[btf_map]
 pub(crate) static AGENT_DIALS: SkStorage<u8> = SkStorage::new();
 

@@ -241,14 +241,13 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
         Server::new("pod6", &pod6),
         Server::new("elsewhere", &elsewhere),
     ];
-    let joined = |target: SocketAddr, server: &str| {
+    let joined_after = |refused_first: Option<SocketAddr>, target: SocketAddr, server: &str| {
         let before = redirect.kernel_counters().unwrap().local_kept_tcp;
-        assert_eq!(
-            exchange(&sandbox, target, &servers, &redirect).server,
-            server
-        );
+        let seen = exchange_after(&sandbox, refused_first, target, &servers, &redirect);
+        assert_eq!(seen.server, server);
         redirect.kernel_counters().unwrap().local_kept_tcp - before
     };
+    let joined = |target: SocketAddr, server: &str| joined_after(None, target, server);
     let port = |listener: &TcpListener| listener.local_addr().unwrap().port();
     let pod4_mapped = addr(&format!("[::ffff:10.96.0.10]:{}", port(&pod4)));
     assert_eq!(joined(elsewhere.local_addr().unwrap(), "elsewhere"), 0);
@@ -258,6 +257,16 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
         joined(pod4_mapped, "pod4"),
         1,
         "an IPv4 pod dialled v4-mapped"
+    );
+    // A socket that dialled a pod in vain, then connects elsewhere, does not keep the pod's mark.
+    let closed_pod_port = addr("10.96.0.10:1");
+    assert_eq!(
+        joined_after(
+            Some(closed_pod_port),
+            elsewhere.local_addr().unwrap(),
+            "elsewhere"
+        ),
+        0
     );
     // A pod gone from the node: dials to its address no longer join.
     let change = redirect
@@ -455,7 +464,18 @@ fn exchange(
     servers: &[Server<'_>],
     redirect: &Redirect,
 ) -> Exchange {
-    let mut client = spawn_client(sandbox, target);
+    exchange_after(sandbox, None, target, servers, redirect)
+}
+
+/// [`exchange`], the client's socket having first dialled `refused_first` (nothing listens).
+fn exchange_after(
+    sandbox: &Sandbox,
+    refused_first: Option<SocketAddr>,
+    target: SocketAddr,
+    servers: &[Server<'_>],
+    redirect: &Redirect,
+) -> Exchange {
+    let mut client = spawn_client(sandbox, refused_first, target);
     let deadline = Instant::now() + Duration::from_secs(10);
     let (server, stream, peer) = loop {
         if let Some(accepted) = servers
@@ -515,11 +535,61 @@ fn exchange(
 }
 
 const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
+/// Set: the client's socket first dials this address, where nothing listens, then the target.
+const CLIENT_REFUSED_FIRST: &str = "GAMMA_EBPF_TEST_CLIENT_REFUSED_FIRST";
 const PEER: &str = "client-peer=";
 const REPLY: &str = "client-reply=";
 
+/// One IPv4 socket connect()ed twice: to `refused` (nothing listens there), then to `target`.
+fn connect_after_refused(refused: SocketAddr, target: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let connect = |fd: RawFd, addr: SocketAddr| {
+        let SocketAddr::V4(v4) = addr else {
+            panic!("{addr}: IPv4 only")
+        };
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `sa` is a valid sockaddr_in for the call's duration.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: a plain socket call; the descriptor is owned by the stream made below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new socket nothing else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let refusal = connect(fd, refused).expect_err("nothing listens there");
+    assert_eq!(
+        refusal.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refusal}"
+    );
+    connect(fd, target).unwrap_or_else(|e| panic!("connect {target} after {refused}: {e}"));
+    stream
+}
+
 /// This binary again, running only `client_helper`, inside the sandbox's netns and cgroup.
-fn spawn_client(sandbox: &Sandbox, target: SocketAddr) -> std::process::Child {
+fn spawn_client(
+    sandbox: &Sandbox,
+    refused_first: Option<SocketAddr>,
+    target: SocketAddr,
+) -> std::process::Child {
     let netns = File::open(&sandbox.netns).unwrap();
     let procs = OpenOptions::new()
         .write(true)
@@ -535,6 +605,7 @@ fn spawn_client(sandbox: &Sandbox, target: SocketAddr) -> std::process::Child {
             "--test-threads=1",
         ])
         .env(CLIENT_TARGET, target.to_string())
+        .envs(refused_first.map(|a| (CLIENT_REFUSED_FIRST, a.to_string())))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe syscalls on fds opened beforehand (kept
@@ -563,8 +634,11 @@ fn client_helper() {
         return;
     };
     let target: SocketAddr = target.parse().unwrap();
-    let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {target}: {e}"));
+    let stream = match std::env::var(CLIENT_REFUSED_FIRST) {
+        Ok(refused) => connect_after_refused(refused.parse().unwrap(), target),
+        Err(_) => TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {target}: {e}")),
+    };
     println!("{PEER}{}", stream.peer_addr().unwrap());
     (&stream).write_all(b"hello\n").unwrap();
     let mut reply = String::new();

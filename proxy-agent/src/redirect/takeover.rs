@@ -11,7 +11,7 @@
 //!
 //! - **Same programs** (equal [`object_digest`], the usual restart): the successor adopts the links
 //!   and maps as they are. Nothing changes in the kernel but `CONFIG` (the exempt cgroup, and
-//!   whether local sockets pair):
+//!   whether local sockets pair) and what the successor's first table puts in the sets:
 //!   connections steered before, during and after the takeover find their record in the one
 //!   `CALLERS`, whichever agent accepts them.
 //! - **Different programs** (an upgrade that changed them, or `fresh_programs`): the successor
@@ -202,8 +202,14 @@ impl Redirect {
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             let counters = typed(Some(predecessor.map(maps::COUNTERS)?), maps::COUNTERS)?;
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
-            // successor is a new pod, in a cgroup of its own).
-            let (value, _) = agent_config(listeners, own_cgroup_id()?)?;
+            // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
+            // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
+            // without it while both run.
+            let (mut value, _) = agent_config(listeners, own_cgroup_id()?)?;
+            value.local_sockets = config
+                .get(&0, 0)
+                .map_err(|e| RedirectError::kernel("reading the agent config map", e))?
+                .local_sockets;
             config
                 .set(0, value, 0)
                 .map_err(|e| RedirectError::kernel("writing the agent config map", e))?;

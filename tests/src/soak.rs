@@ -86,6 +86,11 @@ pub struct SoakReport {
     /// Sockets whose bytes moved socket to socket (`gamma_kernel_local_moved_sockets_total`) from
     /// the last restart on: that pairing still works after the last takeover.
     pub local_moved_after_last_restart: u64,
+    /// This node's pods the agent running at the end told the kernel programs
+    /// (`gamma_kernel_local_pods`; 0 without `--local-sockets`).
+    pub local_pods_at_end: u64,
+    /// The pods of the soak's cluster.
+    pub pods: u64,
     pub elapsed: Duration,
 }
 
@@ -132,6 +137,11 @@ impl std::fmt::Display for SoakReport {
             f,
             "sockets moving their bytes socket to socket (--local-sockets) after the last restart: {}",
             self.local_moved_after_last_restart
+        )?;
+        writeln!(
+            f,
+            "pods told to the kernel programs at the end (--local-sockets): {} of {}",
+            self.local_pods_at_end, self.pods
         )?;
         writeln!(
             f,
@@ -303,15 +313,19 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         attached_as_expected: attached == expected,
         attached,
         local_moved_after_last_restart,
+        local_pods_at_end: metric(&scenario, "gamma_kernel_local_pods")?,
+        pods: scenario.cluster.pods.len() as u64,
         elapsed: started.elapsed(),
     })
 }
 
 /// The running agent's count of sockets whose bytes moved (0 without `--local-sockets`).
 fn local_moved(scenario: &Scenario) -> Result<u64> {
+    metric(scenario, "gamma_kernel_local_moved_sockets_total")
+}
+
+/// The running agent's value of an unlabelled metric (0 when absent).
+fn metric(scenario: &Scenario, name: &str) -> Result<u64> {
     let metrics = scenario.admin_get("/metrics")?;
-    Ok(
-        crate::probe::sample(&metrics, "gamma_kernel_local_moved_sockets_total").unwrap_or(0.0)
-            as u64,
-    )
+    Ok(crate::probe::sample(&metrics, name).unwrap_or(0.0) as u64)
 }

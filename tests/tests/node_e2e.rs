@@ -344,6 +344,11 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     let Some(s) = scenario_with(test, &["--local-sockets"]) else {
         return;
     };
+    // The agent told the programs every pod of the node: only its dials to them join.
+    assert_eq!(
+        counter(&s, "gamma_kernel_local_pods"),
+        s.cluster.pods.len() as u64
+    );
     let ui = client(&s, "ui-backend");
     let caller = s.pod(&ui).unwrap();
     let others: Vec<_> = s.pods_except(&ui);

@@ -153,6 +153,8 @@ pub struct KernelCounters {
     /// Sockets that joined but keep TCP (no paired peer at their first send: one still in its
     /// handshake, or outside the programs' cgroup; or they sent before joining).
     pub local_kept_tcp: u64,
+    /// Not a count but a size: the addresses in `LOCAL_PODS` after the last table.
+    pub local_pods: u64,
 }
 
 /// The programs on the cgroup and who holds them.
@@ -322,6 +324,11 @@ impl Redirect {
             local_paired: read(counters::LOCAL_PAIRED)?,
             local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
+            local_pods: self
+                .local_pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .size() as u64,
         })
     }
 

@@ -20,6 +20,8 @@ use super::{addr, RedirectError};
 pub struct SetChange {
     pub added: usize,
     pub removed: usize,
+    /// How many entries the map holds now.
+    pub size: usize,
 }
 
 /// A set map of the programs: its name, for errors, and its capacity.
@@ -27,6 +29,8 @@ pub(crate) struct KernelSet<K> {
     map: HashMap<MapData, K, u8>,
     name: &'static str,
     capacity: u32,
+    /// Entries after the last reconciliation (0 before the first).
+    size: usize,
 }
 
 impl KernelSet<ServiceKey> {
@@ -35,6 +39,7 @@ impl KernelSet<ServiceKey> {
             map,
             name: maps::MESH_SERVICES,
             capacity: MAX_MESH_SERVICES,
+            size: 0,
         }
     }
 }
@@ -45,6 +50,7 @@ impl KernelSet<PodKey> {
             map,
             name: maps::LOCAL_PODS,
             capacity: MAX_LOCAL_PODS,
+            size: 0,
         }
     }
 }
@@ -106,10 +112,17 @@ impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
                 .insert(key, 1, 0)
                 .map_err(|e| RedirectError::kernel(format!("adding {key:?} to {name}"), e))?;
         }
+        self.size = current.len() - remove.len() + add.len();
         Ok(SetChange {
             added: add.len(),
             removed: remove.len(),
+            size: self.size,
         })
+    }
+
+    /// Entries after the last reconciliation (0 before the first).
+    pub(crate) fn size(&self) -> usize {
+        self.size
     }
 }
 

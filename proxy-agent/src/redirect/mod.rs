@@ -237,9 +237,7 @@ impl Redirect {
             .collect::<Result<Vec<_>, RedirectError>>()?;
         // Maps are filled before any program is attached, so no program sees a partial config.
         let mut config_map: Array<MapData, AgentConfig> = typed_map(&mut ebpf, maps::CONFIG)?;
-        config_map
-            .set(0, config, 0)
-            .map_err(|e| RedirectError::kernel("writing the agent config map", e))?;
+        write_agent_config(&mut config_map, config)?;
         let mut sockmap: SockMap<MapData> = typed_map(&mut ebpf, maps::AGENT_LISTENERS)?;
         for (slot, listener) in slots {
             sockmap.set(slot, listener, 0).map_err(|e| {
@@ -363,11 +361,12 @@ impl Redirect {
     }
 
     fn read_config(&self) -> Result<AgentConfig, RedirectError> {
-        self.config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&0, 0)
-            .map_err(|e| RedirectError::kernel("reading the agent config", e))
+        read_agent_config(
+            &self
+                .config
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     fn update_config(&self, change: impl FnOnce(&mut AgentConfig)) -> Result<(), RedirectError> {
@@ -375,14 +374,24 @@ impl Redirect {
             .config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut value = config
-            .get(&0, 0)
-            .map_err(|e| RedirectError::kernel("reading the agent config", e))?;
+        let mut value = read_agent_config(&config)?;
         change(&mut value);
-        config
-            .set(0, value, 0)
-            .map_err(|e| RedirectError::kernel("writing the agent config", e))
+        write_agent_config(&mut config, value)
     }
+}
+
+/// The one entry of `CONFIG`.
+fn read_agent_config(map: &Array<MapData, AgentConfig>) -> Result<AgentConfig, RedirectError> {
+    map.get(&0, 0)
+        .map_err(|e| RedirectError::kernel("reading the agent config", e))
+}
+
+fn write_agent_config(
+    map: &mut Array<MapData, AgentConfig>,
+    value: AgentConfig,
+) -> Result<(), RedirectError> {
+    map.set(0, value, 0)
+        .map_err(|e| RedirectError::kernel("writing the agent config", e))
 }
 
 impl std::fmt::Debug for Redirect {

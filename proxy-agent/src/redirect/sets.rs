@@ -112,7 +112,7 @@ impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
                 .insert(key, 1, 0)
                 .map_err(|e| RedirectError::kernel(format!("adding {key:?} to {name}"), e))?;
         }
-        self.size = current.len() - remove.len() + add.len();
+        self.size = wanted.len();
         Ok(SetChange {
             added: add.len(),
             removed: remove.len(),

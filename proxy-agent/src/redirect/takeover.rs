@@ -44,7 +44,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
-    sets::KernelSet, typed, AgentListener, Programs, Redirect, RedirectError,
+    read_agent_config, sets::KernelSet, typed, write_agent_config, AgentListener, Programs,
+    Redirect, RedirectError,
 };
 
 /// What a running agent tells its successor about its redirect; the descriptors follow in this
@@ -126,6 +127,14 @@ impl Predecessor {
             .map_err(|e| RedirectError::kernel(format!("reading the map {name} handed over"), e))
     }
 
+    /// The predecessor's map `name`, typed.
+    fn typed_map<T>(&self, name: &str) -> Result<T, RedirectError>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>,
+    {
+        typed(Some(self.map(name)?), name)
+    }
+
     /// The descriptors of the maps a successor adopts, in `Redirect::shared_maps` form.
     fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
         super::SHARED_MAPS
@@ -189,30 +198,18 @@ impl Redirect {
             )));
         }
         let redirect = if !fresh_programs && offer.object_digest == object::object_digest() {
-            let services = KernelSet::mesh_services(typed(
-                Some(predecessor.map(maps::MESH_SERVICES)?),
-                maps::MESH_SERVICES,
-            )?);
-            let local_pods = KernelSet::local_pods(typed(
-                Some(predecessor.map(maps::LOCAL_PODS)?),
-                maps::LOCAL_PODS,
-            )?);
-            let mut config: aya::maps::Array<MapData, proxy_common::AgentConfig> =
-                typed(Some(predecessor.map(maps::CONFIG)?), maps::CONFIG)?;
+            let services = KernelSet::mesh_services(predecessor.typed_map(maps::MESH_SERVICES)?);
+            let local_pods = KernelSet::local_pods(predecessor.typed_map(maps::LOCAL_PODS)?);
+            let mut config = predecessor.typed_map(maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
-            let counters = typed(Some(predecessor.map(maps::COUNTERS)?), maps::COUNTERS)?;
+            let counters = predecessor.typed_map(maps::COUNTERS)?;
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
             // without it while both run.
             let (mut value, _) = agent_config(listeners, own_cgroup_id()?)?;
-            value.local_sockets = config
-                .get(&0, 0)
-                .map_err(|e| RedirectError::kernel("reading the agent config map", e))?
-                .local_sockets;
-            config
-                .set(0, value, 0)
-                .map_err(|e| RedirectError::kernel("writing the agent config map", e))?;
+            value.local_sockets = read_agent_config(&config)?.local_sockets;
+            write_agent_config(&mut config, value)?;
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,

@@ -131,7 +131,7 @@ pub(super) async fn accept_loop<F>(
     }
 }
 
-async fn serve_connection(
+pub(super) async fn serve_connection(
     proxy: &Arc<Proxy>,
     mut stream: Lingering,
     info: Arc<ConnectionInfo>,

@@ -529,6 +529,7 @@ impl Index {
             let caller = Arc::new(Caller {
                 pod: pod.key.clone(),
                 uid: pod.uid.clone(),
+                local_sockets: pod.local_sockets,
             });
             for ip in &pod.ips {
                 claims

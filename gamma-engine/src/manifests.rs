@@ -225,6 +225,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_opts_in_to_local_sockets_by_its_annotation_set_to_true() {
+        let pod = |annotations: &str| {
+            let text = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ns{annotations}}}\nstatus: {{podIP: 10.0.0.5}}\n"
+            );
+            match parse(Path::new("p.yaml"), &text).objects.pop() {
+                Some(crate::model::Object::Pod(pod)) => pod.local_sockets,
+                other => panic!("not a Pod: {other:?}"),
+            }
+        };
+        assert!(pod(
+            ", annotations: {gamma-node.io/local-sockets: \"true\"}"
+        ));
+        assert!(!pod(""));
+        assert!(!pod(
+            ", annotations: {gamma-node.io/local-sockets: \"false\"}"
+        ));
+        assert!(!pod(
+            ", annotations: {gamma-node.io/local-sockets: \"yes\"}"
+        ));
+    }
+
+    #[test]
     fn schema_mismatch_names_the_field() {
         let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  rules:\n  - backendRefs:\n    - name: x\n      port: notanumber\n";
         let parsed = parse(Path::new("r.yaml"), text);

@@ -584,9 +584,11 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 }
 
 /// The kernel steers exactly the frontends that have routes (see `Snapshot::mesh_addresses`), and
-/// with local sockets on, knows this node's pods: the Pods whose addresses tell the agent who calls
-/// (from Kubernetes with a node name, those of its node, without one every node's; a folder's, all
-/// of them). The agent's connections to a pod made before its Pod is known keep TCP.
+/// with local sockets on, knows this node's pods that opted in to them
+/// (`model::LOCAL_SOCKETS_ANNOTATION`): of the Pods whose addresses tell the agent who calls (from
+/// Kubernetes with a node name, those of its node, without one every node's; a folder's, all of
+/// them), those annotated. Only their connections through the agent pair: a caller's to the agent,
+/// the agent's to a backend. Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
@@ -605,7 +607,12 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
             return;
         }
     }
-    match redirect.set_local_pods(snapshot.callers.keys().copied()) {
+    let opted_in = snapshot
+        .callers
+        .iter()
+        .filter(|(_, caller)| caller.local_sockets)
+        .map(|(ip, _)| *ip);
+    match redirect.set_local_pods(opted_in) {
         Ok(change) => tracing::debug!(?change, "this node's pods updated for local sockets"),
         Err(e) => tracing::error!(
             error = %e,

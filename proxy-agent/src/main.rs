@@ -66,12 +66,13 @@ struct Cli {
     #[arg(long, value_name = "DIR", requires = "redirect")]
     cgroup: Option<PathBuf>,
     /// Node-local connections through the agent (a pod's to the agent, the agent's to a backend pod
-    /// on this node) move their bytes socket to socket in the kernel, skipping TCP/IP. The agent
-    /// must run in a cgroup under --cgroup. Off by default: a pod that reads such a connection with
-    /// splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not see the
-    /// moved bytes, and moved bytes have no flow control (a socket that does not read lets its peer
-    /// queue without bound, charged to its memory cgroup). Opaque and upgraded connections are
-    /// then copied, whatever --pump says.
+    /// on this node) move their bytes socket to socket in the kernel, skipping TCP/IP, for the pods
+    /// annotated gamma-node.io/local-sockets: "true". The agent must run in a cgroup under
+    /// --cgroup. Per pod, because the pod must read such a connection with read(2) or recv(2): one
+    /// that uses splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not
+    /// see the moved bytes; and keep up with it: moved bytes have no flow control (a socket that
+    /// does not read lets its peer queue without bound, charged to its memory cgroup). Opaque and
+    /// upgraded connections are then copied, whatever --pump says.
     #[arg(long, requires = "redirect")]
     local_sockets: bool,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.

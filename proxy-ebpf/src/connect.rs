@@ -10,15 +10,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use proxy_common::{
-    counters, Endpoint, PodKey, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6,
-};
+use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
 
 use crate::{
-    ctx_access,
-    maps::{
-        count, map_ptr, AGENT_DIALS, AGENT_LISTENERS, CONFIG, LOCAL_PODS, MESH_SERVICES, REDIRECTED,
-    },
+    ctx_access, local,
+    maps::{count, map_ptr, AGENT_DIALS, AGENT_LISTENERS, CONFIG, MESH_SERVICES, REDIRECTED},
     ALLOW,
 };
 
@@ -160,8 +156,9 @@ fn forget(ctx: &SockAddrContext) {
     }
 }
 
-/// Marks the agent's own connections to this node's pods (backends, mostly) when local sockets are
-/// on: their sockets join `LOCAL_SOCKETS` once established (`sockops`) and pair with the backend's.
+/// Marks the agent's own connections to this node's pods that opted in (backends, mostly) when
+/// local sockets are on: their sockets join `LOCAL_SOCKETS` once established (`sockops`) and pair
+/// with the backend's.
 /// Connections to other nodes are left alone: joined, they would never pair, yet would hold slots of
 /// `LOCAL_SOCKETS` and `LOCAL_PENDING` (an LRU: they would evict pending ends that can pair) and
 /// take the sockmap's detour at every send and receive.
@@ -173,7 +170,7 @@ fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
     {
         return;
     }
-    if LOCAL_PODS.get_ptr(PodKey { ip: dst.ip }).is_none() {
+    if !local::pod_opted_in(dst) {
         // A socket connect()ed again after a failed attempt keeps no mark made for a pod it
         // dialled before. SAFETY: the context's socket pointer is valid for the program's run.
         let _ = unsafe { AGENT_DIALS.delete((*ctx.sock_addr).__bindgen_anon_1.sk) };

@@ -5,11 +5,11 @@
 //!
 //! Who joins `LOCAL_SOCKETS` (in `sockops`, see [`join_active`] and [`join_passive`]): the two
 //! ends of a caller's connection to the agent, and of the agent's connection to a backend on this
-//! node. The active end joins when established and leaves its pair in `LOCAL_PENDING`; the passive
-//! end, established a moment later on the same node, finds it there and joins too. Of the
-//! connections the agent dials, only those to this node's pods join (`LOCAL_PODS`, told by the
-//! agent; marked at connect()): only the agent's sockets and the sockets talking to it are ever
-//! touched.
+//! node, when that pod opted in (its address in `LOCAL_PODS`, told by the agent: the pod reads
+//! without splice(2) and keeps up, as moved bytes need). The active end joins when established and
+//! leaves its pair in `LOCAL_PENDING`; the passive end, established a moment later on the same
+//! node, finds it there and joins too. The agent's dials are marked at connect(): only the agent's
+//! sockets and the sockets talking to it are ever touched.
 //!
 //! Order: a socket's bytes must not overtake each other. A redirected send lands in the peer's
 //! socket queue, which the peer reads before its TCP queue; a socket that sent over TCP while its
@@ -28,11 +28,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
-use proxy_common::{counters, Endpoint, SocketPair};
+use proxy_common::{counters, Endpoint, PodKey, SocketPair};
 
 use crate::{
     ctx_access,
-    maps::{count, map_ptr, CONFIG, LOCAL_PENDING, LOCAL_SEND, LOCAL_SOCKETS},
+    maps::{count, map_ptr, CONFIG, LOCAL_PENDING, LOCAL_PODS, LOCAL_SEND, LOCAL_SOCKETS},
     AF_INET,
 };
 
@@ -66,6 +66,12 @@ macro_rules! socket_pair {
             }
         }
     }};
+}
+
+/// Whether the address is one of this node's pods that opted in (`LOCAL_PODS`, told by the agent).
+#[inline(always)]
+pub(crate) fn pod_opted_in(address: &Endpoint) -> bool {
+    LOCAL_PODS.get_ptr(PodKey { ip: address.ip }).is_some()
 }
 
 /// Whether the agent asked for local sockets.

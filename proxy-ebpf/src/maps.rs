@@ -36,8 +36,10 @@ pub(crate) static LOCAL_PENDING: LruHashMap<SocketPair, u8, { MAX_LOCAL_SOCKETS 
 #[btf_map]
 pub(crate) static LOCAL_SEND: SkStorage<u32> = SkStorage::new();
 
-/// The addresses of this node's pods (a set: the value is always 1), written by the agent: only its
-/// connections to these can find their peer in `LOCAL_SOCKETS`, so only these join it.
+/// The addresses of this node's pods that opted in to local sockets (a set: the value is always 1),
+/// written by the agent: only their connections through the agent join `LOCAL_SOCKETS` (a caller's
+/// to the agent, the agent's to a backend), as only they can find their peer there and say they
+/// can be sent bytes that way.
 #[btf_map]
 pub(crate) static LOCAL_PODS: HashMap<PodKey, u8, { MAX_LOCAL_PODS as usize }> = HashMap::new();
 

@@ -27,7 +27,12 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let caller = publish_caller(&ctx);
-            if local::enabled() && (caller || dialled_by_agent(&ctx)) {
+            // A caller joins if its pod opted in: it reads what the agent sends it.
+            let joins = match caller {
+                Some(caller) => local::pod_opted_in(&caller),
+                None => dialled_by_agent(&ctx),
+            };
+            if joins && local::enabled() {
                 local::join_active(&ctx);
             }
         }
@@ -51,22 +56,22 @@ fn dialled_by_agent(ctx: &SockOpsContext) -> bool {
     }
 }
 
-/// Publishes the record of a redirected connection; whether the socket is one (a caller's).
+/// Publishes the record of a redirected connection; the caller's address if the socket is one.
 #[inline(always)]
-fn publish_caller(ctx: &SockOpsContext) -> bool {
+fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `sk` is null or a full socket (the verifier enforces the check); the storage pointer
     // is checked for null before use.
     let record = unsafe {
         let sk = (*ops).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return false;
+            return None;
         }
         bpf_sk_storage_get(map_ptr(&REDIRECTED), sk.cast(), core::ptr::null_mut(), 0)
             .cast::<RedirectRecord>()
     };
     if record.is_null() {
-        return false; // not a redirected connection
+        return None; // not a redirected connection
     }
     // SAFETY: context fields read at their own offsets; `record` points to this socket's storage,
     // valid for the program's run.
@@ -90,5 +95,5 @@ fn publish_caller(ctx: &SockOpsContext) -> bool {
     if CALLERS.insert(CallerKey { caller }, record, 0).is_err() {
         count(counters::RECORD_FAILED);
     }
-    true
+    Some(caller)
 }

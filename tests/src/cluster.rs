@@ -45,8 +45,17 @@ pub struct SimPod {
     pub ip: IpAddr,
     pub uid: String,
     pub labels: BTreeMap<String, String>,
+    /// From the Deployment's template.
+    pub annotations: BTreeMap<String, String>,
     /// Container ports by name ("" for unnamed) and number.
     pub container_ports: Vec<(String, u16)>,
+}
+
+impl SimPod {
+    /// Whether `other` is the same Pod (by namespace and name).
+    pub fn same_pod(&self, other: &SimPod) -> bool {
+        self.namespace == other.namespace && self.name == other.name
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -131,6 +140,7 @@ impl SimCluster {
                             deployment: name.clone(),
                             ip,
                             labels: labels(template["metadata"].get("labels")),
+                            annotations: labels(template["metadata"].get("annotations")),
                             container_ports: container_ports.clone(),
                         });
                     }
@@ -211,13 +221,24 @@ impl SimCluster {
         self.pods.iter().find(|p| p.ip == ip)
     }
 
+    /// Every Pod (or, with `except`, every other) opted in to the agent's `--local-sockets`, and
+    /// `except` out of it.
+    pub fn with_local_sockets(mut self, except: Option<&SimPod>) -> SimCluster {
+        for pod in &mut self.pods {
+            let opted_in = except.is_none_or(|e| !e.same_pod(pod));
+            pod.annotations
+                .insert("gamma-node.io/local-sockets".into(), opted_in.to_string());
+        }
+        self
+    }
+
     /// Services (with ClusterIPs), Pods and derived EndpointSlices, as API objects.
     pub fn manifests(&self) -> Vec<Value> {
         let mut out: Vec<Value> = self.services.iter().map(|s| s.manifest.clone()).collect();
         for pod in &self.pods {
             out.push(json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": pod.labels},
+                "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": pod.labels, "annotations": pod.annotations},
                 "spec": {"nodeName": "node", "containers": []},
                 "status": {"podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
             }));

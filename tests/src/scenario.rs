@@ -75,11 +75,6 @@ pub fn to_yaml(documents: &[serde_json::Value]) -> String {
         .join("\n---\n")
 }
 
-/// Whether two simulated Pods are the same Pod (by namespace and name).
-fn same_pod(a: &SimPod, b: &SimPod) -> bool {
-    a.namespace == b.namespace && a.name == b.name
-}
-
 impl Scenario {
     /// Builds the node, starts echo backends in every Pod with container ports, programs the
     /// simulated kube-proxy, writes the cluster's objects and starts the agent.
@@ -338,7 +333,7 @@ impl Scenario {
     pub fn pods_except(&self, sim: &SimPod) -> Vec<&Pod> {
         self.pods
             .iter()
-            .filter(|(s, _)| !same_pod(s, sim))
+            .filter(|(s, _)| !s.same_pod(sim))
             .map(|(_, p)| p)
             .collect()
     }
@@ -347,7 +342,7 @@ impl Scenario {
     pub fn pod(&self, sim: &SimPod) -> Result<&Pod> {
         self.pods
             .iter()
-            .find(|(s, _)| same_pod(s, sim))
+            .find(|(s, _)| s.same_pod(sim))
             .map(|(_, p)| p)
             .context("no such pod")
     }

@@ -192,7 +192,8 @@ impl std::fmt::Display for SoakReport {
 pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
     let started = Instant::now();
     let demo = crate::workspace_root().join("demo");
-    let cluster = SimCluster::from_manifests(&demo.join("cluster.yaml"), AddressPlan::default())?;
+    let mut cluster =
+        SimCluster::from_manifests(&demo.join("cluster.yaml"), AddressPlan::default())?;
     let sockets = TempDir::new("takeover");
     let socket = sockets.0.join("agent.sock");
     let mut args = vec![
@@ -204,6 +205,7 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
     ];
     if config.local_sockets {
         args.push("--local-sockets".into());
+        cluster = cluster.with_local_sockets(None);
     }
     let mut scenario = Scenario::start_with(name, cluster, args)?;
     let route = std::fs::read_to_string(demo.join("step1-consumer-route.yaml"))?;

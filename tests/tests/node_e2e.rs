@@ -17,7 +17,7 @@
 use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
 use gamma_tests::probe::sample;
-use gamma_tests::scenario::Scenario;
+use gamma_tests::scenario::{to_yaml, Scenario};
 use std::time::{Duration, Instant};
 
 fn scenario(test: &str) -> Option<Scenario> {
@@ -25,13 +25,23 @@ fn scenario(test: &str) -> Option<Scenario> {
 }
 
 fn scenario_with(test: &str, agent_args: &[&str]) -> Option<Scenario> {
+    scenario_of(test, agent_args, |cluster| cluster)
+}
+
+/// The demo's cluster, as `edit` makes it, with the consumer route.
+fn scenario_of(
+    test: &str,
+    agent_args: &[&str],
+    edit: impl FnOnce(SimCluster) -> SimCluster,
+) -> Option<Scenario> {
     if let Some(reason) = gamma_tests::node::require_root() {
         gamma_tests::skip(test, &reason);
         return None;
     }
     let dir = gamma_tests::workspace_root().join("demo");
-    let cluster =
-        SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default()).unwrap();
+    let cluster = edit(
+        SimCluster::from_manifests(&dir.join("cluster.yaml"), AddressPlan::default()).unwrap(),
+    );
     let args = agent_args.iter().map(|a| a.to_string()).collect();
     let scenario = Scenario::start_with(test, cluster, args).unwrap();
     let route = std::fs::read_to_string(dir.join("step1-consumer-route.yaml")).unwrap();
@@ -341,10 +351,11 @@ fn redirect_follows_what_the_kernel_supports() {
 #[test]
 fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     let test = "local_sockets_move_the_bytes_of_connections_through_the_agent";
-    let Some(s) = scenario_with(test, &["--local-sockets"]) else {
+    let opted_in = |cluster: SimCluster| cluster.with_local_sockets(None);
+    let Some(s) = scenario_of(test, &["--local-sockets"], opted_in) else {
         return;
     };
-    // The agent told the programs every pod of the node: only its dials to them join.
+    // Every pod of the node opted in, and the agent told the programs so.
     assert_eq!(
         counter(&s, "gamma_kernel_local_pods"),
         s.cluster.pods.len() as u64
@@ -357,18 +368,23 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     };
     // Over TCP, each of the 50 requests is a segment at least from the caller, and each answer one
     // from a backend pod; paired, only the handshakes and the closes are. A connection whose first
-    // send raced its peer's handshake keeps TCP (rare, and allowed): a few tries.
-    let mut kept_alive = Vec::new();
-    let mut sent = Vec::new();
-    for _ in 0..3 {
-        let before = (segments(&[caller]), segments(&others));
-        kept_alive = call_with(&s, &ui, "catalog", 50, |r| r.keep_alive = true);
-        let after = (segments(&[caller]), segments(&others));
-        sent.push((after.0 - before.0, after.1 - before.1));
-        if after.0 - before.0 < 20 && after.1 - before.1 < 20 {
-            break;
+    // send raced its peer's handshake keeps TCP (rare, and allowed): a few tries until `paired`
+    // says the (caller, backend pods) segments are as expected.
+    let tries = |paired: &dyn Fn(u64, u64) -> bool| {
+        let mut kept_alive = Vec::new();
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            let before = (segments(&[caller]), segments(&others));
+            kept_alive = call_with(&s, &ui, "catalog", 50, |r| r.keep_alive = true);
+            let after = (segments(&[caller]), segments(&others));
+            sent.push((after.0 - before.0, after.1 - before.1));
+            if paired(after.0 - before.0, after.1 - before.1) {
+                break;
+            }
         }
-    }
+        (kept_alive, sent)
+    };
+    let (kept_alive, sent) = tries(&|caller, backends| caller < 20 && backends < 20);
     assert!(
         sent.iter()
             .any(|&(caller, backends)| caller < 20 && backends < 20),
@@ -395,5 +411,25 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     assert!(
         pairs >= sent.len() as u64 + 22,
         "{pairs} connections paired"
+    );
+    // The caller's pod opts out: its connections to the agent take TCP again (the agent's to the
+    // backend pods still pair, new ones too).
+    let opted_out = s.cluster.clone().with_local_sockets(Some(&ui));
+    s.apply("cluster.yaml", &to_yaml(&opted_out.manifests()))
+        .unwrap();
+    let told = Instant::now();
+    while counter(&s, "gamma_kernel_local_pods") != s.cluster.pods.len() as u64 - 1 {
+        assert!(
+            told.elapsed() < gamma_tests::harness_timeout(Duration::from_secs(5)),
+            "the agent did not tell the programs the pod opted out"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (answers, sent) = tries(&|caller, backends| caller >= 50 && backends < 20);
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(
+        sent.iter()
+            .all(|&(caller, backends)| caller >= 50 && backends < 20),
+        "TCP segments (caller, backend pods) for 50 requests on one connection, per try: {sent:?}"
     );
 }

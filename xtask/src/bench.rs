@@ -213,7 +213,7 @@ impl LocalSlot {
         let vip = LOCAL_VIP.split(':').next().unwrap_or_default();
         let pod = format!(
             "\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: loopback, namespace: bench, uid: \
-             {LOCAL_POD_UID}}}\nspec: {{containers: [{{name: run, image: none}}]}}\nstatus: \
+             {LOCAL_POD_UID}, annotations: {{gamma-node.io/local-sockets: \"true\"}}}}\nspec: {{containers: [{{name: run, image: none}}]}}\nstatus: \
              {{phase: Running, podIP: 127.0.0.1}}\n"
         );
         std::fs::write(

@@ -249,6 +249,12 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
         uid: pod.metadata.uid.clone(),
         ips,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        local_sockets: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::LOCAL_SOCKETS_ANNOTATION))
+            .is_some_and(|v| v == "true"),
     })
 }
 

@@ -213,7 +213,15 @@ pub struct Pod {
     pub uid: Option<String>,
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,
+    /// Annotated [`LOCAL_SOCKETS_ANNOTATION`]` = "true"`: the pod may read what is sent to it
+    /// socket to socket (the agent's `--local-sockets`).
+    pub local_sockets: bool,
 }
+
+/// The Pod annotation by which a pod says it may be sent bytes socket to socket on its node (the
+/// agent's `--local-sockets`), value `"true"`: it reads its connections with read(2) or recv(2),
+/// not splice(2), and keeps up with what it is sent (such bytes have no TCP flow control).
+pub const LOCAL_SOCKETS_ANNOTATION: &str = "gamma-node.io/local-sockets";
 
 /// A ReferenceGrant: which kinds in which namespaces may refer to objects of its own namespace
 /// (GEP-709). The mesh needs one for a backendRef into a namespace that is neither the route's

@@ -87,6 +87,8 @@ fn statuses_by_name<S: serde::Serializer>(
 pub struct Caller {
     pub pod: ObjectKey,
     pub uid: Option<String>,
+    /// The pod opted in to local sockets (`model::LOCAL_SOCKETS_ANNOTATION`).
+    pub local_sockets: bool,
 }
 
 impl Snapshot {

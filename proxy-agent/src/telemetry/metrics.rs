@@ -240,7 +240,7 @@ impl Collector for Scrape {
             ] {
                 counter(e, name, help, value)?;
             }
-            gauge(e, "gamma_kernel_local_pods", "Addresses of this node's pods told to the kernel programs (--local-sockets): only the agent's connections to these pair.", counted.local_pods as i64)?;
+            gauge(e, "gamma_kernel_local_pods", "Addresses of this node's pods opted in to local sockets (annotation gamma-node.io/local-sockets set to true) told to the kernel programs (--local-sockets): only their connections through the agent pair.", counted.local_pods as i64)?;
         }
         let mut local = e.encode_descriptor(
             "gamma_local_answers",

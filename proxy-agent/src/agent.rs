@@ -603,7 +603,7 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
-            tracing::error!(error = %e, "reading whether local sockets are on failed; this node's pods stay as they were");
+            tracing::error!(error = %e, "reading whether local sockets are on failed; the opted-in pods told the kernel stay as they were");
             return;
         }
     }
@@ -613,11 +613,14 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
         .filter(|(_, caller)| caller.local_sockets)
         .map(|(ip, _)| *ip);
     match redirect.set_local_pods(opted_in) {
-        Ok(change) => tracing::debug!(?change, "this node's pods updated for local sockets"),
+        Ok(change) => tracing::debug!(
+            ?change,
+            "this node's opted-in pods updated for local sockets"
+        ),
         Err(e) => tracing::error!(
             error = %e,
-            "updating this node's pods for local sockets failed; the previous set stays (the \
-             agent's connections to pods missing from it keep TCP)"
+            "updating this node's opted-in pods for local sockets failed; the previous set stays \
+             (connections of pods missing from it keep TCP)"
         ),
     }
 }

@@ -96,7 +96,8 @@ pub struct ServiceKey {
     pub vip: Endpoint,
 }
 
-/// Key of `LOCAL_PODS`: the address of a pod on this node (v4-mapped for IPv4, as in [`Endpoint`]).
+/// Key of `LOCAL_PODS`: the address of a pod on this node that opted in to local sockets (v4-mapped
+/// for IPv4, as in [`Endpoint`]).
 /// The value is a `u8` that is always 1 (the map is a set).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -168,7 +169,7 @@ pub const MAX_CALLERS: u32 = 65_536;
 /// `LOCAL_PENDING`. A socket that finds the map full keeps the TCP path.
 pub const MAX_LOCAL_SOCKETS: u32 = 65_536;
 
-/// Capacity of `LOCAL_PODS` (addresses of this node's pods; kubelet's default is 110 pods): room
+/// Capacity of `LOCAL_PODS` (addresses of this node's opted-in pods; kubelet's default is 110 pods): room
 /// for an agent that watches every node's Pods (no node name) on a mid-sized cluster. A larger set
 /// is refused whole (the previous one stays, and the agent logs it).
 pub const MAX_LOCAL_PODS: u32 = 16_384;

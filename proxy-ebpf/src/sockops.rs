@@ -28,11 +28,11 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let caller = publish_caller(&ctx);
             // A caller joins if its pod opted in: it reads what the agent sends it.
-            let joins = match caller {
+            let joins = || match caller {
                 Some(caller) => local::pod_opted_in(&caller),
                 None => dialled_by_agent(&ctx),
             };
-            if joins && local::enabled() {
+            if local::enabled() && joins() {
                 local::join_active(&ctx);
             }
         }

@@ -86,7 +86,8 @@ pub struct SoakReport {
     /// Sockets whose bytes moved socket to socket (`gamma_kernel_local_moved_sockets_total`) from
     /// the last restart on: that pairing still works after the last takeover.
     pub local_moved_after_last_restart: u64,
-    /// This node's pods the agent running at the end told the kernel programs
+    /// This node's opted-in pods (all of the soak's) the agent running at the end told the kernel
+    /// programs
     /// (`gamma_kernel_local_pods`; 0 without `--local-sockets`).
     pub local_pods_at_end: u64,
     /// The pods of the soak's cluster.

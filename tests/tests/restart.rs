@@ -94,7 +94,8 @@ fn restarts_under_load_lose_nothing_with_local_sockets() {
         report.local_moved_after_last_restart > 10,
         "bytes moved socket to socket after the last takeover: {report}"
     );
-    // And the agent's dials to the backend pods still join: the node's pods are in the set.
+    // And the agent's dials to the backend pods still join: the node's pods (all opted in) are in
+    // the set.
     assert_eq!(report.local_pods_at_end, report.pods, "{report}");
 }
 

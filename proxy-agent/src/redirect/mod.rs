@@ -105,7 +105,7 @@ pub struct Redirect {
     /// The addresses pods are sent to (the `CONFIG` entry).
     listen: Vec<SocketAddr>,
     services: Mutex<KernelSet<ServiceKey>>,
-    /// This node's pods (`LOCAL_PODS`), told only while local sockets are on.
+    /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
     local_pods: Mutex<KernelSet<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     callers: MapData,
@@ -279,8 +279,9 @@ impl Redirect {
             .reconcile(sets::service_keys(frontends))
     }
 
-    /// Makes the set of this node's pods exactly `pods` (their addresses): with local sockets on,
-    /// only the agent's connections to these join the socket pairs. Like
+    /// Makes the set of this node's opted-in pods exactly `pods` (their addresses): with local
+    /// sockets on, only their connections through the agent (theirs to it, its to them) join the
+    /// socket pairs. Like
     /// [`Self::set_mesh_services`], a failure part-way is repaired by the next call.
     pub fn set_local_pods(
         &self,

@@ -1,5 +1,5 @@
 //! Keeping the kernel's set maps equal to what the route table says: `MESH_SERVICES` (the VIP:ports
-//! the kernel steers) and `LOCAL_PODS` (this node's pods, for `--local-sockets`).
+//! the kernel steers) and `LOCAL_PODS` (this node's pods that opted in to `--local-sockets`).
 //!
 //! The kernel map is the truth: each reconciliation reads it back rather than trusting a copy, so a
 //! half-applied earlier attempt is repaired by the next one.

@@ -236,7 +236,7 @@ impl Collector for Scrape {
                 ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address.", counted.peername_rewrites),
                 ("gamma_kernel_local_pairs", "Node-local connections through the agent whose two sockets the kernel programs paired (--local-sockets).", counted.local_paired),
                 ("gamma_kernel_local_moved_sockets", "Paired sockets whose bytes move socket to socket (their peer was paired at their first send).", counted.local_moved),
-                ("gamma_kernel_local_kept_tcp_sockets", "Sockets of callers' connections to the agent and of the agent's to this node's pods that keep TCP: no paired peer at their first send (one still in its handshake, or outside the programs' cgroup), or bytes sent before they joined.", counted.local_kept_tcp),
+                ("gamma_kernel_local_kept_tcp_sockets", "Sockets of opted-in pods' connections to the agent and of the agent's to them that keep TCP: no paired peer at their first send (one still in its handshake, or outside the programs' cgroup), or bytes sent before they joined.", counted.local_kept_tcp),
             ] {
                 counter(e, name, help, value)?;
             }

@@ -279,6 +279,53 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
     assert_eq!(joined(pod6.local_addr().unwrap(), "pod6"), 0);
 }
 
+#[test]
+fn with_local_sockets_a_callers_connection_joins_only_if_its_pod_opted_in() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let backend4 = sandbox.bind(VIP4);
+    let backend6 = sandbox.bind(VIP6);
+    // The agent's listeners are the test's, outside the sandbox's cgroup: its accepted sockets
+    // never join, so a caller's connection that joins finds no peer at its first send and keeps
+    // TCP, which the programs count.
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let agent6 = sandbox.bind("[::1]:0");
+    let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
+    redirect
+        .set_mesh_services([addr(VIP4), addr(VIP6)])
+        .unwrap();
+    redirect.set_local_sockets(true).unwrap();
+    let servers = [
+        Server::new("agent4", &agent4),
+        Server::new("agent6", &agent6),
+        Server::new("backend4", &backend4),
+        Server::new("backend6", &backend6),
+    ];
+    let joined = |target: &str, agent: &str| {
+        let before = redirect.kernel_counters().unwrap().local_kept_tcp;
+        let seen = exchange(&sandbox, addr(target), &servers, &redirect);
+        assert_eq!(seen.server, agent, "{target} should reach the agent");
+        redirect.kernel_counters().unwrap().local_kept_tcp - before
+    };
+    // Callers dial the agent from loopback: their pod's addresses here are 127.0.0.1 and ::1.
+    assert_eq!(joined(VIP4, "agent4"), 0, "no pod opted in");
+    redirect
+        .set_local_pods([addr("127.0.0.1:0").ip(), addr("[::1]:0").ip()])
+        .unwrap();
+    assert_eq!(joined(VIP4, "agent4"), 1);
+    assert_eq!(joined(VIP6, "agent6"), 1);
+    assert_eq!(
+        joined(VIP4_MAPPED, "agent4"),
+        1,
+        "a dual-stack socket dialling IPv4 (its address v4-mapped)"
+    );
+    redirect.set_local_pods([addr("[::1]:0").ip()]).unwrap();
+    assert_eq!(joined(VIP4, "agent4"), 0, "the IPv4 pod opted out");
+    assert_eq!(joined(VIP4_MAPPED, "agent4"), 0);
+    assert_eq!(joined(VIP6, "agent6"), 1);
+}
+
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
     let listeners = [
         AgentListener {

@@ -226,8 +226,10 @@ impl SimCluster {
     pub fn with_local_sockets(mut self, except: Option<&SimPod>) -> SimCluster {
         for pod in &mut self.pods {
             let opted_in = except.is_none_or(|e| !e.same_pod(pod));
-            pod.annotations
-                .insert("gamma-node.io/local-sockets".into(), opted_in.to_string());
+            pod.annotations.insert(
+                gamma_engine::model::LOCAL_SOCKETS_ANNOTATION.into(),
+                opted_in.to_string(),
+            );
         }
         self
     }

@@ -417,14 +417,14 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     let opted_out = s.cluster.clone().with_local_sockets(Some(&ui));
     s.apply("cluster.yaml", &to_yaml(&opted_out.manifests()))
         .unwrap();
-    let told = Instant::now();
-    while counter(&s, "gamma_kernel_local_pods") != s.cluster.pods.len() as u64 - 1 {
-        assert!(
-            told.elapsed() < gamma_tests::harness_timeout(Duration::from_secs(5)),
-            "the agent did not tell the programs the pod opted out"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gamma_tests::eventually_within(
+        gamma_tests::harness_timeout(Duration::from_secs(5)),
+        "the agent tells the programs the pod opted out",
+        || {
+            (counter(&s, "gamma_kernel_local_pods") == s.cluster.pods.len() as u64 - 1)
+                .then_some(())
+        },
+    );
     let (answers, sent) = tries(&|caller, backends| caller >= 50 && backends < 20);
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(

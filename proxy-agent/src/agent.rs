@@ -5,7 +5,7 @@ use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
-use crate::proxy::pump::{Carry, Pumps};
+use crate::proxy::pump::{AnyMayBePaired, Pumps};
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::upstream::EndpointStats;
 use crate::proxy::workers::Workers;
@@ -154,15 +154,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     // The admin server answers before the first sync, which may wait for an API server: /live
     // keeps the liveness probe happy and /ready says 503 until the table is complete.
-    let mut proxy_config = config.proxy.clone();
-    // A socket the kernel pairs must never be spliced: the bytes its peer moves wait in its socket
-    // queue, which recv(2) reads and splice(2) does not. Also the running agent's connections.
-    if config.redirect.as_ref().is_some_and(|r| r.local_sockets)
-        || inherited.sockets_may_be_paired()
-    {
-        proxy_config.pump = Carry::Copy;
+    let proxy = Proxy::new(publisher.reader(), metrics.clone(), config.proxy.clone());
+    // A socket the kernel pairs must never be spliced (`pump::Pairing`): until the redirect can
+    // tell which are, the running agent's may all be.
+    if inherited.sockets_may_be_paired() {
+        proxy.pumps.tell_pairing(Arc::new(AnyMayBePaired));
     }
-    let proxy = Proxy::new(publisher.reader(), metrics.clone(), proxy_config);
     let drain = Drain::default();
     let admin = server::spawn(
         listen(
@@ -212,7 +209,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             r,
             &workers,
             &publisher.reader().load(),
-            &drain,
+            (&drain, &proxy.pumps),
             (&mut inherited, &mut offered),
             fresh_programs,
         ) {
@@ -459,13 +456,9 @@ async fn finish_takeover(
     // The old agent's opaque and upgraded connections go on here, where they left off.
     let connections = done.connections.len();
     for paused in done.connections {
-        let (Ok(client), Ok(upstream)) = (
-            tokio::net::TcpStream::from_std(paused.client),
-            tokio::net::TcpStream::from_std(paused.upstream),
-        ) else {
+        let Ok(pump) = pumps.resume(paused) else {
             continue;
         };
-        let pump = pumps.run(client, upstream, paused.to_upstream, paused.to_client);
         drain.spawn_tracked(&tokio::runtime::Handle::current(), async move {
             pump.await;
         });
@@ -516,7 +509,7 @@ fn start_redirect(
     config: &RedirectConfig,
     workers: &Workers,
     snapshot: &Snapshot,
-    drain: &Drain,
+    (drain, pumps): (&Drain, &Pumps),
     (inherited, offered): (&mut Inherited, &mut Offered),
     fresh_programs: bool,
 ) -> Result<Arc<Redirect>> {
@@ -553,6 +546,8 @@ fn start_redirect(
         .set_local_sockets(local_sockets)
         .context("setting --local-sockets in the kernel programs' config")?;
     let redirect = Arc::new(redirect);
+    // Before the first redirected connection: from here on, each pump asks the kernel's records.
+    pumps.tell_pairing(redirect.clone());
     reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
     let resolver = Arc::new(KernelRedirects {

@@ -121,8 +121,14 @@ enum Message {
     /// Running agent → new agent: "none of my accept loops runs any more".
     Stopped,
     /// Running agent → new agent, after Stopped, one per connection: a paused byte pump.
-    /// Descriptors: the client's socket, then the upstream's.
-    Connection { to_upstream: Flow, to_client: Flow },
+    /// Descriptors: the client's socket, then the upstream's. `paired`: see [`Paused::paired`]
+    /// (absent from agents before it).
+    Connection {
+        to_upstream: Flow,
+        to_client: Flow,
+        #[serde(default)]
+        paired: Option<bool>,
+    },
     /// Running agent → new agent: every connection was sent.
     ConnectionsDone,
     /// Running agent → new agent: no takeover now.
@@ -377,6 +383,7 @@ fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, Han
                 Message::Connection {
                     to_upstream,
                     to_client,
+                    paired,
                 },
                 fds,
             )) => {
@@ -394,6 +401,7 @@ fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, Han
                     upstream: upstream.into(),
                     to_upstream,
                     to_client,
+                    paired,
                 });
             }
             Ok((Message::ConnectionsDone, _)) => return Ok(connections),
@@ -720,6 +728,7 @@ fn hand_over_connections(stream: &UnixStream, state: &OfferState, pid: u32) {
             let message = Message::Connection {
                 to_upstream: p.to_upstream.clone(),
                 to_client: p.to_client.clone(),
+                paired: p.paired,
             };
             match send(stream, &message, &[p.client.as_fd(), p.upstream.as_fd()]) {
                 Ok(()) => {
@@ -729,18 +738,12 @@ fn hand_over_connections(stream: &UnixStream, state: &OfferState, pid: u32) {
                 Err(e) => failed = Some(e),
             }
         }
-        let pumps = state.pumps.clone();
-        state.drain.spawn_tracked(&state.runtime, async move {
-            let (Ok(client), Ok(upstream)) = (
-                tokio::net::TcpStream::from_std(p.client),
-                tokio::net::TcpStream::from_std(p.upstream),
-            ) else {
-                return;
-            };
-            pumps
-                .run(client, upstream, p.to_upstream, p.to_client)
-                .await;
-        });
+        let _guard = state.runtime.enter();
+        if let Ok(pump) = state.pumps.resume(p) {
+            state.drain.spawn_tracked(&state.runtime, async move {
+                pump.await;
+            });
+        }
     }
     match failed {
         None => {

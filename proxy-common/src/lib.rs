@@ -208,6 +208,9 @@ pub mod maps {
     pub const CALLERS: &str = "CALLERS";
     pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
     pub const LOCAL_PODS: &str = "LOCAL_PODS";
+    /// Each socket's storage, present once it joined `LOCAL_SOCKETS`: the agent asks it whether a
+    /// socket may be sent bytes that splice(2) would not see.
+    pub const LOCAL_SEND: &str = "LOCAL_SEND";
 }
 
 /// Program names (the functions' names; the kernel keeps the first 15 bytes, all of these fit).

@@ -90,6 +90,9 @@ pub struct SoakReport {
     /// programs
     /// (`gamma_kernel_local_pods`; 0 without `--local-sockets`).
     pub local_pods_at_end: u64,
+    /// How the agent running at the end pumped its opaque and upgraded connections, the ones
+    /// handed over to it included (`gamma_pumped_connections_total`): (spliced, copied).
+    pub pumped_at_end: (u64, u64),
     /// The pods of the soak's cluster.
     pub pods: u64,
     pub elapsed: Duration,
@@ -143,6 +146,11 @@ impl std::fmt::Display for SoakReport {
             f,
             "pods told to the kernel programs at the end (--local-sockets): {} of {}",
             self.local_pods_at_end, self.pods
+        )?;
+        writeln!(
+            f,
+            "connections pumped by the agent at the end: {} spliced, {} copied",
+            self.pumped_at_end.0, self.pumped_at_end.1
         )?;
         writeln!(
             f,
@@ -317,6 +325,13 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         attached,
         local_moved_after_last_restart,
         local_pods_at_end: metric(&scenario, "gamma_kernel_local_pods")?,
+        pumped_at_end: (
+            metric(
+                &scenario,
+                "gamma_pumped_connections_total{carry=\"splice\"}",
+            )?,
+            metric(&scenario, "gamma_pumped_connections_total{carry=\"copy\"}")?,
+        ),
         pods: scenario.cluster.pods.len() as u64,
         elapsed: started.elapsed(),
     })
@@ -327,7 +342,7 @@ fn local_moved(scenario: &Scenario) -> Result<u64> {
     metric(scenario, "gamma_kernel_local_moved_sockets_total")
 }
 
-/// The running agent's value of an unlabelled metric (0 when absent).
+/// The running agent's value of a metric's sample (0 when absent).
 fn metric(scenario: &Scenario, name: &str) -> Result<u64> {
     let metrics = scenario.admin_get("/metrics")?;
     Ok(crate::probe::sample(&metrics, name).unwrap_or(0.0) as u64)

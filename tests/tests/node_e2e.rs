@@ -8,9 +8,11 @@
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
 //! - nor does it by reusing that pod's source port, before or after the pod, nor by connecting to
 //!   the agent's redirect port directly (no record: closed);
-//! - with `--local-sockets`, the caller's connections through the agent carry their bytes socket
-//!   to socket (its TCP sends only handshakes and closes), with the same answers, HTTP/1.1 and
-//!   HTTP/2; once the caller's pod opts out, its new connections take TCP again;
+//! - with `--local-sockets`, nothing pairs until pods opt in (an upgraded connection is spliced);
+//!   then the caller's connections through the agent carry their bytes socket to socket (its TCP
+//!   sends only handshakes and closes), with the same answers, HTTP/1.1 and HTTP/2, and upgraded
+//!   ones are copied; once the caller's pod opts out, its new connections take TCP again (an
+//!   upgraded one is still copied: the agent's socket to the backend pod is paired);
 //! - on a kernel without what the redirect needs (5.10), the agent attaches nothing and says why,
 //!   and pods reach mesh Services through kube-proxy (`cargo xtask kernels` runs it there).
 
@@ -112,6 +114,54 @@ fn flagged(answers: &[ClientAnswer]) -> usize {
 /// A counter of the agent's /metrics (0 when absent).
 fn counter(s: &Scenario, name: &str) -> u64 {
     sample(&s.admin_get("/metrics").unwrap(), name).map_or(0, |n| n as u64)
+}
+
+/// Opaque and upgraded connections the agent pumped: (spliced, copied).
+fn pumped(s: &Scenario) -> (u64, u64) {
+    let metrics = s.admin_get("/metrics").unwrap();
+    let carried = |how: &str| {
+        let name = format!("gamma_pumped_connections_total{{carry=\"{how}\"}}");
+        sample(&metrics, &name).map_or(0, |n| n as u64)
+    };
+    (carried("splice"), carried("copy"))
+}
+
+/// One upgraded (WebSocket) connection from `from` to catalog, a few messages echoed through the
+/// agent's pump; returns how the agent pumped it: (spliced, copied).
+fn upgraded_connection(s: &Scenario, from: &SimPod) -> (u64, u64) {
+    let vip = s.cluster.resolve("catalog", "products").unwrap();
+    let spec = gamma_tests::load::LoadSpec {
+        target: (vip, 80).into(),
+        host: "catalog.products".into(),
+        path: "/upgrade".into(),
+        duration_ms: 400,
+        keep_alive: 0,
+        idle_keep_alive: 0,
+        idle_pause_ms: 0,
+        new_connection: 0,
+        http2: 0,
+        long_lived: 1,
+        expect_header: None,
+    };
+    let before = pumped(s);
+    let output = s
+        .pod(from)
+        .unwrap()
+        .run_output(
+            std::process::Command::new(gamma_tests::scenario::binary("gamma-load"))
+                .arg("--json")
+                .arg(serde_json::to_string(&spec).unwrap()),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let report: gamma_tests::load::LoadReport = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert!(
+        report.long_lived_kept == 1 && report.long_lived_bytes > 0 && report.failed == 0,
+        "{report:?}"
+    );
+    let after = pumped(s);
+    (after.0 - before.0, after.1 - before.1)
 }
 
 fn agent_requests(s: &Scenario) -> u64 {
@@ -351,16 +401,18 @@ fn redirect_follows_what_the_kernel_supports() {
 #[test]
 fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     let test = "local_sockets_move_the_bytes_of_connections_through_the_agent";
-    let opted_in = |cluster: SimCluster| cluster.with_local_sockets(None);
-    let Some(s) = scenario_of(test, &["--local-sockets"], opted_in) else {
+    let Some(s) = scenario_with(test, &["--local-sockets"]) else {
         return;
     };
-    // Every pod of the node opted in, and the agent told the programs so.
-    assert_eq!(
-        counter(&s, "gamma_kernel_local_pods"),
-        s.cluster.pods.len() as u64
-    );
     let ui = client(&s, "ui-backend");
+    // No pod opted in: nothing pairs, and the pumps splice.
+    assert_eq!(counter(&s, "gamma_kernel_local_pods"), 0);
+    assert_eq!(upgraded_connection(&s, &ui), (1, 0), "spliced");
+    // Every pod of the node opts in, and the agent tells the programs so.
+    let opted_in = s.cluster.clone().with_local_sockets(None);
+    s.apply("cluster.yaml", &to_yaml(&opted_in.manifests()))
+        .unwrap();
+    wait_for_local_pods(&s, s.cluster.pods.len() as u64);
     let caller = s.pod(&ui).unwrap();
     let others: Vec<_> = s.pods_except(&ui);
     let segments = |pods: &[&gamma_tests::node::Pod]| -> u64 {
@@ -404,7 +456,8 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
             "the consumer route applied"
         );
     }
-    let requests = 50 * sent.len() as u64 + 30;
+    // And the upgrade's request before the pods opted in.
+    let requests = 50 * sent.len() as u64 + 30 + 1;
     assert_eq!(agent_requests(&s), requests, "all went through the agent");
     // A pair per connection to the agent (one per try, 20, 1) and per connection to a backend.
     let pairs = counter(&s, "gamma_kernel_local_pairs_total");
@@ -412,19 +465,17 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
         pairs >= sent.len() as u64 + 22,
         "{pairs} connections paired"
     );
+    assert_eq!(
+        upgraded_connection(&s, &ui),
+        (0, 1),
+        "copied: its sockets pair"
+    );
     // The caller's pod opts out: its connections to the agent take TCP again (the agent's to the
     // backend pods still pair, new ones too).
     let opted_out = s.cluster.clone().with_local_sockets(Some(&ui));
     s.apply("cluster.yaml", &to_yaml(&opted_out.manifests()))
         .unwrap();
-    gamma_tests::eventually_within(
-        gamma_tests::harness_timeout(Duration::from_secs(5)),
-        "the agent tells the programs the pod opted out",
-        || {
-            (counter(&s, "gamma_kernel_local_pods") == s.cluster.pods.len() as u64 - 1)
-                .then_some(())
-        },
-    );
+    wait_for_local_pods(&s, s.cluster.pods.len() as u64 - 1);
     let (answers, sent) = tries(&|caller, backends| caller >= 50 && backends < 20);
     assert!(answers.iter().all(|a| a.status == 200));
     assert_eq!(
@@ -436,5 +487,19 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
         sent.iter().all(|&(caller, _)| caller >= 50)
             && sent.iter().any(|&(_, backends)| backends < 20),
         "TCP segments (caller, backend pods) for 50 requests on one connection, per try: {sent:?}"
+    );
+    assert_eq!(
+        upgraded_connection(&s, &ui),
+        (0, 1),
+        "copied: the agent's socket to the backend pod pairs"
+    );
+}
+
+/// Waits until the agent has told the kernel programs `pods` opted-in pods.
+fn wait_for_local_pods(s: &Scenario, pods: u64) {
+    gamma_tests::eventually_within(
+        gamma_tests::harness_timeout(Duration::from_secs(5)),
+        "the agent tells the programs which pods opted in",
+        || (counter(s, "gamma_kernel_local_pods") == pods).then_some(()),
     );
 }

@@ -97,6 +97,14 @@ fn restarts_under_load_lose_nothing_with_local_sockets() {
     // And the agent's dials to the backend pods still join: the node's pods (all opted in) are in
     // the set.
     assert_eq!(report.local_pods_at_end, report.pods, "{report}");
+    // The upgraded connections, paired when they opened under the first agent's programs, are
+    // copied by every agent after it, also after a swap of programs made their records the
+    // predecessor's: none is spliced.
+    assert_eq!(report.pumped_at_end.0, 0, "{report}");
+    assert!(
+        report.pumped_at_end.1 >= report.load.long_lived_kept,
+        "{report}"
+    );
 }
 
 #[test]

@@ -165,7 +165,7 @@ impl Proxy {
                 metrics.affinity_table_full.clone(),
             ),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),
-            pumps: pump::Pumps::carrying(config.idle_timeout, config.pump),
+            pumps: pump::Pumps::counted(config.idle_timeout, config.pump, metrics.pumps.clone()),
             metrics,
             config,
             load: None,

@@ -12,20 +12,24 @@
 //! pipe and from the pipe into the other, never through user space. A takeover reads what the
 //! pipe holds into the pending bytes it hands over. [`Carry::Copy`] reads into a buffer and
 //! writes it out (also the fallback when no pipe can be made). `cargo xtask bench pump` measures
-//! both.
+//! both. A pump whose socket the kernel may pair (local sockets, see [`Pairing`]) copies: bytes
+//! its peer moves wait where recv(2) reads and splice(2) does not.
 
 use ahash::AHashMap;
 use serde::{Deserialize, Serialize};
 use std::future::{poll_fn, Future as _};
 use std::io;
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+use crate::telemetry::metrics::PumpCounts;
 
 /// Bytes read from one side and not yet written to the other are at most this many (copying).
 const BUFFER: usize = 16 * 1024;
@@ -71,9 +75,38 @@ pub struct Paused {
     pub upstream: std::net::TcpStream,
     pub to_upstream: Flow,
     pub to_client: Flow,
+    /// Whether the kernel may pair either socket, if the pump asked ([`Pairing`]): the pump that
+    /// resumes it need not ask again, and could not always (the records of the programs that
+    /// paired them may be gone after a few takeovers). `None`: not asked (copying anyway).
+    pub paired: Option<bool>,
 }
 
 type PauseRequest = oneshot::Sender<Paused>;
+
+/// Which of the agent's sockets the kernel may pair (`crate::redirect::Redirect` knows).
+pub trait Pairing: Send + Sync {
+    /// Whether the kernel may move bytes into `socket`, past its TCP receive queue.
+    fn may_be_paired(&self, socket: BorrowedFd<'_>) -> bool;
+}
+
+/// No socket is paired: nothing pairs sockets for this agent.
+struct NonePaired;
+
+impl Pairing for NonePaired {
+    fn may_be_paired(&self, _: BorrowedFd<'_>) -> bool {
+        false
+    }
+}
+
+/// Any socket may be paired, and which cannot be told (a predecessor's pairs, its records not at
+/// hand).
+pub struct AnyMayBePaired;
+
+impl Pairing for AnyMayBePaired {
+    fn may_be_paired(&self, _: BorrowedFd<'_>) -> bool {
+        true
+    }
+}
 
 /// The agent's live pumps (all workers'), for a takeover to pause.
 pub struct Pumps {
@@ -81,6 +114,10 @@ pub struct Pumps {
     live: Mutex<AHashMap<u64, oneshot::Sender<PauseRequest>>>,
     idle_timeout: Duration,
     carry: Carry,
+    /// Asked once per pump when splicing: read once per connection, written when the redirect
+    /// starts.
+    pairing: RwLock<Arc<dyn Pairing>>,
+    counts: Arc<PumpCounts>,
 }
 
 impl Pumps {
@@ -89,12 +126,56 @@ impl Pumps {
     }
 
     pub fn carrying(idle_timeout: Duration, carry: Carry) -> Arc<Self> {
+        Self::counted(idle_timeout, carry, Arc::default())
+    }
+
+    /// Pumps that count how each one carried its bytes in `counts`.
+    pub fn counted(idle_timeout: Duration, carry: Carry, counts: Arc<PumpCounts>) -> Arc<Self> {
         Arc::new(Pumps {
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
             idle_timeout,
             carry,
+            pairing: RwLock::new(Arc::new(NonePaired)),
+            counts,
         })
+    }
+
+    /// From the next pump on, `pairing` tells which sockets must not be spliced.
+    pub fn tell_pairing(&self, pairing: Arc<dyn Pairing>) {
+        *self
+            .pairing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pairing;
+    }
+
+    /// How a pump between `a` and `b` carries its bytes, and whether either may be paired (asked
+    /// unless `known`; `None`: copying anyway, not asked). As configured, but copied if the kernel
+    /// may pair either socket (bytes moved into `a` would be missed by a splice from it; bytes
+    /// spliced into `b` would not pass its pairing as a send does).
+    fn carry_for(
+        &self,
+        a: &TcpStream,
+        b: &TcpStream,
+        known: Option<bool>,
+    ) -> (Carry, Option<bool>) {
+        let (carry, paired) = match self.carry {
+            Carry::Splice => {
+                let paired = known.unwrap_or_else(|| {
+                    let pairing = self
+                        .pairing
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    pairing.may_be_paired(a.as_fd()) || pairing.may_be_paired(b.as_fd())
+                });
+                let carry = if paired { Carry::Copy } else { Carry::Splice };
+                (carry, Some(paired))
+            }
+            Carry::Copy => (Carry::Copy, known),
+        };
+        self.counts.count(carry);
+        (carry, paired)
     }
 
     pub fn len(&self) -> usize {
@@ -116,14 +197,35 @@ impl Pumps {
         to_upstream: Flow,
         to_client: Flow,
     ) -> impl std::future::Future<Output = PumpEnd> + Send + 'static {
+        self.start((client, upstream), (to_upstream, to_client), None)
+    }
+
+    /// Pumps on where a paused pump (this agent's or a predecessor's) left off.
+    pub fn resume(
+        self: &Arc<Self>,
+        paused: Paused,
+    ) -> io::Result<impl std::future::Future<Output = PumpEnd> + Send + 'static> {
+        let client = TcpStream::from_std(paused.client)?;
+        let upstream = TcpStream::from_std(paused.upstream)?;
+        let flows = (paused.to_upstream, paused.to_client);
+        Ok(self.start((client, upstream), flows, paused.paired))
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        (client, upstream): (TcpStream, TcpStream),
+        flows: (Flow, Flow),
+        paired: Option<bool>,
+    ) -> impl std::future::Future<Output = PumpEnd> + Send + 'static {
         let (pause_tx, pause_rx) = oneshot::channel::<PauseRequest>();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.live.lock().expect("not poisoned").insert(id, pause_tx);
+        let carry = self.carry_for(&client, &upstream, paired);
         let registered = Registered {
             pumps: self.clone(),
             id,
         };
-        registered.pump(client, upstream, to_upstream, to_client, pause_rx)
+        registered.pump((client, upstream), carry, flows, pause_rx)
     }
 
     /// Pauses every pump and returns them (those that end meanwhile are not).
@@ -155,16 +257,14 @@ impl Pumps {
 impl Registered {
     async fn pump(
         self,
-        mut client: TcpStream,
-        mut upstream: TcpStream,
-        to_upstream: Flow,
-        to_client: Flow,
+        (mut client, mut upstream): (TcpStream, TcpStream),
+        (carry, paired): (Carry, Option<bool>),
+        (to_upstream, to_client): (Flow, Flow),
         pause_rx: oneshot::Receiver<PauseRequest>,
     ) -> PumpEnd {
         // `None` once it resolved without a request (a oneshot is not polled after it resolved).
         let mut pause_rx = Some(pause_rx);
         let idle_timeout = self.pumps.idle_timeout;
-        let carry = self.pumps.carry;
         let mut up = Direction::new(to_upstream, carry);
         let mut down = Direction::new(to_client, carry);
         let idle = tokio::time::sleep(idle_timeout);
@@ -211,6 +311,7 @@ impl Registered {
                     upstream,
                     to_upstream: up.into_flow(),
                     to_client: down.into_flow(),
+                    paired,
                 };
                 match reply.send(paused) {
                     Ok(()) => PumpEnd::HandedOver,
@@ -469,13 +570,7 @@ mod tests {
         client.write_all(b"between").await.unwrap();
         let resumed = {
             let pumps = pumps.clone();
-            tokio::spawn(async move {
-                let client = TcpStream::from_std(p.client).unwrap();
-                let upstream = TcpStream::from_std(p.upstream).unwrap();
-                pumps
-                    .run(client, upstream, p.to_upstream, p.to_client)
-                    .await
-            })
+            tokio::spawn(async move { pumps.resume(p).unwrap().await })
         };
         let mut got = [0u8; 7];
         server.read_exact(&mut got).await.unwrap();
@@ -521,6 +616,78 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"read ahead then this");
         assert_eq!(pumping.await.unwrap(), PumpEnd::Idle);
+    }
+
+    /// Says the sockets it was given may be paired.
+    struct Paired(Vec<std::os::fd::RawFd>);
+
+    impl Pairing for Paired {
+        fn may_be_paired(&self, socket: BorrowedFd<'_>) -> bool {
+            use std::os::fd::AsRawFd as _;
+            self.0.contains(&socket.as_raw_fd())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pump_copies_if_the_kernel_may_pair_either_of_its_sockets() {
+        use std::os::fd::AsRawFd as _;
+        let counts = Arc::new(PumpCounts::default());
+        let pumps = Pumps::counted(Duration::from_secs(60), Carry::Splice, counts.clone());
+        let mut carried = Vec::new();
+        for paired in ["neither", "client", "upstream"] {
+            let (mut client, agent_side) = pair().await;
+            let (agent_up, mut server) = pair().await;
+            let fds = match paired {
+                "client" => vec![agent_side.as_raw_fd()],
+                "upstream" => vec![agent_up.as_raw_fd()],
+                _ => Vec::new(),
+            };
+            pumps.tell_pairing(Arc::new(Paired(fds)));
+            let before = counts.totals();
+            let pumping = pumps.run(agent_side, agent_up, Flow::default(), Flow::default());
+            carried.push(match counts.totals() {
+                (s, _) if s > before.0 => Carry::Splice,
+                _ => Carry::Copy,
+            });
+            let pumping = tokio::spawn(pumping);
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong", "{paired} paired");
+            drop((client, server));
+            assert_eq!(pumping.await.unwrap(), PumpEnd::Closed);
+        }
+        assert_eq!(carried, [Carry::Splice, Carry::Copy, Carry::Copy]);
+        assert_eq!(counts.totals(), (1, 2));
+    }
+
+    /// A successor's records may no longer know the sockets a predecessor's programs paired: the
+    /// answer travels with the paused pump.
+    #[tokio::test]
+    async fn a_resumed_pump_keeps_the_answer_its_sockets_got() {
+        let counts = Arc::new(PumpCounts::default());
+        let pumps = Pumps::counted(Duration::from_secs(60), Carry::Splice, counts.clone());
+        let (mut client, agent_side) = pair().await;
+        let (agent_up, mut server) = pair().await;
+        pumps.tell_pairing(Arc::new(AnyMayBePaired));
+        let pumping =
+            tokio::spawn(pumps.run(agent_side, agent_up, Flow::default(), Flow::default()));
+        let mut got = [0u8; 4];
+        client.write_all(b"ping").await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        let paused = pumps.pause_all().await.pop().unwrap();
+        assert_eq!(pumping.await.unwrap(), PumpEnd::HandedOver);
+        assert_eq!(paused.paired, Some(true));
+        pumps.tell_pairing(Arc::new(Paired(Vec::new())));
+        let resumed = tokio::spawn(pumps.resume(paused).unwrap());
+        server.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        drop((client, server));
+        assert_eq!(resumed.await.unwrap(), PumpEnd::Closed);
+        assert_eq!(counts.totals(), (0, 2), "copied before and after");
     }
 
     /// A takeover while the receiver reads nothing: what the pipe (or buffer) holds is handed
@@ -569,13 +736,7 @@ mod tests {
         );
         let resumed = tokio::spawn({
             let pumps = pumps.clone();
-            async move {
-                let client = TcpStream::from_std(p.client).unwrap();
-                let upstream = TcpStream::from_std(p.upstream).unwrap();
-                pumps
-                    .run(client, upstream, p.to_upstream, p.to_client)
-                    .await
-            }
+            async move { pumps.resume(p).unwrap().await }
         });
         let mut got = vec![0u8; TOTAL];
         server.read_exact(&mut got).await.unwrap();

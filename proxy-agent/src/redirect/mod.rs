@@ -45,7 +45,7 @@ mod takeover;
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr, TcpListener},
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -53,7 +53,7 @@ use std::{
     },
 };
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, SockMap};
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, SkStorage, SockMap};
 use proxy_common::{
     counters, maps, AgentConfig, CallerKey, PodKey, RedirectRecord, ServiceKey, LISTENER_V4,
     LISTENER_V6,
@@ -114,10 +114,16 @@ pub struct Redirect {
     /// `CALLERS` of a predecessor whose programs differ from ours (an upgrade): connections its
     /// connect programs steered have their records there. Looked up when ours has none.
     predecessor_callers: Option<MapData>,
-    /// Descriptors of the [`SHARED_MAPS`], named, to hand to a successor.
+    /// Descriptors of the [`SHARED_MAPS`] (and of [`PAIR_RECORDS`] when this agent has them),
+    /// named, to hand to a successor.
     shared_maps: Vec<(&'static str, OwnedFd)>,
     /// See [`Self::sockets_may_be_paired`].
     paired_sockets: AtomicBool,
+    /// Where the programs serving for this agent record the sockets that joined the pairs
+    /// ([`PAIR_RECORDS`]): their own and, after a takeover that swapped programs in, the
+    /// predecessor's. `None` when one of them is not at hand (a predecessor older than these
+    /// records did not hand its over): then any socket may be paired. See [`Self::may_be_paired`].
+    pair_records: Option<Vec<PairRecords>>,
     programs: Mutex<Programs>,
 }
 
@@ -133,6 +139,14 @@ pub(crate) const SHARED_MAPS: [&str; 6] = [
     // the map (programs using a sockhash do not keep its programs).
     maps::LOCAL_SOCKETS,
 ];
+
+/// The map recording, on each socket, that it joined `LOCAL_SOCKETS` (its storage exists from
+/// then on). Handed to a successor with the [`SHARED_MAPS`], but not required from a predecessor:
+/// agents before it did not hand it over.
+pub(crate) const PAIR_RECORDS: &str = maps::LOCAL_SEND;
+
+/// A [`PAIR_RECORDS`] map (its value, the socket's send decision, is not read here).
+type PairRecords = SkStorage<MapData, u32>;
 
 /// The kernel programs' counts since they were loaded (summed over the CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -182,6 +196,7 @@ struct Loaded {
     config: Array<MapData, AgentConfig>,
     callers: MapData,
     counters: PerCpuArray<MapData, u64>,
+    pair_records: PairRecords,
     shared_maps: Vec<(&'static str, OwnedFd)>,
 }
 
@@ -215,6 +230,7 @@ impl Redirect {
             predecessor_callers: None,
             shared_maps: loaded.shared_maps,
             paired_sockets: AtomicBool::new(false),
+            pair_records: Some(vec![loaded.pair_records]),
             programs: Mutex::new(Programs {
                 links,
                 predecessor: Vec::new(),
@@ -233,6 +249,7 @@ impl Redirect {
         // Taken before the maps are typed: typed maps do not show their descriptors.
         let shared_maps = SHARED_MAPS
             .into_iter()
+            .chain([PAIR_RECORDS])
             .map(|name| Ok((name, dup_map_fd(&ebpf, name)?)))
             .collect::<Result<Vec<_>, RedirectError>>()?;
         // Maps are filled before any program is attached, so no program sees a partial config.
@@ -248,6 +265,7 @@ impl Redirect {
         let local_pods = KernelSet::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
         let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
+        let pair_records = typed_map(&mut ebpf, PAIR_RECORDS)?;
         object::load_all(&mut ebpf)?;
         object::attach_local_msg(&mut ebpf)?;
         object::follow_program_logs(&mut ebpf);
@@ -258,6 +276,7 @@ impl Redirect {
             config: config_map,
             callers,
             counters,
+            pair_records,
             shared_maps,
         })
     }
@@ -356,6 +375,24 @@ impl Redirect {
         self.paired_sockets.load(Ordering::Relaxed)
     }
 
+    /// Whether the kernel may move bytes into `socket` (one of this agent's, accepted or dialled):
+    /// those bytes wait in a queue that recv(2) reads and splice(2) does not, so a pump must copy
+    /// such a socket's bytes. Exact for the sockets the programs recorded joining the pairs (a
+    /// lookup of the socket's storage; whether a socket joins is settled before its connect() or
+    /// accept() returns), `false` at no cost while no socket may be paired at all, `true` when
+    /// unsure (a record not at hand, or not readable).
+    pub fn may_be_paired(&self, socket: BorrowedFd<'_>) -> bool {
+        if !self.sockets_may_be_paired() {
+            return false;
+        }
+        let Some(records) = &self.pair_records else {
+            return true;
+        };
+        records
+            .iter()
+            .any(|map| !matches!(map.get(&socket, 0), Err(MapError::KeyNotFound)))
+    }
+
     /// Whether the programs pair sockets now ([`Self::set_local_sockets`]), as their config says.
     pub fn local_sockets(&self) -> Result<bool, RedirectError> {
         Ok(self.read_config()?.local_sockets != 0)
@@ -393,6 +430,12 @@ fn write_agent_config(
 ) -> Result<(), RedirectError> {
     map.set(0, value, 0)
         .map_err(|e| RedirectError::kernel("writing the agent config", e))
+}
+
+impl crate::proxy::pump::Pairing for Redirect {
+    fn may_be_paired(&self, socket: BorrowedFd<'_>) -> bool {
+        Redirect::may_be_paired(self, socket)
+    }
 }
 
 impl std::fmt::Debug for Redirect {
@@ -504,7 +547,8 @@ fn dup_map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, RedirectError> {
             | Map::Array(data)
             | Map::LruHashMap(data)
             | Map::PerCpuArray(data)
-            | Map::SockHash(data),
+            | Map::SockHash(data)
+            | Map::SkStorage(data),
         ) => data,
         _ => {
             return Err(RedirectError::ObjectMismatch {

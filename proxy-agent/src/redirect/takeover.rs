@@ -2,10 +2,10 @@
 //! (the protocol and the listeners are `crate::handover`'s).
 //!
 //! The running agent hands over descriptors of its bpf links and of the maps a successor adopts
-//! (`MESH_SERVICES`, `LOCAL_PODS`, `CONFIG`, `CALLERS`, `COUNTERS`, and `LOCAL_SOCKETS`, whose
-//! sk_msg program stays attached only while a process holds it); its redirect listener travels with
-//! the other listeners
-//! and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
+//! (`MESH_SERVICES`, `LOCAL_PODS`, `CONFIG`, `CALLERS`, `COUNTERS`, `LOCAL_SOCKETS`, whose sk_msg
+//! program stays attached only while a process holds it, and `LOCAL_SEND`, which tells which of
+//! the sockets it hands over may be paired); its redirect listener travels with the other
+//! listeners and is the very socket its `AGENT_LISTENERS` holds. A link stays attached while any process
 //! holds a descriptor of it, and a map lives while a program or a descriptor uses it, so the
 //! predecessor exiting removes nothing the successor holds. Two ways on from there:
 //!
@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
-    read_agent_config, sets::KernelSet, typed, write_agent_config, AgentListener, Programs,
-    Redirect, RedirectError,
+    read_agent_config, sets::KernelSet, typed, write_agent_config, AgentListener, PairRecords,
+    Programs, Redirect, RedirectError, PAIR_RECORDS,
 };
 
 /// What a running agent tells its successor about its redirect; the descriptors follow in this
@@ -63,9 +63,10 @@ pub struct RedirectOffer {
     /// Program names (`proxy_common::programs`), one per link descriptor.
     pub links: Vec<String>,
     /// Whether its sockets may be paired (`Redirect::sockets_may_be_paired`): then the successor
-    /// must not splice the connections it takes over, nor those accepted during the overlap. Sticky
-    /// down a chain of takeovers (handed-over connections live on) until a cold start. Absent from
-    /// older agents, which never paired any.
+    /// splices none of the connections it takes over, nor those accepted during the overlap,
+    /// unless the records handed over (`LOCAL_SEND`) say the socket never joined. Sticky down a
+    /// chain of takeovers (handed-over connections live on) until a cold start. Absent from older
+    /// agents, which never paired any.
     #[serde(default)]
     pub local_sockets: bool,
 }
@@ -135,23 +136,35 @@ impl Predecessor {
         typed(Some(self.map(name)?), name)
     }
 
-    /// The descriptors of the maps a successor adopts, in `Redirect::shared_maps` form.
+    /// The descriptors of the maps a successor adopts, in `Redirect::shared_maps` form: every one
+    /// of the [`SHARED_MAPS`](super::SHARED_MAPS), and the [`PAIR_RECORDS`] if handed over.
     fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
-        super::SHARED_MAPS
-            .into_iter()
-            .map(|name| {
-                let index = self
-                    .maps
-                    .iter()
-                    .position(|(n, _)| n == name)
-                    .ok_or_else(|| {
-                        RedirectError::InvalidTakeover(format!(
-                            "the running agent did not hand over {name}"
-                        ))
-                    })?;
-                Ok((name, self.maps.swap_remove(index).1))
-            })
-            .collect()
+        let mut shared = Vec::with_capacity(super::SHARED_MAPS.len() + 1);
+        for name in super::SHARED_MAPS {
+            let fd = self.take(name).ok_or_else(|| {
+                RedirectError::InvalidTakeover(format!(
+                    "the running agent did not hand over {name}"
+                ))
+            })?;
+            shared.push((name, fd));
+        }
+        shared.extend(self.take(PAIR_RECORDS).map(|fd| (PAIR_RECORDS, fd)));
+        Ok(shared)
+    }
+
+    fn take(&mut self, name: &str) -> Option<OwnedFd> {
+        let index = self.maps.iter().position(|(n, _)| n == name)?;
+        Some(self.maps.swap_remove(index).1)
+    }
+
+    /// Where the predecessor's programs record the sockets that joined the pairs; `None` from an
+    /// agent older than these records.
+    fn pair_records(&self) -> Result<Option<PairRecords>, RedirectError> {
+        if self.maps.iter().any(|(n, _)| n == PAIR_RECORDS) {
+            self.typed_map(PAIR_RECORDS).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -203,6 +216,8 @@ impl Redirect {
             let mut config = predecessor.typed_map(maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             let counters = predecessor.typed_map(maps::COUNTERS)?;
+            // Its programs are ours now: without their records, any socket may be paired.
+            let pair_records = predecessor.pair_records()?.map(|theirs| vec![theirs]);
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
@@ -222,6 +237,7 @@ impl Redirect {
                 predecessor_callers: None,
                 shared_maps: predecessor.shared_maps()?,
                 paired_sockets: AtomicBool::new(offer.local_sockets),
+                pair_records,
                 programs: Mutex::new(Programs {
                     links: std::mem::take(&mut predecessor.links),
                     predecessor: Vec::new(),
@@ -233,6 +249,13 @@ impl Redirect {
         } else {
             let loaded = Self::load(listeners)?;
             let predecessor_callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
+            // The sockets its programs paired (the connections it hands over among them) are in
+            // its records; without them, any may be.
+            let pair_records = match predecessor.pair_records()? {
+                Some(theirs) => Some(vec![loaded.pair_records, theirs]),
+                None if offer.local_sockets => None,
+                None => Some(vec![loaded.pair_records]),
+            };
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
@@ -245,6 +268,7 @@ impl Redirect {
                 predecessor_callers: Some(predecessor_callers),
                 shared_maps: loaded.shared_maps,
                 paired_sockets: AtomicBool::new(offer.local_sockets),
+                pair_records,
                 programs: Mutex::new(Programs {
                     links: Vec::new(),
                     predecessor: std::mem::take(&mut predecessor.links),

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub source_stale_since_unix: AtomicU64,
     /// How this agent took over from the previous one (all 0: it started without one).
     pub takeover: TakeoverTimes,
+    /// How the opaque and upgraded connections' pumps carried their bytes.
+    pub pumps: Arc<PumpCounts>,
     /// Why the kernel redirect is off: the features the kernel lacks, each with the Linux release
     /// that brings it (unset: not refused).
     pub redirect_missing_kernel_features: std::sync::OnceLock<Vec<(&'static str, &'static str)>>,
@@ -119,6 +121,32 @@ pub struct TakeoverTimes {
     pub total_micros: AtomicU64,
     /// Opaque and upgraded connections the old agent handed over (pumped on here).
     pub connections: AtomicU64,
+}
+
+/// Pumps started (handed-over connections included), by how they carry their bytes
+/// (`crate::proxy::pump`).
+#[derive(Default)]
+pub struct PumpCounts {
+    spliced: AtomicU64,
+    copied: AtomicU64,
+}
+
+impl PumpCounts {
+    pub fn count(&self, carry: crate::proxy::pump::Carry) {
+        let counter = match carry {
+            crate::proxy::pump::Carry::Splice => &self.spliced,
+            crate::proxy::pump::Carry::Copy => &self.copied,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (spliced, copied) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.spliced.load(Ordering::Relaxed),
+            self.copied.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Metrics {
@@ -300,6 +328,18 @@ impl Collector for Scrape {
             takeover
                 .encode_family(&[("phase", phase)])?
                 .encode_gauge(&(load(micros) as f64 / 1e6))?;
+        }
+        let mut pumps = e.encode_descriptor(
+            "gamma_pumped_connections",
+            "Opaque and upgraded connections whose bytes the agent pumped (handed-over ones included), by how: splice (in the kernel) or copy (through the agent: --pump copy, no pipe, or a socket the kernel pairs, see --local-sockets).",
+            None,
+            MetricType::Counter,
+        )?;
+        let (spliced, copied) = m.pumps.totals();
+        for (carry, count) in [("splice", spliced), ("copy", copied)] {
+            pumps
+                .encode_family(&[("carry", carry)])?
+                .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
         }
         let mut missing = e.encode_descriptor(
             "gamma_redirect_missing_kernel_feature",

@@ -71,8 +71,9 @@ struct Cli {
     /// --cgroup. Per pod, because the pod must read such a connection with read(2) or recv(2): one
     /// that uses splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not
     /// see the moved bytes; and keep up with it: moved bytes have no flow control (a socket that
-    /// does not read lets its peer queue without bound, charged to its memory cgroup). Opaque and
-    /// upgraded connections are then copied, whatever --pump says.
+    /// does not read lets its peer queue without bound, charged to its memory cgroup). An opaque or
+    /// upgraded connection with a paired socket is copied, whatever --pump says (the agent asks
+    /// the kernel per connection); the others are carried as --pump says.
     #[arg(long, requires = "redirect")]
     local_sockets: bool,
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.

@@ -65,7 +65,10 @@ pub async fn serve<T: ReadAhead>(
     loop {
         // hyper's server times a head from when it starts waiting for it, idle time included.
         let head_deadline = Instant::now() + config.header_read_timeout;
-        head_timer.as_mut().reset(head_deadline);
+        // Set only once the head must be waited for: a head already read (a new connection's
+        // first, as a rule) never enters the timer wheel, where an insert wakes the worker's
+        // driver (a system call) when it is due before the driver's next wake.
+        let mut timed = false;
         // While draining, a connection waiting for a head closes once no byte came for a spell
         // (as hyper's path: `serve::quiet`), at the head's deadline at the latest.
         let quiet_spell = |timer: std::pin::Pin<&mut tokio::time::Sleep>| {
@@ -95,6 +98,10 @@ pub async fn serve<T: ReadAhead>(
             }
             // Line ends between requests are allowed (RFC 9112 §2.2): still idle.
             let idle = buf.iter().all(|b| matches!(b, b'\r' | b'\n'));
+            if !timed {
+                head_timer.as_mut().reset(head_deadline);
+                timed = true;
+            }
             tokio::select! {
                 biased;
                 read = stream.read_buf(&mut buf) => match read {

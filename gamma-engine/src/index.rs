@@ -10,6 +10,7 @@ use crate::model::{
 };
 use crate::routes::{self, status, Caller, Frontend, Snapshot, World};
 use ahash::{AHashMap, AHashSet};
+use compact_str::CompactString;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub enum ObjectRef {
     RefusedRoute(RouteKey),
     ReferenceGrant(ObjectKey),
     Node(String),
+    Namespace(CompactString),
 }
 
 impl Object {
@@ -37,6 +39,7 @@ impl Object {
             Object::RefusedRoute(r) => ObjectRef::RefusedRoute(r.key.clone()),
             Object::ReferenceGrant(g) => ObjectRef::ReferenceGrant(g.key.clone()),
             Object::Node(n) => ObjectRef::Node(n.name.clone()),
+            Object::Namespace(n) => ObjectRef::Namespace(n.name.clone()),
         }
     }
 }
@@ -47,6 +50,8 @@ struct Store {
     slices: AHashMap<ObjectKey, EndpointSlice>,
     slices_by_service: AHashMap<ObjectKey, SortedSet<ObjectKey>>,
     pods: AHashMap<ObjectKey, Pod>,
+    /// The namespaces whose pods opt in to local sockets unless they say otherwise.
+    local_sockets_namespaces: AHashSet<CompactString>,
     /// Shared with the compiled rules (which read their route's rules there). Behind a pointer
     /// anyway: a map keeps room for more entries than it holds, and a route is large.
     routes: AHashMap<RouteId, Arc<Route>>,
@@ -248,6 +253,12 @@ impl Index {
             )
             .chain(s.refused.keys().cloned().map(ObjectRef::RefusedRoute))
             .chain(s.grants.keys().cloned().map(ObjectRef::ReferenceGrant))
+            .chain(
+                s.local_sockets_namespaces
+                    .iter()
+                    .cloned()
+                    .map(ObjectRef::Namespace),
+            )
             .collect()
     }
 
@@ -361,6 +372,15 @@ impl Index {
                     self.touch_every_service();
                 }
             }
+            Object::Namespace(namespace) => {
+                let held = &mut self.store.local_sockets_namespaces;
+                let changed = if namespace.local_sockets {
+                    held.insert(namespace.name)
+                } else {
+                    held.remove(&namespace.name)
+                };
+                self.callers_dirty |= changed;
+            }
             Object::ReferenceGrant(grant) => {
                 if self.store.grants.get(&grant.key) != Some(&grant) {
                     let namespace = grant.key.namespace.clone();
@@ -389,6 +409,9 @@ impl Index {
                 if self.store.pods.remove(key).is_some() {
                     self.callers_dirty = true;
                 }
+            }
+            ObjectRef::Namespace(name) => {
+                self.callers_dirty |= self.store.local_sockets_namespaces.remove(name);
             }
             ObjectRef::Route(key) => {
                 if self.unlink_route(key) {
@@ -529,7 +552,11 @@ impl Index {
             let caller = Arc::new(Caller {
                 pod: pod.key.clone(),
                 uid: pod.uid.clone(),
-                local_sockets: pod.local_sockets,
+                local_sockets: pod.local_sockets.unwrap_or_else(|| {
+                    self.store
+                        .local_sockets_namespaces
+                        .contains(&pod.key.namespace)
+                }),
             });
             for ip in &pod.ips {
                 claims

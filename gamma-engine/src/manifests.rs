@@ -224,27 +224,70 @@ mod tests {
         assert_eq!(parsed.invalid.len(), 1);
     }
 
+    /// A Pod's own annotation decides, whatever its value ("true": in); without one, its
+    /// Namespace's ("true": in). Read back from the published callers.
     #[test]
-    fn a_pod_opts_in_to_local_sockets_by_its_annotation_set_to_true() {
-        let pod = |annotations: &str| {
-            let text = format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ns{annotations}}}\nstatus: {{podIP: 10.0.0.5}}\n"
-            );
-            match parse(Path::new("p.yaml"), &text).objects.pop() {
-                Some(crate::model::Object::Pod(pod)) => pod.local_sockets,
-                other => panic!("not a Pod: {other:?}"),
-            }
+    fn a_pod_opts_in_to_local_sockets_by_its_annotation_or_its_namespaces() {
+        let namespace = |name: &str, annotated: bool| {
+            let annotations = if annotated {
+                ", annotations: {gamma-node.io/local-sockets: \"true\"}"
+            } else {
+                ""
+            };
+            format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}{annotations}}}\n")
         };
-        assert!(pod(
-            ", annotations: {gamma-node.io/local-sockets: \"true\"}"
-        ));
-        assert!(!pod(""));
-        assert!(!pod(
-            ", annotations: {gamma-node.io/local-sockets: \"false\"}"
-        ));
-        assert!(!pod(
-            ", annotations: {gamma-node.io/local-sockets: \"yes\"}"
-        ));
+        let pods = [
+            ("team", "", "10.0.0.1"),
+            ("team", "false", "10.0.0.2"),
+            ("other", "", "10.0.0.3"),
+            ("other", "true", "10.0.0.4"),
+            ("other", "yes", "10.0.0.5"),
+        ]
+        .map(|(namespace, value, ip)| {
+            let annotations = if value.is_empty() {
+                String::new()
+            } else {
+                format!(", annotations: {{gamma-node.io/local-sockets: \"{value}\"}}")
+            };
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{ip}, namespace: {namespace}{annotations}}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        });
+        let mut index = crate::index::Index::new();
+        let mut apply = |text: &str| {
+            for object in parse(Path::new("x.yaml"), text).objects {
+                index.apply(object);
+            }
+            index.publish();
+            let snapshot = index.snapshot();
+            (1..=5)
+                .map(|i| {
+                    let ip = format!("10.0.0.{i}").parse().unwrap();
+                    snapshot.caller(ip).expect("a caller").local_sockets
+                })
+                .collect::<Vec<_>>()
+        };
+        let world = [namespace("team", true), namespace("other", false)];
+        assert_eq!(
+            apply(
+                &world
+                    .iter()
+                    .chain(&pods)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("---\n")
+            ),
+            [true, false, false, true, false]
+        );
+        assert_eq!(
+            apply(&namespace("team", false)),
+            [false, false, false, true, false],
+            "the namespace opted out again"
+        );
+        assert_eq!(
+            apply(&namespace("other", true)),
+            [false, false, true, true, false]
+        );
     }
 
     #[test]

@@ -582,7 +582,7 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// with local sockets on, knows this node's pods that opted in to them
 /// (`model::LOCAL_SOCKETS_ANNOTATION`): of the Pods whose addresses tell the agent who calls (from
 /// Kubernetes with a node name, those of its node, without one every node's; a folder's, all of
-/// them), those annotated. Only their connections through the agent pair: a caller's to the agent,
+/// them), those annotated, or in an annotated Namespace and not annotated themselves. Only their connections through the agent pair: a caller's to the agent,
 /// the agent's to a backend. Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {

@@ -55,6 +55,14 @@ pub const NODES: ApiCall = ApiCall {
     resource: "nodes",
     verbs: &["list", "watch"],
 };
+/// Namespaces: an annotation opts their pods in to local sockets.
+pub const NAMESPACES: ApiCall = ApiCall {
+    group: "",
+    version: "v1",
+    kind: "Namespace",
+    resource: "namespaces",
+    verbs: &["list", "watch"],
+};
 pub const HTTP_ROUTES: ApiCall = ApiCall {
     group: GATEWAY,
     version: "v1",
@@ -116,6 +124,7 @@ pub const API_CALLS: &[ApiCall] = &[
     ENDPOINT_SLICES,
     PODS,
     NODES,
+    NAMESPACES,
     HTTP_ROUTES,
     GRPC_ROUTES,
     REFERENCE_GRANTS,
@@ -228,6 +237,7 @@ mod tests {
         same_resource::<Service>(&SERVICES);
         same_resource::<EndpointSlice>(&ENDPOINT_SLICES);
         same_resource::<Pod>(&PODS);
+        same_resource::<k8s_openapi::api::core::v1::Namespace>(&NAMESPACES);
         same_resource::<HttpRoute>(&HTTP_ROUTES);
         same_resource::<GrpcRoute>(&GRPC_ROUTES);
         same_resource::<HttpRoute>(&HTTP_ROUTES_STATUS);

@@ -67,7 +67,8 @@ struct Cli {
     cgroup: Option<PathBuf>,
     /// Node-local connections through the agent (a pod's to the agent, the agent's to a backend pod
     /// on this node) move their bytes socket to socket in the kernel, skipping TCP/IP, for the pods
-    /// annotated gamma-node.io/local-sockets: "true". The agent must run in a cgroup under
+    /// annotated gamma-node.io/local-sockets: "true", or in a Namespace so annotated (a Pod's own
+    /// annotation, whatever its value, wins). The agent must run in a cgroup under
     /// --cgroup. Per pod, because the pod must read such a connection with read(2) or recv(2): one
     /// that uses splice(2) (a Go io.Copy between two TCP connections, haproxy's splicing) would not
     /// see the moved bytes; and keep up with it: moved bytes have no flow control (a socket that

@@ -70,6 +70,14 @@ const KINDS: &[Kind] = &[
         cluster: true,
     },
     Kind {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        status: true,
+        cluster: true,
+    },
+    Kind {
         group: "gateway.networking.k8s.io",
         version: "v1beta1",
         plural: "referencegrants",

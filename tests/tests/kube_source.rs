@@ -115,6 +115,16 @@ async fn each_kind_reaches_the_table_and_leaves_it() {
     });
     eprintln!("timing: additions in the table {took:?} after the API server had them");
 
+    // A Namespace opts its pods in to local sockets; deleted, it no longer does.
+    let local_sockets = |d: &Value| d["callers"]["10.244.0.6"]["local_sockets"] == true;
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NS, "annotations": {"gamma-node.io/local-sockets": "true"}},
+    }));
+    table(&agent, "the Namespace opted its pods in", local_sockets);
+    api.delete("namespaces", "", NS);
+    table(&agent, "the Namespace is gone", |d| !local_sockets(d));
+
     // An invalid version of an object: rejected with its name and field, the last good one
     // stays.
     let mut broken = service("rpc", "10.96.0.12", 9090, None);

@@ -9,13 +9,15 @@
 //! - nor does it by reusing that pod's source port, before or after the pod, nor by connecting to
 //!   the agent's redirect port directly (no record: closed);
 //! - with `--local-sockets`, nothing pairs until pods opt in (an upgraded connection is spliced);
-//!   then the caller's connections through the agent carry their bytes socket to socket (its TCP
-//!   sends only handshakes and closes), with the same answers, HTTP/1.1 and HTTP/2, and upgraded
-//!   ones are copied; once the caller's pod opts out, its new connections take TCP again (an
-//!   upgraded one is still copied: the agent's socket to the backend pod is paired);
+//!   once their Namespaces opt them in, the caller's connections through the agent carry their
+//!   bytes socket to socket (its TCP sends only handshakes and closes), with the same answers,
+//!   HTTP/1.1 and HTTP/2, and upgraded ones are copied; once the caller's pod opts out (its own
+//!   annotation wins), its new connections take TCP again (an upgraded one is still copied: the
+//!   agent's socket to the backend pod is paired);
 //! - on a kernel without what the redirect needs (5.10), the agent attaches nothing and says why,
 //!   and pods reach mesh Services through kube-proxy (`cargo xtask kernels` runs it there).
 
+use gamma_engine::model::LOCAL_SOCKETS_ANNOTATION;
 use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
 use gamma_tests::probe::sample;
@@ -408,10 +410,20 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
     // No pod opted in: nothing pairs, and the pumps splice.
     assert_eq!(counter(&s, "gamma_kernel_local_pods"), 0);
     assert_eq!(upgraded_connection(&s, &ui), (1, 0), "spliced");
-    // Every pod of the node opts in, and the agent tells the programs so.
-    let opted_in = s.cluster.clone().with_local_sockets(None);
-    s.apply("cluster.yaml", &to_yaml(&opted_in.manifests()))
-        .unwrap();
+    // Every pod of the node opts in, by its Namespace's annotation, and the agent tells the
+    // programs so.
+    let namespaces: std::collections::BTreeSet<_> =
+        s.cluster.pods.iter().map(|p| p.namespace.clone()).collect();
+    let opted_in: Vec<_> = namespaces
+        .iter()
+        .map(|name| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "annotations": {LOCAL_SOCKETS_ANNOTATION: "true"}},
+            })
+        })
+        .collect();
+    s.apply("namespaces.yaml", &to_yaml(&opted_in)).unwrap();
     wait_for_local_pods(&s, s.cluster.pods.len() as u64);
     let caller = s.pod(&ui).unwrap();
     let others: Vec<_> = s.pods_except(&ui);
@@ -470,8 +482,9 @@ fn local_sockets_move_the_bytes_of_connections_through_the_agent() {
         (0, 1),
         "copied: its sockets pair"
     );
-    // The caller's pod opts out: its connections to the agent take TCP again (the agent's to the
-    // backend pods still pair, new ones too).
+    // The caller's pod opts out by its own annotation, which wins over its Namespace's: its
+    // connections to the agent take TCP again (the agent's to the backend pods still pair, new
+    // ones too).
     let opted_out = s.cluster.clone().with_local_sockets(Some(&ui));
     s.apply("cluster.yaml", &to_yaml(&opted_out.manifests()))
         .unwrap();

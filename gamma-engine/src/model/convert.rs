@@ -16,6 +16,7 @@ pub enum Object {
     ReferenceGrant(ReferenceGrant),
     /// The agent's own node (the Kubernetes source watches that one only).
     Node(Node),
+    Namespace(Namespace),
 }
 
 impl Object {
@@ -29,6 +30,7 @@ impl Object {
             Object::RefusedRoute(r) => format!("{} (refused)", r.key),
             Object::ReferenceGrant(g) => format!("ReferenceGrant {}", g.key),
             Object::Node(n) => format!("Node {}", n.name),
+            Object::Namespace(n) => format!("Namespace {}", n.name),
         }
     }
 }
@@ -81,7 +83,7 @@ fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, 
 
 impl Object {
     /// Converts one API object given as JSON/YAML value (`apiVersion`, `kind`, `metadata`, …).
-    /// Namespaces and other kinds the engine does not need are `UnknownKind`.
+    /// Kinds the engine does not need are `UnknownKind`.
     pub fn from_value(value: serde_json::Value) -> Result<Object, ObjectError> {
         let api_version = value
             .get("apiVersion")
@@ -97,6 +99,7 @@ impl Object {
             ("v1", "Service") => service(&typed(value)?).map(Object::Service),
             ("v1", "Pod") => pod(&typed(value)?).map(Object::Pod),
             ("v1", "Node") => node(&typed(value)?).map(Object::Node),
+            ("v1", "Namespace") => namespace(&typed(value)?).map(Object::Namespace),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 endpoint_slice(&typed(value)?).map(Object::EndpointSlice)
             }
@@ -249,12 +252,26 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
         uid: pod.metadata.uid.clone(),
         ips,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        local_sockets: pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(super::LOCAL_SOCKETS_ANNOTATION))
-            .is_some_and(|v| v == "true"),
+        local_sockets: local_sockets(&pod.metadata),
+    })
+}
+
+/// An object's [`LOCAL_SOCKETS_ANNOTATION`]: `Some(true)` for `"true"`, `Some(false)` for any other
+/// value, `None` without it.
+fn local_sockets(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<bool> {
+    metadata
+        .annotations
+        .as_ref()?
+        .get(super::LOCAL_SOCKETS_ANNOTATION)
+        .map(|v| v == "true")
+}
+
+pub fn namespace(namespace: &core::Namespace) -> Result<Namespace, ObjectError> {
+    Ok(Namespace {
+        name: key(&namespace.metadata)?.name,
+        local_sockets: local_sockets(&namespace.metadata) == Some(true),
     })
 }
 

@@ -213,14 +213,24 @@ pub struct Pod {
     pub uid: Option<String>,
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,
-    /// Annotated [`LOCAL_SOCKETS_ANNOTATION`]` = "true"`: the pod may read what is sent to it
-    /// socket to socket (the agent's `--local-sockets`).
+    /// Its own [`LOCAL_SOCKETS_ANNOTATION`]: `"true"` in, any other value out; `None` (not
+    /// annotated): as its Namespace says ([`Namespace::local_sockets`]).
+    pub local_sockets: Option<bool>,
+}
+
+/// What the engine needs of a Namespace: whether its pods opt in to local sockets by default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: CompactString,
+    /// Annotated [`LOCAL_SOCKETS_ANNOTATION`]` = "true"`: its pods that do not say otherwise are
+    /// in.
     pub local_sockets: bool,
 }
 
-/// The Pod annotation by which a pod says it may be sent bytes socket to socket on its node (the
-/// agent's `--local-sockets`), value `"true"`: it reads its connections with read(2) or recv(2),
-/// not splice(2), and keeps up with what it is sent (such bytes have no TCP flow control).
+/// The annotation by which a Pod, or a Namespace for its pods, says it may be sent bytes socket to
+/// socket on its node (the agent's `--local-sockets`), value `"true"`: it reads its connections
+/// with read(2) or recv(2), not splice(2), and keeps up with what it is sent (such bytes have no
+/// TCP flow control). A Pod's own annotation, whatever its value, wins over its Namespace's.
 pub const LOCAL_SOCKETS_ANNOTATION: &str = "gamma-node.io/local-sockets";
 
 /// A ReferenceGrant: which kinds in which namespaces may refer to objects of its own namespace

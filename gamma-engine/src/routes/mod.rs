@@ -87,7 +87,8 @@ fn statuses_by_name<S: serde::Serializer>(
 pub struct Caller {
     pub pod: ObjectKey,
     pub uid: Option<String>,
-    /// The pod opted in to local sockets (`model::LOCAL_SOCKETS_ANNOTATION`).
+    /// The pod opted in to local sockets (`model::LOCAL_SOCKETS_ANNOTATION`: its own, else its
+    /// Namespace's).
     pub local_sockets: bool,
 }
 

@@ -1,7 +1,8 @@
 //! The Kubernetes source: one watcher per kind, each a feed of updates for the publisher.
 //!
 //! ```text
-//!  watch (one task per kind: Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute) ──Update──> publisher
+//!  watch (one task per kind: Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, ReferenceGrant,
+//!         Node, Namespace) ──Update──> publisher
 //! ```
 //!
 //! Nothing here knows routing: objects go through the engine's conversion like the manifest

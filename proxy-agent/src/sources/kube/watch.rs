@@ -38,10 +38,12 @@ pub enum Watched {
     ReferenceGrant,
     /// This agent's Node (its zone), when the node's name is known.
     Node,
+    /// Namespaces: their pods may opt in to local sockets as a whole.
+    Namespace,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 7] = [
+    pub const ALL: [Watched; 8] = [
         Watched::Service,
         Watched::EndpointSlice,
         Watched::Pod,
@@ -49,6 +51,7 @@ impl Watched {
         Watched::GrpcRoute,
         Watched::ReferenceGrant,
         Watched::Node,
+        Watched::Namespace,
     ];
 
     /// The kinds followed with this configuration: the Node only when its name is known.
@@ -68,6 +71,7 @@ impl Watched {
             Watched::GrpcRoute => &api::GRPC_ROUTES,
             Watched::ReferenceGrant => &api::REFERENCE_GRANTS,
             Watched::Node => &api::NODES,
+            Watched::Namespace => &api::NAMESPACES,
         }
     }
 
@@ -99,6 +103,7 @@ impl Watched {
             Watched::GrpcRoute => route(RouteKind::Grpc),
             Watched::ReferenceGrant => ObjectRef::ReferenceGrant(key),
             Watched::Node => ObjectRef::Node(key.name.into()),
+            Watched::Namespace => ObjectRef::Namespace(key.name),
         }
     }
 }

@@ -9,9 +9,6 @@ use crate::model::{Object, ObjectError};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Kinds that appear in manifests beside ours and need no warning.
-const QUIETLY_SKIPPED: &[&str] = &["Namespace"];
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Severity {
     Warning,
@@ -54,6 +51,17 @@ pub struct Identity {
     pub kind: String,
     pub namespace: String,
     pub name: String,
+}
+
+impl Identity {
+    /// `Kind namespace/name`, or `Kind name` for a cluster-scoped kind: what
+    /// [`Object::describe`] says of the object it would have been.
+    pub fn describe(&self) -> String {
+        match self.kind.as_str() {
+            "Node" | "Namespace" => format!("{} {}", self.kind, self.name),
+            _ => format!("{} {}/{}", self.kind, self.namespace, self.name),
+        }
+    }
 }
 
 /// What one file holds.
@@ -118,20 +126,16 @@ pub fn parse(file: &Path, text: &str) -> Parsed {
     };
     for (number, item) in documents {
         let identity = identity(&item);
-        let shown = identity
-            .as_ref()
-            .map(|i| format!("{} {}/{}", i.kind, i.namespace, i.name));
+        let shown = identity.as_ref().map(Identity::describe);
         match Object::from_value(item) {
             Ok(object) => parsed.objects.push(object),
             Err(ObjectError::UnknownKind { kind, api_version }) => {
-                if !QUIETLY_SKIPPED.contains(&kind.as_str()) {
-                    parsed.problems.push(problem(
-                        Severity::Warning,
-                        number,
-                        shown,
-                        format!("kind `{kind}` ({api_version}) is not used by the agent"),
-                    ));
-                }
+                parsed.problems.push(problem(
+                    Severity::Warning,
+                    number,
+                    shown,
+                    format!("kind `{kind}` ({api_version}) is not used by the agent"),
+                ));
             }
             Err(e) => {
                 parsed

@@ -542,12 +542,12 @@ fn start_redirect(
              (a DaemonSet pod under kubepods is)"
         );
     }
+    let redirect = Arc::new(redirect);
+    // Before the programs may pair a socket: from here on, each pump asks the kernel's records.
+    pumps.tell_pairing(redirect.clone());
     redirect
         .set_local_sockets(local_sockets)
         .context("setting --local-sockets in the kernel programs' config")?;
-    let redirect = Arc::new(redirect);
-    // Before the first redirected connection: from here on, each pump asks the kernel's records.
-    pumps.tell_pairing(redirect.clone());
     reconcile_redirect(&redirect, snapshot);
     let root = redirect::cgroup2_mount().context("finding the cgroup v2 mount")?;
     let resolver = Arc::new(KernelRedirects {
@@ -582,8 +582,9 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// with local sockets on, knows this node's pods that opted in to them
 /// (`model::LOCAL_SOCKETS_ANNOTATION`): of the Pods whose addresses tell the agent who calls (from
 /// Kubernetes with a node name, those of its node, without one every node's; a folder's, all of
-/// them), those annotated, or in an annotated Namespace and not annotated themselves. Only their connections through the agent pair: a caller's to the agent,
-/// the agent's to a backend. Connections made before the Pod is known keep TCP.
+/// them), those annotated, or in an annotated Namespace and not annotated themselves. Only their
+/// connections through the agent pair: a caller's to the agent, the agent's to a backend.
+/// Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),

@@ -75,9 +75,10 @@ pub struct Paused {
     pub upstream: std::net::TcpStream,
     pub to_upstream: Flow,
     pub to_client: Flow,
-    /// Whether the kernel may pair either socket, if the pump asked ([`Pairing`]): the pump that
-    /// resumes it need not ask again, and could not always (the records of the programs that
-    /// paired them may be gone after a few takeovers). `None`: not asked (copying anyway).
+    /// Whether the kernel may pair either socket ([`Pairing`]): the pump that resumes it need not
+    /// ask again, and could not always (the records of the programs that paired them may be gone
+    /// after a few takeovers). `None`: not told (an agent from before this was handed over), asked
+    /// again.
     pub paired: Option<bool>,
 }
 
@@ -150,31 +151,20 @@ impl Pumps {
     }
 
     /// How a pump between `a` and `b` carries its bytes, and whether either may be paired (asked
-    /// unless `known`; `None`: copying anyway, not asked). As configured, but copied if the kernel
-    /// may pair either socket (bytes moved into `a` would be missed by a splice from it; bytes
-    /// spliced into `b` would not pass its pairing as a send does).
-    fn carry_for(
-        &self,
-        a: &TcpStream,
-        b: &TcpStream,
-        known: Option<bool>,
-    ) -> (Carry, Option<bool>) {
-        let (carry, paired) = match self.carry {
-            Carry::Splice => {
-                let paired = known.unwrap_or_else(|| {
-                    let pairing = self
-                        .pairing
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone();
-                    pairing.may_be_paired(a.as_fd()) || pairing.may_be_paired(b.as_fd())
-                });
-                let carry = if paired { Carry::Copy } else { Carry::Splice };
-                (carry, Some(paired))
-            }
-            Carry::Copy => (Carry::Copy, known),
-        };
-        self.counts.count(carry);
+    /// unless `known`). As configured, but copied if the kernel may pair either socket (bytes moved
+    /// into `a` would be missed by a splice from it; bytes spliced into `b` would not pass its
+    /// pairing as a send does). Asked whatever is configured: the answer travels with the pump to
+    /// a successor, which may splice and may no longer have the records that could tell.
+    fn carry_for(&self, a: &TcpStream, b: &TcpStream, known: Option<bool>) -> (Carry, bool) {
+        let paired = known.unwrap_or_else(|| {
+            let pairing = self
+                .pairing
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            pairing.may_be_paired(a.as_fd()) || pairing.may_be_paired(b.as_fd())
+        });
+        let carry = if paired { Carry::Copy } else { self.carry };
         (carry, paired)
     }
 
@@ -258,7 +248,7 @@ impl Registered {
     async fn pump(
         self,
         (mut client, mut upstream): (TcpStream, TcpStream),
-        (carry, paired): (Carry, Option<bool>),
+        (carry, paired): (Carry, bool),
         (to_upstream, to_client): (Flow, Flow),
         pause_rx: oneshot::Receiver<PauseRequest>,
     ) -> PumpEnd {
@@ -267,6 +257,14 @@ impl Registered {
         let idle_timeout = self.pumps.idle_timeout;
         let mut up = Direction::new(to_upstream, carry);
         let mut down = Direction::new(to_client, carry);
+        // As carried, not as decided: without a pipe a direction copies.
+        self.pumps
+            .counts
+            .count(if up.pipe.is_some() && down.pipe.is_some() {
+                Carry::Splice
+            } else {
+                Carry::Copy
+            });
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let exit = poll_fn(|cx| {
@@ -311,7 +309,7 @@ impl Registered {
                     upstream,
                     to_upstream: up.into_flow(),
                     to_client: down.into_flow(),
-                    paired,
+                    paired: Some(paired),
                 };
                 match reply.send(paused) {
                     Ok(()) => PumpEnd::HandedOver,
@@ -644,18 +642,18 @@ mod tests {
             };
             pumps.tell_pairing(Arc::new(Paired(fds)));
             let before = counts.totals();
-            let pumping = pumps.run(agent_side, agent_up, Flow::default(), Flow::default());
-            carried.push(match counts.totals() {
-                (s, _) if s > before.0 => Carry::Splice,
-                _ => Carry::Copy,
-            });
-            let pumping = tokio::spawn(pumping);
+            let pumping =
+                tokio::spawn(pumps.run(agent_side, agent_up, Flow::default(), Flow::default()));
             client.write_all(b"ping").await.unwrap();
             let mut got = [0u8; 4];
             server.read_exact(&mut got).await.unwrap();
             server.write_all(b"pong").await.unwrap();
             client.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"pong", "{paired} paired");
+            carried.push(match counts.totals() {
+                (s, _) if s > before.0 => Carry::Splice,
+                _ => Carry::Copy,
+            });
             drop((client, server));
             assert_eq!(pumping.await.unwrap(), PumpEnd::Closed);
         }
@@ -664,20 +662,22 @@ mod tests {
     }
 
     /// A successor's records may no longer know the sockets a predecessor's programs paired: the
-    /// answer travels with the paused pump.
+    /// answer travels with the paused pump, also from an agent configured to copy anyway to one
+    /// that splices.
     #[tokio::test]
     async fn a_resumed_pump_keeps_the_answer_its_sockets_got() {
         let counts = Arc::new(PumpCounts::default());
+        let copying = Pumps::counted(Duration::from_secs(60), Carry::Copy, counts.clone());
         let pumps = Pumps::counted(Duration::from_secs(60), Carry::Splice, counts.clone());
         let (mut client, agent_side) = pair().await;
         let (agent_up, mut server) = pair().await;
-        pumps.tell_pairing(Arc::new(AnyMayBePaired));
+        copying.tell_pairing(Arc::new(AnyMayBePaired));
         let pumping =
-            tokio::spawn(pumps.run(agent_side, agent_up, Flow::default(), Flow::default()));
+            tokio::spawn(copying.run(agent_side, agent_up, Flow::default(), Flow::default()));
         let mut got = [0u8; 4];
         client.write_all(b"ping").await.unwrap();
         server.read_exact(&mut got).await.unwrap();
-        let paused = pumps.pause_all().await.pop().unwrap();
+        let paused = copying.pause_all().await.pop().unwrap();
         assert_eq!(pumping.await.unwrap(), PumpEnd::HandedOver);
         assert_eq!(paused.paired, Some(true));
         pumps.tell_pairing(Arc::new(Paired(Vec::new())));

@@ -363,9 +363,9 @@ impl Redirect {
     /// own sockets of such connections must then be read with recv(2), not splice(2) (the moved
     /// bytes are not in the TCP queue splice reads): see [`Self::sockets_may_be_paired`].
     pub fn set_local_sockets(&self, on: bool) -> Result<(), RedirectError> {
-        self.update_config(|config| config.local_sockets = u32::from(on))?;
+        // Known before the programs may pair: a pump that asks in between copies (safe).
         self.paired_sockets.fetch_or(on, Ordering::Relaxed);
-        Ok(())
+        self.update_config(|config| config.local_sockets = u32::from(on))
     }
 
     /// Whether sockets this agent serves may have been paired: local sockets are on here, or were

@@ -158,13 +158,18 @@ impl Predecessor {
     }
 
     /// Where the predecessor's programs record the sockets that joined the pairs; `None` from an
-    /// agent older than these records.
-    fn pair_records(&self) -> Result<Option<PairRecords>, RedirectError> {
-        if self.maps.iter().any(|(n, _)| n == PAIR_RECORDS) {
-            self.typed_map(PAIR_RECORDS).map(Some)
-        } else {
-            Ok(None)
+    /// agent older than these records, or one whose records this agent cannot read (another
+    /// version's layout): only their presence is asked, and without them any socket its programs
+    /// paired may be, which is safe; not a reason to refuse the takeover.
+    fn pair_records(&self) -> Option<PairRecords> {
+        if !self.maps.iter().any(|(n, _)| n == PAIR_RECORDS) {
+            return None;
         }
+        self.typed_map(PAIR_RECORDS)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "the running agent's socket pair records are not readable by this agent: every socket its programs paired is taken as paired")
+            })
+            .ok()
     }
 }
 
@@ -217,7 +222,7 @@ impl Redirect {
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             let counters = predecessor.typed_map(maps::COUNTERS)?;
             // Its programs are ours now: without their records, any socket may be paired.
-            let pair_records = predecessor.pair_records()?.map(|theirs| vec![theirs]);
+            let pair_records = predecessor.pair_records().map(|theirs| vec![theirs]);
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
@@ -251,7 +256,7 @@ impl Redirect {
             let predecessor_callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             // The sockets its programs paired (the connections it hands over among them) are in
             // its records; without them, any may be.
-            let pair_records = match predecessor.pair_records()? {
+            let pair_records = match predecessor.pair_records() {
                 Some(theirs) => Some(vec![loaded.pair_records, theirs]),
                 None if offer.local_sockets => None,
                 None => Some(vec![loaded.pair_records]),

@@ -8,7 +8,7 @@
 
 use super::{Feed, Health, Update, Updates};
 use crate::telemetry::unix_now;
-use gamma_engine::manifests::{parse, Identity, Problem, Severity};
+use gamma_engine::manifests::{parse, Problem, Severity};
 use gamma_engine::{Object, ObjectRef};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,11 +33,6 @@ struct FileState {
 
 fn object_id(object: &Object) -> String {
     object.describe()
-}
-
-fn identity_id(identity: &Identity) -> String {
-    // Matches `Object::describe` for the kinds the agent keeps.
-    format!("{} {}/{}", identity.kind, identity.namespace, identity.name)
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -104,7 +99,7 @@ impl ManifestDir {
                 .map(|o| (object_id(&o), (o.reference(), o)))
                 .collect();
             for identity in &parsed.invalid {
-                let id = identity_id(identity);
+                let id = identity.describe();
                 if let Some(kept) = state.objects.get(&id) {
                     next.entry(id).or_insert_with(|| kept.clone());
                 }
@@ -238,6 +233,42 @@ mod tests {
         // File removed: its objects go.
         std::fs::remove_file(&file).unwrap();
         assert_eq!(pass(&mut source, &mut index), (0, false));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A cluster-scoped object (a Namespace) keeps its last good version too.
+    #[test]
+    fn an_invalid_namespace_keeps_its_last_good_version() {
+        let dir = std::env::temp_dir().join(format!("gamma-file-namespace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let namespace = dir.join("namespace.yaml");
+        let opted_in = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n  annotations: {gamma-node.io/local-sockets: \"true\"}\n";
+        std::fs::write(&namespace, opted_in).unwrap();
+        std::fs::write(
+            dir.join("pod.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: team}\nstatus: {podIP: 10.0.0.1}\n",
+        )
+        .unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&dir);
+        let mut local_sockets = |source: &mut ManifestDir| {
+            let (problems, _) = pass(source, &mut index);
+            let caller = index
+                .snapshot()
+                .caller("10.0.0.1".parse().unwrap())
+                .cloned();
+            (problems, caller.expect("the pod is a caller").local_sockets)
+        };
+        assert_eq!(local_sockets(&mut source), (0, true));
+        // Unquoted, the annotation's value is a boolean: not an annotation Kubernetes takes.
+        std::fs::write(&namespace, opted_in.replace("\"true\"", "true")).unwrap();
+        assert_eq!(
+            local_sockets(&mut source),
+            (1, true),
+            "the last good version stays"
+        );
+        std::fs::remove_file(&namespace).unwrap();
+        assert_eq!(local_sockets(&mut source), (0, false));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

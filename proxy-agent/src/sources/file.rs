@@ -17,18 +17,24 @@ use std::time::{Duration, SystemTime};
 /// This source's one feed.
 pub const FEED: Feed = "manifests";
 
-/// The manifests of a folder, and what each file last contributed.
+/// The manifests of a folder, what each file last contributed, and what was sent.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The folder's objects as last sent: every file's, the later file's where two declare one
+    /// (as `kubectl apply` of the folder would leave it). Changes are sent against it, so an
+    /// object moved from one file to another is not deleted after the other file applied it.
+    sent: Objects,
 }
+
+type Objects = BTreeMap<String, (ObjectRef, Object)>;
 
 #[derive(Debug, Default)]
 struct FileState {
     stamp: Option<(SystemTime, u64)>,
     /// The objects this file last contributed.
-    objects: BTreeMap<String, (ObjectRef, Object)>,
+    objects: Objects,
 }
 
 fn object_id(object: &Object) -> String {
@@ -47,6 +53,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
+            sent: Objects::new(),
         }
     }
 
@@ -54,12 +61,13 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Reads changed files and returns their changes, in order, and the problems found in the
-    /// files that changed. Files are read in name order (sub-folders included).
+    /// Reads changed files and returns the folder's changes (deletions first) and the problems
+    /// found in the files that changed. Files are read in name order (sub-folders included).
     pub fn changes(&mut self) -> std::io::Result<(Vec<Update>, Vec<Problem>)> {
         let mut updates = Vec::new();
         let mut problems = Vec::new();
         let mut seen = Vec::new();
+        let mut changed = false;
         for path in list_files(&self.dir)? {
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,
@@ -75,6 +83,7 @@ impl ManifestDir {
                 continue;
             }
             state.stamp = stamp;
+            changed = true;
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
@@ -93,7 +102,7 @@ impl ManifestDir {
             if parsed.unreadable {
                 continue; // keep every object of the last good version of this file
             }
-            let mut next: BTreeMap<String, (ObjectRef, Object)> = parsed
+            let mut next: Objects = parsed
                 .objects
                 .into_iter()
                 .map(|o| (object_id(&o), (o.reference(), o)))
@@ -104,30 +113,29 @@ impl ManifestDir {
                     next.entry(id).or_insert_with(|| kept.clone());
                 }
             }
-            for (id, (reference, _)) in &state.objects {
-                if !next.contains_key(id) {
-                    updates.push(Update::Delete(reference.clone()));
-                }
-            }
-            for (_, object) in next.values() {
-                updates.push(Update::Apply(object.clone()));
-            }
             state.objects = next;
         }
-        // Files that disappeared: their objects go.
-        let gone: Vec<PathBuf> = self
-            .files
-            .keys()
-            .filter(|p| !seen.contains(p))
-            .cloned()
-            .collect();
-        for path in gone {
-            if let Some(state) = self.files.remove(&path) {
-                for (reference, _) in state.objects.values() {
-                    updates.push(Update::Delete(reference.clone()));
-                }
+        // Files that disappeared: their objects go (unless another file has them).
+        let files = self.files.len();
+        self.files.retain(|path, _| seen.contains(path));
+        if !changed && files == self.files.len() {
+            return Ok((updates, problems));
+        }
+        let mut folder = Objects::new();
+        for state in self.files.values() {
+            folder.extend(state.objects.iter().map(|(id, o)| (id.clone(), o.clone())));
+        }
+        for (id, (reference, _)) in &self.sent {
+            if !folder.contains_key(id) {
+                updates.push(Update::Delete(reference.clone()));
             }
         }
+        for (id, (_, object)) in &folder {
+            if self.sent.get(id).is_none_or(|(_, sent)| sent != object) {
+                updates.push(Update::Apply(object.clone()));
+            }
+        }
+        self.sent = folder;
         Ok((updates, problems))
     }
 
@@ -232,6 +240,30 @@ mod tests {
         assert_eq!(pass(&mut source, &mut index), (1, true));
         // File removed: its objects go.
         std::fs::remove_file(&file).unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, false));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The folder is one set of objects, whichever file holds each: an object moved to a file
+    /// read earlier, or declared twice and removed from one file, stays.
+    #[test]
+    fn an_object_moved_between_files_stays() {
+        let dir = std::env::temp_dir().join(format!("gamma-file-moved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+        std::fs::write(&b, SERVICE).unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&dir);
+        assert_eq!(pass(&mut source, &mut index), (0, true));
+        std::fs::write(&a, SERVICE).unwrap();
+        std::fs::write(&b, "").unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, true), "moved to a.yaml");
+        std::fs::write(&b, SERVICE).unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, true));
+        std::fs::remove_file(&a).unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, true), "still in b.yaml");
+        assert!(source.changes().unwrap().0.is_empty(), "nothing changed");
+        std::fs::remove_file(&b).unwrap();
         assert_eq!(pass(&mut source, &mut index), (0, false));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -24,68 +24,40 @@ pub struct ApiCall {
     pub verbs: &'static [&'static str],
 }
 
+impl ApiCall {
+    /// A resource the agent follows: listed, then watched.
+    const fn followed(
+        group: &'static str,
+        version: &'static str,
+        kind: &'static str,
+        resource: &'static str,
+    ) -> ApiCall {
+        ApiCall {
+            group,
+            version,
+            kind,
+            resource,
+            verbs: &["list", "watch"],
+        }
+    }
+}
+
 const GATEWAY: &str = "gateway.networking.k8s.io";
 
-pub const SERVICES: ApiCall = ApiCall {
-    group: "",
-    version: "v1",
-    kind: "Service",
-    resource: "services",
-    verbs: &["list", "watch"],
-};
-pub const ENDPOINT_SLICES: ApiCall = ApiCall {
-    group: "discovery.k8s.io",
-    version: "v1",
-    kind: "EndpointSlice",
-    resource: "endpointslices",
-    verbs: &["list", "watch"],
-};
-pub const PODS: ApiCall = ApiCall {
-    group: "",
-    version: "v1",
-    kind: "Pod",
-    resource: "pods",
-    verbs: &["list", "watch"],
-};
+pub const SERVICES: ApiCall = ApiCall::followed("", "v1", "Service", "services");
+pub const ENDPOINT_SLICES: ApiCall =
+    ApiCall::followed("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices");
+pub const PODS: ApiCall = ApiCall::followed("", "v1", "Pod", "pods");
 /// This agent's Node only (by a field selector), for its zone label.
-pub const NODES: ApiCall = ApiCall {
-    group: "",
-    version: "v1",
-    kind: "Node",
-    resource: "nodes",
-    verbs: &["list", "watch"],
-};
+pub const NODES: ApiCall = ApiCall::followed("", "v1", "Node", "nodes");
 /// Namespaces: an annotation opts their pods in to local sockets.
-pub const NAMESPACES: ApiCall = ApiCall {
-    group: "",
-    version: "v1",
-    kind: "Namespace",
-    resource: "namespaces",
-    verbs: &["list", "watch"],
-};
-pub const HTTP_ROUTES: ApiCall = ApiCall {
-    group: GATEWAY,
-    version: "v1",
-    kind: "HTTPRoute",
-    resource: "httproutes",
-    verbs: &["list", "watch"],
-};
-pub const GRPC_ROUTES: ApiCall = ApiCall {
-    group: GATEWAY,
-    version: "v1",
-    kind: "GRPCRoute",
-    resource: "grpcroutes",
-    verbs: &["list", "watch"],
-};
+pub const NAMESPACES: ApiCall = ApiCall::followed("", "v1", "Namespace", "namespaces");
+pub const HTTP_ROUTES: ApiCall = ApiCall::followed(GATEWAY, "v1", "HTTPRoute", "httproutes");
+pub const GRPC_ROUTES: ApiCall = ApiCall::followed(GATEWAY, "v1", "GRPCRoute", "grpcroutes");
 /// ReferenceGrants: a backendRef into a third namespace needs one (v1beta1: served by every
 /// release of the CRDs).
-pub const REFERENCE_GRANTS: ApiCall = ApiCall {
-    group: GATEWAY,
-    version: "v1beta1",
-    kind: "ReferenceGrant",
-    resource: "referencegrants",
-    verbs: &["list", "watch"],
-};
+pub const REFERENCE_GRANTS: ApiCall =
+    ApiCall::followed(GATEWAY, "v1beta1", "ReferenceGrant", "referencegrants");
 /// Status is written with server-side apply (patch); get re-reads it after a conflict.
 pub const HTTP_ROUTES_STATUS: ApiCall = ApiCall {
     resource: "httproutes/status",
@@ -98,13 +70,12 @@ pub const GRPC_ROUTES_STATUS: ApiCall = ApiCall {
     ..GRPC_ROUTES
 };
 /// XMesh (experimental, cluster-scoped): the leader reports the supported features in ours.
-pub const XMESHES: ApiCall = ApiCall {
-    group: "gateway.networking.x-k8s.io",
-    version: "v1alpha1",
-    kind: "XMesh",
-    resource: "xmeshes",
-    verbs: &["list", "watch"],
-};
+pub const XMESHES: ApiCall = ApiCall::followed(
+    "gateway.networking.x-k8s.io",
+    "v1alpha1",
+    "XMesh",
+    "xmeshes",
+);
 pub const XMESHES_STATUS: ApiCall = ApiCall {
     resource: "xmeshes/status",
     verbs: &["patch"],

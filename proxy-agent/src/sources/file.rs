@@ -223,14 +223,30 @@ mod tests {
         (problems.len(), served)
     }
 
+    /// A folder of its own for one test, removed when dropped (also when the test fails).
+    struct Folder(PathBuf);
+
+    impl Folder {
+        fn new(test: &str) -> Folder {
+            let dir = std::env::temp_dir().join(format!("gamma-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Folder(dir)
+        }
+    }
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn broken_file_keeps_last_good_objects() {
-        let dir = std::env::temp_dir().join(format!("gamma-file-source-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let Folder(dir) = &Folder::new("file-source");
         let file = dir.join("svc.yaml");
         std::fs::write(&file, SERVICE).unwrap();
         let mut index = Index::new();
-        let mut source = ManifestDir::new(&dir);
+        let mut source = ManifestDir::new(dir);
         assert_eq!(pass(&mut source, &mut index), (0, true));
         // Unparseable YAML: reported, the Service stays.
         std::fs::write(&file, "kind: [unclosed\n  more: x").unwrap();
@@ -241,19 +257,17 @@ mod tests {
         // File removed: its objects go.
         std::fs::remove_file(&file).unwrap();
         assert_eq!(pass(&mut source, &mut index), (0, false));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The folder is one set of objects, whichever file holds each: an object moved to a file
     /// read earlier, or declared twice and removed from one file, stays.
     #[test]
     fn an_object_moved_between_files_stays() {
-        let dir = std::env::temp_dir().join(format!("gamma-file-moved-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let Folder(dir) = &Folder::new("file-moved");
         let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
         std::fs::write(&b, SERVICE).unwrap();
         let mut index = Index::new();
-        let mut source = ManifestDir::new(&dir);
+        let mut source = ManifestDir::new(dir);
         assert_eq!(pass(&mut source, &mut index), (0, true));
         std::fs::write(&a, SERVICE).unwrap();
         std::fs::write(&b, "").unwrap();
@@ -265,14 +279,12 @@ mod tests {
         assert!(source.changes().unwrap().0.is_empty(), "nothing changed");
         std::fs::remove_file(&b).unwrap();
         assert_eq!(pass(&mut source, &mut index), (0, false));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A cluster-scoped object (a Namespace) keeps its last good version too.
     #[test]
     fn an_invalid_namespace_keeps_its_last_good_version() {
-        let dir = std::env::temp_dir().join(format!("gamma-file-namespace-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let Folder(dir) = &Folder::new("file-namespace");
         let namespace = dir.join("namespace.yaml");
         let opted_in = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n  annotations: {gamma-node.io/local-sockets: \"true\"}\n";
         std::fs::write(&namespace, opted_in).unwrap();
@@ -282,7 +294,7 @@ mod tests {
         )
         .unwrap();
         let mut index = Index::new();
-        let mut source = ManifestDir::new(&dir);
+        let mut source = ManifestDir::new(dir);
         let mut local_sockets = |source: &mut ManifestDir| {
             let (problems, _) = pass(source, &mut index);
             let caller = index
@@ -301,6 +313,5 @@ mod tests {
         );
         std::fs::remove_file(&namespace).unwrap();
         assert_eq!(local_sockets(&mut source), (0, false));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

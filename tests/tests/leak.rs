@@ -70,6 +70,12 @@ async fn connections_past_the_cap_are_closed_and_counted() {
             let mut body = vec![0u8; length];
             head.starts_with("http/1.1 200") && s.read_exact(&mut body).is_ok()
         };
+        // The start's probes of the listener count until the agent sees them closed.
+        gamma_tests::eventually_within(
+            std::time::Duration::from_secs(5),
+            "the start's probe connections are closed",
+            || (metric("gamma_connections_open") == 0).then_some(()),
+        );
         let (mut a, mut b) = (connect(), connect());
         assert!(answered(&mut a) && answered(&mut b));
         let mut third = connect();

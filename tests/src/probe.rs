@@ -18,6 +18,16 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// How the agent pumped its opaque and upgraded connections, from a `/metrics` text
+/// (`gamma_pumped_connections_total`; 0 when absent): (spliced, copied).
+pub fn pumped(metrics: &str) -> (u64, u64) {
+    let carried = |how: &str| {
+        let name = format!("gamma_pumped_connections_total{{carry=\"{how}\"}}");
+        sample(metrics, &name).map_or(0, |n| n as u64)
+    };
+    (carried("splice"), carried("copy"))
+}
+
 /// One unlabelled sample of the agent's `/metrics` (e.g. `gamma_connections_open`).
 pub fn metric(agent: &Agent, name: &str) -> Result<f64> {
     let text = http_get(agent.admin, "/metrics")?;

@@ -325,13 +325,7 @@ pub fn run(name: &str, config: &SoakConfig) -> Result<SoakReport> {
         attached,
         local_moved_after_last_restart,
         local_pods_at_end: metric(&scenario, "gamma_kernel_local_pods")?,
-        pumped_at_end: (
-            metric(
-                &scenario,
-                "gamma_pumped_connections_total{carry=\"splice\"}",
-            )?,
-            metric(&scenario, "gamma_pumped_connections_total{carry=\"copy\"}")?,
-        ),
+        pumped_at_end: crate::probe::pumped(&scenario.admin_get("/metrics")?),
         pods: scenario.cluster.pods.len() as u64,
         elapsed: started.elapsed(),
     })

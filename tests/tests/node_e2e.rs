@@ -120,12 +120,7 @@ fn counter(s: &Scenario, name: &str) -> u64 {
 
 /// Opaque and upgraded connections the agent pumped: (spliced, copied).
 fn pumped(s: &Scenario) -> (u64, u64) {
-    let metrics = s.admin_get("/metrics").unwrap();
-    let carried = |how: &str| {
-        let name = format!("gamma_pumped_connections_total{{carry=\"{how}\"}}");
-        sample(&metrics, &name).map_or(0, |n| n as u64)
-    };
-    (carried("splice"), carried("copy"))
+    gamma_tests::probe::pumped(&s.admin_get("/metrics").unwrap())
 }
 
 /// One upgraded (WebSocket) connection from `from` to catalog, a few messages echoed through the

@@ -930,6 +930,7 @@ fn recv_chunk(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
     #[test]
     fn messages_carry_descriptors() {
@@ -971,8 +972,7 @@ mod tests {
 
     #[test]
     fn no_running_agent_is_a_fresh_start() {
-        let dir = std::env::temp_dir().join(format!("gamma-handover-none-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("handover-none");
         let inherited = inherit(&dir.join("absent.sock"), Duration::from_secs(1)).unwrap();
         assert!(inherited.predecessor().is_none());
         // A stale socket file with nobody listening: the same.
@@ -982,26 +982,22 @@ mod tests {
             .unwrap()
             .predecessor()
             .is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_silent_agent_is_given_up_on() {
-        let dir = std::env::temp_dir().join(format!("gamma-handover-mute-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("handover-mute");
         let path = dir.join("mute.sock");
         let _mute = UnixListener::bind(&path).unwrap();
         let started = Instant::now();
         let inherited = inherit(&path, Duration::from_millis(300)).unwrap();
         assert!(inherited.predecessor().is_none());
         assert!(started.elapsed() < Duration::from_secs(3));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_successor_takes_the_listeners_and_the_old_agent_stops_accepting() {
-        let dir = std::env::temp_dir().join(format!("gamma-handover-ok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("handover-ok");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1033,13 +1029,11 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         assert!(listener.accept().is_ok());
         assert!(path.exists(), "left for the successor to replace");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn a_normal_shutdown_removes_the_socket_and_closes_the_copies() {
-        let dir = std::env::temp_dir().join(format!("gamma-handover-down-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("handover-down");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1055,6 +1049,5 @@ mod tests {
             std::net::TcpStream::connect(addr).is_err(),
             "no copy keeps the listener open"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,3 +20,6 @@ pub mod redirect;
 pub mod sources;
 pub mod status;
 pub mod telemetry;
+
+#[cfg(test)]
+pub(crate) mod test_dir;

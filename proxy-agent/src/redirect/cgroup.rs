@@ -243,8 +243,8 @@ mod tests {
 
     #[test]
     fn finds_its_own_cgroup_by_pod_and_pid() {
-        let root = std::env::temp_dir().join(format!("gamma-cgroup-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let folder = crate::test_dir::TestDir::new("cgroup-test");
+        let root: &Path = &folder;
         let systemd_uid = UID.replace('-', "_");
         let pod = root.join(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
@@ -259,17 +259,16 @@ mod tests {
         fs::write(pause.join("cgroup.procs"), "1\n").unwrap();
         fs::write(agent.join("cgroup.procs"), "7\n42\n").unwrap();
         fs::write(other.join("cgroup.procs"), "42\n").unwrap();
-        let found_pod = pod_cgroup(&root, UID);
+        let found_pod = pod_cgroup(root, UID);
         assert_eq!(found_pod.as_deref(), Some(pod.as_path()));
         // Within the pod: the agent container's cgroup; pid 42 also appears in another pod's (a
         // different pid namespace), which the pod narrows away.
         assert_eq!(cgroup_listing(&pod, 42), Some(agent.clone()));
         assert_eq!(cgroup_listing(&pod, 9), None);
         assert_eq!(
-            pod_cgroup(&root, "99999999-9999-9999-9999-999999999999"),
+            pod_cgroup(root, "99999999-9999-9999-9999-999999999999"),
             None
         );
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -337,16 +336,16 @@ mod tests {
 
     #[test]
     fn scan_maps_inodes_to_directories() {
-        let root = std::env::temp_dir().join(format!("gamma-cgroup-scan-{}", std::process::id()));
+        let folder = crate::test_dir::TestDir::new("cgroup-scan");
+        let root: &Path = &folder;
         let child = root.join("a/b");
         fs::create_dir_all(&child).unwrap();
         fs::write(root.join("a/cgroup.procs"), "").unwrap();
-        let found = scan(&root);
+        let found = scan(root);
         let child_ino = fs::metadata(&child).unwrap().ino();
         assert_eq!(found.get(&child_ino), Some(&child));
         assert_eq!(found.len(), 3, "{found:?}");
-        let dirs = CgroupDirs::new(&root);
+        let dirs = CgroupDirs::new(root);
         assert_eq!(dirs.path_of(child_ino), Some(child));
-        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -201,6 +201,7 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use gamma_engine::{Index, ObjectKey};
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
@@ -223,26 +224,10 @@ mod tests {
         (problems.len(), served)
     }
 
-    /// A folder of its own for one test, removed when dropped (also when the test fails).
-    struct Folder(PathBuf);
-
-    impl Folder {
-        fn new(test: &str) -> Folder {
-            let dir = std::env::temp_dir().join(format!("gamma-{test}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Folder(dir)
-        }
-    }
-
-    impl Drop for Folder {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     #[test]
     fn broken_file_keeps_last_good_objects() {
-        let Folder(dir) = &Folder::new("file-source");
+        let folder = TestDir::new("file-source");
+        let dir: &Path = &folder;
         let file = dir.join("svc.yaml");
         std::fs::write(&file, SERVICE).unwrap();
         let mut index = Index::new();
@@ -263,7 +248,8 @@ mod tests {
     /// read earlier, or declared twice and removed from one file, stays.
     #[test]
     fn an_object_moved_between_files_stays() {
-        let Folder(dir) = &Folder::new("file-moved");
+        let folder = TestDir::new("file-moved");
+        let dir: &Path = &folder;
         let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
         std::fs::write(&b, SERVICE).unwrap();
         let mut index = Index::new();
@@ -284,7 +270,8 @@ mod tests {
     /// A cluster-scoped object (a Namespace) keeps its last good version too.
     #[test]
     fn an_invalid_namespace_keeps_its_last_good_version() {
-        let Folder(dir) = &Folder::new("file-namespace");
+        let folder = TestDir::new("file-namespace");
+        let dir: &Path = &folder;
         let namespace = dir.join("namespace.yaml");
         let opted_in = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n  annotations: {gamma-node.io/local-sockets: \"true\"}\n";
         std::fs::write(&namespace, opted_in).unwrap();

@@ -1,0 +1,30 @@
+//! A folder of its own for one unit test.
+
+use std::path::{Path, PathBuf};
+
+/// `<tmp>/gamma-<test>-<pid>`, made empty on creation (a failed run's leftovers go) and removed
+/// when dropped (also when the test fails).
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(test: &str) -> TestDir {
+        let dir = std::env::temp_dir().join(format!("gamma-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

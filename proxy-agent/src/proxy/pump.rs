@@ -115,8 +115,8 @@ pub struct Pumps {
     live: Mutex<AHashMap<u64, oneshot::Sender<PauseRequest>>>,
     idle_timeout: Duration,
     carry: Carry,
-    /// Asked once per pump when splicing: read once per connection, written when the redirect
-    /// starts.
+    /// Asked once per pump (not again for one handed over with the answer); written when the
+    /// redirect starts.
     pairing: RwLock<Arc<dyn Pairing>>,
     counts: Arc<PumpCounts>,
 }

@@ -6,6 +6,7 @@
 use super::detect::{detect, Detected, Protocol};
 use super::drain::{turned_true_polled_when_woken, Drain};
 use super::io::Lingering;
+use super::socket::Acceptor;
 use super::{serve, tcp, ConnectionInfo, Proxy};
 use gamma_engine::model::DeclaredProtocol;
 use gamma_engine::routes::{Frontend, Snapshot};
@@ -68,6 +69,13 @@ pub(super) async fn accept_loop<F>(
     // Held while this loop runs: `Drain::stop_accepting` waits for it.
     let _running = drain.acceptors.token();
     tcp::prepare_listener(&listener);
+    let listener = match Acceptor::new(listener) {
+        Ok(acceptor) => acceptor,
+        Err(e) => {
+            tracing::error!(error = %e, "a listener could not be polled; this worker accepts nothing on it");
+            return;
+        }
+    };
     let mut stop = drain.stop_accepting.subscribe();
     // One wait for the whole loop: a wait made anew per accept registered with the watch and
     // left it again, each time under the lock of its waiter list, shared by every worker.
@@ -152,7 +160,13 @@ pub(super) async fn serve_connection(
             Some(frontend) => {
                 // Boxed: the pump's state would otherwise size every connection's task, HTTP
                 // ones included.
-                let (stream, first_bytes) = stream.into_parts();
+                let (stream, first_bytes) = match stream.into_parts() {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "opaque connection: registering it failed; closing it");
+                        return;
+                    }
+                };
                 Box::pin(tcp::pass_through(
                     proxy,
                     stream,

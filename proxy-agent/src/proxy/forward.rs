@@ -381,7 +381,13 @@ fn splice_upgrade(
             tracing::warn!("an upgraded upstream connection is not TCP; closing it");
             return;
         };
-        let (client, unread) = down.io.into_inner().into_inner().into_parts();
+        let (client, unread) = match down.io.into_inner().into_inner().into_parts() {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::warn!(error = %e, "upgraded connection: registering it failed; closing it");
+                return;
+            }
+        };
         let to_upstream = Flow {
             // hyper's buffered bytes came first, then those it had not read yet.
             pending: [&down.read_buf[..], &unread].concat(),

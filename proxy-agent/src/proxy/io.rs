@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
+use super::socket::AcceptedSocket;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -108,25 +109,25 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
 /// It also holds the bytes protocol detection read (a read rather than a peek saves a syscall
 /// per connection): its reads return them before reading the socket again.
 pub(super) struct Lingering {
-    stream: Option<Rewound<TcpStream>>,
+    stream: Option<Rewound<AcceptedSocket>>,
     draining: watch::Receiver<bool>,
     tracker: TaskTracker,
 }
 
 impl Lingering {
     pub(super) fn new(
-        stream: TcpStream,
+        stream: impl Into<AcceptedSocket>,
         draining: watch::Receiver<bool>,
         tracker: TaskTracker,
     ) -> Self {
         Self {
-            stream: Some(Rewound::new(stream)),
+            stream: Some(Rewound::new(stream.into())),
             draining,
             tracker,
         }
     }
 
-    fn rewound(&mut self) -> &mut Rewound<TcpStream> {
+    fn rewound(&mut self) -> &mut Rewound<AcceptedSocket> {
         self.stream.as_mut().expect("present until dropped")
     }
 
@@ -142,15 +143,11 @@ impl Lingering {
         Ok((read > 0).then_some(&rewound.unread[..]))
     }
 
-    pub(super) fn tcp(&self) -> &TcpStream {
-        &self.stream.as_ref().expect("present until dropped").io
-    }
-
-    /// The plain stream, for opaque TCP (which cannot drain gracefully anyway), and the bytes
-    /// read from it that were not returned yet (they go first).
-    pub(super) fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
+    /// The plain stream, registered with the reactor, for a byte pump (which cannot drain
+    /// gracefully anyway), and the bytes read from it that were not returned yet (they go first).
+    pub(super) fn into_parts(mut self) -> std::io::Result<(TcpStream, Vec<u8>)> {
         let rewound = self.stream.take().expect("present until dropped");
-        (rewound.io, rewound.unread.to_vec())
+        Ok((rewound.io.into_registered()?, rewound.unread.to_vec()))
     }
 }
 
@@ -174,10 +171,21 @@ impl Drop for Lingering {
     }
 }
 
+/// A client connection's writer that can send an answer's last bytes together with the FIN
+/// that closes the connection right after them: one TCP segment instead of two.
+pub trait ClosingWrite: AsyncWrite + Unpin {
+    /// What is written from now on is all that goes before the connection is shut down for
+    /// writing (which then sends it, with the FIN).
+    fn last_write_before_shutdown(&mut self) {}
+}
+
+/// Tests write answers into a buffer.
+impl ClosingWrite for Vec<u8> {}
+
 /// A served connection whose bytes read ahead can be handed on: the agent's own HTTP/1.1 server
 /// takes the bytes protocol detection read as its first, and gives back those of a request it
 /// leaves to hyper's server, whose reads then return them first.
-pub trait ReadAhead: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub trait ReadAhead: ClosingWrite + AsyncRead + Send + 'static {
     /// The bytes read ahead and not returned yet, taken.
     fn take_unread(&mut self) -> BytesMut;
     /// Bytes to return before any read ahead or from the transport.
@@ -207,6 +215,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> ReadAhead for Rewound<I
     fn give_back(&mut self, mut bytes: BytesMut) {
         bytes.extend_from_slice(&self.unread);
         self.unread = bytes;
+    }
+}
+
+impl<I: AsyncWrite + Unpin> ClosingWrite for Rewound<I> {}
+
+impl ClosingWrite for Lingering {
+    fn last_write_before_shutdown(&mut self) {
+        self.rewound().io.last_write_before_shutdown();
     }
 }
 
@@ -298,7 +314,7 @@ impl AsyncWrite for Lingering {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp().is_write_vectored()
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -353,7 +369,7 @@ mod tests {
         served.read_first_bytes().await.unwrap().unwrap();
         let mut first = [0u8; 1];
         served.read_exact(&mut first).await.unwrap();
-        let (_, unread) = served.into_parts();
+        let (_, unread) = served.into_parts().unwrap();
         assert_eq!(unread, b"\x03\x01");
     }
 

@@ -3,7 +3,8 @@
 
 //!
 //! One file per concern: the listeners (`explicit`, `redirected`) share `accept` (the accept loop,
-//! then protocol `detect`ion, then `serve` (HTTP) or opaque `tcp`); `io` wraps the transport,
+//! then protocol `detect`ion, then `serve` (HTTP) or opaque `tcp`); `socket` accepts and registers with the reactor only
+//! what must wait, `io` wraps the transport,
 //! `drain` closes gracefully; per request, `forward` (timeouts, retries) over `upstream` pools,
 //! `mirror`; `local` is every answer the agent gives itself; `workers` runs a runtime per core.
 
@@ -21,6 +22,7 @@ mod mirror;
 pub mod pump;
 pub mod redirected;
 pub mod serve;
+mod socket;
 mod tcp;
 pub mod upstream;
 pub mod workers;

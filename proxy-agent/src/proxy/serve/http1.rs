@@ -17,7 +17,7 @@ use super::wire::{self, BodySize, Framing, Head, OwnRequest};
 use crate::proxy::body::{CallerBody, ProxyBody};
 use crate::proxy::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use crate::proxy::header_maps;
-use crate::proxy::io::ReadAhead;
+use crate::proxy::io::{ClosingWrite, ReadAhead};
 use crate::proxy::{ConnectionInfo, Proxy};
 use bytes::{Buf, Bytes};
 use futures::FutureExt as _;
@@ -173,7 +173,7 @@ async fn hand_over<T: ReadAhead>(
 
 /// Writes `response` as the answer to a request (a HEAD: `to_head`); `close`: the connection
 /// closes after it. Returns whether the connection may carry another request.
-async fn write_answer<W: AsyncWrite + Unpin>(
+async fn write_answer<W: ClosingWrite>(
     stream: &mut W,
     response: Response<ProxyBody>,
     to_head: bool,
@@ -217,13 +217,16 @@ async fn write_answer<W: AsyncWrite + Unpin>(
     header_maps::give_back(parts.headers);
     let whole = match framing {
         Framing::Length(0) => {
+            if close {
+                stream.last_write_before_shutdown();
+            }
             stream.write_all(out).await?;
             true
         }
-        Framing::Length(length) => send_length(stream, body, length, out).await?,
+        Framing::Length(length) => send_length(stream, body, length, out, close).await?,
         Framing::Chunked { trailers } => {
             let allowed = trailers.filter(|_| trailers_taken);
-            send_chunked(stream, body, allowed.as_deref(), out).await?
+            send_chunked(stream, body, allowed.as_deref(), out, close).await?
         }
     };
     Ok(whole && !close)
@@ -248,11 +251,13 @@ async fn next_frame<W: AsyncWrite + Unpin>(
 
 /// Sends a body of `length` bytes after the head in `head`. Returns whether it went whole: a body
 /// that ends early, runs over or fails leaves the connection unusable (the client sees it cut).
-async fn send_length<W: AsyncWrite + Unpin>(
+/// `close`: the connection is shut down after the answer (its last bytes go with the FIN).
+async fn send_length<W: ClosingWrite>(
     stream: &mut W,
     mut body: ProxyBody,
     length: u64,
     head: &mut Vec<u8>,
+    close: bool,
 ) -> io::Result<bool> {
     let mut sent = 0u64;
     let whole = loop {
@@ -266,6 +271,9 @@ async fn send_length<W: AsyncWrite + Unpin>(
                 sent += data.len() as u64;
                 if sent > length {
                     break false;
+                }
+                if sent == length && close {
+                    stream.last_write_before_shutdown();
                 }
                 write_slices(stream, &mut [IoSlice::new(head), IoSlice::new(&data)]).await?;
                 head.clear();
@@ -284,11 +292,13 @@ async fn send_length<W: AsyncWrite + Unpin>(
 
 /// Sends a chunked body after the head in `head`, and its trailer fields that `allowed` names.
 /// Returns whether it went whole (a body that fails has no last chunk: the client sees it cut).
-async fn send_chunked<W: AsyncWrite + Unpin>(
+/// `close`: as `send_length`'s.
+async fn send_chunked<W: ClosingWrite>(
     stream: &mut W,
     mut body: ProxyBody,
     allowed: Option<&[http::HeaderName]>,
     head: &mut Vec<u8>,
+    close: bool,
 ) -> io::Result<bool> {
     let mut trailers: Option<HeaderMap> = None;
     loop {
@@ -308,6 +318,9 @@ async fn send_chunked<W: AsyncWrite + Unpin>(
                     let last = body.is_end_stream();
                     let end: &[u8] = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
                     let mut slices = [IoSlice::new(head), IoSlice::new(&data), IoSlice::new(end)];
+                    if last && close {
+                        stream.last_write_before_shutdown();
+                    }
                     write_slices(stream, &mut slices).await?;
                     head.clear();
                     if last {
@@ -320,6 +333,9 @@ async fn send_chunked<W: AsyncWrite + Unpin>(
         }
     }
     wire::last_chunk(trailers.as_ref(), allowed, head);
+    if close {
+        stream.last_write_before_shutdown();
+    }
     stream.write_all(head).await?;
     head.clear();
     Ok(true)

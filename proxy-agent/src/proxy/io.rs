@@ -1,13 +1,13 @@
 //! Transport wrappers of a served connection: [`Watched`] counts the reads and writes that moved
 //! bytes (so that draining can tell an idle connection), [`Lingering`] closes without a reset.
 
+use super::socket::AcceptedSocket;
 use bytes::BytesMut;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use super::socket::AcceptedSocket;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -176,11 +176,14 @@ impl Drop for Lingering {
 pub trait ClosingWrite: AsyncWrite + Unpin {
     /// What is written from now on is all that goes before the connection is shut down for
     /// writing (which then sends it, with the FIN).
-    fn last_write_before_shutdown(&mut self) {}
+    fn last_write_before_shutdown(&mut self);
 }
 
 /// Tests write answers into a buffer.
-impl ClosingWrite for Vec<u8> {}
+#[cfg(test)]
+impl ClosingWrite for Vec<u8> {
+    fn last_write_before_shutdown(&mut self) {}
+}
 
 /// A served connection whose bytes read ahead can be handed on: the agent's own HTTP/1.1 server
 /// takes the bytes protocol detection read as its first, and gives back those of a request it
@@ -218,7 +221,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> ReadAhead for Rewound<I
     }
 }
 
-impl<I: AsyncWrite + Unpin> ClosingWrite for Rewound<I> {}
+/// The fuzz target's and tests' transports: nothing to hold.
+impl<I: AsyncWrite + Unpin> ClosingWrite for Rewound<I> {
+    fn last_write_before_shutdown(&mut self) {}
+}
 
 impl ClosingWrite for Lingering {
     fn last_write_before_shutdown(&mut self) {
@@ -330,13 +336,15 @@ impl AsyncWrite for Lingering {
 mod tests {
     use super::*;
 
-    /// An accepted connection and its client, on 127.0.0.1.
+    /// An accepted connection (not registered with the reactor, as the listeners accept) and its
+    /// client, on 127.0.0.1.
     async fn connected() -> (Lingering, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        let acceptor = super::super::socket::Acceptor::new(listener).unwrap();
+        let (accepted, _) = acceptor.accept().await.unwrap();
         let draining = watch::channel(false).1;
         (
             Lingering::new(accepted, draining, TaskTracker::new()),

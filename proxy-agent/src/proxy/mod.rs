@@ -3,10 +3,10 @@
 
 //!
 //! One file per concern: the listeners (`explicit`, `redirected`) share `accept` (the accept loop,
-//! then protocol `detect`ion, then `serve` (HTTP) or opaque `tcp`); `socket` accepts and registers with the reactor only
-//! what must wait, `io` wraps the transport,
-//! `drain` closes gracefully; per request, `forward` (timeouts, retries) over `upstream` pools,
-//! `mirror`; `local` is every answer the agent gives itself; `workers` runs a runtime per core.
+//! then protocol `detect`ion, then `serve` (HTTP) or opaque `tcp`); `socket` accepts, and joins
+//! the reactor only with sockets that must wait; `io` wraps the transport, `drain` closes
+//! gracefully; per request, `forward` (timeouts, retries) over `upstream` pools, `mirror`; `local`
+//! is every answer the agent gives itself; `workers` runs a runtime per core.
 
 mod accept;
 pub mod affinity;

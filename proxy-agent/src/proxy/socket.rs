@@ -56,9 +56,9 @@ impl Acceptor {
 /// An accepted TCP socket, registered with the reactor the first time it would block.
 pub struct AcceptedSocket {
     state: State,
-    /// Writes go with `MSG_MORE`: the last partial segment waits for the shutdown's FIN, which
-    /// then rides on it (see `ClosingWrite`).
-    last_write: bool,
+    /// Writes go with `MSG_MORE`: their last partial segment is held for the shutdown's FIN,
+    /// which then rides on it (see `ClosingWrite`).
+    held_for_fin: bool,
 }
 
 enum State {
@@ -74,13 +74,13 @@ impl AcceptedSocket {
     fn unregistered(socket: std::net::TcpStream) -> Self {
         AcceptedSocket {
             state: State::Direct(socket),
-            last_write: false,
+            held_for_fin: false,
         }
     }
 
     /// See `ClosingWrite::last_write_before_shutdown`.
     pub(super) fn last_write_before_shutdown(&mut self) {
-        self.last_write = true;
+        self.held_for_fin = true;
     }
 
     /// The socket as a registered tokio stream (the byte pumps wait on both their sockets).
@@ -108,16 +108,23 @@ impl AcceptedSocket {
 
     /// Runs `direct` on an unregistered socket; `None` when the socket is registered (or must be:
     /// `direct` would block), so that the caller polls the registered stream instead.
-    fn try_direct<T>(
+    fn poll_direct<T>(
         &mut self,
+        cx: &mut Context<'_>,
         direct: impl FnOnce(&std::net::TcpStream) -> io::Result<T>,
-    ) -> Option<io::Result<T>> {
+    ) -> Poll<Option<io::Result<T>>> {
         let State::Direct(socket) = &self.state else {
-            return None;
+            return Poll::Ready(None);
         };
+        // Counted against the task's budget as tokio's own I/O is: a connection whose socket is
+        // always ready still yields to the worker's other tasks, and its timeouts still fire.
+        let budget = ready!(tokio::task::coop::poll_proceed(cx));
         match direct(socket) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            done => Some(done),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(None),
+            done => {
+                budget.made_progress();
+                Poll::Ready(Some(done))
+            }
         }
     }
 }
@@ -130,7 +137,7 @@ impl From<TcpStream> for AcceptedSocket {
     fn from(stream: TcpStream) -> Self {
         AcceptedSocket {
             state: State::Registered(stream),
-            last_write: false,
+            held_for_fin: false,
         }
     }
 }
@@ -142,7 +149,12 @@ fn send(socket: impl AsFd, bufs: &[IoSlice<'_>], more: bool) -> io::Result<usize
     } else {
         SendFlags::NOSIGNAL
     };
-    Ok(rustix::net::sendmsg(socket, bufs, &mut Default::default(), flags)?)
+    Ok(rustix::net::sendmsg(
+        socket,
+        bufs,
+        &mut Default::default(),
+        flags,
+    )?)
 }
 
 /// [`send`] on a registered stream, waiting for room.
@@ -170,14 +182,15 @@ impl AsyncRead for AcceptedSocket {
         // SAFETY: `recv` only writes to the unfilled part, and exactly the bytes it reports read
         // are marked initialised and filled.
         let unfilled = unsafe { buf.unfilled_mut() };
-        let read = self.try_direct(|socket| {
+        let read = ready!(self.poll_direct(cx, |socket| {
             let unfilled: &mut [MaybeUninit<u8>] = unfilled;
             let ((read, _), _) =
                 rustix::net::recv(socket, unfilled, rustix::net::RecvFlags::empty())?;
             Ok(read.len())
-        });
+        }));
         match read {
             Some(Ok(n)) => {
+                // SAFETY: `recv` initialised these `n` bytes.
                 unsafe { buf.assume_init(n) };
                 buf.advance(n);
                 Poll::Ready(Ok(()))
@@ -189,7 +202,11 @@ impl AsyncRead for AcceptedSocket {
 }
 
 impl AsyncWrite for AcceptedSocket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
@@ -198,8 +215,8 @@ impl AsyncWrite for AcceptedSocket {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let more = self.last_write;
-        match self.try_direct(|socket| send(socket, bufs, more)) {
+        let more = self.held_for_fin;
+        match ready!(self.poll_direct(cx, |socket| send(socket, bufs, more))) {
             Some(sent) => Poll::Ready(sent),
             None => poll_send(self.registered()?, cx, bufs, more),
         }
@@ -214,8 +231,8 @@ impl AsyncWrite for AcceptedSocket {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.last_write = false;
-        match self.try_direct(|socket| socket.shutdown(Shutdown::Write)) {
+        self.held_for_fin = false;
+        match ready!(self.poll_direct(cx, |socket| socket.shutdown(Shutdown::Write))) {
             Some(shut) => Poll::Ready(shut),
             None => Pin::new(self.registered()?).poll_shutdown(cx),
         }
@@ -343,6 +360,34 @@ mod tests {
             1,
             "marked: the answer and the FIN in one segment"
         );
+    }
+
+    /// A socket that never runs dry, read a byte at a time, still lets the worker's other tasks
+    /// run (tokio's budget): without it, a timeout around such reads could never fire.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_that_never_block_still_yield_to_other_tasks() {
+        let (mut served, mut client) = accepted().await;
+        const BYTES: usize = 16 << 10;
+        client.write_all(&[1u8; BYTES]).await.unwrap();
+        let other_ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = tokio::spawn({
+            let other_ran = other_ran.clone();
+            async move { other_ran.store(true, std::sync::atomic::Ordering::Relaxed) }
+        });
+        let mut byte = [0u8; 1];
+        let mut read_before_the_other_ran = 0;
+        while read_before_the_other_ran < BYTES
+            && !other_ran.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            served.read_exact(&mut byte).await.unwrap();
+            read_before_the_other_ran += 1;
+        }
+        assert!(!is_registered(&served), "every read found bytes");
+        assert!(
+            read_before_the_other_ran < BYTES,
+            "the other task waited for all {BYTES} reads"
+        );
+        other.await.unwrap();
     }
 
     #[tokio::test]

@@ -68,14 +68,8 @@ pub(super) fn keepalive(socket: impl rustix::fd::AsFd) {
 /// What every accepted connection needs (no Nagle delay, keepalive), set once on the listening
 /// socket: Linux copies both to each connection it accepts, which saves five `setsockopt` calls
 /// per connection.
-///
-/// Quick ACKs off (delayed ACK mode, copied the same way): a new connection's request is then
-/// acknowledged by its answer instead of by an ACK of its own, one segment less per connection
-/// (HAProxy's `tcp-smart-accept`, on by default in HTTP mode). An answer slower than the delayed
-/// ACK timer (40 ms at least) gets the ACK before it, as any.
 pub(super) fn prepare_listener(listener: &tokio::net::TcpListener) {
     let _ = rustix::net::sockopt::set_tcp_nodelay(listener, true);
-    let _ = rustix::net::sockopt::set_tcp_quickack(listener, false);
     keepalive(listener);
 }
 
@@ -99,8 +93,6 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(sockopt::tcp_nodelay(&accepted).unwrap());
-        assert!(sockopt::tcp_quickack(&before).unwrap(), "on unless set");
-        assert!(!sockopt::tcp_quickack(&accepted).unwrap());
         assert!(sockopt::socket_keepalive(&accepted).unwrap());
         assert_eq!(
             sockopt::tcp_keepidle(&accepted).unwrap(),

@@ -11,11 +11,10 @@ use super::{serve, tcp, ConnectionInfo, Proxy};
 use gamma_engine::model::DeclaredProtocol;
 use gamma_engine::routes::{Frontend, Snapshot};
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// The protocol a connection speaks; `None`: close it. A port that declares its protocol is not
@@ -72,7 +71,7 @@ pub(super) async fn accept_loop<F>(
     let listener = match Acceptor::new(listener) {
         Ok(acceptor) => acceptor,
         Err(e) => {
-            tracing::error!(error = %e, "a listener could not be polled; this worker accepts nothing on it");
+            tracing::error!(error = %e, "a worker could not register its listener copy; it accepts nothing on it");
             return;
         }
     };

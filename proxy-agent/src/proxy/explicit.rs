@@ -5,8 +5,8 @@ use super::accept::accept_loop;
 use super::drain::Drain;
 use super::{Caller, ConnectionInfo, Destination, Proxy};
 use gamma_engine::model::ObjectKey;
+use std::net::TcpListener;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// How an explicit listener's connections are treated.
 #[derive(Clone, Debug)]

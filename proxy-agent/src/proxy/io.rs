@@ -339,7 +339,7 @@ mod tests {
     /// An accepted connection (not registered with the reactor, as the listeners accept) and its
     /// client, on 127.0.0.1.
     async fn connected() -> (Lingering, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();

@@ -5,9 +5,8 @@ use super::accept::accept_loop;
 use super::drain::Drain;
 use super::{Caller, ConnectionInfo, Destination, Proxy};
 use gamma_engine::routes::Snapshot;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// The facts of a redirected connection: where it was going and who sent it.
 pub trait OriginalDestination: Send + Sync {

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// A listening socket whose accepts do not register the accepted sockets.
 pub(super) struct Acceptor {
@@ -24,12 +24,13 @@ pub(super) struct Acceptor {
 }
 
 impl Acceptor {
-    pub(super) fn new(listener: TcpListener) -> io::Result<Self> {
+    /// Registers `listener` with the current runtime's reactor (made non-blocking first).
+    pub(super) fn new(listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
         // SAFETY: a std listener owns its descriptor, which stays open and the same until the
         // listener is dropped, with the `AsyncFd` that owns it.
-        let listener =
-            unsafe { AsyncFd::register_with_interest(listener.into_std()?, Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
+        let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         Ok(Acceptor { listener })
     }
 
@@ -245,7 +246,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     async fn accepted() -> (AcceptedSocket, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = Acceptor::new(listener).unwrap();
         let client = TcpStream::connect(addr).await.unwrap();

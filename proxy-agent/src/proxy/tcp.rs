@@ -68,8 +68,8 @@ pub(super) fn keepalive(socket: impl rustix::fd::AsFd) {
 /// What every accepted connection needs (no Nagle delay, keepalive), set once on the listening
 /// socket: Linux copies both to each connection it accepts, which saves five `setsockopt` calls
 /// per connection.
-pub(super) fn prepare_listener(listener: &tokio::net::TcpListener) {
-    let _ = rustix::net::sockopt::set_tcp_nodelay(listener, true);
+pub(super) fn prepare_listener(listener: impl rustix::fd::AsFd) {
+    let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
     keepalive(listener);
 }
 

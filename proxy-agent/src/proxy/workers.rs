@@ -16,9 +16,9 @@
 use super::Proxy;
 use std::future::Future;
 use std::io;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
 /// How many more open connections than the least loaded worker a worker may have and still
@@ -183,7 +183,7 @@ impl Workers {
 
     /// Runs `serve` on every worker with the worker's proxy and its own copy of `listener`
     /// (one socket: the copies share its accept queue).
-    pub fn serve<F, Fut>(&self, listener: &std::net::TcpListener, serve: F) -> io::Result<()>
+    pub fn serve<F, Fut>(&self, listener: &TcpListener, serve: F) -> io::Result<()>
     where
         F: Fn(Arc<Proxy>, TcpListener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -192,15 +192,9 @@ impl Workers {
             let copy = listener.try_clone()?;
             let proxy = worker.proxy.clone();
             let serve = serve.clone();
-            worker.handle.spawn(async move {
-                // Registered with this worker's reactor: its readiness wakes this thread only.
-                match TcpListener::from_std(copy) {
-                    Ok(listener) => serve(proxy, listener).await,
-                    Err(e) => {
-                        tracing::error!(error = %e, "a worker could not take its listener copy")
-                    }
-                }
-            });
+            // Registered by the accept loop, on this worker's reactor: its readiness wakes this
+            // thread only.
+            worker.handle.spawn(serve(proxy, copy));
         }
         Ok(())
     }

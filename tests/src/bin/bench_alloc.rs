@@ -147,7 +147,6 @@ fn main() -> Result<()> {
                 .build()
                 .expect("the agent's runtime");
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let target = ExplicitTarget {
                     service: gamma_engine::ObjectKey::new("bench", "echo"),
                     port: 80,

@@ -283,10 +283,20 @@ async fn backend() -> u16 {
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(|mut request: Request<Incoming>| async move {
+                        let mut seen = format!(
+                            "{} {} {:?}\n",
+                            request.method(),
+                            request.uri(),
+                            request.version()
+                        );
+                        for (name, value) in request.headers() {
+                            seen.push_str(&format!("{name}: {value:?}\n"));
+                        }
                         if let Some(protocol) =
                             request.headers().get(http::header::UPGRADE).cloned()
                         {
                             // Accept any upgrade and echo the bytes: the agent splices both sides.
+                            forwarded().push(seen);
                             let upgrade = hyper::upgrade::on(&mut request);
                             tokio::spawn(async move {
                                 if let Ok(upgraded) = upgrade.await {
@@ -313,11 +323,22 @@ async fn backend() -> u16 {
                             .and_then(|c| c.get(..3)?.parse().ok())
                             .and_then(|c| StatusCode::from_u16(c).ok())
                             .unwrap_or(StatusCode::OK);
-                        let bytes = request
-                            .into_body()
-                            .collect()
-                            .await
-                            .map_or(0, |b| b.to_bytes().len());
+                        let body = request.into_body().collect().await;
+                        let bytes = match body {
+                            Ok(body) => {
+                                let body = body.to_bytes();
+                                seen.push_str(&format!(
+                                    "body {:?}",
+                                    String::from_utf8_lossy(&body)
+                                ));
+                                body.len()
+                            }
+                            Err(e) => {
+                                seen.push_str(&format!("{BODY_CUT_SHORT}: {e}"));
+                                0
+                            }
+                        };
+                        forwarded().push(seen);
                         let mut response =
                             Response::new(Full::new(Bytes::from(format!("{bytes}\n"))));
                         *response.status_mut() = status;
@@ -332,12 +353,18 @@ async fn backend() -> u16 {
     port
 }
 
-/// HTTP path: the input is what a client sends on one connection. The agent's servers (its own
-/// HTTP/1.1 one, which gives requests it does not serve itself to hyper's, or hyper's HTTP/2 one,
-/// by the same first-bytes classification as the listener) serve it over an in-memory pipe. The
-/// client's write side stays open while requests are being answered (hyper closes a connection
-/// whose client half-closes mid-request, which would cut every forward short), then closes; the
-/// connection must then end promptly and leave no upstream request counted in flight.
+/// What the fuzz backend received since it was last taken: a text per request (its method,
+/// target, version, fields in order and body).
+fn forwarded() -> std::sync::MutexGuard<'static, Vec<String>> {
+    static FORWARDED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    FORWARDED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// HTTP path: the input is what a client sends on one connection (see [`exchange`]), served by
+/// the agent's servers (its own HTTP/1.1 one, which gives requests it does not serve itself to
+/// hyper's, or hyper's HTTP/2 one, by the same first-bytes classification as the listener).
 pub fn http_connection(data: &[u8]) {
     let http2 = match classify(&data[..data.len().min(24)]) {
         Some(Protocol::Http1) => false,
@@ -345,28 +372,119 @@ pub fn http_connection(data: &[u8]) {
         Some(Protocol::Opaque) | None => return,
     };
     let h = harness();
+    let info = h.info.clone();
+    exchange(data, move |server, shutdown| async move {
+        if http2 {
+            let _ = serve_http(&h.proxy, TokioIo::new(server), true, info, shutdown).await;
+        } else {
+            http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
+        }
+    });
+}
+
+/// HTTP/1.1 framing, differential: the input is served twice, by the agent's own HTTP/1.1
+/// server (which reads the requests it can itself and gives the rest of the connection to
+/// hyper's) and by hyper's server alone, forwarding to a Service without routes. The backend
+/// must receive the same requests (method, target, fields, body) and the client the same bytes
+/// (the `date` field aside). Where they differ, the two servers split or read a connection's
+/// bytes differently: what request smuggling is made of, or an answer a client sees only from
+/// one of them.
+pub fn http1_framing(data: &[u8]) {
+    if classify(&data[..data.len().min(24)]) != Some(Protocol::Http1) {
+        return;
+    }
+    let h = harness();
+    let info = Arc::new(ConnectionInfo {
+        destination: Destination::Service {
+            service: ObjectKey::new("ns", "a"),
+            port: 80,
+        },
+        ..(*h.info).clone()
+    });
+    forwarded().clear();
+    let own_answers = {
+        let info = info.clone();
+        exchange(data, move |server, shutdown| async move {
+            http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
+        })
+    };
+    let own_forwarded = complete_requests(std::mem::take(&mut *forwarded()));
+    let hyper_answers = exchange(data, move |server, shutdown| async move {
+        let _ = serve_http(&h.proxy, TokioIo::new(server), false, info, shutdown).await;
+    });
+    let hyper_forwarded = complete_requests(std::mem::take(&mut *forwarded()));
+    assert_eq!(
+        own_forwarded, hyper_forwarded,
+        "the backend received other requests from the agent's own HTTP/1.1 server (left) than \
+         from hyper's (right)"
+    );
+    let (own_answers, hyper_answers) = (without_dates(&own_answers), without_dates(&hyper_answers));
+    assert!(
+        own_answers == hyper_answers,
+        "the client received other bytes from the agent's own HTTP/1.1 server than from \
+         hyper's:\n--- own\n{}\n--- hyper\n{}",
+        String::from_utf8_lossy(&own_answers),
+        String::from_utf8_lossy(&hyper_answers)
+    );
+}
+
+/// The requests the backend received whole. One whose body broke off (a chunk malformed, say)
+/// was cut short by the agent; whether its head reached the backend first is a race.
+fn complete_requests(mut forwarded: Vec<String>) -> Vec<String> {
+    forwarded.retain(|request| !request.contains(BODY_CUT_SHORT));
+    forwarded
+}
+
+const BODY_CUT_SHORT: &str = "body cut short";
+
+/// `bytes` with the value of each `date` field blanked (the two servers answer at other times).
+fn without_dates(bytes: &[u8]) -> Vec<u8> {
+    const FIELD: &[u8] = b"\r\ndate: ";
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some(at) = rest.windows(FIELD.len()).position(|w| w == FIELD) {
+        out.extend_from_slice(&rest[..at + FIELD.len()]);
+        rest = &rest[at + FIELD.len()..];
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .unwrap_or(rest.len());
+        out.push(b'-');
+        rest = &rest[end..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// One connection: `data` is what the client sends, `serve` the agent's server on the other end
+/// of an in-memory pipe. The client's write side stays open while requests are being answered
+/// (hyper closes a connection whose client half-closes mid-request, which would cut every
+/// forward short), then closes; the connection must then end promptly and leave no upstream
+/// request counted in flight. Returns what the client received.
+fn exchange<F, Fut>(data: &[u8], serve: F) -> Vec<u8>
+where
+    F: FnOnce(tokio::io::DuplexStream, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let h = harness();
     h.runtime.block_on(async {
         let (client, server) = tokio::io::duplex(data.len() + 64 * 1024);
-        let (info, shutdown) = (h.info.clone(), h.shutdown.subscribe());
-        let served = tokio::spawn(async move {
-            if http2 {
-                let _ = serve_http(&h.proxy, TokioIo::new(server), true, info, shutdown).await;
-            } else {
-                http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
-            }
-        });
+        let served = tokio::spawn(serve(server, h.shutdown.subscribe()));
         let (mut from_agent, mut to_agent) = tokio::io::split(client);
         let received = Arc::new(AtomicUsize::new(0));
         let reader = tokio::spawn({
             let received = received.clone();
             async move {
+                let mut answers = Vec::new();
                 let mut buf = vec![0u8; 16 * 1024];
                 while let Ok(n @ 1..) = from_agent.read(&mut buf).await {
                     received.fetch_add(n, Ordering::Relaxed);
                     if show_replies() {
                         eprint!("{}", String::from_utf8_lossy(&buf[..n]));
                     }
+                    answers.extend_from_slice(&buf[..n]);
                 }
+                answers
             }
         });
         // The pipe holds the whole input: this never waits on the agent.
@@ -381,7 +499,7 @@ pub fn http_connection(data: &[u8]) {
             }
             Err(_) => panic!("the connection did not end within 10 s of the client closing it"),
         }
-        let _ = reader.await;
+        let answers = reader.await.unwrap_or_default();
         // Mirrors finish on their own; give them a moment before counting.
         let deadline = Instant::now() + Duration::from_secs(2);
         while h.proxy.upstream.endpoints.in_flight_total() != 0 {
@@ -392,7 +510,8 @@ pub fn http_connection(data: &[u8]) {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    });
+        answers
+    })
 }
 
 /// `GAMMA_FUZZ_SHOW_REPLIES=1`: print what the agent answered (when replaying one input).

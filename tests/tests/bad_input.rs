@@ -7,12 +7,13 @@
 //! one shows up as a canary hit.
 
 use bytes::Bytes;
-use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, EchoBackend, Manifests};
-use gamma_tests::probe::{raw_exchange, RawReply, Resources};
+use gamma_tests::loopback::{echo_backend, http_get, Agent, AgentOptions, EchoBackend, Manifests};
+use gamma_tests::probe::{raw_exchange, sample, RawReply, Resources};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use proxy_agent::proxy::upstream::CONSECUTIVE_FAILURES;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -302,6 +303,58 @@ async fn http1_smuggling_and_malformed_heads_get_an_error_or_a_close() {
     );
     world.assert_serving("after the malformed requests").await;
     world.assert_nothing_left(baseline);
+}
+
+/// A client whose request body breaks off while it streams to the backend (a malformed chunk; a
+/// length announced and the client's side closed before it) gets a 400 that says so. It failed
+/// the request, not the endpoint: before, each counted as the endpoint's failure (502), and
+/// three in a row ejected the endpoint for every caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_off_fails_its_caller_not_the_endpoint() {
+    let world = World::start().await;
+    let malformed_chunk = b"POST /upload HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
+    // Over what the agent's own server reads whole with the head: it streams.
+    let cut_short = b"POST /upload HTTP/1.1\r\nHost: front\r\nContent-Length: 100000\r\n\r\nhello";
+    let addr = world.agent.listen[0];
+    for i in 0..CONSECUTIVE_FAILURES {
+        let reply = world.raw(malformed_chunk.to_vec()).await;
+        assert!(
+            reply.statuses() == [400] && reply.text.contains("broke off"),
+            "malformed chunk {i}: {reply:?}"
+        );
+        let reply = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            std::io::Write::write_all(&mut stream, cut_short).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
+            reply
+        })
+        .await
+        .unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.1 400 ") && reply.contains("broke off"),
+            "body cut short {i}: {reply:?}"
+        );
+    }
+    let metrics = http_get(world.agent.admin, "/metrics").unwrap();
+    assert_eq!(
+        sample(&metrics, "gamma_endpoint_ejections_total"),
+        Some(0.0),
+        "no endpoint was ejected"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "gamma_local_answers_total{reason=\"request_body_broke_off\"}"
+        ),
+        Some(2.0 * f64::from(CONSECUTIVE_FAILURES)),
+        "each counted as the caller's"
+    );
+    world.assert_serving("after the broken bodies").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,3 +42,8 @@ fn http1_seeds() {
 fn index_ops_seeds() {
     replay("index_ops", targets::index_ops);
 }
+
+#[test]
+fn http1_framing_seeds() {
+    replay("http1_framing", targets::http1_framing);
+}

@@ -15,7 +15,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// The targets in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["manifest", "route_match", "http1", "index_ops"];
+pub const TARGETS: &[&str] = &[
+    "manifest",
+    "route_match",
+    "http1",
+    "http1_framing",
+    "index_ops",
+];
 
 const DEFAULT_SECONDS: u64 = 20;
 

@@ -10,6 +10,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::watch;
@@ -51,8 +52,12 @@ pub enum RequestBody {
     Empty,
     /// Read whole before the request was handled: every attempt and mirror sends it again.
     Whole(Bytes),
-    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it).
-    Streamed(Option<Incoming>),
+    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it);
+    /// `broke_off`: reading it from the caller failed.
+    Streamed {
+        body: Option<Incoming>,
+        broke_off: Arc<AtomicBool>,
+    },
     /// Streamed to the first attempt and kept as it goes, up to a limit.
     Recorded(Recording),
 }
@@ -68,7 +73,10 @@ impl RequestBody {
         if keep {
             RequestBody::Recorded(Recording::new(body, limit))
         } else {
-            RequestBody::Streamed(Some(body))
+            RequestBody::Streamed {
+                body: Some(body),
+                broke_off: Arc::default(),
+            }
         }
     }
 
@@ -77,7 +85,14 @@ impl RequestBody {
         match self {
             RequestBody::Empty => Some(empty()),
             RequestBody::Whole(bytes) => Some(full(bytes.clone())),
-            RequestBody::Streamed(body) => body.take().map(stream),
+            RequestBody::Streamed { body, broke_off } => body.take().map(|body| {
+                let broke_off = broke_off.clone();
+                body.map_err(move |e| {
+                    broke_off.store(true, Ordering::Relaxed);
+                    BoxError::from(e)
+                })
+                .boxed_unsync()
+            }),
             RequestBody::Recorded(recording) => recording.replay(),
         }
     }
@@ -87,12 +102,23 @@ impl RequestBody {
         matches!(self, RequestBody::Recorded(r) if r.lock().overflowed)
     }
 
+    /// Whether reading the body from the caller failed before its end: the caller closed its
+    /// side mid-body, reset its stream, or sent a malformed chunk. An attempt that failed then
+    /// failed for the caller, not for its endpoint.
+    pub fn caller_broke_off(&self) -> bool {
+        match self {
+            RequestBody::Empty | RequestBody::Whole(_) => false,
+            RequestBody::Streamed { broke_off, .. } => broke_off.load(Ordering::Relaxed),
+            RequestBody::Recorded(r) => r.lock().broke_off,
+        }
+    }
+
     /// What a mirror waits on: the whole body once the caller has sent it.
     pub fn for_mirror(&self) -> MirrorBody {
         match self {
             RequestBody::Empty => MirrorBody::Empty,
             RequestBody::Whole(bytes) => MirrorBody::Whole(bytes.clone()),
-            RequestBody::Streamed(_) => MirrorBody::Unavailable,
+            RequestBody::Streamed { .. } => MirrorBody::Unavailable,
             RequestBody::Recorded(r) => MirrorBody::Pending(r.complete.subscribe()),
         }
     }
@@ -165,6 +191,8 @@ struct Shared {
     /// Larger than `limit`: nothing is kept any more.
     overflowed: bool,
     ended: bool,
+    /// Reading from the caller failed (see `RequestBody::caller_broke_off`).
+    broke_off: bool,
     /// The length the caller announced, for every replay's size hint.
     length: Option<u64>,
     /// Replays made so far: only the latest may read on from the caller.
@@ -197,6 +225,7 @@ impl Recording {
                 limit,
                 overflowed: false,
                 ended: false,
+                broke_off: false,
                 length,
                 replays: 0,
                 complete: complete.clone(),
@@ -314,6 +343,7 @@ impl Body for Replay {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
+                shared.broke_off = true;
                 shared.overflowed = true;
                 shared.complete.send_replace(Kept::Not);
                 return Poll::Ready(Some(Err(e.into())));

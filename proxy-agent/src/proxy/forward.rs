@@ -144,11 +144,30 @@ pub(super) async fn forward(
                 // Boxed: hyper's exchange would otherwise size every request's future.
                 Box::pin(proxy.upstream.send(endpoint, h2, request)).await
             };
-            let attempt = attempt(call, attempt_timeout).await;
-            match &attempt {
-                Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
+            let attempt = match attempt(call, attempt_timeout).await {
+                // The caller's body broke off: the caller failed the attempt, not the endpoint
+                // (three in a row would eject it for everyone), and nothing can be resent.
+                Attempt::Failed(error) if body.caller_broke_off() => {
+                    return Err(LocalAnswer::RequestBodyBrokeOff(error))
+                }
+                attempt => attempt,
+            };
+            let ejected = match &attempt {
+                Attempt::Response(_) => {
+                    proxy.upstream.endpoints.answered(&held);
+                    false
+                }
                 Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
-                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
+                Attempt::ConnectFailed(_) => {
+                    proxy.upstream.endpoints.eject(&held);
+                    true
+                }
+            };
+            if ejected {
+                proxy
+                    .metrics
+                    .endpoint_ejections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more
@@ -227,7 +246,7 @@ fn resendable(proxy: &Proxy, body: &RequestBody) -> bool {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return false;
     }
-    !matches!(body, RequestBody::Streamed(_))
+    !matches!(body, RequestBody::Streamed { .. })
 }
 
 /// `future`'s output, or the `limit` it ran over. Not an async fn: one keeps its arguments apart

@@ -37,6 +37,11 @@ pub enum LocalAnswer {
         backend: String,
         error: String,
     },
+    #[error(
+        "the request's body broke off before its end (the client closed or reset it, or sent a \
+         malformed chunk): {0}"
+    )]
+    RequestBodyBrokeOff(String),
     #[error("the route's request timeout of {0:?} expired")]
     RouteTimeout(Duration),
     #[error("the request head is {size} bytes, over the limit of {limit}")]
@@ -57,6 +62,7 @@ impl LocalAnswer {
             LocalAnswer::ConnectFailed { .. } => Reason::ConnectFailed,
             LocalAnswer::BackendTimeout { .. } => Reason::BackendTimeout,
             LocalAnswer::BackendFailed { .. } => Reason::BackendFailed,
+            LocalAnswer::RequestBodyBrokeOff(_) => Reason::RequestBodyBrokeOff,
             LocalAnswer::RouteTimeout(_) => Reason::RouteTimeout,
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
@@ -75,7 +81,9 @@ impl LocalAnswer {
             }
             LocalAnswer::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
             LocalAnswer::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            LocalAnswer::BadTarget(_) => StatusCode::BAD_REQUEST,
+            LocalAnswer::BadTarget(_) | LocalAnswer::RequestBodyBrokeOff(_) => {
+                StatusCode::BAD_REQUEST
+            }
         }
     }
 
@@ -100,7 +108,9 @@ impl LocalAnswer {
             LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
                 GrpcStatus::DeadlineExceeded
             }
-            LocalAnswer::HeadTooLarge { .. } | LocalAnswer::BadTarget(_) => GrpcStatus::Internal,
+            LocalAnswer::HeadTooLarge { .. }
+            | LocalAnswer::BadTarget(_)
+            | LocalAnswer::RequestBodyBrokeOff(_) => GrpcStatus::Internal,
         })
     }
 

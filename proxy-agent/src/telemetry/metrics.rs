@@ -26,13 +26,14 @@ pub enum Reason {
     ConnectFailed,
     BackendTimeout,
     BackendFailed,
+    RequestBodyBrokeOff,
     RouteTimeout,
     HeadTooLarge,
     BadTarget,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -42,6 +43,7 @@ impl Reason {
         Reason::ConnectFailed,
         Reason::BackendTimeout,
         Reason::BackendFailed,
+        Reason::RequestBodyBrokeOff,
         Reason::RouteTimeout,
         Reason::HeadTooLarge,
         Reason::BadTarget,
@@ -58,6 +60,7 @@ impl Reason {
             Reason::ConnectFailed => "connect_failed",
             Reason::BackendTimeout => "backend_timeout",
             Reason::BackendFailed => "backend_failed",
+            Reason::RequestBodyBrokeOff => "request_body_broke_off",
             Reason::RouteTimeout => "route_timeout",
             Reason::HeadTooLarge => "head_too_large",
             Reason::BadTarget => "bad_target",
@@ -94,6 +97,8 @@ pub struct Metrics {
     pub mirrors_skipped_body: AtomicU64,
     /// Retries not made because the request body was over the buffering limit.
     pub retries_skipped_body: AtomicU64,
+    /// Endpoints set aside for a while: a refused connection, or failures in a row.
+    pub endpoint_ejections: AtomicU64,
     /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
     local_answers: [AtomicU64; Reason::ALL.len()],
     pub snapshot_version: AtomicU64,
@@ -292,6 +297,7 @@ impl Collector for Scrape {
             ("gamma_mirrors_timed_out", "Mirrored requests abandoned after the mirror timeout (their slot freed).", &m.mirrors_timed_out),
             ("gamma_mirrors_skipped_body", "Mirrors not sent because the request body was larger than --max-buffered-body-bytes or did not end within the mirror timeout.", &m.mirrors_skipped_body),
             ("gamma_retries_skipped_body", "Retries not made because the request body was larger than --max-buffered-body-bytes.", &m.retries_skipped_body),
+            ("gamma_endpoint_ejections", "Endpoints set aside for a while: their connection was refused, or requests to them got no answer several times in a row.", &m.endpoint_ejections),
         ] {
             counter(e, name, help, load(value))?;
         }

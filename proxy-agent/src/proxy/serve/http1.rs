@@ -105,6 +105,12 @@ pub async fn serve<T: ReadAhead>(
             tokio::select! {
                 biased;
                 read = stream.read_buf(&mut buf) => match read {
+                    // The client closed its side mid-body: hyper's server reads what came and
+                    // answers as for any body that breaks off, and a client still reading sees
+                    // why.
+                    Ok(0) if awaiting_body => {
+                        return hand_over(proxy, stream, buf, info, shutdown).await
+                    }
                     Ok(0) | Err(_) => return,
                     Ok(_) if draining => quiet_spell(head_timer.as_mut()),
                     Ok(_) => {}

@@ -610,11 +610,14 @@ impl EndpointStats {
     }
 
     /// A request got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects the endpoint.
-    pub fn failed(&self, held: &InFlight<'_>) {
-        if held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
+    /// Returns whether this one did.
+    pub fn failed(&self, held: &InFlight<'_>) -> bool {
+        let eject = held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES;
+        if eject {
             held.state.failures.store(0, Ordering::Relaxed);
             self.eject(held);
         }
+        eject
     }
 
     /// Counts a request in flight on `addr` of `backend`, chosen by other means (a session, an

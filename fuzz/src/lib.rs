@@ -20,6 +20,7 @@ use proxy_agent::proxy::{
 };
 use proxy_agent::telemetry::Metrics;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -218,6 +219,11 @@ pub fn route_match(data: &[u8]) {
 struct Harness {
     runtime: tokio::runtime::Runtime,
     proxy: Arc<Proxy>,
+    /// A proxy's parts, for a fresh one (empty upstream pools) per `upstream_answer` exchange.
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    config: ProxyConfig,
+    /// The backend that answers a connection's first request with [`raw_answer`]'s bytes.
+    raw_backend: SocketAddr,
     info: Arc<ConnectionInfo>,
     /// Kept so that connections never see a shutdown.
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -238,6 +244,7 @@ fn harness() -> &'static Harness {
             .build()
             .expect("a tokio runtime");
         let port = runtime.block_on(backend());
+        let raw_backend = runtime.block_on(raw_backend());
         let index = published(world_objects(port));
         let snapshot: Arc<ArcSwap<Snapshot>> = Arc::new(ArcSwap::new(index.snapshot()));
         let config = ProxyConfig {
@@ -245,7 +252,11 @@ fn harness() -> &'static Harness {
             header_read_timeout: Duration::from_secs(1),
             ..ProxyConfig::default()
         };
-        let proxy = Proxy::new(snapshot, Arc::new(Metrics::default()), config);
+        let proxy = Proxy::new(
+            snapshot.clone(),
+            Arc::new(Metrics::default()),
+            config.clone(),
+        );
         let info = Arc::new(ConnectionInfo {
             destination: Destination::Service {
                 service: ObjectKey::new("ns", "front"),
@@ -261,6 +272,9 @@ fn harness() -> &'static Harness {
         Harness {
             runtime,
             proxy,
+            snapshot,
+            config,
+            raw_backend,
             info,
             shutdown: tokio::sync::watch::channel(false).0,
         }
@@ -512,6 +526,181 @@ where
         }
         answers
     })
+}
+
+/// What the raw backend answers a connection's first request with: the `upstream_answer` input.
+fn raw_answer() -> std::sync::MutexGuard<'static, Vec<u8>> {
+    static ANSWER: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+    ANSWER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The answer the raw backend gives to every later request on a connection.
+const SECOND_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond";
+
+/// How long the raw backend keeps a connection with no request coming: an answer delimited by
+/// the close ends then.
+const RAW_IDLE: Duration = Duration::from_millis(20);
+
+/// A backend on 127.0.0.1 that answers each connection's first request with [`raw_answer`]'s
+/// bytes as they are, and later ones with [`SECOND_ANSWER`]; it closes a connection idle for
+/// [`RAW_IDLE`].
+async fn raw_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the raw fuzz backend");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut answered = 0;
+                loop {
+                    // A whole request: its head, and the body its Content-Length announces.
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&read[..end]).to_ascii_lowercase();
+                        let body = head
+                            .split("content-length:")
+                            .nth(1)
+                            .and_then(|rest| rest.lines().next()?.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if read.len() < end + 4 + body {
+                            break;
+                        }
+                        read.drain(..end + 4 + body);
+                        let answer = match answered {
+                            0 => raw_answer().clone(),
+                            _ => SECOND_ANSWER.to_vec(),
+                        };
+                        answered += 1;
+                        if stream.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tokio::time::timeout(RAW_IDLE, stream.read(&mut buf)).await {
+                        Ok(Ok(n @ 1..)) => read.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What a caller of the upstream sees of an answer, error texts aside (the two clients word them
+/// differently).
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Failed,
+    Answer {
+        status: u16,
+        reason: Option<Vec<u8>>,
+        headers: Fields,
+        /// The body's bytes and trailers, or where it broke off.
+        body: Result<(Vec<u8>, Fields), Vec<u8>>,
+    },
+}
+
+/// Header fields as a caller reads them, in order.
+type Fields = Vec<(String, Vec<u8>)>;
+
+fn fields(map: &http::HeaderMap) -> Fields {
+    map.iter()
+        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+/// One GET to the raw backend through `proxy`'s upstream: without a body it goes through the
+/// agent's own HTTP/1.1 exchange, with one through hyper's client.
+async fn upstream_outcome(proxy: &Proxy, endpoint: SocketAddr, path: &str, own: bool) -> Outcome {
+    let body = if own {
+        proxy_agent::proxy::body::empty()
+    } else {
+        proxy_agent::proxy::body::full("x")
+    };
+    let mut request = Request::get(path).body(body).expect("a request");
+    request
+        .headers_mut()
+        .insert(http::header::HOST, http::HeaderValue::from_static("raw"));
+    let exchange = async {
+        let response = match proxy.upstream.send(endpoint, false, request).await {
+            Ok(response) => response,
+            Err(_) => return Outcome::Failed,
+        };
+        let (parts, mut body) = response.into_parts();
+        let mut data = Vec::new();
+        let mut trailers = Vec::new();
+        let body = loop {
+            match body.frame().await {
+                None => break Ok((data, trailers)),
+                Some(Err(_)) => break Err(data),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(bytes) => data.extend_from_slice(&bytes),
+                    Err(frame) => {
+                        if let Some(map) = frame.trailers_ref() {
+                            trailers.extend(fields(map));
+                        }
+                    }
+                },
+            }
+        };
+        Outcome::Answer {
+            status: parts.status.as_u16(),
+            reason: parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| r.as_bytes().to_vec()),
+            headers: fields(&parts.headers),
+            body,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("an upstream exchange took over 5 s")
+}
+
+/// Upstream answers, differential: the input is what a backend answers a request with. The
+/// agent's own HTTP/1.1 exchange (bodiless requests) and hyper's client (the rest) must give the
+/// caller the same answer: status, reason, fields, body and trailers, or both fail. A second
+/// request to the same endpoint then gets the backend's next answer on the same connection, or
+/// the first answer again on a new one: never bytes left over from the first answer (on a kept
+/// connection, those would be the next caller's answer).
+pub fn upstream_answer(data: &[u8]) {
+    let h = harness();
+    *raw_answer() = data.to_vec();
+    let run = |own: bool| {
+        // Fresh pools: no connection kept from an earlier input.
+        let proxy = Proxy::new(
+            h.snapshot.clone(),
+            Arc::new(Metrics::default()),
+            h.config.clone(),
+        );
+        h.runtime.block_on(async {
+            let first = upstream_outcome(&proxy, h.raw_backend, "/first", own).await;
+            let second = upstream_outcome(&proxy, h.raw_backend, "/second", own).await;
+            (first, second)
+        })
+    };
+    let (own_first, own_second) = run(true);
+    let (hyper_first, _) = run(false);
+    assert_eq!(
+        own_first, hyper_first,
+        "the agent's own HTTP/1.1 exchange (left) and hyper's client (right) read this answer differently"
+    );
+    let second = Outcome::Answer {
+        status: 200,
+        reason: None,
+        headers: vec![("content-length".into(), b"6".to_vec())],
+        body: Ok((b"second".to_vec(), Vec::new())),
+    };
+    assert!(
+        own_second == second || own_second == own_first,
+        "a second request through the agent's own exchange got {own_second:?}: neither the \
+         backend's next answer nor the first one again"
+    );
 }
 
 /// `GAMMA_FUZZ_SHOW_REPLIES=1`: print what the agent answered (when replaying one input).

@@ -47,3 +47,8 @@ fn index_ops_seeds() {
 fn http1_framing_seeds() {
     replay("http1_framing", targets::http1_framing);
 }
+
+#[test]
+fn upstream_answer_seeds() {
+    replay("upstream_answer", targets::upstream_answer);
+}

@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "route_match",
     "http1",
     "http1_framing",
+    "upstream_answer",
     "index_ops",
 ];
 

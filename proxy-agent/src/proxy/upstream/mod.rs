@@ -158,10 +158,45 @@ impl Upstream {
         } else if inline::handles(&request) {
             return self.inline.send(endpoint, request).await;
         } else {
-            self.http1.send(endpoint, request).await?
+            let asked_upgrade = request.headers().contains_key(http::header::UPGRADE);
+            let response = self.http1.send(endpoint, request).await?;
+            as_own_exchange_reads(response, asked_upgrade)?
         };
         Ok(response.map(body::stream))
     }
+}
+
+/// An answer of hyper's HTTP/1.1 client held to the rules of the agent's own exchange
+/// (`wire::answer_head`), where hyper is more lenient: a caller gets the same answer whichever of
+/// the two read it (the `upstream_answer` fuzz target compares them).
+fn as_own_exchange_reads(
+    mut response: Response<Incoming>,
+    asked_upgrade: bool,
+) -> Result<Response<Incoming>, UpstreamError> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
+        // The caller would be told of a switch it never asked for (an HTTP/2 caller cannot even
+        // be): the backend broke the exchange.
+        return Err(UpstreamError::Failed(
+            wire::WireError::UnaskedUpgrade.to_string(),
+        ));
+    }
+    // hyper frames the body by the coding but leaves the length in the map: a proxy must drop
+    // it (RFC 9112 §6.3 item 3), or the caller is told a length the body does not have.
+    if response
+        .headers()
+        .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        response.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    // A reason of obs-text reads as empty: the status's usual phrase goes instead.
+    let extensions = response.extensions_mut();
+    if extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .is_some_and(|reason| reason.as_bytes().is_empty())
+    {
+        extensions.remove::<hyper::ext::ReasonPhrase>();
+    }
+    Ok(response)
 }
 
 /// Opens a TCP connection to an upstream endpoint, as the pools and the opaque pass-through do:

@@ -493,13 +493,22 @@ impl BodyDecoder {
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(WireError::BadChunk("malformed trailer section")),
         };
+        // Stricter than a head, as hyper's client: every line of the section ends with CRLF.
+        let bare_lf = buf[..len]
+            .iter()
+            .enumerate()
+            .any(|(i, b)| *b == b'\n' && (i == 0 || buf[i - 1] != b'\r'));
+        if bare_lf {
+            return Err(WireError::BadChunk("a trailer line not ended by CRLF"));
+        }
         let mut trailers = HeaderMap::with_capacity(fields.len());
         for field in fields.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes());
             let value = HeaderValue::from_bytes(field.value);
-            if let (Ok(name), Ok(value)) = (name, value) {
-                trailers.append(name, value);
-            }
+            let (Ok(name), Ok(value)) = (name, value) else {
+                return Err(WireError::BadChunk("malformed trailer field"));
+            };
+            trailers.append(name, value);
         }
         let _ = buf.split_to(len);
         self.state = State::Done;
@@ -816,6 +825,10 @@ mod tests {
             b"2;a\nb\r\nok\r\n0\r\n\r\n",
             b"11111111111111111\r\n",
             b"0\r\nbad trailer\r\n\r\n",
+            // Trailer lines end with CRLF, as hyper's client requires.
+            b"0\r\ngrpc-status: 0\n\r\n",
+            b"0\r\ngrpc-status: 0\r\n\n",
+            b"0\r\n\n",
         ] {
             let mut decoder = BodyDecoder::new(Framing::Chunked);
             let mut buf = BytesMut::from(wire);

@@ -371,7 +371,12 @@ async fn backend() -> u16 {
 /// target, version, fields in order and body).
 fn forwarded() -> std::sync::MutexGuard<'static, Vec<String>> {
     static FORWARDED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    FORWARDED
+    locked(&FORWARDED)
+}
+
+/// `shared` locked, whatever an earlier input that panicked left in it.
+fn locked<T>(shared: &'static std::sync::Mutex<T>) -> std::sync::MutexGuard<'static, T> {
+    shared
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -531,9 +536,7 @@ where
 /// What the raw backend answers a connection's first request with: the `upstream_answer` input.
 fn raw_answer() -> std::sync::MutexGuard<'static, Vec<u8>> {
     static ANSWER: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-    ANSWER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    locked(&ANSWER)
 }
 
 /// The answer the raw backend gives to every later request on a connection.

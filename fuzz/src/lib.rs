@@ -374,6 +374,14 @@ fn forwarded() -> std::sync::MutexGuard<'static, Vec<String>> {
     locked(&FORWARDED)
 }
 
+/// The harness for one input at a time: the seed replay (`tests/tests/fuzz_corpus.rs`) runs the
+/// targets on parallel threads, and what the backends received and the upstream requests in
+/// flight are the whole harness's.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static HARNESS_IN_USE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    locked(&HARNESS_IN_USE)
+}
+
 /// `shared` locked, whatever an earlier input that panicked left in it.
 fn locked<T>(shared: &'static std::sync::Mutex<T>) -> std::sync::MutexGuard<'static, T> {
     shared
@@ -391,6 +399,7 @@ pub fn http_connection(data: &[u8]) {
         Some(Protocol::Opaque) | None => return,
     };
     let h = harness();
+    let _alone = alone();
     let info = h.info.clone();
     exchange(data, move |server, shutdown| async move {
         if http2 {
@@ -413,6 +422,7 @@ pub fn http1_framing(data: &[u8]) {
         return;
     }
     let h = harness();
+    let _alone = alone();
     let info = Arc::new(ConnectionInfo {
         destination: Destination::Service {
             service: ObjectKey::new("ns", "a"),
@@ -673,6 +683,7 @@ async fn upstream_outcome(proxy: &Proxy, endpoint: SocketAddr, path: &str, own: 
 /// connection, those would be the next caller's answer).
 pub fn upstream_answer(data: &[u8]) {
     let h = harness();
+    let _alone = alone();
     *raw_answer() = data.to_vec();
     let run = |own: bool| {
         // Fresh pools: no connection kept from an earlier input.

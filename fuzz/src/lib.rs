@@ -367,7 +367,7 @@ async fn backend() -> u16 {
     port
 }
 
-/// What the fuzz backend received since it was last taken: a text per request (its method,
+/// What the fuzz backend received during the current exchange: a text per request (its method,
 /// target, version, fields in order and body).
 fn forwarded() -> std::sync::MutexGuard<'static, Vec<String>> {
     static FORWARDED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -430,18 +430,19 @@ pub fn http1_framing(data: &[u8]) {
         },
         ..(*h.info).clone()
     });
-    forwarded().clear();
-    let own_answers = {
+    let (own_answers, own_forwarded) = {
         let info = info.clone();
         exchange(data, move |server, shutdown| async move {
             http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
         })
     };
-    let own_forwarded = complete_requests(std::mem::take(&mut *forwarded()));
-    let hyper_answers = exchange(data, move |server, shutdown| async move {
+    let (hyper_answers, hyper_forwarded) = exchange(data, move |server, shutdown| async move {
         let _ = serve_http(&h.proxy, TokioIo::new(server), false, info, shutdown).await;
     });
-    let hyper_forwarded = complete_requests(std::mem::take(&mut *forwarded()));
+    let (own_forwarded, hyper_forwarded) = (
+        complete_requests(own_forwarded),
+        complete_requests(hyper_forwarded),
+    );
     assert_eq!(
         own_forwarded, hyper_forwarded,
         "the backend received other requests from the agent's own HTTP/1.1 server (left) than \
@@ -489,13 +490,14 @@ fn without_dates(bytes: &[u8]) -> Vec<u8> {
 /// of an in-memory pipe. The client's write side stays open while requests are being answered
 /// (hyper closes a connection whose client half-closes mid-request, which would cut every
 /// forward short), then closes; the connection must then end promptly and leave no upstream
-/// request counted in flight. Returns what the client received.
-fn exchange<F, Fut>(data: &[u8], serve: F) -> Vec<u8>
+/// request counted in flight. Returns what the client received and what the backend did.
+fn exchange<F, Fut>(data: &[u8], serve: F) -> (Vec<u8>, Vec<String>)
 where
     F: FnOnce(tokio::io::DuplexStream, tokio::sync::watch::Receiver<bool>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let h = harness();
+    forwarded().clear();
     h.runtime.block_on(async {
         let (client, server) = tokio::io::duplex(data.len() + 64 * 1024);
         let served = tokio::spawn(serve(server, h.shutdown.subscribe()));
@@ -539,7 +541,7 @@ where
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        answers
+        (answers, std::mem::take(&mut *forwarded()))
     })
 }
 

@@ -317,6 +317,11 @@ async fn retries_where_allowed_and_ejects_failing_endpoints_for_a_while() {
         u64::from(CONSECUTIVE_FAILURES),
         "the resetting endpoint is ejected after {CONSECUTIVE_FAILURES} failures in a row"
     );
+    let ejections = gamma_tests::probe::metric(&agent, "gamma_endpoint_ejections_total").unwrap();
+    assert!(
+        ejections >= 2.0,
+        "the refusing and the resetting endpoints' ejections are counted: {ejections}"
+    );
 
     // The retry policy's attempts, for a bodyless request and for one whose body was kept
     // (under `--max-buffered-body-bytes`; `http_semantics` checks that the body is resent).

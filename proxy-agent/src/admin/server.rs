@@ -3,6 +3,7 @@
 use super::explain::explain;
 use crate::proxy::drain::{turned_true, Drain};
 use crate::proxy::upstream::EndpointStats;
+use crate::telemetry::metrics::UpstreamCounts;
 use crate::telemetry::{Metrics, Readiness};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -99,7 +100,10 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
         "/ready" => ready(state),
         "/metrics" => text(
             StatusCode::OK,
-            state.metrics.render(state.endpoints.in_flight_total()),
+            state.metrics.render(UpstreamCounts {
+                in_flight: state.endpoints.in_flight_total(),
+                ejections: state.endpoints.ejections(),
+            }),
             "text/plain; version=0.0.4",
         ),
         "/config_dump" => {

@@ -152,22 +152,10 @@ pub(super) async fn forward(
                 }
                 attempt => attempt,
             };
-            let ejected = match &attempt {
-                Attempt::Response(_) => {
-                    proxy.upstream.endpoints.answered(&held);
-                    false
-                }
+            match &attempt {
+                Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
                 Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
-                Attempt::ConnectFailed(_) => {
-                    proxy.upstream.endpoints.eject(&held);
-                    true
-                }
-            };
-            if ejected {
-                proxy
-                    .metrics
-                    .endpoint_ejections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more

@@ -97,8 +97,6 @@ pub struct Metrics {
     pub mirrors_skipped_body: AtomicU64,
     /// Retries not made because the request body was over the buffering limit.
     pub retries_skipped_body: AtomicU64,
-    /// Endpoints set aside for a while: a refused connection, or failures in a row.
-    pub endpoint_ejections: AtomicU64,
     /// Requests the agent answered itself, by `Reason` (indexed by its discriminant).
     local_answers: [AtomicU64; Reason::ALL.len()],
     pub snapshot_version: AtomicU64,
@@ -160,11 +158,11 @@ impl Metrics {
     }
 
     /// The exposition, in the Prometheus text format.
-    pub fn render(self: &Arc<Self>, upstream_in_flight: usize) -> String {
+    pub fn render(self: &Arc<Self>, upstream: UpstreamCounts) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape {
             metrics: self.clone(),
-            upstream_in_flight,
+            upstream,
         }));
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
@@ -173,10 +171,17 @@ impl Metrics {
     }
 }
 
+/// What the upstream endpoints' shared state counts (`EndpointStats`), read at a scrape.
+#[derive(Default)]
+pub struct UpstreamCounts {
+    pub in_flight: usize,
+    pub ejections: u64,
+}
+
 /// One scrape: the metrics and what the data plane counts elsewhere.
 struct Scrape {
     metrics: Arc<Metrics>,
-    upstream_in_flight: usize,
+    upstream: UpstreamCounts,
 }
 
 impl std::fmt::Debug for Scrape {
@@ -297,10 +302,15 @@ impl Collector for Scrape {
             ("gamma_mirrors_timed_out", "Mirrored requests abandoned after the mirror timeout (their slot freed).", &m.mirrors_timed_out),
             ("gamma_mirrors_skipped_body", "Mirrors not sent because the request body was larger than --max-buffered-body-bytes or did not end within the mirror timeout.", &m.mirrors_skipped_body),
             ("gamma_retries_skipped_body", "Retries not made because the request body was larger than --max-buffered-body-bytes.", &m.retries_skipped_body),
-            ("gamma_endpoint_ejections", "Endpoints set aside for a while: their connection was refused, or requests to them got no answer several times in a row.", &m.endpoint_ejections),
         ] {
             counter(e, name, help, load(value))?;
         }
+        counter(
+            e,
+            "gamma_endpoint_ejections",
+            "Endpoints set aside for a while: their connection was refused, or requests to them got no answer several times in a row.",
+            self.upstream.ejections,
+        )?;
         let tasks = m
             .runtimes
             .lock()
@@ -311,7 +321,7 @@ impl Collector for Scrape {
         for (name, help, value) in [
             ("gamma_connections_open", "Downstream connections open.", m.connections_open.load(Ordering::Relaxed)),
             ("gamma_runtime_tasks_alive", "Tasks alive on the agent's runtimes (main and data-plane workers): connections, pumps, pooled upstream connections, timers' tasks. Returns to its idle level once connections are gone.", tasks),
-            ("gamma_upstream_requests_in_flight", "Requests in flight to upstream endpoints.", self.upstream_in_flight as i64),
+            ("gamma_upstream_requests_in_flight", "Requests in flight to upstream endpoints.", self.upstream.in_flight as i64),
             ("gamma_snapshot_version", "Version of the route table in use.", load(&m.snapshot_version) as i64),
             ("gamma_last_sync_timestamp_seconds", "When the sources last synced (Unix time; 0: never).", load(&m.last_sync_unix) as i64),
             ("gamma_source_stale_since_timestamp_seconds", "Since when the sources are stale and the last good table is served (Unix time; 0: fresh).", load(&m.source_stale_since_unix) as i64),
@@ -392,7 +402,7 @@ mod tests {
         series.record(200, std::time::Duration::from_millis(3));
         series.record(200, std::time::Duration::from_millis(30));
         m.local_answer(Reason::NoMatchingRule);
-        let text = m.render(0);
+        let text = m.render(UpstreamCounts::default());
         assert!(text.contains(r#"gamma_requests_total{service="ns/s:80",route="HTTPRoute ns/r",backend="ns/b:80",status="200"} 2"#), "{text}");
         assert!(
             text.contains(r#"le="0.005"} 1"#) && text.contains(r#"le="0.05"} 2"#),

@@ -521,6 +521,8 @@ pub struct EndpointState {
 pub struct EndpointStats {
     epoch: Instant,
     by_address: Mutex<AHashMap<SocketAddr, Arc<EndpointState>>>,
+    /// Ejections so far, every endpoint's (`/metrics`).
+    ejections: AtomicU64,
 }
 
 impl Default for EndpointStats {
@@ -528,6 +530,7 @@ impl Default for EndpointStats {
         EndpointStats {
             epoch: Instant::now(),
             by_address: Mutex::default(),
+            ejections: AtomicU64::new(0),
         }
     }
 }
@@ -635,6 +638,7 @@ impl EndpointStats {
     pub fn eject(&self, held: &InFlight<'_>) {
         let until = self.now_ms() + EJECTION.as_millis() as u64;
         held.state.ejected_until.store(until, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The endpoint answered (whatever the status): its run of failures is over.
@@ -645,14 +649,11 @@ impl EndpointStats {
     }
 
     /// A request got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects the endpoint.
-    /// Returns whether this one did.
-    pub fn failed(&self, held: &InFlight<'_>) -> bool {
-        let eject = held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES;
-        if eject {
+    pub fn failed(&self, held: &InFlight<'_>) {
+        if held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
             held.state.failures.store(0, Ordering::Relaxed);
             self.eject(held);
         }
-        eject
     }
 
     /// Counts a request in flight on `addr` of `backend`, chosen by other means (a session, an
@@ -753,6 +754,11 @@ impl EndpointStats {
         let before = by_address.len();
         by_address.retain(|addr, _| keep(addr));
         before - by_address.len()
+    }
+
+    /// Endpoints ejected so far (an endpoint ejected twice counts twice).
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     pub fn in_flight_total(&self) -> usize {

@@ -406,3 +406,58 @@ async fn nginx_as_a_client_of_the_agents_own_server() {
         assert_eq!(missing.status, 404);
     }
 }
+
+/// curl over HTTP/2, strict about a stream's length, as the caller of a request with a body (it
+/// goes through hyper's client) whose backend answers with both Content-Length and a chunked
+/// coding: the coding frames the body (RFC 9112 §6.3), and the agent must not pass the length on
+/// beside a body of another length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_gets_an_answer_framed_by_its_coding_not_a_stale_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head and the 1-byte body curl sends.
+                while !read.windows(4).any(|w| w == b"\r\n\r\n") || !read.ends_with(b"x") {
+                    match stream.read(&mut buf).await {
+                        Ok(n @ 1..) => read.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "both", 80, &[backend], Some("http"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: both, port: 80}]\n",
+        ));
+    let agent = Agent::start_front(&world).unwrap();
+    let url = agent.url(0, "/framed");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-s", "-S", "--http2-prior-knowledge", "--max-time", "10"])
+            .args(["-d", "x", "-w", "\n%{http_code}", &url])
+            .output()
+            .expect("curl runs (cargo xtask setup installs it)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text == "hello\n200",
+        "curl: {:?}, printed {text:?}, said {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

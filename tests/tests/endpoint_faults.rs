@@ -347,3 +347,51 @@ async fn retries_where_allowed_and_ejects_failing_endpoints_for_a_while() {
         "the ejection ended: the endpoint was tried again"
     );
 }
+
+/// Opaque TCP to a Service whose endpoints all refuse, and to one without endpoints: the client's
+/// connection is reset once each endpoint was tried once, as kube-proxy's reject would fail it,
+/// rather than held open while the agent tries the same endpoints forever, or ended with a FIN
+/// that reads as a server with nothing to say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
+    let port = free_port();
+    let refusing: Vec<SocketAddr> = ["127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|ip| format!("{ip}:{port}").parse().unwrap())
+        .collect();
+    let manifests = Manifests::default()
+        .service("ns", "refusing", 80, &refusing, None)
+        .service("ns", "empty", 80, &[], None);
+    let options = AgentOptions {
+        listeners: vec![("ns/refusing", 80), ("ns/empty", 80)],
+        caller_namespace: None,
+        extra_args: vec![],
+    };
+    let agent = tokio::task::spawn_blocking(move || Agent::start(&manifests, options))
+        .await
+        .unwrap()
+        .expect("the agent starts");
+    for (service, listener) in [("refusing", agent.listen[0]), ("empty", agent.listen[1])] {
+        let ended = tokio::task::spawn_blocking(move || {
+            let mut client = std::net::TcpStream::connect(listener).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            std::io::Write::write_all(&mut client, b"\x16\x03\x01 not http").unwrap();
+            std::io::Read::read(&mut client, &mut [0u8; 64])
+        })
+        .await
+        .unwrap();
+        assert!(
+            ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{service}: the client's connection is reset, got {ended:?}"
+        );
+    }
+    let ejections = gamma_tests::probe::metric(&agent, "gamma_endpoint_ejections_total").unwrap();
+    assert_eq!(
+        ejections, 2.0,
+        "each refusing endpoint was tried (and ejected) once"
+    );
+}

@@ -21,10 +21,11 @@ pub(super) async fn pass_through(
         .opaque_connections
         .fetch_add(1, Ordering::Relaxed);
     let mut tried = Vec::new();
-    while let Some((endpoint, held)) =
-        proxy
-            .upstream
-            .pick(&frontend.direct, caller, None, &tried, rand::random())
+    // Each endpoint is tried once: once all were, `pick` offers tried ones again.
+    while let Some((endpoint, held)) = proxy
+        .upstream
+        .pick(&frontend.direct, caller, None, &tried, rand::random())
+        .filter(|(endpoint, _)| !tried.contains(endpoint))
     {
         tried.push(endpoint);
         match super::upstream::connect_tcp(endpoint, proxy.config.connect_timeout).await {
@@ -50,7 +51,15 @@ pub(super) async fn pass_through(
             }
         }
     }
-    tracing::warn!(service = %frontend.service, port = frontend.port, "opaque TCP: no endpoint accepted the connection; closing it");
+    tracing::warn!(service = %frontend.service, port = frontend.port, tried = tried.len(), "opaque TCP: no endpoint accepted the connection; resetting it");
+    refuse(downstream);
+}
+
+/// Closes a connection with a reset instead of a FIN. kube-proxy rejects a connection to a
+/// Service that no endpoint serves, and its client sees the failure; a FIN after a connect that
+/// succeeded would read as a server that had nothing to say.
+fn refuse(downstream: TcpStream) {
+    let _ = rustix::net::sockopt::set_socket_linger(&downstream, Some(std::time::Duration::ZERO));
 }
 
 /// TCP keepalive on a connection the agent holds (client or upstream side): a peer that vanished

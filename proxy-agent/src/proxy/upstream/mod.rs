@@ -32,10 +32,6 @@ const EJECTION: Duration = Duration::from_secs(5);
 /// closed just as a request went out fails once without anything being wrong.
 pub const CONSECUTIVE_FAILURES: u32 = 3;
 
-/// How often an idle HTTP/2 upstream connection is pinged, so that a peer that vanished without
-/// closing is noticed before a request is sent on it.
-const H2_KEEPALIVE: Duration = Duration::from_secs(30);
-
 /// HTTP/1.1 connections kept per endpoint and worker, at most, idle or in use (one more is
 /// closed after its answer).
 const HTTP1_IDLE_PER_ENDPOINT: usize = 256;
@@ -480,7 +476,10 @@ impl Http2Pool {
         let stream = connect_tcp(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(H2_KEEPALIVE)
+            // No PINGs: gRPC servers take one less than 5 minutes after the last, with no data
+            // sent between, as abuse, and close the connection after two (GOAWAY
+            // "too_many_pings"), failing every quiet stream on it. A peer that vanished is
+            // noticed by the socket's TCP keepalive, as Envoy does by default.
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(&e))?;

@@ -225,16 +225,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         },
     )
     .unwrap();
-    let stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = http2_to(agent.listen[0]).await;
     let request = http::Request::get("http://front/")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
@@ -364,16 +355,7 @@ async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
             "  - backendRefs: [{name: quiet, port: 80}]\n",
         ));
     let agent = Agent::start(&world, options(&[])).unwrap();
-    let stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let request = http::Request::get("http://front/watch")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
@@ -389,5 +371,61 @@ async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
         pings.await.unwrap(),
         0,
         "PINGs sent to the backend during a quiet stream of {QUIET:?}"
+    );
+}
+
+type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, driven by a task of its own.
+async fn http2_to(
+    addr: std::net::SocketAddr,
+) -> (Http2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// The agent's own answer to a HEAD over HTTP/2 has no body (RFC 9110 §9.3.2): the h2 crate's
+/// client, like Go's, fails a stream whose HEAD answer carries DATA. Its Content-Length is the
+/// one a GET would get, as over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_answer_to_a_head_over_http2_has_no_body() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo.addr], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let request = |method: Method| {
+        http::Request::builder()
+            .method(method)
+            .uri("http://front/unrouted")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let get = sender.send_request(request(Method::GET)).await.unwrap();
+    assert_eq!(get.status(), 404);
+    let get_length = get.into_body().collect().await.unwrap().to_bytes().len();
+    let head = sender.send_request(request(Method::HEAD)).await.unwrap();
+    assert_eq!(head.status(), 404);
+    assert_eq!(
+        head.headers()[http::header::CONTENT_LENGTH],
+        get_length.to_string().as_str(),
+        "the length a GET gets"
+    );
+    let body = head.into_body().collect().await.map(|b| b.to_bytes());
+    assert!(
+        body.as_ref().is_ok_and(|b| b.is_empty()),
+        "no body to a HEAD: {body:?}"
     );
 }

@@ -228,9 +228,13 @@ impl Proxy {
         let snapshot = self.snapshot.load_full();
         let mut log = AccessLog::new(&request, conn);
         let grpc = is_grpc(&request);
+        let head = request.method() == http::Method::HEAD;
+        let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
+            local_response(local, grpc, head, log, &self.metrics)
+        };
         let response = match check_request_head(&request, self.config.max_header_bytes) {
             Err(refused) => {
-                let mut response = local_response(&refused, grpc, &mut log, &self.metrics);
+                let mut response = local_response(&refused, &mut log);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
                 // it (HTTP/2 forbids the header; a refused stream is enough there).
                 if request.version() < http::Version::HTTP_2 {
@@ -248,7 +252,7 @@ impl Proxy {
                 {
                     Ok(response) => response,
                     Err((local, rule)) => {
-                        let mut response = local_response(&local, grpc, &mut log, &self.metrics);
+                        let mut response = local_response(&local, &mut log);
                         for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
                         {
                             modifier.apply(response.headers_mut());
@@ -418,10 +422,12 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
 }
 
 /// The agent's own answer: for a gRPC caller a trailers-only gRPC status (HTTP 200, no body),
-/// for the others the HTTP status with the reason as text.
+/// for the others the HTTP status with the reason as text; to a HEAD, only the text's length
+/// (hyper's HTTP/2 server would send the body as DATA, which clients refuse).
 fn local_response(
     local: &LocalAnswer,
     grpc: bool,
+    head: bool,
     log: &mut AccessLog<'_>,
     metrics: &Metrics,
 ) -> Response<ProxyBody> {
@@ -447,7 +453,16 @@ fn local_response(
         *response.headers_mut() = headers.clone();
         return response;
     }
-    let mut response = Response::new(body::full(format!("{reason}\n")));
+    let text = format!("{reason}\n");
+    let mut response = if head {
+        let mut response = Response::new(body::empty());
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+        response
+    } else {
+        Response::new(body::full(text))
+    };
     log.reason = Some(reason);
     *response.status_mut() = local.status();
     response.headers_mut().insert(

@@ -21,8 +21,12 @@ fn options(extra_args: &[&str]) -> AgentOptions<'static> {
     }
 }
 
-/// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms.
-async fn dripping_backend() -> std::net::SocketAddr {
+/// An HTTP/1.1 backend that reads each connection's first request head and answers it with
+/// `answer` (written in the given pieces, `pause` apart), then closes.
+async fn scripted_backend(
+    answer: &'static [&'static [u8]],
+    pause: Duration,
+) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -30,19 +34,38 @@ async fn dripping_backend() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let mut head = [0u8; 4096];
                 let _ = stream.read(&mut head).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
-                    .await;
-                for _ in 0..10 {
-                    if stream.write_all(&[b'x'; 10]).await.is_err() {
+                for piece in answer {
+                    if stream.write_all(piece).await.is_err() {
                         return;
                     }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(pause).await;
                 }
             });
         }
     });
     addr
+}
+
+/// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms.
+async fn dripping_backend() -> std::net::SocketAddr {
+    const DRIP: &[u8] = &[b'x'; 10];
+    scripted_backend(
+        &[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+            DRIP,
+        ],
+        Duration::from_millis(300),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,4 +451,51 @@ async fn a_local_answer_to_a_head_over_http2_has_no_body() {
         body.as_ref().is_ok_and(|b| b.is_empty()),
         "no body to a HEAD: {body:?}"
     );
+}
+
+/// Trailers a backend sends reach an HTTP/1.1 caller that accepts them (`TE: trailers`): the
+/// `Trailer` field that names them is end to end (RFC 9110 §6.6.2), and an HTTP/1.1 hop sends
+/// only the trailer fields it names. Before, the agent stripped it as hop-by-hop, and with it
+/// every trailer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_reach_an_http1_caller_that_accepts_them() {
+    let backend = scripted_backend(
+        &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n4\r\ndata\r\n0\r\nx-sum: 42\r\n\r\n"],
+        Duration::ZERO,
+    )
+    .await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "trailing", 80, &[backend], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: trailing, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    for (what, body) in [("GET", ""), ("POST with a body", "abc")] {
+        let method = what.split(' ').next().unwrap();
+        let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+            .await
+            .unwrap();
+        let request = format!(
+            "{method} /t HTTP/1.1\r\nHost: front\r\nTE: trailers\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(
+            answer.contains("\r\ntrailer: x-sum\r\n"),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.ends_with("\r\n0\r\nx-sum: 42\r\n\r\n"),
+            "{what}: the trailer after the last chunk: {answer}"
+        );
+    }
 }

@@ -461,3 +461,42 @@ async fn curl_over_http2_gets_an_answer_framed_by_its_coding_not_a_stale_length(
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `curl --http2` to an `http://` URL offers an upgrade to h2c (`Upgrade: h2c`, with its
+/// `HTTP2-Settings`). The agent answers it over HTTP/1.1 and relays the request without the
+/// offer: relayed without the `HTTP2-Settings` it needs, a backend that takes such upgrades (our
+/// echo does, as Go's h2c handler would with the settings) switched the connection, and curl
+/// read back its own HTTP/2 preface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_offering_h2c_is_answered_over_http1_without_the_offer_relayed() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start_front(&Manifests::front_routed_to(echo.addr)).unwrap();
+    let url = agent.url(0, "/offer");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-s", "--http2", "--max-time", "10"])
+            .args(["-w", "\n%{http_code} %{http_version}", &url])
+            .output()
+            .expect("curl runs (cargo xtask setup installs it)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, status) = text.rsplit_once('\n').expect("curl printed the status");
+    assert_eq!(
+        status,
+        "200 1.1",
+        "curl: {text:?}, said {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_str(body).expect("the echo's JSON");
+    let relayed: Vec<&str> = seen["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| pair[0].as_str().unwrap())
+        .collect();
+    for offer in ["upgrade", "http2-settings", "connection"] {
+        assert!(!relayed.contains(&offer), "{offer} relayed: {seen}");
+    }
+}

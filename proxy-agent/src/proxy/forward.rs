@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
+/// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -57,8 +57,14 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// An HTTP/1.1 upgrade the agent relays. Not an offer of h2c only (`curl --http2` sends one):
+/// the agent serves the request over HTTP/1.1 and drops the offer with its `HTTP2-Settings`, as
+/// Envoy does. Relayed, a backend that took it would carry every later request on the
+/// connection unrouted (RFC 9113 §3.1 deprecates the upgrade).
 fn is_upgrade(parts: &http::request::Parts) -> bool {
-    parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE)
+    parts.version == Version::HTTP_11
+        && wire::tokens(&parts.headers, &header::UPGRADE)
+            .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
 }
 
 /// What one upstream attempt ended with.

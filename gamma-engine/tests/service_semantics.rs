@@ -178,3 +178,113 @@ fn session_affinity_reaches_the_backend() {
     );
     assert_eq!(affinity("none"), None);
 }
+
+/// The endpoints (ip:port) of `service`'s frontend at `port`.
+fn direct_at(index: &Index, service: &str, port: u16) -> Option<Vec<String>> {
+    let snapshot = index.snapshot();
+    let frontend = snapshot.frontend_of(&ObjectKey::new("ns", service), port)?;
+    Some(
+        frontend
+            .direct
+            .endpoints
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+    )
+}
+
+#[test]
+fn only_tcp_ports_are_served_each_with_its_own_target_port() {
+    let mut index = Index::for_node("node-a");
+    // DNS's two ports on one number: the TCP one's endpoints listen elsewhere.
+    let dns_ports = json!([{"name": "dns", "port": 53, "protocol": "UDP"},
+                           {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]);
+    let mut dns_slice = slice("dns", &[(1, "node-a", &[])]);
+    dns_slice["ports"] = json!([{"name": "dns", "port": 5353, "protocol": "UDP"},
+                                {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]);
+    let mut udp_slice = slice("udp", &[(2, "node-a", &[])]);
+    udp_slice["ports"] = json!([{"name": "http", "port": 8080, "protocol": "UDP"}]);
+    load(
+        &mut index,
+        vec![
+            service("dns", 1, json!({"ports": dns_ports})),
+            dns_slice,
+            service(
+                "udp",
+                2,
+                json!({"ports": [{"name": "http", "port": 80, "protocol": "UDP"}]}),
+            ),
+            udp_slice,
+        ],
+    );
+    assert_eq!(direct_at(&index, "dns", 53).unwrap(), ["10.0.0.1:5354"]);
+    assert_eq!(
+        direct_at(&index, "udp", 80),
+        None,
+        "a UDP port has no frontend"
+    );
+    assert!(
+        !index
+            .snapshot()
+            .mesh_addresses()
+            .any(|a| a.ip().to_string() == "10.96.0.2"),
+        "nor is it steered"
+    );
+}
+
+#[test]
+fn a_dual_stack_service_is_served_by_its_primary_familys_endpoints() {
+    let mut index = Index::for_node("node-a");
+    let v6_slice = |addresses: Value| {
+        let mut v6 = slice("dual", &[]);
+        v6["metadata"]["name"] = json!("dual-v6");
+        v6["addressType"] = json!("IPv6");
+        v6["endpoints"] = json!([{"addresses": addresses, "conditions": {"ready": true}}]);
+        v6
+    };
+    let dual = service(
+        "dual",
+        1,
+        json!({"clusterIPs": ["10.96.0.1", "fd00::1"], "ipFamilies": ["IPv4", "IPv6"]}),
+    );
+    load(
+        &mut index,
+        vec![
+            dual,
+            slice("dual", &[(1, "node-a", &[])]),
+            v6_slice(json!(["fd00::10"])),
+        ],
+    );
+    let snapshot = index.snapshot();
+    for vip in ["10.96.0.1:80", "[fd00::1]:80"] {
+        let frontend = snapshot.frontend_at(vip.parse().unwrap()).unwrap();
+        let endpoints: Vec<String> = frontend
+            .direct
+            .endpoints
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(endpoints, ["10.0.0.1:8080"], "through {vip}");
+    }
+    // With no ready endpoint of its primary family, the other family's serve.
+    load(&mut index, vec![slice("dual", &[])]);
+    assert_eq!(direct_at(&index, "dual", 80).unwrap(), ["[fd00::10]:8080"]);
+}
+
+#[test]
+fn an_endpoint_without_a_serving_condition_is_serving() {
+    let mut index = Index::for_node("node-a");
+    let mut terminating = slice("going", &[]);
+    terminating["endpoints"] = json!([
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "terminating": true}}
+    ]);
+    load(
+        &mut index,
+        vec![service("going", 1, json!({})), terminating],
+    );
+    assert_eq!(
+        direct(&index, "going"),
+        ["10.0.0.1"],
+        "terminating, still serving (the API: nil means true): the fallback when none is ready"
+    );
+}

@@ -178,11 +178,14 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
             .map(|i| ip(i, "spec.clusterIPs"))
             .collect::<Result<_, _>>()?
     };
+    // Only TCP ports: the agent steers and serves TCP, and a UDP port may share its number
+    // with a TCP one (DNS's 53) whose target port differs.
     let ports = spec
         .ports
         .iter()
         .flatten()
         .enumerate()
+        .filter(|(_, p)| is_tcp(p.protocol.as_deref()))
         .map(|(i, p)| {
             let port = port_number(p.port, &format!("spec.ports[{i}].port"))?;
             let target_port = match &p.target_port {
@@ -333,6 +336,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .iter()
         .flatten()
         .enumerate()
+        .filter(|(_, p)| is_tcp(p.protocol.as_deref()))
         .filter_map(|(i, p)| {
             let port = p.port?;
             Some(
@@ -350,7 +354,8 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .enumerate()
         .map(|(i, e)| {
             let c = e.conditions.clone().unwrap_or_default();
-            // Defaults from the API: nil `ready` means ready; `serving` follows `ready`.
+            // Defaults from the API (and kube-proxy's reading): nil `ready` and nil `serving`
+            // mean true.
             let ready = c.ready.unwrap_or(true);
             Ok(Endpoint {
                 addresses: e
@@ -359,7 +364,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                     .map(|a| ip(a, &format!("endpoints[{i}].addresses")))
                     .collect::<Result<_, _>>()?,
                 ready,
-                serving: c.serving.unwrap_or(ready),
+                serving: c.serving.unwrap_or(true),
                 terminating: c.terminating.unwrap_or(false),
                 node_name: e.node_name.as_deref().map(Into::into),
                 pod: e
@@ -388,6 +393,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         ports: compact(ports),
         endpoints: compact(endpoints),
     })
+}
+
+/// A Service or EndpointSlice port's protocol: TCP when unset (the API's default).
+fn is_tcp(protocol: Option<&str>) -> bool {
+    protocol.is_none_or(|p| p == "TCP")
 }
 
 /// A list built from an iterator of results (which grows by doubling: five endpoints take room

@@ -168,12 +168,15 @@ impl<'a> Resolver<'a> {
         }
         let service_port = service.port(port)?;
         let port_name = service_port.name.clone().unwrap_or_default();
-        let endpoints = usable_endpoints(
+        let mut endpoints = usable_endpoints(
             &self.world.slices(&service.key),
             &port_name,
             service.internal_local,
             self.world.node(),
         );
+        if let Some(primary) = service.cluster_ips.first() {
+            keep_family(&mut endpoints, primary.is_ipv4());
+        }
         let backend = Arc::new(Backend::new(
             service.key.clone(),
             port,
@@ -274,6 +277,15 @@ pub fn usable_endpoints(
         collect(|e| e.serving && e.terminating)
     } else {
         ready
+    }
+}
+
+/// A dual-stack Service's endpoints, of its primary family (its first ClusterIP's) when it has
+/// any: the agent makes its own connections, and a pod's primary address is the one its
+/// readiness is probed on, where an IPv4-only listener still answers.
+fn keep_family(endpoints: &mut Vec<SocketAddr>, ipv4: bool) {
+    if endpoints.iter().any(|e| e.is_ipv4() == ipv4) {
+        endpoints.retain(|e| e.is_ipv4() == ipv4);
     }
 }
 

@@ -643,6 +643,7 @@ mod tests {
                 ..Snapshot::default()
             }),
             stored_status: Arc::default(),
+            behind: Vec::new(),
         };
         let (tx, rx) = watch::channel(table(1));
         let mut tables = NewTables::new(rx);

@@ -37,6 +37,9 @@ pub struct Published {
     /// (`"HTTPRoute ns/name"`, as `Snapshot::status_of` reads it); empty for sources that
     /// store none.
     pub stored_status: Arc<BTreeMap<String, Arc<StoredRoute>>>,
+    /// Feeds not current now (failing, or listing again after a failure): the table may lack
+    /// what they changed meanwhile. Route status read from it could say what is not so.
+    pub behind: Vec<Feed>,
 }
 
 /// Every source stopped (its channel closed) before the first complete sync.
@@ -178,10 +181,18 @@ impl Publisher {
             tracing::info!(version = snapshot.version, "route table published");
             self.data_plane.store(snapshot);
         }
-        if published || std::mem::take(&mut self.stored_status_changed) {
+        let behind: Vec<Feed> = self
+            .feeds
+            .iter()
+            .filter(|(_, h)| !matches!(h, Some(Health::Synced | Health::Absent)))
+            .map(|(feed, _)| *feed)
+            .collect();
+        let behind_changed = behind != self.published.borrow().behind;
+        if published || std::mem::take(&mut self.stored_status_changed) || behind_changed {
             self.published.send_replace(Published {
                 snapshot: self.index.snapshot(),
                 stored_status: Arc::new(self.stored_status.clone()),
+                behind,
             });
         }
         if self.stale_since() == 0 {
@@ -252,9 +263,14 @@ mod tests {
         for update in objects(SERVICE) {
             tx.send(update).await.unwrap();
         }
+        tokio::time::sleep(QUIET * 4).await;
+        assert!(!consumer.has_changed().unwrap());
+        // A failing feed is news to consumers (route status waits for it), not a new table.
         tx.send(Update::Health("a", Health::Failing { since: 7 }))
             .await
             .unwrap();
+        consumer.changed().await.unwrap();
+        assert_eq!(consumer.borrow_and_update().behind, ["a"]);
         for _ in 0..200 {
             if readiness.stale_since.load(Ordering::Relaxed) == 7 {
                 break;
@@ -262,7 +278,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(readiness.stale_since.load(Ordering::Relaxed), 7);
-        assert!(!consumer.has_changed().unwrap());
         assert_eq!(reader.load().version, 1);
         // A change publishes once, to both.
         for update in objects(&SERVICE.replace("port: 80", "port: 81")) {

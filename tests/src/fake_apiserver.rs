@@ -151,6 +151,8 @@ struct State {
     /// Resource versions below this are compacted: watching from them answers 410.
     compacted: u64,
     not_served: BTreeSet<String>,
+    /// Resources whose requests answer 500, as a failing API server (or its etcd) would.
+    failing: BTreeSet<String>,
     watches: Vec<Watch>,
     next_watch: u64,
     requests: Vec<Recorded>,
@@ -275,6 +277,17 @@ impl FakeApiServer {
         } else {
             state.not_served.insert(plural.to_string());
             state.watches.retain(|w| w.plural != plural);
+        }
+    }
+
+    /// Fail (or stop failing) a resource's requests with 500; its open watches end.
+    pub fn set_failing(&self, plural: &str, failing: bool) {
+        let mut state = self.state.lock().unwrap();
+        if failing {
+            state.failing.insert(plural.to_string());
+            state.watches.retain(|w| w.plural != plural);
+        } else {
+            state.failing.remove(plural);
         }
     }
 
@@ -590,6 +603,11 @@ async fn handle(shared: &Arc<Mutex<State>>, request: Request<Incoming>) -> Respo
             StatusCode::NOT_FOUND,
             "NotFound",
             "the server could not find the requested resource",
+        ),
+        Some(t) if state.failing.contains(t.kind.plural) => failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
         ),
         Some(t) => match verb {
             "watch" => {

@@ -500,6 +500,59 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
     drop(agent);
 }
 
+/// While the Service feed fails, the table may lack Services made meanwhile: a route to one of
+/// them must not be told that its parent does not exist. Status waits until the feed is current
+/// again, and the route's first status is the true one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_status_waits_while_a_feed_it_is_read_from_is_failing() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    let patches_of = |name: &str| -> Vec<Value> {
+        status_patches(&api.requests())
+            .into_iter()
+            .filter(|r| r.name.as_deref() == Some(name))
+            .filter_map(|r| r.body.clone())
+            .collect()
+    };
+    eventually("the status of the route seen before the failure", || {
+        (!patches_of("to-back").is_empty()).then_some(())
+    });
+
+    api.set_failing("services", true);
+    eventually("the agent reports the failing feed", || {
+        let (_, body) = agent.ready();
+        body.contains("stale since").then_some(())
+    });
+    api.apply(service("late", "10.96.0.13", back.addr.port(), None));
+    api.apply(route("HTTPRoute", "to-late", "late", "back"));
+    table(
+        &agent,
+        "the new route, from the route feed that works",
+        |d| routes(d).contains("HTTPRoute shop/to-late"),
+    );
+    // The writer's pass would have run by now (its debounce is 20 ms).
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        patches_of("to-late"),
+        Vec::<Value>::new(),
+        "no status while the Service feed fails"
+    );
+
+    api.set_failing("services", false);
+    let (first, took) = eventually("the route's status once the feed is current", || {
+        patches_of("to-late").into_iter().next()
+    });
+    eprintln!("timing: status written {took:?} after the feed recovered");
+    let ours = our_entry(&first["status"]["parents"]);
+    assert_eq!(
+        condition(ours, "Accepted")["status"],
+        "True",
+        "the first status written is the true one: {ours}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
     let api = FakeApiServer::start().await;

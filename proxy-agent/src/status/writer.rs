@@ -9,8 +9,12 @@
 //! resourceVersion.
 
 use super::parents;
-use crate::kube_api::{ApiCall, StoredRoute, GRPC_ROUTES_STATUS, HTTP_ROUTES_STATUS};
+use crate::kube_api::{
+    ApiCall, StoredRoute, GRPC_ROUTES, GRPC_ROUTES_STATUS, HTTP_ROUTES, HTTP_ROUTES_STATUS,
+    REFERENCE_GRANTS, SERVICES,
+};
 use crate::publisher::Published;
+use crate::sources::Feed;
 use gamma_engine::model::RouteKind;
 use gamma_engine::routes::status::ParentStatus;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -29,6 +33,15 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Conflicts in a row on one route before leaving it to the next pass.
 const CONFLICT_ATTEMPTS: usize = 3;
+
+/// The feeds route status is computed from: the routes, their parent and backend Services, and
+/// the grants that permit references across namespaces.
+const STATUS_INPUTS: [Feed; 4] = [
+    HTTP_ROUTES.kind,
+    GRPC_ROUTES.kind,
+    SERVICES.kind,
+    REFERENCE_GRANTS.kind,
+];
 
 fn call_for(kind: RouteKind) -> &'static ApiCall {
     match kind {
@@ -90,6 +103,13 @@ impl Writer {
                 continue;
             }
             let inputs = self.inputs.borrow_and_update().clone();
+            if let Some(feed) = inputs.behind.iter().find(|f| STATUS_INPUTS.contains(f)) {
+                // A route whose Service the table has not seen yet would be told it has no
+                // parent: wait until the feeds status is read from are current again.
+                tracing::info!(%feed, "route status not written while this feed is not current");
+                retry = false;
+                continue;
+            }
             retry = self.pass(&inputs).await == Outcome::Failed;
         }
     }

@@ -93,10 +93,9 @@ pub fn session_persistence(
             let name = text(&cookie["name"])
                 .or(legacy_name)
                 .unwrap_or_else(|| generated_name(route, index));
-            if !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
+            // An RFC 9110 token, as RFC 6265's cookie-name and the CRD's pattern say.
+            let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(tchar) {
                 return Err(invalid(
                     &field,
                     format!("`{name}` is not a usable cookie name"),
@@ -213,6 +212,15 @@ mod tests {
         for header in ["content-length", "Set-Cookie", "transfer-encoding"] {
             let bad = json!({"type": "Header", "header": {"name": header}});
             assert!(session_persistence(&route(bad), 0).is_err(), "{header}");
+        }
+        // Cookie names: any token the CRD's pattern admits; nothing that would end the pair.
+        for name in ["sess!id", "a#b$c%d&e'f*g+h^i`j|k~l", "s.1_2-3"] {
+            let good = json!({"cookie": {"name": name}});
+            assert!(session_persistence(&route(good), 0).is_ok(), "{name}");
+        }
+        for name in ["a=b", "a;b", "a b", "a\"b", "a,b", "ä"] {
+            let bad = json!({"cookie": {"name": name}});
+            assert!(session_persistence(&route(bad), 0).is_err(), "{name}");
         }
         for path in ["x", "/; Domain=.example.com", "/a\u{7}"] {
             let bad = json!({"cookie": {"name": "s", "path": path}});

@@ -128,6 +128,41 @@ fn joined<'a>(mut values: impl Iterator<Item = &'a String>) -> Option<HeaderValu
     HeaderValue::from_str(&text).ok()
 }
 
+/// Adds the filter's headers to a backend's answer. Its `Access-Control-*` headers replace the
+/// backend's (the route's policy is the one in force); `Vary` is a list (RFC 9110 §12.5.5) and
+/// is added to, so that a cache still keys on what the backend varies by.
+pub fn add_to_answer(cors: HeaderMap, answer: &mut HeaderMap) {
+    let mut last_name: Option<HeaderName> = None;
+    for (named, value) in cors {
+        // `HeaderMap`'s iterator names only the first of a name's values.
+        let first = named.is_some();
+        let name = named
+            .or(last_name.take())
+            .expect("a first value has its name");
+        if name == header::VARY {
+            if !varies_by(answer, value.to_str().unwrap_or_default()) {
+                answer.append(header::VARY, value);
+            }
+        } else if first {
+            answer.insert(name.clone(), value);
+        } else {
+            answer.append(name.clone(), value);
+        }
+        last_name = Some(name);
+    }
+}
+
+/// Whether an answer's `Vary` lists `field` already (or `*`, which covers every field).
+fn varies_by(answer: &HeaderMap, field: &str) -> bool {
+    answer
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.eq_ignore_ascii_case(field))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +303,33 @@ mod tests {
             CorsOutcome::Actual(_)
         ));
         assert_eq!(outcome(&p, Method::GET, &[]), CorsOutcome::NotCors);
+    }
+
+    #[test]
+    fn the_filters_vary_is_added_to_the_backends_and_its_cors_headers_replace_the_backends() {
+        let cors = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let filter = cors(&[
+            ("vary", "origin"),
+            ("access-control-allow-origin", "https://a"),
+        ]);
+        let mut answer = cors(&[
+            ("vary", "Accept-Encoding"),
+            ("access-control-allow-origin", "*"),
+        ]);
+        add_to_answer(filter.clone(), &mut answer);
+        let vary: Vec<_> = answer.get_all("vary").iter().collect();
+        assert_eq!(vary, ["Accept-Encoding", "origin"]);
+        assert_eq!(answer["access-control-allow-origin"], "https://a");
+        for already in ["Origin", "accept-encoding, origin", "*"] {
+            let mut answer = cors(&[("vary", already)]);
+            add_to_answer(filter.clone(), &mut answer);
+            assert_eq!(answer.get_all("vary").iter().count(), 1, "{already}");
+        }
     }
 }

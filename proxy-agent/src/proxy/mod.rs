@@ -354,7 +354,7 @@ impl Proxy {
             let (name, value) = policy.offer(&session);
             response.headers_mut().append(name, value);
         }
-        response.headers_mut().extend(plan.cors_headers);
+        gamma_engine::routes::cors::add_to_answer(plan.cors_headers, response.headers_mut());
         for modifier in plan.response_headers {
             modifier.apply(response.headers_mut());
         }

@@ -293,3 +293,36 @@ fn an_invalid_session_persistence_drops_its_rule_and_can_refuse_the_generation()
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
     assert_eq!(accepted_at(&index), ("False", 2));
 }
+
+/// Rules dropped for long regular expressions that do not compile: the messages quote them, and
+/// the API server refuses a condition message over 32,768 characters (and with it the whole
+/// status, leaving the old one in place). The message is cut to fit, whether the route is
+/// refused (no valid rule) or partially invalid.
+#[test]
+fn a_long_condition_message_is_cut_to_what_the_api_server_stores() {
+    let long_regex = format!("/(unclosed{}", "x".repeat(4_000));
+    let invalid = json!({"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": long_regex}]}],
+                         "backendRefs": [{"name": "back", "port": 80}]});
+    let valid = json!({"backendRefs": [{"name": "back", "port": 80}]});
+    let fits = |message: &str| {
+        let characters = message.chars().count();
+        assert!(
+            characters <= gamma_engine::routes::status::MAX_MESSAGE && message.ends_with('…'),
+            "{characters} characters"
+        );
+    };
+    let refused = index_with(route(1, json!(vec![invalid.clone(); 10])));
+    let status = route_status(&refused);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(accepted.status, "False", "no rule is valid");
+    assert!(accepted.message.starts_with("generation 1 is invalid"));
+    fits(&accepted.message);
+
+    let mut rules = vec![valid];
+    rules.extend(vec![invalid; 10]);
+    let partly = index_with(route(1, json!(rules)));
+    let status = route_status(&partly);
+    let partially = condition(&status, "PartiallyInvalid").unwrap();
+    assert!(partially.message.starts_with("Dropped Rule 1"));
+    fits(&partially.message);
+}

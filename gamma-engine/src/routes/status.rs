@@ -134,7 +134,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         type_,
         status: if ok { "True" } else { "False" },
         reason,
-        message,
+        message: capped(message),
     };
     let dropped: Vec<String> = route
         .rules
@@ -219,11 +219,29 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
-                message: message.clone().into(),
+                message: capped(message.clone().into()),
             }]
             .into(),
         })
         .collect()
+}
+
+/// The longest condition message the API server stores (the CRDs' `maxLength`). A longer one
+/// (every rule dropped with a long regular expression quoted) would have the whole status
+/// refused, and the old one would stay.
+pub const MAX_MESSAGE: usize = 32_768;
+
+/// `message`, cut to [`MAX_MESSAGE`] bytes (so as many characters at most) on a character
+/// boundary, ending with "…" when cut.
+fn capped(message: Cow<'static, str>) -> Cow<'static, str> {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_MESSAGE - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end]).into()
 }
 
 fn accepted(

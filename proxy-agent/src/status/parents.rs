@@ -70,13 +70,20 @@ fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
     })
 }
 
+/// The most entries `status.parents` may hold.
+const MAX_PARENTS: usize = 32;
+
 /// The complete `status.parents` to write, or `None` when the server already says what we
 /// would write. Other controllers' entries are kept as they are, in their order.
 pub fn plan(desired: &[ParentStatus], server: &StoredRoute, now: &str) -> Option<Vec<Value>> {
     let (ours, others): (Vec<&Value>, Vec<&Value>) =
         server.parents.iter().partition(|e| is_ours(e));
+    // The list holds 32 entries at most (the CRDs' maxItems): past that the API server refuses
+    // the whole status. Other controllers' entries are theirs to keep; ours fill what is left.
+    let room = MAX_PARENTS.saturating_sub(others.len());
     let wanted: Vec<Value> = desired
         .iter()
+        .take(room)
         .map(|d| {
             let parent = parent_ref_json(d.parent_ref());
             let old = ours
@@ -191,6 +198,33 @@ mod tests {
         let written = plan(&[desired(true, 1)], &server(vec![other()]), "T1").unwrap();
         assert_eq!(plan(&[], &server(written), "T2"), Some(vec![other()]));
         assert_eq!(plan(&[], &server(vec![other()]), "T2"), None);
+    }
+
+    #[test]
+    fn the_list_stays_within_its_32_entries_and_keeps_other_controllers_entries() {
+        let others: Vec<Value> = (0..20)
+            .map(|i| {
+                let mut entry = other();
+                entry["parentRef"]["name"] = json!(format!("gw-{i}"));
+                entry
+            })
+            .collect();
+        let mut many = desired(true, 1);
+        many.parents = (0..13).map(|i| parent(&format!("svc-{i}"))).collect();
+        let desired: Vec<ParentStatus> = (0..13)
+            .map(|i| ParentStatus {
+                parent: i,
+                ..many.clone()
+            })
+            .collect();
+        let written = plan(&desired, &server(others.clone()), "T1").unwrap();
+        assert_eq!(written.len(), 32);
+        assert_eq!(written[..20], others[..]);
+        assert_eq!(
+            plan(&desired, &server(written), "T2"),
+            None,
+            "what fits, once written, is not written again"
+        );
     }
 
     #[test]

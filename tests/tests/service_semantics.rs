@@ -1,6 +1,7 @@
 //! Service semantics the agent keeps once it picks endpoints, through the agent binary on
 //! loopback: `sessionAffinity: ClientIP` binds each caller (its own address, not the agent's) to
-//! one endpoint, while a Service without it spreads. Endpoint filtering by node and zone is
+//! one endpoint, while a Service without it spreads; a kept-alive connection to a Service that
+//! went is answered 503 and closed, so that its client connects again. Endpoint filtering by node and zone is
 //! decided by the engine (`gamma-engine/tests/service_semantics.rs`).
 
 use gamma_tests::loopback::{echo_backend, Agent, AgentOptions, Manifests};
@@ -182,4 +183,45 @@ async fn persisted_sessions_survive_weight_changes_and_follow_their_endpoint_unt
         let again = get(&c, &agent.url(0, "/h"), &[("x-session", token.as_str())]).await;
         assert_eq!(pod(&again), owner);
     }
+}
+
+/// A Service deleted while a client's HTTP/1.1 connection to it stays open: the next request on
+/// it gets 503 and the connection is closed, so that the client's next one goes wherever the
+/// Service's name leads now (a Service made again has a new ClusterIP). Left open, every
+/// request on it got 503 for as long as the client kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_to_a_service_that_went_is_closed_after_its_503() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_routed_to(echo.addr);
+    let agent = Agent::start_front(&world).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: front\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = stream.read(&mut first).await.unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+
+    let without_front = Manifests::default().service("ns", "echo", 80, &[echo.addr], None);
+    let _agent = tokio::task::spawn_blocking(move || agent.update(&without_front).map(|()| agent))
+        .await
+        .unwrap()
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the connection is closed after the answer")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
 }

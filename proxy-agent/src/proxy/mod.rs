@@ -229,6 +229,7 @@ impl Proxy {
         let mut log = AccessLog::new(&request, conn);
         let grpc = is_grpc(&request);
         let head = request.method() == http::Method::HEAD;
+        let version = request.version();
         let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
             local_response(local, grpc, head, log, &self.metrics)
         };
@@ -237,11 +238,7 @@ impl Proxy {
                 let mut response = local_response(&refused, &mut log);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
                 // it (HTTP/2 forbids the header; a refused stream is enough there).
-                if request.version() < http::Version::HTTP_2 {
-                    response
-                        .headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
+                close_after(&mut response, version);
                 response
             }
             Ok(()) => {
@@ -253,6 +250,12 @@ impl Proxy {
                     Ok(response) => response,
                     Err((local, rule)) => {
                         let mut response = local_response(&local, &mut log);
+                        if matches!(local, LocalAnswer::UnknownFrontend(_)) {
+                            // The Service went (or its port, or its address) while the
+                            // connection stayed: the client's next one is made to wherever its
+                            // name leads now.
+                            close_after(&mut response, version);
+                        }
                         for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
                         {
                             modifier.apply(response.headers_mut());
@@ -419,6 +422,15 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Ends an HTTP/1 connection after this answer (HTTP/2 forbids the header).
+fn close_after(response: &mut Response<ProxyBody>, version: http::Version) {
+    if version < http::Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// The agent's own answer: for a gRPC caller a trailers-only gRPC status (HTTP 200, no body),

@@ -15,6 +15,7 @@ pub mod loopback;
 pub mod node;
 pub mod peers;
 pub mod probe;
+pub mod raw_h2;
 pub mod real_apiserver;
 pub mod scenario;
 pub mod soak;

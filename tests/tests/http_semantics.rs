@@ -7,6 +7,7 @@ use bytes::Bytes;
 use gamma_tests::loopback::{
     client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
 };
+use gamma_tests::raw_h2::{RawH2, Reply};
 use http::Method;
 use http_body_util::BodyExt;
 use std::sync::atomic::Ordering;
@@ -299,67 +300,6 @@ async fn a_small_body_slower_than_the_head_timeout_is_still_served() {
     assert!(answer.contains(r#""body_bytes":10"#), "{answer}");
 }
 
-/// A raw HTTP/2 backend for one connection: it answers the first request's head at once, keeps
-/// its stream quiet for `quiet`, then ends it with a body, and counts the PINGs it received
-/// meanwhile (answering them, as any HTTP/2 server must).
-async fn quiet_h2_backend(quiet: Duration) -> (std::net::SocketAddr, tokio::task::JoinHandle<u32>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counted = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut preface = [0u8; 24];
-        stream.read_exact(&mut preface).await.unwrap();
-        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        let frame = |kind: u8, flags: u8, stream_id: u32, payload: &[u8]| {
-            let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-            frame.extend([kind, flags]);
-            frame.extend(stream_id.to_be_bytes());
-            frame.extend(payload);
-            frame
-        };
-        stream.write_all(&frame(4, 0, 0, &[])).await.unwrap(); // SETTINGS
-        let (mut pings, mut answered) = (0, None);
-        loop {
-            let mut head = [0u8; 9];
-            let ends = answered.map_or(far_future(), |(_, at): (u32, Instant)| at + quiet);
-            tokio::select! {
-                read = stream.read_exact(&mut head) => { read.unwrap(); }
-                _ = tokio::time::sleep_until(ends.into()) => {
-                    let (stream_id, _) = answered.unwrap();
-                    stream.write_all(&frame(0, 1, stream_id, b"done")).await.unwrap();
-                    return pings;
-                }
-            }
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let (kind, flags) = (head[3], head[4]);
-            let stream_id = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
-            let mut payload = vec![0u8; length];
-            stream.read_exact(&mut payload).await.unwrap();
-            match kind {
-                4 if flags & 1 == 0 => stream.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
-                6 if flags & 1 == 0 => {
-                    pings += 1;
-                    stream.write_all(&frame(6, 1, 0, &payload)).await.unwrap();
-                }
-                // The request's head: `:status: 200` (HPACK static index 8), END_HEADERS.
-                1 if answered.is_none() => {
-                    stream
-                        .write_all(&frame(1, 4, stream_id, &[0x88]))
-                        .await
-                        .unwrap();
-                    answered = Some((stream_id, Instant::now()));
-                }
-                _ => {}
-            }
-        }
-    });
-    (addr, counted)
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(3600)
-}
-
 /// A stream that stays quiet for a while (a gRPC watch, a slow unary call) must not draw PINGs
 /// from the agent to its backend: gRPC servers (C-core's and grpc-go's defaults) count a PING
 /// less than 5 minutes after the last one, with no data sent between, as a strike, and after two
@@ -368,16 +308,8 @@ fn far_future() -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
     const QUIET: Duration = Duration::from_secs(33);
-    let (backend, pings) = quiet_h2_backend(QUIET).await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "quiet", 80, &[backend], Some("kubernetes.io/h2c"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: quiet, port: 80}]\n",
-        ));
-    let agent = Agent::start(&world, options(&[])).unwrap();
+    let backend = RawH2::start(|_| Reply::Quiet(QUIET)).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let request = http::Request::get("http://front/watch")
         .body(http_body_util::Empty::<Bytes>::new())
@@ -391,10 +323,37 @@ async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
         .to_bytes();
     assert_eq!(&body[..], b"done");
     assert_eq!(
-        pings.await.unwrap(),
+        backend.pings.load(Ordering::Relaxed),
         0,
         "PINGs sent to the backend during a quiet stream of {QUIET:?}"
     );
+}
+
+/// `front` routed to Service `h2`, whose one endpoint (`backend`) speaks HTTP/2.
+fn h2_backend_world(backend: std::net::SocketAddr) -> Manifests {
+    Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "h2", 80, &[backend], Some("kubernetes.io/h2c"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: h2, port: 80}]\n",
+        ))
+}
+
+/// A request an HTTP/2 backend declined before processing it (RST_STREAM REFUSED_STREAM, or
+/// beyond the last stream of a GOAWAY, as a server shutting down or at its stream limit sends)
+/// is sent again, with no retry policy on the route (RFC 9113 §8.7: it is safe to), and does not
+/// count against the endpoint. Before, the caller got 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
+    for decline in [Reply::Refuse, Reply::GoAway] {
+        let backend = RawH2::start(move |n| if n == 0 { decline } else { Reply::Ok }).await;
+        let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+        let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+        assert_eq!(answer.status, 200, "{decline:?}: {}", answer.text);
+        assert_eq!(backend.requests.load(Ordering::Relaxed), 2, "{decline:?}");
+    }
 }
 
 type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;

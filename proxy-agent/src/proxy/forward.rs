@@ -73,6 +73,8 @@ enum Attempt {
     ConnectFailed(String),
     TimedOut(Duration),
     Failed(String),
+    /// Declined unprocessed: sent again (even without a retry policy), not the endpoint's fault.
+    Declined(String),
 }
 
 /// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
@@ -162,6 +164,7 @@ pub(super) async fn forward(
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
                 Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
+                Attempt::Declined(_) => {}
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more
@@ -173,9 +176,10 @@ pub(super) async fn forward(
                         retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
                     Attempt::TimedOut(_) | Attempt::Failed(_) => retry.is_some(),
+                    Attempt::Declined(_) => true,
                 };
             if retry_wanted && resendable(proxy, &body) {
-                if !matches!(attempt, Attempt::ConnectFailed(_)) {
+                if !matches!(attempt, Attempt::ConnectFailed(_) | Attempt::Declined(_)) {
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 continue;
@@ -192,11 +196,13 @@ pub(super) async fn forward(
                     backend: backend.name(),
                     after,
                 }),
-                Attempt::Failed(error) => Err(LocalAnswer::BackendFailed {
-                    endpoint,
-                    backend: backend.name(),
-                    error,
-                }),
+                Attempt::Failed(error) | Attempt::Declined(error) => {
+                    Err(LocalAnswer::BackendFailed {
+                        endpoint,
+                        backend: backend.name(),
+                        error,
+                    })
+                }
             };
         }
     };
@@ -364,6 +370,7 @@ fn attempt(
         Ok(Ok(response)) => Attempt::Response(response),
         Ok(Err(UpstreamError::Connect(e))) => Attempt::ConnectFailed(e),
         Ok(Err(UpstreamError::Failed(e))) => Attempt::Failed(e),
+        Ok(Err(UpstreamError::Declined(e))) => Attempt::Declined(e),
     })
 }
 

@@ -45,6 +45,10 @@ pub enum UpstreamError {
     /// The request was (perhaps partly) sent, and no answer came.
     #[error("{0}")]
     Failed(String),
+    /// The endpoint declined the request before processing any of it (HTTP/2 REFUSED_STREAM,
+    /// or a graceful GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7).
+    #[error("{0}")]
+    Declined(String),
 }
 
 /// Both upstream protocols' connection pools. Each data-plane worker has its own
@@ -439,10 +443,35 @@ impl Http2Pool {
         request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.sender(endpoint).await?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| UpstreamError::Failed(error_chain(&e)))
+        sender.send_request(request).await.map_err(|e| {
+            let error = error_chain(&e);
+            match declined(&e) {
+                None => UpstreamError::Failed(error),
+                Some(going_away) => {
+                    if going_away {
+                        // Its next request must not find this connection before hyper notices
+                        // that it is closing.
+                        self.forget(endpoint);
+                    }
+                    UpstreamError::Declined(error)
+                }
+            }
+        })
+    }
+
+    /// Drops the endpoint's connection from the pool (it stays open for its streams).
+    fn forget(&self, endpoint: SocketAddr) {
+        let slot = self
+            .connections
+            .lock()
+            .expect("not poisoned")
+            .get(&endpoint)
+            .cloned();
+        if let Some(slot) = slot {
+            if let Ok(mut sender) = slot.try_lock() {
+                *sender = None;
+            }
+        }
     }
 
     /// The endpoint's open connection, or a new one. Requests that find none wait for the one
@@ -490,6 +519,26 @@ impl Http2Pool {
         });
         Ok(sender)
     }
+}
+
+/// Whether an HTTP/2 backend declined a request before processing it: reset with
+/// REFUSED_STREAM (`Some(false)`), or left out of a graceful GOAWAY (`Some(true)`: the
+/// connection is closing). A GOAWAY with an error code is not: streams it names as processed end
+/// with its error too.
+fn declined(e: &hyper::Error) -> Option<bool> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            let remote = h2.is_remote();
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) if remote && h2.is_reset() => Some(false),
+                Some(h2::Reason::NO_ERROR) if remote && h2.is_go_away() => Some(true),
+                _ => None,
+            };
+        }
+        source = error.source();
+    }
+    None
 }
 
 /// An error and its sources, on one line.

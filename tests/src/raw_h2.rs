@@ -1,0 +1,151 @@
+//! A raw HTTP/2 backend (prior knowledge, frames written by hand) that answers each request as a
+//! script says, including the ways a real server declines one (RST_STREAM REFUSED_STREAM, a
+//! GOAWAY before processing it) and a stream kept quiet, and counts the PINGs it receives.
+//! hyper's and h2's servers decide these themselves; a test of how the agent takes them needs
+//! the frames on demand.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// How the backend answers a request.
+#[derive(Clone, Copy, Debug)]
+pub enum Reply {
+    /// `:status: 200`, no body.
+    Ok,
+    /// RST_STREAM REFUSED_STREAM: not processed (RFC 9113 §8.7).
+    Refuse,
+    /// GOAWAY NO_ERROR naming no stream as processed, then the connection closes: a server
+    /// shutting down gracefully.
+    GoAway,
+    /// `:status: 200` at once, then nothing for this long, then the body `done`.
+    Quiet(Duration),
+}
+
+pub struct RawH2 {
+    pub addr: SocketAddr,
+    /// Requests received, on every connection.
+    pub requests: Arc<AtomicU32>,
+    /// PINGs received, on every connection.
+    pub pings: Arc<AtomicU32>,
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+/// `:status: 200`, HPACK static table index 8.
+const STATUS_200: [u8; 1] = [0x88];
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+impl RawH2 {
+    /// Serves on 127.0.0.1; `script` is given each request's number (from 0, across
+    /// connections).
+    pub async fn start(script: impl Fn(u32) -> Reply + Send + Sync + 'static) -> RawH2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, pings): (Arc<AtomicU32>, Arc<AtomicU32>) = Default::default();
+        let counters = (Arc::clone(&requests), Arc::clone(&pings));
+        let script = Arc::new(script);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (requests, pings) = (counters.0.clone(), counters.1.clone());
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, &*script, &requests, &pings).await;
+                });
+            }
+        });
+        RawH2 {
+            addr,
+            requests,
+            pings,
+        }
+    }
+}
+
+async fn serve(
+    stream: tokio::net::TcpStream,
+    script: &(dyn Fn(u32) -> Reply + Send + Sync),
+    requests: &AtomicU32,
+    pings: &AtomicU32,
+) -> std::io::Result<()> {
+    let (mut read, mut write) = stream.into_split();
+    // Frames go out through one writer, so that a quiet stream's late body can be sent from a
+    // timer of its own.
+    let (out, mut frames) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    let writer = tokio::spawn(async move {
+        while let Some(Some(frame)) = frames.recv().await {
+            if write.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = write.shutdown().await;
+    });
+    let mut preface = [0u8; 24];
+    read.read_exact(&mut preface).await?;
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let send = |frame: Vec<u8>| {
+        let _ = out.send(Some(frame));
+    };
+    send(frame(SETTINGS, 0, 0, &[]));
+    loop {
+        let mut head = [0u8; 9];
+        if read.read_exact(&mut head).await.is_err() {
+            break;
+        }
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; length];
+        read.read_exact(&mut payload).await?;
+        match kind {
+            SETTINGS if flags & ACK == 0 => send(frame(SETTINGS, ACK, 0, &[])),
+            PING if flags & ACK == 0 => {
+                pings.fetch_add(1, Ordering::Relaxed);
+                send(frame(PING, ACK, 0, &payload));
+            }
+            HEADERS => match script(requests.fetch_add(1, Ordering::Relaxed)) {
+                Reply::Ok => send(frame(
+                    HEADERS,
+                    END_HEADERS | END_STREAM,
+                    stream,
+                    &STATUS_200,
+                )),
+                Reply::Refuse => send(frame(RST_STREAM, 0, stream, &7u32.to_be_bytes())),
+                Reply::GoAway => {
+                    // Last stream processed: none; error code NO_ERROR.
+                    send(frame(GOAWAY, 0, 0, &[0; 8]));
+                    break;
+                }
+                Reply::Quiet(quiet) => {
+                    send(frame(HEADERS, END_HEADERS, stream, &STATUS_200));
+                    let out = out.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(quiet).await;
+                        let _ = out.send(Some(frame(DATA, END_STREAM, stream, b"done")));
+                    });
+                }
+            },
+            _ => {}
+        }
+    }
+    let _ = out.send(None);
+    let _ = writer.await;
+    Ok(())
+}

@@ -78,21 +78,24 @@ fn header_matches(m: &ValueMatch<HeaderKey>, req: &RequestHead<'_>) -> bool {
     let Some(first) = values.next() else {
         return name == header::HOST && req.authority.is_some_and(|a| m.value.is_match(a));
     };
-    let Ok(first) = first.to_str() else {
-        return false;
-    };
     match values.next() {
-        None => m.value.is_match(first),
+        None => m.value.is_match(&text(first)),
         Some(second) => {
             let separator = if name == header::COOKIE { "; " } else { "," };
-            let mut joined = String::from(first);
+            let mut joined = text(first).into_owned();
             for v in std::iter::once(second).chain(values) {
                 joined.push_str(separator);
-                joined.push_str(v.to_str().unwrap_or_default());
+                joined.push_str(&text(v));
             }
             m.value.is_match(&joined)
         }
     }
+}
+
+/// A header value as text: UTF-8 beyond ASCII (`café`) as it is, other bytes replaced. A value
+/// with such bytes is valid HTTP (obs-text) and a match must still see it.
+fn text(value: &http::HeaderValue) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(value.as_bytes())
 }
 
 /// The first occurrence of a query parameter is the one that counts (spec recommendation).
@@ -158,6 +161,31 @@ mod tests {
             value: StringMatch::Exact("one,two".into()),
         };
         assert!(header_matches(&joined, &head(&get, &uri, &headers)));
+    }
+
+    #[test]
+    fn header_values_beyond_ascii_are_matched() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-name",
+            http::HeaderValue::from_bytes("café".as_bytes()).unwrap(),
+        );
+        headers.append("x-other", http::HeaderValue::from_bytes(b"a\xe9").unwrap());
+        let (uri, get) = (http::Uri::from_static("/"), Method::GET);
+        let exact = |name: &'static str, value: &str| ValueMatch {
+            name: HeaderName::from_static(name).into(),
+            value: StringMatch::Exact(value.into()),
+        };
+        assert!(header_matches(
+            &exact("x-name", "café"),
+            &head(&get, &uri, &headers)
+        ));
+        // Latin-1 bytes are not UTF-8: such a value still matches a pattern that admits it.
+        let any = ValueMatch {
+            name: HeaderName::from_static("x-other").into(),
+            value: StringMatch::Regex(Box::new(Regex::new("^a.$").unwrap())),
+        };
+        assert!(header_matches(&any, &head(&get, &uri, &headers)));
     }
 
     #[test]

@@ -316,6 +316,8 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
             "spec": {"controllerName": controller},
         }));
     }
+    // Its first XMesh write fails: it is made again without a change to the XMesh.
+    api.refuse_next_status_patch("xmeshes", "", "gamma");
     let agent = KubeAgent::start(&api, "node-a", "a");
 
     let (patch, took) = eventually("the HTTPRoute status patch", || {
@@ -451,16 +453,17 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
     let mut expected = gamma_engine::features::SUPPORTED_FEATURES.to_vec();
     expected.sort_unstable();
     assert_eq!(features, expected);
-    let mesh_patches: Vec<Option<String>> = api
+    let mesh_patches: Vec<(Option<String>, u16)> = api
         .requests()
         .iter()
         .filter(|r| r.resource == "xmeshes/status")
-        .map(|r| r.name.clone())
+        .map(|r| (r.name.clone(), r.status))
         .collect();
+    let gamma = Some("gamma".to_string());
     assert_eq!(
         mesh_patches,
-        [Some("gamma".to_string())],
-        "once, and only ours"
+        [(gamma.clone(), 409), (gamma, 200)],
+        "refused once, written again, and only ours"
     );
     assert!(api.get("xmeshes", "", "other").unwrap()["status"].is_null());
 

@@ -3,14 +3,16 @@
 //! implementation supports (`gamma_engine::features`, the one source), as upstream's conformance
 //! suite reads them in `--mesh` mode. Without the experimental CRD nothing happens.
 
+use super::writer::RETRY_AFTER;
 use crate::kube_api::{XMESHES, XMESHES_STATUS};
 use futures::StreamExt;
 use gamma_engine::features::SUPPORTED_FEATURES;
 use gamma_engine::routes::status::CONTROLLER_NAME;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, ResourceExt};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use tokio::sync::watch;
 
 /// The status our XMesh should have, or `None` when it is not ours. Conditions keep their
@@ -68,15 +70,27 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
             watcher::watcher(api.clone(), watcher::Config::default()).default_backoff()
         );
         let mut absent_reported = false;
+        // Meshes whose write failed, by name: tried again until written or changed.
+        let mut unwritten: BTreeMap<String, DynamicObject> = BTreeMap::new();
         loop {
             tokio::select! {
                 changed = leader.changed() => {
                     if changed.is_err() { return }
                     if !*leader.borrow() { break }
                 }
+                _ = tokio::time::sleep(RETRY_AFTER), if !unwritten.is_empty() => {
+                    for mesh in std::mem::take(&mut unwritten).into_values() {
+                        if !write(&api, &mesh).await {
+                            unwritten.insert(mesh.name_any(), mesh);
+                        }
+                    }
+                }
                 event = meshes.next() => match event {
                     Some(Ok(watcher::Event::Apply(mesh) | watcher::Event::InitApply(mesh))) => {
-                        write(&api, &mesh).await;
+                        unwritten.remove(&mesh.name_any());
+                        if !write(&api, &mesh).await {
+                            unwritten.insert(mesh.name_any(), mesh);
+                        }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -94,15 +108,16 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
     }
 }
 
-async fn write(api: &Api<DynamicObject>, mesh: &DynamicObject) {
+/// Writes `mesh`'s status if it is ours and differs; false if the write failed.
+async fn write(api: &Api<DynamicObject>, mesh: &DynamicObject) -> bool {
     let Ok(value) = serde_json::to_value(mesh) else {
-        return;
+        return true;
     };
     let Some(status) = desired_status(&value, &super::parents::now_rfc3339()) else {
-        return;
+        return true;
     };
     if up_to_date(&value, &status) {
-        return;
+        return true;
     }
     let name = mesh.metadata.name.clone().unwrap_or_default();
     let body = json!({
@@ -112,9 +127,13 @@ async fn write(api: &Api<DynamicObject>, mesh: &DynamicObject) {
     });
     let params = PatchParams::apply(super::writer::FIELD_MANAGER).force();
     match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
-        Ok(_) => tracing::info!(mesh = %name, "XMesh status written: Accepted, supported features"),
+        Ok(_) => {
+            tracing::info!(mesh = %name, "XMesh status written: Accepted, supported features");
+            true
+        }
         Err(e) => {
-            tracing::warn!(mesh = %name, error = %e, "writing the XMesh status failed; retried on its next change")
+            tracing::warn!(mesh = %name, error = %e, "writing the XMesh status failed; trying again in {RETRY_AFTER:?}");
+            false
         }
     }
 }

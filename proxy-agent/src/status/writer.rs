@@ -30,7 +30,7 @@ pub const FIELD_MANAGER: &str = "gamma-node";
 /// Coalesces the changes of a burst into one pass.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// After a failed write, when to try again even if nothing else changes.
-const RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(super) const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Conflicts in a row on one route before leaving it to the next pass.
 const CONFLICT_ATTEMPTS: usize = 3;
 

@@ -326,3 +326,69 @@ fn a_long_condition_message_is_cut_to_what_the_api_server_stores() {
     assert!(partially.message.starts_with("Dropped Rule 1"));
     fits(&partially.message);
 }
+
+/// A backend port whose appProtocol the agent cannot speak for the route's kind (TLS, which it
+/// does not originate to backends; HTTP/1.1 only, for a GRPCRoute) is an invalid backendRef:
+/// `ResolvedRefs=False` with `UnsupportedProtocol`, and its share of requests gets 500, rather
+/// than cleartext sent to a TLS port.
+#[test]
+fn a_backend_port_the_route_cannot_be_sent_over_is_an_unsupported_protocol() {
+    let backend_port = |app_protocol: &str| {
+        let mut service = backend_service();
+        service["spec"]["ports"][0]["appProtocol"] = json!(app_protocol);
+        service
+    };
+    let grpc_route = |generation| {
+        let mut route = route(
+            generation,
+            json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+        );
+        route["kind"] = json!("GRPCRoute");
+        route
+    };
+    let resolved = |route_value: Value, app_protocol: &str| {
+        let mut index = Index::new();
+        for value in [service(), backend_port(app_protocol), route_value.clone()] {
+            index.apply(object(value));
+        }
+        index.publish();
+        let kind = route_value["kind"].as_str().unwrap().to_string();
+        let status = index
+            .snapshot()
+            .status_of(&format!("{kind} ns/r"))
+            .unwrap()
+            .to_vec();
+        let resolved = condition(&status, "ResolvedRefs").unwrap().clone();
+        (resolved.status, resolved.reason)
+    };
+    let http = || route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
+    for (route_value, app_protocol, expected) in [
+        (http(), "https", ("False", "UnsupportedProtocol")),
+        (
+            http(),
+            "kubernetes.io/wss",
+            ("False", "UnsupportedProtocol"),
+        ),
+        (http(), "http", ("True", "ResolvedRefs")),
+        (http(), "tcp", ("True", "ResolvedRefs")),
+        (grpc_route(1), "http", ("False", "UnsupportedProtocol")),
+        (grpc_route(1), "kubernetes.io/h2c", ("True", "ResolvedRefs")),
+    ] {
+        let kind = route_value["kind"].clone();
+        assert_eq!(
+            resolved(route_value, app_protocol),
+            expected,
+            "{kind} to {app_protocol}"
+        );
+    }
+    let mut index = Index::new();
+    for value in [service(), backend_port("https"), http()] {
+        index.apply(object(value));
+    }
+    index.publish();
+    assert!(
+        answer(&index, "/x").starts_with("rule 0 answers 500"),
+        "{}",
+        answer(&index, "/x")
+    );
+}

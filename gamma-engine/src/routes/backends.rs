@@ -82,6 +82,11 @@ pub enum BackendError {
          node, where NetworkPolicy cannot tell callers apart)"
     )]
     RefNotPermitted(String),
+    #[error(
+        "backendRef {0}: the port's appProtocol {1} is not one this route kind can be sent over \
+         (the agent speaks cleartext HTTP/1.1 and HTTP/2 to backends; a GRPCRoute needs HTTP/2)"
+    )]
+    UnsupportedProtocol(String, String),
 }
 
 impl BackendError {
@@ -89,6 +94,7 @@ impl BackendError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackendError::InvalidKind(_) => "InvalidKind",
+            BackendError::UnsupportedProtocol(..) => "UnsupportedProtocol",
             BackendError::RefNotPermitted(_) => "RefNotPermitted",
             BackendError::NotFound(_)
             | BackendError::NoSuchPort(_)
@@ -156,6 +162,16 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
+        if let Some(app_protocol) = service
+            .port(port)
+            .and_then(|p| p.app_protocol.as_deref())
+            .filter(|a| !can_send(route.kind(), a))
+        {
+            return Err(BackendError::UnsupportedProtocol(
+                shown,
+                app_protocol.to_string(),
+            ));
+        }
         self.service_backend(service, port)
             .ok_or(BackendError::NoSuchPort(shown))
     }
@@ -187,6 +203,16 @@ impl<'a> Resolver<'a> {
         self.cache.borrow_mut().insert(cache_key, backend.clone());
         Some(backend)
     }
+}
+
+/// Whether a route of `kind` can be sent to a port that declares `app_protocol`: not over TLS
+/// (the agent speaks cleartext to backends; TLS to them is the mesh's mTLS, not a route's), and
+/// a GRPCRoute not to a port that says HTTP/1.1 only. Other values (`tcp`, custom ones) say too
+/// little to refuse: the route's own kind decides.
+fn can_send(kind: RouteKind, app_protocol: &str) -> bool {
+    let tls = matches!(app_protocol, "https" | "tls" | "kubernetes.io/wss");
+    let http1_only = matches!(app_protocol, "http" | "kubernetes.io/ws");
+    !(tls || (kind == RouteKind::Grpc && http1_only))
 }
 
 /// Which endpoints a caller on this node may use, as kube-proxy decides it

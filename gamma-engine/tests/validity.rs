@@ -327,8 +327,8 @@ fn a_long_condition_message_is_cut_to_what_the_api_server_stores() {
     fits(&partially.message);
 }
 
-/// A backend port whose appProtocol the agent cannot speak for the route's kind (TLS, which it
-/// does not originate to backends; HTTP/1.1 only, for a GRPCRoute) is an invalid backendRef:
+/// A backend port whose appProtocol asks for TLS, which the agent does not originate to backends,
+/// is an invalid backendRef:
 /// `ResolvedRefs=False` with `UnsupportedProtocol`, and its share of requests gets 500, rather
 /// than cleartext sent to a TLS port.
 #[test]
@@ -371,7 +371,8 @@ fn a_backend_port_the_route_cannot_be_sent_over_is_an_unsupported_protocol() {
         ),
         (http(), "http", ("True", "ResolvedRefs")),
         (http(), "tcp", ("True", "ResolvedRefs")),
-        (grpc_route(1), "http", ("False", "UnsupportedProtocol")),
+        (grpc_route(1), "https", ("False", "UnsupportedProtocol")),
+        (grpc_route(1), "http", ("True", "ResolvedRefs")),
         (grpc_route(1), "kubernetes.io/h2c", ("True", "ResolvedRefs")),
     ] {
         let kind = route_value["kind"].clone();

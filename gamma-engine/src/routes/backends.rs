@@ -83,8 +83,8 @@ pub enum BackendError {
     )]
     RefNotPermitted(String),
     #[error(
-        "backendRef {0}: the port's appProtocol {1} is not one this route kind can be sent over \
-         (the agent speaks cleartext HTTP/1.1 and HTTP/2 to backends; a GRPCRoute needs HTTP/2)"
+        "backendRef {0}: the port's appProtocol {1} asks for TLS, and the agent speaks cleartext \
+         HTTP/1.1 and HTTP/2 to backends"
     )]
     UnsupportedProtocol(String, String),
 }
@@ -165,7 +165,7 @@ impl<'a> Resolver<'a> {
         if let Some(app_protocol) = service
             .port(port)
             .and_then(|p| p.app_protocol.as_deref())
-            .filter(|a| !can_send(route.kind(), a))
+            .filter(|a| !can_send(a))
         {
             return Err(BackendError::UnsupportedProtocol(
                 shown,
@@ -205,14 +205,12 @@ impl<'a> Resolver<'a> {
     }
 }
 
-/// Whether a route of `kind` can be sent to a port that declares `app_protocol`: not over TLS
-/// (the agent speaks cleartext to backends; TLS to them is the mesh's mTLS, not a route's), and
-/// a GRPCRoute not to a port that says HTTP/1.1 only. Other values (`tcp`, custom ones) say too
-/// little to refuse: the route's own kind decides.
-fn can_send(kind: RouteKind, app_protocol: &str) -> bool {
-    let tls = matches!(app_protocol, "https" | "tls" | "kubernetes.io/wss");
-    let http1_only = matches!(app_protocol, "http" | "kubernetes.io/ws");
-    !(tls || (kind == RouteKind::Grpc && http1_only))
+/// Whether a route can be sent to a port that declares `app_protocol`: not over TLS (the agent
+/// speaks cleartext to backends; TLS to them is the mesh's mTLS, not a route's). Other values
+/// say too little to refuse: `tcp` and custom ones are often set loosely, and a GRPCRoute's
+/// backends speak HTTP/2 whatever the port says (`Backend::protocol_for`).
+fn can_send(app_protocol: &str) -> bool {
+    !matches!(app_protocol, "https" | "tls" | "kubernetes.io/wss")
 }
 
 /// Which endpoints a caller on this node may use, as kube-proxy decides it

@@ -46,6 +46,8 @@ enum LeaseError {
     Conflict,
     #[error(transparent)]
     Api(#[from] kube::Error),
+    #[error("no answer from the API server within {0:?}")]
+    TimedOut(Duration),
 }
 
 fn from_write(e: kube::Error) -> LeaseError {
@@ -87,7 +89,12 @@ impl Elector {
     /// Campaigns and renews until `stop` fires, then releases the lease if held.
     pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         loop {
-            let outcome = self.try_acquire_or_renew().await;
+            // Bounded: a call that hangs (a half-open connection to the API server) must not
+            // keep this agent leading past the renew deadline while another takes over.
+            let outcome =
+                tokio::time::timeout(self.config.renew_deadline, self.try_acquire_or_renew())
+                    .await
+                    .unwrap_or(Err(LeaseError::TimedOut(self.config.renew_deadline)));
             self.settle(outcome);
             // Jitter keeps candidates that started together from polling in step.
             let wait = self
@@ -248,5 +255,89 @@ impl Elector {
             .await
             .map_err(from_write)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// An API server that lets the lease be created, then never answers again (a connection
+    /// that went half-open): the leader must step down by its renew deadline, not hang leading.
+    #[tokio::test]
+    async fn a_renewal_that_hangs_ends_the_leadership_by_the_renew_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let created = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let created = created.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            let created = created.clone();
+                            async move {
+                                if created.load(Ordering::Relaxed) {
+                                    std::future::pending::<()>().await;
+                                }
+                                let (status, body) = if request.method() == Method::POST {
+                                    created.store(true, Ordering::Relaxed);
+                                    let mut lease: serde_json::Value = serde_json::from_slice(
+                                        &request.into_body().collect().await?.to_bytes(),
+                                    )
+                                    .unwrap();
+                                    lease["metadata"]["resourceVersion"] = "1".into();
+                                    (StatusCode::CREATED, lease.to_string())
+                                } else {
+                                    let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+                                    (StatusCode::NOT_FOUND, missing.to_string())
+                                };
+                                Ok::<_, hyper::Error>(
+                                    Response::builder()
+                                        .status(status)
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(Bytes::from(body)))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let client =
+            Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+        let config = LeaseConfig {
+            renew_deadline: Duration::from_millis(300),
+            retry_period: Duration::from_millis(50),
+            duration: Duration::from_secs(1),
+            ..LeaseConfig::new("ns".into(), "l".into(), "me".into())
+        };
+        let (elector, mut leader) = Elector::new(client, config);
+        let (_stop, stop) = oneshot::channel();
+        tokio::spawn(elector.run(stop));
+        tokio::time::timeout(Duration::from_secs(5), leader.wait_for(|l| *l))
+            .await
+            .expect("leads once the lease is created")
+            .unwrap();
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), leader.wait_for(|l| !*l))
+            .await
+            .expect("steps down while the renewal hangs")
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "within the renew deadline and a retry: {:?}",
+            started.elapsed()
+        );
     }
 }

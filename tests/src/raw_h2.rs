@@ -18,6 +18,8 @@ pub enum Reply {
     Ok,
     /// RST_STREAM REFUSED_STREAM: not processed (RFC 9113 §8.7).
     Refuse,
+    /// RST_STREAM with this error code, before any answer.
+    Reset(u32),
     /// GOAWAY NO_ERROR naming no stream as processed, then the connection closes: a server
     /// shutting down gracefully.
     GoAway,
@@ -128,6 +130,7 @@ async fn serve(
                     &STATUS_200,
                 )),
                 Reply::Refuse => send(frame(RST_STREAM, 0, stream, &7u32.to_be_bytes())),
+                Reply::Reset(code) => send(frame(RST_STREAM, 0, stream, &code.to_be_bytes())),
                 Reply::GoAway => {
                     // Last stream processed: none; error code NO_ERROR.
                     send(frame(GOAWAY, 0, 0, &[0; 8]));

@@ -458,3 +458,28 @@ async fn trailers_reach_an_http1_caller_that_accepts_them() {
         );
     }
 }
+
+/// A gRPC call whose backend reset its stream gets the status gRPC's mapping of HTTP/2 error
+/// codes gives (PROTOCOL-HTTP2.md, "Errors"), not UNAVAILABLE for all: UNAVAILABLE tells the
+/// caller that sending the call again is safe, which it may not be once the backend acted on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_whose_backend_reset_it_gets_grpcs_status_for_the_code() {
+    // INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM, REFUSED_STREAM (declined twice).
+    for (code, grpc_status) in [(0x2, "13"), (0x8, "1"), (0xb, "8"), (0x7, "14")] {
+        let backend = RawH2::start(move |_| Reply::Reset(code)).await;
+        let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+        let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+        let call = http::Request::post("http://front/pkg.Service/Method")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let answer = sender.send_request(call).await.unwrap();
+        assert_eq!(answer.status(), 200, "trailers-only, code {code:#x}");
+        assert_eq!(
+            answer.headers()["grpc-status"],
+            grpc_status,
+            "RST_STREAM {code:#x}"
+        );
+    }
+}

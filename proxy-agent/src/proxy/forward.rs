@@ -72,7 +72,11 @@ enum Attempt {
     Response(Response<ProxyBody>),
     ConnectFailed(String),
     TimedOut(Duration),
-    Failed(String),
+    /// No answer; `reset`: the HTTP/2 error code the backend reset the stream with.
+    Failed {
+        error: String,
+        reset: Option<u32>,
+    },
     /// Declined unprocessed: sent again (even without a retry policy), not the endpoint's fault.
     Declined(String),
 }
@@ -155,14 +159,16 @@ pub(super) async fn forward(
             let attempt = match attempt(call, attempt_timeout).await {
                 // The caller's body broke off: the caller failed the attempt, not the endpoint
                 // (three in a row would eject it for everyone), and nothing can be resent.
-                Attempt::Failed(error) if body.caller_broke_off() => {
+                Attempt::Failed { error, .. } if body.caller_broke_off() => {
                     return Err(LocalAnswer::RequestBodyBrokeOff(error))
                 }
                 attempt => attempt,
             };
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
-                Attempt::TimedOut(_) | Attempt::Failed(_) => proxy.upstream.endpoints.failed(&held),
+                Attempt::TimedOut(_) | Attempt::Failed { .. } => {
+                    proxy.upstream.endpoints.failed(&held)
+                }
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
                 Attempt::Declined(_) => {}
             }
@@ -175,7 +181,7 @@ pub(super) async fn forward(
                     Attempt::ConnectFailed(_) => {
                         retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
-                    Attempt::TimedOut(_) | Attempt::Failed(_) => retry.is_some(),
+                    Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
                     Attempt::Declined(_) => true,
                 };
             if retry_wanted && resendable(proxy, &body) {
@@ -196,13 +202,19 @@ pub(super) async fn forward(
                     backend: backend.name(),
                     after,
                 }),
-                Attempt::Failed(error) | Attempt::Declined(error) => {
-                    Err(LocalAnswer::BackendFailed {
-                        endpoint,
-                        backend: backend.name(),
-                        error,
-                    })
-                }
+                Attempt::Failed { error, reset } => Err(LocalAnswer::BackendFailed {
+                    endpoint,
+                    backend: backend.name(),
+                    error,
+                    reset,
+                }),
+                // Declined twice: the backend is not taking requests now (UNAVAILABLE).
+                Attempt::Declined(error) => Err(LocalAnswer::BackendFailed {
+                    endpoint,
+                    backend: backend.name(),
+                    error,
+                    reset: None,
+                }),
             };
         }
     };
@@ -369,7 +381,11 @@ fn attempt(
         Err(limit) => Attempt::TimedOut(limit),
         Ok(Ok(response)) => Attempt::Response(response),
         Ok(Err(UpstreamError::Connect(e))) => Attempt::ConnectFailed(e),
-        Ok(Err(UpstreamError::Failed(e))) => Attempt::Failed(e),
+        Ok(Err(UpstreamError::Failed(error))) => Attempt::Failed { error, reset: None },
+        Ok(Err(UpstreamError::Reset(code, error))) => Attempt::Failed {
+            error,
+            reset: Some(code),
+        },
         Ok(Err(UpstreamError::Declined(e))) => Attempt::Declined(e),
     })
 }

@@ -36,6 +36,8 @@ pub enum LocalAnswer {
         endpoint: SocketAddr,
         backend: String,
         error: String,
+        /// The HTTP/2 error code the backend reset the stream with, if it did.
+        reset: Option<u32>,
     },
     #[error(
         "the request's body broke off before its end (the client closed or reset it, or sent a \
@@ -99,6 +101,18 @@ impl LocalAnswer {
             LocalAnswer::Rule(
                 LocalResponse::UnsupportedFilter(_) | LocalResponse::InvalidRule(_),
             ) => GrpcStatus::Internal,
+            // A stream the backend reset: gRPC's mapping of HTTP/2 error codes
+            // (PROTOCOL-HTTP2.md, "Errors"). UNAVAILABLE would tell the caller that sending the
+            // call again is safe, which it may not be once the backend acted on it.
+            LocalAnswer::BackendFailed {
+                reset: Some(code), ..
+            } => match h2::Reason::from(*code) {
+                h2::Reason::REFUSED_STREAM => GrpcStatus::Unavailable,
+                h2::Reason::CANCEL => GrpcStatus::Cancelled,
+                h2::Reason::ENHANCE_YOUR_CALM => GrpcStatus::ResourceExhausted,
+                h2::Reason::INADEQUATE_SECURITY => GrpcStatus::PermissionDenied,
+                _ => GrpcStatus::Internal,
+            },
             LocalAnswer::Rule(_)
             | LocalAnswer::UnknownFrontend(_)
             | LocalAnswer::NoReadyEndpoint(_)
@@ -133,7 +147,10 @@ impl LocalAnswer {
 /// The gRPC status codes the agent answers with (grpc's doc/statuscodes.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrpcStatus {
+    Cancelled,
     DeadlineExceeded,
+    PermissionDenied,
+    ResourceExhausted,
     Unimplemented,
     Internal,
     Unavailable,
@@ -143,7 +160,10 @@ impl GrpcStatus {
     /// The `grpc-status` value.
     pub fn code(self) -> &'static str {
         match self {
+            GrpcStatus::Cancelled => "1",
             GrpcStatus::DeadlineExceeded => "4",
+            GrpcStatus::PermissionDenied => "7",
+            GrpcStatus::ResourceExhausted => "8",
             GrpcStatus::Unimplemented => "12",
             GrpcStatus::Internal => "13",
             GrpcStatus::Unavailable => "14",

@@ -45,6 +45,9 @@ pub enum UpstreamError {
     /// The request was (perhaps partly) sent, and no answer came.
     #[error("{0}")]
     Failed(String),
+    /// The backend reset the HTTP/2 stream with this error code before answering.
+    #[error("{1}")]
+    Reset(u32, String),
     /// The endpoint declined the request before processing any of it (HTTP/2 REFUSED_STREAM,
     /// or a graceful GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7).
     #[error("{0}")]
@@ -446,7 +449,10 @@ impl Http2Pool {
         sender.send_request(request).await.map_err(|e| {
             let error = error_chain(&e);
             match declined(&e) {
-                None => UpstreamError::Failed(error),
+                None => match reset_by_backend(&e) {
+                    Some(code) => UpstreamError::Reset(code, error),
+                    None => UpstreamError::Failed(error),
+                },
                 Some(going_away) => {
                     if going_away {
                         // Its next request must not find this connection before hyper notices
@@ -526,15 +532,27 @@ impl Http2Pool {
 /// connection is closing). A GOAWAY with an error code is not: streams it names as processed end
 /// with its error too.
 fn declined(e: &hyper::Error) -> Option<bool> {
+    let h2 = h2_error(e)?;
+    let remote = h2.is_remote();
+    match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) if remote && h2.is_reset() => Some(false),
+        Some(h2::Reason::NO_ERROR) if remote && h2.is_go_away() => Some(true),
+        _ => None,
+    }
+}
+
+/// The error code of an RST_STREAM the backend sent, if that is how the exchange failed.
+fn reset_by_backend(e: &hyper::Error) -> Option<u32> {
+    let h2 = h2_error(e).filter(|h2| h2.is_remote() && h2.is_reset())?;
+    h2.reason().map(u32::from)
+}
+
+/// The HTTP/2 error among `e` and its sources.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(error) = source {
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            let remote = h2.is_remote();
-            return match h2.reason() {
-                Some(h2::Reason::REFUSED_STREAM) if remote && h2.is_reset() => Some(false),
-                Some(h2::Reason::NO_ERROR) if remote && h2.is_go_away() => Some(true),
-                _ => None,
-            };
+            return Some(h2);
         }
         source = error.source();
     }

@@ -708,7 +708,12 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .listeners
         .clear();
-    send(stream, &Message::Stopped, &[])?;
+    // Committed: this agent accepts no more, so it must drain and go whatever happens to the
+    // successor now. Its open connections stay here if the successor cannot hear of it.
+    if let Err(e) = send(stream, &Message::Stopped, &[]) {
+        tracing::warn!(pid = peer.pid, error = %e, "taken over, but the successor did not hear it; this agent drains its connections and stops");
+        return Ok(Some(peer.pid));
+    }
     tracing::info!(pid = peer.pid, "taken over: stopped accepting");
     if takes_connections {
         hand_over_connections(stream, state, peer.pid);
@@ -1029,6 +1034,38 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         assert!(listener.accept().is_ok());
         assert!(path.exists(), "left for the successor to replace");
+    }
+
+    /// A successor that sends Stop and is gone before it hears Stopped: the old agent stopped
+    /// accepting, so it must still count as taken over (drain, then go), not serve on without
+    /// accepting anything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successor_gone_after_stop_still_ends_the_old_agent() {
+        let dir = TestDir::new("handover-gone");
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut offered = Offered::default();
+        offered.add(&listener).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        let mut old = Successors::serve(&path, offered, None, Drain::default(), pumps).unwrap();
+        let successor_path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let stream = UnixStream::connect(successor_path).unwrap();
+            let hello = Message::Hello {
+                protocol: PROTOCOL,
+                takes_connections: true,
+            };
+            send(&stream, &hello, &[]).unwrap();
+            assert!(matches!(recv(&stream).unwrap().0, Message::Offer { .. }));
+            send(&stream, &Message::Stop, &[]).unwrap();
+            stream.shutdown(std::net::Shutdown::Both).unwrap();
+        })
+        .await
+        .unwrap();
+        let pid = tokio::time::timeout(Duration::from_secs(5), old.taken_over())
+            .await
+            .expect("taken over, though the successor went");
+        assert_eq!(pid, std::process::id());
     }
 
     #[tokio::test]

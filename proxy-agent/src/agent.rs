@@ -279,8 +279,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         _ => None,
     };
     consumers.push(tokio::spawn(publisher.run()));
+    // One registration for the agent's life: a SIGTERM that comes while it drains after a
+    // takeover is kept for the wait below, not lost between two registrations.
+    let mut signals = Signals::new();
     let taken_over = tokio::select! {
-        () = shutdown_signal() => None,
+        () = signals.recv() => None,
         pid = async {
             match successors.as_mut() {
                 Some(s) => s.taken_over().await,
@@ -316,7 +319,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .is_some_and(|t| t.after == AfterTakeover::Wait);
     if taken_over.is_some() && wait {
         tracing::info!("taken over and drained: holding nothing, waiting for SIGTERM");
-        shutdown_signal().await;
+        signals.recv().await;
     }
     Ok(())
 }
@@ -621,13 +624,27 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, from their registration on: one that comes while nobody waits is kept
+/// for the next `recv`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
     }
 }
 

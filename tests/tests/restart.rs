@@ -167,6 +167,19 @@ fn an_unresponsive_running_agent_is_given_up_on() {
 /// root: the listeners are handed over without the kernel redirect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_over_agent_can_wait_for_sigterm() {
+    taken_over_agent_waits_for_sigterm(false).await;
+}
+
+/// The kubelet's SIGTERM may come while the taken-over agent still drains (its new pod became
+/// ready meanwhile): it must end the agent once drained, not be lost so that the agent waits
+/// for a SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_a_taken_over_agent_drains_is_not_lost() {
+    taken_over_agent_waits_for_sigterm(true).await;
+}
+
+/// `sigterm_mid_drain`: a slow request holds the old agent's drain, and SIGTERM comes during it.
+async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     use gamma_tests::loopback::{
         agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
     };
@@ -192,7 +205,7 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
             ])
             .arg("--takeover-socket")
             .arg(&socket)
-            .args(["--after-takeover", "wait", "--drain-timeout-s", "1"])
+            .args(["--after-takeover", "wait", "--drain-timeout-s", "5"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
@@ -210,11 +223,38 @@ async fn a_taken_over_agent_can_wait_for_sigterm() {
     within(seconds(10), "the first agent serves", || {
         answered().then_some(())
     });
+    // In flight on the old agent across the takeover: its drain lasts until this is answered.
+    let slow = sigterm_mid_drain.then(|| {
+        let addr = listen.parse().unwrap();
+        std::thread::spawn(move || http_get(addr, "/delay/2000"))
+    });
+    if slow.is_some() {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let mut new = spawn("new.log");
     let old_log = || std::fs::read_to_string(dir.0.join("old.log")).unwrap_or_default();
     within(seconds(10), "the new agent takes over", || {
         old_log().contains("taken over").then_some(())
     });
+    if let Some(slow) = slow {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
+        let answer = tokio::task::block_in_place(|| slow.join().unwrap());
+        assert!(
+            answer.is_ok(),
+            "the request in flight is answered: {answer:?}"
+        );
+        within(
+            seconds(5),
+            "the drained agent exits on the SIGTERM it got",
+            || old.try_wait().unwrap().map(|_| ()),
+        );
+        assert!(old.wait().unwrap().success());
+        assert!(answered(), "the new agent serves");
+        let _ = new.kill();
+        let _ = new.wait();
+        return;
+    }
     assert!(answered(), "the new agent serves");
     // The admin port too: every scrape is the new agent's (its metrics report the takeover it
     // started with; the old agent's say none), so the kubelet's probes are answered by it alone.

@@ -52,8 +52,10 @@ use std::time::{Duration, Instant};
 pub const PROTOCOL: u32 = 1;
 /// At most this many descriptors in one message (listeners, 3 maps, 5 links leave ample room).
 const MAX_FDS: usize = 64;
-/// Largest message accepted (they are a few hundred bytes of JSON).
-const MAX_MESSAGE: usize = 1 << 20;
+/// Largest message accepted. Most are a few hundred bytes of JSON; a paused connection carries
+/// what its pump held in each direction, up to a pipe's 256 KiB, at up to 4 characters a byte
+/// ("255,") in JSON: 2 MiB for both, and room to spare.
+const MAX_MESSAGE: usize = 4 << 20;
 /// How often a waiting session checks whether its agent is shutting down.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -361,7 +363,7 @@ impl Inherited {
             Err(e) => return Err(HandoverError::io("asking the old agent to stop", e)),
         };
         let connections = match stop_took {
-            Some(_) => receive_connections(&session.stream, session.pid)?,
+            Some(_) => receive_connections(&session.stream, session.pid),
             None => Vec::new(),
         };
         Ok(Some(Handover {
@@ -374,8 +376,23 @@ impl Inherited {
 }
 
 /// The old agent's paused connections, sent after Stopped until ConnectionsDone (or until it
-/// closes the session: an agent that predates connection handover sends none).
-fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, HandoverError> {
+/// closes the session: an agent that predates connection handover sends none). The old agent no
+/// longer accepts by now, so a failure here must not end this agent: it keeps what came (the
+/// old agent pumps on the connections it could not send) and says why the rest did not.
+fn receive_connections(stream: &UnixStream, pid: u32) -> Vec<Paused> {
+    match receive_each_connection(stream, pid) {
+        Ok(connections) => connections,
+        Err((connections, e)) => {
+            tracing::warn!(pid, received = connections.len(), error = %e, "receiving the old agent's connections failed; it keeps the rest until its drain deadline");
+            connections
+        }
+    }
+}
+
+fn receive_each_connection(
+    stream: &UnixStream,
+    pid: u32,
+) -> Result<Vec<Paused>, (Vec<Paused>, HandoverError)> {
     let mut connections = Vec::new();
     loop {
         match recv(stream) {
@@ -387,15 +404,20 @@ fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, Han
                 },
                 fds,
             )) => {
-                let [client, upstream]: [OwnedFd; 2] =
-                    fds.try_into()
-                        .map_err(|fds: Vec<_>| HandoverError::Protocol {
+                let [client, upstream]: [OwnedFd; 2] = match fds.try_into() {
+                    Ok(both) => both,
+                    Err(fds) => {
+                        let fds: Vec<OwnedFd> = fds;
+                        let error = HandoverError::Protocol {
                             peer: format!("pid {pid}"),
                             detail: format!(
                                 "a connection came with {} descriptors, not 2",
                                 fds.len()
                             ),
-                        })?;
+                        };
+                        return Err((connections, error));
+                    }
+                };
                 connections.push(Paused {
                     client: client.into(),
                     upstream: upstream.into(),
@@ -407,16 +429,13 @@ fn receive_connections(stream: &UnixStream, pid: u32) -> Result<Vec<Paused>, Han
             Ok((Message::ConnectionsDone, _)) => return Ok(connections),
             Err(e) if is_disconnect(&e) || is_timeout(&e) => return Ok(connections),
             Ok((other, _)) => {
-                return Err(HandoverError::Protocol {
-                    peer: format!("pid {pid}"),
-                    detail: format!("expected a connection, got {other:?}"),
-                })
+                let peer = format!("pid {pid}");
+                let detail = format!("expected a connection, got {other:?}");
+                return Err((connections, HandoverError::Protocol { peer, detail }));
             }
             Err(e) => {
-                return Err(HandoverError::io(
-                    "receiving the old agent's connections",
-                    e,
-                ))
+                let error = HandoverError::io("receiving the old agent's connections", e);
+                return Err((connections, error));
             }
         }
     }
@@ -963,6 +982,28 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         drop(listener);
         assert!(inherited.accept().is_ok());
+    }
+
+    #[test]
+    fn a_connection_paused_with_full_pipes_both_ways_fits_in_a_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let full = Flow {
+            pending: vec![0xff; 256 * 1024],
+            ..Flow::default()
+        };
+        let message = Message::Connection {
+            to_upstream: full.clone(),
+            to_client: full,
+            paired: Some(false),
+        };
+        // Sent from a thread: the message is larger than the socket's buffer.
+        let sent = std::thread::spawn({
+            let message = message.clone();
+            move || send(&a, &message, &[])
+        });
+        let (received, _) = recv(&b).expect("received whole");
+        sent.join().unwrap().unwrap();
+        assert_eq!(received, message);
     }
 
     #[test]

@@ -289,11 +289,15 @@ impl Inherited {
                  running one's addresses, or stop the running one first"
             ));
         }
-        self.silent.map(|pid| {
-            format!(
+        self.silent.map(|pid| match pid {
+            // Another pid namespace (another pod): its pid means nothing here.
+            0 => "the agent at the takeover socket (in another pod) did not answer and may still \
+                  hold it: stop it, then start this one"
+                .to_string(),
+            pid => format!(
                 "the agent at the takeover socket (pid {pid}) did not answer and may still hold \
                  it: stop it (kill {pid}), then start this one"
-            )
+            ),
         })
     }
 
@@ -808,9 +812,9 @@ impl Peer {
 /// The peer's credentials, if it runs as the same user as this process (the descriptors
 /// exchanged carry an agent's whole data plane).
 fn trusted_peer(stream: &UnixStream, path: &Path) -> Result<Peer, HandoverError> {
-    let cred = rustix::net::sockopt::socket_peercred(stream)
-        .map_err(|e| HandoverError::io("reading the takeover peer's credentials", e.into()))?;
-    let (uid, own) = (cred.uid.as_raw(), rustix::process::geteuid().as_raw());
+    let cred = peer_credentials(stream)
+        .map_err(|e| HandoverError::io("reading the takeover peer's credentials", e))?;
+    let (uid, own) = (cred.uid, rustix::process::geteuid().as_raw());
     if uid != own {
         return Err(HandoverError::Untrusted {
             uid,
@@ -819,8 +823,35 @@ fn trusted_peer(stream: &UnixStream, path: &Path) -> Result<Peer, HandoverError>
         });
     }
     Ok(Peer {
-        pid: cred.pid.as_raw_nonzero().get() as u32,
+        pid: cred.pid as u32,
     })
+}
+
+/// The peer's `SO_PEERCRED`. Read here rather than through rustix, whose type holds a pid that
+/// cannot be 0: a peer in another pid namespace (the old and new agent are different pods, and
+/// not `hostPID`) is reported with pid 0.
+fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    use std::os::fd::AsRawFd as _;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a `ucred` of the size passed, which the kernel fills at most.
+    let got = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// Whether the error means the other side closed or vanished.

@@ -100,6 +100,11 @@ pub(super) async fn accept_loop<F>(
                 }
             },
         };
+        // Classified first even at the cap: a redirected connection's record is taken with it,
+        // not left for a later connection from the same address and port to find.
+        let Some(info) = classify(peer, &proxy.snapshot.load()) else {
+            continue;
+        };
         let open = proxy.metrics.connections_open.load(Ordering::Relaxed);
         if open >= proxy.config.max_connections as i64 {
             // Closed at once: the client fails fast and retries, instead of waiting on a backlog.
@@ -110,9 +115,6 @@ pub(super) async fn accept_loop<F>(
             tracing::debug!(%peer, open, "connection refused: --max-connections reached");
             continue;
         }
-        let Some(info) = classify(peer, &proxy.snapshot.load()) else {
-            continue;
-        };
         // TCP_NODELAY and keepalive come from the listener (`tcp::prepare_listener`).
         proxy
             .metrics

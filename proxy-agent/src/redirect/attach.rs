@@ -77,7 +77,7 @@ impl OwnedLink {
 
 /// Observers first (sockops, getpeername), then the connect hooks: once a connect() is redirected,
 /// the programs that record and report it are already in place.
-const ATTACH_ORDER: [&str; 5] = [
+pub(crate) const ATTACH_ORDER: [&str; 5] = [
     programs::SOCKOPS,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,

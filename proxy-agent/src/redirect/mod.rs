@@ -188,6 +188,17 @@ struct Programs {
     _object: Option<aya::Ebpf>,
 }
 
+/// Links are detached in the reverse of their attach order ([`attach::ATTACH_ORDER`]): the
+/// connect hooks first, then the observers that record and report what they steered, so that no
+/// connection is steered without its record.
+impl Drop for Programs {
+    fn drop(&mut self) {
+        while let Some(link) = self.links.pop() {
+            drop(link);
+        }
+    }
+}
+
 /// A freshly loaded object with its maps filled, programs loaded, nothing attached.
 struct Loaded {
     ebpf: aya::Ebpf,

@@ -483,3 +483,29 @@ async fn a_grpc_call_whose_backend_reset_it_gets_grpcs_status_for_the_code() {
         );
     }
 }
+
+/// Empty lines before a request line are ignored (RFC 9112 §2.2), by protocol detection on a
+/// port that is sniffed and by the server after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lines_before_a_request_are_ignored() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_routed_to(echo.addr);
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"\r\nGET /after-an-empty-line HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("/after-an-empty-line"), "{answer}");
+}

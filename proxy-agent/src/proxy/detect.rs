@@ -21,11 +21,21 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     if H2_PREFACE.starts_with(bytes) && bytes.len() > 3 {
         return None; // "PRI " so far: wait for the whole preface
     }
-    // HTTP/1: a method token (upper-case letters), then a space.
-    let token_len = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    // HTTP/1: after empty lines a server ignores (RFC 9112 §2.2), a method token (upper-case
+    // letters, and `-` or `_` after the first, as in VERSION-CONTROL), then a space.
+    let mut start = 0;
+    while start < 4 && bytes.get(start..start + 2) == Some(b"\r\n") {
+        start += 2;
+    }
+    let bytes = &bytes[start..];
+    let token_len = bytes
+        .iter()
+        .enumerate()
+        .take_while(|(i, b)| b.is_ascii_uppercase() || (*i > 0 && matches!(b, b'-' | b'_')))
+        .count();
     match bytes.get(token_len) {
         Some(b' ') if token_len > 0 => Some(Protocol::Http1),
-        None if token_len < 16 => None,
+        None if token_len < 16 && (token_len > 0 || start < 4) => None,
         _ => Some(Protocol::Opaque),
     }
 }
@@ -80,6 +90,15 @@ mod tests {
             "TLS is opaque"
         );
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
+        // Valid HTTP/1 that sniffing must not take for opaque bytes.
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"VERSION-CONTROL /r HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\r\n"), None, "an empty line so far");
+        assert_eq!(classify(b"\r\n\r\n\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"-GET /"), Some(Protocol::Opaque));
     }
 
     /// What detection says of a client that sends `bytes` and then closes its side.

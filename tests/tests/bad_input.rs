@@ -211,6 +211,10 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             b"GET gopher://x/smuggled HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             Expect::Refused(400),
         ),
+        // §3.2: an HTTP/1.1 request has exactly one Host. With two, a route and the backend
+        // could each read a different one.
+        ("HTTP/1.1 request without Host", b"GET /ok HTTP/1.1\r\n\r\n".to_vec(), Expect::Refused(400)),
+        ("two Host fields", get("Host: canary\r\n"), Expect::Refused(400)),
         (
             "asterisk-form target on GET",
             b"GET * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),

@@ -509,3 +509,62 @@ async fn empty_lines_before_a_request_are_ignored() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.contains("/after-an-empty-line"), "{answer}");
 }
+
+/// A request in absolute form names its host in its target, whatever its Host field says (RFC
+/// 9112 §3.2.2): routes match that one and the backend gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_request_is_for_the_host_its_target_names() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET http://user@front.ns:8080/x HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains(r#""host":"front.ns:8080""#), "{answer}");
+}
+
+/// An answer goes out in the agent's HTTP version, not its backend's (RFC 9110 §6.2): an
+/// HTTP/1.0 backend's answer to a request with a body (hyper's path) reached an HTTP/1.1 caller
+/// as `HTTP/1.0 200 OK`, and the caller's connection was closed after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_0_backends_answer_goes_out_as_http1_1() {
+    let old = scripted_backend(
+        &[b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+        Duration::ZERO,
+    )
+    .await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "old", 80, &[old], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: old, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /x HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}

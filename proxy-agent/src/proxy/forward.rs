@@ -234,6 +234,10 @@ pub(super) async fn forward(
         return Ok(response);
     }
     strip_hop_by_hop(response.headers_mut(), false);
+    // The answer goes out in the agent's own HTTP version, not the backend's (RFC 9110 §6.2):
+    // hyper's server would write an HTTP/1.0 backend's `HTTP/1.0` status line to an HTTP/1.1
+    // caller, and close its connection after the answer.
+    *response.version_mut() = Version::default();
     // The timeouts cover the answer's body too.
     let body_deadline = [
         request_timeout.zip(started).map(|(t, s)| s + t),

@@ -50,6 +50,8 @@ pub enum LocalAnswer {
     HeadTooLarge { size: usize, limit: usize },
     #[error("the request target `{0}` is not a path (origin-form or http(s) absolute-form)")]
     BadTarget(String),
+    #[error("an HTTP/1.1 request needs exactly one Host field; this one has {0}")]
+    BadHost(usize),
 }
 
 impl LocalAnswer {
@@ -68,6 +70,7 @@ impl LocalAnswer {
             LocalAnswer::RouteTimeout(_) => Reason::RouteTimeout,
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
+            LocalAnswer::BadHost(_) => Reason::BadHost,
         }
     }
 
@@ -83,9 +86,9 @@ impl LocalAnswer {
             }
             LocalAnswer::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
             LocalAnswer::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            LocalAnswer::BadTarget(_) | LocalAnswer::RequestBodyBrokeOff(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            LocalAnswer::BadTarget(_)
+            | LocalAnswer::BadHost(_)
+            | LocalAnswer::RequestBodyBrokeOff(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -124,6 +127,7 @@ impl LocalAnswer {
             }
             LocalAnswer::HeadTooLarge { .. }
             | LocalAnswer::BadTarget(_)
+            | LocalAnswer::BadHost(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => GrpcStatus::Internal,
         })
     }

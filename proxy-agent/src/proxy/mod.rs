@@ -221,7 +221,7 @@ impl Proxy {
     /// Handles one request end to end; never fails: errors become local responses.
     pub async fn handle(
         self: &Arc<Self>,
-        request: Request<CallerBody>,
+        mut request: Request<CallerBody>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -242,6 +242,7 @@ impl Proxy {
                 response
             }
             Ok(()) => {
+                absolute_form_names_the_host(&mut request);
                 let frontend = self.frontend(&snapshot, &conn.destination);
                 match self
                     .proxy_frontend(frontend.map(|f| &**f), request, conn, grpc, &mut log)
@@ -396,6 +397,13 @@ pub fn check_request_head<B>(
     if !target_ok {
         return Err(LocalAnswer::BadTarget(uri.to_string()));
     }
+    // RFC 9112 §3.2: none, or two that a route and the backend could each read differently.
+    if request.version() == http::Version::HTTP_11 {
+        let hosts = request.headers().get_all(header::HOST).iter().count();
+        if hosts != 1 {
+            return Err(LocalAnswer::BadHost(hosts));
+        }
+    }
     Ok(())
 }
 
@@ -422,6 +430,25 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An HTTP/1 request in absolute form (`GET http://a/x`) is for the target's authority, whatever
+/// its Host says (RFC 9112 §3.2.2): routes match, and the backend gets, that one.
+fn absolute_form_names_the_host<B>(request: &mut Request<B>) {
+    if request.version() >= http::Version::HTTP_2 {
+        return;
+    }
+    let Some(authority) = request.uri().authority() else {
+        return;
+    };
+    // Without userinfo, which a Host never carries.
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    if let Ok(host) = HeaderValue::from_str(&host) {
+        request.headers_mut().insert(header::HOST, host);
+    }
 }
 
 /// Ends an HTTP/1 connection after this answer (HTTP/2 forbids the header).
@@ -595,6 +622,7 @@ mod tests {
             let request = Request::builder()
                 .method(method)
                 .uri(target)
+                .header("host", "front.ns")
                 .body(())
                 .unwrap();
             check_request_head(&request, 1024).map_err(|e| e.status().as_u16())
@@ -619,6 +647,23 @@ mod tests {
         }
         let long = format!("/{}", "a".repeat(1024));
         assert_eq!(check("GET", &long), Err(431));
+    }
+
+    #[test]
+    fn an_http1_1_request_has_exactly_one_host() {
+        let check = |version: http::Version, hosts: &[&str]| {
+            let mut request = Request::get("/x").version(version);
+            for host in hosts {
+                request = request.header("host", *host);
+            }
+            check_request_head(&request.body(()).unwrap(), 1024).map_err(|e| e.status().as_u16())
+        };
+        use http::Version;
+        assert_eq!(check(Version::HTTP_11, &["a"]), Ok(()));
+        assert_eq!(check(Version::HTTP_11, &[]), Err(400));
+        assert_eq!(check(Version::HTTP_11, &["a", "b"]), Err(400));
+        assert_eq!(check(Version::HTTP_10, &[]), Ok(()), "HTTP/1.0 may omit it");
+        assert_eq!(check(Version::HTTP_2, &[]), Ok(()), ":authority instead");
     }
 }
 

@@ -30,10 +30,11 @@ pub enum Reason {
     RouteTimeout,
     HeadTooLarge,
     BadTarget,
+    BadHost,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -47,6 +48,7 @@ impl Reason {
         Reason::RouteTimeout,
         Reason::HeadTooLarge,
         Reason::BadTarget,
+        Reason::BadHost,
     ];
 
     pub fn label(self) -> &'static str {
@@ -64,6 +66,7 @@ impl Reason {
             Reason::RouteTimeout => "route_timeout",
             Reason::HeadTooLarge => "head_too_large",
             Reason::BadTarget => "bad_target",
+            Reason::BadHost => "bad_host",
         }
     }
 }

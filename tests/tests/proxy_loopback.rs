@@ -413,6 +413,73 @@ async fn sigterm_drains_in_flight_requests() {
     assert!(status.success(), "{status}");
 }
 
+/// An upgraded connection (WebSocket) open at SIGTERM is drained like opaque TCP: it goes on
+/// until it ends or the drain deadline, and the agent exits once it ended. Before, its pump was
+/// not among the connections a drain waits for: the agent exited at once and cut it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_upgraded_connection_finish() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: a, port: 80}]\n",
+        ));
+    let mut agent = Agent::start(&world, options(None)).unwrap();
+    let addr = agent.listen[0];
+    let mut socket = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 512];
+        let n = s.read(&mut head).unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+        s
+    })
+    .await
+    .unwrap();
+    agent.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent waits for the upgraded connection"
+    );
+    socket = tokio::task::spawn_blocking(move || {
+        socket.write_all(b"still-here").unwrap();
+        let mut echoed = [0u8; 10];
+        socket.read_exact(&mut echoed).unwrap();
+        assert_eq!(
+            &echoed, b"still-here",
+            "the connection still works while draining"
+        );
+        socket
+    })
+    .await
+    .unwrap();
+    drop(socket);
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit once the upgraded connection ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_manifest_changes_under_load_fail_nothing() {
     let a = echo_backend([127, 0, 0, 1], "a").await;

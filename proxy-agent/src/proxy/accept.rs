@@ -161,7 +161,7 @@ pub(super) async fn serve_connection(
             Some(frontend) => {
                 // Boxed: the pump's state would otherwise size every connection's task, HTTP
                 // ones included.
-                let (stream, first_bytes) = match stream.into_parts() {
+                let (stream, first_bytes, _held) = match stream.into_parts() {
                     Ok(parts) => parts,
                     Err(e) => {
                         tracing::warn!(error = %e, "opaque connection: registering it failed; closing it");

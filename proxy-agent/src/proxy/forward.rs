@@ -421,7 +421,8 @@ fn splice_upgrade(
             tracing::warn!("an upgraded upstream connection is not TCP; closing it");
             return;
         };
-        let (client, unread) = match down.io.into_inner().into_inner().into_parts() {
+        // `_held`: a drain waits for the pump (the HTTP task that upgraded it has ended).
+        let (client, unread, _held) = match down.io.into_inner().into_inner().into_parts() {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::warn!(error = %e, "upgraded connection: registering it failed; closing it");

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 /// How long a connection the agent closed is read after its FIN before it is closed for good.
@@ -112,6 +113,9 @@ pub(super) struct Lingering {
     stream: Option<Rewound<AcceptedSocket>>,
     draining: watch::Receiver<bool>,
     tracker: TaskTracker,
+    /// Counts the connection among those a drain waits for, however it is served: an upgraded
+    /// one outlives its HTTP task, and its pump keeps this (see [`Lingering::into_parts`]).
+    held: Option<TaskTrackerToken>,
 }
 
 impl Lingering {
@@ -123,6 +127,7 @@ impl Lingering {
         Self {
             stream: Some(Rewound::new(stream.into())),
             draining,
+            held: Some(tracker.token()),
             tracker,
         }
     }
@@ -144,10 +149,12 @@ impl Lingering {
     }
 
     /// The plain stream, registered with the reactor, for a byte pump (which cannot drain
-    /// gracefully anyway), and the bytes read from it that were not returned yet (they go first).
-    pub(super) fn into_parts(mut self) -> std::io::Result<(TcpStream, Vec<u8>)> {
+    /// gracefully anyway), the bytes read from it that were not returned yet (they go first),
+    /// and the token that has a drain wait for it: the pump holds it while it runs.
+    pub(super) fn into_parts(mut self) -> std::io::Result<(TcpStream, Vec<u8>, TaskTrackerToken)> {
         let rewound = self.stream.take().expect("present until dropped");
-        Ok((rewound.io.into_registered()?, rewound.unread.to_vec()))
+        let held = self.held.take().expect("present until taken here");
+        Ok((rewound.io.into_registered()?, rewound.unread.to_vec(), held))
     }
 }
 
@@ -377,7 +384,7 @@ mod tests {
         served.read_first_bytes().await.unwrap().unwrap();
         let mut first = [0u8; 1];
         served.read_exact(&mut first).await.unwrap();
-        let (_, unread) = served.into_parts().unwrap();
+        let (_, unread, _) = served.into_parts().unwrap();
         assert_eq!(unread, b"\x03\x01");
     }
 

@@ -398,9 +398,11 @@ pub fn check_request_head<B>(
         return Err(LocalAnswer::BadTarget(uri.to_string()));
     }
     // RFC 9112 §3.2: none, or two that a route and the backend could each read differently.
+    // None is taken from a target in absolute form, which names the host (as nginx does; its
+    // Host would be replaced by it anyway, §3.2.2).
     if request.version() == http::Version::HTTP_11 {
         let hosts = request.headers().get_all(header::HOST).iter().count();
-        if hosts != 1 {
+        if hosts > 1 || (hosts == 0 && uri.authority().is_none()) {
             return Err(LocalAnswer::BadHost(hosts));
         }
     }
@@ -664,6 +666,12 @@ mod tests {
         assert_eq!(check(Version::HTTP_11, &["a", "b"]), Err(400));
         assert_eq!(check(Version::HTTP_10, &[]), Ok(()), "HTTP/1.0 may omit it");
         assert_eq!(check(Version::HTTP_2, &[]), Ok(()), ":authority instead");
+        let absolute = Request::get("http://front.ns/x").body(()).unwrap();
+        assert_eq!(
+            check_request_head(&absolute, 1024).map_err(|e| e.status().as_u16()),
+            Ok(()),
+            "absolute form names the host"
+        );
     }
 }
 

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use gamma_tests::loopback::{
     client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
 };
+use gamma_tests::probe::raw_exchange;
 use gamma_tests::raw_h2::{RawH2, Reply};
 use http::Method;
 use http_body_util::BodyExt;
@@ -356,6 +357,19 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
+/// The agent's whole answer to `request`, sent on a connection of its own and read until the
+/// agent closes it.
+async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let request = request.to_vec();
+    let reply =
+        tokio::task::spawn_blocking(move || raw_exchange(addr, &request, Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(reply.closed, "closed after the answer: {}", reply.text);
+    reply.text
+}
+
 type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
 
 /// An HTTP/2 (prior knowledge) client connection to `addr`, driven by a task of its own.
@@ -423,38 +437,22 @@ async fn trailers_reach_an_http1_caller_that_accepts_them() {
         Duration::ZERO,
     )
     .await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "trailing", 80, &[backend], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: trailing, port: 80}]\n",
-        ));
-    let agent = Agent::start(&world, options(&[])).unwrap();
-    for (what, body) in [("GET", ""), ("POST with a body", "abc")] {
-        let method = what.split(' ').next().unwrap();
-        let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
-            .await
-            .unwrap();
+    let agent = Agent::start(&Manifests::front_routed_to(backend), options(&[])).unwrap();
+    for (method, body) in [("GET", ""), ("POST", "abc")] {
         let request = format!(
             "{method} /t HTTP/1.1\r\nHost: front\r\nTE: trailers\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        let answer = answer_until_closed(agent.listen[0], request.as_bytes())
             .await
-            .expect("answered and closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+            .to_lowercase();
         assert!(
             answer.contains("\r\ntrailer: x-sum\r\n"),
-            "{what}: {answer}"
+            "{method}: {answer}"
         );
         assert!(
             answer.ends_with("\r\n0\r\nx-sum: 42\r\n\r\n"),
-            "{what}: the trailer after the last chunk: {answer}"
+            "{method}: the trailer after the last chunk: {answer}"
         );
     }
 }
@@ -489,23 +487,10 @@ async fn a_grpc_call_whose_backend_reset_it_gets_grpcs_status_for_the_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_lines_before_a_request_are_ignored() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let world = Manifests::front_routed_to(echo.addr);
-    let agent = Agent::start(&world, options(&[])).unwrap();
-    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"\r\nGET /after-an-empty-line HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
+    let request =
+        b"\r\nGET /after-an-empty-line HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n";
+    let answer = answer_until_closed(agent.listen[0], request).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.contains("/after-an-empty-line"), "{answer}");
 }
@@ -516,19 +501,9 @@ async fn empty_lines_before_a_request_are_ignored() {
 async fn an_absolute_form_request_is_for_the_host_its_target_names() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
     let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
-    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET http://user@front.ns:8080/x HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let request =
+        b"GET http://user@front.ns:8080/x HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n";
+    let answer = answer_until_closed(agent.listen[0], request).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.contains(r#""host":"front.ns:8080""#), "{answer}");
 }
@@ -543,28 +518,9 @@ async fn an_http1_0_backends_answer_goes_out_as_http1_1() {
         Duration::ZERO,
     )
     .await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "old", 80, &[old], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: old, port: 80}]\n",
-        ));
-    let agent = Agent::start(&world, options(&[])).unwrap();
-    let mut stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    stream
-        .write_all(b"POST /x HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let agent = Agent::start(&Manifests::front_routed_to(old), options(&[])).unwrap();
+    let request = b"POST /x HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let answer = answer_until_closed(agent.listen[0], request).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
 }

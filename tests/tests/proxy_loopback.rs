@@ -384,7 +384,7 @@ async fn sigterm_drains_in_flight_requests() {
             "front",
             "  - backendRefs: [{name: a, port: 80}]\n",
         ));
-    let mut agent = Agent::start(&world, options(None)).unwrap();
+    let agent = Agent::start(&world, options(None)).unwrap();
     let c = client(false);
     let url = agent.url(0, "/delay/700");
     let in_flight = tokio::spawn(async move { get(&c, &url, &[]).await.status });
@@ -395,6 +395,11 @@ async fn sigterm_drains_in_flight_requests() {
         200,
         "the in-flight request finished"
     );
+    exits_cleanly(agent, "after draining").await;
+}
+
+/// Waits (at most 5 s) for a terminated agent to exit, and checks that it exited cleanly.
+async fn exits_cleanly(mut agent: Agent, when: &'static str) {
     let status = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -403,7 +408,7 @@ async fn sigterm_drains_in_flight_requests() {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the agent did not exit after draining"
+                "the agent did not exit {when}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -419,15 +424,7 @@ async fn sigterm_drains_in_flight_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upgraded_connection_finish() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "a", 80, &[a.addr], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: a, port: 80}]\n",
-        ));
-    let mut agent = Agent::start(&world, options(None)).unwrap();
+    let mut agent = Agent::start(&Manifests::front_routed_to(a.addr), options(None)).unwrap();
     let addr = agent.listen[0];
     let mut socket = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -462,22 +459,7 @@ async fn sigterm_lets_an_upgraded_connection_finish() {
     .await
     .unwrap();
     drop(socket);
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = agent.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent did not exit once the upgraded connection ended"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "{status}");
+    exits_cleanly(agent, "once the upgraded connection ended").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -524,3 +524,47 @@ async fn an_http1_0_backends_answer_goes_out_as_http1_1() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
 }
+
+/// An upload answered before its body was read (here a 404: no rule matches; as well a 503, or
+/// a backend's 413) is not reset: the agent shuts its side and reads the rest of the body before
+/// closing (RFC 9112 §9.6), so the client's upload ends and it reads the answer. Closed with the
+/// body unread, the connection sent a reset, and the client's upload failed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_early_is_not_reset() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo.addr], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let addr = agent.listen[0];
+    let (written, answer) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        const BODY: usize = 8 << 20;
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let head =
+            format!("POST /unrouted HTTP/1.1\r\nHost: front\r\nContent-Length: {BODY}\r\n\r\n");
+        let written = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(&vec![b'x'; BODY]));
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        (
+            written,
+            (read, String::from_utf8_lossy(&answer).into_owned()),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(written.is_ok(), "the upload was cut: {written:?}");
+    let (read, answer) = answer;
+    assert!(read.is_ok(), "{read:?}: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}

@@ -105,7 +105,9 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
 /// An accepted connection that, dropped while draining, is not closed at once: it is shut down
 /// for writing and read until the client closes its side (at most [`LINGER`]). A request the
 /// client sent as the agent closed would otherwise be unread data, and closing a socket with
-/// unread data sends a reset instead of a FIN.
+/// unread data sends a reset instead of a FIN. The same on any close of a connection hyper's
+/// server took over (`linger_on_close`): it may answer before it read a request's body (a 404,
+/// a 503 to an upload), and the reset would fail the client's upload before it read the answer.
 ///
 /// It also holds the bytes protocol detection read (a read rather than a peek saves a syscall
 /// per connection): its reads return them before reading the socket again.
@@ -116,6 +118,8 @@ pub(super) struct Lingering {
     /// Counts the connection among those a drain waits for, however it is served: an upgraded
     /// one outlives its HTTP task, and its pump keeps this (see [`Lingering::into_parts`]).
     held: Option<TaskTrackerToken>,
+    /// Linger on close even when not draining ([`ReadAhead::linger_on_close`]).
+    always: bool,
 }
 
 impl Lingering {
@@ -129,6 +133,7 @@ impl Lingering {
             draining,
             held: Some(tracker.token()),
             tracker,
+            always: false,
         }
     }
 
@@ -163,7 +168,7 @@ impl Drop for Lingering {
         let Some(rewound) = self.stream.take() else {
             return;
         };
-        if !*self.draining.borrow() {
+        if !self.always && !*self.draining.borrow() {
             return;
         }
         let mut stream = rewound.io;
@@ -200,6 +205,9 @@ pub trait ReadAhead: ClosingWrite + AsyncRead + Send + 'static {
     fn take_unread(&mut self) -> BytesMut;
     /// Bytes to return before any read ahead or from the transport.
     fn give_back(&mut self, bytes: BytesMut);
+    /// From now on, a close shuts down for writing and reads until the client's FIN, draining
+    /// or not (see [`Lingering`]).
+    fn linger_on_close(&mut self) {}
 }
 
 /// A transport whose reads return bytes read ahead first.
@@ -246,6 +254,10 @@ impl ReadAhead for Lingering {
 
     fn give_back(&mut self, bytes: BytesMut) {
         self.rewound().give_back(bytes)
+    }
+
+    fn linger_on_close(&mut self) {
+        self.always = true;
     }
 }
 

@@ -163,6 +163,8 @@ async fn hand_over<T: ReadAhead>(
     shutdown: watch::Receiver<bool>,
 ) {
     stream.give_back(unread);
+    // hyper may answer a request before reading its body, then close (RFC 9112 §9.6).
+    stream.linger_on_close();
     let caller = info.caller.ip;
     // Boxed: hyper's connection would otherwise size every connection's task.
     let served = Box::pin(super::serve_http(

@@ -167,30 +167,62 @@ pub(crate) fn unified_path(proc_cgroup: &str) -> Option<&str> {
 #[derive(Debug)]
 pub struct CgroupDirs {
     root: PathBuf,
-    by_id: Mutex<HashMap<u64, PathBuf>>,
+    known: Mutex<Known>,
 }
+
+#[derive(Debug, Default)]
+struct Known {
+    by_id: HashMap<u64, PathBuf>,
+    /// Ids a walk did not find (a cgroup removed before its connection was accepted, or outside
+    /// the root): asked again, they are not worth another walk. Cgroup ids are not reused.
+    missing: std::collections::HashSet<u64>,
+    walks: u64,
+}
+
+/// Missing ids remembered at most; past that the list starts over.
+const MISSING_KEPT: usize = 4096;
 
 impl CgroupDirs {
     /// Ids under `root` (the cgroup v2 mount, or the subtree holding the pods) are resolvable.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
             root: root.into(),
-            by_id: Mutex::new(HashMap::new()),
+            known: Mutex::new(Known::default()),
         }
     }
 
     /// The directory of the cgroup with this id, if it is under the root and still exists or
     /// existed at the last walk.
     pub fn path_of(&self, cgroup_id: u64) -> Option<PathBuf> {
-        let mut by_id = self
-            .by_id
+        let mut known = self
+            .known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(path) = by_id.get(&cgroup_id) {
+        if let Some(path) = known.by_id.get(&cgroup_id) {
             return Some(path.clone());
         }
-        *by_id = scan(&self.root);
-        by_id.get(&cgroup_id).cloned()
+        if known.missing.contains(&cgroup_id) {
+            return None;
+        }
+        known.by_id = scan(&self.root);
+        known.walks += 1;
+        let found = known.by_id.get(&cgroup_id).cloned();
+        if found.is_none() {
+            if known.missing.len() >= MISSING_KEPT {
+                known.missing.clear();
+            }
+            known.missing.insert(cgroup_id);
+        }
+        found
+    }
+
+    /// How many times the hierarchy was walked.
+    #[cfg(test)]
+    fn walks(&self) -> u64 {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .walks
     }
 }
 
@@ -346,6 +378,19 @@ mod tests {
         assert_eq!(found.get(&child_ino), Some(&child));
         assert_eq!(found.len(), 3, "{found:?}");
         let dirs = CgroupDirs::new(root);
-        assert_eq!(dirs.path_of(child_ino), Some(child));
+        assert_eq!(dirs.path_of(child_ino), Some(child.clone()));
+        assert_eq!(dirs.walks(), 1);
+        assert_eq!(dirs.path_of(child_ino), Some(child), "known: no walk");
+        // An id no walk finds (a cgroup gone) costs one walk, not one per connection.
+        let gone = u64::MAX;
+        assert_eq!(dirs.path_of(gone), None);
+        assert_eq!(dirs.path_of(gone), None);
+        assert_eq!(dirs.walks(), 2);
+        // A cgroup created since is found by a new walk.
+        let new = root.join("a/c");
+        fs::create_dir_all(&new).unwrap();
+        let new_ino = fs::metadata(&new).unwrap().ino();
+        assert_eq!(dirs.path_of(new_ino), Some(new));
+        assert_eq!(dirs.walks(), 3);
     }
 }

@@ -386,21 +386,25 @@ async fn http2_to(
     (sender, tokio::spawn(connection))
 }
 
+/// `front`, whose one rule sends `/routed` to `echo`: other paths get the agent's own 404.
+fn only_routed_has_a_rule(echo: std::net::SocketAddr) -> Manifests {
+    Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+        ))
+}
+
 /// The agent's own answer to a HEAD over HTTP/2 has no body (RFC 9110 §9.3.2): the h2 crate's
 /// client, like Go's, fails a stream whose HEAD answer carries DATA. Its Content-Length is the
 /// one a GET would get, as over HTTP/1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_answer_to_a_head_over_http2_has_no_body() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo.addr], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
-        ));
-    let agent = Agent::start(&world, options(&[])).unwrap();
+    let agent = Agent::start(&only_routed_has_a_rule(echo.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let request = |method: Method| {
         http::Request::builder()
@@ -532,15 +536,7 @@ async fn an_http1_0_backends_answer_goes_out_as_http1_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_is_not_reset() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo.addr], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
-        ));
-    let agent = Agent::start(&world, options(&[])).unwrap();
+    let agent = Agent::start(&only_routed_has_a_rule(echo.addr), options(&[])).unwrap();
     let addr = agent.listen[0];
     let (written, answer) = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};

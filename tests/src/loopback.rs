@@ -165,14 +165,16 @@ impl Manifests {
 
     /// `ns/front` (no endpoints of its own) routed whole to `ns/echo` at `echo`.
     pub fn front_routed_to(echo: SocketAddr) -> Self {
+        Self::front_with_rules(echo, "  - backendRefs: [{name: echo, port: 80}]\n")
+    }
+
+    /// `ns/front` (no endpoints of its own) with a route of these `rules`, and `ns/echo` at
+    /// `echo` for them to send to.
+    pub fn front_with_rules(echo: SocketAddr, rules: &str) -> Self {
         Manifests::default()
             .service("ns", "front", 80, &[], None)
             .service("ns", "echo", 80, &[echo], None)
-            .raw(&route(
-                "r",
-                "front",
-                "  - backendRefs: [{name: echo, port: 80}]\n",
-            ))
+            .raw(&route("r", "front", rules))
     }
 
     /// Any document (a route, usually).

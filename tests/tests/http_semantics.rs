@@ -388,14 +388,10 @@ async fn http2_to(
 
 /// `front`, whose one rule sends `/routed` to `echo`: other paths get the agent's own 404.
 fn only_routed_has_a_rule(echo: std::net::SocketAddr) -> Manifests {
-    Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "echo", 80, &[echo], None)
-        .raw(&route(
-            "r",
-            "front",
-            "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
-        ))
+    Manifests::front_with_rules(
+        echo,
+        "  - matches: [{path: {type: PathPrefix, value: /routed}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    )
 }
 
 /// The agent's own answer to a HEAD over HTTP/2 has no body (RFC 9110 §9.3.2): the h2 crate's

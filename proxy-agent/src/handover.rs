@@ -384,20 +384,19 @@ impl Inherited {
 /// longer accepts by now, so a failure here must not end this agent: it keeps what came (the
 /// old agent pumps on the connections it could not send) and says why the rest did not.
 fn receive_connections(stream: &UnixStream, pid: u32) -> Vec<Paused> {
-    match receive_each_connection(stream, pid) {
-        Ok(connections) => connections,
-        Err((connections, e)) => {
-            tracing::warn!(pid, received = connections.len(), error = %e, "receiving the old agent's connections failed; it keeps the rest until its drain deadline");
-            connections
-        }
+    let mut connections = Vec::new();
+    if let Err(e) = receive_each_connection(stream, pid, &mut connections) {
+        tracing::warn!(pid, received = connections.len(), error = %e, "receiving the old agent's connections failed; it keeps the rest until its drain deadline");
     }
+    connections
 }
 
+/// Adds each connection received to `connections` until the old agent says it is done.
 fn receive_each_connection(
     stream: &UnixStream,
     pid: u32,
-) -> Result<Vec<Paused>, (Vec<Paused>, HandoverError)> {
-    let mut connections = Vec::new();
+    connections: &mut Vec<Paused>,
+) -> Result<(), HandoverError> {
     loop {
         match recv(stream) {
             Ok((
@@ -408,20 +407,15 @@ fn receive_each_connection(
                 },
                 fds,
             )) => {
-                let [client, upstream]: [OwnedFd; 2] = match fds.try_into() {
-                    Ok(both) => both,
-                    Err(fds) => {
-                        let fds: Vec<OwnedFd> = fds;
-                        let error = HandoverError::Protocol {
+                let [client, upstream]: [OwnedFd; 2] =
+                    fds.try_into()
+                        .map_err(|fds: Vec<_>| HandoverError::Protocol {
                             peer: format!("pid {pid}"),
                             detail: format!(
                                 "a connection came with {} descriptors, not 2",
                                 fds.len()
                             ),
-                        };
-                        return Err((connections, error));
-                    }
-                };
+                        })?;
                 connections.push(Paused {
                     client: client.into(),
                     upstream: upstream.into(),
@@ -430,16 +424,19 @@ fn receive_each_connection(
                     paired,
                 });
             }
-            Ok((Message::ConnectionsDone, _)) => return Ok(connections),
-            Err(e) if is_disconnect(&e) || is_timeout(&e) => return Ok(connections),
+            Ok((Message::ConnectionsDone, _)) => return Ok(()),
+            Err(e) if is_disconnect(&e) || is_timeout(&e) => return Ok(()),
             Ok((other, _)) => {
-                let peer = format!("pid {pid}");
-                let detail = format!("expected a connection, got {other:?}");
-                return Err((connections, HandoverError::Protocol { peer, detail }));
+                return Err(HandoverError::Protocol {
+                    peer: format!("pid {pid}"),
+                    detail: format!("expected a connection, got {other:?}"),
+                })
             }
             Err(e) => {
-                let error = HandoverError::io("receiving the old agent's connections", e);
-                return Err((connections, error));
+                return Err(HandoverError::io(
+                    "receiving the old agent's connections",
+                    e,
+                ))
             }
         }
     }

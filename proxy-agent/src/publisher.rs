@@ -42,6 +42,12 @@ pub struct Published {
     pub behind: Vec<Feed>,
 }
 
+/// A feed's last report says its objects are all in the index: listed completely since its
+/// last failure, or not served at all.
+fn current(health: &Option<Health>) -> bool {
+    matches!(health, Some(Health::Synced | Health::Absent))
+}
+
 /// Every source stopped (its channel closed) before the first complete sync.
 #[derive(Debug, thiserror::Error)]
 #[error("the sources stopped before the first complete sync")]
@@ -100,9 +106,16 @@ impl Publisher {
 
     /// Every feed listed completely (or found not served) at least once.
     fn complete(&self) -> bool {
+        self.feeds.values().all(current)
+    }
+
+    /// Feeds not current now: not listed yet, failing, or listing again after a failure.
+    fn behind(&self) -> Vec<Feed> {
         self.feeds
-            .values()
-            .all(|h| matches!(h, Some(Health::Synced | Health::Absent)))
+            .iter()
+            .filter(|(_, health)| !current(health))
+            .map(|(feed, _)| *feed)
+            .collect()
     }
 
     /// Applies updates until every feed has been listed once, then publishes the first table.
@@ -181,12 +194,7 @@ impl Publisher {
             tracing::info!(version = snapshot.version, "route table published");
             self.data_plane.store(snapshot);
         }
-        let behind: Vec<Feed> = self
-            .feeds
-            .iter()
-            .filter(|(_, h)| !matches!(h, Some(Health::Synced | Health::Absent)))
-            .map(|(feed, _)| *feed)
-            .collect();
+        let behind = self.behind();
         let behind_changed = behind != self.published.borrow().behind;
         if published || std::mem::take(&mut self.stored_status_changed) || behind_changed {
             self.published.send_replace(Published {

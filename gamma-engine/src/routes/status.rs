@@ -202,9 +202,12 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
         ),
         None => "nothing of this route is in use until it is fixed".to_string(),
     };
-    let message = format!(
-        "generation {} is invalid: {}; {still}",
-        refused.generation, refused.reason
+    let message = capped(
+        format!(
+            "generation {} is invalid: {}; {still}",
+            refused.generation, refused.reason
+        )
+        .into(),
     );
     refused
         .parent_refs
@@ -219,7 +222,7 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
                 type_: "Accepted",
                 status: "False",
                 reason: "UnsupportedValue",
-                message: capped(message.clone().into()),
+                message: message.clone(),
             }]
             .into(),
         })

@@ -80,17 +80,12 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
                 }
                 _ = tokio::time::sleep(RETRY_AFTER), if !unwritten.is_empty() => {
                     for mesh in std::mem::take(&mut unwritten).into_values() {
-                        if !write(&api, &mesh).await {
-                            unwritten.insert(mesh.name_any(), mesh);
-                        }
+                        write_or_keep(&api, mesh, &mut unwritten).await;
                     }
                 }
                 event = meshes.next() => match event {
                     Some(Ok(watcher::Event::Apply(mesh) | watcher::Event::InitApply(mesh))) => {
-                        unwritten.remove(&mesh.name_any());
-                        if !write(&api, &mesh).await {
-                            unwritten.insert(mesh.name_any(), mesh);
-                        }
+                        write_or_keep(&api, mesh, &mut unwritten).await;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -105,6 +100,20 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
                 },
             }
         }
+    }
+}
+
+/// Writes `mesh`'s status; keeps it in `unwritten` (replacing an older version) if that failed,
+/// takes it out if not.
+async fn write_or_keep(
+    api: &Api<DynamicObject>,
+    mesh: DynamicObject,
+    unwritten: &mut BTreeMap<String, DynamicObject>,
+) {
+    if write(api, &mesh).await {
+        unwritten.remove(&mesh.name_any());
+    } else {
+        unwritten.insert(mesh.name_any(), mesh);
     }
 }
 

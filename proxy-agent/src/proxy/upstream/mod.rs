@@ -448,19 +448,16 @@ impl Http2Pool {
         let mut sender = self.sender(endpoint).await?;
         sender.send_request(request).await.map_err(|e| {
             let error = error_chain(&e);
-            match declined(&e) {
-                None => match reset_by_backend(&e) {
-                    Some(code) => UpstreamError::Reset(code, error),
-                    None => UpstreamError::Failed(error),
-                },
-                Some(going_away) => {
-                    if going_away {
-                        // Its next request must not find this connection before hyper notices
-                        // that it is closing.
-                        self.forget(endpoint);
-                    }
+            match said_by_backend(&e) {
+                BackendSaid::Refused => UpstreamError::Declined(error),
+                BackendSaid::GoingAway => {
+                    // Its next request must not find this connection before hyper notices that
+                    // it is closing.
+                    self.forget(endpoint);
                     UpstreamError::Declined(error)
                 }
+                BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
+                BackendSaid::Nothing => UpstreamError::Failed(error),
             }
         })
     }
@@ -527,24 +524,28 @@ impl Http2Pool {
     }
 }
 
-/// Whether an HTTP/2 backend declined a request before processing it: reset with
-/// REFUSED_STREAM (`Some(false)`), or left out of a graceful GOAWAY (`Some(true)`: the
-/// connection is closing). A GOAWAY with an error code is not: streams it names as processed end
-/// with its error too.
-fn declined(e: &hyper::Error) -> Option<bool> {
-    let h2 = h2_error(e)?;
-    let remote = h2.is_remote();
-    match h2.reason() {
-        Some(h2::Reason::REFUSED_STREAM) if remote && h2.is_reset() => Some(false),
-        Some(h2::Reason::NO_ERROR) if remote && h2.is_go_away() => Some(true),
-        _ => None,
-    }
+/// What an HTTP/2 backend said of a request that got no answer, if anything.
+enum BackendSaid {
+    /// RST_STREAM REFUSED_STREAM: declined before any processing.
+    Refused,
+    /// Left out of a graceful GOAWAY (NO_ERROR): declined too, and the connection is closing.
+    /// A GOAWAY with an error code is not: streams it names as processed end with its error too.
+    GoingAway,
+    /// RST_STREAM with this error code.
+    Reset(u32),
+    Nothing,
 }
 
-/// The error code of an RST_STREAM the backend sent, if that is how the exchange failed.
-fn reset_by_backend(e: &hyper::Error) -> Option<u32> {
-    let h2 = h2_error(e).filter(|h2| h2.is_remote() && h2.is_reset())?;
-    h2.reason().map(u32::from)
+fn said_by_backend(e: &hyper::Error) -> BackendSaid {
+    let Some(h2) = h2_error(e).filter(|h2| h2.is_remote()) else {
+        return BackendSaid::Nothing;
+    };
+    match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) if h2.is_reset() => BackendSaid::Refused,
+        Some(h2::Reason::NO_ERROR) if h2.is_go_away() => BackendSaid::GoingAway,
+        Some(code) if h2.is_reset() => BackendSaid::Reset(code.into()),
+        _ => BackendSaid::Nothing,
+    }
 }
 
 /// The HTTP/2 error among `e` and its sources.

@@ -236,48 +236,46 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     within(seconds(10), "the new agent takes over", || {
         old_log().contains("taken over").then_some(())
     });
-    if let Some(slow) = slow {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
-        let answer = tokio::task::block_in_place(|| slow.join().unwrap());
-        assert!(
-            answer.is_ok(),
-            "the request in flight is answered: {answer:?}"
-        );
-        within(
-            seconds(5),
-            "the drained agent exits on the SIGTERM it got",
-            || old.try_wait().unwrap().map(|_| ()),
-        );
-        assert!(old.wait().unwrap().success());
-        assert!(answered(), "the new agent serves");
-        let _ = new.kill();
-        let _ = new.wait();
-        return;
-    }
-    assert!(answered(), "the new agent serves");
-    // The admin port too: every scrape is the new agent's (its metrics report the takeover it
-    // started with; the old agent's say none), so the kubelet's probes are answered by it alone.
-    let admin_addr = admin.parse().unwrap();
-    for _ in 0..40 {
-        let metrics = tokio::task::block_in_place(|| http_get(admin_addr, "/metrics")).unwrap();
-        let total = sample(&metrics, "gamma_takeover_duration_seconds{phase=\"total\"}")
-            .expect("the takeover duration is exported");
-        assert!(
-            total > 0.0,
-            "a scrape answered by the old agent:\n{metrics}"
-        );
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        old.try_wait().unwrap().is_none(),
-        "the taken-over agent waits instead of exiting"
-    );
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
-    within(seconds(5), "the waiting agent exits on SIGTERM", || {
-        old.try_wait().unwrap().map(|_| ())
-    });
+    let sigterm = |child: &Child| unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    match slow {
+        Some(slow) => {
+            sigterm(&old);
+            let answer = tokio::task::block_in_place(|| slow.join().unwrap());
+            assert!(
+                answer.is_ok(),
+                "the request in flight is answered: {answer:?}"
+            );
+        }
+        None => {
+            assert!(answered(), "the new agent serves");
+            // The admin port too: every scrape is the new agent's (its metrics report the
+            // takeover it started with; the old agent's say none), so the kubelet's probes are
+            // answered by it alone.
+            let admin_addr = admin.parse().unwrap();
+            for _ in 0..40 {
+                let metrics =
+                    tokio::task::block_in_place(|| http_get(admin_addr, "/metrics")).unwrap();
+                let total = sample(&metrics, "gamma_takeover_duration_seconds{phase=\"total\"}")
+                    .expect("the takeover duration is exported");
+                assert!(
+                    total > 0.0,
+                    "a scrape answered by the old agent:\n{metrics}"
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            assert!(
+                old.try_wait().unwrap().is_none(),
+                "the taken-over agent waits instead of exiting"
+            );
+            sigterm(&old);
+        }
+    }
+    within(
+        seconds(5),
+        "the taken-over agent exits on the SIGTERM it got",
+        || old.try_wait().unwrap().map(|_| ()),
+    );
     assert!(old.wait().unwrap().success());
     assert!(
         answered(),

@@ -500,3 +500,43 @@ async fn curl_offering_h2c_is_answered_over_http1_without_the_offer_relayed() {
         assert!(!relayed.contains(&offer), "{offer} relayed: {seen}");
     }
 }
+
+/// gRPC's C-core client as the caller of a call whose backend resets its stream: it gets gRPC's
+/// status for the HTTP/2 error code (INTERNAL_ERROR: INTERNAL, CANCEL: CANCELLED), not
+/// UNAVAILABLE, which would tell it the call is safe to send again.
+#[test]
+fn c_core_gets_grpcs_status_for_a_backend_reset() {
+    let Some(()) = peers_or_skip("c_core_gets_grpcs_status_for_a_backend_reset") else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (code, status) in [(0x2, "INTERNAL"), (0x8, "CANCELLED")] {
+        let backend = runtime.block_on(gamma_tests::raw_h2::RawH2::start(move |_| {
+            gamma_tests::raw_h2::Reply::Reset(code)
+        }));
+        let world = Manifests::default()
+            .service("ns", "front", 80, &[], None)
+            .service(
+                "ns",
+                "resets",
+                80,
+                &[backend.addr],
+                Some("kubernetes.io/h2c"),
+            )
+            .raw(&grpc_route(
+                "g",
+                "front",
+                "  - backendRefs: [{name: resets, port: 80}]\n",
+            ));
+        let agent = Agent::start_front(&world).unwrap();
+        let answer = peers::grpc_call(
+            agent.listen[0],
+            "front.ns.svc.cluster.local",
+            "Echo",
+            Duration::from_secs(5),
+            10,
+        )
+        .unwrap();
+        assert_eq!(answer["code"], status, "RST_STREAM {code:#x}: {answer}");
+    }
+}

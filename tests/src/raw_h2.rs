@@ -33,6 +33,8 @@ pub struct RawH2 {
     pub requests: Arc<AtomicU32>,
     /// PINGs received, on every connection.
     pub pings: Arc<AtomicU32>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicU32>,
 }
 
 const DATA: u8 = 0;
@@ -41,6 +43,7 @@ const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const GOAWAY: u8 = 7;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 3;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -59,17 +62,38 @@ impl RawH2 {
     /// Serves on 127.0.0.1; `script` is given each request's number (from 0, across
     /// connections).
     pub async fn start(script: impl Fn(u32) -> Reply + Send + Sync + 'static) -> RawH2 {
+        Self::start_with_limit(None, script).await
+    }
+
+    /// As `start`, announcing `max_streams` as its SETTINGS_MAX_CONCURRENT_STREAMS (it does not
+    /// enforce it: a stream beyond it is answered as the script says).
+    pub async fn start_with_limit(
+        max_streams: Option<u32>,
+        script: impl Fn(u32) -> Reply + Send + Sync + 'static,
+    ) -> RawH2 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (requests, pings): (Arc<AtomicU32>, Arc<AtomicU32>) = Default::default();
+        let settings: Vec<u8> = max_streams
+            .map(|max| {
+                [
+                    &SETTINGS_MAX_CONCURRENT_STREAMS.to_be_bytes()[..],
+                    &max.to_be_bytes(),
+                ]
+                .concat()
+            })
+            .unwrap_or_default();
+        let (requests, pings, connections): (Arc<AtomicU32>, Arc<AtomicU32>, Arc<AtomicU32>) =
+            Default::default();
         let counters = (Arc::clone(&requests), Arc::clone(&pings));
+        let accepted = Arc::clone(&connections);
         let script = Arc::new(script);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let (requests, pings) = (counters.0.clone(), counters.1.clone());
-                let script = script.clone();
+                let (script, settings) = (script.clone(), settings.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, &*script, &requests, &pings).await;
+                    let _ = serve(stream, &settings, &*script, &requests, &pings).await;
                 });
             }
         });
@@ -77,12 +101,14 @@ impl RawH2 {
             addr,
             requests,
             pings,
+            connections,
         }
     }
 }
 
 async fn serve(
     stream: tokio::net::TcpStream,
+    settings: &[u8],
     script: &(dyn Fn(u32) -> Reply + Send + Sync),
     requests: &AtomicU32,
     pings: &AtomicU32,
@@ -105,7 +131,7 @@ async fn serve(
     let send = |frame: Vec<u8>| {
         let _ = out.send(Some(frame));
     };
-    send(frame(SETTINGS, 0, 0, &[]));
+    send(frame(SETTINGS, 0, 0, settings));
     loop {
         let mut head = [0u8; 9];
         if read.read_exact(&mut head).await.is_err() {

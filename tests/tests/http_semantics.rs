@@ -357,6 +357,40 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
+/// An HTTP/2 backend that allows one stream per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+/// and holds the first one open (a gRPC watch): a second request is sent at once on another
+/// connection. Before, it waited in h2's queue behind the first stream, for as long as that one
+/// lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connection() {
+    const WATCH: Duration = Duration::from_secs(20);
+    let backend = RawH2::start_with_limit(Some(1), |n| {
+        if n == 0 {
+            Reply::Quiet(WATCH)
+        } else {
+            Reply::Ok
+        }
+    })
+    .await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    // One caller connection: both requests are the same worker's, on its pool.
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://front{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let watch = sender.send_request(get("/watch")).await.unwrap();
+    assert_eq!(watch.status(), 200);
+    let call = tokio::time::timeout(Duration::from_secs(5), sender.send_request(get("/call")))
+        .await
+        .expect("answered while the watch stream is open")
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
+    drop(watch);
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -37,6 +37,41 @@ pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
 
+/// `body`, streamed, keeping `held` until it is dropped.
+pub fn holding<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
+    Holding { body, _held: held }
+        .map_err(BoxError::from)
+        .boxed_unsync()
+}
+
+struct Holding<T> {
+    body: Incoming,
+    _held: T,
+}
+
+impl<T> Body for Holding<T>
+where
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A request's body as the server that read the request has it.
 pub enum CallerBody {
     None,

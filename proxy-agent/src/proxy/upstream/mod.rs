@@ -17,7 +17,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -107,7 +109,7 @@ impl Upstream {
             inline: inline::InlinePool::new(connect_timeout, idle_timeout),
             http1: Http1Pool::new(connect_timeout, idle_timeout),
             http2: Http2Pool {
-                connections: Arc::default(),
+                endpoints: Arc::default(),
                 connect_timeout,
             },
             endpoints,
@@ -157,7 +159,7 @@ impl Upstream {
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let response = if h2 {
-            self.http2.send(endpoint, request).await?
+            return self.http2.send(endpoint, request).await;
         } else if inline::handles(&request) {
             return self.inline.send(endpoint, request).await;
         } else {
@@ -424,86 +426,160 @@ impl Http1Pool {
     }
 }
 
-/// HTTP/2 connections, one per endpoint, shared by every request to it (multiplexed).
+/// HTTP/2 connections per endpoint, shared by every request to it (multiplexed): as many as
+/// the endpoint's stream limit (SETTINGS_MAX_CONCURRENT_STREAMS) needs, up to
+/// `HTTP2_CONNECTIONS_PER_ENDPOINT`. A request beyond a connection's limit would wait in h2's
+/// queue until one of its streams ended: behind long-lived streams (gRPC watches), forever.
 /// hyper-util's pool would key them by the request URI's authority, which HTTP/2 also sends as
 /// `:authority`: the agent connects to an endpoint but must send the caller's authority, so it
 /// keys its HTTP/2 connections itself.
 #[derive(Clone)]
 struct Http2Pool {
-    connections: Arc<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
+    endpoints: Arc<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
     connect_timeout: Duration,
 }
 
+/// HTTP/2 connections kept per endpoint and worker, at most. At this many, all at their stream
+/// limit, a request waits on the least busy one, as it would with one connection.
+const HTTP2_CONNECTIONS_PER_ENDPOINT: usize = 16;
+
 type Http2Sender = http2::SendRequest<ProxyBody>;
 
-/// An endpoint's connection; held while it is being made, so that one is made at a time.
-type Http2Slot = Arc<tokio::sync::Mutex<Option<Http2Sender>>>;
+/// An endpoint's connections; locked while one is being made, so that one is made at a time.
+type Http2Slot = Arc<tokio::sync::Mutex<Vec<Http2Conn>>>;
+
+struct Http2Conn {
+    sender: Http2Sender,
+    streams: Arc<StreamCount>,
+}
+
+/// A connection's streams in use, against the limit its endpoint set.
+struct StreamCount {
+    open: AtomicUsize,
+    /// Polled by the connection's task; read here for the endpoint's current
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (hyper's `SendRequest` does not tell it).
+    connection: Mutex<Pin<Box<Http2Connection>>>,
+}
+
+type Http2Connection = http2::Connection<TokioIo<tokio::net::TcpStream>, ProxyBody, TokioExecutor>;
+
+impl StreamCount {
+    /// One more stream, if the limit allows it (or `beyond_limit`).
+    fn open(self: &Arc<Self>, beyond_limit: bool) -> Option<OpenStream> {
+        let limit = (!beyond_limit).then(|| {
+            let connection = self.connection.lock().expect("not poisoned");
+            connection.current_max_send_streams()
+        });
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                limit.is_none_or(|limit| open < limit).then_some(open + 1)
+            })
+            .ok()?;
+        Some(OpenStream(self.clone()))
+    }
+}
+
+/// A stream counted against its connection's limit until the answer's body is dropped (or the
+/// request failed).
+struct OpenStream(Arc<StreamCount>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl Http2Pool {
     async fn send(
         &self,
         endpoint: SocketAddr,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.sender(endpoint).await?;
-        sender.send_request(request).await.map_err(|e| {
-            let error = error_chain(&e);
-            match said_by_backend(&e) {
-                BackendSaid::Refused => UpstreamError::Declined(error),
-                BackendSaid::GoingAway => {
-                    // Its next request must not find this connection before hyper notices that
-                    // it is closing.
-                    self.forget(endpoint);
-                    UpstreamError::Declined(error)
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let (mut sender, stream) = self.stream(endpoint).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(response.map(|answer| body::holding(answer, stream))),
+            Err(e) => Err({
+                let error = error_chain(&e);
+                match said_by_backend(&e) {
+                    BackendSaid::Refused => UpstreamError::Declined(error),
+                    BackendSaid::GoingAway => {
+                        // Its next request must not find this connection before hyper notices
+                        // that it is closing.
+                        self.forget(endpoint, &stream.0);
+                        UpstreamError::Declined(error)
+                    }
+                    BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
+                    BackendSaid::Nothing => UpstreamError::Failed(error),
                 }
-                BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
-                BackendSaid::Nothing => UpstreamError::Failed(error),
-            }
-        })
+            }),
+        }
     }
 
-    /// Drops the endpoint's connection from the pool (it stays open for its streams).
-    fn forget(&self, endpoint: SocketAddr) {
+    /// Drops one of the endpoint's connections from the pool (it stays open for its streams).
+    fn forget(&self, endpoint: SocketAddr, connection: &Arc<StreamCount>) {
         let slot = self
-            .connections
+            .endpoints
             .lock()
             .expect("not poisoned")
             .get(&endpoint)
             .cloned();
         if let Some(slot) = slot {
-            if let Ok(mut sender) = slot.try_lock() {
-                *sender = None;
+            if let Ok(mut connections) = slot.try_lock() {
+                connections.retain(|c| !Arc::ptr_eq(&c.streams, connection));
             }
         }
     }
 
-    /// The endpoint's open connection, or a new one. Requests that find none wait for the one
-    /// being made rather than each making their own.
-    async fn sender(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
+    /// A stream on one of the endpoint's open connections with room for it, or on a new one.
+    /// Requests that find no room wait for the connection being made rather than each making
+    /// their own.
+    async fn stream(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<(Http2Sender, OpenStream), UpstreamError> {
         let slot = {
-            let mut connections = self.connections.lock().expect("not poisoned");
-            if !connections.contains_key(&endpoint) {
-                // A new endpoint: drop the slots of closed connections (endpoints that went
-                // away), so the pool does not grow with every endpoint ever used.
-                connections.retain(|_, slot| {
+            let mut endpoints = self.endpoints.lock().expect("not poisoned");
+            if !endpoints.contains_key(&endpoint) {
+                // A new endpoint: drop the slots whose connections all closed (endpoints that
+                // went away), so the pool does not grow with every endpoint ever used.
+                endpoints.retain(|_, slot| {
                     slot.try_lock()
-                        .map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed()))
+                        .map_or(true, |c| c.iter().any(|c| !c.sender.is_closed()))
                 });
             }
-            connections.entry(endpoint).or_default().clone()
+            endpoints.entry(endpoint).or_default().clone()
         };
-        let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(sender.clone());
+        let mut connections = slot.lock().await;
+        connections.retain(|c| !c.sender.is_closed());
+        let with_room = connections
+            .iter()
+            .find_map(|c| Some((c.sender.clone(), c.streams.open(false)?)));
+        if let Some(found) = with_room {
+            return Ok(found);
+        }
+        if let Some(least_busy) = (connections.len() >= HTTP2_CONNECTIONS_PER_ENDPOINT)
+            .then(|| {
+                connections
+                    .iter()
+                    .min_by_key(|c| c.streams.open.load(Ordering::Relaxed))
+            })
+            .flatten()
+        {
+            let stream = least_busy.streams.open(true).expect("beyond the limit");
+            return Ok((least_busy.sender.clone(), stream));
         }
         // Boxed: connecting is rare, and its state (the handshake's) would otherwise size every
         // request's future.
-        let sender = Box::pin(self.connect(endpoint)).await?;
-        *slot = Some(sender.clone());
-        Ok(sender)
+        let connection = Box::pin(self.connect(endpoint)).await?;
+        // A new connection's limit is h2's default until the endpoint's SETTINGS arrive; one
+        // that allows none still takes this request, which waited for it.
+        let stream = connection.streams.open(true).expect("beyond the limit");
+        let sender = connection.sender.clone();
+        connections.push(connection);
+        Ok((sender, stream))
     }
 
-    async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Sender, UpstreamError> {
+    async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Conn, UpstreamError> {
         let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
         let stream = connect_tcp(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -515,12 +591,21 @@ impl Http2Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(&e))?;
+        let streams = Arc::new(StreamCount {
+            open: AtomicUsize::new(0),
+            connection: Mutex::new(Box::pin(connection)),
+        });
+        let polled = streams.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = std::future::poll_fn(|cx| {
+                let mut connection = polled.connection.lock().expect("not poisoned");
+                connection.as_mut().poll(cx)
+            });
+            if let Err(e) = ended.await {
                 tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        Ok(sender)
+        Ok(Http2Conn { sender, streams })
     }
 }
 

@@ -53,6 +53,11 @@ pub fn threads(pid: u32) -> Result<u64> {
 }
 
 /// The number a /proc/<pid>/status line starts with (`kB` units left off).
+/// Peak resident memory of a process in KiB (`VmHWM` of /proc/<pid>/status).
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_field(pid, "VmHWM:")
+}
+
 fn status_field(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

@@ -165,6 +165,55 @@ async fn bodies_are_resent_by_retries_and_carried_by_mirrors_up_to_the_limit() {
     assert_eq!(mirror.stats.requests.load(Ordering::Relaxed), 1);
 }
 
+/// A mirror's answer is read and dropped as it streams, never kept whole: a mirror backend
+/// answering 256 MiB leaves the agent's peak resident memory where it was. Before, the agent
+/// collected each mirror's whole answer (up to 256 mirrors at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrors_answer_is_dropped_as_it_streams() {
+    const ANSWER: usize = 256 << 20;
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let big = listener.local_addr().unwrap();
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {ANSWER}\r\n\r\n");
+                stream.write_all(head.as_bytes()).await.unwrap();
+                let chunk = vec![b'm'; 1 << 16];
+                for _ in 0..ANSWER / chunk.len() {
+                    stream.write_all(&chunk).await.unwrap();
+                }
+                let _ = answered.send(());
+            });
+        }
+    });
+    let rules = "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: big, port: 80}}}]\n    backendRefs: [{name: echo, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "echo", 80, &[echo.addr], None)
+        .service("ns", "big", 80, &[big], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let peak_before = gamma_tests::probe::peak_rss_kib(agent.child.id()).unwrap();
+    let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    tokio::time::timeout(Duration::from_secs(30), answers.recv())
+        .await
+        .expect("the mirror backend wrote its whole answer")
+        .unwrap();
+    // The last bytes written are read by the agent shortly after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = gamma_tests::probe::peak_rss_kib(agent.child.id()).unwrap() - peak_before;
+    assert!(
+        grown < 32 << 10,
+        "peak resident memory grew by {grown} KiB mirroring a {ANSWER}-byte answer"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
     let echo = echo_backend([127, 0, 0, 1], "echo").await;

@@ -4,6 +4,7 @@
 //! counted), never queued, so mirroring can never slow down or pile up behind real traffic. Each
 //! has `ProxyConfig::mirror_timeout` to be answered (and its answer read), so that a mirror
 //! backend that never answers cannot hold the slots.
+//! A mirror's answer is read and dropped as it comes.
 //! A mirror carries the request's body once the caller has sent all of it (it is kept while it
 //! streams, up to `ProxyConfig::max_buffered_body`); a larger body, or one that does not end
 //! within the mirror timeout, is not mirrored (and counted).
@@ -12,6 +13,7 @@ use super::body::RequestBody;
 use super::forward::{strip_hop_by_hop, upstream_request};
 use super::Proxy;
 use gamma_engine::routes::Mirror;
+use http_body_util::BodyExt as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -80,8 +82,10 @@ impl Mirrors {
                     metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
                     let request = upstream_request(&head, in_flight.authority(), h2, body);
                     if let Ok(response) = upstream.send(endpoint, h2, request).await {
-                        // Drain so the pooled connection can be reused.
-                        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                        // Read to its end, so the pooled connection can be reused, and dropped
+                        // frame by frame: a mirror's answer is never kept.
+                        let mut answer = response.into_body();
+                        while let Some(Ok(_)) = answer.frame().await {}
                     }
                 };
                 if tokio::time::timeout(timeout, exchange).await.is_err() {

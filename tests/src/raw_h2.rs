@@ -25,6 +25,10 @@ pub enum Reply {
     GoAway,
     /// `:status: 200` at once, then nothing for this long, then the body `done`.
     Quiet(Duration),
+    /// As `Quiet`, and a GOAWAY NO_ERROR naming this stream the last processed, with the
+    /// connection kept open for it: a server going away (its max connection age, a graceful
+    /// stop) while a long stream runs.
+    QuietGoingAway(Duration),
 }
 
 pub struct RawH2 {
@@ -162,8 +166,12 @@ async fn serve(
                     send(frame(GOAWAY, 0, 0, &[0; 8]));
                     break;
                 }
-                Reply::Quiet(quiet) => {
+                reply @ (Reply::Quiet(quiet) | Reply::QuietGoingAway(quiet)) => {
                     send(frame(HEADERS, END_HEADERS, stream, &STATUS_200));
+                    if let Reply::QuietGoingAway(_) = reply {
+                        let last_and_no_error = [stream.to_be_bytes(), [0; 4]].concat();
+                        send(frame(GOAWAY, 0, 0, &last_and_no_error));
+                    }
                     let out = out.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(quiet).await;

@@ -440,6 +440,42 @@ async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connectio
     drop(watch);
 }
 
+/// A pooled HTTP/2 connection whose backend sent GOAWAY while a long stream runs on it (a
+/// server's max connection age, a graceful stop) takes no new request: the next one goes out on
+/// a new connection. Before, hyper handed the request back unsent and the caller got 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_finding_its_pooled_http2_connection_going_away_goes_out_on_another() {
+    const WATCH: Duration = Duration::from_secs(20);
+    let backend = RawH2::start(|n| {
+        if n == 0 {
+            Reply::QuietGoingAway(WATCH)
+        } else {
+            Reply::Ok
+        }
+    })
+    .await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    // One caller connection: both requests are the same worker's, on its pool.
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://front{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let watch = sender.send_request(get("/watch")).await.unwrap();
+    assert_eq!(watch.status(), 200);
+    // The agent has read the GOAWAY that follows the watch's answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let call = tokio::time::timeout(Duration::from_secs(5), sender.send_request(get("/call")))
+        .await
+        .expect("answered while the watch stream is open")
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
+    assert_eq!(backend.requests.load(Ordering::Relaxed), 2);
+    drop(watch);
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

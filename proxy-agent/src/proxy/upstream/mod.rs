@@ -457,8 +457,9 @@ struct Http2Conn {
 struct StreamCount {
     open: AtomicUsize,
     /// Polled by the connection's task; read here for the endpoint's current
-    /// SETTINGS_MAX_CONCURRENT_STREAMS (hyper's `SendRequest` does not tell it).
-    connection: Mutex<Pin<Box<Http2Connection>>>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (hyper's `SendRequest` does not tell it). `None` once
+    /// it ended: dropped then, so that requests still handed to it come back unsent.
+    connection: Mutex<Option<Pin<Box<Http2Connection>>>>,
 }
 
 type Http2Connection = http2::Connection<TokioIo<tokio::net::TcpStream>, ProxyBody, TokioExecutor>;
@@ -468,7 +469,7 @@ impl StreamCount {
     fn open(self: &Arc<Self>, beyond_limit: bool) -> Option<OpenStream> {
         let limit = (!beyond_limit).then(|| {
             let connection = self.connection.lock().expect("not poisoned");
-            connection.current_max_send_streams()
+            connection.as_ref().map_or(0, |c| c.current_max_send_streams())
         });
         self.open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
@@ -493,25 +494,35 @@ impl Http2Pool {
     async fn send(
         &self,
         endpoint: SocketAddr,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let (mut sender, stream) = self.stream(endpoint).await?;
-        match sender.send_request(request).await {
-            Ok(response) => Ok(response.map(|answer| body::holding(answer, stream))),
-            Err(e) => Err({
-                let error = error_chain(&e);
-                match said_by_backend(&e) {
-                    BackendSaid::Refused => UpstreamError::Declined(error),
-                    BackendSaid::GoingAway => {
-                        // Its next request must not find this connection before hyper notices
-                        // that it is closing.
-                        self.forget(endpoint, &stream.0);
-                        UpstreamError::Declined(error)
-                    }
-                    BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
-                    BackendSaid::Nothing => UpstreamError::Failed(error),
+        loop {
+            let (mut sender, stream, pooled) = self.stream(endpoint).await?;
+            let mut e = match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response.map(|answer| body::holding(answer, stream))),
+                Err(e) => e,
+            };
+            let said = said_by_backend(e.error());
+            if pooled || matches!(said, BackendSaid::GoingAway) {
+                // Its next request must not find this connection: hyper's `is_closed` turns
+                // true only once the connection's task ends, after its last stream.
+                self.forget(endpoint, &stream.0);
+            }
+            let error = error_chain(e.error());
+            // Handed back unsent: the pooled connection was closing (a GOAWAY, read while its
+            // other streams went on). It goes out again on another connection (RFC 9113 §8.7).
+            request = match e.take_message() {
+                Some(unsent) if pooled => unsent,
+                _ => {
+                    return Err(match said {
+                        BackendSaid::Refused | BackendSaid::GoingAway => {
+                            UpstreamError::Declined(error)
+                        }
+                        BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
+                        BackendSaid::Nothing => UpstreamError::Failed(error),
+                    })
                 }
-            }),
+            };
         }
     }
 
@@ -533,10 +544,11 @@ impl Http2Pool {
     /// A stream on one of the endpoint's open connections with room for it, or on a new one.
     /// Requests that find no room wait for the connection being made rather than each making
     /// their own.
+    /// Also says whether the connection was pooled (not made for this request).
     async fn stream(
         &self,
         endpoint: SocketAddr,
-    ) -> Result<(Http2Sender, OpenStream), UpstreamError> {
+    ) -> Result<(Http2Sender, OpenStream, bool), UpstreamError> {
         let slot = {
             let mut endpoints = self.endpoints.lock().expect("not poisoned");
             if !endpoints.contains_key(&endpoint) {
@@ -553,7 +565,7 @@ impl Http2Pool {
         connections.retain(|c| !c.sender.is_closed());
         let with_room = connections
             .iter()
-            .find_map(|c| Some((c.sender.clone(), c.streams.open(false)?)));
+            .find_map(|c| Some((c.sender.clone(), c.streams.open(false)?, true)));
         if let Some(found) = with_room {
             return Ok(found);
         }
@@ -566,7 +578,7 @@ impl Http2Pool {
             .flatten()
         {
             let stream = least_busy.streams.open(true).expect("beyond the limit");
-            return Ok((least_busy.sender.clone(), stream));
+            return Ok((least_busy.sender.clone(), stream, true));
         }
         // Boxed: connecting is rare, and its state (the handshake's) would otherwise size every
         // request's future.
@@ -576,7 +588,7 @@ impl Http2Pool {
         let stream = connection.streams.open(true).expect("beyond the limit");
         let sender = connection.sender.clone();
         connections.push(connection);
-        Ok((sender, stream))
+        Ok((sender, stream, false))
     }
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Conn, UpstreamError> {
@@ -593,13 +605,20 @@ impl Http2Pool {
             .map_err(|e| connect_error(&e))?;
         let streams = Arc::new(StreamCount {
             open: AtomicUsize::new(0),
-            connection: Mutex::new(Box::pin(connection)),
+            connection: Mutex::new(Some(Box::pin(connection))),
         });
         let polled = streams.clone();
         tokio::spawn(async move {
             let ended = std::future::poll_fn(|cx| {
                 let mut connection = polled.connection.lock().expect("not poisoned");
-                connection.as_mut().poll(cx)
+                let Some(running) = connection.as_mut() else {
+                    return std::task::Poll::Ready(Ok(()));
+                };
+                let poll = running.as_mut().poll(cx);
+                if poll.is_ready() {
+                    *connection = None;
+                }
+                poll
             });
             if let Err(e) = ended.await {
                 tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");

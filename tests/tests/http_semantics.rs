@@ -476,6 +476,55 @@ async fn a_request_finding_its_pooled_http2_connection_going_away_goes_out_on_an
     drop(watch);
 }
 
+/// Requests waiting for a connection to an HTTP/2 endpoint that does not answer SYNs (its
+/// accept queue full, as a node going away) fail together when that one attempt times out.
+/// Before, each waiter made an attempt of its own in turn: the n-th answered after n connect
+/// timeouts (1 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_failed_http2_connect_fail_with_it() {
+    const WAITING: usize = 6;
+    let stalled = tokio::net::TcpSocket::new_v4().unwrap();
+    stalled.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stalled = stalled.listen(1).unwrap();
+    let addr = stalled.local_addr().unwrap();
+    // Fill its accept queue: SYNs beyond it are dropped, and connects hang.
+    let mut filling = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            filling.push(stream);
+        }
+    }
+    let agent = Agent::start(&h2_backend_world(addr), options(&[])).unwrap();
+    // One caller connection: every request is the same worker's, on its pool.
+    let (sender, _connection) = http2_to(agent.listen[0]).await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..WAITING)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let request = http::Request::get(format!("http://front/{i}"))
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                sender.send_request(request).await.unwrap().status()
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 503);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "{WAITING} requests answered after {took:?}"
+    );
+    drop((stalled, filling));
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -446,7 +446,16 @@ const HTTP2_CONNECTIONS_PER_ENDPOINT: usize = 16;
 type Http2Sender = http2::SendRequest<ProxyBody>;
 
 /// An endpoint's connections; locked while one is being made, so that one is made at a time.
-type Http2Slot = Arc<tokio::sync::Mutex<Vec<Http2Conn>>>;
+type Http2Slot = Arc<tokio::sync::Mutex<Http2Endpoint>>;
+
+#[derive(Default)]
+struct Http2Endpoint {
+    connections: Vec<Http2Conn>,
+    /// When the last connection attempt failed, and why: the requests that waited for it fail
+    /// with it rather than each waiting for an attempt of its own (an endpoint that drops SYNs
+    /// would make the n-th of them wait n connect timeouts).
+    connect_failed: Option<(Instant, String)>,
+}
 
 struct Http2Conn {
     sender: Http2Sender,
@@ -469,7 +478,9 @@ impl StreamCount {
     fn open(self: &Arc<Self>, beyond_limit: bool) -> Option<OpenStream> {
         let limit = (!beyond_limit).then(|| {
             let connection = self.connection.lock().expect("not poisoned");
-            connection.as_ref().map_or(0, |c| c.current_max_send_streams())
+            connection
+                .as_ref()
+                .map_or(0, |c| c.current_max_send_streams())
         });
         self.open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
@@ -535,8 +546,9 @@ impl Http2Pool {
             .get(&endpoint)
             .cloned();
         if let Some(slot) = slot {
-            if let Ok(mut connections) = slot.try_lock() {
-                connections.retain(|c| !Arc::ptr_eq(&c.streams, connection));
+            if let Ok(mut slot) = slot.try_lock() {
+                slot.connections
+                    .retain(|c| !Arc::ptr_eq(&c.streams, connection));
             }
         }
     }
@@ -555,13 +567,19 @@ impl Http2Pool {
                 // A new endpoint: drop the slots whose connections all closed (endpoints that
                 // went away), so the pool does not grow with every endpoint ever used.
                 endpoints.retain(|_, slot| {
-                    slot.try_lock()
-                        .map_or(true, |c| c.iter().any(|c| !c.sender.is_closed()))
+                    slot.try_lock().map_or(true, |e| {
+                        e.connections.iter().any(|c| !c.sender.is_closed())
+                    })
                 });
             }
             endpoints.entry(endpoint).or_default().clone()
         };
-        let mut connections = slot.lock().await;
+        let asked = Instant::now();
+        let mut slot = slot.lock().await;
+        if let Some((_, error)) = slot.connect_failed.as_ref().filter(|(at, _)| *at >= asked) {
+            return Err(UpstreamError::Connect(error.clone()));
+        }
+        let connections = &mut slot.connections;
         connections.retain(|c| !c.sender.is_closed());
         let with_room = connections
             .iter()
@@ -582,12 +600,18 @@ impl Http2Pool {
         }
         // Boxed: connecting is rare, and its state (the handshake's) would otherwise size every
         // request's future.
-        let connection = Box::pin(self.connect(endpoint)).await?;
+        let connection = match Box::pin(self.connect(endpoint)).await {
+            Ok(connection) => connection,
+            Err(e) => {
+                slot.connect_failed = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
         // A new connection's limit is h2's default until the endpoint's SETTINGS arrive; one
         // that allows none still takes this request, which waited for it.
         let stream = connection.streams.open(true).expect("beyond the limit");
         let sender = connection.sender.clone();
-        connections.push(connection);
+        slot.connections.push(connection);
         Ok((sender, stream, false))
     }
 

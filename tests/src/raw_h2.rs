@@ -41,20 +41,24 @@ pub struct RawH2 {
     pub connections: Arc<AtomicU32>,
 }
 
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
+pub const DATA: u8 = 0;
+pub const HEADERS: u8 = 1;
+pub const RST_STREAM: u8 = 3;
+pub const SETTINGS: u8 = 4;
+pub const PING: u8 = 6;
+pub const GOAWAY: u8 = 7;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 3;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 4;
+pub const WINDOW_UPDATE: u8 = 8;
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const END_STREAM: u8 = 0x1;
+pub const ACK: u8 = 0x1;
+pub const END_HEADERS: u8 = 0x4;
 /// `:status: 200`, HPACK static table index 8.
 const STATUS_200: [u8; 1] = [0x88];
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+/// One HTTP/2 frame: its 9-byte head, then `payload`.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     frame.extend([kind, flags]);
     frame.extend(stream.to_be_bytes());
@@ -131,7 +135,7 @@ async fn serve(
     });
     let mut preface = [0u8; 24];
     read.read_exact(&mut preface).await?;
-    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    assert_eq!(&preface, PREFACE);
     let send = |frame: Vec<u8>| {
         let _ = out.send(Some(frame));
     };

@@ -165,6 +165,99 @@ async fn bodies_are_resent_by_retries_and_carried_by_mirrors_up_to_the_limit() {
     assert_eq!(mirror.stats.requests.load(Ordering::Relaxed), 1);
 }
 
+/// An HTTP/1.1 backend answering every request with `size` bytes, as fast as it is read;
+/// each answer written whole is reported on the channel.
+async fn big_answer_backend(
+    size: usize,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (answered, answers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                stream.write_all(head.as_bytes()).await?;
+                let chunk = vec![b'm'; 1 << 16];
+                for _ in 0..size / chunk.len() {
+                    stream.write_all(&chunk).await?;
+                }
+                let _ = answered.send(());
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    (addr, answers)
+}
+
+/// An HTTP/2 caller that opens many streams with huge flow-control windows and never reads
+/// holds little of the agent's memory per stream: a 64 KiB send buffer, one read of the answer
+/// and its read buffer (about 200 KiB). Before, hyper's 400 KiB send buffer per stream: 64 such
+/// streams grew the agent by 33 MiB, 1,024 on one connection (the limit then) by about 500 MiB,
+/// past the DaemonSet's memory limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_that_never_reads_holds_little_of_the_agents_memory() {
+    use gamma_tests::raw_h2::*;
+    const STREAMS: u32 = 64;
+    let (big, _answers) = big_answer_backend(4 << 20).await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "big", 80, &[big], Some("http"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: big, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let rss_before = gamma_tests::probe::rss_kib(agent.child.id()).unwrap();
+    let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let mut opening = PREFACE.to_vec();
+    let huge_window = [
+        &SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes()[..],
+        &0x7fff_ffffu32.to_be_bytes(),
+    ]
+    .concat();
+    opening.extend(frame(SETTINGS, 0, 0, &huge_window));
+    opening.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    // GET http://front/ : :method GET, :scheme http, :path /, :authority front (literal,
+    // not indexed).
+    let get = [&[0x82, 0x86, 0x84, 0x01, 0x05][..], b"front"].concat();
+    for stream in 0..STREAMS {
+        opening.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            2 * stream + 1,
+            &get,
+        ));
+    }
+    caller.write_all(&opening).await.unwrap();
+    // The answers stream in until the caller's socket buffers and the agent's are full.
+    let mut rss = rss_before;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss = rss.max(gamma_tests::probe::rss_kib(agent.child.id()).unwrap());
+    }
+    let grown = rss.saturating_sub(rss_before);
+    assert!(
+        grown < 20 << 10,
+        "{STREAMS} unread streams grew the agent's resident memory by {grown} KiB"
+    );
+    drop(caller);
+}
+
 /// A mirror's answer is read and dropped as it streams, never kept whole: a mirror backend
 /// answering 256 MiB leaves the agent's peak resident memory where it was. Before, the agent
 /// collected each mirror's whole answer (up to 256 mirrors at once).
@@ -172,25 +265,7 @@ async fn bodies_are_resent_by_retries_and_carried_by_mirrors_up_to_the_limit() {
 async fn a_mirrors_answer_is_dropped_as_it_streams() {
     const ANSWER: usize = 256 << 20;
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let big = listener.local_addr().unwrap();
-    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let answered = answered.clone();
-            tokio::spawn(async move {
-                let mut head = [0u8; 4096];
-                let _ = stream.read(&mut head).await;
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {ANSWER}\r\n\r\n");
-                stream.write_all(head.as_bytes()).await.unwrap();
-                let chunk = vec![b'm'; 1 << 16];
-                for _ in 0..ANSWER / chunk.len() {
-                    stream.write_all(&chunk).await.unwrap();
-                }
-                let _ = answered.send(());
-            });
-        }
-    });
+    let (big, mut answers) = big_answer_backend(ANSWER).await;
     let rules = "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: big, port: 80}}}]\n    backendRefs: [{name: echo, port: 80}]\n";
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)

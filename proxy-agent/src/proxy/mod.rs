@@ -79,6 +79,9 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     /// HTTP/2 streams a client may have open at once.
     pub h2_max_concurrent_streams: u32,
+    /// Answer bytes the agent buffers per HTTP/2 stream for a caller that has not read them
+    /// (however large the window it grants): what a caller that never reads can hold, per stream.
+    pub h2_max_send_buffer: usize,
     /// HTTP/2 rapid reset guard (CVE-2023-44487): streams the client reset before they were
     /// served, waiting in the accept queue; past it the connection gets GOAWAY
     /// ENHANCE_YOUR_CALM.
@@ -104,7 +107,12 @@ impl Default for ProxyConfig {
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
             max_header_bytes: 64 * 1024,
             max_headers: 100,
-            h2_max_concurrent_streams: 1024,
+            // hyper's default is 200, Go's 250, nginx's 128: with the send buffer below, a
+            // caller that reads nothing holds at most about 50 MiB per connection.
+            h2_max_concurrent_streams: 256,
+            // hyper's default is 400 KiB: 1024 unread streams on one connection held 400 MiB.
+            // 64 KiB beside the socket's own buffer still fills a loopback or LAN pipe.
+            h2_max_send_buffer: 64 * 1024,
             // h2's defaults at the time of writing, spelled out so an h2 upgrade cannot loosen
             // them silently.
             h2_max_pending_accept_reset_streams: 20,

@@ -141,6 +141,7 @@ where
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.config.h2_max_concurrent_streams)
+            .max_send_buf_size(self.config.h2_max_send_buffer)
             .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(self.config.h2_max_pending_accept_reset_streams)
             .max_local_error_reset_streams(self.config.h2_max_local_error_reset_streams)

@@ -165,6 +165,37 @@ fn flags_json() -> serde_json::Value {
     serde_json::Value::Array(flags)
 }
 
+/// Raises the soft limit on open files to the hard one. Container runtimes (containerd 2,
+/// Docker 29) and systemd start processes at a soft limit of 1024, to be raised by those that need
+/// more: each relayed connection takes two descriptors or more (six for a splicing pump), and at
+/// the soft limit accepts and connects fail long before `--max-connections`.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft >= limit.rlim_max {
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open-files limit"
+        );
+    } else {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(soft, hard = limit.rlim_max, %error, "could not raise the open-files limit");
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.print_flags {
@@ -188,6 +219,7 @@ fn main() -> Result<()> {
     } else {
         builder.init();
     }
+    raise_open_files_limit();
     // The control plane's runtime: sources, index, redirect maps, takeover. The data plane has
     // its own threads (`proxy::workers`).
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

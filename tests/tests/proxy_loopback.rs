@@ -652,3 +652,39 @@ async fn a_mirror_that_never_answers_is_abandoned() {
     }
     held.abort();
 }
+
+/// The agent starts at the soft open-files limit container runtimes give (1024 under containerd
+/// 2) and raises it to the hard limit: each relayed connection takes two descriptors or more.
+/// Before, it kept the soft limit, and accepts and connects failed (EMFILE) after a few hundred
+/// connections, far below `--max-connections`.
+#[test]
+fn the_agent_raises_its_open_files_limit_to_the_hard_one() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed. This test runs in
+    // a process of its own (nextest), and the agent inherits the lowered soft limit.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let hard = limit.rlim_max;
+    assert!(hard > 512, "the hard limit is {hard}: nothing to raise to");
+    limit.rlim_cur = 512;
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let agent =
+        Agent::start_front(&Manifests::default().service("ns", "front", 80, &[], None)).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3],
+        hard.to_string(),
+        "soft limit after start: {limits}"
+    );
+}

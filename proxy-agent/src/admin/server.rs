@@ -54,7 +54,12 @@ pub fn spawn(
                         () = turned_true(&mut stop) => return,
                         accepted = listener.accept() => match accepted {
                             Ok((stream, _)) => stream,
-                            Err(_) => continue,
+                            Err(e) => {
+                                // EMFILE and friends: wait a little rather than spin.
+                                tracing::warn!(error = %e, "admin: accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                                continue;
+                            }
                         },
                     };
                     let state = state.clone();

@@ -71,6 +71,9 @@ fn is_upgrade(parts: &http::request::Parts) -> bool {
 enum Attempt {
     Response(Response<ProxyBody>),
     ConnectFailed(String),
+    /// No connection for want of the agent's own resources: not the endpoint's fault, and no
+    /// other endpoint would fare better.
+    AgentShort(String),
     TimedOut(Duration),
     /// No answer; `reset`: the HTTP/2 error code the backend reset the stream with.
     Failed {
@@ -170,7 +173,7 @@ pub(super) async fn forward(
                     proxy.upstream.endpoints.failed(&held)
                 }
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
-                Attempt::Declined(_) => {}
+                Attempt::Declined(_) | Attempt::AgentShort(_) => {}
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more
@@ -183,6 +186,7 @@ pub(super) async fn forward(
                     }
                     Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
                     Attempt::Declined(_) => true,
+                    Attempt::AgentShort(_) => false,
                 };
             if retry_wanted && resendable(proxy, &body) {
                 if !matches!(attempt, Attempt::ConnectFailed(_) | Attempt::Declined(_)) {
@@ -192,11 +196,13 @@ pub(super) async fn forward(
             }
             return match attempt {
                 Attempt::Response(response) => Ok(response),
-                Attempt::ConnectFailed(error) => Err(LocalAnswer::ConnectFailed {
-                    endpoint,
-                    backend: backend.name(),
-                    error,
-                }),
+                Attempt::ConnectFailed(error) | Attempt::AgentShort(error) => {
+                    Err(LocalAnswer::ConnectFailed {
+                        endpoint,
+                        backend: backend.name(),
+                        error,
+                    })
+                }
                 Attempt::TimedOut(after) => Err(LocalAnswer::BackendTimeout {
                     endpoint,
                     backend: backend.name(),
@@ -385,6 +391,7 @@ fn attempt(
         Err(limit) => Attempt::TimedOut(limit),
         Ok(Ok(response)) => Attempt::Response(response),
         Ok(Err(UpstreamError::Connect(e))) => Attempt::ConnectFailed(e),
+        Ok(Err(UpstreamError::AgentShort(e))) => Attempt::AgentShort(e),
         Ok(Err(UpstreamError::Failed(error))) => Attempt::Failed { error, reset: None },
         Ok(Err(UpstreamError::Reset(code, error))) => Attempt::Failed {
             error,

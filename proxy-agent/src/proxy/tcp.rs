@@ -45,6 +45,11 @@ pub(super) async fn pass_through(
                 tracing::debug!(%endpoint, ?end, "opaque connection ended");
                 return;
             }
+            Err(e @ super::upstream::UpstreamError::AgentShort(_)) => {
+                // No other endpoint would fare better, and this one is not to blame.
+                tracing::warn!(service = %frontend.service, error = %e, "opaque TCP: no connection; resetting it");
+                break;
+            }
             Err(_) => {
                 proxy.upstream.endpoints.eject(&held);
                 tracing::warn!(%endpoint, service = %frontend.service, "opaque TCP: connecting to the endpoint failed");

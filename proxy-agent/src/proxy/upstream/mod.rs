@@ -44,6 +44,10 @@ pub enum UpstreamError {
     /// No connection could be made: nothing was sent.
     #[error("{0}")]
     Connect(String),
+    /// No connection could be made for want of the agent's own resources (descriptors, local
+    /// ports, memory): nothing was sent, and the endpoint is not to blame.
+    #[error("{0}")]
+    AgentShort(String),
     /// The request was (perhaps partly) sent, and no answer came.
     #[error("{0}")]
     Failed(String),
@@ -214,10 +218,28 @@ pub(super) async fn connect_tcp(
     let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(endpoint))
         .await
         .map_err(|e| connect_error(&e))?
-        .map_err(|e| connect_error(&e))?;
+        .map_err(|e| {
+            if agent_short(&e) {
+                UpstreamError::AgentShort(format!(
+                    "connecting to {endpoint}: {e} (the agent's own limit: raise the open-files \
+                     limit or free local ports)"
+                ))
+            } else {
+                connect_error(&e)
+            }
+        })?;
     let _ = stream.set_nodelay(true);
     super::tcp::keepalive(&stream);
     Ok(stream)
+}
+
+/// A connect that failed before reaching the network: the agent is out of descriptors, local
+/// ports or buffer memory.
+fn agent_short(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Connections kept per endpoint for another request, and the reaper that closes those idle for

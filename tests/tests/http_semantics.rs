@@ -165,6 +165,36 @@ async fn bodies_are_resent_by_retries_and_carried_by_mirrors_up_to_the_limit() {
     assert_eq!(mirror.stats.requests.load(Ordering::Relaxed), 1);
 }
 
+/// A header the route's filter sets reaches the backend even when the caller's `Connection`
+/// names it: connection options are the caller's received fields (RFC 9110 §7.6.1), stripped
+/// before the filters run. Before, they were stripped after, and `Connection: x-added` undid the
+/// route's header (and `Connection: host` a URLRewrite's hostname).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_connection_options_do_not_strip_what_the_route_sets() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_with_rules(
+        echo.addr,
+        "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-added, value: route}]}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    );
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: front\r\nConnection: close, x-added, x-caller\r\nx-added: caller\r\nx-caller: 1\r\n\r\n";
+    let addr = agent.listen[0];
+    let reply =
+        tokio::task::spawn_blocking(move || raw_exchange(addr, request, Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(reply.text.starts_with("HTTP/1.1 200"), "{}", reply.text);
+    let seen: serde_json::Value =
+        serde_json::from_str(&reply.text[reply.text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    let headers = seen["headers"].to_string();
+    assert!(headers.contains(r#"["x-added","route"]"#), "{headers}");
+    assert!(
+        !headers.contains("x-caller"),
+        "a connection option was forwarded: {headers}"
+    );
+}
+
 /// An HTTP/1.1 backend answering every request with `size` bytes, as fast as it is read;
 /// each answer written whole is reported on the channel.
 async fn big_answer_backend(

@@ -44,12 +44,15 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        if keep_upgrade && name == header::CONNECTION {
-            continue;
-        }
         headers.remove(name);
     }
-    if !keep_upgrade {
+    if keep_upgrade {
+        // The one connection option an upgrade relays (RFC 9110 §7.8).
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    } else {
         headers.remove(header::UPGRADE);
     }
     if te_trailers {
@@ -61,7 +64,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// the agent serves the request over HTTP/1.1 and drops the offer with its `HTTP2-Settings`, as
 /// Envoy does. Relayed, a backend that took it would carry every later request on the
 /// connection unrouted (RFC 9113 §3.1 deprecates the upgrade).
-fn is_upgrade(parts: &http::request::Parts) -> bool {
+pub(super) fn is_upgrade(parts: &http::request::Parts) -> bool {
     parts.version == Version::HTTP_11
         && wire::tokens(&parts.headers, &header::UPGRADE)
             .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))

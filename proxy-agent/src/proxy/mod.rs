@@ -334,6 +334,11 @@ impl Proxy {
             .and_then(|(policy, now)| policy.resume(&parts.headers, now))
             .and_then(|session| Some((session, rule.backend_serving(session.endpoint)?)));
         let backend = resumed.map(|(_, index)| index);
+        // The caller's connection options go before the route's filters run: a header a filter
+        // sets is the route's, whatever the caller's `Connection` names (RFC 9110 §7.6.1 is about
+        // the fields received).
+        let upgrade = forward::is_upgrade(&parts);
+        forward::strip_hop_by_hop(&mut parts.headers, upgrade);
         let plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
             Plan::Respond(local) => return Err((local.into(), Some(rule))),
             Plan::Forward(plan) => plan,

@@ -116,7 +116,7 @@ impl RawReply {
     /// Status codes of the responses in the reply, in order.
     pub fn statuses(&self) -> Vec<u16> {
         self.text
-            .match_indices("HTTP/1.1 ")
+            .match_indices("HTTP/1.")
             .filter_map(|(at, _)| self.text.get(at + 9..at + 12)?.parse().ok())
             .collect()
     }

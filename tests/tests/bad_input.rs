@@ -169,6 +169,18 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             post("Transfer-Encoding: xchunked\r\n", &chunked_then_smuggled),
             Expect::Refused(400),
         ),
+        // §6.1: a transfer coding the agent does not implement gets 501 (hyper would read the
+        // body as chunked and the agent forward it without the other coding), then close.
+        (
+            "gzip then chunked",
+            post("Transfer-Encoding: gzip, chunked\r\n", &chunked_then_smuggled),
+            Expect::Refused(501),
+        ),
+        (
+            "chunked twice in two fields",
+            post("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", &chunked_then_smuggled),
+            Expect::Refused(501),
+        ),
         (
             "whitespace between header name and colon",
             post("Transfer-Encoding : chunked\r\nContent-Length: 40\r\n", &chunked_then_smuggled),
@@ -215,6 +227,11 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
         // could each read a different one.
         ("HTTP/1.1 request without Host", b"GET /ok HTTP/1.1\r\n\r\n".to_vec(), Expect::Refused(400)),
         ("two Host fields", get("Host: canary\r\n"), Expect::Refused(400)),
+        (
+            "two Host fields in HTTP/1.0",
+            b"GET /ok HTTP/1.0\r\nHost: x\r\nHost: canary\r\n\r\n".to_vec(),
+            Expect::Refused(400),
+        ),
         (
             "asterisk-form target on GET",
             b"GET * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),

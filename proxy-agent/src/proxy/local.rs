@@ -50,8 +50,10 @@ pub enum LocalAnswer {
     HeadTooLarge { size: usize, limit: usize },
     #[error("the request target `{0}` is not a path (origin-form or http(s) absolute-form)")]
     BadTarget(String),
-    #[error("an HTTP/1.1 request needs exactly one Host field; this one has {0}")]
+    #[error("a request needs one Host field (HTTP/1.1: exactly one); this one has {0}")]
     BadHost(usize),
+    #[error("Transfer-Encoding `{0}`: the agent implements `chunked` alone")]
+    UnknownTransferCoding(String),
 }
 
 impl LocalAnswer {
@@ -71,6 +73,7 @@ impl LocalAnswer {
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
             LocalAnswer::BadHost(_) => Reason::BadHost,
+            LocalAnswer::UnknownTransferCoding(_) => Reason::UnknownTransferCoding,
         }
     }
 
@@ -89,6 +92,7 @@ impl LocalAnswer {
             LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => StatusCode::BAD_REQUEST,
+            LocalAnswer::UnknownTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -128,6 +132,7 @@ impl LocalAnswer {
             LocalAnswer::HeadTooLarge { .. }
             | LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
+            | LocalAnswer::UnknownTransferCoding(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => GrpcStatus::Internal,
         })
     }

@@ -410,13 +410,28 @@ pub fn check_request_head<B>(
     if !target_ok {
         return Err(LocalAnswer::BadTarget(uri.to_string()));
     }
-    // RFC 9112 §3.2: none, or two that a route and the backend could each read differently.
-    // None is taken from a target in absolute form, which names the host (as nginx does; its
-    // Host would be replaced by it anyway, §3.2.2).
-    if request.version() == http::Version::HTTP_11 {
-        let hosts = request.headers().get_all(header::HOST).iter().count();
-        if hosts > 1 || (hosts == 0 && uri.authority().is_none()) {
-            return Err(LocalAnswer::BadHost(hosts));
+    // RFC 9112 §3.2: two that a route and the backend could each read differently, in any
+    // version; none in HTTP/1.1. None is taken from a target in absolute form, which names the
+    // host (as nginx does; its Host would be replaced by it anyway, §3.2.2).
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    let needs_host = request.version() == http::Version::HTTP_11 && uri.authority().is_none();
+    if hosts > 1 || (hosts == 0 && needs_host) {
+        return Err(LocalAnswer::BadHost(hosts));
+    }
+    // RFC 9112 §6.1: a transfer coding the agent does not implement gets 501. hyper reads the
+    // body as chunked whenever the last coding is, and the agent forwards it re-chunked without
+    // the other codings: `gzip, chunked` would reach the backend as gzip bytes with nothing to
+    // say so. Only `chunked` alone is taken, as Go's server and nginx take it.
+    let mut codings = request.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !chunked || codings.next().is_some() {
+            let all = request.headers().get_all(header::TRANSFER_ENCODING).iter();
+            let said: Vec<_> = all.map(|v| String::from_utf8_lossy(v.as_bytes())).collect();
+            return Err(LocalAnswer::UnknownTransferCoding(said.join(", ")));
         }
     }
     Ok(())
@@ -665,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn an_http1_1_request_has_exactly_one_host() {
+    fn a_request_has_one_host_and_an_http1_1_request_exactly_one() {
         let check = |version: http::Version, hosts: &[&str]| {
             let mut request = Request::get("/x").version(version);
             for host in hosts {
@@ -679,6 +694,8 @@ mod tests {
         assert_eq!(check(Version::HTTP_11, &["a", "b"]), Err(400));
         assert_eq!(check(Version::HTTP_10, &[]), Ok(()), "HTTP/1.0 may omit it");
         assert_eq!(check(Version::HTTP_2, &[]), Ok(()), ":authority instead");
+        assert_eq!(check(Version::HTTP_10, &["a", "b"]), Err(400));
+        assert_eq!(check(Version::HTTP_2, &["a", "b"]), Err(400));
         let absolute = Request::get("http://front.ns/x").body(()).unwrap();
         assert_eq!(
             check_request_head(&absolute, 1024).map_err(|e| e.status().as_u16()),

@@ -31,10 +31,11 @@ pub enum Reason {
     HeadTooLarge,
     BadTarget,
     BadHost,
+    UnknownTransferCoding,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -49,6 +50,7 @@ impl Reason {
         Reason::HeadTooLarge,
         Reason::BadTarget,
         Reason::BadHost,
+        Reason::UnknownTransferCoding,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Reason {
             Reason::HeadTooLarge => "head_too_large",
             Reason::BadTarget => "bad_target",
             Reason::BadHost => "bad_host",
+            Reason::UnknownTransferCoding => "unknown_transfer_coding",
         }
     }
 }

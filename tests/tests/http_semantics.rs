@@ -387,6 +387,75 @@ async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
     assert_eq!(cookies, ["from=backend", "added=1"]);
 }
 
+/// An opaque connection whose backend resets it is reset for the caller too, not ended with a
+/// FIN the caller would take for a complete stream; and the other way round. Before, either
+/// side's reset reached the other as an orderly close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_side_of_an_opaque_connection_resets_the_other() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // The first connection that says hello is reset; the second reports how the caller's
+        // reset reached it. (Others, such as the harness checking the listener, say nothing.)
+        let mut hellos = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut hello = [0u8; 5];
+            if stream.read_exact(&mut hello).await.is_err() {
+                continue;
+            }
+            hellos += 1;
+            if hellos == 1 {
+                stream.set_linger(Some(Duration::ZERO)).unwrap();
+                continue;
+            }
+            let mut rest = Vec::new();
+            let _ = seen_tx.send(stream.read_to_end(&mut rest).await.map_err(|e| e.kind()));
+        }
+    });
+    let world = Manifests::default().service("ns", "raw", 80, &[backend], Some("tcp"));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/raw", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    caller.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend's reset reached the caller as"
+    );
+    let caller = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let mut caller = caller;
+    caller.write_all(b"hello").await.unwrap();
+    // Read by the agent and passed on before the reset.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    caller.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(caller);
+    let at_backend = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .expect("the backend's side ends")
+        .unwrap();
+    assert_eq!(
+        at_backend,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the caller's reset reached the backend as"
+    );
+}
+
 /// Idle connections do not stay forever: an HTTP/2 client connection that moved nothing for
 /// `--idle-timeout-s` gets GOAWAY and ends; an opaque one is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

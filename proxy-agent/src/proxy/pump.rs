@@ -299,7 +299,14 @@ impl Registered {
         match exit {
             Exit::Closed => PumpEnd::Closed,
             Exit::Idle => PumpEnd::Idle,
-            Exit::Failed(e) => PumpEnd::Failed(e.to_string()),
+            Exit::Failed(e) => {
+                // One side reset (or could not be written to): the other learns it as a reset
+                // too, not as an orderly end it would take for a complete stream (a truncated
+                // upload committed, a cut download read as whole). Envoy's TCP proxy does so.
+                super::tcp::reset_on_close(&client);
+                super::tcp::reset_on_close(&upstream);
+                PumpEnd::Failed(e.to_string())
+            }
             Exit::Pause(reply) => {
                 let (Ok(client), Ok(upstream)) = (client.into_std(), upstream.into_std()) else {
                     return PumpEnd::Failed("a socket could not be detached".into());

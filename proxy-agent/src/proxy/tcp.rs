@@ -64,7 +64,12 @@ pub(super) async fn pass_through(
 /// Service that no endpoint serves, and its client sees the failure; a FIN after a connect that
 /// succeeded would read as a server that had nothing to say.
 fn refuse(downstream: TcpStream) {
-    let _ = rustix::net::sockopt::set_socket_linger(&downstream, Some(std::time::Duration::ZERO));
+    reset_on_close(&downstream);
+}
+
+/// Makes the socket's close a reset (RST) rather than an orderly FIN.
+pub(super) fn reset_on_close(socket: impl rustix::fd::AsFd) {
+    let _ = rustix::net::sockopt::set_socket_linger(socket, Some(std::time::Duration::ZERO));
 }
 
 /// TCP keepalive on a connection the agent holds (client or upstream side): a peer that vanished

@@ -29,6 +29,9 @@ pub enum Reply {
     /// connection kept open for it: a server going away (its max connection age, a graceful
     /// stop) while a long stream runs.
     QuietGoingAway(Duration),
+    /// `:status: 200` and a field `x-big` of this many bytes, in HEADERS and CONTINUATION
+    /// frames.
+    BigHeader(usize),
 }
 
 pub struct RawH2 {
@@ -50,6 +53,7 @@ pub const GOAWAY: u8 = 7;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 3;
 pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 4;
 pub const WINDOW_UPDATE: u8 = 8;
+pub const CONTINUATION: u8 = 9;
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const END_STREAM: u8 = 0x1;
 pub const ACK: u8 = 0x1;
@@ -163,6 +167,34 @@ async fn serve(
                     stream,
                     &STATUS_200,
                 )),
+                Reply::BigHeader(size) => {
+                    // :status 200, then a literal field without indexing, new name (RFC 7541
+                    // §6.2.2), its value's length an integer with a 7-bit prefix (§5.1).
+                    let mut block = vec![STATUS_200[0], 0x00, 5];
+                    block.extend(b"x-big");
+                    block.push(0x7f);
+                    let mut rest = size - 127;
+                    while rest >= 128 {
+                        block.push((rest % 128) as u8 | 0x80);
+                        rest /= 128;
+                    }
+                    block.push(rest as u8);
+                    block.extend(std::iter::repeat_n(b'b', size));
+                    let pieces: Vec<&[u8]> = block.chunks(16_384).collect();
+                    for (i, piece) in pieces.iter().enumerate() {
+                        let (kind, first) = if i == 0 {
+                            (HEADERS, END_STREAM)
+                        } else {
+                            (CONTINUATION, 0)
+                        };
+                        let last = if i + 1 == pieces.len() {
+                            END_HEADERS
+                        } else {
+                            0
+                        };
+                        send(frame(kind, first | last, stream, piece));
+                    }
+                }
                 Reply::Refuse => send(frame(RST_STREAM, 0, stream, &7u32.to_be_bytes())),
                 Reply::Reset(code) => send(frame(RST_STREAM, 0, stream, &code.to_be_bytes())),
                 Reply::GoAway => {

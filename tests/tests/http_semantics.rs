@@ -699,6 +699,20 @@ async fn requests_waiting_for_a_failed_http2_connect_fail_with_it() {
     drop((stalled, filling));
 }
 
+/// An HTTP/2 backend's answer may carry as large a header list as a caller may send the agent
+/// (64 KiB): a 20 KiB field reaches the caller. Before, the agent's HTTP/2 client kept hyper's
+/// 16 KiB limit and the caller got 502 (gRPC: UNAVAILABLE), and a larger trailer was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_backends_large_header_list_reaches_the_caller() {
+    const SIZE: usize = 20 * 1024;
+    let backend = RawH2::start(|_| Reply::BigHeader(SIZE)).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let big = answer.headers.get("x-big").map(|v| v.len());
+    assert_eq!(big, Some(SIZE));
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -465,6 +465,10 @@ struct Http2Pool {
 /// limit, a request waits on the least busy one, as it would with one connection.
 const HTTP2_CONNECTIONS_PER_ENDPOINT: usize = 16;
 
+/// The header list an HTTP/2 backend's answer (or trailers) may carry: as large as the request
+/// heads callers may send (`ProxyConfig::max_header_bytes`).
+const HTTP2_MAX_HEADER_LIST: u32 = 64 * 1024;
+
 type Http2Sender = http2::SendRequest<ProxyBody>;
 
 /// An endpoint's connections; locked while one is being made, so that one is made at a time.
@@ -646,6 +650,9 @@ impl Http2Pool {
             // sent between, as abuse, and close the connection after two (GOAWAY
             // "too_many_pings"), failing every quiet stream on it. A peer that vanished is
             // noticed by the socket's TCP keepalive, as Envoy does by default.
+            // Answers as large as the requests callers may send (hyper's default is 16 KiB: a
+            // larger answer failed, and a larger trailer lost its fields).
+            .max_header_list_size(HTTP2_MAX_HEADER_LIST)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(&e))?;

@@ -1710,7 +1710,14 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                 ),
                 (true, s, m) => {
                     // The spec: "If left empty or omitted, will match any service" (method alike).
+                    // Anchors a user writes for the part alone (`^pkg\.Svc$`) are the parts'
+                    // own bounds here: left in, `^` after `/` could never match.
                     fn any(part: Option<&str>) -> &str {
+                        let part = part.map(|p| p.strip_prefix('^').unwrap_or(p));
+                        let part = part.map(|p| match p.strip_suffix('$') {
+                            Some(rest) if !rest.ends_with('\\') => rest,
+                            _ => p,
+                        });
                         part.filter(|p| !p.is_empty()).unwrap_or("[^/]+")
                     }
                     PathMatch::Regex(
@@ -1786,5 +1793,19 @@ mod tests {
         );
         assert!(path.matches("/pkg.Catalog/ListItems"));
         assert!(!path.matches("/other.Catalog/ListItems"));
+    }
+
+    #[test]
+    fn grpc_regex_parts_may_carry_their_own_anchors() {
+        let path = grpc_paths(serde_json::json!(
+            {"type": "RegularExpression", "service": "^pkg\\.Catalog$", "method": "^Get.*"}
+        ));
+        assert!(path.matches("/pkg.Catalog/GetItem"));
+        assert!(!path.matches("/pkg.Catalog/ListItems"));
+        assert!(!path.matches("/pkg.CatalogX/GetItem"));
+        let escaped_dollar = grpc_paths(serde_json::json!(
+            {"type": "RegularExpression", "service": "pkg\\$", "method": "Get"}
+        ));
+        assert!(escaped_dollar.matches("/pkg$/Get"));
     }
 }

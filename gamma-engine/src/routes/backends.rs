@@ -286,11 +286,9 @@ pub fn usable_endpoints(
         let mut out: Vec<SocketAddr> = endpoints
             .iter()
             .filter(|(e, _)| pick(e) && topology.admits(e))
-            .flat_map(|(e, port)| {
-                e.addresses
-                    .iter()
-                    .map(move |ip| SocketAddr::new(*ip, *port))
-            })
+            // The first address only: the API defines no meaning for the others, and
+            // kube-proxy dials only the first.
+            .filter_map(|(e, port)| Some(SocketAddr::new(*e.addresses.first()?, *port)))
             .collect();
         out.sort();
         out.dedup();
@@ -374,6 +372,13 @@ mod tests {
                 std::net::IpAddr::V6(_) => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_endpoint_is_its_first_address_as_kube_proxy_reads_it() {
+        let mut two = endpoint(1, "a", true, &[], &[]);
+        two.addresses = Box::new([[10, 0, 0, 1].into(), [10, 0, 0, 9].into()]);
+        assert_eq!(usable(vec![two], false, None), [1]);
     }
 
     #[test]

@@ -185,6 +185,44 @@ async fn persisted_sessions_survive_weight_changes_and_follow_their_endpoint_unt
     }
 }
 
+/// The same over HTTP/2: the 503 stream is followed by a graceful GOAWAY, so that the client
+/// (a gRPC channel re-resolves its name only when its connection goes) connects again to
+/// wherever the name leads now. Before, every call on the kept connection got 503 (gRPC:
+/// UNAVAILABLE) for as long as the client kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_http2_connection_to_a_service_that_went_gets_goaway_after_its_503() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_routed_to(echo.addr);
+    let agent = Agent::start_front(&world).unwrap();
+    let stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let mut connection = tokio::spawn(connection);
+    let get = || {
+        http::Request::get("http://front/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    let without_front = Manifests::default().service("ns", "echo", 80, &[echo.addr], None);
+    let _agent = tokio::task::spawn_blocking(move || agent.update(&without_front).map(|()| agent))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 503);
+    tokio::time::timeout(std::time::Duration::from_secs(5), &mut connection)
+        .await
+        .expect("the agent ends the connection after the 503")
+        .unwrap()
+        .expect("with a graceful GOAWAY");
+}
+
 /// A Service deleted while a client's HTTP/1.1 connection to it stays open: the next request on
 /// it gets 503 and the connection is closed, so that the client's next one goes wherever the
 /// Service's name leads now (a Service made again has a new ClusterIP). Left open, every

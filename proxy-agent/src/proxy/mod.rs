@@ -481,14 +481,22 @@ fn absolute_form_names_the_host<B>(request: &mut Request<B>) {
     }
 }
 
-/// Ends an HTTP/1 connection after this answer (HTTP/2 forbids the header).
+/// Ends the connection after this answer: HTTP/1 by `Connection: close`; HTTP/2, which forbids
+/// the header, by a graceful GOAWAY the connection's server sends when it sees [`CloseAfter`].
 fn close_after(response: &mut Response<ProxyBody>, version: http::Version) {
     if version < http::Version::HTTP_2 {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    } else {
+        response.extensions_mut().insert(CloseAfter);
     }
 }
+
+/// Marks an HTTP/2 answer after which the connection is to end gracefully (GOAWAY: streams in
+/// flight finish, the client opens new ones on a new connection).
+#[derive(Clone, Copy, Debug)]
+pub struct CloseAfter;
 
 /// The agent's own answer: for a gRPC caller a trailers-only gRPC status (HTTP 200, no body),
 /// for the others the HTTP status with the reason as text; to a HEAD, only the text's length

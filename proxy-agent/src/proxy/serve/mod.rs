@@ -9,7 +9,7 @@ mod wire;
 use super::body::{CallerBody, ProxyBody};
 use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use super::io::Watched;
-use super::{ConnectionInfo, Proxy, ProxyConfig};
+use super::{CloseAfter, ConnectionInfo, Proxy, ProxyConfig};
 use futures::future::BoxFuture;
 use http::header::{HeaderValue, CONNECTION};
 use http::{Method, Request, Response, StatusCode};
@@ -41,12 +41,16 @@ where
     // on a new connection (to a successor, on a restart) instead of racing our close. HTTP/2 has
     // GOAWAY for that, and forbids the header.
     let closing = (!http2).then(|| shutdown.clone());
+    // An HTTP/2 answer marked `CloseAfter` asks for a GOAWAY.
+    let go_away = Arc::new(tokio::sync::Notify::new());
     let service = {
         let proxy = proxy.clone();
+        let go_away = go_away.clone();
         service_fn(move |request| {
             let proxy = proxy.clone();
             let info = info.clone();
             let closing = closing.clone();
+            let go_away = go_away.clone();
             // Boxed: hyper keeps an HTTP/1 connection's slot for its request future for the
             // connection's whole life, so unboxed every idle keep-alive connection would hold
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
@@ -61,6 +65,9 @@ where
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
+                if response.extensions_mut().remove::<CloseAfter>().is_some() {
+                    go_away.notify_one();
+                }
                 Ok(response)
             });
             answer
@@ -73,6 +80,7 @@ where
         service,
         moves,
         shutdown,
+        go_away,
     };
     if http2 {
         // Boxed: HTTP/2's connection state (frame codec, header tables) is the larger, and
@@ -93,6 +101,7 @@ struct Served<'c, I, S> {
     service: S,
     moves: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
+    go_away: Arc<tokio::sync::Notify>,
 }
 
 impl<I, S> Served<'_, I, S>
@@ -152,6 +161,12 @@ where
             r = conn.as_mut() => r,
             // GOAWAY: streams already started finish, the client opens new ones elsewhere.
             () = turned_true_polled_when_woken(&mut self.shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            // An answer asked for it (its Service went: the client's next connection goes
+            // wherever the name leads now).
+            () = self.go_away.notified() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

@@ -53,6 +53,11 @@ pub fn threads(pid: u32) -> Result<u64> {
 }
 
 /// The number a /proc/<pid>/status line starts with (`kB` units left off).
+/// Makes a socket's close a reset (RST) rather than an orderly FIN.
+pub fn reset_on_close(socket: impl rustix::fd::AsFd) {
+    rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO)).expect("SO_LINGER");
+}
+
 /// Peak resident memory of a process in KiB (`VmHWM` of /proc/<pid>/status).
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
     status_field(pid, "VmHWM:")

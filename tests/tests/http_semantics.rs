@@ -406,7 +406,7 @@ async fn a_reset_on_one_side_of_an_opaque_connection_resets_the_other() {
             }
             hellos += 1;
             if hellos == 1 {
-                stream.set_linger(Some(Duration::ZERO)).unwrap();
+                gamma_tests::probe::reset_on_close(&stream);
                 continue;
             }
             let mut rest = Vec::new();
@@ -443,7 +443,7 @@ async fn a_reset_on_one_side_of_an_opaque_connection_resets_the_other() {
     caller.write_all(b"hello").await.unwrap();
     // Read by the agent and passed on before the reset.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    caller.set_linger(Some(Duration::ZERO)).unwrap();
+    gamma_tests::probe::reset_on_close(&caller);
     drop(caller);
     let at_backend = tokio::time::timeout(Duration::from_secs(5), seen.recv())
         .await

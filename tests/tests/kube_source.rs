@@ -285,11 +285,22 @@ async fn routes_are_picked_up_when_the_gateway_api_crds_appear() {
     eprintln!("timing: route picked up {took:?} after the CRDs appeared");
     assert_eq!(agent.answered_by().as_deref(), Some("back"));
 
-    // CRDs removed again: their routes go, the rest stays.
+    // A 404 for a kind that was served (an API server starting up can answer so for a custom
+    // resource it serves): its objects stay, and so does the route.
     api.set_served("httproutes", false);
+    eventually("the log tells of the 404", || {
+        agent.log().contains("which it served").then_some(())
+    });
+    assert!(routes(&agent.dump()).contains("HTTPRoute shop/to-back"));
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+    // CRDs removed: the API server deletes their objects first (the watch reports them), then
+    // stops serving the kind. The routes go, the rest stays.
+    api.set_served("httproutes", true);
+    api.delete("httproutes", "shop", "to-back");
     table(&agent, "routes gone with their CRD", |d| {
         routes(d).is_empty()
     });
+    api.set_served("httproutes", false);
     assert!(services(&agent.dump()).contains("back"));
 }
 

@@ -22,10 +22,11 @@ use kube::api::{Api, DynamicObject};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::Client;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// The kinds the agent follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,15 +117,7 @@ pub async fn run(
     updates: mpsc::Sender<Update>,
 ) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.call().api_resource());
-    let mut state = KindState {
-        kind,
-        updates,
-        known: HashSet::new(),
-        good: HashSet::new(),
-        listed: None,
-        failures: 0,
-        failing_since: None,
-    };
+    let mut state = KindState::new(kind, updates);
     let mut backoff = DefaultBackoff::default();
     loop {
         let mut events = std::pin::pin!(watcher::watcher(api.clone(), config.clone()));
@@ -161,15 +154,37 @@ struct KindState {
     updates: mpsc::Sender<Update>,
     /// Keys this kind has applied to the index (converted at least once, not deleted since).
     known: HashSet<ObjectKey>,
-    /// Of those, the keys with a good version in the index (a refused route may have none).
-    good: HashSet<ObjectKey>,
+    /// Of those, the keys with a good version in the index (a refused route may have none), and
+    /// the uid of the object that version is of.
+    good: HashMap<ObjectKey, Option<String>>,
     /// During a list: the keys seen so far.
     listed: Option<HashSet<ObjectKey>>,
     failures: u32,
     failing_since: Option<u64>,
+    /// Since when the API server answers 404 for this kind, which it served before.
+    not_served_since: Option<Instant>,
 }
 
+/// How long a kind the API server served must be answered 404 before its objects are dropped:
+/// an API server starting up can answer 404 for a custom resource it serves
+/// (kubernetes/kubernetes#115241), and a CRD really deleted deletes its objects first, which the
+/// watch reports one by one.
+const NOT_SERVED_GRACE: Duration = Duration::from_secs(60);
+
 impl KindState {
+    fn new(kind: Watched, updates: mpsc::Sender<Update>) -> Self {
+        KindState {
+            kind,
+            updates,
+            known: HashSet::new(),
+            good: HashMap::new(),
+            listed: None,
+            failures: 0,
+            failing_since: None,
+            not_served_since: None,
+        }
+    }
+
     async fn send(&self, update: Update) -> Result<(), Closed> {
         self.updates.send(update).await.map_err(|_| Closed)
     }
@@ -204,6 +219,7 @@ impl KindState {
                     );
                 }
                 self.failures = 0;
+                self.not_served_since = None;
                 self.send(Update::Health(self.kind.feed(), Health::Synced))
                     .await?;
             }
@@ -215,6 +231,13 @@ impl KindState {
 
     async fn apply(&mut self, object: &DynamicObject) -> Result<(), Closed> {
         let key = key_of(object);
+        let uid = object.metadata.uid.clone();
+        let converted = convert(self.kind.call(), object);
+        // A namesake of an object deleted while the watch was down: the deleted object's last
+        // good version must not stand in for this one's invalid one.
+        if converted.is_err() && self.good.get(&key).is_some_and(|good| *good != uid) {
+            self.delete(key.clone()).await?;
+        }
         if let Some(kind) = self.kind.route_kind() {
             let route = RouteKey {
                 kind,
@@ -224,14 +247,14 @@ impl KindState {
             self.send(Update::StoredStatus(route, Some(Arc::new(server))))
                 .await?;
         }
-        match convert(self.kind.call(), object) {
+        match converted {
             Ok(converted) => {
                 self.known.insert(key.clone());
-                self.good.insert(key);
+                self.good.insert(key, uid);
                 self.send(Update::Apply(converted)).await?;
             }
             Err(e) => {
-                let kept = if self.good.contains(&key) {
+                let kept = if self.good.contains_key(&key) {
                     "its last good version stays in use"
                 } else {
                     "it is ignored"
@@ -271,7 +294,26 @@ impl KindState {
         self.listed = None;
         let call = self.kind.call();
         let status = api_status(&error);
-        if status.is_some_and(|s| s.code == 404) {
+        let not_served_since = status
+            .filter(|s| s.code == 404)
+            .map(|_| *self.not_served_since.get_or_insert_with(Instant::now));
+        let served_before = !self.known.is_empty();
+        if let Some(since) = not_served_since.filter(|_| served_before) {
+            if since.elapsed() < NOT_SERVED_GRACE {
+                tracing::warn!(
+                    kind = call.kind,
+                    objects = self.known.len(),
+                    "the API server answers 404 for {}, which it served: keeping its objects \
+                     unless it goes on for {NOT_SERVED_GRACE:?}; retrying in {retry:?}",
+                    call.describe()
+                );
+                let since = *self.failing_since.get_or_insert_with(unix_now);
+                return self
+                    .send(Update::Health(self.kind.feed(), Health::Failing { since }))
+                    .await;
+            }
+        }
+        if not_served_since.is_some() {
             if self.failures == 1 {
                 tracing::warn!(
                     "{} ({}) is not served by the API server: the Gateway API CRDs are not installed. \
@@ -387,15 +429,7 @@ mod tests {
     #[tokio::test]
     async fn relist_deletes_what_disappeared_and_keeps_invalid_objects() {
         let (tx, mut rx) = mpsc::channel(64);
-        let mut state = KindState {
-            kind: Watched::Service,
-            updates: tx,
-            known: HashSet::new(),
-            good: HashSet::new(),
-            listed: None,
-            failures: 0,
-            failing_since: None,
-        };
+        let mut state = KindState::new(Watched::Service, tx);
         let svc = |name: &str, port: u16| {
             object(serde_json::json!({
                 "metadata": {"name": name, "namespace": "ns"},
@@ -418,5 +452,112 @@ mod tests {
             }
         }
         assert_eq!(deleted, vec![ObjectRef::Service(ObjectKey::new("ns", "b"))]);
+    }
+
+    fn http_route(uid: &str, path_type: &str) -> DynamicObject {
+        object(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns", "uid": uid, "generation": 1},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+                "rules": [{"matches": [{"path": {"type": path_type, "value": "/("}}],
+                           "backendRefs": [{"name": "back", "port": 80}]}]
+            }
+        }))
+    }
+
+    /// The updates sent so far, as `Delete`, `Apply` (a route applied or refused) and health.
+    fn drain(rx: &mut mpsc::Receiver<Update>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|update| match update {
+                Update::Delete(r) => Some(format!("delete {r:?}")),
+                Update::Apply(Object::RefusedRoute(_)) => Some("refused".into()),
+                Update::Apply(o) => Some(format!("apply {}", o.describe())),
+                Update::Health(_, health) => Some(format!("{health:?}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_invalid_namesake_of_a_deleted_route_does_not_keep_the_deleted_ones_rules() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::HttpRoute, tx);
+        state
+            .handle(Event::Apply(http_route("old", "PathPrefix")))
+            .await
+            .ok();
+        // Deleted and made again, now invalid (a regex that does not compile), while the watch
+        // was down: the relist shows only the new object.
+        state.handle(Event::Init).await.ok();
+        state
+            .handle(Event::InitApply(http_route("new", "RegularExpression")))
+            .await
+            .ok();
+        state.handle(Event::InitDone).await.ok();
+        let updates = drain(&mut rx);
+        let route = ObjectRef::Route(RouteKey {
+            kind: RouteKind::Http,
+            key: ObjectKey::new("ns", "r"),
+        });
+        assert_eq!(
+            updates[1..3],
+            [format!("delete {route:?}"), "refused".to_string()],
+            "{updates:?}"
+        );
+        // A new version of the same object that is invalid keeps its last good one.
+        state
+            .handle(Event::Apply(http_route("new2", "PathPrefix")))
+            .await
+            .ok();
+        state
+            .handle(Event::Apply(http_route("new2", "RegularExpression")))
+            .await
+            .ok();
+        let updates = drain(&mut rx);
+        assert!(
+            !updates.iter().any(|u| u.starts_with("delete")),
+            "{updates:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_404_for_a_kind_that_was_served_keeps_its_objects_for_a_while() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::HttpRoute, tx);
+        state
+            .handle(Event::Apply(http_route("a", "PathPrefix")))
+            .await
+            .ok();
+        let not_found = || {
+            let mut status =
+                kube::core::Status::failure("the server could not find it", "NotFound");
+            status.code = 404;
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+        };
+        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        let updates = drain(&mut rx);
+        assert!(
+            !updates.iter().any(|u| u.starts_with("delete")),
+            "{updates:?}"
+        );
+        assert!(
+            updates.last().unwrap().starts_with("Failing"),
+            "{updates:?}"
+        );
+        // Still 404 after the grace: the kind is gone, and its objects with it.
+        state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
+        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        let updates = drain(&mut rx);
+        assert!(
+            updates.iter().any(|u| u.starts_with("delete")),
+            "{updates:?}"
+        );
+        assert_eq!(updates.last().unwrap(), "Absent", "{updates:?}");
+        // Never served: absent at once.
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::HttpRoute, tx);
+        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        assert_eq!(drain(&mut rx), ["Absent"]);
     }
 }

@@ -249,8 +249,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 &t.socket,
                 offered,
                 redirect.clone(),
-                drain.clone(),
-                proxy.pumps.clone(),
+                (drain.clone(), proxy.pumps.clone(), readiness.clone()),
             )
             .context("offering takeovers")?,
         ),

@@ -36,6 +36,7 @@
 use crate::proxy::drain::Drain;
 use crate::proxy::pump::{Flow, Paused, Pumps};
 use crate::redirect::{Predecessor, Redirect, RedirectError, RedirectOffer};
+use crate::telemetry::readiness::Readiness;
 use serde::{Deserialize, Serialize};
 use std::io::{self, IoSlice, IoSliceMut, Write as _};
 use std::mem::MaybeUninit;
@@ -496,8 +497,7 @@ impl Successors {
         path: &Path,
         offered: Offered,
         redirect: Option<Arc<Redirect>>,
-        drain: Drain,
-        pumps: Arc<Pumps>,
+        (drain, pumps, readiness): (Drain, Arc<Pumps>, Arc<Readiness>),
     ) -> Result<Self, HandoverError> {
         let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&temporary);
@@ -536,6 +536,7 @@ impl Successors {
                 pumps,
                 closing: closing.clone(),
                 runtime: tokio::runtime::Handle::current(),
+                readiness,
             }),
             done,
         ));
@@ -593,6 +594,33 @@ struct OfferState {
     /// Set when this agent shuts down: a session waiting for Stop ends.
     closing: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
+    readiness: Arc<Readiness>,
+}
+
+/// While a successor holds this agent's sockets and has not said Stop: `/ready` says not ready
+/// (the successor answers probes on the same listener, not ready until it has synced). Undone
+/// if the successor goes away before Stop.
+struct HandingOver<'s> {
+    readiness: &'s Readiness,
+    committed: bool,
+}
+
+impl<'s> HandingOver<'s> {
+    fn start(readiness: &'s Readiness, pid: u32) -> Self {
+        readiness.handing_over_to.store(pid, Ordering::Relaxed);
+        HandingOver {
+            readiness,
+            committed: false,
+        }
+    }
+}
+
+impl Drop for HandingOver<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.readiness.handing_over_to.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 async fn accept_successors(
@@ -697,6 +725,7 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         pid = peer.pid,
         "sockets offered to a successor; serving until it says stop"
     );
+    let mut handing_over = HandingOver::start(&state.readiness, peer.pid);
     // The successor syncs its table before it answers (minutes with a slow API server).
     loop {
         if state.closing.load(Ordering::Relaxed) {
@@ -707,7 +736,7 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         }
     }
     match recv(stream) {
-        Ok((Message::Stop, _)) => {}
+        Ok((Message::Stop, _)) => handing_over.committed = true,
         Ok((other, _)) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -1080,7 +1109,9 @@ mod tests {
         drop(listener);
         let drain = Drain::default();
         let pumps = Pumps::new(Duration::from_secs(60));
-        let mut old = Successors::serve(&path, offered, None, drain, pumps).unwrap();
+        let readiness = Arc::new(Readiness::default());
+        let mut old =
+            Successors::serve(&path, offered, None, (drain, pumps, readiness.clone())).unwrap();
         let successor_path = path.clone();
         let (handover, mut inherited_listener) = tokio::task::spawn_blocking(move || {
             let mut inherited = inherit(&successor_path, Duration::from_secs(5)).unwrap();
@@ -1105,6 +1136,50 @@ mod tests {
         assert!(path.exists(), "left for the successor to replace");
     }
 
+    /// Between the offer and Stop both agents accept on the admin listener: the old one says
+    /// not ready, as the successor does until it has synced, so that the successor's pod is not
+    /// taken for ready on the old agent's word. A successor gone before Stop undoes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_old_agent_is_not_ready_while_a_successor_holds_its_sockets() {
+        let dir = TestDir::new("handover-ready");
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut offered = Offered::default();
+        offered.add(&listener).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        let readiness = Arc::new(Readiness::default());
+        let _old = Successors::serve(
+            &path,
+            offered,
+            None,
+            (Drain::default(), pumps, readiness.clone()),
+        )
+        .unwrap();
+        let stream = UnixStream::connect(&path).unwrap();
+        let hello = Message::Hello {
+            protocol: PROTOCOL,
+            takes_connections: true,
+        };
+        let offer = tokio::task::spawn_blocking(move || {
+            send(&stream, &hello, &[]).unwrap();
+            let offer = recv(&stream).unwrap().0;
+            (stream, offer)
+        });
+        let (stream, offer) = offer.await.unwrap();
+        assert!(matches!(offer, Message::Offer { .. }));
+        let handing_over = || readiness.handing_over_to.load(Ordering::Relaxed);
+        assert_eq!(handing_over(), std::process::id());
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while handing_over() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "still handing over to a successor that went"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A successor that sends Stop and is gone before it hears Stopped: the old agent stopped
     /// accepting, so it must still count as taken over (drain, then go), not serve on without
     /// accepting anything.
@@ -1116,7 +1191,13 @@ mod tests {
         let mut offered = Offered::default();
         offered.add(&listener).unwrap();
         let pumps = Pumps::new(Duration::from_secs(60));
-        let mut old = Successors::serve(&path, offered, None, Drain::default(), pumps).unwrap();
+        let mut old = Successors::serve(
+            &path,
+            offered,
+            None,
+            (Drain::default(), pumps, Arc::default()),
+        )
+        .unwrap();
         let successor_path = path.clone();
         tokio::task::spawn_blocking(move || {
             let stream = UnixStream::connect(successor_path).unwrap();
@@ -1146,7 +1227,13 @@ mod tests {
         let mut offered = Offered::default();
         offered.add(&listener).unwrap();
         let pumps = Pumps::new(Duration::from_secs(60));
-        let successors = Successors::serve(&path, offered, None, Drain::default(), pumps).unwrap();
+        let successors = Successors::serve(
+            &path,
+            offered,
+            None,
+            (Drain::default(), pumps, Arc::default()),
+        )
+        .unwrap();
         assert!(path.exists());
         drop(successors);
         drop(listener);

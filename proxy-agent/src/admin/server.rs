@@ -138,6 +138,17 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             "text/plain",
         );
     }
+    let successor = state.readiness.handing_over_to.load(Ordering::Relaxed);
+    if successor != 0 {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: handing over to a successor (pid {successor}), which says ready \
+                 once it has synced\n"
+            ),
+            "text/plain",
+        );
+    }
     if let Some(reason) = state.readiness.redirect_refused.get() {
         // Ready like a stale table: the agent serves what it can, pods keep ordinary Service
         // routing, and a rollout is not held up on nodes it can do nothing about.

@@ -1,7 +1,7 @@
 //! Readiness: written by the publisher (first complete sync, staleness of the sources) and the
 //! agent (every listener serving), read by `/ready`.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Whether the agent may take traffic: its sources completed a first sync, and since when (if
 /// ever) they are stale.
@@ -13,6 +13,10 @@ pub struct Readiness {
     pub stale_since: AtomicU64,
     /// Why the kernel redirect is off although it was asked for (the kernel lacks a feature).
     pub redirect_refused: std::sync::OnceLock<String>,
+    /// The pid of a successor this agent has offered its sockets to (0: none). Both agents
+    /// accept on the admin listener until Stop, so a probe of the successor's pod may reach
+    /// this one: it answers not ready, as the successor does until its first sync.
+    pub handing_over_to: AtomicU32,
 }
 
 pub fn unix_now() -> u64 {

@@ -32,6 +32,9 @@ pub enum Reply {
     /// `:status: 200` and a field `x-big` of this many bytes, in HEADERS and CONTINUATION
     /// frames.
     BigHeader(usize),
+    /// A gRPC answer's head (`:status: 200`, `content-type: application/grpc`) and a DATA
+    /// frame, then the connection closes: a backend pod killed mid-stream.
+    PartThenClose,
 }
 
 pub struct RawH2 {
@@ -194,6 +197,14 @@ async fn serve(
                         };
                         send(frame(kind, first | last, stream, piece));
                     }
+                }
+                Reply::PartThenClose => {
+                    // content-type (static index 31), a literal without indexing (RFC 7541
+                    // §6.2.2): 0x0f then 31 - 15.
+                    let head = [&[STATUS_200[0], 0x0f, 0x10, 16][..], b"application/grpc"].concat();
+                    send(frame(HEADERS, END_HEADERS, stream, &head));
+                    send(frame(DATA, 0, stream, &[0, 0, 0, 0, 1, 7]));
+                    break;
                 }
                 Reply::Refuse => send(frame(RST_STREAM, 0, stream, &7u32.to_be_bytes())),
                 Reply::Reset(code) => send(frame(RST_STREAM, 0, stream, &code.to_be_bytes())),

@@ -713,6 +713,30 @@ async fn an_http2_backends_large_header_list_reaches_the_caller() {
     assert_eq!(big, Some(SIZE));
 }
 
+/// A gRPC call whose backend connection breaks after the answer began (the pod killed
+/// mid-stream) ends with UNAVAILABLE trailers, what a client of the backend itself reports for a
+/// lost connection (and what watch and retry logic acts on). Before, the caller's stream was
+/// reset INTERNAL_ERROR, which gRPC clients report as INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_answer_cut_by_a_lost_backend_connection_ends_unavailable() {
+    let backend = RawH2::start(|_| Reply::PartThenClose).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let call = http::Request::post("http://front/pkg.Catalog/Watch")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(call).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), answer.into_body().collect())
+        .await
+        .expect("the answer ends")
+        .expect("with trailers, not a reset");
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -457,14 +457,7 @@ impl Body for Deadline {
         if !self.grpc {
             return Poll::Ready(Some(Err(WHY.into())));
         }
-        let mut trailers = HeaderMap::new();
-        trailers.insert(
-            "grpc-status",
-            HeaderValue::from_static(GrpcStatus::DeadlineExceeded.code()),
-        );
-        if let Ok(message) = HeaderValue::from_str(&grpc_message(WHY)) {
-            trailers.insert("grpc-message", message);
-        }
+        let trailers = grpc_trailers(GrpcStatus::DeadlineExceeded, WHY);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
@@ -475,4 +468,68 @@ impl Body for Deadline {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Trailers that end a gRPC answer with `status`, and `why` as its message.
+fn grpc_trailers(status: GrpcStatus, why: &str) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static(status.code()));
+    if let Ok(message) = HeaderValue::from_str(&grpc_message(why)) {
+        trailers.insert("grpc-message", message);
+    }
+    trailers
+}
+
+/// A gRPC answer's body whose backend connection broke before its end (not a reset the backend
+/// chose, whose code goes to the caller as it is): it ends with UNAVAILABLE trailers, what a
+/// client talking to the backend itself reports for a lost connection, and what watch and retry
+/// logic acts on. Failed, the caller's stream would be reset INTERNAL_ERROR: INTERNAL.
+pub struct GrpcLostConnection {
+    inner: ProxyBody,
+    ended: bool,
+}
+
+impl GrpcLostConnection {
+    pub fn new(inner: ProxyBody) -> Self {
+        GrpcLostConnection {
+            inner,
+            ended: false,
+        }
+    }
+}
+
+impl Body for GrpcLostConnection {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) if !reset_by_backend(&*e) => {
+                self.ended = true;
+                let why = format!("the backend's connection broke before the response's end: {e}");
+                let trailers = grpc_trailers(GrpcStatus::Unavailable, &why);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The backend reset the stream itself (RST_STREAM with a code of its choosing).
+fn reset_by_backend(e: &(dyn std::error::Error + 'static)) -> bool {
+    super::upstream::h2_error(e).is_some_and(|h2| h2.is_reset() && h2.is_remote())
 }

@@ -1,6 +1,6 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
-use super::body::{self, Deadline, ProxyBody, RequestBody};
+use super::body::{self, Deadline, GrpcLostConnection, ProxyBody, RequestBody};
 use super::header_maps;
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
@@ -255,9 +255,16 @@ pub(super) async fn forward(
     .into_iter()
     .flatten()
     .min();
-    Ok(response.map(|b| match body_deadline {
-        None => b,
-        Some(deadline) => Deadline::new(b, deadline, grpc).boxed_unsync(),
+    Ok(response.map(|b| {
+        let b = if grpc {
+            GrpcLostConnection::new(b).boxed_unsync()
+        } else {
+            b
+        };
+        match body_deadline {
+            None => b,
+            Some(deadline) => Deadline::new(b, deadline, grpc).boxed_unsync(),
+        }
     }))
 }
 

@@ -706,8 +706,8 @@ fn said_by_backend(e: &hyper::Error) -> BackendSaid {
 }
 
 /// The HTTP/2 error among `e` and its sources.
-fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+pub(super) fn h2_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e h2::Error> {
+    let mut source = Some(e);
     while let Some(error) = source {
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
             return Some(h2);

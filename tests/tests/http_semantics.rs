@@ -737,6 +737,46 @@ async fn a_grpc_answer_cut_by_a_lost_backend_connection_ends_unavailable() {
     assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
 }
 
+/// A gRPC call with a body (streamed, so not kept for a resend) that its HTTP/2 backend declined
+/// unprocessed (REFUSED_STREAM) has its own stream refused, which gRPC clients send again by
+/// themselves (transparent retry). Before, it got UNAVAILABLE, which they do not retry without a
+/// retry policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
+    let backend = RawH2::start(|_| Reply::Refuse).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let stream = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let call = http::Request::post("http://front/pkg.Catalog/Get")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    let error = sender
+        .send_request(call)
+        .await
+        .expect_err("the stream is refused, not answered");
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut reason = None;
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        source = e.source();
+    }
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:?}");
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -217,12 +217,14 @@ pub(super) async fn forward(
                     error,
                     reset,
                 }),
-                // Declined twice: the backend is not taking requests now (UNAVAILABLE).
+                // Declined twice, or once with a body that could not be kept: unprocessed, as a
+                // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream
+                // refused, which gRPC clients send again by themselves).
                 Attempt::Declined(error) => Err(LocalAnswer::BackendFailed {
                     endpoint,
                     backend: backend.name(),
                     error,
-                    reset: None,
+                    reset: Some(u32::from(h2::Reason::REFUSED_STREAM)),
                 }),
             };
         }

@@ -57,6 +57,13 @@ pub enum LocalAnswer {
 }
 
 impl LocalAnswer {
+    /// The backend declined the request before processing any of it (REFUSED_STREAM, or left
+    /// out of a GOAWAY).
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, LocalAnswer::BackendFailed { reset: Some(code), .. }
+            if h2::Reason::from(*code) == h2::Reason::REFUSED_STREAM)
+    }
+
     pub fn reason(&self) -> Reason {
         match self {
             LocalAnswer::Rule(LocalResponse::Redirect { .. }) => Reason::Redirect,

@@ -265,6 +265,11 @@ impl Proxy {
                             // name leads now.
                             close_after(&mut response, version);
                         }
+                        if grpc && version == http::Version::HTTP_2 && local.unprocessed() {
+                            // gRPC clients send a refused stream again by themselves (gRPC's
+                            // transparent retry), not a call answered UNAVAILABLE.
+                            response.extensions_mut().insert(RefuseStream);
+                        }
                         for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
                         {
                             modifier.apply(response.headers_mut());
@@ -492,6 +497,11 @@ fn close_after(response: &mut Response<ProxyBody>, version: http::Version) {
         response.extensions_mut().insert(CloseAfter);
     }
 }
+
+/// Marks an HTTP/2 answer to be sent as RST_STREAM REFUSED_STREAM instead: the request was not
+/// processed, and the caller may send it again (RFC 9113 §8.7).
+#[derive(Clone, Copy, Debug)]
+pub struct RefuseStream;
 
 /// Marks an HTTP/2 answer after which the connection is to end gracefully (GOAWAY: streams in
 /// flight finish, the client opens new ones on a new connection).

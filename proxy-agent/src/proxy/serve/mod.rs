@@ -9,7 +9,7 @@ mod wire;
 use super::body::{CallerBody, ProxyBody};
 use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use super::io::Watched;
-use super::{CloseAfter, ConnectionInfo, Proxy, ProxyConfig};
+use super::{CloseAfter, ConnectionInfo, Proxy, ProxyConfig, RefuseStream};
 use futures::future::BoxFuture;
 use http::header::{HeaderValue, CONNECTION};
 use http::{Method, Request, Response, StatusCode};
@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +67,11 @@ where
                 if response.extensions_mut().remove::<CloseAfter>().is_some() {
                     go_away.notify_one();
                 }
+                if response.extensions_mut().remove::<RefuseStream>().is_some() {
+                    // hyper's HTTP/2 server resets the stream with the code of an h2 error the
+                    // service fails with.
+                    return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                }
                 Ok(response)
             });
             answer
@@ -92,7 +96,7 @@ where
 }
 
 /// What a connection's service answers each request with.
-type Answer = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+type Answer = BoxFuture<'static, Result<Response<ProxyBody>, h2::Error>>;
 
 /// A connection ready to be served: its transport (counting the bytes it moves) and its service.
 struct Served<'c, I, S> {
@@ -110,7 +114,7 @@ where
     S: Service<
             Request<Incoming>,
             Response = Response<ProxyBody>,
-            Error = Infallible,
+            Error = h2::Error,
             Future = Answer,
         > + Send
         + 'static,

@@ -195,6 +195,74 @@ async fn a_callers_connection_options_do_not_strip_what_the_route_sets() {
     );
 }
 
+/// An HTTP/1.1 CONNECT goes to the backend in authority form, and its 2xx answer turns both
+/// connections into one tunnel (an in-cluster forward proxy behind a Service). Before, the
+/// backend got `CONNECT / HTTP/1.1` and the caller a 200 followed by a close. An HTTP/2 CONNECT
+/// gets 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_connect_is_tunnelled_to_the_backend() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_backend = listener.local_addr().unwrap();
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let line_tx = line_tx.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let _ = line_tx.send(head.lines().next().unwrap_or_default().to_string());
+                let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+                if stream.write_all(established).await.is_ok() {
+                    // Then an echo of the tunnel's bytes.
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                }
+            });
+        }
+    });
+    let world = Manifests::front_routed_to(proxy_backend);
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    caller
+        .write_all(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_head(&mut caller).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let line = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "CONNECT db.example:5432 HTTP/1.1");
+    caller.write_all(b"through the tunnel").await.unwrap();
+    let mut echoed = [0u8; 18];
+    tokio::time::timeout(Duration::from_secs(5), caller.read_exact(&mut echoed))
+        .await
+        .expect("echoed through the tunnel")
+        .unwrap();
+    assert_eq!(&echoed, b"through the tunnel");
+    // HTTP/2 has its own CONNECT (RFC 9113 §8.5), which the agent does not relay.
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let connect = http::Request::connect("db.example:5432")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(connect).await.unwrap().status(), 501);
+}
+
+/// A message head read byte by byte (nothing past it), as text; `None` if the peer closed first.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.ok()?;
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// An HTTP/1.1 backend answering every request with `size` bytes, as fast as it is read;
 /// each answer written whole is reported on the channel.
 async fn big_answer_backend(

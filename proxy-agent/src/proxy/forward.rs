@@ -64,6 +64,13 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// the agent serves the request over HTTP/1.1 and drops the offer with its `HTTP2-Settings`, as
 /// Envoy does. Relayed, a backend that took it would carry every later request on the
 /// connection unrouted (RFC 9113 §3.1 deprecates the upgrade).
+/// An HTTP/1.1 CONNECT (RFC 9110 §9.3.6): a 2xx answer turns the connection into a tunnel to
+/// the backend, which the agent joins byte for byte as it does an upgrade. (An HTTP/2 CONNECT is
+/// answered 501: `check_request_head`.)
+fn is_tunnel(parts: &http::request::Parts) -> bool {
+    parts.version == Version::HTTP_11 && parts.method == http::Method::CONNECT
+}
+
 pub(super) fn is_upgrade(parts: &http::request::Parts) -> bool {
     parts.version == Version::HTTP_11
         && wire::tokens(&parts.headers, &header::UPGRADE)
@@ -110,11 +117,12 @@ pub(super) async fn forward(
     let backend = target.backend;
     let request_timeout = rule.and_then(|r| r.timeouts().request);
     let attempt_timeout = rule.and_then(|r| r.timeouts().backend_request);
-    let upgrade = is_upgrade(&parts);
+    let tunnel = is_tunnel(&parts);
+    let upgrade = is_upgrade(&parts) || tunnel;
     let downstream_upgrade = upgrade
         .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
         .flatten();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_hop_by_hop(&mut parts.headers, upgrade && !tunnel);
     let protocol = backend.protocol_for(rule.map(|r| r.route.kind()));
     let h2 = !upgrade && protocol.is_h2(parts.version == Version::HTTP_2);
     let retry = rule.and_then(|r| r.retry());
@@ -238,7 +246,9 @@ pub(super) async fn forward(
         log.upstream_duration = started.map(|s| s.elapsed());
     }
     let mut response = result?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (tunnel && response.status().is_success());
+    if switched {
         if let Some(downstream) = downstream_upgrade {
             splice_upgrade(proxy, downstream, hyper::upgrade::on(&mut response));
         }
@@ -345,6 +355,8 @@ pub(super) fn upstream_request(
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     *request.uri_mut() = match authority {
+        // A CONNECT goes out in authority form, as it came (RFC 9112 §3.2.3).
+        None if is_tunnel(parts) => parts.uri.clone(),
         // HTTP/1.1 requests go out in origin form (`/path?query`).
         None => path_and_query.into(),
         Some(authority) => {

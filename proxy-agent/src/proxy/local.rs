@@ -54,6 +54,8 @@ pub enum LocalAnswer {
     BadHost(usize),
     #[error("Transfer-Encoding `{0}`: the agent implements `chunked` alone")]
     UnknownTransferCoding(String),
+    #[error("not implemented by the agent: {0}")]
+    UnsupportedMethod(&'static str),
 }
 
 impl LocalAnswer {
@@ -80,7 +82,9 @@ impl LocalAnswer {
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
             LocalAnswer::BadHost(_) => Reason::BadHost,
-            LocalAnswer::UnknownTransferCoding(_) => Reason::UnknownTransferCoding,
+            LocalAnswer::UnknownTransferCoding(_) | LocalAnswer::UnsupportedMethod(_) => {
+                Reason::NotImplemented
+            }
         }
     }
 
@@ -99,7 +103,9 @@ impl LocalAnswer {
             LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => StatusCode::BAD_REQUEST,
-            LocalAnswer::UnknownTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            LocalAnswer::UnknownTransferCoding(_) | LocalAnswer::UnsupportedMethod(_) => {
+                StatusCode::NOT_IMPLEMENTED
+            }
         }
     }
 
@@ -141,6 +147,7 @@ impl LocalAnswer {
             | LocalAnswer::BadHost(_)
             | LocalAnswer::UnknownTransferCoding(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => GrpcStatus::Internal,
+            LocalAnswer::UnsupportedMethod(_) => GrpcStatus::Unimplemented,
         })
     }
 

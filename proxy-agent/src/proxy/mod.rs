@@ -405,7 +405,8 @@ pub fn check_request_head<B>(
     }
     let uri = request.uri();
     let target_ok = match *request.method() {
-        Method::CONNECT => true,
+        // Authority form only (RFC 9112 §3.2.3); HTTP/2 CONNECT is not relayed (below).
+        Method::CONNECT => uri.scheme().is_none() && uri.authority().is_some(),
         Method::OPTIONS if uri == "*" => true,
         _ => {
             uri.path().starts_with('/')
@@ -414,6 +415,11 @@ pub fn check_request_head<B>(
     };
     if !target_ok {
         return Err(LocalAnswer::BadTarget(uri.to_string()));
+    }
+    if request.method() == Method::CONNECT && request.version() != http::Version::HTTP_11 {
+        return Err(LocalAnswer::UnsupportedMethod(
+            "CONNECT over HTTP/2 (HTTP/1.1 CONNECT is tunnelled)",
+        ));
     }
     // RFC 9112 §3.2: two that a route and the backend could each read differently, in any
     // version; none in HTTP/1.1. None is taken from a target in absolute form, which names the

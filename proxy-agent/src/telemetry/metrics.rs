@@ -31,7 +31,7 @@ pub enum Reason {
     HeadTooLarge,
     BadTarget,
     BadHost,
-    UnknownTransferCoding,
+    NotImplemented,
 }
 
 impl Reason {
@@ -50,7 +50,7 @@ impl Reason {
         Reason::HeadTooLarge,
         Reason::BadTarget,
         Reason::BadHost,
-        Reason::UnknownTransferCoding,
+        Reason::NotImplemented,
     ];
 
     pub fn label(self) -> &'static str {
@@ -69,7 +69,7 @@ impl Reason {
             Reason::HeadTooLarge => "head_too_large",
             Reason::BadTarget => "bad_target",
             Reason::BadHost => "bad_host",
-            Reason::UnknownTransferCoding => "unknown_transfer_coding",
+            Reason::NotImplemented => "not_implemented",
         }
     }
 }

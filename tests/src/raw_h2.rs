@@ -45,6 +45,8 @@ pub struct RawH2 {
     pub pings: Arc<AtomicU32>,
     /// Connections accepted.
     pub connections: Arc<AtomicU32>,
+    /// Connections the agent closed (their reading side ended).
+    pub closed: Arc<AtomicU32>,
 }
 
 pub const DATA: u8 = 0;
@@ -99,16 +101,19 @@ impl RawH2 {
             .unwrap_or_default();
         let (requests, pings, connections): (Arc<AtomicU32>, Arc<AtomicU32>, Arc<AtomicU32>) =
             Default::default();
+        let closed = Arc::new(AtomicU32::new(0));
         let counters = (Arc::clone(&requests), Arc::clone(&pings));
-        let accepted = Arc::clone(&connections);
+        let (accepted, ended) = (Arc::clone(&connections), Arc::clone(&closed));
         let script = Arc::new(script);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let (requests, pings) = (counters.0.clone(), counters.1.clone());
                 let (script, settings) = (script.clone(), settings.clone());
+                let ended = ended.clone();
                 tokio::spawn(async move {
                     let _ = serve(stream, &settings, &*script, &requests, &pings).await;
+                    ended.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });
@@ -117,6 +122,7 @@ impl RawH2 {
             requests,
             pings,
             connections,
+            closed,
         }
     }
 }

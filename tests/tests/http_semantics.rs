@@ -845,6 +845,30 @@ async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
     assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:?}");
 }
 
+/// An HTTP/2 upstream connection that carried no stream for `--upstream-idle-timeout-s` is
+/// closed, as HTTP/1.1 ones are. Before, the agent kept every HTTP/2 connection it made until
+/// the backend closed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_upstream_connection_is_closed() {
+    let backend = RawH2::start(|_| Reply::Ok).await;
+    let agent = Agent::start(
+        &h2_backend_world(backend.addr),
+        options(&["--upstream-idle-timeout-s", "1"]),
+    )
+    .unwrap();
+    let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend.closed.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 1);
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -115,6 +115,8 @@ impl Upstream {
             http2: Http2Pool {
                 endpoints: Arc::default(),
                 connect_timeout,
+                idle_timeout,
+                reaper_started: Arc::default(),
             },
             endpoints,
             affinity,
@@ -459,6 +461,9 @@ impl Http1Pool {
 struct Http2Pool {
     endpoints: Arc<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
     connect_timeout: Duration,
+    /// A connection with no stream for this long is closed, as HTTP/1.1 ones are.
+    idle_timeout: Duration,
+    reaper_started: Arc<AtomicBool>,
 }
 
 /// HTTP/2 connections kept per endpoint and worker, at most. At this many, all at their stream
@@ -486,6 +491,8 @@ struct Http2Endpoint {
 struct Http2Conn {
     sender: Http2Sender,
     streams: Arc<StreamCount>,
+    /// When the reaper first saw it without a stream (`None`: in use when last seen).
+    idle_since: Option<Instant>,
 }
 
 /// A connection's streams in use, against the limit its endpoint set.
@@ -638,6 +645,13 @@ impl Http2Pool {
         let stream = connection.streams.open(true).expect("beyond the limit");
         let sender = connection.sender.clone();
         slot.connections.push(connection);
+        let started = &self.reaper_started;
+        if !started.load(Ordering::Relaxed) && !started.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap_idle_http2(
+                Arc::downgrade(&self.endpoints),
+                self.idle_timeout,
+            ));
+        }
         Ok((sender, stream, false))
     }
 
@@ -677,7 +691,46 @@ impl Http2Pool {
                 tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        Ok(Http2Conn { sender, streams })
+        Ok(Http2Conn {
+            sender,
+            streams,
+            idle_since: None,
+        })
+    }
+}
+
+/// Drops HTTP/2 connections that carried no stream for `idle_timeout` (within twice that time),
+/// and the slots of endpoints left with none, until the pool is gone: a burst that opened
+/// several connections to an endpoint, or an endpoint that left the table, does not keep them
+/// open for good. A dropped connection closes once its last stream ends.
+async fn reap_idle_http2(
+    pool: Weak<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
+    idle_timeout: Duration,
+) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        pool.lock().expect("not poisoned").retain(|_, slot| {
+            // A slot in use (a connection being made) is left for the next sweep.
+            let Ok(mut slot) = slot.try_lock() else {
+                return true;
+            };
+            slot.connections.retain_mut(|c| {
+                if c.sender.is_closed() {
+                    return false;
+                }
+                if c.streams.open.load(Ordering::Relaxed) > 0 {
+                    c.idle_since = None;
+                    return true;
+                }
+                now.duration_since(*c.idle_since.get_or_insert(now)) < idle_timeout
+            });
+            !slot.connections.is_empty()
+        });
     }
 }
 

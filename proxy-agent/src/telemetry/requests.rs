@@ -87,27 +87,30 @@ pub struct Observed {
 }
 
 impl Durations {
+    /// The count goes up before the bucket (released), and a scrape reads the buckets
+    /// (acquired) before the count: a scrape that sees an observation's bucket sees its count,
+    /// so that no bucket is ever ahead of `+Inf`.
     fn observe(&self, duration: Duration) {
         let shard = &self.shards[shard_index()];
         let seconds = duration.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            shard.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
         shard.count.fetch_add(1, Ordering::Relaxed);
         shard
             .sum_micros
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            shard.buckets[i].fetch_add(1, Ordering::Release);
+        }
     }
 
     fn read(&self) -> Observed {
         let mut observed = Observed::default();
         let mut sum_micros = 0;
         for shard in &self.shards {
+            for (total, bucket) in observed.buckets.iter_mut().zip(&shard.buckets) {
+                *total += bucket.load(Ordering::Acquire);
+            }
             observed.count += shard.count.load(Ordering::Relaxed);
             sum_micros += shard.sum_micros.load(Ordering::Relaxed);
-            for (total, bucket) in observed.buckets.iter_mut().zip(&shard.buckets) {
-                *total += bucket.load(Ordering::Relaxed);
-            }
         }
         observed.sum_seconds = sum_micros as f64 / 1e6;
         observed
@@ -303,6 +306,35 @@ mod tests {
             route: route.into(),
             backend: String::new(),
         }
+    }
+
+    /// A scrape during recording never shows more in the buckets than in the count (`+Inf`):
+    /// Prometheus takes non-monotonic buckets for a broken histogram.
+    #[test]
+    fn a_scrape_never_sees_buckets_ahead_of_the_count() {
+        let durations = Arc::new(Durations::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let (durations, stop) = (durations.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        durations.observe(Duration::from_micros(300));
+                    }
+                })
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut ahead = 0;
+        while started.elapsed() < Duration::from_millis(300) {
+            let read = durations.read();
+            if read.buckets.iter().sum::<u64>() > read.count {
+                ahead += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        assert_eq!(ahead, 0, "scrapes with buckets ahead of the count");
     }
 
     #[test]

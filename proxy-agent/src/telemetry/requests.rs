@@ -40,25 +40,35 @@ impl SeriesKey {
         [&self.service, &self.route, &self.backend].map(|v| if v.is_empty() { "-" } else { v })
     }
 
-    /// Whether the Service port and the route these labels name are still in `snapshot` (a
-    /// label that names none counts as served).
+    /// Whether `snapshot` can still record into this series: its Service port is there and, if
+    /// it names them, the rule among that port's routes and the backend among the rule's
+    /// backendRefs (or the port's direct backend). The agent's own series (no Service) always.
     pub fn still_served(&self, snapshot: &Snapshot) -> bool {
-        let service = self.service.is_empty()
-            || self
-                .service
-                .rsplit_once(':')
-                .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
-                .is_some_and(|((namespace, name), port)| {
-                    snapshot
-                        .frontend_of(&ObjectKey::new(namespace, name), port)
-                        .is_some()
-                });
-        let route = self.route.is_empty()
-            || self
-                .route
-                .split_once(" rule ")
-                .is_some_and(|(route, _)| snapshot.status_of(route).is_some());
-        service && route
+        if self.service.is_empty() {
+            return true;
+        }
+        let frontend = self
+            .service
+            .rsplit_once(':')
+            .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
+            .and_then(|((namespace, name), port)| {
+                snapshot.frontend_of(&ObjectKey::new(namespace, name), port)
+            });
+        let Some(frontend) = frontend else {
+            return false;
+        };
+        let names_backend = |name: String| self.backend.is_empty() || name == self.backend;
+        if self.route.is_empty() {
+            return names_backend(frontend.direct.name());
+        }
+        let tables = frontend.producer.iter().chain(frontend.consumers.values());
+        let mut rules = tables.flat_map(|table| table.rules());
+        rules.any(|rule| {
+            route_label(rule) == self.route
+                && (self.backend.is_empty()
+                    || (0..rule.backends.len())
+                        .any(|i| rule.backend(i).is_ok_and(|b| names_backend(b.name()))))
+        })
     }
 }
 
@@ -431,25 +441,39 @@ mod tests {
         }
     }
 
+    /// Series of Service ports, rules and backendRefs that are gone are pruned; the agent's
+    /// own (no Service) stays. Before, a rule or backendRef gone from a route that stayed kept
+    /// its series for as long as the route.
     #[test]
-    fn series_of_removed_services_and_routes_are_pruned() {
+    fn series_of_removed_services_rules_and_backends_are_pruned() {
         let snapshot = one_route(1);
         let table = SeriesTable::default();
-        for k in [
+        let with_backend = |route: &str, backend: &str| SeriesKey {
+            backend: backend.into(),
+            ..key("ns/s:80", route)
+        };
+        let kept = [
             key("ns/s:80", "HTTPRoute ns/r rule 0"),
+            with_backend("HTTPRoute ns/r rule 0", "ns/s:80"),
             key("ns/s:80", ""),
+            with_backend("", "ns/s:80"),
             key("", ""),
+        ];
+        let gone = [
             key("ns/gone:80", ""),
             key("ns/s:81", ""),
             key("ns/s:80", "HTTPRoute ns/gone rule 0"),
-        ] {
-            table.series(k).record(200, Duration::from_millis(1));
+            key("ns/s:80", "HTTPRoute ns/r rule 1"),
+            with_backend("HTTPRoute ns/r rule 0", "ns/gone:80"),
+        ];
+        for k in kept.iter().chain(&gone) {
+            table
+                .series(k.clone())
+                .record(200, Duration::from_millis(1));
         }
-        assert_eq!(table.retain(|k| k.still_served(&snapshot)), 3);
-        assert_eq!(
-            table.count(&key("ns/s:80", "HTTPRoute ns/r rule 0"), 200),
-            1
-        );
-        assert_eq!(table.count(&key("ns/gone:80", ""), 200), 0);
+        assert_eq!(table.retain(|k| k.still_served(&snapshot)), gone.len());
+        for k in &kept {
+            assert_eq!(table.count(k, 200), 1, "{k:?}");
+        }
     }
 }

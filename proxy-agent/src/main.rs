@@ -1,6 +1,6 @@
 //! `proxy-agent`: gamma-node's per-node GAMMA proxy.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser;
 use proxy_agent::agent::{
     self, AfterTakeover, AgentConfig, ClusterConfig, ListenSpec, RedirectConfig, TakeoverConfig,
@@ -8,6 +8,7 @@ use proxy_agent::agent::{
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::sources::kube::KubeConfig;
 use proxy_agent::status::StatusConfig;
+use proxy_agent::telemetry::log_writer::LogWriter;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -196,6 +197,14 @@ fn raise_open_files_limit() {
     }
 }
 
+struct WrittenAtExit(LogWriter);
+
+impl Drop for WrittenAtExit {
+    fn drop(&mut self) {
+        self.0.drain(std::time::Duration::from_secs(2));
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.print_flags {
@@ -210,9 +219,12 @@ fn main() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = LogWriter::spawn(std::io::stderr()).context("starting the log thread")?;
+    // The lines of an agent about to exit are written before it does.
+    let _written_at_exit = WrittenAtExit(log.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(log)
         .with_ansi(ansi);
     if cli.log_format == "json" {
         builder.json().init();

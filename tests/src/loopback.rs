@@ -221,6 +221,17 @@ impl Agent {
     /// Starts the agent on `manifests` and waits until `/ready` answers 200 and every listener
     /// accepts connections (at most 10 s).
     pub fn start(manifests: &Manifests, options: AgentOptions<'_>) -> Result<Agent> {
+        let log = std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into());
+        Agent::start_logging(manifests, options, &log, Stdio::inherit())
+    }
+
+    /// [`Agent::start`] with its log filter (`RUST_LOG`) and where its stderr goes.
+    pub fn start_logging(
+        manifests: &Manifests,
+        options: AgentOptions<'_>,
+        log: &str,
+        stderr: Stdio,
+    ) -> Result<Agent> {
         let dir = TempDir::new("agent");
         manifests.write(&dir.0, "world.yaml");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -243,11 +254,8 @@ impl Agent {
         if let Some(ns) = options.caller_namespace {
             command.arg("--caller-namespace").arg(ns);
         }
-        command.args(&options.extra_args).env(
-            "RUST_LOG",
-            std::env::var("AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-        );
-        command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        command.args(&options.extra_args).env("RUST_LOG", log);
+        command.stdout(Stdio::null()).stderr(stderr);
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", agent_binary().display()))?;

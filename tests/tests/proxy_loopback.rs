@@ -688,3 +688,31 @@ fn the_agent_raises_its_open_files_limit_to_the_hard_one() {
         "soft limit after start: {limits}"
     );
 }
+
+/// The agent's log goes to a pipe (the container runtime's) that may stop being read: the
+/// access log's lines are then dropped, never waited for by the workers serving requests.
+/// Before, each request's line was written by its worker, and requests stalled once the pipe's
+/// 64 KiB filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_on_while_nobody_reads_the_agents_log() {
+    const REQUESTS: usize = 2000;
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let options = AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: None,
+        extra_args: Vec::new(),
+    };
+    let world = Manifests::front_routed_to(echo.addr);
+    // stderr piped and never read: its handle stays in `agent.child`.
+    let agent =
+        Agent::start_logging(&world, options, "info", std::process::Stdio::piped()).unwrap();
+    let c = client(false);
+    let url = agent.url(0, "/x");
+    let served = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..REQUESTS {
+            assert_eq!(get(&c, &url, &[]).await.status, 200);
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "requests stalled behind the unread log");
+}

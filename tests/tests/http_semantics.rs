@@ -869,6 +869,43 @@ async fn an_idle_http2_upstream_connection_is_closed() {
     assert_eq!(backend.connections.load(Ordering::Relaxed), 1);
 }
 
+/// A request its caller cancels before the answer (an HTTP/2 RST_STREAM: a gRPC deadline, a
+/// client's timeout) is counted, as status 499, and logged. Before, it vanished from the
+/// request series and the access log: the slowest requests were the ones missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_caller_cancels_is_counted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let agent = Agent::start(&Manifests::front_routed_to(silent), options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let request = http::Request::get("http://front/slow")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), sender.send_request(request));
+    assert!(cancelled.await.is_err(), "answered by a silent backend");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = gamma_tests::loopback::http_get(agent.admin, "/metrics").unwrap();
+        if text
+            .lines()
+            .any(|l| l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"} 1"#))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled request was not counted: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the
 /// agent closes it.
 async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {

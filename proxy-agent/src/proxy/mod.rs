@@ -232,9 +232,8 @@ impl Proxy {
         mut request: Request<CallerBody>,
         conn: &ConnectionInfo,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
         let snapshot = self.snapshot.load_full();
-        let mut log = AccessLog::new(&request, conn);
+        let mut log = AccessLog::new(&request, conn, &self.metrics);
         let grpc = is_grpc(&request);
         let head = request.method() == http::Method::HEAD;
         let version = request.version();
@@ -280,7 +279,7 @@ impl Proxy {
             }
         };
         log.status = response.status().as_u16();
-        log.finish(started, &self.metrics);
+        log.finish();
         response
     }
 
@@ -571,7 +570,14 @@ fn local_response(
 /// One structured line per request, and its count in the request series. It refers to what the
 /// request was routed with; labels are spelled only for a log line that is written, or the
 /// first request of a series.
+/// A request's access log line and its count in the request series, written when its answer's
+/// head is ready (`finish`), or when the request is dropped unanswered: its caller went away
+/// (HTTP/2 RST_STREAM, a closed connection), counted as status 499 (nginx's "client closed
+/// request") so that cancelled calls, often the slowest, are not missing from the series.
 pub(crate) struct AccessLog<'a> {
+    started: Instant,
+    metrics: &'a Metrics,
+    finished: bool,
     method: http::Method,
     uri: http::Uri,
     conn: &'a ConnectionInfo,
@@ -588,8 +594,11 @@ pub(crate) struct AccessLog<'a> {
 }
 
 impl<'a> AccessLog<'a> {
-    fn new<B>(request: &Request<B>, conn: &'a ConnectionInfo) -> Self {
+    fn new<B>(request: &Request<B>, conn: &'a ConnectionInfo, metrics: &'a Metrics) -> Self {
         AccessLog {
+            started: Instant::now(),
+            metrics,
+            finished: false,
             method: request.method().clone(),
             // Cheap: the parts of a parsed URI are reference-counted.
             uri: request.uri().clone(),
@@ -618,7 +627,13 @@ impl<'a> AccessLog<'a> {
         }
     }
 
-    fn finish(self, started: Instant, metrics: &Metrics) {
+    fn finish(mut self) {
+        self.write();
+        self.finished = true;
+    }
+
+    fn write(&self) {
+        let (started, metrics) = (self.started, self.metrics);
         let duration = started.elapsed();
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
             let caller = &self.conn.caller;
@@ -647,6 +662,19 @@ impl<'a> AccessLog<'a> {
             .requests
             .attached(slot, || self.key())
             .record(self.status, duration);
+    }
+}
+
+/// What a request dropped before its answer counts as.
+const CALLER_WENT_AWAY: u16 = 499;
+
+impl Drop for AccessLog<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.status = CALLER_WENT_AWAY;
+            self.reason = Some("the caller went away before the answer".into());
+            self.write();
+        }
     }
 }
 

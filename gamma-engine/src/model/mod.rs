@@ -93,11 +93,45 @@ pub enum DeclaredProtocol {
     Opaque,
 }
 
+/// Protocols that are not HTTP, as appProtocol (IANA service names) or a port name's family
+/// says them: passed through opaque.
+const NOT_HTTP: &[&str] = &[
+    "mysql",
+    "postgresql",
+    "postgres",
+    "redis",
+    "mongo",
+    "mongodb",
+    "memcache",
+    "smtp",
+    "submission",
+    "imap",
+    "pop3",
+    "ftp",
+    "ssh",
+    "amqp",
+    "mqtt",
+    "kafka",
+    "zookeeper",
+    "ldap",
+    "nats",
+    "tls",
+    "https",
+];
+
+/// Service ports passed through opaque when nothing declares them: Linkerd's default opaque
+/// ports (SMTP, submission, MySQL, Galera, PostgreSQL, Redis, Elasticsearch transport,
+/// memcached).
+const OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
 impl ServicePort {
     /// The port's declared protocol: its appProtocol (KEP-3726: `http`, `kubernetes.io/h2c`,
-    /// `kubernetes.io/ws`, and the common `h2c`, `grpc`, `http2`; `tcp` for opaque), else its name
-    /// as meshes read it (`http`, `http-*`, `http2`, `h2c`, `grpc`, `grpc-*`; `tcp`, `tcp-*`).
-    /// `None`: undeclared, sniffed.
+    /// `kubernetes.io/ws`, and the common `h2c`, `grpc`, `http2`; `tcp` or a known protocol that
+    /// is not HTTP for opaque), else its name as meshes read it (`http`, `http-*`, `http2`, `h2c`,
+    /// `grpc`, `grpc-*`; `tcp`, `tcp-*` and the known others), else its number: the ports Linkerd
+    /// treats as opaque by default, where servers speak first (SMTP, MySQL) or detection has
+    /// nothing to gain. `None`: undeclared, sniffed. Sniffing a server-first protocol waits for
+    /// the client's first bytes until the detection timeout (10 s) on every connection.
     pub fn declared_protocol(&self) -> Option<DeclaredProtocol> {
         if let Some(app_protocol) = self.app_protocol.as_deref() {
             return match app_protocol {
@@ -105,17 +139,21 @@ impl ServicePort {
                     Some(DeclaredProtocol::Http)
                 }
                 "tcp" | "kubernetes.io/tcp" => Some(DeclaredProtocol::Opaque),
+                known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
                 _ => None,
             };
         }
-        let name = self.name.as_deref()?;
-        let family = name.split_once('-').map_or(name, |(family, _)| family);
-        match family {
-            "http" | "grpc" => Some(DeclaredProtocol::Http),
-            "tcp" => Some(DeclaredProtocol::Opaque),
-            _ if matches!(name, "http2" | "h2c") => Some(DeclaredProtocol::Http),
-            _ => None,
-        }
+        let by_name = self.name.as_deref().and_then(|name| {
+            let family = name.split_once('-').map_or(name, |(family, _)| family);
+            match family {
+                "http" | "grpc" => Some(DeclaredProtocol::Http),
+                "tcp" => Some(DeclaredProtocol::Opaque),
+                _ if matches!(name, "http2" | "h2c") => Some(DeclaredProtocol::Http),
+                known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
+                _ => None,
+            }
+        });
+        by_name.or_else(|| OPAQUE_PORTS.contains(&self.port).then_some(DeclaredProtocol::Opaque))
     }
 
     /// Which HTTP version upstream connections to this port speak, by its appProtocol (KEP-3726)
@@ -318,6 +356,11 @@ mod tests {
             (Some("httpx"), None, None),
             (Some("metrics"), None, None),
             (None, None, None),
+            (None, Some("mysql"), Some(Opaque)),
+            (Some("http"), Some("postgresql"), Some(Opaque)),
+            (Some("mysql"), None, Some(Opaque)),
+            (Some("redis-cache"), None, Some(Opaque)),
+            (Some("https"), None, Some(Opaque)),
         ] {
             assert_eq!(
                 port(name, app_protocol).declared_protocol(),
@@ -326,6 +369,28 @@ mod tests {
             );
         }
     }
+    #[test]
+    fn server_first_ports_are_opaque_unless_declared() {
+        let numbered = |number: u16, name: Option<&str>, app_protocol: Option<&str>| ServicePort {
+            port: number,
+            ..port(name, app_protocol)
+        };
+        assert_eq!(
+            numbered(3306, None, None).declared_protocol(),
+            Some(DeclaredProtocol::Opaque)
+        );
+        assert_eq!(
+            numbered(25, Some("smtp-relay"), None).declared_protocol(),
+            Some(DeclaredProtocol::Opaque)
+        );
+        assert_eq!(
+            numbered(3306, Some("http"), None).declared_protocol(),
+            Some(DeclaredProtocol::Http),
+            "what the port declares wins"
+        );
+        assert_eq!(numbered(8080, None, None).declared_protocol(), None);
+    }
+
     #[test]
     fn upstream_protocol_from_app_protocol_then_name() {
         use UpstreamProtocol::{AsCaller, Http1, Http2};

@@ -524,6 +524,35 @@ async fn a_reset_on_one_side_of_an_opaque_connection_resets_the_other() {
     );
 }
 
+/// A connection whose Service is not in the table (it went between the connect and the accept,
+/// or an explicit listener names none) is reset at once, as a connect to a Service without
+/// endpoints fails. Before, the agent sniffed it for the detection timeout (10 s: a client of a
+/// server-first protocol waits that long) and then closed it with a FIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_an_unknown_service_is_reset_at_once() {
+    let world = Manifests::default().service("ns", "front", 80, &[], None);
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/missing", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(2), caller.read(&mut buf))
+        .await
+        .expect("ended at once, not after the detection timeout");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
 /// Idle connections do not stay forever: an HTTP/2 client connection that moved nothing for
 /// `--idle-timeout-s` gets GOAWAY and ends; an opaque one is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

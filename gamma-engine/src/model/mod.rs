@@ -153,7 +153,11 @@ impl ServicePort {
                 _ => None,
             }
         });
-        by_name.or_else(|| OPAQUE_PORTS.contains(&self.port).then_some(DeclaredProtocol::Opaque))
+        by_name.or_else(|| {
+            OPAQUE_PORTS
+                .contains(&self.port)
+                .then_some(DeclaredProtocol::Opaque)
+        })
     }
 
     /// Which HTTP version upstream connections to this port speak, by its appProtocol (KEP-3726)

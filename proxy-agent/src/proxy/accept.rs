@@ -25,9 +25,9 @@ use tokio::sync::watch;
 async fn protocol_of(
     proxy: &Proxy,
     stream: &mut Lingering,
-    frontend: Option<&Frontend>,
+    frontend: &Frontend,
 ) -> Option<Protocol> {
-    match frontend.and_then(|f| f.declared) {
+    match frontend.declared {
         Some(DeclaredProtocol::Opaque) => Some(Protocol::Opaque),
         Some(DeclaredProtocol::Http) => {
             match detect(stream, proxy.config.header_read_timeout).await {
@@ -44,9 +44,7 @@ async fn protocol_of(
                     .metrics
                     .opaque_after_sniff_timeout
                     .fetch_add(1, Ordering::Relaxed);
-                if let Some(frontend) = frontend {
-                    proxy.sniff_timed_out(frontend);
-                }
+                proxy.sniff_timed_out(frontend);
                 Some(Protocol::Opaque)
             }
             // Bytes that do not tell, then the client's FIN: passed through as they are.
@@ -153,35 +151,31 @@ pub(super) async fn serve_connection(
     let frontend = proxy
         .frontend(&proxy.snapshot.load(), &info.destination)
         .cloned();
-    let Some(protocol) = protocol_of(proxy, &mut stream, frontend.as_deref()).await else {
+    let Some(frontend) = frontend else {
+        // Its Service went between the connect and the accept (or an explicit listener names
+        // none): reset at once, as a connect to a Service without endpoints fails, rather than
+        // sniff a client that may be waiting for the server to speak first.
+        tracing::warn!(destination = ?info.destination, "connection to an unknown frontend; resetting it");
+        if let Ok((stream, _, _held)) = stream.into_parts() {
+            tcp::reset_on_close(&stream);
+        }
+        return;
+    };
+    let Some(protocol) = protocol_of(proxy, &mut stream, &frontend).await else {
         return;
     };
     if protocol == Protocol::Opaque {
-        match frontend {
-            Some(frontend) => {
-                // Boxed: the pump's state would otherwise size every connection's task, HTTP
-                // ones included.
-                let (stream, first_bytes, _held) = match stream.into_parts() {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "opaque connection: registering it failed; closing it");
-                        return;
-                    }
-                };
-                Box::pin(tcp::pass_through(
-                    proxy,
-                    stream,
-                    first_bytes,
-                    &frontend,
-                    info.caller.ip,
-                ))
-                .await
+        // Boxed: the pump's state would otherwise size every connection's task, HTTP ones
+        // included.
+        let (stream, first_bytes, _held) = match stream.into_parts() {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::warn!(error = %e, "opaque connection: registering it failed; closing it");
+                return;
             }
-            None => {
-                tracing::warn!(destination = ?info.destination, "opaque connection to an unknown frontend; closing it")
-            }
-        }
-        return;
+        };
+        let pass = tcp::pass_through(proxy, stream, first_bytes, &frontend, info.caller.ip);
+        return Box::pin(pass).await;
     }
     if protocol == Protocol::Http1 {
         return serve::http1::serve(proxy, stream, info, shutdown).await;

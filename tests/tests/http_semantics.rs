@@ -540,11 +540,13 @@ async fn a_connection_to_an_unknown_service_is_reset_at_once() {
         },
     )
     .unwrap();
-    let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(2), caller.read(&mut buf))
+    // The reset may come before the connect returns, or at the first read.
+    let reset = async {
+        let mut caller = tokio::net::TcpStream::connect(agent.listen[0]).await?;
+        let mut buf = [0u8; 16];
+        caller.read(&mut buf).await
+    };
+    let read = tokio::time::timeout(Duration::from_secs(2), reset)
         .await
         .expect("ended at once, not after the detection timeout");
     assert_eq!(
@@ -931,6 +933,57 @@ async fn a_request_its_caller_cancels_is_counted() {
             Instant::now() < deadline,
             "the cancelled request was not counted: {text}"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How gRPC calls ended is counted by their grpc-status: an HTTP 200 says nothing of a gRPC
+/// call's outcome. A trailers-only answer (the agent's own UNAVAILABLE for a Service without
+/// endpoints) counts its head's status, another its trailers'. Before, both were only
+/// `status="200"`, and a GRPCRoute whose backends were all down looked healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_counted_by_their_grpc_status() {
+    let backend = RawH2::start(|_| Reply::PartThenClose).await;
+    let world =
+        h2_backend_world(backend.addr).service("ns", "empty", 80, &[], Some("kubernetes.io/h2c"));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/front", 80), ("ns/empty", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    for listener in &agent.listen {
+        let (mut sender, _connection) = http2_to(*listener).await;
+        let call = http::Request::post("http://front/pkg.Catalog/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let answer = sender.send_request(call).await.unwrap();
+        let _ = answer.into_body().collect().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = gamma_tests::loopback::http_get(agent.admin, "/metrics").unwrap();
+        let unavailable: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("gamma_grpc_calls_total{") && l.ends_with(r#"grpc_status="14"} 1"#)
+            })
+            .collect();
+        if unavailable.len() == 2 {
+            assert!(
+                unavailable
+                    .iter()
+                    .any(|l| l.contains(r#"service="ns/empty:80""#)),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -591,6 +591,7 @@ impl Tables {
             Arc::make_mut(&mut self.frontends),
             Arc::make_mut(&mut self.by_address),
         );
+        let mut released = Vec::new();
         if let Some(old) = frontends.remove(&service) {
             for frontend in old.iter() {
                 for addr in &frontend.addresses {
@@ -600,19 +601,34 @@ impl Tables {
                         .is_some_and(|f| Arc::ptr_eq(f, frontend))
                     {
                         by_address.remove(addr);
+                        released.push(*addr);
                     }
                 }
             }
-        }
-        if compiled.is_empty() {
-            return;
         }
         for frontend in &compiled {
             for addr in &frontend.addresses {
                 by_address.insert(*addr, frontend.clone());
             }
         }
-        frontends.insert(Arc::new(service), compiled.into());
+        if !compiled.is_empty() {
+            frontends.insert(Arc::new(service), compiled.into());
+        }
+        // An address this Service gave up that another one claims too (two Services shared a
+        // ClusterIP while a watch was behind: one deleted, its address given to the other):
+        // it is the other one's now. Rare, so the whole table is searched.
+        for addr in released {
+            if by_address.contains_key(&addr) {
+                continue;
+            }
+            let claimant = frontends
+                .values()
+                .flat_map(|ports| ports.iter())
+                .find(|f| f.addresses.contains(&addr));
+            if let Some(claimant) = claimant {
+                by_address.insert(addr, claimant.clone());
+            }
+        }
     }
 }
 

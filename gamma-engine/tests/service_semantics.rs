@@ -5,7 +5,7 @@
 #[path = "support/requests.rs"]
 mod requests;
 
-use gamma_engine::index::Index;
+use gamma_engine::index::{Index, ObjectRef};
 use gamma_engine::model::{Object, ObjectKey};
 use gamma_engine::routes::Plan;
 use requests::with_plan;
@@ -287,4 +287,28 @@ fn an_endpoint_without_a_serving_condition_is_serving() {
         ["10.0.0.1"],
         "terminating, still serving (the API: nil means true): the fallback when none is ready"
     );
+}
+
+/// Two Services with one ClusterIP (a watch behind: one deleted, its address given to a new
+/// one, seen in the wrong order): the address stays with the one left, whichever was compiled
+/// last. Before, deleting the first after it was recompiled dropped the address altogether, and
+/// the other Service was neither steered nor served until it changed.
+#[test]
+fn a_clusterip_two_services_claimed_stays_with_the_one_left() {
+    let mut index = Index::new();
+    load(
+        &mut index,
+        vec![service("a", 50, json!({})), slice("a", &[(1, "n", &[])])],
+    );
+    load(&mut index, vec![service("b", 50, json!({}))]);
+    // `a` recompiled after `b` claimed the address (its slice went), then deleted.
+    index.delete(&ObjectRef::EndpointSlice(ObjectKey::new("ns", "a-1")));
+    index.publish();
+    index.delete(&ObjectRef::Service(ObjectKey::new("ns", "a")));
+    index.publish();
+    let snapshot = index.snapshot();
+    let at = snapshot
+        .frontend_at("10.96.0.50:80".parse().unwrap())
+        .expect("the address is b's");
+    assert_eq!(at.service, ObjectKey::new("ns", "b"));
 }

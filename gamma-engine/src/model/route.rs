@@ -1694,6 +1694,22 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                     "one or both of service and method must be specified",
                 ));
             }
+            // The CRD's patterns for an Exact match, which an API server enforces and a folder
+            // of manifests does not: a service is a dotted name, a method an identifier.
+            if !is_regex {
+                if let Some(service) = gm.service.as_deref().filter(|s| !is_grpc_service(s)) {
+                    return Err(invalid(
+                        format!("{mf}.method.service"),
+                        format!("`{service}` is not a gRPC service name (pkg.Service)"),
+                    ));
+                }
+                if let Some(method) = gm.method.as_deref().filter(|m| !is_identifier(m)) {
+                    return Err(invalid(
+                        format!("{mf}.method.method"),
+                        format!("`{method}` is not a gRPC method name"),
+                    ));
+                }
+            }
             let spec = GrpcMethodSpecificity {
                 service_len: characters(gm.service.as_deref()),
                 method_len: characters(gm.method.as_deref()),
@@ -1762,6 +1778,21 @@ impl Filter {
     }
 }
 
+/// `[A-Za-z_][A-Za-z_0-9]*`: the CRD's pattern for an Exact gRPC method.
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `(?i)\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*`: the CRD's pattern for an Exact gRPC service.
+fn is_grpc_service(name: &str) -> bool {
+    let name = name.strip_prefix('.').unwrap_or(name);
+    name.split('.').all(is_identifier)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1793,6 +1824,26 @@ mod tests {
         );
         assert!(path.matches("/pkg.Catalog/ListItems"));
         assert!(!path.matches("/other.Catalog/ListItems"));
+    }
+
+    #[test]
+    fn exact_grpc_names_follow_the_crds_patterns() {
+        assert!(is_grpc_service("pkg.v1.Catalog") && is_grpc_service(".pkg.Catalog"));
+        assert!(is_grpc_service("Catalog") && is_grpc_service("_x.y_2"));
+        for bad in [
+            "",
+            "pkg..Catalog",
+            "pkg.",
+            "1pkg.Catalog",
+            "pkg/Catalog",
+            "pkg.Cat alog",
+        ] {
+            assert!(!is_grpc_service(bad), "{bad:?}");
+        }
+        assert!(is_identifier("GetItem") && is_identifier("_get2"));
+        for bad in ["", "Get.Item", "2Get", "Get-Item"] {
+            assert!(!is_identifier(bad), "{bad:?}");
+        }
     }
 
     #[test]

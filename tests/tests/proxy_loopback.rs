@@ -558,6 +558,29 @@ async fn the_admin_server_is_read_only() {
     );
 }
 
+/// `/explain` reads its query as a form, so that `path` can carry a whole query string
+/// (`%3F`, `%26`, `%3D`): a rule matching the second query parameter is explained as matched.
+/// Before, only `%2F`, `%3A` and `%20` were decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_takes_a_path_with_its_whole_query() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::front_with_rules(
+        a.addr,
+        "  - matches: [{queryParams: [{name: b, value: '2'}]}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    );
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let explained = gamma_tests::loopback::http_get(
+        agent.admin,
+        "/explain?service=ns%2Ffront&port=80&path=%2Fx%3Fa%3D1%26b%3D2",
+    )
+    .unwrap();
+    let explained: serde_json::Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(
+        explained["decision"]["backends"][0]["backend"], "ns/echo:80",
+        "{explained:#}"
+    );
+}
+
 fn admin_status(agent: &Agent, path: &str) -> u16 {
     gamma_tests::loopback::http_get_full(agent.admin, path)
         .map(|(status, _)| status)

@@ -179,13 +179,10 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let mut method = Method::GET;
     let mut path = "/".to_string();
     let mut headers = http::HeaderMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v
-            .replace("%2F", "/")
-            .replace("%3A", ":")
-            .replace("%20", " ");
-        match k {
+    // Decoded as a form: `path=/x%3Fa%3D1%26b%3D2` carries a whole query to explain.
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let v = v.into_owned();
+        match &*k {
             "service" => service = v.split_once('/').map(|(ns, n)| ObjectKey::new(ns, n)),
             "port" => port = v.parse::<u16>().ok(),
             "address" => address = v.parse::<SocketAddr>().ok(),

@@ -3,6 +3,7 @@
 //! the route's timeouts.
 
 use super::local::{grpc_message, GrpcStatus};
+use crate::telemetry::requests::GrpcCounts;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
@@ -532,4 +533,69 @@ impl Body for GrpcLostConnection {
 /// The backend reset the stream itself (RST_STREAM with a code of its choosing).
 fn reset_by_backend(e: &(dyn std::error::Error + 'static)) -> bool {
     super::upstream::h2_error(e).is_some_and(|h2| h2.is_reset() && h2.is_remote())
+}
+
+/// The `grpc-status` of a gRPC answer's head (trailers-only) or trailers.
+pub fn grpc_status(fields: &HeaderMap) -> Option<u32> {
+    fields.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A gRPC answer's body that counts the `grpc-status` its trailers end the call with: ended
+/// without one (or failed), UNKNOWN; dropped before its end (the caller went away), CANCELLED.
+pub struct CountGrpcStatus {
+    inner: ProxyBody,
+    /// Taken once the call's status is counted.
+    counts: Option<Arc<GrpcCounts>>,
+}
+
+impl CountGrpcStatus {
+    pub fn new(inner: ProxyBody, counts: Arc<GrpcCounts>) -> Self {
+        CountGrpcStatus {
+            inner,
+            counts: Some(counts),
+        }
+    }
+
+    fn count(&mut self, status: u32) {
+        if let Some(counts) = self.counts.take() {
+            counts.record(status);
+        }
+    }
+}
+
+impl Body for CountGrpcStatus {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let status = grpc_status(trailers).unwrap_or(GrpcCounts::UNKNOWN);
+                    self.count(status);
+                }
+            }
+            Poll::Ready(Some(Err(_)) | None) => self.count(GrpcCounts::UNKNOWN),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountGrpcStatus {
+    fn drop(&mut self) {
+        self.count(1);
+    }
 }

@@ -28,7 +28,7 @@ pub mod upstream;
 pub mod workers;
 
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::requests::{self, SeriesKey, SeriesSlot};
+use crate::telemetry::requests::{self, RequestSeries, SeriesKey, SeriesSlot};
 use arc_swap::ArcSwap;
 use body::{CallerBody, ProxyBody, RequestBody};
 use compact_str::CompactString;
@@ -38,6 +38,7 @@ use gamma_engine::routes::{
     Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
 };
 use http::{header, HeaderValue, Method, Request, Response};
+use http_body_util::BodyExt as _;
 use local::LocalAnswer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -240,7 +241,7 @@ impl Proxy {
         let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
             local_response(local, grpc, head, log, &self.metrics)
         };
-        let response = match check_request_head(&request, self.config.max_header_bytes) {
+        let mut response = match check_request_head(&request, self.config.max_header_bytes) {
             Err(refused) => {
                 let mut response = local_response(&refused, &mut log);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
@@ -279,7 +280,18 @@ impl Proxy {
             }
         };
         log.status = response.status().as_u16();
-        log.finish();
+        let series = log.finish();
+        if grpc {
+            // A trailers-only answer ends the call in its head; others in their trailers.
+            match body::grpc_status(response.headers()) {
+                Some(status) => series.grpc.record(status),
+                None => {
+                    let counts = series.grpc.clone();
+                    response =
+                        response.map(|b| body::CountGrpcStatus::new(b, counts).boxed_unsync());
+                }
+            }
+        }
         response
     }
 
@@ -578,6 +590,7 @@ pub(crate) struct AccessLog<'a> {
     started: Instant,
     metrics: &'a Metrics,
     finished: bool,
+    grpc: bool,
     method: http::Method,
     uri: http::Uri,
     conn: &'a ConnectionInfo,
@@ -599,6 +612,7 @@ impl<'a> AccessLog<'a> {
             started: Instant::now(),
             metrics,
             finished: false,
+            grpc: is_grpc(request),
             method: request.method().clone(),
             // Cheap: the parts of a parsed URI are reference-counted.
             uri: request.uri().clone(),
@@ -627,12 +641,14 @@ impl<'a> AccessLog<'a> {
         }
     }
 
-    fn finish(mut self) {
-        self.write();
+    /// Writes the line and counts the request; returns its series.
+    fn finish(mut self) -> &'a RequestSeries {
+        let series = self.write();
         self.finished = true;
+        series
     }
 
-    fn write(&self) {
+    fn write(&self) -> &'a RequestSeries {
         let (started, metrics) = (self.started, self.metrics);
         let duration = started.elapsed();
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -658,10 +674,9 @@ impl<'a> AccessLog<'a> {
             );
         }
         let slot = self.series.unwrap_or(SeriesSlot::One(&metrics.unrouted));
-        metrics
-            .requests
-            .attached(slot, || self.key())
-            .record(self.status, duration);
+        let series = metrics.requests.attached(slot, || self.key());
+        series.record(self.status, duration);
+        series
     }
 }
 
@@ -673,7 +688,10 @@ impl Drop for AccessLog<'_> {
         if !self.finished {
             self.status = CALLER_WENT_AWAY;
             self.reason = Some("the caller went away before the answer".into());
-            self.write();
+            let series = self.write();
+            if self.grpc {
+                series.grpc.record(1);
+            }
         }
     }
 }

@@ -226,6 +226,22 @@ impl Scrape {
                 .encode_family(&(labels, [("status", status)]))?
                 .encode_counter::<NoLabelSet, _, u64>(&observed.count, None)?;
         }
+        let mut grpc = encoder.encode_descriptor(
+            "gamma_grpc_calls",
+            "gRPC calls ended, by service, route, backend and the grpc-status they ended with \
+             (from the answer's trailers, or its head when trailers-only; ended without one: \
+             UNKNOWN, 2; cancelled by the caller: CANCELLED, 1).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, _) in &series {
+            let [service, route, backend] = s.key.shown();
+            let labels = [("service", service), ("route", route), ("backend", backend)];
+            for (status, count) in s.grpc.read() {
+                grpc.encode_family(&(labels, [("grpc_status", status)]))?
+                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+            }
+        }
         let mut histogram = encoder.encode_descriptor(
             "gamma_request_duration_seconds",
             "Time from request head to response head.",
@@ -329,7 +345,7 @@ impl Collector for Scrape {
             ("gamma_runtime_tasks_alive", "Tasks alive on the agent's runtimes (main and data-plane workers): connections, pumps, pooled upstream connections, timers' tasks. Returns to its idle level once connections are gone.", tasks),
             ("gamma_upstream_requests_in_flight", "Requests in flight to upstream endpoints.", self.upstream.in_flight as i64),
             ("gamma_snapshot_version", "Version of the route table in use.", load(&m.snapshot_version) as i64),
-            ("gamma_last_sync_timestamp_seconds", "When the sources last synced (Unix time; 0: never).", load(&m.last_sync_unix) as i64),
+            ("gamma_last_sync_timestamp_seconds", "When the table was last published from complete sources (Unix time; 0: never): it moves only when something changed, so a quiet healthy cluster ages it; alert on gamma_source_stale_since_timestamp_seconds or /ready, not on its age.", load(&m.last_sync_unix) as i64),
             ("gamma_source_stale_since_timestamp_seconds", "Since when the sources are stale and the last good table is served (Unix time; 0: fresh).", load(&m.source_stale_since_unix) as i64),
             ("gamma_takeover_connections", "Opaque and upgraded connections the previous agent handed over to this one, mid-stream.", load(&m.takeover.connections) as i64),
         ] {

@@ -147,6 +147,33 @@ pub struct RequestSeries {
     pub key: SeriesKey,
     slots: [StatusSlot; STATUS_SLOTS],
     more: Mutex<Vec<(u16, Box<Durations>)>>,
+    /// How its gRPC calls ended: an HTTP status of 200 says nothing of a gRPC call's outcome.
+    pub grpc: Arc<GrpcCounts>,
+}
+
+/// gRPC calls by the `grpc-status` they ended with (0 to 16; another value counts as UNKNOWN).
+#[derive(Default)]
+pub struct GrpcCounts([AtomicU64; 17]);
+
+impl GrpcCounts {
+    pub const UNKNOWN: u32 = 2;
+
+    pub fn record(&self, status: u32) {
+        let slot = usize::try_from(status)
+            .ok()
+            .filter(|s| *s < self.0.len())
+            .unwrap_or(Self::UNKNOWN as usize);
+        self.0[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each status seen, with its count.
+    pub fn read(&self) -> Vec<(u32, u64)> {
+        (0u32..)
+            .zip(&self.0)
+            .map(|(status, count)| (status, count.load(Ordering::Relaxed)))
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    }
 }
 
 impl RequestSeries {
@@ -155,6 +182,7 @@ impl RequestSeries {
             key,
             slots: Default::default(),
             more: Mutex::default(),
+            grpc: Arc::default(),
         }
     }
 

@@ -121,7 +121,7 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     mirror_timeout_ms: u64,
     /// An opaque TCP or upgraded (WebSocket, CONNECT) connection that moves no byte for this many
-    /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY.
+    /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY. 0: never.
     #[arg(long, default_value_t = 3600)]
     idle_timeout_s: u64,
     /// How opaque TCP and upgraded connections move their bytes: `splice` (splice(2) through a
@@ -195,6 +195,17 @@ fn raise_open_files_limit() {
         let error = std::io::Error::last_os_error();
         tracing::warn!(soft, hard = limit.rlim_max, %error, "could not raise the open-files limit");
     }
+}
+
+/// `--idle-timeout-s`: 0 is never (Envoy's convention), as is anything past a century (a
+/// deadline that far would overflow the clock).
+fn idle_timeout(seconds: u64) -> Duration {
+    const CENTURY: u64 = 100 * 365 * 24 * 3600;
+    Duration::from_secs(if seconds == 0 {
+        CENTURY
+    } else {
+        seconds.min(CENTURY)
+    })
 }
 
 struct WrittenAtExit(LogWriter);
@@ -271,7 +282,7 @@ fn main() -> Result<()> {
             detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),
             max_buffered_body: cli.max_buffered_body_bytes,
-            idle_timeout: Duration::from_secs(cli.idle_timeout_s.max(1)),
+            idle_timeout: idle_timeout(cli.idle_timeout_s),
             pump: cli.pump,
             max_connections: cli.max_connections.max(1),
             upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),

@@ -524,6 +524,36 @@ async fn a_reset_on_one_side_of_an_opaque_connection_resets_the_other() {
     );
 }
 
+/// `--idle-timeout-s 0` turns the idle timeout off (Envoy's convention): a quiet opaque
+/// connection stays. Before, 0 became 1 s and closed every quiet database connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_of_zero_is_none() {
+    let tcp_addr = gamma_tests::loopback::tcp_echo().await;
+    let world = Manifests::default().service("ns", "raw", 80, &[tcp_addr], Some("tcp"));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/raw", 80)],
+            caller_namespace: None,
+            extra_args: vec!["--idle-timeout-s".into(), "0".into()],
+        },
+    )
+    .unwrap();
+    let mut opaque = tokio::net::TcpStream::connect(agent.listen[0])
+        .await
+        .unwrap();
+    opaque.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    opaque.read_exact(&mut echoed).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    opaque.write_all(b"again").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), opaque.read_exact(&mut echoed))
+        .await
+        .expect("still echoing")
+        .expect("still open after a quiet 1.5 s");
+    assert_eq!(&echoed, b"again");
+}
+
 /// A connection whose Service is not in the table (it went between the connect and the accept,
 /// or an explicit listener names none) is reset at once, as a connect to a Service without
 /// endpoints fails. Before, the agent sniffed it for the detection timeout (10 s: a client of a

@@ -393,3 +393,13 @@ fn a_backend_port_the_route_cannot_be_sent_over_is_an_unsupported_protocol() {
         answer(&index, "/x")
     );
 }
+
+/// The CRDs still serve HTTPRoute v1beta1 (the same schema), and `kubectl apply` takes it: a
+/// folder of manifests may hold one. Before, it was "a kind not used by the agent".
+#[test]
+fn an_httproute_v1beta1_is_an_httproute() {
+    let mut v1beta1 = route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
+    v1beta1["apiVersion"] = json!("gateway.networking.k8s.io/v1beta1");
+    let index = index_with(v1beta1);
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+}

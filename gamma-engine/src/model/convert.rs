@@ -103,7 +103,9 @@ impl Object {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 endpoint_slice(&typed(value)?).map(Object::EndpointSlice)
             }
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            // The CRDs still serve v1beta1 HTTPRoutes (same schema), and `kubectl apply` takes
+            // them: a folder may hold either.
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 http_route(&typed(value.clone())?, &value).map(Object::Route)
             }
             ("gateway.networking.k8s.io/v1", "GRPCRoute") => {

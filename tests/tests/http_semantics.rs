@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use gamma_tests::loopback::{
-    client, echo_backend, get, route, send, Agent, AgentOptions, Manifests,
+    client, echo_backend, get, http2_to, route, send, Agent, AgentOptions, Manifests,
 };
 use gamma_tests::probe::raw_exchange;
 use gamma_tests::raw_h2::{RawH2, Reply};
@@ -724,8 +724,15 @@ async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connectio
         }
     })
     .await;
+    call_beside_a_watch(&backend, Duration::ZERO).await;
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
+}
+
+/// Through an agent to `backend`, on one caller connection (so one worker and its pool): a
+/// first request the backend holds open (a watch), then, `settle` later, a second one that must
+/// be answered while the first is still open.
+async fn call_beside_a_watch(backend: &RawH2, settle: Duration) {
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
-    // One caller connection: both requests are the same worker's, on its pool.
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let get = |path: &str| {
         http::Request::get(format!("http://front{path}"))
@@ -734,13 +741,12 @@ async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connectio
     };
     let watch = sender.send_request(get("/watch")).await.unwrap();
     assert_eq!(watch.status(), 200);
+    tokio::time::sleep(settle).await;
     let call = tokio::time::timeout(Duration::from_secs(5), sender.send_request(get("/call")))
         .await
         .expect("answered while the watch stream is open")
         .unwrap();
     assert_eq!(call.status(), 200);
-    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
-    drop(watch);
 }
 
 /// A pooled HTTP/2 connection whose backend sent GOAWAY while a long stream runs on it (a
@@ -757,26 +763,10 @@ async fn a_request_finding_its_pooled_http2_connection_going_away_goes_out_on_an
         }
     })
     .await;
-    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
-    // One caller connection: both requests are the same worker's, on its pool.
-    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let get = |path: &str| {
-        http::Request::get(format!("http://front{path}"))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap()
-    };
-    let watch = sender.send_request(get("/watch")).await.unwrap();
-    assert_eq!(watch.status(), 200);
-    // The agent has read the GOAWAY that follows the watch's answer.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let call = tokio::time::timeout(Duration::from_secs(5), sender.send_request(get("/call")))
-        .await
-        .expect("answered while the watch stream is open")
-        .unwrap();
-    assert_eq!(call.status(), 200);
+    // 200 ms: the agent has read the GOAWAY that follows the watch's answer.
+    call_beside_a_watch(&backend, Duration::from_millis(200)).await;
     assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
     assert_eq!(backend.requests.load(Ordering::Relaxed), 2);
-    drop(watch);
 }
 
 /// Requests waiting for a connection to an HTTP/2 endpoint that does not answer SYNs (its
@@ -874,16 +864,7 @@ async fn a_grpc_answer_cut_by_a_lost_backend_connection_ends_unavailable() {
 async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
     let backend = RawH2::start(|_| Reply::Refuse).await;
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
-    let stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let call = http::Request::post("http://front/pkg.Catalog/Get")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -1029,22 +1010,6 @@ async fn answer_until_closed(addr: std::net::SocketAddr, request: &[u8]) -> Stri
             .unwrap();
     assert!(reply.closed, "closed after the answer: {}", reply.text);
     reply.text
-}
-
-type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
-
-/// An HTTP/2 (prior knowledge) client connection to `addr`, driven by a task of its own.
-async fn http2_to(
-    addr: std::net::SocketAddr,
-) -> (Http2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    (sender, tokio::spawn(connection))
 }
 
 /// `front`, whose one rule sends `/routed` to `echo`: other paths get the agent's own 404.

@@ -194,16 +194,7 @@ async fn a_kept_http2_connection_to_a_service_that_went_gets_goaway_after_its_50
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
     let world = Manifests::front_routed_to(echo.addr);
     let agent = Agent::start_front(&world).unwrap();
-    let stream = tokio::net::TcpStream::connect(agent.listen[0])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let mut connection = tokio::spawn(connection);
+    let (mut sender, mut connection) = gamma_tests::loopback::http2_to(agent.listen[0]).await;
     let get = || {
         http::Request::get("http://front/")
             .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -414,29 +414,48 @@ impl Body for Replay {
     }
 }
 
-/// A response body that must end by `deadline` (the route's timeouts cover the whole response:
-/// "when the full response has been received"). Past it, a gRPC answer ends with
-/// DEADLINE_EXCEEDED trailers; any other fails, so the caller sees the answer cut short (HTTP/1.1:
-/// the connection closes before the body's end; HTTP/2: RST_STREAM).
-pub struct Deadline {
+/// A forwarded answer's body, held to how it must end:
+/// - by `deadline`, if any (the route's timeouts cover the whole response: "when the full
+///   response has been received"). Past it, a gRPC answer ends with DEADLINE_EXCEEDED trailers;
+///   any other fails, so the caller sees the answer cut short (HTTP/1.1: the connection closes
+///   before the body's end; HTTP/2: RST_STREAM);
+/// - for gRPC, a backend connection that broke before the end (not a reset the backend chose,
+///   whose code goes to the caller as it is) ends it with UNAVAILABLE trailers: what a client
+///   talking to the backend itself reports for a lost connection, and what watch and retry logic
+///   acts on. Failed, the caller's stream would be reset INTERNAL_ERROR: INTERNAL.
+pub struct AnswerEnd {
     inner: ProxyBody,
-    sleep: Pin<Box<Sleep>>,
+    deadline: Option<Pin<Box<Sleep>>>,
     grpc: bool,
-    expired: bool,
+    ended: bool,
 }
 
-impl Deadline {
-    pub fn new(inner: ProxyBody, deadline: Instant, grpc: bool) -> Self {
-        Deadline {
-            inner,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            grpc,
-            expired: false,
+impl AnswerEnd {
+    /// `inner` held to these ends; as it is when nothing needs watching (not gRPC, no deadline).
+    pub fn wrap(inner: ProxyBody, deadline: Option<Instant>, grpc: bool) -> ProxyBody {
+        if deadline.is_none() && !grpc {
+            return inner;
         }
+        AnswerEnd {
+            inner,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            grpc,
+            ended: false,
+        }
+        .boxed_unsync()
+    }
+
+    fn end(
+        &mut self,
+        status: GrpcStatus,
+        why: &str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended = true;
+        Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(status, why)))))
     }
 }
 
-impl Body for Deadline {
+impl Body for AnswerEnd {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -444,26 +463,33 @@ impl Body for Deadline {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.expired {
+        if self.ended {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-            return Poll::Ready(frame);
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) if self.grpc && !reset_by_backend(&*e) => {
+                let why = format!("the backend's connection broke before the response's end: {e}");
+                return self.end(GrpcStatus::Unavailable, &why);
+            }
+            Poll::Ready(frame) => return Poll::Ready(frame),
+            Poll::Pending => {}
         }
-        if self.sleep.as_mut().poll(cx).is_pending() {
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        if deadline.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        self.expired = true;
         const WHY: &str = "the route's timeout expired before the response's end";
         if !self.grpc {
+            self.ended = true;
             return Poll::Ready(Some(Err(WHY.into())));
         }
-        let trailers = grpc_trailers(GrpcStatus::DeadlineExceeded, WHY);
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        self.end(GrpcStatus::DeadlineExceeded, WHY)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -479,55 +505,6 @@ fn grpc_trailers(status: GrpcStatus, why: &str) -> HeaderMap {
         trailers.insert("grpc-message", message);
     }
     trailers
-}
-
-/// A gRPC answer's body whose backend connection broke before its end (not a reset the backend
-/// chose, whose code goes to the caller as it is): it ends with UNAVAILABLE trailers, what a
-/// client talking to the backend itself reports for a lost connection, and what watch and retry
-/// logic acts on. Failed, the caller's stream would be reset INTERNAL_ERROR: INTERNAL.
-pub struct GrpcLostConnection {
-    inner: ProxyBody,
-    ended: bool,
-}
-
-impl GrpcLostConnection {
-    pub fn new(inner: ProxyBody) -> Self {
-        GrpcLostConnection {
-            inner,
-            ended: false,
-        }
-    }
-}
-
-impl Body for GrpcLostConnection {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) if !reset_by_backend(&*e) => {
-                self.ended = true;
-                let why = format!("the backend's connection broke before the response's end: {e}");
-                let trailers = grpc_trailers(GrpcStatus::Unavailable, &why);
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            other => other,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// The backend reset the stream itself (RST_STREAM with a code of its choosing).

@@ -1,6 +1,6 @@
 //! Forwarding one request to a backend: endpoint choice, timeouts, retries, upgrades.
 
-use super::body::{self, Deadline, GrpcLostConnection, ProxyBody, RequestBody};
+use super::body::{self, AnswerEnd, ProxyBody, RequestBody};
 use super::header_maps;
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
@@ -10,7 +10,6 @@ use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -267,17 +266,7 @@ pub(super) async fn forward(
     .into_iter()
     .flatten()
     .min();
-    Ok(response.map(|b| {
-        let b = if grpc {
-            GrpcLostConnection::new(b).boxed_unsync()
-        } else {
-            b
-        };
-        match body_deadline {
-            None => b,
-            Some(deadline) => Deadline::new(b, deadline, grpc).boxed_unsync(),
-        }
-    }))
+    Ok(response.map(|b| AnswerEnd::wrap(b, body_deadline, grpc)))
 }
 
 /// Whether another attempt can send the request body again; counts the retries a body over the

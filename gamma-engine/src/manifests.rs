@@ -298,7 +298,12 @@ mod tests {
     fn schema_mismatch_names_the_field() {
         let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  rules:\n  - backendRefs:\n    - name: x\n      port: notanumber\n";
         let parsed = parse(Path::new("r.yaml"), text);
-        assert!(parsed.objects.is_empty());
+        // Refused: its status says why, and no route generation is built from it.
+        assert!(
+            matches!(parsed.objects[..], [Object::RefusedRoute(_)]),
+            "{:?}",
+            parsed.objects
+        );
         assert!(
             parsed.problems[0]
                 .message

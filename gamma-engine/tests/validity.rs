@@ -403,3 +403,23 @@ fn an_httproute_v1beta1_is_an_httproute() {
     let index = index_with(v1beta1);
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
 }
+
+/// A route the generated types cannot read (here a filter type of CRDs newer than the agent's,
+/// which an API server accepts) is refused like an invalid one: its status says so at its own
+/// generation, and its last good generation keeps serving. Before, it was an unreadable object
+/// with no status at all, and the old `Accepted=True` stood.
+#[test]
+fn a_route_the_agent_cannot_read_is_refused_in_its_status() {
+    let good = json!([{"backendRefs": [{"name": "back", "port": 80}]}]);
+    let mut index = index_with(route(1, good));
+    let unreadable = json!([{"filters": [{"type": "FutureFilter"}],
+                             "backendRefs": [{"name": "back", "port": 80}]}]);
+    index.apply(object(route(2, unreadable)));
+    index.publish();
+    assert_eq!(accepted_at(&index), ("False", 2));
+    assert_eq!(
+        answer(&index, "/x"),
+        "rule 0 forwards",
+        "the last good generation serves"
+    );
+}

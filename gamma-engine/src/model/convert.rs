@@ -106,10 +106,14 @@ impl Object {
             // The CRDs still serve v1beta1 HTTPRoutes (same schema), and `kubectl apply` takes
             // them: a folder may hold either.
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
-                http_route(&typed(value.clone())?, &value).map(Object::Route)
+                let route = typed(value.clone())
+                    .map_err(|e| undecodable_route(RouteKind::Http, &value, e))?;
+                http_route(&route, &value).map(Object::Route)
             }
             ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
-                grpc_route(&typed(value.clone())?, &value).map(Object::Route)
+                let route = typed(value.clone())
+                    .map_err(|e| undecodable_route(RouteKind::Grpc, &value, e))?;
+                grpc_route(&route, &value).map(Object::Route)
             }
             // v1beta1 is what every release serves; v1 has the same fields.
             (

@@ -1478,6 +1478,33 @@ fn refusable(
         })
 }
 
+/// A route the generated types cannot read (a field, a filter or a match type of CRDs newer than
+/// the agent's, which an API server accepts): refused with `error`, its identity and parentRefs
+/// read from the raw JSON, so that its status says why instead of nothing. `error` as it is when
+/// not even those read.
+pub fn undecodable_route(kind: RouteKind, raw: &serde_json::Value, error: Invalid) -> Invalid {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let Ok(metadata) = serde_json::from_value::<ObjectMeta>(raw["metadata"].clone()) else {
+        return error;
+    };
+    let refs = raw["spec"]["parentRefs"].clone();
+    let not_read = |e: serde_json::Error| invalid("spec.parentRefs", e.to_string());
+    let parent_refs = match kind {
+        RouteKind::Http => {
+            serde_json::from_value::<Option<Vec<http_api::HttpRouteParentRefs>>>(refs)
+                .map_err(not_read)
+                .and_then(|refs| route_parent_refs!(refs.as_ref()))
+        }
+        RouteKind::Grpc => serde_json::from_value::<Option<Vec<grpc::GrpcRouteParentRefs>>>(refs)
+            .map_err(not_read)
+            .and_then(|refs| route_parent_refs!(refs.as_ref())),
+    };
+    match refusable(kind, &metadata, parent_refs, |_, _, _| Err(error)) {
+        Err(refused) => refused,
+        Ok(_) => unreachable!("refused above"),
+    }
+}
+
 /// An HTTPRoute; `raw` is its JSON, for the fields read from it directly (`model::session`).
 pub fn http_route(route: &http_api::HttpRoute, raw: &serde_json::Value) -> Result<Route, Invalid> {
     let parent_refs = route_parent_refs!(route.spec.parent_refs.as_ref());

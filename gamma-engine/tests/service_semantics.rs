@@ -312,3 +312,19 @@ fn a_clusterip_two_services_claimed_stays_with_the_one_left() {
         .expect("the address is b's");
     assert_eq!(at.service, ObjectKey::new("ns", "b"));
 }
+
+/// A port number or an address the API server let through (it does not check a slice's port
+/// numbers; older releases took `10.001.0.5`) drops that port or endpoint, as kube-proxy skips
+/// them, not the whole slice: before, the slice was refused and its last good version, endpoints
+/// since removed included, stayed in use.
+#[test]
+fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
+    let mut index = Index::for_node("node-a");
+    let mut odd = slice("s", &[(1, "node-a", &[]), (2, "node-a", &[])]);
+    load(&mut index, vec![service("s", 1, json!({})), odd.clone()]);
+    assert_eq!(direct(&index, "s"), ["10.0.0.1", "10.0.0.2"]);
+    odd["ports"] = json!([{"name": "http", "port": 8080}, {"name": "admin", "port": 0}]);
+    odd["endpoints"][0]["addresses"] = json!(["10.001.0.5"]);
+    load(&mut index, vec![odd]);
+    assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
+}

@@ -343,32 +343,31 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .flatten()
         .enumerate()
         .filter(|(_, p)| is_tcp(p.protocol.as_deref()))
-        .filter_map(|(i, p)| {
-            let port = p.port?;
-            Some(
-                port_number(port, &format!("ports[{i}].port")).map(|port| EndpointPort {
-                    name: p.name.clone().unwrap_or_default(),
-                    port,
-                }),
-            )
+        // The API server does not check a slice's port numbers; kube-proxy skips a port it
+        // cannot use and serves the others, and so does the agent (a whole slice refused would
+        // keep its last good version, endpoints since removed included).
+        .filter_map(|(_, p)| {
+            let port = port_number(p.port?, "").ok()?;
+            Some(EndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+            })
         })
-        .collect::<Result<_, _>>()?;
+        .collect();
     let endpoints = slice
         .endpoints
         .iter()
         .flatten()
-        .enumerate()
-        .map(|(i, e)| {
+        .filter_map(|e| {
             let c = e.conditions.clone().unwrap_or_default();
             // Defaults from the API (and kube-proxy's reading): nil `ready` and nil `serving`
             // mean true.
             let ready = c.ready.unwrap_or(true);
-            Ok(Endpoint {
-                addresses: e
-                    .addresses
-                    .iter()
-                    .map(|a| ip(a, &format!("endpoints[{i}].addresses")))
-                    .collect::<Result<_, _>>()?,
+            // Only the first address is ever dialled (`routes::backends`); one that does not
+            // parse (older API servers took `10.001.0.5`) drops that endpoint, not the slice.
+            let first = e.addresses.first()?.parse::<IpAddr>().ok()?;
+            Some(Endpoint {
+                addresses: Box::new([first]),
                 ready,
                 serving: c.serving.unwrap_or(true),
                 terminating: c.terminating.unwrap_or(false),
@@ -392,7 +391,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                     .collect(),
             })
         })
-        .collect::<Result<Vec<_>, ObjectError>>()?;
+        .collect::<Vec<_>>();
     Ok(EndpointSlice {
         key: key.clone(),
         service: ObjectKey::new(key.namespace, service_name),

@@ -258,8 +258,11 @@ impl<'a> Topology<'a> {
     }
 }
 
+/// `ready` as written, as kube-proxy reads it: the EndpointSlice controller never marks a
+/// terminating endpoint ready unless its Service publishes not-ready addresses, and then it is
+/// meant to be used (a StatefulSet's pods while they shut down).
 fn is_ready(endpoint: &Endpoint) -> bool {
-    endpoint.ready && !endpoint.terminating
+    endpoint.ready
 }
 
 /// The endpoints of the named port a caller on `node` is sent to, as kube-proxy picks them:
@@ -379,6 +382,26 @@ mod tests {
         let mut two = endpoint(1, "a", true, &[], &[]);
         two.addresses = Box::new([[10, 0, 0, 1].into(), [10, 0, 0, 9].into()]);
         assert_eq!(usable(vec![two], false, None), [1]);
+    }
+
+    /// `publishNotReadyAddresses`: the controller writes terminating endpoints ready, whatever
+    /// they serve, and kube-proxy keeps using them.
+    #[test]
+    fn a_terminating_endpoint_written_ready_is_used_as_kube_proxy_uses_it() {
+        let published = || {
+            let mut e = endpoint(1, "a", true, &[], &[]);
+            (e.serving, e.terminating) = (false, true);
+            e
+        };
+        assert_eq!(
+            usable(
+                vec![published(), endpoint(2, "b", true, &[], &[])],
+                false,
+                None
+            ),
+            [1, 2]
+        );
+        assert_eq!(usable(vec![published()], false, None), [1], "the only one");
     }
 
     #[test]

@@ -50,12 +50,17 @@ impl Affinity {
     }
 
     /// The endpoint `caller` is bound to on `backend`, if the binding is live and the endpoint
-    /// still serves; using it renews the binding.
+    /// still serves; using it renews the binding. Live by the Service's timeout now, not the one
+    /// it was bound under: a timeout lowered applies to existing callers, as kube-proxy's next
+    /// rule sync applies it, and affinity turned off and on again does not revive old bindings
+    /// under their old timeout.
     pub fn endpoint(&self, backend: &Backend, caller: IpAddr, now: Instant) -> Option<SocketAddr> {
         let key = (backend.service.clone(), backend.port, caller);
         let mut table = self.entries.lock().expect("not poisoned");
         let sticky = table.bindings.get_mut(&key)?;
-        let live = now.duration_since(sticky.last_used) <= sticky.timeout
+        let live = backend
+            .affinity
+            .is_some_and(|timeout| now.duration_since(sticky.last_used) <= timeout)
             && backend.endpoints.contains(&sticky.endpoint);
         if !live {
             table.bindings.remove(&key);
@@ -153,6 +158,32 @@ mod tests {
             caller,
             "10.0.0.1:80".parse().unwrap(),
             t0,
+        );
+        assert_eq!(affinity.bindings(), 0);
+    }
+
+    #[test]
+    fn a_lowered_timeout_applies_to_callers_already_bound() {
+        let affinity = Affinity::default();
+        let endpoints = ["10.0.0.1:80", "10.0.0.2:80"];
+        let caller = "10.1.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        affinity.bind(
+            &backend(&endpoints, Some(3600)),
+            caller,
+            "10.0.0.2:80".parse().unwrap(),
+            t0,
+        );
+        let lowered = backend(&endpoints, Some(10));
+        assert_eq!(
+            affinity.endpoint(&lowered, caller, t0 + Duration::from_secs(11)),
+            None
+        );
+        // Turned off, then on again: the binding made before does not come back.
+        affinity.bind(&lowered, caller, "10.0.0.2:80".parse().unwrap(), t0);
+        assert_eq!(
+            affinity.endpoint(&backend(&endpoints, None), caller, t0),
+            None
         );
         assert_eq!(affinity.bindings(), 0);
     }

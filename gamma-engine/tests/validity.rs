@@ -423,3 +423,51 @@ fn a_route_the_agent_cannot_read_is_refused_in_its_status() {
         "the last good generation serves"
     );
 }
+
+/// A path a rewrite or redirect puts in place must be an absolute path (the CRD checks only its
+/// length): `v2` made a redirect's Location `http://frontv2` (another host), a space a request
+/// line that does not parse. Such a rule is dropped (its requests get 500), the others serve.
+#[test]
+fn a_replacement_path_that_is_not_an_absolute_path_drops_its_rule() {
+    let redirect =
+        |path: Value| json!({"type": "RequestRedirect", "requestRedirect": {"path": path}});
+    let rewrite = |path: Value| json!({"type": "URLRewrite", "urlRewrite": {"path": path}});
+    let index = index_with(route(
+        1,
+        json!([
+            {"backendRefs": [{"name": "back", "port": 80}]},
+            {"matches": [{"path": {"type": "Exact", "value": "/a"}}],
+             "filters": [redirect(json!({"type": "ReplaceFullPath", "replaceFullPath": "v2"}))]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/b"}}],
+             "filters": [rewrite(json!({"type": "ReplacePrefixMatch", "replacePrefixMatch": "/x y"}))],
+             "backendRefs": [{"name": "back", "port": 80}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/c"}}],
+             "filters": [rewrite(json!({"type": "ReplacePrefixMatch", "replacePrefixMatch": ""}))],
+             "backendRefs": [{"name": "back", "port": 80}]},
+        ]),
+    ));
+    assert!(
+        answer(&index, "/a").starts_with("rule 1 answers 500"),
+        "{}",
+        answer(&index, "/a")
+    );
+    assert!(answer(&index, "/b/1").starts_with("rule 2 answers 500"));
+    assert_eq!(
+        answer(&index, "/c/1"),
+        "rule 3 forwards",
+        "an empty prefix replacement is the spec's"
+    );
+    assert_eq!(answer(&index, "/other"), "rule 0 forwards");
+    let status = route_status(&index);
+    let partially = condition(&status, "PartiallyInvalid").expect("PartiallyInvalid is set");
+    assert!(
+        partially.message.contains("Dropped Rule 1: "),
+        "{}",
+        partially.message
+    );
+    assert!(
+        partially.message.contains("absolute path"),
+        "{}",
+        partially.message
+    );
+}

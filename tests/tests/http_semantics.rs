@@ -252,6 +252,75 @@ async fn an_http1_connect_is_tunnelled_to_the_backend() {
     assert_eq!(sender.send_request(connect).await.unwrap().status(), 501);
 }
 
+/// An HTTP/2 request's `:authority` replaces a Host field sent beside it (RFC 9113 §8.3.1): routes
+/// match, and the backend gets, the authority. Before, the Host field won both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_authority_wins_over_a_host_field_beside_it() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let b = echo_backend([127, 0, 0, 1], "b").await;
+    let rules = "  - matches: [{headers: [{name: host, value: other.example}]}]\n    backendRefs: [{name: b, port: 80}]\n  - backendRefs: [{name: a, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], Some("http"))
+        .service("ns", "b", 80, &[b.addr], Some("http"))
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let request = http::Request::get("http://front.ns/x")
+        .header("host", "other.example")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["pod"], "a", "routed by the Host field: {seen}");
+    assert_eq!(seen["host"], "front.ns", "{seen}");
+}
+
+/// A path is matched, and forwarded, as RFC 3986 says it is equivalent: `/public/../admin` and
+/// `/%61dmin` are `/admin`, which is what the backend resolves them to. Before, they were
+/// matched raw: the `/public` rule (or the catch-all) took them, and the backend served `/admin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_routed_as_the_backend_resolves_it() {
+    let public = echo_backend([127, 0, 0, 1], "public").await;
+    let admin = echo_backend([127, 0, 0, 1], "admin").await;
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /admin}}]\n    backendRefs: [{name: admin, port: 80}]\n  - backendRefs: [{name: public, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "public", 80, &[public.addr], Some("http"))
+        .service("ns", "admin", 80, &[admin.addr], Some("http"))
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    for target in [
+        "/public/../admin/x?q=1",
+        "/%61dmin/x?q=1",
+        "/public/%2E%2E/admin/x?q=1",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n");
+        let reply =
+            raw_exchange(agent.listen[0], request.as_bytes(), Duration::from_secs(5)).unwrap();
+        assert!(
+            reply.text.starts_with("HTTP/1.1 200"),
+            "{target}: {}",
+            reply.text
+        );
+        assert!(
+            reply.text.contains(r#""pod":"admin""#),
+            "{target}: {}",
+            reply.text
+        );
+        assert!(
+            reply.text.contains(r#""path":"/admin/x""#),
+            "{target}: {}",
+            reply.text
+        );
+    }
+}
+
 /// A message head read byte by byte (nothing past it), as text; `None` if the peer closed first.
 async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();

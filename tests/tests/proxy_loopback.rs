@@ -636,6 +636,31 @@ async fn declared_http_ports_are_never_sniffed() {
     assert_eq!(fell, 1.0);
 }
 
+/// A mirror samples its share of requests independently of the pick of the backend it is on.
+/// Before, both read one random number: with weights 4/1 and a mirror of 1 in 5 on the second
+/// backend, their residues never met and that mirror never sent a request (expected: 1 in 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrors_share_does_not_depend_on_the_backend_picked() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let b = echo_backend([127, 0, 0, 1], "b").await;
+    let mirror = echo_backend([127, 0, 0, 1], "mirror").await;
+    let rules = "  - backendRefs:\n    - {name: a, port: 80, weight: 4}\n    - name: b\n      port: 80\n      weight: 1\n      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}, fraction: {numerator: 1, denominator: 5}}}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "b", 80, &[b.addr], None)
+        .service("ns", "mirror", 80, &[mirror.addr], None)
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let http = client(false);
+    // 300 requests: about 12 mirrored; none with odds of 0.96^300 (5 in a million).
+    for _ in 0..300 {
+        assert_eq!(get(&http, &agent.url(0, "/x"), &[]).await.status, 200);
+    }
+    let sent = gamma_tests::probe::metric(&agent, "gamma_mirrors_sent_total").unwrap();
+    assert!(sent >= 1.0, "no request of 300 was mirrored");
+}
+
 /// A mirror backend that accepts and never answers does not hold a mirror slot past the mirror
 /// timeout: the copy is abandoned and counted, the real request unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

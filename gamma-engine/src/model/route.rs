@@ -889,8 +889,20 @@ macro_rules! header_pairs {
                 let f = format!("{}[{i}]", $field);
                 Ok((header_name(&h.name, &f)?, header_value(&h.value, &f)?))
             })
-            .collect::<Result<Box<[(HeaderName, HeaderValue)]>, Invalid>>()?
+            .collect::<Result<Vec<(HeaderName, HeaderValue)>, Invalid>>()
+            .map(first_of_each_name)?
     };
+}
+
+/// The first entry of each header name (names compared case-insensitively): the spec's
+/// `HTTPHeader.name` says later equivalent entries MUST be ignored, and the CRD's list key,
+/// case-sensitive, lets `X-Env` and `x-env` both through.
+fn first_of_each_name(
+    mut pairs: Vec<(HeaderName, HeaderValue)>,
+) -> Box<[(HeaderName, HeaderValue)]> {
+    let mut seen = std::collections::HashSet::new();
+    pairs.retain(|(name, _)| seen.insert(name.clone()));
+    pairs.into_boxed_slice()
 }
 
 /// The parentRefs of either route kind (their generated types differ but have the same fields).
@@ -1051,7 +1063,10 @@ macro_rules! path_modifier {
                         "required for type ReplaceFullPath",
                     )
                 })?;
-                PathModifier::ReplaceFullPath(v)
+                PathModifier::ReplaceFullPath(replacement_path(
+                    v,
+                    &format!("{field}.replaceFullPath"),
+                )?)
             }
             $kind::ReplacePrefixMatch => {
                 let v = p.replace_prefix_match.clone().ok_or_else(|| {
@@ -1060,10 +1075,32 @@ macro_rules! path_modifier {
                         "required for type ReplacePrefixMatch",
                     )
                 })?;
-                PathModifier::ReplacePrefixMatch(v)
+                PathModifier::ReplacePrefixMatch(replacement_path(
+                    v,
+                    &format!("{field}.replacePrefixMatch"),
+                )?)
             }
         }
     }};
+}
+
+/// A path a rewrite or redirect puts in place (the CRD checks only its length): absolute, and a
+/// path alone. `v2` would have made a redirect's Location `http://hostv2`, a space or a `?` a
+/// request line that does not parse or carries two queries. Empty: the spec's prefix
+/// replacement by nothing.
+fn replacement_path(value: String, field: &str) -> Result<String, Invalid> {
+    let is_path = value.is_empty()
+        || (value.starts_with('/')
+            && !value.contains(['?', '#'])
+            && value.parse::<http::uri::PathAndQuery>().is_ok());
+    if is_path {
+        Ok(value)
+    } else {
+        Err(invalid(
+            field,
+            format!("`{value}` is not an absolute path (it must start with `/`, without a query, a fragment or characters a URL cannot carry)"),
+        ))
+    }
 }
 
 /// HTTPRoute filters (rule level and backendRef level have distinct but same-shaped generated types).
@@ -1871,6 +1908,36 @@ mod tests {
         for bad in ["", "Get.Item", "2Get", "Get-Item"] {
             assert!(!is_identifier(bad), "{bad:?}");
         }
+    }
+
+    /// `HTTPHeader.name`: entries equivalent to an earlier one (names compare case-insensitively)
+    /// MUST be ignored; the CRD's case-sensitive list key lets them through.
+    #[test]
+    fn a_header_named_again_in_another_case_is_ignored() {
+        let object = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [{"filters": [{"type": "RequestHeaderModifier",
+                "requestHeaderModifier": {
+                    "set": [{"name": "X-Env", "value": "a"}, {"name": "x-env", "value": "b"}],
+                    "add": [{"name": "x-add", "value": "1"}, {"name": "X-ADD", "value": "2"}]}}]}]}
+        }))
+        .unwrap();
+        let Object::Route(route) = object else {
+            panic!("not a route")
+        };
+        let Filter::RequestHeaders(modifier) = &route.rules[0].filters()[0] else {
+            panic!("{:?}", route.rules[0].filters())
+        };
+        let values = |pairs: &[(HeaderName, HeaderValue)]| {
+            pairs
+                .iter()
+                .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values(&modifier.set), ["x-env=a"]);
+        assert_eq!(values(&modifier.add), ["x-add=1"]);
     }
 
     #[test]

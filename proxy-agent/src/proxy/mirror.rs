@@ -37,12 +37,12 @@ impl Mirrors {
         mirrors: &[Mirror<'_>],
         parts: &http::request::Parts,
         body: &RequestBody,
-        random: u64,
     ) {
-        for (i, mirror) in mirrors.iter().enumerate() {
-            // A different slice of the random bits per mirror keeps their samples independent.
-            let sample =
-                random.rotate_left(13 * (i as u32 + 1)) % u64::from(mirror.denominator.max(1));
+        for mirror in mirrors {
+            // Drawn anew: bits of the number that picked the backend would tie the two (with
+            // weights 96/4 and a 1 % mirror on the 4, their residues never met: no mirror).
+            let random = rand::random::<u64>();
+            let sample = random % u64::from(mirror.denominator.max(1));
             if sample >= u64::from(mirror.numerator) {
                 continue;
             }

@@ -251,6 +251,7 @@ impl Proxy {
             }
             Ok(()) => {
                 absolute_form_names_the_host(&mut request);
+                normalize_path(&mut request);
                 let frontend = self.frontend(&snapshot, &conn.destination);
                 match self
                     .proxy_frontend(frontend.map(|f| &**f), request, conn, grpc, &mut log)
@@ -366,8 +367,7 @@ impl Proxy {
         });
         let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
-        self.mirrors
-            .send(self, &plan.mirrors, &parts, &body, random);
+        self.mirrors.send(self, &plan.mirrors, &parts, &body);
         let target = forward::Target {
             backend: plan.backend,
             pinned: resumed.map(|(session, _)| session.endpoint),
@@ -485,9 +485,14 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
 }
 
 /// An HTTP/1 request in absolute form (`GET http://a/x`) is for the target's authority, whatever
-/// its Host says (RFC 9112 §3.2.2): routes match, and the backend gets, that one.
+/// its Host says (RFC 9112 §3.2.2): routes match, and the backend gets, that one. An HTTP/2
+/// request's `:authority` likewise replaces a Host field sent beside it (RFC 9113 §8.3.1); it
+/// stays in the URI, where HTTP/2 requests carry it.
 fn absolute_form_names_the_host<B>(request: &mut Request<B>) {
     if request.version() >= http::Version::HTTP_2 {
+        if request.uri().authority().is_some() {
+            request.headers_mut().remove(header::HOST);
+        }
         return;
     }
     let Some(authority) = request.uri().authority() else {
@@ -500,6 +505,26 @@ fn absolute_form_names_the_host<B>(request: &mut Request<B>) {
     };
     if let Ok(host) = HeaderValue::from_str(&host) {
         request.headers_mut().insert(header::HOST, host);
+    }
+}
+
+/// Routes match, and the backend gets, the request's path as RFC 3986 says it is equivalent
+/// ([`gamma_engine::routes::matches::normalize_path`]): what a backend resolves it to.
+fn normalize_path<B>(request: &mut Request<B>) {
+    let Some(normal) = gamma_engine::routes::matches::normalize_path(request.uri().path()) else {
+        return;
+    };
+    let target = match request.uri().query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let Ok(path_and_query) = target.parse() else {
+        return;
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
     }
 }
 

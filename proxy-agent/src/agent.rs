@@ -243,6 +243,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         config.takeover.as_ref(),
     )
     .await?;
+    if let Some(redirect) = &redirect {
+        // The running agent, which shares the maps, may have written its own view of a table
+        // change between this agent's first write and Stop: this agent's goes in last.
+        reconcile_redirect(redirect, &publisher.reader().load());
+    }
     let mut successors = match &config.takeover {
         Some(t) => Some(
             Successors::serve(
@@ -253,7 +258,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             )
             .context("offering takeovers")?,
         ),
-        None => None,
+        None => {
+            // No successor will take them: the listeners must close when the workers stop
+            // accepting (a redirected connect then fails open), not wait in these copies while
+            // the agent drains.
+            drop(offered);
+            None
+        }
     };
     // Ready: the table is complete and every listener, the redirect included, is serving.
     readiness.synced_at.store(unix_now(), Ordering::Relaxed);
@@ -267,6 +278,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         consumers.push(tokio::spawn(follow_redirect(
             redirect,
             NewTables::new(publisher.subscribe()),
+            drain.stopped_accepting(),
         )));
     }
     let status = match (&config.kube, &source) {
@@ -359,10 +371,36 @@ impl Source {
     }
 }
 
-/// The kernel steers exactly the frontends that have routes: kept in step with every publish.
-async fn follow_redirect(redirect: Arc<Redirect>, mut tables: NewTables) {
-    while let Some(snapshot) = tables.next().await {
-        reconcile_redirect(&redirect, &snapshot);
+/// The kernel steers exactly the frontends that have routes: kept in step with every publish
+/// until this agent stops accepting. After a takeover the successor, which shares the maps,
+/// writes them alone: a table change read here afterwards would set this agent's view (an older
+/// version's logic) until the successor's next change, in a quiet cluster for good.
+async fn follow_redirect(
+    redirect: Arc<Redirect>,
+    tables: NewTables,
+    stopped_accepting: watch::Receiver<bool>,
+) {
+    follow_until_stopped(tables, stopped_accepting, |snapshot| {
+        reconcile_redirect(&redirect, snapshot)
+    })
+    .await;
+}
+
+/// Applies each new table until `stopped` turns true (or the publisher goes).
+async fn follow_until_stopped(
+    mut tables: NewTables,
+    mut stopped: watch::Receiver<bool>,
+    mut apply: impl FnMut(&Snapshot),
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+            table = tables.next() => match table {
+                Some(snapshot) => apply(&snapshot),
+                None => return,
+            },
+        }
     }
 }
 
@@ -674,6 +712,36 @@ mod tests {
         assert_eq!(tables.next().await.unwrap().version, 3);
         drop(tx);
         assert!(tables.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_redirect_follows_tables_only_until_the_agent_stops_accepting() {
+        let table = |version| Published {
+            snapshot: Arc::new(Snapshot {
+                version,
+                ..Snapshot::default()
+            }),
+            stored_status: Arc::default(),
+            behind: Vec::new(),
+        };
+        let (tx, rx) = watch::channel(table(1));
+        let (stop, stopped) = watch::channel(false);
+        let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = applied.clone();
+        let follower = tokio::spawn(follow_until_stopped(
+            NewTables::new(rx),
+            stopped,
+            move |s| seen.lock().unwrap().push(s.version),
+        ));
+        tx.send_replace(table(2));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(1), follower)
+            .await
+            .expect("it stops following")
+            .unwrap();
+        tx.send_replace(table(3));
+        assert_eq!(*applied.lock().unwrap(), [2]);
     }
 
     #[test]

@@ -419,7 +419,8 @@ async fn exits_cleanly(mut agent: Agent, when: &'static str) {
 }
 
 /// An upgraded connection (WebSocket) open at SIGTERM is drained like opaque TCP: it goes on
-/// until it ends or the drain deadline, and the agent exits once it ended. Before, its pump was
+/// until it ends or the drain deadline, and the agent exits once it ended; its listener closes
+/// at once (before, a copy kept for a successor kept it open without takeovers configured). Before, its pump was
 /// not among the connections a drain waits for: the agent exited at once and cut it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upgraded_connection_finish() {
@@ -445,6 +446,13 @@ async fn sigterm_lets_an_upgraded_connection_finish() {
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "the agent waits for the upgraded connection"
+    );
+    // Its listener is closed while it drains: a new connection is refused (a redirected one
+    // then fails open), not queued where nobody accepts it until the agent exits and resets it.
+    assert_eq!(
+        std::net::TcpStream::connect(addr).err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a connection accepted into a listener nobody serves"
     );
     socket = tokio::task::spawn_blocking(move || {
         socket.write_all(b"still-here").unwrap();

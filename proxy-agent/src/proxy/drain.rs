@@ -53,6 +53,11 @@ impl Drain {
         (self.acceptors.token(), self.stop_accepting.subscribe())
     }
 
+    /// The flag that says this agent stopped accepting (a SIGTERM, or a successor took over).
+    pub fn stopped_accepting(&self) -> watch::Receiver<bool> {
+        self.stop_accepting.subscribe()
+    }
+
     /// Runs `task` on `runtime`, as one of the connections a drain waits for.
     pub fn spawn_tracked<F>(&self, runtime: &tokio::runtime::Handle, task: F)
     where

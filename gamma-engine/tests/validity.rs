@@ -471,3 +471,70 @@ fn a_replacement_path_that_is_not_an_absolute_path_drops_its_rule() {
         partially.message
     );
 }
+
+/// The index of `front` with `ports` (its only Service) and a route to `front` with these
+/// `parentRefs`.
+fn front_with_ports(ports: Value, parent_refs: Value) -> Index {
+    let mut front = service();
+    front["spec"]["ports"] = ports;
+    let mut r = route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
+    r["spec"]["parentRefs"] = parent_refs;
+    let mut index = Index::new();
+    for value in [front, backend_service(), r] {
+        index.apply(object(value));
+    }
+    index.publish();
+    index
+}
+
+/// A route to a port whose appProtocol or name states opaque TCP never applies (the agent passes
+/// its connections through unparsed): `Accepted=False` says so, and the kernel does not steer it.
+/// Before, the route was `Accepted=True` and its rules never ran.
+#[test]
+fn a_route_to_a_port_stated_opaque_is_not_accepted() {
+    let index = front_with_ports(
+        json!([{"name": "tcp", "port": 9090}]),
+        json!([{"group": "", "kind": "Service", "name": "front", "port": 9090}]),
+    );
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        ("False", "NoMatchingParent")
+    );
+    assert!(accepted.message.contains("opaque"), "{}", accepted.message);
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 9090)
+        .unwrap();
+    assert!(!frontend.has_routes(), "steered for nothing");
+}
+
+/// A port presumed opaque by its number alone (MySQL's, Selenium Grid's 4444: Linkerd's default
+/// opaque ports) is sniffed when a route names it: the route says it carries HTTP. Attached by a
+/// parentRef for all of a Service's ports, it stays opaque (a MySQL port beside an HTTP one).
+#[test]
+fn a_route_that_names_a_port_presumed_opaque_makes_it_sniffed() {
+    use gamma_engine::model::DeclaredProtocol;
+    let declared = |parent_ref: Value| {
+        let index = front_with_ports(
+            json!([{"port": 4444}, {"name": "web", "port": 8080}]),
+            json!([parent_ref]),
+        );
+        assert_eq!(accepted_at(&index).0, "True");
+        let snapshot = index.snapshot();
+        let frontend = snapshot
+            .frontend_of(&ObjectKey::new("ns", "front"), 4444)
+            .unwrap();
+        assert!(frontend.has_routes());
+        frontend.declared
+    };
+    assert_eq!(
+        declared(json!({"group": "", "kind": "Service", "name": "front", "port": 4444})),
+        None
+    );
+    assert_eq!(
+        declared(json!({"group": "", "kind": "Service", "name": "front"})),
+        Some(DeclaredProtocol::Opaque)
+    );
+}

@@ -133,6 +133,17 @@ impl ServicePort {
     /// nothing to gain. `None`: undeclared, sniffed. Sniffing a server-first protocol waits for
     /// the client's first bytes until the detection timeout (10 s) on every connection.
     pub fn declared_protocol(&self) -> Option<DeclaredProtocol> {
+        self.stated_protocol().or_else(|| {
+            OPAQUE_PORTS
+                .contains(&self.port)
+                .then_some(DeclaredProtocol::Opaque)
+        })
+    }
+
+    /// The protocol the port's appProtocol or name states (not its number); `None`: neither
+    /// says. A route that names the port (parentRef `port` or `sectionName`) overrides a
+    /// protocol presumed from the number alone, never a stated one.
+    pub fn stated_protocol(&self) -> Option<DeclaredProtocol> {
         if let Some(app_protocol) = self.app_protocol.as_deref() {
             return match app_protocol {
                 "http" | "kubernetes.io/h2c" | "kubernetes.io/ws" | "h2c" | "grpc" | "http2" => {
@@ -143,7 +154,7 @@ impl ServicePort {
                 _ => None,
             };
         }
-        let by_name = self.name.as_deref().and_then(|name| {
+        self.name.as_deref().and_then(|name| {
             let family = name.split_once('-').map_or(name, |(family, _)| family);
             match family {
                 "http" | "grpc" => Some(DeclaredProtocol::Http),
@@ -152,11 +163,6 @@ impl ServicePort {
                 known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
                 _ => None,
             }
-        });
-        by_name.or_else(|| {
-            OPAQUE_PORTS
-                .contains(&self.port)
-                .then_some(DeclaredProtocol::Opaque)
         })
     }
 

@@ -150,6 +150,11 @@ impl ParentRef {
 
     /// Whether this parentRef selects `port` of its Service: its port and sectionName, where
     /// given, name it.
+    /// Whether it selects `port` by its number or name (not as one of all the Service's ports).
+    pub fn names_port(&self, port: &super::ServicePort) -> bool {
+        (self.port.is_some() || self.section_name.is_some()) && self.selects(port)
+    }
+
     pub fn selects(&self, port: &super::ServicePort) -> bool {
         self.port.is_none_or(|n| n == port.port)
             && self

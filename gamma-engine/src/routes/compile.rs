@@ -8,7 +8,8 @@ use super::{
     RouteTable, World,
 };
 use crate::model::{
-    BackendRef, Filter, Route, RouteKind, RouteMatch, Service, ServiceKind, ServicePort,
+    BackendRef, DeclaredProtocol, Filter, ParentRef, Route, RouteKind, RouteMatch, Service,
+    ServiceKind, ServicePort,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,11 +20,39 @@ use std::sync::Arc;
 pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Arc<Route>>>;
 
 /// Whether `route` attaches to `port` of `service` through any of its parentRefs.
+/// Whether `route` applies to `port` of `service`: it selects the port, and the port's
+/// appProtocol or name does not state opaque TCP, which the agent passes through unparsed (the
+/// route's status says so, `status::accepted`).
 pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
+    port.stated_protocol() != Some(DeclaredProtocol::Opaque)
+        && parents_on(route, service).any(|p| p.selects(port))
+}
+
+/// The parentRefs of `route` to `service`.
+fn parents_on<'r>(route: &'r Route, service: &'r Service) -> impl Iterator<Item = &'r ParentRef> {
+    let key = &service.key;
     route
         .parent_refs
         .iter()
-        .any(|p| p.service(route.namespace()).as_ref() == Some(&service.key) && p.selects(port))
+        .filter(move |p| p.service(route.namespace()).as_ref() == Some(key))
+}
+
+/// How a port's connections are told apart: by what its appProtocol or name states, else by its
+/// number ([`ServicePort::declared_protocol`]) unless a route names the port, which says it
+/// carries what routes apply to (sniffed, then).
+fn port_protocol(
+    port: &ServicePort,
+    service: &Service,
+    routes: &[&Arc<Route>],
+) -> Option<DeclaredProtocol> {
+    let named = routes
+        .iter()
+        .any(|r| parents_on(r, service).any(|p| p.names_port(port)));
+    if named {
+        port.stated_protocol()
+    } else {
+        port.declared_protocol()
+    }
 }
 
 pub(crate) fn groups<'a>(
@@ -81,7 +110,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 service: service.key.clone(),
                 port: port.port,
                 port_name: port.name.clone(),
-                declared: port.declared_protocol(),
+                declared: port_protocol(port, service, &routes),
                 addresses: service
                     .cluster_ips
                     .iter()

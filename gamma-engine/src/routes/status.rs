@@ -2,7 +2,7 @@
 
 use super::compile::{groups, winning_kind};
 use super::{backends, World};
-use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
+use crate::model::{DeclaredProtocol, ParentRef, RefusedRoute, Route, RouteKind, ServicePort};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -280,6 +280,27 @@ fn accepted(
             false,
             "NoMatchingParent",
             format!("Service {key} has no port {wanted}").into(),
+        );
+    }
+    let opaque = |p: &&ServicePort| p.stated_protocol() == Some(DeclaredProtocol::Opaque);
+    if ports.iter().all(opaque) {
+        let named: Vec<String> = ports
+            .iter()
+            .map(|p| match &p.name {
+                Some(name) => format!("{} (`{name}`)", p.port),
+                None => p.port.to_string(),
+            })
+            .collect();
+        return (
+            false,
+            "NoMatchingParent",
+            format!(
+                "port {} of Service {key} is declared opaque TCP by its appProtocol or name: \
+                 the agent passes its connections through unparsed, and routes do not apply; \
+                 declare it HTTP (appProtocol: http, or kubernetes.io/h2c) to route it",
+                named.join(", ")
+            )
+            .into(),
         );
     }
     if route.kind() == RouteKind::Http {

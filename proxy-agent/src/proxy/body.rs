@@ -466,26 +466,27 @@ impl Body for AnswerEnd {
         if self.ended {
             return Poll::Ready(None);
         }
+        // The deadline first: a backend faster than its caller always has the next frame ready,
+        // and a deadline looked at only when it had none would never be reached.
+        let expired = self
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if expired {
+            const WHY: &str = "the route's timeout expired before the response's end";
+            if !self.grpc {
+                self.ended = true;
+                return Poll::Ready(Some(Err(WHY.into())));
+            }
+            return self.end(GrpcStatus::DeadlineExceeded, WHY);
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) if self.grpc && !reset_by_backend(&*e) => {
                 let why = format!("the backend's connection broke before the response's end: {e}");
-                return self.end(GrpcStatus::Unavailable, &why);
+                self.end(GrpcStatus::Unavailable, &why)
             }
-            Poll::Ready(frame) => return Poll::Ready(frame),
-            Poll::Pending => {}
+            other => other,
         }
-        let Some(deadline) = self.deadline.as_mut() else {
-            return Poll::Pending;
-        };
-        if deadline.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        const WHY: &str = "the route's timeout expired before the response's end";
-        if !self.grpc {
-            self.ended = true;
-            return Poll::Ready(Some(Err(WHY.into())));
-        }
-        self.end(GrpcStatus::DeadlineExceeded, WHY)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -574,5 +575,35 @@ impl Body for CountGrpcStatus {
 impl Drop for CountGrpcStatus {
     fn drop(&mut self) {
         self.count(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer whose next frame is always ready (a backend faster than its caller) is still
+    /// cut at its deadline. Before, the deadline was looked at only when no frame was ready:
+    /// a download to a slow reader ran past the route's timeout for as long as it lasted.
+    #[tokio::test]
+    async fn an_answer_that_never_waits_is_still_cut_at_its_deadline() {
+        let endless = || {
+            http_body_util::StreamBody::new(futures::stream::repeat_with(|| {
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))
+            }))
+            .boxed_unsync()
+        };
+        let past = Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let mut plain = AnswerEnd::wrap(endless(), Some(past), false);
+        assert!(
+            plain.frame().await.unwrap().is_err(),
+            "a plain answer fails"
+        );
+        let mut grpc = AnswerEnd::wrap(endless(), Some(past), true);
+        let end = grpc.frame().await.unwrap().unwrap();
+        let trailers = end.into_trailers().expect("trailers end a gRPC answer");
+        assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert!(grpc.frame().await.is_none());
     }
 }

@@ -352,6 +352,29 @@ async fn retries_where_allowed_and_ejects_failing_endpoints_for_a_while() {
 /// connection is reset once each endpoint was tried once, as kube-proxy's reject would fail it,
 /// rather than held open while the agent tries the same endpoints forever, or ended with a FIN
 /// that reads as a server with nothing to say.
+/// A retry policy's backoff also spaces the retries of a refused connection once no endpoint is
+/// left untried (an app restarting in its pod refuses for a moment while its endpoint stays
+/// ready): the spec says no retry of a failed request comes before the backoff. Before, the
+/// retries of a lone refusing endpoint went out back to back and the caller got 503 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_after_the_backoff() {
+    let refused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let retry = "    retry: {attempts: 2, backoff: 300ms}\n";
+    let manifests = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "refused", 80, &[refused], None)
+        .raw(&route(&rule("/", "refused", retry)));
+    let agent = start_agent(manifests).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let got = send(&client, "GET", &agent.url(0, "/x"), "").await;
+    assert_eq!(got.status, 503, "{got:?}");
+    assert!(
+        got.took >= Duration::from_millis(600),
+        "two retries, each after 300 ms: answered after {:?}",
+        got.took
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
     let port = free_port();

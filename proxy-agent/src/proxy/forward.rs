@@ -199,7 +199,18 @@ pub(super) async fn forward(
                     Attempt::AgentShort(_) => false,
                 };
             if retry_wanted && resendable(proxy, &body) {
-                if !matches!(attempt, Attempt::ConnectFailed(_) | Attempt::Declined(_)) {
+                // A declined request, or a refused connect with an endpoint left untried, goes
+                // again at once: nothing was processed, and another endpoint may take it. Any
+                // other retry waits for the policy's backoff, which the spec says no retry of a
+                // failed request comes before (an endpoint refusing while its app restarts).
+                let at_once = match &attempt {
+                    Attempt::Declined(_) => true,
+                    Attempt::ConnectFailed(_) => {
+                        backend.endpoints.iter().any(|e| !tried.contains(e))
+                    }
+                    _ => false,
+                };
+                if !at_once {
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 continue;

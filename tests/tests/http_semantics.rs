@@ -321,6 +321,55 @@ async fn a_path_is_routed_as_the_backend_resolves_it() {
     }
 }
 
+/// A forward proxy behind a Service (`HTTP_PROXY=http://squid.infra:3128`): a request its
+/// client sends in absolute form goes on in absolute form, bodiless or not (RFC 9112 §3.2.2:
+/// clients must send it so to a proxy, and every server must take it), and the proxy's 407 keeps
+/// its challenge. Before, the proxy got `GET /x` and the client a 407 without Proxy-Authenticate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_proxy_behind_a_service_gets_absolute_form_and_its_challenge_through() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forward_proxy = listener.local_addr().unwrap();
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let line_tx = line_tx.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut stream).await {
+                    if head.to_ascii_lowercase().contains("content-length: 3") {
+                        let mut body = [0u8; 3];
+                        stream.read_exact(&mut body).await.unwrap();
+                    }
+                    let _ = line_tx.send(head.lines().next().unwrap_or_default().to_string());
+                    let challenge = b"HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic realm=\"squid\"\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(challenge).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let agent = Agent::start(&Manifests::front_routed_to(forward_proxy), options(&[])).unwrap();
+    for (request, line) in [
+        (
+            &b"GET http://example.com/x?y=1 HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"[..],
+            "GET http://example.com/x?y=1 HTTP/1.1",
+        ),
+        (
+            &b"POST http://example.com/upload HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"[..],
+            "POST http://example.com/upload HTTP/1.1",
+        ),
+    ] {
+        let answer = answer_until_closed(agent.listen[0], request).await;
+        assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("proxy-authenticate: basic realm=\"squid\""),
+            "{answer}"
+        );
+        let seen = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.unwrap().unwrap();
+        assert_eq!(seen, line);
+    }
+}
+
 /// A message head read byte by byte (nothing past it), as text; `None` if the peer closed first.
 async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();

@@ -18,11 +18,13 @@ use tokio::time::Instant;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
 /// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
+/// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
+/// must reach its caller with its challenge.
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
     header::TE,
     header::TRANSFER_ENCODING,
 ];
@@ -357,8 +359,18 @@ pub(super) fn upstream_request(
     *request.uri_mut() = match authority {
         // A CONNECT goes out in authority form, as it came (RFC 9112 §3.2.3).
         None if is_tunnel(parts) => parts.uri.clone(),
-        // HTTP/1.1 requests go out in origin form (`/path?query`).
-        None => path_and_query.into(),
+        // HTTP/1.1 requests go out in origin form (`/path?query`), or in absolute form as they
+        // came (`wire::absolute_origin`).
+        None => match wire::absolute_origin(parts) {
+            Some((scheme, host)) => {
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = scheme.parse().ok();
+                uri.authority = host.parse().ok();
+                uri.path_and_query = Some(path_and_query.clone());
+                http::Uri::from_parts(uri).unwrap_or_else(|_| path_and_query.into())
+            }
+            None => path_and_query.into(),
+        },
         Some(authority) => {
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(http::uri::Scheme::HTTP);
@@ -525,7 +537,11 @@ mod tests {
             parts.version = version;
             let built = upstream_request(&parts, &endpoint, false, body::empty());
             let mut from_built = Vec::new();
-            let target = built.uri().path_and_query();
+            let origin = built
+                .uri()
+                .scheme_str()
+                .zip(built.uri().authority().map(|a| a.as_str()));
+            let target = (origin, built.uri().path_and_query());
             wire::request_head(
                 built.method(),
                 target,
@@ -536,7 +552,7 @@ mod tests {
             let mut from_parts = Vec::new();
             let added_host = http1_host(&parts, &endpoint);
             let added_host = added_host.as_ref().map(|h| h.as_str());
-            let target = parts.uri.path_and_query();
+            let target = (wire::absolute_origin(&parts), parts.uri.path_and_query());
             wire::request_head(
                 &parts.method,
                 target,

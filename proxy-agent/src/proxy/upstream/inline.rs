@@ -159,6 +159,7 @@ impl InlinePool {
                 true => (Box::pin(connect()).await?, false),
             };
             let headers = &parts.headers;
+            let target = (wire::absolute_origin(parts), target);
             wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
                 Ok(head) => return Ok(self.answer(endpoint, conn, head)),

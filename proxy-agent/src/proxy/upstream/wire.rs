@@ -39,6 +39,22 @@ pub enum WireError {
     ClosedEarly,
 }
 
+/// The `scheme` and `authority` a request's target names in absolute form.
+pub type Origin<'a> = (&'a str, &'a str);
+
+/// Where an HTTP/1 caller sent its target in absolute form (`GET http://a/x`), it goes upstream
+/// so too, for the Host the filters left: a forward proxy behind a Service needs it, and every
+/// server must take it (RFC 9112 §3.2.2). `None`: origin form (HTTP/2 callers' targets carry
+/// their authority whatever the form their client wrote).
+pub fn absolute_origin(parts: &http::request::Parts) -> Option<Origin<'_>> {
+    if parts.version >= http::Version::HTTP_2 {
+        return None;
+    }
+    let scheme = parts.uri.scheme_str()?;
+    let host = parts.headers.get(header::HOST)?.to_str().ok()?;
+    Some((scheme, host))
+}
+
 /// Writes the head of a request without a body, as an HTTP/1.1 upstream gets it:
 /// `METHOD target HTTP/1.1` (origin form), then `headers` (lower-case names, as hyper's client
 /// sends them) with the HTTP/1.1 hop's own rules, those `forward::upstream_request` applies for
@@ -52,7 +68,7 @@ pub enum WireError {
 /// some servers refuse such a request without one, 411). Bodiless requests all come this way.
 pub fn request_head(
     method: &Method,
-    target: Option<&http::uri::PathAndQuery>,
+    (origin, target): (Option<Origin<'_>>, Option<&http::uri::PathAndQuery>),
     headers: &HeaderMap,
     host: Option<&str>,
     out: &mut Vec<u8>,
@@ -60,6 +76,11 @@ pub fn request_head(
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
+    if let Some((scheme, authority)) = origin {
+        out.extend_from_slice(scheme.as_bytes());
+        out.extend_from_slice(b"://");
+        out.extend_from_slice(authority.as_bytes());
+    }
     // Origin form: an empty path is `/` (RFC 9112 §3.2.1), also before a query.
     out.extend_from_slice(target.map_or("/", |t| t.path()).as_bytes());
     if let Some(query) = target.and_then(|t| t.query()) {
@@ -575,7 +596,7 @@ mod tests {
         let target = |t: &'static str| Some(http::uri::PathAndQuery::from_static(t));
         request_head(
             &Method::GET,
-            target("/p?q=1").as_ref(),
+            (None, target("/p?q=1").as_ref()),
             &headers,
             None,
             &mut out,
@@ -588,7 +609,7 @@ mod tests {
         let uri: http::Uri = "http://svc?x=1".parse().unwrap();
         request_head(
             &Method::GET,
-            uri.path_and_query(),
+            (None, uri.path_and_query()),
             &HeaderMap::new(),
             None,
             &mut out,
@@ -596,7 +617,7 @@ mod tests {
         assert_eq!(out, b"GET /?x=1 HTTP/1.1\r\n\r\n");
         request_head(
             &Method::POST,
-            None,
+            (None, None),
             &HeaderMap::new(),
             Some("svc"),
             &mut out,
@@ -611,7 +632,21 @@ mod tests {
         h2.append(header::TE, HeaderValue::from_static("trailers"));
         h2.append("x-b", HeaderValue::from_static("2"));
         h2.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        request_head(&Method::GET, None, &h2, Some("svc:80"), &mut out);
+        // A caller's absolute-form target, for the Host the filters left.
+        let mut absolute = http::Request::get("http://example.com/x?y=1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        absolute
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("example.org"));
+        let target = (absolute_origin(&absolute), absolute.uri.path_and_query());
+        request_head(&Method::GET, target, &HeaderMap::new(), None, &mut out);
+        assert_eq!(out, b"GET http://example.org/x?y=1 HTTP/1.1\r\n\r\n");
+        absolute.uri = "/x".parse().unwrap();
+        assert_eq!(absolute_origin(&absolute), None, "origin form");
+        request_head(&Method::GET, (None, None), &h2, Some("svc:80"), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nhost: svc:80\r\ncookie: a=1; b=2\r\nx-b: 2\r\n\r\n"

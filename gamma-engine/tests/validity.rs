@@ -333,9 +333,13 @@ fn a_long_condition_message_is_cut_to_what_the_api_server_stores() {
 /// than cleartext sent to a TLS port.
 #[test]
 fn a_backend_port_the_route_cannot_be_sent_over_is_an_unsupported_protocol() {
+    // `name:N`: no appProtocol, the port named N.
     let backend_port = |app_protocol: &str| {
         let mut service = backend_service();
-        service["spec"]["ports"][0]["appProtocol"] = json!(app_protocol);
+        match app_protocol.strip_prefix("name:") {
+            Some(name) => service["spec"]["ports"][0]["name"] = json!(name),
+            None => service["spec"]["ports"][0]["appProtocol"] = json!(app_protocol),
+        }
         service
     };
     let grpc_route = |generation| {
@@ -364,6 +368,10 @@ fn a_backend_port_the_route_cannot_be_sent_over_is_an_unsupported_protocol() {
     let http = || route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
     for (route_value, app_protocol, expected) in [
         (http(), "https", ("False", "UnsupportedProtocol")),
+        // No appProtocol: a port named for TLS says it as plainly.
+        (http(), "name:https", ("False", "UnsupportedProtocol")),
+        (http(), "name:tls-admin", ("False", "UnsupportedProtocol")),
+        (http(), "name:http", ("True", "ResolvedRefs")),
         (
             http(),
             "kubernetes.io/wss",

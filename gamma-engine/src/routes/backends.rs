@@ -83,7 +83,7 @@ pub enum BackendError {
     )]
     RefNotPermitted(String),
     #[error(
-        "backendRef {0}: the port's appProtocol {1} asks for TLS, and the agent speaks cleartext \
+        "backendRef {0}: the port's {1} asks for TLS, and the agent speaks cleartext \
          HTTP/1.1 and HTTP/2 to backends"
     )]
     UnsupportedProtocol(String, String),
@@ -162,15 +162,8 @@ impl<'a> Resolver<'a> {
         let port = reference
             .port
             .ok_or_else(|| BackendError::NoSuchPort(shown.clone()))?;
-        if let Some(app_protocol) = service
-            .port(port)
-            .and_then(|p| p.app_protocol.as_deref())
-            .filter(|a| !can_send(a))
-        {
-            return Err(BackendError::UnsupportedProtocol(
-                shown,
-                app_protocol.to_string(),
-            ));
+        if let Some(tls) = service.port(port).and_then(asks_for_tls) {
+            return Err(BackendError::UnsupportedProtocol(shown, tls));
         }
         self.service_backend(service, port)
             .ok_or(BackendError::NoSuchPort(shown))
@@ -211,6 +204,22 @@ impl<'a> Resolver<'a> {
 /// backends speak HTTP/2 whatever the port says (`Backend::protocol_for`).
 fn can_send(app_protocol: &str) -> bool {
     !matches!(app_protocol, "https" | "tls" | "kubernetes.io/wss")
+}
+
+/// What says a backend port wants TLS, if anything: its appProtocol ([`can_send`]), else a name
+/// of the `https` or `tls` family (`https`, `tls-admin`), which nobody sets loosely; the agent
+/// reads such a port as TLS for its callers too (`ServicePort::stated_protocol`).
+fn asks_for_tls(port: &crate::model::ServicePort) -> Option<String> {
+    match (port.app_protocol.as_deref(), port.name.as_deref()) {
+        (Some(app_protocol), _) => {
+            (!can_send(app_protocol)).then(|| format!("appProtocol {app_protocol}"))
+        }
+        (None, Some(name)) => {
+            let family = name.split_once('-').map_or(name, |(family, _)| family);
+            matches!(family, "https" | "tls").then(|| format!("name {name}"))
+        }
+        (None, None) => None,
+    }
 }
 
 /// Which endpoints a caller on this node may use, as kube-proxy decides it

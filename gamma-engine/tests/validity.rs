@@ -546,3 +546,33 @@ fn a_route_that_names_a_port_presumed_opaque_makes_it_sniffed() {
         Some(DeclaredProtocol::Opaque)
     );
 }
+
+/// `NoMatchingParent` names what is missing: a port that is both the number and the name asked
+/// for, or any TCP port (the agent keeps no other). Before: "has no port web", of a Service whose
+/// port 80 exists, and "has no port " with nothing after it.
+#[test]
+fn no_matching_parent_says_what_is_missing() {
+    let message = |ports: Value, parent_ref: Value| {
+        let index = front_with_ports(ports, json!([parent_ref]));
+        let status = route_status(&index);
+        let accepted = condition(&status, "Accepted").unwrap().clone();
+        assert_eq!(
+            (accepted.status, accepted.reason),
+            ("False", "NoMatchingParent")
+        );
+        accepted.message
+    };
+    let both = message(
+        json!([{"name": "http", "port": 80}]),
+        json!({"group": "", "kind": "Service", "name": "front", "port": 80, "sectionName": "web"}),
+    );
+    assert!(
+        both.ends_with("has no port that is both 80 and named web"),
+        "{both}"
+    );
+    let udp = message(
+        json!([{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        json!({"group": "", "kind": "Service", "name": "front"}),
+    );
+    assert!(udp.ends_with("has no TCP port"), "{udp}");
+}

@@ -270,16 +270,17 @@ fn accepted(
     }
     let ports: Vec<_> = service.ports.iter().filter(|p| parent.selects(p)).collect();
     if ports.is_empty() {
-        let wanted = parent
-            .section_name
-            .as_ref()
-            .map(ToString::to_string)
-            .or(parent.port.map(|p| p.to_string()))
-            .unwrap_or_default();
+        let missing = match (parent.port, parent.section_name.as_deref()) {
+            (Some(port), Some(name)) => format!("no port that is both {port} and named {name}"),
+            (Some(port), None) => format!("no port {port}"),
+            (None, Some(name)) => format!("no port named {name}"),
+            // Only TCP ports are kept: a Service of UDP or SCTP ports alone has none.
+            (None, None) => "no TCP port".to_string(),
+        };
         return (
             false,
             "NoMatchingParent",
-            format!("Service {key} has no port {wanted}").into(),
+            format!("Service {key} has {missing}").into(),
         );
     }
     let opaque = |p: &&ServicePort| p.stated_protocol() == Some(DeclaredProtocol::Opaque);

@@ -122,17 +122,27 @@ pub struct ParentRef {
     pub section_name: Option<Box<str>>,
 }
 
-/// With its group and kind spelled out, as written.
+/// As the API writes it (route status echoes it so): group and kind spelled out, fields not set
+/// left out, `sectionName`.
 impl Serialize for ParentRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("ParentRef", 6)?;
         st.serialize_field("group", self.target.group())?;
         st.serialize_field("kind", self.target.kind())?;
-        st.serialize_field("namespace", &self.namespace)?;
+        match &self.namespace {
+            Some(namespace) => st.serialize_field("namespace", namespace)?,
+            None => st.skip_field("namespace")?,
+        }
         st.serialize_field("name", &self.name)?;
-        st.serialize_field("port", &self.port)?;
-        st.serialize_field("section_name", &self.section_name)?;
+        match self.port {
+            Some(port) => st.serialize_field("port", &port)?,
+            None => st.skip_field("port")?,
+        }
+        match &self.section_name {
+            Some(section) => st.serialize_field("sectionName", section)?,
+            None => st.skip_field("sectionName")?,
+        }
         st.end()
     }
 }
@@ -148,13 +158,13 @@ impl ParentRef {
         })
     }
 
-    /// Whether this parentRef selects `port` of its Service: its port and sectionName, where
-    /// given, name it.
     /// Whether it selects `port` by its number or name (not as one of all the Service's ports).
     pub fn names_port(&self, port: &super::ServicePort) -> bool {
         (self.port.is_some() || self.section_name.is_some()) && self.selects(port)
     }
 
+    /// Whether this parentRef selects `port` of its Service: its port and sectionName, where
+    /// given, name it.
     pub fn selects(&self, port: &super::ServicePort) -> bool {
         self.port.is_none_or(|n| n == port.port)
             && self
@@ -1943,6 +1953,23 @@ mod tests {
         };
         assert_eq!(values(&modifier.set), ["x-env=a"]);
         assert_eq!(values(&modifier.add), ["x-add=1"]);
+    }
+
+    /// `/config_dump` shows a parentRef as `kubectl get -o yaml` does (route status echoes it):
+    /// unset fields left out, `sectionName`. It showed `section_name` and `port: null`.
+    #[test]
+    fn a_parent_ref_serializes_as_the_api_writes_it() {
+        let parent = ParentRef {
+            target: GroupKind::Service,
+            namespace: None,
+            name: "front".into(),
+            port: None,
+            section_name: Some("web".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&parent).unwrap(),
+            serde_json::json!({"group": "", "kind": "Service", "name": "front", "sectionName": "web"})
+        );
     }
 
     #[test]

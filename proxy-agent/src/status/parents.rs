@@ -9,7 +9,7 @@
 use crate::kube_api::StoredRoute;
 use gamma_engine::model::ParentRef;
 use gamma_engine::routes::status::{ParentStatus, CONTROLLER_NAME};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 fn is_ours(entry: &Value) -> bool {
     entry.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME)
@@ -18,20 +18,7 @@ fn is_ours(entry: &Value) -> bool {
 /// A parentRef as the API writes it: optional fields omitted, `group: ""` kept (omitting it
 /// would make the API server default it to the Gateway API group).
 pub fn parent_ref_json(p: &ParentRef) -> Value {
-    let mut m = Map::new();
-    m.insert("group".into(), p.target.group().into());
-    m.insert("kind".into(), p.target.kind().into());
-    if let Some(ns) = &p.namespace {
-        m.insert("namespace".into(), ns.as_str().into());
-    }
-    m.insert("name".into(), p.name.as_str().into());
-    if let Some(port) = p.port {
-        m.insert("port".into(), port.into());
-    }
-    if let Some(section) = &p.section_name {
-        m.insert("sectionName".into(), (**section).into());
-    }
-    Value::Object(m)
+    serde_json::to_value(p).unwrap_or_default()
 }
 
 /// Our entry for one parent. A condition keeps its old `lastTransitionTime` when its status

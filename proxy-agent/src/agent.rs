@@ -689,16 +689,20 @@ impl Signals {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn consumers_see_every_new_table_and_skip_status_only_publishes() {
-        let table = |version| Published {
+    /// A publish of table `version`.
+    fn table(version: u64) -> Published {
+        Published {
             snapshot: Arc::new(Snapshot {
                 version,
                 ..Snapshot::default()
             }),
             stored_status: Arc::default(),
             behind: Vec::new(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn consumers_see_every_new_table_and_skip_status_only_publishes() {
         let (tx, rx) = watch::channel(table(1));
         let mut tables = NewTables::new(rx);
         // Published before the consumer looks: not missed.
@@ -716,14 +720,6 @@ mod tests {
 
     #[tokio::test]
     async fn the_redirect_follows_tables_only_until_the_agent_stops_accepting() {
-        let table = |version| Published {
-            snapshot: Arc::new(Snapshot {
-                version,
-                ..Snapshot::default()
-            }),
-            stored_status: Arc::default(),
-            behind: Vec::new(),
-        };
         let (tx, rx) = watch::channel(table(1));
         let (stop, stopped) = watch::channel(false);
         let applied = Arc::new(std::sync::Mutex::new(Vec::new()));

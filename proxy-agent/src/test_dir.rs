@@ -1,4 +1,4 @@
-//! A folder of its own for one unit test.
+//! For unit tests: a folder of its own for one test, and a table built from manifests.
 
 use std::path::{Path, PathBuf};
 
@@ -27,4 +27,15 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The published table of the objects in one manifest text.
+pub fn snapshot_of(manifests: &str) -> std::sync::Arc<gamma_engine::routes::Snapshot> {
+    let mut index = gamma_engine::Index::new();
+    let parsed = gamma_engine::manifests::parse(Path::new("test.yaml"), manifests);
+    for object in parsed.objects {
+        index.apply(object);
+    }
+    index.publish();
+    index.snapshot()
 }

@@ -69,13 +69,7 @@ mod tests {
 
     fn with_pod() -> Arc<Snapshot> {
         let yaml = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ui, uid: {UID}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.5}}\n");
-        let mut index = gamma_engine::Index::new();
-        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), &yaml).objects
-        {
-            index.apply(object);
-        }
-        index.publish();
-        index.snapshot()
+        crate::test_dir::snapshot_of(&yaml)
     }
 
     #[test]

@@ -434,13 +434,7 @@ mod tests {
     fn one_route(backend_refs: usize) -> Arc<Snapshot> {
         let refs = vec!["{name: s, port: 80}"; backend_refs].join(", ");
         let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: ns}}\nspec:\n  parentRefs: [{{kind: Service, group: '', name: s, port: 80}}]\n  rules: [{{backendRefs: [{refs}]}}]\n");
-        let mut index = gamma_engine::Index::new();
-        for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), &yaml).objects
-        {
-            index.apply(object);
-        }
-        index.publish();
-        index.snapshot()
+        crate::test_dir::snapshot_of(&yaml)
     }
 
     /// One slot per compiled rule holds the rule's own series and each backendRef's, apart.

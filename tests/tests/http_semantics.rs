@@ -370,6 +370,49 @@ async fn a_forward_proxy_behind_a_service_gets_absolute_form_and_its_challenge_t
     }
 }
 
+/// When the agent's own HTTP/1.1 server closes a connection its client meant to keep (here after
+/// a 400: two Host fields), it reads on until the client's FIN (RFC 9112 §9.6): a next request
+/// the client pipelined, still unread in the socket, would turn the close into a reset that can
+/// take the answer with it. Before, the client read the 400 and then a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_agent_closes_is_not_reset_under_a_pipelined_request() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
+    let addr = agent.listen[0];
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut pipelined = b"GET /a HTTP/1.1\r\nHost: front\r\nHost: other\r\n\r\n".to_vec();
+        // A next request larger than one read: most of it is still in the socket at the close.
+        pipelined.extend_from_slice(
+            b"POST /b HTTP/1.1\r\nHost: front\r\nContent-Length: 262144\r\n\r\n",
+        );
+        pipelined.resize(pipelined.len() + 262_144, b'x');
+        let writer = stream.try_clone().unwrap();
+        let write = std::thread::spawn(move || (&writer).write_all(&pipelined).is_ok());
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer).map_err(|e| e.kind());
+        let _ = write.join();
+        // Linux reads a FIN's end of stream before a reset that follows it: the reset shows as
+        // the socket's pending error.
+        std::thread::sleep(Duration::from_millis(100));
+        let reset = stream.take_error().unwrap().map(|e| e.kind());
+        (
+            read.map(|_| String::from_utf8_lossy(&answer).into_owned()),
+            reset,
+        )
+    })
+    .await
+    .unwrap();
+    let (read, reset) = read;
+    let answer = read.expect("the answer, then the end of the stream");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(reset, None, "the connection was reset after the answer");
+}
+
 /// A message head read byte by byte (nothing past it), as text; `None` if the peer closed first.
 async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();

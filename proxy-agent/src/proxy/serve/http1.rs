@@ -139,10 +139,18 @@ pub async fn serve<T: ReadAhead>(
         // Boxed: the connection's task would otherwise be sized for a request in flight (about
         // 5 KiB) while it waits for the next.
         let response = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info)).await;
+        let client_closes = close;
         let close = close || *shutdown.borrow();
         match write_answer(&mut stream, response, to_head, close, trailers, &mut out).await {
             Ok(true) => {}
             Ok(false) => {
+                if !client_closes {
+                    // The agent closes a connection its client meant to keep (the answer said
+                    // close: a refused request): a next request it already sent would turn the
+                    // close into a reset that can take this answer with it (RFC 9112 §9.6). Read
+                    // on until its FIN, as hyper's server does.
+                    stream.linger_on_close();
+                }
                 let _ = stream.shutdown().await;
                 return;
             }

@@ -65,16 +65,8 @@ impl LongHead {
         // An end is 3 bytes at most: it may have begun in the last 2 searched.
         let from = self.searched.map_or(0, |s| s.saturating_sub(2));
         self.searched = Some(buf.len());
-        head_ends(&buf[from..])
+        crate::proxy::upstream::wire::head_ends(&buf[from..])
     }
-}
-
-/// Whether `buf` holds a head's end: an empty line (`\n\n` or `\n\r\n`: heads may end lines
-/// with a bare LF).
-fn head_ends(buf: &[u8]) -> bool {
-    buf.windows(2).enumerate().any(|(i, w)| {
-        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(i + 2) == Some(&b'\n')))
-    })
 }
 
 /// Reads a request head from the start of `buf`; when it is one the agent serves itself, removes
@@ -142,6 +134,8 @@ pub fn request_head(
         *buf = whole;
         return Head::Hyper;
     };
+    let mut headers = headers;
+    crate::proxy::upstream::wire::one_content_length(&mut headers);
     let close = has_token(&headers, &header::CONNECTION, "close");
     let trailers = has_token(&headers, &header::TE, "trailers");
     let mut request = Request::new(buf.split_to(body_len).freeze());
@@ -472,6 +466,12 @@ mod tests {
         let (request, rest) =
             own(b"POST /a HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhelloGET /b");
         assert_eq!(request.request.body(), "hello");
+        let lengths = request.request.headers().get_all(header::CONTENT_LENGTH);
+        assert_eq!(
+            lengths.iter().count(),
+            1,
+            "one Content-Length, as hyper's server keeps"
+        );
         assert_eq!(&rest[..], b"GET /b", "the next request's bytes stay");
         let (waiting, rest) = head(b"PUT /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel");
         assert!(matches!(waiting, Head::AwaitingBody), "{waiting:?}");

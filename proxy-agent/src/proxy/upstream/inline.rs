@@ -93,13 +93,22 @@ impl Connection {
         if let Err(e) = self.stream.write_all(&self.write).await {
             return Err(failed(e.to_string(), received));
         }
+        // Bytes of `read` known to hold no head's end.
+        let mut searched: usize = 0;
         loop {
-            match wire::answer_head(&mut self.read, to_head) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                // Only bytes that came can be malformed: never stale.
-                Err(e) => return Err(failed(e.to_string(), received)),
+            // Parsed once its end may have come (or it is too long to come): a head that drips
+            // in, parsed whole at each read, would cost the square of its length.
+            let may_end = wire::head_ends(&self.read[searched.saturating_sub(2)..]);
+            if may_end || self.read.len() > wire::MAX_HEAD {
+                match wire::answer_head(&mut self.read, to_head) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    // Only bytes that came can be malformed: never stale.
+                    Err(e) => return Err(failed(e.to_string(), received)),
+                }
             }
+            // What is left (after an informational answer, split off) holds no end either.
+            searched = self.read.len();
             self.read.reserve(READ_SIZE);
             match tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.read).await {
                 Ok(0) => return Err(failed(wire::WireError::ClosedEarly.to_string(), received)),

@@ -291,12 +291,12 @@ fn framed(
     to_head: bool,
 ) -> Result<AnswerHead, WireError> {
     let mut reusable = connection_kept(&headers, version);
-    if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err(WireError::TransferEncodingInHttp10);
-    }
     let framing =
         if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Empty
+        } else if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+            // Only where a body follows, as hyper's client checks it.
+            return Err(WireError::TransferEncodingInHttp10);
         } else if let Some(chunked_last) = chunked_last(&headers) {
             if headers.remove(header::CONTENT_LENGTH).is_some() {
                 // Both: the coding wins, and the connection is not trusted further (§6.3 item 3).
@@ -360,6 +360,25 @@ fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
     length.ok_or(WireError::BadContentLength)
 }
 
+/// A request's repeated Content-Length fields of one value become one, as hyper's server makes
+/// them (RFC 9110 §8.6): a backend may refuse a repeat (Node's llhttp does, whatever the value).
+pub(in crate::proxy) fn one_content_length(headers: &mut HeaderMap) {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+}
+
+/// Whether `buf` holds a head's (or trailer section's) end: an empty line (`\n\n` or `\n\r\n`:
+/// heads may end lines with a bare LF). Searched from 2 bytes before where a previous search
+/// stopped (an end is 3 bytes at most), it keeps reading a head that comes in pieces linear.
+pub(in crate::proxy) fn head_ends(buf: &[u8]) -> bool {
+    buf.windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(i + 2) == Some(&b'\n')))
+    })
+}
+
 /// A length as HTTP writes it: ASCII digits only (no sign, no space), fitting a u64.
 pub(in crate::proxy) fn decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
@@ -406,6 +425,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct BodyDecoder {
     state: State,
+    /// Bytes of the trailer section known not to end it (see [`head_ends`]).
+    trailers_searched: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -431,7 +452,10 @@ impl BodyDecoder {
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        BodyDecoder { state }
+        BodyDecoder {
+            state,
+            trailers_searched: 0,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -504,6 +528,16 @@ impl BodyDecoder {
             let _ = buf.split_to(2);
             self.state = State::Done;
             return Ok(Some(Decoded::End));
+        }
+        // Parsed once its end may have come: a section that drips in, parsed whole at each
+        // read, would cost the square of its length.
+        let searched = self.trailers_searched.saturating_sub(2);
+        if !buf.starts_with(b"\n") && !head_ends(&buf[searched..]) {
+            if buf.len() > MAX_HEAD {
+                return Err(WireError::BadChunk("trailer section too large"));
+            }
+            self.trailers_searched = buf.len();
+            return Ok(None);
         }
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let (len, fields) = match httparse::parse_headers(buf, &mut raw) {
@@ -834,6 +868,29 @@ mod tests {
             assert!(frames.iter().all(|f| !matches!(f, Decoded::Trailers(_))));
             assert!(b"NEXT".starts_with(&rest), "step {step}");
         }
+    }
+
+    /// As hyper's client: HTTP/1.0 with Transfer-Encoding is refused only where a body follows
+    /// (a HEAD's answer, 204, 304 have none: relayed, not 502).
+    #[test]
+    fn an_http1_0_answer_without_a_body_may_name_a_transfer_coding() {
+        let bodiless = b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let head = answer_head(&mut BytesMut::from(&bodiless[..]), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (head.status, head.framing),
+            (StatusCode::OK, Framing::Empty)
+        );
+        let not_modified = b"HTTP/1.0 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n";
+        let head = answer_head(&mut BytesMut::from(&not_modified[..]), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::Empty);
+        assert_eq!(
+            answer_head(&mut BytesMut::from(&bodiless[..]), false).err(),
+            Some(WireError::TransferEncodingInHttp10)
+        );
     }
 
     #[test]

@@ -258,11 +258,26 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
     }
     Ok(Pod {
         key,
-        uid: pod.metadata.uid.clone(),
+        uid: kubelet_uid(&pod.metadata),
         ips,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         local_sockets: local_sockets(&pod.metadata),
     })
+}
+
+/// The UID the kubelet runs a pod under, which names its cgroup: its own, but for a static pod's
+/// mirror (annotated `kubernetes.io/config.mirror`), whose API UID is not the one the kubelet
+/// runs it under: its manifest's hash, `kubernetes.io/config.hash`.
+fn kubelet_uid(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<String> {
+    let annotations = metadata.annotations.as_ref();
+    let mirrored = annotations.is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+    let hash = annotations.and_then(|a| a.get("kubernetes.io/config.hash"));
+    match hash {
+        Some(hash) if mirrored => Some(hash.clone()),
+        _ => metadata.uid.clone(),
+    }
 }
 
 /// An object's [`LOCAL_SOCKETS_ANNOTATION`]: `Some(true)` for `"true"`, `Some(false)` for any other

@@ -258,6 +258,8 @@ pub struct Node {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Pod {
     pub key: ObjectKey,
+    /// The UID the kubelet runs it under (its cgroup's name): the API's, or for a static pod's
+    /// mirror its manifest hash.
     pub uid: Option<String>,
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,

@@ -244,7 +244,7 @@ pub fn scan(root: &Path) -> HashMap<u64, PathBuf> {
 
 /// The UID of the pod whose cgroup contains `cgroup_dir`, from the kubelet's naming:
 /// `.../pod<uid>/...` (cgroupfs driver) or `.../kubepods-<qos>-pod<uid_with_underscores>.slice/...`
-/// (systemd driver).
+/// (systemd driver). A static pod's UID is its manifest's hash (32 hex digits), not a UUID.
 pub fn pod_uid(cgroup_dir: &Path) -> Option<String> {
     cgroup_dir
         .components()
@@ -256,15 +256,18 @@ fn pod_uid_in_component(name: &str) -> Option<String> {
     let name = name.strip_suffix(".slice").unwrap_or(name);
     let start = name.rfind("pod")? + "pod".len();
     let uid = name[start..].replace('_', "-");
-    is_uuid(&uid).then_some(uid)
+    is_pod_uid(&uid).then_some(uid)
 }
 
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
+/// A UUID, or a static pod's manifest hash (the kubelet's `kubernetes.io/config.hash`: an MD5
+/// in 32 hex digits), which the kubelet runs a static pod under.
+fn is_pod_uid(s: &str) -> bool {
+    let uuid = s.len() == 36
         && s.char_indices().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => c == '-',
             _ => c.is_ascii_hexdigit(),
-        })
+        });
+    uuid || (s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -350,6 +353,17 @@ mod tests {
         assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(UID));
         let guaranteed = format!("/sys/fs/cgroup/kubepods.slice/kubepods-pod{uid}.slice");
         assert_eq!(pod_uid(Path::new(&guaranteed)).as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn a_static_pods_uid_is_its_manifest_hash() {
+        let hash = "6c4a3c3f1e5b7d9a0b2c4d6e8f0a1b2c";
+        let path = format!(
+            "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/cri-containerd-4f1c.scope"
+        );
+        assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(hash));
+        let cgroupfs = format!("/sys/fs/cgroup/kubepods/besteffort/pod{hash}/4f1c2e");
+        assert_eq!(pod_uid(Path::new(&cgroupfs)).as_deref(), Some(hash));
     }
 
     #[test]

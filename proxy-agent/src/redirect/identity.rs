@@ -90,4 +90,24 @@ mod tests {
         let unknown = identify("10.1.0.6:1".parse().unwrap(), Some(UID.into()), &snapshot);
         assert_eq!(unknown.identity, "unknown");
     }
+
+    /// A static pod on the pod network: the kubelet runs it under its manifest's hash (its
+    /// cgroup's name), which its mirror in the API carries as an annotation, not as its UID.
+    /// Before, such callers were always a mismatch: producer routes only, a warning each time.
+    #[test]
+    fn a_static_pod_is_verified_by_its_manifest_hash() {
+        let hash = "6c4a3c3f1e5b7d9a0b2c4d6e8f0a1b2c";
+        let snapshot = crate::test_dir::snapshot_of(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ui, uid: {UID}, annotations: {{kubernetes.io/config.mirror: {hash}, kubernetes.io/config.hash: {hash}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.5}}\n"
+        ));
+        let caller = identify(
+            "10.1.0.5:40000".parse().unwrap(),
+            Some(hash.into()),
+            &snapshot,
+        );
+        assert_eq!(
+            (caller.identity, caller.namespace.as_deref()),
+            ("verified", Some("ui"))
+        );
+    }
 }

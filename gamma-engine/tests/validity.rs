@@ -540,6 +540,16 @@ fn a_route_that_names_a_port_presumed_opaque_makes_it_sniffed() {
         declared(json!({"group": "", "kind": "Service", "name": "front"})),
         Some(DeclaredProtocol::Opaque)
     );
+    // The Service's only port: a route to the Service names it.
+    let only = front_with_ports(
+        json!([{"port": 4444}]),
+        json!([{"group": "", "kind": "Service", "name": "front"}]),
+    );
+    let snapshot = only.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 4444)
+        .unwrap();
+    assert_eq!(frontend.declared, None, "sniffed");
 }
 
 /// `NoMatchingParent` names what is missing: a port that is both the number and the name asked
@@ -570,4 +580,35 @@ fn no_matching_parent_says_what_is_missing() {
         json!({"group": "", "kind": "Service", "name": "front"}),
     );
     assert!(udp.ends_with("has no TCP port"), "{udp}");
+}
+
+/// A consumer route (another namespace) naming a port presumed opaque leaves it so: the protocol
+/// is the port's, for every caller, and the Service's own callers of a server-first protocol
+/// (MySQL on 3306) would otherwise wait for the detection timeout on every connection.
+#[test]
+fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
+    use gamma_engine::model::DeclaredProtocol;
+    let mut index = front_with_ports(
+        json!([{"port": 3306}, {"name": "web", "port": 8080}]),
+        json!([]),
+    );
+    let mut consumer = route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}]}]),
+    );
+    consumer["metadata"]["namespace"] = json!("other");
+    consumer["spec"]["parentRefs"] = json!([
+        {"group": "", "kind": "Service", "name": "front", "namespace": "ns", "port": 3306}
+    ]);
+    index.apply(object(consumer));
+    index.publish();
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 3306)
+        .unwrap();
+    assert!(
+        frontend.has_routes(),
+        "the consumer route applies to its callers"
+    );
+    assert_eq!(frontend.declared, Some(DeclaredProtocol::Opaque));
 }

@@ -413,6 +413,27 @@ async fn a_connection_the_agent_closes_is_not_reset_under_a_pipelined_request() 
     assert_eq!(reset, None, "the connection was reset after the answer");
 }
 
+/// A backend that answers in something other than HTTP (a server-first protocol's greeting) and
+/// keeps its connection open gets the caller a 502 at once, on the agent's own exchange as on
+/// hyper's: its first bytes are parsed as they come, not only once a head's end may have come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_does_not_speak_http_fails_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greeter = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"220 mail.example ESMTP ready\r\n").await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let agent = Agent::start(&Manifests::front_routed_to(greeter), options(&[])).unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n";
+    let answer = answer_until_closed(agent.listen[0], request).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+}
+
 /// A message head read byte by byte (nothing past it), as text; `None` if the peer closed first.
 async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();

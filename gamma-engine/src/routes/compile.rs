@@ -38,16 +38,23 @@ fn parents_on<'r>(route: &'r Route, service: &'r Service) -> impl Iterator<Item 
 }
 
 /// How a port's connections are told apart: by what its appProtocol or name states, else by its
-/// number ([`ServicePort::declared_protocol`]) unless a route names the port, which says it
-/// carries what routes apply to (sniffed, then).
+/// number ([`ServicePort::declared_protocol`]) unless a producer route names the port (or the
+/// Service has no other), which says it carries what routes apply to: sniffed, then. Producer
+/// routes only: the protocol is the port's, for every caller, and a consumer route in another
+/// namespace must not make the Service's own callers of a server-first protocol wait for the
+/// detection timeout.
 fn port_protocol(
     port: &ServicePort,
     service: &Service,
     routes: &[&Arc<Route>],
 ) -> Option<DeclaredProtocol> {
+    let only_port = service.ports.len() == 1;
     let named = routes
         .iter()
-        .any(|r| parents_on(r, service).any(|p| p.names_port(port)));
+        .filter(|r| r.namespace() == service.key.namespace)
+        .any(|r| {
+            parents_on(r, service).any(|p| p.selects(port) && (only_port || p.names_port(port)))
+        });
     if named {
         port.stated_protocol()
     } else {

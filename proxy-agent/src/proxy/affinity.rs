@@ -52,8 +52,7 @@ impl Affinity {
     /// The endpoint `caller` is bound to on `backend`, if the binding is live and the endpoint
     /// still serves; using it renews the binding. Live by the Service's timeout now, not the one
     /// it was bound under: a timeout lowered applies to existing callers, as kube-proxy's next
-    /// rule sync applies it, and affinity turned off and on again does not revive old bindings
-    /// under their old timeout.
+    /// rule sync applies it.
     pub fn endpoint(&self, backend: &Backend, caller: IpAddr, now: Instant) -> Option<SocketAddr> {
         let key = (backend.service.clone(), backend.port, caller);
         let mut table = self.entries.lock().expect("not poisoned");
@@ -177,12 +176,6 @@ mod tests {
         let lowered = backend(&endpoints, Some(10));
         assert_eq!(
             affinity.endpoint(&lowered, caller, t0 + Duration::from_secs(11)),
-            None
-        );
-        // Turned off, then on again: the binding made before does not come back.
-        affinity.bind(&lowered, caller, "10.0.0.2:80".parse().unwrap(), t0);
-        assert_eq!(
-            affinity.endpoint(&backend(&endpoints, None), caller, t0),
             None
         );
         assert_eq!(affinity.bindings(), 0);

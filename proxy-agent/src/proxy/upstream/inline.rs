@@ -96,10 +96,11 @@ impl Connection {
         // Bytes of `read` known to hold no head's end.
         let mut searched: usize = 0;
         loop {
-            // Parsed once its end may have come (or it is too long to come): a head that drips
-            // in, parsed whole at each read, would cost the square of its length.
+            // Parsed on its first bytes (an upstream that does not speak HTTP fails at once), then
+            // once its end may have come (or it is too long to come): a head that drips in,
+            // parsed whole at each read, would cost the square of its length.
             let may_end = wire::head_ends(&self.read[searched.saturating_sub(2)..]);
-            if may_end || self.read.len() > wire::MAX_HEAD {
+            if searched == 0 || may_end || self.read.len() > wire::MAX_HEAD {
                 match wire::answer_head(&mut self.read, to_head) {
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}

@@ -154,16 +154,28 @@ impl ServicePort {
                 _ => None,
             };
         }
-        self.name.as_deref().and_then(|name| {
-            let family = name.split_once('-').map_or(name, |(family, _)| family);
-            match family {
-                "http" | "grpc" => Some(DeclaredProtocol::Http),
-                "tcp" => Some(DeclaredProtocol::Opaque),
-                _ if matches!(name, "http2" | "h2c") => Some(DeclaredProtocol::Http),
-                known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
-                _ => None,
+        match self.name_family()? {
+            "http" | "grpc" => Some(DeclaredProtocol::Http),
+            "tcp" => Some(DeclaredProtocol::Opaque),
+            _ if matches!(self.name.as_deref(), Some("http2" | "h2c")) => {
+                Some(DeclaredProtocol::Http)
             }
-        })
+            known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
+            _ => None,
+        }
+    }
+
+    /// Whether routes apply to the port: not when its appProtocol or name states opaque TCP,
+    /// which the agent passes through unparsed.
+    pub fn takes_routes(&self) -> bool {
+        self.stated_protocol() != Some(DeclaredProtocol::Opaque)
+    }
+
+    /// The protocol family its name says, as meshes read port names: the part before the first
+    /// `-` (`http-admin`: `http`).
+    pub fn name_family(&self) -> Option<&str> {
+        let name = self.name.as_deref()?;
+        Some(name.split_once('-').map_or(name, |(family, _)| family))
     }
 
     /// Which HTTP version upstream connections to this port speak, by its appProtocol (KEP-3726)
@@ -173,14 +185,11 @@ impl ServicePort {
             Some("kubernetes.io/h2c" | "h2c" | "grpc" | "http2") => UpstreamProtocol::Http2,
             Some("http" | "kubernetes.io/ws") => UpstreamProtocol::Http1,
             Some(_) => UpstreamProtocol::AsCaller,
-            None => {
-                let name = self.name.as_deref().unwrap_or_default();
-                match name.split_once('-').map_or(name, |(family, _)| family) {
-                    "grpc" | "http2" | "h2c" => UpstreamProtocol::Http2,
-                    "http" => UpstreamProtocol::Http1,
-                    _ => UpstreamProtocol::AsCaller,
-                }
-            }
+            None => match self.name_family().unwrap_or_default() {
+                "grpc" | "http2" | "h2c" => UpstreamProtocol::Http2,
+                "http" => UpstreamProtocol::Http1,
+                _ => UpstreamProtocol::AsCaller,
+            },
         }
     }
 }

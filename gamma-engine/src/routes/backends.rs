@@ -215,8 +215,7 @@ fn asks_for_tls(port: &crate::model::ServicePort) -> Option<String> {
             (!can_send(app_protocol)).then(|| format!("appProtocol {app_protocol}"))
         }
         (None, Some(name)) => {
-            let family = name.split_once('-').map_or(name, |(family, _)| family);
-            matches!(family, "https" | "tls").then(|| format!("name {name}"))
+            matches!(port.name_family(), Some("https" | "tls")).then(|| format!("name {name}"))
         }
         (None, None) => None,
     }

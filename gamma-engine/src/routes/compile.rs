@@ -24,8 +24,7 @@ pub(crate) type Groups<'a> = BTreeMap<Option<&'a str>, Vec<&'a Arc<Route>>>;
 /// appProtocol or name does not state opaque TCP, which the agent passes through unparsed (the
 /// route's status says so, `status::accepted`).
 pub(crate) fn attaches(route: &Route, service: &Service, port: &ServicePort) -> bool {
-    port.stated_protocol() != Some(DeclaredProtocol::Opaque)
-        && parents_on(route, service).any(|p| p.selects(port))
+    port.takes_routes() && parents_on(route, service).any(|p| p.selects(port))
 }
 
 /// The parentRefs of `route` to `service`.

@@ -2,7 +2,7 @@
 
 use super::compile::{groups, winning_kind};
 use super::{backends, World};
-use crate::model::{DeclaredProtocol, ParentRef, RefusedRoute, Route, RouteKind, ServicePort};
+use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -283,8 +283,7 @@ fn accepted(
             format!("Service {key} has {missing}").into(),
         );
     }
-    let opaque = |p: &&ServicePort| p.stated_protocol() == Some(DeclaredProtocol::Opaque);
-    if ports.iter().all(opaque) {
+    if !ports.iter().any(|p| p.takes_routes()) {
         let named: Vec<String> = ports
             .iter()
             .map(|p| match &p.name {

@@ -140,16 +140,22 @@ impl UrlRewrite {
             }
         }
         if let Some(modifier) = &self.path {
-            let mut path_and_query = modified_path(modifier, parts.uri.path(), matched);
-            if let Some(q) = parts.uri.query() {
-                path_and_query.push('?');
-                path_and_query.push_str(q);
-            }
-            let mut uri = std::mem::take(&mut parts.uri).into_parts();
-            uri.path_and_query = path_and_query.parse().ok();
-            parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+            let path = modified_path(modifier, parts.uri.path(), matched);
+            parts.uri = with_path(&parts.uri, &path).unwrap_or_else(|| Uri::from_static("/"));
         }
     }
+}
+
+/// `uri` with its path replaced by `path` (scheme, authority and query kept); `None` when `path`
+/// is not a valid URI path.
+pub fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 #[cfg(test)]

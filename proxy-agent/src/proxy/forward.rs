@@ -362,22 +362,20 @@ pub(super) fn upstream_request(
         // HTTP/1.1 requests go out in origin form (`/path?query`), or in absolute form as they
         // came (`wire::absolute_origin`).
         None => match wire::absolute_origin(parts) {
-            Some((scheme, host)) => {
-                let mut uri = http::uri::Parts::default();
-                uri.scheme = scheme.parse().ok();
-                uri.authority = host.parse().ok();
-                uri.path_and_query = Some(path_and_query.clone());
-                http::Uri::from_parts(uri).unwrap_or_else(|_| path_and_query.into())
-            }
+            Some((scheme, host)) => http::Uri::builder()
+                .scheme(scheme)
+                .authority(host)
+                .path_and_query(path_and_query.clone())
+                .build()
+                .unwrap_or_else(|_| path_and_query.into()),
             None => path_and_query.into(),
         },
-        Some(authority) => {
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(authority);
-            uri.path_and_query = Some(path_and_query);
-            http::Uri::from_parts(uri).unwrap_or_else(|_| http::Uri::from_static("/"))
-        }
+        Some(authority) => http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap_or_else(|_| http::Uri::from_static("/")),
     };
     *request.version_mut() = if h2 {
         Version::HTTP_2

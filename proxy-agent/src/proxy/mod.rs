@@ -514,16 +514,7 @@ fn normalize_path<B>(request: &mut Request<B>) {
     let Some(normal) = gamma_engine::routes::matches::normalize_path(request.uri().path()) else {
         return;
     };
-    let target = match request.uri().query() {
-        Some(query) => format!("{normal}?{query}"),
-        None => normal,
-    };
-    let Ok(path_and_query) = target.parse() else {
-        return;
-    };
-    let mut parts = request.uri().clone().into_parts();
-    parts.path_and_query = Some(path_and_query);
-    if let Ok(uri) = http::Uri::from_parts(parts) {
+    if let Some(uri) = gamma_engine::routes::filters::with_path(request.uri(), &normal) {
         *request.uri_mut() = uri;
     }
 }

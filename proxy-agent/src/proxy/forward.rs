@@ -10,6 +10,7 @@ use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode, Version};
+use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -267,6 +268,8 @@ pub(super) async fn forward(
         return Ok(response);
     }
     strip_hop_by_hop(response.headers_mut(), false);
+    let status = response.status();
+    wire::answer_content_length(status, response.headers_mut());
     // The answer goes out in the agent's own HTTP version, not the backend's (RFC 9110 §6.2):
     // hyper's server would write an HTTP/1.0 backend's `HTTP/1.0` status line to an HTTP/1.1
     // caller, and close its connection after the answer.
@@ -343,6 +346,19 @@ pub(super) fn upstream_request(
     } else {
         join_cookie_crumbs(request.headers_mut());
         request.headers_mut().remove(header::TE);
+        // A body of no stated length (an HTTP/2 caller's, or a chunked one whose coding went
+        // as hop-by-hop) goes chunked whatever the method: hyper's client sends a GET's or a
+        // DELETE's without a length as no body at all, dropped unsaid.
+        let body = request.body();
+        if !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+            && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            request.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
         if let Some(authority) = http1_host(parts, endpoint) {
             if let Ok(host) = authority.as_str().parse() {
                 request.headers_mut().insert(header::HOST, host);
@@ -350,12 +366,16 @@ pub(super) fn upstream_request(
         }
         None
     };
-    // Shares the caller's bytes: no copy.
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // Shares the caller's bytes: no copy. A target in absolute form without a path
+    // (`http://svc?q`) keeps `?q` for its path and query, which goes out as `/?q`: `:path` starts
+    // with `/` (RFC 9113 §8.3.1; Go and nghttp2 reset a stream whose `:path` does not).
+    let path_and_query = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('?') => format!("/{}", pq.as_str())
+            .parse()
+            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
+        Some(pq) => pq.clone(),
+        None => http::uri::PathAndQuery::from_static("/"),
+    };
     *request.uri_mut() = match authority {
         // A CONNECT goes out in authority form, as it came (RFC 9112 §3.2.3).
         None if is_tunnel(parts) => parts.uri.clone(),
@@ -509,6 +529,26 @@ mod tests {
         assert_eq!(h1.headers()[header::HOST], "catalog");
         let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
+
+    /// `GET http://catalog?x=1 HTTP/1.1`: a target without a path; `:path` must start with `/`.
+    #[test]
+    fn a_target_without_a_path_goes_out_with_one() {
+        let (mut parts, ()) = Request::get("http://catalog?x=1")
+            .header(header::HOST, "catalog")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts.version = Version::HTTP_11;
+        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        for h2 in [true, false] {
+            let request = upstream_request(&parts, &endpoint, h2, body::empty());
+            assert_eq!(
+                request.uri().path_and_query().map(|pq| pq.as_str()),
+                Some("/?x=1"),
+                "h2: {h2}"
+            );
+        }
     }
 
     /// The agent's own HTTP/1.1 exchange writes a bodiless request's head from the caller's

@@ -418,7 +418,8 @@ pub fn check_request_head<B>(
     let target_ok = match *request.method() {
         // Authority form only (RFC 9112 §3.2.3); HTTP/2 CONNECT is not relayed (below).
         Method::CONNECT => uri.scheme().is_none() && uri.authority().is_some(),
-        Method::OPTIONS if uri == "*" => true,
+        // `OPTIONS * HTTP/1.1`, or `:path *` with a scheme and `:authority` (RFC 9113 §8.3.1).
+        Method::OPTIONS if uri.path() == "*" && uri.query().is_none() => true,
         _ => {
             uri.path().starts_with('/')
                 && uri.scheme_str().is_none_or(|s| s == "http" || s == "https")
@@ -763,6 +764,15 @@ mod tests {
         }
         let long = format!("/{}", "a".repeat(1024));
         assert_eq!(check("GET", &long), Err(431));
+        // HTTP/2's asterisk form: `:path *` with a scheme and an authority (RFC 9113 §8.3.1).
+        let h2 = Request::options("http://front.ns*")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_request_head(&h2, 1024).map_err(|e| e.status().as_u16()),
+            Ok(())
+        );
     }
 
     #[test]

@@ -191,6 +191,15 @@ fn as_own_exchange_reads(
             wire::WireError::UnaskedUpgrade.to_string(),
         ));
     }
+    let status = response.status();
+    let bodiless = status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
+    if !bodiless && !wire::only_chunked(response.headers()) {
+        return Err(UpstreamError::Failed(
+            wire::WireError::UnsupportedTransferCoding.to_string(),
+        ));
+    }
     // hyper frames the body by the coding but leaves the length in the map: a proxy must drop
     // it (RFC 9112 §6.3 item 3), or the caller is told a length the body does not have.
     if response

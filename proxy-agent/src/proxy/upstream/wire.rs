@@ -33,6 +33,11 @@ pub enum WireError {
         "the upstream's HTTP/1.0 answer has a Transfer-Encoding (faulty framing, RFC 9112 §6.1)"
     )]
     TransferEncodingInHttp10,
+    #[error(
+        "the upstream's answer has a transfer coding other than chunked, which the agent does \
+         not decode (RFC 9112 §6.1)"
+    )]
+    UnsupportedTransferCoding,
     #[error("the upstream's chunked body is malformed: {0}")]
     BadChunk(&'static str),
     #[error("the upstream closed its connection before the answer's end")]
@@ -297,16 +302,15 @@ fn framed(
         } else if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
             // Only where a body follows, as hyper's client checks it.
             return Err(WireError::TransferEncodingInHttp10);
-        } else if let Some(chunked_last) = chunked_last(&headers) {
+        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+            if !only_chunked(&headers) {
+                return Err(WireError::UnsupportedTransferCoding);
+            }
             if headers.remove(header::CONTENT_LENGTH).is_some() {
                 // Both: the coding wins, and the connection is not trusted further (§6.3 item 3).
                 reusable = false;
             }
-            if chunked_last {
-                Framing::Chunked
-            } else {
-                Framing::UntilClose
-            }
+            Framing::Chunked
         } else if headers.contains_key(header::CONTENT_LENGTH) {
             match content_length(&headers)? {
                 0 => Framing::Empty,
@@ -326,6 +330,19 @@ fn framed(
         framing,
         reusable,
     })
+}
+
+/// Whether an answer's Transfer-Encoding is one the agent passes on: none, or `chunked` alone,
+/// which it decodes. Another coding (`gzip, chunked`) would reach the caller still applied and
+/// unnamed once the hop-by-hop field is dropped (an HTTP/2 caller cannot even be told of it): the
+/// exchange fails (502), as nginx fails it ("upstream sent unknown Transfer-Encoding").
+pub(in crate::proxy) fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = tokens(headers, &header::TRANSFER_ENCODING);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case("chunked"),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// With Transfer-Encoding: whether its last coding is chunked (the one that frames the body).
@@ -360,13 +377,37 @@ fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
     length.ok_or(WireError::BadContentLength)
 }
 
-/// A request's repeated Content-Length fields of one value become one, as hyper's server makes
-/// them (RFC 9110 §8.6): a backend may refuse a repeat (Node's llhttp does, whatever the value).
+/// A repeated Content-Length of one value (`5, 5`, or two fields of `5`) becomes one field, as
+/// hyper's server makes it (RFC 9110 §8.6): peers refuse a repeat, whatever the value (Node's
+/// llhttp as a backend; nghttp2, that is curl, and the `h2` crate fail an HTTP/2 stream on it).
+/// Lengths that disagree were refused where the message was read; no length is kept of them.
 pub(in crate::proxy) fn one_content_length(headers: &mut HeaderMap) {
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
-        let first = first.clone();
-        headers.insert(header::CONTENT_LENGTH, first);
+    let repeated = match (lengths.next(), lengths.next()) {
+        (Some(_), Some(_)) => true,
+        (Some(only), None) => only.as_bytes().contains(&b','),
+        _ => false,
+    };
+    if repeated {
+        match content_length(headers) {
+            Ok(length) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            Err(_) => {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+        }
+    }
+}
+
+/// An answer's Content-Length as the caller gets it: one field ([`one_content_length`]), and none
+/// on a 1xx or 204, which have no content (RFC 9110 §8.6: a server MUST NOT send it there; curl
+/// fails an HTTP/2 stream whose 204 says a length other than 0).
+pub(in crate::proxy) fn answer_content_length(status: StatusCode, headers: &mut HeaderMap) {
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+    } else {
+        one_content_length(headers);
     }
 }
 
@@ -771,7 +812,7 @@ mod tests {
             (Framing::Empty, keep)
         );
         assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"),
             (Framing::Chunked, keep)
         );
         // Both: the coding wins, Content-Length is dropped, the connection is not reused.
@@ -782,10 +823,17 @@ mod tests {
         let both = both.unwrap().unwrap();
         assert_eq!((both.framing, both.reusable), (Framing::Chunked, false));
         assert!(!both.headers.contains_key(header::CONTENT_LENGTH));
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            (Framing::UntilClose, false)
-        );
+        // Codings the agent does not decode, where a body follows, and not otherwise.
+        for codings in ["gzip, chunked", "gzip", "chunked, chunked"] {
+            let text = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {codings}\r\n\r\n");
+            assert_eq!(
+                head(&text, false).0.unwrap_err(),
+                WireError::UnsupportedTransferCoding,
+                "{codings}"
+            );
+            let text = format!("HTTP/1.1 204 No Content\r\ntransfer-encoding: {codings}\r\n\r\n");
+            assert_eq!(framing(&text), (Framing::Empty, keep), "{codings}");
+        }
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\n\r\n"),
             (Framing::UntilClose, false)

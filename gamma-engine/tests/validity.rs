@@ -611,4 +611,81 @@ fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
         "the consumer route applies to its callers"
     );
     assert_eq!(frontend.declared, Some(DeclaredProtocol::Opaque));
+    // Sniffed for the consumer route's own callers, whom it says the port carries HTTP for:
+    // before, they too got it passed through unparsed, and the route (Accepted) never applied.
+    assert_eq!(frontend.protocol_for(Some("other")), None);
+    for others in [Some("ns"), Some("third"), None] {
+        assert_eq!(
+            frontend.protocol_for(others),
+            Some(DeclaredProtocol::Opaque),
+            "{others:?}"
+        );
+    }
+    let status = snapshot.status_of("HTTPRoute other/r").unwrap().to_vec();
+    assert_eq!(condition(&status, "Accepted").unwrap().status, "True");
+}
+
+/// Attached to all the Service's ports, a consumer route names none: a port presumed opaque
+/// stays so for its callers too, and a route that applies to no other port is not accepted.
+#[test]
+fn a_consumer_route_for_all_ports_leaves_a_presumed_opaque_one_opaque() {
+    use gamma_engine::model::DeclaredProtocol;
+    let mut index = front_with_ports(
+        json!([{"port": 3306}, {"name": "db-admin", "port": 4444}]),
+        json!([]),
+    );
+    let mut consumer = route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}]}]),
+    );
+    consumer["metadata"]["namespace"] = json!("other");
+    consumer["spec"]["parentRefs"] =
+        json!([{"group": "", "kind": "Service", "name": "front", "namespace": "ns"}]);
+    index.apply(object(consumer));
+    index.publish();
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_of(&ObjectKey::new("ns", "front"), 3306)
+        .unwrap();
+    assert_eq!(
+        frontend.protocol_for(Some("other")),
+        Some(DeclaredProtocol::Opaque)
+    );
+    let status = snapshot.status_of("HTTPRoute other/r").unwrap().to_vec();
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        ("False", "NoMatchingParent")
+    );
+    assert!(
+        accepted
+            .message
+            .contains("presumed opaque TCP by its number"),
+        "{}",
+        accepted.message
+    );
+}
+
+/// An HTTPRoute and a GRPCRoute on all of a Service's ports, one of which is stated opaque:
+/// the GRPCRoute wins every port routes apply to, so the HTTPRoute applies nowhere. Before, the
+/// opaque port, where neither applies, counted as one the HTTPRoute had not lost:
+/// `Accepted=True` for a route that never ran.
+#[test]
+fn an_httproute_that_lost_every_routed_port_to_a_grpcroute_is_conflicted() {
+    let mut index = front_with_ports(
+        json!([{"name": "http", "port": 80}, {"name": "https", "port": 443}]),
+        json!([{"group": "", "kind": "Service", "name": "front"}]),
+    );
+    index.apply(object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "g", "namespace": "ns", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front"}],
+            "rules": [{"backendRefs": [{"name": "back", "port": 80}]}],
+        }
+    })));
+    index.publish();
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!((accepted.status, accepted.reason), ("False", "Conflicted"));
 }

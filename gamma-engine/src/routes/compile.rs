@@ -36,25 +36,35 @@ fn parents_on<'r>(route: &'r Route, service: &'r Service) -> impl Iterator<Item 
         .filter(move |p| p.service(route.namespace()).as_ref() == Some(key))
 }
 
-/// How a port's connections are told apart: by what its appProtocol or name states, else by its
-/// number ([`ServicePort::declared_protocol`]) unless a producer route names the port (or the
-/// Service has no other), which says it carries what routes apply to: sniffed, then. Producer
-/// routes only: the protocol is the port's, for every caller, and a consumer route in another
-/// namespace must not make the Service's own callers of a server-first protocol wait for the
-/// detection timeout.
-fn port_protocol(
+/// Whether routes of `namespace` among `routes` name `port` of `service` (parentRef `port` or
+/// `sectionName`, or a parentRef to a Service whose only port it is): they say it carries what
+/// routes apply to.
+pub(crate) fn named_by(
+    routes: &[&Arc<Route>],
+    namespace: &str,
+    service: &Service,
+    port: &ServicePort,
+) -> bool {
+    let only_port = service.ports.len() == 1;
+    routes
+        .iter()
+        .filter(|r| r.namespace() == namespace)
+        .any(|r| {
+            parents_on(r, service).any(|p| p.selects(port) && (only_port || p.names_port(port)))
+        })
+}
+
+/// How a port's connections are told apart for every caller: by what its appProtocol or name
+/// states, else by its number ([`ServicePort::declared_protocol`]) unless a producer route names
+/// the port, which says it carries what routes apply to: sniffed, then. A consumer route naming
+/// it makes it sniffed for its own callers only ([`Frontend::protocol_for`]): the Service's own
+/// callers of a server-first protocol must not wait for the detection timeout.
+pub(crate) fn port_protocol(
     port: &ServicePort,
     service: &Service,
     routes: &[&Arc<Route>],
 ) -> Option<DeclaredProtocol> {
-    let only_port = service.ports.len() == 1;
-    let named = routes
-        .iter()
-        .filter(|r| r.namespace() == service.key.namespace)
-        .any(|r| {
-            parents_on(r, service).any(|p| p.selects(port) && (only_port || p.names_port(port)))
-        });
-    if named {
+    if named_by(routes, &service.key.namespace, service, port) {
         port.stated_protocol()
     } else {
         port.declared_protocol()
@@ -106,7 +116,13 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
             let mut producer = None;
             let mut consumers = Vec::new();
             for (group, routes) in groups(service, port, &routes) {
-                let table = table(&routes, &resolver, &service.key.namespace);
+                let names_port = named_by(
+                    &routes,
+                    group.unwrap_or(&service.key.namespace),
+                    service,
+                    port,
+                );
+                let table = table(&routes, names_port, &resolver, &service.key.namespace);
                 match group {
                     None => producer = Some(table),
                     Some(ns) => consumers.push((ns.into(), table)),
@@ -132,7 +148,12 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .collect()
 }
 
-fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str) -> RouteTable {
+fn table(
+    routes: &[&Arc<Route>],
+    names_port: bool,
+    resolver: &Resolver<'_>,
+    parent_namespace: &str,
+) -> RouteTable {
     let kind = winning_kind(routes);
     let mut ranked: Vec<(RankKey, (RouteMatch, usize))> = Vec::new();
     let mut rules = Vec::new();
@@ -154,7 +175,12 @@ fn table(routes: &[&Arc<Route>], resolver: &Resolver<'_>, parent_namespace: &str
         }
     }
     ranked.sort_by(|a, b| super::precedence::compare(&a.0, &b.0));
-    RouteTable::new(kind, ranked.into_iter().map(|(_, entry)| entry), rules)
+    RouteTable::new(
+        kind,
+        names_port,
+        ranked.into_iter().map(|(_, entry)| entry),
+        rules,
+    )
 }
 
 fn compile_rule(

@@ -198,6 +198,24 @@ impl Frontend {
         self.producer.is_some() || !self.consumers.is_empty()
     }
 
+    /// How a caller of `namespace`'s connections are told apart: as the port declares
+    /// ([`Frontend::declared`]), except that a port presumed opaque by its number alone is
+    /// sniffed for callers whose consumer routes name it. Their routes say it carries HTTP for
+    /// them; the Service's other callers, of a server-first protocol perhaps, do not wait for
+    /// the detection timeout.
+    pub fn protocol_for(&self, namespace: Option<&str>) -> Option<DeclaredProtocol> {
+        match (self.declared, namespace) {
+            // Routes attach to no port stated opaque: a consumer table makes it presumed.
+            (Some(DeclaredProtocol::Opaque), Some(ns)) if !self.consumers.is_empty() => {
+                match self.consumers.get(ns) {
+                    Some(table) if table.names_port() => None,
+                    _ => self.declared,
+                }
+            }
+            (declared, _) => declared,
+        }
+    }
+
     /// The routes that apply to a caller of `namespace` (unknown caller: the producer routes).
     pub fn table_for(&self, namespace: Option<&str>) -> Option<&RouteTable> {
         // Most frontends have no consumer routes: skip the map (and its string compares).
@@ -281,9 +299,17 @@ impl Serialize for ConsumerTables {
 /// a frontend holds two tables, read first by every lookup, in one cache line with the rest.
 #[derive(Debug, PartialEq)]
 pub struct RouteTable {
-    /// The routes' kind, then the entries (one thin pointer: the length is in the block).
-    entries: ThinArc<RouteKind, TableEntry>,
+    /// What is said of the routes as a whole, then the entries (one thin pointer: the length is
+    /// in the block).
+    entries: ThinArc<TableHead, TableEntry>,
     rules: Box<[CompiledRule]>,
+}
+
+#[derive(Debug, PartialEq)]
+struct TableHead {
+    kind: RouteKind,
+    /// Whether a route of the table names the port (see [`Frontend::protocol_for`]).
+    names_port: bool,
 }
 
 /// One match of a rule. A lookup scans the entries in order: each carries its match (a copy of
@@ -301,6 +327,7 @@ impl RouteTable {
     /// `entries`: each match and the index of its rule in `rules`, in precedence order.
     pub fn new(
         kind: RouteKind,
+        names_port: bool,
         entries: impl IntoIterator<Item = (RouteMatch, usize)>,
         rules: Vec<CompiledRule>,
     ) -> Self {
@@ -316,13 +343,22 @@ impl RouteTable {
             })
             .collect();
         RouteTable {
-            entries: ThinArc::from_header_and_iter(kind, entries.into_iter()),
+            entries: ThinArc::from_header_and_iter(
+                TableHead { kind, names_port },
+                entries.into_iter(),
+            ),
             rules: rules.into_boxed_slice(),
         }
     }
 
     pub fn kind(&self) -> RouteKind {
-        self.entries.header.header
+        self.entries.header.header.kind
+    }
+
+    /// Whether a route of the table names the port it is for (parentRef `port` or
+    /// `sectionName`, or a parentRef to a Service whose only port it is).
+    pub fn names_port(&self) -> bool {
+        self.entries.header.header.names_port
     }
 
     /// Each match in precedence order, with its rule.

@@ -1,8 +1,8 @@
 //! Route status for Service parents: the `status.parents[]` entries this mesh writes.
 
-use super::compile::{groups, winning_kind};
+use super::compile::{groups, named_by, port_protocol, winning_kind};
 use super::{backends, World};
-use crate::model::{ParentRef, RefusedRoute, Route, RouteKind};
+use crate::model::{DeclaredProtocol, ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -283,7 +283,16 @@ fn accepted(
             format!("Service {key} has {missing}").into(),
         );
     }
-    if !ports.iter().any(|p| p.takes_routes()) {
+    // The ports whose connections are parsed: routes apply nowhere else.
+    let routes = world.routes_on(key);
+    let routed: Vec<_> = ports
+        .iter()
+        .filter(|p| {
+            port_protocol(p, service, &routes) != Some(DeclaredProtocol::Opaque)
+                || (p.takes_routes() && named_by(&routes, route.namespace(), service, p))
+        })
+        .collect();
+    if routed.is_empty() {
         let named: Vec<String> = ports
             .iter()
             .map(|p| match &p.name {
@@ -291,21 +300,29 @@ fn accepted(
                 None => p.port.to_string(),
             })
             .collect();
+        let why = if ports.iter().any(|p| p.takes_routes()) {
+            // Opaque by its number alone, which only a producer route naming it overrides: the
+            // protocol is the port's, for every caller.
+            "is presumed opaque TCP by its number (a server-first protocol's), and only a route \
+             naming the port makes the agent parse its connections (for the callers the route \
+             applies to)"
+        } else {
+            "is declared opaque TCP by its appProtocol or name"
+        };
         return (
             false,
             "NoMatchingParent",
             format!(
-                "port {} of Service {key} is declared opaque TCP by its appProtocol or name: \
-                 the agent passes its connections through unparsed, and routes do not apply; \
-                 declare it HTTP (appProtocol: http, or kubernetes.io/h2c) to route it",
+                "port {} of Service {key} {why}: the agent passes its connections through \
+                 unparsed, and routes do not apply; declare it HTTP (appProtocol: http, or \
+                 kubernetes.io/h2c) to route it",
                 named.join(", ")
             )
             .into(),
         );
     }
     if route.kind() == RouteKind::Http {
-        let routes = world.routes_on(key);
-        let conflicted = ports.iter().all(|port| {
+        let conflicted = routed.iter().all(|port| {
             groups(service, port, &routes).values().any(|g| {
                 g.iter().any(|r| r.key() == route.key()) && winning_kind(g) == RouteKind::Grpc
             })

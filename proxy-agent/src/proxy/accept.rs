@@ -26,8 +26,9 @@ async fn protocol_of(
     proxy: &Proxy,
     stream: &mut Lingering,
     frontend: &Frontend,
+    caller_namespace: Option<&str>,
 ) -> Option<Protocol> {
-    match frontend.declared {
+    match frontend.protocol_for(caller_namespace) {
         Some(DeclaredProtocol::Opaque) => Some(Protocol::Opaque),
         Some(DeclaredProtocol::Http) => {
             match detect(stream, proxy.config.header_read_timeout).await {
@@ -161,7 +162,8 @@ pub(super) async fn serve_connection(
         }
         return;
     };
-    let Some(protocol) = protocol_of(proxy, &mut stream, &frontend).await else {
+    let caller_namespace = info.caller.namespace.as_deref();
+    let Some(protocol) = protocol_of(proxy, &mut stream, &frontend, caller_namespace).await else {
         return;
     };
     if protocol == Protocol::Opaque {

@@ -689,3 +689,18 @@ fn an_httproute_that_lost_every_routed_port_to_a_grpcroute_is_conflicted() {
     let accepted = condition(&status, "Accepted").unwrap();
     assert_eq!((accepted.status, accepted.reason), ("False", "Conflicted"));
 }
+
+/// An HTTPRoute without `rules` (from a folder: no API server wrote the default in) gets the
+/// CRD's default: one rule for every path, without backendRefs, so its requests get 500 as they
+/// do through an API server. Before, it had no rule, and they got 404 (no rule matched).
+#[test]
+fn an_httproute_without_rules_gets_the_crds_default_rule() {
+    let mut without = route(1, json!([]));
+    without["spec"].as_object_mut().unwrap().remove("rules");
+    let index = index_with(without);
+    assert_eq!(accepted_at(&index).0, "True");
+    assert_eq!(
+        answer(&index, "/anything"),
+        "rule 0 answers 500 Internal Server Error"
+    );
+}

@@ -4,6 +4,7 @@
 
 mod convert;
 mod one_or_many;
+pub mod path;
 mod route;
 mod session;
 

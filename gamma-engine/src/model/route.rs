@@ -826,9 +826,22 @@ fn duration(value: Option<&String>, field: &str) -> Result<Option<Duration>, Inv
 }
 
 fn compile_regex(pattern: &str, field: &str) -> Result<Regex, Invalid> {
+    check_regex(pattern, field)?;
     // Anchored: a regular expression match applies to the whole value, as in Envoy and linkerd.
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| invalid(field, format!("invalid regular expression: {e}")))
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| invalid_regex(e, field))
+}
+
+/// A pattern must be one on its own, before it is put in a group of ours: an unbalanced one
+/// (`v1)|(.*`) would close that group and open another, and match any value instead of being
+/// refused.
+fn check_regex(pattern: &str, field: &str) -> Result<(), Invalid> {
+    Regex::new(pattern)
+        .map(drop)
+        .map_err(|e| invalid_regex(e, field))
+}
+
+fn invalid_regex(e: regex::Error, field: &str) -> Invalid {
+    invalid(field, format!("invalid regular expression: {e}"))
 }
 
 fn header_name(name: &str, field: &str) -> Result<HeaderName, Invalid> {
@@ -839,6 +852,14 @@ fn header_name(name: &str, field: &str) -> Result<HeaderName, Invalid> {
 fn header_value(value: &str, field: &str) -> Result<HeaderValue, Invalid> {
     HeaderValue::from_str(value)
         .map_err(|_| invalid(field, format!("`{value}` is not a valid header value")))
+}
+
+/// An Exact or PathPrefix value, validated as the CRD does, in the form requests are matched in
+/// ([`super::path::normalize_path`]): `/caf%c3%a9` as `/caf%C3%A9`, `/%7Euser` as `/~user`.
+/// As written, such a value never matched the request it names.
+fn matched_path(value: String, field: &str) -> Result<String, Invalid> {
+    checked_path(&value, field)?;
+    Ok(super::path::normalize_path(&value).unwrap_or(value))
 }
 
 /// Validates an Exact/PathPrefix path as the CRD does.
@@ -1586,8 +1607,18 @@ fn http_route_body(
     parent_refs: Vec<ParentRef>,
 ) -> Result<Route, Invalid> {
     use http_api::*;
+    // The CRD's default where `rules` is absent: one rule for every path, with no backendRefs
+    // (its requests get 500, as through an API server, which writes the default in).
+    let default_rules;
+    let spec_rules = match &route.spec.rules {
+        Some(rules) => rules,
+        None => {
+            default_rules = vec![HttpRouteRules::default()];
+            &default_rules
+        }
+    };
     let mut rules = route_rules!(
-        route.spec.rules.as_ref(),
+        Some(spec_rules),
         match: http_match,
         when no match: RouteMatch::any,
         filter: http_filter!(
@@ -1676,12 +1707,11 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
                 .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
             {
                 HttpRouteRulesMatchesPathType::Exact => {
-                    checked_path(&value, &format!("{mf}.path.value"))?;
-                    PathMatch::Exact(value.into())
+                    PathMatch::Exact(matched_path(value, &format!("{mf}.path.value"))?.into())
                 }
                 HttpRouteRulesMatchesPathType::PathPrefix => {
-                    checked_path(&value, &format!("{mf}.path.value"))?;
-                    PathMatch::Prefix(value.trim_end_matches('/').into())
+                    let prefix = matched_path(value, &format!("{mf}.path.value"))?;
+                    PathMatch::Prefix(prefix.trim_end_matches('/').into())
                 }
                 HttpRouteRulesMatchesPathType::RegularExpression => {
                     PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?.into())
@@ -1815,9 +1845,12 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                         });
                         part.filter(|p| !p.is_empty()).unwrap_or("[^/]+")
                     }
+                    let (service, method) = (any(s), any(m));
+                    check_regex(service, &format!("{mf}.service"))?;
+                    check_regex(method, &format!("{mf}.method"))?;
                     PathMatch::Regex(
                         compile_regex(
-                            &format!("/(?:{})/(?:{})", any(s), any(m)),
+                            &format!("/(?:{service})/(?:{method})"),
                             &format!("{mf}.method"),
                         )?
                         .into(),
@@ -1970,6 +2003,73 @@ mod tests {
             serde_json::to_value(&parent).unwrap(),
             serde_json::json!({"group": "", "kind": "Service", "name": "front", "sectionName": "web"})
         );
+    }
+
+    /// Path values are kept in the form requests are matched in (RFC 3986 §6.2.2): written
+    /// with lower-case escapes or an encoded unreserved character, they never matched.
+    #[test]
+    fn path_values_are_kept_as_requests_are_matched() {
+        use super::super::path::normalize_path;
+        let object = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [
+                {"matches": [{"path": {"type": "Exact", "value": "/caf%c3%a9"}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/%7Euser/"}}]},
+            ]}
+        }))
+        .unwrap();
+        let Object::Route(route) = object else {
+            panic!("not a route")
+        };
+        let path = |rule: usize| route.rules[rule].matches[0].path.clone();
+        for (rule, sent) in [
+            (0, "/caf%c3%a9"),
+            (0, "/caf%C3%A9"),
+            (1, "/~user/x"),
+            (1, "/%7euser"),
+        ] {
+            let normal = normalize_path(sent).unwrap_or_else(|| sent.to_string());
+            assert!(path(rule).matches(&normal), "rule {rule}: {sent}");
+        }
+    }
+
+    /// An unbalanced pattern closed our anchoring group early: `v1)|(.*` became
+    /// `^(?:v1)|(.*)$`, which matches any value, and the rule caught every request.
+    #[test]
+    fn an_unbalanced_regex_drops_its_rule_instead_of_matching_anything() {
+        let object = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [
+                {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v1)|(.*"}]}]},
+                {"matches": [{"path": {"type": "RegularExpression", "value": "/a)|(.*"}}]},
+                {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v(1|2)"}]}]},
+            ]}
+        }))
+        .unwrap();
+        let Object::Route(route) = object else {
+            panic!("not a route")
+        };
+        let invalid: Vec<_> = route.rules.iter().map(|r| r.invalid().is_some()).collect();
+        assert_eq!(invalid, [true, true, false]);
+        for part in ["service", "method"] {
+            // Its only rule: the route is refused.
+            let refused = Object::from_value(serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "GRPCRoute",
+                "metadata": {"name": "r", "namespace": "ns"},
+                "spec": {"rules": [{"matches": [{"method": {"type": "RegularExpression", part: "a)|(b"}}]}]}
+            }))
+            .unwrap_err();
+            let reason = format!("{refused:?}");
+            assert!(
+                reason.contains(&format!("{part}`: invalid regular expression")),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

@@ -849,8 +849,11 @@ fn header_name(name: &str, field: &str) -> Result<HeaderName, Invalid> {
         .map_err(|_| invalid(field, format!("`{name}` is not a valid header name")))
 }
 
+/// A header modifier's value, without whitespace around it: a field value has none (RFC 9110
+/// §5.5), and HTTP/2 peers refuse one that starts or ends with it (RFC 9113 §8.2.1: nghttp2,
+/// that is curl, resets the stream). The standard CRD does not refuse it.
 fn header_value(value: &str, field: &str) -> Result<HeaderValue, Invalid> {
-    HeaderValue::from_str(value)
+    HeaderValue::from_str(value.trim_matches([' ', '\t']))
         .map_err(|_| invalid(field, format!("`{value}` is not a valid header value")))
 }
 
@@ -2003,6 +2006,23 @@ mod tests {
             serde_json::to_value(&parent).unwrap(),
             serde_json::json!({"group": "", "kind": "Service", "name": "front", "sectionName": "web"})
         );
+    }
+
+    #[test]
+    fn header_modifier_values_lose_the_whitespace_around_them() {
+        let object = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [{"filters": [{"type": "RequestHeaderModifier",
+                "requestHeaderModifier": {"set": [{"name": "x-a", "value": " v 1\t"}]}}]}]}
+        }))
+        .unwrap();
+        let Object::Route(route) = object else {
+            panic!("not a route")
+        };
+        let shown = serde_json::to_string(&route.rules[0]).unwrap();
+        assert!(shown.contains("\"v 1\""), "{shown}");
     }
 
     /// Path values are kept in the form requests are matched in (RFC 3986 §6.2.2): written

@@ -322,7 +322,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if drain.drain(config.drain_timeout).await {
         tracing::info!("drained");
     } else {
-        tracing::warn!("drain deadline reached with connections still open");
+        // Opaque and upgraded connections still open are reset on both sides: closed with a
+        // FIN, a peer of an EOF-delimited protocol would take the cut stream for a complete one.
+        let cut = proxy.pumps.reset_all().await;
+        tracing::warn!(
+            opaque_connections_reset = cut,
+            "drain deadline reached with connections still open"
+        );
     }
     let wait = config
         .takeover

@@ -3,7 +3,7 @@
 //! drain on SIGTERM, and a live manifest change under load.
 
 use gamma_tests::loopback::{
-    client, echo_backend, get, header_at_backend, route, Agent, AgentOptions, Manifests,
+    client, echo_backend, get, header_at_backend, route, tcp_echo, Agent, AgentOptions, Manifests,
 };
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -396,6 +396,44 @@ async fn sigterm_drains_in_flight_requests() {
         "the in-flight request finished"
     );
     exits_cleanly(agent, "after draining").await;
+}
+
+/// An opaque connection still open at the drain deadline is reset on both sides: closed with a
+/// FIN, as before, a peer of an EOF-delimited protocol took the cut stream for a complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_connection_cut_at_the_drain_deadline_is_reset() {
+    let echo = tcp_echo().await;
+    let world = Manifests::default().service("ns", "raw", 80, &[echo], Some("tcp"));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/raw", 80)],
+            caller_namespace: None,
+            extra_args: vec!["--drain-timeout-s".into(), "1".into()],
+        },
+    )
+    .unwrap();
+    let addr = agent.listen[0];
+    let mut socket = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"first").unwrap();
+        let mut echoed = [0u8; 5];
+        s.read_exact(&mut echoed).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    agent.terminate();
+    let read = tokio::task::spawn_blocking(move || socket.read(&mut [0u8; 16]))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "cut at the deadline: a reset, not an end"
+    );
+    exits_cleanly(agent, "after the drain deadline").await;
 }
 
 /// Waits (at most 5 s) for a terminated agent to exit, and checks that it exited cleanly.

@@ -218,6 +218,17 @@ impl Pumps {
         registered.pump((client, upstream), carry, flows, pause_rx)
     }
 
+    /// Ends every pump with a reset of both its sockets, as a pump whose side failed ends (a
+    /// drain's deadline); returns how many.
+    pub async fn reset_all(&self) -> usize {
+        let paused = self.pause_all().await;
+        for pump in &paused {
+            super::tcp::reset_on_close(&pump.client);
+            super::tcp::reset_on_close(&pump.upstream);
+        }
+        paused.len()
+    }
+
     /// Pauses every pump and returns them (those that end meanwhile are not).
     pub async fn pause_all(&self) -> Vec<Paused> {
         let requests: Vec<_> = self

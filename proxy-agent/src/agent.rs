@@ -238,7 +238,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     finish_takeover(
         inherited,
         redirect.as_deref(),
-        (&metrics, &proxy.pumps, &drain),
+        (&metrics, &workers, &drain),
         started,
         config.takeover.as_ref(),
     )
@@ -488,7 +488,7 @@ fn listen(
 async fn finish_takeover(
     inherited: Inherited,
     redirect: Option<&Redirect>,
-    (metrics, pumps, drain): (&Metrics, &Arc<Pumps>, &Drain),
+    (metrics, workers, drain): (&Metrics, &Workers, &Drain),
     started: Instant,
     takeover: Option<&TakeoverConfig>,
 ) -> Result<()> {
@@ -499,14 +499,15 @@ async fn finish_takeover(
     else {
         return Ok(());
     };
-    // The old agent's opaque and upgraded connections go on here, where they left off.
+    // The old agent's opaque and upgraded connections go on here, where they left off, on the
+    // data plane, each counted as a connection accepted here.
     let connections = done.connections.len();
     for paused in done.connections {
-        let Ok(pump) = pumps.resume(paused) else {
-            continue;
-        };
-        drain.spawn_tracked(&tokio::runtime::Handle::current(), async move {
-            pump.await;
+        workers.adopt(drain, move |proxy| async move {
+            // Registered with the worker's reactor, where it is polled.
+            if let Ok(pump) = proxy.pumps.resume(paused) {
+                pump.await;
+            }
         });
     }
     let micros = |d: Duration| d.as_micros() as u64;

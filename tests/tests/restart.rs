@@ -322,10 +322,11 @@ async fn long_lived_connections_survive_ten_takeovers() {
             .spawn()
             .expect("start proxy-agent")
     };
-    let handed_over = || -> Option<u64> {
+    let metric = |name: &str| -> Option<u64> {
         let metrics = http_get(admin.parse().unwrap(), "/metrics").ok()?;
-        sample(&metrics, "gamma_takeover_connections").map(|n| n as u64)
+        sample(&metrics, name).map(|n| n as u64)
     };
+    let handed_over = || metric("gamma_takeover_connections");
     use gamma_tests::eventually_within as within;
     let mut agents = vec![spawn("agent-0.log")];
     within(Duration::from_secs(10), "the first agent serves", || {
@@ -380,6 +381,13 @@ async fn long_lived_connections_survive_ten_takeovers() {
                 handed_over(),
                 Some(2),
                 "both connections handed over at {round}"
+            );
+            // Served on the data plane, and counted as open there (balancing, the cap); before,
+            // they ran on the control thread, uncounted.
+            assert_eq!(
+                metric("gamma_connections_open"),
+                Some(2),
+                "both connections open at {round}"
             );
             exchange(round, &mut sent);
         }

@@ -122,23 +122,43 @@ pub(super) async fn accept_loop<F>(
         let proxy = proxy.clone();
         let shutdown = drain.watch();
         let tracker = drain.tracker.clone();
-        let opened = proxy.load.as_ref().map(|load| load.opened());
+        let open = OpenConnection::new(&proxy);
         // Boxed: tokio moves a task's future by value through `spawn` into the task's cell, a
         // copy of its whole size (the connection's, see `future_sizes`) at each step; a box is
         // one copy (measured: 1 % more new connections a second).
         drain.tracker.spawn(Box::pin(async move {
-            let _opened = opened;
-            proxy
-                .metrics
-                .connections_open
-                .fetch_add(1, Ordering::Relaxed);
+            let _open = open;
             let stream = Lingering::new(stream, shutdown.clone(), tracker);
             serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
-            proxy
-                .metrics
-                .connections_open
-                .fetch_sub(1, Ordering::Relaxed);
         }));
+    }
+}
+
+/// Counts a connection among the open ones until dropped: its worker's (which balances
+/// accepting) and the agent's (`gamma_connections_open`, which `--max-connections` caps).
+pub(super) struct OpenConnection {
+    _worker: Option<super::workers::Opened>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+}
+
+impl OpenConnection {
+    pub(super) fn new(proxy: &Proxy) -> Self {
+        proxy
+            .metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        OpenConnection {
+            _worker: proxy.load.as_ref().map(|load| load.opened()),
+            metrics: proxy.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

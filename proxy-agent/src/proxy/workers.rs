@@ -13,6 +13,8 @@
 //! ([`Loads::my_turn`]). The control plane (sources, index, redirect maps, takeover) stays on the
 //! main runtime, the admin server on its own.
 
+use super::accept::OpenConnection;
+use super::drain::Drain;
 use super::Proxy;
 use std::future::Future;
 use std::io;
@@ -100,6 +102,10 @@ impl Loads {
         self.shared.open[self.mine].0.fetch_add(1, Ordering::SeqCst);
         self.shared.count_changed();
         Opened(self.clone())
+    }
+
+    fn mine_open(&self) -> usize {
+        self.shared.open[self.mine].0.load(Ordering::SeqCst)
     }
 
     fn may_accept(&self) -> bool {
@@ -197,6 +203,30 @@ impl Workers {
             worker.handle.spawn(serve(proxy, copy));
         }
         Ok(())
+    }
+}
+
+impl Workers {
+    /// Runs a connection handed over by a predecessor (`serve`: how it goes on, given the
+    /// worker's proxy) on the worker with the fewest open connections, counted as one it
+    /// accepted: among the worker's and the agent's open connections (balancing,
+    /// `--max-connections`), and waited for by a drain.
+    pub fn adopt<F, Fut>(&self, drain: &Drain, serve: F)
+    where
+        F: FnOnce(Arc<Proxy>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let least_loaded = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.proxy.load.as_ref().map_or(0, Loads::mine_open));
+        let Some(worker) = least_loaded else { return };
+        let proxy = worker.proxy.clone();
+        let open = OpenConnection::new(&proxy);
+        drain.spawn_tracked(&worker.handle, async move {
+            let _open = open;
+            serve(proxy).await;
+        });
     }
 }
 

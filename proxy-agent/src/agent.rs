@@ -274,7 +274,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.upstream.endpoints.clone(),
         NewTables::new(publisher.subscribe()),
     ))];
-    if let Some(redirect) = redirect {
+    if let Some(redirect) = redirect.clone() {
         consumers.push(tokio::spawn(follow_redirect(
             redirect,
             NewTables::new(publisher.subscribe()),
@@ -319,6 +319,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     for consumer in consumers {
         consumer.abort();
     }
+    if taken_over.is_none() {
+        stop_steering(redirect.as_deref(), &drain).await;
+    }
     if drain.drain(config.drain_timeout).await {
         tracing::info!("drained");
     } else {
@@ -339,6 +342,26 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         signals.recv().await;
     }
     Ok(())
+}
+
+/// How long connects the kernel steered just before it stopped are given to reach the listener's
+/// queue: a handshake on the node takes microseconds.
+const STEERED_IN_FLIGHT: Duration = Duration::from_millis(50);
+
+/// With no successor: the kernel stops steering to this agent (new connects take ordinary
+/// Service routing at once), and the accept loops, once stopped, take the connections already
+/// queued. Before, steering went on until the listener closed, which reset what its queue held.
+async fn stop_steering(redirect: Option<&Redirect>, drain: &Drain) {
+    drain.sweep_queues();
+    let Some(redirect) = redirect else { return };
+    match redirect.set_mesh_services([]) {
+        Ok(_) => tokio::time::sleep(STEERED_IN_FLIGHT).await,
+        Err(e) => tracing::warn!(
+            error = %e,
+            "emptying the steered Services failed: a connect steered until the listener \
+             closes may be refused"
+        ),
+    }
 }
 
 /// The running source: the manifest folder's polling task, or the cluster's watchers.

@@ -224,9 +224,11 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
         answered().then_some(())
     });
     // In flight on the old agent across the takeover: its drain lasts until this is answered.
+    // Shorter than `http_get`'s 2 s read timeout by a margin a busy machine keeps (a delay of
+    // 2 s itself failed the read now and then).
     let slow = sigterm_mid_drain.then(|| {
         let addr = listen.parse().unwrap();
-        std::thread::spawn(move || http_get(addr, "/delay/2000"))
+        std::thread::spawn(move || http_get(addr, "/delay/1500"))
     });
     if slow.is_some() {
         std::thread::sleep(Duration::from_millis(300));

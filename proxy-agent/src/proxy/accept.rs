@@ -79,11 +79,25 @@ pub(super) async fn accept_loop<F>(
     // left it again, each time under the lock of its waiter list, shared by every worker.
     let stopped = turned_true_polled_when_woken(&mut stop);
     tokio::pin!(stopped);
+    let mut sweeping = false;
     loop {
-        let (stream, peer) = tokio::select! {
-            // First, and from the current value: once stopped, not one more accept.
+        let (stream, peer) = if sweeping {
+            // Stopped, taking what the queue holds (`Drain::sweep_queues`) until it is empty.
+            match listener.try_accept() {
+                Ok(accepted) => accepted,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+            // First, and from the current value: once stopped, not one more wait.
             biased;
-            () = &mut stopped => return,
+            () = &mut stopped => {
+                if drain.sweeps() {
+                    sweeping = true;
+                    continue;
+                }
+                return;
+            }
             accepted = async {
                 if let Some(load) = &proxy.load {
                     load.my_turn().await;
@@ -98,6 +112,7 @@ pub(super) async fn accept_loop<F>(
                     continue;
                 }
             },
+            }
         };
         // Classified first even at the cap: a redirected connection's record is taken with it,
         // not left for a later connection from the same address and port to find.
@@ -205,5 +220,45 @@ pub(super) async fn serve_connection(
     let caller = info.caller.ip;
     if let Err(e) = serve::serve_http(proxy, TokioIo::new(stream), true, info, shutdown).await {
         tracing::debug!(error = %e, %caller, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+    use arc_swap::ArcSwap;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Connections the kernel queued before the loop stopped: taken when told to sweep (no
+    /// successor will), left otherwise (a successor accepts on the same socket).
+    #[tokio::test]
+    async fn a_stopped_loop_takes_what_its_queue_holds_only_when_told_to() {
+        for sweep in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _queued: Vec<_> = (0..3)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            let drain = Drain::default();
+            if sweep {
+                drain.sweep_queues();
+            }
+            drain.stop_accepting.send_replace(true);
+            let proxy = Proxy::new(
+                Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+                Arc::new(Metrics::default()),
+                crate::proxy::ProxyConfig::default(),
+            );
+            let taken = Arc::new(AtomicUsize::new(0));
+            let counted = taken.clone();
+            accept_loop(proxy, listener, drain, move |_, _| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                None
+            })
+            .await;
+            let expected = if sweep { 3 } else { 0 };
+            assert_eq!(taken.load(Ordering::Relaxed), expected, "sweep: {sweep}");
+        }
     }
 }

@@ -33,6 +33,9 @@ pub struct Drain {
     draining: watch::Sender<bool>,
     pub(super) acceptors: TaskTracker,
     pub(super) tracker: TaskTracker,
+    /// True: accept loops, once stopped, first take what their listener's queue holds
+    /// ([`Drain::sweep_queues`]).
+    sweep: Arc<AtomicBool>,
 }
 
 impl Default for Drain {
@@ -42,6 +45,7 @@ impl Default for Drain {
             draining: watch::channel(false).0,
             acceptors: TaskTracker::new(),
             tracker: TaskTracker::new(),
+            sweep: Arc::default(),
         }
     }
 }
@@ -68,6 +72,18 @@ impl Drain {
 
     pub(super) fn watch(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// Has the accept loops, when they stop, first take the connections their listeners' queues
+    /// already hold, which closing the listeners would reset: with no successor accepting on the
+    /// same sockets, they are this agent's to serve (a redirected connect the kernel steered
+    /// just before it stopped steering is one).
+    pub fn sweep_queues(&self) {
+        self.sweep.store(true, Ordering::SeqCst);
+    }
+
+    pub(super) fn sweeps(&self) -> bool {
+        self.sweep.load(Ordering::SeqCst)
     }
 
     /// Stops every accept loop and waits until each has returned: afterwards this process

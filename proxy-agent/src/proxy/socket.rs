@@ -36,22 +36,28 @@ impl Acceptor {
 
     /// The next connection, non-blocking and close-on-exec (one `accept4`, as tokio's).
     pub(super) async fn accept(&self) -> io::Result<(AcceptedSocket, SocketAddr)> {
-        use rustix::net::{acceptfrom_with, SocketFlags};
         loop {
             let mut ready = self.listener.readable().await?;
-            let accepted = ready.try_io(|listener| {
-                let (socket, peer) =
-                    acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
-                let peer = peer
-                    .and_then(|peer| SocketAddr::try_from(peer).ok())
-                    .ok_or_else(|| io::Error::other("accepted a socket without an IP address"))?;
-                Ok((std::net::TcpStream::from(socket), peer))
-            });
-            if let Ok(accepted) = accepted {
-                return accepted.map(|(socket, peer)| (AcceptedSocket::unregistered(socket), peer));
+            if let Ok(accepted) = ready.try_io(|listener| accept_now(listener.get_ref())) {
+                return accepted;
             }
         }
     }
+
+    /// The next connection the queue holds, without waiting (`WouldBlock`: none).
+    pub(super) fn try_accept(&self) -> io::Result<(AcceptedSocket, SocketAddr)> {
+        accept_now(self.listener.get_ref())
+    }
+}
+
+fn accept_now(listener: &std::net::TcpListener) -> io::Result<(AcceptedSocket, SocketAddr)> {
+    use rustix::net::{acceptfrom_with, SocketFlags};
+    let (socket, peer) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let peer = peer
+        .and_then(|peer| SocketAddr::try_from(peer).ok())
+        .ok_or_else(|| io::Error::other("accepted a socket without an IP address"))?;
+    let socket = AcceptedSocket::unregistered(std::net::TcpStream::from(socket));
+    Ok((socket, peer))
 }
 
 /// An accepted TCP socket, registered with the reactor the first time it would block.

@@ -179,7 +179,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(%admin, "admin server listening");
     let source = Source::start(&config, updates).await?;
-    if let Err(stopped) = publisher.first_sync().await {
+    if let Err(stopped) = first_sync(&mut publisher, &mut inherited).await {
         return Err(source.failure().await.context(stopped));
     }
 
@@ -342,6 +342,33 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         signals.recv().await;
     }
     Ok(())
+}
+
+/// The publisher's first sync, which may wait long for an API server. A running agent that goes
+/// meanwhile (a crash, a kill) leaves this one holding its listeners and programs before this one
+/// accepts: connects would be steered to sockets nobody accepts on, so they are let go.
+async fn first_sync(
+    publisher: &mut Publisher,
+    inherited: &mut Inherited,
+) -> Result<(), crate::publisher::SourcesStopped> {
+    let predecessor_gone = inherited.predecessor_gone();
+    tokio::pin!(predecessor_gone);
+    let synced = publisher.first_sync();
+    tokio::pin!(synced);
+    loop {
+        tokio::select! {
+            synced = &mut synced => return synced,
+            () = &mut predecessor_gone, if inherited.predecessor().is_some() => {
+                tracing::warn!(
+                    predecessor = inherited.predecessor(),
+                    "the running agent went before this one could take over from it: letting \
+                     its sockets and programs go (pods take ordinary Service routing until this \
+                     agent serves, with its own)"
+                );
+                inherited.let_go();
+            }
+        }
+    }
 }
 
 /// How long connects the kernel steered just before it stopped are given to reach the listener's

@@ -311,6 +311,56 @@ impl Inherited {
         Some(self.listeners.swap_remove(index))
     }
 
+    /// Resolves once the running agent went before this one told it to stop (it crashed, or was
+    /// killed): its end of the session closed. Pending for ever when there is none. Until Stop
+    /// the running agent sends nothing, so the session only ever reads as closed.
+    pub fn predecessor_gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let watched = self
+            .session
+            .as_ref()
+            .and_then(|s| s.stream.try_clone().ok());
+        async move {
+            let Some(stream) = watched else {
+                return std::future::pending().await;
+            };
+            let (gone, gone_rx) = tokio::sync::oneshot::channel::<()>();
+            // A thread of its own, asking every half second whether anybody still waits: the
+            // session is a blocking socket, and making a copy non-blocking would make it so for
+            // the takeover's own exchange too.
+            let watcher = std::thread::Builder::new()
+                .name("predecessor-watch".into())
+                .spawn(move || {
+                    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                    let half_second = Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 500_000_000,
+                    };
+                    while !gone.is_closed() {
+                        let mut fds = [PollFd::new(&stream, PollFlags::RDHUP)];
+                        if poll(&mut fds, Some(&half_second)).is_err() {
+                            continue;
+                        }
+                        let closed = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
+                        if fds[0].revents().intersects(closed) {
+                            let _ = gone.send(());
+                            return;
+                        }
+                    }
+                });
+            if watcher.is_err() || gone_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Lets go of everything inherited from a running agent that is gone ([`Self::predecessor_gone`]):
+    /// its listeners close and its programs detach, so that pods take ordinary Service routing
+    /// until this agent serves (it binds and attaches afresh), instead of connecting to sockets
+    /// nobody accepts on yet.
+    pub fn let_go(&mut self) {
+        *self = Inherited::default();
+    }
+
     /// The running agent's redirect, to pass to [`Redirect::take_over`].
     pub fn take_redirect(&mut self) -> Option<Predecessor> {
         self.redirect.take()

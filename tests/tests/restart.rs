@@ -400,3 +400,91 @@ async fn long_lived_connections_survive_ten_takeovers() {
         }
     });
 }
+
+/// A running agent that dies while its successor waits for its first sync (here an API server
+/// that never answers) leaves no socket held: the successor lets what it inherited go, so a
+/// connect is refused (a steered one falls back to ordinary Service routing) instead of queueing
+/// on a listener nobody accepts on until the sync, however long. Loopback, no root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predecessor_that_dies_mid_takeover_leaves_no_socket_held() {
+    use gamma_tests::loopback::{
+        agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
+    };
+    use std::process::{Child, Command, Stdio};
+
+    let echo = echo_backend([127, 0, 0, 1], "front-pod").await;
+    let dir = TempDir::new("dies-mid-takeover");
+    Manifests::default()
+        .service("shop", "front", 80, &[echo.addr], None)
+        .write(&dir.0, "world.yaml");
+    // Accepts connections (the kernel does) and never answers one.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kubeconfig =
+        gamma_tests::fake_apiserver::kubeconfig_for(silent.local_addr().unwrap(), &dir.0, "t");
+    let socket = dir.0.join("agent.sock");
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let spawn = |log: &str, source: &[&str]| -> Child {
+        Command::new(agent_binary())
+            .args(source)
+            .args(["--admin", &admin])
+            .args(["--listen", &format!("{listen}=shop/front:80")])
+            .arg("--takeover-socket")
+            .arg(&socket)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
+            .spawn()
+            .expect("start proxy-agent")
+    };
+    use gamma_tests::eventually_within as within;
+    let manifests = dir.0.to_str().unwrap().to_string();
+    let mut old = spawn("old.log", &["--manifests", &manifests]);
+    within(Duration::from_secs(10), "the first agent serves", || {
+        tokio::task::block_in_place(|| http_get(listen, "/"))
+            .ok()
+            .map(drop)
+    });
+    let mut new = spawn(
+        "new.log",
+        &[
+            "--kube",
+            "--node-name",
+            "node-a",
+            "--pod-name",
+            "agent-b",
+            "--lease-namespace",
+            "gamma-system",
+        ],
+    );
+    let new_log = || std::fs::read_to_string(dir.0.join("new.log")).unwrap_or_default();
+    within(
+        Duration::from_secs(10),
+        "the new agent holds the sockets",
+        || {
+            new_log()
+                .contains("offered the running agent's sockets")
+                .then_some(())
+        },
+    );
+    let _ = old.kill();
+    let _ = old.wait();
+    within(
+        Duration::from_secs(5),
+        "the inherited listener is let go",
+        || {
+            let refused = std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(500))
+                .err()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            refused.then_some(())
+        },
+    );
+    assert!(
+        new.try_wait().unwrap().is_none(),
+        "the new agent waits for its sync"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+    drop(silent);
+}

@@ -274,13 +274,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.upstream.endpoints.clone(),
         NewTables::new(publisher.subscribe()),
     ))];
-    if let Some(redirect) = redirect.clone() {
-        consumers.push(tokio::spawn(follow_redirect(
+    let mut following_tables = redirect.clone().map(|redirect| {
+        tokio::spawn(follow_redirect(
             redirect,
             NewTables::new(publisher.subscribe()),
             drain.stopped_accepting(),
-        )));
-    }
+        ))
+    });
     let status = match (&config.kube, &source) {
         (Some(cluster), Source::Kube(kube)) => Some(status::spawn(
             kube.client.clone(),
@@ -307,6 +307,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             tracing::info!(successor = pid, deadline = ?config.drain_timeout, "taken over: finishing in-flight requests");
         }
         None => {
+            // A successor that holds this agent's sockets and has not said Stop yet shares the
+            // listeners and the steering maps: the kernel goes on steering, for it.
+            if readiness.handing_over_to.load(Ordering::Relaxed) == 0 {
+                if let Some(following) = following_tables.take() {
+                    following.abort();
+                }
+                stop_steering(redirect.as_deref(), &drain).await;
+            }
             // Before draining: our copies of the listeners must go for them to close (fail open).
             drop(successors.take());
             tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
@@ -316,11 +324,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         status.shutdown().await;
     }
     source.shutdown();
-    for consumer in consumers {
+    for consumer in consumers.into_iter().chain(following_tables) {
         consumer.abort();
-    }
-    if taken_over.is_none() {
-        stop_steering(redirect.as_deref(), &drain).await;
     }
     if drain.drain(config.drain_timeout).await {
         tracing::info!("drained");
@@ -346,7 +351,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
 /// The publisher's first sync, which may wait long for an API server. A running agent that goes
 /// meanwhile (a crash, a kill) leaves this one holding its listeners and programs before this one
-/// accepts: connects would be steered to sockets nobody accepts on, so they are let go.
+/// accepts: connects would be steered to a listener nobody accepts on, so the programs are let
+/// go.
 async fn first_sync(
     publisher: &mut Publisher,
     inherited: &mut Inherited,
@@ -362,10 +368,10 @@ async fn first_sync(
                 tracing::warn!(
                     predecessor = inherited.predecessor(),
                     "the running agent went before this one could take over from it: letting \
-                     its sockets and programs go (pods take ordinary Service routing until this \
-                     agent serves, with its own)"
+                     its programs go (pods take ordinary Service routing until this agent \
+                     serves, with its own)"
                 );
-                inherited.let_go();
+                inherited.let_go_of_redirect();
             }
         }
     }
@@ -375,9 +381,11 @@ async fn first_sync(
 /// queue: a handshake on the node takes microseconds.
 const STEERED_IN_FLIGHT: Duration = Duration::from_millis(50);
 
-/// With no successor: the kernel stops steering to this agent (new connects take ordinary
-/// Service routing at once), and the accept loops, once stopped, take the connections already
-/// queued. Before, steering went on until the listener closed, which reset what its queue held.
+/// With no successor (none took over, none holds the sockets): the kernel stops steering to this
+/// agent (new connects take ordinary Service routing at once), and the accept loops, once
+/// stopped, take the connections already queued. Before, steering went on until the listener
+/// closed, which reset what its queue held. The caller has stopped following table changes,
+/// which would steer again.
 async fn stop_steering(redirect: Option<&Redirect>, drain: &Drain) {
     drain.sweep_queues();
     let Some(redirect) = redirect else { return };

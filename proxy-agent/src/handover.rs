@@ -353,12 +353,14 @@ impl Inherited {
         }
     }
 
-    /// Lets go of everything inherited from a running agent that is gone ([`Self::predecessor_gone`]):
-    /// its listeners close and its programs detach, so that pods take ordinary Service routing
-    /// until this agent serves (it binds and attaches afresh), instead of connecting to sockets
-    /// nobody accepts on yet.
-    pub fn let_go(&mut self) {
-        *self = Inherited::default();
+    /// Lets go of the programs and maps inherited from a running agent that is gone
+    /// ([`Self::predecessor_gone`]): nobody else holds its links, so the programs detach and
+    /// pods take ordinary Service routing until this agent attaches its own, instead of being
+    /// steered to a listener nobody accepts on yet. The listeners are kept: what their queues
+    /// hold is served once this agent is, and an agent that stops normally may still hold its
+    /// copies (binding the addresses afresh would fail).
+    pub fn let_go_of_redirect(&mut self) {
+        self.redirect = None;
     }
 
     /// The running agent's redirect, to pass to [`Redirect::take_over`].

@@ -398,6 +398,58 @@ async fn sigterm_drains_in_flight_requests() {
     exits_cleanly(agent, "after draining").await;
 }
 
+/// An upgraded connection counts among the open ones for as long as it lasts, as it does after a
+/// takeover hands it over: `--max-connections` bounds WebSockets too. Before, it stopped counting
+/// when its HTTP task ended at the upgrade (10,000 WebSockets read as none open, and let the cap
+/// in again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_counts_against_the_connection_cap() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let agent = Agent::start(
+        &Manifests::front_routed_to(a.addr),
+        AgentOptions {
+            extra_args: vec!["--max-connections".into(), "1".into()],
+            ..options(None)
+        },
+    )
+    .unwrap();
+    let addr = agent.listen[0];
+    let admin = agent.admin;
+    tokio::task::spawn_blocking(move || {
+        let mut ws = std::net::TcpStream::connect(addr).unwrap();
+        ws.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ws.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 512];
+        let n = ws.read(&mut head).unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+        let metrics = gamma_tests::loopback::http_get(admin, "/metrics").unwrap();
+        assert_eq!(
+            gamma_tests::probe::sample(&metrics, "gamma_connections_open"),
+            Some(1.0),
+            "the upgraded connection is open"
+        );
+        // At the cap: closed on accept.
+        let mut second = std::net::TcpStream::connect(addr).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = second.read_to_end(&mut answer);
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        // Still carried.
+        ws.write_all(b"still-here").unwrap();
+        let mut echoed = [0u8; 10];
+        ws.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"still-here");
+    })
+    .await
+    .unwrap();
+}
+
 /// An opaque connection still open at the drain deadline is reset on both sides: closed with a
 /// FIN, as before, a peer of an EOF-delimited protocol took the cut stream for a complete one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

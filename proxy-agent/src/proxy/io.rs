@@ -1,6 +1,7 @@
 //! Transport wrappers of a served connection: [`Watched`] counts the reads and writes that moved
 //! bytes (so that draining can tell an idle connection), [`Lingering`] closes without a reset.
 
+use super::accept::OpenConnection;
 use super::socket::AcceptedSocket;
 use bytes::BytesMut;
 use std::pin::Pin;
@@ -102,6 +103,13 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
     }
 }
 
+/// What counts a served connection until dropped: among those a drain waits for, and (accepted
+/// ones) among the open ones.
+pub(super) struct Held {
+    _drain: TaskTrackerToken,
+    _open: Option<OpenConnection>,
+}
+
 /// An accepted connection that, dropped while draining, is not closed at once: it is shut down
 /// for writing and read until the client closes its side (at most [`LINGER`]). A request the
 /// client sent as the agent closed would otherwise be unread data, and closing a socket with
@@ -115,9 +123,9 @@ pub(super) struct Lingering {
     stream: Option<Rewound<AcceptedSocket>>,
     draining: watch::Receiver<bool>,
     tracker: TaskTracker,
-    /// Counts the connection among those a drain waits for, however it is served: an upgraded
-    /// one outlives its HTTP task, and its pump keeps this (see [`Lingering::into_parts`]).
-    held: Option<TaskTrackerToken>,
+    /// Counts the connection, however it is served: an upgraded one outlives its HTTP task, and
+    /// its pump keeps this (see [`Lingering::into_parts`]).
+    held: Option<Held>,
     /// Linger on close even when not draining ([`ReadAhead::linger_on_close`]).
     always: bool,
 }
@@ -131,10 +139,22 @@ impl Lingering {
         Self {
             stream: Some(Rewound::new(stream.into())),
             draining,
-            held: Some(tracker.token()),
+            held: Some(Held {
+                _drain: tracker.token(),
+                _open: None,
+            }),
             tracker,
             always: false,
         }
+    }
+
+    /// Counts the connection among the open ones ([`OpenConnection`]) for as long as it is
+    /// served, by whatever holds it.
+    pub(super) fn counted(mut self, open: OpenConnection) -> Self {
+        if let Some(held) = &mut self.held {
+            held._open = Some(open);
+        }
+        self
     }
 
     fn rewound(&mut self) -> &mut Rewound<AcceptedSocket> {
@@ -155,8 +175,8 @@ impl Lingering {
 
     /// The plain stream, registered with the reactor, for a byte pump (which cannot drain
     /// gracefully anyway), the bytes read from it that were not returned yet (they go first),
-    /// and the token that has a drain wait for it: the pump holds it while it runs.
-    pub(super) fn into_parts(mut self) -> std::io::Result<(TcpStream, Vec<u8>, TaskTrackerToken)> {
+    /// and what counts it (a drain waits for it, it is open): the pump holds that while it runs.
+    pub(super) fn into_parts(mut self) -> std::io::Result<(TcpStream, Vec<u8>, Held)> {
         let rewound = self.stream.take().expect("present until dropped");
         let held = self.held.take().expect("present until taken here");
         Ok((rewound.io.into_registered()?, rewound.unread.to_vec(), held))

@@ -212,7 +212,10 @@ async fn an_http1_connect_is_tunnelled_to_the_backend() {
                     return;
                 };
                 let _ = line_tx.send(head.lines().next().unwrap_or_default().to_string());
-                let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+                // A Transfer-Encoding on a 2xx to CONNECT frames nothing (RFC 9112 §6.3 item
+                // 2: the client ignores it); it must not fail the tunnel.
+                let established =
+                    b"HTTP/1.1 200 Connection established\r\nTransfer-Encoding: gzip\r\n\r\n";
                 if stream.write_all(established).await.is_ok() {
                     // Then an echo of the tunnel's bytes.
                     let (mut read, mut write) = stream.split();

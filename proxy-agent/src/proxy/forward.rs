@@ -262,6 +262,12 @@ pub(super) async fn forward(
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
         || (tunnel && response.status().is_success());
     if switched {
+        // Neither a 101 nor a 2xx to CONNECT has content, nor may say a length or coding (RFC
+        // 9110 §8.6, §9.3.6): hyper's server refuses to send one that does, and the caller got
+        // no answer.
+        let headers = response.headers_mut();
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::CONTENT_LENGTH);
         if let Some(downstream) = downstream_upgrade {
             splice_upgrade(proxy, downstream, hyper::upgrade::on(&mut response));
         }

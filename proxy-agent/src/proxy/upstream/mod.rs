@@ -170,8 +170,9 @@ impl Upstream {
             return self.inline.send(endpoint, request).await;
         } else {
             let asked_upgrade = request.headers().contains_key(http::header::UPGRADE);
+            let method = request.method().clone();
             let response = self.http1.send(endpoint, request).await?;
-            as_own_exchange_reads(response, asked_upgrade)?
+            as_own_exchange_reads(response, &method, asked_upgrade)?
         };
         Ok(response.map(body::stream))
     }
@@ -182,6 +183,7 @@ impl Upstream {
 /// the two read it (the `upstream_answer` fuzz target compares them).
 fn as_own_exchange_reads(
     mut response: Response<Incoming>,
+    method: &http::Method,
     asked_upgrade: bool,
 ) -> Result<Response<Incoming>, UpstreamError> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
@@ -191,10 +193,13 @@ fn as_own_exchange_reads(
             wire::WireError::UnaskedUpgrade.to_string(),
         ));
     }
+    // No body follows (RFC 9112 §6.3 items 1 and 2): a Transfer-Encoding there frames nothing.
     let status = response.status();
     let bodiless = status.is_informational()
         || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED;
+        || status == http::StatusCode::NOT_MODIFIED
+        || method == http::Method::HEAD
+        || (method == http::Method::CONNECT && status.is_success());
     if !bodiless && !wire::only_chunked(response.headers()) {
         return Err(UpstreamError::Failed(
             wire::WireError::UnsupportedTransferCoding.to_string(),

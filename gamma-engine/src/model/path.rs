@@ -16,6 +16,12 @@ pub fn normalize_path(path: &str) -> Option<String> {
     (normal != path).then_some(normal)
 }
 
+/// Whether `path` has a dot segment (`.` or `..`), written so or percent-encoded (`%2e%2E`).
+pub fn has_dot_segment(path: &str) -> bool {
+    let is_dot = |segment: &str| segment == "." || segment == "..";
+    path.split('/').any(is_dot) || decode_unreserved(path).split('/').any(is_dot)
+}
+
 fn decode_unreserved(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());

@@ -862,6 +862,14 @@ fn header_value(value: &str, field: &str) -> Result<HeaderValue, Invalid> {
 /// As written, such a value never matched the request it names.
 fn matched_path(value: String, field: &str) -> Result<String, Invalid> {
     checked_path(&value, field)?;
+    // The CRD refuses dot segments; encoded, they would collapse the value to its parent
+    // (`/api/%2e%2e` to `/`, a catch-all) once normalized.
+    if super::path::has_dot_segment(&value) {
+        return Err(invalid(
+            field,
+            format!("`{value}` must not contain a dot segment, encoded or not"),
+        ));
+    }
     Ok(super::path::normalize_path(&value).unwrap_or(value))
 }
 
@@ -2044,6 +2052,24 @@ mod tests {
             panic!("not a route")
         };
         let path = |rule: usize| route.rules[rule].matches[0].path.clone();
+        let dotted = Object::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api/%2e%2E"}}]},
+                {"matches": [{"path": {"type": "Exact", "value": "/x/%2E/y"}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/v1.2/%2e.x"}}]},
+            ]}
+        }))
+        .unwrap();
+        let Object::Route(dotted) = dotted else {
+            panic!("not a route")
+        };
+        // Encoded dot segments are refused as written ones are (they collapsed the value to its
+        // parent: `/api/%2e%2E` became `/`, a catch-all); a dot within a segment is no segment.
+        let invalid: Vec<_> = dotted.rules.iter().map(|r| r.invalid().is_some()).collect();
+        assert_eq!(invalid, [true, true, false]);
         for (rule, sent) in [
             (0, "/caf%c3%a9"),
             (0, "/caf%C3%A9"),

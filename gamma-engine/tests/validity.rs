@@ -582,26 +582,31 @@ fn no_matching_parent_says_what_is_missing() {
     assert!(udp.ends_with("has no TCP port"), "{udp}");
 }
 
+/// The index of `front` with `ports`, and a consumer route to it (from namespace `other`) with
+/// this parentRef.
+fn front_with_a_consumer_route(ports: Value, parent_ref: Value) -> Index {
+    let mut index = front_with_ports(ports, json!([]));
+    let mut consumer = route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}]}]),
+    );
+    consumer["metadata"]["namespace"] = json!("other");
+    consumer["spec"]["parentRefs"] = json!([parent_ref]);
+    index.apply(object(consumer));
+    index.publish();
+    index
+}
+
 /// A consumer route (another namespace) naming a port presumed opaque leaves it so: the protocol
 /// is the port's, for every caller, and the Service's own callers of a server-first protocol
 /// (MySQL on 3306) would otherwise wait for the detection timeout on every connection.
 #[test]
 fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
     use gamma_engine::model::DeclaredProtocol;
-    let mut index = front_with_ports(
+    let index = front_with_a_consumer_route(
         json!([{"port": 3306}, {"name": "web", "port": 8080}]),
-        json!([]),
+        json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns", "port": 3306}),
     );
-    let mut consumer = route(
-        1,
-        json!([{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}]}]),
-    );
-    consumer["metadata"]["namespace"] = json!("other");
-    consumer["spec"]["parentRefs"] = json!([
-        {"group": "", "kind": "Service", "name": "front", "namespace": "ns", "port": 3306}
-    ]);
-    index.apply(object(consumer));
-    index.publish();
     let snapshot = index.snapshot();
     let frontend = snapshot
         .frontend_of(&ObjectKey::new("ns", "front"), 3306)
@@ -630,19 +635,10 @@ fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
 #[test]
 fn a_consumer_route_for_all_ports_leaves_a_presumed_opaque_one_opaque() {
     use gamma_engine::model::DeclaredProtocol;
-    let mut index = front_with_ports(
+    let index = front_with_a_consumer_route(
         json!([{"port": 3306}, {"name": "db-admin", "port": 4444}]),
-        json!([]),
+        json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns"}),
     );
-    let mut consumer = route(
-        1,
-        json!([{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}]}]),
-    );
-    consumer["metadata"]["namespace"] = json!("other");
-    consumer["spec"]["parentRefs"] =
-        json!([{"group": "", "kind": "Service", "name": "front", "namespace": "ns"}]);
-    index.apply(object(consumer));
-    index.publish();
     let snapshot = index.snapshot();
     let frontend = snapshot
         .frontend_of(&ObjectKey::new("ns", "front"), 3306)

@@ -307,17 +307,32 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             tracing::info!(successor = pid, deadline = ?config.drain_timeout, "taken over: finishing in-flight requests");
         }
         None => {
-            // A successor that holds this agent's sockets and has not said Stop yet shares the
-            // listeners and the steering maps: the kernel goes on steering, for it.
-            if readiness.handing_over_to.load(Ordering::Relaxed) == 0 {
-                if let Some(following) = following_tables.take() {
-                    following.abort();
+            // Table changes would steer again.
+            if let Some(following) = following_tables.take() {
+                following.abort();
+                let _ = following.await;
+            }
+            // Alone unless a successor said Stop meanwhile; then it took over, and the steering
+            // is its own. A successor that holds the sockets without having said Stop is refused
+            // it from now on: it starts as without this agent, and writes its steering after
+            // this agent emptied it.
+            let steer_off = || stop_steering(redirect.as_deref());
+            let alone = match &successors {
+                Some(successors) => successors.shut_down_alone(steer_off),
+                None => {
+                    steer_off();
+                    true
                 }
-                stop_steering(redirect.as_deref(), &drain).await;
+            };
+            if alone {
+                // The accept loops, once stopped, take the connections already queued (connects
+                // steered just before): closing the listener would reset them.
+                drain.sweep_queues();
+                tokio::time::sleep(STEERED_IN_FLIGHT).await;
             }
             // Before draining: our copies of the listeners must go for them to close (fail open).
             drop(successors.take());
-            tracing::info!(deadline = ?config.drain_timeout, "shutting down: no new connections, finishing in-flight requests");
+            tracing::info!(deadline = ?config.drain_timeout, alone, "shutting down: no new connections, finishing in-flight requests");
         }
     }
     if let Some(status) = status {
@@ -361,10 +376,13 @@ async fn first_sync(
     tokio::pin!(predecessor_gone);
     let synced = publisher.first_sync();
     tokio::pin!(synced);
+    // Polled until it resolves, never after.
+    let mut gone = inherited.predecessor().is_none();
     loop {
         tokio::select! {
             synced = &mut synced => return synced,
-            () = &mut predecessor_gone, if inherited.predecessor().is_some() => {
+            () = &mut predecessor_gone, if !gone => {
+                gone = true;
                 tracing::warn!(
                     predecessor = inherited.predecessor(),
                     "the running agent went before this one could take over from it: letting \
@@ -381,21 +399,17 @@ async fn first_sync(
 /// queue: a handshake on the node takes microseconds.
 const STEERED_IN_FLIGHT: Duration = Duration::from_millis(50);
 
-/// With no successor (none took over, none holds the sockets): the kernel stops steering to this
-/// agent (new connects take ordinary Service routing at once), and the accept loops, once
-/// stopped, take the connections already queued. Before, steering went on until the listener
-/// closed, which reset what its queue held. The caller has stopped following table changes,
-/// which would steer again.
-async fn stop_steering(redirect: Option<&Redirect>, drain: &Drain) {
-    drain.sweep_queues();
+/// With no successor: the kernel stops steering to this agent, and new connects take ordinary
+/// Service routing at once. Before, steering went on until the listener closed, which reset what
+/// its queue held.
+fn stop_steering(redirect: Option<&Redirect>) {
     let Some(redirect) = redirect else { return };
-    match redirect.set_mesh_services([]) {
-        Ok(_) => tokio::time::sleep(STEERED_IN_FLIGHT).await,
-        Err(e) => tracing::warn!(
+    if let Err(e) = redirect.set_mesh_services([]) {
+        tracing::warn!(
             error = %e,
             "emptying the steered Services failed: a connect steered until the listener \
              closes may be refused"
-        ),
+        );
     }
 }
 

@@ -532,6 +532,9 @@ impl Offered {
 /// shutdown, before draining) stops serving, removes the socket file and closes the listener
 /// copies, so that the listeners really close and pods fall back to ordinary Service routing.
 pub struct Successors {
+    /// Whether this agent shuts down alone or was taken over: decided once, by whichever comes
+    /// first, SIGTERM or a successor's Stop.
+    ending: Arc<Mutex<Ending>>,
     path: PathBuf,
     /// (device, inode) of the socket file this agent created: removed on shutdown only if still
     /// that one. `None` once a successor took over.
@@ -577,10 +580,12 @@ impl Successors {
             .map_err(|e| HandoverError::io("registering the takeover socket", e))?;
         let offered = Arc::new(Mutex::new(offered));
         let closing = Arc::new(AtomicBool::new(false));
+        let ending = Arc::new(Mutex::new(Ending::Serving));
         let (done, taken_over) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(accept_successors(
             listener,
             Arc::new(OfferState {
+                ending: ending.clone(),
                 path: path.to_owned(),
                 offered: offered.clone(),
                 redirect,
@@ -594,6 +599,7 @@ impl Successors {
         ));
         tracing::info!(socket = %path.display(), "accepting takeovers");
         Ok(Self {
+            ending,
             path: path.to_owned(),
             file: Some((meta.dev(), meta.ino())),
             offered,
@@ -601,6 +607,23 @@ impl Successors {
             task,
             taken_over: Some(taken_over),
         })
+    }
+
+    /// Decides that this agent shuts down alone, and runs `before_refusing` (stopping the
+    /// kernel's steering) before any successor can hear so; `false`: a successor said Stop first,
+    /// and took over (the steering is its own). From then on a successor's Stop is refused: it
+    /// starts as without this agent, and writes its steering after `before_refusing` ran.
+    pub fn shut_down_alone(&self, before_refusing: impl FnOnce()) -> bool {
+        let mut ending = self
+            .ending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *ending == Ending::TakenOver {
+            return false;
+        }
+        *ending = Ending::Alone;
+        before_refusing();
+        true
     }
 
     /// Resolves with the successor's pid once one has taken over: this agent no longer accepts
@@ -637,7 +660,15 @@ impl Drop for Successors {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Serving,
+    Alone,
+    TakenOver,
+}
+
 struct OfferState {
+    ending: Arc<Mutex<Ending>>,
     path: PathBuf,
     offered: Arc<Mutex<Offered>>,
     redirect: Option<Arc<Redirect>>,
@@ -788,7 +819,21 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         }
     }
     match recv(stream) {
-        Ok((Message::Stop, _)) => handing_over.committed = true,
+        Ok((Message::Stop, _)) => {
+            let mut ending = state
+                .ending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *ending == Ending::Alone {
+                tracing::info!(
+                    pid = peer.pid,
+                    "a successor said stop as this agent shuts down alone; it starts without it"
+                );
+                return Ok(None);
+            }
+            *ending = Ending::TakenOver;
+            handing_over.committed = true;
+        }
         Ok((other, _)) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -1180,12 +1225,55 @@ mod tests {
         assert_eq!(handover.pid, std::process::id());
         assert!(handover.stop_took.is_some());
         assert_eq!(old.taken_over().await, std::process::id());
+        // Taken over first, a SIGTERM after is not a shutdown alone: the steering is the
+        // successor's.
+        assert!(!old.shut_down_alone(|| panic!("the successor's steering emptied")));
         // The old agent's copies are closed; the socket lives on in the successor.
         drop(old);
         let listener = inherited_listener.take().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         assert!(listener.accept().is_ok());
         assert!(path.exists(), "left for the successor to replace");
+    }
+
+    /// SIGTERM first, with a successor holding the sockets: the old agent stops its steering
+    /// before any successor can commit, then refuses the Stop, so that the successor (which reads
+    /// it as gone) writes its own steering after. Before, the old agent emptied the maps a
+    /// successor had adopted and written meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successors_stop_after_a_shutdown_alone_is_refused() {
+        let dir = TestDir::new("handover-alone");
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut offered = Offered::default();
+        offered.add(&listener).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        let readiness = Arc::new(Readiness::default());
+        let mut old =
+            Successors::serve(&path, offered, None, (Drain::default(), pumps, readiness)).unwrap();
+        let successor_path = path.clone();
+        let inherited =
+            tokio::task::spawn_blocking(move || inherit(&successor_path, Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(inherited.predecessor().is_some());
+        let mut steered_off = false;
+        assert!(old.shut_down_alone(|| steered_off = true));
+        assert!(steered_off);
+        let handover =
+            tokio::task::spawn_blocking(move || inherited.finish(Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("a predecessor");
+        assert!(handover.connections.is_empty());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), old.taken_over())
+                .await
+                .is_err(),
+            "refused, the Stop took nothing over"
+        );
     }
 
     /// Between the offer and Stop both agents accept on the admin listener: the old one says

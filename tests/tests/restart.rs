@@ -476,9 +476,13 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
             .contains("the running agent went before this one could take over")
             .then_some(())
     });
+    // And goes on waiting for its sync (the wait for its predecessor, polled again once it
+    // resolved, panicked).
+    std::thread::sleep(Duration::from_secs(1));
     assert!(
-        new.try_wait().unwrap().is_none(),
-        "the new agent waits for its sync"
+        new.try_wait().unwrap().is_none() && !new_log().contains("panicked"),
+        "the new agent waits for its sync: {}",
+        new_log()
     );
     let _ = new.kill();
     let _ = new.wait();

@@ -1921,18 +1921,31 @@ mod tests {
     use super::*;
     use crate::model::Object;
 
-    fn grpc_paths(method: serde_json::Value) -> PathMatch {
+    /// `ns/r` of `kind` with these `rules`, converted (`Err`: refused whole).
+    fn converted(kind: &str, rules: serde_json::Value) -> Result<Route, String> {
         let object = Object::from_value(serde_json::json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "GRPCRoute",
+            "kind": kind,
             "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [{"matches": [{"method": method}]}]}
+            "spec": {"rules": rules}
         }))
-        .unwrap();
+        .map_err(|refused| format!("{refused:?}"))?;
         let Object::Route(route) = object else {
             panic!("not a route")
         };
-        route.rules[0].matches[0].path.clone()
+        Ok(route)
+    }
+
+    fn http_route(rules: serde_json::Value) -> Route {
+        converted("HTTPRoute", rules).unwrap()
+    }
+
+    fn grpc_paths(method: serde_json::Value) -> PathMatch {
+        let route = converted(
+            "GRPCRoute",
+            serde_json::json!([{"matches": [{"method": method}]}]),
+        );
+        route.unwrap().rules[0].matches[0].path.clone()
     }
 
     #[test]
@@ -1973,19 +1986,12 @@ mod tests {
     /// MUST be ignored; the CRD's case-sensitive list key lets them through.
     #[test]
     fn a_header_named_again_in_another_case_is_ignored() {
-        let object = Object::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [{"filters": [{"type": "RequestHeaderModifier",
+        let route = http_route(
+            serde_json::json!([{"filters": [{"type": "RequestHeaderModifier",
                 "requestHeaderModifier": {
                     "set": [{"name": "X-Env", "value": "a"}, {"name": "x-env", "value": "b"}],
-                    "add": [{"name": "x-add", "value": "1"}, {"name": "X-ADD", "value": "2"}]}}]}]}
-        }))
-        .unwrap();
-        let Object::Route(route) = object else {
-            panic!("not a route")
-        };
+                    "add": [{"name": "x-add", "value": "1"}, {"name": "X-ADD", "value": "2"}]}}]}]),
+        );
         let Filter::RequestHeaders(modifier) = &route.rules[0].filters()[0] else {
             panic!("{:?}", route.rules[0].filters())
         };
@@ -2018,17 +2024,10 @@ mod tests {
 
     #[test]
     fn header_modifier_values_lose_the_whitespace_around_them() {
-        let object = Object::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [{"filters": [{"type": "RequestHeaderModifier",
-                "requestHeaderModifier": {"set": [{"name": "x-a", "value": " v 1\t"}]}}]}]}
-        }))
-        .unwrap();
-        let Object::Route(route) = object else {
-            panic!("not a route")
-        };
+        let route = http_route(
+            serde_json::json!([{"filters": [{"type": "RequestHeaderModifier",
+                "requestHeaderModifier": {"set": [{"name": "x-a", "value": " v 1\t"}]}}]}]),
+        );
         let shown = serde_json::to_string(&route.rules[0]).unwrap();
         assert!(shown.contains("\"v 1\""), "{shown}");
     }
@@ -2038,34 +2037,16 @@ mod tests {
     #[test]
     fn path_values_are_kept_as_requests_are_matched() {
         use super::super::path::normalize_path;
-        let object = Object::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [
-                {"matches": [{"path": {"type": "Exact", "value": "/caf%c3%a9"}}]},
-                {"matches": [{"path": {"type": "PathPrefix", "value": "/%7Euser/"}}]},
-            ]}
-        }))
-        .unwrap();
-        let Object::Route(route) = object else {
-            panic!("not a route")
-        };
+        let route = http_route(serde_json::json!([
+            {"matches": [{"path": {"type": "Exact", "value": "/caf%c3%a9"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/%7Euser/"}}]},
+        ]));
         let path = |rule: usize| route.rules[rule].matches[0].path.clone();
-        let dotted = Object::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [
-                {"matches": [{"path": {"type": "PathPrefix", "value": "/api/%2e%2E"}}]},
-                {"matches": [{"path": {"type": "Exact", "value": "/x/%2E/y"}}]},
-                {"matches": [{"path": {"type": "PathPrefix", "value": "/v1.2/%2e.x"}}]},
-            ]}
-        }))
-        .unwrap();
-        let Object::Route(dotted) = dotted else {
-            panic!("not a route")
-        };
+        let dotted = http_route(serde_json::json!([
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api/%2e%2E"}}]},
+            {"matches": [{"path": {"type": "Exact", "value": "/x/%2E/y"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/v1.2/%2e.x"}}]},
+        ]));
         // Encoded dot segments are refused as written ones are (they collapsed the value to its
         // parent: `/api/%2e%2E` became `/`, a catch-all); a dot within a segment is no segment.
         let invalid: Vec<_> = dotted.rules.iter().map(|r| r.invalid().is_some()).collect();
@@ -2085,32 +2066,21 @@ mod tests {
     /// `^(?:v1)|(.*)$`, which matches any value, and the rule caught every request.
     #[test]
     fn an_unbalanced_regex_drops_its_rule_instead_of_matching_anything() {
-        let object = Object::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "r", "namespace": "ns"},
-            "spec": {"rules": [
-                {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v1)|(.*"}]}]},
-                {"matches": [{"path": {"type": "RegularExpression", "value": "/a)|(.*"}}]},
-                {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v(1|2)"}]}]},
-            ]}
-        }))
-        .unwrap();
-        let Object::Route(route) = object else {
-            panic!("not a route")
-        };
+        let route = http_route(serde_json::json!([
+            {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v1)|(.*"}]}]},
+            {"matches": [{"path": {"type": "RegularExpression", "value": "/a)|(.*"}}]},
+            {"matches": [{"headers": [{"type": "RegularExpression", "name": "x-v", "value": "v(1|2)"}]}]},
+        ]));
         let invalid: Vec<_> = route.rules.iter().map(|r| r.invalid().is_some()).collect();
         assert_eq!(invalid, [true, true, false]);
         for part in ["service", "method"] {
             // Its only rule: the route is refused.
-            let refused = Object::from_value(serde_json::json!({
-                "apiVersion": "gateway.networking.k8s.io/v1",
-                "kind": "GRPCRoute",
-                "metadata": {"name": "r", "namespace": "ns"},
-                "spec": {"rules": [{"matches": [{"method": {"type": "RegularExpression", part: "a)|(b"}}]}]}
-            }))
+            let method = serde_json::json!({"type": "RegularExpression", part: "a)|(b"});
+            let reason = converted(
+                "GRPCRoute",
+                serde_json::json!([{"matches": [{"method": method}]}]),
+            )
             .unwrap_err();
-            let reason = format!("{refused:?}");
             assert!(
                 reason.contains(&format!("{part}`: invalid regular expression")),
                 "{reason}"

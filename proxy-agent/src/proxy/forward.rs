@@ -517,6 +517,10 @@ fn splice_upgrade(
 mod tests {
     use super::*;
 
+    fn endpoint() -> http::uri::Authority {
+        super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap())
+    }
+
     #[test]
     fn cookie_crumbs_are_joined_for_http1_upstreams_only() {
         let (mut parts, ()) = Request::get("http://catalog/x")
@@ -526,7 +530,7 @@ mod tests {
             .unwrap()
             .into_parts();
         parts.version = Version::HTTP_2;
-        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let endpoint = endpoint();
         let h1 = upstream_request(&parts, &endpoint, false, body::empty());
         let cookies: Vec<_> = h1.headers().get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
@@ -546,7 +550,7 @@ mod tests {
             .unwrap()
             .into_parts();
         parts.version = Version::HTTP_11;
-        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let endpoint = endpoint();
         for h2 in [true, false] {
             let request = upstream_request(&parts, &endpoint, h2, body::empty());
             assert_eq!(
@@ -561,7 +565,7 @@ mod tests {
     /// parts; hyper's client gets the request `upstream_request` builds. Both say the same.
     #[test]
     fn http1_heads_written_from_parts_say_what_the_built_request_says() {
-        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let endpoint = endpoint();
         let lines = |head: Vec<u8>| {
             let text = String::from_utf8(head).unwrap();
             let mut lines: Vec<String> = text.split("\r\n").map(str::to_owned).collect();
@@ -650,7 +654,7 @@ mod tests {
         for gone in ["x-hop", "connection", "transfer-encoding"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
-        let endpoint = super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap());
+        let endpoint = endpoint();
         let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers()[header::TE], "trailers");
         let h1 = upstream_request(&parts, &endpoint, false, body::empty());

@@ -825,6 +825,10 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if *ending == Ending::Alone {
+                drop(ending);
+                // Before the successor hears it is alone (the session's end): it may then steer
+                // with programs of its own, whose records this agent cannot read.
+                state.runtime.block_on(state.drain.stop_accepting());
                 tracing::info!(
                     pid = peer.pid,
                     "a successor said stop as this agent shuts down alone; it starts without it"
@@ -1138,6 +1142,18 @@ mod tests {
         assert!(inherited.accept().is_ok());
     }
 
+    /// An agent serving takeovers on `path`, offering `listener`.
+    fn old_agent_offering(
+        listener: &TcpListener,
+        path: &Path,
+        (drain, readiness): (Drain, Arc<Readiness>),
+    ) -> Successors {
+        let mut offered = Offered::default();
+        offered.add(listener).unwrap();
+        let pumps = Pumps::new(Duration::from_secs(60));
+        Successors::serve(path, offered, None, (drain, pumps, readiness)).unwrap()
+    }
+
     #[test]
     fn a_connection_paused_with_full_pipes_both_ways_fits_in_a_message() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -1201,14 +1217,9 @@ mod tests {
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut offered = Offered::default();
-        offered.add(&listener).unwrap();
-        drop(listener);
-        let drain = Drain::default();
-        let pumps = Pumps::new(Duration::from_secs(60));
         let readiness = Arc::new(Readiness::default());
-        let mut old =
-            Successors::serve(&path, offered, None, (drain, pumps, readiness.clone())).unwrap();
+        let mut old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
+        drop(listener);
         let successor_path = path.clone();
         let (handover, mut inherited_listener) = tokio::task::spawn_blocking(move || {
             let mut inherited = inherit(&successor_path, Duration::from_secs(5)).unwrap();
@@ -1245,12 +1256,9 @@ mod tests {
         let dir = TestDir::new("handover-alone");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut offered = Offered::default();
-        offered.add(&listener).unwrap();
-        let pumps = Pumps::new(Duration::from_secs(60));
         let readiness = Arc::new(Readiness::default());
-        let mut old =
-            Successors::serve(&path, offered, None, (Drain::default(), pumps, readiness)).unwrap();
+        let drain = Drain::default();
+        let mut old = old_agent_offering(&listener, &path, (drain.clone(), readiness));
         let successor_path = path.clone();
         let inherited =
             tokio::task::spawn_blocking(move || inherit(&successor_path, Duration::from_secs(5)))
@@ -1268,6 +1276,9 @@ mod tests {
                 .unwrap()
                 .expect("a predecessor");
         assert!(handover.connections.is_empty());
+        // Stopped accepting before the successor heard it was alone: the successor may then
+        // steer with programs whose records this agent cannot read.
+        assert!(*drain.stopped_accepting().borrow());
         assert!(
             tokio::time::timeout(Duration::from_millis(300), old.taken_over())
                 .await
@@ -1284,17 +1295,8 @@ mod tests {
         let dir = TestDir::new("handover-ready");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut offered = Offered::default();
-        offered.add(&listener).unwrap();
-        let pumps = Pumps::new(Duration::from_secs(60));
         let readiness = Arc::new(Readiness::default());
-        let _old = Successors::serve(
-            &path,
-            offered,
-            None,
-            (Drain::default(), pumps, readiness.clone()),
-        )
-        .unwrap();
+        let _old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
         let stream = UnixStream::connect(&path).unwrap();
         let hello = Message::Hello {
             protocol: PROTOCOL,
@@ -1328,16 +1330,7 @@ mod tests {
         let dir = TestDir::new("handover-gone");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut offered = Offered::default();
-        offered.add(&listener).unwrap();
-        let pumps = Pumps::new(Duration::from_secs(60));
-        let mut old = Successors::serve(
-            &path,
-            offered,
-            None,
-            (Drain::default(), pumps, Arc::default()),
-        )
-        .unwrap();
+        let mut old = old_agent_offering(&listener, &path, (Drain::default(), Arc::default()));
         let successor_path = path.clone();
         tokio::task::spawn_blocking(move || {
             let stream = UnixStream::connect(successor_path).unwrap();
@@ -1364,16 +1357,7 @@ mod tests {
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut offered = Offered::default();
-        offered.add(&listener).unwrap();
-        let pumps = Pumps::new(Duration::from_secs(60));
-        let successors = Successors::serve(
-            &path,
-            offered,
-            None,
-            (Drain::default(), pumps, Arc::default()),
-        )
-        .unwrap();
+        let successors = old_agent_offering(&listener, &path, (Drain::default(), Arc::default()));
         assert!(path.exists());
         drop(successors);
         drop(listener);

@@ -89,7 +89,8 @@ impl Drain {
     /// Stops every accept loop and waits until each has returned: afterwards this process
     /// accepts nothing more (a successor may go on accepting on the same sockets).
     pub async fn stop_accepting(&self) {
-        let _ = self.stop_accepting.send(true);
+        // Kept whoever listens: a flag read later (`stopped_accepting`) must see it.
+        self.stop_accepting.send_replace(true);
         self.acceptors.close();
         self.acceptors.wait().await;
     }
@@ -98,7 +99,7 @@ impl Drain {
     /// them up to `deadline`. Returns whether every connection finished in time.
     pub async fn drain(&self, deadline: Duration) -> bool {
         self.stop_accepting().await;
-        let _ = self.draining.send(true);
+        self.draining.send_replace(true);
         self.tracker.close();
         tokio::time::timeout(deadline, self.tracker.wait())
             .await

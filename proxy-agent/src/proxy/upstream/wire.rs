@@ -336,13 +336,23 @@ fn framed(
 /// which it decodes. Another coding (`gzip, chunked`) would reach the caller still applied and
 /// unnamed once the hop-by-hop field is dropped (an HTTP/2 caller cannot even be told of it): the
 /// exchange fails (502), as nginx fails it ("upstream sent unknown Transfer-Encoding").
+/// Items are read as hyper's client reads the last one (every comma counts, `chunked,` is two
+/// items), and a value that is not text is no `chunked`: whenever this says yes, both exchanges
+/// frame the body chunked (the `upstream_answer` fuzz target checks it).
 pub(in crate::proxy) fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = tokens(headers, &header::TRANSFER_ENCODING);
-    match (codings.next(), codings.next()) {
-        (None, _) => true,
-        (Some(only), None) => only.eq_ignore_ascii_case("chunked"),
-        (Some(_), Some(_)) => false,
+    let mut codings = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for coding in text.split(',') {
+            codings += 1;
+            if codings > 1 || !coding.trim().eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+        }
     }
+    true
 }
 
 /// With Transfer-Encoding: whether its last coding is chunked (the one that frames the body).
@@ -798,6 +808,33 @@ mod tests {
             head(upgrade, false).0.unwrap_err(),
             WireError::UnaskedUpgrade
         );
+    }
+
+    /// Found by the `upstream_answer` fuzz target: `chunked` followed by a byte that is not
+    /// text was taken for no coding at all (the own exchange then decoded chunks, hyper's read
+    /// to the close).
+    #[test]
+    fn only_chunked_alone_as_text_is_chunked() {
+        let with = |values: &[&[u8]]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_bytes(value).unwrap(),
+                );
+            }
+            only_chunked(&headers)
+        };
+        assert!(with(&[]));
+        assert!(with(&[b"chunked"]) && with(&[b" Chunked "]));
+        for other in [
+            &[&b"chunked\xff"[..]][..],
+            &[b"chunked,"],
+            &[b"gzip, chunked"],
+            &[b"chunked", b"chunked"],
+        ] {
+            assert!(!with(other), "{other:?}");
+        }
     }
 
     #[test]

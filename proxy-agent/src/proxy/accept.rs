@@ -89,29 +89,29 @@ pub(super) async fn accept_loop<F>(
             }
         } else {
             tokio::select! {
-            // First, and from the current value: once stopped, not one more wait.
-            biased;
-            () = &mut stopped => {
-                if drain.sweeps() {
-                    sweeping = true;
-                    continue;
+                // First, and from the current value: once stopped, not one more wait.
+                biased;
+                () = &mut stopped => {
+                    if drain.sweeps() {
+                        sweeping = true;
+                        continue;
+                    }
+                    return;
                 }
-                return;
-            }
-            accepted = async {
-                if let Some(load) = &proxy.load {
-                    load.my_turn().await;
-                }
-                listener.accept().await
-            } => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+                accepted = async {
+                    if let Some(load) = &proxy.load {
+                        load.my_turn().await;
+                    }
+                    listener.accept().await
+                } => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: wait a little rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
             }
         };
         // Classified first even at the cap: a redirected connection's record is taken with it,

@@ -104,14 +104,21 @@ impl Loads {
         Opened(self.clone())
     }
 
+    /// Open connections of worker `i`.
+    fn open(&self, i: usize) -> usize {
+        self.shared.open[i].0.load(Ordering::SeqCst)
+    }
+
     fn mine_open(&self) -> usize {
-        self.shared.open[self.mine].0.load(Ordering::SeqCst)
+        self.open(self.mine)
     }
 
     fn may_accept(&self) -> bool {
-        let open = |i: usize| self.shared.open[i].0.load(Ordering::SeqCst);
-        let least = (0..self.shared.open.len()).map(open).min().unwrap_or(0);
-        open(self.mine) <= least + SLACK
+        let least = (0..self.shared.open.len())
+            .map(|i| self.open(i))
+            .min()
+            .unwrap_or(0);
+        self.mine_open() <= least + SLACK
     }
 
     /// Returns once this worker may accept: at once unless another has clearly fewer open
@@ -204,9 +211,7 @@ impl Workers {
         }
         Ok(())
     }
-}
 
-impl Workers {
     /// Runs a connection handed over by a predecessor (`serve`: how it goes on, given the
     /// worker's proxy) on the worker with the fewest open connections, counted as one it
     /// accepted: among the worker's and the agent's open connections (balancing,

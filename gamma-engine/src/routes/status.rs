@@ -301,8 +301,8 @@ fn accepted(
             })
             .collect();
         let why = if ports.iter().any(|p| p.takes_routes()) {
-            // Opaque by its number alone, which only a producer route naming it overrides: the
-            // protocol is the port's, for every caller.
+            // Opaque by its number alone, which a route naming the port overrides for the
+            // callers it applies to (a producer route for every caller).
             "is presumed opaque TCP by its number (a server-first protocol's), and only a route \
              naming the port makes the agent parse its connections (for the callers the route \
              applies to)"

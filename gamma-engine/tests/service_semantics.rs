@@ -227,7 +227,7 @@ fn only_tcp_ports_are_served_each_with_its_own_target_port() {
         !index
             .snapshot()
             .mesh_addresses()
-            .any(|a| a.ip().to_string() == "10.96.0.2"),
+            .any(|(a, _)| a.ip().to_string() == "10.96.0.2"),
         "nor is it steered"
     );
 }

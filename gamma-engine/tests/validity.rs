@@ -700,3 +700,26 @@ fn an_httproute_without_rules_gets_the_crds_default_rule() {
         "rule 0 answers 500 Internal Server Error"
     );
 }
+
+/// Only a port that declares HTTP is steered as one whose clients speak first (its connections may
+/// wait in the kernel for their first bytes): a sniffed one may carry a server-first protocol,
+/// whatever routes say, and a consumer route that makes a port sniffed for its callers does not
+/// make it one.
+#[test]
+fn only_ports_declaring_http_are_steered_as_client_first() {
+    let index = front_with_a_consumer_route(
+        json!([{"name": "http", "port": 80}, {"name": "web", "port": 8080}, {"port": 3306}]),
+        json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns"}),
+    );
+    let steered: std::collections::BTreeMap<u16, bool> = index
+        .snapshot()
+        .mesh_addresses()
+        .map(|(address, client_first)| (address.port(), client_first))
+        .collect();
+    assert_eq!(
+        steered,
+        [(80, true), (8080, false), (3306, false)]
+            .into_iter()
+            .collect()
+    );
+}

@@ -4,7 +4,7 @@
 use crate::admin::server::{self, AdminState};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
-use crate::proxy::explicit::{serve_explicit, ExplicitTarget};
+use crate::proxy::explicit::{serve_explicit, AcceptModes, ExplicitTarget};
 use crate::proxy::pump::{AnyMayBePaired, Pumps};
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::upstream::EndpointStats;
@@ -186,6 +186,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let workers =
         Workers::start(config.workers, &proxy).context("starting the data-plane workers")?;
     tracing::info!(workers = workers.count(), "data-plane workers started");
+    let mut accept_modes = AcceptModes::default();
     for spec in &config.listen {
         let listener = listen(&mut inherited, &mut offered, spec.addr, "--listen")?;
         tracing::info!(addr = %spec.addr, service = %spec.service, port = spec.port, "explicit listener");
@@ -194,6 +195,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             port: spec.port,
             caller_namespace: config.caller_namespace.clone(),
         };
+        accept_modes
+            .add(&listener, target.clone())
+            .context("keeping a copy of an explicit listener to set its accept mode")?;
         let drain = drain.clone();
         workers.serve(&listener, move |proxy, listener| {
             serve_explicit(proxy, listener, target.clone(), drain.clone())
@@ -274,6 +278,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.upstream.endpoints.clone(),
         NewTables::new(publisher.subscribe()),
     ))];
+    if !accept_modes.is_empty() {
+        accept_modes.follow(&publisher.reader().load());
+        // Until this agent stops accepting: a successor sets the shared sockets from then on.
+        consumers.push(tokio::spawn(follow_until_stopped(
+            NewTables::new(publisher.subscribe()),
+            drain.stopped_accepting(),
+            move |snapshot| accept_modes.follow(snapshot),
+        )));
+    }
     let mut following_tables = redirect.clone().map(|redirect| {
         tokio::spawn(follow_redirect(
             redirect,
@@ -705,7 +718,7 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// connections through the agent pair: a caller's to the agent, the agent's to a backend.
 /// Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
-    match redirect.set_mesh_services(snapshot.mesh_addresses()) {
+    match redirect.set_mesh_services(snapshot.mesh_addresses().map(|(address, _)| address)) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")

@@ -114,13 +114,14 @@ impl Snapshot {
         self.statuses.get(&key).map(|s| &s[..])
     }
 
-    /// Frontends the kernel should steer to the agent: those with at least one route. A Service
-    /// without routes behaves as without a mesh, so its traffic is left to kube-proxy.
-    pub fn mesh_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+    /// Frontends the kernel should steer to the agent: those with at least one route, each with
+    /// whether its clients speak first ([`Frontend::client_speaks_first`]). A Service without
+    /// routes behaves as without a mesh, so its traffic is left to kube-proxy.
+    pub fn mesh_addresses(&self) -> impl Iterator<Item = (SocketAddr, bool)> + '_ {
         self.by_address
             .iter()
             .filter(|(_, f)| f.has_routes())
-            .map(|(a, _)| *a)
+            .map(|(a, f)| (*a, f.client_speaks_first()))
     }
 
     /// Every endpoint some request may be sent to (Services' own, rules' backends, mirrors'):
@@ -196,6 +197,14 @@ pub struct Frontend {
 impl Frontend {
     pub fn has_routes(&self) -> bool {
         self.producer.is_some() || !self.consumers.is_empty()
+    }
+
+    /// Whether every client of the port sends before it reads: the port declares HTTP (an HTTP
+    /// request, an HTTP/2 preface, a WebSocket's upgrade request come first), whoever calls.
+    /// Its connections may then wait in the kernel until their first bytes come; those of any
+    /// other port may be of a protocol where the server speaks first.
+    pub fn client_speaks_first(&self) -> bool {
+        self.declared == Some(DeclaredProtocol::Http)
     }
 
     /// How a caller of `namespace`'s connections are told apart: as the port declares

@@ -205,7 +205,10 @@ fn observe(index: &Index) -> Value {
     let snapshot = index.snapshot();
     let mut dump = snapshot.dump();
     dump.as_object_mut().unwrap().remove("version");
-    let mut steered: Vec<String> = snapshot.mesh_addresses().map(|a| a.to_string()).collect();
+    let mut steered: Vec<String> = snapshot
+        .mesh_addresses()
+        .map(|(a, client_first)| format!("{a} {client_first}"))
+        .collect();
     steered.sort();
     let mut addresses: Vec<String> = snapshot.by_address.keys().map(|a| a.to_string()).collect();
     addresses.sort();

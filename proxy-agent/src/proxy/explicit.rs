@@ -5,6 +5,7 @@ use super::accept::accept_loop;
 use super::drain::Drain;
 use super::{Caller, ConnectionInfo, Destination, Proxy};
 use gamma_engine::model::ObjectKey;
+use gamma_engine::routes::Snapshot;
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -43,4 +44,110 @@ pub async fn serve_explicit(
         })
     })
     .await
+}
+
+/// The explicit listeners' accept mode, kept with the table: a listener hands on a connection
+/// only with its first bytes while its Service port declares HTTP (`tcp::defer_accept`), at the
+/// handshake otherwise (a server-first protocol must not wait).
+#[derive(Default)]
+pub struct AcceptModes {
+    listeners: Vec<ListenerMode>,
+}
+
+struct ListenerMode {
+    listener: TcpListener,
+    target: ExplicitTarget,
+    /// What the socket was last set to (`None`: not yet).
+    deferred: Option<bool>,
+}
+
+impl AcceptModes {
+    /// Follows `listener` (a copy of it) from the next [`AcceptModes::follow`] on.
+    pub fn add(&mut self, listener: &TcpListener, target: ExplicitTarget) -> std::io::Result<()> {
+        self.listeners.push(ListenerMode {
+            listener: listener.try_clone()?,
+            target,
+            deferred: None,
+        });
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+
+    /// Sets each listener's mode for `snapshot` where it changed.
+    pub fn follow(&mut self, snapshot: &Snapshot) {
+        for l in &mut self.listeners {
+            let defer = snapshot
+                .frontend_of(&l.target.service, l.target.port)
+                .is_some_and(|frontend| frontend.client_speaks_first());
+            if l.deferred == Some(defer) {
+                continue;
+            }
+            match super::tcp::defer_accept(&l.listener, defer) {
+                Ok(()) => l.deferred = Some(defer),
+                Err(e) => tracing::warn!(
+                    service = %l.target.service,
+                    port = l.target.port,
+                    defer,
+                    error = %e,
+                    "setting whether an explicit listener waits for a connection's first bytes failed"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(port: &str) -> Arc<Snapshot> {
+        crate::test_dir::snapshot_of(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: ns}}\nspec: \
+             {{clusterIP: 10.96.0.1, ports: [{port}]}}\n"
+        ))
+    }
+
+    fn deferred(listener: &TcpListener) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of_val(&value) as libc::socklen_t;
+        // SAFETY: a valid descriptor and an option buffer of the size given.
+        let got = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&raw mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(got, 0);
+        value != 0
+    }
+
+    #[test]
+    fn an_explicit_listener_defers_accepting_while_its_port_declares_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut modes = AcceptModes::default();
+        let target = ExplicitTarget {
+            service: ObjectKey::new("ns", "web"),
+            port: 80,
+            caller_namespace: None,
+        };
+        modes.add(&listener, target).unwrap();
+        for (port, defer) in [
+            ("{name: http, port: 80}", true),
+            ("{port: 80}", false),
+            ("{port: 80, appProtocol: kubernetes.io/h2c}", true),
+            ("{name: tcp-db, port: 80}", false),
+        ] {
+            modes.follow(&snapshot(port));
+            assert_eq!(deferred(&listener), defer, "{port}");
+        }
+        modes.follow(&Snapshot::default());
+        assert!(!deferred(&listener), "no such Service: not deferred");
+    }
 }

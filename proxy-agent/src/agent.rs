@@ -9,7 +9,7 @@ use crate::proxy::pump::{AnyMayBePaired, Pumps};
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::upstream::EndpointStats;
 use crate::proxy::workers::Workers;
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{defer_accept, Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
 use crate::redirect::{
     self, AgentListener, CgroupDirs, KernelRedirects, MissingKernelFeatures, Redirect,
@@ -64,6 +64,9 @@ impl FromStr for ListenSpec {
 #[derive(Clone, Debug)]
 pub struct RedirectConfig {
     pub listen: SocketAddr,
+    /// Where connections to ports whose clients speak first are steered (`--redirect-http`): a
+    /// listener that hands them on with their first bytes.
+    pub listen_client_first: SocketAddr,
     pub cgroup: PathBuf,
     /// Pair the sockets of node-local connections through the agent (`Redirect::set_local_sockets`).
     pub local_sockets: bool,
@@ -232,6 +235,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     // listener close here, and its programs detach when it exits (fail open).
                     drop(inherited.take_redirect());
                     drop(inherited.listener(r.listen));
+                    drop(inherited.listener(r.listen_client_first));
                     None
                 }
                 _ => return Err(e),
@@ -417,7 +421,7 @@ const STEERED_IN_FLIGHT: Duration = Duration::from_millis(50);
 /// its queue held.
 fn stop_steering(redirect: Option<&Redirect>) {
     let Some(redirect) = redirect else { return };
-    if let Err(e) = redirect.set_mesh_services([]) {
+    if let Err(e) = redirect.set_mesh_services(std::iter::empty()) {
         tracing::warn!(
             error = %e,
             "emptying the steered Services failed: a connect steered until the listener \
@@ -649,10 +653,30 @@ fn start_redirect(
     // steers pods here.
     redirect::check_kernel()?;
     let listener = listen(inherited, offered, config.listen, "the redirect listener")?;
-    let listeners = [AgentListener {
-        listener: &listener,
-        addr: config.listen,
-    }];
+    let client_first = listen(
+        inherited,
+        offered,
+        config.listen_client_first,
+        "the redirect listener for ports declaring HTTP",
+    )?;
+    defer_accept(&client_first, true).with_context(|| {
+        format!(
+            "setting {} to hand on connections with their first bytes",
+            config.listen_client_first
+        )
+    })?;
+    let listeners = [
+        AgentListener {
+            listener: &listener,
+            addr: config.listen,
+            client_first: false,
+        },
+        AgentListener {
+            listener: &client_first,
+            addr: config.listen_client_first,
+            client_first: true,
+        },
+    ];
     let redirect = match inherited.take_redirect() {
         Some(predecessor) => {
             Redirect::take_over(&config.cgroup, &listeners, predecessor, fresh_programs)
@@ -686,11 +710,13 @@ fn start_redirect(
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
-    tracing::info!(addr = %config.listen, cgroup = %config.cgroup.display(), local_sockets, "redirect listener; kernel programs attached");
-    let drain = drain.clone();
-    workers.serve(&listener, move |proxy, listener| {
-        serve_redirect(proxy, listener, resolver.clone(), drain.clone())
-    })?;
+    tracing::info!(addr = %config.listen, client_first = %config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
+    for listener in [&listener, &client_first] {
+        let (drain, resolver) = (drain.clone(), resolver.clone());
+        workers.serve(listener, move |proxy, listener| {
+            serve_redirect(proxy, listener, resolver.clone(), drain.clone())
+        })?;
+    }
     Ok(redirect)
 }
 
@@ -718,7 +744,7 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// connections through the agent pair: a caller's to the agent, the agent's to a backend.
 /// Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
-    match redirect.set_mesh_services(snapshot.mesh_addresses().map(|(address, _)| address)) {
+    match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")

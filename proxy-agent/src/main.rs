@@ -63,6 +63,12 @@ struct Cli {
     /// `--cgroup`. Pods must be able to reach this address.
     #[arg(long, value_name = "ADDR", requires = "cgroup")]
     redirect: Option<SocketAddr>,
+    /// Redirect listener for Service ports that declare HTTP (appProtocol or port name): their
+    /// clients speak first, so the agent accepts a connection only once its request came (one
+    /// wakeup per connection instead of two). Pods must be able to reach it too. Default: the
+    /// --redirect address, port + 1.
+    #[arg(long, value_name = "ADDR", requires = "redirect")]
+    redirect_http: Option<SocketAddr>,
     /// The cgroup v2 directory holding the pods whose connections are steered (e.g. kubepods).
     #[arg(long, value_name = "DIR", requires = "redirect")]
     cgroup: Option<PathBuf>,
@@ -264,14 +270,21 @@ fn main() -> Result<()> {
         takeover,
         workers,
         manifests: cli.manifests.unwrap_or_default(),
-        redirect: cli
-            .redirect
-            .zip(cli.cgroup)
-            .map(|(listen, cgroup)| RedirectConfig {
+        redirect: match cli.redirect.zip(cli.cgroup) {
+            Some((listen, cgroup)) => Some(RedirectConfig {
                 listen,
+                listen_client_first: match cli.redirect_http {
+                    Some(addr) if addr == listen => anyhow::bail!(
+                        "--redirect-http {addr} is --redirect's address: give it a port of its own"
+                    ),
+                    Some(addr) => addr,
+                    None => next_port(listen)?,
+                },
                 cgroup,
                 local_sockets: cli.local_sockets,
             }),
+            None => None,
+        },
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,
@@ -302,6 +315,14 @@ fn main() -> Result<()> {
         }),
     };
     runtime.build()?.block_on(agent::run(config))
+}
+
+/// `--redirect-http`'s default: the `--redirect` address, port + 1.
+fn next_port(redirect: SocketAddr) -> Result<SocketAddr> {
+    let port = redirect.port().checked_add(1).with_context(|| {
+        format!("--redirect {redirect}: no port after it for --redirect-http; give it one")
+    })?;
+    Ok(SocketAddr::new(redirect.ip(), port))
 }
 
 fn env(name: &str) -> Option<String> {

@@ -89,7 +89,8 @@ impl Endpoint {
 }
 
 /// Key of `MESH_SERVICES`: a Service VIP and port whose connections the agent takes over.
-/// The value is a `u8` that is always 1 (the map is a set).
+/// The value says which of the agent's listeners they go to: [`STEER_ANY`] or
+/// [`STEER_CLIENT_FIRST`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
@@ -142,22 +143,42 @@ pub struct AgentConfig {
     /// The agent's IPv6 listen address; port 0 means "no IPv6 listener". Its listener is in
     /// `AGENT_LISTENERS[LISTENER_V6]`.
     pub listen_v6: Endpoint,
+    /// The agent's IPv4 address for ports whose clients speak first ([`STEER_CLIENT_FIRST`]);
+    /// port 0: none, they go to `listen_v4`. Its listener is in
+    /// `AGENT_LISTENERS[LISTENER_CLIENT_FIRST_V4]`.
+    pub client_first_v4: Endpoint,
+    /// The same for IPv6 (`AGENT_LISTENERS[LISTENER_CLIENT_FIRST_V6]`).
+    pub client_first_v6: Endpoint,
     /// The agent's own cgroup id (host order): sockets created by processes of that cgroup are never
     /// redirected, so the agent cannot loop into itself when it dials a Service VIP.
     pub agent_cgroup_id: u64,
     /// Nonzero: node-local connections through the agent move their bytes socket to socket
     /// (`LOCAL_SOCKETS`); zero: every connection takes the TCP path.
     pub local_sockets: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// Nonzero: `LOCAL_PODS` is not empty. With `local_sockets`, ports whose clients speak first
+    /// are then steered as any other: a caller's socket pairs only if the agent's end exists at
+    /// its first send, and the client-first listener makes that end only with the first bytes.
+    pub pods_opted_in: u32,
 }
 
 /// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv4 connections.
 pub const LISTENER_V4: u32 = 0;
 /// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv6 connections.
 pub const LISTENER_V6: u32 = 1;
+/// `AGENT_LISTENERS` slot of the IPv4 listener for ports whose clients speak first.
+pub const LISTENER_CLIENT_FIRST_V4: u32 = 2;
+/// `AGENT_LISTENERS` slot of the IPv6 listener for ports whose clients speak first.
+pub const LISTENER_CLIENT_FIRST_V6: u32 = 3;
 /// Number of `AGENT_LISTENERS` slots.
-pub const LISTENER_SLOTS: u32 = 2;
+pub const LISTENER_SLOTS: u32 = 4;
+
+/// `MESH_SERVICES` value: the port may carry any protocol (its connections go to the agent's
+/// listener, `listen_v4`/`listen_v6`, which hands them on at the handshake).
+pub const STEER_ANY: u8 = 1;
+/// `MESH_SERVICES` value: the port's clients speak first (it declares HTTP). Its connections go
+/// to the agent's client-first listener when it has one (`client_first_v4`/`client_first_v6`),
+/// which hands them on only with their first bytes; else as [`STEER_ANY`].
+pub const STEER_CLIENT_FIRST: u8 = 2;
 
 /// Capacity of `MESH_SERVICES` (VIP:port pairs). A full map refuses new entries; the agent reports it.
 pub const MAX_MESH_SERVICES: u32 = 65_536;
@@ -249,7 +270,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<CallerKey>() == 20);
     assert!(core::mem::size_of::<RedirectRecord>() == 48);
-    assert!(core::mem::size_of::<AgentConfig>() == 56);
+    assert!(core::mem::size_of::<AgentConfig>() == 96);
     assert!(core::mem::size_of::<SocketPair>() == 40);
     assert!(core::mem::size_of::<PodKey>() == 16);
 };

@@ -10,7 +10,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use proxy_common::{counters, Endpoint, RedirectRecord, ServiceKey, LISTENER_V4, LISTENER_V6};
+use proxy_common::{
+    counters, AgentConfig, Endpoint, RedirectRecord, ServiceKey, LISTENER_CLIENT_FIRST_V4,
+    LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6, STEER_CLIENT_FIRST,
+};
 
 use crate::{
     ctx_access, local,
@@ -30,7 +33,7 @@ pub fn gamma_connect4(ctx: SockAddrContext) -> i32 {
             return ALLOW;
         }
         let dst = Endpoint::v4((*sa).user_ip4, (*sa).user_port as u16);
-        match steer(&ctx, dst, LISTENER_V4) {
+        match steer(&ctx, dst, true) {
             Some(agent) => {
                 (*sa).user_ip4 = agent.ip4();
                 (*sa).user_port = u32::from(agent.port);
@@ -59,12 +62,7 @@ pub fn gamma_connect6(ctx: SockAddrContext) -> i32 {
         // A dual-stack socket dialling an IPv4 VIP passes it v4-mapped (the kernel does not run
         // connect4 for it): the key is the same as connect4's, and the agent's IPv4 address, also
         // v4-mapped, is what such a socket can reach.
-        let slot = if dst.is_v4() {
-            LISTENER_V4
-        } else {
-            LISTENER_V6
-        };
-        match steer(&ctx, dst, slot) {
+        match steer(&ctx, dst, dst.is_v4()) {
             Some(agent) => {
                 ctx_access::write_ip6(&raw mut (*sa).user_ip6, agent.ip);
                 (*sa).user_port = u32::from(agent.port);
@@ -78,22 +76,23 @@ pub fn gamma_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Where to send a connect() to `dst`, if anywhere; records the original destination on the socket
-/// when it answers `Some`. `None` (leave the connection alone) unless all of: `dst` is a mesh
-/// Service, the agent has an address and a live listener for this family, the caller is not the
-/// agent, and the record could be stored (a redirect without a record would lose the destination).
+/// Where to send a connect() to `dst` (`v4`: an IPv4 destination), if anywhere; records the
+/// original destination on the socket when it answers `Some`. `None` (leave the connection alone)
+/// unless all of: `dst` is a mesh Service, the agent has an address and a live listener for this
+/// family, the caller is not the agent, and the record could be stored (a redirect without a
+/// record would lose the destination).
 #[inline(always)]
-fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
+fn steer(ctx: &SockAddrContext, dst: Endpoint, v4: bool) -> Option<Endpoint> {
     // Most connects are not to mesh Services: the hash lookup comes first.
-    // SAFETY: the reference is used only to test presence.
-    unsafe { MESH_SERVICES.get(ServiceKey { vip: dst }) }?;
+    // SAFETY: the value is copied out at once.
+    let steering = unsafe { *MESH_SERVICES.get(ServiceKey { vip: dst })? };
     let config = CONFIG.get(0)?;
-    let agent = if slot == LISTENER_V4 {
-        config.listen_v4
+    let (listen, slot) = if v4 {
+        (config.listen_v4, LISTENER_V4)
     } else {
-        config.listen_v6
+        (config.listen_v6, LISTENER_V6)
     };
-    if !agent.is_set() {
+    if !listen.is_set() {
         return None;
     }
     // SAFETY: helper without arguments.
@@ -101,16 +100,20 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, slot: u32) -> Option<Endpoint> {
     if cgroup_id == config.agent_cgroup_id {
         return None;
     }
-    if !listener_alive(slot) {
-        count(counters::AGENT_GONE);
-        #[cfg(feature = "log")]
-        aya_log_ebpf::info!(
-            ctx,
-            "mesh Service port {}: the agent is gone, fail open",
-            u16::from_be(dst.port)
-        );
-        return None;
-    }
+    let agent = match client_first_listener(config, v4, steering) {
+        Some(agent) => agent,
+        None if listener_alive(slot) => listen,
+        None => {
+            count(counters::AGENT_GONE);
+            #[cfg(feature = "log")]
+            aya_log_ebpf::info!(
+                ctx,
+                "mesh Service port {}: the agent is gone, fail open",
+                u16::from_be(dst.port)
+            );
+            return None;
+        }
+    };
     // SAFETY: the context's socket is a full socket; the storage pointer is checked for null.
     let record = unsafe { REDIRECTED.get_or_insert_ptr_mut(ctx, None) };
     if record.is_null() {
@@ -179,6 +182,25 @@ fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
     // SAFETY: the context's socket is a full socket; a storage that cannot be created leaves the
     // connection on the TCP path.
     let _ = unsafe { AGENT_DIALS.get_or_insert_ptr_mut(ctx, None) };
+}
+
+/// The agent's listener for ports whose clients speak first, for a port `steering` says is one,
+/// if the agent has one for the family and it is open: it hands a connection on only with its
+/// first bytes. `None`: the family's other listener takes it, as it does while pods of the node
+/// opted in to local sockets (`AgentConfig::pods_opted_in`).
+#[inline(always)]
+fn client_first_listener(config: &AgentConfig, v4: bool, steering: u8) -> Option<Endpoint> {
+    // Pods that may pair their sockets with the agent's (which one dials is not known yet).
+    let may_pair = config.local_sockets != 0 && config.pods_opted_in != 0;
+    if steering != STEER_CLIENT_FIRST || may_pair {
+        return None;
+    }
+    let (listen, slot) = if v4 {
+        (config.client_first_v4, LISTENER_CLIENT_FIRST_V4)
+    } else {
+        (config.client_first_v6, LISTENER_CLIENT_FIRST_V6)
+    };
+    (listen.is_set() && listener_alive(slot)).then_some(listen)
 }
 
 /// Whether the agent's listener for `slot` is in `AGENT_LISTENERS`, i.e. still open.

@@ -102,9 +102,9 @@ fn redirects_mesh_services_and_fails_open() {
     let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
     assert_attached_once(&sandbox.cgroup);
     let change = redirect
-        .set_mesh_services([addr(VIP4), addr(VIP6)])
+        .set_mesh_services([(addr(VIP4), false), (addr(VIP6), false)])
         .unwrap();
-    assert_eq!((change.added, change.removed), (2, 0));
+    assert_eq!((change.written, change.removed), (2, 0));
 
     let servers = [
         Server::new("agent4", &agent4),
@@ -167,8 +167,8 @@ fn redirects_mesh_services_and_fails_open() {
         .unwrap();
 
     // Reconciliation removes what is no longer meshed.
-    let change = redirect.set_mesh_services([addr(VIP6)]).unwrap();
-    assert_eq!((change.added, change.removed), (0, 1));
+    let change = redirect.set_mesh_services([(addr(VIP6), false)]).unwrap();
+    assert_eq!((change.written, change.removed), (0, 1));
     expect_untouched(VIP4, "backend4");
     expect_redirect(VIP6, "agent6", VIP6);
 
@@ -178,7 +178,7 @@ fn redirects_mesh_services_and_fails_open() {
     let agent6b = sandbox.bind("[::1]:0");
     let successor = attach(&sandbox.cgroup, &agent4b, &agent6b);
     assert_attached_once(&sandbox.cgroup);
-    successor.set_mesh_services([addr(VIP4)]).unwrap();
+    successor.set_mesh_services([(addr(VIP4), false)]).unwrap();
     let seen = exchange(
         &sandbox,
         addr(VIP4),
@@ -235,7 +235,7 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
     let change = redirect
         .set_local_pods([addr("10.96.0.10:0").ip(), addr("[fd00:96::10]:0").ip()])
         .unwrap();
-    assert_eq!((change.added, change.removed), (2, 0));
+    assert_eq!((change.written, change.removed), (2, 0));
     let servers = [
         Server::new("pod4", &pod4),
         Server::new("pod6", &pod6),
@@ -272,7 +272,7 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
     let change = redirect
         .set_local_pods([addr("[fd00:96::10]:0").ip()])
         .unwrap();
-    assert_eq!((change.added, change.removed), (0, 1));
+    assert_eq!((change.written, change.removed), (0, 1));
     assert_eq!(joined(pod4.local_addr().unwrap(), "pod4"), 0);
     // Local sockets off: nothing joins.
     redirect.set_local_sockets(false).unwrap();
@@ -293,7 +293,7 @@ fn with_local_sockets_a_callers_connection_joins_only_if_its_pod_opted_in() {
     let agent6 = sandbox.bind("[::1]:0");
     let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
     redirect
-        .set_mesh_services([addr(VIP4), addr(VIP6)])
+        .set_mesh_services([(addr(VIP4), false), (addr(VIP6), false)])
         .unwrap();
     redirect.set_local_sockets(true).unwrap();
     let servers = [
@@ -326,15 +326,82 @@ fn with_local_sockets_a_callers_connection_joins_only_if_its_pod_opted_in() {
     assert_eq!(joined(VIP6, "agent6"), 1);
 }
 
+/// A port whose clients speak first goes to the agent's client-first listener while it is open,
+/// and to the family's other listener when the port may carry any protocol or that listener is
+/// gone; a port of either kind is steered once, with its record.
+#[test]
+fn client_first_ports_go_to_their_own_listener() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let backend4 = sandbox.bind(VIP4);
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let first4 = sandbox.bind("127.0.0.1:0");
+    let listeners = [
+        AgentListener {
+            listener: &agent4,
+            addr: agent4.local_addr().unwrap(),
+            client_first: false,
+        },
+        AgentListener {
+            listener: &first4,
+            addr: first4.local_addr().unwrap(),
+            client_first: true,
+        },
+    ];
+    let redirect = Redirect::attach(&sandbox.cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"));
+    let reached = |servers: &[Server<'_>]| {
+        let seen = exchange(&sandbox, addr(VIP4), servers, &redirect);
+        assert_eq!(seen.client_peer, addr(VIP4), "getpeername shows the VIP");
+        assert_eq!(seen.original.map(|r| r.original_dst), Some(addr(VIP4)));
+        seen.server
+    };
+    let all = [
+        Server::new("agent4", &agent4),
+        Server::new("first4", &first4),
+        Server::new("backend4", &backend4),
+    ];
+    redirect.set_mesh_services([(addr(VIP4), true)]).unwrap();
+    assert_eq!(reached(&all), "first4");
+    let change = redirect.set_mesh_services([(addr(VIP4), false)]).unwrap();
+    assert_eq!(
+        (change.written, change.removed),
+        (1, 0),
+        "the value changed"
+    );
+    assert_eq!(reached(&all), "agent4");
+    redirect.set_mesh_services([(addr(VIP4), true)]).unwrap();
+    assert_eq!(reached(&all), "first4");
+    // While pods may pair their sockets with the agent's, whose end the client-first listener
+    // makes only with the first bytes (too late for the caller's first send): the other one.
+    redirect.set_local_sockets(true).unwrap();
+    assert_eq!(reached(&all), "first4", "no pod opted in");
+    redirect.set_local_pods([addr("10.0.0.9:0").ip()]).unwrap();
+    assert_eq!(reached(&all), "agent4", "a pod opted in");
+    redirect.set_local_pods([]).unwrap();
+    assert_eq!(reached(&all), "first4", "none any more");
+    redirect.set_local_sockets(false).unwrap();
+    drop(first4);
+    let without_it = [
+        Server::new("agent4", &agent4),
+        Server::new("backend4", &backend4),
+    ];
+    assert_eq!(reached(&without_it), "agent4", "its listener closed");
+    let counted = redirect.kernel_counters().unwrap();
+    assert_eq!((counted.steered, counted.agent_gone), (7, 0));
+}
+
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
     let listeners = [
         AgentListener {
             listener: agent4,
             addr: agent4.local_addr().unwrap(),
+            client_first: false,
         },
         AgentListener {
             listener: agent6,
             addr: agent6.local_addr().unwrap(),
+            client_first: false,
         },
     ];
     Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))

@@ -199,6 +199,69 @@ fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
     assert!(dump.contains("\"ui-backend\""), "caller namespace known");
 }
 
+/// A connection to a Service port that declares HTTP (catalog's is named `http`) is steered to
+/// the agent's client-first listener, where it waits in the kernel until its request comes (the
+/// agent is woken once, with the request there), and is then served as any other.
+#[test]
+fn a_port_declaring_http_is_accepted_with_its_first_bytes() {
+    use std::io::{BufRead as _, Write as _};
+    let Some(s) = scenario("a_port_declaring_http_is_accepted_with_its_first_bytes") else {
+        return;
+    };
+    let vip = s.cluster.resolve("catalog", "products").unwrap();
+    let ui = s.pod(&client(&s, "ui-backend")).unwrap().clone();
+    // Connects, says so, and sends its request only when told to.
+    let script = format!(
+        "import socket, sys\n\
+         c = socket.create_connection(('{vip}', 80), timeout=10)\n\
+         print('connected', flush=True)\n\
+         sys.stdin.readline()\n\
+         c.sendall(b'GET /items HTTP/1.1\\r\\nHost: catalog\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         answer = b''\n\
+         while chunk := c.recv(65536): answer += chunk\n\
+         print(answer.decode(errors='replace'), flush=True)\n"
+    );
+    let mut caller = ui
+        .spawn(
+            std::process::Command::new("python3")
+                .args(["-c", &script])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        )
+        .unwrap();
+    let mut lines = std::io::BufReader::new(caller.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
+    let client_first_port = gamma_tests::scenario::REDIRECT_PORT + 1;
+    let waiting = |state: &str| {
+        let output = s
+            .node
+            .run_output(
+                std::process::Command::new("ss").args([
+                    "-Htn",
+                    "state",
+                    state,
+                    &format!("( sport = :{client_first_port} )"),
+                ]),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap().lines().count()
+    };
+    // Connected on the caller's side, not yet on the agent's: the kernel holds it.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(waiting("syn-recv"), 1, "held at the client-first listener");
+    assert_eq!(counter(&s, "gamma_connections_accepted_total"), 0);
+    writeln!(caller.stdin.take().unwrap()).unwrap();
+    let answer: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(answer[0].starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.iter().any(|l| l.contains("x-dev-feature")),
+        "the caller's consumer route applied: {answer:?}"
+    );
+    assert_eq!(counter(&s, "gamma_connections_accepted_total"), 1);
+    let _ = caller.wait();
+}
+
 #[test]
 fn vip_without_routes_is_left_to_kube_proxy() {
     let Some(s) = scenario("vip_without_routes_is_left_to_kube_proxy") else {

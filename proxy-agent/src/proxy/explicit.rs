@@ -85,7 +85,7 @@ impl AcceptModes {
             if l.deferred == Some(defer) {
                 continue;
             }
-            match super::tcp::defer_accept(&l.listener, defer) {
+            match super::defer_accept(&l.listener, defer) {
                 Ok(()) => l.deferred = Some(defer),
                 Err(e) => tracing::warn!(
                     service = %l.target.service,

@@ -24,6 +24,7 @@ pub mod redirected;
 pub mod serve;
 mod socket;
 mod tcp;
+pub use tcp::defer_accept;
 pub mod upstream;
 pub mod workers;
 

@@ -55,8 +55,8 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, SkStorage, SockMap};
 use proxy_common::{
-    counters, maps, AgentConfig, CallerKey, PodKey, RedirectRecord, ServiceKey, LISTENER_V4,
-    LISTENER_V6,
+    counters, maps, AgentConfig, CallerKey, Endpoint, PodKey, RedirectRecord, ServiceKey,
+    LISTENER_CLIENT_FIRST_V4, LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6,
 };
 
 pub use attach::{attached_programs, AttachedProgram};
@@ -71,7 +71,7 @@ pub use sets::SetChange;
 pub use takeover::{Predecessor, RedirectOffer, TakeoverKind};
 
 use attach::OwnedLink;
-use sets::KernelSet;
+use sets::KernelMap;
 
 /// The agent's listener for redirected connections of one address family, and the address pods
 /// must dial to reach it (it must be reachable from the pods' network namespaces).
@@ -79,6 +79,9 @@ use sets::KernelSet;
 pub struct AgentListener<'a> {
     pub listener: &'a TcpListener,
     pub addr: SocketAddr,
+    /// For ports whose clients speak first only (`proxy_common::STEER_CLIENT_FIRST`); the
+    /// family's listener for any port must be given too.
+    pub client_first: bool,
 }
 
 /// Where a redirected connection was going and who opened it, as the kernel saw it at `connect()`.
@@ -104,9 +107,9 @@ pub struct Redirect {
     cgroup_id: u64,
     /// The addresses pods are sent to (the `CONFIG` entry).
     listen: Vec<SocketAddr>,
-    services: Mutex<KernelSet<ServiceKey>>,
+    services: Mutex<KernelMap<ServiceKey>>,
     /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
-    local_pods: Mutex<KernelSet<PodKey>>,
+    local_pods: Mutex<KernelMap<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
     callers: MapData,
     /// What the programs counted (`proxy_common::counters`), per CPU.
@@ -202,8 +205,8 @@ impl Drop for Programs {
 /// A freshly loaded object with its maps filled, programs loaded, nothing attached.
 struct Loaded {
     ebpf: aya::Ebpf,
-    services: KernelSet<ServiceKey>,
-    local_pods: KernelSet<PodKey>,
+    services: KernelMap<ServiceKey>,
+    local_pods: KernelMap<PodKey>,
     config: Array<MapData, AgentConfig>,
     callers: MapData,
     counters: PerCpuArray<MapData, u64>,
@@ -272,8 +275,8 @@ impl Redirect {
                 RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
             })?;
         }
-        let services = KernelSet::mesh_services(typed_map(&mut ebpf, maps::MESH_SERVICES)?);
-        let local_pods = KernelSet::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
+        let services = KernelMap::mesh_services(typed_map(&mut ebpf, maps::MESH_SERVICES)?);
+        let local_pods = KernelMap::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
         let counters = typed_map(&mut ebpf, maps::COUNTERS)?;
         let pair_records = typed_map(&mut ebpf, PAIR_RECORDS)?;
@@ -297,16 +300,18 @@ impl Redirect {
         &self.cgroup
     }
 
-    /// Makes the set of redirected VIP:ports exactly `frontends` (adds the missing, removes the
-    /// rest). A failure part-way leaves a mix of old and new; calling again repairs it.
+    /// Makes the redirected VIP:ports exactly `frontends`, each with whether its clients speak
+    /// first (then steered to the client-first listener, if any): writes the missing and the
+    /// changed, removes the rest. A failure part-way leaves a mix of old and new; calling again
+    /// repairs it.
     pub fn set_mesh_services(
         &self,
-        frontends: impl IntoIterator<Item = SocketAddr>,
+        frontends: impl IntoIterator<Item = (SocketAddr, bool)>,
     ) -> Result<SetChange, RedirectError> {
         self.services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reconcile(sets::service_keys(frontends))
+            .reconcile(sets::service_entries(frontends))
     }
 
     /// Makes the set of this node's opted-in pods exactly `pods` (their addresses): with local
@@ -317,10 +322,15 @@ impl Redirect {
         &self,
         pods: impl IntoIterator<Item = IpAddr>,
     ) -> Result<SetChange, RedirectError> {
-        self.local_pods
+        let mut local_pods = self
+            .local_pods
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reconcile(sets::pod_keys(pods))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let change = local_pods.reconcile(sets::pod_entries(pods));
+        // Also after a failure part-way: the map holds some of them, maybe.
+        let opted_in = change.as_ref().map_or(true, |c| c.size > 0);
+        self.update_config(|config| config.pods_opted_in = u32::from(opted_in))?;
+        change
     }
 
     /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
@@ -515,16 +525,29 @@ fn agent_config<'a>(
                 "{agent} is IPv6 but the listener ({bound}) is IPv4-only"
             ));
         }
-        let (field, slot) = if agent.is_ipv4() {
-            (&mut config.listen_v4, LISTENER_V4)
-        } else {
-            (&mut config.listen_v6, LISTENER_V6)
+        let (field, slot) = match (agent.is_ipv4(), l.client_first) {
+            (true, false) => (&mut config.listen_v4, LISTENER_V4),
+            (false, false) => (&mut config.listen_v6, LISTENER_V6),
+            (true, true) => (&mut config.client_first_v4, LISTENER_CLIENT_FIRST_V4),
+            (false, true) => (&mut config.client_first_v6, LISTENER_CLIENT_FIRST_V6),
         };
         if field.is_set() {
-            return invalid(format!("two listeners for the address family of {agent}"));
+            return invalid(format!(
+                "two listeners of one kind for the address family of {agent}"
+            ));
         }
         *field = addr::endpoint(agent);
         slots.push((slot, l.listener));
+    }
+    let lone = |client_first: Endpoint, listen: Endpoint| client_first.is_set() && !listen.is_set();
+    if lone(config.client_first_v4, config.listen_v4)
+        || lone(config.client_first_v6, config.listen_v6)
+    {
+        return invalid(
+            "a listener for ports whose clients speak first, without the listener for any port of \
+             its address family"
+                .into(),
+        );
     }
     Ok((config, slots))
 }
@@ -601,6 +624,15 @@ mod tests {
         TcpListener::bind("127.0.0.1:0").unwrap()
     }
 
+    /// A listener for any port at `addr`.
+    fn any(listener: &TcpListener, addr: SocketAddr) -> AgentListener<'_> {
+        AgentListener {
+            listener,
+            addr,
+            client_first: false,
+        }
+    }
+
     #[test]
     fn redirect_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}
@@ -611,7 +643,7 @@ mod tests {
     fn config_holds_one_address_per_family() {
         let l = listener();
         let addr = l.local_addr().unwrap();
-        let (config, slots) = agent_config(&[AgentListener { listener: &l, addr }], 7).unwrap();
+        let (config, slots) = agent_config(&[any(&l, addr)], 7).unwrap();
         assert_eq!(slots.len(), 1);
         assert_eq!(slots[0].0, LISTENER_V4);
         assert_eq!(addr::socket_addr(&config.listen_v4), addr);
@@ -624,7 +656,7 @@ mod tests {
         let l = listener();
         let port = l.local_addr().unwrap().port();
         let addr = format!("[::ffff:10.0.0.1]:{port}").parse().unwrap();
-        let (config, slots) = agent_config(&[AgentListener { listener: &l, addr }], 0).unwrap();
+        let (config, slots) = agent_config(&[any(&l, addr)], 0).unwrap();
         assert_eq!(slots[0].0, LISTENER_V4);
         assert_eq!(
             addr::socket_addr(&config.listen_v4),
@@ -638,27 +670,15 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let cases = [
             vec![],
-            vec![AgentListener {
-                listener: &l,
-                addr: SocketAddr::from(([0, 0, 0, 0], port)),
-            }],
-            vec![AgentListener {
-                listener: &l,
-                addr: SocketAddr::from(([10, 0, 0, 1], port.wrapping_add(1))),
-            }],
-            vec![AgentListener {
-                listener: &l,
-                addr: format!("[fd00::1]:{port}").parse().unwrap(),
-            }],
+            vec![any(&l, SocketAddr::from(([0, 0, 0, 0], port)))],
+            vec![any(
+                &l,
+                SocketAddr::from(([10, 0, 0, 1], port.wrapping_add(1))),
+            )],
+            vec![any(&l, format!("[fd00::1]:{port}").parse().unwrap())],
             vec![
-                AgentListener {
-                    listener: &l,
-                    addr: SocketAddr::from(([10, 0, 0, 1], port)),
-                },
-                AgentListener {
-                    listener: &l,
-                    addr: SocketAddr::from(([10, 0, 0, 2], port)),
-                },
+                any(&l, SocketAddr::from(([10, 0, 0, 1], port))),
+                any(&l, SocketAddr::from(([10, 0, 0, 2], port))),
             ],
         ];
         for case in cases {
@@ -668,5 +688,27 @@ mod tests {
                 "{case:?}: {err}"
             );
         }
+    }
+
+    /// Ports whose clients speak first go to their own listener, in a slot of its own; one
+    /// without the family's listener for any port is refused (nothing would take the others).
+    #[test]
+    fn a_client_first_listener_has_its_own_address_and_slot() {
+        let (l, first) = (listener(), listener());
+        let (addr, first_addr) = (l.local_addr().unwrap(), first.local_addr().unwrap());
+        let client_first = AgentListener {
+            client_first: true,
+            ..any(&first, first_addr)
+        };
+        let (config, slots) = agent_config(&[any(&l, addr), client_first], 0).unwrap();
+        assert_eq!(
+            slots.iter().map(|(slot, _)| *slot).collect::<Vec<_>>(),
+            [LISTENER_V4, LISTENER_CLIENT_FIRST_V4]
+        );
+        assert_eq!(addr::socket_addr(&config.listen_v4), addr);
+        assert_eq!(addr::socket_addr(&config.client_first_v4), first_addr);
+        assert!(!config.client_first_v6.is_set());
+        let err = agent_config(&[client_first], 0).unwrap_err();
+        assert!(matches!(err, RedirectError::InvalidListener(_)), "{err}");
     }
 }

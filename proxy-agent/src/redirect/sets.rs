@@ -1,40 +1,44 @@
-//! Keeping the kernel's set maps equal to what the route table says: `MESH_SERVICES` (the VIP:ports
-//! the kernel steers) and `LOCAL_PODS` (this node's pods that opted in to `--local-sockets`).
+//! Keeping the kernel's small maps equal to what the route table says: `MESH_SERVICES` (the
+//! VIP:ports the kernel steers, each with how: `STEER_ANY` or `STEER_CLIENT_FIRST`) and
+//! `LOCAL_PODS` (a set: this node's pods that opted in to `--local-sockets`).
 //!
 //! The kernel map is the truth: each reconciliation reads it back rather than trusting a copy, so a
 //! half-applied earlier attempt is repaired by the next one.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     hash::Hash,
     net::{IpAddr, SocketAddr},
 };
 
-use aya::maps::{HashMap, MapData};
-use proxy_common::{maps, PodKey, ServiceKey, MAX_LOCAL_PODS, MAX_MESH_SERVICES};
+use aya::maps::MapData;
+use proxy_common::{
+    maps, PodKey, ServiceKey, MAX_LOCAL_PODS, MAX_MESH_SERVICES, STEER_ANY, STEER_CLIENT_FIRST,
+};
 
 use super::{addr, RedirectError};
 
 /// What one reconciliation changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetChange {
-    pub added: usize,
+    /// Entries added or changed.
+    pub written: usize,
     pub removed: usize,
     /// How many entries the map holds now.
     pub size: usize,
 }
 
-/// A set map of the programs: its name, for errors, and its capacity.
-pub(crate) struct KernelSet<K> {
-    map: HashMap<MapData, K, u8>,
+/// A map of the programs from keys to one byte: its name, for errors, and its capacity.
+pub(crate) struct KernelMap<K> {
+    map: aya::maps::HashMap<MapData, K, u8>,
     name: &'static str,
     capacity: u32,
     /// Entries after the last reconciliation (0 before the first).
     size: usize,
 }
 
-impl KernelSet<ServiceKey> {
-    pub(crate) fn mesh_services(map: HashMap<MapData, ServiceKey, u8>) -> Self {
+impl KernelMap<ServiceKey> {
+    pub(crate) fn mesh_services(map: aya::maps::HashMap<MapData, ServiceKey, u8>) -> Self {
         Self {
             map,
             name: maps::MESH_SERVICES,
@@ -44,8 +48,8 @@ impl KernelSet<ServiceKey> {
     }
 }
 
-impl KernelSet<PodKey> {
-    pub(crate) fn local_pods(map: HashMap<MapData, PodKey, u8>) -> Self {
+impl KernelMap<PodKey> {
+    pub(crate) fn local_pods(map: aya::maps::HashMap<MapData, PodKey, u8>) -> Self {
         Self {
             map,
             name: maps::LOCAL_PODS,
@@ -55,38 +59,61 @@ impl KernelSet<PodKey> {
     }
 }
 
-/// The keys of `MESH_SERVICES` for `frontends`.
-pub(crate) fn service_keys(frontends: impl IntoIterator<Item = SocketAddr>) -> HashSet<ServiceKey> {
+/// The entries of `MESH_SERVICES` for `frontends` (with whether their clients speak first).
+pub(crate) fn service_entries(
+    frontends: impl IntoIterator<Item = (SocketAddr, bool)>,
+) -> HashMap<ServiceKey, u8> {
     frontends
         .into_iter()
-        .map(|a| ServiceKey {
-            vip: addr::endpoint(a),
+        .map(|(address, client_first)| {
+            let key = ServiceKey {
+                vip: addr::endpoint(address),
+            };
+            (
+                key,
+                if client_first {
+                    STEER_CLIENT_FIRST
+                } else {
+                    STEER_ANY
+                },
+            )
         })
         .collect()
 }
 
-/// The keys of `LOCAL_PODS` for `pods`.
-pub(crate) fn pod_keys(pods: impl IntoIterator<Item = IpAddr>) -> HashSet<PodKey> {
+/// The entries of `LOCAL_PODS` for `pods` (the value is unused).
+pub(crate) fn pod_entries(pods: impl IntoIterator<Item = IpAddr>) -> HashMap<PodKey, u8> {
     pods.into_iter()
-        .map(|ip| PodKey {
-            ip: addr::endpoint(SocketAddr::new(ip, 0)).ip,
+        .map(|ip| {
+            let key = PodKey {
+                ip: addr::endpoint(SocketAddr::new(ip, 0)).ip,
+            };
+            (key, 1)
         })
         .collect()
 }
 
-/// The changes that turn `current` into `wanted`: (to add, to remove).
+/// The changes that turn `current` into `wanted`: (to write, to remove).
 pub(crate) fn diff<K: Copy + Eq + Hash>(
-    current: &HashSet<K>,
-    wanted: &HashSet<K>,
-) -> (Vec<K>, Vec<K>) {
-    let add = wanted.difference(current).copied().collect();
-    let remove = current.difference(wanted).copied().collect();
-    (add, remove)
+    current: &HashMap<K, u8>,
+    wanted: &HashMap<K, u8>,
+) -> (Vec<(K, u8)>, Vec<K>) {
+    let write = wanted
+        .iter()
+        .filter(|(key, value)| current.get(key) != Some(value))
+        .map(|(key, value)| (*key, *value))
+        .collect();
+    let remove = current
+        .keys()
+        .filter(|key| !wanted.contains_key(key))
+        .copied()
+        .collect();
+    (write, remove)
 }
 
-impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
+impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelMap<K> {
     /// Makes the map hold exactly `wanted`.
-    pub(crate) fn reconcile(&mut self, wanted: HashSet<K>) -> Result<SetChange, RedirectError> {
+    pub(crate) fn reconcile(&mut self, wanted: HashMap<K, u8>) -> Result<SetChange, RedirectError> {
         let name = self.name;
         if wanted.len() > self.capacity as usize {
             return Err(RedirectError::SetTooLarge {
@@ -97,24 +124,24 @@ impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
         }
         let current = self
             .map
-            .keys()
-            .collect::<Result<HashSet<_>, _>>()
+            .iter()
+            .collect::<Result<HashMap<_, _>, _>>()
             .map_err(|e| RedirectError::kernel(format!("reading {name}"), e))?;
-        let (add, remove) = diff(&current, &wanted);
+        let (write, remove) = diff(&current, &wanted);
         // Removals first: the map then never holds more than max(current, wanted) entries.
         for key in &remove {
             self.map
                 .remove(key)
                 .map_err(|e| RedirectError::kernel(format!("removing {key:?} from {name}"), e))?;
         }
-        for key in &add {
+        for (key, value) in &write {
             self.map
-                .insert(key, 1, 0)
-                .map_err(|e| RedirectError::kernel(format!("adding {key:?} to {name}"), e))?;
+                .insert(key, value, 0)
+                .map_err(|e| RedirectError::kernel(format!("writing {key:?} in {name}"), e))?;
         }
         self.size = wanted.len();
         Ok(SetChange {
-            added: add.len(),
+            written: write.len(),
             removed: remove.len(),
             size: self.size,
         })
@@ -130,39 +157,46 @@ impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelSet<K> {
 mod tests {
     use super::*;
 
-    fn keys(addrs: &[&str]) -> HashSet<ServiceKey> {
-        service_keys(addrs.iter().map(|a| a.parse().unwrap()))
+    /// Entries for frontends: `+` before an address means its clients speak first.
+    fn entries(addrs: &[&str]) -> HashMap<ServiceKey, u8> {
+        service_entries(addrs.iter().map(|a| match a.strip_prefix('+') {
+            Some(a) => (a.parse().unwrap(), true),
+            None => (a.parse().unwrap(), false),
+        }))
     }
 
     #[test]
-    fn diff_adds_missing_and_removes_extra() {
-        let current = keys(&["10.0.0.1:80", "10.0.0.2:80"]);
-        let wanted = keys(&["10.0.0.2:80", "[fd00::1]:80"]);
-        let (add, remove) = diff(&current, &wanted);
+    fn diff_writes_missing_and_changed_and_removes_extra() {
+        let current = entries(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let wanted = entries(&["10.0.0.2:80", "+10.0.0.3:80", "[fd00::1]:80"]);
+        let (write, remove) = diff(&current, &wanted);
         assert_eq!(
-            add.into_iter().collect::<HashSet<_>>(),
-            keys(&["[fd00::1]:80"])
+            write.into_iter().collect::<HashMap<_, _>>(),
+            entries(&["+10.0.0.3:80", "[fd00::1]:80"])
         );
         assert_eq!(
-            remove.into_iter().collect::<HashSet<_>>(),
-            keys(&["10.0.0.1:80"])
+            remove
+                .into_iter()
+                .map(|k| (k, STEER_ANY))
+                .collect::<HashMap<_, _>>(),
+            entries(&["10.0.0.1:80"])
         );
     }
 
     #[test]
-    fn diff_of_equal_sets_is_empty() {
-        let set = keys(&["10.0.0.1:80", "[::ffff:10.0.0.2]:80"]);
-        assert_eq!(diff(&set, &set), (vec![], vec![]));
+    fn diff_of_equal_maps_is_empty() {
+        let map = entries(&["10.0.0.1:80", "+[::ffff:10.0.0.2]:80"]);
+        assert_eq!(diff(&map, &map), (vec![], vec![]));
     }
 
     #[test]
     fn v4_mapped_and_v4_are_one_service() {
-        assert_eq!(keys(&["10.0.0.2:80", "[::ffff:10.0.0.2]:80"]).len(), 1);
+        assert_eq!(entries(&["10.0.0.2:80", "[::ffff:10.0.0.2]:80"]).len(), 1);
     }
 
     #[test]
     fn a_pod_has_one_key_per_address_whatever_its_form() {
-        let pods = pod_keys(
+        let pods = pod_entries(
             ["10.0.0.2", "::ffff:10.0.0.2", "fd00::2"]
                 .iter()
                 .map(|a| a.parse().unwrap()),
@@ -170,6 +204,6 @@ mod tests {
         assert_eq!(pods.len(), 2);
         // What connect4 and connect6 look up: the destination's address, v4-mapped for IPv4.
         let dialled = addr::endpoint("10.0.0.2:8080".parse().unwrap());
-        assert!(pods.contains(&PodKey { ip: dialled.ip }));
+        assert!(pods.contains_key(&PodKey { ip: dialled.ip }));
     }
 }

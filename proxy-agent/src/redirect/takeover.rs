@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
-    read_agent_config, sets::KernelSet, typed, write_agent_config, AgentListener, PairRecords,
+    read_agent_config, sets::KernelMap, typed, write_agent_config, AgentListener, PairRecords,
     Programs, Redirect, RedirectError, PAIR_RECORDS,
 };
 
@@ -182,6 +182,26 @@ pub enum TakeoverKind {
     Swapped,
 }
 
+/// Whether a predecessor that sends pods to `theirs` hands over the listeners this agent would
+/// send them to. Adopting its programs, exactly those; swapping ours in, it may lack client-first
+/// ones (an agent older than them): this agent binds those, and its programs steer there only
+/// once swapped in.
+fn same_listeners(ours: &[AgentListener<'_>], theirs: &[SocketAddr], adopting: bool) -> bool {
+    let theirs: HashSet<SocketAddr> = theirs.iter().map(|a| addr::canonical(*a)).collect();
+    let ours_of = |client_first: bool| {
+        ours.iter()
+            .filter(move |l| client_first || !l.client_first)
+            .map(|l| addr::canonical(l.addr))
+            .collect::<HashSet<_>>()
+    };
+    let (all, any_port) = (ours_of(true), ours_of(false));
+    if adopting {
+        all == theirs
+    } else {
+        theirs.is_subset(&all) && any_port.is_subset(&theirs)
+    }
+}
+
 impl Redirect {
     /// Takes the redirect of a running agent over (see the module comment). `listeners` are this
     /// agent's, which must be the ones handed over (same addresses); `cgroup` must be the
@@ -207,17 +227,16 @@ impl Redirect {
             )));
         }
         let listen: Vec<SocketAddr> = listeners.iter().map(|l| addr::canonical(l.addr)).collect();
-        let theirs: HashSet<SocketAddr> =
-            offer.listen.iter().map(|a| addr::canonical(*a)).collect();
-        if listen.iter().copied().collect::<HashSet<_>>() != theirs {
+        let adopting = !fresh_programs && offer.object_digest == object::object_digest();
+        if !same_listeners(listeners, &offer.listen, adopting) {
             return Err(RedirectError::InvalidTakeover(format!(
                 "it sends pods to {:?}, this agent is configured for {listen:?}",
                 offer.listen
             )));
         }
-        let redirect = if !fresh_programs && offer.object_digest == object::object_digest() {
-            let services = KernelSet::mesh_services(predecessor.typed_map(maps::MESH_SERVICES)?);
-            let local_pods = KernelSet::local_pods(predecessor.typed_map(maps::LOCAL_PODS)?);
+        let redirect = if adopting {
+            let services = KernelMap::mesh_services(predecessor.typed_map(maps::MESH_SERVICES)?);
+            let local_pods = KernelMap::local_pods(predecessor.typed_map(maps::LOCAL_PODS)?);
             let mut config = predecessor.typed_map(maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             let counters = predecessor.typed_map(maps::COUNTERS)?;
@@ -228,7 +247,9 @@ impl Redirect {
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
             // without it while both run.
             let (mut value, _) = agent_config(listeners, own_cgroup_id()?)?;
-            value.local_sockets = read_agent_config(&config)?.local_sockets;
+            let theirs = read_agent_config(&config)?;
+            value.local_sockets = theirs.local_sockets;
+            value.pods_opted_in = theirs.pods_opted_in;
             write_agent_config(&mut config, value)?;
             Self {
                 cgroup: cgroup.to_owned(),
@@ -377,5 +398,35 @@ impl Redirect {
             local_sockets: self.sockets_may_be_paired(),
         };
         Ok((offer, fds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent older than client-first listeners hands over its one listener: a successor that
+    /// swaps its programs in takes it and binds its client-first one; adopting its programs, it
+    /// must have exactly its listeners.
+    #[test]
+    fn a_predecessor_without_a_client_first_listener_can_be_taken_over_by_swapping() {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (any_port, client_first) = ("10.0.0.1:15001", "10.0.0.1:15002");
+        let listener = |addr: &str, client_first: bool| AgentListener {
+            listener: &socket,
+            addr: addr.parse().unwrap(),
+            client_first,
+        };
+        let ours = [listener(any_port, false), listener(client_first, true)];
+        let older = [any_port.parse().unwrap()];
+        let same = [any_port.parse().unwrap(), client_first.parse().unwrap()];
+        assert!(same_listeners(&ours, &older, false));
+        assert!(!same_listeners(&ours, &older, true));
+        assert!(same_listeners(&ours, &same, true));
+        assert!(same_listeners(&ours, &same, false));
+        let elsewhere = ["10.0.0.2:15001".parse().unwrap()];
+        assert!(!same_listeners(&ours, &elsewhere, false));
+        let only_client_first = [client_first.parse().unwrap()];
+        assert!(!same_listeners(&ours, &only_client_first, false));
     }
 }

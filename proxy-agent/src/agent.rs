@@ -65,8 +65,8 @@ impl FromStr for ListenSpec {
 pub struct RedirectConfig {
     pub listen: SocketAddr,
     /// Where connections to ports whose clients speak first are steered (`--redirect-http`): a
-    /// listener that hands them on with their first bytes.
-    pub listen_client_first: SocketAddr,
+    /// listener that hands them on with their first bytes. `None`: to `listen`.
+    pub listen_client_first: Option<SocketAddr>,
     pub cgroup: PathBuf,
     /// Pair the sockets of node-local connections through the agent (`Redirect::set_local_sockets`).
     pub local_sockets: bool,
@@ -235,7 +235,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     // listener close here, and its programs detach when it exits (fail open).
                     drop(inherited.take_redirect());
                     drop(inherited.listener(r.listen));
-                    drop(inherited.listener(r.listen_client_first));
+                    if let Some(addr) = r.listen_client_first {
+                        drop(inherited.listener(addr));
+                    }
                     None
                 }
                 _ => return Err(e),
@@ -652,31 +654,34 @@ fn start_redirect(
     // Before binding or taking anything over: on a kernel that cannot run the redirect, nothing
     // steers pods here.
     redirect::check_kernel()?;
-    let listener = listen(inherited, offered, config.listen, "the redirect listener")?;
-    let client_first = listen(
-        inherited,
-        offered,
-        config.listen_client_first,
-        "the redirect listener for ports declaring HTTP",
-    )?;
-    defer_accept(&client_first, true).with_context(|| {
-        format!(
-            "setting {} to hand on connections with their first bytes",
-            config.listen_client_first
-        )
-    })?;
-    let listeners = [
-        AgentListener {
-            listener: &listener,
-            addr: config.listen,
-            client_first: false,
-        },
-        AgentListener {
-            listener: &client_first,
-            addr: config.listen_client_first,
+    let any_port = listen(inherited, offered, config.listen, "the redirect listener")?;
+    let client_first = match config.listen_client_first {
+        Some(addr) => {
+            let listener = listen(
+                inherited,
+                offered,
+                addr,
+                "the redirect listener for ports declaring HTTP",
+            )?;
+            defer_accept(&listener, true).with_context(|| {
+                format!("setting {addr} to hand on connections with their first bytes")
+            })?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    let mut listeners = vec![AgentListener {
+        listener: &any_port,
+        addr: config.listen,
+        client_first: false,
+    }];
+    if let Some((listener, addr)) = &client_first {
+        listeners.push(AgentListener {
+            listener,
+            addr: *addr,
             client_first: true,
-        },
-    ];
+        });
+    }
     let redirect = match inherited.take_redirect() {
         Some(predecessor) => {
             Redirect::take_over(&config.cgroup, &listeners, predecessor, fresh_programs)
@@ -710,8 +715,8 @@ fn start_redirect(
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
-    tracing::info!(addr = %config.listen, client_first = %config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
-    for listener in [&listener, &client_first] {
+    tracing::info!(addr = %config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
+    for listener in listeners.iter().map(|l| l.listener) {
         let (drain, resolver) = (drain.clone(), resolver.clone());
         workers.serve(listener, move |proxy, listener| {
             serve_redirect(proxy, listener, resolver.clone(), drain.clone())

@@ -65,10 +65,11 @@ struct Cli {
     redirect: Option<SocketAddr>,
     /// Redirect listener for Service ports that declare HTTP (appProtocol or port name): their
     /// clients speak first, so the agent accepts a connection only once its request came (one
-    /// wakeup per connection instead of two). Pods must be able to reach it too. Default: the
-    /// --redirect address, port + 1.
-    #[arg(long, value_name = "ADDR", requires = "redirect")]
-    redirect_http: Option<SocketAddr>,
+    /// wakeup per connection instead of two). Pods must be able to reach it too (an egress
+    /// NetworkPolicy must allow it as it allows --redirect). Default: the --redirect address,
+    /// port + 1; `off`: every port goes to --redirect.
+    #[arg(long, value_name = "ADDR|off", requires = "redirect")]
+    redirect_http: Option<ClientFirstListener>,
     /// The cgroup v2 directory holding the pods whose connections are steered (e.g. kubepods).
     #[arg(long, value_name = "DIR", requires = "redirect")]
     cgroup: Option<PathBuf>,
@@ -274,11 +275,12 @@ fn main() -> Result<()> {
             Some((listen, cgroup)) => Some(RedirectConfig {
                 listen,
                 listen_client_first: match cli.redirect_http {
-                    Some(addr) if addr == listen => anyhow::bail!(
-                        "--redirect-http {addr} is --redirect's address: give it a port of its own"
+                    Some(ClientFirstListener(Some(addr))) if addr == listen => anyhow::bail!(
+                        "--redirect-http {addr} is --redirect's address: give it a port of its \
+                         own, or `off`"
                     ),
-                    Some(addr) => addr,
-                    None => next_port(listen)?,
+                    Some(ClientFirstListener(addr)) => addr,
+                    None => Some(next_port(listen)?),
                 },
                 cgroup,
                 local_sockets: cli.local_sockets,
@@ -315,6 +317,24 @@ fn main() -> Result<()> {
         }),
     };
     runtime.build()?.block_on(agent::run(config))
+}
+
+/// `--redirect-http`: an address, or `off` (`None`).
+#[derive(Clone, Copy, Debug)]
+struct ClientFirstListener(Option<SocketAddr>);
+
+impl std::str::FromStr for ClientFirstListener {
+    type Err = String;
+
+    fn from_str(value: &str) -> std::result::Result<Self, String> {
+        match value {
+            "off" => Ok(ClientFirstListener(None)),
+            addr => addr
+                .parse()
+                .map(|addr| ClientFirstListener(Some(addr)))
+                .map_err(|e| format!("{e}: give an address (IP:port) or `off`")),
+        }
+    }
 }
 
 /// `--redirect-http`'s default: the `--redirect` address, port + 1.

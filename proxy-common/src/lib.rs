@@ -98,13 +98,19 @@ pub struct ServiceKey {
 }
 
 /// Key of `LOCAL_PODS`: the address of a pod on this node that opted in to local sockets (v4-mapped
-/// for IPv4, as in [`Endpoint`]).
+/// for IPv4, as in [`Endpoint`]), or [`ANY_POD_OPTED_IN`].
 /// The value is a `u8` that is always 1 (the map is a set).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PodKey {
     pub ip: [u32; 4],
 }
+
+/// In `LOCAL_PODS` while any pod is (`::`, no socket's address): with local sockets on, ports
+/// whose clients speak first are then steered as any other, because which pod dials is not known
+/// at connect(), and a caller's socket pairs only if the agent's end exists at its first send,
+/// which the client-first listener makes only with those first bytes.
+pub const ANY_POD_OPTED_IN: PodKey = PodKey { ip: [0; 4] };
 
 /// Key of `CALLERS`: the caller's local address of a redirected, established connection, which is
 /// the peer address the agent sees on `accept()`.
@@ -155,10 +161,8 @@ pub struct AgentConfig {
     /// Nonzero: node-local connections through the agent move their bytes socket to socket
     /// (`LOCAL_SOCKETS`); zero: every connection takes the TCP path.
     pub local_sockets: u32,
-    /// Nonzero: `LOCAL_PODS` is not empty. With `local_sockets`, ports whose clients speak first
-    /// are then steered as any other: a caller's socket pairs only if the agent's end exists at
-    /// its first send, and the client-first listener makes that end only with the first bytes.
-    pub pods_opted_in: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// `AGENT_LISTENERS` slot holding the listener that accepts redirected IPv4 connections.

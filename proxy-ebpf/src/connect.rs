@@ -187,11 +187,11 @@ fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
 /// The agent's listener for ports whose clients speak first, for a port `steering` says is one,
 /// if the agent has one for the family and it is open: it hands a connection on only with its
 /// first bytes. `None`: the family's other listener takes it, as it does while pods of the node
-/// opted in to local sockets (`AgentConfig::pods_opted_in`).
+/// opted in to local sockets (`proxy_common::ANY_POD_OPTED_IN`).
 #[inline(always)]
 fn client_first_listener(config: &AgentConfig, v4: bool, steering: u8) -> Option<Endpoint> {
     // Pods that may pair their sockets with the agent's (which one dials is not known yet).
-    let may_pair = config.local_sockets != 0 && config.pods_opted_in != 0;
+    let may_pair = config.local_sockets != 0 && local::any_pod_opted_in();
     if steering != STEER_CLIENT_FIRST || may_pair {
         return None;
     }

@@ -28,7 +28,7 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
 };
-use proxy_common::{counters, Endpoint, PodKey, SocketPair};
+use proxy_common::{counters, Endpoint, PodKey, SocketPair, ANY_POD_OPTED_IN};
 
 use crate::{
     ctx_access,
@@ -72,6 +72,12 @@ macro_rules! socket_pair {
 #[inline(always)]
 pub(crate) fn pod_opted_in(address: &Endpoint) -> bool {
     LOCAL_PODS.get_ptr(PodKey { ip: address.ip }).is_some()
+}
+
+/// Whether any pod of this node opted in (`ANY_POD_OPTED_IN`, kept by the agent with the set).
+#[inline(always)]
+pub(crate) fn any_pod_opted_in() -> bool {
+    LOCAL_PODS.get_ptr(ANY_POD_OPTED_IN).is_some()
 }
 
 /// Whether the agent asked for local sockets.

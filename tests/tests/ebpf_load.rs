@@ -235,7 +235,8 @@ fn with_local_sockets_the_agents_dials_join_only_for_this_nodes_pods() {
     let change = redirect
         .set_local_pods([addr("10.96.0.10:0").ip(), addr("[fd00:96::10]:0").ip()])
         .unwrap();
-    assert_eq!((change.written, change.removed), (2, 0));
+    // And the marker that some pod is (`ANY_POD_OPTED_IN`).
+    assert_eq!((change.written, change.removed, change.size), (3, 0, 2));
     let servers = [
         Server::new("pod4", &pod4),
         Server::new("pod6", &pod6),

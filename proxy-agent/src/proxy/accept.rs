@@ -79,12 +79,19 @@ pub(super) async fn accept_loop<F>(
     // left it again, each time under the lock of its waiter list, shared by every worker.
     let stopped = turned_true_polled_when_woken(&mut stop);
     tokio::pin!(stopped);
-    let mut sweeping = false;
+    // Stopped and taking what the queue holds (`Drain::sweep_queues`): until it is empty, and
+    // the instant before which a deferring listener may still hand on connections made before.
+    let mut sweeping: Option<tokio::time::Instant> = None;
     loop {
-        let (stream, peer) = if sweeping {
-            // Stopped, taking what the queue holds (`Drain::sweep_queues`) until it is empty.
+        let (stream, peer) = if let Some(until) = sweeping {
             match listener.try_accept() {
                 Ok(accepted) => accepted,
+                Err(_) if tokio::time::Instant::now() < until => {
+                    match tokio::time::timeout_at(until, listener.accept()).await {
+                        Ok(Ok(accepted)) => accepted,
+                        _ => return,
+                    }
+                }
                 Err(_) => return,
             }
         } else {
@@ -93,7 +100,14 @@ pub(super) async fn accept_loop<F>(
                 biased;
                 () = &mut stopped => {
                     if drain.sweeps() {
-                        sweeping = true;
+                        // Connections waiting for their first bytes are not in the queue yet;
+                        // closing the listener would reset them when those come.
+                        let held = if tcp::defers_accept(&listener) {
+                            tcp::DEFERRAL
+                        } else {
+                            Duration::ZERO
+                        };
+                        sweeping = Some(tokio::time::Instant::now() + held);
                         continue;
                     }
                     return;
@@ -261,5 +275,43 @@ mod tests {
             let expected = if sweep { 3 } else { 0 };
             assert_eq!(taken.load(Ordering::Relaxed), expected, "sweep: {sweep}");
         }
+    }
+
+    /// A deferring listener holds connections until their first bytes come (or the kernel's
+    /// deferral ends): swept, it takes those too, not only what its queue holds when stopped.
+    #[tokio::test]
+    async fn a_swept_deferring_listener_takes_connections_still_held_by_the_kernel() {
+        use std::io::Write as _;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tcp::defer_accept(&listener, true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = std::net::TcpStream::connect(addr).unwrap();
+        let mut late = std::net::TcpStream::connect(addr).unwrap();
+        let sending = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            late.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            late
+        });
+        let drain = Drain::default();
+        drain.sweep_queues();
+        drain.stop_accepting.send_replace(true);
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            Arc::new(Metrics::default()),
+            crate::proxy::ProxyConfig::default(),
+        );
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counted = taken.clone();
+        accept_loop(proxy, listener, drain, move |_, _| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            None
+        })
+        .await;
+        let _late = sending.join().unwrap();
+        assert_eq!(
+            taken.load(Ordering::Relaxed),
+            2,
+            "the one that sent, and the silent one"
+        );
     }
 }

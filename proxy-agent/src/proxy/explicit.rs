@@ -110,24 +110,6 @@ mod tests {
         ))
     }
 
-    fn deferred(listener: &TcpListener) -> bool {
-        use std::os::fd::AsRawFd as _;
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of_val(&value) as libc::socklen_t;
-        // SAFETY: a valid descriptor and an option buffer of the size given.
-        let got = unsafe {
-            libc::getsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&raw mut value).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(got, 0);
-        value != 0
-    }
-
     #[test]
     fn an_explicit_listener_defers_accepting_while_its_port_declares_http() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -145,9 +127,12 @@ mod tests {
             ("{name: tcp-db, port: 80}", false),
         ] {
             modes.follow(&snapshot(port));
-            assert_eq!(deferred(&listener), defer, "{port}");
+            assert_eq!(super::super::tcp::defers_accept(&listener), defer, "{port}");
         }
         modes.follow(&Snapshot::default());
-        assert!(!deferred(&listener), "no such Service: not deferred");
+        assert!(
+            !super::super::tcp::defers_accept(&listener),
+            "no such Service: not deferred"
+        );
     }
 }

@@ -50,6 +50,12 @@ impl Acceptor {
     }
 }
 
+impl AsFd for Acceptor {
+    fn as_fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        self.listener.get_ref().as_fd()
+    }
+}
+
 fn accept_now(listener: &std::net::TcpListener) -> io::Result<(AcceptedSocket, SocketAddr)> {
     use rustix::net::{acceptfrom_with, SocketFlags};
     let (socket, peer) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;

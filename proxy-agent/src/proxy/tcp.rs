@@ -92,6 +92,28 @@ pub(super) fn prepare_listener(listener: impl rustix::fd::AsFd) {
     keepalive(listener);
 }
 
+/// How long after its connect the kernel hands on a connection a deferring listener holds, at
+/// most: the deferral (1 s), then the handshake's last ACK, answering the SYN-ACK sent again.
+pub(super) const DEFERRAL: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Whether the listener defers accepting ([`defer_accept`]).
+pub(super) fn defers_accept(listener: impl rustix::fd::AsFd) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut seconds: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&seconds) as libc::socklen_t;
+    // SAFETY: a valid descriptor, and an option buffer of the size given.
+    let got = unsafe {
+        libc::getsockopt(
+            listener.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw mut seconds).cast(),
+            &mut len,
+        )
+    };
+    got == 0 && seconds != 0
+}
+
 /// Has the listener hand a connection to `accept()` only once its first bytes came
 /// (`TCP_DEFER_ACCEPT`; `false`: at the handshake), for ports whose clients speak first
 /// (`Frontend::client_speaks_first`). A worker is then woken once per connection, with the

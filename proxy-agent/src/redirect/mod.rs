@@ -56,7 +56,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, SkStorage, SockMap};
 use proxy_common::{
     counters, maps, AgentConfig, CallerKey, Endpoint, PodKey, RedirectRecord, ServiceKey,
-    LISTENER_CLIENT_FIRST_V4, LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6,
+    ANY_POD_OPTED_IN, LISTENER_CLIENT_FIRST_V4, LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6,
 };
 
 pub use attach::{attached_programs, AttachedProgram};
@@ -105,8 +105,10 @@ pub struct Redirected {
 pub struct Redirect {
     cgroup: PathBuf,
     cgroup_id: u64,
-    /// The addresses pods are sent to (the `CONFIG` entry).
+    /// The addresses pods are sent to (the `CONFIG` entry): of the listeners for any port, and of
+    /// those for ports whose clients speak first.
     listen: Vec<SocketAddr>,
+    client_first: Vec<SocketAddr>,
     services: Mutex<KernelMap<ServiceKey>>,
     /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
     local_pods: Mutex<KernelMap<PodKey>>,
@@ -235,7 +237,8 @@ impl Redirect {
         Ok(Self {
             cgroup: cgroup.to_owned(),
             cgroup_id: cgroup::cgroup_id(cgroup)?,
-            listen: listeners.iter().map(|l| addr::canonical(l.addr)).collect(),
+            listen: takeover::addresses(listeners, false),
+            client_first: takeover::addresses(listeners, true),
             services: Mutex::new(loaded.services),
             local_pods: Mutex::new(loaded.local_pods),
             config: Mutex::new(loaded.config),
@@ -322,15 +325,21 @@ impl Redirect {
         &self,
         pods: impl IntoIterator<Item = IpAddr>,
     ) -> Result<SetChange, RedirectError> {
-        let mut local_pods = self
+        let mut wanted = sets::pod_entries(pods);
+        let pods = wanted.len();
+        if pods > 0 {
+            wanted.insert(ANY_POD_OPTED_IN, 1);
+        }
+        let change = self
             .local_pods
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let change = local_pods.reconcile(sets::pod_entries(pods));
-        // Also after a failure part-way: the map holds some of them, maybe.
-        let opted_in = change.as_ref().map_or(true, |c| c.size > 0);
-        self.update_config(|config| config.pods_opted_in = u32::from(opted_in))?;
-        change
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reconcile(wanted)?;
+        // The entries written and removed include the marker; the size is the pods'.
+        Ok(SetChange {
+            size: pods,
+            ..change
+        })
     }
 
     /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
@@ -363,11 +372,13 @@ impl Redirect {
             local_paired: read(counters::LOCAL_PAIRED)?,
             local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
+            // Without `ANY_POD_OPTED_IN`, there while any pod is.
             local_pods: self
                 .local_pods
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .size() as u64,
+                .size()
+                .saturating_sub(1) as u64,
         })
     }
 

@@ -54,8 +54,14 @@ use super::{
 pub struct RedirectOffer {
     /// The cgroup the programs are attached to (its id).
     pub cgroup_id: u64,
-    /// The addresses pods are sent to.
+    /// The addresses pods are sent to, of the listeners for any port.
     pub listen: Vec<SocketAddr>,
+    /// The addresses of the listeners for ports whose clients speak first (`AgentListener`).
+    /// Apart from `listen` so that an agent older than them, which asks for `listen` to be its
+    /// own listeners, can take over (and swaps its programs in: its `CONFIG` has no such
+    /// listeners). Absent from such agents.
+    #[serde(default)]
+    pub client_first: Vec<SocketAddr>,
     /// [`object_digest`] of the programs attached.
     pub object_digest: String,
     /// Map names (`proxy_common::maps`), one per map descriptor.
@@ -182,24 +188,39 @@ pub enum TakeoverKind {
     Swapped,
 }
 
-/// Whether a predecessor that sends pods to `theirs` hands over the listeners this agent would
-/// send them to. Adopting its programs, exactly those; swapping ours in, it may lack client-first
-/// ones (an agent older than them): this agent binds those, and its programs steer there only
-/// once swapped in.
-fn same_listeners(ours: &[AgentListener<'_>], theirs: &[SocketAddr], adopting: bool) -> bool {
-    let theirs: HashSet<SocketAddr> = theirs.iter().map(|a| addr::canonical(*a)).collect();
-    let ours_of = |client_first: bool| {
-        ours.iter()
-            .filter(move |l| client_first || !l.client_first)
-            .map(|l| addr::canonical(l.addr))
-            .collect::<HashSet<_>>()
+/// The canonical addresses of `listeners` of one kind (`client_first` or for any port).
+pub(super) fn addresses(listeners: &[AgentListener<'_>], client_first: bool) -> Vec<SocketAddr> {
+    listeners
+        .iter()
+        .filter(|l| l.client_first == client_first)
+        .map(|l| addr::canonical(l.addr))
+        .collect()
+}
+
+/// Whether this agent, with listeners at `listen` and `client_first`, adopts the programs of a
+/// predecessor that made `offer` (`false`: it swaps its own in). Refused when the predecessor's
+/// listeners for any port are not ours: pods connecting meanwhile would reach no one. Its
+/// programs are adopted only if they are this binary's and steer to the same client-first
+/// listeners (they steer as its `CONFIG` says); a different client-first one (an agent older
+/// than them has none) is let go, and this agent's programs steer to its own once swapped in.
+fn adopts(
+    listen: &[SocketAddr],
+    client_first: &[SocketAddr],
+    offer: &RedirectOffer,
+    fresh_programs: bool,
+) -> Result<bool, RedirectError> {
+    let set = |addrs: &[SocketAddr]| -> HashSet<SocketAddr> {
+        addrs.iter().map(|a| addr::canonical(*a)).collect()
     };
-    let (all, any_port) = (ours_of(true), ours_of(false));
-    if adopting {
-        all == theirs
-    } else {
-        theirs.is_subset(&all) && any_port.is_subset(&theirs)
+    if set(listen) != set(&offer.listen) {
+        return Err(RedirectError::InvalidTakeover(format!(
+            "it sends pods to {:?}, this agent is configured for {listen:?}",
+            offer.listen
+        )));
     }
+    Ok(!fresh_programs
+        && offer.object_digest == object::object_digest()
+        && set(client_first) == set(&offer.client_first))
 }
 
 impl Redirect {
@@ -226,15 +247,8 @@ impl Redirect {
                 cgroup.display()
             )));
         }
-        let listen: Vec<SocketAddr> = listeners.iter().map(|l| addr::canonical(l.addr)).collect();
-        let adopting = !fresh_programs && offer.object_digest == object::object_digest();
-        if !same_listeners(listeners, &offer.listen, adopting) {
-            return Err(RedirectError::InvalidTakeover(format!(
-                "it sends pods to {:?}, this agent is configured for {listen:?}",
-                offer.listen
-            )));
-        }
-        let redirect = if adopting {
+        let (listen, client_first) = (addresses(listeners, false), addresses(listeners, true));
+        let redirect = if adopts(&listen, &client_first, &offer, fresh_programs)? {
             let services = KernelMap::mesh_services(predecessor.typed_map(maps::MESH_SERVICES)?);
             let local_pods = KernelMap::local_pods(predecessor.typed_map(maps::LOCAL_PODS)?);
             let mut config = predecessor.typed_map(maps::CONFIG)?;
@@ -247,14 +261,13 @@ impl Redirect {
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
             // without it while both run.
             let (mut value, _) = agent_config(listeners, own_cgroup_id()?)?;
-            let theirs = read_agent_config(&config)?;
-            value.local_sockets = theirs.local_sockets;
-            value.pods_opted_in = theirs.pods_opted_in;
+            value.local_sockets = read_agent_config(&config)?.local_sockets;
             write_agent_config(&mut config, value)?;
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
-                listen,
+                listen: listen.clone(),
+                client_first: client_first.clone(),
                 services: Mutex::new(services),
                 local_pods: Mutex::new(local_pods),
                 config: Mutex::new(config),
@@ -286,6 +299,7 @@ impl Redirect {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
                 listen,
+                client_first,
                 services: Mutex::new(loaded.services),
                 local_pods: Mutex::new(loaded.local_pods),
                 config: Mutex::new(loaded.config),
@@ -388,6 +402,7 @@ impl Redirect {
         let offer = RedirectOffer {
             cgroup_id: self.cgroup_id,
             listen: self.listen.clone(),
+            client_first: self.client_first.clone(),
             object_digest: object::object_digest(),
             maps: self
                 .shared_maps
@@ -405,28 +420,53 @@ impl Redirect {
 mod tests {
     use super::*;
 
-    /// An agent older than client-first listeners hands over its one listener: a successor that
-    /// swaps its programs in takes it and binds its client-first one; adopting its programs, it
-    /// must have exactly its listeners.
+    fn offer(listen: &[&str], client_first: &[&str], digest: String) -> RedirectOffer {
+        let addrs = |a: &[&str]| a.iter().map(|a| a.parse().unwrap()).collect();
+        RedirectOffer {
+            cgroup_id: 1,
+            listen: addrs(listen),
+            client_first: addrs(client_first),
+            object_digest: digest,
+            maps: Vec::new(),
+            links: Vec::new(),
+            local_sockets: false,
+        }
+    }
+
+    /// An agent older than client-first listeners offers only its one listener: taken over by
+    /// swapping programs in, as one with another client-first listener is; the same programs
+    /// and listeners are adopted; other listeners for any port are refused.
     #[test]
-    fn a_predecessor_without_a_client_first_listener_can_be_taken_over_by_swapping() {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (any_port, client_first) = ("10.0.0.1:15001", "10.0.0.1:15002");
-        let listener = |addr: &str, client_first: bool| AgentListener {
-            listener: &socket,
-            addr: addr.parse().unwrap(),
-            client_first,
+    fn which_predecessors_are_adopted_swapped_or_refused() {
+        let ours = (
+            ["10.0.0.1:15001".parse().unwrap()],
+            ["10.0.0.1:15002".parse().unwrap()],
+        );
+        let adopts = |offer: RedirectOffer, fresh: bool| {
+            adopts(&ours.0, &ours.1, &offer, fresh).map_err(|e| e.to_string())
         };
-        let ours = [listener(any_port, false), listener(client_first, true)];
-        let older = [any_port.parse().unwrap()];
-        let same = [any_port.parse().unwrap(), client_first.parse().unwrap()];
-        assert!(same_listeners(&ours, &older, false));
-        assert!(!same_listeners(&ours, &older, true));
-        assert!(same_listeners(&ours, &same, true));
-        assert!(same_listeners(&ours, &same, false));
-        let elsewhere = ["10.0.0.2:15001".parse().unwrap()];
-        assert!(!same_listeners(&ours, &elsewhere, false));
-        let only_client_first = [client_first.parse().unwrap()];
-        assert!(!same_listeners(&ours, &only_client_first, false));
+        let same = object::object_digest();
+        let any = "10.0.0.1:15001";
+        assert_eq!(
+            adopts(offer(&[any], &["10.0.0.1:15002"], same.clone()), false),
+            Ok(true)
+        );
+        assert_eq!(
+            adopts(offer(&[any], &["10.0.0.1:15002"], same.clone()), true),
+            Ok(false)
+        );
+        assert_eq!(adopts(offer(&[any], &[], "older".into()), false), Ok(false));
+        assert_eq!(
+            adopts(offer(&[any], &["10.0.0.1:15100"], same.clone()), false),
+            Ok(false)
+        );
+        assert!(adopts(offer(&["10.0.0.2:15001"], &[], same.clone()), false).is_err());
+        assert!(adopts(offer(&[any, "10.0.0.1:15002"], &[], same), false).is_err());
+        // What an older agent sends and reads: the field absent.
+        let older: RedirectOffer = serde_json::from_str(
+            r#"{"cgroup_id":1,"listen":["10.0.0.1:15001"],"object_digest":"x","maps":[],"links":[]}"#,
+        )
+        .unwrap();
+        assert!(older.client_first.is_empty());
     }
 }

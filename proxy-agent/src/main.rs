@@ -260,6 +260,7 @@ fn main() -> Result<()> {
     let workers = cli.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
+    let redirect = redirect_config(&cli)?;
     let takeover = cli.takeover_socket.map(|socket| TakeoverConfig {
         socket,
         timeout: Duration::from_millis(cli.takeover_timeout_ms),
@@ -271,22 +272,7 @@ fn main() -> Result<()> {
         takeover,
         workers,
         manifests: cli.manifests.unwrap_or_default(),
-        redirect: match cli.redirect.zip(cli.cgroup) {
-            Some((listen, cgroup)) => Some(RedirectConfig {
-                listen,
-                listen_client_first: match cli.redirect_http {
-                    Some(ClientFirstListener(Some(addr))) if addr == listen => anyhow::bail!(
-                        "--redirect-http {addr} is --redirect's address: give it a port of its \
-                         own, or `off`"
-                    ),
-                    Some(ClientFirstListener(addr)) => addr,
-                    None => Some(next_port(listen)?),
-                },
-                cgroup,
-                local_sockets: cli.local_sockets,
-            }),
-            None => None,
-        },
+        redirect,
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,
@@ -317,6 +303,26 @@ fn main() -> Result<()> {
         }),
     };
     runtime.build()?.block_on(agent::run(config))
+}
+
+/// The kernel redirect's configuration, if `--redirect` asks for one.
+fn redirect_config(cli: &Cli) -> Result<Option<RedirectConfig>> {
+    let (Some(listen), Some(cgroup)) = (cli.redirect, &cli.cgroup) else {
+        return Ok(None);
+    };
+    let listen_client_first = match cli.redirect_http {
+        Some(ClientFirstListener(Some(addr))) if addr == listen => anyhow::bail!(
+            "--redirect-http {addr} is --redirect's address: give it a port of its own, or `off`"
+        ),
+        Some(ClientFirstListener(addr)) => addr,
+        None => Some(next_port(listen)?),
+    };
+    Ok(Some(RedirectConfig {
+        listen,
+        listen_client_first,
+        cgroup: cgroup.clone(),
+        local_sockets: cli.local_sockets,
+    }))
 }
 
 /// `--redirect-http`: an address, or `off` (`None`).
@@ -371,6 +377,52 @@ mod tests {
         assert_eq!(flag("kube")["takesValue"], false);
         assert_eq!(flag("redirect")["default"], serde_json::Value::Null);
         assert_eq!(flag("listen")["takesValue"], true);
+    }
+
+    #[test]
+    fn the_client_first_redirect_listener_is_the_next_port_unless_told() {
+        let client_first = |extra: &[&str]| {
+            let args = [
+                "proxy-agent",
+                "--manifests",
+                "/tmp",
+                "--redirect",
+                "10.0.0.1:15001",
+            ];
+            let cli = Cli::parse_from(
+                args.iter()
+                    .chain(["--cgroup", "/sys/fs/cgroup"].iter())
+                    .chain(extra),
+            );
+            super::redirect_config(&cli)
+                .map(|c| c.unwrap().listen_client_first.map(|a| a.to_string()))
+        };
+        assert_eq!(
+            client_first(&[]).unwrap().as_deref(),
+            Some("10.0.0.1:15002")
+        );
+        assert_eq!(
+            client_first(&["--redirect-http", "10.0.0.1:16000"])
+                .unwrap()
+                .as_deref(),
+            Some("10.0.0.1:16000")
+        );
+        assert_eq!(client_first(&["--redirect-http", "off"]).unwrap(), None);
+        let same = client_first(&["--redirect-http", "10.0.0.1:15001"]).unwrap_err();
+        assert!(same.to_string().contains("a port of its own"), "{same}");
+        let last = Cli::parse_from([
+            "proxy-agent",
+            "--manifests",
+            "/tmp",
+            "--redirect",
+            "10.0.0.1:65535",
+            "--cgroup",
+            "/x",
+        ]);
+        assert!(
+            super::redirect_config(&last).is_err(),
+            "no port after 65535"
+        );
     }
 
     #[test]

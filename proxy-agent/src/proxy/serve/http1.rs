@@ -151,7 +151,8 @@ pub async fn serve<T: ReadAhead>(
                     // on until its FIN, as hyper's server does.
                     stream.linger_on_close();
                 }
-                let _ = stream.shutdown().await;
+                // Closed when dropped: the close sends the FIN, with the answer's last bytes
+                // held for it (a shutdown first would be one more system call per connection).
                 return;
             }
             Err(e) => {

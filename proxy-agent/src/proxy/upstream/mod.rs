@@ -193,13 +193,12 @@ fn as_own_exchange_reads(
             wire::WireError::UnaskedUpgrade.to_string(),
         ));
     }
-    // No body follows (RFC 9112 §6.3 items 1 and 2): a Transfer-Encoding there frames nothing.
-    let status = response.status();
-    let bodiless = status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED
-        || method == http::Method::HEAD
-        || (method == http::Method::CONNECT && status.is_success());
+    // Where no body follows, a Transfer-Encoding frames nothing.
+    let bodiless = wire::no_body_follows(
+        method == http::Method::HEAD,
+        method == http::Method::CONNECT,
+        response.status(),
+    );
     if !bodiless && !wire::only_chunked(response.headers()) {
         return Err(UpstreamError::Failed(
             wire::WireError::UnsupportedTransferCoding.to_string(),

@@ -287,6 +287,21 @@ pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt], room: usize
     headers
 }
 
+/// Whether no body follows an answer of `status` to a HEAD (`to_head`) or a CONNECT
+/// (`to_connect`) request or any other (RFC 9112 §6.3 items 1 and 2): its length fields frame
+/// nothing.
+pub(in crate::proxy) fn no_body_follows(
+    to_head: bool,
+    to_connect: bool,
+    status: StatusCode,
+) -> bool {
+    to_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || (to_connect && status.is_success())
+}
+
 /// The body's framing and whether the connection stays usable (RFC 9112 §6.3, §9.3).
 fn framed(
     status: StatusCode,
@@ -296,29 +311,29 @@ fn framed(
     to_head: bool,
 ) -> Result<AnswerHead, WireError> {
     let mut reusable = connection_kept(&headers, version);
-    let framing =
-        if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            Framing::Empty
-        } else if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
-            // Only where a body follows, as hyper's client checks it.
-            return Err(WireError::TransferEncodingInHttp10);
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
-            if !only_chunked(&headers) {
-                return Err(WireError::UnsupportedTransferCoding);
-            }
-            if headers.remove(header::CONTENT_LENGTH).is_some() {
-                // Both: the coding wins, and the connection is not trusted further (§6.3 item 3).
-                reusable = false;
-            }
-            Framing::Chunked
-        } else if headers.contains_key(header::CONTENT_LENGTH) {
-            match content_length(&headers)? {
-                0 => Framing::Empty,
-                n => Framing::Length(n),
-            }
-        } else {
-            Framing::UntilClose
-        };
+    // The agent's own exchange sends no CONNECT, and reads past 1xx heads (`answer_head`).
+    let framing = if no_body_follows(to_head, false, status) {
+        Framing::Empty
+    } else if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+        // Only where a body follows, as hyper's client checks it.
+        return Err(WireError::TransferEncodingInHttp10);
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        if !only_chunked(&headers) {
+            return Err(WireError::UnsupportedTransferCoding);
+        }
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            // Both: the coding wins, and the connection is not trusted further (§6.3 item 3).
+            reusable = false;
+        }
+        Framing::Chunked
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        match content_length(&headers)? {
+            0 => Framing::Empty,
+            n => Framing::Length(n),
+        }
+    } else {
+        Framing::UntilClose
+    };
     if framing == Framing::UntilClose {
         reusable = false;
     }

@@ -183,6 +183,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     use gamma_tests::loopback::{
         agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
     };
+    use gamma_tests::KillOnDrop;
     use std::process::{Child, Command, Stdio};
 
     let echo = echo_backend([127, 0, 0, 1], "front-pod").await;
@@ -193,7 +194,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     let socket = dir.0.join("agent.sock");
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let spawn = |log: &str| -> Child {
+    let spawn = |log: &str| -> KillOnDrop {
         Command::new(agent_binary())
             .arg("--manifests")
             .arg(&dir.0)
@@ -210,6 +211,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
             .spawn()
+            .map(KillOnDrop)
             .expect("start proxy-agent")
     };
     let answered = || {
@@ -293,8 +295,9 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_lived_connections_survive_ten_takeovers() {
     use gamma_tests::loopback::{agent_binary, echo_backend, free_port, http_get, TempDir};
+    use gamma_tests::KillOnDrop;
     use std::io::{Read, Write};
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
 
     const TAKEOVERS: usize = 10;
     let ws_backend = echo_backend([127, 0, 0, 1], "ws").await;
@@ -308,7 +311,7 @@ async fn long_lived_connections_survive_ten_takeovers() {
     let ws_listen = format!("127.0.0.1:{}", free_port());
     let raw_listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let spawn = |log: &str| -> Child {
+    let spawn = |log: &str| -> KillOnDrop {
         Command::new(agent_binary())
             .arg("--manifests")
             .arg(&dir.0)
@@ -322,6 +325,7 @@ async fn long_lived_connections_survive_ten_takeovers() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
             .spawn()
+            .map(KillOnDrop)
             .expect("start proxy-agent")
     };
     let metric = |name: &str| -> Option<u64> {
@@ -411,7 +415,8 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
     use gamma_tests::loopback::{
         agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
     };
-    use std::process::{Child, Command, Stdio};
+    use gamma_tests::KillOnDrop;
+    use std::process::{Command, Stdio};
 
     let echo = echo_backend([127, 0, 0, 1], "front-pod").await;
     let dir = TempDir::new("dies-mid-takeover");
@@ -425,7 +430,7 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
     let socket = dir.0.join("agent.sock");
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
-    let spawn = |log: &str, source: &[&str]| -> Child {
+    let spawn = |log: &str, source: &[&str]| -> KillOnDrop {
         Command::new(agent_binary())
             .args(source)
             .args(["--admin", &admin])
@@ -437,6 +442,7 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
             .spawn()
+            .map(KillOnDrop)
             .expect("start proxy-agent")
     };
     use gamma_tests::eventually_within as within;

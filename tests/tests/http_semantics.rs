@@ -195,6 +195,39 @@ async fn a_callers_connection_options_do_not_strip_what_the_route_sets() {
     );
 }
 
+/// A caller that sent `Connection: close` and then a stray line end (or a pipelined request)
+/// still reads its answer: the agent closes with bytes unread, which sends a reset, and the
+/// answer must be out before it (a shutdown first). Closing without one, the reset took the
+/// answer's last bytes, held for the FIN, with it: the caller read nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_read_whole_though_the_caller_sent_more_after_close() {
+    use std::io::{Read as _, Write as _};
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
+    let addr = agent.listen[0];
+    let read = tokio::task::spawn_blocking(move || {
+        let mut caller = std::net::TcpStream::connect(addr).unwrap();
+        caller
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        caller
+            .write_all(b"GET /delay/200 HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        caller.write_all(b"\r\n").unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Until the FIN or the reset that follows the answer.
+        while let Ok(n @ 1..) = caller.read(&mut chunk) {
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(read.starts_with("HTTP/1.1 200"), "{read:?}");
+}
+
 /// An HTTP/1.1 CONNECT goes to the backend in authority form, and its 2xx answer turns both
 /// connections into one tunnel (an in-cluster forward proxy behind a Service). Before, the
 /// backend got `CONNECT / HTTP/1.1` and the caller a 200 followed by a close. An HTTP/2 CONNECT

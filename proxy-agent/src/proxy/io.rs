@@ -207,7 +207,7 @@ impl Drop for Lingering {
 /// that closes the connection right after them: one TCP segment instead of two.
 pub trait ClosingWrite: AsyncWrite + Unpin {
     /// What is written from now on is all that goes before the connection is shut down for
-    /// writing or closed (which then sends it, with the FIN).
+    /// writing (which then sends it, with the FIN).
     fn last_write_before_shutdown(&mut self);
 }
 

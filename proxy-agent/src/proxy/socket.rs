@@ -69,9 +69,8 @@ fn accept_now(listener: &std::net::TcpListener) -> io::Result<(AcceptedSocket, S
 /// An accepted TCP socket, registered with the reactor the first time it would block.
 pub struct AcceptedSocket {
     state: State,
-    /// Writes go with `MSG_MORE`: their last partial segment is held for the FIN of the
-    /// shutdown or close that follows, which then rides on it (see `ClosingWrite`; a close
-    /// sends the FIN as a shutdown does, `tcp_send_fin`).
+    /// Writes go with `MSG_MORE`: their last partial segment is held for the shutdown's FIN,
+    /// which then rides on it (see `ClosingWrite`).
     held_for_fin: bool,
 }
 

@@ -151,8 +151,7 @@ pub async fn serve<T: ReadAhead>(
                     // on until its FIN, as hyper's server does.
                     stream.linger_on_close();
                 }
-                // Closed when dropped: the close sends the FIN, with the answer's last bytes
-                // held for it (a shutdown first would be one more system call per connection).
+                let _ = stream.shutdown().await;
                 return;
             }
             Err(e) => {

@@ -335,18 +335,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             // is its own. A successor that holds the sockets without having said Stop is refused
             // it from now on: it starts as without this agent, and writes its steering after
             // this agent emptied it.
-            let steer_off = || stop_steering(redirect.as_deref());
+            // The accept loops, once stopped, take the connections already queued (connects
+            // steered just before): closing the listener would reset them. Told before a Stop
+            // can be refused, which stops them.
+            let alone_from_now = || {
+                stop_steering(redirect.as_deref());
+                drain.sweep_queues();
+            };
             let alone = match &successors {
-                Some(successors) => successors.shut_down_alone(steer_off),
+                Some(successors) => successors.shut_down_alone(alone_from_now),
                 None => {
-                    steer_off();
+                    alone_from_now();
                     true
                 }
             };
             if alone {
-                // The accept loops, once stopped, take the connections already queued (connects
-                // steered just before): closing the listener would reset them.
-                drain.sweep_queues();
                 tokio::time::sleep(STEERED_IN_FLIGHT).await;
             }
             // Before draining: our copies of the listeners must go for them to close (fail open).
@@ -682,7 +685,18 @@ fn start_redirect(
             client_first: true,
         });
     }
-    let redirect = match inherited.take_redirect() {
+    let predecessor = inherited.take_redirect();
+    // A client-first listener of the predecessor's that this agent has not (another
+    // --redirect-http, or off): its programs steer there until ours are swapped in, and what it
+    // holds then would be reset if it closed. Served until this agent stops accepting (nothing
+    // steers there after the swap), not offered on.
+    let let_go: Vec<std::net::TcpListener> = predecessor
+        .iter()
+        .flat_map(|p| p.offer().client_first.clone())
+        .filter(|addr| Some(*addr) != config.listen_client_first)
+        .filter_map(|addr| inherited.listener(addr))
+        .collect();
+    let redirect = match predecessor {
         Some(predecessor) => {
             Redirect::take_over(&config.cgroup, &listeners, predecessor, fresh_programs)
         }
@@ -716,7 +730,7 @@ fn start_redirect(
         cgroups: CgroupDirs::new(root),
     });
     tracing::info!(addr = %config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
-    for listener in listeners.iter().map(|l| l.listener) {
+    for listener in listeners.iter().map(|l| l.listener).chain(&let_go) {
         let (drain, resolver) = (drain.clone(), resolver.clone());
         workers.serve(listener, move |proxy, listener| {
             serve_redirect(proxy, listener, resolver.clone(), drain.clone())

@@ -17,7 +17,11 @@
 //! Why this leaves no window:
 //! - **Accept queue.** The listener is one kernel socket held by both processes, never closed and
 //!   never re-bound: a connection queued on it is accepted by whichever process calls accept(), and
-//!   once the old one has stopped, by the new one. No queue to migrate, nothing reset.
+//!   once the old one has stopped, by the new one. No queue to migrate, nothing reset. A
+//!   client-first redirect listener the new agent does not have (another `--redirect-http`, or
+//!   `off`) is served by it all the same until it stops accepting: the old programs steer there
+//!   until ours are swapped in. (An agent older than these listeners closes it at once: a
+//!   connection steered there in that instant is reset.)
 //! - **connect() meanwhile.** The programs stay attached throughout (the new agent holds their link
 //!   descriptors, so the old one exiting detaches nothing), and the listener stays in the sockmap.
 //!   When the programs are swapped, ours are attached before the old connect programs are detached.

@@ -39,9 +39,9 @@ pub(crate) static LOCAL_SEND: SkStorage<u32> = SkStorage::new();
 /// The addresses of this node's pods that opted in to local sockets (a set: the value is always 1),
 /// written by the agent: only their connections through the agent join `LOCAL_SOCKETS` (a caller's
 /// to the agent, the agent's to a backend), as only they can find their peer there and say they
-/// can be sent bytes that way.
+/// can be sent bytes that way. One more entry than pods: `ANY_POD_OPTED_IN`.
 #[btf_map]
-pub(crate) static LOCAL_PODS: HashMap<PodKey, u8, { MAX_LOCAL_PODS as usize }> = HashMap::new();
+pub(crate) static LOCAL_PODS: HashMap<PodKey, u8, { MAX_LOCAL_PODS as usize + 1 }> = HashMap::new();
 
 /// Marks the sockets the agent dialled to a pod of this node (its value is unused): their
 /// connections are candidates for `LOCAL_SOCKETS`. Set at connect() only for processes of the

@@ -199,38 +199,61 @@ fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
     assert!(dump.contains("\"ui-backend\""), "caller namespace known");
 }
 
+/// A caller in the ui-backend pod that connects to catalog and sends its request only when told
+/// to ([`SilentCaller::send`]).
+struct SilentCaller {
+    process: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl SilentCaller {
+    /// Connected once this returns.
+    fn connect(s: &Scenario) -> SilentCaller {
+        use std::io::BufRead as _;
+        let vip = s.cluster.resolve("catalog", "products").unwrap();
+        let ui = s.pod(&client(s, "ui-backend")).unwrap().clone();
+        let script = format!(
+            "import socket, sys\n\
+             c = socket.create_connection(('{vip}', 80), timeout=10)\n\
+             print('connected', flush=True)\n\
+             sys.stdin.readline()\n\
+             c.sendall(b'GET /items HTTP/1.1\\r\\nHost: catalog\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             answer = b''\n\
+             while chunk := c.recv(65536): answer += chunk\n\
+             print(answer.decode(errors='replace'), flush=True)\n"
+        );
+        let mut process = ui
+            .spawn(
+                std::process::Command::new("python3")
+                    .args(["-c", &script])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped()),
+            )
+            .unwrap();
+        let mut lines = std::io::BufReader::new(process.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "connected");
+        SilentCaller { process, lines }
+    }
+
+    /// Sends the request; the answer's lines.
+    fn send(mut self) -> Vec<String> {
+        use std::io::Write as _;
+        writeln!(self.process.stdin.take().unwrap()).unwrap();
+        let answer = self.lines.by_ref().map_while(Result::ok).collect();
+        let _ = self.process.wait();
+        answer
+    }
+}
+
 /// A connection to a Service port that declares HTTP (catalog's is named `http`) is steered to
 /// the agent's client-first listener, where it waits in the kernel until its request comes (the
 /// agent is woken once, with the request there), and is then served as any other.
 #[test]
 fn a_port_declaring_http_is_accepted_with_its_first_bytes() {
-    use std::io::{BufRead as _, Write as _};
     let Some(s) = scenario("a_port_declaring_http_is_accepted_with_its_first_bytes") else {
         return;
     };
-    let vip = s.cluster.resolve("catalog", "products").unwrap();
-    let ui = s.pod(&client(&s, "ui-backend")).unwrap().clone();
-    // Connects, says so, and sends its request only when told to.
-    let script = format!(
-        "import socket, sys\n\
-         c = socket.create_connection(('{vip}', 80), timeout=10)\n\
-         print('connected', flush=True)\n\
-         sys.stdin.readline()\n\
-         c.sendall(b'GET /items HTTP/1.1\\r\\nHost: catalog\\r\\nConnection: close\\r\\n\\r\\n')\n\
-         answer = b''\n\
-         while chunk := c.recv(65536): answer += chunk\n\
-         print(answer.decode(errors='replace'), flush=True)\n"
-    );
-    let mut caller = ui
-        .spawn(
-            std::process::Command::new("python3")
-                .args(["-c", &script])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped()),
-        )
-        .unwrap();
-    let mut lines = std::io::BufReader::new(caller.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "connected");
+    let caller = SilentCaller::connect(&s);
     let client_first_port = gamma_tests::scenario::REDIRECT_PORT + 1;
     let waiting = |state: &str| {
         let output = s
@@ -251,15 +274,40 @@ fn a_port_declaring_http_is_accepted_with_its_first_bytes() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(waiting("syn-recv"), 1, "held at the client-first listener");
     assert_eq!(counter(&s, "gamma_connections_accepted_total"), 0);
-    writeln!(caller.stdin.take().unwrap()).unwrap();
-    let answer: Vec<String> = lines.map_while(Result::ok).collect();
+    let answer = caller.send();
     assert!(answer[0].starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(
         answer.iter().any(|l| l.contains("x-dev-feature")),
         "the caller's consumer route applied: {answer:?}"
     );
     assert_eq!(counter(&s, "gamma_connections_accepted_total"), 1);
-    let _ = caller.wait();
+}
+
+/// A successor without the running agent's client-first listener (`--redirect-http off` here;
+/// another address, or an older version) serves what that listener holds from before its
+/// programs were swapped in: a connection still waiting for its first bytes there is answered,
+/// not reset when the listener closes.
+#[test]
+fn a_successor_without_the_client_first_listener_serves_what_it_held() {
+    let dir = gamma_tests::loopback::TempDir::new("client-first-takeover");
+    let socket = dir.0.join("takeover.sock");
+    let name = "a_successor_without_the_client_first_listener_serves_what_it_held";
+    let Some(mut s) = scenario_with(name, &["--takeover-socket", socket.to_str().unwrap()]) else {
+        return;
+    };
+    let caller = SilentCaller::connect(&s);
+    s.take_over_agent(&["--redirect-http", "off"]).unwrap();
+    let answer = caller.send();
+    assert!(
+        answer
+            .first()
+            .is_some_and(|l| l.starts_with("HTTP/1.1 200")),
+        "{answer:?}"
+    );
+    assert!(
+        answer.iter().any(|l| l.contains("x-dev-feature")),
+        "the caller's consumer route applied: {answer:?}"
+    );
 }
 
 #[test]

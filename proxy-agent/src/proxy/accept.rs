@@ -89,7 +89,13 @@ pub(super) async fn accept_loop<F>(
                 Err(_) if tokio::time::Instant::now() < until => {
                     match tokio::time::timeout_at(until, listener.accept()).await {
                         Ok(Ok(accepted)) => accepted,
-                        _ => return,
+                        // EMFILE and friends: what the listener holds is still to take.
+                        Ok(Err(_)) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        // Due: a last look at the queue.
+                        Err(_) => continue,
                     }
                 }
                 Err(_) => return,

@@ -53,7 +53,8 @@ impl KernelMap<PodKey> {
         Self {
             map,
             name: maps::LOCAL_PODS,
-            capacity: MAX_LOCAL_PODS,
+            // And `ANY_POD_OPTED_IN`.
+            capacity: MAX_LOCAL_PODS + 1,
             size: 0,
         }
     }

@@ -6,9 +6,9 @@
 //!   copy of the script: a bare hyper one (`floor`, `tests/src/bin/hyper_floor.rs`: what hyper
 //!   alone costs) and one on `httparse` with reused buffers (`codec`,
 //!   `tests/src/bin/codec_floor.rs`: what an HTTP/1.1 codec of our own could cost at least)
-//!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY). As root, a third slot, `local`: our agent on
-//!   the path pods take, through the kernel redirect with `--local-sockets` (wrk dials a Service
-//!   address that the programs steer to the agent; see [`LocalSlot`]).
+//!   (knobs: ROUNDS, DURATION, WARMUP, WITH_ENVOY). As root, two more, on the path pods take
+//!   (wrk dials a Service address that the programs steer to the agent; see [`LocalSlot`]):
+//!   `local`, through the kernel redirect with `--local-sockets`, and `steered`, without.
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 (keep-alive, and
 //!   a new connection per request) and HTTP/2 (`tests/src/bin/bench_alloc.rs`;
 //!   `GAMMA_ALLOC_TRACE=1` says where they come from).
@@ -104,7 +104,7 @@ fn peers() -> Result<()> {
     let local = if util::is_root() {
         Some(LocalSlot::prepare()?)
     } else {
-        util::warn("not root: no `local` slot (the kernel redirect with --local-sockets)");
+        util::warn("not root: no `local` and `steered` slots (the kernel redirect)");
         None
     };
     let slots = format!(
@@ -112,7 +112,7 @@ fn peers() -> Result<()> {
         slot("floor"),
         slot("codec"),
         if local.is_some() {
-            slot("local")
+            slot("local") + &slot("steered")
         } else {
             String::new()
         }
@@ -145,7 +145,9 @@ fn peers() -> Result<()> {
         ));
         script
             .env("LOCAL_CMD", local.command(&agent))
-            .env("LOCAL_URL", format!("http://{LOCAL_VIP}/"));
+            .env("LOCAL_URL", format!("http://{LOCAL_VIP}/"))
+            .env("STEERED_CMD", local.steered_command(&agent))
+            .env("STEERED_URL", format!("http://{STEERED_VIP}/"));
     }
     let result = step(
         "peer proxies side by side (run.sh, with the hyper and codec floors)",
@@ -171,35 +173,61 @@ fn peers() -> Result<()> {
 /// not steer (the agent not up yet, or gone) is refused on loopback, never routed off the machine.
 const LOCAL_VIP: &str = "127.0.200.10:80";
 
-/// The pod the whole run is, for the `local` slot: wrk, the echo backends and the peers share
-/// 127.0.0.1 as a pod's containers share its address, and run in its cgroup (`pod<uid>`, as the
-/// kubelet names them). The agent then knows the backends as pods of its node, which its
-/// connections to pair with, and the callers as that pod.
+/// The Service address of the `steered` slot, as [`LOCAL_VIP`].
+const STEERED_VIP: &str = "127.0.200.11:80";
+
+/// The pod the whole run is, for the `local` and `steered` slots: wrk, the echo backends and the
+/// peers share 127.0.0.1 as a pod's containers share its address, and run in its cgroup
+/// (`pod<uid>`, as the kubelet names them). The agent then knows the backends as pods of its
+/// node, which its connections to pair with, and the callers as that pod.
 const LOCAL_POD_UID: &str = "6a3d0c52-7f1e-4b9a-9c2d-5e8f1a2b3c4d";
 
-/// The `local` slot: cgroups `gamma-peers-bench/{pod<uid>,agent}` under the cgroup v2 mount (the
-/// whole run in the pod's, our agent in `agent`, the programs on their parent, as on a node where
-/// the agent is a pod among pods), and a copy of the bench manifests with the Service at
-/// [`LOCAL_VIP`] and the run's Pod at 127.0.0.1.
+/// The slots on the kernel redirect, each an agent with programs of its own on an ancestor of
+/// the run's cgroup (under the cgroup v2 mount: `gamma-peers-bench/local/{pod<uid>,agent}` and
+/// `gamma-peers-bench/steered-agent`; the whole run in the pod's, as on a node where the agent is
+/// a pod among pods), each with a copy of the bench manifests with the Service at its own address
+/// and the run's Pod at 127.0.0.1:
+/// - `local`: with `--local-sockets`, the Pod opted in ([`LOCAL_VIP`]);
+/// - `steered`: the path a pod takes by default, without them ([`STEERED_VIP`]): a port that
+///   declares HTTP goes to the client-first listener.
+///
+/// The programs of one pass the other's connects (their Service address is not theirs, and the
+/// other agent's address is no Service).
 struct LocalSlot {
+    outer: std::path::PathBuf,
     parent: std::path::PathBuf,
     run: std::path::PathBuf,
     agent: std::path::PathBuf,
+    steered_agent: std::path::PathBuf,
     manifests: std::path::PathBuf,
+    steered_manifests: std::path::PathBuf,
 }
 
 impl LocalSlot {
     fn prepare() -> Result<Self> {
         let mount = cgroup2_mount()?;
-        let parent = mount.join("gamma-peers-bench");
+        let outer = mount.join("gamma-peers-bench");
+        let parent = outer.join("local");
+        let target = util::workspace_root().join("target");
         let slot = LocalSlot {
             run: parent.join(format!("pod{LOCAL_POD_UID}")),
             agent: parent.join("agent"),
+            steered_agent: outer.join("steered-agent"),
             parent,
-            manifests: util::workspace_root().join("target/peers-local-manifests"),
+            outer,
+            manifests: target.join("peers-local-manifests"),
+            steered_manifests: target.join("peers-steered-manifests"),
         };
         slot.remove(); // what an interrupted run left
-        for dir in [&slot.parent, &slot.run, &slot.agent, &slot.manifests] {
+        for dir in [
+            &slot.outer,
+            &slot.parent,
+            &slot.run,
+            &slot.agent,
+            &slot.steered_agent,
+            &slot.manifests,
+            &slot.steered_manifests,
+        ] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
         }
@@ -210,43 +238,79 @@ impl LocalSlot {
         if !bench.contains(original) {
             bail!("bench/peers/manifests/bench.yaml no longer has `{original}`: update LocalSlot");
         }
-        let vip = LOCAL_VIP.split(':').next().unwrap_or_default();
-        let pod = format!(
-            "\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: loopback, namespace: bench, uid: \
-             {LOCAL_POD_UID}, annotations: {{gamma-node.io/local-sockets: \"true\"}}}}\nspec: {{containers: [{{name: run, image: none}}]}}\nstatus: \
-             {{phase: Running, podIP: 127.0.0.1}}\n"
-        );
-        std::fs::write(
-            slot.manifests.join("bench.yaml"),
-            bench.replacen(original, &format!("clusterIP: {vip}"), 1) + &pod,
-        )?;
+        for (dir, vip, opted_in) in [
+            (&slot.manifests, LOCAL_VIP, true),
+            (&slot.steered_manifests, STEERED_VIP, false),
+        ] {
+            let vip = vip.split(':').next().unwrap_or_default();
+            let pod = format!(
+                "\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: loopback, namespace: bench, uid: \
+                 {LOCAL_POD_UID}, annotations: {{gamma-node.io/local-sockets: \"{opted_in}\"}}}}\nspec: {{containers: [{{name: run, image: none}}]}}\nstatus: \
+                 {{phase: Running, podIP: 127.0.0.1}}\n"
+            );
+            std::fs::write(
+                dir.join("bench.yaml"),
+                bench.replacen(original, &format!("clusterIP: {vip}"), 1) + &pod,
+            )?;
+        }
         Ok(slot)
     }
 
     /// Like `ours` (two workers, no access log), but in the agent's cgroup, on the redirect.
     fn command(&self, agent: &std::path::Path) -> String {
+        Self::agent_command(
+            agent,
+            (&self.agent, &self.parent),
+            &self.manifests,
+            "--redirect 127.0.0.1:18187 --local-sockets --admin 127.0.0.1:15991",
+        )
+    }
+
+    /// As [`Self::command`], without local sockets, its programs on the outer cgroup.
+    fn steered_command(&self, agent: &std::path::Path) -> String {
+        Self::agent_command(
+            agent,
+            (&self.steered_agent, &self.outer),
+            &self.steered_manifests,
+            "--redirect 127.0.0.1:18189 --admin 127.0.0.1:15992",
+        )
+    }
+
+    /// `agent` in cgroup `runs_in`, its programs on `attached_to`, with `manifests` and `args`.
+    fn agent_command(
+        agent: &std::path::Path,
+        (runs_in, attached_to): (&std::path::Path, &std::path::Path),
+        manifests: &std::path::Path,
+        args: &str,
+    ) -> String {
         format!(
             "sh -c 'echo $$ > {}/cgroup.procs && exec env RUST_LOG=warn {} --manifests {} \
-             --redirect 127.0.0.1:18187 --cgroup {} --local-sockets --admin 127.0.0.1:15991 --workers 2'",
-            self.agent.display(),
+             --cgroup {} {args} --workers 2'",
+            runs_in.display(),
             agent.display(),
-            self.manifests.display(),
-            self.parent.display()
+            manifests.display(),
+            attached_to.display()
         )
     }
 
     /// Removes the cgroups (run.sh has stopped its processes; they may take a moment to exit).
     fn remove(&self) {
         for _ in 0..50 {
-            for dir in [&self.run, &self.agent, &self.parent] {
+            for dir in [
+                &self.run,
+                &self.agent,
+                &self.parent,
+                &self.steered_agent,
+                &self.outer,
+            ] {
                 let _ = std::fs::remove_dir(dir);
             }
-            if !self.parent.exists() {
+            if !self.outer.exists() {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        util::warn(&format!("could not remove {}", self.parent.display()));
+        util::warn(&format!("could not remove {}", self.outer.display()));
     }
 }
 

@@ -251,6 +251,29 @@ mod tests {
     use arc_swap::ArcSwap;
     use std::sync::atomic::AtomicUsize;
 
+    /// How many connections an accept loop on `listener` takes once stopped, told to `sweep`
+    /// its queue or not.
+    async fn taken_once_stopped(listener: TcpListener, sweep: bool) -> usize {
+        let drain = Drain::default();
+        if sweep {
+            drain.sweep_queues();
+        }
+        drain.stop_accepting.send_replace(true);
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            Arc::new(Metrics::default()),
+            crate::proxy::ProxyConfig::default(),
+        );
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counted = taken.clone();
+        accept_loop(proxy, listener, drain, move |_, _| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            None
+        })
+        .await;
+        taken.load(Ordering::Relaxed)
+    }
+
     /// Connections the kernel queued before the loop stopped: taken when told to sweep (no
     /// successor will), left otherwise (a successor accepts on the same socket).
     #[tokio::test]
@@ -261,25 +284,12 @@ mod tests {
             let _queued: Vec<_> = (0..3)
                 .map(|_| std::net::TcpStream::connect(addr).unwrap())
                 .collect();
-            let drain = Drain::default();
-            if sweep {
-                drain.sweep_queues();
-            }
-            drain.stop_accepting.send_replace(true);
-            let proxy = Proxy::new(
-                Arc::new(ArcSwap::from_pointee(Snapshot::default())),
-                Arc::new(Metrics::default()),
-                crate::proxy::ProxyConfig::default(),
-            );
-            let taken = Arc::new(AtomicUsize::new(0));
-            let counted = taken.clone();
-            accept_loop(proxy, listener, drain, move |_, _| {
-                counted.fetch_add(1, Ordering::Relaxed);
-                None
-            })
-            .await;
             let expected = if sweep { 3 } else { 0 };
-            assert_eq!(taken.load(Ordering::Relaxed), expected, "sweep: {sweep}");
+            assert_eq!(
+                taken_once_stopped(listener, sweep).await,
+                expected,
+                "sweep: {sweep}"
+            );
         }
     }
 
@@ -298,26 +308,8 @@ mod tests {
             late.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
             late
         });
-        let drain = Drain::default();
-        drain.sweep_queues();
-        drain.stop_accepting.send_replace(true);
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(Snapshot::default())),
-            Arc::new(Metrics::default()),
-            crate::proxy::ProxyConfig::default(),
-        );
-        let taken = Arc::new(AtomicUsize::new(0));
-        let counted = taken.clone();
-        accept_loop(proxy, listener, drain, move |_, _| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            None
-        })
-        .await;
+        let taken = taken_once_stopped(listener, true).await;
         let _late = sending.join().unwrap();
-        assert_eq!(
-            taken.load(Ordering::Relaxed),
-            2,
-            "the one that sent, and the silent one"
-        );
+        assert_eq!(taken, 2, "the one that sent, and the silent one");
     }
 }

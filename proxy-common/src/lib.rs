@@ -219,8 +219,10 @@ pub mod counters {
     /// handshake, or outside the programs' cgroup), or that sent before it joined: its bytes take
     /// TCP, all of them, so that none overtakes another.
     pub const LOCAL_KEPT_TCP: u32 = 6;
+    /// Of `STEERED`, those sent to the agent's client-first listener.
+    pub const STEERED_CLIENT_FIRST: u32 = 7;
     /// Number of counters.
-    pub const SLOTS: u32 = 7;
+    pub const SLOTS: u32 = 8;
 }
 
 /// Map names, shared so the agent looks up exactly what the programs define.

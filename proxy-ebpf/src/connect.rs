@@ -100,7 +100,8 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, v4: bool) -> Option<Endpoint> {
     if cgroup_id == config.agent_cgroup_id {
         return None;
     }
-    let agent = match client_first_listener(config, v4, steering) {
+    let client_first = client_first_listener(config, v4, steering);
+    let agent = match client_first {
         Some(agent) => agent,
         None if listener_alive(slot) => listen,
         None => {
@@ -137,6 +138,9 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, v4: bool) -> Option<Endpoint> {
         };
     }
     count(counters::STEERED);
+    if client_first.is_some() {
+        count(counters::STEERED_CLIENT_FIRST);
+    }
     #[cfg(feature = "log")]
     aya_log_ebpf::debug!(
         ctx,

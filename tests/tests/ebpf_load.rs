@@ -389,7 +389,14 @@ fn client_first_ports_go_to_their_own_listener() {
     ];
     assert_eq!(reached(&without_it), "agent4", "its listener closed");
     let counted = redirect.kernel_counters().unwrap();
-    assert_eq!((counted.steered, counted.agent_gone), (7, 0));
+    assert_eq!(
+        (
+            counted.steered,
+            counted.steered_client_first,
+            counted.agent_gone
+        ),
+        (7, 4, 0)
+    );
 }
 
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {

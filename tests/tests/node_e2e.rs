@@ -281,6 +281,10 @@ fn a_port_declaring_http_is_accepted_with_its_first_bytes() {
         "the caller's consumer route applied: {answer:?}"
     );
     assert_eq!(counter(&s, "gamma_connections_accepted_total"), 1);
+    assert_eq!(
+        counter(&s, "gamma_kernel_connects_steered_client_first_total"),
+        1
+    );
 }
 
 /// A successor without the running agent's client-first listener (`--redirect-http off` here;

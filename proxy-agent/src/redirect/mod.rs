@@ -158,6 +158,8 @@ type PairRecords = SkStorage<MapData, u32>;
 pub struct KernelCounters {
     /// connect() to a mesh Service sent to the agent.
     pub steered: u64,
+    /// Of those, the ones sent to the client-first listener.
+    pub steered_client_first: u64,
     /// connect() to a mesh Service left alone: the agent's listener was gone (fail open).
     pub agent_gone: u64,
     /// Redirect records that could not be stored.
@@ -366,6 +368,7 @@ impl Redirect {
         };
         Ok(KernelCounters {
             steered: read(counters::STEERED)?,
+            steered_client_first: read(counters::STEERED_CLIENT_FIRST)?,
             agent_gone: read(counters::AGENT_GONE)?,
             record_failed: read(counters::RECORD_FAILED)?,
             peername_rewrites: read(counters::PEERNAME_REWRITES)?,

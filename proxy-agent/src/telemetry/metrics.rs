@@ -291,6 +291,7 @@ impl Collector for Scrape {
         if let Some(counted) = m.kernel_counters.get().and_then(|read| read()) {
             for (name, help, value) in [
                 ("gamma_kernel_connects_steered", "connect() calls to a mesh Service the kernel programs sent to the agent.", counted.steered),
+                ("gamma_kernel_connects_steered_client_first", "Of the steered connect() calls, those sent to the agent's client-first listener (--redirect-http: ports that declare HTTP). Rising while requests to such ports are not: pods cannot reach that port (an egress NetworkPolicy?).", counted.steered_client_first),
                 ("gamma_kernel_connects_agent_gone", "connect() calls to a mesh Service left to ordinary Service routing because the agent's listener was gone (fail open).", counted.agent_gone),
                 ("gamma_kernel_record_failures", "Redirect records the kernel programs could not store (the connection was left alone, or the agent lost its original destination).", counted.record_failed),
                 ("gamma_kernel_getpeername_rewrites", "getpeername() calls on redirected sockets answered with the Service address.", counted.peername_rewrites),

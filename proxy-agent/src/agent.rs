@@ -335,9 +335,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             // is its own. A successor that holds the sockets without having said Stop is refused
             // it from now on: it starts as without this agent, and writes its steering after
             // this agent emptied it.
-            // The accept loops, once stopped, take the connections already queued (connects
-            // steered just before): closing the listener would reset them. Told before a Stop
-            // can be refused, which stops them.
+            //
+            // Alone, the accept loops, once stopped, take the connections already queued
+            // (connects steered just before): closing the listener would reset them. Told before
+            // a Stop can be refused, which stops them.
             let alone_from_now = || {
                 stop_steering(redirect.as_deref());
                 drain.sweep_queues();
@@ -690,7 +691,7 @@ fn start_redirect(
     // --redirect-http, or off): its programs steer there until ours are swapped in, and what it
     // holds then would be reset if it closed. Served until this agent stops accepting (nothing
     // steers there after the swap), not offered on.
-    let let_go: Vec<std::net::TcpListener> = predecessor
+    let theirs_only: Vec<std::net::TcpListener> = predecessor
         .iter()
         .flat_map(|p| p.offer().client_first.clone())
         .filter(|addr| Some(*addr) != config.listen_client_first)
@@ -730,7 +731,7 @@ fn start_redirect(
         cgroups: CgroupDirs::new(root),
     });
     tracing::info!(addr = %config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
-    for listener in listeners.iter().map(|l| l.listener).chain(&let_go) {
+    for listener in listeners.iter().map(|l| l.listener).chain(&theirs_only) {
         let (drain, resolver) = (drain.clone(), resolver.clone());
         workers.serve(listener, move |proxy, listener| {
             serve_redirect(proxy, listener, resolver.clone(), drain.clone())

@@ -87,11 +87,7 @@ fn steer(ctx: &SockAddrContext, dst: Endpoint, v4: bool) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
     let steering = unsafe { *MESH_SERVICES.get(ServiceKey { vip: dst })? };
     let config = CONFIG.get(0)?;
-    let (listen, slot) = if v4 {
-        (config.listen_v4, LISTENER_V4)
-    } else {
-        (config.listen_v6, LISTENER_V6)
-    };
+    let (listen, slot) = agent_listener(config, v4, false);
     if !listen.is_set() {
         return None;
     }
@@ -194,17 +190,26 @@ fn mark_agent(ctx: &SockAddrContext, dst: &Endpoint) {
 /// opted in to local sockets (`proxy_common::ANY_POD_OPTED_IN`).
 #[inline(always)]
 fn client_first_listener(config: &AgentConfig, v4: bool, steering: u8) -> Option<Endpoint> {
-    // Pods that may pair their sockets with the agent's (which one dials is not known yet).
-    let may_pair = config.local_sockets != 0 && local::any_pod_opted_in();
-    if steering != STEER_CLIENT_FIRST || may_pair {
+    // Pods that may pair their sockets with the agent's (which one dials is not known yet);
+    // looked up only for a port that would go there.
+    let may_pair = || config.local_sockets != 0 && local::any_pod_opted_in();
+    if steering != STEER_CLIENT_FIRST || may_pair() {
         return None;
     }
-    let (listen, slot) = if v4 {
-        (config.client_first_v4, LISTENER_CLIENT_FIRST_V4)
-    } else {
-        (config.client_first_v6, LISTENER_CLIENT_FIRST_V6)
-    };
+    let (listen, slot) = agent_listener(config, v4, true);
     (listen.is_set() && listener_alive(slot)).then_some(listen)
+}
+
+/// The agent's address of the family (`v4`) for ports of one kind (`client_first` or any), and
+/// the `AGENT_LISTENERS` slot of its listener.
+#[inline(always)]
+fn agent_listener(config: &AgentConfig, v4: bool, client_first: bool) -> (Endpoint, u32) {
+    match (v4, client_first) {
+        (true, false) => (config.listen_v4, LISTENER_V4),
+        (false, false) => (config.listen_v6, LISTENER_V6),
+        (true, true) => (config.client_first_v4, LISTENER_CLIENT_FIRST_V4),
+        (false, true) => (config.client_first_v6, LISTENER_CLIENT_FIRST_V6),
+    }
 }
 
 /// Whether the agent's listener for `slot` is in `AGENT_LISTENERS`, i.e. still open.

@@ -56,7 +56,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, SkStorage, SockMap};
 use proxy_common::{
     counters, maps, AgentConfig, CallerKey, Endpoint, PodKey, RedirectRecord, ServiceKey,
-    ANY_POD_OPTED_IN, LISTENER_CLIENT_FIRST_V4, LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6,
+    LISTENER_CLIENT_FIRST_V4, LISTENER_CLIENT_FIRST_V6, LISTENER_V4, LISTENER_V6,
 };
 
 pub use attach::{attached_programs, AttachedProgram};
@@ -327,21 +327,10 @@ impl Redirect {
         &self,
         pods: impl IntoIterator<Item = IpAddr>,
     ) -> Result<SetChange, RedirectError> {
-        let mut wanted = sets::pod_entries(pods);
-        let pods = wanted.len();
-        if pods > 0 {
-            wanted.insert(ANY_POD_OPTED_IN, 1);
-        }
-        let change = self
-            .local_pods
+        self.local_pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reconcile(wanted)?;
-        // The entries written and removed include the marker; the size is the pods'.
-        Ok(SetChange {
-            size: pods,
-            ..change
-        })
+            .reconcile_pods(pods)
     }
 
     /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
@@ -375,13 +364,11 @@ impl Redirect {
             local_paired: read(counters::LOCAL_PAIRED)?,
             local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
-            // Without `ANY_POD_OPTED_IN`, there while any pod is.
             local_pods: self
                 .local_pods
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .size()
-                .saturating_sub(1) as u64,
+                .pods() as u64,
         })
     }
 

@@ -13,7 +13,8 @@ use std::{
 
 use aya::maps::MapData;
 use proxy_common::{
-    maps, PodKey, ServiceKey, MAX_LOCAL_PODS, MAX_MESH_SERVICES, STEER_ANY, STEER_CLIENT_FIRST,
+    maps, PodKey, ServiceKey, ANY_POD_OPTED_IN, MAX_LOCAL_PODS, MAX_MESH_SERVICES, STEER_ANY,
+    STEER_CLIENT_FIRST,
 };
 
 use super::{addr, RedirectError};
@@ -58,6 +59,28 @@ impl KernelMap<PodKey> {
             size: 0,
         }
     }
+
+    /// Makes the map hold exactly `pods`, and `ANY_POD_OPTED_IN` while it holds any. The entries
+    /// written and removed count the marker; the size is the pods'.
+    pub(crate) fn reconcile_pods(
+        &mut self,
+        pods: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<SetChange, RedirectError> {
+        let mut wanted = pod_entries(pods);
+        let pods = wanted.len();
+        if pods > 0 {
+            wanted.insert(ANY_POD_OPTED_IN, 1);
+        }
+        Ok(SetChange {
+            size: pods,
+            ..self.reconcile(wanted)?
+        })
+    }
+
+    /// Pods after the last reconciliation (0 before the first), the marker not counted.
+    pub(crate) fn pods(&self) -> usize {
+        self.size.saturating_sub(1)
+    }
 }
 
 /// The entries of `MESH_SERVICES` for `frontends` (with whether their clients speak first).
@@ -83,7 +106,7 @@ pub(crate) fn service_entries(
 }
 
 /// The entries of `LOCAL_PODS` for `pods` (the value is unused).
-pub(crate) fn pod_entries(pods: impl IntoIterator<Item = IpAddr>) -> HashMap<PodKey, u8> {
+fn pod_entries(pods: impl IntoIterator<Item = IpAddr>) -> HashMap<PodKey, u8> {
     pods.into_iter()
         .map(|ip| {
             let key = PodKey {
@@ -146,11 +169,6 @@ impl<K: aya::Pod + Eq + Hash + std::fmt::Debug> KernelMap<K> {
             removed: remove.len(),
             size: self.size,
         })
-    }
-
-    /// Entries after the last reconciliation (0 before the first).
-    pub(crate) fn size(&self) -> usize {
-        self.size
     }
 }
 

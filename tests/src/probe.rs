@@ -134,6 +134,12 @@ pub fn raw_exchange(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Resu
     stream.set_read_timeout(Some(timeout))?;
     // A refused head may be answered and closed before the rest is sent: not an error here.
     let _ = stream.write_all(payload);
+    read_reply(&mut stream)
+}
+
+/// Reads what the agent sends on `stream` until it closes or resets the connection, or the
+/// stream's read timeout passes.
+pub fn read_reply(stream: &mut TcpStream) -> Result<RawReply> {
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     let (closed, reset) = loop {

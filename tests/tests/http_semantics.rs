@@ -201,7 +201,7 @@ async fn a_callers_connection_options_do_not_strip_what_the_route_sets() {
 /// answer's last bytes, held for the FIN, with it: the caller read nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_read_whole_though_the_caller_sent_more_after_close() {
-    use std::io::{Read as _, Write as _};
+    use std::io::Write as _;
     let echo = echo_backend([127, 0, 0, 1], "echo").await;
     let agent = Agent::start(&Manifests::front_routed_to(echo.addr), options(&[])).unwrap();
     let addr = agent.listen[0];
@@ -215,13 +215,8 @@ async fn an_answer_is_read_whole_though_the_caller_sent_more_after_close() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         caller.write_all(b"\r\n").unwrap();
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 4096];
         // Until the FIN or the reset that follows the answer.
-        while let Ok(n @ 1..) = caller.read(&mut chunk) {
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8_lossy(&answer).into_owned()
+        gamma_tests::probe::read_reply(&mut caller).unwrap().text
     })
     .await
     .unwrap();

@@ -345,13 +345,7 @@ async fn websocket_upgrade_and_opaque_tcp() {
     let upgrade = tokio::task::spawn_blocking({
         let addr = agent.listen[0];
         move || {
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            s.write_all(b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
-            let mut head = [0u8; 512];
-            let n = s.read(&mut head).unwrap();
-            let head = String::from_utf8_lossy(&head[..n]).to_string();
-            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            let mut s = upgraded(addr);
             s.write_all(b"ping-frame").unwrap();
             let mut echoed = [0u8; 10];
             s.read_exact(&mut echoed).unwrap();
@@ -416,15 +410,7 @@ async fn an_upgraded_connection_counts_against_the_connection_cap() {
     let addr = agent.listen[0];
     let admin = agent.admin;
     tokio::task::spawn_blocking(move || {
-        let mut ws = std::net::TcpStream::connect(addr).unwrap();
-        ws.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        ws.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
-        .unwrap();
-        let mut head = [0u8; 512];
-        let n = ws.read(&mut head).unwrap();
-        assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+        let mut ws = upgraded(addr);
         let metrics = gamma_tests::loopback::http_get(admin, "/metrics").unwrap();
         assert_eq!(
             gamma_tests::probe::sample(&metrics, "gamma_connections_open"),
@@ -517,20 +503,9 @@ async fn sigterm_lets_an_upgraded_connection_finish() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
     let mut agent = Agent::start(&Manifests::front_routed_to(a.addr), options(None)).unwrap();
     let addr = agent.listen[0];
-    let mut socket = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
+    let mut socket = tokio::task::spawn_blocking(move || upgraded(addr))
+        .await
         .unwrap();
-        let mut head = [0u8; 512];
-        let n = s.read(&mut head).unwrap();
-        assert!(head[..n].starts_with(b"HTTP/1.1 101"));
-        s
-    })
-    .await
-    .unwrap();
     agent.terminate();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -861,4 +836,21 @@ async fn requests_go_on_while_nobody_reads_the_agents_log() {
     })
     .await;
     assert!(served.is_ok(), "requests stalled behind the unread log");
+}
+
+/// A WebSocket connection to `front` through the agent at `addr`, its 101 read (3 s read
+/// timeout).
+fn upgraded(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = s.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
 }

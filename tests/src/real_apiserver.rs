@@ -324,6 +324,29 @@ impl ApiFront {
         self.hooks.relayed.lock().unwrap().clone()
     }
 
+    /// Method and status of the calls relayed after the first `skip` whose path `wanted` accepts,
+    /// once there are `count` of them or `limit` has passed.
+    pub async fn relayed_matching(
+        &self,
+        skip: usize,
+        count: usize,
+        limit: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Vec<(String, u16)> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let calls: Vec<(String, u16)> = self.relayed()[skip..]
+                .iter()
+                .filter(|(_, path, _)| wanted(path))
+                .map(|(method, _, status)| (method.clone(), *status))
+                .collect();
+            if calls.len() >= count || tokio::time::Instant::now() >= deadline {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A kubeconfig for the front whose user presents `token`.
     pub fn kubeconfig(&self, dir: &Path, token: &str) -> PathBuf {
         crate::fake_apiserver::kubeconfig_for(self.addr, dir, token)

@@ -63,10 +63,11 @@ impl FromStr for ListenSpec {
 /// holds the pods whose connections are steered.
 #[derive(Clone, Debug)]
 pub struct RedirectConfig {
-    pub listen: SocketAddr,
-    /// Where connections to ports whose clients speak first are steered (`--redirect-http`): a
-    /// listener that hands them on with their first bytes. `None`: to `listen`.
-    pub listen_client_first: Option<SocketAddr>,
+    /// Where pods' connections are steered: at most one address per family (dual-stack).
+    pub listen: Vec<SocketAddr>,
+    /// Where connections to ports whose clients speak first are steered (`--redirect-http`):
+    /// listeners that hand them on with their first bytes. None of a family: to `listen`'s.
+    pub listen_client_first: Vec<SocketAddr>,
     pub cgroup: PathBuf,
     /// Pair the sockets of node-local connections through the agent (`Redirect::set_local_sockets`).
     pub local_sockets: bool,
@@ -234,9 +235,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     // A running agent's redirect is not taken over: our copies of its links and
                     // listener close here, and its programs detach when it exits (fail open).
                     drop(inherited.take_redirect());
-                    drop(inherited.listener(r.listen));
-                    if let Some(addr) = r.listen_client_first {
-                        drop(inherited.listener(addr));
+                    for addr in r.listen.iter().chain(&r.listen_client_first) {
+                        drop(inherited.listener(*addr));
                     }
                     None
                 }
@@ -658,34 +658,27 @@ fn start_redirect(
     // Before binding or taking anything over: on a kernel that cannot run the redirect, nothing
     // steers pods here.
     redirect::check_kernel()?;
-    let any_port = listen(inherited, offered, config.listen, "the redirect listener")?;
-    let client_first = match config.listen_client_first {
-        Some(addr) => {
-            let listener = listen(
-                inherited,
-                offered,
-                addr,
-                "the redirect listener for ports declaring HTTP",
-            )?;
-            defer_accept(&listener, true).with_context(|| {
-                format!("setting {addr} to hand on connections with their first bytes")
-            })?;
-            Some((listener, addr))
-        }
-        None => None,
-    };
-    let mut listeners = vec![AgentListener {
-        listener: &any_port,
-        addr: config.listen,
-        client_first: false,
-    }];
-    if let Some((listener, addr)) = &client_first {
-        listeners.push(AgentListener {
+    let mut bound = Vec::new();
+    for &addr in &config.listen {
+        let listener = listen(inherited, offered, addr, "the redirect listener")?;
+        bound.push((listener, addr, false));
+    }
+    for &addr in &config.listen_client_first {
+        let what = "the redirect listener for ports declaring HTTP";
+        let listener = listen(inherited, offered, addr, what)?;
+        defer_accept(&listener, true).with_context(|| {
+            format!("setting {addr} to hand on connections with their first bytes")
+        })?;
+        bound.push((listener, addr, true));
+    }
+    let listeners: Vec<AgentListener<'_>> = bound
+        .iter()
+        .map(|(listener, addr, client_first)| AgentListener {
             listener,
             addr: *addr,
-            client_first: true,
-        });
-    }
+            client_first: *client_first,
+        })
+        .collect();
     let predecessor = inherited.take_redirect();
     // A client-first listener of the predecessor's that this agent has not (another
     // --redirect-http, or off): its programs steer there until ours are swapped in, and what it
@@ -694,7 +687,7 @@ fn start_redirect(
     let theirs_only: Vec<std::net::TcpListener> = predecessor
         .iter()
         .flat_map(|p| p.offer().client_first.clone())
-        .filter(|addr| Some(*addr) != config.listen_client_first)
+        .filter(|addr| !config.listen_client_first.contains(addr))
         .filter_map(|addr| inherited.listener(addr))
         .collect();
     let redirect = match predecessor {
@@ -730,7 +723,7 @@ fn start_redirect(
         redirect: redirect.clone(),
         cgroups: CgroupDirs::new(root),
     });
-    tracing::info!(addr = %config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
+    tracing::info!(addr = ?config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
     for listener in listeners.iter().map(|l| l.listener).chain(&theirs_only) {
         let (drain, resolver) = (drain.clone(), resolver.clone());
         workers.serve(listener, move |proxy, listener| {

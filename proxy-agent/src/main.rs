@@ -60,15 +60,17 @@ struct Cli {
     #[arg(long, value_name = "NS")]
     caller_namespace: Option<String>,
     /// Redirect listener: where the kernel steers pods' connections to mesh Services. Needs
-    /// `--cgroup`. Pods must be able to reach this address.
-    #[arg(long, value_name = "ADDR", requires = "cgroup")]
-    redirect: Option<SocketAddr>,
+    /// `--cgroup`. Pods must be able to reach this address. Dual-stack: the node's IPs of both
+    /// families before one port, `10.0.0.5,fd00::5:15001` (the Downward API's `status.hostIPs`
+    /// then `:PORT`): connections to a Service's IPv6 ClusterIP go to the IPv6 one.
+    #[arg(long, value_name = "ADDR|IPS:PORT", requires = "cgroup")]
+    redirect: Option<Addresses>,
     /// Redirect listener for Service ports that declare HTTP (appProtocol or port name): their
     /// clients speak first, so the agent accepts a connection only once its request came (one
     /// wakeup per connection instead of two). Pods must be able to reach it too (an egress
-    /// NetworkPolicy must allow it as it allows --redirect). Default: the --redirect address,
+    /// NetworkPolicy must allow it as it allows --redirect). Default: the --redirect addresses,
     /// port + 1; `off`: every port goes to --redirect.
-    #[arg(long, value_name = "ADDR|off", requires = "redirect")]
+    #[arg(long, value_name = "ADDR|IPS:PORT|off", requires = "redirect")]
     redirect_http: Option<ClientFirstListener>,
     /// The cgroup v2 directory holding the pods whose connections are steered (e.g. kubepods).
     #[arg(long, value_name = "DIR", requires = "redirect")]
@@ -307,27 +309,79 @@ fn main() -> Result<()> {
 
 /// The kernel redirect's configuration, if `--redirect` asks for one.
 fn redirect_config(cli: &Cli) -> Result<Option<RedirectConfig>> {
-    let (Some(listen), Some(cgroup)) = (cli.redirect, &cli.cgroup) else {
+    let (Some(Addresses(listen)), Some(cgroup)) = (&cli.redirect, &cli.cgroup) else {
         return Ok(None);
     };
-    let listen_client_first = match cli.redirect_http {
-        Some(ClientFirstListener(Some(addr))) if addr == listen => anyhow::bail!(
-            "--redirect-http {addr} is --redirect's address: give it a port of its own, or `off`"
-        ),
-        Some(ClientFirstListener(addr)) => addr,
-        None => Some(next_port(listen)?),
+    let listen_client_first = match &cli.redirect_http {
+        Some(ClientFirstListener(Some(Addresses(addrs)))) => {
+            if let Some(same) = addrs.iter().find(|a| listen.contains(a)) {
+                anyhow::bail!(
+                    "--redirect-http {same} is a --redirect address: give it a port of its own, \
+                     or `off`"
+                );
+            }
+            addrs.clone()
+        }
+        Some(ClientFirstListener(None)) => Vec::new(),
+        None => listen
+            .iter()
+            .map(|a| next_port(*a))
+            .collect::<Result<_>>()?,
     };
     Ok(Some(RedirectConfig {
-        listen,
+        listen: listen.clone(),
         listen_client_first,
         cgroup: cgroup.clone(),
         local_sockets: cli.local_sockets,
     }))
 }
 
-/// `--redirect-http`: an address, or `off` (`None`).
-#[derive(Clone, Copy, Debug)]
-struct ClientFirstListener(Option<SocketAddr>);
+/// Listen addresses, at most one per address family: `IP:PORT`, `[IPv6]:PORT`, or IPs separated
+/// by commas before one port, brackets optional (`10.0.0.5,fd00::5:15001`: what a Pod's
+/// `status.hostIPs` gives, then the port). The same address twice counts once.
+#[derive(Clone, Debug, PartialEq)]
+struct Addresses(Vec<SocketAddr>);
+
+impl std::str::FromStr for Addresses {
+    type Err = String;
+
+    fn from_str(value: &str) -> std::result::Result<Self, String> {
+        if let Ok(addr) = value.parse::<SocketAddr>() {
+            return Ok(Addresses(vec![addr]));
+        }
+        let usage = "give IP:PORT, [IPv6]:PORT, or IPs separated by commas then :PORT";
+        let (ips, port) = value
+            .rsplit_once(':')
+            .ok_or_else(|| format!("no port in {value:?}: {usage}"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|e| format!("port {port:?} in {value:?}: {e}: {usage}"))?;
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for ip in ips.split(',').map(str::trim) {
+            let bare = ip.strip_prefix('[').and_then(|i| i.strip_suffix(']'));
+            let ip: std::net::IpAddr = bare
+                .unwrap_or(ip)
+                .parse()
+                .map_err(|e| format!("{ip:?} in {value:?}: {e}: {usage}"))?;
+            let addr = SocketAddr::new(ip, port);
+            if addrs.contains(&addr) {
+                continue;
+            }
+            if let Some(other) = addrs.iter().find(|a| a.is_ipv4() == addr.is_ipv4()) {
+                return Err(format!(
+                    "{other} and {addr}: one address per family (the kernel sends each \
+                     connection to the agent's address of its own family)"
+                ));
+            }
+            addrs.push(addr);
+        }
+        Ok(Addresses(addrs))
+    }
+}
+
+/// `--redirect-http`: addresses, or `off` (`None`).
+#[derive(Clone, Debug)]
+struct ClientFirstListener(Option<Addresses>);
 
 impl std::str::FromStr for ClientFirstListener {
     type Err = String;
@@ -335,15 +389,12 @@ impl std::str::FromStr for ClientFirstListener {
     fn from_str(value: &str) -> std::result::Result<Self, String> {
         match value {
             "off" => Ok(ClientFirstListener(None)),
-            addr => addr
-                .parse()
-                .map(|addr| ClientFirstListener(Some(addr)))
-                .map_err(|e| format!("{e}: give an address (IP:port) or `off`")),
+            addrs => addrs.parse().map(|addrs| ClientFirstListener(Some(addrs))),
         }
     }
 }
 
-/// `--redirect-http`'s default: the `--redirect` address, port + 1.
+/// `--redirect-http`'s default for a `--redirect` address: the same IP, port + 1.
 fn next_port(redirect: SocketAddr) -> Result<SocketAddr> {
     let port = redirect.port().checked_add(1).with_context(|| {
         format!("--redirect {redirect}: no port after it for --redirect-http; give it one")
@@ -394,20 +445,19 @@ mod tests {
                     .chain(["--cgroup", "/sys/fs/cgroup"].iter())
                     .chain(extra),
             );
-            super::redirect_config(&cli)
-                .map(|c| c.unwrap().listen_client_first.map(|a| a.to_string()))
+            super::redirect_config(&cli).map(|c| {
+                let addrs = c.unwrap().listen_client_first;
+                addrs.iter().map(ToString::to_string).collect::<Vec<_>>()
+            })
         };
+        assert_eq!(client_first(&[]).unwrap(), ["10.0.0.1:15002"]);
         assert_eq!(
-            client_first(&[]).unwrap().as_deref(),
-            Some("10.0.0.1:15002")
+            client_first(&["--redirect-http", "10.0.0.1:16000"]).unwrap(),
+            ["10.0.0.1:16000"]
         );
-        assert_eq!(
-            client_first(&["--redirect-http", "10.0.0.1:16000"])
-                .unwrap()
-                .as_deref(),
-            Some("10.0.0.1:16000")
-        );
-        assert_eq!(client_first(&["--redirect-http", "off"]).unwrap(), None);
+        assert!(client_first(&["--redirect-http", "off"])
+            .unwrap()
+            .is_empty());
         let same = client_first(&["--redirect-http", "10.0.0.1:15001"]).unwrap_err();
         assert!(same.to_string().contains("a port of its own"), "{same}");
         let last = Cli::parse_from([
@@ -422,6 +472,55 @@ mod tests {
         assert!(
             super::redirect_config(&last).is_err(),
             "no port after 65535"
+        );
+    }
+
+    /// `--redirect=$(HOST_IPS):15001` in the DaemonSet: a single-stack node gives one IP (an IPv6
+    /// one without brackets), a dual-stack node one of each family.
+    #[test]
+    fn redirect_addresses_take_the_node_ips_before_one_port() {
+        let parsed = |value: &str| {
+            value.parse::<super::Addresses>().map(|a| {
+                let addrs = a.0.iter().map(ToString::to_string).collect::<Vec<_>>();
+                addrs.join(" ")
+            })
+        };
+        assert_eq!(parsed("10.0.0.5:15001").unwrap(), "10.0.0.5:15001");
+        assert_eq!(parsed("[fd00::5]:15001").unwrap(), "[fd00::5]:15001");
+        assert_eq!(parsed("fd00::5:15001").unwrap(), "[fd00::5]:15001");
+        assert_eq!(
+            parsed("10.0.0.5,fd00::5:15001").unwrap(),
+            "10.0.0.5:15001 [fd00::5]:15001"
+        );
+        assert_eq!(
+            parsed("fd00::5, 10.0.0.5,10.0.0.5:15001").unwrap(),
+            "[fd00::5]:15001 10.0.0.5:15001"
+        );
+        for bad in [
+            "10.0.0.5",
+            "10.0.0.5,10.0.0.6:15001",
+            "fd00::5,fd00::6:1",
+            "x:1",
+            "10.0.0.5:x",
+        ] {
+            assert!(parsed(bad).is_err(), "{bad}");
+        }
+        let cli = Cli::parse_from([
+            "proxy-agent",
+            "--manifests",
+            "/tmp",
+            "--redirect",
+            "10.0.0.5,fd00::5:15001",
+            "--cgroup",
+            "/x",
+        ]);
+        let config = super::redirect_config(&cli).unwrap().unwrap();
+        let strings = |addrs: &[std::net::SocketAddr]| {
+            addrs.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strings(&config.listen_client_first),
+            ["10.0.0.5:15002", "[fd00::5]:15002"]
         );
     }
 

@@ -43,6 +43,8 @@ pub struct SimPod {
     pub name: String,
     pub deployment: String,
     pub ip: IpAddr,
+    /// Its IPv6 address on a dual-stack node ([`SimCluster::dual_stack`]).
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub uid: String,
     pub labels: BTreeMap<String, String>,
     /// From the Deployment's template.
@@ -139,6 +141,7 @@ impl SimCluster {
                             name: pod_name,
                             deployment: name.clone(),
                             ip,
+                            ip6: None,
                             labels: labels(template["metadata"].get("labels")),
                             annotations: labels(template["metadata"].get("annotations")),
                             container_ports: container_ports.clone(),
@@ -234,15 +237,57 @@ impl SimCluster {
         self
     }
 
+    /// Dual-stack: every Pod gets an IPv6 address in `fd00:244::/64` and every Service an IPv6
+    /// ClusterIP in [`crate::node::SERVICE_CIDR6`] (`PreferDualStack`), each numbered as its IPv4
+    /// one. Endpoints stay IPv4.
+    pub fn dual_stack(mut self) -> Self {
+        let v6 = |prefix: [u16; 4], v4: IpAddr| {
+            let IpAddr::V4(v4) = v4 else {
+                unreachable!("the plan numbers IPv4")
+            };
+            let [_, _, hi, lo] = v4.octets();
+            let [a, b, c, d] = prefix;
+            std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from_be_bytes([hi, lo]))
+        };
+        for pod in &mut self.pods {
+            pod.ip6 = Some(v6([0xfd00, 0x244, 0, 0], pod.ip));
+        }
+        for service in &mut self.services {
+            let ip6 = v6([0xfd00, 0x96, 0, 0], service.cluster_ip);
+            let spec = &mut service.manifest["spec"];
+            spec["clusterIPs"] = json!([service.cluster_ip.to_string(), ip6.to_string()]);
+            spec["ipFamilies"] = json!(["IPv4", "IPv6"]);
+            spec["ipFamilyPolicy"] = json!("PreferDualStack");
+        }
+        self
+    }
+
+    /// The IPv6 ClusterIP of a Service ([`SimCluster::dual_stack`]).
+    pub fn resolve6(&self, name: &str, namespace: &str) -> Option<std::net::Ipv6Addr> {
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)?;
+        service.manifest["spec"]["clusterIPs"]
+            .as_array()?
+            .iter()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .next()
+    }
+
     /// Services (with ClusterIPs), Pods and derived EndpointSlices, as API objects.
     pub fn manifests(&self) -> Vec<Value> {
         let mut out: Vec<Value> = self.services.iter().map(|s| s.manifest.clone()).collect();
         for pod in &self.pods {
+            let pod_ips: Vec<Value> = std::iter::once(pod.ip)
+                .chain(pod.ip6.map(IpAddr::V6))
+                .map(|ip| json!({"ip": ip.to_string()}))
+                .collect();
             out.push(json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": pod.labels, "annotations": pod.annotations},
                 "spec": {"nodeName": "node", "containers": []},
-                "status": {"podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
+                "status": {"podIP": pod.ip.to_string(), "podIPs": pod_ips},
             }));
         }
         out.extend(self.services.iter().filter_map(|s| self.endpoint_slice(s)));

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -37,6 +37,11 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 pub const AGENT_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The Service CIDR, blackholed in the node netns like on a node without kube-proxy rules.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The agent's IPv6 address on a dual-stack node ([`Node::give_ipv6`]), placed as [`AGENT_ADDR`].
+pub const AGENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+/// The IPv6 Service CIDR of a dual-stack node: blackholed, and no kube-proxy for it (a connection
+/// the kernel programs do not steer fails).
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 
 /// Bound on each setup or cleanup command (`ip`, `iptables`, `sysctl`).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,6 +83,8 @@ pub struct Node {
     pods_cgroup: PathBuf,
     pods: Vec<Pod>,
     next_pod: usize,
+    /// Whether the node has its IPv6 agent address and Service CIDR ([`Node::give_ipv6`]).
+    ipv6: bool,
     /// Endpoint count of each DNATed VIP:port, to find its chains again.
     services: BTreeMap<(Ipv4Addr, u16), usize>,
     processes: Arc<Processes>,
@@ -124,6 +131,7 @@ impl Node {
             prefix,
             pods: Vec::new(),
             next_pod: 0,
+            ipv6: false,
             services: BTreeMap::new(),
             processes,
             created: Vec::new(),
@@ -202,6 +210,65 @@ impl Node {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Gives `pod` the IPv6 address `ip6` as well, reaching the node's [`AGENT_ADDR6`] on-link;
+    /// the first time, the node gets that address and a blackholed [`SERVICE_CIDR6`].
+    pub fn give_ipv6(&mut self, pod: &Pod, ip6: Ipv6Addr) -> Result<()> {
+        let node = self.netns().to_string();
+        let agent = format!("{AGENT_ADDR6}/128");
+        if !self.ipv6 {
+            ip(["-n", &node, "addr", "add", &agent, "dev", "lo", "nodad"])?;
+            ip(["-n", &node, "route", "add", "blackhole", SERVICE_CIDR6])?;
+            self.ipv6 = true;
+        }
+        // Neighbour discovery answers only for an interface's own addresses (unlike ARP).
+        ip([
+            "-n", &node, "addr", "add", &agent, "dev", &pod.veth, "nodad",
+        ])?;
+        ip([
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &pod.veth,
+        ])?;
+        let netns = pod.place.netns.as_str();
+        ip([
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip([
+            "-n",
+            netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &AGENT_ADDR6.to_string(),
+            "dev",
+            "eth0",
+            "onlink",
+        ])
+        .with_context(|| {
+            format!(
+                "giving pod {}/{} the address {ip6}",
+                pod.namespace, pod.name
+            )
+        })
+    }
+
+    /// Whether [`Node::give_ipv6`] made this a dual-stack node.
+    pub fn has_ipv6(&self) -> bool {
+        self.ipv6
     }
 
     /// Starts `cmd` in the node netns (not in any pod's cgroup); killed when the node drops.

@@ -105,6 +105,9 @@ impl Scenario {
         let mut pods = Vec::new();
         for sim in cluster.pods.iter().filter(|p| here(p)) {
             let pod = node.add_pod(&sim.namespace, &sim.name, &sim.uid, ipv4(sim.ip)?)?;
+            if let Some(ip6) = sim.ip6 {
+                node.give_ipv6(&pod, ip6)?;
+            }
             if !sim.container_ports.is_empty() {
                 let mut echo = Command::new(binary("gamma-echo"));
                 echo.arg("--name").arg(&sim.name);
@@ -255,6 +258,15 @@ impl Scenario {
         }
     }
 
+    /// `--redirect`: the node's IPs, of both families on a dual-stack node, then the port.
+    fn redirect_addresses(&self) -> String {
+        if self.node.has_ipv6() {
+            format!("{AGENT_ADDR},{}:{REDIRECT_PORT}", crate::node::AGENT_ADDR6)
+        } else {
+            SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string()
+        }
+    }
+
     /// The agent command line: the scenario's arguments, then `extra`.
     fn agent_command(&self, extra: &[&str]) -> Command {
         let mut agent = Command::new(binary("proxy-agent"));
@@ -262,7 +274,7 @@ impl Scenario {
             .arg("--manifests")
             .arg(&self.manifests.0)
             .arg("--redirect")
-            .arg(SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string())
+            .arg(self.redirect_addresses())
             .arg("--cgroup")
             .arg(self.node.pods_cgroup())
             .arg("--admin")

@@ -3,6 +3,8 @@
 //! - a mesh VIP is redirected with the right original destination and caller namespace, and
 //!   the application sees the VIP as its peer;
 //! - a VIP without routes is left to kube-proxy, untouched by the agent;
+//! - on a dual-stack node, a Service's IPv6 ClusterIP goes to the agent's IPv6 listener, and the
+//!   caller is known by its pod's IPv6 address;
 //! - agent killed: traffic falls back to kube-proxy; agent restarted: redirection resumes;
 //! - two rounds of 2,000 sequential connections (reused tuples in TIME_WAIT) all succeed;
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
@@ -197,6 +199,34 @@ fn mesh_vip_is_redirected_with_destination_caller_and_peer() {
     assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
     let dump = s.admin_get("/config_dump").unwrap();
     assert!(dump.contains("\"ui-backend\""), "caller namespace known");
+}
+
+/// Dual-stack: a connection to a Service's IPv6 ClusterIP goes to the agent's IPv6 listener,
+/// and its caller is known by its pod's IPv6 address (the consumer route of its namespace, not
+/// of another's). The IPv6 Service CIDR has no kube-proxy here: a connection not steered fails.
+#[test]
+fn an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener() {
+    let test = "an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener";
+    let Some(s) = scenario_of(test, &[], SimCluster::dual_stack) else {
+        return;
+    };
+    let vip6 = s.cluster.resolve6("catalog", "products").unwrap();
+    let to_vip6 = |r: &mut ClientRequest| r.url = format!("http://[{vip6}]:80/items");
+    let answers = call_with(&s, &client(&s, "ui-backend"), "catalog", 5, to_vip6);
+    for a in &answers {
+        assert_eq!(a.status, 200, "{a:?}");
+        let peer = format!("[{vip6}]:80");
+        assert_eq!(a.peer.as_deref(), Some(peer.as_str()), "getpeername");
+    }
+    assert_eq!(flagged(&answers), 5, "ui-backend's consumer route");
+    let answers = call_with(&s, &client(&s, "products"), "catalog", 5, to_vip6);
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    assert_eq!(flagged(&answers), 0, "not ui-backend's route");
+    // And the IPv4 ClusterIP as before.
+    let answers = call(&s, &client(&s, "ui-backend"), "catalog", 2);
+    assert_eq!(flagged(&answers), 2, "{answers:?}");
+    assert_eq!(agent_requests(&s), 12);
+    assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
 }
 
 /// A caller in the ui-backend pod that connects to catalog and sends its request only when told

@@ -198,11 +198,12 @@ pub(super) fn addresses(listeners: &[AgentListener<'_>], client_first: bool) -> 
 }
 
 /// Whether this agent, with listeners at `listen` and `client_first`, adopts the programs of a
-/// predecessor that made `offer` (`false`: it swaps its own in). Refused when the predecessor's
-/// listeners for any port are not ours: pods connecting meanwhile would reach no one. Its
-/// programs are adopted only if they are this binary's and steer to the same client-first
-/// listeners (they steer as its `CONFIG` says); a different client-first one (an agent older
-/// than them has none) is let go, and this agent's programs steer to its own once swapped in.
+/// predecessor that made `offer` (`false`: it swaps its own in). Refused when one of the
+/// predecessor's listeners for any port is not ours: pods connecting meanwhile would reach no
+/// one. Its programs are adopted only if they are this binary's and steer to the same listeners
+/// (they steer as its `CONFIG` says); a different client-first one (an agent older than them has
+/// none), or one for any port of a family it had none for (a node made dual-stack), and this
+/// agent's programs are swapped in to steer to its own.
 fn adopts(
     listen: &[SocketAddr],
     client_first: &[SocketAddr],
@@ -212,7 +213,7 @@ fn adopts(
     let set = |addrs: &[SocketAddr]| -> HashSet<SocketAddr> {
         addrs.iter().map(|a| addr::canonical(*a)).collect()
     };
-    if set(listen) != set(&offer.listen) {
+    if !set(&offer.listen).is_subset(&set(listen)) {
         return Err(RedirectError::InvalidTakeover(format!(
             "it sends pods to {:?}, this agent is configured for {listen:?}",
             offer.listen
@@ -220,6 +221,7 @@ fn adopts(
     }
     Ok(!fresh_programs
         && offer.object_digest == object::object_digest()
+        && set(listen) == set(&offer.listen)
         && set(client_first) == set(&offer.client_first))
 }
 
@@ -445,6 +447,9 @@ mod tests {
         let adopts = |offer: RedirectOffer, fresh: bool| {
             adopts(&ours.0, &ours.1, &offer, fresh).map_err(|e| e.to_string())
         };
+        let adopts_with = |ours: &([SocketAddr; 2], [SocketAddr; 1]), offer: &RedirectOffer| {
+            super::adopts(&ours.0, &ours.1, offer, false).map_err(|e| e.to_string())
+        };
         let same = object::object_digest();
         let any = "10.0.0.1:15001";
         assert_eq!(
@@ -461,7 +466,20 @@ mod tests {
             Ok(false)
         );
         assert!(adopts(offer(&["10.0.0.2:15001"], &[], same.clone()), false).is_err());
-        assert!(adopts(offer(&[any, "10.0.0.1:15002"], &[], same), false).is_err());
+        assert!(adopts(offer(&[any, "10.0.0.1:15002"], &[], same.clone()), false).is_err());
+        // A node made dual-stack: ours steer IPv6 ClusterIPs too; fewer listeners are refused.
+        let dual = (
+            [any.parse().unwrap(), "[fd00::1]:15001".parse().unwrap()],
+            ["10.0.0.1:15002".parse().unwrap()],
+        );
+        let just_v4 = offer(&[any], &["10.0.0.1:15002"], same.clone());
+        assert_eq!(adopts_with(&dual, &just_v4), Ok(false));
+        let dual_offer = offer(&[any, "[fd00::1]:15001"], &["10.0.0.1:15002"], same);
+        assert_eq!(adopts_with(&dual, &dual_offer), Ok(true));
+        assert!(
+            adopts(dual_offer, false).is_err(),
+            "a rollback to IPv4 only"
+        );
         // What an older agent sends and reads: the field absent.
         let older: RedirectOffer = serde_json::from_str(
             r#"{"cgroup_id":1,"listen":["10.0.0.1:15001"],"object_digest":"x","maps":[],"links":[]}"#,

@@ -57,6 +57,8 @@ pub struct Scenario {
     /// needs its sockets covered by the programs; else it runs in the test's cgroup.
     agent_cgroup: Option<PathBuf>,
     pods: Vec<(SimPod, Pod)>,
+    /// `--redirect` of the agents started from now on, instead of the node's addresses.
+    pub redirect_override: Option<String>,
 }
 
 fn ipv4(ip: IpAddr) -> Result<Ipv4Addr> {
@@ -155,6 +157,7 @@ impl Scenario {
             agent_args,
             agent_cgroup,
             pods,
+            redirect_override: None,
         };
         scenario.start_agent()?;
         Ok(scenario)
@@ -260,7 +263,9 @@ impl Scenario {
 
     /// `--redirect`: the node's IPs, of both families on a dual-stack node, then the port.
     fn redirect_addresses(&self) -> String {
-        if self.node.has_ipv6() {
+        if let Some(addresses) = &self.redirect_override {
+            addresses.clone()
+        } else if self.node.has_ipv6() {
             format!("{AGENT_ADDR},{}:{REDIRECT_PORT}", crate::node::AGENT_ADDR6)
         } else {
             SocketAddr::from((AGENT_ADDR, REDIRECT_PORT)).to_string()

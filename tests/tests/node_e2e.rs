@@ -4,7 +4,8 @@
 //!   the application sees the VIP as its peer;
 //! - a VIP without routes is left to kube-proxy, untouched by the agent;
 //! - on a dual-stack node, a Service's IPv6 ClusterIP goes to the agent's IPv6 listener, and the
-//!   caller is known by its pod's IPv6 address;
+//!   caller is known by its pod's IPv6 address; an agent that listened on IPv4 only is taken over
+//!   by one that listens on both;
 //! - agent killed: traffic falls back to kube-proxy; agent restarted: redirection resumes;
 //! - two rounds of 2,000 sequential connections (reused tuples in TIME_WAIT) all succeed;
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
@@ -227,6 +228,36 @@ fn an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener() {
     assert_eq!(flagged(&answers), 2, "{answers:?}");
     assert_eq!(agent_requests(&s), 12);
     assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
+}
+
+/// A node made dual-stack under an agent that listened on its IPv4 address only: its successor
+/// takes over (its programs swapped in, as they steer to a listener the old ones do not know)
+/// and steers IPv6 ClusterIPs too.
+#[test]
+fn an_agent_listening_on_ipv4_only_is_taken_over_by_a_dual_stack_one() {
+    let dir = gamma_tests::loopback::TempDir::new("dual-stack-takeover");
+    let socket = dir.0.join("takeover.sock");
+    let name = "an_agent_listening_on_ipv4_only_is_taken_over_by_a_dual_stack_one";
+    let takeover = ["--takeover-socket", socket.to_str().unwrap()];
+    let Some(mut s) = scenario_of(name, &takeover, SimCluster::dual_stack) else {
+        return;
+    };
+    let ui = client(&s, "ui-backend");
+    let ipv4_only = format!(
+        "{}:{}",
+        gamma_tests::node::AGENT_ADDR,
+        gamma_tests::scenario::REDIRECT_PORT
+    );
+    s.redirect_override = Some(ipv4_only);
+    s.restart_agent_cold().unwrap();
+    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2, "IPv4 as before");
+    s.redirect_override = None;
+    s.take_over_agent(&[]).unwrap();
+    let vip6 = s.cluster.resolve6("catalog", "products").unwrap();
+    let to_vip6 = |r: &mut ClientRequest| r.url = format!("http://[{vip6}]:80/items");
+    let answers = call_with(&s, &ui, "catalog", 3, to_vip6);
+    assert_eq!(flagged(&answers), 3, "{answers:?}");
+    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2, "and IPv4 still");
 }
 
 /// A caller in the ui-backend pod that connects to catalog and sends its request only when told

@@ -559,14 +559,15 @@ fn listen(
     let listener = match inherited.listener(addr) {
         Some(listener) => listener,
         None => std::net::TcpListener::bind(addr).map_err(|e| {
+            let in_use = e.kind() == std::io::ErrorKind::AddrInUse;
             let hint = match inherited.bind_hint() {
+                _ if !in_use => String::new(),
                 Some(hint) => format!(": {hint}"),
-                None if e.kind() == std::io::ErrorKind::AddrInUse => {
+                None => {
                     ": another process holds it (an agent running without --takeover-socket?); \
                          stop it first, or give both agents the same --takeover-socket"
                         .to_string()
                 }
-                None => String::new(),
             };
             anyhow::Error::new(e).context(format!("binding {what} {addr}{hint}"))
         })?,
@@ -658,12 +659,29 @@ fn start_redirect(
     // Before binding or taking anything over: on a kernel that cannot run the redirect, nothing
     // steers pods here.
     redirect::check_kernel()?;
-    let mut bound = Vec::new();
-    for &addr in &config.listen {
-        let listener = listen(inherited, offered, addr, "the redirect listener")?;
-        bound.push((listener, addr, false));
+    let mut bound: Vec<(std::net::TcpListener, SocketAddr, bool)> = Vec::new();
+    for (i, &addr) in config.listen.iter().enumerate() {
+        match listen(inherited, offered, addr, "the redirect listener") {
+            Ok(listener) => bound.push((listener, addr, false)),
+            // The first is the node's primary address. The other family's is the second of
+            // status.hostIPs, which the kubelet may take from an ExternalIP the node does not
+            // have, or give in a cluster that is not dual-stack: without it the agent serves on.
+            Err(e) if i > 0 => tracing::warn!(
+                %addr,
+                error = format!("{e:#}"),
+                "no redirect listener for this address family: pods' connections to ClusterIPs of \
+                 this family keep kube-proxy's routing, without mesh routes"
+            ),
+            Err(e) => return Err(e),
+        }
     }
     for &addr in &config.listen_client_first {
+        if !bound
+            .iter()
+            .any(|(_, any, _)| any.is_ipv4() == addr.is_ipv4())
+        {
+            continue;
+        }
         let what = "the redirect listener for ports declaring HTTP";
         let listener = listen(inherited, offered, addr, what)?;
         defer_accept(&listener, true).with_context(|| {

@@ -320,6 +320,16 @@ fn redirect_config(cli: &Cli) -> Result<Option<RedirectConfig>> {
                      or `off`"
                 );
             }
+            let family = |a: &SocketAddr| a.is_ipv4();
+            if let Some(lone) = addrs
+                .iter()
+                .find(|a| !listen.iter().any(|l| family(l) == family(a)))
+            {
+                anyhow::bail!(
+                    "--redirect-http {lone}: --redirect has no address of its family, where the \
+                     kernel sends that family's other ports; give one, or leave this one out"
+                );
+            }
             addrs.clone()
         }
         Some(ClientFirstListener(None)) => Vec::new(),
@@ -458,6 +468,11 @@ mod tests {
         assert!(client_first(&["--redirect-http", "off"])
             .unwrap()
             .is_empty());
+        let lone = client_first(&["--redirect-http", "[fd00::1]:15002"]).unwrap_err();
+        assert!(
+            lone.to_string().contains("no address of its family"),
+            "{lone}"
+        );
         let same = client_first(&["--redirect-http", "10.0.0.1:15001"]).unwrap_err();
         assert!(same.to_string().contains("a port of its own"), "{same}");
         let last = Cli::parse_from([

@@ -230,6 +230,23 @@ fn an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener() {
     assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
 }
 
+/// `status.hostIPs` may name an address of the other family that the node does not have (an
+/// ExternalIP): the agent serves on with the first, and warns.
+#[test]
+fn a_second_address_the_node_lacks_leaves_the_first_serving() {
+    let Some(mut s) = scenario("a_second_address_the_node_lacks_leaves_the_first_serving") else {
+        return;
+    };
+    let port = gamma_tests::scenario::REDIRECT_PORT;
+    s.redirect_override = Some(format!(
+        "{},fd00:dead::1:{port}",
+        gamma_tests::node::AGENT_ADDR
+    ));
+    s.restart_agent_cold().unwrap();
+    let answers = call(&s, &client(&s, "ui-backend"), "catalog", 3);
+    assert_eq!(flagged(&answers), 3, "{answers:?}");
+}
+
 /// A node made dual-stack under an agent that listened on its IPv4 address only: its successor
 /// takes over (its programs swapped in, as they steer to a listener the old ones do not know)
 /// and steers IPv6 ClusterIPs too.

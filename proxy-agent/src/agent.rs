@@ -661,6 +661,14 @@ fn start_redirect(
     redirect::check_kernel()?;
     let mut bound: Vec<(std::net::TcpListener, SocketAddr, bool)> = Vec::new();
     for (i, &addr) in config.listen.iter().enumerate() {
+        // The second family only where it is of use: on a cluster with ClusterIPs of it (an
+        // IPv4 cluster's node may report an IPv6 ExternalIP, where nothing should listen), or
+        // where the running agent listened (it steers there until the takeover ends).
+        let family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
+        if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(family) {
+            tracing::info!(%addr, "no redirect listener there: no Service has a ClusterIP of its address family");
+            continue;
+        }
         match listen(inherited, offered, addr, "the redirect listener") {
             Ok(listener) => bound.push((listener, addr, false)),
             // The first is the node's primary address. The other family's is the second of

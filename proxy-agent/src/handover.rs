@@ -306,12 +306,20 @@ impl Inherited {
         })
     }
 
+    /// Whether a listening socket bound to `addr` was inherited.
+    pub fn holds(&self, addr: SocketAddr) -> bool {
+        self.position(addr).is_some()
+    }
+
+    fn position(&self, addr: SocketAddr) -> Option<usize> {
+        self.listeners
+            .iter()
+            .position(|l| l.local_addr().is_ok_and(|bound| bound == addr))
+    }
+
     /// The inherited listening socket bound to `addr`, if any: serve on it instead of binding.
     pub fn listener(&mut self, addr: SocketAddr) -> Option<TcpListener> {
-        let index = self
-            .listeners
-            .iter()
-            .position(|l| l.local_addr().is_ok_and(|bound| bound == addr))?;
+        let index = self.position(addr)?;
         Some(self.listeners.swap_remove(index))
     }
 

@@ -5,7 +5,9 @@
 //! - a VIP without routes is left to kube-proxy, untouched by the agent;
 //! - on a dual-stack node, a Service's IPv6 ClusterIP goes to the agent's IPv6 listener, and the
 //!   caller is known by its pod's IPv6 address; an agent that listened on IPv4 only is taken over
-//!   by one that listens on both;
+//!   by one that listens on both; a second address the node lacks leaves the first serving (the
+//!   other family's frontends counted as without a listener); no listener on a family without
+//!   ClusterIPs;
 //! - agent killed: traffic falls back to kube-proxy; agent restarted: redirection resumes;
 //! - two rounds of 2,000 sequential connections (reused tuples in TIME_WAIT) all succeed;
 //! - a process sending from another pod's IP does not get that pod's consumer routes;
@@ -231,20 +233,53 @@ fn an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener() {
 }
 
 /// `status.hostIPs` may name an address of the other family that the node does not have (an
-/// ExternalIP): the agent serves on with the first, and warns.
+/// ExternalIP): the agent serves on with the first, and counts the frontends it cannot steer.
 #[test]
 fn a_second_address_the_node_lacks_leaves_the_first_serving() {
-    let Some(mut s) = scenario("a_second_address_the_node_lacks_leaves_the_first_serving") else {
+    let name = "a_second_address_the_node_lacks_leaves_the_first_serving";
+    let Some(mut s) = scenario_of(name, &[], SimCluster::dual_stack) else {
         return;
     };
     let port = gamma_tests::scenario::REDIRECT_PORT;
-    s.redirect_override = Some(format!(
-        "{},fd00:dead::1:{port}",
-        gamma_tests::node::AGENT_ADDR
-    ));
+    let agent = gamma_tests::node::AGENT_ADDR;
+    s.redirect_override = Some(format!("{agent},fd00:dead::1:{port}"));
     s.restart_agent_cold().unwrap();
     let answers = call(&s, &client(&s, "ui-backend"), "catalog", 3);
     assert_eq!(flagged(&answers), 3, "{answers:?}");
+    // catalog's IPv6 ClusterIP:80, which has routes, is left to kube-proxy.
+    assert_eq!(counter(&s, "gamma_redirect_frontends_without_listener"), 1);
+}
+
+/// On a cluster with no ClusterIP of the second family, the agent does not listen on the node's
+/// address of it (an IPv4 cluster's node may report a public IPv6 address).
+#[test]
+fn no_listener_on_a_family_without_cluster_ips() {
+    let name = "no_listener_on_a_family_without_cluster_ips";
+    let Some(mut s) = scenario(name) else {
+        return;
+    };
+    let ui = client(&s, "ui-backend");
+    let pod = s.pod(&ui).unwrap().clone();
+    s.node
+        .give_ipv6(&pod, "fd00:244::99".parse().unwrap())
+        .unwrap();
+    let (agent6, port) = (
+        gamma_tests::node::AGENT_ADDR6,
+        gamma_tests::scenario::REDIRECT_PORT,
+    );
+    s.redirect_override = Some(format!("{},{agent6}:{port}", gamma_tests::node::AGENT_ADDR));
+    s.restart_agent_cold().unwrap();
+    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2);
+    let dialled = s
+        .node
+        .in_netns(|| std::net::TcpStream::connect((agent6, port)).map(|_| ()))
+        .unwrap();
+    assert_eq!(
+        dialled.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "nothing listens on the IPv6 address"
+    );
+    assert_eq!(counter(&s, "gamma_redirect_frontends_without_listener"), 0);
 }
 
 /// A node made dual-stack under an agent that listened on its IPv4 address only: its successor

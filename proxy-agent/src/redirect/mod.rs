@@ -48,7 +48,7 @@ use std::{
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Mutex,
     },
 };
@@ -110,6 +110,9 @@ pub struct Redirect {
     listen: Vec<SocketAddr>,
     client_first: Vec<SocketAddr>,
     services: Mutex<KernelMap<ServiceKey>>,
+    /// Mesh frontends left out of `services` at the last [`Self::set_mesh_services`]: of an
+    /// address family this agent has no listener for.
+    without_listener: AtomicUsize,
     /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
     local_pods: Mutex<KernelMap<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
@@ -162,6 +165,8 @@ pub struct KernelCounters {
     pub steered_client_first: u64,
     /// connect() to a mesh Service left alone: the agent's listener was gone (fail open).
     pub agent_gone: u64,
+    /// Mesh frontends not told to the programs: of an address family without a listener.
+    pub frontends_without_listener: u64,
     /// Redirect records that could not be stored.
     pub record_failed: u64,
     /// getpeername() answered with the Service VIP.
@@ -242,6 +247,7 @@ impl Redirect {
             listen: takeover::addresses(listeners, false),
             client_first: takeover::addresses(listeners, true),
             services: Mutex::new(loaded.services),
+            without_listener: AtomicUsize::new(0),
             local_pods: Mutex::new(loaded.local_pods),
             config: Mutex::new(loaded.config),
             callers: loaded.callers,
@@ -313,10 +319,33 @@ impl Redirect {
         &self,
         frontends: impl IntoIterator<Item = (SocketAddr, bool)>,
     ) -> Result<SetChange, RedirectError> {
-        self.services
+        // A frontend of a family without a listener is left to kube-proxy: the programs could
+        // not steer it anywhere.
+        let mut without_listener = 0;
+        let steerable = frontends.into_iter().filter(|(frontend, _)| {
+            let ipv4 = addr::canonical(*frontend).is_ipv4();
+            let listened = self.listen.iter().any(|l| l.is_ipv4() == ipv4);
+            without_listener += usize::from(!listened);
+            listened
+        });
+        let change = self
+            .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .reconcile(sets::service_entries(frontends))
+            .reconcile(sets::service_entries(steerable));
+        let before = self
+            .without_listener
+            .swap(without_listener, Ordering::Relaxed);
+        if without_listener > 0 && without_listener != before {
+            tracing::warn!(
+                frontends = without_listener,
+                listeners = ?self.listen,
+                "mesh Service frontends of an address family this agent does not listen on keep \
+                 kube-proxy's routing, without mesh routes: give --redirect an address of that \
+                 family the pods can reach (the node's), and restart the agent"
+            );
+        }
+        change
     }
 
     /// Makes the set of this node's opted-in pods exactly `pods` (their addresses): with local
@@ -364,6 +393,7 @@ impl Redirect {
             local_paired: read(counters::LOCAL_PAIRED)?,
             local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
+            frontends_without_listener: self.without_listener.load(Ordering::Relaxed) as u64,
             local_pods: self
                 .local_pods
                 .lock()

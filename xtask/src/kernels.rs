@@ -78,6 +78,8 @@ const MATRIX: &[Kernel] = &[
                 binary: "node_e2e",
                 filters: &[
                     "a_process_using_another_pods_ip_gets_no_consumer_routes",
+                    // connect6, IPv6 records and getpeername6 with a real agent behind them.
+                    "an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener",
                     LOCAL_SOCKETS,
                     REFUSAL,
                 ],

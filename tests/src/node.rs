@@ -246,19 +246,7 @@ impl Node {
             "eth0",
             "nodad",
         ])?;
-        ip([
-            "-n",
-            netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &AGENT_ADDR6.to_string(),
-            "dev",
-            "eth0",
-            "onlink",
-        ])
-        .with_context(|| {
+        route_default_via(netns, AGENT_ADDR6.into()).with_context(|| {
             format!(
                 "giving pod {}/{} the address {ip6}",
                 pod.namespace, pod.name
@@ -1022,17 +1010,14 @@ fn configure_pod_side(netns: &str, ip_addr: Ipv4Addr) -> Result<()> {
         "eth0",
     ])?;
     ip(["-n", netns, "link", "set", "eth0", "up"])?;
+    route_default_via(netns, AGENT_ADDR.into())
+}
+
+/// The pod's default route of `agent`'s family: to the node's agent address, on-link.
+fn route_default_via(netns: &str, agent: std::net::IpAddr) -> Result<()> {
+    let agent = agent.to_string();
     ip([
-        "-n",
-        netns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &AGENT_ADDR.to_string(),
-        "dev",
-        "eth0",
-        "onlink",
+        "-n", netns, "route", "add", "default", "via", &agent, "dev", "eth0", "onlink",
     ])
 }
 

@@ -225,10 +225,22 @@ fn an_ipv6_cluster_ip_is_steered_to_the_agents_ipv6_listener() {
     let answers = call_with(&s, &client(&s, "products"), "catalog", 5, to_vip6);
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
     assert_eq!(flagged(&answers), 0, "not ui-backend's route");
-    // And the IPv4 ClusterIP as before.
+    // And the IPv4 ClusterIP as before, also from an IPv6 socket (connect6 with the v4-mapped
+    // address, sent to the IPv4 listener).
     let answers = call(&s, &client(&s, "ui-backend"), "catalog", 2);
     assert_eq!(flagged(&answers), 2, "{answers:?}");
-    assert_eq!(agent_requests(&s), 12);
+    let vip4 = s.cluster.resolve("catalog", "products").unwrap();
+    let to_mapped = |r: &mut ClientRequest| r.url = format!("http://[::ffff:{vip4}]:80/items");
+    let answers = call_with(&s, &client(&s, "ui-backend"), "catalog", 2, to_mapped);
+    assert_eq!(flagged(&answers), 2, "{answers:?}");
+    let mapped_peer = format!("[::ffff:{vip4}]:80");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.peer.as_deref() == Some(mapped_peer.as_str())),
+        "{answers:?}"
+    );
+    assert_eq!(agent_requests(&s), 14);
     assert_eq!(counter(&s, "gamma_kernel_record_failures_total"), 0);
 }
 

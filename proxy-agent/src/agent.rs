@@ -664,8 +664,8 @@ fn start_redirect(
         // The second family only where it is of use: on a cluster with ClusterIPs of it (an
         // IPv4 cluster's node may report an IPv6 ExternalIP, where nothing should listen), or
         // where the running agent listened (it steers there until the takeover ends).
-        let family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
-        if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(family) {
+        let same_family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
+        if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(same_family) {
             tracing::info!(%addr, "no redirect listener there: no Service has a ClusterIP of its address family");
             continue;
         }

@@ -213,7 +213,8 @@ fn adopts(
     let set = |addrs: &[SocketAddr]| -> HashSet<SocketAddr> {
         addrs.iter().map(|a| addr::canonical(*a)).collect()
     };
-    if !set(&offer.listen).is_subset(&set(listen)) {
+    let (ours, theirs) = (set(listen), set(&offer.listen));
+    if !theirs.is_subset(&ours) {
         return Err(RedirectError::InvalidTakeover(format!(
             "it sends pods to {:?}, this agent is configured for {listen:?}",
             offer.listen
@@ -221,7 +222,7 @@ fn adopts(
     }
     Ok(!fresh_programs
         && offer.object_digest == object::object_digest()
-        && set(listen) == set(&offer.listen)
+        && ours == theirs
         && set(client_first) == set(&offer.client_first))
 }
 
@@ -442,16 +443,12 @@ mod tests {
     /// and listeners are adopted; other listeners for any port are refused.
     #[test]
     fn which_predecessors_are_adopted_swapped_or_refused() {
-        let ours = (
-            ["10.0.0.1:15001".parse().unwrap()],
-            ["10.0.0.1:15002".parse().unwrap()],
-        );
-        let adopts = |offer: RedirectOffer, fresh: bool| {
-            adopts(&ours.0, &ours.1, &offer, fresh).map_err(|e| e.to_string())
+        let client_first: [SocketAddr; 1] = ["10.0.0.1:15002".parse().unwrap()];
+        let adopts_with = |listen: &[SocketAddr], offer: &RedirectOffer, fresh: bool| {
+            adopts(listen, &client_first, offer, fresh).map_err(|e| e.to_string())
         };
-        let adopts_with = |ours: &([SocketAddr; 2], [SocketAddr; 1]), offer: &RedirectOffer| {
-            super::adopts(&ours.0, &ours.1, offer, false).map_err(|e| e.to_string())
-        };
+        let ipv4_only: [SocketAddr; 1] = ["10.0.0.1:15001".parse().unwrap()];
+        let adopts = |offer: RedirectOffer, fresh: bool| adopts_with(&ipv4_only, &offer, fresh);
         let same = object::object_digest();
         let any = "10.0.0.1:15001";
         assert_eq!(
@@ -470,14 +467,11 @@ mod tests {
         assert!(adopts(offer(&["10.0.0.2:15001"], &[], same.clone()), false).is_err());
         assert!(adopts(offer(&[any, "10.0.0.1:15002"], &[], same.clone()), false).is_err());
         // A node made dual-stack: ours steer IPv6 ClusterIPs too; fewer listeners are refused.
-        let dual = (
-            [any.parse().unwrap(), "[fd00::1]:15001".parse().unwrap()],
-            ["10.0.0.1:15002".parse().unwrap()],
-        );
+        let dual: [SocketAddr; 2] = [any.parse().unwrap(), "[fd00::1]:15001".parse().unwrap()];
         let just_v4 = offer(&[any], &["10.0.0.1:15002"], same.clone());
-        assert_eq!(adopts_with(&dual, &just_v4), Ok(false));
+        assert_eq!(adopts_with(&dual, &just_v4, false), Ok(false));
         let dual_offer = offer(&[any, "[fd00::1]:15001"], &["10.0.0.1:15002"], same);
-        assert_eq!(adopts_with(&dual, &dual_offer), Ok(true));
+        assert_eq!(adopts_with(&dual, &dual_offer, false), Ok(true));
         assert!(
             adopts(dual_offer, false).is_err(),
             "a rollback to IPv4 only"

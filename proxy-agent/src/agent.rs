@@ -8,7 +8,7 @@ use crate::proxy::explicit::{serve_explicit, AcceptModes, ExplicitTarget};
 use crate::proxy::pump::{AnyMayBePaired, Pumps};
 use crate::proxy::redirected::serve_redirect;
 use crate::proxy::upstream::EndpointStats;
-use crate::proxy::workers::Workers;
+use crate::proxy::workers::{WorkerListeners, Workers};
 use crate::proxy::{defer_accept, Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
 use crate::redirect::{
@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -211,8 +211,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Redirected traffic is accepted only now, after the first complete sync: no request ever
     // sees an empty table.
     let fresh_programs = config.takeover.as_ref().is_some_and(|t| t.fresh_programs);
-    let redirect = match &config.redirect {
-        None => None,
+    let (redirect, mut redirect_listeners) = match &config.redirect {
+        None => (None, None),
         Some(r) => match start_redirect(
             r,
             &workers,
@@ -221,13 +221,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             (&mut inherited, &mut offered),
             fresh_programs,
         ) {
-            Ok(redirect) => {
+            Ok((redirect, late)) => {
                 // /metrics reads the programs' counters at each scrape.
                 let programs = Arc::downgrade(&redirect);
                 let _ = metrics
                     .kernel_counters
                     .set(Box::new(move || programs.upgrade()?.kernel_counters().ok()));
-                Some(redirect)
+                (Some(redirect), Some(late))
             }
             Err(e) => match e.downcast_ref::<RedirectError>() {
                 Some(RedirectError::MissingKernelFeatures(missing)) => {
@@ -238,7 +238,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     for addr in r.listen.iter().chain(&r.listen_client_first) {
                         drop(inherited.listener(*addr));
                     }
-                    None
+                    (None, None)
                 }
                 _ => return Err(e),
             },
@@ -293,13 +293,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             move |snapshot| accept_modes.follow(snapshot),
         )));
     }
-    let mut following_tables = redirect.clone().map(|redirect| {
-        tokio::spawn(follow_redirect(
-            redirect,
-            NewTables::new(publisher.subscribe()),
-            drain.stopped_accepting(),
-        ))
-    });
+    if let Some(late) = &mut redirect_listeners {
+        late.offered = successors.as_ref().map(Successors::offered);
+    }
+    let mut following_tables = redirect
+        .clone()
+        .zip(redirect_listeners)
+        .map(|(redirect, late)| {
+            tokio::spawn(follow_redirect(
+                redirect,
+                late,
+                NewTables::new(publisher.subscribe()),
+                drain.stopped_accepting(),
+            ))
+        });
     let status = match (&config.kube, &source) {
         (Some(cluster), Source::Kube(kube)) => Some(status::spawn(
             kube.client.clone(),
@@ -475,14 +482,17 @@ impl Source {
 /// The kernel steers exactly the frontends that have routes: kept in step with every publish
 /// until this agent stops accepting. After a takeover the successor, which shares the maps,
 /// writes them alone: a table change read here afterwards would set this agent's view (an older
-/// version's logic) until the successor's next change, in a quiet cluster for good.
+/// version's logic) until the successor's next change, in a quiet cluster for good. A table with
+/// the first ClusterIP of a waiting address family opens its listeners first.
 async fn follow_redirect(
     redirect: Arc<Redirect>,
+    mut late: RedirectListeners,
     tables: NewTables,
     stopped_accepting: watch::Receiver<bool>,
 ) {
     follow_until_stopped(tables, stopped_accepting, |snapshot| {
-        reconcile_redirect(&redirect, snapshot)
+        late.open_needed(&redirect, snapshot);
+        reconcile_redirect(&redirect, snapshot);
     })
     .await;
 }
@@ -655,18 +665,23 @@ fn start_redirect(
     (drain, pumps): (&Drain, &Pumps),
     (inherited, offered): (&mut Inherited, &mut Offered),
     fresh_programs: bool,
-) -> Result<Arc<Redirect>> {
+) -> Result<(Arc<Redirect>, RedirectListeners)> {
     // Before binding or taking anything over: on a kernel that cannot run the redirect, nothing
     // steers pods here.
     redirect::check_kernel()?;
     let mut bound: Vec<(std::net::TcpListener, SocketAddr, bool)> = Vec::new();
+    let mut waiting = Vec::new();
     for (i, &addr) in config.listen.iter().enumerate() {
         // The second family only where it is of use: on a cluster with ClusterIPs of it (an
         // IPv4 cluster's node may report an IPv6 ExternalIP, where nothing should listen), or
         // where the running agent listened (it steers there until the takeover ends).
         let same_family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
         if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(same_family) {
-            tracing::info!(%addr, "no redirect listener there: no Service has a ClusterIP of its address family");
+            tracing::info!(%addr, "no redirect listener there until a Service has a ClusterIP of its address family");
+            waiting.push(WaitingFamily {
+                listen: addr,
+                client_first: config.listen_client_first.iter().copied().find(same_family),
+            });
             continue;
         }
         match listen(inherited, offered, addr, "the redirect listener") {
@@ -750,13 +765,119 @@ fn start_redirect(
         cgroups: CgroupDirs::new(root),
     });
     tracing::info!(addr = ?config.listen, client_first = ?config.listen_client_first, cgroup = %config.cgroup.display(), local_sockets, "redirect listeners; kernel programs attached");
+    let late = RedirectListeners {
+        waiting,
+        workers: workers.listeners(),
+        drain: drain.clone(),
+        resolver,
+        offered: None,
+    };
     for listener in listeners.iter().map(|l| l.listener).chain(&theirs_only) {
-        let (drain, resolver) = (drain.clone(), resolver.clone());
-        workers.serve(listener, move |proxy, listener| {
-            serve_redirect(proxy, listener, resolver.clone(), drain.clone())
-        })?;
+        late.serve(listener)?;
     }
-    Ok(redirect)
+    Ok((redirect, late))
+}
+
+/// A `--redirect` address family without listeners yet: no Service had a ClusterIP of it when
+/// the agent started (a dual-stack cluster before its first dual-stack Service).
+#[derive(Debug)]
+struct WaitingFamily {
+    listen: SocketAddr,
+    client_first: Option<SocketAddr>,
+}
+
+/// Serves the redirect listeners on the workers, and opens those of a waiting address family once
+/// a table has a ClusterIP of it, telling the programs: no restart when a cluster's first Service
+/// of that family comes.
+struct RedirectListeners {
+    waiting: Vec<WaitingFamily>,
+    workers: WorkerListeners,
+    drain: Drain,
+    resolver: Arc<KernelRedirects>,
+    /// Where copies for a successor go (`None` without a takeover socket: nothing keeps them).
+    offered: Option<Arc<Mutex<Offered>>>,
+}
+
+impl RedirectListeners {
+    /// Accepts redirected connections on `listener` on every worker.
+    fn serve(&self, listener: &std::net::TcpListener) -> std::io::Result<()> {
+        let (drain, resolver) = (self.drain.clone(), self.resolver.clone());
+        self.workers.serve(listener, move |proxy, listener| {
+            serve_redirect(proxy, listener, resolver.clone(), drain.clone())
+        })
+    }
+
+    /// Before `snapshot` is told to the programs: opens the families it has ClusterIPs of. One
+    /// that cannot open is given up, with the reason in the log (the frontends of its family stay
+    /// with kube-proxy, counted in `gamma_redirect_frontends_without_listener`).
+    fn open_needed(&mut self, redirect: &Redirect, snapshot: &Snapshot) {
+        let waiting = std::mem::take(&mut self.waiting);
+        for family in waiting {
+            let ipv4 = family.listen.is_ipv4();
+            if !snapshot.by_address.keys().any(|a| a.is_ipv4() == ipv4) {
+                self.waiting.push(family);
+                continue;
+            }
+            match self.open(redirect, &family) {
+                Ok(()) => tracing::info!(
+                    addr = %family.listen,
+                    client_first = ?family.client_first,
+                    "a Service has a ClusterIP of this address family now: redirect listeners open"
+                ),
+                Err(e) => tracing::warn!(
+                    addr = %family.listen,
+                    error = format!("{e:#}"),
+                    "no redirect listener for this address family: pods' connections to ClusterIPs \
+                     of this family keep kube-proxy's routing, without mesh routes"
+                ),
+            }
+        }
+    }
+
+    fn open(&self, redirect: &Redirect, family: &WaitingFamily) -> Result<()> {
+        let bind = |addr: SocketAddr, client_first: bool| -> Result<std::net::TcpListener> {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the redirect listener {addr}"))?;
+            listener.set_nonblocking(true)?;
+            if client_first {
+                defer_accept(&listener, true).with_context(|| {
+                    format!("setting {addr} to hand on connections with their first bytes")
+                })?;
+            }
+            Ok(listener)
+        };
+        let mut opened = vec![(bind(family.listen, false)?, family.listen, false)];
+        if let Some(addr) = family.client_first {
+            opened.push((bind(addr, true)?, addr, true));
+        }
+        let listeners: Vec<AgentListener<'_>> = opened
+            .iter()
+            .map(|(listener, addr, client_first)| AgentListener {
+                listener,
+                addr: *addr,
+                client_first: *client_first,
+            })
+            .collect();
+        // Held until the copies are in: a successor offered the programs' new addresses in the
+        // meantime gets their listeners with them.
+        let mut offered = self
+            .offered
+            .as_ref()
+            .map(|o| o.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        redirect
+            .add_listeners(&listeners)
+            .context("telling the programs about the listeners")?;
+        for (listener, addr, _) in &opened {
+            if let Some(offered) = offered.as_mut() {
+                offered
+                    .add(listener)
+                    .with_context(|| format!("keeping a copy of {addr} for a successor"))?;
+            }
+            self.serve(listener)
+                .with_context(|| format!("accepting on {addr}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether this process's cgroup is `cgroup` or below it: where the programs attached to `cgroup`

@@ -654,6 +654,13 @@ impl Successors {
     }
 }
 
+impl Successors {
+    /// Where copies of listeners opened later go, to be offered with the others.
+    pub fn offered(&self) -> Arc<Mutex<Offered>> {
+        self.offered.clone()
+    }
+}
+
 impl Drop for Successors {
     fn drop(&mut self) {
         self.closing.store(true, Ordering::Relaxed);

@@ -240,20 +240,23 @@ impl SimCluster {
     /// Dual-stack: every Pod gets an IPv6 address in `fd00:244::/64` and every Service an IPv6
     /// ClusterIP in [`crate::node::SERVICE_CIDR6`] (`PreferDualStack`), each numbered as its IPv4
     /// one. Endpoints stay IPv4.
-    pub fn dual_stack(mut self) -> Self {
-        let v6 = |prefix: [u16; 4], v4: IpAddr| {
-            let IpAddr::V4(v4) = v4 else {
-                unreachable!("the plan numbers IPv4")
-            };
-            let [_, _, hi, lo] = v4.octets();
-            let [a, b, c, d] = prefix;
-            std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from_be_bytes([hi, lo]))
-        };
+    pub fn dual_stack(self) -> Self {
+        self.dual_stack_pods().dual_stack_services()
+    }
+
+    /// The Pods of [`SimCluster::dual_stack`], with the Services still single-stack: a
+    /// dual-stack cluster before its first dual-stack Service.
+    pub fn dual_stack_pods(mut self) -> Self {
         for pod in &mut self.pods {
-            pod.ip6 = Some(v6([0xfd00, 0x244, 0, 0], pod.ip));
+            pod.ip6 = Some(numbered_v6([0xfd00, 0x244, 0, 0], pod.ip));
         }
+        self
+    }
+
+    /// The Services of [`SimCluster::dual_stack`].
+    pub fn dual_stack_services(mut self) -> Self {
         for service in &mut self.services {
-            let ip6 = v6([0xfd00, 0x96, 0, 0], service.cluster_ip);
+            let ip6 = numbered_v6([0xfd00, 0x96, 0, 0], service.cluster_ip);
             let spec = &mut service.manifest["spec"];
             spec["clusterIPs"] = json!([service.cluster_ip.to_string(), ip6.to_string()]);
             spec["ipFamilies"] = json!(["IPv4", "IPv6"]);
@@ -365,4 +368,14 @@ impl SimCluster {
             "endpoints": endpoints,
         }))
     }
+}
+
+/// The IPv6 address in `prefix`/64 numbered as `v4` (its last two bytes).
+fn numbered_v6(prefix: [u16; 4], v4: IpAddr) -> std::net::Ipv6Addr {
+    let IpAddr::V4(v4) = v4 else {
+        unreachable!("the plan numbers IPv4")
+    };
+    let [_, _, hi, lo] = v4.octets();
+    let [a, b, c, d] = prefix;
+    std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from_be_bytes([hi, lo]))
 }

@@ -263,35 +263,55 @@ fn a_second_address_the_node_lacks_leaves_the_first_serving() {
 }
 
 /// On a cluster with no ClusterIP of the second family, the agent does not listen on the node's
-/// address of it (an IPv4 cluster's node may report a public IPv6 address).
+/// address of it (an IPv4 cluster's node may report a public IPv6 address). When a Service gets
+/// one (a dual-stack cluster's first dual-stack Service), the agent opens its listeners and steers
+/// it, without a restart; a successor takes them over with the others.
 #[test]
-fn no_listener_on_a_family_without_cluster_ips() {
-    let name = "no_listener_on_a_family_without_cluster_ips";
-    let Some(mut s) = scenario(name) else {
+fn the_second_familys_listener_opens_with_its_first_cluster_ip() {
+    let dir = gamma_tests::loopback::TempDir::new("late-family");
+    let socket = dir.0.join("takeover.sock");
+    let name = "the_second_familys_listener_opens_with_its_first_cluster_ip";
+    let takeover = ["--takeover-socket", socket.to_str().unwrap()];
+    let Some(mut s) = scenario_of(name, &takeover, SimCluster::dual_stack_pods) else {
         return;
     };
     let ui = client(&s, "ui-backend");
-    let pod = s.pod(&ui).unwrap().clone();
-    s.node
-        .give_ipv6(&pod, "fd00:244::99".parse().unwrap())
-        .unwrap();
+    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2);
     let (agent6, port) = (
         gamma_tests::node::AGENT_ADDR6,
         gamma_tests::scenario::REDIRECT_PORT,
     );
-    s.redirect_override = Some(format!("{},{agent6}:{port}", gamma_tests::node::AGENT_ADDR));
-    s.restart_agent_cold().unwrap();
-    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2);
-    let dialled = s
-        .node
-        .in_netns(|| std::net::TcpStream::connect((agent6, port)).map(|_| ()))
-        .unwrap();
+    let dial_agent6 = |s: &Scenario| {
+        s.node
+            .in_netns(|| std::net::TcpStream::connect((agent6, port)).map(|_| ()))
+            .unwrap()
+            .map_err(|e| e.kind())
+    };
     assert_eq!(
-        dialled.map_err(|e| e.kind()),
+        dial_agent6(&s),
         Err(std::io::ErrorKind::ConnectionRefused),
         "nothing listens on the IPv6 address"
     );
     assert_eq!(counter(&s, "gamma_redirect_frontends_without_listener"), 0);
+
+    s.cluster = s.cluster.clone().dual_stack_services();
+    let manifests = to_yaml(&s.cluster.manifests());
+    s.apply("cluster.yaml", &manifests).unwrap();
+    assert_eq!(dial_agent6(&s), Ok(()), "the IPv6 listener is open");
+    let vip6 = s.cluster.resolve6("catalog", "products").unwrap();
+    let to_vip6 = |r: &mut ClientRequest| r.url = format!("http://[{vip6}]:80/items");
+    let answers = call_with(&s, &ui, "catalog", 3, to_vip6);
+    assert_eq!(
+        flagged(&answers),
+        3,
+        "steered, with the consumer route: {answers:?}"
+    );
+    assert_eq!(counter(&s, "gamma_redirect_frontends_without_listener"), 0);
+
+    s.take_over_agent(&[]).unwrap();
+    let answers = call_with(&s, &ui, "catalog", 3, to_vip6);
+    assert_eq!(flagged(&answers), 3, "after a takeover: {answers:?}");
+    assert_eq!(flagged(&call(&s, &ui, "catalog", 2)), 2, "and IPv4 still");
 }
 
 /// A node made dual-stack under an agent that listened on its IPv4 address only: its successor

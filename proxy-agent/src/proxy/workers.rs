@@ -201,15 +201,18 @@ impl Workers {
         F: Fn(Arc<Proxy>, TcpListener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        for worker in &self.workers {
-            let copy = listener.try_clone()?;
-            let proxy = worker.proxy.clone();
-            let serve = serve.clone();
-            // Registered by the accept loop, on this worker's reactor: its readiness wakes this
-            // thread only.
-            worker.handle.spawn(serve(proxy, copy));
+        self.listeners().serve(listener, serve)
+    }
+
+    /// A handle that serves listeners opened later (as [`Self::serve`]) while the workers run.
+    pub fn listeners(&self) -> WorkerListeners {
+        WorkerListeners {
+            workers: self
+                .workers
+                .iter()
+                .map(|w| (w.handle.clone(), w.proxy.clone()))
+                .collect(),
         }
-        Ok(())
     }
 
     /// Runs a connection handed over by a predecessor (`serve`: how it goes on, given the
@@ -232,6 +235,31 @@ impl Workers {
             let _open = open;
             serve(proxy).await;
         });
+    }
+}
+
+/// Serves listeners on the workers ([`Workers::listeners`]); once the workers stopped, what it
+/// spawns is dropped with their runtimes.
+#[derive(Clone)]
+pub struct WorkerListeners {
+    workers: Vec<(tokio::runtime::Handle, Arc<Proxy>)>,
+}
+
+impl WorkerListeners {
+    /// See [`Workers::serve`].
+    pub fn serve<F, Fut>(&self, listener: &TcpListener, serve: F) -> io::Result<()>
+    where
+        F: Fn(Arc<Proxy>, TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for (handle, proxy) in &self.workers {
+            let copy = listener.try_clone()?;
+            let serve = serve.clone();
+            // Registered by the accept loop, on this worker's reactor: its readiness wakes this
+            // thread only.
+            handle.spawn(serve(proxy.clone(), copy));
+        }
+        Ok(())
     }
 }
 

@@ -49,7 +49,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Mutex,
+        Mutex, MutexGuard, PoisonError,
     },
 };
 
@@ -105,10 +105,11 @@ pub struct Redirected {
 pub struct Redirect {
     cgroup: PathBuf,
     cgroup_id: u64,
-    /// The addresses pods are sent to (the `CONFIG` entry): of the listeners for any port, and of
-    /// those for ports whose clients speak first.
-    listen: Vec<SocketAddr>,
-    client_first: Vec<SocketAddr>,
+    /// The addresses pods are sent to (the `CONFIG` entry).
+    listening: Mutex<Listening>,
+    /// The programs' `AGENT_LISTENERS`, where [`Self::add_listeners`] puts a family's listeners
+    /// opened after the start. `None` when adopted from an agent that did not hand it over.
+    listener_slots: Option<Mutex<SockMap<MapData>>>,
     services: Mutex<KernelMap<ServiceKey>>,
     /// Mesh frontends left out of `services` at the last [`Self::set_mesh_services`]: of an
     /// address family this agent has no listener for.
@@ -135,6 +136,23 @@ pub struct Redirect {
     programs: Mutex<Programs>,
 }
 
+/// The addresses pods are sent to: of the listeners for any port, and of those for ports whose
+/// clients speak first.
+#[derive(Debug, Default)]
+struct Listening {
+    listen: Vec<SocketAddr>,
+    client_first: Vec<SocketAddr>,
+}
+
+impl Listening {
+    fn of(listeners: &[AgentListener<'_>]) -> Mutex<Self> {
+        Mutex::new(Listening {
+            listen: takeover::addresses(listeners, false),
+            client_first: takeover::addresses(listeners, true),
+        })
+    }
+}
+
 /// The maps a successor running the same programs adopts: the ones an agent writes, the counters
 /// (so that they go on counting across a takeover), and the local sockets' sockhash.
 pub(crate) const SHARED_MAPS: [&str; 6] = [
@@ -152,6 +170,11 @@ pub(crate) const SHARED_MAPS: [&str; 6] = [
 /// then on). Handed to a successor with the [`SHARED_MAPS`], but not required from a predecessor:
 /// agents before it did not hand it over.
 pub(crate) const PAIR_RECORDS: &str = maps::LOCAL_SEND;
+
+/// The maps handed to a successor if at hand, not required from a predecessor (agents before them
+/// did not hand them over): [`PAIR_RECORDS`], and the listeners' sockmap, where a successor that
+/// adopts the programs adds a family's listeners ([`Redirect::add_listeners`]).
+pub(crate) const OPTIONAL_SHARED_MAPS: [&str; 2] = [PAIR_RECORDS, maps::AGENT_LISTENERS];
 
 /// A [`PAIR_RECORDS`] map (its value, the socket's send decision, is not read here).
 type PairRecords = SkStorage<MapData, u32>;
@@ -221,6 +244,7 @@ struct Loaded {
     counters: PerCpuArray<MapData, u64>,
     pair_records: PairRecords,
     shared_maps: Vec<(&'static str, OwnedFd)>,
+    listener_slots: SockMap<MapData>,
 }
 
 impl Redirect {
@@ -244,8 +268,8 @@ impl Redirect {
         Ok(Self {
             cgroup: cgroup.to_owned(),
             cgroup_id: cgroup::cgroup_id(cgroup)?,
-            listen: takeover::addresses(listeners, false),
-            client_first: takeover::addresses(listeners, true),
+            listening: Listening::of(listeners),
+            listener_slots: Some(Mutex::new(loaded.listener_slots)),
             services: Mutex::new(loaded.services),
             without_listener: AtomicUsize::new(0),
             local_pods: Mutex::new(loaded.local_pods),
@@ -274,7 +298,7 @@ impl Redirect {
         // Taken before the maps are typed: typed maps do not show their descriptors.
         let shared_maps = SHARED_MAPS
             .into_iter()
-            .chain([PAIR_RECORDS])
+            .chain(OPTIONAL_SHARED_MAPS)
             .map(|name| Ok((name, dup_map_fd(&ebpf, name)?)))
             .collect::<Result<Vec<_>, RedirectError>>()?;
         // Maps are filled before any program is attached, so no program sees a partial config.
@@ -286,6 +310,7 @@ impl Redirect {
                 RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
             })?;
         }
+        let listener_slots = sockmap;
         let services = KernelMap::mesh_services(typed_map(&mut ebpf, maps::MESH_SERVICES)?);
         let local_pods = KernelMap::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
@@ -303,6 +328,7 @@ impl Redirect {
             counters,
             pair_records,
             shared_maps,
+            listener_slots,
         })
     }
 
@@ -322,9 +348,10 @@ impl Redirect {
         // A frontend of a family without a listener is left to kube-proxy: the programs could
         // not steer it anywhere.
         let mut without_listener = 0;
+        let listen = self.listening().listen.clone();
         let steerable = frontends.into_iter().filter(|(frontend, _)| {
             let ipv4 = addr::canonical(*frontend).is_ipv4();
-            let listened = self.listen.iter().any(|l| l.is_ipv4() == ipv4);
+            let listened = listen.iter().any(|l| l.is_ipv4() == ipv4);
             without_listener += usize::from(!listened);
             listened
         });
@@ -339,13 +366,71 @@ impl Redirect {
         if without_listener > 0 && without_listener != before {
             tracing::warn!(
                 frontends = without_listener,
-                listeners = ?self.listen,
+                listeners = ?listen,
                 "mesh Service frontends of an address family this agent does not listen on keep \
                  kube-proxy's routing, without mesh routes: give --redirect an address of that \
-                 family the pods can reach (the node's), and restart the agent"
+                 family the pods can reach (the node's), and restart the agent; with one, the log \
+                 says why its listener did not open"
             );
         }
         change
+    }
+
+    /// Adds the listeners of an address family the programs send no pod to yet (its first
+    /// ClusterIP appeared after the start): into `AGENT_LISTENERS`, then into `CONFIG`, so that
+    /// the programs never send a pod to a listener they do not hold. The family's frontends are
+    /// steered from the next [`Self::set_mesh_services`].
+    pub fn add_listeners(&self, listeners: &[AgentListener<'_>]) -> Result<(), RedirectError> {
+        let Some(slots_map) = &self.listener_slots else {
+            return Err(RedirectError::InvalidListener(
+                "this agent adopted the programs of an agent that did not hand over their \
+                 listener map; restart it to listen on another address family"
+                    .into(),
+            ));
+        };
+        let (added, slots) = agent_config(listeners, 0)?;
+        let mut listening = self.listening();
+        let ours = listening.listen.iter().chain(&listening.client_first);
+        if let Some(taken) = ours
+            .copied()
+            .find(|a| listeners.iter().any(|l| l.addr.is_ipv4() == a.is_ipv4()))
+        {
+            return Err(RedirectError::InvalidListener(format!(
+                "the programs already send pods of this address family to {taken}"
+            )));
+        }
+        let mut slots_map = slots_map.lock().unwrap_or_else(PoisonError::into_inner);
+        for (slot, listener) in slots {
+            slots_map.set(slot, listener, 0).map_err(|e| {
+                RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
+            })?;
+        }
+        self.update_config(|config| {
+            let fields = [
+                (&mut config.listen_v4, added.listen_v4),
+                (&mut config.listen_v6, added.listen_v6),
+                (&mut config.client_first_v4, added.client_first_v4),
+                (&mut config.client_first_v6, added.client_first_v6),
+            ];
+            for (field, new) in fields {
+                if new.is_set() {
+                    *field = new;
+                }
+            }
+        })?;
+        listening
+            .listen
+            .extend(takeover::addresses(listeners, false));
+        listening
+            .client_first
+            .extend(takeover::addresses(listeners, true));
+        Ok(())
+    }
+
+    fn listening(&self) -> MutexGuard<'_, Listening> {
+        self.listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Makes the set of this node's opted-in pods exactly `pods` (their addresses): with local
@@ -613,6 +698,7 @@ fn dup_map_fd(ebpf: &aya::Ebpf, name: &str) -> Result<OwnedFd, RedirectError> {
             | Map::LruHashMap(data)
             | Map::PerCpuArray(data)
             | Map::SockHash(data)
+            | Map::SockMap(data)
             | Map::SkStorage(data),
         ) => data,
         _ => {

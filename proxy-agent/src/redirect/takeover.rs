@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     addr, agent_config, attach, attach::OwnedLink, callers_map, cgroup, object, own_cgroup_id,
-    read_agent_config, sets::KernelMap, typed, write_agent_config, AgentListener, PairRecords,
-    Programs, Redirect, RedirectError, PAIR_RECORDS,
+    read_agent_config, sets::KernelMap, typed, write_agent_config, AgentListener, Listening,
+    PairRecords, Programs, Redirect, RedirectError, OPTIONAL_SHARED_MAPS, PAIR_RECORDS,
 };
 
 /// What a running agent tells its successor about its redirect; the descriptors follow in this
@@ -143,9 +143,10 @@ impl Predecessor {
     }
 
     /// The descriptors of the maps a successor adopts, in `Redirect::shared_maps` form: every one
-    /// of the [`SHARED_MAPS`](super::SHARED_MAPS), and the [`PAIR_RECORDS`] if handed over.
+    /// of the [`SHARED_MAPS`](super::SHARED_MAPS), and those of the [`OPTIONAL_SHARED_MAPS`]
+    /// handed over.
     fn shared_maps(&mut self) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
-        let mut shared = Vec::with_capacity(super::SHARED_MAPS.len() + 1);
+        let mut shared = Vec::with_capacity(super::SHARED_MAPS.len() + OPTIONAL_SHARED_MAPS.len());
         for name in super::SHARED_MAPS {
             let fd = self.take(name).ok_or_else(|| {
                 RedirectError::InvalidTakeover(format!(
@@ -154,7 +155,9 @@ impl Predecessor {
             })?;
             shared.push((name, fd));
         }
-        shared.extend(self.take(PAIR_RECORDS).map(|fd| (PAIR_RECORDS, fd)));
+        for name in OPTIONAL_SHARED_MAPS {
+            shared.extend(self.take(name).map(|fd| (name, fd)));
+        }
         Ok(shared)
     }
 
@@ -259,6 +262,13 @@ impl Redirect {
             let counters = predecessor.typed_map(maps::COUNTERS)?;
             // Its programs are ours now: without their records, any socket may be paired.
             let pair_records = predecessor.pair_records().map(|theirs| vec![theirs]);
+            let listener_slots = predecessor
+                .maps
+                .iter()
+                .any(|(n, _)| n == maps::AGENT_LISTENERS)
+                .then(|| predecessor.typed_map(maps::AGENT_LISTENERS))
+                .transpose()?
+                .map(Mutex::new);
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
@@ -269,8 +279,8 @@ impl Redirect {
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
-                listen: listen.clone(),
-                client_first: client_first.clone(),
+                listening: Listening::of(listeners),
+                listener_slots,
                 services: Mutex::new(services),
                 without_listener: Default::default(),
                 local_pods: Mutex::new(local_pods),
@@ -302,8 +312,8 @@ impl Redirect {
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
-                listen,
-                client_first,
+                listening: Listening::of(listeners),
+                listener_slots: Some(Mutex::new(loaded.listener_slots)),
                 services: Mutex::new(loaded.services),
                 without_listener: Default::default(),
                 local_pods: Mutex::new(loaded.local_pods),
@@ -404,10 +414,11 @@ impl Redirect {
         for link in &programs.links {
             fds.push(dup(&link.program, &link.fd)?);
         }
+        let listening = self.listening();
         let offer = RedirectOffer {
             cgroup_id: self.cgroup_id,
-            listen: self.listen.clone(),
-            client_first: self.client_first.clone(),
+            listen: listening.listen.clone(),
+            client_first: listening.client_first.clone(),
             object_digest: object::object_digest(),
             maps: self
                 .shared_maps

@@ -293,8 +293,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             move |snapshot| accept_modes.follow(snapshot),
         )));
     }
-    if let Some(late) = &mut redirect_listeners {
-        late.offered = successors.as_ref().map(Successors::offered);
+    if let (Some(redirect), Some(listeners)) = (&redirect, &mut redirect_listeners) {
+        listeners.offered = successors.as_ref().map(Successors::offered);
+        // A family that could not open at the start (its address held meanwhile) is tried again
+        // now that the running agent has let go, not only with the next table.
+        let snapshot = publisher.reader().load();
+        if listeners.open_needed(redirect, &snapshot) {
+            reconcile_redirect(redirect, &snapshot);
+        }
     }
     let mut following_tables = redirect
         .clone()
@@ -676,12 +682,14 @@ fn start_redirect(
         // IPv4 cluster's node may report an IPv6 ExternalIP, where nothing should listen), or
         // where the running agent listened (it steers there until the takeover ends).
         let same_family = |a: &SocketAddr| a.is_ipv4() == addr.is_ipv4();
+        let family = |failed| WaitingFamily {
+            listen: addr,
+            client_first: config.listen_client_first.iter().copied().find(same_family),
+            failed,
+        };
         if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(same_family) {
             tracing::info!(%addr, "no redirect listener there until a Service has a ClusterIP of its address family");
-            waiting.push(WaitingFamily {
-                listen: addr,
-                client_first: config.listen_client_first.iter().copied().find(same_family),
-            });
+            waiting.push(family(false));
             continue;
         }
         match listen(inherited, offered, addr, "the redirect listener") {
@@ -689,12 +697,10 @@ fn start_redirect(
             // The first is the node's primary address. The other family's is the second of
             // status.hostIPs, which the kubelet may take from an ExternalIP the node does not
             // have, or give in a cluster that is not dual-stack: without it the agent serves on.
-            Err(e) if i > 0 => tracing::warn!(
-                %addr,
-                error = format!("{e:#}"),
-                "no redirect listener for this address family: pods' connections to ClusterIPs of \
-                 this family keep kube-proxy's routing, without mesh routes"
-            ),
+            Err(e) if i > 0 => {
+                family_failed(addr, &e);
+                waiting.push(family(true));
+            }
             Err(e) => return Err(e),
         }
     }
@@ -779,11 +785,13 @@ fn start_redirect(
 }
 
 /// A `--redirect` address family without listeners yet: no Service had a ClusterIP of it when
-/// the agent started (a dual-stack cluster before its first dual-stack Service).
+/// the agent started (a dual-stack cluster before its first dual-stack Service), or they could
+/// not open (`failed`: said once in the log; tried again with each table).
 #[derive(Debug)]
 struct WaitingFamily {
     listen: SocketAddr,
     client_first: Option<SocketAddr>,
+    failed: bool,
 }
 
 /// Serves the redirect listeners on the workers, and opens those of a waiting address family once
@@ -801,40 +809,69 @@ struct RedirectListeners {
 impl RedirectListeners {
     /// Accepts redirected connections on `listener` on every worker.
     fn serve(&self, listener: &std::net::TcpListener) -> std::io::Result<()> {
-        let (drain, resolver) = (self.drain.clone(), self.resolver.clone());
-        self.workers.serve(listener, move |proxy, listener| {
-            serve_redirect(proxy, listener, resolver.clone(), drain.clone())
-        })
+        self.serve_copies(self.workers.copies(listener)?);
+        Ok(())
     }
 
-    /// Before `snapshot` is told to the programs: opens the families it has ClusterIPs of. One
-    /// that cannot open is given up, with the reason in the log (the frontends of its family stay
-    /// with kube-proxy, counted in `gamma_redirect_frontends_without_listener`).
-    fn open_needed(&mut self, redirect: &Redirect, snapshot: &Snapshot) {
-        let waiting = std::mem::take(&mut self.waiting);
-        for family in waiting {
+    /// Accepts redirected connections on each worker's copy of a listener.
+    fn serve_copies(&self, copies: Vec<std::net::TcpListener>) {
+        let (drain, resolver) = (self.drain.clone(), self.resolver.clone());
+        self.workers.serve_copies(copies, move |proxy, listener| {
+            serve_redirect(proxy, listener, resolver.clone(), drain.clone())
+        });
+    }
+
+    /// Before `snapshot` is told to the programs: opens the families it has ClusterIPs of (`true`
+    /// if any opened). One that cannot open waits on, with the reason in the log (the frontends
+    /// of its family stay with kube-proxy, counted in
+    /// `gamma_redirect_frontends_without_listener`).
+    fn open_needed(&mut self, redirect: &Redirect, snapshot: &Snapshot) -> bool {
+        let mut opened = false;
+        for family in std::mem::take(&mut self.waiting) {
             let ipv4 = family.listen.is_ipv4();
             if !snapshot.by_address.keys().any(|a| a.is_ipv4() == ipv4) {
                 self.waiting.push(family);
                 continue;
             }
             match self.open(redirect, &family) {
-                Ok(()) => tracing::info!(
-                    addr = %family.listen,
-                    client_first = ?family.client_first,
-                    "a Service has a ClusterIP of this address family now: redirect listeners open"
-                ),
-                Err(e) => tracing::warn!(
-                    addr = %family.listen,
-                    error = format!("{e:#}"),
-                    "no redirect listener for this address family: pods' connections to ClusterIPs \
-                     of this family keep kube-proxy's routing, without mesh routes"
-                ),
+                Ok(true) => {
+                    opened = true;
+                    tracing::info!(
+                        addr = %family.listen,
+                        client_first = ?family.client_first,
+                        "a Service has a ClusterIP of this address family: redirect listeners open"
+                    );
+                }
+                // A successor holds the offer: it opens them if it takes over, this agent with
+                // the next table if not.
+                Ok(false) => self.waiting.push(family),
+                Err(e) => {
+                    if !family.failed {
+                        family_failed(family.listen, &e);
+                    }
+                    self.waiting.push(WaitingFamily {
+                        failed: true,
+                        ..family
+                    });
+                }
             }
         }
+        opened
     }
 
-    fn open(&self, redirect: &Redirect, family: &WaitingFamily) -> Result<()> {
+    /// Opens `family`'s listeners and tells the programs; `false` while a successor holds the
+    /// offer. Whatever can fail comes before the programs are told, so that they never steer to
+    /// a listener nobody accepts on.
+    fn open(&self, redirect: &Redirect, family: &WaitingFamily) -> Result<bool> {
+        // Held to the end: a successor offered the programs' new addresses in the meantime gets
+        // their listeners with them.
+        let mut offered = self
+            .offered
+            .as_ref()
+            .map(|o| o.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if offered.as_ref().is_some_and(|o| o.is_frozen()) {
+            return Ok(false);
+        }
         let bind = |addr: SocketAddr, client_first: bool| -> Result<std::net::TcpListener> {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("binding the redirect listener {addr}"))?;
@@ -850,6 +887,19 @@ impl RedirectListeners {
         if let Some(addr) = family.client_first {
             opened.push((bind(addr, true)?, addr, true));
         }
+        let mut copies = Vec::with_capacity(opened.len());
+        for (listener, addr, _) in &opened {
+            let offer = offered
+                .is_some()
+                .then(|| Offered::copy(listener))
+                .transpose();
+            let workers = self.workers.copies(listener);
+            copies.push(
+                offer
+                    .and_then(|offer| Ok((offer, workers?)))
+                    .with_context(|| format!("copying the listener {addr}"))?,
+            );
+        }
         let listeners: Vec<AgentListener<'_>> = opened
             .iter()
             .map(|(listener, addr, client_first)| AgentListener {
@@ -858,26 +908,26 @@ impl RedirectListeners {
                 client_first: *client_first,
             })
             .collect();
-        // Held until the copies are in: a successor offered the programs' new addresses in the
-        // meantime gets their listeners with them.
-        let mut offered = self
-            .offered
-            .as_ref()
-            .map(|o| o.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         redirect
             .add_listeners(&listeners)
             .context("telling the programs about the listeners")?;
-        for (listener, addr, _) in &opened {
-            if let Some(offered) = offered.as_mut() {
-                offered
-                    .add(listener)
-                    .with_context(|| format!("keeping a copy of {addr} for a successor"))?;
+        for (offer, workers) in copies {
+            if let (Some(offered), Some(offer)) = (offered.as_mut(), offer) {
+                offered.keep(offer);
             }
-            self.serve(listener)
-                .with_context(|| format!("accepting on {addr}"))?;
+            self.serve_copies(workers);
         }
-        Ok(())
+        Ok(true)
     }
+}
+
+fn family_failed(addr: SocketAddr, error: &anyhow::Error) {
+    tracing::warn!(
+        %addr,
+        error = format!("{error:#}"),
+        "no redirect listener for this address family (tried again with each table): pods' \
+         connections to ClusterIPs of this family keep kube-proxy's routing, without mesh routes"
+    );
 }
 
 /// Whether this process's cgroup is `cgroup` or below it: where the programs attached to `cgroup`

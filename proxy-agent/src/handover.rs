@@ -529,14 +529,42 @@ fn listener_from(fd: OwnedFd, peer: &Peer) -> Result<TcpListener, HandoverError>
 #[derive(Debug, Default)]
 pub struct Offered {
     listeners: Vec<(SocketAddr, OwnedFd)>,
+    /// While a successor holds the offer, and for good once one took over or this agent shuts
+    /// down: no listener opens meanwhile (a successor would not get it, and it would hold an
+    /// address the successor binds).
+    frozen: bool,
 }
+
+/// A listener's copy made before it serves, kept by [`Offered::keep`] once it does.
+pub struct ListenerCopy(SocketAddr, OwnedFd);
 
 impl Offered {
     pub fn add(&mut self, listener: &TcpListener) -> io::Result<()> {
-        let addr = listener.local_addr()?;
-        self.listeners
-            .push((addr, listener.as_fd().try_clone_to_owned()?));
+        let copy = Self::copy(listener)?;
+        self.keep(copy);
         Ok(())
+    }
+
+    pub fn copy(listener: &TcpListener) -> io::Result<ListenerCopy> {
+        Ok(ListenerCopy(
+            listener.local_addr()?,
+            listener.as_fd().try_clone_to_owned()?,
+        ))
+    }
+
+    pub fn keep(&mut self, ListenerCopy(addr, fd): ListenerCopy) {
+        self.listeners.push((addr, fd));
+    }
+
+    /// Whether a listener may open now (see `frozen`).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Lets the copies go, for good: a successor has its own, or the listeners must close.
+    fn close(&mut self) {
+        self.listeners.clear();
+        self.frozen = true;
     }
 }
 
@@ -668,8 +696,7 @@ impl Drop for Successors {
         self.offered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .listeners
-            .clear();
+            .close();
         // A successor renames its own socket over ours: that one is not ours to remove.
         let ours =
             std::fs::metadata(&self.path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.file);
@@ -700,18 +727,21 @@ struct OfferState {
 }
 
 /// While a successor holds this agent's sockets and has not said Stop: `/ready` says not ready
-/// (the successor answers probes on the same listener, not ready until it has synced). Undone
-/// if the successor goes away before Stop.
+/// (the successor answers probes on the same listener, not ready until it has synced), and no
+/// listener opens ([`Offered::is_frozen`]; the offer freezes it). Undone if the successor goes
+/// away before Stop.
 struct HandingOver<'s> {
     readiness: &'s Readiness,
+    offered: &'s Mutex<Offered>,
     committed: bool,
 }
 
 impl<'s> HandingOver<'s> {
-    fn start(readiness: &'s Readiness, pid: u32) -> Self {
+    fn start(readiness: &'s Readiness, offered: &'s Mutex<Offered>, pid: u32) -> Self {
         readiness.handing_over_to.store(pid, Ordering::Relaxed);
         HandingOver {
             readiness,
+            offered,
             committed: false,
         }
     }
@@ -721,6 +751,10 @@ impl Drop for HandingOver<'_> {
     fn drop(&mut self) {
         if !self.committed {
             self.readiness.handing_over_to.store(0, Ordering::Relaxed);
+            self.offered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .frozen = false;
         }
     }
 }
@@ -803,11 +837,13 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
             return Ok(None);
         }
     };
+    let mut handing_over = HandingOver::start(&state.readiness, &state.offered, peer.pid);
     {
-        let offered = state
+        let mut offered = state
             .offered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        offered.frozen = true;
         let (addrs, mut fds): (Vec<SocketAddr>, Vec<BorrowedFd<'_>>) = offered
             .listeners
             .iter()
@@ -827,7 +863,6 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         pid = peer.pid,
         "sockets offered to a successor; serving until it says stop"
     );
-    let mut handing_over = HandingOver::start(&state.readiness, peer.pid);
     // The successor syncs its table before it answers (minutes with a slow API server).
     loop {
         if state.closing.load(Ordering::Relaxed) {
@@ -875,8 +910,7 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
         .offered
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .listeners
-        .clear();
+        .close();
     // Committed: this agent accepts no more, so it must drain and go whatever happens to the
     // successor now. Its open connections stay here if the successor cannot hear of it.
     if let Err(e) = send(stream, &Message::Stopped, &[]) {
@@ -1310,12 +1344,15 @@ mod tests {
     /// not ready, as the successor does until it has synced, so that the successor's pod is not
     /// taken for ready on the old agent's word. A successor gone before Stop undoes it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_old_agent_is_not_ready_while_a_successor_holds_its_sockets() {
+    async fn the_old_agent_is_not_ready_and_opens_no_listener_while_a_successor_holds_its_sockets()
+    {
         let dir = TestDir::new("handover-ready");
         let path = dir.join("takeover.sock");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let readiness = Arc::new(Readiness::default());
-        let _old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
+        let old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
+        let frozen = || old.offered().lock().unwrap().is_frozen();
+        assert!(!frozen());
         let stream = UnixStream::connect(&path).unwrap();
         let hello = Message::Hello {
             protocol: PROTOCOL,
@@ -1330,9 +1367,13 @@ mod tests {
         assert!(matches!(offer, Message::Offer { .. }));
         let handing_over = || readiness.handing_over_to.load(Ordering::Relaxed);
         assert_eq!(handing_over(), std::process::id());
+        assert!(
+            frozen(),
+            "a listener opened now would not be the successor's"
+        );
         drop(stream);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while handing_over() != 0 {
+        while handing_over() != 0 || frozen() {
             assert!(
                 Instant::now() < deadline,
                 "still handing over to a successor that went"
@@ -1368,6 +1409,10 @@ mod tests {
             .await
             .expect("taken over, though the successor went");
         assert_eq!(pid, std::process::id());
+        assert!(
+            old.offered().lock().unwrap().is_frozen(),
+            "taken over: no listener opens here any more"
+        );
     }
 
     #[tokio::test]

@@ -355,9 +355,11 @@ struct Addresses(Vec<SocketAddr>);
 impl std::str::FromStr for Addresses {
     type Err = String;
 
+    /// A v4-mapped IPv6 address is its IPv4 one: the kernel sends IPv4 connections there.
     fn from_str(value: &str) -> std::result::Result<Self, String> {
+        let canonical = |addr: SocketAddr| SocketAddr::new(addr.ip().to_canonical(), addr.port());
         if let Ok(addr) = value.parse::<SocketAddr>() {
-            return Ok(Addresses(vec![addr]));
+            return Ok(Addresses(vec![canonical(addr)]));
         }
         let usage = "give IP:PORT, [IPv6]:PORT, or IPs separated by commas then :PORT";
         let (ips, port) = value
@@ -373,7 +375,7 @@ impl std::str::FromStr for Addresses {
                 .unwrap_or(ip)
                 .parse()
                 .map_err(|e| format!("{ip:?} in {value:?}: {e}: {usage}"))?;
-            let addr = SocketAddr::new(ip, port);
+            let addr = canonical(SocketAddr::new(ip, port));
             if addrs.contains(&addr) {
                 continue;
             }
@@ -511,9 +513,11 @@ mod tests {
             parsed("fd00::5, 10.0.0.5,10.0.0.5:15001").unwrap(),
             "[fd00::5]:15001 10.0.0.5:15001"
         );
+        assert_eq!(parsed("[::ffff:10.0.0.5]:15001").unwrap(), "10.0.0.5:15001");
         for bad in [
             "10.0.0.5",
             "10.0.0.5,10.0.0.6:15001",
+            "10.0.0.5,::ffff:10.0.0.6:15001",
             "fd00::5,fd00::6:1",
             "x:1",
             "10.0.0.5:x",

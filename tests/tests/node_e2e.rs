@@ -293,10 +293,17 @@ fn the_second_familys_listener_opens_with_its_first_cluster_ip() {
         "nothing listens on the IPv6 address"
     );
     assert_eq!(counter(&s, "gamma_redirect_frontends_without_listener"), 0);
+    let ipv4_frontends = counter(&s, "gamma_kernel_mesh_frontends");
+    assert!(ipv4_frontends > 0);
 
     s.cluster = s.cluster.clone().dual_stack_services();
     let manifests = to_yaml(&s.cluster.manifests());
     s.apply("cluster.yaml", &manifests).unwrap();
+    gamma_tests::eventually_within(
+        gamma_tests::harness_timeout(Duration::from_secs(5)),
+        "the agent steers the IPv6 ClusterIPs too",
+        || (counter(&s, "gamma_kernel_mesh_frontends") == 2 * ipv4_frontends).then_some(()),
+    );
     assert_eq!(dial_agent6(&s), Ok(()), "the IPv6 listener is open");
     let vip6 = s.cluster.resolve6("catalog", "products").unwrap();
     let to_vip6 = |r: &mut ClientRequest| r.url = format!("http://[{vip6}]:80/items");

@@ -252,14 +252,26 @@ impl WorkerListeners {
         F: Fn(Arc<Proxy>, TcpListener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        for (handle, proxy) in &self.workers {
-            let copy = listener.try_clone()?;
-            let serve = serve.clone();
+        self.serve_copies(self.copies(listener)?, serve);
+        Ok(())
+    }
+
+    /// A copy of `listener` for each worker, for [`Self::serve_copies`]: what can fail, apart.
+    pub fn copies(&self, listener: &TcpListener) -> io::Result<Vec<TcpListener>> {
+        self.workers.iter().map(|_| listener.try_clone()).collect()
+    }
+
+    /// Runs `serve` on every worker with the worker's proxy and its copy.
+    pub fn serve_copies<F, Fut>(&self, copies: Vec<TcpListener>, serve: F)
+    where
+        F: Fn(Arc<Proxy>, TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for ((handle, proxy), copy) in self.workers.iter().zip(copies) {
             // Registered by the accept loop, on this worker's reactor: its readiness wakes this
             // thread only.
-            handle.spawn(serve(proxy.clone(), copy));
+            handle.spawn(serve.clone()(proxy.clone(), copy));
         }
-        Ok(())
     }
 }
 

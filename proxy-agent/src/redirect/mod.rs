@@ -188,6 +188,8 @@ pub struct KernelCounters {
     pub steered_client_first: u64,
     /// connect() to a mesh Service left alone: the agent's listener was gone (fail open).
     pub agent_gone: u64,
+    /// Not a count but a size: the mesh frontends told to the programs after the last table.
+    pub mesh_frontends: u64,
     /// Mesh frontends not told to the programs: of an address family without a listener.
     pub frontends_without_listener: u64,
     /// Redirect records that could not be stored.
@@ -391,10 +393,12 @@ impl Redirect {
         let (added, slots) = agent_config(listeners, 0)?;
         let mut listening = self.listening();
         let ours = listening.listen.iter().chain(&listening.client_first);
-        if let Some(taken) = ours
-            .copied()
-            .find(|a| listeners.iter().any(|l| l.addr.is_ipv4() == a.is_ipv4()))
-        {
+        if let Some(taken) = ours.copied().find(|a| {
+            let ipv4 = a.is_ipv4();
+            listeners
+                .iter()
+                .any(|l| addr::canonical(l.addr).is_ipv4() == ipv4)
+        }) {
             return Err(RedirectError::InvalidListener(format!(
                 "the programs already send pods of this address family to {taken}"
             )));
@@ -478,6 +482,11 @@ impl Redirect {
             local_paired: read(counters::LOCAL_PAIRED)?,
             local_moved: read(counters::LOCAL_MOVED)?,
             local_kept_tcp: read(counters::LOCAL_KEPT_TCP)?,
+            mesh_frontends: self
+                .services
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .size() as u64,
             frontends_without_listener: self.without_listener.load(Ordering::Relaxed) as u64,
             local_pods: self
                 .local_pods

@@ -49,6 +49,13 @@ impl KernelMap<ServiceKey> {
     }
 }
 
+impl<K> KernelMap<K> {
+    /// Entries after the last reconciliation (0 before the first).
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+}
+
 impl KernelMap<PodKey> {
     pub(crate) fn local_pods(map: aya::maps::HashMap<MapData, PodKey, u8>) -> Self {
         Self {

@@ -206,7 +206,9 @@ pub(super) fn addresses(listeners: &[AgentListener<'_>], client_first: bool) -> 
 /// one. Its programs are adopted only if they are this binary's and steer to the same listeners
 /// (they steer as its `CONFIG` says); a different client-first one (an agent older than them has
 /// none), or one for any port of a family it had none for (a node made dual-stack), and this
-/// agent's programs are swapped in to steer to its own.
+/// agent's programs are swapped in to steer to its own. So are they when it did not hand over
+/// their listener map (an agent older than it): without it, this agent could not open the
+/// listeners of a family whose first ClusterIP comes later (`Redirect::add_listeners`).
 fn adopts(
     listen: &[SocketAddr],
     client_first: &[SocketAddr],
@@ -225,6 +227,7 @@ fn adopts(
     }
     Ok(!fresh_programs
         && offer.object_digest == object::object_digest()
+        && offer.maps.iter().any(|m| m == maps::AGENT_LISTENERS)
         && ours == theirs
         && set(client_first) == set(&offer.client_first))
 }
@@ -443,15 +446,16 @@ mod tests {
             listen: addrs(listen),
             client_first: addrs(client_first),
             object_digest: digest,
-            maps: Vec::new(),
+            maps: vec![maps::AGENT_LISTENERS.to_owned()],
             links: Vec::new(),
             local_sockets: false,
         }
     }
 
     /// An agent older than client-first listeners offers only its one listener: taken over by
-    /// swapping programs in, as one with another client-first listener is; the same programs
-    /// and listeners are adopted; other listeners for any port are refused.
+    /// swapping programs in, as one with another client-first listener is, or one that did not
+    /// hand over the listener map; the same programs and listeners are adopted; other listeners
+    /// for any port are refused.
     #[test]
     fn which_predecessors_are_adopted_swapped_or_refused() {
         let client_first: [SocketAddr; 1] = ["10.0.0.1:15002".parse().unwrap()];
@@ -487,6 +491,10 @@ mod tests {
             adopts(dual_offer, false).is_err(),
             "a rollback to IPv4 only"
         );
+        // Programs of an agent that did not hand over their listener map: ours are swapped in.
+        let mut without_listener_map = offer(&[any], &["10.0.0.1:15002"], object::object_digest());
+        without_listener_map.maps.clear();
+        assert_eq!(adopts(without_listener_map, false), Ok(false));
         // What an older agent sends and reads: the field absent.
         let older: RedirectOffer = serde_json::from_str(
             r#"{"cgroup_id":1,"listen":["10.0.0.1:15001"],"object_digest":"x","maps":[],"links":[]}"#,

@@ -32,7 +32,7 @@ impl World {
     async fn start() -> World {
         let a = echo_backend([127, 0, 0, 1], "a").await;
         let canary = echo_backend([127, 0, 0, 1], "canary").await;
-        let rules = "  - matches: [{path: {type: PathPrefix, value: /smuggled}}]\n    backendRefs: [{name: canary, port: 80}]\n  - backendRefs: [{name: a, port: 80}]\n";
+        let rules = "  - matches: [{path: {type: PathPrefix, value: /smuggled}}]\n    backendRefs: [{name: canary, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /delay}}]\n    timeouts: {request: 10s, backendRequest: 300ms}\n    backendRefs: [{name: a, port: 80}]\n  - backendRefs: [{name: a, port: 80}]\n";
         let manifests = Manifests::default()
             .service("ns", "front", 80, &[], None)
             .service("ns", "a", 80, &[a.addr], None)
@@ -324,6 +324,60 @@ async fn http1_smuggling_and_malformed_heads_get_an_error_or_a_close() {
     );
     world.assert_serving("after the malformed requests").await;
     world.assert_nothing_left(baseline);
+}
+
+/// A client still sending its request body when the rule's backendRequest timeout expires (a slow
+/// upload; a gRPC client stream between its messages) gets 408: the attempt waited on the client,
+/// not on the endpoint, so it does not count against the endpoint (before: 504, and three in a
+/// row ejected a healthy endpoint for every caller) and is not retried. A slow endpoint still
+/// gets 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_times_out_against_its_caller_not_the_endpoint() {
+    let world = World::start().await;
+    let addr = world.agent.listen[0];
+    let exchange = |request: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            std::io::Write::write_all(&mut stream, request).unwrap();
+            // Read to the end: the agent closes the connection after its answer (the rest of
+            // the body was never read).
+            let mut reply = String::new();
+            let closed = std::io::Read::read_to_string(&mut stream, &mut reply).is_ok();
+            (reply, closed)
+        })
+    };
+    let slow = b"POST /delay/0 HTTP/1.1\r\nHost: front\r\nContent-Length: 100000\r\n\r\nhello";
+    for i in 0..CONSECUTIVE_FAILURES {
+        let (reply, closed) = exchange(slow).await.unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.1 408 ") && reply.contains("still sending") && closed,
+            "slow upload {i}: {reply:?} (closed: {closed})"
+        );
+    }
+    let slow_endpoint =
+        b"POST /delay/1000 HTTP/1.1\r\nHost: front\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    let (reply, _) = exchange(slow_endpoint).await.unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 504 "),
+        "a slow endpoint: {reply:?}"
+    );
+    let metrics = http_get(world.agent.admin, "/metrics").unwrap();
+    assert_eq!(
+        sample(&metrics, "gamma_endpoint_ejections_total"),
+        Some(0.0),
+        "no endpoint was ejected"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "gamma_local_answers_total{reason=\"request_body_timeout\"}"
+        ),
+        Some(f64::from(CONSECUTIVE_FAILURES)),
+    );
+    world.assert_serving("after the slow uploads").await;
 }
 
 /// A client whose request body breaks off while it streams to the backend (a malformed chunk; a

@@ -11,7 +11,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::watch;
@@ -73,6 +73,63 @@ where
     }
 }
 
+/// How reading a request body from its caller goes, as its last read found it.
+#[derive(Default)]
+pub struct CallerProgress(AtomicU8);
+
+impl CallerProgress {
+    /// A frame came, or nothing was read yet: not waiting on the caller.
+    const READING: u8 = 0;
+    /// The last read found nothing: waiting on the caller's next bytes.
+    const WAITING: u8 = 1;
+    const ENDED: u8 = 2;
+    /// Reading failed: the caller closed its side mid-body, reset its stream, or sent a
+    /// malformed chunk.
+    const BROKE_OFF: u8 = 3;
+
+    fn record<T, E>(&self, read: &Poll<Option<Result<T, E>>>) {
+        let state = match read {
+            Poll::Pending => Self::WAITING,
+            Poll::Ready(None) => Self::ENDED,
+            Poll::Ready(Some(Err(_))) => Self::BROKE_OFF,
+            Poll::Ready(Some(Ok(_))) => Self::READING,
+        };
+        self.0.store(state, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A caller's body streamed to an attempt, its reads recorded in `progress`.
+struct Watched {
+    body: Incoming,
+    progress: Arc<CallerProgress>,
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let read = Pin::new(&mut self.body).poll_frame(cx);
+        self.progress.record(&read);
+        read
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A request's body as the server that read the request has it.
 pub enum CallerBody {
     None,
@@ -88,11 +145,10 @@ pub enum RequestBody {
     Empty,
     /// Read whole before the request was handled: every attempt and mirror sends it again.
     Whole(Bytes),
-    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it);
-    /// `broke_off`: reading it from the caller failed.
+    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it).
     Streamed {
         body: Option<Incoming>,
-        broke_off: Arc<AtomicBool>,
+        progress: Arc<CallerProgress>,
     },
     /// Streamed to the first attempt and kept as it goes, up to a limit.
     Recorded(Recording),
@@ -111,7 +167,7 @@ impl RequestBody {
         } else {
             RequestBody::Streamed {
                 body: Some(body),
-                broke_off: Arc::default(),
+                progress: Arc::default(),
             }
         }
     }
@@ -121,12 +177,12 @@ impl RequestBody {
         match self {
             RequestBody::Empty => Some(empty()),
             RequestBody::Whole(bytes) => Some(full(bytes.clone())),
-            RequestBody::Streamed { body, broke_off } => body.take().map(|body| {
-                let broke_off = broke_off.clone();
-                body.map_err(move |e| {
-                    broke_off.store(true, Ordering::Relaxed);
-                    BoxError::from(e)
-                })
+            RequestBody::Streamed { body, progress } => body.take().map(|body| {
+                Watched {
+                    body,
+                    progress: progress.clone(),
+                }
+                .map_err(BoxError::from)
                 .boxed_unsync()
             }),
             RequestBody::Recorded(recording) => recording.replay(),
@@ -142,10 +198,21 @@ impl RequestBody {
     /// side mid-body, reset its stream, or sent a malformed chunk. An attempt that failed then
     /// failed for the caller, not for its endpoint.
     pub fn caller_broke_off(&self) -> bool {
+        self.progress() == Some(CallerProgress::BROKE_OFF)
+    }
+
+    /// Whether the last read of the body found none of the caller's bytes yet: an attempt that
+    /// timed out now waited on the caller (a slow upload, a gRPC client stream between its
+    /// messages), not on its endpoint.
+    pub fn waiting_on_caller(&self) -> bool {
+        self.progress() == Some(CallerProgress::WAITING)
+    }
+
+    fn progress(&self) -> Option<u8> {
         match self {
-            RequestBody::Empty | RequestBody::Whole(_) => false,
-            RequestBody::Streamed { broke_off, .. } => broke_off.load(Ordering::Relaxed),
-            RequestBody::Recorded(r) => r.lock().broke_off,
+            RequestBody::Empty | RequestBody::Whole(_) => None,
+            RequestBody::Streamed { progress, .. } => Some(progress.get()),
+            RequestBody::Recorded(r) => Some(r.lock().progress.get()),
         }
     }
 
@@ -227,8 +294,8 @@ struct Shared {
     /// Larger than `limit`: nothing is kept any more.
     overflowed: bool,
     ended: bool,
-    /// Reading from the caller failed (see `RequestBody::caller_broke_off`).
-    broke_off: bool,
+    /// How reading from the caller goes (see `RequestBody::caller_broke_off`).
+    progress: CallerProgress,
     /// The length the caller announced, for every replay's size hint.
     length: Option<u64>,
     /// Replays made so far: only the latest may read on from the caller.
@@ -261,7 +328,7 @@ impl Recording {
                 limit,
                 overflowed: false,
                 ended: false,
-                broke_off: false,
+                progress: CallerProgress::default(),
                 length,
                 replays: 0,
                 complete: complete.clone(),
@@ -363,7 +430,9 @@ impl Body for Replay {
         let Some(source) = shared.source.as_mut() else {
             return Poll::Ready(Some(Err("the request body is gone".into())));
         };
-        let frame = match Pin::new(source).poll_frame(cx) {
+        let polled = Pin::new(source).poll_frame(cx);
+        shared.progress.record(&polled);
+        let frame = match polled {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 shared.ended = true;
@@ -379,7 +448,6 @@ impl Body for Replay {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
-                shared.broke_off = true;
                 shared.overflowed = true;
                 shared.complete.send_replace(Kept::Not);
                 return Poll::Ready(Some(Err(e.into())));

@@ -173,10 +173,14 @@ pub(super) async fn forward(
                 Box::pin(proxy.upstream.send(endpoint, h2, request)).await
             };
             let attempt = match attempt(call, attempt_timeout).await {
-                // The caller's body broke off: the caller failed the attempt, not the endpoint
-                // (three in a row would eject it for everyone), and nothing can be resent.
+                // The caller's body broke off, or the attempt timed out waiting for the caller's
+                // next bytes: the caller failed the attempt, not the endpoint (three in a row
+                // would eject it for everyone), and a retry would wait on the caller again.
                 Attempt::Failed { error, .. } if body.caller_broke_off() => {
                     return Err(LocalAnswer::RequestBodyBrokeOff(error))
+                }
+                Attempt::TimedOut(after) if body.waiting_on_caller() => {
+                    return Err(LocalAnswer::RequestBodyTimeout(after))
                 }
                 attempt => attempt,
             };

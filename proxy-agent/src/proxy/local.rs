@@ -44,6 +44,11 @@ pub enum LocalAnswer {
          malformed chunk): {0}"
     )]
     RequestBodyBrokeOff(String),
+    #[error(
+        "the backend request timeout of {0:?} expired while the client was still sending the \
+         request's body"
+    )]
+    RequestBodyTimeout(Duration),
     #[error("the route's request timeout of {0:?} expired")]
     RouteTimeout(Duration),
     #[error("the request head is {size} bytes, over the limit of {limit}")]
@@ -78,6 +83,7 @@ impl LocalAnswer {
             LocalAnswer::BackendTimeout { .. } => Reason::BackendTimeout,
             LocalAnswer::BackendFailed { .. } => Reason::BackendFailed,
             LocalAnswer::RequestBodyBrokeOff(_) => Reason::RequestBodyBrokeOff,
+            LocalAnswer::RequestBodyTimeout(_) => Reason::RequestBodyTimeout,
             LocalAnswer::RouteTimeout(_) => Reason::RouteTimeout,
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
@@ -99,6 +105,7 @@ impl LocalAnswer {
                 StatusCode::GATEWAY_TIMEOUT
             }
             LocalAnswer::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
+            LocalAnswer::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             LocalAnswer::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
@@ -139,9 +146,9 @@ impl LocalAnswer {
             | LocalAnswer::ConnectFailed { .. }
             | LocalAnswer::BackendFailed { .. } => GrpcStatus::Unavailable,
             LocalAnswer::NoMatchingRule(_) => GrpcStatus::Unimplemented,
-            LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
-                GrpcStatus::DeadlineExceeded
-            }
+            LocalAnswer::BackendTimeout { .. }
+            | LocalAnswer::RequestBodyTimeout(_)
+            | LocalAnswer::RouteTimeout(_) => GrpcStatus::DeadlineExceeded,
             LocalAnswer::HeadTooLarge { .. }
             | LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)

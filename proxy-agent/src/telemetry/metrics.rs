@@ -27,6 +27,7 @@ pub enum Reason {
     BackendTimeout,
     BackendFailed,
     RequestBodyBrokeOff,
+    RequestBodyTimeout,
     RouteTimeout,
     HeadTooLarge,
     BadTarget,
@@ -35,7 +36,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -46,6 +47,7 @@ impl Reason {
         Reason::BackendTimeout,
         Reason::BackendFailed,
         Reason::RequestBodyBrokeOff,
+        Reason::RequestBodyTimeout,
         Reason::RouteTimeout,
         Reason::HeadTooLarge,
         Reason::BadTarget,
@@ -65,6 +67,7 @@ impl Reason {
             Reason::BackendTimeout => "backend_timeout",
             Reason::BackendFailed => "backend_failed",
             Reason::RequestBodyBrokeOff => "request_body_broke_off",
+            Reason::RequestBodyTimeout => "request_body_timeout",
             Reason::RouteTimeout => "route_timeout",
             Reason::HeadTooLarge => "head_too_large",
             Reason::BadTarget => "bad_target",

@@ -530,9 +530,10 @@ fn listener_from(fd: OwnedFd, peer: &Peer) -> Result<TcpListener, HandoverError>
 pub struct Offered {
     listeners: Vec<(SocketAddr, OwnedFd)>,
     /// While a successor holds the offer, and for good once one took over or this agent shuts
-    /// down: no listener opens meanwhile (a successor would not get it, and it would hold an
-    /// address the successor binds).
+    /// down (`closed`): no listener opens meanwhile (a successor would not get it, and it would
+    /// hold an address the successor binds).
     frozen: bool,
+    closed: bool,
 }
 
 /// A listener's copy made before it serves, kept by [`Offered::keep`] once it does.
@@ -565,6 +566,7 @@ impl Offered {
     fn close(&mut self) {
         self.listeners.clear();
         self.frozen = true;
+        self.closed = true;
     }
 }
 
@@ -751,10 +753,11 @@ impl Drop for HandingOver<'_> {
     fn drop(&mut self) {
         if !self.committed {
             self.readiness.handing_over_to.store(0, Ordering::Relaxed);
-            self.offered
+            let mut offered = self
+                .offered
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .frozen = false;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            offered.frozen = offered.closed;
         }
     }
 }
@@ -824,26 +827,29 @@ fn offer_to_successor(stream: &UnixStream, state: &OfferState) -> io::Result<Opt
             return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
         }
     };
-    let redirect = match state.redirect.as_ref().map(|r| r.offer()).transpose() {
-        Ok(redirect) => redirect,
-        Err(e) => {
-            send(
-                stream,
-                &Message::Refused {
-                    reason: e.to_string(),
-                },
-                &[],
-            )?;
-            return Ok(None);
-        }
-    };
     let mut handing_over = HandingOver::start(&state.readiness, &state.offered, peer.pid);
     {
+        // Locked before the redirect's offer is made: no listener opens between the two (one
+        // opening holds it), so the offer names exactly the listeners handed over.
         let mut offered = state
             .offered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         offered.frozen = true;
+        let redirect = match state.redirect.as_ref().map(|r| r.offer()).transpose() {
+            Ok(redirect) => redirect,
+            Err(e) => {
+                drop(offered);
+                send(
+                    stream,
+                    &Message::Refused {
+                        reason: e.to_string(),
+                    },
+                    &[],
+                )?;
+                return Ok(None);
+            }
+        };
         let (addrs, mut fds): (Vec<SocketAddr>, Vec<BorrowedFd<'_>>) = offered
             .listeners
             .iter()
@@ -1380,6 +1386,38 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// An agent shutting down while a successor holds its offer: no listener opens there any
+    /// more, also once the session has ended (it must not thaw what the shutdown froze).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_during_an_offer_opens_no_listener_after_it() {
+        let dir = TestDir::new("handover-shutdown-offer");
+        let path = dir.join("takeover.sock");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let readiness = Arc::new(Readiness::default());
+        let old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
+        let offered = old.offered();
+        let stream = UnixStream::connect(&path).unwrap();
+        let hello = Message::Hello {
+            protocol: PROTOCOL,
+            takes_connections: true,
+        };
+        let stream = tokio::task::spawn_blocking(move || {
+            send(&stream, &hello, &[]).unwrap();
+            assert!(matches!(recv(&stream).unwrap().0, Message::Offer { .. }));
+            stream
+        })
+        .await
+        .unwrap();
+        drop(old);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while readiness.handing_over_to.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the session did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(offered.lock().unwrap().is_frozen());
+        drop(stream);
     }
 
     /// A successor that sends Stop and is gone before it hears Stopped: the old agent stopped

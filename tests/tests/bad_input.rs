@@ -352,8 +352,14 @@ async fn a_slow_upload_times_out_against_its_caller_not_the_endpoint() {
     let slow = b"POST /delay/0 HTTP/1.1\r\nHost: front\r\nContent-Length: 100000\r\n\r\nhello";
     for i in 0..CONSECUTIVE_FAILURES {
         let (reply, closed) = exchange(slow).await.unwrap();
+        let says_close = reply
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n");
         assert!(
-            reply.starts_with("HTTP/1.1 408 ") && reply.contains("still sending") && closed,
+            reply.starts_with("HTTP/1.1 408 ")
+                && reply.contains("still sending")
+                && says_close
+                && closed,
             "slow upload {i}: {reply:?} (closed: {closed})"
         );
     }

@@ -97,6 +97,10 @@ impl CallerProgress {
         self.0.store(state, Ordering::Relaxed);
     }
 
+    fn reading(&self) {
+        self.0.store(Self::READING, Ordering::Relaxed);
+    }
+
     fn get(&self) -> u8 {
         self.0.load(Ordering::Relaxed)
     }
@@ -202,8 +206,9 @@ impl RequestBody {
     }
 
     /// Whether the last read of the body found none of the caller's bytes yet: an attempt that
-    /// timed out now waited on the caller (a slow upload, a gRPC client stream between its
-    /// messages), not on its endpoint.
+    /// timed out now had an incomplete request (a slow upload, a gRPC client stream between its
+    /// messages), which no endpoint could have answered in time. Its endpoint may be stuck as
+    /// well (what was sent may sit unread in socket buffers); this cannot tell.
     pub fn waiting_on_caller(&self) -> bool {
         self.progress() == Some(CallerProgress::WAITING)
     }
@@ -349,6 +354,8 @@ impl Recording {
             return None;
         }
         shared.replays += 1;
+        // This attempt has not read the caller yet: what the last one found is not its own.
+        shared.progress.reading();
         Some(
             Replay {
                 source: Source::Recording(self.shared.clone()),

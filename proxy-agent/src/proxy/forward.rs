@@ -174,8 +174,9 @@ pub(super) async fn forward(
             };
             let attempt = match attempt(call, attempt_timeout).await {
                 // The caller's body broke off, or the attempt timed out waiting for the caller's
-                // next bytes: the caller failed the attempt, not the endpoint (three in a row
-                // would eject it for everyone), and a retry would wait on the caller again.
+                // next bytes (no endpoint could have answered the request incomplete): the
+                // caller failed the attempt, not the endpoint (three in a row would eject it for
+                // everyone), and a retry would wait on the caller again.
                 Attempt::Failed { error, .. } if body.caller_broke_off() => {
                     return Err(LocalAnswer::RequestBodyBrokeOff(error))
                 }

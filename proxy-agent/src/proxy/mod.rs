@@ -261,10 +261,17 @@ impl Proxy {
                     Ok(response) => response,
                     Err((local, rule)) => {
                         let mut response = local_response(&local, &mut log);
-                        if matches!(local, LocalAnswer::UnknownFrontend(_)) {
+                        let closes = match local {
                             // The Service went (or its port, or its address) while the
                             // connection stayed: the client's next one is made to wherever its
                             // name leads now.
+                            LocalAnswer::UnknownFrontend(_) => true,
+                            // The rest of the body is not read (RFC 9110 §15.5.9); on HTTP/2
+                            // only its stream ends.
+                            LocalAnswer::RequestBodyTimeout(_) => version < http::Version::HTTP_2,
+                            _ => false,
+                        };
+                        if closes {
                             close_after(&mut response, version);
                         }
                         if grpc && version == http::Version::HTTP_2 && local.unprocessed() {

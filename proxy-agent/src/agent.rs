@@ -718,14 +718,7 @@ fn start_redirect(
         })?;
         bound.push((listener, addr, true));
     }
-    let listeners: Vec<AgentListener<'_>> = bound
-        .iter()
-        .map(|(listener, addr, client_first)| AgentListener {
-            listener,
-            addr: *addr,
-            client_first: *client_first,
-        })
-        .collect();
+    let listeners = agent_listeners(&bound);
     let predecessor = inherited.take_redirect();
     // A client-first listener of the predecessor's that this agent has not (another
     // --redirect-http, or off): its programs steer there until ours are swapped in, and what it
@@ -782,6 +775,20 @@ fn start_redirect(
         late.serve(listener)?;
     }
     Ok((redirect, late))
+}
+
+/// Listeners bound with the address pods are sent to and whether only client-first ports are.
+type BoundListeners = [(std::net::TcpListener, SocketAddr, bool)];
+
+fn agent_listeners(bound: &BoundListeners) -> Vec<AgentListener<'_>> {
+    bound
+        .iter()
+        .map(|(listener, addr, client_first)| AgentListener {
+            listener,
+            addr: *addr,
+            client_first: *client_first,
+        })
+        .collect()
 }
 
 /// A `--redirect` address family without listeners yet: no Service had a ClusterIP of it when
@@ -900,16 +907,8 @@ impl RedirectListeners {
                     .with_context(|| format!("copying the listener {addr}"))?,
             );
         }
-        let listeners: Vec<AgentListener<'_>> = opened
-            .iter()
-            .map(|(listener, addr, client_first)| AgentListener {
-                listener,
-                addr: *addr,
-                client_first: *client_first,
-            })
-            .collect();
         redirect
-            .add_listeners(&listeners)
+            .add_listeners(&agent_listeners(&opened))
             .context("telling the programs about the listeners")?;
         for (offer, workers) in copies {
             if let (Some(offered), Some(offer)) = (offered.as_mut(), offer) {

@@ -1202,6 +1202,22 @@ mod tests {
     }
 
     /// An agent serving takeovers on `path`, offering `listener`.
+    /// A would-be successor that said Hello, got the Offer, and says nothing more.
+    async fn successor_holding_the_offer(path: &Path) -> UnixStream {
+        let stream = UnixStream::connect(path).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let hello = Message::Hello {
+                protocol: PROTOCOL,
+                takes_connections: true,
+            };
+            send(&stream, &hello, &[]).unwrap();
+            assert!(matches!(recv(&stream).unwrap().0, Message::Offer { .. }));
+            stream
+        })
+        .await
+        .unwrap()
+    }
+
     fn old_agent_offering(
         listener: &TcpListener,
         path: &Path,
@@ -1359,18 +1375,7 @@ mod tests {
         let old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
         let frozen = || old.offered().lock().unwrap().is_frozen();
         assert!(!frozen());
-        let stream = UnixStream::connect(&path).unwrap();
-        let hello = Message::Hello {
-            protocol: PROTOCOL,
-            takes_connections: true,
-        };
-        let offer = tokio::task::spawn_blocking(move || {
-            send(&stream, &hello, &[]).unwrap();
-            let offer = recv(&stream).unwrap().0;
-            (stream, offer)
-        });
-        let (stream, offer) = offer.await.unwrap();
-        assert!(matches!(offer, Message::Offer { .. }));
+        let stream = successor_holding_the_offer(&path).await;
         let handing_over = || readiness.handing_over_to.load(Ordering::Relaxed);
         assert_eq!(handing_over(), std::process::id());
         assert!(
@@ -1398,18 +1403,7 @@ mod tests {
         let readiness = Arc::new(Readiness::default());
         let old = old_agent_offering(&listener, &path, (Drain::default(), readiness.clone()));
         let offered = old.offered();
-        let stream = UnixStream::connect(&path).unwrap();
-        let hello = Message::Hello {
-            protocol: PROTOCOL,
-            takes_connections: true,
-        };
-        let stream = tokio::task::spawn_blocking(move || {
-            send(&stream, &hello, &[]).unwrap();
-            assert!(matches!(recv(&stream).unwrap().0, Message::Offer { .. }));
-            stream
-        })
-        .await
-        .unwrap();
+        let stream = successor_holding_the_offer(&path).await;
         drop(old);
         let deadline = Instant::now() + Duration::from_secs(5);
         while readiness.handing_over_to.load(Ordering::Relaxed) != 0 {

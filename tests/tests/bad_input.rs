@@ -83,6 +83,23 @@ impl World {
         );
     }
 
+    /// `count` requests failed their callers (answered for `reason`), and no endpoint was
+    /// ejected for them.
+    fn assert_callers_failed(&self, reason: &str, count: u32) {
+        let metrics = http_get(self.agent.admin, "/metrics").unwrap();
+        assert_eq!(
+            sample(&metrics, "gamma_endpoint_ejections_total"),
+            Some(0.0),
+            "no endpoint was ejected"
+        );
+        let answers = format!("gamma_local_answers_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            sample(&metrics, &answers),
+            Some(f64::from(count)),
+            "each counted as the caller's"
+        );
+    }
+
     async fn raw(&self, payload: Vec<u8>) -> RawReply {
         let addr = self.agent.listen[0];
         tokio::task::spawn_blocking(move || raw_exchange(addr, &payload, Duration::from_secs(3)))
@@ -370,19 +387,7 @@ async fn a_slow_upload_times_out_against_its_caller_not_the_endpoint() {
         reply.starts_with("HTTP/1.1 504 "),
         "a slow endpoint: {reply:?}"
     );
-    let metrics = http_get(world.agent.admin, "/metrics").unwrap();
-    assert_eq!(
-        sample(&metrics, "gamma_endpoint_ejections_total"),
-        Some(0.0),
-        "no endpoint was ejected"
-    );
-    assert_eq!(
-        sample(
-            &metrics,
-            "gamma_local_answers_total{reason=\"request_body_timeout\"}"
-        ),
-        Some(f64::from(CONSECUTIVE_FAILURES)),
-    );
+    world.assert_callers_failed("request_body_timeout", CONSECUTIVE_FAILURES);
     world.assert_serving("after the slow uploads").await;
 }
 
@@ -421,20 +426,7 @@ async fn a_body_that_breaks_off_fails_its_caller_not_the_endpoint() {
             "body cut short {i}: {reply:?}"
         );
     }
-    let metrics = http_get(world.agent.admin, "/metrics").unwrap();
-    assert_eq!(
-        sample(&metrics, "gamma_endpoint_ejections_total"),
-        Some(0.0),
-        "no endpoint was ejected"
-    );
-    assert_eq!(
-        sample(
-            &metrics,
-            "gamma_local_answers_total{reason=\"request_body_broke_off\"}"
-        ),
-        Some(2.0 * f64::from(CONSECUTIVE_FAILURES)),
-        "each counted as the caller's"
-    );
+    world.assert_callers_failed("request_body_broke_off", 2 * CONSECUTIVE_FAILURES);
     world.assert_serving("after the broken bodies").await;
 }
 

@@ -40,17 +40,24 @@ pub fn stream(body: Incoming) -> ProxyBody {
 
 /// `body`, streamed, keeping `held` until it is dropped.
 pub fn holding<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
-    Holding { body, _held: held }
-        .map_err(BoxError::from)
-        .boxed_unsync()
+    Relayed {
+        body,
+        _held: held,
+        progress: None,
+    }
+    .map_err(BoxError::from)
+    .boxed_unsync()
 }
 
-struct Holding<T> {
+/// A peer's body streamed on, keeping `_held` while it is, and recording its reads in
+/// `progress`, if any.
+struct Relayed<T> {
     body: Incoming,
     _held: T,
+    progress: Option<Arc<CallerProgress>>,
 }
 
-impl<T> Body for Holding<T>
+impl<T> Body for Relayed<T>
 where
     T: Unpin,
 {
@@ -61,7 +68,11 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let read = Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(progress) = &self.progress {
+            progress.record(&read);
+        }
+        read
     }
 
     fn is_end_stream(&self) -> bool {
@@ -103,34 +114,6 @@ impl CallerProgress {
 
     fn get(&self) -> u8 {
         self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A caller's body streamed to an attempt, its reads recorded in `progress`.
-struct Watched {
-    body: Incoming,
-    progress: Arc<CallerProgress>,
-}
-
-impl Body for Watched {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let read = Pin::new(&mut self.body).poll_frame(cx);
-        self.progress.record(&read);
-        read
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
@@ -182,9 +165,10 @@ impl RequestBody {
             RequestBody::Empty => Some(empty()),
             RequestBody::Whole(bytes) => Some(full(bytes.clone())),
             RequestBody::Streamed { body, progress } => body.take().map(|body| {
-                Watched {
+                Relayed {
                     body,
-                    progress: progress.clone(),
+                    _held: (),
+                    progress: Some(progress.clone()),
                 }
                 .map_err(BoxError::from)
                 .boxed_unsync()

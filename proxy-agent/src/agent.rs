@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -295,6 +295,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     if let (Some(redirect), Some(listeners)) = (&redirect, &mut redirect_listeners) {
         listeners.offered = successors.as_ref().map(Successors::offered);
+        listeners.thawed = listeners
+            .offered
+            .as_ref()
+            .map(|o| o.lock().unwrap_or_else(PoisonError::into_inner).thawed());
         // A family that could not open at the start (its address held meanwhile) is tried again
         // now that the running agent has let go, not only with the next table.
         let snapshot = publisher.reader().load();
@@ -492,15 +496,25 @@ impl Source {
 /// the first ClusterIP of a waiting address family opens its listeners first.
 async fn follow_redirect(
     redirect: Arc<Redirect>,
-    mut late: RedirectListeners,
-    tables: NewTables,
-    stopped_accepting: watch::Receiver<bool>,
+    mut listeners: RedirectListeners,
+    mut tables: NewTables,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    follow_until_stopped(tables, stopped_accepting, |snapshot| {
-        late.open_needed(&redirect, snapshot);
-        reconcile_redirect(&redirect, snapshot);
-    })
-    .await;
+    let thawed = listeners.thawed.clone().unwrap_or_default();
+    loop {
+        let snapshot = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+            // A successor went away before Stop: what waited for it need not wait for a table.
+            () = thawed.notified() => tables.current(),
+            table = tables.next() => match table {
+                Some(snapshot) => snapshot,
+                None => return,
+            },
+        };
+        listeners.open_needed(&redirect, &snapshot);
+        reconcile_redirect(&redirect, &snapshot);
+    }
 }
 
 /// Applies each new table until `stopped` turns true (or the publisher goes).
@@ -532,6 +546,11 @@ impl NewTables {
     fn new(published: watch::Receiver<Published>) -> NewTables {
         let seen = published.borrow().snapshot.version;
         NewTables { published, seen }
+    }
+
+    /// The table published last, seen or not.
+    fn current(&self) -> Arc<Snapshot> {
+        self.published.borrow().snapshot.clone()
     }
 
     /// `None` once the publisher is gone.
@@ -770,6 +789,7 @@ fn start_redirect(
         drain: drain.clone(),
         resolver,
         offered: None,
+        thawed: None,
     };
     for listener in listeners.iter().map(|l| l.listener).chain(&theirs_only) {
         late.serve(listener)?;
@@ -811,6 +831,8 @@ struct RedirectListeners {
     resolver: Arc<KernelRedirects>,
     /// Where copies for a successor go (`None` without a takeover socket: nothing keeps them).
     offered: Option<Arc<Mutex<Offered>>>,
+    /// Told when a successor went away before Stop (`Offered::thawed`).
+    thawed: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl RedirectListeners {

@@ -534,6 +534,8 @@ pub struct Offered {
     /// hold an address the successor binds).
     frozen: bool,
     closed: bool,
+    /// Told when a successor went away before Stop: a listener held back meanwhile may open.
+    thawed: Arc<tokio::sync::Notify>,
 }
 
 /// A listener's copy made before it serves, kept by [`Offered::keep`] once it does.
@@ -560,6 +562,11 @@ impl Offered {
     /// Whether a listener may open now (see `frozen`).
     pub fn is_frozen(&self) -> bool {
         self.frozen
+    }
+
+    /// Notified when a successor went away before Stop (see `thawed`).
+    pub fn thawed(&self) -> Arc<tokio::sync::Notify> {
+        self.thawed.clone()
     }
 
     /// Lets the copies go, for good: a successor has its own, or the listeners must close.
@@ -758,6 +765,9 @@ impl Drop for HandingOver<'_> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             offered.frozen = offered.closed;
+            if !offered.frozen {
+                offered.thawed.notify_one();
+            }
         }
     }
 }
@@ -1201,7 +1211,6 @@ mod tests {
         assert!(inherited.accept().is_ok());
     }
 
-    /// An agent serving takeovers on `path`, offering `listener`.
     /// A would-be successor that said Hello, got the Offer, and says nothing more.
     async fn successor_holding_the_offer(path: &Path) -> UnixStream {
         let stream = UnixStream::connect(path).unwrap();
@@ -1218,6 +1227,7 @@ mod tests {
         .unwrap()
     }
 
+    /// An agent serving takeovers on `path`, offering `listener`.
     fn old_agent_offering(
         listener: &TcpListener,
         path: &Path,
@@ -1391,6 +1401,10 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let thawed = old.offered().lock().unwrap().thawed();
+        tokio::time::timeout(Duration::from_secs(5), thawed.notified())
+            .await
+            .expect("what waited for the successor is told it went");
     }
 
     /// An agent shutting down while a successor holds its offer: no listener opens there any

@@ -295,10 +295,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     if let (Some(redirect), Some(listeners)) = (&redirect, &mut redirect_listeners) {
         listeners.offered = successors.as_ref().map(Successors::offered);
-        listeners.thawed = listeners
-            .offered
-            .as_ref()
-            .map(|o| o.lock().unwrap_or_else(PoisonError::into_inner).thawed());
         // A family that could not open at the start (its address held meanwhile) is tried again
         // now that the running agent has let go, not only with the next table.
         let snapshot = publisher.reader().load();
@@ -500,7 +496,13 @@ async fn follow_redirect(
     mut tables: NewTables,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let thawed = listeners.thawed.clone().unwrap_or_default();
+    // Told when a successor went away before Stop.
+    let thawed = listeners
+        .offered
+        .as_ref()
+        .map_or_else(Default::default, |o| {
+            o.lock().unwrap_or_else(PoisonError::into_inner).thawed()
+        });
     loop {
         let snapshot = tokio::select! {
             biased;
@@ -706,7 +708,7 @@ fn start_redirect(
             client_first: config.listen_client_first.iter().copied().find(same_family),
             failed,
         };
-        if i > 0 && !inherited.holds(addr) && !snapshot.by_address.keys().any(same_family) {
+        if i > 0 && !inherited.holds(addr) && !has_cluster_ips_of_family(snapshot, addr) {
             tracing::info!(%addr, "no redirect listener there until a Service has a ClusterIP of its address family");
             waiting.push(family(false));
             continue;
@@ -732,9 +734,7 @@ fn start_redirect(
         }
         let what = "the redirect listener for ports declaring HTTP";
         let listener = listen(inherited, offered, addr, what)?;
-        defer_accept(&listener, true).with_context(|| {
-            format!("setting {addr} to hand on connections with their first bytes")
-        })?;
+        hand_on_with_first_bytes(&listener, addr)?;
         bound.push((listener, addr, true));
     }
     let listeners = agent_listeners(&bound);
@@ -789,12 +789,26 @@ fn start_redirect(
         drain: drain.clone(),
         resolver,
         offered: None,
-        thawed: None,
     };
     for listener in listeners.iter().map(|l| l.listener).chain(&theirs_only) {
         late.serve(listener)?;
     }
     Ok((redirect, late))
+}
+
+/// Whether `snapshot` has a Service with a ClusterIP of `addr`'s address family: where that
+/// family's redirect listeners are of use.
+fn has_cluster_ips_of_family(snapshot: &Snapshot, addr: SocketAddr) -> bool {
+    snapshot
+        .by_address
+        .keys()
+        .any(|a| a.is_ipv4() == addr.is_ipv4())
+}
+
+/// A client-first listener hands a connection on only with its first bytes (`TCP_DEFER_ACCEPT`).
+fn hand_on_with_first_bytes(listener: &std::net::TcpListener, addr: SocketAddr) -> Result<()> {
+    defer_accept(listener, true)
+        .with_context(|| format!("setting {addr} to hand on connections with their first bytes"))
 }
 
 /// Listeners bound with the address pods are sent to and whether only client-first ports are.
@@ -831,8 +845,6 @@ struct RedirectListeners {
     resolver: Arc<KernelRedirects>,
     /// Where copies for a successor go (`None` without a takeover socket: nothing keeps them).
     offered: Option<Arc<Mutex<Offered>>>,
-    /// Told when a successor went away before Stop (`Offered::thawed`).
-    thawed: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl RedirectListeners {
@@ -857,8 +869,7 @@ impl RedirectListeners {
     fn open_needed(&mut self, redirect: &Redirect, snapshot: &Snapshot) -> bool {
         let mut opened = false;
         for family in std::mem::take(&mut self.waiting) {
-            let ipv4 = family.listen.is_ipv4();
-            if !snapshot.by_address.keys().any(|a| a.is_ipv4() == ipv4) {
+            if !has_cluster_ips_of_family(snapshot, family.listen) {
                 self.waiting.push(family);
                 continue;
             }
@@ -871,8 +882,8 @@ impl RedirectListeners {
                         "a Service has a ClusterIP of this address family: redirect listeners open"
                     );
                 }
-                // A successor holds the offer: it opens them if it takes over, this agent with
-                // the next table if not.
+                // A successor holds the offer: it opens them if it takes over, this agent as
+                // soon as it goes away if not.
                 Ok(false) => self.waiting.push(family),
                 Err(e) => {
                     if !family.failed {
@@ -906,9 +917,7 @@ impl RedirectListeners {
                 .with_context(|| format!("binding the redirect listener {addr}"))?;
             listener.set_nonblocking(true)?;
             if client_first {
-                defer_accept(&listener, true).with_context(|| {
-                    format!("setting {addr} to hand on connections with their first bytes")
-                })?;
+                hand_on_with_first_bytes(&listener, addr)?;
             }
             Ok(listener)
         };
@@ -918,16 +927,11 @@ impl RedirectListeners {
         }
         let mut copies = Vec::with_capacity(opened.len());
         for (listener, addr, _) in &opened {
-            let offer = offered
-                .is_some()
-                .then(|| Offered::copy(listener))
-                .transpose();
-            let workers = self.workers.copies(listener);
-            copies.push(
-                offer
-                    .and_then(|offer| Ok((offer, workers?)))
-                    .with_context(|| format!("copying the listener {addr}"))?,
-            );
+            let copy = || -> std::io::Result<_> {
+                let offer = offered.is_some().then(|| Offered::copy(listener));
+                Ok((offer.transpose()?, self.workers.copies(listener)?))
+            };
+            copies.push(copy().with_context(|| format!("copying the listener {addr}"))?);
         }
         redirect
             .add_listeners(&agent_listeners(&opened))

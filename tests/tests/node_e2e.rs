@@ -37,6 +37,20 @@ fn scenario_with(test: &str, agent_args: &[&str]) -> Option<Scenario> {
     scenario_of(test, agent_args, |cluster| cluster)
 }
 
+/// [`scenario_of`], with an agent a successor can take over ([`Scenario::take_over_agent`]), and
+/// the folder holding its takeover socket.
+fn scenario_taken_over(
+    test: &str,
+    edit: impl FnOnce(SimCluster) -> SimCluster,
+) -> Option<(gamma_tests::loopback::TempDir, Scenario)> {
+    let dir = gamma_tests::loopback::TempDir::new("takeover");
+    let socket = dir.0.join("takeover.sock");
+    let takeover = ["--takeover-socket", socket.to_str().unwrap()];
+    let scenario = scenario_of(test, &takeover, edit)?;
+    // First in the tuple: dropped after the agent.
+    Some((dir, scenario))
+}
+
 /// The demo's cluster, as `edit` makes it, with the consumer route.
 fn scenario_of(
     test: &str,
@@ -268,11 +282,8 @@ fn a_second_address_the_node_lacks_leaves_the_first_serving() {
 /// it, without a restart; a successor takes them over with the others.
 #[test]
 fn the_second_familys_listener_opens_with_its_first_cluster_ip() {
-    let dir = gamma_tests::loopback::TempDir::new("late-family");
-    let socket = dir.0.join("takeover.sock");
     let name = "the_second_familys_listener_opens_with_its_first_cluster_ip";
-    let takeover = ["--takeover-socket", socket.to_str().unwrap()];
-    let Some(mut s) = scenario_of(name, &takeover, SimCluster::dual_stack_pods) else {
+    let Some((_dir, mut s)) = scenario_taken_over(name, SimCluster::dual_stack_pods) else {
         return;
     };
     let ui = client(&s, "ui-backend");
@@ -326,11 +337,8 @@ fn the_second_familys_listener_opens_with_its_first_cluster_ip() {
 /// and steers IPv6 ClusterIPs too.
 #[test]
 fn an_agent_listening_on_ipv4_only_is_taken_over_by_a_dual_stack_one() {
-    let dir = gamma_tests::loopback::TempDir::new("dual-stack-takeover");
-    let socket = dir.0.join("takeover.sock");
     let name = "an_agent_listening_on_ipv4_only_is_taken_over_by_a_dual_stack_one";
-    let takeover = ["--takeover-socket", socket.to_str().unwrap()];
-    let Some(mut s) = scenario_of(name, &takeover, SimCluster::dual_stack) else {
+    let Some((_dir, mut s)) = scenario_taken_over(name, SimCluster::dual_stack) else {
         return;
     };
     let ui = client(&s, "ui-backend");
@@ -445,10 +453,8 @@ fn a_port_declaring_http_is_accepted_with_its_first_bytes() {
 /// not reset when the listener closes.
 #[test]
 fn a_successor_without_the_client_first_listener_serves_what_it_held() {
-    let dir = gamma_tests::loopback::TempDir::new("client-first-takeover");
-    let socket = dir.0.join("takeover.sock");
     let name = "a_successor_without_the_client_first_listener_serves_what_it_held";
-    let Some(mut s) = scenario_with(name, &["--takeover-socket", socket.to_str().unwrap()]) else {
+    let Some((_dir, mut s)) = scenario_taken_over(name, |cluster| cluster) else {
         return;
     };
     let caller = SilentCaller::connect(&s);

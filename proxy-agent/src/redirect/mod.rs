@@ -108,8 +108,8 @@ pub struct Redirect {
     /// The addresses pods are sent to (the `CONFIG` entry).
     listening: Mutex<Listening>,
     /// The programs' `AGENT_LISTENERS`, where [`Self::add_listeners`] puts a family's listeners
-    /// opened after the start. `None` when adopted from an agent that did not hand it over.
-    listener_slots: Option<Mutex<SockMap<MapData>>>,
+    /// opened after the start (programs are adopted only with it: `takeover::adopts`).
+    listener_slots: Mutex<SockMap<MapData>>,
     services: Mutex<KernelMap<ServiceKey>>,
     /// Mesh frontends left out of `services` at the last [`Self::set_mesh_services`]: of an
     /// address family this agent has no listener for.
@@ -271,7 +271,7 @@ impl Redirect {
             cgroup: cgroup.to_owned(),
             cgroup_id: cgroup::cgroup_id(cgroup)?,
             listening: Listening::of(listeners),
-            listener_slots: Some(Mutex::new(loaded.listener_slots)),
+            listener_slots: Mutex::new(loaded.listener_slots),
             services: Mutex::new(loaded.services),
             without_listener: AtomicUsize::new(0),
             local_pods: Mutex::new(loaded.local_pods),
@@ -306,13 +306,8 @@ impl Redirect {
         // Maps are filled before any program is attached, so no program sees a partial config.
         let mut config_map: Array<MapData, AgentConfig> = typed_map(&mut ebpf, maps::CONFIG)?;
         write_agent_config(&mut config_map, config)?;
-        let mut sockmap: SockMap<MapData> = typed_map(&mut ebpf, maps::AGENT_LISTENERS)?;
-        for (slot, listener) in slots {
-            sockmap.set(slot, listener, 0).map_err(|e| {
-                RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
-            })?;
-        }
-        let listener_slots = sockmap;
+        let mut listener_slots = typed_map(&mut ebpf, maps::AGENT_LISTENERS)?;
+        put_listeners(&mut listener_slots, slots)?;
         let services = KernelMap::mesh_services(typed_map(&mut ebpf, maps::MESH_SERVICES)?);
         let local_pods = KernelMap::local_pods(typed_map(&mut ebpf, maps::LOCAL_PODS)?);
         let callers = callers_map(ebpf.take_map(maps::CALLERS))?;
@@ -383,13 +378,6 @@ impl Redirect {
     /// the programs never send a pod to a listener they do not hold. The family's frontends are
     /// steered from the next [`Self::set_mesh_services`].
     pub fn add_listeners(&self, listeners: &[AgentListener<'_>]) -> Result<(), RedirectError> {
-        let Some(slots_map) = &self.listener_slots else {
-            return Err(RedirectError::InvalidListener(
-                "this agent adopted the programs of an agent that did not hand over their \
-                 listener map; restart it to listen on another address family"
-                    .into(),
-            ));
-        };
         let (added, slots) = agent_config(listeners, 0)?;
         let mut listening = self.listening();
         let ours = listening.listen.iter().chain(&listening.client_first);
@@ -403,12 +391,13 @@ impl Redirect {
                 "the programs already send pods of this address family to {taken}"
             )));
         }
-        let mut slots_map = slots_map.lock().unwrap_or_else(PoisonError::into_inner);
-        for (slot, listener) in slots {
-            slots_map.set(slot, listener, 0).map_err(|e| {
-                RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
-            })?;
-        }
+        put_listeners(
+            &mut self
+                .listener_slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            slots,
+        )?;
         self.update_config(|config| {
             let fields = [
                 (&mut config.listen_v4, added.listen_v4),
@@ -610,6 +599,19 @@ fn take_record(callers: &MapData, key: &CallerKey, caller: SocketAddr) -> Option
 
 /// Which `AGENT_LISTENERS` slot each listener goes to.
 type ListenerSlots<'a> = Vec<(u32, &'a TcpListener)>;
+
+/// Puts each listener in its `AGENT_LISTENERS` slot.
+fn put_listeners(
+    map: &mut SockMap<MapData>,
+    slots: ListenerSlots<'_>,
+) -> Result<(), RedirectError> {
+    for (slot, listener) in slots {
+        map.set(slot, listener, 0).map_err(|e| {
+            RedirectError::kernel(format!("putting listener {slot} in the sockmap"), e)
+        })?;
+    }
+    Ok(())
+}
 
 /// The config map's value for `listeners`, after checking they make sense, and the sockmap slot
 /// of each listener.

@@ -265,13 +265,8 @@ impl Redirect {
             let counters = predecessor.typed_map(maps::COUNTERS)?;
             // Its programs are ours now: without their records, any socket may be paired.
             let pair_records = predecessor.pair_records().map(|theirs| vec![theirs]);
-            let listener_slots = predecessor
-                .maps
-                .iter()
-                .any(|(n, _)| n == maps::AGENT_LISTENERS)
-                .then(|| predecessor.typed_map(maps::AGENT_LISTENERS))
-                .transpose()?
-                .map(Mutex::new);
+            // Handed over, or `adopts` would have said no.
+            let listener_slots = Mutex::new(predecessor.typed_map(maps::AGENT_LISTENERS)?);
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
@@ -316,7 +311,7 @@ impl Redirect {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
                 listening: Listening::of(listeners),
-                listener_slots: Some(Mutex::new(loaded.listener_slots)),
+                listener_slots: Mutex::new(loaded.listener_slots),
                 services: Mutex::new(loaded.services),
                 without_listener: Default::default(),
                 local_pods: Mutex::new(loaded.local_pods),

@@ -495,22 +495,32 @@ fn front_with_ports(ports: Value, parent_refs: Value) -> Index {
 /// Before, the route was `Accepted=True` and its rules never ran.
 #[test]
 fn a_route_to_a_port_stated_opaque_is_not_accepted() {
-    let index = front_with_ports(
-        json!([{"name": "tcp", "port": 9090}]),
-        json!([{"group": "", "kind": "Service", "name": "front", "port": 9090}]),
-    );
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!(
-        (accepted.status, accepted.reason),
-        ("False", "NoMatchingParent")
-    );
-    assert!(accepted.message.contains("opaque"), "{}", accepted.message);
-    let snapshot = index.snapshot();
-    let frontend = snapshot
-        .frontend_of(&ObjectKey::new("ns", "front"), 9090)
-        .unwrap();
-    assert!(!frontend.has_routes(), "steered for nothing");
+    // appProtocol in any case (the API server keeps it as written; IANA names are
+    // case-insensitive), and WebSocket over TLS (KEP-3726), encrypted as `https` is.
+    for port in [
+        json!({"name": "tcp", "port": 9090}),
+        json!({"appProtocol": "TCP", "port": 9090}),
+        json!({"appProtocol": "MySQL", "port": 9090}),
+        json!({"appProtocol": "kubernetes.io/wss", "port": 9090}),
+    ] {
+        let index = front_with_ports(
+            json!([port]),
+            json!([{"group": "", "kind": "Service", "name": "front", "port": 9090}]),
+        );
+        let status = route_status(&index);
+        let accepted = condition(&status, "Accepted").unwrap();
+        assert_eq!(
+            (accepted.status, accepted.reason),
+            ("False", "NoMatchingParent"),
+            "{port}"
+        );
+        assert!(accepted.message.contains("opaque"), "{}", accepted.message);
+        let snapshot = index.snapshot();
+        let frontend = snapshot
+            .frontend_of(&ObjectKey::new("ns", "front"), 9090)
+            .unwrap();
+        assert!(!frontend.has_routes(), "steered for nothing: {port}");
+    }
 }
 
 /// A port presumed opaque by its number alone (MySQL's, Selenium Grid's 4444: Linkerd's default
@@ -519,7 +529,7 @@ fn a_route_to_a_port_stated_opaque_is_not_accepted() {
 #[test]
 fn a_route_that_names_a_port_presumed_opaque_makes_it_sniffed() {
     use gamma_engine::model::DeclaredProtocol;
-    let declared = |parent_ref: Value| {
+    let steered_as = |parent_ref: Value| {
         let index = front_with_ports(
             json!([{"port": 4444}, {"name": "web", "port": 8080}]),
             json!([parent_ref]),
@@ -529,16 +539,21 @@ fn a_route_that_names_a_port_presumed_opaque_makes_it_sniffed() {
         let frontend = snapshot
             .frontend_of(&ObjectKey::new("ns", "front"), 4444)
             .unwrap();
-        assert!(frontend.has_routes());
-        frontend.declared
+        let steered = snapshot
+            .mesh_addresses()
+            .any(|(addr, _)| frontend.addresses.contains(&addr));
+        assert_eq!(steered, frontend.has_routes());
+        (frontend.has_routes(), frontend.declared)
     };
     assert_eq!(
-        declared(json!({"group": "", "kind": "Service", "name": "front", "port": 4444})),
-        None
+        steered_as(json!({"group": "", "kind": "Service", "name": "front", "port": 4444})),
+        (true, None)
     );
+    // Opaque, and not steered: no route applies there, and the agent would dial the port's
+    // endpoints from the node's address (before, it was steered, for every caller).
     assert_eq!(
-        declared(json!({"group": "", "kind": "Service", "name": "front"})),
-        Some(DeclaredProtocol::Opaque)
+        steered_as(json!({"group": "", "kind": "Service", "name": "front"})),
+        (false, Some(DeclaredProtocol::Opaque))
     );
     // The Service's only port: a route to the Service names it.
     let only = front_with_ports(
@@ -647,6 +662,7 @@ fn a_consumer_route_for_all_ports_leaves_a_presumed_opaque_one_opaque() {
         frontend.protocol_for(Some("other")),
         Some(DeclaredProtocol::Opaque)
     );
+    assert!(!frontend.has_routes(), "steered for nothing");
     let status = snapshot.status_of("HTTPRoute other/r").unwrap().to_vec();
     let accepted = condition(&status, "Accepted").unwrap();
     assert_eq!(
@@ -707,19 +723,27 @@ fn an_httproute_without_rules_gets_the_crds_default_rule() {
 /// make it one.
 #[test]
 fn only_ports_declaring_http_are_steered_as_client_first() {
-    let index = front_with_a_consumer_route(
-        json!([{"name": "http", "port": 80}, {"name": "web", "port": 8080}, {"port": 3306}]),
-        json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns"}),
-    );
-    let steered: std::collections::BTreeMap<u16, bool> = index
-        .snapshot()
-        .mesh_addresses()
-        .map(|(address, client_first)| (address.port(), client_first))
-        .collect();
-    assert_eq!(
-        steered,
-        [(80, true), (8080, false), (3306, false)]
-            .into_iter()
+    let steered = |parent_ref: Value| -> std::collections::BTreeMap<u16, bool> {
+        let index = front_with_a_consumer_route(
+            json!([{"name": "http", "port": 80}, {"name": "web", "port": 8080}, {"port": 3306}]),
+            parent_ref,
+        );
+        let snapshot = index.snapshot();
+        snapshot
+            .mesh_addresses()
+            .map(|(address, client_first)| (address.port(), client_first))
             .collect()
+    };
+    // For all ports: the one presumed opaque stays so for every caller, and is not steered.
+    assert_eq!(
+        steered(json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns"})),
+        [(80, true), (8080, false)].into_iter().collect()
+    );
+    assert_eq!(
+        steered(
+            json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns",
+                       "port": 3306})
+        ),
+        [(3306, false)].into_iter().collect()
     );
 }

@@ -207,7 +207,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
                 name: p.name.clone().filter(|n| !n.is_empty()),
                 port,
                 target_port,
-                app_protocol: p.app_protocol.clone(),
+                app_protocol: p.app_protocol.as_deref().map(str::to_ascii_lowercase),
             })
         })
         .collect::<Result<_, ObjectError>>()?;

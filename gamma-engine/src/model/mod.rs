@@ -82,6 +82,8 @@ pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
     pub target_port: TargetPort,
+    /// Lowercase: the API server keeps it as written, and the names it holds (IANA service names,
+    /// KEP-3726's `kubernetes.io/…`) are case-insensitive.
     pub app_protocol: Option<String>,
 }
 
@@ -147,10 +149,10 @@ impl ServicePort {
     pub fn stated_protocol(&self) -> Option<DeclaredProtocol> {
         if let Some(app_protocol) = self.app_protocol.as_deref() {
             return match app_protocol {
-                "http" | "kubernetes.io/h2c" | "kubernetes.io/ws" | "h2c" | "grpc" | "http2" => {
-                    Some(DeclaredProtocol::Http)
-                }
-                "tcp" | "kubernetes.io/tcp" => Some(DeclaredProtocol::Opaque),
+                "http" | "kubernetes.io/h2c" | "kubernetes.io/ws" | "h2c" | "grpc" | "http2"
+                | "grpc-web" => Some(DeclaredProtocol::Http),
+                // WebSocket over TLS (KEP-3726): encrypted, as `https` is.
+                "tcp" | "kubernetes.io/tcp" | "kubernetes.io/wss" => Some(DeclaredProtocol::Opaque),
                 known if NOT_HTTP.contains(&known) => Some(DeclaredProtocol::Opaque),
                 _ => None,
             };
@@ -179,6 +181,15 @@ impl ServicePort {
         Some(name.split_once('-').map_or(name, |(family, _)| family))
     }
 
+    /// Whether the port's name says gRPC-Web (`grpc-web`, `grpc-web-*`), whose family reads as
+    /// `grpc`.
+    fn is_grpc_web(&self) -> bool {
+        self.name
+            .as_deref()
+            .and_then(|name| name.strip_prefix("grpc-web"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    }
+
     /// Which HTTP version upstream connections to this port speak, by its appProtocol (KEP-3726)
     /// or else its name, as meshes read them.
     pub fn upstream_protocol(&self) -> UpstreamProtocol {
@@ -186,6 +197,8 @@ impl ServicePort {
             Some("kubernetes.io/h2c" | "h2c" | "grpc" | "http2") => UpstreamProtocol::Http2,
             Some("http" | "kubernetes.io/ws") => UpstreamProtocol::Http1,
             Some(_) => UpstreamProtocol::AsCaller,
+            // gRPC-Web is gRPC for browsers, over HTTP/1.1 as often as HTTP/2: not prior knowledge.
+            None if self.is_grpc_web() => UpstreamProtocol::AsCaller,
             None => match self.name_family().unwrap_or_default() {
                 "grpc" | "http2" | "h2c" => UpstreamProtocol::Http2,
                 "http" => UpstreamProtocol::Http1,
@@ -383,6 +396,9 @@ mod tests {
             (Some("mysql"), None, Some(Opaque)),
             (Some("redis-cache"), None, Some(Opaque)),
             (Some("https"), None, Some(Opaque)),
+            (None, Some("kubernetes.io/wss"), Some(Opaque)),
+            (None, Some("grpc-web"), Some(Http)),
+            (Some("grpc-web"), None, Some(Http)),
         ] {
             assert_eq!(
                 port(name, app_protocol).declared_protocol(),
@@ -426,6 +442,10 @@ mod tests {
             (Some("http2"), None, Http2),
             (Some("http-web"), None, Http1),
             (Some("web"), None, AsCaller),
+            (Some("grpc-web"), None, AsCaller),
+            (Some("grpc-web-ui"), None, AsCaller),
+            (Some("grpc-webhooks"), None, Http2),
+            (None, Some("grpc-web"), AsCaller),
             (None, None, AsCaller),
         ] {
             assert_eq!(

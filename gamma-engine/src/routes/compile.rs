@@ -113,6 +113,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
         .iter()
         .filter_map(|port| {
             let direct = resolver.service_backend(service, port.port)?;
+            let declared = port_protocol(port, service, &routes);
             let mut producer = None;
             let mut consumers = Vec::new();
             for (group, routes) in groups(service, port, &routes) {
@@ -122,6 +123,14 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                     service,
                     port,
                 );
+                // A port presumed opaque stays opaque for callers whose routes do not name it
+                // (`Frontend::protocol_for`): their table would never apply, and would only have
+                // the port's connections steered through the agent, which dials from the node's
+                // address (a NetworkPolicy or a database's host rules that admitted the pods
+                // would then refuse them).
+                if declared == Some(DeclaredProtocol::Opaque) && !names_port {
+                    continue;
+                }
                 let table = table(&routes, names_port, &resolver, &service.key.namespace);
                 match group {
                     None => producer = Some(table),
@@ -132,7 +141,7 @@ pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend
                 service: service.key.clone(),
                 port: port.port,
                 port_name: port.name.clone(),
-                declared: port_protocol(port, service, &routes),
+                declared,
                 addresses: service
                     .cluster_ips
                     .iter()

@@ -177,11 +177,6 @@ impl RequestBody {
         }
     }
 
-    /// Whether the body was kept past the limit: a retry then cannot resend it.
-    pub fn overflowed(&self) -> bool {
-        matches!(self, RequestBody::Recorded(r) if r.lock().overflowed)
-    }
-
     /// Whether reading the body from the caller failed before its end: the caller closed its
     /// side mid-body, reset its stream, or sent a malformed chunk. An attempt that failed then
     /// failed for the caller, not for its endpoint.

@@ -138,6 +138,8 @@ pub(super) async fn forward(
     // Inline for the usual one or two attempts: no allocation per request.
     let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
     let run = async {
+        // The first attempt always has its body; a retry takes its own when it is decided.
+        let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
         loop {
             let caller = log.conn.caller.ip;
             let Some((endpoint, held)) =
@@ -153,8 +155,6 @@ pub(super) async fn forward(
             if attempt_timeout.is_some() {
                 attempt_started = Some(Instant::now());
             }
-            // The first attempt always has its body; a later one only if it could be kept.
-            let request_body = body.next_attempt().unwrap_or_else(body::empty);
             // Bodiless HTTP/1.1 requests go without copying `parts`.
             let head_only =
                 !h2 && inline::handles_parts(&parts.method, &parts.headers, &request_body);
@@ -206,7 +206,13 @@ pub(super) async fn forward(
                     Attempt::Declined(_) => true,
                     Attempt::AgentShort(_) => false,
                 };
-            if retry_wanted && resendable(proxy, &body) {
+            let resent = if retry_wanted {
+                body_for_retry(proxy, &mut body)
+            } else {
+                None
+            };
+            if let Some(resent) = resent {
+                request_body = resent;
                 // A declined request, or a refused connect with an endpoint left untried, goes
                 // again at once: nothing was processed, and another endpoint may take it. Any
                 // other retry waits for the policy's backoff, which the spec says no retry of a
@@ -296,17 +302,23 @@ pub(super) async fn forward(
     Ok(response.map(|b| AnswerEnd::wrap(b, body_deadline, grpc)))
 }
 
-/// Whether another attempt can send the request body again; counts the retries a body over the
-/// buffering limit prevents.
-fn resendable(proxy: &Proxy, body: &RequestBody) -> bool {
-    if body.overflowed() {
+/// The request body for another attempt, taken as soon as the retry is decided: the last
+/// attempt's connection may still be sending the body (answered early), reading on from the
+/// caller, and what it read past the keeping limit could not be sent again after a backoff.
+/// Taking it stops that. `None` when the body cannot be sent again: not kept, or kept only in
+/// part (over the limit: counted).
+fn body_for_retry(proxy: &Proxy, body: &mut RequestBody) -> Option<ProxyBody> {
+    if matches!(body, RequestBody::Streamed { .. }) {
+        return None;
+    }
+    let again = body.next_attempt();
+    if again.is_none() {
         proxy
             .metrics
             .retries_skipped_body
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return false;
     }
-    !matches!(body, RequestBody::Streamed { .. })
+    again
 }
 
 /// `future`'s output, or the `limit` it ran over. Not an async fn: one keeps its arguments apart

@@ -32,8 +32,9 @@ pub enum Reply {
     /// `:status: 200` and a field `x-big` of this many bytes, in HEADERS and CONTINUATION
     /// frames.
     BigHeader(usize),
-    /// A gRPC answer's head (`:status: 200`, `content-type: application/grpc`) and a DATA
-    /// frame, then the connection closes: a backend pod killed mid-stream.
+    /// A gRPC answer's head (`:status: 200`, `content-type: application/grpc`, and a
+    /// `content-length` of 12, which gRPC servers seldom send) and a DATA frame of 6 bytes, then
+    /// the connection closes: a backend pod killed mid-stream.
     PartThenClose,
 }
 
@@ -205,9 +206,15 @@ async fn serve(
                     }
                 }
                 Reply::PartThenClose => {
-                    // content-type (static index 31), a literal without indexing (RFC 7541
-                    // §6.2.2): 0x0f then 31 - 15.
-                    let head = [&[STATUS_200[0], 0x0f, 0x10, 16][..], b"application/grpc"].concat();
+                    // content-type (static index 31) and content-length (28), literals
+                    // without indexing (RFC 7541 §6.2.2): 0x0f then the index - 15.
+                    let head = [
+                        &[STATUS_200[0], 0x0f, 0x10, 16][..],
+                        b"application/grpc",
+                        &[0x0f, 0x0d, 2],
+                        b"12",
+                    ]
+                    .concat();
                     send(frame(HEADERS, END_HEADERS, stream, &head));
                     send(frame(DATA, 0, stream, &[0, 0, 0, 0, 1, 7]));
                     break;

@@ -1480,3 +1480,54 @@ async fn a_retry_sends_the_whole_body_though_the_first_attempt_read_on_during_th
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("got 8000"), "{answer}");
 }
+
+/// Trailers from an HTTP/1.1 backend reach an HTTP/2 caller without the fields HTTP/2 forbids
+/// (those of a connection) or no trailer may carry: on both of the agent's HTTP/1.1 exchanges
+/// (its own, for a request without a body, and hyper's). Before, h2 refused to send them, and the
+/// caller's stream was reset after its whole body came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection_fields() {
+    let backend = scripted_backend(
+        &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nkeep-alive: timeout=5\r\nconnection: keep-alive\r\nx-sum: 42\r\n\r\n"],
+        Duration::ZERO,
+    )
+    .await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "chunky", 80, &[backend], Some("http"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: chunky, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    for (method, body) in [
+        (Method::GET, Bytes::new()),
+        (Method::POST, Bytes::from_static(b"payload")),
+    ] {
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri("http://front/t")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(body))
+            .unwrap();
+        let answer = sender.send_request(request).await.unwrap();
+        assert_eq!(answer.status(), 200, "{method}");
+        let body = tokio::time::timeout(Duration::from_secs(5), answer.into_body().collect())
+            .await
+            .expect("the answer ends")
+            .unwrap_or_else(|e| panic!("{method}: reset, not ended: {e:?}"));
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        assert_eq!(
+            trailers.get("x-sum").map(|v| v.as_bytes()),
+            Some(&b"42"[..]),
+            "{method}"
+        );
+        assert!(
+            !trailers.contains_key("keep-alive"),
+            "{method}: {trailers:?}"
+        );
+        assert_eq!(body.to_bytes(), "hello", "{method}");
+    }
+}

@@ -3,9 +3,10 @@
 //! the route's timeouts.
 
 use super::local::{grpc_message, GrpcStatus};
+use super::upstream::wire::relayable_trailer;
 use crate::telemetry::requests::GrpcCounts;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -34,8 +35,26 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-pub fn stream(body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed_unsync()
+/// An HTTP/1.1 peer's body as hyper's client reads it, streamed, its trailers without the
+/// fields that may not be relayed ([`relayable_trailer`]), as the agent's own exchange reads
+/// them.
+pub fn stream_http1(body: Incoming) -> ProxyBody {
+    body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            let unrelayable: Vec<HeaderName> = trailers
+                .keys()
+                .filter(|name| !relayable_trailer(name))
+                .cloned()
+                .collect();
+            for name in unrelayable {
+                trailers.remove(name);
+            }
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    })
+    .map_err(BoxError::from)
+    .boxed_unsync()
 }
 
 /// `body`, streamed, keeping `held` until it is dropped.
@@ -548,6 +567,11 @@ impl Body for AnswerEnd {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.grpc {
+            // Not exact: it may end early with trailers of its own (and hyper's server would
+            // write an exact hint as the answer's length).
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

@@ -287,6 +287,13 @@ pub(super) async fn forward(
     strip_hop_by_hop(response.headers_mut(), false);
     let status = response.status();
     wire::answer_content_length(status, response.headers_mut());
+    if grpc {
+        // The agent may end a gRPC answer early with trailers of its own (its deadline, the
+        // backend's connection lost): strict HTTP/2 clients reset a stream that falls short of
+        // its length (RFC 9113 §8.1.1), and the caller would see INTERNAL instead of the status.
+        // gRPC needs no length.
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     // The answer goes out in the agent's own HTTP version, not the backend's (RFC 9110 §6.2):
     // hyper's server would write an HTTP/1.0 backend's `HTTP/1.0` status line to an HTTP/1.1
     // caller, and close its connection after the answer.

@@ -485,12 +485,15 @@ fn head_size<B>(request: &Request<B>) -> usize {
 }
 
 /// A gRPC request (`content-type: application/grpc`, `application/grpc+proto`, …), whatever the
-/// route kind that carries it.
+/// route kind that carries it. Not gRPC-Web (`application/grpc-web…`): its status travels in
+/// the body, where a browser can read it, never in HTTP trailers, so the agent's own answers
+/// and endings in gRPC's form would not reach it; it is answered as HTTP.
 fn is_grpc<B>(request: &Request<B>) -> bool {
     request
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
 }
 
 /// An HTTP/1 request in absolute form (`GET http://a/x`) is for the target's authority, whatever
@@ -724,6 +727,34 @@ impl Drop for AccessLog<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_is_told_by_its_content_type_and_grpc_web_is_not_grpc() {
+        let typed = |content_type: &str| {
+            is_grpc(
+                &Request::post("/s/m")
+                    .header(header::CONTENT_TYPE, content_type)
+                    .body(())
+                    .unwrap(),
+            )
+        };
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;v=1",
+        ] {
+            assert!(typed(grpc), "{grpc}");
+        }
+        for not in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc-web-text",
+            "application/grpcx",
+            "application/json",
+        ] {
+            assert!(!typed(not), "{not}");
+        }
+    }
 
     #[test]
     fn head_size_counts_the_head_as_http1_spells_it() {

@@ -174,7 +174,7 @@ impl Upstream {
             let response = self.http1.send(endpoint, request).await?;
             as_own_exchange_reads(response, &method, asked_upgrade)?
         };
-        Ok(response.map(body::stream))
+        Ok(response.map(body::stream_http1))
     }
 }
 

@@ -425,6 +425,23 @@ pub(in crate::proxy) fn one_content_length(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a trailer field from an HTTP/1.1 peer may be relayed: not one that describes a
+/// connection, which HTTP/2 forbids in any field section (RFC 9113 §8.2.2; h2 refuses to send
+/// it, and the stream is reset after its whole body went through), nor one that frames or routes
+/// the message, which no trailer may carry (RFC 9110 §6.5.1).
+pub(in crate::proxy) fn relayable_trailer(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::CONNECTION
+            | header::TE
+            | header::TRANSFER_ENCODING
+            | header::UPGRADE
+            | header::CONTENT_LENGTH
+            | header::HOST
+            | header::TRAILER
+    ) && !matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// An answer's Content-Length as the caller gets it: one field ([`one_content_length`]), and none
 /// on a 1xx or 204, which have no content (RFC 9110 §8.6: a server MUST NOT send it there; curl
 /// fails an HTTP/2 stream whose 204 says a length other than 0).
@@ -629,7 +646,9 @@ impl BodyDecoder {
             let (Ok(name), Ok(value)) = (name, value) else {
                 return Err(WireError::BadChunk("malformed trailer field"));
             };
-            trailers.append(name, value);
+            if relayable_trailer(&name) {
+                trailers.append(name, value);
+            }
         }
         let _ = buf.split_to(len);
         self.state = State::Done;

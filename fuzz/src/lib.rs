@@ -641,7 +641,7 @@ async fn upstream_outcome(proxy: &Proxy, endpoint: SocketAddr, path: &str, own: 
         .headers_mut()
         .insert(http::header::HOST, http::HeaderValue::from_static("raw"));
     let exchange = async {
-        let response = match proxy.upstream.send(endpoint, false, request).await {
+        let response = match proxy.upstream.send(endpoint, false, request, None).await {
             Ok(response) => response,
             Err(_) => return Outcome::Failed,
         };

@@ -1531,3 +1531,44 @@ async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection
         assert_eq!(body.to_bytes(), "hello", "{method}");
     }
 }
+
+/// A request counts in flight on its endpoint until its answer's end, not its head: the power of
+/// two choices then sees a long answer (a download, a gRPC stream) as load on its endpoint. On
+/// both HTTP/1.1 exchanges and for both callers' versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_counts_in_flight_until_its_answers_end() {
+    let drip = dripping_backend().await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "drip", 80, &[drip], Some("http"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: drip, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    for (h2, body) in [(false, ""), (true, ""), (false, "with a body")] {
+        let request = http::Request::post(agent.url(0, "/"))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap();
+        let answer = client(h2).request(request).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let in_flight = metric(&agent, "gamma_upstream_requests_in_flight");
+        assert_eq!(
+            in_flight, 1,
+            "h2={h2} {body:?}: the answer's body still comes"
+        );
+        let collected = tokio::time::timeout(Duration::from_secs(10), answer.into_body().collect())
+            .await
+            .expect("the body ends")
+            .unwrap();
+        assert_eq!(collected.to_bytes().len(), 100);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&agent, "gamma_upstream_requests_in_flight") != 0 {
+            assert!(Instant::now() < deadline, "h2={h2} {body:?}: never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

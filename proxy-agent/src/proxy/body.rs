@@ -38,8 +38,13 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
 /// An HTTP/1.1 peer's body as hyper's client reads it, streamed, its trailers without the
 /// fields that may not be relayed ([`relayable_trailer`]), as the agent's own exchange reads
 /// them.
-pub fn stream_http1(body: Incoming) -> ProxyBody {
-    body.map_frame(|frame| match frame.into_trailers() {
+pub fn stream_http1<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
+    Relayed {
+        body,
+        _held: held,
+        progress: None,
+    }
+    .map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             let unrelayable: Vec<HeaderName> = trailers
                 .keys()

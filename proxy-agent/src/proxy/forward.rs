@@ -158,19 +158,23 @@ pub(super) async fn forward(
             // Bodiless HTTP/1.1 requests go without copying `parts`.
             let head_only =
                 !h2 && inline::handles_parts(&parts.method, &parts.headers, &request_body);
+            let (state, authority) = (held.endpoint(), held.authority());
+            // The count goes with the answer's body: the power of two choices sees a long answer
+            // (a download, a gRPC stream) as load until its end. Dropped with a failed exchange.
+            let load = Some(held.into_owned());
             let call = async {
                 if head_only {
-                    let host = http1_host(&parts, held.authority());
+                    let host = http1_host(&parts, authority);
                     let host = host.as_ref().map(|h| h.as_str());
                     return proxy
                         .upstream
                         .inline
-                        .send_head(endpoint, &parts, host)
+                        .send_head(endpoint, &parts, host, load)
                         .await;
                 }
-                let request = upstream_request(&parts, held.authority(), h2, request_body);
+                let request = upstream_request(&parts, authority, h2, request_body);
                 // Boxed: hyper's exchange would otherwise size every request's future.
-                Box::pin(proxy.upstream.send(endpoint, h2, request)).await
+                Box::pin(proxy.upstream.send(endpoint, h2, request, load)).await
             };
             let attempt = match attempt(call, attempt_timeout).await {
                 // The caller's body broke off, or the attempt timed out waiting for the caller's
@@ -186,11 +190,11 @@ pub(super) async fn forward(
                 attempt => attempt,
             };
             match &attempt {
-                Attempt::Response(_) => proxy.upstream.endpoints.answered(&held),
+                Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
                 Attempt::TimedOut(_) | Attempt::Failed { .. } => {
-                    proxy.upstream.endpoints.failed(&held)
+                    proxy.upstream.endpoints.failed(state)
                 }
-                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(&held),
+                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(state),
                 Attempt::Declined(_) | Attempt::AgentShort(_) => {}
             }
             let more = log.attempts < max_attempts;

@@ -81,7 +81,8 @@ impl Mirrors {
                     };
                     metrics.mirrors_sent.fetch_add(1, Ordering::Relaxed);
                     let request = upstream_request(&head, in_flight.authority(), h2, body);
-                    if let Ok(response) = upstream.send(endpoint, h2, request).await {
+                    // The task holds the count until the answer is read to its end.
+                    if let Ok(response) = upstream.send(endpoint, h2, request, None).await {
                         // Read to its end, so the pooled connection can be reused, and dropped
                         // frame by frame: a mirror's answer is never kept.
                         let mut answer = response.into_body();

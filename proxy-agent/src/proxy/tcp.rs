@@ -51,7 +51,7 @@ pub(super) async fn pass_through(
                 break;
             }
             Err(_) => {
-                proxy.upstream.endpoints.eject(&held);
+                proxy.upstream.endpoints.eject(held.endpoint());
                 tracing::warn!(%endpoint, service = %frontend.service, "opaque TCP: connecting to the endpoint failed");
             }
         }

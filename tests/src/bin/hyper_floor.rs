@@ -70,9 +70,9 @@ async fn forward(
     // An empty body goes as none (the agent's `RequestBody` does the same).
     let body = match hyper::body::Body::is_end_stream(&incoming) {
         true => body::empty(),
-        false => body::stream_http1(incoming),
+        false => body::stream_http1(incoming, ()),
     };
     client
-        .send(backend, false, Request::from_parts(parts, body))
+        .send(backend, false, Request::from_parts(parts, body), None)
         .await
 }

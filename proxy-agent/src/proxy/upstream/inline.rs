@@ -7,7 +7,7 @@
 //! upgrades go through hyper's client (`Http1Pool`). The wire format is `wire.rs`.
 
 use super::wire::{self, AnswerHead, BodyDecoder, Decoded, Framing};
-use super::{connect_tcp, Kept, Reusable, UpstreamError};
+use super::{connect_tcp, Kept, OwnedInFlight, Reusable, UpstreamError};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response};
@@ -141,9 +141,10 @@ impl InlinePool {
         &self,
         endpoint: SocketAddr,
         request: Request<ProxyBody>,
+        load: Option<OwnedInFlight>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let (parts, _) = request.into_parts();
-        self.send_head(endpoint, &parts, None).await
+        self.send_head(endpoint, &parts, None, load).await
     }
 
     /// Sends the request `parts` describe, without a body, as an HTTP/1.1 upstream gets it (see
@@ -151,12 +152,14 @@ impl InlinePool {
     /// else on a new one. Nothing of `parts` is copied. An idempotent request that a kept
     /// connection failed before any byte of answer (the upstream closed it while idle, and the
     /// runtime had not seen that yet) goes again once, on a new connection (RFC 9112 §9.3.1): an
-    /// upstream that closes on the request itself gets it twice at most.
+    /// upstream that closes on the request itself gets it twice at most. The answer's body holds
+    /// `load` until it is dropped (see `Upstream::send`).
     pub async fn send_head(
         &self,
         endpoint: SocketAddr,
         parts: &http::request::Parts,
         host: Option<&str>,
+        load: Option<OwnedInFlight>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let target = parts.uri.path_and_query();
         let to_head = parts.method == Method::HEAD;
@@ -172,7 +175,7 @@ impl InlinePool {
             let target = (wire::absolute_origin(parts), target);
             wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
-                Ok(head) => return Ok(self.answer(endpoint, conn, head)),
+                Ok(head) => return Ok(self.answer(endpoint, conn, head, load)),
                 Err(f) if f.stale && kept && parts.method.is_idempotent() => again = true,
                 Err(f) => return Err(UpstreamError::Failed(f.error)),
             }
@@ -184,6 +187,7 @@ impl InlinePool {
         endpoint: SocketAddr,
         conn: Connection,
         head: AnswerHead,
+        load: Option<OwnedInFlight>,
     ) -> Response<ProxyBody> {
         let mut response = Response::new(body::empty());
         *response.status_mut() = head.status;
@@ -204,6 +208,7 @@ impl InlinePool {
             pool: self.kept.clone(),
             endpoint,
             error: None,
+            _load: load,
         };
         if head.framing == Framing::Empty {
             answer.finish();
@@ -234,6 +239,7 @@ struct AnswerBody {
     endpoint: SocketAddr,
     /// Reported at the next poll.
     error: Option<BoxError>,
+    _load: Option<OwnedInFlight>,
 }
 
 impl AnswerBody {
@@ -358,7 +364,7 @@ mod tests {
         method: Method,
     ) -> (u16, Vec<u8>, Option<http::HeaderMap>) {
         let response = pool
-            .send(endpoint, request(method))
+            .send(endpoint, request(method), None)
             .await
             .expect("an answer");
         let status = response.status().as_u16();
@@ -482,7 +488,7 @@ mod tests {
         futures::future::join_all(gets).await;
         answering.store(false, Ordering::SeqCst);
         let before = received.load(Ordering::SeqCst);
-        let failed = pool.send(endpoint, request(Method::GET)).await;
+        let failed = pool.send(endpoint, request(Method::GET), None).await;
         assert!(
             matches!(failed, Err(UpstreamError::Failed(_))),
             "no answer: a failure"
@@ -493,7 +499,10 @@ mod tests {
             "sent twice, not more"
         );
         let before = received.load(Ordering::SeqCst);
-        assert!(pool.send(endpoint, request(Method::POST)).await.is_err());
+        assert!(pool
+            .send(endpoint, request(Method::POST), None)
+            .await
+            .is_err());
         assert_eq!(
             received.load(Ordering::SeqCst) - before,
             1,
@@ -507,7 +516,10 @@ mod tests {
         let (endpoint, accepted, _) = answering(answer, true).await;
         let pool = pool();
         for round in 1..=2 {
-            let response = pool.send(endpoint, request(Method::GET)).await.unwrap();
+            let response = pool
+                .send(endpoint, request(Method::GET), None)
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
             let error = response.into_body().collect().await.unwrap_err();
             assert!(error.to_string().contains("closed"), "{error}");
@@ -515,7 +527,8 @@ mod tests {
         }
         let malformed = b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n";
         let (endpoint, _, _) = answering(malformed, false).await;
-        let Err(UpstreamError::Failed(error)) = pool.send(endpoint, request(Method::GET)).await
+        let Err(UpstreamError::Failed(error)) =
+            pool.send(endpoint, request(Method::GET), None).await
         else {
             panic!("a malformed answer is a failed exchange");
         };

@@ -157,24 +157,27 @@ impl Upstream {
 
     /// Sends `request` to `endpoint`. HTTP/1.1 requests are in origin form with the caller's
     /// Host; HTTP/2 ones carry the caller's authority in their URI (it becomes `:authority`).
-    /// An answer to an upgrade keeps hyper's `OnUpgrade` in its extensions.
+    /// An answer to an upgrade keeps hyper's `OnUpgrade` in its extensions. The answer's body
+    /// holds `load` (the request's count on the endpoint) until it is dropped: a long answer (a
+    /// download, a gRPC stream) is load on its endpoint until its end, not only until its head.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
         h2: bool,
         request: Request<ProxyBody>,
+        load: Option<OwnedInFlight>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let response = if h2 {
-            return self.http2.send(endpoint, request).await;
+            return self.http2.send(endpoint, request, load).await;
         } else if inline::handles(&request) {
-            return self.inline.send(endpoint, request).await;
+            return self.inline.send(endpoint, request, load).await;
         } else {
             let asked_upgrade = request.headers().contains_key(http::header::UPGRADE);
             let method = request.method().clone();
             let response = self.http1.send(endpoint, request).await?;
             as_own_exchange_reads(response, &method, asked_upgrade)?
         };
-        Ok(response.map(body::stream_http1))
+        Ok(response.map(|answer| body::stream_http1(answer, load)))
     }
 }
 
@@ -552,11 +555,14 @@ impl Http2Pool {
         &self,
         endpoint: SocketAddr,
         mut request: Request<ProxyBody>,
+        load: Option<OwnedInFlight>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         loop {
             let (mut sender, stream, pooled) = self.stream(endpoint).await?;
             let mut e = match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response.map(|answer| body::holding(answer, stream))),
+                Ok(response) => {
+                    return Ok(response.map(|answer| body::holding(answer, (stream, load))))
+                }
                 Err(e) => e,
             };
             let said = said_by_backend(e.error());
@@ -826,14 +832,15 @@ impl Default for EndpointStats {
 }
 
 /// Counts a request in flight on an endpoint until dropped; says how the endpoint fared.
-/// Borrowed from the table the request was routed with: the state is shared by every worker, and
-/// a reference count to move per request would be one more write to its cache line.
+/// Borrowed from the table the request was routed with, while the endpoint is chosen and the
+/// exchange runs: the state is shared by every worker, and a reference count to move per
+/// request would be one more write to its cache line.
 pub struct InFlight<'t> {
     state: &'t EndpointState,
     slot: &'t Attached,
 }
 
-/// [`InFlight`], for a request that outlives the table's borrow (a mirror's task).
+/// [`InFlight`], for what outlives the table's borrow: an answer's body, a mirror's task.
 pub struct OwnedInFlight(Arc<EndpointState>);
 
 impl EndpointState {
@@ -852,10 +859,15 @@ pub fn authority_of(addr: SocketAddr) -> http::uri::Authority {
     http::uri::Authority::try_from(addr.to_string()).expect("an address is an authority")
 }
 
-impl InFlight<'_> {
+impl<'t> InFlight<'t> {
     /// The endpoint's `ip:port`.
-    pub fn authority(&self) -> &http::uri::Authority {
+    pub fn authority(&self) -> &'t http::uri::Authority {
         &self.state.authority
+    }
+
+    /// The endpoint's state, to say how it fared once the count went with the answer.
+    pub fn endpoint(&self) -> &'t EndpointState {
+        self.state
     }
 
     /// The same count, held beyond the table's borrow.
@@ -925,24 +937,24 @@ impl EndpointStats {
     }
 
     /// Avoid the endpoint for a while: its connection failed.
-    pub fn eject(&self, held: &InFlight<'_>) {
+    pub fn eject(&self, endpoint: &EndpointState) {
         let until = self.now_ms() + EJECTION.as_millis() as u64;
-        held.state.ejected_until.store(until, Ordering::Relaxed);
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
         self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The endpoint answered (whatever the status): its run of failures is over.
-    pub fn answered(&self, held: &InFlight<'_>) {
-        if held.state.failures.load(Ordering::Relaxed) != 0 {
-            held.state.failures.store(0, Ordering::Relaxed);
+    pub fn answered(&self, endpoint: &EndpointState) {
+        if endpoint.failures.load(Ordering::Relaxed) != 0 {
+            endpoint.failures.store(0, Ordering::Relaxed);
         }
     }
 
     /// A request got no answer; the [`CONSECUTIVE_FAILURES`]th in a row ejects the endpoint.
-    pub fn failed(&self, held: &InFlight<'_>) {
-        if held.state.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
-            held.state.failures.store(0, Ordering::Relaxed);
-            self.eject(held);
+    pub fn failed(&self, endpoint: &EndpointState) {
+        if endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1 >= CONSECUTIVE_FAILURES {
+            endpoint.failures.store(0, Ordering::Relaxed);
+            self.eject(endpoint);
         }
     }
 
@@ -1142,7 +1154,7 @@ mod tests {
         let stats = EndpointStats::default();
         let backend = backend(&[addr(1), addr(2)]);
         let held = stats.hold(&backend, addr(1)).unwrap();
-        stats.eject(&held);
+        stats.eject(held.endpoint());
         drop(held);
         assert!(stats.hold(&backend, addr(1)).is_none(), "ejected");
         for r in 0..8u64 {
@@ -1164,7 +1176,7 @@ mod tests {
         let stats = EndpointStats::default();
         let (old, new) = (backend(&[addr(1), addr(2)]), backend(&[addr(2), addr(1)]));
         let held = stats.hold(&old, addr(1)).unwrap();
-        stats.eject(&held);
+        stats.eject(held.endpoint());
         for r in 0..8u64 {
             assert_eq!(
                 stats.choose(&new, &[], r * 0x1_0000_0001).unwrap().0,
@@ -1212,13 +1224,13 @@ mod tests {
         };
         let on_1 = || stats.hold(&backend, addr(1)).unwrap();
         for _ in 1..CONSECUTIVE_FAILURES {
-            stats.failed(&on_1());
+            stats.failed(on_1().endpoint());
         }
-        stats.answered(&on_1());
-        stats.failed(&on_1());
+        stats.answered(on_1().endpoint());
+        stats.failed(on_1().endpoint());
         assert!(!only_2(&stats), "an answer in between resets the count");
         for _ in 1..CONSECUTIVE_FAILURES {
-            stats.failed(&on_1());
+            stats.failed(on_1().endpoint());
         }
         assert!(only_2(&stats), "failures in a row eject the endpoint");
     }

@@ -116,7 +116,7 @@ pub async fn run(
     config: watcher::Config,
     updates: mpsc::Sender<Update>,
 ) {
-    let api: Api<DynamicObject> = Api::all_with(client, &kind.call().api_resource());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.call().api_resource());
     let mut state = KindState::new(kind, updates);
     let mut backoff = DefaultBackoff::default();
     loop {
@@ -139,10 +139,29 @@ pub async fn run(
             }
         };
         let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-        if state.failed(error, delay).await.is_err() {
+        let server_starting =
+            api_status(&error).is_some_and(|s| s.code == 404) && !api_server_ready(&client).await;
+        if state.failed(error, delay, server_starting).await.is_err() {
             return;
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Whether the API server says it is ready (`/readyz`, which every client may read): one that is
+/// starting answers 404 for the custom resources it serves until it has read their definitions
+/// (kubernetes/kubernetes#115241), and is not ready until then. `true` when it cannot tell (no
+/// `/readyz`, or no answer: the error at hand says enough then).
+async fn api_server_ready(client: &Client) -> bool {
+    let request = http::Request::get("/readyz")
+        .body(kube::client::Body::empty())
+        .expect("a valid request");
+    match client.send(request).await {
+        Ok(answer) => {
+            let status = answer.status();
+            status.is_success() || status == http::StatusCode::NOT_FOUND
+        }
+        Err(_) => true,
     }
 }
 
@@ -288,17 +307,34 @@ impl KindState {
         self.send(Update::Delete(self.kind.reference(key))).await
     }
 
-    /// Reports an error; a kind the API server does not serve is emptied.
-    async fn failed(&mut self, error: watcher::Error, retry: Duration) -> Result<(), Closed> {
+    /// Reports an error; a kind the API server does not serve is emptied. `server_starting`: the
+    /// error is a 404 from an API server not ready yet, which says nothing of the kind.
+    async fn failed(
+        &mut self,
+        error: watcher::Error,
+        retry: Duration,
+        server_starting: bool,
+    ) -> Result<(), Closed> {
         self.failures += 1;
         self.listed = None;
         let call = self.kind.call();
         let status = api_status(&error);
-        let not_served_since = status
-            .filter(|s| s.code == 404)
-            .map(|_| *self.not_served_since.get_or_insert_with(Instant::now));
+        let not_found = status.is_some_and(|s| s.code == 404) && !server_starting;
+        if !not_found {
+            // The grace counts 404s in a row: other failures between them (an API server down,
+            // then starting again) are no sign that the kind went.
+            self.not_served_since = None;
+        }
+        let not_served_since =
+            not_found.then(|| *self.not_served_since.get_or_insert_with(Instant::now));
         let served_before = !self.known.is_empty();
-        if let Some(since) = not_served_since.filter(|_| served_before) {
+        if server_starting {
+            tracing::warn!(
+                kind = call.kind,
+                "the API server answers 404 for {} while it is not ready (starting): retrying in                  {retry:?}",
+                call.describe()
+            );
+        } else if let Some(since) = not_served_since.filter(|_| served_before) {
             if since.elapsed() < NOT_SERVED_GRACE {
                 tracing::warn!(
                     kind = call.kind,
@@ -529,13 +565,10 @@ mod tests {
             .handle(Event::Apply(http_route("a", "PathPrefix")))
             .await
             .ok();
-        let not_found = || {
-            let mut status =
-                kube::core::Status::failure("the server could not find it", "NotFound");
-            status.code = 404;
-            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
-        };
-        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        state
+            .failed(not_found(), Duration::from_secs(1), false)
+            .await
+            .ok();
         let updates = drain(&mut rx);
         assert!(
             !updates.iter().any(|u| u.starts_with("delete")),
@@ -547,7 +580,10 @@ mod tests {
         );
         // Still 404 after the grace: the kind is gone, and its objects with it.
         state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
-        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        state
+            .failed(not_found(), Duration::from_secs(1), false)
+            .await
+            .ok();
         let updates = drain(&mut rx);
         assert!(
             updates.iter().any(|u| u.starts_with("delete")),
@@ -557,7 +593,71 @@ mod tests {
         // Never served: absent at once.
         let (tx, mut rx) = mpsc::channel(64);
         let mut state = KindState::new(Watched::HttpRoute, tx);
-        state.failed(not_found(), Duration::from_secs(1)).await.ok();
+        state
+            .failed(not_found(), Duration::from_secs(1), false)
+            .await
+            .ok();
         assert_eq!(drain(&mut rx), ["Absent"]);
+    }
+
+    fn not_found() -> watcher::Error {
+        let mut status = kube::core::Status::failure("the server could not find it", "NotFound");
+        status.code = 404;
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    /// A 404 from an API server that is starting (not ready) says nothing of the kind: failing,
+    /// not absent, even before the kind was first listed, so that the agent is not ready with a
+    /// table that lacks every route (and a successor does not take over with one). Before, it
+    /// was absent at once.
+    #[tokio::test]
+    async fn a_404_from_a_starting_api_server_is_a_failure_not_an_absent_kind() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::HttpRoute, tx);
+        state
+            .failed(not_found(), Duration::from_secs(1), true)
+            .await
+            .ok();
+        let updates = drain(&mut rx);
+        assert_eq!(updates.len(), 1, "{updates:?}");
+        assert!(updates[0].starts_with("Failing"), "{updates:?}");
+        assert_eq!(state.not_served_since, None, "no 404 of a ready server yet");
+    }
+
+    /// The grace counts 404s in a row: other failures between two 404s (the API server down for
+    /// a while, then starting again) start it anew. Before, the second 404 found the first one's
+    /// time and deleted every route at once.
+    #[tokio::test]
+    async fn another_failure_between_404s_starts_the_grace_anew() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::HttpRoute, tx);
+        state
+            .handle(Event::Apply(http_route("a", "PathPrefix")))
+            .await
+            .ok();
+        state
+            .failed(not_found(), Duration::from_secs(1), false)
+            .await
+            .ok();
+        // Long ago, then the API server went away (no status at all).
+        state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
+        let unreachable = watcher::Error::InitialListFailed(kube::Error::TlsRequired);
+        state
+            .failed(unreachable, Duration::from_secs(1), false)
+            .await
+            .ok();
+        state
+            .failed(not_found(), Duration::from_secs(1), false)
+            .await
+            .ok();
+        let updates = drain(&mut rx);
+        assert!(
+            !updates.iter().any(|u| u.starts_with("delete")),
+            "{updates:?}"
+        );
+        assert!(
+            updates.last().unwrap().starts_with("Failing"),
+            "{updates:?}"
+        );
     }
 }

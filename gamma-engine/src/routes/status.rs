@@ -10,6 +10,10 @@ use std::sync::Arc;
 /// Our `controllerName` in route status.
 pub const CONTROLLER_NAME: &str = "gamma-node.dev/agent";
 
+/// The condition types this controller sets in its parent entries. Any other type found in one
+/// is another controller's (a policy attached to the route, GEP-713), to be kept as it is.
+pub const CONDITION_TYPES: [&str; 3] = ["Accepted", "ResolvedRefs", "PartiallyInvalid"];
+
 /// Our entry for one parent. Kept for every route in every snapshot, so it is small: the
 /// generation is said once, and the conditions of a route that is simply working (accepted,
 /// every reference resolved) are one static list shared by all such routes.

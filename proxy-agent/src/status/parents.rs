@@ -8,7 +8,7 @@
 
 use crate::kube_api::StoredRoute;
 use gamma_engine::model::ParentRef;
-use gamma_engine::routes::status::{ParentStatus, CONTROLLER_NAME};
+use gamma_engine::routes::status::{ParentStatus, CONDITION_TYPES, CONTROLLER_NAME};
 use serde_json::{json, Value};
 
 fn is_ours(entry: &Value) -> bool {
@@ -21,35 +21,48 @@ pub fn parent_ref_json(p: &ParentRef) -> Value {
     serde_json::to_value(p).unwrap_or_default()
 }
 
+/// The most conditions a parent entry may hold (the CRDs' maxItems).
+const MAX_CONDITIONS: usize = 8;
+
 /// Our entry for one parent. A condition keeps its old `lastTransitionTime` when its status
-/// did not change (that is what the field means), else it is `now`.
+/// did not change (that is what the field means), else it is `now`. Conditions of types we do
+/// not set ([`CONDITION_TYPES`]) that another controller added to the entry stay, after ours:
+/// removed, they would be added again, and each side would write the route over and over.
 fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
-    let conditions: Vec<Value> = desired
-        .conditions
-        .iter()
-        .map(|c| {
-            let old = old
-                .and_then(|o| o.get("conditions"))
-                .and_then(Value::as_array)
-                .and_then(|cs| {
-                    cs.iter()
-                        .find(|o| o.get("type").and_then(Value::as_str) == Some(c.type_))
-                });
-            let since = old
-                .filter(|o| o.get("status").and_then(Value::as_str) == Some(c.status))
-                .and_then(|o| o.get("lastTransitionTime"))
+    let foreign = old
+        .and_then(|o| o.get("conditions"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c.get("type")
                 .and_then(Value::as_str)
-                .unwrap_or(now);
-            json!({
-                "type": c.type_,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message,
-                "observedGeneration": desired.observed_generation,
-                "lastTransitionTime": since,
-            })
+                .is_some_and(|t| !CONDITION_TYPES.contains(&t))
         })
-        .collect();
+        .cloned();
+    let ours = desired.conditions.iter().map(|c| {
+        let old = old
+            .and_then(|o| o.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|o| o.get("type").and_then(Value::as_str) == Some(c.type_))
+            });
+        let since = old
+            .filter(|o| o.get("status").and_then(Value::as_str) == Some(c.status))
+            .and_then(|o| o.get("lastTransitionTime"))
+            .and_then(Value::as_str)
+            .unwrap_or(now);
+        json!({
+            "type": c.type_,
+            "status": c.status,
+            "reason": c.reason,
+            "message": c.message,
+            "observedGeneration": desired.observed_generation,
+            "lastTransitionTime": since,
+        })
+    });
+    let conditions: Vec<Value> = ours.chain(foreign).take(MAX_CONDITIONS).collect();
     json!({
         "parentRef": parent_ref_json(desired.parent_ref()),
         "controllerName": CONTROLLER_NAME,
@@ -212,6 +225,29 @@ mod tests {
             None,
             "what fits, once written, is not written again"
         );
+    }
+
+    /// A condition another controller added to our entry (a policy's, GEP-713) is kept, and
+    /// an entry that differs only by it is not written again. Before, each write removed it, the
+    /// other controller added it back, and so on.
+    #[test]
+    fn conditions_of_other_controllers_in_our_entry_are_kept() {
+        let mut written = plan(&[desired(true, 1)], &server(vec![other()]), "T1").unwrap();
+        let policy = json!({"type": "example.io/PolicyAffected", "status": "True",
+                            "reason": "Applied", "message": "", "lastTransitionTime": "T0"});
+        written[1]["conditions"]
+            .as_array_mut()
+            .unwrap()
+            .push(policy.clone());
+        assert_eq!(
+            plan(&[desired(true, 1)], &server(written.clone()), "T2"),
+            None
+        );
+        let changed = plan(&[desired(false, 2)], &server(written), "T2").unwrap();
+        let conditions = changed[1]["conditions"].as_array().unwrap();
+        assert_eq!(conditions.len(), 3);
+        assert_eq!(conditions[0]["status"], "False");
+        assert_eq!(conditions[2], policy);
     }
 
     #[test]

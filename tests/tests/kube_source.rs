@@ -67,6 +67,17 @@ fn condition<'a>(entry: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {entry}"))
 }
 
+/// Waits for the agent `identity`, a candidate that saw the lease held, to take it once
+/// released: it looks again within a lease duration (15 s) and its jitter. Returns how long
+/// that took.
+fn takes_the_released_lease(api: &FakeApiServer, identity: &str) -> Duration {
+    let what = format!("{identity} holds the lease");
+    gamma_tests::eventually_within(Duration::from_secs(20), &what, || {
+        (lease_holder(api).as_deref() == Some(identity)).then_some(())
+    })
+    .1
+}
+
 fn lease_holder(api: &FakeApiServer) -> Option<String> {
     api.get("leases", LEASE_NS, LEASE)?["spec"]["holderIdentity"]
         .as_str()
@@ -609,9 +620,7 @@ async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
     let stopped = Instant::now();
     a.terminate();
     assert_eq!(lease_holder(&api), None, "released on shutdown");
-    let (_, took) = eventually("b holds the lease", || {
-        (lease_holder(&api).as_deref() == Some("node-b")).then_some(())
-    });
+    let took = takes_the_released_lease(&api, "node-b");
     eprintln!(
         "timing: lease taken over {took:?} after a released it ({:?} after SIGTERM)",
         stopped.elapsed()
@@ -704,9 +713,7 @@ async fn during_a_surge_the_old_and_new_agent_of_one_node_never_both_lead() {
 
     // The old Pod goes: the new one leads.
     old.terminate();
-    eventually("the new agent holds the lease", || {
-        (lease_holder(&api).as_deref() == Some("gamma-node-new")).then_some(())
-    });
+    takes_the_released_lease(&api, "gamma-node-new");
     let before = api.request_count();
     api.apply(route("HTTPRoute", "to-back", "front", "back"));
     let (patch, _) = eventually("the new agent writes generation 3", || {

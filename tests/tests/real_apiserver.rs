@@ -49,6 +49,17 @@ async fn until_route(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
+    until_route_within(LIMIT, routes, name, what, check).await
+}
+
+/// As [`until_route`], for up to `limit`.
+async fn until_route_within(
+    limit: Duration,
+    routes: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let started = Instant::now();
     loop {
         let value = stored(routes, name).await;
@@ -56,8 +67,8 @@ async fn until_route(
             return value;
         }
         assert!(
-            started.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; route: {value:#}"
+            started.elapsed() < limit,
+            "not within {limit:?}: {what}; route: {value:#}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -416,9 +427,14 @@ async fn routes_and_status_against_a_real_api_server() {
     let mut agent_a = agent_a;
     agent_a.terminate();
     let generation = edit(&api_routes, "to-back", json!([rule_to("missing")])).await;
-    let moved = until_route(&api_routes, "to-back", "agent b writes", |r| {
-        holds(r, "ResolvedRefs", "False", generation)
-    })
+    // b saw the lease held: it looks again within a lease duration (15 s) and its jitter.
+    let moved = until_route_within(
+        Duration::from_secs(25),
+        &api_routes,
+        "to-back",
+        "agent b writes",
+        |r| holds(r, "ResolvedRefs", "False", generation),
+    )
     .await;
     assert_eq!(
         entry(&moved, OTHER_CONTROLLER).unwrap()["conditions"][0]["message"],

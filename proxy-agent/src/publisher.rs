@@ -58,7 +58,8 @@ pub struct Publisher {
     index: Index,
     /// Every feed the sources declared, with its last reported health.
     feeds: BTreeMap<Feed, Option<Health>>,
-    stored_status: BTreeMap<String, Arc<StoredRoute>>,
+    /// Shared with consumers until it changes (most publishes change no route).
+    stored_status: Arc<BTreeMap<String, Arc<StoredRoute>>>,
     stored_status_changed: bool,
     data_plane: Arc<ArcSwap<Snapshot>>,
     published: watch::Sender<Published>,
@@ -79,7 +80,7 @@ impl Publisher {
             updates,
             index: Index::new(),
             feeds: feeds.iter().map(|&f| (f, None)).collect(),
-            stored_status: BTreeMap::new(),
+            stored_status: Arc::default(),
             stored_status_changed: false,
             data_plane: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             published: watch::channel(Published::default()).0,
@@ -170,9 +171,18 @@ impl Publisher {
             Update::Delete(reference) => self.index.delete(&reference),
             Update::StoredStatus(key, stored) => {
                 let key = key.to_string();
+                // Copied on the first change after a publish (consumers hold the last one),
+                // not on every update.
                 let changed = match stored {
-                    Some(s) => self.stored_status.insert(key, s.clone()).as_ref() != Some(&s),
-                    None => self.stored_status.remove(&key).is_some(),
+                    Some(s) if self.stored_status.get(&key) != Some(&s) => {
+                        Arc::make_mut(&mut self.stored_status).insert(key, s);
+                        true
+                    }
+                    None if self.stored_status.contains_key(&key) => {
+                        Arc::make_mut(&mut self.stored_status).remove(&key);
+                        true
+                    }
+                    _ => false,
                 };
                 self.stored_status_changed |= changed;
             }
@@ -199,7 +209,7 @@ impl Publisher {
         if published || std::mem::take(&mut self.stored_status_changed) || behind_changed {
             self.published.send_replace(Published {
                 snapshot: self.index.snapshot(),
-                stored_status: Arc::new(self.stored_status.clone()),
+                stored_status: self.stored_status.clone(),
                 behind,
             });
         }

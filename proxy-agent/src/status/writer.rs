@@ -17,9 +17,10 @@ use crate::publisher::Published;
 use crate::sources::Feed;
 use gamma_engine::model::RouteKind;
 use gamma_engine::routes::status::ParentStatus;
+use gamma_engine::routes::Statuses;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::Client;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -63,6 +64,31 @@ pub struct Writer {
     inputs: watch::Receiver<Published>,
     leader: watch::Receiver<bool>,
     written: HashMap<String, Written>,
+    /// What the last pass that wrote everything it had to was computed from.
+    reconciled: Option<Reconciled>,
+}
+
+/// The inputs of a pass: the table's route status and the routes as the API server has them.
+/// Both are shared until they change, so a publish that changed neither (an EndpointSlice, a
+/// Pod) is told apart without looking at any route: on a large cluster most publishes are such,
+/// and a pass looks at every route.
+struct Reconciled {
+    statuses: Arc<Statuses>,
+    stored_status: Arc<BTreeMap<String, Arc<StoredRoute>>>,
+}
+
+impl Reconciled {
+    fn of(inputs: &Published) -> Reconciled {
+        Reconciled {
+            statuses: inputs.snapshot.statuses.clone(),
+            stored_status: inputs.stored_status.clone(),
+        }
+    }
+
+    fn covers(&self, inputs: &Published) -> bool {
+        Arc::ptr_eq(&self.statuses, &inputs.snapshot.statuses)
+            && Arc::ptr_eq(&self.stored_status, &inputs.stored_status)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -85,6 +111,7 @@ impl Writer {
             inputs,
             leader,
             written: HashMap::new(),
+            reconciled: None,
         }
     }
 
@@ -99,10 +126,14 @@ impl Writer {
             tokio::time::sleep(DEBOUNCE).await;
             if !*self.leader.borrow_and_update() {
                 self.written.clear();
+                self.reconciled = None;
                 retry = false;
                 continue;
             }
             let inputs = self.inputs.borrow_and_update().clone();
+            if self.reconciled.as_ref().is_some_and(|r| r.covers(&inputs)) {
+                continue;
+            }
             if let Some(feed) = inputs.behind.iter().find(|f| STATUS_INPUTS.contains(f)) {
                 // A route whose Service the table has not seen yet would be told it has no
                 // parent: wait until the feeds status is read from are current again.
@@ -110,7 +141,9 @@ impl Writer {
                 retry = false;
                 continue;
             }
-            retry = self.pass(&inputs).await == Outcome::Failed;
+            let outcome = self.pass(&inputs).await;
+            retry = outcome == Outcome::Failed;
+            self.reconciled = (outcome == Outcome::Done).then(|| Reconciled::of(&inputs));
         }
     }
 
@@ -232,4 +265,37 @@ impl Writer {
 fn failed(key: &str, error: &kube::Error) -> Outcome {
     tracing::warn!(route = key, error = %error, "writing route status failed; retrying in {RETRY_AFTER:?}");
     Outcome::Failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gamma_engine::routes::Snapshot;
+
+    /// A publish that changed neither the table's route status nor the routes the API server
+    /// holds (an EndpointSlice, a Pod) needs no pass; one that changed either does.
+    #[test]
+    fn only_a_publish_that_changed_status_or_routes_is_reconciled_again() {
+        let inputs = Published::default();
+        let reconciled = Reconciled::of(&inputs);
+        let endpoints_only = Published {
+            snapshot: Arc::new(Snapshot {
+                version: 2,
+                statuses: inputs.snapshot.statuses.clone(),
+                ..Snapshot::default()
+            }),
+            ..inputs.clone()
+        };
+        assert!(reconciled.covers(&endpoints_only));
+        let new_status = Published {
+            snapshot: Arc::new(Snapshot::default()),
+            ..inputs.clone()
+        };
+        assert!(!reconciled.covers(&new_status));
+        let route_written = Published {
+            stored_status: Arc::new(BTreeMap::new()),
+            ..inputs
+        };
+        assert!(!reconciled.covers(&route_written));
+    }
 }

@@ -124,10 +124,16 @@ impl Publisher {
     pub async fn first_sync(&mut self) -> Result<(), SourcesStopped> {
         let started = std::time::Instant::now();
         while !self.complete() {
+            self.report_waiting();
             if !self.batch().await {
                 return Err(SourcesStopped);
             }
         }
+        self.readiness
+            .waiting_for
+            .lock()
+            .expect("not poisoned")
+            .clear();
         self.publish();
         let absent: Vec<Feed> = self
             .feeds
@@ -232,6 +238,23 @@ impl Publisher {
             .unwrap_or(0)
     }
 
+    /// Says on `/ready` which feeds the first sync waits for (a watch its ClusterRole does not
+    /// grant fails until it does, and the agent stays not ready).
+    fn report_waiting(&self) {
+        let waiting: Vec<String> = self
+            .feeds
+            .iter()
+            .filter(|(_, health)| !current(health))
+            .map(|(feed, health)| match health {
+                Some(Health::Failing { since }) => {
+                    format!("{feed} (failing since unix time {since}: the agent's log says why)")
+                }
+                _ => format!("{feed} (not listed yet)"),
+            })
+            .collect();
+        *self.readiness.waiting_for.lock().expect("not poisoned") = waiting.join(", ");
+    }
+
     fn report_staleness(&self) {
         let since = self.stale_since();
         self.readiness.stale_since.store(since, Ordering::Relaxed);
@@ -255,6 +278,29 @@ mod tests {
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+
+    /// `/ready` names what the first sync waits for: a watch its ClusterRole does not grant
+    /// keeps the agent not ready, and the operator is told which. Before, only "the first sync
+    /// has not completed".
+    #[tokio::test]
+    async fn the_feeds_the_first_sync_waits_for_are_named() {
+        let readiness = Arc::new(Readiness::default());
+        let (mut publisher, tx) =
+            Publisher::new(&["a", "b"], Arc::new(Metrics::default()), readiness.clone());
+        tx.send(Update::Health("a", Health::Failing { since: 7 }))
+            .await
+            .unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), publisher.first_sync()).await;
+        assert!(waiting.is_err());
+        assert_eq!(
+            *readiness.waiting_for.lock().unwrap(),
+            "a (failing since unix time 7: the agent's log says why), b (not listed yet)"
+        );
+        tx.send(Update::Health("a", Health::Synced)).await.unwrap();
+        tx.send(Update::Health("b", Health::Synced)).await.unwrap();
+        publisher.first_sync().await.unwrap();
+        assert_eq!(*readiness.waiting_for.lock().unwrap(), "");
+    }
 
     #[tokio::test]
     async fn publishes_only_after_every_feed_synced_and_only_on_change() {

@@ -132,9 +132,10 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
     let synced = state.readiness.synced_at.load(Ordering::Relaxed);
     let stale = state.readiness.stale_since.load(Ordering::Relaxed);
     if synced == 0 {
+        let waiting = state.readiness.waiting_for.lock().expect("not poisoned");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the first sync of the sources has not completed\n",
+            format!("not ready: the first sync of the sources has not completed; waiting for {waiting}\n"),
             "text/plain",
         );
     }

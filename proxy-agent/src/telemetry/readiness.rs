@@ -17,6 +17,8 @@ pub struct Readiness {
     /// accept on the admin listener until Stop, so a probe of the successor's pod may reach
     /// this one: it answers not ready, as the successor does until its first sync.
     pub handing_over_to: AtomicU32,
+    /// Until the first complete sync: the feeds it waits for, and how each stands.
+    pub waiting_for: std::sync::Mutex<String>,
 }
 
 pub fn unix_now() -> u64 {

@@ -180,6 +180,8 @@ struct KindState {
     listed: Option<HashSet<ObjectKey>>,
     failures: u32,
     failing_since: Option<u64>,
+    /// Listed completely at least once: the index holds this kind's objects.
+    listed_once: bool,
     /// Since when the API server answers 404 for this kind, which it served before.
     not_served_since: Option<Instant>,
 }
@@ -200,6 +202,7 @@ impl KindState {
             listed: None,
             failures: 0,
             failing_since: None,
+            listed_once: false,
             not_served_since: None,
         }
     }
@@ -238,6 +241,7 @@ impl KindState {
                     );
                 }
                 self.failures = 0;
+                self.listed_once = true;
                 self.not_served_since = None;
                 self.send(Update::Health(self.kind.feed(), Health::Synced))
                     .await?;
@@ -371,10 +375,16 @@ impl KindState {
                 .send(Update::Health(self.kind.feed(), Health::Absent))
                 .await;
         }
+        // Before this kind's first list the agent has no table to serve: it is not ready.
+        let serving = if self.listed_once {
+            "serving the last good table"
+        } else {
+            "not ready until it is listed"
+        };
         if status.is_some_and(|s| s.code == 403) {
             tracing::error!(
                 "forbidden to list/watch {}: the agent's ClusterRole must grant {:?} on it \
-                 (`proxy-agent --print-rbac` lists every rule); serving the last good table, retrying in {retry:?}",
+                 (`proxy-agent --print-rbac` lists every rule); {serving}, retrying in {retry:?}",
                 call.describe(),
                 call.verbs
             );
@@ -388,7 +398,7 @@ impl KindState {
                 kind = call.kind,
                 error = %error,
                 attempt = self.failures,
-                "watch failed: the API server is unreachable or failing; serving the last good table, retrying in {retry:?}"
+                "watch failed: the API server is unreachable or failing; {serving}, retrying in {retry:?}"
             );
         }
         let since = *self.failing_since.get_or_insert_with(unix_now);

@@ -5,6 +5,12 @@
 //! change, a file whose YAML does not parse keeps its last good objects, and so does each invalid
 //! document that can still be identified (kind, namespace, name); a file removed takes its
 //! objects with it.
+//!
+//! A changed file is read once it held still for one poll: one being written (`kubectl get … >
+//! routes.yaml` truncates it first, then waits for the API server) would otherwise be read
+//! empty or cut, and its objects deleted meanwhile. Hidden entries are skipped: a ConfigMap
+//! mounted as a folder shows each file three times (`svc.yaml`, `..data/svc.yaml` and the
+//! timestamped folder `..data` points to), and the kubelet swaps the last two under the reader.
 
 use super::{Feed, Health, Update, Updates};
 use crate::telemetry::unix_now;
@@ -22,6 +28,9 @@ pub const FEED: Feed = "manifests";
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Polled before: files are then read only once they held still for a poll (the first poll
+    /// reads the folder as it is).
+    polled: bool,
     /// The folder's objects as last sent: every file's, the later file's where two declare one
     /// (as `kubectl apply` of the folder would leave it). Changes are sent against it, so an
     /// object moved from one file to another is not deleted after the other file applied it.
@@ -32,9 +41,35 @@ type Objects = BTreeMap<String, (ObjectRef, Object)>;
 
 #[derive(Debug, Default)]
 struct FileState {
-    stamp: Option<(SystemTime, u64)>,
+    /// The stamp of the version read last.
+    stamp: Option<Stamp>,
+    /// The stamp seen at the last poll: a changed file is read once it held still for a poll.
+    seen: Option<Stamp>,
     /// The objects this file last contributed.
     objects: Objects,
+}
+
+/// What tells a file's versions apart without reading it: its inode, modification and change
+/// times and length. The change time moves with any write or `chmod`, even one that keeps the
+/// modification time (`cp -p`, `tar x`) or the length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    modified: SystemTime,
+    changed: (i64, i64),
+    len: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            inode: meta.ino(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+        }
+    }
 }
 
 fn object_id(object: &Object) -> String {
@@ -53,6 +88,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
+            polled: false,
             sent: Objects::new(),
         }
     }
@@ -74,12 +110,10 @@ impl ManifestDir {
                 Err(_) => continue, // removed between listing and reading
             };
             seen.push(path.clone());
-            let stamp = Some((
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            ));
+            let stamp = Some(Stamp::of(&meta));
             let state = self.files.entry(path.clone()).or_default();
-            if state.stamp == stamp {
+            let still = std::mem::replace(&mut state.seen, stamp) == stamp;
+            if state.stamp == stamp || (self.polled && !still) {
                 continue;
             }
             state.stamp = stamp;
@@ -115,6 +149,7 @@ impl ManifestDir {
             }
             state.objects = next;
         }
+        self.polled = true;
         // Files that disappeared: their objects go (unless another file has them).
         let files = self.files.len();
         self.files.retain(|path, _| seen.contains(path));
@@ -185,8 +220,20 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
+        let entries = match std::fs::read_dir(&d) {
+            // A sub-folder removed since it was listed (a ConfigMap's old version).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            entries => entries?,
+        };
+        for entry in entries {
             let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
             if path.is_dir() {
                 stack.push(path);
             } else if is_manifest(&path) {
@@ -206,9 +253,31 @@ mod tests {
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
 
-    /// One pass of the source into `index`: its problems, and whether ns/echo:80 is served.
+    /// Two polls of the source into `index` (a change is read once it held still for a poll):
+    /// their problems, and whether ns/echo:80 is served.
     fn pass(source: &mut ManifestDir, index: &mut Index) -> (usize, bool) {
-        let (updates, problems) = source.changes().unwrap();
+        let (mut updates, mut problems) = source.changes().unwrap();
+        let (more_updates, more_problems) = source.changes().unwrap();
+        updates.extend(more_updates);
+        problems.extend(more_problems);
+        poll_into(updates, index);
+        let served = index
+            .snapshot()
+            .frontend_of(&ObjectKey::new("ns", "echo"), 80)
+            .is_some();
+        (problems.len(), served)
+    }
+
+    /// One poll of the source into `index`: whether ns/echo:80 is served.
+    fn poll(source: &mut ManifestDir, index: &mut Index) -> bool {
+        poll_into(source.changes().unwrap().0, index);
+        index
+            .snapshot()
+            .frontend_of(&ObjectKey::new("ns", "echo"), 80)
+            .is_some()
+    }
+
+    fn poll_into(updates: Vec<Update>, index: &mut Index) {
         for update in updates {
             match update {
                 Update::Apply(object) => index.apply(object),
@@ -217,11 +286,69 @@ mod tests {
             }
         }
         index.publish();
-        let served = index
-            .snapshot()
-            .frontend_of(&ObjectKey::new("ns", "echo"), 80)
-            .is_some();
-        (problems.len(), served)
+    }
+
+    /// A file being written (truncated, then filled) is read once it held still for a poll:
+    /// its objects stay meanwhile. Before, a poll between the two deleted them.
+    #[test]
+    fn a_file_being_written_is_read_once_it_held_still() {
+        let folder = TestDir::new("file-settle");
+        let file = folder.join("svc.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&*folder);
+        assert!(
+            poll(&mut source, &mut index),
+            "the first poll reads the folder as it is"
+        );
+        std::fs::write(&file, "").unwrap();
+        assert!(poll(&mut source, &mut index), "truncated, not read yet");
+        std::fs::write(&file, SERVICE.replace("echo", "other")).unwrap();
+        assert!(poll(&mut source, &mut index), "written again, not read yet");
+        assert!(!poll(&mut source, &mut index), "held still: read");
+    }
+
+    /// A rewrite of the same length that keeps the modification time (`cp -p`) is a change.
+    #[test]
+    fn a_rewrite_that_keeps_length_and_modification_time_is_read() {
+        let folder = TestDir::new("file-stamp");
+        let file = folder.join("svc.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&*folder);
+        assert_eq!(pass(&mut source, &mut index), (0, true));
+        let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::fs::write(&file, SERVICE.replace("echo", "ecco")).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, false));
+    }
+
+    /// A ConfigMap mounted as a folder: each file is read once, through its visible name.
+    #[test]
+    fn a_configmap_folder_is_read_through_its_visible_names() {
+        let folder = TestDir::new("file-configmap");
+        let version = folder.join("..2026_12_06_01_00_00.1");
+        std::fs::create_dir(&version).unwrap();
+        std::fs::write(
+            version.join("svc.yaml"),
+            "kind: [unclosed
+",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..2026_12_06_01_00_00.1", folder.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/svc.yaml", folder.join("svc.yaml")).unwrap();
+        let mut index = Index::new();
+        let mut source = ManifestDir::new(&*folder);
+        assert_eq!(
+            pass(&mut source, &mut index),
+            (1, false),
+            "one problem, not three"
+        );
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
                     Some(Ok(watcher::Event::Apply(mesh) | watcher::Event::InitApply(mesh))) => {
                         write_or_keep(&api, mesh, &mut unwritten).await;
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(event)) => forget_moot(&event, &mut unwritten),
                     Some(Err(e)) => {
                         if !absent_reported {
                             tracing::info!(error = %e, "XMesh ({}) is not readable: the experimental \
@@ -100,6 +100,22 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
                 },
             }
         }
+    }
+}
+
+/// Forgets the writes that wait for a mesh deleted, or for any when the meshes are listed again
+/// (which brings each one's current version). Before, a deleted mesh's write was tried every
+/// few seconds for as long as the lease stayed.
+fn forget_moot(
+    event: &watcher::Event<DynamicObject>,
+    unwritten: &mut BTreeMap<String, DynamicObject>,
+) {
+    match event {
+        watcher::Event::Delete(mesh) => {
+            unwritten.remove(&mesh.name_any());
+        }
+        watcher::Event::Init => unwritten.clear(),
+        _ => {}
     }
 }
 
@@ -140,6 +156,8 @@ async fn write(api: &Api<DynamicObject>, mesh: &DynamicObject) -> bool {
             tracing::info!(mesh = %name, "XMesh status written: Accepted, supported features");
             true
         }
+        // Deleted meanwhile: nothing to report on.
+        Err(kube::Error::Api(s)) if s.is_not_found() => true,
         Err(e) => {
             tracing::warn!(mesh = %name, error = %e, "writing the XMesh status failed; trying again in {RETRY_AFTER:?}");
             false
@@ -150,6 +168,25 @@ async fn write(api: &Api<DynamicObject>, mesh: &DynamicObject) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_or_relisted_mesh_is_not_written_again() {
+        let mesh = |name: &str| {
+            serde_json::from_value::<DynamicObject>(json!({
+                "apiVersion": "gateway.networking.x-k8s.io/v1alpha1", "kind": "XMesh",
+                "metadata": {"name": name}
+            }))
+            .unwrap()
+        };
+        let mut unwritten: BTreeMap<String, DynamicObject> =
+            ["a", "b"].map(|n| (n.to_string(), mesh(n))).into();
+        forget_moot(&watcher::Event::Delete(mesh("a")), &mut unwritten);
+        assert_eq!(unwritten.keys().collect::<Vec<_>>(), ["b"]);
+        forget_moot(&watcher::Event::InitDone, &mut unwritten);
+        assert_eq!(unwritten.len(), 1);
+        forget_moot(&watcher::Event::Init, &mut unwritten);
+        assert!(unwritten.is_empty());
+    }
 
     #[test]
     fn ours_is_accepted_with_the_sorted_features_and_others_are_left_alone() {

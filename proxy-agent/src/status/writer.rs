@@ -233,6 +233,8 @@ impl Writer {
                                 StoredRoute::from_object(current.kind, &object),
                             );
                         }
+                        // Deleted meanwhile: nothing to report on (not a failed write).
+                        Err(kube::Error::Api(s)) if s.is_not_found() => return Outcome::Done,
                         Err(e) => return failed(key, &e),
                     }
                 }

@@ -68,11 +68,11 @@ fn condition<'a>(entry: &'a Value, type_: &str) -> &'a Value {
 }
 
 /// Waits for the agent `identity`, a candidate that saw the lease held, to take it once
-/// released: it looks again within a lease duration (15 s) and its jitter. Returns how long
-/// that took.
+/// released: it looks again within half a lease duration (7.5 s) and its jitter. Returns how
+/// long that took.
 fn takes_the_released_lease(api: &FakeApiServer, identity: &str) -> Duration {
     let what = format!("{identity} holds the lease");
-    gamma_tests::eventually_within(Duration::from_secs(20), &what, || {
+    gamma_tests::eventually_within(Duration::from_secs(15), &what, || {
         (lease_holder(api).as_deref() == Some(identity)).then_some(())
     })
     .1

@@ -427,9 +427,9 @@ async fn routes_and_status_against_a_real_api_server() {
     let mut agent_a = agent_a;
     agent_a.terminate();
     let generation = edit(&api_routes, "to-back", json!([rule_to("missing")])).await;
-    // b saw the lease held: it looks again within a lease duration (15 s) and its jitter.
+    // b saw the lease held: it looks again within half a lease duration (7.5 s) and its jitter.
     let moved = until_route_within(
-        Duration::from_secs(25),
+        Duration::from_secs(20),
         &api_routes,
         "to-back",
         "agent b writes",

@@ -133,9 +133,15 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
     let stale = state.readiness.stale_since.load(Ordering::Relaxed);
     if synced == 0 {
         let waiting = state.readiness.waiting_for.lock().expect("not poisoned");
+        let why = if waiting.is_empty() {
+            // Synced: the listeners (and the kernel redirect, or a takeover) come next.
+            "starting its listeners".to_string()
+        } else {
+            format!("the first sync of the sources has not completed; waiting for {waiting}")
+        };
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: the first sync of the sources has not completed; waiting for {waiting}\n"),
+            format!("not ready: {why}\n"),
             "text/plain",
         );
     }

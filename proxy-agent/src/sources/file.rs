@@ -6,9 +6,10 @@
 //! document that can still be identified (kind, namespace, name); a file removed takes its
 //! objects with it.
 //!
-//! A changed file is read once it held still for one poll: one being written (`kubectl get … >
-//! routes.yaml` truncates it first, then waits for the API server) would otherwise be read
-//! empty or cut, and its objects deleted meanwhile. Hidden entries are skipped: a ConfigMap
+//! A changed file is read once it held still for one poll, an emptied one once it stayed empty
+//! for [`EMPTY_SETTLE`]: one being written (`kubectl get … > routes.yaml` truncates it first,
+//! then waits for the API server) would otherwise be read empty or cut, and its objects deleted
+//! meanwhile. A writer that pauses longer mid-file should write a new file and rename it. Hidden entries are skipped: a ConfigMap
 //! mounted as a folder shows each file three times (`svc.yaml`, `..data/svc.yaml` and the
 //! timestamped folder `..data` points to), and the kubelet swaps the last two under the reader.
 
@@ -18,10 +19,14 @@ use gamma_engine::manifests::{parse, Problem, Severity};
 use gamma_engine::{Object, ObjectRef};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// This source's one feed.
 pub const FEED: Feed = "manifests";
+
+/// How long a file emptied must stay so before its objects go: a writer that truncated it may
+/// still be waiting for what it writes (`kubectl get … > routes.yaml`).
+const EMPTY_SETTLE: Duration = Duration::from_secs(3);
 
 /// The manifests of a folder, what each file last contributed, and what was sent.
 #[derive(Debug)]
@@ -43,8 +48,9 @@ type Objects = BTreeMap<String, (ObjectRef, Object)>;
 struct FileState {
     /// The stamp of the version read last.
     stamp: Option<Stamp>,
-    /// The stamp seen at the last poll: a changed file is read once it held still for a poll.
-    seen: Option<Stamp>,
+    /// The stamp seen at the last poll, and since when: a changed file is read once it held
+    /// still for a poll, an empty one for [`EMPTY_SETTLE`].
+    seen: Option<(Stamp, Instant)>,
     /// The objects this file last contributed.
     objects: Objects,
 }
@@ -110,10 +116,24 @@ impl ManifestDir {
                 Err(_) => continue, // removed between listing and reading
             };
             seen.push(path.clone());
-            let stamp = Some(Stamp::of(&meta));
+            let stamp = Stamp::of(&meta);
             let state = self.files.entry(path.clone()).or_default();
-            let still = std::mem::replace(&mut state.seen, stamp) == stamp;
-            if state.stamp == stamp || (self.polled && !still) {
+            // Held still since the last poll, and since when.
+            let (still, since) = match state.seen {
+                Some((seen, since)) if seen == stamp => (true, since),
+                _ => (false, Instant::now()),
+            };
+            state.seen = Some((stamp, since));
+            // Emptied: most likely truncated by a writer that fills it later (`kubectl get … >
+            // routes.yaml` waits for the API server meanwhile).
+            let settle = if meta.len() == 0 {
+                EMPTY_SETTLE
+            } else {
+                Duration::ZERO
+            };
+            let settled = still && since.elapsed() >= settle;
+            let stamp = Some(stamp);
+            if state.stamp == stamp || (self.polled && !settled) {
                 continue;
             }
             state.stamp = stamp;
@@ -303,6 +323,10 @@ mod tests {
         );
         std::fs::write(&file, "").unwrap();
         assert!(poll(&mut source, &mut index), "truncated, not read yet");
+        assert!(
+            poll(&mut source, &mut index),
+            "empty for a poll: the writer may still wait for what it writes"
+        );
         std::fs::write(&file, SERVICE.replace("echo", "other")).unwrap();
         assert!(poll(&mut source, &mut index), "written again, not read yet");
         assert!(!poll(&mut source, &mut index), "held still: read");

@@ -1049,12 +1049,14 @@ impl EndpointStats {
         }
     }
 
-    /// Forgets the endpoints `keep` refuses (gone from the table); returns how many. A request
-    /// still in flight to one keeps its counter until it ends.
+    /// Forgets the endpoints `keep` refuses (gone from the table) with nothing in flight;
+    /// returns how many. One with answers still streaming is kept until they end: it may come
+    /// back (a readiness probe failed for a moment under load), and a fresh state would count
+    /// its long answers as nothing.
     pub fn retain(&self, mut keep: impl FnMut(&SocketAddr) -> bool) -> usize {
         let mut by_address = self.by_address.lock().expect("not poisoned");
         let before = by_address.len();
-        by_address.retain(|addr, _| keep(addr));
+        by_address.retain(|addr, state| keep(addr) || state.in_flight.load(Ordering::Relaxed) > 0);
         before - by_address.len()
     }
 
@@ -1199,6 +1201,24 @@ mod tests {
             1,
             "the request in flight still counts"
         );
+    }
+
+    /// An endpoint gone from the table with an answer still streaming keeps its state: back in
+    /// a later table (its readiness probe failed for a moment), its count includes that answer.
+    #[test]
+    fn an_endpoint_gone_with_answers_streaming_keeps_its_count() {
+        let stats = EndpointStats::default();
+        let streaming = stats
+            .hold(&backend(&[addr(1)]), addr(1))
+            .unwrap()
+            .into_owned();
+        assert_eq!(stats.retain(|_| false), 0, "kept while its answer streams");
+        let again = backend(&[addr(1)]);
+        let _held = stats.hold(&again, addr(1)).unwrap();
+        assert_eq!(stats.in_flight_total(), 2);
+        drop(streaming);
+        drop(_held);
+        assert_eq!(stats.retain(|_| false), 1);
     }
 
     #[test]

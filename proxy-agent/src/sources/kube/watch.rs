@@ -148,19 +148,20 @@ pub async fn run(
     }
 }
 
-/// Whether the API server says it is ready (`/readyz`, which every client may read): one that is
-/// starting answers 404 for the custom resources it serves until it has read their definitions
-/// (kubernetes/kubernetes#115241), and is not ready until then. `true` when it cannot tell (no
-/// `/readyz`, or no answer: the error at hand says enough then).
+/// Whether the API server says it is ready (`/readyz`, which every client may read by default):
+/// one that is starting answers 404 for the custom resources it serves until it has read their
+/// definitions (kubernetes/kubernetes#115241), and is not ready until then. `true` when it cannot
+/// tell (no `/readyz`, not allowed to read it, or no answer). Behind a load balancer the probe
+/// may reach another API server than the 404 came from: a starting one is then taken for ready
+/// (the kind is absent until the next list), as before this check.
 async fn api_server_ready(client: &Client) -> bool {
     let request = http::Request::get("/readyz")
         .body(kube::client::Body::empty())
         .expect("a valid request");
     match client.send(request).await {
-        Ok(answer) => {
-            let status = answer.status();
-            status.is_success() || status == http::StatusCode::NOT_FOUND
-        }
+        // Not ready: it says so with 500 (a check failing). 401 or 403 (the default binding that
+        // lets every client read it removed) or 404 tell nothing, nor does no answer.
+        Ok(answer) => !answer.status().is_server_error(),
         Err(_) => true,
     }
 }
@@ -335,7 +336,8 @@ impl KindState {
         if server_starting {
             tracing::warn!(
                 kind = call.kind,
-                "the API server answers 404 for {} while it is not ready (starting): retrying in                  {retry:?}",
+                "the API server answers 404 for {} while it is not ready (starting): retrying in \
+                 {retry:?}",
                 call.describe()
             );
         } else if let Some(since) = not_served_since.filter(|_| served_before) {

@@ -171,9 +171,19 @@ impl Manifests {
     /// `ns/front` (no endpoints of its own) with a route of these `rules`, and `ns/echo` at
     /// `echo` for them to send to.
     pub fn front_with_rules(echo: SocketAddr, rules: &str) -> Self {
+        Self::front_with_rules_declared(echo, rules, None)
+    }
+
+    /// As [`Self::front_with_rules`], `ns/echo`'s port declaring `app_protocol` (`http`: the
+    /// agent speaks HTTP/1.1 to it whatever its caller speaks).
+    pub fn front_with_rules_declared(
+        echo: SocketAddr,
+        rules: &str,
+        app_protocol: Option<&str>,
+    ) -> Self {
         Manifests::default()
             .service("ns", "front", 80, &[], None)
-            .service("ns", "echo", 80, &[echo], None)
+            .service("ns", "echo", 80, &[echo], app_protocol)
             .raw(&route("r", "front", rules))
     }
 

@@ -73,11 +73,8 @@ async fn dripping_backend() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_timeout_cuts_a_response_body_that_is_too_slow() {
     let drip = dripping_backend().await;
-    let rules = "  - timeouts: {request: 1s}\n    backendRefs: [{name: drip, port: 80}]\n";
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "drip", 80, &[drip], Some("http"))
-        .raw(&route("r", "front", rules));
+    let rules = "  - timeouts: {request: 1s}\n    backendRefs: [{name: echo, port: 80}]\n";
+    let world = front_routed_by(drip, rules);
     let agent = Agent::start(&world, options(&[])).unwrap();
     for h2 in [false, true] {
         let started = Instant::now();
@@ -100,6 +97,17 @@ async fn a_route_timeout_cuts_a_response_body_that_is_too_slow() {
         let took = started.elapsed();
         assert!(took < Duration::from_secs(3), "h2={h2}: cut after {took:?}");
     }
+}
+
+/// `front` routed to `ns/echo` at `backend`, an HTTP/1.1 server (appProtocol `http`).
+fn front_routed_to_http1(backend: std::net::SocketAddr) -> Manifests {
+    front_routed_by(backend, "  - backendRefs: [{name: echo, port: 80}]\n")
+}
+
+/// `front` routed by `rules` to `ns/echo` at `backend`, an HTTP/1.1 server (appProtocol
+/// `http`).
+fn front_routed_by(backend: std::net::SocketAddr, rules: &str) -> Manifests {
+    Manifests::front_with_rules_declared(backend, rules, Some("http"))
 }
 
 fn metric(agent: &Agent, name: &str) -> u64 {
@@ -517,14 +525,7 @@ async fn an_http2_caller_that_never_reads_holds_little_of_the_agents_memory() {
     use gamma_tests::raw_h2::*;
     const STREAMS: u32 = 64;
     let (big, _answers) = big_answer_backend(4 << 20).await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "big", 80, &[big], Some("http"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: big, port: 80}]\n",
-        ));
+    let world = front_routed_to_http1(big);
     let agent = Agent::start(&world, options(&[])).unwrap();
     let rss_before = gamma_tests::probe::rss_kib(agent.child.id()).unwrap();
     let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
@@ -1454,11 +1455,8 @@ async fn early_503_backend() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_sends_the_whole_body_though_the_first_attempt_read_on_during_the_backoff() {
     let backend = early_503_backend().await;
-    let rules = "  - retry: {codes: [503], attempts: 1, backoff: 300ms}\n    backendRefs: [{name: early, port: 80}]\n";
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "early", 80, &[backend], Some("http"))
-        .raw(&route("r", "front", rules));
+    let rules = "  - retry: {codes: [503], attempts: 1, backoff: 300ms}\n    backendRefs: [{name: echo, port: 80}]\n";
+    let world = front_routed_by(backend, rules);
     let agent = Agent::start(&world, options(&["--max-buffered-body-bytes", "4096"])).unwrap();
     let mut caller = tokio::net::TcpStream::connect(agent.listen[0])
         .await
@@ -1492,14 +1490,7 @@ async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection
         Duration::ZERO,
     )
     .await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "chunky", 80, &[backend], Some("http"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: chunky, port: 80}]\n",
-        ));
+    let world = front_routed_to_http1(backend);
     let agent = Agent::start(&world, options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     for (method, body) in [
@@ -1538,14 +1529,7 @@ async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_counts_in_flight_until_its_answers_end() {
     let drip = dripping_backend().await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "drip", 80, &[drip], Some("http"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: drip, port: 80}]\n",
-        ));
+    let world = front_routed_to_http1(drip);
     let agent = Agent::start(&world, options(&[])).unwrap();
     for (h2, body) in [(false, ""), (true, ""), (false, "with a body")] {
         let request = http::Request::post(agent.url(0, "/"))

@@ -308,15 +308,20 @@ mod tests {
         index.publish();
     }
 
+    /// A folder `name` with `SERVICE` in `svc.yaml`, not polled yet.
+    fn a_service_file(name: &str) -> (TestDir, PathBuf, Index, ManifestDir) {
+        let folder = TestDir::new(name);
+        let file = folder.join("svc.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let source = ManifestDir::new(&*folder);
+        (folder, file, Index::new(), source)
+    }
+
     /// A file being written (truncated, then filled) is read once it held still for a poll:
     /// its objects stay meanwhile. Before, a poll between the two deleted them.
     #[test]
     fn a_file_being_written_is_read_once_it_held_still() {
-        let folder = TestDir::new("file-settle");
-        let file = folder.join("svc.yaml");
-        std::fs::write(&file, SERVICE).unwrap();
-        let mut index = Index::new();
-        let mut source = ManifestDir::new(&*folder);
+        let (_folder, file, mut index, mut source) = a_service_file("file-settle");
         assert!(
             poll(&mut source, &mut index),
             "the first poll reads the folder as it is"
@@ -335,11 +340,7 @@ mod tests {
     /// A rewrite of the same length that keeps the modification time (`cp -p`) is a change.
     #[test]
     fn a_rewrite_that_keeps_length_and_modification_time_is_read() {
-        let folder = TestDir::new("file-stamp");
-        let file = folder.join("svc.yaml");
-        std::fs::write(&file, SERVICE).unwrap();
-        let mut index = Index::new();
-        let mut source = ManifestDir::new(&*folder);
+        let (_folder, file, mut index, mut source) = a_service_file("file-stamp");
         assert_eq!(pass(&mut source, &mut index), (0, true));
         let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
         std::fs::write(&file, SERVICE.replace("echo", "ecco")).unwrap();

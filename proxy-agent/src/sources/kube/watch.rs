@@ -569,19 +569,27 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_404_for_a_kind_that_was_served_keeps_its_objects_for_a_while() {
-        let (tx, mut rx) = mpsc::channel(64);
+    /// The HTTPRoute watch's state with one route applied, and what it sends.
+    async fn with_a_route() -> (KindState, mpsc::Receiver<Update>) {
+        let (tx, rx) = mpsc::channel(64);
         let mut state = KindState::new(Watched::HttpRoute, tx);
         state
             .handle(Event::Apply(http_route("a", "PathPrefix")))
             .await
             .ok();
+        (state, rx)
+    }
+
+    /// `state` fails with `error` (from a ready API server).
+    async fn fail(state: &mut KindState, error: watcher::Error) {
         state
-            .failed(not_found(), Duration::from_secs(1), false)
+            .failed(error, Duration::from_secs(1), false)
             .await
             .ok();
-        let updates = drain(&mut rx);
+    }
+
+    /// The route kept, the kind failing.
+    fn kept_and_failing(updates: &[String]) {
         assert!(
             !updates.iter().any(|u| u.starts_with("delete")),
             "{updates:?}"
@@ -590,12 +598,16 @@ mod tests {
             updates.last().unwrap().starts_with("Failing"),
             "{updates:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_404_for_a_kind_that_was_served_keeps_its_objects_for_a_while() {
+        let (mut state, mut rx) = with_a_route().await;
+        fail(&mut state, not_found()).await;
+        kept_and_failing(&drain(&mut rx));
         // Still 404 after the grace: the kind is gone, and its objects with it.
         state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
-        state
-            .failed(not_found(), Duration::from_secs(1), false)
-            .await
-            .ok();
+        fail(&mut state, not_found()).await;
         let updates = drain(&mut rx);
         assert!(
             updates.iter().any(|u| u.starts_with("delete")),
@@ -605,10 +617,7 @@ mod tests {
         // Never served: absent at once.
         let (tx, mut rx) = mpsc::channel(64);
         let mut state = KindState::new(Watched::HttpRoute, tx);
-        state
-            .failed(not_found(), Duration::from_secs(1), false)
-            .await
-            .ok();
+        fail(&mut state, not_found()).await;
         assert_eq!(drain(&mut rx), ["Absent"]);
     }
 
@@ -641,35 +650,16 @@ mod tests {
     /// time and deleted every route at once.
     #[tokio::test]
     async fn another_failure_between_404s_starts_the_grace_anew() {
-        let (tx, mut rx) = mpsc::channel(64);
-        let mut state = KindState::new(Watched::HttpRoute, tx);
-        state
-            .handle(Event::Apply(http_route("a", "PathPrefix")))
-            .await
-            .ok();
-        state
-            .failed(not_found(), Duration::from_secs(1), false)
-            .await
-            .ok();
+        let (mut state, mut rx) = with_a_route().await;
+        fail(&mut state, not_found()).await;
         // Long ago, then the API server went away (no status at all).
         state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
-        let unreachable = watcher::Error::InitialListFailed(kube::Error::TlsRequired);
-        state
-            .failed(unreachable, Duration::from_secs(1), false)
-            .await
-            .ok();
-        state
-            .failed(not_found(), Duration::from_secs(1), false)
-            .await
-            .ok();
-        let updates = drain(&mut rx);
-        assert!(
-            !updates.iter().any(|u| u.starts_with("delete")),
-            "{updates:?}"
-        );
-        assert!(
-            updates.last().unwrap().starts_with("Failing"),
-            "{updates:?}"
-        );
+        fail(
+            &mut state,
+            watcher::Error::InitialListFailed(kube::Error::TlsRequired),
+        )
+        .await;
+        fail(&mut state, not_found()).await;
+        kept_and_failing(&drain(&mut rx));
     }
 }

@@ -48,12 +48,13 @@ async fn scripted_backend(
     addr
 }
 
-/// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms.
+/// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms,
+/// and closes the connection after it (and says so: it is not kept for another request).
 async fn dripping_backend() -> std::net::SocketAddr {
     const DRIP: &[u8] = &[b'x'; 10];
     scripted_backend(
         &[
-            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\nconnection: close\r\n\r\n",
             DRIP,
             DRIP,
             DRIP,

@@ -572,7 +572,7 @@ impl NewTables {
 /// that are gone, so that neither grows with everything that ever existed.
 async fn prune_state(metrics: Arc<Metrics>, endpoints: Arc<EndpointStats>, mut tables: NewTables) {
     while let Some(snapshot) = tables.next().await {
-        let series = metrics.requests.retain(|key| key.still_served(&snapshot));
+        let series = metrics.requests.prune(&snapshot);
         let live = snapshot.endpoints();
         let endpoints = endpoints.retain(|addr| live.contains(addr));
         if series + endpoints > 0 {
@@ -980,6 +980,10 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
+        // Most tables change endpoints or pods, not which frontends are steered.
+        Ok(change) if change.written + change.removed == 0 => {
+            tracing::debug!(?change, "redirected Service frontends unchanged")
+        }
         Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")

@@ -232,9 +232,12 @@ pub(super) async fn serve_connection(
                 return;
             }
         };
-        let pass = tcp::pass_through(proxy, stream, first_bytes, &frontend, info.caller.ip);
+        let pass = tcp::pass_through(proxy, stream, first_bytes, frontend, info.caller.ip);
         return Box::pin(pass).await;
     }
+    // Each request finds its frontend in the table current then: a connection that lasts days
+    // must not keep the table's version it was accepted with alive.
+    drop(frontend);
     if protocol == Protocol::Http1 {
         return serve::http1::serve(proxy, stream, info, shutdown).await;
     }
@@ -291,6 +294,74 @@ mod tests {
                 "sweep: {sweep}"
             );
         }
+    }
+
+    /// A connection lets go of the frontend it was accepted with once its protocol is known:
+    /// one that lasts days must not keep its table's version alive (the routes, the endpoints
+    /// and their state). Before, every keep-alive and opaque connection held it until it closed.
+    #[tokio::test]
+    async fn a_served_connection_keeps_no_frontend_alive() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+        let mut index = gamma_engine::Index::new();
+        for object in
+            gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), service).objects
+        {
+            index.apply(object);
+        }
+        index.publish();
+        let snapshot = index.snapshot();
+        let key = gamma_engine::ObjectKey::new("ns", "front");
+        let frontend = Arc::downgrade(snapshot.frontend_of(&key, 80).unwrap());
+        drop(index);
+        let tables = Arc::new(ArcSwap::new(snapshot));
+        let proxy = Proxy::new(
+            tables.clone(),
+            Arc::new(Metrics::default()),
+            crate::proxy::ProxyConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let drain = Drain::default();
+        let stream = Lingering::new(accepted, drain.watch(), drain.tracker.clone());
+        let info = ConnectionInfo {
+            destination: super::super::Destination::Service {
+                service: key,
+                port: 80,
+            },
+            caller: super::super::Caller {
+                ip: "127.0.0.1".parse().unwrap(),
+                namespace: None,
+                pod: None,
+                identity: "test",
+            },
+        };
+        let shutdown = drain.watch();
+        let serving = tokio::spawn(async move {
+            serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
+        });
+        // No endpoint: the agent answers itself, and the connection stays open, idle.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: front.ns\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 1024];
+        let read = client.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..read].starts_with(b"HTTP/1.1 503"),
+            "{:?}",
+            &answer[..read]
+        );
+        tables.store(Arc::new(Snapshot::default()));
+        assert!(
+            frontend.upgrade().is_none(),
+            "the open connection keeps the frontend of an old table alive"
+        );
+        drop(client);
+        serving.await.unwrap();
     }
 
     /// A deferring listener holds connections until their first bytes come (or the kernel's

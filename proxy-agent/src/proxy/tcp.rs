@@ -5,15 +5,17 @@ use super::Proxy;
 use gamma_engine::routes::Frontend;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::net::TcpStream;
 
 /// `caller`: the pod's address (session affinity); `first_bytes`: what the client sent that was
-/// read already (protocol detection), sent upstream first.
+/// read already (protocol detection), sent upstream first. `frontend` is let go once an
+/// endpoint accepted: a connection that lasts days must not keep its table's version alive.
 pub(super) async fn pass_through(
     proxy: &Proxy,
     downstream: TcpStream,
     first_bytes: Vec<u8>,
-    frontend: &Frontend,
+    frontend: Arc<Frontend>,
     caller: IpAddr,
 ) {
     proxy
@@ -21,15 +23,20 @@ pub(super) async fn pass_through(
         .opaque_connections
         .fetch_add(1, Ordering::Relaxed);
     let mut tried = Vec::new();
-    // Each endpoint is tried once: once all were, `pick` offers tried ones again.
-    while let Some((endpoint, held)) = proxy
-        .upstream
-        .pick(&frontend.direct, caller, None, &tried, rand::random())
-        .filter(|(endpoint, _)| !tried.contains(endpoint))
-    {
+    loop {
+        // Each endpoint is tried once: once all were, `pick` offers tried ones again.
+        let Some((endpoint, held)) = proxy
+            .upstream
+            .pick(&frontend.direct, caller, None, &tried, rand::random())
+            .filter(|(endpoint, _)| !tried.contains(endpoint))
+        else {
+            break;
+        };
         tried.push(endpoint);
         match super::upstream::connect_tcp(endpoint, proxy.config.connect_timeout).await {
             Ok(upstream) => {
+                let _load = held.into_owned();
+                drop(frontend);
                 let end = proxy
                     .pumps
                     .run(

@@ -7,7 +7,7 @@
 //! durations are sharded per thread, so that workers do not write the same cache lines; a scrape
 //! adds the shards up.
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use gamma_engine::routes::{Attached, CompiledRule, Frontend};
 use gamma_engine::{ObjectKey, Snapshot};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
@@ -40,35 +40,49 @@ impl SeriesKey {
         [&self.service, &self.route, &self.backend].map(|v| if v.is_empty() { "-" } else { v })
     }
 
-    /// Whether `snapshot` can still record into this series: its Service port is there and, if
-    /// it names them, the rule among that port's routes and the backend among the rule's
-    /// backendRefs (or the port's direct backend). The agent's own series (no Service) always.
-    pub fn still_served(&self, snapshot: &Snapshot) -> bool {
-        if self.service.is_empty() {
-            return true;
-        }
-        let frontend = self
-            .service
-            .rsplit_once(':')
-            .and_then(|(service, port)| Some((service.split_once('/')?, port.parse().ok()?)))
-            .and_then(|((namespace, name), port)| {
-                snapshot.frontend_of(&ObjectKey::new(namespace, name), port)
-            });
-        let Some(frontend) = frontend else {
-            return false;
-        };
-        let names_backend = |name: String| self.backend.is_empty() || name == self.backend;
-        if self.route.is_empty() {
-            return names_backend(frontend.direct.name());
-        }
+    /// The frontend of this series' Service port in `snapshot`, if it is there.
+    fn frontend<'s>(&self, snapshot: &'s Snapshot) -> Option<&'s Arc<Frontend>> {
+        let (service, port) = self.service.rsplit_once(':')?;
+        let (namespace, name) = service.split_once('/')?;
+        snapshot.frontend_of(&ObjectKey::new(namespace, name), port.parse().ok()?)
+    }
+}
+
+/// The route and backend labels a frontend's requests record into: its direct backend's, and
+/// each rule's with its backendRefs'.
+struct Served {
+    direct: String,
+    /// A rule's route label → its backends' names.
+    rules: AHashMap<String, AHashSet<String>>,
+}
+
+impl Served {
+    fn of(frontend: &Frontend) -> Served {
+        let mut rules: AHashMap<String, AHashSet<String>> = AHashMap::new();
         let tables = frontend.producer.iter().chain(frontend.consumers.values());
-        let mut rules = tables.flat_map(|table| table.rules());
-        rules.any(|rule| {
-            route_label(rule) == self.route
-                && (self.backend.is_empty()
-                    || (0..rule.backends.len())
-                        .any(|i| rule.backend(i).is_ok_and(|b| names_backend(b.name()))))
-        })
+        for rule in tables.flat_map(|table| table.rules()) {
+            let backends = (0..rule.backends.len()).filter_map(|i| rule.backend(i).ok());
+            rules
+                .entry(route_label(rule))
+                .or_default()
+                .extend(backends.map(|b| b.name()));
+        }
+        Served {
+            direct: frontend.direct.name(),
+            rules,
+        }
+    }
+
+    /// Whether requests of this frontend can still record into `key`: the rule it names (if
+    /// any) is among the frontend's, and the backend it names among the rule's backendRefs (or
+    /// is the direct backend).
+    fn covers(&self, key: &SeriesKey) -> bool {
+        if key.route.is_empty() {
+            return key.backend.is_empty() || key.backend == self.direct;
+        }
+        self.rules
+            .get(&key.route)
+            .is_some_and(|backends| key.backend.is_empty() || backends.contains(&key.backend))
     }
 }
 
@@ -308,13 +322,39 @@ impl SeriesTable {
         all
     }
 
-    /// Keeps the series `keep` says yes to; returns how many were dropped. A table still
-    /// holding a dropped one keeps recording into it, unseen, until it is replaced.
-    pub fn retain(&self, mut keep: impl FnMut(&SeriesKey) -> bool) -> usize {
+    /// Drops the series `snapshot` can no longer record into (its Service port, rule or
+    /// backendRef gone; the agent's own, without a Service, stay); returns how many. Each
+    /// frontend's labels are built once (not once per series), and outside the lock: requests
+    /// that find a new table's slots empty take it. A table still holding a dropped series
+    /// keeps recording into it, unseen, until it is replaced.
+    pub fn prune(&self, snapshot: &Snapshot) -> usize {
+        let keys: Vec<SeriesKey> = self
+            .by_key
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let mut served: AHashMap<&str, Option<Served>> = AHashMap::new();
+        let dead: Vec<&SeriesKey> = keys
+            .iter()
+            .filter(|key| {
+                if key.service.is_empty() {
+                    return false;
+                }
+                let frontend = served
+                    .entry(&key.service)
+                    .or_insert_with(|| key.frontend(snapshot).map(|f| Served::of(f)));
+                !frontend.as_ref().is_some_and(|f| f.covers(key))
+            })
+            .collect();
+        if dead.is_empty() {
+            return 0;
+        }
         let mut by_key = self.by_key.lock().expect("not poisoned");
-        let before = by_key.len();
-        by_key.retain(|key, _| keep(key));
-        before - by_key.len()
+        dead.into_iter()
+            .filter(|key| by_key.remove(*key).is_some())
+            .count()
     }
 
     /// Requests seen with these labels and status (tests and `/explain` read it).
@@ -493,7 +533,7 @@ mod tests {
                 .series(k.clone())
                 .record(200, Duration::from_millis(1));
         }
-        assert_eq!(table.retain(|k| k.still_served(&snapshot)), gone.len());
+        assert_eq!(table.prune(&snapshot), gone.len());
         for k in &kept {
             assert_eq!(table.count(k, 200), 1, "{k:?}");
         }

@@ -7,7 +7,6 @@ use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, AcceptModes, ExplicitTarget};
 use crate::proxy::pump::{AnyMayBePaired, Pumps};
 use crate::proxy::redirected::serve_redirect;
-use crate::proxy::upstream::EndpointStats;
 use crate::proxy::workers::{WorkerListeners, Workers};
 use crate::proxy::{defer_accept, Proxy, ProxyConfig};
 use crate::publisher::{Published, Publisher};
@@ -281,7 +280,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // The consumers subscribe before the publisher runs, so that none misses a publish.
     let mut consumers = vec![tokio::spawn(prune_state(
         metrics.clone(),
-        proxy.upstream.endpoints.clone(),
+        proxy.clone(),
         NewTables::new(publisher.subscribe()),
     ))];
     if !accept_modes.is_empty() {
@@ -570,11 +569,12 @@ impl NewTables {
 
 /// Drops the request series of Services and routes that are gone, and the state of endpoints
 /// that are gone, so that neither grows with everything that ever existed.
-async fn prune_state(metrics: Arc<Metrics>, endpoints: Arc<EndpointStats>, mut tables: NewTables) {
+async fn prune_state(metrics: Arc<Metrics>, proxy: Arc<Proxy>, mut tables: NewTables) {
     while let Some(snapshot) = tables.next().await {
         let series = metrics.requests.prune(&snapshot);
         let live = snapshot.endpoints();
-        let endpoints = endpoints.retain(|addr| live.contains(addr));
+        let endpoints = proxy.upstream.endpoints.retain(|addr| live.contains(addr));
+        proxy.forget_gone_services(&snapshot);
         if series + endpoints > 0 {
             tracing::debug!(
                 series,

@@ -302,18 +302,9 @@ mod tests {
     #[tokio::test]
     async fn a_served_connection_keeps_no_frontend_alive() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
-        let mut index = gamma_engine::Index::new();
-        for object in
-            gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), service).objects
-        {
-            index.apply(object);
-        }
-        index.publish();
-        let snapshot = index.snapshot();
+        let snapshot = crate::proxy::snapshot_of(crate::proxy::FRONT);
         let key = gamma_engine::ObjectKey::new("ns", "front");
         let frontend = Arc::downgrade(snapshot.frontend_of(&key, 80).unwrap());
-        drop(index);
         let tables = Arc::new(ArcSwap::new(snapshot));
         let proxy = Proxy::new(
             tables.clone(),

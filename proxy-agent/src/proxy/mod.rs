@@ -200,6 +200,14 @@ impl Proxy {
         })
     }
 
+    /// Forgets what was logged once for Services gone from `snapshot`: one made again under the
+    /// same name gets its warning again, and short-lived Services (preview namespaces) leave
+    /// nothing behind.
+    pub fn forget_gone_services(&self, snapshot: &Snapshot) {
+        let mut logged = self.sniff_timeouts_logged.lock().expect("not poisoned");
+        logged.retain(|service| snapshot.by_service.contains_key(service));
+    }
+
     /// Logs, once per Service, that its connections fell to opaque TCP after sniffing timed out:
     /// its routes do not apply to them. The lock is taken only on that path.
     fn sniff_timed_out(&self, frontend: &Frontend) {
@@ -837,6 +845,51 @@ mod tests {
             Ok(()),
             "absolute form names the host"
         );
+    }
+}
+
+/// The table these manifests make (tests).
+#[cfg(test)]
+pub(crate) fn snapshot_of(yaml: &str) -> Arc<Snapshot> {
+    let mut index = gamma_engine::Index::new();
+    for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
+        index.apply(object);
+    }
+    index.publish();
+    index.snapshot()
+}
+
+/// `ns/front`, one HTTP port (80), no endpoints (tests).
+#[cfg(test)]
+pub(crate) const FRONT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+
+#[cfg(test)]
+mod logged_once {
+    use super::*;
+
+    /// What was logged once for a Service is forgotten when it goes: made again, it gets its
+    /// warning again, and short-lived Services leave nothing behind.
+    #[test]
+    fn a_gone_services_warning_is_forgotten() {
+        let snapshot = snapshot_of(FRONT);
+        let front = snapshot
+            .frontend_of(&ObjectKey::new("ns", "front"), 80)
+            .unwrap()
+            .clone();
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::new(snapshot.clone())),
+            Arc::new(Metrics::default()),
+            ProxyConfig::default(),
+        );
+        proxy.sniff_timed_out(&front);
+        proxy.forget_gone_services(&snapshot);
+        assert_eq!(
+            proxy.sniff_timeouts_logged.lock().unwrap().len(),
+            1,
+            "still there"
+        );
+        proxy.forget_gone_services(&Snapshot::default());
+        assert!(proxy.sniff_timeouts_logged.lock().unwrap().is_empty());
     }
 }
 

@@ -32,6 +32,18 @@ pub const FIELD_MANAGER: &str = "gamma-node";
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// After a failed write, when to try again even if nothing else changes.
 pub(super) const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest wait between passes that keep failing.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The wait before trying again after `failed` passes in a row that each left a write undone:
+/// doubling from [`RETRY_AFTER`] up to [`MAX_RETRY_AFTER`]. A failure that lasts (a ClusterRole
+/// without `httproutes/status` after an upgrade) would otherwise have the leader try every route
+/// every 5 s: some 2,000 requests a second for 10,000 routes.
+fn retry_after(failed: u32) -> Duration {
+    RETRY_AFTER
+        .saturating_mul(1 << failed.saturating_sub(1).min(16))
+        .min(MAX_RETRY_AFTER)
+}
 /// Conflicts in a row on one route before leaving it to the next pass.
 const CONFLICT_ATTEMPTS: usize = 3;
 
@@ -116,18 +128,19 @@ impl Writer {
     }
 
     pub async fn run(mut self) {
-        let mut retry = false;
+        // Passes in a row that left a write undone.
+        let mut failed = 0;
         loop {
             tokio::select! {
                 changed = self.inputs.changed() => if changed.is_err() { return },
                 changed = self.leader.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(RETRY_AFTER), if retry => {}
+                _ = tokio::time::sleep(retry_after(failed)), if failed > 0 => {}
             }
             tokio::time::sleep(DEBOUNCE).await;
             if !*self.leader.borrow_and_update() {
                 self.written.clear();
                 self.reconciled = None;
-                retry = false;
+                failed = 0;
                 continue;
             }
             let inputs = self.inputs.borrow_and_update().clone();
@@ -138,11 +151,21 @@ impl Writer {
                 // A route whose Service the table has not seen yet would be told it has no
                 // parent: wait until the feeds status is read from are current again.
                 tracing::info!(%feed, "route status not written while this feed is not current");
-                retry = false;
+                failed = 0;
                 continue;
             }
             let outcome = self.pass(&inputs).await;
-            retry = outcome == Outcome::Failed;
+            failed = match outcome {
+                Outcome::Failed => {
+                    tracing::warn!(
+                        "route status: some writes failed; trying again in {:?} or at the next \
+                         change",
+                        retry_after(failed + 1)
+                    );
+                    failed + 1
+                }
+                Outcome::Done | Outcome::Demoted => 0,
+            };
             self.reconciled = (outcome == Outcome::Done).then(|| Reconciled::of(&inputs));
         }
     }
@@ -265,7 +288,7 @@ impl Writer {
 }
 
 fn failed(key: &str, error: &kube::Error) -> Outcome {
-    tracing::warn!(route = key, error = %error, "writing route status failed; retrying in {RETRY_AFTER:?}");
+    tracing::warn!(route = key, error = %error, "writing route status failed");
     Outcome::Failed
 }
 
@@ -273,6 +296,16 @@ fn failed(key: &str, error: &kube::Error) -> Outcome {
 mod tests {
     use super::*;
     use gamma_engine::routes::Snapshot;
+
+    /// Passes that keep failing are tried again less and less often: 5 s, 10 s, 20 s… up to
+    /// 5 min.
+    #[test]
+    fn failing_passes_back_off() {
+        let waits: Vec<u64> = [1, 2, 3, 4, 7, 8, 40]
+            .map(|n| retry_after(n).as_secs())
+            .into();
+        assert_eq!(waits, [5, 10, 20, 40, 300, 300, 300]);
+    }
 
     /// A publish that changed neither the table's route status nor the routes the API server
     /// holds (an EndpointSlice, a Pod) needs no pass; one that changed either does.

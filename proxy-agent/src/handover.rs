@@ -1181,7 +1181,7 @@ fn recv_chunk(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dir::TestDir;
+    use crate::test_dir::{eventually, TestDir};
 
     #[test]
     fn messages_carry_descriptors() {
@@ -1393,14 +1393,10 @@ mod tests {
             "a listener opened now would not be the successor's"
         );
         drop(stream);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while handing_over() != 0 || frozen() {
-            assert!(
-                Instant::now() < deadline,
-                "still handing over to a successor that went"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("no longer handing over to a successor that went", || {
+            handing_over() == 0 && !frozen()
+        })
+        .await;
         let thawed = old.offered().lock().unwrap().thawed();
         tokio::time::timeout(Duration::from_secs(5), thawed.notified())
             .await
@@ -1419,11 +1415,10 @@ mod tests {
         let offered = old.offered();
         let stream = successor_holding_the_offer(&path).await;
         drop(old);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while readiness.handing_over_to.load(Ordering::Relaxed) != 0 {
-            assert!(Instant::now() < deadline, "the session did not end");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the session ended", || {
+            readiness.handing_over_to.load(Ordering::Relaxed) == 0
+        })
+        .await;
         assert!(offered.lock().unwrap().is_frozen());
         drop(stream);
     }

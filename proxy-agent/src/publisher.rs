@@ -129,11 +129,8 @@ impl Publisher {
                 return Err(SourcesStopped);
             }
         }
-        self.readiness
-            .waiting_for
-            .lock()
-            .expect("not poisoned")
-            .clear();
+        // Nothing left to wait for.
+        self.report_waiting();
         self.publish();
         let absent: Vec<Feed> = self
             .feeds

@@ -29,6 +29,21 @@ impl Drop for TestDir {
     }
 }
 
+/// `ns/front`, one HTTP port (80), no endpoints.
+pub const FRONT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
+
+/// Waits until `done`, checking every 20 ms; fails the test after 5 s.
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The published table of the objects in one manifest text.
 pub fn snapshot_of(manifests: &str) -> std::sync::Arc<gamma_engine::routes::Snapshot> {
     let mut index = gamma_engine::Index::new();

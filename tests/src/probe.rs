@@ -107,6 +107,16 @@ impl Resources {
     }
 }
 
+/// The `Content-Length` a message head (as text) declares, if any.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 /// What a raw client saw: the bytes the agent sent, and how the connection ended.
 #[derive(Debug)]
 pub struct RawReply {

@@ -1427,11 +1427,7 @@ async fn early_503_backend() -> std::net::SocketAddr {
                     }
                     return;
                 }
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0);
+                let length = gamma_tests::probe::content_length(&head).unwrap_or(0);
                 let mut body = vec![0u8; length];
                 if stream.read_exact(&mut body).await.is_err() {
                     return;

@@ -62,11 +62,7 @@ async fn connections_past_the_cap_are_closed_and_counted() {
                 }
             }
             let head = String::from_utf8_lossy(&head).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let length = gamma_tests::probe::content_length(&head).unwrap_or(0);
             let mut body = vec![0u8; length];
             head.starts_with("http/1.1 200") && s.read_exact(&mut body).is_ok()
         };

@@ -302,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn a_served_connection_keeps_no_frontend_alive() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let snapshot = crate::proxy::snapshot_of(crate::proxy::FRONT);
+        let snapshot = crate::test_dir::snapshot_of(crate::test_dir::FRONT);
         let key = gamma_engine::ObjectKey::new("ns", "front");
         let frontend = Arc::downgrade(snapshot.frontend_of(&key, 80).unwrap());
         let tables = Arc::new(ArcSwap::new(snapshot));

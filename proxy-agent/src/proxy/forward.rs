@@ -5,6 +5,7 @@ use super::header_maps;
 use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
+use super::upstream::wire::HOP_BY_HOP;
 use super::upstream::{inline, wire, UpstreamError};
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
@@ -16,19 +17,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
-/// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
-/// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
-/// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
-/// must reach its caller with its challenge.
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-];
 
 /// Removes the hop-by-hop headers. `TE: trailers` is kept (as exactly that): it is the one TE
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it

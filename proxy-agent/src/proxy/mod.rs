@@ -848,21 +848,6 @@ mod tests {
     }
 }
 
-/// The table these manifests make (tests).
-#[cfg(test)]
-pub(crate) fn snapshot_of(yaml: &str) -> Arc<Snapshot> {
-    let mut index = gamma_engine::Index::new();
-    for object in gamma_engine::manifests::parse(std::path::Path::new("t.yaml"), yaml).objects {
-        index.apply(object);
-    }
-    index.publish();
-    index.snapshot()
-}
-
-/// `ns/front`, one HTTP port (80), no endpoints (tests).
-#[cfg(test)]
-pub(crate) const FRONT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n";
-
 #[cfg(test)]
 mod logged_once {
     use super::*;
@@ -871,7 +856,7 @@ mod logged_once {
     /// warning again, and short-lived Services leave nothing behind.
     #[test]
     fn a_gone_services_warning_is_forgotten() {
-        let snapshot = snapshot_of(FRONT);
+        let snapshot = crate::test_dir::snapshot_of(crate::test_dir::FRONT);
         let front = snapshot
             .frontend_of(&ObjectKey::new("ns", "front"), 80)
             .unwrap()

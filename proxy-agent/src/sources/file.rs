@@ -9,9 +9,10 @@
 //! A changed file is read once it held still for one poll, an emptied one once it stayed empty
 //! for [`EMPTY_SETTLE`]: one being written (`kubectl get … > routes.yaml` truncates it first,
 //! then waits for the API server) would otherwise be read empty or cut, and its objects deleted
-//! meanwhile. A writer that pauses longer mid-file should write a new file and rename it. Hidden entries are skipped: a ConfigMap
-//! mounted as a folder shows each file three times (`svc.yaml`, `..data/svc.yaml` and the
-//! timestamped folder `..data` points to), and the kubelet swaps the last two under the reader.
+//! meanwhile. A writer that pauses longer mid-file should write a new file and rename it.
+//! Hidden entries are skipped: a ConfigMap mounted as a folder shows each file three times
+//! (`svc.yaml`, `..data/svc.yaml` and the timestamped folder `..data` points to), and the kubelet
+//! swaps the last two under the reader.
 
 use super::{Feed, Health, Update, Updates};
 use crate::telemetry::unix_now;
@@ -66,6 +67,25 @@ struct Stamp {
     len: u64,
 }
 
+impl FileState {
+    /// Notes the file's `stamp` at this poll; says whether it held still since the last one (and
+    /// for [`EMPTY_SETTLE`] if it is empty: most likely truncated by a writer that fills it later,
+    /// as `kubectl get … > routes.yaml` does once the API server answers).
+    fn settled(&mut self, stamp: Stamp) -> bool {
+        let (still, since) = match self.seen {
+            Some((seen, since)) if seen == stamp => (true, since),
+            _ => (false, Instant::now()),
+        };
+        self.seen = Some((stamp, since));
+        let settle = if stamp.len == 0 {
+            EMPTY_SETTLE
+        } else {
+            Duration::ZERO
+        };
+        still && since.elapsed() >= settle
+    }
+}
+
 impl Stamp {
     fn of(meta: &std::fs::Metadata) -> Stamp {
         use std::os::unix::fs::MetadataExt as _;
@@ -118,20 +138,7 @@ impl ManifestDir {
             seen.push(path.clone());
             let stamp = Stamp::of(&meta);
             let state = self.files.entry(path.clone()).or_default();
-            // Held still since the last poll, and since when.
-            let (still, since) = match state.seen {
-                Some((seen, since)) if seen == stamp => (true, since),
-                _ => (false, Instant::now()),
-            };
-            state.seen = Some((stamp, since));
-            // Emptied: most likely truncated by a writer that fills it later (`kubectl get … >
-            // routes.yaml` waits for the API server meanwhile).
-            let settle = if meta.len() == 0 {
-                EMPTY_SETTLE
-            } else {
-                Duration::ZERO
-            };
-            let settled = still && since.elapsed() >= settle;
+            let settled = state.settled(stamp);
             let stamp = Some(stamp);
             if state.stamp == stamp || (self.polled && !settled) {
                 continue;
@@ -281,16 +288,16 @@ mod tests {
         updates.extend(more_updates);
         problems.extend(more_problems);
         poll_into(updates, index);
-        let served = index
-            .snapshot()
-            .frontend_of(&ObjectKey::new("ns", "echo"), 80)
-            .is_some();
-        (problems.len(), served)
+        (problems.len(), served(index))
     }
 
     /// One poll of the source into `index`: whether ns/echo:80 is served.
     fn poll(source: &mut ManifestDir, index: &mut Index) -> bool {
         poll_into(source.changes().unwrap().0, index);
+        served(index)
+    }
+
+    fn served(index: &Index) -> bool {
         index
             .snapshot()
             .frontend_of(&ObjectKey::new("ns", "echo"), 80)

@@ -202,16 +202,14 @@ impl Elector {
     /// (a renewal from a stale copy would fail), the one in its cache for a candidate, which is
     /// cheap to serve to every node (a write from a stale copy fails, and is tried later).
     async fn read(&self) -> Result<Option<Lease>, kube::Error> {
-        if *self.leader.borrow() {
-            return self.api.get_opt(&self.config.name).await;
-        }
-        match self
-            .api
-            .get_with(&self.config.name, &kube::api::GetParams::any())
-            .await
-        {
+        let version = if *self.leader.borrow() {
+            kube::api::GetParams::default()
+        } else {
+            kube::api::GetParams::any()
+        };
+        match self.api.get_with(&self.config.name, &version).await {
             Ok(lease) => Ok(Some(lease)),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -389,7 +387,7 @@ mod tests {
     /// A candidate that sees the lease held (and renewed) by another agent looks again half a
     /// lease duration later, not every retry period: every node of a cluster is a candidate.
     #[tokio::test]
-    async fn a_candidate_looks_at_a_held_lease_once_per_lease_duration() {
+    async fn a_candidate_looks_at_a_held_lease_every_half_lease_duration() {
         let reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let client = api_server({
             let reads = reads.clone();

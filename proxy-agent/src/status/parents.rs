@@ -24,31 +24,28 @@ pub fn parent_ref_json(p: &ParentRef) -> Value {
 /// The most conditions a parent entry may hold (the CRDs' maxItems).
 const MAX_CONDITIONS: usize = 8;
 
+/// A condition's `type`.
+fn type_of(condition: &Value) -> Option<&str> {
+    condition.get("type").and_then(Value::as_str)
+}
+
 /// Our entry for one parent. A condition keeps its old `lastTransitionTime` when its status
 /// did not change (that is what the field means), else it is `now`. Conditions of types we do
 /// not set ([`CONDITION_TYPES`]) that another controller added to the entry stay, after ours:
 /// removed, they would be added again, and each side would write the route over and over.
 fn entry(desired: &ParentStatus, old: Option<&Value>, now: &str) -> Value {
-    let foreign = old
+    let old: &[Value] = old
         .and_then(|o| o.get("conditions"))
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|c| {
-            c.get("type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| !CONDITION_TYPES.contains(&t))
-        })
+        .map_or(&[], Vec::as_slice);
+    let foreign = old
+        .iter()
+        .filter(|c| type_of(c).is_some_and(|t| !CONDITION_TYPES.contains(&t)))
         .cloned();
     let ours = desired.conditions.iter().map(|c| {
-        let old = old
-            .and_then(|o| o.get("conditions"))
-            .and_then(Value::as_array)
-            .and_then(|cs| {
-                cs.iter()
-                    .find(|o| o.get("type").and_then(Value::as_str) == Some(c.type_))
-            });
         let since = old
+            .iter()
+            .find(|o| type_of(o) == Some(c.type_))
             .filter(|o| o.get("status").and_then(Value::as_str) == Some(c.status))
             .and_then(|o| o.get("lastTransitionTime"))
             .and_then(Value::as_str)

@@ -122,10 +122,7 @@ fn read_http1_answer(stream: &mut TcpStream) -> Result<()> {
         if !head.starts_with("http/1.1 200") {
             bail!("unexpected answer: {head}");
         }
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
+        let length = gamma_tests::probe::content_length(&head)
             .context("the echo answers with a content-length")?;
         if data.len() >= end + 4 + length {
             return Ok(());

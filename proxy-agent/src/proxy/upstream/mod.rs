@@ -1128,6 +1128,7 @@ mod test_server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::eventually;
     use gamma_engine::model::UpstreamProtocol;
     use gamma_engine::ObjectKey;
 
@@ -1214,10 +1215,10 @@ mod tests {
             .into_owned();
         assert_eq!(stats.retain(|_| false), 0, "kept while its answer streams");
         let again = backend(&[addr(1)]);
-        let _held = stats.hold(&again, addr(1)).unwrap();
+        let held = stats.hold(&again, addr(1)).unwrap();
         assert_eq!(stats.in_flight_total(), 2);
         drop(streaming);
-        drop(_held);
+        drop(held);
         assert_eq!(stats.retain(|_| false), 1);
     }
 
@@ -1265,14 +1266,6 @@ mod tests {
         let response = pool.send(endpoint, request).await.expect("an answer");
         let body = http_body_util::BodyExt::collect(response.into_body()).await;
         assert_eq!(&body.unwrap().to_bytes()[..], b"ok");
-    }
-
-    async fn eventually(what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}: not within 5 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     #[tokio::test]

@@ -425,21 +425,29 @@ pub(in crate::proxy) fn one_content_length(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
+/// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
+/// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
+/// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
+/// must reach its caller with its challenge.
+pub(in crate::proxy) const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
+
 /// Whether a trailer field from an HTTP/1.1 peer may be relayed: not one that describes a
-/// connection, which HTTP/2 forbids in any field section (RFC 9113 §8.2.2; h2 refuses to send
-/// it, and the stream is reset after its whole body went through), nor one that frames or routes
-/// the message, which no trailer may carry (RFC 9110 §6.5.1).
+/// connection ([`HOP_BY_HOP`], `Upgrade`), which HTTP/2 forbids in any field section (RFC 9113
+/// §8.2.2; h2 refuses to send it, and the stream is reset after its whole body went through),
+/// nor one that frames or routes the message, which no trailer may carry (RFC 9110 §6.5.1).
 pub(in crate::proxy) fn relayable_trailer(name: &HeaderName) -> bool {
-    !matches!(
-        *name,
-        header::CONNECTION
-            | header::TE
-            | header::TRANSFER_ENCODING
-            | header::UPGRADE
-            | header::CONTENT_LENGTH
-            | header::HOST
-            | header::TRAILER
-    ) && !matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    !HOP_BY_HOP.contains(name)
+        && !matches!(
+            *name,
+            header::UPGRADE | header::CONTENT_LENGTH | header::HOST | header::TRAILER
+        )
 }
 
 /// An answer's Content-Length as the caller gets it: one field ([`one_content_length`]), and none

@@ -442,6 +442,16 @@ async fn backend_answering(answer: &'static [u8]) -> std::net::SocketAddr {
 /// line end, the status) through an agent in front of `backend`; with a body (`-d x`), the
 /// request goes through hyper's client, without one through the agent's own exchange.
 async fn curl_h2_through(backend: std::net::SocketAddr, with_body: bool) -> Result<String, String> {
+    curl_h2_through_with(backend, with_body, &[]).await
+}
+
+/// As `curl_h2_through`, with more arguments for curl (`-D -` prints the head before the body
+/// and the trailers after it).
+async fn curl_h2_through_with(
+    backend: std::net::SocketAddr,
+    with_body: bool,
+    extra: &[&str],
+) -> Result<String, String> {
     let world = Manifests::default()
         .service("ns", "front", 80, &[], None)
         .service("ns", "strict", 80, &[backend], Some("http"))
@@ -451,15 +461,19 @@ async fn curl_h2_through(backend: std::net::SocketAddr, with_body: bool) -> Resu
             "  - backendRefs: [{name: strict, port: 80}]\n",
         ));
     let agent = Agent::start_front(&world).unwrap();
-    let url = agent.url(0, "/framed");
+    let body: &[&str] = if with_body { &["-d", "x"] } else { &[] };
+    curl_h2_run(&agent.url(0, "/framed"), &[body, extra].concat()).await
+}
+
+/// What curl over HTTP/2 prior knowledge with `args` printed to `url` (what it printed, a line
+/// end, the status), or why it failed.
+async fn curl_h2_run(url: &str, args: &[&str]) -> Result<String, String> {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-S", "--http2-prior-knowledge", "--max-time", "10"])
+        .args(args)
+        .args(["-w", "\n%{http_code}", url]);
     let output = tokio::task::spawn_blocking(move || {
-        let mut curl = Command::new("curl");
-        curl.args(["-s", "-S", "--http2-prior-knowledge", "--max-time", "10"]);
-        if with_body {
-            curl.args(["-d", "x"]);
-        }
-        curl.args(["-w", "\n%{http_code}", &url])
-            .output()
+        curl.output()
             .expect("curl runs (cargo xtask setup installs it)")
     })
     .await
@@ -521,6 +535,76 @@ async fn curl_over_http2_gets_one_content_length_and_none_on_a_204() {
             );
         }
     }
+}
+
+/// An HTTP/1.1 backend's chunked answer whose trailer section carries, beside a checksum, fields
+/// HTTP/2 forbids (`keep-alive`, `connection`: RFC 9113 §8.2.2) and one no trailer may carry
+/// (`content-length`, RFC 9110 §6.5.1): curl gets the body and the checksum, on a stream ended
+/// cleanly. Before, h2 refused to send such trailers and reset the stream after the whole body:
+/// curl failed the transfer (`HTTP/2 stream was not closed cleanly`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_gets_an_http1_backends_trailers_without_connection_fields() {
+    let backend = backend_answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: 5d41\r\nkeep-alive: timeout=5\r\nconnection: keep-alive\r\ncontent-length: 5\r\n\r\n",
+    )
+    .await;
+    for with_body in [false, true] {
+        let printed = curl_h2_through_with(backend, with_body, &["-D", "-"]).await;
+        let printed = printed.unwrap_or_else(|e| panic!("with a body: {with_body}: {e}"));
+        let lower = printed.to_ascii_lowercase();
+        assert!(
+            printed.contains("\r\n\r\nhello") && printed.ends_with("\n200"),
+            "with a body: {with_body}: {printed:?}"
+        );
+        assert!(
+            lower.contains("x-checksum: 5d41"),
+            "the trailer reached curl (with a body: {with_body}): {printed:?}"
+        );
+        for forbidden in ["keep-alive:", "connection:", "content-length:"] {
+            assert!(
+                !lower.contains(forbidden),
+                "{forbidden} relayed (with a body: {with_body}): {printed:?}"
+            );
+        }
+    }
+}
+
+/// A gRPC answer whose head said `content-length: 12`, cut after 6 bytes by a lost backend
+/// connection, reaches curl (which holds an HTTP/2 stream to its length, as grpc-go's and h2's
+/// transports do; C-core does not) as the 6 bytes and the agent's UNAVAILABLE trailers, on a
+/// stream ended cleanly. Before, the length was passed on and curl failed the stream short of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_gets_a_cut_grpc_answer_without_its_stale_length() {
+    use gamma_tests::raw_h2::{RawH2, Reply};
+    let backend = RawH2::start(|_| Reply::PartThenClose).await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "grpc", 80, &[backend.addr], Some("kubernetes.io/h2c"))
+        .raw(&grpc_route(
+            "g",
+            "front",
+            "  - backendRefs: [{name: grpc, port: 80}]\n",
+        ));
+    let agent = Agent::start_front(&world).unwrap();
+    let printed = curl_h2_run(
+        &agent.url(0, "/pkg.Catalog/Watch"),
+        &[
+            "-D",
+            "-",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            "",
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let lower = printed.to_ascii_lowercase();
+    assert!(lower.contains("grpc-status: 14"), "{printed:?}");
+    assert!(!lower.contains("content-length"), "{printed:?}");
+    assert!(printed.ends_with("\n200"), "{printed:?}");
 }
 
 /// An HTTP/2 caller's GET with a body of no stated length (curl uploading from its standard
@@ -619,19 +703,23 @@ async fn curl_offering_h2c_is_answered_over_http1_without_the_offer_relayed() {
     }
 }
 
-/// gRPC's C-core client as the caller of a call whose backend resets its stream: it gets gRPC's
-/// status for the HTTP/2 error code (INTERNAL_ERROR: INTERNAL, CANCEL: CANCELLED), not
-/// UNAVAILABLE, which would tell it the call is safe to send again.
+/// gRPC's C-core client as the caller of a call whose backend fails it: for a reset stream it
+/// gets gRPC's status for the HTTP/2 error code (INTERNAL_ERROR: INTERNAL, CANCEL: CANCELLED),
+/// not UNAVAILABLE, which would tell it the call is safe to send again; for an answer cut by a
+/// lost backend connection, UNAVAILABLE, what a client of the backend itself would report.
 #[test]
-fn c_core_gets_grpcs_status_for_a_backend_reset() {
-    let Some(()) = peers_or_skip("c_core_gets_grpcs_status_for_a_backend_reset") else {
+fn c_core_gets_grpcs_status_for_a_backend_failing_the_call() {
+    use gamma_tests::raw_h2::{RawH2, Reply};
+    let Some(()) = peers_or_skip("c_core_gets_grpcs_status_for_a_backend_failing_the_call") else {
         return;
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    for (code, status) in [(0x2, "INTERNAL"), (0x8, "CANCELLED")] {
-        let backend = runtime.block_on(gamma_tests::raw_h2::RawH2::start(move |_| {
-            gamma_tests::raw_h2::Reply::Reset(code)
-        }));
+    for (reply, status) in [
+        (Reply::Reset(0x2), "INTERNAL"),
+        (Reply::Reset(0x8), "CANCELLED"),
+        (Reply::PartThenClose, "UNAVAILABLE"),
+    ] {
+        let backend = runtime.block_on(RawH2::start(move |_| reply));
         let world = Manifests::default()
             .service("ns", "front", 80, &[], None)
             .service(
@@ -655,6 +743,6 @@ fn c_core_gets_grpcs_status_for_a_backend_reset() {
             10,
         )
         .unwrap();
-        assert_eq!(answer["code"], status, "RST_STREAM {code:#x}: {answer}");
+        assert_eq!(answer["code"], status, "{reply:?}: {answer}");
     }
 }

@@ -1520,6 +1520,82 @@ async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection
     }
 }
 
+/// A body of these frames and no stated length (hyper's server then sends it chunked, with
+/// trailers if asked).
+struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+    }
+}
+
+/// A caller that takes trailers (`TE: trailers`) gets those of an HTTP/1.1 backend that sends
+/// them only when asked, as hyper's server does (and RFC 9110 §6.5 lets any server do): the
+/// agent asks on HTTP/1.1 with TE's connection option. On both of the agent's HTTP/1.1 exchanges
+/// and from callers of both versions. Before, TE went only to HTTP/2 backends, and these trailers
+/// were dropped by the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_taking_trailers_gets_those_an_http1_backend_sends_only_when_asked() {
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = hyper::service::service_fn(|_request| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-sum", http::HeaderValue::from_static("42"));
+                let frames = [
+                    Frame::data(Bytes::from_static(b"hello")),
+                    Frame::trailers(trailers),
+                ];
+                http::Response::builder()
+                    .header("trailer", "x-sum")
+                    .body(Frames(frames.into()))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), answer),
+            );
+        }
+    });
+    let agent = Agent::start(&front_routed_to_http1(backend), options(&[])).unwrap();
+    for h2 in [false, true] {
+        for (method, body) in [
+            (Method::GET, Bytes::new()),
+            (Method::POST, Bytes::from_static(b"payload")),
+        ] {
+            let mut request = http::Request::builder()
+                .method(method.clone())
+                .uri(agent.url(0, "/t"))
+                .header("te", "trailers");
+            if !h2 {
+                request = request.header("connection", "te");
+            }
+            let request = request.body(http_body_util::Full::new(body)).unwrap();
+            let answer = client(h2).request(request).await.unwrap();
+            assert_eq!(answer.status(), 200, "h2={h2} {method}");
+            let body = tokio::time::timeout(Duration::from_secs(5), answer.into_body().collect())
+                .await
+                .expect("the answer ends")
+                .unwrap();
+            let trailers = body.trailers().cloned().unwrap_or_default();
+            assert_eq!(
+                trailers.get("x-sum").map(|v| v.as_bytes()),
+                Some(&b"42"[..]),
+                "h2={h2} {method}"
+            );
+            assert_eq!(body.to_bytes(), "hello", "h2={h2} {method}");
+        }
+    }
+}
+
 /// A request counts in flight on its endpoint until its answer's end, not its head: the power of
 /// two choices then sees a long answer (a download, a gRPC stream) as load on its endpoint. On
 /// both HTTP/1.1 exchanges and for both callers' versions.

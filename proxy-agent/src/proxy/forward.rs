@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Removes the hop-by-hop headers. `TE: trailers` is kept (as exactly that): it is the one TE
-/// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and HTTP/2 upstreams get it
-/// (`upstream_request` drops it for HTTP/1.1 ones, where TE would have to be a connection option).
+/// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and a backend sends trailers only
+/// when asked (`upstream_request` adds its connection option for HTTP/1.1 backends).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages have none of them: one pass over the names spares a hashed lookup for each.
     let hop_by_hop = |name: &HeaderName| name == header::UPGRADE || HOP_BY_HOP.contains(name);
@@ -367,7 +367,12 @@ pub(super) fn upstream_request(
         Some(caller_authority().unwrap_or_else(|| endpoint.clone()))
     } else {
         join_cookie_crumbs(request.headers_mut());
-        request.headers_mut().remove(header::TE);
+        if request.headers().contains_key(header::TE) {
+            // On HTTP/1.1 a TE goes with its connection option (RFC 9110 §10.1.4).
+            request
+                .headers_mut()
+                .append(header::CONNECTION, http::HeaderValue::from_static("te"));
+        }
         // A body of no stated length (an HTTP/2 caller's, or a chunked one whose coding went
         // as hop-by-hop) goes chunked whatever the method: hyper's client sends a GET's or a
         // DELETE's without a length as no body at all, dropped unsaid.
@@ -656,7 +661,7 @@ mod tests {
     }
 
     #[test]
-    fn te_trailers_survives_for_http2_upstreams_only() {
+    fn te_trailers_survives_with_its_connection_option_on_http1() {
         let (mut parts, ()) = Request::post("http://catalog/pkg.Catalog/Get")
             .header(header::TE, "trailers, deflate")
             .header(header::CONNECTION, "x-hop")
@@ -673,8 +678,10 @@ mod tests {
         let endpoint = endpoint();
         let h2 = upstream_request(&parts, &endpoint, true, body::empty());
         assert_eq!(h2.headers()[header::TE], "trailers");
+        assert!(!h2.headers().contains_key(header::CONNECTION));
         let h1 = upstream_request(&parts, &endpoint, false, body::empty());
-        assert!(!h1.headers().contains_key(header::TE));
+        assert_eq!(h1.headers()[header::TE], "trailers");
+        assert_eq!(h1.headers()[header::CONNECTION], "te");
         let (mut other, ()) = Request::get("http://catalog/")
             .header(header::TE, "gzip")
             .body(())

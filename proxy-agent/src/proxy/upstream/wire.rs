@@ -65,7 +65,8 @@ pub fn absolute_origin(parts: &http::request::Parts) -> Option<Origin<'_>> {
 /// sends them) with the HTTP/1.1 hop's own rules, those `forward::upstream_request` applies for
 /// hyper's client:
 /// - `host` (when `headers` has no Host: HTTP/2 callers name the authority in the URI);
-/// - no TE (on HTTP/1.1 it would have to be a connection option);
+/// - `TE: trailers` with its connection option, `Connection: te` (RFC 9110 §10.1.4): a server
+///   such as hyper's sends its trailers only when asked;
 /// - HTTP/2's Cookie crumbs joined into one field with `; ` (RFC 9113 §8.2.3).
 ///
 /// One more than hyper's client does: a POST, PUT or PATCH without a Content-Length gets
@@ -99,6 +100,13 @@ pub fn request_head(
     let mut cookies_written = false;
     for (name, value) in headers {
         if name == header::TE {
+            // `strip_hop_by_hop` kept it only as `trailers`.
+            field(out, "te", [value.as_bytes()]);
+            field(out, "connection", [&b"te"[..]]);
+            continue;
+        }
+        if name == header::CONNECTION {
+            // An upgrade's never comes this way; TE's is written with it.
             continue;
         }
         if name == header::COOKIE {
@@ -776,7 +784,7 @@ mod tests {
         request_head(&Method::GET, (None, None), &h2, Some("svc:80"), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET / HTTP/1.1\r\nhost: svc:80\r\ncookie: a=1; b=2\r\nx-b: 2\r\n\r\n"
+            "GET / HTTP/1.1\r\nhost: svc:80\r\ncookie: a=1; b=2\r\nte: trailers\r\nconnection: te\r\nx-b: 2\r\n\r\n"
         );
     }
 

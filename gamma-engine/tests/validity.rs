@@ -247,6 +247,61 @@ fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
     );
 }
 
+/// A filter the agent cannot apply is not skipped because one before it answers (a redirect):
+/// the rule's requests get the 500 its status promises (an ExtensionRef that cannot be resolved
+/// "MUST NOT be skipped").
+#[test]
+fn an_unsupported_filter_is_not_skipped_by_a_redirect_before_it() {
+    let index = index_with(route(
+        1,
+        json!([{"filters": [
+            {"type": "RequestRedirect", "requestRedirect": {"hostname": "elsewhere"}},
+            {"type": "ExtensionRef",
+             "extensionRef": {"group": "example.com", "kind": "Auth", "name": "x"}}]}]),
+    ));
+    assert_eq!(
+        answer(&index, "/x"),
+        "rule 0 answers 500 Internal Server Error"
+    );
+}
+
+/// A mirror gets the request as the filters before it left it: not what later filters make of
+/// it, nor the chosen backendRef's filters, which apply only to requests forwarded to it (a
+/// canary's credentials must not reach the shadow Service).
+#[test]
+fn a_mirror_gets_the_request_as_the_filters_before_it_left_it() {
+    let set = |name: &str| {
+        json!({"type": "RequestHeaderModifier",
+                                 "requestHeaderModifier": {"set": [{"name": name, "value": "1"}]}})
+    };
+    let index = index_with(route(
+        1,
+        json!([{"filters": [
+                    set("x-before"),
+                    {"type": "RequestMirror",
+                     "requestMirror": {"backendRef": {"name": "back", "port": 80}}},
+                    {"type": "URLRewrite",
+                     "urlRewrite": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/v2"}}}],
+                "backendRefs": [{"name": "back", "port": 80, "filters": [set("authorization")]}]}]),
+    ));
+    with_plan(&index, ("ns", "front"), None, "/x", |_, plan| {
+        let Plan::Forward(forward) = plan else {
+            panic!("forwarded: {plan:?}");
+        };
+        let [mirror] = &forward.mirrors[..] else {
+            panic!("one mirror: {:?}", forward.mirrors);
+        };
+        let headers = &mirror.head.headers;
+        assert!(headers.contains_key("x-before"), "{headers:?}");
+        assert!(!headers.contains_key("authorization"), "{headers:?}");
+        assert_eq!(
+            mirror.head.uri.path(),
+            "/x",
+            "not rewritten by the filter after it"
+        );
+    });
+}
+
 #[test]
 fn a_refusal_is_about_its_object_not_a_namesake_created_since() {
     // Generation 4 of an old object was refused; the route was then deleted and created again

@@ -734,6 +734,56 @@ async fn a_mirrors_share_does_not_depend_on_the_backend_picked() {
     assert!(sent >= 1.0, "no request of 300 was mirrored");
 }
 
+/// A mirror's copies spread over its Service's endpoints: the endpoint is picked with a number
+/// of its own. Before, the number that sampled the copy picked it too: with a 1/2 mirror to two
+/// pods only even numbers were sampled, and the first candidate was always the first pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrors_copies_spread_over_its_endpoints() {
+    let backend = echo_backend([127, 0, 0, 1], "backend").await;
+    // Two endpoints on one port (an EndpointSlice port is shared by its endpoints).
+    let first = echo_backend([127, 0, 0, 41], "shadow-0").await;
+    let second = gamma_tests::loopback::echo_backend_at(
+        std::net::SocketAddr::new([127, 0, 0, 42].into(), first.addr.port()),
+        "shadow-1",
+    )
+    .await;
+    let shadows = [first, second];
+    let rules = "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, fraction: {numerator: 1, denominator: 2}}}]\n    backendRefs: [{name: backend, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "backend", 80, &[backend.addr], None)
+        .service(
+            "ns",
+            "shadow",
+            80,
+            &[shadows[0].addr, shadows[1].addr],
+            None,
+        )
+        .raw(&route("r", "front", rules));
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let http = client(false);
+    // 200 requests, about 100 mirrored: one pod left without a copy has odds of 2^-100.
+    for _ in 0..200 {
+        assert_eq!(get(&http, &agent.url(0, "/x"), &[]).await.status, 200);
+    }
+    let sent = gamma_tests::probe::metric(&agent, "gamma_mirrors_sent_total").unwrap() as u64;
+    let received = || {
+        shadows
+            .each_ref()
+            .map(|s| s.stats.requests.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while received().iter().sum::<u64>() < sent && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let [first, second] = received();
+    assert!(sent >= 20, "{sent} of 200 mirrored");
+    assert!(
+        first > 0 && second > 0,
+        "copies per pod: {first} and {second}"
+    );
+}
+
 /// A mirror backend that accepts and never answers does not hold a mirror slot past the mirror
 /// timeout: the copy is abandoned and counted, the real request unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -567,6 +567,17 @@ pub struct Mirror<'a> {
     pub protocol: UpstreamProtocol,
     pub numerator: u32,
     pub denominator: u32,
+    /// The request as the filters before the mirror left it. Filters run in their order, so
+    /// later ones are not the mirror's, nor are the chosen backendRef's, which apply only to
+    /// requests forwarded to it (a canary's credentials must not reach a shadow Service).
+    pub head: MirroredHead,
+}
+
+#[derive(Debug)]
+pub struct MirroredHead {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
 }
 
 impl CompiledRule {
@@ -725,6 +736,14 @@ impl<'a> FilterRun<'a, '_, '_> {
         filters: &'a [Filter],
         mirror_targets: &'a [MirrorTarget],
     ) -> Option<LocalResponse> {
+        // Checked before any filter runs: one that answers (a redirect, a CORS preflight) must
+        // not skip it, which would serve requests a filter the agent cannot apply was meant for.
+        if let Some(what) = filters.iter().find_map(|f| match f {
+            Filter::Unsupported(what) => Some(what),
+            _ => None,
+        }) {
+            return Some(LocalResponse::UnsupportedFilter(what.clone()));
+        }
         let (parts, matched) = (&mut *self.parts, self.matched);
         let mut mirror_targets = mirror_targets.iter();
         for filter in filters {
@@ -745,6 +764,11 @@ impl<'a> FilterRun<'a, '_, '_> {
                             protocol: backend.protocol_for(Some(self.kind)),
                             numerator: m.numerator,
                             denominator: m.denominator,
+                            head: MirroredHead {
+                                method: parts.method.clone(),
+                                uri: parts.uri.clone(),
+                                headers: parts.headers.clone(),
+                            },
                         });
                     }
                 }
@@ -755,9 +779,7 @@ impl<'a> FilterRun<'a, '_, '_> {
                     }
                     CorsOutcome::Actual(headers) => self.cors_headers.extend(headers),
                 },
-                Filter::Unsupported(what) => {
-                    return Some(LocalResponse::UnsupportedFilter(what.clone()));
-                }
+                Filter::Unsupported(_) => {}
             }
         }
         None

@@ -1,4 +1,5 @@
-//! RequestMirror: fire-and-forget copies of a request's head to another backend.
+//! RequestMirror: fire-and-forget copies of a request's head, as the filters before the mirror
+//! left it, to another backend.
 //!
 //! Bounded: at most `max` mirrored requests in flight; beyond that they are dropped (and
 //! counted), never queued, so mirroring can never slow down or pile up behind real traffic. Each
@@ -31,18 +32,20 @@ impl Mirrors {
         }
     }
 
+    /// Sends `mirrors`, each with the head its filters left, in the caller's HTTP `version`.
     pub fn send(
         &self,
         proxy: &Arc<Proxy>,
-        mirrors: &[Mirror<'_>],
-        parts: &http::request::Parts,
+        mirrors: Vec<Mirror<'_>>,
+        version: http::Version,
         body: &RequestBody,
     ) {
         for mirror in mirrors {
-            // Drawn anew: bits of the number that picked the backend would tie the two (with
-            // weights 96/4 and a 1 % mirror on the 4, their residues never met: no mirror).
-            let random = rand::random::<u64>();
-            let sample = random % u64::from(mirror.denominator.max(1));
+            // Each draw its own number: one that picked something else would tie the two. The
+            // backend's and the sample's (weights 96/4 and a 1 % mirror on the 4: their residues
+            // never met, no mirror); the sample's and the endpoint's (a 1/2 mirror to two pods:
+            // only even numbers sampled, the first candidate always the first pod).
+            let sample = rand::random::<u64>() % u64::from(mirror.denominator.max(1));
             if sample >= u64::from(mirror.numerator) {
                 continue;
             }
@@ -54,21 +57,22 @@ impl Mirrors {
                 continue;
             };
             let Some((endpoint, in_flight)) =
-                proxy.upstream.endpoints.choose(mirror.backend, &[], random)
+                proxy
+                    .upstream
+                    .endpoints
+                    .choose(mirror.backend, &[], rand::random())
             else {
                 continue;
             };
             // The mirror's task outlives the table's borrow.
             let in_flight = in_flight.into_owned();
             let mut head = http::Request::new(()).into_parts().0;
-            head.method = parts.method.clone();
-            head.uri = parts.uri.clone();
-            head.version = parts.version;
-            head.headers = parts.headers.clone();
+            head.method = mirror.head.method;
+            head.uri = mirror.head.uri;
+            head.version = version;
+            head.headers = mirror.head.headers;
             strip_hop_by_hop(&mut head.headers, false);
-            let h2 = mirror
-                .protocol
-                .is_h2(parts.version == http::Version::HTTP_2);
+            let h2 = mirror.protocol.is_h2(version == http::Version::HTTP_2);
             let mirror_body = body.for_mirror();
             let upstream = proxy.upstream.clone();
             let (metrics, timeout) = (proxy.metrics.clone(), proxy.config.mirror_timeout);

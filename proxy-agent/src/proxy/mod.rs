@@ -372,7 +372,7 @@ impl Proxy {
         // the fields received).
         let upgrade = forward::is_upgrade(&parts);
         forward::strip_hop_by_hop(&mut parts.headers, upgrade);
-        let plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
+        let mut plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
             Plan::Respond(local) => return Err((local.into(), Some(rule))),
             Plan::Forward(plan) => plan,
         };
@@ -383,7 +383,8 @@ impl Proxy {
         });
         let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
-        self.mirrors.send(self, &plan.mirrors, &parts, &body);
+        let mirrors = std::mem::take(&mut plan.mirrors);
+        self.mirrors.send(self, mirrors, parts.version, &body);
         let target = forward::Target {
             backend: plan.backend,
             pinned: resumed.map(|(session, _)| session.endpoint),

@@ -1830,9 +1830,12 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
                     ));
                 }
             }
+            // A pattern's text is not characters it matches ("characters in a matching service",
+            // GRPCRoute's precedence): counted as such, `pkg\.Svc` outranked `pkg.Svc`.
+            let literal = |name: Option<&str>| if is_regex { 0 } else { characters(name) };
             let spec = GrpcMethodSpecificity {
-                service_len: characters(gm.service.as_deref()),
-                method_len: characters(gm.method.as_deref()),
+                service_len: literal(gm.service.as_deref()),
+                method_len: literal(gm.method.as_deref()),
             };
             let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
                 (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
@@ -2086,6 +2089,25 @@ mod tests {
                 "{reason}"
             );
         }
+    }
+
+    /// GRPCRoute ranks by the characters of a matching service, then method: an Exact match's
+    /// names, not a pattern's text, which would rank `pkg\.Svc` above the exact `pkg.Svc`.
+    #[test]
+    fn a_grpc_regex_ranks_below_exact_names() {
+        use crate::routes::precedence::Specificity;
+        let route = converted(
+            "GRPCRoute",
+            serde_json::json!([
+                {"matches": [{"method": {"type": "RegularExpression", "service": "pkg\\.Svc", "method": "Get"}}]},
+                {"matches": [{"method": {"service": "pkg.Svc", "method": "Get"}}]},
+                {"matches": [{"method": {"service": "pkg.Svc"}}]},
+            ]),
+        )
+        .unwrap();
+        let rank = |rule: usize| Specificity::of(&route.rules[rule].matches[0]);
+        assert!(rank(1) > rank(0), "an exact method over a pattern");
+        assert!(rank(2) > rank(0), "an exact service over a pattern");
     }
 
     #[test]

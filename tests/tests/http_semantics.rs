@@ -1520,6 +1520,34 @@ async fn trailers_from_an_http1_backend_reach_an_http2_caller_without_connection
     }
 }
 
+/// A route's header filters do not change where a message ends: a Content-Length set on a GET
+/// (which has no body) and one set on the answer are left out. Before, the backend got
+/// `content-length: 40` and no body (a backend answering at once left the kept connection 40
+/// bytes into the next caller's request), and a caller kept alive got the answer's length wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_filters_do_not_change_where_a_message_ends() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let rules = "  - filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Content-Length, value: \"40\"}, {name: x-routed, value: \"1\"}]}}\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: content-length, value: \"2\"}]}}\n    backendRefs: [{name: echo, port: 80}]\n";
+    let agent = Agent::start(&front_routed_by(echo.addr, rules), options(&[])).unwrap();
+    let http = client(false);
+    for _ in 0..3 {
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), get(&http, &agent.url(0, "/x"), &[]))
+                .await
+                .expect("answered");
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        let seen: Vec<&str> = answer.body["headers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("the echo's whole JSON: {:?}", answer.text))
+            .iter()
+            .map(|pair| pair[0].as_str().unwrap())
+            .collect();
+        assert!(seen.contains(&"x-routed"), "{seen:?}");
+        assert!(!seen.contains(&"content-length"), "{seen:?}");
+    }
+    assert_eq!(echo.stats.body_bytes.load(Ordering::Relaxed), 0);
+}
+
 /// A body of these frames and no stated length (hyper's server then sends it chunked, with
 /// trailers if asked).
 struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);

@@ -968,23 +968,40 @@ macro_rules! route_parent_refs {
     };
 }
 
-/// Converts the fields every header-modifier type of the generated API has in common.
+/// Converts the fields every header-modifier type of the generated API has in common. Entries
+/// naming a field that frames the message ([`frames_the_message`]) are left out.
 macro_rules! header_modifier {
     ($m:expr, $field:expr) => {{
         let m = $m;
         let field: &str = $field;
+        let framing_left_out = |pairs: Box<[(HeaderName, HeaderValue)]>| {
+            pairs
+                .into_vec()
+                .into_iter()
+                .filter(|(name, _)| !frames_the_message(name))
+                .collect()
+        };
         HeaderModifier {
-            set: header_pairs!(m.set, format!("{field}.set")),
-            add: header_pairs!(m.add, format!("{field}.add")),
+            set: framing_left_out(header_pairs!(m.set, format!("{field}.set"))),
+            add: framing_left_out(header_pairs!(m.add, format!("{field}.add"))),
             remove: m
                 .remove
                 .iter()
                 .flatten()
                 .enumerate()
                 .map(|(i, n)| header_name(n, &format!("{field}.remove[{i}]")))
+                .filter(|name| !name.as_ref().is_ok_and(frames_the_message))
                 .collect::<Result<_, _>>()?,
         }
     }};
+}
+
+/// Content-Length and Transfer-Encoding say where a message ends: the agent writes them for the
+/// body it sends, and a header filter does not change them. A length a filter set beside a body
+/// of another length (none at all, for a GET) desynchronised the kept connection to the backend
+/// that every caller's requests share, or the caller's own.
+fn frames_the_message(name: &HeaderName) -> bool {
+    name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING
 }
 
 /// A backendRef-like reference (`backendRefs[]` and `requestMirror.backendRef`).
@@ -2033,6 +2050,27 @@ mod tests {
         );
         let shown = serde_json::to_string(&route.rules[0]).unwrap();
         assert!(shown.contains("\"v 1\""), "{shown}");
+    }
+
+    /// A header filter does not change where a message ends: its entries for Content-Length
+    /// and Transfer-Encoding are left out, the others kept.
+    #[test]
+    fn header_modifiers_leave_the_framing_fields_alone() {
+        let route = http_route(serde_json::json!([{"filters": [
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "Content-Length", "value": "40"}, {"name": "x-a", "value": "1"}],
+                "add": [{"name": "transfer-encoding", "value": "chunked"}],
+                "remove": ["content-length", "x-b"]}},
+            {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                "set": [{"name": "content-length", "value": "2"}]}}]}]));
+        let shown = serde_json::to_value(&route.rules[0]).unwrap();
+        let filters = shown.to_string().to_ascii_lowercase();
+        assert!(!filters.contains("content-length"), "{filters}");
+        assert!(!filters.contains("transfer-encoding"), "{filters}");
+        assert!(
+            filters.contains("x-a") && filters.contains("x-b"),
+            "{filters}"
+        );
     }
 
     /// Path values are kept in the form requests are matched in (RFC 3986 §6.2.2): written

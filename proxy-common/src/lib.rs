@@ -112,12 +112,40 @@ pub struct PodKey {
 /// which the client-first listener makes only with those first bytes.
 pub const ANY_POD_OPTED_IN: PodKey = PodKey { ip: [0; 4] };
 
-/// Key of `CALLERS`: the caller's local address of a redirected, established connection, which is
-/// the peer address the agent sees on `accept()`.
+/// Key of `CALLERS`: a redirected, established connection as the agent sees it on `accept()`:
+/// the caller's local address (the peer address of the accepted socket) and the agent's
+/// listener port it was steered to. The port tells apart two connections from one caller
+/// address to the agent's two listeners (Linux gives a source port to connects to different
+/// destinations; a bound socket chooses its own): keyed by the address alone, the second's
+/// record replaced the first's, and the first went to the second's Service.
+///
+/// The layout is the one before the listener port was in it (an [`Endpoint`]: address, port,
+/// padding) with the port where the padding was: an older agent's programs wrote 0 there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CallerKey {
-    pub caller: Endpoint,
+    /// The caller's address, as in [`Endpoint`].
+    pub ip: [u32; 4],
+    /// The caller's port, network byte order.
+    pub port: u16,
+    /// The agent's listener port, network byte order ([`Self::OLDER_PROGRAMS`] from programs
+    /// older than it).
+    pub agent_port: u16,
+}
+
+impl CallerKey {
+    /// What programs older than the listener port in the key wrote there.
+    pub const OLDER_PROGRAMS: u16 = 0;
+
+    /// The key of a connection from `caller` to the agent's listener port `agent_port` (network
+    /// byte order).
+    pub const fn new(caller: Endpoint, agent_port: u16) -> Self {
+        Self {
+            ip: caller.ip,
+            port: caller.port,
+            agent_port,
+        }
+    }
 }
 
 /// What the kernel recorded about a redirected `connect()`: where the caller meant to go and who

@@ -1,6 +1,6 @@
 //! `sockops`: when a redirected connection is established, publish its record under the caller's
-//! local ip:port, the only key the agent has for an accepted connection; and pair the sockets of
-//! node-local connections through the agent (`local`).
+//! local ip:port and the agent's listener port, what the agent knows of a connection it accepts;
+//! and pair the sockets of node-local connections through the agent (`local`).
 //!
 //! The kernel runs ACTIVE_ESTABLISHED on the caller's side when the SYN-ACK arrives, before the final
 //! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection.
@@ -75,9 +75,13 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
     }
     // SAFETY: context fields read at their own offsets; `record` points to this socket's storage,
     // valid for the program's run.
-    let (caller, record) = unsafe {
-        // sock_ops gives local_port in host byte order (unlike every address field).
+    let (caller, agent_port, record) = unsafe {
+        // sock_ops gives local_port in host byte order (unlike every address field), and
+        // remote_port in network byte order as a 32-bit word (the port in its high half on a
+        // little-endian machine).
         let port = (ctx_access::read_u32(&raw const (*ops).local_port) as u16).to_be();
+        let agent_port =
+            (u32::from_be(ctx_access::read_u32(&raw const (*ops).remote_port)) as u16).to_be();
         // Both address fields are read unconditionally: reads in the two branches get merged by
         // LLVM into one read from a selected offset, which the verifier rejects.
         let ip4 = ctx_access::read_u32(&raw const (*ops).local_ip4);
@@ -88,11 +92,14 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
             // Dual-stack sockets dialling IPv4 have a v4-mapped local address: same key as AF_INET.
             Endpoint::v6(ip6, port)
         };
-        (caller, *record)
+        (caller, agent_port, *record)
     };
     // A failed insert only costs the agent the original destination of this connection; nothing to
     // undo here but counting it.
-    if CALLERS.insert(CallerKey { caller }, record, 0).is_err() {
+    if CALLERS
+        .insert(CallerKey::new(caller, agent_port), record, 0)
+        .is_err()
+    {
         count(counters::RECORD_FAILED);
     }
     Some(caller)

@@ -134,7 +134,7 @@ fn redirects_mesh_services_and_fails_open() {
             },
         );
         assert_eq!(
-            redirect.take_original(seen.agent_peer),
+            redirect.take_original(seen.agent_peer, seen.agent_port),
             None,
             "a record is taken once"
         );
@@ -399,6 +399,66 @@ fn client_first_ports_go_to_their_own_listener() {
     );
 }
 
+/// Two connections from one caller address (a bound socket's port, which Linux also gives
+/// connects to different destinations), to a client-first port and to another, steered to the
+/// agent's two listeners at once: each keeps its own record. Keyed by the caller's address
+/// alone, the second's record replaced the first's, and the first went to the second's Service.
+#[test]
+fn two_connections_from_one_caller_address_keep_their_own_records() {
+    skip_unless_root!();
+    const OPAQUE: &str = "10.96.0.10:5432";
+    let sandbox = Sandbox::create();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let first4 = sandbox.bind("127.0.0.1:0");
+    let listeners = [
+        AgentListener {
+            listener: &agent4,
+            addr: agent4.local_addr().unwrap(),
+            client_first: false,
+        },
+        AgentListener {
+            listener: &first4,
+            addr: first4.local_addr().unwrap(),
+            client_first: true,
+        },
+    ];
+    let redirect = Redirect::attach(&sandbox.cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"));
+    redirect
+        .set_mesh_services([(addr(VIP4), true), (addr(OPAQUE), false)])
+        .unwrap();
+    let accept = |listener: &TcpListener, client: &mut std::process::Child| loop {
+        if let Ok(accepted) = listener.accept() {
+            break accepted;
+        }
+        assert!(client.try_wait().unwrap().is_none(), "the client exited");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    const SOURCE_PORT: u16 = 47123;
+    let mut http = spawn_client(&sandbox, None, Some(SOURCE_PORT), addr(VIP4));
+    let (http_stream, http_peer) = accept(&first4, &mut http);
+    // Its record not taken yet (a client-first listener holds a connection until its bytes).
+    let mut opaque = spawn_client(&sandbox, None, Some(SOURCE_PORT), addr(OPAQUE));
+    let (opaque_stream, opaque_peer) = accept(&agent4, &mut opaque);
+    assert_eq!(http_peer, opaque_peer, "one caller address");
+    let original = |peer: SocketAddr, listener: &TcpListener| {
+        let port = listener.local_addr().unwrap().port();
+        redirect.take_original(peer, port).map(|r| r.original_dst)
+    };
+    assert_eq!(original(http_peer, &first4), Some(addr(VIP4)));
+    assert_eq!(original(opaque_peer, &agent4), Some(addr(OPAQUE)));
+    for (stream, client) in [(http_stream, http), (opaque_stream, opaque)] {
+        stream.set_nonblocking(false).unwrap();
+        (&stream).write_all(b"agent\n").unwrap();
+        let output = client.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
     let listeners = [
         AgentListener {
@@ -574,6 +634,8 @@ struct Exchange {
     client_peer: SocketAddr,
     /// The peer address the server saw.
     agent_peer: SocketAddr,
+    /// The port of the server that accepted it.
+    agent_port: u16,
     /// `take_original` for that peer.
     original: Option<Redirected>,
 }
@@ -597,13 +659,13 @@ fn exchange_after(
     servers: &[Server<'_>],
     redirect: &Redirect,
 ) -> Exchange {
-    let mut client = spawn_client(sandbox, refused_first, target);
+    let mut client = spawn_client(sandbox, refused_first, None, target);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (server, stream, peer) = loop {
-        if let Some(accepted) = servers
-            .iter()
-            .find_map(|s| s.listener.accept().ok().map(|(c, p)| (s.name, c, p)))
-        {
+    let (server, stream, peer, port) = loop {
+        if let Some(accepted) = servers.iter().find_map(|s| {
+            let port = s.listener.local_addr().unwrap().port();
+            s.listener.accept().ok().map(|(c, p)| (s.name, c, p, port))
+        }) {
             break accepted;
         }
         if let Some(status) = client.try_wait().unwrap() {
@@ -619,7 +681,7 @@ fn exchange_after(
         );
         std::thread::sleep(Duration::from_millis(2));
     };
-    let original = redirect.take_original(peer);
+    let original = redirect.take_original(peer, port);
     stream.set_nonblocking(false).unwrap();
     let mut reader = BufReader::new(&stream);
     let mut hello = String::new();
@@ -652,6 +714,7 @@ fn exchange_after(
         server,
         client_peer: field(PEER).parse().unwrap(),
         agent_peer: peer,
+        agent_port: port,
         original,
     }
 }
@@ -659,50 +722,99 @@ fn exchange_after(
 const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
 /// Set: the client's socket first dials this address, where nothing listens, then the target.
 const CLIENT_REFUSED_FIRST: &str = "GAMMA_EBPF_TEST_CLIENT_REFUSED_FIRST";
+/// Set: the client's socket is bound to this port (shared with other sockets: SO_REUSEADDR).
+const CLIENT_SOURCE_PORT: &str = "GAMMA_EBPF_TEST_CLIENT_SOURCE_PORT";
 const PEER: &str = "client-peer=";
 const REPLY: &str = "client-reply=";
 
-/// One IPv4 socket connect()ed twice: to `refused` (nothing listens there), then to `target`.
-fn connect_after_refused(refused: SocketAddr, target: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd as _;
-    let connect = |fd: RawFd, addr: SocketAddr| {
-        let SocketAddr::V4(v4) = addr else {
-            panic!("{addr}: IPv4 only")
-        };
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: `sa` is a valid sockaddr_in for the call's duration.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+/// connect(2) of `fd` to the IPv4 `addr`.
+fn raw_connect(fd: RawFd, addr: SocketAddr) -> std::io::Result<()> {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("{addr}: IPv4 only")
     };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sa` is a valid sockaddr_in for the call's duration.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A new IPv4 TCP socket, and the stream that owns it.
+fn ipv4_socket() -> (RawFd, TcpStream) {
+    use std::os::fd::FromRawFd as _;
     // SAFETY: a plain socket call; the descriptor is owned by the stream made below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is a new socket nothing else owns.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let refusal = connect(fd, refused).expect_err("nothing listens there");
+    (fd, unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+/// One IPv4 socket connect()ed twice: to `refused` (nothing listens there), then to `target`.
+fn connect_after_refused(refused: SocketAddr, target: SocketAddr) -> TcpStream {
+    let (fd, stream) = ipv4_socket();
+    let refusal = raw_connect(fd, refused).expect_err("nothing listens there");
     assert_eq!(
         refusal.kind(),
         std::io::ErrorKind::ConnectionRefused,
         "{refusal}"
     );
-    connect(fd, target).unwrap_or_else(|e| panic!("connect {target} after {refused}: {e}"));
+    raw_connect(fd, target).unwrap_or_else(|e| panic!("connect {target} after {refused}: {e}"));
+    stream
+}
+
+/// An IPv4 socket bound to `source_port` (with SO_REUSEADDR, so that another such socket may
+/// share it) and connect()ed to `target`.
+fn connect_from(source_port: u16, target: SocketAddr) -> TcpStream {
+    let (fd, stream) = ipv4_socket();
+    let on: libc::c_int = 1;
+    // SAFETY: `on` outlives the call; the length is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_REUSEADDR: {}", std::io::Error::last_os_error());
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: source_port.to_be(),
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sa` is a valid sockaddr_in for the call's duration.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "bind :{source_port}: {}",
+        std::io::Error::last_os_error()
+    );
+    raw_connect(fd, target).unwrap_or_else(|e| panic!("connect {target} from :{source_port}: {e}"));
     stream
 }
 
@@ -710,6 +822,7 @@ fn connect_after_refused(refused: SocketAddr, target: SocketAddr) -> TcpStream {
 fn spawn_client(
     sandbox: &Sandbox,
     refused_first: Option<SocketAddr>,
+    source_port: Option<u16>,
     target: SocketAddr,
 ) -> std::process::Child {
     let netns = File::open(&sandbox.netns).unwrap();
@@ -728,6 +841,7 @@ fn spawn_client(
         ])
         .env(CLIENT_TARGET, target.to_string())
         .envs(refused_first.map(|a| (CLIENT_REFUSED_FIRST, a.to_string())))
+        .envs(source_port.map(|p| (CLIENT_SOURCE_PORT, p.to_string())))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe syscalls on fds opened beforehand (kept
@@ -756,9 +870,12 @@ fn client_helper() {
         return;
     };
     let target: SocketAddr = target.parse().unwrap();
-    let stream = match std::env::var(CLIENT_REFUSED_FIRST) {
-        Ok(refused) => connect_after_refused(refused.parse().unwrap(), target),
-        Err(_) => TcpStream::connect_timeout(&target, Duration::from_secs(5))
+    let refused_first = std::env::var(CLIENT_REFUSED_FIRST).ok();
+    let source_port = std::env::var(CLIENT_SOURCE_PORT).ok();
+    let stream = match (refused_first, source_port) {
+        (Some(refused), _) => connect_after_refused(refused.parse().unwrap(), target),
+        (None, Some(port)) => connect_from(port.parse().unwrap(), target),
+        (None, None) => TcpStream::connect_timeout(&target, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {target}: {e}")),
     };
     println!("{PEER}{}", stream.peer_addr().unwrap());

@@ -10,7 +10,14 @@ use std::sync::Arc;
 
 /// The facts of a redirected connection: where it was going and who sent it.
 pub trait OriginalDestination: Send + Sync {
-    fn resolve(&self, peer: SocketAddr, snapshot: &Snapshot) -> Option<(SocketAddr, Caller)>;
+    /// Where the connection from `peer`, accepted on the listener at `listener_port`, was going,
+    /// and who made it.
+    fn resolve(
+        &self,
+        peer: SocketAddr,
+        listener_port: u16,
+        snapshot: &Snapshot,
+    ) -> Option<(SocketAddr, Caller)>;
 }
 
 /// Serves the redirect listener until draining; a connection without a redirect record is closed.
@@ -20,8 +27,15 @@ pub async fn serve_redirect(
     redirects: Arc<dyn OriginalDestination>,
     drain: Drain,
 ) {
+    let listener_port = match listener.local_addr() {
+        Ok(addr) => addr.port(),
+        Err(e) => {
+            tracing::error!(error = %e, "the redirect listener has no address; not serving it");
+            return;
+        }
+    };
     accept_loop(proxy, listener, drain, move |peer, snapshot| {
-        let resolved = redirects.resolve(peer, snapshot);
+        let resolved = redirects.resolve(peer, listener_port, snapshot);
         if resolved.is_none() {
             tracing::warn!(%peer, "redirected connection without a redirect record; closing it");
         }

@@ -15,8 +15,13 @@ pub struct KernelRedirects {
 }
 
 impl OriginalDestination for KernelRedirects {
-    fn resolve(&self, peer: SocketAddr, snapshot: &Snapshot) -> Option<(SocketAddr, Caller)> {
-        let record = self.redirect.take_original(peer)?;
+    fn resolve(
+        &self,
+        peer: SocketAddr,
+        listener_port: u16,
+        snapshot: &Snapshot,
+    ) -> Option<(SocketAddr, Caller)> {
+        let record = self.redirect.take_original(peer, listener_port)?;
         let cgroup_uid = self
             .cgroups
             .path_of(record.cgroup_id)

@@ -10,8 +10,9 @@
 //!    caller's netns cookie and cgroup id with the socket, and rewrites the destination to the
 //!    agent. Any failed check leaves the connection alone: it goes to the VIP as usual.
 //! 2. When the connection is established, `sockops` copies the record to `CALLERS`, keyed by the
-//!    caller's ip:port, before the agent can accept it.
-//! 3. The agent accepts and calls [`Redirect::take_original`] with the peer address.
+//!    caller's ip:port and the agent's listener port, before the agent can accept it.
+//! 3. The agent accepts and calls [`Redirect::take_original`] with the peer address and the
+//!    listener's port.
 //! 4. `getpeername` in the pod returns the VIP:port, not the agent's address.
 //!
 //! **Pinning: none.** Programs are attached through bpf_links held by the agent's process and the
@@ -441,16 +442,21 @@ impl Redirect {
     }
 
     /// Reads and removes the record of a redirected connection accepted from `caller` (the peer
-    /// address of the accepted socket). `None`: the connection was not redirected by the kernel
-    /// (a direct connection to the agent), or its record was evicted.
-    pub fn take_original(&self, caller: SocketAddr) -> Option<Redirected> {
-        let key = CallerKey {
-            caller: addr::endpoint(caller),
+    /// address of the accepted socket) on the listener at port `listener_port`. `None`: the
+    /// connection was not redirected by the kernel (a direct connection to the agent), or its
+    /// record was evicted.
+    pub fn take_original(&self, caller: SocketAddr, listener_port: u16) -> Option<Redirected> {
+        let key = CallerKey::new(addr::endpoint(caller), listener_port.to_be());
+        // Ours first: after a takeover's first instants, every record is there. A predecessor's
+        // programs may be older than the listener port in the key.
+        let older = CallerKey {
+            agent_port: CallerKey::OLDER_PROGRAMS,
+            ..key
         };
-        // Ours first: after a takeover's first instants, every record is there.
-        std::iter::once(&self.callers)
-            .chain(&self.predecessor_callers)
-            .find_map(|callers| take_record(callers, &key, caller))
+        take_record(&self.callers, &key, caller).or_else(|| {
+            let theirs = self.predecessor_callers.as_ref()?;
+            take_record(theirs, &key, caller).or_else(|| take_record(theirs, &older, caller))
+        })
     }
 
     /// What the programs steering for this agent counted (since they were loaded; adopted

@@ -365,6 +365,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             if alone {
                 tokio::time::sleep(STEERED_IN_FLIGHT).await;
             }
+            // Stopped accepting before a waiting successor is let go: it may attach its own
+            // programs at once, steering into the listeners we share, with records in its own
+            // map; a connection this agent accepted then had none and was closed.
+            drain.stop_accepting().await;
             // Before draining: our copies of the listeners must go for them to close (fail open).
             drop(successors.take());
             tracing::info!(deadline = ?config.drain_timeout, alone, "shutting down: no new connections, finishing in-flight requests");

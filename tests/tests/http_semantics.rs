@@ -1548,6 +1548,77 @@ async fn header_filters_do_not_change_where_a_message_ends() {
     assert_eq!(echo.stats.body_bytes.load(Ordering::Relaxed), 0);
 }
 
+/// An HTTP/1.1 backend's answer framed by both a coding and a length does not leave its
+/// connection to be reused (RFC 9112 §6.3 item 3: where the next answer starts is not to be
+/// trusted), on either of the agent's exchanges. Before, hyper's (requests with a body) pooled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_framed_two_ways_does_not_leave_its_connection_for_reuse() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // Each request whole (head and body), then the answer; kept open.
+                        let whole =
+                            read.windows(4)
+                                .position(|w| w == b"\r\n\r\n")
+                                .and_then(|end| {
+                                    let head = String::from_utf8_lossy(&read[..end]);
+                                    let length =
+                                        gamma_tests::probe::content_length(&head).unwrap_or(0);
+                                    (read.len() >= end + 4 + length).then_some(end + 4 + length)
+                                });
+                        if let Some(size) = whole {
+                            read.drain(..size);
+                            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(n @ 1..) => read.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let agent = Agent::start(&front_routed_to_http1(backend), options(&[])).unwrap();
+    let http = client(false);
+    for (method, body) in [(Method::POST, "payload"), (Method::GET, "")] {
+        let before = accepted.load(Ordering::Relaxed);
+        for _ in 0..2 {
+            let answer = send(
+                &http,
+                method.clone(),
+                &agent.url(0, "/x"),
+                &[],
+                Bytes::from(body),
+            )
+            .await;
+            assert_eq!(
+                (answer.status.as_u16(), answer.text.as_str()),
+                (200, "ok"),
+                "{method}"
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed) - before,
+            2,
+            "{method}: a connection per answer"
+        );
+    }
+}
+
 /// A body of these frames and no stated length (hyper's server then sends it chunked, with
 /// trailers if asked).
 struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);

@@ -434,9 +434,16 @@ impl Http1Pool {
                 .await?;
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    // Beyond the pool's limit the sender is dropped: hyper closes its connection
-                    // after this answer.
-                    self.kept.checkin(endpoint, sender);
+                    // An answer framed by both a coding and a length is not to be trusted for
+                    // where the next one starts (RFC 9112 §6.3 item 3): its connection is not
+                    // reused, as the agent's own exchange does. Beyond the pool's limit, too, the
+                    // sender is dropped: hyper closes its connection after this answer.
+                    let headers = response.headers();
+                    if !(headers.contains_key(http::header::TRANSFER_ENCODING)
+                        && headers.contains_key(http::header::CONTENT_LENGTH))
+                    {
+                        self.kept.checkin(endpoint, sender);
+                    }
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {

@@ -436,6 +436,65 @@ async fn an_upgraded_connection_counts_against_the_connection_cap() {
     .unwrap();
 }
 
+/// On a port that declares nothing, a first line that is not an HTTP/1 request line goes through
+/// opaque though it opens with a token and a space (PROXY protocol's header, Redis's inline
+/// commands), and a client that half-closes before sending a byte still reaches the server (a
+/// server-first protocol's banner or dump). Before, the first got 400 from the agent and the
+/// second was closed without a dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_port_passes_other_protocols_through() {
+    let echo = tcp_echo().await;
+    let banner = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"banner\n").await;
+            }
+        });
+        addr
+    };
+    let routed = "  - backendRefs: [{name: echo, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "echo", 80, &[echo], None)
+        .service("ns", "dump", 80, &[banner], None)
+        .raw(&route("echo-route", "echo", routed))
+        .raw(&route(
+            "dump-route",
+            "dump",
+            "  - backendRefs: [{name: dump, port: 80}]\n",
+        ));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/echo", 80), ("ns/dump", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let exchange = |listener: std::net::SocketAddr, sent: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(listener).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(sent).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).map(|_| got)
+        })
+    };
+    for line in [
+        &b"PROXY TCP4 10.0.0.1 10.0.0.2 40000 80\r\nhello"[..],
+        b"AUTH secret\r\nPING\r\n",
+    ] {
+        let got = exchange(agent.listen[0], line).await.unwrap().unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(line));
+    }
+    let dump = exchange(agent.listen[1], b"").await.unwrap().unwrap();
+    assert_eq!(dump, b"banner\n");
+}
+
 /// An opaque connection still open at the drain deadline is reset on both sides: closed with a
 /// FIN, as before, a peer of an EOF-delimited protocol took the cut stream for a complete one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

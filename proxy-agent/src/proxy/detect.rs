@@ -22,7 +22,9 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         return None; // "PRI " so far: wait for the whole preface
     }
     // HTTP/1: after empty lines a server ignores (RFC 9112 §2.2), a method token (upper-case
-    // letters, and `-` or `_` after the first, as in VERSION-CONTROL), then a space.
+    // letters, and `-` or `_` after the first, as in VERSION-CONTROL), then a space, and a
+    // request line that ends in its version. A token and a space alone are other protocols too:
+    // PROXY protocol's `PROXY TCP4 …`, Redis's inline `AUTH …`, IRC's `NICK …`.
     let mut start = 0;
     while start < 4 && bytes.get(start..start + 2) == Some(b"\r\n") {
         start += 2;
@@ -34,10 +36,35 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         .take_while(|(i, b)| b.is_ascii_uppercase() || (*i > 0 && matches!(b, b'-' | b'_')))
         .count();
     match bytes.get(token_len) {
-        Some(b' ') if token_len > 0 => Some(Protocol::Http1),
+        Some(b' ') if token_len > 0 => request_line(&bytes[token_len + 1..]),
         None if token_len < 16 && (token_len > 0 || start < 4) => None,
         _ => Some(Protocol::Opaque),
     }
+}
+
+/// The longest request line waited for: beyond it, the bytes are not taken for HTTP/1.
+const MAX_REQUEST_LINE: usize = 8192;
+
+/// Whether the rest of a first line after a method and a space makes it a request line: at
+/// once for a path or `*` (origin and asterisk form), else once it ends in ` HTTP/1.0` or
+/// ` HTTP/1.1` (absolute and authority form; a bare LF ends it too, as servers accept: RFC
+/// 9112 §2.2). `None` while it has not ended.
+fn request_line(bytes: &[u8]) -> Option<Protocol> {
+    match bytes.first() {
+        None => return None,
+        Some(b'/' | b'*') => return Some(Protocol::Http1),
+        Some(_) => {}
+    }
+    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+        return (bytes.len() >= MAX_REQUEST_LINE).then_some(Protocol::Opaque);
+    };
+    let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
+    let versioned = line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0");
+    Some(if versioned {
+        Protocol::Http1
+    } else {
+        Protocol::Opaque
+    })
 }
 
 /// What the first bytes of a connection said.
@@ -46,9 +73,10 @@ pub(super) enum Detected {
     Protocol(Protocol),
     /// Nothing (or not enough to tell) within the time given.
     TimedOut,
-    /// The peer closed (or failed) before sending a byte.
+    /// The connection failed (a reset) before its bytes told.
     Closed,
-    /// The peer closed its side after bytes that do not tell: no more will come.
+    /// The peer closed its side after bytes that do not tell, or none: no more will come (a
+    /// client of a server-first protocol may half-close at once and read the server's answer).
     Ended,
 }
 
@@ -56,15 +84,13 @@ pub(super) enum Detected {
 /// connection's reads return them again (see [`Lingering`]).
 pub(super) async fn detect(stream: &mut Lingering, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut bytes_came = false;
     loop {
         let first = match tokio::time::timeout_at(deadline, stream.read_first_bytes()).await {
             Ok(Ok(Some(first))) => first,
-            Ok(Ok(None)) if bytes_came => return Detected::Ended,
-            Ok(Ok(None)) | Ok(Err(_)) => return Detected::Closed,
+            Ok(Ok(None)) => return Detected::Ended,
+            Ok(Err(_)) => return Detected::Closed,
             Err(_) => return Detected::TimedOut,
         };
-        bytes_came = true;
         if let Some(p) = classify(first) {
             return Detected::Protocol(p);
         }
@@ -77,7 +103,36 @@ mod tests {
     #[test]
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"POST /x"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"POST /x"),
+            Some(Protocol::Http1),
+            "a path: at once"
+        );
+        assert_eq!(classify(b"POST "), None);
+        assert_eq!(
+            classify(b"GET http://svc/x HTTP/1.1"),
+            None,
+            "absolute form: the line not ended yet"
+        );
+        assert_eq!(
+            classify(b"GET http://svc/x HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"CONNECT svc:443 HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        // A token and a space open other protocols' lines too.
+        assert_eq!(
+            classify(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(classify(b"AUTH secret\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"NICK gamma\r\n"), Some(Protocol::Opaque));
+        let mut long = b"GET http://".to_vec();
+        long.resize("GET ".len() + MAX_REQUEST_LINE, b'a');
+        assert_eq!(classify(&long), Some(Protocol::Opaque));
         assert_eq!(
             classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Some(Protocol::Http2)
@@ -119,7 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_sending_is_not_waited_for() {
-        assert_eq!(detected_after(b"").await, Detected::Closed);
+        assert_eq!(detected_after(b"").await, Detected::Ended);
         assert_eq!(detected_after(b"GE").await, Detected::Ended);
         assert_eq!(
             detected_after(b"GET / HTTP/1.1\r\n").await,

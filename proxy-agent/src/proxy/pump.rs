@@ -309,7 +309,16 @@ impl Registered {
         .await;
         match exit {
             Exit::Closed => PumpEnd::Closed,
-            Exit::Idle => PumpEnd::Idle,
+            Exit::Idle => {
+                // Cut short (bytes held for a side that stopped reading, or one side's FIN
+                // passed on while the other's answer may still come): reset, as a failure is,
+                // or the other side takes the FIN for the stream's orderly end.
+                if up.mid_stream() || down.mid_stream() {
+                    super::tcp::reset_on_close(&client);
+                    super::tcp::reset_on_close(&upstream);
+                }
+                PumpEnd::Idle
+            }
             Exit::Failed(e) => {
                 // One side reset (or could not be written to): the other learns it as a reset
                 // too, not as an orderly end it would take for a complete stream (a truncated
@@ -436,6 +445,12 @@ impl Direction {
             read_closed: flow.read_closed,
             write_shut: flow.write_shut,
         }
+    }
+
+    /// Whether the stream is between its start and its end in this direction: bytes held, or
+    /// its FIN read (the connection half-closed: both FINs end the pump).
+    fn mid_stream(&self) -> bool {
+        self.start < self.end || self.pipe.as_ref().is_some_and(|p| p.held > 0) || self.read_closed
     }
 
     fn into_flow(mut self) -> Flow {
@@ -632,6 +647,52 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"read ahead then this");
         assert_eq!(pumping.await.unwrap(), PumpEnd::Idle);
+    }
+
+    /// An idle timeout that cuts a stream short resets both sides: with bytes held for a side
+    /// that stopped reading, or after a client's FIN while its answer may still come. Before,
+    /// both got a FIN: a truncated upload, or an empty answer, looked like an orderly end.
+    #[tokio::test]
+    async fn an_idle_timeout_that_cuts_a_stream_short_resets_it() {
+        for carry in [Carry::Splice, Carry::Copy] {
+            for half_closed in [false, true] {
+                let pumps = Pumps::carrying(Duration::from_millis(300), carry);
+                let (mut client, agent_side) = pair().await;
+                let (agent_up, mut server) = pair().await;
+                let pumping = tokio::spawn({
+                    let pumps = pumps.clone();
+                    async move {
+                        pumps
+                            .run(agent_side, agent_up, Flow::default(), Flow::default())
+                            .await
+                    }
+                });
+                if half_closed {
+                    client.write_all(b"query").await.unwrap();
+                    client.shutdown().await.unwrap();
+                } else {
+                    // More than the sockets and the pipe hold: the server reads nothing.
+                    let upload = vec![7u8; 8 << 20];
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.write_all(&upload))
+                        .await;
+                }
+                assert_eq!(pumping.await.unwrap(), PumpEnd::Idle, "{carry:?}");
+                // The side cut short: the client waiting for its answer, the server reading the
+                // upload.
+                let waiting = if half_closed {
+                    &mut client
+                } else {
+                    &mut server
+                };
+                let mut got = Vec::new();
+                let read = waiting.read_to_end(&mut got).await;
+                assert_eq!(
+                    read.map_err(|e| e.kind()),
+                    Err(io::ErrorKind::ConnectionReset),
+                    "{carry:?}, half-closed: {half_closed}"
+                );
+            }
+        }
     }
 
     /// Says the sockets it was given may be paired.

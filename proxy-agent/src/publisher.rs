@@ -204,7 +204,13 @@ impl Publisher {
             self.metrics
                 .snapshot_version
                 .store(snapshot.version, Ordering::Relaxed);
-            tracing::info!(version = snapshot.version, "route table published");
+            // At info the first only: every node publishes on every EndpointSlice change in
+            // the cluster.
+            if snapshot.version <= 1 {
+                tracing::info!(version = snapshot.version, "route table published");
+            } else {
+                tracing::debug!(version = snapshot.version, "route table published");
+            }
             self.data_plane.store(snapshot);
         }
         let behind = self.behind();

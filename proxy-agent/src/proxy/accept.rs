@@ -48,7 +48,8 @@ async fn protocol_of(
                 proxy.sniff_timed_out(frontend);
                 Some(Protocol::Opaque)
             }
-            // Bytes that do not tell, then the client's FIN: passed through as they are.
+            // Bytes that do not tell (or none), then the client's FIN: passed through as they
+            // are (`nc -N svc 7000 </dev/null` reads a server's banner or dump).
             Detected::Ended => Some(Protocol::Opaque),
             Detected::Closed => None,
         },
@@ -136,7 +137,10 @@ pub(super) async fn accept_loop<F>(
         };
         // Classified first even at the cap: a redirected connection's record is taken with it,
         // not left for a later connection from the same address and port to find.
+        // A refused connection is reset, not closed with a FIN its client would read as a
+        // server with nothing to say (`tcp::refuse`).
         let Some(info) = classify(peer, &proxy.snapshot.load()) else {
+            stream.reset_on_close();
             continue;
         };
         let open = proxy.metrics.connections_open.load(Ordering::Relaxed);
@@ -147,6 +151,7 @@ pub(super) async fn accept_loop<F>(
                 .connections_refused_at_cap
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, open, "connection refused: --max-connections reached");
+            stream.reset_on_close();
             continue;
         }
         // TCP_NODELAY and keepalive come from the listener (`tcp::prepare_listener`).

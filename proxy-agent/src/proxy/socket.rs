@@ -83,6 +83,15 @@ enum State {
 }
 
 impl AcceptedSocket {
+    /// Makes its close a reset (RST), for a connection refused on accept.
+    pub(super) fn reset_on_close(&self) {
+        match &self.state {
+            State::Direct(socket) => super::tcp::reset_on_close(socket),
+            State::Registered(socket) => super::tcp::reset_on_close(socket),
+            State::Failed => {}
+        }
+    }
+
     /// `socket` must be non-blocking.
     fn unregistered(socket: std::net::TcpStream) -> Self {
         AcceptedSocket {

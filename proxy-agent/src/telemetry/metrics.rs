@@ -90,6 +90,8 @@ pub struct Metrics {
     pub connections_open: AtomicI64,
     /// Connections closed at once because `--max-connections` were open.
     pub connections_refused_at_cap: AtomicU64,
+    /// Connections on a redirect listener without a kernel record, reset.
+    pub redirected_without_record: AtomicU64,
     /// Callers not bound to an endpoint by session affinity because the table was full.
     pub affinity_table_full: Arc<AtomicU64>,
     /// The kernel programs' counters, read at each scrape; set once the redirect runs.
@@ -322,6 +324,7 @@ impl Collector for Scrape {
         for (name, help, value) in [
             ("gamma_connections_accepted", "Downstream connections accepted.", &m.connections_accepted),
             ("gamma_connections_refused_at_cap", "Downstream connections closed on accept because --max-connections were open.", &m.connections_refused_at_cap),
+            ("gamma_redirected_without_record", "Connections to a redirect listener without the kernel's record of where they were going (made straight to it, or the record evicted), reset on accept.", &m.redirected_without_record),
             ("gamma_session_affinity_table_full", "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.", &*m.affinity_table_full),
             ("gamma_opaque_connections", "Connections passed through as opaque TCP.", &m.opaque_connections),
             ("gamma_opaque_after_sniff_timeout", "Connections to ports that do not declare their protocol passed through as opaque TCP because the client sent nothing telling within the sniffing timeout.", &m.opaque_after_sniff_timeout),

@@ -17,7 +17,8 @@
 //!   bases set (read from the kustomization files), and each of the kustomization's own rules
 //!   shows in the rendering (in the base: the agent's version; beside a demo script: the image
 //!   the script builds);
-//! - (e) grace: terminationGracePeriodSeconds exceeds `--drain-timeout-s`;
+//! - (e) grace: terminationGracePeriodSeconds covers `--drain-timeout-s` and the 5 s the rest
+//!   of a shutdown takes;
 //! - (f) security: not privileged, read-only root filesystem, capabilities drop ALL and add exactly
 //!   [`DOCUMENTED_CAPABILITIES`], host paths read-only but the takeover socket's folder, no
 //!   hostPID/hostIPC;
@@ -1554,6 +1555,10 @@ fn check_image(
 
 // (e) ---------------------------------------------------------------------------------------
 
+/// What an agent's shutdown takes beside its drain: up to 3 s releasing the status lease
+/// (`proxy-agent/src/status/mod.rs`) and 2 s writing out its last log lines (`main.rs`).
+const SHUTDOWN_BESIDE_DRAIN_SECONDS: i64 = 5;
+
 fn check_grace(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
     let Some(drain) = agent.flag_value("drain-timeout-s", agent_flags) else {
         return Err(vec![
@@ -1569,14 +1574,16 @@ fn check_grace(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
         Ok(None) => DEFAULT_GRACE_SECONDS,
         Err(e) => return Err(vec![e]),
     };
-    if grace > drain {
+    let needed = drain + SHUTDOWN_BESIDE_DRAIN_SECONDS;
+    if grace >= needed {
         Ok(format!(
-            "terminationGracePeriodSeconds {grace} > --drain-timeout-s {drain}"
+            "terminationGracePeriodSeconds {grace} >= --drain-timeout-s {drain} + \
+             {SHUTDOWN_BESIDE_DRAIN_SECONDS}"
         ))
     } else {
         Err(vec![format!(
-            "{}: terminationGracePeriodSeconds is {grace}, not more than --drain-timeout-s \
-             {drain}: the kubelet would SIGKILL a draining agent",
+            "{}: terminationGracePeriodSeconds is {grace}, less than --drain-timeout-s {drain} \
+             + {SHUTDOWN_BESIDE_DRAIN_SECONDS} s: the kubelet would SIGKILL a draining agent",
             agent.pod_spec.err("").trim_end_matches(": ")
         )])
     }
@@ -1605,6 +1612,16 @@ fn check_security(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
         }
         if sc.opt_bool("readOnlyRootFilesystem")? != Some(true) {
             problems.push(sc.err("readOnlyRootFilesystem must be true"));
+        }
+        let uid = match sc.get("runAsUser")? {
+            Some(uid) => Some(uid.int()?),
+            None => None,
+        };
+        if uid != Some(0) {
+            problems.push(sc.err(
+                "runAsUser must be 0: Kubernetes gives a non-root user none of the added \
+                 capabilities (the image's own user is not root)",
+            ));
         }
         let caps = sc.req("capabilities")?;
         let drop: Vec<String> = caps
@@ -1834,9 +1851,10 @@ fn check_takeover(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
             ))),
             Some(host) => {
                 let kind = host.opt_str("type")?.unwrap_or("");
-                if !matches!(kind, "DirectoryOrCreate" | "Directory") {
+                if kind != "DirectoryOrCreate" {
                     problems.push(host.err(format!(
-                        "type `{kind}`, expected DirectoryOrCreate (a folder for the socket)"
+                        "type `{kind}`, expected DirectoryOrCreate (a folder for the socket; \
+                         under /run, a tmpfs, it is gone after a reboot)"
                     )));
                 }
             }
@@ -2185,12 +2203,13 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
             ]
         );
         assert!(check_grace(&agent, Some(&flags)).unwrap_err()[0]
-            .contains("terminationGracePeriodSeconds is 30, not more than --drain-timeout-s 40"));
+            .contains("terminationGracePeriodSeconds is 30, less than --drain-timeout-s 40 + 5 s"));
         let security = check_security(&agent, Some(&flags)).unwrap_err();
-        assert_eq!(security.len(), 6, "{security:#?}");
+        assert_eq!(security.len(), 7, "{security:#?}");
         for expected in [
             "privileged: true",
             "readOnlyRootFilesystem must be true",
+            "runAsUser must be 0",
             "drop must contain ALL",
             "adds BPF, which is not documented",
             "does not add SYS_ADMIN",
@@ -2262,8 +2281,9 @@ spec:
         assert_eq!(problems.len(), 6, "{problems:#?}");
         // The socket's folder may be writable; another host path may not.
         let security = check_security(&agent, Some(&flags)).unwrap_err();
-        assert_eq!(security.len(), 1, "{security:#?}");
-        assert!(security[0].contains("host path volume cgroup must be mounted readOnly"));
+        assert_eq!(security.len(), 2, "{security:#?}");
+        assert!(security[0].contains("runAsUser must be 0"));
+        assert!(security[1].contains("host path volume cgroup must be mounted readOnly"));
 
         // Right.
         let rendered = takeover_fixture(

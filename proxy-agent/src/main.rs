@@ -21,7 +21,7 @@ struct Cli {
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present_any = ["kube", "print_rbac", "print_flags"],
+        required_unless_present_any = ["kube", "print_rbac", "print_flags", "clear_status"],
         conflicts_with = "kube"
     )]
     manifests: Option<PathBuf>,
@@ -49,6 +49,11 @@ struct Cli {
     /// Print the Kubernetes API calls the agent makes, as RBAC rules in JSON, and exit.
     #[arg(long)]
     print_rbac: bool,
+    /// For an uninstall, once the DaemonSet is gone: take this implementation's entries out of
+    /// every route's status and empty its XMeshes' status (they would go on saying that routes
+    /// nothing applies are Accepted), then exit. Refused while an agent holds the status lease.
+    #[arg(long, conflicts_with_all = ["manifests", "kube"])]
+    clear_status: bool,
     /// Print every flag of this command line as JSON (name, whether it takes a value, its
     /// default), and exit: what `cargo xtask check-deploy` checks the manifests' args against.
     #[arg(long)]
@@ -269,6 +274,23 @@ fn main() -> Result<()> {
         fresh_programs: cli.takeover_fresh_programs,
         after: cli.after_takeover,
     });
+    let status = StatusConfig {
+        lease_namespace: cli
+            .lease_namespace
+            .clone()
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| "gamma-system".into()),
+        lease_name: cli.lease_name.clone(),
+        identity: cli.pod_name.clone().or_else(|| env("POD_NAME")),
+    };
+    if cli.clear_status {
+        return runtime.build()?.block_on(async {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+            proxy_agent::status::clear(client, status).await
+        });
+    }
     let node_name = cli.node_name.clone().or_else(|| env("NODE_NAME"));
     let config = AgentConfig {
         takeover,
@@ -292,15 +314,8 @@ fn main() -> Result<()> {
             ..ProxyConfig::default()
         },
         node_name: node_name.clone(),
-        kube: cli.kube.then(|| ClusterConfig {
-            status: StatusConfig {
-                lease_namespace: cli
-                    .lease_namespace
-                    .or_else(|| env("POD_NAMESPACE"))
-                    .unwrap_or_else(|| "gamma-system".into()),
-                lease_name: cli.lease_name,
-                identity: cli.pod_name.or_else(|| env("POD_NAME")),
-            },
+        kube: cli.kube.then_some(ClusterConfig {
+            status,
             source: KubeConfig { node_name },
         }),
     };

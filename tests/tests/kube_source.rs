@@ -529,6 +529,64 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
     drop(agent);
 }
 
+/// `proxy-agent --clear-status`, for an uninstall: refused while an agent holds the status lease
+/// (it would write the status back); once none does, our entries leave every route's status
+/// (another controller's stay) and our XMesh's status is emptied. Before, a route nothing applied
+/// any more went on saying it was Accepted by gamma-node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_status_for_an_uninstall_leaves_only_other_controllers_entries() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let mut with_foreign = route("HTTPRoute", "to-back", "front", "back");
+    with_foreign["status"] = json!({"parents": [foreign_entry()]});
+    api.apply(with_foreign);
+    api.apply(json!({
+        "apiVersion": "gateway.networking.x-k8s.io/v1alpha1", "kind": "XMesh",
+        "metadata": {"name": "gamma", "generation": 1},
+        "spec": {"controllerName": CONTROLLER},
+    }));
+    let mut agent = KubeAgent::start(&api, "node-a", "a");
+    let parents = || api.get("httproutes", NS, "to-back").unwrap()["status"]["parents"].clone();
+    eventually("our entry and the XMesh status", || {
+        let mesh = api.get("xmeshes", "", "gamma")?;
+        (parents().as_array()?.len() == 2 && mesh["status"]["supportedFeatures"].is_array())
+            .then_some(())
+    });
+    let dir = TempDir::new("clear-status");
+    let kubeconfig = api.kubeconfig(&dir.0, "operator");
+    let clear = || {
+        Command::new(agent_binary())
+            .args(["--clear-status", "--lease-namespace", LEASE_NS])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("POD_NAMESPACE")
+            .output()
+            .expect("run --clear-status")
+    };
+    let refused = clear();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("delete the DaemonSet first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(parents().as_array().unwrap().len(), 2, "nothing cleared");
+    // The DaemonSet deleted: the agent releases the lease as it stops.
+    agent.terminate();
+    let cleared = clear();
+    assert!(
+        cleared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleared.stderr)
+    );
+    assert_eq!(parents(), json!([foreign_entry()]));
+    let mesh = api.get("xmeshes", "", "gamma").unwrap();
+    assert!(
+        mesh["status"]["conditions"].is_null() && mesh["status"]["supportedFeatures"].is_null(),
+        "{mesh}"
+    );
+}
+
 /// While the Service feed fails, the table may lack Services made meanwhile: a route to one of
 /// them must not be told that its parent does not exist. Status waits until the feed is current
 /// again, and the route's first status is the true one.

@@ -441,13 +441,59 @@ async fn routes_and_status_against_a_real_api_server() {
         "second"
     );
 
+    // A second route, with another controller's entry beside ours, for the uninstall below.
+    api_routes
+        .create(
+            &PostParams::default(),
+            &dynamic(&route("HTTPRoute", "second", "front", "back")),
+        )
+        .await
+        .expect("create the second route");
+    until_route(
+        &api_routes,
+        "second",
+        "agent b writes the second route",
+        |r| holds(r, "Accepted", "True", 1),
+    )
+    .await;
+    write_other_controllers_entry(&api_routes, "second", "kept").await;
+
     // Deleted under watch.
     api_routes
         .delete("to-back", &DeleteParams::default())
         .await
         .expect("delete the route");
     table(&agent_b, "the route leaves the table", |d| {
-        routes(d).is_empty()
+        !routes(d).contains("HTTPRoute shop/to-back")
     });
+
+    // Uninstall: the DaemonSet gone (b releases the lease as it stops), `--clear-status` takes
+    // our entries out by server-side apply and empties our XMesh's status.
+    let mut agent_b = agent_b;
+    agent_b.terminate();
+    let dir = TempDir::new("real-api");
+    let kubeconfig = front.kubeconfig(&dir.0, "operator");
+    let cleared = std::process::Command::new(gamma_tests::loopback::agent_binary())
+        .args(["--clear-status", "--lease-namespace", LEASE_NS])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .output()
+        .expect("run --clear-status");
+    assert!(
+        cleared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleared.stderr)
+    );
+    let second = stored(&api_routes, "second").await;
+    assert!(entry(&second, CONTROLLER).is_none(), "{second:#}");
+    assert_eq!(
+        entry(&second, OTHER_CONTROLLER).unwrap()["conditions"][0]["message"],
+        "kept"
+    );
+    let mesh = serde_json::to_value(meshes.get("gamma").await.expect("get the XMesh")).unwrap();
+    assert!(
+        mesh["status"]["conditions"].is_null() && mesh["status"]["supportedFeatures"].is_null(),
+        "{mesh:#}"
+    );
     eprintln!("timing: real API server tier {:?}", started.elapsed());
 }

@@ -56,6 +56,30 @@ enum LeaseError {
     TimedOut(Duration),
 }
 
+/// The agent holding the lease named in `config`, if one renewed it within its duration (by
+/// this machine's clock, for an operator's check: not how candidates decide).
+pub async fn live_holder(
+    client: Client,
+    config: &LeaseConfig,
+) -> Result<Option<String>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let Some(lease) = api.get_opt(&config.name).await? else {
+        return Ok(None);
+    };
+    let spec = lease.spec.unwrap_or_default();
+    let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    let duration = spec
+        .lease_duration_seconds
+        .map_or(config.duration, |s| Duration::from_secs(s.max(1) as u64));
+    let renewed_within = spec.renew_time.is_some_and(|MicroTime(renewed)| {
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
+        age.as_secs() < duration.as_secs() as i64
+    });
+    Ok(renewed_within.then_some(holder))
+}
+
 fn from_write(e: kube::Error) -> LeaseError {
     match &e {
         kube::Error::Api(s) if s.is_conflict() || s.is_already_exists() => LeaseError::Conflict,

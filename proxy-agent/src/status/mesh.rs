@@ -103,6 +103,40 @@ pub async fn run(client: Client, mut leader: watch::Receiver<bool>) {
     }
 }
 
+/// Empties the status of every XMesh that names this implementation (its Accepted condition
+/// and supported features are all ours). Whether each was; `true` without the experimental CRD.
+pub async fn clear(client: Client) -> bool {
+    let api: Api<DynamicObject> = Api::all_with(client, &XMESHES.api_resource());
+    let meshes = match api.list(&Default::default()).await {
+        Ok(meshes) => meshes,
+        Err(kube::Error::Api(s)) if s.is_not_found() => return true,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the XMeshes failed");
+            return false;
+        }
+    };
+    let mut cleared = true;
+    for mesh in meshes.items {
+        let ours = mesh.data["spec"]["controllerName"] == CONTROLLER_NAME;
+        if !ours || mesh.data["status"].as_object().is_none_or(|s| s.is_empty()) {
+            continue;
+        }
+        let name = mesh.name_any();
+        let empty = json!({"status": {"conditions": null, "supportedFeatures": null}});
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&empty))
+            .await
+        {
+            Ok(_) => tracing::info!(mesh = %name, "XMesh status cleared"),
+            Err(e) => {
+                tracing::warn!(mesh = %name, error = %e, "clearing the XMesh status failed");
+                cleared = false;
+            }
+        }
+    }
+    cleared
+}
+
 /// Forgets the writes that wait for a mesh deleted, or for any when the meshes are listed again
 /// (which brings each one's current version). Before, a deleted mesh's write was tried every
 /// few seconds for as long as the lease stayed.

@@ -70,6 +70,33 @@ impl StatusHandle {
     }
 }
 
+/// For an uninstall, once no agent runs: takes this implementation's entries out of every
+/// route's status and empties its XMeshes' status, which would otherwise go on saying that
+/// routes nothing applies any more are Accepted. Refused while an agent holds the lease: it
+/// would write them back.
+pub async fn clear(client: Client, config: StatusConfig) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let lease = LeaseConfig::new(config.lease_namespace, config.lease_name, String::new());
+    let holder = lease::live_holder(client.clone(), &lease)
+        .await
+        .context("reading the status lease")?;
+    if let Some(holder) = holder {
+        anyhow::bail!(
+            "agent {holder} holds the status lease {}/{}: it would write route status back; \
+             delete the DaemonSet first, then run this again",
+            lease.namespace,
+            lease.name
+        );
+    }
+    let routes = writer::clear_routes(client.clone()).await?;
+    let meshes = mesh::clear(client).await;
+    if !(routes && meshes) {
+        anyhow::bail!("some status could not be cleared (see the warnings above); run this again");
+    }
+    tracing::info!("route and XMesh status cleared");
+    Ok(())
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

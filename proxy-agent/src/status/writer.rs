@@ -287,6 +287,38 @@ impl Writer {
     }
 }
 
+/// Takes this implementation's entries out of every route's `status.parents` (other
+/// controllers' stay): one pass of the writer as leader of a table with no route, over every
+/// route the API server holds. Whether each was cleared.
+pub async fn clear_routes(client: Client) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    let mut stored = BTreeMap::new();
+    for (kind, call) in [
+        (RouteKind::Http, &HTTP_ROUTES),
+        (RouteKind::Grpc, &GRPC_ROUTES),
+    ] {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &call.api_resource());
+        let routes = match api.list(&Default::default()).await {
+            Ok(routes) => routes,
+            // The CRD is not installed: no route of the kind to clear.
+            Err(kube::Error::Api(s)) if s.is_not_found() => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", call.describe())),
+        };
+        for object in &routes.items {
+            let route = StoredRoute::from_object(kind, object);
+            let key = format!("{} {}/{}", call.kind, route.namespace, route.name);
+            stored.insert(key, Arc::new(route));
+        }
+    }
+    let inputs = Published {
+        stored_status: Arc::new(stored),
+        ..Published::default()
+    };
+    let (_leading, leader) = watch::channel(true);
+    let mut writer = Writer::new(client, watch::channel(inputs.clone()).1, leader);
+    Ok(writer.pass(&inputs).await == Outcome::Done)
+}
+
 fn failed(key: &str, error: &kube::Error) -> Outcome {
     tracing::warn!(route = key, error = %error, "writing route status failed");
     Outcome::Failed

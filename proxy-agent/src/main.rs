@@ -8,7 +8,7 @@ use proxy_agent::agent::{
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::sources::kube::KubeConfig;
 use proxy_agent::status::StatusConfig;
-use proxy_agent::telemetry::log_writer::LogWriter;
+use proxy_agent::telemetry::log_writer::{self, LogWriter};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -244,7 +244,11 @@ fn main() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let log = LogWriter::spawn(std::io::stderr()).context("starting the log thread")?;
+    let format = match cli.log_format.as_str() {
+        "json" => log_writer::Format::Json,
+        _ => log_writer::Format::Text,
+    };
+    let log = LogWriter::spawn(std::io::stderr(), format).context("starting the log thread")?;
     // The lines of an agent about to exit are written before it does.
     let _written_at_exit = WrittenAtExit(log.clone());
     let builder = tracing_subscriber::fmt()

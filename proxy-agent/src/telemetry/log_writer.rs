@@ -11,6 +11,34 @@ use std::sync::Arc;
 /// Lines waiting for the writer thread, at most.
 const QUEUED_LINES: usize = 8192;
 
+/// Lines dropped in this process (`gamma_log_lines_dropped_total`).
+pub static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How lines are written: the note of lines dropped is written in the same form, so that a JSON
+/// log stays one JSON object per line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// The line telling that `lost` lines were dropped.
+fn dropped_note(format: Format, lost: u64) -> String {
+    let message = format!("{lost} log lines dropped: the log's reader did not keep up");
+    match format {
+        Format::Text => format!("{message}\n"),
+        Format::Json => format!(
+            "{}\n",
+            serde_json::json!({
+                "timestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "level": "WARN",
+                "fields": {"message": message, "dropped": lost},
+                "target": module_path!(),
+            })
+        ),
+    }
+}
+
 /// A `tracing_subscriber` writer: each event is formatted into a buffer of its own, queued
 /// whole when the event is done.
 #[derive(Clone)]
@@ -23,7 +51,7 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// Starts the thread that writes queued lines to `out`.
-    pub fn spawn(mut out: impl Write + Send + 'static) -> std::io::Result<Self> {
+    pub fn spawn(mut out: impl Write + Send + 'static, format: Format) -> std::io::Result<Self> {
         let (lines, queued) = sync_channel::<Vec<u8>>(QUEUED_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
         let pending = Arc::new(AtomicU64::new(0));
@@ -35,11 +63,7 @@ impl LogWriter {
                 for line in queued {
                     let lost = reported.load(Ordering::Relaxed);
                     if lost != told {
-                        let _ = writeln!(
-                            out,
-                            "{} log lines dropped: the log's reader did not keep up",
-                            lost - told
-                        );
+                        let _ = out.write_all(dropped_note(format, lost - told).as_bytes());
                         told = lost;
                     }
                     let _ = out.write_all(&line);
@@ -96,6 +120,7 @@ impl Drop for Line {
             self.to.pending.fetch_sub(1, Ordering::Relaxed);
             if let TrySendError::Full(_) = e {
                 self.to.dropped.fetch_add(1, Ordering::Relaxed);
+                LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -136,7 +161,8 @@ mod tests {
         let gate = Arc::new(Mutex::new(()));
         let written = Arc::new(Mutex::new(Vec::new()));
         let held = gate.lock().unwrap();
-        let writer = LogWriter::spawn(Stalled(gate.clone(), written.clone())).unwrap();
+        let writer =
+            LogWriter::spawn(Stalled(gate.clone(), written.clone()), Format::Json).unwrap();
         let started = std::time::Instant::now();
         for i in 0..QUEUED_LINES + 100 {
             let mut line = tracing_subscriber::fmt::MakeWriter::make_writer(&writer);
@@ -153,5 +179,24 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "nothing written");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        // Written before the next line once the output takes lines again: in the log's form.
+        writeln!(
+            tracing_subscriber::fmt::MakeWriter::make_writer(&writer),
+            "after"
+        )
+        .unwrap();
+        while !String::from_utf8_lossy(&written.lock().unwrap()).contains("after\n") {
+            assert!(std::time::Instant::now() < deadline, "nothing written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let text = String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
+        let note = text
+            .lines()
+            .find(|l| l.contains("log lines dropped"))
+            .expect("the note of lines dropped");
+        let note: serde_json::Value = serde_json::from_str(note).expect("a JSON line");
+        assert_eq!(note["level"], "WARN");
+        assert_eq!(note["fields"]["dropped"], writer.dropped());
+        assert!(LINES_DROPPED.load(Ordering::Relaxed) >= writer.dropped());
     }
 }

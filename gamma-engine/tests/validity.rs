@@ -265,6 +265,28 @@ fn an_unsupported_filter_is_not_skipped_by_a_redirect_before_it() {
     );
 }
 
+/// A path rewrite on the rule and another on one of its backendRefs are refused together: the
+/// second ran on the first's result, where the matched prefix no longer is, and prepended its
+/// value to the whole path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`).
+#[test]
+fn a_path_rewrite_on_the_rule_and_on_a_backend_ref_is_refused() {
+    let prefix = |value: &str| {
+        json!({"type": "URLRewrite", "urlRewrite": {"path":
+        {"type": "ReplacePrefixMatch", "replacePrefixMatch": value}}})
+    };
+    let index = index_with(route(
+        1,
+        json!([{"matches": [{"path": {"type": "Exact", "value": "/other"}}],
+                "backendRefs": [{"name": "back", "port": 80}]},
+               {"matches": [{"path": {"type": "PathPrefix", "value": "/foo"}}],
+                "filters": [prefix("/v2")],
+                "backendRefs": [{"name": "back", "port": 80, "filters": [prefix("/api")]}]}]),
+    ));
+    let answer = answer(&index, "/foo/bar");
+    assert!(answer.starts_with("rule 1 answers 500"), "{answer}");
+    assert!(answer.contains("cannot be combined"), "{answer}");
+}
+
 /// A mirror gets the request as the filters before it left it: not what later filters make of
 /// it, nor the chosen backendRef's filters, which apply only to requests forwarded to it (a
 /// canary's credentials must not reach the shadow Service).

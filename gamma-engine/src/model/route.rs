@@ -1466,6 +1466,21 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
                 Filter::Rewrite(r) if matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_)))
             )
         });
+    // A backendRef's rewrite runs after the rule's, on the path the rule's made: a second
+    // ReplacePrefixMatch no longer finds the matched prefix and prepended its value to the whole
+    // path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`).
+    let rewrites_path = |filters: &[Filter]| {
+        filters
+            .iter()
+            .any(|f| matches!(f, Filter::Rewrite(r) if r.path.is_some()))
+    };
+    if rewrites_path(rule.filters()) && rule.backends.iter().any(|b| rewrites_path(b.filters())) {
+        return Err(invalid(
+            format!("{field}.filters"),
+            "a URLRewrite of the path on the rule and on one of its backendRefs cannot be \
+             combined (the second would rewrite the first's result); keep one",
+        ));
+    }
     if uses_prefix_replace
         && !(rule.matches.len() == 1 && matches!(rule.matches[0].path, PathMatch::Prefix(_)))
     {

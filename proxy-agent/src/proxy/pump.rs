@@ -447,6 +447,21 @@ impl Direction {
         }
     }
 
+    /// Reads past the urgent mark into the buffer, for the next turn to write on.
+    fn recv_past_mark(&mut self, from: &TcpStream, moved: &mut bool) -> io::Result<()> {
+        match recv_past_mark(from, &mut self.buf) {
+            Ok(0) => self.read_closed = true,
+            Ok(n) => {
+                (self.start, self.end) = (0, n);
+                *moved = true;
+            }
+            // Past the mark, nothing more yet: wait for it.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
     /// Whether the stream is between its start and its end in this direction: bytes held, or
     /// its FIN read (the connection half-closed: both FINs end the pump).
     fn mid_stream(&self) -> bool {
@@ -474,6 +489,9 @@ impl Direction {
         to: &mut TcpStream,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
+        // Whether a read of this wakeup brought bytes: one that brings none though the socket
+        // was said readable may be stopped at urgent data (below).
+        let mut read_bytes = false;
         loop {
             if self.start < self.end {
                 let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.buf[self.start..self.end]))?;
@@ -530,9 +548,25 @@ impl Direction {
                     )?)
                 });
                 match input {
+                    // splice(2) stops at TCP urgent data (MSG_OOB: telnet's Synch, FTP's ABOR, a
+                    // database's break) and says EAGAIN for as long as the urgent byte waits
+                    // there, or 0 once the peer's FIN came: every byte after it was lost, or the
+                    // stream stalled. A recv(2) there goes past it (without the urgent byte, as
+                    // the copy pump's reads do: it cannot be passed on as urgent either).
+                    // Asked (one system call) at an end, or when the wakeup's first read
+                    // brought nothing: what a stop at the mark looks like; not after each burst.
+                    Ok(0) if at_urgent_mark(from) => self.recv_past_mark(from, moved)?,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            && !read_bytes
+                            && at_urgent_mark(from) =>
+                    {
+                        self.recv_past_mark(from, moved)?
+                    }
                     Ok(0) => self.read_closed = true,
                     Ok(n) => {
                         pipe.held = n;
+                        read_bytes = true;
                         *moved = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -552,6 +586,38 @@ impl Direction {
                 *moved = true;
             }
         }
+    }
+}
+
+/// Whether the socket's next byte to read is TCP urgent data.
+fn at_urgent_mark(socket: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    /// `<asm-generic/sockios.h>` (the libc crate does not name it).
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCATMARK, &raw mut at) };
+    rc == 0 && at != 0
+}
+
+/// Reads what follows the urgent mark into `buf` (grown to hold a chunk); 0 at the end.
+fn recv_past_mark(socket: &TcpStream, buf: &mut Box<[u8]>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    if buf.len() < BUFFER {
+        *buf = vec![0; BUFFER].into_boxed_slice();
+    }
+    // SAFETY: `buf` is valid for writes of its length for the call's duration.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0.. => Ok(n as usize),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
@@ -692,6 +758,47 @@ mod tests {
                     "{carry:?}, half-closed: {half_closed}"
                 );
             }
+        }
+    }
+
+    /// TCP urgent data (MSG_OOB) does not stop a pump: what follows it is carried. splice(2)
+    /// stops at the urgent mark; before, the splice pump stalled there, or (the peer's FIN come)
+    /// took it for the stream's end and dropped the rest. The urgent byte itself is not carried
+    /// (recv(2) skips it, and it could not be sent on as urgent), by either pump.
+    #[tokio::test]
+    async fn urgent_data_does_not_stop_a_pump() {
+        use std::os::fd::AsRawFd as _;
+        for carry in [Carry::Splice, Carry::Copy] {
+            let pumps = Pumps::carrying(Duration::from_secs(60), carry);
+            let (mut client, agent_side) = pair().await;
+            let (agent_up, mut server) = pair().await;
+            let pumping = tokio::spawn({
+                let pumps = pumps.clone();
+                async move {
+                    pumps
+                        .run(agent_side, agent_up, Flow::default(), Flow::default())
+                        .await
+                }
+            });
+            // "!" is the urgent byte.
+            // SAFETY: a send(2) of a valid buffer on our own socket.
+            let sent =
+                unsafe { libc::send(client.as_raw_fd(), b"ab!".as_ptr().cast(), 3, libc::MSG_OOB) };
+            assert_eq!(sent, 3);
+            client.write_all(b" and the rest").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{carry:?}: stalled after {got:?}"))
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                "ab and the rest",
+                "{carry:?}"
+            );
+            drop((client, server));
+            let _ = pumping.await;
         }
     }
 

@@ -158,7 +158,7 @@ done
 
 step "3: a hitless upgrade: the agents are replaced node by node while ui-backend keeps calling"
 # The DaemonSet's update starts each new agent beside the old one, which hands its sockets and
-# eBPF programs over (maxSurge 10%, --takeover-socket): no call may fail or miss the mesh.
+# eBPF programs over (maxSurge 1, --takeover-socket): no call may fail or miss the mesh.
 UPGRADE_SECONDS=90
 # shellcheck disable=SC2016 # $1 and $(date) belong to the pod's shell
 kubectl -n ui-backend exec deploy/client -- sh -c \

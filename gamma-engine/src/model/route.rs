@@ -433,6 +433,9 @@ pub struct GrpcMethodSpecificity {
     /// most, and longer ones rank as 65,535).
     pub service_len: u16,
     pub method_len: u16,
+    /// A RegularExpression match that names a service or method: it has no characters of its
+    /// own to count, and ranks after every exact name but before no method match at all.
+    pub pattern: bool,
 }
 
 fn characters(name: Option<&str>) -> u16 {
@@ -1637,6 +1640,7 @@ fn any_grpc_method() -> RouteMatch {
     let least_specific = GrpcMethodSpecificity {
         service_len: 0,
         method_len: 0,
+        pattern: false,
     };
     let RouteMatch { path, .. } = RouteMatch::any();
     RouteMatch::new(path, None, Vec::new(), Vec::new(), Some(least_specific))
@@ -1833,6 +1837,7 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             GrpcMethodSpecificity {
                 service_len: 0,
                 method_len: 0,
+                pattern: false,
             },
         ),
         Some(gm) => {
@@ -1865,9 +1870,11 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             // A pattern's text is not characters it matches ("characters in a matching service",
             // GRPCRoute's precedence): counted as such, `pkg\.Svc` outranked `pkg.Svc`.
             let literal = |name: Option<&str>| if is_regex { 0 } else { characters(name) };
+            let named = |name: Option<&str>| name.is_some_and(|n| !n.is_empty());
             let spec = GrpcMethodSpecificity {
                 service_len: literal(gm.service.as_deref()),
                 method_len: literal(gm.method.as_deref()),
+                pattern: is_regex && (named(gm.service.as_deref()) || named(gm.method.as_deref())),
             };
             let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
                 (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
@@ -2161,6 +2168,11 @@ mod tests {
         let rank = |rule: usize| Specificity::of(&route.rules[rule].matches[0]);
         assert!(rank(1) > rank(0), "an exact method over a pattern");
         assert!(rank(2) > rank(0), "an exact service over a pattern");
+        let catch_all = converted("GRPCRoute", serde_json::json!([{"backendRefs": []}])).unwrap();
+        assert!(
+            rank(0) > Specificity::of(&catch_all.rules[0].matches[0]),
+            "a pattern over no method match"
+        );
     }
 
     #[test]

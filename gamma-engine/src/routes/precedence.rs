@@ -5,7 +5,9 @@
 //! then the most query-param matches; remaining ties go to the oldest route, then `namespace/name`
 //! in alphabetical order, then the first rule (and match) in list order. Regular expressions rank
 //! between Exact and PathPrefix (implementation-specific in the spec; Envoy Gateway does the same).
-//! GRPCRoute: the longest service, then the longest method, then the most header matches.
+//! GRPCRoute: the longest service, then the longest method (exact names: a regular expression
+//! has no characters of its own, and ranks after every exact name but before no method match),
+//! then the most header matches.
 
 use crate::model::{PathMatch, RouteMatch};
 use std::cmp::{Ordering, Reverse};
@@ -17,6 +19,7 @@ pub struct Specificity {
     path_len: usize,
     grpc_service_len: usize,
     grpc_method_len: usize,
+    grpc_pattern: bool,
     method: bool,
     headers: usize,
     query_params: usize,
@@ -30,6 +33,7 @@ impl Specificity {
                 path_len: 0,
                 grpc_service_len: grpc.service_len.into(),
                 grpc_method_len: grpc.method_len.into(),
+                grpc_pattern: grpc.pattern,
                 method: false,
                 headers: m.headers().count(),
                 query_params: 0,
@@ -45,6 +49,7 @@ impl Specificity {
             path_len,
             grpc_service_len: 0,
             grpc_method_len: 0,
+            grpc_pattern: false,
             method: m.method().is_some(),
             headers: m.headers().count(),
             query_params: m.query_params().count(),

@@ -292,6 +292,15 @@ fn main() -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+            // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease.
+            let lease_namespace = cli
+                .lease_namespace
+                .or_else(|| env("POD_NAMESPACE"))
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let status = StatusConfig {
+                lease_namespace,
+                ..status
+            };
             proxy_agent::status::clear(client, status).await
         });
     }

@@ -530,8 +530,8 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
 }
 
 /// `proxy-agent --clear-status`, for an uninstall: refused while an agent holds the status lease
-/// (it would write the status back); once none does, our entries leave every route's status
-/// (another controller's stay) and our XMesh's status is emptied. Before, a route nothing applied
+/// (it would write the status back); once none does, it holds the lease while our entries leave
+/// every route's status (another controller's stay) and our XMesh's status is emptied. Before, a route nothing applied
 /// any more went on saying it was Accepted by gamma-node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clearing_status_for_an_uninstall_leaves_only_other_controllers_entries() {
@@ -566,13 +566,14 @@ async fn clearing_status_for_an_uninstall_leaves_only_other_controllers_entries(
     let refused = clear();
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("delete the DaemonSet first"),
+        String::from_utf8_lossy(&refused.stderr).contains("delete the DaemonSet and wait"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
     assert_eq!(parents().as_array().unwrap().len(), 2, "nothing cleared");
     // The DaemonSet deleted: the agent releases the lease as it stops.
     agent.terminate();
+    let before = api.request_count();
     let cleared = clear();
     assert!(
         cleared.status.success(),
@@ -580,6 +581,29 @@ async fn clearing_status_for_an_uninstall_leaves_only_other_controllers_entries(
         String::from_utf8_lossy(&cleared.stderr)
     );
     assert_eq!(parents(), json!([foreign_entry()]));
+    assert_eq!(
+        lease_holder(&api),
+        None,
+        "held while clearing, let go after"
+    );
+    let calls: Vec<(String, String)> = api.requests()[before..]
+        .iter()
+        .map(|r| (r.resource.clone(), r.verb.clone()))
+        .collect();
+    let at = |call: (&str, &str)| {
+        calls
+            .iter()
+            .position(|c| (c.0.as_str(), c.1.as_str()) == call)
+    };
+    let cleared_at = at(("httproutes/status", "patch")).expect("our entry taken out");
+    let taken_at = at(("leases", "update")).expect("the lease taken");
+    let let_go_at = calls
+        .iter()
+        .rposition(|c| c.0 == "leases" && c.1 == "update");
+    assert!(
+        taken_at < cleared_at && let_go_at > Some(cleared_at),
+        "the lease held while clearing: {calls:?}"
+    );
     let mesh = api.get("xmeshes", "", "gamma").unwrap();
     assert!(
         mesh["status"]["conditions"].is_null() && mesh["status"]["supportedFeatures"].is_null(),

@@ -56,28 +56,67 @@ enum LeaseError {
     TimedOut(Duration),
 }
 
-/// The agent holding the lease named in `config`, if one renewed it within its duration (by
-/// this machine's clock, for an operator's check: not how candidates decide).
-pub async fn live_holder(
-    client: Client,
-    config: &LeaseConfig,
-) -> Result<Option<String>, kube::Error> {
+/// Takes the lease named in `config` for `config.identity` to hold for `config.duration`
+/// (renewed by nobody), unless an agent renewed it within its own duration (by this machine's
+/// clock: an operator's check, not how candidates decide). Err names the holder or the race.
+pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Result<Lease> {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    let Some(lease) = api.get_opt(&config.name).await? else {
-        return Ok(None);
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let held = |holder: String| Lease {
+        metadata: ObjectMeta {
+            name: Some(config.name.clone()),
+            namespace: Some(config.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder),
+            lease_duration_seconds: Some(config.duration.as_secs() as i32),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now.clone()),
+            ..LeaseSpec::default()
+        }),
     };
-    let spec = lease.spec.unwrap_or_default();
-    let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else {
-        return Ok(None);
+    let Some(mut lease) = api.get_opt(&config.name).await? else {
+        return Ok(api
+            .create(&PostParams::default(), &held(config.identity.clone()))
+            .await?);
     };
-    let duration = spec
-        .lease_duration_seconds
-        .map_or(config.duration, |s| Duration::from_secs(s.max(1) as u64));
-    let renewed_within = spec.renew_time.is_some_and(|MicroTime(renewed)| {
-        let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
-        age.as_secs() < duration.as_secs() as i64
-    });
-    Ok(renewed_within.then_some(holder))
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if let Some(holder) = spec.holder_identity.clone().filter(|h| !h.is_empty()) {
+        let duration = spec.lease_duration_seconds.unwrap_or(15).max(1) as i64;
+        let renewed_since = spec
+            .renew_time
+            .as_ref()
+            .map(|MicroTime(renewed)| now.0.duration_since(*renewed).as_secs());
+        if renewed_since.is_some_and(|age| age < duration) {
+            anyhow::bail!(
+                "agent {holder} holds the status lease {}/{}",
+                config.namespace,
+                config.name
+            );
+        }
+    }
+    let transitions = spec.lease_transitions.unwrap_or(0) + 1;
+    let mut ours = held(config.identity.clone());
+    ours.metadata.resource_version = lease.metadata.resource_version.clone();
+    if let Some(spec) = ours.spec.as_mut() {
+        spec.lease_transitions = Some(transitions);
+    }
+    // With the resourceVersion read: an agent that took it meanwhile makes this a 409.
+    Ok(api
+        .replace(&config.name, &PostParams::default(), &ours)
+        .await?)
+}
+
+/// Lets go of a lease `taken` by [`take_over_idle`] (an agent takes it at its next look).
+pub async fn let_go(client: Client, config: &LeaseConfig, mut taken: Lease) -> anyhow::Result<()> {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    if let Some(spec) = taken.spec.as_mut() {
+        spec.holder_identity = None;
+    }
+    api.replace(&config.name, &PostParams::default(), &taken)
+        .await?;
+    Ok(())
 }
 
 fn from_write(e: kube::Error) -> LeaseError {

@@ -72,25 +72,29 @@ impl StatusHandle {
 
 /// For an uninstall, once no agent runs: takes this implementation's entries out of every
 /// route's status and empties its XMeshes' status, which would otherwise go on saying that
-/// routes nothing applies any more are Accepted. Refused while an agent holds the lease: it
-/// would write them back.
+/// routes nothing applies any more are Accepted. Holds the status lease meanwhile, so that an
+/// agent not yet stopped does not write them back; refused while an agent holds it.
 pub async fn clear(client: Client, config: StatusConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let lease = LeaseConfig::new(config.lease_namespace, config.lease_name, String::new());
-    let holder = lease::live_holder(client.clone(), &lease)
+    let mut lease = LeaseConfig::new(
+        config.lease_namespace,
+        config.lease_name,
+        "gamma-node --clear-status".into(),
+    );
+    // Longer than a pass over many routes takes: nobody renews it.
+    lease.duration = Duration::from_secs(300);
+    let taken = lease::take_over_idle(client.clone(), &lease)
         .await
-        .context("reading the status lease")?;
-    if let Some(holder) = holder {
-        anyhow::bail!(
-            "agent {holder} holds the status lease {}/{}: it would write route status back; \
-             delete the DaemonSet first, then run this again",
-            lease.namespace,
-            lease.name
-        );
-    }
-    let routes = writer::clear_routes(client.clone()).await?;
-    let meshes = mesh::clear(client).await;
-    if !(routes && meshes) {
+        .context(
+            "taking the status lease (an agent that holds it would write route status back: \
+             delete the DaemonSet and wait for its pods to go, then run this again)",
+        )?;
+    let routes = writer::clear_routes(client.clone()).await;
+    let meshes = mesh::clear(client.clone()).await;
+    lease::let_go(client, &lease, taken)
+        .await
+        .context("letting go of the status lease")?;
+    if !(routes? && meshes) {
         anyhow::bail!("some status could not be cleared (see the warnings above); run this again");
     }
     tracing::info!("route and XMesh status cleared");

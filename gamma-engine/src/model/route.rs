@@ -972,7 +972,7 @@ macro_rules! route_parent_refs {
 }
 
 /// Converts the fields every header-modifier type of the generated API has in common. Entries
-/// naming a field that frames the message ([`frames_the_message`]) are left out.
+/// naming a hop's own field ([`hop_field`]) are left out.
 macro_rules! header_modifier {
     ($m:expr, $field:expr) => {{
         let m = $m;
@@ -981,7 +981,7 @@ macro_rules! header_modifier {
             pairs
                 .into_vec()
                 .into_iter()
-                .filter(|(name, _)| !frames_the_message(name))
+                .filter(|(name, _)| !hop_field(name))
                 .collect()
         };
         HeaderModifier {
@@ -993,18 +993,29 @@ macro_rules! header_modifier {
                 .flatten()
                 .enumerate()
                 .map(|(i, n)| header_name(n, &format!("{field}.remove[{i}]")))
-                .filter(|name| !name.as_ref().is_ok_and(frames_the_message))
+                .filter(|name| !name.as_ref().is_ok_and(hop_field))
                 .collect::<Result<_, _>>()?,
         }
     }};
 }
 
-/// Content-Length and Transfer-Encoding say where a message ends: the agent writes them for the
-/// body it sends, and a header filter does not change them. A length a filter set beside a body
-/// of another length (none at all, for a GET) desynchronised the kept connection to the backend
-/// that every caller's requests share, or the caller's own.
-fn frames_the_message(name: &HeaderName) -> bool {
-    name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING
+/// Fields of a hop, not of the message: Content-Length and Transfer-Encoding say where a
+/// message ends, the agent writes them for the body it sends; the connection's own fields
+/// (RFC 9110 §7.6.1) are each hop's. A header filter changes none of them. A length a filter set
+/// beside a body of another length (none at all, for a GET) desynchronised the kept connection
+/// to the backend that every caller's requests share, or the caller's own; a `TE: gzip` went to
+/// HTTP/1.1 backends, whose gzip-coded answer nobody decoded.
+fn hop_field(name: &HeaderName) -> bool {
+    use http::header;
+    matches!(
+        *name,
+        header::CONTENT_LENGTH
+            | header::TRANSFER_ENCODING
+            | header::CONNECTION
+            | header::TE
+            | header::UPGRADE
+    ) || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 /// A backendRef-like reference (`backendRefs[]` and `requestMirror.backendRef`).
@@ -2074,21 +2085,31 @@ mod tests {
         assert!(shown.contains("\"v 1\""), "{shown}");
     }
 
-    /// A header filter does not change where a message ends: its entries for Content-Length
-    /// and Transfer-Encoding are left out, the others kept.
+    /// A header filter does not change a hop's fields: its entries for Content-Length,
+    /// Transfer-Encoding and the connection's own fields are left out, the others kept.
     #[test]
     fn header_modifiers_leave_the_framing_fields_alone() {
         let route = http_route(serde_json::json!([{"filters": [
             {"type": "RequestHeaderModifier", "requestHeaderModifier": {
-                "set": [{"name": "Content-Length", "value": "40"}, {"name": "x-a", "value": "1"}],
-                "add": [{"name": "transfer-encoding", "value": "chunked"}],
-                "remove": ["content-length", "x-b"]}},
+                "set": [{"name": "Content-Length", "value": "40"}, {"name": "x-a", "value": "1"},
+                        {"name": "TE", "value": "gzip"}, {"name": "Connection", "value": "close"}],
+                "add": [{"name": "transfer-encoding", "value": "chunked"},
+                        {"name": "Keep-Alive", "value": "timeout=5"}],
+                "remove": ["content-length", "x-b", "upgrade"]}},
             {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
                 "set": [{"name": "content-length", "value": "2"}]}}]}]));
         let shown = serde_json::to_value(&route.rules[0]).unwrap();
         let filters = shown.to_string().to_ascii_lowercase();
-        assert!(!filters.contains("content-length"), "{filters}");
-        assert!(!filters.contains("transfer-encoding"), "{filters}");
+        for field in [
+            "content-length",
+            "transfer-encoding",
+            "\"te\"",
+            "connection",
+            "keep-alive",
+            "upgrade",
+        ] {
+            assert!(!filters.contains(field), "{field}: {filters}");
+        }
         assert!(
             filters.contains("x-a") && filters.contains("x-b"),
             "{filters}"

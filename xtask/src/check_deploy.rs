@@ -17,7 +17,7 @@
 //!   bases set (read from the kustomization files), and each of the kustomization's own rules
 //!   shows in the rendering (in the base: the agent's version; beside a demo script: the image
 //!   the script builds);
-//! - (e) grace: terminationGracePeriodSeconds covers `--drain-timeout-s` and the 5 s the rest
+//! - (e) grace: terminationGracePeriodSeconds covers `--drain-timeout-s` and the 7 s the rest
 //!   of a shutdown takes;
 //! - (f) security: not privileged, read-only root filesystem, capabilities drop ALL and add exactly
 //!   [`DOCUMENTED_CAPABILITIES`], host paths read-only but the takeover socket's folder, no
@@ -1555,9 +1555,10 @@ fn check_image(
 
 // (e) ---------------------------------------------------------------------------------------
 
-/// What an agent's shutdown takes beside its drain: up to 3 s releasing the status lease
+/// What an agent's shutdown takes beside its drain, rounded up: up to 1.5 s taking the
+/// connections its listeners still hold (`proxy/tcp.rs` DEFERRAL), 3 s releasing the status lease
 /// (`proxy-agent/src/status/mod.rs`) and 2 s writing out its last log lines (`main.rs`).
-const SHUTDOWN_BESIDE_DRAIN_SECONDS: i64 = 5;
+const SHUTDOWN_BESIDE_DRAIN_SECONDS: i64 = 7;
 
 fn check_grace(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome {
     let Some(drain) = agent.flag_value("drain-timeout-s", agent_flags) else {
@@ -1613,9 +1614,19 @@ fn check_security(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
         if sc.opt_bool("readOnlyRootFilesystem")? != Some(true) {
             problems.push(sc.err("readOnlyRootFilesystem must be true"));
         }
+        // The container's, else the pod's (which the container's overrides).
+        let pod_sc = spec.get("securityContext")?;
         let uid = match sc.get("runAsUser")? {
             Some(uid) => Some(uid.int()?),
-            None => None,
+            None => match pod_sc
+                .as_ref()
+                .map(|p| p.get("runAsUser"))
+                .transpose()?
+                .flatten()
+            {
+                Some(uid) => Some(uid.int()?),
+                None => None,
+            },
         };
         if uid != Some(0) {
             problems.push(sc.err(
@@ -2152,6 +2163,28 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
         docs(&yaml)
     }
 
+    /// root is asked of the container, or of the pod when the container says nothing.
+    #[test]
+    fn run_as_root_may_be_the_pods() {
+        let container = "        args: []
+        securityContext: {readOnlyRootFilesystem: true, capabilities: {drop: [ALL], add: [NET_ADMIN, SYS_ADMIN]}}";
+        let runs_as = |pod: &str| {
+            let rendered = daemonset(container, pod);
+            let agent = Agent::find(&rendered).unwrap();
+            check_security(&agent, Some(&agent_flags()))
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p.contains("runAsUser must be 0"))
+        };
+        assert!(
+            !runs_as("      securityContext: {runAsUser: 0}"),
+            "the pod's"
+        );
+        assert!(runs_as("      securityContext: {runAsUser: 65532}"));
+        assert!(runs_as(""), "unset: the image's user");
+    }
+
     #[test]
     fn flags_are_checked_against_print_flags() {
         let rendered = daemonset(
@@ -2203,7 +2236,7 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
             ]
         );
         assert!(check_grace(&agent, Some(&flags)).unwrap_err()[0]
-            .contains("terminationGracePeriodSeconds is 30, less than --drain-timeout-s 40 + 5 s"));
+            .contains("terminationGracePeriodSeconds is 30, less than --drain-timeout-s 40 + 7 s"));
         let security = check_security(&agent, Some(&flags)).unwrap_err();
         assert_eq!(security.len(), 7, "{security:#?}");
         for expected in [

@@ -10,7 +10,7 @@ mod requests;
 use gamma_engine::model::{Object, ObjectKey};
 use gamma_engine::routes::status::ParentStatus;
 use gamma_engine::routes::{LocalResponse, Plan};
-use requests::with_plan;
+use requests::{with_plan, with_plan_drawn};
 use serde_json::{json, Value};
 
 fn service() -> Value {
@@ -262,6 +262,39 @@ fn an_unsupported_filter_is_not_skipped_by_a_redirect_before_it() {
     assert_eq!(
         answer(&index, "/x"),
         "rule 0 answers 500 Internal Server Error"
+    );
+}
+
+/// A mirror's share is sampled when the filters run, so that a request not mirrored copies
+/// nothing, and independently of the backend's pick: with weights 4/1 and a 1-in-5 mirror on
+/// the second backend, about 1 request in 25 is mirrored (with one number for both, none was).
+#[test]
+fn a_mirrors_share_is_sampled_apart_from_the_backends_pick() {
+    let mirror = json!({"type": "RequestMirror", "requestMirror": {
+        "backendRef": {"name": "back", "port": 80}, "fraction": {"numerator": 1, "denominator": 5}}});
+    let index = index_with(route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "port": 80, "weight": 4},
+                                {"name": "back", "port": 80, "weight": 1, "filters": [mirror]}]}]),
+    ));
+    let (mut second, mut mirrored) = (0, 0);
+    for random in 0..5_000u64 {
+        with_plan_drawn(&index, ("ns", "front"), None, "/x", random, |_, plan| {
+            let Plan::Forward(forward) = plan else {
+                panic!("forwarded: {plan:?}");
+            };
+            second += usize::from(forward.backend_index == 1);
+            mirrored += forward.mirrors.len();
+            assert!(
+                forward.mirrors.is_empty() || forward.backend_index == 1,
+                "only the second backend's requests"
+            );
+        });
+    }
+    assert_eq!(second, 1_000, "weights 4/1");
+    assert!(
+        (120..=280).contains(&mirrored),
+        "{mirrored} of 1,000 mirrored"
     );
 }
 

@@ -565,8 +565,6 @@ pub struct Mirror<'a> {
     pub backend: &'a Arc<Backend>,
     /// What its upstream connections speak (see `Backend::protocol_for`).
     pub protocol: UpstreamProtocol,
-    pub numerator: u32,
-    pub denominator: u32,
     /// The request as the filters before the mirror left it. Filters run in their order, so
     /// later ones are not the mirror's, nor are the chosen backendRef's, which apply only to
     /// requests forwarded to it (a canary's credentials must not reach a shadow Service).
@@ -646,6 +644,7 @@ impl CompiledRule {
             cors_headers: HeaderMap::new(),
             response_headers: Vec::new(),
             mirrors: Vec::new(),
+            mirror_draws: random,
         };
         let mirrors = self.mirrors();
         let rule_mirrors = mirrors.map_or(&[][..], |m| &m.rule);
@@ -726,6 +725,19 @@ struct FilterRun<'a, 'p, 'm> {
     cors_headers: HeaderMap,
     response_headers: Vec<&'a HeaderModifier>,
     mirrors: Vec<Mirror<'a>>,
+    /// Where each mirror's sampling draw comes from: advanced once per mirror filter.
+    mirror_draws: u64,
+}
+
+/// SplitMix64's step: a number for each mirror's sample, independent in practice of the one
+/// that picked the backend (the same bits would tie the two: with weights 96/4 and a 1 % mirror
+/// on the 4, their residues never met).
+fn next_draw(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl<'a> FilterRun<'a, '_, '_> {
@@ -758,12 +770,14 @@ impl<'a> FilterRun<'a, '_, '_> {
                     return Some(LocalResponse::Redirect { status, location });
                 }
                 Filter::Mirror(m) => {
-                    if let Some(Some(backend)) = mirror_targets.next() {
+                    // Sampled here, so that a request not mirrored copies nothing.
+                    let sampled = next_draw(&mut self.mirror_draws)
+                        % u64::from(m.denominator.max(1))
+                        < u64::from(m.numerator);
+                    if let (Some(Some(backend)), true) = (mirror_targets.next(), sampled) {
                         self.mirrors.push(Mirror {
                             backend,
                             protocol: backend.protocol_for(Some(self.kind)),
-                            numerator: m.numerator,
-                            denominator: m.denominator,
                             head: MirroredHead {
                                 method: parts.method.clone(),
                                 uri: parts.uri.clone(),

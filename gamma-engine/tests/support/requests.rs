@@ -16,6 +16,19 @@ pub fn with_plan<R>(
     path: &str,
     decide: impl FnOnce(&CompiledRule, Plan<'_>) -> R,
 ) -> R {
+    with_plan_drawn(index, service, caller_namespace, path, 0, decide)
+}
+
+/// As [`with_plan`], the plan's random number `random` (it picks the backend, samples mirrors).
+#[allow(dead_code)] // not every test binary that includes this file draws
+pub fn with_plan_drawn<R>(
+    index: &Index,
+    service: (&str, &str),
+    caller_namespace: Option<&str>,
+    path: &str,
+    random: u64,
+    decide: impl FnOnce(&CompiledRule, Plan<'_>) -> R,
+) -> R {
     let snapshot = index.snapshot();
     let frontend = snapshot
         .frontend_of(&ObjectKey::new(service.0, service.1), 80)
@@ -35,5 +48,5 @@ pub fn with_plan<R>(
         );
     };
     let (mut parts, ()) = http::Request::get(path).body(()).unwrap().into_parts();
-    decide(rule, rule.plan(&mut parts, matched, 80, 0))
+    decide(rule, rule.plan(&mut parts, matched, 80, random))
 }

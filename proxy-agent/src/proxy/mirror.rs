@@ -40,15 +40,8 @@ impl Mirrors {
         version: http::Version,
         body: &RequestBody,
     ) {
+        // Sampled by the engine already: `mirrors` holds the copies this request makes.
         for mirror in mirrors {
-            // Each draw its own number: one that picked something else would tie the two. The
-            // backend's and the sample's (weights 96/4 and a 1 % mirror on the 4: their residues
-            // never met, no mirror); the sample's and the endpoint's (a 1/2 mirror to two pods:
-            // only even numbers sampled, the first candidate always the first pod).
-            let sample = rand::random::<u64>() % u64::from(mirror.denominator.max(1));
-            if sample >= u64::from(mirror.numerator) {
-                continue;
-            }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 proxy
                     .metrics
@@ -56,6 +49,8 @@ impl Mirrors {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // A number of its own: the engine's sample also picking the endpoint sent a 1/2
+            // mirror's copies to two pods all to the first (only even numbers sampled).
             let Some((endpoint, in_flight)) =
                 proxy
                     .upstream

@@ -320,12 +320,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         )),
         _ => None,
     };
-    consumers.push(tokio::spawn(publisher.run()));
+    let mut publishing = tokio::spawn(publisher.run());
     // One registration for the agent's life: a SIGTERM that comes while it drains after a
     // takeover is kept for the wait below, not lost between two registrations.
     let mut signals = Signals::new();
+    // The publisher owns the table: if it ends while the sources run (a panic, a bug), the table
+    // would stay as it is while /ready said ready. The agent stops instead, failing, so that
+    // the kubelet starts it again (and its pods' connections fall back to kube-proxy meanwhile).
+    let mut publisher_ended = false;
     let taken_over = tokio::select! {
         () = signals.recv() => None,
+        ended = &mut publishing => {
+            tracing::error!(?ended, "the route table's publisher stopped; shutting down so that the agent is started again");
+            publisher_ended = true;
+            None
+        }
         pid = async {
             match successors.as_mut() {
                 Some(s) => s.taken_over().await,
@@ -378,6 +387,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         status.shutdown().await;
     }
     source.shutdown();
+    consumers.push(publishing);
     for consumer in consumers.into_iter().chain(following_tables) {
         consumer.abort();
     }
@@ -399,6 +409,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if taken_over.is_some() && wait {
         tracing::info!("taken over and drained: holding nothing, waiting for SIGTERM");
         signals.recv().await;
+    }
+    if publisher_ended {
+        anyhow::bail!("the route table's publisher stopped (see the log above); restart the agent");
     }
     Ok(())
 }

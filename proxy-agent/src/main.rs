@@ -292,11 +292,14 @@ fn main() -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster)")?;
-            // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease.
+            // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease;
+            // from a workstation, the agents' default.
+            let in_a_pod = env("KUBERNETES_SERVICE_HOST").is_some();
             let lease_namespace = cli
                 .lease_namespace
                 .or_else(|| env("POD_NAMESPACE"))
-                .unwrap_or_else(|| client.default_namespace().to_string());
+                .or_else(|| in_a_pod.then(|| client.default_namespace().to_string()))
+                .unwrap_or_else(|| "gamma-system".into());
             let status = StatusConfig {
                 lease_namespace,
                 ..status

@@ -82,7 +82,9 @@ pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Res
             .await?);
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    if let Some(holder) = spec.holder_identity.clone().filter(|h| !h.is_empty()) {
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    // Ours from a run cut short: taken again.
+    if let Some(holder) = holder.filter(|h| *h != config.identity) {
         let duration = spec.lease_duration_seconds.unwrap_or(15).max(1) as i64;
         let renewed_since = spec
             .renew_time
@@ -108,15 +110,47 @@ pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Res
         .await?)
 }
 
-/// Lets go of a lease `taken` by [`take_over_idle`] (an agent takes it at its next look).
-pub async fn let_go(client: Client, config: &LeaseConfig, mut taken: Lease) -> anyhow::Result<()> {
+/// Holds a lease `taken` by [`take_over_idle`] while `work` runs, renewing it every
+/// `config.retry_period`, then lets it go (an agent takes it at its next look). `work`'s
+/// outcome, then the lease's.
+pub async fn holding<T>(
+    client: Client,
+    config: &LeaseConfig,
+    taken: Lease,
+    work: impl std::future::Future<Output = T>,
+) -> (T, anyhow::Result<()>) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    if let Some(spec) = taken.spec.as_mut() {
+    let mut lease = taken;
+    let mut lost: Option<anyhow::Error> = None;
+    let mut work = std::pin::pin!(work);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            () = tokio::time::sleep(config.retry_period), if lost.is_none() => {
+                if let Some(spec) = lease.spec.as_mut() {
+                    spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+                }
+                match api.replace(&config.name, &PostParams::default(), &lease).await {
+                    Ok(renewed) => lease = renewed,
+                    Err(e) => lost = Some(anyhow::Error::new(e).context("renewing the status lease")),
+                }
+            }
+        }
+    };
+    if let Some(lost) = lost {
+        return (outcome, Err(lost));
+    }
+    if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = None;
     }
-    api.replace(&config.name, &PostParams::default(), &taken)
-        .await?;
-    Ok(())
+    let let_go = api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await;
+    let let_go = let_go.map(drop);
+    (
+        outcome,
+        let_go.map_err(|e| anyhow::Error::new(e).context("letting go of the status lease")),
+    )
 }
 
 fn from_write(e: kube::Error) -> LeaseError {
@@ -396,6 +430,46 @@ mod tests {
             }
         });
         Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
+    }
+
+    /// `--clear-status` holds the lease while it clears: renewed meanwhile (an agent would take
+    /// a lease left unrenewed for its duration, and write status back), let go after.
+    #[tokio::test]
+    async fn a_lease_held_for_work_is_renewed_meanwhile_and_let_go_after() {
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = api_server({
+            let written = written.clone();
+            move |method, body: Option<serde_json::Value>| {
+                let written = written.clone();
+                async move {
+                    let body = body.unwrap_or_default();
+                    if method == Method::PUT {
+                        written.lock().unwrap().push(body["spec"].clone());
+                    }
+                    Some((StatusCode::OK, body.to_string()))
+                }
+            }
+        })
+        .await;
+        let mut config = LeaseConfig::new("ns".into(), "lease".into(), "clearing".into());
+        config.retry_period = Duration::from_millis(100);
+        let taken: Lease = serde_json::from_value(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"holderIdentity": "clearing", "leaseDurationSeconds": 15},
+        }))
+        .unwrap();
+        let work = tokio::time::sleep(Duration::from_millis(450));
+        let ((), kept) = holding(client, &config, taken, work).await;
+        kept.unwrap();
+        let written = written.lock().unwrap();
+        let (last, renewals) = written.split_last().expect("written");
+        assert!(renewals.len() >= 2, "renewed while working: {written:?}");
+        for renewal in renewals {
+            assert_eq!(renewal["holderIdentity"], "clearing");
+            assert!(renewal["renewTime"].is_string());
+        }
+        assert!(last["holderIdentity"].is_null(), "let go: {last}");
     }
 
     /// An API server that lets the lease be created, then never answers again (a connection

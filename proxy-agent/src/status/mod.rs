@@ -76,27 +76,28 @@ impl StatusHandle {
 /// agent not yet stopped does not write them back; refused while an agent holds it.
 pub async fn clear(client: Client, config: StatusConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let mut lease = LeaseConfig::new(
+    let lease = LeaseConfig::new(
         config.lease_namespace,
         config.lease_name,
         "gamma-node --clear-status".into(),
     );
-    // Longer than a pass over many routes takes: nobody renews it.
-    lease.duration = Duration::from_secs(300);
+    tracing::info!(namespace = %lease.namespace, name = %lease.name, "taking the status lease");
     let taken = lease::take_over_idle(client.clone(), &lease)
         .await
         .context(
             "taking the status lease (an agent that holds it would write route status back: \
              delete the DaemonSet and wait for its pods to go, then run this again)",
         )?;
-    let routes = writer::clear_routes(client.clone()).await;
-    let meshes = mesh::clear(client.clone()).await;
-    lease::let_go(client, &lease, taken)
-        .await
-        .context("letting go of the status lease")?;
-    if !(routes? && meshes) {
+    let clearing = async {
+        let routes = writer::clear_routes(client.clone()).await;
+        let meshes = mesh::clear(client.clone()).await;
+        routes.map(|routes| routes && meshes)
+    };
+    let (cleared, lease_kept) = lease::holding(client.clone(), &lease, taken, clearing).await;
+    if !cleared? {
         anyhow::bail!("some status could not be cleared (see the warnings above); run this again");
     }
+    lease_kept?;
     tracing::info!("route and XMesh status cleared");
     Ok(())
 }

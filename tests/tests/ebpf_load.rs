@@ -338,19 +338,7 @@ fn client_first_ports_go_to_their_own_listener() {
     let backend4 = sandbox.bind(VIP4);
     let agent4 = sandbox.bind("127.0.0.1:0");
     let first4 = sandbox.bind("127.0.0.1:0");
-    let listeners = [
-        AgentListener {
-            listener: &agent4,
-            addr: agent4.local_addr().unwrap(),
-            client_first: false,
-        },
-        AgentListener {
-            listener: &first4,
-            addr: first4.local_addr().unwrap(),
-            client_first: true,
-        },
-    ];
-    let redirect = Redirect::attach(&sandbox.cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"));
+    let redirect = attach_with_client_first(&sandbox.cgroup, &agent4, &first4);
     let reached = |servers: &[Server<'_>]| {
         let seen = exchange(&sandbox, addr(VIP4), servers, &redirect);
         assert_eq!(seen.client_peer, addr(VIP4), "getpeername shows the VIP");
@@ -411,19 +399,7 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
     let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
     let agent4 = sandbox.bind("127.0.0.1:0");
     let first4 = sandbox.bind("127.0.0.1:0");
-    let listeners = [
-        AgentListener {
-            listener: &agent4,
-            addr: agent4.local_addr().unwrap(),
-            client_first: false,
-        },
-        AgentListener {
-            listener: &first4,
-            addr: first4.local_addr().unwrap(),
-            client_first: true,
-        },
-    ];
-    let redirect = Redirect::attach(&sandbox.cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"));
+    let redirect = attach_with_client_first(&sandbox.cgroup, &agent4, &first4);
     redirect
         .set_mesh_services([(addr(VIP4), true), (addr(OPAQUE), false)])
         .unwrap();
@@ -457,6 +433,24 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// The redirect attached with `agent4` for any port and `first4` for ports whose clients speak
+/// first.
+fn attach_with_client_first(cgroup: &Path, agent4: &TcpListener, first4: &TcpListener) -> Redirect {
+    let listeners = [
+        AgentListener {
+            listener: agent4,
+            addr: agent4.local_addr().unwrap(),
+            client_first: false,
+        },
+        AgentListener {
+            listener: first4,
+            addr: first4.local_addr().unwrap(),
+            client_first: true,
+        },
+    ];
+    Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {

@@ -633,6 +633,23 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// A client and a server with a pump of `pumps` between them, `ahead` going to the server
+    /// first: the client, the server, and the pump's end.
+    async fn pumping_between(
+        pumps: &Arc<Pumps>,
+        ahead: Flow,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<PumpEnd>) {
+        let (client, agent_side) = pair().await;
+        let (agent_up, server) = pair().await;
+        let pumps = pumps.clone();
+        let pumping = tokio::spawn(async move {
+            pumps
+                .run(agent_side, agent_up, ahead, Flow::default())
+                .await
+        });
+        (client, server, pumping)
+    }
+
     #[tokio::test]
     async fn a_paused_pump_resumes_where_it_left_off() {
         for carry in [Carry::Splice, Carry::Copy] {
@@ -642,16 +659,7 @@ mod tests {
 
     async fn paused_pump_resumes(carry: Carry) {
         let pumps = Pumps::carrying(Duration::from_secs(60), carry);
-        let (mut client, agent_side) = pair().await;
-        let (agent_up, mut server) = pair().await;
-        let pumping = {
-            let pumps = pumps.clone();
-            tokio::spawn(async move {
-                pumps
-                    .run(agent_side, agent_up, Flow::default(), Flow::default())
-                    .await
-            })
-        };
+        let (mut client, mut server, pumping) = pumping_between(&pumps, Flow::default()).await;
         client.write_all(b"before").await.unwrap();
         let mut got = [0u8; 6];
         server.read_exact(&mut got).await.unwrap();
@@ -694,20 +702,11 @@ mod tests {
 
     async fn pending_bytes_first(carry: Carry) {
         let pumps = Pumps::carrying(Duration::from_millis(300), carry);
-        let (mut client, agent_side) = pair().await;
-        let (agent_up, mut server) = pair().await;
         let ahead = Flow {
             pending: b"read ahead ".to_vec(),
             ..Flow::default()
         };
-        let pumping = tokio::spawn({
-            let pumps = pumps.clone();
-            async move {
-                pumps
-                    .run(agent_side, agent_up, ahead, Flow::default())
-                    .await
-            }
-        });
+        let (mut client, mut server, pumping) = pumping_between(&pumps, ahead).await;
         client.write_all(b"then this").await.unwrap();
         let mut got = [0u8; 20];
         server.read_exact(&mut got).await.unwrap();
@@ -723,16 +722,8 @@ mod tests {
         for carry in [Carry::Splice, Carry::Copy] {
             for half_closed in [false, true] {
                 let pumps = Pumps::carrying(Duration::from_millis(300), carry);
-                let (mut client, agent_side) = pair().await;
-                let (agent_up, mut server) = pair().await;
-                let pumping = tokio::spawn({
-                    let pumps = pumps.clone();
-                    async move {
-                        pumps
-                            .run(agent_side, agent_up, Flow::default(), Flow::default())
-                            .await
-                    }
-                });
+                let (mut client, mut server, pumping) =
+                    pumping_between(&pumps, Flow::default()).await;
                 if half_closed {
                     client.write_all(b"query").await.unwrap();
                     client.shutdown().await.unwrap();
@@ -770,16 +761,7 @@ mod tests {
         use std::os::fd::AsRawFd as _;
         for carry in [Carry::Splice, Carry::Copy] {
             let pumps = Pumps::carrying(Duration::from_secs(60), carry);
-            let (mut client, agent_side) = pair().await;
-            let (agent_up, mut server) = pair().await;
-            let pumping = tokio::spawn({
-                let pumps = pumps.clone();
-                async move {
-                    pumps
-                        .run(agent_side, agent_up, Flow::default(), Flow::default())
-                        .await
-                }
-            });
+            let (mut client, mut server, pumping) = pumping_between(&pumps, Flow::default()).await;
             // "!" is the urgent byte.
             // SAFETY: a send(2) of a valid buffer on our own socket.
             let sent =
@@ -882,16 +864,7 @@ mod tests {
     async fn bytes_held_in_the_kernel_pipe_are_handed_over() {
         const TOTAL: usize = 32 * 1024 * 1024;
         let pumps = Pumps::carrying(Duration::from_secs(60), Carry::Splice);
-        let (mut client, agent_side) = pair().await;
-        let (agent_up, mut server) = pair().await;
-        let pumping = tokio::spawn({
-            let pumps = pumps.clone();
-            async move {
-                pumps
-                    .run(agent_side, agent_up, Flow::default(), Flow::default())
-                    .await
-            }
-        });
+        let (mut client, mut server, pumping) = pumping_between(&pumps, Flow::default()).await;
         let pattern = |i: usize| (i % 251) as u8;
         let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
         let written = Arc::new(AtomicU64::new(0));

@@ -438,34 +438,21 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
 /// The redirect attached with `agent4` for any port and `first4` for ports whose clients speak
 /// first.
 fn attach_with_client_first(cgroup: &Path, agent4: &TcpListener, first4: &TcpListener) -> Redirect {
-    let listeners = [
-        AgentListener {
-            listener: agent4,
-            addr: agent4.local_addr().unwrap(),
-            client_first: false,
-        },
-        AgentListener {
-            listener: first4,
-            addr: first4.local_addr().unwrap(),
-            client_first: true,
-        },
-    ];
-    Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))
+    attach_listeners(cgroup, [(agent4, false), (first4, true)])
 }
 
+/// The redirect attached with `agent4` and `agent6`, each for any port of its family.
 fn attach(cgroup: &Path, agent4: &TcpListener, agent6: &TcpListener) -> Redirect {
-    let listeners = [
-        AgentListener {
-            listener: agent4,
-            addr: agent4.local_addr().unwrap(),
-            client_first: false,
-        },
-        AgentListener {
-            listener: agent6,
-            addr: agent6.local_addr().unwrap(),
-            client_first: false,
-        },
-    ];
+    attach_listeners(cgroup, [(agent4, false), (agent6, false)])
+}
+
+/// The redirect attached with these listeners, each for ports whose clients speak first or not.
+fn attach_listeners(cgroup: &Path, listeners: [(&TcpListener, bool); 2]) -> Redirect {
+    let listeners = listeners.map(|(listener, client_first)| AgentListener {
+        listener,
+        addr: listener.local_addr().unwrap(),
+        client_first,
+    });
     Redirect::attach(cgroup, &listeners).unwrap_or_else(|e| panic!("{e}"))
 }
 

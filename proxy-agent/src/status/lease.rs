@@ -56,10 +56,10 @@ enum LeaseError {
     TimedOut(Duration),
 }
 
-/// Takes the lease named in `config` for `config.identity` to hold for `config.duration`
-/// (renewed by nobody), unless an agent renewed it within its own duration (by this machine's
+/// Takes the lease named in `config` for `config.identity` (for [`holding`] to renew), unless an
+/// agent renewed it within its own duration (by this machine's
 /// clock: an operator's check, not how candidates decide). Err names the holder or the race.
-pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Result<Lease> {
+pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
     let held = |holder: String| Lease {
@@ -77,9 +77,9 @@ pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Res
         }),
     };
     let Some(mut lease) = api.get_opt(&config.name).await? else {
-        return Ok(api
-            .create(&PostParams::default(), &held(config.identity.clone()))
-            .await?);
+        api.create(&PostParams::default(), &held(config.identity.clone()))
+            .await?;
+        return Ok(());
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -105,52 +105,34 @@ pub async fn take_over_idle(client: Client, config: &LeaseConfig) -> anyhow::Res
         spec.lease_transitions = Some(transitions);
     }
     // With the resourceVersion read: an agent that took it meanwhile makes this a 409.
-    Ok(api
-        .replace(&config.name, &PostParams::default(), &ours)
-        .await?)
+    api.replace(&config.name, &PostParams::default(), &ours)
+        .await?;
+    Ok(())
 }
 
-/// Holds a lease `taken` by [`take_over_idle`] while `work` runs, renewing it every
-/// `config.retry_period`, then lets it go (an agent takes it at its next look). `work`'s
-/// outcome, then the lease's.
+/// Holds the lease [`take_over_idle`] took while `work` runs, as an agent holds it (an
+/// [`Elector`] of the same identity, whose first look renews it), then releases it. Err if it
+/// could not be held, or was lost meanwhile: an agent may have written status since.
 pub async fn holding<T>(
     client: Client,
     config: &LeaseConfig,
-    taken: Lease,
     work: impl std::future::Future<Output = T>,
-) -> (T, anyhow::Result<()>) {
-    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    let mut lease = taken;
-    let mut lost: Option<anyhow::Error> = None;
-    let mut work = std::pin::pin!(work);
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut work => break outcome,
-            () = tokio::time::sleep(config.retry_period), if lost.is_none() => {
-                if let Some(spec) = lease.spec.as_mut() {
-                    spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
-                }
-                match api.replace(&config.name, &PostParams::default(), &lease).await {
-                    Ok(renewed) => lease = renewed,
-                    Err(e) => lost = Some(anyhow::Error::new(e).context("renewing the status lease")),
-                }
-            }
-        }
-    };
-    if let Some(lost) = lost {
-        return (outcome, Err(lost));
+) -> anyhow::Result<T> {
+    let (elector, mut leader) = Elector::new(client, config.clone());
+    let (stop, stopped) = oneshot::channel();
+    let campaign = tokio::spawn(elector.run(stopped));
+    let held = tokio::time::timeout(config.renew_deadline, leader.wait_for(|leads| *leads))
+        .await
+        .is_ok_and(|leads| leads.is_ok());
+    let outcome = if held { Some(work.await) } else { None };
+    let kept = *leader.borrow();
+    let _ = stop.send(());
+    let _ = campaign.await;
+    match (outcome, kept) {
+        (Some(outcome), true) => Ok(outcome),
+        (None, _) => anyhow::bail!("the status lease could not be held"),
+        (Some(_), false) => anyhow::bail!("the status lease was lost meanwhile"),
     }
-    if let Some(spec) = lease.spec.as_mut() {
-        spec.holder_identity = None;
-    }
-    let let_go = api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await;
-    let let_go = let_go.map(drop);
-    (
-        outcome,
-        let_go.map_err(|e| anyhow::Error::new(e).context("letting go of the status lease")),
-    )
 }
 
 fn from_write(e: kube::Error) -> LeaseError {
@@ -436,32 +418,32 @@ mod tests {
     /// a lease left unrenewed for its duration, and write status back), let go after.
     #[tokio::test]
     async fn a_lease_held_for_work_is_renewed_meanwhile_and_let_go_after() {
+        let stored = Arc::new(std::sync::Mutex::new(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"holderIdentity": "clearing", "leaseDurationSeconds": 15},
+        })));
         let written = Arc::new(std::sync::Mutex::new(Vec::new()));
         let client = api_server({
-            let written = written.clone();
+            let (stored, written) = (stored.clone(), written.clone());
             move |method, body: Option<serde_json::Value>| {
-                let written = written.clone();
+                let (stored, written) = (stored.clone(), written.clone());
                 async move {
-                    let body = body.unwrap_or_default();
+                    let mut stored = stored.lock().unwrap();
                     if method == Method::PUT {
+                        let body = body.unwrap_or_default();
                         written.lock().unwrap().push(body["spec"].clone());
+                        *stored = body;
                     }
-                    Some((StatusCode::OK, body.to_string()))
+                    Some((StatusCode::OK, stored.to_string()))
                 }
             }
         })
         .await;
         let mut config = LeaseConfig::new("ns".into(), "lease".into(), "clearing".into());
         config.retry_period = Duration::from_millis(100);
-        let taken: Lease = serde_json::from_value(serde_json::json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": "1"},
-            "spec": {"holderIdentity": "clearing", "leaseDurationSeconds": 15},
-        }))
-        .unwrap();
         let work = tokio::time::sleep(Duration::from_millis(450));
-        let ((), kept) = holding(client, &config, taken, work).await;
-        kept.unwrap();
+        holding(client, &config, work).await.unwrap();
         let written = written.lock().unwrap();
         let (last, renewals) = written.split_last().expect("written");
         assert!(renewals.len() >= 2, "renewed while working: {written:?}");

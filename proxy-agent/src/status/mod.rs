@@ -82,7 +82,7 @@ pub async fn clear(client: Client, config: StatusConfig) -> anyhow::Result<()> {
         "gamma-node --clear-status".into(),
     );
     tracing::info!(namespace = %lease.namespace, name = %lease.name, "taking the status lease");
-    let taken = lease::take_over_idle(client.clone(), &lease)
+    lease::take_over_idle(client.clone(), &lease)
         .await
         .context(
             "taking the status lease (an agent that holds it would write route status back: \
@@ -93,11 +93,12 @@ pub async fn clear(client: Client, config: StatusConfig) -> anyhow::Result<()> {
         let meshes = mesh::clear(client.clone()).await;
         routes.map(|routes| routes && meshes)
     };
-    let (cleared, lease_kept) = lease::holding(client.clone(), &lease, taken, clearing).await;
+    let cleared = lease::holding(client.clone(), &lease, clearing)
+        .await
+        .context("holding the status lease while clearing; run this again")?;
     if !cleared? {
         anyhow::bail!("some status could not be cleared (see the warnings above); run this again");
     }
-    lease_kept?;
     tracing::info!("route and XMesh status cleared");
     Ok(())
 }

@@ -1000,23 +1000,28 @@ macro_rules! header_modifier {
     }};
 }
 
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
+/// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
+/// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
+/// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
+/// must reach its caller with its challenge.
+pub const HOP_BY_HOP: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+];
+
 /// Fields of a hop, not of the message: Content-Length and Transfer-Encoding say where a
 /// message ends, the agent writes them for the body it sends; the connection's own fields
-/// (RFC 9110 §7.6.1) are each hop's. A header filter changes none of them. A length a filter set
-/// beside a body of another length (none at all, for a GET) desynchronised the kept connection
-/// to the backend that every caller's requests share, or the caller's own; a `TE: gzip` went to
-/// HTTP/1.1 backends, whose gzip-coded answer nobody decoded.
+/// ([`HOP_BY_HOP`], `Upgrade`) are each hop's. A header filter changes none of them. A length a
+/// filter set beside a body of another length (none at all, for a GET) desynchronised the kept
+/// connection to the backend that every caller's requests share, or the caller's own; a
+/// `TE: gzip` went to HTTP/1.1 backends, whose gzip-coded answer nobody decoded.
 fn hop_field(name: &HeaderName) -> bool {
-    use http::header;
-    matches!(
-        *name,
-        header::CONTENT_LENGTH
-            | header::TRANSFER_ENCODING
-            | header::CONNECTION
-            | header::TE
-            | header::UPGRADE
-    ) || name == "keep-alive"
-        || name == "proxy-connection"
+    HOP_BY_HOP.contains(name)
+        || matches!(*name, http::header::CONTENT_LENGTH | http::header::UPGRADE)
 }
 
 /// A backendRef-like reference (`backendRefs[]` and `requestMirror.backendRef`).

@@ -433,18 +433,9 @@ pub(in crate::proxy) fn one_content_length(headers: &mut HeaderMap) {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Not `Trailer`: it
-/// is end to end (§6.6.2), and an HTTP/1.1 hop sends only the trailer fields it names.
-/// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
-/// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
-/// must reach its caller with its challenge.
-pub(in crate::proxy) const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-];
+/// The headers of one connection, not the message (the engine's list, which header filters
+/// do not set either).
+pub(in crate::proxy) use gamma_engine::model::HOP_BY_HOP;
 
 /// Whether a trailer field from an HTTP/1.1 peer may be relayed: not one that describes a
 /// connection ([`HOP_BY_HOP`], `Upgrade`), which HTTP/2 forbids in any field section (RFC 9113

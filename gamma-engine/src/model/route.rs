@@ -977,7 +977,7 @@ macro_rules! header_modifier {
     ($m:expr, $field:expr) => {{
         let m = $m;
         let field: &str = $field;
-        let framing_left_out = |pairs: Box<[(HeaderName, HeaderValue)]>| {
+        let hop_fields_left_out = |pairs: Box<[(HeaderName, HeaderValue)]>| {
             pairs
                 .into_vec()
                 .into_iter()
@@ -985,8 +985,8 @@ macro_rules! header_modifier {
                 .collect()
         };
         HeaderModifier {
-            set: framing_left_out(header_pairs!(m.set, format!("{field}.set"))),
-            add: framing_left_out(header_pairs!(m.add, format!("{field}.add"))),
+            set: hop_fields_left_out(header_pairs!(m.set, format!("{field}.set"))),
+            add: hop_fields_left_out(header_pairs!(m.add, format!("{field}.add"))),
             // Removing one is harmless (the agent frames what it sends) or wanted: `Upgrade`
             // removed turns WebSocket upgrades off for the rule.
             remove: m
@@ -2095,7 +2095,7 @@ mod tests {
     /// Transfer-Encoding and the connection's own fields are left out, the others kept, and
     /// every removal.
     #[test]
-    fn header_modifiers_leave_the_framing_fields_alone() {
+    fn header_modifiers_set_no_hop_fields() {
         let route = http_route(serde_json::json!([{"filters": [
             {"type": "RequestHeaderModifier", "requestHeaderModifier": {
                 "set": [{"name": "Content-Length", "value": "40"}, {"name": "x-a", "value": "1"},

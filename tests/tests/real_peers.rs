@@ -452,14 +452,11 @@ async fn curl_h2_through_with(
     with_body: bool,
     extra: &[&str],
 ) -> Result<String, String> {
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "strict", 80, &[backend], Some("http"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: strict, port: 80}]\n",
-        ));
+    let world = Manifests::front_with_rules_declared(
+        backend,
+        "  - backendRefs: [{name: echo, port: 80}]\n",
+        Some("http"),
+    );
     let agent = Agent::start_front(&world).unwrap();
     let body: &[&str] = if with_body { &["-d", "x"] } else { &[] };
     curl_h2_run(&agent.url(0, "/framed"), &[body, extra].concat()).await
@@ -614,14 +611,11 @@ async fn curl_over_http2_gets_a_cut_grpc_answer_without_its_stale_length() {
 async fn curl_over_http2_sends_a_get_body_of_unknown_length_on() {
     use std::io::Write;
     let echo = echo_backend([127, 0, 0, 1], "plain").await;
-    let world = Manifests::default()
-        .service("ns", "front", 80, &[], None)
-        .service("ns", "plain", 80, &[echo.addr], Some("http"))
-        .raw(&route(
-            "r",
-            "front",
-            "  - backendRefs: [{name: plain, port: 80}]\n",
-        ));
+    let world = Manifests::front_with_rules_declared(
+        echo.addr,
+        "  - backendRefs: [{name: echo, port: 80}]\n",
+        Some("http"),
+    );
     let agent = Agent::start_front(&world).unwrap();
     let url = agent.url(0, "/upload");
     let output = tokio::task::spawn_blocking(move || {

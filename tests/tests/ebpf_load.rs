@@ -762,40 +762,23 @@ fn connect_after_refused(refused: SocketAddr, target: SocketAddr) -> TcpStream {
 /// An IPv4 socket bound to `source_port` (with SO_REUSEADDR, so that another such socket may
 /// share it) and connect()ed to `target`.
 fn connect_from(source_port: u16, target: SocketAddr) -> TcpStream {
-    let (fd, stream) = ipv4_socket();
-    let on: libc::c_int = 1;
-    // SAFETY: `on` outlives the call; the length is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_REUSEADDR: {}", std::io::Error::last_os_error());
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: source_port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `sa` is a valid sockaddr_in for the call's duration.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&raw const sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "bind :{source_port}: {}",
-        std::io::Error::last_os_error()
-    );
-    raw_connect(fd, target).unwrap_or_else(|e| panic!("connect {target} from :{source_port}: {e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(SocketAddr::from(([0, 0, 0, 0], source_port)))
+            .unwrap_or_else(|e| panic!("bind :{source_port}: {e}"));
+        socket
+            .connect(target)
+            .await
+            .unwrap_or_else(|e| panic!("connect {target} from :{source_port}: {e}"))
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
     stream
 }
 

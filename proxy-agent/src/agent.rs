@@ -1,7 +1,7 @@
 //! Wiring: sources → publisher → data plane, redirect maps, status, admin; and the process
 //! lifecycle (start, takeover, drain).
 
-use crate::admin::server::{self, AdminState};
+use crate::admin::server::{self, AdminState, Exposure};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, AcceptModes, ExplicitTarget};
@@ -79,6 +79,8 @@ pub struct AgentConfig {
     pub listen: Vec<ListenSpec>,
     pub caller_namespace: Option<String>,
     pub admin: SocketAddr,
+    /// Listeners that serve `/metrics` alone, for a scraper on the network (`--metrics`).
+    pub metrics: Vec<SocketAddr>,
     pub poll_interval: Duration,
     pub drain_timeout: Duration,
     pub proxy: ProxyConfig,
@@ -164,13 +166,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.pumps.tell_pairing(Arc::new(AnyMayBePaired));
     }
     let drain = Drain::default();
-    let admin = server::spawn(
+    let mut admin_listeners = vec![(
         listen(
             &mut inherited,
             &mut offered,
             config.admin,
             "the admin server",
         )?,
+        Exposure::Admin,
+    )];
+    for addr in &config.metrics {
+        let listener = listen(&mut inherited, &mut offered, *addr, "--metrics")?;
+        admin_listeners.push((listener, Exposure::MetricsOnly));
+    }
+    let serving = server::spawn(
+        admin_listeners,
         AdminState {
             snapshot: publisher.reader(),
             metrics: metrics.clone(),
@@ -180,7 +190,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         &drain,
     )
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
-    tracing::info!(%admin, "admin server listening");
+    tracing::info!(admin = %serving[0], metrics = ?&serving[1..], "admin server listening");
     let source = Source::start(&config, updates).await?;
     if let Err(stopped) = first_sync(&mut publisher, &mut inherited).await {
         return Err(source.failure().await.context(stopped));

@@ -95,6 +95,11 @@ struct Cli {
     /// Admin server (health, metrics, config dump, explain). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Also serve `/metrics` (and nothing else) here, for Prometheus: on the host network the
+    /// admin server's loopback is the node's, which no scraper in a pod reaches. Same forms as
+    /// --redirect (`$(HOST_IPS):15090`). Off by default.
+    #[arg(long, value_name = "ADDR|IPS:PORT")]
+    metrics: Option<Addresses>,
     /// Worker threads of the data plane (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -316,6 +321,10 @@ fn main() -> Result<()> {
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,
+        metrics: cli
+            .metrics
+            .map(|Addresses(addrs)| addrs)
+            .unwrap_or_default(),
         poll_interval: Duration::from_millis(cli.poll_interval_ms.max(10)),
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
         proxy: ProxyConfig {

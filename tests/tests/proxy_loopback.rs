@@ -690,6 +690,50 @@ async fn the_admin_server_is_read_only() {
     );
 }
 
+/// `--metrics` serves `/metrics` to the network and nothing else: the table and `/explain` stay
+/// on the loopback admin server, and the listener is read-only too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_metrics_alone() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
+    let metrics_only: std::net::SocketAddr =
+        format!("127.0.0.1:{}", gamma_tests::loopback::free_port())
+            .parse()
+            .unwrap();
+    let mut options = options(None);
+    options.extra_args = vec!["--metrics".into(), metrics_only.to_string()];
+    let agent = Agent::start(&world, options).unwrap();
+    let url = format!("http://{}/", agent.listen[0]);
+    assert_eq!(get(&client(false), &url, &[]).await.status, 200);
+    let (status, body) = gamma_tests::loopback::http_get_full(metrics_only, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("gamma_requests_total{") && body.contains("service=\"ns/front:80\""),
+        "the request is counted:\n{body}"
+    );
+    for path in [
+        "/config_dump",
+        "/explain?service=ns/front&port=80",
+        "/ready",
+        "/",
+    ] {
+        let (status, _) = gamma_tests::loopback::http_get_full(metrics_only, path).unwrap();
+        assert_eq!(status, 404, "{path}");
+    }
+    let reply = gamma_tests::probe::raw_exchange(
+        metrics_only,
+        b"POST /metrics HTTP/1.1\r\nHost: m\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(reply.statuses(), [405]);
+    assert_eq!(
+        admin_status(&agent, "/config_dump"),
+        200,
+        "still on --admin"
+    );
+}
+
 /// `/explain` reads its query as a form, so that `path` can carry a whole query string
 /// (`%3F`, `%26`, `%3D`): a rule matching the second query parameter is explained as matched.
 /// Before, only `%2F`, `%3A` and `%20` were decoded.

@@ -194,6 +194,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     let socket = dir.0.join("agent.sock");
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
+    let metrics_only = format!("127.0.0.1:{}", free_port());
     let spawn = |log: &str| -> KillOnDrop {
         Command::new(agent_binary())
             .arg("--manifests")
@@ -201,6 +202,8 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
             .args([
                 "--admin",
                 &admin,
+                "--metrics",
+                &metrics_only,
                 "--listen",
                 &format!("{listen}=shop/front:80"),
             ])
@@ -253,13 +256,13 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
         }
         None => {
             assert!(answered(), "the new agent serves");
-            // The admin port too: every scrape is the new agent's (its metrics report the
-            // takeover it started with; the old agent's say none), so the kubelet's probes are
-            // answered by it alone.
-            let admin_addr = admin.parse().unwrap();
-            for _ in 0..40 {
+            // The admin port too, and the `--metrics` one: every scrape is the new agent's (its
+            // metrics report the takeover it started with; the old agent's say none), so the
+            // kubelet's probes are answered by it alone.
+            for scraped in [&admin, &metrics_only].repeat(20) {
+                let scraped = scraped.parse().unwrap();
                 let metrics =
-                    tokio::task::block_in_place(|| http_get(admin_addr, "/metrics")).unwrap();
+                    tokio::task::block_in_place(|| http_get(scraped, "/metrics")).unwrap();
                 let total = sample(&metrics, "gamma_takeover_duration_seconds{phase=\"total\"}")
                     .expect("the takeover duration is exported");
                 assert!(

@@ -12,7 +12,8 @@
 //! - (b) flags: every argument is a flag `--print-flags` lists, with a value exactly when it takes
 //!   one; every `$(VAR)` is an env var of the container; every ConfigMap key it reads exists;
 //! - (c) probes: liveness and startup on /live, readiness on /ready, at the `--admin` host and port;
-//!   declared ports agree with `--admin` and `--redirect`;
+//!   declared ports agree with `--admin` and `--redirect`; Prometheus's pod annotations lead to
+//!   the `--metrics` listener;
 //! - (d) image: the agent's image is the one the `images:` rules of the kustomization and its
 //!   bases set (read from the kustomization files), and each of the kustomization's own rules
 //!   shows in the rendering (in the base: the agent's version; beside a demo script: the image
@@ -1387,9 +1388,62 @@ fn check_probes(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome 
             ));
         }
     }
+    let metrics = agent.flag_value("metrics", agent_flags);
+    problems.extend(check_scrape_annotations(agent, metrics.as_deref()));
     outcome(problems, || {
-        format!("liveness/startup on /live, readiness on /ready, at --admin {admin}")
+        let scraped = metrics.map_or(String::new(), |m| format!("; scraped at --metrics {m}"));
+        format!("liveness/startup on /live, readiness on /ready, at --admin {admin}{scraped}")
     })
+}
+
+/// Prometheus's pod annotations, where the template has them, must lead to the `--metrics`
+/// listener: the admin server's loopback is the node's, out of a scraper's reach.
+fn check_scrape_annotations(agent: &Agent<'_>, metrics: Option<&str>) -> Vec<String> {
+    let annotations = agent
+        .daemonset
+        .root()
+        .req("spec")
+        .and_then(|s| s.req("template"))
+        .and_then(|t| t.get("metadata"))
+        .and_then(|m| m.map(|m| m.get("annotations")).transpose())
+        .map(Option::flatten);
+    let annotations = match annotations {
+        Ok(Some(annotations)) => annotations,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![e],
+    };
+    let read = |key: &str| annotations.opt_str(key).ok().flatten();
+    let mut problems = Vec::new();
+    let at = &annotations.path;
+    if read("prometheus.io/scrape") == Some("true") {
+        if metrics.is_none() {
+            problems.push(format!(
+                "{at}: prometheus.io/scrape is \"true\" but the agent has no --metrics listener \
+                 (the admin server is on the node's loopback, out of the scraper's reach)"
+            ));
+        }
+        if read("prometheus.io/port").is_none() {
+            problems.push(format!(
+                "{at}: prometheus.io/scrape without prometheus.io/port: the pod declares no ports, \
+                 the scraper would not know where --metrics listens"
+            ));
+        }
+    }
+    if let Some(port) = read("prometheus.io/port") {
+        let listening = metrics.and_then(port_of);
+        if port.parse::<u16>().ok() != listening || listening.is_none() {
+            let metrics = metrics.unwrap_or("not given");
+            problems.push(format!(
+                "{at}: prometheus.io/port is {port}, --metrics is {metrics}"
+            ));
+        }
+    }
+    if let Some(path) = read("prometheus.io/path").filter(|p| *p != "/metrics") {
+        problems.push(format!(
+            "{at}: prometheus.io/path is {path}; --metrics serves /metrics only"
+        ));
+    }
+    problems
 }
 
 fn container_ports(container: &Node<'_>) -> Result<BTreeMap<String, u16>, String> {
@@ -2183,6 +2237,58 @@ data: {{CGROUP_DIR: /sys/fs/cgroup/kubepods.slice}}
         );
         assert!(runs_as("      securityContext: {runAsUser: 65532}"));
         assert!(runs_as(""), "unset: the image's user");
+    }
+
+    /// Prometheus's annotations must lead to `--metrics`, which serves /metrics only.
+    #[test]
+    fn scrape_annotations_lead_to_the_metrics_listener() {
+        let problems = |annotations: &str, args: &str| {
+            let rendered = docs(&format!(
+                "
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: agent, namespace: gamma-system}}
+spec:
+  template:
+    metadata: {{annotations: {{{annotations}}}}}
+    spec:
+      containers: [{{name: proxy-agent, args: [{args}]}}]
+"
+            ));
+            let agent = Agent::find(&rendered).unwrap();
+            let metrics = agent.flag_value("metrics", Some(&agent_flags()));
+            check_scrape_annotations(&agent, metrics.as_deref())
+        };
+        let scraped = "prometheus.io/scrape: 'true', prometheus.io/port: '15090'";
+        assert_eq!(
+            problems(scraped, "'--metrics=$(HOST_IPS):15090'"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems("", ""),
+            Vec::<String>::new(),
+            "no annotations, no listener"
+        );
+        let missing = problems(scraped, "");
+        assert_eq!(missing.len(), 2, "{missing:#?}");
+        assert!(missing[0].contains("no --metrics listener"), "{missing:#?}");
+        assert!(missing[1].contains("prometheus.io/port is 15090, --metrics is not given"));
+        let other = problems(scraped, "'--metrics=10.0.0.1:9090'");
+        assert_eq!(other.len(), 1, "{other:#?}");
+        assert!(
+            other[0].contains("--metrics is 10.0.0.1:9090"),
+            "{other:#?}"
+        );
+        let portless = problems("prometheus.io/scrape: 'true'", "'--metrics=10.0.0.1:9090'");
+        assert!(
+            portless[0].contains("without prometheus.io/port"),
+            "{portless:#?}"
+        );
+        let path = problems(
+            &format!("{scraped}, prometheus.io/path: /stats"),
+            "'--metrics=10.0.0.1:15090'",
+        );
+        assert!(path[0].contains("serves /metrics only"), "{path:#?}");
     }
 
     #[test]

@@ -27,17 +27,33 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
 }
 
-/// Serves on `listener` (bound by the caller, so a bad address fails at start; or handed over by
-/// a predecessor) on a thread of its own, until `drain` stops the accept loops: a successor then
-/// answers alone (the kubelet's probes included), and requests already accepted are answered.
+/// What a listener of the admin server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// Everything: health, metrics, the table (`/config_dump`) and `/explain`. For loopback.
+    Admin,
+    /// `/metrics` alone, for a scraper on the network: the table and `/explain` tell how the
+    /// cluster's traffic flows, which a node's neighbours need not learn.
+    MetricsOnly,
+}
+
+/// Serves on each listener (bound by the caller, so a bad address fails at start; or handed over
+/// by a predecessor) on a thread of its own, until `drain` stops the accept loops: a successor
+/// then answers alone (the kubelet's probes included), and requests already accepted are answered.
 pub fn spawn(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Exposure)>,
     state: AdminState,
     drain: &Drain,
-) -> std::io::Result<SocketAddr> {
-    listener.set_nonblocking(true)?;
-    let local = listener.local_addr()?;
-    let (running, mut stop) = drain.acceptor();
+) -> std::io::Result<Vec<SocketAddr>> {
+    let mut locals = Vec::with_capacity(listeners.len());
+    for (listener, _) in &listeners {
+        listener.set_nonblocking(true)?;
+        locals.push(listener.local_addr()?);
+    }
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, exposure)| (listener, exposure, drain.acceptor()))
+        .collect();
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -46,36 +62,55 @@ pub fn spawn(
                 .build()
                 .expect("admin runtime");
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
-                let _running = running;
-                loop {
-                    let stream = tokio::select! {
-                        biased;
-                        () = turned_true(&mut stop) => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => stream,
-                            Err(e) => {
-                                // EMFILE and friends: wait a little rather than spin.
-                                tracing::warn!(error = %e, "admin: accept failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                                continue;
-                            }
-                        },
-                    };
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |request| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(route(&state, request)) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
+                let mut accepting = tokio::task::JoinSet::new();
+                for (listener, exposure, (running, stop)) in loops {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("admin listener");
+                    accepting.spawn(accept(listener, exposure, state.clone(), running, stop));
                 }
+                while accepting.join_next().await.is_some() {}
             });
         })?;
-    Ok(local)
+    Ok(locals)
+}
+
+async fn accept(
+    listener: tokio::net::TcpListener,
+    exposure: Exposure,
+    state: AdminState,
+    _running: tokio_util::task::task_tracker::TaskTrackerToken,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = turned_true(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: wait a little rather than spin.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move {
+                    Ok::<_, Infallible>(match exposure {
+                        Exposure::Admin => route(&state, request),
+                        Exposure::MetricsOnly => metrics_only(&state, &request),
+                    })
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 fn text(
@@ -103,14 +138,7 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n", "text/plain"),
         "/ready" => ready(state),
-        "/metrics" => text(
-            StatusCode::OK,
-            state.metrics.render(UpstreamCounts {
-                in_flight: state.endpoints.in_flight_total(),
-                ejections: state.endpoints.ejections(),
-            }),
-            "text/plain; version=0.0.4",
-        ),
+        "/metrics" => metrics(state),
         "/config_dump" => {
             let dump = state.snapshot.load().dump();
             text(
@@ -123,6 +151,35 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
         _ => text(
             StatusCode::NOT_FOUND,
             "endpoints: /live /ready /metrics /config_dump /explain\n",
+            "text/plain",
+        ),
+    }
+}
+
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::OK,
+        state.metrics.render(UpstreamCounts {
+            in_flight: state.endpoints.in_flight_total(),
+            ejections: state.endpoints.ejections(),
+        }),
+        "text/plain; version=0.0.4",
+    )
+}
+
+/// A `--metrics` listener's answers: `/metrics`, and 404 for what stays on loopback.
+fn metrics_only(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => metrics(state),
+        (_, "/metrics") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /metrics only\n",
+            "text/plain",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "this listener serves /metrics only; the admin server's other endpoints are on \
+             --admin (loopback)\n",
             "text/plain",
         ),
     }

@@ -247,6 +247,56 @@ fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
     );
 }
 
+/// A backendRef's unsupported filter fails that backend's share, not the rule: the route is
+/// Accepted and partly invalid, naming the backendRef. Only when every weighted backend has one
+/// is the rule dropped (all its requests get 500).
+#[test]
+fn a_backends_unsupported_filter_fails_its_share_not_the_rule() {
+    let auth = json!([{"type": "ExtensionRef",
+                       "extensionRef": {"group": "example.com", "kind": "Auth", "name": "x"}}]);
+    let index = index_with(route(
+        1,
+        json!([{"backendRefs": [
+            {"name": "back", "port": 80, "weight": 1},
+            {"name": "back", "port": 80, "weight": 0, "filters": auth}]}]),
+    ));
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    assert_eq!(accepted_at(&index), ("True", 1));
+    let status = route_status(&index);
+    let partially = condition(&status, "PartiallyInvalid").expect("partly invalid");
+    assert!(
+        partially
+            .message
+            .starts_with("Rule 0: backendRef 1 (back): filter ExtensionRef"),
+        "{}",
+        partially.message
+    );
+
+    let index = index_with(route(
+        1,
+        json!([{"backendRefs": [
+            {"name": "back", "port": 80, "weight": 0},
+            {"name": "back", "port": 80, "weight": 1, "filters": auth}]}]),
+    ));
+    assert_eq!(
+        answer(&index, "/x"),
+        "rule 0 answers 500 Internal Server Error"
+    );
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        ("False", "UnsupportedValue")
+    );
+    assert!(
+        accepted
+            .message
+            .contains("Dropped Rule 0: filter ExtensionRef"),
+        "{}",
+        accepted.message
+    );
+}
+
 /// A filter the agent cannot apply is not skipped because one before it answers (a redirect):
 /// the rule's requests get the 500 its status promises (an ExtensionRef that cannot be resolved
 /// "MUST NOT be skipped").

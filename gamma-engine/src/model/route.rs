@@ -298,8 +298,9 @@ impl Rule {
         }
     }
 
-    /// Why this rule is not served as written, if it is not: it failed to convert, or it uses
-    /// a filter this mesh does not provide (whose requests get 500, as the spec asks).
+    /// Why this rule is not served as written, if it is not: it failed to convert, it uses a
+    /// filter this mesh does not provide (whose requests get 500, as the spec asks), or every
+    /// backend it sends to does.
     pub fn dropped_because(&self) -> Option<String> {
         if let Some(reason) = self.invalid() {
             return Some(if self.matches.is_empty() {
@@ -308,17 +309,41 @@ impl Rule {
                 format!("{reason}; the requests it matches get 500")
             });
         }
-        let unsupported = self
-            .filters()
+        if let Some(unsupported) = unsupported(self.filters()) {
+            return Some(format!(
+                "filter {unsupported} is not supported by this mesh; the requests it matches get 500"
+            ));
+        }
+        let mut weighted = self.backends.iter().filter(|b| b.weight > 0).peekable();
+        let first = unsupported(weighted.peek()?.filters())?;
+        weighted
+            .all(|b| unsupported(b.filters()).is_some())
+            .then(|| {
+                format!(
+                "filter {first} of its backendRefs is not supported by this mesh; the requests \
+                 it matches get 500"
+            )
+            })
+    }
+
+    /// The backendRefs (index and name) whose filters this mesh does not provide, in a rule
+    /// that is served: the requests sent to them get 500, the others' are forwarded.
+    pub fn unsupported_backends(&self) -> Vec<String> {
+        if self.dropped_because().is_some() {
+            return Vec::new();
+        }
+        self.backends
             .iter()
-            .chain(self.backends.iter().flat_map(|b| b.filters()))
-            .find_map(|f| match f {
-                Filter::Unsupported(what) => Some(what),
-                _ => None,
-            })?;
-        Some(format!(
-            "filter {unsupported} is not supported by this mesh; the requests it applies to get 500"
-        ))
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let filter = unsupported(b.filters())?;
+                Some(format!(
+                    "backendRef {i} ({}): filter {filter} is not supported by this mesh; the \
+                     requests sent to it get 500",
+                    b.name
+                ))
+            })
+            .collect()
     }
 
     /// Every backendRef this rule sends traffic to: its backendRefs, then the targets of its own
@@ -1973,6 +1998,14 @@ fn is_identifier(name: &str) -> bool {
 fn is_grpc_service(name: &str) -> bool {
     let name = name.strip_prefix('.').unwrap_or(name);
     name.split('.').all(is_identifier)
+}
+
+/// The first filter of `filters` this mesh does not provide.
+fn unsupported(filters: &[Filter]) -> Option<&str> {
+    filters.iter().find_map(|f| match f {
+        Filter::Unsupported(what) => Some(&**what),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

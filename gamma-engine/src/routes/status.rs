@@ -151,6 +151,18 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         })
         .collect();
     let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
+    // Served rules some of whose backends get 500: the route is partly invalid, not dropped.
+    let invalid_parts: Vec<String> = dropped
+        .iter()
+        .cloned()
+        .chain(route.rules.iter().enumerate().flat_map(|(i, rule)| {
+            let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
+            let backends = rule.unsupported_backends();
+            backends
+                .into_iter()
+                .map(move |b| format!("Rule {i}{name}: {b}"))
+        }))
+        .collect();
     route
         .parent_refs
         .iter()
@@ -165,7 +177,7 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 (accepted, reason) = (false, "UnsupportedValue");
                 message = format!("no rule of this route is valid. {}", dropped.join(". ")).into();
             }
-            let partially_invalid = accepted && !dropped.is_empty();
+            let partially_invalid = accepted && !invalid_parts.is_empty();
             let conditions = if accepted && resolved.is_ok() && !partially_invalid {
                 Conditions::WORKING
             } else {
@@ -176,12 +188,13 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 let mut conditions =
                     vec![condition("Accepted", accepted, reason, message), resolved];
                 if partially_invalid {
-                    // Set only as True (the spec); its message starts with "Dropped Rule".
+                    // Set only as True (the spec); a dropped rule's message starts with "Dropped
+                    // Rule".
                     conditions.push(condition(
                         "PartiallyInvalid",
                         true,
                         "UnsupportedValue",
-                        dropped.join(". ").into(),
+                        invalid_parts.join(". ").into(),
                     ));
                 }
                 conditions.into()

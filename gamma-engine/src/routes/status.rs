@@ -212,12 +212,17 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
 /// The status of a route whose newest generation was refused: not Accepted at that generation,
 /// saying whether an older generation is still served.
 pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<ParentStatus> {
+    // The last good generation lives in each agent's memory: an agent started since the refused
+    // edit (a reboot, an upgrade) never saw it. Said both ways, whichever agent writes.
     let still = match served {
         Some(route) => format!(
-            "generation {} stays in use until this is fixed",
+            "generation {} stays in use until this is fixed on the agents that served it; an \
+             agent started since serves nothing of this route",
             route.meta.generation
         ),
-        None => "nothing of this route is in use until it is fixed".to_string(),
+        None => "nothing of this route is in use on agents started since; an agent that served \
+                 an earlier generation keeps it until this is fixed"
+            .to_string(),
     };
     let message = capped(
         format!(

@@ -601,12 +601,14 @@ async fn prune_state(metrics: Arc<Metrics>, proxy: Arc<Proxy>, mut tables: NewTa
         let series = metrics.requests.prune(&snapshot);
         let live = snapshot.endpoints();
         let endpoints = proxy.upstream.endpoints.retain(|addr| live.contains(addr));
+        let bindings = proxy.upstream.affinity.keep_only(snapshot.backends());
         proxy.forget_gone_services(&snapshot);
-        if series + endpoints > 0 {
+        if series + endpoints + bindings > 0 {
             tracing::debug!(
                 series,
                 endpoints,
-                "state of removed Services, routes and endpoints dropped"
+                bindings,
+                "state of removed Services, routes, endpoints and affinities dropped"
             );
         }
     }

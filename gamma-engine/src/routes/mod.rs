@@ -127,23 +127,30 @@ impl Snapshot {
     /// Every endpoint some request may be sent to (Services' own, rules' backends, mirrors'):
     /// state kept per endpoint for others can go.
     pub fn endpoints(&self) -> ahash::AHashSet<SocketAddr> {
-        let mut all = ahash::AHashSet::new();
-        for frontend in self.by_service.values().flat_map(|f| f.iter()) {
-            all.extend(frontend.direct.endpoints.iter());
-            let tables = frontend.producer.iter().chain(frontend.consumers.values());
-            for rule in tables.flat_map(|t| t.rules.iter()) {
-                let mirrors = rule.mirrors().into_iter().flat_map(|m| {
-                    m.rule
-                        .iter()
-                        .chain(m.backends.iter().flat_map(|b| b.iter()))
+        self.backends()
+            .flat_map(|b| b.endpoints.iter().copied())
+            .collect()
+    }
+
+    /// Every backend some request may be sent to (Services' own, rules' backends, mirrors'),
+    /// once per place that names it.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> + '_ {
+        self.by_service
+            .values()
+            .flat_map(|f| f.iter())
+            .flat_map(|frontend| {
+                let tables = frontend.producer.iter().chain(frontend.consumers.values());
+                let routed = tables.flat_map(|t| t.rules.iter()).flat_map(|rule| {
+                    let mirrors = rule.mirrors().into_iter().flat_map(|m| {
+                        m.rule
+                            .iter()
+                            .chain(m.backends.iter().flat_map(|b| b.iter()))
+                    });
+                    let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref());
+                    backends.chain(mirrors.flatten()).map(|b| &**b)
                 });
-                let backends = rule.backends.iter().filter_map(|b| b.backend.as_ref());
-                for backend in backends.chain(mirrors.flatten()) {
-                    all.extend(backend.endpoints.iter());
-                }
-            }
-        }
-        all
+                std::iter::once(&*frontend.direct).chain(routed)
+            })
     }
 
     /// Everything, for `/config_dump`.

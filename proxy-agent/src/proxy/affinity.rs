@@ -103,6 +103,22 @@ impl Affinity {
         table.bindings.insert(key, sticky);
     }
 
+    /// Keeps only the bindings to an endpoint that one of `backends` (a new table's) serves with
+    /// session affinity; returns how many went. A Service whose affinity was turned off (or which
+    /// was deleted) drops them: turned on again, it starts afresh, as kube-proxy's rules do.
+    pub fn keep_only<'b>(&self, backends: impl Iterator<Item = &'b Backend>) -> usize {
+        let sticky: ahash::AHashSet<(&ObjectKey, u16, SocketAddr)> = backends
+            .filter(|b| b.affinity.is_some())
+            .flat_map(|b| b.endpoints.iter().map(move |e| (&b.service, b.port, *e)))
+            .collect();
+        let mut table = self.entries.lock().expect("not poisoned");
+        let before = table.bindings.len();
+        table
+            .bindings
+            .retain(|(service, port, _), bound| sticky.contains(&(service, *port, bound.endpoint)));
+        before - table.bindings.len()
+    }
+
     /// Live or expired bindings held (expired ones go when the table fills).
     pub fn bindings(&self) -> usize {
         self.entries.lock().expect("not poisoned").bindings.len()
@@ -179,5 +195,25 @@ mod tests {
             None
         );
         assert_eq!(affinity.bindings(), 0);
+    }
+
+    /// Affinity turned off, then on again: the callers start afresh (the table without it
+    /// dropped their bindings); a Service still sticky keeps them.
+    #[test]
+    fn a_table_without_the_affinity_drops_its_bindings() {
+        let affinity = Affinity::default();
+        let sticky = backend(&["10.0.0.1:80", "10.0.0.2:80"], Some(3600));
+        let caller = "10.1.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        affinity.bind(&sticky, caller, "10.0.0.2:80".parse().unwrap(), t0);
+        assert_eq!(affinity.keep_only([&sticky].into_iter()), 0);
+        assert_eq!(affinity.bindings(), 1);
+        let off = backend(&["10.0.0.1:80", "10.0.0.2:80"], None);
+        assert_eq!(affinity.keep_only([&off].into_iter()), 1);
+        assert_eq!(
+            affinity.endpoint(&sticky, caller, t0),
+            None,
+            "on again: afresh"
+        );
     }
 }

@@ -128,7 +128,9 @@ impl Upstream {
     /// The endpoint of `backend` for a request of `caller`. On a first attempt: `pinned` (a
     /// persisted session's endpoint) while the backend has it, else the one the Service's session
     /// affinity binds the caller to, if not ejected. Otherwise the power of two choices among the
-    /// untried ones, which becomes the caller's binding.
+    /// untried ones, which becomes the caller's binding if it had none: an ejection (which one
+    /// caller's failures can cause) or a retry serves one attempt elsewhere, and the caller keeps
+    /// its endpoint while the endpoint stays in the Service, as kube-proxy keeps it.
     pub fn pick<'b>(
         &self,
         backend: &'b Backend,
@@ -139,17 +141,18 @@ impl Upstream {
     ) -> Option<(SocketAddr, InFlight<'b>)> {
         // The clock is read only for Services with session affinity: not on every request.
         let affinity_now = backend.affinity.map(|_| Instant::now());
+        let bound = affinity_now.and_then(|now| self.affinity.endpoint(backend, caller, now));
         if tried.is_empty() {
             let preferred = pinned
                 .filter(|p| backend.endpoints.contains(p))
-                .or_else(|| self.affinity.endpoint(backend, caller, affinity_now?))
+                .or(bound)
                 .and_then(|p| Some((p, self.endpoints.hold(backend, p)?)));
             if preferred.is_some() {
                 return preferred;
             }
         }
         let chosen = self.endpoints.choose(backend, tried, random)?;
-        if let Some(now) = affinity_now {
+        if let (Some(now), None) = (affinity_now, bound) {
             self.affinity.bind(backend, caller, chosen.0, now);
         }
         Some(chosen)
@@ -1241,6 +1244,43 @@ mod tests {
         assert_eq!(owned.authority(), "127.0.0.1:80");
         drop(owned);
         assert_eq!(stats.in_flight_total(), 0);
+    }
+
+    /// A caller bound by session affinity keeps its endpoint across a retry elsewhere and an
+    /// ejection (which another caller's failures can cause): one attempt goes elsewhere, the
+    /// binding stays, as kube-proxy keeps it while the endpoint is in the Service.
+    #[test]
+    fn a_retry_or_an_ejection_does_not_move_a_callers_binding() {
+        let up = Upstream::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Arc::default(),
+        );
+        let key = ObjectKey::new("ns", "svc");
+        let hour = Some(Duration::from_secs(3600));
+        let both = [addr(1), addr(2)];
+        let b = Backend::new(key, 80, both.into(), UpstreamProtocol::AsCaller, hour);
+        let caller = "10.1.0.1".parse().unwrap();
+        let (bound, held) = up.pick(&b, caller, None, &[], 0).unwrap();
+        let other = if bound == addr(1) { addr(2) } else { addr(1) };
+        assert_eq!(up.pick(&b, caller, None, &[bound], 0).unwrap().0, other);
+        assert_eq!(
+            up.pick(&b, caller, None, &[], 0).unwrap().0,
+            bound,
+            "after a retry"
+        );
+        up.endpoints.eject(held.endpoint());
+        drop(held);
+        assert_eq!(
+            up.pick(&b, caller, None, &[], 0).unwrap().0,
+            other,
+            "while ejected"
+        );
+        assert_eq!(
+            up.affinity.endpoint(&b, caller, Instant::now()),
+            Some(bound),
+            "the binding outlives the ejection"
+        );
     }
 
     #[test]

@@ -328,3 +328,50 @@ fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
     load(&mut index, vec![odd]);
     assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
 }
+
+/// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another proxy (a
+/// secondary network's): kube-proxy leaves it alone, and so does the mesh. A route to it as a
+/// parent is not Accepted (nothing is steered); as a backend it does not resolve.
+#[test]
+fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
+    let mut index = Index::for_node("node-a");
+    let mut other = service("other", 1, json!({}));
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "multus"});
+    let route = |name: &str, parent: &str, backend: &str| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": 80}]}]},
+        })
+    };
+    load(
+        &mut index,
+        vec![
+            other,
+            slice("other", &[(1, "node-a", &[])]),
+            service("front", 2, json!({})),
+            route("onto-other", "other", "front"),
+            route("to-other", "front", "other"),
+        ],
+    );
+    let snapshot = index.snapshot();
+    assert!(snapshot
+        .frontend_of(&ObjectKey::new("ns", "other"), 80)
+        .is_none());
+    let steered: Vec<_> = snapshot.mesh_addresses().map(|(a, _)| a.ip()).collect();
+    assert_eq!(steered, ["10.96.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    let condition = |route: &str, type_: &str| {
+        let status = snapshot
+            .status_of(&format!("HTTPRoute ns/{route}"))
+            .unwrap();
+        let c = status[0].condition(type_).unwrap();
+        (c.status, c.reason, c.message.to_string())
+    };
+    let (status, reason, message) = condition("onto-other", "Accepted");
+    assert_eq!((status, reason), ("False", "NoMatchingParent"));
+    assert!(message.contains("handed to the proxy multus"), "{message}");
+    let (status, reason, message) = condition("to-other", "ResolvedRefs");
+    assert_eq!((status, reason), ("False", "BackendNotFound"));
+    assert!(message.contains("the proxy multus"), "{message}");
+}

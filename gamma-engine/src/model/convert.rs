@@ -228,6 +228,12 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
         ports: compact(ports),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         affinity,
+        proxied_by: svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(super::SERVICE_PROXY_NAME))
+            .map(CompactString::from),
     })
 }
 

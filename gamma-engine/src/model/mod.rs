@@ -54,7 +54,13 @@ pub struct Service {
     /// `sessionAffinity: ClientIP`: a caller keeps its endpoint while it calls again within this
     /// time (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 3 h).
     pub affinity: Option<std::time::Duration>,
+    /// The proxy its label `service.kubernetes.io/service-proxy-name` hands it to (a secondary
+    /// network's, say): kube-proxy leaves such a Service alone, and so does the mesh.
+    pub proxied_by: Option<CompactString>,
 }
+
+/// The label that hands a Service to another proxy than kube-proxy (and the mesh).
+pub const SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ServiceKind {
@@ -68,8 +74,14 @@ pub enum ServiceKind {
 impl Service {
     /// GEP-1294: headless and ExternalName Services are neither parents nor backends.
     pub fn has_frontend(&self) -> bool {
+        self.routable() && !self.cluster_ips.is_empty()
+    }
+
+    /// Whether the mesh may route to this Service at all: not headless nor ExternalName
+    /// (GEP-1294), nor another proxy's.
+    pub fn routable(&self) -> bool {
         !matches!(self.kind, ServiceKind::Headless | ServiceKind::ExternalName)
-            && !self.cluster_ips.is_empty()
+            && self.proxied_by.is_none()
     }
 
     pub fn port(&self, port: u16) -> Option<&ServicePort> {

@@ -77,6 +77,11 @@ pub enum BackendError {
     #[error("backendRef {0}: ExternalName Services are not valid backends")]
     NotAllowed(String),
     #[error(
+        "backendRef {0}: the Service is handed to the proxy {1} by its label \
+         service.kubernetes.io/service-proxy-name; the mesh, as kube-proxy, does not send to it"
+    )]
+    OtherProxy(String, String),
+    #[error(
         "backendRef {0}: another namespace than the route's and its parent Service's needs a \
          ReferenceGrant there allowing this route's kind and namespace (the agent dials from the \
          node, where NetworkPolicy cannot tell callers apart)"
@@ -98,7 +103,8 @@ impl BackendError {
             BackendError::RefNotPermitted(_) => "RefNotPermitted",
             BackendError::NotFound(_)
             | BackendError::NoSuchPort(_)
-            | BackendError::NotAllowed(_) => "BackendNotFound",
+            | BackendError::NotAllowed(_)
+            | BackendError::OtherProxy(..) => "BackendNotFound",
         }
     }
 }
@@ -158,6 +164,9 @@ impl<'a> Resolver<'a> {
             .ok_or_else(|| BackendError::NotFound(shown.clone()))?;
         if service.kind == crate::model::ServiceKind::ExternalName {
             return Err(BackendError::NotAllowed(shown));
+        }
+        if let Some(proxy) = &service.proxied_by {
+            return Err(BackendError::OtherProxy(shown, proxy.to_string()));
         }
         let port = reference
             .port

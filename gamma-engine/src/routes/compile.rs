@@ -9,7 +9,7 @@ use super::{
 };
 use crate::model::{
     BackendRef, DeclaredProtocol, Filter, ParentRef, Route, RouteKind, RouteMatch, Service,
-    ServiceKind, ServicePort,
+    ServicePort,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -98,12 +98,10 @@ pub(crate) fn winning_kind(routes: &[&Arc<Route>]) -> RouteKind {
     }
 }
 
-/// The frontends (one per port) of a Service. Headless and ExternalName Services have none.
+/// The frontends (one per port) of a Service. Headless and ExternalName Services have none, nor
+/// those of another proxy.
 pub fn compile_service(service: &Service, world: &dyn World) -> Vec<Arc<Frontend>> {
-    if matches!(
-        service.kind,
-        ServiceKind::Headless | ServiceKind::ExternalName
-    ) {
+    if !service.routable() {
         return Vec::new();
     }
     let routes = world.routes_on(&service.key);

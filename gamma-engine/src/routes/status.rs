@@ -282,6 +282,18 @@ fn accepted(
             format!("Service {key} does not exist").into(),
         );
     };
+    if let Some(proxy) = &service.proxied_by {
+        return (
+            false,
+            "NoMatchingParent",
+            format!(
+                "Service {key} is handed to the proxy {proxy} by its label {}: the mesh, as \
+                 kube-proxy, leaves it to that proxy",
+                crate::model::SERVICE_PROXY_NAME
+            )
+            .into(),
+        );
+    }
     if !service.has_frontend() {
         return (
             false,

@@ -170,6 +170,9 @@ async fn answer(
             .insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
         r.headers_mut().insert("grpc-status", "0".parse().unwrap());
         r
+    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse().ok()) {
+        // `/bytes/<n>`: a body of n bytes, for answers larger than a flow-control window.
+        Response::new(Full::new(Bytes::from(vec![b'x'; n])))
     } else {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         r.headers_mut()

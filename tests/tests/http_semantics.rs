@@ -1728,3 +1728,93 @@ async fn a_request_counts_in_flight_until_its_answers_end() {
         }
     }
 }
+
+/// An HTTP/2 connection to the agent over plain TCP, with the client's own initial stream
+/// window (h2's client, which does not read what the test does not ask for).
+async fn h2_connection(addr: std::net::SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    send.ready().await.unwrap()
+}
+
+fn h2_request(method: Method, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://front{path}"))
+        .body(())
+        .unwrap()
+}
+
+/// An upload whose backend reads slowly stalls its own stream, not the caller's others (RFC
+/// 9113 §5.2): with hyper's defaults its body took the connection's whole window, and a small
+/// request body on the same connection (a gRPC channel's next call) waited for the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_stall_the_connections_other_request_bodies() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let mut send = h2_connection(agent.listen[0], 1024 * 1024).await;
+    // The backend reads this body only after 4 s.
+    let (_upload_answer, mut upload) = send
+        .send_request(h2_request(Method::POST, "/delay/4000"), false)
+        .unwrap();
+    upload
+        .send_data(Bytes::from(vec![b'u'; 8 * 1024 * 1024]), true)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut send = send.ready().await.unwrap();
+    let (answer, mut body) = send
+        .send_request(h2_request(Method::POST, "/small"), false)
+        .unwrap();
+    body.send_data(Bytes::from_static(b"hello"), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(2), answer)
+        .await
+        .expect("the small request is answered while the upload waits")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+/// Callers that read nothing of large answers stall their own streams, not the answers of other
+/// callers multiplexed on the same backend connection: with hyper's defaults (2 MiB per stream
+/// under 5 MiB per connection) three such callers stopped every answer from that endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_reading_nothing_do_not_stall_others_on_the_backend_connection() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
+    // One worker: every caller shares its connection to the backend.
+    let agent = Agent::start(&world, options(&["--workers", "1"])).unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut send = h2_connection(agent.listen[0], 16 * 1024).await;
+        let (answer, _) = send
+            .send_request(h2_request(Method::GET, "/bytes/4000000"), true)
+            .unwrap();
+        // The head is read, never the body.
+        stalled.push((send, answer.await.unwrap()));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut send = h2_connection(agent.listen[0], 1024 * 1024).await;
+    let (answer, _) = send
+        .send_request(h2_request(Method::GET, "/bytes/100000"), true)
+        .unwrap();
+    let read = async {
+        let mut body = answer.await.unwrap().into_body();
+        let mut bytes = 0;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            bytes += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        bytes
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .expect("another caller's answer flows while theirs wait");
+    assert_eq!(bytes, 100_000);
+    drop(stalled);
+}

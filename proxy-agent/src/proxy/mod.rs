@@ -84,6 +84,13 @@ pub struct ProxyConfig {
     /// Answer bytes the agent buffers per HTTP/2 stream for a caller that has not read them
     /// (however large the window it grants): what a caller that never reads can hold, per stream.
     pub h2_max_send_buffer: usize,
+    /// The window each HTTP/2 caller stream opens for its request body: what the agent holds of
+    /// a body its backend does not take yet.
+    pub h2_stream_window: u32,
+    /// The window of an HTTP/2 caller connection: what the agent holds of the bodies of all its
+    /// streams. Many streams' windows, so that streams whose backends read slowly stall
+    /// themselves, not the connection's other streams (RFC 9113 §5.2).
+    pub h2_connection_window: u32,
     /// HTTP/2 rapid reset guard (CVE-2023-44487): streams the client reset before they were
     /// served, waiting in the accept queue; past it the connection gets GOAWAY
     /// ENHANCE_YOUR_CALM.
@@ -115,6 +122,11 @@ impl Default for ProxyConfig {
             // hyper's default is 400 KiB: 1024 unread streams on one connection held 400 MiB.
             // 64 KiB beside the socket's own buffer still fills a loopback or LAN pipe.
             h2_max_send_buffer: 64 * 1024,
+            // hyper's defaults are 1 MiB each: one upload to a slow backend took the connection's
+            // whole window, and every other request body on it waited (a gRPC channel's calls).
+            // As linkerd2-proxy: 64 KiB per stream under 1 MiB per connection.
+            h2_stream_window: 64 * 1024,
+            h2_connection_window: 1024 * 1024,
             // h2's defaults at the time of writing, spelled out so an h2 upgrade cannot loosen
             // them silently.
             h2_max_pending_accept_reset_streams: 20,

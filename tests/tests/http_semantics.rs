@@ -1102,6 +1102,50 @@ async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
     assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:?}");
 }
 
+/// A gRPC call whose first attempt may have run (its stream reset INTERNAL_ERROR once sent) and
+/// whose retries were declined is not refused to its caller: a client's transparent resend
+/// would run it again beyond the route's retries (RFC 9113 §8.7: REFUSED_STREAM says nothing
+/// was processed). It ends with a status instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_declined_after_an_attempt_that_may_have_run_is_not_refused() {
+    let backend = RawH2::start(|n| {
+        if n == 0 {
+            Reply::Reset(2)
+        } else {
+            Reply::Refuse
+        }
+    })
+    .await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "h2", 80, &[backend.addr], Some("kubernetes.io/h2c"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - retry: {attempts: 2, backoff: 10ms}\n    backendRefs: [{name: h2, port: 80}]\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let call = http::Request::post("http://front/pkg.Catalog/Buy")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = sender
+        .send_request(call)
+        .await
+        .expect("answered, not refused");
+    assert_eq!(
+        backend.requests.load(Ordering::Relaxed),
+        3,
+        "three attempts"
+    );
+    let status = answer.headers().get("grpc-status").cloned();
+    let body = answer.into_body().collect().await.unwrap();
+    let status = status.or_else(|| body.trailers()?.get("grpc-status").cloned());
+    assert_eq!(status.as_ref().map(|s| s.to_str().unwrap()), Some("14"));
+}
+
 /// An HTTP/2 upstream connection that carried no stream for `--upstream-idle-timeout-s` is
 /// closed, as HTTP/1.1 ones are. Before, the agent kept every HTTP/2 connection it made until
 /// the backend closed it.

@@ -125,6 +125,9 @@ pub(super) async fn forward(
     let mut attempt_started = None;
     // Inline for the usual one or two attempts: no allocation per request.
     let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
+    // Whether an attempt so far may have been processed by a backend (it answered, failed after
+    // it was sent, or timed out): the request can no longer be called unprocessed.
+    let mut maybe_processed = false;
     let run = async {
         // The first attempt always has its body; a retry takes its own when it is decided.
         let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
@@ -177,6 +180,10 @@ pub(super) async fn forward(
                 }
                 attempt => attempt,
             };
+            maybe_processed |= matches!(
+                attempt,
+                Attempt::Response(_) | Attempt::TimedOut(_) | Attempt::Failed { .. }
+            );
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
                 Attempt::TimedOut(_) | Attempt::Failed { .. } => {
@@ -243,12 +250,14 @@ pub(super) async fn forward(
                 }),
                 // Declined twice, or once with a body that could not be kept: unprocessed, as a
                 // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream
-                // refused, which gRPC clients send again by themselves).
+                // refused, which gRPC clients send again by themselves). Unless an earlier
+                // attempt may have been processed (RFC 9113 §8.7): a client's resend would run
+                // it again beyond the route's retries.
                 Attempt::Declined(error) => Err(LocalAnswer::BackendFailed {
                     endpoint,
                     backend: backend.name(),
                     error,
-                    reset: Some(u32::from(h2::Reason::REFUSED_STREAM)),
+                    reset: (!maybe_processed).then_some(u32::from(h2::Reason::REFUSED_STREAM)),
                 }),
             };
         }

@@ -501,11 +501,114 @@ impl Body for Replay {
 ///   whose code goes to the caller as it is) ends it with UNAVAILABLE trailers: what a client
 ///   talking to the backend itself reports for a lost connection, and what watch and retry logic
 ///   acts on. Failed, the caller's stream would be reset INTERNAL_ERROR: INTERNAL.
+///
+/// Trailers of the agent's own must fall between gRPC messages (PROTOCOL-HTTP2: a response is
+/// whole length-prefixed messages, then trailers): a client that reads a message cut short
+/// reports INTERNAL and never reads them. A message that spans DATA frames is therefore held
+/// until it is whole, up to [`GRPC_HELD_MESSAGE`]; one larger goes on as it comes, and a cut in
+/// its middle resets the stream instead.
 pub struct AnswerEnd {
     inner: ProxyBody,
     deadline: Option<Pin<Box<Sleep>>>,
-    grpc: bool,
+    /// gRPC answers only.
+    messages: Option<GrpcMessages>,
     ended: bool,
+}
+
+/// A gRPC message this large at most is held until whole (a larger one streams on).
+pub const GRPC_HELD_MESSAGE: u64 = 64 * 1024;
+
+/// Where a gRPC answer's bytes stand in its length-prefixed messages, and what is held of the
+/// message in progress.
+#[derive(Default)]
+struct GrpcMessages {
+    /// The current message's 5-byte prefix (flag, then the length), as far as seen.
+    prefix: [u8; 5],
+    prefix_seen: usize,
+    /// Bytes of the current message's payload still to come.
+    remaining: u64,
+    /// The start of the current message, not sent yet.
+    held: bytes::BytesMut,
+    /// Some of the current message went to the caller already (one larger than the hold).
+    sent_partly: bool,
+    /// A frame to send once `held` went: the backend's trailers or end, after a message cut
+    /// short by the backend itself (its own bytes go as they are).
+    after_held: Option<Option<Frame<Bytes>>>,
+}
+
+impl GrpcMessages {
+    /// Follows `data`; returns the offset just past the last message it completes (0: none).
+    fn follow(&mut self, data: &[u8]) -> usize {
+        let (mut at, mut boundary) = (0, 0);
+        while at < data.len() {
+            if self.prefix_seen < 5 {
+                let take = (5 - self.prefix_seen).min(data.len() - at);
+                self.prefix[self.prefix_seen..self.prefix_seen + take]
+                    .copy_from_slice(&data[at..at + take]);
+                self.prefix_seen += take;
+                at += take;
+                if self.prefix_seen < 5 {
+                    break;
+                }
+                self.remaining = u64::from(u32::from_be_bytes(
+                    self.prefix[1..].try_into().expect("four bytes"),
+                ));
+            }
+            let take = self.remaining.min((data.len() - at) as u64);
+            self.remaining -= take;
+            at += take as usize;
+            if self.remaining == 0 {
+                self.prefix_seen = 0;
+                boundary = at;
+            }
+        }
+        boundary
+    }
+
+    /// The current message's length with its prefix, once the prefix is known.
+    fn current_len(&self) -> Option<u64> {
+        (self.prefix_seen == 5).then(|| {
+            5 + u64::from(u32::from_be_bytes(
+                self.prefix[1..].try_into().expect("four bytes"),
+            ))
+        })
+    }
+
+    /// What of `data` goes to the caller now: whole messages, and the start of one too large to
+    /// hold; the start of a smaller one waits in `held`.
+    fn take(&mut self, data: Bytes) -> Option<Bytes> {
+        let continued = self.sent_partly;
+        let boundary = self.follow(&data);
+        if self.prefix_seen == 0 || (continued && boundary == 0) {
+            // Whole messages, or more of one already streaming on.
+            self.sent_partly = self.prefix_seen != 0;
+            return Some(self.with_held(data));
+        }
+        if self
+            .current_len()
+            .is_some_and(|len| len > GRPC_HELD_MESSAGE)
+        {
+            self.sent_partly = true;
+            return Some(self.with_held(data));
+        }
+        self.sent_partly = false;
+        if boundary == 0 {
+            self.held.extend_from_slice(&data);
+            return None;
+        }
+        let whole = self.with_held(data.slice(..boundary));
+        self.held.extend_from_slice(&data[boundary..]);
+        Some(whole)
+    }
+
+    /// `data` after what is held, which goes with it.
+    fn with_held(&mut self, data: Bytes) -> Bytes {
+        if self.held.is_empty() {
+            return data;
+        }
+        self.held.extend_from_slice(&data);
+        self.held.split().freeze()
+    }
 }
 
 impl AnswerEnd {
@@ -517,19 +620,26 @@ impl AnswerEnd {
         AnswerEnd {
             inner,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            grpc,
+            messages: grpc.then(GrpcMessages::default),
             ended: false,
         }
         .boxed_unsync()
     }
 
+    /// Ends the answer early: a gRPC one with `status` trailers between two messages (what is
+    /// held of the next goes), or reset when a message already went in part; any other fails.
     fn end(
         &mut self,
         status: GrpcStatus,
         why: &str,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.ended = true;
-        Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(status, why)))))
+        match &self.messages {
+            Some(messages) if !messages.sent_partly => {
+                Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(status, why)))))
+            }
+            _ => Poll::Ready(Some(Err(why.into()))),
+        }
     }
 }
 
@@ -544,6 +654,10 @@ impl Body for AnswerEnd {
         if self.ended {
             return Poll::Ready(None);
         }
+        if let Some(after) = self.messages.as_mut().and_then(|m| m.after_held.take()) {
+            self.ended = after.is_none();
+            return Poll::Ready(after.map(Ok));
+        }
         // The deadline first: a backend faster than its caller always has the next frame ready,
         // and a deadline looked at only when it had none would never be reached.
         let expired = self
@@ -551,28 +665,60 @@ impl Body for AnswerEnd {
             .as_mut()
             .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
         if expired {
-            const WHY: &str = "the route's timeout expired before the response's end";
-            if !self.grpc {
-                self.ended = true;
-                return Poll::Ready(Some(Err(WHY.into())));
-            }
-            return self.end(GrpcStatus::DeadlineExceeded, WHY);
+            return self.end(
+                GrpcStatus::DeadlineExceeded,
+                "the route's timeout expired before the response's end",
+            );
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) if self.grpc && !reset_by_backend(&*e) => {
-                let why = format!("the backend's connection broke before the response's end: {e}");
-                self.end(GrpcStatus::Unavailable, &why)
+        loop {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            let Some(messages) = self.messages.as_mut() else {
+                return polled;
+            };
+            let frame = match polled {
+                Poll::Ready(Some(Err(e))) if !reset_by_backend(&*e) => {
+                    let why =
+                        format!("the backend's connection broke before the response's end: {e}");
+                    return self.end(GrpcStatus::Unavailable, &why);
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+                other @ (Poll::Pending | Poll::Ready(Some(Err(_)))) => return other,
+                Poll::Ready(None) if messages.held.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    messages.after_held = Some(None);
+                    let held = messages.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(held))));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if let Some(whole) = messages.take(data) {
+                        return Poll::Ready(Some(Ok(Frame::data(whole))));
+                    }
+                    // All of it held: the next frame, or a wakeup for it.
+                }
+                Err(frame) if messages.held.is_empty() => return Poll::Ready(Some(Ok(frame))),
+                Err(frame) => {
+                    // The backend ended inside a message: its bytes go as they came.
+                    messages.after_held = Some(Some(frame));
+                    let held = messages.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(held))));
+                }
             }
-            other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        self.ended
+            || (self.inner.is_end_stream()
+                && self
+                    .messages
+                    .as_ref()
+                    .is_none_or(|m| m.held.is_empty() && m.after_held.is_none()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.grpc {
+        if self.messages.is_some() {
             // Not exact: it may end early with trailers of its own (and hyper's server would
             // write an exact hint as the answer's length).
             return SizeHint::default();
@@ -688,5 +834,97 @@ mod tests {
         let trailers = end.into_trailers().expect("trailers end a gRPC answer");
         assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
         assert!(grpc.frame().await.is_none());
+    }
+
+    /// A gRPC message: its prefix and `len` bytes of `fill`.
+    fn message(len: usize, fill: u8) -> Vec<u8> {
+        let mut m = vec![0];
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(fill, len));
+        m
+    }
+
+    /// These frames, then nothing ever again (a backend gone quiet).
+    fn then_quiet(frames: Vec<Frame<Bytes>>) -> ProxyBody {
+        use futures::StreamExt as _;
+        let frames = futures::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
+        http_body_util::StreamBody::new(frames.chain(futures::stream::pending())).boxed_unsync()
+    }
+
+    fn data(bytes: &[u8]) -> Frame<Bytes> {
+        Frame::data(Bytes::copy_from_slice(bytes))
+    }
+
+    /// The agent's own trailers fall between whole messages: a message begun when the deadline
+    /// passes is held back, not cut (a client reading it cut short reports INTERNAL and never
+    /// reads the trailers' DEADLINE_EXCEEDED).
+    #[tokio::test]
+    async fn a_grpc_deadline_ends_the_answer_between_whole_messages() {
+        let whole = message(3, b'a');
+        let begun = message(10, b'b');
+        let mut first = whole.clone();
+        first.extend_from_slice(&begun[..9]);
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let mut answer = AnswerEnd::wrap(then_quiet(vec![data(&first)]), Some(deadline), true);
+        let sent = answer.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(sent, whole, "the whole message, not the begun one");
+        let end = answer.frame().await.unwrap().unwrap();
+        assert_eq!(end.into_trailers().unwrap()["grpc-status"], "4");
+        assert!(answer.frame().await.is_none());
+    }
+
+    /// A message larger than the hold streams on as it comes; cut in its middle, the answer
+    /// fails (the caller's stream is reset) rather than end with trailers no client reads.
+    #[tokio::test]
+    async fn a_grpc_message_too_large_to_hold_streams_on_and_a_cut_resets() {
+        let large = message(GRPC_HELD_MESSAGE as usize, b'l');
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let frames = vec![data(&large[..1000]), data(&large[1000..2000])];
+        let mut answer = AnswerEnd::wrap(then_quiet(frames), Some(deadline), true);
+        for part in [&large[..1000], &large[1000..2000]] {
+            let sent = answer.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(sent, part);
+        }
+        assert!(
+            answer.frame().await.unwrap().is_err(),
+            "reset, not trailers"
+        );
+    }
+
+    /// Messages across frames go whole, in order, and the backend's trailers follow; a message
+    /// the backend itself ends inside goes as it came, before its trailers.
+    #[tokio::test]
+    async fn grpc_messages_across_frames_go_whole_and_a_backends_own_cut_passes() {
+        let (a, b) = (message(20, b'a'), message(7, b'b'));
+        let mut stream = a.clone();
+        stream.extend_from_slice(&b);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames = vec![
+            data(&stream[..2]),
+            data(&stream[2..12]),
+            data(&stream[12..30]),
+            data(&stream[30..]),
+            Frame::trailers(trailers.clone()),
+        ];
+        let mut answer = AnswerEnd::wrap(then_quiet(frames), None, true);
+        let mut sent = Vec::new();
+        while let Some(frame) = answer.frame().await {
+            match frame.unwrap().into_data() {
+                Ok(data) => sent.push(data),
+                Err(end) => {
+                    assert_eq!(end.into_trailers().unwrap(), trailers);
+                    break;
+                }
+            }
+        }
+        assert_eq!(sent, [&a[..], &b[..]], "each message whole");
+
+        let cut = vec![data(&b[..4]), Frame::trailers(trailers.clone())];
+        let mut answer = AnswerEnd::wrap(then_quiet(cut), None, true);
+        let sent = answer.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(sent, b[..4], "the backend's own bytes");
+        let end = answer.frame().await.unwrap().unwrap();
+        assert_eq!(end.into_trailers().unwrap(), trailers);
     }
 }

@@ -206,7 +206,7 @@ impl Drop for OpenConnection {
 pub(super) async fn serve_connection(
     proxy: &Arc<Proxy>,
     mut stream: Lingering,
-    info: Arc<ConnectionInfo>,
+    mut info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
 ) {
     // The frontend only: a long connection must not keep a whole old table alive.
@@ -223,6 +223,9 @@ pub(super) async fn serve_connection(
         }
         return;
     };
+    if let Some(info) = Arc::get_mut(&mut info) {
+        info.destination.hold_to(&frontend);
+    }
     let caller_namespace = info.caller.namespace.as_deref();
     let Some(protocol) = protocol_of(proxy, &mut stream, &frontend, caller_namespace).await else {
         return;
@@ -356,6 +359,64 @@ mod tests {
             frontend.upgrade().is_none(),
             "the open connection keeps the frontend of an old table alive"
         );
+        drop(client);
+        serving.await.unwrap();
+    }
+
+    /// A kept connection's requests go to the Service it was accepted for: its ClusterIP given
+    /// to another Service since, the next request is answered 503 and the connection closed (the
+    /// client's next one goes where the name leads), not routed by the other Service's table.
+    #[tokio::test]
+    async fn a_kept_connection_does_not_follow_its_clusterip_to_another_service() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let tables = Arc::new(ArcSwap::new(crate::test_dir::snapshot_of(
+            crate::test_dir::FRONT,
+        )));
+        let proxy = Proxy::new(
+            tables.clone(),
+            Arc::new(Metrics::default()),
+            crate::proxy::ProxyConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let drain = Drain::default();
+        let stream = Lingering::new(accepted, drain.watch(), drain.tracker.clone());
+        let info = ConnectionInfo {
+            destination: super::super::Destination::Address {
+                addr: "10.96.0.10:80".parse().unwrap(),
+                service: None,
+            },
+            caller: super::super::Caller {
+                ip: "127.0.0.1".parse().unwrap(),
+                namespace: None,
+                pod: None,
+                identity: "test",
+            },
+        };
+        let shutdown = drain.watch();
+        let serving = tokio::spawn(async move {
+            serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
+        });
+        let exchange = async |client: &mut tokio::net::TcpStream| {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: front.ns\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = [0u8; 1024];
+            let read = client.read(&mut answer).await.unwrap();
+            String::from_utf8_lossy(&answer[..read]).to_ascii_lowercase()
+        };
+        let first = exchange(&mut client).await;
+        assert!(first.starts_with("http/1.1 503"), "{first}");
+        assert!(!first.contains("connection: close"), "kept: {first}");
+        let other = crate::test_dir::FRONT.replace("name: front", "name: other");
+        tables.store(crate::test_dir::snapshot_of(&other));
+        let second = exchange(&mut client).await;
+        assert!(second.starts_with("http/1.1 503"), "{second}");
+        assert!(second.contains("connection: close"), "{second}");
         drop(client);
         serving.await.unwrap();
     }

@@ -140,8 +140,23 @@ impl Default for ProxyConfig {
 pub enum Destination {
     /// An explicit listener: a named Service port.
     Service { service: ObjectKey, port: u16 },
-    /// A redirected connection: its original destination (a ClusterIP and port).
-    Address(SocketAddr),
+    /// A redirected connection: its original destination (a ClusterIP and port), and the Service
+    /// that had it when the connection was accepted.
+    Address {
+        addr: SocketAddr,
+        service: Option<ObjectKey>,
+    },
+}
+
+impl Destination {
+    /// A redirected connection's requests go to the Service it was accepted for: its ClusterIP,
+    /// given to another Service since, is not that one's (kube-proxy's conntrack keeps an
+    /// established flow on its endpoint). Its next request then finds no frontend: 503, close.
+    pub fn hold_to(&mut self, frontend: &Frontend) {
+        if let Destination::Address { service, .. } = self {
+            service.get_or_insert_with(|| frontend.service.clone());
+        }
+    }
 }
 
 /// Who called, as far as the agent could establish.
@@ -244,7 +259,9 @@ impl Proxy {
     ) -> Option<&'s Arc<Frontend>> {
         match destination {
             Destination::Service { service, port } => snapshot.frontend_of(service, *port),
-            Destination::Address(addr) => snapshot.frontend_at(*addr),
+            Destination::Address { addr, service } => snapshot
+                .frontend_at(*addr)
+                .filter(|f| service.as_ref().is_none_or(|s| f.service == *s)),
         }
     }
 
@@ -906,7 +923,10 @@ mod future_sizes {
 
     fn connection() -> ConnectionInfo {
         ConnectionInfo {
-            destination: Destination::Address("10.0.0.1:80".parse().unwrap()),
+            destination: Destination::Address {
+                addr: "10.0.0.1:80".parse().unwrap(),
+                service: None,
+            },
             caller: Caller {
                 ip: "10.0.0.2".parse().unwrap(),
                 namespace: None,

@@ -49,7 +49,10 @@ pub async fn serve_redirect(
             }
         }
         resolved.map(|(original, caller)| ConnectionInfo {
-            destination: Destination::Address(original),
+            destination: Destination::Address {
+                addr: original,
+                service: None,
+            },
             caller,
         })
     })

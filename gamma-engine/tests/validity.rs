@@ -185,6 +185,20 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
         accepted.message
     );
 
+    // Invalid from its first generation: no earlier one to speak of.
+    let first = route(
+        1,
+        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+                "backendRefs": [{"name": "back", "port": 80}]}]),
+    );
+    let status = route_status(&index_with(first));
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert!(
+        !accepted.message.contains("earlier generation"),
+        "{}",
+        accepted.message
+    );
+
     // An invalid edit of a good route: generation 1 keeps serving, generation 2 is reported.
     let good = route(1, json!([{"backendRefs": [{"name": "back", "port": 80}]}]));
     let mut index = index_with(good);

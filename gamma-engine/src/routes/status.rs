@@ -220,6 +220,10 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
              agent started since serves nothing of this route",
             route.meta.generation
         ),
+        // Generation 1: there was none before it.
+        None if refused.generation <= 1 => {
+            "nothing of this route is in use until it is fixed".to_string()
+        }
         None => "nothing of this route is in use on agents started since; an agent that served \
                  an earlier generation keeps it until this is fixed"
             .to_string(),

@@ -107,6 +107,9 @@ impl Affinity {
     /// session affinity; returns how many went. A Service whose affinity was turned off (or which
     /// was deleted) drops them: turned on again, it starts afresh, as kube-proxy's rules do.
     pub fn keep_only<'b>(&self, backends: impl Iterator<Item = &'b Backend>) -> usize {
+        if self.bindings() == 0 {
+            return 0; // no Service with affinity called yet: nothing to walk
+        }
         let sticky: ahash::AHashSet<(&ObjectKey, u16, SocketAddr)> = backends
             .filter(|b| b.affinity.is_some())
             .flat_map(|b| b.endpoints.iter().map(move |e| (&b.service, b.port, *e)))

@@ -593,21 +593,32 @@ impl GrpcMessages {
         }
         self.sent_partly = false;
         if boundary == 0 {
-            self.held.extend_from_slice(&data);
+            self.hold(&data);
             return None;
         }
         let whole = self.with_held(data.slice(..boundary));
-        self.held.extend_from_slice(&data[boundary..]);
+        self.hold(&data[boundary..]);
         Some(whole)
     }
 
-    /// `data` after what is held, which goes with it.
+    /// Keeps `part` of the current message: room for the whole message is made once, when its
+    /// length is known (not doubled frame after frame).
+    fn hold(&mut self, part: &[u8]) {
+        if let Some(len) = self.current_len() {
+            self.held
+                .reserve((len as usize).saturating_sub(self.held.len()));
+        }
+        self.held.extend_from_slice(part);
+    }
+
+    /// `data` after what is held, which goes with it; the buffer goes with them, so that a
+    /// long stream keeps none between messages.
     fn with_held(&mut self, data: Bytes) -> Bytes {
         if self.held.is_empty() {
             return data;
         }
         self.held.extend_from_slice(&data);
-        self.held.split().freeze()
+        std::mem::take(&mut self.held).freeze()
     }
 }
 
@@ -686,7 +697,7 @@ impl Body for AnswerEnd {
                 Poll::Ready(None) if messages.held.is_empty() => return Poll::Ready(None),
                 Poll::Ready(None) => {
                     messages.after_held = Some(None);
-                    let held = messages.held.split().freeze();
+                    let held = std::mem::take(&mut messages.held).freeze();
                     return Poll::Ready(Some(Ok(Frame::data(held))));
                 }
             };
@@ -701,7 +712,7 @@ impl Body for AnswerEnd {
                 Err(frame) => {
                     // The backend ended inside a message: its bytes go as they came.
                     messages.after_held = Some(Some(frame));
-                    let held = messages.held.split().freeze();
+                    let held = std::mem::take(&mut messages.held).freeze();
                     return Poll::Ready(Some(Ok(Frame::data(held))));
                 }
             }
@@ -919,6 +930,22 @@ mod tests {
             }
         }
         assert_eq!(sent, [&a[..], &b[..]], "each message whole");
+
+        let mut messages = GrpcMessages::default();
+        let large = message(GRPC_HELD_MESSAGE as usize - 5, b'l');
+        let (head, tail) = large.split_at(16 * 1024);
+        assert!(
+            messages.take(Bytes::copy_from_slice(head)).is_none(),
+            "held"
+        );
+        assert_eq!(messages.held.capacity(), large.len(), "room made once");
+        let whole = messages.take(Bytes::copy_from_slice(tail)).unwrap();
+        assert_eq!(whole, large);
+        assert_eq!(
+            messages.held.capacity(),
+            0,
+            "no buffer kept between messages"
+        );
 
         let cut = vec![data(&b[..4]), Frame::trailers(trailers.clone())];
         let mut answer = AnswerEnd::wrap(then_quiet(cut), None, true);

@@ -84,6 +84,46 @@ enum Attempt {
     Declined(String),
 }
 
+impl Attempt {
+    /// The answer this attempt gives the caller when it is the last.
+    fn failure(
+        self,
+        endpoint: SocketAddr,
+        backend: &Backend,
+    ) -> Result<Response<ProxyBody>, LocalAnswer> {
+        Err(match self {
+            Attempt::Response(response) => return Ok(response),
+            Attempt::ConnectFailed(error) | Attempt::AgentShort(error) => {
+                LocalAnswer::ConnectFailed {
+                    endpoint,
+                    backend: backend.name(),
+                    error,
+                }
+            }
+            Attempt::TimedOut(after) => LocalAnswer::BackendTimeout {
+                endpoint,
+                backend: backend.name(),
+                after,
+            },
+            Attempt::Failed { error, reset } => LocalAnswer::BackendFailed {
+                endpoint,
+                backend: backend.name(),
+                error,
+                reset,
+            },
+            // Declined twice, or once with a body that could not be kept: unprocessed, as a
+            // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream refused,
+            // which gRPC clients send again by themselves).
+            Attempt::Declined(error) => LocalAnswer::BackendFailed {
+                endpoint,
+                backend: backend.name(),
+                error,
+                reset: Some(u32::from(h2::Reason::REFUSED_STREAM)),
+            },
+        })
+    }
+}
+
 /// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
 /// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
 /// the body then ends it with DEADLINE_EXCEEDED).
@@ -125,9 +165,10 @@ pub(super) async fn forward(
     let mut attempt_started = None;
     // Inline for the usual one or two attempts: no allocation per request.
     let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
-    // Whether an attempt so far may have been processed by a backend (it answered, failed after
-    // it was sent, or timed out): the request can no longer be called unprocessed.
-    let mut maybe_processed = false;
+    // How the last attempt that a backend may have processed (it failed after it was sent, timed
+    // out, or answered with a status retried) ended: the request can no longer be called
+    // unprocessed, and its caller hears of that attempt.
+    let mut processed: Option<LocalAnswer> = None;
     let run = async {
         // The first attempt always has its body; a retry takes its own when it is decided.
         let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
@@ -180,10 +221,6 @@ pub(super) async fn forward(
                 }
                 attempt => attempt,
             };
-            maybe_processed |= matches!(
-                attempt,
-                Attempt::Response(_) | Attempt::TimedOut(_) | Attempt::Failed { .. }
-            );
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
                 Attempt::TimedOut(_) | Attempt::Failed { .. } => {
@@ -223,42 +260,29 @@ pub(super) async fn forward(
                     }
                     _ => false,
                 };
+                processed = match attempt {
+                    Attempt::Response(retried) => Some(LocalAnswer::BackendFailed {
+                        endpoint,
+                        backend: backend.name(),
+                        error: format!("answered {}, retried", retried.status()),
+                        reset: None,
+                    }),
+                    Attempt::TimedOut(_) | Attempt::Failed { .. } => {
+                        attempt.failure(endpoint, backend).err()
+                    }
+                    _ => processed,
+                };
                 if !at_once {
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 continue;
             }
-            return match attempt {
-                Attempt::Response(response) => Ok(response),
-                Attempt::ConnectFailed(error) | Attempt::AgentShort(error) => {
-                    Err(LocalAnswer::ConnectFailed {
-                        endpoint,
-                        backend: backend.name(),
-                        error,
-                    })
-                }
-                Attempt::TimedOut(after) => Err(LocalAnswer::BackendTimeout {
-                    endpoint,
-                    backend: backend.name(),
-                    after,
-                }),
-                Attempt::Failed { error, reset } => Err(LocalAnswer::BackendFailed {
-                    endpoint,
-                    backend: backend.name(),
-                    error,
-                    reset,
-                }),
-                // Declined twice, or once with a body that could not be kept: unprocessed, as a
-                // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream
-                // refused, which gRPC clients send again by themselves). Unless an earlier
-                // attempt may have been processed (RFC 9113 §8.7): a client's resend would run
-                // it again beyond the route's retries.
-                Attempt::Declined(error) => Err(LocalAnswer::BackendFailed {
-                    endpoint,
-                    backend: backend.name(),
-                    error,
-                    reset: (!maybe_processed).then_some(u32::from(h2::Reason::REFUSED_STREAM)),
-                }),
+            return match (attempt, processed) {
+                // Declined after an attempt a backend may have processed (RFC 9113 §8.7): the
+                // caller hears of that attempt, not of a refusal, which a gRPC client would send
+                // again by itself beyond the route's retries.
+                (Attempt::Declined(_), Some(earlier)) => Err(earlier),
+                (attempt, _) => attempt.failure(endpoint, backend),
             };
         }
     };

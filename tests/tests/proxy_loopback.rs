@@ -732,6 +732,25 @@ async fn the_metrics_listener_serves_metrics_alone() {
         200,
         "still on --admin"
     );
+
+    // It faces the node's network: connections past its cap are closed at once, silent ones go
+    // after the head timeout, and the admin server's probes are answered throughout.
+    let silent: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(metrics_only).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(metrics_only).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert_eq!(extra.read(&mut [0; 16]).unwrap(), 0, "closed past the cap");
+    assert_eq!(admin_status(&agent, "/live"), 200);
+    gamma_tests::eventually_within(Duration::from_secs(10), "silent connections closed", || {
+        gamma_tests::loopback::http_get_full(metrics_only, "/metrics")
+            .ok()
+            .filter(|(status, _)| *status == 200)
+    });
+    drop(silent);
 }
 
 /// `/explain` reads its query as a form, so that `path` can carry a whole query string

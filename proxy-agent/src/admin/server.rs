@@ -38,41 +38,49 @@ pub enum Exposure {
 }
 
 /// Serves on each listener (bound by the caller, so a bad address fails at start; or handed over
-/// by a predecessor) on a thread of its own, until `drain` stops the accept loops: a successor
-/// then answers alone (the kubelet's probes included), and requests already accepted are answered.
+/// by a predecessor), each on a thread of its own (a flood of scrapes cannot starve the kubelet's
+/// probes), until `drain` stops the accept loops: a successor then answers alone (the probes
+/// included), and requests already accepted are answered.
 pub fn spawn(
     listeners: Vec<(std::net::TcpListener, Exposure)>,
     state: AdminState,
     drain: &Drain,
 ) -> std::io::Result<Vec<SocketAddr>> {
     let mut locals = Vec::with_capacity(listeners.len());
-    for (listener, _) in &listeners {
+    for (listener, exposure) in listeners {
         listener.set_nonblocking(true)?;
         locals.push(listener.local_addr()?);
-    }
-    let loops: Vec<_> = listeners
-        .into_iter()
-        .map(|(listener, exposure)| (listener, exposure, drain.acceptor()))
-        .collect();
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("admin runtime");
-            runtime.block_on(async move {
-                let mut accepting = tokio::task::JoinSet::new();
-                for (listener, exposure, (running, stop)) in loops {
+        let (running, stop) = drain.acceptor();
+        let state = state.clone();
+        let name = match exposure {
+            Exposure::Admin => "admin",
+            Exposure::MetricsOnly => "metrics",
+        };
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("admin runtime");
+                runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("admin listener");
-                    accepting.spawn(accept(listener, exposure, state.clone(), running, stop));
-                }
-                while accepting.join_next().await.is_some() {}
-            });
-        })?;
+                    accept(listener, exposure, state, running, stop).await
+                });
+            })?;
+    }
     Ok(locals)
 }
+
+/// Connections a `--metrics` listener serves at once: it faces the node's network, where any pod
+/// may open thousands; past it a connection is closed as soon as accepted.
+const METRICS_CONNECTIONS: usize = 32;
+
+/// How long a `--metrics` connection may take to send a request head, and live at most: a
+/// scraper asks at once and again within its interval, and reconnects when closed.
+const METRICS_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
 
 async fn accept(
     listener: tokio::net::TcpListener,
@@ -81,6 +89,7 @@ async fn accept(
     _running: tokio_util::task::task_tracker::TaskTrackerToken,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             biased;
@@ -95,8 +104,16 @@ async fn accept(
                 }
             },
         };
+        let slot = match exposure {
+            Exposure::Admin => None,
+            Exposure::MetricsOnly => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => continue, // closed: the scraper tries again at its next interval
+            },
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request| {
                 let state = state.clone();
                 async move {
@@ -106,9 +123,20 @@ async fn accept(
                     })
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            if exposure == Exposure::MetricsOnly {
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEAD_TIMEOUT);
+            }
+            let serving = http.serve_connection(TokioIo::new(stream), service);
+            let lifetime = match exposure {
+                Exposure::Admin => None,
+                Exposure::MetricsOnly => Some(METRICS_CONNECTION_LIFETIME),
+            };
+            match lifetime {
+                Some(lifetime) => drop(tokio::time::timeout(lifetime, serving).await),
+                None => drop(serving.await),
+            }
         });
     }
 }

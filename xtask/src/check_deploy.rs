@@ -1396,6 +1396,20 @@ fn check_probes(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome 
     })
 }
 
+/// Whether every address of a `--metrics` value is a loopback one (`<status.hostIPs>`, a
+/// run-time value, is not).
+fn loopback_only(metrics: &str) -> bool {
+    let Some((ips, _port)) = metrics.rsplit_once(':') else {
+        return false;
+    };
+    let loopback = |ip: &str| {
+        let bare = ip.trim().trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    };
+    ips.split(',').all(loopback)
+}
+
 /// Prometheus's pod annotations, where the template has them, must lead to the `--metrics`
 /// listener: the admin server's loopback is the node's, out of a scraper's reach.
 fn check_scrape_annotations(agent: &Agent<'_>, metrics: Option<&str>) -> Vec<String> {
@@ -1412,24 +1426,42 @@ fn check_scrape_annotations(agent: &Agent<'_>, metrics: Option<&str>) -> Vec<Str
         Ok(None) => return Vec::new(),
         Err(e) => return vec![e],
     };
-    let read = |key: &str| annotations.opt_str(key).ok().flatten();
     let mut problems = Vec::new();
     let at = &annotations.path;
-    if read("prometheus.io/scrape") == Some("true") {
+    let mut read = |key: &str| match annotations.opt_str(key) {
+        Ok(value) => value,
+        Err(e) => {
+            // An unquoted number or boolean: the API server refuses the manifest.
+            problems.push(format!("{e} (annotation values are strings: quote it)"));
+            None
+        }
+    };
+    let (scrape, port, path) = (
+        read("prometheus.io/scrape"),
+        read("prometheus.io/port"),
+        read("prometheus.io/path"),
+    );
+    if let Some(metrics) = metrics.filter(|m| loopback_only(m)) {
+        problems.push(format!(
+            "{at}: --metrics {metrics} is on loopback, out of a scraper's reach (the node's \
+             loopback on the host network): give it the node's IPs, $(HOST_IPS):PORT"
+        ));
+    }
+    if scrape == Some("true") {
         if metrics.is_none() {
             problems.push(format!(
                 "{at}: prometheus.io/scrape is \"true\" but the agent has no --metrics listener \
                  (the admin server is on the node's loopback, out of the scraper's reach)"
             ));
         }
-        if read("prometheus.io/port").is_none() {
+        if port.is_none() {
             problems.push(format!(
                 "{at}: prometheus.io/scrape without prometheus.io/port: the pod declares no ports, \
                  the scraper would not know where --metrics listens"
             ));
         }
     }
-    if let Some(port) = read("prometheus.io/port") {
+    if let Some(port) = port {
         let listening = metrics.and_then(port_of);
         if port.parse::<u16>().ok() != listening || listening.is_none() {
             let metrics = metrics.unwrap_or("not given");
@@ -1438,7 +1470,7 @@ fn check_scrape_annotations(agent: &Agent<'_>, metrics: Option<&str>) -> Vec<Str
             ));
         }
     }
-    if let Some(path) = read("prometheus.io/path").filter(|p| *p != "/metrics") {
+    if let Some(path) = path.filter(|p| *p != "/metrics") {
         problems.push(format!(
             "{at}: prometheus.io/path is {path}; --metrics serves /metrics only"
         ));
@@ -2289,6 +2321,18 @@ spec:
             "'--metrics=10.0.0.1:15090'",
         );
         assert!(path[0].contains("serves /metrics only"), "{path:#?}");
+        let loopback = problems(scraped, "'--metrics=127.0.0.1:15090'");
+        assert_eq!(loopback.len(), 1, "{loopback:#?}");
+        assert!(loopback[0].contains("on loopback"), "{loopback:#?}");
+        let unquoted = problems(
+            "prometheus.io/scrape: true, prometheus.io/port: 15090",
+            "'--metrics=$(HOST_IPS):15090'",
+        );
+        assert_eq!(unquoted.len(), 2, "{unquoted:#?}");
+        assert!(
+            unquoted.iter().all(|p| p.contains("quote it")),
+            "{unquoted:#?}"
+        );
     }
 
     #[test]

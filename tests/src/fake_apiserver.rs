@@ -153,6 +153,8 @@ struct State {
     not_served: BTreeSet<String>,
     /// Resources whose requests answer 500, as a failing API server (or its etcd) would.
     failing: BTreeSet<String>,
+    /// Resources whose watches (not lists) answer 403, as a role granting list but not watch.
+    watch_refused: BTreeSet<String>,
     watches: Vec<Watch>,
     next_watch: u64,
     requests: Vec<Recorded>,
@@ -288,6 +290,18 @@ impl FakeApiServer {
             state.watches.retain(|w| w.plural != plural);
         } else {
             state.failing.remove(plural);
+        }
+    }
+
+    /// Refuse (or stop refusing) a resource's watches with 403 while its lists still answer;
+    /// its open watches end.
+    pub fn refuse_watches(&self, plural: &str, refused: bool) {
+        let mut state = self.state.lock().unwrap();
+        if refused {
+            state.watch_refused.insert(plural.to_string());
+            state.watches.retain(|w| w.plural != plural);
+        } else {
+            state.watch_refused.remove(plural);
         }
     }
 
@@ -608,6 +622,11 @@ async fn handle(shared: &Arc<Mutex<State>>, request: Request<Incoming>) -> Respo
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
             "etcdserver: request timed out",
+        ),
+        Some(t) if verb == "watch" && state.watch_refused.contains(t.kind.plural) => failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "cannot watch resource in API group at the cluster scope",
         ),
         Some(t) => match verb {
             "watch" => {

@@ -267,6 +267,42 @@ async fn an_outage_keeps_the_last_table_and_reports_since_when_it_is_stale() {
         .contains("the API server is unreachable or failing"));
 }
 
+/// A watch refused right after its list (a role granting list but not watch, a proxy cutting
+/// streams, the API server's priority and fairness answering 429) keeps backing off: each retry
+/// lists the whole kind again, from every node. And its staleness counts from the outage's
+/// start, not from the last list. Before, each list reset the backoff: a full list a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_refused_after_its_list_backs_off_and_stays_stale() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    let lists = |api: &FakeApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.verb == "list" && r.resource == "services")
+            .count()
+    };
+    api.refuse_watches("services", true);
+    let before = lists(&api);
+    let (since, _) = eventually("the table reported stale", || {
+        agent
+            .metric("gamma_source_stale_since_timestamp_seconds")
+            .filter(|since| *since > 0.0)
+    });
+    std::thread::sleep(Duration::from_secs(12));
+    let relists = lists(&api) - before;
+    // Backing off 0.8, 1.6, 3.2, 6.4 s (with jitter): about four; a list a second made twelve.
+    assert!((2..=6).contains(&relists), "{relists} lists in 12 s");
+    assert_eq!(
+        agent.metric("gamma_source_stale_since_timestamp_seconds"),
+        Some(since),
+        "stale since the outage's start"
+    );
+    assert_eq!(agent.answered_by().as_deref(), Some("back"), "still served");
+    api.refuse_watches("services", false);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_picked_up_when_the_gateway_api_crds_appear() {
     let api = FakeApiServer::start().await;

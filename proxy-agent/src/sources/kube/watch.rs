@@ -124,20 +124,20 @@ pub async fn run(
         let error = loop {
             match events.next().await {
                 Some(Ok(event)) => {
-                    let list_complete = matches!(event, Event::InitDone);
                     if state.handle(event).await.is_err() {
                         return; // the index task is gone: shutting down
-                    }
-                    if list_complete {
-                        // Current again: the next outage starts from the shortest delay, not
-                        // from where the last one left the exponential backoff.
-                        backoff.reset();
                     }
                 }
                 Some(Err(e)) => break e,
                 None => return, // a watcher stream does not end
             }
         };
+        if state.watch_held() {
+            // Current for a while: this outage starts from the shortest delay, not from where
+            // the last one left the exponential backoff. A watch that fails right after its list
+            // (refused, or cut by a proxy) keeps backing off: each retry is a whole list.
+            backoff.reset();
+        }
         let delay = backoff.next().unwrap_or(Duration::from_secs(30));
         let server_starting =
             api_status(&error).is_some_and(|s| s.code == 404) && !api_server_ready(&client).await;
@@ -185,7 +185,13 @@ struct KindState {
     listed_once: bool,
     /// Since when the API server answers 404 for this kind, which it served before.
     not_served_since: Option<Instant>,
+    /// When the last list completed, and since when the outage it ended had lasted (Unix time):
+    /// a watch that fails soon after is the same outage.
+    current_since: Option<(Instant, Option<u64>)>,
 }
+
+/// How long a watch must hold after its list for the next failure to count as a new outage.
+const WATCH_HELD: Duration = Duration::from_secs(30);
 
 /// How long a kind the API server served must be answered 404 before its objects are dropped:
 /// an API server starting up can answer 404 for a custom resource it serves
@@ -205,7 +211,14 @@ impl KindState {
             failing_since: None,
             listed_once: false,
             not_served_since: None,
+            current_since: None,
         }
+    }
+
+    /// Whether the watch held for [`WATCH_HELD`] after its last list.
+    fn watch_held(&self) -> bool {
+        self.current_since
+            .is_some_and(|(at, _)| at.elapsed() >= WATCH_HELD)
     }
 
     async fn send(&self, update: Update) -> Result<(), Closed> {
@@ -234,7 +247,9 @@ impl KindState {
                 for key in gone {
                     self.delete(key).await?;
                 }
-                if self.failing_since.take().is_some() {
+                let outage = self.failing_since.take();
+                self.current_since = Some((Instant::now(), outage));
+                if outage.is_some() {
                     tracing::info!(
                         kind = self.kind.call().kind,
                         "listed again after {} failed attempt(s); current",
@@ -322,6 +337,12 @@ impl KindState {
     ) -> Result<(), Closed> {
         self.failures += 1;
         self.listed = None;
+        if let Some((listed_at, outage)) = self.current_since.take() {
+            if listed_at.elapsed() < WATCH_HELD {
+                // The outage the list seemed to end goes on: stale since its start.
+                self.failing_since = self.failing_since.or(outage);
+            }
+        }
         let call = self.kind.call();
         let status = api_status(&error);
         let not_found = status.is_some_and(|s| s.code == 404) && !server_starting;

@@ -29,6 +29,11 @@ struct Cli {
     /// in-cluster ServiceAccount) and write route status while holding the status lease.
     #[arg(long)]
     kube: bool,
+    /// A request to the API server whose connection brings no byte for this long fails and is
+    /// retried (a list on a connection gone silent: the API server's host lost behind a VIP).
+    /// Longer than a watch's 290 s, which the server ends itself.
+    #[arg(long, default_value_t = 300, requires = "kube")]
+    api_read_timeout_s: u64,
     /// This node's name (default: $NODE_NAME, from the downward API): only its Pods and its Node
     /// object are watched, and `internalTrafficPolicy: Local` and topology hints pick endpoints
     /// for it.
@@ -341,7 +346,10 @@ fn main() -> Result<()> {
         node_name: node_name.clone(),
         kube: cli.kube.then_some(ClusterConfig {
             status,
-            source: KubeConfig { node_name },
+            source: KubeConfig {
+                node_name,
+                read_timeout: Duration::from_secs(cli.api_read_timeout_s.max(1)),
+            },
         }),
     };
     runtime.build()?.block_on(agent::run(config))

@@ -155,6 +155,9 @@ struct State {
     failing: BTreeSet<String>,
     /// Resources whose watches (not lists) answer 403, as a role granting list but not watch.
     watch_refused: BTreeSet<String>,
+    /// Resources whose lists are never answered, their connection held open: an API server's
+    /// host lost after it took the request.
+    list_stalled: BTreeSet<String>,
     watches: Vec<Watch>,
     next_watch: u64,
     requests: Vec<Recorded>,
@@ -302,6 +305,16 @@ impl FakeApiServer {
             state.watches.retain(|w| w.plural != plural);
         } else {
             state.watch_refused.remove(plural);
+        }
+    }
+
+    /// Stall (or stop stalling) a resource's lists: never answered, the connection kept open.
+    pub fn stall_lists(&self, plural: &str, stalled: bool) {
+        let mut state = self.state.lock().unwrap();
+        if stalled {
+            state.list_stalled.insert(plural.to_string());
+        } else {
+            state.list_stalled.remove(plural);
         }
     }
 
@@ -606,6 +619,15 @@ async fn handle(shared: &Arc<Mutex<State>>, request: Request<Incoming>) -> Respo
         (&Method::DELETE, _) => "delete",
         _ => "unknown",
     };
+    let stalled = verb == "list"
+        && target.as_ref().is_some_and(|t| {
+            let state = shared.lock().unwrap();
+            state.list_stalled.contains(t.kind.plural)
+        });
+    if stalled {
+        // Taken, never answered: the connection stays open and silent.
+        std::future::pending::<()>().await;
+    }
     let mut state = shared.lock().unwrap();
     let response = match &target {
         None => failure(

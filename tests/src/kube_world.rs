@@ -102,11 +102,18 @@ impl KubeAgent {
     pub fn spawn(api: &FakeApiServer, node: &str, token: &str) -> KubeAgent {
         let dir = TempDir::new("kube-agent");
         let kubeconfig = api.kubeconfig(&dir.0, token);
-        KubeAgent::spawn_with(dir, &kubeconfig, node, node)
+        KubeAgent::spawn_with(dir, &kubeconfig, node, node, &[])
     }
 
-    /// Starts `proxy-agent --kube` as Pod `pod` on `node`, with the API server of `kubeconfig`.
-    pub fn spawn_with(dir: TempDir, kubeconfig: &Path, node: &str, pod: &str) -> KubeAgent {
+    /// Starts `proxy-agent --kube` as Pod `pod` on `node`, with the API server of `kubeconfig`
+    /// and `extra` arguments.
+    pub fn spawn_with(
+        dir: TempDir,
+        kubeconfig: &Path,
+        node: &str,
+        pod: &str,
+        extra: &[&str],
+    ) -> KubeAgent {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.0.join("agent.log");
@@ -118,6 +125,7 @@ impl KubeAgent {
             .arg("--listen")
             .arg(format!("{listen}={NS}/front:80"))
             .args(["--caller-namespace", NS, "--drain-timeout-s", "1"])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env_remove("NODE_NAME")
             .env_remove("POD_NAME")

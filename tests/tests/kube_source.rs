@@ -303,6 +303,31 @@ async fn a_watch_refused_after_its_list_backs_off_and_stays_stale() {
     api.refuse_watches("services", false);
 }
 
+/// A list taken and never answered (the API server's host lost behind a VIP: nothing tells
+/// the client) fails after `--api-read-timeout-s` and is retried; kube-rs sets no read timeout,
+/// and the agent stayed not ready for ever, its kind never listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_never_answered_is_given_up_and_retried() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    seed(&api, back.addr);
+    api.stall_lists("endpointslices", true);
+    let dir = TempDir::new("kube-agent");
+    let kubeconfig = api.kubeconfig(&dir.0, "a");
+    let agent = KubeAgent::spawn_with(
+        dir,
+        &kubeconfig,
+        "node-a",
+        "node-a",
+        &["--api-read-timeout-s", "2"],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.ready().0, 503, "the list is still waited for");
+    api.stall_lists("endpointslices", false);
+    let agent = agent.until_ready("node-a");
+    assert_eq!(agent.answered_by().as_deref(), Some("back"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_picked_up_when_the_gateway_api_crds_appear() {
     let api = FakeApiServer::start().await;
@@ -800,7 +825,7 @@ async fn during_a_surge_the_old_and_new_agent_of_one_node_never_both_lead() {
     let agent = |pod: &str| {
         let dir = TempDir::new("surge");
         let kubeconfig = api.kubeconfig(&dir.0, pod);
-        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", pod).until_ready("node-a")
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", pod, &[]).until_ready("node-a")
     };
     let mut old = agent("gamma-node-old");
     eventually("the old agent holds the lease", || {

@@ -258,7 +258,7 @@ async fn routes_and_status_against_a_real_api_server() {
     let agent_a = {
         let dir = TempDir::new("real-api");
         let kubeconfig = front.kubeconfig(&dir.0, "a");
-        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", "agent-a").until_ready("node-a")
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-a", "agent-a", &[]).until_ready("node-a")
     };
     let server_copy = stored(&api_routes, "to-back").await;
     assert_eq!(
@@ -422,7 +422,7 @@ async fn routes_and_status_against_a_real_api_server() {
     let agent_b = {
         let dir = TempDir::new("real-api");
         let kubeconfig = front.kubeconfig(&dir.0, "b");
-        KubeAgent::spawn_with(dir, &kubeconfig, "node-b", "agent-b").until_ready("node-b")
+        KubeAgent::spawn_with(dir, &kubeconfig, "node-b", "agent-b", &[]).until_ready("node-b")
     };
     let mut agent_a = agent_a;
     agent_a.terminate();

@@ -22,6 +22,9 @@ pub struct KubeConfig {
     /// This node (downward API `spec.nodeName`): only its Pods are watched (callers are local).
     /// Without it every Pod is watched.
     pub node_name: Option<String>,
+    /// A request whose connection brings no byte for this long fails (kube-rs sets none: a list
+    /// on a connection gone silent waited forever, the kind frozen or never synced).
+    pub read_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,8 @@ pub struct KubeSource {
 impl KubeSource {
     /// Connects and starts one watcher per kind, each sending to `updates`.
     pub async fn start(config: &KubeConfig, updates: Updates) -> Result<KubeSource, KubeError> {
-        let client_config = kube::Config::infer().await.map_err(KubeError::Config)?;
+        let mut client_config = kube::Config::infer().await.map_err(KubeError::Config)?;
+        client_config.read_timeout = Some(config.read_timeout);
         tracing::info!(api_server = %client_config.cluster_url, "following the cluster");
         let client = Client::try_from(client_config).map_err(KubeError::Client)?;
         if config.node_name.is_none() {

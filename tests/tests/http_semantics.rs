@@ -1800,11 +1800,21 @@ fn h2_request(method: Method, path: &str) -> http::Request<()> {
 
 /// An upload whose backend reads slowly stalls its own stream, not the caller's others (RFC
 /// 9113 §5.2): with hyper's defaults its body took the connection's whole window, and a small
-/// request body on the same connection (a gRPC channel's next call) waited for the upload.
+/// request body on the same connection (a gRPC channel's next call) waited for the upload. The
+/// small one goes to another backend: only the caller's connection is shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_does_not_stall_the_connections_other_request_bodies() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
-    let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
+    let b = echo_backend([127, 0, 0, 1], "b").await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "a", 80, &[a.addr], None)
+        .service("ns", "b", 80, &[b.addr], None)
+        .raw(&route(
+            "r",
+            "front",
+            "  - matches: [{path: {type: PathPrefix, value: /small}}]\n    backendRefs: [{name: b, port: 80}]\n  - backendRefs: [{name: a, port: 80}]\n",
+        ));
     let agent = Agent::start(&world, options(&[])).unwrap();
     let mut send = h2_connection(agent.listen[0], 1024 * 1024).await;
     // The backend reads this body only after 4 s.

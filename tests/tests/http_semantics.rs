@@ -1211,6 +1211,54 @@ async fn a_request_its_caller_cancels_is_counted() {
     }
 }
 
+/// An HTTP/1.1 caller that gives up on a request whose backend hangs (its socket reset) ends the
+/// request: counted 499, its connection closed. Before, the agent's own HTTP/1.1 server read
+/// nothing from the caller while the request ran: the request, and the connection, stayed in
+/// flight for as long as the backend took (forever for one that hangs), against
+/// `--max-connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_caller_that_resets_ends_its_request() {
+    use std::io::Write as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    // The caller is watched once its request ran for the head read timeout.
+    let agent = Agent::start(
+        &Manifests::front_routed_to(silent),
+        options(&["--header-read-timeout-ms", "500"]),
+    )
+    .unwrap();
+    let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
+    caller
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: front\r\n\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gamma_tests::probe::reset_on_close(&caller);
+    drop(caller);
+    let counted = |text: &str| {
+        text.lines()
+            .any(|l| l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"} 1"#))
+            && text.lines().any(|l| l == "gamma_connections_open 0")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = gamma_tests::loopback::http_get(agent.admin, "/metrics").unwrap();
+        if counted(&text) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request is still in flight: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How gRPC calls ended is counted by their grpc-status: an HTTP 200 says nothing of a gRPC
 /// call's outcome. A trailers-only answer (the agent's own UNAVAILABLE for a Service without
 /// endpoints) counts its head's status, another its trailers'. Before, both were only

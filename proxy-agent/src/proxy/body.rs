@@ -813,8 +813,16 @@ impl Body for CountGrpcStatus {
 }
 
 impl Drop for CountGrpcStatus {
+    /// Dropped before its end: the caller went away (CANCELLED). At its end without trailers
+    /// (hyper's servers stop polling a body that says it ended, and never see its `None`): the
+    /// backend ended the call without a status (UNKNOWN).
     fn drop(&mut self) {
-        self.count(1);
+        let status = if self.inner.is_end_stream() {
+            GrpcCounts::UNKNOWN
+        } else {
+            1
+        };
+        self.count(status);
     }
 }
 
@@ -953,5 +961,32 @@ mod tests {
         assert_eq!(sent, b[..4], "the backend's own bytes");
         let end = answer.frame().await.unwrap().unwrap();
         assert_eq!(end.into_trailers().unwrap(), trailers);
+    }
+
+    /// A gRPC answer that ends without trailers counts UNKNOWN even when its server never polls
+    /// past its end (hyper's stop at `is_end_stream`); dropped before its end, CANCELLED.
+    #[tokio::test]
+    async fn a_grpc_answer_ended_without_trailers_counts_unknown() {
+        let counted = |body: ProxyBody, frames: usize| async move {
+            let counts = Arc::new(GrpcCounts::default());
+            let mut counting = CountGrpcStatus::new(body, counts.clone());
+            for _ in 0..frames {
+                counting.frame().await;
+            }
+            drop(counting);
+            counts.read()
+        };
+        let unknown = GrpcCounts::UNKNOWN;
+        assert_eq!(
+            counted(full("x"), 1).await,
+            [(unknown, 1)],
+            "its last frame read"
+        );
+        assert_eq!(counted(empty(), 0).await, [(unknown, 1)], "a bodiless head");
+        let endless = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, BoxError>,
+        >())
+        .boxed_unsync();
+        assert_eq!(counted(endless, 0).await, [(1, 1)], "cancelled");
     }
 }

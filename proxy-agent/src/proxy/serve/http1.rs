@@ -138,7 +138,13 @@ pub async fn serve<T: ReadAhead>(
         let to_head = request.method() == Method::HEAD;
         // Boxed: the connection's task would otherwise be sized for a request in flight (about
         // 5 KiB) while it waits for the next.
-        let response = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info)).await;
+        let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info));
+        let watch = (config.header_read_timeout, config.max_header_bytes);
+        let Some(response) = unless_caller_resets(&mut stream, &mut buf, watch, handling).await
+        else {
+            // Dropped: its log counts it 499, its upstream exchange ends.
+            return;
+        };
         let client_closes = close;
         let close = close || *shutdown.borrow();
         match write_answer(&mut stream, response, to_head, close, trailers, &mut out).await {
@@ -157,6 +163,38 @@ pub async fn serve<T: ReadAhead>(
             Err(e) => {
                 tracing::debug!(error = %e, caller = %info.caller.ip, "answer not written whole");
                 return;
+            }
+        }
+    }
+}
+
+/// Runs `handling` (a request whose body was read whole) and, once it has run for `after` (the
+/// head read timeout: most requests are answered sooner, and a timer due before the worker's
+/// earliest, the heads' own, would cost a system call per request), watches the caller's
+/// socket: bytes sent meanwhile (a pipelined request) are kept in `buf`, up to `limit`; a FIN (a
+/// half-close) leaves the answer due; a reset or an error gives up on the request (`None`).
+/// Without it, a caller that gave up on a backend that hangs left its request, and its
+/// connection, in flight for as long as the backend took.
+async fn unless_caller_resets<T: ReadAhead, R>(
+    stream: &mut T,
+    buf: &mut bytes::BytesMut,
+    (after, limit): (std::time::Duration, usize),
+    mut handling: std::pin::Pin<Box<impl std::future::Future<Output = R>>>,
+) -> Option<R> {
+    let watch_from = tokio::time::sleep(after);
+    tokio::pin!(watch_from);
+    let (mut watching, mut half_closed) = (false, false);
+    loop {
+        tokio::select! {
+            biased;
+            answer = handling.as_mut() => return Some(answer),
+            () = watch_from.as_mut(), if !watching => watching = true,
+            read = stream.read_buf(buf), if watching && !half_closed && buf.len() < limit => {
+                match read {
+                    Ok(0) => half_closed = true,
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
             }
         }
     }

@@ -31,8 +31,9 @@ struct Cli {
     kube: bool,
     /// A request to the API server whose connection brings no byte for this long fails and is
     /// retried (a list on a connection gone silent: the API server's host lost behind a VIP).
-    /// Longer than a watch's 290 s, which the server ends itself.
-    #[arg(long, default_value_t = 300, requires = "kube")]
+    /// Keep it longer than a watch's 290 s, which the server ends itself: shorter, quiet kinds'
+    /// watches fail and are listed again.
+    #[arg(long, default_value_t = 300)]
     api_read_timeout_s: u64,
     /// This node's name (default: $NODE_NAME, from the downward API): only its Pods and its Node
     /// object are watched, and `internalTrafficPolicy: Local` and topology hints pick endpoints
@@ -297,11 +298,21 @@ fn main() -> Result<()> {
         lease_name: cli.lease_name.clone(),
         identity: cli.pod_name.clone().or_else(|| env("POD_NAME")),
     };
+    let api_read_timeout = Duration::from_secs(cli.api_read_timeout_s.max(1));
+    if cli.api_read_timeout_s < 295 {
+        tracing::warn!(
+            seconds = cli.api_read_timeout_s,
+            "--api-read-timeout-s is shorter than a watch's 290 s: watches of quiet kinds will \
+             fail and be listed again"
+        );
+    }
     if cli.clear_status {
         return runtime.build()?.block_on(async {
-            let client = kube::Client::try_default()
+            let mut config = kube::Config::infer()
                 .await
                 .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+            config.read_timeout = Some(api_read_timeout);
+            let client = kube::Client::try_from(config).context("building the API client")?;
             // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease;
             // from a workstation, the agents' default.
             let in_a_pod = env("KUBERNETES_SERVICE_HOST").is_some();
@@ -348,7 +359,7 @@ fn main() -> Result<()> {
             status,
             source: KubeConfig {
                 node_name,
-                read_timeout: Duration::from_secs(cli.api_read_timeout_s.max(1)),
+                read_timeout: api_read_timeout,
             },
         }),
     };

@@ -140,7 +140,9 @@ pub async fn serve<T: ReadAhead>(
         // 5 KiB) while it waits for the next.
         let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info));
         let watch = (config.header_read_timeout, config.max_header_bytes);
-        let Some(response) = unless_caller_resets(&mut stream, &mut buf, watch, handling).await
+        let timer = head_timer.as_mut();
+        let Some(response) =
+            unless_caller_resets(&mut stream, &mut buf, watch, timer, handling).await
         else {
             // Dropped: its log counts it 499, its upstream exchange ends.
             return;
@@ -169,35 +171,49 @@ pub async fn serve<T: ReadAhead>(
 }
 
 /// Runs `handling` (a request whose body was read whole) and, once it has run for `after` (the
-/// head read timeout: most requests are answered sooner, and a timer due before the worker's
-/// earliest, the heads' own, would cost a system call per request), watches the caller's
-/// socket: bytes sent meanwhile (a pipelined request) are kept in `buf`, up to `limit`; a FIN (a
-/// half-close) leaves the answer due; a reset or an error gives up on the request (`None`).
-/// Without it, a caller that gave up on a backend that hangs left its request, and its
-/// connection, in flight for as long as the backend took.
+/// head read timeout: most requests are answered sooner), watches the caller's socket: bytes
+/// sent meanwhile (a pipelined request) are kept in `buf`, up to `limit`; a FIN (a half-close)
+/// leaves the answer due; a reset or an error gives up on the request (`None`). Without it, a
+/// caller that gave up on a backend that hangs left its request, and its connection, in flight
+/// for as long as the backend took. `timer` is the connection's head timer, idle meanwhile: moved
+/// later, as every request moves it, it costs no lock of the timer wheel (a timer of its own per
+/// request took the wheel's lock twice, and a system call when it was the worker's earliest).
 async fn unless_caller_resets<T: ReadAhead, R>(
     stream: &mut T,
     buf: &mut bytes::BytesMut,
     (after, limit): (std::time::Duration, usize),
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     mut handling: std::pin::Pin<Box<impl std::future::Future<Output = R>>>,
 ) -> Option<R> {
-    let watch_from = tokio::time::sleep(after);
-    tokio::pin!(watch_from);
-    let (mut watching, mut half_closed) = (false, false);
-    loop {
-        tokio::select! {
-            biased;
-            answer = handling.as_mut() => return Some(answer),
-            () = watch_from.as_mut(), if !watching => watching = true,
-            read = stream.read_buf(buf), if watching && !half_closed && buf.len() < limit => {
-                match read {
-                    Ok(0) => half_closed = true,
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
+    use std::future::Future as _;
+    use std::task::Poll;
+    let (mut armed, mut watching, mut half_closed) = (false, false, false);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(answer) = handling.as_mut().poll(cx) {
+            return Poll::Ready(Some(answer));
+        }
+        if !armed {
+            // Only once the request waits: one answered at once never touches the timer.
+            timer.as_mut().reset(Instant::now() + after);
+            armed = true;
+        }
+        if !watching {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            watching = true;
+        }
+        while !half_closed && buf.len() < limit {
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => half_closed = true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
             }
         }
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Gives hyper's server the rest of the connection, the bytes read and not used first.

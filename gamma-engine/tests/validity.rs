@@ -100,6 +100,28 @@ fn answer(index: &Index, path: &str) -> String {
     )
 }
 
+/// Rule 0's requests get 500 and the route is not Accepted: its only rule dropped for an
+/// ExtensionRef filter.
+fn assert_refused_for_its_extension_ref(index: &Index) {
+    assert_eq!(
+        answer(index, "/x"),
+        "rule 0 answers 500 Internal Server Error"
+    );
+    let status = route_status(index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        ("False", "UnsupportedValue")
+    );
+    assert!(
+        accepted
+            .message
+            .contains("Dropped Rule 0: filter ExtensionRef"),
+        "{}",
+        accepted.message
+    );
+}
+
 #[test]
 fn invalid_rules_are_dropped_and_their_requests_get_500() {
     let index = index_with(route(
@@ -238,25 +260,9 @@ fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
                              "extensionRef": {"group": "example.com", "kind": "Auth", "name": "x"}}],
                 "backendRefs": [{"name": "back", "port": 80}]}]),
     ));
-    assert_eq!(
-        answer(&index, "/x"),
-        "rule 0 answers 500 Internal Server Error"
-    );
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!(
-        (accepted.status, accepted.reason),
-        ("False", "UnsupportedValue")
-    );
+    assert_refused_for_its_extension_ref(&index);
     assert!(
-        accepted
-            .message
-            .contains("Dropped Rule 0: filter ExtensionRef"),
-        "{}",
-        accepted.message
-    );
-    assert!(
-        condition(&status, "PartiallyInvalid").is_none(),
+        condition(&route_status(&index), "PartiallyInvalid").is_none(),
         "set only when some rule is valid"
     );
 }
@@ -292,23 +298,7 @@ fn a_backends_unsupported_filter_fails_its_share_not_the_rule() {
             {"name": "back", "port": 80, "weight": 0},
             {"name": "back", "port": 80, "weight": 1, "filters": auth}]}]),
     ));
-    assert_eq!(
-        answer(&index, "/x"),
-        "rule 0 answers 500 Internal Server Error"
-    );
-    let status = route_status(&index);
-    let accepted = condition(&status, "Accepted").unwrap();
-    assert_eq!(
-        (accepted.status, accepted.reason),
-        ("False", "UnsupportedValue")
-    );
-    assert!(
-        accepted
-            .message
-            .contains("Dropped Rule 0: filter ExtensionRef"),
-        "{}",
-        accepted.message
-    );
+    assert_refused_for_its_extension_ref(&index);
 }
 
 /// A filter the agent cannot apply is not skipped because one before it answers (a redirect):

@@ -304,33 +304,26 @@ mod tests {
         }
     }
 
-    /// A connection lets go of the frontend it was accepted with once its protocol is known:
-    /// one that lasts days must not keep its table's version alive (the routes, the endpoints
-    /// and their state). Before, every keep-alive and opaque connection held it until it closed.
-    #[tokio::test]
-    async fn a_served_connection_keeps_no_frontend_alive() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let snapshot = crate::test_dir::snapshot_of(crate::test_dir::FRONT);
-        let key = gamma_engine::ObjectKey::new("ns", "front");
-        let frontend = Arc::downgrade(snapshot.frontend_of(&key, 80).unwrap());
-        let tables = Arc::new(ArcSwap::new(snapshot));
+    /// One loopback connection served as a connection to `destination`, with `tables` as the
+    /// agent's table: the client's end and the task serving it.
+    async fn serving_one(
+        tables: &Arc<ArcSwap<Snapshot>>,
+        destination: super::super::Destination,
+    ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
         let proxy = Proxy::new(
             tables.clone(),
             Arc::new(Metrics::default()),
             crate::proxy::ProxyConfig::default(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let drain = Drain::default();
         let stream = Lingering::new(accepted, drain.watch(), drain.tracker.clone());
         let info = ConnectionInfo {
-            destination: super::super::Destination::Service {
-                service: key,
-                port: 80,
-            },
+            destination,
             caller: super::super::Caller {
                 ip: "127.0.0.1".parse().unwrap(),
                 namespace: None,
@@ -342,18 +335,38 @@ mod tests {
         let serving = tokio::spawn(async move {
             serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
         });
-        // No endpoint: the agent answers itself, and the connection stays open, idle.
+        (client, serving)
+    }
+
+    /// A GET on `client`; the answer's head, lowercased.
+    async fn exchange(client: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         client
             .write_all(b"GET / HTTP/1.1\r\nhost: front.ns\r\n\r\n")
             .await
             .unwrap();
         let mut answer = [0u8; 1024];
         let read = client.read(&mut answer).await.unwrap();
-        assert!(
-            answer[..read].starts_with(b"HTTP/1.1 503"),
-            "{:?}",
-            &answer[..read]
-        );
+        String::from_utf8_lossy(&answer[..read]).to_ascii_lowercase()
+    }
+
+    /// A connection lets go of the frontend it was accepted with once its protocol is known:
+    /// one that lasts days must not keep its table's version alive (the routes, the endpoints
+    /// and their state). Before, every keep-alive and opaque connection held it until it closed.
+    #[tokio::test]
+    async fn a_served_connection_keeps_no_frontend_alive() {
+        let snapshot = crate::test_dir::snapshot_of(crate::test_dir::FRONT);
+        let key = gamma_engine::ObjectKey::new("ns", "front");
+        let frontend = Arc::downgrade(snapshot.frontend_of(&key, 80).unwrap());
+        let tables = Arc::new(ArcSwap::new(snapshot));
+        let destination = super::super::Destination::Service {
+            service: key,
+            port: 80,
+        };
+        let (mut client, serving) = serving_one(&tables, destination).await;
+        // No endpoint: the agent answers itself, and the connection stays open, idle.
+        let answer = exchange(&mut client).await;
+        assert!(answer.starts_with("http/1.1 503"), "{answer}");
         tables.store(Arc::new(Snapshot::default()));
         assert!(
             frontend.upgrade().is_none(),
@@ -368,47 +381,14 @@ mod tests {
     /// client's next one goes where the name leads), not routed by the other Service's table.
     #[tokio::test]
     async fn a_kept_connection_does_not_follow_its_clusterip_to_another_service() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let tables = Arc::new(ArcSwap::new(crate::test_dir::snapshot_of(
             crate::test_dir::FRONT,
         )));
-        let proxy = Proxy::new(
-            tables.clone(),
-            Arc::new(Metrics::default()),
-            crate::proxy::ProxyConfig::default(),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let drain = Drain::default();
-        let stream = Lingering::new(accepted, drain.watch(), drain.tracker.clone());
-        let info = ConnectionInfo {
-            destination: super::super::Destination::Address {
-                addr: "10.96.0.10:80".parse().unwrap(),
-                service: None,
-            },
-            caller: super::super::Caller {
-                ip: "127.0.0.1".parse().unwrap(),
-                namespace: None,
-                pod: None,
-                identity: "test",
-            },
+        let destination = super::super::Destination::Address {
+            addr: "10.96.0.10:80".parse().unwrap(),
+            service: None,
         };
-        let shutdown = drain.watch();
-        let serving = tokio::spawn(async move {
-            serve_connection(&proxy, stream, Arc::new(info), shutdown).await;
-        });
-        let exchange = async |client: &mut tokio::net::TcpStream| {
-            client
-                .write_all(b"GET / HTTP/1.1\r\nhost: front.ns\r\n\r\n")
-                .await
-                .unwrap();
-            let mut answer = [0u8; 1024];
-            let read = client.read(&mut answer).await.unwrap();
-            String::from_utf8_lossy(&answer[..read]).to_ascii_lowercase()
-        };
+        let (mut client, serving) = serving_one(&tables, destination).await;
         let first = exchange(&mut client).await;
         assert!(first.starts_with("http/1.1 503"), "{first}");
         assert!(!first.contains("connection: close"), "kept: {first}");

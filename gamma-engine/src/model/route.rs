@@ -326,24 +326,17 @@ impl Rule {
             })
     }
 
-    /// The backendRefs (index and name) whose filters this mesh does not provide, in a rule
-    /// that is served: the requests sent to them get 500, the others' are forwarded.
-    pub fn unsupported_backends(&self) -> Vec<String> {
-        if self.dropped_because().is_some() {
-            return Vec::new();
-        }
-        self.backends
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                let filter = unsupported(b.filters())?;
-                Some(format!(
-                    "backendRef {i} ({}): filter {filter} is not supported by this mesh; the \
-                     requests sent to it get 500",
-                    b.name
-                ))
-            })
-            .collect()
+    /// The backendRefs (index and name) whose filters this mesh does not provide: in a rule that
+    /// is served, the requests sent to them get 500, the others' are forwarded.
+    pub fn unsupported_backends(&self) -> impl Iterator<Item = String> + '_ {
+        self.backends.iter().enumerate().filter_map(|(i, b)| {
+            let filter = unsupported(b.filters())?;
+            Some(format!(
+                "backendRef {i} ({}): filter {filter} is not supported by this mesh; the \
+                 requests sent to it get 500",
+                b.name
+            ))
+        })
     }
 
     /// Every backendRef this rule sends traffic to: its backendRefs, then the targets of its own

@@ -140,29 +140,22 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         reason,
         message: capped(message),
     };
-    let dropped: Vec<String> = route
-        .rules
-        .iter()
-        .enumerate()
-        .filter_map(|(i, rule)| {
-            let why = rule.dropped_because()?;
-            let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
-            Some(format!("Dropped Rule {i}{name}: {why}"))
-        })
-        .collect();
+    // One pass over the rules: those dropped whole, and the served ones some of whose backends
+    // get 500 (the route is partly invalid, the rule not dropped).
+    let mut dropped: Vec<String> = Vec::new();
+    let mut failing_backends: Vec<String> = Vec::new();
+    for (i, rule) in route.rules.iter().enumerate() {
+        let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
+        match rule.dropped_because() {
+            Some(why) => dropped.push(format!("Dropped Rule {i}{name}: {why}")),
+            None => failing_backends.extend(
+                rule.unsupported_backends()
+                    .map(|b| format!("Rule {i}{name}: {b}")),
+            ),
+        }
+    }
     let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
-    // Served rules some of whose backends get 500: the route is partly invalid, not dropped.
-    let invalid_parts: Vec<String> = dropped
-        .iter()
-        .cloned()
-        .chain(route.rules.iter().enumerate().flat_map(|(i, rule)| {
-            let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
-            let backends = rule.unsupported_backends();
-            backends
-                .into_iter()
-                .map(move |b| format!("Rule {i}{name}: {b}"))
-        }))
-        .collect();
+    let invalid_parts: Vec<String> = dropped.iter().cloned().chain(failing_backends).collect();
     route
         .parent_refs
         .iter()

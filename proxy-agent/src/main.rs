@@ -308,11 +308,7 @@ fn main() -> Result<()> {
     }
     if cli.clear_status {
         return runtime.build()?.block_on(async {
-            let mut config = kube::Config::infer()
-                .await
-                .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster)")?;
-            config.read_timeout = Some(api_read_timeout);
-            let client = kube::Client::try_from(config).context("building the API client")?;
+            let client = proxy_agent::sources::kube::client(api_read_timeout).await?;
             // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease;
             // from a workstation, the agents' default.
             let in_a_pod = env("KUBERNETES_SERVICE_HOST").is_some();

@@ -129,13 +129,11 @@ async fn accept(
                     .header_read_timeout(METRICS_HEAD_TIMEOUT);
             }
             let serving = http.serve_connection(TokioIo::new(stream), service);
-            let lifetime = match exposure {
-                Exposure::Admin => None,
-                Exposure::MetricsOnly => Some(METRICS_CONNECTION_LIFETIME),
-            };
-            match lifetime {
-                Some(lifetime) => drop(tokio::time::timeout(lifetime, serving).await),
-                None => drop(serving.await),
+            match exposure {
+                Exposure::Admin => drop(serving.await),
+                Exposure::MetricsOnly => {
+                    drop(tokio::time::timeout(METRICS_CONNECTION_LIFETIME, serving).await)
+                }
             }
         });
     }

@@ -49,13 +49,19 @@ pub struct KubeSource {
     watchers: Vec<JoinHandle<()>>,
 }
 
+/// A client of the cluster (KUBECONFIG, ~/.kube/config or in-cluster) whose requests fail once
+/// their connection brings no byte for `read_timeout` (kube-rs sets none).
+pub async fn client(read_timeout: std::time::Duration) -> Result<Client, KubeError> {
+    let mut config = kube::Config::infer().await.map_err(KubeError::Config)?;
+    config.read_timeout = Some(read_timeout);
+    tracing::info!(api_server = %config.cluster_url, "connecting to the cluster");
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
 impl KubeSource {
     /// Connects and starts one watcher per kind, each sending to `updates`.
     pub async fn start(config: &KubeConfig, updates: Updates) -> Result<KubeSource, KubeError> {
-        let mut client_config = kube::Config::infer().await.map_err(KubeError::Config)?;
-        client_config.read_timeout = Some(config.read_timeout);
-        tracing::info!(api_server = %client_config.cluster_url, "following the cluster");
-        let client = Client::try_from(client_config).map_err(KubeError::Client)?;
+        let client = client(config.read_timeout).await?;
         if config.node_name.is_none() {
             tracing::warn!("no --node-name (or NODE_NAME): watching the Pods of every node");
         }

@@ -337,11 +337,10 @@ impl KindState {
     ) -> Result<(), Closed> {
         self.failures += 1;
         self.listed = None;
-        if let Some((listed_at, outage)) = self.current_since.take() {
-            if listed_at.elapsed() < WATCH_HELD {
-                // The outage the list seemed to end goes on: stale since its start.
-                self.failing_since = self.failing_since.or(outage);
-            }
+        let held = self.watch_held();
+        if let Some((_, outage)) = self.current_since.take().filter(|_| !held) {
+            // The outage the list seemed to end goes on: stale since its start.
+            self.failing_since = self.failing_since.or(outage);
         }
         let call = self.kind.call();
         let status = api_status(&error);

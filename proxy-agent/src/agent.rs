@@ -638,11 +638,23 @@ fn listen(
             anyhow::Error::new(e).context(format!("binding {what} {addr}{hint}"))
         })?,
     };
+    widen_backlog(&listener).with_context(|| format!("listening on {what} {addr}"))?;
     listener.set_nonblocking(true)?;
     offered
         .add(&listener)
         .with_context(|| format!("keeping a copy of {what} {addr} for a successor"))?;
     Ok(listener)
+}
+
+/// Lets the kernel queue as many not yet accepted connections as it allows (`net.core.somaxconn`,
+/// 4096 by default), whether the socket is new or handed over. std listens with a queue of 128: a
+/// burst of connects from a node's pods beyond it (or a moment the accept loop falls behind) had
+/// SYNs dropped, their callers waiting out retransmits of 1 s and more, while the programs still
+/// steer to the agent.
+fn widen_backlog(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    // The kernel caps the value at net.core.somaxconn.
+    rustix::net::listen(listener, i32::MAX)?;
+    Ok(())
 }
 
 /// Tells the running agent, if any, to stop accepting, then swaps in this agent's programs if it
@@ -944,6 +956,7 @@ impl RedirectListeners {
         let bind = |addr: SocketAddr, client_first: bool| -> Result<std::net::TcpListener> {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("binding the redirect listener {addr}"))?;
+            widen_backlog(&listener)?;
             listener.set_nonblocking(true)?;
             if client_first {
                 hand_on_with_first_bytes(&listener, addr)?;
@@ -1124,6 +1137,31 @@ mod tests {
             .unwrap();
         tx.send_replace(table(3));
         assert_eq!(*applied.lock().unwrap(), [2]);
+    }
+
+    /// The listen queue is the kernel's cap, not std's 128 (`ss` reads it: a listener's Send-Q).
+    #[test]
+    fn listeners_queue_as_many_connections_as_the_kernel_allows() {
+        let listener = listen(
+            &mut Inherited::default(),
+            &mut Offered::default(),
+            "127.0.0.1:0".parse().unwrap(),
+            "a test listener",
+        )
+        .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2)");
+        let line = String::from_utf8(out.stdout).unwrap();
+        let queue: u32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(queue, cap, "{line}");
     }
 
     #[test]

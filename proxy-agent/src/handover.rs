@@ -747,7 +747,7 @@ struct HandingOver<'s> {
 
 impl<'s> HandingOver<'s> {
     fn start(readiness: &'s Readiness, offered: &'s Mutex<Offered>, pid: u32) -> Self {
-        readiness.handing_over_to.store(pid, Ordering::Relaxed);
+        readiness.set_handing_over_to(Some(pid));
         HandingOver {
             readiness,
             offered,
@@ -759,7 +759,7 @@ impl<'s> HandingOver<'s> {
 impl Drop for HandingOver<'_> {
     fn drop(&mut self) {
         if !self.committed {
-            self.readiness.handing_over_to.store(0, Ordering::Relaxed);
+            self.readiness.set_handing_over_to(None);
             let mut offered = self
                 .offered
                 .lock()
@@ -1386,15 +1386,15 @@ mod tests {
         let frozen = || old.offered().lock().unwrap().is_frozen();
         assert!(!frozen());
         let stream = successor_holding_the_offer(&path).await;
-        let handing_over = || readiness.handing_over_to.load(Ordering::Relaxed);
-        assert_eq!(handing_over(), std::process::id());
+        let handing_over = || readiness.handing_over_to();
+        assert_eq!(handing_over(), Some(std::process::id()));
         assert!(
             frozen(),
             "a listener opened now would not be the successor's"
         );
         drop(stream);
         eventually("no longer handing over to a successor that went", || {
-            handing_over() == 0 && !frozen()
+            handing_over().is_none() && !frozen()
         })
         .await;
         let thawed = old.offered().lock().unwrap().thawed();
@@ -1416,7 +1416,7 @@ mod tests {
         let stream = successor_holding_the_offer(&path).await;
         drop(old);
         eventually("the session ended", || {
-            readiness.handing_over_to.load(Ordering::Relaxed) == 0
+            readiness.handing_over_to().is_none()
         })
         .await;
         assert!(offered.lock().unwrap().is_frozen());

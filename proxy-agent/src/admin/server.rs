@@ -163,7 +163,7 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
     }
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n", "text/plain"),
-        "/ready" => ready(state),
+        "/ready" => ready(&state.readiness),
         "/metrics" => metrics(state),
         "/config_dump" => {
             let dump = state.snapshot.load().dump();
@@ -211,11 +211,11 @@ fn metrics_only(state: &AdminState, request: &Request<Incoming>) -> Response<Ful
     }
 }
 
-fn ready(state: &AdminState) -> Response<Full<Bytes>> {
-    let synced = state.readiness.synced_at.load(Ordering::Relaxed);
-    let stale = state.readiness.stale_since.load(Ordering::Relaxed);
+fn ready(readiness: &Readiness) -> Response<Full<Bytes>> {
+    let synced = readiness.synced_at.load(Ordering::Relaxed);
+    let stale = readiness.stale_since.load(Ordering::Relaxed);
     if synced == 0 {
-        let waiting = state.readiness.waiting_for.lock().expect("not poisoned");
+        let waiting = readiness.waiting_for.lock().expect("not poisoned");
         let why = if waiting.is_empty() {
             // Synced: the listeners (and the kernel redirect, or a takeover) come next.
             "starting its listeners".to_string()
@@ -228,18 +228,21 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             "text/plain",
         );
     }
-    let successor = state.readiness.handing_over_to.load(Ordering::Relaxed);
-    if successor != 0 {
+    if let Some(pid) = readiness.handing_over_to() {
+        let which = match pid {
+            0 => "in another pid namespace".to_string(),
+            pid => format!("pid {pid}"),
+        };
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: handing over to a successor (pid {successor}), which says ready \
-                 once it has synced\n"
+                "not ready: handing over to a successor ({which}), which says ready once it has \
+                 synced\n"
             ),
             "text/plain",
         );
     }
-    if let Some(reason) = state.readiness.redirect_refused.get() {
+    if let Some(reason) = readiness.redirect_refused.get() {
         // Ready like a stale table: the agent serves what it can, pods keep ordinary Service
         // routing, and a rollout is not held up on nodes it can do nothing about.
         return text(
@@ -325,4 +328,27 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         serde_json::to_vec_pretty(&body).unwrap_or_default(),
         "application/json",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DaemonSet's next pod is in another pid namespace: `SO_PEERCRED` names it pid 0, which
+    /// was taken for "no successor", so the old agent said ready to the new pod's probes.
+    #[test]
+    fn not_ready_while_handing_over_to_a_successor_whatever_its_pid() {
+        let readiness = Readiness::default();
+        readiness.synced_at.store(1, Ordering::Relaxed);
+        assert_eq!(ready(&readiness).status(), StatusCode::OK);
+        for (pid, says) in [(0, "in another pid namespace"), (4321, "pid 4321")] {
+            readiness.set_handing_over_to(Some(pid));
+            let answer = ready(&readiness);
+            assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = format!("{:?}", answer.body());
+            assert!(body.contains(says), "{body}");
+        }
+        readiness.set_handing_over_to(None);
+        assert_eq!(ready(&readiness).status(), StatusCode::OK);
+    }
 }

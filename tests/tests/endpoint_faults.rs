@@ -418,3 +418,59 @@ async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
         "each refusing endpoint was tried (and ejected) once"
     );
 }
+
+/// A request whose body streams (an HTTP/2 upload, every gRPC call; an HTTP/1.1 chunked one),
+/// on a route without a retry policy, to a Service with an endpoint that refuses connections:
+/// nothing was sent when the connect failed, so the request goes to another endpoint with its
+/// whole body, as a bodiless one does. Before, the body was dropped with the failed attempt and
+/// the caller got 503 (the first request that picked the refusing endpoint, once per ejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_goes_to_another_endpoint_when_a_connect_is_refused() {
+    let good = echo_backend([127, 0, 0, 4], "good").await;
+    let port = good.addr.port();
+    let refusing = |ip: u8| -> SocketAddr { format!("127.0.0.{ip}:{port}").parse().unwrap() };
+    let rules = [rule("/h2", "pair-h2", ""), rule("/chunked", "pair-h1", "")].concat();
+    let manifests = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "pair-h2", 80, &[refusing(2), good.addr], None)
+        .service("ns", "pair-h1", 80, &[refusing(3), good.addr], None)
+        .raw(&route(&rules));
+    let agent = start_agent(manifests).await;
+    let h2: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // Each request picks the refusing endpoint with even odds until it has (then it is ejected):
+    // within 20, one does.
+    for i in 0..20 {
+        let got = send(&h2, "POST", &agent.url(0, "/h2"), "an upload").await;
+        assert_eq!(got.status, 200, "HTTP/2 request {i}: {got:?}");
+        assert!(
+            got.body
+                .as_ref()
+                .is_ok_and(|b| b.contains("\"body_bytes\":9")),
+            "the whole body reached the echo: {got:?}"
+        );
+    }
+    for i in 0..20 {
+        let mut stream = TcpStream::connect(agent.listen[0]).await.unwrap();
+        stream
+            .write_all(b"POST /chunked HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("\"body_bytes\":3"),
+            "chunked request {i}: {answer}"
+        );
+    }
+    let ejections = gamma_tests::probe::metric(&agent, "gamma_endpoint_ejections_total").unwrap();
+    assert!(
+        ejections >= 2.0,
+        "both refusing endpoints were tried: {ejections}"
+    );
+}

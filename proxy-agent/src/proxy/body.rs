@@ -39,46 +39,36 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
 /// fields that may not be relayed ([`relayable_trailer`]), as the agent's own exchange reads
 /// them.
 pub fn stream_http1<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
-    Relayed {
-        body,
-        _held: held,
-        progress: None,
-    }
-    .map_frame(|frame| match frame.into_trailers() {
-        Ok(mut trailers) => {
-            let unrelayable: Vec<HeaderName> = trailers
-                .keys()
-                .filter(|name| !relayable_trailer(name))
-                .cloned()
-                .collect();
-            for name in unrelayable {
-                trailers.remove(name);
+    Relayed { body, _held: held }
+        .map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                let unrelayable: Vec<HeaderName> = trailers
+                    .keys()
+                    .filter(|name| !relayable_trailer(name))
+                    .cloned()
+                    .collect();
+                for name in unrelayable {
+                    trailers.remove(name);
+                }
+                Frame::trailers(trailers)
             }
-            Frame::trailers(trailers)
-        }
-        Err(frame) => frame,
-    })
-    .map_err(BoxError::from)
-    .boxed_unsync()
+            Err(frame) => frame,
+        })
+        .map_err(BoxError::from)
+        .boxed_unsync()
 }
 
 /// `body`, streamed, keeping `held` until it is dropped.
 pub fn holding<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
-    Relayed {
-        body,
-        _held: held,
-        progress: None,
-    }
-    .map_err(BoxError::from)
-    .boxed_unsync()
+    Relayed { body, _held: held }
+        .map_err(BoxError::from)
+        .boxed_unsync()
 }
 
-/// A peer's body streamed on, keeping `_held` while it is, and recording its reads in
-/// `progress`, if any.
+/// A peer's body streamed on, keeping `_held` while it is.
 struct Relayed<T> {
     body: Incoming,
     _held: T,
-    progress: Option<Arc<CallerProgress>>,
 }
 
 impl<T> Body for Relayed<T>
@@ -92,11 +82,7 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let read = Pin::new(&mut self.body).poll_frame(cx);
-        if let Some(progress) = &self.progress {
-            progress.record(&read);
-        }
-        read
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -105,6 +91,75 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A caller's body kept nowhere, lent to one attempt at a time: an attempt that ends before
+/// reading any of it (its connect failed; its backend refused the stream before its body) gives
+/// it back, and the next attempt sends it whole. Without this, a request with a streamed body
+/// (every gRPC call and HTTP/2 upload without a retry policy) could not go to another endpoint
+/// when the first refused its connection, as a bodiless one does.
+pub struct Lender {
+    unread: Mutex<Option<Incoming>>,
+    progress: CallerProgress,
+}
+
+struct Lent {
+    /// Until dropped.
+    body: Option<Incoming>,
+    lender: Arc<Lender>,
+    read_any: bool,
+}
+
+impl Lender {
+    fn lend(self: &Arc<Self>) -> Option<ProxyBody> {
+        let body = self
+            .unread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let lent = Lent {
+            body: Some(body),
+            lender: self.clone(),
+            read_any: false,
+        };
+        Some(lent.map_err(BoxError::from).boxed_unsync())
+    }
+}
+
+impl Body for Lent {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = Pin::new(body).poll_frame(cx);
+        self.lender.progress.record(&read);
+        self.read_any |= read.is_ready();
+        read
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if !self.read_any {
+            *self.lender.unread.lock().unwrap_or_else(|p| p.into_inner()) = self.body.take();
+        }
     }
 }
 
@@ -156,11 +211,9 @@ pub enum RequestBody {
     Empty,
     /// Read whole before the request was handled: every attempt and mirror sends it again.
     Whole(Bytes),
-    /// Streamed once to the first attempt, kept nowhere (no retry and no mirror needs it).
-    Streamed {
-        body: Option<Incoming>,
-        progress: Arc<CallerProgress>,
-    },
+    /// Streamed once, kept nowhere (no retry and no mirror needs it): only an attempt that read
+    /// none of it gives it back for the next one.
+    Streamed(Arc<Lender>),
     /// Streamed to the first attempt and kept as it goes, up to a limit.
     Recorded(Recording),
 }
@@ -176,10 +229,10 @@ impl RequestBody {
         if keep {
             RequestBody::Recorded(Recording::new(body, limit))
         } else {
-            RequestBody::Streamed {
-                body: Some(body),
-                progress: Arc::default(),
-            }
+            RequestBody::Streamed(Arc::new(Lender {
+                unread: Mutex::new(Some(body)),
+                progress: CallerProgress::default(),
+            }))
         }
     }
 
@@ -188,15 +241,7 @@ impl RequestBody {
         match self {
             RequestBody::Empty => Some(empty()),
             RequestBody::Whole(bytes) => Some(full(bytes.clone())),
-            RequestBody::Streamed { body, progress } => body.take().map(|body| {
-                Relayed {
-                    body,
-                    _held: (),
-                    progress: Some(progress.clone()),
-                }
-                .map_err(BoxError::from)
-                .boxed_unsync()
-            }),
+            RequestBody::Streamed(lender) => lender.lend(),
             RequestBody::Recorded(recording) => recording.replay(),
         }
     }
@@ -219,7 +264,7 @@ impl RequestBody {
     fn progress(&self) -> Option<u8> {
         match self {
             RequestBody::Empty | RequestBody::Whole(_) => None,
-            RequestBody::Streamed { progress, .. } => Some(progress.get()),
+            RequestBody::Streamed(lender) => Some(lender.progress.get()),
             RequestBody::Recorded(r) => Some(r.lock().progress.get()),
         }
     }
@@ -229,7 +274,7 @@ impl RequestBody {
         match self {
             RequestBody::Empty => MirrorBody::Empty,
             RequestBody::Whole(bytes) => MirrorBody::Whole(bytes.clone()),
-            RequestBody::Streamed { .. } => MirrorBody::Unavailable,
+            RequestBody::Streamed(_) => MirrorBody::Unavailable,
             RequestBody::Recorded(r) => MirrorBody::Pending(r.complete.subscribe()),
         }
     }

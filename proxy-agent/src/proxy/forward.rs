@@ -337,12 +337,9 @@ pub(super) async fn forward(
 /// The request body for another attempt, taken as soon as the retry is decided: the last
 /// attempt's connection may still be sending the body (answered early), reading on from the
 /// caller, and what it read past the keeping limit could not be sent again after a backoff.
-/// Taking it stops that. `None` when the body cannot be sent again: not kept, or kept only in
-/// part (over the limit: counted).
+/// Taking it stops that. `None` when the body cannot be sent again (counted): kept only in part
+/// (over the limit), or not kept and already read by the last attempt.
 fn body_for_retry(proxy: &Proxy, body: &mut RequestBody) -> Option<ProxyBody> {
-    if matches!(body, RequestBody::Streamed { .. }) {
-        return None;
-    }
     let again = body.next_attempt();
     if again.is_none() {
         proxy

@@ -543,11 +543,12 @@ impl Index {
         true
     }
 
-    /// Pod IP → its Pod. An IP that two Pods claim (a stale object, an IP reused before the old
-    /// Pod's deletion arrived) names neither: its callers get the producer routes only, the same
-    /// whichever Pod the watch delivered first.
-    fn callers(&self) -> Arc<AHashMap<std::net::IpAddr, Arc<Caller>>> {
+    /// The Pods by IP and by UID. An IP that two Pods claim (a stale object, an IP reused before
+    /// the old Pod's deletion arrived) names neither by IP: its callers get the producer routes
+    /// only, the same whichever Pod the watch delivered first, unless their cgroup names them.
+    fn callers(&self) -> Arc<routes::Callers> {
         let mut claims: AHashMap<std::net::IpAddr, Option<Arc<Caller>>> = AHashMap::new();
+        let mut by_uid = AHashMap::new();
         for pod in self.store.pods.values() {
             let caller = Arc::new(Caller {
                 pod: pod.key.clone(),
@@ -564,12 +565,15 @@ impl Index {
                     .and_modify(|claim| *claim = None)
                     .or_insert_with(|| Some(caller.clone()));
             }
+            if let Some(uid) = &pod.uid {
+                by_uid.insert(uid.clone(), caller);
+            }
         }
-        let owned = claims
+        let by_ip = claims
             .into_iter()
             .filter_map(|(ip, caller)| Some((ip, caller?)))
             .collect();
-        Arc::new(owned)
+        Arc::new(routes::Callers { by_ip, by_uid })
     }
 }
 
@@ -581,7 +585,7 @@ struct Tables {
     frontends: Arc<routes::FrontendsByService>,
     by_address: Arc<AHashMap<std::net::SocketAddr, Arc<Frontend>>>,
     statuses: Arc<routes::Statuses>,
-    callers: Arc<AHashMap<std::net::IpAddr, Arc<Caller>>>,
+    callers: Arc<routes::Callers>,
 }
 
 impl Tables {

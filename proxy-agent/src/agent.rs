@@ -1044,6 +1044,7 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     }
     let opted_in = snapshot
         .callers
+        .by_ip
         .iter()
         .filter(|(_, caller)| caller.local_sockets)
         .map(|(ip, _)| *ip);

@@ -60,9 +60,9 @@ pub struct Snapshot {
     /// By ClusterIP and port: where redirected connections were going.
     #[serde(skip)]
     pub by_address: Arc<AHashMap<SocketAddr, Arc<Frontend>>>,
-    /// Pod IP → the Pod: a caller's identity and namespace.
+    /// The Pods that call: a caller's identity and namespace.
     #[serde(skip)]
-    pub callers: Arc<AHashMap<IpAddr, Arc<Caller>>>,
+    pub callers: Arc<Callers>,
     /// Route status, per route and parentRef.
     #[serde(serialize_with = "statuses_by_name")]
     pub statuses: Arc<Statuses>,
@@ -81,6 +81,17 @@ fn statuses_by_name<S: serde::Serializer>(
             .iter()
             .map(|(key, status)| (key.to_string(), status)),
     )
+}
+
+/// The Pods that may call (this node's, when the agent knows its node), by IP and by UID.
+#[derive(Debug, Default, PartialEq)]
+pub struct Callers {
+    /// Pod IP → the Pod. An IP two Pods claim names neither.
+    pub by_ip: AHashMap<IpAddr, Arc<Caller>>,
+    /// The UID the kubelet runs a Pod under (its cgroup's name) → the Pod, whatever its IPs: one
+    /// whose IP has not reached the agent yet (it has just started), a hostNetwork one (whose IP
+    /// is the node's).
+    pub by_uid: AHashMap<String, Arc<Caller>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -105,7 +116,12 @@ impl Snapshot {
     }
 
     pub fn caller(&self, ip: IpAddr) -> Option<&Arc<Caller>> {
-        self.callers.get(&ip)
+        self.callers.by_ip.get(&ip)
+    }
+
+    /// The Pod the kubelet runs under `uid` (its cgroup's name).
+    pub fn caller_by_uid(&self, uid: &str) -> Option<&Arc<Caller>> {
+        self.callers.by_uid.get(uid)
     }
 
     /// The status of the route named `HTTPRoute namespace/name` (or `GRPCRoute …`).
@@ -160,6 +176,7 @@ impl Snapshot {
         frontends.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
         let callers: BTreeMap<String, &Caller> = self
             .callers
+            .by_ip
             .iter()
             .map(|(ip, c)| (ip.to_string(), &**c))
             .collect();

@@ -31,23 +31,29 @@ impl OriginalDestination for KernelRedirects {
     }
 }
 
-/// The caller `peer` is: the Pod its address belongs to if the process that connected runs in
-/// that Pod's cgroup (`cgroup_uid`, from the kernel's record). The address canonical: a listener
+/// The caller `peer` is: the Pod whose cgroup the process that connected runs in (`cgroup_uid`,
+/// from the kernel's record), whatever its address says: a Pod whose IP has not reached the agent
+/// yet (a connection opened as it starts, a gRPC channel kept for its life, stayed producer-only
+/// for good), a hostNetwork Pod (the node's IP), an IP two Pods claim. Otherwise a source IP
+/// that belongs to a Pod the process is not in is a mismatch: a pod cannot claim another pod's
+/// namespace (and its consumer routes) by faking a source IP. The address canonical: a listener
 /// on a v4-mapped address (`[::ffff:a.b.c.d]`, which `--redirect` takes) accepts IPv4 callers as
 /// v4-mapped IPv6 ones, whom the table knows by their IPv4 address.
 fn identify(peer: SocketAddr, cgroup_uid: Option<String>, snapshot: &Snapshot) -> Caller {
     let peer = super::addr::canonical(peer);
-    let pod = snapshot.caller(peer.ip());
-    match (pod, cgroup_uid) {
-        (Some(pod), Some(uid)) if pod.uid.as_deref() == Some(uid.as_str()) => Caller {
+    let of_cgroup = cgroup_uid
+        .as_deref()
+        .and_then(|uid| snapshot.caller_by_uid(uid));
+    match (of_cgroup, snapshot.caller(peer.ip())) {
+        (Some(pod), _) => Caller {
             ip: peer.ip(),
             namespace: Some(pod.pod.namespace.clone()),
             pod: Some(pod.pod.to_string()),
             identity: "verified",
         },
-        (Some(pod), uid) => {
+        (None, Some(pod)) => {
             tracing::warn!(
-                %peer, claimed = %pod.pod, cgroup_pod_uid = uid.as_deref().unwrap_or("-"),
+                %peer, claimed = %pod.pod, cgroup_pod_uid = cgroup_uid.as_deref().unwrap_or("-"),
                 "source IP belongs to a pod the connecting process is not in; producer routes only"
             );
             Caller {
@@ -57,7 +63,7 @@ fn identify(peer: SocketAddr, cgroup_uid: Option<String>, snapshot: &Snapshot) -
                 identity: "mismatch",
             }
         }
-        (None, _) => Caller {
+        (None, None) => Caller {
             ip: peer.ip(),
             namespace: None,
             pod: None,
@@ -92,8 +98,47 @@ mod tests {
             &snapshot,
         );
         assert_eq!((other.identity, other.namespace), ("mismatch", None));
-        let unknown = identify("10.1.0.6:1".parse().unwrap(), Some(UID.into()), &snapshot);
+        let unknown = identify(
+            "10.1.0.6:1".parse().unwrap(),
+            Some("other".into()),
+            &snapshot,
+        );
         assert_eq!(unknown.identity, "unknown");
+    }
+
+    /// A Pod is known by its cgroup before its IP reaches the agent (the kubelet reports it once
+    /// the pod runs), with a hostNetwork Pod's IP (the node's, never in the table), and at an IP
+    /// two Pods claim: its own namespace. A connection opened meanwhile kept producer routes
+    /// only for its whole life.
+    #[test]
+    fn a_caller_is_known_by_its_cgroup_whatever_its_address() {
+        let pod = |name: &str, uid: &str, status: &str, spec: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ui, uid: {uid}}}\nspec: {{containers: [{{name: c, image: i}}]{spec}}}\nstatus: {{phase: Running{status}}}\n")
+        };
+        let snapshot = crate::test_dir::snapshot_of(
+            &[
+                pod("starting", UID, "", ""),
+                pod("host", "h-1", ", podIP: 192.168.0.9", ", hostNetwork: true"),
+                pod("stale", "s-1", ", podIP: 10.1.0.7", ""),
+                pod("new", "n-1", ", podIP: 10.1.0.7", ""),
+            ]
+            .join("---\n"),
+        );
+        for (peer, uid, name) in [
+            ("10.1.0.5:40000", UID, "ui/starting"),
+            ("192.168.0.9:40000", "h-1", "ui/host"),
+            ("10.1.0.7:40000", "n-1", "ui/new"),
+        ] {
+            let caller = identify(peer.parse().unwrap(), Some(uid.into()), &snapshot);
+            assert_eq!(
+                (caller.identity, caller.pod.as_deref()),
+                ("verified", Some(name)),
+                "{peer}"
+            );
+        }
+        // No cgroup to tell: the address alone verifies nothing.
+        let caller = identify("192.168.0.9:1".parse().unwrap(), None, &snapshot);
+        assert_eq!((caller.identity, caller.namespace), ("unknown", None));
     }
 
     /// A static pod on the pod network: the kubelet runs it under its manifest's hash (its

@@ -128,6 +128,11 @@ pub enum AfterTakeover {
 /// Runs the agent until SIGTERM or SIGINT, or until a successor took over, then drains.
 pub async fn run(config: AgentConfig) -> Result<()> {
     let started = Instant::now();
+    // First of all, and one registration for the agent's life: in a container the agent is pid
+    // 1, whose signals without a handler are ignored, so a SIGTERM before it (during a first
+    // sync that waits for an API server, or a takeover) waited for the SIGKILL; and one that
+    // comes while the agent drains after a takeover is kept for the wait below.
+    let mut signals = Signals::new();
     // Before binding anything: a running agent hands over the sockets this one would bind.
     let mut inherited = match config.takeover.clone() {
         Some(t) => tokio::task::spawn_blocking(move || handover::inherit(&t.socket, t.timeout))
@@ -192,8 +197,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(admin = %serving[0], metrics = ?&serving[1..], "admin server listening");
     let source = Source::start(&config, updates).await?;
-    if let Err(stopped) = first_sync(&mut publisher, &mut inherited).await {
-        return Err(source.failure().await.context(stopped));
+    tokio::select! {
+        synced = first_sync(&mut publisher, &mut inherited) => {
+            if let Err(stopped) = synced {
+                return Err(source.failure().await.context(stopped));
+            }
+        }
+        // Nothing serves yet but the admin server: nothing to drain. A running agent this one
+        // was taking over from keeps serving (the session closes with `inherited`).
+        () = signals.recv() => {
+            tracing::info!("stopping before the first sync completed: nothing was served");
+            return Ok(());
+        }
     }
 
     let workers =
@@ -331,9 +346,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         _ => None,
     };
     let mut publishing = tokio::spawn(publisher.run());
-    // One registration for the agent's life: a SIGTERM that comes while it drains after a
-    // takeover is kept for the wait below, not lost between two registrations.
-    let mut signals = Signals::new();
     // The publisher owns the table: if it ends while the sources run (a panic, a bug), the table
     // would stay as it is while /ready said ready. The agent stops instead, failing, so that
     // the kubelet starts it again (and its pods' connections fall back to kube-proxy meanwhile).

@@ -188,14 +188,16 @@ impl KubeAgent {
         body["pod"].as_str().map(str::to_string)
     }
 
-    pub fn terminate(&mut self) {
+    /// Sends SIGTERM and waits for the agent to exit: how it did.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
         eventually("the agent exits on SIGTERM", || {
             self.child.try_wait().ok().flatten()
-        });
+        })
+        .0
     }
 }
 

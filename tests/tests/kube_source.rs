@@ -328,6 +328,28 @@ async fn a_list_never_answered_is_given_up_and_retried() {
     assert_eq!(agent.answered_by().as_deref(), Some("back"));
 }
 
+/// SIGTERM while the first sync waits for the API server: the agent stops at once, having served
+/// nothing. Its handler was installed only after the takeover; before it, a SIGTERM killed the
+/// agent outside a container, and inside one (pid 1, whose signals without a handler are
+/// ignored) waited for the SIGKILL at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_first_sync_stops_the_agent() {
+    let api = FakeApiServer::start().await;
+    api.stall_lists("services", true);
+    let mut agent = KubeAgent::spawn(&api, "node-a", "a");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.ready().0, 503, "the list is still waited for");
+    let exit = agent.terminate();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        agent
+            .log()
+            .contains("stopping before the first sync completed"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_are_picked_up_when_the_gateway_api_crds_appear() {
     let api = FakeApiServer::start().await;

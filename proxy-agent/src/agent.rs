@@ -429,6 +429,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .as_ref()
         .is_some_and(|t| t.after == AfterTakeover::Wait);
     if taken_over.is_some() && wait {
+        // Holding nothing, indeed: requests still running past the deadline end with their
+        // workers (and the pools' connections close), and this agent's copies of the programs'
+        // links go, so that they detach (fail open) should the successor die, rather than steer
+        // into listeners nobody accepts on while this agent waits.
+        drop(workers);
+        drop(redirect);
+        drop(successors);
         tracing::info!("taken over and drained: holding nothing, waiting for SIGTERM");
         signals.recv().await;
     }

@@ -275,6 +275,11 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
                 old.try_wait().unwrap().is_none(),
                 "the taken-over agent waits instead of exiting"
             );
+            assert_eq!(
+                tcp_sockets_of(old.id()),
+                0,
+                "the waiting agent holds no listener and no upstream connection"
+            );
             sigterm(&old);
         }
     }
@@ -496,4 +501,33 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
     let _ = new.kill();
     let _ = new.wait();
     drop(silent);
+}
+
+/// How many TCP sockets process `pid` holds (its descriptors' socket inodes found in its network
+/// namespace's TCP tables).
+fn tcp_sockets_of(pid: u32) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| line.split_whitespace().nth(9).map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .filter(|inode| inodes.contains(inode))
+        .count()
 }

@@ -848,3 +848,50 @@ fn client_helper() {
     BufReader::new(&stream).read_line(&mut reply).unwrap();
     println!("{REPLY}{}", reply.trim());
 }
+
+/// A successor that adopts the running agent's programs (the same binary) changes their config
+/// (its exempt cgroup, local sockets turned on) only once the running agent has stopped
+/// accepting: before, a successor started with `--local-sockets` turned pairing on at once, and
+/// the running agent, which did not know, spliced the sockets the kernel paired (their bytes sat
+/// where splice(2) does not read), for good if the successor went away before Stop.
+#[test]
+fn an_adopting_successor_changes_the_programs_config_only_at_stop() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let agent6 = sandbox.bind("[::1]:0");
+    let running = attach(&sandbox.cgroup, &agent4, &agent6);
+    assert!(!running.local_sockets().unwrap());
+    let successor = |running: &Redirect| {
+        let (offer, fds) = running.offer().unwrap();
+        let listeners = [&agent4, &agent6].map(|listener| AgentListener {
+            listener,
+            addr: listener.local_addr().unwrap(),
+            client_first: false,
+        });
+        Redirect::take_over(
+            &sandbox.cgroup,
+            &listeners,
+            redirect::Predecessor::new(offer, fds).unwrap(),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let gone_before_stop = successor(&running);
+    gone_before_stop.set_local_sockets(true).unwrap();
+    assert!(!running.local_sockets().unwrap(), "pairing waits for Stop");
+    drop(gone_before_stop);
+    assert!(!running.local_sockets().unwrap(), "nor came after it went");
+    let next = successor(&running);
+    next.set_local_sockets(true).unwrap();
+    assert!(!running.local_sockets().unwrap());
+    assert_eq!(
+        next.complete_takeover().unwrap(),
+        redirect::TakeoverKind::Adopted
+    );
+    assert!(
+        running.local_sockets().unwrap() && next.local_sockets().unwrap(),
+        "at Stop the programs pair (their config is shared)"
+    );
+    next.set_local_sockets(false).unwrap();
+}

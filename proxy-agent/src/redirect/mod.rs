@@ -118,6 +118,12 @@ pub struct Redirect {
     /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
     local_pods: Mutex<KernelMap<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
+    /// The config of adopted programs, written to `config` only at
+    /// [`Self::complete_takeover`]: until the running agent has stopped accepting, its programs
+    /// must keep the config it serves by (its exempt cgroup; pairing, which it may not know of
+    /// and would splice sockets the kernel pairs, stalling them), also when this agent goes away
+    /// before.
+    config_at_takeover: Mutex<Option<AgentConfig>>,
     callers: MapData,
     /// What the programs counted (`proxy_common::counters`), per CPU.
     counters: PerCpuArray<MapData, u64>,
@@ -277,6 +283,7 @@ impl Redirect {
             without_listener: AtomicUsize::new(0),
             local_pods: Mutex::new(loaded.local_pods),
             config: Mutex::new(loaded.config),
+            config_at_takeover: Mutex::default(),
             callers: loaded.callers,
             counters: loaded.counters,
             predecessor_callers: None,
@@ -549,6 +556,14 @@ impl Redirect {
     }
 
     fn update_config(&self, change: impl FnOnce(&mut AgentConfig)) -> Result<(), RedirectError> {
+        let mut deferred = self
+            .config_at_takeover
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(value) = deferred.as_mut() {
+            change(value);
+            return Ok(());
+        }
         let mut config = self
             .config
             .lock()

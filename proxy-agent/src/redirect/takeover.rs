@@ -260,7 +260,7 @@ impl Redirect {
         let redirect = if adopts(&listen, &client_first, &offer, fresh_programs)? {
             let services = KernelMap::mesh_services(predecessor.typed_map(maps::MESH_SERVICES)?);
             let local_pods = KernelMap::local_pods(predecessor.typed_map(maps::LOCAL_PODS)?);
-            let mut config = predecessor.typed_map(maps::CONFIG)?;
+            let config = predecessor.typed_map(maps::CONFIG)?;
             let callers = callers_map(Some(predecessor.map(maps::CALLERS)?))?;
             let counters = predecessor.typed_map(maps::COUNTERS)?;
             // Its programs are ours now: without their records, any socket may be paired.
@@ -270,10 +270,9 @@ impl Redirect {
             // The same listeners; what changes is the exempt cgroup: ours (on Kubernetes a
             // successor is a new pod, in a cgroup of its own). Pairing stays as the running agent
             // set it until this one says otherwise (`Redirect::set_local_sockets`): no moment
-            // without it while both run.
+            // without it while both run. Written at Stop (`Redirect::config_at_takeover`).
             let (mut value, _) = agent_config(listeners, own_cgroup_id()?)?;
             value.local_sockets = read_agent_config(&config)?.local_sockets;
-            write_agent_config(&mut config, value)?;
             Self {
                 cgroup: cgroup.to_owned(),
                 cgroup_id,
@@ -283,6 +282,7 @@ impl Redirect {
                 without_listener: Default::default(),
                 local_pods: Mutex::new(local_pods),
                 config: Mutex::new(config),
+                config_at_takeover: Mutex::new(Some(value)),
                 callers,
                 counters,
                 predecessor_callers: None,
@@ -316,6 +316,7 @@ impl Redirect {
                 without_listener: Default::default(),
                 local_pods: Mutex::new(loaded.local_pods),
                 config: Mutex::new(loaded.config),
+                config_at_takeover: Mutex::default(),
                 callers: loaded.callers,
                 counters: loaded.counters,
                 predecessor_callers: Some(predecessor_callers),
@@ -342,6 +343,20 @@ impl Redirect {
     /// with records this agent reads), so the agent can go on serving; whatever of ours got
     /// attached is detached again.
     pub fn complete_takeover(&self) -> Result<TakeoverKind, RedirectError> {
+        let deferred = self
+            .config_at_takeover
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(value) = deferred {
+            write_agent_config(
+                &mut self
+                    .config
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                value,
+            )?;
+        }
         let mut programs = self
             .programs
             .lock()

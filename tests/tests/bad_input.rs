@@ -307,12 +307,15 @@ async fn http1_smuggling_and_malformed_heads_get_an_error_or_a_close() {
     let mut failures = Vec::new();
     for (name, payload, expect) in cases() {
         let before = World::hits(&world.a);
+        let answered_before = local_answers(&world.agent);
         let reply = world.raw(payload).await;
         let forwarded = World::hits(&world.a) - before;
+        // Every refusal is counted, hyper's own (its 400s and 431s) with the agent's.
+        let counted = local_answers(&world.agent) - answered_before;
         let statuses = reply.statuses();
         let ok = reply.closed
             && match expect {
-                Expect::Refused(status) => statuses == [status] && forwarded == 0,
+                Expect::Refused(status) => statuses == [status] && forwarded == 0 && counted == 1.0,
                 Expect::ServedThenClosed => statuses == [200] && forwarded == 1,
                 Expect::Served(n) => statuses == vec![200; n] && forwarded == n as u64,
                 Expect::BrokenBody => statuses.len() <= 1 && statuses.iter().all(|s| *s >= 400),
@@ -320,7 +323,7 @@ async fn http1_smuggling_and_malformed_heads_get_an_error_or_a_close() {
         if !ok {
             let head: String = reply.text.chars().take(300).collect();
             failures.push(format!(
-                "{name}: expected {expect:?}; got statuses {statuses:?}, {forwarded} forwarded, closed: {}, reset: {}, reply: {head:?}",
+                "{name}: expected {expect:?}; got statuses {statuses:?}, {forwarded} forwarded, {counted} counted, closed: {}, reset: {}, reply: {head:?}",
                 reply.closed, reply.reset
             ));
         }
@@ -341,6 +344,15 @@ async fn http1_smuggling_and_malformed_heads_get_an_error_or_a_close() {
     );
     world.assert_serving("after the malformed requests").await;
     world.assert_nothing_left(baseline);
+}
+
+/// The requests the agent answered itself, all reasons together (`gamma_local_answers_total`).
+fn local_answers(agent: &Agent) -> f64 {
+    let text = tokio::task::block_in_place(|| http_get(agent.admin, "/metrics")).unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("gamma_local_answers_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// A client still sending its request body when the rule's backendRequest timeout expires (a slow

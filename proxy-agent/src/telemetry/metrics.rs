@@ -30,13 +30,15 @@ pub enum Reason {
     RequestBodyTimeout,
     RouteTimeout,
     HeadTooLarge,
+    /// A request head hyper's HTTP/1.1 server could not parse, which it answered 400 itself.
+    MalformedHead,
     BadTarget,
     BadHost,
     NotImplemented,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -50,6 +52,7 @@ impl Reason {
         Reason::RequestBodyTimeout,
         Reason::RouteTimeout,
         Reason::HeadTooLarge,
+        Reason::MalformedHead,
         Reason::BadTarget,
         Reason::BadHost,
         Reason::NotImplemented,
@@ -70,6 +73,7 @@ impl Reason {
             Reason::RequestBodyTimeout => "request_body_timeout",
             Reason::RouteTimeout => "route_timeout",
             Reason::HeadTooLarge => "head_too_large",
+            Reason::MalformedHead => "malformed_head",
             Reason::BadTarget => "bad_target",
             Reason::BadHost => "bad_host",
             Reason::NotImplemented => "not_implemented",

@@ -10,6 +10,7 @@ use super::body::{CallerBody, ProxyBody};
 use super::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use super::io::Watched;
 use super::{CloseAfter, ConnectionInfo, Proxy, ProxyConfig, RefuseStream};
+use crate::telemetry::metrics::Reason;
 use futures::future::BoxFuture;
 use http::header::{HeaderValue, CONNECTION};
 use http::{Method, Request, Response, StatusCode};
@@ -86,12 +87,29 @@ where
         shutdown,
         go_away,
     };
-    if http2 {
+    let served = if http2 {
         // Boxed: HTTP/2's connection state (frame codec, header tables) is the larger, and
         // HTTP/1 connections, the many, would otherwise each be sized for it.
         Box::pin(served.h2()).await
     } else {
         served.h1().await
+    };
+    if let Some(reason) = served.as_ref().err().and_then(answered_by_hyper) {
+        proxy.metrics.local_answer(reason);
+    }
+    served
+}
+
+/// The answer hyper's HTTP/1.1 server sent by itself when a connection ends with `error`: a
+/// request it refused before the agent saw it (431 or 414 for a head over the limits, 400 for
+/// one it could not parse), counted with the agent's own answers.
+fn answered_by_hyper(error: &hyper::Error) -> Option<Reason> {
+    if error.is_parse_too_large() {
+        Some(Reason::HeadTooLarge)
+    } else if error.is_parse() {
+        Some(Reason::MalformedHead)
+    } else {
+        None
     }
 }
 

@@ -332,6 +332,46 @@ fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
 /// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another proxy (a
 /// secondary network's): kube-proxy leaves it alone, and so does the mesh. A route to it as a
 /// parent is not Accepted (nothing is steered); as a backend it does not resolve.
+/// A headless Service has no ClusterIP to tell its first family by: its `ipFamilies` does. A
+/// dual-stack one (a StatefulSet's, PreferDualStack) as a backendRef listed each pod twice, once
+/// per family, and about half the picks dialled the family the pods may not listen on.
+#[test]
+fn a_dual_stack_headless_backend_is_served_by_its_first_familys_endpoints() {
+    let mut index = Index::for_node("node-a");
+    let headless = service(
+        "db",
+        0,
+        json!({"clusterIP": "None", "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"}),
+    );
+    let mut v6 = slice("db", &[]);
+    v6["metadata"]["name"] = json!("db-v6");
+    v6["addressType"] = json!("IPv6");
+    v6["endpoints"] = json!([{"addresses": ["fd00::10"], "conditions": {"ready": true}}]);
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "to-db", "namespace": "ns"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+                 "rules": [{"backendRefs": [{"name": "db", "port": 80}]}]},
+    });
+    load(
+        &mut index,
+        vec![
+            headless,
+            slice("db", &[(1, "node-a", &[])]),
+            v6,
+            service("front", 2, json!({})),
+            route,
+        ],
+    );
+    let snapshot = index.snapshot();
+    let db = snapshot
+        .backends()
+        .find(|b| b.service == ObjectKey::new("ns", "db"))
+        .expect("the route's backend");
+    let endpoints: Vec<String> = db.endpoints.iter().map(|a| a.to_string()).collect();
+    assert_eq!(endpoints, ["10.0.0.1:8080"]);
+}
+
 #[test]
 fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
     let mut index = Index::for_node("node-a");

@@ -221,9 +221,15 @@ pub fn service(svc: &core::Service) -> Result<Service, ObjectError> {
             .unwrap_or(DEFAULT_AFFINITY_SECONDS);
         std::time::Duration::from_secs(seconds as u64)
     });
+    let primary_ipv4 = match spec.ip_families.iter().flatten().next().map(String::as_str) {
+        Some("IPv4") => Some(true),
+        Some("IPv6") => Some(false),
+        _ => cluster_ips.first().map(IpAddr::is_ipv4),
+    };
     Ok(Service {
         key,
         kind,
+        primary_ipv4,
         cluster_ips: compact(cluster_ips),
         ports: compact(ports),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

@@ -48,6 +48,10 @@ pub struct Service {
     pub kind: ServiceKind,
     /// ClusterIPs (dual stack: one per family). Empty for headless and ExternalName Services.
     pub cluster_ips: Vec<IpAddr>,
+    /// Whether its first address family (`spec.ipFamilies`, its first ClusterIP's) is IPv4: the
+    /// family of the endpoints it is served by (a headless one's too, which has no ClusterIP);
+    /// `None` when unknown.
+    pub primary_ipv4: Option<bool>,
     pub ports: Vec<ServicePort>,
     /// `internalTrafficPolicy: Local`: pods reach only the endpoints on their own node.
     pub internal_local: bool,

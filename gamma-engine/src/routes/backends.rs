@@ -192,8 +192,8 @@ impl<'a> Resolver<'a> {
             service.internal_local,
             self.world.node(),
         );
-        if let Some(primary) = service.cluster_ips.first() {
-            keep_family(&mut endpoints, primary.is_ipv4());
+        if let Some(ipv4) = service.primary_ipv4 {
+            keep_family(&mut endpoints, ipv4);
         }
         let backend = Arc::new(Backend::new(
             service.key.clone(),
@@ -322,7 +322,7 @@ pub fn usable_endpoints(
     }
 }
 
-/// A dual-stack Service's endpoints, of its primary family (its first ClusterIP's) when it has
+/// A dual-stack Service's endpoints, of its primary family (`Service::primary_ipv4`) when it has
 /// any: the agent makes its own connections, and a pod's primary address is the one its
 /// readiness is probed on, where an IPv4-only listener still answers.
 fn keep_family(endpoints: &mut Vec<SocketAddr>, ipv4: bool) {

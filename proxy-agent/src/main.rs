@@ -157,6 +157,10 @@ struct Cli {
     /// gamma_connections_refused_at_cap_total).
     #[arg(long, default_value_t = 100_000)]
     max_connections: usize,
+    /// How long a connect to an endpoint may take, in milliseconds, before the next endpoint is
+    /// tried and this one set aside for a while. Above 1,000: Linux resends a SYN after 1 s.
+    #[arg(long, default_value_t = proxy_agent::proxy::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64)]
+    connect_timeout_ms: u64,
     /// Seconds an idle pooled HTTP/1.1 upstream connection is kept.
     #[arg(long, default_value_t = 90)]
     upstream_idle_timeout_s: u64,
@@ -340,6 +344,7 @@ fn main() -> Result<()> {
         poll_interval: Duration::from_millis(cli.poll_interval_ms.max(10)),
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
         proxy: ProxyConfig {
+            connect_timeout: Duration::from_millis(cli.connect_timeout_ms.max(1)),
             header_read_timeout: Duration::from_millis(cli.header_read_timeout_ms.max(1)),
             detect_timeout: Duration::from_millis(cli.detect_timeout_ms.max(1)),
             mirror_timeout: Duration::from_millis(cli.mirror_timeout_ms.max(1)),

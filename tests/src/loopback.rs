@@ -90,7 +90,7 @@ pub async fn echo_backend(ip: [u8; 4], name: &str) -> EchoBackend {
 /// (`net.core.somaxconn`; Go's servers ask for that much): a burst of new connections from the
 /// agent, such as a cold pool under hundreds of concurrent requests, then waits to be accepted.
 /// tokio's `TcpListener::bind` asks for 128, which drops the SYNs beyond; a dropped SYN is
-/// retried after 1 s, the agent's connect timeout.
+/// retried after 1 s, within the agent's connect timeout but a second late.
 pub async fn echo_backend_at(addr: SocketAddr, name: &str) -> EchoBackend {
     let bind = || {
         let socket = match addr {

@@ -100,10 +100,17 @@ pub struct ProxyConfig {
     pub h2_max_local_error_reset_streams: usize,
 }
 
+/// How long a connect to an endpoint may take: past Linux's first SYN retransmit (at 1 s) with
+/// room for its answer, so that one dropped SYN (an accept queue full for a moment, a packet
+/// lost between nodes) costs a second, as it does a direct client, not the connection. At 1 s the
+/// retransmit never won against the timer: the caller got a failure and the endpoint an
+/// ejection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),

@@ -1164,6 +1164,34 @@ mod tests {
         Backend::new(key, 80, endpoints.into(), UpstreamProtocol::AsCaller, None)
     }
 
+    /// A SYN dropped because the endpoint's accept queue is full for a moment is resent after
+    /// 1 s: the connect still succeeds (at 1 s it never did: the timer fired with the
+    /// retransmit).
+    #[tokio::test]
+    async fn a_connect_outlasts_one_dropped_syn() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A queue of one, filled: the next SYN is dropped until it is accepted.
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _queued = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepting = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let first = listener.accept().await.unwrap();
+            let second = listener.accept().await.unwrap();
+            (first, second)
+        });
+        let started = std::time::Instant::now();
+        let connected = connect_tcp(addr, crate::proxy::DEFAULT_CONNECT_TIMEOUT).await;
+        assert!(connected.is_ok(), "{:?}", connected.err());
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "the first SYN was dropped, not answered: {:?}",
+            started.elapsed()
+        );
+        drop(accepting.await.unwrap());
+    }
+
     #[test]
     fn prefers_fewer_in_flight() {
         let stats = EndpointStats::default();

@@ -393,7 +393,7 @@ async fn sigterm_drains_in_flight_requests() {
 }
 
 /// An upgraded connection counts among the open ones for as long as it lasts, as it does after a
-/// takeover hands it over: `--max-connections` bounds WebSockets too. Before, it stopped counting
+/// takeover hands it over, and on its endpoint: `--max-connections` bounds WebSockets too. Before, it stopped counting
 /// when its HTTP task ended at the upgrade (10,000 WebSockets read as none open, and let the cap
 /// in again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,6 +416,13 @@ async fn an_upgraded_connection_counts_against_the_connection_cap() {
             gamma_tests::probe::sample(&metrics, "gamma_connections_open"),
             Some(1.0),
             "the upgraded connection is open"
+        );
+        // And load on its endpoint for the power of two choices, as an opaque connection is
+        // (it was none once its 101 was written: a backend holding 10,000 WebSockets looked idle).
+        assert_eq!(
+            gamma_tests::probe::sample(&metrics, "gamma_upstream_requests_in_flight"),
+            Some(1.0),
+            "the upgraded connection counts on its endpoint"
         );
         // At the cap: closed on accept.
         let mut second = std::net::TcpStream::connect(addr).unwrap();

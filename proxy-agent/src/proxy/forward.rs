@@ -6,7 +6,7 @@ use super::io::DownstreamIo;
 use super::local::LocalAnswer;
 use super::pump::Flow;
 use super::upstream::wire::HOP_BY_HOP;
-use super::upstream::{inline, wire, UpstreamError};
+use super::upstream::{inline, wire, OwnedInFlight, UpstreamError};
 use super::{AccessLog, Proxy};
 use gamma_engine::routes::{Backend, CompiledRule};
 use http::header::{self, HeaderMap, HeaderName};
@@ -169,6 +169,10 @@ pub(super) async fn forward(
     // out, or answered with a status retried) ended: the request can no longer be called
     // unprocessed, and its caller hears of that attempt.
     let mut processed: Option<LocalAnswer> = None;
+    // An upgrade's count on its endpoint, kept apart from its answer (a 101 has no body to hold
+    // it): it goes with the relay, which is load on the endpoint for its life, as an opaque
+    // connection's is (an answer that refuses the upgrade holds none while its body streams).
+    let mut upgrade_load = None;
     let run = async {
         // The first attempt always has its body; a retry takes its own when it is decided.
         let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
@@ -193,7 +197,10 @@ pub(super) async fn forward(
             let (state, authority) = (held.endpoint(), held.authority());
             // The count goes with the answer's body: the power of two choices sees a long answer
             // (a download, a gRPC stream) as load until its end. Dropped with a failed exchange.
-            let load = Some(held.into_owned());
+            let mut load = Some(held.into_owned());
+            if upgrade {
+                upgrade_load = load.take();
+            }
             let call = async {
                 if head_only {
                     let host = http1_host(&parts, authority);
@@ -305,7 +312,8 @@ pub(super) async fn forward(
         headers.remove(header::TRANSFER_ENCODING);
         headers.remove(header::CONTENT_LENGTH);
         if let Some(downstream) = downstream_upgrade {
-            splice_upgrade(proxy, downstream, hyper::upgrade::on(&mut response));
+            let upstream = hyper::upgrade::on(&mut response);
+            splice_upgrade(proxy, downstream, upstream, upgrade_load);
         }
         return Ok(response);
     }
@@ -518,9 +526,11 @@ fn splice_upgrade(
     proxy: &Arc<Proxy>,
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    load: Option<OwnedInFlight>,
 ) {
     let proxy = proxy.clone();
     tokio::spawn(async move {
+        let _load = load;
         let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
             tracing::debug!("an upgrade did not complete");
             return;

@@ -372,8 +372,8 @@ enum Exit {
 }
 
 /// Bytes from one socket to the other: through the kernel pipe when splicing, else through a
-/// buffer; `start..end` of the buffer is read and not yet written (when splicing, only bytes a
-/// predecessor or an upgrade's parser left, written first).
+/// buffer held only while bytes move; `start..end` of the buffer is read and not yet written
+/// (when splicing, only bytes a predecessor or an upgrade's parser left, written first).
 struct Direction {
     buf: Box<[u8]>,
     start: usize,
@@ -433,14 +433,13 @@ impl Direction {
                 .map_err(|e| tracing::debug!(error = %e, "no pipe for splicing: copying"))
                 .ok(),
         };
-        // Splicing needs a buffer only for the bytes handed in.
-        let size = if pipe.is_some() { 0 } else { BUFFER };
-        let mut buf = vec![0; size.max(flow.pending.len())].into_boxed_slice();
-        buf[..flow.pending.len()].copy_from_slice(&flow.pending);
+        // A buffer only for the bytes handed in: copying takes one when bytes come.
+        let buf = flow.pending.into_boxed_slice();
+        let end = buf.len();
         Direction {
             buf,
             start: 0,
-            end: flow.pending.len(),
+            end,
             pipe,
             read_closed: flow.read_closed,
             write_shut: flow.write_shut,
@@ -576,8 +575,21 @@ impl Direction {
             }
             self.start = 0;
             self.end = 0;
+            // Copying takes a buffer once bytes come and gives it back when they stop: an idle
+            // relay holds none (two of 16 KiB each held for a connection's life, 3 GiB at
+            // 100,000 idle database connections through the agent).
+            if self.buf.len() < BUFFER {
+                ready!(from.poll_read_ready(cx))?;
+                self.buf = vec![0; BUFFER].into_boxed_slice();
+            }
             let mut read = ReadBuf::new(&mut self.buf);
-            ready!(Pin::new(&mut *from).poll_read(cx, &mut read))?;
+            match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                Poll::Pending => {
+                    self.buf = Box::default();
+                    return Poll::Pending;
+                }
+                Poll::Ready(read) => read?,
+            }
             let n = read.filled().len();
             if n == 0 {
                 self.read_closed = true;
@@ -631,6 +643,35 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Copying, a direction takes its buffer when bytes come and gives it back once they are
+    /// written and no more wait: an idle relay holds none.
+    #[tokio::test]
+    async fn a_copying_direction_holds_no_buffer_while_idle() {
+        let (mut client, mut from) = pair().await;
+        let (mut to, mut server) = pair().await;
+        let mut direction = Direction::new(Flow::default(), Carry::Copy);
+        assert!(direction.buf.is_empty(), "none before any byte");
+        for round in 0..2 {
+            client.write_all(b"hello").await.unwrap();
+            std::future::poll_fn(|cx| {
+                let mut moved = false;
+                match direction.poll(cx, &mut from, &mut to, &mut moved) {
+                    Poll::Pending if moved => Poll::Ready(()),
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(end) => panic!("the direction ended: {end:?}"),
+                }
+            })
+            .await;
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello");
+            assert!(
+                direction.buf.is_empty(),
+                "round {round}: none once idle again"
+            );
+        }
     }
 
     /// A client and a server with a pump of `pumps` between them, `ahead` going to the server

@@ -34,6 +34,10 @@ use crate::telemetry::metrics::PumpCounts;
 /// Bytes read from one side and not yet written to the other are at most this many (copying).
 const BUFFER: usize = 16 * 1024;
 
+/// How long the bytes a side sent before it reset may take to reach the other side's peer (a
+/// peer that reads them slowly), before that side is reset too.
+const FLUSH_BEFORE_RESET: Duration = Duration::from_secs(2);
+
 /// The pipe size asked for when splicing: more bytes per system call than the default 64 KiB.
 const PIPE_SIZE: usize = 256 * 1024;
 
@@ -323,6 +327,14 @@ impl Registered {
                 // One side reset (or could not be written to): the other learns it as a reset
                 // too, not as an orderly end it would take for a complete stream (a truncated
                 // upload committed, a cut download read as whole). Envoy's TCP proxy does so.
+                // After the bytes the side that reset had sent, as from the peer itself.
+                if up.read_failed {
+                    up.flush_before_reset((&mut client, &mut upstream), FLUSH_BEFORE_RESET)
+                        .await;
+                } else if down.read_failed {
+                    down.flush_before_reset((&mut upstream, &mut client), FLUSH_BEFORE_RESET)
+                        .await;
+                }
                 super::tcp::reset_on_close(&client);
                 super::tcp::reset_on_close(&upstream);
                 PumpEnd::Failed(e.to_string())
@@ -381,6 +393,8 @@ struct Direction {
     pipe: Option<Pipe>,
     read_closed: bool,
     write_shut: bool,
+    /// Reading failed: the side it reads from reset.
+    read_failed: bool,
 }
 
 /// A pipe between the two sockets, and how many bytes it holds.
@@ -443,6 +457,7 @@ impl Direction {
             pipe,
             read_closed: flow.read_closed,
             write_shut: flow.write_shut,
+            read_failed: false,
         }
     }
 
@@ -459,6 +474,38 @@ impl Direction {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+
+    fn failed_reading(&mut self, e: io::Error) -> io::Error {
+        self.read_failed = true;
+        e
+    }
+
+    /// After its source reset: writes what it holds (read before the reset) to `to`, then waits
+    /// for `to`'s peer to have taken every byte sent to it, within `limit`; the caller resets
+    /// `to` next, and a reset drops what its socket still holds. A peer of the side that reset
+    /// would have read all of it before the reset (Linux keeps a socket's received bytes
+    /// readable after a reset): through the agent, the bytes it took and had not passed on yet
+    /// were lost.
+    async fn flush_before_reset(
+        &mut self,
+        (from, to): (&mut TcpStream, &mut TcpStream),
+        limit: Duration,
+    ) {
+        let flushed = async {
+            // Only what is held is written (`from` is not read again), and no FIN: the reset
+            // follows.
+            self.read_closed = true;
+            self.write_shut = true;
+            let written = poll_fn(|cx| self.poll(cx, from, to, &mut false)).await;
+            if written.is_err() {
+                return;
+            }
+            while unsent_bytes(to) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, flushed).await;
     }
 
     /// Whether the stream is between its start and its end in this direction: bytes held, or
@@ -569,7 +616,7 @@ impl Direction {
                         *moved = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    Err(e) => return Poll::Ready(Err(self.failed_reading(e))),
                 }
                 continue;
             }
@@ -579,7 +626,7 @@ impl Direction {
             // relay holds none (two of 16 KiB each held for a connection's life, 3 GiB at
             // 100,000 idle database connections through the agent).
             if self.buf.len() < BUFFER {
-                ready!(from.poll_read_ready(cx))?;
+                ready!(from.poll_read_ready(cx)).map_err(|e| self.failed_reading(e))?;
                 self.buf = vec![0; BUFFER].into_boxed_slice();
             }
             let mut read = ReadBuf::new(&mut self.buf);
@@ -588,7 +635,8 @@ impl Direction {
                     self.buf = Box::default();
                     return Poll::Pending;
                 }
-                Poll::Ready(read) => read?,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failed_reading(e))),
+                Poll::Ready(Ok(())) => {}
             }
             let n = read.filled().len();
             if n == 0 {
@@ -598,6 +646,21 @@ impl Direction {
                 *moved = true;
             }
         }
+    }
+}
+
+/// Bytes written to `socket` that its peer has not acknowledged yet (`SIOCOUTQ`); 0 when unknown.
+fn unsent_bytes(socket: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd as _;
+    /// `<asm-generic/sockios.h>`: `TIOCOUTQ`, which sockets answer as `SIOCOUTQ`.
+    const SIOCOUTQ: libc::Ioctl = 0x5411;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCOUTQ, &raw mut unsent) };
+    if rc == 0 {
+        usize::try_from(unsent).unwrap_or(0)
+    } else {
+        0
     }
 }
 
@@ -689,6 +752,64 @@ mod tests {
                 .await
         });
         (client, server, pumping)
+    }
+
+    /// A server that sends its last bytes and resets (SO_LINGER 0, or a close with the client's
+    /// bytes unread): its client reads every byte the server sent before the reset, as it would
+    /// straight from the server. Before, the agent reset the client's side at once, dropping what
+    /// it had taken from the server and not yet passed on (the client reads slowly).
+    #[tokio::test]
+    async fn bytes_sent_before_a_reset_reach_the_other_side_first() {
+        for carry in [Carry::Splice, Carry::Copy] {
+            sent_before_reset(carry).await;
+        }
+    }
+
+    async fn sent_before_reset(carry: Carry) {
+        const SIZE: usize = 1 << 20;
+        let pumps = Pumps::carrying(Duration::from_secs(60), carry);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A client with a small window: most of the answer waits in the agent's socket to it.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        let (client, accepted) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut client, agent_side) = (client.unwrap(), accepted.unwrap().0);
+        let (agent_up, mut server) = pair().await;
+        let pumping = {
+            let pumps = pumps.clone();
+            tokio::spawn(async move {
+                pumps
+                    .run(agent_side, agent_up, Flow::default(), Flow::default())
+                    .await
+            })
+        };
+        let serving = tokio::spawn(async move {
+            server.write_all(&vec![7u8; SIZE]).await.unwrap();
+            // Every byte taken by the agent, then an abortive close.
+            while unsent_bytes(&server) > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            super::super::tcp::reset_on_close(&server);
+        });
+        let mut received = 0;
+        let mut chunk = [0u8; 4096];
+        let ended = loop {
+            match client.read(&mut chunk).await {
+                Ok(0) => break "EOF".to_string(),
+                Ok(n) => received += n,
+                Err(e) => break e.kind().to_string(),
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        };
+        serving.await.unwrap();
+        assert_eq!(received, SIZE, "{carry:?}: then {ended}");
+        assert!(
+            matches!(pumping.await.unwrap(), PumpEnd::Failed(_)),
+            "{carry:?}"
+        );
     }
 
     #[tokio::test]

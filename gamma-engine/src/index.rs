@@ -545,10 +545,12 @@ impl Index {
 
     /// The Pods by IP and by UID. An IP that two Pods claim (a stale object, an IP reused before
     /// the old Pod's deletion arrived) names neither by IP: its callers get the producer routes
-    /// only, the same whichever Pod the watch delivered first, unless their cgroup names them.
+    /// only, the same whichever Pod the watch delivered first, unless their cgroup names them. A
+    /// UID two Pods claim (a static pod's manifest hash is an annotation anyone who creates pods
+    /// can write) names neither either.
     fn callers(&self) -> Arc<routes::Callers> {
         let mut claims: AHashMap<std::net::IpAddr, Option<Arc<Caller>>> = AHashMap::new();
-        let mut by_uid = AHashMap::new();
+        let mut uid_claims: AHashMap<String, Option<Arc<Caller>>> = AHashMap::new();
         for pod in self.store.pods.values() {
             let caller = Arc::new(Caller {
                 pod: pod.key.clone(),
@@ -566,15 +568,27 @@ impl Index {
                     .or_insert_with(|| Some(caller.clone()));
             }
             if let Some(uid) = &pod.uid {
-                by_uid.insert(uid.clone(), caller);
+                uid_claims
+                    .entry(uid.clone())
+                    .and_modify(|claim| *claim = None)
+                    .or_insert(Some(caller));
             }
         }
-        let by_ip = claims
-            .into_iter()
-            .filter_map(|(ip, caller)| Some((ip, caller?)))
-            .collect();
-        Arc::new(routes::Callers { by_ip, by_uid })
+        Arc::new(routes::Callers {
+            by_ip: undisputed(claims),
+            by_uid: undisputed(uid_claims),
+        })
     }
+}
+
+/// The claims only one Pod made.
+fn undisputed<K: std::hash::Hash + Eq>(
+    claims: AHashMap<K, Option<Arc<Caller>>>,
+) -> AHashMap<K, Arc<Caller>> {
+    claims
+        .into_iter()
+        .filter_map(|(key, caller)| Some((key, caller?)))
+        .collect()
 }
 
 /// The compiled state the current snapshot is made of, kept up to date change by change. Its

@@ -329,9 +329,6 @@ fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
     assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
 }
 
-/// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another proxy (a
-/// secondary network's): kube-proxy leaves it alone, and so does the mesh. A route to it as a
-/// parent is not Accepted (nothing is steered); as a backend it does not resolve.
 /// A headless Service has no ClusterIP to tell its first family by: its `ipFamilies` does. A
 /// dual-stack one (a StatefulSet's, PreferDualStack) as a backendRef listed each pod twice, once
 /// per family, and about half the picks dialled the family the pods may not listen on.
@@ -372,6 +369,9 @@ fn a_dual_stack_headless_backend_is_served_by_its_first_familys_endpoints() {
     assert_eq!(endpoints, ["10.0.0.1:8080"]);
 }
 
+/// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another proxy (a
+/// secondary network's): kube-proxy leaves it alone, and so does the mesh. A route to it as a
+/// parent is not Accepted (nothing is steered); as a backend it does not resolve.
 #[test]
 fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
     let mut index = Index::for_node("node-a");

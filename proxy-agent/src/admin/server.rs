@@ -4,6 +4,7 @@ use super::explain::explain;
 use crate::proxy::drain::{turned_true, Drain};
 use crate::proxy::upstream::EndpointStats;
 use crate::telemetry::metrics::UpstreamCounts;
+use crate::telemetry::readiness::{unix_now_ms, HEARTBEAT_LIMIT};
 use crate::telemetry::{Metrics, Readiness};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -162,7 +164,7 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
         );
     }
     match request.uri().path() {
-        "/live" => text(StatusCode::OK, "live\n", "text/plain"),
+        "/live" => live(&state.readiness, unix_now_ms()),
         "/ready" => ready(&state.readiness),
         "/metrics" => metrics(state),
         "/config_dump" => {
@@ -209,6 +211,25 @@ fn metrics_only(state: &AdminState, request: &Request<Incoming>) -> Response<Ful
             "text/plain",
         ),
     }
+}
+
+/// Live unless the control runtime has missed its heartbeats for [`HEARTBEAT_LIMIT`] (stuck:
+/// the kubelet restarts the agent; its pods' connections fall back meanwhile).
+fn live(readiness: &Readiness, now_ms: u64) -> Response<Full<Bytes>> {
+    let beat = readiness.heartbeat_ms.load(Ordering::Relaxed);
+    let silent = Duration::from_millis(now_ms.saturating_sub(beat));
+    if beat != 0 && silent > HEARTBEAT_LIMIT {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not live: the control runtime (the cluster's watches, the table, takeovers) has \
+                 not run for {} s\n",
+                silent.as_secs()
+            ),
+            "text/plain",
+        );
+    }
+    text(StatusCode::OK, "live\n", "text/plain")
 }
 
 fn ready(readiness: &Readiness) -> Response<Full<Bytes>> {
@@ -333,6 +354,25 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_live_once_the_control_runtime_stops_beating() {
+        let readiness = Readiness::default();
+        assert_eq!(
+            live(&readiness, 1_000_000).status(),
+            StatusCode::OK,
+            "no beat yet"
+        );
+        readiness.heartbeat_ms.store(1_000_000, Ordering::Relaxed);
+        let after = |d: Duration| 1_000_000 + d.as_millis() as u64;
+        assert_eq!(
+            live(&readiness, after(Duration::from_secs(5))).status(),
+            StatusCode::OK
+        );
+        let stuck = live(&readiness, after(HEARTBEAT_LIMIT + Duration::from_secs(1)));
+        assert_eq!(stuck.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(format!("{:?}", stuck.body()).contains("has not run for 31 s"));
+    }
 
     /// A DaemonSet's next pod is in another pid namespace: `SO_PEERCRED` names it pid 0, which
     /// was taken for "no successor", so the old agent said ready to the new pod's probes.

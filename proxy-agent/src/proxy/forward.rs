@@ -345,11 +345,12 @@ pub(super) async fn forward(
 /// The request body for another attempt, taken as soon as the retry is decided: the last
 /// attempt's connection may still be sending the body (answered early), reading on from the
 /// caller, and what it read past the keeping limit could not be sent again after a backoff.
-/// Taking it stops that. `None` when the body cannot be sent again (counted): kept only in part
-/// (over the limit), or not kept and already read by the last attempt.
+/// Taking it stops that. `None` when the body cannot be sent again: kept only in part (over the
+/// limit: counted), or kept nowhere and read by the last attempt (or not given back yet: an
+/// HTTP/2 stream's body is dropped by hyper's own task).
 fn body_for_retry(proxy: &Proxy, body: &mut RequestBody) -> Option<ProxyBody> {
     let again = body.next_attempt();
-    if again.is_none() {
+    if again.is_none() && matches!(body, RequestBody::Recorded(_)) {
         proxy
             .metrics
             .retries_skipped_body

@@ -34,6 +34,13 @@ use crate::telemetry::metrics::PumpCounts;
 /// Bytes read from one side and not yet written to the other are at most this many (copying).
 const BUFFER: usize = 16 * 1024;
 
+thread_local! {
+    /// Where a copying pump reads into on this worker (what its destination does not take at once
+    /// moves to the direction's own buffer).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; BUFFER].into_boxed_slice());
+}
+
 /// How long the bytes a side sent before it reset may take to reach the other side's peer (a
 /// peer that reads them slowly), before that side is reset too.
 const FLUSH_BEFORE_RESET: Duration = Duration::from_secs(2);
@@ -545,6 +552,10 @@ impl Direction {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.start += n;
+                if self.start == self.end {
+                    // Written: held no longer.
+                    (self.buf, self.start, self.end) = (Box::default(), 0, 0);
+                }
                 *moved = true;
                 continue;
             }
@@ -620,30 +631,34 @@ impl Direction {
                 }
                 continue;
             }
-            self.start = 0;
-            self.end = 0;
-            // Copying takes a buffer once bytes come and gives it back when they stop: an idle
-            // relay holds none (two of 16 KiB each held for a connection's life, 3 GiB at
-            // 100,000 idle database connections through the agent).
-            if self.buf.len() < BUFFER {
-                ready!(from.poll_read_ready(cx)).map_err(|e| self.failed_reading(e))?;
-                self.buf = vec![0; BUFFER].into_boxed_slice();
-            }
-            let mut read = ReadBuf::new(&mut self.buf);
-            match Pin::new(&mut *from).poll_read(cx, &mut read) {
-                Poll::Pending => {
-                    self.buf = Box::default();
-                    return Poll::Pending;
+            // Copying reads into the worker's scratch buffer and writes on at once: a direction
+            // keeps bytes of its own only when its destination did not take them all (an idle
+            // relay holds none; two buffers of 16 KiB each held for a connection's life were
+            // 3 GiB at 100,000 idle database connections through the agent).
+            let copied = SCRATCH.with_borrow_mut(|scratch| {
+                let mut read = ReadBuf::new(scratch);
+                if let Err(e) = ready!(Pin::new(&mut *from).poll_read(cx, &mut read)) {
+                    return Poll::Ready(Err(self.failed_reading(e)));
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failed_reading(e))),
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = read.filled().len();
-            if n == 0 {
-                self.read_closed = true;
-            } else {
-                self.end = n;
-                *moved = true;
+                let n = read.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(0));
+                }
+                let written = match Pin::new(&mut *to).poll_write(cx, &scratch[..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(written)) => written,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => 0,
+                };
+                if written < n {
+                    self.buf = scratch[written..n].into();
+                    (self.start, self.end) = (0, n - written);
+                }
+                Poll::Ready(Ok(n))
+            });
+            match ready!(copied)? {
+                0 => self.read_closed = true,
+                _ => *moved = true,
             }
         }
     }

@@ -44,13 +44,16 @@ fn identify(peer: SocketAddr, cgroup_uid: Option<String>, snapshot: &Snapshot) -
     let of_cgroup = cgroup_uid
         .as_deref()
         .and_then(|uid| snapshot.caller_by_uid(uid));
+    let verified = |pod: &gamma_engine::routes::Caller| Caller {
+        ip: peer.ip(),
+        namespace: Some(pod.pod.namespace.clone()),
+        pod: Some(pod.pod.to_string()),
+        identity: "verified",
+    };
     match (of_cgroup, snapshot.caller(peer.ip())) {
-        (Some(pod), _) => Caller {
-            ip: peer.ip(),
-            namespace: Some(pod.pod.namespace.clone()),
-            pod: Some(pod.pod.to_string()),
-            identity: "verified",
-        },
+        (Some(pod), _) => verified(pod),
+        // A UID two Pods claim names neither: the source IP's Pod, if the cgroup is its.
+        (None, Some(pod)) if pod.uid.is_some() && pod.uid == cgroup_uid => verified(pod),
         (None, Some(pod)) => {
             tracing::warn!(
                 %peer, claimed = %pod.pod, cgroup_pod_uid = cgroup_uid.as_deref().unwrap_or("-"),
@@ -138,6 +141,31 @@ mod tests {
         }
         // No cgroup to tell: the address alone verifies nothing.
         let caller = identify("192.168.0.9:1".parse().unwrap(), None, &snapshot);
+        assert_eq!((caller.identity, caller.namespace), ("unknown", None));
+    }
+
+    /// A Pod that claims another's UID (a mirror pod's manifest hash is an annotation whoever
+    /// creates pods can write) takes neither its identity nor its namespace: a UID two Pods claim
+    /// names neither, and the source IP's Pod is verified by its cgroup as before.
+    #[test]
+    fn a_uid_two_pods_claim_names_neither() {
+        let snapshot = crate::test_dir::snapshot_of(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: victim, namespace: ui, uid: {UID}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.5}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: claimer, namespace: other, uid: u-2, annotations: {{kubernetes.io/config.mirror: {UID}, kubernetes.io/config.hash: {UID}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.9}}\n"
+        ));
+        let caller = identify(
+            "10.1.0.5:40000".parse().unwrap(),
+            Some(UID.into()),
+            &snapshot,
+        );
+        assert_eq!(
+            (caller.identity, caller.pod.as_deref()),
+            ("verified", Some("ui/victim"))
+        );
+        let caller = identify(
+            "10.1.0.6:40000".parse().unwrap(),
+            Some(UID.into()),
+            &snapshot,
+        );
         assert_eq!((caller.identity, caller.namespace), ("unknown", None));
     }
 

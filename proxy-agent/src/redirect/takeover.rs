@@ -343,12 +343,11 @@ impl Redirect {
     /// with records this agent reads), so the agent can go on serving; whatever of ours got
     /// attached is detached again.
     pub fn complete_takeover(&self) -> Result<TakeoverKind, RedirectError> {
-        let deferred = self
+        let mut deferred = self
             .config_at_takeover
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(value) = deferred {
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(value) = *deferred {
             write_agent_config(
                 &mut self
                     .config
@@ -356,7 +355,10 @@ impl Redirect {
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
                 value,
             )?;
+            // Written: later changes go to the programs.
+            *deferred = None;
         }
+        drop(deferred);
         let mut programs = self
             .programs
             .lock()

@@ -20,7 +20,15 @@ pub struct Readiness {
     handing_over_to: std::sync::Mutex<Option<u32>>,
     /// Until the first complete sync: the feeds it waits for, and how each stands.
     pub waiting_for: std::sync::Mutex<String>,
+    /// Unix milliseconds of the control runtime's last heartbeat (0: none yet), which `/live`
+    /// reads: the admin server runs on a thread of its own, and answered live while the runtime
+    /// that follows the cluster and hands over to a successor could be stuck.
+    pub heartbeat_ms: AtomicU64,
 }
+
+/// How long the control runtime may go without a heartbeat before `/live` says it is stuck (a
+/// heartbeat a second: a runtime that misses 30 runs nothing).
+pub const HEARTBEAT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Readiness {
     /// The successor this agent is handing over to, if any (see `handing_over_to`).
@@ -37,6 +45,23 @@ impl Readiness {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Beats on the current runtime once a second, for ever.
+pub async fn heartbeat(readiness: std::sync::Arc<Readiness>) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        readiness
+            .heartbeat_ms
+            .store(unix_now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn unix_now() -> u64 {

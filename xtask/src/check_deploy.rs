@@ -27,8 +27,10 @@
 //! - (h) takeover: with `--takeover-socket`, an update starts the new pod beside the old one
 //!   (maxSurge ≥ 1, maxUnavailable 0, no container ports: on the host network they are host ports,
 //!   which the surge pod could not get), the socket's folder is a writable host path both pods
-//!   see, and `--after-takeover=wait` (an old container that exited would be restarted and take
-//!   over back); without it, no surge (the new agent could not bind the node's ports).
+//!   see, `--after-takeover=wait` (an old container that exited would be restarted and take
+//!   over back), and POD_NAME from the downward API (the two agents of a node tell themselves
+//!   apart by it in the status lease); without it, no surge (the new agent could not bind the
+//!   node's ports).
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -1921,6 +1923,17 @@ fn check_takeover(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
                  scheduled beside the old one; declare none",
             ));
         }
+        // During a surge two agents share the node: the status lease tells them apart by their
+        // pod's name. Without it each is `<hostname>/<pid>`, on the host network and as pid 1
+        // the same for both, and both would take the lease for theirs.
+        match agent.env.get("POD_NAME") {
+            Some(EnvSource::Field(field)) if field == "metadata.name" => {}
+            _ => problems.push(format!(
+                "{}: POD_NAME must come from the downward API (fieldRef metadata.name): the two \
+                 agents of a node during an update are told apart by it in the status lease",
+                agent.container.path
+            )),
+        }
         match agent.flag_value("after-takeover", agent_flags).as_deref() {
             Some("wait") => {}
             other => problems.push(format!(
@@ -1964,7 +1977,7 @@ fn check_takeover(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
     outcome(problems, || match &dir {
         Some(dir) => format!(
             "--takeover-socket in the host path {dir}, maxSurge ≥ 1 and maxUnavailable 0, no \
-             host ports, --after-takeover=wait"
+             host ports, --after-takeover=wait, POD_NAME from the downward API"
         ),
         None => "no takeover: no surge".to_string(),
     })
@@ -2455,13 +2468,14 @@ spec:
             "--after-takeover is exit, expected wait",
             "readOnly: the agent creates its takeover socket there",
             "type `File`, expected DirectoryOrCreate",
+            "POD_NAME must come from the downward API",
         ] {
             assert!(
                 problems.iter().any(|p| p.contains(expected)),
                 "{expected}: {problems:#?}"
             );
         }
-        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert_eq!(problems.len(), 7, "{problems:#?}");
         // The socket's folder may be writable; another host path may not.
         let security = check_security(&agent, Some(&flags)).unwrap_err();
         assert_eq!(security.len(), 2, "{security:#?}");
@@ -2473,6 +2487,7 @@ spec:
             "{maxSurge: 1, maxUnavailable: 0}",
             "DirectoryOrCreate",
             "        args: ['--takeover-socket=/run/gamma-node/takeover.sock', --after-takeover=wait]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
         volumeMounts: [{name: sockets, mountPath: /run/gamma-node}]",
         );
         let agent = Agent::find(&rendered).unwrap();

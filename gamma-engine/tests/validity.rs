@@ -116,6 +116,13 @@ fn assert_refused_for_its_extension_ref(index: &Index) {
     assert!(
         accepted
             .message
+            .contains("the requests its rules match are answered 500"),
+        "{}",
+        accepted.message
+    );
+    assert!(
+        accepted
+            .message
             .contains("Dropped Rule 0: filter ExtensionRef"),
         "{}",
         accepted.message

@@ -1906,12 +1906,18 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
             // GRPCRoute's precedence): counted as such, `pkg\.Svc` outranked `pkg.Svc`.
             let literal = |name: Option<&str>| if is_regex { 0 } else { characters(name) };
             let named = |name: Option<&str>| name.is_some_and(|n| !n.is_empty());
-            let spec = GrpcMethodSpecificity {
-                service_len: literal(gm.service.as_deref()),
-                method_len: literal(gm.method.as_deref()),
-                pattern: is_regex && (named(gm.service.as_deref()) || named(gm.method.as_deref())),
+            // A fully qualified name's leading dot (`.pkg.Svc`, which the CRD allows) is not in
+            // the request path a client sends (`/pkg.Svc/Method`): kept, nothing matched.
+            let service = match gm.service.as_deref() {
+                Some(s) if !is_regex => Some(s.strip_prefix('.').unwrap_or(s)),
+                s => s,
             };
-            let path = match (is_regex, gm.service.as_deref(), gm.method.as_deref()) {
+            let spec = GrpcMethodSpecificity {
+                service_len: literal(service),
+                method_len: literal(gm.method.as_deref()),
+                pattern: is_regex && (named(service) || named(gm.method.as_deref())),
+            };
+            let path = match (is_regex, service, gm.method.as_deref()) {
                 (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}").into()),
                 (false, Some(s), None) => PathMatch::Prefix(format!("/{s}").into()),
                 (false, None, Some(m)) => PathMatch::Regex(
@@ -2045,6 +2051,24 @@ mod tests {
         );
         assert!(path.matches("/pkg.Catalog/ListItems"));
         assert!(!path.matches("/other.Catalog/ListItems"));
+    }
+
+    /// A fully qualified service name (`.pkg.Catalog`, which the CRD allows) matches what
+    /// clients send (`/pkg.Catalog/Get`): its leading dot is no part of the path.
+    #[test]
+    fn a_grpc_service_with_a_leading_dot_matches_its_calls() {
+        for (method, call) in [
+            (
+                serde_json::json!({"service": ".pkg.Catalog", "method": "Get"}),
+                "/pkg.Catalog/Get",
+            ),
+            (
+                serde_json::json!({"service": ".pkg.Catalog"}),
+                "/pkg.Catalog/List",
+            ),
+        ] {
+            assert!(grpc_paths(method.clone()).matches(call), "{method} {call}");
+        }
     }
 
     #[test]

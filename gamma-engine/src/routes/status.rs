@@ -168,7 +168,14 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             // valid rules is, and says which rules it dropped.
             if accepted && no_valid_rule {
                 (accepted, reason) = (false, "UnsupportedValue");
-                message = format!("no rule of this route is valid. {}", dropped.join(". ")).into();
+                // Not Accepted, but not without effect: its rules' requests get 500, as a
+                // dropped rule's do, so that none falls through to an answer it did not mean.
+                message = format!(
+                    "no rule of this route is valid, and the requests its rules match are \
+                     answered 500 (not left to other routes). {}",
+                    dropped.join(". ")
+                )
+                .into();
             }
             let partially_invalid = accepted && !invalid_parts.is_empty();
             let conditions = if accepted && resolved.is_ok() && !partially_invalid {

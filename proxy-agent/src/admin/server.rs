@@ -4,7 +4,7 @@ use super::explain::explain;
 use crate::proxy::drain::{turned_true, Drain};
 use crate::proxy::upstream::EndpointStats;
 use crate::telemetry::metrics::UpstreamCounts;
-use crate::telemetry::readiness::{unix_now_ms, HEARTBEAT_LIMIT};
+use crate::telemetry::readiness::{monotonic_ms, HEARTBEAT_LIMIT};
 use crate::telemetry::{Metrics, Readiness};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -164,7 +164,7 @@ fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
         );
     }
     match request.uri().path() {
-        "/live" => live(&state.readiness, unix_now_ms()),
+        "/live" => live(&state.readiness, monotonic_ms()),
         "/ready" => ready(&state.readiness),
         "/metrics" => metrics(state),
         "/config_dump" => {

@@ -299,12 +299,15 @@ impl Registered {
                 }
             }
             let mut moved = false;
+            // A failure ends the turn: a reset that a write to a side consumed leaves that side
+            // reading as at its end, which the other direction would pass on as an orderly FIN.
             let a = up.poll(cx, &mut client, &mut upstream, &mut moved);
+            if let Poll::Ready(Err(e)) = a {
+                return Poll::Ready(Exit::Failed(e));
+            }
             let b = down.poll(cx, &mut upstream, &mut client, &mut moved);
             match (a, b) {
-                (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
-                    return Poll::Ready(Exit::Failed(e))
-                }
+                (_, Poll::Ready(Err(e))) => return Poll::Ready(Exit::Failed(e)),
                 (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Exit::Closed),
                 _ => {}
             }
@@ -334,13 +337,30 @@ impl Registered {
                 // One side reset (or could not be written to): the other learns it as a reset
                 // too, not as an orderly end it would take for a complete stream (a truncated
                 // upload committed, a cut download read as whole). Envoy's TCP proxy does so.
-                // After the bytes the side that reset had sent, as from the peer itself.
-                if up.read_failed {
-                    up.flush_before_reset((&mut client, &mut upstream), FLUSH_BEFORE_RESET)
-                        .await;
-                } else if down.read_failed {
-                    down.flush_before_reset((&mut upstream, &mut client), FLUSH_BEFORE_RESET)
-                        .await;
+                // After the bytes the side that reset had sent, as from the peer itself (unless
+                // a takeover or the drain's deadline asks for the pump meanwhile).
+                let flushed = async {
+                    match (was_reset(&client), was_reset(&upstream)) {
+                        (false, true) => {
+                            let sockets = (&mut upstream, &mut client);
+                            down.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
+                        }
+                        (true, false) => {
+                            let sockets = (&mut client, &mut upstream);
+                            up.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
+                        }
+                        _ => {}
+                    }
+                };
+                let paused = async {
+                    match pause_rx.as_mut() {
+                        Some(rx) => drop(rx.await),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = flushed => {}
+                    () = paused => {}
                 }
                 super::tcp::reset_on_close(&client);
                 super::tcp::reset_on_close(&upstream);
@@ -400,8 +420,6 @@ struct Direction {
     pipe: Option<Pipe>,
     read_closed: bool,
     write_shut: bool,
-    /// Reading failed: the side it reads from reset.
-    read_failed: bool,
 }
 
 /// A pipe between the two sockets, and how many bytes it holds.
@@ -464,7 +482,6 @@ impl Direction {
             pipe,
             read_closed: flow.read_closed,
             write_shut: flow.write_shut,
-            read_failed: false,
         }
     }
 
@@ -483,33 +500,25 @@ impl Direction {
         Ok(())
     }
 
-    fn failed_reading(&mut self, e: io::Error) -> io::Error {
-        self.read_failed = true;
-        e
-    }
-
-    /// After its source reset: writes what it holds (read before the reset) to `to`, then waits
-    /// for `to`'s peer to have taken every byte sent to it, within `limit`; the caller resets
-    /// `to` next, and a reset drops what its socket still holds. A peer of the side that reset
-    /// would have read all of it before the reset (Linux keeps a socket's received bytes
-    /// readable after a reset): through the agent, the bytes it took and had not passed on yet
-    /// were lost.
+    /// After `from` reset: passes on what `from` sent before its reset (bytes this direction
+    /// holds, and those still queued on `from`, which Linux keeps readable after a reset), then
+    /// waits for `to`'s peer to have taken every byte sent to it, within `limit`; the caller
+    /// resets `to` next, and a reset drops what a socket still holds. A peer of the side that
+    /// reset would have read all of it before the reset: through the agent, the bytes it took
+    /// and had not passed on yet were lost.
     async fn flush_before_reset(
         &mut self,
         (from, to): (&mut TcpStream, &mut TcpStream),
         limit: Duration,
     ) {
         let flushed = async {
-            // Only what is held is written (`from` is not read again), and no FIN: the reset
-            // follows.
-            self.read_closed = true;
+            // No FIN: the reset follows. Reading `from` ends at its end or its error.
             self.write_shut = true;
-            let written = poll_fn(|cx| self.poll(cx, from, to, &mut false)).await;
-            if written.is_err() {
-                return;
-            }
-            while unsent_bytes(to) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = poll_fn(|cx| self.poll(cx, from, to, &mut false)).await;
+            let mut wait = Duration::from_millis(5);
+            while unsent_bytes(to) > 0 && can_still_send(to) {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(50));
             }
         };
         let _ = tokio::time::timeout(limit, flushed).await;
@@ -627,7 +636,7 @@ impl Direction {
                         *moved = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(self.failed_reading(e))),
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
                 continue;
             }
@@ -637,9 +646,7 @@ impl Direction {
             // 3 GiB at 100,000 idle database connections through the agent).
             let copied = SCRATCH.with_borrow_mut(|scratch| {
                 let mut read = ReadBuf::new(scratch);
-                if let Err(e) = ready!(Pin::new(&mut *from).poll_read(cx, &mut read)) {
-                    return Poll::Ready(Err(self.failed_reading(e)));
-                }
+                ready!(Pin::new(&mut *from).poll_read(cx, &mut read))?;
                 let n = read.filled().len();
                 if n == 0 {
                     return Poll::Ready(Ok(0));
@@ -662,6 +669,39 @@ impl Direction {
             }
         }
     }
+}
+
+/// `socket`'s TCP state (`tcpi_state` of `TCP_INFO`), if it can be read.
+fn tcp_state(socket: &TcpStream) -> Option<u8> {
+    use std::os::fd::AsRawFd as _;
+    // Only the first byte, the state: the kernel copies as much of its `tcp_info` as asked.
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && len >= 1).then_some(info[0])
+}
+
+/// `<netinet/tcp.h>`'s state of a socket reset, or closed for good.
+const TCP_CLOSE: u8 = 7;
+
+/// The socket's peer reset it (or it closed for good): a failed pump's side that went.
+fn was_reset(socket: &TcpStream) -> bool {
+    tcp_state(socket) == Some(TCP_CLOSE)
+}
+
+/// The socket may still send what it holds to its peer: it has not been reset (a FIN it sent or
+/// got leaves its queue going).
+fn can_still_send(socket: &TcpStream) -> bool {
+    tcp_state(socket).is_some_and(|state| state != TCP_CLOSE)
 }
 
 /// Bytes written to `socket` that its peer has not acknowledged yet (`SIOCOUTQ`); 0 when unknown.
@@ -776,11 +816,16 @@ mod tests {
     #[tokio::test]
     async fn bytes_sent_before_a_reset_reach_the_other_side_first() {
         for carry in [Carry::Splice, Carry::Copy] {
-            sent_before_reset(carry).await;
+            for client_sends_unread in [false, true] {
+                sent_before_reset(carry, client_sends_unread).await;
+            }
         }
     }
 
-    async fn sent_before_reset(carry: Carry) {
+    /// `client_sends_unread`: the client keeps sending bytes the server never reads, and the
+    /// server's close (normal, not SO_LINGER 0) resets for them; the agent learns of the reset
+    /// by a write to the server then, not a read.
+    async fn sent_before_reset(carry: Carry, client_sends_unread: bool) {
         const SIZE: usize = 1 << 20;
         let pumps = Pumps::carrying(Duration::from_secs(60), carry);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -791,7 +836,8 @@ mod tests {
             socket.connect(listener.local_addr().unwrap()),
             listener.accept()
         );
-        let (mut client, agent_side) = (client.unwrap(), accepted.unwrap().0);
+        let (client, agent_side) = (client.unwrap(), accepted.unwrap().0);
+        let (mut client, mut client_out) = client.into_split();
         let (agent_up, mut server) = pair().await;
         let pumping = {
             let pumps = pumps.clone();
@@ -801,13 +847,24 @@ mod tests {
                     .await
             })
         };
+        let sending = tokio::spawn(async move {
+            // More than the server's and the agent's buffers hold: a write waits when it resets.
+            let chunks = if client_sends_unread { 256 } else { 0 };
+            for _ in 0..chunks {
+                if client_out.write_all(&[1u8; 64 * 1024]).await.is_err() {
+                    break;
+                }
+            }
+        });
         let serving = tokio::spawn(async move {
             server.write_all(&vec![7u8; SIZE]).await.unwrap();
             // Every byte taken by the agent, then an abortive close.
             while unsent_bytes(&server) > 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            super::super::tcp::reset_on_close(&server);
+            if !client_sends_unread {
+                super::super::tcp::reset_on_close(&server);
+            }
         });
         let mut received = 0;
         let mut chunk = [0u8; 4096];
@@ -820,7 +877,11 @@ mod tests {
             tokio::time::sleep(Duration::from_micros(500)).await;
         };
         serving.await.unwrap();
-        assert_eq!(received, SIZE, "{carry:?}: then {ended}");
+        sending.await.unwrap();
+        assert_eq!(
+            received, SIZE,
+            "{carry:?}, client sends unread {client_sends_unread}: then {ended}"
+        );
         assert!(
             matches!(pumping.await.unwrap(), PumpEnd::Failed(_)),
             "{carry:?}"

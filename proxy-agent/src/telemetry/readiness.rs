@@ -20,9 +20,9 @@ pub struct Readiness {
     handing_over_to: std::sync::Mutex<Option<u32>>,
     /// Until the first complete sync: the feeds it waits for, and how each stands.
     pub waiting_for: std::sync::Mutex<String>,
-    /// Unix milliseconds of the control runtime's last heartbeat (0: none yet), which `/live`
-    /// reads: the admin server runs on a thread of its own, and answered live while the runtime
-    /// that follows the cluster and hands over to a successor could be stuck.
+    /// The control runtime's last heartbeat, in milliseconds of [`monotonic_ms`] (0: none yet),
+    /// which `/live` reads: the admin server runs on a thread of its own, and answered live while
+    /// the runtime that follows the cluster and hands over to a successor could be stuck.
     pub heartbeat_ms: AtomicU64,
 }
 
@@ -54,14 +54,18 @@ pub async fn heartbeat(readiness: std::sync::Arc<Readiness>) {
         ticks.tick().await;
         readiness
             .heartbeat_ms
-            .store(unix_now_ms(), std::sync::atomic::Ordering::Relaxed);
+            .store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds of a clock that only moves forward (from 1 at its first reading in this process,
+/// so that 0 stays "never"), unmoved by the wall clock's steps.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    1 + START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 pub fn unix_now() -> u64 {

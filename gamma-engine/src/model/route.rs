@@ -395,7 +395,7 @@ impl RouteMatch {
     /// The match a rule without `matches` gets: PathPrefix `/`.
     pub fn any() -> Self {
         RouteMatch {
-            path: PathMatch::Prefix(CompactString::default()),
+            path: PathMatch::Prefix("/".into()),
             rest: None,
         }
     }
@@ -464,7 +464,9 @@ fn characters(name: Option<&str>) -> u16 {
 pub enum PathMatch {
     /// Paths are short: kept inline (no heap pointer to chase when a table is scanned).
     Exact(CompactString),
-    /// Segment-wise prefix, stored without a trailing `/` (so `/` is stored as "").
+    /// Segment-wise prefix, stored with one trailing `/` if written with one (`/` as "/"): a
+    /// match ignores it (`routes::matches::prefix_matches`), precedence counts it ("the largest
+    /// number of characters": `/foo/` outranks `/foo`).
     Prefix(CompactString),
     /// Boxed: rarer, and larger than a path.
     Regex(#[serde(serialize_with = "serialize_regex")] Box<Regex>),
@@ -1780,7 +1782,7 @@ fn http_timeouts_and_retry(
 fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatch, Invalid> {
     use http_api::*;
     let path = match &m.path {
-        None => PathMatch::Prefix(CompactString::default()),
+        None => PathMatch::Prefix("/".into()),
         Some(p) => {
             let value = p.value.clone().unwrap_or_else(|| "/".to_string());
             match p
@@ -1793,7 +1795,11 @@ fn http_match(m: &http_api::HttpRouteRulesMatches, mf: &str) -> Result<RouteMatc
                 }
                 HttpRouteRulesMatchesPathType::PathPrefix => {
                     let prefix = matched_path(value, &format!("{mf}.path.value"))?;
-                    PathMatch::Prefix(prefix.trim_end_matches('/').into())
+                    let mut kept = CompactString::from(prefix.trim_end_matches('/'));
+                    if prefix.ends_with('/') {
+                        kept.push('/');
+                    }
+                    PathMatch::Prefix(kept)
                 }
                 HttpRouteRulesMatchesPathType::RegularExpression => {
                     PathMatch::Regex(compile_regex(&value, &format!("{mf}.path.value"))?.into())
@@ -1868,7 +1874,7 @@ fn grpc_match(m: &grpc::GrpcRouteRulesMatches, mf: &str) -> Result<RouteMatch, I
     use grpc::*;
     let (path, grpc) = match &m.method {
         None => (
-            PathMatch::Prefix(CompactString::default()),
+            PathMatch::Prefix("/".into()),
             GrpcMethodSpecificity {
                 service_len: 0,
                 method_len: 0,
@@ -2051,6 +2057,27 @@ mod tests {
         );
         assert!(path.matches("/pkg.Catalog/ListItems"));
         assert!(!path.matches("/other.Catalog/ListItems"));
+    }
+
+    /// "The largest number of characters" ranks prefixes as written: `/foo/` outranks `/foo`
+    /// (both stored `/foo` ranked them equal), while both match `/foo` and below.
+    #[test]
+    fn a_prefix_written_with_a_trailing_slash_outranks_the_same_without() {
+        use crate::routes::precedence::Specificity;
+        let route = http_route(serde_json::json!([
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/foo"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/foo/"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]},
+            {}
+        ]));
+        let rank = |rule: usize| Specificity::of(&route.rules[rule].matches[0]);
+        assert!(rank(1) > rank(0));
+        assert_eq!(rank(2), rank(3), "an omitted path is PathPrefix /");
+        for path in ["/foo", "/foo/", "/foo/x"] {
+            assert!(route.rules[1].matches[0].path.matches(path), "{path}");
+        }
+        assert!(!route.rules[1].matches[0].path.matches("/foobar"));
+        assert!(route.rules[2].matches[0].path.matches("/anything"));
     }
 
     /// A fully qualified service name (`.pkg.Catalog`, which the CRD allows) matches what

@@ -63,6 +63,8 @@ impl PathMatch {
 /// Segment-wise prefix: `/abc` matches `/abc`, `/abc/` and `/abc/def`, not `/abcd`.
 /// `prefix` is stored without a trailing `/` (the root prefix is "").
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    // Segment-wise: a trailing `/` of the prefix (kept for precedence) is no part of the match.
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,

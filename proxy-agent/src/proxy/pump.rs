@@ -337,33 +337,23 @@ impl Registered {
                 // One side reset (or could not be written to): the other learns it as a reset
                 // too, not as an orderly end it would take for a complete stream (a truncated
                 // upload committed, a cut download read as whole). Envoy's TCP proxy does so.
-                // After the bytes the side that reset had sent, as from the peer itself (unless
-                // a takeover or the drain's deadline asks for the pump meanwhile).
-                let flushed = async {
-                    match (was_reset(&client), was_reset(&upstream)) {
-                        (false, true) => {
-                            let sockets = (&mut upstream, &mut client);
-                            down.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
-                        }
-                        (true, false) => {
-                            let sockets = (&mut client, &mut upstream);
-                            up.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
-                        }
-                        _ => {}
-                    }
-                };
-                let paused = async {
-                    match pause_rx.as_mut() {
-                        Some(rx) => drop(rx.await),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = flushed => {}
-                    () = paused => {}
-                }
+                // After the bytes the side that reset had sent, as from the peer itself. Reset
+                // on close from here on, whenever the close comes (the drain's end may drop this
+                // task), and not handed to a successor (a pause request finds none).
                 super::tcp::reset_on_close(&client);
                 super::tcp::reset_on_close(&upstream);
+                drop(pause_rx.take());
+                match (was_reset(&client), was_reset(&upstream)) {
+                    (false, true) => {
+                        let sockets = (&mut upstream, &mut client);
+                        down.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
+                    }
+                    (true, false) => {
+                        let sockets = (&mut client, &mut upstream);
+                        up.flush_before_reset(sockets, FLUSH_BEFORE_RESET).await
+                    }
+                    _ => {}
+                }
                 PumpEnd::Failed(e.to_string())
             }
             Exit::Pause(reply) => {
@@ -515,8 +505,13 @@ impl Direction {
             // No FIN: the reset follows. Reading `from` ends at its end or its error.
             self.write_shut = true;
             let _ = poll_fn(|cx| self.poll(cx, from, to, &mut false)).await;
-            let mut wait = Duration::from_millis(5);
-            while unsent_bytes(to) > 0 && can_still_send(to) {
+            // Until taken, or until the peer stops taking (one that waits to write its own
+            // answer, which nobody reads any more, never will).
+            let (mut wait, mut unsent, mut stalled) = (Duration::from_millis(5), usize::MAX, 0);
+            while unsent_bytes(to) > 0 && can_still_send(to) && stalled < 3 {
+                let now = unsent_bytes(to);
+                stalled = if now < unsent { 0 } else { stalled + 1 };
+                unsent = now;
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_millis(50));
             }
@@ -879,8 +874,9 @@ mod tests {
         serving.await.unwrap();
         sending.await.unwrap();
         assert_eq!(
-            received, SIZE,
-            "{carry:?}, client sends unread {client_sends_unread}: then {ended}"
+            (received, ended.as_str()),
+            (SIZE, "connection reset"),
+            "{carry:?}, client sends unread {client_sends_unread}: all, then the reset"
         );
         assert!(
             matches!(pumping.await.unwrap(), PumpEnd::Failed(_)),

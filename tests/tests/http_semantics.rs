@@ -1179,14 +1179,7 @@ async fn an_idle_http2_upstream_connection_is_closed() {
 /// request series and the access log: the slowest requests were the ones missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_its_caller_cancels_is_counted() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
+    let silent = silent_backend().await;
     let agent = Agent::start(&Manifests::front_routed_to(silent), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     let request = http::Request::get("http://front/slow")
@@ -1194,21 +1187,41 @@ async fn a_request_its_caller_cancels_is_counted() {
         .unwrap();
     let cancelled = tokio::time::timeout(Duration::from_millis(300), sender.send_request(request));
     assert!(cancelled.await.is_err(), "answered by a silent backend");
+    metrics_until(&agent, "the cancelled request counted", counted_499).await;
+}
+
+/// A backend that accepts connections and never answers: it holds them until the runtime ends.
+async fn silent_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// The agent's `/metrics` once `done` holds of it, read every 50 ms for at most 5 s (then the
+/// test fails, saying `what` it waited for).
+async fn metrics_until(agent: &Agent, what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = gamma_tests::loopback::http_get(agent.admin, "/metrics").unwrap();
-        if text
-            .lines()
-            .any(|l| l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"} 1"#))
-        {
-            break;
+        if done(&text) {
+            return text;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled request was not counted: {text}"
-        );
+        assert!(Instant::now() < deadline, "not {what}: {text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One request counted with status 499 (its caller gave up on it).
+fn counted_499(metrics: &str) -> bool {
+    metrics
+        .lines()
+        .any(|l| l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"} 1"#))
 }
 
 /// An HTTP/1.1 caller that gives up on a request whose backend hangs (its socket reset) ends the
@@ -1219,14 +1232,7 @@ async fn a_request_its_caller_cancels_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_caller_that_resets_ends_its_request() {
     use std::io::Write as _;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
+    let silent = silent_backend().await;
     // The caller is watched once its request ran for the head read timeout.
     let agent = Agent::start(
         &Manifests::front_routed_to(silent),
@@ -1240,23 +1246,9 @@ async fn an_http1_caller_that_resets_ends_its_request() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     gamma_tests::probe::reset_on_close(&caller);
     drop(caller);
-    let counted = |text: &str| {
-        text.lines()
-            .any(|l| l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"} 1"#))
-            && text.lines().any(|l| l == "gamma_connections_open 0")
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = gamma_tests::loopback::http_get(agent.admin, "/metrics").unwrap();
-        if counted(&text) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned request is still in flight: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ended =
+        |text: &str| counted_499(text) && text.lines().any(|l| l == "gamma_connections_open 0");
+    metrics_until(&agent, "the abandoned request ended", ended).await;
 }
 
 /// How gRPC calls ended is counted by their grpc-status: an HTTP 200 says nothing of a gRPC

@@ -45,8 +45,9 @@ impl HeaderModifier {
 /// Replaces the matched prefix of `path` (segment-wise), as `ReplacePrefixMatch` does:
 /// `/foo/bar` matched by `/foo` and replaced with `/xyz` gives `/xyz/bar`; with `/` gives `/bar`.
 pub fn replace_prefix(path: &str, matched_prefix: &str, replacement: &str) -> String {
-    let matched_prefix = matched_prefix.strip_suffix('/').unwrap_or(matched_prefix);
-    let rest = path.strip_prefix(matched_prefix).unwrap_or(path);
+    let rest = path
+        .strip_prefix(super::matches::segments(matched_prefix))
+        .unwrap_or(path);
     let mut out = replacement.trim_end_matches('/').to_string();
     out.push_str(rest);
     if out.is_empty() {

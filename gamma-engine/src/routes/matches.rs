@@ -60,15 +60,19 @@ impl PathMatch {
     }
 }
 
-/// Segment-wise prefix: `/abc` matches `/abc`, `/abc/` and `/abc/def`, not `/abcd`.
-/// `prefix` is stored without a trailing `/` (the root prefix is "").
+/// Segment-wise prefix: `/abc` (or `/abc/`) matches `/abc`, `/abc/` and `/abc/def`, not
+/// `/abcd`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    // Segment-wise: a trailing `/` of the prefix (kept for precedence) is no part of the match.
-    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
-    match path.strip_prefix(prefix) {
+    match path.strip_prefix(segments(prefix)) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// A stored PathPrefix as it is matched: without the trailing `/` it may keep for precedence (the
+/// root prefix `/` is "").
+pub fn segments(prefix: &str) -> &str {
+    prefix.strip_suffix('/').unwrap_or(prefix)
 }
 
 /// Repeated request headers: all values are joined with "," (RFC 9110 §5.3), then compared;

@@ -508,9 +508,12 @@ impl Direction {
             // Until taken, or until the peer stops taking (one that waits to write its own
             // answer, which nobody reads any more, never will).
             let (mut wait, mut unsent, mut stalled) = (Duration::from_millis(5), usize::MAX, 0);
-            while unsent_bytes(to) > 0 && can_still_send(to) && stalled < 3 {
+            loop {
                 let now = unsent_bytes(to);
                 stalled = if now < unsent { 0 } else { stalled + 1 };
+                if now == 0 || stalled > 3 || !can_still_send(to) {
+                    break;
+                }
                 unsent = now;
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_millis(50));
@@ -701,28 +704,25 @@ fn can_still_send(socket: &TcpStream) -> bool {
 
 /// Bytes written to `socket` that its peer has not acknowledged yet (`SIOCOUTQ`); 0 when unknown.
 fn unsent_bytes(socket: &TcpStream) -> usize {
-    use std::os::fd::AsRawFd as _;
     /// `<asm-generic/sockios.h>`: `TIOCOUTQ`, which sockets answer as `SIOCOUTQ`.
     const SIOCOUTQ: libc::Ioctl = 0x5411;
-    let mut unsent: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int through the pointer, which outlives the call.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCOUTQ, &raw mut unsent) };
-    if rc == 0 {
-        usize::try_from(unsent).unwrap_or(0)
-    } else {
-        0
-    }
+    socket_ioctl(socket, SIOCOUTQ).map_or(0, |unsent| usize::try_from(unsent).unwrap_or(0))
 }
 
 /// Whether the socket's next byte to read is TCP urgent data.
 fn at_urgent_mark(socket: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
     /// `<asm-generic/sockios.h>` (the libc crate does not name it).
     const SIOCATMARK: libc::Ioctl = 0x8905;
-    let mut at: libc::c_int = 0;
-    // SAFETY: SIOCATMARK writes one int through the pointer, which outlives the call.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCATMARK, &raw mut at) };
-    rc == 0 && at != 0
+    socket_ioctl(socket, SIOCATMARK).is_some_and(|at| at != 0)
+}
+
+/// What an ioctl that answers one int says of `socket` (`None`: it failed).
+fn socket_ioctl(socket: &TcpStream, request: libc::Ioctl) -> Option<libc::c_int> {
+    use std::os::fd::AsRawFd as _;
+    let mut answer: libc::c_int = 0;
+    // SAFETY: the requests passed write one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request, &raw mut answer) };
+    (rc == 0).then_some(answer)
 }
 
 /// Reads what follows the urgent mark into `buf` (grown to hold a chunk); 0 at the end.

@@ -161,9 +161,14 @@ struct Cli {
     /// tried and this one set aside for a while. Above 1,000: Linux resends a SYN after 1 s.
     #[arg(long, default_value_t = proxy_agent::proxy::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64)]
     connect_timeout_ms: u64,
-    /// Seconds an idle pooled HTTP/1.1 upstream connection is kept.
-    #[arg(long, default_value_t = 90)]
-    upstream_idle_timeout_s: u64,
+    /// Milliseconds an idle pooled HTTP/1.1 upstream connection is kept: keep it below your
+    /// backends' own keep-alive timeout (a request sent as a backend closes an idle connection
+    /// fails, and only an idempotent one is sent again).
+    #[arg(long, default_value_t = proxy_agent::proxy::upstream::PoolTimeouts::DEFAULT_HTTP1_IDLE.as_millis() as u64)]
+    upstream_http1_idle_timeout_ms: u64,
+    /// Seconds an idle pooled HTTP/2 upstream connection (one carrying no stream) is kept.
+    #[arg(long, default_value_t = proxy_agent::proxy::upstream::PoolTimeouts::DEFAULT_HTTP2_IDLE.as_secs())]
+    upstream_http2_idle_timeout_s: u64,
     /// A request body is kept while it streams, up to this many bytes, when a retry or a mirror
     /// may need it again; a larger one is neither retried nor mirrored (both counted).
     #[arg(long, default_value_t = 64 * 1024)]
@@ -352,7 +357,8 @@ fn main() -> Result<()> {
             idle_timeout: idle_timeout(cli.idle_timeout_s),
             pump: cli.pump,
             max_connections: cli.max_connections.max(1),
-            upstream_idle_timeout: Duration::from_secs(cli.upstream_idle_timeout_s),
+            upstream_http1_idle_timeout: Duration::from_millis(cli.upstream_http1_idle_timeout_ms),
+            upstream_http2_idle_timeout: Duration::from_secs(cli.upstream_http2_idle_timeout_s),
             ..ProxyConfig::default()
         },
         node_name: node_name.clone(),

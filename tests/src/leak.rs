@@ -280,8 +280,12 @@ pub async fn run(config: &LeakConfig) -> anyhow::Result<LeakReport> {
                 listeners: vec![("ns/front", 80), ("ns/raw", 80)],
                 caller_namespace: None,
                 // Pooled upstream connections go after 1 s idle, so "after" can be compared with
-                // "idle" without waiting the default 90 s.
-                extra_args: vec!["--upstream-idle-timeout-s".into(), "1".into()],
+                // "idle" without waiting HTTP/2's default 90 s.
+                extra_args: ["--upstream-http1-idle-timeout-ms", "1000"]
+                    .into_iter()
+                    .chain(["--upstream-http2-idle-timeout-s", "1"])
+                    .map(String::from)
+                    .collect(),
             },
         )
     })?;

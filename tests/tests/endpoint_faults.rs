@@ -474,3 +474,92 @@ async fn a_streamed_body_goes_to_another_endpoint_when_a_connect_is_refused() {
         "both refusing endpoints were tried: {ejections}"
     );
 }
+
+/// A backend that closes a keep-alive connection idle for `keep_alive`: as if its timer fired
+/// just as a request came, the request is read and the connection closed without an answer
+/// (the race, frozen at its worst moment). How many connections it accepted.
+async fn closing_when_idle(keep_alive: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut idle_since = Instant::now();
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf).await {
+                            Ok(n @ 1..) => pending.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    if idle_since.elapsed() >= keep_alive {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |n| n.trim().parse().unwrap());
+                    while pending.len() < end + 4 + length {
+                        match stream.read(&mut buf).await {
+                            Ok(n @ 1..) => pending.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    pending.drain(..end + 4 + length);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    idle_since = Instant::now();
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The agent lets go of an idle pooled HTTP/1.1 connection before a backend with a 5 s
+/// keep-alive (Node's, uvicorn's) closes it: a POST (not to be sent twice, so not retried) that
+/// comes as the backend closes is not written into the closing connection. Before, the agent
+/// kept connections 90 s, and such a POST got 502 (Envoy's classic "503 UC").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_not_sent_into_a_connection_its_backend_is_closing() {
+    // Shorter than Node's 5 s, to keep the test short; longer than the agent's default.
+    let keep_alive = Duration::from_millis(3_500);
+    let (with_body, with_body_accepted) = closing_when_idle(keep_alive).await;
+    let (bodiless, bodiless_accepted) = closing_when_idle(keep_alive).await;
+    let rules = [
+        rule("/body", "with-body", ""),
+        rule("/none", "bodiless", ""),
+    ]
+    .concat();
+    let manifests = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "with-body", 80, &[with_body], None)
+        .service("ns", "bodiless", 80, &[bodiless], None)
+        .raw(&route(&rules));
+    let agent = start_agent(manifests).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let twice = |path: &'static str, body: &'static str| {
+        let (client, url) = (client.clone(), agent.url(0, path));
+        async move {
+            let first = send(&client, "POST", &url, body).await;
+            tokio::time::sleep(keep_alive + Duration::from_millis(100)).await;
+            (first, send(&client, "POST", &url, body).await)
+        }
+    };
+    let ((first, second), (first_bodiless, second_bodiless)) =
+        tokio::join!(twice("/body", "an order"), twice("/none", ""));
+    for got in [first, second, first_bodiless, second_bodiless] {
+        assert_eq!(got.status, 200, "{got:?}");
+    }
+    assert_eq!(with_body_accepted.load(Ordering::Relaxed), 2);
+    assert_eq!(bodiless_accepted.load(Ordering::Relaxed), 2);
+}

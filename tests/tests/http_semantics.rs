@@ -1150,7 +1150,7 @@ async fn a_call_declined_after_an_attempt_that_may_have_run_is_not_refused() {
     );
 }
 
-/// An HTTP/2 upstream connection that carried no stream for `--upstream-idle-timeout-s` is
+/// An HTTP/2 upstream connection that carried no stream for `--upstream-http2-idle-timeout-s` is
 /// closed, as HTTP/1.1 ones are. Before, the agent kept every HTTP/2 connection it made until
 /// the backend closed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1158,7 +1158,7 @@ async fn an_idle_http2_upstream_connection_is_closed() {
     let backend = RawH2::start(|_| Reply::Ok).await;
     let agent = Agent::start(
         &h2_backend_world(backend.addr),
-        options(&["--upstream-idle-timeout-s", "1"]),
+        options(&["--upstream-http2-idle-timeout-s", "1"]),
     )
     .unwrap();
     let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;

@@ -65,8 +65,9 @@ pub struct ProxyConfig {
     /// Client connections open at most; one more is closed as soon as accepted (and counted),
     /// so that clients cannot exhaust the agent's descriptors.
     pub max_connections: usize,
-    /// How long an idle pooled HTTP/1.1 upstream connection is kept.
-    pub upstream_idle_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept (`upstream::PoolTimeouts`).
+    pub upstream_http1_idle_timeout: Duration,
+    pub upstream_http2_idle_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
     /// A request body is kept while it streams, up to this size, when a retry or a mirror may
@@ -117,7 +118,8 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(3600),
             pump: pump::Carry::Splice,
             max_connections: 100_000,
-            upstream_idle_timeout: Duration::from_secs(90),
+            upstream_http1_idle_timeout: upstream::PoolTimeouts::DEFAULT_HTTP1_IDLE,
+            upstream_http2_idle_timeout: upstream::PoolTimeouts::DEFAULT_HTTP2_IDLE,
             max_mirrors_in_flight: 256,
             max_buffered_body: 64 * 1024,
             // Envoy's default is 60 KiB; 64 KiB keeps what this agent accepted so far.
@@ -206,8 +208,11 @@ impl Proxy {
         Arc::new(Proxy {
             snapshot,
             upstream: upstream::Upstream::new(
-                config.connect_timeout,
-                config.upstream_idle_timeout,
+                upstream::PoolTimeouts {
+                    connect: config.connect_timeout,
+                    http1_idle: config.upstream_http1_idle_timeout,
+                    http2_idle: config.upstream_http2_idle_timeout,
+                },
                 metrics.affinity_table_full.clone(),
             ),
             mirrors: mirror::Mirrors::new(config.max_mirrors_in_flight),

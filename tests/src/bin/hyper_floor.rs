@@ -13,21 +13,23 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proxy_agent::proxy::body::{self, ProxyBody};
-use proxy_agent::proxy::upstream::{Upstream, UpstreamError};
+use proxy_agent::proxy::upstream::{PoolTimeouts, Upstream, UpstreamError};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 fn main() -> Result<()> {
     gamma_tests::floor::run_per_core("gamma-hyper-floor", serve)
 }
 
 async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
-    // The agent's defaults: a connect timeout of 1 s, --upstream-idle-timeout-s 90.
+    // The agent's defaults.
     let client = Upstream::new(
-        Duration::from_secs(1),
-        Duration::from_secs(90),
+        PoolTimeouts {
+            connect: proxy_agent::proxy::DEFAULT_CONNECT_TIMEOUT,
+            http1_idle: PoolTimeouts::DEFAULT_HTTP1_IDLE,
+            http2_idle: PoolTimeouts::DEFAULT_HTTP2_IDLE,
+        },
         Arc::default(),
     );
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.

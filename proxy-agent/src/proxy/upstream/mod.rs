@@ -73,21 +73,33 @@ pub struct Upstream {
     pub endpoints: Arc<EndpointStats>,
     /// Shared by every worker, like the endpoint statistics.
     pub affinity: Arc<Affinity>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    timeouts: PoolTimeouts,
+}
+
+/// How long the pools wait for a connect, and keep an idle connection.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolTimeouts {
+    pub connect: Duration,
+    /// Below the keep-alive of the usual backends (Node's and uvicorn's 5 s, Apache's 5 s) so
+    /// that the agent closes an idle HTTP/1.1 connection first: a request written as the backend
+    /// closes fails, and only an idempotent one may be sent again (linkerd keeps 3 s for the
+    /// same reason; Envoy's hour is the classic "503 UC" of meshes in front of Node).
+    pub http1_idle: Duration,
+    /// An HTTP/2 backend closes with a GOAWAY that hands back the streams it did not take, which
+    /// go again: no race to avoid, and a handshake to save.
+    pub http2_idle: Duration,
+}
+
+impl PoolTimeouts {
+    pub const DEFAULT_HTTP1_IDLE: Duration = Duration::from_secs(3);
+    pub const DEFAULT_HTTP2_IDLE: Duration = Duration::from_secs(90);
 }
 
 impl Upstream {
-    /// `idle_timeout`: how long an idle pooled HTTP/1.1 connection is kept; `affinity_full`
-    /// counts callers session affinity could not bind (table full).
-    pub fn new(
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        affinity_full: Arc<AtomicU64>,
-    ) -> Self {
+    /// `affinity_full` counts callers session affinity could not bind (table full).
+    pub fn new(timeouts: PoolTimeouts, affinity_full: Arc<AtomicU64>) -> Self {
         Self::with_endpoints(
-            connect_timeout,
-            idle_timeout,
+            timeouts,
             Arc::new(EndpointStats::default()),
             Arc::new(Affinity::new(affinity_full)),
         )
@@ -95,33 +107,26 @@ impl Upstream {
 
     /// New, empty connection pools; the same endpoint statistics and session affinity.
     pub fn with_own_pools(&self) -> Self {
-        Self::with_endpoints(
-            self.connect_timeout,
-            self.idle_timeout,
-            self.endpoints.clone(),
-            self.affinity.clone(),
-        )
+        Self::with_endpoints(self.timeouts, self.endpoints.clone(), self.affinity.clone())
     }
 
     fn with_endpoints(
-        connect_timeout: Duration,
-        idle_timeout: Duration,
+        timeouts: PoolTimeouts,
         endpoints: Arc<EndpointStats>,
         affinity: Arc<Affinity>,
     ) -> Self {
         Upstream {
-            inline: inline::InlinePool::new(connect_timeout, idle_timeout),
-            http1: Http1Pool::new(connect_timeout, idle_timeout),
+            inline: inline::InlinePool::new(timeouts.connect, timeouts.http1_idle),
+            http1: Http1Pool::new(timeouts.connect, timeouts.http1_idle),
             http2: Http2Pool {
                 endpoints: Arc::default(),
-                connect_timeout,
-                idle_timeout,
+                connect_timeout: timeouts.connect,
+                idle_timeout: timeouts.http2_idle,
                 reaper_started: Arc::default(),
             },
             endpoints,
             affinity,
-            connect_timeout,
-            idle_timeout,
+            timeouts,
         }
     }
 
@@ -286,7 +291,8 @@ struct KeptShared<C> {
 
 struct KeptConn<C> {
     conn: C,
-    /// When the reaper first saw it idle (`None`: in use when last seen).
+    /// Since when it is idle, at the latest: kept, or first seen ready by the reaper (`None`: in
+    /// use when last seen).
     idle_since: Option<Instant>,
 }
 
@@ -309,15 +315,21 @@ impl<C: Reusable> Kept<C> {
         }
     }
 
-    /// The most recently used ready connection to `endpoint`; drops closed ones on the way.
+    /// The most recently used ready connection to `endpoint`; drops closed ones on the way, and
+    /// those idle for the idle timeout, which the reaper (a sweep late) may not have closed yet:
+    /// one is never used past it, whatever keeps the reaper.
     pub(super) fn checkout(&self, endpoint: SocketAddr) -> Option<C> {
         let mut connections = self.shared.connections.lock().expect("not poisoned");
         let list = connections.get_mut(&endpoint)?;
+        let now = Instant::now();
         loop {
             let ready = list.iter().rposition(|c| c.conn.is_ready())?;
-            let candidate = list.swap_remove(ready).conn;
-            if !candidate.is_closed() {
-                return Some(candidate);
+            let candidate = list.swap_remove(ready);
+            let timed_out = candidate
+                .idle_since
+                .is_some_and(|since| now.duration_since(since) >= self.shared.idle_timeout);
+            if !timed_out && !candidate.conn.is_closed() {
+                return Some(candidate.conn);
             }
         }
     }
@@ -351,7 +363,9 @@ impl<C: Reusable> Kept<C> {
         if list.len() < HTTP1_IDLE_PER_ENDPOINT {
             list.push(KeptConn {
                 conn,
-                idle_since: None,
+                // hyper's connections come back with their answer's body still to read: idle
+                // from now at the latest (the reaper forgets it while it is not ready).
+                idle_since: Some(Instant::now()),
             });
         }
     }
@@ -487,7 +501,7 @@ impl Http1Pool {
 struct Http2Pool {
     endpoints: Arc<Mutex<AHashMap<SocketAddr, Http2Slot>>>,
     connect_timeout: Duration,
-    /// A connection with no stream for this long is closed, as HTTP/1.1 ones are.
+    /// A connection with no stream for this long is closed.
     idle_timeout: Duration,
     reaper_started: Arc<AtomicBool>,
 }
@@ -1293,8 +1307,11 @@ mod tests {
     #[test]
     fn a_retry_or_an_ejection_does_not_move_a_callers_binding() {
         let up = Upstream::new(
-            Duration::from_secs(1),
-            Duration::from_secs(1),
+            PoolTimeouts {
+                connect: Duration::from_secs(1),
+                http1_idle: Duration::from_secs(1),
+                http2_idle: Duration::from_secs(1),
+            },
             Arc::default(),
         );
         let key = ObjectKey::new("ns", "svc");
@@ -1375,6 +1392,32 @@ mod tests {
             2,
             "a new one after the idle one went"
         );
+    }
+
+    struct Open;
+
+    impl Reusable for Open {
+        fn is_closed(&self) -> bool {
+            false
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+    }
+
+    /// A connection idle past the idle timeout is not used, even before the reaper closed it:
+    /// a backend whose keep-alive is a little longer may be closing it right then.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_idle_past_the_timeout_is_not_used_before_the_reaper_closes_it() {
+        let kept = Kept::new(Duration::from_millis(100));
+        let endpoint = addr(1);
+        kept.checkin(endpoint, Open);
+        assert!(kept.checkout(endpoint).is_some(), "used again at once");
+        kept.checkin(endpoint, Open);
+        // Blocks the only thread: the reaper cannot run.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(kept.checkout(endpoint).is_none(), "idle past the timeout");
     }
 
     #[tokio::test]

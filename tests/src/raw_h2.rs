@@ -23,6 +23,9 @@ pub enum Reply {
     /// GOAWAY NO_ERROR naming no stream as processed, then the connection closes: a server
     /// shutting down gracefully.
     GoAway,
+    /// The same with this error code: a server that ends the connection on an error (one
+    /// another stream caused), naming no stream as processed.
+    GoAwayWithError(u32),
     /// `:status: 200` at once, then nothing for this long, then the body `done`.
     Quiet(Duration),
     /// As `Quiet`, and a GOAWAY NO_ERROR naming this stream the last processed, with the
@@ -90,6 +93,27 @@ impl RawH2 {
         script: impl Fn(u32) -> Reply + Send + Sync + 'static,
     ) -> RawH2 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_on(listener, u32::MAX, max_streams, script)
+    }
+
+    /// As `start_with_limit`, accepting one connection only, with a listen queue of one: once
+    /// the test filled that queue (`fill_accept_queue`), a connect to it hangs, as to a node
+    /// going away.
+    pub fn start_accepting_one(
+        max_streams: Option<u32>,
+        script: impl Fn(u32) -> Reply + Send + Sync + 'static,
+    ) -> RawH2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self::serve_on(socket.listen(1).unwrap(), 1, max_streams, script)
+    }
+
+    fn serve_on(
+        listener: tokio::net::TcpListener,
+        accept_at_most: u32,
+        max_streams: Option<u32>,
+        script: impl Fn(u32) -> Reply + Send + Sync + 'static,
+    ) -> RawH2 {
         let addr = listener.local_addr().unwrap();
         let settings: Vec<u8> = max_streams
             .map(|max| {
@@ -107,7 +131,10 @@ impl RawH2 {
         let (accepted, ended) = (Arc::clone(&connections), Arc::clone(&closed));
         let script = Arc::new(script);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while accepted.load(Ordering::Relaxed) < accept_at_most {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let (requests, pings) = (counters.0.clone(), counters.1.clone());
                 let (script, settings) = (script.clone(), settings.clone());
@@ -117,6 +144,9 @@ impl RawH2 {
                     ended.fetch_add(1, Ordering::Relaxed);
                 });
             }
+            // Kept open, not accepting: connects queue, then hang.
+            std::future::pending::<()>().await;
+            drop(listener);
         });
         RawH2 {
             addr,
@@ -126,6 +156,20 @@ impl RawH2 {
             closed,
         }
     }
+}
+
+/// Connections to `addr` until one does not complete within 200 ms: its accept queue is full,
+/// and a SYN to it is dropped. Hold them for as long as it should stay full.
+pub async fn fill_accept_queue(addr: SocketAddr) -> Vec<tokio::net::TcpStream> {
+    let mut filling = Vec::new();
+    for _ in 0..8 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(200), connect).await {
+            Ok(Ok(stream)) => filling.push(stream),
+            _ => return filling,
+        }
+    }
+    panic!("{addr} accepted 8 connections: its accept queue is not filling");
 }
 
 async fn serve(
@@ -221,9 +265,14 @@ async fn serve(
                 }
                 Reply::Refuse => send(frame(RST_STREAM, 0, stream, &7u32.to_be_bytes())),
                 Reply::Reset(code) => send(frame(RST_STREAM, 0, stream, &code.to_be_bytes())),
-                Reply::GoAway => {
-                    // Last stream processed: none; error code NO_ERROR.
-                    send(frame(GOAWAY, 0, 0, &[0; 8]));
+                reply @ (Reply::GoAway | Reply::GoAwayWithError(_)) => {
+                    let code = match reply {
+                        Reply::GoAwayWithError(code) => code,
+                        _ => 0,
+                    };
+                    // Last stream processed: none.
+                    let none_and_code = [[0; 4], code.to_be_bytes()].concat();
+                    send(frame(GOAWAY, 0, 0, &none_and_code));
                     break;
                 }
                 reply @ (Reply::Quiet(quiet) | Reply::QuietGoingAway(quiet)) => {

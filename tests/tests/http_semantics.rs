@@ -915,7 +915,9 @@ fn h2_backend_world(backend: std::net::SocketAddr) -> Manifests {
 /// count against the endpoint. Before, the caller got 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
-    for decline in [Reply::Refuse, Reply::GoAway] {
+    // INTERNAL_ERROR: a GOAWAY's code is the connection's, and what it leaves out was not
+    // processed whatever the code (RFC 9113 §6.8).
+    for decline in [Reply::Refuse, Reply::GoAway, Reply::GoAwayWithError(2)] {
         let backend = RawH2::start(move |n| if n == 0 { decline } else { Reply::Ok }).await;
         let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
         let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
@@ -1031,6 +1033,80 @@ async fn requests_waiting_for_a_failed_http2_connect_fail_with_it() {
         "{WAITING} requests answered after {took:?}"
     );
     drop((stalled, filling));
+}
+
+/// A request that waited for a connect to an HTTP/2 endpoint (its one connection at the stream
+/// limit) goes out on that connection when a stream ended meanwhile, though the connect failed:
+/// before, every request that waited got the connect's 503 and the endpoint was ejected (one
+/// dropped SYN to a pod at its stream limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_failed_http2_connect_takes_a_stream_freed_meanwhile() {
+    const WATCH: Duration = Duration::from_millis(1_500);
+    let backend = RawH2::start_accepting_one(Some(1), |n| {
+        if n == 0 {
+            Reply::Quiet(WATCH)
+        } else {
+            Reply::Ok
+        }
+    });
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let (sender, _connection) = http2_to(agent.listen[0]).await;
+    let call = |path: &'static str| {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let request = http::Request::get(format!("http://front{path}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let answer = sender.send_request(request).await.unwrap();
+            let status = answer.status();
+            answer.into_body().collect().await.unwrap();
+            status
+        })
+    };
+    let watch = call("/watch");
+    while backend.requests.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filling = gamma_tests::raw_h2::fill_accept_queue(backend.addr).await;
+    // No room on the one connection: a connect, which hangs until its timeout (2 s).
+    let connecting = call("/connecting");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = call("/waiting");
+    assert_eq!(watch.await.unwrap(), 200);
+    assert_eq!(
+        connecting.await.unwrap(),
+        503,
+        "the connect hung and failed"
+    );
+    assert_eq!(
+        waiting.await.unwrap(),
+        200,
+        "sent on the watch's connection"
+    );
+    let ejections = gamma_tests::probe::metric(&agent, "gamma_endpoint_ejections_total").unwrap();
+    assert_eq!(ejections, 1.0, "one failed connect, one ejection");
+    drop(filling);
+}
+
+/// A backend that resets one stream (RST_STREAM INTERNAL_ERROR: its handler failed) keeps its
+/// pooled HTTP/2 connection: the next request goes out on it. Before, any error on a pooled
+/// connection dropped it from the pool, and each reset cost a new connection (beyond the
+/// per-endpoint limit, the dropped ones staying open for their streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_does_not_cost_its_http2_connection() {
+    let backend = RawH2::start(|n| if n == 1 { Reply::Reset(2) } else { Reply::Ok }).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    for expected in [200, 502, 200] {
+        let request = http::Request::get("http://front/x")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            sender.send_request(request).await.unwrap().status(),
+            expected
+        );
+    }
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 1);
 }
 
 /// An HTTP/2 backend's answer may carry as large a header list as a caller may send the agent

@@ -7,7 +7,7 @@
 //! upgrades go through hyper's client (`Http1Pool`). The wire format is `wire.rs`.
 
 use super::wire::{self, AnswerHead, BodyDecoder, Decoded, Framing};
-use super::{connect_tcp, Kept, OwnedInFlight, Reusable, UpstreamError};
+use super::{connect_http, Kept, OwnedInFlight, Reusable, UpstreamError};
 use crate::proxy::body::{self, BoxError, ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response};
@@ -77,7 +77,7 @@ struct Failed {
 impl Connection {
     async fn connect(endpoint: SocketAddr, timeout: Duration) -> Result<Self, UpstreamError> {
         Ok(Connection {
-            stream: connect_tcp(endpoint, timeout).await?,
+            stream: connect_http(endpoint, timeout).await?,
             read: BytesMut::with_capacity(READ_SIZE),
             write: Vec::with_capacity(512),
         })

@@ -39,7 +39,7 @@ pub const CONSECUTIVE_FAILURES: u32 = 3;
 const HTTP1_IDLE_PER_ENDPOINT: usize = 256;
 
 /// Why an upstream exchange got no answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be made: nothing was sent.
     #[error("{0}")]
@@ -259,6 +259,30 @@ pub(super) async fn connect_tcp(
     Ok(stream)
 }
 
+/// A connection for HTTP exchanges with `endpoint`: as `connect_tcp`, and given up once what
+/// the agent sent stays unacknowledged for [`UNACKNOWLEDGED_LIMIT`]. An endpoint whose node
+/// vanished sends no reset: the kernel resent the request for about 15 minutes
+/// (`tcp_retries2`), and it hung as long with every request put on its pooled HTTP/2
+/// connection. Not for opaque relays: the limit also ends a connection whose peer keeps its
+/// window shut that long, which a paused consumer of a stream may.
+pub(super) async fn connect_http(
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let stream = connect_tcp(endpoint, timeout).await?;
+    let _ = rustix::net::sockopt::set_tcp_user_timeout(
+        &stream,
+        UNACKNOWLEDGED_LIMIT.as_millis() as u32,
+    );
+    Ok(stream)
+}
+
+/// How long data the agent sent to an endpoint may stay unacknowledged before its connection
+/// fails: the keepalive's own span (`tcp::keepalive`: 60 s idle, then 6 probes 10 s apart),
+/// since the limit also ends an idle connection whose probes go unanswered, which should not
+/// be sooner than keepalive alone would.
+pub const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(120);
+
 /// A connect that failed before reaching the network: the agent is out of descriptors, local
 /// ports or buffer memory.
 fn agent_short(e: &std::io::Error) -> bool {
@@ -475,7 +499,7 @@ impl Http1Pool {
         &self,
         endpoint: SocketAddr,
     ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
-        let stream = connect_tcp(endpoint, self.connect_timeout).await?;
+        let stream = connect_http(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -533,10 +557,11 @@ type Http2Slot = Arc<tokio::sync::Mutex<Http2Endpoint>>;
 #[derive(Default)]
 struct Http2Endpoint {
     connections: Vec<Http2Conn>,
-    /// When the last connection attempt failed, and why: the requests that waited for it fail
-    /// with it rather than each waiting for an attempt of its own (an endpoint that drops SYNs
-    /// would make the n-th of them wait n connect timeouts).
-    connect_failed: Option<(Instant, String)>,
+    /// When the last connection attempt failed, and why: the requests that waited for it and
+    /// found no room on the connections left fail with it rather than each waiting for an
+    /// attempt of its own (an endpoint that drops SYNs would make the n-th of them wait n connect
+    /// timeouts).
+    connect_failed: Option<(Instant, UpstreamError)>,
 }
 
 struct Http2Conn {
@@ -601,9 +626,12 @@ impl Http2Pool {
                 Err(e) => e,
             };
             let said = said_by_backend(e.error());
-            if pooled || matches!(said, BackendSaid::GoingAway) {
-                // Its next request must not find this connection: hyper's `is_closed` turns
-                // true only once the connection's task ends, after its last stream.
+            let stream_reset = h2_error(e.error()).is_some_and(h2::Error::is_reset);
+            if !stream_reset {
+                // The connection failed or is closing: its next request must not find it
+                // (hyper's `is_closed` turns true only once the connection's task ends, after its
+                // last stream). A reset ends one stream: the connection serves on, and a backend
+                // shedding load with REFUSED_STREAM keeps its limit on it.
                 self.forget(endpoint, &stream.0);
             }
             let error = error_chain(e.error());
@@ -663,17 +691,19 @@ impl Http2Pool {
         };
         let asked = Instant::now();
         let mut slot = slot.lock().await;
-        if let Some((_, error)) = slot.connect_failed.as_ref().filter(|(at, _)| *at >= asked) {
-            return Err(UpstreamError::Connect(error.clone()));
-        }
         let connections = &mut slot.connections;
         connections.retain(|c| !c.sender.is_closed());
+        // Streams may have ended while this request waited for a connect that failed.
         let with_room = connections
             .iter()
             .find_map(|c| Some((c.sender.clone(), c.streams.open(false)?, true)));
         if let Some(found) = with_room {
             return Ok(found);
         }
+        if let Some((_, error)) = slot.connect_failed.as_ref().filter(|(at, _)| *at >= asked) {
+            return Err(error.clone());
+        }
+        let connections = &mut slot.connections;
         if let Some(least_busy) = (connections.len() >= HTTP2_CONNECTIONS_PER_ENDPOINT)
             .then(|| {
                 connections
@@ -690,7 +720,7 @@ impl Http2Pool {
         let connection = match Box::pin(self.connect(endpoint)).await {
             Ok(connection) => connection,
             Err(e) => {
-                slot.connect_failed = Some((Instant::now(), e.to_string()));
+                slot.connect_failed = Some((Instant::now(), e.clone()));
                 return Err(e);
             }
         };
@@ -711,13 +741,14 @@ impl Http2Pool {
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<Http2Conn, UpstreamError> {
         let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
-        let stream = connect_tcp(endpoint, self.connect_timeout).await?;
+        let stream = connect_http(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // No PINGs: gRPC servers take one less than 5 minutes after the last, with no data
             // sent between, as abuse, and close the connection after two (GOAWAY
             // "too_many_pings"), failing every quiet stream on it. A peer that vanished is
-            // noticed by the socket's TCP keepalive, as Envoy does by default.
+            // noticed by the socket's TCP keepalive, as Envoy does by default, and by what stays
+            // unacknowledged (`connect_http`).
             // Answers as large as the requests callers may send (hyper's default is 16 KiB: a
             // larger answer failed, and a larger trailer lost its fields).
             .max_header_list_size(HTTP2_MAX_HEADER_LIST)
@@ -794,8 +825,8 @@ async fn reap_idle_http2(
 enum BackendSaid {
     /// RST_STREAM REFUSED_STREAM: declined before any processing.
     Refused,
-    /// Left out of a graceful GOAWAY (NO_ERROR): declined too, and the connection is closing.
-    /// A GOAWAY with an error code is not: streams it names as processed end with its error too.
+    /// Left out of a GOAWAY (a stream it names as processed ends with the connection, not
+    /// with the GOAWAY's error, whatever its code): declined too, and the connection is closing.
     GoingAway,
     /// RST_STREAM with this error code.
     Reset(u32),
@@ -808,7 +839,7 @@ fn said_by_backend(e: &hyper::Error) -> BackendSaid {
     };
     match h2.reason() {
         Some(h2::Reason::REFUSED_STREAM) if h2.is_reset() => BackendSaid::Refused,
-        Some(h2::Reason::NO_ERROR) if h2.is_go_away() => BackendSaid::GoingAway,
+        Some(_) if h2.is_go_away() => BackendSaid::GoingAway,
         Some(code) if h2.is_reset() => BackendSaid::Reset(code.into()),
         _ => BackendSaid::Nothing,
     }
@@ -1418,6 +1449,21 @@ mod tests {
         // Blocks the only thread: the reaper cannot run.
         std::thread::sleep(Duration::from_millis(150));
         assert!(kept.checkout(endpoint).is_none(), "idle past the timeout");
+    }
+
+    /// HTTP connections give up on a vanished endpoint after `UNACKNOWLEDGED_LIMIT`; opaque
+    /// relays keep the kernel's default (none).
+    #[tokio::test]
+    async fn http_connections_bound_what_stays_unacknowledged() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let http = connect_http(endpoint, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let opaque = connect_tcp(endpoint, Duration::from_secs(1)).await.unwrap();
+        let user_timeout = |s| rustix::net::sockopt::tcp_user_timeout(s).unwrap();
+        assert_eq!(user_timeout(&http), 120_000);
+        assert_eq!(user_timeout(&opaque), 0);
     }
 
     #[tokio::test]

@@ -134,12 +134,18 @@ async fn answer(
         .get("x-gamma-nonce")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let request_body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    let (request_body, trailers) = match request.into_body().collect().await {
+        Ok(collected) => {
+            let trailers: Vec<(String, String)> = collected
+                .trailers()
+                .into_iter()
+                .flatten()
+                .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            (collected.to_bytes().len(), trailers)
+        }
+        Err(_) => (0, Vec::new()),
+    };
     stats
         .body_bytes
         .fetch_add(request_body as u64, Ordering::Relaxed);
@@ -157,6 +163,7 @@ async fn answer(
     });
     let mut info = info;
     info["body_bytes"] = json!(request_body);
+    info["trailers"] = json!(trailers);
     let body = serde_json::to_vec(&info).unwrap_or_default();
     let mut response = if grpc {
         // One length-prefixed gRPC message; status in the headers (trailers-only style is not

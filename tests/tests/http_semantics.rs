@@ -1088,6 +1088,51 @@ async fn a_request_waiting_for_a_failed_http2_connect_takes_a_stream_freed_meanw
     drop(filling);
 }
 
+/// An HTTP/1.1 caller's trailers reach an HTTP/2 backend without the fields no trailer may carry
+/// (a connection's, here `keep-alive`), which HTTP/2 forbids. Before, h2 refused the trailers
+/// and the upstream stream never ended: the backend waited for the rest of the body, the caller
+/// for its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_callers_trailers_reach_an_http2_backend_without_connection_fields() {
+    let backend = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let request = "POST /upload HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\
+                   Trailer: x-sum\r\nConnection: close\r\n\r\n\
+                   3\r\nabc\r\n0\r\nkeep-alive: 1\r\nx-sum: 1\r\n\r\n";
+    let addr = agent.listen[0];
+    let answer = tokio::task::spawn_blocking(move || {
+        raw_exchange(addr, request.as_bytes(), Duration::from_secs(3)).unwrap()
+    })
+    .await
+    .unwrap()
+    .text;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""trailers":[["x-sum","1"]]"#), "{answer}");
+}
+
+/// A malformed HTTP/2 request (two Host fields) gets its 400 and the connection serves on: one
+/// caller's bad stream does not send GOAWAY to every other stream of a shared gRPC channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http2_request_leaves_its_connection_open() {
+    let backend = echo_backend([127, 0, 0, 1], "echo").await;
+    let agent = Agent::start(&Manifests::front_routed_to(backend.addr), options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let two_hosts = http::Request::get("http://front/x")
+        .header("host", "front")
+        .header("host", "other")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(two_hosts).await.unwrap().status(), 400);
+    let fine = http::Request::get("http://front/x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = sender
+        .send_request(fine)
+        .await
+        .expect("the connection serves on");
+    assert_eq!(answer.status(), 200);
+}
+
 /// A backend that resets one stream (RST_STREAM INTERNAL_ERROR: its handler failed) keeps its
 /// pooled HTTP/2 connection: the next request goes out on it. Before, any error on a pooled
 /// connection dropped it from the pool, and each reset cost a new connection (beyond the
@@ -1376,6 +1421,46 @@ async fn grpc_calls_are_counted_by_their_grpc_status() {
         assert!(Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A gRPC call a plain HTTP backend (or a proxy before it) answers 503 without a gRPC status
+/// is counted UNAVAILABLE, as its client reports it (gRPC's HTTP-to-status mapping), not
+/// UNKNOWN: a GRPCRoute whose backend is down shows as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_answered_with_an_http_error_is_counted_as_its_client_reads_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(1..)) {
+                    let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let rules = "  - backendRefs: [{name: echo, port: 80}]\n";
+    let http1 = Manifests::front_with_rules_declared(backend, rules, Some("http"));
+    let agent = Agent::start(&http1, options(&[])).unwrap();
+    let (mut sender, _connection) = http2_to(agent.listen[0]).await;
+    let call = http::Request::post("http://front/pkg.Catalog/Get")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(call).await.unwrap();
+    assert_eq!(answer.status(), 503);
+    let _ = answer.into_body().collect().await;
+    metrics_until(&agent, "one call counted UNAVAILABLE", |text| {
+        text.lines().any(|l| {
+            l.starts_with("gamma_grpc_calls_total{") && l.ends_with(r#"grpc_status="14"} 1"#)
+        })
+    })
+    .await;
 }
 
 /// The agent's whole answer to `request`, sent on a connection of its own and read until the

@@ -40,22 +40,30 @@ pub fn full(text: impl Into<Bytes>) -> ProxyBody {
 /// them.
 pub fn stream_http1<T: Send + Unpin + 'static>(body: Incoming, held: T) -> ProxyBody {
     Relayed { body, _held: held }
-        .map_frame(|frame| match frame.into_trailers() {
-            Ok(mut trailers) => {
-                let unrelayable: Vec<HeaderName> = trailers
-                    .keys()
-                    .filter(|name| !relayable_trailer(name))
-                    .cloned()
-                    .collect();
-                for name in unrelayable {
-                    trailers.remove(name);
-                }
-                Frame::trailers(trailers)
-            }
-            Err(frame) => frame,
-        })
+        .map_frame(relayable)
         .map_err(BoxError::from)
         .boxed_unsync()
+}
+
+/// `frame` as it may be relayed: trailers without the fields that may not be
+/// ([`relayable_trailer`]). hyper's HTTP/1.1 parser passes them all, answers' and requests'
+/// alike; h2 refuses to send one, and a request's stream to an HTTP/2 backend was then left
+/// without its end, the backend waiting for the rest of the body.
+fn relayable(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            let unrelayable: Vec<HeaderName> = trailers
+                .keys()
+                .filter(|name| !relayable_trailer(name))
+                .cloned()
+                .collect();
+            for name in unrelayable {
+                trailers.remove(name);
+            }
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
 }
 
 /// `body`, streamed, keeping `held` until it is dropped.
@@ -141,7 +149,7 @@ impl Body for Lent {
         let read = Pin::new(body).poll_frame(cx);
         self.lender.progress.record(&read);
         self.read_any |= read.is_ready();
-        read
+        read.map(|frame| frame.map(|frame| frame.map(relayable)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -507,7 +515,7 @@ impl Body for Replay {
                 shared.complete.send_replace(Kept::Not);
                 return Poll::Ready(Some(Err(e.into())));
             }
-            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Ok(frame))) => relayable(frame),
         };
         if let Some(data) = frame.data_ref() {
             if !shared.overflowed {
@@ -801,6 +809,21 @@ fn reset_by_backend(e: &(dyn std::error::Error + 'static)) -> bool {
 /// The `grpc-status` of a gRPC answer's head (trailers-only) or trailers.
 pub fn grpc_status(fields: &HeaderMap) -> Option<u32> {
     fields.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The gRPC status a client reports for an answer without one, by its HTTP status (gRPC's
+/// doc/http-grpc-status-mapping.md: a proxy's or a plain HTTP backend's 503 is UNAVAILABLE,
+/// not UNKNOWN); `None` for 200, whose trailers still say.
+pub fn grpc_status_of_http(status: http::StatusCode) -> Option<u32> {
+    Some(match status.as_u16() {
+        200 => return None,
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    })
 }
 
 /// A gRPC answer's body that counts the `grpc-status` its trailers end the call with: ended

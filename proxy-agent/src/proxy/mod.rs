@@ -295,8 +295,11 @@ impl Proxy {
             Err(refused) => {
                 let mut response = local_response(&refused, &mut log);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
-                // it (HTTP/2 forbids the header; a refused stream is enough there).
-                close_after(&mut response, version);
+                // it. On HTTP/2 the refused stream is enough: a GOAWAY would cut the other
+                // callers' streams on the connection short of new ones.
+                if version < http::Version::HTTP_2 {
+                    close_after(&mut response, version);
+                }
                 response
             }
             Ok(()) => {
@@ -340,8 +343,11 @@ impl Proxy {
         log.status = response.status().as_u16();
         let series = log.finish();
         if grpc {
-            // A trailers-only answer ends the call in its head; others in their trailers.
-            match body::grpc_status(response.headers()) {
+            // A trailers-only answer ends the call in its head; others in their trailers, but
+            // for an HTTP error, which a client reads as a status of its own.
+            let head_status = body::grpc_status(response.headers())
+                .or_else(|| body::grpc_status_of_http(response.status()));
+            match head_status {
                 Some(status) => series.grpc.record(status),
                 None => {
                     let counts = series.grpc.clone();

@@ -163,6 +163,8 @@ struct State {
     requests: Vec<Recorded>,
     /// Objects whose next status patch is refused with 409 Conflict.
     conflicts: BTreeSet<Key>,
+    /// Resources whose status writes answer 403, as a role without their `/status`.
+    status_refused: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -305,6 +307,17 @@ impl FakeApiServer {
             state.watches.retain(|w| w.plural != plural);
         } else {
             state.watch_refused.remove(plural);
+        }
+    }
+
+    /// Refuse (or stop refusing) writes of a resource's status with 403, as a ClusterRole that
+    /// lacks its `/status` after an upgrade.
+    pub fn refuse_status_writes(&self, plural: &str, refused: bool) {
+        let mut state = self.state.lock().unwrap();
+        if refused {
+            state.status_refused.insert(plural.to_string());
+        } else {
+            state.status_refused.remove(plural);
         }
     }
 
@@ -645,6 +658,16 @@ async fn handle(shared: &Arc<Mutex<State>>, request: Request<Incoming>) -> Respo
             "InternalError",
             "etcdserver: request timed out",
         ),
+        Some(t)
+            if t.subresource.as_deref() == Some("status")
+                && state.status_refused.contains(t.kind.plural) =>
+        {
+            failure(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "cannot patch resource's status in API group at the cluster scope",
+            )
+        }
         Some(t) if verb == "watch" && state.watch_refused.contains(t.kind.plural) => failure(
             StatusCode::FORBIDDEN,
             "Forbidden",

@@ -752,6 +752,53 @@ async fn route_status_waits_while_a_feed_it_is_read_from_is_failing() {
     );
 }
 
+/// A status write the API server refuses (a ClusterRole without `httproutes/status` after an
+/// upgrade) is tried again after the backoff, not at every change of the cluster: endpoint
+/// churn, which changes no route's status, sends no write meanwhile. Before, every publish
+/// (every EndpointSlice change on the cluster) sent every refused write again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_status_write_waits_for_its_backoff_through_endpoint_churn() {
+    let api = FakeApiServer::start().await;
+    let back = echo_backend([127, 0, 0, 1], "back").await;
+    api.refuse_status_writes("httproutes", true);
+    seed(&api, back.addr);
+    let agent = KubeAgent::start(&api, "node-a", "a");
+    let refused = || {
+        status_patches(&api.requests())
+            .iter()
+            .filter(|r| r.status == 403)
+            .count()
+    };
+    eventually("the first refused write", || (refused() > 0).then_some(()));
+    let first = refused();
+    // 1.5 s of endpoint churn, well inside the first backoff (5 s): one change each 100 ms.
+    for i in 0..15 {
+        let ready = i % 2 == 0;
+        api.apply(slice_named(
+            "back-2",
+            "back",
+            back.addr.port(),
+            &[("127.0.0.2".into(), ready)],
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    table(&agent, "the churned endpoint", |d| {
+        d.to_string().contains("127.0.0.2")
+    });
+    assert!(
+        refused() <= first + 1,
+        "{} refused writes during the churn",
+        refused() - first
+    );
+    api.refuse_status_writes("httproutes", false);
+    eventually("the write once allowed, at the retry", || {
+        status_patches(&api.requests())
+            .iter()
+            .any(|r| r.status == 200)
+            .then_some(())
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
     let api = FakeApiServer::start().await;

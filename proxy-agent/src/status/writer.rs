@@ -78,6 +78,10 @@ pub struct Writer {
     written: HashMap<String, Written>,
     /// What the last pass that wrote everything it had to was computed from.
     reconciled: Option<Reconciled>,
+    /// What the last pass that left a write undone was computed from, and when to try again:
+    /// a publish that changed neither (an EndpointSlice, a Pod: several a second on a busy
+    /// cluster) waits for that time rather than having every refused write sent again at once.
+    failed_on: Option<(Reconciled, tokio::time::Instant)>,
 }
 
 /// The inputs of a pass: the table's route status and the routes as the API server has them.
@@ -124,6 +128,7 @@ impl Writer {
             leader,
             written: HashMap::new(),
             reconciled: None,
+            failed_on: None,
         }
     }
 
@@ -131,15 +136,18 @@ impl Writer {
         // Passes in a row that left a write undone.
         let mut failed = 0;
         loop {
+            let retry_at = self.failed_on.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 changed = self.inputs.changed() => if changed.is_err() { return },
                 changed = self.leader.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(retry_after(failed)), if failed > 0 => {}
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if retry_at.is_some() => {}
             }
             tokio::time::sleep(DEBOUNCE).await;
             if !*self.leader.borrow_and_update() {
                 self.written.clear();
                 self.reconciled = None;
+                self.failed_on = None;
                 failed = 0;
                 continue;
             }
@@ -147,25 +155,35 @@ impl Writer {
             if self.reconciled.as_ref().is_some_and(|r| r.covers(&inputs)) {
                 continue;
             }
+            let waiting_to_retry = self
+                .failed_on
+                .as_ref()
+                .is_some_and(|(on, at)| on.covers(&inputs) && tokio::time::Instant::now() < *at);
+            if waiting_to_retry {
+                continue;
+            }
             if let Some(feed) = inputs.behind.iter().find(|f| STATUS_INPUTS.contains(f)) {
                 // A route whose Service the table has not seen yet would be told it has no
                 // parent: wait until the feeds status is read from are current again.
                 tracing::info!(%feed, "route status not written while this feed is not current");
+                self.failed_on = None;
                 failed = 0;
                 continue;
             }
             let outcome = self.pass(&inputs).await;
             failed = match outcome {
-                Outcome::Failed => {
-                    tracing::warn!(
-                        "route status: some writes failed; trying again in {:?} or at the next \
-                         change",
-                        retry_after(failed + 1)
-                    );
-                    failed + 1
-                }
+                Outcome::Failed => failed + 1,
                 Outcome::Done | Outcome::Demoted => 0,
             };
+            self.failed_on = (outcome == Outcome::Failed).then(|| {
+                tracing::warn!(
+                    "route status: some writes failed; trying again in {:?} or when a route or \
+                     its status changes",
+                    retry_after(failed)
+                );
+                let at = tokio::time::Instant::now() + retry_after(failed);
+                (Reconciled::of(&inputs), at)
+            });
             self.reconciled = (outcome == Outcome::Done).then(|| Reconciled::of(&inputs));
         }
     }

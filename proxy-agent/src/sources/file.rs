@@ -4,7 +4,7 @@
 //! Parsing is the engine's (`gamma_engine::manifests`). This file keeps what the folder held: on a
 //! change, a file whose YAML does not parse keeps its last good objects, and so does each invalid
 //! document that can still be identified (kind, namespace, name); a file removed takes its
-//! objects with it.
+//! objects with it (a renamed one's stay until its new name is read).
 //!
 //! A changed file is read once it held still for one poll, an emptied one once it stayed empty
 //! for [`EMPTY_SETTLE`]: one being written (`kubectl get … > routes.yaml` truncates it first,
@@ -54,6 +54,8 @@ struct FileState {
     seen: Option<(Stamp, Instant)>,
     /// The objects this file last contributed.
     objects: Objects,
+    /// Since when it is gone from the folder, while its objects are kept ([`ManifestDir::changes`]).
+    gone_since: Option<Instant>,
 }
 
 /// What tells a file's versions apart without reading it: its inode, modification and change
@@ -130,6 +132,8 @@ impl ManifestDir {
         let mut problems = Vec::new();
         let mut seen = Vec::new();
         let mut changed = false;
+        // A file changed but not read yet, waiting to hold still.
+        let mut waiting = false;
         for path in list_files(&self.dir)? {
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,
@@ -140,7 +144,11 @@ impl ManifestDir {
             let state = self.files.entry(path.clone()).or_default();
             let settled = state.settled(stamp);
             let stamp = Some(stamp);
-            if state.stamp == stamp || (self.polled && !settled) {
+            if state.stamp == stamp {
+                continue;
+            }
+            if self.polled && !settled {
+                waiting = true;
                 continue;
             }
             state.stamp = stamp;
@@ -177,9 +185,20 @@ impl ManifestDir {
             state.objects = next;
         }
         self.polled = true;
-        // Files that disappeared: their objects go (unless another file has them).
+        // Files that disappeared: their objects go (unless another file has them). A renamed
+        // file (`mv`, a ConfigMap key renamed) is gone a poll before its new name, new, is read:
+        // its objects stay while a file waits to be read, up to EMPTY_SETTLE, as an emptied
+        // file's do.
         let files = self.files.len();
-        self.files.retain(|path, _| seen.contains(path));
+        let now = Instant::now();
+        self.files.retain(|path, state| {
+            if seen.contains(path) {
+                state.gone_since = None;
+                return true;
+            }
+            let gone_since = *state.gone_since.get_or_insert(now);
+            waiting && now.duration_since(gone_since) < EMPTY_SETTLE
+        });
         if !changed && files == self.files.len() {
             return Ok((updates, problems));
         }
@@ -322,6 +341,26 @@ mod tests {
         std::fs::write(&file, SERVICE).unwrap();
         let source = ManifestDir::new(&*folder);
         (folder, file, Index::new(), source)
+    }
+
+    /// A file renamed keeps serving its objects: gone under its old name a poll before its new
+    /// name is read, they stay meanwhile. Before, they left the table for that poll.
+    #[test]
+    fn a_renamed_file_keeps_its_objects() {
+        let (folder, file, mut index, mut source) = a_service_file("file-rename");
+        assert!(poll(&mut source, &mut index));
+        std::fs::rename(&file, folder.join("moved.yaml")).unwrap();
+        assert!(
+            poll(&mut source, &mut index),
+            "renamed, not read yet: still served"
+        );
+        assert!(poll(&mut source, &mut index), "read under its new name");
+        assert!(poll(&mut source, &mut index), "the old name forgotten");
+        std::fs::remove_file(folder.join("moved.yaml")).unwrap();
+        assert!(
+            !poll(&mut source, &mut index),
+            "removed: its objects go at once"
+        );
     }
 
     /// A file being written (truncated, then filled) is read once it held still for a poll:

@@ -166,6 +166,9 @@ struct Cli {
     /// fails, and only an idempotent one is sent again).
     #[arg(long, default_value_t = proxy_agent::proxy::upstream::PoolTimeouts::DEFAULT_HTTP1_IDLE.as_millis() as u64)]
     upstream_http1_idle_timeout_ms: u64,
+    /// Before HTTP/1.1 got its own: set both. Now HTTP/2's, with a warning.
+    #[arg(long, hide = true)]
+    upstream_idle_timeout_s: Option<u64>,
     /// Seconds an idle pooled HTTP/2 upstream connection (one carrying no stream) is kept.
     #[arg(long, default_value_t = proxy_agent::proxy::upstream::PoolTimeouts::DEFAULT_HTTP2_IDLE.as_secs())]
     upstream_http2_idle_timeout_s: u64,
@@ -334,6 +337,17 @@ fn main() -> Result<()> {
         });
     }
     let node_name = cli.node_name.clone().or_else(|| env("NODE_NAME"));
+    let upstream_http2_idle_s = match cli.upstream_idle_timeout_s {
+        Some(seconds) => {
+            tracing::warn!(
+                "--upstream-idle-timeout-s is replaced by --upstream-http2-idle-timeout-s (set \
+                 to {seconds}) and --upstream-http1-idle-timeout-ms (kept at its own value: \
+                 below your backends' keep-alive)"
+            );
+            seconds
+        }
+        None => cli.upstream_http2_idle_timeout_s,
+    };
     let config = AgentConfig {
         takeover,
         workers,
@@ -358,7 +372,7 @@ fn main() -> Result<()> {
             pump: cli.pump,
             max_connections: cli.max_connections.max(1),
             upstream_http1_idle_timeout: Duration::from_millis(cli.upstream_http1_idle_timeout_ms),
-            upstream_http2_idle_timeout: Duration::from_secs(cli.upstream_http2_idle_timeout_s),
+            upstream_http2_idle_timeout: Duration::from_secs(upstream_http2_idle_s),
             ..ProxyConfig::default()
         },
         node_name: node_name.clone(),
@@ -506,6 +520,21 @@ mod tests {
         assert_eq!(flag("kube")["takesValue"], false);
         assert_eq!(flag("redirect")["default"], serde_json::Value::Null);
         assert_eq!(flag("listen")["takesValue"], true);
+    }
+
+    /// A DaemonSet of an earlier version that passes the flag HTTP/2's and HTTP/1.1's idle
+    /// timeouts replaced still starts.
+    #[test]
+    fn the_replaced_upstream_idle_flag_is_still_taken() {
+        let args = [
+            "proxy-agent",
+            "--manifests",
+            "m",
+            "--upstream-idle-timeout-s",
+            "30",
+        ];
+        let cli = Cli::try_parse_from(args).expect("taken");
+        assert_eq!(cli.upstream_idle_timeout_s, Some(30));
     }
 
     #[test]

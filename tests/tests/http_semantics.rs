@@ -926,6 +926,28 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
+/// A backend that ends every connection with a GOAWAY carrying an error code declines what it
+/// leaves out, which goes again, but it is failing: its endpoint is ejected as one whose
+/// requests fail is (after three in a row). Not so for a graceful GOAWAY (NO_ERROR).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_backend_going_away_on_errors_is_ejected() {
+    for (decline, ejected) in [(Reply::GoAwayWithError(2), true), (Reply::GoAway, false)] {
+        let backend = RawH2::start(move |_| decline).await;
+        let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+        for _ in 0..2 {
+            let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+            assert_eq!(answer.status, 502, "{decline:?}: {}", answer.text);
+        }
+        let ejections =
+            gamma_tests::probe::metric(&agent, "gamma_endpoint_ejections_total").unwrap();
+        assert_eq!(
+            ejections > 0.0,
+            ejected,
+            "{decline:?}: {ejections} ejections"
+        );
+    }
+}
+
 /// An HTTP/2 backend that allows one stream per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 /// and holds the first one open (a gRPC watch): a second request is sent at once on another
 /// connection. Before, it waited in h2's queue behind the first stream, for as long as that one

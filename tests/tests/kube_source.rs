@@ -791,7 +791,8 @@ async fn a_refused_status_write_waits_for_its_backoff_through_endpoint_churn() {
         refused() - first
     );
     api.refuse_status_writes("httproutes", false);
-    eventually("the write once allowed, at the retry", || {
+    // The retry comes 5 s after the first failure, or 10 s after a second one.
+    gamma_tests::eventually_within(Duration::from_secs(20), "the write at the retry", || {
         status_patches(&api.requests())
             .iter()
             .any(|r| r.status == 200)

@@ -80,8 +80,9 @@ enum Attempt {
         error: String,
         reset: Option<u32>,
     },
-    /// Declined unprocessed: sent again (even without a retry policy), not the endpoint's fault.
-    Declined(String),
+    /// Declined unprocessed: sent again (even without a retry policy); the endpoint's fault
+    /// only when it ended its connection on an error (`UpstreamError::Declined`).
+    Declined(String, bool),
 }
 
 impl Attempt {
@@ -114,7 +115,7 @@ impl Attempt {
             // Declined twice, or once with a body that could not be kept: unprocessed, as a
             // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream refused,
             // which gRPC clients send again by themselves).
-            Attempt::Declined(error) => LocalAnswer::BackendFailed {
+            Attempt::Declined(error, _) => LocalAnswer::BackendFailed {
                 endpoint,
                 backend: backend.name(),
                 error,
@@ -230,11 +231,11 @@ pub(super) async fn forward(
             };
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
-                Attempt::TimedOut(_) | Attempt::Failed { .. } => {
+                Attempt::TimedOut(_) | Attempt::Failed { .. } | Attempt::Declined(_, true) => {
                     proxy.upstream.endpoints.failed(state)
                 }
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(state),
-                Attempt::Declined(_) | Attempt::AgentShort(_) => {}
+                Attempt::Declined(_, false) | Attempt::AgentShort(_) => {}
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more
@@ -246,7 +247,7 @@ pub(super) async fn forward(
                         retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
                     Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
-                    Attempt::Declined(_) => true,
+                    Attempt::Declined(..) => true,
                     Attempt::AgentShort(_) => false,
                 };
             let resent = if retry_wanted {
@@ -261,7 +262,7 @@ pub(super) async fn forward(
                 // other retry waits for the policy's backoff, which the spec says no retry of a
                 // failed request comes before (an endpoint refusing while its app restarts).
                 let at_once = match &attempt {
-                    Attempt::Declined(_) => true,
+                    Attempt::Declined(..) => true,
                     Attempt::ConnectFailed(_) => {
                         backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
@@ -288,7 +289,7 @@ pub(super) async fn forward(
                 // Declined after an attempt a backend may have processed (RFC 9113 §8.7): the
                 // caller hears of that attempt, not of a refusal, which a gRPC client would send
                 // again by itself beyond the route's retries.
-                (Attempt::Declined(_), Some(earlier)) => Err(earlier),
+                (Attempt::Declined(..), Some(earlier)) => Err(earlier),
                 (attempt, _) => attempt.failure(endpoint, backend),
             };
         }
@@ -517,7 +518,7 @@ fn attempt(
             error,
             reset: Some(code),
         },
-        Ok(Err(UpstreamError::Declined(e))) => Attempt::Declined(e),
+        Ok(Err(UpstreamError::Declined(e, on_error))) => Attempt::Declined(e, on_error),
     })
 }
 
@@ -550,6 +551,9 @@ fn splice_upgrade(
             tracing::warn!("an upgraded upstream connection is not TCP; closing it");
             return;
         };
+        // Relayed as opaque bytes from now on: a peer may keep its window shut for as long as
+        // its protocol allows (`upstream::connect_http`).
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(up.io.inner(), 0);
         // `_held`: a drain waits for the pump (the HTTP task that upgraded it has ended).
         let (client, unread, _held) = match down.io.into_inner().into_inner().into_parts() {
             Ok(parts) => parts,

@@ -135,19 +135,21 @@ impl Writer {
     pub async fn run(mut self) {
         // Passes in a row that left a write undone.
         let mut failed = 0;
+        // When the next pass is due after a failed one.
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
-            let retry_at = self.failed_on.as_ref().map(|(_, at)| *at);
             tokio::select! {
                 changed = self.inputs.changed() => if changed.is_err() { return },
                 changed = self.leader.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if retry_at.is_some() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                    if due.is_some() => {}
             }
             tokio::time::sleep(DEBOUNCE).await;
             if !*self.leader.borrow_and_update() {
                 self.written.clear();
                 self.reconciled = None;
                 self.failed_on = None;
+                due = None;
                 failed = 0;
                 continue;
             }
@@ -155,19 +157,27 @@ impl Writer {
             if self.reconciled.as_ref().is_some_and(|r| r.covers(&inputs)) {
                 continue;
             }
-            let waiting_to_retry = self
-                .failed_on
-                .as_ref()
-                .is_some_and(|(on, at)| on.covers(&inputs) && tokio::time::Instant::now() < *at);
-            if waiting_to_retry {
-                continue;
+            if let Some((on, failed_at)) = &self.failed_on {
+                // After a failed pass, a publish that changed neither the routes nor their
+                // status (an EndpointSlice, a Pod: several a second on a busy cluster) waits for
+                // the backoff, and one that changed them RETRY_AFTER at most: writes refused
+                // (a ClusterRole without `httproutes/status`) are not all sent again at each.
+                let backoff = *failed_at + retry_after(failed);
+                let next = if on.covers(&inputs) {
+                    backoff
+                } else {
+                    backoff.min(*failed_at + RETRY_AFTER)
+                };
+                if tokio::time::Instant::now() < next {
+                    due = Some(next);
+                    continue;
+                }
             }
             if let Some(feed) = inputs.behind.iter().find(|f| STATUS_INPUTS.contains(f)) {
                 // A route whose Service the table has not seen yet would be told it has no
                 // parent: wait until the feeds status is read from are current again.
                 tracing::info!(%feed, "route status not written while this feed is not current");
-                self.failed_on = None;
-                failed = 0;
+                due = None;
                 continue;
             }
             let outcome = self.pass(&inputs).await;
@@ -177,13 +187,17 @@ impl Writer {
             };
             self.failed_on = (outcome == Outcome::Failed).then(|| {
                 tracing::warn!(
-                    "route status: some writes failed; trying again in {:?} or when a route or \
-                     its status changes",
-                    retry_after(failed)
+                    "route status: some writes failed; trying again in {:?}, or in {:?} if a \
+                     route or its status changes",
+                    retry_after(failed),
+                    RETRY_AFTER
                 );
-                let at = tokio::time::Instant::now() + retry_after(failed);
-                (Reconciled::of(&inputs), at)
+                (Reconciled::of(&inputs), tokio::time::Instant::now())
             });
+            due = self
+                .failed_on
+                .as_ref()
+                .map(|(_, at)| *at + retry_after(failed));
             self.reconciled = (outcome == Outcome::Done).then(|| Reconciled::of(&inputs));
         }
     }

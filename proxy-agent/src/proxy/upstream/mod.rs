@@ -55,9 +55,11 @@ pub enum UpstreamError {
     #[error("{1}")]
     Reset(u32, String),
     /// The endpoint declined the request before processing any of it (HTTP/2 REFUSED_STREAM,
-    /// or a graceful GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7).
+    /// or a GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7). `true`: the
+    /// endpoint ended its connection on an error (a GOAWAY with an error code), which counts
+    /// against it as a failure does.
     #[error("{0}")]
-    Declined(String),
+    Declined(String, bool),
 }
 
 /// Both upstream protocols' connection pools. Each data-plane worker has its own
@@ -315,9 +317,9 @@ struct KeptShared<C> {
 
 struct KeptConn<C> {
     conn: C,
-    /// Since when it is idle, at the latest: kept, or first seen ready by the reaper (`None`: in
-    /// use when last seen).
-    idle_since: Option<Instant>,
+    /// When it was last known in use: kept, or last seen still reading its answer by the
+    /// reaper. It has been idle for no longer than since then.
+    last_busy: Instant,
 }
 
 /// A connection a pool keeps.
@@ -349,9 +351,7 @@ impl<C: Reusable> Kept<C> {
         loop {
             let ready = list.iter().rposition(|c| c.conn.is_ready())?;
             let candidate = list.swap_remove(ready);
-            let timed_out = candidate
-                .idle_since
-                .is_some_and(|since| now.duration_since(since) >= self.shared.idle_timeout);
+            let timed_out = now.duration_since(candidate.last_busy) >= self.shared.idle_timeout;
             if !timed_out && !candidate.conn.is_closed() {
                 return Some(candidate.conn);
             }
@@ -387,9 +387,9 @@ impl<C: Reusable> Kept<C> {
         if list.len() < HTTP1_IDLE_PER_ENDPOINT {
             list.push(KeptConn {
                 conn,
-                // hyper's connections come back with their answer's body still to read: idle
-                // from now at the latest (the reaper forgets it while it is not ready).
-                idle_since: Some(Instant::now()),
+                // hyper's connections come back with their answer's body still to read: busy
+                // until the reaper sees otherwise.
+                last_busy: Instant::now(),
             });
         }
     }
@@ -401,7 +401,9 @@ impl<C: Reusable> Kept<C> {
 }
 
 /// Closes kept connections idle for longer than the pool's idle timeout, until the pool is gone.
-/// A connection counts as idle from the first sweep that finds it ready.
+/// A connection counts as idle from the last sweep that found it busy (or its checkin): never
+/// later than it became idle, so that it is closed before a backend's keep-alive a little longer
+/// than the timeout closes it.
 async fn reap_idle<C: Reusable>(pool: Weak<KeptShared<C>>) {
     let Some(period) = pool
         .upgrade()
@@ -422,10 +424,9 @@ async fn reap_idle<C: Reusable>(pool: Weak<KeptShared<C>>) {
                     return false;
                 }
                 if !c.conn.is_ready() {
-                    c.idle_since = None;
-                    return true;
+                    c.last_busy = now;
                 }
-                now.duration_since(*c.idle_since.get_or_insert(now)) < pool.idle_timeout
+                now.duration_since(c.last_busy) < pool.idle_timeout
             });
             !list.is_empty()
         });
@@ -641,8 +642,9 @@ impl Http2Pool {
                 Some(unsent) if pooled => unsent,
                 _ => {
                     return Err(match said {
-                        BackendSaid::Refused | BackendSaid::GoingAway => {
-                            UpstreamError::Declined(error)
+                        BackendSaid::Refused => UpstreamError::Declined(error, false),
+                        BackendSaid::GoingAway { on_error } => {
+                            UpstreamError::Declined(error, on_error)
                         }
                         BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
                         BackendSaid::Nothing => UpstreamError::Failed(error),
@@ -826,8 +828,11 @@ enum BackendSaid {
     /// RST_STREAM REFUSED_STREAM: declined before any processing.
     Refused,
     /// Left out of a GOAWAY (a stream it names as processed ends with the connection, not
-    /// with the GOAWAY's error, whatever its code): declined too, and the connection is closing.
-    GoingAway,
+    /// with the GOAWAY's error, whatever its code): declined too, and the connection is closing;
+    /// `on_error`: its code is not NO_ERROR.
+    GoingAway {
+        on_error: bool,
+    },
     /// RST_STREAM with this error code.
     Reset(u32),
     Nothing,
@@ -839,7 +844,9 @@ fn said_by_backend(e: &hyper::Error) -> BackendSaid {
     };
     match h2.reason() {
         Some(h2::Reason::REFUSED_STREAM) if h2.is_reset() => BackendSaid::Refused,
-        Some(_) if h2.is_go_away() => BackendSaid::GoingAway,
+        Some(code) if h2.is_go_away() => BackendSaid::GoingAway {
+            on_error: code != h2::Reason::NO_ERROR,
+        },
         Some(code) if h2.is_reset() => BackendSaid::Reset(code.into()),
         _ => BackendSaid::Nothing,
     }

@@ -184,7 +184,7 @@ pub fn route_match(data: &[u8]) {
             };
             let asterisk = parts.uri == "*";
             match rule.plan(&mut parts, matched, frontend.port, random) {
-                Plan::Respond(local) => {
+                Plan::Respond(local, _) => {
                     if let Some(location) = local.location() {
                         assert!(
                             http::HeaderValue::from_str(location).is_ok(),

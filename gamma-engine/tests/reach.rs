@@ -73,8 +73,8 @@ fn consumer_answer(index: &Index) -> String {
         "/",
         |_, plan| match plan {
             Plan::Forward(f) => format!("forwarded to {}", f.backend.service),
-            Plan::Respond(LocalResponse::UnresolvedBackend(e)) => format!("500: {e}"),
-            Plan::Respond(other) => format!("{}", other.status()),
+            Plan::Respond(LocalResponse::UnresolvedBackend(e), _) => format!("500: {e}"),
+            Plan::Respond(other, _) => format!("{}", other.status()),
         },
     )
 }

@@ -92,10 +92,10 @@ fn answer(index: &Index, path: &str) -> String {
         path,
         |rule, plan| match plan {
             Plan::Forward(_) => format!("rule {} forwards", rule.index),
-            Plan::Respond(LocalResponse::InvalidRule(why)) => {
+            Plan::Respond(LocalResponse::InvalidRule(why), _) => {
                 format!("rule {} answers 500: {why}", rule.index)
             }
-            Plan::Respond(other) => format!("rule {} answers {}", rule.index, other.status()),
+            Plan::Respond(other, _) => format!("rule {} answers {}", rule.index, other.status()),
         },
     )
 }

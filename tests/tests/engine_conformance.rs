@@ -134,7 +134,7 @@ fn run_case(
         }
         Decision::Rule { rule, matched } => {
             match rule.plan(&mut parts, matched, request.port, rng.next()) {
-                Plan::Respond(response) => return local(response.into(), observed),
+                Plan::Respond(response, _) => return local(response.into(), observed),
                 Plan::Forward(forward) => {
                     for modifier in forward.response_headers {
                         modifier.apply(&mut response_headers);

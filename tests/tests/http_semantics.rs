@@ -670,6 +670,38 @@ async fn cors_preflights_are_answered_and_actual_requests_get_their_headers() {
     assert_eq!(cookies, ["from=backend", "added=1"]);
 }
 
+/// The agent's own answer to an allowed origin's request carries the CORS filter's headers: a
+/// browser reads a 503 (no endpoint) only with them, and a script saw a network error. So does a
+/// redirect a rule makes after its CORS filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_answers_to_an_allowed_origin_carry_cors_headers() {
+    let cors = "    - type: CORS\n      cors: {allowOrigins: [\"https://app.example\"]}\n";
+    let rules = format!(
+        "  - matches: [{{path: {{type: PathPrefix, value: /down}}}}]\n    filters:\n{cors}    backendRefs: [{{name: empty, port: 80}}]\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /moved}}}}]\n    filters:\n{cors}    - type: RequestRedirect\n      requestRedirect: {{hostname: elsewhere.example}}\n"
+    );
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "empty", 80, &[], None)
+        .raw(&route("r", "front", &rules));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    for (path, status) in [("/down", 503), ("/moved", 302)] {
+        let answer = get(
+            &client(false),
+            &agent.url(0, path),
+            &[("origin", "https://app.example")],
+        )
+        .await;
+        assert_eq!(answer.status, status, "{path}: {}", answer.text);
+        assert_eq!(
+            answer.headers.get("access-control-allow-origin"),
+            Some(&http::HeaderValue::from_static("https://app.example")),
+            "{path}: {:?}",
+            answer.headers
+        );
+    }
+}
+
 /// An opaque connection whose backend resets it is reset for the caller too, not ended with a
 /// FIN the caller would take for a complete stream; and the other way round. Before, either
 /// side's reset reached the other as an orderly close.

@@ -58,15 +58,17 @@ impl CorsPolicy {
                 HeaderValue::from_static("true"),
             );
         }
+        // On a preflight too, where browsers ignore it: the Gateway API's conformance suite
+        // (httproute-cors) expects it on both.
+        let expose = if wildcard(&self.expose_headers) && !self.allow_credentials {
+            Some(star.clone())
+        } else {
+            joined(self.expose_headers.iter().filter(|h| *h != "*"))
+        };
+        if let Some(expose) = expose {
+            out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose);
+        }
         if !preflight {
-            let expose = if wildcard(&self.expose_headers) && !self.allow_credentials {
-                Some(star)
-            } else {
-                joined(self.expose_headers.iter().filter(|h| *h != "*"))
-            };
-            if let Some(expose) = expose {
-                out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose);
-            }
             return CorsOutcome::Actual(out);
         }
         // Credentials allowed and `*` configured: name what was asked instead (the spec), or
@@ -244,7 +246,7 @@ mod tests {
         assert_eq!(h["access-control-allow-headers"], "x-header-1, x-header-2");
         assert_eq!(h["access-control-max-age"], "3600");
         assert_eq!(h["vary"], "origin");
-        assert!(!h.contains_key("access-control-expose-headers"));
+        assert_eq!(h["access-control-expose-headers"], "x-exposed");
     }
 
     #[test]

@@ -568,7 +568,9 @@ impl LocalResponse {
 /// What to do with a request once its rule's filters ran.
 #[derive(Debug)]
 pub enum Plan<'a> {
-    Respond(LocalResponse),
+    /// The agent answers itself, with the headers the CORS filter adds to an allowed origin's
+    /// answer if it ran first (a browser reads an error or a redirect only with them).
+    Respond(LocalResponse, HeaderMap),
     Forward(Forward<'a>),
 }
 
@@ -658,7 +660,8 @@ impl CompiledRule {
         backend: Option<usize>,
     ) -> Plan<'_> {
         if let Some(reason) = self.invalid() {
-            return Plan::Respond(LocalResponse::InvalidRule(reason.to_owned()));
+            let invalid = LocalResponse::InvalidRule(reason.to_owned());
+            return Plan::Respond(invalid, HeaderMap::new());
         }
         let mut run = FilterRun {
             parts,
@@ -673,23 +676,26 @@ impl CompiledRule {
         let mirrors = self.mirrors();
         let rule_mirrors = mirrors.map_or(&[][..], |m| &m.rule);
         if let Some(response) = run.apply(self.rule().filters(), rule_mirrors) {
-            return Plan::Respond(response);
+            return Plan::Respond(response, run.cors_headers);
         }
         if self.backends.is_empty() {
-            return Plan::Respond(LocalResponse::NoBackendRefs);
+            return Plan::Respond(LocalResponse::NoBackendRefs, run.cors_headers);
         }
         let Some(index) = backend.or_else(|| {
             backends::pick_weighted(&self.backends, |b| b.cumulative_weight.into(), random)
         }) else {
-            return Plan::Respond(LocalResponse::AllWeightsZero);
+            return Plan::Respond(LocalResponse::AllWeightsZero, run.cors_headers);
         };
         let backend = match self.backend(index) {
             Ok(b) => b,
-            Err(e) => return Plan::Respond(LocalResponse::UnresolvedBackend(e.clone())),
+            Err(e) => {
+                let unresolved = LocalResponse::UnresolvedBackend(e.clone());
+                return Plan::Respond(unresolved, run.cors_headers);
+            }
         };
         let backend_mirrors = mirrors.map_or(&[][..], |m| &m.backends[index]);
         if let Some(response) = run.apply(self.rule().backends[index].filters(), backend_mirrors) {
-            return Plan::Respond(response);
+            return Plan::Respond(response, run.cors_headers);
         }
         Plan::Forward(Forward {
             backend,

@@ -38,7 +38,7 @@ use gamma_engine::routes::session::Session;
 use gamma_engine::routes::{
     Backend, CompiledRule, Decision, Frontend, Plan, RequestHead, Snapshot,
 };
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
 use local::LocalAnswer;
 use std::net::{IpAddr, SocketAddr};
@@ -311,7 +311,7 @@ impl Proxy {
                     .await
                 {
                     Ok(response) => response,
-                    Err((local, rule)) => {
+                    Err((local, rule, cors)) => {
                         let mut response = local_response(&local, &mut log);
                         let closes = match local {
                             // The Service went (or its port, or its address) while the
@@ -331,6 +331,7 @@ impl Proxy {
                             // transparent retry), not a call answered UNAVAILABLE.
                             response.extensions_mut().insert(RefuseStream);
                         }
+                        gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
                         for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
                         {
                             modifier.apply(response.headers_mut());
@@ -360,7 +361,8 @@ impl Proxy {
     }
 
     /// Routes one request to `frontend`. A local answer comes back with the rule it was given
-    /// for, if any: that rule's response filters apply to it.
+    /// for, if any, and the CORS filter's headers if it ran: that rule's response filters apply
+    /// to it.
     async fn proxy_frontend<'f>(
         self: &Arc<Self>,
         frontend: Option<&'f Frontend>,
@@ -368,10 +370,10 @@ impl Proxy {
         conn: &ConnectionInfo,
         grpc: bool,
         log: &mut AccessLog<'f>,
-    ) -> Result<Response<ProxyBody>, (LocalAnswer, Option<&'f CompiledRule>)> {
+    ) -> Result<Response<ProxyBody>, Unforwarded<'f>> {
         let Some(frontend) = frontend else {
             let unknown = LocalAnswer::UnknownFrontend(format!("{:?}", conn.destination));
-            return Err((unknown, None));
+            return Err((unknown, None, HeaderMap::new()));
         };
         log.frontend = Some(frontend);
         log.series = Some(SeriesSlot::One(&frontend.series));
@@ -391,11 +393,11 @@ impl Proxy {
                 };
                 return forward::forward(self, target, parts, body, None, grpc, log)
                     .await
-                    .map_err(|local| (local, None));
+                    .map_err(|local| (local, None, HeaderMap::new()));
             }
             Decision::NoMatchingRule => {
                 let service = requests::service_label(frontend);
-                return Err((LocalAnswer::NoMatchingRule(service), None));
+                return Err((LocalAnswer::NoMatchingRule(service), None, HeaderMap::new()));
             }
             Decision::Rule { rule, matched } => (rule, matched),
         };
@@ -420,7 +422,7 @@ impl Proxy {
         let upgrade = forward::is_upgrade(&parts);
         forward::strip_hop_by_hop(&mut parts.headers, upgrade);
         let mut plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
-            Plan::Respond(local) => return Err((local.into(), Some(rule))),
+            Plan::Respond(local, cors) => return Err((local.into(), Some(rule), cors)),
             Plan::Forward(plan) => plan,
         };
         log.backend = Some(plan.backend);
@@ -436,9 +438,12 @@ impl Proxy {
             backend: plan.backend,
             pinned: resumed.map(|(session, _)| session.endpoint),
         };
-        let mut response = forward::forward(self, target, parts, body, Some(rule), grpc, log)
-            .await
-            .map_err(|local| (local, Some(rule)))?;
+        let cors = std::mem::take(&mut plan.cors_headers);
+        let mut response =
+            match forward::forward(self, target, parts, body, Some(rule), grpc, log).await {
+                Ok(response) => response,
+                Err(local) => return Err((local, Some(rule), cors)),
+            };
         if let (Some((policy, now)), Some(endpoint)) = (session_policy, log.endpoint) {
             let started = resumed
                 .filter(|(session, _)| session.endpoint == endpoint)
@@ -451,13 +456,17 @@ impl Proxy {
             let (name, value) = policy.offer(&session);
             response.headers_mut().append(name, value);
         }
-        gamma_engine::routes::cors::add_to_answer(plan.cors_headers, response.headers_mut());
+        gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
         for modifier in plan.response_headers {
             modifier.apply(response.headers_mut());
         }
         Ok(response)
     }
 }
+
+/// A request the agent answers itself: why, the rule whose response filters apply, and the CORS
+/// filter's headers for an allowed origin.
+type Unforwarded<'f> = (LocalAnswer, Option<&'f CompiledRule>, HeaderMap);
 
 /// What hyper lets through but the agent refuses before routing:
 /// - a head over `max_header_bytes` (431): hyper's HTTP/1 limit is its read buffer, which one read

@@ -783,6 +783,27 @@ async fn explain_takes_a_path_with_its_whole_query() {
     );
 }
 
+/// `/explain` matches a path as the data plane does, normalized: `/x/../admin` is `/admin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_matches_the_normalized_path() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let world = Manifests::front_with_rules(
+        a.addr,
+        "  - matches: [{path: {type: Exact, value: /admin}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    );
+    let agent = Agent::start(&world, options(None)).unwrap();
+    let explained = gamma_tests::loopback::http_get(
+        agent.admin,
+        "/explain?service=ns%2Ffront&port=80&path=%2Fx%2F..%2F%2561dmin",
+    )
+    .unwrap();
+    let explained: serde_json::Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(
+        explained["decision"]["backends"][0]["backend"], "ns/echo:80",
+        "{explained:#}"
+    );
+}
+
 fn admin_status(agent: &Agent, path: &str) -> u16 {
     gamma_tests::loopback::http_get_full(agent.admin, path)
         .map(|(status, _)| status)

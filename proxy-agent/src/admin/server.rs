@@ -336,9 +336,11 @@ fn explain_request(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         );
     };
     let uri: http::Uri = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    // Matched as the data plane matches it: after RFC 3986 normalization (`/x/../admin`).
+    let normal = gamma_engine::routes::matches::normalize_path(uri.path());
     let head = RequestHead {
         method: &method,
-        path: uri.path(),
+        path: normal.as_deref().unwrap_or(uri.path()),
         query: uri.query(),
         headers: &headers,
         authority: uri.authority().map(|a| a.as_str()),

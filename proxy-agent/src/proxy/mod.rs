@@ -330,6 +330,9 @@ impl Proxy {
                             // gRPC clients send a refused stream again by themselves (gRPC's
                             // transparent retry), not a call answered UNAVAILABLE.
                             response.extensions_mut().insert(RefuseStream);
+                            // Logged and counted with the status a plain caller would get; the
+                            // call did not end (the client sends it again), so no grpc-status.
+                            *response.status_mut() = local.status();
                         }
                         gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
                         for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
@@ -343,7 +346,7 @@ impl Proxy {
         };
         log.status = response.status().as_u16();
         let series = log.finish();
-        if grpc {
+        if grpc && response.extensions().get::<RefuseStream>().is_none() {
             // A trailers-only answer ends the call in its head; others in their trailers, but
             // for an HTTP error, which a client reads as a status of its own.
             let head_status = body::grpc_status(response.headers())

@@ -96,6 +96,15 @@ impl RawH2 {
         Self::serve_on(listener, u32::MAX, max_streams, script)
     }
 
+    /// As `start`, on `addr` (port 0: any free one).
+    pub async fn start_at(
+        addr: SocketAddr,
+        script: impl Fn(u32) -> Reply + Send + Sync + 'static,
+    ) -> RawH2 {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Self::serve_on(listener, u32::MAX, None, script)
+    }
+
     /// As `start_with_limit`, accepting one connection only, with a listen queue of one: once
     /// the test filled that queue (`fill_accept_queue`), a connect to it hangs, as to a node
     /// going away.

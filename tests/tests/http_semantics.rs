@@ -958,6 +958,65 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
+/// A persisted session stays on its endpoint when that endpoint declines a request unprocessed
+/// (a stream refused once): the request goes to it again. Before, it went to the Service's other
+/// endpoint, and the session moved there for good (its header naming that one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persisted_session_stays_on_an_endpoint_that_declined_once() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let refusing = |flag: Arc<AtomicBool>| {
+        move |_| match flag.swap(false, Ordering::Relaxed) {
+            true => Reply::Refuse,
+            false => Reply::Ok,
+        }
+    };
+    let (refuse_a, refuse_b) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let a = RawH2::start_at("127.0.0.51:0".parse().unwrap(), refusing(refuse_a.clone())).await;
+    let b_addr = std::net::SocketAddr::new([127, 0, 0, 52].into(), a.addr.port());
+    let b = RawH2::start_at(b_addr, refusing(refuse_b.clone())).await;
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "h2", 80, &[a.addr, b.addr], Some("kubernetes.io/h2c"))
+        .raw(&route(
+            "r",
+            "front",
+            "  - backendRefs: [{name: h2, port: 80}]\n    sessionPersistence: {type: Header, header: {name: x-session}}\n",
+        ));
+    let agent = Agent::start(&world, options(&[])).unwrap();
+    let http = client(false);
+    let first = get(&http, &agent.url(0, "/x"), &[]).await;
+    assert_eq!(first.status, 200);
+    let session = first.headers["x-session"].to_str().unwrap().to_string();
+    let on_a = a.requests.load(Ordering::Relaxed) == 1;
+    let (owner, other, refuse) = if on_a {
+        (&a, &b, &refuse_a)
+    } else {
+        (&b, &a, &refuse_b)
+    };
+    refuse.store(true, Ordering::Relaxed);
+    let again = get(
+        &http,
+        &agent.url(0, "/x"),
+        &[("x-session", session.as_str())],
+    )
+    .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        owner.requests.load(Ordering::Relaxed),
+        3,
+        "refused, then answered"
+    );
+    assert_eq!(
+        other.requests.load(Ordering::Relaxed),
+        0,
+        "the other endpoint never"
+    );
+}
+
 /// A backend that ends every connection with a GOAWAY carrying an error code declines what it
 /// leaves out, which goes again, but it is failing: its endpoint is ejected as one whose
 /// requests fail is (after three in a row). Not so for a graceful GOAWAY (NO_ERROR).

@@ -257,6 +257,13 @@ pub(super) async fn forward(
             };
             if let Some(resent) = resent {
                 request_body = resent;
+                if matches!(attempt, Attempt::Declined(_, false)) && target.pinned == Some(endpoint)
+                {
+                    // A persisted session's endpoint that declined unprocessed (a stream it
+                    // refused, a connection it rotates) is not given up: the session would move
+                    // to another pod, its Set-Cookie naming that one (GEP-1619).
+                    tried.retain(|tried| *tried != endpoint);
+                }
                 // A declined request, or a refused connect with an endpoint left untried, goes
                 // again at once: nothing was processed, and another endpoint may take it. Any
                 // other retry waits for the policy's backoff, which the spec says no retry of a

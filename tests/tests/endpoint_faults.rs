@@ -390,11 +390,18 @@ async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
         caller_namespace: None,
         extra_args: vec![],
     };
-    let agent = tokio::task::spawn_blocking(move || Agent::start(&manifests, options))
-        .await
-        .unwrap()
-        .expect("the agent starts");
-    for (service, listener) in [("refusing", agent.listen[0]), ("empty", agent.listen[1])] {
+    let log = std::env::temp_dir().join(format!("gamma-opaque-refused-{}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).unwrap();
+    let agent = tokio::task::spawn_blocking(move || {
+        Agent::start_logging(&manifests, options, "warn", stderr.into())
+    })
+    .await
+    .unwrap()
+    .expect("the agent starts");
+    // A client reconnecting in a loop to the Service without endpoints: 15 connections.
+    let mut connections = vec![("refusing", agent.listen[0])];
+    connections.extend(std::iter::repeat_n(("empty", agent.listen[1]), 15));
+    for (service, listener) in connections {
         let ended = tokio::task::spawn_blocking(move || {
             let mut client = std::net::TcpStream::connect(listener).unwrap();
             client
@@ -417,6 +424,16 @@ async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
         ejections, 2.0,
         "each refusing endpoint was tried (and ejected) once"
     );
+    let unconnected = gamma_tests::probe::metric(&agent, "gamma_opaque_unconnected_total");
+    assert_eq!(unconnected.unwrap(), 16.0);
+    // Logged at the 1st, 2nd, 4th, 8th and 16th only: not a line per connection.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("no endpoint accepted"))
+        .count();
+    assert_eq!(lines, 5, "{text}");
 }
 
 /// A request whose body streams (an HTTP/2 upload, every gRPC call; an HTTP/1.1 chunked one),

@@ -54,16 +54,25 @@ pub(super) async fn pass_through(
             }
             Err(e @ super::upstream::UpstreamError::AgentShort(_)) => {
                 // No other endpoint would fare better, and this one is not to blame.
-                tracing::warn!(service = %frontend.service, error = %e, "opaque TCP: no connection; resetting it");
+                tracing::debug!(service = %frontend.service, error = %e, "opaque TCP: no connection");
                 break;
             }
-            Err(_) => {
+            Err(e) => {
                 proxy.upstream.endpoints.eject(held.endpoint());
-                tracing::warn!(%endpoint, service = %frontend.service, "opaque TCP: connecting to the endpoint failed");
+                tracing::debug!(%endpoint, service = %frontend.service, error = %e, "opaque TCP: connecting to the endpoint failed");
             }
         }
     }
-    tracing::warn!(service = %frontend.service, port = frontend.port, tried = tried.len(), "opaque TCP: no endpoint accepted the connection; resetting it");
+    let refused = proxy
+        .metrics
+        .opaque_unconnected
+        .fetch_add(1, Ordering::Relaxed)
+        + 1;
+    // Logged at the 1st, 2nd, 4th… only: a client reconnecting in a loop to a Service whose
+    // endpoints are down would otherwise write lines as fast as it connects.
+    if refused.is_power_of_two() {
+        tracing::warn!(service = %frontend.service, port = frontend.port, tried = tried.len(), refused, "opaque TCP: no endpoint accepted the connection; resetting it (gamma_opaque_unconnected_total counts them)");
+    }
     refuse(downstream);
 }
 

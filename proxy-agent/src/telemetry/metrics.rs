@@ -96,6 +96,10 @@ pub struct Metrics {
     pub connections_refused_at_cap: AtomicU64,
     /// Connections on a redirect listener without a kernel record, reset.
     pub redirected_without_record: AtomicU64,
+    /// Connections whose Service (port, address) left the table, reset on accept.
+    pub connections_without_frontend: AtomicU64,
+    /// Opaque connections no endpoint accepted, reset.
+    pub opaque_unconnected: AtomicU64,
     /// Callers not bound to an endpoint by session affinity because the table was full.
     pub affinity_table_full: Arc<AtomicU64>,
     /// The kernel programs' counters, read at each scrape; set once the redirect runs.
@@ -331,7 +335,9 @@ impl Collector for Scrape {
             ("gamma_log_lines_dropped", "Log lines dropped because the log's reader (the container runtime's pipe) did not keep up.", &super::log_writer::LINES_DROPPED),
             ("gamma_redirected_without_record", "Connections to a redirect listener without the kernel's record of where they were going (made straight to it, or the record evicted), reset on accept.", &m.redirected_without_record),
             ("gamma_session_affinity_table_full", "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.", &*m.affinity_table_full),
+            ("gamma_connections_without_frontend", "Connections reset on accept because their Service (its port, its address) is no longer in the table.", &m.connections_without_frontend),
             ("gamma_opaque_connections", "Connections passed through as opaque TCP.", &m.opaque_connections),
+            ("gamma_opaque_unconnected", "Opaque TCP connections reset because no endpoint accepted them (none ready, all refusing, or the agent short of descriptors or ports).", &m.opaque_unconnected),
             ("gamma_opaque_after_sniff_timeout", "Connections to ports that do not declare their protocol passed through as opaque TCP because the client sent nothing telling within the sniffing timeout.", &m.opaque_after_sniff_timeout),
             ("gamma_mirrors_sent", "Mirrored requests sent.", &m.mirrors_sent),
             ("gamma_mirrors_dropped", "Mirrored requests dropped (concurrency bound reached).", &m.mirrors_dropped),

@@ -918,3 +918,40 @@ fn only_ports_declaring_http_are_steered_as_client_first() {
         [(3306, false)].into_iter().collect()
     );
 }
+
+/// GEP-1619: a rule with session persistence whose backend Service sets ClientIP session
+/// affinity is rejected, with a status that says why; its requests get 500. It is served again
+/// once the Service's affinity goes.
+#[test]
+fn session_persistence_beside_client_ip_affinity_drops_its_rule() {
+    let mut affine = backend_service();
+    affine["spec"]["sessionAffinity"] = json!("ClientIP");
+    let rules = json!([
+        {"matches": [{"path": {"type": "Exact", "value": "/ok"}}],
+         "backendRefs": [{"name": "back", "port": 80}]},
+        {"backendRefs": [{"name": "back", "port": 80}],
+         "sessionPersistence": {"type": "Cookie", "cookie": {"name": "sid"}}},
+    ]);
+    let mut index = index_with(route(1, rules));
+    assert_eq!(answer(&index, "/x"), "rule 1 forwards");
+    index.apply(object(affine));
+    index.publish();
+    let status = route_status(&index);
+    let partially = condition(&status, "PartiallyInvalid").expect("PartiallyInvalid");
+    assert!(
+        partially.message.contains("Dropped Rule 1")
+            && partially.message.contains("sessionAffinity is ClientIP"),
+        "{}",
+        partially.message
+    );
+    assert!(answer(&index, "/x").starts_with("rule 1 answers 500"));
+    assert_eq!(
+        answer(&index, "/ok"),
+        "rule 0 forwards",
+        "the other rule serves"
+    );
+    index.apply(object(backend_service()));
+    index.publish();
+    assert_eq!(answer(&index, "/x"), "rule 1 forwards");
+    assert!(condition(&route_status(&index), "PartiallyInvalid").is_none());
+}

@@ -331,6 +331,23 @@ fn keep_family(endpoints: &mut Vec<SocketAddr>, ipv4: bool) {
     }
 }
 
+/// Why a rule with session persistence cannot be served with these backends: one's Service
+/// sets ClientIP session affinity, and GEP-1619 has such a rule rejected ("the route MUST be
+/// rejected, and a status should be set describing the incompatibility"): the two would each
+/// choose the endpoint.
+pub fn session_affinity_conflict<'b>(
+    rule: &crate::model::Rule,
+    mut backends: impl Iterator<Item = &'b Backend>,
+) -> Option<String> {
+    rule.options().session.as_ref()?;
+    let affine = backends.find(|b| b.affinity.is_some())?;
+    Some(format!(
+        "sessionPersistence beside backend Service {}, whose sessionAffinity is ClientIP \
+         (GEP-1619: the two may not both choose the endpoint); remove one of them",
+        affine.service
+    ))
+}
+
 /// Weighted choice among `entries`, each with its cumulative weight (`[w0, w0+w1, …]`):
 /// `random % total` falls in entry i with probability wi/total. Weight-0 entries are never
 /// chosen. `None` when all weights are 0.

@@ -1,7 +1,7 @@
 //! Compiling a Service's routes into frontends: attachment, producer/consumer groups, route-kind
 //! conflicts, rule compilation and precedence order.
 
-use super::backends::Resolver;
+use super::backends::{self, Resolver};
 use super::precedence::RankKey;
 use super::{
     Attached, CompiledRule, Frontend, MirrorTarget, MirrorTargets, RareCompiled, ResolvedBackend,
@@ -207,7 +207,7 @@ fn compile_rule(
     };
     let mut unresolved = Vec::new();
     let mut cumulative_weight = 0u32;
-    let backends = rule
+    let backends: smallvec::SmallVec<[ResolvedBackend; 1]> = rule
         .backends
         .iter()
         .enumerate()
@@ -233,9 +233,14 @@ fn compile_rule(
             .collect(),
     };
     let any_mirror = !mirrors.rule.is_empty() || mirrors.backends.iter().any(|b| !b.is_empty());
+    let conflict = backends::session_affinity_conflict(
+        rule,
+        backends.iter().filter_map(|b| b.backend.as_deref()),
+    );
     let rare = RareCompiled {
         mirrors: any_mirror.then_some(mirrors),
         unresolved: unresolved.into(),
+        conflict,
     };
     CompiledRule {
         route: route.clone(),

@@ -507,6 +507,9 @@ pub(crate) struct RareCompiled {
     pub(crate) mirrors: Option<MirrorTargets>,
     /// Why each backendRef that does not resolve does not, by its index.
     pub(crate) unresolved: Box<[(usize, BackendError)]>,
+    /// Why the rule cannot be served as written, given its backends' Services (see
+    /// `backends::session_affinity_conflict`).
+    pub(crate) conflict: Option<String>,
 }
 
 /// What the table says about a request.
@@ -728,8 +731,11 @@ impl CompiledRule {
         self.rule().options().retry.as_ref()
     }
 
+    /// Why the rule is answered 500: invalid as written, or in conflict with its backends.
     pub fn invalid(&self) -> Option<&str> {
-        self.rule().invalid()
+        self.rule()
+            .invalid()
+            .or_else(|| self.rare.as_ref()?.conflict.as_deref())
     }
 
     pub fn session(&self) -> Option<&SessionPersistence> {

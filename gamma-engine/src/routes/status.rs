@@ -144,9 +144,21 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
     // get 500 (the route is partly invalid, the rule not dropped).
     let mut dropped: Vec<String> = Vec::new();
     let mut failing_backends: Vec<String> = Vec::new();
+    let resolver = backends::Resolver::new(world);
     for (i, rule) in route.rules.iter().enumerate() {
         let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
-        match rule.dropped_because() {
+        let conflict = || {
+            // Rules with session persistence only: few, and resolving costs.
+            rule.options().session.as_ref()?;
+            let resolved: Vec<_> = rule
+                .backends
+                .iter()
+                .filter_map(|b| resolver.resolve(b, route, route.namespace()).ok())
+                .collect();
+            backends::session_affinity_conflict(rule, resolved.iter().map(|b| &**b))
+                .map(|why| format!("{why}; the requests it matches get 500"))
+        };
+        match rule.dropped_because().or_else(conflict) {
             Some(why) => dropped.push(format!("Dropped Rule {i}{name}: {why}")),
             None => failing_backends.extend(
                 rule.unsupported_backends()

@@ -1052,9 +1052,13 @@ fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
         // Most tables change endpoints or pods, not which frontends are steered.
         Ok(change) if change.written + change.removed == 0 => {
+            redirect.told_table(snapshot.version);
             tracing::debug!(?change, "redirected Service frontends unchanged")
         }
-        Ok(change) => tracing::info!(?change, "redirected Service frontends updated"),
+        Ok(change) => {
+            redirect.told_table(snapshot.version);
+            tracing::info!(?change, "redirected Service frontends updated")
+        }
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")
         }

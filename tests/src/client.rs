@@ -32,6 +32,10 @@ pub struct ClientRequest {
 pub struct ClientAnswer {
     pub status: u16,
     pub pod: String,
+    /// The answering pod's namespace, as it reports it.
+    pub namespace: String,
+    /// The authority the backend received (Host, or HTTP/2's `:authority`).
+    pub host: Option<String>,
     pub headers_at_backend: Vec<(String, String)>,
     pub path_at_backend: Option<String>,
     pub response_headers: Vec<(String, String)>,
@@ -85,6 +89,9 @@ async fn once(
     if let Some(port) = request.source_port {
         return once_from_port(outgoing, port).await;
     }
+    if request.grpc {
+        return once_http2(outgoing, &request.url).await;
+    }
     let response = client
         .request(outgoing)
         .await
@@ -130,8 +137,38 @@ async fn once_from_port(outgoing: Request<Full<Bytes>>, port: u16) -> Result<Cli
     answer
 }
 
+/// An HTTP/2 request on a connection of its own to the URL's address, its `:authority` the
+/// request's (the name the URL's address was resolved from): as a gRPC client sends it. A Host
+/// beside a different `:authority` is a malformed request (RFC 9113 §8.3.1).
+async fn once_http2(outgoing: Request<Full<Bytes>>, url: &str) -> Result<ClientAnswer, String> {
+    let target: std::net::SocketAddr = url
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| u.authority()?.as_str().parse().ok())
+        .ok_or("an HTTP/2 request needs an IP:port URL")?;
+    let stream = tokio::net::TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let response = sender
+        .send_request(outgoing)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let answer = answer(response, peer, true).await;
+    drop(sender);
+    connection.abort();
+    answer
+}
+
 fn build(request: &ClientRequest) -> Result<Request<Full<Bytes>>, String> {
-    let uri: Uri = request
+    let mut uri: Uri = request
         .url
         .parse()
         .map_err(|e| format!("bad url {}: {e}", request.url))?;
@@ -140,8 +177,17 @@ fn build(request: &ClientRequest) -> Result<Request<Full<Bytes>>, String> {
     } else {
         request.method.as_str()
     };
+    let mut host = request.host.as_ref();
+    if let Some(authority) = host.filter(|_| request.grpc) {
+        // HTTP/2 names it in `:authority`, from the URI.
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        uri = format!("http://{authority}{path}")
+            .parse()
+            .map_err(|e| format!("bad authority {authority}: {e}"))?;
+        host = None;
+    }
     let mut builder = Request::builder().method(method).uri(uri.clone());
-    if let Some(host) = &request.host {
+    if let Some(host) = host {
         builder = builder.header(http::header::HOST, host);
     }
     for (name, value) in &request.headers {
@@ -188,6 +234,8 @@ async fn answer(
     Ok(ClientAnswer {
         status,
         pod: echoed["pod"].as_str().unwrap_or_default().to_string(),
+        namespace: echoed["namespace"].as_str().unwrap_or_default().to_string(),
+        host: echoed["host"].as_str().map(str::to_string),
         headers_at_backend,
         path_at_backend: echoed["path"].as_str().map(str::to_string),
         response_headers,

@@ -98,10 +98,21 @@ impl Request {
 /// The method the upstream echo client calls (Istio's echo `proto.EchoTestService/Echo`).
 pub const ECHO_GRPC_PATH: &str = "/proto.EchoTestService/Echo";
 
+/// A case's expectations. Every field of the cases' `expect` is named here, so that one the
+/// upstream cases add is refused, not silently left unchecked.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Expect {
     pub status_codes: Vec<u16>,
     pub backend: Option<String>,
+    /// The answering pod's namespace (upstream's `Namespace=` check).
+    pub namespace: Option<String>,
+    /// The authority the backend received.
+    pub expected_request_host: Option<String>,
+    /// Upstream's redirect expectation as its Go test writes it; checked through
+    /// `redirect_location_derived`, which spells out the Location it means.
+    #[serde(default)]
+    pub redirect: Option<serde_json::Value>,
     pub request_headers_at_backend: Option<BTreeMap<String, String>>,
     pub absent_request_headers_at_backend: Option<Vec<String>>,
     pub response_headers: Option<BTreeMap<String, String>>,
@@ -130,6 +141,10 @@ pub struct Observed {
     pub status: u16,
     /// The responding pod's name (empty when no backend answered).
     pub backend_pod: String,
+    /// The responding pod's namespace.
+    pub backend_namespace: String,
+    /// The authority the backend received.
+    pub host_at_backend: Option<String>,
     /// Request headers as the backend received them (lower-case names, values in order).
     pub request_headers: Vec<(String, String)>,
     pub path_at_backend: Option<String>,
@@ -172,6 +187,23 @@ pub fn judge(expect: &Expect, observed: &Observed) -> Vec<String> {
             failures.push(format!(
                 "backend: expected a pod of {backend}, got `{}`",
                 observed.backend_pod
+            ));
+        }
+    }
+    // Upstream checks the namespace of an answering pod only (a redirect has none).
+    if let Some(namespace) = expect.namespace.as_ref().filter(|_| status_ok) {
+        if !observed.backend_pod.is_empty() && observed.backend_namespace != *namespace {
+            failures.push(format!(
+                "namespace: expected a pod of {namespace}, got `{}` of `{}`",
+                observed.backend_pod, observed.backend_namespace
+            ));
+        }
+    }
+    if let Some(host) = &expect.expected_request_host {
+        if observed.host_at_backend.as_deref() != Some(host.as_str()) {
+            failures.push(format!(
+                "host at the backend: expected `{host}`, got {:?}",
+                observed.host_at_backend
             ));
         }
     }

@@ -35,19 +35,31 @@ pub struct EchoStats {
 
 /// Serves until the listener fails; spawn it.
 pub async fn serve(listener: TcpListener, name: String, stats: Arc<EchoStats>) {
+    serve_in(listener, name, String::new(), stats).await
+}
+
+/// As `serve`, as a pod of `namespace`, which each answer reports (as the upstream echo's
+/// `Namespace=` line does: the conformance cases check it).
+pub async fn serve_in(
+    listener: TcpListener,
+    name: String,
+    namespace: String,
+    stats: Arc<EchoStats>,
+) {
     let name: Arc<str> = name.into();
+    let namespace: Arc<str> = namespace.into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let name = name.clone();
+        let (name, namespace) = (name.clone(), namespace.clone());
         let stats = stats.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let name = name.clone();
+                let (name, namespace) = (name.clone(), namespace.clone());
                 let stats = stats.clone();
-                async move { Ok::<_, Infallible>(answer(&name, &stats, request).await) }
+                async move { Ok::<_, Infallible>(answer(&name, &namespace, &stats, request).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -58,6 +70,7 @@ pub async fn serve(listener: TcpListener, name: String, stats: Arc<EchoStats>) {
 
 async fn answer(
     name: &str,
+    namespace: &str,
     stats: &EchoStats,
     mut request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -122,6 +135,7 @@ async fn answer(
         .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
     let info = json!({
         "pod": name,
+        "namespace": namespace,
         "method": request.method().as_str(),
         "path": path,
         "query": request.uri().query(),

@@ -110,7 +110,10 @@ impl std::fmt::Display for LeakReport {
 
 fn sample(agent: &Agent) -> Sample {
     let pid = agent.child.id();
-    let metric = |name: &str| probe::metric(agent, name).unwrap_or(0.0) as u64;
+    // A failed scrape is no reading: as 0 it would pass for "no task, no connection left".
+    let metric = |name: &str| {
+        probe::metric(agent, name).unwrap_or_else(|e| panic!("scraping {name}: {e:#}")) as u64
+    };
     Sample {
         fds: probe::open_fds(pid).unwrap_or(0) as u64,
         rss_kib: probe::rss_kib(pid).unwrap_or(0),

@@ -113,6 +113,7 @@ impl Scenario {
             if !sim.container_ports.is_empty() {
                 let mut echo = Command::new(binary("gamma-echo"));
                 echo.arg("--name").arg(&sim.name);
+                echo.arg("--namespace").arg(&sim.namespace);
                 for (_, port) in &sim.container_ports {
                     echo.arg(format!("0.0.0.0:{port}"));
                 }
@@ -333,17 +334,38 @@ impl Scenario {
         self.change(|dir| std::fs::remove_file(dir.join(file)))
     }
 
+    /// Makes `edit` to the manifest folder and waits until the agent published a table with it
+    /// and told the kernel programs its mesh frontends (they steer by them: a call made before
+    /// would reach kube-proxy's routing).
     fn change(&self, edit: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
         let before = self.snapshot_version()?;
         edit(&self.manifests.0)?;
         let started = Instant::now();
-        while self.snapshot_version()? == before {
-            if started.elapsed() > crate::harness_timeout(Duration::from_secs(5)) {
+        let limit = crate::harness_timeout(Duration::from_secs(5));
+        let published = loop {
+            let version = self.snapshot_version()?;
+            if version != before {
+                break version;
+            }
+            if started.elapsed() > limit {
                 bail!("the agent did not publish the change in time");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while self.kernel_table_version()? < published {
+            if started.elapsed() > limit {
+                bail!("the agent did not tell the kernel programs table {published} in time");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
+    }
+
+    fn kernel_table_version(&self) -> Result<u64> {
+        let metrics = self.admin_get("/metrics")?;
+        crate::probe::sample(&metrics, "gamma_kernel_table_version")
+            .map(|v| v as u64)
+            .context("no gamma_kernel_table_version in /metrics")
     }
 
     /// The harness Pods of every simulated Pod but `sim`.

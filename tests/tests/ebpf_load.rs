@@ -403,12 +403,20 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
     redirect
         .set_mesh_services([(addr(VIP4), true), (addr(OPAQUE), false)])
         .unwrap();
-    let accept = |listener: &TcpListener, client: &mut std::process::Child| loop {
-        if let Ok(accepted) = listener.accept() {
-            break accepted;
+    let accept = |listener: &TcpListener, client: &mut std::process::Child| {
+        // A connection steered elsewhere fails the test rather than hang it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(accepted) = listener.accept() {
+                break accepted;
+            }
+            assert!(client.try_wait().unwrap().is_none(), "the client exited");
+            if Instant::now() > deadline {
+                let _ = client.kill();
+                panic!("nothing reached this listener within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(client.try_wait().unwrap().is_none(), "the client exited");
-        std::thread::sleep(Duration::from_millis(2));
     };
     const SOURCE_PORT: u16 = 47123;
     let mut http = spawn_client(&sandbox, None, Some(SOURCE_PORT), addr(VIP4));
@@ -578,6 +586,10 @@ impl Drop for Sandbox {
                 .status();
         }
         if self.cgroup.exists() {
+            // A test that failed may have left a client in it: a cgroup with a process is not
+            // removed.
+            let _ = fs::write(self.cgroup.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(50));
             if let Err(e) = fs::remove_dir(&self.cgroup) {
                 eprintln!("could not remove {}: {e}", self.cgroup.display());
             }
@@ -843,6 +855,9 @@ fn client_helper() {
             .unwrap_or_else(|e| panic!("connect {target}: {e}")),
     };
     println!("{PEER}{}", stream.peer_addr().unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     (&stream).write_all(b"hello\n").unwrap();
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply).unwrap();

@@ -75,6 +75,7 @@ fn run_case(
             .ok_or_else(|| format!("nothing answers at {ip}:{}", request.port))?;
         observed.status = 200;
         observed.backend_pod = pod.name.clone();
+        observed.backend_namespace = pod.namespace.clone();
         return Ok(observed);
     };
     let mut builder = http::Request::builder()
@@ -155,10 +156,15 @@ fn run_case(
     }
     let endpoint = backend.endpoints[(rng.next() % backend.endpoints.len() as u64) as usize];
     observed.status = 200;
-    observed.backend_pod = cluster
-        .pod_by_ip(endpoint.ip())
-        .map(|p| p.name.clone())
-        .unwrap_or_default();
+    if let Some(pod) = cluster.pod_by_ip(endpoint.ip()) {
+        observed.backend_pod = pod.name.clone();
+        observed.backend_namespace = pod.namespace.clone();
+    }
+    observed.host_at_backend = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
     observed.request_headers = parts
         .headers
         .iter()

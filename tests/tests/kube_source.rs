@@ -830,6 +830,10 @@ async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
             .any(|r| r.authorization == Some(by("a")))
             .then_some(())
     });
+    table(&b, "b's table has generation 2", |d| {
+        d["statuses"]["HTTPRoute shop/to-back"][0]["conditions"][1]["observedGeneration"] == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
     assert!(!status_patches(&api.requests())
         .iter()
         .any(|r| r.authorization == Some(by("b"))));
@@ -874,16 +878,17 @@ async fn the_lease_moves_to_another_agent_and_a_demoted_leader_stops_writing() {
     });
     let before = api.request_count();
     api.apply(route("HTTPRoute", "to-back", "front", "missing"));
-    std::thread::sleep(Duration::from_millis(2000));
+    // b follows the cluster: its table has generation 4, which a leader would write.
+    table(&b, "b's table follows generation 4", |d| {
+        d["statuses"]["HTTPRoute shop/to-back"][0]["conditions"][1]["observedGeneration"] == 4
+    });
+    // Well past the writer's debounce (20 ms) from the table b holds.
+    std::thread::sleep(Duration::from_millis(1000));
     assert!(
         status_patches(&api.requests()[before..]).is_empty(),
         "a demoted leader does not write"
     );
     assert_eq!(lease_holder(&api).as_deref(), Some("node-x"));
-    // b still follows the cluster.
-    table(&b, "b's table follows generation 4", |d| {
-        d["statuses"]["HTTPRoute shop/to-back"][0]["conditions"][1]["observedGeneration"] == 4
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ use gamma_tests::client::{ClientAnswer, ClientRequest};
 use gamma_tests::cluster::{AddressPlan, SimCluster, SimPod};
 use gamma_tests::probe::sample;
 use gamma_tests::scenario::{to_yaml, Scenario};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn scenario(test: &str) -> Option<Scenario> {
     scenario_with(test, &[])
@@ -496,15 +496,11 @@ fn agent_down_fails_open_and_restart_resumes() {
     let ui = client(&s, "ui-backend");
     assert_eq!(flagged(&call(&s, &ui, "catalog", 5)), 5);
     s.kill_agent();
-    let killed = Instant::now();
-    // Fail open: the very next calls reach catalog through kube-proxy, unmodified.
+    // Fail open: the very next calls reach catalog through kube-proxy, unmodified (no wait:
+    // the agent's listener is gone with it, and the programs leave what they cannot steer).
     let answers = call(&s, &ui, "catalog", 5);
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
     assert_eq!(flagged(&answers), 0);
-    assert!(
-        killed.elapsed() < Duration::from_secs(1),
-        "fell back within a second"
-    );
     s.start_agent().unwrap();
     assert_eq!(
         flagged(&call(&s, &ui, "catalog", 5)),

@@ -580,10 +580,13 @@ async fn sigterm_lets_an_upgraded_connection_finish() {
     );
     // Its listener is closed while it drains: a new connection is refused (a redirected one
     // then fails open), not queued where nobody accepts it until the agent exits and resets it.
-    assert_eq!(
-        std::net::TcpStream::connect(addr).err().map(|e| e.kind()),
-        Some(std::io::ErrorKind::ConnectionRefused),
-        "a connection accepted into a listener nobody serves"
+    gamma_tests::eventually_within(
+        Duration::from_secs(5),
+        "a connection refused once the drain began, not accepted into a listener nobody serves",
+        || {
+            let refused = std::net::TcpStream::connect(addr).err().map(|e| e.kind());
+            (refused == Some(std::io::ErrorKind::ConnectionRefused)).then_some(())
+        },
     );
     socket = tokio::task::spawn_blocking(move || {
         socket.write_all(b"still-here").unwrap();

@@ -228,15 +228,27 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     within(seconds(10), "the first agent serves", || {
         answered().then_some(())
     });
-    // In flight on the old agent across the takeover: its drain lasts until this is answered.
-    // Shorter than `http_get`'s 2 s read timeout by a margin a busy machine keeps (a delay of
-    // 2 s itself failed the read now and then).
+    // In flight on the old agent across the takeover: its drain (5 s at most) lasts until this
+    // is answered.
+    let in_flight_before = echo
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     let slow = sigterm_mid_drain.then(|| {
         let addr = listen.parse().unwrap();
-        std::thread::spawn(move || http_get(addr, "/delay/1500"))
+        std::thread::spawn(move || {
+            let request = b"GET /delay/3000 HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n";
+            gamma_tests::probe::raw_exchange(addr, request, Duration::from_secs(8))
+        })
     });
     if slow.is_some() {
-        std::thread::sleep(Duration::from_millis(300));
+        within(seconds(5), "the slow request reaches the backend", || {
+            let now = echo
+                .stats
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (now > in_flight_before).then_some(())
+        });
     }
     let mut new = spawn("new.log");
     let old_log = || std::fs::read_to_string(dir.0.join("old.log")).unwrap_or_default();
@@ -247,10 +259,16 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     let sigterm = |child: &Child| unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     match slow {
         Some(slow) => {
+            assert!(
+                !slow.is_finished(),
+                "the request is still in flight when the SIGTERM comes (the takeover took 3 s)"
+            );
             sigterm(&old);
             let answer = tokio::task::block_in_place(|| slow.join().unwrap());
             assert!(
-                answer.is_ok(),
+                answer
+                    .as_ref()
+                    .is_ok_and(|a| a.text.starts_with("HTTP/1.1 200")),
                 "the request in flight is answered: {answer:?}"
             );
         }

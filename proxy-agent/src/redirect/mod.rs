@@ -49,7 +49,7 @@ use std::{
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Mutex, MutexGuard, PoisonError,
     },
 };
@@ -115,6 +115,8 @@ pub struct Redirect {
     /// Mesh frontends left out of `services` at the last [`Self::set_mesh_services`]: of an
     /// address family this agent has no listener for.
     without_listener: AtomicUsize,
+    /// The version of the last table whose mesh frontends `services` holds ([`Self::told_table`]).
+    table_version: AtomicU64,
     /// This node's pods that opted in to local sockets (`LOCAL_PODS`), told only while they are on.
     local_pods: Mutex<KernelMap<PodKey>>,
     config: Mutex<Array<MapData, AgentConfig>>,
@@ -199,6 +201,8 @@ pub struct KernelCounters {
     pub mesh_frontends: u64,
     /// Mesh frontends not told to the programs: of an address family without a listener.
     pub frontends_without_listener: u64,
+    /// The table version the programs' mesh frontends are of.
+    pub table_version: u64,
     /// Redirect records that could not be stored.
     pub record_failed: u64,
     /// getpeername() answered with the Service VIP.
@@ -281,6 +285,7 @@ impl Redirect {
             listener_slots: Mutex::new(loaded.listener_slots),
             services: Mutex::new(loaded.services),
             without_listener: AtomicUsize::new(0),
+            table_version: AtomicU64::new(0),
             local_pods: Mutex::new(loaded.local_pods),
             config: Mutex::new(loaded.config),
             config_at_takeover: Mutex::default(),
@@ -346,6 +351,12 @@ impl Redirect {
     /// first (then steered to the client-first listener, if any): writes the missing and the
     /// changed, removes the rest. A failure part-way leaves a mix of old and new; calling again
     /// repairs it.
+    /// Notes that the mesh frontends told are those of table `version`: how far the kernel's
+    /// steering is behind the table shows in `gamma_kernel_table_version`.
+    pub fn told_table(&self, version: u64) {
+        self.table_version.store(version, Ordering::Relaxed);
+    }
+
     pub fn set_mesh_services(
         &self,
         frontends: impl IntoIterator<Item = (SocketAddr, bool)>,
@@ -490,6 +501,7 @@ impl Redirect {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .size() as u64,
             frontends_without_listener: self.without_listener.load(Ordering::Relaxed) as u64,
+            table_version: self.table_version.load(Ordering::Relaxed),
             local_pods: self
                 .local_pods
                 .lock()

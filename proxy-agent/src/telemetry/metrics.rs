@@ -314,6 +314,7 @@ impl Collector for Scrape {
             ] {
                 counter(e, name, help, value)?;
             }
+            gauge(e, "gamma_kernel_table_version", "The route table version (gamma_snapshot_version) whose mesh Service frontends the kernel programs were last told: behind it while the agent has not yet told them.", counted.table_version as i64)?;
             gauge(e, "gamma_kernel_mesh_frontends", "Mesh Service frontends (ClusterIP:port with routes) told to the kernel programs, which steer their connections to the agent.", counted.mesh_frontends as i64)?;
             gauge(e, "gamma_redirect_frontends_without_listener", "Mesh Service frontends (ClusterIP:port with routes) of an address family the agent has no redirect listener for (--redirect): left to kube-proxy's routing, without mesh routes.", counted.frontends_without_listener as i64)?;
             gauge(e, "gamma_kernel_local_pods", "Addresses of this node's pods opted in to local sockets (annotation gamma-node.io/local-sockets set to true on the Pod, or on its Namespace and absent from the Pod) told to the kernel programs (--local-sockets): only their connections through the agent pair.", counted.local_pods as i64)?;

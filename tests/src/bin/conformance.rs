@@ -131,6 +131,8 @@ fn observed(answer: &ClientAnswer) -> Observed {
     Observed {
         status: answer.status,
         backend_pod: answer.pod.clone(),
+        backend_namespace: answer.namespace.clone(),
+        host_at_backend: answer.host.clone(),
         request_headers: answer.headers_at_backend.clone(),
         path_at_backend: answer.path_at_backend.clone(),
         response_headers: answer.response_headers.clone(),

@@ -9,6 +9,9 @@ struct Cli {
     /// The pod name it reports.
     #[arg(long, default_value = "echo")]
     name: String,
+    /// The namespace it reports.
+    #[arg(long, default_value = "")]
+    namespace: String,
     /// Addresses to listen on.
     #[arg(required = true, value_name = "ADDR")]
     addrs: Vec<String>,
@@ -16,13 +19,18 @@ struct Cli {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let Cli { name, addrs } = Cli::parse();
+    let Cli {
+        name,
+        namespace,
+        addrs,
+    } = Cli::parse();
     let mut tasks = Vec::new();
     for addr in addrs {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
-        tasks.push(tokio::spawn(gamma_tests::echo::serve(
+        tasks.push(tokio::spawn(gamma_tests::echo::serve_in(
             listener,
             name.clone(),
+            namespace.clone(),
             Arc::new(Default::default()),
         )));
     }

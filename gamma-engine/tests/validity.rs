@@ -955,3 +955,37 @@ fn session_persistence_beside_client_ip_affinity_drops_its_rule() {
     assert_eq!(answer(&index, "/x"), "rule 1 forwards");
     assert!(condition(&route_status(&index), "PartiallyInvalid").is_none());
 }
+
+/// The same for a consumer route sending to its parent's namespace (no grant needed there): its
+/// status says why, as its table answers 500. The route's only rule: not Accepted.
+#[test]
+fn a_consumer_routes_session_persistence_beside_client_ip_affinity_is_reported() {
+    let mut affine = backend_service();
+    affine["spec"]["sessionAffinity"] = json!("ClientIP");
+    let consumer = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "c", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "namespace": "ns", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}],
+                       "sessionPersistence": {"type": "Cookie", "cookie": {"name": "sid"}}}],
+        }
+    });
+    let mut index = Index::new();
+    for value in [service(), affine, consumer] {
+        index.apply(object(value));
+    }
+    index.publish();
+    let status = index
+        .snapshot()
+        .status_of("HTTPRoute c/r")
+        .map(|s| s.to_vec())
+        .unwrap_or_default();
+    let accepted = condition(&status, "Accepted").expect("an Accepted condition");
+    assert_eq!(accepted.status, "False");
+    assert!(
+        accepted.message.contains("sessionAffinity is ClientIP"),
+        "{}",
+        accepted.message
+    );
+}

@@ -108,19 +108,18 @@ impl std::fmt::Display for LeakReport {
     }
 }
 
-fn sample(agent: &Agent) -> Sample {
+/// `None` when the agent's metrics could not be read: no reading (as 0 it would pass for "no
+/// task, no connection left").
+fn sample(agent: &Agent) -> Option<Sample> {
     let pid = agent.child.id();
-    // A failed scrape is no reading: as 0 it would pass for "no task, no connection left".
-    let metric = |name: &str| {
-        probe::metric(agent, name).unwrap_or_else(|e| panic!("scraping {name}: {e:#}")) as u64
-    };
-    Sample {
+    let metric = |name: &str| probe::metric(agent, name).ok().map(|v| v as u64);
+    Some(Sample {
         fds: probe::open_fds(pid).unwrap_or(0) as u64,
         rss_kib: probe::rss_kib(pid).unwrap_or(0),
         threads: probe::threads(pid).unwrap_or(0),
-        tasks: metric("gamma_runtime_tasks_alive"),
-        connections_open: metric("gamma_connections_open"),
-    }
+        tasks: metric("gamma_runtime_tasks_alive")?,
+        connections_open: metric("gamma_connections_open")?,
+    })
 }
 
 /// The kinds of connections, in turn.
@@ -296,7 +295,8 @@ pub async fn run(config: &LeakConfig) -> anyhow::Result<LeakReport> {
         http: agent.listen[0],
         opaque: agent.listen[1],
     });
-    let sample_now = |agent: &Agent| tokio::task::block_in_place(|| sample(agent));
+    let try_sample = |agent: &Agent| tokio::task::block_in_place(|| sample(agent));
+    let sample_now = |agent: &Agent| try_sample(agent).expect("the agent's metrics read");
     // Warm-up: every kind once per client, then idle.
     let warm = (0..config.concurrency * KINDS).map(|i| {
         let targets = targets.clone();
@@ -353,7 +353,7 @@ pub async fn run(config: &LeakConfig) -> anyhow::Result<LeakReport> {
     while !clients.is_empty() {
         tokio::select! {
             _ = clients.join_next() => {}
-            () = tokio::time::sleep(Duration::from_millis(200)) => peak = peak.max(sample_now(&agent)),
+            () = tokio::time::sleep(Duration::from_millis(200)) => peak = try_sample(&agent).map_or(peak, |now| peak.max(now)),
         }
     }
     let done = Instant::now();

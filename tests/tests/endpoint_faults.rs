@@ -426,14 +426,20 @@ async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
     );
     let unconnected = gamma_tests::probe::metric(&agent, "gamma_opaque_unconnected_total");
     assert_eq!(unconnected.unwrap(), 16.0);
-    // Logged at the 1st, 2nd, 4th, 8th and 16th only: not a line per connection.
-    let text = std::fs::read_to_string(&log).unwrap();
+    // Logged at the 1st, 2nd, 4th, 8th and 16th only: not a line per connection (the log's
+    // thread writes the last one a moment later).
+    let lines = || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines = text.lines().filter(|l| l.contains("no endpoint accepted"));
+        (lines.count(), text)
+    };
+    gamma_tests::eventually_within(Duration::from_secs(5), "the 16th logged", || {
+        (lines().0 >= 5).then_some(())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (count, text) = lines();
     let _ = std::fs::remove_file(&log);
-    let lines = text
-        .lines()
-        .filter(|l| l.contains("no endpoint accepted"))
-        .count();
-    assert_eq!(lines, 5, "{text}");
+    assert_eq!(count, 5, "{text}");
 }
 
 /// A request whose body streams (an HTTP/2 upload, every gRPC call; an HTTP/1.1 chunked one),

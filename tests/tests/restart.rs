@@ -209,7 +209,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
             ])
             .arg("--takeover-socket")
             .arg(&socket)
-            .args(["--after-takeover", "wait", "--drain-timeout-s", "5"])
+            .args(["--after-takeover", "wait", "--drain-timeout-s", "20"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
@@ -228,8 +228,8 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     within(seconds(10), "the first agent serves", || {
         answered().then_some(())
     });
-    // In flight on the old agent across the takeover: its drain (5 s at most) lasts until this
-    // is answered.
+    // In flight on the old agent across the takeover: its drain (20 s at most) lasts until
+    // this is answered, 8 s after it came: longer than a takeover on a busy machine.
     let in_flight_before = echo
         .stats
         .requests
@@ -237,8 +237,8 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     let slow = sigterm_mid_drain.then(|| {
         let addr = listen.parse().unwrap();
         std::thread::spawn(move || {
-            let request = b"GET /delay/3000 HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n";
-            gamma_tests::probe::raw_exchange(addr, request, Duration::from_secs(8))
+            let request = b"GET /delay/8000 HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n";
+            gamma_tests::probe::raw_exchange(addr, request, Duration::from_secs(20))
         })
     });
     if slow.is_some() {
@@ -261,7 +261,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
         Some(slow) => {
             assert!(
                 !slow.is_finished(),
-                "the request is still in flight when the SIGTERM comes (the takeover took 3 s)"
+                "the request is still in flight when the SIGTERM comes (the takeover took 8 s)"
             );
             sigterm(&old);
             let answer = tokio::task::block_in_place(|| slow.join().unwrap());

@@ -150,10 +150,21 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         let conflict = || {
             // Rules with session persistence only: few, and resolving costs.
             rule.options().session.as_ref()?;
-            let resolved: Vec<_> = rule
-                .backends
+            // As each parent's table resolves them (a consumer route may send to its parent's
+            // namespace without a grant).
+            let parents = route.parent_refs.iter();
+            let parent_namespaces: Vec<_> = parents
+                .filter_map(|p| p.service(route.namespace()))
+                .map(|key| key.namespace)
+                .collect();
+            let resolved: Vec<_> = parent_namespaces
                 .iter()
-                .filter_map(|b| resolver.resolve(b, route, route.namespace()).ok())
+                .flat_map(|ns| {
+                    let resolver = &resolver;
+                    rule.backends
+                        .iter()
+                        .filter_map(move |b| resolver.resolve(b, route, ns).ok())
+                })
                 .collect();
             backends::session_affinity_conflict(rule, resolved.iter().map(|b| &**b))
                 .map(|why| format!("{why}; the requests it matches get 500"))

@@ -347,16 +347,16 @@ impl Redirect {
         &self.cgroup
     }
 
-    /// Makes the redirected VIP:ports exactly `frontends`, each with whether its clients speak
-    /// first (then steered to the client-first listener, if any): writes the missing and the
-    /// changed, removes the rest. A failure part-way leaves a mix of old and new; calling again
-    /// repairs it.
     /// Notes that the mesh frontends told are those of table `version`: how far the kernel's
     /// steering is behind the table shows in `gamma_kernel_table_version`.
     pub fn told_table(&self, version: u64) {
         self.table_version.store(version, Ordering::Relaxed);
     }
 
+    /// Makes the redirected VIP:ports exactly `frontends`, each with whether its clients speak
+    /// first (then steered to the client-first listener, if any): writes the missing and the
+    /// changed, removes the rest. A failure part-way leaves a mix of old and new; calling again
+    /// repairs it.
     pub fn set_mesh_services(
         &self,
         frontends: impl IntoIterator<Item = (SocketAddr, bool)>,

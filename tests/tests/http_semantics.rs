@@ -850,9 +850,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     )
     .unwrap();
     let (mut sender, connection) = http2_to(agent.listen[0]).await;
-    let request = http::Request::get("http://front/")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let request = bodiless_get("http://front/");
     assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
     tokio::time::timeout(Duration::from_secs(5), connection)
         .await
@@ -911,9 +909,7 @@ async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
     let backend = RawH2::start(|_| Reply::Quiet(QUIET)).await;
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let request = http::Request::get("http://front/watch")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let request = bodiless_get("http://front/watch");
     let answer = sender.send_request(request).await.unwrap();
     assert_eq!(answer.status(), 200);
     let body = tokio::time::timeout(QUIET * 2, answer.into_body().collect())
@@ -927,6 +923,34 @@ async fn a_quiet_http2_stream_draws_no_pings_to_its_backend() {
         0,
         "PINGs sent to the backend during a quiet stream of {QUIET:?}"
     );
+}
+
+/// A GET without a body, for an HTTP/2 caller connection.
+fn bodiless_get(uri: impl AsRef<str>) -> http::Request<http_body_util::Empty<Bytes>> {
+    http::Request::get(uri.as_ref())
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// A gRPC call without a message, for an HTTP/2 caller connection.
+fn grpc_call(uri: &str) -> http::Request<http_body_util::Empty<Bytes>> {
+    http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// A backend script: the first request is held open for `watch` (a gRPC watch), the others are
+/// answered at once.
+fn quiet_first(watch: Duration) -> impl Fn(u32) -> Reply + Send + Sync + 'static {
+    move |n| {
+        if n == 0 {
+            Reply::Quiet(watch)
+        } else {
+            Reply::Ok
+        }
+    }
 }
 
 /// `front` routed to Service `h2`, whose one endpoint (`backend`) speaks HTTP/2.
@@ -1046,14 +1070,7 @@ async fn an_http2_backend_going_away_on_errors_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connection() {
     const WATCH: Duration = Duration::from_secs(20);
-    let backend = RawH2::start_with_limit(Some(1), |n| {
-        if n == 0 {
-            Reply::Quiet(WATCH)
-        } else {
-            Reply::Ok
-        }
-    })
-    .await;
+    let backend = RawH2::start_with_limit(Some(1), quiet_first(WATCH)).await;
     call_beside_a_watch(&backend, Duration::ZERO).await;
     assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
 }
@@ -1064,11 +1081,7 @@ async fn a_request_beyond_an_http2_backends_stream_limit_opens_another_connectio
 async fn call_beside_a_watch(backend: &RawH2, settle: Duration) {
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let get = |path: &str| {
-        http::Request::get(format!("http://front{path}"))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap()
-    };
+    let get = |path: &str| bodiless_get(format!("http://front{path}"));
     let watch = sender.send_request(get("/watch")).await.unwrap();
     assert_eq!(watch.status(), 200);
     tokio::time::sleep(settle).await;
@@ -1130,9 +1143,7 @@ async fn requests_waiting_for_a_failed_http2_connect_fail_with_it() {
         .map(|i| {
             let mut sender = sender.clone();
             tokio::spawn(async move {
-                let request = http::Request::get(format!("http://front/{i}"))
-                    .body(http_body_util::Empty::<Bytes>::new())
-                    .unwrap();
+                let request = bodiless_get(format!("http://front/{i}"));
                 sender.send_request(request).await.unwrap().status()
             })
         })
@@ -1155,21 +1166,13 @@ async fn requests_waiting_for_a_failed_http2_connect_fail_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_a_failed_http2_connect_takes_a_stream_freed_meanwhile() {
     const WATCH: Duration = Duration::from_millis(1_500);
-    let backend = RawH2::start_accepting_one(Some(1), |n| {
-        if n == 0 {
-            Reply::Quiet(WATCH)
-        } else {
-            Reply::Ok
-        }
-    });
+    let backend = RawH2::start_accepting_one(Some(1), quiet_first(WATCH));
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (sender, _connection) = http2_to(agent.listen[0]).await;
     let call = |path: &'static str| {
         let mut sender = sender.clone();
         tokio::spawn(async move {
-            let request = http::Request::get(format!("http://front{path}"))
-                .body(http_body_util::Empty::<Bytes>::new())
-                .unwrap();
+            let request = bodiless_get(format!("http://front{path}"));
             let answer = sender.send_request(request).await.unwrap();
             let status = answer.status();
             answer.into_body().collect().await.unwrap();
@@ -1236,9 +1239,7 @@ async fn a_refused_http2_request_leaves_its_connection_open() {
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
     assert_eq!(sender.send_request(two_hosts).await.unwrap().status(), 400);
-    let fine = http::Request::get("http://front/x")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let fine = bodiless_get("http://front/x");
     let answer = sender
         .send_request(fine)
         .await
@@ -1256,9 +1257,7 @@ async fn a_reset_stream_does_not_cost_its_http2_connection() {
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
     for expected in [200, 502, 200] {
-        let request = http::Request::get("http://front/x")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let request = bodiless_get("http://front/x");
         assert_eq!(
             sender.send_request(request).await.unwrap().status(),
             expected
@@ -1290,11 +1289,7 @@ async fn a_grpc_answer_cut_by_a_lost_backend_connection_ends_unavailable() {
     let backend = RawH2::start(|_| Reply::PartThenClose).await;
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let call = http::Request::post("http://front/pkg.Catalog/Watch")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let call = grpc_call("http://front/pkg.Catalog/Watch");
     let answer = sender.send_request(call).await.unwrap();
     assert_eq!(answer.status(), 200);
     let body = tokio::time::timeout(Duration::from_secs(5), answer.into_body().collect())
@@ -1378,11 +1373,7 @@ async fn a_call_declined_after_an_attempt_that_may_have_run_is_not_refused() {
         ));
     let agent = Agent::start(&world, options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let call = http::Request::post("http://front/pkg.Catalog/Buy")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let call = grpc_call("http://front/pkg.Catalog/Buy");
     let answer = sender
         .send_request(call)
         .await
@@ -1434,9 +1425,7 @@ async fn a_request_its_caller_cancels_is_counted() {
     let silent = silent_backend().await;
     let agent = Agent::start(&Manifests::front_routed_to(silent), options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let request = http::Request::get("http://front/slow")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let request = bodiless_get("http://front/slow");
     let cancelled = tokio::time::timeout(Duration::from_millis(300), sender.send_request(request));
     assert!(cancelled.await.is_err(), "answered by a silent backend");
     metrics_until(&agent, "the cancelled request counted", counted_499).await;
@@ -1523,11 +1512,7 @@ async fn grpc_calls_are_counted_by_their_grpc_status() {
     .unwrap();
     for listener in &agent.listen {
         let (mut sender, _connection) = http2_to(*listener).await;
-        let call = http::Request::post("http://front/pkg.Catalog/Get")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let call = grpc_call("http://front/pkg.Catalog/Get");
         let answer = sender.send_request(call).await.unwrap();
         let _ = answer.into_body().collect().await;
     }
@@ -1578,11 +1563,7 @@ async fn a_grpc_call_answered_with_an_http_error_is_counted_as_its_client_reads_
     let http1 = Manifests::front_with_rules_declared(backend, rules, Some("http"));
     let agent = Agent::start(&http1, options(&[])).unwrap();
     let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-    let call = http::Request::post("http://front/pkg.Catalog/Get")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
+    let call = grpc_call("http://front/pkg.Catalog/Get");
     let answer = sender.send_request(call).await.unwrap();
     assert_eq!(answer.status(), 503);
     let _ = answer.into_body().collect().await;
@@ -1689,11 +1670,7 @@ async fn a_grpc_call_whose_backend_reset_it_gets_grpcs_status_for_the_code() {
         let backend = RawH2::start(move |_| Reply::Reset(code)).await;
         let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
         let (mut sender, _connection) = http2_to(agent.listen[0]).await;
-        let call = http::Request::post("http://front/pkg.Service/Method")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let call = grpc_call("http://front/pkg.Service/Method");
         let answer = sender.send_request(call).await.unwrap();
         assert_eq!(answer.status(), 200, "trailers-only, code {code:#x}");
         assert_eq!(

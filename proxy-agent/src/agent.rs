@@ -1050,14 +1050,14 @@ fn redirect_refused(missing: &MissingKernelFeatures, readiness: &Readiness, metr
 /// Connections made before the Pod is known keep TCP.
 fn reconcile_redirect(redirect: &Redirect, snapshot: &Snapshot) {
     match redirect.set_mesh_services(snapshot.mesh_addresses()) {
-        // Most tables change endpoints or pods, not which frontends are steered.
-        Ok(change) if change.written + change.removed == 0 => {
-            redirect.told_table(snapshot.version);
-            tracing::debug!(?change, "redirected Service frontends unchanged")
-        }
         Ok(change) => {
             redirect.told_table(snapshot.version);
-            tracing::info!(?change, "redirected Service frontends updated")
+            // Most tables change endpoints or pods, not which frontends are steered.
+            if change.written + change.removed == 0 {
+                tracing::debug!(?change, "redirected Service frontends unchanged")
+            } else {
+                tracing::info!(?change, "redirected Service frontends updated")
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, "updating the redirected Service frontends failed; the previous set stays")

@@ -18,9 +18,11 @@ pub struct ClientRequest {
     pub host: Option<String>,
     pub method: String,
     pub headers: Vec<(String, String)>,
-    /// gRPC: HTTP/2 prior knowledge, POST, `content-type: application/grpc`.
+    /// gRPC: HTTP/2 prior knowledge, POST, `content-type: application/grpc`, on a connection
+    /// of its own per request, `host` as its `:authority`.
     pub grpc: bool,
     pub count: usize,
+    /// HTTP/1.1 requests share a kept connection (gRPC ones never do).
     pub keep_alive: bool,
     /// Connect from this local port (SO_REUSEADDR), and abort the connection (RST, no TIME_WAIT)
     /// after the answer, so the next request can use the same port: a reused source port.
@@ -57,7 +59,6 @@ impl ClientRequest {
 
 pub async fn run(request: &ClientRequest) -> Vec<ClientAnswer> {
     let mut builder = Client::builder(TokioExecutor::new());
-    builder.http2_only(request.grpc);
     if !request.keep_alive {
         builder.pool_max_idle_per_host(0);
     }
@@ -86,11 +87,18 @@ async fn once(
     request: &ClientRequest,
 ) -> Result<ClientAnswer, String> {
     let outgoing = build(request)?;
+    // The URL's address: the request's own URI names the host when it is HTTP/2's authority.
+    let target = || {
+        let url = request.url.parse::<Uri>().ok();
+        url.as_ref()
+            .and_then(ip_port)
+            .ok_or("this needs an IP:port URL")
+    };
     if let Some(port) = request.source_port {
-        return once_from_port(outgoing, port).await;
+        return once_from_port(outgoing, target()?, port).await;
     }
     if request.grpc {
-        return once_http2(outgoing, &request.url).await;
+        return once_http2(outgoing, target()?).await;
     }
     let response = client
         .request(outgoing)
@@ -104,12 +112,11 @@ async fn once(
 }
 
 /// One request on a connection of its own from local `port`, aborted after the answer.
-async fn once_from_port(outgoing: Request<Full<Bytes>>, port: u16) -> Result<ClientAnswer, String> {
-    let target: std::net::SocketAddr = outgoing
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse().ok())
-        .ok_or("a source port needs an IP:port URL")?;
+async fn once_from_port(
+    outgoing: Request<Full<Bytes>>,
+    target: std::net::SocketAddr,
+    port: u16,
+) -> Result<ClientAnswer, String> {
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
     // Linger 0: closing sends a reset and leaves no TIME_WAIT holding the port.
@@ -140,12 +147,10 @@ async fn once_from_port(outgoing: Request<Full<Bytes>>, port: u16) -> Result<Cli
 /// An HTTP/2 request on a connection of its own to the URL's address, its `:authority` the
 /// request's (the name the URL's address was resolved from): as a gRPC client sends it. A Host
 /// beside a different `:authority` is a malformed request (RFC 9113 §8.3.1).
-async fn once_http2(outgoing: Request<Full<Bytes>>, url: &str) -> Result<ClientAnswer, String> {
-    let target: std::net::SocketAddr = url
-        .parse::<Uri>()
-        .ok()
-        .and_then(|u| u.authority()?.as_str().parse().ok())
-        .ok_or("an HTTP/2 request needs an IP:port URL")?;
+async fn once_http2(
+    outgoing: Request<Full<Bytes>>,
+    target: std::net::SocketAddr,
+) -> Result<ClientAnswer, String> {
     let stream = tokio::net::TcpStream::connect(target)
         .await
         .map_err(|e| format!("connecting to {target}: {e}"))?;
@@ -165,6 +170,11 @@ async fn once_http2(outgoing: Request<Full<Bytes>>, url: &str) -> Result<ClientA
     drop(sender);
     connection.abort();
     answer
+}
+
+/// The address a URI names as IP:port, if it does.
+fn ip_port(uri: &Uri) -> Option<std::net::SocketAddr> {
+    uri.authority()?.as_str().parse().ok()
 }
 
 fn build(request: &ClientRequest) -> Result<Request<Full<Bytes>>, String> {

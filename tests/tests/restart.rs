@@ -230,7 +230,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     });
     // In flight on the old agent across the takeover: its drain (20 s at most) lasts until
     // this is answered, 8 s after it came: longer than a takeover on a busy machine.
-    let in_flight_before = echo
+    let requests_before = echo
         .stats
         .requests
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -247,7 +247,7 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
                 .stats
                 .requests
                 .load(std::sync::atomic::Ordering::Relaxed);
-            (now > in_flight_before).then_some(())
+            (now > requests_before).then_some(())
         });
     }
     let mut new = spawn("new.log");

@@ -217,14 +217,9 @@ pub(super) async fn serve_connection(
         // Its Service went between the connect and the accept (or an explicit listener names
         // none): reset at once, as a connect to a Service without endpoints fails, rather than
         // sniff a client that may be waiting for the server to speak first.
-        let reset = proxy
-            .metrics
-            .connections_without_frontend
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        // Logged at the 1st, 2nd, 4th… only, as each of a reconnecting client's would be.
-        if reset.is_power_of_two() {
-            tracing::warn!(destination = ?info.destination, reset, "connection to an unknown frontend; resetting it (gamma_connections_without_frontend_total counts them)");
+        let counted = &proxy.metrics.connections_without_frontend;
+        if let Some(count) = crate::telemetry::metrics::count_sampled(counted) {
+            tracing::warn!(destination = ?info.destination, count, "connection to an unknown frontend; resetting it (gamma_connections_without_frontend_total counts them)");
         }
         if let Ok((stream, _, _held)) = stream.into_parts() {
             tcp::reset_on_close(&stream);

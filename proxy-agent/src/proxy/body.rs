@@ -817,12 +817,12 @@ pub fn grpc_status(fields: &HeaderMap) -> Option<u32> {
 pub fn grpc_status_of_http(status: http::StatusCode) -> Option<u32> {
     Some(match status.as_u16() {
         200 => return None,
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502..=504 => 14,
-        _ => 2,
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
     })
 }
 

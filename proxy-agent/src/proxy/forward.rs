@@ -81,8 +81,11 @@ enum Attempt {
         reset: Option<u32>,
     },
     /// Declined unprocessed: sent again (even without a retry policy); the endpoint's fault
-    /// only when it ended its connection on an error (`UpstreamError::Declined`).
-    Declined(String, bool),
+    /// only `on_error` (`UpstreamError::Declined`).
+    Declined {
+        error: String,
+        on_error: bool,
+    },
 }
 
 impl Attempt {
@@ -115,7 +118,7 @@ impl Attempt {
             // Declined twice, or once with a body that could not be kept: unprocessed, as a
             // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream refused,
             // which gRPC clients send again by themselves).
-            Attempt::Declined(error, _) => LocalAnswer::BackendFailed {
+            Attempt::Declined { error, .. } => LocalAnswer::BackendFailed {
                 endpoint,
                 backend: backend.name(),
                 error,
@@ -125,10 +128,6 @@ impl Attempt {
     }
 }
 
-/// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
-/// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
-/// the body then ends it with DEADLINE_EXCEEDED).
-#[allow(clippy::too_many_arguments)]
 /// Where a request goes: a backend, and the endpoint a persisted session names, if any (tried
 /// first while it serves).
 pub(super) struct Target<'a> {
@@ -136,6 +135,9 @@ pub(super) struct Target<'a> {
     pub pinned: Option<SocketAddr>,
 }
 
+/// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
+/// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
+/// the body then ends it with DEADLINE_EXCEEDED).
 pub(super) async fn forward(
     proxy: &Arc<Proxy>,
     target: Target<'_>,
@@ -231,11 +233,16 @@ pub(super) async fn forward(
             };
             match &attempt {
                 Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
-                Attempt::TimedOut(_) | Attempt::Failed { .. } | Attempt::Declined(_, true) => {
+                Attempt::TimedOut(_)
+                | Attempt::Failed { .. }
+                | Attempt::Declined { on_error: true, .. } => {
                     proxy.upstream.endpoints.failed(state)
                 }
                 Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(state),
-                Attempt::Declined(_, false) | Attempt::AgentShort(_) => {}
+                Attempt::Declined {
+                    on_error: false, ..
+                }
+                | Attempt::AgentShort(_) => {}
             }
             let more = log.attempts < max_attempts;
             let retry_wanted = more
@@ -247,7 +254,7 @@ pub(super) async fn forward(
                         retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
                     Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
-                    Attempt::Declined(..) => true,
+                    Attempt::Declined { .. } => true,
                     Attempt::AgentShort(_) => false,
                 };
             let resent = if retry_wanted {
@@ -257,8 +264,14 @@ pub(super) async fn forward(
             };
             if let Some(resent) = resent {
                 request_body = resent;
-                if matches!(attempt, Attempt::Declined(_, false)) && target.pinned == Some(endpoint)
-                {
+                let declined = matches!(
+                    attempt,
+                    Attempt::Declined {
+                        on_error: false,
+                        ..
+                    }
+                );
+                if declined && target.pinned == Some(endpoint) {
                     // A persisted session's endpoint that declined unprocessed (a stream it
                     // refused, a connection it rotates) is not given up: the session would move
                     // to another pod, its Set-Cookie naming that one (GEP-1619).
@@ -269,7 +282,7 @@ pub(super) async fn forward(
                 // other retry waits for the policy's backoff, which the spec says no retry of a
                 // failed request comes before (an endpoint refusing while its app restarts).
                 let at_once = match &attempt {
-                    Attempt::Declined(..) => true,
+                    Attempt::Declined { .. } => true,
                     Attempt::ConnectFailed(_) => {
                         backend.endpoints.iter().any(|e| !tried.contains(e))
                     }
@@ -296,7 +309,7 @@ pub(super) async fn forward(
                 // Declined after an attempt a backend may have processed (RFC 9113 §8.7): the
                 // caller hears of that attempt, not of a refusal, which a gRPC client would send
                 // again by itself beyond the route's retries.
-                (Attempt::Declined(..), Some(earlier)) => Err(earlier),
+                (Attempt::Declined { .. }, Some(earlier)) => Err(earlier),
                 (attempt, _) => attempt.failure(endpoint, backend),
             };
         }
@@ -525,7 +538,9 @@ fn attempt(
             error,
             reset: Some(code),
         },
-        Ok(Err(UpstreamError::Declined(e, on_error))) => Attempt::Declined(e, on_error),
+        Ok(Err(UpstreamError::Declined { error, on_error })) => {
+            Attempt::Declined { error, on_error }
+        }
     })
 }
 

@@ -65,8 +65,9 @@ pub struct ProxyConfig {
     /// Client connections open at most; one more is closed as soon as accepted (and counted),
     /// so that clients cannot exhaust the agent's descriptors.
     pub max_connections: usize,
-    /// How long an idle pooled upstream connection is kept (`upstream::PoolTimeouts`).
+    /// How long an idle pooled HTTP/1.1 upstream connection is kept (`upstream::PoolTimeouts`).
     pub upstream_http1_idle_timeout: Duration,
+    /// How long a pooled HTTP/2 upstream connection without a stream is kept.
     pub upstream_http2_idle_timeout: Duration,
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
@@ -331,7 +332,8 @@ impl Proxy {
                             // transparent retry), not a call answered UNAVAILABLE.
                             response.extensions_mut().insert(RefuseStream);
                             // Logged and counted with the status a plain caller would get; the
-                            // call did not end (the client sends it again), so no grpc-status.
+                            // call did not end (the client sends it again), so it is not
+                            // counted in gamma_grpc_calls_total.
                             *response.status_mut() = local.status();
                         }
                         gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());

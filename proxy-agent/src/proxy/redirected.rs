@@ -38,14 +38,10 @@ pub async fn serve_redirect(
     accept_loop(proxy, listener, drain, move |peer, snapshot| {
         let resolved = redirects.resolve(peer, listener_port, snapshot);
         if resolved.is_none() {
-            let refused = metrics
-                .redirected_without_record
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            // Logged at the 1st, 2nd, 4th… only: anyone who reaches the node's port can make
-            // such connections, one log line each.
-            if refused.is_power_of_two() {
-                tracing::warn!(%peer, refused, "connections to the redirect listener without a redirect record (made straight to it, or the record evicted) are reset");
+            // Anyone who reaches the node's port can make such connections.
+            let counted = &metrics.redirected_without_record;
+            if let Some(count) = crate::telemetry::metrics::count_sampled(counted) {
+                tracing::warn!(%peer, count, "connections to the redirect listener without a redirect record (made straight to it, or the record evicted) are reset");
             }
         }
         resolved.map(|(original, caller)| ConnectionInfo {

@@ -63,15 +63,9 @@ pub(super) async fn pass_through(
             }
         }
     }
-    let refused = proxy
-        .metrics
-        .opaque_unconnected
-        .fetch_add(1, Ordering::Relaxed)
-        + 1;
-    // Logged at the 1st, 2nd, 4th… only: a client reconnecting in a loop to a Service whose
-    // endpoints are down would otherwise write lines as fast as it connects.
-    if refused.is_power_of_two() {
-        tracing::warn!(service = %frontend.service, port = frontend.port, tried = tried.len(), refused, "opaque TCP: no endpoint accepted the connection; resetting it (gamma_opaque_unconnected_total counts them)");
+    let counted = &proxy.metrics.opaque_unconnected;
+    if let Some(count) = crate::telemetry::metrics::count_sampled(counted) {
+        tracing::warn!(service = %frontend.service, port = frontend.port, tried = tried.len(), count, "opaque TCP: no endpoint accepted the connection; resetting it (gamma_opaque_unconnected_total counts them)");
     }
     refuse(downstream);
 }

@@ -78,9 +78,8 @@ pub struct Writer {
     written: HashMap<String, Written>,
     /// What the last pass that wrote everything it had to was computed from.
     reconciled: Option<Reconciled>,
-    /// What the last pass that left a write undone was computed from, and when to try again:
-    /// a publish that changed neither (an EndpointSlice, a Pod: several a second on a busy
-    /// cluster) waits for that time rather than having every refused write sent again at once.
+    /// The last pass, if it left a write undone: what it was computed from, and when it ended
+    /// (the backoff counts from then).
     failed_on: Option<(Reconciled, tokio::time::Instant)>,
 }
 
@@ -185,15 +184,16 @@ impl Writer {
                 Outcome::Failed => failed + 1,
                 Outcome::Done | Outcome::Demoted => 0,
             };
-            self.failed_on = (outcome == Outcome::Failed).then(|| {
+            self.failed_on = None;
+            if outcome == Outcome::Failed {
                 tracing::warn!(
                     "route status: some writes failed; trying again in {:?}, or in {:?} if a \
                      route or its status changes",
                     retry_after(failed),
                     RETRY_AFTER
                 );
-                (Reconciled::of(&inputs), tokio::time::Instant::now())
-            });
+                self.failed_on = Some((Reconciled::of(&inputs), tokio::time::Instant::now()));
+            }
             due = self
                 .failed_on
                 .as_ref()

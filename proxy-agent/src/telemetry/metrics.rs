@@ -84,6 +84,14 @@ impl Reason {
 /// Reads the kernel programs' counters (`None`: unreadable now).
 pub type KernelCountersReader = Box<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
 
+/// Counts one more of something a client can repeat at will, and gives the count when it is
+/// worth a log line: at the 1st, 2nd, 4th… only (a line each would let a client reconnecting in
+/// a loop fill the log; the counter is the signal).
+pub fn count_sampled(counter: &AtomicU64) -> Option<u64> {
+    let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    count.is_power_of_two().then_some(count)
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Request series; the data plane records through the slots its tables carry.

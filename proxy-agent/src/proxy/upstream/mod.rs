@@ -55,11 +55,11 @@ pub enum UpstreamError {
     #[error("{1}")]
     Reset(u32, String),
     /// The endpoint declined the request before processing any of it (HTTP/2 REFUSED_STREAM,
-    /// or a GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7). `true`: the
+    /// or a GOAWAY that leaves it out): it may be sent again (RFC 9113 §8.7). `on_error`: the
     /// endpoint ended its connection on an error (a GOAWAY with an error code), which counts
     /// against it as a failure does.
-    #[error("{0}")]
-    Declined(String, bool),
+    #[error("{error}")]
+    Declined { error: String, on_error: bool },
 }
 
 /// Both upstream protocols' connection pools. Each data-plane worker has its own
@@ -81,19 +81,22 @@ pub struct Upstream {
 /// How long the pools wait for a connect, and keep an idle connection.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolTimeouts {
+    /// How long a connect may take before the next endpoint is tried.
     pub connect: Duration,
-    /// Below the keep-alive of the usual backends (Node's and uvicorn's 5 s, Apache's 5 s) so
-    /// that the agent closes an idle HTTP/1.1 connection first: a request written as the backend
-    /// closes fails, and only an idempotent one may be sent again (linkerd keeps 3 s for the
-    /// same reason; Envoy's hour is the classic "503 UC" of meshes in front of Node).
+    /// How long an idle HTTP/1.1 connection is kept.
     pub http1_idle: Duration,
-    /// An HTTP/2 backend closes with a GOAWAY that hands back the streams it did not take, which
-    /// go again: no race to avoid, and a handshake to save.
+    /// How long an HTTP/2 connection without a stream is kept.
     pub http2_idle: Duration,
 }
 
 impl PoolTimeouts {
+    /// Below the keep-alive of the usual backends (Node's, uvicorn's and Apache's: 5 s) so that
+    /// the agent closes an idle HTTP/1.1 connection first: a request written as the backend
+    /// closes fails, and only an idempotent one may be sent again (linkerd keeps 3 s for the
+    /// same reason; Envoy's hour is the classic "503 UC" of meshes in front of Node).
     pub const DEFAULT_HTTP1_IDLE: Duration = Duration::from_secs(3);
+    /// An HTTP/2 backend closes with a GOAWAY that hands back the streams it did not take, which
+    /// go again: no race to avoid, and a handshake to save.
     pub const DEFAULT_HTTP2_IDLE: Duration = Duration::from_secs(90);
 }
 
@@ -263,8 +266,8 @@ pub(super) async fn connect_tcp(
 
 /// A connection for HTTP exchanges with `endpoint`: as `connect_tcp`, and given up once what
 /// the agent sent stays unacknowledged for [`UNACKNOWLEDGED_LIMIT`]. An endpoint whose node
-/// vanished sends no reset: the kernel resent the request for about 15 minutes
-/// (`tcp_retries2`), and it hung as long with every request put on its pooled HTTP/2
+/// vanished sends no reset: the kernel would resend the request for about 15 minutes
+/// (`tcp_retries2`), and it would hang as long with every request put on its pooled HTTP/2
 /// connection. Not for opaque relays: the limit also ends a connection whose peer keeps its
 /// window shut that long, which a paused consumer of a stream may.
 pub(super) async fn connect_http(
@@ -283,7 +286,7 @@ pub(super) async fn connect_http(
 /// fails: the keepalive's own span (`tcp::keepalive`: 60 s idle, then 6 probes 10 s apart),
 /// since the limit also ends an idle connection whose probes go unanswered, which should not
 /// be sooner than keepalive alone would.
-pub const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(120);
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(120);
 
 /// A connect that failed before reaching the network: the agent is out of descriptors, local
 /// ports or buffer memory.
@@ -642,9 +645,12 @@ impl Http2Pool {
                 Some(unsent) if pooled => unsent,
                 _ => {
                     return Err(match said {
-                        BackendSaid::Refused => UpstreamError::Declined(error, false),
+                        BackendSaid::Refused => UpstreamError::Declined {
+                            error,
+                            on_error: false,
+                        },
                         BackendSaid::GoingAway { on_error } => {
-                            UpstreamError::Declined(error, on_error)
+                            UpstreamError::Declined { error, on_error }
                         }
                         BackendSaid::Reset(code) => UpstreamError::Reset(code, error),
                         BackendSaid::Nothing => UpstreamError::Failed(error),
@@ -1469,7 +1475,7 @@ mod tests {
             .unwrap();
         let opaque = connect_tcp(endpoint, Duration::from_secs(1)).await.unwrap();
         let user_timeout = |s| rustix::net::sockopt::tcp_user_timeout(s).unwrap();
-        assert_eq!(user_timeout(&http), 120_000);
+        assert_eq!(user_timeout(&http), UNACKNOWLEDGED_LIMIT.as_millis() as u32);
         assert_eq!(user_timeout(&opaque), 0);
     }
 

@@ -152,20 +152,15 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             rule.options().session.as_ref()?;
             // As each parent's table resolves them (a consumer route may send to its parent's
             // namespace without a grant).
-            let parents = route.parent_refs.iter();
-            let parent_namespaces: Vec<_> = parents
-                .filter_map(|p| p.service(route.namespace()))
-                .map(|key| key.namespace)
-                .collect();
-            let resolved: Vec<_> = parent_namespaces
+            let mut resolved = Vec::new();
+            for parent in route
+                .parent_refs
                 .iter()
-                .flat_map(|ns| {
-                    let resolver = &resolver;
-                    rule.backends
-                        .iter()
-                        .filter_map(move |b| resolver.resolve(b, route, ns).ok())
-                })
-                .collect();
+                .filter_map(|p| p.service(route.namespace()))
+            {
+                let resolve = |b| resolver.resolve(b, route, &parent.namespace).ok();
+                resolved.extend(rule.backends.iter().filter_map(resolve));
+            }
             backends::session_affinity_conflict(rule, resolved.iter().map(|b| &**b))
                 .map(|why| format!("{why}; the requests it matches get 500"))
         };

@@ -1,9 +1,13 @@
 """Real protocol peers for the loopback tests, from stacks that are not ours and enforce their
 protocols: gRPC's C-core (PyPI's grpcio) and hyper-h2 (PyPI's h2).
 
-  peers.py grpc-server PORT NAME    a C-core gRPC server: gamma.Echo/{Echo,Slow,Fail}
+  peers.py grpc-server PORT NAME    a C-core gRPC server: gamma.Echo/{Echo,Slow,Fail,Mirror,Chat}
   peers.py grpc-call TARGET AUTHORITY METHOD TIMEOUT_S PAYLOAD_BYTES
                                     a C-core gRPC client call; prints one JSON line
+  peers.py grpc-streams TARGET AUTHORITY
+                                    a C-core client's harder calls on one channel: a bidi stream
+                                    answered message by message, 3 MiB both ways, 300 calls at
+                                    once, binary trailing metadata; prints one JSON line
   peers.py h2-server PORT           a strict HTTP/2 (prior knowledge) server: a request whose
                                     `host` differs from `:authority` is malformed (RFC 9113
                                     8.3.1) and gets 400; others get 200 and what it saw, as JSON
@@ -40,11 +44,23 @@ def grpc_server(port, name):
     def fail(request, context):
         context.abort(grpc.StatusCode.NOT_FOUND, "no such thing (from the backend)")
 
+    def mirror(request, context):
+        # The request back, with trailing metadata: one binary (base64 on the wire), one text.
+        context.set_trailing_metadata((("x-trail-bin", b"\x00\xff" + request[:4]), ("x-trail", name)))
+        return request
+
+    def chat(requests, context):
+        # Bidi: each message answered as it arrives (the caller waits for it before the next).
+        for request in requests:
+            yield name.encode() + b":" + request
+
     identity = lambda b: b  # noqa: E731 - raw bytes in, raw bytes out
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(echo, identity, identity),
         "Slow": grpc.unary_stream_rpc_method_handler(slow, identity, identity),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
+        "Mirror": grpc.unary_unary_rpc_method_handler(mirror, identity, identity),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat, identity, identity),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gamma.Echo", handlers),))
@@ -74,6 +90,50 @@ def grpc_call(target, authority, method, timeout_s, payload_bytes):
     except grpc.RpcError as e:
         code, details = e.code().name, e.details()
     print(json.dumps({"code": code, "details": details, "messages": messages}), flush=True)
+
+
+def grpc_streams(target, authority):
+    import queue
+
+    import grpc
+
+    channel = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
+    identity = lambda b: b  # noqa: E731
+    seen = {}
+
+    # A bidi stream, message by message: nothing is sent before the last answer came back, so a
+    # proxy that holds a stream's data until more arrives (or until its end) stalls it.
+    outgoing = queue.Queue()
+    chat = channel.stream_stream("/gamma.Echo/Chat", identity, identity)(
+        iter(outgoing.get, None), timeout=20)
+    answers = []
+    for i in range(20):
+        outgoing.put(f"m{i}".encode())
+        answers.append(next(chat).decode())
+    outgoing.put(None)
+    seen["chat"] = answers
+    seen["chat_code"] = chat.code().name
+
+    # 3 MiB each way: many times HTTP/2's initial 64 KiB windows, on the caller's side and on the
+    # backend's; the payload comes back byte for byte.
+    big = bytes(range(256)) * (3 * 4096)
+    mirror = channel.unary_unary("/gamma.Echo/Mirror", identity, identity)
+    answer, call = mirror.with_call(big, timeout=20)
+    seen["big_equal"] = answer == big
+    seen["trailers"] = {k: (v.hex() if isinstance(v, bytes) else v)
+                        for k, v in call.trailing_metadata()}
+
+    # More calls at once than an HTTP/2 server's usual 100 concurrent streams.
+    futures = [mirror.future(f"c{i}".encode(), timeout=20) for i in range(300)]
+    results = []
+    for i, f in enumerate(futures):
+        try:
+            results.append(f.result() == f"c{i}".encode())
+        except grpc.RpcError as e:
+            results.append(e.code().name)
+    seen["concurrent_ok"] = sum(1 for r in results if r is True)
+    seen["concurrent_failed"] = sorted({str(r) for r in results if r is not True})
+    print(json.dumps(seen), flush=True)
 
 
 def h2_server(port):
@@ -134,4 +194,5 @@ def h2_server(port):
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"grpc-server": grpc_server, "grpc-call": grpc_call, "h2-server": h2_server}[command](*args)
+    {"grpc-server": grpc_server, "grpc-call": grpc_call, "grpc-streams": grpc_streams,
+     "h2-server": h2_server}[command](*args)

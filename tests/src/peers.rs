@@ -94,17 +94,36 @@ pub fn grpc_call(
     timeout: Duration,
     payload: usize,
 ) -> Result<serde_json::Value> {
+    let (timeout, payload) = (timeout.as_secs_f64().to_string(), payload.to_string());
+    run_client(&[
+        "grpc-call",
+        &target.to_string(),
+        authority,
+        method,
+        &timeout,
+        &payload,
+    ])
+}
+
+/// The C-core client's harder calls on one channel to `target` (`peers.py grpc-streams`): a bidi
+/// stream answered message by message, 3 MiB both ways with binary trailing metadata, 300 calls
+/// at once. Returns what it saw.
+pub fn grpc_streams(target: SocketAddr, authority: &str) -> Result<serde_json::Value> {
+    run_client(&["grpc-streams", &target.to_string(), authority])
+}
+
+/// Runs `peers.py` with `args` and parses the one JSON line it prints.
+fn run_client(args: &[&str]) -> Result<serde_json::Value> {
     let started = Instant::now();
     let output = Command::new(venv().join("bin/python"))
         .arg(script())
-        .args(["grpc-call", &target.to_string(), authority, method])
-        .arg(timeout.as_secs_f64().to_string())
-        .arg(payload.to_string())
+        .args(args)
         .output()
-        .context("running the gRPC client")?;
+        .with_context(|| format!("running peers.py {}", args[0]))?;
     if !output.status.success() {
         bail!(
-            "the gRPC client failed after {:?}: {}",
+            "peers.py {} failed after {:?}: {}",
+            args[0],
             started.elapsed(),
             String::from_utf8_lossy(&output.stderr)
         );

@@ -108,6 +108,48 @@ fn c_core_grpc_through_routes_and_direct() {
     );
 }
 
+/// What a C-core client does on one channel beyond a unary call, through a GRPCRoute and through
+/// a Service no route applies to: a bidi stream answered message by message (nothing of a stream
+/// may wait for more data or for its end), 3 MiB each way (flow control over many windows, on
+/// both legs), 300 calls at once (more than the backend's 100 concurrent streams), and binary
+/// trailing metadata, byte for byte.
+#[test]
+fn c_core_streams_large_messages_and_many_calls_through_the_agent() {
+    let Some(()) = peers_or_skip("c_core_streams_large_messages_and_many_calls_through_the_agent")
+    else {
+        return;
+    };
+    let server = Peer::start("grpc-server", &["c-core"]).unwrap();
+    let rules = "  - matches: [{method: {service: gamma.Echo}}]\n    backendRefs: [{name: grpc, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "plain", 80, &[server.addr], None)
+        .service("ns", "grpc", 80, &[server.addr], None)
+        .raw(&grpc_route("g", "front", rules));
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/front", 80), ("ns/plain", 80)],
+            caller_namespace: None,
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    for (listener, path) in agent.listen.iter().zip(["a GRPCRoute", "no route"]) {
+        let seen = peers::grpc_streams(*listener, "front.ns.svc.cluster.local").unwrap();
+        let chat: Vec<String> = (0..20).map(|i| format!("c-core:m{i}")).collect();
+        assert_eq!(seen["chat"], serde_json::json!(chat), "{path}: {seen}");
+        assert_eq!(seen["chat_code"], "OK", "{path}: {seen}");
+        assert_eq!(seen["big_equal"], true, "{path}: {seen}");
+        assert_eq!(
+            seen["trailers"],
+            serde_json::json!({"x-trail-bin": "00ff00010203", "x-trail": "c-core"}),
+            "{path}: {seen}"
+        );
+        assert_eq!(seen["concurrent_ok"], 300, "{path}: {seen}");
+    }
+}
+
 /// curl over HTTP/2 prior knowledge; returns the status and the body.
 fn curl_h2(url: &str, host: &str) -> (u16, Value) {
     let output = Command::new("curl")

@@ -683,18 +683,21 @@ fn find_crlf(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
     }
 }
 
-/// `1*HEXDIG [ BWS ";" extensions ]` (extensions are ignored).
+/// `1*HEXDIG [ BWS ";" extensions ]` (extensions are ignored). As hyper's client reads it: any
+/// number of leading zeros, and any byte in the extensions but a CR or LF.
 fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let zeros = line[..digits].iter().take_while(|b| **b == b'0').count();
+    let significant = &line[zeros.min(digits.saturating_sub(1))..digits];
     let rest = &line[digits..];
     let after = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
     let extensions_only = after.is_none_or(|i| rest[i] == b';');
     // A bare CR or LF inside would frame the body differently for another reader.
-    let controls = rest.iter().any(|b| b.is_ascii_control() && *b != b'\t');
-    if digits == 0 || digits > 16 || !extensions_only || controls {
+    let line_break = rest.iter().any(|b| matches!(b, b'\r' | b'\n'));
+    if digits == 0 || significant.len() > 16 || !extensions_only || line_break {
         return Err(WireError::BadChunk("invalid chunk size"));
     }
-    let hex = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    let hex = std::str::from_utf8(significant).expect("hex digits are ASCII");
     u64::from_str_radix(hex, 16).map_err(|_| WireError::BadChunk("invalid chunk size"))
 }
 
@@ -1041,6 +1044,7 @@ mod tests {
             b"5\r\nhelloXX",
             b"5 x\r\n",
             b"2;a\nb\r\nok\r\n0\r\n\r\n",
+            b"2;a\rb\r\nok\r\n0\r\n\r\n",
             b"11111111111111111\r\n",
             b"0\r\nbad trailer\r\n\r\n",
             // Trailer lines end with CRLF, as hyper's client requires.
@@ -1060,6 +1064,21 @@ mod tests {
         let mut decoder = BodyDecoder::new(Framing::Chunked);
         let long = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 1][..]);
         assert!(decoder.decode(&mut long.clone()).is_err());
+    }
+
+    /// What hyper's client reads, the agent's own exchange reads too: a size with any number of
+    /// leading zeros, extensions with control bytes other than CR and LF.
+    #[test]
+    fn chunk_sizes_hyper_accepts_are_read() {
+        for wire in [
+            &b"00000000000000000000002\r\nok\r\n0000\r\n\r\n"[..],
+            b"2;x=\x01\x7f\r\nok\r\n0\r\n\r\n",
+            b"2 \t;x\r\nok\r\n0\r\n\r\n",
+        ] {
+            let (frames, rest) = decode_in_steps(Framing::Chunked, wire, 4);
+            assert_eq!(data_of(&frames), b"ok", "{wire:?}");
+            assert!(rest.is_empty(), "{wire:?}");
+        }
     }
 
     #[test]

@@ -26,6 +26,11 @@ use tokio::time::Instant;
 const QUIET: Duration = Duration::from_millis(5);
 /// …or after this long in any case, so that a steady stream of updates still publishes.
 const MAX_BATCH: Duration = Duration::from_millis(100);
+/// A new table at most this often. Every node publishes on every EndpointSlice change in the
+/// cluster (a rollout: tens a second), and each publish costs the whole table's size (the
+/// index's maps cloned, the kernel's set reconciled, metrics pruned); a change after a quiet
+/// spell still goes out within `QUIET`. kube-proxy's minimum sync period is a second.
+const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 /// Updates a source may send ahead of the publisher.
 const CHANNEL: usize = 1024;
 
@@ -65,6 +70,8 @@ pub struct Publisher {
     published: watch::Sender<Published>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    /// When the last new table went out (`MIN_PUBLISH_INTERVAL`).
+    last_published: Option<Instant>,
 }
 
 impl Publisher {
@@ -86,6 +93,7 @@ impl Publisher {
             published: watch::channel(Published::default()).0,
             metrics,
             readiness,
+            last_published: None,
         };
         (publisher, tx)
     }
@@ -151,16 +159,21 @@ impl Publisher {
         }
     }
 
-    /// Receives one batch: the first update, then whatever follows within `QUIET`.
+    /// Receives one batch: the first update, then whatever follows within `QUIET`, and at least
+    /// until `MIN_PUBLISH_INTERVAL` after the last new table.
     async fn batch(&mut self) -> bool {
         let Some(first) = self.updates.recv().await else {
             return false;
         };
         self.apply(first);
-        let deadline = Instant::now() + MAX_BATCH;
+        let now = Instant::now();
+        let earliest = self
+            .last_published
+            .map_or(now, |at| at + MIN_PUBLISH_INTERVAL);
+        let deadline = (now + MAX_BATCH).max(earliest);
         loop {
-            let quiet = (Instant::now() + QUIET).min(deadline);
-            match tokio::time::timeout_at(quiet, self.updates.recv()).await {
+            let end = (Instant::now() + QUIET).max(earliest).min(deadline);
+            match tokio::time::timeout_at(end, self.updates.recv()).await {
                 Ok(Some(update)) => self.apply(update),
                 Ok(None) => return false,
                 Err(_) => return true,
@@ -200,6 +213,7 @@ impl Publisher {
     fn publish(&mut self) {
         let published = self.index.publish();
         if published {
+            self.last_published = Some(Instant::now());
             let snapshot = self.index.snapshot();
             self.metrics
                 .snapshot_version
@@ -353,6 +367,47 @@ mod tests {
         consumer.changed().await.unwrap();
         assert_eq!(consumer.borrow().snapshot.version, 2);
         assert_eq!(reader.load().version, 2);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    /// A change every 10 ms for a second (a rollout's EndpointSlices) publishes about ten tables,
+    /// not a hundred; the last change is in the last one; a change after a quiet spell goes out
+    /// within a few milliseconds.
+    #[tokio::test(start_paused = true)]
+    async fn tables_go_out_at_most_every_min_publish_interval() {
+        let (mut publisher, tx) =
+            Publisher::new(&["a"], Arc::new(Metrics::default()), Default::default());
+        let reader = publisher.reader();
+        tx.send(Update::Health("a", Health::Synced)).await.unwrap();
+        publisher.first_sync().await.unwrap();
+        let task = tokio::spawn(publisher.run());
+        let port = |i: u32| SERVICE.replace("port: 80", &format!("port: {}", 1000 + i));
+        let started = Instant::now();
+        for i in 0..100 {
+            for update in objects(&port(i)) {
+                tx.send(update).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let published = reader.load().version - 1;
+        let most = (started.elapsed().as_millis() / MIN_PUBLISH_INTERVAL.as_millis()) as u64 + 1;
+        assert!(
+            (most / 2..=most).contains(&published),
+            "{published} tables for 100 changes in {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(MIN_PUBLISH_INTERVAL).await;
+        let last = reader.load();
+        let ports: Vec<u16> = last.by_address.keys().map(|a| a.port()).collect();
+        assert_eq!(ports, [1099], "the last change is in the last table");
+        // After a quiet spell: at once.
+        tokio::time::sleep(MIN_PUBLISH_INTERVAL).await;
+        for update in objects(SERVICE) {
+            tx.send(update).await.unwrap();
+        }
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(reader.load().version, last.version + 1);
         drop(tx);
         task.await.unwrap();
     }

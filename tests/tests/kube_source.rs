@@ -109,6 +109,13 @@ async fn each_kind_reaches_the_table_and_leaves_it() {
         .find(|r| r.resource == "pods" && r.verb == "list")
         .unwrap();
     assert_eq!(pods.query["fieldSelector"], "spec.nodeName=node-a");
+    // Listed from the API server's cache, whole (at resourceVersion 0, as the kubelet lists
+    // them), not from etcd.
+    assert_eq!(
+        pods.query.get("resourceVersion").map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(pods.query.get("limit"), None);
 
     // Adds, per kind.
     api.apply(service(

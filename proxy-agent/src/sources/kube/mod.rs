@@ -68,12 +68,23 @@ impl KubeSource {
         let watchers = Watched::followed(config)
             .map(|kind| {
                 let mut watch_config = watcher::Config::default();
+                let node_only = |config: watcher::Config, field: &str, node: &str| {
+                    // One node's objects, listed from the API server's watch cache (at
+                    // resourceVersion 0, in one answer: a node holds a few hundred Pods at most)
+                    // with its index on the field, as the kubelet lists them. A list at the
+                    // latest version was read from etcd before Kubernetes 1.31: every Pod of the
+                    // cluster scanned for one node's, on every node, at each relist after a
+                    // control-plane restart.
+                    let mut config = config.fields(&format!("{field}={node}")).any_semantic();
+                    config.page_size = None; // kube-rs sends no resourceVersion 0 with a limit
+                    config
+                };
                 match (kind, &config.node_name) {
                     (Watched::Pod, Some(node)) => {
-                        watch_config = watch_config.fields(&format!("spec.nodeName={node}"));
+                        watch_config = node_only(watch_config, "spec.nodeName", node);
                     }
                     (Watched::Node, Some(node)) => {
-                        watch_config = watch_config.fields(&format!("metadata.name={node}"));
+                        watch_config = node_only(watch_config, "metadata.name", node);
                     }
                     _ => {}
                 }

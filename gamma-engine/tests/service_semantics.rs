@@ -329,6 +329,31 @@ fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
     assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
 }
 
+/// A ClusterIP with leading zeros (stored before API servers validated strictly) is read as
+/// kube-proxy reads it, decimal: the Service is served. An FQDN slice's addresses are no
+/// endpoints, even one that reads as an IPv4 address, as in kube-proxy.
+#[test]
+fn a_sloppy_clusterip_is_served_and_an_fqdn_slice_is_not() {
+    let mut index = Index::for_node("node-a");
+    let mut fqdn = slice("s", &[(1, "node-a", &[])]);
+    fqdn["metadata"]["name"] = "s-fqdn".into();
+    fqdn["addressType"] = "FQDN".into();
+    load(
+        &mut index,
+        vec![
+            service("s", 1, json!({"clusterIP": "10.96.0.010"})),
+            slice("s", &[(2, "node-a", &[])]),
+            fqdn,
+        ],
+    );
+    let snapshot = index.snapshot();
+    let frontend = snapshot
+        .frontend_at("10.96.0.10:80".parse().unwrap())
+        .expect("the Service at its ClusterIP read as decimal");
+    assert_eq!(frontend.service.name, "s");
+    assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
+}
+
 /// A headless Service has no ClusterIP to tell its first family by: its `ipFamilies` does. A
 /// dual-stack one (a StatefulSet's, PreferDualStack) as a backendRef listed each pod twice, once
 /// per family, and about half the picks dialled the family the pods may not listen on.

@@ -140,9 +140,26 @@ fn key(
     ))
 }
 
+/// An address as kube-proxy reads a ClusterIP (`netutils.ParseIPSloppy`): IPv4 octets with
+/// leading zeros are decimal (`10.96.0.010` is 10.96.0.10). API servers took such addresses
+/// before their strict validation, and clusters upgraded since still hold them: refused, the
+/// whole Service was missing from the table, its routes not accepted.
 fn ip(text: &str, field: &str) -> Result<IpAddr, ObjectError> {
+    let sloppy_v4 = || {
+        let mut octets = [0u8; 4];
+        let mut parts = text.split('.');
+        for octet in &mut octets {
+            let part = parts
+                .next()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))?;
+            *octet = part.parse().ok()?;
+        }
+        parts.next().is_none().then_some(IpAddr::from(octets))
+    };
     text.parse()
-        .map_err(|_| invalid(field, format!("`{text}` is not an IP address")))
+        .ok()
+        .or_else(sloppy_v4)
+        .ok_or_else(|| invalid(field, format!("`{text}` is not an IP address")))
 }
 
 fn port_number(p: i32, field: &str) -> Result<u16, ObjectError> {
@@ -381,10 +398,14 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             })
         })
         .collect();
+    // kube-proxy serves IPv4 and IPv6 slices only: an FQDN slice's `10.0.0.5` (a valid name)
+    // is no endpoint there, nor here.
+    let addressed_by_ip = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
     let endpoints = slice
         .endpoints
         .iter()
         .flatten()
+        .filter(|_| addressed_by_ip)
         .filter_map(|e| {
             let c = e.conditions.clone().unwrap_or_default();
             // Defaults from the API (and kube-proxy's reading): nil `ready` and nil `serving`

@@ -57,15 +57,17 @@ impl Affinity {
         let key = (backend.service.clone(), backend.port, caller);
         let mut table = self.entries.lock().expect("not poisoned");
         let sticky = table.bindings.get_mut(&key)?;
-        let live = backend
-            .affinity
-            .is_some_and(|timeout| now.duration_since(sticky.last_used) <= timeout)
-            && backend.endpoints.contains(&sticky.endpoint);
-        if !live {
+        let live = backend.affinity.filter(|timeout| {
+            now.duration_since(sticky.last_used) <= *timeout
+                && backend.endpoints.contains(&sticky.endpoint)
+        });
+        let Some(timeout) = live else {
             table.bindings.remove(&key);
             return None;
-        }
+        };
         sticky.last_used = now;
+        // The sweep of a full table reads it: a raised timeout keeps the binding there too.
+        sticky.timeout = timeout;
         Some(sticky.endpoint)
     }
 
@@ -198,6 +200,43 @@ mod tests {
             None
         );
         assert_eq!(affinity.bindings(), 0);
+    }
+
+    /// A raised timeout applies to callers already bound once they call again, also when a full
+    /// table is swept: a binding made under 10 s, renewed under an hour, is live 25 s later.
+    #[test]
+    fn a_raised_timeout_keeps_bindings_through_the_sweep_of_a_full_table() {
+        let affinity = Affinity::default();
+        let endpoints = ["10.0.0.1:80", "10.0.0.2:80"];
+        let (short, raised) = (
+            backend(&endpoints, Some(10)),
+            backend(&endpoints, Some(3600)),
+        );
+        let caller = "10.1.0.1".parse().unwrap();
+        let to = "10.0.0.2:80".parse().unwrap();
+        let t0 = Instant::now();
+        affinity.bind(&short, caller, to, t0);
+        assert_eq!(
+            affinity.endpoint(&raised, caller, t0 + Duration::from_secs(5)),
+            Some(to)
+        );
+        let filled = t0 + Duration::from_secs(20);
+        for i in 1..MAX_ENTRIES as u32 {
+            let other = std::net::Ipv4Addr::from(0x0b00_0000 + i).into();
+            affinity.bind(&raised, other, to, filled);
+        }
+        assert_eq!(affinity.bindings(), MAX_ENTRIES);
+        // A new caller sweeps the full table.
+        affinity.bind(
+            &raised,
+            "10.2.0.1".parse().unwrap(),
+            to,
+            filled + Duration::from_secs(10),
+        );
+        assert_eq!(
+            affinity.endpoint(&raised, caller, t0 + Duration::from_secs(30)),
+            Some(to)
+        );
     }
 
     /// Affinity turned off, then on again: the callers start afresh (the table without it

@@ -19,6 +19,7 @@ use crate::sources::kube::{self as kube_source, KubeConfig, KubeSource};
 use crate::status::{self, StatusConfig};
 use crate::telemetry::{unix_now, Metrics, Readiness};
 use anyhow::{bail, Context, Result};
+use futures::FutureExt as _;
 use gamma_engine::{ObjectKey, Snapshot};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -269,6 +270,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             },
         },
     };
+    // A SIGTERM since the first sync (the rollout undone, this pod deleted while it started)
+    // undoes the takeover before Stop, as one during the sync does: the running agent keeps
+    // everything and thaws. Taking over first would leave the node to an agent that is going,
+    // which empties the shared steering as it goes alone.
+    if inherited.predecessor().is_some() && signals.recv().now_or_never().is_some() {
+        tracing::info!("stopping before taking over: the running agent keeps serving");
+        drop(inherited);
+        // What the workers accepted meanwhile on the listeners both agents share finishes here;
+        // what is queued stays for the running agent.
+        drain.stop_accepting().await;
+        drain.drain(config.drain_timeout).await;
+        return Ok(());
+    }
     // Everything serves here now: only now does the running agent stop accepting.
     finish_takeover(
         inherited,

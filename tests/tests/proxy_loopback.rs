@@ -604,6 +604,51 @@ async fn sigterm_lets_an_upgraded_connection_finish() {
     exits_cleanly(agent, "once the upgraded connection ended").await;
 }
 
+/// A draining agent refuses an upgrade on a kept connection (503, `Connection: close`): a
+/// successor takes over only the relays running when it said Stop, and one made later was reset
+/// at the drain's deadline, mid-session. Refused at its handshake, the client connects again, to
+/// the successor (or, with none, on the Service's ordinary routing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_refuses_an_upgrade() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let agent = Agent::start(&Manifests::front_routed_to(a.addr), options(None)).unwrap();
+    let addr = agent.listen[0];
+    // A request in flight keeps the agent draining.
+    let c = client(false);
+    let url = agent.url(0, "/delay/3000");
+    let in_flight = tokio::spawn(async move { get(&c, &url, &[]).await.status });
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut kept = std::net::TcpStream::connect(addr).unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        kept.write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 4096];
+        let n = kept.read(&mut first).unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+        agent.terminate();
+        // Draining once the listener refuses; the kept connection is idle well under the
+        // drain's quiet second.
+        gamma_tests::eventually_within(Duration::from_secs(1), "the drain began", || {
+            std::net::TcpStream::connect(addr).is_err().then_some(())
+        });
+        kept.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = kept.read_to_end(&mut answer);
+        (String::from_utf8_lossy(&answer).to_lowercase(), agent)
+    })
+    .await
+    .unwrap();
+    let (answer, agent) = answer;
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains("restarting"), "{answer}");
+    assert_eq!(in_flight.await.unwrap(), 200);
+    exits_cleanly(agent, "after draining").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_manifest_changes_under_load_fail_nothing() {
     let a = echo_backend([127, 0, 0, 1], "a").await;

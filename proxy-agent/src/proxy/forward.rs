@@ -62,9 +62,21 @@ fn is_tunnel(parts: &http::request::Parts) -> bool {
 }
 
 pub(super) fn is_upgrade(parts: &http::request::Parts) -> bool {
-    parts.version == Version::HTTP_11
-        && wire::tokens(&parts.headers, &header::UPGRADE)
+    asks_upgrade(parts.version, &parts.headers)
+}
+
+fn asks_upgrade(version: Version, headers: &http::HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && wire::tokens(headers, &header::UPGRADE)
             .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+}
+
+/// The request's connection becomes a relay of bytes if it is answered (an upgrade, an HTTP/1.1
+/// CONNECT).
+pub(super) fn becomes_relay<B>(request: &http::Request<B>) -> bool {
+    let version = request.version();
+    (version == Version::HTTP_11 && request.method() == http::Method::CONNECT)
+        || asks_upgrade(version, request.headers())
 }
 
 /// What one upstream attempt ended with.

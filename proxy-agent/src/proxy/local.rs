@@ -61,6 +61,10 @@ pub enum LocalAnswer {
     UnknownTransferCoding(String),
     #[error("not implemented by the agent: {0}")]
     UnsupportedMethod(&'static str),
+    #[error(
+        "this node's agent is restarting: connect again (a new connection goes to its successor)"
+    )]
+    Draining,
 }
 
 impl LocalAnswer {
@@ -91,6 +95,7 @@ impl LocalAnswer {
             LocalAnswer::UnknownTransferCoding(_) | LocalAnswer::UnsupportedMethod(_) => {
                 Reason::NotImplemented
             }
+            LocalAnswer::Draining => Reason::Draining,
         }
     }
 
@@ -100,7 +105,8 @@ impl LocalAnswer {
             LocalAnswer::NoMatchingRule(_) => StatusCode::NOT_FOUND,
             LocalAnswer::UnknownFrontend(_)
             | LocalAnswer::NoReadyEndpoint(_)
-            | LocalAnswer::ConnectFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | LocalAnswer::ConnectFailed { .. }
+            | LocalAnswer::Draining => StatusCode::SERVICE_UNAVAILABLE,
             LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -144,7 +150,8 @@ impl LocalAnswer {
             | LocalAnswer::UnknownFrontend(_)
             | LocalAnswer::NoReadyEndpoint(_)
             | LocalAnswer::ConnectFailed { .. }
-            | LocalAnswer::BackendFailed { .. } => GrpcStatus::Unavailable,
+            | LocalAnswer::BackendFailed { .. }
+            | LocalAnswer::Draining => GrpcStatus::Unavailable,
             LocalAnswer::NoMatchingRule(_) => GrpcStatus::Unimplemented,
             LocalAnswer::BackendTimeout { .. }
             | LocalAnswer::RequestBodyTimeout(_)

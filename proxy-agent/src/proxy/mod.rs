@@ -279,10 +279,15 @@ impl Proxy {
     }
 
     /// Handles one request end to end; never fails: errors become local responses.
+    /// Answers one request. `draining`: the connection's agent is draining, and refuses what
+    /// would turn the connection into a relay (an upgrade, CONNECT): a successor takes over only
+    /// the relays running when it said Stop, and one made later would be reset at the drain's
+    /// deadline; refused, the client connects again, to the successor.
     pub async fn handle(
         self: &Arc<Self>,
         mut request: Request<CallerBody>,
         conn: &ConnectionInfo,
+        draining: bool,
     ) -> Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
         let mut log = AccessLog::new(&request, conn, &self.metrics);
@@ -292,7 +297,14 @@ impl Proxy {
         let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
             local_response(local, grpc, head, log, &self.metrics)
         };
-        let mut response = match check_request_head(&request, self.config.max_header_bytes) {
+        let refused =
+            check_request_head(&request, self.config.max_header_bytes).and_then(
+                |()| match draining && forward::becomes_relay(&request) {
+                    true => Err(LocalAnswer::Draining),
+                    false => Ok(()),
+                },
+            );
+        let mut response = match refused {
             Err(refused) => {
                 let mut response = local_response(&refused, &mut log);
                 // Like hyper's own refusals: the client is confused, do not wait for more from
@@ -974,7 +986,7 @@ mod future_sizes {
     async fn a_request_future_stays_under_4_kib() {
         let (proxy, conn) = (proxy(), connection());
         let request = Request::new(CallerBody::Whole(bytes::Bytes::new()));
-        let size = std::mem::size_of_val(&proxy.handle(request, &conn));
+        let size = std::mem::size_of_val(&proxy.handle(request, &conn, false));
         assert!(size <= 4096, "the request's future grew to {size} bytes");
     }
 

@@ -35,10 +35,12 @@ pub enum Reason {
     BadTarget,
     BadHost,
     NotImplemented,
+    /// An upgrade or CONNECT asked of an agent that is draining.
+    Draining,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Redirect,
         Reason::CorsPreflight,
         Reason::RuleNotServable,
@@ -56,6 +58,7 @@ impl Reason {
         Reason::BadTarget,
         Reason::BadHost,
         Reason::NotImplemented,
+        Reason::Draining,
     ];
 
     pub fn label(self) -> &'static str {
@@ -77,6 +80,7 @@ impl Reason {
             Reason::BadTarget => "bad_target",
             Reason::BadHost => "bad_host",
             Reason::NotImplemented => "not_implemented",
+            Reason::Draining => "draining",
         }
     }
 }

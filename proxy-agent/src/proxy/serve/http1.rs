@@ -138,7 +138,7 @@ pub async fn serve<T: ReadAhead>(
         let to_head = request.method() == Method::HEAD;
         // Boxed: the connection's task would otherwise be sized for a request in flight (about
         // 5 KiB) while it waits for the next.
-        let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info));
+        let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info, false));
         let watch = (config.header_read_timeout, config.max_header_bytes);
         let timer = head_timer.as_mut();
         let Some(response) =

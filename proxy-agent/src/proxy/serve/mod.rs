@@ -56,11 +56,13 @@ where
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
             let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
+                let draining = closing.as_ref().is_some_and(|draining| *draining.borrow());
                 let mut response = proxy
-                    .handle(request.map(CallerBody::Streaming), &info)
+                    .handle(request.map(CallerBody::Streaming), &info, draining)
                     .await;
-                let upgraded = tunnel || response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if !upgraded && closing.is_some_and(|draining| *draining.borrow()) {
+                let upgraded = (tunnel && response.status().is_success())
+                    || response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if !upgraded && draining {
                     response
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -709,6 +709,20 @@ fn agent_config<'a>(
                 .into(),
         );
     }
+    // A record is keyed by the caller's address and the agent's port alone: the kernel hands one
+    // ephemeral port to a pod's connections to both listeners, and one record would overwrite
+    // the other (a connection then served as the other's Service).
+    let shared = |client_first: Endpoint, listen: Endpoint| {
+        client_first.is_set() && client_first.port == listen.port
+    };
+    if shared(config.client_first_v4, config.listen_v4)
+        || shared(config.client_first_v6, config.listen_v6)
+    {
+        return invalid(
+            "the listener for ports whose clients speak first has the port of the listener for              any port: give it another port"
+                .into(),
+        );
+    }
     Ok((config, slots))
 }
 
@@ -870,6 +884,22 @@ mod tests {
         assert_eq!(addr::socket_addr(&config.client_first_v4), first_addr);
         assert!(!config.client_first_v6.is_set());
         let err = agent_config(&[client_first], 0).unwrap_err();
+        assert!(matches!(err, RedirectError::InvalidListener(_)), "{err}");
+    }
+
+    /// The two listeners of a family on one port (at two addresses) would share the records'
+    /// keys (the caller's address and the agent's port): refused.
+    #[test]
+    fn a_client_first_listener_on_the_same_port_is_refused() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let other_ip = SocketAddr::from(([127, 0, 0, 2], addr.port()));
+        let first = TcpListener::bind(other_ip).unwrap();
+        let client_first = AgentListener {
+            client_first: true,
+            ..any(&first, other_ip)
+        };
+        let err = agent_config(&[any(&l, addr), client_first], 0).unwrap_err();
         assert!(matches!(err, RedirectError::InvalidListener(_)), "{err}");
     }
 }

@@ -263,17 +263,26 @@ impl Index {
     }
 
     fn touch_service(&mut self, key: &ObjectKey) {
+        self.touch_endpoints(key);
+        // Routes that use this Service as a backend, or are attached to it: their status depends
+        // on the Service (its ports, type, affinity), not on its endpoints.
+        let routes = self
+            .store
+            .sending_to(key)
+            .chain(self.store.attached_to(key));
+        self.dirty_routes.extend(routes.cloned());
+    }
+
+    /// The Service's endpoints changed: it recompiles, and so do the parents of the routes that
+    /// send to it. No route's status changes: on a busy cluster, every node recomputed the
+    /// status of every route near a Service at each change of its EndpointSlices.
+    fn touch_endpoints(&mut self, key: &ObjectKey) {
         self.dirty_services.insert(key.clone());
-        // Routes that use this Service as a backend: their parents recompile, their status too.
         for route in self.store.sending_to(key) {
             if let Some(r) = self.store.routes.get(route) {
                 self.dirty_services.extend(parents(r));
             }
-            self.dirty_routes.insert(route.clone());
         }
-        // Routes attached to it: their status depends on the Service's ports.
-        self.dirty_routes
-            .extend(self.store.attached_to(key).cloned());
     }
 
     /// A ReferenceGrant of `namespace` changed: routes with a backend there are recompiled, and
@@ -313,7 +322,7 @@ impl Index {
                 if let Some(old) = self.store.slices.insert(key.clone(), slice) {
                     if old.service != service {
                         self.remove_slice_link(&old.service, &key);
-                        self.touch_service(&old.service);
+                        self.touch_endpoints(&old.service);
                     }
                 }
                 self.store
@@ -321,7 +330,7 @@ impl Index {
                     .entry(service.clone())
                     .or_default()
                     .insert(key);
-                self.touch_service(&service);
+                self.touch_endpoints(&service);
             }
             Object::Pod(pod) => {
                 if self.store.pods.get(&pod.key) != Some(&pod) {
@@ -402,7 +411,7 @@ impl Index {
             ObjectRef::EndpointSlice(key) => {
                 if let Some(old) = self.store.slices.remove(key) {
                     self.remove_slice_link(&old.service, key);
-                    self.touch_service(&old.service);
+                    self.touch_endpoints(&old.service);
                 }
             }
             ObjectRef::Pod(key) => {
@@ -705,7 +714,39 @@ impl<'a, T> IntoIterator for &'a SortedSet<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::SortedSet;
+    use super::{Index, SortedSet};
+
+    /// An EndpointSlice change recompiles its Service and the parents of the routes sending to
+    /// it, and recomputes no route's status (which endpoints do not change); a Service change
+    /// recomputes the status of the routes near it.
+    #[test]
+    fn an_endpoint_change_leaves_route_status_alone() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: front, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: back, namespace: ns}\nspec: {clusterIP: 10.96.0.2, ports: [{name: http, port: 80}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{group: '', kind: Service, name: front, port: 80}]\n  rules: [{backendRefs: [{name: back, port: 80}]}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: back-1, namespace: ns, labels: {kubernetes.io/service-name: back}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]\n";
+        let objects = |yaml: &str| {
+            crate::manifests::parse(std::path::Path::new("t.yaml"), yaml)
+                .objects
+                .into_iter()
+        };
+        let mut index = Index::new();
+        objects(yaml).for_each(|o| index.apply(o));
+        assert!(index.publish());
+        let slice = yaml
+            .split("---")
+            .last()
+            .unwrap()
+            .replace("10.0.0.1", "10.0.0.2");
+        objects(&slice).for_each(|o| index.apply(o));
+        assert!(index.dirty_routes.is_empty(), "{:?}", index.dirty_routes);
+        assert_eq!(index.dirty_services.len(), 2, "back and front recompile");
+        assert!(index.publish());
+        let back = yaml
+            .split("---")
+            .nth(1)
+            .unwrap()
+            .replace("port: 80", "port: 81");
+        objects(&back).for_each(|o| index.apply(o));
+        assert_eq!(index.dirty_routes.len(), 1, "the route's backend changed");
+    }
 
     #[test]
     fn sorted_set_keeps_each_value_once_in_order() {

@@ -403,7 +403,7 @@ pub fn http_connection(data: &[u8]) {
     let info = h.info.clone();
     exchange(data, move |server, shutdown| async move {
         if http2 {
-            let _ = serve_http(&h.proxy, TokioIo::new(server), true, info, shutdown).await;
+            let _ = serve_http(&h.proxy, TokioIo::new(server), true, info, shutdown, None).await;
         } else {
             http1::serve(&h.proxy, Rewound::new(server), info, shutdown).await;
         }
@@ -437,7 +437,7 @@ pub fn http1_framing(data: &[u8]) {
         })
     };
     let (hyper_answers, hyper_forwarded) = exchange(data, move |server, shutdown| async move {
-        let _ = serve_http(&h.proxy, TokioIo::new(server), false, info, shutdown).await;
+        let _ = serve_http(&h.proxy, TokioIo::new(server), false, info, shutdown, None).await;
     });
     let (own_forwarded, hyper_forwarded) = (
         complete_requests(own_forwarded),

@@ -1466,10 +1466,10 @@ fn counted_499(metrics: &str) -> bool {
 }
 
 /// An HTTP/1.1 caller that gives up on a request whose backend hangs (its socket reset) ends the
-/// request: counted 499, its connection closed. Before, the agent's own HTTP/1.1 server read
-/// nothing from the caller while the request ran: the request, and the connection, stayed in
-/// flight for as long as the backend took (forever for one that hangs), against
-/// `--max-connections`.
+/// request: counted 499, its connection closed; on the agent's own server (a bodiless GET) and
+/// on hyper's (an HTTP/1.0 request, a chunked body), which reads nothing from a half-closing
+/// caller while a request runs. Before, the request, and the connection, stayed in flight for as
+/// long as the backend took (forever for one that hangs), against `--max-connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_caller_that_resets_ends_its_request() {
     use std::io::Write as _;
@@ -1480,16 +1480,35 @@ async fn an_http1_caller_that_resets_ends_its_request() {
         options(&["--header-read-timeout-ms", "500"]),
     )
     .unwrap();
-    let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
-    caller
-        .write_all(b"GET /slow HTTP/1.1\r\nHost: front\r\n\r\n")
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    gamma_tests::probe::reset_on_close(&caller);
-    drop(caller);
-    let ended =
-        |text: &str| counted_499(text) && text.lines().any(|l| l == "gamma_connections_open 0");
-    metrics_until(&agent, "the abandoned request ended", ended).await;
+    let requests: [&[u8]; 3] = [
+        b"GET /slow HTTP/1.1\r\nHost: front\r\n\r\n",
+        b"GET /slow HTTP/1.0\r\nHost: front\r\n\r\n",
+        b"POST /slow HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ];
+    for (n, request) in requests.into_iter().enumerate() {
+        let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
+        caller.write_all(request).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gamma_tests::probe::reset_on_close(&caller);
+        drop(caller);
+        let ended = |text: &str| {
+            let abandoned = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("gamma_requests_total{") && l.contains(r#"status="499"}"#)
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>();
+            abandoned == n as u64 + 1 && text.lines().any(|l| l == "gamma_connections_open 0")
+        };
+        let request = String::from_utf8_lossy(request);
+        metrics_until(
+            &agent,
+            &format!("the abandoned request ended: {request}"),
+            ended,
+        )
+        .await;
+    }
 }
 
 /// How gRPC calls ended is counted by their grpc-status: an HTTP 200 says nothing of a gRPC

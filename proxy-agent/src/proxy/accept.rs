@@ -253,7 +253,8 @@ pub(super) async fn serve_connection(
         return serve::http1::serve(proxy, stream, info, shutdown).await;
     }
     let caller = info.caller.ip;
-    if let Err(e) = serve::serve_http(proxy, TokioIo::new(stream), true, info, shutdown).await {
+    if let Err(e) = serve::serve_http(proxy, TokioIo::new(stream), true, info, shutdown, None).await
+    {
         tracing::debug!(error = %e, %caller, "connection ended with an error");
     }
 }

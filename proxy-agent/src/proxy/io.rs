@@ -228,6 +228,10 @@ pub trait ReadAhead: ClosingWrite + AsyncRead + Send + 'static {
     /// From now on, a close shuts down for writing and reads until the client's FIN, draining
     /// or not (see [`Lingering`]).
     fn linger_on_close(&mut self) {}
+    /// A second descriptor of the caller's socket, if it is one (see `serve::CallerSocket`).
+    fn duplicate_socket(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 /// A transport whose reads return bytes read ahead first.
@@ -278,6 +282,10 @@ impl ReadAhead for Lingering {
 
     fn linger_on_close(&mut self) {
         self.always = true;
+    }
+
+    fn duplicate_socket(&self) -> Option<std::os::fd::OwnedFd> {
+        self.stream.as_ref()?.io.duplicate()
     }
 }
 

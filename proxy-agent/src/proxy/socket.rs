@@ -105,6 +105,15 @@ impl AcceptedSocket {
         self.held_for_fin = true;
     }
 
+    /// A second descriptor of the socket, to look at it while another task reads and writes it.
+    pub(super) fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        match &self.state {
+            State::Direct(socket) => socket.as_fd().try_clone_to_owned().ok(),
+            State::Registered(socket) => socket.as_fd().try_clone_to_owned().ok(),
+            State::Failed => None,
+        }
+    }
+
     /// The socket as a registered tokio stream (the byte pumps wait on both their sockets).
     pub fn into_registered(self) -> io::Result<TcpStream> {
         match self.state {

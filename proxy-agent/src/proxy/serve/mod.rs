@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +27,14 @@ use tokio::sync::watch;
 /// Serves HTTP/1.1 (with upgrades) or HTTP/2 on a connection whose protocol is known, until the
 /// client is done or `shutdown` turns true (then in-flight requests finish). Generic over the
 /// transport so that the fuzz target drives this very server over an in-memory pipe.
+/// `caller_socket`: HTTP/1.1's, looked at for a reset while a request runs long.
 pub async fn serve_http<I>(
     proxy: &Arc<Proxy>,
     io: I,
     http2: bool,
     info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
+    caller_socket: Option<OwnedFd>,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -43,6 +46,7 @@ where
     let closing = (!http2).then(|| shutdown.clone());
     // An HTTP/2 answer marked `CloseAfter` asks for a GOAWAY.
     let go_away = Arc::new(tokio::sync::Notify::new());
+    let caller_socket = caller_socket.map(Arc::new);
     let service = {
         let proxy = proxy.clone();
         let go_away = go_away.clone();
@@ -51,15 +55,24 @@ where
             let info = info.clone();
             let closing = closing.clone();
             let go_away = go_away.clone();
+            let caller_socket = caller_socket.clone();
             // Boxed: hyper keeps an HTTP/1 connection's slot for its request future for the
             // connection's whole life, so unboxed every idle keep-alive connection would hold
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
             let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
                 let draining = closing.as_ref().is_some_and(|draining| *draining.borrow());
-                let mut response = proxy
-                    .handle(request.map(CallerBody::Streaming), &info, draining)
-                    .await;
+                let handling = proxy.handle(request.map(CallerBody::Streaming), &info, draining);
+                let after = proxy.config.header_read_timeout;
+                let mut response = match &caller_socket {
+                    Some(socket) => match unless_caller_resets(socket, after, handling).await {
+                        Some(response) => response,
+                        // Dropped: its log counts it 499, its upstream exchange ends. The error
+                        // ends the connection.
+                        None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+                    },
+                    None => handling.await,
+                };
                 let upgraded = (tunnel && response.status().is_success())
                     || response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if !upgraded && draining {
@@ -100,6 +113,53 @@ where
         proxy.metrics.local_answer(reason);
     }
     served
+}
+
+/// How often the caller of a request that runs long is looked at for a reset.
+const RESET_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs `handling` and, once it has run for `after` (the head read timeout: most requests are
+/// answered sooner), looks at the caller's socket every [`RESET_CHECK_EVERY`]: a reset gives up
+/// on the request (`None`), as the agent's own server does (`http1::unless_caller_resets`).
+/// hyper's server, which half-closes, reads nothing from its caller while a request is in flight
+/// and never sees one: a caller that gave up on a backend that hangs left its request, and its
+/// connection, in flight for as long as the backend took.
+async fn unless_caller_resets<R>(
+    socket: &OwnedFd,
+    after: Duration,
+    handling: impl std::future::Future<Output = R>,
+) -> Option<R> {
+    use std::future::Future as _;
+    use std::task::{ready, Poll};
+    let mut handling = std::pin::pin!(handling);
+    let mut check: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(answer) = handling.as_mut().poll(cx) {
+            return Poll::Ready(Some(answer));
+        }
+        // Only once the request waits: one answered at once never touches a timer.
+        let timer = check.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        ready!(timer.as_mut().poll(cx));
+        if reset(socket) {
+            return Poll::Ready(None);
+        }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + RESET_CHECK_EVERY);
+    })
+    .await
+}
+
+/// The caller reset its connection (peeked, never read: hyper reads it).
+fn reset(socket: &OwnedFd) -> bool {
+    use rustix::io::Errno;
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    match rustix::net::recv(socket, &mut byte, flags) {
+        // A next request, or the caller's FIN (a half-close): the answer is still due.
+        Ok(_) => false,
+        Err(e) => e != Errno::AGAIN && e != Errno::INTR,
+    }
 }
 
 /// The answer hyper's HTTP/1.1 server sent by itself when a connection ends with `error`: a

@@ -48,6 +48,26 @@ async fn scripted_backend(
     addr
 }
 
+/// A backend's `Name : value` field reaches the caller as `name: value`, on both upstream
+/// exchanges (the agent's own for a bodiless request, hyper's for one with a body): a proxy must
+/// drop the space and relay the field (RFC 9112 §5.1). Before, both answered 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_space_before_a_backends_field_colon_is_dropped_not_refused() {
+    let backend = scripted_backend(
+        &[b"HTTP/1.1 200 OK\r\nX-Thing : 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"],
+        Duration::ZERO,
+    )
+    .await;
+    let agent = Agent::start(&front_routed_to_http1(backend), options(&[])).unwrap();
+    let c = client(false);
+    for (method, body) in [(Method::GET, ""), (Method::POST, "x")] {
+        let answer = send(&c, method, &agent.url(0, "/"), &[], Bytes::from(body)).await;
+        assert_eq!(answer.status, 200, "with body {body:?}: {}", answer.text);
+        assert_eq!(answer.headers["x-thing"], "1", "with body {body:?}");
+        assert_eq!(answer.text, "ok");
+    }
+}
+
 /// An HTTP/1.1 backend that answers every request with a 100-byte body, 10 bytes every 300 ms,
 /// and closes the connection after it (and says so: it is not kept for another request).
 async fn dripping_backend() -> std::net::SocketAddr {

@@ -505,6 +505,8 @@ impl Http1Pool {
     ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let stream = connect_http(endpoint, self.connect_timeout).await?;
         let (sender, connection) = http1::Builder::new()
+            // `Name : value`: dropped space, field relayed (RFC 9112 §5.1: a proxy MUST).
+            .allow_spaces_after_header_name_in_responses(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;

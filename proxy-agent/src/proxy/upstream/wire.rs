@@ -247,7 +247,11 @@ struct SplitHead {
 fn split_head<const N: usize>(buf: &mut BytesMut) -> Result<Option<SplitHead>, WireError> {
     let mut raw = [httparse::EMPTY_HEADER; N];
     let mut parsed = httparse::Response::new(&mut raw);
-    let head_len = match parsed.parse(buf) {
+    // `Name : value`: a proxy must drop the space and relay the field (RFC 9112 §5.1), as
+    // hyper's client is told to (`upstream::Http1Pool::connect`).
+    let mut config = httparse::ParserConfig::default();
+    config.allow_spaces_after_header_name_in_responses(true);
+    let head_len = match config.parse_response(&mut parsed, buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(WireError::HeadTooLarge)

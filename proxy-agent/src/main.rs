@@ -394,13 +394,20 @@ fn redirect_config(cli: &Cli) -> Result<Option<RedirectConfig>> {
     };
     let listen_client_first = match &cli.redirect_http {
         Some(ClientFirstListener(Some(Addresses(addrs)))) => {
-            if let Some(same) = addrs.iter().find(|a| listen.contains(a)) {
+            let family = |a: &SocketAddr| a.is_ipv4();
+            // The kernel's records are keyed by the caller and the agent's port alone: the two
+            // listeners of a family need two ports, whatever their addresses.
+            let shares_port = |a: &&SocketAddr| {
+                listen
+                    .iter()
+                    .any(|l| family(l) == family(a) && l.port() == a.port())
+            };
+            if let Some(same) = addrs.iter().find(shares_port) {
                 anyhow::bail!(
-                    "--redirect-http {same} is a --redirect address: give it a port of its own, \
-                     or `off`"
+                    "--redirect-http {same} has the port of a --redirect address of its family: \
+                     give it a port of its own, or `off`"
                 );
             }
-            let family = |a: &SocketAddr| a.is_ipv4();
             if let Some(lone) = addrs
                 .iter()
                 .find(|a| !listen.iter().any(|l| family(l) == family(a)))
@@ -570,8 +577,10 @@ mod tests {
             lone.to_string().contains("no address of its family"),
             "{lone}"
         );
-        let same = client_first(&["--redirect-http", "10.0.0.1:15001"]).unwrap_err();
-        assert!(same.to_string().contains("a port of its own"), "{same}");
+        for same in ["10.0.0.1:15001", "10.0.0.2:15001"] {
+            let same = client_first(&["--redirect-http", same]).unwrap_err();
+            assert!(same.to_string().contains("a port of its own"), "{same}");
+        }
         let last = Cli::parse_from([
             "proxy-agent",
             "--manifests",

@@ -719,7 +719,8 @@ fn agent_config<'a>(
         || shared(config.client_first_v6, config.listen_v6)
     {
         return invalid(
-            "the listener for ports whose clients speak first has the port of the listener for              any port: give it another port"
+            "the listener for ports whose clients speak first has the port of the listener for any \
+             port: give it another port"
                 .into(),
         );
     }

@@ -216,6 +216,9 @@ pub(super) async fn forward(
             if upgrade {
                 upgrade_load = load.take();
             }
+            // A kept connection that failed stale is resent on a new one within the attempts
+            // left, as one of them.
+            let mut attempts_left = max_attempts.saturating_sub(log.attempts);
             let call = async {
                 if head_only {
                     let host = http1_host(&parts, authority);
@@ -223,14 +226,16 @@ pub(super) async fn forward(
                     return proxy
                         .upstream
                         .inline
-                        .send_head(endpoint, &parts, host, load)
+                        .send_head(endpoint, &parts, host, load, &mut attempts_left)
                         .await;
                 }
                 let request = upstream_request(&parts, authority, h2, request_body);
                 // Boxed: hyper's exchange would otherwise size every request's future.
                 Box::pin(proxy.upstream.send(endpoint, h2, request, load)).await
             };
-            let attempt = match attempt(call, attempt_timeout).await {
+            let attempt = attempt(call, attempt_timeout).await;
+            log.attempts = max_attempts - attempts_left;
+            let attempt = match attempt {
                 // The caller's body broke off, or the attempt timed out waiting for the caller's
                 // next bytes (no endpoint could have answered the request incomplete): the
                 // caller failed the attempt, not the endpoint (three in a row would eject it for
@@ -322,6 +327,19 @@ pub(super) async fn forward(
                 // caller hears of that attempt, not of a refusal, which a gRPC client would send
                 // again by itself beyond the route's retries.
                 (Attempt::Declined { .. }, Some(earlier)) => Err(earlier),
+                // A retry policy ran out on connections lost before any answer: 503, as the
+                // Gateway API's conformance (HTTPRouteRetryConnectionError: 500 or 503) and
+                // Envoy answer; one failed exchange without a policy stays 502.
+                (Attempt::Failed { error, reset: None }, _)
+                    if retry.is_some() && log.attempts > 1 =>
+                {
+                    Err(LocalAnswer::RetriesExhausted {
+                        endpoint,
+                        backend: backend.name(),
+                        attempts: log.attempts,
+                        error,
+                    })
+                }
                 (attempt, _) => attempt.failure(endpoint, backend),
             };
         }

@@ -40,6 +40,16 @@ pub enum LocalAnswer {
         reset: Option<u32>,
     },
     #[error(
+        "{attempts} attempts at {backend} got no answer, the route's retries included (the \
+         last, to {endpoint}: {error})"
+    )]
+    RetriesExhausted {
+        endpoint: SocketAddr,
+        backend: String,
+        attempts: u32,
+        error: String,
+    },
+    #[error(
         "the request's body broke off before its end (the client closed or reset it, or sent a \
          malformed chunk): {0}"
     )]
@@ -85,7 +95,9 @@ impl LocalAnswer {
             LocalAnswer::NoReadyEndpoint(_) => Reason::NoReadyEndpoint,
             LocalAnswer::ConnectFailed { .. } => Reason::ConnectFailed,
             LocalAnswer::BackendTimeout { .. } => Reason::BackendTimeout,
-            LocalAnswer::BackendFailed { .. } => Reason::BackendFailed,
+            LocalAnswer::BackendFailed { .. } | LocalAnswer::RetriesExhausted { .. } => {
+                Reason::BackendFailed
+            }
             LocalAnswer::RequestBodyBrokeOff(_) => Reason::RequestBodyBrokeOff,
             LocalAnswer::RequestBodyTimeout(_) => Reason::RequestBodyTimeout,
             LocalAnswer::RouteTimeout(_) => Reason::RouteTimeout,
@@ -106,6 +118,7 @@ impl LocalAnswer {
             LocalAnswer::UnknownFrontend(_)
             | LocalAnswer::NoReadyEndpoint(_)
             | LocalAnswer::ConnectFailed { .. }
+            | LocalAnswer::RetriesExhausted { .. }
             | LocalAnswer::Draining => StatusCode::SERVICE_UNAVAILABLE,
             LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -151,6 +164,7 @@ impl LocalAnswer {
             | LocalAnswer::NoReadyEndpoint(_)
             | LocalAnswer::ConnectFailed { .. }
             | LocalAnswer::BackendFailed { .. }
+            | LocalAnswer::RetriesExhausted { .. }
             | LocalAnswer::Draining => GrpcStatus::Unavailable,
             LocalAnswer::NoMatchingRule(_) => GrpcStatus::Unimplemented,
             LocalAnswer::BackendTimeout { .. }

@@ -144,22 +144,24 @@ impl InlinePool {
         load: Option<OwnedInFlight>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let (parts, _) = request.into_parts();
-        self.send_head(endpoint, &parts, None, load).await
+        self.send_head(endpoint, &parts, None, load, &mut 1).await
     }
 
     /// Sends the request `parts` describe, without a body, as an HTTP/1.1 upstream gets it (see
     /// `wire::request_head`; `host` when `parts` has none), on a kept connection to `endpoint`,
     /// else on a new one. Nothing of `parts` is copied. An idempotent request that a kept
     /// connection failed before any byte of answer (the upstream closed it while idle, and the
-    /// runtime had not seen that yet) goes again once, on a new connection (RFC 9112 §9.3.1): an
-    /// upstream that closes on the request itself gets it twice at most. The answer's body holds
-    /// `load` until it is dropped (see `Upstream::send`).
+    /// runtime had not seen that yet) goes again once, on a new connection (RFC 9112 §9.3.1), if
+    /// `resends` allows one (taken from it): a route's retry policy counts it among its attempts,
+    /// so that an upstream that closes on the request itself gets it no more often than the
+    /// policy says. The answer's body holds `load` until it is dropped (see `Upstream::send`).
     pub async fn send_head(
         &self,
         endpoint: SocketAddr,
         parts: &http::request::Parts,
         host: Option<&str>,
         load: Option<OwnedInFlight>,
+        resends: &mut u32,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let target = parts.uri.path_and_query();
         let to_head = parts.method == Method::HEAD;
@@ -176,7 +178,10 @@ impl InlinePool {
             wire::request_head(&parts.method, target, headers, host, &mut conn.write);
             match conn.exchange(to_head).await {
                 Ok(head) => return Ok(self.answer(endpoint, conn, head, load)),
-                Err(f) if f.stale && kept && parts.method.is_idempotent() => again = true,
+                Err(f) if f.stale && kept && parts.method.is_idempotent() && *resends > 0 => {
+                    *resends -= 1;
+                    again = true;
+                }
                 Err(f) => return Err(UpstreamError::Failed(f.error)),
             }
         }

@@ -324,9 +324,13 @@ fn a_bad_port_or_address_drops_only_itself_from_its_slice() {
     load(&mut index, vec![service("s", 1, json!({})), odd.clone()]);
     assert_eq!(direct(&index, "s"), ["10.0.0.1", "10.0.0.2"]);
     odd["ports"] = json!([{"name": "http", "port": 8080}, {"name": "admin", "port": 0}]);
+    odd["endpoints"][0]["addresses"] = json!(["10.0.0.256"]);
+    load(&mut index, vec![odd.clone()]);
+    assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
+    // Leading zeros are read as kube-proxy reads them.
     odd["endpoints"][0]["addresses"] = json!(["10.001.0.5"]);
     load(&mut index, vec![odd]);
-    assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
+    assert_eq!(direct(&index, "s"), ["10.0.0.2", "10.1.0.5"]);
 }
 
 /// A ClusterIP with leading zeros (stored before API servers validated strictly) is read as

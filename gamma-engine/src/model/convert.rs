@@ -411,9 +411,10 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             // Defaults from the API (and kube-proxy's reading): nil `ready` and nil `serving`
             // mean true.
             let ready = c.ready.unwrap_or(true);
-            // Only the first address is ever dialled (`routes::backends`); one that does not
-            // parse (older API servers took `10.001.0.5`) drops that endpoint, not the slice.
-            let first = e.addresses.first()?.parse::<IpAddr>().ok()?;
+            // Only the first address is ever dialled (`routes::backends`), read as kube-proxy
+            // reads it (`10.001.0.5`, which older API servers took, is 10.1.0.5); one that does
+            // not parse drops that endpoint, not the slice.
+            let first = ip(e.addresses.first()?, "endpoints").ok()?;
             Some(Endpoint {
                 addresses: Box::new([first]),
                 ready,

@@ -87,19 +87,22 @@ impl Drain {
     }
 
     /// Stops every accept loop and waits until each has returned: afterwards this process
-    /// accepts nothing more (a successor may go on accepting on the same sockets).
+    /// accepts nothing more (a successor may go on accepting on the same sockets). Connections
+    /// start draining at once: at a takeover, the successor said Stop and is taking the relays
+    /// running now, and a keep-alive client's next connection goes to it; one more relay made
+    /// here would be reset at the deadline (an upgrade is refused from now on).
     pub async fn stop_accepting(&self) {
         // Kept whoever listens: a flag read later (`stopped_accepting`) must see it.
         self.stop_accepting.send_replace(true);
         self.acceptors.close();
         self.acceptors.wait().await;
+        self.draining.send_replace(true);
     }
 
     /// Stops accepting, asks connections to finish their in-flight requests, and waits for
     /// them up to `deadline`. Returns whether every connection finished in time.
     pub async fn drain(&self, deadline: Duration) -> bool {
         self.stop_accepting().await;
-        self.draining.send_replace(true);
         self.tracker.close();
         tokio::time::timeout(deadline, self.tracker.wait())
             .await
@@ -177,6 +180,17 @@ impl<F: Future> Future for PolledWhenWoken<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections drain from the moment the agent stops accepting (at a takeover, the
+    /// successor's Stop), not from the later `drain`: an upgrade made between the two was reset
+    /// at the deadline, the successor having taken the relays of that moment only.
+    #[tokio::test]
+    async fn connections_drain_from_when_accepting_stops() {
+        let drain = Drain::default();
+        let draining = drain.watch();
+        drain.stop_accepting().await;
+        assert!(*draining.borrow());
+    }
 
     #[tokio::test]
     async fn a_future_polled_when_woken_still_ends_when_its_signal_comes() {

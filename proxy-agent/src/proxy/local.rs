@@ -72,7 +72,8 @@ pub enum LocalAnswer {
     #[error("not implemented by the agent: {0}")]
     UnsupportedMethod(&'static str),
     #[error(
-        "this node's agent is restarting: connect again (a new connection goes to its successor)"
+        "this node's agent is stopping or restarting: connect again (a new connection goes to its \
+         successor, or to the Service as without the mesh)"
     )]
     Draining,
 }

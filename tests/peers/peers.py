@@ -62,7 +62,9 @@ def grpc_server(port, name):
         "Mirror": grpc.unary_unary_rpc_method_handler(mirror, identity, identity),
         "Chat": grpc.stream_stream_rpc_method_handler(chat, identity, identity),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # At most 100 streams at once on a connection, as many HTTP/2 servers say (SETTINGS).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.max_concurrent_streams", 100)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gamma.Echo", handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()

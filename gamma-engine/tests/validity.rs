@@ -379,6 +379,20 @@ fn a_path_rewrite_on_the_rule_and_on_a_backend_ref_is_refused() {
     let answer = answer(&index, "/foo/bar");
     assert!(answer.starts_with("rule 1 answers 500"), "{answer}");
     assert!(answer.contains("cannot be combined"), "{answer}");
+    // Nor a redirect of the path on a backendRef: its Location said `/xyz/v2/bar`.
+    let redirect = json!({"type": "RequestRedirect", "requestRedirect": {"path":
+        {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/xyz"}}});
+    let index = index_with(route(
+        1,
+        json!([{"matches": [{"path": {"type": "Exact", "value": "/other"}}],
+                "backendRefs": [{"name": "back", "port": 80}]},
+               {"matches": [{"path": {"type": "PathPrefix", "value": "/foo"}}],
+                "filters": [prefix("/v2")],
+                "backendRefs": [{"name": "back", "port": 80, "filters": [redirect]}]}]),
+    ));
+    let redirected = self::answer(&index, "/foo/bar");
+    assert!(redirected.starts_with("rule 1 answers 500"), "{redirected}");
+    assert!(redirected.contains("cannot be combined"), "{redirected}");
 }
 
 /// A mirror gets the request as the filters before it left it: not what later filters make of

@@ -1506,19 +1506,26 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
                 Filter::Rewrite(r) if matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_)))
             )
         });
-    // A backendRef's rewrite runs after the rule's, on the path the rule's made: a second
+    // A backendRef's rewrite or redirect runs after the rule's rewrite, on the path that made: a
     // ReplacePrefixMatch no longer finds the matched prefix and prepended its value to the whole
-    // path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`).
+    // path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`, in a Location too).
     let rewrites_path = |filters: &[Filter]| {
         filters
             .iter()
             .any(|f| matches!(f, Filter::Rewrite(r) if r.path.is_some()))
     };
-    if rewrites_path(rule.filters()) && rule.backends.iter().any(|b| rewrites_path(b.filters())) {
+    let changes_path = |filters: &[Filter]| {
+        rewrites_path(filters)
+            || filters
+                .iter()
+                .any(|f| matches!(f, Filter::Redirect(r) if r.path.is_some()))
+    };
+    if rewrites_path(rule.filters()) && rule.backends.iter().any(|b| changes_path(b.filters())) {
         return Err(invalid(
             format!("{field}.filters"),
-            "a URLRewrite of the path on the rule and on one of its backendRefs cannot be \
-             combined (the second would rewrite the first's result); keep one",
+            "a URLRewrite of the path on the rule and a URLRewrite or RequestRedirect of the path \
+             on one of its backendRefs cannot be combined (the second would change the first's \
+             result); keep one",
         ));
     }
     if uses_prefix_replace

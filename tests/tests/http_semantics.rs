@@ -1487,9 +1487,11 @@ fn counted_499(metrics: &str) -> bool {
 
 /// An HTTP/1.1 caller that gives up on a request whose backend hangs (its socket reset) ends the
 /// request: counted 499, its connection closed; on the agent's own server (a bodiless GET) and
-/// on hyper's (an HTTP/1.0 request, a chunked body), which reads nothing from a half-closing
-/// caller while a request runs. Before, the request, and the connection, stayed in flight for as
-/// long as the backend took (forever for one that hangs), against `--max-connections`.
+/// on hyper's (an HTTP/1.0 request, a chunked body, a large body the backend does not read, part
+/// of it still unread in the agent's socket when the caller resets), which reads nothing from a
+/// half-closing caller while a request runs. Before, the request, and the connection, stayed in
+/// flight for as long as the backend took (forever for one that hangs), against
+/// `--max-connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_caller_that_resets_ends_its_request() {
     use std::io::Write as _;
@@ -1500,14 +1502,27 @@ async fn an_http1_caller_that_resets_ends_its_request() {
         options(&["--header-read-timeout-ms", "500"]),
     )
     .unwrap();
-    let requests: [&[u8]; 3] = [
+    let requests: [&[u8]; 4] = [
         b"GET /slow HTTP/1.1\r\nHost: front\r\n\r\n",
         b"GET /slow HTTP/1.0\r\nHost: front\r\n\r\n",
         b"POST /slow HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"POST /slow HTTP/1.1\r\nHost: front\r\nContent-Length: 1073741824\r\n\r\n",
     ];
     for (n, request) in requests.into_iter().enumerate() {
         let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
         caller.write_all(request).unwrap();
+        if request.starts_with(b"POST") && !request.ends_with(b"0\r\n\r\n") {
+            // Body until every buffer between here and the backend is full (it reads nothing).
+            caller
+                .set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let chunk = vec![0u8; 64 * 1024];
+            for _ in 0..1024 {
+                if caller.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
         gamma_tests::probe::reset_on_close(&caller);
         drop(caller);

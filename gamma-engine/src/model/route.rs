@@ -1506,25 +1506,29 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
                 Filter::Rewrite(r) if matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_)))
             )
         });
-    // A backendRef's rewrite or redirect runs after the rule's rewrite, on the path that made: a
-    // ReplacePrefixMatch no longer finds the matched prefix and prepended its value to the whole
-    // path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`, in a Location too).
+    // A backendRef's filters run after the rule's, on the request they made: a second path
+    // rewrite's ReplacePrefixMatch no longer finds the matched prefix and prepended its value to
+    // the whole path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`), and a redirect's
+    // Location took the rewritten path and host where the spec takes the request's.
     let rewrites_path = |filters: &[Filter]| {
         filters
             .iter()
             .any(|f| matches!(f, Filter::Rewrite(r) if r.path.is_some()))
     };
-    let changes_path = |filters: &[Filter]| {
-        rewrites_path(filters)
-            || filters
-                .iter()
-                .any(|f| matches!(f, Filter::Redirect(r) if r.path.is_some()))
-    };
-    if rewrites_path(rule.filters()) && rule.backends.iter().any(|b| changes_path(b.filters())) {
+    let rule_rewrites = rule
+        .filters()
+        .iter()
+        .any(|f| matches!(f, Filter::Rewrite(_)));
+    let redirects = |filters: &[Filter]| filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
+    let combined = rule.backends.iter().any(|b| {
+        (rewrites_path(rule.filters()) && rewrites_path(b.filters()))
+            || (rule_rewrites && redirects(b.filters()))
+    });
+    if combined {
         return Err(invalid(
             format!("{field}.filters"),
-            "a URLRewrite of the path on the rule and a URLRewrite or RequestRedirect of the path \
-             on one of its backendRefs cannot be combined (the second would change the first's \
+            "a URLRewrite on the rule cannot be combined with a URLRewrite of the path, or a \
+             RequestRedirect, on one of its backendRefs (the second would work on the first's \
              result); keep one",
         ));
     }

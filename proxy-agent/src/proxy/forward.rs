@@ -216,9 +216,14 @@ pub(super) async fn forward(
             if upgrade {
                 upgrade_load = load.take();
             }
-            // A kept connection that failed stale is resent on a new one within the attempts
-            // left, as one of them.
-            let mut attempts_left = max_attempts.saturating_sub(log.attempts);
+            // A kept connection that failed stale is resent once on a new one (RFC 9112
+            // §9.3.1); under a retry policy, within its attempts left and as one of them (without
+            // one, a refused connect keeps its one more try elsewhere).
+            let resends = match retry {
+                Some(_) => max_attempts.saturating_sub(log.attempts),
+                None => 1,
+            };
+            let mut resends_left = resends;
             let call = async {
                 if head_only {
                     let host = http1_host(&parts, authority);
@@ -226,7 +231,7 @@ pub(super) async fn forward(
                     return proxy
                         .upstream
                         .inline
-                        .send_head(endpoint, &parts, host, load, &mut attempts_left)
+                        .send_head(endpoint, &parts, host, load, &mut resends_left)
                         .await;
                 }
                 let request = upstream_request(&parts, authority, h2, request_body);
@@ -234,7 +239,9 @@ pub(super) async fn forward(
                 Box::pin(proxy.upstream.send(endpoint, h2, request, load)).await
             };
             let attempt = attempt(call, attempt_timeout).await;
-            log.attempts = max_attempts - attempts_left;
+            if retry.is_some() {
+                log.attempts += resends - resends_left;
+            }
             let attempt = match attempt {
                 // The caller's body broke off, or the attempt timed out waiting for the caller's
                 // next bytes (no endpoint could have answered the request incomplete): the
@@ -327,11 +334,12 @@ pub(super) async fn forward(
                 // caller hears of that attempt, not of a refusal, which a gRPC client would send
                 // again by itself beyond the route's retries.
                 (Attempt::Declined { .. }, Some(earlier)) => Err(earlier),
-                // A retry policy ran out on connections lost before any answer: 503, as the
-                // Gateway API's conformance (HTTPRouteRetryConnectionError: 500 or 503) and
-                // Envoy answer; one failed exchange without a policy stays 502.
+                // A retry policy whose attempts all failed, the last without an answer: 503, as
+                // the Gateway API's conformance (HTTPRouteRetryConnectionError: 500 or 503) and
+                // Envoy answer; one failed exchange without a policy stays 502, and so does one
+                // whose retry could not be sent (its body was not kept).
                 (Attempt::Failed { error, reset: None }, _)
-                    if retry.is_some() && log.attempts > 1 =>
+                    if retry.is_some() && log.attempts >= max_attempts =>
                 {
                     Err(LocalAnswer::RetriesExhausted {
                         endpoint,

@@ -228,8 +228,9 @@ pub trait ReadAhead: ClosingWrite + AsyncRead + Send + 'static {
     /// From now on, a close shuts down for writing and reads until the client's FIN, draining
     /// or not (see [`Lingering`]).
     fn linger_on_close(&mut self) {}
-    /// A second descriptor of the caller's socket, if it is one (see `serve::CallerSocket`).
-    fn duplicate_socket(&self) -> Option<std::os::fd::OwnedFd> {
+    /// The caller's socket's descriptor, if it is one, for `serve_http` to look at the
+    /// connection's TCP state while hyper's server holds it.
+    fn raw_socket(&self) -> Option<std::os::fd::RawFd> {
         None
     }
 }
@@ -284,8 +285,8 @@ impl ReadAhead for Lingering {
         self.always = true;
     }
 
-    fn duplicate_socket(&self) -> Option<std::os::fd::OwnedFd> {
-        self.stream.as_ref()?.io.duplicate()
+    fn raw_socket(&self) -> Option<std::os::fd::RawFd> {
+        self.stream.as_ref()?.io.raw_fd()
     }
 }
 

@@ -40,8 +40,8 @@ pub enum LocalAnswer {
         reset: Option<u32>,
     },
     #[error(
-        "{attempts} attempts at {backend} got no answer, the route's retries included (the \
-         last, to {endpoint}: {error})"
+        "{attempts} attempts at {backend} failed, the route's retries included (the last, to \
+         {endpoint}: {error})"
     )]
     RetriesExhausted {
         endpoint: SocketAddr,

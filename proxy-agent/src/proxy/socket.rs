@@ -105,11 +105,12 @@ impl AcceptedSocket {
         self.held_for_fin = true;
     }
 
-    /// A second descriptor of the socket, to look at it while another task reads and writes it.
-    pub(super) fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+    /// The socket's descriptor (the same once registered).
+    pub(super) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd as _;
         match &self.state {
-            State::Direct(socket) => socket.as_fd().try_clone_to_owned().ok(),
-            State::Registered(socket) => socket.as_fd().try_clone_to_owned().ok(),
+            State::Direct(socket) => Some(socket.as_raw_fd()),
+            State::Registered(socket) => Some(socket.as_raw_fd()),
             State::Failed => None,
         }
     }

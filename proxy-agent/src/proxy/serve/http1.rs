@@ -227,7 +227,7 @@ async fn hand_over<T: ReadAhead>(
     stream.give_back(unread);
     // hyper may answer a request before reading its body, then close (RFC 9112 §9.6).
     stream.linger_on_close();
-    let caller_socket = stream.duplicate_socket();
+    let caller_socket = stream.raw_socket();
     let caller = info.caller.ip;
     // Boxed: hyper's connection would otherwise size every connection's task.
     let served = Box::pin(super::serve_http(

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::os::fd::OwnedFd;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,14 +27,15 @@ use tokio::sync::watch;
 /// Serves HTTP/1.1 (with upgrades) or HTTP/2 on a connection whose protocol is known, until the
 /// client is done or `shutdown` turns true (then in-flight requests finish). Generic over the
 /// transport so that the fuzz target drives this very server over an in-memory pipe.
-/// `caller_socket`: HTTP/1.1's, looked at for a reset while a request runs long.
+/// `caller_socket`: the descriptor of `io`'s socket (HTTP/1.1), looked at for a reset while a
+/// request runs long; it stays open while `io` does, which outlives every request.
 pub async fn serve_http<I>(
     proxy: &Arc<Proxy>,
     io: I,
     http2: bool,
     info: Arc<ConnectionInfo>,
     shutdown: watch::Receiver<bool>,
-    caller_socket: Option<OwnedFd>,
+    caller_socket: Option<RawFd>,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -46,7 +47,6 @@ where
     let closing = (!http2).then(|| shutdown.clone());
     // An HTTP/2 answer marked `CloseAfter` asks for a GOAWAY.
     let go_away = Arc::new(tokio::sync::Notify::new());
-    let caller_socket = caller_socket.map(Arc::new);
     let service = {
         let proxy = proxy.clone();
         let go_away = go_away.clone();
@@ -55,7 +55,6 @@ where
             let info = info.clone();
             let closing = closing.clone();
             let go_away = go_away.clone();
-            let caller_socket = caller_socket.clone();
             // Boxed: hyper keeps an HTTP/1 connection's slot for its request future for the
             // connection's whole life, so unboxed every idle keep-alive connection would hold
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
@@ -64,7 +63,7 @@ where
                 let draining = closing.as_ref().is_some_and(|draining| *draining.borrow());
                 let handling = proxy.handle(request.map(CallerBody::Streaming), &info, draining);
                 let after = proxy.config.header_read_timeout;
-                let mut response = match &caller_socket {
+                let mut response = match caller_socket {
                     Some(socket) => match unless_caller_resets(socket, after, handling).await {
                         Some(response) => response,
                         // Dropped: its log counts it 499, its upstream exchange ends. The error
@@ -119,13 +118,13 @@ where
 const RESET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `handling` and, once it has run for `after` (the head read timeout: most requests are
-/// answered sooner), looks at the caller's socket every [`RESET_CHECK_EVERY`]: a reset gives up
-/// on the request (`None`), as the agent's own server does (`http1::unless_caller_resets`).
+/// answered sooner), looks at the caller's connection every [`RESET_CHECK_EVERY`]: a reset gives
+/// up on the request (`None`), as the agent's own server does (`http1::unless_caller_resets`).
 /// hyper's server, which half-closes, reads nothing from its caller while a request is in flight
 /// and never sees one: a caller that gave up on a backend that hangs left its request, and its
 /// connection, in flight for as long as the backend took.
 async fn unless_caller_resets<R>(
-    socket: &OwnedFd,
+    socket: RawFd,
     after: Duration,
     handling: impl std::future::Future<Output = R>,
 ) -> Option<R> {
@@ -150,16 +149,26 @@ async fn unless_caller_resets<R>(
     .await
 }
 
-/// The caller reset its connection (peeked, never read: hyper reads it).
-fn reset(socket: &OwnedFd) -> bool {
-    use rustix::io::Errno;
-    let mut byte = [0u8; 1];
-    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-    match rustix::net::recv(socket, &mut byte, flags) {
-        // A next request, or the caller's FIN (a half-close): the answer is still due.
-        Ok(_) => false,
-        Err(e) => e != Errno::AGAIN && e != Errno::INTR,
-    }
+/// The caller reset its connection: its TCP state is CLOSE (`tcpi_state`, the first byte of
+/// `struct tcp_info`), whatever the receive queue still holds (a body not read yet, a next
+/// request: a peek would return those first) and after a FIN (a half-close, CLOSE_WAIT: the
+/// answer is still due). Nothing is read: hyper reads the socket.
+fn reset(socket: RawFd) -> bool {
+    const TCP_CLOSE: u8 = 7;
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that many;
+    // `socket` is open while its connection is served (see `serve_http`).
+    let got = unsafe {
+        libc::getsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    got == 0 && len >= 1 && info[0] == TCP_CLOSE
 }
 
 /// The answer hyper's HTTP/1.1 server sent by itself when a connection ends with `error`: a

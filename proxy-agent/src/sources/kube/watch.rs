@@ -9,8 +9,10 @@
 //! jitter, 0.8 s up to 30 s), a new one lists from scratch. kube-rs would resume a broken watch
 //! silently from its last resourceVersion; relisting instead gives a point (`InitDone`) at which
 //! the kind is known to be complete again, which is what `/ready` reports as no longer stale. The
-//! backoff's jitter spreads the relists of many nodes after an API server restart. A complete list
-//! resets the backoff, so each outage is retried from the shortest delay.
+//! backoff's jitter spreads the relists of many nodes after an API server restart. A watch that
+//! held [`WATCH_HELD`] after its list resets the backoff, so each outage is retried from the
+//! shortest delay; one that fails sooner (refused, or cut by a proxy within seconds) keeps
+//! backing off rather than relisting every second.
 
 use crate::kube_api::{self as api, ApiCall, StoredRoute};
 use crate::sources::{Feed, Health, Update};
@@ -192,9 +194,11 @@ struct KindState {
 
 /// How long a watch must hold after its list for the next failure to count as a new outage (and
 /// its retries to start again from the shortest delay). A watch refused right after its list (a
-/// role without `watch`) fails within milliseconds, and keeps backing off; 30 s, as before, also
-/// kept growing the delay across API server restarts a rolling control-plane upgrade spaces by
-/// 15 to 30 s (the churn soak's outages, 24 s apart, were caught up ever later, the fourth never).
+/// role without `watch`) fails within milliseconds, and keeps backing off; so does one a proxy
+/// cuts within this time. 30 s, as before, also kept growing the delay across API server
+/// restarts a rolling control-plane upgrade spaces by 15 to 30 s (the churn soak's outages, 24 s
+/// apart, were caught up ever later, the fourth never); a proxy that cuts quiet watches every 10
+/// to 30 s now has each node relist that kind at each cut, from the shortest delay.
 const WATCH_HELD: Duration = Duration::from_secs(10);
 
 /// How long a kind the API server served must be answered 404 before its objects are dropped:

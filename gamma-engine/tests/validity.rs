@@ -393,6 +393,18 @@ fn a_path_rewrite_on_the_rule_and_on_a_backend_ref_is_refused() {
     let redirected = self::answer(&index, "/foo/bar");
     assert!(redirected.starts_with("rule 1 answers 500"), "{redirected}");
     assert!(redirected.contains("cannot be combined"), "{redirected}");
+    // A rewrite of the host alone too: the Location took the rewritten host.
+    let host = json!({"type": "URLRewrite", "urlRewrite": {"hostname": "elsewhere"}});
+    let index = index_with(route(
+        1,
+        json!([{"matches": [{"path": {"type": "Exact", "value": "/other"}}],
+                "backendRefs": [{"name": "back", "port": 80}]},
+               {"matches": [{"path": {"type": "PathPrefix", "value": "/foo"}}],
+                "filters": [host],
+                "backendRefs": [{"name": "back", "port": 80, "filters": [redirect]}]}]),
+    ));
+    let redirected = self::answer(&index, "/foo/bar");
+    assert!(redirected.starts_with("rule 1 answers 500"), "{redirected}");
 }
 
 /// A mirror gets the request as the filters before it left it: not what later filters make of

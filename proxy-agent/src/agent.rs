@@ -279,7 +279,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         drop(inherited);
         // What the workers accepted meanwhile on the listeners both agents share finishes here;
         // what is queued stays for the running agent.
-        drain.stop_accepting().await;
         drain.drain(config.drain_timeout).await;
         return Ok(());
     }

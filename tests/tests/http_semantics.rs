@@ -1512,16 +1512,25 @@ async fn an_http1_caller_that_resets_ends_its_request() {
         let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
         caller.write_all(request).unwrap();
         if request.starts_with(b"POST") && !request.ends_with(b"0\r\n\r\n") {
-            // Body until every buffer between here and the backend is full (it reads nothing).
+            // Body until every buffer between here and the backend is full (it reads nothing):
+            // a write stalls, and stalls again a second later (not an agent slow to be scheduled).
             caller
                 .set_write_timeout(Some(Duration::from_millis(500)))
                 .unwrap();
             let chunk = vec![0u8; 64 * 1024];
-            for _ in 0..1024 {
+            let mut stalls = 0;
+            for _ in 0..4096 {
                 if caller.write_all(&chunk).is_err() {
-                    break;
+                    stalls += 1;
+                    if stalls == 2 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                } else {
+                    stalls = 0;
                 }
             }
+            assert_eq!(stalls, 2, "the body filled every buffer to the backend");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         gamma_tests::probe::reset_on_close(&caller);

@@ -140,10 +140,10 @@ fn key(
     ))
 }
 
-/// An address as kube-proxy reads a ClusterIP (`netutils.ParseIPSloppy`): IPv4 octets with
-/// leading zeros are decimal (`10.96.0.010` is 10.96.0.10). API servers took such addresses
-/// before their strict validation, and clusters upgraded since still hold them: refused, the
-/// whole Service was missing from the table, its routes not accepted.
+/// An IP address as kube-proxy reads one (`netutils.ParseIPSloppy`): IPv4 octets with leading
+/// zeros are decimal (`10.96.0.010` is 10.96.0.10). API servers took such addresses before
+/// their strict validation, and clusters upgraded since still hold them: a ClusterIP refused
+/// left the whole Service out of the table, its routes not accepted.
 fn ip(text: &str, field: &str) -> Result<IpAddr, ObjectError> {
     let sloppy_v4 = || {
         let mut octets = [0u8; 4];

@@ -1519,10 +1519,11 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
         .filters()
         .iter()
         .any(|f| matches!(f, Filter::Rewrite(_)));
-    let redirects = |filters: &[Filter]| filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
+    let redirects_in =
+        |filters: &[Filter]| filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
     let combined = rule.backends.iter().any(|b| {
         (rewrites_path(rule.filters()) && rewrites_path(b.filters()))
-            || (rule_rewrites && redirects(b.filters()))
+            || (rule_rewrites && redirects_in(b.filters()))
     });
     if combined {
         return Err(invalid(

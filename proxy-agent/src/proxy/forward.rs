@@ -339,7 +339,7 @@ pub(super) async fn forward(
                 // Envoy answer; one failed exchange without a policy stays 502, and so does one
                 // whose retry could not be sent (its body was not kept).
                 (Attempt::Failed { error, reset: None }, _)
-                    if retry.is_some() && log.attempts >= max_attempts =>
+                    if retry.is_some() && log.attempts > 1 && log.attempts >= max_attempts =>
                 {
                     Err(LocalAnswer::RetriesExhausted {
                         endpoint,

@@ -278,11 +278,11 @@ impl Proxy {
         }
     }
 
-    /// Handles one request end to end; never fails: errors become local responses.
-    /// Answers one request. `draining`: the connection's agent is draining, and refuses what
-    /// would turn the connection into a relay (an upgrade, CONNECT): a successor takes over only
-    /// the relays running when it said Stop, and one made later would be reset at the drain's
-    /// deadline; refused, the client connects again, to the successor.
+    /// Handles one request end to end; never fails: errors become local responses. `draining`:
+    /// the connection's agent is draining, and refuses what would turn the connection into a
+    /// relay (an upgrade, CONNECT): a successor takes over only the relays running when it said
+    /// Stop, and one made later would be reset at the drain's deadline; refused, the client
+    /// connects again, to the successor.
     pub async fn handle(
         self: &Arc<Self>,
         mut request: Request<CallerBody>,
@@ -297,13 +297,13 @@ impl Proxy {
         let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
             local_response(local, grpc, head, log, &self.metrics)
         };
-        let refused =
-            check_request_head(&request, self.config.max_header_bytes).and_then(
-                |()| match draining && forward::becomes_relay(&request) {
-                    true => Err(LocalAnswer::Draining),
-                    false => Ok(()),
-                },
-            );
+        let refused = check_request_head(&request, self.config.max_header_bytes).and_then(|()| {
+            if draining && forward::becomes_relay(&request) {
+                Err(LocalAnswer::Draining)
+            } else {
+                Ok(())
+            }
+        });
         let mut response = match refused {
             Err(refused) => {
                 let mut response = local_response(&refused, &mut log);

@@ -157,8 +157,10 @@ fn reset(socket: RawFd) -> bool {
     const TCP_CLOSE: u8 = 7;
     let mut info = [0u8; 8];
     let mut len = info.len() as libc::socklen_t;
-    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that many;
-    // `socket` is open while its connection is served (see `serve_http`).
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that many.
+    // `socket` is open while its connection is served (see `serve_http`), but for a socket whose
+    // registration with the reactor failed, closed at once: its request fails on its body, and
+    // a reused number reads another socket's state, a spurious 499 at worst.
     let got = unsafe {
         libc::getsockopt(
             socket,

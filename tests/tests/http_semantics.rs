@@ -1486,7 +1486,8 @@ fn counted_499(metrics: &str) -> bool {
 }
 
 /// An HTTP/1.1 caller that gives up on a request whose backend hangs (its socket reset) ends the
-/// request: counted 499, its connection closed; on the agent's own server (a bodiless GET) and
+/// request: counted 499, its connection closed; on the agent's own server (a bodiless GET, also
+/// after the caller's FIN, a half-close that leaves the answer due) and
 /// on hyper's (an HTTP/1.0 request, a chunked body, a large body the backend does not read, part
 /// of it still unread in the agent's socket when the caller resets), which reads nothing from a
 /// half-closing caller while a request runs. Before, the request, and the connection, stayed in
@@ -1502,8 +1503,9 @@ async fn an_http1_caller_that_resets_ends_its_request() {
         options(&["--header-read-timeout-ms", "500"]),
     )
     .unwrap();
-    let requests: [&[u8]; 4] = [
+    let requests: [&[u8]; 5] = [
         b"GET /slow HTTP/1.1\r\nHost: front\r\n\r\n",
+        b"GET /slow?half-closed HTTP/1.1\r\nHost: front\r\n\r\n",
         b"GET /slow HTTP/1.0\r\nHost: front\r\n\r\n",
         b"POST /slow HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         b"POST /slow HTTP/1.1\r\nHost: front\r\nContent-Length: 1073741824\r\n\r\n",
@@ -1531,6 +1533,11 @@ async fn an_http1_caller_that_resets_ends_its_request() {
                 }
             }
             assert_eq!(stalls, 2, "the body filled every buffer to the backend");
+        }
+        if request.starts_with(b"GET /slow?half-closed") {
+            caller.shutdown(std::net::Shutdown::Write).unwrap();
+            // Past the head read timeout: the agent saw the FIN before the reset.
+            tokio::time::sleep(Duration::from_millis(700)).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         gamma_tests::probe::reset_on_close(&caller);

@@ -173,7 +173,8 @@ pub async fn serve<T: ReadAhead>(
 /// Runs `handling` (a request whose body was read whole) and, once it has run for `after` (the
 /// head read timeout: most requests are answered sooner), watches the caller's socket: bytes
 /// sent meanwhile (a pipelined request) are kept in `buf`, up to `limit`; a FIN (a half-close)
-/// leaves the answer due; a reset or an error gives up on the request (`None`). Without it, a
+/// leaves the answer due; a reset or an error gives up on the request (`None`), also one after a
+/// FIN or a full `buf` (the connection's TCP state, looked at every second). Without it, a
 /// caller that gave up on a backend that hangs left its request, and its connection, in flight
 /// for as long as the backend took. `timer` is the connection's head timer, idle meanwhile: moved
 /// later, as every request moves it, it costs no lock of the timer wheel (a timer of its own per
@@ -211,7 +212,18 @@ async fn unless_caller_resets<T: ReadAhead, R>(
                 Poll::Ready(Err(_)) => return Poll::Ready(None),
             }
         }
-        Poll::Pending
+        // Nothing more is read: whether the caller reset since is its connection's TCP state.
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if stream.raw_socket().is_some_and(super::reset) {
+                return Poll::Ready(None);
+            }
+            timer
+                .as_mut()
+                .reset(Instant::now() + super::RESET_CHECK_EVERY);
+        }
     })
     .await
 }

@@ -1521,8 +1521,9 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
         .any(|f| matches!(f, Filter::Rewrite(_)));
     let redirects_in =
         |filters: &[Filter]| filters.iter().any(|f| matches!(f, Filter::Redirect(_)));
+    let rule_rewrites_path = rewrites_path(rule.filters());
     let combined = rule.backends.iter().any(|b| {
-        (rewrites_path(rule.filters()) && rewrites_path(b.filters()))
+        (rule_rewrites_path && rewrites_path(b.filters()))
             || (rule_rewrites && redirects_in(b.filters()))
     });
     if combined {

@@ -58,7 +58,11 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// the backend, which the agent joins byte for byte as it does an upgrade. (An HTTP/2 CONNECT is
 /// answered 501: `check_request_head`.)
 fn is_tunnel(parts: &http::request::Parts) -> bool {
-    parts.version == Version::HTTP_11 && parts.method == http::Method::CONNECT
+    asks_tunnel(parts.version, &parts.method)
+}
+
+fn asks_tunnel(version: Version, method: &http::Method) -> bool {
+    version == Version::HTTP_11 && method == http::Method::CONNECT
 }
 
 pub(super) fn is_upgrade(parts: &http::request::Parts) -> bool {
@@ -75,8 +79,7 @@ fn asks_upgrade(version: Version, headers: &http::HeaderMap) -> bool {
 /// CONNECT).
 pub(super) fn becomes_relay<B>(request: &http::Request<B>) -> bool {
     let version = request.version();
-    (version == Version::HTTP_11 && request.method() == http::Method::CONNECT)
-        || asks_upgrade(version, request.headers())
+    asks_tunnel(version, request.method()) || asks_upgrade(version, request.headers())
 }
 
 /// What one upstream attempt ended with.

@@ -213,16 +213,9 @@ async fn unless_caller_resets<T: ReadAhead, R>(
             }
         }
         // Nothing more is read: whether the caller reset since is its connection's TCP state.
-        loop {
-            if timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if stream.raw_socket().is_some_and(super::reset) {
-                return Poll::Ready(None);
-            }
-            timer
-                .as_mut()
-                .reset(Instant::now() + super::RESET_CHECK_EVERY);
+        match stream.raw_socket() {
+            Some(socket) => super::poll_caller_reset(timer.as_mut(), socket, cx).map(|()| None),
+            None => Poll::Pending,
         }
     })
     .await

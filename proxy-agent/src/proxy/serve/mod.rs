@@ -128,25 +128,37 @@ async fn unless_caller_resets<R>(
     after: Duration,
     handling: impl std::future::Future<Output = R>,
 ) -> Option<R> {
-    use std::future::Future as _;
-    use std::task::{ready, Poll};
+    use std::task::Poll;
     let mut handling = std::pin::pin!(handling);
     let mut check: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| loop {
+    std::future::poll_fn(|cx| {
         if let Poll::Ready(answer) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(answer));
         }
         // Only once the request waits: one answered at once never touches a timer.
         let timer = check.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
-        ready!(timer.as_mut().poll(cx));
+        poll_caller_reset(timer.as_mut(), socket, cx).map(|()| None)
+    })
+    .await
+}
+
+/// Ready once the caller has reset `socket`: looked at each time `timer` fires, which is then
+/// set again [`RESET_CHECK_EVERY`] later.
+fn poll_caller_reset(
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    socket: RawFd,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future as _;
+    loop {
+        std::task::ready!(timer.as_mut().poll(cx));
         if reset(socket) {
-            return Poll::Ready(None);
+            return std::task::Poll::Ready(());
         }
         timer
             .as_mut()
             .reset(tokio::time::Instant::now() + RESET_CHECK_EVERY);
-    })
-    .await
+    }
 }
 
 /// The caller reset its connection: its TCP state is CLOSE (`tcpi_state`, the first byte of

@@ -400,7 +400,8 @@ fn a_dual_stack_headless_backend_is_served_by_its_first_familys_endpoints() {
 
 /// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another proxy (a
 /// secondary network's): kube-proxy leaves it alone, and so does the mesh. A route to it as a
-/// parent is not Accepted (nothing is steered); as a backend it does not resolve.
+/// parent is not Accepted (nothing is steered); as a backend it does not resolve, as an
+/// ExternalName Service does not.
 #[test]
 fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
     let mut index = Index::for_node("node-a");
@@ -422,6 +423,12 @@ fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
             service("front", 2, json!({})),
             route("onto-other", "other", "front"),
             route("to-other", "front", "other"),
+            service(
+                "external",
+                3,
+                json!({"type": "ExternalName", "externalName": "db.example.com", "clusterIP": null}),
+            ),
+            route("to-external", "front", "external"),
         ],
     );
     let snapshot = index.snapshot();
@@ -441,6 +448,10 @@ fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
     assert_eq!((status, reason), ("False", "NoMatchingParent"));
     assert!(message.contains("handed to the proxy multus"), "{message}");
     let (status, reason, message) = condition("to-other", "ResolvedRefs");
-    assert_eq!((status, reason), ("False", "BackendNotFound"));
+    assert_eq!((status, reason), ("False", "UnsupportedValue"));
     assert!(message.contains("the proxy multus"), "{message}");
+    // Both Services exist: not "BackendNotFound", which says they do not.
+    let (status, reason, message) = condition("to-external", "ResolvedRefs");
+    assert_eq!((status, reason), ("False", "UnsupportedValue"));
+    assert!(message.contains("ExternalName"), "{message}");
 }

@@ -275,8 +275,9 @@ fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
 }
 
 /// A backendRef's unsupported filter fails that backend's share, not the rule: the route is
-/// Accepted and partly invalid, naming the backendRef. Only when every weighted backend has one
-/// is the rule dropped (all its requests get 500).
+/// Accepted, the backendRef invalid (`ResolvedRefs=False` names it), and not `PartiallyInvalid`,
+/// whose message the spec has start with "Dropped Rule": no rule is dropped. Only when every
+/// weighted backend has one is the rule dropped (all its requests get 500).
 #[test]
 fn a_backends_unsupported_filter_fails_its_share_not_the_rule() {
     let auth = json!([{"type": "ExtensionRef",
@@ -290,13 +291,15 @@ fn a_backends_unsupported_filter_fails_its_share_not_the_rule() {
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
     assert_eq!(accepted_at(&index), ("True", 1));
     let status = route_status(&index);
-    let partially = condition(&status, "PartiallyInvalid").expect("partly invalid");
+    assert!(condition(&status, "PartiallyInvalid").is_none());
+    let resolved = condition(&status, "ResolvedRefs").unwrap();
+    assert_eq!((resolved.status, resolved.reason), ("False", "UnsupportedValue"));
     assert!(
-        partially
+        resolved
             .message
             .starts_with("Rule 0: backendRef 1 (back): filter ExtensionRef"),
         "{}",
-        partially.message
+        resolved.message
     );
 
     let index = index_with(route(
@@ -897,6 +900,33 @@ fn an_httproute_that_lost_every_routed_port_to_a_grpcroute_is_conflicted() {
     let status = route_status(&index);
     let accepted = condition(&status, "Accepted").unwrap();
     assert_eq!((accepted.status, accepted.reason), ("False", "Conflicted"));
+}
+
+/// An HTTPRoute that lost some of its ports to a GRPCRoute stays Accepted on the others, and says
+/// on which it is not served.
+#[test]
+fn an_httproute_that_lost_one_port_to_a_grpcroute_says_which() {
+    let mut index = front_with_ports(
+        json!([{"name": "http", "port": 80}, {"name": "grpc", "port": 7070}]),
+        json!([{"group": "", "kind": "Service", "name": "front"}]),
+    );
+    index.apply(object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "g", "namespace": "ns", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 7070}],
+            "rules": [{"backendRefs": [{"name": "back", "port": 80}]}],
+        }
+    })));
+    index.publish();
+    let status = route_status(&index);
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!((accepted.status, accepted.reason), ("True", "Accepted"));
+    assert!(
+        accepted.message.contains("not on port 7070") && !accepted.message.contains(" 80"),
+        "{}",
+        accepted.message
+    );
 }
 
 /// An HTTPRoute without `rules` (from a folder: no API server wrote the default in) gets the

@@ -101,10 +101,9 @@ impl BackendError {
             BackendError::InvalidKind(_) => "InvalidKind",
             BackendError::UnsupportedProtocol(..) => "UnsupportedProtocol",
             BackendError::RefNotPermitted(_) => "RefNotPermitted",
-            BackendError::NotFound(_)
-            | BackendError::NoSuchPort(_)
-            | BackendError::NotAllowed(_)
-            | BackendError::OtherProxy(..) => "BackendNotFound",
+            BackendError::NotFound(_) | BackendError::NoSuchPort(_) => "BackendNotFound",
+            // The Service exists ("BackendNotFound" says it does not): it is not one to send to.
+            BackendError::NotAllowed(_) | BackendError::OtherProxy(..) => "UnsupportedValue",
         }
     }
 }

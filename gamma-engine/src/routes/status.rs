@@ -140,8 +140,9 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         reason,
         message: capped(message),
     };
-    // One pass over the rules: those dropped whole, and the served ones some of whose backends
-    // get 500 (the route is partly invalid, the rule not dropped).
+    // One pass over the rules: those dropped whole (the route is partly invalid), and the served
+    // ones some of whose backendRefs get 500 (invalid backendRefs: their references did not
+    // resolve to something the agent can send to).
     let mut dropped: Vec<String> = Vec::new();
     let mut failing_backends: Vec<String> = Vec::new();
     let resolver = backends::Resolver::new(world);
@@ -173,14 +174,13 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         }
     }
     let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
-    let invalid_parts: Vec<String> = dropped.iter().cloned().chain(failing_backends).collect();
     route
         .parent_refs
         .iter()
         .enumerate()
         .filter_map(|(index, parent)| {
             let key = parent.service(route.namespace())?;
-            let resolved = resolved_refs(route, &key.namespace, world);
+            let resolved = resolved_refs(route, &key.namespace, world, &failing_backends);
             let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
             // The spec: a route none of whose rules is valid is not Accepted; one with some
             // valid rules is, and says which rules it dropped.
@@ -195,28 +195,32 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
                 )
                 .into();
             }
-            let partially_invalid = accepted && !invalid_parts.is_empty();
-            let conditions = if accepted && resolved.is_ok() && !partially_invalid {
-                Conditions::WORKING
-            } else {
-                let resolved = match &resolved {
-                    Ok(()) => condition("ResolvedRefs", true, "ResolvedRefs", ALL_RESOLVED.into()),
-                    Err(e) => condition("ResolvedRefs", false, e.reason(), e.to_string().into()),
+            // "Dropped Rule" only: the spec's message MUST start so, and a rule that serves is
+            // not dropped.
+            let partially_invalid = accepted && !dropped.is_empty();
+            let conditions =
+                if accepted && message == ATTACHED && resolved.is_ok() && !partially_invalid {
+                    Conditions::WORKING
+                } else {
+                    let resolved = match resolved {
+                        Ok(()) => {
+                            condition("ResolvedRefs", true, "ResolvedRefs", ALL_RESOLVED.into())
+                        }
+                        Err((reason, message)) => condition("ResolvedRefs", false, reason, message),
+                    };
+                    let mut conditions =
+                        vec![condition("Accepted", accepted, reason, message), resolved];
+                    if partially_invalid {
+                        // Set only as True (the spec).
+                        conditions.push(condition(
+                            "PartiallyInvalid",
+                            true,
+                            "UnsupportedValue",
+                            dropped.join(". ").into(),
+                        ));
+                    }
+                    conditions.into()
                 };
-                let mut conditions =
-                    vec![condition("Accepted", accepted, reason, message), resolved];
-                if partially_invalid {
-                    // Set only as True (the spec); a dropped rule's message starts with "Dropped
-                    // Rule".
-                    conditions.push(condition(
-                        "PartiallyInvalid",
-                        true,
-                        "UnsupportedValue",
-                        invalid_parts.join(". ").into(),
-                    ));
-                }
-                conditions.into()
-            };
             Some(ParentStatus {
                 parents: route.parent_refs.clone(),
                 parent: index,
@@ -378,28 +382,69 @@ fn accepted(
         );
     }
     if route.kind() == RouteKind::Http {
-        let conflicted = routed.iter().all(|port| {
-            groups(service, port, &routes).values().any(|g| {
-                g.iter().any(|r| r.key() == route.key()) && winning_kind(g) == RouteKind::Grpc
+        let lost: Vec<String> = routed
+            .iter()
+            .filter(|port| {
+                groups(service, port, &routes).values().any(|g| {
+                    g.iter().any(|r| r.key() == route.key()) && winning_kind(g) == RouteKind::Grpc
+                })
             })
-        });
-        if conflicted {
+            .map(|port| port.port.to_string())
+            .collect();
+        if lost.len() == routed.len() {
             return (false, "Conflicted", format!("a GRPCRoute is attached to the same port of Service {key}; GRPCRoute takes precedence").into());
+        }
+        if !lost.is_empty() {
+            // Served on its other ports: Accepted, saying where it is not.
+            return (
+                true,
+                "Accepted",
+                format!(
+                    "{ATTACHED}, but not on port {} of Service {key}: a GRPCRoute is attached \
+                     there, and GRPCRoute takes precedence",
+                    lost.join(", ")
+                )
+                .into(),
+            );
         }
     }
     (true, "Accepted", ATTACHED.into())
 }
 
-/// The first backendRef (or mirror backendRef) that does not resolve for a parent Service of
-/// `parent_namespace`, if any.
+/// Whether every backendRef (and mirror backendRef) resolves for a parent Service of
+/// `parent_namespace`: if not, the reason and message of `ResolvedRefs=False`, naming the first
+/// that does not and each one in `failing_backends` (served rules' backendRefs with a filter the
+/// agent cannot apply).
 fn resolved_refs(
     route: &Route,
     parent_namespace: &str,
     world: &dyn World,
-) -> Result<(), backends::BackendError> {
+    failing_backends: &[String],
+) -> Result<(), (&'static str, Cow<'static, str>)> {
     let resolver = backends::Resolver::new(world);
-    for reference in route.rules.iter().flat_map(|r| r.referenced_backends()) {
-        resolver.resolve(reference, route, parent_namespace)?;
+    let unresolved = route
+        .rules
+        .iter()
+        .flat_map(|r| r.referenced_backends())
+        .find_map(|reference| resolver.resolve(reference, route, parent_namespace).err());
+    match (unresolved, failing_backends) {
+        (None, []) => Ok(()),
+        (Some(e), []) => Err((e.reason(), e.to_string().into())),
+        // A backendRef with a filter the agent cannot apply is invalid too (its share gets 500).
+        (unresolved, failing) => {
+            let reason = unresolved
+                .as_ref()
+                .map_or("UnsupportedValue", |e| e.reason());
+            let first = unresolved.map(|e| e.to_string());
+            Err((
+                reason,
+                first
+                    .into_iter()
+                    .chain(failing.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(". ")
+                    .into(),
+            ))
+        }
     }
-    Ok(())
 }

@@ -293,7 +293,10 @@ fn a_backends_unsupported_filter_fails_its_share_not_the_rule() {
     let status = route_status(&index);
     assert!(condition(&status, "PartiallyInvalid").is_none());
     let resolved = condition(&status, "ResolvedRefs").unwrap();
-    assert_eq!((resolved.status, resolved.reason), ("False", "UnsupportedValue"));
+    assert_eq!(
+        (resolved.status, resolved.reason),
+        ("False", "UnsupportedValue")
+    );
     assert!(
         resolved
             .message
@@ -1010,6 +1013,54 @@ fn session_persistence_beside_client_ip_affinity_drops_its_rule() {
     index.publish();
     assert_eq!(answer(&index, "/x"), "rule 1 forwards");
     assert!(condition(&route_status(&index), "PartiallyInvalid").is_none());
+}
+
+/// Judged per parent, as each parent's table is compiled: a consumer route whose affine backend
+/// its own namespace's parent may not send to (no grant) serves its rule there, Accepted, and
+/// only the parent in the backend's namespace reports the conflict.
+#[test]
+fn session_persistence_beside_affinity_is_judged_per_parent() {
+    let mut affine = backend_service();
+    affine["spec"]["sessionAffinity"] = json!("ClientIP");
+    let local = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "local", "namespace": "c"},
+        "spec": {"clusterIP": "10.96.0.3", "ports": [{"name": "http", "port": 80}]}
+    });
+    let consumer = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "c", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "namespace": "ns", "port": 80},
+                           {"group": "", "kind": "Service", "name": "local", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "back", "namespace": "ns", "port": 80}],
+                       "sessionPersistence": {"type": "Cookie", "cookie": {"name": "sid"}}}],
+        }
+    });
+    let mut index = Index::new();
+    for value in [service(), affine, local, consumer] {
+        index.apply(object(value));
+    }
+    index.publish();
+    let status = index
+        .snapshot()
+        .status_of("HTTPRoute c/r")
+        .unwrap()
+        .to_vec();
+    let accepted = |parent: usize| {
+        let c = status[parent].condition("Accepted").unwrap();
+        (c.status, c.message.to_string())
+    };
+    let (front, why) = accepted(0);
+    assert_eq!(front, "False", "{why}");
+    assert!(why.contains("sessionAffinity is ClientIP"), "{why}");
+    let (local, why) = accepted(1);
+    assert_eq!(local, "True", "{why}");
+    let resolved = status[1].condition("ResolvedRefs").unwrap();
+    assert_eq!(
+        (resolved.status, resolved.reason),
+        ("False", "RefNotPermitted")
+    );
 }
 
 /// The same for a consumer route sending to its parent's namespace (no grant needed there): its

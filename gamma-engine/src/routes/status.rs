@@ -140,46 +140,15 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
         reason,
         message: capped(message),
     };
-    // One pass over the rules: those dropped whole (the route is partly invalid), and the served
-    // ones some of whose backendRefs get 500 (invalid backendRefs: their references did not
-    // resolve to something the agent can send to).
-    let mut dropped: Vec<String> = Vec::new();
-    let mut failing_backends: Vec<String> = Vec::new();
     let resolver = backends::Resolver::new(world);
-    for (i, rule) in route.rules.iter().enumerate() {
-        let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
-        let conflict = || {
-            // Rules with session persistence only: few, and resolving costs.
-            rule.options().session.as_ref()?;
-            // As each parent's table resolves them (a consumer route may send to its parent's
-            // namespace without a grant).
-            let mut resolved = Vec::new();
-            for parent in route
-                .parent_refs
-                .iter()
-                .filter_map(|p| p.service(route.namespace()))
-            {
-                let resolve = |b| resolver.resolve(b, route, &parent.namespace).ok();
-                resolved.extend(rule.backends.iter().filter_map(resolve));
-            }
-            backends::session_affinity_conflict(rule, resolved.iter().map(|b| &**b))
-                .map(|why| format!("{why}; the requests it matches get 500"))
-        };
-        match rule.dropped_because().or_else(conflict) {
-            Some(why) => dropped.push(format!("Dropped Rule {i}{name}: {why}")),
-            None => failing_backends.extend(
-                rule.unsupported_backends()
-                    .map(|b| format!("Rule {i}{name}: {b}")),
-            ),
-        }
-    }
-    let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
     route
         .parent_refs
         .iter()
         .enumerate()
         .filter_map(|(index, parent)| {
             let key = parent.service(route.namespace())?;
+            let (dropped, failing_backends) = invalid_rules(route, &key.namespace, &resolver);
+            let no_valid_rule = !dropped.is_empty() && dropped.len() == route.rules.len();
             let resolved = resolved_refs(route, &key.namespace, world, &failing_backends);
             let (mut accepted, mut reason, mut message) = accepted(route, parent, &key, world);
             // The spec: a route none of whose rules is valid is not Accepted; one with some
@@ -229,6 +198,39 @@ pub fn route_status(route: &Route, world: &dyn World) -> Vec<ParentStatus> {
             })
         })
         .collect()
+}
+
+/// The rules dropped whole (the route is partly invalid) as a parent Service of
+/// `parent_namespace` serves them, and the served rules' backendRefs that get 500 (invalid: a
+/// filter the agent cannot apply), each as its status message names it.
+fn invalid_rules(
+    route: &Route,
+    parent_namespace: &str,
+    resolver: &backends::Resolver<'_>,
+) -> (Vec<String>, Vec<String>) {
+    let mut dropped = Vec::new();
+    let mut failing_backends = Vec::new();
+    for (i, rule) in route.rules.iter().enumerate() {
+        let name = rule.name().map(|n| format!(" ({n})")).unwrap_or_default();
+        let conflict = || {
+            // Rules with session persistence only: few, and resolving costs.
+            rule.options().session.as_ref()?;
+            // As this parent's table resolves them (a consumer route may send to its parent's
+            // namespace without a grant, and a backend it may not send to is no conflict).
+            let resolve = |b| resolver.resolve(b, route, parent_namespace).ok();
+            let resolved: Vec<_> = rule.backends.iter().filter_map(resolve).collect();
+            backends::session_affinity_conflict(rule, resolved.iter().map(|b| &**b))
+                .map(|why| format!("{why}; the requests it matches get 500"))
+        };
+        match rule.dropped_because().or_else(conflict) {
+            Some(why) => dropped.push(format!("Dropped Rule {i}{name}: {why}")),
+            None => failing_backends.extend(
+                rule.unsupported_backends()
+                    .map(|b| format!("Rule {i}{name}: {b}")),
+            ),
+        }
+    }
+    (dropped, failing_backends)
 }
 
 /// The status of a route whose newest generation was refused: not Accepted at that generation,

@@ -259,6 +259,38 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
     assert!(route_status(&index).is_empty());
 }
 
+/// An invalid edit that also moves the route off its Service (to a Gateway): the last good
+/// generation still routes the Service, and its entry says so rather than vanish.
+#[test]
+fn an_invalid_edit_moving_the_route_keeps_reporting_where_the_old_one_serves() {
+    let mut index = index_with(route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+    ));
+    let mut moved = route(
+        2,
+        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+                "backendRefs": [{"name": "back", "port": 80}]}]),
+    );
+    moved["spec"]["parentRefs"] = json!([{"name": "gateway"}]);
+    index.apply(object(moved));
+    index.publish();
+    assert_eq!(answer(&index, "/x"), "rule 0 forwards");
+    let status = route_status(&index);
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert_eq!(status[0].parent_ref().name, "front");
+    let accepted = condition(&status, "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, status[0].observed_generation),
+        ("False", 2)
+    );
+    assert!(
+        accepted.message.contains("generation 1 stays in use"),
+        "{}",
+        accepted.message
+    );
+}
+
 #[test]
 fn a_route_of_unsupported_filters_only_is_not_accepted_but_never_skips_them() {
     let index = index_with(route(

@@ -2,7 +2,7 @@
 
 use super::compile::{groups, named_by, port_protocol, winning_kind};
 use super::{backends, World};
-use crate::model::{DeclaredProtocol, ParentRef, RefusedRoute, Route, RouteKind};
+use crate::model::{DeclaredProtocol, ObjectKey, ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -259,24 +259,45 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
         )
         .into(),
     );
-    refused
+    let namespace = &refused.key.key.namespace;
+    let named: Vec<ObjectKey> = refused
+        .parent_refs
+        .iter()
+        .filter_map(|p| p.service(namespace))
+        .collect();
+    let entry = |parents: &Arc<[ParentRef]>, parent: usize| ParentStatus {
+        parents: parents.clone(),
+        parent,
+        observed_generation: refused.generation,
+        conditions: vec![Condition {
+            type_: "Accepted",
+            status: "False",
+            reason: "UnsupportedValue",
+            message: message.clone(),
+        }]
+        .into(),
+    };
+    let refused_parents = refused
         .parent_refs
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.service(&refused.key.key.namespace).is_some())
-        .map(|(index, _)| ParentStatus {
-            parents: refused.parent_refs.clone(),
-            parent: index,
-            observed_generation: refused.generation,
-            conditions: vec![Condition {
-                type_: "Accepted",
-                status: "False",
-                reason: "UnsupportedValue",
-                message: message.clone(),
-            }]
-            .into(),
-        })
-        .collect()
+        .filter(|(_, p)| p.service(namespace).is_some())
+        .map(|(index, _)| entry(&refused.parent_refs, index));
+    // The Services the served generation still routes that the refused one no longer names (an
+    // edit that moved the route elsewhere): their entries stay, saying so, rather than vanish
+    // while their traffic still runs through the route.
+    let still_routed = served.into_iter().flat_map(|route| {
+        route
+            .parent_refs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.service(namespace)
+                    .is_some_and(|key| !named.contains(&key))
+            })
+            .map(|(index, _)| entry(&route.parent_refs, index))
+    });
+    refused_parents.chain(still_routed).collect()
 }
 
 /// The longest condition message the API server stores (the CRDs' `maxLength`). A longer one

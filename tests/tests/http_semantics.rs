@@ -1002,6 +1002,18 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
+/// A request its HTTP/2 backend declined unprocessed, again when sent again, gets 503 (the backend
+/// is unavailable for it: nothing of it ran, RFC 9113 §8.7), not 502, which says the backend
+/// failed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_declined_unprocessed_twice_is_unavailable() {
+    let backend = RawH2::start(|_| Reply::Refuse).await;
+    let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert_eq!(backend.requests.load(Ordering::Relaxed), 2);
+}
+
 /// A persisted session stays on its endpoint when that endpoint declines a request unprocessed
 /// (a stream refused once): the request goes to it again. Before, it went to the Service's other
 /// endpoint, and the session moved there for good (its header naming that one).
@@ -1356,7 +1368,7 @@ async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
     };
     // The request's series is written last.
     let text = metrics_until(&agent, "the refusal counted", |text| {
-        counted(text, "gamma_requests_total{", r#"status="502""#)
+        counted(text, "gamma_requests_total{", r#"status="503""#)
     })
     .await;
     assert!(
@@ -2177,12 +2189,13 @@ fn h2_request(method: Method, path: &str) -> http::Request<()> {
         .unwrap()
 }
 
-/// An upload whose backend reads slowly stalls its own stream, not the caller's others (RFC
-/// 9113 §5.2): with hyper's defaults its body took the connection's whole window, and a small
-/// request body on the same connection (a gRPC channel's next call) waited for the upload. The
-/// small one goes to another backend: only the caller's connection is shared.
+/// Uploads whose backend reads slowly stall their own streams, not the caller's others (RFC 9113
+/// §5.2): with hyper's defaults one upload's body took the connection's whole window (with 1 MiB
+/// under 64 KiB per stream, 16 did), and a small request body on the same connection (a gRPC
+/// channel's next call) waited for the uploads. The small one goes to another backend: only the
+/// caller's connection is shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_upload_does_not_stall_the_connections_other_request_bodies() {
+async fn slow_uploads_do_not_stall_the_connections_other_request_bodies() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
     let b = echo_backend([127, 0, 0, 1], "b").await;
     let world = Manifests::default()
@@ -2196,14 +2209,19 @@ async fn a_slow_upload_does_not_stall_the_connections_other_request_bodies() {
         ));
     let agent = Agent::start(&world, options(&[])).unwrap();
     let mut send = h2_connection(agent.listen[0], 1024 * 1024).await;
-    // The backend reads this body only after 4 s.
-    let (_upload_answer, mut upload) = send
-        .send_request(h2_request(Method::POST, "/delay/4000"), false)
-        .unwrap();
-    upload
-        .send_data(Bytes::from(vec![b'u'; 8 * 1024 * 1024]), true)
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The backend reads these bodies only after 5 s. Many: each stalled stream holds its whole
+    // window of the connection's (with 1 MiB under 64 KiB per stream, 16 took it all).
+    let body = Bytes::from(vec![b'u'; 8 * 1024 * 1024]);
+    let mut uploads = Vec::new();
+    for _ in 0..24 {
+        send = send.ready().await.unwrap();
+        let (answer, mut upload) = send
+            .send_request(h2_request(Method::POST, "/delay/5000"), false)
+            .unwrap();
+        upload.send_data(body.clone(), true).unwrap();
+        uploads.push((answer, upload));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut send = send.ready().await.unwrap();
     let (answer, mut body) = send
         .send_request(h2_request(Method::POST, "/small"), false)

@@ -124,6 +124,11 @@ impl LocalAnswer {
             LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            // Declined before any of it was processed (RFC 9113 §8.7), twice: the backend is
+            // unavailable for it, not broken; as Envoy answers a refused stream.
+            LocalAnswer::BackendFailed { .. } if self.unprocessed() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             LocalAnswer::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
             LocalAnswer::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             LocalAnswer::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -89,10 +89,6 @@ pub struct ProxyConfig {
     /// The window each HTTP/2 caller stream opens for its request body: what the agent holds of
     /// a body its backend does not take yet.
     pub h2_stream_window: u32,
-    /// The window of an HTTP/2 caller connection: what the agent holds of the bodies of all its
-    /// streams. Many streams' windows, so that streams whose backends read slowly stall
-    /// themselves, not the connection's other streams (RFC 9113 §5.2).
-    pub h2_connection_window: u32,
     /// HTTP/2 rapid reset guard (CVE-2023-44487): streams the client reset before they were
     /// served, waiting in the accept queue; past it the connection gets GOAWAY
     /// ENHANCE_YOUR_CALM.
@@ -108,6 +104,23 @@ pub struct ProxyConfig {
 /// retransmit never won against the timer: the caller got a failure and the endpoint an
 /// ejection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
+
+impl ProxyConfig {
+    /// The window of an HTTP/2 caller connection: what the agent holds of the bodies of all its
+    /// streams, as many as they may be, each its window, so that streams whose backends read
+    /// slowly stall themselves, never the connection's other streams (RFC 9113 §5.2). Below
+    /// that (linkerd2-proxy's 1 MiB under 64 KiB per stream), 16 uploads to a paused backend
+    /// took the whole window, and every other call on the gRPC channel waited for its body to
+    /// be read. 16 MiB by default: a caller can have the agent hold that much of its request
+    /// bodies only while their backends do not read them.
+    pub fn h2_connection_window(&self) -> u32 {
+        // h2's largest window (RFC 9113 §6.9.1).
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        self.h2_stream_window
+            .saturating_mul(self.h2_max_concurrent_streams)
+            .min(MAX_WINDOW)
+    }
+}
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -127,16 +140,16 @@ impl Default for ProxyConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             // hyper's default is 200, Go's 250, nginx's 128: with the send buffer below, a
-            // caller that reads nothing holds at most about 50 MiB per connection.
+            // caller that reads nothing holds at most about 50 MiB per connection (and 16 MiB
+            // more of request bodies its backends do not read, `h2_connection_window`).
             h2_max_concurrent_streams: 256,
             // hyper's default is 400 KiB: 1024 unread streams on one connection held 400 MiB.
             // 64 KiB beside the socket's own buffer still fills a loopback or LAN pipe.
             h2_max_send_buffer: 64 * 1024,
             // hyper's defaults are 1 MiB each: one upload to a slow backend took the connection's
             // whole window, and every other request body on it waited (a gRPC channel's calls).
-            // As linkerd2-proxy: 64 KiB per stream under 1 MiB per connection.
+            // The connection's window is every stream's (`h2_connection_window`).
             h2_stream_window: 64 * 1024,
-            h2_connection_window: 1024 * 1024,
             // h2's defaults at the time of writing, spelled out so an h2 upgrade cannot loosen
             // them silently.
             h2_max_pending_accept_reset_streams: 20,

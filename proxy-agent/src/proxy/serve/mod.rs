@@ -259,7 +259,7 @@ where
             .max_concurrent_streams(self.config.h2_max_concurrent_streams)
             .max_send_buf_size(self.config.h2_max_send_buffer)
             .initial_stream_window_size(self.config.h2_stream_window)
-            .initial_connection_window_size(self.config.h2_connection_window)
+            .initial_connection_window_size(self.config.h2_connection_window())
             .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(self.config.h2_max_pending_accept_reset_streams)
             .max_local_error_reset_streams(self.config.h2_max_local_error_reset_streams)

@@ -146,8 +146,11 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     mirror_timeout_ms: u64,
     /// An opaque TCP or upgraded (WebSocket, CONNECT) connection that moves no byte for this many
-    /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY. 0: never.
-    #[arg(long, default_value_t = 3600)]
+    /// seconds is closed; an idle HTTP/2 client connection gets GOAWAY. 0: never. 24 h: as long
+    /// as kube-proxy's conntrack keeps an idle flow through a ClusterIP (Envoy's 1 h closed idle
+    /// database sessions and subscriptions that live without the mesh; TCP keepalive already
+    /// finds a vanished peer within 2 minutes).
+    #[arg(long, default_value_t = 24 * 3600)]
     idle_timeout_s: u64,
     /// How opaque TCP and upgraded connections move their bytes: `splice` (splice(2) through a
     /// pipe, in the kernel) or `copy` (through a buffer in the agent).
@@ -527,6 +530,17 @@ mod tests {
         assert_eq!(flag("kube")["takesValue"], false);
         assert_eq!(flag("redirect")["default"], serde_json::Value::Null);
         assert_eq!(flag("listen")["takesValue"], true);
+    }
+
+    /// An idle opaque connection (a database session, a subscription) lives as long as without
+    /// the mesh: kube-proxy's conntrack keeps an idle flow 24 h (`tcpEstablishedTimeout`).
+    #[test]
+    fn an_idle_connection_is_kept_as_long_as_kube_proxy_keeps_its_flow() {
+        let cli = Cli::try_parse_from(["proxy-agent", "--manifests", "m"]).expect("taken");
+        assert_eq!(
+            super::idle_timeout(cli.idle_timeout_s),
+            std::time::Duration::from_secs(24 * 3600)
+        );
     }
 
     /// A DaemonSet of an earlier version that passes the flag HTTP/2's and HTTP/1.1's idle

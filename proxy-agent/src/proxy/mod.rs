@@ -129,7 +129,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(10),
             mirror_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(24 * 3600),
             pump: pump::Carry::Splice,
             max_connections: 100_000,
             upstream_http1_idle_timeout: upstream::PoolTimeouts::DEFAULT_HTTP1_IDLE,

@@ -5,8 +5,8 @@
 //! successor's pump writes those first and goes on. The kernel sockets never close, so the peers
 //! see nothing.
 //!
-//! A pump also ends a connection that moved no byte for `idle_timeout` (a peer that vanished
-//! without a FIN would otherwise hold it forever).
+//! A pump also ends a connection that moved no byte for `idle_timeout` (24 h by default, as
+//! kube-proxy's conntrack forgets an idle flow; TCP keepalive finds a vanished peer sooner).
 //!
 //! Bytes move in the kernel by default ([`Carry::Splice`]): splice(2) from one socket into a
 //! pipe and from the pipe into the other, never through user space. A takeover reads what the

@@ -25,9 +25,18 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     // letters, and `-` or `_` after the first, as in VERSION-CONTROL), then a space, and a
     // request line that ends in its version. A token and a space alone are other protocols too:
     // PROXY protocol's `PROXY TCP4 …`, Redis's inline `AUTH …`, IRC's `NICK …`.
-    let mut start = 0;
-    while start < 4 && bytes.get(start..start + 2) == Some(b"\r\n") {
-        start += 2;
+    // Empty lines end in CRLF or a bare LF (as httparse skips them), however the segments cut
+    // them; more than a few are not HTTP's.
+    const MAX_EMPTY_LINES: usize = 4;
+    let (mut start, mut empty_lines) = (0, 0);
+    while empty_lines <= MAX_EMPTY_LINES {
+        match &bytes[start..] {
+            [b'\r', b'\n', ..] => start += 2,
+            [b'\n', ..] => start += 1,
+            [b'\r'] => return None,
+            _ => break,
+        }
+        empty_lines += 1;
     }
     let bytes = &bytes[start..];
     let token_len = bytes
@@ -37,7 +46,7 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         .count();
     match bytes.get(token_len) {
         Some(b' ') if token_len > 0 => request_line(&bytes[token_len + 1..]),
-        None if token_len < 16 && (token_len > 0 || start < 4) => None,
+        None if token_len < 16 && empty_lines <= MAX_EMPTY_LINES => None,
         _ => Some(Protocol::Opaque),
     }
 }
@@ -46,13 +55,14 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
 const MAX_REQUEST_LINE: usize = 8192;
 
 /// Whether the rest of a first line after a method and a space makes it a request line: at
-/// once for a path or `*` (origin and asterisk form), else once it ends in ` HTTP/1.0` or
-/// ` HTTP/1.1` (absolute and authority form; a bare LF ends it too, as servers accept: RFC
-/// 9112 §2.2). `None` while it has not ended.
+/// once for a path (origin form), else once it ends in ` HTTP/1.0` or ` HTTP/1.1` (asterisk,
+/// absolute and authority form; a bare LF ends it too, as servers accept: RFC 9112 §2.2): RTSP
+/// and SIP lines look alike up to their versions (`OPTIONS * RTSP/1.0`). `None` while it has
+/// not ended.
 fn request_line(bytes: &[u8]) -> Option<Protocol> {
     match bytes.first() {
         None => return None,
-        Some(b'/' | b'*') => return Some(Protocol::Http1),
+        Some(b'/') => return Some(Protocol::Http1),
         Some(_) => {}
     }
     let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
@@ -152,7 +162,19 @@ mod tests {
             Some(Protocol::Http1)
         );
         assert_eq!(classify(b"\r\n"), None, "an empty line so far");
-        assert_eq!(classify(b"\r\n\r\n\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"\r\n\r\n\r\n\r\n\r\n"), Some(Protocol::Opaque));
+        // However the segments cut the empty lines, and with bare LFs (RFC 9112 §2.2).
+        assert_eq!(classify(b"\r"), None);
+        assert_eq!(classify(b"\r\n\r"), None);
+        assert_eq!(classify(b"\n\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"\r\n\r\n\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        // The asterisk form is HTTP's by its version: RTSP's is not.
+        assert_eq!(classify(b"OPTIONS * RTSP/1.0\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"OPTIONS * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"OPTIONS * "), None);
         assert_eq!(classify(b"-GET /"), Some(Protocol::Opaque));
     }
 

@@ -245,10 +245,11 @@ pub fn scan(root: &Path) -> HashMap<u64, PathBuf> {
 /// The UID of the pod whose cgroup contains `cgroup_dir`, from the kubelet's naming:
 /// `.../pod<uid>/...` (cgroupfs driver) or `.../kubepods-<qos>-pod<uid_with_underscores>.slice/...`
 /// (systemd driver). A static pod's UID is its manifest's hash (32 hex digits), not a UUID.
+/// The shallowest such part, the kubelet's: below it, a container that may make cgroups could
+/// name one after another pod, and be taken for it.
 pub fn pod_uid(cgroup_dir: &Path) -> Option<String> {
     cgroup_dir
         .components()
-        .rev()
         .find_map(|c| pod_uid_in_component(c.as_os_str().to_str()?))
 }
 
@@ -342,6 +343,19 @@ mod tests {
     fn pod_uid_from_the_cgroupfs_driver() {
         let path = format!("/sys/fs/cgroup/kubepods/burstable/pod{UID}/4f1c2e");
         assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn a_pod_cgroup_made_inside_a_pods_is_not_taken_for_another_pod() {
+        let other = "0a1b2c3d-0000-4000-8000-000000000001";
+        let path = format!("/sys/fs/cgroup/kubepods/burstable/pod{UID}/4f1c2e/pod{other}");
+        assert_eq!(pod_uid(Path::new(&path)).as_deref(), Some(UID));
+        let uid = UID.replace('-', "_");
+        let systemd = format!(
+            "/sys/fs/cgroup/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-4f1c.scope/kubepods-pod{}.slice",
+            other.replace('-', "_")
+        );
+        assert_eq!(pod_uid(Path::new(&systemd)).as_deref(), Some(UID));
     }
 
     #[test]

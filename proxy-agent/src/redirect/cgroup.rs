@@ -168,13 +168,16 @@ pub(crate) fn unified_path(proc_cgroup: &str) -> Option<&str> {
 pub struct CgroupDirs {
     root: PathBuf,
     known: Mutex<Known>,
+    /// [`scan`], but in tests.
+    walk: fn(&Path) -> Walk,
 }
 
 #[derive(Debug, Default)]
 struct Known {
     by_id: HashMap<u64, PathBuf>,
-    /// Ids a walk did not find (a cgroup removed before its connection was accepted, or outside
-    /// the root): asked again, they are not worth another walk. Cgroup ids are not reused.
+    /// Ids a complete walk did not find (a cgroup removed before its connection was accepted, or
+    /// outside the root): asked again, they are not worth another walk. Cgroup ids are not
+    /// reused.
     missing: std::collections::HashSet<u64>,
     walks: u64,
 }
@@ -188,6 +191,7 @@ impl CgroupDirs {
         Self {
             root: root.into(),
             known: Mutex::new(Known::default()),
+            walk: scan,
         }
     }
 
@@ -204,10 +208,13 @@ impl CgroupDirs {
         if known.missing.contains(&cgroup_id) {
             return None;
         }
-        known.by_id = scan(&self.root);
+        let walk = (self.walk)(&self.root);
+        known.by_id = walk.dirs;
         known.walks += 1;
         let found = known.by_id.get(&cgroup_id).cloned();
-        if found.is_none() {
+        // A walk cut short (the agent out of file descriptors for a moment) proves nothing
+        // missing: the next connection from there walks again.
+        if found.is_none() && walk.complete {
             if known.missing.len() >= MISSING_KEPT {
                 known.missing.clear();
             }
@@ -226,20 +233,50 @@ impl CgroupDirs {
     }
 }
 
-/// Every directory under `root` (included) by inode number, i.e. by cgroup id. Unreadable
-/// subtrees, e.g. removed during the walk, are skipped.
-pub fn scan(root: &Path) -> HashMap<u64, PathBuf> {
-    let mut found = HashMap::new();
+/// What a walk of the hierarchy found: every directory by inode number, i.e. by cgroup id.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub dirs: HashMap<u64, PathBuf>,
+    /// Whether every directory was read: subtrees removed during the walk are skipped, and
+    /// leave it complete; one that failed otherwise does not.
+    pub complete: bool,
+}
+
+/// Every directory under `root` (included).
+pub fn scan(root: &Path) -> Walk {
+    let mut walk = Walk {
+        complete: true,
+        ..Walk::default()
+    };
     let mut pending = vec![root.to_owned()];
     while let Some(dir) = pending.pop() {
-        let Ok(meta) = fs::metadata(&dir) else {
-            continue;
+        let listed = fs::metadata(&dir).and_then(|meta| Ok((meta, fs::read_dir(&dir)?)));
+        let (meta, entries) = match listed {
+            Ok(listed) => listed,
+            Err(e) => {
+                walk.complete &= walk_complete_after(&e);
+                continue;
+            }
         };
-        found.insert(meta.ino(), dir.clone());
-        // Only directories are cgroups; the files in them are interface files.
-        pending.extend(subdirectories(&dir));
+        walk.dirs.insert(meta.ino(), dir);
+        for entry in entries {
+            match entry {
+                // Only directories are cgroups; the files in them are interface files.
+                Ok(entry) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    pending.push(entry.path());
+                }
+                Ok(_) => {}
+                Err(e) => walk.complete &= walk_complete_after(&e),
+            }
+        }
     }
-    found
+    walk
+}
+
+/// Whether a walk that met this error still saw everything there was: a directory removed
+/// meanwhile (its cgroup gone) was not missed.
+fn walk_complete_after(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::NotFound
 }
 
 /// The UID of the pod whose cgroup contains `cgroup_dir`, from the kubelet's naming:
@@ -402,6 +439,8 @@ mod tests {
         fs::create_dir_all(&child).unwrap();
         fs::write(root.join("a/cgroup.procs"), "").unwrap();
         let found = scan(root);
+        assert!(found.complete);
+        let found = found.dirs;
         let child_ino = fs::metadata(&child).unwrap().ino();
         assert_eq!(found.get(&child_ino), Some(&child));
         assert_eq!(found.len(), 3, "{found:?}");
@@ -420,5 +459,34 @@ mod tests {
         let new_ino = fs::metadata(&new).unwrap().ino();
         assert_eq!(dirs.path_of(new_ino), Some(new));
         assert_eq!(dirs.walks(), 3);
+    }
+
+    /// An id a walk cut short did not find (the agent out of file descriptors for a moment) is
+    /// looked for again: remembered as missing, its container's connections would never be
+    /// verified again.
+    #[test]
+    fn an_id_an_incomplete_walk_missed_is_looked_for_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static FAILS: AtomicBool = AtomicBool::new(true);
+        fn walk(root: &Path) -> Walk {
+            let mut walk = scan(root);
+            if FAILS.swap(false, Ordering::Relaxed) {
+                walk.dirs.retain(|_, dir| dir == root);
+                walk.complete = false;
+            }
+            walk
+        }
+        let folder = crate::test_dir::TestDir::new("cgroup-incomplete");
+        let root: &Path = &folder;
+        let child = root.join("a");
+        fs::create_dir_all(&child).unwrap();
+        let child_ino = fs::metadata(&child).unwrap().ino();
+        let dirs = CgroupDirs {
+            walk,
+            ..CgroupDirs::new(root)
+        };
+        assert_eq!(dirs.path_of(child_ino), None, "the walk failed");
+        assert_eq!(dirs.path_of(child_ino), Some(child));
+        assert_eq!(dirs.walks(), 2);
     }
 }

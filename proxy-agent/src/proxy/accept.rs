@@ -333,6 +333,7 @@ mod tests {
                 namespace: None,
                 pod: None,
                 identity: "test",
+                unverified_uid: None,
             },
         };
         let shutdown = drain.watch();

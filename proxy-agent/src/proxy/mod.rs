@@ -11,6 +11,7 @@
 mod accept;
 pub mod affinity;
 pub mod body;
+mod caller;
 pub mod detect;
 pub mod drain;
 pub mod explicit;
@@ -24,6 +25,7 @@ pub mod redirected;
 pub mod serve;
 mod socket;
 mod tcp;
+pub use caller::Caller;
 pub use tcp::defer_accept;
 pub mod upstream;
 pub mod workers;
@@ -32,7 +34,6 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::requests::{self, RequestSeries, SeriesKey, SeriesSlot};
 use arc_swap::ArcSwap;
 use body::{CallerBody, ProxyBody, RequestBody};
-use compact_str::CompactString;
 use gamma_engine::model::ObjectKey;
 use gamma_engine::routes::session::Session;
 use gamma_engine::routes::{
@@ -41,7 +42,7 @@ use gamma_engine::routes::{
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
 use local::LocalAnswer;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -182,17 +183,6 @@ impl Destination {
     }
 }
 
-/// Who called, as far as the agent could establish.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub ip: IpAddr,
-    /// The namespace whose consumer routes apply; `None`: unknown caller, producer routes only.
-    pub namespace: Option<CompactString>,
-    pub pod: Option<String>,
-    /// How the identity was established, for the access log.
-    pub identity: &'static str,
-}
-
 #[derive(Clone, Debug)]
 pub struct ConnectionInfo {
     pub destination: Destination,
@@ -303,6 +293,19 @@ impl Proxy {
         draining: bool,
     ) -> Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
+        // A caller the table did not know when its connection came may be known now (its Pod
+        // reached the agent since): its namespace's routes apply from this request on.
+        let verified_since;
+        let conn = match conn.caller.verified_since(&snapshot) {
+            Some(caller) => {
+                verified_since = ConnectionInfo {
+                    destination: conn.destination.clone(),
+                    caller,
+                };
+                &verified_since
+            }
+            None => conn,
+        };
         let mut log = AccessLog::new(&request, conn, &self.metrics);
         let grpc = is_grpc(&request);
         let head = request.method() == http::Method::HEAD;
@@ -989,6 +992,7 @@ mod future_sizes {
                 namespace: None,
                 pod: None,
                 identity: "test",
+                unverified_uid: None,
             },
         }
     }

@@ -3,14 +3,18 @@
 //! and pair the sockets of node-local connections through the agent (`local`).
 //!
 //! The kernel runs ACTIVE_ESTABLISHED on the caller's side when the SYN-ACK arrives, before the final
-//! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection.
+//! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection. The
+//! agent takes it when it accepts; one it never takes (the caller reset first, or gave up in a
+//! full accept queue) goes when the caller's socket closes, so that a later connection from the
+//! same address made straight to the agent's port finds no identity to borrow.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::bpf_sk_storage_get,
+    helpers::{bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -39,6 +43,8 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if local::enabled() => local::join_passive(&ctx),
         // Only for sockets `local::join` asked it for.
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => local::sent_over_tcp(&ctx),
+        // Only for callers' sockets `publish_caller` asked it for.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_caller(&ctx),
         _ => {}
     }
     crate::ALLOW as u32
@@ -73,9 +79,40 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
     if record.is_null() {
         return None; // not a redirected connection
     }
-    // SAFETY: context fields read at their own offsets; `record` points to this socket's storage,
-    // valid for the program's run.
-    let (caller, agent_port, record) = unsafe {
+    // SAFETY: `record` points to this socket's storage, valid for the program's run.
+    let record = unsafe { *record };
+    let (caller, agent_port) = caller_and_agent_port(ctx);
+    // A failed insert only costs the agent the original destination of this connection; nothing to
+    // undo here but counting it.
+    if CALLERS
+        .insert(CallerKey::new(caller, agent_port), record, 0)
+        .is_err()
+    {
+        count(counters::RECORD_FAILED);
+        return Some(caller);
+    }
+    // SAFETY: a context field read at its own offset; the helper takes the context.
+    unsafe {
+        let flags = ctx_access::read_u32(&raw const (*ops).bpf_sock_ops_cb_flags);
+        bpf_sock_ops_cb_flags_set(ops, (flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+    Some(caller)
+}
+
+/// A caller's socket closed: its record goes, if the agent has not taken it.
+#[inline(always)]
+fn forget_caller(ctx: &SockOpsContext) {
+    let (caller, agent_port) = caller_and_agent_port(ctx);
+    // Absent when the agent took it: nothing to count.
+    let _ = CALLERS.remove(&CallerKey::new(caller, agent_port));
+}
+
+/// What keys a caller's record: the caller's address and the agent port it reached.
+#[inline(always)]
+fn caller_and_agent_port(ctx: &SockOpsContext) -> (Endpoint, u16) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: context fields read at their own offsets.
+    unsafe {
         // sock_ops gives local_port in host byte order (unlike every address field), and
         // remote_port in network byte order as a 32-bit word (the port in its high half on a
         // little-endian machine).
@@ -92,15 +129,6 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
             // Dual-stack sockets dialling IPv4 have a v4-mapped local address: same key as AF_INET.
             Endpoint::v6(ip6, port)
         };
-        (caller, agent_port, *record)
-    };
-    // A failed insert only costs the agent the original destination of this connection; nothing to
-    // undo here but counting it.
-    if CALLERS
-        .insert(CallerKey::new(caller, agent_port), record, 0)
-        .is_err()
-    {
-        count(counters::RECORD_FAILED);
+        (caller, agent_port)
     }
-    Some(caller)
 }

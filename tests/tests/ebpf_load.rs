@@ -443,6 +443,41 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
     }
 }
 
+/// A record the agent never took (the caller reset before the agent accepted, or gave up in a
+/// full accept queue) goes with the caller's socket: left, a later connection from the same
+/// address made straight to the agent's port would take it, with its original destination and
+/// its cgroup's identity.
+#[test]
+fn a_record_the_agent_never_took_goes_with_its_connection() {
+    skip_unless_root!();
+    let sandbox = Sandbox::create();
+    let agent4 = sandbox.bind("127.0.0.1:0");
+    let agent6 = sandbox.bind("[::1]:0");
+    let redirect = attach(&sandbox.cgroup, &agent4, &agent6);
+    redirect
+        .set_mesh_services([(VIP4.parse().unwrap(), false)])
+        .unwrap();
+    const SOURCE_PORT: u16 = 47125;
+    let client = spawn_client_with(
+        &sandbox,
+        ClientOptions {
+            source_port: Some(SOURCE_PORT),
+            reset_at_once: true,
+            ..ClientOptions::default()
+        },
+        VIP4.parse().unwrap(),
+    );
+    let output = client.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let caller = SocketAddr::from(([127, 0, 0, 1], SOURCE_PORT));
+    let port = agent4.local_addr().unwrap().port();
+    assert_eq!(redirect.take_original(caller, port), None);
+}
+
 /// The redirect attached with `agent4` for any port and `first4` for ports whose clients speak
 /// first.
 fn attach_with_client_first(cgroup: &Path, agent4: &TcpListener, first4: &TcpListener) -> Redirect {
@@ -717,6 +752,8 @@ const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
 const CLIENT_REFUSED_FIRST: &str = "GAMMA_EBPF_TEST_CLIENT_REFUSED_FIRST";
 /// Set: the client's socket is bound to this port (shared with other sockets: SO_REUSEADDR).
 const CLIENT_SOURCE_PORT: &str = "GAMMA_EBPF_TEST_CLIENT_SOURCE_PORT";
+/// Set: once connected, the client resets its connection without sending anything.
+const CLIENT_RESET_AT_ONCE: &str = "GAMMA_EBPF_TEST_CLIENT_RESET_AT_ONCE";
 const PEER: &str = "client-peer=";
 const REPLY: &str = "client-reply=";
 
@@ -794,6 +831,17 @@ fn connect_from(source_port: u16, target: SocketAddr) -> TcpStream {
     stream
 }
 
+/// How a client run by [`spawn_client_with`] connects.
+#[derive(Default)]
+struct ClientOptions {
+    /// Its socket first dials this address, where nothing listens.
+    refused_first: Option<SocketAddr>,
+    /// Its socket is bound to this port.
+    source_port: Option<u16>,
+    /// Once connected, it resets the connection (SO_LINGER 0) without a byte.
+    reset_at_once: bool,
+}
+
 /// This binary again, running only `client_helper`, inside the sandbox's netns and cgroup.
 fn spawn_client(
     sandbox: &Sandbox,
@@ -801,6 +849,25 @@ fn spawn_client(
     source_port: Option<u16>,
     target: SocketAddr,
 ) -> std::process::Child {
+    let options = ClientOptions {
+        refused_first,
+        source_port,
+        reset_at_once: false,
+    };
+    spawn_client_with(sandbox, options, target)
+}
+
+/// [`spawn_client`], told how to connect.
+fn spawn_client_with(
+    sandbox: &Sandbox,
+    options: ClientOptions,
+    target: SocketAddr,
+) -> std::process::Child {
+    let ClientOptions {
+        refused_first,
+        source_port,
+        reset_at_once,
+    } = options;
     let netns = File::open(&sandbox.netns).unwrap();
     let procs = OpenOptions::new()
         .write(true)
@@ -818,6 +885,7 @@ fn spawn_client(
         .env(CLIENT_TARGET, target.to_string())
         .envs(refused_first.map(|a| (CLIENT_REFUSED_FIRST, a.to_string())))
         .envs(source_port.map(|p| (CLIENT_SOURCE_PORT, p.to_string())))
+        .envs(reset_at_once.then_some((CLIENT_RESET_AT_ONCE, "1")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe syscalls on fds opened beforehand (kept
@@ -854,6 +922,24 @@ fn client_helper() {
         (None, None) => TcpStream::connect_timeout(&target, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {target}: {e}")),
     };
+    if std::env::var_os(CLIENT_RESET_AT_ONCE).is_some() {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a setsockopt of a linger struct that lives through the call, on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        return;
+    }
     println!("{PEER}{}", stream.peer_addr().unwrap());
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -455,3 +455,30 @@ fn a_service_handed_to_another_proxy_is_neither_parent_nor_backend() {
     assert_eq!((status, reason), ("False", "UnsupportedValue"));
     assert!(message.contains("ExternalName"), "{message}");
 }
+
+/// A terminating Pod is not opted in to local sockets: its IP is freed when its sandbox goes,
+/// and may be a new pod's (one that did not opt in, whose bytes the kernel must not pair) before
+/// the agent hears of it.
+#[test]
+fn a_terminating_pod_is_not_opted_in_to_local_sockets() {
+    let pod = |deleting: bool| {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u-1",
+                         "annotations": {"gamma-node.io/local-sockets": "true"}},
+            "spec": {"containers": [{"name": "c", "image": "i"}], "nodeName": "node-a"},
+            "status": {"phase": "Running", "podIP": "10.1.0.5"}
+        });
+        if deleting {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-12-06T00:00:00Z");
+        }
+        pod
+    };
+    for (deleting, opted_in) in [(false, true), (true, false)] {
+        let mut index = Index::for_node("node-a");
+        load(&mut index, vec![pod(deleting)]);
+        let snapshot = index.snapshot();
+        let caller = snapshot.caller("10.1.0.5".parse().unwrap()).expect("its caller");
+        assert_eq!(caller.local_sockets, opted_in, "deleting: {deleting}");
+    }
+}

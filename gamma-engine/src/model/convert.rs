@@ -290,7 +290,12 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ObjectError> {
         uid: kubelet_uid(&pod.metadata),
         ips,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        local_sockets: local_sockets(&pod.metadata),
+        // Not while it terminates: its IP is freed when its sandbox goes, and may be another
+        // pod's, one that did not opt in, before the agent hears of either.
+        local_sockets: match pod.metadata.deletion_timestamp {
+            Some(_) => Some(false),
+            None => local_sockets(&pod.metadata),
+        },
     })
 }
 

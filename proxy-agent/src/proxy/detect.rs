@@ -29,7 +29,7 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     // them; more than a few are not HTTP's.
     const MAX_EMPTY_LINES: usize = 4;
     let (mut start, mut empty_lines) = (0, 0);
-    while empty_lines <= MAX_EMPTY_LINES {
+    while empty_lines < MAX_EMPTY_LINES {
         match &bytes[start..] {
             [b'\r', b'\n', ..] => start += 2,
             [b'\n', ..] => start += 1,
@@ -175,6 +175,26 @@ mod tests {
         assert_eq!(classify(b"OPTIONS * RTSP/1.0\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"OPTIONS * HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"OPTIONS * "), None);
+        // However the bytes are cut, a prefix waits or says what the whole says.
+        for whole in [
+            &b"\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n"[..],
+            b"\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n",
+            b"\n\r\n\nOPTIONS * HTTP/1.1\r\n",
+            b"OPTIONS * RTSP/1.0\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET http://svc/x HTTP/1.1\r\n",
+        ] {
+            let said = classify(whole);
+            assert!(said.is_some(), "{:?}", String::from_utf8_lossy(whole));
+            for cut in 0..whole.len() {
+                let prefix = classify(&whole[..cut]);
+                assert!(
+                    prefix.is_none() || prefix == said,
+                    "{:?} cut at {cut}: {prefix:?}, whole: {said:?}",
+                    String::from_utf8_lossy(whole)
+                );
+            }
+        }
         assert_eq!(classify(b"-GET /"), Some(Protocol::Opaque));
     }
 

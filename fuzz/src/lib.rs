@@ -267,7 +267,7 @@ fn harness() -> &'static Harness {
                 namespace: Some("ns".into()),
                 pod: None,
                 identity: "fuzz",
-                unverified_uid: None,
+                unverified: None,
             },
         });
         Harness {

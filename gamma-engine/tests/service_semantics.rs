@@ -478,7 +478,9 @@ fn a_terminating_pod_is_not_opted_in_to_local_sockets() {
         let mut index = Index::for_node("node-a");
         load(&mut index, vec![pod(deleting)]);
         let snapshot = index.snapshot();
-        let caller = snapshot.caller("10.1.0.5".parse().unwrap()).expect("its caller");
+        let caller = snapshot
+            .caller("10.1.0.5".parse().unwrap())
+            .expect("its caller");
         assert_eq!(caller.local_sockets, opted_in, "deleting: {deleting}");
     }
 }

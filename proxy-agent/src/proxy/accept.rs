@@ -333,7 +333,7 @@ mod tests {
                 namespace: None,
                 pod: None,
                 identity: "test",
-                unverified_uid: None,
+                unverified: None,
             },
         };
         let shutdown = drain.watch();

@@ -2,10 +2,11 @@
 //! decides whose consumer routes apply (GEP-1294: a consumer route applies to its namespace's
 //! callers only).
 
+use super::ConnectionInfo;
 use compact_str::CompactString;
 use gamma_engine::routes::Snapshot;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Who called, as far as the agent could establish.
 #[derive(Clone, Debug)]
@@ -16,10 +17,18 @@ pub struct Caller {
     pub pod: Option<String>,
     /// How the identity was established, for the access log.
     pub identity: &'static str,
-    /// The UID of the Pod whose cgroup the connecting process ran in (the kernel's record),
-    /// while the table did not verify it: each request looks again, so that a connection opened
-    /// before its Pod reached the agent (a watch behind) gets its namespace's routes once it has.
-    pub unverified_uid: Option<Arc<str>>,
+    /// A caller the table did not verify at accept, whose cgroup names a Pod: each request
+    /// looks again, so that a connection opened before its Pod reached the agent (a watch
+    /// behind) gets its namespace's routes once it has.
+    pub unverified: Option<Arc<Unverified>>,
+}
+
+/// An unverified caller's Pod UID (of the cgroup the kernel recorded), and its connection as
+/// verified since, once it is: found once per connection.
+#[derive(Debug)]
+pub struct Unverified {
+    uid: Box<str>,
+    verified: OnceLock<ConnectionInfo>,
 }
 
 impl Caller {
@@ -33,38 +42,70 @@ impl Caller {
     /// ones, whom the table knows by their IPv4 address.
     pub fn identify(peer: IpAddr, cgroup_uid: Option<&str>, snapshot: &Snapshot) -> Caller {
         let ip = peer.to_canonical();
-        let of_cgroup = cgroup_uid.and_then(|uid| snapshot.caller_by_uid(uid));
-        let verified = |pod: &gamma_engine::routes::Caller| Caller {
+        match pod_of(ip, cgroup_uid, snapshot) {
+            Ok(pod) => Caller::verified(ip, pod),
+            Err(identity) => Caller {
+                ip,
+                namespace: None,
+                pod: None,
+                identity,
+                unverified: cgroup_uid.map(|uid| {
+                    Arc::new(Unverified {
+                        uid: uid.into(),
+                        verified: OnceLock::new(),
+                    })
+                }),
+            },
+        }
+    }
+
+    fn verified(ip: IpAddr, pod: &gamma_engine::routes::Caller) -> Caller {
+        Caller {
             ip,
             namespace: Some(pod.pod.namespace.clone()),
             pod: Some(pod.pod.to_string()),
             identity: "verified",
-            unverified_uid: None,
-        };
-        let unverified = |identity| Caller {
-            ip,
-            namespace: None,
-            pod: None,
-            identity,
-            unverified_uid: cgroup_uid.map(Arc::from),
-        };
-        match (of_cgroup, snapshot.caller(ip)) {
-            (Some(pod), _) => verified(pod),
-            // A UID two Pods claim names neither: the source IP's Pod, if the cgroup is its.
-            (None, Some(pod)) if pod.uid.is_some() && pod.uid.as_deref() == cgroup_uid => {
-                verified(pod)
-            }
-            (None, Some(_)) => unverified("mismatch"),
-            (None, None) => unverified("unknown"),
+            unverified: None,
         }
     }
+}
 
-    /// This caller as `snapshot` (newer than the one it was identified with) verifies it, if it
-    /// was not verified and now is.
-    pub fn verified_since(&self, snapshot: &Snapshot) -> Option<Caller> {
-        let uid = self.unverified_uid.as_deref()?;
-        let caller = Caller::identify(self.ip, Some(uid), snapshot);
-        (caller.identity == "verified").then_some(caller)
+/// The Pod the caller at `ip` whose process runs in the cgroup of `cgroup_uid` is, or why none.
+fn pod_of<'s>(
+    ip: IpAddr,
+    cgroup_uid: Option<&str>,
+    snapshot: &'s Snapshot,
+) -> Result<&'s gamma_engine::routes::Caller, &'static str> {
+    match (
+        cgroup_uid.and_then(|uid| snapshot.caller_by_uid(uid)),
+        snapshot.caller(ip),
+    ) {
+        (Some(pod), _) => Ok(pod),
+        // A UID two Pods claim names neither: the source IP's Pod, if the cgroup is its.
+        (None, Some(pod)) if pod.uid.is_some() && pod.uid.as_deref() == cgroup_uid => Ok(pod),
+        (None, Some(_)) => Err("mismatch"),
+        (None, None) => Err("unknown"),
+    }
+}
+
+impl ConnectionInfo {
+    /// This connection as `snapshot` knows its caller: itself, or, for a caller not verified at
+    /// accept whom the table verifies now, itself with that caller (from then on, without
+    /// looking again).
+    pub fn as_known_in(&self, snapshot: &Snapshot) -> &ConnectionInfo {
+        let Some(unverified) = &self.caller.unverified else {
+            return self;
+        };
+        if let Some(known) = unverified.verified.get() {
+            return known;
+        }
+        match pod_of(self.caller.ip, Some(&unverified.uid), snapshot) {
+            Ok(pod) => unverified.verified.get_or_init(|| ConnectionInfo {
+                destination: self.destination.clone(),
+                caller: Caller::verified(self.caller.ip, pod),
+            }),
+            Err(_) => self,
+        }
     }
 }
 
@@ -220,8 +261,12 @@ mod tests {
         };
         let answer = proxy.handle(request(), &conn, false).await;
         assert_ne!(answer.status(), 302, "producer routes only, while unknown");
-        proxy.snapshot.store(after);
+        proxy.snapshot.store(after.clone());
         let answer = proxy.handle(request(), &conn, false).await;
         assert_eq!(answer.status(), 302, "ui's consumer route");
+        // Found once: the connection keeps what it was verified as.
+        let known = conn.as_known_in(&after);
+        assert_eq!(known.caller.identity, "verified");
+        assert!(std::ptr::eq(known, conn.as_known_in(&after)));
     }
 }

@@ -40,7 +40,7 @@ pub async fn serve_explicit(
                 namespace: Some(namespace.clone()),
                 pod: None,
                 identity: "explicit-listener",
-                unverified_uid: None,
+                unverified: None,
             },
         })
     })

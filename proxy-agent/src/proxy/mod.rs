@@ -295,17 +295,7 @@ impl Proxy {
         let snapshot = self.snapshot.load_full();
         // A caller the table did not know when its connection came may be known now (its Pod
         // reached the agent since): its namespace's routes apply from this request on.
-        let verified_since;
-        let conn = match conn.caller.verified_since(&snapshot) {
-            Some(caller) => {
-                verified_since = ConnectionInfo {
-                    destination: conn.destination.clone(),
-                    caller,
-                };
-                &verified_since
-            }
-            None => conn,
-        };
+        let conn = conn.as_known_in(&snapshot);
         let mut log = AccessLog::new(&request, conn, &self.metrics);
         let grpc = is_grpc(&request);
         let head = request.method() == http::Method::HEAD;
@@ -992,7 +982,7 @@ mod future_sizes {
                 namespace: None,
                 pod: None,
                 identity: "test",
-                unverified_uid: None,
+                unverified: None,
             },
         }
     }

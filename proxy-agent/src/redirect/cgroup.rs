@@ -209,7 +209,12 @@ impl CgroupDirs {
             return None;
         }
         let walk = (self.walk)(&self.root);
-        known.by_id = walk.dirs;
+        if walk.complete {
+            known.by_id = walk.dirs;
+        } else {
+            // What it missed may be known from before: kept (cgroup ids are not reused).
+            known.by_id.extend(walk.dirs);
+        }
         known.walks += 1;
         let found = known.by_id.get(&cgroup_id).cloned();
         // A walk cut short (the agent out of file descriptors for a moment) proves nothing
@@ -250,15 +255,21 @@ pub fn scan(root: &Path) -> Walk {
     };
     let mut pending = vec![root.to_owned()];
     while let Some(dir) = pending.pop() {
-        let listed = fs::metadata(&dir).and_then(|meta| Ok((meta, fs::read_dir(&dir)?)));
-        let (meta, entries) = match listed {
-            Ok(listed) => listed,
+        let entries = match fs::metadata(&dir) {
+            Ok(meta) => {
+                let entries = fs::read_dir(&dir);
+                walk.dirs.insert(meta.ino(), dir);
+                entries
+            }
+            Err(e) => Err(e),
+        };
+        let entries = match entries {
+            Ok(entries) => entries,
             Err(e) => {
                 walk.complete &= walk_complete_after(&e);
                 continue;
             }
         };
-        walk.dirs.insert(meta.ino(), dir);
         for entry in entries {
             match entry {
                 // Only directories are cgroups; the files in them are interface files.
@@ -486,7 +497,14 @@ mod tests {
             ..CgroupDirs::new(root)
         };
         assert_eq!(dirs.path_of(child_ino), None, "the walk failed");
-        assert_eq!(dirs.path_of(child_ino), Some(child));
+        assert_eq!(dirs.path_of(child_ino), Some(child.clone()));
         assert_eq!(dirs.walks(), 2);
+        // An incomplete walk forgets nothing known before.
+        let new = root.join("b");
+        fs::create_dir_all(&new).unwrap();
+        FAILS.store(true, Ordering::Relaxed);
+        assert_eq!(dirs.path_of(fs::metadata(&new).unwrap().ino()), None);
+        assert_eq!(dirs.path_of(child_ino), Some(child), "still known");
+        assert_eq!(dirs.walks(), 3);
     }
 }

@@ -289,6 +289,26 @@ fn an_invalid_edit_moving_the_route_keeps_reporting_where_the_old_one_serves() {
         "{}",
         accepted.message
     );
+
+    // Moved to another port of the same Service: the old port's entry stays too.
+    let mut index = index_with(route(
+        1,
+        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+    ));
+    let mut moved = route(
+        2,
+        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+                "backendRefs": [{"name": "back", "port": 80}]}]),
+    );
+    moved["spec"]["parentRefs"] =
+        json!([{"group": "", "kind": "Service", "name": "front", "port": 8080}]);
+    index.apply(object(moved));
+    index.publish();
+    let ports: Vec<Option<u16>> = route_status(&index)
+        .iter()
+        .map(|s| s.parent_ref().port)
+        .collect();
+    assert_eq!(ports, [Some(8080), Some(80)]);
 }
 
 #[test]

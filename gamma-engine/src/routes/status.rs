@@ -2,7 +2,7 @@
 
 use super::compile::{groups, named_by, port_protocol, winning_kind};
 use super::{backends, World};
-use crate::model::{DeclaredProtocol, ObjectKey, ParentRef, RefusedRoute, Route, RouteKind};
+use crate::model::{DeclaredProtocol, ParentRef, RefusedRoute, Route, RouteKind};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -260,11 +260,12 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
         .into(),
     );
     let namespace = &refused.key.key.namespace;
-    let named: Vec<ObjectKey> = refused
-        .parent_refs
-        .iter()
-        .filter_map(|p| p.service(namespace))
-        .collect();
+    // A parent as a status entry tells it: its Service, port and section.
+    let parent = |p: &ParentRef| {
+        p.service(namespace)
+            .map(|key| (key, p.port, p.section_name.clone()))
+    };
+    let named: Vec<_> = refused.parent_refs.iter().filter_map(parent).collect();
     let entry = |parents: &Arc<[ParentRef]>, parent: usize| ParentStatus {
         parents: parents.clone(),
         parent,
@@ -291,10 +292,7 @@ pub fn refused_status(refused: &RefusedRoute, served: Option<&Route>) -> Vec<Par
             .parent_refs
             .iter()
             .enumerate()
-            .filter(|(_, p)| {
-                p.service(namespace)
-                    .is_some_and(|key| !named.contains(&key))
-            })
+            .filter(|(_, p)| parent(p).is_some_and(|p| !named.contains(&p)))
             .map(|(index, _)| entry(&route.parent_refs, index))
     });
     refused_parents.chain(still_routed).collect()

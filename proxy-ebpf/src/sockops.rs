@@ -5,16 +5,16 @@
 //! The kernel runs ACTIVE_ESTABLISHED on the caller's side when the SYN-ACK arrives, before the final
 //! ACK is sent, so the record is in `CALLERS` before the agent can `accept()` the connection. The
 //! agent takes it when it accepts; one it never takes (the caller reset first, or gave up in a
-//! full accept queue) goes when the caller's socket closes, so that a later connection from the
-//! same address made straight to the agent's port finds no identity to borrow.
+//! full accept queue) goes when the caller's socket closes abortively, so that a later connection
+//! from the same address made straight to the agent's port finds no identity to borrow.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1,
     },
-    helpers::{bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
+    helpers::{bpf_get_socket_cookie, bpf_sk_storage_get, bpf_sock_ops_cb_flags_set},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -44,7 +44,7 @@ pub fn gamma_sockops(ctx: SockOpsContext) -> u32 {
         // Only for sockets `local::join` asked it for.
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => local::sent_over_tcp(&ctx),
         // Only for callers' sockets `publish_caller` asked it for.
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_caller(&ctx),
+        BPF_SOCK_OPS_STATE_CB if closed_abortively(ctx.arg(0), ctx.arg(1)) => forget_caller(&ctx),
         _ => {}
     }
     crate::ALLOW as u32
@@ -99,12 +99,34 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
     Some(caller)
 }
 
-/// A caller's socket closed: its record goes, if the agent has not taken it.
+/// Whether a socket closed before its FIN was acknowledged (a reset, sent or received; a
+/// timeout): the agent may never accept such a connection. After an orderly close (from
+/// FIN_WAIT2, CLOSING or LAST_ACK: its FIN acknowledged) the agent's side exists, waiting to be
+/// accepted, and takes the record: a caller that writes and closes before the agent accepts
+/// keeps it.
+#[inline(always)]
+fn closed_abortively(old_state: u32, new_state: u32) -> bool {
+    new_state == BPF_TCP_CLOSE
+        && (old_state == BPF_TCP_ESTABLISHED || old_state == BPF_TCP_FIN_WAIT1)
+}
+
+/// A caller's socket closed abortively: its record goes, if the agent has not taken it and it is
+/// this socket's (the socket may have connected again since, from the address of another's).
 #[inline(always)]
 fn forget_caller(ctx: &SockOpsContext) {
     let (caller, agent_port) = caller_and_agent_port(ctx);
-    // Absent when the agent took it: nothing to count.
-    let _ = CALLERS.remove(&CallerKey::new(caller, agent_port));
+    let key = CallerKey::new(caller, agent_port);
+    // SAFETY: the helper takes the program's context; the map value is read while the program
+    // runs.
+    let ours = unsafe {
+        let cookie = bpf_get_socket_cookie(ctx.ops.cast());
+        CALLERS
+            .get(&key)
+            .is_some_and(|record| record.socket_cookie == cookie)
+    };
+    if ours {
+        let _ = CALLERS.remove(&key);
+    }
 }
 
 /// What keys a caller's record: the caller's address and the agent port it reached.

@@ -446,9 +446,10 @@ fn two_connections_from_one_caller_address_keep_their_own_records() {
 /// A record the agent never took (the caller reset before the agent accepted, or gave up in a
 /// full accept queue) goes with the caller's socket: left, a later connection from the same
 /// address made straight to the agent's port would take it, with its original destination and
-/// its cgroup's identity.
+/// its cgroup's identity. A caller that writes and closes in order before the agent accepts
+/// keeps its record: the agent's side of the connection waits to be accepted, with its bytes.
 #[test]
-fn a_record_the_agent_never_took_goes_with_its_connection() {
+fn a_record_the_agent_never_took_goes_with_its_connection_if_reset() {
     skip_unless_root!();
     let sandbox = Sandbox::create();
     let agent4 = sandbox.bind("127.0.0.1:0");
@@ -457,25 +458,33 @@ fn a_record_the_agent_never_took_goes_with_its_connection() {
     redirect
         .set_mesh_services([(VIP4.parse().unwrap(), false)])
         .unwrap();
-    const SOURCE_PORT: u16 = 47125;
-    let client = spawn_client_with(
-        &sandbox,
-        ClientOptions {
-            source_port: Some(SOURCE_PORT),
-            reset_at_once: true,
-            ..ClientOptions::default()
-        },
-        VIP4.parse().unwrap(),
-    );
-    let output = client.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let caller = SocketAddr::from(([127, 0, 0, 1], SOURCE_PORT));
     let port = agent4.local_addr().unwrap().port();
-    assert_eq!(redirect.take_original(caller, port), None);
+    for (source_port, ends, kept) in [
+        (47125, ClientEnd::ResetAtOnce, false),
+        (47126, ClientEnd::WriteAndClose, true),
+    ] {
+        let client = spawn_client_with(
+            &sandbox,
+            ClientOptions {
+                source_port: Some(source_port),
+                ends: Some(ends),
+                ..ClientOptions::default()
+            },
+            VIP4.parse().unwrap(),
+        );
+        let output = client.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The caller's closing socket runs its course (its FIN acknowledged, its socket gone).
+        std::thread::sleep(Duration::from_millis(300));
+        let caller = SocketAddr::from(([127, 0, 0, 1], source_port));
+        let original = redirect.take_original(caller, port).map(|r| r.original_dst);
+        let expected = kept.then(|| VIP4.parse().unwrap());
+        assert_eq!(original, expected, "{ends:?}");
+    }
 }
 
 /// The redirect attached with `agent4` for any port and `first4` for ports whose clients speak
@@ -752,8 +761,8 @@ const CLIENT_TARGET: &str = "GAMMA_EBPF_TEST_CLIENT_TARGET";
 const CLIENT_REFUSED_FIRST: &str = "GAMMA_EBPF_TEST_CLIENT_REFUSED_FIRST";
 /// Set: the client's socket is bound to this port (shared with other sockets: SO_REUSEADDR).
 const CLIENT_SOURCE_PORT: &str = "GAMMA_EBPF_TEST_CLIENT_SOURCE_PORT";
-/// Set: once connected, the client resets its connection without sending anything.
-const CLIENT_RESET_AT_ONCE: &str = "GAMMA_EBPF_TEST_CLIENT_RESET_AT_ONCE";
+/// Set (a [`ClientEnd`]): how the client ends its connection once connected.
+const CLIENT_ENDS: &str = "GAMMA_EBPF_TEST_CLIENT_ENDS";
 const PEER: &str = "client-peer=";
 const REPLY: &str = "client-reply=";
 
@@ -838,8 +847,16 @@ struct ClientOptions {
     refused_first: Option<SocketAddr>,
     /// Its socket is bound to this port.
     source_port: Option<u16>,
-    /// Once connected, it resets the connection (SO_LINGER 0) without a byte.
-    reset_at_once: bool,
+    /// How it ends its connection once connected, instead of an exchange with the server.
+    ends: Option<ClientEnd>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ClientEnd {
+    /// A reset (SO_LINGER 0) without a byte.
+    ResetAtOnce,
+    /// A byte, then an orderly close.
+    WriteAndClose,
 }
 
 /// This binary again, running only `client_helper`, inside the sandbox's netns and cgroup.
@@ -852,7 +869,7 @@ fn spawn_client(
     let options = ClientOptions {
         refused_first,
         source_port,
-        reset_at_once: false,
+        ends: None,
     };
     spawn_client_with(sandbox, options, target)
 }
@@ -866,7 +883,7 @@ fn spawn_client_with(
     let ClientOptions {
         refused_first,
         source_port,
-        reset_at_once,
+        ends,
     } = options;
     let netns = File::open(&sandbox.netns).unwrap();
     let procs = OpenOptions::new()
@@ -885,7 +902,7 @@ fn spawn_client_with(
         .env(CLIENT_TARGET, target.to_string())
         .envs(refused_first.map(|a| (CLIENT_REFUSED_FIRST, a.to_string())))
         .envs(source_port.map(|p| (CLIENT_SOURCE_PORT, p.to_string())))
-        .envs(reset_at_once.then_some((CLIENT_RESET_AT_ONCE, "1")))
+        .envs(ends.map(|end| (CLIENT_ENDS, format!("{end:?}"))))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only async-signal-safe syscalls on fds opened beforehand (kept
@@ -922,7 +939,12 @@ fn client_helper() {
         (None, None) => TcpStream::connect_timeout(&target, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {target}: {e}")),
     };
-    if std::env::var_os(CLIENT_RESET_AT_ONCE).is_some() {
+    let ends = std::env::var(CLIENT_ENDS).ok();
+    if ends.as_deref() == Some("WriteAndClose") {
+        (&stream).write_all(b"x").unwrap();
+        return;
+    }
+    if ends.as_deref() == Some("ResetAtOnce") {
         let linger = libc::linger {
             l_onoff: 1,
             l_linger: 0,

@@ -46,7 +46,7 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
         .count();
     match bytes.get(token_len) {
         Some(b' ') if token_len > 0 => request_line(&bytes[token_len + 1..]),
-        None if token_len < 16 && empty_lines <= MAX_EMPTY_LINES => None,
+        None if token_len < 16 => None,
         _ => Some(Protocol::Opaque),
     }
 }

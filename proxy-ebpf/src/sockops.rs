@@ -103,7 +103,8 @@ fn publish_caller(ctx: &SockOpsContext) -> Option<Endpoint> {
 /// timeout): the agent may never accept such a connection. After an orderly close (from
 /// FIN_WAIT2, CLOSING or LAST_ACK: its FIN acknowledged) the agent's side exists, waiting to be
 /// accepted, and takes the record: a caller that writes and closes before the agent accepts
-/// keeps it.
+/// keeps it. (One that aborts in FIN_WAIT1 after its FIN reached the agent, not yet
+/// acknowledged, loses its request: the states cannot tell that apart.)
 #[inline(always)]
 fn closed_abortively(old_state: u32, new_state: u32) -> bool {
     new_state == BPF_TCP_CLOSE

@@ -478,8 +478,26 @@ fn a_record_the_agent_never_took_goes_with_its_connection_if_reset() {
             "client failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        // The caller's closing socket runs its course (its FIN acknowledged, its socket gone).
-        std::thread::sleep(Duration::from_millis(300));
+        // The caller's socket runs its course: gone (reset), or, closed in order, its FIN
+        // acknowledged and the socket itself gone, a time-wait one in its place (`ss` shows its
+        // timer): the close the program sees has happened either way.
+        let settled = || {
+            let sockets = Command::new("ip")
+                .args(["netns", "exec", &sandbox.name, "ss", "-Htano"])
+                .args(["sport", "=", &format!(":{source_port}")])
+                .output()
+                .expect("running ss (iproute2)");
+            let sockets = String::from_utf8_lossy(&sockets.stdout).into_owned();
+            sockets.lines().all(|l| l.contains("timewait"))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !settled() {
+            assert!(
+                Instant::now() < deadline,
+                "{ends:?}: the caller's socket never closed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let caller = SocketAddr::from(([127, 0, 0, 1], source_port));
         let original = redirect.take_original(caller, port).map(|r| r.original_dst);
         let expected = kept.then(|| VIP4.parse().unwrap());

@@ -41,7 +41,7 @@ pub async fn serve_redirect(
             // Anyone who reaches the node's port can make such connections.
             let counted = &metrics.redirected_without_record;
             if let Some(count) = crate::telemetry::metrics::count_sampled(counted) {
-                tracing::warn!(%peer, count, "connections to the redirect listener without a redirect record (made straight to it, or the record evicted) are reset");
+                tracing::warn!(%peer, count, "connections to the redirect listener without a redirect record (made straight to it, the record evicted, or reset by the caller before it was accepted) are reset");
             }
         }
         resolved.map(|(original, caller)| ConnectionInfo {

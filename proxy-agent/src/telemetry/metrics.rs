@@ -346,7 +346,7 @@ impl Collector for Scrape {
             ("gamma_connections_accepted", "Downstream connections accepted.", &m.connections_accepted),
             ("gamma_connections_refused_at_cap", "Downstream connections closed on accept because --max-connections were open.", &m.connections_refused_at_cap),
             ("gamma_log_lines_dropped", "Log lines dropped because the log's reader (the container runtime's pipe) did not keep up.", &super::log_writer::LINES_DROPPED),
-            ("gamma_redirected_without_record", "Connections to a redirect listener without the kernel's record of where they were going (made straight to it, or the record evicted), reset on accept.", &m.redirected_without_record),
+            ("gamma_redirected_without_record", "Connections to a redirect listener without the kernel's record of where they were going (made straight to it, the record evicted, or reset by the caller before it was accepted), reset on accept.", &m.redirected_without_record),
             ("gamma_session_affinity_table_full", "Callers of ClientIP-affinity Services not bound to an endpoint because the table held its maximum of live bindings.", &*m.affinity_table_full),
             ("gamma_connections_without_frontend", "Connections reset on accept because their Service (its port, its address) is no longer in the table.", &m.connections_without_frontend),
             ("gamma_opaque_connections", "Connections passed through as opaque TCP.", &m.opaque_connections),

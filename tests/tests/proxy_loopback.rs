@@ -742,6 +742,15 @@ async fn the_admin_server_is_read_only() {
             )
             .unwrap();
             assert_eq!(reply.statuses(), [405], "{method} {path}");
+            // RFC 9110 §15.5.6: a 405 MUST say which methods are allowed.
+            assert!(
+                reply
+                    .text
+                    .to_ascii_lowercase()
+                    .contains("\r\nallow: get\r\n"),
+                "{method} {path}: {}",
+                reply.text
+            );
         }
     }
     assert_eq!(agent.snapshot_version().unwrap(), version);
@@ -789,6 +798,14 @@ async fn the_metrics_listener_serves_metrics_alone() {
     )
     .unwrap();
     assert_eq!(reply.statuses(), [405]);
+    assert!(
+        reply
+            .text
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get\r\n"),
+        "{}",
+        reply.text
+    );
     assert_eq!(
         admin_status(&agent, "/config_dump"),
         200,

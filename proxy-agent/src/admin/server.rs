@@ -155,13 +155,18 @@ fn text(
     response
 }
 
+/// 405 for a method other than GET, saying which it takes (RFC 9110 §15.5.6: MUST).
+fn only_get(body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, body, "text/plain");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    response
+}
+
 fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "the admin server is read-only\n",
-            "text/plain",
-        );
+        return only_get("the admin server is read-only\n");
     }
     match request.uri().path() {
         "/live" => live(&state.readiness, monotonic_ms()),
@@ -199,11 +204,7 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
 fn metrics_only(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => metrics(state),
-        (_, "/metrics") => text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "GET /metrics only\n",
-            "text/plain",
-        ),
+        (_, "/metrics") => only_get("GET /metrics only\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "this listener serves /metrics only; the admin server's other endpoints are on \

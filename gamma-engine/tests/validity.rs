@@ -180,13 +180,15 @@ fn invalid_rules_are_dropped_and_their_requests_get_500() {
     );
 }
 
+/// Rules none of which is valid: a header regular expression that does not compile.
+fn no_valid_rule() -> Value {
+    json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
+            "backendRefs": [{"name": "back", "port": 80}]}])
+}
+
 #[test]
 fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
-    let all_invalid = route(
-        2,
-        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
-                "backendRefs": [{"name": "back", "port": 80}]}]),
-    );
+    let all_invalid = route(2, no_valid_rule());
     // Never valid: nothing served, the status says why at generation 2.
     let index = index_with(all_invalid.clone());
     assert!(index
@@ -215,11 +217,7 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
     );
 
     // Invalid from its first generation: no earlier one to speak of.
-    let first = route(
-        1,
-        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
-                "backendRefs": [{"name": "back", "port": 80}]}]),
-    );
+    let first = route(1, no_valid_rule());
     let status = route_status(&index_with(first));
     let accepted = condition(&status, "Accepted").unwrap();
     assert!(
@@ -263,18 +261,19 @@ fn a_route_whose_rules_are_all_invalid_is_refused_at_its_generation() {
 /// generation still routes the Service, and its entry says so rather than vanish.
 #[test]
 fn an_invalid_edit_moving_the_route_keeps_reporting_where_the_old_one_serves() {
-    let mut index = index_with(route(
-        1,
-        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
-    ));
-    let mut moved = route(
-        2,
-        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
-                "backendRefs": [{"name": "back", "port": 80}]}]),
-    );
-    moved["spec"]["parentRefs"] = json!([{"name": "gateway"}]);
-    index.apply(object(moved));
-    index.publish();
+    // Generation 1 served on `front`, then an invalid generation 2 with `parent_refs`.
+    let moved_to = |parent_refs: Value| {
+        let mut index = index_with(route(
+            1,
+            json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
+        ));
+        let mut moved = route(2, no_valid_rule());
+        moved["spec"]["parentRefs"] = parent_refs;
+        index.apply(object(moved));
+        index.publish();
+        index
+    };
+    let index = moved_to(json!([{"name": "gateway"}]));
     assert_eq!(answer(&index, "/x"), "rule 0 forwards");
     let status = route_status(&index);
     assert_eq!(status.len(), 1, "{status:?}");
@@ -291,19 +290,7 @@ fn an_invalid_edit_moving_the_route_keeps_reporting_where_the_old_one_serves() {
     );
 
     // Moved to another port of the same Service: the old port's entry stays too.
-    let mut index = index_with(route(
-        1,
-        json!([{"backendRefs": [{"name": "back", "port": 80}]}]),
-    ));
-    let mut moved = route(
-        2,
-        json!([{"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "("}]}],
-                "backendRefs": [{"name": "back", "port": 80}]}]),
-    );
-    moved["spec"]["parentRefs"] =
-        json!([{"group": "", "kind": "Service", "name": "front", "port": 8080}]);
-    index.apply(object(moved));
-    index.publish();
+    let index = moved_to(json!([{"group": "", "kind": "Service", "name": "front", "port": 8080}]));
     let ports: Vec<Option<u16>> = route_status(&index)
         .iter()
         .map(|s| s.parent_ref().port)
@@ -933,6 +920,18 @@ fn a_consumer_route_for_all_ports_leaves_a_presumed_opaque_one_opaque() {
     );
 }
 
+/// A GRPCRoute `ns/g` attached to `parent_ref`, sending everything to `back`.
+fn grpc_route_to_back(parent_ref: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "g", "namespace": "ns", "generation": 1},
+        "spec": {
+            "parentRefs": [parent_ref],
+            "rules": [{"backendRefs": [{"name": "back", "port": 80}]}],
+        }
+    })
+}
+
 /// An HTTPRoute and a GRPCRoute on all of a Service's ports, one of which is stated opaque:
 /// the GRPCRoute wins every port routes apply to, so the HTTPRoute applies nowhere. Before, the
 /// opaque port, where neither applies, counted as one the HTTPRoute had not lost:
@@ -943,14 +942,9 @@ fn an_httproute_that_lost_every_routed_port_to_a_grpcroute_is_conflicted() {
         json!([{"name": "http", "port": 80}, {"name": "https", "port": 443}]),
         json!([{"group": "", "kind": "Service", "name": "front"}]),
     );
-    index.apply(object(json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
-        "metadata": {"name": "g", "namespace": "ns", "generation": 1},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": "front"}],
-            "rules": [{"backendRefs": [{"name": "back", "port": 80}]}],
-        }
-    })));
+    index.apply(object(grpc_route_to_back(
+        json!({"group": "", "kind": "Service", "name": "front"}),
+    )));
     index.publish();
     let status = route_status(&index);
     let accepted = condition(&status, "Accepted").unwrap();
@@ -965,14 +959,9 @@ fn an_httproute_that_lost_one_port_to_a_grpcroute_says_which() {
         json!([{"name": "http", "port": 80}, {"name": "grpc", "port": 7070}]),
         json!([{"group": "", "kind": "Service", "name": "front"}]),
     );
-    index.apply(object(json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
-        "metadata": {"name": "g", "namespace": "ns", "generation": 1},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 7070}],
-            "rules": [{"backendRefs": [{"name": "back", "port": 80}]}],
-        }
-    })));
+    index.apply(object(grpc_route_to_back(
+        json!({"group": "", "kind": "Service", "name": "front", "port": 7070}),
+    )));
     index.publish();
     let status = route_status(&index);
     let accepted = condition(&status, "Accepted").unwrap();

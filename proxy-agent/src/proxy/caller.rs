@@ -233,7 +233,6 @@ mod tests {
     /// before, it kept producer routes for its life (a gRPC channel, for hours).
     #[tokio::test]
     async fn a_caller_unknown_at_accept_gets_its_routes_once_known() {
-        const UID: &str = "6a3d0c52-7f1e-4b9a-9c2d-5e8f1a2b3c4d";
         let pod = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: ui, uid: {UID}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running}}\n");
         let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ui}\nspec:\n  parentRefs: [{group: '', kind: Service, name: front, namespace: ns, port: 80}]\n  rules: [{filters: [{type: RequestRedirect, requestRedirect: {hostname: elsewhere, statusCode: 302}}]}]\n";
         let before =

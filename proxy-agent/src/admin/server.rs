@@ -116,13 +116,28 @@ async fn accept(
         let state = state.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
+                let answer = match exposure {
+                    Exposure::Admin => route,
+                    Exposure::MetricsOnly => metrics_only,
+                };
                 async move {
-                    Ok::<_, Infallible>(match exposure {
-                        Exposure::Admin => route(&state, request),
-                        Exposure::MetricsOnly => metrics_only(&state, &request),
-                    })
+                    if !renders(request.uri().path()) {
+                        return Ok::<_, Infallible>(answer(&state, &request));
+                    }
+                    // Off this thread: a large table's dump (or explanation, or the metrics)
+                    // takes long enough to hold the kubelet's probes past their 1 s timeout.
+                    let rendered =
+                        tokio::task::spawn_blocking(move || answer(&state, &request)).await;
+                    Ok(rendered.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "admin: rendering an answer failed");
+                        text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "rendering the answer failed; see the agent's log\n",
+                            "text/plain",
+                        )
+                    }))
                 }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -164,7 +179,13 @@ fn only_get(body: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Whether answering `path` renders the table or the metrics, which takes time with their size
+/// (the probes and the 404s read a few flags).
+fn renders(path: &str) -> bool {
+    matches!(path, "/metrics" | "/config_dump" | "/explain")
+}
+
+fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
         return only_get("the admin server is read-only\n");
     }
@@ -375,6 +396,42 @@ mod tests {
         let stuck = live(&readiness, after(HEARTBEAT_LIMIT + Duration::from_secs(1)));
         assert_eq!(stuck.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(format!("{:?}", stuck.body()).contains("has not run for 31 s"));
+    }
+
+    /// `GET path` on a new connection to `addr`, answered within 10 s: its status line.
+    fn status_line(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        Ok(line.trim_end().to_string())
+    }
+
+    /// A scrape or a dump that takes long (a large table; here the metrics' lock held) must not
+    /// hold the kubelet's probes behind it on the admin thread: they time out in 1 s, and a
+    /// liveness probe failing restarts the agent.
+    #[test]
+    fn probes_are_answered_while_a_scrape_renders() {
+        let state = AdminState {
+            snapshot: Arc::default(),
+            metrics: Arc::default(),
+            endpoints: Arc::default(),
+            readiness: Arc::default(),
+        };
+        let drain = Drain::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = spawn(vec![(listener, Exposure::Admin)], state.clone(), &drain).unwrap()[0];
+        let held = state.metrics.runtimes.lock().unwrap();
+        let scrape = std::thread::spawn(move || status_line(addr, "/metrics"));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            status_line(addr, "/live").expect("/live answers while /metrics renders"),
+            "HTTP/1.1 200 OK"
+        );
+        drop(held);
+        assert_eq!(scrape.join().unwrap().unwrap(), "HTTP/1.1 200 OK");
     }
 
     /// A DaemonSet's next pod is in another pid namespace: `SO_PEERCRED` names it pid 0, which

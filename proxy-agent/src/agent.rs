@@ -1,7 +1,7 @@
 //! Wiring: sources → publisher → data plane, redirect maps, status, admin; and the process
 //! lifecycle (start, takeover, drain).
 
-use crate::admin::server::{self, AdminState, Exposure};
+use crate::admin::server::{self, AdminListener, AdminState, Exposure};
 use crate::handover::{self, Inherited, Offered, Successors};
 use crate::proxy::drain::Drain;
 use crate::proxy::explicit::{serve_explicit, AcceptModes, ExplicitTarget};
@@ -173,18 +173,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.pumps.tell_pairing(Arc::new(AnyMayBePaired));
     }
     let drain = Drain::default();
-    let mut admin_listeners = vec![(
-        listen(
-            &mut inherited,
-            &mut offered,
-            config.admin,
-            "the admin server",
-        )?,
-        Exposure::Admin,
-    )];
-    for addr in &config.metrics {
-        let listener = listen(&mut inherited, &mut offered, *addr, "--metrics")?;
-        admin_listeners.push((listener, Exposure::MetricsOnly));
+    // Turns true once no running agent accepts on the sockets it handed over.
+    let (alone, alone_now) = tokio::sync::watch::channel(inherited.predecessor().is_none());
+    let mut admin_listeners = Vec::new();
+    let admin_addrs = std::iter::once((config.admin, Exposure::Admin, "the admin server")).chain(
+        config
+            .metrics
+            .iter()
+            .map(|a| (*a, Exposure::MetricsOnly, "--metrics")),
+    );
+    for (addr, exposure, what) in admin_addrs {
+        admin_listeners.push(AdminListener {
+            shared: inherited.holds(addr),
+            listener: listen(&mut inherited, &mut offered, addr, what)?,
+            exposure,
+        });
     }
     let serving = server::spawn(
         admin_listeners,
@@ -195,12 +198,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             readiness: readiness.clone(),
         },
         &drain,
+        &alone_now,
     )
     .with_context(|| format!("serving the admin server on {}", config.admin))?;
     tracing::info!(admin = %serving[0], metrics = ?&serving[1..], "admin server listening");
     let source = Source::start(&config, updates).await?;
     tokio::select! {
-        synced = first_sync(&mut publisher, &mut inherited) => {
+        synced = first_sync(&mut publisher, &mut inherited, &alone) => {
             if let Err(stopped) = synced {
                 return Err(source.failure().await.context(stopped));
             }
@@ -291,6 +295,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         config.takeover.as_ref(),
     )
     .await?;
+    alone.send_replace(true);
     if let Some(redirect) = &redirect {
         // The running agent, which shares the maps, may have written its own view of a table
         // change between this agent's first write and Stop: this agent's goes in last.
@@ -474,6 +479,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 async fn first_sync(
     publisher: &mut Publisher,
     inherited: &mut Inherited,
+    alone: &tokio::sync::watch::Sender<bool>,
 ) -> Result<(), crate::publisher::SourcesStopped> {
     let predecessor_gone = inherited.predecessor_gone();
     tokio::pin!(predecessor_gone);
@@ -493,6 +499,8 @@ async fn first_sync(
                      serves, with its own)"
                 );
                 inherited.let_go_of_redirect();
+                // Nobody else answers the probes and scrapes on the sockets it handed over.
+                alone.send_replace(true);
             }
         }
     }

@@ -436,10 +436,14 @@ async fn long_lived_connections_survive_ten_takeovers() {
 /// connects fall back to ordinary Service routing instead of queueing on a listener nobody
 /// accepts on until the sync, however long (that the programs detach is the kernel's part: they
 /// live only while a process holds their links). Loopback, no root.
+///
+/// Until then the running agent alone answers on the admin socket both hold: the successor
+/// answered every other scrape, its counters alternating with the running agent's. Once it is
+/// gone, the successor answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
     use gamma_tests::loopback::{
-        agent_binary, echo_backend, free_port, http_get, Manifests, TempDir,
+        agent_binary, echo_backend, free_port, http_get, http_get_full, Manifests, TempDir,
     };
     use gamma_tests::KillOnDrop;
     use std::process::{Command, Stdio};
@@ -455,11 +459,12 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
         gamma_tests::fake_apiserver::kubeconfig_for(silent.local_addr().unwrap(), &dir.0, "t");
     let socket = dir.0.join("agent.sock");
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin = format!("127.0.0.1:{}", free_port());
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ready = || http_get_full(admin, "/ready").map(|(_, body)| body);
     let spawn = |log: &str, source: &[&str]| -> KillOnDrop {
         Command::new(agent_binary())
             .args(source)
-            .args(["--admin", &admin])
+            .args(["--admin", &admin.to_string()])
             .args(["--listen", &format!("{listen}=shop/front:80")])
             .arg("--takeover-socket")
             .arg(&socket)
@@ -501,6 +506,13 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
                 .then_some(())
         },
     );
+    for _ in 0..20 {
+        let answer = ready().expect("the admin server answers");
+        assert!(
+            answer.contains("handing over to a successor"),
+            "the running agent answers alone: {answer}"
+        );
+    }
     let _ = old.kill();
     let _ = old.wait();
     within(Duration::from_secs(5), "the new agent notices", || {
@@ -508,6 +520,11 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
             .contains("the running agent went before this one could take over")
             .then_some(())
     });
+    let answer = ready().expect("the successor answers on the socket");
+    assert!(
+        answer.contains("the first sync of the sources has not completed"),
+        "{answer}"
+    );
     // And goes on waiting for its sync (the wait for its predecessor, polled again once it
     // resolved, panicked).
     std::thread::sleep(Duration::from_secs(1));

@@ -39,20 +39,41 @@ pub enum Exposure {
     MetricsOnly,
 }
 
+/// A listening socket of the admin server.
+pub struct AdminListener {
+    pub listener: std::net::TcpListener,
+    pub exposure: Exposure,
+    /// Handed over by a running agent that still accepts on it until it is told to stop: served
+    /// only from then on (see [`spawn`]).
+    pub shared: bool,
+}
+
 /// Serves on each listener (bound by the caller, so a bad address fails at start; or handed over
 /// by a predecessor), each on a thread of its own (a flood of scrapes cannot starve the kubelet's
 /// probes), until `drain` stops the accept loops: a successor then answers alone (the probes
 /// included), and requests already accepted are answered.
+///
+/// A shared listener is accepted on once `alone` turns true (the running agent stopped
+/// accepting, or went): until then the kernel would hand each scrape to either process, and
+/// counters from two processes alternating read as resets to `rate()`, each counting the other's
+/// total as new. Its probes meanwhile get the running agent's answers ("handing over").
 pub fn spawn(
-    listeners: Vec<(std::net::TcpListener, Exposure)>,
+    listeners: Vec<AdminListener>,
     state: AdminState,
     drain: &Drain,
+    alone: &tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Vec<SocketAddr>> {
     let mut locals = Vec::with_capacity(listeners.len());
-    for (listener, exposure) in listeners {
+    for AdminListener {
+        listener,
+        exposure,
+        shared,
+    } in listeners
+    {
         listener.set_nonblocking(true)?;
         locals.push(listener.local_addr()?);
         let (running, stop) = drain.acceptor();
+        let alone = shared.then(|| alone.clone());
         let state = state.clone();
         let name = match exposure {
             Exposure::Admin => "admin",
@@ -68,7 +89,7 @@ pub fn spawn(
                 runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("admin listener");
-                    accept(listener, exposure, state, running, stop).await
+                    accept(listener, exposure, state, running, stop, alone).await
                 });
             })?;
     }
@@ -90,7 +111,15 @@ async fn accept(
     state: AdminState,
     _running: tokio_util::task::task_tracker::TaskTrackerToken,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    alone: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
+    if let Some(mut alone) = alone {
+        tokio::select! {
+            biased;
+            () = turned_true(&mut stop) => return,
+            () = turned_true(&mut alone) => {}
+        }
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -422,7 +451,13 @@ mod tests {
         };
         let drain = Drain::default();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = spawn(vec![(listener, Exposure::Admin)], state.clone(), &drain).unwrap()[0];
+        let listener = AdminListener {
+            listener,
+            exposure: Exposure::Admin,
+            shared: false,
+        };
+        let (_, alone) = tokio::sync::watch::channel(true);
+        let addr = spawn(vec![listener], state.clone(), &drain, &alone).unwrap()[0];
         let held = state.metrics.runtimes.lock().unwrap();
         let scrape = std::thread::spawn(move || status_line(addr, "/metrics"));
         std::thread::sleep(Duration::from_millis(100));

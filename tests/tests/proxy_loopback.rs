@@ -812,17 +812,43 @@ async fn the_metrics_listener_serves_metrics_alone() {
         "still on --admin"
     );
 
-    // It faces the node's network: connections past its cap are closed at once, silent ones go
-    // after the head timeout, and the admin server's probes are answered throughout.
-    let silent: Vec<std::net::TcpStream> = (0..32)
-        .map(|_| std::net::TcpStream::connect(metrics_only).unwrap())
-        .collect();
+    // It faces the node's network: connections past its cap (32, 4 per source address) are
+    // closed at once, silent ones go after the head timeout, and the admin server's probes are
+    // answered throughout. One pod's silent connections leave the scraper its slot.
+    let connect_from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let stream = socket.connect(metrics_only).await.unwrap();
+        stream.into_std().unwrap()
+    };
+    let closed_at_once = |mut stream: std::net::TcpStream| {
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream.read(&mut [0; 16]).is_ok_and(|read| read == 0)
+    };
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from([127, 0, 0, 2]).await);
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let mut extra = std::net::TcpStream::connect(metrics_only).unwrap();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    assert_eq!(extra.read(&mut [0; 16]).unwrap(), 0, "closed past the cap");
+    assert!(
+        closed_at_once(connect_from([127, 0, 0, 2]).await),
+        "closed past the source's cap"
+    );
+    let (status, _) = gamma_tests::loopback::http_get_full(metrics_only, "/metrics").unwrap();
+    assert_eq!(status, 200, "another source is served at once");
+    for source in 3..10 {
+        for _ in 0..4 {
+            silent.push(connect_from([127, 0, 0, source]).await);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        closed_at_once(connect_from([127, 0, 0, 10]).await),
+        "closed past the cap"
+    );
     assert_eq!(admin_status(&agent, "/live"), 200);
     gamma_tests::eventually_within(Duration::from_secs(10), "silent connections closed", || {
         gamma_tests::loopback::http_get_full(metrics_only, "/metrics")

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +99,47 @@ pub fn spawn(
 /// Connections a `--metrics` listener serves at once: it faces the node's network, where any pod
 /// may open thousands; past it a connection is closed as soon as accepted.
 const METRICS_CONNECTIONS: usize = 32;
+/// Of them, those one source address may hold: a scraper needs one, so that a pod holding
+/// connections open takes a few slots and leaves the scrapers theirs.
+const METRICS_CONNECTIONS_PER_SOURCE: usize = 4;
+
+/// The `--metrics` listener's connection slots, counted per source address.
+#[derive(Clone, Default)]
+struct Slots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// A connection's slot, given back when dropped.
+struct Slot {
+    slots: Slots,
+    source: IpAddr,
+}
+
+impl Slots {
+    fn take(&self, source: IpAddr) -> Option<Slot> {
+        let mut held = self.0.lock().expect("not poisoned");
+        let total: usize = held.values().sum();
+        let by_source = held.get(&source).copied().unwrap_or(0);
+        if total >= METRICS_CONNECTIONS || by_source >= METRICS_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        held.insert(source, by_source + 1);
+        Some(Slot {
+            slots: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().expect("not poisoned");
+        if let Some(count) = held.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// How long a `--metrics` connection may take to send a request head, and live at most: a
 /// scraper asks at once and again within its interval, and reconnects when closed.
@@ -120,13 +161,13 @@ async fn accept(
             () = turned_true(&mut alone) => {}
         }
     }
-    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let slots = Slots::default();
     loop {
-        let stream = tokio::select! {
+        let (stream, source) = tokio::select! {
             biased;
             () = turned_true(&mut stop) => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: wait a little rather than spin.
                     tracing::warn!(error = %e, "admin: accept failed");
@@ -137,9 +178,9 @@ async fn accept(
         };
         let slot = match exposure {
             Exposure::Admin => None,
-            Exposure::MetricsOnly => match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => continue, // closed: the scraper tries again at its next interval
+            Exposure::MetricsOnly => match slots.take(source.ip()) {
+                None => continue, // closed: the scraper tries again at its next interval
+                slot => slot,
             },
         };
         let state = state.clone();
@@ -425,6 +466,29 @@ mod tests {
         let stuck = live(&readiness, after(HEARTBEAT_LIMIT + Duration::from_secs(1)));
         assert_eq!(stuck.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(format!("{:?}", stuck.body()).contains("has not run for 31 s"));
+    }
+
+    #[test]
+    fn a_source_address_holds_a_few_metrics_connections_and_leaves_the_rest() {
+        let slots = Slots::default();
+        let pod: IpAddr = [10, 0, 0, 7].into();
+        let pods_slots: Vec<Slot> = std::iter::from_fn(|| slots.take(pod)).take(100).collect();
+        assert_eq!(pods_slots.len(), METRICS_CONNECTIONS_PER_SOURCE);
+        let scraper: IpAddr = [10, 0, 0, 9].into();
+        let scrape = slots.take(scraper).expect("the scraper gets a slot");
+        // Many sources still fill them all, and a slot given back is free again.
+        let others: Vec<Slot> = (1..=255u8)
+            .filter_map(|last| slots.take([10, 1, 0, last].into()))
+            .collect();
+        assert_eq!(
+            others.len(),
+            METRICS_CONNECTIONS - METRICS_CONNECTIONS_PER_SOURCE - 1
+        );
+        assert!(slots.take(scraper).is_none(), "all taken");
+        drop(scrape);
+        assert!(slots.take(scraper).is_some());
+        drop((pods_slots, others));
+        assert!(slots.0.lock().unwrap().is_empty(), "every slot given back");
     }
 
     /// `GET path` on a new connection to `addr`, answered within 10 s: its status line.

@@ -742,10 +742,12 @@ impl CompiledRule {
         self.rule().options().session.as_ref()
     }
 
+    /// The rule's name, or `#` and its index in the route when it has none: a name may be a
+    /// number (`"1"`), never `#`.
     pub fn name_or_index(&self) -> String {
         match self.rule().name() {
             Some(name) => name.to_owned(),
-            None => self.index.to_string(),
+            None => format!("#{}", self.index),
         }
     }
 }

@@ -477,6 +477,22 @@ mod tests {
         crate::test_dir::snapshot_of(&yaml)
     }
 
+    /// A rule named `"1"` and an unnamed rule at index 1 count apart.
+    #[test]
+    fn a_rule_named_like_an_index_has_a_series_of_its_own() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec:\n  parentRefs: [{kind: Service, group: '', name: s, port: 80}]\n  rules:\n  - {name: '1', matches: [{path: {value: /named}}], backendRefs: [{name: s, port: 80}]}\n  - backendRefs: [{name: s, port: 80}]\n";
+        let snapshot = crate::test_dir::snapshot_of(yaml);
+        let frontend = snapshot
+            .frontend_of(&ObjectKey::new("ns", "s"), 80)
+            .unwrap();
+        let labels: Vec<String> = frontend.table_for(None).unwrap().rules()[..2]
+            .iter()
+            .map(route_label)
+            .collect();
+        assert_eq!(labels.len(), 2);
+        assert_ne!(labels[0], labels[1], "{labels:?}");
+    }
+
     /// One slot per compiled rule holds the rule's own series and each backendRef's, apart.
     #[test]
     fn a_rule_slot_keeps_its_own_series_and_each_backends_apart() {
@@ -488,7 +504,7 @@ mod tests {
         let table = SeriesTable::default();
         let labels = |backend: &str| SeriesKey {
             backend: backend.into(),
-            ..key("ns/s:80", "HTTPRoute ns/r rule 0")
+            ..key("ns/s:80", "HTTPRoute ns/r rule #0")
         };
         for (backend, label, times) in [(None, "", 1), (Some(0), "b0", 2), (Some(1), "b1", 3)] {
             for _ in 0..times {
@@ -515,8 +531,8 @@ mod tests {
             ..key("ns/s:80", route)
         };
         let kept = [
-            key("ns/s:80", "HTTPRoute ns/r rule 0"),
-            with_backend("HTTPRoute ns/r rule 0", "ns/s:80"),
+            key("ns/s:80", "HTTPRoute ns/r rule #0"),
+            with_backend("HTTPRoute ns/r rule #0", "ns/s:80"),
             key("ns/s:80", ""),
             with_backend("", "ns/s:80"),
             key("", ""),
@@ -524,9 +540,9 @@ mod tests {
         let gone = [
             key("ns/gone:80", ""),
             key("ns/s:81", ""),
-            key("ns/s:80", "HTTPRoute ns/gone rule 0"),
-            key("ns/s:80", "HTTPRoute ns/r rule 1"),
-            with_backend("HTTPRoute ns/r rule 0", "ns/gone:80"),
+            key("ns/s:80", "HTTPRoute ns/gone rule #0"),
+            key("ns/s:80", "HTTPRoute ns/r rule #1"),
+            with_backend("HTTPRoute ns/r rule #0", "ns/gone:80"),
         ];
         for k in kept.iter().chain(&gone) {
             table

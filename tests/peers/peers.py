@@ -1,13 +1,18 @@
 """Real protocol peers for the loopback tests, from stacks that are not ours and enforce their
 protocols: gRPC's C-core (PyPI's grpcio) and hyper-h2 (PyPI's h2).
 
-  peers.py grpc-server PORT NAME    a C-core gRPC server: gamma.Echo/{Echo,Slow,Fail,Mirror,Chat}
+  peers.py grpc-server PORT NAME    a C-core gRPC server:
+                                    gamma.Echo/{Echo,Slow,Fail,Mirror,Chat,Hold}
   peers.py grpc-call TARGET AUTHORITY METHOD TIMEOUT_S PAYLOAD_BYTES
                                     a C-core gRPC client call; prints one JSON line
   peers.py grpc-streams TARGET AUTHORITY
                                     a C-core client's harder calls on one channel: a bidi stream
                                     answered message by message, 3 MiB both ways, 300 calls at
                                     once, binary trailing metadata; prints one JSON line
+  peers.py grpc-uploads TARGET AUTHORITY N
+                                    N client-streaming uploads of 256 KiB on one channel to a
+                                    server that reads none for 4 s, and a unary call beside them
+                                    (2 s deadline); prints one JSON line
   peers.py h2-server PORT           a strict HTTP/2 (prior knowledge) server: a request whose
                                     `host` differs from `:authority` is malformed (RFC 9113
                                     8.3.1) and gets 400; others get 200 and what it saw, as JSON
@@ -54,6 +59,12 @@ def grpc_server(port, name):
         for request in requests:
             yield name.encode() + b":" + request
 
+    def hold(requests, context):
+        # Client streaming, read only after 4 s: its messages wait in flow-control windows, the
+        # server's and every hop's before it.
+        time.sleep(4)
+        return str(sum(len(r) for r in requests)).encode()
+
     identity = lambda b: b  # noqa: E731 - raw bytes in, raw bytes out
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(echo, identity, identity),
@@ -61,10 +72,15 @@ def grpc_server(port, name):
         "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
         "Mirror": grpc.unary_unary_rpc_method_handler(mirror, identity, identity),
         "Chat": grpc.stream_stream_rpc_method_handler(chat, identity, identity),
+        "Hold": grpc.stream_unary_rpc_method_handler(hold, identity, identity),
     }
     # At most 100 streams at once on a connection, as many HTTP/2 servers say (SETTINGS).
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
-                         options=[("grpc.max_concurrent_streams", 100)])
+    # Windows not grown past what the handlers read (no BDP probing), so that a stream nobody
+    # reads holds its data at the hops before the server.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=40),
+                         options=[("grpc.max_concurrent_streams", 100),
+                                  ("grpc.http2.bdp_probe", 0),
+                                  ("grpc.http2.lookahead_bytes", 16384)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gamma.Echo", handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -138,6 +154,35 @@ def grpc_streams(target, authority):
     print(json.dumps(seen), flush=True)
 
 
+def grpc_uploads(target, authority, uploads):
+    import grpc
+
+    channel = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
+    identity = lambda b: b  # noqa: E731
+    upload = channel.stream_unary("/gamma.Echo/Hold", identity, identity)
+    chunk = b"u" * 16384
+    held = [upload.future(iter([chunk] * 16), timeout=30) for _ in range(int(uploads))]
+    # Their first window's worth is on its way: what they send waits for the server.
+    time.sleep(1)
+    seen = {}
+    echo = channel.unary_unary("/gamma.Echo/Echo", identity, identity)
+    started = time.monotonic()
+    try:
+        echo(b"beside", timeout=2)
+        seen["unary"] = "OK"
+    except grpc.RpcError as e:
+        seen["unary"] = e.code().name
+    seen["unary_ms"] = round((time.monotonic() - started) * 1000)
+    results = []
+    for f in held:
+        try:
+            results.append(f.result().decode())
+        except grpc.RpcError as e:
+            results.append(e.code().name)
+    seen["uploads"] = sorted(set(results))
+    print(json.dumps(seen), flush=True)
+
+
 def h2_server(port):
     import h2.config
     import h2.connection
@@ -197,4 +242,4 @@ def h2_server(port):
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"grpc-server": grpc_server, "grpc-call": grpc_call, "grpc-streams": grpc_streams,
-     "h2-server": h2_server}[command](*args)
+     "grpc-uploads": grpc_uploads, "h2-server": h2_server}[command](*args)

@@ -112,6 +112,22 @@ pub fn grpc_streams(target: SocketAddr, authority: &str) -> Result<serde_json::V
     run_client(&["grpc-streams", &target.to_string(), authority])
 }
 
+/// `uploads` client-streaming calls of 256 KiB each on one C-core channel to `target`, which the
+/// server reads only after 4 s, and a unary call beside them with a 2 s deadline (`peers.py
+/// grpc-uploads`). Returns `unary` (its status), `unary_ms` and `uploads` (their answers).
+pub fn grpc_uploads(
+    target: SocketAddr,
+    authority: &str,
+    uploads: usize,
+) -> Result<serde_json::Value> {
+    run_client(&[
+        "grpc-uploads",
+        &target.to_string(),
+        authority,
+        &uploads.to_string(),
+    ])
+}
+
 /// Runs `peers.py` with `args` and parses the one JSON line it prints.
 fn run_client(args: &[&str]) -> Result<serde_json::Value> {
     let started = Instant::now();

@@ -150,6 +150,36 @@ fn c_core_streams_large_messages_and_many_calls_through_the_agent() {
     }
 }
 
+/// A C-core channel's client-streaming uploads to a server that does not read them yet hold
+/// flow-control window on the caller's connection to the agent, which every call of the channel
+/// shares: a unary call beside 32 of them (2 MiB waiting, each stream's 64 KiB window full) must
+/// still go through, to another backend, at once. With a connection window of 1 MiB it waited for
+/// the uploads' server and missed its deadline.
+#[test]
+fn c_core_uploads_a_server_does_not_read_leave_the_channel_its_other_calls() {
+    let Some(()) =
+        peers_or_skip("c_core_uploads_a_server_does_not_read_leave_the_channel_its_other_calls")
+    else {
+        return;
+    };
+    let holding = Peer::start("grpc-server", &["holding"]).unwrap();
+    let answering = Peer::start("grpc-server", &["answering"]).unwrap();
+    let rules = "  - matches: [{method: {service: gamma.Echo, method: Hold}}]\n    backendRefs: [{name: holding, port: 80}]\n  - matches: [{method: {service: gamma.Echo, method: Echo}}]\n    backendRefs: [{name: answering, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "holding", 80, &[holding.addr], None)
+        .service("ns", "answering", 80, &[answering.addr], None)
+        .raw(&grpc_route("g", "front", rules));
+    let agent = Agent::start_front(&world).unwrap();
+    let seen = peers::grpc_uploads(agent.listen[0], "front.ns.svc.cluster.local", 32).unwrap();
+    assert_eq!(seen["unary"], "OK", "{seen}");
+    assert_eq!(
+        seen["uploads"],
+        serde_json::json!([(16 * 16384).to_string()]),
+        "every upload arrives whole once read: {seen}"
+    );
+}
+
 /// curl over HTTP/2 prior knowledge; returns the status and the body.
 fn curl_h2(url: &str, host: &str) -> (u16, Value) {
     let output = Command::new("curl")

@@ -887,6 +887,41 @@ fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
     assert_eq!(condition(&status, "Accepted").unwrap().status, "True");
 }
 
+/// A port with another namespace's consumer routes only is passed through for the callers they
+/// do not apply to, as kube-proxy would: a server-first protocol's clients on an undeclared port
+/// waited for the detection timeout on every connection, and an HTTP port's clients were parsed
+/// (header limits, idle closes) with no route to apply.
+#[test]
+fn callers_no_route_applies_to_are_passed_through() {
+    use gamma_engine::model::DeclaredProtocol::{Http, Opaque};
+    let index = front_with_a_consumer_route(
+        json!([{"name": "http", "port": 80}, {"port": 7000}]),
+        json!({"group": "", "kind": "Service", "name": "front", "namespace": "ns"}),
+    );
+    let snapshot = index.snapshot();
+    let port = |port| {
+        snapshot
+            .frontend_of(&ObjectKey::new("ns", "front"), port)
+            .unwrap()
+    };
+    assert_eq!(port(80).protocol_for(Some("other")), Some(Http));
+    assert_eq!(port(7000).protocol_for(Some("other")), None, "sniffed");
+    for (p, unknown) in [(80, Some(Http)), (7000, None)] {
+        for others in ["ns", "third"] {
+            assert_eq!(
+                port(p).protocol_for(Some(others)),
+                Some(Opaque),
+                "{p} {others}"
+            );
+        }
+        assert_eq!(
+            port(p).protocol_for(None),
+            unknown,
+            "{p}: an unknown caller"
+        );
+    }
+}
+
 /// Attached to all the Service's ports, a consumer route names none: a port presumed opaque
 /// stays so for its callers too, and a route that applies to no other port is not accepted.
 #[test]

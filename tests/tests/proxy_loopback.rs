@@ -502,6 +502,47 @@ async fn an_undeclared_port_passes_other_protocols_through() {
     assert_eq!(dump, b"banner\n");
 }
 
+/// Another namespace's consumer route on a Service's undeclared port leaves the Service's other
+/// callers as without it: a server-first protocol's banner comes at once, not after the
+/// detection timeout (10 s) of sniffing for a request no route of theirs would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_route_leaves_other_callers_of_its_port_unsniffed() {
+    let banner = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(b"220 ready\r\n").await;
+            }
+        });
+        addr
+    };
+    let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: theirs, namespace: other}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: console, namespace: ns, port: 7000}]\n  rules:\n  - backendRefs: [{name: console, namespace: ns, port: 7000}]\n";
+    let world = Manifests::default()
+        .service("ns", "console", 7000, &[banner], None)
+        .raw(consumer);
+    let agent = Agent::start(
+        &world,
+        AgentOptions {
+            listeners: vec![("ns/console", 7000)],
+            caller_namespace: Some("third"),
+            extra_args: Vec::new(),
+        },
+    )
+    .unwrap();
+    let listener = agent.listen[0];
+    let greeting = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(listener).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut got = [0; 11];
+        s.read_exact(&mut got).map(|()| got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&greeting.expect("the banner within 3 s"), b"220 ready\r\n");
+}
+
 /// An opaque connection still open at the drain deadline is reset on both sides: closed with a
 /// FIN, as before, a peer of an EOF-delimited protocol took the cut stream for a complete one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

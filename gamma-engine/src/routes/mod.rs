@@ -235,8 +235,15 @@ impl Frontend {
     /// ([`Frontend::declared`]), except that a port presumed opaque by its number alone is
     /// sniffed for callers whose consumer routes name it. Their routes say it carries HTTP for
     /// them; the Service's other callers, of a server-first protocol perhaps, do not wait for
-    /// the detection timeout.
+    /// the detection timeout. A known caller no route applies to (the port has another
+    /// namespace's consumer routes only) is passed through as kube-proxy would: neither sniffed
+    /// nor parsed. An unknown one is told apart as the port says, since its Pod, once known, may
+    /// have routes here; so is every caller of a port without routes (only an explicit listener
+    /// brings them, to be served as the port declares).
     pub fn protocol_for(&self, namespace: Option<&str>) -> Option<DeclaredProtocol> {
+        if namespace.is_some() && self.has_routes() && self.table_for(namespace).is_none() {
+            return Some(DeclaredProtocol::Opaque);
+        }
         match (self.declared, namespace) {
             // Routes attach to no port stated opaque: a consumer table makes it presumed.
             (Some(DeclaredProtocol::Opaque), Some(ns)) if !self.consumers.is_empty() => {

@@ -358,6 +358,28 @@ fn a_sloppy_clusterip_is_served_and_an_fqdn_slice_is_not() {
     assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
 }
 
+/// A slice labelled for another proxy (`service.kubernetes.io/service-proxy-name`, a hand-made
+/// slice of a Service without a selector) has no endpoints here, as kube-proxy's watch leaves it
+/// out; one that gains the label loses those it had.
+#[test]
+fn a_slice_labelled_for_another_proxy_is_not_served() {
+    let mut index = Index::for_node("node-a");
+    let mut theirs = slice("s", &[(3, "node-a", &[])]);
+    theirs["metadata"]["name"] = "s-theirs".into();
+    load(
+        &mut index,
+        vec![
+            service("s", 1, json!({})),
+            slice("s", &[(2, "node-a", &[])]),
+            theirs.clone(),
+        ],
+    );
+    assert_eq!(direct(&index, "s"), ["10.0.0.2", "10.0.0.3"]);
+    theirs["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = "other".into();
+    load(&mut index, vec![theirs]);
+    assert_eq!(direct(&index, "s"), ["10.0.0.2"]);
+}
+
 /// A headless Service has no ClusterIP to tell its first family by: its `ipFamilies` does. A
 /// dual-stack one (a StatefulSet's, PreferDualStack) as a backendRef listed each pod twice, once
 /// per family, and about half the picks dialled the family the pods may not listen on.

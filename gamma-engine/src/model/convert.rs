@@ -404,13 +404,20 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         })
         .collect();
     // kube-proxy serves IPv4 and IPv6 slices only: an FQDN slice's `10.0.0.5` (a valid name)
-    // is no endpoint there, nor here.
+    // is no endpoint there, nor here. Nor one labelled for another proxy (a hand-made slice of
+    // a Service without a selector): kube-proxy's watch leaves it out by that label. Such a
+    // slice is kept with no endpoints, so that one given the label loses those it had.
     let addressed_by_ip = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
+    let for_another_proxy = slice
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(super::SERVICE_PROXY_NAME));
     let endpoints = slice
         .endpoints
         .iter()
         .flatten()
-        .filter(|_| addressed_by_ip)
+        .filter(|_| addressed_by_ip && !for_another_proxy)
         .filter_map(|e| {
             let c = e.conditions.clone().unwrap_or_default();
             // Defaults from the API (and kube-proxy's reading): nil `ready` and nil `serving`

@@ -104,25 +104,20 @@ impl RequestRedirect {
     ) -> String {
         let request_scheme = uri.scheme_str().unwrap_or("http");
         let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
-        let host = self
-            .hostname
-            .clone()
-            .or_else(|| request_host(uri, headers).map(|h| strip_port(&h).to_string()))
-            .unwrap_or_default();
-        let port = match (self.port, &self.scheme) {
-            (Some(p), _) => p,
-            (None, Some(s)) if s == "https" => 443,
-            (None, Some(_)) => 80,
-            (None, None) => listener_port,
-        };
-        let default_port = matches!((scheme, port), ("http", 80) | ("https", 443));
         let path = self.path.as_ref().map_or_else(
             || uri.path().to_string(),
             |p| modified_path(p, uri.path(), matched),
         );
-        let mut location = format!("{scheme}://{host}");
-        if !default_port {
-            location.push_str(&format!(":{port}"));
+        let mut location = String::new();
+        let host = self
+            .hostname
+            .clone()
+            .or_else(|| request_host(uri, headers).map(|h| strip_port(&h).to_string()));
+        // No host to name (an HTTP/1.0 request without Host): a relative reference, resolved
+        // against what the client asked, since an `http` URI must not have an empty host (RFC
+        // 9110 §4.2.1).
+        if let Some(host) = host {
+            self.push_origin(&mut location, scheme, &host, listener_port);
         }
         location.push_str(&path);
         if let Some(q) = uri.query() {
@@ -130,6 +125,21 @@ impl RequestRedirect {
             location.push_str(q);
         }
         location
+    }
+
+    /// `scheme://host[:port]`, the port left out when it is the scheme's own.
+    fn push_origin(&self, location: &mut String, scheme: &str, host: &str, listener_port: u16) {
+        let port = match (self.port, &self.scheme) {
+            (Some(p), _) => p,
+            (None, Some(s)) if s == "https" => 443,
+            (None, Some(_)) => 80,
+            (None, None) => listener_port,
+        };
+        let default_port = matches!((scheme, port), ("http", 80) | ("https", 443));
+        location.push_str(&format!("{scheme}://{host}"));
+        if !default_port {
+            location.push_str(&format!(":{port}"));
+        }
     }
 }
 
@@ -141,9 +151,15 @@ impl UrlRewrite {
                 parts.headers.insert(HOST, v);
             }
         }
-        if let Some(modifier) = &self.path {
+        // A request-target without a path (CONNECT's `host:port`, `OPTIONS *`) keeps it: made
+        // `/x`, a tunnel would ask the backend for nothing it can open.
+        let has_path = parts.uri.path().starts_with('/');
+        if let Some(modifier) = self.path.as_ref().filter(|_| has_path) {
             let path = modified_path(modifier, parts.uri.path(), matched);
-            parts.uri = with_path(&parts.uri, &path).unwrap_or_else(|| Uri::from_static("/"));
+            // A path the URI cannot hold (the route's values are validated) leaves it as it is.
+            if let Some(uri) = with_path(&parts.uri, &path) {
+                parts.uri = uri;
+            }
         }
     }
 }
@@ -283,8 +299,42 @@ mod tests {
         );
         let replace = Some(PathModifier::ReplacePrefixMatch("/z".into()));
         assert_eq!(
-            redirect(None, None, Some(80), replace).location(&uri, &headers, &prefix, 8080),
+            redirect(None, None, Some(80), replace.clone()).location(&uri, &headers, &prefix, 8080),
             "http://echo/z/b?x=1"
         );
+        // No Host (HTTP/1.0): no `http://:8080` with an empty host, a relative reference.
+        let no_host = HeaderMap::new();
+        assert_eq!(
+            redirect(None, None, None, replace).location(&uri, &no_host, &prefix, 8080),
+            "/z/b?x=1"
+        );
+        assert_eq!(
+            redirect(None, Some("example.org"), None, None).location(&uri, &no_host, &prefix, 80),
+            "http://example.org/a/b?x=1"
+        );
+    }
+
+    /// A path rewrite leaves a request-target without a path as it is: a CONNECT's `host:port`
+    /// became `/x` (a URI with an authority and no scheme cannot be built, and `/` stood in).
+    #[test]
+    fn a_path_rewrite_leaves_a_connect_target_alone() {
+        let rewrite = UrlRewrite {
+            hostname: None,
+            path: Some(PathModifier::ReplaceFullPath("/x".into())),
+        };
+        let matched = PathMatch::Prefix("/".into());
+        for target in ["db:5432", "*"] {
+            let (mut parts, ()) = http::Request::builder()
+                .method(if target == "*" { "OPTIONS" } else { "CONNECT" })
+                .uri(target)
+                .body(())
+                .unwrap()
+                .into_parts();
+            rewrite.apply(&mut parts, &matched);
+            assert_eq!(parts.uri.to_string(), target);
+        }
+        let (mut parts, ()) = http::Request::get("/a?q=1").body(()).unwrap().into_parts();
+        rewrite.apply(&mut parts, &matched);
+        assert_eq!(parts.uri.to_string(), "/x?q=1");
     }
 }

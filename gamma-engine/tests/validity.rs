@@ -404,6 +404,33 @@ fn a_mirrors_share_is_sampled_apart_from_the_backends_pick() {
     );
 }
 
+/// The CRD's rules for a filter list hold for a backendRef's list as for the rule's (a manifest
+/// folder runs no CEL): a redirect beside a rewrite, or CORS twice (the second's headers replaced
+/// the first's), drop the rule.
+#[test]
+fn a_backend_refs_filters_are_held_to_the_crds_rules() {
+    let rewrite = json!({"type": "URLRewrite", "urlRewrite": {"path":
+        {"type": "ReplaceFullPath", "replaceFullPath": "/v2"}}});
+    let redirect = json!({"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}});
+    let cors = json!({"type": "CORS", "cors": {"allowOrigins": ["https://a.example"]}});
+    for (filters, says) in [
+        (json!([rewrite, redirect]), "cannot be combined"),
+        (json!([cors, cors]), "CORS may appear at most once"),
+    ] {
+        let index = index_with(route(
+            1,
+            json!([{"matches": [{"path": {"type": "Exact", "value": "/other"}}],
+                    "backendRefs": [{"name": "back", "port": 80}]},
+                   {"matches": [{"path": {"type": "PathPrefix", "value": "/foo"}}],
+                    "backendRefs": [{"name": "back", "port": 80, "filters": filters}]}]),
+        ));
+        let answer = answer(&index, "/foo/bar");
+        assert!(answer.starts_with("rule 1 answers 500"), "{answer}");
+        assert!(answer.contains(says), "{answer}");
+        assert!(answer.contains("backendRefs[0].filters"), "{answer}");
+    }
+}
+
 /// A path rewrite on the rule and another on one of its backendRefs are refused together: the
 /// second ran on the first's result, where the matched prefix no longer is, and prepended its
 /// value to the whole path (`/foo/bar` through `/v2` then `/api` became `/api/v2/bar`).

@@ -1452,19 +1452,16 @@ fn checked_rule(rule: Rule, field: &str) -> Rule {
     }
 }
 
-fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
-    if rule.matches.len() > MAX_MATCHES_PER_RULE {
-        return Err(invalid(
-            format!("{field}.matches"),
-            format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
-        ));
-    }
-    let count = |pred: fn(&Filter) -> bool| rule.filters().iter().filter(|f| pred(f)).count();
+/// The CRD's rules for one list of filters, a rule's or a backendRef's (its CEL, which a
+/// manifest folder does not run): each kind at most once, a redirect never with a rewrite.
+fn check_filter_list(filters: &[Filter], field: &str) -> Result<(), Invalid> {
+    let count = |pred: fn(&Filter) -> bool| filters.iter().filter(|f| pred(f)).count();
     let redirects = count(|f| matches!(f, Filter::Redirect(_)));
     let rewrites = count(|f| matches!(f, Filter::Rewrite(_)));
     for (what, n) in [
         ("RequestRedirect", redirects),
         ("URLRewrite", rewrites),
+        ("CORS", count(|f| matches!(f, Filter::Cors(_)))),
         (
             "RequestHeaderModifier",
             count(|f| matches!(f, Filter::RequestHeaders(_))),
@@ -1475,19 +1472,37 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
         ),
     ] {
         if n > 1 {
-            return Err(invalid(
-                format!("{field}.filters"),
-                format!("{what} may appear at most once"),
-            ));
+            return Err(invalid(field, format!("{what} may appear at most once")));
         }
     }
     if redirects > 0 && rewrites > 0 {
         return Err(invalid(
-            format!("{field}.filters"),
+            field,
             "RequestRedirect and URLRewrite cannot be combined",
         ));
     }
-    if redirects > 0 && !rule.backends.is_empty() {
+    Ok(())
+}
+
+fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
+    if rule.matches.len() > MAX_MATCHES_PER_RULE {
+        return Err(invalid(
+            format!("{field}.matches"),
+            format!("at most {MAX_MATCHES_PER_RULE} matches are allowed"),
+        ));
+    }
+    check_filter_list(rule.filters(), &format!("{field}.filters"))?;
+    for (i, backend) in rule.backends.iter().enumerate() {
+        check_filter_list(
+            backend.filters(),
+            &format!("{field}.backendRefs[{i}].filters"),
+        )?;
+    }
+    let redirects = rule
+        .filters()
+        .iter()
+        .filter(|f| matches!(f, Filter::Redirect(_)));
+    if redirects.count() > 0 && !rule.backends.is_empty() {
         return Err(invalid(
             field,
             "RequestRedirect filter must not be used together with backendRefs",

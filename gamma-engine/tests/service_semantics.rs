@@ -506,3 +506,48 @@ fn a_terminating_pod_is_not_opted_in_to_local_sockets() {
         assert_eq!(caller.local_sockets, opted_in, "deleting: {deleting}");
     }
 }
+
+/// A persisted session goes back through the backendRef it began through, while that one still
+/// serves its endpoint: two backendRefs to one Service (the second adding a header) share every
+/// endpoint, and a session begun through the second went back through the first, without its
+/// header, from its second request on.
+#[test]
+fn a_session_goes_back_through_the_backend_ref_it_began_through() {
+    let mut index = Index::for_node("node-a");
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}],
+                 "rules": [{"backendRefs": [
+                     {"name": "back", "port": 80},
+                     {"name": "back", "port": 80, "filters": [{"type": "RequestHeaderModifier",
+                      "requestHeaderModifier": {"set": [{"name": "x-variant", "value": "b"}]}}]}],
+                  "sessionPersistence": {"type": "Cookie", "cookie": {"name": "sid"}}}]},
+    });
+    load(
+        &mut index,
+        vec![
+            service("back", 1, json!({})),
+            slice("back", &[(1, "node-a", &[])]),
+            service("front", 2, json!({})),
+            route,
+        ],
+    );
+    let endpoint = "10.0.0.1:8080".parse().unwrap();
+    with_plan(&index, ("ns", "front"), None, "/", |rule, _| {
+        assert_eq!(rule.backend_serving(endpoint, Some(1)), Some(1));
+        assert_eq!(rule.backend_serving(endpoint, Some(0)), Some(0));
+        assert_eq!(
+            rule.backend_serving(endpoint, None),
+            Some(0),
+            "a session of an older agent's token: the first that serves it"
+        );
+        assert_eq!(
+            rule.backend_serving(endpoint, Some(7)),
+            Some(0),
+            "a backendRef since removed"
+        );
+        let gone = "10.0.0.9:8080".parse().unwrap();
+        assert_eq!(rule.backend_serving(gone, Some(1)), None);
+    });
+}

@@ -652,12 +652,23 @@ impl CompiledRule {
 
     /// The backendRef (index) one of whose endpoints is `endpoint`: where a persisted session
     /// goes back to, whatever the weights say now (a weight set to 0 drains new sessions only).
-    pub fn backend_serving(&self, endpoint: std::net::SocketAddr) -> Option<usize> {
-        self.backends.iter().position(|b| {
-            b.backend
-                .as_ref()
-                .is_some_and(|backend| backend.endpoints.contains(&endpoint))
-        })
+    /// The one it began through (`began`) while it still serves the endpoint: two backendRefs
+    /// may share endpoints, with different filters.
+    pub fn backend_serving(
+        &self,
+        endpoint: std::net::SocketAddr,
+        began: Option<usize>,
+    ) -> Option<usize> {
+        let serves = |index: usize| {
+            self.backends.get(index).is_some_and(|b| {
+                b.backend
+                    .as_ref()
+                    .is_some_and(|backend| backend.endpoints.contains(&endpoint))
+            })
+        };
+        began
+            .filter(|index| serves(*index))
+            .or_else(|| (0..self.backends.len()).find(|index| serves(*index)))
     }
 
     /// As [`Self::plan`], with the backendRef given (`Some`) instead of chosen by weight.

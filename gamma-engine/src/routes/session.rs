@@ -1,7 +1,9 @@
 //! Session tokens of session persistence (GEP-1619): what the agent gives a client to come back
-//! with, and reads back. The token names the endpoint and when the session started and was last
-//! used (Unix seconds): `10.0.0.7:8080_1733200000_1733200042`. It holds nothing secret: a client
-//! can only name an endpoint the rule's backends have anyway.
+//! with, and reads back. The token names the endpoint, the backendRef (its index in the rule) the
+//! session began through, and when the session started and was last used (Unix seconds):
+//! `10.0.0.7:8080_1_1733200000_1733200042`; a token without the backendRef (from an agent before
+//! it) is read too. It holds nothing secret: a client can only name an endpoint the rule's
+//! backends have anyway.
 
 use crate::model::{SessionCarrier, SessionPersistence};
 use http::header::{HeaderValue, COOKIE, SET_COOKIE};
@@ -14,6 +16,9 @@ const CLOCK_SKEW: u64 = 60;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     pub endpoint: SocketAddr,
+    /// The backendRef the session began through: two of a rule's may share endpoints (one
+    /// Service twice, with different filters), and the session stays with its own.
+    pub backend: Option<u16>,
     /// Unix seconds.
     pub started: u64,
     pub last_used: u64,
@@ -21,16 +26,33 @@ pub struct Session {
 
 impl Session {
     fn token(&self) -> String {
-        format!("{}_{}_{}", self.endpoint, self.started, self.last_used)
+        let backend = self.backend.map(|b| format!("_{b}")).unwrap_or_default();
+        format!(
+            "{}{backend}_{}_{}",
+            self.endpoint, self.started, self.last_used
+        )
     }
 
     fn parse(token: &str) -> Option<Session> {
-        let mut parts = token.rsplitn(3, '_');
-        let last_used = parts.next()?.parse().ok()?;
-        let started = parts.next()?.parse().ok()?;
+        // An address holds no `_`.
+        let mut parts = token.split('_');
         let endpoint = parts.next()?.parse().ok()?;
+        let mut numbers = [None; 3];
+        let mut count = 0;
+        for (slot, part) in numbers.iter_mut().zip(&mut parts) {
+            *slot = Some(part.parse::<u64>().ok()?);
+            count += 1;
+        }
+        let (backend, started, last_used) = match (count, parts.next(), numbers) {
+            (2, None, [Some(started), Some(last_used), None]) => (None, started, last_used),
+            (3, None, [Some(backend), Some(started), Some(last_used)]) => {
+                (Some(u16::try_from(backend).ok()?), started, last_used)
+            }
+            _ => return None,
+        };
         Some(Session {
             endpoint,
+            backend,
             started,
             last_used,
         })
@@ -120,6 +142,7 @@ mod tests {
         let policy = cookie(true);
         let session = Session {
             endpoint: "[fd00::7]:8080".parse().unwrap(),
+            backend: Some(1),
             started: 1000,
             last_used: 1030,
         };
@@ -127,12 +150,12 @@ mod tests {
         assert_eq!(name, SET_COOKIE);
         assert_eq!(
             value,
-            "s=[fd00::7]:8080_1000_1030; Path=/; HttpOnly; Max-Age=70"
+            "s=[fd00::7]:8080_1_1000_1030; Path=/; HttpOnly; Max-Age=70"
         );
         let mut headers = HeaderMap::new();
         headers.insert(
             COOKIE,
-            HeaderValue::from_static("a=b; s=[fd00::7]:8080_1000_1030"),
+            HeaderValue::from_static("a=b; s=[fd00::7]:8080_1_1000_1030"),
         );
         assert_eq!(policy.resume(&headers, 1035), Some(session));
         assert_eq!(policy.resume(&headers, 1041), None, "idle past 10 s");
@@ -142,6 +165,18 @@ mod tests {
         assert_eq!(policy.resume(&late, 1101), None, "past the absolute 100 s");
         headers.insert(COOKIE, HeaderValue::from_static("s=garbage"));
         assert_eq!(policy.resume(&headers, 1035), None);
+        // A token of an agent before the backendRef was named is read; one with a field too
+        // many, or a backendRef past any rule's, is not.
+        headers.insert(COOKIE, HeaderValue::from_static("s=10.0.0.1:80_1000_1030"));
+        let older = policy.resume(&headers, 1035).unwrap();
+        assert_eq!((older.backend, older.started), (None, 1000));
+        for odd in [
+            "s=10.0.0.1:80_1_2_1000_1030",
+            "s=10.0.0.1:80_70000_1000_1030",
+        ] {
+            headers.insert(COOKIE, HeaderValue::from_static(odd));
+            assert_eq!(policy.resume(&headers, 1035), None, "{odd}");
+        }
         // Times from the future, or started after last used: refused.
         headers.insert(COOKIE, HeaderValue::from_static("s=10.0.0.1:80_1000_5000"));
         assert_eq!(policy.resume(&headers, 1035), None);
@@ -174,6 +209,7 @@ mod tests {
         };
         let session = Session {
             endpoint: "10.0.0.1:80".parse().unwrap(),
+            backend: None,
             started: 5,
             last_used: 9,
         };

@@ -437,7 +437,10 @@ impl Proxy {
             .map(|policy| (policy, crate::telemetry::unix_now()));
         let resumed = session_policy
             .and_then(|(policy, now)| policy.resume(&parts.headers, now))
-            .and_then(|session| Some((session, rule.backend_serving(session.endpoint)?)));
+            .and_then(|session| {
+                let began = session.backend.map(usize::from);
+                Some((session, rule.backend_serving(session.endpoint, began)?))
+            });
         let backend = resumed.map(|(_, index)| index);
         // The caller's connection options go before the route's filters run: a header a filter
         // sets is the route's, whatever the caller's `Connection` names (RFC 9110 §7.6.1 is about
@@ -453,6 +456,7 @@ impl Proxy {
             rule,
             backend: Some(plan.backend_index),
         });
+        let backend_index = plan.backend_index;
         let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         let mirrors = std::mem::take(&mut plan.mirrors);
@@ -473,6 +477,7 @@ impl Proxy {
                 .map_or(now, |(session, _)| session.started.min(now));
             let session = Session {
                 endpoint,
+                backend: u16::try_from(backend_index).ok(),
                 started,
                 last_used: now,
             };

@@ -83,6 +83,16 @@ impl Watched {
         self.call().kind
     }
 
+    /// Whether the API server may not serve the kind: a custom resource, whose CRD may not be
+    /// installed (or was removed). A 404 for a built-in kind says nothing of the kind (a proxy
+    /// in front of the API server answers so while its backend is down): a failure.
+    fn may_be_absent(self) -> bool {
+        matches!(
+            self,
+            Watched::HttpRoute | Watched::GrpcRoute | Watched::ReferenceGrant
+        )
+    }
+
     pub fn route_kind(self) -> Option<RouteKind> {
         match self {
             Watched::HttpRoute => Some(RouteKind::Http),
@@ -352,7 +362,8 @@ impl KindState {
         }
         let call = self.kind.call();
         let status = api_status(&error);
-        let not_found = status.is_some_and(|s| s.code == 404) && !server_starting;
+        let not_found =
+            self.kind.may_be_absent() && status.is_some_and(|s| s.code == 404) && !server_starting;
         if !not_found {
             // The grace counts 404s in a row: other failures between them (an API server down,
             // then starting again) are no sign that the kind went.
@@ -647,6 +658,32 @@ mod tests {
         let mut state = KindState::new(Watched::HttpRoute, tx);
         fail(&mut state, not_found()).await;
         assert_eq!(drain(&mut rx), ["Absent"]);
+    }
+
+    /// A 404 for a built-in kind is a failure however long it lasts, before the first list too:
+    /// it was taken for an uninstalled CRD, and a proxy in front of the API server answering
+    /// 404 while its backend was down emptied the table, which `/ready` called fresh.
+    #[tokio::test]
+    async fn a_404_for_a_built_in_kind_is_a_failure_not_an_absent_kind() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut state = KindState::new(Watched::Service, tx);
+        fail(&mut state, not_found()).await;
+        let updates = drain(&mut rx);
+        assert!(updates[0].starts_with("Failing"), "{updates:?}");
+        state
+            .handle(Event::Apply(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "s", "namespace": "ns"},
+                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+                }))
+                .unwrap(),
+            ))
+            .await
+            .ok();
+        state.not_served_since = Some(Instant::now() - NOT_SERVED_GRACE);
+        fail(&mut state, not_found()).await;
+        kept_and_failing(&drain(&mut rx));
     }
 
     fn not_found() -> watcher::Error {

@@ -41,6 +41,8 @@ pub struct ManifestDir {
     /// (as `kubectl apply` of the folder would leave it). Changes are sent against it, so an
     /// object moved from one file to another is not deleted after the other file applied it.
     sent: Objects,
+    /// A folder's entries ([`list_dir`], but in tests).
+    list: fn(&Path) -> std::io::Result<Vec<PathBuf>>,
 }
 
 type Objects = BTreeMap<String, (ObjectRef, Object)>;
@@ -118,6 +120,7 @@ impl ManifestDir {
             files: BTreeMap::new(),
             polled: false,
             sent: Objects::new(),
+            list: list_dir,
         }
     }
 
@@ -134,7 +137,20 @@ impl ManifestDir {
         let mut changed = false;
         // A file changed but not read yet, waiting to hold still.
         let mut waiting = false;
-        for path in list_files(&self.dir)? {
+        let listed = list_files(&self.dir, self.list)?;
+        for (dir, e) in &listed.unlisted {
+            problems.push(Problem {
+                severity: Severity::Error,
+                file: dir.clone(),
+                document: 0,
+                object: None,
+                message: format!(
+                    "cannot list this sub-folder ({e}): the objects of its files stay as last read"
+                ),
+            });
+            seen.extend(self.files.keys().filter(|f| f.starts_with(dir)).cloned());
+        }
+        for path in listed.files {
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,
                 Err(_) => continue, // removed between listing and reading
@@ -262,17 +278,44 @@ impl ManifestDir {
     }
 }
 
-fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+/// The manifest files of a folder, and the sub-folders that could not be listed.
+struct Listing {
+    files: Vec<PathBuf>,
+    unlisted: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Lists `dir` and its sub-folders, each once (a symlink back up the tree is not followed
+/// round). The folder itself must be listed; a sub-folder that cannot be (a volume's root
+/// `lost+found`, unreadable to the agent's user) is reported, not fatal: one folder must not
+/// stop the others' changes from being read.
+fn list_files(
+    dir: &Path,
+    list: fn(&Path) -> std::io::Result<Vec<PathBuf>>,
+) -> std::io::Result<Listing> {
+    use std::os::unix::fs::MetadataExt;
+    let mut listing = Listing {
+        files: Vec::new(),
+        unlisted: Vec::new(),
+    };
+    let mut visited = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries = match std::fs::read_dir(&d) {
+        let entries = std::fs::metadata(&d).and_then(|meta| {
+            let first_visit = visited.insert((meta.dev(), meta.ino()));
+            first_visit.then(|| list(&d)).transpose()
+        });
+        let entries = match entries {
+            Ok(Some(entries)) => entries,
+            Ok(None) => continue,
+            Err(e) if d == dir => return Err(e),
             // A sub-folder removed since it was listed (a ConfigMap's old version).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
-            entries => entries?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                listing.unlisted.push((d, e));
+                continue;
+            }
         };
-        for entry in entries {
-            let path = entry?.path();
+        for path in entries {
             let hidden = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -283,12 +326,19 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             if path.is_dir() {
                 stack.push(path);
             } else if is_manifest(&path) {
-                out.push(path);
+                listing.files.push(path);
             }
         }
     }
-    out.sort();
-    Ok(out)
+    listing.files.sort();
+    Ok(listing)
+}
+
+/// The paths in folder `dir`.
+fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -341,6 +391,47 @@ mod tests {
         std::fs::write(&file, SERVICE).unwrap();
         let source = ManifestDir::new(&*folder);
         (folder, file, Index::new(), source)
+    }
+
+    /// A sub-folder that cannot be listed is a problem, not a failure of the whole folder (an
+    /// ext4 volume's `lost+found`, unreadable to the agent's user, stopped every change from
+    /// being read, and the agent from starting), and the objects of its files stay as last
+    /// read; a symlink back up the tree is listed once, not followed round (each file was read
+    /// 40 times, under `loop/loop/…`, until the kernel's limit on symlinks in a path).
+    #[test]
+    fn an_unlistable_sub_folder_or_a_loop_does_not_stop_the_others() {
+        let (folder, _file, mut index, mut source) = a_service_file("file-sub-folders");
+        std::os::unix::fs::symlink(".", folder.join("loop")).unwrap();
+        let locked = folder.join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::write(
+            locked.join("more.yaml"),
+            SERVICE.replace("echo", "more").replace(".10", ".11"),
+        )
+        .unwrap();
+        assert_eq!(pass(&mut source, &mut index), (0, true));
+        assert_eq!(source.files.len(), 2, "{:?}", source.files.keys());
+        let more = ObjectKey::new("ns", "more");
+        let served = |index: &Index| index.snapshot().frontend_of(&more, 80).is_some();
+        assert!(served(&index));
+        source.list = |dir| {
+            if dir.ends_with("locked") {
+                return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+            }
+            list_dir(dir)
+        };
+        let (problems, echo_served) = pass(&mut source, &mut index);
+        assert!(problems > 0 && echo_served);
+        assert!(served(&index), "its files' objects stay");
+        let (updates, problems) = source.changes().unwrap();
+        assert!(updates.is_empty(), "nothing changed");
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("cannot list this sub-folder"),
+            "{}",
+            problems[0]
+        );
     }
 
     /// A file renamed keeps serving its objects: gone under its old name a poll before its new

@@ -154,6 +154,23 @@ pub struct Elector {
     observed: Option<Observed>,
     last_renewed: Option<Instant>,
     leader: watch::Sender<bool>,
+    /// Whether the lease's last look failed (a failure after success is told once).
+    failing: bool,
+}
+
+/// What an operator must do about a failed look at the lease that no retry mends: the agent may
+/// not read or write it (RBAC), or its namespace does not exist.
+fn operator_hint(error: &LeaseError) -> Option<&'static str> {
+    match error {
+        LeaseError::Api(kube::Error::Api(status)) => match status.code {
+            403 => Some(
+                "grant the agent get, create and update on leases.coordination.k8s.io in the                  lease namespace (`proxy-agent --print-rbac`)",
+            ),
+            404 => Some("give --lease-namespace a namespace that exists (the agent's own)"),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 impl Elector {
@@ -167,6 +184,7 @@ impl Elector {
             observed: None,
             last_renewed: None,
             leader,
+            failing: false,
         };
         (elector, rx)
     }
@@ -215,6 +233,8 @@ impl Elector {
 
     fn settle(&mut self, outcome: Result<bool, LeaseError>) {
         let was = *self.leader.borrow();
+        let newly_failing = outcome.is_err() && !self.failing;
+        self.failing = outcome.is_err();
         let now = match outcome {
             Ok(true) => {
                 self.last_renewed = Some(Instant::now());
@@ -227,10 +247,17 @@ impl Elector {
                 let within = self
                     .last_renewed
                     .is_some_and(|t| t.elapsed() < self.config.renew_deadline);
-                if was {
-                    tracing::warn!(lease = %self.describe(), error = %e, "renewing the status lease failed");
-                } else {
-                    tracing::debug!(lease = %self.describe(), error = %e, "reading the status lease failed");
+                match operator_hint(&e) {
+                    _ if was => {
+                        tracing::warn!(lease = %self.describe(), error = %e, "renewing the status lease failed");
+                    }
+                    // Every agent fails alike: none leads, and no route status is written.
+                    Some(hint) if newly_failing => {
+                        tracing::warn!(lease = %self.describe(), error = %e, "the status lease cannot be taken, so no agent writes route status: {hint}");
+                    }
+                    _ => {
+                        tracing::debug!(lease = %self.describe(), error = %e, "reading the status lease failed");
+                    }
                 }
                 was && within
             }
@@ -412,6 +439,31 @@ mod tests {
             }
         });
         Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
+    }
+
+    /// A look at the lease that RBAC or a missing namespace refuses is told to the operator:
+    /// every agent fails alike, and no route status is ever written. It was logged at debug.
+    #[test]
+    fn a_lease_refused_for_want_of_rbac_or_namespace_tells_what_to_do() {
+        let refused = |code: u16| {
+            let mut status = kube::core::Status::failure("refused", "Refused");
+            status.code = code;
+            LeaseError::Api(kube::Error::Api(Box::new(status)))
+        };
+        assert!(operator_hint(&refused(403))
+            .unwrap()
+            .contains("--print-rbac"));
+        assert!(operator_hint(&refused(404))
+            .unwrap()
+            .contains("--lease-namespace"));
+        for passing in [
+            refused(500),
+            refused(409),
+            LeaseError::Conflict,
+            LeaseError::TimedOut(Duration::from_secs(1)),
+        ] {
+            assert!(operator_hint(&passing).is_none(), "{passing}");
+        }
     }
 
     /// `--clear-status` holds the lease while it clears: renewed meanwhile (an agent would take

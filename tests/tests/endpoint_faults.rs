@@ -1,7 +1,7 @@
 //! Backends that fail the agent, through the agent binary on 127.0.0.1: one refuses
 //! connections, one resets them, one closes without answering, one never answers, one dies in
 //! the middle of its answer. Each gets its status (or a broken body, never a silently truncated
-//! one); requests are retried where the route and the request allow it; failing endpoints are
+//! one, an HTTP/1.0 caller's, ended by the close, included); requests are retried where the route and the request allow it; failing endpoints are
 //! ejected for a while; and nothing is left behind: no client connection, no upstream request,
 //! no descriptor, no upstream connection to a backend the agent gave up on.
 
@@ -207,6 +207,7 @@ async fn each_fault_gets_its_answer_and_nothing_leaks() {
     }
     let mut agent = start_agent(manifests.raw(&route(&rules))).await;
     let url = |path: &str| agent.url(0, path);
+    let listener = agent.listen[0];
 
     // A client of its own per round, so that no keep-alive connection to the agent outlives it.
     let round = || async {
@@ -243,6 +244,29 @@ async fn each_fault_gets_its_answer_and_nothing_leaks() {
                 "{path}: a body cut short must fail, not end: {got:?}"
             );
         }
+        // An HTTP/1.0 caller's answer ends with the connection: cut short, the close is a
+        // reset, not a FIN that would make it look whole.
+        let cut = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut caller = std::net::TcpStream::connect(listener).unwrap();
+            caller
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            caller
+                .write_all(b"GET /chunked HTTP/1.0\r\nHost: front\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            caller
+                .read_to_end(&mut got)
+                .map(|_| String::from_utf8_lossy(&got).into_owned())
+        })
+        .await
+        .unwrap();
+        assert!(
+            cut.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "HTTP/1.0: a body cut short must fail, not end: {cut:?}"
+        );
         let got = send(&client, "GET", &url("/"), "").await;
         assert_eq!(
             got.status, 200,

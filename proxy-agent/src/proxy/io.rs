@@ -183,12 +183,30 @@ impl Lingering {
     }
 }
 
+/// Makes the close of `socket`, a caller's, a reset: an answer cut short must not end like a
+/// whole one. [`Lingering`] then closes at once rather than shutting down first (a FIN).
+pub(super) fn reset_on_close(socket: std::os::fd::RawFd) {
+    // SAFETY: the caller's socket is open while its connection is served (see `serve_http`).
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
+    super::tcp::reset_on_close(socket);
+}
+
+/// Whether the close of `socket` was made a reset ([`reset_on_close`]).
+fn resets_on_close(socket: &Rewound<AcceptedSocket>) -> bool {
+    let Some(socket) = socket.io.raw_fd() else {
+        return false;
+    };
+    // SAFETY: `socket` is the descriptor of the stream held here, open.
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket) };
+    rustix::net::sockopt::socket_linger(socket).is_ok_and(|l| l == Some(Duration::ZERO))
+}
+
 impl Drop for Lingering {
     fn drop(&mut self) {
         let Some(rewound) = self.stream.take() else {
             return;
         };
-        if !self.always && !*self.draining.borrow() {
+        if (!self.always && !*self.draining.borrow()) || resets_on_close(&rewound) {
             return;
         }
         let mut stream = rewound.io;

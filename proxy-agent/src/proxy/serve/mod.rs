@@ -13,13 +13,13 @@ use super::{CloseAfter, ConnectionInfo, Proxy, ProxyConfig, RefuseStream};
 use crate::telemetry::metrics::Reason;
 use futures::future::BoxFuture;
 use http::header::{HeaderValue, CONNECTION};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -45,21 +45,23 @@ where
     // on a new connection (to a successor, on a restart) instead of racing our close. HTTP/2 has
     // GOAWAY for that, and forbids the header.
     let closing = (!http2).then(|| shutdown.clone());
-    // An HTTP/2 answer marked `CloseAfter` asks for a GOAWAY.
-    let go_away = Arc::new(tokio::sync::Notify::new());
+    let signals = Arc::new(Signals::default());
     let service = {
         let proxy = proxy.clone();
-        let go_away = go_away.clone();
-        service_fn(move |request| {
+        let signals = signals.clone();
+        service_fn(move |request: Request<Incoming>| {
             let proxy = proxy.clone();
             let info = info.clone();
             let closing = closing.clone();
-            let go_away = go_away.clone();
+            let signals = signals.clone();
             // Boxed: hyper keeps an HTTP/1 connection's slot for its request future for the
             // connection's whole life, so unboxed every idle keep-alive connection would hold
             // the ~5 KiB state of a request in flight; boxed it holds a pointer.
             let answer: Answer = Box::pin(async move {
                 let tunnel = request.method() == Method::CONNECT;
+                if request.version() == Version::HTTP_10 {
+                    signals.close_delimited.store(true, Ordering::Relaxed);
+                }
                 let draining = closing.as_ref().is_some_and(|draining| *draining.borrow());
                 let handling = proxy.handle(request.map(CallerBody::Streaming), &info, draining);
                 let after = proxy.config.header_read_timeout;
@@ -80,7 +82,7 @@ where
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 if response.extensions_mut().remove::<CloseAfter>().is_some() {
-                    go_away.notify_one();
+                    signals.go_away.notify_one();
                 }
                 if response.extensions_mut().remove::<RefuseStream>().is_some() {
                     // hyper's HTTP/2 server resets the stream with the code of an h2 error the
@@ -99,7 +101,8 @@ where
         service,
         moves,
         shutdown,
-        go_away,
+        signals,
+        caller_socket,
     };
     let served = if http2 {
         // Boxed: HTTP/2's connection state (frame codec, header tables) is the larger, and
@@ -201,6 +204,15 @@ fn answered_by_hyper(error: &hyper::Error) -> Option<Reason> {
 /// What a connection's service answers each request with.
 type Answer = BoxFuture<'static, Result<Response<ProxyBody>, h2::Error>>;
 
+/// What a connection's requests tell its server, one allocation for the connection.
+#[derive(Default)]
+struct Signals {
+    /// An HTTP/2 answer marked `CloseAfter` asks for a GOAWAY.
+    go_away: tokio::sync::Notify,
+    /// An HTTP/1.0 request came: its answer of unknown length ends with the connection.
+    close_delimited: AtomicBool,
+}
+
 /// A connection ready to be served: its transport (counting the bytes it moves) and its service.
 struct Served<'c, I, S> {
     config: &'c ProxyConfig,
@@ -208,7 +220,8 @@ struct Served<'c, I, S> {
     service: S,
     moves: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
-    go_away: Arc<tokio::sync::Notify>,
+    signals: Arc<Signals>,
+    caller_socket: Option<RawFd>,
 }
 
 impl<I, S> Served<'_, I, S>
@@ -235,7 +248,7 @@ where
             .serve_connection(self.io, self.service)
             .with_upgrades();
         tokio::pin!(conn);
-        tokio::select! {
+        let served = tokio::select! {
             biased;
             r = conn.as_mut() => r,
             () = turned_true_polled_when_woken(&mut self.shutdown) => {
@@ -246,11 +259,23 @@ where
                     r = conn.as_mut() => r,
                     () = quiet(&self.moves, DRAIN_IDLE_GRACE) => {
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        conn.as_mut().await
                     }
                 }
             }
+        };
+        // An answer cut short (its body failed: the backend died, the route's timeout): an
+        // HTTP/1.0 caller's answer ends with the connection, and a FIN would make it look whole
+        // (a proxy in front would cache it). The close resets instead; the caller's socket is
+        // still open, held by `conn`. An HTTP/1.1 caller tells a cut answer by its framing, and
+        // gets the answers before it, pipelined, whole (a reset would drop what is unsent).
+        let close_delimited = self.signals.close_delimited.load(Ordering::Relaxed);
+        if let (Err(e), Some(socket), true) = (&served, self.caller_socket, close_delimited) {
+            if e.is_user() {
+                super::io::reset_on_close(socket);
+            }
         }
+        served
     }
 
     async fn h2(mut self) -> Result<(), hyper::Error> {
@@ -275,7 +300,7 @@ where
             }
             // An answer asked for it (its Service went: the client's next connection goes
             // wherever the name leads now).
-            () = self.go_away.notified() => {
+            () = self.signals.go_away.notified() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

@@ -43,6 +43,8 @@ pub struct ManifestDir {
     sent: Objects,
     /// A folder's entries ([`list_dir`], but in tests).
     list: fn(&Path) -> std::io::Result<Vec<PathBuf>>,
+    /// Sub-folders the last poll could not list: told once, not at every poll.
+    unlisted: std::collections::BTreeSet<PathBuf>,
 }
 
 type Objects = BTreeMap<String, (ObjectRef, Object)>;
@@ -121,6 +123,7 @@ impl ManifestDir {
             polled: false,
             sent: Objects::new(),
             list: list_dir,
+            unlisted: std::collections::BTreeSet::new(),
         }
     }
 
@@ -138,7 +141,13 @@ impl ManifestDir {
         // A file changed but not read yet, waiting to hold still.
         let mut waiting = false;
         let listed = list_files(&self.dir, self.list)?;
+        let told = std::mem::take(&mut self.unlisted);
         for (dir, e) in &listed.unlisted {
+            self.unlisted.insert(dir.clone());
+            seen.extend(self.files.keys().filter(|f| f.starts_with(dir)).cloned());
+            if told.contains(dir) {
+                continue;
+            }
             problems.push(Problem {
                 severity: Severity::Error,
                 file: dir.clone(),
@@ -148,7 +157,6 @@ impl ManifestDir {
                     "cannot list this sub-folder ({e}): the objects of its files stay as last read"
                 ),
             });
-            seen.extend(self.files.keys().filter(|f| f.starts_with(dir)).cloned());
         }
         for path in listed.files {
             let meta = match std::fs::metadata(&path) {
@@ -393,6 +401,14 @@ mod tests {
         (folder, file, Index::new(), source)
     }
 
+    /// Lists folders as [`list_dir`] does, but one named `locked`, which it may not.
+    fn all_but_locked(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        if dir.ends_with("locked") {
+            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        }
+        list_dir(dir)
+    }
+
     /// A sub-folder that cannot be listed is a problem, not a failure of the whole folder (an
     /// ext4 volume's `lost+found`, unreadable to the agent's user, stopped every change from
     /// being read, and the agent from starting), and the objects of its files stay as last
@@ -414,23 +430,23 @@ mod tests {
         let more = ObjectKey::new("ns", "more");
         let served = |index: &Index| index.snapshot().frontend_of(&more, 80).is_some();
         assert!(served(&index));
-        source.list = |dir| {
-            if dir.ends_with("locked") {
-                return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
-            }
-            list_dir(dir)
-        };
+        source.list = all_but_locked;
         let (problems, echo_served) = pass(&mut source, &mut index);
         assert!(problems > 0 && echo_served);
         assert!(served(&index), "its files' objects stay");
         let (updates, problems) = source.changes().unwrap();
         assert!(updates.is_empty(), "nothing changed");
+        assert!(problems.is_empty(), "told once: {problems:?}");
+        // Listed again, then not: told again.
+        source.list = list_dir;
+        assert_eq!(pass(&mut source, &mut index), (0, true));
+        source.list = all_but_locked;
+        let (_, problems) = source.changes().unwrap();
         assert!(
             problems[0]
                 .to_string()
                 .contains("cannot list this sub-folder"),
-            "{}",
-            problems[0]
+            "{problems:?}"
         );
     }
 

@@ -154,8 +154,10 @@ pub struct Elector {
     observed: Option<Observed>,
     last_renewed: Option<Instant>,
     leader: watch::Sender<bool>,
-    /// Whether the lease's last look failed (a failure after success is told once).
-    failing: bool,
+    /// Looks at the lease that failed in a row.
+    failures: u32,
+    /// Whether this run of failures was told to the operator ([`operator_hint`]).
+    told: bool,
 }
 
 /// What an operator must do about a failed look at the lease that no retry mends: the agent may
@@ -164,9 +166,13 @@ fn operator_hint(error: &LeaseError) -> Option<&'static str> {
     match error {
         LeaseError::Api(kube::Error::Api(status)) => match status.code {
             403 => Some(
-                "grant the agent get, create and update on leases.coordination.k8s.io in the                  lease namespace (`proxy-agent --print-rbac`)",
+                "grant the agent get, create and update on leases.coordination.k8s.io in the \
+                 lease namespace (`proxy-agent --print-rbac`)",
             ),
-            404 => Some("give --lease-namespace a namespace that exists (the agent's own)"),
+            404 => Some(
+                "the lease namespace may not exist: give --lease-namespace one that does (the \
+                 agent's own)",
+            ),
             _ => None,
         },
         _ => None,
@@ -184,7 +190,8 @@ impl Elector {
             observed: None,
             last_renewed: None,
             leader,
-            failing: false,
+            failures: 0,
+            told: false,
         };
         (elector, rx)
     }
@@ -233,8 +240,11 @@ impl Elector {
 
     fn settle(&mut self, outcome: Result<bool, LeaseError>) {
         let was = *self.leader.borrow();
-        let newly_failing = outcome.is_err() && !self.failing;
-        self.failing = outcome.is_err();
+        if outcome.is_ok() {
+            (self.failures, self.told) = (0, false);
+        } else {
+            self.failures += 1;
+        }
         let now = match outcome {
             Ok(true) => {
                 self.last_renewed = Some(Instant::now());
@@ -251,8 +261,11 @@ impl Elector {
                     _ if was => {
                         tracing::warn!(lease = %self.describe(), error = %e, "renewing the status lease failed");
                     }
-                    // Every agent fails alike: none leads, and no route status is written.
-                    Some(hint) if newly_failing => {
+                    // Every agent fails alike: none leads, and no route status is written. Told
+                    // once per run of failures, from the second (a lease deleted between a read
+                    // and a write gives one 404).
+                    Some(hint) if !self.told && self.failures > 1 => {
+                        self.told = true;
                         tracing::warn!(lease = %self.describe(), error = %e, "the status lease cannot be taken, so no agent writes route status: {hint}");
                     }
                     _ => {

@@ -103,6 +103,9 @@ const METRICS_CONNECTIONS: usize = 32;
 /// connections open takes a few slots and leaves the scrapers theirs.
 const METRICS_CONNECTIONS_PER_SOURCE: usize = 4;
 
+/// Answers rendered at once per listener (see [`renders`]), each on a blocking pool's thread.
+const RENDERS_AT_ONCE: usize = 2;
+
 /// The `--metrics` listener's connection slots, counted per source address.
 #[derive(Clone, Default)]
 struct Slots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
@@ -162,6 +165,7 @@ async fn accept(
         }
     }
     let slots = Slots::default();
+    let rendering = Arc::new(tokio::sync::Semaphore::new(RENDERS_AT_ONCE));
     loop {
         let (stream, source) = tokio::select! {
             biased;
@@ -183,11 +187,11 @@ async fn accept(
                 slot => slot,
             },
         };
-        let state = state.clone();
+        let (state, rendering) = (state.clone(), rendering.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
-                let state = state.clone();
+                let (state, rendering) = (state.clone(), rendering.clone());
                 let answer = match exposure {
                     Exposure::Admin => route,
                     Exposure::MetricsOnly => metrics_only,
@@ -197,9 +201,14 @@ async fn accept(
                         return Ok::<_, Infallible>(answer(&state, &request));
                     }
                     // Off this thread: a large table's dump (or explanation, or the metrics)
-                    // takes long enough to hold the kubelet's probes past their 1 s timeout.
-                    let rendered =
-                        tokio::task::spawn_blocking(move || answer(&state, &request)).await;
+                    // takes long enough to hold the kubelet's probes past their 1 s timeout. A
+                    // few at a time: scrapers in a loop must not take the node's cores.
+                    let permit = rendering.acquire_owned().await.expect("never closed");
+                    let rendered = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        answer(&state, &request)
+                    })
+                    .await;
                     Ok(rendered.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "admin: rendering an answer failed");
                         text(

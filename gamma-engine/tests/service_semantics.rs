@@ -549,5 +549,10 @@ fn a_session_goes_back_through_the_backend_ref_it_began_through() {
         );
         let gone = "10.0.0.9:8080".parse().unwrap();
         assert_eq!(rule.backend_serving(gone, Some(1)), None);
+        assert!(
+            rule.endpoint_is_shared(endpoint),
+            "the token names the backendRef"
+        );
+        assert!(!rule.endpoint_is_shared(gone));
     });
 }

@@ -250,6 +250,16 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Expect::Refused(400),
         ),
         (
+            "a Host that is no host and port",
+            b"GET /ok HTTP/1.1\r\nHost: a b\r\n\r\n".to_vec(),
+            Expect::Refused(400),
+        ),
+        (
+            "a Host with a path",
+            b"GET /ok HTTP/1.1\r\nHost: svc/x\r\n\r\n".to_vec(),
+            Expect::Refused(400),
+        ),
+        (
             "asterisk-form target on GET",
             b"GET * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             Expect::Refused(400),

@@ -94,14 +94,16 @@ fn strip_port(host: &str) -> &str {
 
 impl RequestRedirect {
     /// The `Location` of the redirect. `listener_port` is the Service port the request was sent
-    /// to: with neither scheme nor port set, the redirect keeps it (spec).
+    /// to: with neither scheme nor port set, the redirect keeps it (spec). `None`: the redirect
+    /// changes the scheme or port and names no host, and the request names none either (HTTP/1.0
+    /// without Host, or an empty one): there is no URI to send it to.
     pub fn location(
         &self,
         uri: &Uri,
         headers: &HeaderMap,
         matched: &PathMatch,
         listener_port: u16,
-    ) -> String {
+    ) -> Option<String> {
         let request_scheme = uri.scheme_str().unwrap_or("http");
         let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
         let path = self.path.as_ref().map_or_else(
@@ -109,22 +111,25 @@ impl RequestRedirect {
             |p| modified_path(p, uri.path(), matched),
         );
         let mut location = String::new();
-        let host = self
-            .hostname
-            .clone()
-            .or_else(|| request_host(uri, headers).map(|h| strip_port(&h).to_string()));
+        let host = self.hostname.clone().or_else(|| {
+            request_host(uri, headers)
+                .map(|h| strip_port(&h).to_string())
+                .filter(|h| !h.is_empty())
+        });
         // No host to name (an HTTP/1.0 request without Host): a relative reference, resolved
         // against what the client asked, since an `http` URI must not have an empty host (RFC
-        // 9110 §4.2.1).
-        if let Some(host) = host {
-            self.push_origin(&mut location, scheme, &host, listener_port);
+        // 9110 §4.2.1); unless the scheme or port is to change, which only an absolute one says.
+        match host {
+            Some(host) => self.push_origin(&mut location, scheme, &host, listener_port),
+            None if self.scheme.is_some() || self.port.is_some() => return None,
+            None => {}
         }
         location.push_str(&path);
         if let Some(q) = uri.query() {
             location.push('?');
             location.push_str(q);
         }
-        location
+        Some(location)
     }
 
     /// `scheme://host[:port]`, the port left out when it is the scheme's own.
@@ -279,39 +284,68 @@ mod tests {
         headers.insert(HOST, "echo:8080".parse().unwrap());
         let prefix = PathMatch::Prefix("/a".into());
         // No scheme, no port: the listener port is kept.
+        let location = |r: RequestRedirect, headers: &HeaderMap, port| {
+            r.location(&uri, headers, &prefix, port)
+        };
         assert_eq!(
-            redirect(None, None, None, None).location(&uri, &headers, &prefix, 8080),
+            location(redirect(None, None, None, None), &headers, 8080).unwrap(),
             "http://echo:8080/a/b?x=1"
         );
         assert_eq!(
-            redirect(None, None, None, None).location(&uri, &headers, &prefix, 80),
+            location(redirect(None, None, None, None), &headers, 80).unwrap(),
             "http://echo/a/b?x=1"
         );
         // A scheme means its well-known port, which is omitted.
         assert_eq!(
-            redirect(Some("https"), None, None, None).location(&uri, &headers, &prefix, 8080),
+            location(redirect(Some("https"), None, None, None), &headers, 8080).unwrap(),
             "https://echo/a/b?x=1"
         );
         assert_eq!(
-            redirect(Some("https"), Some("example.org"), Some(8443), None)
-                .location(&uri, &headers, &prefix, 80),
+            location(
+                redirect(Some("https"), Some("example.org"), Some(8443), None),
+                &headers,
+                80
+            )
+            .unwrap(),
             "https://example.org:8443/a/b?x=1"
         );
         let replace = Some(PathModifier::ReplacePrefixMatch("/z".into()));
         assert_eq!(
-            redirect(None, None, Some(80), replace.clone()).location(&uri, &headers, &prefix, 8080),
+            location(
+                redirect(None, None, Some(80), replace.clone()),
+                &headers,
+                8080
+            )
+            .unwrap(),
             "http://echo/z/b?x=1"
         );
-        // No Host (HTTP/1.0): no `http://:8080` with an empty host, a relative reference.
-        let no_host = HeaderMap::new();
-        assert_eq!(
-            redirect(None, None, None, replace).location(&uri, &no_host, &prefix, 8080),
-            "/z/b?x=1"
-        );
-        assert_eq!(
-            redirect(None, Some("example.org"), None, None).location(&uri, &no_host, &prefix, 80),
-            "http://example.org/a/b?x=1"
-        );
+        // No Host (HTTP/1.0), or an empty one: no `http://:8080` with an empty host, a relative
+        // reference; none at all where the scheme or port is to change.
+        let mut empty = HeaderMap::new();
+        empty.insert(HOST, HeaderValue::from_static(""));
+        for no_host in [HeaderMap::new(), empty] {
+            assert_eq!(
+                location(redirect(None, None, None, replace.clone()), &no_host, 8080).unwrap(),
+                "/z/b?x=1"
+            );
+            assert_eq!(
+                location(
+                    redirect(None, Some("example.org"), None, None),
+                    &no_host,
+                    80
+                )
+                .unwrap(),
+                "http://example.org/a/b?x=1"
+            );
+            assert_eq!(
+                location(redirect(Some("https"), None, None, None), &no_host, 80),
+                None
+            );
+            assert_eq!(
+                location(redirect(None, None, Some(8443), None), &no_host, 80),
+                None
+            );
+        }
     }
 
     /// A path rewrite leaves a request-target without a path as it is: a CONNECT's `host:port`

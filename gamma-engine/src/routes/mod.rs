@@ -554,6 +554,11 @@ pub enum LocalResponse {
     UnsupportedFilter(String),
     #[error("the matched rule is invalid and dropped until it is fixed: {0}")]
     InvalidRule(String),
+    #[error(
+        "the rule redirects to another scheme or port, and the request names no host to send \
+         it to (give it a Host)"
+    )]
+    RedirectNeedsHost,
 }
 
 impl LocalResponse {
@@ -563,6 +568,7 @@ impl LocalResponse {
         match self {
             LocalResponse::Redirect { status, .. } => *status,
             LocalResponse::Preflight(_) => StatusCode::OK,
+            LocalResponse::RedirectNeedsHost => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -669,6 +675,17 @@ impl CompiledRule {
         began
             .filter(|index| serves(*index))
             .or_else(|| (0..self.backends.len()).find(|index| serves(*index)))
+    }
+
+    /// Whether more than one backendRef serves `endpoint`: a session token then names the one
+    /// it began through, and only then (a token without it reads the same to agents before it).
+    pub fn endpoint_is_shared(&self, endpoint: std::net::SocketAddr) -> bool {
+        let serving = self.backends.iter().filter(|b| {
+            b.backend
+                .as_ref()
+                .is_some_and(|backend| backend.endpoints.contains(&endpoint))
+        });
+        serving.take(2).count() > 1
     }
 
     /// As [`Self::plan`], with the backendRef given (`Some`) instead of chosen by weight.
@@ -823,7 +840,10 @@ impl<'a> FilterRun<'a, '_, '_> {
                     let location =
                         r.location(&parts.uri, &parts.headers, matched, self.listener_port);
                     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-                    return Some(LocalResponse::Redirect { status, location });
+                    return Some(match location {
+                        Some(location) => LocalResponse::Redirect { status, location },
+                        None => LocalResponse::RedirectNeedsHost,
+                    });
                 }
                 Filter::Mirror(m) => {
                     // Sampled here, so that a request not mirrored copies nothing.

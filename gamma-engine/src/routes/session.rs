@@ -1,9 +1,9 @@
 //! Session tokens of session persistence (GEP-1619): what the agent gives a client to come back
 //! with, and reads back. The token names the endpoint, the backendRef (its index in the rule) the
-//! session began through, and when the session started and was last used (Unix seconds):
-//! `10.0.0.7:8080_1_1733200000_1733200042`; a token without the backendRef (from an agent before
-//! it) is read too. It holds nothing secret: a client can only name an endpoint the rule's
-//! backends have anyway.
+//! session began through where more than one serves the endpoint, and when the session started
+//! and was last used (Unix seconds): `10.0.0.7:8080_1733200000_1733200042`, or
+//! `10.0.0.7:8080_1_1733200000_1733200042`. It holds nothing secret: a client can only name an
+//! endpoint, and a backendRef serving it, that the rule has anyway.
 
 use crate::model::{SessionCarrier, SessionPersistence};
 use http::header::{HeaderValue, COOKIE, SET_COOKIE};

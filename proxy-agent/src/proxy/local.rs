@@ -67,6 +67,8 @@ pub enum LocalAnswer {
     BadTarget(String),
     #[error("a request needs one Host field (HTTP/1.1: exactly one); this one has {0}")]
     BadHost(usize),
+    #[error("the Host field `{0}` is not a host and optional port (RFC 9112 §3.2)")]
+    HostNotAnAuthority(String),
     #[error("Transfer-Encoding `{0}`: the agent implements `chunked` alone")]
     UnknownTransferCoding(String),
     #[error("not implemented by the agent: {0}")]
@@ -90,6 +92,7 @@ impl LocalAnswer {
         match self {
             LocalAnswer::Rule(LocalResponse::Redirect { .. }) => Reason::Redirect,
             LocalAnswer::Rule(LocalResponse::Preflight(_)) => Reason::CorsPreflight,
+            LocalAnswer::Rule(LocalResponse::RedirectNeedsHost) => Reason::BadHost,
             LocalAnswer::Rule(_) => Reason::RuleNotServable,
             LocalAnswer::UnknownFrontend(_) => Reason::UnknownFrontend,
             LocalAnswer::NoMatchingRule(_) => Reason::NoMatchingRule,
@@ -104,7 +107,7 @@ impl LocalAnswer {
             LocalAnswer::RouteTimeout(_) => Reason::RouteTimeout,
             LocalAnswer::HeadTooLarge { .. } => Reason::HeadTooLarge,
             LocalAnswer::BadTarget(_) => Reason::BadTarget,
-            LocalAnswer::BadHost(_) => Reason::BadHost,
+            LocalAnswer::BadHost(_) | LocalAnswer::HostNotAnAuthority(_) => Reason::BadHost,
             LocalAnswer::UnknownTransferCoding(_) | LocalAnswer::UnsupportedMethod(_) => {
                 Reason::NotImplemented
             }
@@ -134,6 +137,7 @@ impl LocalAnswer {
             LocalAnswer::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
+            | LocalAnswer::HostNotAnAuthority(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => StatusCode::BAD_REQUEST,
             LocalAnswer::UnknownTransferCoding(_) | LocalAnswer::UnsupportedMethod(_) => {
                 StatusCode::NOT_IMPLEMENTED
@@ -151,7 +155,9 @@ impl LocalAnswer {
                 return None
             }
             LocalAnswer::Rule(
-                LocalResponse::UnsupportedFilter(_) | LocalResponse::InvalidRule(_),
+                LocalResponse::UnsupportedFilter(_)
+                | LocalResponse::InvalidRule(_)
+                | LocalResponse::RedirectNeedsHost,
             ) => GrpcStatus::Internal,
             // A stream the backend reset: gRPC's mapping of HTTP/2 error codes
             // (PROTOCOL-HTTP2.md, "Errors"). UNAVAILABLE would tell the caller that sending the
@@ -179,6 +185,7 @@ impl LocalAnswer {
             LocalAnswer::HeadTooLarge { .. }
             | LocalAnswer::BadTarget(_)
             | LocalAnswer::BadHost(_)
+            | LocalAnswer::HostNotAnAuthority(_)
             | LocalAnswer::UnknownTransferCoding(_)
             | LocalAnswer::RequestBodyBrokeOff(_) => GrpcStatus::Internal,
             LocalAnswer::UnsupportedMethod(_) => GrpcStatus::Unimplemented,

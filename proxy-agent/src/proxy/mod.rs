@@ -477,7 +477,9 @@ impl Proxy {
                 .map_or(now, |(session, _)| session.started.min(now));
             let session = Session {
                 endpoint,
-                backend: u16::try_from(backend_index).ok(),
+                backend: u16::try_from(backend_index)
+                    .ok()
+                    .filter(|_| rule.endpoint_is_shared(endpoint)),
                 started,
                 last_used: now,
             };
@@ -542,6 +544,15 @@ pub fn check_request_head<B>(
     if hosts > 1 || (hosts == 0 && needs_host) {
         return Err(LocalAnswer::BadHost(hosts));
     }
+    // §3.2: a Host with an invalid value gets 400 (`a b`, `svc/x`): routed, it matched no
+    // hostname as written, and the backend got the endpoint's address as its authority. Empty
+    // is allowed (a target without an authority).
+    if let Some(host) = request.headers().get(header::HOST) {
+        if !is_host(host.as_bytes()) {
+            let said = String::from_utf8_lossy(host.as_bytes()).into_owned();
+            return Err(LocalAnswer::HostNotAnAuthority(said));
+        }
+    }
     // RFC 9112 §6.1: a transfer coding the agent does not implement gets 501. hyper reads the
     // body as chunked whenever the last coding is, and the agent forwards it re-chunked without
     // the other codings: `gzip, chunked` would reach the backend as gzip bytes with nothing to
@@ -559,6 +570,37 @@ pub fn check_request_head<B>(
         }
     }
     Ok(())
+}
+
+/// Whether `value` is a Host field's: `uri-host [ ":" port ]` (RFC 9112 §3.2; RFC 3986
+/// §3.2.2: a name of unreserved, percent-encoded and sub-delim characters, or a bracketed IPv6
+/// literal), or empty. Checked in place: an `http::uri::Authority` would copy it, an allocation
+/// per request.
+fn is_host(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => (&value[1..end], &value[end + 1..]),
+            None => return false,
+        },
+        _ => match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &value[value.len()..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let bracketed = value.first() == Some(&b'[');
+    let host_ok = host.iter().all(|&b| {
+        if bracketed {
+            b.is_ascii_hexdigit() || b == b':' || b == b'.'
+        } else {
+            b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
+        }
+    });
+    port_ok && host_ok && !(bracketed && host.is_empty())
 }
 
 /// The size of a request head as HTTP/1.1 spells it (request line, `name: value` lines).
@@ -820,6 +862,39 @@ impl Drop for AccessLog<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_a_name_or_literal_and_an_optional_port() {
+        for good in [
+            "",
+            "front",
+            "front:80",
+            "front.ns.svc.cluster.local:8080",
+            "10.96.0.10",
+            "[fd00::1]",
+            "[fd00::1]:80",
+            "a_b",
+            "host:",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(is_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "a b",
+            "svc/x",
+            "a?b",
+            "a#b",
+            "user@host",
+            "a:b:c",
+            "[fd00::1",
+            "[]:80",
+            "[g::1]",
+            "host:8o",
+            "a\tb",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     #[test]
     fn grpc_is_told_by_its_content_type_and_grpc_web_is_not_grpc() {

@@ -80,6 +80,8 @@ pub struct AgentConfig {
     pub listen: Vec<ListenSpec>,
     pub caller_namespace: Option<String>,
     pub admin: SocketAddr,
+    /// Kept present while this agent serves (`--ready-file`).
+    pub ready_file: Option<PathBuf>,
     /// Listeners that serve `/metrics` alone, for a scraper on the network (`--metrics`).
     pub metrics: Vec<SocketAddr>,
     pub poll_interval: Duration,
@@ -173,6 +175,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         proxy.pumps.tell_pairing(Arc::new(AnyMayBePaired));
     }
     let drain = Drain::default();
+    if let Some(path) = &config.ready_file {
+        // At once: the file of a container that ran before in this pod (a crash, a restart)
+        // says nothing of this one.
+        crate::telemetry::readiness::remove_ready_file(path)?;
+        tokio::spawn(crate::telemetry::readiness::keep_ready_file(
+            readiness.clone(),
+            path.clone(),
+            drain.stopped_accepting(),
+        ));
+    }
     // Turns true once no running agent accepts on the sockets it handed over.
     let (alone, alone_now) = tokio::sync::watch::channel(inherited.predecessor().is_none());
     let mut admin_listeners = Vec::new();

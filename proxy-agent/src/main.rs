@@ -21,7 +21,7 @@ struct Cli {
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present_any = ["kube", "print_rbac", "print_flags", "clear_status"],
+        required_unless_present_any = ["kube", "print_rbac", "print_flags", "clear_status", "probe_ready_file"],
         conflicts_with = "kube"
     )]
     manifests: Option<PathBuf>,
@@ -106,6 +106,16 @@ struct Cli {
     /// --redirect (`$(HOST_IPS):15090`). Off by default.
     #[arg(long, value_name = "ADDR|IPS:PORT")]
     metrics: Option<Addresses>,
+    /// Keep this file present while this agent serves (synced, every listener up, not taken
+    /// over or stopping), absent otherwise: the pod's own readiness, where the admin server's
+    /// `/ready` is the node's (both agents of a takeover share its socket). In a folder of the
+    /// pod's own (an emptyDir); `--probe-ready-file` reads it.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Exit 0 if this file is present, 1 if not, and do nothing else: an exec readiness probe of
+    /// `--ready-file` (the image has no shell).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["manifests", "kube"])]
+    probe_ready_file: Option<PathBuf>,
     /// Worker threads of the data plane (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -258,6 +268,16 @@ impl Drop for WrittenAtExit {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(file) = &cli.probe_ready_file {
+        if file.exists() {
+            return Ok(());
+        }
+        eprintln!(
+            "not ready: {} is absent (the agent has not synced, or no longer serves)",
+            file.display()
+        );
+        std::process::exit(1);
+    }
     if cli.print_flags {
         println!("{}", serde_json::to_string_pretty(&flags_json())?);
         return Ok(());
@@ -359,6 +379,7 @@ fn main() -> Result<()> {
         listen: cli.listen,
         caller_namespace: cli.caller_namespace,
         admin: cli.admin,
+        ready_file: cli.ready_file,
         metrics: cli
             .metrics
             .map(|Addresses(addrs)| addrs)

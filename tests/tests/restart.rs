@@ -210,6 +210,8 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
             .arg("--takeover-socket")
             .arg(&socket)
             .args(["--after-takeover", "wait", "--drain-timeout-s", "20"])
+            .arg("--ready-file")
+            .arg(dir.0.join(format!("{log}.ready")))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
@@ -224,9 +226,15 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
     use gamma_tests::eventually_within as within;
     let seconds = Duration::from_secs;
 
+    // Each pod's readiness is its own file: the old one's stays while it hands over, the new
+    // one's comes once it took over, and the old one's goes then.
+    let ready = |log: &str| dir.0.join(format!("{log}.ready")).exists();
     let mut old = spawn("old.log");
     within(seconds(10), "the first agent serves", || {
         answered().then_some(())
+    });
+    within(seconds(5), "the first agent's pod is ready", || {
+        ready("old.log").then_some(())
     });
     // In flight on the old agent across the takeover: its drain (20 s at most) lasts until
     // this is answered, 8 s after it came: longer than a takeover on a busy machine.
@@ -274,6 +282,9 @@ async fn taken_over_agent_waits_for_sigterm(sigterm_mid_drain: bool) {
         }
         None => {
             assert!(answered(), "the new agent serves");
+            within(seconds(5), "the new pod is ready, the old one not", || {
+                (ready("new.log") && !ready("old.log")).then_some(())
+            });
             // The admin port too, and the `--metrics` one: every scrape is the new agent's (its
             // metrics report the takeover it started with; the old agent's say none), so the
             // kubelet's probes are answered by it alone.
@@ -461,9 +472,12 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let ready = || http_get_full(admin, "/ready").map(|(_, body)| body);
+    let ready_file = |log: &str| dir.0.join(format!("{log}.ready"));
     let spawn = |log: &str, source: &[&str]| -> KillOnDrop {
         Command::new(agent_binary())
             .args(source)
+            .arg("--ready-file")
+            .arg(ready_file(log))
             .args(["--admin", &admin.to_string()])
             .args(["--listen", &format!("{listen}=shop/front:80")])
             .arg("--takeover-socket")
@@ -513,6 +527,12 @@ async fn a_predecessor_that_dies_mid_takeover_is_let_go_of() {
             "the running agent answers alone: {answer}"
         );
     }
+    // The pods' own readiness: the old one stays ready while it hands over (a DaemonSet deletes
+    // an old pod not ready beside its successor), the new one is not before it serves.
+    within(Duration::from_secs(5), "the old pod is ready", || {
+        ready_file("old.log").exists().then_some(())
+    });
+    assert!(!ready_file("new.log").exists(), "the new pod is not");
     let _ = old.kill();
     let _ = old.wait();
     within(Duration::from_secs(5), "the new agent notices", || {

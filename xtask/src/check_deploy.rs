@@ -1366,11 +1366,33 @@ fn check_probes(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome 
     for (probe, path, required) in [
         ("livenessProbe", "/live", true),
         ("startupProbe", "/live", false),
-        ("readinessProbe", "/ready", true),
     ] {
         if let Err(e) = check_probe(container, probe, path, required, admin, &named_ports) {
             problems.push(e);
         }
+    }
+    let readiness = match container.get("readinessProbe") {
+        Ok(Some(probe)) if probe.get("exec").ok().flatten().is_some() => {
+            check_ready_file_probe(agent, &probe, agent_flags)
+        }
+        _ if takeover_dir(agent, agent_flags).is_some() => Err(format!(
+            "{}.readinessProbe: with --takeover-socket it must be the pod's own, an exec probe \
+             `proxy-agent --probe-ready-file=F` of `--ready-file=F` in an emptyDir: both agents \
+             of an update share the admin server's socket, where the old one answers /ready for \
+             both until Stop",
+            container.path
+        )),
+        _ => check_probe(
+            container,
+            "readinessProbe",
+            "/ready",
+            true,
+            admin,
+            &named_ports,
+        ),
+    };
+    if let Err(e) = readiness {
+        problems.push(e);
     }
     if let Some(port) = named_ports.get("admin") {
         if *port != admin.port() {
@@ -1394,7 +1416,7 @@ fn check_probes(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome 
     problems.extend(check_scrape_annotations(agent, metrics.as_deref()));
     outcome(problems, || {
         let scraped = metrics.map_or(String::new(), |m| format!("; scraped at --metrics {m}"));
-        format!("liveness/startup on /live, readiness on /ready, at --admin {admin}{scraped}")
+        format!("liveness/startup on /live at --admin {admin}, readiness the pod's own{scraped}")
     })
 }
 
@@ -1490,6 +1512,64 @@ fn container_ports(container: &Node<'_>) -> Result<BTreeMap<String, u16>, String
         }
     }
     Ok(ports)
+}
+
+/// An exec readiness probe of `--ready-file`: the agent run with `--probe-ready-file` naming the
+/// same file, in a folder of the pod's own (a volume, not a host path the next pod shares).
+fn check_ready_file_probe(
+    agent: &Agent<'_>,
+    probe: &Node<'_>,
+    agent_flags: Option<&AgentFlags>,
+) -> Result<(), String> {
+    let command = probe.req("exec")?.req("command")?;
+    let words: Vec<&str> = command
+        .value
+        .as_sequence()
+        .ok_or_else(|| command.err("expected a list"))?
+        .iter()
+        .filter_map(|w| w.as_str())
+        .collect();
+    let probed = words
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| match w.split_once('=') {
+            Some(("--probe-ready-file", file)) => Some(file.to_owned()),
+            _ if *w == "--probe-ready-file" => words.get(i + 1).map(|f| (*f).to_owned()),
+            _ => None,
+        });
+    let Some(probed) = probed else {
+        return Err(command.err("expected the agent with --probe-ready-file=F"));
+    };
+    let Some(ready_file) = agent.flag_value("ready-file", agent_flags) else {
+        return Err(command.err(format!(
+            "probes {probed}, but the args have no --ready-file: the agent never writes it"
+        )));
+    };
+    if probed != ready_file {
+        return Err(command.err(format!(
+            "probes {probed}, but the agent writes --ready-file {ready_file}"
+        )));
+    }
+    let dir = Path::new(&ready_file)
+        .parent()
+        .and_then(Path::to_str)
+        .unwrap_or("/")
+        .trim_end_matches('/');
+    match mount_at(agent, dir)? {
+        None => Err(format!(
+            "{}: no volumeMount at {dir}, the folder of --ready-file: the root filesystem is \
+             read-only (mount an emptyDir there)",
+            agent.container.path
+        )),
+        Some((mount, Some(_))) => Err(mount.err(
+            "a hostPath: the ready file must be the pod's own (an emptyDir), not shared with the \
+             next pod on the node",
+        )),
+        Some((mount, None)) if mount.opt_bool("readOnly")? == Some(true) => {
+            Err(mount.err("readOnly: the agent writes its ready file there"))
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 fn check_probe(
@@ -2372,6 +2452,56 @@ spec:
                 format!("{at}.args[5]: `stray` is neither a long flag nor a flag's value"),
             ]
         );
+    }
+
+    /// The readiness of a pod's own: the agent probed for the file it writes, in a volume of the
+    /// pod's own, writable.
+    #[test]
+    fn a_ready_file_probe_names_the_file_the_agent_writes_in_a_volume_of_its_own() {
+        let check = |args: &str, probed: &str, volume: &str| {
+            let rendered = daemonset(
+                &format!(
+                    "        args: [{args}]
+        readinessProbe: {{exec: {{command: [/usr/local/bin/proxy-agent, '--probe-ready-file={probed}']}}}}
+        volumeMounts: [{{name: state, mountPath: /run/pod}}]"
+                ),
+                &format!("      volumes: [{{name: state, {volume}}}]"),
+            );
+            let agent = Agent::find(&rendered).unwrap();
+            let probe = agent.container.get("readinessProbe").unwrap().unwrap();
+            check_ready_file_probe(&agent, &probe, Some(&agent_flags()))
+        };
+        let writes = "'--ready-file=/run/pod/ready'";
+        assert_eq!(check(writes, "/run/pod/ready", "emptyDir: {}"), Ok(()));
+        for (args, probed, volume, says) in [
+            (
+                writes,
+                "/run/pod/other",
+                "emptyDir: {}",
+                "but the agent writes",
+            ),
+            (
+                "--kube",
+                "/run/pod/ready",
+                "emptyDir: {}",
+                "no --ready-file",
+            ),
+            (
+                writes,
+                "/run/pod/ready",
+                "hostPath: {path: /run/x}",
+                "a hostPath",
+            ),
+            (
+                "'--ready-file=/tmp/ready'",
+                "/tmp/ready",
+                "emptyDir: {}",
+                "no volumeMount at /tmp",
+            ),
+        ] {
+            let problem = check(args, probed, volume).unwrap_err();
+            assert!(problem.contains(says), "{problem}");
+        }
     }
 
     #[test]

@@ -14,9 +14,10 @@ pub struct Readiness {
     /// Why the kernel redirect is off although it was asked for (the kernel lacks a feature).
     pub redirect_refused: std::sync::OnceLock<String>,
     /// A successor this agent has offered its sockets to, by pid (0: in another pid namespace,
-    /// as a DaemonSet's next pod is, whose pid `SO_PEERCRED` cannot name). Both agents accept on
-    /// the admin listener until Stop, so a probe of the successor's pod may reach this one: it
-    /// answers not ready, as the successor does until its first sync.
+    /// as a DaemonSet's next pod is, whose pid `SO_PEERCRED` cannot name). Until Stop this agent
+    /// alone answers on the admin listener both hold, for the successor's pod too: its `/ready`
+    /// says not ready, so that an HTTP probe does not take the successor for ready. A pod's own
+    /// readiness is its `--ready-file` ([`keep_ready_file`]), which stays while it hands over.
     handing_over_to: std::sync::Mutex<Option<u32>>,
     /// Until the first complete sync: the feeds it waits for, and how each stands.
     pub waiting_for: std::sync::Mutex<String>,
@@ -44,6 +45,62 @@ impl Readiness {
         self.handing_over_to
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Keeps `path` present while this process serves: its first sync done and every listener up
+/// (`synced_at`), and not stopped accepting (taken over, or shutting down); absent otherwise.
+/// The DaemonSet's readiness probe reads it (`--probe-ready-file`): it is the pod's own, where
+/// the admin server's socket is the node's and both agents of a takeover share it. So the old
+/// pod stays ready while it hands over (a DaemonSet deletes an old pod that turns not ready once
+/// its successor exists, which cut the handover short whenever the successor's first sync took
+/// longer than the probes' 10 s), and the new pod turns ready once it serves.
+pub async fn keep_ready_file(
+    readiness: std::sync::Arc<Readiness>,
+    path: std::path::PathBuf,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(READY_FILE_EVERY);
+    let mut present = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = crate::proxy::drain::turned_true(&mut stopped) => {
+                if let Err(e) = remove_ready_file(&path) {
+                    tracing::warn!(error = %e, "the pod's readiness probe may say ready a little longer");
+                }
+                return;
+            }
+        }
+        let ready = readiness
+            .synced_at
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0;
+        if ready && !present {
+            match std::fs::write(&path, b"ready\n") {
+                Ok(()) => present = true,
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "cannot write the ready file: the pod is not ready to its probe; give \
+                     --ready-file a writable path (an emptyDir)"
+                ),
+            }
+        }
+    }
+}
+
+/// How often [`keep_ready_file`] looks.
+const READY_FILE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Removes the ready file (absent already is fine).
+pub fn remove_ready_file(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e)
+                .context(format!("removing the ready file {}", path.display())))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -295,7 +295,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         drop(inherited);
         // What the workers accepted meanwhile on the listeners both agents share finishes here;
         // what is queued stays for the running agent.
-        drain.drain(config.drain_timeout).await;
+        drain_or_reset(&drain, &proxy.pumps, config.drain_timeout).await;
         return Ok(());
     }
     // Everything serves here now: only now does the running agent stop accepting.
@@ -444,17 +444,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     for consumer in consumers.into_iter().chain(following_tables) {
         consumer.abort();
     }
-    if drain.drain(config.drain_timeout).await {
-        tracing::info!("drained");
-    } else {
-        // Opaque and upgraded connections still open are reset on both sides: closed with a
-        // FIN, a peer of an EOF-delimited protocol would take the cut stream for a complete one.
-        let cut = proxy.pumps.reset_all().await;
-        tracing::warn!(
-            opaque_connections_reset = cut,
-            "drain deadline reached with connections still open"
-        );
-    }
+    drain_or_reset(&drain, &proxy.pumps, config.drain_timeout).await;
     let wait = config
         .takeover
         .as_ref()
@@ -482,6 +472,23 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         anyhow::bail!("the route table's publisher stopped (see the log above); restart the agent");
     }
     Ok(())
+}
+
+/// Waits up to `deadline` for connections in flight to end, then resets those still open (the
+/// opaque and upgraded ones on both sides): closed with a FIN, a peer of an EOF-delimited
+/// protocol, or an HTTP/1.0 caller, would take the cut stream for a complete one. Whatever way
+/// the agent stops (a successor stopped before its Stop included: its pumps ended with a FIN).
+async fn drain_or_reset(drain: &Drain, pumps: &Pumps, deadline: Duration) {
+    if drain.drain(deadline).await {
+        tracing::info!("drained");
+    } else {
+        drain.reset_what_remains();
+        let cut = pumps.reset_all().await;
+        tracing::warn!(
+            opaque_connections_reset = cut,
+            "drain deadline reached with connections still open"
+        );
+    }
 }
 
 /// The publisher's first sync, which may wait long for an API server. A running agent that goes

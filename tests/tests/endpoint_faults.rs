@@ -309,6 +309,67 @@ async fn each_fault_gets_its_answer_and_nothing_leaks() {
     assert!(agent.child.try_wait().unwrap().is_none(), "the agent died");
 }
 
+/// An answer still streaming at the drain deadline (the agent stopping) is cut: an HTTP/1.0
+/// caller, whose answer ends with the connection, sees a reset, not a FIN that made the cut
+/// answer look whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_answer_cut_at_the_drain_deadline_ends_with_a_reset() {
+    let streaming = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = streaming.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = streaming.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                let _ = stream.write_all(head).await;
+                // Streams on, for longer than the test.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let manifests = Manifests::default()
+        .service("ns", "front", 80, &[], None)
+        .service("ns", "streaming", 80, &[backend], None)
+        .raw(&route(&rule("/", "streaming", "")));
+    let options = AgentOptions {
+        listeners: vec![("ns/front", 80)],
+        caller_namespace: None,
+        extra_args: ["--drain-timeout-s", "1"].map(String::from).into(),
+    };
+    let agent = tokio::task::spawn_blocking(move || Agent::start(&manifests, options))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = agent.listen[0];
+    let pid = agent.child.id();
+    let cut = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut caller = std::net::TcpStream::connect(listener).unwrap();
+        caller
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        caller
+            .write_all(b"GET /stream HTTP/1.0\r\nHost: front\r\n\r\n")
+            .unwrap();
+        let mut got = [0u8; 64];
+        let read = caller.read(&mut got).unwrap();
+        let head = String::from_utf8_lossy(&got[..read]).into_owned();
+        assert!(head.contains(" 200 OK"), "the answer's head: {head}");
+        // SAFETY: kill(2) on the test's own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let mut rest = Vec::new();
+        caller.read_to_end(&mut rest).map(|_| rest.len())
+    })
+    .await
+    .unwrap();
+    assert!(
+        cut.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a body cut at the deadline must fail, not end: {cut:?}"
+    );
+}
+
 /// A kept connection that fails before any byte of answer is resent on a new one (RFC 9112
 /// §9.3.1) as one of the retry policy's attempts: a backend that resets every request after its
 /// first gets a request `1 + attempts` times, no more (the spec: at the maximum, an error). Before,

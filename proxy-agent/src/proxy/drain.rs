@@ -74,6 +74,13 @@ impl Drain {
         self.draining.subscribe()
     }
 
+    /// Past the drain deadline: the caller connections still open close with a reset, their
+    /// answers cut short (an HTTP/1.0 answer ends with the connection: a FIN would make it look
+    /// whole).
+    pub fn reset_what_remains(&self) {
+        super::io::reset_from_now_on();
+    }
+
     /// Has the accept loops, when they stop, first take the connections their listeners' queues
     /// already hold, which closing the listeners would reset: with no successor accepting on the
     /// same sockets, they are this agent's to serve (a redirected connect the kernel steered

@@ -183,6 +183,16 @@ impl Lingering {
     }
 }
 
+/// Set once the drain deadline passed: every caller connection still open is closed with a
+/// reset ([`Lingering`]), its answer cut short. One for the process, as the deadline is.
+static PAST_THE_DEADLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, a caller connection's close is a reset: the drain deadline passed with answers
+/// in flight, and a FIN would make an HTTP/1.0 caller's (ended by the close) look whole.
+pub(super) fn reset_from_now_on() {
+    PAST_THE_DEADLINE.store(true, Ordering::Relaxed);
+}
+
 /// Makes the close of `socket`, a caller's, a reset: an answer cut short must not end like a
 /// whole one. [`Lingering`] then closes at once rather than shutting down first (a FIN).
 pub(super) fn reset_on_close(socket: std::os::fd::RawFd) {
@@ -206,6 +216,12 @@ impl Drop for Lingering {
         let Some(rewound) = self.stream.take() else {
             return;
         };
+        if PAST_THE_DEADLINE.load(Ordering::Relaxed) {
+            if let Some(socket) = rewound.io.raw_fd() {
+                reset_on_close(socket);
+            }
+            return;
+        }
         if (!self.always && !*self.draining.borrow()) || resets_on_close(&rewound) {
             return;
         }

@@ -68,13 +68,15 @@ pub fn modified_path(modifier: &PathModifier, path: &str, matched: &PathMatch) -
     }
 }
 
-/// The authority a request was sent with: the Host header, or the URI's authority (HTTP/2).
+/// The authority a request was sent with: the URI's (HTTP/2, or an HTTP/1 target in absolute
+/// form, which wins over Host: RFC 9112 §3.2.2), else the Host header.
 pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| uri.authority().map(|a| a.to_string()))
+    uri.authority().map(|a| a.to_string()).or_else(|| {
+        headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -346,6 +348,16 @@ mod tests {
                 None
             );
         }
+        // A target in absolute form names the host, whatever Host says (RFC 9112 §3.2.2).
+        let absolute: Uri = "http://svc/a?x=1".parse().unwrap();
+        let mut empty = HeaderMap::new();
+        empty.insert(HOST, HeaderValue::from_static(""));
+        assert_eq!(
+            redirect(Some("https"), None, None, None)
+                .location(&absolute, &empty, &prefix, 80)
+                .unwrap(),
+            "https://svc/a?x=1"
+        );
     }
 
     /// A path rewrite leaves a request-target without a path as it is: a CONNECT's `host:port`

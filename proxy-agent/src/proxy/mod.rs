@@ -593,14 +593,13 @@ fn is_host(value: &[u8]) -> bool {
         Some(_) => false,
     };
     let bracketed = value.first() == Some(&b'[');
+    // Bracketed: an IPv6 address, with a zone (RFC 6874, `%25eth0`), or an IPvFuture one.
     let host_ok = host.iter().all(|&b| {
-        if bracketed {
-            b.is_ascii_hexdigit() || b == b':' || b == b'.'
-        } else {
-            b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
-        }
+        b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b) || (bracketed && b == b':')
     });
-    port_ok && host_ok && !(bracketed && host.is_empty())
+    // Empty only as a whole: `:80` names no host (RFC 9110 §4.2.1).
+    let empty_host = host.is_empty() && (bracketed || !port.is_empty());
+    port_ok && host_ok && !empty_host
 }
 
 /// The size of a request head as HTTP/1.1 spells it (request line, `name: value` lines).
@@ -876,6 +875,9 @@ mod tests {
             "a_b",
             "host:",
             "xn--bcher-kva.example",
+            "[fe80::1%25eth0]:8080",
+            "[v1.fe80::a+b]",
+            "FRONT.example.",
         ] {
             assert!(is_host(good.as_bytes()), "{good:?}");
         }
@@ -888,9 +890,11 @@ mod tests {
             "a:b:c",
             "[fd00::1",
             "[]:80",
-            "[g::1]",
+            "[fd00::1]x",
             "host:8o",
             "a\tb",
+            ":80",
+            "caf\u{e9}.example",
         ] {
             assert!(!is_host(bad.as_bytes()), "{bad:?}");
         }

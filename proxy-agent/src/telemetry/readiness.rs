@@ -61,7 +61,7 @@ pub async fn keep_ready_file(
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ticks = tokio::time::interval(READY_FILE_EVERY);
-    let mut present = false;
+    let (mut present, mut told) = (false, false);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -79,12 +79,13 @@ pub async fn keep_ready_file(
         if ready && !present {
             match std::fs::write(&path, b"ready\n") {
                 Ok(()) => present = true,
-                Err(e) => tracing::warn!(
+                Err(e) if !std::mem::replace(&mut told, true) => tracing::warn!(
                     path = %path.display(),
                     error = %e,
                     "cannot write the ready file: the pod is not ready to its probe; give \
                      --ready-file a writable path (an emptyDir)"
                 ),
+                Err(_) => {}
             }
         }
     }

@@ -155,6 +155,19 @@ fn rule(path: &str, service: &str, extra: &str) -> String {
     format!("  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    backendRefs: [{{name: {service}, port: 80}}]\n{extra}")
 }
 
+/// An HTTP/1.0 request for `path` on a new connection to `listener`: the connection, to read
+/// its answer from (within 10 s a read).
+fn http10_request(listener: SocketAddr, path: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut caller = std::net::TcpStream::connect(listener).unwrap();
+    caller
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: front\r\n\r\n");
+    caller.write_all(request.as_bytes()).unwrap();
+    caller
+}
+
 async fn start_agent(manifests: Manifests) -> Agent {
     let options = AgentOptions {
         listeners: vec![("ns/front", 80)],
@@ -247,16 +260,9 @@ async fn each_fault_gets_its_answer_and_nothing_leaks() {
         // An HTTP/1.0 caller's answer ends with the connection: cut short, the close is a
         // reset, not a FIN that would make it look whole.
         let cut = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let mut caller = std::net::TcpStream::connect(listener).unwrap();
-            caller
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            caller
-                .write_all(b"GET /chunked HTTP/1.0\r\nHost: front\r\n\r\n")
-                .unwrap();
+            use std::io::Read;
             let mut got = Vec::new();
-            caller
+            http10_request(listener, "/chunked")
                 .read_to_end(&mut got)
                 .map(|_| String::from_utf8_lossy(&got).into_owned())
         })
@@ -344,14 +350,8 @@ async fn an_http10_answer_cut_at_the_drain_deadline_ends_with_a_reset() {
     let listener = agent.listen[0];
     let pid = agent.child.id();
     let cut = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut caller = std::net::TcpStream::connect(listener).unwrap();
-        caller
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        caller
-            .write_all(b"GET /stream HTTP/1.0\r\nHost: front\r\n\r\n")
-            .unwrap();
+        use std::io::Read;
+        let mut caller = http10_request(listener, "/stream");
         let mut got = [0u8; 64];
         let read = caller.read(&mut got).unwrap();
         let head = String::from_utf8_lossy(&got[..read]).into_owned();

@@ -443,6 +443,19 @@ async fn an_upgraded_connection_counts_against_the_connection_cap() {
     .unwrap();
 }
 
+/// A server that speaks first: writes `banner` on each connection it accepts, and reads nothing.
+async fn banner_server(banner: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(banner).await;
+        }
+    });
+    addr
+}
+
 /// On a port that declares nothing, a first line that is not an HTTP/1 request line goes through
 /// opaque though it opens with a token and a space (PROXY protocol's header, Redis's inline
 /// commands), and a client that half-closes before sending a byte still reaches the server (a
@@ -451,17 +464,7 @@ async fn an_upgraded_connection_counts_against_the_connection_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undeclared_port_passes_other_protocols_through() {
     let echo = tcp_echo().await;
-    let banner = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let _ = stream.write_all(b"banner\n").await;
-            }
-        });
-        addr
-    };
+    let banner = banner_server(b"banner\n").await;
     let routed = "  - backendRefs: [{name: echo, port: 80}]\n";
     let world = Manifests::default()
         .service("ns", "echo", 80, &[echo], None)
@@ -507,17 +510,7 @@ async fn an_undeclared_port_passes_other_protocols_through() {
 /// detection timeout (10 s) of sniffing for a request no route of theirs would take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_route_leaves_other_callers_of_its_port_unsniffed() {
-    let banner = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt as _;
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let _ = stream.write_all(b"220 ready\r\n").await;
-            }
-        });
-        addr
-    };
+    let banner = banner_server(b"220 ready\r\n").await;
     let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: theirs, namespace: other}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: console, namespace: ns, port: 7000}]\n  rules:\n  - backendRefs: [{name: console, namespace: ns, port: 7000}]\n";
     let world = Manifests::default()
         .service("ns", "console", 7000, &[banner], None)

@@ -1555,17 +1555,21 @@ fn check_ready_file_probe(
         .and_then(Path::to_str)
         .unwrap_or("/")
         .trim_end_matches('/');
-    match mount_at(agent, dir)? {
+    // The pod's own and writable: a hostPath is shared with the next pod on the node, and a
+    // configMap, secret or projected volume is mounted read-only whatever the mount says (the
+    // agent, which removes a stale file at start, could not start).
+    match mount_at(agent, dir, "emptyDir")? {
         None => Err(format!(
             "{}: no volumeMount at {dir}, the folder of --ready-file: the root filesystem is \
              read-only (mount an emptyDir there)",
             agent.container.path
         )),
-        Some((mount, Some(_))) => Err(mount.err(
-            "a hostPath: the ready file must be the pod's own (an emptyDir), not shared with the \
-             next pod on the node",
+        Some((mount, None)) => Err(mount.err(
+            "not an emptyDir: the ready file must be the pod's own and writable (a hostPath is \
+             shared with the next pod on the node; a configMap, secret or projected volume is \
+             read-only)",
         )),
-        Some((mount, None)) if mount.opt_bool("readOnly")? == Some(true) => {
+        Some((mount, Some(_))) if mount.opt_bool("readOnly")? == Some(true) => {
             Err(mount.err("readOnly: the agent writes its ready file there"))
         }
         Some(_) => Ok(()),
@@ -1871,24 +1875,25 @@ fn check_security(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
 // (g) ---------------------------------------------------------------------------------------
 
 /// The agent container's volumeMount at `path` (trailing slashes aside), with its volume's
-/// hostPath if the volume is one.
+/// `source` (`hostPath`, `emptyDir`) if the volume is of that kind.
 fn mount_at<'a>(
     agent: &Agent<'a>,
     path: &str,
+    source: &str,
 ) -> Result<Option<(Node<'a>, Option<Node<'a>>)>, String> {
     for mount in agent.container.list("volumeMounts")? {
         if mount.req("mountPath")?.str()?.trim_end_matches('/') != path {
             continue;
         }
         let name = mount.req("name")?.str()?;
-        let mut host = None;
+        let mut of_kind = None;
         for volume in agent.pod_spec.list("volumes")? {
             if volume.opt_str("name")? == Some(name) {
-                host = volume.get("hostPath")?;
+                of_kind = volume.get(source)?;
                 break;
             }
         }
-        return Ok(Some((mount, host)));
+        return Ok(Some((mount, of_kind)));
     }
     Ok(None)
 }
@@ -1914,7 +1919,7 @@ fn check_cgroup(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcome 
         ));
     }
     let result = (|| -> Result<bool, String> {
-        let Some((_, Some(host))) = mount_at(agent, CGROUP_ROOT)? else {
+        let Some((_, Some(host))) = mount_at(agent, CGROUP_ROOT, "hostPath")? else {
             return Ok(false);
         };
         let path = host.req("path")?.str()?;
@@ -2023,7 +2028,7 @@ fn check_takeover(agent: &Agent<'_>, agent_flags: Option<&AgentFlags>) -> Outcom
                 other.unwrap_or("not set")
             )),
         }
-        let Some((mount, host)) = mount_at(agent, dir)? else {
+        let Some((mount, host)) = mount_at(agent, dir, "hostPath")? else {
             problems.push(format!(
                 "{}: no volumeMount at {dir}, the folder of --takeover-socket: the new pod would \
                  not see the old one's socket",
@@ -2491,6 +2496,12 @@ spec:
                 "/run/pod/ready",
                 "hostPath: {path: /run/x}",
                 "a hostPath",
+            ),
+            (
+                writes,
+                "/run/pod/ready",
+                "configMap: {name: c}",
+                "not an emptyDir",
             ),
             (
                 "'--ready-file=/tmp/ready'",

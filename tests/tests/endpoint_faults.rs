@@ -155,6 +155,12 @@ fn rule(path: &str, service: &str, extra: &str) -> String {
     format!("  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    backendRefs: [{{name: {service}, port: 80}}]\n{extra}")
 }
 
+/// Whether a read ended in a reset (a connection the agent cut), not an end or an answer.
+fn was_reset<T>(read: &std::io::Result<T>) -> bool {
+    read.as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
 /// An HTTP/1.0 request for `path` on a new connection to `listener`: the connection, to read
 /// its answer from (within 10 s a read).
 fn http10_request(listener: SocketAddr, path: &str) -> std::net::TcpStream {
@@ -269,8 +275,7 @@ async fn each_fault_gets_its_answer_and_nothing_leaks() {
         .await
         .unwrap();
         assert!(
-            cut.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            was_reset(&cut),
             "HTTP/1.0: a body cut short must fail, not end: {cut:?}"
         );
         let got = send(&client, "GET", &url("/"), "").await;
@@ -364,8 +369,7 @@ async fn an_http10_answer_cut_at_the_drain_deadline_ends_with_a_reset() {
     .await
     .unwrap();
     assert!(
-        cut.as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        was_reset(&cut),
         "a body cut at the deadline must fail, not end: {cut:?}"
     );
 }
@@ -549,9 +553,7 @@ async fn opaque_tcp_that_no_endpoint_accepts_is_reset_after_one_try_each() {
         .await
         .unwrap();
         assert!(
-            ended
-                .as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            was_reset(&ended),
             "{service}: the client's connection is reset, got {ended:?}"
         );
     }

@@ -1501,8 +1501,8 @@ fn check_rule(rule: &Rule, field: &str) -> Result<(), Invalid> {
     let redirects = rule
         .filters()
         .iter()
-        .filter(|f| matches!(f, Filter::Redirect(_)));
-    if redirects.count() > 0 && !rule.backends.is_empty() {
+        .any(|f| matches!(f, Filter::Redirect(_)));
+    if redirects && !rule.backends.is_empty() {
         return Err(invalid(
             field,
             "RequestRedirect filter must not be used together with backendRefs",

@@ -665,27 +665,28 @@ impl CompiledRule {
         endpoint: std::net::SocketAddr,
         began: Option<usize>,
     ) -> Option<usize> {
-        let serves = |index: usize| {
-            self.backends.get(index).is_some_and(|b| {
-                b.backend
-                    .as_ref()
-                    .is_some_and(|backend| backend.endpoints.contains(&endpoint))
-            })
-        };
         began
-            .filter(|index| serves(*index))
-            .or_else(|| (0..self.backends.len()).find(|index| serves(*index)))
+            .filter(|began| self.backends_serving(endpoint).any(|i| i == *began))
+            .or_else(|| self.backends_serving(endpoint).next())
     }
 
     /// Whether more than one backendRef serves `endpoint`: a session token then names the one
     /// it began through, and only then (a token without it reads the same to agents before it).
     pub fn endpoint_is_shared(&self, endpoint: std::net::SocketAddr) -> bool {
-        let serving = self.backends.iter().filter(|b| {
-            b.backend
-                .as_ref()
-                .is_some_and(|backend| backend.endpoints.contains(&endpoint))
-        });
-        serving.take(2).count() > 1
+        self.backends_serving(endpoint).nth(1).is_some()
+    }
+
+    /// The backendRefs (indices) one of whose endpoints is `endpoint`, in the rule's order.
+    fn backends_serving(&self, endpoint: std::net::SocketAddr) -> impl Iterator<Item = usize> + '_ {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter_map(move |(index, b)| {
+                b.backend
+                    .as_ref()
+                    .is_some_and(|backend| backend.endpoints.contains(&endpoint))
+                    .then_some(index)
+            })
     }
 
     /// As [`Self::plan`], with the backendRef given (`Some`) instead of chosen by weight.

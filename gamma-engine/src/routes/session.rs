@@ -37,24 +37,19 @@ impl Session {
         // An address holds no `_`.
         let mut parts = token.split('_');
         let endpoint = parts.next()?.parse().ok()?;
-        let mut numbers = [None; 3];
-        let mut count = 0;
-        for (slot, part) in numbers.iter_mut().zip(&mut parts) {
-            *slot = Some(part.parse::<u64>().ok()?);
-            count += 1;
+        let (first, second, third) = (parts.next()?, parts.next()?, parts.next());
+        if parts.next().is_some() {
+            return None;
         }
-        let (backend, started, last_used) = match (count, parts.next(), numbers) {
-            (2, None, [Some(started), Some(last_used), None]) => (None, started, last_used),
-            (3, None, [Some(backend), Some(started), Some(last_used)]) => {
-                (Some(u16::try_from(backend).ok()?), started, last_used)
-            }
-            _ => return None,
+        let (backend, started, last_used) = match third {
+            None => (None, first, second),
+            Some(third) => (Some(first.parse().ok()?), second, third),
         };
         Some(Session {
             endpoint,
             backend,
-            started,
-            last_used,
+            started: started.parse().ok()?,
+            last_used: last_used.parse().ok()?,
         })
     }
 }

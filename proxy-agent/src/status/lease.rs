@@ -8,6 +8,11 @@
 //! that sees another holder, stops writing at once. On shutdown the holder releases the lease
 //! so that another agent takes over at its next look instead of after a lease duration.
 //!
+//! Status is read from the agent's own table: a candidate whose route or Service watches are
+//! behind (failing, or listing again) does not campaign, and a holder behind for longer than
+//! `behind_limit` lets the lease go, so that an agent whose table is current writes status
+//! (the holder's writer waits while its inputs are behind: status would freeze for the cluster).
+//!
 //! Unlike client-go's few replicas of a controller, every node is a candidate here: a
 //! candidate that sees the lease held looks again only half a lease duration later, and reads it
 //! from the API server's cache, not from etcd. With 2,000 nodes, polling at the retry period
@@ -30,6 +35,9 @@ pub struct LeaseConfig {
     pub duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// How long a holder whose inputs are behind keeps the lease (a blip of the API server puts
+    /// every agent behind for a moment; the holder must not hand over at each).
+    pub behind_limit: Duration,
 }
 
 impl LeaseConfig {
@@ -42,6 +50,7 @@ impl LeaseConfig {
             duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            behind_limit: Duration::from_secs(60),
         }
     }
 }
@@ -118,7 +127,7 @@ pub async fn holding<T>(
     config: &LeaseConfig,
     work: impl std::future::Future<Output = T>,
 ) -> anyhow::Result<T> {
-    let (elector, mut leader) = Elector::new(client, config.clone());
+    let (elector, mut leader) = Elector::new(client, config.clone(), Box::new(|| true));
     let (stop, stopped) = oneshot::channel();
     let campaign = tokio::spawn(elector.run(stopped));
     let held = tokio::time::timeout(config.renew_deadline, leader.wait_for(|leads| *leads))
@@ -158,7 +167,14 @@ pub struct Elector {
     failures: u32,
     /// Whether this run of failures was told to the operator ([`operator_hint`]).
     told: bool,
+    /// Whether what status is read from is current (see the module's documentation).
+    inputs_current: InputsCurrent,
+    /// Since when, as last looked, the inputs are behind.
+    behind_since: Option<Instant>,
 }
+
+/// Asked before each look at the lease.
+pub type InputsCurrent = Box<dyn Fn() -> bool + Send + Sync>;
 
 /// What an operator must do about a failed look at the lease that no retry mends: the agent may
 /// not read or write it (RBAC), or its namespace does not exist.
@@ -180,7 +196,11 @@ fn operator_hint(error: &LeaseError) -> Option<&'static str> {
 }
 
 impl Elector {
-    pub fn new(client: Client, config: LeaseConfig) -> (Elector, watch::Receiver<bool>) {
+    pub fn new(
+        client: Client,
+        config: LeaseConfig,
+        inputs_current: InputsCurrent,
+    ) -> (Elector, watch::Receiver<bool>) {
         // Typed: `api::tests` checks that `LEASES` names exactly this resource.
         let api = Api::namespaced(client, &config.namespace);
         let (leader, rx) = watch::channel(false);
@@ -192,6 +212,8 @@ impl Elector {
             leader,
             failures: 0,
             told: false,
+            inputs_current,
+            behind_since: None,
         };
         (elector, rx)
     }
@@ -199,6 +221,12 @@ impl Elector {
     /// Campaigns and renews until `stop` fires, then releases the lease if held.
     pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         loop {
+            if self.stands_aside().await {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.retry_period) => continue,
+                    _ = &mut stop => break,
+                }
+            }
             // Bounded: a call that hangs (a half-open connection to the API server) must not
             // keep this agent leading past the renew deadline while another takes over.
             let outcome =
@@ -219,8 +247,37 @@ impl Elector {
                 _ = &mut stop => break,
             }
         }
-        let was_leader = *self.leader.borrow();
-        self.leader.send_replace(false);
+        self.step_down().await;
+    }
+
+    /// Whether this agent stays out of the election for now, its inputs behind: a candidate at
+    /// once, a holder once they have been for `behind_limit` (it lets the lease go then).
+    async fn stands_aside(&mut self) -> bool {
+        if (self.inputs_current)() {
+            self.behind_since = None;
+            return false;
+        }
+        let since = *self.behind_since.get_or_insert_with(Instant::now);
+        if !*self.leader.borrow() {
+            return true;
+        }
+        if since.elapsed() < self.config.behind_limit {
+            return false;
+        }
+        tracing::warn!(
+            lease = %self.describe(),
+            behind_for = ?since.elapsed(),
+            "this agent's route or Service watches are behind (its log says why): letting the \
+             status lease go to an agent whose are current"
+        );
+        self.step_down().await;
+        true
+    }
+
+    /// Stops leading, and releases the lease if this agent led.
+    async fn step_down(&mut self) {
+        let was_leader = self.leader.send_replace(false);
+        self.last_renewed = None;
         if was_leader {
             match tokio::time::timeout(Duration::from_secs(2), self.release()).await {
                 Ok(Ok(())) => tracing::info!(lease = %self.describe(), "released the status lease"),
@@ -549,7 +606,7 @@ mod tests {
             duration: Duration::from_secs(1),
             ..LeaseConfig::new("ns".into(), "l".into(), "me".into())
         };
-        let (elector, mut leader) = Elector::new(client, config);
+        let (elector, mut leader) = Elector::new(client, config, Box::new(|| true));
         let (_stop, stop) = oneshot::channel();
         tokio::spawn(elector.run(stop));
         tokio::time::timeout(Duration::from_secs(5), leader.wait_for(|l| *l))
@@ -566,6 +623,90 @@ mod tests {
             "within the renew deadline and a retry: {:?}",
             started.elapsed()
         );
+    }
+
+    /// A holder whose route or Service watches stay behind lets the lease go (its writer waits
+    /// meanwhile: status would freeze for the cluster while other agents are current), and
+    /// campaigns again once they are current; a blip shorter than the limit keeps it.
+    #[tokio::test]
+    async fn a_holder_whose_inputs_stay_behind_lets_the_lease_go() {
+        let stored = Arc::new(std::sync::Mutex::new(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l", "namespace": "ns", "resourceVersion": "1"},
+            "spec": {},
+        })));
+        let client = api_server({
+            let stored = stored.clone();
+            move |method, body: Option<serde_json::Value>| {
+                let stored = stored.clone();
+                async move {
+                    let mut stored = stored.lock().unwrap();
+                    if method == Method::PUT {
+                        *stored = body.unwrap_or_default();
+                    }
+                    Some((StatusCode::OK, stored.to_string()))
+                }
+            }
+        })
+        .await;
+        let holder = || stored.lock().unwrap()["spec"]["holderIdentity"].clone();
+        let config = LeaseConfig {
+            retry_period: Duration::from_millis(20),
+            behind_limit: Duration::from_millis(300),
+            ..LeaseConfig::new("ns".into(), "l".into(), "me".into())
+        };
+        let current = Arc::new(AtomicBool::new(true));
+        let inputs_current = {
+            let current = current.clone();
+            Box::new(move || current.load(Ordering::Relaxed))
+        };
+        let (elector, mut leader) = Elector::new(client, config, inputs_current);
+        let (_stop, stop) = oneshot::channel();
+        tokio::spawn(elector.run(stop));
+        let leads = |leader: &mut watch::Receiver<bool>, wanted: bool| {
+            let mut leader = leader.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), leader.wait_for(|l| *l == wanted))
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(leads(&mut leader, true).await, "leads while current");
+        // A blip: kept.
+        current.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        current.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            *leader.borrow(),
+            "a blip shorter than the limit keeps the lease"
+        );
+        assert_eq!(holder(), "me");
+
+        current.store(false, Ordering::Relaxed);
+        let behind = Instant::now();
+        assert!(leads(&mut leader, false).await, "lets the lease go");
+        assert!(behind.elapsed() >= Duration::from_millis(300));
+        // Stops writing first, then releases.
+        for _ in 0..100 {
+            if holder().is_null() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(holder().is_null(), "released: {}", holder());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !*leader.borrow() && holder().is_null(),
+            "no campaign while behind"
+        );
+
+        current.store(true, Ordering::Relaxed);
+        assert!(
+            leads(&mut leader, true).await,
+            "campaigns again once current"
+        );
+        assert_eq!(holder(), "me");
     }
 
     /// A candidate that sees the lease held (and renewed) by another agent looks again half a
@@ -593,7 +734,7 @@ mod tests {
             duration: Duration::from_millis(800),
             ..LeaseConfig::new("ns".into(), "l".into(), "me".into())
         };
-        let (elector, leader) = Elector::new(client, config);
+        let (elector, leader) = Elector::new(client, config, Box::new(|| true));
         let (stop_sender, stop) = oneshot::channel();
         let running = tokio::spawn(elector.run(stop));
         tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -50,7 +50,9 @@ pub fn spawn(
         .identity
         .unwrap_or_else(|| format!("{}/{}", host_name(), std::process::id()));
     let lease = LeaseConfig::new(config.lease_namespace, config.lease_name, identity);
-    let (elector, leader) = Elector::new(client.clone(), lease);
+    let inputs = published.clone();
+    let inputs_current = Box::new(move || writer::behind_input(&inputs.borrow()).is_none());
+    let (elector, leader) = Elector::new(client.clone(), lease, inputs_current);
     let (stop, stopped) = oneshot::channel();
     StatusHandle {
         elector: tokio::spawn(elector.run(stopped)),

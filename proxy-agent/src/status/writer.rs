@@ -56,6 +56,11 @@ const STATUS_INPUTS: [Feed; 4] = [
     REFERENCE_GRANTS.kind,
 ];
 
+/// A feed route status is read from that is not current now, if any.
+pub fn behind_input(published: &Published) -> Option<&Feed> {
+    published.behind.iter().find(|f| STATUS_INPUTS.contains(f))
+}
+
 fn call_for(kind: RouteKind) -> &'static ApiCall {
     match kind {
         RouteKind::Http => &HTTP_ROUTES_STATUS,
@@ -172,7 +177,7 @@ impl Writer {
                     continue;
                 }
             }
-            if let Some(feed) = inputs.behind.iter().find(|f| STATUS_INPUTS.contains(f)) {
+            if let Some(feed) = behind_input(&inputs) {
                 // A route whose Service the table has not seen yet would be told it has no
                 // parent: wait until the feeds status is read from are current again.
                 tracing::info!(%feed, "route status not written while this feed is not current");

@@ -194,10 +194,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .iter()
             .map(|a| (*a, Exposure::MetricsOnly, "--metrics")),
     );
-    for (addr, exposure, what) in admin_addrs {
+    for (i, (addr, exposure, what)) in admin_addrs.enumerate() {
+        let listener = match listen(&mut inherited, &mut offered, addr, what) {
+            Ok(listener) => listener,
+            // `--metrics` after its first address: the node's other family (the second of
+            // status.hostIPs, which the node may not have; see `start_redirect`).
+            Err(e) if i > 1 => {
+                tracing::warn!(%addr, error = format!("{e:#}"), "no --metrics listener at this address; /metrics is served at the others");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         admin_listeners.push(AdminListener {
             shared: inherited.holds(addr),
-            listener: listen(&mut inherited, &mut offered, addr, what)?,
+            listener,
             exposure,
         });
     }

@@ -796,17 +796,18 @@ async fn the_admin_server_is_read_only() {
 }
 
 /// `--metrics` serves `/metrics` to the network and nothing else: the table and `/explain` stay
-/// on the loopback admin server, and the listener is read-only too.
+/// on the loopback admin server, and the listener is read-only too. Its second address (the
+/// node's other family, from status.hostIPs, which the node may not have) is served if it can be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_serves_metrics_alone() {
     let a = echo_backend([127, 0, 0, 1], "a").await;
     let world = Manifests::default().service("ns", "front", 80, &[a.addr], None);
-    let metrics_only: std::net::SocketAddr =
-        format!("127.0.0.1:{}", gamma_tests::loopback::free_port())
-            .parse()
-            .unwrap();
+    let port = gamma_tests::loopback::free_port();
+    let metrics_only: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut options = options(None);
-    options.extra_args = vec!["--metrics".into(), metrics_only.to_string()];
+    // 2001:db8::/32 is for documentation: no interface here has it.
+    let not_here = format!("127.0.0.1,2001:db8::dead:{port}");
+    options.extra_args = vec!["--metrics".into(), not_here];
     let agent = Agent::start(&world, options).unwrap();
     let url = format!("http://{}/", agent.listen[0]);
     assert_eq!(get(&client(false), &url, &[]).await.status, 200);

@@ -1007,11 +1007,14 @@ fn scope_text(scope: &Scope) -> String {
     }
 }
 
-/// The grants the rendered RBAC objects give the ServiceAccount `namespace/name`.
+/// The grants the rendered RBAC objects give the ServiceAccount `namespace/name`. A rule that
+/// names its objects (`resourceNames`) grants only what the agent asks of one object by name:
+/// get and update of its status lease, `lease_name`; create, list and watch never match a name.
 fn grants_of(
     docs: &[Doc],
     sa_namespace: &str,
     sa_name: &str,
+    lease_name: &str,
     problems: &mut Vec<String>,
 ) -> Vec<Grant> {
     let mut grants = Vec::new();
@@ -1082,9 +1085,27 @@ fn grants_of(
                         problems.push(format!("excess: {source} uses the wildcard `*`"));
                     }
                 }
+                let names = match rule.get("resourceNames")? {
+                    Some(_) => Some(rule.str_list("resourceNames")?),
+                    None => None,
+                };
+                let by_name = |group: &str, resource: &str, verb: &str| {
+                    (group, resource) == ("coordination.k8s.io", "leases")
+                        && matches!(verb, "get" | "update")
+                        && names.as_ref().is_some_and(|n| n.contains(&lease_name))
+                };
                 for group in &groups {
                     for resource in &resources {
                         for verb in &verbs {
+                            if names.is_some() && !by_name(group, resource, verb) {
+                                problems.push(format!(
+                                    "ineffective: {source} grants {verb} {} only on the objects \
+                                     its resourceNames list, which the agent's {verb} is not \
+                                     limited to (a create, list or watch matches no name)",
+                                    resource_name(group, resource)
+                                ));
+                                continue;
+                            }
                             grants.push(Grant {
                                 scope: scope.clone(),
                                 group: (*group).to_owned(),
@@ -1245,7 +1266,10 @@ fn check_rbac(docs: &[Doc], agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
             "the DaemonSet runs as ServiceAccount {namespace}/{sa}, which is not in the manifests"
         ));
     }
-    let grants = grants_of(docs, namespace, sa, &mut problems);
+    let lease_name = agent
+        .flag_value("lease-name", None)
+        .unwrap_or_else(|| "gamma-node-status".to_owned());
+    let grants = grants_of(docs, namespace, sa, &lease_name, &mut problems);
     problems.extend(compare_rbac(&grants, calls, &lease_namespace(agent)));
     problems.sort();
     problems.dedup();
@@ -2135,6 +2159,8 @@ rules:
 - {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update]}
 ";
 
+    const LEASE: &str = "gamma-node-status";
+
     fn rbac_problems(cluster_rules: &str, role: &str, json: &str) -> Vec<String> {
         let yaml = format!(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: \
@@ -2142,7 +2168,7 @@ rules:
         );
         let docs = docs(&yaml);
         let mut problems = Vec::new();
-        let grants = grants_of(&docs, "gamma-system", "agent", &mut problems);
+        let grants = grants_of(&docs, "gamma-system", "agent", LEASE, &mut problems);
         problems.extend(compare_rbac(&grants, &calls(json), "gamma-system"));
         problems.sort();
         problems
@@ -2156,6 +2182,68 @@ rules:
         assert_eq!(
             rbac_problems(rules, LEASE_ROLE, AGENT_CALLS),
             Vec::<String>::new()
+        );
+    }
+
+    /// A rule limited to named objects: get and update of the lease by its name count; its
+    /// create (never matched by a name), and a named status patch (the agent patches every
+    /// route), do not, and are told apart from a grant that is merely missing.
+    #[test]
+    fn rbac_rules_with_resource_names_grant_only_the_lease_by_its_name() {
+        let named = |lease: &str| {
+            format!(
+                "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: leader, namespace: gamma-system}}
+rules:
+- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, update], resourceNames: [{lease}]}}
+- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}}
+"
+            )
+        };
+        let rules = "
+- {apiGroups: [''], resources: [services], verbs: [list, watch]}
+- {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch]}";
+        assert_eq!(
+            rbac_problems(rules, &named(LEASE), AGENT_CALLS),
+            Vec::<String>::new()
+        );
+        let problems = rbac_problems(rules, &named("another"), AGENT_CALLS);
+        assert!(
+            problems.contains(&"missing: get coordination.k8s.io/leases in namespace gamma-system (add it to a Role in gamma-system)".to_string()),
+            "{problems:#?}"
+        );
+
+        let role = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: leader, namespace: gamma-system}
+rules:
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: [gamma-node-status]}
+";
+        let rules = "
+- {apiGroups: [''], resources: [services], verbs: [list, watch]}
+- {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch], resourceNames: [one]}";
+        let problems = rbac_problems(rules, role, AGENT_CALLS);
+        let missing: Vec<&String> = problems
+            .iter()
+            .filter(|p| p.starts_with("missing"))
+            .collect();
+        assert_eq!(
+            missing,
+            [
+                "missing: create coordination.k8s.io/leases in namespace gamma-system (add it to a Role in gamma-system)",
+                "missing: patch gateway.networking.k8s.io/httproutes/status cluster-wide (add it to the ClusterRole)",
+            ]
+        );
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.starts_with("ineffective"))
+                .count(),
+            2,
+            "{problems:#?}"
         );
     }
 
@@ -2227,7 +2315,7 @@ subjects:
 "
         );
         let mut problems = Vec::new();
-        let grants = grants_of(&docs(&yaml), "gamma-system", "agent", &mut problems);
+        let grants = grants_of(&docs(&yaml), "gamma-system", "agent", LEASE, &mut problems);
         assert_eq!(grants.len(), 3);
         assert_eq!(
             problems,

@@ -915,9 +915,10 @@ fn a_consumer_route_does_not_make_a_port_sniffed_for_every_caller() {
 }
 
 /// A port with another namespace's consumer routes only is passed through for the callers they
-/// do not apply to, as kube-proxy would: a server-first protocol's clients on an undeclared port
-/// waited for the detection timeout on every connection, and an HTTP port's clients were parsed
-/// (header limits, idle closes) with no route to apply.
+/// do not apply to, as kube-proxy would, where it is not declared HTTP: a server-first
+/// protocol's clients on an undeclared port waited for the detection timeout on every
+/// connection. A port declared HTTP is parsed for them, so that a route that comes later
+/// applies to open connections' next requests.
 #[test]
 fn callers_no_route_applies_to_are_passed_through() {
     use gamma_engine::model::DeclaredProtocol::{Http, Opaque};
@@ -933,13 +934,9 @@ fn callers_no_route_applies_to_are_passed_through() {
     };
     assert_eq!(port(80).protocol_for(Some("other")), Some(Http));
     assert_eq!(port(7000).protocol_for(Some("other")), None, "sniffed");
-    for (p, unknown) in [(80, Some(Http)), (7000, None)] {
+    for (p, unknown, known) in [(80, Some(Http), Some(Http)), (7000, None, Some(Opaque))] {
         for others in ["ns", "third"] {
-            assert_eq!(
-                port(p).protocol_for(Some(others)),
-                Some(Opaque),
-                "{p} {others}"
-            );
+            assert_eq!(port(p).protocol_for(Some(others)), known, "{p} {others}");
         }
         assert_eq!(
             port(p).protocol_for(None),

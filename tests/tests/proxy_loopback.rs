@@ -536,6 +536,39 @@ async fn a_consumer_route_leaves_other_callers_of_its_port_unsniffed() {
     assert_eq!(&greeting.expect("the banner within 3 s"), b"220 ready\r\n");
 }
 
+/// On a port declared HTTP, a caller that another namespace's consumer routes do not apply to
+/// is parsed, not passed through: a producer route added later applies to the next request of
+/// its connection already open (a gRPC channel or a keep-alive pool lives for hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_added_later_applies_to_open_connections_of_callers_without_routes() {
+    let a = echo_backend([127, 0, 0, 1], "a").await;
+    let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: theirs, namespace: other}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: front, namespace: ns, port: 80}]\n  rules:\n  - backendRefs: [{name: front, namespace: ns, port: 80}]\n";
+    let world = Manifests::default()
+        .service("ns", "front", 80, &[a.addr], Some("http"))
+        .raw(consumer);
+    let agent = Agent::start(&world, options(Some("third"))).unwrap();
+    let mut connection = gamma_tests::loopback::OneConnection::open(agent.listen[0]).await;
+    let before = connection.send(http::Method::GET, "/", &[]).await;
+    assert_eq!(before.status, 200);
+    assert_eq!(header_at_backend(&before, "x-routed"), None);
+
+    let producer = "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: producer}]}}]\n    backendRefs: [{name: front, port: 80}]\n";
+    let routed = world.raw(&route("mine", "front", producer));
+    let agent = tokio::task::spawn_blocking(move || agent.update(&routed).map(|()| agent))
+        .await
+        .unwrap()
+        .unwrap();
+    let after = connection.send(http::Method::GET, "/", &[]).await;
+    assert_eq!(after.status, 200);
+    assert_eq!(
+        header_at_backend(&after, "x-routed").as_deref(),
+        Some("producer"),
+        "the new route applies on the open connection: {}",
+        after.text
+    );
+    drop(agent);
+}
+
 /// An opaque connection still open at the drain deadline is reset on both sides: closed with a
 /// FIN, as before, a peer of an EOF-delimited protocol took the cut stream for a complete one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,13 +235,19 @@ impl Frontend {
     /// ([`Frontend::declared`]), except that a port presumed opaque by its number alone is
     /// sniffed for callers whose consumer routes name it. Their routes say it carries HTTP for
     /// them; the Service's other callers, of a server-first protocol perhaps, do not wait for
-    /// the detection timeout. A known caller no route applies to (the port has another
-    /// namespace's consumer routes only) is passed through as kube-proxy would: neither sniffed
-    /// nor parsed. An unknown one is told apart as the port says, since its Pod, once known, may
-    /// have routes here; so is every caller of a port without routes (only an explicit listener
-    /// brings them, to be served as the port declares).
+    /// the detection timeout. On a port not declared HTTP, a known caller no route applies to
+    /// (the port has another namespace's consumer routes only) is passed through as kube-proxy
+    /// would, not sniffed: a server-first protocol's clients would wait out the detection. On a
+    /// port declared HTTP its connections are parsed, for a route that comes later to apply to
+    /// their next request (a gRPC channel is open for hours). An unknown caller is told apart as
+    /// the port says, since its Pod, once known, may have routes here; so is every caller of a
+    /// port without routes (only an explicit listener brings them, served as the port declares).
     pub fn protocol_for(&self, namespace: Option<&str>) -> Option<DeclaredProtocol> {
-        if namespace.is_some() && self.has_routes() && self.table_for(namespace).is_none() {
+        if self.declared != Some(DeclaredProtocol::Http)
+            && namespace.is_some()
+            && self.has_routes()
+            && self.table_for(namespace).is_none()
+        {
             return Some(DeclaredProtocol::Opaque);
         }
         match (self.declared, namespace) {

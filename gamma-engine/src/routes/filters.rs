@@ -68,15 +68,19 @@ pub fn modified_path(modifier: &PathModifier, path: &str, matched: &PathMatch) -
     }
 }
 
-/// The authority a request was sent with: the URI's (HTTP/2, or an HTTP/1 target in absolute
-/// form, which wins over Host: RFC 9112 §3.2.2), else the Host header.
+/// The host and port a request was sent to: the URI's authority (HTTP/2, or an HTTP/1 target in
+/// absolute form, which wins over Host: RFC 9112 §3.2.2) without its userinfo (a sender must not
+/// repeat it in an http URI, RFC 9110 §4.2.4), else the Host header.
 pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    uri.authority().map(|a| a.to_string()).or_else(|| {
-        headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-    })
+    let without_userinfo = |a: &str| a.rsplit_once('@').map_or(a, |(_, host)| host).to_string();
+    uri.authority()
+        .map(|a| without_userinfo(a.as_str()))
+        .or_else(|| {
+            headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -355,6 +359,14 @@ mod tests {
                 .location(&absolute, &empty, &prefix, 80)
                 .unwrap(),
             "https://svc/a?x=1"
+        );
+        // Its userinfo is not repeated in the Location.
+        let with_userinfo: Uri = "http://alice:secret@svc:8080/a".parse().unwrap();
+        assert_eq!(
+            redirect(Some("https"), None, None, None)
+                .location(&with_userinfo, &empty, &prefix, 80)
+                .unwrap(),
+            "https://svc/a"
         );
     }
 

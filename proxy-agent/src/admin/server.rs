@@ -64,6 +64,10 @@ pub fn spawn(
     alone: &tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Vec<SocketAddr>> {
     let mut locals = Vec::with_capacity(listeners.len());
+    // Shared by every listener: a dual-stack node has two `--metrics` listeners, and the bounds
+    // are the node's.
+    let rendering = Arc::new(tokio::sync::Semaphore::new(RENDERS_AT_ONCE));
+    let slots = Slots::default();
     for AdminListener {
         listener,
         exposure,
@@ -74,7 +78,7 @@ pub fn spawn(
         locals.push(listener.local_addr()?);
         let (running, stop) = drain.acceptor();
         let alone = shared.then(|| alone.clone());
-        let state = state.clone();
+        let (state, rendering, slots) = (state.clone(), rendering.clone(), slots.clone());
         let name = match exposure {
             Exposure::Admin => "admin",
             Exposure::MetricsOnly => "metrics",
@@ -89,24 +93,25 @@ pub fn spawn(
                 runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("admin listener");
-                    accept(listener, exposure, state, running, stop, alone).await
+                    let bounds = (rendering, slots);
+                    accept(listener, exposure, state, bounds, running, stop, alone).await
                 });
             })?;
     }
     Ok(locals)
 }
 
-/// Connections a `--metrics` listener serves at once: it faces the node's network, where any pod
+/// Connections the `--metrics` listeners serve at once: they face the node's network, where any pod
 /// may open thousands; past it a connection is closed as soon as accepted.
 const METRICS_CONNECTIONS: usize = 32;
 /// Of them, those one source address may hold: a scraper needs one, so that a pod holding
 /// connections open takes a few slots and leaves the scrapers theirs.
 const METRICS_CONNECTIONS_PER_SOURCE: usize = 4;
 
-/// Answers rendered at once per listener (see [`renders`]), each on a blocking pool's thread.
+/// Answers rendered at once by all listeners (see [`renders`]), each on a blocking pool's thread.
 const RENDERS_AT_ONCE: usize = 2;
 
-/// The `--metrics` listener's connection slots, counted per source address.
+/// The `--metrics` listeners' connection slots, counted per source address.
 #[derive(Clone, Default)]
 struct Slots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
 
@@ -153,6 +158,7 @@ async fn accept(
     listener: tokio::net::TcpListener,
     exposure: Exposure,
     state: AdminState,
+    (rendering, slots): (Arc<tokio::sync::Semaphore>, Slots),
     _running: tokio_util::task::task_tracker::TaskTrackerToken,
     mut stop: tokio::sync::watch::Receiver<bool>,
     alone: Option<tokio::sync::watch::Receiver<bool>>,
@@ -164,8 +170,6 @@ async fn accept(
             () = turned_true(&mut alone) => {}
         }
     }
-    let slots = Slots::default();
-    let rendering = Arc::new(tokio::sync::Semaphore::new(RENDERS_AT_ONCE));
     loop {
         let (stream, source) = tokio::select! {
             biased;
@@ -540,6 +544,42 @@ mod tests {
         );
         drop(held);
         assert_eq!(scrape.join().unwrap().unwrap(), "HTTP/1.1 200 OK");
+    }
+
+    /// A dual-stack node has a `--metrics` listener per address: the connection slots are the
+    /// node's, so that a source address holding its share on one has none left on the other.
+    #[test]
+    fn metrics_listeners_share_their_connection_slots() {
+        let state = AdminState {
+            snapshot: Arc::default(),
+            metrics: Arc::default(),
+            endpoints: Arc::default(),
+            readiness: Arc::default(),
+        };
+        let drain = Drain::default();
+        let metrics_only = |ip: &str| AdminListener {
+            listener: std::net::TcpListener::bind((ip, 0)).unwrap(),
+            exposure: Exposure::MetricsOnly,
+            shared: false,
+        };
+        let (_, alone) = tokio::sync::watch::channel(true);
+        let listeners = vec![metrics_only("127.0.0.1"), metrics_only("127.0.0.2")];
+        let addrs = spawn(listeners, state, &drain, &alone).unwrap();
+        let held: Vec<std::net::TcpStream> = (0..METRICS_CONNECTIONS_PER_SOURCE)
+            .map(|_| std::net::TcpStream::connect(addrs[0]).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let refused = status_line(addrs[1], "/metrics");
+        assert!(
+            refused.as_deref().map_or(true, str::is_empty),
+            "closed as accepted: {refused:?}"
+        );
+        drop(held);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            status_line(addrs[1], "/metrics").unwrap(),
+            "HTTP/1.1 200 OK"
+        );
     }
 
     /// A DaemonSet's next pod is in another pid namespace: `SO_PEERCRED` names it pid 0, which

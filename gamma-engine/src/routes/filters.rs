@@ -8,21 +8,24 @@ impl HeaderModifier {
     /// `set` overwrites, `add` appends to the existing value, `remove` deletes. Names are
     /// case-insensitive (`HeaderName` is lower-case). `add` joins into one field with `,` (so the
     /// backend sees one header), except where the RFCs say otherwise: `Set-Cookie` is never
-    /// folded (RFC 6265 §3; the HTTPRoute spec names it), each value its own field line, and
-    /// `Cookie` pairs join with `; ` (RFC 6265 §5.4).
+    /// folded (RFC 6265 §3; the HTTPRoute spec names it), each value its own field line, nor is
+    /// gRPC's binary metadata (`-bin`: grpc-go decodes a field's whole value as base64, and a
+    /// comma fails the call), and `Cookie` pairs join with `; ` (RFC 6265 §5.4).
     pub fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.add {
             let separator: &[u8] = match *name {
-                SET_COOKIE => {
-                    headers.append(name.clone(), value.clone());
-                    continue;
-                }
+                SET_COOKIE => b"",
                 COOKIE => b"; ",
+                _ if name.as_str().ends_with("-bin") => b"",
                 _ => b",",
             };
+            if separator.is_empty() {
+                headers.append(name.clone(), value.clone());
+                continue;
+            }
             let mut joined = Vec::new();
             for existing in headers.get_all(name) {
                 joined.extend_from_slice(existing.as_bytes());
@@ -266,6 +269,21 @@ mod tests {
         m.apply(&mut request);
         assert_eq!(request[COOKIE], "a=1; b=2; c=3");
         assert_eq!(request.get_all(COOKIE).iter().count(), 1);
+    }
+
+    /// gRPC's binary metadata is base64 per field line: grpc-go decodes a field's whole value, so
+    /// a comma-joined one failed the call (INTERNAL).
+    #[test]
+    fn binary_metadata_is_never_folded() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-ctx-bin", "AwQ".parse().unwrap());
+        let m = HeaderModifier {
+            add: vec![("x-ctx-bin".parse().unwrap(), "AQI".parse().unwrap())].into(),
+            ..HeaderModifier::default()
+        };
+        m.apply(&mut headers);
+        let lines: Vec<_> = headers.get_all("x-ctx-bin").iter().collect();
+        assert_eq!(lines, ["AwQ", "AQI"]);
     }
 
     fn redirect(

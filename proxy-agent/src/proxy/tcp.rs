@@ -96,10 +96,60 @@ pub(super) fn keepalive(socket: impl rustix::fd::AsFd) {
 
 /// What every accepted connection needs (no Nagle delay, keepalive), set once on the listening
 /// socket: Linux copies both to each connection it accepts, which saves five `setsockopt` calls
-/// per connection.
+/// per connection. And no TCP Fast Open, which a host may enable for every listener
+/// (`net.ipv4.tcp_fastopen` with 0x400): a connection would be accepted at its SYN, before the
+/// caller's side is established and the kernel has recorded where it was going (sockops), and
+/// then be reset as one without a record. Set after `listen()`, which would set it again.
 pub(super) fn prepare_listener(listener: impl rustix::fd::AsFd) {
     let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
+    let _ = set_tcp_int(listener.as_fd(), libc::TCP_FASTOPEN, 0);
     keepalive(listener);
+}
+
+/// `getsockopt(IPPROTO_TCP, option)` for an option rustix does not name.
+fn get_tcp_int(socket: rustix::fd::BorrowedFd<'_>, option: libc::c_int) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd as _;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&value) as libc::socklen_t;
+    // SAFETY: a valid descriptor, and an option buffer of the size given.
+    let got = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if got == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `setsockopt(IPPROTO_TCP, option, value)` for an option rustix does not name.
+fn set_tcp_int(
+    socket: rustix::fd::BorrowedFd<'_>,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid descriptor, and an option value of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&raw const value).cast(),
+            std::mem::size_of_val(&value) as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// How long after its connect the kernel hands on a connection a deferring listener holds, at
@@ -108,20 +158,7 @@ pub(super) const DEFERRAL: std::time::Duration = std::time::Duration::from_milli
 
 /// Whether the listener defers accepting ([`defer_accept`]).
 pub(super) fn defers_accept(listener: impl rustix::fd::AsFd) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut seconds: libc::c_int = 0;
-    let mut len = std::mem::size_of_val(&seconds) as libc::socklen_t;
-    // SAFETY: a valid descriptor, and an option buffer of the size given.
-    let got = unsafe {
-        libc::getsockopt(
-            listener.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&raw mut seconds).cast(),
-            &mut len,
-        )
-    };
-    got == 0 && seconds != 0
+    get_tcp_int(listener.as_fd(), libc::TCP_DEFER_ACCEPT).is_ok_and(|seconds| seconds != 0)
 }
 
 /// Has the listener hand a connection to `accept()` only once its first bytes came
@@ -133,23 +170,7 @@ pub(super) fn defers_accept(listener: impl rustix::fd::AsFd) -> bool {
 /// kernel then takes the handshake's last ACK), so a server-first protocol behind a port
 /// wrongly declared HTTP waits that second, and is served.
 pub fn defer_accept(listener: impl rustix::fd::AsFd, on: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let seconds: libc::c_int = on.into();
-    // SAFETY: a valid descriptor, and an option value of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            listener.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&raw const seconds).cast(),
-            std::mem::size_of_val(&seconds) as libc::socklen_t,
-        )
-    };
-    if set == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_tcp_int(listener.as_fd(), libc::TCP_DEFER_ACCEPT, on.into())
 }
 
 #[cfg(test)]
@@ -157,6 +178,32 @@ mod tests {
     use super::*;
     use rustix::net::sockopt;
     use std::time::Duration;
+
+    /// A host that enables TCP Fast Open for every listener (`net.ipv4.tcp_fastopen` 0x603) does
+    /// not for the agent's: a connection accepted at its SYN has no record of its destination
+    /// yet. In a network namespace of this test's thread, whose sysctl it may set (as root).
+    #[test]
+    fn listeners_take_no_fast_open_connections() {
+        std::thread::spawn(|| {
+            // SAFETY: CLONE_NEWNET alone changes only this thread's network namespace.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "{}", std::io::Error::last_os_error());
+            std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", "1539").unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let fast_open = || {
+                use std::os::fd::AsFd as _;
+                get_tcp_int(listener.as_fd(), libc::TCP_FASTOPEN).unwrap()
+            };
+            assert!(
+                fast_open() > 0,
+                "the host's setting applies to a new listener"
+            );
+            prepare_listener(&listener);
+            assert_eq!(fast_open(), 0);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[tokio::test]
     async fn accepted_connections_inherit_the_listeners_options() {

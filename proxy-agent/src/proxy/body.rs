@@ -691,7 +691,9 @@ impl AnswerEnd {
     }
 
     /// Ends the answer early: a gRPC one with `status` trailers between two messages (what is
-    /// held of the next goes), or reset when a message already went in part; any other fails.
+    /// held of the next goes), or reset with CANCEL when a message already went in part (gRPC's
+    /// protocol: a server ending a call inside a message; a client then says CANCELLED, where
+    /// hyper's default INTERNAL_ERROR read as a server's bug); any other fails.
     fn end(
         &mut self,
         status: GrpcStatus,
@@ -702,8 +704,29 @@ impl AnswerEnd {
             Some(messages) if !messages.sent_partly => {
                 Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(status, why)))))
             }
-            _ => Poll::Ready(Some(Err(why.into()))),
+            Some(_) => Poll::Ready(Some(Err(Box::new(CutInsideMessage(why.to_string()))))),
+            None => Poll::Ready(Some(Err(why.into()))),
         }
+    }
+}
+
+/// A gRPC answer ended inside a message; its source is the reason hyper resets the stream with
+/// (it looks for an `h2::Error` among an error's sources).
+#[derive(Debug)]
+struct CutInsideMessage(String);
+
+static CANCEL: std::sync::LazyLock<h2::Error> =
+    std::sync::LazyLock::new(|| h2::Error::from(h2::Reason::CANCEL));
+
+impl std::fmt::Display for CutInsideMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CutInsideMessage {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*CANCEL)
     }
 }
 
@@ -972,10 +995,13 @@ mod tests {
             let sent = answer.frame().await.unwrap().unwrap().into_data().unwrap();
             assert_eq!(sent, part);
         }
-        assert!(
-            answer.frame().await.unwrap().is_err(),
-            "reset, not trailers"
-        );
+        let cut = answer
+            .frame()
+            .await
+            .unwrap()
+            .expect_err("reset, not trailers");
+        let reason = super::super::upstream::h2_error(&*cut).and_then(h2::Error::reason);
+        assert_eq!(reason, Some(h2::Reason::CANCEL), "{cut}");
     }
 
     /// Messages across frames go whole, in order, and the backend's trailers follow; a message

@@ -577,9 +577,16 @@ struct Http2Conn {
     idle_since: Option<Instant>,
 }
 
+/// Streams a connection opens before it leaves the pool: a client's stream IDs are the odd ones
+/// below 2^31, 2^30 of them (RFC 9113 §5.1.1), and h2 refuses the next one (a request never sent,
+/// which failed as a 502); a margin for requests already on their way to it.
+const HTTP2_STREAMS_PER_CONNECTION: u32 = (1 << 30) - 4096;
+
 /// A connection's streams in use, against the limit its endpoint set.
 struct StreamCount {
     open: AtomicUsize,
+    /// Streams ever opened on it, against [`HTTP2_STREAMS_PER_CONNECTION`].
+    opened: AtomicU32,
     /// Polled by the connection's task; read here for the endpoint's current
     /// SETTINGS_MAX_CONCURRENT_STREAMS (hyper's `SendRequest` does not tell it). `None` once
     /// it ended: dropped then, so that requests still handed to it come back unsent.
@@ -589,8 +596,12 @@ struct StreamCount {
 type Http2Connection = http2::Connection<TokioIo<tokio::net::TcpStream>, ProxyBody, TokioExecutor>;
 
 impl StreamCount {
-    /// One more stream, if the limit allows it (or `beyond_limit`).
+    /// One more stream, if the limit allows it (or `beyond_limit`) and the connection has stream
+    /// IDs left.
     fn open(self: &Arc<Self>, beyond_limit: bool) -> Option<OpenStream> {
+        if self.exhausted() {
+            return None;
+        }
         let limit = (!beyond_limit).then(|| {
             let connection = self.connection.lock().expect("not poisoned");
             connection
@@ -602,7 +613,13 @@ impl StreamCount {
                 limit.is_none_or(|limit| open < limit).then_some(open + 1)
             })
             .ok()?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
         Some(OpenStream(self.clone()))
+    }
+
+    /// It has opened as many streams as a connection may: it serves those on, and no more.
+    fn exhausted(&self) -> bool {
+        self.opened.load(Ordering::Relaxed) >= HTTP2_STREAMS_PER_CONNECTION
     }
 }
 
@@ -702,7 +719,7 @@ impl Http2Pool {
         let asked = Instant::now();
         let mut slot = slot.lock().await;
         let connections = &mut slot.connections;
-        connections.retain(|c| !c.sender.is_closed());
+        connections.retain(|c| !c.sender.is_closed() && !c.streams.exhausted());
         // Streams may have ended while this request waited for a connect that failed.
         let with_room = connections
             .iter()
@@ -769,6 +786,7 @@ impl Http2Pool {
             .map_err(|e| connect_error(&e))?;
         let streams = Arc::new(StreamCount {
             open: AtomicUsize::new(0),
+            opened: AtomicU32::new(0),
             connection: Mutex::new(Some(Box::pin(connection))),
         });
         let polled = streams.clone();
@@ -1222,6 +1240,26 @@ mod tests {
     fn backend(endpoints: &[SocketAddr]) -> Backend {
         let key = ObjectKey::new("ns", "svc");
         Backend::new(key, 80, endpoints.into(), UpstreamProtocol::AsCaller, None)
+    }
+
+    /// A connection that opened as many streams as its stream IDs allow opens no more, even
+    /// beyond its endpoint's limit, and leaves the pool (h2 refuses the next ID: a 502 for a
+    /// request never sent); those open serve on.
+    #[test]
+    fn a_connection_out_of_stream_ids_opens_no_more() {
+        let streams = Arc::new(StreamCount {
+            open: AtomicUsize::new(0),
+            opened: AtomicU32::new(HTTP2_STREAMS_PER_CONNECTION - 1),
+            connection: Mutex::new(None),
+        });
+        let last = streams.open(true).expect("one ID left");
+        assert!(streams.exhausted());
+        assert!(streams.open(true).is_none());
+        drop(last);
+        assert!(
+            streams.open(true).is_none(),
+            "an ended stream gives no ID back"
+        );
     }
 
     /// A SYN dropped because the endpoint's accept queue is full for a moment is resent after

@@ -120,6 +120,58 @@ async fn a_route_timeout_cuts_a_response_body_that_is_too_slow() {
     }
 }
 
+/// The route's timeout lets go of the backend even while the caller reads nothing: a caller
+/// that stopped reading a long answer (a paused consumer) held the backend's connection, and
+/// its count on the endpoint, for as long as it kept its own open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_lets_the_backend_go_while_the_caller_reads_nothing() {
+    use std::io::{Read as _, Write as _};
+    // An answer of 1 GiB, written until the connection fails (or 20 s).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (wrote, written) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n");
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = Instant::now();
+        let outcome = loop {
+            if let Err(e) = stream.write_all(&chunk) {
+                break Ok(e.kind());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                break Err("still writing after 20 s");
+            }
+        };
+        let _ = wrote.send(outcome);
+    });
+    let rules = "  - timeouts: {request: 1s}\n    backendRefs: [{name: echo, port: 80}]\n";
+    let agent = Agent::start(&front_routed_by(backend, rules), options(&[])).unwrap();
+    let mut caller = std::net::TcpStream::connect(agent.listen[0]).unwrap();
+    caller
+        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 16];
+    caller.read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    // Reads nothing more, and keeps its connection open.
+    let outcome =
+        tokio::task::spawn_blocking(move || written.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the backend's writer ends");
+    assert!(
+        outcome.is_ok(),
+        "the backend's connection is closed past the timeout: {outcome:?}"
+    );
+    drop(caller);
+}
+
 /// `front` routed to `ns/echo` at `backend`, an HTTP/1.1 server (appProtocol `http`).
 fn front_routed_to_http1(backend: std::net::SocketAddr) -> Manifests {
     front_routed_by(backend, "  - backendRefs: [{name: echo, port: 80}]\n")

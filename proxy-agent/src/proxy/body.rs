@@ -10,13 +10,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -549,7 +548,10 @@ impl Body for Replay {
 /// - by `deadline`, if any (the route's timeouts cover the whole response: "when the full
 ///   response has been received"). Past it, a gRPC answer ends with DEADLINE_EXCEEDED trailers;
 ///   any other fails, so the caller sees the answer cut short (HTTP/1.1: the connection closes
-///   before the body's end; HTTP/2: RST_STREAM);
+///   before the body's end; HTTP/2: RST_STREAM). A timer of its own lets go of the backend's
+///   side at the deadline (its connection or stream, its count on the endpoint) even while the
+///   caller reads nothing: no server polls a body whose caller's socket or window is full, and
+///   a caller that stopped reading held them past the timeout, for as long as it liked;
 /// - for gRPC, a backend connection that broke before the end (not a reset the backend chose,
 ///   whose code goes to the caller as it is) ends it with UNAVAILABLE trailers: what a client
 ///   talking to the backend itself reports for a lost connection, and what watch and retry logic
@@ -561,11 +563,90 @@ impl Body for Replay {
 /// until it is whole, up to [`GRPC_HELD_MESSAGE`]; one larger goes on as it comes, and a cut in
 /// its middle resets the stream instead.
 pub struct AnswerEnd {
-    inner: ProxyBody,
-    deadline: Option<Pin<Box<Sleep>>>,
+    inner: Inner,
     /// gRPC answers only.
     messages: Option<GrpcMessages>,
     ended: bool,
+}
+
+/// An answer's body from its backend.
+enum Inner {
+    Owned(ProxyBody),
+    /// Under a deadline: taken from the slot and dropped by the timer at it, which then wakes
+    /// whoever last polled the answer.
+    Timed {
+        slot: Arc<Mutex<TimedSlot>>,
+        timer: tokio::task::AbortHandle,
+    },
+}
+
+struct TimedSlot {
+    body: Option<ProxyBody>,
+    waker: Option<std::task::Waker>,
+}
+
+impl Inner {
+    fn timed(body: ProxyBody, deadline: Instant) -> Inner {
+        let slot = Arc::new(Mutex::new(TimedSlot {
+            // Already past (the answer's head came at the deadline): let go at once.
+            body: (deadline > Instant::now()).then_some(body),
+            waker: None,
+        }));
+        let expires = slot.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            let (body, waker) = {
+                let mut slot = expires.lock().expect("not poisoned");
+                (slot.body.take(), slot.waker.take())
+            };
+            drop(body);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        })
+        .abort_handle();
+        Inner::Timed { slot, timer }
+    }
+
+    /// The body's next frame; `None` once the deadline took it.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Option<Result<Frame<Bytes>, BoxError>>>> {
+        match self {
+            Inner::Owned(body) => Some(Pin::new(body).poll_frame(cx)),
+            Inner::Timed { slot, .. } => {
+                let mut slot = slot.lock().expect("not poisoned");
+                slot.body.as_mut()?;
+                if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    slot.waker = Some(cx.waker().clone());
+                }
+                let body = slot.body.as_mut().expect("looked at above");
+                Some(Pin::new(body).poll_frame(cx))
+            }
+        }
+    }
+
+    /// What `f` says of the body, or `expired` once the deadline took it.
+    fn read<T>(&self, f: impl FnOnce(&ProxyBody) -> T, expired: T) -> T {
+        match self {
+            Inner::Owned(body) => f(body),
+            Inner::Timed { slot, .. } => slot
+                .lock()
+                .expect("not poisoned")
+                .body
+                .as_ref()
+                .map_or(expired, f),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Inner::Timed { timer, .. } = self {
+            timer.abort();
+        }
+    }
 }
 
 /// A gRPC message this large at most is held until whole (a larger one streams on).
@@ -682,8 +763,10 @@ impl AnswerEnd {
             return inner;
         }
         AnswerEnd {
-            inner,
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            inner: match deadline {
+                Some(deadline) => Inner::timed(inner, deadline),
+                None => Inner::Owned(inner),
+            },
             messages: grpc.then(GrpcMessages::default),
             ended: false,
         }
@@ -745,20 +828,14 @@ impl Body for AnswerEnd {
             self.ended = after.is_none();
             return Poll::Ready(after.map(Ok));
         }
-        // The deadline first: a backend faster than its caller always has the next frame ready,
-        // and a deadline looked at only when it had none would never be reached.
-        let expired = self
-            .deadline
-            .as_mut()
-            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-        if expired {
-            return self.end(
-                GrpcStatus::DeadlineExceeded,
-                "the route's timeout expired before the response's end",
-            );
-        }
         loop {
-            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            // The timer took the body: past the deadline.
+            let Some(polled) = self.inner.poll_frame(cx) else {
+                return self.end(
+                    GrpcStatus::DeadlineExceeded,
+                    "the route's timeout expired before the response's end",
+                );
+            };
             let Some(messages) = self.messages.as_mut() else {
                 return polled;
             };
@@ -797,7 +874,7 @@ impl Body for AnswerEnd {
 
     fn is_end_stream(&self) -> bool {
         self.ended
-            || (self.inner.is_end_stream()
+            || (self.inner.read(Body::is_end_stream, false)
                 && self
                     .messages
                     .as_ref()
@@ -810,7 +887,7 @@ impl Body for AnswerEnd {
             // write an exact hint as the answer's length).
             return SizeHint::default();
         }
-        self.inner.size_hint()
+        self.inner.read(Body::size_hint, SizeHint::default())
     }
 }
 
@@ -923,12 +1000,15 @@ mod tests {
 
     /// An answer whose next frame is always ready (a backend faster than its caller) is still
     /// cut at its deadline. Before, the deadline was looked at only when no frame was ready:
-    /// a download to a slow reader ran past the route's timeout for as long as it lasted.
+    /// a download to a slow reader ran past the route's timeout for as long as it lasted. Its
+    /// server yields between writes (tokio's budget on the caller's socket), as here.
     #[tokio::test]
     async fn an_answer_that_never_waits_is_still_cut_at_its_deadline() {
+        // Whole gRPC messages, one a frame.
         let endless = || {
-            http_body_util::StreamBody::new(futures::stream::repeat_with(|| {
-                Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))
+            let whole = Bytes::from(message(1, b'x'));
+            http_body_util::StreamBody::new(futures::stream::repeat_with(move || {
+                Ok::<_, BoxError>(Frame::data(whole.clone()))
             }))
             .boxed_unsync()
         };
@@ -939,8 +1019,16 @@ mod tests {
             plain.frame().await.unwrap().is_err(),
             "a plain answer fails"
         );
-        let mut grpc = AnswerEnd::wrap(endless(), Some(past), true);
-        let end = grpc.frame().await.unwrap().unwrap();
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        let mut grpc = AnswerEnd::wrap(endless(), Some(soon), true);
+        let started = Instant::now();
+        let end = loop {
+            let frame = grpc.frame().await.unwrap().unwrap();
+            if frame.is_trailers() || started.elapsed() > std::time::Duration::from_secs(5) {
+                break frame;
+            }
+            tokio::task::yield_now().await;
+        };
         let trailers = end.into_trailers().expect("trailers end a gRPC answer");
         assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
         assert!(grpc.frame().await.is_none());
@@ -963,6 +1051,41 @@ mod tests {
 
     fn data(bytes: &[u8]) -> Frame<Bytes> {
         Frame::data(Bytes::copy_from_slice(bytes))
+    }
+
+    /// At the deadline the backend's side is let go (its connection or stream, its endpoint's
+    /// count) whether or not the caller reads: a server polls no body while its caller's socket
+    /// or window is full, and a caller that stopped reading held them for as long as it liked.
+    #[tokio::test]
+    async fn the_deadline_lets_the_backend_go_while_the_caller_reads_nothing() {
+        struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = then_quiet(vec![data(b"first")]);
+        let held = Dropped(dropped.clone());
+        let backend = backend
+            .map_frame(move |frame| {
+                let _held = &held;
+                frame
+            })
+            .boxed_unsync();
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let mut answer = AnswerEnd::wrap(backend, Some(deadline), false);
+        assert_eq!(
+            answer.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "first"
+        );
+        // The caller reads nothing more for a while.
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert!(
+            dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "let go at the deadline, unpolled"
+        );
+        assert!(answer.frame().await.unwrap().is_err(), "then cut short");
     }
 
     /// The agent's own trailers fall between whole messages: a message begun when the deadline

@@ -22,6 +22,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies, streamed (never buffered whole) or produced locally.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// What polling a [`ProxyBody`] for its next frame gives.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
 pub fn empty() -> ProxyBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
@@ -465,10 +468,7 @@ impl Body for Replay {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         let shared = match &this.source {
             Source::Whole(recorded) => {
@@ -609,10 +609,7 @@ impl Inner {
     }
 
     /// The body's next frame; `None` once the deadline took it.
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<Option<Result<Frame<Bytes>, BoxError>>>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Option<Polled> {
         match self {
             Inner::Owned(body) => Some(Pin::new(body).poll_frame(cx)),
             Inner::Timed { slot, .. } => {
@@ -777,11 +774,7 @@ impl AnswerEnd {
     /// held of the next goes), or reset with CANCEL when a message already went in part (gRPC's
     /// protocol: a server ending a call inside a message; a client then says CANCELLED, where
     /// hyper's default INTERNAL_ERROR read as a server's bug); any other fails.
-    fn end(
-        &mut self,
-        status: GrpcStatus,
-        why: &str,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn end(&mut self, status: GrpcStatus, why: &str) -> Polled {
         self.ended = true;
         match &self.messages {
             Some(messages) if !messages.sent_partly => {
@@ -817,10 +810,7 @@ impl Body for AnswerEnd {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -953,10 +943,7 @@ impl Body for CountGrpcStatus {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -195,6 +195,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             .map(|a| (*a, Exposure::MetricsOnly, "--metrics")),
     );
     for (i, (addr, exposure, what)) in admin_addrs.enumerate() {
+        // Asked before `listen` takes the inherited socket.
+        let shared = inherited.holds(addr);
         let listener = match listen(&mut inherited, &mut offered, addr, what) {
             Ok(listener) => listener,
             // `--metrics` after its first address: the node's other family (the second of
@@ -206,7 +208,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             Err(e) => return Err(e),
         };
         admin_listeners.push(AdminListener {
-            shared: inherited.holds(addr),
+            shared,
             listener,
             exposure,
         });

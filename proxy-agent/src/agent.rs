@@ -730,11 +730,11 @@ fn listen(
 /// 4096 by default), whether the socket is new or handed over. std listens with a queue of 128: a
 /// burst of connects from a node's pods beyond it (or a moment the accept loop falls behind) had
 /// SYNs dropped, their callers waiting out retransmits of 1 s and more, while the programs still
-/// steer to the agent.
+/// steer to the agent. And no TCP Fast Open (`proxy::refuse_fast_open`), before they do.
 fn widen_backlog(listener: &std::net::TcpListener) -> std::io::Result<()> {
     // The kernel caps the value at net.core.somaxconn.
     rustix::net::listen(listener, i32::MAX)?;
-    Ok(())
+    crate::proxy::refuse_fast_open(listener)
 }
 
 /// Tells the running agent, if any, to stop accepting, then swaps in this agent's programs if it

@@ -26,7 +26,7 @@ pub mod serve;
 mod socket;
 mod tcp;
 pub use caller::Caller;
-pub use tcp::defer_accept;
+pub use tcp::{defer_accept, refuse_fast_open};
 pub mod upstream;
 pub mod workers;
 

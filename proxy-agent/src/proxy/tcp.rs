@@ -96,14 +96,19 @@ pub(super) fn keepalive(socket: impl rustix::fd::AsFd) {
 
 /// What every accepted connection needs (no Nagle delay, keepalive), set once on the listening
 /// socket: Linux copies both to each connection it accepts, which saves five `setsockopt` calls
-/// per connection. And no TCP Fast Open, which a host may enable for every listener
-/// (`net.ipv4.tcp_fastopen` with 0x400): a connection would be accepted at its SYN, before the
-/// caller's side is established and the kernel has recorded where it was going (sockops), and
-/// then be reset as one without a record. Set after `listen()`, which would set it again.
+/// per connection.
 pub(super) fn prepare_listener(listener: impl rustix::fd::AsFd) {
     let _ = rustix::net::sockopt::set_tcp_nodelay(&listener, true);
-    let _ = set_tcp_int(listener.as_fd(), libc::TCP_FASTOPEN, 0);
     keepalive(listener);
+}
+
+/// Takes no TCP Fast Open on a listening socket, which a host may enable for every listener
+/// (`net.ipv4.tcp_fastopen` with 0x400): a steered connection would be accepted at its SYN,
+/// before the caller's side is established and the kernel has recorded where it was going
+/// (sockops), and then be reset as one without a record. After `listen()`, which sets it again,
+/// and before the programs steer to the socket.
+pub fn refuse_fast_open(listener: impl rustix::fd::AsFd) -> std::io::Result<()> {
+    set_tcp_int(listener.as_fd(), libc::TCP_FASTOPEN, 0)
 }
 
 /// `getsockopt(IPPROTO_TCP, option)` for an option rustix does not name.
@@ -198,7 +203,7 @@ mod tests {
                 fast_open() > 0,
                 "the host's setting applies to a new listener"
             );
-            prepare_listener(&listener);
+            refuse_fast_open(&listener).unwrap();
             assert_eq!(fast_open(), 0);
         })
         .join()

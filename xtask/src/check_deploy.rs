@@ -1085,8 +1085,9 @@ fn grants_of(
                         problems.push(format!("excess: {source} uses the wildcard `*`"));
                     }
                 }
+                // An empty list names every object, as no list does.
                 let names = match rule.get("resourceNames")? {
-                    Some(_) => Some(rule.str_list("resourceNames")?),
+                    Some(_) => Some(rule.str_list("resourceNames")?).filter(|n| !n.is_empty()),
                     None => None,
                 };
                 let by_name = |group: &str, resource: &str, verb: &str| {
@@ -2208,6 +2209,18 @@ rules:
         assert_eq!(
             rbac_problems(rules, &named(LEASE), AGENT_CALLS),
             Vec::<String>::new()
+        );
+        let every = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: leader, namespace: gamma-system}
+rules:
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: []}
+";
+        assert_eq!(
+            rbac_problems(rules, every, AGENT_CALLS),
+            Vec::<String>::new(),
+            "an empty list names every object"
         );
         let problems = rbac_problems(rules, &named("another"), AGENT_CALLS);
         assert!(

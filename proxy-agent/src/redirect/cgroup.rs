@@ -163,11 +163,15 @@ pub(crate) fn unified_path(proc_cgroup: &str) -> Option<&str> {
 }
 
 /// Maps cgroup ids back to directories, walking the hierarchy again only when an id is unknown
-/// (a cgroup created since the last walk). Shareable: lookups take a short lock.
+/// (a cgroup created since the last walk). Shareable: lookups take a short lock, never held
+/// through a walk (milliseconds on a node of a thousand cgroups: every worker accepting a
+/// connection meanwhile would wait); one walk at a time.
 #[derive(Debug)]
 pub struct CgroupDirs {
     root: PathBuf,
     known: Mutex<Known>,
+    /// Held through a walk: lookups of unknown ids wait for the one running, then look again.
+    walking: Mutex<()>,
     /// [`scan`], but in tests.
     walk: fn(&Path) -> Walk,
 }
@@ -191,6 +195,7 @@ impl CgroupDirs {
         Self {
             root: root.into(),
             known: Mutex::new(Known::default()),
+            walking: Mutex::new(()),
             walk: scan,
         }
     }
@@ -198,17 +203,19 @@ impl CgroupDirs {
     /// The directory of the cgroup with this id, if it is under the root and still exists or
     /// existed at the last walk.
     pub fn path_of(&self, cgroup_id: u64) -> Option<PathBuf> {
-        let mut known = self
-            .known
+        if let Some(known) = self.known_now(cgroup_id) {
+            return known;
+        }
+        let _walking = self
+            .walking
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(path) = known.by_id.get(&cgroup_id) {
-            return Some(path.clone());
-        }
-        if known.missing.contains(&cgroup_id) {
-            return None;
+        // The walk this one waited for may have found it.
+        if let Some(known) = self.known_now(cgroup_id) {
+            return known;
         }
         let walk = (self.walk)(&self.root);
+        let mut known = self.known();
         if walk.complete {
             known.by_id = walk.dirs;
         } else {
@@ -228,13 +235,26 @@ impl CgroupDirs {
         found
     }
 
-    /// How many times the hierarchy was walked.
-    #[cfg(test)]
-    fn walks(&self) -> u64 {
+    /// What is known of `cgroup_id` without a walk: its directory, or that a complete walk did
+    /// not find it (`Some(None)`).
+    fn known_now(&self, cgroup_id: u64) -> Option<Option<PathBuf>> {
+        let known = self.known();
+        if let Some(path) = known.by_id.get(&cgroup_id) {
+            return Some(Some(path.clone()));
+        }
+        known.missing.contains(&cgroup_id).then_some(None)
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .walks
+    }
+
+    /// How many times the hierarchy was walked.
+    #[cfg(test)]
+    fn walks(&self) -> u64 {
+        self.known().walks
     }
 }
 
@@ -506,5 +526,42 @@ mod tests {
         assert_eq!(dirs.path_of(fs::metadata(&new).unwrap().ino()), None);
         assert_eq!(dirs.path_of(child_ino), Some(child), "still known");
         assert_eq!(dirs.walks(), 3);
+    }
+
+    /// A known id is looked up while a walk for an unknown one runs: the walk held the lock of
+    /// every lookup, and each worker accepting a connection waited for it.
+    #[test]
+    fn a_walk_holds_up_no_lookup_of_a_known_id() {
+        fn slow_walk(root: &Path) -> Walk {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            scan(root)
+        }
+        let folder = crate::test_dir::TestDir::new("cgroup-slow-walk");
+        let root: &Path = &folder;
+        let known = root.join("known");
+        fs::create_dir_all(&known).unwrap();
+        let known_ino = fs::metadata(&known).unwrap().ino();
+        let dirs = std::sync::Arc::new(CgroupDirs {
+            walk: slow_walk,
+            ..CgroupDirs::new(root)
+        });
+        assert_eq!(dirs.path_of(known_ino), Some(known.clone()));
+        let unknown = root.join("new");
+        fs::create_dir_all(&unknown).unwrap();
+        let unknown_ino = fs::metadata(&unknown).unwrap().ino();
+        let walking = std::thread::spawn({
+            let dirs = dirs.clone();
+            move || dirs.path_of(unknown_ino)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        assert_eq!(dirs.path_of(known_ino), Some(known));
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(150),
+            "waited {took:?}"
+        );
+        assert_eq!(walking.join().unwrap(), Some(unknown));
+        assert_eq!(dirs.walks(), 2);
     }
 }

@@ -186,7 +186,8 @@ struct Cli {
     #[arg(long, default_value_t = proxy_agent::proxy::upstream::PoolTimeouts::DEFAULT_HTTP2_IDLE.as_secs())]
     upstream_http2_idle_timeout_s: u64,
     /// A request body is kept while it streams, up to this many bytes, when a retry or a mirror
-    /// may need it again; a larger one is neither retried nor mirrored (both counted).
+    /// may need it again (and a gRPC call's, for a stream its backend refuses); a larger one is
+    /// neither retried nor mirrored (both counted).
     #[arg(long, default_value_t = 64 * 1024)]
     max_buffered_body_bytes: usize,
     /// Log format: `text` or `json`.

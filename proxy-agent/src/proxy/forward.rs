@@ -177,6 +177,8 @@ pub(super) async fn forward(
     // Without a retry policy, a refused connection still gets one more try on another endpoint:
     // nothing was sent.
     let max_attempts = 1 + retry.map_or(1, |r| r.attempts);
+    // Resends of a request declined unprocessed beyond those attempts (see below).
+    let mut spare_resends = SPARE_RESENDS_WHEN_DECLINED;
     // The clock is read here only for what needs it: a rule's timeouts, a written access log.
     let log_written = tracing::enabled!(target: "access", tracing::Level::INFO);
     let started = (request_timeout.is_some() || log_written).then(Instant::now);
@@ -271,7 +273,19 @@ pub(super) async fn forward(
                 }
                 | Attempt::AgentShort(_) => {}
             }
-            let more = log.attempts < max_attempts;
+            // A request declined unprocessed (a refused stream: a gRPC server behind on its
+            // calls refuses new ones past its limit, C-core's overload protection) goes again
+            // beyond the attempts too, a few times, after a pause that lets the backend catch
+            // up: nothing of it ran, and the caller's gRPC client, told of a refused stream,
+            // failed the call UNAVAILABLE rather than send it again.
+            let mut pause = None;
+            let mut more = log.attempts < max_attempts;
+            if !more && matches!(attempt, Attempt::Declined { .. }) && spare_resends > 0 {
+                spare_resends -= 1;
+                let used = SPARE_RESENDS_WHEN_DECLINED - spare_resends;
+                pause = Some(DECLINED_PAUSE * (1 << (used - 1)));
+                more = true;
+            }
             let retry_wanted = more
                 && match &attempt {
                     Attempt::Response(response) => {
@@ -327,7 +341,9 @@ pub(super) async fn forward(
                     }
                     _ => processed,
                 };
-                if !at_once {
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                } else if !at_once {
                     backoff(retry.and_then(|r| r.backoff)).await;
                 }
                 continue;
@@ -420,6 +436,11 @@ fn body_for_retry(proxy: &Proxy, body: &mut RequestBody) -> Option<ProxyBody> {
     }
     again
 }
+
+/// Resends of a request declined unprocessed past its attempts, and the pause before the first
+/// (doubled before each next: 10, 20, 40 ms).
+const SPARE_RESENDS_WHEN_DECLINED: u32 = 3;
+const DECLINED_PAUSE: Duration = Duration::from_millis(10);
 
 /// `future`'s output, or the `limit` it ran over. Not an async fn: one keeps its arguments apart
 /// from what it awaits, so it would hold `future` twice (tried: the request's future doubled).

@@ -409,7 +409,7 @@ impl Proxy {
             Decision::Direct(backend) => {
                 log.backend = Some(backend);
                 log.series = Some(SeriesSlot::One(&frontend.direct_series));
-                let body = RequestBody::new(body, false, 0);
+                let body = RequestBody::new(body, grpc, self.config.max_buffered_body);
                 let target = forward::Target {
                     backend,
                     pinned: None,
@@ -457,7 +457,11 @@ impl Proxy {
             backend: Some(plan.backend_index),
         });
         let backend_index = plan.backend_index;
-        let keep_body = rule.retry().is_some() || !plan.mirrors.is_empty();
+        // A gRPC call's body is kept too (up to the limit, as it streams), for the resends of a
+        // stream its backend refuses unprocessed (`forward`): gRPC servers refuse new calls
+        // past their limit while behind on the last ones, and the stream's first attempt has
+        // sent the body into it by then.
+        let keep_body = grpc || rule.retry().is_some() || !plan.mirrors.is_empty();
         let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
         let mirrors = std::mem::take(&mut plan.mirrors);
         self.mirrors.send(self, mirrors, parts.version, &body);

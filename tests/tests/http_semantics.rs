@@ -1054,16 +1054,23 @@ async fn a_request_an_http2_backend_declined_unprocessed_is_sent_again() {
     }
 }
 
-/// A request its HTTP/2 backend declined unprocessed, again when sent again, gets 503 (the backend
-/// is unavailable for it: nothing of it ran, RFC 9113 §8.7), not 502, which says the backend
-/// failed it.
+/// A request its HTTP/2 backend declines unprocessed every time gets 503 (the backend is
+/// unavailable for it: nothing of it ran, RFC 9113 §8.7), not 502, which says the backend failed
+/// it; after its attempts (2 without a policy) and 3 resends past them, paused (a gRPC server
+/// behind on its calls refuses new ones for a moment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_declined_unprocessed_twice_is_unavailable() {
+async fn a_request_declined_unprocessed_every_time_is_unavailable() {
     let backend = RawH2::start(|_| Reply::Refuse).await;
     let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
+    let started = std::time::Instant::now();
     let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
     assert_eq!(answer.status, 503, "{}", answer.text);
-    assert_eq!(backend.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(backend.requests.load(Ordering::Relaxed), 2 + 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(70),
+        "paused 10, 20 and 40 ms: {:?}",
+        started.elapsed()
+    );
 }
 
 /// A persisted session stays on its endpoint when that endpoint declines a request unprocessed
@@ -1465,8 +1472,8 @@ async fn a_call_declined_after_an_attempt_that_may_have_run_is_not_refused() {
         .expect("answered, not refused");
     assert_eq!(
         backend.requests.load(Ordering::Relaxed),
-        3,
-        "three attempts"
+        3 + 3,
+        "three attempts, and the resends of a declined one past them"
     );
     let status = answer.headers().get("grpc-status").cloned();
     let body = answer.into_body().collect().await.unwrap();

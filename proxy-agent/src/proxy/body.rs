@@ -279,6 +279,18 @@ impl RequestBody {
         }
     }
 
+    /// The request was answered: no attempt follows, so what is kept for one goes once the
+    /// attempt streaming the body has sent it, and nothing more is kept (a gRPC stream, whose
+    /// body is kept for a refused stream's resends, kept its first 64 KiB of messages for its
+    /// life). A mirror still waiting for the whole body keeps it coming.
+    pub fn answered(&self) {
+        if let RequestBody::Recorded(recording) = self {
+            if recording.complete.receiver_count() == 0 {
+                recording.lock().answered = true;
+            }
+        }
+    }
+
     /// What a mirror waits on: the whole body once the caller has sent it.
     pub fn for_mirror(&self) -> MirrorBody {
         match self {
@@ -354,8 +366,11 @@ struct Shared {
     kept: Recorded,
     size: usize,
     limit: usize,
-    /// Larger than `limit`: nothing is kept any more.
+    /// Larger than `limit`, or answered (`RequestBody::answered`) and sent: nothing is kept any
+    /// more.
     overflowed: bool,
+    /// The request was answered, and no mirror waits for the body.
+    answered: bool,
     ended: bool,
     /// How reading from the caller goes (see `RequestBody::caller_broke_off`).
     progress: CallerProgress,
@@ -390,6 +405,7 @@ impl Recording {
                 size: 0,
                 limit,
                 overflowed: false,
+                answered: false,
                 ended: false,
                 progress: CallerProgress::default(),
                 length,
@@ -488,6 +504,12 @@ impl Body for Replay {
         }
         if shared.ended {
             return Poll::Ready(None);
+        }
+        if shared.answered && !shared.overflowed {
+            // All that was kept is sent, and no attempt will need it again.
+            shared.overflowed = true;
+            shared.kept = Recorded::default();
+            this.next_chunk = 0;
         }
         let Some(source) = shared.source.as_mut() else {
             return Poll::Ready(Some(Err("the request body is gone".into())));
@@ -1038,6 +1060,86 @@ mod tests {
 
     fn data(bytes: &[u8]) -> Frame<Bytes> {
         Frame::data(Bytes::copy_from_slice(bytes))
+    }
+
+    /// A caller's streaming body as hyper's server hands it on (over an in-memory connection),
+    /// and the sender of its frames.
+    async fn caller_stream() -> (
+        Incoming,
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (incoming_tx, incoming_rx) = tokio::sync::oneshot::channel();
+        let incoming_tx = std::sync::Mutex::new(Some(incoming_tx));
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                if let Some(tx) = incoming_tx.lock().unwrap().take() {
+                    let _ = tx.send(request.into_body());
+                }
+                std::future::pending::<Result<http::Response<Empty<Bytes>>, std::convert::Infallible>>(
+                )
+            });
+            let io = hyper_util::rt::TokioIo::new(server_io);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client_io))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let (frames, rx) = tokio::sync::mpsc::channel(16);
+        let body = http_body_util::StreamBody::new(tokio_stream_of(rx));
+        let request = http::Request::post("/").body(body).unwrap();
+        tokio::spawn(async move { sender.send_request(request).await });
+        (incoming_rx.await.unwrap(), frames)
+    }
+
+    fn tokio_stream_of<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    /// Once a request is answered, what was kept of its body for another attempt goes, and
+    /// nothing more is kept: a gRPC stream (whose body is kept for a refused stream's resends)
+    /// kept its first 64 KiB of messages for its life. A mirror waiting for the body keeps it.
+    #[tokio::test]
+    async fn an_answered_request_keeps_nothing_more_of_its_body() {
+        let kept = |body: &RequestBody| match body {
+            RequestBody::Recorded(r) => r.lock().kept.chunks.iter().map(Bytes::len).sum::<usize>(),
+            _ => unreachable!("recorded"),
+        };
+        for mirrored in [false, true] {
+            let (incoming, frames) = caller_stream().await;
+            let mut body = RequestBody::new(CallerBody::Streaming(incoming), true, 64 * 1024);
+            let _mirror = mirrored.then(|| body.for_mirror());
+            let mut attempt = body.next_attempt().expect("the first attempt's body");
+            let mut read = 0;
+            for sent in 1..=11 {
+                frames
+                    .send(Ok(Frame::data(Bytes::from_static(&[7; 1000]))))
+                    .await
+                    .unwrap();
+                while read < sent * 1000 {
+                    read += attempt
+                        .frame()
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .into_data()
+                        .unwrap()
+                        .len();
+                }
+                if sent == 1 {
+                    assert_eq!(kept(&body), 1000, "kept for another attempt");
+                    body.answered();
+                }
+            }
+            let expected = if mirrored { 11_000 } else { 0 };
+            assert_eq!(kept(&body), expected, "mirrored: {mirrored}");
+        }
     }
 
     /// At the deadline the backend's side is let go (its connection or stream, its endpoint's

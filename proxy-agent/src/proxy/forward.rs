@@ -130,7 +130,7 @@ impl Attempt {
                 error,
                 reset,
             },
-            // Declined twice, or once with a body that could not be kept: unprocessed, as a
+            // Declined at every resend, or once with a body that could not be kept: unprocessed, as a
             // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream refused,
             // which gRPC clients send again by themselves).
             Attempt::Declined { error, .. } => LocalAnswer::BackendFailed {
@@ -374,6 +374,7 @@ pub(super) async fn forward(
     let result = within(request_timeout, run)
         .await
         .unwrap_or_else(|limit| Err(LocalAnswer::RouteTimeout(limit)));
+    body.answered();
     // Sent (mirrors send copies): the request's map serves a later head.
     header_maps::give_back(std::mem::take(&mut parts.headers));
     if log_written {

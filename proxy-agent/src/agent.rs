@@ -869,6 +869,10 @@ fn start_redirect(
         .flat_map(|p| p.offer().client_first.clone())
         .filter(|addr| !config.listen_client_first.contains(addr))
         .filter_map(|addr| inherited.listener(addr))
+        .inspect(|listener| {
+            // An older predecessor's takes TCP Fast Open if the host gives it.
+            let _ = crate::proxy::refuse_fast_open(listener);
+        })
         .collect();
     let redirect = match predecessor {
         Some(predecessor) => {

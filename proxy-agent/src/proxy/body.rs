@@ -279,14 +279,17 @@ impl RequestBody {
         }
     }
 
-    /// The request was answered: no attempt follows, so what is kept for one goes once the
-    /// attempt streaming the body has sent it, and nothing more is kept (a gRPC stream, whose
-    /// body is kept for a refused stream's resends, kept its first 64 KiB of messages for its
-    /// life). A mirror still waiting for the whole body keeps it coming.
+    /// The request was answered: no attempt follows, so what is kept for one goes as soon as
+    /// the attempt streaming the body has sent it (now, if it has), and nothing more is kept (a
+    /// gRPC stream, whose body is kept for a refused stream's resends, kept its first 64 KiB of
+    /// messages for its life). A mirror still waiting for the whole body keeps it coming.
     pub fn answered(&self) {
         if let RequestBody::Recorded(recording) = self {
-            if recording.complete.receiver_count() == 0 {
-                recording.lock().answered = true;
+            let mut shared = recording.lock();
+            shared.answered = true;
+            // Not once the body ended: the attempt may have its trailers still to send.
+            if !shared.ended && shared.sent == shared.kept.chunks.len() {
+                shared.stop_keeping();
             }
         }
     }
@@ -369,8 +372,10 @@ struct Shared {
     /// Larger than `limit`, or answered (`RequestBody::answered`) and sent: nothing is kept any
     /// more.
     overflowed: bool,
-    /// The request was answered, and no mirror waits for the body.
+    /// The request was answered (`RequestBody::answered`).
     answered: bool,
+    /// Kept chunks the latest attempt has sent.
+    sent: usize,
     ended: bool,
     /// How reading from the caller goes (see `RequestBody::caller_broke_off`).
     progress: CallerProgress,
@@ -379,6 +384,18 @@ struct Shared {
     /// Replays made so far: only the latest may read on from the caller.
     replays: u64,
     complete: watch::Sender<Kept>,
+}
+
+impl Shared {
+    /// Drops what is kept and keeps nothing more, once answered and no mirror waits for it (a
+    /// mirror that gave up no longer does).
+    fn stop_keeping(&mut self) {
+        if self.answered && !self.overflowed && self.complete.receiver_count() == 0 {
+            self.overflowed = true;
+            self.kept = Recorded::default();
+            self.sent = 0;
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -406,6 +423,7 @@ impl Recording {
                 limit,
                 overflowed: false,
                 answered: false,
+                sent: 0,
                 ended: false,
                 progress: CallerProgress::default(),
                 length,
@@ -499,18 +517,16 @@ impl Body for Replay {
             // A retry took over; this attempt's connection may still be sending, but not this.
             return Poll::Ready(Some(Err("the request body went to a retry".into())));
         }
-        if let Some(frame) = this.kept_frame(&shared.kept, shared.ended) {
+        let kept = this.kept_frame(&shared.kept, shared.ended);
+        shared.sent = this.next_chunk;
+        if let Some(frame) = kept {
             return Poll::Ready(Some(Ok(frame)));
         }
         if shared.ended {
             return Poll::Ready(None);
         }
-        if shared.answered && !shared.overflowed {
-            // All that was kept is sent, and no attempt will need it again.
-            shared.overflowed = true;
-            shared.kept = Recorded::default();
-            this.next_chunk = 0;
-        }
+        // All that was kept is sent: no attempt will need it again once answered.
+        shared.stop_keeping();
         let Some(source) = shared.source.as_mut() else {
             return Poll::Ready(Some(Err("the request body is gone".into())));
         };
@@ -550,6 +566,7 @@ impl Body for Replay {
                 }
             }
             this.next_chunk = shared.kept.chunks.len();
+            shared.sent = this.next_chunk;
         } else if let Some(trailers) = frame.trailers_ref() {
             shared.kept.trailers = Some(trailers.clone());
             this.trailers_sent = true;
@@ -1114,7 +1131,7 @@ mod tests {
         for mirrored in [false, true] {
             let (incoming, frames) = caller_stream().await;
             let mut body = RequestBody::new(CallerBody::Streaming(incoming), true, 64 * 1024);
-            let _mirror = mirrored.then(|| body.for_mirror());
+            let mut mirror = mirrored.then(|| body.for_mirror());
             let mut attempt = body.next_attempt().expect("the first attempt's body");
             let mut read = 0;
             for sent in 1..=11 {
@@ -1135,10 +1152,23 @@ mod tests {
                 if sent == 1 {
                     assert_eq!(kept(&body), 1000, "kept for another attempt");
                     body.answered();
+                    // Sent already: it goes at once, the stream may stay quiet for hours.
+                    let expected = if mirrored { 1000 } else { 0 };
+                    assert_eq!(kept(&body), expected, "mirrored: {mirrored}");
                 }
             }
             let expected = if mirrored { 11_000 } else { 0 };
             assert_eq!(kept(&body), expected, "mirrored: {mirrored}");
+            if mirrored {
+                // A mirror that gives up (its timeout) no longer holds it, from the next frame.
+                mirror.take();
+                frames
+                    .send(Ok(Frame::data(Bytes::from_static(&[7; 1000]))))
+                    .await
+                    .unwrap();
+                attempt.frame().await.unwrap().unwrap();
+                assert_eq!(kept(&body), 0, "the mirror gave up");
+            }
         }
     }
 

@@ -2162,6 +2162,10 @@ rules:
 
     const LEASE: &str = "gamma-node-status";
 
+    fn starting_with<'p>(problems: &'p [String], kind: &str) -> Vec<&'p String> {
+        problems.iter().filter(|p| p.starts_with(kind)).collect()
+    }
+
     fn rbac_problems(cluster_rules: &str, role: &str, json: &str) -> Vec<String> {
         let yaml = format!(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: \
@@ -2239,10 +2243,7 @@ rules:
 - {apiGroups: [''], resources: [services], verbs: [list, watch]}
 - {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch], resourceNames: [one]}";
         let problems = rbac_problems(rules, role, AGENT_CALLS);
-        let missing: Vec<&String> = problems
-            .iter()
-            .filter(|p| p.starts_with("missing"))
-            .collect();
+        let missing = starting_with(&problems, "missing");
         assert_eq!(
             missing,
             [
@@ -2251,10 +2252,7 @@ rules:
             ]
         );
         assert_eq!(
-            problems
-                .iter()
-                .filter(|p| p.starts_with("ineffective"))
-                .count(),
+            starting_with(&problems, "ineffective").len(),
             2,
             "{problems:#?}"
         );
@@ -2266,10 +2264,7 @@ rules:
         let rules = "- {apiGroups: [''], resources: [services], verbs: [list]}";
         let role = "\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: unrelated}\n";
         let problems = rbac_problems(rules, role, AGENT_CALLS);
-        let missing: Vec<&String> = problems
-            .iter()
-            .filter(|p| p.starts_with("missing"))
-            .collect();
+        let missing = starting_with(&problems, "missing");
         assert_eq!(
             missing,
             [

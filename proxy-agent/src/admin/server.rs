@@ -515,17 +515,21 @@ mod tests {
         Ok(line.trim_end().to_string())
     }
 
+    fn empty_state() -> AdminState {
+        AdminState {
+            snapshot: Arc::default(),
+            metrics: Arc::default(),
+            endpoints: Arc::default(),
+            readiness: Arc::default(),
+        }
+    }
+
     /// A scrape or a dump that takes long (a large table; here the metrics' lock held) must not
     /// hold the kubelet's probes behind it on the admin thread: they time out in 1 s, and a
     /// liveness probe failing restarts the agent.
     #[test]
     fn probes_are_answered_while_a_scrape_renders() {
-        let state = AdminState {
-            snapshot: Arc::default(),
-            metrics: Arc::default(),
-            endpoints: Arc::default(),
-            readiness: Arc::default(),
-        };
+        let state = empty_state();
         let drain = Drain::default();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let listener = AdminListener {
@@ -550,12 +554,7 @@ mod tests {
     /// node's, so that a source address holding its share on one has none left on the other.
     #[test]
     fn metrics_listeners_share_their_connection_slots() {
-        let state = AdminState {
-            snapshot: Arc::default(),
-            metrics: Arc::default(),
-            endpoints: Arc::default(),
-            readiness: Arc::default(),
-        };
+        let state = empty_state();
         let drain = Drain::default();
         let metrics_only = |ip: &str| AdminListener {
             listener: std::net::TcpListener::bind((ip, 0)).unwrap(),

@@ -221,15 +221,16 @@ pub enum RequestBody {
     Empty,
     /// Read whole before the request was handled: every attempt and mirror sends it again.
     Whole(Bytes),
-    /// Streamed once, kept nowhere (no retry and no mirror needs it): only an attempt that read
-    /// none of it gives it back for the next one.
+    /// Streamed once, kept nowhere (no retry, no mirror and no refused gRPC stream's resend
+    /// needs it): only an attempt that read none of it gives it back for the next one.
     Streamed(Arc<Lender>),
     /// Streamed to the first attempt and kept as it goes, up to a limit.
     Recorded(Recording),
 }
 
 impl RequestBody {
-    /// `keep`: a retry or a mirror may need the body again; it is kept up to `limit` bytes.
+    /// `keep`: a retry, a mirror or a refused gRPC stream's resend may need the body again; it
+    /// is kept up to `limit` bytes.
     pub fn new(body: CallerBody, keep: bool, limit: usize) -> Self {
         let body = match body {
             CallerBody::Streaming(body) if !body.is_end_stream() => body,
@@ -446,6 +447,8 @@ impl Recording {
             return None;
         }
         shared.replays += 1;
+        // Nothing kept is sent by this attempt yet (`answered` must not drop it meanwhile).
+        shared.sent = 0;
         // This attempt has not read the caller yet: what the last one found is not its own.
         shared.progress.reading();
         Some(
@@ -1170,6 +1173,30 @@ mod tests {
                 assert_eq!(kept(&body), 0, "the mirror gave up");
             }
         }
+    }
+
+    /// An attempt made but not yet polled (a resend waiting for its stream's window) when the
+    /// request is answered still sends what was kept: it was dropped as the last attempt's, sent
+    /// already, and the resend lost the body's start.
+    #[tokio::test]
+    async fn a_resend_not_yet_polled_keeps_what_it_must_send() {
+        let (incoming, frames) = caller_stream().await;
+        let mut body = RequestBody::new(CallerBody::Streaming(incoming), true, 64 * 1024);
+        let mut first = body.next_attempt().expect("the first attempt's body");
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"one"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "one"
+        );
+        let mut second = body.next_attempt().expect("a resend");
+        body.answered();
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), second.frame())
+            .await
+            .expect("what was kept, at once");
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "one");
     }
 
     /// At the deadline the backend's side is let go (its connection or stream, its endpoint's

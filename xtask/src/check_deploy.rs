@@ -940,7 +940,7 @@ fn check_rendered(
                 .rbac
                 .as_ref()
                 .map_err(|e| vec![format!("no API calls to compare with: {e}")])
-                .and_then(|calls| check_rbac(docs, &agent, calls)),
+                .and_then(|calls| check_rbac(docs, &agent, calls, agent_flags)),
         ),
         (
             "(b) flags",
@@ -1245,7 +1245,12 @@ fn lease_namespace(agent: &Agent<'_>) -> String {
     }
 }
 
-fn check_rbac(docs: &[Doc], agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
+fn check_rbac(
+    docs: &[Doc],
+    agent: &Agent<'_>,
+    calls: &[ApiCall],
+    agent_flags: Option<&AgentFlags>,
+) -> Outcome {
     let ds = agent.daemonset;
     let namespace = ds.namespace();
     if namespace.is_empty() {
@@ -1267,9 +1272,11 @@ fn check_rbac(docs: &[Doc], agent: &Agent<'_>, calls: &[ApiCall]) -> Outcome {
             "the DaemonSet runs as ServiceAccount {namespace}/{sa}, which is not in the manifests"
         ));
     }
+    // The agent's own default when the args give none (unknown without its flags: no rule
+    // naming objects then counts).
     let lease_name = agent
-        .flag_value("lease-name", None)
-        .unwrap_or_else(|| "gamma-node-status".to_owned());
+        .flag_value("lease-name", agent_flags)
+        .unwrap_or_default();
     let grants = grants_of(docs, namespace, sa, &lease_name, &mut problems);
     problems.extend(compare_rbac(&grants, calls, &lease_namespace(agent)));
     problems.sort();

@@ -1142,7 +1142,7 @@ async fn an_http2_backend_going_away_on_errors_is_ejected() {
         let agent = Agent::start(&h2_backend_world(backend.addr), options(&[])).unwrap();
         for _ in 0..2 {
             let answer = get(&client(false), &agent.url(0, "/x"), &[]).await;
-            // Declined twice: nothing of it ran.
+            // Declined at every send (2 + 3): nothing of it ran.
             assert_eq!(answer.status, 503, "{decline:?}: {}", answer.text);
         }
         let ejections =
@@ -1392,10 +1392,10 @@ async fn a_grpc_answer_cut_by_a_lost_backend_connection_ends_unavailable() {
     assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
 }
 
-/// A gRPC call with a body (streamed, so not kept for a resend) that its HTTP/2 backend declined
-/// unprocessed (REFUSED_STREAM) has its own stream refused, which gRPC clients send again by
-/// themselves (transparent retry); so has a call declined again when resent. Before, it got
-/// UNAVAILABLE, which they do not retry without a retry policy.
+/// A gRPC call with a body that its HTTP/2 backend declined unprocessed (REFUSED_STREAM) at every
+/// resend (2 + 3) has its own stream refused, which gRPC clients send again by themselves
+/// (transparent retry). Before, it got UNAVAILABLE, which they do not retry without a retry
+/// policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
     let backend = RawH2::start(|_| Reply::Refuse).await;
@@ -1431,6 +1431,11 @@ async fn a_declined_grpc_call_with_a_body_is_refused_to_its_caller() {
         counted(text, "gamma_requests_total{", r#"status="503""#)
     })
     .await;
+    assert_eq!(
+        backend.requests.load(Ordering::Relaxed),
+        2 + 3,
+        "its body kept"
+    );
     assert!(
         !counted(&text, "gamma_grpc_calls_total{", "grpc_status="),
         "{text}"

@@ -73,7 +73,8 @@ pub struct ProxyConfig {
     /// Mirrored requests in flight at most; more are dropped, never queued.
     pub max_mirrors_in_flight: usize,
     /// A request body is kept while it streams, up to this size, when a retry or a mirror may
-    /// need it again; a larger one is neither retried nor mirrored.
+    /// need it again (and a gRPC call's, for a refused stream's resends); a larger one is neither
+    /// retried nor mirrored.
     pub max_buffered_body: usize,
     /// Request head size limit: a larger head gets 431. It is also the HTTP/1 read buffer (a
     /// head that does not fit gets 431, or 414 for a request line over 64 KiB, and a close;

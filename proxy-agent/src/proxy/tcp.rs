@@ -105,8 +105,8 @@ pub(super) fn prepare_listener(listener: impl rustix::fd::AsFd) {
 /// Takes no TCP Fast Open on a listening socket, which a host may enable for every listener
 /// (`net.ipv4.tcp_fastopen` with 0x400): a steered connection would be accepted at its SYN,
 /// before the caller's side is established and the kernel has recorded where it was going
-/// (sockops), and then be reset as one without a record. After `listen()`, which sets it again,
-/// and before the programs steer to the socket.
+/// (sockops), and then be reset as one without a record. After the socket's first `listen()`,
+/// which turns it on, and before the programs steer to the socket.
 pub fn refuse_fast_open(listener: impl rustix::fd::AsFd) -> std::io::Result<()> {
     set_tcp_int(listener.as_fd(), libc::TCP_FASTOPEN, 0)
 }

@@ -511,6 +511,43 @@ mod tests {
         Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap()
     }
 
+    type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+    /// An API server that keeps one lease, `name` in namespace `ns` with `spec`: a GET reads it,
+    /// a PUT replaces it (its spec is recorded, in order).
+    async fn lease_store(
+        name: &str,
+        spec: serde_json::Value,
+    ) -> (
+        Client,
+        Shared<serde_json::Value>,
+        Shared<Vec<serde_json::Value>>,
+    ) {
+        let stored = Arc::new(std::sync::Mutex::new(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
+            "spec": spec,
+        })));
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = api_server({
+            let (stored, written) = (stored.clone(), written.clone());
+            move |method, body: Option<serde_json::Value>| {
+                let (stored, written) = (stored.clone(), written.clone());
+                async move {
+                    let mut stored = stored.lock().unwrap();
+                    if method == Method::PUT {
+                        let body = body.unwrap_or_default();
+                        written.lock().unwrap().push(body["spec"].clone());
+                        *stored = body;
+                    }
+                    Some((StatusCode::OK, stored.to_string()))
+                }
+            }
+        })
+        .await;
+        (client, stored, written)
+    }
+
     /// A look at the lease that RBAC or a missing namespace refuses is told to the operator:
     /// every agent fails alike, and no route status is ever written. It was logged at debug.
     #[test]
@@ -540,27 +577,12 @@ mod tests {
     /// a lease left unrenewed for its duration, and write status back), let go after.
     #[tokio::test]
     async fn a_lease_held_for_work_is_renewed_meanwhile_and_let_go_after() {
-        let stored = Arc::new(std::sync::Mutex::new(serde_json::json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": "1"},
-            "spec": {"holderIdentity": "clearing", "leaseDurationSeconds": 15},
-        })));
-        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let client = api_server({
-            let (stored, written) = (stored.clone(), written.clone());
-            move |method, body: Option<serde_json::Value>| {
-                let (stored, written) = (stored.clone(), written.clone());
-                async move {
-                    let mut stored = stored.lock().unwrap();
-                    if method == Method::PUT {
-                        let body = body.unwrap_or_default();
-                        written.lock().unwrap().push(body["spec"].clone());
-                        *stored = body;
-                    }
-                    Some((StatusCode::OK, stored.to_string()))
-                }
-            }
-        })
+        let (client, _, written) = lease_store(
+            "lease",
+            serde_json::json!({
+                "holderIdentity": "clearing", "leaseDurationSeconds": 15,
+            }),
+        )
         .await;
         let mut config = LeaseConfig::new("ns".into(), "lease".into(), "clearing".into());
         config.retry_period = Duration::from_millis(100);
@@ -630,25 +652,7 @@ mod tests {
     /// campaigns again once they are current; a blip shorter than the limit keeps it.
     #[tokio::test]
     async fn a_holder_whose_inputs_stay_behind_lets_the_lease_go() {
-        let stored = Arc::new(std::sync::Mutex::new(serde_json::json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "l", "namespace": "ns", "resourceVersion": "1"},
-            "spec": {},
-        })));
-        let client = api_server({
-            let stored = stored.clone();
-            move |method, body: Option<serde_json::Value>| {
-                let stored = stored.clone();
-                async move {
-                    let mut stored = stored.lock().unwrap();
-                    if method == Method::PUT {
-                        *stored = body.unwrap_or_default();
-                    }
-                    Some((StatusCode::OK, stored.to_string()))
-                }
-            }
-        })
-        .await;
+        let (client, stored, _) = lease_store("l", serde_json::json!({})).await;
         let holder = || stored.lock().unwrap()["spec"]["holderIdentity"].clone();
         let config = LeaseConfig {
             retry_period: Duration::from_millis(20),

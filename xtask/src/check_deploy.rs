@@ -2169,6 +2169,13 @@ rules:
 
     const LEASE: &str = "gamma-node-status";
 
+    /// The Role `leader` in gamma-system with `rules` (YAML list lines).
+    fn lease_role(rules: &str) -> String {
+        format!(
+            "\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: leader, namespace: gamma-system}}\nrules:\n{rules}\n"
+        )
+    }
+
     fn starting_with<'p>(problems: &'p [String], kind: &str) -> Vec<&'p String> {
         problems.iter().filter(|p| p.starts_with(kind)).collect()
     }
@@ -2203,16 +2210,10 @@ rules:
     #[test]
     fn rbac_rules_with_resource_names_grant_only_the_lease_by_its_name() {
         let named = |lease: &str| {
-            format!(
-                "
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{name: leader, namespace: gamma-system}}
-rules:
-- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, update], resourceNames: [{lease}]}}
-- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}}
-"
-            )
+            lease_role(&format!(
+                "- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, update], resourceNames: [{lease}]}}
+- {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}}"
+            ))
         };
         let rules = "
 - {apiGroups: [''], resources: [services], verbs: [list, watch]}
@@ -2221,15 +2222,11 @@ rules:
             rbac_problems(rules, &named(LEASE), AGENT_CALLS),
             Vec::<String>::new()
         );
-        let every = "
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {name: leader, namespace: gamma-system}
-rules:
-- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: []}
-";
+        let every = lease_role(
+            "- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: []}",
+        );
         assert_eq!(
-            rbac_problems(rules, every, AGENT_CALLS),
+            rbac_problems(rules, &every, AGENT_CALLS),
             Vec::<String>::new(),
             "an empty list names every object"
         );
@@ -2239,17 +2236,13 @@ rules:
             "{problems:#?}"
         );
 
-        let role = "
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {name: leader, namespace: gamma-system}
-rules:
-- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: [gamma-node-status]}
-";
+        let role = lease_role(
+            "- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update], resourceNames: [gamma-node-status]}",
+        );
         let rules = "
 - {apiGroups: [''], resources: [services], verbs: [list, watch]}
 - {apiGroups: [gateway.networking.k8s.io], resources: [httproutes/status], verbs: [patch], resourceNames: [one]}";
-        let problems = rbac_problems(rules, role, AGENT_CALLS);
+        let problems = rbac_problems(rules, &role, AGENT_CALLS);
         let missing = starting_with(&problems, "missing");
         assert_eq!(
             missing,

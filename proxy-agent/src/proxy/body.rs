@@ -655,12 +655,11 @@ impl Inner {
         match self {
             Inner::Owned(body) => Some(Pin::new(body).poll_frame(cx)),
             Inner::Timed { slot, .. } => {
-                let mut slot = slot.lock().expect("not poisoned");
-                slot.body.as_mut()?;
+                let slot = &mut *slot.lock().expect("not poisoned");
+                let body = slot.body.as_mut()?;
                 if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     slot.waker = Some(cx.waker().clone());
                 }
-                let body = slot.body.as_mut().expect("looked at above");
                 Some(Pin::new(body).poll_frame(cx))
             }
         }

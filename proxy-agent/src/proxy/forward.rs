@@ -130,9 +130,9 @@ impl Attempt {
                 error,
                 reset,
             },
-            // Declined at every resend, or once with a body that could not be kept: unprocessed, as a
-            // REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream refused,
-            // which gRPC clients send again by themselves).
+            // Declined at every resend, or once with a body that could not be kept: unprocessed,
+            // as a REFUSED_STREAM says (UNAVAILABLE; an HTTP/2 gRPC caller gets its stream
+            // refused, which gRPC clients send again by themselves).
             Attempt::Declined { error, .. } => LocalAnswer::BackendFailed {
                 endpoint,
                 backend: backend.name(),

@@ -127,8 +127,8 @@ impl LocalAnswer {
             LocalAnswer::BackendTimeout { .. } | LocalAnswer::RouteTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            // Declined before any of it was processed (RFC 9113 §8.7), at every resend: the backend is
-            // unavailable for it, not broken; as Envoy answers a refused stream.
+            // Declined before any of it was processed (RFC 9113 §8.7), at every resend: the
+            // backend is unavailable for it, not broken; as Envoy answers a refused stream.
             LocalAnswer::BackendFailed { .. } if self.unprocessed() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

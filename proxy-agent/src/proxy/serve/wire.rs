@@ -105,8 +105,11 @@ pub fn request_head(
     if parsed.version != Some(1) || parsed.headers.len() > max_headers {
         return Head::Hyper;
     }
-    let body_len = match plain_body_length(parsed.headers) {
-        Some(len) if len <= max_body => len as usize,
+    let Some(plain) = PlainFields::of(parsed.headers) else {
+        return Head::Hyper;
+    };
+    let body_len = match plain.body_length {
+        len if len <= max_body => len as usize,
         _ => return Head::Hyper,
     };
     if buf.len() < head_len + body_len {
@@ -135,9 +138,12 @@ pub fn request_head(
         return Head::Hyper;
     };
     let mut headers = headers;
-    crate::proxy::upstream::wire::one_content_length(&mut headers);
-    let close = has_token(&headers, &header::CONNECTION, "close");
-    let trailers = has_token(&headers, &header::TE, "trailers");
+    // Each looked up only if present: most requests have none of these fields.
+    if plain.lengths > 1 {
+        crate::proxy::upstream::wire::one_content_length(&mut headers);
+    }
+    let close = plain.connection && has_token(&headers, &header::CONNECTION, "close");
+    let trailers = plain.te && has_token(&headers, &header::TE, "trailers");
     let mut request = Request::new(buf.split_to(body_len).freeze());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -150,24 +156,46 @@ pub fn request_head(
     })
 }
 
-/// The length of a request's body when its fields frame it plainly and ask for nothing that
-/// hyper's server does for the agent: no Transfer-Encoding, no Upgrade, no Expect, and one
-/// Content-Length (however repeated) or none (0). `None` otherwise.
-fn plain_body_length(fields: &[httparse::Header<'_>]) -> Option<u64> {
-    let mut length = None;
-    for field in fields {
-        let is = |name: &str| field.name.eq_ignore_ascii_case(name);
-        if is("content-length") {
-            let value = decimal(field.value)?;
-            if length.is_some_and(|l| l != value) {
+/// What a request head's fields say of its framing and connection, read in one pass over them.
+struct PlainFields {
+    /// The body's length: the one Content-Length (however repeated) or none (0).
+    body_length: u64,
+    /// How many Content-Length fields there are (a list in one, `5, 5`, goes to hyper's server).
+    lengths: usize,
+    connection: bool,
+    te: bool,
+}
+
+impl PlainFields {
+    /// `None` unless the fields frame the body plainly and ask for nothing that hyper's server
+    /// does for the agent: no Transfer-Encoding, no Upgrade, no Expect, and one Content-Length
+    /// (however repeated) or none.
+    fn of(fields: &[httparse::Header<'_>]) -> Option<Self> {
+        let mut plain = PlainFields {
+            body_length: 0,
+            lengths: 0,
+            connection: false,
+            te: false,
+        };
+        for field in fields {
+            let is = |name: &str| field.name.eq_ignore_ascii_case(name);
+            if is("content-length") {
+                let value = decimal(field.value)?;
+                if plain.lengths > 0 && plain.body_length != value {
+                    return None;
+                }
+                plain.body_length = value;
+                plain.lengths += 1;
+            } else if is("connection") {
+                plain.connection = true;
+            } else if is("te") {
+                plain.te = true;
+            } else if is("transfer-encoding") || is("upgrade") || is("expect") {
                 return None;
             }
-            length = Some(value);
-        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
-            return None;
         }
+        Some(plain)
     }
-    Some(length.unwrap_or(0))
 }
 
 /// What an answer's body is known to be before it is read.
@@ -229,13 +257,30 @@ pub fn answer_head(
     let mut wrote_date = false;
     let mut said_close = false;
     let mut trailer_names: Option<Vec<HeaderName>> = None;
-    for name in headers.keys() {
+    // A name's values come one after another; those of the framing and connection fields are
+    // all handled at its first (looked up then), the others written as they come.
+    let mut previous: Option<&HeaderName> = None;
+    for (name, first) in headers {
+        let repeat = previous == Some(name);
+        previous = Some(name);
+        let special = matches!(
+            *name,
+            header::CONTENT_LENGTH
+                | header::TRANSFER_ENCODING
+                | header::CONNECTION
+                | header::TRAILER
+        );
+        if !special {
+            wrote_date |= *name == header::DATE;
+            field(out, name, first.as_bytes());
+            continue;
+        }
+        if repeat {
+            continue;
+        }
         let values = headers.get_all(name);
         match *name {
             header::CONTENT_LENGTH => {
-                let Some(first) = values.iter().next() else {
-                    continue;
-                };
                 if chunking {
                     continue;
                 }
@@ -250,7 +295,7 @@ pub fn answer_head(
                     // The body's own length, whatever a filter set.
                     BodySize::Exact(length) => {
                         framing = Some(Framing::Length(length));
-                        let _ = write!(out, "content-length: {length}\r\n");
+                        content_length_field(length, out);
                     }
                     BodySize::Unknown => {
                         let Some(length) = decimal(first.as_bytes()) else {
@@ -287,12 +332,7 @@ pub fn answer_head(
                 trailer_names.get_or_insert_with(Vec::new).extend(names);
                 joined_field(out, name, &values);
             }
-            _ => {
-                wrote_date |= *name == header::DATE;
-                for value in values {
-                    field(out, name, value.as_bytes());
-                }
-            }
+            _ => unreachable!("not a special field"),
         }
     }
     let framing = match framing {
@@ -311,7 +351,7 @@ pub fn answer_head(
             }
             BodySize::Exact(length) => {
                 if can_have_body(status) {
-                    let _ = write!(out, "content-length: {length}\r\n");
+                    content_length_field(length, out);
                     Framing::Length(length)
                 } else {
                     Framing::Length(0)
@@ -328,6 +368,13 @@ pub fn answer_head(
     };
     finish_head(wrote_date, date, out);
     (framing, said_close)
+}
+
+/// `content-length: <length>` (without `fmt`'s machinery: most answers write one).
+fn content_length_field(length: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The field hyper's server adds last, then the head's end.

@@ -174,8 +174,8 @@ pub struct AnswerHead {
 /// A header field's name and value, as offsets into the head.
 #[derive(Clone, Copy, Default)]
 pub(in crate::proxy) struct FieldAt {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
 /// Reads the final answer head from the start of `buf` and removes it (and any informational
@@ -218,11 +218,15 @@ pub(in crate::proxy) fn fields_within<const N: usize>(
     let within = buf.as_ptr_range();
     let at = |s: &[u8]| {
         let range = s.as_ptr_range();
-        let inside = within.start <= range.start && range.end <= within.end;
-        inside.then(|| {
-            let from = range.start as usize - within.start as usize;
-            (from, from + s.len())
-        })
+        if !(within.start <= range.start && range.end <= within.end) {
+            return None;
+        }
+        let from = range.start as usize - within.start as usize;
+        // Offsets of 32 bits: the arrays of them are half the size (heads are far shorter).
+        Some((
+            u32::try_from(from).ok()?,
+            u32::try_from(from + s.len()).ok()?,
+        ))
     };
     let mut fields = [FieldAt::default(); N];
     let mut count = 0;
@@ -288,13 +292,18 @@ pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt], room: usize
     let mut headers = crate::proxy::header_maps::take(room);
     headers.reserve(fields.len());
     for field in fields {
-        let Ok(name) = HeaderName::from_bytes(&head[field.name.0..field.name.1]) else {
+        let span = |(from, to): (u32, u32)| from as usize..to as usize;
+        let Ok(name) = HeaderName::from_bytes(&head[span(field.name)]) else {
             continue;
         };
-        if let Ok(value) = HeaderValue::from_maybe_shared(head.slice(field.value.0..field.value.1))
-        {
-            headers.append(name, value);
-        }
+        let value = head.slice(span(field.value));
+        // SAFETY: httparse let through only the bytes a `HeaderValue` may hold (tab, 0x20–0x7e,
+        // 0x80–0xff: its `HEADER_VALUE_MAP` is `http`'s `is_valid`); checking them again was a
+        // tenth of a request's instructions in the head's fields. Debug builds (tests, fuzzing)
+        // still check.
+        headers.append(name, unsafe {
+            HeaderValue::from_maybe_shared_unchecked(value)
+        });
     }
     headers
 }
@@ -322,14 +331,29 @@ fn framed(
     mut headers: HeaderMap,
     to_head: bool,
 ) -> Result<AnswerHead, WireError> {
-    let mut reusable = connection_kept(&headers, version);
+    // Which of the fields that frame the body or keep the connection are there, in one pass
+    // over the names: a hashed lookup of each cost more for an answer's few fields.
+    let (mut connection, mut coding, mut length) = (false, false, false);
+    for name in headers.keys() {
+        match *name {
+            header::CONNECTION => connection = true,
+            header::TRANSFER_ENCODING => coding = true,
+            header::CONTENT_LENGTH => length = true,
+            _ => {}
+        }
+    }
+    let mut reusable = if connection {
+        connection_kept(&headers, version)
+    } else {
+        version != Version::HTTP_10
+    };
     // The agent's own exchange sends no CONNECT, and reads past 1xx heads (`answer_head`).
     let framing = if no_body_follows(to_head, false, status) {
         Framing::Empty
-    } else if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if version == Version::HTTP_10 && coding {
         // Only where a body follows, as hyper's client checks it.
         return Err(WireError::TransferEncodingInHttp10);
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if coding {
         if !only_chunked(&headers) {
             return Err(WireError::UnsupportedTransferCoding);
         }
@@ -338,7 +362,7 @@ fn framed(
             reusable = false;
         }
         Framing::Chunked
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
+    } else if length {
         match content_length(&headers)? {
             0 => Framing::Empty,
             n => Framing::Length(n),
@@ -400,6 +424,13 @@ pub(in crate::proxy) fn chunked_last(headers: &HeaderMap) -> Option<bool> {
 /// One length, however often repeated (`5`, `5, 5`, or two fields of `5`); anything else is an
 /// error (§6.3 item 5).
 fn content_length(headers: &HeaderMap) -> Result<u64, WireError> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    // One field of plain digits, as nearly every answer has it.
+    if let (Some(only), None) = (values.next(), values.next()) {
+        if let Some(length) = decimal(only.as_bytes()) {
+            return Ok(length);
+        }
+    }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         let text = value.to_str().map_err(|_| WireError::BadContentLength)?;
@@ -475,10 +506,13 @@ pub(in crate::proxy) fn head_ends(buf: &[u8]) -> bool {
 
 /// A length as HTTP writes it: ASCII digits only (no sign, no space), fitting a u64.
 pub(in crate::proxy) fn decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    digits.iter().try_fold(0u64, |n, &digit| {
+        let value = digit.checked_sub(b'0').filter(|v| *v < 10)?;
+        n.checked_mul(10)?.checked_add(u64::from(value))
+    })
 }
 
 /// The comma-separated tokens of every `name` field (Connection, TE), trimmed.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [engine|peers|alloc|conns|pump|redirect]`: benchmarks, never timed tests.
+//! `cargo xtask bench [engine|peers|alloc|conns|pump|redirect|instructions]`: benchmarks, never timed tests.
 //!
 //! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
@@ -18,6 +18,8 @@
 //!   throughput and CPU per GiB (`tests/src/bin/bench_pump.rs`).
 //! - `redirect`: connection setup and keep-alive through the kernel redirect against direct,
 //!   and iptables REDIRECT, on a node of network namespaces (`tests/src/bin/bench_redirect.rs`).
+//! - `instructions`: user-space instructions per kept-alive request, counted by callgrind: the
+//!   agent, the floors and nginx, free of the machine's noise (`instructions.rs`).
 
 use crate::util::{self, run_shown, step};
 use anyhow::{bail, Result};
@@ -38,9 +40,11 @@ pub fn run_bench(args: &[String]) -> Result<()> {
             &["--bins"],
         ),
         "pump" => release_bin("gamma-bench-pump", "splice against copy", &[]),
-        other => {
-            bail!("unknown benchmark `{other}`: engine, peers, redirect, alloc, conns or pump")
-        }
+        "instructions" => crate::instructions::run(),
+        other => bail!(
+            "unknown benchmark `{other}`: engine, peers, redirect, alloc, conns, pump or \
+             instructions"
+        ),
     }
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod check_deploy;
 mod fuzz;
 mod hold;
+mod instructions;
 mod kernels;
 mod setup;
 mod soak;
@@ -22,7 +23,8 @@ usage: cargo xtask <command>
                  [--nodes 2: two nodes, each with its agent, joined by a routed link]
   conformance    the GAMMA mesh conformance cases end to end [--cases DIR] [--test NAME]
   check-deploy   check deploy/ against the binary: RBAC, flags, probes, image, security
-  bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`
+  bench [what]   criterion benchmarks (engine), `bench peers`, `bench redirect`, `bench alloc`,
+                 `bench conns`, `bench pump`, `bench instructions` (callgrind)
   fuzz           each cargo-fuzz target for a bounded time [--seconds N (20)] [--dev] [TARGET...]
   kernels        the eBPF and node tests on Debian's 5.10, 6.1 and 6.12 kernels in qemu and on
                  this one; a table kernel x test [--no-host]

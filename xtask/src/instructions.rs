@@ -1,0 +1,308 @@
+//! `cargo xtask bench instructions`: user-space instructions per kept-alive request, counted by
+//! callgrind, for the agent beside the two floors of `bench peers` and nginx (if installed).
+//!
+//! Why: the peers run measures CPU time on a shared machine, whose noise moves its ratios by more
+//! than most changes of the request path; an instruction count is the same for the same binary
+//! and load whatever else the machine does. It counts only user space (the kernel's part, two
+//! thirds of a request's CPU on loopback, is what `bench peers` shows), and instructions, not
+//! time (a cache miss costs more than an add): a ratio of code paths, not of speed.
+//!
+//! Each forwarder runs alone under `valgrind --tool=callgrind`, before two echo backends (the
+//! agent with the peers' manifests, nginx with the peers' configuration in one process); `wrk
+//! -t1 -c4` warms it up, callgrind's counters are zeroed, `wrk` runs again for a fixed time, and
+//! the count since the zero is divided by the requests `wrk` made.
+
+use crate::util::{self, step};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One forwarder measured: its name, the port it listens on, and its command line.
+struct Forwarder {
+    name: &'static str,
+    port: u16,
+    command: Vec<String>,
+}
+
+/// The echo backends' addresses, as in `bench/peers/manifests` and the floors' arguments.
+const BACKENDS: [&str; 2] = ["127.0.0.1:18080", "127.0.0.1:18081"];
+
+pub fn run() -> Result<()> {
+    for tool in ["valgrind", "callgrind_control", "wrk"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            bail!("`{tool}` is not installed: apt-get install valgrind wrk");
+        }
+    }
+    step(
+        "build the agent, the floors and the echo backend (release)",
+        || {
+            util::cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "proxy-agent",
+                "-p",
+                "gamma-tests",
+                "--bin",
+                "proxy-agent",
+                "--bin",
+                "gamma-hyper-floor",
+                "--bin",
+                "gamma-codec-floor",
+                "--bin",
+                "gamma-echo",
+            ])
+        },
+    )?;
+    let root = util::workspace_root();
+    let release = root.join("target/release");
+    let work = root.join("target/bench-instructions");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let bin = |name: &str| release.join(name).display().to_string();
+    let floor = |name: &str, port: u16| {
+        let mut command = vec![bin(name), format!("127.0.0.1:{port}")];
+        command.extend(BACKENDS.map(String::from));
+        command
+    };
+    let mut forwarders = vec![
+        Forwarder {
+            name: "ours",
+            port: 18184,
+            command: [
+                bin("proxy-agent"),
+                "--manifests".into(),
+                root.join("bench/peers/manifests").display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:18184=bench/echo:80".into(),
+                "--admin".into(),
+                "127.0.0.1:15990".into(),
+                "--workers".into(),
+                "2".into(),
+            ]
+            .into(),
+        },
+        Forwarder {
+            name: "floor",
+            port: 18185,
+            command: floor("gamma-hyper-floor", 18185),
+        },
+        Forwarder {
+            name: "codec",
+            port: 18186,
+            command: floor("gamma-codec-floor", 18186),
+        },
+    ];
+    match nginx(&work)? {
+        Some(command) => forwarders.push(Forwarder {
+            name: "nginx",
+            port: 18181,
+            command,
+        }),
+        None => util::warn("nginx is not installed: measured without it"),
+    }
+    let echo = Processes::start(
+        BACKENDS
+            .iter()
+            .map(|addr| vec![bin("gamma-echo"), (*addr).to_string()])
+            .collect(),
+        &work,
+    )?;
+    for addr in BACKENDS {
+        wait_answering(addr, Duration::from_secs(10))?;
+    }
+    let mut rows = Vec::new();
+    for forwarder in &forwarders {
+        let counted = step(&format!("{} under callgrind", forwarder.name), || {
+            count(forwarder, &work)
+        })?;
+        rows.push((forwarder.name, counted));
+    }
+    drop(echo);
+    let nginx = rows
+        .iter()
+        .find(|(name, _)| *name == "nginx")
+        .map(|(_, c)| c.per_request());
+    println!("\n| user-space instructions per kept-alive request | requests counted | per request | against nginx |");
+    println!("|---|---|---|---|");
+    for (name, counted) in &rows {
+        let ratio = nginx.map_or("–".into(), |n| {
+            format!("{:.2}×", counted.per_request() / n)
+        });
+        println!(
+            "| {name} | {} | {:.0} | {ratio} |",
+            counted.requests,
+            counted.per_request()
+        );
+    }
+    Ok(())
+}
+
+/// nginx's command line, in one process with the peers' configuration, if nginx is installed.
+fn nginx(work: &Path) -> Result<Option<Vec<String>>> {
+    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        return Ok(None);
+    };
+    let prefix = work.join("nginx");
+    for dir in ["logs", "tmp", "run"] {
+        std::fs::create_dir_all(prefix.join(dir))?;
+    }
+    let [a, b] = BACKENDS;
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid run/nginx.pid;\n\
+         error_log logs/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path tmp/client_body;\n  proxy_temp_path tmp/proxy;\n\
+         keepalive_timeout 65s;\n  keepalive_requests 1000000;\n\
+         upstream backends {{ server {a} weight=9; server {b} weight=1; keepalive 128; \
+         keepalive_requests 1000000; keepalive_timeout 60s; }}\n\
+         server {{\n    listen 127.0.0.1:18181;\n    location / {{\n      proxy_pass http://backends;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+         proxy_set_header Host $http_host;\n      proxy_set_header x-perf-added proxy;\n    }}\n  }}\n}}\n"
+    );
+    std::fs::write(prefix.join("nginx.conf"), conf)?;
+    Ok(Some(vec![
+        nginx.into(),
+        "-p".into(),
+        prefix.display().to_string(),
+        "-c".into(),
+        "nginx.conf".into(),
+    ]))
+}
+
+/// What one forwarder counted: requests made and instructions since the zero.
+struct Counted {
+    requests: u64,
+    instructions: u64,
+}
+
+impl Counted {
+    fn per_request(&self) -> f64 {
+        self.instructions as f64 / self.requests.max(1) as f64
+    }
+}
+
+/// Runs `forwarder` under callgrind and counts its instructions over a timed `wrk` run.
+fn count(forwarder: &Forwarder, work: &Path) -> Result<Counted> {
+    let out = work.join(forwarder.name);
+    std::fs::create_dir_all(&out)?;
+    let mut command = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".into(),
+        format!("--callgrind-out-file={}/callgrind.%p", out.display()),
+    ];
+    command.extend(forwarder.command.iter().cloned());
+    let running = Processes::start(vec![command], &out)?;
+    let pid = running.pids()[0];
+    let addr = format!("127.0.0.1:{}", forwarder.port);
+    let url = format!("http://{addr}/");
+    // Under callgrind a process starts some 50 times slower.
+    wait_answering(&addr, Duration::from_secs(60))?;
+    wrk(&url, "3s")?;
+    callgrind_control("-z", pid)?;
+    let requests = wrk(&url, "8s")?;
+    callgrind_control("-d", pid)?;
+    drop(running);
+    let dump = std::fs::read_dir(&out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.display().to_string().ends_with(".1"))
+        .with_context(|| format!("no callgrind dump in {}", out.display()))?;
+    let text = std::fs::read_to_string(&dump)?;
+    let instructions = text
+        .lines()
+        .find_map(|l| l.strip_prefix("summary: ").or(l.strip_prefix("totals: ")))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no instruction total in {}", dump.display()))?;
+    Ok(Counted {
+        requests,
+        instructions,
+    })
+}
+
+/// `wrk -t1 -c4 -d<duration> url`; the requests it made.
+fn wrk(url: &str, duration: &str) -> Result<u64> {
+    let out = util::output(Command::new("wrk").args(["-t1", "-c4", "-d", duration, url]))?;
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk saw failures against {url}:\n{out}");
+    }
+    out.lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))
+}
+
+fn callgrind_control(option: &str, pid: u32) -> Result<()> {
+    util::output(Command::new("callgrind_control").args([option, &pid.to_string()])).map(drop)
+}
+
+/// Waits until `addr` answers an HTTP/1.1 request.
+fn wait_answering(addr: &str, patience: Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    let until = Instant::now() + patience;
+    loop {
+        let answered = std::net::TcpStream::connect(addr).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(head.starts_with(b"HTTP/1.1 200"))
+        });
+        if let Ok(true) = answered {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("{addr} did not answer 200 within {patience:?}: {answered:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Processes started for the benchmark, their output in files of `dir`; stopped when dropped.
+struct Processes(Vec<Child>);
+
+impl Processes {
+    fn start(commands: Vec<Vec<String>>, dir: &Path) -> Result<Self> {
+        let mut started = Processes(Vec::new());
+        for (i, command) in commands.iter().enumerate() {
+            let log = std::fs::File::create(dir.join(format!("process-{i}.log")))?;
+            let child = Command::new(&command[0])
+                .args(&command[1..])
+                .env("RUST_LOG", "warn")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", command.join(" ")))?;
+            started.0.push(child);
+        }
+        Ok(started)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(Child::id).collect()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // SIGTERM first: callgrind writes its last dump on a clean exit.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        for child in &mut self.0 {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //! dispatcher, its buffers and timer are also most of what a new connection costs beyond ours.
 
 use super::wire::{self, BodySize, Framing, Head, OwnRequest};
+use super::LazyTimer;
 use crate::proxy::body::{CallerBody, ProxyBody};
 use crate::proxy::drain::{turned_true_polled_when_woken, DRAIN_IDLE_GRACE};
 use crate::proxy::header_maps;
@@ -31,6 +32,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// A connection's one timer: for its heads, then for a request that runs long.
+type HeadTimer<'t> = LazyTimer<&'t mut tokio::time::Sleep>;
 
 /// Room made in the read buffer before each read: a usual request head at once.
 const READ_SIZE: usize = 8192;
@@ -62,6 +66,7 @@ pub async fn serve<T: ReadAhead>(
     let mut draining = false;
     let head_timer = tokio::time::sleep(config.header_read_timeout);
     tokio::pin!(head_timer);
+    let mut head_timer = LazyTimer::new(head_timer);
     loop {
         // hyper's server times a head from when it starts waiting for it, idle time included.
         let head_deadline = Instant::now() + config.header_read_timeout;
@@ -71,7 +76,7 @@ pub async fn serve<T: ReadAhead>(
         let mut timed = false;
         // While draining, a connection waiting for a head closes once no byte came for a spell
         // (as hyper's path: `serve::quiet`), at the head's deadline at the latest.
-        let quiet_spell = |timer: std::pin::Pin<&mut tokio::time::Sleep>| {
+        let quiet_spell = |timer: &mut HeadTimer<'_>| {
             timer.reset(head_deadline.min(Instant::now() + DRAIN_IDLE_GRACE));
         };
         let own = loop {
@@ -99,7 +104,7 @@ pub async fn serve<T: ReadAhead>(
             // Line ends between requests are allowed (RFC 9112 §2.2): still idle.
             let idle = buf.iter().all(|b| matches!(b, b'\r' | b'\n'));
             if !timed {
-                head_timer.as_mut().reset(head_deadline);
+                head_timer.reset(head_deadline);
                 timed = true;
             }
             tokio::select! {
@@ -112,12 +117,12 @@ pub async fn serve<T: ReadAhead>(
                         return hand_over(proxy, stream, buf, info, shutdown).await
                     }
                     Ok(0) | Err(_) => return,
-                    Ok(_) if draining => quiet_spell(head_timer.as_mut()),
+                    Ok(_) if draining => quiet_spell(&mut head_timer),
                     Ok(_) => {}
                 },
                 // A body slower than that goes through hyper's server (which does not time it),
                 // as it would have.
-                () = head_timer.as_mut() => if awaiting_body {
+                () = head_timer.elapsed() => if awaiting_body {
                     return hand_over(proxy, stream, buf, info, shutdown).await;
                 } else {
                     return;
@@ -126,7 +131,7 @@ pub async fn serve<T: ReadAhead>(
                 // its way; a head begun is waited for as usual.
                 () = drained.as_mut(), if idle && !draining => {
                     draining = true;
-                    quiet_spell(head_timer.as_mut());
+                    quiet_spell(&mut head_timer);
                 }
             }
         };
@@ -140,7 +145,7 @@ pub async fn serve<T: ReadAhead>(
         // 5 KiB) while it waits for the next.
         let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info, false));
         let watch = (config.header_read_timeout, config.max_header_bytes);
-        let timer = head_timer.as_mut();
+        let timer = &mut head_timer;
         let Some(response) =
             unless_caller_resets(&mut stream, &mut buf, watch, timer, handling).await
         else {
@@ -177,16 +182,15 @@ pub async fn serve<T: ReadAhead>(
 /// FIN or a full `buf` (the connection's TCP state, looked at every second). Without it, a
 /// caller that gave up on a backend that hangs left its request, and its connection, in flight
 /// for as long as the backend took. `timer` is the connection's head timer, idle meanwhile: moved
-/// later, as every request moves it, it costs no lock of the timer wheel (a timer of its own per
+/// later, as every request moves it, it is only noted (`LazyTimer`; a timer of its own per
 /// request took the wheel's lock twice, and a system call when it was the worker's earliest).
 async fn unless_caller_resets<T: ReadAhead, R>(
     stream: &mut T,
     buf: &mut bytes::BytesMut,
     (after, limit): (std::time::Duration, usize),
-    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    timer: &mut HeadTimer<'_>,
     mut handling: std::pin::Pin<Box<impl std::future::Future<Output = R>>>,
 ) -> Option<R> {
-    use std::future::Future as _;
     use std::task::Poll;
     let (mut armed, mut watching, mut half_closed) = (false, false, false);
     std::future::poll_fn(|cx| {
@@ -195,11 +199,11 @@ async fn unless_caller_resets<T: ReadAhead, R>(
         }
         if !armed {
             // Only once the request waits: one answered at once never touches the timer.
-            timer.as_mut().reset(Instant::now() + after);
+            timer.reset(Instant::now() + after);
             armed = true;
         }
         if !watching {
-            if timer.as_mut().poll(cx).is_pending() {
+            if timer.poll_elapsed(cx).is_pending() {
                 return Poll::Pending;
             }
             watching = true;
@@ -214,7 +218,7 @@ async fn unless_caller_resets<T: ReadAhead, R>(
         }
         // Nothing more is read: whether the caller reset since is its connection's TCP state.
         match stream.raw_socket() {
-            Some(socket) => super::poll_caller_reset(timer.as_mut(), socket, cx).map(|()| None),
+            Some(socket) => super::poll_caller_reset(timer, socket, cx).map(|()| None),
             None => Poll::Pending,
         }
     })

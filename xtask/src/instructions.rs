@@ -1,5 +1,6 @@
-//! `cargo xtask bench instructions`: user-space instructions per kept-alive request, counted by
-//! callgrind, for the agent beside the two floors of `bench peers` and nginx (if installed).
+//! `cargo xtask bench instructions`: user-space instructions per request, kept alive and with a
+//! new connection each, counted by callgrind, for the agent beside the two floors of `bench
+//! peers` and nginx (if installed).
 //!
 //! Why: the peers run measures CPU time on a shared machine, whose noise moves its ratios by more
 //! than most changes of the request path; an instruction count is the same for the same binary
@@ -9,8 +10,8 @@
 //!
 //! Each forwarder runs alone under `valgrind --tool=callgrind`, before two echo backends (the
 //! agent with the peers' manifests, nginx with the peers' configuration in one process); `wrk
-//! -t1 -c1` warms it up, callgrind's counters are zeroed, `wrk` runs again for a fixed time, and
-//! the count since the zero is divided by the requests `wrk` made.
+//! -t1 -c1` warms it up, then for each mode callgrind's counters are zeroed, `wrk` runs for a
+//! fixed time, and the count since the zero is divided by the requests `wrk` made.
 
 use crate::util::{self, step};
 use anyhow::{bail, Context, Result};
@@ -125,20 +126,23 @@ pub fn run() -> Result<()> {
         rows.push((forwarder.name, counted));
     }
     drop(echo);
-    let nginx = rows
-        .iter()
-        .find(|(name, _)| *name == "nginx")
-        .map(|(_, c)| c.per_request());
-    println!("\n| user-space instructions per kept-alive request | requests counted | per request | against nginx |");
-    println!("|---|---|---|---|");
-    for (name, counted) in &rows {
-        let ratio = nginx.map_or("–".into(), |n| {
-            format!("{:.2}×", counted.per_request() / n)
+    let nginx = rows.iter().find(|(name, _)| *name == "nginx");
+    let cell = |counted: &Counted, nginx: Option<&Counted>| {
+        let ratio = nginx.map_or(String::new(), |n| {
+            format!(" ({:.2}×)", counted.per_request() / n.per_request())
         });
+        format!("{:.0}{ratio}", counted.per_request())
+    };
+    println!(
+        "\n| user-space instructions per request (against nginx) | kept alive | a new connection each |"
+    );
+    println!("|---|---|---|");
+    for (name, [kept, new]) in &rows {
+        let [nginx_kept, nginx_new] = nginx.map_or([None, None], |(_, [k, n])| [Some(k), Some(n)]);
         println!(
-            "| {name} | {} | {:.0} | {ratio} |",
-            counted.requests,
-            counted.per_request()
+            "| {name} | {} | {} |",
+            cell(kept, nginx_kept),
+            cell(new, nginx_new)
         );
     }
     Ok(())
@@ -190,8 +194,9 @@ impl Counted {
     }
 }
 
-/// Runs `forwarder` under callgrind and counts its instructions over a timed `wrk` run.
-fn count(forwarder: &Forwarder, work: &Path) -> Result<Counted> {
+/// Runs `forwarder` under callgrind and counts its instructions over two timed `wrk` runs: kept
+/// alive, then a new connection per request.
+fn count(forwarder: &Forwarder, work: &Path) -> Result<[Counted; 2]> {
     let out = work.join(forwarder.name);
     std::fs::create_dir_all(&out)?;
     let mut command = vec![
@@ -206,31 +211,51 @@ fn count(forwarder: &Forwarder, work: &Path) -> Result<Counted> {
     let url = format!("http://{addr}/");
     // Under callgrind a process starts some 50 times slower.
     wait_answering(&addr, Duration::from_secs(60))?;
-    wrk(&url, "3s")?;
-    callgrind_control("-z", pid)?;
-    let requests = wrk(&url, "8s")?;
-    callgrind_control("-d", pid)?;
+    wrk(&url, "3s", false)?;
+    let mut requests = [0; 2];
+    for (made, close) in requests.iter_mut().zip([false, true]) {
+        callgrind_control("-z", pid)?;
+        *made = wrk(&url, "8s", close)?;
+        callgrind_control("-d", pid)?;
+    }
     drop(running);
-    let dump = std::fs::read_dir(&out)?
+    let [kept, new] = [1, 2].map(|dump| instructions_in(&out, dump));
+    Ok([
+        Counted {
+            requests: requests[0],
+            instructions: kept?,
+        },
+        Counted {
+            requests: requests[1],
+            instructions: new?,
+        },
+    ])
+}
+
+/// The instructions callgrind counted in its dump number `dump` (1: the first) in `dir`.
+fn instructions_in(dir: &Path, dump: u32) -> Result<u64> {
+    let suffix = format!(".{dump}");
+    let path = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.display().to_string().ends_with(".1"))
-        .with_context(|| format!("no callgrind dump in {}", out.display()))?;
-    let text = std::fs::read_to_string(&dump)?;
-    let instructions = text
+        .find(|p| p.display().to_string().ends_with(&suffix))
+        .with_context(|| format!("no callgrind dump {dump} in {}", dir.display()))?;
+    std::fs::read_to_string(&path)?
         .lines()
         .find_map(|l| l.strip_prefix("summary: ").or(l.strip_prefix("totals: ")))
         .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("no instruction total in {}", dump.display()))?;
-    Ok(Counted {
-        requests,
-        instructions,
-    })
+        .with_context(|| format!("no instruction total in {}", path.display()))
 }
 
-/// `wrk -t1 -c1 -d<duration> url`; the requests it made. One connection: each request takes a whole
-/// turn of the event loop, so that the count repeats (within 0.2 %; with four, 1 %).
-fn wrk(url: &str, duration: &str) -> Result<u64> {
-    let out = util::output(Command::new("wrk").args(["-t1", "-c1", "-d", duration, url]))?;
+/// `wrk -t1 -c1 -d<duration> url`, with `Connection: close` if `close`; the requests it made. One
+/// connection at a time: each request takes a whole turn of the event loop, so that the count
+/// repeats (within 0.2 %; with four, 1 %).
+fn wrk(url: &str, duration: &str, close: bool) -> Result<u64> {
+    let mut wrk = Command::new("wrk");
+    wrk.args(["-t1", "-c1", "-d", duration]);
+    if close {
+        wrk.args(["-H", "Connection: close"]);
+    }
+    let out = util::output(wrk.arg(url))?;
     if out.contains("Non-2xx") || out.contains("Socket errors") {
         bail!("wrk saw failures against {url}:\n{out}");
     }

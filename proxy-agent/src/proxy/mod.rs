@@ -579,10 +579,6 @@ pub fn check_request_head<B>(
     Ok(())
 }
 
-/// Whether `value` is a Host field's: `uri-host [ ":" port ]` (RFC 9112 §3.2; RFC 3986
-/// §3.2.2: a name of unreserved, percent-encoded and sub-delim characters, or a bracketed IPv6
-/// literal), or empty. Checked in place: an `http::uri::Authority` would copy it, an allocation
-/// per request.
 /// The bytes of a host's name or address (RFC 3986 §3.2.2: unreserved, sub-delims, and `%` of
 /// pct-encoded), looked up: every request's Host is checked.
 const HOST_BYTES: [bool; 256] = {
@@ -599,6 +595,10 @@ const HOST_BYTES: [bool; 256] = {
     table
 };
 
+/// Whether `value` is a Host field's: `uri-host [ ":" port ]` (RFC 9112 §3.2; RFC 3986
+/// §3.2.2: a name of unreserved, percent-encoded and sub-delim characters, or a bracketed IPv6
+/// literal), or empty. Checked in place: an `http::uri::Authority` would copy it, an allocation
+/// per request.
 fn is_host(value: &[u8]) -> bool {
     let (host, port) = match value.first() {
         Some(b'[') => match value.iter().position(|&b| b == b']') {

@@ -514,19 +514,26 @@ pub(in crate::proxy) fn decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// The comma-separated tokens of every `name` field (Connection, TE), trimmed.
+/// The comma-separated tokens of every `name` field (Connection, TE), trimmed (a value that is
+/// not visible ASCII has none: `to_str` refuses it).
 pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h str> {
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .map(str::trim_ascii)
 }
 
 /// Whether a `name` field (Connection, TE) has `token` among its tokens (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    // As `tokens`, a value at a time (a fifth fewer instructions than through its `flat_map`).
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|text| {
+            text.split(',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    })
 }
 
 /// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.

@@ -22,19 +22,33 @@ use tokio::time::Instant;
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and a backend sends trailers only
 /// when asked (`upstream_request` adds its connection option for HTTP/1.1 backends).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages have none of them: one pass over the names spares a hashed lookup for each.
-    let hop_by_hop = |name: &HeaderName| name == header::UPGRADE || HOP_BY_HOP.contains(name);
-    if !headers.keys().any(hop_by_hop) {
+    // Which are there, in one pass over the names: most messages have none, and a removal (a
+    // hashed lookup) is made only for one that is.
+    let (mut present, mut upgrade) = (0u8, false);
+    for name in headers.keys() {
+        match HOP_BY_HOP.iter().position(|h| h == name) {
+            Some(i) => present |= 1 << i,
+            None => upgrade |= name == header::UPGRADE,
+        }
+    }
+    if present == 0 && !upgrade {
         return;
     }
     let te_trailers = wire::has_token(headers, &header::TE, "trailers");
-    // Headers named in Connection are hop-by-hop too.
+    // Headers named in Connection are hop-by-hop too; its options that name no field there
+    // (`close`, as a rule) are passed over.
     let named: Vec<HeaderName> = wire::tokens(headers, &header::CONNECTION)
+        .filter(|n| headers.contains_key(*n))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         // The one connection option an upgrade relays (RFC 9110 §7.8).
@@ -42,7 +56,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             header::CONNECTION,
             http::HeaderValue::from_static("upgrade"),
         );
-    } else {
+    } else if upgrade {
         headers.remove(header::UPGRADE);
     }
     if te_trailers {

@@ -4,7 +4,7 @@
 //!
 //! Why: the peers run measures CPU time on a shared machine, whose noise moves its ratios by more
 //! than most changes of the request path; an instruction count is the same for the same binary
-//! and load whatever else the machine does. It counts only user space (the kernel's part, two
+//! and load, nearly, whatever else the machine does. It counts only user space (the kernel's part, two
 //! thirds of a request's CPU on loopback, is what `bench peers` shows), and instructions, not
 //! time (a cache miss costs more than an add): a ratio of code paths, not of speed.
 //!
@@ -248,7 +248,7 @@ fn instructions_in(dir: &Path, dump: u32) -> Result<u64> {
 
 /// `wrk -t1 -c1 -d<duration> url`, with `Connection: close` if `close`; the requests it made. One
 /// connection at a time: each request takes a whole turn of the event loop, so that the count
-/// repeats (within 0.2 %; with four, 1 %).
+/// repeats (within 1 % for the agent, to the instruction for nginx; with four, 2 %).
 fn wrk(url: &str, duration: &str, close: bool) -> Result<u64> {
     let mut wrk = Command::new("wrk");
     wrk.args(["-t1", "-c1", "-d", duration]);

@@ -3,9 +3,9 @@
 //! peers` and nginx (if installed).
 //!
 //! Why: the peers run measures CPU time on a shared machine, whose noise moves its ratios by more
-//! than most changes of the request path; an instruction count is the same for the same binary
-//! and load, nearly, whatever else the machine does. It counts only user space (the kernel's part, two
-//! thirds of a request's CPU on loopback, is what `bench peers` shows), and instructions, not
+//! than most changes of the request path; an instruction count is nearly the same for the same
+//! binary and load whatever else the machine does. It counts only user space (the kernel's part,
+//! two thirds of a request's CPU on loopback, is what `bench peers` shows), and instructions, not
 //! time (a cache miss costs more than an add): a ratio of code paths, not of speed.
 //!
 //! Each forwarder runs alone under `valgrind --tool=callgrind`, before two echo backends (the

@@ -71,24 +71,34 @@ fi
     )
 }
 
+/// Builds (release) the agent and the two floors of `bench peers`, and the `more` binaries of
+/// `tests`.
+pub fn build_forwarders(more: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "build",
+        "--release",
+        "-p",
+        "proxy-agent",
+        "-p",
+        "gamma-tests",
+        "--bin",
+        "proxy-agent",
+        "--bin",
+        "gamma-hyper-floor",
+        "--bin",
+        "gamma-codec-floor",
+    ];
+    for bin in more {
+        args.extend(["--bin", bin]);
+    }
+    step("build the agent and the floors (release)", || {
+        util::cargo(&args)
+    })
+}
+
 fn peers() -> Result<()> {
     let root = util::workspace_root();
-    step("build the agent and the floors (release)", || {
-        util::cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "proxy-agent",
-            "-p",
-            "gamma-tests",
-            "--bin",
-            "proxy-agent",
-            "--bin",
-            "gamma-hyper-floor",
-            "--bin",
-            "gamma-codec-floor",
-        ])
-    })?;
+    build_forwarders(&[])?;
     let script = shared_dir().join("bench/peers/run.sh");
     let original = std::fs::read_to_string(&script).map_err(|e| {
         anyhow::anyhow!(

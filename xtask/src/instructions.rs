@@ -40,27 +40,7 @@ pub fn run() -> Result<()> {
             bail!("`{tool}` is not installed: apt-get install valgrind wrk");
         }
     }
-    step(
-        "build the agent, the floors and the echo backend (release)",
-        || {
-            util::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "proxy-agent",
-                "-p",
-                "gamma-tests",
-                "--bin",
-                "proxy-agent",
-                "--bin",
-                "gamma-hyper-floor",
-                "--bin",
-                "gamma-codec-floor",
-                "--bin",
-                "gamma-echo",
-            ])
-        },
-    )?;
+    crate::bench::build_forwarders(&["gamma-echo"])?;
     let root = util::workspace_root();
     let release = root.join("target/release");
     let work = root.join("target/bench-instructions");

@@ -554,13 +554,7 @@ pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<It
 
 /// Whether a `name` field (Connection, TE) has `token` among its tokens (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    // As `tokens`, a value at a time (a fifth fewer instructions than through its `flat_map`).
-    headers.get_all(name).iter().any(|value| {
-        value.to_str().is_ok_and(|text| {
-            text.split(',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    })
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.

@@ -62,7 +62,8 @@ struct Counting;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static TRACING: AtomicBool = AtomicBool::new(false);
-static TRACES: Mutex<Vec<std::backtrace::Backtrace>> = Mutex::new(Vec::new());
+/// Each traced allocation's size and where it was made.
+static TRACES: Mutex<Vec<(usize, std::backtrace::Backtrace)>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// Set on the agent's thread: only its allocations count.
@@ -98,7 +99,7 @@ fn count(size: usize) {
     if TRACING.load(Ordering::Relaxed) {
         IN_TRACE.with(|t| t.set(true));
         let trace = std::backtrace::Backtrace::force_capture();
-        TRACES.lock().expect("not poisoned").push(trace);
+        TRACES.lock().expect("not poisoned").push((size, trace));
         IN_TRACE.with(|t| t.set(false));
     }
 }
@@ -267,9 +268,10 @@ async fn round_trip(response: http::Response<hyper::body::Incoming>) -> Result<(
 
 /// Groups traced allocations by their call site: the innermost frame of the agent or the engine,
 /// with the innermost library frame (hyper, h2, tokio, http) below it when there is one.
-fn report_sites(protocol: &str, traces: &[std::backtrace::Backtrace]) {
-    let mut sites: BTreeMap<String, u64> = BTreeMap::new();
-    for trace in traces {
+fn report_sites(protocol: &str, traces: &[(usize, std::backtrace::Backtrace)]) {
+    // Per site: allocations, bytes.
+    let mut sites: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (size, trace) in traces {
         let text = trace.to_string();
         let functions: Vec<&str> = text
             .lines()
@@ -303,13 +305,18 @@ fn report_sites(protocol: &str, traces: &[std::backtrace::Backtrace]) {
             (None, Some(l)) => short(l),
             (None, None) => functions.first().map_or("?".to_string(), |f| short(f)),
         };
-        *sites.entry(site).or_default() += 1;
+        let counts = sites.entry(site).or_default();
+        counts.0 += 1;
+        counts.1 += *size as u64;
     }
     let mut sorted: Vec<_> = sites.into_iter().collect();
     sorted.sort_by_key(|s| std::cmp::Reverse(s.1));
-    println!("\n{protocol}: where the allocations of {TRACED} requests come from (per request):");
-    for (site, n) in sorted {
-        println!("  {:>5.1}  {site}", n as f64 / TRACED as f64);
+    println!(
+        "\n{protocol}: where the allocations of {TRACED} requests come from (allocations and bytes per request):"
+    );
+    for (site, (n, bytes)) in sorted {
+        let per = |v: u64| v as f64 / TRACED as f64;
+        println!("  {:>5.1} {:>7.0}  {site}", per(n), per(bytes));
     }
 }
 

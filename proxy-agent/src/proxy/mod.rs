@@ -1104,6 +1104,23 @@ mod future_sizes {
         assert!(size <= 4096, "the request's future grew to {size} bytes");
     }
 
+    /// An answer to hyper's server (HTTP/2, HTTP/1.1 with bodies) is the request's future in
+    /// [`serve::unless_caller_resets`], boxed per request: it holds the request's future once
+    /// (as an `async fn`, twice: 8,240 bytes for a request's 4,064).
+    #[tokio::test]
+    async fn watching_for_a_reset_holds_the_request_future_once() {
+        let (proxy, conn) = (proxy(), connection());
+        let request = Request::new(CallerBody::Whole(bytes::Bytes::new()));
+        let handling = proxy.handle(request, &conn, false);
+        let alone = std::mem::size_of_val(&handling);
+        let watched = serve::unless_caller_resets(Some(0), Duration::from_secs(1), handling);
+        let size = std::mem::size_of_val(&watched);
+        assert!(
+            size <= alone + 64,
+            "{size} bytes for a request future of {alone}"
+        );
+    }
+
     /// A connection's future is allocated and moved into its task at each accept, and held while
     /// the connection idles: what only some connections or requests need (hyper's server, HTTP/2,
     /// the opaque pump, a request in flight) is boxed apart, so that it stays small (2,504 bytes

@@ -1,5 +1,6 @@
 //! `cargo xtask bench conns`: the agent's resident memory idle, and what each idle keep-alive
-//! client connection adds (HTTP/1.1, then HTTP/2 with prior knowledge).
+//! client connection adds (HTTP/1.1, then HTTP/2 with prior knowledge, to an HTTP/2 backend and
+//! to one that declares HTTP/1.1).
 //!
 //! The release agent runs as its own process (two workers) on a loopback world (`ns/front`
 //! routed to an echo backend in this process). After one request to warm it up, its RSS is read;
@@ -15,14 +16,43 @@ use std::time::Duration;
 const CONNECTIONS: usize = 2_000;
 const ROUNDS: usize = 3;
 
+/// What the held connections speak, to the caller and to the backend.
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    h2: bool,
+    /// `ns/echo`'s port declares HTTP/1.1: the agent's own exchange, whatever the caller speaks.
+    http1_backend: bool,
+}
+
+const CASES: [Case; 3] = [
+    Case {
+        name: "HTTP/1.1 keep-alive",
+        h2: false,
+        http1_backend: false,
+    },
+    Case {
+        name: "HTTP/2",
+        h2: true,
+        http1_backend: false,
+    },
+    Case {
+        name: "HTTP/2 (an HTTP/1.1 backend)",
+        h2: true,
+        http1_backend: true,
+    },
+];
+
 fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let echo = runtime.block_on(echo_backend([127, 0, 0, 1], "echo"));
-    let manifests = Manifests::front_routed_to(echo.addr);
+    let rules = "  - backendRefs: [{name: echo, port: 80}]\n";
     let mut idle = Vec::new();
-    let mut per_connection = [Vec::new(), Vec::new()];
+    let mut per_connection = CASES.map(|_| Vec::new());
     for round in 0..ROUNDS {
-        for h2 in [false, true] {
+        for (case, measured) in CASES.iter().zip(&mut per_connection) {
+            let declared = case.http1_backend.then_some("http");
+            let manifests = Manifests::front_with_rules_declared(echo.addr, rules, declared);
             let agent = Agent::start(
                 &manifests,
                 AgentOptions {
@@ -32,11 +62,11 @@ fn main() -> Result<()> {
                 },
             )?;
             let addr = agent.listen[0];
-            drop(connection(addr, h2)?);
+            drop(connection(addr, case.h2)?);
             settle();
             let before = resident_kib(agent.child.id())?;
             let held: Vec<TcpStream> = (0..CONNECTIONS)
-                .map(|_| connection(addr, h2))
+                .map(|_| connection(addr, case.h2))
                 .collect::<Result<_>>()?;
             settle();
             let after = resident_kib(agent.child.id())?;
@@ -44,34 +74,29 @@ fn main() -> Result<()> {
             let each = (after as f64 - before as f64) / CONNECTIONS as f64;
             eprintln!(
                 "round {round} {}: idle {:.1} MiB, {each:.1} KiB per idle connection",
-                protocol(h2),
+                case.name,
                 before as f64 / 1024.0
             );
             idle.push(before as f64 / 1024.0);
-            per_connection[usize::from(h2)].push(each);
+            measured.push(each);
             drop(held);
         }
     }
     println!(
         "\nagent RSS (2 workers), medians of {ROUNDS} rounds, {CONNECTIONS} connections held:"
     );
-    println!("| idle | per idle HTTP/1.1 keep-alive connection | per idle HTTP/2 connection |");
-    println!("|---|---|---|");
-    println!(
-        "| {:.1} MiB | {:.1} KiB | {:.1} KiB |",
-        median(&mut idle),
-        median(&mut per_connection[0]),
-        median(&mut per_connection[1])
-    );
+    let columns: Vec<String> = CASES
+        .iter()
+        .map(|c| format!("per idle {} connection", c.name))
+        .collect();
+    println!("| idle | {} |", columns.join(" | "));
+    println!("|---|{}", "---|".repeat(CASES.len()));
+    let each: Vec<String> = per_connection
+        .iter_mut()
+        .map(|m| format!("{:.1} KiB", median(m)))
+        .collect();
+    println!("| {:.1} MiB | {} |", median(&mut idle), each.join(" | "));
     Ok(())
-}
-
-fn protocol(h2: bool) -> &'static str {
-    if h2 {
-        "HTTP/2"
-    } else {
-        "HTTP/1.1"
-    }
 }
 
 /// Lets the agent's workers finish with what they were sent (and the allocator settle).

@@ -167,272 +167,278 @@ pub(super) struct Target<'a> {
 /// Sends a request to `backend` and relays the answer: endpoint choice, retries, the rule's
 /// timeouts (over the answer's body too), upgrades. `grpc`: the caller speaks gRPC (a timeout in
 /// the body then ends it with DEADLINE_EXCEEDED).
-pub(super) async fn forward(
-    proxy: &Arc<Proxy>,
-    target: Target<'_>,
+#[allow(clippy::manual_async_fn)] // see below
+pub(super) fn forward<'p, 't, 'r, 'l, 'a>(
+    proxy: &'p Arc<Proxy>,
+    target: Target<'t>,
     mut parts: http::request::Parts,
     mut body: RequestBody,
-    rule: Option<&CompiledRule>,
+    rule: Option<&'r CompiledRule>,
     grpc: bool,
-    log: &mut AccessLog<'_>,
-) -> Result<Response<ProxyBody>, LocalAnswer> {
-    let backend = target.backend;
-    let request_timeout = rule.and_then(|r| r.timeouts().request);
-    let attempt_timeout = rule.and_then(|r| r.timeouts().backend_request);
-    let tunnel = is_tunnel(&parts);
-    let upgrade = is_upgrade(&parts) || tunnel;
-    let downstream_upgrade = upgrade
-        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
-        .flatten();
-    strip_hop_by_hop(&mut parts.headers, upgrade && !tunnel);
-    let protocol = backend.protocol_for(rule.map(|r| r.route.kind()));
-    let h2 = !upgrade && protocol.is_h2(parts.version == Version::HTTP_2);
-    let retry = rule.and_then(|r| r.retry());
-    // Without a retry policy, a refused connection still gets one more try on another endpoint:
-    // nothing was sent.
-    let max_attempts = 1 + retry.map_or(1, |r| r.attempts);
-    // Resends of a request declined unprocessed beyond those attempts (see below).
-    let mut spare_resends = SPARE_RESENDS_WHEN_DECLINED;
-    // The clock is read here only for what needs it: a rule's timeouts, a written access log.
-    let log_written = tracing::enabled!(target: "access", tracing::Level::INFO);
-    let started = (request_timeout.is_some() || log_written).then(Instant::now);
-    let mut attempt_started = None;
-    // Inline for the usual one or two attempts: no allocation per request.
-    let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
-    // How the last attempt that a backend may have processed (it failed after it was sent, timed
-    // out, or answered with a status retried) ended: the request can no longer be called
-    // unprocessed, and its caller hears of that attempt.
-    let mut processed: Option<LocalAnswer> = None;
-    // An upgrade's count on its endpoint, kept apart from its answer (a 101 has no body to hold
-    // it): it goes with the relay, which is load on the endpoint for its life, as an opaque
-    // connection's is (an answer that refuses the upgrade holds none while its body streams).
-    let mut upgrade_load = None;
-    let run = async {
-        // The first attempt always has its body; a retry takes its own when it is decided.
-        let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
-        loop {
-            let caller = log.conn.caller.ip;
-            let Some((endpoint, held)) =
-                proxy
-                    .upstream
-                    .pick(backend, caller, target.pinned, &tried, rand::random())
-            else {
-                return Err(LocalAnswer::NoReadyEndpoint(backend.name()));
-            };
-            tried.push(endpoint);
-            log.endpoint = Some(endpoint);
-            log.attempts += 1;
-            if attempt_timeout.is_some() {
-                attempt_started = Some(Instant::now());
-            }
-            // Bodiless HTTP/1.1 requests go without copying `parts`.
-            let head_only =
-                !h2 && inline::handles_parts(&parts.method, &parts.headers, &request_body);
-            let (state, authority) = (held.endpoint(), held.authority());
-            // The count goes with the answer's body: the power of two choices sees a long answer
-            // (a download, a gRPC stream) as load until its end. Dropped with a failed exchange.
-            let mut load = Some(held.into_owned());
-            if upgrade {
-                upgrade_load = load.take();
-            }
-            // A kept connection that failed stale is resent once on a new one (RFC 9112
-            // §9.3.1); under a retry policy, within its attempts left and as one of them (without
-            // one, a refused connect keeps its one more try elsewhere).
-            let resends = match retry {
-                Some(_) => max_attempts.saturating_sub(log.attempts),
-                None => 1,
-            };
-            let mut resends_left = resends;
-            let call = async {
-                if head_only {
-                    let host = http1_host(&parts, authority);
-                    let host = host.as_ref().map(|h| h.as_str());
-                    return proxy
+    log: &'l mut AccessLog<'a>,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, LocalAnswer>> + use<'p, 't, 'r, 'l, 'a>
+{
+    // Not an `async fn`: one holds each argument twice (as given, and moved into its body),
+    // 330 bytes here, in a future moved at each level it is awaited through.
+    async move {
+        let backend = target.backend;
+        let request_timeout = rule.and_then(|r| r.timeouts().request);
+        let attempt_timeout = rule.and_then(|r| r.timeouts().backend_request);
+        let tunnel = is_tunnel(&parts);
+        let upgrade = is_upgrade(&parts) || tunnel;
+        let downstream_upgrade = upgrade
+            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+            .flatten();
+        strip_hop_by_hop(&mut parts.headers, upgrade && !tunnel);
+        let protocol = backend.protocol_for(rule.map(|r| r.route.kind()));
+        let h2 = !upgrade && protocol.is_h2(parts.version == Version::HTTP_2);
+        let retry = rule.and_then(|r| r.retry());
+        // Without a retry policy, a refused connection still gets one more try on another endpoint:
+        // nothing was sent.
+        let max_attempts = 1 + retry.map_or(1, |r| r.attempts);
+        // Resends of a request declined unprocessed beyond those attempts (see below).
+        let mut spare_resends = SPARE_RESENDS_WHEN_DECLINED;
+        // The clock is read here only for what needs it: a rule's timeouts, a written access log.
+        let log_written = tracing::enabled!(target: "access", tracing::Level::INFO);
+        let started = (request_timeout.is_some() || log_written).then(Instant::now);
+        let mut attempt_started = None;
+        // Inline for the usual one or two attempts: no allocation per request.
+        let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
+        // How the last attempt that a backend may have processed (it failed after it was sent, timed
+        // out, or answered with a status retried) ended: the request can no longer be called
+        // unprocessed, and its caller hears of that attempt.
+        let mut processed: Option<LocalAnswer> = None;
+        // An upgrade's count on its endpoint, kept apart from its answer (a 101 has no body to hold
+        // it): it goes with the relay, which is load on the endpoint for its life, as an opaque
+        // connection's is (an answer that refuses the upgrade holds none while its body streams).
+        let mut upgrade_load = None;
+        let run = async {
+            // The first attempt always has its body; a retry takes its own when it is decided.
+            let mut request_body = body.next_attempt().unwrap_or_else(body::empty);
+            loop {
+                let caller = log.conn.caller.ip;
+                let Some((endpoint, held)) =
+                    proxy
                         .upstream
-                        .inline
-                        .send_head(endpoint, &parts, host, load, &mut resends_left)
-                        .await;
-                }
-                let request = upstream_request(&parts, authority, h2, request_body);
-                // Boxed: hyper's exchange would otherwise size every request's future.
-                Box::pin(proxy.upstream.send(endpoint, h2, request, load)).await
-            };
-            let attempt = attempt(call, attempt_timeout).await;
-            if retry.is_some() {
-                log.attempts += resends - resends_left;
-            }
-            let attempt = match attempt {
-                // The caller's body broke off, or the attempt timed out waiting for the caller's
-                // next bytes (no endpoint could have answered the request incomplete): the
-                // caller failed the attempt, not the endpoint (three in a row would eject it for
-                // everyone), and a retry would wait on the caller again.
-                Attempt::Failed { error, .. } if body.caller_broke_off() => {
-                    return Err(LocalAnswer::RequestBodyBrokeOff(error))
-                }
-                Attempt::TimedOut(after) if body.waiting_on_caller() => {
-                    return Err(LocalAnswer::RequestBodyTimeout(after))
-                }
-                attempt => attempt,
-            };
-            match &attempt {
-                Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
-                Attempt::TimedOut(_)
-                | Attempt::Failed { .. }
-                | Attempt::Declined { on_error: true, .. } => {
-                    proxy.upstream.endpoints.failed(state)
-                }
-                Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(state),
-                Attempt::Declined {
-                    on_error: false, ..
-                }
-                | Attempt::AgentShort(_) => {}
-            }
-            // A request declined unprocessed (a refused stream: a gRPC server behind on its
-            // calls refuses new ones past its limit, C-core's overload protection) goes again
-            // beyond the attempts too, a few times, after a pause that lets the backend catch
-            // up: nothing of it ran, and the caller's gRPC client, told of a refused stream,
-            // failed the call UNAVAILABLE rather than send it again.
-            let mut pause = None;
-            let mut more = log.attempts < max_attempts;
-            if !more && matches!(attempt, Attempt::Declined { .. }) && spare_resends > 0 {
-                spare_resends -= 1;
-                let used = SPARE_RESENDS_WHEN_DECLINED - spare_resends;
-                pause = Some(DECLINED_PAUSE * (1 << (used - 1)));
-                more = true;
-            }
-            let retry_wanted = more
-                && match &attempt {
-                    Attempt::Response(response) => {
-                        retry.is_some_and(|r| r.codes.contains(&response.status().as_u16()))
-                    }
-                    Attempt::ConnectFailed(_) => {
-                        retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
-                    }
-                    Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
-                    Attempt::Declined { .. } => true,
-                    Attempt::AgentShort(_) => false,
+                        .pick(backend, caller, target.pinned, &tried, rand::random())
+                else {
+                    return Err(LocalAnswer::NoReadyEndpoint(backend.name()));
                 };
-            let resent = if retry_wanted {
-                body_for_retry(proxy, &mut body)
-            } else {
-                None
-            };
-            if let Some(resent) = resent {
-                request_body = resent;
-                let declined = matches!(
-                    attempt,
+                tried.push(endpoint);
+                log.endpoint = Some(endpoint);
+                log.attempts += 1;
+                if attempt_timeout.is_some() {
+                    attempt_started = Some(Instant::now());
+                }
+                // Bodiless HTTP/1.1 requests go without copying `parts`.
+                let head_only =
+                    !h2 && inline::handles_parts(&parts.method, &parts.headers, &request_body);
+                let (state, authority) = (held.endpoint(), held.authority());
+                // The count goes with the answer's body: the power of two choices sees a long answer
+                // (a download, a gRPC stream) as load until its end. Dropped with a failed exchange.
+                let mut load = Some(held.into_owned());
+                if upgrade {
+                    upgrade_load = load.take();
+                }
+                // A kept connection that failed stale is resent once on a new one (RFC 9112
+                // §9.3.1); under a retry policy, within its attempts left and as one of them (without
+                // one, a refused connect keeps its one more try elsewhere).
+                let resends = match retry {
+                    Some(_) => max_attempts.saturating_sub(log.attempts),
+                    None => 1,
+                };
+                let mut resends_left = resends;
+                let call = async {
+                    if head_only {
+                        let host = http1_host(&parts, authority);
+                        let host = host.as_ref().map(|h| h.as_str());
+                        return proxy
+                            .upstream
+                            .inline
+                            .send_head(endpoint, &parts, host, load, &mut resends_left)
+                            .await;
+                    }
+                    let request = upstream_request(&parts, authority, h2, request_body);
+                    // Boxed: hyper's exchange would otherwise size every request's future.
+                    Box::pin(proxy.upstream.send(endpoint, h2, request, load)).await
+                };
+                let attempt = attempt(call, attempt_timeout).await;
+                if retry.is_some() {
+                    log.attempts += resends - resends_left;
+                }
+                let attempt = match attempt {
+                    // The caller's body broke off, or the attempt timed out waiting for the caller's
+                    // next bytes (no endpoint could have answered the request incomplete): the
+                    // caller failed the attempt, not the endpoint (three in a row would eject it for
+                    // everyone), and a retry would wait on the caller again.
+                    Attempt::Failed { error, .. } if body.caller_broke_off() => {
+                        return Err(LocalAnswer::RequestBodyBrokeOff(error))
+                    }
+                    Attempt::TimedOut(after) if body.waiting_on_caller() => {
+                        return Err(LocalAnswer::RequestBodyTimeout(after))
+                    }
+                    attempt => attempt,
+                };
+                match &attempt {
+                    Attempt::Response(_) => proxy.upstream.endpoints.answered(state),
+                    Attempt::TimedOut(_)
+                    | Attempt::Failed { .. }
+                    | Attempt::Declined { on_error: true, .. } => {
+                        proxy.upstream.endpoints.failed(state)
+                    }
+                    Attempt::ConnectFailed(_) => proxy.upstream.endpoints.eject(state),
                     Attempt::Declined {
-                        on_error: false,
-                        ..
+                        on_error: false, ..
                     }
-                );
-                if declined && target.pinned == Some(endpoint) {
-                    // A persisted session's endpoint that declined unprocessed (a stream it
-                    // refused, a connection it rotates) is not given up: the session would move
-                    // to another pod, its Set-Cookie naming that one (GEP-1619).
-                    tried.retain(|tried| *tried != endpoint);
+                    | Attempt::AgentShort(_) => {}
                 }
-                // A declined request, or a refused connect with an endpoint left untried, goes
-                // again at once: nothing was processed, and another endpoint may take it. Any
-                // other retry waits for the policy's backoff, which the spec says no retry of a
-                // failed request comes before (an endpoint refusing while its app restarts).
-                let at_once = match &attempt {
-                    Attempt::Declined { .. } => true,
-                    Attempt::ConnectFailed(_) => {
-                        backend.endpoints.iter().any(|e| !tried.contains(e))
-                    }
-                    _ => false,
-                };
-                processed = match attempt {
-                    Attempt::Response(retried) => Some(LocalAnswer::BackendFailed {
-                        endpoint,
-                        backend: backend.name(),
-                        error: format!("answered {}, retried", retried.status()),
-                        reset: None,
-                    }),
-                    Attempt::TimedOut(_) | Attempt::Failed { .. } => {
-                        attempt.failure(endpoint, backend).err()
-                    }
-                    _ => processed,
-                };
-                if let Some(pause) = pause {
-                    tokio::time::sleep(pause).await;
-                } else if !at_once {
-                    backoff(retry.and_then(|r| r.backoff)).await;
+                // A request declined unprocessed (a refused stream: a gRPC server behind on its
+                // calls refuses new ones past its limit, C-core's overload protection) goes again
+                // beyond the attempts too, a few times, after a pause that lets the backend catch
+                // up: nothing of it ran, and the caller's gRPC client, told of a refused stream,
+                // failed the call UNAVAILABLE rather than send it again.
+                let mut pause = None;
+                let mut more = log.attempts < max_attempts;
+                if !more && matches!(attempt, Attempt::Declined { .. }) && spare_resends > 0 {
+                    spare_resends -= 1;
+                    let used = SPARE_RESENDS_WHEN_DECLINED - spare_resends;
+                    pause = Some(DECLINED_PAUSE * (1 << (used - 1)));
+                    more = true;
                 }
-                continue;
+                let retry_wanted = more
+                    && match &attempt {
+                        Attempt::Response(response) => {
+                            retry.is_some_and(|r| r.codes.contains(&response.status().as_u16()))
+                        }
+                        Attempt::ConnectFailed(_) => {
+                            retry.is_some() || backend.endpoints.iter().any(|e| !tried.contains(e))
+                        }
+                        Attempt::TimedOut(_) | Attempt::Failed { .. } => retry.is_some(),
+                        Attempt::Declined { .. } => true,
+                        Attempt::AgentShort(_) => false,
+                    };
+                let resent = if retry_wanted {
+                    body_for_retry(proxy, &mut body)
+                } else {
+                    None
+                };
+                if let Some(resent) = resent {
+                    request_body = resent;
+                    let declined = matches!(
+                        attempt,
+                        Attempt::Declined {
+                            on_error: false,
+                            ..
+                        }
+                    );
+                    if declined && target.pinned == Some(endpoint) {
+                        // A persisted session's endpoint that declined unprocessed (a stream it
+                        // refused, a connection it rotates) is not given up: the session would move
+                        // to another pod, its Set-Cookie naming that one (GEP-1619).
+                        tried.retain(|tried| *tried != endpoint);
+                    }
+                    // A declined request, or a refused connect with an endpoint left untried, goes
+                    // again at once: nothing was processed, and another endpoint may take it. Any
+                    // other retry waits for the policy's backoff, which the spec says no retry of a
+                    // failed request comes before (an endpoint refusing while its app restarts).
+                    let at_once = match &attempt {
+                        Attempt::Declined { .. } => true,
+                        Attempt::ConnectFailed(_) => {
+                            backend.endpoints.iter().any(|e| !tried.contains(e))
+                        }
+                        _ => false,
+                    };
+                    processed = match attempt {
+                        Attempt::Response(retried) => Some(LocalAnswer::BackendFailed {
+                            endpoint,
+                            backend: backend.name(),
+                            error: format!("answered {}, retried", retried.status()),
+                            reset: None,
+                        }),
+                        Attempt::TimedOut(_) | Attempt::Failed { .. } => {
+                            attempt.failure(endpoint, backend).err()
+                        }
+                        _ => processed,
+                    };
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
+                    } else if !at_once {
+                        backoff(retry.and_then(|r| r.backoff)).await;
+                    }
+                    continue;
+                }
+                return match (attempt, processed) {
+                    // Declined after an attempt a backend may have processed (RFC 9113 §8.7): the
+                    // caller hears of that attempt, not of a refusal, which a gRPC client would send
+                    // again by itself beyond the route's retries.
+                    (Attempt::Declined { .. }, Some(earlier)) => Err(earlier),
+                    // A retry policy whose attempts all failed, the last without an answer: 503, as
+                    // the Gateway API's conformance (HTTPRouteRetryConnectionError: 500 or 503) and
+                    // Envoy answer; one failed exchange without a policy stays 502, and so does one
+                    // whose retry could not be sent (its body was not kept).
+                    (Attempt::Failed { error, reset: None }, _)
+                        if retry.is_some() && log.attempts > 1 && log.attempts >= max_attempts =>
+                    {
+                        Err(LocalAnswer::RetriesExhausted {
+                            endpoint,
+                            backend: backend.name(),
+                            attempts: log.attempts,
+                            error,
+                        })
+                    }
+                    (attempt, _) => attempt.failure(endpoint, backend),
+                };
             }
-            return match (attempt, processed) {
-                // Declined after an attempt a backend may have processed (RFC 9113 §8.7): the
-                // caller hears of that attempt, not of a refusal, which a gRPC client would send
-                // again by itself beyond the route's retries.
-                (Attempt::Declined { .. }, Some(earlier)) => Err(earlier),
-                // A retry policy whose attempts all failed, the last without an answer: 503, as
-                // the Gateway API's conformance (HTTPRouteRetryConnectionError: 500 or 503) and
-                // Envoy answer; one failed exchange without a policy stays 502, and so does one
-                // whose retry could not be sent (its body was not kept).
-                (Attempt::Failed { error, reset: None }, _)
-                    if retry.is_some() && log.attempts > 1 && log.attempts >= max_attempts =>
-                {
-                    Err(LocalAnswer::RetriesExhausted {
-                        endpoint,
-                        backend: backend.name(),
-                        attempts: log.attempts,
-                        error,
-                    })
-                }
-                (attempt, _) => attempt.failure(endpoint, backend),
-            };
+        };
+        let result = within(request_timeout, run)
+            .await
+            .unwrap_or_else(|limit| Err(LocalAnswer::RouteTimeout(limit)));
+        body.answered();
+        // Sent (mirrors send copies): the request's map serves a later head.
+        header_maps::give_back(std::mem::take(&mut parts.headers));
+        if log_written {
+            log.upstream_duration = started.map(|s| s.elapsed());
         }
-    };
-    let result = within(request_timeout, run)
-        .await
-        .unwrap_or_else(|limit| Err(LocalAnswer::RouteTimeout(limit)));
-    body.answered();
-    // Sent (mirrors send copies): the request's map serves a later head.
-    header_maps::give_back(std::mem::take(&mut parts.headers));
-    if log_written {
-        log.upstream_duration = started.map(|s| s.elapsed());
-    }
-    let mut response = result?;
-    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
-        || (tunnel && response.status().is_success());
-    if switched {
-        // Neither a 101 nor a 2xx to CONNECT has content, nor may say a length or coding (RFC
-        // 9110 §8.6, §9.3.6): hyper's server refuses to send one that does, and the caller got
-        // no answer.
-        let headers = response.headers_mut();
-        headers.remove(header::TRANSFER_ENCODING);
-        headers.remove(header::CONTENT_LENGTH);
-        if let Some(downstream) = downstream_upgrade {
-            let upstream = hyper::upgrade::on(&mut response);
-            splice_upgrade(proxy, downstream, upstream, upgrade_load);
+        let mut response = result?;
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (tunnel && response.status().is_success());
+        if switched {
+            // Neither a 101 nor a 2xx to CONNECT has content, nor may say a length or coding (RFC
+            // 9110 §8.6, §9.3.6): hyper's server refuses to send one that does, and the caller got
+            // no answer.
+            let headers = response.headers_mut();
+            headers.remove(header::TRANSFER_ENCODING);
+            headers.remove(header::CONTENT_LENGTH);
+            if let Some(downstream) = downstream_upgrade {
+                let upstream = hyper::upgrade::on(&mut response);
+                splice_upgrade(proxy, downstream, upstream, upgrade_load);
+            }
+            return Ok(response);
         }
-        return Ok(response);
+        strip_hop_by_hop(response.headers_mut(), false);
+        let status = response.status();
+        wire::answer_content_length(status, response.headers_mut());
+        if grpc {
+            // The agent may end a gRPC answer early with trailers of its own (its deadline, the
+            // backend's connection lost): strict HTTP/2 clients reset a stream that falls short of
+            // its length (RFC 9113 §8.1.1), and the caller would see INTERNAL instead of the status.
+            // gRPC needs no length.
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        // The answer goes out in the agent's own HTTP version, not the backend's (RFC 9110 §6.2):
+        // hyper's server would write an HTTP/1.0 backend's `HTTP/1.0` status line to an HTTP/1.1
+        // caller, and close its connection after the answer.
+        *response.version_mut() = Version::default();
+        // The timeouts cover the answer's body too.
+        let body_deadline = [
+            request_timeout.zip(started).map(|(t, s)| s + t),
+            attempt_timeout.zip(attempt_started).map(|(t, s)| s + t),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Ok(response.map(|b| AnswerEnd::wrap(b, body_deadline, grpc)))
     }
-    strip_hop_by_hop(response.headers_mut(), false);
-    let status = response.status();
-    wire::answer_content_length(status, response.headers_mut());
-    if grpc {
-        // The agent may end a gRPC answer early with trailers of its own (its deadline, the
-        // backend's connection lost): strict HTTP/2 clients reset a stream that falls short of
-        // its length (RFC 9113 §8.1.1), and the caller would see INTERNAL instead of the status.
-        // gRPC needs no length.
-        response.headers_mut().remove(header::CONTENT_LENGTH);
-    }
-    // The answer goes out in the agent's own HTTP version, not the backend's (RFC 9110 §6.2):
-    // hyper's server would write an HTTP/1.0 backend's `HTTP/1.0` status line to an HTTP/1.1
-    // caller, and close its connection after the answer.
-    *response.version_mut() = Version::default();
-    // The timeouts cover the answer's body too.
-    let body_deadline = [
-        request_timeout.zip(started).map(|(t, s)| s + t),
-        attempt_timeout.zip(attempt_started).map(|(t, s)| s + t),
-    ]
-    .into_iter()
-    .flatten()
-    .min();
-    Ok(response.map(|b| AnswerEnd::wrap(b, body_deadline, grpc)))
 }
 
 /// The request body for another attempt, taken as soon as the retry is decided: the last

@@ -42,6 +42,7 @@ use gamma_engine::routes::{
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
 use local::LocalAnswer;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -287,215 +288,228 @@ impl Proxy {
     /// relay (an upgrade, CONNECT): a successor takes over only the relays running when it said
     /// Stop, and one made later would be reset at the drain's deadline; refused, the client
     /// connects again, to the successor.
-    pub async fn handle(
-        self: &Arc<Self>,
+    #[allow(clippy::manual_async_fn)] // see below
+    pub fn handle<'s, 'c>(
+        self: &'s Arc<Self>,
         mut request: Request<CallerBody>,
-        conn: &ConnectionInfo,
+        conn: &'c ConnectionInfo,
         draining: bool,
-    ) -> Response<ProxyBody> {
-        let snapshot = self.snapshot.load_full();
-        // A caller the table did not know when its connection came may be known now (its Pod
-        // reached the agent since): its namespace's routes apply from this request on.
-        let conn = conn.as_known_in(&snapshot);
-        let mut log = AccessLog::new(&request, conn, &self.metrics);
-        let grpc = is_grpc(&request);
-        let head = request.method() == http::Method::HEAD;
-        let version = request.version();
-        let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
-            local_response(local, grpc, head, log, &self.metrics)
-        };
-        let refused = check_request_head(&request, self.config.max_header_bytes).and_then(|()| {
-            if draining && forward::becomes_relay(&request) {
-                Err(LocalAnswer::Draining)
-            } else {
-                Ok(())
-            }
-        });
-        let mut response = match refused {
-            Err(refused) => {
-                let mut response = local_response(&refused, &mut log);
-                // Like hyper's own refusals: the client is confused, do not wait for more from
-                // it. On HTTP/2 the refused stream is enough: a GOAWAY would cut the other
-                // callers' streams on the connection short of new ones.
-                if version < http::Version::HTTP_2 {
-                    close_after(&mut response, version);
+    ) -> impl Future<Output = Response<ProxyBody>> + use<'s, 'c> {
+        // Not an `async fn`, as `forward` is not.
+        async move {
+            let snapshot = self.snapshot.load_full();
+            // A caller the table did not know when its connection came may be known now (its Pod
+            // reached the agent since): its namespace's routes apply from this request on.
+            let conn = conn.as_known_in(&snapshot);
+            let mut log = AccessLog::new(&request, conn, &self.metrics);
+            let grpc = is_grpc(&request);
+            let head = request.method() == http::Method::HEAD;
+            let version = request.version();
+            let local_response = |local: &LocalAnswer, log: &mut AccessLog<'_>| {
+                local_response(local, grpc, head, log, &self.metrics)
+            };
+            let refused =
+                check_request_head(&request, self.config.max_header_bytes).and_then(|()| {
+                    if draining && forward::becomes_relay(&request) {
+                        Err(LocalAnswer::Draining)
+                    } else {
+                        Ok(())
+                    }
+                });
+            let mut response = match refused {
+                Err(refused) => {
+                    let mut response = local_response(&refused, &mut log);
+                    // Like hyper's own refusals: the client is confused, do not wait for more from
+                    // it. On HTTP/2 the refused stream is enough: a GOAWAY would cut the other
+                    // callers' streams on the connection short of new ones.
+                    if version < http::Version::HTTP_2 {
+                        close_after(&mut response, version);
+                    }
+                    response
                 }
-                response
-            }
-            Ok(()) => {
-                absolute_form_names_the_host(&mut request);
-                normalize_path(&mut request);
-                let frontend = self.frontend(&snapshot, &conn.destination);
-                match self
-                    .proxy_frontend(frontend.map(|f| &**f), request, conn, grpc, &mut log)
-                    .await
-                {
-                    Ok(response) => response,
-                    Err((local, rule, cors)) => {
-                        let mut response = local_response(&local, &mut log);
-                        let closes = match local {
-                            // The Service went (or its port, or its address) while the
-                            // connection stayed: the client's next one is made to wherever its
-                            // name leads now.
-                            LocalAnswer::UnknownFrontend(_) => true,
-                            // The rest of the body is not read (RFC 9110 §15.5.9); on HTTP/2
-                            // only its stream ends.
-                            LocalAnswer::RequestBodyTimeout(_) => version < http::Version::HTTP_2,
-                            _ => false,
-                        };
-                        if closes {
-                            close_after(&mut response, version);
+                Ok(()) => {
+                    absolute_form_names_the_host(&mut request);
+                    normalize_path(&mut request);
+                    let frontend = self.frontend(&snapshot, &conn.destination);
+                    match self
+                        .proxy_frontend(frontend.map(|f| &**f), request, conn, grpc, &mut log)
+                        .await
+                    {
+                        Ok(response) => response,
+                        Err((local, rule, cors)) => {
+                            let mut response = local_response(&local, &mut log);
+                            let closes = match local {
+                                // The Service went (or its port, or its address) while the
+                                // connection stayed: the client's next one is made to wherever its
+                                // name leads now.
+                                LocalAnswer::UnknownFrontend(_) => true,
+                                // The rest of the body is not read (RFC 9110 §15.5.9); on HTTP/2
+                                // only its stream ends.
+                                LocalAnswer::RequestBodyTimeout(_) => {
+                                    version < http::Version::HTTP_2
+                                }
+                                _ => false,
+                            };
+                            if closes {
+                                close_after(&mut response, version);
+                            }
+                            if grpc && version == http::Version::HTTP_2 && local.unprocessed() {
+                                // gRPC clients send a refused stream again by themselves (gRPC's
+                                // transparent retry), not a call answered UNAVAILABLE.
+                                response.extensions_mut().insert(RefuseStream);
+                                // Logged and counted with the status a plain caller would get; the
+                                // call did not end (the client sends it again), so it is not
+                                // counted in gamma_grpc_calls_total.
+                                *response.status_mut() = local.status();
+                            }
+                            gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
+                            for modifier in
+                                rule.into_iter().flat_map(|r| r.response_header_modifiers())
+                            {
+                                modifier.apply(response.headers_mut());
+                            }
+                            response
                         }
-                        if grpc && version == http::Version::HTTP_2 && local.unprocessed() {
-                            // gRPC clients send a refused stream again by themselves (gRPC's
-                            // transparent retry), not a call answered UNAVAILABLE.
-                            response.extensions_mut().insert(RefuseStream);
-                            // Logged and counted with the status a plain caller would get; the
-                            // call did not end (the client sends it again), so it is not
-                            // counted in gamma_grpc_calls_total.
-                            *response.status_mut() = local.status();
-                        }
-                        gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
-                        for modifier in rule.into_iter().flat_map(|r| r.response_header_modifiers())
-                        {
-                            modifier.apply(response.headers_mut());
-                        }
-                        response
+                    }
+                }
+            };
+            log.status = response.status().as_u16();
+            let series = log.finish();
+            if grpc && response.extensions().get::<RefuseStream>().is_none() {
+                // A trailers-only answer ends the call in its head; others in their trailers, but
+                // for an HTTP error, which a client reads as a status of its own.
+                let head_status = body::grpc_status(response.headers())
+                    .or_else(|| body::grpc_status_of_http(response.status()));
+                match head_status {
+                    Some(status) => series.grpc.record(status),
+                    None => {
+                        let counts = series.grpc.clone();
+                        response =
+                            response.map(|b| body::CountGrpcStatus::new(b, counts).boxed_unsync());
                     }
                 }
             }
-        };
-        log.status = response.status().as_u16();
-        let series = log.finish();
-        if grpc && response.extensions().get::<RefuseStream>().is_none() {
-            // A trailers-only answer ends the call in its head; others in their trailers, but
-            // for an HTTP error, which a client reads as a status of its own.
-            let head_status = body::grpc_status(response.headers())
-                .or_else(|| body::grpc_status_of_http(response.status()));
-            match head_status {
-                Some(status) => series.grpc.record(status),
-                None => {
-                    let counts = series.grpc.clone();
-                    response =
-                        response.map(|b| body::CountGrpcStatus::new(b, counts).boxed_unsync());
-                }
-            }
+            response
         }
-        response
     }
 
     /// Routes one request to `frontend`. A local answer comes back with the rule it was given
     /// for, if any, and the CORS filter's headers if it ran: that rule's response filters apply
     /// to it.
-    async fn proxy_frontend<'f>(
-        self: &Arc<Self>,
+    #[allow(clippy::manual_async_fn)] // see below
+    fn proxy_frontend<'s, 'f, 'c, 'l>(
+        self: &'s Arc<Self>,
         frontend: Option<&'f Frontend>,
         request: Request<CallerBody>,
-        conn: &ConnectionInfo,
+        conn: &'c ConnectionInfo,
         grpc: bool,
-        log: &mut AccessLog<'f>,
-    ) -> Result<Response<ProxyBody>, Unforwarded<'f>> {
-        let Some(frontend) = frontend else {
-            let unknown = LocalAnswer::UnknownFrontend(format!("{:?}", conn.destination));
-            return Err((unknown, None, HeaderMap::new()));
-        };
-        log.frontend = Some(frontend);
-        log.series = Some(SeriesSlot::One(&frontend.series));
-        let (mut parts, body) = request.into_parts();
-        let decision = frontend.lookup(
-            conn.caller.namespace.as_deref(),
-            &RequestHead::from_parts(&parts),
-        );
-        let (rule, matched) = match decision {
-            Decision::Direct(backend) => {
-                log.backend = Some(backend);
-                log.series = Some(SeriesSlot::One(&frontend.direct_series));
-                let body = RequestBody::new(body, grpc, self.config.max_buffered_body);
-                let target = forward::Target {
-                    backend,
-                    pinned: None,
-                };
-                return forward::forward(self, target, parts, body, None, grpc, log)
-                    .await
-                    .map_err(|local| (local, None, HeaderMap::new()));
-            }
-            Decision::NoMatchingRule => {
-                let service = requests::service_label(frontend);
-                return Err((LocalAnswer::NoMatchingRule(service), None, HeaderMap::new()));
-            }
-            Decision::Rule { rule, matched } => (rule, matched),
-        };
-        log.rule = Some(rule);
-        log.series = Some(SeriesSlot::Rule {
-            rule,
-            backend: None,
-        });
-        let random = rand::random::<u64>();
-        // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
-        // The clock is read only for rules with session persistence.
-        let session_policy = rule
-            .session()
-            .map(|policy| (policy, crate::telemetry::unix_now()));
-        let resumed = session_policy
-            .and_then(|(policy, now)| policy.resume(&parts.headers, now))
-            .and_then(|session| {
-                let began = session.backend.map(usize::from);
-                Some((session, rule.backend_serving(session.endpoint, began)?))
+        log: &'l mut AccessLog<'f>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Unforwarded<'f>>> + use<'s, 'f, 'c, 'l>
+    {
+        // Not an `async fn`, as `forward` is not.
+        async move {
+            let Some(frontend) = frontend else {
+                let unknown = LocalAnswer::UnknownFrontend(format!("{:?}", conn.destination));
+                return Err((unknown, None, HeaderMap::new()));
+            };
+            log.frontend = Some(frontend);
+            log.series = Some(SeriesSlot::One(&frontend.series));
+            let (mut parts, body) = request.into_parts();
+            let decision = frontend.lookup(
+                conn.caller.namespace.as_deref(),
+                &RequestHead::from_parts(&parts),
+            );
+            let (rule, matched) = match decision {
+                Decision::Direct(backend) => {
+                    log.backend = Some(backend);
+                    log.series = Some(SeriesSlot::One(&frontend.direct_series));
+                    let body = RequestBody::new(body, grpc, self.config.max_buffered_body);
+                    let target = forward::Target {
+                        backend,
+                        pinned: None,
+                    };
+                    return forward::forward(self, target, parts, body, None, grpc, log)
+                        .await
+                        .map_err(|local| (local, None, HeaderMap::new()));
+                }
+                Decision::NoMatchingRule => {
+                    let service = requests::service_label(frontend);
+                    return Err((LocalAnswer::NoMatchingRule(service), None, HeaderMap::new()));
+                }
+                Decision::Rule { rule, matched } => (rule, matched),
+            };
+            log.rule = Some(rule);
+            log.series = Some(SeriesSlot::Rule {
+                rule,
+                backend: None,
             });
-        let backend = resumed.map(|(_, index)| index);
-        // The caller's connection options go before the route's filters run: a header a filter
-        // sets is the route's, whatever the caller's `Connection` names (RFC 9110 §7.6.1 is about
-        // the fields received).
-        let upgrade = forward::is_upgrade(&parts);
-        forward::strip_hop_by_hop(&mut parts.headers, upgrade);
-        let mut plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
-            Plan::Respond(local, cors) => return Err((local.into(), Some(rule), cors)),
-            Plan::Forward(plan) => plan,
-        };
-        log.backend = Some(plan.backend);
-        log.series = Some(SeriesSlot::Rule {
-            rule,
-            backend: Some(plan.backend_index),
-        });
-        let backend_index = plan.backend_index;
-        // A gRPC call's body is kept too (up to the limit, as it streams), for the resends of a
-        // stream its backend refuses unprocessed (`forward`): gRPC servers refuse new calls
-        // past their limit while behind on the last ones, and the stream's first attempt has
-        // sent the body into it by then.
-        let keep_body = grpc || rule.retry().is_some() || !plan.mirrors.is_empty();
-        let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
-        let mirrors = std::mem::take(&mut plan.mirrors);
-        self.mirrors.send(self, mirrors, parts.version, &body);
-        let target = forward::Target {
-            backend: plan.backend,
-            pinned: resumed.map(|(session, _)| session.endpoint),
-        };
-        let cors = std::mem::take(&mut plan.cors_headers);
-        let mut response =
-            match forward::forward(self, target, parts, body, Some(rule), grpc, log).await {
-                Ok(response) => response,
-                Err(local) => return Err((local, Some(rule), cors)),
+            let random = rand::random::<u64>();
+            // A persisted session goes back to its endpoint's backendRef, whatever the weights say.
+            // The clock is read only for rules with session persistence.
+            let session_policy = rule
+                .session()
+                .map(|policy| (policy, crate::telemetry::unix_now()));
+            let resumed = session_policy
+                .and_then(|(policy, now)| policy.resume(&parts.headers, now))
+                .and_then(|session| {
+                    let began = session.backend.map(usize::from);
+                    Some((session, rule.backend_serving(session.endpoint, began)?))
+                });
+            let backend = resumed.map(|(_, index)| index);
+            // The caller's connection options go before the route's filters run: a header a filter
+            // sets is the route's, whatever the caller's `Connection` names (RFC 9110 §7.6.1 is about
+            // the fields received).
+            let upgrade = forward::is_upgrade(&parts);
+            forward::strip_hop_by_hop(&mut parts.headers, upgrade);
+            let mut plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
+                Plan::Respond(local, cors) => return Err((local.into(), Some(rule), cors)),
+                Plan::Forward(plan) => plan,
             };
-        if let (Some((policy, now)), Some(endpoint)) = (session_policy, log.endpoint) {
-            let started = resumed
-                .filter(|(session, _)| session.endpoint == endpoint)
-                .map_or(now, |(session, _)| session.started.min(now));
-            let session = Session {
-                endpoint,
-                backend: u16::try_from(backend_index)
-                    .ok()
-                    .filter(|_| rule.endpoint_is_shared(endpoint)),
-                started,
-                last_used: now,
+            log.backend = Some(plan.backend);
+            log.series = Some(SeriesSlot::Rule {
+                rule,
+                backend: Some(plan.backend_index),
+            });
+            let backend_index = plan.backend_index;
+            // A gRPC call's body is kept too (up to the limit, as it streams), for the resends of a
+            // stream its backend refuses unprocessed (`forward`): gRPC servers refuse new calls
+            // past their limit while behind on the last ones, and the stream's first attempt has
+            // sent the body into it by then.
+            let keep_body = grpc || rule.retry().is_some() || !plan.mirrors.is_empty();
+            let body = RequestBody::new(body, keep_body, self.config.max_buffered_body);
+            let mirrors = std::mem::take(&mut plan.mirrors);
+            self.mirrors.send(self, mirrors, parts.version, &body);
+            let target = forward::Target {
+                backend: plan.backend,
+                pinned: resumed.map(|(session, _)| session.endpoint),
             };
-            let (name, value) = policy.offer(&session);
-            response.headers_mut().append(name, value);
+            let cors = std::mem::take(&mut plan.cors_headers);
+            let mut response =
+                match forward::forward(self, target, parts, body, Some(rule), grpc, log).await {
+                    Ok(response) => response,
+                    Err(local) => return Err((local, Some(rule), cors)),
+                };
+            if let (Some((policy, now)), Some(endpoint)) = (session_policy, log.endpoint) {
+                let started = resumed
+                    .filter(|(session, _)| session.endpoint == endpoint)
+                    .map_or(now, |(session, _)| session.started.min(now));
+                let session = Session {
+                    endpoint,
+                    backend: u16::try_from(backend_index)
+                        .ok()
+                        .filter(|_| rule.endpoint_is_shared(endpoint)),
+                    started,
+                    last_used: now,
+                };
+                let (name, value) = policy.offer(&session);
+                response.headers_mut().append(name, value);
+            }
+            gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
+            for modifier in plan.response_headers {
+                modifier.apply(response.headers_mut());
+            }
+            Ok(response)
         }
-        gamma_engine::routes::cors::add_to_answer(cors, response.headers_mut());
-        for modifier in plan.response_headers {
-            modifier.apply(response.headers_mut());
-        }
-        Ok(response)
     }
 }
 
@@ -1094,14 +1108,17 @@ mod future_sizes {
         }
     }
 
-    /// A request's future is boxed and moved into its box per request: rare paths (hyper's
-    /// exchange) are boxed apart so that it stays small (6,000 bytes before they were; 3,528 after).
+    /// A request's future is boxed and moved into its box per request, and each future it
+    /// awaits is moved into it: rare paths (hyper's exchange) are boxed apart, and the functions
+    /// on the path are not `async fn`s (which hold their arguments twice), so that it stays small
+    /// (6,000 bytes before the rare paths were boxed; 3,528 after, grown to 4,064 by 2026-12-07;
+    /// 3,464 without the `async fn`s).
     #[tokio::test]
-    async fn a_request_future_stays_under_4_kib() {
+    async fn a_request_future_stays_under_3_5_kib() {
         let (proxy, conn) = (proxy(), connection());
         let request = Request::new(CallerBody::Whole(bytes::Bytes::new()));
         let size = std::mem::size_of_val(&proxy.handle(request, &conn, false));
-        assert!(size <= 4096, "the request's future grew to {size} bytes");
+        assert!(size <= 3584, "the request's future grew to {size} bytes");
     }
 
     /// An answer to hyper's server (HTTP/2, HTTP/1.1 with bodies) is the request's future in

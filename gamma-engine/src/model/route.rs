@@ -1025,11 +1025,7 @@ macro_rules! header_modifier {
 /// Not `Proxy-Authenticate` either: it is for the client that chose the proxy (RFC 9110
 /// §11.7.1), and the agent is no proxy its callers chose: a forward proxy's 407 behind a Service
 /// must reach its caller with its challenge.
-///
-/// A `static`: a `const` array is made and dropped at each use (a `HeaderName` of its own, like
-/// `keep-alive`, drops through its bytes' vtable), some 200 instructions per request in the
-/// agent's check of every field.
-pub static HOP_BY_HOP: [HeaderName; 5] = [
+pub const HOP_BY_HOP: [HeaderName; 5] = [
     http::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

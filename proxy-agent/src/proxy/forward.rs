@@ -25,8 +25,10 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Which are there, in one pass over the names: most messages have none, and a removal (a
     // hashed lookup) is made only for one that is.
     let (mut present, mut upgrade) = (0u8, false);
+    // Made once: the constant, used in the loop, is made and dropped for each field.
+    let hop_by_hop = HOP_BY_HOP;
     for name in headers.keys() {
-        match HOP_BY_HOP.iter().position(|h| h == name) {
+        match hop_by_hop.iter().position(|h| h == name) {
             Some(i) => present |= 1 << i,
             None => upgrade |= name == header::UPGRADE,
         }
@@ -45,7 +47,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in &named {
         headers.remove(name);
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in hop_by_hop.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }

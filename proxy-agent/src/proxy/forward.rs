@@ -509,6 +509,8 @@ pub(super) fn upstream_request(
     };
     let authority = if h2 {
         request.headers_mut().remove(header::HOST);
+        // The upstream's HPACK table keeps values: none may hold the caller's read buffer.
+        super::header_maps::own_values(request.headers_mut());
         Some(caller_authority().unwrap_or_else(|| endpoint.clone()))
     } else {
         join_cookie_crumbs(request.headers_mut());

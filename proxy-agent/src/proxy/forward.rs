@@ -36,11 +36,15 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 && !upgrade {
         return;
     }
-    let te_trailers = wire::has_token(headers, &header::TE, "trailers");
+    let te_present = (0..)
+        .zip(&hop_by_hop)
+        .any(|(i, h)| present & (1 << i) != 0 && h == header::TE);
+    let te_trailers = te_present && wire::has_token(headers, &header::TE, "trailers");
     // Headers named in Connection are hop-by-hop too; its options that name no field there
-    // (`close`, as a rule) are passed over.
+    // (`close`, as a rule: RFC 9110 §7.6.1 reserves the field name `Close` so that it names
+    // none, and it is not looked up) are passed over.
     let named: Vec<HeaderName> = wire::tokens(headers, &header::CONNECTION)
-        .filter(|n| headers.contains_key(*n))
+        .filter(|n| !n.eq_ignore_ascii_case("close") && headers.contains_key(*n))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();

@@ -3,10 +3,10 @@
 //! §6–7), so that a client sees the same answers whichever of the two served it. Pure: bytes in,
 //! bytes out, so that every case tests without sockets.
 
-pub(super) use crate::proxy::upstream::wire::has_token;
 use crate::proxy::upstream::wire::{
     chunked_last, decimal, fields_within, header_map, joined, tokens,
 };
+pub(super) use crate::proxy::upstream::wire::{has_token, has_token_in};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -321,7 +321,7 @@ pub fn answer_head(
                 framing = Some(Framing::Chunked { trailers: None });
             }
             header::CONNECTION => {
-                said_close |= has_token(headers, name, "close");
+                said_close |= has_token_in(values.iter(), "close");
                 joined_field(out, name, &values);
             }
             header::TRAILER => {

@@ -544,9 +544,12 @@ pub(in crate::proxy) fn decimal(digits: &[u8]) -> Option<u64> {
 /// The comma-separated tokens of every `name` field (Connection, TE), trimmed (a value that is
 /// not visible ASCII has none: `to_str` refuses it).
 pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h str> {
-    headers
-        .get_all(name)
-        .iter()
+    tokens_of(headers.get_all(name).iter())
+}
+
+/// [`tokens`] of a field's `values`, already found.
+fn tokens_of<'h>(values: impl Iterator<Item = &'h HeaderValue>) -> impl Iterator<Item = &'h str> {
+    values
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim_ascii)
@@ -554,7 +557,12 @@ pub fn tokens<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<It
 
 /// Whether a `name` field (Connection, TE) has `token` among its tokens (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    has_token_in(headers.get_all(name).iter(), token)
+}
+
+/// [`has_token`] in a field's `values`, already found.
+pub fn has_token_in<'h>(values: impl Iterator<Item = &'h HeaderValue>, token: &str) -> bool {
+    tokens_of(values).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// HTTP/1.1 keeps the connection unless it says `close`; HTTP/1.0 only if it says `keep-alive`.

@@ -959,6 +959,8 @@ pub fn grpc_status_of_http(status: http::StatusCode) -> Option<u32> {
 
 /// A gRPC answer's body that counts the `grpc-status` its trailers end the call with: ended
 /// without one (or failed), UNKNOWN; dropped before its end (the caller went away), CANCELLED.
+/// Its trailers get values of their own (`header_maps::own_values`): the caller's HPACK table
+/// keeps what it indexes, and a `grpc-message` may differ per call.
 pub struct CountGrpcStatus {
     inner: ProxyBody,
     /// Taken once the call's status is counted.
@@ -985,12 +987,13 @@ impl Body for CountGrpcStatus {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
+                if let Some(trailers) = frame.trailers_mut() {
                     let status = grpc_status(trailers).unwrap_or(GrpcCounts::UNKNOWN);
                     self.count(status);
+                    super::header_maps::own_values(trailers);
                 }
             }
             Poll::Ready(Some(Err(_)) | None) => self.count(GrpcCounts::UNKNOWN),
@@ -1323,6 +1326,31 @@ mod tests {
         assert_eq!(sent, b[..4], "the backend's own bytes");
         let end = answer.frame().await.unwrap().unwrap();
         assert_eq!(end.into_trailers().unwrap(), trailers);
+    }
+
+    /// A gRPC answer's trailers count its status, and hold nothing of the buffer they were read
+    /// into (a `grpc-message` would stay in an HTTP/2 caller's HPACK table with it).
+    #[tokio::test]
+    async fn a_grpc_answers_trailers_count_and_own_their_values() {
+        let read = Bytes::copy_from_slice(b"5not found: user 1234");
+        let mut trailers = HeaderMap::new();
+        let value = |range| http::HeaderValue::from_maybe_shared(read.slice(range)).unwrap();
+        trailers.insert("grpc-status", value(0..1));
+        trailers.insert("grpc-message", value(1..21));
+        let counts = Arc::new(GrpcCounts::default());
+        let frames = vec![data(b"x"), Frame::trailers(trailers)];
+        let mut counting = CountGrpcStatus::new(then_quiet(frames), counts.clone());
+        counting.frame().await.unwrap().unwrap();
+        let end = counting
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(end["grpc-message"], "not found: user 1234");
+        assert_eq!(counts.read(), [(5, 1)]);
+        assert!(read.is_unique(), "a trailer value holds the buffer read");
     }
 
     /// A gRPC answer that ends without trailers counts UNKNOWN even when its server never polls

@@ -30,6 +30,7 @@ pub use tcp::{defer_accept, refuse_fast_open};
 pub mod upstream;
 pub mod workers;
 
+use crate::telemetry::access_log;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::requests::{self, RequestSeries, SeriesKey, SeriesSlot};
 use arc_swap::ArcSwap;
@@ -848,34 +849,54 @@ impl<'a> AccessLog<'a> {
     }
 
     fn write(&self) -> &'a RequestSeries {
-        let (started, metrics) = (self.started, self.metrics);
-        let duration = started.elapsed();
-        if tracing::enabled!(target: "access", tracing::Level::INFO) {
-            let caller = &self.conn.caller;
-            let key = self.key();
-            let [service, route, backend] = key.shown();
-            tracing::info!(
-                target: "access",
-                caller_namespace = caller.namespace.as_deref().unwrap_or("-"),
-                caller_pod = %caller.pod.as_deref().map_or_else(|| caller.ip.to_string(), str::to_owned),
-                caller_identity = caller.identity,
-                method = %self.method,
-                path = self.uri.path(),
-                service,
-                route,
-                backend,
-                endpoint = %self.endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string()),
-                status = self.status,
-                attempts = self.attempts,
-                duration_us = duration.as_micros() as u64,
-                upstream_us = self.upstream_duration.map_or(0, |d| d.as_micros() as u64),
-                reason = self.reason.as_deref().unwrap_or("-"),
-            );
-        }
-        let slot = self.series.unwrap_or(SeriesSlot::One(&metrics.unrouted));
-        let series = metrics.requests.attached(slot, || self.key());
+        let duration = self.started.elapsed();
+        let slot = self
+            .series
+            .unwrap_or(SeriesSlot::One(&self.metrics.unrouted));
+        let series = self.metrics.requests.attached(slot, || self.key());
         series.record(self.status, duration);
+        if access_log::enabled() {
+            self.write_line(&series.key, duration);
+        }
         series
+    }
+
+    /// The access log's line; its Service, route and backend as the series shows them.
+    fn write_line(&self, key: &SeriesKey, duration: Duration) {
+        use access_log::Value::{Number, Shown, Str};
+        let caller = &self.conn.caller;
+        let [service, route, backend] = key.shown();
+        let pod: &dyn std::fmt::Display = match &caller.pod {
+            Some(pod) => pod,
+            None => &caller.ip,
+        };
+        let endpoint: &dyn std::fmt::Display = match &self.endpoint {
+            Some(endpoint) => endpoint,
+            None => &"-",
+        };
+        let micros = |d: Duration| d.as_micros() as u64;
+        access_log::write(&[
+            (
+                "caller_namespace",
+                Str(caller.namespace.as_deref().unwrap_or("-")),
+            ),
+            ("caller_pod", Shown(pod)),
+            ("caller_identity", Str(caller.identity)),
+            ("method", Shown(&self.method)),
+            ("path", Str(self.uri.path())),
+            ("service", Str(service)),
+            ("route", Str(route)),
+            ("backend", Str(backend)),
+            ("endpoint", Shown(endpoint)),
+            ("status", Number(self.status.into())),
+            ("attempts", Number(self.attempts.into())),
+            ("duration_us", Number(micros(duration))),
+            (
+                "upstream_us",
+                Number(self.upstream_duration.map_or(0, micros)),
+            ),
+            ("reason", Str(self.reason.as_deref().unwrap_or("-"))),
+        ]);
     }
 }
 

@@ -863,31 +863,26 @@ impl<'a> AccessLog<'a> {
 
     /// The access log's line; its Service, route and backend as the series shows them.
     fn write_line(&self, key: &SeriesKey, duration: Duration) {
-        use access_log::Value::{Number, Shown, Str};
+        use access_log::Value::{Endpoint, Ip, Number, Shown, Str};
         let caller = &self.conn.caller;
         let [service, route, backend] = key.shown();
-        let pod: &dyn std::fmt::Display = match &caller.pod {
-            Some(pod) => pod,
-            None => &caller.ip,
-        };
-        let endpoint: &dyn std::fmt::Display = match &self.endpoint {
-            Some(endpoint) => endpoint,
-            None => &"-",
-        };
         let micros = |d: Duration| d.as_micros() as u64;
         access_log::write(&[
             (
                 "caller_namespace",
                 Str(caller.namespace.as_deref().unwrap_or("-")),
             ),
-            ("caller_pod", Shown(pod)),
+            (
+                "caller_pod",
+                caller.pod.as_deref().map_or(Ip(caller.ip), Shown),
+            ),
             ("caller_identity", Str(caller.identity)),
-            ("method", Shown(&self.method)),
+            ("method", Shown(self.method.as_str())),
             ("path", Str(self.uri.path())),
             ("service", Str(service)),
             ("route", Str(route)),
             ("backend", Str(backend)),
-            ("endpoint", Shown(endpoint)),
+            ("endpoint", self.endpoint.map_or(Shown("-"), Endpoint)),
             ("status", Number(self.status.into())),
             ("attempts", Number(self.attempts.into())),
             ("duration_us", Number(micros(duration))),

@@ -7,8 +7,8 @@
 
 use super::log_writer::{Format, LogWriter};
 use std::cell::RefCell;
-use std::fmt::Display;
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,8 +31,11 @@ pub fn enabled() -> bool {
 pub enum Value<'a> {
     /// A string (`field = value`): quoted in text.
     Str(&'a str),
-    /// A value shown (`field = %value`): as it displays in text, a string in JSON.
-    Shown(&'a dyn Display),
+    /// A string shown (`field = %value`): as it is in text.
+    Shown(&'a str),
+    /// An address shown.
+    Ip(IpAddr),
+    Endpoint(SocketAddr),
     Number(u64),
 }
 
@@ -66,9 +69,9 @@ pub fn format_line(out: &mut Vec<u8>, format: Format, at: SystemTime, fields: &[
                 out.push(b'=');
                 match value {
                     Value::Str(s) => text_quoted(out, s),
-                    Value::Shown(v) => {
-                        let _ = write!(out, "{v}");
-                    }
+                    Value::Shown(s) => out.extend_from_slice(s.as_bytes()),
+                    Value::Ip(ip) => address(out, *ip, None),
+                    Value::Endpoint(e) => address(out, e.ip(), Some(*e)),
                     Value::Number(n) => number(out, *n),
                 }
             }
@@ -81,21 +84,22 @@ pub fn format_line(out: &mut Vec<u8>, format: Format, at: SystemTime, fields: &[
                 if i > 0 {
                     out.push(b',');
                 }
-                json_string(out, name);
-                out.push(b':');
+                // Field names are the agent's own: nothing to escape.
+                out.push(b'"');
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
                 match value {
-                    Value::Str(s) => json_string(out, s),
-                    Value::Shown(v) => {
-                        let start = out.len();
-                        let _ = write!(out, "{v}");
-                        if out[start..].iter().any(|&b| json_escaped(b)) {
-                            let shown = String::from_utf8_lossy(&out[start..]).into_owned();
-                            out.truncate(start);
-                            json_string(out, &shown);
-                        } else {
-                            out.insert(start, b'"');
-                            out.push(b'"');
-                        }
+                    Value::Str(s) | Value::Shown(s) => json_string(out, s),
+                    // An address's text has nothing JSON escapes.
+                    Value::Ip(ip) => {
+                        out.push(b'"');
+                        address(out, *ip, None);
+                        out.push(b'"');
+                    }
+                    Value::Endpoint(e) => {
+                        out.push(b'"');
+                        address(out, e.ip(), Some(*e));
+                        out.push(b'"');
                     }
                     Value::Number(n) => number(out, *n),
                 }
@@ -108,15 +112,45 @@ pub fn format_line(out: &mut Vec<u8>, format: Format, at: SystemTime, fields: &[
     out.push(b'\n');
 }
 
+/// `ip`, or `endpoint` (of that IP), as it displays: IPv4's digits without `fmt`'s machinery.
+fn address(out: &mut Vec<u8>, ip: IpAddr, endpoint: Option<SocketAddr>) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                number(out, octet.into());
+            }
+            if let Some(endpoint) = endpoint {
+                out.push(b':');
+                number(out, endpoint.port().into());
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = match endpoint {
+                Some(endpoint) => write!(out, "{endpoint}"),
+                None => write!(out, "{ip}"),
+            };
+        }
+    }
+}
+
 fn number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// Whether any byte of `s` is `special`: looked at whole rather than up to the first one
+/// found, which the compiler turns into a check of many bytes at a time.
+fn any_byte(s: &str, special: impl Fn(u8) -> bool) -> bool {
+    s.bytes().fold(false, |found, b| found | special(b))
+}
+
 /// As `{:?}` quotes a string: most are printable ASCII with nothing to escape.
 fn text_quoted(out: &mut Vec<u8>, s: &str) {
-    if s.bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-    {
+    if !any_byte(s, |b| {
+        !(b' '..=b'~').contains(&b) | (b == b'"') | (b == b'\\')
+    }) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
@@ -127,12 +161,12 @@ fn text_quoted(out: &mut Vec<u8>, s: &str) {
 
 /// A byte JSON escapes in a string.
 fn json_escaped(b: u8) -> bool {
-    b < b' ' || b == b'"' || b == b'\\'
+    (b < b' ') | (b == b'"') | (b == b'\\')
 }
 
 /// As serde_json writes a string.
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(json_escaped) {
+    if any_byte(s, json_escaped) {
         let _ = serde_json::to_writer(&mut *out, s);
     } else {
         out.push(b'"');
@@ -141,27 +175,53 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `2026-12-07T12:29:27.838415Z`, as tracing's default timer writes it.
+/// `2026-12-07T12:29:27.838415Z`, as tracing's default timer writes it; the text up to the
+/// second is kept per thread for the lines of the same second.
 fn rfc3339_micros(out: &mut Vec<u8>, at: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+    }
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let seconds = since.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != seconds {
+        text = up_to_the_second(seconds);
+        SECOND.set((seconds, text));
+    }
+    out.extend_from_slice(&text);
+    digits(out, since.subsec_micros().into(), 6);
+    out.push(b'Z');
+}
+
+/// `2026-12-07T12:29:27.`
+fn up_to_the_second(seconds: u64) -> [u8; 20] {
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     let of_day = seconds % 86_400;
     let fields = [
-        (year as u64, 4usize, b'-'),
+        (year as u64, 4, b'-'),
         (month.into(), 2, b'-'),
         (day.into(), 2, b'T'),
         (of_day / 3600, 2, b':'),
         (of_day / 60 % 60, 2, b':'),
         (of_day % 60, 2, b'.'),
-        (since.subsec_micros().into(), 6, b'Z'),
     ];
+    let mut text = Vec::with_capacity(20);
     for (value, width, then) in fields {
-        let digits = itoa::Buffer::new().format(value).len();
-        out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits)));
-        number(out, value);
-        out.push(then);
+        digits(&mut text, value, width);
+        text.push(then);
     }
+    text.try_into().unwrap_or([b'?'; 20])
+}
+
+/// `value`'s last `width` (at most 6) decimal digits.
+fn digits(out: &mut Vec<u8>, value: u64, width: usize) {
+    let mut digits = [b'0'; 6];
+    let mut rest = value;
+    for digit in digits[..width].iter_mut().rev() {
+        *digit += (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits[..width]);
 }
 
 /// The proleptic Gregorian date of a day since 1970-01-01 (Howard Hinnant's `civil_from_days`).
@@ -186,7 +246,7 @@ fn civil_from_days(days: i64) -> (i64, u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{IpAddr, SocketAddr};
+    use std::fmt::Display;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -215,13 +275,41 @@ mod tests {
         }
     }
 
+    /// A value as tracing was given it (`%value`).
+    #[derive(Clone, Copy)]
+    enum Shown<'a> {
+        Text(&'a str),
+        Ip(IpAddr),
+        Endpoint(SocketAddr),
+    }
+
+    impl Display for Shown<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Shown::Text(s) => s.fmt(f),
+                Shown::Ip(ip) => ip.fmt(f),
+                Shown::Endpoint(e) => e.fmt(f),
+            }
+        }
+    }
+
+    impl<'a> From<Shown<'a>> for Value<'a> {
+        fn from(shown: Shown<'a>) -> Value<'a> {
+            match shown {
+                Shown::Text(s) => Value::Shown(s),
+                Shown::Ip(ip) => Value::Ip(ip),
+                Shown::Endpoint(e) => Value::Endpoint(e),
+            }
+        }
+    }
+
     struct Request<'a> {
         namespace: &'a str,
-        pod: &'a dyn Display,
+        pod: Shown<'a>,
         method: &'a str,
         path: &'a str,
         route: &'a str,
-        endpoint: &'a dyn Display,
+        endpoint: Shown<'a>,
         status: u16,
         reason: &'a str,
     }
@@ -272,14 +360,14 @@ mod tests {
             at,
             &[
                 ("caller_namespace", Value::Str(r.namespace)),
-                ("caller_pod", Value::Shown(r.pod)),
+                ("caller_pod", r.pod.into()),
                 ("caller_identity", Value::Str("pod-ip")),
-                ("method", Value::Shown(&r.method)),
+                ("method", Value::Shown(r.method)),
                 ("path", Value::Str(r.path)),
                 ("service", Value::Str("ns/web:80")),
                 ("route", Value::Str(r.route)),
                 ("backend", Value::Str("ns/web-v2:8080")),
-                ("endpoint", Value::Shown(r.endpoint)),
+                ("endpoint", r.endpoint.into()),
                 ("status", Value::Number(r.status.into())),
                 ("attempts", Value::Number(2)),
                 ("duration_us", Value::Number(1234)),
@@ -300,41 +388,41 @@ mod tests {
         let requests = [
             Request {
                 namespace: "bench",
-                pod: &"web-6d4cf56db6-x2x9q",
+                pod: Shown::Text("web-6d4cf56db6-x2x9q"),
                 method: "GET",
                 path: "/",
                 route: "HTTPRoute ns/web rule #0",
-                endpoint: &endpoint,
+                endpoint: Shown::Endpoint(endpoint),
                 status: 200,
                 reason: "-",
             },
             Request {
                 namespace: "-",
-                pod: &v6,
+                pod: Shown::Ip(v6),
                 method: "PROPFIND",
                 path: "/a%22b\"c\\d\te\u{1}f\u{7f}g\u{e9}h\u{200b}",
                 route: "-",
-                endpoint: &"-",
+                endpoint: Shown::Text("-"),
                 status: 499,
                 reason: "the caller went away before the answer",
             },
             Request {
                 namespace: "ns",
-                pod: &odd_pod,
+                pod: Shown::Text(odd_pod),
                 method: "POST",
                 path: "/x",
                 route: "GRPCRoute ns/r rule named-rule",
-                endpoint: &"-",
+                endpoint: Shown::Text("-"),
                 status: 503,
                 reason: "no endpoint: \"ns/web\" has none ready\r\n",
             },
             Request {
                 namespace: "ns",
-                pod: &"p",
+                pod: Shown::Ip("10.244.1.7".parse().unwrap()),
                 method: "GET",
                 path: "/only\\a-backslash",
                 route: "-",
-                endpoint: &"-",
+                endpoint: Shown::Endpoint("10.244.2.19:65535".parse().unwrap()),
                 status: 200,
                 reason: "tab\there",
             },
@@ -358,11 +446,11 @@ mod tests {
             UNIX_EPOCH,
             &Request {
                 namespace: "a\"b",
-                pod: &"p\u{0}q",
+                pod: Shown::Text("p\u{0}q"),
                 method: "GET",
                 path: "/\\",
                 route: "-",
-                endpoint: &"-",
+                endpoint: Shown::Text("-"),
                 status: 200,
                 reason: "-",
             },

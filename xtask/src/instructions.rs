@@ -1,6 +1,7 @@
 //! `cargo xtask bench instructions`: user-space instructions per request, kept alive and with a
-//! new connection each, counted by callgrind, for the agent beside the two floors of `bench
-//! peers` and nginx (if installed).
+//! new connection each, counted by callgrind, for the agent (unlogged as in `bench peers`, and as
+//! the DaemonSet runs it, an access log line per request) beside the two floors of `bench peers`
+//! and nginx (if installed).
 //!
 //! Why: the peers run measures CPU time on a shared machine, whose noise moves its ratios by more
 //! than most changes of the request path; an instruction count is nearly the same for the same
@@ -19,11 +20,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One forwarder measured: its name, the port it listens on, and its command line.
+/// One forwarder measured: its name, the port it listens on, its command line, and its
+/// `RUST_LOG`.
 struct Forwarder {
     name: &'static str,
     port: u16,
     command: Vec<String>,
+    log: &'static str,
 }
 
 /// The echo backends' addresses, as in `bench/peers/manifests` and the floors' arguments.
@@ -52,32 +55,46 @@ pub fn run() -> Result<()> {
         command.extend(BACKENDS.map(String::from));
         command
     };
+    let agent = |extra: &[&str]| {
+        let mut command = vec![
+            bin("proxy-agent"),
+            "--manifests".into(),
+            root.join("bench/peers/manifests").display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:18184=bench/echo:80".into(),
+            "--admin".into(),
+            "127.0.0.1:15990".into(),
+            "--workers".into(),
+            "2".into(),
+        ];
+        command.extend(extra.iter().map(|arg| arg.to_string()));
+        command
+    };
     let mut forwarders = vec![
         Forwarder {
             name: "ours",
             port: 18184,
-            command: [
-                bin("proxy-agent"),
-                "--manifests".into(),
-                root.join("bench/peers/manifests").display().to_string(),
-                "--listen".into(),
-                "127.0.0.1:18184=bench/echo:80".into(),
-                "--admin".into(),
-                "127.0.0.1:15990".into(),
-                "--workers".into(),
-                "2".into(),
-            ]
-            .into(),
+            command: agent(&[]),
+            log: "warn",
+        },
+        // As the DaemonSet runs it: `RUST_LOG=info`, JSON lines, an access log line per request.
+        Forwarder {
+            name: "ours, access log as deployed",
+            port: 18184,
+            command: agent(&["--log-format=json"]),
+            log: "info",
         },
         Forwarder {
             name: "floor",
             port: 18185,
             command: floor("gamma-hyper-floor", 18185),
+            log: "warn",
         },
         Forwarder {
             name: "codec",
             port: 18186,
             command: floor("gamma-codec-floor", 18186),
+            log: "warn",
         },
     ];
     match nginx(&work)? {
@@ -85,6 +102,7 @@ pub fn run() -> Result<()> {
             name: "nginx",
             port: 18181,
             command,
+            log: "warn",
         }),
         None => util::warn("nginx is not installed: measured without it"),
     }
@@ -94,6 +112,7 @@ pub fn run() -> Result<()> {
             .map(|addr| vec![bin("gamma-echo"), (*addr).to_string()])
             .collect(),
         &work,
+        "warn",
     )?;
     for addr in BACKENDS {
         wait_answering(addr, Duration::from_secs(10))?;
@@ -177,7 +196,7 @@ impl Counted {
 /// Runs `forwarder` under callgrind and counts its instructions over two timed `wrk` runs: kept
 /// alive, then a new connection per request.
 fn count(forwarder: &Forwarder, work: &Path) -> Result<[Counted; 2]> {
-    let out = work.join(forwarder.name);
+    let out = work.join(forwarder.name.replace([' ', ','], "-"));
     std::fs::create_dir_all(&out)?;
     let mut command = vec![
         "valgrind".to_string(),
@@ -185,7 +204,7 @@ fn count(forwarder: &Forwarder, work: &Path) -> Result<[Counted; 2]> {
         format!("--callgrind-out-file={}/callgrind.%p", out.display()),
     ];
     command.extend(forwarder.command.iter().cloned());
-    let running = Processes::start(vec![command], &out)?;
+    let running = Processes::start(vec![command], &out, forwarder.log)?;
     let pid = running.pids()[0];
     let addr = format!("127.0.0.1:{}", forwarder.port);
     let url = format!("http://{addr}/");
@@ -275,13 +294,13 @@ fn wait_answering(addr: &str, patience: Duration) -> Result<()> {
 struct Processes(Vec<Child>);
 
 impl Processes {
-    fn start(commands: Vec<Vec<String>>, dir: &Path) -> Result<Self> {
+    fn start(commands: Vec<Vec<String>>, dir: &Path, rust_log: &str) -> Result<Self> {
         let mut started = Processes(Vec::new());
         for (i, command) in commands.iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("process-{i}.log")))?;
             let child = Command::new(&command[0])
                 .args(&command[1..])
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", rust_log)
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()

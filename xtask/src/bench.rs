@@ -10,7 +10,8 @@
 //!   (wrk dials a Service address that the programs steer to the agent; see [`LocalSlot`]):
 //!   `local`, through the kernel redirect with `--local-sockets`, and `steered`, without.
 //! - `alloc`: heap allocations per request on the agent's request path, HTTP/1.1 (keep-alive, and
-//!   a new connection per request) and HTTP/2 (`tests/src/bin/bench_alloc.rs`;
+//!   a new connection per request, and keep-alive with the access log on) and HTTP/2
+//!   (`tests/src/bin/bench_alloc.rs`;
 //!   `GAMMA_ALLOC_TRACE=1` says where they come from).
 //! - `conns`: the agent's resident memory idle and per idle keep-alive connection, HTTP/1.1 and
 //!   HTTP/2 (`tests/src/bin/bench_conns.rs`).

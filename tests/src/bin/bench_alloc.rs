@@ -5,7 +5,8 @@
 //! are counted; the client and the two echo backends run on other threads, uncounted. HTTP/1.1
 //! keep-alive, HTTP/1.1 on a new connection per request (what a connection costs beyond its
 //! request) and HTTP/2 (h2c) requests, each warmed up first so that pools and tables are filled,
-//! then measured. With `GAMMA_ALLOC_TRACE=1` it also says where the allocations of a few
+//! then measured; and HTTP/1.1 keep-alive again with the access log on, as the DaemonSet runs the
+//! agent (`info`, JSON lines, written to nowhere by the agent's log writer). With `GAMMA_ALLOC_TRACE=1` it also says where the allocations of a few
 //! requests come from: their call sites, grouped by the innermost frame of the agent, the engine,
 //! hyper, h2 or tokio.
 
@@ -34,6 +35,8 @@ enum Mode {
     KeepAlive,
     NewConnection,
     H2,
+    /// Keep-alive, an access log line per request.
+    Logged,
 }
 
 impl Mode {
@@ -42,6 +45,7 @@ impl Mode {
             Mode::KeepAlive => "HTTP/1.1 keep-alive",
             Mode::NewConnection => "HTTP/1.1, a new connection per request",
             Mode::H2 => "HTTP/2 (h2c)",
+            Mode::Logged => "HTTP/1.1 keep-alive, access log on",
         }
     }
 
@@ -54,6 +58,52 @@ impl Mode {
         }
     }
 }
+/// Whether the access log is on (for [`Mode::Logged`] only).
+static LOGGING: AtomicBool = AtomicBool::new(false);
+
+/// Log lines written (to nowhere): that the access log was on is checked, not assumed.
+static LINES_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+struct CountedLines;
+
+impl std::io::Write for CountedLines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+        LINES_WRITTEN.fetch_add(lines as u64, Ordering::Relaxed);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The agent's log writer and access log, as its `main` sets them up, on while [`LOGGING`] is.
+fn log_as_deployed() -> Result<()> {
+    use proxy_agent::telemetry::log_writer::{Format, LogWriter};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let log = LogWriter::spawn(CountedLines, Format::Json)?;
+    proxy_agent::telemetry::access_log::install(log.clone());
+    // Asked at each event (not once per call site, when the log was still off).
+    let on = tracing_subscriber::filter::DynFilterFn::new(
+        |meta: &tracing::Metadata<'_>,
+         _: &tracing_subscriber::layer::Context<'_, tracing_subscriber::Registry>| {
+            LOGGING.load(Ordering::Relaxed) && *meta.level() <= tracing::Level::INFO
+        },
+    );
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(log)
+                .with_filter(on),
+        )
+        .try_init()?;
+    Ok(())
+}
+
 /// Requests whose allocations are traced (`GAMMA_ALLOC_TRACE=1`).
 const TRACED: u64 = 20;
 
@@ -162,7 +212,8 @@ fn main() -> Result<()> {
     );
     println!("| protocol | allocations / request | bytes / request |");
     println!("|---|---|---|");
-    let modes = [Mode::KeepAlive, Mode::NewConnection, Mode::H2];
+    log_as_deployed()?;
+    let modes = [Mode::KeepAlive, Mode::NewConnection, Mode::H2, Mode::Logged];
     for mode in modes {
         let (allocations, bytes) = others.block_on(measure(agent_addr, mode, false))?;
         println!("| {} | {allocations:.1} | {bytes:.0} |", mode.name());
@@ -180,6 +231,7 @@ fn main() -> Result<()> {
 /// Sends warm-up then measured requests (on one connection, or each on its own); allocations and
 /// bytes per measured request (or, tracing, takes traces of `TRACED` requests).
 async fn measure(agent: std::net::SocketAddr, mode: Mode, trace: bool) -> Result<(f64, f64)> {
+    LOGGING.store(mode == Mode::Logged, Ordering::SeqCst);
     let mut send: Box<dyn FnMut() -> SendFuture> = match mode {
         Mode::H2 => {
             let (sender, conn) = hyper::client::conn::http2::handshake(
@@ -193,7 +245,7 @@ async fn measure(agent: std::net::SocketAddr, mode: Mode, trace: bool) -> Result
                 Box::pin(async move { round_trip(sender.send_request(request(true)).await?).await })
             })
         }
-        Mode::KeepAlive => {
+        Mode::KeepAlive | Mode::Logged => {
             let (sender, conn) =
                 hyper::client::conn::http1::handshake(connect(agent).await?).await?;
             tokio::spawn(conn);
@@ -229,6 +281,15 @@ async fn measure(agent: std::net::SocketAddr, mode: Mode, trace: bool) -> Result
         send().await?;
     }
     TRACING.store(false, Ordering::SeqCst);
+    if mode == Mode::Logged {
+        // The writer thread writes within its batch window.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let lines = LINES_WRITTEN.load(Ordering::SeqCst);
+        anyhow::ensure!(
+            lines >= measured,
+            "the access log wrote {lines} lines for {measured} requests: it was not on"
+        );
+    }
     let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
     let bytes = BYTES.load(Ordering::SeqCst) - bytes_before;
     Ok((

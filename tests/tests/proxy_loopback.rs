@@ -1220,3 +1220,84 @@ fn upgraded(addr: std::net::SocketAddr) -> std::net::TcpStream {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
 }
+
+/// As the DaemonSet runs the agent (`RUST_LOG=info`, `--log-format=json`), and in text: one
+/// access line per request, in the form `tracing`'s formatter gives (the agent formats these
+/// lines itself), telling the route, backend and endpoint a request went to, or why it got
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_gets_an_access_line_in_the_logs_form() {
+    let echo = echo_backend([127, 0, 0, 1], "echo").await;
+    let world = Manifests::front_with_rules(
+        echo.addr,
+        "  - matches: [{path: {type: PathPrefix, value: /x}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    );
+    for json in [true, false] {
+        let mut options = options(None);
+        if json {
+            options.extra_args.push("--log-format=json".into());
+        }
+        let mut agent =
+            Agent::start_logging(&world, options, "info", std::process::Stdio::piped()).unwrap();
+        let stderr = agent.child.stderr.take().unwrap();
+        let (lines, access) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("caller_identity") && lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let c = client(false);
+        assert_eq!(
+            get(&c, &agent.url(0, "/x/a%20b?q=1"), &[]).await.status,
+            200
+        );
+        assert_eq!(get(&c, &agent.url(0, "/nope"), &[]).await.status, 404);
+        let mut next = || {
+            access
+                .recv_timeout(Duration::from_secs(5))
+                .expect("an access line")
+        };
+        let (served, refused) = (next(), next());
+        if json {
+            let served: serde_json::Value = serde_json::from_str(&served).unwrap();
+            assert_eq!(served["level"], "INFO");
+            assert_eq!(served["target"], "access");
+            let f = &served["fields"];
+            assert_eq!(f["caller_pod"], "127.0.0.1");
+            assert_eq!(f["method"], "GET");
+            assert_eq!(f["path"], "/x/a%20b");
+            assert_eq!(f["service"], "ns/front:80");
+            assert_eq!(f["route"], "HTTPRoute ns/r rule #0");
+            assert_eq!(f["backend"], "ns/echo:80");
+            assert_eq!(f["endpoint"], echo.addr.to_string());
+            assert_eq!(f["status"], 200);
+            assert_eq!(f["attempts"], 1);
+            assert!(f["duration_us"].as_u64().unwrap() >= f["upstream_us"].as_u64().unwrap());
+            assert_eq!(f["reason"], "-");
+            let refused: serde_json::Value = serde_json::from_str(&refused).unwrap();
+            let f = &refused["fields"];
+            assert_eq!(
+                (&f["status"], &f["route"], &f["endpoint"]),
+                (&404.into(), &"-".into(), &"-".into())
+            );
+            assert_ne!(f["reason"], "-", "a refusal says why");
+        } else {
+            let fields = format!(
+                " INFO access: caller_namespace=\"ns\" caller_pod=127.0.0.1 \
+                 caller_identity=\"explicit-listener\" method=GET path=\"/x/a%20b\" \
+                 service=\"ns/front:80\" route=\"HTTPRoute ns/r rule #0\" backend=\"ns/echo:80\" \
+                 endpoint={} status=200 attempts=1 duration_us=",
+                echo.addr
+            );
+            assert!(served.contains(&fields), "{served}");
+            assert!(served.ends_with("reason=\"-\""), "{served}");
+            assert!(refused.contains(" status=404 "), "{refused}");
+        }
+    }
+}

@@ -297,6 +297,7 @@ fn main() -> Result<()> {
     };
     let log = LogWriter::spawn(std::io::stderr(), format).context("starting the log thread")?;
     proxy_agent::telemetry::access_log::install(log.clone());
+    LogWriter::hold_panics_to_whole_lines();
     // The lines of an agent about to exit are written before it does.
     let _written_at_exit = WrittenAtExit(log.clone());
     let builder = tracing_subscriber::fmt()

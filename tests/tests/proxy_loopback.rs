@@ -1258,7 +1258,7 @@ async fn each_request_gets_an_access_line_in_the_logs_form() {
             200
         );
         assert_eq!(get(&c, &agent.url(0, "/nope"), &[]).await.status, 404);
-        let mut next = || {
+        let next = || {
             access
                 .recv_timeout(Duration::from_secs(5))
                 .expect("an access line")

@@ -51,7 +51,7 @@ pub fn write(fields: &[(&str, Value<'_>)]) {
         line.clear();
         format_line(line, sink.format(), SystemTime::now(), fields);
         // Formatted before the queue is locked: the other workers wait only for a copy.
-        sink.append(|queue| queue.extend_from_slice(line));
+        sink.append(line);
     });
 }
 

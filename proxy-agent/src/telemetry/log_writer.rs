@@ -103,15 +103,26 @@ impl LogWriter {
         Ok(LogWriter { shared, format })
     }
 
+    /// Has a panic's message written between batches, not inside one: the standard library's
+    /// report goes to stderr without its lock, and a batch larger than a pipe's buffer is
+    /// written in parts, between which another writer's bytes get in (a JSON line cut in two).
+    pub fn hold_panics_to_whole_lines() {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // Reentrant: a panic in the log thread, mid-batch, reports too.
+            let _between_batches = std::io::stderr().lock();
+            report(info);
+        }));
+    }
+
     /// The form lines are written in.
     pub fn format(&self) -> Format {
         self.format
     }
 
-    /// Appends one line, written by `line` (which must end it with `\n`) straight into the queue.
-    pub fn append(&self, line: impl FnOnce(&mut Vec<u8>)) {
-        let mut appending = Line::new(self);
-        line(appending.bytes());
+    /// Appends one whole `line` (ending with `\n`).
+    pub fn append(&self, line: &[u8]) {
+        let _ = Line::new(self).write_all(line);
     }
 
     /// Waits (at most `limit`) for the queued lines to be written: the last words of an agent
@@ -177,6 +188,8 @@ pub struct Line<'w> {
     queue: Option<MutexGuard<'w, Queue>>,
     /// Where this line begins in the queue.
     start: usize,
+    /// The line did not fit: it is dropped.
+    dropped: bool,
 }
 
 impl<'w> Line<'w> {
@@ -185,22 +198,40 @@ impl<'w> Line<'w> {
             to,
             queue: None,
             start: 0,
+            dropped: false,
         }
     }
 
-    fn bytes(&mut self) -> &mut Vec<u8> {
-        let queue = self.queue.get_or_insert_with(|| {
+    /// The queue, locked at the line's first byte.
+    fn queue(&mut self) -> &mut Queue {
+        self.queue.get_or_insert_with(|| {
             let queue = self.to.shared.queue();
             self.start = queue.bytes.len();
             queue
-        });
-        &mut queue.bytes
+        })
     }
 }
 
 impl Write for Line<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.bytes().extend_from_slice(bytes);
+        if self.dropped {
+            return Ok(bytes.len());
+        }
+        let queue = &mut self.queue().bytes;
+        // Checked before the queue grows: its room stays within the bound.
+        if queue.len() + bytes.len() > QUEUED_BYTES {
+            let start = self.start;
+            self.queue().bytes.truncate(start);
+            self.dropped = true;
+        } else {
+            let needed = queue.len() + bytes.len();
+            if needed > queue.capacity() {
+                // Doubling, but not past the bound.
+                let room = (queue.capacity() * 2).clamp(needed, QUEUED_BYTES);
+                queue.reserve_exact(room - queue.len());
+            }
+            queue.extend_from_slice(bytes);
+        }
         Ok(bytes.len())
     }
 
@@ -214,8 +245,7 @@ impl Drop for Line<'_> {
         let Some(mut queue) = self.queue.take() else {
             return;
         };
-        if queue.bytes.len() > QUEUED_BYTES {
-            queue.bytes.truncate(self.start);
+        if self.dropped {
             drop(queue);
             self.to.shared.dropped.fetch_add(1, Ordering::Relaxed);
             LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -294,14 +324,16 @@ mod tests {
         let filler = "x".repeat(999);
         let lines = QUEUED_BYTES / 1000 + 100;
         for _ in 0..lines {
-            writer.append(|out| writeln!(out, "{filler}").unwrap());
+            writer.append(format!("{filler}\n").as_bytes());
         }
         assert!(started.elapsed() < Duration::from_secs(2), "blocked");
         assert!(writer.dropped() >= 99, "dropped {}", writer.dropped());
+        let room = writer.shared.queue().bytes.capacity();
+        assert!(room <= QUEUED_BYTES, "the queue took {room} bytes");
         drop(held);
         wait_for(&text, "line 0\n");
         // Written before the next line once the output takes lines again: in the log's form.
-        writer.append(|out| out.extend_from_slice(b"after\n"));
+        writer.append(b"after\n");
         wait_for(&text, "after\n");
         let text = written(&text);
         let note = text
@@ -365,7 +397,7 @@ mod tests {
             // Longer than the batch window: the writer has gone to sleep each time.
             std::thread::sleep(BATCH_WINDOW * 3);
             let wanted = format!("quiet {i}\n");
-            writer.append(|out| out.extend_from_slice(wanted.as_bytes()));
+            writer.append(wanted.as_bytes());
             wait_for(&text, &wanted);
         }
     }

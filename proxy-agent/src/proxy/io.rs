@@ -23,6 +23,37 @@ pub const LINGER: Duration = Duration::from_secs(2);
 /// on whether hyper has the whole head when its buffer limit is reached, that is on how it was read.
 const FIRST_READ: usize = 8192;
 
+/// Read buffers kept per thread (a data-plane worker), at most.
+const KEPT_BUFFERS: usize = 16;
+
+thread_local! {
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A new connection's read buffer: one an ended connection left on this thread, else a new one.
+/// An 8 KiB allocation is served by glibc's large-chunk path, which first consolidates its fast
+/// bins, and cutting the first head out of a new buffer allocates its shared header too.
+fn read_buffer() -> BytesMut {
+    SPARE_BUFFERS
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| BytesMut::with_capacity(FIRST_READ))
+}
+
+/// Keeps an ended connection's read buffer for the next one on this thread, emptied, when its
+/// room is a usual one's and its own: what it holds of its allocation is never shared (header
+/// values cut from it hold what they were cut from), and a larger one (a long head's) is freed.
+pub(super) fn give_back_read_buffer(mut buf: BytesMut) {
+    buf.clear();
+    if !buf.try_reclaim(FIRST_READ) || buf.capacity() > 2 * FIRST_READ {
+        return;
+    }
+    SPARE_BUFFERS.with_borrow_mut(|spare| {
+        if spare.len() < KEPT_BUFFERS {
+            spare.push(buf);
+        }
+    });
+}
+
 /// A served connection's transport, counting the reads and writes that moved bytes (see
 /// `serve::quiet`).
 pub(super) struct Watched<I> {
@@ -167,7 +198,7 @@ impl Lingering {
         let rewound = self.rewound();
         if rewound.unread.capacity() == 0 {
             // Room for a whole request head of the usual size: serving it reads nothing more.
-            rewound.unread.reserve(FIRST_READ);
+            rewound.unread = read_buffer();
         }
         let read = rewound.io.read_buf(&mut rewound.unread).await?;
         Ok((read > 0).then_some(&rewound.unread[..]))
@@ -417,6 +448,39 @@ impl AsyncWrite for Lingering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ended_connections_read_buffer_is_the_next_ones() {
+        let mut first = read_buffer();
+        let start = first.as_ptr();
+        first.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        // The head cut out, as the server does, and done with when the connection ends.
+        let head = first.split_to(16).freeze();
+        drop(head);
+        give_back_read_buffer(first);
+        assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), 1, "kept");
+        let mut second = read_buffer();
+        assert!(second.is_empty() && second.capacity() >= FIRST_READ);
+        assert_eq!(second.as_ptr(), start, "the same room, all of it");
+        // A head still held (a value that outlives its connection) leaves too little room of
+        // the buffer's own for a first read: freed, not kept.
+        second.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let held = second.split_to(16).freeze();
+        give_back_read_buffer(second);
+        assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), 0);
+        assert_eq!(
+            &held[..],
+            b"GET / HTTP/1.1\r\n",
+            "what was cut out is untouched"
+        );
+        // A long head's buffer is freed, not kept.
+        give_back_read_buffer(BytesMut::with_capacity(4 * FIRST_READ));
+        assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), 0);
+        for _ in 0..KEPT_BUFFERS + 3 {
+            give_back_read_buffer(BytesMut::with_capacity(FIRST_READ));
+        }
+        assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), KEPT_BUFFERS);
+    }
 
     /// An accepted connection (not registered with the reactor, as the listeners accept) and its
     /// client, on 127.0.0.1.

@@ -44,6 +44,15 @@ const READ_SIZE: usize = 8192;
 /// gets it as it would have.
 const OWN_HEAD: usize = 8192;
 
+/// A connection's read buffer, given back to its worker's spares when the connection ends.
+struct KeptBuffer(bytes::BytesMut);
+
+impl Drop for KeptBuffer {
+    fn drop(&mut self) {
+        crate::proxy::io::give_back_read_buffer(std::mem::take(&mut self.0));
+    }
+}
+
 /// Serves HTTP/1.1 on `stream` until the client is done, the connection must close, or
 /// `shutdown` turns true (an idle connection then closes after [`DRAIN_IDLE_GRACE`]; the answer
 /// in flight says `Connection: close`).
@@ -54,7 +63,9 @@ pub async fn serve<T: ReadAhead>(
     shutdown: watch::Receiver<bool>,
 ) {
     let config = &proxy.config;
-    let mut buf = stream.take_unread();
+    // Kept for the worker's next connection when this one ends (unless hyper's server took it).
+    let mut kept = KeptBuffer(stream.take_unread());
+    let buf = &mut kept.0;
     let mut out = Vec::with_capacity(512);
     let mut long_head = wire::LongHead::default();
     // A body read whole is a body buffered: no more than the agent buffers for a retry.
@@ -81,22 +92,19 @@ pub async fn serve<T: ReadAhead>(
         };
         let own = loop {
             let mut awaiting_body = false;
-            let heads = wire::request_head(
-                &mut buf,
-                &mut long_head,
-                OWN_HEAD,
-                config.max_headers,
-                max_body,
-            );
+            let heads =
+                wire::request_head(buf, &mut long_head, OWN_HEAD, config.max_headers, max_body);
             match heads {
                 Head::Own(own) => break own,
                 // hyper's server refuses it (431) from here.
                 Head::Partial if buf.len() > config.max_header_bytes => {
-                    return hand_over(proxy, stream, buf, info, shutdown).await
+                    return hand_over(proxy, stream, std::mem::take(buf), info, shutdown).await
                 }
                 Head::Partial => {}
                 Head::AwaitingBody => awaiting_body = true,
-                Head::Hyper => return hand_over(proxy, stream, buf, info, shutdown).await,
+                Head::Hyper => {
+                    return hand_over(proxy, stream, std::mem::take(buf), info, shutdown).await
+                }
             }
             if buf.capacity() - buf.len() < READ_SIZE / 8 {
                 buf.reserve(READ_SIZE);
@@ -109,12 +117,12 @@ pub async fn serve<T: ReadAhead>(
             }
             tokio::select! {
                 biased;
-                read = stream.read_buf(&mut buf) => match read {
+                read = stream.read_buf(buf) => match read {
                     // The client closed its side mid-body: hyper's server reads what came and
                     // answers as for any body that breaks off, and a client still reading sees
                     // why.
                     Ok(0) if awaiting_body => {
-                        return hand_over(proxy, stream, buf, info, shutdown).await
+                        return hand_over(proxy, stream, std::mem::take(buf), info, shutdown).await
                     }
                     Ok(0) | Err(_) => return,
                     Ok(_) if draining => quiet_spell(&mut head_timer),
@@ -123,7 +131,7 @@ pub async fn serve<T: ReadAhead>(
                 // A body slower than that goes through hyper's server (which does not time it),
                 // as it would have.
                 () = head_timer.elapsed() => if awaiting_body {
-                    return hand_over(proxy, stream, buf, info, shutdown).await;
+                    return hand_over(proxy, stream, std::mem::take(buf), info, shutdown).await;
                 } else {
                     return;
                 },
@@ -146,8 +154,7 @@ pub async fn serve<T: ReadAhead>(
         let handling = Box::pin(proxy.handle(request.map(CallerBody::Whole), &info, false));
         let watch = (config.header_read_timeout, config.max_header_bytes);
         let timer = &mut head_timer;
-        let Some(response) =
-            unless_caller_resets(&mut stream, &mut buf, watch, timer, handling).await
+        let Some(response) = unless_caller_resets(&mut stream, buf, watch, timer, handling).await
         else {
             // Dropped: its log counts it 499, its upstream exchange ends.
             return;

@@ -39,12 +39,15 @@ fn read_buffer() -> BytesMut {
         .unwrap_or_else(|| BytesMut::with_capacity(FIRST_READ))
 }
 
-/// Keeps an ended connection's read buffer for the next one on this thread, emptied, when its
-/// room is a usual one's and its own: what it holds of its allocation is never shared (header
-/// values cut from it hold what they were cut from), and a larger one (a long head's) is freed.
+/// Keeps an ended connection's read buffer for the next one on this thread, emptied, when it
+/// offers a first read's room (8 KiB, hyper's own first read) and no more: a buffer that grew (a
+/// long head's, a body's) is freed, not kept with its larger block behind that room (`capacity`
+/// is the room; what earlier requests took of the block stays in front of it).
 pub(super) fn give_back_read_buffer(mut buf: BytesMut) {
     buf.clear();
-    if !buf.try_reclaim(FIRST_READ) || buf.capacity() > 2 * FIRST_READ {
+    // The first is true for a room beyond 8 KiB, or a block beyond it that nothing else holds
+    // (rewound to its start); the second, for 8 KiB of room (rewinding a block of its own).
+    if buf.try_reclaim(FIRST_READ + 1) || !buf.try_reclaim(FIRST_READ) {
         return;
     }
     SPARE_BUFFERS.with_borrow_mut(|spare| {
@@ -473,8 +476,22 @@ mod tests {
             b"GET / HTTP/1.1\r\n",
             "what was cut out is untouched"
         );
-        // A long head's buffer is freed, not kept.
+        // A long head's buffer is freed, not kept; so is one that grew, whose room left is a
+        // usual one's (review: a 16 KB body read whole left 16 KiB of room in a 32 KiB block).
         give_back_read_buffer(BytesMut::with_capacity(4 * FIRST_READ));
+        let mut grown = BytesMut::with_capacity(FIRST_READ);
+        grown.extend_from_slice(&[b'x'; FIRST_READ]);
+        grown.reserve(FIRST_READ);
+        grown.extend_from_slice(&[b'x'; FIRST_READ]);
+        grown.reserve(FIRST_READ);
+        grown.extend_from_slice(&[b'x'; 116]);
+        drop(grown.split_to(16_500).freeze());
+        assert!(grown.capacity() <= 2 * FIRST_READ);
+        give_back_read_buffer(grown);
+        let mut half_cut = BytesMut::with_capacity(2 * FIRST_READ);
+        half_cut.extend_from_slice(&[b'x'; FIRST_READ - 100]);
+        drop(half_cut.split_to(FIRST_READ - 100).freeze());
+        give_back_read_buffer(half_cut);
         assert_eq!(SPARE_BUFFERS.with_borrow(Vec::len), 0);
         for _ in 0..KEPT_BUFFERS + 3 {
             give_back_read_buffer(BytesMut::with_capacity(FIRST_READ));

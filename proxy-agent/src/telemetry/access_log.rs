@@ -245,24 +245,10 @@ fn civil_from_days(days: i64) -> (i64, u8, u8) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::log_writer::testing::SharedOut;
     use super::*;
     use std::fmt::Display;
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
-
-    /// What tracing's formatter writes, to compare with.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     struct FixedTime(&'static str);
 
@@ -316,7 +302,8 @@ mod tests {
 
     /// The line as the agent logged it through `tracing` before (the same fields and macro).
     fn through_tracing(format: Format, at: &'static str, r: &Request) -> String {
-        let captured = Captured::default();
+        // What tracing's formatter writes, to compare with.
+        let captured = SharedOut::default();
         let make = {
             let captured = captured.clone();
             move || captured.clone()

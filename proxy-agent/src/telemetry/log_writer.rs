@@ -269,6 +269,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::SharedOut;
     use super::*;
 
     /// A writer that blocks until told to go on, as a pipe nobody reads; it says when it is
@@ -401,8 +402,16 @@ mod tests {
             wait_for(&text, &wanted);
         }
     }
+}
 
-    struct SharedOut(Arc<Mutex<Vec<u8>>>);
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer into a buffer the test reads.
+    #[derive(Clone, Default)]
+    pub struct SharedOut(pub Arc<Mutex<Vec<u8>>>);
 
     impl Write for SharedOut {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -1,5 +1,6 @@
-//! Telemetry, the bottom layer of the agent: what the agent counts (`metrics`, with the request series in `requests`) and whether it may
-//! take traffic (`readiness`). Every other module may use it; it uses none of them.
+//! Telemetry, the bottom layer of the agent: what the agent counts (`metrics`, with the request series in `requests`), whether it may
+//! take traffic (`readiness`), and how its log is written (`log_writer`, with the access log's
+//! lines in `access_log`). Every other module may use it; it uses none of them.
 
 pub mod access_log;
 pub mod log_writer;

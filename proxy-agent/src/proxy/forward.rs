@@ -205,7 +205,7 @@ pub(super) fn forward<'p, 't, 'r, 'l, 'a>(
         // Resends of a request declined unprocessed beyond those attempts (see below).
         let mut spare_resends = SPARE_RESENDS_WHEN_DECLINED;
         // The clock is read here only for what needs it: a rule's timeouts, a written access log.
-        let log_written = crate::telemetry::access_log::enabled();
+        let log_written = log.written;
         let started = (request_timeout.is_some() || log_written).then(Instant::now);
         let mut attempt_started = None;
         // Inline for the usual one or two attempts: no allocation per request.

@@ -790,6 +790,8 @@ pub(crate) struct AccessLog<'a> {
     started: Instant,
     metrics: &'a Metrics,
     finished: bool,
+    /// Whether its line is written (`RUST_LOG`): asked once per request.
+    pub written: bool,
     grpc: bool,
     method: http::Method,
     uri: http::Uri,
@@ -812,6 +814,7 @@ impl<'a> AccessLog<'a> {
             started: Instant::now(),
             metrics,
             finished: false,
+            written: access_log::enabled(),
             grpc: is_grpc(request),
             method: request.method().clone(),
             // Cheap: the parts of a parsed URI are reference-counted.
@@ -855,7 +858,7 @@ impl<'a> AccessLog<'a> {
             .unwrap_or(SeriesSlot::One(&self.metrics.unrouted));
         let series = self.metrics.requests.attached(slot, || self.key());
         series.record(self.status, duration);
-        if access_log::enabled() {
+        if self.written {
             self.write_line(&series.key, duration);
         }
         series

@@ -6,6 +6,8 @@ use crate::proto::Error;
 
 use crate::hpack;
 
+use super::spare;
+
 use futures_core::Stream;
 
 use bytes::{Buf, BytesMut};
@@ -62,6 +64,16 @@ impl<T> FramedRead<T> {
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
         FramedRead { inner, decoder }
+    }
+
+    /// gamma-node's patch: gives the read buffer back unless it holds part of a frame, and the
+    /// HPACK decoder's; each is taken again when needed. Called while no stream is open, when
+    /// no decoded header value holds bytes of them: then they are kept for the next connection.
+    pub fn give_back_buffers(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            spare::READ.give_back(self.inner.read_buffer_mut());
+        }
+        self.decoder.hpack.give_back_buffer();
     }
 
     pub fn get_ref(&self) -> &T {
@@ -421,6 +433,10 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
+            // gamma-node's patch: given back while the connection is idle.
+            if self.inner.read_buffer().capacity() == 0 {
+                *self.inner.read_buffer_mut() = spare::READ.take();
+            }
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),

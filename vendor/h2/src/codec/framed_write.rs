@@ -60,11 +60,9 @@ enum Next<B> {
     Continuation(frame::Continuation),
 }
 
-/// Initialize the connection with this amount of write buffer.
-///
-/// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
-/// frame that big.
-const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
+// gamma-node's patch: the write buffer (`spare::WRITE`, 16 KiB, as h2's own) is taken when a
+// frame is buffered and given back once flushed; an idle connection holds none.
+use super::spare;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
@@ -93,7 +91,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -169,6 +167,9 @@ where
             }
         }
 
+        // gamma-node's patch: all written; the buffer goes back.
+        spare::WRITE.give_back(self.encoder.buf.get_mut());
+
         tracing::trace!("flushing buffer");
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
@@ -223,6 +224,10 @@ where
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        if self.buf.get_ref().capacity() == 0 {
+            // gamma-node's patch: given back at the last flush.
+            *self.buf.get_mut() = spare::WRITE.take();
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -307,9 +312,10 @@ where
     }
 
     fn has_capacity(&self) -> bool {
-        self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+        // gamma-node's patch: a buffer given back is taken again when a frame is buffered.
+        let buf = self.buf.get_ref();
+        let capacity = buf.capacity().max(spare::WRITE.size());
+        self.next.is_none() && (capacity - buf.len() >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

@@ -1,6 +1,7 @@
 mod error;
 mod framed_read;
 mod framed_write;
+pub(crate) mod spare;
 
 pub use self::error::{SendError, UserError};
 
@@ -114,6 +115,11 @@ impl<T, B> Codec<T, B> {
     /// Get a mutable reference to the inner stream.
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut().get_mut()
+    }
+
+    /// gamma-node's patch: see `FramedRead::give_back_buffers`.
+    pub(crate) fn give_back_read_buffers(&mut self) {
+        self.inner.give_back_buffers();
     }
 
     /// Takes the data payload value that was fully written to the socket

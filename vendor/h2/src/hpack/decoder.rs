@@ -1,4 +1,5 @@
 use super::{header::BytesStr, huffman, Header};
+use crate::codec::spare;
 use crate::frame;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -158,8 +159,16 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // gamma-node's patch: taken when a Huffman string is decoded, given back while no
+            // stream is open (`codec::spare::HUFFMAN`).
+            buffer: BytesMut::new(),
         }
+    }
+
+    /// gamma-node's patch: gives the Huffman buffer back (kept if no header value holds bytes of
+    /// it), for an idle connection to hold none.
+    pub fn give_back_buffer(&mut self) {
+        spare::HUFFMAN.give_back(&mut self.buffer);
     }
 
     /// Queues a potential size update
@@ -214,8 +223,9 @@ impl Decoder {
                     can_resize = false;
                     let entry = self.decode_literal(src, true)?;
 
-                    // Insert the header into the table
-                    self.table.insert(entry.clone());
+                    // Insert the header into the table (gamma-node's patch: a copy that holds
+                    // no bytes of the frame's buffer, which the table would keep alive)
+                    self.table.insert(entry.unshared());
                     consume(src);
 
                     if f(entry).is_break() {
@@ -333,6 +343,9 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            if self.buffer.capacity() == 0 {
+                self.buffer = spare::HUFFMAN.take();
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {

@@ -102,6 +102,20 @@ impl Header {
         }
     }
 
+    /// gamma-node's patch: a copy whose value holds no bytes of the buffer it was decoded from,
+    /// for the dynamic table, which keeps it for as long as the connection indexes it. Field
+    /// values are copies already (`HeaderValue::from_bytes`); pseudo-header values are slices of
+    /// the read buffer (or of the Huffman decoder's), and each kept a whole buffer alive.
+    pub fn unshared(&self) -> Header {
+        match self {
+            Header::Authority(v) => Header::Authority(BytesStr::from(v.as_str())),
+            Header::Scheme(v) => Header::Scheme(BytesStr::from(v.as_str())),
+            Header::Path(v) => Header::Path(BytesStr::from(v.as_str())),
+            Header::Protocol(v) => Header::Protocol(Protocol::from(v.as_str())),
+            other => other.clone(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match *self {
             Header::Field {

@@ -332,6 +332,12 @@ where
                                 continue;
                             }
 
+                            // gamma-node's patch: idle, the read buffers go (the write buffer
+                            // went when flushed): an idle connection holds no frame buffer.
+                            if !self.inner.streams.has_streams() {
+                                self.codec.give_back_read_buffers();
+                            }
+
                             return Poll::Pending;
                         }
                     };

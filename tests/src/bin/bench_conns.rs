@@ -155,16 +155,19 @@ fn read_http1_answer(stream: &mut TcpStream) -> Result<()> {
     }
 }
 
-/// The client preface, empty SETTINGS, and one GET on stream 1 (its header block literal, not
-/// indexed, no Huffman); read until the answer's stream ends.
+/// The client preface, empty SETTINGS, and one GET on stream 1 with the header block curl sends
+/// for `curl --http2-prior-knowledge http://front/` (its fields Huffman-coded and indexed, as a
+/// real client's: the agent's HPACK table keeps them); read until the answer's stream ends.
 fn h2_request(stream: &mut TcpStream) -> Result<()> {
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     frame(&mut out, 0x4, 0, 0, &[]);
-    let mut block = vec![0x82, 0x86, 0x84]; // :method GET, :scheme http, :path /
-    block.push(0x01); // :authority, literal value without indexing
-    block.push(5);
-    block.extend_from_slice(b"front");
-    frame(&mut out, 0x1, 0x4 | 0x1, 1, &block); // END_HEADERS | END_STREAM
+    let block: &[u8] = &[
+        0x82, 0x84, 0x86, // :method GET, :path /, :scheme http
+        0x41, 0x84, 0x96, 0xc3, 0xd4, 0x9f, // :authority front, indexed, Huffman
+        0x7a, 0x88, 0x25, 0xb6, 0x50, 0xc3, 0xab, 0xbc, 0xf2, 0xe1, // user-agent curl/7.88.1
+        0x53, 0x03, 0x2a, 0x2f, 0x2a, // accept */*, indexed
+    ];
+    frame(&mut out, 0x1, 0x4 | 0x1, 1, block); // END_HEADERS | END_STREAM
     stream.write_all(&out)?;
     let mut pending = Vec::new();
     let mut chunk = [0u8; 16 * 1024];

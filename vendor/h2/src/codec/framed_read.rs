@@ -68,7 +68,8 @@ impl<T> FramedRead<T> {
 
     /// gamma-node's patch: gives the read buffer back unless it holds part of a frame, and the
     /// HPACK decoder's; each is taken again when needed. Called while no stream is open, when
-    /// no decoded header value holds bytes of them: then they are kept for the next connection.
+    /// mostly nothing else holds bytes of them; one still held (a request the application keeps,
+    /// the last DATA payload not yet read) stays with the connection until a later call.
     pub fn give_back_buffers(&mut self) {
         if self.inner.read_buffer().is_empty() {
             spare::READ.give_back(self.inner.read_buffer_mut());

@@ -1,5 +1,6 @@
 //! `cargo xtask bench instructions`: user-space instructions per request, kept alive and with a
-//! new connection each, counted by callgrind, for the agent (unlogged as in `bench peers`, and as
+//! new connection each, and over HTTP/2 (prior knowledge, one stream at a time), counted by
+//! callgrind, for the agent (unlogged as in `bench peers`, and as
 //! the DaemonSet runs it, an access log line per request) beside the two floors of `bench peers`
 //! and nginx (if installed).
 //!
@@ -11,8 +12,9 @@
 //!
 //! Each forwarder runs alone under `valgrind --tool=callgrind`, before two echo backends (the
 //! agent with the peers' manifests, nginx with the peers' configuration in one process); `wrk
-//! -t1 -c1` warms it up, then for each mode callgrind's counters are zeroed, `wrk` runs for a
-//! fixed time, and the count since the zero is divided by the requests `wrk` made.
+//! -t1 -c1` warms it up, then for each mode callgrind's counters are zeroed, `wrk` (or for HTTP/2
+//! `gamma-load`) runs for a fixed time, and the count since the zero is divided by the requests
+//! it made.
 
 use crate::util::{self, step};
 use anyhow::{bail, Context, Result};
@@ -20,11 +22,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One forwarder measured: its name, the port it listens on, its command line, and its
-/// `RUST_LOG`.
+/// One forwarder measured: its name, the port it listens on, the one for HTTP/2 callers (if it
+/// takes them), its command line, and its `RUST_LOG`.
 struct Forwarder {
     name: &'static str,
     port: u16,
+    h2_port: Option<u16>,
     command: Vec<String>,
     log: &'static str,
 }
@@ -43,7 +46,7 @@ pub fn run() -> Result<()> {
             bail!("`{tool}` is not installed: apt-get install valgrind wrk");
         }
     }
-    crate::bench::build_forwarders(&["gamma-echo"])?;
+    crate::bench::build_forwarders(&["gamma-echo", "gamma-load"])?;
     let root = util::workspace_root();
     let release = root.join("target/release");
     let work = root.join("target/bench-instructions");
@@ -74,6 +77,7 @@ pub fn run() -> Result<()> {
         Forwarder {
             name: "ours",
             port: 18184,
+            h2_port: Some(18184),
             command: agent(&[]),
             log: "warn",
         },
@@ -81,18 +85,25 @@ pub fn run() -> Result<()> {
         Forwarder {
             name: "ours, access log as deployed",
             port: 18184,
+            h2_port: Some(18184),
             command: agent(&["--log-format=json"]),
             log: "info",
         },
         Forwarder {
             name: "floor",
             port: 18185,
-            command: floor("gamma-hyper-floor", 18185),
+            h2_port: Some(18187),
+            command: {
+                let mut command = floor("gamma-hyper-floor", 18185);
+                command.push("127.0.0.1:18187".into());
+                command
+            },
             log: "warn",
         },
         Forwarder {
             name: "codec",
             port: 18186,
+            h2_port: None,
             command: floor("gamma-codec-floor", 18186),
             log: "warn",
         },
@@ -101,6 +112,7 @@ pub fn run() -> Result<()> {
         Some(command) => forwarders.push(Forwarder {
             name: "nginx",
             port: 18181,
+            h2_port: Some(NGINX_H2_PORT),
             command,
             log: "warn",
         }),
@@ -126,28 +138,34 @@ pub fn run() -> Result<()> {
     }
     drop(echo);
     let nginx = rows.iter().find(|(name, _)| *name == "nginx");
-    let cell = |counted: &Counted, nginx: Option<&Counted>| {
+    let cell = |counted: Option<&Counted>, nginx: Option<&Counted>| {
+        let Some(counted) = counted else {
+            return "–".to_string();
+        };
         let ratio = nginx.map_or(String::new(), |n| {
             format!(" ({:.2}×)", counted.per_request() / n.per_request())
         });
         format!("{:.0}{ratio}", counted.per_request())
     };
     println!(
-        "\n| user-space instructions per request (against nginx) | kept alive | a new connection each |"
+        "\n| user-space instructions per request (against nginx) | kept alive | a new connection each | HTTP/2 |"
     );
-    println!("|---|---|---|");
-    for (name, [kept, new]) in &rows {
-        let [nginx_kept, nginx_new] = nginx.map_or([None, None], |(_, [k, n])| [Some(k), Some(n)]);
-        println!(
-            "| {name} | {} | {} |",
-            cell(kept, nginx_kept),
-            cell(new, nginx_new)
-        );
+    println!("|---|---|---|---|");
+    for (name, modes) in &rows {
+        let cells: Vec<String> = (0..MODES.len())
+            .map(|i| cell(modes[i].as_ref(), nginx.and_then(|(_, n)| n[i].as_ref())))
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
     }
     Ok(())
 }
 
-/// nginx's command line, in one process with the peers' configuration, if nginx is installed.
+/// Where nginx takes HTTP/2 callers (prior knowledge): a server of its own, as nginx speaks
+/// either HTTP/1.1 or HTTP/2 on a plain-text port.
+const NGINX_H2_PORT: u16 = 18191;
+
+/// nginx's command line, in one process with the peers' configuration (and the same location on
+/// `NGINX_H2_PORT` for HTTP/2), if nginx is installed.
 fn nginx(work: &Path) -> Result<Option<Vec<String>>> {
     let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
@@ -160,6 +178,10 @@ fn nginx(work: &Path) -> Result<Option<Vec<String>>> {
         std::fs::create_dir_all(prefix.join(dir))?;
     }
     let [a, b] = BACKENDS;
+    // `listen … http2`, as Debian's nginx 1.22 takes it (1.25 warns and reads it the same).
+    let location = "    location / {\n      proxy_pass http://backends;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+         proxy_set_header Host $http_host;\n      proxy_set_header x-perf-added proxy;\n    }\n";
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid run/nginx.pid;\n\
          error_log logs/error.log warn;\nevents {{ worker_connections 1024; }}\n\
@@ -167,9 +189,8 @@ fn nginx(work: &Path) -> Result<Option<Vec<String>>> {
          keepalive_timeout 65s;\n  keepalive_requests 1000000;\n\
          upstream backends {{ server {a} weight=9; server {b} weight=1; keepalive 128; \
          keepalive_requests 1000000; keepalive_timeout 60s; }}\n\
-         server {{\n    listen 127.0.0.1:18181;\n    location / {{\n      proxy_pass http://backends;\n\
-         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
-         proxy_set_header Host $http_host;\n      proxy_set_header x-perf-added proxy;\n    }}\n  }}\n}}\n"
+         server {{\n    listen 127.0.0.1:18181;\n{location}  }}\n\
+         server {{\n    listen 127.0.0.1:{NGINX_H2_PORT} http2;\n{location}  }}\n}}\n"
     );
     std::fs::write(prefix.join("nginx.conf"), conf)?;
     Ok(Some(vec![
@@ -193,9 +214,20 @@ impl Counted {
     }
 }
 
-/// Runs `forwarder` under callgrind and counts its instructions over two timed `wrk` runs: kept
-/// alive, then a new connection per request.
-fn count(forwarder: &Forwarder, work: &Path) -> Result<[Counted; 2]> {
+/// How the requests are made: HTTP/1.1 kept alive, HTTP/1.1 with a new connection each, HTTP/2.
+#[derive(Clone, Copy)]
+enum Mode {
+    KeptAlive,
+    NewConnections,
+    Http2,
+}
+
+/// The table's columns, in the order they are measured.
+const MODES: [Mode; 3] = [Mode::KeptAlive, Mode::NewConnections, Mode::Http2];
+
+/// Runs `forwarder` under callgrind and counts its instructions over a timed run of each mode it
+/// takes (not HTTP/2 without an `h2_port`).
+fn count(forwarder: &Forwarder, work: &Path) -> Result<[Option<Counted>; 3]> {
     let out = work.join(forwarder.name.replace([' ', ','], "-"));
     std::fs::create_dir_all(&out)?;
     let mut command = vec![
@@ -210,25 +242,41 @@ fn count(forwarder: &Forwarder, work: &Path) -> Result<[Counted; 2]> {
     let url = format!("http://{addr}/");
     // Under callgrind a process starts some 50 times slower.
     wait_answering(&addr, Duration::from_secs(60))?;
-    wrk(&url, "3s", false)?;
-    let mut requests = [0; 2];
-    for (made, close) in requests.iter_mut().zip([false, true]) {
+    wrk(&url, Duration::from_secs(3), false)?;
+    // Per mode, the requests made and callgrind's dump of their count (numbered from 1).
+    let mut made = [None; MODES.len()];
+    let mut dumps = 0;
+    for (i, mode) in MODES.into_iter().enumerate() {
+        let run = |duration: Duration| match (mode, forwarder.h2_port) {
+            (Mode::KeptAlive, _) => wrk(&url, duration, false).map(Some),
+            (Mode::NewConnections, _) => wrk(&url, duration, true).map(Some),
+            (Mode::Http2, Some(port)) => h2_load(port, duration).map(Some),
+            (Mode::Http2, None) => Ok(None),
+        };
+        if let Mode::Http2 = mode {
+            // Its own warm-up: the first HTTP/2 connection sets up what the others reuse.
+            run(Duration::from_secs(2))?;
+        }
         callgrind_control("-z", pid)?;
-        *made = wrk(&url, "8s", close)?;
+        let Some(requests) = run(Duration::from_secs(8))? else {
+            continue;
+        };
         callgrind_control("-d", pid)?;
+        dumps += 1;
+        made[i] = Some((requests, dumps));
     }
     drop(running);
-    let [kept, new] = [1, 2].map(|dump| instructions_in(&out, dump));
-    Ok([
-        Counted {
-            requests: requests[0],
-            instructions: kept?,
-        },
-        Counted {
-            requests: requests[1],
-            instructions: new?,
-        },
-    ])
+    let mut counted = [None, None, None];
+    for (slot, made) in counted.iter_mut().zip(made) {
+        if let Some((requests, dump)) = made {
+            let instructions = instructions_in(&out, dump)?;
+            *slot = Some(Counted {
+                requests,
+                instructions,
+            });
+        }
+    }
+    Ok(counted)
 }
 
 /// The instructions callgrind counted in its dump number `dump` (1: the first) in `dir`.
@@ -248,9 +296,9 @@ fn instructions_in(dir: &Path, dump: u32) -> Result<u64> {
 /// `wrk -t1 -c1 -d<duration> url`, with `Connection: close` if `close`; the requests it made. One
 /// connection at a time: each request takes a whole turn of the event loop, so that the count
 /// repeats (within 1 % for the agent, to the instruction for nginx; with four, 2 %).
-fn wrk(url: &str, duration: &str, close: bool) -> Result<u64> {
+fn wrk(url: &str, duration: Duration, close: bool) -> Result<u64> {
     let mut wrk = Command::new("wrk");
-    wrk.args(["-t1", "-c1", "-d", duration]);
+    wrk.args(["-t1", "-c1", "-d", &format!("{}s", duration.as_secs())]);
     if close {
         wrk.args(["-H", "Connection: close"]);
     }
@@ -262,6 +310,31 @@ fn wrk(url: &str, duration: &str, close: bool) -> Result<u64> {
         .find(|l| l.contains("requests in"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no request count in wrk's output:\n{out}"))
+}
+
+/// `gamma-load` with one HTTP/2 client (prior knowledge, one stream at a time, as `wrk -c1`)
+/// against 127.0.0.1:`port` for `duration`; the requests it made.
+fn h2_load(port: u16, duration: Duration) -> Result<u64> {
+    let load = util::workspace_root().join("target/release/gamma-load");
+    let spec = serde_json::json!({
+        "target": format!("127.0.0.1:{port}"),
+        "host": "echo.bench",
+        "path": "/",
+        "duration_ms": duration.as_millis() as u64,
+        "keep_alive": 0,
+        "idle_keep_alive": 0,
+        "idle_pause_ms": 0,
+        "new_connection": 0,
+        "http2": 1,
+    });
+    let out = util::output(Command::new(load).args(["--json", &spec.to_string()]))?;
+    let report: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("gamma-load's report: {out}"))?;
+    let (ok, failed) = (report["ok"].as_u64(), report["failed"].as_u64());
+    match (ok, failed) {
+        (Some(ok), Some(0)) if ok > 0 => Ok(ok),
+        _ => bail!("gamma-load saw failures over HTTP/2 against 127.0.0.1:{port}: {out}"),
+    }
 }
 
 fn callgrind_control(option: &str, pid: u32) -> Result<()> {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 64;
 
 fn main() -> Result<()> {
-    gamma_tests::floor::run_per_core("gamma-codec-floor", accept_loop)
+    gamma_tests::floor::run_per_core("gamma-codec-floor", false, accept_loop)
 }
 
 /// A worker's idle upstream connections, per backend.
@@ -32,7 +32,8 @@ struct Worker {
     turn: Cell<u32>,
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
+async fn accept_loop(listeners: gamma_tests::floor::Listeners, backends: [SocketAddr; 2]) {
+    let listener = listeners.http1;
     let worker = Rc::new(Worker {
         backends,
         idle: Default::default(),

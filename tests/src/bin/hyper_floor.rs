@@ -6,23 +6,27 @@
 //! client for the others) and the benchmark's work (set `x-perf-added: proxy`, split 90/10),
 //! nothing else: no route table, no filters, no metrics, no access log, no request timeouts, no
 //! retries; of the hop-by-hop headers only `Connection` is dropped (the benchmark's clients send
-//! no other).
+//! no other). With a fourth address it takes HTTP/2 callers (prior knowledge) there too, so that
+//! HTTP/2 has a floor as well (on a port of its own: telling the protocols apart on one port
+//! would add to the HTTP/1.1 floor's cost).
 
 use anyhow::Result;
+use gamma_tests::floor::Listeners;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proxy_agent::proxy::body::{self, ProxyBody};
 use proxy_agent::proxy::upstream::{PoolTimeouts, Upstream, UpstreamError};
+use proxy_agent::proxy::ProxyConfig;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 fn main() -> Result<()> {
-    gamma_tests::floor::run_per_core("gamma-hyper-floor", serve)
+    gamma_tests::floor::run_per_core("gamma-hyper-floor", true, serve)
 }
 
-async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
+async fn serve(listeners: Listeners, backends: [SocketAddr; 2]) {
     // The agent's defaults.
     let client = Upstream::new(
         PoolTimeouts {
@@ -34,23 +38,50 @@ async fn serve(listener: tokio::net::TcpListener, backends: [SocketAddr; 2]) {
     );
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
+    let service = move || {
+        let (client, turn) = (client.clone(), turn.clone());
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
+            let backend = backends[usize::from(n == 9)];
+            forward(client.clone(), backend, request)
+        })
+    };
+    if let Some(listener) = listeners.http2 {
+        // The agent's default HTTP/2 settings.
+        let config = ProxyConfig::default();
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            .max_send_buf_size(config.h2_max_send_buffer)
+            .initial_stream_window_size(config.h2_stream_window)
+            .initial_connection_window_size(config.h2_connection_window());
+        let service = service.clone();
+        tokio::task::spawn_local(accept(listener, move |stream| {
+            let connection = http2.serve_connection(TokioIo::new(stream), service());
+            async move { drop(connection.await) }
+        }));
+    }
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new());
+    accept(listeners.http1, move |stream| {
+        let connection = http1.serve_connection(TokioIo::new(stream), service());
+        async move { drop(connection.await) }
+    })
+    .await
+}
+
+/// Accepts connections on `listener` for ever, each served by `serve` in a task of its own.
+async fn accept<F>(listener: tokio::net::TcpListener, serve: impl Fn(tokio::net::TcpStream) -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (client, turn) = (client.clone(), turn.clone());
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
-            let backend = backends[usize::from(n == 9)];
-            forward(client.clone(), backend, request)
-        });
-        tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(serve(stream));
     }
 }
 
@@ -60,7 +91,17 @@ async fn forward(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let (mut parts, incoming) = request.into_parts();
-    // Origin form, as the agent sends (the clients' Host goes along).
+    // Origin form, as the agent sends (the clients' Host goes along, or an HTTP/2 caller's
+    // `:authority` becomes it).
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(http::header::HOST, host);
+        }
+    }
     if let Some(path_and_query) = parts.uri.path_and_query() {
         parts.uri = path_and_query.clone().into();
     }

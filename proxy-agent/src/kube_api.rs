@@ -90,6 +90,12 @@ pub const LEASES: ApiCall = ApiCall {
     verbs: &["get", "create", "update"],
 };
 
+/// The one call outside `API_CALLS`: the server's version (`GET /version`), the client's first
+/// request (`sources::kube::client::connect`). Every authenticated user may make it (the default
+/// ClusterRole `system:public-info-viewer`), so the agent's role grants nothing for it; refused
+/// (a cluster that took that role away), nothing is lost: the request only opens the connection.
+pub const SERVER_VERSION: &str = "/version";
+
 pub const API_CALLS: &[ApiCall] = &[
     SERVICES,
     ENDPOINT_SLICES,

@@ -31,8 +31,9 @@ struct Cli {
     kube: bool,
     /// A request to the API server whose connection brings no byte for this long fails and is
     /// retried (a list on a connection gone silent: the API server's host lost behind a VIP).
-    /// Keep it longer than a watch's 290 s, which the server ends itself: shorter, quiet kinds'
-    /// watches fail and are listed again.
+    /// Over HTTP/2 (an API server over TLS) the connection's PINGs find that first, within
+    /// 30 + 15 s. Keep it longer than a watch's 290 s, which the server ends itself: shorter,
+    /// quiet kinds' watches over HTTP/1.1 fail and are listed again.
     #[arg(long, default_value_t = 300)]
     api_read_timeout_s: u64,
     /// This node's name (default: $NODE_NAME, from the downward API): only its Pods and its Node
@@ -336,7 +337,9 @@ fn main() -> Result<()> {
         lease_name: cli.lease_name.clone(),
         identity: cli.pod_name.clone().or_else(|| env("POD_NAME")),
     };
-    let api_read_timeout = Duration::from_secs(cli.api_read_timeout_s.max(1));
+    let api_timeouts = proxy_agent::sources::kube::ApiTimeouts::new(Duration::from_secs(
+        cli.api_read_timeout_s.max(1),
+    ));
     if cli.api_read_timeout_s < 295 {
         tracing::warn!(
             seconds = cli.api_read_timeout_s,
@@ -346,7 +349,7 @@ fn main() -> Result<()> {
     }
     if cli.clear_status {
         return runtime.build()?.block_on(async {
-            let client = proxy_agent::sources::kube::client(api_read_timeout).await?;
+            let client = proxy_agent::sources::kube::client(api_timeouts).await?;
             // Run as a pod beside the agents (`kubectl run -n …`): its own namespace's lease;
             // from a workstation, the agents' default.
             let in_a_pod = env("KUBERNETES_SERVICE_HOST").is_some();
@@ -407,7 +410,7 @@ fn main() -> Result<()> {
             status,
             source: KubeConfig {
                 node_name,
-                read_timeout: api_read_timeout,
+                timeouts: api_timeouts,
             },
         }),
     };

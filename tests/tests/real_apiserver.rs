@@ -4,7 +4,10 @@
 //! deleted under watch; the server's defaulting gives the route the manifest loader gives; a
 //! route the server refuses never arrives; status is written by server-side apply against the
 //! resourceVersion it was computed from, re-read after a genuine 409, and another field
-//! manager's entry is kept; invalid rules and invalid edits reach status; the lease moves.
+//! manager's entry is kept; invalid rules and invalid edits reach status; the lease moves. And
+//! the agent's own client, straight to the real server over TLS: its watches are streams of one
+//! HTTP/2 connection, and when that connection goes silent its PINGs find it and the watches
+//! carry on on a new one.
 //!
 //! Skipped, with the reason, when the server is not built (`cargo xtask setup` builds it).
 
@@ -16,6 +19,8 @@ use gamma_tests::real_apiserver::{ApiFront, RealApiServer};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CONTROLLER: &str = "gamma-node.dev/agent";
@@ -28,6 +33,237 @@ fn http_routes(real: &RealApiServer) -> Api<DynamicObject> {
         NS,
         &ApiResource::from_gvk_with_plural(&gvk, "httproutes"),
     )
+}
+
+/// The agent's client (`sources::kube::client`) to the real server through a relay that counts
+/// connections and can make them silent: three watches and a list share one connection (over
+/// HTTP/1.1 each watch holds one); a connection gone silent (its bytes swallowed, never closed)
+/// is found by the PINGs, and the watches go on over a new connection.
+async fn agent_client_over_http2(real: &RealApiServer) {
+    use futures::StreamExt;
+    use kube::runtime::{watcher, WatchStreamExt};
+    use proxy_agent::sources::kube::{client::connect, ApiTimeouts};
+
+    let relay = SilencingRelay::start(gamma_tests::real_apiserver::ADDR).await;
+    let mut config = kube::Config::new(format!("https://{}", relay.addr).parse().unwrap());
+    config.accept_invalid_certs = true;
+    let timeouts = ApiTimeouts {
+        read: Duration::from_secs(300),
+        ping_interval: Duration::from_secs(1),
+        ping_timeout: Duration::from_secs(1),
+    };
+    let agent = connect(config, timeouts).await.expect("the agent's client");
+    let kind = |kind: &str, plural: &str| {
+        let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
+        ApiResource::from_gvk_with_plural(&gvk, plural)
+    };
+    let watched: [Api<DynamicObject>; 3] = [
+        Api::all_with(agent.clone(), &kind("HTTPRoute", "httproutes")),
+        Api::all_with(agent.clone(), &kind("GRPCRoute", "grpcroutes")),
+        Api::namespaced_with(agent.clone(), NS, &kind("HTTPRoute", "httproutes")),
+    ];
+    // What each watch saw, in order: "synced", "applied <name>", "error".
+    let (seen, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let watches: Vec<_> = watched
+        .into_iter()
+        .enumerate()
+        .map(|(i, api)| {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut stream = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .boxed();
+                while let Some(event) = stream.next().await {
+                    let what = match event {
+                        Ok(watcher::Event::InitDone) => "synced".to_string(),
+                        Ok(watcher::Event::Apply(o)) => {
+                            format!("applied {}", o.metadata.name.unwrap_or_default())
+                        }
+                        Ok(_) => continue,
+                        Err(_) => "error".to_string(),
+                    };
+                    if seen.send((i, what)).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut log: Vec<Seen> = Vec::new();
+    let mut until = async |what: &str, done: &dyn Fn(&[Seen]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(&log) {
+            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                Ok(Some(event)) => log.push(event),
+                _ => panic!("not within 20 s: {what}; the watches saw {log:?}"),
+            }
+        }
+        log.len()
+    };
+    let probe = |name: &str| {
+        dynamic(&json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 80}]},
+        }))
+    };
+    let saw = |log: &[Seen], watch: usize, what: &str| {
+        log.iter().any(|(i, w)| *i == watch && w == what)
+    };
+    until("the three watches synced", &|log| {
+        (0..3).all(|i| saw(log, i, "synced"))
+    })
+    .await;
+    let routes = http_routes(real);
+    routes
+        .create(&PostParams::default(), &probe("h2-probe-1"))
+        .await
+        .expect("create a route");
+    until("the route seen by both HTTPRoute watches", &|log| {
+        saw(log, 0, "applied h2-probe-1") && saw(log, 2, "applied h2-probe-1")
+    })
+    .await;
+    Api::<DynamicObject>::all_with(agent.clone(), &kind("GRPCRoute", "grpcroutes"))
+        .list(&Default::default())
+        .await
+        .expect("a list beside the watches");
+    assert_eq!(
+        (relay.accepted(), relay.open()),
+        (1, 1),
+        "three watches and a list over one HTTP/2 connection"
+    );
+
+    // The connection goes silent: PINGs unanswered for a second close it, the watches fail and
+    // list again over a new connection, and see what changed since.
+    relay.silence_all();
+    let before = until("the watches failed on the silent connection", &|log| {
+        log.iter().filter(|(_, w)| w == "error").count() >= 1
+    })
+    .await;
+    routes
+        .create(&PostParams::default(), &probe("h2-probe-2"))
+        .await
+        .expect("create a route");
+    until("the watches back on a new connection", &|log| {
+        saw(&log[before..], 0, "applied h2-probe-2") && saw(&log[before..], 2, "applied h2-probe-2")
+    })
+    .await;
+    // The silent connection closed by the client, one new one open for all the watches (more
+    // may have been opened together as the watches came back, and closed once ALPN told).
+    let settled = Instant::now() + Duration::from_secs(5);
+    while relay.open() != 1 || relay.accepted() < 2 {
+        assert!(
+            Instant::now() < settled,
+            "{} connections open of {} accepted: the silent one still open, or none new",
+            relay.open(),
+            relay.accepted()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in ["h2-probe-1", "h2-probe-2"] {
+        routes
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete the probe");
+    }
+    for watch in watches {
+        watch.abort();
+    }
+}
+
+/// What one of the watches (by index) saw.
+type Seen = (usize, String);
+
+/// A TCP relay to `upstream` that counts the connections it accepts and those still open (their
+/// caller has not closed them), and can make the open ones silent: their bytes are read and
+/// dropped both ways, the sockets kept open (a peer lost behind a VIP, a dropped NAT entry).
+/// Connections accepted later relay as usual.
+struct SilencingRelay {
+    addr: std::net::SocketAddr,
+    counts: Arc<RelayCounts>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct RelayCounts {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+    /// One flag per connection accepted: set, its bytes are dropped.
+    silenced: std::sync::Mutex<Vec<Arc<AtomicBool>>>,
+}
+
+impl SilencingRelay {
+    async fn start(upstream: &'static str) -> SilencingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new(RelayCounts::default());
+        let counted = counts.clone();
+        let accept = tokio::spawn(async move {
+            // The pipes end with this task.
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((caller, _)) = listener.accept().await {
+                counted.accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                counted.open.fetch_add(1, Ordering::SeqCst);
+                let silent = Arc::new(AtomicBool::new(false));
+                counted.silenced.lock().unwrap().push(silent.clone());
+                let (caller_read, caller_write) = caller.into_split();
+                let (server_read, server_write) = server.into_split();
+                let (counts, silent_too) = (counted.clone(), silent.clone());
+                pipes.spawn(async move {
+                    pipe(caller_read, server_write, &silent).await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                });
+                pipes.spawn(async move { pipe(server_read, caller_write, &silent_too).await });
+            }
+        });
+        SilencingRelay {
+            addr,
+            counts,
+            accept,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.counts.accepted.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.counts.open.load(Ordering::SeqCst)
+    }
+
+    fn silence_all(&self) {
+        for flag in self.counts.silenced.lock().unwrap().iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, dropping what it reads once `silent` is set.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: &AtomicBool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for SilencingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }
 
 fn dynamic(value: &Value) -> DynamicObject {
@@ -222,6 +458,7 @@ async fn routes_and_status_against_a_real_api_server() {
             .unwrap_or_else(|e| panic!("{e}\n{}", real.log()));
     }
     real.install_crd(&xmesh_crd()).await.expect("the XMesh CRD");
+    agent_client_over_http2(&real).await;
     let meshes: Api<DynamicObject> = Api::all_with(
         real.client.clone(),
         &ApiResource::from_gvk_with_plural(

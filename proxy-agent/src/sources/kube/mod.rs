@@ -9,7 +9,10 @@
 //! folder's. Route status is an output (`crate::status`); this source only reports each route's
 //! status as the API server stores it. Every call it makes is declared in `crate::kube_api`.
 
+pub mod client;
 pub mod watch;
+
+pub use client::ApiTimeouts;
 
 use crate::sources::{Feed, Updates};
 use kube::runtime::watcher;
@@ -22,9 +25,8 @@ pub struct KubeConfig {
     /// This node (downward API `spec.nodeName`): only its Pods are watched (callers are local).
     /// Without it every Pod is watched.
     pub node_name: Option<String>,
-    /// A request whose connection brings no byte for this long fails (kube-rs sets none: a list
-    /// on a connection gone silent waited forever, the kind frozen or never synced).
-    pub read_timeout: std::time::Duration,
+    /// How the client finds a connection to the API server that went silent.
+    pub timeouts: ApiTimeouts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ pub enum KubeError {
     Config(#[source] kube::config::InferConfigError),
     #[error("building the Kubernetes client from the configuration")]
     Client(#[source] kube::Error),
+    #[error("the kubeconfig's tls-server-name {0:?} is not a DNS name or IP address")]
+    ServerName(String, #[source] rustls_pki_types::InvalidDnsNameError),
 }
 
 /// The feeds this source sends: one per watched kind.
@@ -49,19 +53,18 @@ pub struct KubeSource {
     watchers: Vec<JoinHandle<()>>,
 }
 
-/// A client of the cluster (KUBECONFIG, ~/.kube/config or in-cluster) whose requests fail once
-/// their connection brings no byte for `read_timeout` (kube-rs sets none).
-pub async fn client(read_timeout: std::time::Duration) -> Result<Client, KubeError> {
-    let mut config = kube::Config::infer().await.map_err(KubeError::Config)?;
-    config.read_timeout = Some(read_timeout);
+/// A client of the cluster (KUBECONFIG, ~/.kube/config or in-cluster), over HTTP/2 where the
+/// API server offers it, connected (`client::connect`).
+pub async fn client(timeouts: ApiTimeouts) -> Result<Client, KubeError> {
+    let config = kube::Config::infer().await.map_err(KubeError::Config)?;
     tracing::info!(api_server = %config.cluster_url, "connecting to the cluster");
-    Client::try_from(config).map_err(KubeError::Client)
+    client::connect(config, timeouts).await
 }
 
 impl KubeSource {
     /// Connects and starts one watcher per kind, each sending to `updates`.
     pub async fn start(config: &KubeConfig, updates: Updates) -> Result<KubeSource, KubeError> {
-        let client = client(config.read_timeout).await?;
+        let client = client(config.timeouts).await?;
         if config.node_name.is_none() {
             tracing::warn!("no --node-name (or NODE_NAME): watching the Pods of every node");
         }

@@ -90,11 +90,15 @@ pub const LEASES: ApiCall = ApiCall {
     verbs: &["get", "create", "update"],
 };
 
-/// The one call outside `API_CALLS`: the server's version (`GET /version`), the client's first
-/// request (`sources::kube::client::connect`). Every authenticated user may make it (the default
-/// ClusterRole `system:public-info-viewer`), so the agent's role grants nothing for it; refused
-/// (a cluster that took that role away), nothing is lost: the request only opens the connection.
+/// The server's version (`GET /version`): the client's first request
+/// (`sources::kube::client::connect`); refused, nothing is lost: it only opens the connection.
 pub const SERVER_VERSION: &str = "/version";
+/// Whether the server is ready (`GET /readyz`): asked when a custom resource answers 404
+/// (`sources::kube::watch`); refused, the server is taken for ready.
+pub const SERVER_READY: &str = "/readyz";
+/// The calls outside `API_CALLS`: paths every client may read by default (the ClusterRole
+/// `system:public-info-viewer`), so the agent's role grants nothing for them.
+pub const PUBLIC_INFO: &[&str] = &[SERVER_VERSION, SERVER_READY];
 
 pub const API_CALLS: &[ApiCall] = &[
     SERVICES,

@@ -29,11 +29,12 @@ struct Cli {
     /// in-cluster ServiceAccount) and write route status while holding the status lease.
     #[arg(long)]
     kube: bool,
-    /// A request to the API server whose connection brings no byte for this long fails and is
-    /// retried (a list on a connection gone silent: the API server's host lost behind a VIP).
-    /// Over HTTP/2 (an API server over TLS) the connection's PINGs find that first, within
-    /// 30 + 15 s. Keep it longer than a watch's 290 s, which the server ends itself: shorter,
-    /// quiet kinds' watches over HTTP/1.1 fail and are listed again.
+    /// A request to the API server whose answer brings no byte for this long (its head, or a gap
+    /// in its body) fails and is retried (a list on a connection gone silent: the API server's
+    /// host lost behind a VIP; a stream stalled behind an HTTP/2 proxy). Over HTTP/2 the
+    /// connection's PINGs find a silent connection first, within 30 + 15 s. Keep it longer than
+    /// a watch's 290 s, which the server ends itself: shorter, quiet kinds' watches fail and are
+    /// listed again.
     #[arg(long, default_value_t = 300)]
     api_read_timeout_s: u64,
     /// This node's name (default: $NODE_NAME, from the downward API): only its Pods and its Node

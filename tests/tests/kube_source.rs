@@ -610,11 +610,11 @@ async fn route_status_is_applied_once_per_change_and_keeps_other_controllers_ent
             })
         })
         .collect();
-    // The server's version too, which no role of ours needs to grant (see `SERVER_VERSION`).
+    // Not the paths every client may read (`PUBLIC_INFO`: the server's version, its readiness).
     let made: BTreeSet<(String, String, String)> = api
         .requests()
         .iter()
-        .filter(|r| r.resource != proxy_agent::kube_api::SERVER_VERSION)
+        .filter(|r| !proxy_agent::kube_api::PUBLIC_INFO.contains(&r.resource.as_str()))
         .map(|r| (r.group.clone(), r.resource.clone(), r.verb.clone()))
         .collect();
     assert_eq!(made, declared, "calls made vs --print-rbac");

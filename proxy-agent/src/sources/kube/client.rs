@@ -1,6 +1,6 @@
 //! The agent's client of the API server: kube-rs's stack (its TLS configuration, authentication,
 //! base URI and extra headers, its retry of 429/503/504), on a connection pool that speaks
-//! HTTP/2 where the server offers it (ALPN over TLS, as every real API server does).
+//! HTTP/2 where the server offers it (ALPN over TLS, as API servers do unless told not to).
 //!
 //! Why not kube-rs's own client: it speaks HTTP/1.1 only, so each watch held a connection of its
 //! own, some ten per node (one per watched kind, the mesh status watch, the lease), each with its
@@ -8,27 +8,34 @@
 //! alone). Over HTTP/2 they are streams of one connection, as client-go's are. And a connection
 //! gone silent (the API server's host lost behind a VIP, a NAT entry dropped) is found by HTTP/2
 //! PINGs within `ping_interval + ping_timeout` (client-go's 30 + 15 s), where HTTP/1.1 has only
-//! the read timeout, longer than a watch (300 s), to find it.
+//! the read timeout, longer than a watch (300 s), to find it. The price, as client-go's: a
+//! network blip longer than the PING timeout fails every watch at once, and each kind is listed
+//! again (over HTTP/1.1 TCP's retransmissions rode it out).
 //!
 //! A plain `http://` server (a local proxy, the tests' fake) and any server that does not offer
 //! `h2` get HTTP/1.1, one connection per request in flight, as before. A configured proxy
-//! (`proxy-url` in the kubeconfig) goes to kube-rs's own client, which says whether this build
-//! can take it.
+//! (`proxy-url` in the kubeconfig, or `HTTPS_PROXY` with one) goes to kube-rs's own client, which
+//! says whether this build can take it.
 
 use super::KubeError;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::ConfigExt;
 use kube::Client;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::ServiceBuilder;
 
 /// How the agent's client finds a connection that went silent.
 #[derive(Clone, Copy, Debug)]
 pub struct ApiTimeouts {
-    /// A request whose connection brings no byte for this long fails (kube-rs sets none: a list
-    /// on a connection gone silent waited forever, the kind frozen or never synced). Over HTTP/2
-    /// the PINGs below find such a connection first.
+    /// A request whose answer brings no byte for this long fails (kube-rs sets none: a list on a
+    /// connection gone silent waited forever, the kind frozen or never synced): its head, then
+    /// each gap in its body. Over HTTP/2 the PINGs below find a silent connection first; this
+    /// finds a stream stalled on a live one.
     pub read: Duration,
     /// An HTTP/2 connection that brought no frame for this long is sent a PING...
     pub ping_interval: Duration,
@@ -98,9 +105,10 @@ pub fn client(config: kube::Config, timeouts: ApiTimeouts) -> Result<Client, Kub
     };
     // ALPN offers h2 and http/1.1, in that order.
     let https = https.enable_http1().enable_http2().wrap_connector(http);
+    // The read timeout is each request's (`ReadTimeout`): over HTTP/2 the connection's bytes are
+    // every stream's and its PINGs', and a stalled stream would never see it.
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
-    connector.set_read_timeout(Some(timeouts.read));
     connector.set_write_timeout(config.write_timeout);
     let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -117,8 +125,174 @@ pub fn client(config: kube::Config, timeouts: ApiTimeouts) -> Result<Client, Kub
         .option_layer(retry)
         .option_layer(config.auth_layer().map_err(KubeError::Client)?)
         .layer(config.extra_headers_layer().map_err(KubeError::Client)?)
-        // The layers above (kube-rs's) take boxed errors.
-        .map_err(tower::BoxError::from)
+        .layer_fn(|pool| ReadTimeout {
+            inner: pool,
+            read: timeouts.read,
+        })
         .service(pool);
     Ok(Client::new(service, config.default_namespace))
+}
+
+/// A request fails once its answer brings no byte for `read`: its head, then each gap in its
+/// body (a watch's events, a list's chunks). Errors are boxed, as kube-rs's layers take them.
+#[derive(Clone)]
+struct ReadTimeout<S> {
+    inner: S,
+    read: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the API server's answer brought no byte for {0:?} (--api-read-timeout-s)")]
+struct ReadTimedOut(Duration);
+
+impl<S, B, A> tower::Service<http::Request<B>> for ReadTimeout<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<A>>,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+    A: Body + Unpin,
+{
+    type Response = http::Response<IdleTimeoutBody<A>>;
+    type Error = tower::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (answer, read) = (self.inner.call(request), self.read);
+        Box::pin(async move {
+            let answer = tokio::time::timeout(read, answer)
+                .await
+                .map_err(|_| ReadTimedOut(read))?
+                .map_err(Into::into)?;
+            Ok(answer.map(|body| IdleTimeoutBody {
+                body,
+                read,
+                idle: Box::pin(tokio::time::sleep(read)),
+            }))
+        })
+    }
+}
+
+/// An answer's body that fails once it brings nothing for `read`.
+struct IdleTimeoutBody<B> {
+    body: B,
+    read: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B: Body + Unpin> Body for IdleTimeoutBody<B>
+where
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = B::Data;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.read;
+                self.idle.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(ReadTimedOut(self.read).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::{Service, ServiceExt};
+
+    type Chunks = StreamBody<
+        futures::channel::mpsc::UnboundedReceiver<Result<Frame<bytes::Bytes>, std::io::Error>>,
+    >;
+
+    /// A service whose answer comes after `head_after`, its body's chunks sent through the
+    /// returned sender.
+    fn server(
+        head_after: Duration,
+    ) -> (
+        ReadTimeout<
+            impl tower::Service<
+                http::Request<()>,
+                Response = http::Response<Chunks>,
+                Error = std::io::Error,
+                Future = impl Send,
+            >,
+        >,
+        futures::channel::mpsc::UnboundedSender<Result<Frame<bytes::Bytes>, std::io::Error>>,
+    ) {
+        let (chunks, body) = futures::channel::mpsc::unbounded();
+        let body = std::sync::Mutex::new(Some(StreamBody::new(body)));
+        let inner = tower::service_fn(move |_: http::Request<()>| {
+            let body = body.lock().unwrap().take().expect("one request");
+            async move {
+                tokio::time::sleep(head_after).await;
+                Ok::<_, std::io::Error>(http::Response::new(body))
+            }
+        });
+        let read = Duration::from_secs(300);
+        (ReadTimeout { inner, read }, chunks)
+    }
+
+    fn chunk(text: &'static str) -> Result<Frame<bytes::Bytes>, std::io::Error> {
+        Ok(Frame::data(bytes::Bytes::from_static(text.as_bytes())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_whose_head_does_not_come_fails_after_the_read_timeout() {
+        let (mut service, _chunks) = server(Duration::from_secs(301));
+        let started = tokio::time::Instant::now();
+        let failed = service
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await;
+        let error = failed.err().expect("no head within 300 s").to_string();
+        assert!(error.contains("no byte for 300s"), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_fails_once_it_brings_nothing_for_the_read_timeout_and_not_before() {
+        let (mut service, chunks) = server(Duration::from_secs(10));
+        let answer = service
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await;
+        let mut body = answer.expect("a head within 300 s").into_body();
+        // Chunks 299 s apart, 600 s in all: each gap below the timeout.
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(299)).await;
+            chunks.unbounded_send(chunk("event")).unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "event");
+        }
+        let started = tokio::time::Instant::now();
+        let stalled = body.frame().await.expect("an error, not the end");
+        assert!(stalled.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(300));
+    }
 }

@@ -167,7 +167,7 @@ pub async fn run(
 /// may reach another API server than the 404 came from: a starting one is then taken for ready
 /// (the kind is absent until the next list), as before this check.
 async fn api_server_ready(client: &Client) -> bool {
-    let request = http::Request::get("/readyz")
+    let request = http::Request::get(crate::kube_api::SERVER_READY)
         .body(kube::client::Body::empty())
         .expect("a valid request");
     match client.send(request).await {

@@ -222,24 +222,18 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
     use tower::{Service, ServiceExt};
 
-    type Chunks = StreamBody<
-        futures::channel::mpsc::UnboundedReceiver<Result<Frame<bytes::Bytes>, std::io::Error>>,
-    >;
+    type Chunk = Result<Frame<bytes::Bytes>, std::io::Error>;
+    type Chunks = StreamBody<futures::channel::mpsc::UnboundedReceiver<Chunk>>;
+    type Server =
+        tower::util::BoxService<http::Request<()>, http::Response<Chunks>, std::io::Error>;
 
     /// A service whose answer comes after `head_after`, its body's chunks sent through the
-    /// returned sender.
+    /// returned sender; behind a 300 s read timeout.
     fn server(
         head_after: Duration,
     ) -> (
-        ReadTimeout<
-            impl tower::Service<
-                http::Request<()>,
-                Response = http::Response<Chunks>,
-                Error = std::io::Error,
-                Future = impl Send,
-            >,
-        >,
-        futures::channel::mpsc::UnboundedSender<Result<Frame<bytes::Bytes>, std::io::Error>>,
+        ReadTimeout<Server>,
+        futures::channel::mpsc::UnboundedSender<Chunk>,
     ) {
         let (chunks, body) = futures::channel::mpsc::unbounded();
         let body = std::sync::Mutex::new(Some(StreamBody::new(body)));
@@ -251,10 +245,16 @@ mod tests {
             }
         });
         let read = Duration::from_secs(300);
-        (ReadTimeout { inner, read }, chunks)
+        (
+            ReadTimeout {
+                inner: Server::new(inner),
+                read,
+            },
+            chunks,
+        )
     }
 
-    fn chunk(text: &'static str) -> Result<Frame<bytes::Bytes>, std::io::Error> {
+    fn chunk(text: &'static str) -> Chunk {
         Ok(Frame::data(bytes::Bytes::from_static(text.as_bytes())))
     }
 

@@ -93,7 +93,7 @@ pub const LEASES: ApiCall = ApiCall {
 /// The server's version (`GET /version`): the client's first request
 /// (`sources::kube::client::connect`); refused, nothing is lost: it only opens the connection.
 pub const SERVER_VERSION: &str = "/version";
-/// Whether the server is ready (`GET /readyz`): asked when a custom resource answers 404
+/// Whether the server is ready (`GET /readyz`): asked when a kind's list answers 404
 /// (`sources::kube::watch`); refused, the server is taken for ready.
 pub const SERVER_READY: &str = "/readyz";
 /// The calls outside `API_CALLS`: paths every client may read by default (the ClusterRole

@@ -38,35 +38,40 @@ async fn serve(listeners: Listeners, backends: [SocketAddr; 2]) {
     );
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
-    let service = move || {
+    let service = move |version| {
         let (client, turn) = (client.clone(), turn.clone());
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
             let backend = backends[usize::from(n == 9)];
-            forward(client.clone(), backend, request)
+            forward(client.clone(), backend, version, request)
         })
     };
     if let Some(listener) = listeners.http2 {
-        // The agent's default HTTP/2 settings.
-        let config = ProxyConfig::default();
-        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(config.h2_max_concurrent_streams)
-            .max_send_buf_size(config.h2_max_send_buffer)
-            .initial_stream_window_size(config.h2_stream_window)
-            .initial_connection_window_size(config.h2_connection_window());
         let service = service.clone();
         tokio::task::spawn_local(accept(listener, move |stream| {
-            let connection = http2.serve_connection(TokioIo::new(stream), service());
-            async move { drop(connection.await) }
+            let service = service(HttpVersion::Http2);
+            async move {
+                // The agent's default HTTP/2 settings.
+                let config = ProxyConfig::default();
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(config.h2_max_concurrent_streams)
+                    .max_send_buf_size(config.h2_max_send_buffer)
+                    .initial_stream_window_size(config.h2_stream_window)
+                    .initial_connection_window_size(config.h2_connection_window())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
         }));
     }
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1.timer(TokioTimer::new());
     accept(listeners.http1, move |stream| {
-        let connection = http1.serve_connection(TokioIo::new(stream), service());
-        async move { drop(connection.await) }
+        let service = service(HttpVersion::Http1);
+        async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
     })
     .await
 }
@@ -85,22 +90,30 @@ where
     }
 }
 
+/// Which of the floor's servers a request came through.
+#[derive(Clone, Copy)]
+enum HttpVersion {
+    Http1,
+    Http2,
+}
+
 async fn forward(
     client: Upstream,
     backend: SocketAddr,
+    version: HttpVersion,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let (mut parts, incoming) = request.into_parts();
     // Origin form, as the agent sends (the clients' Host goes along, or an HTTP/2 caller's
-    // `:authority` becomes it).
-    if !parts.headers.contains_key(http::header::HOST) {
-        if let Some(host) = parts
+    // `:authority` becomes it: `HttpVersion::Http2`).
+    if let (HttpVersion::Http2, Some(host)) = (
+        version,
+        parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(http::header::HOST, host);
-        }
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    ) {
+        parts.headers.insert(http::header::HOST, host);
     }
     if let Some(path_and_query) = parts.uri.path_and_query() {
         parts.uri = path_and_query.clone().into();

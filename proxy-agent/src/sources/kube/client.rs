@@ -7,15 +7,16 @@
 //! TLS session, on the API server too (a 5,000-node cluster: 50,000 connections for these agents
 //! alone). Over HTTP/2 they are streams of one connection, as client-go's are. And a connection
 //! gone silent (the API server's host lost behind a VIP, a NAT entry dropped) is found by HTTP/2
-//! PINGs within `ping_interval + ping_timeout` (client-go's 30 + 15 s), where HTTP/1.1 has only
-//! the read timeout, longer than a watch (300 s), to find it. The price, as client-go's: a
+//! PINGs within `ping_interval + ping_timeout` (client-go's 30 + 15 s), where over HTTP/1.1 only
+//! the read timeout (300 s, longer than a watch) found it for a list, and kube-runtime's end of a
+//! watch idle for 295 s for a watch. The price, as client-go's: a
 //! network blip longer than the PING timeout fails every watch at once, and each kind is listed
 //! again (over HTTP/1.1 TCP's retransmissions rode it out).
 //!
 //! A plain `http://` server (a local proxy, the tests' fake) and any server that does not offer
 //! `h2` get HTTP/1.1, one connection per request in flight, as before. A configured proxy
-//! (`proxy-url` in the kubeconfig, or `HTTPS_PROXY` with one) goes to kube-rs's own client, which
-//! says whether this build can take it.
+//! (`proxy-url` in the kubeconfig, or `HTTPS_PROXY` with a kubeconfig: in a pod kube-rs ignores
+//! it) goes to kube-rs's own client, which says whether this build can take it.
 
 use super::KubeError;
 use hyper::body::{Body, Frame, SizeHint};

@@ -25,7 +25,7 @@ pub struct KubeConfig {
     /// This node (downward API `spec.nodeName`): only its Pods are watched (callers are local).
     /// Without it every Pod is watched.
     pub node_name: Option<String>,
-    /// How the client finds a connection to the API server that went silent.
+    /// How the client finds a connection to the API server gone silent, or an answer stalled.
     pub timeouts: ApiTimeouts,
 }
 

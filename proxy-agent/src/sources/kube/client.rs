@@ -9,9 +9,9 @@
 //! gone silent (the API server's host lost behind a VIP, a NAT entry dropped) is found by HTTP/2
 //! PINGs within `ping_interval + ping_timeout` (client-go's 30 + 15 s), where over HTTP/1.1 only
 //! the read timeout (300 s, longer than a watch) found it for a list, and kube-runtime's end of a
-//! watch idle for 295 s for a watch. The price, as client-go's: a
-//! network blip longer than the PING timeout fails every watch at once, and each kind is listed
-//! again (over HTTP/1.1 TCP's retransmissions rode it out).
+//! watch idle for 295 s for a watch. The price, as client-go's: a network blip longer than the
+//! PING timeout fails every watch at once, and each kind is listed again (over HTTP/1.1 TCP's
+//! retransmissions rode it out).
 //!
 //! A plain `http://` server (a local proxy, the tests' fake) and any server that does not offer
 //! `h2` get HTTP/1.1, one connection per request in flight, as before. A configured proxy
@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::ServiceBuilder;
 
-/// How the agent's client finds a connection that went silent.
+/// How the agent's client finds a connection gone silent, or an answer stalled.
 #[derive(Clone, Copy, Debug)]
 pub struct ApiTimeouts {
     /// A request whose answer brings no byte for this long fails (kube-rs sets none: a list on a
@@ -65,11 +65,10 @@ impl ApiTimeouts {
 const FIRST_ANSWER: Duration = Duration::from_secs(5);
 
 /// [`client`], and one request alone (the server's version, `kube_api::SERVER_VERSION`,
-/// logged), so that the connection and
-/// its protocol are settled before the watches start together: over TLS whether it speaks HTTP/2
-/// is known only once a connection is up, and each request made meanwhile opens one of its own
-/// (closed again once ALPN has told, but a TLS handshake each). Its failure is left to the
-/// requests that follow.
+/// logged), so that the connection and its protocol are settled before the watches start
+/// together: over TLS whether it speaks HTTP/2 is known only once a connection is up, and each
+/// request made meanwhile opens one of its own (closed again once ALPN has told, but a TLS
+/// handshake each). Its failure is left to the requests that follow.
 pub async fn connect(config: kube::Config, timeouts: ApiTimeouts) -> Result<Client, KubeError> {
     let client = client(config, timeouts)?;
     match tokio::time::timeout(FIRST_ANSWER, client.apiserver_version()).await {

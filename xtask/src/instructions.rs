@@ -178,10 +178,11 @@ fn nginx(work: &Path) -> Result<Option<Vec<String>>> {
         std::fs::create_dir_all(prefix.join(dir))?;
     }
     let [a, b] = BACKENDS;
-    // `listen … http2`, as Debian's nginx 1.22 takes it (1.25 warns and reads it the same).
     let location = "    location / {\n      proxy_pass http://backends;\n\
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
          proxy_set_header Host $http_host;\n      proxy_set_header x-perf-added proxy;\n    }\n";
+    // The HTTP/2 server's `listen … http2`, as Debian's nginx 1.22 takes it (1.25 warns and reads
+    // it the same).
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid run/nginx.pid;\n\
          error_log logs/error.log warn;\nevents {{ worker_connections 1024; }}\n\

@@ -38,18 +38,18 @@ async fn serve(listeners: Listeners, backends: [SocketAddr; 2]) {
     );
     // Smooth enough for 90/10: nine requests to the first backend, then one to the second.
     let turn = Arc::new(AtomicU32::new(0));
-    let service = move |version| {
+    let service = move || {
         let (client, turn) = (client.clone(), turn.clone());
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let n = turn.fetch_add(1, Ordering::Relaxed) % 10;
             let backend = backends[usize::from(n == 9)];
-            forward(client.clone(), backend, version, request)
+            forward(client.clone(), backend, request)
         })
     };
     if let Some(listener) = listeners.http2 {
         let service = service.clone();
         tokio::task::spawn_local(accept(listener, move |stream| {
-            let service = service(HttpVersion::Http2);
+            let service = service();
             async move {
                 // The agent's default HTTP/2 settings.
                 let config = ProxyConfig::default();
@@ -65,7 +65,7 @@ async fn serve(listeners: Listeners, backends: [SocketAddr; 2]) {
         }));
     }
     accept(listeners.http1, move |stream| {
-        let service = service(HttpVersion::Http1);
+        let service = service();
         async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -90,30 +90,22 @@ where
     }
 }
 
-/// Which of the floor's servers a request came through.
-#[derive(Clone, Copy)]
-enum HttpVersion {
-    Http1,
-    Http2,
-}
-
 async fn forward(
     client: Upstream,
     backend: SocketAddr,
-    version: HttpVersion,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let (mut parts, incoming) = request.into_parts();
     // Origin form, as the agent sends (the clients' Host goes along, or an HTTP/2 caller's
-    // `:authority` becomes it: `HttpVersion::Http2`).
-    if let (HttpVersion::Http2, Some(host)) = (
-        version,
-        parts
+    // `:authority` becomes it).
+    if parts.version == http::Version::HTTP_2 {
+        if let Some(host) = parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    ) {
-        parts.headers.insert(http::header::HOST, host);
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(http::header::HOST, host);
+        }
     }
     if let Some(path_and_query) = parts.uri.path_and_query() {
         parts.uri = path_and_query.clone().into();

@@ -296,7 +296,7 @@ async fn write_answer<W: ClosingWrite>(
         &parts.headers,
         to_head,
         size,
-        &wire::date_now(),
+        wire::write_date_now,
         out,
     );
     let close = close || said_close;

@@ -229,7 +229,7 @@ pub fn answer_head(
     headers: &HeaderMap,
     to_head: bool,
     body: BodySize,
-    date: &[u8],
+    date: impl FnOnce(&mut Vec<u8>),
     out: &mut Vec<u8>,
 ) -> (Framing, bool) {
     // hyper's server cannot send a 1xx as a final answer; it sends a 500 instead.
@@ -252,7 +252,8 @@ pub fn answer_head(
     let can_chunk = !to_head && can_have_body(status);
     // Both framing fields (a route's filter may set either): the coding wins and the length is
     // not sent (RFC 9112 §6.2), where hyper's server refused the answer.
-    let chunking = can_chunk && headers.contains_key(header::TRANSFER_ENCODING);
+    // Looked for among the names rather than by a hashed lookup: an answer has few fields.
+    let chunking = can_chunk && headers.keys().any(|name| name == header::TRANSFER_ENCODING);
     let mut framing = None;
     let mut wrote_date = false;
     let mut said_close = false;
@@ -278,7 +279,8 @@ pub fn answer_head(
         if repeat {
             continue;
         }
-        let values = headers.get_all(name);
+        // Looked up only for the fields whose values are all read at once.
+        let values = || headers.get_all(name);
         match *name {
             header::CONTENT_LENGTH => {
                 if chunking {
@@ -312,7 +314,7 @@ pub fn answer_head(
                     continue;
                 }
                 out.extend_from_slice(b"transfer-encoding: ");
-                joined(out, values.iter().map(HeaderValue::as_bytes), b", ");
+                joined(out, values().iter().map(HeaderValue::as_bytes), b", ");
                 out.extend_from_slice(if chunked_last(headers) == Some(true) {
                     b"\r\n"
                 } else {
@@ -321,6 +323,7 @@ pub fn answer_head(
                 framing = Some(Framing::Chunked { trailers: None });
             }
             header::CONNECTION => {
+                let values = values();
                 said_close |= has_token_in(values.iter(), "close");
                 joined_field(out, name, &values);
             }
@@ -330,7 +333,7 @@ pub fn answer_head(
                 }
                 let names = tokens(headers, name).filter_map(|t| HeaderName::try_from(t).ok());
                 trailer_names.get_or_insert_with(Vec::new).extend(names);
-                joined_field(out, name, &values);
+                joined_field(out, name, &values());
             }
             _ => unreachable!("not a special field"),
         }
@@ -378,10 +381,10 @@ fn content_length_field(length: u64, out: &mut Vec<u8>) {
 }
 
 /// The field hyper's server adds last, then the head's end.
-fn finish_head(wrote_date: bool, date: &[u8], out: &mut Vec<u8>) {
+fn finish_head(wrote_date: bool, date: impl FnOnce(&mut Vec<u8>), out: &mut Vec<u8>) {
     if !wrote_date {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(date);
+        date(out);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -449,21 +452,23 @@ fn trailer_allowed(name: &HeaderName) -> bool {
     )
 }
 
-/// The `date` field's value for now, formatted once a second per thread (as hyper's server does).
-pub fn date_now() -> Bytes {
+/// Writes the `date` field's value for now, formatted once a second per thread (as hyper's server
+/// does). Asked only for an answer without a `date` of its own: most backends send one, and the
+/// clock is not read for theirs.
+pub fn write_date_now(out: &mut Vec<u8>) {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHED: RefCell<(u64, Bytes)> = const { RefCell::new((0, Bytes::new())) };
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
     let now = SystemTime::now();
     let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHED.with(|cached| {
         let mut cached = cached.borrow_mut();
         if cached.0 != second || cached.1.is_empty() {
-            *cached = (second, Bytes::from(httpdate::fmt_http_date(now)));
+            *cached = (second, httpdate::fmt_http_date(now));
         }
-        cached.1.clone()
+        out.extend_from_slice(cached.1.as_bytes());
     })
 }
 
@@ -626,7 +631,8 @@ mod tests {
             );
         }
         let mut out = Vec::new();
-        let (framing, _) = answer_head(StatusCode::OK, None, &map, false, body, b"now", &mut out);
+        let now = |out: &mut Vec<u8>| out.extend_from_slice(b"now");
+        let (framing, _) = answer_head(StatusCode::OK, None, &map, false, body, now, &mut out);
         (String::from_utf8(out).unwrap(), framing)
     }
 

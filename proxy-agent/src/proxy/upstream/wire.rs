@@ -293,7 +293,7 @@ pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt], room: usize
     headers.reserve(fields.len());
     for field in fields {
         let span = |(from, to): (u32, u32)| from as usize..to as usize;
-        let Ok(name) = header_name(&head[span(field.name)]) else {
+        let Ok(name) = crate::proxy::header_names::name(&head[span(field.name)]) else {
             continue;
         };
         let value = head.slice(span(field.value));
@@ -305,33 +305,6 @@ pub(in crate::proxy) fn header_map(head: &Bytes, fields: &[FieldAt], room: usize
         });
     }
     headers
-}
-
-/// A field's name: the usual ones, as they are usually written (lower case), matched as they
-/// are; any other through `HeaderName::from_bytes`, which lower-cases it into a buffer of its own
-/// and checks every byte first.
-fn header_name(bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-    Ok(match bytes {
-        b"host" => header::HOST,
-        b"content-type" => header::CONTENT_TYPE,
-        b"content-length" => header::CONTENT_LENGTH,
-        b"date" => header::DATE,
-        b"server" => header::SERVER,
-        b"connection" => header::CONNECTION,
-        b"user-agent" => header::USER_AGENT,
-        b"accept" => header::ACCEPT,
-        b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"cache-control" => header::CACHE_CONTROL,
-        b"content-encoding" => header::CONTENT_ENCODING,
-        b"transfer-encoding" => header::TRANSFER_ENCODING,
-        b"te" => header::TE,
-        b"etag" => header::ETAG,
-        b"vary" => header::VARY,
-        b"set-cookie" => header::SET_COOKIE,
-        b"cookie" => header::COOKIE,
-        b"authorization" => header::AUTHORIZATION,
-        _ => return HeaderName::from_bytes(bytes),
-    })
 }
 
 /// Whether no body follows an answer of `status` to a HEAD (`to_head`) or a CONNECT
@@ -791,46 +764,6 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The usual names matched as written are the names `http` makes of them, in any case.
-    #[test]
-    fn usual_names_are_the_standard_ones() {
-        for name in [
-            "host",
-            "Host",
-            "HOST",
-            "content-type",
-            "Content-Length",
-            "date",
-            "server",
-            "connection",
-            "user-agent",
-            "accept",
-            "accept-encoding",
-            "cache-control",
-            "content-encoding",
-            "transfer-encoding",
-            "te",
-            "TE",
-            "etag",
-            "vary",
-            "set-cookie",
-            "cookie",
-            "authorization",
-            "x-custom",
-            "X-Custom",
-        ] {
-            let ours = header_name(name.as_bytes()).unwrap();
-            assert_eq!(
-                ours,
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                "{name}"
-            );
-            assert_eq!(ours.as_str(), name.to_ascii_lowercase(), "{name}");
-        }
-        assert!(header_name(b"bad name").is_err());
-        assert!(header_name(b"").is_err());
-    }
 
     fn head(text: &str, to_head: bool) -> (Result<Option<AnswerHead>, WireError>, BytesMut) {
         let mut buf = BytesMut::from(text.as_bytes());

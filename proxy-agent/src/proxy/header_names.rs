@@ -1,31 +1,33 @@
-//! Field names read off the wire (the agent's own HTTP/1.1 server and backend exchange), made
-//! into `HeaderName`s without `HeaderName::from_bytes` where it can: that lower-cases each name
-//! into a buffer and checks every byte, and copies a name it does not know into an allocation of
-//! its own, on every message. The usual names are matched as they are usually written; any other
-//! valid one is kept per thread (a data-plane worker) once made, so that the names a mesh's
-//! requests and answers carry over and over (`traceparent`, `x-request-id`, a backend's own) are
-//! made once per worker, not once per message.
+//! Field names read off the wire by the agent's own HTTP/1.1 server and backend exchange (message
+//! heads; trailers are rare and made as they come), made into `HeaderName`s without
+//! `HeaderName::from_bytes` where it can: that lower-cases each name into a buffer and checks
+//! every byte, and copies a name it does not know into an allocation of its own, on every
+//! message. The usual names are matched as they are usually written; any other valid one of up to
+//! [`KEPT_LEN`] bytes is kept per thread (a data-plane worker) once made, so that the names a
+//! mesh's requests and answers carry over and over (`traceparent`, `x-request-id`, a backend's
+//! own) are made once per worker, not once per message, while they keep their place in the table.
 
 use http::header::{self, HeaderName, InvalidHeaderName};
 use std::cell::RefCell;
 
-/// Slots of the per-thread table of names made; a slot holds the last name that hashed to it.
-const SLOTS: usize = 128;
+/// Sets of the per-thread table of names made; each holds the two names of its set used last.
+const SETS: usize = 64;
 
 /// Longer names are made each time, not kept: the table's memory stays small (at most
-/// `SLOTS` × this many bytes) whatever names a peer sends.
+/// `2 × SETS` names of this many bytes) whatever names a peer sends.
 const KEPT_LEN: usize = 64;
 
 thread_local! {
-    static MADE: RefCell<[Option<HeaderName>; SLOTS]> =
-        const { RefCell::new([const { None }; SLOTS]) };
+    static MADE: RefCell<[[Option<HeaderName>; 2]; SETS]> =
+        const { RefCell::new([const { [None, None] }; SETS]) };
 }
 
 /// The field name `bytes`, as `HeaderName::from_bytes` makes it.
 pub fn name(bytes: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
     Ok(match bytes {
-        // As hyper, Go's server and HTTP/2 peers write them; a request's Host also as HTTP/1.1
-        // clients write it (curl, Go's client, browsers, wrk). Others, in any spelling, are kept.
+        // As hyper writes them, and a request's Host also as most HTTP/1.1 clients write it
+        // (curl, Go's client, browsers, wrk); other spellings (Go's server writes `Content-Type`,
+        // `Date`) are kept as any other name.
         b"host" | b"Host" => header::HOST,
         b"content-type" => header::CONTENT_TYPE,
         b"content-length" => header::CONTENT_LENGTH,
@@ -48,32 +50,45 @@ pub fn name(bytes: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
     })
 }
 
-/// `bytes` from the thread's table, made and kept there if it is not (a name a table slot holds
-/// is valid, and `bytes` equal to it but for the case of letters makes the same name).
+/// `bytes` from the thread's table, made and kept there if it is not (a name the table holds is
+/// valid, and `bytes` equal to it but for the case of letters makes the same name). A name made
+/// goes first in its set, the other used last second: two names a peer sends on every message
+/// that share a set both stay.
 fn kept(bytes: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
     if bytes.is_empty() || bytes.len() > KEPT_LEN {
         return HeaderName::from_bytes(bytes);
     }
-    let slot = slot_of(bytes);
     MADE.with_borrow_mut(|made| {
-        if let Some(name) = &made[slot] {
-            if name.as_str().as_bytes().eq_ignore_ascii_case(bytes) {
-                return Ok(name.clone());
+        let set = &mut made[set_of(bytes)];
+        let holds = |kept: &Option<HeaderName>| {
+            kept.as_ref()
+                .is_some_and(|name| name.as_str().as_bytes().eq_ignore_ascii_case(bytes))
+        };
+        if !holds(&set[0]) {
+            if !holds(&set[1]) {
+                set[1] = Some(HeaderName::from_bytes(bytes)?);
             }
+            set.swap(0, 1);
         }
-        let name = HeaderName::from_bytes(bytes)?;
-        made[slot] = Some(name.clone());
-        Ok(name)
+        Ok(set[0].clone().expect("the name was found or made"))
     })
 }
 
-/// The slot of a name (not empty, at most [`KEPT_LEN`] bytes): from its length and three of its
-/// bytes, lower-cased as ASCII letters are (so that its spellings share a slot); cheaper than a
-/// hash of every byte, and names of one length seldom share all three.
-fn slot_of(bytes: &[u8]) -> usize {
-    let at = |i: usize| usize::from(bytes[i].to_ascii_lowercase());
+/// The set of a name (of 1 to [`KEPT_LEN`] bytes): its length and its first and last four bytes
+/// (overlapping in a short name), lower-cased as ASCII letters are (`| 0x20` on each byte, so
+/// that a name's spellings share a set), mixed by a multiplication (Fibonacci hashing). Cheaper
+/// than a hash of every byte; names that differ only in their middle share a set of two.
+fn set_of(bytes: &[u8]) -> usize {
     let len = bytes.len();
-    (len ^ (at(0) << 1) ^ (at(len / 2) << 3) ^ (at(len - 1) << 5)) % SLOTS
+    let word = |from: usize| {
+        let mut four = [0u8; 4];
+        let end = (from + 4).min(len);
+        four[..end - from].copy_from_slice(&bytes[from..end]);
+        u32::from_le_bytes(four) | 0x2020_2020
+    };
+    let (first, last) = (word(0), word(len.saturating_sub(4)));
+    let mixed = (first ^ last.rotate_left(16) ^ len as u32).wrapping_mul(0x9e37_79b9);
+    (mixed >> (32 - SETS.trailing_zeros())) as usize
 }
 
 #[cfg(test)]
@@ -88,8 +103,10 @@ mod tests {
             "Host",
             "HOST",
             "content-type",
+            "Content-Type",
             "Content-Length",
             "date",
+            "Date",
             "server",
             "connection",
             "user-agent",
@@ -105,10 +122,14 @@ mod tests {
             "set-cookie",
             "cookie",
             "authorization",
+            "x",
             "x-custom",
             "X-Custom",
             "x-custom",
             "Referer",
+            "Sec-Fetch-Site",
+            "Sec-Fetch-Mode",
+            &"x".repeat(KEPT_LEN),
             &"x".repeat(KEPT_LEN + 1),
         ] {
             for _ in 0..2 {
@@ -129,24 +150,33 @@ mod tests {
     }
 
     /// A name met again is the one made the first time (its bytes shared, no new allocation),
-    /// in another spelling too; a name that shares its slot replaces it, and is right.
+    /// in another spelling too, also beside another name of its set; two more push it out.
     #[test]
     fn a_name_is_made_once_per_thread() {
         let first = name(b"x-request-id").unwrap();
+        let same = |again: &HeaderName| again.as_str().as_ptr() == first.as_str().as_ptr();
         for again in [&b"x-request-id"[..], b"X-Request-Id"] {
             let again = name(again).unwrap();
             assert_eq!(again, first);
-            assert_eq!(again.as_str().as_ptr(), first.as_str().as_ptr());
+            assert!(same(&again));
         }
-        // Another name in the same slot.
-        let rival = (0..100_000u32)
+        let rivals: Vec<String> = (0..100_000u32)
             .map(|n| format!("{}-rival-{n}", char::from(b'a' + (n % 26) as u8)))
-            .find(|n| slot_of(n.as_bytes()) == slot_of(b"x-request-id"))
-            .expect("a name in that slot");
-        assert_eq!(name(rival.as_bytes()).unwrap().as_str(), rival);
+            .filter(|n| set_of(n.as_bytes()) == set_of(b"x-request-id"))
+            .take(2)
+            .collect();
+        assert_eq!(rivals.len(), 2, "two names of that set");
+        // Two names used in turn, one set: both stay.
+        for _ in 0..3 {
+            assert_eq!(name(rivals[0].as_bytes()).unwrap().as_str(), rivals[0]);
+            assert!(same(&name(b"x-request-id").unwrap()));
+        }
+        // A third: the one used longest ago goes.
+        name(rivals[0].as_bytes()).unwrap();
+        assert_eq!(name(rivals[1].as_bytes()).unwrap().as_str(), rivals[1]);
         let made_again = name(b"x-request-id").unwrap();
         assert_eq!(made_again, first);
-        assert_ne!(made_again.as_str().as_ptr(), first.as_str().as_ptr());
+        assert!(!same(&made_again));
         // A name too long to keep is made each time.
         let long = "x".repeat(KEPT_LEN + 1);
         let (a, b) = (

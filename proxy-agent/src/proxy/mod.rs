@@ -43,6 +43,7 @@ use gamma_engine::routes::{
 };
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use local::LocalAnswer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -124,6 +125,22 @@ impl ProxyConfig {
         self.h2_stream_window
             .saturating_mul(self.h2_max_concurrent_streams)
             .min(MAX_WINDOW)
+    }
+
+    /// hyper's HTTP/2 server as the agent serves callers with this configuration (the hyper
+    /// floor of `bench peers` serves with the same).
+    pub fn h2_server(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.h2_max_concurrent_streams)
+            .max_send_buf_size(self.h2_max_send_buffer)
+            .initial_stream_window_size(self.h2_stream_window)
+            .initial_connection_window_size(self.h2_connection_window())
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(self.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(self.h2_max_local_error_reset_streams);
+        builder
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::Result;
 use gamma_tests::floor::Listeners;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use proxy_agent::proxy::body::{self, ProxyBody};
 use proxy_agent::proxy::upstream::{PoolTimeouts, Upstream, UpstreamError};
 use proxy_agent::proxy::ProxyConfig;
@@ -53,12 +53,8 @@ async fn serve(listeners: Listeners, backends: [SocketAddr; 2]) {
             async move {
                 // The agent's default HTTP/2 settings.
                 let config = ProxyConfig::default();
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(config.h2_max_concurrent_streams)
-                    .max_send_buf_size(config.h2_max_send_buffer)
-                    .initial_stream_window_size(config.h2_stream_window)
-                    .initial_connection_window_size(config.h2_connection_window())
+                let _ = config
+                    .h2_server()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             }

@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
@@ -348,15 +348,9 @@ where
     }
 
     async fn h2(mut self) -> Result<(), hyper::Error> {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(self.config.h2_max_concurrent_streams)
-            .max_send_buf_size(self.config.h2_max_send_buffer)
-            .initial_stream_window_size(self.config.h2_stream_window)
-            .initial_connection_window_size(self.config.h2_connection_window())
-            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
-            .max_pending_accept_reset_streams(self.config.h2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(self.config.h2_max_local_error_reset_streams)
+        let conn = self
+            .config
+            .h2_server()
             .serve_connection(self.io, self.service);
         tokio::pin!(conn);
         tokio::select! {

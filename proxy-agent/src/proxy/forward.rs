@@ -22,6 +22,24 @@ use tokio::time::Instant;
 /// value HTTP/2 allows (RFC 9113 §8.2.2), gRPC requires it, and a backend sends trailers only
 /// when asked (`upstream_request` adds its connection option for HTTP/1.1 backends).
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    strip_hop_by_hop_but(headers, |_| keep_upgrade);
+}
+
+/// A request's [`strip_hop_by_hop`], where an upgrade ([`asks_upgrade`], not a tunnel) keeps its
+/// `Upgrade`. Returns whether the request asks an upgrade, told in the same pass over the names:
+/// most requests have no `Upgrade` to look up.
+pub(super) fn strip_request_hop_by_hop(parts: &mut http::request::Parts) -> bool {
+    let (version, tunnel) = (parts.version, is_tunnel(parts));
+    let mut asks = false;
+    strip_hop_by_hop_but(&mut parts.headers, |headers| {
+        asks = asks_upgrade(version, headers);
+        asks && !tunnel
+    });
+    asks
+}
+
+/// [`strip_hop_by_hop`]; `keep_upgrade` is asked only if the headers have an `Upgrade`.
+fn strip_hop_by_hop_but(headers: &mut HeaderMap, keep_upgrade: impl FnOnce(&HeaderMap) -> bool) {
     // Which are there, in one pass over the names: most messages have none, and a removal (a
     // hashed lookup) is made only for one that is.
     let (mut present, mut upgrade) = (0u8, false);
@@ -36,6 +54,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 && !upgrade {
         return;
     }
+    let keep_upgrade = upgrade && keep_upgrade(headers);
     let te_present = (0..)
         .zip(&hop_by_hop)
         .any(|(i, h)| present & (1 << i) != 0 && h == header::TE);
@@ -83,10 +102,6 @@ fn is_tunnel(parts: &http::request::Parts) -> bool {
 
 fn asks_tunnel(version: Version, method: &http::Method) -> bool {
     version == Version::HTTP_11 && method == http::Method::CONNECT
-}
-
-pub(super) fn is_upgrade(parts: &http::request::Parts) -> bool {
-    asks_upgrade(parts.version, &parts.headers)
 }
 
 fn asks_upgrade(version: Version, headers: &http::HeaderMap) -> bool {
@@ -191,11 +206,10 @@ pub(super) fn forward<'p, 't, 'r, 'l, 'a>(
         let request_timeout = rule.and_then(|r| r.timeouts().request);
         let attempt_timeout = rule.and_then(|r| r.timeouts().backend_request);
         let tunnel = is_tunnel(&parts);
-        let upgrade = is_upgrade(&parts) || tunnel;
+        let upgrade = strip_request_hop_by_hop(&mut parts) || tunnel;
         let downstream_upgrade = upgrade
             .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
             .flatten();
-        strip_hop_by_hop(&mut parts.headers, upgrade && !tunnel);
         let protocol = backend.protocol_for(rule.map(|r| r.route.kind()));
         let h2 = !upgrade && protocol.is_h2(parts.version == Version::HTTP_2);
         let retry = rule.and_then(|r| r.retry());

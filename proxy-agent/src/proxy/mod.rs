@@ -478,8 +478,7 @@ impl Proxy {
             // The caller's connection options go before the route's filters run: a header a filter
             // sets is the route's, whatever the caller's `Connection` names (RFC 9110 §7.6.1 is about
             // the fields received).
-            let upgrade = forward::is_upgrade(&parts);
-            forward::strip_hop_by_hop(&mut parts.headers, upgrade);
+            forward::strip_request_hop_by_hop(&mut parts);
             let mut plan = match rule.plan_to(&mut parts, matched, frontend.port, random, backend) {
                 Plan::Respond(local, cors) => return Err((local.into(), Some(rule), cors)),
                 Plan::Forward(plan) => plan,

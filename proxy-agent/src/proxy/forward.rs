@@ -714,6 +714,92 @@ mod tests {
         super::super::upstream::authority_of("10.0.0.1:8080".parse().unwrap())
     }
 
+    /// Whether a request asks an upgrade, and what of its connection's fields it keeps, for each
+    /// shape of request that names one (or looks as if).
+    #[test]
+    fn a_request_asks_an_upgrade_and_keeps_its_upgrade_field_only_when_relayed() {
+        // A shape's name, method, version and fields; whether it asks an upgrade; what is left.
+        type Fields = &'static [(&'static str, &'static str)];
+        let shapes: [(&str, http::Method, Version, Fields, bool, Fields); 7] = [
+            (
+                "plain",
+                http::Method::GET,
+                Version::HTTP_11,
+                &[],
+                false,
+                &[],
+            ),
+            (
+                "websocket",
+                http::Method::GET,
+                Version::HTTP_11,
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+            ),
+            (
+                "an h2c offer, dropped",
+                http::Method::GET,
+                Version::HTTP_11,
+                &[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                    ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+                ],
+                false,
+                &[],
+            ),
+            (
+                "no Connection",
+                http::Method::GET,
+                Version::HTTP_11,
+                &[("upgrade", "websocket")],
+                true,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+            ),
+            (
+                "HTTP/1.0",
+                http::Method::GET,
+                Version::HTTP_10,
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                false,
+                &[],
+            ),
+            (
+                "a tunnel",
+                http::Method::CONNECT,
+                Version::HTTP_11,
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &[],
+            ),
+            (
+                "a tunnel without",
+                http::Method::CONNECT,
+                Version::HTTP_11,
+                &[("x-other", "1")],
+                false,
+                &[("x-other", "1")],
+            ),
+        ];
+        for (shape, method, version, fields, asks, left) in shapes {
+            let mut request = Request::builder().method(method).uri("/");
+            for (name, value) in fields {
+                request = request.header(*name, *value);
+            }
+            let (mut parts, ()) = request.body(()).unwrap().into_parts();
+            parts.version = version;
+            assert_eq!(strip_request_hop_by_hop(&mut parts), asks, "{shape}");
+            let mut kept: Vec<_> = parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+                .collect();
+            kept.sort();
+            assert_eq!(kept, left, "{shape}");
+        }
+    }
+
     #[test]
     fn cookie_crumbs_are_joined_for_http1_upstreams_only() {
         let (mut parts, ()) = Request::get("http://catalog/x")

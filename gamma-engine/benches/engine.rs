@@ -87,16 +87,107 @@ fn world(services: usize) -> Index {
 }
 
 /// The `i`th request's frontend (Services visited in a scattered order, as requests come) and
-/// its caller's namespace (producer and consumer callers in turn).
+/// its caller's namespace.
 fn target(snapshot: &Snapshot, i: usize, services: usize) -> (&Frontend, &'static str) {
     let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
     let frontend = snapshot.frontend_at(addr).expect("frontend");
-    let caller = if i.is_multiple_of(2) {
+    (frontend, caller(i))
+}
+
+/// The `i`th request's caller's namespace: producer and consumer callers in turn.
+fn caller(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
         "prod"
     } else {
         "team-3"
-    };
-    (frontend, caller)
+    }
+}
+
+/// linkerd2-proxy's matcher (`vendor/linkerd-http-route`) over the same routes, in the table
+/// shape its proxy looks routes up from: the frontend's routes by address, the caller's
+/// namespace's consumer routes if it has any (else the producer's), then `find` over them.
+mod linkerd {
+    use super::vip;
+    use ahash::AHashMap;
+    use linkerd_http_route::http::r#match::{MatchHeader, MatchPath, MatchQueryParam};
+    use linkerd_http_route::http::{MatchRequest, Route, Rule};
+    use std::net::{IpAddr, SocketAddr};
+
+    pub struct Frontend {
+        producer: Vec<Route<u32>>,
+        consumers: AHashMap<String, Vec<Route<u32>>>,
+    }
+
+    pub type Table = AHashMap<SocketAddr, Frontend>;
+
+    /// The five rules of `super::route(_, _, version)`, each rule's policy its position; a rule
+    /// without matches matches `PathPrefix /`, as the API server defaults it.
+    fn route(version: u32) -> Route<u32> {
+        let prefix = |p: &str| Some(MatchPath::Prefix(p.to_string()));
+        let matches = [
+            MatchRequest {
+                path: Some(MatchPath::Exact("/healthz".to_string())),
+                ..MatchRequest::default()
+            },
+            MatchRequest {
+                path: prefix(&format!("/api/v{version}")),
+                headers: vec![MatchHeader::Exact(
+                    http::HeaderName::from_static("x-canary"),
+                    http::HeaderValue::from_static("1"),
+                )],
+                ..MatchRequest::default()
+            },
+            MatchRequest {
+                path: prefix("/api"),
+                method: Some(http::Method::POST),
+                query_params: vec![MatchQueryParam::Exact("debug".into(), "1".into())],
+                ..MatchRequest::default()
+            },
+            MatchRequest {
+                path: prefix("/static"),
+                ..MatchRequest::default()
+            },
+            MatchRequest {
+                path: prefix("/"),
+                ..MatchRequest::default()
+            },
+        ];
+        Route {
+            hosts: vec![],
+            rules: (0..)
+                .zip(matches)
+                .map(|(policy, m)| Rule {
+                    matches: vec![m],
+                    policy,
+                })
+                .collect(),
+        }
+    }
+
+    /// As `super::world`: each Service a producer route and a consumer route in `team-{i % 10}`.
+    pub fn world(services: usize) -> Table {
+        (0..services)
+            .map(|i| {
+                let frontend = Frontend {
+                    producer: vec![route(1)],
+                    consumers: [(format!("team-{}", i % 10), vec![route(1)])].into(),
+                };
+                (SocketAddr::new(IpAddr::V4(vip(i)), 80), frontend)
+            })
+            .collect()
+    }
+
+    /// The rule `request` from a caller in `caller`'s namespace matches, as `find` picks it.
+    pub fn lookup<B>(
+        table: &Table,
+        addr: SocketAddr,
+        caller: &str,
+        request: &http::Request<B>,
+    ) -> Option<u32> {
+        let frontend = table.get(&addr)?;
+        let routes = frontend.consumers.get(caller).unwrap_or(&frontend.producer);
+        linkerd_http_route::http::find(routes, request).map(|(_, rule)| *rule)
+    }
 }
 
 fn lookup(c: &mut Criterion) {
@@ -135,6 +226,23 @@ fn lookup(c: &mut Criterion) {
                 let snapshot = reader.load();
                 let (frontend, caller) = target(&snapshot, i, services);
                 frontend.table_for(Some(caller)).is_some()
+            })
+        });
+        // The anchor, measured beside ours at each size: linkerd2-proxy's `find` over the same
+        // routes, requests and order of frontends and callers.
+        let table = arc_swap::ArcSwap::from_pointee(linkerd::world(services));
+        let requests = paths.map(|path| {
+            let mut request = http::Request::get(path).body(()).unwrap();
+            *request.headers_mut() = headers.clone();
+            request
+        });
+        let mut i = 0usize;
+        group.bench_function(format!("{services}_services_linkerd_find"), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(7919);
+                let table = table.load();
+                let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
+                linkerd::lookup(&table, addr, caller(i), &requests[i % requests.len()]).is_some()
             })
         });
     }

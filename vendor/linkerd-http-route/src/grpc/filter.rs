@@ -1,0 +1,3 @@
+pub mod inject_failure;
+
+pub use self::inject_failure::{Distribution, FailureResponse, InjectFailure};

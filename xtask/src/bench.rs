@@ -1,6 +1,8 @@
 //! `cargo xtask bench [engine|peers|alloc|conns|pump|redirect|instructions]`: benchmarks, never timed tests.
 //!
-//! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route).
+//! - `engine`: criterion benchmarks of the route engine (lookup, publish, memory per route), with
+//!   linkerd2-proxy's route matcher over the same routes as the lookup's anchor
+//!   (`vendor/linkerd-http-route`).
 //! - `peers`: `../shared/bench/peers/run.sh` with our agent in the same run as a direct
 //!   connection, nginx, haproxy and envoy, and two forwarders in our layout, in slots added to a
 //!   copy of the script: a bare hyper one (`floor`, `tests/src/bin/hyper_floor.rs`: what hyper

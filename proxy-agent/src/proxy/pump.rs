@@ -842,21 +842,33 @@ mod tests {
                     .await
             })
         };
+        let (saturated, is_saturated) = tokio::sync::oneshot::channel();
         let sending = tokio::spawn(async move {
-            // More than the server's and the agent's buffers hold: a write waits when it resets.
-            let chunks = if client_sends_unread { 256 } else { 0 };
-            for _ in 0..chunks {
-                if client_out.write_all(&[1u8; 64 * 1024]).await.is_err() {
-                    break;
+            // Until every buffer on the way to the server is full (a write makes no progress
+            // for a while): the agent then holds bytes it cannot write to the server, and learns
+            // of the reset by that write. The client stops writing first: a write of its own
+            // waiting when the agent's reset comes would take the error, and its read then
+            // ends as at a FIN (2 runs in 8 did).
+            if client_sends_unread {
+                let chunk = [1u8; 64 * 1024];
+                let stalled = Duration::from_millis(200);
+                while let Ok(Ok(())) =
+                    tokio::time::timeout(stalled, client_out.write_all(&chunk)).await
+                {
                 }
             }
+            let _ = saturated.send(());
+            // Kept open: dropped, the write half would send a FIN.
+            client_out
         });
         let serving = tokio::spawn(async move {
             server.write_all(&vec![7u8; SIZE]).await.unwrap();
-            // Every byte taken by the agent, then an abortive close.
+            // Every byte taken by the agent, and the client's unread bytes waiting in the
+            // server's socket (its close then resets), then an abortive close.
             while unsent_bytes(&server) > 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+            let _ = is_saturated.await;
             if !client_sends_unread {
                 super::super::tcp::reset_on_close(&server);
             }
@@ -872,7 +884,7 @@ mod tests {
             tokio::time::sleep(Duration::from_micros(500)).await;
         };
         serving.await.unwrap();
-        sending.await.unwrap();
+        drop(sending.await.unwrap());
         assert_eq!(
             (received, ended.as_str()),
             (SIZE, "connection reset"),

@@ -17,7 +17,7 @@ pub mod drain;
 pub mod explicit;
 mod forward;
 pub mod header_maps;
-pub mod header_names;
+mod header_names;
 pub mod io;
 pub mod local;
 mod mirror;

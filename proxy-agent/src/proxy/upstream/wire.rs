@@ -708,7 +708,7 @@ impl BodyDecoder {
         }
         let mut trailers = HeaderMap::with_capacity(fields.len());
         for field in fields.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes());
+            let name = crate::proxy::header_names::name(field.name.as_bytes());
             let value = HeaderValue::from_bytes(field.value);
             let (Ok(name), Ok(value)) = (name, value) else {
                 return Err(WireError::BadChunk("malformed trailer field"));

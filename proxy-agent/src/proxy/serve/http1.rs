@@ -67,7 +67,7 @@ pub async fn serve<T: ReadAhead>(
     let mut kept = KeptBuffer(stream.take_unread());
     let buf = &mut kept.0;
     let mut out = Vec::with_capacity(512);
-    let mut long_head = wire::LongHead::default();
+    let mut head_search = wire::HeadSearch::default();
     // A body read whole is a body buffered: no more than the agent buffers for a retry.
     let max_body = wire::OWN_BODY.min(config.max_buffered_body as u64);
     // One wait for the drain signal and one timer for the whole connection.
@@ -92,8 +92,13 @@ pub async fn serve<T: ReadAhead>(
         };
         let own = loop {
             let mut awaiting_body = false;
-            let heads =
-                wire::request_head(buf, &mut long_head, OWN_HEAD, config.max_headers, max_body);
+            let heads = wire::request_head(
+                buf,
+                &mut head_search,
+                OWN_HEAD,
+                config.max_headers,
+                max_body,
+            );
             match heads {
                 Head::Own(own) => break own,
                 // hyper's server refuses it (431) from here.
@@ -499,7 +504,7 @@ mod tests {
         loop {
             let Head::Own(own) = wire::request_head(
                 &mut buf,
-                &mut wire::LongHead::default(),
+                &mut wire::HeadSearch::default(),
                 OWN_HEAD,
                 100,
                 wire::OWN_BODY,

@@ -51,21 +51,39 @@ pub struct OwnRequest {
     pub trailers: bool,
 }
 
-/// How far a long head (one that goes to hyper's server, read whole first) has been searched
-/// for its end: after that, each read's bytes are searched alone, not the head again, so that a
-/// head trickled in up to `--max-header-bytes` costs time in proportion to its length.
+/// What a connection knows of the request it is reading, kept from one read to the next: a head
+/// is parsed once it has an end (each read's bytes searched alone for one, not the head again),
+/// and a body waited for only counted, so that a head or body trickled in costs time in
+/// proportion to its length, not to its length times its reads (hyper's server parses no head
+/// before it may have ended, and no head again for its body).
 #[derive(Debug, Default)]
-pub struct LongHead {
-    searched: Option<usize>,
+pub struct HeadSearch {
+    /// Bytes from the buffer's start searched and found to hold no head's end.
+    searched: usize,
+    /// The buffer holds a head's end.
+    ended: bool,
+    /// The head is longer than the agent's server reads, or has more fields: it goes to
+    /// hyper's server once whole.
+    long: bool,
+    /// The head was read and its body is awaited: the request is whole at this length.
+    whole_at: Option<usize>,
 }
 
-impl LongHead {
-    /// Whether the head in `buf` ends now, the bytes before `searched` known not to end it.
+impl HeadSearch {
+    /// Whether the head in `buf` has ended, the bytes searched before known not to end it.
     fn ends(&mut self, buf: &[u8]) -> bool {
-        // An end is 3 bytes at most: it may have begun in the last 2 searched.
-        let from = self.searched.map_or(0, |s| s.saturating_sub(2));
-        self.searched = Some(buf.len());
-        crate::proxy::upstream::wire::head_ends(&buf[from..])
+        if !self.ended {
+            // Empty lines a request may have before it (RFC 9112 §2.2) are no end.
+            let leading = buf
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            // An end is 3 bytes at most: it may have begun in the last 2 searched.
+            let from = self.searched.saturating_sub(2).max(leading).min(buf.len());
+            self.ended = crate::proxy::upstream::wire::head_ends(&buf[from..]);
+            self.searched = buf.len();
+        }
+        self.ended
     }
 }
 
@@ -73,33 +91,49 @@ impl LongHead {
 /// it from `buf` (its fields share its bytes). `max_head`: the largest head in bytes,
 /// `max_headers`: the most fields (the configured limits; a whole head over them goes to hyper's
 /// server, whose refusal answers it), `max_body`: the largest body read whole (a larger one
-/// streams through hyper's server). `long`: the connection's search for a long head's end.
+/// streams through hyper's server). `search`: what the connection's earlier reads found of this
+/// request.
 pub fn request_head(
     buf: &mut BytesMut,
-    long: &mut LongHead,
+    search: &mut HeadSearch,
     max_head: usize,
     max_headers: usize,
     max_body: u64,
 ) -> Head {
-    if long.searched.is_some() {
+    if search.long {
         // Known to go to hyper's server: only whether it is whole matters.
-        return if long.ends(buf) {
+        return if search.ends(buf) {
             Head::Hyper
         } else {
             Head::Partial
         };
     }
+    if let Some(whole_at) = search.whole_at {
+        if buf.len() < whole_at {
+            return Head::AwaitingBody;
+        }
+    } else if search.searched > 0 && !search.ends(buf) {
+        // Parsed before, without an end, and none came since: nothing to parse again.
+        search.long = buf.len() >= max_head;
+        return Head::Partial;
+    }
     let mut raw = [httparse::EMPTY_HEADER; FIELDS];
     let mut parsed = httparse::Request::new(&mut raw);
+    #[cfg(test)]
+    tests::PARSES.set(tests::PARSES.get() + 1);
     let head_len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
-        Ok(httparse::Status::Partial) if buf.len() < max_head => return Head::Partial,
-        // Longer than this server reads, or with more fields, and not whole yet: it is read on
-        // (timed here, from its first byte) and hyper's server gets it whole, so that its own
-        // header timer does not give a slow head a second full spell.
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) if !long.ends(buf) => {
-            return Head::Partial
+        // Not whole yet: searched from here on only as more comes (most heads come whole in
+        // one read, and are not searched at all). Longer than this server reads, or with more
+        // fields: it is read on (timed here, from its first byte) and hyper's server gets it
+        // whole, so that its own header timer does not give a slow head a second full spell.
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders)
+            if !search.ends(buf) =>
+        {
+            search.long = buf.len() >= max_head;
+            return Head::Partial;
         }
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Head::Partial,
         _ => return Head::Hyper,
     };
     if parsed.version != Some(1) || parsed.headers.len() > max_headers {
@@ -113,6 +147,7 @@ pub fn request_head(
         _ => return Head::Hyper,
     };
     if buf.len() < head_len + body_len {
+        search.whole_at = Some(head_len + body_len);
         return Head::AwaitingBody;
     }
     let method = match parsed.method.map(|m| Method::from_bytes(m.as_bytes())) {
@@ -144,6 +179,8 @@ pub fn request_head(
     }
     let close = plain.connection && has_token(&headers, &header::CONNECTION, "close");
     let trailers = plain.te && has_token(&headers, &header::TE, "trailers");
+    // The next request is searched from its own start.
+    *search = HeadSearch::default();
     let mut request = Request::new(buf.split_to(body_len).freeze());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -479,7 +516,7 @@ mod tests {
     fn head(bytes: &[u8]) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(bytes);
         (
-            request_head(&mut buf, &mut LongHead::default(), 8192, 100, OWN_BODY),
+            request_head(&mut buf, &mut HeadSearch::default(), 8192, 100, OWN_BODY),
             buf,
         )
     }
@@ -563,12 +600,18 @@ mod tests {
         long.resize(9000, b'a');
         let many: String = (0..40).map(|i| format!("x-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{}", many.trim_end());
-        // Neither has its last line's end yet.
-        for (start, from) in [(long, 8100), (many.into_bytes(), 20)] {
+        // Empty lines before a request line are no end of its head.
+        let after_empty_lines = [&b"\r\n\n"[..], &long].concat();
+        // None has its last line's end yet.
+        for (start, from) in [
+            (long, 8100),
+            (many.into_bytes(), 20),
+            (after_empty_lines, 8100),
+        ] {
             for end in [&b"\r\n\r\n"[..], b"\n\n", b"\r\n\n"] {
                 let mut whole = start.clone();
                 whole.extend_from_slice(end);
-                let mut search = LongHead::default();
+                let mut search = HeadSearch::default();
                 let mut buf = BytesMut::from(&whole[..from]);
                 for byte in &whole[from..] {
                     let read = request_head(&mut buf, &mut search, 8192, 100, OWN_BODY);
@@ -580,6 +623,38 @@ mod tests {
                 assert_eq!(&buf[..], &whole[..], "nothing taken");
             }
         }
+    }
+
+    thread_local! {
+        /// Heads parsed by `request_head` on this thread.
+        pub(super) static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A request read a byte at a time, after empty lines, is parsed at its first read, once its
+    /// head has ended and once its body is whole, however many reads brought them (a head was
+    /// parsed at each read, and again at each read of its body); the next request is searched
+    /// from its own start.
+    #[test]
+    fn a_request_read_a_byte_at_a_time_is_parsed_once_its_head_ends_and_once_whole() {
+        let two = b"\r\nPOST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhelloGET /y HTTP/1.1\r\n\r\n";
+        let (mut buf, mut search) = (BytesMut::new(), HeadSearch::default());
+        let mut served = Vec::new();
+        PARSES.set(0);
+        for byte in two {
+            buf.extend_from_slice(&[*byte]);
+            match request_head(&mut buf, &mut search, 8192, 100, OWN_BODY) {
+                Head::Own(own) => served.push((PARSES.get(), own.request)),
+                Head::Partial | Head::AwaitingBody => {}
+                Head::Hyper => panic!("at {} bytes: handed to hyper", buf.len()),
+            }
+        }
+        let [(parsed_first, post), (parsed_both, get)] = &served[..] else {
+            panic!("{served:?}")
+        };
+        assert_eq!((post.uri().path(), &post.body()[..]), ("/x", &b"hello"[..]));
+        assert_eq!(get.uri().path(), "/y");
+        assert_eq!((*parsed_first, *parsed_both), (3, 5));
+        assert!(buf.is_empty());
     }
 
     #[test]
@@ -617,7 +692,7 @@ mod tests {
         // More fields than the configured limit: hyper's server refuses them.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n"[..]);
         assert!(matches!(
-            request_head(&mut buf, &mut LongHead::default(), 8192, 2, OWN_BODY),
+            request_head(&mut buf, &mut HeadSearch::default(), 8192, 2, OWN_BODY),
             Head::Hyper
         ));
     }

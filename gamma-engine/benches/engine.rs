@@ -103,9 +103,10 @@ fn caller(i: usize) -> &'static str {
     }
 }
 
-/// linkerd2-proxy's matcher (`vendor/linkerd-http-route`) over the same routes, in the table
-/// shape its proxy looks routes up from: the frontend's routes by address, the caller's
-/// namespace's consumer routes if it has any (else the producer's), then `find` over them.
+/// linkerd2-proxy's matcher (`vendor/linkerd-http-route`) over the same routes, in our engine's
+/// table shape: the frontend's routes by address, the caller's namespace's consumer routes if
+/// it has any (else the producer's), then `find` over them. (linkerd's proxy, one per pod, gets
+/// its routes already chosen for its namespace and calls `find` over the target's.)
 mod linkerd {
     use super::vip;
     use ahash::AHashMap;
@@ -201,20 +202,23 @@ fn lookup(c: &mut Criterion) {
         headers.insert("x-canary", "1".parse().unwrap());
         headers.insert("user-agent", "bench".parse().unwrap());
         let paths = ["/api/v1/items", "/static/app.js", "/other", "/healthz"];
+        let head = |i: usize| RequestHead {
+            method: &method,
+            path: paths[i % paths.len()],
+            query: None,
+            headers: &headers,
+            authority: None,
+        };
         let mut i = 0usize;
         group.bench_function(format!("{services}_services"), |b| {
             b.iter(|| {
                 i = i.wrapping_add(7919);
                 let snapshot = reader.load();
                 let (frontend, caller) = target(&snapshot, i, services);
-                let head = RequestHead {
-                    method: &method,
-                    path: paths[i % paths.len()],
-                    query: None,
-                    headers: &headers,
-                    authority: None,
-                };
-                matches!(frontend.lookup(Some(caller), &head), Decision::Rule { .. })
+                matches!(
+                    frontend.lookup(Some(caller), &head(i)),
+                    Decision::Rule { .. }
+                )
             })
         });
         // The first part of a lookup alone (the frontend and the caller's table, not its
@@ -236,6 +240,23 @@ fn lookup(c: &mut Criterion) {
             *request.headers_mut() = headers.clone();
             request
         });
+        // Both pick the same rule for each request, or the comparison measures something else
+        // (routes that no longer attach would make ours look fast).
+        let snapshot = reader.load();
+        for i in (1..=40usize).map(|step| step * 7919) {
+            let (frontend, caller) = target(&snapshot, i, services);
+            let ours = match frontend.lookup(Some(caller), &head(i)) {
+                Decision::Rule { rule, .. } => u32::try_from(rule.index).ok(),
+                _ => None,
+            };
+            let addr = SocketAddr::new(IpAddr::V4(vip(i % services)), 80);
+            let theirs =
+                linkerd::lookup(&table.load(), addr, caller, &requests[i % requests.len()]);
+            assert!(
+                ours.is_some() && ours == theirs,
+                "request {i}: our rule {ours:?}, linkerd's {theirs:?}"
+            );
+        }
         let mut i = 0usize;
         group.bench_function(format!("{services}_services_linkerd_find"), |b| {
             b.iter(|| {

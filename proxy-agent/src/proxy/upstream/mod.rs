@@ -221,10 +221,13 @@ fn as_own_exchange_reads(
         ));
     }
     // hyper frames the body by the coding but leaves the length in the map: a proxy must drop
-    // it (RFC 9112 §6.3 item 3), or the caller is told a length the body does not have.
-    if response
-        .headers()
-        .contains_key(http::header::TRANSFER_ENCODING)
+    // it (RFC 9112 §6.3 item 3), or the caller is told a length the body does not have. Where
+    // no body follows (item 1, which comes first), the length is the representation's, as the
+    // agent's own exchange relays it.
+    if !bodiless
+        && response
+            .headers()
+            .contains_key(http::header::TRANSFER_ENCODING)
     {
         response.headers_mut().remove(http::header::CONTENT_LENGTH);
     }

@@ -1,5 +1,5 @@
 //! Field names read off the wire by the agent's own HTTP/1.1 server and backend exchange (message
-//! heads; trailers are rare and made as they come), made into `HeaderName`s without
+//! heads and chunked answers' trailers), made into `HeaderName`s without
 //! `HeaderName::from_bytes` where it can: that lower-cases each name into a buffer and checks
 //! every byte, and copies a name it does not know into an allocation of its own, on every
 //! message. The usual names are matched as they are usually written; any other valid one of up to

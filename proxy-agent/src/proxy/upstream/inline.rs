@@ -47,6 +47,8 @@ pub(super) struct Connection {
     stream: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// A long answer head grew `read` past two first reads (a body's reads are counted apart).
+    head_grew: bool,
 }
 
 impl Reusable for Connection {
@@ -83,6 +85,7 @@ impl Connection {
             stream: connect_http(endpoint, timeout).await?,
             read: BytesMut::with_capacity(READ_SIZE),
             write: Vec::with_capacity(512),
+            head_grew: false,
         })
     }
 
@@ -119,6 +122,7 @@ impl Connection {
                 Ok(_) => received = true,
                 Err(e) => return Err(failed(e.to_string(), received)),
             }
+            self.head_grew |= self.read.len() > 2 * READ_SIZE;
         }
     }
 }
@@ -257,13 +261,16 @@ impl AnswerBody {
             return;
         };
         if self.reusable && self.decoder.is_done() && conn.read.is_empty() {
-            // A long body grew the buffer, a long head the head's: an idle connection does not
-            // keep them. The read buffer's allocation is told by the reads' size, not by its
-            // capacity, which is only what is left past the bytes the body took (they keep the
-            // allocation, which the next read takes back once the caller dropped them). Answers
-            // of a few reads keep theirs: they would allocate it again at each exchange.
-            if self.read_size >= 4 * READ_SIZE || conn.read.capacity() > 2 * READ_SIZE {
+            // A long body or answer head grew the read buffer, a long request head the head's:
+            // an idle connection does not keep them. The read buffer's allocation is told by the
+            // reads' size and the head's length, not by its capacity, which is only what is left
+            // past the bytes the answer took (they keep the allocation, which the next read
+            // takes back once the caller dropped them). Answers of a few reads keep theirs: they
+            // would allocate it again at each exchange.
+            let grown = self.read_size >= 4 * READ_SIZE || conn.head_grew;
+            if grown || conn.read.capacity() > 2 * READ_SIZE {
                 conn.read = BytesMut::new();
+                conn.head_grew = false;
             }
             if conn.write.capacity() > MAX_KEPT_HEAD_BUFFER {
                 conn.write = Vec::new();
@@ -450,6 +457,45 @@ mod tests {
             assert_eq!(exchange(&pool, endpoint, Method::GET).await.1, b"all of it");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An answer with a long body or a long head, or a long request head, leaves no grown buffer
+    /// on the idle connection the pool keeps (a 1 MB answer left 64 KiB or more on it).
+    #[tokio::test]
+    async fn an_idle_connection_keeps_no_buffer_a_long_exchange_grew() {
+        let long_body = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
+            1 << 20,
+            "b".repeat(1 << 20)
+        );
+        let long_head = format!(
+            "HTTP/1.1 200 OK\r\nx-long: {}\r\ncontent-length: 2\r\n\r\nok",
+            "h".repeat(20 * 1024)
+        );
+        let short = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string();
+        // The answer, whether the request's head is long, and which buffers are dropped (a short
+        // answer's read buffer is kept: dropped, it would be allocated again at each exchange).
+        let cases = [
+            (long_body, false, (true, false)),
+            (long_head, false, (true, false)),
+            (short, true, (false, true)),
+        ];
+        for (answer, long_request, dropped) in cases {
+            let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+            let (endpoint, _, _) = answering(answer, false).await;
+            let pool = pool();
+            let mut request = request(Method::GET);
+            if long_request {
+                let long = http::HeaderValue::from_str(&"r".repeat(20 * 1024)).unwrap();
+                request.headers_mut().insert("x-long", long);
+            }
+            let response = pool.send(endpoint, request, None).await.expect("an answer");
+            let body = response.into_body().collect().await.expect("a whole body");
+            drop(body);
+            let kept = pool.kept.checkout(endpoint).expect("the connection kept");
+            let held = (kept.read.capacity(), kept.write.capacity());
+            assert_eq!((held.0 == 0, held.1 == 0), dropped, "room held: {held:?}");
+        }
     }
 
     #[tokio::test]

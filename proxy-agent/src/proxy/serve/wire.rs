@@ -52,10 +52,11 @@ pub struct OwnRequest {
 }
 
 /// What a connection knows of the request it is reading, kept from one read to the next: a head
-/// is parsed once it has an end (each read's bytes searched alone for one, not the head again),
-/// and a body waited for only counted, so that a head or body trickled in costs time in
-/// proportion to its length, not to its length times its reads (hyper's server parses no head
-/// before it may have ended, and no head again for its body).
+/// not whole at its first parse is parsed again only once it has an end (each later read's bytes
+/// searched alone for one, not the head again), and a body waited for only counted, so that a
+/// head or body trickled in costs time in proportion to its length, not to its length times its
+/// reads (hyper's server parses no head before it may have ended, and no head again for its
+/// body).
 #[derive(Debug, Default)]
 pub struct HeadSearch {
     /// Bytes from the buffer's start searched and found to hold no head's end.
